@@ -1,0 +1,74 @@
+"""Input validation shared by ops, samplers and experiments. Every message names the argument."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None, nonempty: bool = True) -> torch.Tensor:
+    """Check that ``value`` is a tensor with the expected rank and dtype; return it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise TypeError(f"{name}: expected dtype {names}, got {str(value.dtype).removeprefix('torch.')}")
+    if nonempty and value.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Raise if ``value`` holds NaN or Inf (floating tensors only)."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+        raise ValueError(f"{name}: contains {bad}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """Raise if the named tensors are not on one device; return that device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+    return first
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+    """Raise unless ``value`` is an integer >= ``minimum``; return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def sigma_per_row(name: str, sigma, batch: int, device: torch.device) -> torch.Tensor:
+    """``sigma`` as a float64 tensor of shape [batch]: from a scalar, a 0-d tensor or shape [batch].
+
+    Raises if any value is NaN, infinite or not positive.
+    """
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"{name}: expected a finite value > 0, got {sigma!r}")
+        return torch.full((batch,), float(sigma), dtype=torch.float64, device=device)
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{name}: expected a float or a tensor of shape [{batch}], got {type(sigma).__name__}")
+    s = sigma.detach().to(device=device, dtype=torch.float64)
+    if s.dim() == 0:
+        s = s.expand(batch)
+    elif s.dim() != 1 or s.shape[0] != batch:
+        raise ValueError(f"{name}: expected a scalar or shape [{batch}], got shape {tuple(sigma.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    if not bool((s > 0).all()):
+        raise ValueError(f"{name}: expected every value > 0, got min {float(s.min()):g}")
+    return s.contiguous()

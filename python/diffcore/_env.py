@@ -1,0 +1,36 @@
+"""Every ``DIFFCORE_*`` environment variable diffcore reads, in one place (listed in the README).
+
+Build time (read by CMake through pyproject.toml):
+    DIFFCORE_CUDA        AUTO (default) | ON | OFF: compile the CUDA kernels.
+    DIFFCORE_CUDA_ARCHS  CUDA architectures, default "80;90".
+Run time:
+    DIFFCORE_BACKEND     force one backend for every op called with backend="auto":
+                         reference | cpu | cuda | triton.
+    DIFFCORE_PROGRESS    0 disables progress bars everywhere (default 1).
+"""
+from __future__ import annotations
+
+import os
+
+BACKEND_VAR = "DIFFCORE_BACKEND"
+PROGRESS_VAR = "DIFFCORE_PROGRESS"
+
+RUNTIME_VARIABLES = {
+    BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
+    PROGRESS_VAR: "0 disables progress bars everywhere (default 1)",
+}
+BUILD_VARIABLES = {
+    "DIFFCORE_CUDA": "AUTO (default), ON or OFF: compile the CUDA kernels",
+    "DIFFCORE_CUDA_ARCHS": "CUDA architectures to compile for, default '80;90'",
+}
+
+
+def forced_backend() -> str | None:
+    """The backend named by DIFFCORE_BACKEND, or None when unset or empty."""
+    value = os.environ.get(BACKEND_VAR, "").strip().lower()
+    return value or None
+
+
+def progress_enabled(progress: bool = True) -> bool:
+    """Combine a call's ``progress`` flag with DIFFCORE_PROGRESS."""
+    return bool(progress) and os.environ.get(PROGRESS_VAR, "1").strip() not in ("0", "false", "no")

@@ -1,0 +1,1 @@
+"""diffcore.metrics."""

@@ -1,0 +1,46 @@
+"""Test setup: Triton interpreter on CPU-only machines, and skips for unavailable hardware.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection time.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from diffcore import _backend  # noqa: E402
+from diffcore._ext import extension  # noqa: E402
+
+
+def _cuda_ext_ready() -> bool:
+    ext = extension(required=False)
+    return bool(HAS_GPU and ext is not None and ext.build_info()["cuda"] and ext.cuda_available())
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    skip_cuda_ext = pytest.mark.skip(reason="needs diffcore._C built with CUDA and a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="triton is not installed")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+        if "cuda_ext" in item.keywords and not _cuda_ext_ready():
+            item.add_marker(skip_cuda_ext)
+        if "triton" in item.keywords and not _backend.triton_installed():
+            item.add_marker(skip_triton)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device GPU-capable tests run on: CUDA when present, else CPU."""
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def cpu_backends(implemented=("reference", "cpu", "triton")):
+    """Backends a test can run on CPU tensors here (Triton through the interpreter)."""
+    return [b for b in implemented if _backend.why_unusable(b, torch.device("cpu")) is None]
