@@ -174,6 +174,8 @@ def test_load_dataset_specs(tmp_path, cifar_bin):
     assert len(load_dataset({"name": "cifar10", "root": str(root), "split": "test"})) == 5
     mix = load_dataset({"name": "molrg", "K": 2, "n": 8, "d": 2, "num": 50, "seed": 0})
     assert mix.values.shape == (50, 8) and mix.values.is_floating_point()
+    noise = load_dataset({"name": "random_images", "shape": [3, 4, 4], "num": 6, "seed": 1})
+    assert noise.values.shape == (6, 3, 4, 4) and noise.values.dtype == torch.uint8
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         load_dataset({"name": "mnist"})
     with pytest.raises(ValueError, match="needs the field 'root'"):

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 from diffcore.data.dataset import ArrayDataset
 from diffcore.data.subsets import subset
 
-DATASET_NAMES = ("digits", "cifar10", "image_folder", "molrg")
+DATASET_NAMES = ("digits", "cifar10", "image_folder", "molrg", "random_images")
 
 
 def _digits(spec):
@@ -36,20 +36,33 @@ def _molrg(spec):
     return ArrayDataset(sample.data, sample.labels, num_classes=int(spec["K"]), name="molrg")
 
 
+def _random_images(spec):
+    """Uniform random uint8 images (benchmarks and smoke tests): ``shape`` [C, H, W], ``num``, ``seed``."""
+    import torch
+
+    shape = tuple(int(v) for v in _required(spec, "shape"))
+    generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    num = int(_required(spec, "num"))
+    values = torch.randint(0, 256, (num, *shape), generator=generator, dtype=torch.uint8)
+    return ArrayDataset(values, torch.zeros(num, dtype=torch.int64), num_classes=1, name="random_images")
+
+
 def _required(spec, key):
     if key not in spec:
         raise ValueError(f"dataset {spec.get('name')!r} needs the field {key!r} in its config")
     return spec[key]
 
 
-_LOADERS = {"digits": _digits, "cifar10": _cifar10, "image_folder": _image_folder, "molrg": _molrg}
+_LOADERS = {"digits": _digits, "cifar10": _cifar10, "image_folder": _image_folder, "molrg": _molrg,
+            "random_images": _random_images}
 
 
 def load_dataset(spec: Mapping[str, Any]) -> ArrayDataset:
     """The dataset a config names, optionally reduced to a nested subset.
 
     ``spec``: ``name`` (one of ``DATASET_NAMES``) and its fields (``root``, ``split``,
-    ``resolution``, ``channels``; ``K, n, d, num, seed`` for molrg), plus optional ``subset``
+    ``resolution``, ``channels``; ``K, n, d, num, seed`` for molrg; ``shape, num, seed`` for
+    random_images), plus optional ``subset``
     (size n) and ``subset_seed`` (default 0) for ``subset(dataset, n, seed)``.
     """
     name = spec.get("name")

@@ -207,11 +207,11 @@ def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping
 # ---- RNG states ----------------------------------------------------------------------------
 
 def capture_rng_state(prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
-    """Global RNG states of torch (CPU and CUDA), numpy and python as (tensors, JSON)."""
+    """Global RNG states of torch (CPU and the current CUDA device), numpy and python as (tensors, JSON)."""
     tensors = {f"{prefix}torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"{prefix}torch_cuda{index}"] = state
+        # the current device only: under DDP each rank owns one GPU (and must not touch the others)
+        tensors[f"{prefix}torch_cuda"] = torch.cuda.get_rng_state()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors[f"{prefix}numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, gauss_next = random.getstate()
@@ -223,9 +223,8 @@ def capture_rng_state(prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
 def restore_rng_state(tensors: Mapping[str, torch.Tensor], document: Mapping[str, Any], prefix: str = "") -> None:
     """Inverse of ``capture_rng_state``."""
     torch.set_rng_state(tensors[f"{prefix}torch_cpu"])
-    cuda_states = sorted(k for k in tensors if k.startswith(f"{prefix}torch_cuda"))
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda_states])
+    if f"{prefix}torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"{prefix}torch_cuda"])
     kind, pos, has_gauss, cached = document["numpy"]
     np.random.set_state((kind, tensors[f"{prefix}numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = document["python"]

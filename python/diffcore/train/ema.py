@@ -22,8 +22,10 @@ class EMA:
     def update(self, model: torch.nn.Module, batch_images: int, images_seen: int) -> float:
         """Fold ``model``'s current weights in; ``images_seen`` counts this step's batch. Returns beta."""
         beta = ema_beta(batch_images, images_seen, self.halflife_images, self.rampup_ratio)
-        for p_ema, p in zip(self.ema_model.parameters(), model.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        ema_params = list(self.ema_model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - beta)  # p_ema += (1 - beta) (p - p_ema)
         for b_ema, b in zip(self.ema_model.buffers(), model.buffers()):
             b_ema.copy_(b)
         return beta

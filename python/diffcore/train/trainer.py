@@ -272,6 +272,12 @@ class Trainer:
         self.ema.update(self.model, config.batch_size, images_after)
         return loss.detach()
 
+    def step_once(self) -> torch.Tensor:
+        """One optimizer step (no logging, no checkpoint); returns this rank's loss (a tensor)."""
+        loss = self._train_step(self.step)
+        self.step += 1
+        return loss
+
     # ---- loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         config, context = self.config, self.context
@@ -285,9 +291,8 @@ class Trainer:
         self.model.train()
         try:
             while self.step < config.steps:
-                loss_sum += self._train_step(self.step)
+                loss_sum += self.step_once()
                 loss_count += 1
-                self.step += 1
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     mean_loss = ddp.all_reduce_mean(loss_sum / loss_count, context).item()
