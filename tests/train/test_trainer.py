@@ -129,3 +129,11 @@ def test_cli_and_load_trained_model(tiny_config, tmp_path):
     args = parser.parse_args(["--model", '{"name": "ddpmpp", "model_channels": 64}', "--precision", "bf16"])
     config = config_from_args(args)
     assert config.model == {"name": "ddpmpp", "model_channels": 64} and config.precision == "bf16"
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tiny_config, tmp_path):
+    compiled = train_from_config(tiny_config.replace(steps=3, compile=True, out_dir=str(tmp_path / "c")))
+    eager = train_from_config(tiny_config.replace(steps=3, out_dir=str(tmp_path / "e")))
+    for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)

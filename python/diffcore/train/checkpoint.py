@@ -171,12 +171,13 @@ def latest_checkpoint(checkpoints_dir) -> Path | None:
 
 
 def prune_checkpoints(checkpoints_dir, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints and stale temporary folders of this process."""
+    """Delete all but the ``keep`` newest checkpoints, and temporary folders left by killed writers."""
     checkpoints_dir = Path(checkpoints_dir)
     for _, path in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(path)
-    for path in checkpoints_dir.glob(".tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    for pattern in (".tmp-*", ".old-*"):  # leftovers of a writer killed mid-way
+        for path in checkpoints_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- optimizer state <-> (tensors, JSON) ---------------------------------------------------
