@@ -181,3 +181,16 @@ def test_seed_sharding_single_process():
         gather_by_seed({5: 1, 3: 2}, [5, 3, 9], context)
     with pytest.raises(ValueError, match="rank"):
         shard_seeds([1, 2], 3, 2)
+
+
+def test_ddpmpp_entry_builds_the_unet_or_says_what_is_missing():
+    import diffcore.models
+
+    spec = {"name": "ddpmpp", "preset": "ddpmpp-digits", "model_channels": 16}
+    if not hasattr(diffcore.models, "denoiser_preset"):  # before the UNet is merged
+        with pytest.raises(ValueError, match="needs diffcore.models.denoiser_preset"):
+            build_model(spec)
+        return
+    model = build_model(spec)
+    x = torch.randn(2, 1, 8, 8)
+    assert model(x, torch.tensor([0.5, 2.0])).shape == x.shape

@@ -1,8 +1,9 @@
 """Model construction from a config: ``build_model({"name": ..., **kwargs})``.
 
 Register a factory with ``register_model("name", factory)`` (or as a decorator); a spec may also
-name any importable factory as ``"package.module:callable"``. The DDPM++ UNet of
-``diffcore.models`` is registered by its module (the lead wires ``"ddpmpp"`` in at merge).
+name any importable factory as ``"package.module:callable"``. Built in: ``"ddpmpp"``, the
+EDM-preconditioned DDPM++ UNet of ``diffcore.models`` (``{"name": "ddpmpp", "preset":
+"ddpmpp-cifar", "model_channels": 64}`` is UNet-64 at 32x32), imported when first built.
 """
 from __future__ import annotations
 
@@ -56,3 +57,16 @@ def build_model(spec: Mapping[str, Any]) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _ddpmpp(preset: str = "ddpmpp-cifar", **kwargs) -> torch.nn.Module:
+    """``diffcore.models.denoiser_preset(preset, **kwargs)``: the preconditioned DDPM++ UNet."""
+    try:
+        from diffcore.models import denoiser_preset
+    except ImportError as error:
+        raise ValueError("model 'ddpmpp' needs diffcore.models.denoiser_preset (the DDPM++ UNet), "
+                         f"which this installation lacks: {error}") from error
+    return denoiser_preset(preset, **kwargs)
+
+
+register_model("ddpmpp", _ddpmpp)
