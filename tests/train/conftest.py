@@ -1,7 +1,6 @@
 """Training-test fixtures: the tiny model on the import path and a small digits config."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,16 +11,6 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from diffcore.train import TrainConfig  # noqa: E402
-
-
-def subprocess_env() -> dict:
-    """Environment for training subprocesses: tiny_model importable, one thread, no progress bar."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DIFFCORE_PROGRESS="0")
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
 
 
 @pytest.fixture

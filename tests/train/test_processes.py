@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HERE, subprocess_env
+from train_helpers import HERE, subprocess_env
 from diffcore.train import load_checkpoint, train_from_config
 from diffcore.train.checkpoint import list_checkpoints
 
