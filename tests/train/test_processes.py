@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from train_helpers import HERE, subprocess_env
-from diffcore.train import load_checkpoint, train_from_config
+from diffcore.train import CheckpointError, load_checkpoint, train_from_config
 from diffcore.train.checkpoint import list_checkpoints
 
 
@@ -64,15 +64,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_agrees_across_ranks_and_with_one_process(tiny_config, tmp_path):
+def test_two_process_gloo_run_resumes_and_agrees_across_ranks_and_with_one_process(tiny_config, tmp_path):
     config = tiny_config.replace(steps=12, batch_size=8, checkpoint_every=6, log_every=4,
                                  out_dir=str(tmp_path / "ddp"))
     config_file = _write(config, tmp_path / "ddp.json")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(HERE / "ddp_worker.py"), str(config_file)]
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for stop in (["7"], []):  # 7 steps, then a second launch resumes to 12 (per-rank RNG restored)
+        done = subprocess.run(command + stop, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["resumed_from_step"] for r in reports] == [7, 7]
     assert [r["world_size"] for r in reports] == [2, 2] and reports[0]["backend"] == "gloo"
     assert reports[0]["my_seeds"] == [100, 102, 104, 106] and reports[1]["my_seeds"] == [101, 103, 105]
     for report in reports:
@@ -84,6 +86,8 @@ def test_two_process_gloo_run_agrees_across_ranks_and_with_one_process(tiny_conf
         assert torch.equal(rank0[key], rank1[key]), key
     state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_000000012").documents["state"]
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+    with pytest.raises(CheckpointError, match="written by 2 ranks, this run has 1"):
+        train_from_config(config.replace(steps=14))  # one process cannot continue a 2-rank run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
