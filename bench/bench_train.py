@@ -1,0 +1,146 @@
+"""Training throughput (images/s): diffcore's Trainer vs a plain PyTorch loop of the same model.
+
+The model comes from ``diffcore.train.build_model(MODEL_SPEC)``: UNet-64 at 32x32
+(``{"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": 64}``, the issue's target) when
+``diffcore.models.denoiser_preset`` exists, else a small conv denoiser defined here. On the CPU the
+UNet is timed on tiny batches (one fwd+bwd of 8 images takes tens of seconds on 2 cores).
+The peer runs with DIFFCORE_BACKEND=reference so that the model's attention uses plain torch ops.
+Both loops do the same work per step: EDM loss on a batch of uint8 images, Adam, EMA update.
+The peer is fp32 eager PyTorch; diffcore runs fp32 eager on the CPU and bf16 + torch.compile on
+a GPU (on the CPU its ratio measures the trainer's own overhead, so ~1.0 is the expectation).
+
+Run: python -m pytest bench/bench_train.py --benchmark-only -p no:cacheprovider
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import QUICK, record_ratio, run_timed
+from diffcore.train import TrainConfig, Trainer, build_model, register_model
+from diffcore.train.ddp import DistributedContext, resolve_device
+
+DEVICE = resolve_device("auto")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def _unet_available() -> bool:
+    try:
+        from diffcore.models import denoiser_preset  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+USE_UNET = _unet_available()
+CHANNELS = 3
+if USE_UNET:  # the issue's target: UNet-64 (DDPM++ at base width 64) at 32x32
+    RESOLUTION = 16 if QUICK else 32
+    BATCH = 4 if (QUICK or not ON_GPU) else 128
+    STEPS = 1 if (QUICK or not ON_GPU) else 20
+    ROUNDS = 2 if not ON_GPU else 3
+else:  # until the UNet is merged: a small conv denoiser (defined below)
+    RESOLUTION = 16 if QUICK else 32
+    BATCH = 8 if QUICK else 64
+    STEPS = 2 if QUICK else (20 if ON_GPU else 5)
+    ROUNDS = 3
+
+
+class BenchConvDenoiser(nn.Module):
+    """EDM-preconditioned (Karras et al. 2022, Table 1) stack of 3x3 convolutions, [B, C, H, W]."""
+
+    def __init__(self, channels=3, width=64, depth=4, sigma_data=0.5):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.noise = nn.Linear(1, width)
+        self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, sigma, class_labels=None):
+        s = sigma.reshape(-1, 1, 1, 1).to(torch.float32)
+        sd2 = self.sigma_data**2
+        c_in, c_skip = 1 / (s**2 + sd2).sqrt(), sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        h = self.inp(c_in * x) + self.noise((s.log() / 4).reshape(-1, 1))[:, :, None, None]
+        for conv in self.body:
+            h = h + conv(torch.nn.functional.silu(h))
+        return c_skip * x + c_out * self.out(torch.nn.functional.silu(h)).to(x.dtype)
+
+
+register_model("bench_convnet", BenchConvDenoiser, overwrite=True)
+if USE_UNET:
+    MODEL_SPEC = ({"name": "ddpmpp", "preset": "ddpmpp-16", "model_channels": 16} if QUICK else
+                  {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": 64})
+else:
+    MODEL_SPEC = {"name": "bench_convnet", "channels": CHANNELS, "width": 16 if QUICK else (64 if ON_GPU else 32)}
+DATA_SPEC = {"name": "random_images", "shape": [CHANNELS, RESOLUTION, RESOLUTION], "num": 4 * BATCH, "seed": 0}
+
+
+def _config(tmp_path, precision="fp32", compile_model=False) -> TrainConfig:
+    return TrainConfig(data=DATA_SPEC, model=MODEL_SPEC, steps=10**9, batch_size=BATCH, lr=1e-4,
+                       lr_warmup_images=0, ema_halflife_images=10_000, precision=precision,
+                       compile=compile_model, device=str(DEVICE), out_dir=str(tmp_path / "run"),
+                       progress=False)
+
+
+def _plain_loop(config: TrainConfig):
+    """What a user would write: eager fp32 EDM loss, Adam, EMA; returns ``steps(n)``."""
+    torch.manual_seed(0)
+    model = build_model(config.model).to(DEVICE)
+    ema = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    images = torch.randint(0, 256, (4 * BATCH, CHANNELS, RESOLUTION, RESOLUTION), dtype=torch.uint8, device=DEVICE)
+    beta = 0.5 ** (BATCH / config.ema_halflife_images)
+
+    def steps(n):
+        for _ in range(n):
+            index = torch.randint(0, images.shape[0], (BATCH,), device=DEVICE)
+            x0 = images[index].float() / 127.5 - 1
+            sigma = (torch.randn(BATCH, device=DEVICE) * 1.2 - 1.2).exp()
+            noisy = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x0)
+            weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+            loss = (weight * ((model(noisy, sigma) - x0) ** 2).flatten(1).mean(1)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema, model.parameters()):
+                    p_ema.lerp_(p, 1 - beta)
+
+    return steps
+
+
+def _trainer_loop(config: TrainConfig):
+    trainer = Trainer(config, DistributedContext(device=DEVICE), resume="never")
+
+    def steps(n):
+        for _ in range(n):
+            trainer.step_once()
+
+    return steps
+
+
+CASES = [("fp32_eager", "fp32", False)] + ([("bf16_compile", "bf16", True)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("case, precision, compile_model", CASES)
+def test_train_throughput_peer_plain_loop(benchmark, monkeypatch, tmp_path, case, precision, compile_model):
+    monkeypatch.setenv("DIFFCORE_BACKEND", "reference")  # the peer uses no diffcore kernel (plain torch ops)
+    steps = _plain_loop(_config(tmp_path))
+    steps(1)  # warm-up
+    run_timed(benchmark, lambda: steps(STEPS), device=DEVICE, rounds=ROUNDS, warmup_rounds=1 if ON_GPU else 0)
+    record_ratio(benchmark, "train", case, "peer")
+    benchmark.extra_info["images_per_s"] = STEPS * BATCH / benchmark.stats.stats.min
+    benchmark.extra_info["model"] = MODEL_SPEC
+
+
+@pytest.mark.parametrize("case, precision, compile_model", CASES)
+def test_train_throughput_diffcore_trainer(benchmark, tmp_path, case, precision, compile_model):
+    steps = _trainer_loop(_config(tmp_path, precision, compile_model))
+    steps(3 if compile_model else 1)  # warm-up (and compilation)
+    run_timed(benchmark, lambda: steps(STEPS), device=DEVICE, rounds=ROUNDS, warmup_rounds=1 if ON_GPU else 0)
+    record_ratio(benchmark, "train", case, "diffcore")
+    benchmark.extra_info["images_per_s"] = STEPS * BATCH / benchmark.stats.stats.min
+    benchmark.extra_info["model"] = MODEL_SPEC

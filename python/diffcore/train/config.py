@@ -1,0 +1,116 @@
+"""Training configuration: one frozen dataclass, JSON round-trip, and the resume compatibility check."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+LOSSES = ("edm", "ddpm")
+PRECISIONS = ("fp32", "fp16", "bf16")
+AUGMENTATIONS = ("none", "xflip")
+
+# Fields that may change between a run and its resume (they do not change the trained weights).
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
+                               "out_dir", "device"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run.
+
+    data:  dataset spec for ``diffcore.data.load_dataset`` (``name``, fields, ``subset``, ``subset_seed``).
+    model: model spec for ``diffcore.train.build_model`` (``name`` plus keyword arguments).
+    steps: optimizer steps in total; ``batch_size`` is the global batch (split across ranks).
+    lr, lr_warmup_images: Adam learning rate, linearly ramped up over the first images (EDM style).
+    ema_halflife_images, ema_rampup_ratio: EMA half-life in images, optionally capped at
+        ``ratio * images_seen`` early in training (EDM's ema_halflife_kimg / ema_rampup_ratio).
+    grad_clip: max global gradient norm (0 = no clipping).
+    precision: fp32 | fp16 | bf16 (autocast; fp16 only on CUDA, with a gradient scaler).
+    class_conditional: pass one-hot labels ``[B, num_classes]`` as ``class_labels`` to the model.
+    """
+
+    data: Mapping[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    model: Mapping[str, Any] = field(default_factory=lambda: {"name": "ddpmpp"})
+    loss: str = "edm"
+    loss_options: Mapping[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_warmup_images: int = 10_000
+    ema_halflife_images: float = 500_000.0
+    ema_rampup_ratio: float | None = 0.05
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    compile: bool = False
+    augment: str = "none"
+    class_conditional: bool = False
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/train"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", dict(self.data))
+        object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "loss_options", dict(self.loss_options))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("loss", self.loss, LOSSES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("augment", self.augment, AUGMENTATIONS)
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "ema_halflife_images"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr_warmup_images < 0 or self.grad_clip < 0:
+            raise ValueError("lr_warmup_images and grad_clip must be >= 0")
+        if "name" not in self.data or "name" not in self.model:
+            raise ValueError("data and model specs need a 'name'")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       ignore=RESUMABLE_CHANGES) -> list[str]:
+    """Keys whose values differ between two config dicts (JSON-normalized), ``ignore`` excepted."""
+    saved = json.loads(json.dumps(saved))
+    current = json.loads(json.dumps(current))
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    return [k for k in keys if saved.get(k) != current.get(k)]

@@ -1,0 +1,89 @@
+"""Denoising losses for a preconditioned denoiser ``D(x, sigma, class_labels=None) -> x0_hat``.
+
+Each loss draws per-sample noise levels with ``sample_sigma(batch, generator, device)`` and
+computes per-sample losses ``[B]`` with ``loss(net, x0, sigma, noise, class_labels)``; the trainer
+draws ``sigma`` and ``noise`` for the whole global batch from one generator, so a run's noise
+does not depend on how the batch is split across ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class EDMLoss:
+    """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's "Ours" column):
+    ``ln sigma ~ N(P_mean, P_std^2)``, ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``,
+    ``loss = lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2`` (mean over pixels)."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+
+    def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+        """``[B]`` noise levels, ``ln sigma ~ N(P_mean, P_std^2)`` (float32)."""
+        normal = torch.randn(batch, generator=generator, device=device)
+        return (normal * self.P_std + self.P_mean).exp()
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        sd = self.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
+    def __call__(self, net, x0, sigma, noise, class_labels=None) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        denoised = net(x0 + sigma.reshape(shape) * noise, sigma, class_labels)
+        squared = (denoised.float() - x0.float()) ** 2
+        return self.weight(sigma) * squared.flatten(1).mean(dim=1)
+
+
+class DDPMLoss:
+    """DDPM epsilon loss (Ho et al. 2020, Eq. 14, "L_simple") for a VE-form denoiser.
+
+    ``t ~ U{0..T-1}`` with the linear beta schedule; the VP sample ``sqrt(ab) x0 + sqrt(1-ab) n``
+    scaled by ``1/sqrt(ab)`` is the VE sample ``x0 + sigma n`` with ``sigma = sqrt((1-ab)/ab)``
+    (what EDM's VP preconditioning does). The predicted noise is ``(x - D(x; sigma)) / sigma`` and
+    the loss is ``|n_hat - n|^2`` (mean over pixels), i.e. ``|D - x0|^2 / sigma^2``.
+    """
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000):
+        betas = torch.linspace(float(beta_start), float(beta_end), int(num_timesteps), dtype=torch.float64)
+        alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        self.sigmas = ((1.0 - alpha_bar) / alpha_bar).sqrt().float()  # [T], increasing
+        self.num_timesteps = int(num_timesteps)
+
+    def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+        return self.sigmas.to(device)[t]
+
+    def __call__(self, net, x0, sigma, noise, class_labels=None) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        x = x0 + sigma.reshape(shape) * noise
+        denoised = net(x, sigma, class_labels).float()
+        predicted_noise = (x.float() - denoised) / sigma.reshape(shape)
+        return ((predicted_noise - noise.float()) ** 2).flatten(1).mean(dim=1)
+
+
+def build_loss(name: str, options=None):
+    """``EDMLoss`` or ``DDPMLoss`` by name, with keyword ``options``."""
+    options = dict(options or {})
+    if name == "edm":
+        return EDMLoss(**options)
+    if name == "ddpm":
+        return DDPMLoss(**options)
+    raise ValueError(f"unknown loss {name!r}; known: edm, ddpm")
+
+
+def lr_at(images_seen_after_step: int, lr: float, warmup_images: int) -> float:
+    """Learning rate with a linear warm-up over ``warmup_images`` (EDM training loop style)."""
+    if warmup_images <= 0:
+        return lr
+    return lr * min(images_seen_after_step / warmup_images, 1.0)
+
+
+def ema_beta(batch_images: int, images_seen: int, halflife_images: float, rampup_ratio: float | None) -> float:
+    """Per-step EMA decay for a half-life in images (EDM: ``ema_halflife_kimg`` capped by
+    ``ema_rampup_ratio * cur_nimg``): ``beta = 0.5 ** (batch / halflife)``."""
+    halflife = float(halflife_images)
+    if rampup_ratio is not None:
+        halflife = min(halflife, images_seen * float(rampup_ratio))
+    return math.pow(0.5, batch_images / max(halflife, 1e-8))
