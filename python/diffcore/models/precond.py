@@ -115,11 +115,14 @@ class VPPrecond(Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma_of_t(torch.tensor(epsilon_t, dtype=torch.float64)))
-        self.sigma_max = float(self.sigma_of_t(torch.tensor(1.0, dtype=torch.float64)))
+        self.sigma_min = self._sigma_of_t_float(epsilon_t)
+        self.sigma_max = self._sigma_of_t_float(1.0)
+
+    def _sigma_of_t_float(self, t: float) -> float:
+        return math.sqrt(math.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t))
 
     def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
-        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+        return torch.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t).sqrt()
 
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return ((self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)).sqrt() - self.beta_min) / self.beta_d
