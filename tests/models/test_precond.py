@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import jvp, vmap
+from torch.func import jacfwd, jvp, vmap
 
 from diffcore.models import EDMPrecond, VEPrecond, VPPrecond
 
@@ -210,3 +210,26 @@ def test_backward_through_the_denoiser(tiny_unet):
     loss.backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(sigma.grad).all() and sigma.grad.abs().min() > 0
     assert all(p.grad is not None for p in precond.parameters())
+
+
+def test_bfloat16_autocast_on_cpu(tiny_unet):
+    """Mixed precision: the network runs under autocast, D comes back in x's dtype (float32)."""
+    precond = EDMPrecond(tiny_unet())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = precond(x, 0.8)
+    assert out.dtype == torch.float32
+    reference = precond(x, 0.8)
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_jacfwd_of_the_denoiser_is_consistent_with_jvp(tiny_unet):
+    precond = EDMPrecond(tiny_unet(img_resolution=4, attn_resolutions=(4,)).double())
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    f = lambda x: precond(x, 0.5)  # noqa: E731
+    jac = jacfwd(f)(x).reshape(16, 16)
+    t = torch.randn_like(x)
+    _, tangent = jvp(f, (x,), (t,))
+    torch.testing.assert_close(jac @ t.reshape(16), tangent.reshape(16))
+    # the denoiser's Jacobian is not just c_skip * I: the network contributes
+    assert (jac - torch.diag(torch.diag(jac))).abs().max() > 1e-3

@@ -116,7 +116,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig | None = None, **fields):
         super().__init__()
-        config = (config or UNetConfig()).replace(**fields) if fields else (config or UNetConfig())
+        config = (config or UNetConfig()).replace(**fields)
         config = config.replace(channel_mult=tuple(config.channel_mult),
                                 attn_resolutions=tuple(config.attn_resolutions),
                                 resample_filter=tuple(config.resample_filter))
