@@ -90,3 +90,30 @@ def test_unet(benchmark, setup, mode, role):
         run_timed(benchmark, _work(mode, denoiser, x, tangent), device=device, rounds=ROUNDS)
     record_ratio(benchmark, f"unet_{mode}", CASE, role)
     benchmark.extra_info["batch"], benchmark.extra_info["width"] = BATCH, WIDTH
+
+
+GPU_WIDTH, GPU_BATCH = (32, 4) if QUICK else (128, 64)
+
+
+@pytest.fixture(scope="module")
+def gpu_setup():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    denoiser = denoiser_preset("ddpmpp-cifar", model_channels=GPU_WIDTH).cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(GPU_BATCH, 3, 32, 32, device="cuda", generator=gen)
+    return denoiser, x, torch.randn(x.shape, device="cuda", generator=gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+@pytest.mark.parametrize("mode", ["forward", "jvp", "backward"])
+def test_unet_gpu(benchmark, gpu_setup, mode, role):
+    """UNet-128 (EDM's CIFAR-10 network, 55.7M parameters), batch 64, fp32, on the GPU."""
+    denoiser, x, tangent = gpu_setup
+    benchmark.group = f"unet_gpu_{mode}"
+    with attention_impl(role, mode):
+        run_timed(benchmark, _work(mode, denoiser, x, tangent), device="cuda", rounds=5, warmup_rounds=2)
+    record_ratio(benchmark, f"unet_gpu_{mode}", f"ddpmpp-cifar-w{GPU_WIDTH}-b{GPU_BATCH}", role)
+    benchmark.extra_info["batch"], benchmark.extra_info["width"] = GPU_BATCH, GPU_WIDTH
