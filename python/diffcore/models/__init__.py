@@ -1,1 +1,14 @@
-"""diffcore.models."""
+"""diffcore.models: the DDPM++ UNet (EDM's SongUNet design) and preconditioning wrappers.
+
+``denoiser_preset("ddpmpp-cifar", model_channels=64)`` gives an EDM-preconditioned denoiser
+``D(x, sigma, class_labels=None)``; see docs/models.md.
+"""
+from diffcore.models.precond import EDMPrecond, Precond, VEPrecond, VPPrecond
+from diffcore.models.presets import (PRECONDITIONERS, PRESETS, count_parameters, denoiser_preset, unet_config,
+                                     unet_preset)
+from diffcore.models.unet import UNet, UNetConfig
+
+__all__ = [
+    "EDMPrecond", "PRECONDITIONERS", "PRESETS", "Precond", "UNet", "UNetConfig", "VEPrecond", "VPPrecond",
+    "count_parameters", "denoiser_preset", "unet_config", "unet_preset",
+]
