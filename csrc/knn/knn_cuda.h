@@ -10,7 +10,7 @@ constexpr int64_t kKnnCudaMaxK = 16;
 
 #ifdef DIFFCORE_WITH_CUDA
 // queries: float32 [batch, dim]; train: float32 or uint8 (u / 127.5 - 1) [n_train, dim], rows
-// contiguous, on the current device. workspace: float32 [batch * tile + tile]. best_d2 / best_idx:
+// contiguous, on the current device. workspace: float32 [batch * tile]. best_d2 / best_idx:
 // [batch, k], filled with the k smallest exact squared distances (double) and their indices,
 // ordered by (distance, index). stream: a cudaStream_t (0 = default stream).
 void knn_cuda_launch(const float* queries, const void* train, bool train_is_uint8, int64_t batch, int64_t n_train,

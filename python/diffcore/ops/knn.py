@@ -171,14 +171,16 @@ def _knn_cuda(q, y, k):
     if k > CUDA_MAX_K:
         raise ValueError(f"k: the cuda backend supports k <= {CUDA_MAX_K}, got {k}; use backend='triton' or "
                          f"'reference'")
-    if q.dtype != torch.float32:
-        q = q.float()  # TODO(exactness): float64 queries are rounded to float32 here; documented
+    if q.dtype == torch.float64:
+        raise TypeError("queries: the cuda backend takes float16/bfloat16/float32 queries (float64 would be "
+                        "rounded, breaking exactness); use backend='triton', 'cpu' or 'reference'")
+    q = q.float()  # lossless for float16/bfloat16
     if y.dtype not in (torch.float32, torch.uint8):
         y = y.float()
     batch, dim = q.shape
     n_train = y.shape[0]
     tile = min(n_train, CUDA_TILE)
-    workspace = torch.empty(batch * tile + tile, dtype=torch.float32, device=q.device)
+    workspace = torch.empty(batch * tile, dtype=torch.float32, device=q.device)
     best_d2 = torch.full((batch, k), float("inf"), dtype=torch.float64, device=q.device)
     best_idx = torch.full((batch, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=q.device)
     stream = torch.cuda.current_stream(q.device).cuda_stream
