@@ -12,10 +12,13 @@ Three steps, all streaming over training tiles (memory O(B * candidates), never 
    (uint8 rows as ``u / 127.5 - 1`` in float64, as the reference). A stable sort of the candidates
    by distance (they are listed in index order) gives the top-k with ties to the lower index.
 
-Bound (u = 2^-24, fp32; rounding of the inputs to fp32, fp32 products and sums in ``tl.dot`` with
-``input_precision="ieee"``, the fp32 norms and the fp32 evaluation of ``|q|^2 + |y|^2 - 2 q.y``):
-``| approx - d^2 | <= (2 gamma_D + 16 u) (|q|^2 + |y|^2)``, gamma_D = D u / (1 - D u), using
-``2 |q| |y| <= |q|^2 + |y|^2``; the kernels use twice that (``SAFETY``).
+Bound (u = 2^-24; fp32 ``tl.dot`` with ``input_precision="ieee"``, fp32 norms, the fp32
+evaluation of ``|q|^2 + |y|^2 - 2 q.y`` and of the bounds, the rounding of float64 queries to fp32):
+``| approx - d^2 | <= (2 gamma_D + 16 u) (|q|^2 + |y|^2)`` with gamma_D = D u / (1 - D u), using
+``2 |q| |y| <= |q|^2 + |y|^2``. uint8 rows are mapped to fp32 with an absolute error of at most
+3u per element (relative to ``|y_i|`` it is unbounded near 0), which adds at most
+``6u (|q|^2 + |y|^2) + 3u D``. The kernels use twice the sum (``SAFETY``):
+``slack = SAFETY ((2 gamma_D + 22 u) (|q|^2 + |y|^2) + [uint8] 3u D)``.
 
 The training-set size and the dimension are ``tl.constexpr`` (loop trip counts): one compilation
 per (N, D), and it keeps the loops runnable in the interpreter with NumPy >= 2.4, whose arrays no
@@ -35,11 +38,11 @@ BLOCK_D = 32
 BLOCK_C = 16
 
 
-def screen_coefficient(dim: int) -> float:
-    """C such that |approx - d^2| <= C (|q|^2 + |y|^2) for the fp32 screening (module docstring)."""
+def screen_slack(dim: int, is_uint8: bool) -> tuple[float, float]:
+    """(C, A) with |approx - d^2| <= C (|q|^2 + |y|^2) + A for the fp32 screening (module docstring)."""
     unit = 2.0 ** -24
     gamma = dim * unit / (1.0 - dim * unit)
-    return SAFETY * (2.0 * gamma + 16.0 * unit)
+    return SAFETY * (2.0 * gamma + 22.0 * unit), SAFETY * 3.0 * unit * dim if is_uint8 else 0.0
 
 
 @triton.jit
@@ -51,7 +54,7 @@ def _load_train(y_ptr, rows, cols, mask, dim, IS_UINT8: tl.constexpr):
 
 
 @triton.jit
-def _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim: tl.constexpr, coef,
+def _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim: tl.constexpr, coef, abs_slack,
                  IS_UINT8: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """approx squared distances [BLOCK_B, BLOCK_N] = |q|^2 + |y|^2 - 2 q.y (fp32) and the slack."""
     dot = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -66,14 +69,14 @@ def _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim: tl.constexpr
         qn += tl.sum(q * q, axis=1)
         yn += tl.sum(y * y, axis=1)
     approx = qn[:, None] + yn[None, :] - 2.0 * dot
-    slack = coef * (qn[:, None] + yn[None, :])
+    slack = coef * (qn[:, None] + yn[None, :]) + abs_slack
     return approx, slack
 
 
 @triton.jit
 def _knn_upper_kernel(q_ptr, y_ptr, upper_ptr, batch, n_train: tl.constexpr, dim: tl.constexpr, coef,
-                      K: tl.constexpr, KP: tl.constexpr, IS_UINT8: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      abs_slack, K: tl.constexpr, KP: tl.constexpr, IS_UINT8: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     q_rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     slots = tl.arange(0, KP)
@@ -81,7 +84,7 @@ def _knn_upper_kernel(q_ptr, y_ptr, upper_ptr, batch, n_train: tl.constexpr, dim
     best = tl.where(slots[None, :] < K, float("inf"), float("-inf")) + tl.zeros((BLOCK_B, KP), dtype=tl.float32)
     for n0 in range(0, n_train, BLOCK_N):
         y_rows = n0 + tl.arange(0, BLOCK_N)
-        approx, slack = _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim, coef,
+        approx, slack = _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim, coef, abs_slack,
                                      IS_UINT8, BLOCK_B, BLOCK_N, BLOCK_D)
         upper = tl.where(y_rows[None, :] < n_train, approx + slack, float("inf"))
         cols = tl.arange(0, BLOCK_N)
@@ -98,7 +101,7 @@ def _knn_upper_kernel(q_ptr, y_ptr, upper_ptr, batch, n_train: tl.constexpr, dim
 
 @triton.jit
 def _knn_collect_kernel(q_ptr, y_ptr, upper_ptr, cand_ptr, count_ptr, batch, n_train: tl.constexpr,
-                        dim: tl.constexpr, coef, capacity,
+                        dim: tl.constexpr, coef, abs_slack, capacity,
                         IS_UINT8: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -107,7 +110,7 @@ def _knn_collect_kernel(q_ptr, y_ptr, upper_ptr, cand_ptr, count_ptr, batch, n_t
     count = tl.zeros((BLOCK_B,), dtype=tl.int32)
     for n0 in range(0, n_train, BLOCK_N):
         y_rows = n0 + tl.arange(0, BLOCK_N)
-        approx, slack = _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim, coef,
+        approx, slack = _approx_tile(q_ptr, y_ptr, q_rows, y_rows, batch, n_train, dim, coef, abs_slack,
                                      IS_UINT8, BLOCK_B, BLOCK_N, BLOCK_D)
         keep = (approx - slack <= cut[:, None]) & (y_rows[None, :] < n_train) & (q_rows[:, None] < batch)
         keep_i = keep.to(tl.int32)
@@ -161,17 +164,18 @@ def knn_triton(q: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     q_exact = q if q.dtype == torch.float64 else q.float()
     q32 = q.float().contiguous()
     y_screen = y if is_uint8 or y.dtype == torch.float32 else y.float()
-    coef = screen_coefficient(dim)
+    coef, abs_slack = screen_slack(dim, is_uint8)
     grid = (triton.cdiv(batch, BLOCK_B),)
     upper = torch.empty(batch, dtype=torch.float32, device=q.device)
-    _knn_upper_kernel[grid](q32, y_screen, upper, batch, n_train, dim, coef, K=k, KP=triton.next_power_of_2(k),
-                            IS_UINT8=is_uint8, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    _knn_upper_kernel[grid](q32, y_screen, upper, batch, n_train, dim, coef, abs_slack, K=k,
+                            KP=triton.next_power_of_2(k), IS_UINT8=is_uint8, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N,
+                            BLOCK_D=BLOCK_D)
     capacity = max(4 * k, 32)
     while True:
         cand = torch.empty(batch, capacity, dtype=torch.int64, device=q.device)
         count = torch.empty(batch, dtype=torch.int32, device=q.device)
-        _knn_collect_kernel[grid](q32, y_screen, upper, cand, count, batch, n_train, dim, coef, capacity,
-                                  IS_UINT8=is_uint8, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        _knn_collect_kernel[grid](q32, y_screen, upper, cand, count, batch, n_train, dim, coef, abs_slack,
+                                  capacity, IS_UINT8=is_uint8, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
         needed = int(count.max())
         if needed <= capacity:
             break

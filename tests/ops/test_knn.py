@@ -105,6 +105,39 @@ def test_near_ties_and_large_offsets(backend):
     _assert_matches_reference(queries, train, 5, backend)
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_uint8_gray_images_and_small_queries(backend):
+    """Training images near mid-gray (values near 0 after mapping) and queries near 0: the uint8
+    mapping's absolute rounding dominates any relative bound."""
+    g = torch.Generator().manual_seed(16)
+    train = torch.randint(126, 130, (80, 48), dtype=torch.uint8, generator=g)
+    train[50] = train[20]
+    queries = torch.randn(5, 48, generator=g) * 1e-3
+    queries[0] = train[20].float() / 127.5 - 1
+    _assert_matches_reference(queries, train, 4, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_kind", ["float32", "uint8"])
+def test_cpu_randomized_against_reference(train_kind):
+    """Many queries, clustered data (many near neighbours): indices equal the reference."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("diffcore._C is not built")
+    g = torch.Generator().manual_seed(17)
+    centers = torch.rand(8, 256, generator=g) * 2 - 1
+    train = centers[torch.randint(0, 8, (2500,), generator=g)] + 0.05 * torch.randn(2500, 256, generator=g)
+    train = train.clamp(-1, 1)
+    if train_kind == "uint8":
+        train = ((train + 1) * 127.5).round().to(torch.uint8)
+    queries = centers[torch.randint(0, 8, (64,), generator=g)] + 0.05 * torch.randn(64, 256, generator=g)
+    _assert_matches_reference(queries, train, 5, "cpu")
+
+
+def test_cuda_backend_on_cpu_tensors_is_an_error():
+    with pytest.raises(RuntimeError, match="cuda"):
+        knn(torch.zeros(2, 4), torch.zeros(5, 4), backend="cuda")
+
+
 def test_cpu_streams_over_many_tiles(monkeypatch):
     """Several training tiles and query blocks: the top-k merge across tiles."""
     import diffcore.ops.knn as knn_module
