@@ -163,6 +163,18 @@ def test_cpu_screening_keeps_few_candidates():
     assert 2 * 20 <= stats["rescored"] < 0.1 * 20 * 3000
 
 
+@pytest.mark.triton
+def test_triton_screening_keeps_few_candidates():
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton is not usable on CPU tensors here")
+    from diffcore.kernels.knn import knn_triton
+
+    queries, train = _uniform((16, 256), 14), _uniform((600, 256), 15)
+    stats = {}
+    knn_triton(queries, train, 2, stats=stats)
+    assert 2 * 16 <= stats["rescored"] < 0.1 * 16 * 600
+
+
 def test_auto_on_cpu_picks_cpu_kernel():
     from diffcore.ops.knn import BACKENDS
 
