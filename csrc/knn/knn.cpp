@@ -95,10 +95,11 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
     const T* x = src + r * row_stride;
     uint16_t* out = dst + r * dim;
     double sq = 0, sq_rounded = 0, sq_delta = 0;
-    bool ok = true;
+    int64_t n_bad = 0;
+#pragma omp simd reduction(+ : sq, sq_rounded, sq_delta, n_bad)
     for (int64_t i = 0; i < dim; ++i) {
       const double v = value_as_double(x[i]);
-      ok = ok && std::fabs(v) <= kMaxMagnitude;  // false for NaN and Inf too
+      n_bad += !(std::fabs(v) <= kMaxMagnitude);  // true for NaN and Inf too
       const uint16_t h = float_to_bf16_bits(static_cast<float>(v));
       const double rounded = bf16_bits_to_float(h);
       out[i] = h;
@@ -109,7 +110,7 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
     norms[3 * r + 0] = sq;
     norms[3 * r + 1] = std::sqrt(sq_rounded);
     norms[3 * r + 2] = std::sqrt(sq_delta);
-    if (!ok) {
+    if (n_bad != 0) {
 #pragma omp critical
       if (bad_row < 0 || r < bad_row) bad_row = r;
     }
@@ -187,15 +188,16 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
   int64_t rescored_total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : rescored_total)
   {
-    std::vector<double> lower(tile);
+    std::vector<double> lower(tile), upper(tile);
     std::vector<double> upper_topk(k);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
       const double qn = q_norms[3 * b], q_round = q_norms[3 * b + 1], q_delta = q_norms[3 * b + 2];
       const uint16_t* g_row = gram + b * tile;
       TopK top{best_d2 + b * k, best_idx + b * k, k};
-      // Pass A: bounds of every row of the tile; k-th smallest upper bound of the tile.
-      std::fill(upper_topk.begin(), upper_topk.end(), std::numeric_limits<double>::infinity());
+      // Pass A: bounds of every row of the tile (branch-free, vectorizable), then the k-th smallest
+      // upper bound of the tile (an insertion that is rarely taken).
+#pragma omp simd
       for (int64_t j = 0; j < tile; ++j) {
         const double* yn = y_norms + 3 * j;
         const double g = bf16_bits_to_float(g_row[j]);
@@ -204,14 +206,18 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
                            bound.unit * std::fabs(g);
         const double slack = 2.0 * bound.safety * err + bound.absolute * (1.0 + qn + yn[0]);
         lower[j] = approx - slack;
-        const double upper = approx + slack;
-        if (upper < upper_topk[k - 1]) {
+        upper[j] = approx + slack;
+      }
+      std::fill(upper_topk.begin(), upper_topk.end(), std::numeric_limits<double>::infinity());
+      for (int64_t j = 0; j < tile; ++j) {
+        const double value = upper[j];
+        if (value < upper_topk[k - 1]) {
           int64_t pos = k - 1;
-          while (pos > 0 && upper < upper_topk[pos - 1]) {
+          while (pos > 0 && value < upper_topk[pos - 1]) {
             upper_topk[pos] = upper_topk[pos - 1];
             --pos;
           }
-          upper_topk[pos] = upper;
+          upper_topk[pos] = value;
         }
       }
       // Pass B: every row whose lower bound can still reach the k-th best is re-scored exactly.
