@@ -117,6 +117,21 @@ def test_uint8_gray_images_and_small_queries(backend):
     _assert_matches_reference(queries, train, 4, backend)
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_digits(backend, as_uint8):
+    """Real images (the embedded 8x8 digits): queries are training images and noisy copies."""
+    from diffcore.data.digits import load_digits
+
+    train = load_digits(as_uint8=as_uint8)[0]
+    images = load_digits()[0]
+    step = 9
+    if backend == "triton":  # the interpreter is slow: fewer images
+        train, step = train[:400], 60
+    queries = torch.cat([images[::step], images[5::step] + 0.1 * _uniform(images[5::step].shape, 18)])
+    _assert_matches_reference(queries, train, 5, backend)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("train_kind", ["float32", "uint8"])
 def test_cpu_randomized_against_reference(train_kind):
