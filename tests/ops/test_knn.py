@@ -164,6 +164,16 @@ def test_cpu_streams_over_many_tiles(monkeypatch):
     train = _uniform((1500, 300), 12)
     queries = torch.cat([_uniform((15, 300), 13), train[[5, 700, 1499]] + 1e-3])
     _assert_matches_reference(queries, train, 3, "cpu")
+    _assert_matches_reference(queries, train[:700], 300, "cpu")  # k larger than a tile
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_non_contiguous_inputs(backend):
+    wide = _uniform((2 * 50, 2 * 40), 19)
+    train = wide[::2, ::2]  # strided view [50, 40]
+    queries = _uniform((40, 3), 20).t()  # transposed view [3, 40]
+    assert not train.is_contiguous() and not queries.is_contiguous()
+    _assert_matches_reference(queries, train, 2, backend)
 
 
 def test_cpu_screening_keeps_few_candidates():
