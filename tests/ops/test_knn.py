@@ -200,6 +200,20 @@ def test_triton_screening_keeps_few_candidates():
     assert 2 * 16 <= stats["rescored"] < 0.1 * 16 * 600
 
 
+def test_bf16_matmul_contract_probe():
+    """The CPU backend's bound assumes fp32 accumulation in torch's bf16 matmul; the probe must hold
+    here and must catch a bf16 accumulation."""
+    from diffcore.ops.knn import bf16_matmul_accumulates_in_fp32
+
+    assert bf16_matmul_accumulates_in_fp32()
+    signs = torch.ones(4096)
+    signs[2048:] = -1
+    partial = torch.zeros((), dtype=torch.bfloat16)
+    for value in signs.bfloat16():  # what a bf16 accumulator would return: far off the exact 0
+        partial = partial + value
+    assert abs(float(partial)) > 100
+
+
 def test_auto_on_cpu_picks_cpu_kernel():
     from diffcore.ops.knn import BACKENDS
 

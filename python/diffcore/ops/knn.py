@@ -13,6 +13,7 @@ per-query top-k ordered by (distance, index). Memory is O(B * tile), never [B, N
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -105,12 +106,48 @@ def _knn_reference(q, y, k):
     return d.square(), idx
 
 
+# Below this many elementary steps a parallel region costs more than it saves (its barrier is what
+# hurts most when the cores are oversubscribed).
+CPU_MIN_PARALLEL_WORK = 1 << 20
+
+
+def _threads_for(work: int, threads: int) -> int:
+    return threads if work >= CPU_MIN_PARALLEL_WORK else 1
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_accumulates_in_fp32() -> bool:
+    """Whether torch's CPU bf16 matmul meets the contract the screening bound assumes: products of
+    bf16 inputs accumulated in fp32, the output rounded to bf16 once.
+
+    Probe: rows of +-1 (plus exact multiples of 1/64) whose partial sums climb to about D / 2 and
+    cancel back to about 0. fp32 accumulation stays within gamma_D |q| |y| (about 1 here); any bf16
+    rounding of a partial sum on the way is off by several units.
+    """
+    g = torch.Generator().manual_seed(0)
+    dim = 4096
+    signs = torch.ones(dim)
+    signs[dim // 2:] = -1
+    q = (signs + torch.randint(-8, 8, (16, dim), generator=g) / 64).bfloat16()  # exact in bf16
+    y = (1 + torch.randint(-8, 8, (24, dim), generator=g) / 64).bfloat16()
+    exact = q.double() @ y.double().t()
+    got = (q @ y.t()).double()
+    unit = 2.0 ** -24
+    gamma = dim * unit / (1 - dim * unit)
+    bound = gamma * q.double().norm(dim=1)[:, None] * y.double().norm(dim=1)[None, :] + 2.0 ** -8 * got.abs()
+    return bool(((got - exact).abs() <= bound).all())
+
+
 def _knn_cpu(q, y, k, *, stats: dict | None = None):
     """bf16 GEMM screening (torch BLAS, in tiles) + exact C++ re-scoring and top-k merge.
 
     ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together).
     """
     ext = extension()
+    if not bf16_matmul_accumulates_in_fp32():
+        raise RuntimeError("knn: backend 'cpu' screens with torch's bf16 matmul, which on this machine does not "
+                           "accumulate in fp32 (probe failed), so its error bound would not hold; use "
+                           "backend='reference' (or triton)")
     threads = torch.get_num_threads()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # lossless
@@ -121,7 +158,7 @@ def _knn_cpu(q, y, k, *, stats: dict | None = None):
     q_bf16 = torch.empty(batch, dim, dtype=torch.bfloat16)
     q_norms = torch.empty(batch, 3, dtype=torch.float64)
     ext.knn_cpu_prepare_rows(q.data_ptr(), dtype_name(q.dtype), batch, dim, dim, q_bf16.data_ptr(),
-                             q_norms.data_ptr(), threads, "queries")
+                             q_norms.data_ptr(), _threads_for(batch * dim, threads), "queries")
     best_d2 = torch.full((batch, k), float("inf"), dtype=torch.float64)
     best_idx = torch.full((batch, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
 
@@ -136,7 +173,7 @@ def _knn_cpu(q, y, k, *, stats: dict | None = None):
         y_tile = y[start:start + rows]
         try:
             ext.knn_cpu_prepare_rows(y_tile.data_ptr(), dtype_name(y.dtype), rows, dim, dim, y_bf16.data_ptr(),
-                                     y_norms.data_ptr(), threads, "train")
+                                     y_norms.data_ptr(), _threads_for(rows * dim, threads), "train")
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
         for q_start in range(0, batch, query_block):
@@ -146,7 +183,8 @@ def _knn_cpu(q, y, k, *, stats: dict | None = None):
             rescored += ext.knn_cpu_screen_tile(
                 q[q_start].data_ptr(), dtype_name(q.dtype), q_rows, dim, q_norms[q_start].data_ptr(),
                 y_tile.data_ptr(), dtype_name(y.dtype), start, rows, y_norms.data_ptr(), gram.data_ptr(), k,
-                best_d2[q_start].data_ptr(), best_idx[q_start].data_ptr(), CPU_SCREEN_SAFETY, threads)
+                best_d2[q_start].data_ptr(), best_idx[q_start].data_ptr(), CPU_SCREEN_SAFETY,
+                _threads_for(q_rows * rows * 8, threads))
     if stats is not None:
         stats["rescored"] = rescored
     log.debug("knn cpu: B=%d N=%d D=%d k=%d, %d rows re-scored exactly (%.2f per query)",
