@@ -17,7 +17,8 @@
 //   |q~.dy + dq.y~ + dq.dy| <= |q~||dy| + |dq||y~| + |dq||dy|          (Cauchy-Schwarz)
 //   GEMM in fp32 on exact bf16 products: |acc - q~.y~| <= gamma_D |q~||y~|, gamma_D = D 2^-24 / (1 - D 2^-24)
 //   bf16 output rounding (torch returns bf16 on the CPU): |G~ - acc| <= u |G~|
-// The sum, times a safety factor, plus a tiny absolute term for flushed subnormals, is E.
+// E is the sum, with a safety factor on the two GEMM terms (what is assumed of the BLAS, checked by
+// a probe in Python) and a tiny absolute term for flushed subnormals and double rounding.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -176,60 +177,104 @@ struct TopK {
 struct ScreenBound {
   double gamma;     // fp32 accumulation over dim terms
   double unit;      // bf16 unit roundoff of the output
-  double safety;    // multiplies the whole bound
+  double safety;    // multiplies the GEMM's own error terms
   double absolute;  // flushed subnormals and double rounding of the approximation
 };
+
+// Bounds of one query's squared distance to the rows of a tile: the slack 2 * safety * E (+ the
+// absolute term) around approx = |q|^2 + |y|^2 - 2 G~ (see the top of this file).
+struct QueryBounds {
+  double qn, q_round, q_delta;
+  const double* y_norms;
+  const uint16_t* g_row;
+  const ScreenBound* bound;
+
+  inline void at(int64_t j, double& approx, double& slack) const {
+    const double* yn = y_norms + 3 * j;
+    const double g = bf16_bits_to_float(g_row[j]);
+    approx = qn + yn[0] - 2.0 * g;
+    // input rounding: proven from the measured norms (Cauchy-Schwarz); the GEMM's own error
+    // (fp32 accumulation, bf16 output) is what is assumed of the BLAS, so the safety factor is there
+    const double proven = (q_round * yn[2] + q_delta * yn[1] + q_delta * yn[2]) * (1.0 + 1e-12);
+    const double assumed = bound->gamma * q_round * yn[1] + bound->unit * std::fabs(g);
+    slack = 2.0 * (proven + bound->safety * assumed) + bound->absolute * (1.0 + qn + yn[0]);
+  }
+};
+
+// k-th smallest upper bound over the tile (+inf if the tile has fewer than k rows): some k rows
+// of the tile have d^2 <= it, so the final k-th best is <= it.
+inline double tile_kth_upper(const QueryBounds& qb, int64_t tile, int64_t k, std::vector<double>& upper,
+                             std::vector<double>& smallest) {
+#pragma omp simd
+  for (int64_t j = 0; j < tile; ++j) {
+    double approx, slack;
+    qb.at(j, approx, slack);
+    upper[j] = approx + slack;
+  }
+  std::fill(smallest.begin(), smallest.end(), std::numeric_limits<double>::infinity());
+  for (int64_t j = 0; j < tile; ++j) {
+    const double value = upper[j];
+    if (value < smallest[k - 1]) {
+      int64_t pos = k - 1;
+      while (pos > 0 && value < smallest[pos - 1]) {
+        smallest[pos] = smallest[pos - 1];
+        --pos;
+      }
+      smallest[pos] = value;
+    }
+  }
+  return smallest[k - 1];
+}
 
 template <typename TQ, typename TY>
 int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, int64_t batch, int64_t dim,
                     const TY* train, int64_t y_stride, const double* y_norms, int64_t tile_start, int64_t tile,
                     const uint16_t* gram, int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
                     int threads) {
+  constexpr int64_t kBlock = 16;
   int64_t rescored_total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : rescored_total)
   {
-    std::vector<double> lower(tile), upper(tile);
-    std::vector<double> upper_topk(k);
+    std::vector<double> upper(tile), smallest(k);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
-      const double qn = q_norms[3 * b], q_round = q_norms[3 * b + 1], q_delta = q_norms[3 * b + 2];
-      const uint16_t* g_row = gram + b * tile;
+      const QueryBounds qb{q_norms[3 * b], q_norms[3 * b + 1], q_norms[3 * b + 2], y_norms, gram + b * tile, &bound};
       TopK top{best_d2 + b * k, best_idx + b * k, k};
-      // Pass A: bounds of every row of the tile (branch-free, vectorizable), then the k-th smallest
-      // upper bound of the tile (an insertion that is rarely taken).
-#pragma omp simd
-      for (int64_t j = 0; j < tile; ++j) {
-        const double* yn = y_norms + 3 * j;
-        const double g = bf16_bits_to_float(g_row[j]);
-        const double approx = qn + yn[0] - 2.0 * g;
-        const double err = q_round * yn[2] + q_delta * yn[1] + q_delta * yn[2] + bound.gamma * q_round * yn[1] +
-                           bound.unit * std::fabs(g);
-        const double slack = 2.0 * bound.safety * err + bound.absolute * (1.0 + qn + yn[0]);
-        lower[j] = approx - slack;
-        upper[j] = approx + slack;
-      }
-      std::fill(upper_topk.begin(), upper_topk.end(), std::numeric_limits<double>::infinity());
-      for (int64_t j = 0; j < tile; ++j) {
-        const double value = upper[j];
-        if (value < upper_topk[k - 1]) {
-          int64_t pos = k - 1;
-          while (pos > 0 && value < upper_topk[pos - 1]) {
-            upper_topk[pos] = upper_topk[pos - 1];
-            --pos;
-          }
-          upper_topk[pos] = value;
-        }
-      }
-      // Pass B: every row whose lower bound can still reach the k-th best is re-scored exactly.
-      // k rows of this tile have d^2 <= upper_topk[k-1], so the final k-th best is <= it.
-      double cut = std::min(top.kth(), upper_topk[k - 1]);
       const TQ* q = queries + b * q_stride;
-      for (int64_t j = 0; j < tile; ++j) {
-        if (lower[j] > cut) continue;
-        const double d2 = exact_sqdist_rows(q, train + j * y_stride, dim);
-        ++rescored_total;
-        top.insert(d2, tile_start + j);
-        cut = std::min(cut, top.kth());
+      // Until k rows are known exactly (first tile), the tile's own k-th upper bound caps the cut.
+      double cut = top.kth();
+      if (!(cut < std::numeric_limits<double>::infinity())) cut = tile_kth_upper(qb, tile, k, upper, smallest);
+      // Blocks of rows: lower bounds in SIMD; only a block with a row whose lower bound reaches
+      // the cut is looked at row by row, and those rows are re-scored exactly.
+      for (int64_t j0 = 0; j0 < tile; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, tile - j0);
+        double lower[kBlock];
+        int reach = 0;
+        if (n == kBlock) {
+#pragma omp simd reduction(| : reach)
+          for (int64_t l = 0; l < kBlock; ++l) {
+            double approx, slack;
+            qb.at(j0 + l, approx, slack);
+            lower[l] = approx - slack;
+            reach |= lower[l] <= cut;
+          }
+        } else {
+          for (int64_t l = 0; l < n; ++l) {
+            double approx, slack;
+            qb.at(j0 + l, approx, slack);
+            lower[l] = approx - slack;
+            reach |= lower[l] <= cut;
+          }
+        }
+        if (!reach) continue;
+        for (int64_t l = 0; l < n; ++l) {
+          if (lower[l] > cut) continue;
+          const int64_t j = j0 + l;
+          const double d2 = exact_sqdist_rows(q, train + j * y_stride, dim);
+          ++rescored_total;
+          top.insert(d2, tile_start + j);
+          cut = std::min(cut, top.kth());
+        }
       }
     }
   }
