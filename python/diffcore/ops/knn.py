@@ -4,10 +4,11 @@
 ``train`` and their indices, in increasing order, ties broken by the lower index: exactly the
 answer of :func:`diffcore.ref.knn.knn_ref`.
 
-Every fast backend works in two steps. A fast Gram product ``q.y`` (bf16 GEMM on the CPU, fp32
-``tl.dot`` in Triton, fp32 difference-first tiles in CUDA) only *screens*: its error is bounded
-rigorously (see csrc/knn/knn.cpp and kernels/knn.py), so a training row is discarded only when
-its lower bound exceeds the k-th best exact distance found so far. The rows that survive are
+Every fast backend works in two steps. A fast approximation of the squared distances (bf16 GEMM
+on the CPU, ``tl.dot`` in fp32 or TF32 in Triton, fp32 difference-first tiles in CUDA) only
+*screens*: its error is bounded rigorously (see csrc/knn/knn.cpp, kernels/knn.py and
+csrc/knn/knn.cu), so a training row is discarded only when its lower bound exceeds a value that
+the k-th best exact distance is certain not to exceed. The rows that survive are
 re-scored exactly (difference first, then square, accumulated in double) and merged into a
 per-query top-k ordered by (distance, index). Memory is O(B * tile), never [B, N].
 """
@@ -39,8 +40,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Safety factor on the GEMM's own error terms in the screening bound of the CPU path (fp32
 # accumulation and bf16 output rounding: what torch's BLAS is assumed to do; csrc/knn/knn.cpp).
 CPU_SCREEN_SAFETY = 4.0
-# Training rows per tile (CPU): about 8 M elements, so a tile and its bf16 copy stay in cache-sized
-# working sets while the Gram tile [query block, tile] stays small.
+# Training rows per tile (CPU): about 8 M elements (32 MB in fp32), enough for an efficient GEMM
+# while the extra memory (bf16 tile copy, Gram tile [query block, tile]) stays bounded.
 CPU_TILE_ELEMENTS = 1 << 23
 CPU_GRAM_ELEMENTS = 1 << 24
 
@@ -58,7 +59,11 @@ def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2, *,
     Returns:
         ``(distances [B, k], indices [B, k] int64)``: exact l2 distances (not squared) in
         increasing order, among equal distances the lower index first. Distances are float64 for
-        float64 queries and float32 otherwise.
+        float64 queries and float32 otherwise. Not differentiable (results are computed without
+        autograd).
+
+    The ``cpu`` backend also rejects values of magnitude above 1e15 (its screening bound assumes
+    no fp32 overflow); ``triton`` takes k <= 16, ``cuda`` k <= 16 and no float64 queries.
 
     Example:
         >>> d, i = knn(torch.randn(4, 3, 8, 8), torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8), k=2)
