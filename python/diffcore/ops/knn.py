@@ -191,6 +191,8 @@ def _knn_cpu(q, y, k, *, stats: dict | None = None):
                 y_tile.data_ptr(), dtype_name(y.dtype), start, rows, y_norms.data_ptr(), gram.data_ptr(), k,
                 best_d2[q_start].data_ptr(), best_idx[q_start].data_ptr(), CPU_SCREEN_SAFETY,
                 _threads_for(q_rows * rows * 8, threads))
+    if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
+        raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
     if stats is not None:
         stats["rescored"] = rescored
     log.debug("knn cpu: B=%d N=%d D=%d k=%d, %d rows re-scored exactly (%.2f per query)",
