@@ -214,6 +214,33 @@ def test_bf16_matmul_contract_probe():
     assert abs(float(partial)) > 100
 
 
+@pytest.mark.parametrize("case", ["uniform", "near", "offset", "uint8"])
+def test_cpu_screening_bound_holds_without_safety_factor(case):
+    """The error bound of csrc/knn/knn.cpp (input rounding by Cauchy-Schwarz on the measured
+    rounding norms, fp32 accumulation, bf16 output rounding) holds for torch's bf16 matmul even
+    without the safety factor, on the data shapes the tests and benchmarks use."""
+    g = torch.Generator().manual_seed(21)
+    dim = 3072
+    train = torch.rand(400, dim, generator=g) * 2 - 1
+    queries = torch.rand(48, dim, generator=g) * 2 - 1
+    if case == "near":
+        queries = train[:48] + 0.01 * torch.randn(48, dim, generator=g)
+    elif case == "offset":
+        base = torch.randn(1, dim, generator=g) * 100
+        queries, train = base + torch.randn(48, dim, generator=g), base + torch.randn(400, dim, generator=g)
+    elif case == "uint8":
+        train = torch.randint(0, 256, (400, dim), generator=g).double().div(127.5).sub(1).float()
+    q_round, y_round = queries.bfloat16(), train.bfloat16()
+    exact = queries.double() @ train.double().t()
+    screened = (q_round @ y_round.t()).double()
+    dq = (queries.double() - q_round.double()).norm(dim=1)[:, None]
+    dy = (train.double() - y_round.double()).norm(dim=1)[None, :]
+    nq, ny = q_round.double().norm(dim=1)[:, None], y_round.double().norm(dim=1)[None, :]
+    gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
+    bound = nq * dy + dq * ny + dq * dy + gamma * nq * ny + 2.0 ** -8 * screened.abs()
+    assert bool(((screened - exact).abs() <= bound).all())
+
+
 def test_auto_on_cpu_picks_cpu_kernel():
     from diffcore.ops.knn import BACKENDS
 
