@@ -1,0 +1,400 @@
+// Exact k-nearest-neighbour search (l2) on the CPU: screening with a bf16 GEMM plus a rigorous
+// error bound, exact re-scoring of the survivors in double, fused top-k merge.
+//
+// Division of labour (DESIGN.md, Contracts): Python drives torch's BLAS for the bf16 Gram tile
+// G~ = bf16(Q) bf16(Y)^T; this file
+//   1. knn_cpu_prepare_rows: converts rows to bf16 (round to nearest even) and records, per row,
+//      |x|^2 (exact, double), |x~| and |x - x~| (x~ the bf16 rounding), and rejects NaN/Inf;
+//   2. knn_cpu_screen_tile: for every query of a block and every training row of a tile, bounds
+//      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y between lower = a - 2E and
+//      upper = a + 2E, where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below); it keeps
+//      the rows whose lower bound can still reach the current k-th best exact distance,
+//      re-scores them exactly (difference first, double accumulation) and merges them into the
+//      per-query top-k, ordered by (distance, index).
+//
+// Error bound of the screening Gram entry (u = 2^-8, bf16 unit roundoff; q = q~ + dq exactly):
+//   q.y = q~.y~ + q~.dy + dq.y~ + dq.dy
+//   |q~.dy + dq.y~ + dq.dy| <= |q~||dy| + |dq||y~| + |dq||dy|          (Cauchy-Schwarz)
+//   GEMM in fp32 on exact bf16 products: |acc - q~.y~| <= gamma_D |q~||y~|, gamma_D = D 2^-24 / (1 - D 2^-24)
+//   bf16 output rounding (torch returns bf16 on the CPU): |G~ - acc| <= u |G~|
+// E is the sum, with a safety factor on the two GEMM terms (what is assumed of the BLAS, checked by
+// a probe in Python) and a tiny absolute term for flushed subnormals and double rounding.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/registry.h"
+#include "knn/knn_cuda.h"
+
+namespace py = pybind11;
+
+namespace diffcore {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Element access. uint8 images map to [-1, 1] as u / 127.5 - 1, evaluated in double exactly as
+// the float64 reference evaluates it (the float mapping of common/distance.h rounds once more).
+inline double value_as_double(float v) { return v; }
+inline double value_as_double(double v) { return v; }
+inline double value_as_double(uint8_t v) { return static_cast<double>(v) / 127.5 - 1.0; }
+
+// Exact squared distance of two rows: difference first, then square, accumulated in double
+// (common/distance.h, generalized to double queries and the double uint8 mapping).
+template <typename TQ, typename TY>
+inline double exact_sqdist_rows(const TQ* x, const TY* y, int64_t dim) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + kLanes <= dim; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const double diff = value_as_double(x[i + l]) - value_as_double(y[i + l]);
+      acc[l] += diff * diff;
+    }
+  }
+  double total = 0;
+  for (; i < dim; ++i) {
+    const double diff = value_as_double(x[i]) - value_as_double(y[i]);
+    total += diff * diff;
+  }
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+// float -> bf16 bits, round to nearest even (inputs are finite: checked before).
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Largest magnitude accepted: keeps every product and sum of the fp32 GEMM far from overflow.
+constexpr double kMaxMagnitude = 1e15;
+
+// Per row: bf16 copy and [|x|^2, |x~|, |x - x~|]. Returns the first offending row or -1.
+template <typename T>
+int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride, uint16_t* dst,
+                     double* norms, int threads) {
+  int64_t bad_row = -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* x = src + r * row_stride;
+    uint16_t* out = dst + r * dim;
+    double sq = 0, sq_rounded = 0, sq_delta = 0;
+    int64_t n_bad = 0;
+#pragma omp simd reduction(+ : sq, sq_rounded, sq_delta, n_bad)
+    for (int64_t i = 0; i < dim; ++i) {
+      const double v = value_as_double(x[i]);
+      n_bad += !(std::fabs(v) <= kMaxMagnitude);  // true for NaN and Inf too
+      const uint16_t h = float_to_bf16_bits(static_cast<float>(v));
+      const double rounded = bf16_bits_to_float(h);
+      out[i] = h;
+      sq += v * v;
+      sq_rounded += rounded * rounded;
+      sq_delta += (v - rounded) * (v - rounded);
+    }
+    norms[3 * r + 0] = sq;
+    norms[3 * r + 1] = std::sqrt(sq_rounded);
+    norms[3 * r + 2] = std::sqrt(sq_delta);
+    if (n_bad != 0) {
+#pragma omp critical
+      if (bad_row < 0 || r < bad_row) bad_row = r;
+    }
+  }
+  return bad_row;
+}
+
+void knn_cpu_prepare_rows(std::uintptr_t src_ptr, const std::string& dtype, int64_t rows, int64_t dim,
+                          int64_t row_stride, std::uintptr_t dst_ptr, std::uintptr_t norms_ptr, int threads,
+                          const std::string& arg_name) {
+  check_ptr(src_ptr, arg_name);
+  check_ptr(dst_ptr, "dst");
+  check_ptr(norms_ptr, "norms");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  check_arg(row_stride >= dim, "row_stride", "expected row_stride >= dim (rows stored contiguously)");
+  threads = resolve_threads(threads);
+  auto* dst = reinterpret_cast<uint16_t*>(dst_ptr);
+  auto* norms = reinterpret_cast<double*>(norms_ptr);
+  int64_t bad = -1;
+  switch (parse_dtype(dtype, arg_name)) {
+    case DType::float32:
+      bad = prepare_rows(reinterpret_cast<const float*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+      break;
+    case DType::float64:
+      bad = prepare_rows(reinterpret_cast<const double*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+      break;
+    case DType::uint8:
+      bad = prepare_rows(reinterpret_cast<const uint8_t*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+      break;
+    default:
+      fail_arg(arg_name, "expected float32, float64 or uint8 data, got " + dtype);
+  }
+  if (bad >= 0) {
+    std::ostringstream msg;
+    msg << "contains NaN, Inf or a value of magnitude above 1e15 (row " << bad << " of this block)";
+    fail_arg(arg_name, msg.str());
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Per-query top-k, sorted ascending by (squared distance, index).
+struct TopK {
+  double* d2;
+  int64_t* idx;
+  int64_t k;
+
+  double kth() const { return d2[k - 1]; }
+
+  void insert(double dist2, int64_t index) {
+    if (!(dist2 < d2[k - 1] || (dist2 == d2[k - 1] && index < idx[k - 1]))) return;
+    int64_t pos = k - 1;
+    while (pos > 0 && (dist2 < d2[pos - 1] || (dist2 == d2[pos - 1] && index < idx[pos - 1]))) {
+      d2[pos] = d2[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    d2[pos] = dist2;
+    idx[pos] = index;
+  }
+};
+
+struct ScreenBound {
+  double gamma;     // fp32 accumulation over dim terms
+  double unit;      // bf16 unit roundoff of the output
+  double safety;    // multiplies the GEMM's own error terms
+  double absolute;  // flushed subnormals and double rounding of the approximation
+};
+
+// Bounds of one query's squared distance to the rows of a tile: the slack 2 * safety * E (+ the
+// absolute term) around approx = |q|^2 + |y|^2 - 2 G~ (see the top of this file).
+struct QueryBounds {
+  double qn, q_round, q_delta;
+  const double* y_norms;
+  const uint16_t* g_row;
+  const ScreenBound* bound;
+
+  inline void at(int64_t j, double& approx, double& slack) const {
+    const double* yn = y_norms + 3 * j;
+    const double g = bf16_bits_to_float(g_row[j]);
+    approx = qn + yn[0] - 2.0 * g;
+    // input rounding: proven from the measured norms (Cauchy-Schwarz); the GEMM's own error
+    // (fp32 accumulation, bf16 output) is what is assumed of the BLAS, so the safety factor is there
+    const double proven = (q_round * yn[2] + q_delta * yn[1] + q_delta * yn[2]) * (1.0 + 1e-12);
+    const double assumed = bound->gamma * q_round * yn[1] + bound->unit * std::fabs(g);
+    slack = 2.0 * (proven + bound->safety * assumed) + bound->absolute * (1.0 + qn + yn[0]);
+  }
+};
+
+// k-th smallest upper bound over the tile (+inf if the tile has fewer than k rows): some k rows
+// of the tile have d^2 <= it, so the final k-th best is <= it.
+inline double tile_kth_upper(const QueryBounds& qb, int64_t tile, int64_t k, std::vector<double>& upper,
+                             std::vector<double>& smallest) {
+#pragma omp simd
+  for (int64_t j = 0; j < tile; ++j) {
+    double approx, slack;
+    qb.at(j, approx, slack);
+    upper[j] = approx + slack;
+  }
+  std::fill(smallest.begin(), smallest.end(), std::numeric_limits<double>::infinity());
+  for (int64_t j = 0; j < tile; ++j) {
+    const double value = upper[j];
+    if (value < smallest[k - 1]) {
+      int64_t pos = k - 1;
+      while (pos > 0 && value < smallest[pos - 1]) {
+        smallest[pos] = smallest[pos - 1];
+        --pos;
+      }
+      smallest[pos] = value;
+    }
+  }
+  return smallest[k - 1];
+}
+
+template <typename TQ, typename TY>
+int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, int64_t batch, int64_t dim,
+                    const TY* train, int64_t y_stride, const double* y_norms, int64_t tile_start, int64_t tile,
+                    const uint16_t* gram, int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
+                    int threads) {
+  constexpr int64_t kBlock = 16;
+  int64_t rescored_total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : rescored_total)
+  {
+    std::vector<double> upper(tile), smallest(k);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t b = 0; b < batch; ++b) {
+      const QueryBounds qb{q_norms[3 * b], q_norms[3 * b + 1], q_norms[3 * b + 2], y_norms, gram + b * tile, &bound};
+      TopK top{best_d2 + b * k, best_idx + b * k, k};
+      const TQ* q = queries + b * q_stride;
+      // Until k rows are known exactly (first tile), the tile's own k-th upper bound caps the cut.
+      double cut = top.kth();
+      if (!(cut < std::numeric_limits<double>::infinity())) cut = tile_kth_upper(qb, tile, k, upper, smallest);
+      // Blocks of rows: lower bounds in SIMD; only a block with a row whose lower bound reaches
+      // the cut is looked at row by row, and those rows are re-scored exactly.
+      for (int64_t j0 = 0; j0 < tile; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, tile - j0);
+        double lower[kBlock];
+        int reach = 0;
+        if (n == kBlock) {
+#pragma omp simd reduction(| : reach)
+          for (int64_t l = 0; l < kBlock; ++l) {
+            double approx, slack;
+            qb.at(j0 + l, approx, slack);
+            lower[l] = approx - slack;
+            reach |= lower[l] <= cut;
+          }
+        } else {
+          for (int64_t l = 0; l < n; ++l) {
+            double approx, slack;
+            qb.at(j0 + l, approx, slack);
+            lower[l] = approx - slack;
+            reach |= lower[l] <= cut;
+          }
+        }
+        if (!reach) continue;
+        for (int64_t l = 0; l < n; ++l) {
+          if (lower[l] > cut) continue;
+          const int64_t j = j0 + l;
+          const double d2 = exact_sqdist_rows(q, train + j * y_stride, dim);
+          ++rescored_total;
+          top.insert(d2, tile_start + j);
+          cut = std::min(cut, top.kth());
+        }
+      }
+    }
+  }
+  return rescored_total;
+}
+
+template <typename TQ>
+int64_t screen_tile_dispatch_train(const TQ* queries, int64_t q_stride, const double* q_norms, int64_t batch,
+                                   int64_t dim, std::uintptr_t train_ptr, DType train_dtype, int64_t y_stride,
+                                   const double* y_norms, int64_t tile_start, int64_t tile, const uint16_t* gram,
+                                   int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
+                                   int threads) {
+  switch (train_dtype) {
+    case DType::float32:
+      return screen_tile(queries, q_stride, q_norms, batch, dim, reinterpret_cast<const float*>(train_ptr), y_stride,
+                         y_norms, tile_start, tile, gram, k, best_d2, best_idx, bound, threads);
+    case DType::float64:
+      return screen_tile(queries, q_stride, q_norms, batch, dim, reinterpret_cast<const double*>(train_ptr), y_stride,
+                         y_norms, tile_start, tile, gram, k, best_d2, best_idx, bound, threads);
+    case DType::uint8:
+      return screen_tile(queries, q_stride, q_norms, batch, dim, reinterpret_cast<const uint8_t*>(train_ptr),
+                         y_stride, y_norms, tile_start, tile, gram, k, best_d2, best_idx, bound, threads);
+    default:
+      fail_arg("train", "expected float32, float64 or uint8 data");
+  }
+}
+
+int64_t knn_cpu_screen_tile(std::uintptr_t queries_ptr, const std::string& queries_dtype, int64_t batch, int64_t dim,
+                            std::uintptr_t q_norms_ptr, std::uintptr_t train_ptr, const std::string& train_dtype,
+                            int64_t tile_start, int64_t tile, std::uintptr_t y_norms_ptr, std::uintptr_t gram_ptr,
+                            int64_t k, std::uintptr_t best_d2_ptr, std::uintptr_t best_idx_ptr, double safety,
+                            int threads) {
+  check_ptr(queries_ptr, "queries");
+  check_ptr(q_norms_ptr, "q_norms");
+  check_ptr(train_ptr, "train");
+  check_ptr(y_norms_ptr, "y_norms");
+  check_ptr(gram_ptr, "gram");
+  check_ptr(best_d2_ptr, "best_d2");
+  check_ptr(best_idx_ptr, "best_idx");
+  check_positive(batch, "batch");
+  check_positive(dim, "dim");
+  check_positive(tile, "tile");
+  check_positive(k, "k");
+  check_arg(tile_start >= 0, "tile_start", "expected a non-negative row offset");
+  check_arg(safety >= 1.0, "safety", "expected a safety factor >= 1");
+  threads = resolve_threads(threads);
+  const double u32 = std::ldexp(1.0, -24);
+  const double dim_u = static_cast<double>(dim) * u32;
+  check_arg(dim_u < 0.5, "dim", "too large for the fp32 accumulation bound");
+  ScreenBound bound{dim_u / (1.0 - dim_u), std::ldexp(1.0, -8), safety, 1e-12};
+  const auto* q_norms = reinterpret_cast<const double*>(q_norms_ptr);
+  const auto* y_norms = reinterpret_cast<const double*>(y_norms_ptr);
+  const auto* gram = reinterpret_cast<const uint16_t*>(gram_ptr);
+  auto* best_d2 = reinterpret_cast<double*>(best_d2_ptr);
+  auto* best_idx = reinterpret_cast<int64_t*>(best_idx_ptr);
+  const DType ytype = parse_dtype(train_dtype, "train");
+  switch (parse_dtype(queries_dtype, "queries")) {
+    case DType::float32:
+      return screen_tile_dispatch_train(reinterpret_cast<const float*>(queries_ptr), dim, q_norms, batch, dim,
+                                        train_ptr, ytype, dim, y_norms, tile_start, tile, gram, k, best_d2, best_idx,
+                                        bound, threads);
+    case DType::float64:
+      return screen_tile_dispatch_train(reinterpret_cast<const double*>(queries_ptr), dim, q_norms, batch, dim,
+                                        train_ptr, ytype, dim, y_norms, tile_start, tile, gram, k, best_d2, best_idx,
+                                        bound, threads);
+    default:
+      fail_arg("queries", "expected float32 or float64 data, got " + queries_dtype);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+void knn_cuda_entry(std::uintptr_t queries_ptr, std::uintptr_t train_ptr, const std::string& train_dtype,
+                    int64_t batch, int64_t n_train, int64_t dim, int64_t k, int64_t tile,
+                    std::uintptr_t workspace_ptr, std::uintptr_t best_d2_ptr, std::uintptr_t best_idx_ptr,
+                    std::uintptr_t stream) {
+  check_ptr(queries_ptr, "queries");
+  check_ptr(train_ptr, "train");
+  check_ptr(workspace_ptr, "workspace");
+  check_ptr(best_d2_ptr, "best_d2");
+  check_ptr(best_idx_ptr, "best_idx");
+  check_positive(batch, "batch");
+  check_positive(n_train, "n_train");
+  check_positive(dim, "dim");
+  check_positive(k, "k");
+  check_positive(tile, "tile");
+  check_arg(k <= kKnnCudaMaxK, "k", "the CUDA kernel supports k <= " + std::to_string(kKnnCudaMaxK));
+  const DType ytype = parse_dtype(train_dtype, "train");
+  check_arg(ytype == DType::float32 || ytype == DType::uint8, "train", "expected float32 or uint8 on CUDA");
+#ifdef DIFFCORE_WITH_CUDA
+  knn_cuda_launch(reinterpret_cast<const float*>(queries_ptr), reinterpret_cast<const void*>(train_ptr),
+                  ytype == DType::uint8, batch, n_train, dim, k, tile, reinterpret_cast<float*>(workspace_ptr),
+                  reinterpret_cast<double*>(best_d2_ptr), reinterpret_cast<int64_t*>(best_idx_ptr),
+                  reinterpret_cast<void*>(stream));
+#else
+  (void)stream;
+  throw std::runtime_error("diffcore._C: knn_cuda: built without CUDA (DIFFCORE_CUDA=OFF or no nvcc)");
+#endif
+}
+
+void register_knn(py::module_& m) {
+  m.def("knn_cpu_prepare_rows", &knn_cpu_prepare_rows, py::arg("src_ptr"), py::arg("dtype"), py::arg("rows"),
+        py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("norms_ptr"), py::arg("threads"),
+        py::arg("arg_name"), py::call_guard<py::gil_scoped_release>(),
+        "bf16 copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) and per-row doubles "
+        "[|x|^2, |bf16(x)|, |x - bf16(x)|]; raises ValueError on NaN/Inf.");
+  m.def("knn_cpu_screen_tile", &knn_cpu_screen_tile, py::arg("queries_ptr"), py::arg("queries_dtype"),
+        py::arg("batch"), py::arg("dim"), py::arg("q_norms_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
+        py::arg("tile_start"), py::arg("tile"), py::arg("y_norms_ptr"), py::arg("gram_ptr"), py::arg("k"),
+        py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("safety"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Screen one training tile with the bf16 Gram tile, re-score survivors exactly, merge into the "
+        "per-query top-k (double d^2 [batch, k], int64 [batch, k]). Returns the number re-scored.");
+  m.def("knn_cuda", &knn_cuda_entry, py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
+        py::arg("batch"), py::arg("n_train"), py::arg("dim"), py::arg("k"), py::arg("tile"), py::arg("workspace_ptr"),
+        py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "CUDA exact k-NN: float32 queries [batch, dim] and float32/uint8 train [n_train, dim] on one GPU; "
+        "workspace float32 [batch, tile]; fills double d^2 and int64 indices [batch, k].");
+}
+
+}  // namespace
+}  // namespace diffcore
+
+DIFFCORE_REGISTER(knn, diffcore::register_knn);
