@@ -76,3 +76,13 @@ def record_ratio(benchmark, group: str, case: str, role: str, flops: float | Non
 def peer_seconds():
     """Peer timings recorded so far in this session, keyed by (group, case)."""
     return _PEER_SECONDS
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip GPU benchmarks on machines without a CUDA GPU (with the reason)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords or "cuda_ext" in item.keywords:
+            item.add_marker(skip)
