@@ -16,6 +16,15 @@ from diffcore.ref.knn import knn_ref
 
 
 def knn(queries, train, k=2):
+    """Exact k-NN in float64 through torch.cdist (fast enough for the end-to-end tests)."""
+    q = queries.reshape(queries.shape[0], -1).double()
+    t = train.reshape(train.shape[0], -1).double()
+    d, i = torch.cdist(q, t).topk(k, dim=1, largest=False, sorted=True)
+    return d.float(), i
+
+
+def knn_reference(queries, train, k=2):
+    """The float64 reference, ties broken by the lower index."""
     d, i = knn_ref(queries, train, k=k)
     return d.float(), i
 
@@ -57,8 +66,15 @@ def gaussian_denoiser(mean: float = 0.0, std: float = 0.5):
 
 
 def empirical_denoiser(train):
+    """The empirical optimal denoiser of ``train``; float64 throughout (a fast twin of
+    ``diffcore.ref.empirical_denoise``, checked against it in test_standins.py)."""
+    flat = train.reshape(train.shape[0], -1).double()
+
     def denoise(x, sigma):
-        return empirical_denoise_ref(x, train, sigma)[0]
+        xf = x.reshape(x.shape[0], -1).double()
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        logits = -torch.cdist(xf, flat).square() / (2 * s ** 2)
+        return (torch.softmax(logits, dim=1) @ flat).reshape(x.shape)
     return denoise
 
 
@@ -76,11 +92,26 @@ def blended_denoiser(train, weight_gaussian: float, std: float = 0.5):
     return denoise
 
 
+def fitted_gaussian_denoiser(train, scale: float = 1.0):
+    """Optimal denoiser of the Gaussian fitted to ``train`` (mean, covariance; PAPERS.md s.3):
+    ``mu + U diag(lam / (lam + sigma^2)) U^T (x - mu)``; ``scale`` multiplies the covariance."""
+    flat = train.reshape(train.shape[0], -1).double()
+    mu = flat.mean(0)
+    lam, u = torch.linalg.eigh(torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1]) * scale)
+    lam = lam.clamp_min(0)
+
+    def denoise(x, sigma):
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        coeff = ((x.reshape(x.shape[0], -1).double() - mu) @ u) * (lam / (lam + s ** 2))
+        return (mu + coeff @ u.T).reshape(x.shape)
+    return denoise
+
+
 def sample(denoiser, seeds, shape, steps=18, sigma_min=0.002, sigma_max=80.0):
     z = noise_from_seeds(seeds, shape, dtype=torch.float64)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max)
     return heun_sampler(denoiser, z * sigmas[0], sigmas)
 
 
-__all__ = ["knn", "karras_sigmas", "heun_sampler", "noise_from_seeds", "gaussian_denoiser",
-           "empirical_denoiser", "blended_denoiser", "sample", "math"]
+__all__ = ["knn", "knn_reference", "empirical_denoise_ref", "karras_sigmas", "heun_sampler", "noise_from_seeds", "gaussian_denoiser",
+           "empirical_denoiser", "blended_denoiser", "fitted_gaussian_denoiser", "sample", "math"]
