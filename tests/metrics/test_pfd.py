@@ -50,7 +50,7 @@ def test_pfd_triangle_inequality(denoisers):
     z = standins.noise_from_seeds(SEEDS, SHAPE)
     maps = {name: standins.heun_sampler(d, z * sigmas[0], sigmas) for name, d in denoisers.items()}
     assert _pfd(denoisers["g1"], denoisers["mix"]).value == pytest.approx(
-        pfd_from_samples(maps["g1"], maps["mix"]).value, rel=1e-12)
+        pfd_from_samples(maps["g1"], maps["mix"]).value, rel=1e-6)  # pfd runs sigmas in float32
     dist = {(a, b): pfd_from_samples(maps[a], maps[b]).value for a in maps for b in maps}
     for a in maps:
         for b in maps:
