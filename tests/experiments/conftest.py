@@ -71,7 +71,7 @@ class StandInStack:
     def hooks(self) -> StudyHooks:
         return StudyHooks(load_dataset=self.load_dataset, subset=subset, train=self.train, load=self.load,
                           sample=self.sample, empirical_denoiser=standins.empirical_denoiser,
-                          knn=standins.knn)
+                          knn=standins.knn, noise_from_seeds=standins.noise_from_seeds)
 
 
 @pytest.fixture(scope="session")

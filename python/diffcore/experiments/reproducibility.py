@@ -123,6 +123,7 @@ class StudyHooks:
       ``-> [len(seeds), *shape]``
     - ``empirical_denoiser(train_images) -> D(x, sigma)``
     - ``knn(queries [B, F], train [N, F], k) -> (distances, indices)``
+    - ``noise_from_seeds(seeds, shape, device, dtype) -> [B, *shape]`` (figures of the noise)
     """
 
     load_dataset: Callable
@@ -132,6 +133,7 @@ class StudyHooks:
     sample: Callable
     empirical_denoiser: Callable
     knn: Callable
+    noise_from_seeds: Callable
 
 
 def default_hooks() -> StudyHooks:
@@ -139,7 +141,8 @@ def default_hooks() -> StudyHooks:
 
     return StudyHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
                       load=_stack.load_model, sample=_stack.sample,
-                      empirical_denoiser=_stack.empirical_denoiser, knn=_stack.knn)
+                      empirical_denoiser=_stack.empirical_denoiser, knn=_stack.knn,
+                      noise_from_seeds=_stack.noise_from_seeds)
 
 
 # ----------------------------------------------------------------------------- units
