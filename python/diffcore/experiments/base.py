@@ -231,7 +231,10 @@ class Workspace:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             return None
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UnitError(f"unit {kind}/{name}: unreadable {MANIFEST}; delete {path} to redo it") from exc
         wanted = json.loads(json_dumps(spec))
         if manifest.get("spec") != wanted:
             raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "

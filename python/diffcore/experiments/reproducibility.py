@@ -238,14 +238,15 @@ class _Study:
                      "memorization_ratio": c.memorization_ratio}
 
         def produce(tmp: Path, work: Path) -> dict:
-            gl = metrics.gl_score(samples, train_images, self.similarity, threshold, knn=self.hooks.knn)
-            mem = metrics.memorization_ratio(samples, train_images, c.memorization_ratio, knn=self.hooks.knn)
+            x, train = samples.to(self.device), train_images.to(self.device)  # k-NN on the run's device
+            gl = metrics.gl_score(x, train, self.similarity, threshold, knn=self.hooks.knn)
+            mem = metrics.memorization_ratio(x, train, c.memorization_ratio, knn=self.hooks.knn)
             summary = {"gl": gl.score, "nn_similarity_mean": float(gl.nn_similarity.mean()),
                        "memorized_ratio": mem.fraction, "ratio_median": float(mem.ratio.median())}
             per_sample = {"nn_index": gl.nn_index, "nn_similarity": gl.nn_similarity,
                           "ratio": mem.ratio, "ratio_nn_index": mem.nn_index}
             if reference_samples is not None:
-                rp = metrics.rp_score(samples, reference_samples, self.similarity, threshold)
+                rp = metrics.rp_score(x, reference_samples.to(self.device), self.similarity, threshold)
                 summary["rp_empirical"] = rp.score
                 per_sample["rp_empirical_similarity"] = rp.similarity
             atomic_write_json(tmp / "metrics.json", summary)
@@ -269,6 +270,7 @@ class _Study:
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
+        bar = _progress_bar(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), self.progress)
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
             emp_name = f"empirical-n{n}"
@@ -277,6 +279,7 @@ class _Study:
                                            lambda: self.hooks.empirical_denoiser(train_images), shape)
             emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
             empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
+            bar.update(1)
             self.grid(grids_dir / f"{emp_name}.png", emp_samples, train_images, emp_metrics,
                       f"empirical denoiser, N={n}")
             at_n = []
@@ -294,12 +297,15 @@ class _Study:
                        "nn_similarity_mean": result["nn_similarity_mean"], "ratio_median": result["ratio_median"]}
                 models.append(row)
                 at_n.append((row, samples))
+                bar.set_postfix_str(f"{name}: GL {row['gl']:.2f}")
+                bar.update(1)
             for (ra, sa), (rb, sb) in itertools.combinations(at_n, 2):
                 rp = metrics.rp_score(sa, sb, self.similarity, threshold)
                 pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
                               "width_a": ra["width"], "seed_a": ra["seed"], "width_b": rb["width"],
                               "seed_b": rb["seed"], "rp": rp.score,
                               "similarity_mean": float(rp.similarity.mean())})
+        bar.close()
         results = {"experiment": NAME, "config": dataclasses.asdict(c),
                    "similarity": self.similarity.describe(), "threshold": threshold,
                    "threshold_source": threshold_source, "models": models, "empirical": empirical,
@@ -334,6 +340,14 @@ class _Study:
             out[phase] = {"seconds": sum(u.seconds for u in units), "units": len(units),
                           "reused": sum(u.reused for u in units)}
         return out
+
+
+def _progress_bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    from diffcore import _env
+
+    return tqdm(total=total, desc="reproducibility", unit="model", disable=not _env.progress_enabled(progress))
 
 
 def _mean(values: list[float]) -> float | None:

@@ -13,7 +13,7 @@ distance:
 - ``l2`` (pixel space): ``similarity = 1 - rms(a - b) / 2`` with ``rms = |a - b| / sqrt(D)``. For
   images in [-1, 1], rms lies in [0, 2], so the similarity lies in [0, 1] (1 = identical).
   Embedding: rows divided by ``2 sqrt(D)``, similarity = ``1 - distance``.
-- a TorchScript feature extractor (e.g. a copy-detection descriptor such as SSCD that the user
+- a TorchScript (``torch.jit.save``) or ``torch.export`` (``.pt2``) feature extractor (e.g. a copy-detection descriptor such as SSCD that the user
   has): ``torch.jit.load(path)`` maps ``[B, C, H, W]`` to ``[B, F]``; similarity is the cosine of
   the descriptors, as in the reproducibility paper (PAPERS.md section 1, threshold 0.6).
 
@@ -111,17 +111,20 @@ class FeatureCosine(Similarity):
     device: str = "cpu"
     batch_size: int = 256
     default_threshold: float | None = DESCRIPTOR_THRESHOLD
-    _module: torch.jit.ScriptModule | None = field(default=None, init=False, repr=False)
+    _module: object = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"features:{os.path.basename(self.path)}"
 
-    def module(self) -> torch.jit.ScriptModule:
+    def module(self):
         if self._module is None:
             if not os.path.isfile(self.path):
                 raise FileNotFoundError(f"similarity: feature extractor file {self.path!r} does not exist")
-            self._module = torch.jit.load(self.path, map_location=self.device).eval()
+            if self.path.endswith(".pt2"):  # torch.export archive
+                self._module = torch.export.load(self.path).module().to(self.device)
+            else:
+                self._module = torch.jit.load(self.path, map_location=self.device).eval()
         return self._module
 
     @torch.no_grad()
@@ -157,7 +160,7 @@ def get_similarity(spec: str | Similarity, device: str = "cpu") -> Similarity:
     if spec == "l2":
         return PixelL2()
     path = spec[len("features:"):] if spec.startswith("features:") else spec
-    if path.endswith((".pt", ".pth", ".ts", ".jit")) or os.path.isfile(path):
+    if path.endswith((".pt", ".pth", ".ts", ".jit", ".pt2")) or os.path.isfile(path):
         return FeatureCosine(path=path, device=device)
     raise ValueError(f"similarity: expected 'cosine', 'l2' or a TorchScript file path, got {spec!r}")
 
