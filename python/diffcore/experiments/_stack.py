@@ -1,19 +1,20 @@
 """The ONE place where experiments meet the rest of the stack (ops, sampler, models, train, data).
 
 Every experiment and the CLI reach the sampler, the trainer, the models, the datasets and the ops
-only through the functions below, so the contracts they assume live here and nowhere else. The
-contracts assumed (from the other branches of the project):
+only through the functions below, so the contracts they assume live here and nowhere else. Written
+against the APIs of the branches knn, emp, sampler, train and unet as read at 00:45 UTC:
 
-- ``diffcore.ops.knn(queries, train, k=2) -> (distances [B, k] float32 l2, indices [B, k] int64)``
-- ``diffcore.ops.empirical_denoise(x, train, sigma) -> x0_hat``
-- ``diffcore.sampler.karras_sigmas(n, sigma_min, sigma_max, rho)`` (with a trailing 0),
-  ``diffcore.sampler.noise_from_seeds(seeds, shape, device, dtype)`` (unit Gaussian, per seed),
-  ``diffcore.sampler.sample_<solver>(denoiser, x, sigmas, progress=...)``
-- ``diffcore.data.load_digits() -> (images [1797, 1, 8, 8] in [-1, 1], labels)``,
-  ``diffcore.data.subset(dataset, n, seed)`` (nested: the first n of one seeded permutation),
-  ``diffcore.data.load_cifar10(root)``
-- ``diffcore.train.train(...)`` with resumable checkpoints, ``diffcore.train.load_denoiser(path)``,
-  ``diffcore.train.main(argv)`` (the ``diffcore train`` command)
+- ``diffcore.ops.knn(queries, train, k=2) -> (distances [B, k], indices [B, k] int64)``
+- ``diffcore.ops.empirical_denoise(x, train, sigma) -> x0_hat`` (train on x's device)
+- ``diffcore.sampler.sample(denoiser, *, seeds, shape, steps, solver, sigma_min, sigma_max, device,
+  batch_size, progress)``, ``diffcore.sampler.noise_from_seeds(seeds, shape, device, dtype)``
+- ``diffcore.data.load_dataset(spec).all()`` (float32 in [-1, 1]), ``diffcore.data.subset_indices``
+  (nested subsets; the trainer selects its images with the same function)
+- ``diffcore.train.TrainConfig``, ``train_from_config`` (resumable checkpoints under out_dir),
+  ``load_trained_model(checkpoint_dir, which="ema")``, ``main_train(argv)``
+- model spec ``{"name": "ddpmpp", "preset": <diffcore.models preset>, "model_channels": width}``
+  (MERGE: the lead wires the "ddpmpp" factory in diffcore.train's registry; adjust here if its
+  keyword names differ)
 
 Nothing here falls back to anything: a missing piece raises.
 """
@@ -54,101 +55,93 @@ def empirical_denoiser(train: torch.Tensor):
 
 # ----------------------------------------------------------------------------- sampler
 
-def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    from diffcore import sampler
-
-    return sampler.karras_sigmas(steps, sigma_min, sigma_max, rho)
-
-
 def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device, dtype) -> torch.Tensor:
     from diffcore import sampler
 
     return sampler.noise_from_seeds(seeds, shape, device=device, dtype=dtype)
 
 
-def solver_function(solver: str):
+def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18, solver: str = "heun",
+           sigma_min: float = 0.002, sigma_max: float = 80.0, device="cpu", batch_size: int = 256,
+           progress: bool = True) -> torch.Tensor:
+    """Deterministic samples ``[len(seeds), *shape]`` (float32, CPU), sample i from seed i only."""
     from diffcore import sampler
 
-    name = f"sample_{solver}"
-    if not hasattr(sampler, name):
-        raise ValueError(f"solver: diffcore.sampler has no {name}")
-    return getattr(sampler, name)
-
-
-def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18, solver: str = "heun",
-           sigma_min: float = 0.002, sigma_max: float = 80.0, device="cpu", dtype=torch.float32,
-           batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """Deterministic samples ``[len(seeds), *shape]`` (float32, CPU), sample i from seed i only."""
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max).to(device)
-    solve = solver_function(solver)
-    seeds = list(seeds)
-    out = []
-    starts = range(0, len(seeds), batch_size)
-    if _env.progress_enabled(progress) and len(starts) > 1:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="sampling", unit="batch", leave=False)
-    for start in starts:
-        z = noise_from_seeds(seeds[start:start + batch_size], shape, device, dtype)
-        with torch.no_grad():
-            out.append(solve(denoiser, z * sigmas[0], sigmas).float().cpu())
-    return torch.cat(out)
+    with torch.no_grad():
+        out = sampler.sample(denoiser, seeds=list(seeds), shape=tuple(shape), steps=steps, solver=solver,
+                             sigma_min=sigma_min, sigma_max=sigma_max, device=device, batch_size=batch_size,
+                             progress=_env.progress_enabled(progress))
+    return out.float().cpu()
 
 
 # ----------------------------------------------------------------------------- data
+
+def data_spec(dataset: str, root: str = "") -> dict:
+    spec = {"name": dataset}
+    if root:
+        spec["root"] = root
+    return spec
+
 
 def load_dataset(name: str, root: str = "") -> torch.Tensor:
     """The image pool of a dataset, ``[P, C, H, W]`` float32 in [-1, 1]."""
     from diffcore import data
 
-    if name == "digits":
-        return data.load_digits()[0]
-    if name == "cifar10":
-        if not root:
-            raise ValueError("data_root: cifar10 needs the folder of the local CIFAR-10 copy (--set data_root=...)")
-        images = data.load_cifar10(root)
-        return images[0] if isinstance(images, tuple) else images
-    raise ValueError(f"dataset: expected 'digits' or 'cifar10', got {name!r}")
+    return data.load_dataset(data_spec(name, root)).all()
 
 
 def subset(images: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nested subset of size ``n``: ``(images [n, ...], indices [n])``."""
+    """The nested subset of size ``n``: ``(images [n, ...], indices [n])``, the same images the
+    trainer selects for ``{"subset": n, "subset_seed": seed}``."""
     from diffcore import data
 
-    picked = data.subset(images, n, seed)
-    if isinstance(picked, tuple):
-        return picked[0], torch.as_tensor(picked[1])
-    raise TypeError("diffcore.data.subset: expected (images, indices)")
+    indices = data.subset_indices(images.shape[0], n, seed)
+    return images[indices.to(images.device)], indices
 
 
 # ----------------------------------------------------------------------------- models and training
 
+def model_spec(spec: dict) -> dict:
+    return {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
+
+
 def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",
                 progress: bool = True) -> dict:
-    """Train a denoiser on ``images`` as described by ``spec`` (width, steps, seed, batch size,
-    learning rate); checkpoints go to ``work_dir`` (resumable), the final model to ``out_dir``.
-    Returns metadata (e.g. the final loss)."""
+    """Train the model ``spec`` describes (the study's model spec: dataset, n, subset_seed, width,
+    model_preset, seed, train_steps, batch_size, learning_rate) with diffcore.train; checkpoints
+    live in ``work_dir`` (a killed run resumes from them), the final checkpoint is copied to
+    ``out_dir/checkpoint``. ``images`` are the N training images (the trainer reloads the same
+    nested subset from the data spec; the sizes are checked)."""
+    import shutil
+
     from diffcore import train
 
-    result = train.train(images=images, model_channels=spec["width"], steps=spec["train_steps"],
-                         seed=spec["seed"], batch_size=spec["batch_size"], lr=spec["learning_rate"],
-                         checkpoint_dir=str(work_dir), out=str(Path(out_dir) / "model.safetensors"),
-                         device=device, progress=progress)
-    return dict(result) if isinstance(result, dict) else {}
+    data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
+            "subset_seed": spec["subset_seed"]}
+    config = train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
+                               batch_size=spec["batch_size"], lr=spec["learning_rate"], seed=spec["seed"],
+                               device=str(device), out_dir=str(work_dir), progress=_env.progress_enabled(progress))
+    result = train.train_from_config(config, resume="auto")
+    if result.checkpoint is None:
+        raise RuntimeError(f"diffcore.train wrote no checkpoint for {spec}")
+    shutil.copytree(result.checkpoint, Path(out_dir) / "checkpoint")
+    if images.shape[0] != spec["n"]:
+        raise ValueError(f"images: expected the {spec['n']} training images, got {images.shape[0]}")
+    return {"final_loss": result.final_loss, "step": result.step, "images_seen": result.images_seen}
 
 
 def load_model(model_dir: Path, device="cpu"):
-    """The trained model in ``model_dir`` as a denoiser ``D(x, sigma)``."""
+    """The EMA model of a finished model unit as a denoiser ``D(x, sigma)``."""
     from diffcore import train
 
-    return train.load_denoiser(str(Path(model_dir) / "model.safetensors"), device=device)
+    return train.load_trained_model(Path(model_dir) / "checkpoint", which="ema").to(device).eval()
 
 
 def train_cli_main(argv: list[str]) -> int:
     """The ``diffcore train`` command: delegated to diffcore.train's argument parser."""
     from diffcore import train
 
-    return int(train.main(argv) or 0)
+    return int(train.main_train(argv) or 0)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

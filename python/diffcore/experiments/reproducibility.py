@@ -49,6 +49,7 @@ class ReproducibilityConfig:
 
     dataset: str = "digits"                    # digits (embedded) | cifar10 (local folder)
     data_root: str = ""                        # folder of the local CIFAR-10 copy
+    model_preset: str = "ddpmpp-digits"        # diffcore.models UNet preset (architecture)
     widths: tuple[int, ...] = (16, 32)         # base channels of the UNet (model_channels)
     sizes: tuple[int, ...] = (16, 64, 256, 1024)  # nested subset sizes N
     train_seeds: tuple[int, ...] = (0, 1)      # one model per seed; 2+ seeds give same-width RP
@@ -93,7 +94,7 @@ def _quick() -> ReproducibilityConfig:
 def _paper() -> ReproducibilityConfig:
     """CIFAR-10 subsets N = 2^6 .. 2^14, UNet-64/128/256, 10k samples from seeds 100000-109999
     (PAPERS.md section 1). Set data_root. Add a second training seed with --set train_seeds=0,1."""
-    return ReproducibilityConfig(dataset="cifar10", widths=(64, 128, 256),
+    return ReproducibilityConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(64, 128, 256),
                                  sizes=tuple(2 ** k for k in range(6, 15)), train_seeds=(0,),
                                  train_steps=200_000, batch_size=128, learning_rate=2e-4,
                                  num_samples=10_000, grid_samples=32)
@@ -179,7 +180,8 @@ class _Study:
 
     def model_spec(self, width: int, n: int, seed: int) -> dict:
         c = self.config
-        return {**self.data_spec(n), "width": width, "seed": seed, "train_steps": c.train_steps,
+        return {**self.data_spec(n), "data_root": c.data_root, "model_preset": c.model_preset,
+                "width": width, "seed": seed, "train_steps": c.train_steps,
                 "batch_size": c.batch_size, "learning_rate": c.learning_rate}
 
     def sampling_spec(self) -> dict:
