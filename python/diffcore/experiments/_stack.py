@@ -35,15 +35,17 @@ log = logging.getLogger(__name__)
 
 def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2):
     """Exact l2 k-NN: ``(distances [B, k], indices [B, k])``."""
-    from diffcore import ops
+    # from the submodule: once diffcore.ops.knn (the module) is imported, the attribute
+    # diffcore.ops.knn is that module, not the function (the lazy __getattr__ is bypassed)
+    from diffcore.ops.knn import knn as knn_op
 
-    return ops.knn(queries, train, k=k)
+    return knn_op(queries, train, k=k)
 
 
 def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma) -> torch.Tensor:
-    from diffcore import ops
+    from diffcore.ops.empirical_denoise import empirical_denoise as empirical_denoise_op
 
-    return ops.empirical_denoise(x, train, sigma)
+    return empirical_denoise_op(x, train, sigma)
 
 
 def empirical_denoiser(train: torch.Tensor):

@@ -167,9 +167,9 @@ def get_similarity(spec: str | Similarity, device: str = "cpu") -> Similarity:
 
 def default_knn():
     """The exact k-NN op every metric uses unless one is passed in (``diffcore.ops.knn``)."""
-    from diffcore import ops
+    from diffcore.ops.knn import knn  # the submodule's function (diffcore.ops.knn may be the module)
 
-    return ops.knn
+    return knn
 
 
 def nearest_neighbors(samples: torch.Tensor, train: torch.Tensor, similarity: Similarity, k: int = 1,
