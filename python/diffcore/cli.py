@@ -74,9 +74,12 @@ def info(as_json: bool = False) -> dict:
                 for dev in devices}
     variables = {name: {"value": os.environ.get(name), "meaning": meaning}
                  for name, meaning in {**_env.RUNTIME_VARIABLES, **_env.BUILD_VARIABLES}.items()}
+    from diffcore.experiments import EXPERIMENTS, experiment
+
+    experiments = {name: sorted(experiment(name).PRESETS) for name in EXPERIMENTS}
     return {"diffcore": diffcore.__version__, "torch": torch.__version__,
             "cuda_available": torch.cuda.is_available(), "build": diffcore.build_info(),
-            "backends": backends, "environment": variables}
+            "backends": backends, "environment": variables, "experiments": experiments}
 
 
 def _print_info(data: dict, as_json: bool) -> None:
@@ -93,6 +96,9 @@ def _print_info(data: dict, as_json: bool) -> None:
         print(f"backends on {device}:")
         for name, status in table.items():
             print(f"  {name:10s} {status}")
+    print("experiments (diffcore run NAME --preset P):")
+    for name, presets in data["experiments"].items():
+        print(f"  {name:16s} presets: {', '.join(presets)}")
     print("environment:")
     for name, entry in data["environment"].items():
         value = entry["value"] if entry["value"] is not None else "(unset)"

@@ -49,9 +49,14 @@ def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma) -> torch.Tens
 
 
 def empirical_denoiser(train: torch.Tensor):
-    """``D(x, sigma)`` of the empirical optimal denoiser of ``train [N, ...]``."""
+    """``D(x, sigma)`` of the empirical optimal denoiser of ``train [N, ...]`` (copied to each
+    device it is called on once, not per call)."""
+    on_device: dict[torch.device, torch.Tensor] = {}
+
     def denoise(x, sigma):
-        return empirical_denoise(x, train.to(x.device), sigma)
+        if x.device not in on_device:
+            on_device[x.device] = train.to(x.device)
+        return empirical_denoise(x, on_device[x.device], sigma)
     return denoise
 
 
