@@ -126,3 +126,19 @@ def test_presets_are_valid():
     paper = study.PRESETS["paper"]()
     assert paper.widths == (64, 128, 256) and paper.sizes[0] == 64 and paper.sizes[-1] == 2 ** 14
     assert paper.num_samples == 10_000 and paper.sample_seed_start == 100000
+
+
+def test_torchscript_descriptor_uses_the_paper_threshold(tmp_path, stand_in_stack):
+    import torch
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(x, 2).flatten(1)
+
+    path = tmp_path / "descriptor.pt"
+    torch.jit.script(Pool()).save(str(path))
+    cfg = dataclasses.replace(_config(), similarity=str(path), sizes=(8,), widths=(4,), train_seeds=(0,))
+    results = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
+    assert results["threshold"] == 0.6 and results["threshold_source"].startswith("descriptor")
+    assert results["similarity"]["name"] == "features:descriptor.pt"
+    assert results["models"][0]["gl"] == 0.0  # memorizing stand-in: exact copies

@@ -73,7 +73,7 @@ def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto"
                            solver=config.solver, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
                            device=device, progress=progress).float().cpu()
 
-    similarity = metrics.get_similarity(config.similarity)
+    similarity = metrics.get_similarity(config.similarity, device=device)
     threshold, source = _threshold(config, similarity, pool, hooks.knn)
     gl = metrics.gl_score(samples, train, similarity, threshold, knn=hooks.knn)
     mem = metrics.memorization_ratio(samples, train, knn=hooks.knn)

@@ -176,7 +176,7 @@ class _Study:
         self.device = device
         self.progress = progress
         self.units: dict[str, list[Unit]] = {"train": [], "sample": [], "metrics": []}
-        self.similarity = metrics.get_similarity(config.similarity, device="cpu")
+        self.similarity = metrics.get_similarity(config.similarity, device=device)
 
     # specs -------------------------------------------------------------------
     def data_spec(self, n: int) -> dict:
