@@ -115,7 +115,7 @@ def model_spec(spec: dict) -> dict:
 def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",
                 progress: bool = True) -> dict:
     """Train the model ``spec`` describes (the study's model spec: dataset, n, subset_seed, width,
-    model_preset, seed, train_steps, batch_size, learning_rate) with diffcore.train; checkpoints
+    model_preset, seed, train_steps, batch_size, learning_rate, lr_warmup_images) with diffcore.train; checkpoints
     live in ``work_dir`` (a killed run resumes from them), the final checkpoint is copied to
     ``out_dir/checkpoint``. ``images`` are the N training images (the trainer reloads the same
     nested subset from the data spec; the sizes are checked)."""
@@ -126,7 +126,8 @@ def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path,
     data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
             "subset_seed": spec["subset_seed"]}
     config = train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
-                               batch_size=spec["batch_size"], lr=spec["learning_rate"], seed=spec["seed"],
+                               batch_size=spec["batch_size"], lr=spec["learning_rate"],
+                               lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
                                device=str(device), out_dir=str(work_dir), progress=_env.progress_enabled(progress))
     result = train.train_from_config(config, resume="auto")
     if result.checkpoint is None:

@@ -57,6 +57,7 @@ class ReproducibilityConfig:
     train_steps: int = 1500
     batch_size: int = 64
     learning_rate: float = 1e-3
+    lr_warmup_images: int = 1000               # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
     sample_seed_start: int = 100000            # samples use seeds start .. start + num_samples - 1
     num_samples: int = 256
     sampler_steps: int = 18                    # Heun 18 steps = 35 evaluations (EDM)
@@ -102,6 +103,7 @@ def _paper() -> ReproducibilityConfig:
     return ReproducibilityConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(64, 128, 256),
                                  sizes=tuple(2 ** k for k in range(6, 15)), train_seeds=(0,),
                                  train_steps=200_000, batch_size=128, learning_rate=2e-4,
+                                 lr_warmup_images=10_000_000,
                                  num_samples=10_000, grid_samples=32)
 
 
@@ -187,7 +189,8 @@ class _Study:
         c = self.config
         return {**self.data_spec(n), "data_root": c.data_root, "model_preset": c.model_preset,
                 "width": width, "seed": seed, "train_steps": c.train_steps,
-                "batch_size": c.batch_size, "learning_rate": c.learning_rate}
+                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images}
 
     def sampling_spec(self) -> dict:
         c = self.config
