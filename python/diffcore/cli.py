@@ -1,0 +1,168 @@
+"""The ``diffcore`` command: a thin shell over importable functions (library first, CLI second).
+
+    diffcore info                      build, backends usable here, DIFFCORE_* variables
+    diffcore demo [--out DIR]          the empirical denoiser of the digits memorizes (seconds)
+    diffcore run EXPERIMENT --preset P --out DIR [--set key=value ...]
+    diffcore train ...                 training (arguments of diffcore.train)
+
+Library code logs; this module prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+ERRORS_SHOWN_PLAINLY = (ValueError, FileNotFoundError, KeyError)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from diffcore import __version__
+    from diffcore.experiments import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(prog="diffcore", description="diffcore: kernels and experiments for "
+                                     "the science of diffusion-model generalization")
+    parser.add_argument("--version", action="version", version=f"diffcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="build info, backends usable here, DIFFCORE_* variables")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    def add_run_options(p, default_preset=None):
+        p.add_argument("--out", default=None, help="output folder (default: runs/<experiment>-<preset>)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (repeatable); tuples as comma-separated values")
+        p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (also DIFFCORE_PROGRESS=0)")
+        p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+        if default_preset is not None:
+            p.add_argument("--preset", default=default_preset, help="named preset of the config")
+
+    run = sub.add_parser("run", help="run (or resume) an experiment",
+                         description="Run an experiment into --out; rerunning the same command resumes it.")
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    add_run_options(run, default_preset="quick")
+    run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+
+    demo = sub.add_parser("demo", help="denoise noise with the empirical denoiser of the digits (seconds)")
+    add_run_options(demo, default_preset="default")
+
+    train = sub.add_parser("train", help="train a model (arguments of diffcore.train)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def info(as_json: bool = False) -> dict:
+    """What this installation can do: build, devices, backends, environment."""
+    import torch
+
+    import diffcore
+    from diffcore import _backend, _env
+
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    backends = {str(dev): {b: (_backend.why_unusable(b, dev) or "usable") for b in _backend.BACKENDS}
+                for dev in devices}
+    variables = {name: {"value": os.environ.get(name), "meaning": meaning}
+                 for name, meaning in {**_env.RUNTIME_VARIABLES, **_env.BUILD_VARIABLES}.items()}
+    from diffcore.experiments import EXPERIMENTS, experiment
+
+    experiments = {name: sorted(experiment(name).PRESETS) for name in EXPERIMENTS}
+    return {"diffcore": diffcore.__version__, "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "build": diffcore.build_info(),
+            "backends": backends, "environment": variables, "experiments": experiments}
+
+
+def _print_info(data: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    print(f"diffcore {data['diffcore']} (torch {data['torch']}, CUDA available: {data['cuda_available']})")
+    build = data["build"]
+    if build:
+        print("build: " + ", ".join(f"{k}={v}" for k, v in build.items()))
+    else:
+        print("build: diffcore._C is not built")
+    for device, table in data["backends"].items():
+        print(f"backends on {device}:")
+        for name, status in table.items():
+            print(f"  {name:10s} {status}")
+    print("experiments (diffcore run NAME --preset P):")
+    for name, presets in data["experiments"].items():
+        print(f"  {name:16s} presets: {', '.join(presets)}")
+    print("environment:")
+    for name, entry in data["environment"].items():
+        value = entry["value"] if entry["value"] is not None else "(unset)"
+        print(f"  {name:20s} {value:10s} {entry['meaning']}")
+
+
+def _run_experiment(name: str, args) -> int:
+    from diffcore.experiments import experiment
+    from diffcore.experiments.base import config_from_preset, json_dumps
+
+    module = experiment(name)
+    config = config_from_preset(module.PRESETS, args.preset, args.overrides)
+    if getattr(args, "show_config", False):
+        print(json_dumps(config), end="")
+        return 0
+    out = Path(args.out or Path("runs") / f"{name}-{args.preset}")
+    print(f"diffcore: {name} (preset {args.preset}) -> {out}")
+    results = module.run(config, out, device=args.device, progress=not args.no_progress)
+    _print_summary(name, results, out)
+    return 0
+
+
+def _print_summary(name: str, results: dict, out: Path) -> None:
+    if name == "demo":
+        print(f"memorized (|x-NN1|/|x-NN2| < 1/3): {results['memorized_fraction']:.0%} of "
+              f"{len(results['samples'])} samples; GL {results['gl']:.3f} "
+              f"(threshold {results['threshold']:.3f}, {results['similarity']['name']})")
+        print(f"figure: {out / 'demo.png'}\nresults: {out / 'results.json'}")
+        return
+    if name == "reproducibility":
+        print(f"{'width':>6} {'N':>6} {'seed':>4} {'GL':>6} {'mem':>6} {'RP_emp':>6}")
+        for row in results["models"]:
+            print(f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
+                  f"{row['memorized_ratio']:6.3f} {row['rp_empirical']:6.3f}")
+        print(f"figure: {out / 'figure1.png'}\nresults: {out / 'results.json'}")
+        return
+    print(f"results: {out / 'results.json'}")
+
+
+def _train(argv: list[str]) -> int:
+    from diffcore.experiments import _stack
+
+    return _stack.train_cli_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # everything after "train" belongs to diffcore.train's parser
+        _configure_logging(False)
+        return _train(argv[1:])
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        _print_info(info(), args.json)
+        return 0
+    _configure_logging(args.quiet)
+    from diffcore.experiments.base import ConfigError, UnitError
+
+    try:
+        return _run_experiment("demo" if args.command == "demo" else args.experiment, args)
+    except (ConfigError, UnitError, *ERRORS_SHOWN_PLAINLY) as exc:
+        print(f"diffcore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Reproducibility and generalization against training-set size (PAPERS.md section 1, issue 7).
+
+For each width, each nested subset size N and each training seed: train a model (or reuse the
+finished one), sample the same seeds with the deterministic sampler, and measure
+
+- GL: the fraction of samples whose most similar training image is below the similarity threshold,
+  with the memorization ratio (|x - NN1| / |x - NN2| < 1/3, Gu et al.) beside it;
+- RP between every pair of models at the same N (two seeds of one width; different widths);
+- RP between each model and the empirical optimal denoiser of its N images, sampled from the
+  same seeds.
+
+Outputs (under ``out``): ``results.json``, ``models.csv``, ``pairs.csv``, ``figure1.png`` (RP and
+GL against N, one curve per width), ``grids/*.png`` (each sample above its nearest training
+image), ``timings.json`` (training / sampling / metrics seconds; not part of the results). Every
+model, sample set and metric is a resumable unit (see :mod:`diffcore.experiments.base`): kill the
+run at any point and run it again to continue; it ends with the same ``results.json``.
+
+Train, sample, data and k-NN come from :class:`StudyHooks`; the default hooks are those of
+:mod:`diffcore.experiments._stack`, and tests inject closed-form stand-ins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from diffcore import metrics
+from diffcore.experiments import plotting
+from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
+                                       config_from_preset, json_dumps)
+
+log = logging.getLogger(__name__)
+
+NAME = "reproducibility"
+
+
+@dataclass(frozen=True)
+class ReproducibilityConfig:
+    """What the study computes. Everything here defines the results; runtime options (device,
+    progress bars) are arguments of :func:`run` instead, so a run can resume on another device."""
+
+    dataset: str = "digits"                    # digits (embedded) | cifar10 (local folder)
+    data_root: str = ""                        # folder of the local CIFAR-10 copy
+    model_preset: str = "ddpmpp-digits"        # diffcore.models UNet preset (architecture)
+    widths: tuple[int, ...] = (16, 32)         # base channels of the UNet (model_channels)
+    sizes: tuple[int, ...] = (16, 64, 256, 1024)  # nested subset sizes N
+    train_seeds: tuple[int, ...] = (0, 1)      # one model per seed; 2+ seeds give same-width RP
+    subset_seed: int = 0                       # seed of the nested subsets' permutation
+    train_steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_warmup_images: int = 1000               # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
+    sample_seed_start: int = 100000            # samples use seeds start .. start + num_samples - 1
+    num_samples: int = 256
+    sampler_steps: int = 18                    # Heun 18 steps = 35 evaluations (EDM)
+    solver: str = "heun"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    similarity: str = "cosine"                 # cosine | l2 | path to a TorchScript descriptor
+    threshold: float | None = None             # None: 0.6 for descriptors, calibrated in pixel space
+    calibration_quantile: float = 0.95
+    memorization_ratio: float = 1.0 / 3.0      # Gu et al.
+    grid_samples: int = 16                     # samples shown per grid
+
+    def seeds(self) -> list[int]:
+        return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
+
+    def validate(self, pool_size: int) -> None:
+        if not self.widths or not self.sizes or not self.train_seeds:
+            raise ValueError("widths, sizes and train_seeds must each name at least one value")
+        if min(self.sizes) < 2:
+            raise ValueError(f"sizes: the memorization ratio needs N >= 2, got {min(self.sizes)}")
+        if max(self.sizes) > pool_size:
+            raise ValueError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be at least 1")
+
+
+def _quick() -> ReproducibilityConfig:
+    """Embedded digits, meant for about 10 minutes on a 2-core CPU. Budget: 8 models (2 widths x
+    4 sizes x 1 seed); the 10 minutes are mostly training, so each model gets about 60 s.
+    NOT YET MEASURED END TO END. Measured (preliminary, contended 2-core machine, reference ops):
+    one ddpmpp-digits training step at batch 64 costs 0.7 s of CPU time at width 16 and 1.1 s at
+    width 32 (2 threads), i.e. about 0.35 s / 0.55 s of wall time on two free cores; so 400 steps at
+    batch 32 are about 60-100 s per model: at or over budget. Tune train_steps (or a lighter model
+    preset) with the trainer's measured speed. Metrics take < 1 s per model.
+    ``--set train_seeds=0,1`` adds the same-width RP pairs at twice the training time."""
+    return ReproducibilityConfig(widths=(8, 16), sizes=(16, 64, 256, 1024), train_seeds=(0,),
+                                 train_steps=400, batch_size=32, num_samples=128)
+
+
+def _paper() -> ReproducibilityConfig:
+    """CIFAR-10 subsets N = 2^6 .. 2^14, UNet-64/128/256, 10k samples from seeds 100000-109999
+    (PAPERS.md section 1). Set data_root. Add a second training seed with --set train_seeds=0,1."""
+    return ReproducibilityConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(64, 128, 256),
+                                 sizes=tuple(2 ** k for k in range(6, 15)), train_seeds=(0,),
+                                 train_steps=200_000, batch_size=128, learning_rate=2e-4,
+                                 lr_warmup_images=10_000_000,
+                                 num_samples=10_000, grid_samples=32)
+
+
+def _tiny() -> ReproducibilityConfig:
+    """Seconds, for tests (with stand-in hooks) and smoke runs."""
+    return ReproducibilityConfig(widths=(4, 8), sizes=(8, 512), train_seeds=(0, 1), train_steps=20,
+                                 batch_size=16, num_samples=24, sampler_steps=8, grid_samples=8)
+
+
+PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {"quick": _quick, "paper": _paper, "tiny": _tiny}
+CONFIG_CLASS = ReproducibilityConfig
+
+
+# ----------------------------------------------------------------------------- hooks
+
+@dataclass
+class StudyHooks:
+    """What the study needs from the rest of the stack (injectable for tests).
+
+    - ``load_dataset(name, root) -> images [P, C, H, W]`` in [-1, 1]
+    - ``subset(images, n, seed) -> (images [n, ...], indices [n])``, nested in n
+    - ``train(images, spec, out_dir, work_dir, device=, progress=) -> dict`` writes a model to out_dir
+    - ``load(model_dir, device=) -> D(x, sigma)``
+    - ``sample(denoiser, seeds, shape, steps=, solver=, sigma_min=, sigma_max=, device=, progress=)``
+      ``-> [len(seeds), *shape]``
+    - ``empirical_denoiser(train_images) -> D(x, sigma)``
+    - ``knn(queries [B, F], train [N, F], k) -> (distances, indices)``
+    - ``noise_from_seeds(seeds, shape, device, dtype) -> [B, *shape]`` (figures of the noise)
+    """
+
+    load_dataset: Callable
+    subset: Callable
+    train: Callable
+    load: Callable
+    sample: Callable
+    empirical_denoiser: Callable
+    knn: Callable
+    noise_from_seeds: Callable
+
+
+def default_hooks() -> StudyHooks:
+    from diffcore.experiments import _stack
+
+    return StudyHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
+                      load=_stack.load_model, sample=_stack.sample,
+                      empirical_denoiser=_stack.empirical_denoiser, knn=_stack.knn,
+                      noise_from_seeds=_stack.noise_from_seeds)
+
+
+# ----------------------------------------------------------------------------- units
+
+def _model_name(width: int, n: int, seed: int) -> str:
+    return f"w{width}-n{n}-s{seed}"
+
+
+def _save_tensor(path: Path, tensor: torch.Tensor) -> None:
+    torch.save(tensor.detach().cpu().contiguous().clone(), path)
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Study:
+    """One run of the study: config, workspace, hooks and the units made so far."""
+
+    def __init__(self, config: ReproducibilityConfig, out: str | Path, hooks: StudyHooks,
+                 device: str, progress: bool):
+        self.config = config
+        self.ws = Workspace(out)
+        self.hooks = hooks
+        self.device = device
+        self.progress = progress
+        self.units: dict[str, list[Unit]] = {"train": [], "sample": [], "metrics": []}
+        self.similarity = metrics.get_similarity(config.similarity, device=device)
+
+    # specs -------------------------------------------------------------------
+    def data_spec(self, n: int) -> dict:
+        c = self.config
+        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed}
+
+    def model_spec(self, width: int, n: int, seed: int) -> dict:
+        c = self.config
+        return {**self.data_spec(n), "data_root": c.data_root, "model_preset": c.model_preset,
+                "width": width, "seed": seed, "train_steps": c.train_steps,
+                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images}
+
+    def sampling_spec(self) -> dict:
+        c = self.config
+        return {"seed_start": c.sample_seed_start, "num_samples": c.num_samples, "steps": c.sampler_steps,
+                "solver": c.solver, "sigma_min": c.sigma_min, "sigma_max": c.sigma_max}
+
+    # steps -------------------------------------------------------------------
+    def threshold(self, pool: torch.Tensor) -> tuple[float, str]:
+        c = self.config
+        if c.threshold is not None:
+            return float(c.threshold), "config"
+        if self.similarity.default_threshold is not None:
+            return float(self.similarity.default_threshold), "descriptor default (paper)"
+        spec = {"dataset": c.dataset, "similarity": self.similarity.describe(),
+                "quantile": c.calibration_quantile, "max_queries": 2048, "seed": 0}
+
+        def produce(tmp: Path, work: Path) -> dict:
+            value = metrics.calibrate_threshold(pool, self.similarity, quantile=c.calibration_quantile,
+                                                max_queries=2048, seed=0, knn=self.hooks.knn)
+            atomic_write_json(tmp / "threshold.json", {"threshold": value})
+            return {"threshold": value}
+
+        unit = self.ws.run_unit("calibration", "threshold", spec, produce)
+        self.units["metrics"].append(unit)
+        value = json.loads(unit.file("threshold.json").read_text())["threshold"]
+        return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
+
+    def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape) -> torch.Tensor:
+        def produce(tmp: Path, work: Path) -> dict:
+            c = self.config
+            samples = self.hooks.sample(make_denoiser(), c.seeds(), shape, steps=c.sampler_steps,
+                                        solver=c.solver, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                                        device=self.device, progress=self.progress)
+            _save_tensor(tmp / "samples.pt", samples.float())
+            return {"shape": list(samples.shape)}
+
+        unit = self.ws.run_unit("samples", name, spec, produce)
+        self.units["sample"].append(unit)
+        return _load_tensor(unit.file("samples.pt"))
+
+    def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor) -> Unit:
+        spec = self.model_spec(width, n, seed)
+
+        def produce(tmp: Path, work: Path) -> dict:
+            return self.hooks.train(train_images, spec, tmp, work, device=self.device, progress=self.progress)
+
+        unit = self.ws.run_unit("models", _model_name(width, n, seed), spec, produce)
+        self.units["train"].append(unit)
+        return unit
+
+    def metrics_unit(self, name: str, spec: dict, samples: torch.Tensor, train_images: torch.Tensor,
+                     reference_samples: torch.Tensor | None, threshold: float) -> dict:
+        c = self.config
+        full_spec = {**spec, "similarity": self.similarity.describe(), "threshold": threshold,
+                     "memorization_ratio": c.memorization_ratio}
+
+        def produce(tmp: Path, work: Path) -> dict:
+            x, train = samples.to(self.device), train_images.to(self.device)  # k-NN on the run's device
+            gl = metrics.gl_score(x, train, self.similarity, threshold, knn=self.hooks.knn)
+            mem = metrics.memorization_ratio(x, train, c.memorization_ratio, knn=self.hooks.knn)
+            summary = {"gl": gl.score, "nn_similarity_mean": float(gl.nn_similarity.mean()),
+                       "memorized_ratio": mem.fraction, "ratio_median": float(mem.ratio.median())}
+            per_sample = {"nn_index": gl.nn_index, "nn_similarity": gl.nn_similarity,
+                          "ratio": mem.ratio, "ratio_nn_index": mem.nn_index}
+            if reference_samples is not None:
+                rp = metrics.rp_score(x, reference_samples.to(self.device), self.similarity, threshold)
+                summary["rp_empirical"] = rp.score
+                per_sample["rp_empirical_similarity"] = rp.similarity
+            atomic_write_json(tmp / "metrics.json", summary)
+            torch.save({k: v.cpu().contiguous().clone() for k, v in per_sample.items()}, tmp / "per_sample.pt")
+            return summary
+
+        unit = self.ws.run_unit("metrics", name, full_spec, produce)
+        self.units["metrics"].append(unit)
+        summary = json.loads(unit.file("metrics.json").read_text())
+        summary["per_sample"] = torch.load(unit.file("per_sample.pt"), map_location="cpu", weights_only=True)
+        return summary
+
+    # the whole study ----------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        self.ws.bind_config(c)
+        pool = self.hooks.load_dataset(c.dataset, c.data_root)
+        c.validate(pool.shape[0])
+        shape = tuple(pool.shape[1:])
+        threshold, threshold_source = self.threshold(pool)
+        log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
+        models, empirical, pairs = [], [], []
+        grids_dir = self.ws.root / "grids"
+        bar = _progress_bar(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), self.progress)
+        for n in sorted(c.sizes):
+            train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
+            emp_name = f"empirical-n{n}"
+            emp_spec = {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
+            emp_samples = self.sample_unit(emp_name, emp_spec,
+                                           lambda: self.hooks.empirical_denoiser(train_images), shape)
+            emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
+            empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
+            bar.update(1)
+            self.grid(grids_dir / f"{emp_name}.png", emp_samples, train_images, emp_metrics,
+                      f"empirical denoiser, N={n}")
+            at_n = []
+            for width, seed in itertools.product(c.widths, c.train_seeds):
+                name = _model_name(width, n, seed)
+                model = self.model_unit(width, n, seed, train_images)
+                sample_spec = {**model.spec, **self.sampling_spec()}
+                samples = self.sample_unit(name, sample_spec,
+                                           lambda: self.hooks.load(model.path, device=self.device), shape)
+                result = self.metrics_unit(name, sample_spec, samples, train_images, emp_samples, threshold)
+                self.grid(grids_dir / f"{name}.png", samples, train_images, result,
+                          f"UNet-{width}, N={n}, seed {seed}")
+                row = {"width": width, "n": n, "seed": seed, "gl": result["gl"],
+                       "memorized_ratio": result["memorized_ratio"], "rp_empirical": result["rp_empirical"],
+                       "nn_similarity_mean": result["nn_similarity_mean"], "ratio_median": result["ratio_median"]}
+                models.append(row)
+                at_n.append((row, samples))
+                bar.set_postfix_str(f"{name}: GL {row['gl']:.2f}")
+                bar.update(1)
+            for (ra, sa), (rb, sb) in itertools.combinations(at_n, 2):
+                rp = metrics.rp_score(sa, sb, self.similarity, threshold)
+                pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
+                              "width_a": ra["width"], "seed_a": ra["seed"], "width_b": rb["width"],
+                              "seed_b": rb["seed"], "rp": rp.score,
+                              "similarity_mean": float(rp.similarity.mean())})
+        bar.close()
+        results = {"experiment": NAME, "config": dataclasses.asdict(c),
+                   "similarity": self.similarity.describe(), "threshold": threshold,
+                   "threshold_source": threshold_source, "models": models, "empirical": empirical,
+                   "pairs": pairs}
+        results.update(summarize(results))
+        results = json.loads(json_dumps(results))  # exactly what results.json holds
+        self.write_outputs(results)
+        return results
+
+    def grid(self, path: Path, samples, train_images, result: dict, title: str) -> None:
+        k = min(self.config.grid_samples, samples.shape[0])
+        if k == 0:
+            return
+        per = result["per_sample"]
+        plotting.samples_with_neighbors(samples[:k], train_images[per["nn_index"][:k]], path,
+                                        similarities=per["nn_similarity"][:k], title=title)
+
+    def write_outputs(self, results: dict) -> None:
+        root = self.ws.root
+        atomic_write_json(root / "results.json", results)
+        atomic_write_csv(root / "models.csv", results["models"])
+        atomic_write_csv(root / "pairs.csv", results["pairs"],
+                         columns=["n", "kind", "width_a", "seed_a", "width_b", "seed_b", "rp", "similarity_mean"])
+        plotting.figure1({str(w): _nan_curve(curve) for w, curve in results["curves"].items()},
+                         root / "figure1.png", cross_width=_nan_curve(results["cross_width"]),
+                         threshold=results["threshold"], similarity=results["similarity"]["name"])
+        atomic_write_json(root / "timings.json", self.timings())
+
+    def timings(self) -> dict:
+        out = {}
+        for phase, units in self.units.items():
+            out[phase] = {"seconds": sum(u.seconds for u in units), "units": len(units),
+                          "reused": sum(u.reused for u in units)}
+        return out
+
+
+def _progress_bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    from diffcore import _env
+
+    return tqdm(total=total, desc="reproducibility", unit="model", disable=not _env.progress_enabled(progress))
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _nan_curve(curve: dict) -> dict:
+    return {k: [float("nan") if v is None else v for v in vs] for k, vs in curve.items()}
+
+
+def summarize(results: dict) -> dict:
+    """Curves per width against N (means over training seeds) and RP across widths."""
+    curves = {}
+    sizes = sorted({m["n"] for m in results["models"]})
+    for width in sorted({m["width"] for m in results["models"]}):
+        rows = [m for m in results["models"] if m["width"] == width]
+        curve = {"n": sizes, "gl": [], "memorized_ratio": [], "rp_empirical": [], "rp_seeds": []}
+        for n in sizes:
+            at_n = [m for m in rows if m["n"] == n]
+            curve["gl"].append(_mean([m["gl"] for m in at_n]))
+            curve["memorized_ratio"].append(_mean([m["memorized_ratio"] for m in at_n]))
+            curve["rp_empirical"].append(_mean([m["rp_empirical"] for m in at_n]))
+            curve["rp_seeds"].append(_mean([p["rp"] for p in results["pairs"] if p["n"] == n
+                                            and p["kind"] == "seeds" and p["width_a"] == width]))
+        curves[str(width)] = curve
+    cross = {"n": [], "rp": []}
+    for n in sizes:
+        value = _mean([p["rp"] for p in results["pairs"] if p["n"] == n and p["kind"] == "widths"])
+        if value is not None:
+            cross["n"].append(n)
+            cross["rp"].append(value)
+    return {"curves": curves, "cross_width": cross}
+
+
+def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | None = None,
+        device: str = "auto", progress: bool = True) -> dict:
+    """Run (or resume) the study into ``out``; returns the content of ``results.json``."""
+    from diffcore.experiments._stack import resolve_device
+
+    if hooks is None:
+        hooks = default_hooks()
+        device = str(resolve_device(device))
+    elif device == "auto":
+        device = "cpu"
+    start = time.perf_counter()
+    results = _Study(config, out, hooks, device, progress).run()
+    log.info("reproducibility study done in %.1f s: %s", time.perf_counter() - start, out)
+    return results
+
+
+def run_preset(preset: str, out: str | Path, overrides=(), **kwargs) -> dict:
+    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)

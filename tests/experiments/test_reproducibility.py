@@ -1,0 +1,144 @@
+"""The reproducibility study end to end with closed-form stand-ins (tiny preset, seconds)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+
+from diffcore.experiments import reproducibility as study
+from diffcore.experiments.base import config_from_preset
+
+# N = 96 lies between the capacities of the two widths (64 and 128 images): width 4 generalizes there
+# while width 8 still memorizes.
+OVERRIDES = ["num_samples=16", "grid_samples=4", "sampler_steps=6", "sizes=8,96,512"]
+
+
+def _config():
+    return config_from_preset(study.PRESETS, "tiny", OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, stand_in_stack):
+    StandInStack = stand_in_stack
+    out = tmp_path_factory.mktemp("repro")
+    stack = StandInStack()
+    results = study.run(_config(), out, hooks=stack.hooks(), progress=False)
+    return out, results, stack
+
+
+def test_outputs_have_the_expected_structure(finished_run):
+    out, results, _ = finished_run
+    cfg = _config()
+    for name in ("results.json", "models.csv", "pairs.csv", "figure1.png", "timings.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    n_models = len(cfg.widths) * len(cfg.sizes) * len(cfg.train_seeds)
+    assert len(results["models"]) == n_models
+    per_n = len(cfg.widths) * len(cfg.train_seeds)
+    assert len(results["pairs"]) == len(cfg.sizes) * per_n * (per_n - 1) // 2
+    assert {p["kind"] for p in results["pairs"]} == {"seeds", "widths"}
+    with open(out / "models.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == n_models
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert len(grids) == n_models + len(cfg.sizes)
+    assert (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(results["curves"]) == {str(w) for w in cfg.widths}
+    assert 0.9 < results["threshold"] < 1.0 and results["threshold_source"].startswith("calibrated")
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["train"]["units"] == n_models
+
+
+def test_direction_of_the_effect(finished_run):
+    """Smallest N: the models memorize (GL ~ 0, RP vs empirical high); largest N: GL higher."""
+    _, results, _ = finished_run
+    small, large = min(_config().sizes), max(_config().sizes)
+    for row in results["models"]:
+        if row["n"] == small:
+            assert row["gl"] <= 0.1 and row["rp_empirical"] >= 0.9 and row["memorized_ratio"] >= 0.9
+        if row["n"] == large:
+            assert row["gl"] >= 0.5 and row["rp_empirical"] <= 0.5
+    for emp in results["empirical"]:
+        assert emp["gl"] == 0.0  # the empirical denoiser only reproduces training images
+    for width, curve in results["curves"].items():
+        assert curve["gl"][-1] > curve["gl"][0]
+    at_96 = {m["width"]: m for m in results["models"] if m["n"] == 96 and m["seed"] == 0}
+    assert at_96[4]["gl"] > at_96[8]["gl"] and at_96[8]["rp_empirical"] > at_96[4]["rp_empirical"]
+    # memorizing models reproduce each other (same training image) and so do generalizing ones
+    for pair in results["pairs"]:
+        if pair["n"] in (8, 512):
+            assert pair["rp"] >= 0.8, pair
+
+
+def test_rerun_reuses_everything(finished_run, stand_in_stack):
+    StandInStack = stand_in_stack
+
+    out, results, _ = finished_run
+    stack = StandInStack()
+    again = study.run(_config(), out, hooks=stack.hooks(), progress=False)
+    assert again == json.loads(json.dumps(results))
+    assert stack.calls == {"train": 0, "load": 0, "sample": 0}
+
+
+def test_kill_and_resume_gives_identical_results(finished_run, tmp_path, stand_in_stack):
+    StandInStack = stand_in_stack
+
+    out_full, _, _ = finished_run
+    killed = StandInStack(fail_on_train_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(_config(), tmp_path, hooks=killed.hooks(), progress=False)
+    assert not (tmp_path / "results.json").exists()
+    resumed = StandInStack()
+    study.run(_config(), tmp_path, hooks=resumed.hooks(), progress=False)
+    n_models = len(_config().widths) * len(_config().sizes) * len(_config().train_seeds)
+    assert resumed.calls["train"] == n_models - 2  # the two finished models were reused
+    assert (tmp_path / "results.json").read_bytes() == (out_full / "results.json").read_bytes()
+    assert (tmp_path / "models.csv").read_bytes() == (out_full / "models.csv").read_bytes()
+
+
+def test_another_config_in_the_same_folder_is_refused(finished_run, stand_in_stack):
+    StandInStack = stand_in_stack
+
+    from diffcore.experiments.base import UnitError
+
+    out, _, _ = finished_run
+    other = dataclasses.replace(_config(), num_samples=8)
+    with pytest.raises(UnitError, match="num_samples"):
+        study.run(other, out, hooks=StandInStack().hooks(), progress=False)
+
+
+def test_fixed_threshold_and_l2_similarity(tmp_path, stand_in_stack):
+    StandInStack = stand_in_stack
+
+    cfg = dataclasses.replace(_config(), similarity="l2", threshold=0.9, sizes=(8,), widths=(4,),
+                              train_seeds=(0,))
+    results = study.run(cfg, tmp_path, hooks=StandInStack().hooks(), progress=False)
+    assert results["threshold"] == 0.9 and results["threshold_source"] == "config"
+    assert results["similarity"]["name"] == "l2" and results["pairs"] == []
+    assert not (tmp_path / "units" / "calibration").exists()
+
+
+def test_presets_are_valid():
+    for name, make in study.PRESETS.items():
+        cfg = make()
+        assert cfg.sizes == tuple(sorted(cfg.sizes)), name
+    paper = study.PRESETS["paper"]()
+    assert paper.widths == (64, 128, 256) and paper.sizes[0] == 64 and paper.sizes[-1] == 2 ** 14
+    assert paper.num_samples == 10_000 and paper.sample_seed_start == 100000
+
+
+def test_torchscript_descriptor_uses_the_paper_threshold(tmp_path, stand_in_stack):
+    import torch
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(x, 2).flatten(1)
+
+    path = tmp_path / "descriptor.pt"
+    torch.jit.script(Pool()).save(str(path))
+    cfg = dataclasses.replace(_config(), similarity=str(path), sizes=(8,), widths=(4,), train_seeds=(0,))
+    results = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
+    assert results["threshold"] == 0.6 and results["threshold_source"].startswith("descriptor")
+    assert results["similarity"]["name"] == "features:descriptor.pt"
+    assert results["models"][0]["gl"] == 0.0  # memorizing stand-in: exact copies
