@@ -49,3 +49,13 @@ def gapped_gaussian():
 @pytest.fixture
 def molrg():
     return MoLRGDenoiser.random(3, 48, 4, seed=1, shape=(3, 4, 4))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tests run many tiny ops: on a shared 2-core machine, intra-op threading makes each one
+    wait on a thread barrier (measured ~100x slower). One thread per test, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
