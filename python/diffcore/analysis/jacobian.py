@@ -284,9 +284,10 @@ def _residuals(av: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tens
 
 
 def _subspace_change(v_old: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-    """sin of the largest principal angle between span(v_old) and span(v_new) [B]."""
-    cos = torch.linalg.svdvals(v_old.transpose(1, 2) @ v_new).min(dim=-1).values.clamp(0, 1)
-    return torch.sqrt((1 - cos.square()).clamp_min(0))
+    """sin of the largest principal angle between span(v_old) and span(v_new) [B], computed as
+    ``|| v_new - v_old v_old^T v_new ||_2`` (accurate for small angles, unlike sqrt(1 - cos^2))."""
+    rest = v_new - v_old @ (v_old.transpose(1, 2) @ v_new)
+    return torch.linalg.matrix_norm(rest, ord=2).clamp(0, 1)
 
 
 def _subspace_iteration(op, k, iters, tol, oversample, generator):

@@ -34,15 +34,24 @@ def null_space_project(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Principal angles in degrees [..., min(p, q)], ascending, between the row spans of
-    ``a`` [..., p, d] and ``b`` [..., q, d] (each orthonormalized first)."""
+    ``a`` [..., p, d] and ``b`` [..., q, d] (each orthonormalized first).
+
+    Small angles come from sines (singular values of ``Qb - Qb Qa^T Qa``), large ones from cosines
+    (singular values of ``Qa Qb^T``), so float32 inputs resolve angles far below 0.1 degree.
+    """
     check_tensor("a", a, min_ndim=2)
     check_tensor("b", b, min_ndim=2)
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"b: expected vectors of length {a.shape[-1]} (like a), got shape {tuple(b.shape)}")
+    if b.shape[-2] > a.shape[-2]:
+        a, b = b, a                                                  # b holds the smaller span
     dtype = torch.promote_types(a.dtype, b.dtype)
     qa, qb = orthonormal_rows(a.to(dtype)), orthonormal_rows(b.to(dtype))
-    cos = torch.linalg.svdvals(qa @ qb.transpose(-1, -2)).clamp(-1.0, 1.0)
-    return torch.rad2deg(torch.arccos(cos)).sort(dim=-1).values
+    cos = torch.linalg.svdvals(qb @ qa.transpose(-1, -2)).clamp(0.0, 1.0)              # descending
+    sin = torch.linalg.svdvals(qb - (qb @ qa.transpose(-1, -2)) @ qa).clamp(0.0, 1.0)  # descending
+    sin = sin.flip(-1)                                                                 # pairs with cos
+    angles = torch.where(cos.square() < 0.5, torch.arccos(cos), torch.arcsin(sin))
+    return torch.rad2deg(angles).sort(dim=-1).values
 
 
 def edit_direction(denoiser, x: torch.Tensor, sigma, mask: torch.Tensor, *, k_out: int = 5, index: int = 0,
