@@ -77,6 +77,10 @@ def test_rank_along_trajectory_full_and_top_k(molrg):
     assert torch.allclose(topk.singular_values[-1], full.singular_values[-1, :, :6], atol=1e-6)
     with pytest.raises(ValueError, match="trajectory"):
         rank_along_trajectory(molrg, x_T, sig, trajectory=[x_T], progress=False)
+    seeded = rank_along_trajectory(molrg, [0, 1], sig[-4:], shape=(3, 4, 4), dtype=torch.float64, progress=False)
+    assert seeded.ranks.shape == (3, 2) and seeded.points.shape == (3, 2, 3, 4, 4)
+    with pytest.raises(ValueError, match="shape"):
+        rank_along_trajectory(molrg, [0, 1], sig, progress=False)
 
 
 def test_local_linearity(gapped_gaussian, molrg):
@@ -126,3 +130,17 @@ def test_edit_direction_is_orthogonal_to_the_outside_subspace(mlp_denoiser):
     jac = jacobian_full(mlp_denoiser, x, 0.5)
     inside_gain = (mask.reshape(1, -1, 1) * jac @ d.reshape(2, -1, 1)).norm(dim=1)
     assert bool((inside_gain > 0).all())
+
+
+def test_principal_angles_resolve_small_angles_in_float32():
+    e = torch.eye(4)
+    for degrees in (1e-3, 0.05, 1.0, 60.0, 90.0):
+        t = math.radians(degrees)
+        a = e[:2]
+        b = torch.stack([e[0], math.cos(t) * e[1] + math.sin(t) * e[3]])
+        got = principal_angles(a, b)
+        assert abs(float(got[1]) - degrees) < 1e-4 * max(1.0, degrees), (degrees, got)
+        assert float(got[0]) < 1e-4
+    # unequal sizes: a 1-dim span inside a 3-dim span has one zero angle
+    assert principal_angles(e[:3], e[1:2]).shape == (1,)
+    assert float(principal_angles(e[1:2], e[:3])[0]) < 1e-4

@@ -105,14 +105,17 @@ def euler_trajectory(denoiser, x_T: torch.Tensor, sigmas) -> list[torch.Tensor]:
     return points
 
 
-def rank_along_trajectory(denoiser, x_T: torch.Tensor, sigmas, *, trajectory=None, k: int | None = None,
+def rank_along_trajectory(denoiser, x_T, sigmas, *, trajectory=None, k: int | None = None,
                           ratio: float = 0.99, criterion: str = "frobenius", fro_probes: int = 32,
-                          progress: bool = True, **subspace_kwargs) -> TrajectoryRank:
+                          shape=None, dtype=torch.float32, device=None, progress: bool = True,
+                          **subspace_kwargs) -> TrajectoryRank:
     """Numerical rank of ``J = dD/dx`` at each step of a deterministic trajectory.
 
     Args:
         denoiser: ``D(x, sigma)``.
-        x_T: starting points [B, ...] at sigmas[0] (already scaled, ``sigma_max * noise``).
+        x_T: starting points [B, ...] at sigmas[0] (already scaled, ``sigma_max * noise``), or a
+            sequence of integer seeds: then ``x_T = sigmas[0] * noise`` with per-sample seeded noise
+            of the given ``shape`` (per-sample shape), ``dtype`` and ``device``.
         sigmas: descending noise levels [S+1] (typically ending in 0); J is taken at every sigma > 0.
         trajectory: optional list of points [B, ...] aligned with sigmas (e.g. from a sampler's
             callback); when None, a plain Euler solve (:func:`euler_trajectory`) produces them.
@@ -124,10 +127,16 @@ def rank_along_trajectory(denoiser, x_T: torch.Tensor, sigmas, *, trajectory=Non
     """
     from diffcore.analysis.jacobian import jacobian_full, jacobian_subspace
 
-    check_tensor("x_T", x_T, min_ndim=2)
     sig = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
     if sig.numel() < 1 or not bool((sig[:-1] >= sig[1:]).all()):
         raise ValueError("sigmas: expected a non-empty descending sequence")
+    if not isinstance(x_T, torch.Tensor):
+        from diffcore.denoisers._common import seeded_normal
+
+        if shape is None:
+            raise ValueError("shape: needed (the per-sample shape) when x_T is a sequence of seeds")
+        x_T = float(sig[0]) * seeded_normal(list(x_T), shape, device=device, dtype=dtype)
+    check_tensor("x_T", x_T, min_ndim=2)
     points = list(trajectory) if trajectory is not None else euler_trajectory(denoiser, x_T, sig)
     if len(points) != sig.numel():
         raise ValueError(f"trajectory: expected {sig.numel()} points (one per sigma), got {len(points)}")
