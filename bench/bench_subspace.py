@@ -140,7 +140,8 @@ def test_peer_full_jacobian_svd(benchmark, case):
 def test_peer_chunked_power_iteration(benchmark, case):
     name, den, x = case
     benchmark.group = f"subspace-{name}"
-    s, v, iters = run_timed(benchmark, lambda: chunked_power_iteration(den, x), rounds=1, warmup_rounds=1)
+    s, v, iters = run_timed(benchmark, lambda: chunked_power_iteration(den, x), rounds=1 if QUICK else 3,
+                            warmup_rounds=1)
     _SECONDS[(name, "chunked")] = benchmark.stats.stats.min
     record_ratio(benchmark, f"subspace-{name}", f"chunked d={x.numel()}", "peer")
     benchmark.extra_info.update(iterations=iters, max_angle_deg=_angle(name, v) if name in _EXACT else None)
@@ -152,7 +153,7 @@ def test_diffcore_jacobian_subspace(benchmark, case, method):
     benchmark.group = f"subspace-{name}"
     kwargs = {"randomized": {"iters": 4, "oversample": 16}}.get(method, {})
     res = run_timed(benchmark, lambda: jacobian_subspace(den, x, SIGMA, K, method=method, tol=TOL, **kwargs),
-                    rounds=1 if QUICK else 2, warmup_rounds=1)
+                    rounds=1 if QUICK else 3, warmup_rounds=1)
     seconds = benchmark.stats.stats.min
     info = benchmark.extra_info
     info.update(role="diffcore", method=method, iterations=int(res.iterations[0]),

@@ -91,7 +91,8 @@ class JacobianOperator:
         self.jvp_passes = self.vjp_passes = 0
         self._vjp_fn = None
         self._folded_vjp: dict[int, object] = {}
-        out = denoiser(self.x, self.sigma)
+        with torch.no_grad():
+            out = denoiser(self.x, self.sigma)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise ValueError(f"denoiser: expected an output of shape {tuple(x.shape)}, got "
                              f"{getattr(out, 'shape', type(out).__name__)}")
