@@ -69,7 +69,8 @@ class MoLRGDenoiser:
     def random(cls, num_components: int, ambient_dim: int, latent_dim: int, *, orthogonal: bool = True,
                seed: int = 0, weights=None, shape=None) -> "MoLRGDenoiser":
         """Random bases: mutually orthogonal (one QR of an n x K d Gaussian, as in the public code;
-        needs K d <= n) or independent (one QR per component)."""
+        needs K d <= n; the same bases as ``diffcore.data.molrg.molrg_bases(K, n, d, seed)``) or
+        independent (one QR per component)."""
         for name, v in (("num_components", num_components), ("ambient_dim", ambient_dim),
                         ("latent_dim", latent_dim)):
             check_positive_int(name, v)
@@ -80,8 +81,9 @@ class MoLRGDenoiser:
             if num_components * latent_dim > ambient_dim:
                 raise ValueError(f"orthogonal bases need num_components * latent_dim <= ambient_dim, got "
                                  f"{num_components} * {latent_dim} > {ambient_dim}")
-            q, _ = torch.linalg.qr(torch.randn(ambient_dim, num_components * latent_dim, generator=g,
+            q, r = torch.linalg.qr(torch.randn(ambient_dim, num_components * latent_dim, generator=g,
                                                dtype=torch.float64))
+            q = q * torch.sign(torch.diagonal(r))[None, :]      # unique QR (positive diagonal of r)
             bases = q.reshape(ambient_dim, num_components, latent_dim).permute(1, 0, 2).contiguous()
         else:
             bases = torch.stack([torch.linalg.qr(torch.randn(ambient_dim, latent_dim, generator=g,
