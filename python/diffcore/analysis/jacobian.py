@@ -28,6 +28,7 @@ Every method reports residuals ``|A v_i - s_i u_i| / s_1`` computed with an expl
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ import torch
 
 from diffcore._checks import check_positive_int, check_tensor, sigma_per_row
 
+log = logging.getLogger(__name__)
 METHODS = ("subspace", "randomized", "lanczos")
 PROBE_MODES = ("vmap", "batch", "loop")
 DEFAULT_ITERS = {"subspace": 100, "randomized": 2}
@@ -239,7 +241,11 @@ def jacobian_subspace(denoiser, x: torch.Tensor, sigma, k: int, *, mask=None, in
         iters = min(op.dim, 4 * k + 40) if iters is None else iters
         check_positive_int("iters", iters, minimum=k)
         result = _lanczos(op, k, min(iters, op.dim), tol, generator)
-    return _package(op, result, method)
+    packaged = _package(op, result, method)
+    if not bool(packaged.converged.all()):
+        log.warning("jacobian_subspace(%s, k=%d): %d of %d points not converged to tol=%g (max residual %.3g)",
+                    method, k, int((~packaged.converged).sum()), op.batch, tol, float(packaged.residuals.max()))
+    return packaged
 
 
 def jacobian_full(denoiser, x: torch.Tensor, sigma, *, mode: str = "fwd", chunk_size: int = 32) -> torch.Tensor:

@@ -8,7 +8,6 @@ convention: the smallest k with ``sum_{i<=k} s_i^2 > ratio * sum_i s_i^2`` (99 %
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
