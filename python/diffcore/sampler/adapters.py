@@ -86,7 +86,7 @@ class VPDenoiser:
         return float(self.train_sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep [B] (float32) of noise levels ``sigma`` [B]: interpolation in log sigma."""
+        """Fractional timestep [B] (float64) of noise levels ``sigma`` [B]: interpolation in log sigma."""
         device = sigma.device
         log_sigmas = self._log_sigmas.get(device)
         if log_sigmas is None:
@@ -98,7 +98,7 @@ class VPDenoiser:
         t = low.to(torch.float64) + frac
         if self.timestep_mode == "round":
             t = t.round()
-        return t.to(torch.float32)
+        return t
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         s = _per_row(sigma, x)
@@ -106,7 +106,9 @@ class VPDenoiser:
         beta = s * alpha                       # sqrt(1 - abar)
         x_vp = x * alpha
         dtype = self.model_dtype or x.dtype
-        out = self.model(x_vp.to(dtype), self.timestep(s.reshape(-1))).to(x.dtype)
+        t = self.timestep(s.reshape(-1))
+        # float32 timesteps for float32/16 models (what UNets expect), float64 for float64 models
+        out = self.model(x_vp.to(dtype), t if dtype == torch.float64 else t.float()).to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - s * out                 # x_ve = x0 + sigma eps
         if self.prediction_type == "sample":
