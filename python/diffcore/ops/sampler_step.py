@@ -127,6 +127,35 @@ def step_runner(backend: str, device: torch.device, dtype: torch.dtype):
     return name, _RUNNERS[name]
 
 
+def bound_step_runner(backend: str, like: torch.Tensor, flag: torch.Tensor | None):
+    """A step function bound to tensors shaped like ``like`` and to ``flag``, with the per-call
+    work hoisted out (the sampler's hot path): ``run(x, denoised, extra, noise, out, row, step)
+    -> bool``, True when NaN/Inf is *known* now (CPU: at once; CUDA: never, the flag is deferred).
+    No validation: the caller checked shapes, dtypes, devices and contiguity. Returns
+    ``(name, run)``."""
+    name, runner = step_runner(backend, like.device, like.dtype)
+    if name == "cpu":
+        kernel = extension().sampler_step_cpu
+        dtype, numel, threads = dtype_name(like.dtype), like.numel(), torch.get_num_threads()
+        flag_ptr = flag.data_ptr() if flag is not None else 0
+        checking = flag is not None
+
+        def run_cpu(x, denoised, extra, noise, out, row, step):
+            bad = kernel(dtype, x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
+                         noise.data_ptr() if noise is not None else 0, out.data_ptr(), numel, row[0], row[1],
+                         row[2], row[3], step, flag_ptr, threads)
+            return checking and bad > 0
+
+        return name, run_cpu
+    flag_host = flag.numpy() if flag is not None and like.device.type == "cpu" else None
+
+    def run(x, denoised, extra, noise, out, row, step):
+        runner(x, denoised, extra, noise, out, row, step, flag)
+        return flag_host is not None and int(flag_host[0]) != NO_BAD_STEP
+
+    return name, run
+
+
 class _SamplerStepFunction(torch.autograd.Function):
     """Autograd of the affine step: each input's gradient (and tangent) is its coefficient."""
 

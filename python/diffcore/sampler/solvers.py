@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from diffcore import _checks, _env
-from diffcore.ops.sampler_step import NO_BAD_STEP, new_finite_flag, step_runner
+from diffcore.ops.sampler_step import NO_BAD_STEP, bound_step_runner, new_finite_flag
 from diffcore.ref import sampler_step as coef
 
 logger = logging.getLogger(__name__)
@@ -93,30 +93,41 @@ class _Loop:
         self.state_dtype = state_dtype or x.dtype
         self.device = x.device
         self.batch = x.shape[0]
-        self.backend, self.run = step_runner(backend, x.device, self.state_dtype)
         self.callback, self.progress = callback, progress
+        # NaN/Inf in x itself is caught by the first step (the kernel checks its output).
         self.flag = new_finite_flag(x.device) if check_finite else None
-        self.flag_host = self.flag.numpy() if self.flag is not None and x.device.type == "cpu" else None
+        self.deferred = self.flag is not None and x.device.type != "cpu"
+        like = x if x.dtype == self.state_dtype else x[:1].to(self.state_dtype).expand(x.shape)
+        self.backend, self.run = bound_step_runner(backend, like, self.flag)
         self._sigma_vectors: dict[float, torch.Tensor] = {}
-        if check_finite and x.device.type == "cpu":
-            _checks.check_finite("x", x)
+        self._device_checked = False
 
     def initial_state(self, x: torch.Tensor) -> torch.Tensor:
-        """A private contiguous copy of x in the state dtype (updated in place when possible)."""
-        return x.detach().to(self.state_dtype, copy=True).contiguous()
+        """x in the state dtype, contiguous; no copy when it already is. The loops never write
+        into the state they were given at step 0 (the caller's tensor), only into their own
+        buffers from step 1 on."""
+        return x.detach().to(self.state_dtype).contiguous()
 
     def sigma_vector(self, sigma: float) -> torch.Tensor:
+        """The denoiser's sigma argument: a [B] tensor of x's dtype on x's device (cached)."""
         vec = self._sigma_vectors.get(sigma)
         if vec is None:
             vec = torch.full((self.batch,), sigma, dtype=self.model_dtype, device=self.device)
             self._sigma_vectors[sigma] = vec
         return vec
 
+    def sigma_vectors(self, values) -> list[torch.Tensor]:
+        """[B] sigma tensors for many values at once (one allocation, contiguous rows)."""
+        missing = [v for v in dict.fromkeys(values) if v > 0 and v not in self._sigma_vectors]
+        if missing:
+            table = torch.tensor(missing, dtype=torch.float64).to(self.model_dtype).view(-1, 1)
+            rows = table.repeat(1, self.batch).to(self.device).unbind(0)
+            self._sigma_vectors.update(zip(missing, rows))
+        return [self._sigma_vectors.get(v) for v in values]
+
     def prepare_sigmas(self, values) -> None:
         """Allocate the [B] sigma tensors up front (before a CUDA-graph capture)."""
-        for s in values:
-            if s > 0:
-                self.sigma_vector(s)
+        self.sigma_vectors(values)
 
     def steps(self):
         n = len(self.sigmas) - 1
@@ -126,17 +137,21 @@ class _Loop:
             return tqdm(range(n), desc=self.name, leave=False)
         return range(n)
 
-    def denoise(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-        inp = x if x.dtype == self.model_dtype else x.to(self.model_dtype)
-        out = self.denoiser(inp, self.sigma_vector(sigma))
+    def denoise(self, x: torch.Tensor, sigma: float, step: int, sigma_vec: torch.Tensor | None = None) -> torch.Tensor:
+        """``D(x; sigma)`` checked (shape; device on the first call) and cast to the state dtype.
+        The hot path of every step: kept to a few attribute reads."""
+        inp = x if x.dtype is self.model_dtype else x.to(self.model_dtype)
+        out = self.denoiser(inp, self.sigma_vector(sigma) if sigma_vec is None else sigma_vec)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"denoiser: expected a tensor, got {type(out).__name__} at step {step} (sigma {sigma:g})")
         if out.shape != x.shape:
             raise ValueError(f"denoiser: returned shape {tuple(out.shape)}, expected {tuple(x.shape)} (as x) at "
                              f"step {step} (sigma {sigma:g})")
-        if out.device != x.device:
-            raise ValueError(f"denoiser: returned a tensor on {out.device}, expected {x.device} at step {step}")
-        if out.dtype != self.state_dtype:
+        if not self._device_checked:
+            if out.device != x.device:
+                raise ValueError(f"denoiser: returned a tensor on {out.device}, expected {x.device} at step {step}")
+            self._device_checked = True
+        if out.dtype is not self.state_dtype:
             out = out.to(self.state_dtype)
         return out if out.is_contiguous() else out.contiguous()
 
@@ -144,9 +159,8 @@ class _Loop:
         """One fused update; raises at once on the CPU when NaN/Inf appeared."""
         if out is None:
             out = torch.empty_like(x)
-        self.run(x, denoised, extra, noise, out, row, i, self.flag)
-        if self.flag_host is not None and self.flag_host[0] != NO_BAD_STEP:
-            raise self.nonfinite_error(int(self.flag_host[0]), sigma_from, sigma_to)
+        if self.run(x, denoised, extra, noise, out, row, i):
+            raise self.nonfinite_error(i, sigma_from, sigma_to)
         return out
 
     def nonfinite_error(self, i: int, sigma_from=None, sigma_to=None) -> FloatingPointError:
@@ -163,12 +177,12 @@ class _Loop:
 
     @property
     def in_place(self) -> bool:
-        """Update the state in place unless a callback may keep references to it."""
+        """Update the state in place (from step 1 on) unless a callback may keep references to it."""
         return self.callback is None
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Raise for a deferred (GPU) non-finite flag: the loop's only host synchronization."""
-        if self.flag is not None and self.flag_host is None:
+        if self.deferred:
             bad = int(self.flag.item())
             if bad != NO_BAD_STEP:
                 raise self.nonfinite_error(bad)
@@ -199,10 +213,15 @@ def _noise_like(generator, x: torch.Tensor) -> torch.Tensor:
 def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     s = loop.sigmas
     rows = [coef.euler_coefficients(s[i], s[i + 1]) for i in range(len(s) - 1)]
+    vectors = loop.sigma_vectors(s[:-1])
+    denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
     for i in loop.steps():
-        denoised = loop.denoise(x, s[i], i)
-        x_next = loop.step(x, denoised, rows[i], i, out=x if loop.in_place else None)  # EDM Alg. 1 line 5
-        loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
+        denoised = denoise(x, s[i], i, vectors[i])
+        x_next = x if (in_place and i > 0) else torch.empty_like(x)
+        if run(x, denoised, None, None, x_next, rows[i], i):                          # EDM Alg. 1 line 5
+            raise loop.nonfinite_error(i)
+        if callback is not None:
+            loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
         x = x_next
     return x
 
@@ -213,22 +232,23 @@ def _run_heun(loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=m
     hats = _churn_sigmas(s, s_churn, s_tmin, s_tmax)
     predictor = [coef.euler_coefficients(hats[i], s[i + 1]) for i in range(len(s) - 1)]
     corrector = [coef.heun_coefficients(hats[i], s[i + 1]) if s[i + 1] > 0 else None for i in range(len(s) - 1)]
+    loop.sigma_vectors(hats + s[1:-1])
     x_pred = torch.empty_like(x)
     for i in loop.steps():
         sigma_hat = hats[i]
         if sigma_hat != s[i]:  # EDM Alg. 2 lines 5-6: churn, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z
             noise = _noise_like(generator, x)
             x = loop.step(x, x, coef.churn_coefficients(s[i], sigma_hat, s_noise), i, noise=noise,
-                          out=x if loop.in_place else None, sigma_from=s[i], sigma_to=sigma_hat)
+                          out=x if (loop.in_place and i > 0) else None, sigma_from=s[i], sigma_to=sigma_hat)
         denoised = loop.denoise(x, sigma_hat, i)                                      # Alg. 1 line 4
         if corrector[i] is None:                                                      # Alg. 1 line 6
-            x_next = loop.step(x, denoised, predictor[i], i, out=x if loop.in_place else None,
+            x_next = loop.step(x, denoised, predictor[i], i, out=x if (loop.in_place and i > 0) else None,
                                sigma_from=sigma_hat)
         else:
             loop.step(x, denoised, predictor[i], i, out=x_pred, sigma_from=sigma_hat)   # Alg. 1 line 5
             denoised_pred = loop.denoise(x_pred, s[i + 1], i)                             # Alg. 1 line 7
             x_next = loop.step(x, denoised, corrector[i], i, extra=denoised_pred,        # Alg. 1 line 8
-                               out=x if loop.in_place else None, sigma_from=sigma_hat)
+                               out=x if (loop.in_place and i > 0) else None, sigma_from=sigma_hat)
         loop.report(i, s[i], s[i + 1], sigma_hat, x, denoised, x_next)
         x = x_next
     return x
@@ -237,12 +257,17 @@ def _run_heun(loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=m
 def _run_dpmpp_2m(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     s = loop.sigmas
     rows = [coef.dpmpp_2m_coefficients(s[i], s[i + 1], s[i - 1] if i > 0 else None) for i in range(len(s) - 1)]
+    vectors = loop.sigma_vectors(s[:-1])
+    denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
     previous = None
     for i in loop.steps():
-        denoised = loop.denoise(x, s[i], i)
+        denoised = denoise(x, s[i], i, vectors[i])
         extra = previous if rows[i][coef.C_EXTRA] != 0.0 else None
-        x_next = loop.step(x, denoised, rows[i], i, extra=extra, out=x if loop.in_place else None)
-        loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
+        x_next = x if (in_place and i > 0) else torch.empty_like(x)
+        if run(x, denoised, extra, None, x_next, rows[i], i):                         # DPM-Solver++ Alg. 2
+            raise loop.nonfinite_error(i)
+        if callback is not None:
+            loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
         previous, x = denoised, x_next
     return x
 
@@ -250,11 +275,16 @@ def _run_dpmpp_2m(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
 def _run_ddim(loop: _Loop, x: torch.Tensor, *, eta=0.0, generator=None) -> torch.Tensor:
     s = loop.sigmas
     rows = [coef.ddim_coefficients(s[i], s[i + 1], eta) for i in range(len(s) - 1)]
+    vectors = loop.sigma_vectors(s[:-1])
+    denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
     for i in loop.steps():
-        denoised = loop.denoise(x, s[i], i)
+        denoised = denoise(x, s[i], i, vectors[i])
         noise = _noise_like(generator, x) if rows[i][coef.C_NOISE] != 0.0 else None
-        x_next = loop.step(x, denoised, rows[i], i, noise=noise, out=x if loop.in_place else None)
-        loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
+        x_next = x if (in_place and i > 0) else torch.empty_like(x)
+        if run(x, denoised, None, noise, x_next, rows[i], i):                         # DDIM Eq. 12 (VE)
+            raise loop.nonfinite_error(i)
+        if callback is not None:
+            loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
         x = x_next
     return x
 
