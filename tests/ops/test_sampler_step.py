@@ -224,3 +224,12 @@ def test_triton_on_gpu_matches_reference(kind):
         got = sampler_step(kind, x, d, row, extra=e, noise=z, backend="triton")
         plain = (_torch_in_dtype(x, d, e, z, row).double() - expected).abs().max().item()
         assert (got.double() - expected).abs().max().item() <= 3 * plain + 4 * torch.finfo(dtype).eps
+
+
+def test_auto_uses_the_reference_for_dtypes_the_kernel_lacks():
+    from diffcore.ops.sampler_step import step_runner
+
+    name, _ = step_runner("auto", torch.device("cpu"), torch.float16)
+    assert name == "reference"
+    x, d, _, _ = _inputs((2, 9), torch.bfloat16)
+    torch.testing.assert_close(sampler_step("euler", x, d, (0.5, 0.5, 0, 0)).float(), (0.5 * x + 0.5 * d).float())

@@ -97,3 +97,14 @@ def test_backends_agree_in_the_loop(solver, gaussian):
     reference = results["reference"]
     for backend, out in results.items():
         torch.testing.assert_close(out, reference, rtol=2e-5, atol=2e-5, msg=backend)
+
+
+@pytest.mark.parametrize("solver,options", [("euler", {}), ("heun", {}), ("heun", {"s_churn": 10.0}),
+                                            ("dpmpp_2m", {}), ("ddim", {"eta": 0.5})])
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_input_state_is_never_modified(solver, options, with_callback, isotropic):
+    x = 80.0 * torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(9))
+    before = x.clone()
+    out = S.SOLVERS[solver](isotropic, x, S.karras_sigmas(5), callback=(lambda d: None) if with_callback else None,
+                            **options)
+    assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()

@@ -11,7 +11,9 @@ as a CUDA graph.
 
 Backends: ``reference`` (torch, float64 math), ``cpu`` (C++, OpenMP, bitwise deterministic,
 float32/float64), ``cuda`` (CUDA C++; compiled, not yet run on a GPU, so not in ``auto``),
-``triton`` (fp32 math; float32/float16/bfloat16).
+``triton`` (fp32 math; float32/float16/bfloat16). ``auto`` takes ``cpu`` on CPU tensors and
+``triton`` on CUDA tensors, and the reference for a dtype the chosen kernel lacks (float16 and
+bfloat16 on the CPU, float64 on CUDA).
 
 Non-finite check: pass ``finite_flag`` (an int32 tensor of shape [1] on the tensors' device,
 initialized to a large value, e.g. ``new_finite_flag``): when ``denoised`` or the result holds NaN
@@ -121,6 +123,8 @@ def step_runner(backend: str, device: torch.device, dtype: torch.dtype):
     once (the sampler): ``run(x, denoised, extra, noise, out, row, step, flag) -> out`` on
     contiguous tensors of one shape, dtype and device. Returns ``(name, run)``."""
     name = BACKENDS.resolve(backend, torch.device(device))
+    if (backend or "auto").lower() == "auto" and dtype not in _DTYPES[name]:
+        name = "reference"  # auto: the fast kernels lack this dtype (e.g. float64 on CUDA -> Triton)
     if dtype not in _DTYPES[name]:
         names = ", ".join(dtype_name(d) for d in _DTYPES[name])
         raise TypeError(f"sampler_step: backend {name!r} supports {names}; got {dtype_name(dtype)}")

@@ -229,27 +229,33 @@ def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
 def _run_heun(loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
               generator=None) -> torch.Tensor:
     s = loop.sigmas
+    n = len(s) - 1
     hats = _churn_sigmas(s, s_churn, s_tmin, s_tmax)
-    predictor = [coef.euler_coefficients(hats[i], s[i + 1]) for i in range(len(s) - 1)]
-    corrector = [coef.heun_coefficients(hats[i], s[i + 1]) if s[i + 1] > 0 else None for i in range(len(s) - 1)]
-    loop.sigma_vectors(hats + s[1:-1])
+    predictor = [coef.euler_coefficients(hats[i], s[i + 1]) for i in range(n)]
+    corrector = [coef.heun_coefficients(hats[i], s[i + 1]) if s[i + 1] > 0 else None for i in range(n)]
+    hat_vectors = loop.sigma_vectors(hats)
+    next_vectors = loop.sigma_vectors(s[1:])
+    denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
     x_pred = torch.empty_like(x)
     for i in loop.steps():
         sigma_hat = hats[i]
         if sigma_hat != s[i]:  # EDM Alg. 2 lines 5-6: churn, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z
             noise = _noise_like(generator, x)
             x = loop.step(x, x, coef.churn_coefficients(s[i], sigma_hat, s_noise), i, noise=noise,
-                          out=x if (loop.in_place and i > 0) else None, sigma_from=s[i], sigma_to=sigma_hat)
-        denoised = loop.denoise(x, sigma_hat, i)                                      # Alg. 1 line 4
+                          out=x if (in_place and i > 0) else None, sigma_from=s[i], sigma_to=sigma_hat)
+        denoised = denoise(x, sigma_hat, i, hat_vectors[i])                           # Alg. 1 line 4
+        x_next = x if (in_place and i > 0) else torch.empty_like(x)
         if corrector[i] is None:                                                      # Alg. 1 line 6
-            x_next = loop.step(x, denoised, predictor[i], i, out=x if (loop.in_place and i > 0) else None,
-                               sigma_from=sigma_hat)
+            if run(x, denoised, None, None, x_next, predictor[i], i):                 # Alg. 1 line 5
+                raise loop.nonfinite_error(i, sigma_hat)
         else:
-            loop.step(x, denoised, predictor[i], i, out=x_pred, sigma_from=sigma_hat)   # Alg. 1 line 5
-            denoised_pred = loop.denoise(x_pred, s[i + 1], i)                             # Alg. 1 line 7
-            x_next = loop.step(x, denoised, corrector[i], i, extra=denoised_pred,        # Alg. 1 line 8
-                               out=x if (loop.in_place and i > 0) else None, sigma_from=sigma_hat)
-        loop.report(i, s[i], s[i + 1], sigma_hat, x, denoised, x_next)
+            if run(x, denoised, None, None, x_pred, predictor[i], i):                 # Alg. 1 line 5
+                raise loop.nonfinite_error(i, sigma_hat)
+            denoised_pred = denoise(x_pred, s[i + 1], i, next_vectors[i])             # Alg. 1 line 7
+            if run(x, denoised, denoised_pred, None, x_next, corrector[i], i):        # Alg. 1 line 8
+                raise loop.nonfinite_error(i, sigma_hat)
+        if callback is not None:
+            loop.report(i, s[i], s[i + 1], sigma_hat, x, denoised, x_next)
         x = x_next
     return x
 
