@@ -12,6 +12,9 @@ from types import ModuleType
 EXPERIMENTS = {
     "reproducibility": "diffcore.experiments.reproducibility",
     "demo": "diffcore.experiments.demo",
+    "hidden-gaussian": "diffcore.experiments.hidden_gaussian",
+    "molrg": "diffcore.experiments.molrg",
+    "pfd": "diffcore.experiments.pfd",
 }
 
 
