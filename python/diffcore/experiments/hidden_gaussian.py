@@ -1,0 +1,383 @@
+"""Hidden Gaussian structure of trained denoisers (PAPERS.md section 3, issue 8).
+
+For UNets trained on nested subsets of N images (trained here through ``diffcore.train``, or reused
+from a finished reproducibility study with ``models_from``), on EDM's 40-level sigma grid:
+
+- linearity score: the mean cosine between ``D(a x1 + b x2)`` and ``a D(x1) + b D(x2)``,
+  ``a = b = 1/sqrt(2)``, for pure-noise inputs ``x = sigma z`` and noisy images ``x = y + sigma z``;
+- the relative distance ``|D_model(x) - D_ref(x)|_F / |D_ref(x)|_F`` over noisy images, to the
+  Gaussian denoiser of the model's N training images (``diffcore.denoisers.GaussianDenoiser``) and to
+  their empirical denoiser (``diffcore.denoisers.EmpiricalDenoiser``);
+- linear distillation: one affine map ``x -> W x + b`` per sigma fitted by least squares to the
+  model's outputs on those noisy images, against the Gaussian ``W(sigma) = U diag(lam / (lam +
+  sigma^2)) U^T``: ``|W_fit - W_G|_F / |W_G|_F`` (and the fit's R^2);
+- samples of the model (Heun), the Gaussian model (its exact PF-ODE map) and the empirical
+  denoiser (Heun) from the same seeds, with their PFD (``diffcore.metrics.pfd_from_samples``, RMS
+  per pixel).
+
+Outputs: ``results.json``, ``curves.csv`` (one row per model and sigma), ``samples.csv``,
+``linearity.png``, ``distance.png``, ``distillation.png``, ``samples.png``, ``timings.json``.
+Trained models and per-model measurements are resumable units.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffcore.experiments import plotting
+from diffcore.experiments.base import (Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
+                                       config_from_preset, json_dumps)
+
+log = logging.getLogger(__name__)
+
+NAME = "hidden-gaussian"
+A = B = 1.0 / math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class HiddenGaussianConfig:
+    models_from: str = ""                       # a reproducibility study's --out folder to reuse models from
+    dataset: str = "digits"
+    data_root: str = ""
+    model_preset: str = "ddpmpp-digits"
+    widths: tuple[int, ...] = (8,)              # with models_from: () = every width found
+    sizes: tuple[int, ...] = (16, 1024)         # with models_from: () = every N found
+    train_seeds: tuple[int, ...] = (0,)
+    subset_seed: int = 0
+    train_steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_warmup_images: int = 1000
+    num_sigmas: int = 40                        # EDM grid (rho = 7)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    linearity_pairs: int = 64
+    distill_samples: int = 256                  # noisy images per sigma (> pixels + 1 for the fit)
+    probe_seed: int = 7
+    num_samples: int = 64
+    sample_seed_start: int = 100000
+    sampler_steps: int = 18
+    grid_samples: int = 8
+
+
+def _quick() -> HiddenGaussianConfig:
+    """Two digits UNets (N = 16 memorizes, N = 1024 less so), 300 steps each; 3-5 minutes on a
+    2-core CPU (measured in docs/studies.md)."""
+    return HiddenGaussianConfig()
+
+
+def _tiny() -> HiddenGaussianConfig:
+    """Seconds with stand-in hooks (tests)."""
+    return HiddenGaussianConfig(widths=(4,), sizes=(16, 512), num_sigmas=12, linearity_pairs=16, distill_samples=96,
+                                num_samples=8, sampler_steps=8, grid_samples=4, train_steps=10)
+
+
+def _paper() -> HiddenGaussianConfig:
+    """CIFAR-10 subsets with UNet-64/128 (set data_root; or models_from a paper reproducibility run)."""
+    return HiddenGaussianConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(64, 128),
+                                sizes=(64, 1024, 16384), train_steps=200_000, batch_size=128, learning_rate=2e-4,
+                                lr_warmup_images=10_000_000, linearity_pairs=256, distill_samples=4096,
+                                num_samples=1024, grid_samples=16)
+
+
+PRESETS: dict[str, Callable[[], HiddenGaussianConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
+CONFIG_CLASS = HiddenGaussianConfig
+
+
+def default_hooks():
+    """The reproducibility study's hooks, with ``diffcore.denoisers.EmpiricalDenoiser``."""
+    from diffcore.denoisers import EmpiricalDenoiser
+    from diffcore.experiments import reproducibility
+
+    return dataclasses.replace(reproducibility.default_hooks(), empirical_denoiser=EmpiricalDenoiser)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1).double(),
+                                                 b.reshape(b.shape[0], -1).double(), dim=1)
+
+
+def linearity_score(denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> float:
+    """Mean cosine between ``D(a x1 + b x2)`` and ``a D(x1) + b D(x2)`` (a = b = 1/sqrt(2))."""
+    with torch.no_grad():
+        d1, d2, dm = denoiser(x1, sigma), denoiser(x2, sigma), denoiser(A * x1 + B * x2, sigma)
+    return float(_cosine(dm, A * d1 + B * d2).mean())
+
+
+def relative_distance(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|a - ref|_F / |ref|_F`` over the batch."""
+    return float((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def distill_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Least-squares affine map ``y ~ W x + b`` for ``x, y`` [M, ...] (float64): ``(W [n, n], b [n], R^2)``."""
+    xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
+    design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
+    coef = torch.linalg.lstsq(design, yf).solution                     # [n + 1, n]
+    w, b = coef[:-1].T, coef[-1]
+    resid = yf - design @ coef
+    r2 = 1.0 - float(resid.square().sum() / (yf - yf.mean(0)).square().sum().clamp_min(1e-30))
+    return w, b, r2
+
+
+def measure_curves(model, gaussian, empirical, images: torch.Tensor, sigmas: list[float],
+                   config: HiddenGaussianConfig) -> list[dict]:
+    """Per-sigma linearity, distances and distillation of ``model`` (see the module docstring).
+
+    ``images`` [P, ...]: the pool the noisy inputs are drawn from (seeded); all inputs are float32."""
+    c = config
+    g = torch.Generator().manual_seed(c.probe_seed)
+    shape = tuple(images.shape[1:])
+    m = c.distill_samples
+    pick = torch.randint(0, images.shape[0], (m + 2 * c.linearity_pairs,), generator=g)
+    rows = []
+    for sigma in sigmas:
+        z = torch.randn((m + 4 * c.linearity_pairs, *shape), generator=g)
+        x = images[pick[:m]] + sigma * z[:m]
+        p = c.linearity_pairs
+        y1, y2 = images[pick[m:m + p]], images[pick[m + p:m + 2 * p]]
+        z1, z2, z3, z4 = (z[m + i * p:m + (i + 1) * p] for i in range(4))
+        with torch.no_grad():
+            out_m, out_g, out_e = model(x, sigma).float(), gaussian(x, sigma).float(), empirical(x, sigma).float()
+        w_fit, _, r2 = distill_affine(x, out_m)
+        w_g = gaussian.jacobian(sigma)
+        rows.append({
+            "sigma": sigma,
+            "linearity_noise": linearity_score(model, sigma * z1, sigma * z2, sigma),
+            "linearity_image": linearity_score(model, y1 + sigma * z3, y2 + sigma * z4, sigma),
+            "linearity_noise_empirical": linearity_score(empirical, sigma * z1, sigma * z2, sigma),
+            "linearity_image_empirical": linearity_score(empirical, y1 + sigma * z3, y2 + sigma * z4, sigma),
+            "dist_gaussian": relative_distance(out_m, out_g),
+            "dist_empirical": relative_distance(out_m, out_e),
+            "dist_empirical_gaussian": relative_distance(out_e, out_g),
+            "distill_w_error": float((w_fit - w_g).norm() / w_g.norm().clamp_min(1e-30)),
+            "distill_r2": r2,
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- the study
+
+@dataclass
+class _Model:
+    label: str
+    width: int
+    n: int
+    seed: int
+    unit: Unit
+
+
+class _Study:
+    def __init__(self, config: HiddenGaussianConfig, out, hooks, device: str, progress: bool):
+        self.c = config
+        self.ws = Workspace(out)
+        self.hooks = hooks
+        self.device = device
+        self.progress = progress
+        self.units: list[Unit] = []
+
+    # models --------------------------------------------------------------------
+    def model_spec(self, width: int, n: int, seed: int) -> dict:
+        c = self.c
+        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed, "data_root": c.data_root,
+                "model_preset": c.model_preset, "width": width, "seed": seed, "train_steps": c.train_steps,
+                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images}
+
+    def trained_models(self, pool: torch.Tensor) -> list[_Model]:
+        c = self.c
+        out = []
+        for width in c.widths:
+            for n in c.sizes:
+                for seed in c.train_seeds:
+                    spec = self.model_spec(width, n, seed)
+                    train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
+                    name = f"w{width}-n{n}-s{seed}"
+                    unit = self.ws.run_unit("train", name, spec, lambda tmp, work, s=spec, t=train_images:
+                                            self.hooks.train(t, s, tmp, work, device=self.device,
+                                                             progress=self.progress))
+                    self.units.append(unit)
+                    out.append(_Model(name, width, n, seed, unit))
+        return out
+
+    def reused_models(self) -> list[_Model]:
+        """Every finished model unit of the reproducibility study in ``models_from`` (filtered by
+        widths / sizes / train_seeds when those are non-empty), checked against its manifest."""
+        c = self.c
+        root = Path(c.models_from)
+        other = Workspace(root)
+        found = []
+        for manifest in sorted((root / "units" / "train").glob("*/MANIFEST.json")):
+            spec = json.loads(manifest.read_text())["spec"]
+            if (c.widths and spec["width"] not in c.widths) or (c.sizes and spec["n"] not in c.sizes) \
+                    or (c.train_seeds and spec["seed"] not in c.train_seeds):
+                continue
+            if spec["dataset"] != c.dataset or spec["subset_seed"] != c.subset_seed:
+                raise ValueError(f"models_from: {manifest.parent.name} was trained on {spec['dataset']} "
+                                 f"(subset_seed {spec['subset_seed']}); this config asks for {c.dataset} "
+                                 f"(subset_seed {c.subset_seed})")
+            unit = other.finished("train", manifest.parent.name, spec)
+            found.append(_Model(manifest.parent.name, spec["width"], spec["n"], spec["seed"], unit))
+        if not found:
+            raise ValueError(f"models_from: no finished model under {root / 'units' / 'train'} matches "
+                             f"widths={c.widths}, sizes={c.sizes}, train_seeds={c.train_seeds}")
+        return sorted(found, key=lambda m: (m.width, m.n, m.seed))
+
+    # measurements -------------------------------------------------------------
+    def sigmas(self) -> list[float]:
+        from diffcore import sampler
+
+        c = self.c
+        return sampler.karras_sigmas(c.num_sigmas, c.sigma_min, c.sigma_max, append_zero=False).tolist()
+
+    def measure_unit(self, model: _Model, pool: torch.Tensor) -> Unit:
+        from diffcore import metrics
+        from diffcore.denoisers import GaussianDenoiser
+
+        c = self.c
+        spec = {"model": model.unit.spec, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
+                "sigma_max": c.sigma_max, "linearity_pairs": c.linearity_pairs,
+                "distill_samples": c.distill_samples, "probe_seed": c.probe_seed, "num_samples": c.num_samples,
+                "sample_seed_start": c.sample_seed_start, "sampler_steps": c.sampler_steps}
+
+        def produce(tmp: Path, work: Path):
+            train_images, _ = self.hooks.subset(pool, model.n, c.subset_seed)
+            train_images = train_images.float()
+            denoiser = self.hooks.load(model.unit.path, device=self.device)
+            gaussian = GaussianDenoiser.fit(train_images)
+            empirical = self.hooks.empirical_denoiser(train_images)
+            curves = measure_curves(_on_cpu(denoiser, self.device), gaussian, empirical, pool.float(),
+                                    self.sigmas(), c)
+            seeds = list(range(c.sample_seed_start, c.sample_seed_start + c.num_samples))
+            shape = tuple(pool.shape[1:])
+            sample = lambda d: self.hooks.sample(d, seeds, shape, steps=c.sampler_steps, solver="heun",  # noqa: E731
+                                                 sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=self.device,
+                                                 progress=self.progress).float().cpu()
+            s_model, s_emp = sample(denoiser), sample(empirical)
+            noise = self.hooks.noise_from_seeds(seeds, shape, "cpu", torch.float64)
+            s_gauss = gaussian.sample(noise, c.sigma_max).float()
+            torch.save({"model": s_model, "gaussian": s_gauss, "empirical": s_emp}, tmp / "samples.pt")
+            pfd = lambda a, b: metrics.pfd_from_samples(a, b, "per_dim").value  # noqa: E731
+            return {"curves": curves, "pfd_model_gaussian": pfd(s_model, s_gauss),
+                    "pfd_model_empirical": pfd(s_model, s_emp), "pfd_gaussian_empirical": pfd(s_gauss, s_emp)}
+
+        unit = self.ws.run_unit("measure", model.label, spec, produce)
+        self.units.append(unit)
+        return unit
+
+    def run(self) -> dict:
+        c = self.c
+        self.ws.bind_config(c)
+        pool = self.hooks.load_dataset(c.dataset, c.data_root)
+        models = self.reused_models() if c.models_from else self.trained_models(pool)
+        per_model, curves, samples = [], [], {}
+        for model in models:
+            unit = self.measure_unit(model, pool)
+            meta = unit.meta
+            per_model.append({"model": model.label, "width": model.width, "n": model.n, "seed": model.seed,
+                              "reused_from": c.models_from or None,
+                              **{k: meta[k] for k in ("pfd_model_gaussian", "pfd_model_empirical",
+                                                      "pfd_gaussian_empirical")}})
+            curves.extend({"model": model.label, "width": model.width, "n": model.n, **row}
+                          for row in meta["curves"])
+            samples[model.label] = torch.load(unit.file("samples.pt"), weights_only=True)
+        results = json.loads(json_dumps({"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model,
+                                         "curves": curves}))
+        self.write(results, samples)
+        return results
+
+    def write(self, results: dict, samples: dict) -> None:
+        root = self.ws.root
+        atomic_write_json(root / "results.json", results)
+        atomic_write_csv(root / "curves.csv", results["curves"])
+        atomic_write_csv(root / "samples.csv", results["models"])
+        plot_curves(results, ("linearity_noise", "linearity_image"), ("pure-noise inputs", "noisy-image inputs"),
+                    "linearity score (cosine)", root / "linearity.png",
+                    dashed=("linearity_noise_empirical", "linearity_image_empirical"))
+        plot_curves(results, ("dist_gaussian", "dist_empirical"),
+                    ("to the Gaussian denoiser", "to the empirical denoiser"),
+                    "relative distance |D - D_ref| / |D_ref|", root / "distance.png",
+                    dashed=("dist_empirical_gaussian", None))
+        plot_curves(results, ("distill_w_error",), ("linear distillation vs Gaussian W",),
+                    "|W_fit - W_G|_F / |W_G|_F", root / "distillation.png", logy=True)
+        k = self.c.grid_samples
+        rows, labels = [], []
+        for m in results["models"]:
+            s = samples[m["model"]]
+            rows += [s["model"][:k], s["gaussian"][:k], s["empirical"][:k]]
+            labels += [f"{m['model']}", f"Gaussian N={m['n']}", f"empirical N={m['n']}"]
+        plotting.image_rows(rows, labels, root / "samples.png",
+                            suptitle="same seeds: model / Gaussian (exact flow) / empirical denoiser")
+        atomic_write_json(root / "timings.json", {kind: {"seconds": sum(u.seconds for u in self.units
+                                                                        if u.path.parent.name == kind),
+                                                         "units": sum(u.path.parent.name == kind for u in self.units)}
+                                                  for kind in ("train", "measure")})
+
+
+def _on_cpu(denoiser, device: str):
+    """The measurements feed CPU tensors: move them to the model's device and back."""
+    if str(device) == "cpu":
+        return denoiser
+
+    def run(x, sigma):
+        s = sigma if not isinstance(sigma, torch.Tensor) else sigma.to(device)
+        return denoiser(x.to(device), s).cpu()
+    return run
+
+
+def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, logy: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.4), squeeze=False)
+    labels = [m["model"] for m in results["models"]]
+    for i, (ax, key, title) in enumerate(zip(axes[0], keys, titles)):
+        for label in labels:
+            pts = [r for r in results["curves"] if r["model"] == label]
+            n = pts[0]["n"]
+            line, = ax.plot([r["sigma"] for r in pts], [r[key] for r in pts], "-", marker=".", label=f"{label} (N={n})")
+            extra = dashed[i] if dashed else None
+            if extra:
+                ax.plot([r["sigma"] for r in pts], [r[extra] for r in pts], "--", color=line.get_color(), lw=1,
+                        label=f"empirical vs {'Gaussian' if 'dist' in extra else 'itself'}, N={n}")
+        ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("sigma")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
+    """Run (or resume) the study into ``out``; returns results.json's content."""
+    from diffcore.experiments._stack import resolve_device
+
+    if hooks is None:
+        hooks = default_hooks()
+        device = str(resolve_device(device))
+    elif device == "auto":
+        device = "cpu"
+    start = time.perf_counter()
+    results = _Study(config, out, hooks, device, progress).run()
+    log.info("hidden-gaussian study done in %.1f s: %s", time.perf_counter() - start, out)
+    return results
+
+
+def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
+    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
