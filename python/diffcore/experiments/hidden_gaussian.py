@@ -203,7 +203,7 @@ class _Study:
                     spec = self.model_spec(width, n, seed)
                     train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
                     name = f"w{width}-n{n}-s{seed}"
-                    unit = self.ws.run_unit("train", name, spec, lambda tmp, work, s=spec, t=train_images:
+                    unit = self.ws.run_unit("models", name, spec, lambda tmp, work, s=spec, t=train_images:
                                             self.hooks.train(t, s, tmp, work, device=self.device,
                                                              progress=self.progress))
                     self.units.append(unit)
@@ -217,7 +217,7 @@ class _Study:
         root = Path(c.models_from)
         other = Workspace(root)
         found = []
-        for manifest in sorted((root / "units" / "train").glob("*/MANIFEST.json")):
+        for manifest in sorted((root / "units" / "models").glob("*/MANIFEST.json")):
             spec = json.loads(manifest.read_text())["spec"]
             if (c.widths and spec["width"] not in c.widths) or (c.sizes and spec["n"] not in c.sizes) \
                     or (c.train_seeds and spec["seed"] not in c.train_seeds):
@@ -226,10 +226,10 @@ class _Study:
                 raise ValueError(f"models_from: {manifest.parent.name} was trained on {spec['dataset']} "
                                  f"(subset_seed {spec['subset_seed']}); this config asks for {c.dataset} "
                                  f"(subset_seed {c.subset_seed})")
-            unit = other.finished("train", manifest.parent.name, spec)
+            unit = other.finished("models", manifest.parent.name, spec)
             found.append(_Model(manifest.parent.name, spec["width"], spec["n"], spec["seed"], unit))
         if not found:
-            raise ValueError(f"models_from: no finished model under {root / 'units' / 'train'} matches "
+            raise ValueError(f"models_from: no finished model under {root / 'units' / 'models'} matches "
                              f"widths={c.widths}, sizes={c.sizes}, train_seeds={c.train_seeds}")
         return sorted(found, key=lambda m: (m.width, m.n, m.seed))
 
@@ -321,7 +321,7 @@ class _Study:
         atomic_write_json(root / "timings.json", {kind: {"seconds": sum(u.seconds for u in self.units
                                                                         if u.path.parent.name == kind),
                                                          "units": sum(u.path.parent.name == kind for u in self.units)}
-                                                  for kind in ("train", "measure")})
+                                                  for kind in ("models", "measure")})
 
 
 def _on_cpu(denoiser, device: str):

@@ -1,0 +1,96 @@
+"""The hidden-Gaussian study (issue 8) on stand-in models (training UNets would take minutes).
+
+Stand-ins (tests/experiments/conftest.py): a "model" of width w trained on N images is the
+empirical denoiser of its images when N <= 16 w (memorizes) and the denoiser of the Gaussian fitted
+to them (covariance normalized by N - 1) otherwise. The test checks that the study's measurements
+see the known direction: the generalizing model is the one close to the Gaussian denoiser at mid
+and high sigma, and its samples are close to the Gaussian model's."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffcore.denoisers import GaussianDenoiser
+from diffcore.experiments import EXPERIMENTS
+from diffcore.experiments import hidden_gaussian as study
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, stand_in_stack):
+    out = tmp_path_factory.mktemp("hg")
+    stack = stand_in_stack()
+    return out, stack, study.run_preset("tiny", out, hooks=stack.hooks(), progress=False)
+
+
+def _curve(results, n, key, lo, hi):
+    return [r[key] for r in results["curves"] if r["n"] == n and lo <= r["sigma"] <= hi]
+
+
+def test_registered():
+    assert EXPERIMENTS["hidden-gaussian"] == "diffcore.experiments.hidden_gaussian"
+
+
+def test_generalizing_model_is_closer_to_the_gaussian(tiny_run):
+    _, _, results = tiny_run
+    sizes = sorted({m["n"] for m in results["models"]})
+    small, large = sizes[0], sizes[-1]
+    mid_high = (0.5, 20.0)
+    d_small = _curve(results, small, "dist_gaussian", *mid_high)
+    d_large = _curve(results, large, "dist_gaussian", *mid_high)
+    assert len(d_small) >= 3 and max(d_large) < min(d_small)
+    # the memorizer is the empirical denoiser: distance 0 to it; the generalizer is not
+    assert max(_curve(results, small, "dist_empirical", 0, 100)) < 1e-6
+    assert max(_curve(results, large, "dist_empirical", 0.1, 1)) > 0.1
+    # linear distillation recovers the Gaussian W for the generalizer, not for the memorizer
+    assert max(_curve(results, large, "distill_w_error", 0.5, 20)) < 0.1
+    assert min(_curve(results, small, "distill_w_error", 0.5, 5)) > 0.3
+    # linearity is higher for the generalizer at mid sigma (noisy-image inputs)
+    lin = lambda n: sum(_curve(results, n, "linearity_image", 0.2, 2))  # noqa: E731
+    assert lin(large) > lin(small)
+    by_n = {m["n"]: m for m in results["models"]}
+    assert by_n[large]["pfd_model_gaussian"] < by_n[small]["pfd_model_gaussian"]
+
+
+def test_measurements_on_known_maps():
+    torch.manual_seed(0)
+    x = torch.randn(200, 1, 3, 3)
+    w, b = torch.randn(9, 9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    y = (x.reshape(200, -1).double() @ w.T + b).reshape(x.shape)
+    w_fit, b_fit, r2 = study.distill_affine(x, y)
+    torch.testing.assert_close(w_fit, w, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(b_fit, b, atol=1e-8, rtol=1e-8)
+    assert r2 > 1 - 1e-12
+    linear = lambda z, s: 2.0 * z  # noqa: E731
+    assert study.linearity_score(linear, x[:10], x[10:20], 1.0) == pytest.approx(1.0)
+    g = GaussianDenoiser.fit(torch.randn(50, 4, dtype=torch.float64))
+    assert study.relative_distance(g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3),
+                                   g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3)) == 0.0
+
+
+def test_outputs_and_resume(tiny_run):
+    out, stack, results = tiny_run
+    for name in ("results.json", "curves.csv", "samples.csv", "linearity.png", "distance.png",
+                 "distillation.png", "samples.png", "timings.json"):
+        assert (out / name).stat().st_size > 0
+    assert len(results["curves"]) == 2 * study.PRESETS["tiny"]().num_sigmas
+    trained = stack.calls["train"]
+    again = study.run_preset("tiny", out, hooks=stack.hooks(), progress=False)
+    assert again == results and stack.calls["train"] == trained
+
+
+def test_models_from_a_reproducibility_run(tmp_path, stand_in_stack):
+    from diffcore.experiments import reproducibility
+
+    stack = stand_in_stack()
+    repro = tmp_path / "repro"
+    reproducibility.run_preset("tiny", repro, hooks=stack.hooks(), progress=False,
+                               overrides=["train_seeds=0", "widths=4", "num_samples=8"])
+    trained = stack.calls["train"]
+    out = tmp_path / "hg"
+    results = study.run_preset("tiny", out, hooks=stack.hooks(), progress=False,
+                               overrides=[f"models_from={repro}", "widths=", "sizes="])
+    assert stack.calls["train"] == trained            # nothing retrained
+    assert sorted(m["n"] for m in results["models"]) == [8, 512]
+    assert json.loads((out / "results.json").read_text())["models"][0]["reused_from"] == str(repro)
