@@ -47,7 +47,7 @@ class PFDConfig:
     teacher_flow: str = "sampler"                 # sampler | exact (gaussian teacher only)
     num_components: int = 2                       # MoLRG: K
     ambient_dim: int = 16                         # n
-    latent_dim: int = 4                           # MoLRG: d; Gaussian: rank (eigenvalues 1/k)
+    latent_dim: int = 8                           # MoLRG: d; Gaussian: rank (eigenvalues 1/k)
     teacher_seed: int = 0
     sizes: tuple[int, ...] = (4, 16, 64, 256, 1024)
     train_seeds: tuple[int, ...] = (0,)
