@@ -58,7 +58,7 @@ class PFDConfig:
     batch_size: int = 128
     P_mean: float = -1.2
     P_std: float = 1.2
-    curve_size: int = 16                          # N of the E vs training-time curve
+    curve_size: int = 256                         # N of the E vs training-time curve
     curve_points: int = 10                        # snapshots, log-spaced over training
     num_samples: int = 256
     sample_seed_start: int = 100000
