@@ -52,7 +52,8 @@ def test_subspace_recovery_and_union_distance_on_known_inputs():
     assert _vector.subspace_recovery(other, bases).error > 0.1
     on = torch.einsum("nd,bd->bn", bases[1], torch.randn(5, 2, dtype=torch.float64))
     assert float(_vector.distance_to_union(on, bases).max()) < 1e-12
-    off = on + 0.5 * torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0][:, :1].T * on.norm(dim=1, keepdim=True)
+    direction = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0][:, :1].T
+    off = on + 0.5 * direction * on.norm(dim=1, keepdim=True)
     assert float(_vector.distance_to_union(off, bases).min()) > 0.05
 
 

@@ -92,7 +92,8 @@ class SubspaceDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         flat = x.reshape(x.shape[0], -1).float()
-        s2 = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(flat.shape[0])[:, None] ** 2
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        s2 = s.expand(flat.shape[0])[:, None] ** 2
         u = self.bases()                                                        # [K, n, d]
         coeff = torch.einsum("bn,knd->bkd", flat, u)                            # [B, K, d]
         w = torch.softmax(coeff.square().sum(-1) / (2 * s2 * (1 + s2)), dim=-1)  # [B, K]

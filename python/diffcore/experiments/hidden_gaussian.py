@@ -263,7 +263,9 @@ class _Study:
             sample = lambda d: self.hooks.sample(d, seeds, shape, steps=c.sampler_steps, solver="heun",  # noqa: E731
                                                  sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=self.device,
                                                  progress=self.progress).float().cpu()
-            s_model, s_emp = sample(denoiser), sample(empirical)
+            s_model = sample(denoiser)
+            s_emp = sample(empirical if str(self.device) == "cpu"
+                           else self.hooks.empirical_denoiser(train_images.to(self.device)))
             noise = self.hooks.noise_from_seeds(seeds, shape, "cpu", torch.float64)
             s_gauss = gaussian.sample(noise, c.sigma_max).float()
             torch.save({"model": s_model, "gaussian": s_gauss, "empirical": s_emp}, tmp / "samples.pt")

@@ -103,7 +103,8 @@ CONFIG_CLASS = MoLRGConfig
 
 # ----------------------------------------------------------------------------- helpers
 
-def _sample(denoiser, config: MoLRGConfig, num: int | None = None, *, trajectory: bool = False):
+def _sample(denoiser, config: MoLRGConfig, num: int | None = None) -> torch.Tensor:
+    """Heun samples [num, n] from the config's seeds (float32, CPU)."""
     from diffcore import sampler
 
     seeds = list(range(config.sample_seed_start, config.sample_seed_start + (num or config.num_samples)))
