@@ -59,8 +59,8 @@ class MoLRGConfig:
     # MLP denoiser
     mlp_width: int = 128
     mlp_depth: int = 3
-    mlp_steps: int = 1500
-    mlp_lr: float = 2e-3
+    mlp_steps: int = 2500
+    mlp_lr: float = 4e-3
     batch_size: int = 128
     P_mean: float = -0.5                          # ln sigma ~ N(P_mean, P_std^2) (EDM uses -1.2, 1.2)
     P_std: float = 1.0
