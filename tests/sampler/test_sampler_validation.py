@@ -102,10 +102,8 @@ def test_other_arguments(gaussian):
         S.invert(gaussian, _x(), solver="ddim", eta=1.0)
 
 
-def test_progress_bar_and_public_op(gaussian, monkeypatch):
-    import diffcore.ops
-
+def test_progress_bar(gaussian, monkeypatch):
     monkeypatch.setenv("DIFFCORE_PROGRESS", "1")
-    out = S.sample_euler(gaussian, _x(), S.karras_sigmas(3), progress=True)
-    assert out.shape == (2, 12)
-    assert callable(diffcore.ops.sampler_step)
+    x = _x()
+    with_bar = S.sample_euler(gaussian, x, S.karras_sigmas(3), progress=True)
+    assert torch.equal(with_bar, S.sample_euler(gaussian, x, S.karras_sigmas(3)))
