@@ -95,3 +95,13 @@ def test_heun_18_steps_denoiser_calls(gaussian):
     gaussian.calls = 0
     S.sample(gaussian, seeds=[0, 1], shape=(12,), dtype=torch.float64)
     assert gaussian.calls == 35 == S.num_denoiser_calls("heun", 18)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_dpmpp_2m_is_stable_with_few_steps(steps, gaussian):
+    """ANCHORS trap 8: few steps and the final first-order step into 0 stay finite and sane."""
+    x = 80.0 * torch.randn(8, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    exact = gaussian.exact(x, 80.0, 0.0)
+    out = S.sample_dpmpp_2m(gaussian, x, S.karras_sigmas(steps))
+    assert bool(torch.isfinite(out).all())
+    assert _relative_error(out, exact) < 1.0
