@@ -303,3 +303,17 @@ def test_triton_on_gpu(shape, dtype):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_ext_on_gpu(shape, dtype):
     _gpu_check("cuda", shape, dtype, backward=False)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable on CPU tensors here")
+def test_triton_under_torch_func():
+    """func.grad, jacfwd (vmap over the JVP: tangents arrive batched), jacrev through Triton."""
+    q, k, v = _inputs((1, 1, 5, 21, 16), torch.float32, seed=12)
+    fn = lambda a: diffcore.ops.attention(a, k, v, backend="triton")  # noqa: E731
+    ref = lambda a: attention_ref(a.double(), k.double(), v.double())  # noqa: E731
+    j_ref = torch.func.jacfwd(ref)(q.double())
+    assert _err(torch.func.jacfwd(fn)(q), j_ref) < 1e-5
+    assert _err(torch.func.jacrev(fn)(q), j_ref) < 1e-5
+    g = torch.func.grad(lambda a: fn(a).square().sum())(q)
+    assert _err(g, torch.func.grad(lambda a: ref(a).square().sum())(q.double())) < 1e-5

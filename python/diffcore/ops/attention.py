@@ -87,6 +87,9 @@ def _check_inputs(q, k, v, scale, backend: str) -> tuple[float, str]:
             or abs(float(scale)) == float("inf"):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     name = OP.resolve(backend, q.device)
+    if name in ("triton", "cuda") and q.dtype == torch.float64:
+        raise TypeError(f"q: backend {name!r} takes float32, float16 or bfloat16, got float64 "
+                        "(use backend='cpu' or 'reference' for float64)")
     if name == "triton" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError("q: the Triton interpreter (CPU tensors) has no bfloat16; use float32/float16 or a GPU")
     return float(scale), name
@@ -131,11 +134,43 @@ def _grad_through(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The plain tensor under torch.func's gradient wrappers, for kernels that read raw memory.
+
+    Batched (vmap) wrappers are not unwrapped: dropping their batch axis would be wrong, so they
+    raise instead (the Function's vmap rule folds vmapped axes into B before kernels run).
+    """
+    if t is None:
+        return None
+    from torch._C import _functorch as ft
+
+    while ft.is_functorch_wrapped_tensor(t):
+        if ft.is_batchedtensor(t):
+            raise RuntimeError("attention: a kernel backend received a vmap-batched tensor")
+        t = ft.get_unwrapped(t)
+    return t
+
+
+def _vmap_batched(t: torch.Tensor | None) -> bool:
+    """True for a tensor that carries a vmap batch axis at some functorch level."""
+    from torch._C import _functorch as ft
+
+    while t is not None and ft.is_functorch_wrapped_tensor(t):
+        if ft.is_batchedtensor(t):
+            return True
+        t = ft.get_unwrapped(t)
+    return False
+
+
 def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs):
     if tq is None and tk is None and tv is None:
         return torch.zeros_like(out)
     if backend in ("triton", "cuda") and _grad_through(q, k, v, tq, tk, tv):
         return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)[1]
+    if backend in ("triton", "cuda") and any(_vmap_batched(t) for t in (q, k, v, tq, tk, tv, out)):
+        # under vmap over a JVP (jacfwd) the tangents arrive vmap-batched; the kernels read raw
+        # memory, so this case uses the chunked torch formula (vmappable, any device)
+        backend = "cpu"
     if backend == "cpu":
         from diffcore.ops import _attention_cpu as cpu
 
@@ -143,19 +178,23 @@ def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs):
         ct = ref.compute_dtype(q.dtype)
         t_out = cpu.jvp(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct), probs=flat_probs)
         return _unflat(t_out, q)
-    if backend == "triton":
-        from diffcore.kernels import attention as tk_
+    if backend in ("triton", "cuda"):
+        args = [_plain(t) for t in (q, k, v, tq, tk, tv)] + [scale, _plain(out), _plain(lse)]
+        with torch._C._DisableFuncTorch():  # kernels allocate and read plain tensors
+            if backend == "triton":
+                from diffcore.kernels import attention as tk_
 
-        return tk_.jvp(q, k, v, tq, tk, tv, scale, out, lse)
-    if backend == "cuda":
-        from diffcore.ops import _attention_cuda as cu
+                return tk_.jvp(*args)
+            from diffcore.ops import _attention_cuda as cu
 
-        return cu.jvp(q, k, v, tq, tk, tv, scale, out, lse)
+            return cu.jvp(*args)
     return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)[1]
 
 
 def _backward(backend: str, q, k, v, out, lse, d_out, scale: float, need):
-    if torch.is_grad_enabled():  # create_graph=True / higher order: differentiable formula
+    if torch.is_grad_enabled() or (backend in ("triton", "cuda") and _vmap_batched(d_out)):
+        # create_graph=True / higher order, or vmap-batched cotangents (jacrev) reaching a raw-memory
+        # kernel: the differentiable, vmappable formula
         return ref.attention_vjp_ref(q, k, v, d_out, scale)
     if backend in ("cpu",) or (backend == "cuda" and q.device.type == "cpu"):
         from diffcore.ops import _attention_cpu as cpu
@@ -167,7 +206,9 @@ def _backward(backend: str, q, k, v, out, lse, d_out, scale: float, need):
         # the CUDA C++ backend has forward and JVP kernels; its backward is the Triton one
         from diffcore.kernels import attention as tk_
 
-        return tk_.backward(q, k, v, out, lse, d_out, scale, need)
+        q, k, v, out, lse, d_out = (_plain(t) for t in (q, k, v, out, lse, d_out))
+        with torch._C._DisableFuncTorch():
+            return tk_.backward(q, k, v, out, lse, d_out, scale, need)
     return ref.attention_vjp_ref(q, k, v, d_out, scale)
 
 
