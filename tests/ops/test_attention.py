@@ -317,3 +317,22 @@ def test_triton_under_torch_func():
     assert _err(torch.func.jacrev(fn)(q), j_ref) < 1e-5
     g = torch.func.grad(lambda a: fn(a).square().sum())(q)
     assert _err(g, torch.func.grad(lambda a: ref(a).square().sum())(q.double())) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [64, 300, 1 << 18], ids=["row-chunks", "odd-chunks", "head-chunks"])
+def test_cpu_chunking_paths_float64(chunk, monkeypatch):
+    """Row chunks (long sequences), uneven chunks and multi-head chunks give the same results."""
+    cpu = importlib.import_module("diffcore.ops._attention_cpu")
+    monkeypatch.setattr(cpu, "SCORE_CHUNK_ELEMENTS", chunk)
+    q, k, v, tq, tk, tv = _inputs((2, 3, 19, 23, 8), torch.float64, seed=13, tangents=True)
+    ref_o, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
+    out, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend="cpu"),
+                                (q, k, v), (tq, tk, tv))
+    assert _err(out, ref_o) < 1e-12 and _err(t_out, ref_t) < 1e-12
+    fused_o, fused_t = diffcore.ops.attention.attention_and_jvp(q, k, v, tq, tk, tv, backend="cpu")
+    assert _err(fused_o, ref_o) < 1e-12 and _err(fused_t, ref_t) < 1e-12
+    d_o = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    diffcore.ops.attention(*leaves, backend="cpu").backward(d_o)
+    for t, r in zip(leaves, attention_vjp_ref(q, k, v, d_o)):
+        assert _err(t.grad, r) < 1e-12

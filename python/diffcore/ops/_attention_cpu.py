@@ -42,6 +42,23 @@ def chunks(bh: int, lq: int, lk: int) -> Iterator[tuple[slice, slice]]:
                 yield slice(h, h + 1), slice(i, min(i + rows, lq))
 
 
+def chunk_shape(bh: int, lq: int, lk: int) -> tuple[int, int, int]:
+    """The largest (heads, rows, keys) block that ``chunks`` yields."""
+    rows = max(1, SCORE_CHUNK_ELEMENTS // lk)
+    return (min(bh, max(1, rows // lq)), lq, lk) if rows >= lq else (1, min(rows, lq), lk)
+
+
+class Workspace:
+    """Reused score-sized buffers: fresh 1 MiB temporaries per chunk cost page faults (torch's CPU
+    allocator does not cache), measured at ~2 ms each on a contended 2-core machine."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int], like: torch.Tensor):
+        self.buffers = [like.new_empty(shape) for _ in range(n)]
+
+    def get(self, i: int, hs: slice, rs: slice) -> torch.Tensor:
+        return self.buffers[i][: hs.stop - hs.start, : rs.stop - rs.start]
+
+
 def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: s <- exp(s - rowmax); returns (rowmax, rowsum of the result), each [.., L, 1]."""
     m = s.amax(dim=-1, keepdim=True)
@@ -61,8 +78,9 @@ def forward(q, k, v, scale: float, keep_probs: bool = False):
     out = qs.new_empty(bh, lq, vf.shape[-1])
     lse = qs.new_empty(bh, lq, 1)
     probs = qs.new_empty(bh, lq, lk) if keep_probs else None
+    ws = Workspace(0 if keep_probs else 1, chunk_shape(bh, lq, lk), qs)
     for hs, rs in chunks(bh, lq, lk):
-        s = torch.bmm(qs[hs, rs], kt[hs], out=probs[hs, rs]) if keep_probs else torch.bmm(qs[hs, rs], kt[hs])
+        s = torch.bmm(qs[hs, rs], kt[hs], out=probs[hs, rs] if keep_probs else ws.get(0, hs, rs))
         m, l = _exp_rows(s)
         o = torch.bmm(s, vf[hs], out=out[hs, rs])
         o.div_(l)
@@ -123,6 +141,45 @@ def jvp(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor,
     return torch.cat([torch.cat(rows, dim=1) for rows in per_head_chunk], dim=0)
 
 
+def jvp_inplace(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, lse: torch.Tensor,
+                probs: torch.Tensor | None = None) -> torch.Tensor:
+    """As ``jvp``, with reused buffers and in-place updates (P from ``probs`` or exp(S - lse)).
+
+    Not differentiable: for forward mode only (the caller makes sure no gradient flows back).
+    """
+    ct = compute_dtype(q.dtype)
+    qs, kf, vf = flat(q, ct) * scale, flat(k, ct), flat(v, ct)
+    tqs, tkt, tvf = _flat_tangents(tq, tk, tv, ct, scale)
+    bh, lq, lk = qs.shape[0], qs.shape[1], kf.shape[1]
+    kt = kf.transpose(1, 2)
+    lse3 = lse.unsqueeze(-1)
+    t_out = torch.empty_like(out)
+    ws = Workspace(2, chunk_shape(bh, lq, lk), qs)
+    for hs, rs in chunks(bh, lq, lk):
+        if probs is not None:
+            p = probs[hs, rs]
+        else:
+            p = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs)).sub_(lse3[hs, rs]).exp_()
+        to = t_out[hs, rs]
+        t_s = None
+        if tqs is not None:
+            t_s = torch.bmm(tqs[hs, rs], kt[hs], out=ws.get(1, hs, rs))
+        if tkt is not None:
+            t_s = torch.bmm(qs[hs, rs], tkt[hs], out=ws.get(1, hs, rs)) if t_s is None \
+                else t_s.baddbmm_(qs[hs, rs], tkt[hs])
+        if t_s is not None:
+            p_ts = t_s.mul_(p)
+            torch.bmm(p_ts, vf[hs], out=to)
+            to.addcmul_(p_ts.sum(dim=-1, keepdim=True), out[hs, rs], value=-1.0)
+            if tvf is not None:
+                to.baddbmm_(p, tvf[hs])
+        elif tvf is not None:
+            torch.bmm(p, tvf[hs], out=to)
+        else:
+            to.zero_()
+    return t_out
+
+
 def forward_jvp(q, k, v, tq, tk, tv, scale: float):
     """``(O, tO, lse)`` in one pass (unnormalized exp, normalized at the end). [B*H, Lq, Dh] each."""
     ct = compute_dtype(q.dtype)
@@ -133,13 +190,19 @@ def forward_jvp(q, k, v, tq, tk, tv, scale: float):
     out = qs.new_empty(bh, lq, vf.shape[-1])
     t_out = torch.zeros_like(out)
     lse = qs.new_empty(bh, lq, 1)
+    ws = Workspace(2, chunk_shape(bh, lq, lk), qs)
     for hs, rs in chunks(bh, lq, lk):
-        s = torch.bmm(qs[hs, rs], kt[hs])
+        s = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs))
         m, l = _exp_rows(s)  # s <- exp(S - m): P * l
         o = torch.bmm(s, vf[hs], out=out[hs, rs]).div_(l)
         lse[hs, rs] = m + l.log()
         to = t_out[hs, rs]
-        t_s = _tangent_scores(qs, tqs, kt, tkt, hs, rs)
+        t_s = None
+        if tqs is not None:
+            t_s = torch.bmm(tqs[hs, rs], kt[hs], out=ws.get(1, hs, rs))
+        if tkt is not None:
+            t_s = torch.bmm(qs[hs, rs], tkt[hs], out=ws.get(1, hs, rs)) if t_s is None \
+                else t_s.baddbmm_(qs[hs, rs], tkt[hs])
         if t_s is not None:
             p_ts = t_s.mul_(s)  # (forward_jvp runs under no_grad: in place is fine)
             torch.bmm(p_ts, vf[hs], out=to)
@@ -162,14 +225,15 @@ def backward(q, k, v, out, lse, d_out, scale: float, need=(True, True, True)):
     dq = torch.empty_like(qs) if need[0] else None
     dk = torch.zeros_like(kf) if need[1] else None
     dv = torch.zeros_like(vf) if need[2] else None
+    ws = Workspace(2, chunk_shape(bh, lq, lk), qs)
     for hs, rs in chunks(bh, lq, lk):
-        p = torch.bmm(qs[hs, rs], kt[hs]).sub_(lse3[hs, rs]).exp_()
+        p = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs)).sub_(lse3[hs, rs]).exp_()
         do = dof[hs, rs]
         if dv is not None:
             dv[hs].baddbmm_(p.transpose(1, 2), do)
         if dq is None and dk is None:
             continue
-        ds = torch.bmm(do, vt[hs]).sub_(delta[hs, rs]).mul_(p)  # dS = P * (dP - rowsum(dO * O))
+        ds = torch.bmm(do, vt[hs], out=ws.get(1, hs, rs)).sub_(delta[hs, rs]).mul_(p)  # dS = P * (dP - rowsum(dO * O))
         if dq is not None:
             torch.bmm(ds, kf[hs], out=dq[hs, rs]).mul_(scale)
         if dk is not None:

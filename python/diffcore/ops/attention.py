@@ -162,7 +162,7 @@ def _vmap_batched(t: torch.Tensor | None) -> bool:
     return False
 
 
-def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs):
+def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs, no_reverse: bool = False):
     if tq is None and tk is None and tv is None:
         return torch.zeros_like(out)
     if backend in ("triton", "cuda") and _grad_through(q, k, v, tq, tk, tv):
@@ -176,7 +176,13 @@ def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs):
 
         flat_probs = probs.reshape(-1, *probs.shape[2:]) if probs.numel() else None
         ct = ref.compute_dtype(q.dtype)
-        t_out = cpu.jvp(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct), probs=flat_probs)
+        if no_reverse and not any(_vmap_batched(t) for t in (q, k, v, tq, tk, tv)):
+            # no gradient can flow back through this JVP: reused buffers, in-place updates
+            with torch.no_grad():
+                t_out = cpu.jvp_inplace(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct),
+                                        lse.reshape(-1, lse.shape[-1], 1).squeeze(-1), probs=flat_probs)
+        else:
+            t_out = cpu.jvp(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct), probs=flat_probs)
         return _unflat(t_out, q)
     if backend in ("triton", "cuda"):
         args = [_plain(t) for t in (q, k, v, tq, tk, tv)] + [scale, _plain(out), _plain(lse)]
@@ -217,35 +223,35 @@ class _Attention(torch.autograd.Function):
     differentiable (probs is empty unless the cpu backend kept it for a JVP)."""
 
     @staticmethod
-    def forward(q, k, v, scale, backend, keep_probs):
+    def forward(q, k, v, scale, backend, keep_probs, no_reverse):
         return _forward(backend, q, k, v, scale, keep_probs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # required for torch.func (ANCHORS trap 9)
-        q, k, v, scale, backend, _ = inputs
+        q, k, v, scale, backend, _, no_reverse = inputs
         out, lse, probs = output
         ctx.mark_non_differentiable(lse, probs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.save_for_forward(q, k, v, out, lse, probs)
-        ctx.scale, ctx.backend = scale, backend
+        ctx.scale, ctx.backend, ctx.no_reverse = scale, backend, no_reverse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse, _d_probs):
         q, k, v, out, lse = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if d_out is None or not any(need):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dq, dk, dv = _backward(ctx.backend, q, k, v, out, lse, d_out, ctx.scale, need)
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None)
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None, None)
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _t_scale, _t_backend, _t_keep):
+    def jvp(ctx, tq, tk, tv, _t_scale, _t_backend, _t_keep, _t_no_reverse):
         q, k, v, out, lse, probs = ctx.saved_tensors
-        t_out = _jvp(ctx.backend, q, k, v, tq, tk, tv, ctx.scale, out, lse, probs)
+        t_out = _jvp(ctx.backend, q, k, v, tq, tk, tv, ctx.scale, out, lse, probs, ctx.no_reverse)
         return t_out, None, None
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, scale, backend, keep_probs):
+    def vmap(info, in_dims, q, k, v, scale, backend, keep_probs, no_reverse):
         """Fold the vmapped axis into the batch axis B: [V, B, ...] -> [V*B, ...]."""
         size = info.batch_size
 
@@ -254,7 +260,7 @@ class _Attention(torch.autograd.Function):
             return x.reshape(size * x.shape[1], *x.shape[2:])
 
         outs = _Attention.apply(fold(q, in_dims[0]), fold(k, in_dims[1]), fold(v, in_dims[2]),
-                                scale, backend, keep_probs)
+                                scale, backend, keep_probs, no_reverse)
         return tuple(o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in outs), (0, 0, 0)
 
 
@@ -276,10 +282,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """
     scale, name = _check_inputs(q, k, v, scale, backend)
     keep = False
-    if name == "cpu" and _forward_ad_active() and not _reverse_mode_possible(q, k, v):
+    no_reverse = False
+    if name == "cpu" and _forward_ad_active():
+        no_reverse = not _reverse_mode_possible(q, k, v)
         itemsize = 8 if q.dtype == torch.float64 else 4
-        keep = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * itemsize <= PROBS_BUDGET_BYTES
-    return _Attention.apply(q, k, v, scale, name, keep)[0]
+        keep = no_reverse and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * itemsize <= PROBS_BUDGET_BYTES
+    return _Attention.apply(q, k, v, scale, name, keep, no_reverse)[0]
 
 
 def attention_and_jvp(q, k, v, tq, tk, tv, *, scale: float | None = None, backend: str = "auto"):
