@@ -201,8 +201,10 @@ def test_vmap_jacfwd_jacrev_agree(backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_grad_of_jvp_and_vmap_of_jvp(backend):
+@pytest.mark.parametrize("chunk", [8, 1 << 18], ids=["many-chunks", "one-chunk"])
+def test_grad_of_jvp_and_vmap_of_jvp(backend, chunk, monkeypatch):
     """Reverse mode over forward mode (e.g. a JVP inside a training loss) and batched JVPs."""
+    monkeypatch.setattr(importlib.import_module("diffcore.ops._attention_cpu"), "SCORE_CHUNK_ELEMENTS", chunk)
     q, k, v, tq, _, _ = _inputs((1, 2, 6, 6, 4), torch.float64, seed=9, tangents=True)
 
     def jvp_norm(fn, a):
@@ -336,3 +338,30 @@ def test_cpu_chunking_paths_float64(chunk, monkeypatch):
     diffcore.ops.attention(*leaves, backend="cpu").backward(d_o)
     for t, r in zip(leaves, attention_vjp_ref(q, k, v, d_o)):
         assert _err(t.grad, r) < 1e-12
+
+
+def test_inside_a_module_with_parameters_under_jvp_vmap_and_backward():
+    """The UNet's use: q, k, v projected by layers whose weights require grad, [B, H, L, Dh] fp32."""
+    torch.manual_seed(14)
+    b, h, l, d = 2, 2, 16, 8
+    proj = torch.nn.Linear(h * d, 3 * h * d)
+
+    def block(x, attn):  # x [B, L, H*Dh]
+        q, k, v = proj(x).reshape(x.shape[0], l, 3, h, d).permute(2, 0, 3, 1, 4)
+        return attn(q, k, v, scale=d ** -0.5).transpose(1, 2).reshape(x.shape)
+
+    ours = lambda q, k, v, scale: diffcore.ops.attention(q, k, v, scale=scale)  # noqa: E731
+    ref = lambda q, k, v, scale: attention_ref(q, k, v, scale)  # noqa: E731
+    x, tx = torch.randn(b, l, h * d), torch.randn(b, l, h * d)
+    for context in (torch.enable_grad, torch.no_grad):
+        with context():
+            o1, t1 = torch.func.jvp(lambda z: block(z, ours), (x,), (tx,))
+            o2, t2 = torch.func.jvp(lambda z: block(z, ref), (x,), (tx,))
+        assert _err(o1, o2) < 1e-5 and _err(t1, t2) < 1e-5
+    xs = torch.randn(3, b, l, h * d)
+    assert _err(torch.vmap(lambda z: block(z, ours))(xs), torch.vmap(lambda z: block(z, ref))(xs)) < 1e-5
+    block(x, ours).square().sum().backward()
+    g1 = proj.weight.grad.clone()
+    proj.weight.grad = None
+    block(x, ref).square().sum().backward()
+    assert _err(g1, proj.weight.grad) < 1e-4

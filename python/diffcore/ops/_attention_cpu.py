@@ -14,6 +14,7 @@ float16/bfloat16 inputs are computed in float32; float64 stays float64.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -59,6 +60,45 @@ class Workspace:
         return self.buffers[i][: hs.stop - hs.start, : rs.stop - rs.start]
 
 
+def run_chunks(bh: int, lq: int, lk: int, body, n_buffers: int, like: torch.Tensor) -> None:
+    """Call ``body(hs, rs, workspace)`` for every chunk of ``chunks(bh, lq, lk)``.
+
+    With T = torch.get_num_threads() > 1, the heads are split into T contiguous ranges, one Python
+    thread each, and torch runs single-threaded meanwhile (restored afterwards): each worker then
+    streams through its own chunks with no OpenMP barrier per small op, which on a busy machine
+    costs more than the work itself. All chunks of a head go to one worker, so bodies may
+    accumulate per head (the backward's dK, dV).
+    """
+    shape = chunk_shape(bh, lq, lk)
+    todo = list(chunks(bh, lq, lk))
+    threads = min(torch.get_num_threads(), bh)
+    if threads <= 1 or len(todo) < 2:
+        ws = Workspace(n_buffers, shape, like)
+        for hs, rs in todo:
+            body(hs, rs, ws)
+        return
+    groups: list[list[tuple[slice, slice]]] = [[] for _ in range(threads)]
+    for hs, rs in todo:
+        groups[hs.start * threads // bh].append((hs, rs))
+
+    grad_enabled = torch.is_grad_enabled()  # thread-local: carry the caller's mode over
+
+    def work(group):
+        ws = Workspace(n_buffers, shape, like)
+        with torch.set_grad_enabled(grad_enabled):
+            for hs, rs in group:
+                body(hs, rs, ws)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for f in [pool.submit(work, g) for g in groups if g]:
+                f.result()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: s <- exp(s - rowmax); returns (rowmax, rowsum of the result), each [.., L, 1]."""
     m = s.amax(dim=-1, keepdim=True)
@@ -78,15 +118,16 @@ def forward(q, k, v, scale: float, keep_probs: bool = False):
     out = qs.new_empty(bh, lq, vf.shape[-1])
     lse = qs.new_empty(bh, lq, 1)
     probs = qs.new_empty(bh, lq, lk) if keep_probs else None
-    ws = Workspace(0 if keep_probs else 1, chunk_shape(bh, lq, lk), qs)
-    for hs, rs in chunks(bh, lq, lk):
+
+    def body(hs, rs, ws):
         s = torch.bmm(qs[hs, rs], kt[hs], out=probs[hs, rs] if keep_probs else ws.get(0, hs, rs))
         m, l = _exp_rows(s)
-        o = torch.bmm(s, vf[hs], out=out[hs, rs])
-        o.div_(l)
-        lse[hs, rs] = m + l.log()
+        torch.bmm(s, vf[hs], out=out[hs, rs]).div_(l)
+        torch.add(m, l.log(), out=lse[hs, rs])
         if keep_probs:
             s.div_(l)
+
+    run_chunks(bh, lq, lk, body, 0 if keep_probs else 1, qs)
     return out, lse.squeeze(-1), probs
 
 
@@ -154,8 +195,8 @@ def jvp_inplace(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, lse: torch
     kt = kf.transpose(1, 2)
     lse3 = lse.unsqueeze(-1)
     t_out = torch.empty_like(out)
-    ws = Workspace(2, chunk_shape(bh, lq, lk), qs)
-    for hs, rs in chunks(bh, lq, lk):
+
+    def body(hs, rs, ws):
         if probs is not None:
             p = probs[hs, rs]
         else:
@@ -177,6 +218,8 @@ def jvp_inplace(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, lse: torch
             torch.bmm(p, tvf[hs], out=to)
         else:
             to.zero_()
+
+    run_chunks(bh, lq, lk, body, 2, qs)
     return t_out
 
 
@@ -190,12 +233,11 @@ def forward_jvp(q, k, v, tq, tk, tv, scale: float):
     out = qs.new_empty(bh, lq, vf.shape[-1])
     t_out = torch.zeros_like(out)
     lse = qs.new_empty(bh, lq, 1)
-    ws = Workspace(2, chunk_shape(bh, lq, lk), qs)
-    for hs, rs in chunks(bh, lq, lk):
+    def body(hs, rs, ws):
         s = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs))
         m, l = _exp_rows(s)  # s <- exp(S - m): P * l
         o = torch.bmm(s, vf[hs], out=out[hs, rs]).div_(l)
-        lse[hs, rs] = m + l.log()
+        torch.add(m, l.log(), out=lse[hs, rs])
         to = t_out[hs, rs]
         t_s = None
         if tqs is not None:
@@ -210,6 +252,8 @@ def forward_jvp(q, k, v, tq, tk, tv, scale: float):
         if tvf is not None:
             to.baddbmm_(s, tvf[hs])
         to.div_(l)
+
+    run_chunks(bh, lq, lk, body, 2, qs)
     return out, t_out, lse.squeeze(-1)
 
 
@@ -225,17 +269,18 @@ def backward(q, k, v, out, lse, d_out, scale: float, need=(True, True, True)):
     dq = torch.empty_like(qs) if need[0] else None
     dk = torch.zeros_like(kf) if need[1] else None
     dv = torch.zeros_like(vf) if need[2] else None
-    ws = Workspace(2, chunk_shape(bh, lq, lk), qs)
-    for hs, rs in chunks(bh, lq, lk):
+    def body(hs, rs, ws):
         p = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs)).sub_(lse3[hs, rs]).exp_()
         do = dof[hs, rs]
         if dv is not None:
             dv[hs].baddbmm_(p.transpose(1, 2), do)
         if dq is None and dk is None:
-            continue
+            return
         ds = torch.bmm(do, vt[hs], out=ws.get(1, hs, rs)).sub_(delta[hs, rs]).mul_(p)  # dS = P * (dP - rowsum(dO * O))
         if dq is not None:
             torch.bmm(ds, kf[hs], out=dq[hs, rs]).mul_(scale)
         if dk is not None:
             dk[hs].baddbmm_(ds.transpose(1, 2), qs[hs, rs])  # qs already carries the scale
+
+    run_chunks(bh, lq, lk, body, 2, qs)
     return dq, dk, dv

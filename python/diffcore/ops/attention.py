@@ -178,9 +178,11 @@ def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs, no_re
         ct = ref.compute_dtype(q.dtype)
         if no_reverse and not any(_vmap_batched(t) for t in (q, k, v, tq, tk, tv)):
             # no gradient can flow back through this JVP: reused buffers, in-place updates
-            with torch.no_grad():
-                t_out = cpu.jvp_inplace(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct),
-                                        lse.reshape(-1, lse.shape[-1], 1).squeeze(-1), probs=flat_probs)
+            # plain tensors (the worker threads of the cpu backend see no torch.func state)
+            args = [_plain(t) for t in (q, k, v, tq, tk, tv)]
+            with torch.no_grad(), torch._C._DisableFuncTorch():
+                t_out = cpu.jvp_inplace(*args, scale, cpu.flat(_plain(out), ct),
+                                        _plain(lse).reshape(-1, lse.shape[-1]), probs=_plain(flat_probs))
         else:
             t_out = cpu.jvp(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct), probs=flat_probs)
         return _unflat(t_out, q)
@@ -202,7 +204,7 @@ def _backward(backend: str, q, k, v, out, lse, d_out, scale: float, need):
         # create_graph=True / higher order, or vmap-batched cotangents (jacrev) reaching a raw-memory
         # kernel: the differentiable, vmappable formula
         return ref.attention_vjp_ref(q, k, v, d_out, scale)
-    if backend in ("cpu",) or (backend == "cuda" and q.device.type == "cpu"):
+    if backend == "cpu":
         from diffcore.ops import _attention_cpu as cpu
 
         ct = ref.compute_dtype(q.dtype)
