@@ -61,7 +61,9 @@ def _math_vjp(q, k, v, d_o):
 
 
 def _dtypes_for(backend):
-    return [torch.float32, torch.float16] if backend == "triton" else [torch.float32]
+    """Triton: the interpreter has fp32 and fp16; cpu: fp32, and fp16/bf16 computed in fp32."""
+    return {"triton": [torch.float32, torch.float16],
+            "cpu": [torch.float32, torch.float16, torch.bfloat16]}.get(backend, [torch.float32])
 
 
 # ------------------------------------------------------------------------------------------ forward
