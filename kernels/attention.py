@@ -187,16 +187,19 @@ def _bwd_dq_kernel(
 
 # ---------------------------------------------------------------------------------------- launchers
 
-def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): fixed choices (no autotuning: same result every run)."""
+def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, launch options): fixed choices (no autotuning: same result
+    every run). Software pipelining is limited for wide heads so that the key/value (and tangent)
+    tiles fit shared memory at fp32 (JVP: 4 tiles of BLOCK_N x BLOCK_D, at most 128 KiB per stage;
+    not tuned: never run on a GPU yet)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":  # interpreter: few, large programs
-        return 32, 32, block_d, 4
+        return 32, 32, block_d, {}
     if block_d <= 64:
-        return 128, 64, block_d, 4
+        return 128, 64, block_d, {"num_warps": 4, "num_stages": 2}
     if block_d <= 128:
-        return 64, 64, block_d, 4
-    return 64, 32, block_d, 8
+        return 64, 32, block_d, {"num_warps": 4, "num_stages": 2}
+    return 64, 32, block_d, {"num_warps": 8, "num_stages": 1}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -224,7 +227,7 @@ def _launch_fwd(q, k, v, scale, tq=None, tk=None, tv=None, out=None, lse=None, j
         o = torch.empty(b * h, lq, d, dtype=dt, device=q.device)
         lse_f = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
     t_o = torch.empty_like(o) if jvp else o
-    bm, bn, bd, warps = _blocks(d, q.device)
+    bm, bn, bd, launch = _blocks(d, q.device)
     _fwd_jvp_kernel[(triton.cdiv(lq, bm), b * h)](
         qf, kf, vf, o, lse_f,
         qf if tqf is None else tqf, kf if tkf is None else tkf, vf if tvf is None else tvf, t_o,
@@ -232,7 +235,7 @@ def _launch_fwd(q, k, v, scale, tq=None, tk=None, tv=None, out=None, lse=None, j
         float(scale), lq, lk, d,
         HAS_TQ=tqf is not None, HAS_TK=tkf is not None, HAS_TV=tvf is not None,
         JVP=jvp, USE_LSE=use_lse, PRECISION=_precision(dt),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch,
     )
     shape4 = (b, h, lq, d)
     return o.reshape(shape4), lse_f.reshape(b, h, lq), (t_o.reshape(shape4) if jvp else None)
@@ -265,8 +268,8 @@ def backward(q, k, v, out, lse, d_out, scale: float, need=(True, True, True)):
     lse_f = lse.reshape(b * h, lq).float().contiguous()
     delta = (dof.float() * _flat(out, torch.float32)).sum(-1).contiguous()  # rowsum(dO * O)
     dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-    bm, bn, bd, warps = _blocks(d, q.device)
-    common = dict(PRECISION=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    bm, bn, bd, launch = _blocks(d, q.device)
+    common = dict(PRECISION=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch)
     strides = (qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), float(scale), lq, lk, d)
     if need[1] or need[2]:
         _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](qf, kf, vf, dof, lse_f, delta, dk, dv, *strides, **common)
