@@ -1,0 +1,313 @@
+// Empirical optimal denoiser, CPU part: the fused work between torch's tile GEMMs.
+//
+// The Python side (diffcore/ops/empirical_denoise.py) streams over training-set tiles of T rows:
+//   G = x @ tile^T                      (torch's BLAS, fp32)
+//   ed_tile_update(G, ...)              (here) G -> weights P, running max / sum updated
+//   acc = acc * scale + P @ tile        (torch addmm when many weights are nonzero) or
+//   ed_sparse_accumulate(P, ...)        (here, when few are: small sigma)
+// so that [B, N] is never materialized. Logits are l = -|x - y|^2 / (2 sigma^2) computed as
+// -(|x|^2 + |y|^2 - 2 G) / (2 sigma^2) with exact (double) norms; the GEMM error of G (about
+// k u |x| |y|, DESIGN.md Numerics) becomes a per-pair logit error bound e. Pairs that may carry
+// weight and whose e exceeds `rescore_tol` are re-scored with exact distances (difference first,
+// double accumulation).
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/distance.h"
+#include "common/registry.h"
+#ifdef DIFFCORE_WITH_CUDA
+#include "empirical_denoise/empirical_denoise_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace diffcore {
+namespace {
+
+// uint8 pixels in double: u / 127.5 - 1 without the float rounding of pixel_value(uint8_t), which
+// the 1 / (2 sigma^2) of tiny sigma would magnify at near-ties.
+struct PixelTable {
+  double value[256];
+  PixelTable() {
+    for (int u = 0; u < 256; ++u) value[u] = static_cast<double>(u) / 127.5 - 1.0;
+  }
+};
+const PixelTable& pixel_table() {
+  static const PixelTable table;
+  return table;
+}
+
+// Exact squared distance between a float row x and a training row (float: distance.h; uint8: the
+// double pixel table above).
+double exact_sqdist_row(const float* x, const void* y, DType y_dtype, int64_t dim) {
+  if (y_dtype == DType::float32) return exact_sqdist(x, static_cast<const float*>(y), dim);
+  const auto* yu = static_cast<const uint8_t*>(y);
+  const double* table = pixel_table().value;
+  double acc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= dim; i += 4) {
+    for (int l = 0; l < 4; ++l) {
+      const double diff = static_cast<double>(x[i + l]) - table[yu[i + l]];
+      acc[l] += diff * diff;
+    }
+  }
+  double total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; i < dim; ++i) {
+    const double diff = static_cast<double>(x[i]) - table[yu[i]];
+    total += diff * diff;
+  }
+  return total;
+}
+
+double row_sqnorm(const void* row, DType dtype, int64_t dim) {
+  double total = 0;
+  if (dtype == DType::float32) {
+    const auto* r = static_cast<const float*>(row);
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < dim; ++i) total += static_cast<double>(r[i]) * static_cast<double>(r[i]);
+  } else {
+    const auto* r = static_cast<const uint8_t*>(row);
+    const double* table = pixel_table().value;
+    for (int64_t i = 0; i < dim; ++i) total += table[r[i]] * table[r[i]];
+  }
+  return total;
+}
+
+DType train_dtype(const std::string& name) {
+  const DType dtype = parse_dtype(name, "train_dtype");
+  check_arg(dtype == DType::float32 || dtype == DType::uint8, "train_dtype",
+            "the CPU kernel takes float32 or uint8 training rows, got " + name);
+  return dtype;
+}
+
+int64_t element_size(DType dtype) { return dtype == DType::uint8 ? 1 : 4; }
+
+// |y_i|^2 in double for rows [0, rows) of a training set with row stride `ld` (elements).
+void row_sqnorms(std::uintptr_t y_ptr, const std::string& dtype_name, int64_t rows, int64_t dim, int64_t ld,
+                 std::uintptr_t out_ptr, int threads) {
+  check_ptr(y_ptr, "train");
+  check_ptr(out_ptr, "out");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  check_arg(ld >= dim, "ld", "row stride must be >= dim");
+  const DType dtype = train_dtype(dtype_name);
+  const auto* base = reinterpret_cast<const char*>(y_ptr);
+  auto* out = reinterpret_cast<double*>(out_ptr);
+  const int64_t row_bytes = ld * element_size(dtype);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t i = 0; i < rows; ++i) out[i] = row_sqnorm(base + i * row_bytes, dtype, dim);
+}
+
+// One training tile: turn G [B, T] (x . y) into weights P = exp(l - m_new) in place (0 for
+// pairs that cannot carry weight), update the running max m, the running lower bound of the max
+// m_low (max over pairs of l - e), the running sum s, and write scale = exp(m_old - m_new).
+// Returns the number of nonzero weights (the caller picks dense or sparse accumulation).
+int64_t tile_update(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_t tile, std::uintptr_t x_ptr,
+                    int64_t x_ld, int64_t dim, std::uintptr_t xn2_ptr, std::uintptr_t inv2s2_ptr,
+                    std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, std::uintptr_t yn2_ptr,
+                    double gemm_err_coef, double rescore_tol, double band, std::uintptr_t m_ptr,
+                    std::uintptr_t mlow_ptr, std::uintptr_t s_ptr, std::uintptr_t scale_ptr, int threads) {
+  for (auto [p, name] : {std::pair{g_ptr, "g"}, {x_ptr, "x"}, {xn2_ptr, "x_sqnorm"}, {inv2s2_ptr, "inv_two_sigma_sq"},
+                         {y_ptr, "train"}, {yn2_ptr, "train_sqnorm"}, {m_ptr, "running_max"},
+                         {mlow_ptr, "running_max_lower"}, {s_ptr, "running_sum"}, {scale_ptr, "scale"}})
+    check_ptr(p, name);
+  check_positive(batch, "batch");
+  check_positive(tile, "tile");
+  check_positive(dim, "dim");
+  check_arg(g_ld >= tile, "g_ld", "row stride of g must be >= tile");
+  check_arg(x_ld >= dim && y_ld >= dim, "x_ld/y_ld", "row strides must be >= dim");
+  check_arg(gemm_err_coef >= 0 && rescore_tol >= 0 && band > 0, "gemm_err_coef/rescore_tol/band",
+            "expected gemm_err_coef >= 0, rescore_tol >= 0, band > 0");
+  const DType y_dtype = train_dtype(y_dtype_name);
+  auto* g = reinterpret_cast<float*>(g_ptr);
+  const auto* x = reinterpret_cast<const float*>(x_ptr);
+  const auto* xn2 = reinterpret_cast<const double*>(xn2_ptr);
+  const auto* inv2s2 = reinterpret_cast<const double*>(inv2s2_ptr);
+  const auto* ybase = reinterpret_cast<const char*>(y_ptr);
+  const auto* yn2 = reinterpret_cast<const double*>(yn2_ptr);
+  auto* m = reinterpret_cast<double*>(m_ptr);
+  auto* mlow = reinterpret_cast<double*>(mlow_ptr);
+  auto* s = reinterpret_cast<double*>(s_ptr);
+  auto* scale = reinterpret_cast<float*>(scale_ptr);
+  const int64_t y_row_bytes = y_ld * element_size(y_dtype);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+
+  std::vector<double> ynorm(tile);
+  for (int64_t j = 0; j < tile; ++j) ynorm[j] = std::sqrt(yn2[j]);
+
+  int64_t nonzero = 0;
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel num_threads(nthreads) reduction(+ : nonzero)
+  {
+    std::vector<double> logit(tile), err(tile);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < batch; ++b) {
+      float* grow = g + b * g_ld;
+      const float* xrow = x + b * x_ld;
+      const double c = inv2s2[b];
+      const double xn = xn2[b];
+      // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
+      const double err_per_ynorm = 2.0 * gemm_err_coef * std::sqrt(xn) * c;
+      double lower = mlow[b];
+      for (int64_t j = 0; j < tile; ++j) {
+        const double l = -(xn + yn2[j] - 2.0 * static_cast<double>(grow[j])) * c;
+        const double e = err_per_ynorm * ynorm[j];
+        logit[j] = l;
+        err[j] = e;
+        lower = std::max(lower, l - e);
+      }
+      // Pairs whose upper bound is below (lower - band) have weight < exp(-band) relative to the
+      // max: they are dropped. The rest keep their logit when its error is small enough, else
+      // they are re-scored exactly.
+      const double cut = lower - band;
+      double mx = m[b];
+      for (int64_t j = 0; j < tile; ++j) {
+        if (logit[j] + err[j] < cut) {
+          logit[j] = neg_inf;
+          continue;
+        }
+        if (err[j] > rescore_tol) {
+          const double d = exact_sqdist_row(xrow, ybase + j * y_row_bytes, y_dtype, dim);
+          logit[j] = -d * c;
+          lower = std::max(lower, logit[j]);
+        }
+        mx = std::max(mx, logit[j]);
+      }
+      const double alpha = (m[b] == neg_inf) ? 0.0 : std::exp(m[b] - mx);
+      double sum = 0;
+      int64_t count = 0;
+      for (int64_t j = 0; j < tile; ++j) {
+        if (logit[j] == neg_inf) {
+          grow[j] = 0.0f;
+          continue;
+        }
+        const double p = std::exp(logit[j] - mx);
+        grow[j] = static_cast<float>(p);
+        sum += static_cast<double>(grow[j]);
+        count += grow[j] != 0.0f;
+      }
+      s[b] = s[b] * alpha + sum;
+      m[b] = mx;
+      mlow[b] = lower;
+      scale[b] = static_cast<float>(alpha);
+      nonzero += count;
+    }
+  }
+  return nonzero;
+}
+
+// acc[b] = acc[b] * scale[b] + sum_j P[b, j] y_j over the nonzero weights only (small sigma).
+void sparse_accumulate(std::uintptr_t p_ptr, int64_t p_ld, int64_t batch, int64_t tile, std::uintptr_t scale_ptr,
+                       std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, int64_t dim,
+                       std::uintptr_t acc_ptr, int64_t acc_ld, int threads) {
+  for (auto [p, name] : {std::pair{p_ptr, "p"}, {scale_ptr, "scale"}, {y_ptr, "train"}, {acc_ptr, "acc"}})
+    check_ptr(p, name);
+  check_positive(batch, "batch");
+  check_positive(tile, "tile");
+  check_positive(dim, "dim");
+  const DType y_dtype = train_dtype(y_dtype_name);
+  const auto* pw = reinterpret_cast<const float*>(p_ptr);
+  const auto* scale = reinterpret_cast<const float*>(scale_ptr);
+  const auto* ybase = reinterpret_cast<const char*>(y_ptr);
+  auto* acc = reinterpret_cast<float*>(acc_ptr);
+  const int64_t y_row_bytes = y_ld * element_size(y_dtype);
+  float table[256];
+  for (int u = 0; u < 256; ++u) table[u] = static_cast<float>(pixel_table().value[u]);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+  for (int64_t b = 0; b < batch; ++b) {
+    float* arow = acc + b * acc_ld;
+    const float a = scale[b];
+    if (a != 1.0f) {
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) arow[i] *= a;
+    }
+    const float* prow = pw + b * p_ld;
+    for (int64_t j = 0; j < tile; ++j) {
+      const float w = prow[j];
+      if (w == 0.0f) continue;
+      const char* yrow = ybase + j * y_row_bytes;
+      if (y_dtype == DType::float32) {
+        const auto* yf = reinterpret_cast<const float*>(yrow);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) arow[i] += w * yf[i];
+      } else {
+        const auto* yu = reinterpret_cast<const uint8_t*>(yrow);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) arow[i] += w * table[yu[i]];
+      }
+    }
+  }
+}
+
+void cuda_forward(std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr_t y_ptr, const std::string& y_dtype,
+                  std::uintptr_t inv2s2_ptr, int64_t batch, int64_t rows, int64_t dim, int64_t splits,
+                  std::uintptr_t work_acc_ptr, std::uintptr_t work_m_ptr, std::uintptr_t work_s_ptr,
+                  std::uintptr_t out_ptr, std::uintptr_t logz_ptr, int device, std::uintptr_t stream) {
+#ifdef DIFFCORE_WITH_CUDA
+  for (auto [p, name] : {std::pair{x_ptr, "x"}, {y_ptr, "train"}, {inv2s2_ptr, "inv_two_sigma_sq"},
+                         {work_acc_ptr, "work_acc"}, {work_m_ptr, "work_max"}, {work_s_ptr, "work_sum"},
+                         {out_ptr, "out"}, {logz_ptr, "logz"}})
+    check_ptr(p, name);
+  check_positive(batch, "batch");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  check_positive(splits, "splits");
+  const DType xd = parse_dtype(x_dtype, "x_dtype");
+  const DType yd = parse_dtype(y_dtype, "train_dtype");
+  check_arg(xd == DType::float32 || xd == DType::float16 || xd == DType::bfloat16, "x_dtype",
+            "expected float32, float16 or bfloat16, got " + x_dtype);
+  check_arg(yd == DType::float32 || yd == DType::float16 || yd == DType::bfloat16 || yd == DType::uint8,
+            "train_dtype", "expected float32, float16, bfloat16 or uint8, got " + y_dtype);
+  empirical_denoise_cuda_forward(reinterpret_cast<const void*>(x_ptr), static_cast<int>(xd),
+                                 reinterpret_cast<const void*>(y_ptr), static_cast<int>(yd),
+                                 reinterpret_cast<const double*>(inv2s2_ptr), batch, rows, dim, splits,
+                                 reinterpret_cast<float*>(work_acc_ptr), reinterpret_cast<double*>(work_m_ptr),
+                                 reinterpret_cast<double*>(work_s_ptr), reinterpret_cast<void*>(out_ptr),
+                                 reinterpret_cast<float*>(logz_ptr), device, reinterpret_cast<void*>(stream));
+#else
+  (void)x_ptr, (void)x_dtype, (void)y_ptr, (void)y_dtype, (void)inv2s2_ptr, (void)batch, (void)rows, (void)dim;
+  (void)splits, (void)work_acc_ptr, (void)work_m_ptr, (void)work_s_ptr, (void)out_ptr, (void)logz_ptr;
+  (void)device, (void)stream;
+  throw std::runtime_error("diffcore._C: empirical_denoise_cuda_forward: diffcore._C was built without CUDA");
+#endif
+}
+
+void register_empirical_denoise(py::module_& m) {
+  using py::arg;
+  auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, arg("y_ptr"), arg("dtype"), arg("rows"),
+        arg("dim"), arg("ld"), arg("out_ptr"), arg("threads"),
+        "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
+  m.def("empirical_denoise_tile_update", &tile_update, release, arg("g_ptr"), arg("g_ld"), arg("batch"),
+        arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("y_ptr"),
+        arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"), arg("rescore_tol"), arg("band"),
+        arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"), arg("scale_ptr"), arg("threads"),
+        "One training tile of the empirical denoiser: G -> weights in place, running log-sum-exp "
+        "update; returns the number of nonzero weights.");
+  m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
+        arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
+        arg("acc_ptr"), arg("acc_ld"), arg("threads"),
+        "acc = acc * scale + P @ tile over the nonzero weights of P only.");
+  m.def("empirical_denoise_cuda_forward", &cuda_forward, release, arg("x_ptr"), arg("x_dtype"), arg("y_ptr"),
+        arg("y_dtype"), arg("inv2s2_ptr"), arg("batch"), arg("rows"), arg("dim"), arg("splits"),
+        arg("work_acc_ptr"), arg("work_m_ptr"), arg("work_s_ptr"), arg("out_ptr"), arg("logz_ptr"),
+        arg("device"), arg("stream"),
+        "CUDA empirical denoiser (exact double distances, split over the training set, log-sum-exp merge).");
+}
+
+}  // namespace
+}  // namespace diffcore
+
+DIFFCORE_REGISTER(empirical_denoise, diffcore::register_empirical_denoise);

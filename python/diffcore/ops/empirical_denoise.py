@@ -1,0 +1,224 @@
+"""Empirical optimal denoiser of a training set, streamed over training tiles.
+
+``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (PAPERS.md; the denoiser that
+reproduces the training set exactly) and its log-normalizer
+``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``. No backend materializes the [B, N] logits: each
+streams over training tiles with a running log-sum-exp, in memory O(B*D + tile).
+
+Numerics (DESIGN.md): fast distances ``|x|^2 + |y|^2 - 2 x.y`` (a GEMM) carry an error of about
+``k u |x| |y|`` that ``1 / (2 sigma^2)`` magnifies. Every fast backend bounds that error per pair and
+re-scores, with exact distances (difference first, double accumulation), the pairs that may carry
+weight and whose logit error could exceed a tolerance. At small sigma this returns the nearest
+training image (or the right mixture at near-ties) to fp32 accuracy.
+
+The op is not differentiable: it runs under ``torch.no_grad()`` and returns tensors without
+autograd history.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffcore._backend import OpBackends
+from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
+from diffcore._ext import dtype_name, extension
+
+__all__ = ["empirical_denoise", "empirical_denoise_with_logz"]
+
+BACKENDS = OpBackends(
+    op="empirical_denoise",
+    implemented=("reference", "cpu", "cuda", "triton"),
+    # cuda: the Triton kernel passes the interpreter tests but has not run on a GPU yet; the CUDA
+    # kernel has only been compiled, never run: it stays out of auto (ask for backend="cuda").
+    auto_order={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+)
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
+
+# Logit tolerances shared by the fast backends (DESIGN.md Numerics).
+# A pair whose logit upper bound lies BAND below the running lower bound of the max weighs less than
+# exp(-BAND) ~ 1e-26 of the largest weight: it is dropped.
+BAND = 60.0
+# A pair that may carry weight is re-scored exactly when its logit error bound exceeds this: a
+# relative weight error of at most about RESCORE_TOL, well under the 1e-5 target.
+RESCORE_TOL = 2e-6
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def gemm_error_coefficient(dim: int) -> float:
+    """``k u`` in the bound ``|fl(x.y) - x.y| <= k u |x| |y|`` of an fp32 GEMM over ``dim`` terms.
+
+    Empirical, not worst case (that is ``dim * u``): blocked BLAS / tensor-core accumulation keeps
+    the error near ``u |x| |y|`` (measured here: at most 1.6 u |x||y| at dim 3072 for x close to y,
+    0.06 on average); ``2 + sqrt(dim) / 16`` leaves a margin that grows like a random walk.
+    """
+    return (2.0 + math.sqrt(dim) / 16.0) * FP32_UNIT_ROUNDOFF
+
+
+def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, backend: str = "auto") -> torch.Tensor:
+    """Empirical optimal denoiser ``sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``.
+
+    Args:
+        x: noisy inputs [B, ...]: float32 (any backend), float16/bfloat16 (computed in fp32),
+            float64 (reference backend only).
+        train: training set [N, ...] with the trailing shape of ``x``; float, or uint8 images mapped
+            to [-1, 1] as ``u8 / 127.5 - 1``. Must be on x's device. Not checked for NaN (cost).
+        sigma: noise level > 0, a float or a tensor of shape [B] (or 0-d).
+        backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton'.
+    Returns:
+        x0_hat [B, ...] in x's dtype. Not differentiable (computed under no_grad).
+    """
+    return empirical_denoise_with_logz(x, train, sigma, backend=backend)[0]
+
+
+def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
+                                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Empirical denoiser and its log-normalizer.
+
+    Returns:
+        ``(x0_hat [B, ...] in x's dtype, logz [B])`` with
+        ``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``; logz is float32 (float64 for float64 x).
+    See :func:`empirical_denoise` for the arguments.
+    """
+    x, train, sigma64 = _validate(x, train, sigma)
+    name = BACKENDS.resolve(backend, x.device)
+    if name != "reference" and x.dtype == torch.float64:
+        raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
+    with torch.no_grad():
+        out, logz = _RUNNERS[name](x, train, sigma64)
+    logz_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return out.to(x.dtype).reshape(x.shape), logz.to(logz_dtype)
+
+
+def _validate(x, train, sigma):
+    check_tensor("x", x, min_ndim=1, dtypes=_X_DTYPES)
+    check_tensor("train", train, min_ndim=1, dtypes=_TRAIN_DTYPES, nonempty=False)
+    if train.shape[0] == 0 or train.numel() == 0:
+        raise ValueError(f"train: expected at least one training row, got shape {tuple(train.shape)}")
+    if tuple(train.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
+                         f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})")
+    device = check_same_device(x=x, train=train)
+    if isinstance(sigma, torch.Tensor) and sigma.device != device:
+        raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
+    check_finite("x", x)
+    sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
+    return x, train, sigma64
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+# ---------------------------------------------------------------- reference (float64, pure torch)
+def _run_reference(x, train, sigma64):
+    from diffcore.ref.empirical_denoise import empirical_denoise_ref
+
+    return empirical_denoise_ref(x, train, sigma64)
+
+
+# ---------------------------------------------------------------- cpu (torch GEMM tiles + C++)
+def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype) -> int:
+    """Training rows per tile on the CPU: the [B, T] weight tile stays under 2 MiB (plus, for
+    uint8 / non-fp32 training sets, a [T, D] fp32 conversion buffer under 8 MiB), at least 64 rows
+    so that the GEMM stays efficient, and never more than N."""
+    tile = max(64, (2 << 20) // (4 * batch))
+    if train_dtype != torch.float32:
+        tile = min(tile, max(64, (8 << 20) // (4 * dim)))
+    return int(min(rows, tile, 4096))
+
+
+def _run_cpu(x, train, sigma64, tile_rows: int | None = None):
+    ext = extension()
+    xr = _rows(x).to(torch.float32).contiguous()
+    batch, dim = xr.shape
+    y = _rows(train)
+    if y.dtype not in (torch.float32, torch.uint8):
+        y = y.to(torch.float32)  # float16/bfloat16/float64 training sets: one fp32 copy
+    y = y.contiguous()
+    rows = y.shape[0]
+    threads = torch.get_num_threads()
+    y_dtype = dtype_name(y.dtype)
+
+    x_sqnorm = xr.to(torch.float64).square().sum(1)
+    inv2s2 = (0.5 / sigma64.square()).contiguous()
+    y_sqnorm = torch.empty(rows, dtype=torch.float64)
+    ext.empirical_denoise_row_sqnorms(y.data_ptr(), y_dtype, rows, dim, dim, y_sqnorm.data_ptr(), threads)
+
+    run_max = torch.full((batch,), -math.inf, dtype=torch.float64)
+    run_max_lower = torch.full((batch,), -math.inf, dtype=torch.float64)
+    run_sum = torch.zeros(batch, dtype=torch.float64)
+    scale = torch.empty(batch, dtype=torch.float32)
+    acc = torch.zeros(batch, dim, dtype=torch.float32)
+
+    tile = tile_rows or cpu_tile_rows(batch, rows, dim, train.dtype)
+    g_buffer = torch.empty(batch * tile, dtype=torch.float32)
+    convert_buffer = torch.empty(tile * dim, dtype=torch.float32) if y.dtype == torch.uint8 else None
+    err_coef = gemm_error_coefficient(dim)
+    for start in range(0, rows, tile):
+        count = min(tile, rows - start)
+        y_tile = y[start:start + count]
+        if convert_buffer is not None:  # uint8 -> [-1, 1], one tile at a time
+            y_float = convert_buffer[:count * dim].view(count, dim).copy_(y_tile).div_(127.5).sub_(1.0)
+        else:
+            y_float = y_tile
+        g = g_buffer[:batch * count].view(batch, count)
+        torch.mm(xr, y_float.t(), out=g)
+        nonzero = ext.empirical_denoise_tile_update(
+            g.data_ptr(), count, batch, count, xr.data_ptr(), dim, dim, x_sqnorm.data_ptr(), inv2s2.data_ptr(),
+            y_tile.data_ptr(), y_dtype, dim, y_sqnorm[start:].data_ptr(), err_coef, RESCORE_TOL, BAND,
+            run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
+        if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
+            ext.empirical_denoise_sparse_accumulate(g.data_ptr(), count, batch, count, scale.data_ptr(),
+                                                    y_tile.data_ptr(), y_dtype, dim, dim, acc.data_ptr(), dim,
+                                                    threads)
+        else:
+            acc.mul_(scale[:, None]).addmm_(g, y_float)
+    out = acc.div_(run_sum.to(torch.float32)[:, None])
+    logz = run_max + torch.log(run_sum)
+    return out, logz
+
+
+# ---------------------------------------------------------------- triton
+def _run_triton(x, train, sigma64):
+    from diffcore.kernels.empirical_denoise import empirical_denoise_triton
+
+    return empirical_denoise_triton(_rows(x), _rows(train), sigma64, err_coef_fn=gemm_error_coefficient,
+                                    rescore_tol=RESCORE_TOL, band=BAND)
+
+
+# ---------------------------------------------------------------- cuda (C++ kernels in _C)
+def cuda_splits(batch: int, rows: int, query_group: int = 16, target_blocks: int = 264) -> int:
+    """How many contiguous training ranges the CUDA kernel splits the set into (flash-decoding
+    style): enough (query group, range) blocks to fill the GPU when B is small."""
+    groups = -(-batch // query_group)
+    return int(max(1, min(rows, -(-target_blocks // groups), 64)))
+
+
+def _run_cuda(x, train, sigma64):
+    ext = extension()
+    xr = _rows(x).contiguous()
+    y = _rows(train)
+    if y.dtype == torch.float64:
+        y = y.to(torch.float32)
+    y = y.contiguous()
+    batch, dim = xr.shape
+    rows = y.shape[0]
+    splits = cuda_splits(batch, rows)
+    inv2s2 = (0.5 / sigma64.square()).contiguous()
+    work_acc = torch.empty(splits, batch, dim, dtype=torch.float32, device=x.device)
+    work_m = torch.empty(splits, batch, dtype=torch.float64, device=x.device)
+    work_s = torch.empty(splits, batch, dtype=torch.float64, device=x.device)
+    out = torch.empty(batch, dim, dtype=xr.dtype, device=x.device)
+    logz = torch.empty(batch, dtype=torch.float32, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    ext.empirical_denoise_cuda_forward(xr.data_ptr(), dtype_name(xr.dtype), y.data_ptr(), dtype_name(y.dtype),
+                                       inv2s2.data_ptr(), batch, rows, dim, splits, work_acc.data_ptr(),
+                                       work_m.data_ptr(), work_s.data_ptr(), out.data_ptr(), logz.data_ptr(),
+                                       x.device.index or 0, stream)
+    return out, logz
+
+
+_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
