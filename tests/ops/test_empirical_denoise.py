@@ -197,7 +197,7 @@ def test_cpu_never_materializes_batch_by_rows():
     """B=256, N=400000, D=8: [B, N] fp32 logits would take 410 MB; the run must stay far below."""
     script = textwrap.dedent("""
         import json, resource, torch
-        from diffcore.ops import empirical_denoise
+        from diffcore.ops.empirical_denoise import empirical_denoise
         train = torch.randint(0, 256, (400000, 8), dtype=torch.uint8)
         x = torch.randn(256, 8)
         empirical_denoise(x[:2], train[:100], 1.0, backend="cpu")  # warm up (loads _C)
