@@ -11,12 +11,14 @@
 // weight and whose e exceeds `rescore_tol` are re-scored with exact distances (difference first,
 // double accumulation).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -107,19 +109,131 @@ void row_sqnorms(std::uintptr_t y_ptr, const std::string& dtype_name, int64_t ro
   for (int64_t i = 0; i < rows; ++i) out[i] = row_sqnorm(base + i * row_bytes, dtype, dim);
 }
 
-// One training tile: turn G [B, T] (x . y) into weights P = exp(l - m_new) in place (0 for
-// pairs that cannot carry weight), update the running max m, the running lower bound of the max
-// m_low (max over pairs of l - e), the running sum s, and write scale = exp(m_old - m_new).
-// Returns the number of nonzero weights (the caller picks dense or sparse accumulation).
-int64_t tile_update(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_t tile, std::uintptr_t x_ptr,
-                    int64_t x_ld, int64_t dim, std::uintptr_t xn2_ptr, std::uintptr_t inv2s2_ptr,
-                    std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, std::uintptr_t yn2_ptr,
-                    double gemm_err_coef, double rescore_tol, double band, std::uintptr_t m_ptr,
-                    std::uintptr_t mlow_ptr, std::uintptr_t s_ptr, std::uintptr_t scale_ptr, int threads) {
-  for (auto [p, name] : {std::pair{g_ptr, "g"}, {x_ptr, "x"}, {xn2_ptr, "x_sqnorm"}, {inv2s2_ptr, "inv_two_sigma_sq"},
-                         {y_ptr, "train"}, {yn2_ptr, "train_sqnorm"}, {m_ptr, "running_max"},
-                         {mlow_ptr, "running_max_lower"}, {s_ptr, "running_sum"}, {scale_ptr, "scale"}})
-    check_ptr(p, name);
+// Everything one tile needs, as typed pointers.
+struct TileArgs {
+  int64_t batch, tile, dim, x_ld, y_row_bytes, g_ld;
+  const float* x;
+  const double* xn2;
+  const double* inv2s2;
+  const char* y;
+  DType y_dtype;
+  const double* yn2;
+  double gemm_err_coef, rescore_tol, band;
+  double* m;
+  double* mlow;
+  double* s;
+  float* scale;
+  float* p;  // [B, T] weights out (row stride g_ld)
+};
+
+// One query row of a tile. With commit=false only counts the pairs that would be re-scored
+// (nothing is written); with commit=true writes P and updates the running state.
+template <typename G>
+int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, std::vector<double>& logit,
+                    std::vector<double>& err, const std::vector<double>& ynorm, int64_t* nonzero) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  const double c = a.inv2s2[b];
+  const double xn = a.xn2[b];
+  const float* xrow = a.x + b * a.x_ld;
+  // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
+  const double err_per_ynorm = 2.0 * a.gemm_err_coef * std::sqrt(xn) * c;
+  double lower = a.mlow[b];
+  for (int64_t j = 0; j < a.tile; ++j) {
+    const double l = -(xn + a.yn2[j] - 2.0 * static_cast<double>(grow[j])) * c;
+    const double e = err_per_ynorm * ynorm[j];
+    logit[j] = l;
+    err[j] = e;
+    lower = std::max(lower, l - e);
+  }
+  // Pairs whose upper bound is below (lower - band) weigh less than exp(-band) of the largest
+  // weight: dropped. The rest keep their logit when its error is small enough, else are re-scored.
+  const double cut = lower - a.band;
+  int64_t rescored = 0;
+  if (!commit) {
+    for (int64_t j = 0; j < a.tile; ++j) rescored += (logit[j] + err[j] >= cut) && (err[j] > a.rescore_tol);
+    return rescored;
+  }
+  double mx = a.m[b];
+  for (int64_t j = 0; j < a.tile; ++j) {
+    if (logit[j] + err[j] < cut) {
+      logit[j] = neg_inf;
+      continue;
+    }
+    if (err[j] > a.rescore_tol) {
+      const double d = exact_sqdist_row(xrow, a.y + j * a.y_row_bytes, a.y_dtype, a.dim);
+      logit[j] = -d * c;
+      lower = std::max(lower, logit[j]);
+      ++rescored;
+    }
+    mx = std::max(mx, logit[j]);
+  }
+  const double alpha = (a.m[b] == neg_inf) ? 0.0 : std::exp(a.m[b] - mx);
+  float* prow = a.p + b * a.g_ld;
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t j = 0; j < a.tile; ++j) {
+    if (logit[j] == neg_inf) {
+      prow[j] = 0.0f;
+      continue;
+    }
+    const float p = static_cast<float>(std::exp(logit[j] - mx));
+    prow[j] = p;
+    sum += static_cast<double>(p);
+    count += p != 0.0f;
+  }
+  a.s[b] = a.s[b] * alpha + sum;
+  a.m[b] = mx;
+  a.mlow[b] = lower;
+  a.scale[b] = static_cast<float>(alpha);
+  *nonzero += count;
+  return rescored;
+}
+
+template <typename G>
+std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t rescore_budget, int threads) {
+  std::vector<double> ynorm(a.tile);
+  for (int64_t j = 0; j < a.tile; ++j) ynorm[j] = std::sqrt(a.yn2[j]);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+  if (rescore_budget >= 0) {  // dry run: would this tile re-score more pairs than the budget?
+    int64_t wanted = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : wanted)
+    {
+      std::vector<double> logit(a.tile), err(a.tile);
+      int64_t unused = 0;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < a.batch; ++b) wanted += process_row(a, g + b * a.g_ld, b, false, logit, err, ynorm, &unused);
+    }
+    if (wanted > rescore_budget) return {-1, wanted};
+  }
+  int64_t nonzero = 0, rescored = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : nonzero, rescored)
+  {
+    std::vector<double> logit(a.tile), err(a.tile);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < a.batch; ++b) rescored += process_row(a, g + b * a.g_ld, b, true, logit, err, ynorm, &nonzero);
+  }
+  return {nonzero, rescored};
+}
+
+// One training tile: turn G [B, T] (x . y; float32, or float64 from a float64 GEMM) into weights
+// P = exp(l - m_new) in p (float32 [B, T], may alias g when g is float32; 0 for pairs that cannot
+// carry weight), update the running max m, the running lower bound m_low of the max (max over pairs
+// of l - e), the running sum s, and write scale = exp(m_old - m_new).
+// With rescore_budget >= 0 and more pairs to re-score than that, nothing is written and
+// (-1, wanted) is returned (the caller then recomputes G more precisely). Otherwise returns
+// (number of nonzero weights, number of re-scored pairs).
+std::pair<int64_t, int64_t> tile_update(
+    std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, std::uintptr_t p_ptr, int64_t batch,
+    int64_t tile, std::uintptr_t x_ptr, int64_t x_ld, int64_t dim, std::uintptr_t xn2_ptr,
+    std::uintptr_t inv2s2_ptr, std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld,
+    std::uintptr_t yn2_ptr, double gemm_err_coef, double rescore_tol, double band, int64_t rescore_budget,
+    std::uintptr_t m_ptr, std::uintptr_t mlow_ptr, std::uintptr_t s_ptr, std::uintptr_t scale_ptr, int threads) {
+  for (auto [ptr, name] : {std::pair{g_ptr, "g"}, {p_ptr, "p"}, {x_ptr, "x"}, {xn2_ptr, "x_sqnorm"},
+                           {inv2s2_ptr, "inv_two_sigma_sq"}, {y_ptr, "train"}, {yn2_ptr, "train_sqnorm"},
+                           {m_ptr, "running_max"}, {mlow_ptr, "running_max_lower"}, {s_ptr, "running_sum"},
+                           {scale_ptr, "scale"}})
+    check_ptr(ptr, name);
   check_positive(batch, "batch");
   check_positive(tile, "tile");
   check_positive(dim, "dim");
@@ -127,83 +241,17 @@ int64_t tile_update(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_t t
   check_arg(x_ld >= dim && y_ld >= dim, "x_ld/y_ld", "row strides must be >= dim");
   check_arg(gemm_err_coef >= 0 && rescore_tol >= 0 && band > 0, "gemm_err_coef/rescore_tol/band",
             "expected gemm_err_coef >= 0, rescore_tol >= 0, band > 0");
+  const DType gd = parse_dtype(g_dtype, "g_dtype");
+  check_arg(gd == DType::float32 || gd == DType::float64, "g_dtype", "expected float32 or float64, got " + g_dtype);
   const DType y_dtype = train_dtype(y_dtype_name);
-  auto* g = reinterpret_cast<float*>(g_ptr);
-  const auto* x = reinterpret_cast<const float*>(x_ptr);
-  const auto* xn2 = reinterpret_cast<const double*>(xn2_ptr);
-  const auto* inv2s2 = reinterpret_cast<const double*>(inv2s2_ptr);
-  const auto* ybase = reinterpret_cast<const char*>(y_ptr);
-  const auto* yn2 = reinterpret_cast<const double*>(yn2_ptr);
-  auto* m = reinterpret_cast<double*>(m_ptr);
-  auto* mlow = reinterpret_cast<double*>(mlow_ptr);
-  auto* s = reinterpret_cast<double*>(s_ptr);
-  auto* scale = reinterpret_cast<float*>(scale_ptr);
-  const int64_t y_row_bytes = y_ld * element_size(y_dtype);
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-
-  std::vector<double> ynorm(tile);
-  for (int64_t j = 0; j < tile; ++j) ynorm[j] = std::sqrt(yn2[j]);
-
-  int64_t nonzero = 0;
-  const int nthreads = resolve_threads(threads);
-  (void)nthreads;
-#pragma omp parallel num_threads(nthreads) reduction(+ : nonzero)
-  {
-    std::vector<double> logit(tile), err(tile);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < batch; ++b) {
-      float* grow = g + b * g_ld;
-      const float* xrow = x + b * x_ld;
-      const double c = inv2s2[b];
-      const double xn = xn2[b];
-      // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
-      const double err_per_ynorm = 2.0 * gemm_err_coef * std::sqrt(xn) * c;
-      double lower = mlow[b];
-      for (int64_t j = 0; j < tile; ++j) {
-        const double l = -(xn + yn2[j] - 2.0 * static_cast<double>(grow[j])) * c;
-        const double e = err_per_ynorm * ynorm[j];
-        logit[j] = l;
-        err[j] = e;
-        lower = std::max(lower, l - e);
-      }
-      // Pairs whose upper bound is below (lower - band) have weight < exp(-band) relative to the
-      // max: they are dropped. The rest keep their logit when its error is small enough, else
-      // they are re-scored exactly.
-      const double cut = lower - band;
-      double mx = m[b];
-      for (int64_t j = 0; j < tile; ++j) {
-        if (logit[j] + err[j] < cut) {
-          logit[j] = neg_inf;
-          continue;
-        }
-        if (err[j] > rescore_tol) {
-          const double d = exact_sqdist_row(xrow, ybase + j * y_row_bytes, y_dtype, dim);
-          logit[j] = -d * c;
-          lower = std::max(lower, logit[j]);
-        }
-        mx = std::max(mx, logit[j]);
-      }
-      const double alpha = (m[b] == neg_inf) ? 0.0 : std::exp(m[b] - mx);
-      double sum = 0;
-      int64_t count = 0;
-      for (int64_t j = 0; j < tile; ++j) {
-        if (logit[j] == neg_inf) {
-          grow[j] = 0.0f;
-          continue;
-        }
-        const double p = std::exp(logit[j] - mx);
-        grow[j] = static_cast<float>(p);
-        sum += static_cast<double>(grow[j]);
-        count += grow[j] != 0.0f;
-      }
-      s[b] = s[b] * alpha + sum;
-      m[b] = mx;
-      mlow[b] = lower;
-      scale[b] = static_cast<float>(alpha);
-      nonzero += count;
-    }
-  }
-  return nonzero;
+  TileArgs a{batch, tile, dim, x_ld, y_ld * element_size(y_dtype), g_ld,
+             reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const double*>(xn2_ptr),
+             reinterpret_cast<const double*>(inv2s2_ptr), reinterpret_cast<const char*>(y_ptr), y_dtype,
+             reinterpret_cast<const double*>(yn2_ptr), gemm_err_coef, rescore_tol, band,
+             reinterpret_cast<double*>(m_ptr), reinterpret_cast<double*>(mlow_ptr), reinterpret_cast<double*>(s_ptr),
+             reinterpret_cast<float*>(scale_ptr), reinterpret_cast<float*>(p_ptr)};
+  if (gd == DType::float32) return run_tile(a, reinterpret_cast<const float*>(g_ptr), rescore_budget, threads);
+  return run_tile(a, reinterpret_cast<const double*>(g_ptr), rescore_budget, threads);
 }
 
 // acc[b] = acc[b] * scale[b] + sum_j P[b, j] y_j over the nonzero weights only (small sigma).
@@ -290,12 +338,14 @@ void register_empirical_denoise(py::module_& m) {
   m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, arg("y_ptr"), arg("dtype"), arg("rows"),
         arg("dim"), arg("ld"), arg("out_ptr"), arg("threads"),
         "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
-  m.def("empirical_denoise_tile_update", &tile_update, release, arg("g_ptr"), arg("g_ld"), arg("batch"),
-        arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("y_ptr"),
-        arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"), arg("rescore_tol"), arg("band"),
-        arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"), arg("scale_ptr"), arg("threads"),
-        "One training tile of the empirical denoiser: G -> weights in place, running log-sum-exp "
-        "update; returns the number of nonzero weights.");
+  m.def("empirical_denoise_tile_update", &tile_update, release, arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
+        arg("p_ptr"), arg("batch"), arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"),
+        arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"),
+        arg("rescore_tol"), arg("band"), arg("rescore_budget"), arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"),
+        arg("scale_ptr"), arg("threads"),
+        "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
+        "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
+        "pairs would need exact re-scoring (nothing written).");
   m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
         arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
         arg("acc_ptr"), arg("acc_ld"), arg("threads"),

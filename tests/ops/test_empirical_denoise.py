@@ -181,6 +181,24 @@ def test_cpu_tiling_with_remainder_tiles(tile_rows, sigma):
     assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
 
 
+@pytest.mark.parametrize("sigma", [3.0, 10.0, 30.0])
+def test_cpu_mid_sigma_switches_to_float64_gram(monkeypatch, sigma):
+    """At image sizes and mid sigma most pairs carry weight and the fp32 bound is too loose to keep
+    their logits: the tile's Gram matrix is recomputed in float64 instead of re-scoring each pair."""
+    created = []
+    original = ed._PreciseGram
+
+    def spy(*args, **kwargs):
+        created.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ed, "_PreciseGram", spy)
+    x, train = make_case(8, 400, 3072, sigma, torch.uint8)
+    check_against_reference(x, train, sigma, "cpu")
+    if sigma == 10.0:
+        assert created, "expected the float64 Gram path at sigma=10, D=3072"
+
+
 def test_cpu_tile_rows_keep_the_working_set_small():
     for batch, rows, dim, dtype in [(256, 10000, 3072, torch.float32), (64, 50000, 3072, torch.uint8),
                                     (1, 10, 5, torch.float32), (4096, 100000, 64, torch.float32)]:

@@ -46,6 +46,7 @@ BAND = 60.0
 # actually made are about 10x smaller (see gemm_error_coefficient), and largely average out.
 RESCORE_TOL = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
+FP64_PER_FP32_ROUNDOFF = 2.0 ** -29  # u(float64) / u(float32)
 
 
 def gemm_error_coefficient(dim: int) -> float:
@@ -159,19 +160,29 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None):
     g_buffer = torch.empty(batch * tile, dtype=torch.float32)
     convert_buffer = torch.empty(tile * dim, dtype=torch.float32) if y.dtype == torch.uint8 else None
     err_coef = gemm_error_coefficient(dim)
+    precise = None  # float64 Gram path, created when exact re-scoring would cost more than it
     for start in range(0, rows, tile):
         count = min(tile, rows - start)
         y_tile = y[start:start + count]
-        if convert_buffer is not None:  # uint8 -> [-1, 1], one tile at a time
-            y_float = convert_buffer[:count * dim].view(count, dim).copy_(y_tile).div_(127.5).sub_(1.0)
-        else:
-            y_float = y_tile
+        state = (run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
+        common = (xr.data_ptr(), dim, dim, x_sqnorm.data_ptr(), inv2s2.data_ptr(), y_tile.data_ptr(), y_dtype, dim,
+                  y_sqnorm[start:].data_ptr())
         g = g_buffer[:batch * count].view(batch, count)
-        torch.mm(xr, y_float.t(), out=g)
-        nonzero = ext.empirical_denoise_tile_update(
-            g.data_ptr(), count, batch, count, xr.data_ptr(), dim, dim, x_sqnorm.data_ptr(), inv2s2.data_ptr(),
-            y_tile.data_ptr(), y_dtype, dim, y_sqnorm[start:].data_ptr(), err_coef, RESCORE_TOL, BAND,
-            run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
+        nonzero = -1
+        if precise is None:
+            y_float = _tile_as_float32(y_tile, convert_buffer)
+            torch.mm(xr, y_float.t(), out=g)
+            nonzero, _ = ext.empirical_denoise_tile_update(
+                g.data_ptr(), "float32", count, g.data_ptr(), batch, count, *common, err_coef, RESCORE_TOL, BAND,
+                batch * count // 16, *state)
+            if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
+                precise = _PreciseGram(xr, tile)
+        if precise is not None:
+            g64 = precise.gram(y_tile)
+            nonzero, _ = ext.empirical_denoise_tile_update(
+                g64.data_ptr(), "float64", count, g.data_ptr(), batch, count, *common,
+                err_coef * FP64_PER_FP32_ROUNDOFF, RESCORE_TOL, BAND, -1, *state)
+            y_float = _tile_as_float32(y_tile, convert_buffer)
         if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
             ext.empirical_denoise_sparse_accumulate(g.data_ptr(), count, batch, count, scale.data_ptr(),
                                                     y_tile.data_ptr(), y_dtype, dim, dim, acc.data_ptr(), dim,
@@ -181,6 +192,35 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None):
     out = acc.div_(run_sum.to(torch.float32)[:, None])
     logz = run_max + torch.log(run_sum)
     return out, logz
+
+
+def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: torch.Tensor | None) -> torch.Tensor:
+    """A training tile [T, D] as float32: a view for float32 rows, else u8 / 127.5 - 1 in the buffer."""
+    if convert_buffer is None:
+        return y_tile
+    count, dim = y_tile.shape
+    return convert_buffer[:count * dim].view(count, dim).copy_(y_tile).div_(127.5).sub_(1.0)
+
+
+class _PreciseGram:
+    """x . y in float64 for one tile at a time, converting the tile in chunks of rows so that the
+    float64 copy stays under 4 MiB. Used where most pairs carry weight and the fp32 bound is too
+    loose to keep their logits (mid sigma at image sizes): cheaper than exact re-scoring."""
+
+    def __init__(self, xr: torch.Tensor, tile: int):
+        self.x64 = xr.to(torch.float64)
+        self.buffer = torch.empty(xr.shape[0] * tile, dtype=torch.float64)
+        self.chunk = max(16, (4 << 20) // (8 * xr.shape[1]))
+
+    def gram(self, y_tile: torch.Tensor) -> torch.Tensor:
+        count = y_tile.shape[0]
+        out = self.buffer[:self.x64.shape[0] * count].view(self.x64.shape[0], count)
+        for c0 in range(0, count, self.chunk):
+            block = y_tile[c0:c0 + self.chunk].to(torch.float64)
+            if y_tile.dtype == torch.uint8:
+                block.div_(127.5).sub_(1.0)
+            out[:, c0:c0 + block.shape[0]] = self.x64 @ block.t()
+        return out
 
 
 # ---------------------------------------------------------------- triton
