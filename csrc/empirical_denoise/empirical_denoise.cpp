@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
@@ -109,6 +110,16 @@ void row_sqnorms(std::uintptr_t y_ptr, const std::string& dtype_name, int64_t ro
   for (int64_t i = 0; i < rows; ++i) out[i] = row_sqnorm(base + i * row_bytes, dtype, dim);
 }
 
+// Gram entries as double: float32, float64, or bfloat16 (raw bits, from a bf16 screening GEMM).
+inline double gram_value(float v) { return v; }
+inline double gram_value(double v) { return v; }
+inline double gram_value(uint16_t bf16_bits) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 // Everything one tile needs, as typed pointers.
 struct TileArgs {
   int64_t batch, tile, dim, x_ld, y_row_bytes, g_ld;
@@ -139,7 +150,7 @@ int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, st
   const double err_per_ynorm = 2.0 * a.gemm_err_coef * std::sqrt(xn) * c;
   double lower = a.mlow[b];
   for (int64_t j = 0; j < a.tile; ++j) {
-    const double l = -(xn + a.yn2[j] - 2.0 * static_cast<double>(grow[j])) * c;
+    const double l = -(xn + a.yn2[j] - 2.0 * gram_value(grow[j])) * c;
     const double e = err_per_ynorm * ynorm[j];
     logit[j] = l;
     err[j] = e;
@@ -216,7 +227,7 @@ std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t resc
   return {nonzero, rescored};
 }
 
-// One training tile: turn G [B, T] (x . y; float32, or float64 from a float64 GEMM) into weights
+// One training tile: turn G [B, T] (x . y; float32, bfloat16 from a screening GEMM, or float64) into weights
 // P = exp(l - m_new) in p (float32 [B, T], may alias g when g is float32; 0 for pairs that cannot
 // carry weight), update the running max m, the running lower bound m_low of the max (max over pairs
 // of l - e), the running sum s, and write scale = exp(m_old - m_new).
@@ -242,7 +253,8 @@ std::pair<int64_t, int64_t> tile_update(
   check_arg(gemm_err_coef >= 0 && rescore_tol >= 0 && band > 0, "gemm_err_coef/rescore_tol/band",
             "expected gemm_err_coef >= 0, rescore_tol >= 0, band > 0");
   const DType gd = parse_dtype(g_dtype, "g_dtype");
-  check_arg(gd == DType::float32 || gd == DType::float64, "g_dtype", "expected float32 or float64, got " + g_dtype);
+  check_arg(gd == DType::float32 || gd == DType::float64 || gd == DType::bfloat16, "g_dtype",
+            "expected float32, float64 or bfloat16, got " + g_dtype);
   const DType y_dtype = train_dtype(y_dtype_name);
   TileArgs a{batch, tile, dim, x_ld, y_ld * element_size(y_dtype), g_ld,
              reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const double*>(xn2_ptr),
@@ -251,6 +263,7 @@ std::pair<int64_t, int64_t> tile_update(
              reinterpret_cast<double*>(m_ptr), reinterpret_cast<double*>(mlow_ptr), reinterpret_cast<double*>(s_ptr),
              reinterpret_cast<float*>(scale_ptr), reinterpret_cast<float*>(p_ptr)};
   if (gd == DType::float32) return run_tile(a, reinterpret_cast<const float*>(g_ptr), rescore_budget, threads);
+  if (gd == DType::bfloat16) return run_tile(a, reinterpret_cast<const uint16_t*>(g_ptr), rescore_budget, threads);
   return run_tile(a, reinterpret_cast<const double*>(g_ptr), rescore_budget, threads);
 }
 

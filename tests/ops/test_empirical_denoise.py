@@ -185,18 +185,57 @@ def test_cpu_tiling_with_remainder_tiles(tile_rows, sigma):
 def test_cpu_mid_sigma_switches_to_float64_gram(monkeypatch, sigma):
     """At image sizes and mid sigma most pairs carry weight and the fp32 bound is too loose to keep
     their logits: the tile's Gram matrix is recomputed in float64 instead of re-scoring each pair."""
+    created = _spy_on(monkeypatch, "_PreciseGram")
+    x, train = make_case(8, 400, 3072, sigma, torch.uint8)
+    check_against_reference(x, train, sigma, "cpu")
+    if sigma == 10.0:
+        assert created, "expected the float64 Gram path at sigma=10, D=3072"
+
+
+def _spy_on(monkeypatch, name):
     created = []
-    original = ed._PreciseGram
+    original = getattr(ed, name)
 
     def spy(*args, **kwargs):
         created.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ed, "_PreciseGram", spy)
-    x, train = make_case(8, 400, 3072, sigma, torch.uint8)
+    monkeypatch.setattr(ed, name, spy)
+    return created
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0])
+def test_cpu_bf16_screening_at_small_sigma(monkeypatch, sigma):
+    """At D >= 256 the CPU path screens with a bf16 GEMM and re-scores the candidates exactly."""
+    screened = _spy_on(monkeypatch, "_Bf16Gram")
+    x, train = make_case(9, 500, 768, sigma, torch.uint8)
     check_against_reference(x, train, sigma, "cpu")
-    if sigma == 10.0:
-        assert created, "expected the float64 Gram path at sigma=10, D=3072"
+    assert screened
+
+
+def test_cpu_bf16_screening_near_duplicates_and_ties():
+    """Clustered training points (near-duplicates within the bf16 error band): many candidates,
+    the screening gives way to fp32 or re-scores them all; near-ties resolved exactly."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.rand(20, 512, generator=gen, dtype=torch.float64) * 2 - 1
+    train = (base.repeat_interleave(25, 0) + 1e-3 * torch.randn(500, 512, generator=gen, dtype=torch.float64))
+    train = train.float()
+    x = (train[[0, 30, 260]].double() + 1e-3 * torch.randn(3, 512, generator=gen, dtype=torch.float64)).float()
+    x = torch.cat([x, ((train[7] + train[8]) / 2)[None]])  # near-tie of two near-duplicates
+    for sigma in (0.002, 0.01, 0.05):
+        check_against_reference(x, train, sigma, "cpu")
+
+
+def test_cpu_bf16_screening_gives_way_at_large_sigma(monkeypatch):
+    screened = _spy_on(monkeypatch, "_Bf16Gram")
+    x, train = make_case(9, 500, 768, 80.0, torch.float32)
+    sigma64 = torch.full((9,), 80.0, dtype=torch.float64)
+    out_screen, logz_screen = ed._run_cpu(x, train, sigma64, tile_rows=100)
+    out_plain, logz_plain = ed._run_cpu(x, train, sigma64, tile_rows=100, screen=False)
+    assert screened
+    torch.testing.assert_close(out_screen, out_plain, rtol=0, atol=0)  # every tile after the first: fp32
+    ref_out, ref_logz = empirical_denoise_ref(x, train, 80.0)
+    assert row_rel_error(out_screen, ref_out) <= REL_TOL
 
 
 def test_cpu_tile_rows_keep_the_working_set_small():

@@ -47,6 +47,7 @@ BAND = 60.0
 RESCORE_TOL = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 FP64_PER_FP32_ROUNDOFF = 2.0 ** -29  # u(float64) / u(float32)
+BF16_SCREEN_MIN_DIM = 256  # below this the fp32 GEMM is cheap next to the rest
 
 
 def gemm_error_coefficient(dim: int) -> float:
@@ -58,6 +59,15 @@ def gemm_error_coefficient(dim: int) -> float:
     like a random walk beyond dim 4096.
     """
     return max(2.0, 2.0 * math.sqrt(dim / 4096.0)) * FP32_UNIT_ROUNDOFF
+
+
+def bf16_gemm_error_coefficient(dim: int) -> float:
+    """``k`` in ``|G~ - x.y| <= k |x| |y|`` for a bf16 GEMM (inputs rounded to bf16, fp32
+    accumulation, result rounded to bf16), by Cauchy-Schwarz on ``sum |x_k y_k|``: input rounding
+    ``2 u + u^2`` (u = 2^-9; uint8 rows are decoded in fp32 first, 2^-23 more), worst-case fp32
+    accumulation ``dim * 2^-24``, output rounding ``u``, with 1% to spare."""
+    unit = 2.0 ** -9
+    return 1.01 * (3 * unit + unit * unit + 2.0 ** -23 + dim * FP32_UNIT_ROUNDOFF * (1 + 3 * unit))
 
 
 def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, backend: str = "auto") -> torch.Tensor:
@@ -133,7 +143,7 @@ def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype) -> 
     return int(min(rows, tile, 4096))
 
 
-def _run_cpu(x, train, sigma64, tile_rows: int | None = None):
+def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
     ext = extension()
     xr = _rows(x).to(torch.float32).contiguous()
     batch, dim = xr.shape
@@ -157,38 +167,50 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None):
     acc = torch.zeros(batch, dim, dtype=torch.float32)
 
     tile = tile_rows or cpu_tile_rows(batch, rows, dim, train.dtype)
-    g_buffer = torch.empty(batch * tile, dtype=torch.float32)
+    g_buffer = torch.empty(batch * tile, dtype=torch.float32)  # fp32 Gram tile, then the weights P
     convert_buffer = torch.empty(tile * dim, dtype=torch.float32) if y.dtype == torch.uint8 else None
-    err_coef = gemm_error_coefficient(dim)
-    precise = None  # float64 Gram path, created when exact re-scoring would cost more than it
+    # Gram precision per tile, in this order, moving on when a tile would need too many exact
+    # re-scorings: bf16 screening (small sigma: few pairs carry weight), fp32, fp64 (mid sigma).
+    mode = "bf16" if (dim >= BF16_SCREEN_MIN_DIM and screen) else "fp32"
+    screen_gram = _Bf16Gram(xr, tile, convert_buffer) if mode == "bf16" else None
+    precise_gram = None
     for start in range(0, rows, tile):
         count = min(tile, rows - start)
         y_tile = y[start:start + count]
         state = (run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
         common = (xr.data_ptr(), dim, dim, x_sqnorm.data_ptr(), inv2s2.data_ptr(), y_tile.data_ptr(), y_dtype, dim,
                   y_sqnorm[start:].data_ptr())
-        g = g_buffer[:batch * count].view(batch, count)
+        p = g_buffer[:batch * count].view(batch, count)
+        y_float = None
         nonzero = -1
-        if precise is None:
-            y_float = _tile_as_float32(y_tile, convert_buffer)
-            torch.mm(xr, y_float.t(), out=g)
+        if mode == "bf16":
+            gram = screen_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
-                g.data_ptr(), "float32", count, g.data_ptr(), batch, count, *common, err_coef, RESCORE_TOL, BAND,
-                batch * count // 16, *state)
+                gram.data_ptr(), "bfloat16", count, p.data_ptr(), batch, count, *common,
+                bf16_gemm_error_coefficient(dim), RESCORE_TOL, BAND, batch * count // 64, *state)
+            if nonzero < 0:
+                mode, screen_gram = "fp32", None
+        if mode == "fp32":
+            y_float = _tile_as_float32(y_tile, convert_buffer)
+            torch.mm(xr, y_float.t(), out=p)
+            nonzero, _ = ext.empirical_denoise_tile_update(
+                p.data_ptr(), "float32", count, p.data_ptr(), batch, count, *common, gemm_error_coefficient(dim),
+                RESCORE_TOL, BAND, batch * count // 16, *state)
             if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
-                precise = _PreciseGram(xr, tile)
-        if precise is not None:
-            g64 = precise.gram(y_tile)
+                mode, precise_gram = "fp64", _PreciseGram(xr, tile)
+        if mode == "fp64":
+            gram = precise_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
-                g64.data_ptr(), "float64", count, g.data_ptr(), batch, count, *common,
-                err_coef * FP64_PER_FP32_ROUNDOFF, RESCORE_TOL, BAND, -1, *state)
-            y_float = _tile_as_float32(y_tile, convert_buffer)
+                gram.data_ptr(), "float64", count, p.data_ptr(), batch, count, *common,
+                gemm_error_coefficient(dim) * FP64_PER_FP32_ROUNDOFF, RESCORE_TOL, BAND, -1, *state)
         if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
-            ext.empirical_denoise_sparse_accumulate(g.data_ptr(), count, batch, count, scale.data_ptr(),
+            ext.empirical_denoise_sparse_accumulate(p.data_ptr(), count, batch, count, scale.data_ptr(),
                                                     y_tile.data_ptr(), y_dtype, dim, dim, acc.data_ptr(), dim,
                                                     threads)
         else:
-            acc.mul_(scale[:, None]).addmm_(g, y_float)
+            if y_float is None:
+                y_float = _tile_as_float32(y_tile, convert_buffer)
+            acc.mul_(scale[:, None]).addmm_(p, y_float)
     out = acc.div_(run_sum.to(torch.float32)[:, None])
     logz = run_max + torch.log(run_sum)
     return out, logz
@@ -200,6 +222,26 @@ def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: torch.Tensor | None) 
         return y_tile
     count, dim = y_tile.shape
     return convert_buffer[:count * dim].view(count, dim).copy_(y_tile).div_(127.5).sub_(1.0)
+
+
+class _Bf16Gram:
+    """x . y from a bfloat16 GEMM (bf16 inputs, fp32 accumulation, bf16 result): 4-6x faster than
+    fp32 here, used to find the few pairs that carry weight at small sigma (each then re-scored
+    exactly). The tile is converted into one reused [T, D] bf16 buffer (uint8 rows through the fp32
+    decode, so that each value is rounded to bf16 once, relative to its size)."""
+
+    def __init__(self, xr: torch.Tensor, tile: int, convert_buffer: torch.Tensor | None):
+        self.x16 = xr.to(torch.bfloat16)
+        self.buffer = torch.empty(tile * xr.shape[1], dtype=torch.bfloat16)
+        self.out = torch.empty(xr.shape[0] * tile, dtype=torch.bfloat16)
+        self.convert_buffer = convert_buffer
+
+    def gram(self, y_tile: torch.Tensor) -> torch.Tensor:
+        count, dim = y_tile.shape
+        y16 = self.buffer[:count * dim].view(count, dim)
+        y16.copy_(_tile_as_float32(y_tile, self.convert_buffer))
+        out = self.out[:self.x16.shape[0] * count].view(self.x16.shape[0], count)
+        return torch.mm(self.x16, y16.t(), out=out)
 
 
 class _PreciseGram:
