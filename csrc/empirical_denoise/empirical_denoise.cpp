@@ -34,6 +34,9 @@ namespace py = pybind11;
 namespace diffcore {
 namespace {
 
+// Below this many elementary operations a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = int64_t{1} << 17;
+
 // uint8 pixels in double: u / 127.5 - 1 without the float rounding of pixel_value(uint8_t), which
 // the 1 / (2 sigma^2) of tiny sigma would magnify at near-ties.
 struct PixelTable {
@@ -106,8 +109,43 @@ void row_sqnorms(std::uintptr_t y_ptr, const std::string& dtype_name, int64_t ro
   const int64_t row_bytes = ld * element_size(dtype);
   const int nthreads = resolve_threads(threads);
   (void)nthreads;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * dim > kMinParallelWork)
   for (int64_t i = 0; i < rows; ++i) out[i] = row_sqnorm(base + i * row_bytes, dtype, dim);
+}
+
+// float -> bfloat16 bits, round to nearest even (finite inputs).
+inline uint16_t to_bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Training rows [rows, dim] (float32 or uint8 as u/127.5-1) into a float32 or bfloat16 buffer, each
+// value rounded once from its exact value (the GEMM error bounds assume one relative rounding).
+void decode_rows(std::uintptr_t src_ptr, const std::string& src_dtype, int64_t rows, int64_t dim,
+                 std::uintptr_t dst_ptr, const std::string& dst_dtype, int threads) {
+  check_ptr(src_ptr, "src");
+  check_ptr(dst_ptr, "dst");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  const DType sd = train_dtype(src_dtype);
+  const DType dd = parse_dtype(dst_dtype, "dst_dtype");
+  check_arg(dd == DType::float32 || dd == DType::bfloat16, "dst_dtype", "expected float32 or bfloat16, got " + dst_dtype);
+  const int64_t total = rows * dim;
+  float table[256];
+  for (int u = 0; u < 256; ++u) table[u] = static_cast<float>(pixel_table().value[u]);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (total > kMinParallelWork)
+  for (int64_t i = 0; i < total; ++i) {
+    const float v = sd == DType::uint8 ? table[reinterpret_cast<const uint8_t*>(src_ptr)[i]]
+                                       : reinterpret_cast<const float*>(src_ptr)[i];
+    if (dd == DType::float32)
+      reinterpret_cast<float*>(dst_ptr)[i] = v;
+    else
+      reinterpret_cast<uint16_t*>(dst_ptr)[i] = to_bf16_bits(v);
+  }
 }
 
 // Gram entries as double: float32, float64, or bfloat16 (raw bits, from a bf16 screening GEMM).
@@ -135,6 +173,7 @@ struct TileArgs {
   double* s;
   float* scale;
   float* p;  // [B, T] weights out (row stride g_ld)
+  bool bound_only = false;  // only raise m_low (first pass): nothing else is read or written
 };
 
 // One query row of a tile. With commit=false only counts the pairs that would be re-scored
@@ -158,6 +197,10 @@ int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, st
   }
   // Pairs whose upper bound is below (lower - band) weigh less than exp(-band) of the largest
   // weight: dropped. The rest keep their logit when its error is small enough, else are re-scored.
+  if (a.bound_only) {
+    a.mlow[b] = lower;
+    return 0;
+  }
   const double cut = lower - a.band;
   int64_t rescored = 0;
   if (!commit) {
@@ -201,24 +244,25 @@ int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, st
 }
 
 template <typename G>
-std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t rescore_budget, int threads) {
+std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t rescore_budget, bool count_only,
+                                     int threads) {
   std::vector<double> ynorm(a.tile);
   for (int64_t j = 0; j < a.tile; ++j) ynorm[j] = std::sqrt(a.yn2[j]);
   const int nthreads = resolve_threads(threads);
   (void)nthreads;
   if (rescore_budget >= 0) {  // dry run: would this tile re-score more pairs than the budget?
     int64_t wanted = 0;
-#pragma omp parallel num_threads(nthreads) reduction(+ : wanted)
+#pragma omp parallel num_threads(nthreads) reduction(+ : wanted) if (a.batch * a.tile > kMinParallelWork / 8)
     {
       std::vector<double> logit(a.tile), err(a.tile);
       int64_t unused = 0;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < a.batch; ++b) wanted += process_row(a, g + b * a.g_ld, b, false, logit, err, ynorm, &unused);
     }
-    if (wanted > rescore_budget) return {-1, wanted};
+    if (count_only || wanted > rescore_budget) return {-1, wanted};
   }
   int64_t nonzero = 0, rescored = 0;
-#pragma omp parallel num_threads(nthreads) reduction(+ : nonzero, rescored)
+#pragma omp parallel num_threads(nthreads) reduction(+ : nonzero, rescored) if (a.batch * a.tile > kMinParallelWork / 8)
   {
     std::vector<double> logit(a.tile), err(a.tile);
 #pragma omp for schedule(dynamic, 4)
@@ -227,12 +271,19 @@ std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t resc
   return {nonzero, rescored};
 }
 
+// rescore_budget value asking tile_update for the first pass only: m_low = max(m_low, max_j (l - e)).
+constexpr int64_t kBoundOnly = -2;
+// rescore_budget value asking only for the number of pairs that would be re-scored: (-1, wanted).
+constexpr int64_t kCountOnly = -3;
+
 // One training tile: turn G [B, T] (x . y; float32, bfloat16 from a screening GEMM, or float64) into weights
 // P = exp(l - m_new) in p (float32 [B, T], may alias g when g is float32; 0 for pairs that cannot
 // carry weight), update the running max m, the running lower bound m_low of the max (max over pairs
 // of l - e), the running sum s, and write scale = exp(m_old - m_new).
 // With rescore_budget >= 0 and more pairs to re-score than that, nothing is written and
-// (-1, wanted) is returned (the caller then recomputes G more precisely). Otherwise returns
+// (-1, wanted) is returned (the caller then recomputes G more precisely). With rescore_budget == -2
+// (first pass) only m_low is raised to the tile's lower bound of the max logit; with -3 nothing is
+// written and (-1, number of pairs that would be re-scored) is returned. Otherwise returns
 // (number of nonzero weights, number of re-scored pairs).
 std::pair<int64_t, int64_t> tile_update(
     std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, std::uintptr_t p_ptr, int64_t batch,
@@ -262,9 +313,15 @@ std::pair<int64_t, int64_t> tile_update(
              reinterpret_cast<const double*>(yn2_ptr), gemm_err_coef, rescore_tol, band,
              reinterpret_cast<double*>(m_ptr), reinterpret_cast<double*>(mlow_ptr), reinterpret_cast<double*>(s_ptr),
              reinterpret_cast<float*>(scale_ptr), reinterpret_cast<float*>(p_ptr)};
-  if (gd == DType::float32) return run_tile(a, reinterpret_cast<const float*>(g_ptr), rescore_budget, threads);
-  if (gd == DType::bfloat16) return run_tile(a, reinterpret_cast<const uint16_t*>(g_ptr), rescore_budget, threads);
-  return run_tile(a, reinterpret_cast<const double*>(g_ptr), rescore_budget, threads);
+  a.bound_only = rescore_budget == kBoundOnly;
+  const bool count_only = rescore_budget == kCountOnly;
+  check_arg(rescore_budget >= -1 || a.bound_only || count_only, "rescore_budget",
+            "expected >= 0, -1 (no budget), -2 (bound only) or -3 (count only)");
+  const int64_t budget = a.bound_only ? -1 : (count_only ? 0 : rescore_budget);
+  if (gd == DType::float32) return run_tile(a, reinterpret_cast<const float*>(g_ptr), budget, count_only, threads);
+  if (gd == DType::bfloat16)
+    return run_tile(a, reinterpret_cast<const uint16_t*>(g_ptr), budget, count_only, threads);
+  return run_tile(a, reinterpret_cast<const double*>(g_ptr), budget, count_only, threads);
 }
 
 // acc[b] = acc[b] * scale[b] + sum_j P[b, j] y_j over the nonzero weights only (small sigma).
@@ -286,7 +343,7 @@ void sparse_accumulate(std::uintptr_t p_ptr, int64_t p_ld, int64_t batch, int64_
   for (int u = 0; u < 256; ++u) table[u] = static_cast<float>(pixel_table().value[u]);
   const int nthreads = resolve_threads(threads);
   (void)nthreads;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (batch * dim > kMinParallelWork)
   for (int64_t b = 0; b < batch; ++b) {
     float* arow = acc + b * acc_ld;
     const float a = scale[b];
@@ -351,6 +408,9 @@ void register_empirical_denoise(py::module_& m) {
   m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, arg("y_ptr"), arg("dtype"), arg("rows"),
         arg("dim"), arg("ld"), arg("out_ptr"), arg("threads"),
         "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
+  m.def("empirical_denoise_decode_rows", &decode_rows, release, arg("src_ptr"), arg("src_dtype"), arg("rows"),
+        arg("dim"), arg("dst_ptr"), arg("dst_dtype"), arg("threads"),
+        "float32/uint8 rows (uint8 as u/127.5-1) into a float32 or bfloat16 buffer (one rounding).");
   m.def("empirical_denoise_tile_update", &tile_update, release, arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
         arg("p_ptr"), arg("batch"), arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"),
         arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"),
@@ -358,7 +418,8 @@ void register_empirical_denoise(py::module_& m) {
         arg("scale_ptr"), arg("threads"),
         "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
         "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
-        "pairs would need exact re-scoring (nothing written).");
+        "pairs would need exact re-scoring (nothing written). rescore_budget=-2: only raise the "
+        "running lower bound of the max logit (first pass).");
   m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
         arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
         arg("acc_ptr"), arg("acc_ld"), arg("threads"),

@@ -241,12 +241,15 @@ def test_cpu_bf16_screening_gives_way_at_large_sigma(monkeypatch):
 def test_cpu_tile_rows_keep_the_working_set_small():
     for batch, rows, dim, dtype in [(256, 10000, 3072, torch.float32), (64, 50000, 3072, torch.uint8),
                                     (1, 10, 5, torch.float32), (4096, 100000, 64, torch.float32)]:
-        tile = ed.cpu_tile_rows(batch, rows, dim, dtype)
-        assert 1 <= tile <= rows
-        assert tile == rows or tile >= 64
-        assert batch * tile * 4 <= max(2 << 20, batch * 64 * 4)  # [B, T] weights
-        if dtype != torch.float32:
-            assert tile * dim * 4 <= max(8 << 20, 64 * dim * 4)  # [T, D] conversion buffer
+        for screen in (False, True):
+            tile = ed.cpu_tile_rows(batch, rows, dim, dtype, screen)
+            assert 1 <= tile <= rows
+            assert tile == rows or tile >= 64
+            assert batch * tile * 4 <= max(2 << 20, batch * 64 * 4)  # [B, T] weights
+            if screen:
+                assert tile * dim * 2 <= max(4 << 20, 64 * dim * 2)  # [T, D] bf16 buffer
+            if dtype != torch.float32:
+                assert tile * dim * 4 <= max(8 << 20, 64 * dim * 4)  # [T, D] fp32 decode buffer
 
 
 @pytest.mark.slow

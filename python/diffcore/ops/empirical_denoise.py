@@ -48,6 +48,8 @@ RESCORE_TOL = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 FP64_PER_FP32_ROUNDOFF = 2.0 ** -29  # u(float64) / u(float32)
 BF16_SCREEN_MIN_DIM = 256  # below this the fp32 GEMM is cheap next to the rest
+BOUND_ONLY = -2  # rescore_budget value: first pass of tile_update (lower bound of the max only)
+COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
 
 
 def gemm_error_coefficient(dim: int) -> float:
@@ -133,11 +135,13 @@ def _run_reference(x, train, sigma64):
 
 
 # ---------------------------------------------------------------- cpu (torch GEMM tiles + C++)
-def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype) -> int:
-    """Training rows per tile on the CPU: the [B, T] weight tile stays under 2 MiB (plus, for
-    uint8 / non-fp32 training sets, a [T, D] fp32 conversion buffer under 8 MiB), at least 64 rows
-    so that the GEMM stays efficient, and never more than N."""
+def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype, screen: bool = False) -> int:
+    """Training rows per tile on the CPU: the [B, T] weight tile stays under 2 MiB, the [T, D]
+    bf16 screening buffer (``screen``) under 4 MiB, the [T, D] fp32 decode buffer of uint8 / non-fp32
+    training sets under 8 MiB; at least 64 rows so that the GEMM stays efficient, at most N."""
     tile = max(64, (2 << 20) // (4 * batch))
+    if screen:
+        tile = min(tile, max(64, (4 << 20) // (2 * dim)))
     if train_dtype != torch.float32:
         tile = min(tile, max(64, (8 << 20) // (4 * dim)))
     return int(min(rows, tile, 4096))
@@ -155,7 +159,8 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     threads = torch.get_num_threads()
     y_dtype = dtype_name(y.dtype)
 
-    x_sqnorm = xr.to(torch.float64).square().sum(1)
+    x_sqnorm = torch.empty(batch, dtype=torch.float64)
+    ext.empirical_denoise_row_sqnorms(xr.data_ptr(), "float32", batch, dim, dim, x_sqnorm.data_ptr(), threads)
     inv2s2 = (0.5 / sigma64.square()).contiguous()
     y_sqnorm = torch.empty(rows, dtype=torch.float64)
     ext.empirical_denoise_row_sqnorms(y.data_ptr(), y_dtype, rows, dim, dim, y_sqnorm.data_ptr(), threads)
@@ -166,14 +171,31 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     scale = torch.empty(batch, dtype=torch.float32)
     acc = torch.zeros(batch, dim, dtype=torch.float32)
 
-    tile = tile_rows or cpu_tile_rows(batch, rows, dim, train.dtype)
+    screen = screen and dim >= BF16_SCREEN_MIN_DIM
+    tile = tile_rows or cpu_tile_rows(batch, rows, dim, train.dtype, screen)
     g_buffer = torch.empty(batch * tile, dtype=torch.float32)  # fp32 Gram tile, then the weights P
-    convert_buffer = torch.empty(tile * dim, dtype=torch.float32) if y.dtype == torch.uint8 else None
+    convert_buffer = _LazyBuffer(tile * dim, torch.float32) if y.dtype == torch.uint8 else None
     # Gram precision per tile, in this order, moving on when a tile would need too many exact
     # re-scorings: bf16 screening (small sigma: few pairs carry weight), fp32, fp64 (mid sigma).
-    mode = "bf16" if (dim >= BF16_SCREEN_MIN_DIM and screen) else "fp32"
-    screen_gram = _Bf16Gram(xr, tile, convert_buffer) if mode == "bf16" else None
+    mode = "bf16" if screen else "fp32"
+    screen_gram = _Bf16Gram(xr, tile, threads) if mode == "bf16" else None
     precise_gram = None
+    if screen:
+        # First pass (bf16, cheap): a lower bound of every row's largest logit over the whole set,
+        # so that the second pass keeps only real candidates from the first tile on. When already
+        # the first tile keeps most pairs (large sigma: dense weights), screening cannot help.
+        for start in range(0, rows, tile):
+            count = min(tile, rows - start)
+            y_tile = y[start:start + count]
+            gram = screen_gram.gram(y_tile)
+            args = (gram.data_ptr(), "bfloat16", count, g_buffer.data_ptr(), batch, count, xr.data_ptr(), dim, dim,
+                    x_sqnorm.data_ptr(), inv2s2.data_ptr(), y_tile.data_ptr(), y_dtype, dim,
+                    y_sqnorm[start:].data_ptr(), bf16_gemm_error_coefficient(dim), RESCORE_TOL, BAND)
+            state = (run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
+            ext.empirical_denoise_tile_update(*args, BOUND_ONLY, *state)
+            if start == 0 and ext.empirical_denoise_tile_update(*args, COUNT_ONLY, *state)[1] * 2 > batch * count:
+                mode, screen_gram = "fp32", None  # run_max_lower keeps tile 0's bound: still valid
+                break
     for start in range(0, rows, tile):
         count = min(tile, rows - start)
         y_tile = y[start:start + count]
@@ -216,30 +238,47 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     return out, logz
 
 
-def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: torch.Tensor | None) -> torch.Tensor:
+class _LazyBuffer:
+    """A flat buffer allocated on first use (the uint8 -> fp32 tile buffer is only needed when a
+    tile leaves the bf16 screening)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype):
+        self.numel, self.dtype, self.tensor = numel, dtype, None
+
+    def get(self) -> torch.Tensor:
+        if self.tensor is None:
+            self.tensor = torch.empty(self.numel, dtype=self.dtype)
+        return self.tensor
+
+
+def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: _LazyBuffer | None) -> torch.Tensor:
     """A training tile [T, D] as float32: a view for float32 rows, else u8 / 127.5 - 1 in the buffer."""
     if convert_buffer is None:
         return y_tile
     count, dim = y_tile.shape
-    return convert_buffer[:count * dim].view(count, dim).copy_(y_tile).div_(127.5).sub_(1.0)
+    out = convert_buffer.get()[:count * dim].view(count, dim)
+    extension().empirical_denoise_decode_rows(y_tile.data_ptr(), "uint8", count, dim, out.data_ptr(), "float32",
+                                              torch.get_num_threads())
+    return out
 
 
 class _Bf16Gram:
     """x . y from a bfloat16 GEMM (bf16 inputs, fp32 accumulation, bf16 result): 4-6x faster than
     fp32 here, used to find the few pairs that carry weight at small sigma (each then re-scored
-    exactly). The tile is converted into one reused [T, D] bf16 buffer (uint8 rows through the fp32
-    decode, so that each value is rounded to bf16 once, relative to its size)."""
+    exactly). The tile is decoded into one reused [T, D] bf16 buffer, each value rounded once from
+    its exact value (uint8 included)."""
 
-    def __init__(self, xr: torch.Tensor, tile: int, convert_buffer: torch.Tensor | None):
+    def __init__(self, xr: torch.Tensor, tile: int, threads: int):
         self.x16 = xr.to(torch.bfloat16)
         self.buffer = torch.empty(tile * xr.shape[1], dtype=torch.bfloat16)
         self.out = torch.empty(xr.shape[0] * tile, dtype=torch.bfloat16)
-        self.convert_buffer = convert_buffer
+        self.threads = threads
 
     def gram(self, y_tile: torch.Tensor) -> torch.Tensor:
         count, dim = y_tile.shape
         y16 = self.buffer[:count * dim].view(count, dim)
-        y16.copy_(_tile_as_float32(y_tile, self.convert_buffer))
+        extension().empirical_denoise_decode_rows(y_tile.data_ptr(), dtype_name(y_tile.dtype), count, dim,
+                                                  y16.data_ptr(), "bfloat16", self.threads)
         out = self.out[:self.x16.shape[0] * count].view(self.x16.shape[0], count)
         return torch.mm(self.x16, y16.t(), out=out)
 
