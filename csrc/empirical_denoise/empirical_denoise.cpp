@@ -324,6 +324,153 @@ std::pair<int64_t, int64_t> tile_update(
   return run_tile(a, reinterpret_cast<const double*>(g_ptr), budget, count_only, threads);
 }
 
+// Screening with candidate lists (small sigma, one bf16 pass). For each row, raise m_low with this
+// tile's bounds (as the first pass of tile_update) and append to the row's list [cap] every pair
+// whose upper bound l + e reaches m_low - band (global index start + j, upper bound). A full list is
+// pruned against the current cut; a row whose list stays full is marked overflowed (count = cap + 1)
+// and collects nothing more (its m_low still rises). Returns the number of overflowed rows.
+int64_t screen_collect(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_t tile, int64_t start,
+                       std::uintptr_t xn2_ptr, std::uintptr_t inv2s2_ptr, std::uintptr_t yn2_ptr, double gemm_err_coef,
+                       double band, std::uintptr_t mlow_ptr, std::uintptr_t cand_index_ptr,
+                       std::uintptr_t cand_upper_ptr, std::uintptr_t cand_count_ptr, int64_t cap, int threads) {
+  for (auto [ptr, name] : {std::pair{g_ptr, "g"}, {xn2_ptr, "x_sqnorm"}, {inv2s2_ptr, "inv_two_sigma_sq"},
+                           {yn2_ptr, "train_sqnorm"}, {mlow_ptr, "running_max_lower"}, {cand_index_ptr, "cand_index"},
+                           {cand_upper_ptr, "cand_upper"}, {cand_count_ptr, "cand_count"}})
+    check_ptr(ptr, name);
+  check_positive(batch, "batch");
+  check_positive(tile, "tile");
+  check_positive(cap, "cap");
+  check_arg(g_ld >= tile, "g_ld", "row stride of g must be >= tile");
+  const auto* g = reinterpret_cast<const uint16_t*>(g_ptr);
+  const auto* xn2 = reinterpret_cast<const double*>(xn2_ptr);
+  const auto* inv2s2 = reinterpret_cast<const double*>(inv2s2_ptr);
+  const auto* yn2 = reinterpret_cast<const double*>(yn2_ptr);
+  auto* mlow = reinterpret_cast<double*>(mlow_ptr);
+  auto* cand_index = reinterpret_cast<int64_t*>(cand_index_ptr);
+  auto* cand_upper = reinterpret_cast<double*>(cand_upper_ptr);
+  auto* cand_count = reinterpret_cast<int64_t*>(cand_count_ptr);
+  std::vector<double> ynorm(tile);
+  for (int64_t j = 0; j < tile; ++j) ynorm[j] = std::sqrt(yn2[j]);
+  int64_t overflowed = 0;
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel num_threads(nthreads) reduction(+ : overflowed) if (batch * tile > kMinParallelWork / 8)
+  {
+    std::vector<double> upper(tile);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      int64_t& count = cand_count[b];
+      const double c = inv2s2[b];
+      const double xn = xn2[b];
+      const double err_per_ynorm = 2.0 * gemm_err_coef * std::sqrt(xn) * c;
+      const uint16_t* grow = g + b * g_ld;
+      double lower = mlow[b];
+      for (int64_t j = 0; j < tile; ++j) {
+        const double l = -(xn + yn2[j] - 2.0 * gram_value(grow[j])) * c;
+        const double e = err_per_ynorm * ynorm[j];
+        upper[j] = l + e;
+        lower = std::max(lower, l - e);
+      }
+      mlow[b] = lower;  // raised for overflowed rows too: their second pass starts from it
+      if (count > cap) continue;
+      const double cut = lower - band;
+      int64_t* index = cand_index + b * cap;
+      double* up = cand_upper + b * cap;
+      for (int64_t j = 0; j < tile && count <= cap; ++j) {
+        if (upper[j] < cut) continue;
+        if (count == cap) {  // full: keep only the entries that still reach the cut
+          int64_t kept = 0;
+          for (int64_t i = 0; i < count; ++i)
+            if (up[i] >= cut) index[kept] = index[i], up[kept] = up[i], ++kept;
+          count = kept;
+          if (count == cap) {
+            count = cap + 1;
+            ++overflowed;
+            break;
+          }
+        }
+        index[count] = start + j;
+        up[count] = upper[j];
+        ++count;
+      }
+    }
+  }
+  return overflowed;
+}
+
+// Final step of the candidate-list screening: per row, exact logits (difference first, float64) of
+// the candidates whose upper bound reaches m_low - band, then out = sum softmax(l) y and
+// logz = logsumexp(l) over them (the pairs left out weigh < exp(-band) of the largest weight).
+void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t dim, std::uintptr_t inv2s2_ptr,
+                     std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, std::uintptr_t mlow_ptr,
+                     std::uintptr_t cand_index_ptr, std::uintptr_t cand_upper_ptr, std::uintptr_t cand_count_ptr,
+                     int64_t cap, double band, std::uintptr_t out_ptr, std::uintptr_t logz_ptr, int threads) {
+  for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {inv2s2_ptr, "inv_two_sigma_sq"}, {y_ptr, "train"},
+                           {mlow_ptr, "running_max_lower"}, {cand_index_ptr, "cand_index"},
+                           {cand_upper_ptr, "cand_upper"}, {cand_count_ptr, "cand_count"}, {out_ptr, "out"},
+                           {logz_ptr, "logz"}})
+    check_ptr(ptr, name);
+  check_positive(batch, "batch");
+  check_positive(dim, "dim");
+  check_positive(cap, "cap");
+  const DType y_dtype = train_dtype(y_dtype_name);
+  const auto* x = reinterpret_cast<const float*>(x_ptr);
+  const auto* inv2s2 = reinterpret_cast<const double*>(inv2s2_ptr);
+  const auto* ybase = reinterpret_cast<const char*>(y_ptr);
+  const auto* mlow = reinterpret_cast<const double*>(mlow_ptr);
+  const auto* cand_index = reinterpret_cast<const int64_t*>(cand_index_ptr);
+  const auto* cand_upper = reinterpret_cast<const double*>(cand_upper_ptr);
+  const auto* cand_count = reinterpret_cast<const int64_t*>(cand_count_ptr);
+  auto* out = reinterpret_cast<float*>(out_ptr);
+  auto* logz = reinterpret_cast<double*>(logz_ptr);
+  const int64_t y_row_bytes = y_ld * element_size(y_dtype);
+  const double* table = pixel_table().value;
+  for (int64_t b = 0; b < batch; ++b)
+    check_arg(cand_count[b] >= 1 && cand_count[b] <= cap, "cand_count", "every row needs 1..cap candidates");
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel num_threads(nthreads) if (batch * dim > kMinParallelWork / 8)
+  {
+    std::vector<double> logit, acc(dim);
+    std::vector<int64_t> rows;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      const double c = inv2s2[b];
+      const double cut = mlow[b] - band;
+      const float* xrow = x + b * x_ld;
+      logit.clear();
+      rows.clear();
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t i = 0; i < cand_count[b]; ++i) {
+        if (cand_upper[b * cap + i] < cut) continue;
+        const int64_t r = cand_index[b * cap + i];
+        const double l = -exact_sqdist_row(xrow, ybase + r * y_row_bytes, y_dtype, dim) * c;
+        logit.push_back(l);
+        rows.push_back(r);
+        mx = std::max(mx, l);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double sum = 0;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const double w = std::exp(logit[i] - mx);
+        if (w == 0.0) continue;
+        sum += w;
+        const char* yrow = ybase + rows[i] * y_row_bytes;
+        if (y_dtype == DType::float32) {
+          const auto* yf = reinterpret_cast<const float*>(yrow);
+          for (int64_t k = 0; k < dim; ++k) acc[k] += w * static_cast<double>(yf[k]);
+        } else {
+          const auto* yu = reinterpret_cast<const uint8_t*>(yrow);
+          for (int64_t k = 0; k < dim; ++k) acc[k] += w * table[yu[k]];
+        }
+      }
+      float* orow = out + b * dim;
+      for (int64_t k = 0; k < dim; ++k) orow[k] = static_cast<float>(acc[k] / sum);
+      logz[b] = mx + std::log(sum);
+    }
+  }
+}
+
 // acc[b] = acc[b] * scale[b] + sum_j P[b, j] y_j over the nonzero weights only (small sigma).
 void sparse_accumulate(std::uintptr_t p_ptr, int64_t p_ld, int64_t batch, int64_t tile, std::uintptr_t scale_ptr,
                        std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, int64_t dim,
@@ -420,6 +567,17 @@ void register_empirical_denoise(py::module_& m) {
         "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
         "pairs would need exact re-scoring (nothing written). rescore_budget=-2: only raise the "
         "running lower bound of the max logit (first pass).");
+  m.def("empirical_denoise_screen_collect", &screen_collect, release, arg("g_ptr"), arg("g_ld"), arg("batch"),
+        arg("tile"), arg("start"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("yn2_ptr"), arg("gemm_err_coef"),
+        arg("band"), arg("mlow_ptr"), arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"),
+        arg("cap"), arg("threads"),
+        "Screening pass over one tile of a bf16 Gram matrix: raise the lower bound of each row's max "
+        "logit and collect the candidate pairs; returns the number of rows whose list overflowed.");
+  m.def("empirical_denoise_screen_finalize", &screen_finalize, release, arg("x_ptr"), arg("x_ld"), arg("batch"),
+        arg("dim"), arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("mlow_ptr"),
+        arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"), arg("cap"), arg("band"),
+        arg("out_ptr"), arg("logz_ptr"), arg("threads"),
+        "Exact re-scoring of the collected candidates: out [B, D] float32 and logz [B] float64.");
   m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
         arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
         arg("acc_ptr"), arg("acc_ld"), arg("threads"),

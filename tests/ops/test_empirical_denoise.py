@@ -213,6 +213,21 @@ def test_cpu_bf16_screening_at_small_sigma(monkeypatch, sigma):
     assert screened
 
 
+@pytest.mark.parametrize("cap", [1, 2, 5])
+@pytest.mark.parametrize("sigma", [0.002, 0.5, 2.0])
+def test_cpu_screening_candidate_overflow(monkeypatch, cap, sigma):
+    """Tiny candidate lists force overflows: the rows go through a second screening pass (with
+    their global lower bound), then through the streaming pass; the result must not change."""
+    monkeypatch.setattr(ed, "SCREEN_CANDIDATES", cap)
+    x, train = make_case(7, 300, 512, sigma, torch.uint8)
+    x = torch.cat([x, torch.randn(2, 512)])  # far queries: many candidates
+    sigma64 = torch.full((9,), sigma, dtype=torch.float64)
+    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
+    out, logz = ed._run_cpu(x, train, sigma64, tile_rows=64)
+    assert row_rel_error(out, ref_out) <= REL_TOL
+    assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
+
+
 def test_cpu_bf16_screening_near_duplicates_and_ties():
     """Clustered training points (near-duplicates within the bf16 error band): many candidates,
     the screening gives way to fp32 or re-scores them all; near-ties resolved exactly."""
@@ -321,6 +336,18 @@ def test_error_sigma_wrong_shape():
     x, train = _good()
     with pytest.raises(ValueError, match="sigma: expected a scalar or shape"):
         empirical_denoise(x, train, torch.ones(4))
+
+
+def test_error_sigma_on_another_device():
+    x, train = _good()
+    with pytest.raises(ValueError, match="sigma: expected a tensor on cpu"):
+        empirical_denoise(x, train, torch.ones(3, device="meta"))
+
+
+def test_zero_dim_sigma_tensor_is_a_scalar():
+    x, train = _good()
+    out = empirical_denoise(x, train, torch.tensor(0.7), backend="cpu")
+    torch.testing.assert_close(out, empirical_denoise(x, train, 0.7, backend="cpu"), rtol=0, atol=0)
 
 
 def test_error_nan_in_x():

@@ -17,6 +17,7 @@ autograd history.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,7 @@ FP64_PER_FP32_ROUNDOFF = 2.0 ** -29  # u(float64) / u(float32)
 BF16_SCREEN_MIN_DIM = 256  # below this the fp32 GEMM is cheap next to the rest
 BOUND_ONLY = -2  # rescore_budget value: first pass of tile_update (lower bound of the max only)
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
+SCREEN_CANDIDATES = 256  # candidate pairs kept per row by the screening pass (16 bytes each)
 
 
 def gemm_error_coefficient(dim: int) -> float:
@@ -116,7 +118,7 @@ def _validate(x, train, sigma):
         raise ValueError(f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
                          f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})")
     device = check_same_device(x=x, train=train)
-    if isinstance(sigma, torch.Tensor) and sigma.device != device:
+    if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
         raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
     check_finite("x", x)
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
@@ -147,61 +149,158 @@ def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype, scr
     return int(min(rows, tile, 4096))
 
 
+@dataclass
+class _Queries:
+    """Per-query state of the CPU path: fp32 rows, norms, 1/(2 sigma^2), running log-sum-exp."""
+
+    x: torch.Tensor           # [B, D] float32
+    x_sqnorm: torch.Tensor    # [B] float64
+    inv2s2: torch.Tensor      # [B] float64
+    run_max: torch.Tensor     # [B] float64, max of the logits used so far
+    run_max_lower: torch.Tensor  # [B] float64, lower bound of the largest logit of the whole set
+    run_sum: torch.Tensor     # [B] float64, sum of exp(l - run_max)
+    scale: torch.Tensor       # [B] float32, exp(old max - new max) of the last tile
+    acc: torch.Tensor         # [B, D] float32, sum of exp(l - run_max) y
+
+    @classmethod
+    def create(cls, x: torch.Tensor, inv2s2: torch.Tensor, threads: int, lower: torch.Tensor | None = None):
+        batch, dim = x.shape
+        x_sqnorm = torch.empty(batch, dtype=torch.float64)
+        extension().empirical_denoise_row_sqnorms(x.data_ptr(), "float32", batch, dim, dim, x_sqnorm.data_ptr(),
+                                                  threads)
+        lower = torch.full((batch,), -math.inf, dtype=torch.float64) if lower is None else lower.clone()
+        return cls(x, x_sqnorm, inv2s2.contiguous(), torch.full((batch,), -math.inf, dtype=torch.float64), lower,
+                   torch.zeros(batch, dtype=torch.float64), torch.empty(batch, dtype=torch.float32),
+                   torch.zeros(batch, dim, dtype=torch.float32))
+
+    def state(self, threads: int) -> tuple:
+        return (self.run_max.data_ptr(), self.run_max_lower.data_ptr(), self.run_sum.data_ptr(),
+                self.scale.data_ptr(), threads)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.acc.div_(self.run_sum.to(torch.float32)[:, None]), self.run_max + torch.log(self.run_sum)
+
+
+@dataclass
+class _TrainSet:
+    """Training rows [N, D] (float32 or uint8), their float64 squared norms, and the tiling."""
+
+    y: torch.Tensor
+    y_sqnorm: torch.Tensor
+    tile: int
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.y.dtype)
+
+    def tiles(self):
+        for start in range(0, self.y.shape[0], self.tile):
+            yield start, self.y[start:start + self.tile]
+
+
 def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
+    """CPU backend: see the module docstring and docs/empirical_denoise.md.
+
+    Small sigma (D >= 256): one bf16 screening pass collects each query's candidates, re-scored
+    exactly (``_screen``); queries whose candidate list overflowed get a second screening pass with
+    the global lower bound of their max logit. Otherwise (dense weights), or when that fails too:
+    ``_stream`` with fp32 (then fp64) Gram tiles and a running log-sum-exp."""
     ext = extension()
+    threads = torch.get_num_threads()
     xr = _rows(x).to(torch.float32).contiguous()
     batch, dim = xr.shape
     y = _rows(train)
     if y.dtype not in (torch.float32, torch.uint8):
         y = y.to(torch.float32)  # float16/bfloat16/float64 training sets: one fp32 copy
     y = y.contiguous()
-    rows = y.shape[0]
-    threads = torch.get_num_threads()
-    y_dtype = dtype_name(y.dtype)
-
-    x_sqnorm = torch.empty(batch, dtype=torch.float64)
-    ext.empirical_denoise_row_sqnorms(xr.data_ptr(), "float32", batch, dim, dim, x_sqnorm.data_ptr(), threads)
-    inv2s2 = (0.5 / sigma64.square()).contiguous()
-    y_sqnorm = torch.empty(rows, dtype=torch.float64)
-    ext.empirical_denoise_row_sqnorms(y.data_ptr(), y_dtype, rows, dim, dim, y_sqnorm.data_ptr(), threads)
-
-    run_max = torch.full((batch,), -math.inf, dtype=torch.float64)
-    run_max_lower = torch.full((batch,), -math.inf, dtype=torch.float64)
-    run_sum = torch.zeros(batch, dtype=torch.float64)
-    scale = torch.empty(batch, dtype=torch.float32)
-    acc = torch.zeros(batch, dim, dtype=torch.float32)
-
+    y_sqnorm = torch.empty(y.shape[0], dtype=torch.float64)
+    ext.empirical_denoise_row_sqnorms(y.data_ptr(), dtype_name(y.dtype), y.shape[0], dim, dim, y_sqnorm.data_ptr(),
+                                      threads)
     screen = screen and dim >= BF16_SCREEN_MIN_DIM
-    tile = tile_rows or cpu_tile_rows(batch, rows, dim, train.dtype, screen)
-    g_buffer = torch.empty(batch * tile, dtype=torch.float32)  # fp32 Gram tile, then the weights P
-    convert_buffer = _LazyBuffer(tile * dim, torch.float32) if y.dtype == torch.uint8 else None
-    # Gram precision per tile, in this order, moving on when a tile would need too many exact
-    # re-scorings: bf16 screening (small sigma: few pairs carry weight), fp32, fp64 (mid sigma).
+    data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, screen))
+    queries = _Queries.create(xr, 0.5 / sigma64.square(), threads)
+    if not screen:
+        _stream(queries, data, threads, screen=False)
+        return queries.result()
+
+    out = torch.empty(batch, dim, dtype=torch.float32)
+    logz = torch.empty(batch, dtype=torch.float64)
+    todo = torch.arange(batch)
+    for attempt in range(2):
+        finished = _screen(queries, data, threads, out, logz, todo)
+        if finished is None:  # dense weights: screening cannot help
+            break
+        todo = todo[~finished]
+        if todo.numel() == 0:
+            return out, logz
+        # again for the rows whose candidates overflowed, now knowing their global lower bound
+        queries = _Queries.create(xr[todo], queries.inv2s2[~finished], threads, queries.run_max_lower[~finished])
+    _stream(queries, data, threads, screen=True)
+    rest_out, rest_logz = queries.result()
+    out[todo], logz[todo] = rest_out, rest_logz
+    return out, logz
+
+
+def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor, logz: torch.Tensor,
+            rows: torch.Tensor) -> torch.Tensor | None:
+    """bf16 screening pass: raise each query's lower bound of its max logit and collect candidate
+    pairs; finish (exact re-scoring into out[rows], logz[rows]) the queries whose list did not
+    overflow. Returns the finished mask over ``rows``, or None when the first tile already keeps
+    nearly all pairs (dense weights)."""
+    ext = extension()
+    batch, dim = queries.x.shape
+    cap = SCREEN_CANDIDATES
+    cand_index = torch.empty(batch, cap, dtype=torch.int64)
+    cand_upper = torch.empty(batch, cap, dtype=torch.float64)
+    cand_count = torch.zeros(batch, dtype=torch.int64)
+    gram_of = _Bf16Gram(queries.x, data.tile, threads)
+    coef = bf16_gemm_error_coefficient(dim)
+    for start, y_tile in data.tiles():
+        count = y_tile.shape[0]
+        gram = gram_of.gram(y_tile)
+        ext.empirical_denoise_screen_collect(
+            gram.data_ptr(), count, batch, count, start, queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(),
+            data.y_sqnorm[start:].data_ptr(), coef, BAND, queries.run_max_lower.data_ptr(), cand_index.data_ptr(),
+            cand_upper.data_ptr(), cand_count.data_ptr(), cap, threads)
+        if start == 0:
+            wanted = ext.empirical_denoise_tile_update(
+                gram.data_ptr(), "bfloat16", count, gram.data_ptr(), batch, count, queries.x.data_ptr(), dim, dim,
+                queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(), y_tile.data_ptr(), data.dtype_name, dim,
+                data.y_sqnorm[start:].data_ptr(), coef, RESCORE_TOL, BAND, COUNT_ONLY, *queries.state(threads))[1]
+            if wanted * 10 > 9 * batch * count:  # (not 1/2: before a query meets its nearest
+                return None                      # points, many pairs of a tile look alike)
+    finished = cand_count <= cap
+    if bool(finished.any()):
+        done = finished.nonzero().squeeze(1)
+        sub_out = torch.empty(done.numel(), dim, dtype=torch.float32)
+        sub_logz = torch.empty(done.numel(), dtype=torch.float64)
+        # (gathered copies held in variables: a temporary's data_ptr would dangle)
+        x_done, inv_done, lower_done = queries.x[done], queries.inv2s2[done], queries.run_max_lower[done]
+        index_done, upper_done, count_done = cand_index[done], cand_upper[done], cand_count[done]
+        ext.empirical_denoise_screen_finalize(
+            x_done.data_ptr(), dim, done.numel(), dim, inv_done.data_ptr(), data.y.data_ptr(), data.dtype_name, dim,
+            lower_done.data_ptr(), index_done.data_ptr(), upper_done.data_ptr(), count_done.data_ptr(), cap, BAND,
+            sub_out.data_ptr(), sub_logz.data_ptr(), threads)
+        out[rows[done]], logz[rows[done]] = sub_out, sub_logz
+    return finished
+
+
+def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: bool) -> None:
+    """Streaming pass over the training tiles with a running log-sum-exp. The Gram precision goes
+    bf16 (``screen``: candidates only, each re-scored exactly) -> fp32 -> fp64, moving on for good
+    when a tile would need too many exact re-scorings (dense weights; mid sigma at image sizes)."""
+    ext = extension()
+    batch, dim = queries.x.shape
+    g_buffer = torch.empty(batch * data.tile, dtype=torch.float32)  # fp32 Gram tile, then the weights P
+    convert_buffer = _LazyBuffer(data.tile * dim, torch.float32) if data.y.dtype == torch.uint8 else None
     mode = "bf16" if screen else "fp32"
-    screen_gram = _Bf16Gram(xr, tile, threads) if mode == "bf16" else None
+    screen_gram = _Bf16Gram(queries.x, data.tile, threads) if screen else None
     precise_gram = None
-    if screen:
-        # First pass (bf16, cheap): a lower bound of every row's largest logit over the whole set,
-        # so that the second pass keeps only real candidates from the first tile on. When already
-        # the first tile keeps most pairs (large sigma: dense weights), screening cannot help.
-        for start in range(0, rows, tile):
-            count = min(tile, rows - start)
-            y_tile = y[start:start + count]
-            gram = screen_gram.gram(y_tile)
-            args = (gram.data_ptr(), "bfloat16", count, g_buffer.data_ptr(), batch, count, xr.data_ptr(), dim, dim,
-                    x_sqnorm.data_ptr(), inv2s2.data_ptr(), y_tile.data_ptr(), y_dtype, dim,
-                    y_sqnorm[start:].data_ptr(), bf16_gemm_error_coefficient(dim), RESCORE_TOL, BAND)
-            state = (run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
-            ext.empirical_denoise_tile_update(*args, BOUND_ONLY, *state)
-            if start == 0 and ext.empirical_denoise_tile_update(*args, COUNT_ONLY, *state)[1] * 2 > batch * count:
-                mode, screen_gram = "fp32", None  # run_max_lower keeps tile 0's bound: still valid
-                break
-    for start in range(0, rows, tile):
-        count = min(tile, rows - start)
-        y_tile = y[start:start + count]
-        state = (run_max.data_ptr(), run_max_lower.data_ptr(), run_sum.data_ptr(), scale.data_ptr(), threads)
-        common = (xr.data_ptr(), dim, dim, x_sqnorm.data_ptr(), inv2s2.data_ptr(), y_tile.data_ptr(), y_dtype, dim,
-                  y_sqnorm[start:].data_ptr())
+    state = queries.state(threads)
+    for start, y_tile in data.tiles():
+        count = y_tile.shape[0]
+        common = (queries.x.data_ptr(), dim, dim, queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(),
+                  y_tile.data_ptr(), data.dtype_name, dim, data.y_sqnorm[start:].data_ptr())
         p = g_buffer[:batch * count].view(batch, count)
         y_float = None
         nonzero = -1
@@ -214,28 +313,25 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
                 mode, screen_gram = "fp32", None
         if mode == "fp32":
             y_float = _tile_as_float32(y_tile, convert_buffer)
-            torch.mm(xr, y_float.t(), out=p)
+            torch.mm(queries.x, y_float.t(), out=p)
             nonzero, _ = ext.empirical_denoise_tile_update(
                 p.data_ptr(), "float32", count, p.data_ptr(), batch, count, *common, gemm_error_coefficient(dim),
                 RESCORE_TOL, BAND, batch * count // 16, *state)
             if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
-                mode, precise_gram = "fp64", _PreciseGram(xr, tile)
+                mode, precise_gram = "fp64", _PreciseGram(queries.x, data.tile)
         if mode == "fp64":
             gram = precise_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
                 gram.data_ptr(), "float64", count, p.data_ptr(), batch, count, *common,
                 gemm_error_coefficient(dim) * FP64_PER_FP32_ROUNDOFF, RESCORE_TOL, BAND, -1, *state)
         if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
-            ext.empirical_denoise_sparse_accumulate(p.data_ptr(), count, batch, count, scale.data_ptr(),
-                                                    y_tile.data_ptr(), y_dtype, dim, dim, acc.data_ptr(), dim,
-                                                    threads)
+            ext.empirical_denoise_sparse_accumulate(p.data_ptr(), count, batch, count, queries.scale.data_ptr(),
+                                                    y_tile.data_ptr(), data.dtype_name, dim, dim,
+                                                    queries.acc.data_ptr(), dim, threads)
         else:
             if y_float is None:
                 y_float = _tile_as_float32(y_tile, convert_buffer)
-            acc.mul_(scale[:, None]).addmm_(p, y_float)
-    out = acc.div_(run_sum.to(torch.float32)[:, None])
-    logz = run_max + torch.log(run_sum)
-    return out, logz
+            queries.acc.mul_(queries.scale[:, None]).addmm_(p, y_float)
 
 
 class _LazyBuffer:
