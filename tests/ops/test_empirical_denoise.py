@@ -346,7 +346,7 @@ def test_error_sigma_on_another_device():
 
 def test_zero_dim_sigma_tensor_is_a_scalar():
     x, train = _good()
-    out = empirical_denoise(x, train, torch.tensor(0.7), backend="cpu")
+    out = empirical_denoise(x, train, torch.tensor(0.7, dtype=torch.float64), backend="cpu")
     torch.testing.assert_close(out, empirical_denoise(x, train, 0.7, backend="cpu"), rtol=0, atol=0)
 
 
