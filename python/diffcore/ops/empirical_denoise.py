@@ -160,7 +160,7 @@ class _Queries:
     run_max_lower: torch.Tensor  # [B] float64, lower bound of the largest logit of the whole set
     run_sum: torch.Tensor     # [B] float64, sum of exp(l - run_max)
     scale: torch.Tensor       # [B] float32, exp(old max - new max) of the last tile
-    acc: torch.Tensor         # [B, D] float32, sum of exp(l - run_max) y
+    acc: torch.Tensor | None  # [B, D] float32, sum of exp(l - run_max) y (created by _stream)
 
     @classmethod
     def create(cls, x: torch.Tensor, inv2s2: torch.Tensor, threads: int, lower: torch.Tensor | None = None):
@@ -170,8 +170,7 @@ class _Queries:
                                                   threads)
         lower = torch.full((batch,), -math.inf, dtype=torch.float64) if lower is None else lower.clone()
         return cls(x, x_sqnorm, inv2s2.contiguous(), torch.full((batch,), -math.inf, dtype=torch.float64), lower,
-                   torch.zeros(batch, dtype=torch.float64), torch.empty(batch, dtype=torch.float32),
-                   torch.zeros(batch, dim, dtype=torch.float32))
+                   torch.zeros(batch, dtype=torch.float64), torch.empty(batch, dtype=torch.float32), None)
 
     def state(self, threads: int) -> tuple:
         return (self.run_max.data_ptr(), self.run_max_lower.data_ptr(), self.run_sum.data_ptr(),
@@ -270,7 +269,12 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
             if wanted * 10 > 9 * batch * count:  # (not 1/2: before a query meets its nearest
                 return None                      # points, many pairs of a tile look alike)
     finished = cand_count <= cap
-    if bool(finished.any()):
+    if bool(finished.all()) and rows.numel() == out.shape[0]:  # the common case: no gathered copies
+        ext.empirical_denoise_screen_finalize(
+            queries.x.data_ptr(), dim, batch, dim, queries.inv2s2.data_ptr(), data.y.data_ptr(), data.dtype_name, dim,
+            queries.run_max_lower.data_ptr(), cand_index.data_ptr(), cand_upper.data_ptr(), cand_count.data_ptr(),
+            cap, BAND, out.data_ptr(), logz.data_ptr(), threads)
+    elif bool(finished.any()):
         done = finished.nonzero().squeeze(1)
         sub_out = torch.empty(done.numel(), dim, dtype=torch.float32)
         sub_logz = torch.empty(done.numel(), dtype=torch.float64)
@@ -291,6 +295,7 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: bool) -> N
     when a tile would need too many exact re-scorings (dense weights; mid sigma at image sizes)."""
     ext = extension()
     batch, dim = queries.x.shape
+    queries.acc = torch.zeros(batch, dim, dtype=torch.float32)
     g_buffer = torch.empty(batch * data.tile, dtype=torch.float32)  # fp32 Gram tile, then the weights P
     convert_buffer = _LazyBuffer(data.tile * dim, torch.float32) if data.y.dtype == torch.uint8 else None
     mode = "bf16" if screen else "fp32"
