@@ -398,17 +398,19 @@ int64_t screen_collect(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_
   return overflowed;
 }
 
-// Final step of the candidate-list screening: per row, exact logits (difference first, float64) of
-// the candidates whose upper bound reaches m_low - band, then out = sum softmax(l) y and
-// logz = logsumexp(l) over them (the pairs left out weigh < exp(-band) of the largest weight).
+// Final step of the candidate-list screening: per row whose list did not overflow, exact logits
+// (difference first, float64) of the candidates whose upper bound reaches m_low - band, then
+// out[row_map[b]] = sum softmax(l) y and logz[row_map[b]] = logsumexp(l) over them (the pairs left
+// out weigh < exp(-band) of the largest weight).
 void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t dim, std::uintptr_t inv2s2_ptr,
                      std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, std::uintptr_t mlow_ptr,
                      std::uintptr_t cand_index_ptr, std::uintptr_t cand_upper_ptr, std::uintptr_t cand_count_ptr,
-                     int64_t cap, double band, std::uintptr_t out_ptr, std::uintptr_t logz_ptr, int threads) {
+                     int64_t cap, double band, std::uintptr_t row_map_ptr, std::uintptr_t out_ptr,
+                     std::uintptr_t logz_ptr, int threads) {
   for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {inv2s2_ptr, "inv_two_sigma_sq"}, {y_ptr, "train"},
                            {mlow_ptr, "running_max_lower"}, {cand_index_ptr, "cand_index"},
-                           {cand_upper_ptr, "cand_upper"}, {cand_count_ptr, "cand_count"}, {out_ptr, "out"},
-                           {logz_ptr, "logz"}})
+                           {cand_upper_ptr, "cand_upper"}, {cand_count_ptr, "cand_count"}, {row_map_ptr, "row_map"},
+                           {out_ptr, "out"}, {logz_ptr, "logz"}})
     check_ptr(ptr, name);
   check_positive(batch, "batch");
   check_positive(dim, "dim");
@@ -423,10 +425,11 @@ void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t 
   const auto* cand_count = reinterpret_cast<const int64_t*>(cand_count_ptr);
   auto* out = reinterpret_cast<float*>(out_ptr);
   auto* logz = reinterpret_cast<double*>(logz_ptr);
+  const auto* row_map = reinterpret_cast<const int64_t*>(row_map_ptr);
   const int64_t y_row_bytes = y_ld * element_size(y_dtype);
   const double* table = pixel_table().value;
   for (int64_t b = 0; b < batch; ++b)
-    check_arg(cand_count[b] >= 1 && cand_count[b] <= cap, "cand_count", "every row needs 1..cap candidates");
+    check_arg(cand_count[b] >= 1, "cand_count", "every row has at least one candidate (its nearest point)");
   const int nthreads = resolve_threads(threads);
   (void)nthreads;
 #pragma omp parallel num_threads(nthreads) if (batch * dim > kMinParallelWork / 8)
@@ -435,6 +438,7 @@ void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t 
     std::vector<int64_t> rows;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
+      if (cand_count[b] > cap) continue;  // overflowed: finished elsewhere
       const double c = inv2s2[b];
       const double cut = mlow[b] - band;
       const float* xrow = x + b * x_ld;
@@ -464,9 +468,9 @@ void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t 
           for (int64_t k = 0; k < dim; ++k) acc[k] += w * table[yu[k]];
         }
       }
-      float* orow = out + b * dim;
+      float* orow = out + row_map[b] * dim;
       for (int64_t k = 0; k < dim; ++k) orow[k] = static_cast<float>(acc[k] / sum);
-      logz[b] = mx + std::log(sum);
+      logz[row_map[b]] = mx + std::log(sum);
     }
   }
 }
@@ -576,7 +580,7 @@ void register_empirical_denoise(py::module_& m) {
   m.def("empirical_denoise_screen_finalize", &screen_finalize, release, arg("x_ptr"), arg("x_ld"), arg("batch"),
         arg("dim"), arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("mlow_ptr"),
         arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"), arg("cap"), arg("band"),
-        arg("out_ptr"), arg("logz_ptr"), arg("threads"),
+        arg("row_map_ptr"), arg("out_ptr"), arg("logz_ptr"), arg("threads"),
         "Exact re-scoring of the collected candidates: out [B, D] float32 and logz [B] float64.");
   m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
         arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),

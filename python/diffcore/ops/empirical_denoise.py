@@ -49,7 +49,6 @@ RESCORE_TOL = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 FP64_PER_FP32_ROUNDOFF = 2.0 ** -29  # u(float64) / u(float32)
 BF16_SCREEN_MIN_DIM = 256  # below this the fp32 GEMM is cheap next to the rest
-BOUND_ONLY = -2  # rescore_budget value: first pass of tile_update (lower bound of the max only)
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
 SCREEN_CANDIDATES = 256  # candidate pairs kept per row by the screening pass (16 bytes each)
 
@@ -269,23 +268,12 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
             if wanted * 10 > 9 * batch * count:  # (not 1/2: before a query meets its nearest
                 return None                      # points, many pairs of a tile look alike)
     finished = cand_count <= cap
-    if bool(finished.all()) and rows.numel() == out.shape[0]:  # the common case: no gathered copies
+    if bool(finished.any()):  # exact re-scoring, written straight into out[rows], logz[rows]
+        row_map = rows.to(torch.int64).contiguous()
         ext.empirical_denoise_screen_finalize(
             queries.x.data_ptr(), dim, batch, dim, queries.inv2s2.data_ptr(), data.y.data_ptr(), data.dtype_name, dim,
             queries.run_max_lower.data_ptr(), cand_index.data_ptr(), cand_upper.data_ptr(), cand_count.data_ptr(),
-            cap, BAND, out.data_ptr(), logz.data_ptr(), threads)
-    elif bool(finished.any()):
-        done = finished.nonzero().squeeze(1)
-        sub_out = torch.empty(done.numel(), dim, dtype=torch.float32)
-        sub_logz = torch.empty(done.numel(), dtype=torch.float64)
-        # (gathered copies held in variables: a temporary's data_ptr would dangle)
-        x_done, inv_done, lower_done = queries.x[done], queries.inv2s2[done], queries.run_max_lower[done]
-        index_done, upper_done, count_done = cand_index[done], cand_upper[done], cand_count[done]
-        ext.empirical_denoise_screen_finalize(
-            x_done.data_ptr(), dim, done.numel(), dim, inv_done.data_ptr(), data.y.data_ptr(), data.dtype_name, dim,
-            lower_done.data_ptr(), index_done.data_ptr(), upper_done.data_ptr(), count_done.data_ptr(), cap, BAND,
-            sub_out.data_ptr(), sub_logz.data_ptr(), threads)
-        out[rows[done]], logz[rows[done]] = sub_out, sub_logz
+            cap, BAND, row_map.data_ptr(), out.data_ptr(), logz.data_ptr(), threads)
     return finished
 
 
