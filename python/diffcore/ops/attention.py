@@ -23,8 +23,6 @@ the scores.
 """
 from __future__ import annotations
 
-import sys
-import types
 
 import torch
 
@@ -317,13 +315,3 @@ def attention_and_jvp(q, k, v, tq, tk, tv, *, scale: float | None = None, backen
             return cu.forward_jvp(q, k, v, tq, tk, tv, scale)
         return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)
 
-
-class _CallableModule(types.ModuleType):
-    """``diffcore.ops.attention`` is both this module and the op: importing the submodule makes the
-    package attribute the module, so the module forwards calls to ``attention``."""
-
-    def __call__(self, *args, **kwargs):
-        return attention(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
