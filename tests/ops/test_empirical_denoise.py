@@ -6,7 +6,6 @@ sigma from 0.002 to 80, near-ties included; logz to 5e-6 relative (absolute belo
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
