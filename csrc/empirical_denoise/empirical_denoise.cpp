@@ -180,13 +180,15 @@ struct TileArgs {
 // (nothing is written); with commit=true writes P and updates the running state.
 template <typename G>
 int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, std::vector<double>& logit,
-                    std::vector<double>& err, const std::vector<double>& ynorm, int64_t* nonzero) {
+                    std::vector<double>& err, const std::vector<double>& ynorm, double ynorm_max,
+                    int64_t* nonzero) {
   const double neg_inf = -std::numeric_limits<double>::infinity();
   const double c = a.inv2s2[b];
   const double xn = a.xn2[b];
   const float* xrow = a.x + b * a.x_ld;
   // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
   const double err_per_ynorm = 2.0 * a.gemm_err_coef * std::sqrt(xn) * c;
+  if (!commit && !a.bound_only && err_per_ynorm * ynorm_max <= a.rescore_tol) return 0;  // nothing to re-score
   double lower = a.mlow[b];
   for (int64_t j = 0; j < a.tile; ++j) {
     const double l = -(xn + a.yn2[j] - 2.0 * gram_value(grow[j])) * c;
@@ -247,7 +249,8 @@ template <typename G>
 std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t rescore_budget, bool count_only,
                                      int threads) {
   std::vector<double> ynorm(a.tile);
-  for (int64_t j = 0; j < a.tile; ++j) ynorm[j] = std::sqrt(a.yn2[j]);
+  double ynorm_max = 0;
+  for (int64_t j = 0; j < a.tile; ++j) ynorm[j] = std::sqrt(a.yn2[j]), ynorm_max = std::max(ynorm_max, ynorm[j]);
   const int nthreads = resolve_threads(threads);
   (void)nthreads;
   if (rescore_budget >= 0) {  // dry run: would this tile re-score more pairs than the budget?
@@ -257,7 +260,7 @@ std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t resc
       std::vector<double> logit(a.tile), err(a.tile);
       int64_t unused = 0;
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < a.batch; ++b) wanted += process_row(a, g + b * a.g_ld, b, false, logit, err, ynorm, &unused);
+      for (int64_t b = 0; b < a.batch; ++b) wanted += process_row(a, g + b * a.g_ld, b, false, logit, err, ynorm, ynorm_max, &unused);
     }
     if (count_only || wanted > rescore_budget) return {-1, wanted};
   }
@@ -266,7 +269,7 @@ std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t resc
   {
     std::vector<double> logit(a.tile), err(a.tile);
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < a.batch; ++b) rescored += process_row(a, g + b * a.g_ld, b, true, logit, err, ynorm, &nonzero);
+    for (int64_t b = 0; b < a.batch; ++b) rescored += process_row(a, g + b * a.g_ld, b, true, logit, err, ynorm, ynorm_max, &nonzero);
   }
   return {nonzero, rescored};
 }

@@ -224,16 +224,19 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     out = torch.empty(batch, dim, dtype=torch.float32)
     logz = torch.empty(batch, dtype=torch.float64)
     todo = torch.arange(batch)
+    dense = False
     for attempt in range(2):
         finished = _screen(queries, data, threads, out, logz, todo)
-        if finished is None:  # dense weights: screening cannot help
+        if finished is None:  # dense weights: screening cannot help; larger fp32 tiles
+            dense = True
+            data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, False))
             break
         todo = todo[~finished]
         if todo.numel() == 0:
             return out, logz
         # again for the rows whose candidates overflowed, now knowing their global lower bound
         queries = _Queries.create(xr[todo], queries.inv2s2[~finished], threads, queries.run_max_lower[~finished])
-    _stream(queries, data, threads, screen=True)
+    _stream(queries, data, threads, screen=not dense)
     rest_out, rest_logz = queries.result()
     out[todo], logz[todo] = rest_out, rest_logz
     return out, logz
