@@ -37,12 +37,11 @@ namespace {
 // Below this many elementary operations a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = int64_t{1} << 17;
 
-// uint8 pixels in double: u / 127.5 - 1 without the float rounding of pixel_value(uint8_t), which
-// the 1 / (2 sigma^2) of tiny sigma would magnify at near-ties.
+// uint8 pixels as double (u / 127.5 - 1, as in distance.h), tabulated for the decoding loops.
 struct PixelTable {
   double value[256];
   PixelTable() {
-    for (int u = 0; u < 256; ++u) value[u] = static_cast<double>(u) / 127.5 - 1.0;
+    for (int u = 0; u < 256; ++u) value[u] = value_as_double(static_cast<uint8_t>(u));
   }
 };
 const PixelTable& pixel_table() {
@@ -50,26 +49,10 @@ const PixelTable& pixel_table() {
   return table;
 }
 
-// Exact squared distance between a float row x and a training row (float: distance.h; uint8: the
-// double pixel table above).
+// Exact squared distance between a float row x and a float or uint8 training row (distance.h).
 double exact_sqdist_row(const float* x, const void* y, DType y_dtype, int64_t dim) {
   if (y_dtype == DType::float32) return exact_sqdist(x, static_cast<const float*>(y), dim);
-  const auto* yu = static_cast<const uint8_t*>(y);
-  const double* table = pixel_table().value;
-  double acc[4] = {0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 4 <= dim; i += 4) {
-    for (int l = 0; l < 4; ++l) {
-      const double diff = static_cast<double>(x[i + l]) - table[yu[i + l]];
-      acc[l] += diff * diff;
-    }
-  }
-  double total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  for (; i < dim; ++i) {
-    const double diff = static_cast<double>(x[i]) - table[yu[i]];
-    total += diff * diff;
-  }
-  return total;
+  return exact_sqdist(x, static_cast<const uint8_t*>(y), dim);
 }
 
 double row_sqnorm(const void* row, DType dtype, int64_t dim) {
