@@ -22,6 +22,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", []() {
     py::dict info;
+    info["cuda_mode"] = std::string(DIFFCORE_CUDA_MODE);  // DIFFCORE_CUDA at build time
 #ifdef DIFFCORE_WITH_CUDA
     info["cuda"] = true;
     info["cuda_version"] = diffcore::cuda_build_version();
@@ -52,7 +53,7 @@ PYBIND11_MODULE(_C, m) {
     for (auto& entry : diffcore::registry()) ops.append(entry.first);
     info["ops"] = ops;
     return info;
-  }, "What was built: CUDA (version, architectures), OpenMP, compiler, AVX2, registered ops.");
+  }, "What was built: CUDA (requested mode, version, architectures), OpenMP, compiler, AVX2, registered ops.");
 
   for (auto& entry : diffcore::registry()) entry.second(m);
 }

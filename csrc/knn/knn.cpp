@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/distance.h"
 #include "common/registry.h"
 #include "knn/knn_cuda.h"
 
@@ -38,35 +39,6 @@ namespace py = pybind11;
 namespace diffcore {
 namespace {
 
-// ----------------------------------------------------------------------------------------------
-// Element access. uint8 images map to [-1, 1] as u / 127.5 - 1, evaluated in double exactly as
-// the float64 reference evaluates it (the float mapping of common/distance.h rounds once more).
-inline double value_as_double(float v) { return v; }
-inline double value_as_double(double v) { return v; }
-inline double value_as_double(uint8_t v) { return static_cast<double>(v) / 127.5 - 1.0; }
-
-// Exact squared distance of two rows: difference first, then square, accumulated in double
-// (common/distance.h, generalized to double queries and the double uint8 mapping).
-template <typename TQ, typename TY>
-inline double exact_sqdist_rows(const TQ* x, const TY* y, int64_t dim) {
-  constexpr int kLanes = 8;
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + kLanes <= dim; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const double diff = value_as_double(x[i + l]) - value_as_double(y[i + l]);
-      acc[l] += diff * diff;
-    }
-  }
-  double total = 0;
-  for (; i < dim; ++i) {
-    const double diff = value_as_double(x[i]) - value_as_double(y[i]);
-    total += diff * diff;
-  }
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
 
 // float -> bf16 bits, round to nearest even (inputs are finite: checked before).
 inline uint16_t float_to_bf16_bits(float f) {
@@ -270,7 +242,7 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
         for (int64_t l = 0; l < n; ++l) {
           if (lower[l] > cut) continue;
           const int64_t j = j0 + l;
-          const double d2 = exact_sqdist_rows(q, train + j * y_stride, dim);
+          const double d2 = exact_sqdist(q, train + j * y_stride, dim);
           ++rescored_total;
           top.insert(d2, tile_start + j);
           cut = std::min(cut, top.kth());

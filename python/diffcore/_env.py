@@ -7,6 +7,8 @@ Run time:
     DIFFCORE_BACKEND     force one backend for every op called with backend="auto":
                          reference | cpu | cuda | triton.
     DIFFCORE_PROGRESS    0 disables progress bars everywhere (default 1).
+Benchmarks (bench/):
+    DIFFCORE_BENCH_QUICK 1 runs every benchmark at small shapes (a smoke run in seconds).
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ PROGRESS_VAR = "DIFFCORE_PROGRESS"
 RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
     PROGRESS_VAR: "0 disables progress bars everywhere (default 1)",
+}
+BENCH_VARIABLES = {
+    "DIFFCORE_BENCH_QUICK": "1 runs every benchmark at small shapes (a smoke run in seconds)",
 }
 BUILD_VARIABLES = {
     "DIFFCORE_CUDA": "AUTO (default), ON or OFF: compile the CUDA kernels",

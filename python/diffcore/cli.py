@@ -73,7 +73,8 @@ def info(as_json: bool = False) -> dict:
     backends = {str(dev): {b: (_backend.why_unusable(b, dev) or "usable") for b in _backend.BACKENDS}
                 for dev in devices}
     variables = {name: {"value": os.environ.get(name), "meaning": meaning}
-                 for name, meaning in {**_env.RUNTIME_VARIABLES, **_env.BUILD_VARIABLES}.items()}
+                 for name, meaning in {**_env.RUNTIME_VARIABLES, **_env.BUILD_VARIABLES,
+                                       **_env.BENCH_VARIABLES}.items()}
     from diffcore.experiments import EXPERIMENTS, experiment
 
     experiments = {name: sorted(experiment(name).PRESETS) for name in EXPERIMENTS}

@@ -1,13 +1,15 @@
 """DDPM++ UNet: shapes, layout, attention routing, conditioning, errors, autograd and torch.func."""
 from __future__ import annotations
 
+import importlib
+
 import logging
 
 import pytest
 import torch
 from torch.func import jvp, vmap
 
-import diffcore.ops.attention as attention_module
+attention_module = importlib.import_module("diffcore.ops.attention")
 from diffcore.models import UNet, UNetConfig
 from diffcore.models.layers import UNetBlock
 

@@ -2,6 +2,8 @@
 lower index; distances to fp32 rounding), and errors naming the argument."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -155,7 +157,7 @@ def test_cuda_backend_on_cpu_tensors_is_an_error():
 
 def test_cpu_streams_over_many_tiles(monkeypatch):
     """Several training tiles and query blocks: the top-k merge across tiles."""
-    import diffcore.ops.knn as knn_module
+    knn_module = importlib.import_module("diffcore.ops.knn")
 
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("diffcore._C is not built")

@@ -100,3 +100,30 @@ def test_other_arguments(gaussian):
         S.invert(gaussian, _x(), S.karras_sigmas(3))
     with pytest.raises(ValueError, match="eta: inversion is deterministic"):
         S.invert(gaussian, _x(), solver="ddim", eta=1.0)
+
+
+def test_progress_bar(gaussian, monkeypatch):
+    monkeypatch.setenv("DIFFCORE_PROGRESS", "1")
+    x = _x()
+    with_bar = S.sample_euler(gaussian, x, S.karras_sigmas(3), progress=True)
+    assert torch.equal(with_bar, S.sample_euler(gaussian, x, S.karras_sigmas(3)))
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
+def test_denoiser_reusing_its_output_buffer_is_an_error(solver, gaussian):
+    buffer = {}
+
+    def static_output(x, s):  # e.g. a CUDA-graph-captured network with a static output tensor
+        out = buffer.setdefault("out", torch.empty_like(x))
+        return out.copy_(gaussian(x, s))
+
+    with pytest.raises(ValueError, match="same output buffer"):
+        S.SOLVERS[solver](static_output, _x(), S.karras_sigmas(5))
+
+
+@pytest.mark.parametrize("solver", list(S.SOLVERS))
+def test_denoiser_returning_its_input(solver):
+    """D(x) = x (returned as the same tensor) must not be corrupted by the in-place update."""
+    x = _x()
+    out = S.SOLVERS[solver](lambda xx, s: xx, x, S.karras_sigmas(5))
+    torch.testing.assert_close(out, x)

@@ -4,25 +4,16 @@ Each op lives in ``diffcore/ops/<op>.py`` beside its reference ``diffcore/ref/<o
 Triton kernel ``diffcore/kernels/<op>.py``, its C++/CUDA code ``csrc/<op>/``, its tests
 ``tests/ops/test_<op>.py`` and its benchmark ``bench/bench_<op>.py``. Every op takes
 ``backend="auto"`` or one of ``reference``, ``cpu``, ``cuda``, ``triton``.
+
+The functions are imported eagerly: a submodule and its op share a name, and importing the
+submodule would otherwise replace the package attribute with the module. Importing here touches
+neither CUDA nor triton.
 """
 from __future__ import annotations
 
-import importlib
+from diffcore.ops.attention import attention, attention_and_jvp
+from diffcore.ops.empirical_denoise import empirical_denoise, empirical_denoise_with_logz
+from diffcore.ops.knn import knn
+from diffcore.ops.sampler_step import sampler_step
 
-# public name -> module under diffcore.ops (imported on first use)
-_OPS = {
-    "empirical_denoise": "empirical_denoise",
-    "empirical_denoise_with_logz": "empirical_denoise",
-    "knn": "knn",
-    "attention": "attention",
-    "sampler_step": "sampler_step",
-}
-
-__all__ = sorted(_OPS)
-
-
-def __getattr__(name: str):
-    module = _OPS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diffcore.ops' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"diffcore.ops.{module}"), name)
+__all__ = ["attention", "attention_and_jvp", "empirical_denoise", "empirical_denoise_with_logz", "knn", "sampler_step"]

@@ -38,7 +38,7 @@ BACKENDS = OpBackends(
     implemented=("reference", "cpu", "cuda", "triton"),
     # cuda: the CUDA C++ kernel has not run on a GPU yet, so auto takes the Triton kernel (tested
     # in the interpreter; an elementwise kernel) and the reference after it.
-    auto_order={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+    auto_order={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},  # elementwise; see docs/sampler.md
 )
 _DTYPES = {
     "reference": (torch.float32, torch.float64, torch.float16, torch.bfloat16),

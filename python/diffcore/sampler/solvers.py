@@ -153,7 +153,14 @@ class _Loop:
             self._device_checked = True
         if out.dtype is not self.state_dtype:
             out = out.to(self.state_dtype)
+        elif out.data_ptr() == x.data_ptr():
+            out = out.clone()  # the denoiser handed back its input: the state is updated in place
         return out if out.is_contiguous() else out.contiguous()
+
+    def reused_buffer_error(self, i: int, what: str) -> ValueError:
+        return ValueError(
+            f"denoiser: returned the same output buffer for {what} at step {i}; {self.name} needs both outputs, "
+            "so the denoiser must not overwrite its previous result (return a new tensor, e.g. out.clone())")
 
     def step(self, x, denoised, row, i, *, extra=None, noise=None, out=None, sigma_from=None, sigma_to=None):
         """One fused update; raises at once on the CPU when NaN/Inf appeared."""
@@ -252,6 +259,8 @@ def _run_heun(loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=m
             if run(x, denoised, None, None, x_pred, predictor[i], i):                 # Alg. 1 line 5
                 raise loop.nonfinite_error(i, sigma_hat)
             denoised_pred = denoise(x_pred, s[i + 1], i, next_vectors[i])             # Alg. 1 line 7
+            if denoised_pred.data_ptr() == denoised.data_ptr():
+                raise loop.reused_buffer_error(i, "D(x; sigma) and D(x_pred; sigma_next)")
             if run(x, denoised, denoised_pred, None, x_next, corrector[i], i):        # Alg. 1 line 8
                 raise loop.nonfinite_error(i, sigma_hat)
         if callback is not None:
@@ -269,6 +278,8 @@ def _run_dpmpp_2m(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     for i in loop.steps():
         denoised = denoise(x, s[i], i, vectors[i])
         extra = previous if rows[i][coef.C_EXTRA] != 0.0 else None
+        if extra is not None and extra.data_ptr() == denoised.data_ptr():
+            raise loop.reused_buffer_error(i, "this step and the previous one")
         x_next = x if (in_place and i > 0) else torch.empty_like(x)
         if run(x, denoised, extra, None, x_next, rows[i], i):                         # DPM-Solver++ Alg. 2
             raise loop.nonfinite_error(i)
