@@ -22,7 +22,7 @@ import gc
 import pytest
 import torch
 
-from bench.conftest import QUICK, record_ratio, run_timed
+from conftest import QUICK, record_ratio, run_timed
 from diffcore.ops.empirical_denoise import empirical_denoise
 
 GROUP = "empirical_denoise"
