@@ -1,0 +1,159 @@
+"""Attention benchmarks: forward, forward+backward and forward+JVP of diffcore.ops.attention
+against SDPA (torch's best backend for the device) and against torch.func.jvp over the math
+formula (the only way to get a JVP from plain torch; SDPA's fused kernels have no forward AD).
+
+CPU target (issue 4): forward + JVP at most 3x SDPA's forward time ("fwd_jvp_vs_sdpa_fwd":
+speedup_vs_peer >= 1/3). GPU benchmarks (marked gpu) run fp16/bf16 and record TFLOP/s.
+Run: python -m pytest bench/bench_attention.py --benchmark-only -p no:cacheprovider
+(DIFFCORE_BENCH_QUICK=1: small shapes, seconds).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffcore
+from bench.conftest import QUICK, record_ratio, run_timed
+from diffcore.ref.attention import attention_math
+
+CPU_SHAPES = [(2, 2, 64, 32)] if QUICK else [(64, 1, 256, 256), (64, 4, 256, 64), (8, 8, 1024, 64)]
+GPU_SHAPES = [(2, 2, 128, 64)] if QUICK else [(64, 1, 256, 256), (64, 4, 256, 64), (8, 8, 1024, 64),
+                                              (4, 16, 4096, 64), (1, 16, 8192, 64)]
+
+
+def _case(shape) -> str:
+    return "B{}_H{}_L{}_d{}".format(*shape)
+
+
+def _inputs(shape, device="cpu", dtype=torch.float32, grad=False):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ts = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(6)]
+    if grad:
+        for t in ts[:3]:
+            t.requires_grad_()
+    return ts
+
+
+def _flops(shape, kind: str) -> float:
+    b, h, l, d = shape
+    fwd = 4.0 * b * h * l * l * d  # q k^T and P v
+    return {"fwd": fwd, "fwd_bwd": 3.5 * fwd, "fwd_jvp": 3.0 * fwd}[kind]
+
+
+def _sdpa_fwd(q, k, v):
+    with torch.no_grad():
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _ours_fwd(q, k, v, backend="auto"):
+    with torch.no_grad():
+        return diffcore.ops.attention(q, k, v, backend=backend)
+
+
+def _fwd_bwd(fn, q, k, v, d_o):
+    for t in (q, k, v):
+        t.grad = None
+    fn(q, k, v).backward(d_o)
+    return q.grad
+
+
+def _jvp(fn, q, k, v, tq, tk, tv):
+    with torch.no_grad():
+        return torch.func.jvp(fn, (q, k, v), (tq, tk, tv))[1]
+
+
+# ------------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_cpu_forward(benchmark, shape, role):
+    q, k, v, *_ = _inputs(shape)
+    benchmark.group = f"attention_fwd_cpu_{_case(shape)}"
+    fn = _sdpa_fwd if role == "peer" else _ours_fwd
+    run_timed(benchmark, lambda: fn(q, k, v))
+    record_ratio(benchmark, "fwd_cpu", _case(shape), role, flops=_flops(shape, "fwd"))
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_cpu_forward_backward(benchmark, shape, role):
+    q, k, v, d_o, *_ = _inputs(shape, grad=True)
+    benchmark.group = f"attention_fwd_bwd_cpu_{_case(shape)}"
+    fn = F.scaled_dot_product_attention if role == "peer" else diffcore.ops.attention
+    run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()))
+    record_ratio(benchmark, "fwd_bwd_cpu", _case(shape), role, flops=_flops(shape, "fwd_bwd"))
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_cpu_forward_jvp_vs_math_jvp(benchmark, shape, role):
+    """Peer: torch.func.jvp over the math formula (SDPA's CPU kernel has no forward AD)."""
+    args = _inputs(shape)
+    benchmark.group = f"attention_fwd_jvp_cpu_{_case(shape)}"
+    fn = attention_math if role == "peer" else diffcore.ops.attention
+    run_timed(benchmark, lambda: _jvp(fn, *args), rounds=2 if role == "peer" else 3)
+    record_ratio(benchmark, "fwd_jvp_cpu", _case(shape), role, flops=_flops(shape, "fwd_jvp"))
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_cpu_forward_jvp_vs_sdpa_forward(benchmark, shape, role):
+    """The issue's CPU target: diffcore forward + JVP within 3x of SDPA forward alone
+    (speedup_vs_peer >= 0.333)."""
+    args = _inputs(shape)
+    benchmark.group = f"attention_fwd_jvp_vs_sdpa_fwd_cpu_{_case(shape)}"
+    if role == "peer":
+        run_timed(benchmark, lambda: _sdpa_fwd(*args[:3]))
+    else:
+        run_timed(benchmark, lambda: _jvp(diffcore.ops.attention, *args))
+    record_ratio(benchmark, "fwd_jvp_vs_sdpa_fwd_cpu", _case(shape), role)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+GPU_DTYPES = [torch.float16, torch.bfloat16]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_gpu_forward(benchmark, shape, dtype, role):
+    q, k, v, *_ = _inputs(shape, "cuda", dtype)
+    benchmark.group = f"attention_fwd_gpu_{_case(shape)}_{dtype}"
+    fn = _sdpa_fwd if role == "peer" else (lambda *a: _ours_fwd(*a, backend="triton"))
+    run_timed(benchmark, lambda: fn(q, k, v), device="cuda", rounds=20, warmup_rounds=3)
+    nbytes = 4 * q.numel() * q.element_size()
+    record_ratio(benchmark, f"fwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd"), nbytes=nbytes)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_gpu_forward_backward(benchmark, shape, dtype, role):
+    q, k, v, d_o, *_ = _inputs(shape, "cuda", dtype, grad=True)
+    benchmark.group = f"attention_fwd_bwd_gpu_{_case(shape)}_{dtype}"
+    fn = F.scaled_dot_product_attention if role == "peer" else \
+        (lambda *a: diffcore.ops.attention(*a, backend="triton"))
+    run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()), device="cuda", rounds=10, warmup_rounds=2)
+    record_ratio(benchmark, f"fwd_bwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_bwd"))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case)
+@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def test_gpu_forward_jvp(benchmark, shape, dtype, role):
+    """Peer: torch.func.jvp over the math formula (skipped where its L^2 scores would not fit)."""
+    b, h, l, _ = shape
+    if role == "peer" and b * h * l * l * 4 * 6 > 40e9:
+        pytest.skip("math-formula JVP would need > 40 GB of scores")
+    args = _inputs(shape, "cuda", dtype)
+    benchmark.group = f"attention_fwd_jvp_gpu_{_case(shape)}_{dtype}"
+    fn = attention_math if role == "peer" else (lambda *a: diffcore.ops.attention(*a, backend="triton"))
+    run_timed(benchmark, lambda: _jvp(fn, *args), device="cuda", rounds=10, warmup_rounds=2)
+    record_ratio(benchmark, f"fwd_jvp_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_jvp"))

@@ -1,0 +1,161 @@
+"""Empirical denoiser: diffcore against the plain torch way (cdist, softmax, matmul).
+
+Shapes (B, N, D) of issue 2: the digits (256, 1797, 64), (256, 10000, 3072), (64, 50000, 3072);
+sigma in {0.01, 1, 80}. Each peer case runs before the diffcore case of the same name, so
+``speedup_vs_peer`` lands in diffcore's extra_info (bench/conftest.py). Throughput counts the two
+products of the plain way, 4 B N D flops.
+
+Peak extra memory: the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) during one call, over the resident set just before it, with glibc's mmap
+threshold fixed at 128 KiB and malloc_trim before the call, so that memory freed earlier and reused
+by the call is counted. The kernel updates the resident counters in steps of 64 pages per thread,
+so the figure is good to about 0.5 MB. Torch's CPU tensors live in malloc'ed memory, so this sees every tensor the call makes
+(tracemalloc does not). Recorded as ``peak_extra_mb`` (and ``memory_ratio_vs_peer`` for diffcore).
+DIFFCORE_BENCH_QUICK=1 shrinks the shapes.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+
+import pytest
+import torch
+
+from bench.conftest import QUICK, record_ratio, run_timed
+from diffcore.ops.empirical_denoise import empirical_denoise
+
+GROUP = "empirical_denoise"
+if QUICK:
+    CASES = [("digits", 64, None, 64, 1.0), ("small", 32, 2000, 256, 0.01), ("small", 32, 2000, 256, 80.0)]
+else:
+    CASES = [("digits", 256, None, 64, s) for s in (0.01, 1.0, 80.0)]
+    CASES += [("cifar10k", 256, 10000, 3072, s) for s in (0.01, 1.0, 80.0)]
+    CASES += [("cifar50k", 64, 50000, 3072, s) for s in (0.01, 1.0)]
+CASE_IDS = [f"{name}-B{b}-N{n or 1797}-D{d}-sigma{s:g}" for name, b, n, d, s in CASES]
+_PEER_PEAK: dict[str, float] = {}
+
+
+@functools.lru_cache(maxsize=2)
+def _train(name: str, rows, dim: int) -> torch.Tensor:
+    if name == "digits":
+        from diffcore.data.digits import load_digits
+
+        return load_digits()[0].reshape(-1, 64).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(rows, dim, generator=gen) * 2 - 1
+
+
+def _inputs(case):
+    name, batch, rows, dim, sigma = case
+    train = _train(name, rows, dim)
+    gen = torch.Generator().manual_seed(1)
+    source = torch.randint(0, train.shape[0], (batch,), generator=gen)
+    x = train[source] + sigma * torch.randn(batch, train.shape[1], generator=gen)
+    return x, train, sigma
+
+
+def plain_torch_denoise(x, train, sigma):
+    """The plain way: [B, N] squared distances, softmax, weighted sum."""
+    logits = torch.cdist(x, train).square_().mul_(-0.5 / sigma**2)
+    return torch.softmax(logits, dim=1) @ train
+
+
+def _flops(x, train) -> float:
+    return 4.0 * x.shape[0] * train.shape[0] * x.shape[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so large buffers are unmapped on free
+        return libc
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Peak resident growth of one call of ``fn`` in MB (None where /proc cannot be used)."""
+    libc = _libc()
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)  # give freed heap pages back, so that reusing them counts as growth
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current resident set
+        before = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+    except (OSError, KeyError):
+        return None
+    return max(0, peak - before) / 1024.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_peer_plain_torch(benchmark, case):
+    x, train, sigma = _inputs(case)
+    benchmark.group = GROUP
+    run_timed(benchmark, lambda: plain_torch_denoise(x, train, sigma))
+    record_ratio(benchmark, GROUP, CASE_IDS[CASES.index(case)], "peer", flops=_flops(x, train))
+    mb = peak_extra_mb(lambda: plain_torch_denoise(x, train, sigma))
+    benchmark.extra_info["peak_extra_mb"] = mb
+    _PEER_PEAK[CASE_IDS[CASES.index(case)]] = mb
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_diffcore_cpu(benchmark, case):
+    x, train, sigma = _inputs(case)
+    benchmark.group = GROUP
+    out = run_timed(benchmark, lambda: empirical_denoise(x, train, sigma, backend="cpu"))
+    case_id = CASE_IDS[CASES.index(case)]
+    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train))
+    mb = peak_extra_mb(lambda: empirical_denoise(x, train, sigma, backend="cpu"))
+    benchmark.extra_info["peak_extra_mb"] = mb
+    if mb is not None and _PEER_PEAK.get(case_id):
+        benchmark.extra_info["memory_ratio_vs_peer"] = mb / _PEER_PEAK[case_id]
+    # the benchmark checks what it times: agreement with the plain way in float64 on a few rows
+    ref = plain_torch_denoise(x[:4].double(), train.double(), sigma)
+    err = ((out[:4].double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+    benchmark.extra_info["max_rel_error_vs_float64"] = err
+    assert err < 1e-4
+
+
+GPU_CASE = (1000, 50000, 3072)
+
+
+GPU_RUNS = [(impl, sigma) for sigma in (0.01, 1.0, 80.0) for impl in ("peer", "triton", "cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl,sigma", GPU_RUNS, ids=[f"{i}-sigma{s:g}" for i, s in GPU_RUNS])
+def test_gpu_empirical_denoise(benchmark, impl, sigma):
+    if impl == "cuda":
+        from diffcore._ext import has_cuda_kernels
+
+        if not has_cuda_kernels():
+            pytest.skip("diffcore._C built without CUDA kernels")
+    batch, rows, dim = (64, 5000, 3072) if QUICK else GPU_CASE
+    gen = torch.Generator().manual_seed(0)
+    train = (torch.rand(rows, dim, generator=gen) * 2 - 1).cuda()
+    x = train[torch.randint(0, rows, (batch,), generator=gen).cuda()] + sigma * torch.randn(batch, dim,
+                                                                                              device="cuda")
+    if impl == "peer":
+        fn = functools.partial(plain_torch_denoise, x, train, sigma)
+    else:
+        fn = functools.partial(empirical_denoise, x, train, sigma, backend=impl)
+    benchmark.group = GROUP + "-gpu"
+    run_timed(benchmark, fn, device="cuda", rounds=5)
+    role = "peer" if impl == "peer" else "diffcore"
+    record_ratio(benchmark, GROUP + "-gpu", f"B{batch}-N{rows}-D{dim}-sigma{sigma:g}", role,
+                 flops=4.0 * batch * rows * dim)
+    benchmark.extra_info["impl"] = impl

@@ -1,0 +1,232 @@
+"""Sampler overhead: whole 50-step trajectories with a cheap closed-form denoiser.
+
+The denoiser is an elementwise Gaussian ``D(x; s) = m + (x - m) v/(v + s^2)`` (a few cheap
+tensor ops), so what the loop costs besides the denoiser -- the solver's update arithmetic,
+schedule bookkeeping, checks -- shows. For every loop we report
+
+    per-step overhead = min over rounds of (trajectory time - time inside the denoiser) / steps
+
+where the time inside the denoiser (or diffusers' model) is clocked during the same trajectory,
+so both terms see the same machine load.
+
+and, for diffcore, its ratio to the plain torch loop's overhead (issue target: <= 0.5) and to
+diffusers' scheduler loops. Peers, timed first in this file: a plain torch Euler loop
+(k-diffusion style), diffusers' DDIMScheduler, EulerDiscreteScheduler and
+DPMSolverMultistepScheduler loops (skipped with a reason when diffusers is not installed).
+
+Run: python -m pytest bench/bench_sampler.py --benchmark-only -p no:cacheprovider
+(DIFFCORE_BENCH_QUICK=1: small shapes and 5 steps, seconds.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from conftest import QUICK, record_ratio, run_timed
+
+import diffcore.sampler as S
+from diffcore.ops.sampler_step import BACKENDS as STEP_BACKENDS
+
+STEPS = 5 if QUICK else 50
+SHAPES = [(2, 3, 8, 8)] if QUICK else [(16, 3, 32, 32), (256, 3, 32, 32)]
+ROUNDS = 2 if QUICK else 10
+MEAN, VAR = 0.1, 0.5
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install diffusers)")
+
+# per-step overhead in seconds, keyed by (shape, loop name); filled in file order (peers first)
+_OVERHEAD: dict[tuple[tuple[int, ...], str], float] = {}
+
+
+def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Cheap closed-form VE denoiser: isotropic Gaussian data N(MEAN, VAR)."""
+    scale = (VAR / (VAR + sigma * sigma)).view(-1, *([1] * (x.dim() - 1)))
+    return (x - MEAN) * scale + MEAN
+
+
+class EpsilonVPModel:
+    """The same Gaussian as a discrete-time VP epsilon model ``model(x_vp, t)`` for diffusers."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float()
+
+    def __call__(self, x_vp: torch.Tensor, t) -> torch.Tensor:
+        s = self.sigmas[torch.as_tensor(t).long()].view(-1, *([1] * (x_vp.dim() - 1)))
+        x_ve = x_vp * (1 + s * s).sqrt()
+        return (x_ve - denoiser(x_ve, s.reshape(-1))) / s
+
+
+def _label(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+class Timed:
+    """Wraps a denoiser/model and adds up the wall time spent inside it during one trajectory, so
+    that overhead = trajectory time - denoiser time is measured under the same machine load."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        out = self.fn(*args)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def _timed_trajectories(benchmark, timed: Timed, trajectory, rounds: int) -> list[tuple[float, float, int]]:
+    """Run ``trajectory`` under pytest-benchmark; return (total, denoiser, calls) per round."""
+    records = []
+
+    def run():
+        timed.reset()
+        start = time.perf_counter()
+        out = trajectory()
+        records.append((time.perf_counter() - start, timed.seconds, timed.calls))
+        return out
+
+    run_timed(benchmark, run, rounds=rounds)
+    return records[-rounds:]  # drop the warm-up round
+
+
+def _noise(shape) -> torch.Tensor:
+    return S.noise_from_seeds(list(range(shape[0])), shape[1:])
+
+
+def _rounds(shape) -> int:
+    return ROUNDS if shape[0] <= 16 else max(2, ROUNDS // 2)
+
+
+def _record(benchmark, shape, name, role, records, case=None):
+    """Per-step overhead = min over rounds of (trajectory - time inside the denoiser) / steps."""
+    overhead = min(total - inside for total, inside, _ in records) / STEPS
+    total, inside, calls = min(records)
+    _OVERHEAD[(tuple(shape), name)] = overhead
+    info = benchmark.extra_info
+    info.update(loop=name, steps=STEPS, denoiser_calls=calls, denoiser_us_per_call=inside / calls * 1e6,
+                trajectory_ms=total * 1e3, per_step_overhead_us=overhead * 1e6)
+    if role == "diffcore":
+        for peer in ("plain_torch_euler", "diffusers_ddim", "diffusers_euler", "diffusers_dpmsolver"):
+            if (tuple(shape), peer) in _OVERHEAD:
+                info[f"overhead_ratio_vs_{peer}"] = overhead / _OVERHEAD[(tuple(shape), peer)]
+    if case is not None:
+        record_ratio(benchmark, f"sampler_{_label(shape)}", case, role)
+
+
+# --- peers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_plain_torch_euler_loop(benchmark, shape):
+    """k-diffusion-style Euler loop in plain torch (the issue's "plain torch loop")."""
+    x0 = _noise(shape)
+    sigmas = S.karras_sigmas(STEPS).float()
+    timed = Timed(denoiser)
+
+    def loop():
+        x = x0 * sigmas[0]
+        s_in = x.new_ones(shape[0])
+        for i in range(STEPS):
+            d = (x - timed(x, sigmas[i] * s_in)) / sigmas[i]
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    records = _timed_trajectories(benchmark, timed, loop, _rounds(shape))
+    _record(benchmark, shape, "plain_torch_euler", "peer", records, case="euler")
+
+
+def _diffusers_loop(benchmark, shape, scheduler, name, case):
+    timed = Timed(EpsilonVPModel(scheduler.alphas_cumprod))
+    x0 = _noise(shape)
+
+    def loop():
+        scheduler.set_timesteps(STEPS)  # resets the step index (ANCHORS trap 8)
+        x = x0 * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            eps = timed(scheduler.scale_model_input(x, t), t)
+            x = scheduler.step(eps, t, x).prev_sample
+        return x
+
+    records = _timed_trajectories(benchmark, timed, loop, _rounds(shape))
+    _record(benchmark, shape, name, "peer", records, case=case)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_diffusers_ddim_loop(benchmark, shape):
+    from diffusers import DDIMScheduler
+
+    _diffusers_loop(benchmark, shape, DDIMScheduler(clip_sample=False), "diffusers_ddim", "ddim")
+
+
+@needs_diffusers
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_diffusers_euler_loop(benchmark, shape):
+    from diffusers import EulerDiscreteScheduler
+
+    _diffusers_loop(benchmark, shape, EulerDiscreteScheduler(), "diffusers_euler", None)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_diffusers_dpmsolver_loop(benchmark, shape):
+    from diffusers import DPMSolverMultistepScheduler
+
+    _diffusers_loop(benchmark, shape, DPMSolverMultistepScheduler(), "diffusers_dpmsolver", "dpmpp_2m")
+
+
+# --- diffcore -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["euler", "ddim", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_diffcore_loop(benchmark, shape, solver):
+    x0 = _noise(shape)
+    sigmas = S.karras_sigmas(STEPS)
+    timed = Timed(denoiser)
+    fn = S.SOLVERS[solver]
+    records = _timed_trajectories(benchmark, timed, lambda: fn(timed, x0 * 80.0, sigmas), _rounds(shape))
+    _record(benchmark, shape, f"diffcore_{solver}", "diffcore", records,
+            case=solver if solver != "heun" else None)
+    benchmark.extra_info["backend"] = STEP_BACKENDS.resolve("auto", x0.device)
+
+
+# --- GPU (skipped without one) --------------------------------------------------------------------
+
+class SmallConvNet(torch.nn.Module):
+    """A small UNet-sized stand-in (conv stack) for the eager-vs-graph comparison."""
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, channels, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, x, sigma):
+        c_skip = (1 / (1 + sigma * sigma)).view(-1, 1, 1, 1)
+        return c_skip * x + self.body(x * c_skip.sqrt())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_gpu_heun_trajectory(benchmark, mode):
+    net = SmallConvNet().cuda().eval()
+    seeds = list(range(64))
+    kwargs = dict(seeds=seeds, shape=(3, 32, 32), steps=18, device="cuda", check_finite=True)
+    with torch.no_grad():
+        if mode == "graph":
+            from diffcore.sampler.api import _capture
+            from diffcore.sampler.solvers import sigma_list
+
+            x = S.noise_from_seeds(seeds, (3, 32, 32), device="cuda") * 80.0
+            graph = _capture("heun", net, x, sigma_list(S.karras_sigmas(18)), None, "auto", True, False, {})
+            run_timed(benchmark, lambda: graph.run(x), device="cuda", rounds=20, warmup_rounds=2)
+        else:
+            run_timed(benchmark, lambda: S.sample(net, **kwargs), device="cuda", rounds=20, warmup_rounds=2)
+    record_ratio(benchmark, "sampler_gpu_heun_64x3x32x32", "trajectory", "peer" if mode == "eager" else "diffcore")

@@ -1,0 +1,437 @@
+// Empirical optimal denoiser, CPU part: the fused work between torch's tile GEMMs.
+//
+// The Python side (diffcore/ops/empirical_denoise.py) streams over training-set tiles of T rows:
+//   G = x @ tile^T                      (torch's BLAS, fp32)
+//   ed_tile_update(G, ...)              (here) G -> weights P, running max / sum updated
+//   acc = acc * scale + P @ tile        (torch addmm when many weights are nonzero) or
+//   ed_sparse_accumulate(P, ...)        (here, when few are: small sigma)
+// so that [B, N] is never materialized. Logits are l = -|x - y|^2 / (2 sigma^2) computed as
+// -(|x|^2 + |y|^2 - 2 G) / (2 sigma^2) with exact (double) norms; the GEMM error of G (about
+// k u |x| |y|, DESIGN.md Numerics) becomes a per-pair logit error bound e. Pairs that may carry
+// weight and whose e exceeds `rescore_tol` are re-scored with exact distances (difference first,
+// double accumulation).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/distance.h"
+#include "common/registry.h"
+#ifdef DIFFCORE_WITH_CUDA
+#include "empirical_denoise/empirical_denoise_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace diffcore {
+namespace {
+
+// Below this many elementary operations a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = int64_t{1} << 17;
+
+// uint8 pixels in double: u / 127.5 - 1 without the float rounding of pixel_value(uint8_t), which
+// the 1 / (2 sigma^2) of tiny sigma would magnify at near-ties.
+struct PixelTable {
+  double value[256];
+  PixelTable() {
+    for (int u = 0; u < 256; ++u) value[u] = static_cast<double>(u) / 127.5 - 1.0;
+  }
+};
+const PixelTable& pixel_table() {
+  static const PixelTable table;
+  return table;
+}
+
+// Exact squared distance between a float row x and a training row (float: distance.h; uint8: the
+// double pixel table above).
+double exact_sqdist_row(const float* x, const void* y, DType y_dtype, int64_t dim) {
+  if (y_dtype == DType::float32) return exact_sqdist(x, static_cast<const float*>(y), dim);
+  const auto* yu = static_cast<const uint8_t*>(y);
+  const double* table = pixel_table().value;
+  double acc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= dim; i += 4) {
+    for (int l = 0; l < 4; ++l) {
+      const double diff = static_cast<double>(x[i + l]) - table[yu[i + l]];
+      acc[l] += diff * diff;
+    }
+  }
+  double total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; i < dim; ++i) {
+    const double diff = static_cast<double>(x[i]) - table[yu[i]];
+    total += diff * diff;
+  }
+  return total;
+}
+
+double row_sqnorm(const void* row, DType dtype, int64_t dim) {
+  double total = 0;
+  if (dtype == DType::float32) {
+    const auto* r = static_cast<const float*>(row);
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < dim; ++i) total += static_cast<double>(r[i]) * static_cast<double>(r[i]);
+  } else {
+    const auto* r = static_cast<const uint8_t*>(row);
+    const double* table = pixel_table().value;
+    for (int64_t i = 0; i < dim; ++i) total += table[r[i]] * table[r[i]];
+  }
+  return total;
+}
+
+DType train_dtype(const std::string& name) {
+  const DType dtype = parse_dtype(name, "train_dtype");
+  check_arg(dtype == DType::float32 || dtype == DType::uint8, "train_dtype",
+            "the CPU kernel takes float32 or uint8 training rows, got " + name);
+  return dtype;
+}
+
+int64_t element_size(DType dtype) { return dtype == DType::uint8 ? 1 : 4; }
+
+// |y_i|^2 in double for rows [0, rows) of a training set with row stride `ld` (elements).
+void row_sqnorms(std::uintptr_t y_ptr, const std::string& dtype_name, int64_t rows, int64_t dim, int64_t ld,
+                 std::uintptr_t out_ptr, int threads) {
+  check_ptr(y_ptr, "train");
+  check_ptr(out_ptr, "out");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  check_arg(ld >= dim, "ld", "row stride must be >= dim");
+  const DType dtype = train_dtype(dtype_name);
+  const auto* base = reinterpret_cast<const char*>(y_ptr);
+  auto* out = reinterpret_cast<double*>(out_ptr);
+  const int64_t row_bytes = ld * element_size(dtype);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * dim > kMinParallelWork)
+  for (int64_t i = 0; i < rows; ++i) out[i] = row_sqnorm(base + i * row_bytes, dtype, dim);
+}
+
+// float -> bfloat16 bits, round to nearest even (finite inputs).
+inline uint16_t to_bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Training rows [rows, dim] (float32 or uint8 as u/127.5-1) into a float32 or bfloat16 buffer, each
+// value rounded once from its exact value (the GEMM error bounds assume one relative rounding).
+void decode_rows(std::uintptr_t src_ptr, const std::string& src_dtype, int64_t rows, int64_t dim,
+                 std::uintptr_t dst_ptr, const std::string& dst_dtype, int threads) {
+  check_ptr(src_ptr, "src");
+  check_ptr(dst_ptr, "dst");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  const DType sd = train_dtype(src_dtype);
+  const DType dd = parse_dtype(dst_dtype, "dst_dtype");
+  check_arg(dd == DType::float32 || dd == DType::bfloat16, "dst_dtype", "expected float32 or bfloat16, got " + dst_dtype);
+  const int64_t total = rows * dim;
+  float table[256];
+  for (int u = 0; u < 256; ++u) table[u] = static_cast<float>(pixel_table().value[u]);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (total > kMinParallelWork)
+  for (int64_t i = 0; i < total; ++i) {
+    const float v = sd == DType::uint8 ? table[reinterpret_cast<const uint8_t*>(src_ptr)[i]]
+                                       : reinterpret_cast<const float*>(src_ptr)[i];
+    if (dd == DType::float32)
+      reinterpret_cast<float*>(dst_ptr)[i] = v;
+    else
+      reinterpret_cast<uint16_t*>(dst_ptr)[i] = to_bf16_bits(v);
+  }
+}
+
+// Gram entries as double: float32, float64, or bfloat16 (raw bits, from a bf16 screening GEMM).
+inline double gram_value(float v) { return v; }
+inline double gram_value(double v) { return v; }
+inline double gram_value(uint16_t bf16_bits) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// Everything one tile needs, as typed pointers.
+struct TileArgs {
+  int64_t batch, tile, dim, x_ld, y_row_bytes, g_ld;
+  const float* x;
+  const double* xn2;
+  const double* inv2s2;
+  const char* y;
+  DType y_dtype;
+  const double* yn2;
+  double gemm_err_coef, rescore_tol, band;
+  double* m;
+  double* mlow;
+  double* s;
+  float* scale;
+  float* p;  // [B, T] weights out (row stride g_ld)
+  bool bound_only = false;  // only raise m_low (first pass): nothing else is read or written
+};
+
+// One query row of a tile. With commit=false only counts the pairs that would be re-scored
+// (nothing is written); with commit=true writes P and updates the running state.
+template <typename G>
+int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, std::vector<double>& logit,
+                    std::vector<double>& err, const std::vector<double>& ynorm, int64_t* nonzero) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  const double c = a.inv2s2[b];
+  const double xn = a.xn2[b];
+  const float* xrow = a.x + b * a.x_ld;
+  // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
+  const double err_per_ynorm = 2.0 * a.gemm_err_coef * std::sqrt(xn) * c;
+  double lower = a.mlow[b];
+  for (int64_t j = 0; j < a.tile; ++j) {
+    const double l = -(xn + a.yn2[j] - 2.0 * gram_value(grow[j])) * c;
+    const double e = err_per_ynorm * ynorm[j];
+    logit[j] = l;
+    err[j] = e;
+    lower = std::max(lower, l - e);
+  }
+  // Pairs whose upper bound is below (lower - band) weigh less than exp(-band) of the largest
+  // weight: dropped. The rest keep their logit when its error is small enough, else are re-scored.
+  if (a.bound_only) {
+    a.mlow[b] = lower;
+    return 0;
+  }
+  const double cut = lower - a.band;
+  int64_t rescored = 0;
+  if (!commit) {
+    for (int64_t j = 0; j < a.tile; ++j) rescored += (logit[j] + err[j] >= cut) && (err[j] > a.rescore_tol);
+    return rescored;
+  }
+  double mx = a.m[b];
+  for (int64_t j = 0; j < a.tile; ++j) {
+    if (logit[j] + err[j] < cut) {
+      logit[j] = neg_inf;
+      continue;
+    }
+    if (err[j] > a.rescore_tol) {
+      const double d = exact_sqdist_row(xrow, a.y + j * a.y_row_bytes, a.y_dtype, a.dim);
+      logit[j] = -d * c;
+      lower = std::max(lower, logit[j]);
+      ++rescored;
+    }
+    mx = std::max(mx, logit[j]);
+  }
+  const double alpha = (a.m[b] == neg_inf) ? 0.0 : std::exp(a.m[b] - mx);
+  float* prow = a.p + b * a.g_ld;
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t j = 0; j < a.tile; ++j) {
+    if (logit[j] == neg_inf) {
+      prow[j] = 0.0f;
+      continue;
+    }
+    const float p = static_cast<float>(std::exp(logit[j] - mx));
+    prow[j] = p;
+    sum += static_cast<double>(p);
+    count += p != 0.0f;
+  }
+  a.s[b] = a.s[b] * alpha + sum;
+  a.m[b] = mx;
+  a.mlow[b] = lower;
+  a.scale[b] = static_cast<float>(alpha);
+  *nonzero += count;
+  return rescored;
+}
+
+template <typename G>
+std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t rescore_budget, bool count_only,
+                                     int threads) {
+  std::vector<double> ynorm(a.tile);
+  for (int64_t j = 0; j < a.tile; ++j) ynorm[j] = std::sqrt(a.yn2[j]);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+  if (rescore_budget >= 0) {  // dry run: would this tile re-score more pairs than the budget?
+    int64_t wanted = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : wanted) if (a.batch * a.tile > kMinParallelWork / 8)
+    {
+      std::vector<double> logit(a.tile), err(a.tile);
+      int64_t unused = 0;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < a.batch; ++b) wanted += process_row(a, g + b * a.g_ld, b, false, logit, err, ynorm, &unused);
+    }
+    if (count_only || wanted > rescore_budget) return {-1, wanted};
+  }
+  int64_t nonzero = 0, rescored = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : nonzero, rescored) if (a.batch * a.tile > kMinParallelWork / 8)
+  {
+    std::vector<double> logit(a.tile), err(a.tile);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < a.batch; ++b) rescored += process_row(a, g + b * a.g_ld, b, true, logit, err, ynorm, &nonzero);
+  }
+  return {nonzero, rescored};
+}
+
+// rescore_budget value asking tile_update for the first pass only: m_low = max(m_low, max_j (l - e)).
+constexpr int64_t kBoundOnly = -2;
+// rescore_budget value asking only for the number of pairs that would be re-scored: (-1, wanted).
+constexpr int64_t kCountOnly = -3;
+
+// One training tile: turn G [B, T] (x . y; float32, bfloat16 from a screening GEMM, or float64) into weights
+// P = exp(l - m_new) in p (float32 [B, T], may alias g when g is float32; 0 for pairs that cannot
+// carry weight), update the running max m, the running lower bound m_low of the max (max over pairs
+// of l - e), the running sum s, and write scale = exp(m_old - m_new).
+// With rescore_budget >= 0 and more pairs to re-score than that, nothing is written and
+// (-1, wanted) is returned (the caller then recomputes G more precisely). With rescore_budget == -2
+// (first pass) only m_low is raised to the tile's lower bound of the max logit; with -3 nothing is
+// written and (-1, number of pairs that would be re-scored) is returned. Otherwise returns
+// (number of nonzero weights, number of re-scored pairs).
+std::pair<int64_t, int64_t> tile_update(
+    std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, std::uintptr_t p_ptr, int64_t batch,
+    int64_t tile, std::uintptr_t x_ptr, int64_t x_ld, int64_t dim, std::uintptr_t xn2_ptr,
+    std::uintptr_t inv2s2_ptr, std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld,
+    std::uintptr_t yn2_ptr, double gemm_err_coef, double rescore_tol, double band, int64_t rescore_budget,
+    std::uintptr_t m_ptr, std::uintptr_t mlow_ptr, std::uintptr_t s_ptr, std::uintptr_t scale_ptr, int threads) {
+  for (auto [ptr, name] : {std::pair{g_ptr, "g"}, {p_ptr, "p"}, {x_ptr, "x"}, {xn2_ptr, "x_sqnorm"},
+                           {inv2s2_ptr, "inv_two_sigma_sq"}, {y_ptr, "train"}, {yn2_ptr, "train_sqnorm"},
+                           {m_ptr, "running_max"}, {mlow_ptr, "running_max_lower"}, {s_ptr, "running_sum"},
+                           {scale_ptr, "scale"}})
+    check_ptr(ptr, name);
+  check_positive(batch, "batch");
+  check_positive(tile, "tile");
+  check_positive(dim, "dim");
+  check_arg(g_ld >= tile, "g_ld", "row stride of g must be >= tile");
+  check_arg(x_ld >= dim && y_ld >= dim, "x_ld/y_ld", "row strides must be >= dim");
+  check_arg(gemm_err_coef >= 0 && rescore_tol >= 0 && band > 0, "gemm_err_coef/rescore_tol/band",
+            "expected gemm_err_coef >= 0, rescore_tol >= 0, band > 0");
+  const DType gd = parse_dtype(g_dtype, "g_dtype");
+  check_arg(gd == DType::float32 || gd == DType::float64 || gd == DType::bfloat16, "g_dtype",
+            "expected float32, float64 or bfloat16, got " + g_dtype);
+  const DType y_dtype = train_dtype(y_dtype_name);
+  TileArgs a{batch, tile, dim, x_ld, y_ld * element_size(y_dtype), g_ld,
+             reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const double*>(xn2_ptr),
+             reinterpret_cast<const double*>(inv2s2_ptr), reinterpret_cast<const char*>(y_ptr), y_dtype,
+             reinterpret_cast<const double*>(yn2_ptr), gemm_err_coef, rescore_tol, band,
+             reinterpret_cast<double*>(m_ptr), reinterpret_cast<double*>(mlow_ptr), reinterpret_cast<double*>(s_ptr),
+             reinterpret_cast<float*>(scale_ptr), reinterpret_cast<float*>(p_ptr)};
+  a.bound_only = rescore_budget == kBoundOnly;
+  const bool count_only = rescore_budget == kCountOnly;
+  check_arg(rescore_budget >= -1 || a.bound_only || count_only, "rescore_budget",
+            "expected >= 0, -1 (no budget), -2 (bound only) or -3 (count only)");
+  const int64_t budget = a.bound_only ? -1 : (count_only ? 0 : rescore_budget);
+  if (gd == DType::float32) return run_tile(a, reinterpret_cast<const float*>(g_ptr), budget, count_only, threads);
+  if (gd == DType::bfloat16)
+    return run_tile(a, reinterpret_cast<const uint16_t*>(g_ptr), budget, count_only, threads);
+  return run_tile(a, reinterpret_cast<const double*>(g_ptr), budget, count_only, threads);
+}
+
+// acc[b] = acc[b] * scale[b] + sum_j P[b, j] y_j over the nonzero weights only (small sigma).
+void sparse_accumulate(std::uintptr_t p_ptr, int64_t p_ld, int64_t batch, int64_t tile, std::uintptr_t scale_ptr,
+                       std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld, int64_t dim,
+                       std::uintptr_t acc_ptr, int64_t acc_ld, int threads) {
+  for (auto [p, name] : {std::pair{p_ptr, "p"}, {scale_ptr, "scale"}, {y_ptr, "train"}, {acc_ptr, "acc"}})
+    check_ptr(p, name);
+  check_positive(batch, "batch");
+  check_positive(tile, "tile");
+  check_positive(dim, "dim");
+  const DType y_dtype = train_dtype(y_dtype_name);
+  const auto* pw = reinterpret_cast<const float*>(p_ptr);
+  const auto* scale = reinterpret_cast<const float*>(scale_ptr);
+  const auto* ybase = reinterpret_cast<const char*>(y_ptr);
+  auto* acc = reinterpret_cast<float*>(acc_ptr);
+  const int64_t y_row_bytes = y_ld * element_size(y_dtype);
+  float table[256];
+  for (int u = 0; u < 256; ++u) table[u] = static_cast<float>(pixel_table().value[u]);
+  const int nthreads = resolve_threads(threads);
+  (void)nthreads;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (batch * dim > kMinParallelWork)
+  for (int64_t b = 0; b < batch; ++b) {
+    float* arow = acc + b * acc_ld;
+    const float a = scale[b];
+    if (a != 1.0f) {
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) arow[i] *= a;
+    }
+    const float* prow = pw + b * p_ld;
+    for (int64_t j = 0; j < tile; ++j) {
+      const float w = prow[j];
+      if (w == 0.0f) continue;
+      const char* yrow = ybase + j * y_row_bytes;
+      if (y_dtype == DType::float32) {
+        const auto* yf = reinterpret_cast<const float*>(yrow);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) arow[i] += w * yf[i];
+      } else {
+        const auto* yu = reinterpret_cast<const uint8_t*>(yrow);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) arow[i] += w * table[yu[i]];
+      }
+    }
+  }
+}
+
+void cuda_forward(std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr_t y_ptr, const std::string& y_dtype,
+                  std::uintptr_t inv2s2_ptr, int64_t batch, int64_t rows, int64_t dim, int64_t splits,
+                  std::uintptr_t work_acc_ptr, std::uintptr_t work_m_ptr, std::uintptr_t work_s_ptr,
+                  std::uintptr_t out_ptr, std::uintptr_t logz_ptr, int device, std::uintptr_t stream) {
+#ifdef DIFFCORE_WITH_CUDA
+  for (auto [p, name] : {std::pair{x_ptr, "x"}, {y_ptr, "train"}, {inv2s2_ptr, "inv_two_sigma_sq"},
+                         {work_acc_ptr, "work_acc"}, {work_m_ptr, "work_max"}, {work_s_ptr, "work_sum"},
+                         {out_ptr, "out"}, {logz_ptr, "logz"}})
+    check_ptr(p, name);
+  check_positive(batch, "batch");
+  check_positive(rows, "rows");
+  check_positive(dim, "dim");
+  check_positive(splits, "splits");
+  const DType xd = parse_dtype(x_dtype, "x_dtype");
+  const DType yd = parse_dtype(y_dtype, "train_dtype");
+  check_arg(xd == DType::float32 || xd == DType::float16 || xd == DType::bfloat16, "x_dtype",
+            "expected float32, float16 or bfloat16, got " + x_dtype);
+  check_arg(yd == DType::float32 || yd == DType::float16 || yd == DType::bfloat16 || yd == DType::uint8,
+            "train_dtype", "expected float32, float16, bfloat16 or uint8, got " + y_dtype);
+  empirical_denoise_cuda_forward(reinterpret_cast<const void*>(x_ptr), static_cast<int>(xd),
+                                 reinterpret_cast<const void*>(y_ptr), static_cast<int>(yd),
+                                 reinterpret_cast<const double*>(inv2s2_ptr), batch, rows, dim, splits,
+                                 reinterpret_cast<float*>(work_acc_ptr), reinterpret_cast<double*>(work_m_ptr),
+                                 reinterpret_cast<double*>(work_s_ptr), reinterpret_cast<void*>(out_ptr),
+                                 reinterpret_cast<float*>(logz_ptr), device, reinterpret_cast<void*>(stream));
+#else
+  (void)x_ptr, (void)x_dtype, (void)y_ptr, (void)y_dtype, (void)inv2s2_ptr, (void)batch, (void)rows, (void)dim;
+  (void)splits, (void)work_acc_ptr, (void)work_m_ptr, (void)work_s_ptr, (void)out_ptr, (void)logz_ptr;
+  (void)device, (void)stream;
+  throw std::runtime_error("diffcore._C: empirical_denoise_cuda_forward: diffcore._C was built without CUDA");
+#endif
+}
+
+void register_empirical_denoise(py::module_& m) {
+  using py::arg;
+  auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, arg("y_ptr"), arg("dtype"), arg("rows"),
+        arg("dim"), arg("ld"), arg("out_ptr"), arg("threads"),
+        "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
+  m.def("empirical_denoise_decode_rows", &decode_rows, release, arg("src_ptr"), arg("src_dtype"), arg("rows"),
+        arg("dim"), arg("dst_ptr"), arg("dst_dtype"), arg("threads"),
+        "float32/uint8 rows (uint8 as u/127.5-1) into a float32 or bfloat16 buffer (one rounding).");
+  m.def("empirical_denoise_tile_update", &tile_update, release, arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
+        arg("p_ptr"), arg("batch"), arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"),
+        arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"),
+        arg("rescore_tol"), arg("band"), arg("rescore_budget"), arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"),
+        arg("scale_ptr"), arg("threads"),
+        "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
+        "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
+        "pairs would need exact re-scoring (nothing written). rescore_budget=-2: only raise the "
+        "running lower bound of the max logit (first pass).");
+  m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
+        arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
+        arg("acc_ptr"), arg("acc_ld"), arg("threads"),
+        "acc = acc * scale + P @ tile over the nonzero weights of P only.");
+  m.def("empirical_denoise_cuda_forward", &cuda_forward, release, arg("x_ptr"), arg("x_dtype"), arg("y_ptr"),
+        arg("y_dtype"), arg("inv2s2_ptr"), arg("batch"), arg("rows"), arg("dim"), arg("splits"),
+        arg("work_acc_ptr"), arg("work_m_ptr"), arg("work_s_ptr"), arg("out_ptr"), arg("logz_ptr"),
+        arg("device"), arg("stream"),
+        "CUDA empirical denoiser (exact double distances, split over the training set, log-sum-exp merge).");
+}
+
+}  // namespace
+}  // namespace diffcore
+
+DIFFCORE_REGISTER(empirical_denoise, diffcore::register_empirical_denoise);

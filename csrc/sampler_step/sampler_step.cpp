@@ -1,0 +1,155 @@
+// Fused sampler step on the CPU: out = c_x x + c_d d + c_e e + c_z z in one pass, with an
+// non-finite check of d and out folded into the same pass (no second read).
+//
+// Bitwise determinism: every element is computed by the same expression, written with explicit
+// std::fma in a fixed order, so the vectorized body, the tail and any OpenMP split give identical
+// bits (the compiler may not re-associate or contract differently per position); the result of
+// element i therefore does not depend on the tensor's size, the thread count or the run.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common/checks.h"
+#include "common/registry.h"
+#ifdef DIFFCORE_WITH_CUDA
+#include "sampler_step/sampler_step_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace diffcore {
+namespace {
+
+// Elements per OpenMP chunk; below four chunks (128k elements) one thread beats a fork/join,
+// measured on a 2-core machine (and threads that spin after a region slow the next torch op).
+constexpr int64_t kChunk = 1 << 15;
+
+template <typename T, bool HasE, bool HasZ>
+int64_t step_range(const T* x, const T* __restrict d, const T* __restrict e, const T* __restrict z,
+                   T* out, int64_t begin, int64_t end, T cx, T cd, T ce, T cz) {
+  // v - v is 0 for finite v and NaN for NaN/Inf, and a sum of zeros stays exactly 0 in any order
+  // while a NaN sticks: a branch-free finiteness test that vectorizes without leaving the float
+  // domain (an integer count per element costs conversions and halves the throughput).
+  T check = T(0);
+#pragma omp simd reduction(+ : check)
+  for (int64_t i = begin; i < end; ++i) {
+    const T dv = d[i];
+    T acc = cd * dv;
+    if (HasE) acc = std::fma(ce, e[i], acc);
+    if (HasZ) acc = std::fma(cz, z[i], acc);
+    acc = std::fma(cx, x[i], acc);
+    out[i] = acc;
+    check += (dv - dv) + (acc - acc);
+  }
+  return check == T(0) ? 0 : 1;
+}
+
+template <typename T, bool HasE, bool HasZ>
+int64_t step_all(const T* x, const T* d, const T* e, const T* z, T* out, int64_t n, double c_x, double c_d,
+                 double c_e, double c_z, int threads) {
+  const T cx = static_cast<T>(c_x), cd = static_cast<T>(c_d), ce = static_cast<T>(c_e), cz = static_cast<T>(c_z);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  if (threads <= 1 || chunks < 4) return step_range<T, HasE, HasZ>(x, d, e, z, out, 0, n, cx, cd, ce, cz);
+  int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk;
+    bad += step_range<T, HasE, HasZ>(x, d, e, z, out, begin, std::min(n, begin + kChunk), cx, cd, ce, cz);
+  }
+  return bad;
+}
+
+template <typename T>
+int64_t step_typed(std::uintptr_t x, std::uintptr_t d, std::uintptr_t e, std::uintptr_t z, std::uintptr_t out,
+                   int64_t n, double cx, double cd, double ce, double cz, int threads) {
+  auto* xp = reinterpret_cast<const T*>(x);
+  auto* dp = reinterpret_cast<const T*>(d);
+  auto* ep = reinterpret_cast<const T*>(e);
+  auto* zp = reinterpret_cast<const T*>(z);
+  auto* op = reinterpret_cast<T*>(out);
+  if (e && z) return step_all<T, true, true>(xp, dp, ep, zp, op, n, cx, cd, ce, cz, threads);
+  if (e) return step_all<T, true, false>(xp, dp, ep, zp, op, n, cx, cd, ce, cz, threads);
+  if (z) return step_all<T, false, true>(xp, dp, ep, zp, op, n, cx, cd, ce, cz, threads);
+  return step_all<T, false, false>(xp, dp, ep, zp, op, n, cx, cd, ce, cz, threads);
+}
+
+// CPU entry: returns the number of OpenMP chunks in which d or out held NaN/Inf (0 when all finite).
+// When flag != 0 (a CPU int32), a non-zero count also lowers *flag to `step`.
+int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
+                         std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
+                         double c_z, int32_t step, std::uintptr_t flag, int threads) {
+  check_ptr(x, "x");
+  check_ptr(d, "denoised");
+  check_ptr(out, "out");
+  check_positive(n, "numel");
+  check_arg(c_e == 0.0 || e != 0, "extra", "required when its coefficient is non-zero");
+  check_arg(c_z == 0.0 || z != 0, "noise", "required when its coefficient is non-zero");
+  const DType type = parse_dtype(dtype, "dtype");
+  const int nthreads = resolve_threads(threads);
+  int64_t bad = 0;
+  switch (type) {
+    case DType::float32: bad = step_typed<float>(x, d, e, z, out, n, c_x, c_d, c_e, c_z, nthreads); break;
+    case DType::float64: bad = step_typed<double>(x, d, e, z, out, n, c_x, c_d, c_e, c_z, nthreads); break;
+    default: fail_arg("dtype", "the CPU sampler step supports float32 and float64, got '" + dtype + "'");
+  }
+  if (bad > 0 && flag != 0) {
+    auto* f = reinterpret_cast<int32_t*>(flag);
+    *f = std::min(*f, step);
+  }
+  return bad;
+}
+
+int64_t sampler_step_cuda(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
+                          std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
+                          double c_z, int32_t step, std::uintptr_t flag, std::uintptr_t stream) {
+  check_ptr(x, "x");
+  check_ptr(d, "denoised");
+  check_ptr(out, "out");
+  check_positive(n, "numel");
+  check_arg(c_e == 0.0 || e != 0, "extra", "required when its coefficient is non-zero");
+  check_arg(c_z == 0.0 || z != 0, "noise", "required when its coefficient is non-zero");
+  const DType type = parse_dtype(dtype, "dtype");
+  int code = -1;
+  switch (type) {
+    case DType::float32: code = 0; break;
+    case DType::float64: code = 1; break;
+    case DType::float16: code = 2; break;
+    case DType::bfloat16: code = 3; break;
+    default: fail_arg("dtype", "the CUDA sampler step supports float32, float64, float16 and bfloat16");
+  }
+#ifdef DIFFCORE_WITH_CUDA
+  sampler_step_cuda_launch(code, x, d, e, z, out, n, c_x, c_d, c_e, c_z, step, flag, stream);
+  return 0;
+#else
+  (void)code;
+  (void)step;
+  (void)flag;
+  (void)stream;
+  throw std::runtime_error("diffcore._C: sampler_step_cuda: built without CUDA (DIFFCORE_CUDA=OFF or no nvcc)");
+#endif
+}
+
+void register_sampler_step(py::module_& m) {
+  m.def("sampler_step_cpu", &sampler_step_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
+        py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
+        py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),
+        py::arg("flag"), py::arg("threads"),
+        "Fused sampler step on contiguous CPU buffers: out = c_x x + c_denoised denoised + c_extra extra + "
+        "c_noise noise (extra/noise may be 0 = absent). Returns > 0 when denoised or out holds NaN/Inf; "
+        "if non-zero and flag != 0, lowers the int32 at flag to step.");
+  m.def("sampler_step_cuda", &sampler_step_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
+        py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
+        py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),
+        py::arg("flag"), py::arg("stream"),
+        "Fused sampler step on contiguous CUDA buffers (same formula); the NaN/Inf check is deferred: "
+        "when flag != 0 the device int32 at flag is lowered to step (atomicMin). Returns 0.");
+}
+
+}  // namespace
+
+DIFFCORE_REGISTER(sampler_step, register_sampler_step);
+
+}  // namespace diffcore

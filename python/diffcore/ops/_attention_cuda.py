@@ -1,0 +1,54 @@
+"""The ``cuda`` backend of attention: CUDA C++ forward and fused forward + JVP kernels in
+``diffcore._C`` (csrc/attention/attention.cu). Shapes [B, H, L, Dh]; fp32/fp16/bf16 CUDA tensors.
+
+Its backward is the Triton one (diffcore.kernels.attention). Never run on a GPU yet: not in the
+``auto`` order (docs/attention.md).
+"""
+from __future__ import annotations
+
+import torch
+
+from diffcore._ext import dtype_name, extension
+
+
+def _flat(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype).reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+
+
+def _ptr(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _launch(q, k, v, scale, tq=None, tk=None, tv=None, jvp=False):
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    dt = q.dtype
+    qf, kf, vf = _flat(q, dt), _flat(k, dt), _flat(v, dt)
+    tqf, tkf, tvf = _flat(tq, dt), _flat(tk, dt), _flat(tv, dt)
+    o = torch.empty_like(qf)
+    t_o = torch.empty_like(qf) if jvp else None
+    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        extension().attention_forward(dtype_name(dt), _ptr(qf), _ptr(kf), _ptr(vf), _ptr(tqf), _ptr(tkf),
+                                      _ptr(tvf), _ptr(o), _ptr(t_o), _ptr(lse), b * h, lq, lk, d,
+                                      float(scale), jvp, stream)
+    shape = (b, h, lq, d)
+    return o.reshape(shape), lse.reshape(b, h, lq), (t_o.reshape(shape) if jvp else None)
+
+
+def forward(q, k, v, scale: float):
+    """``(O [B, H, Lq, Dh], lse [B, H, Lq] fp32)``."""
+    o, lse, _ = _launch(q, k, v, scale)
+    return o, lse
+
+
+def forward_jvp(q, k, v, tq, tk, tv, scale: float):
+    """``(O, tO)`` from the fused kernel (online softmax). Tangents may be None."""
+    o, _, t_o = _launch(q, k, v, scale, tq, tk, tv, jvp=True)
+    return o, t_o
+
+
+def jvp(q, k, v, tq, tk, tv, scale: float, out=None, lse=None):
+    """tO: the fused kernel recomputes O (it has no saved-lse variant)."""
+    return forward_jvp(q, k, v, tq, tk, tv, scale)[1]

@@ -1,0 +1,254 @@
+"""Fused sampler step: one elementwise pass per solver update, for every backend.
+
+``x_next = c_x * x + c_denoised * denoised + c_extra * extra + c_noise * noise``
+
+Every update of ``diffcore.sampler`` (Euler, Heun's correction, DPM-Solver++ 2M, DDIM with or
+without eta, EDM churn) has this form with per-step scalar coefficients that depend only on the
+schedule (``diffcore.ref.sampler_step`` has the formulas and their textbook forms). The table of
+coefficients is computed once per schedule on the host (``step_coefficients``), so a step on the
+GPU reads four host scalars: no device-to-host synchronization, and a trajectory can be captured
+as a CUDA graph.
+
+Backends: ``reference`` (torch, float64 math), ``cpu`` (C++, OpenMP, bitwise deterministic,
+float32/float64), ``cuda`` (CUDA C++; compiled, not yet run on a GPU, so not in ``auto``),
+``triton`` (fp32 math; float32/float16/bfloat16). ``auto`` takes ``cpu`` on CPU tensors and
+``triton`` on CUDA tensors, and the reference for a dtype the chosen kernel lacks (float16 and
+bfloat16 on the CPU, float64 on CUDA).
+
+Non-finite check: pass ``finite_flag`` (an int32 tensor of shape [1] on the tensors' device,
+initialized to a large value, e.g. ``new_finite_flag``): when ``denoised`` or the result holds NaN
+or Inf it is lowered to ``step``, on the device, without synchronizing. Read it once at the end.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from diffcore import _checks
+from diffcore._backend import OpBackends
+from diffcore._ext import dtype_name, extension
+from diffcore.ref import sampler_step as _ref
+
+KINDS = _ref.KINDS
+NO_BAD_STEP = 2**31 - 1
+
+BACKENDS = OpBackends(
+    "sampler_step",
+    implemented=("reference", "cpu", "cuda", "triton"),
+    # cuda: the CUDA C++ kernel has not run on a GPU yet, so auto takes the Triton kernel (tested
+    # in the interpreter; an elementwise kernel) and the reference after it.
+    auto_order={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+)
+_DTYPES = {
+    "reference": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def step_coefficients(kind: str, sigmas, *, eta: float = 0.0) -> torch.Tensor:
+    """Coefficient table of ``kind`` on the grid ``sigmas`` (n+1 values): float64 CPU [n, 4] with
+    columns (c_x, c_denoised, c_extra, c_noise); row i steps from sigmas[i] to sigmas[i+1]."""
+    if kind not in ("euler", "heun", "dpmpp_2m", "ddim"):
+        raise ValueError(f"kind: expected euler, heun, dpmpp_2m or ddim, got {kind!r}")
+    return _ref.coefficient_table(kind, sigmas, eta=eta)
+
+
+def new_finite_flag(device) -> torch.Tensor:
+    """An int32 [1] flag for ``finite_flag``: holds ``NO_BAD_STEP`` until a step sees NaN/Inf."""
+    return torch.full((1,), NO_BAD_STEP, dtype=torch.int32, device=device)
+
+
+def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
+    if isinstance(coefficients, torch.Tensor):
+        if coefficients.dim() == 2:
+            if coefficients.shape[1] != 4:
+                raise ValueError(f"coefficients: expected a table of shape [steps, 4], got {tuple(coefficients.shape)}")
+            if step is None:
+                raise ValueError("step: required when coefficients is a [steps, 4] table")
+            if not 0 <= step < coefficients.shape[0]:
+                raise ValueError(f"step: expected 0 <= step < {coefficients.shape[0]}, got {step}")
+            coefficients = coefficients[step]
+        if coefficients.shape != (4,):
+            raise ValueError(f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}")
+        row = tuple(float(v) for v in coefficients.detach().cpu().tolist())
+    elif isinstance(coefficients, Sequence) and len(coefficients) == 4:
+        row = tuple(float(v) for v in coefficients)
+    else:
+        raise TypeError("coefficients: expected 4 numbers, a tensor [4] or a table [steps, 4]")
+    if not all(map(lambda v: v == v and abs(v) != float("inf"), row)):
+        raise ValueError(f"coefficients: contains NaN or Inf: {row}")
+    return row
+
+
+def _run_reference(x, denoised, extra, noise, out, row, step, flag):
+    result = _ref.sampler_step_ref(x, denoised, row, extra, noise)
+    out.copy_(result)
+    if flag is not None:
+        bad = ~(torch.isfinite(denoised).all() & torch.isfinite(out).all())
+        flag.copy_(torch.where(bad, torch.clamp(flag, max=step), flag))
+    return out
+
+
+def _run_cpu(x, denoised, extra, noise, out, row, step, flag):
+    extension().sampler_step_cpu(
+        dtype_name(x.dtype), x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
+        noise.data_ptr() if noise is not None else 0, out.data_ptr(), x.numel(), row[0], row[1], row[2], row[3],
+        step, flag.data_ptr() if flag is not None else 0, torch.get_num_threads())
+    return out
+
+
+def _run_cuda(x, denoised, extra, noise, out, row, step, flag):
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    extension().sampler_step_cuda(
+        dtype_name(x.dtype), x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
+        noise.data_ptr() if noise is not None else 0, out.data_ptr(), x.numel(), row[0], row[1], row[2], row[3],
+        step, flag.data_ptr() if flag is not None else 0, stream)
+    return out
+
+
+def _run_triton(x, denoised, extra, noise, out, row, step, flag):
+    from diffcore.kernels.sampler_step import sampler_step_triton
+
+    return sampler_step_triton(x, denoised, extra, noise, out, row, step, flag)
+
+
+_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
+
+
+def step_runner(backend: str, device: torch.device, dtype: torch.dtype):
+    """The unchecked step function of a resolved backend, for loops that validated their tensors
+    once (the sampler): ``run(x, denoised, extra, noise, out, row, step, flag) -> out`` on
+    contiguous tensors of one shape, dtype and device. Returns ``(name, run)``."""
+    name = BACKENDS.resolve(backend, torch.device(device))
+    if (backend or "auto").lower() == "auto" and dtype not in _DTYPES[name]:
+        name = "reference"  # auto: the fast kernels lack this dtype (e.g. float64 on CUDA -> Triton)
+    if dtype not in _DTYPES[name]:
+        names = ", ".join(dtype_name(d) for d in _DTYPES[name])
+        raise TypeError(f"sampler_step: backend {name!r} supports {names}; got {dtype_name(dtype)}")
+    return name, _RUNNERS[name]
+
+
+def bound_step_runner(backend: str, like: torch.Tensor, flag: torch.Tensor | None):
+    """A step function bound to tensors shaped like ``like`` and to ``flag``, with the per-call
+    work hoisted out (the sampler's hot path): ``run(x, denoised, extra, noise, out, row, step)
+    -> bool``, True when NaN/Inf is *known* now (CPU: at once; CUDA: never, the flag is deferred).
+    No validation: the caller checked shapes, dtypes, devices and contiguity. Returns
+    ``(name, run)``."""
+    name, runner = step_runner(backend, like.device, like.dtype)
+    if name == "cpu":
+        kernel = extension().sampler_step_cpu
+        dtype, numel, threads = dtype_name(like.dtype), like.numel(), torch.get_num_threads()
+        flag_ptr = flag.data_ptr() if flag is not None else 0
+        checking = flag is not None
+
+        def run_cpu(x, denoised, extra, noise, out, row, step):
+            bad = kernel(dtype, x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
+                         noise.data_ptr() if noise is not None else 0, out.data_ptr(), numel, row[0], row[1],
+                         row[2], row[3], step, flag_ptr, threads)
+            return checking and bad > 0
+
+        return name, run_cpu
+    flag_host = flag.numpy() if flag is not None and like.device.type == "cpu" else None
+
+    def run(x, denoised, extra, noise, out, row, step):
+        runner(x, denoised, extra, noise, out, row, step, flag)
+        return flag_host is not None and int(flag_host[0]) != NO_BAD_STEP
+
+    return name, run
+
+
+class _SamplerStepFunction(torch.autograd.Function):
+    """Autograd of the affine step: each input's gradient (and tangent) is its coefficient."""
+
+    @staticmethod
+    def forward(x, denoised, extra, noise, row, step, runner):
+        out = torch.empty_like(x)
+        return runner(x, denoised, extra, noise, out, row, step, None)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.row = inputs[4]
+
+    @staticmethod
+    def backward(ctx, grad):
+        row = ctx.row
+        need = ctx.needs_input_grad
+        return (grad * row[0] if need[0] else None, grad * row[1] if need[1] else None,
+                grad * row[2] if need[2] else None, grad * row[3] if need[3] else None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, td, te, tz, *_):
+        row = ctx.row
+        out = None
+        for coefficient, tangent in zip(row, (tx, td, te, tz)):
+            if tangent is not None and coefficient != 0.0:
+                out = tangent * coefficient if out is None else out + tangent * coefficient
+        return out
+
+
+def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficients, *, step: int | None = None,
+                 extra: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """One fused solver update ``c_x x + c_denoised denoised + c_extra extra + c_noise noise``.
+
+    Args:
+        kind: which update the coefficients encode: ``euler``, ``heun`` (correction; ``extra`` =
+            D(x_pred; sigma_next)), ``dpmpp_2m`` (``extra`` = previous denoised), ``ddim``,
+            ``churn`` (EDM Alg. 2 line 6; ``noise`` required). Used for validation.
+        x, denoised: state and denoiser output [B, ...], same shape, dtype and device.
+        coefficients: 4 numbers, a tensor [4], or a table [steps, 4] from ``step_coefficients``
+            together with ``step``.
+        step: row of the table; also the value written to ``finite_flag``.
+        extra, noise: [B, ...] tensors, required when their coefficient is non-zero.
+        out: result buffer (may be ``x`` itself: the update is elementwise).
+        finite_flag: optional int32 [1] on the device, lowered to ``step`` when ``denoised`` or the
+            result contains NaN/Inf (no host synchronization).
+        backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
+    Returns:
+        the next state [B, ...] in x's dtype.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    _checks.check_tensor("x", x)
+    _checks.check_tensor("denoised", denoised)
+    if denoised.shape != x.shape:
+        raise ValueError(f"denoised: expected shape {tuple(x.shape)} (as x), got {tuple(denoised.shape)}")
+    row = _coefficient_row(coefficients, step)
+    step_index = 0 if step is None else int(step)
+    named = {"x": x, "denoised": denoised}
+    for name, tensor, coefficient in (("extra", extra, row[2]), ("noise", noise, row[3]), ("out", out, None)):
+        if tensor is None:
+            if coefficient:
+                raise ValueError(f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})")
+            continue
+        _checks.check_tensor(name, tensor)
+        if tensor.shape != x.shape:
+            raise ValueError(f"{name}: expected shape {tuple(x.shape)} (as x), got {tuple(tensor.shape)}")
+        named[name] = tensor
+    if kind == "heun" and extra is None:
+        raise ValueError("extra: kind 'heun' needs the denoised value at the Euler predictor")
+    for name, tensor in named.items():
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {dtype_name(x.dtype)} (as x), got {dtype_name(tensor.dtype)}")
+    device = _checks.check_same_device(**named)
+    if finite_flag is not None:
+        _checks.check_tensor("finite_flag", finite_flag, dtypes=(torch.int32,))
+        if finite_flag.shape != (1,) or finite_flag.device != device:
+            raise ValueError(f"finite_flag: expected an int32 tensor of shape [1] on {device}")
+    _, runner = step_runner(backend, device, x.dtype)
+    inputs = [t.contiguous() if t is not None else None for t in (x, denoised, extra, noise)]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        result = _SamplerStepFunction.apply(*inputs, row, step_index, runner)
+        if out is not None:
+            raise ValueError("out: not supported when an input requires grad")
+        return result
+    target = out if out is not None and out.is_contiguous() else torch.empty_like(inputs[0])
+    runner(*inputs, target, row, step_index, finite_flag)
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target

@@ -1,0 +1,403 @@
+"""diffcore.ops.empirical_denoise: every backend against the float64 reference.
+
+Accuracy target (issue 2): relative error ||out - ref|| / ||ref|| per row at most 1e-5 in fp32 for
+sigma from 0.002 to 80, near-ties included; logz to 5e-6 relative (absolute below |logz| = 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import diffcore.ops.empirical_denoise as ed
+from diffcore.ops.empirical_denoise import empirical_denoise, empirical_denoise_with_logz
+from diffcore.ref.empirical_denoise import empirical_denoise_ref
+from tests.conftest import cpu_backends
+
+FAST_BACKENDS = [b for b in cpu_backends(("cpu", "triton"))]
+ALL_BACKENDS = [b for b in cpu_backends(("reference", "cpu", "triton"))]
+SIGMAS = [0.002, 0.05, 1.0, 80.0]
+REL_TOL = 1e-5
+LOGZ_TOL = 5e-6  # |logz error| / max(1, |logz|): logits carry errors up to RESCORE_TOL = 1e-5 by design
+
+
+def _marks(backend):
+    return [pytest.mark.triton] if backend == "triton" else []
+
+
+def _params(backends):
+    return [pytest.param(b, marks=_marks(b), id=b) for b in backends]
+
+
+def row_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (out.double() - ref.double()).reshape(ref.shape[0], -1).norm(dim=1)
+    return float((diff / ref.double().reshape(ref.shape[0], -1).norm(dim=1)).max())
+
+
+def logz_rel_error(logz: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((logz.double() - ref).abs() / ref.abs().clamp_min(1.0)).max())
+
+
+def make_case(batch, rows, dim, sigma, train_dtype=torch.float32, seed=0):
+    """A training set in [-1, 1] and queries x = y_j + sigma * noise (the noisy-image setting)."""
+    gen = torch.Generator().manual_seed(seed)
+    if train_dtype == torch.uint8:
+        train = torch.randint(0, 256, (rows, dim), generator=gen, dtype=torch.uint8)
+        values = train.double() / 127.5 - 1.0
+    else:
+        values = torch.rand(rows, dim, generator=gen, dtype=torch.float64) * 2 - 1
+        train = values.to(train_dtype)
+        values = train.double()
+    source = torch.randint(0, rows, (batch,), generator=gen)
+    sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+    x = (values[source] + sig * torch.randn(batch, dim, generator=gen, dtype=torch.float64)).float()
+    return x, train
+
+
+def check_against_reference(x, train, sigma, backend, rel_tol=REL_TOL, logz_tol=LOGZ_TOL):
+    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
+    out, logz = empirical_denoise_with_logz(x, train, sigma, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert logz.shape == (x.shape[0],)
+    assert row_rel_error(out, ref_out) <= rel_tol
+    assert logz_rel_error(logz, ref_logz) <= logz_tol
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+def test_matches_reference_odd_shape(backend, sigma, train_dtype):
+    x, train = make_case(5, 123, 123, sigma, train_dtype)
+    check_against_reference(x, train, sigma, backend)
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_matches_reference_far_queries(backend, sigma):
+    """Queries that are pure noise (far from every training point): many candidates per row."""
+    gen = torch.Generator().manual_seed(1)
+    train = torch.rand(77, 45, generator=gen) * 2 - 1
+    x = torch.randn(6, 45, generator=gen) * 2
+    check_against_reference(x, train, sigma, backend)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+def test_cpu_matches_reference_image_size(sigma, train_dtype):
+    x, train = make_case(6, 300, 3072, sigma, train_dtype)
+    check_against_reference(x, train, sigma, "cpu")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in ALL_BACKENDS, reason="triton backend not usable here")
+@pytest.mark.parametrize("sigma", [0.002, 1.0, 80.0])
+def test_triton_matches_reference_image_size(sigma):
+    x, train = make_case(3, 70, 3072, sigma, torch.uint8)
+    check_against_reference(x, train, sigma, "triton")
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+def test_per_row_sigma(backend):
+    sigma = torch.tensor([0.002, 0.05, 0.3, 1.0, 5.0, 80.0], dtype=torch.float32)
+    x, train = make_case(6, 101, 67, sigma)
+    check_against_reference(x, train, sigma, backend)
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+@pytest.mark.parametrize("sigma", [0.002, 0.05])
+def test_near_ties_mix_both_training_points(backend, sigma):
+    """Two training points equidistant from x up to ~1e-6 (relative): both carry weight."""
+    gen = torch.Generator().manual_seed(2)
+    dim = 96
+    train = torch.rand(40, dim, generator=gen, dtype=torch.float64) * 2 - 1
+    a, b = train[3].clone(), train[17].clone()
+    # x on the bisector of a and b, plus a small offset along (a - b): distances differ by ~1e-6 rel.
+    mid = (a + b) / 2
+    normal = torch.randn(dim, generator=gen, dtype=torch.float64)
+    normal -= (normal @ (a - b)) / ((a - b) @ (a - b)) * (a - b)
+    x = (mid + 0.01 * normal / normal.norm() + 1e-9 * (a - b)).float()[None].repeat(3, 1)
+    train = train.float()
+    da = float(((x[0].double() - train[3].double()) ** 2).sum())
+    db = float(((x[0].double() - train[17].double()) ** 2).sum())
+    assert abs(da - db) / da < 1e-5
+    ref_out, _ = empirical_denoise_ref(x, train, sigma)
+    # the reference itself mixes the two points: a real near-tie
+    weight_a = float(((ref_out[0] - train[17].double()) @ (train[3].double() - train[17].double()))
+                     / ((train[3].double() - train[17].double()).square().sum()))
+    assert 0.01 < weight_a < 0.99
+    check_against_reference(x, train, sigma, backend)
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+def test_small_sigma_returns_nearest_training_image(backend):
+    x, train = make_case(4, 50, 3 * 4 * 4, 0.002)
+    train = train.reshape(50, 3, 4, 4)
+    x = x.reshape(4, 3, 4, 4)
+    out = empirical_denoise(x, train, 0.002, backend=backend)
+    nearest = torch.cdist(x.reshape(4, -1).double(), train.reshape(50, -1).double()).argmin(1)
+    torch.testing.assert_close(out, train[nearest], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", _params(FAST_BACKENDS))
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_x(backend, x_dtype):
+    if backend == "triton" and x_dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    x, train = make_case(5, 60, 33, 0.5)
+    x = x.to(x_dtype)
+    ref_out, ref_logz = empirical_denoise_ref(x, train, 0.5)
+    out, logz = empirical_denoise_with_logz(x, train, 0.5, backend=backend)
+    assert out.dtype == x_dtype and logz.dtype == torch.float32
+    eps = torch.finfo(x_dtype).eps
+    # the only error left is the rounding of the output to x's dtype
+    assert row_rel_error(out, ref_out) <= eps
+    assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
+
+
+def test_float16_and_float64_training_sets_on_cpu():
+    """float16 rows are exact in fp32; float64 rows are computed as their fp32 rounding (documented)."""
+    x, train = make_case(4, 80, 20, 0.3)
+    check_against_reference(x, train.to(torch.float16), 0.3, "cpu")
+    ref_out, ref_logz = empirical_denoise_ref(x, train, 0.3)  # train: the fp32 rounding
+    out, logz = empirical_denoise_with_logz(x, train.double(), 0.3, backend="cpu")
+    assert row_rel_error(out, ref_out) <= REL_TOL
+    assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
+
+
+@pytest.mark.parametrize("tile_rows", [1, 7, 64])
+@pytest.mark.parametrize("sigma", [0.002, 1.0, 80.0])
+def test_cpu_tiling_with_remainder_tiles(tile_rows, sigma):
+    x, train = make_case(5, 123, 40, sigma, torch.uint8)
+    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
+    sigma64 = torch.full((5,), sigma, dtype=torch.float64)
+    out, logz = ed._run_cpu(x, train, sigma64, tile_rows=tile_rows)
+    assert row_rel_error(out, ref_out) <= REL_TOL
+    assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
+
+
+@pytest.mark.parametrize("sigma", [3.0, 10.0, 30.0])
+def test_cpu_mid_sigma_switches_to_float64_gram(monkeypatch, sigma):
+    """At image sizes and mid sigma most pairs carry weight and the fp32 bound is too loose to keep
+    their logits: the tile's Gram matrix is recomputed in float64 instead of re-scoring each pair."""
+    created = _spy_on(monkeypatch, "_PreciseGram")
+    x, train = make_case(8, 400, 3072, sigma, torch.uint8)
+    check_against_reference(x, train, sigma, "cpu")
+    if sigma == 10.0:
+        assert created, "expected the float64 Gram path at sigma=10, D=3072"
+
+
+def _spy_on(monkeypatch, name):
+    created = []
+    original = getattr(ed, name)
+
+    def spy(*args, **kwargs):
+        created.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ed, name, spy)
+    return created
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0])
+def test_cpu_bf16_screening_at_small_sigma(monkeypatch, sigma):
+    """At D >= 256 the CPU path screens with a bf16 GEMM and re-scores the candidates exactly."""
+    screened = _spy_on(monkeypatch, "_Bf16Gram")
+    x, train = make_case(9, 500, 768, sigma, torch.uint8)
+    check_against_reference(x, train, sigma, "cpu")
+    assert screened
+
+
+def test_cpu_bf16_screening_near_duplicates_and_ties():
+    """Clustered training points (near-duplicates within the bf16 error band): many candidates,
+    the screening gives way to fp32 or re-scores them all; near-ties resolved exactly."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.rand(20, 512, generator=gen, dtype=torch.float64) * 2 - 1
+    train = (base.repeat_interleave(25, 0) + 1e-3 * torch.randn(500, 512, generator=gen, dtype=torch.float64))
+    train = train.float()
+    x = (train[[0, 30, 260]].double() + 1e-3 * torch.randn(3, 512, generator=gen, dtype=torch.float64)).float()
+    x = torch.cat([x, ((train[7] + train[8]) / 2)[None]])  # near-tie of two near-duplicates
+    for sigma in (0.002, 0.01, 0.05):
+        check_against_reference(x, train, sigma, "cpu")
+
+
+def test_cpu_bf16_screening_gives_way_at_large_sigma(monkeypatch):
+    screened = _spy_on(monkeypatch, "_Bf16Gram")
+    x, train = make_case(9, 500, 768, 80.0, torch.float32)
+    sigma64 = torch.full((9,), 80.0, dtype=torch.float64)
+    out_screen, logz_screen = ed._run_cpu(x, train, sigma64, tile_rows=100)
+    out_plain, logz_plain = ed._run_cpu(x, train, sigma64, tile_rows=100, screen=False)
+    assert screened
+    torch.testing.assert_close(out_screen, out_plain, rtol=0, atol=0)  # every tile after the first: fp32
+    ref_out, ref_logz = empirical_denoise_ref(x, train, 80.0)
+    assert row_rel_error(out_screen, ref_out) <= REL_TOL
+
+
+def test_cpu_tile_rows_keep_the_working_set_small():
+    for batch, rows, dim, dtype in [(256, 10000, 3072, torch.float32), (64, 50000, 3072, torch.uint8),
+                                    (1, 10, 5, torch.float32), (4096, 100000, 64, torch.float32)]:
+        for screen in (False, True):
+            tile = ed.cpu_tile_rows(batch, rows, dim, dtype, screen)
+            assert 1 <= tile <= rows
+            assert tile == rows or tile >= 64
+            assert batch * tile * 4 <= max(2 << 20, batch * 64 * 4)  # [B, T] weights
+            if screen:
+                assert tile * dim * 2 <= max(4 << 20, 64 * dim * 2)  # [T, D] bf16 buffer
+            if dtype != torch.float32:
+                assert tile * dim * 4 <= max(8 << 20, 64 * dim * 4)  # [T, D] fp32 decode buffer
+
+
+@pytest.mark.slow
+def test_cpu_never_materializes_batch_by_rows():
+    """B=256, N=400000, D=8: [B, N] fp32 logits would take 410 MB; the run must stay far below."""
+    script = textwrap.dedent("""
+        import json, resource, torch
+        from diffcore.ops.empirical_denoise import empirical_denoise
+        train = torch.randint(0, 256, (400000, 8), dtype=torch.uint8)
+        x = torch.randn(256, 8)
+        empirical_denoise(x[:2], train[:100], 1.0, backend="cpu")  # warm up (loads _C)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = empirical_denoise(x, train, 1.0, backend="cpu")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"peak_growth_kb": after - before, "finite": bool(torch.isfinite(out).all())}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["finite"]
+    assert report["peak_growth_kb"] < 100_000, report  # < 100 MB, vs 410 MB for [B, N] alone
+
+
+def test_auto_backend_on_cpu_is_cpu():
+    assert ed.BACKENDS.resolve("auto", torch.device("cpu")) == "cpu"
+    assert "cuda" not in ed.BACKENDS.auto_order["cuda"]
+
+
+def test_same_input_same_output():
+    x, train = make_case(5, 200, 64, 0.7)
+    first = empirical_denoise(x, train, 0.7, backend="cpu")
+    second = empirical_denoise(x, train, 0.7, backend="cpu")
+    assert torch.equal(first, second)
+
+
+def test_not_differentiable_runs_without_graph():
+    x, train = make_case(3, 30, 10, 0.5)
+    x.requires_grad_(True)
+    out = empirical_denoise(x, train, 0.5, backend="cpu")
+    assert out.grad_fn is None and not out.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _good():
+    return torch.randn(3, 4, 5), torch.randn(7, 4, 5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_error_mismatched_trailing_shape(backend):
+    x, _ = _good()
+    with pytest.raises(ValueError, match="train: expected trailing shape"):
+        empirical_denoise(x, torch.randn(7, 4, 6), 1.0, backend=backend)
+
+
+def test_error_empty_train():
+    x, _ = _good()
+    with pytest.raises(ValueError, match="train: expected at least one training row"):
+        empirical_denoise(x, torch.randn(0, 4, 5), 1.0)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 0.0, 1.0]),
+                                   torch.tensor([1.0, float("nan"), 1.0])])
+def test_error_bad_sigma(sigma):
+    x, train = _good()
+    with pytest.raises(ValueError, match="sigma"):
+        empirical_denoise(x, train, sigma)
+
+
+def test_error_sigma_wrong_shape():
+    x, train = _good()
+    with pytest.raises(ValueError, match="sigma: expected a scalar or shape"):
+        empirical_denoise(x, train, torch.ones(4))
+
+
+def test_error_nan_in_x():
+    x, train = _good()
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        empirical_denoise(x, train, 1.0)
+
+
+def test_error_mixed_devices():
+    x, train = _good()
+    with pytest.raises(ValueError, match="one device"):
+        empirical_denoise(x, train.to("meta"), 1.0)
+
+
+@pytest.mark.parametrize("bad", ["x", "train"])
+def test_error_unsupported_dtype(bad):
+    x, train = _good()
+    if bad == "x":
+        x = x.to(torch.int32)
+    else:
+        train = train.to(torch.int16)
+    with pytest.raises(TypeError, match=f"{bad}: expected dtype"):
+        empirical_denoise(x, train, 1.0)
+
+
+def test_error_float64_x_on_fast_backend():
+    x, train = _good()
+    with pytest.raises(TypeError, match="x: float64 is supported by backend 'reference' only"):
+        empirical_denoise(x.double(), train, 1.0, backend="cpu")
+
+
+def test_error_not_a_tensor():
+    _, train = _good()
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        empirical_denoise([[1.0]], train, 1.0)
+
+
+def test_error_cuda_backend_on_cpu_tensors():
+    x, train = _good()
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
+        empirical_denoise(x, train, 1.0, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------- GPU only
+@pytest.mark.cuda_ext
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+@pytest.mark.parametrize("shape", [(5, 123, 123), (7, 300, 3072), (300, 1000, 64)])
+def test_cuda_kernel_matches_reference(sigma, train_dtype, shape):
+    x, train = make_case(*shape, sigma, train_dtype)
+    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
+    out, logz = empirical_denoise_with_logz(x.cuda(), train.cuda(), sigma, backend="cuda")
+    assert row_rel_error(out.cpu(), ref_out) <= REL_TOL
+    assert logz_rel_error(logz.cpu(), ref_logz) <= LOGZ_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("sigma", SIGMAS)
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+@pytest.mark.parametrize("shape", [(5, 123, 123), (7, 300, 3072), (300, 1000, 64)])
+def test_triton_on_gpu_matches_reference(sigma, train_dtype, shape):
+    x, train = make_case(*shape, sigma, train_dtype)
+    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
+    out, logz = empirical_denoise_with_logz(x.cuda(), train.cuda(), sigma, backend="triton")
+    assert row_rel_error(out.cpu(), ref_out) <= REL_TOL
+    assert logz_rel_error(logz.cpu(), ref_logz) <= LOGZ_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_triton_on_gpu_half_x(x_dtype):
+    x, train = make_case(9, 200, 48, 0.5)
+    x = x.to(x_dtype)
+    ref_out, _ = empirical_denoise_ref(x, train, 0.5)
+    out = empirical_denoise(x.cuda(), train.cuda(), 0.5, backend="triton")
+    assert out.dtype == x_dtype
+    assert row_rel_error(out.cpu(), ref_out) <= torch.finfo(x_dtype).eps
