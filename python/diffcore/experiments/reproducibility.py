@@ -69,6 +69,13 @@ class ReproducibilityConfig:
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0      # Gu et al.
     grid_samples: int = 16                     # samples shown per grid
+    torch_threads: int = 0                     # intra-op CPU threads per process (0: torch's default)
+    train_workers: int = 1                     # models trained at once, one process each (runtime only)
+
+    def result_fields(self) -> dict:
+        """The fields that define the results (``config.json`` binds an output folder to these);
+        :data:`RUNTIME_FIELDS` may change between a run and its resume."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
@@ -82,6 +89,13 @@ class ReproducibilityConfig:
             raise ValueError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1")
+        if self.torch_threads < 0 or self.train_workers < 1:
+            raise ValueError("torch_threads must be >= 0 and train_workers >= 1")
+
+
+# How many models train at once changes the wall time, not the results (each model's training is
+# deterministic on its own), so it is not bound to the output folder.
+RUNTIME_FIELDS = frozenset({"train_workers"})
 
 
 def _quick() -> ReproducibilityConfig:
@@ -171,8 +185,9 @@ class _Study:
     """One run of the study: config, workspace, hooks and the units made so far."""
 
     def __init__(self, config: ReproducibilityConfig, out: str | Path, hooks: StudyHooks,
-                 device: str, progress: bool):
+                 device: str, progress: bool, default_stack: bool = False):
         self.config = config
+        self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
         self.ws = Workspace(out)
         self.hooks = hooks
         self.device = device
@@ -272,12 +287,14 @@ class _Study:
     # the whole study ----------------------------------------------------------
     def run(self) -> dict:
         c = self.config
-        self.ws.bind_config(c)
+        self.ws.bind_config(c.result_fields())
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
+        if c.train_workers > 1 and self.default_stack:
+            self.train_in_workers()
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
         bar = _progress_bar(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), self.progress)
@@ -325,6 +342,33 @@ class _Study:
         self.write_outputs(results)
         return results
 
+    def train_in_workers(self) -> None:
+        """Train every unfinished model unit, ``train_workers`` at a time, each in its own process
+        (spawned; ``torch_threads`` threads each). The main loop then finds them finished. Costliest
+        (widest) first, so the last ones to start are the cheap ones."""
+        import concurrent.futures
+        import multiprocessing
+
+        c = self.config
+        todo = [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
+                for s in c.train_seeds
+                if self.ws.finished("models", _model_name(w, n, s), self.model_spec(w, n, s)) is None]
+        if not todo:
+            return
+        log.info("training %d models, %d at a time", len(todo), c.train_workers)
+        start = time.perf_counter()
+        context = multiprocessing.get_context("spawn")
+        bar = _progress_bar(len(todo), self.progress, desc="training", unit="model")
+        with concurrent.futures.ProcessPoolExecutor(min(c.train_workers, len(todo)), mp_context=context) as pool:
+            futures = {pool.submit(_train_model_in_worker, c, str(self.ws.root), w, n, s, self.device): (w, n, s)
+                       for w, n, s in todo}
+            for future in concurrent.futures.as_completed(futures):
+                future.result()  # a failed model raises here
+                bar.set_postfix_str(_model_name(*futures[future]))
+                bar.update(1)
+        bar.close()
+        self.train_wall_seconds = time.perf_counter() - start
+
     def grid(self, path: Path, samples, train_images, result: dict, title: str) -> None:
         k = min(self.config.grid_samples, samples.shape[0])
         if k == 0:
@@ -345,19 +389,54 @@ class _Study:
         atomic_write_json(root / "timings.json", self.timings())
 
     def timings(self) -> dict:
+        """Seconds per phase, summed over units (each unit's own wall time when it was made, so
+        with train_workers > 1 the training seconds add up the concurrent processes; the wall time
+        of that parallel phase is ``train.parallel_wall_seconds``)."""
         out = {}
         for phase, units in self.units.items():
             out[phase] = {"seconds": sum(u.seconds for u in units), "units": len(units),
                           "reused": sum(u.reused for u in units)}
+        if getattr(self, "train_wall_seconds", None) is not None:
+            out["train"]["parallel_wall_seconds"] = self.train_wall_seconds
+        out["train_workers"] = self.config.train_workers
+        out["torch_threads"] = torch.get_num_threads()
         return out
 
 
-def _progress_bar(total: int, progress: bool):
+def _train_model_in_worker(config: ReproducibilityConfig, out: str, width: int, n: int, seed: int,
+                           device: str) -> None:
+    """One model unit, in a worker process (see :meth:`_Study.train_in_workers`)."""
+    with _torch_threads(config.torch_threads):
+        study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
+        pool = study.hooks.load_dataset(config.dataset, config.data_root)
+        train_images, _ = study.hooks.subset(pool, n, config.subset_seed)
+        study.model_unit(width, n, seed, train_images)
+
+
+class _torch_threads:
+    """Context manager: ``torch.set_num_threads(n)`` inside (n = 0: unchanged)."""
+
+    def __init__(self, n: int):
+        self.n, self.before = int(n), None
+
+    def __enter__(self):
+        if self.n > 0:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            torch.set_num_threads(self.before)
+        return False
+
+
+def _progress_bar(total: int, progress: bool, desc: str = "reproducibility", unit: str = "model"):
     from tqdm.auto import tqdm
 
     from diffcore import _env
 
-    return tqdm(total=total, desc="reproducibility", unit="model", disable=not _env.progress_enabled(progress))
+    return tqdm(total=total, desc=desc, unit=unit, disable=not _env.progress_enabled(progress))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -398,14 +477,20 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
     """Run (or resume) the study into ``out``; returns the content of ``results.json``."""
     from diffcore.experiments._stack import resolve_device
 
-    if hooks is None:
+    default_stack = hooks is None
+    if default_stack:
         hooks = default_hooks()
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
     start = time.perf_counter()
-    results = _Study(config, out, hooks, device, progress).run()
-    log.info("reproducibility study done in %.1f s: %s", time.perf_counter() - start, out)
+    with _torch_threads(config.torch_threads):
+        study = _Study(config, out, hooks, device, progress, default_stack=default_stack)
+        results = study.run()
+    wall = time.perf_counter() - start
+    timings_path = Path(out) / "timings.json"
+    atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
+    log.info("reproducibility study done in %.1f s: %s", wall, out)
     return results
 
 
