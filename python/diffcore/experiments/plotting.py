@@ -113,5 +113,9 @@ def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Pat
         ax.set_xlabel("log2 N (training images)")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # one width and one seed: no pair of models to compare
+            ax.text(0.5, 0.5, "no model pairs\n(one width, one seed)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="gray")
     return atomic_save_figure(fig, path)
