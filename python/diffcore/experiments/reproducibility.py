@@ -388,7 +388,9 @@ class _Study:
                          columns=["n", "kind", "width_a", "seed_a", "width_b", "seed_b", "rp", "similarity_mean"])
         plotting.figure1({str(w): _nan_curve(curve) for w, curve in results["curves"].items()},
                          root / "figure1.png", cross_width=_nan_curve(results["cross_width"]),
-                         threshold=results["threshold"], similarity=results["similarity"]["name"])
+                         threshold=results["threshold"], similarity=results["similarity"]["name"],
+                         title=f"Reproducibility and generalization against N: {self.config.dataset}, "
+                               f"{self.config.model_preset}")
         atomic_write_json(root / "timings.json", self.timings())
 
     def timings(self) -> dict:
