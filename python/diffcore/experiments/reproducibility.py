@@ -99,7 +99,7 @@ RUNTIME_FIELDS = frozenset({"train_workers"})
 
 
 def _quick() -> ReproducibilityConfig:
-    """Embedded digits, about 5 minutes on a free 2-core CPU (measurements: docs/experiments.md).
+    """Embedded digits: 6.5 min measured on a shared 2-core CPU at load ~2-3 (docs/experiments.md).
 
     The light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout) at widths 16 and 32,
     N = 16 .. 1797 (all digits), 1200 steps at batch 64 for every model, two models training at
@@ -191,6 +191,7 @@ class _Study:
                  device: str, progress: bool, default_stack: bool = False):
         self.config = config
         self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
+        self.train_wall_seconds: float | None = None  # set when models were trained in workers
         self.ws = Workspace(out)
         self.hooks = hooks
         self.device = device
@@ -362,14 +363,22 @@ class _Study:
         start = time.perf_counter()
         context = multiprocessing.get_context("spawn")
         bar = _progress_bar(len(todo), self.progress, desc="training", unit="model")
-        with concurrent.futures.ProcessPoolExecutor(min(c.train_workers, len(todo)), mp_context=context) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(min(c.train_workers, len(todo)), mp_context=context)
+        try:
             futures = {pool.submit(_train_model_in_worker, c, str(self.ws.root), w, n, s, self.device): (w, n, s)
                        for w, n, s in todo}
             for future in concurrent.futures.as_completed(futures):
                 future.result()  # a failed model raises here
                 bar.set_postfix_str(_model_name(*futures[future]))
                 bar.update(1)
-        bar.close()
+        except BaseException:
+            # do not train the queued models first: drop them (finished units and the running
+            # models' checkpoints stay, so the next run resumes)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+        pool.shutdown(wait=True)
         self.train_wall_seconds = time.perf_counter() - start
 
     def grid(self, path: Path, samples, train_images, result: dict, title: str) -> None:
@@ -401,7 +410,7 @@ class _Study:
         for phase, units in self.units.items():
             out[phase] = {"seconds": sum(u.seconds for u in units), "units": len(units),
                           "reused": sum(u.reused for u in units)}
-        if getattr(self, "train_wall_seconds", None) is not None:
+        if self.train_wall_seconds is not None:
             out["train"]["parallel_wall_seconds"] = self.train_wall_seconds
         out["train_workers"] = self.config.train_workers
         out["torch_threads"] = torch.get_num_threads()
