@@ -337,7 +337,7 @@ class _Study:
                               "seed_b": rb["seed"], "rp": rp.score,
                               "similarity_mean": float(rp.similarity.mean())})
         bar.close()
-        results = {"experiment": NAME, "config": dataclasses.asdict(c),
+        results = {"experiment": NAME, "config": c.result_fields(),
                    "similarity": self.similarity.describe(), "threshold": threshold,
                    "threshold_source": threshold_source, "models": models, "empirical": empirical,
                    "pairs": pairs}
