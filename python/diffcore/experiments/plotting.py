@@ -87,31 +87,46 @@ def samples_with_neighbors(samples: torch.Tensor, neighbors: torch.Tensor, path:
 
 def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
             cross_width: Mapping[str, Sequence[float]] | None = None, threshold: float | None = None,
-            similarity: str = "") -> Path:
-    """Figure-1-style plot: RP and GL against N (log2), one curve per width.
+            similarity: str = "", title: str | None = None) -> Path:
+    """Figure-1-style plot: RP and GL against N (log scale), one colour per width in every panel.
 
     ``curves[width]`` has ``n``, ``gl``, ``rp_seeds`` (may hold NaN), ``rp_empirical``,
     ``memorized_ratio``; ``cross_width`` has ``n`` and ``rp`` (mean RP between different widths).
     """
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     ax_rp, ax_gl, ax_emp = axes
-    for width, curve in curves.items():
-        n = [math.log2(v) for v in curve["n"]]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sizes = sorted({n for curve in curves.values() for n in curve["n"]})
+    for index, (width, curve) in enumerate(curves.items()):
+        color, n = colors[index % len(colors)], list(curve["n"])
         if any(not math.isnan(v) for v in curve["rp_seeds"]):
-            ax_rp.plot(n, curve["rp_seeds"], "o-", label=f"UNet-{width}: two seeds")
-        ax_gl.plot(n, curve["gl"], "o-", label=f"UNet-{width}: GL")
-        ax_gl.plot(n, [1 - v for v in curve["memorized_ratio"]], "x:", alpha=0.7,
-                   label=f"UNet-{width}: 1 - mem. ratio<1/3")
-        ax_emp.plot(n, curve["rp_empirical"], "o-", label=f"UNet-{width}")
+            ax_rp.plot(n, curve["rp_seeds"], "o-", color=color, label=f"UNet-{width}: two training seeds")
+        ax_gl.plot(n, curve["gl"], "o-", color=color, label=f"UNet-{width}: GL")
+        ax_gl.plot(n, [1 - v for v in curve["memorized_ratio"]], "x:", color=color, alpha=0.8,
+                   label=f"UNet-{width}: 1 - memorized (ratio < 1/3)")
+        ax_emp.plot(n, curve["rp_empirical"], "o-", color=color, label=f"UNet-{width}")
     if cross_width and len(cross_width.get("n", [])):
-        ax_rp.plot([math.log2(v) for v in cross_width["n"]], cross_width["rp"], "s--k", label="across widths")
-    sim_note = f" ({similarity}, threshold {threshold:.3f})" if threshold is not None else ""
-    ax_rp.set_title("Reproducibility (RP) between models" + sim_note, fontsize=9)
-    ax_gl.set_title("Generalization (GL) against the training set", fontsize=9)
-    ax_emp.set_title("RP against the empirical optimal denoiser", fontsize=9)
+        ax_rp.plot(list(cross_width["n"]), cross_width["rp"], "s--k", label="across widths")
+    ax_rp.set_title("Reproducibility: RP between models", fontsize=10)
+    ax_gl.set_title("Generalization: GL against the training set", fontsize=10)
+    ax_emp.set_title("RP against the empirical optimal denoiser", fontsize=10)
+    ax_rp.set_ylabel("RP score (fraction of seeds)")
+    ax_gl.set_ylabel("GL score (fraction of samples)")
+    ax_emp.set_ylabel("RP score (fraction of seeds)")
     for ax in axes:
-        ax.set_xlabel("log2 N (training images)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(v) for v in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("N (training images, log scale)")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best", framealpha=0.85)
+        else:  # one width and one seed: no pair of models to compare
+            ax.text(0.5, 0.5, "no model pairs\n(one width, one seed)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="gray")
+    sim_note = f"{similarity} similarity, threshold {threshold:.3f}" if threshold is not None else similarity
+    fig.suptitle((title or "Reproducibility and generalization against training-set size")
+                 + (f"  ({sim_note})" if sim_note else ""), fontsize=11)
+    fig.tight_layout()
     return atomic_save_figure(fig, path)

@@ -69,6 +69,13 @@ class ReproducibilityConfig:
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0      # Gu et al.
     grid_samples: int = 16                     # samples shown per grid
+    torch_threads: int = 0                     # intra-op CPU threads per process (0: torch's default)
+    train_workers: int = 1                     # models trained at once, one process each (runtime only)
+
+    def result_fields(self) -> dict:
+        """The fields that define the results (``config.json`` binds an output folder to these);
+        :data:`RUNTIME_FIELDS` may change between a run and its resume."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
@@ -82,19 +89,29 @@ class ReproducibilityConfig:
             raise ValueError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
         if self.num_samples < 1:
             raise ValueError("num_samples must be at least 1")
+        if self.torch_threads < 0 or self.train_workers < 1:
+            raise ValueError("torch_threads must be >= 0 and train_workers >= 1")
+
+
+# How many models train at once changes the wall time, not the results (each model's training is
+# deterministic on its own), so it is not bound to the output folder.
+RUNTIME_FIELDS = frozenset({"train_workers"})
 
 
 def _quick() -> ReproducibilityConfig:
-    """Embedded digits, meant for about 10 minutes on a 2-core CPU. Budget: 8 models (2 widths x
-    4 sizes x 1 seed); the 10 minutes are mostly training, so each model gets about 60 s.
-    NOT YET MEASURED END TO END. Measured (preliminary, contended 2-core machine, reference ops):
-    one ddpmpp-digits training step at batch 64 costs 0.7 s of CPU time at width 16 and 1.1 s at
-    width 32 (2 threads), i.e. about 0.35 s / 0.55 s of wall time on two free cores; so 400 steps at
-    batch 32 are about 60-100 s per model: at or over budget. Tune train_steps (or a lighter model
-    preset) with the trainer's measured speed. Metrics take < 1 s per model.
+    """Embedded digits: 6.5 min measured on a shared 2-core CPU at load ~2-3 (docs/experiments.md).
+
+    The light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout) at widths 16 and 32,
+    N = 16 .. 1797 (all digits), 1200 steps at batch 64 for every model, two models training at
+    once in two single-threaded processes: on tiny 8x8 tensors one thread per process beats
+    intra-op threading (one 2-threaded process on a busy 2-core machine was 5x slower per step).
+    Width 16 memorizes N = 16 and 64 (GL near 0) and generalizes from N = 256 (GL near 1), and
+    its samples at N = 256 and 1797 are near-identical digits from the same seeds.
     ``--set train_seeds=0,1`` adds the same-width RP pairs at twice the training time."""
-    return ReproducibilityConfig(widths=(8, 16), sizes=(16, 64, 256, 1024), train_seeds=(0,),
-                                 train_steps=400, batch_size=32, num_samples=128)
+    return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(16, 32),
+                                 sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1200,
+                                 batch_size=64, learning_rate=1e-3, num_samples=256, sampler_steps=18,
+                                 torch_threads=1, train_workers=2)
 
 
 def _paper() -> ReproducibilityConfig:
@@ -171,8 +188,10 @@ class _Study:
     """One run of the study: config, workspace, hooks and the units made so far."""
 
     def __init__(self, config: ReproducibilityConfig, out: str | Path, hooks: StudyHooks,
-                 device: str, progress: bool):
+                 device: str, progress: bool, default_stack: bool = False):
         self.config = config
+        self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
+        self.train_wall_seconds: float | None = None  # set when models were trained in workers
         self.ws = Workspace(out)
         self.hooks = hooks
         self.device = device
@@ -272,12 +291,14 @@ class _Study:
     # the whole study ----------------------------------------------------------
     def run(self) -> dict:
         c = self.config
-        self.ws.bind_config(c)
+        self.ws.bind_config(c.result_fields())
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
+        if c.train_workers > 1 and self.default_stack:
+            self.train_in_workers()
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
         bar = _progress_bar(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), self.progress)
@@ -316,7 +337,7 @@ class _Study:
                               "seed_b": rb["seed"], "rp": rp.score,
                               "similarity_mean": float(rp.similarity.mean())})
         bar.close()
-        results = {"experiment": NAME, "config": dataclasses.asdict(c),
+        results = {"experiment": NAME, "config": c.result_fields(),
                    "similarity": self.similarity.describe(), "threshold": threshold,
                    "threshold_source": threshold_source, "models": models, "empirical": empirical,
                    "pairs": pairs}
@@ -324,6 +345,41 @@ class _Study:
         results = json.loads(json_dumps(results))  # exactly what results.json holds
         self.write_outputs(results)
         return results
+
+    def train_in_workers(self) -> None:
+        """Train every unfinished model unit, ``train_workers`` at a time, each in its own process
+        (spawned; ``torch_threads`` threads each). The main loop then finds them finished. Costliest
+        (widest) first, so the last ones to start are the cheap ones."""
+        import concurrent.futures
+        import multiprocessing
+
+        c = self.config
+        todo = [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
+                for s in c.train_seeds
+                if self.ws.finished("models", _model_name(w, n, s), self.model_spec(w, n, s)) is None]
+        if not todo:
+            return
+        log.info("training %d models, %d at a time", len(todo), c.train_workers)
+        start = time.perf_counter()
+        context = multiprocessing.get_context("spawn")
+        bar = _progress_bar(len(todo), self.progress, desc="training", unit="model")
+        pool = concurrent.futures.ProcessPoolExecutor(min(c.train_workers, len(todo)), mp_context=context)
+        try:
+            futures = {pool.submit(_train_model_in_worker, c, str(self.ws.root), w, n, s, self.device): (w, n, s)
+                       for w, n, s in todo}
+            for future in concurrent.futures.as_completed(futures):
+                future.result()  # a failed model raises here
+                bar.set_postfix_str(_model_name(*futures[future]))
+                bar.update(1)
+        except BaseException:
+            # do not train the queued models first: drop them (finished units and the running
+            # models' checkpoints stay, so the next run resumes)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+        pool.shutdown(wait=True)
+        self.train_wall_seconds = time.perf_counter() - start
 
     def grid(self, path: Path, samples, train_images, result: dict, title: str) -> None:
         k = min(self.config.grid_samples, samples.shape[0])
@@ -341,23 +397,60 @@ class _Study:
                          columns=["n", "kind", "width_a", "seed_a", "width_b", "seed_b", "rp", "similarity_mean"])
         plotting.figure1({str(w): _nan_curve(curve) for w, curve in results["curves"].items()},
                          root / "figure1.png", cross_width=_nan_curve(results["cross_width"]),
-                         threshold=results["threshold"], similarity=results["similarity"]["name"])
+                         threshold=results["threshold"], similarity=results["similarity"]["name"],
+                         title=f"Reproducibility and generalization against N: {self.config.dataset}, "
+                               f"{self.config.model_preset}")
         atomic_write_json(root / "timings.json", self.timings())
 
     def timings(self) -> dict:
+        """Seconds per phase, summed over units (each unit's own wall time when it was made, so
+        with train_workers > 1 the training seconds add up the concurrent processes; the wall time
+        of that parallel phase is ``train.parallel_wall_seconds``)."""
         out = {}
         for phase, units in self.units.items():
             out[phase] = {"seconds": sum(u.seconds for u in units), "units": len(units),
                           "reused": sum(u.reused for u in units)}
+        if self.train_wall_seconds is not None:
+            out["train"]["parallel_wall_seconds"] = self.train_wall_seconds
+        out["train_workers"] = self.config.train_workers
+        out["torch_threads"] = torch.get_num_threads()
         return out
 
 
-def _progress_bar(total: int, progress: bool):
+def _train_model_in_worker(config: ReproducibilityConfig, out: str, width: int, n: int, seed: int,
+                           device: str) -> None:
+    """One model unit, in a worker process (see :meth:`_Study.train_in_workers`)."""
+    with _torch_threads(config.torch_threads):
+        study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
+        pool = study.hooks.load_dataset(config.dataset, config.data_root)
+        train_images, _ = study.hooks.subset(pool, n, config.subset_seed)
+        study.model_unit(width, n, seed, train_images)
+
+
+class _torch_threads:
+    """Context manager: ``torch.set_num_threads(n)`` inside (n = 0: unchanged)."""
+
+    def __init__(self, n: int):
+        self.n, self.before = int(n), None
+
+    def __enter__(self):
+        if self.n > 0:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            torch.set_num_threads(self.before)
+        return False
+
+
+def _progress_bar(total: int, progress: bool, desc: str = "reproducibility", unit: str = "model"):
     from tqdm.auto import tqdm
 
     from diffcore import _env
 
-    return tqdm(total=total, desc="reproducibility", unit="model", disable=not _env.progress_enabled(progress))
+    return tqdm(total=total, desc=desc, unit=unit, disable=not _env.progress_enabled(progress))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -398,14 +491,20 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
     """Run (or resume) the study into ``out``; returns the content of ``results.json``."""
     from diffcore.experiments._stack import resolve_device
 
-    if hooks is None:
+    default_stack = hooks is None
+    if default_stack:
         hooks = default_hooks()
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
     start = time.perf_counter()
-    results = _Study(config, out, hooks, device, progress).run()
-    log.info("reproducibility study done in %.1f s: %s", time.perf_counter() - start, out)
+    with _torch_threads(config.torch_threads):
+        study = _Study(config, out, hooks, device, progress, default_stack=default_stack)
+        results = study.run()
+    wall = time.perf_counter() - start
+    timings_path = Path(out) / "timings.json"
+    atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
+    log.info("reproducibility study done in %.1f s: %s", wall, out)
     return results
 
 
