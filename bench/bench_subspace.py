@@ -83,10 +83,8 @@ def make_unet64():
     those weights are scaled back up by 1e5, which makes J generic but without a clear spectral gap:
     angles and iteration counts mean little there, the cost per iteration is the point. Quick mode: width 16 at 16x16.
     """
-    try:
-        from diffcore.models import denoiser_preset
-    except ImportError:
-        pytest.skip("diffcore.models (UNet) is not available on this branch")
+    from diffcore.models import denoiser_preset
+
     overrides = {"model_channels": 16, "img_resolution": 16} if QUICK else {"model_channels": 64}
     den = denoiser_preset("ddpmpp-cifar", **overrides).eval()
     with torch.no_grad():
