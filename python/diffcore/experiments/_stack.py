@@ -35,15 +35,13 @@ log = logging.getLogger(__name__)
 
 def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2):
     """Exact l2 k-NN: ``(distances [B, k], indices [B, k])``."""
-    # from the submodule: once diffcore.ops.knn (the module) is imported, the attribute
-    # diffcore.ops.knn is that module, not the function (the lazy __getattr__ is bypassed)
-    from diffcore.ops.knn import knn as knn_op
+    from diffcore.ops import knn as knn_op
 
     return knn_op(queries, train, k=k)
 
 
 def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma) -> torch.Tensor:
-    from diffcore.ops.empirical_denoise import empirical_denoise as empirical_denoise_op
+    from diffcore.ops import empirical_denoise as empirical_denoise_op
 
     return empirical_denoise_op(x, train, sigma)
 

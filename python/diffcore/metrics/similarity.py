@@ -167,7 +167,7 @@ def get_similarity(spec: str | Similarity, device: str = "cpu") -> Similarity:
 
 def default_knn():
     """The exact k-NN op every metric uses unless one is passed in (``diffcore.ops.knn``)."""
-    from diffcore.ops.knn import knn  # the submodule's function (diffcore.ops.knn may be the module)
+    from diffcore.ops import knn
 
     return knn
 
