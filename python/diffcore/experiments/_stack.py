@@ -13,8 +13,7 @@ against the APIs of the branches knn, emp, sampler, train and unet as read at 00
 - ``diffcore.train.TrainConfig``, ``train_from_config`` (resumable checkpoints under out_dir),
   ``load_trained_model(checkpoint_dir, which="ema")``, ``main_train(argv)``
 - model spec ``{"name": "ddpmpp", "preset": <diffcore.models preset>, "model_channels": width}``
-  (MERGE: the lead wires the "ddpmpp" factory in diffcore.train's registry; adjust here if its
-  keyword names differ)
+  (the "ddpmpp" factory of diffcore.train's model registry)
 
 Nothing here falls back to anything: a missing piece raises.
 """
