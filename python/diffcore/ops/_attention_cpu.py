@@ -131,13 +131,21 @@ def forward(q, k, v, scale: float, keep_probs: bool = False):
     return out, lse.squeeze(-1), probs
 
 
-def _tangent_scores(qs, tqs, kt, tkt, hs, rs):
-    """tS * scale-folded for one chunk: tq k^T * scale + q tk^T * scale (None when both are zero)."""
+def _tangent_scores(qs, tqs, kt, tkt, hs, rs, out=None):
+    """tS * scale-folded for one chunk: tq k^T * scale + q tk^T * scale (None when both are zero).
+
+    With ``out`` (a workspace buffer) the result is written there and accumulated in place.
+    """
     t_s = None
     if tqs is not None:
-        t_s = torch.bmm(tqs[hs, rs], kt[hs])
+        t_s = torch.bmm(tqs[hs, rs], kt[hs], out=out)
     if tkt is not None:
-        t_s = torch.bmm(qs[hs, rs], tkt[hs]) if t_s is None else torch.baddbmm(t_s, qs[hs, rs], tkt[hs])
+        if t_s is None:
+            t_s = torch.bmm(qs[hs, rs], tkt[hs], out=out)
+        elif out is None:
+            t_s = torch.baddbmm(t_s, qs[hs, rs], tkt[hs])
+        else:
+            t_s.baddbmm_(qs[hs, rs], tkt[hs])
     return t_s
 
 
@@ -202,12 +210,7 @@ def jvp_inplace(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, lse: torch
         else:
             p = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs)).sub_(lse3[hs, rs]).exp_()
         to = t_out[hs, rs]
-        t_s = None
-        if tqs is not None:
-            t_s = torch.bmm(tqs[hs, rs], kt[hs], out=ws.get(1, hs, rs))
-        if tkt is not None:
-            t_s = torch.bmm(qs[hs, rs], tkt[hs], out=ws.get(1, hs, rs)) if t_s is None \
-                else t_s.baddbmm_(qs[hs, rs], tkt[hs])
+        t_s = _tangent_scores(qs, tqs, kt, tkt, hs, rs, out=ws.get(1, hs, rs))
         if t_s is not None:
             p_ts = t_s.mul_(p)
             torch.bmm(p_ts, vf[hs], out=to)
@@ -239,12 +242,7 @@ def forward_jvp(q, k, v, tq, tk, tv, scale: float):
         o = torch.bmm(s, vf[hs], out=out[hs, rs]).div_(l)
         torch.add(m, l.log(), out=lse[hs, rs])
         to = t_out[hs, rs]
-        t_s = None
-        if tqs is not None:
-            t_s = torch.bmm(tqs[hs, rs], kt[hs], out=ws.get(1, hs, rs))
-        if tkt is not None:
-            t_s = torch.bmm(qs[hs, rs], tkt[hs], out=ws.get(1, hs, rs)) if t_s is None \
-                else t_s.baddbmm_(qs[hs, rs], tkt[hs])
+        t_s = _tangent_scores(qs, tqs, kt, tkt, hs, rs, out=ws.get(1, hs, rs))
         if t_s is not None:
             p_ts = t_s.mul_(s)  # (forward_jvp runs under no_grad: in place is fine)
             torch.bmm(p_ts, vf[hs], out=to)
