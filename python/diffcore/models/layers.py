@@ -18,12 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_image_batch(x) -> None:
+    """Raise unless ``x`` is a floating-point tensor of shape [B, C, H, W] (errors name ``x``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected [B, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """The UNet's single entry point to attention: ``softmax(q k^T * scale) v``.
 
     q, k, v: [B, heads, L, Dh] -> [B, heads, L, Dh]. Delegates to ``diffcore.ops.attention``.
-    The function is imported from its module: ``diffcore.ops.attention`` as a package attribute
-    turns into the submodule once that has been imported (the lazy table of ops/__init__.py).
     """
     from diffcore.ops.attention import attention as attention_op
 

@@ -30,6 +30,8 @@ import math
 import torch
 from torch import nn
 
+from diffcore.models.layers import check_image_batch
+
 
 class Precond(nn.Module):
     """Base class: ``forward(x, sigma, class_labels=None)`` from :meth:`coefficients`."""
@@ -56,7 +58,7 @@ class Precond(nn.Module):
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, H, W]; sigma: float, 0-d or [B]; class_labels: see ``UNet.forward``.
         Returns x0_hat: [B, C, H, W] in x's dtype (EDM Eq. 7)."""
-        _check_x(x)
+        check_image_batch(x)
         sigma_col = sigma_column(sigma, x)  # [B, 1, 1, 1] in x's dtype
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma_col)
         model_dtype = _parameter_dtype(self.model, x.dtype)
@@ -184,15 +186,6 @@ def sigma_column(sigma, x: torch.Tensor) -> torch.Tensor:
     if sigma.shape[0] != batch or any(s != 1 for s in sigma.shape[1:]) or sigma.dim() > x.dim():
         raise ValueError(f"sigma: expected a scalar or shape [{batch}], got shape {tuple(sigma.shape)}")
     return sigma.to(device=x.device, dtype=x.dtype).reshape(batch, 1, 1, 1)
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x: expected [B, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
 
 
 def _parameter_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:

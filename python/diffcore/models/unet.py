@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcore.models.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, resolve_heads
+from diffcore.models.layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_image_batch,
+                                     resolve_heads)
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +221,7 @@ class UNet(nn.Module):
         return out
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"x: expected [B, C, H, W], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        check_image_batch(x)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected {self.in_channels} channels, got shape {tuple(x.shape)}")
         res = self.img_resolution
