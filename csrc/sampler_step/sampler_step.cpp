@@ -76,17 +76,23 @@ int64_t step_typed(std::uintptr_t x, std::uintptr_t d, std::uintptr_t e, std::ui
   return step_all<T, false, false>(xp, dp, ep, zp, op, n, cx, cd, ce, cz, threads);
 }
 
-// CPU entry: returns the number of OpenMP chunks in which d or out held NaN/Inf (0 when all finite).
-// When flag != 0 (a CPU int32), a non-zero count also lowers *flag to `step`.
-int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
-                         std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
-                         double c_z, int32_t step, std::uintptr_t flag, int threads) {
+// Checks shared by the CPU and CUDA entry points (pointers, size, optional operands).
+void check_step_args(std::uintptr_t x, std::uintptr_t d, std::uintptr_t e, std::uintptr_t z,
+                     std::uintptr_t out, int64_t n, double c_e, double c_z) {
   check_ptr(x, "x");
   check_ptr(d, "denoised");
   check_ptr(out, "out");
   check_positive(n, "numel");
   check_arg(c_e == 0.0 || e != 0, "extra", "required when its coefficient is non-zero");
   check_arg(c_z == 0.0 || z != 0, "noise", "required when its coefficient is non-zero");
+}
+
+// CPU entry: returns the number of OpenMP chunks in which d or out held NaN/Inf (0 when all finite).
+// When flag != 0 (a CPU int32), a non-zero count also lowers *flag to `step`.
+int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
+                         std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
+                         double c_z, int32_t step, std::uintptr_t flag, int threads) {
+  check_step_args(x, d, e, z, out, n, c_e, c_z);
   const DType type = parse_dtype(dtype, "dtype");
   const int nthreads = resolve_threads(threads);
   int64_t bad = 0;
@@ -105,12 +111,7 @@ int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintpt
 int64_t sampler_step_cuda(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
                           std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
                           double c_z, int32_t step, std::uintptr_t flag, std::uintptr_t stream) {
-  check_ptr(x, "x");
-  check_ptr(d, "denoised");
-  check_ptr(out, "out");
-  check_positive(n, "numel");
-  check_arg(c_e == 0.0 || e != 0, "extra", "required when its coefficient is non-zero");
-  check_arg(c_z == 0.0 || z != 0, "noise", "required when its coefficient is non-zero");
+  check_step_args(x, d, e, z, out, n, c_e, c_z);
   const DType type = parse_dtype(dtype, "dtype");
   int code = -1;
   switch (type) {
