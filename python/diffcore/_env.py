@@ -7,6 +7,9 @@ Run time:
     DIFFCORE_BACKEND     force one backend for every op called with backend="auto":
                          reference | cpu | cuda | triton.
     DIFFCORE_PROGRESS    0 disables progress bars everywhere (default 1).
+    DIFFCORE_CPU_SCREEN  auto (default) | bf16 | fp32: precision of the screening GEMMs of the CPU
+                         knn and empirical_denoise (auto: bf16 where bf16 matmul is native, else
+                         fp32; see diffcore._cpu_caps). Read once per process.
 Benchmarks (bench/):
     DIFFCORE_BENCH_QUICK 1 runs every benchmark at small shapes (a smoke run in seconds).
 """
@@ -20,6 +23,8 @@ PROGRESS_VAR = "DIFFCORE_PROGRESS"
 RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
     PROGRESS_VAR: "0 disables progress bars everywhere (default 1)",
+    "DIFFCORE_CPU_SCREEN": "auto (default), bf16 or fp32: screening GEMM precision of the CPU knn and "
+                           "empirical_denoise (auto: bf16 where bf16 matmul is native, else fp32)",
 }
 BENCH_VARIABLES = {
     "DIFFCORE_BENCH_QUICK": "1 runs every benchmark at small shapes (a smoke run in seconds)",

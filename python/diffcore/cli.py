@@ -80,7 +80,19 @@ def info(as_json: bool = False) -> dict:
     experiments = {name: sorted(experiment(name).PRESETS) for name in EXPERIMENTS}
     return {"diffcore": diffcore.__version__, "torch": torch.__version__,
             "cuda_available": torch.cuda.is_available(), "build": diffcore.build_info(),
-            "backends": backends, "environment": variables, "experiments": experiments}
+            "backends": backends, "cpu_screen": _cpu_screen_info(), "environment": variables,
+            "experiments": experiments}
+
+
+def _cpu_screen_info() -> dict:
+    """The CPU screening precision of knn / empirical_denoise and why (or the error of a bad
+    DIFFCORE_CPU_SCREEN: info must still print)."""
+    from diffcore import _cpu_caps
+
+    try:
+        return _cpu_caps.screen_choice().as_dict()
+    except ValueError as exc:
+        return {"precision": None, "reason": str(exc), "caps": _cpu_caps.cpu_caps().as_dict()}
 
 
 def _print_info(data: dict, as_json: bool) -> None:
@@ -97,6 +109,8 @@ def _print_info(data: dict, as_json: bool) -> None:
         print(f"backends on {device}:")
         for name, status in table.items():
             print(f"  {name:10s} {status}")
+    screen = data["cpu_screen"]
+    print(f"CPU screening precision (knn, empirical_denoise): {screen['precision']} ({screen['reason']})")
     print("experiments (diffcore run NAME --preset P):")
     for name, presets in data["experiments"].items():
         print(f"  {name:16s} presets: {', '.join(presets)}")

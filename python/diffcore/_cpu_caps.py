@@ -1,0 +1,127 @@
+"""What this CPU can do, and the screening precision the CPU knn / empirical_denoise paths use.
+
+The two ops screen with a fast Gram product and re-score the survivors exactly. The fastest
+screening GEMM depends on the machine, not on its name: with native bf16 matrix instructions
+(AVX-512-BF16, AMX) torch's bf16 matmul runs 2-3x faster than fp32; without them (AVX2 only: most
+laptops and cloud x86 machines) the same call falls back to slow emulation, 20-200x slower than
+fp32. The choice is made once per process from a capability query:
+
+- ``/proc/cpuinfo`` flags ``avx512_bf16`` or ``amx_bf16`` (the hardware),
+- ``torch.backends.cpu.get_cpu_capability()`` (what ATen dispatches to; ``ATEN_CPU_CAPABILITY``
+  lowers it) must be ``AVX512``,
+- ``ONEDNN_MAX_CPU_ISA`` (oneDNN runs torch's bf16 matmul) must not cap below ``AVX512_CORE_BF16``,
+- ``torch.backends.mkldnn.is_available()``.
+
+``DIFFCORE_CPU_SCREEN=auto|bf16|fp32`` forces it (any other value is an error naming the
+variable). ``diffcore info`` prints the choice and why.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+SCREEN_VAR = "DIFFCORE_CPU_SCREEN"
+SCREEN_VALUES = ("auto", "bf16", "fp32")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# ONEDNN_MAX_CPU_ISA values that still allow native bf16 (oneDNN's names; DEFAULT/ALL: no cap).
+_ONEDNN_BF16_ISAS = {"DEFAULT", "ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512",
+                     "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"}
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """The facts the screening choice rests on."""
+
+    torch_capability: str            # torch.backends.cpu.get_cpu_capability()
+    bf16_flags: tuple[str, ...]      # those of BF16_FLAGS that /proc/cpuinfo lists
+    onednn_max_isa: str | None       # ONEDNN_MAX_CPU_ISA, upper-cased, None when unset
+    mkl_instructions: str | None     # MKL_ENABLE_INSTRUCTIONS (recorded: it caps torch's fp32 GEMM)
+    mkldnn: bool                     # torch.backends.mkldnn.is_available()
+
+    @property
+    def kind(self) -> str:
+        """Short name of the CPU kind for benchmark baselines: 'bf16' or 'avx2' / the capability."""
+        return "bf16" if self.native_bf16_reason() is None else self.torch_capability.lower()
+
+    def native_bf16_reason(self) -> str | None:
+        """None when bf16 matmul is native here, else why not."""
+        if not self.bf16_flags:
+            return "the CPU has no avx512_bf16 / amx_bf16 (/proc/cpuinfo)"
+        if self.torch_capability != "AVX512":
+            return f"torch CPU capability is {self.torch_capability} (ATEN_CPU_CAPABILITY caps it below AVX512)"
+        if self.onednn_max_isa is not None and self.onednn_max_isa not in _ONEDNN_BF16_ISAS:
+            return f"ONEDNN_MAX_CPU_ISA={self.onednn_max_isa} caps oneDNN below AVX512_CORE_BF16"
+        if not self.mkldnn:
+            return "torch was built without oneDNN (mkldnn), which runs its native bf16 matmul"
+        return None
+
+    def as_dict(self) -> dict:
+        return {"torch_capability": self.torch_capability, "bf16_flags": list(self.bf16_flags),
+                "onednn_max_isa": self.onednn_max_isa, "mkl_instructions": self.mkl_instructions,
+                "mkldnn": self.mkldnn, "kind": self.kind}
+
+
+@dataclass(frozen=True)
+class ScreenChoice:
+    """The screening precision (``bf16`` or ``fp32``) and why it was chosen."""
+
+    precision: str
+    reason: str
+    caps: CpuCaps
+
+    def as_dict(self) -> dict:
+        return {"precision": self.precision, "reason": self.reason, "caps": self.caps.as_dict()}
+
+
+def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def read_caps() -> CpuCaps:
+    """Query the machine and the environment (not cached; see :func:`cpu_caps`)."""
+    flags = _cpuinfo_flags()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() or None
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() or None
+    return CpuCaps(torch.backends.cpu.get_cpu_capability(), tuple(f for f in BF16_FLAGS if f in flags), isa, mkl,
+                   bool(torch.backends.mkldnn.is_available()))
+
+
+def choose_screen(value: str | None, caps: CpuCaps) -> ScreenChoice:
+    """The choice for a value of DIFFCORE_CPU_SCREEN (None or '' = auto) on a machine with ``caps``."""
+    value = (value or "auto").strip().lower() or "auto"
+    if value not in SCREEN_VALUES:
+        raise ValueError(f"{SCREEN_VAR}: expected one of {', '.join(SCREEN_VALUES)}, got {value!r}")
+    if value != "auto":
+        return ScreenChoice(value, f"forced by {SCREEN_VAR}={value}", caps)
+    why_not = caps.native_bf16_reason()
+    if why_not is None:
+        return ScreenChoice("bf16", f"native bf16 matmul ({', '.join(caps.bf16_flags)}, torch {caps.torch_capability})",
+                            caps)
+    return ScreenChoice("fp32", f"no native bf16 matmul: {why_not}", caps)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_caps() -> CpuCaps:
+    """This process's capabilities (queried once)."""
+    return read_caps()
+
+
+@functools.lru_cache(maxsize=1)
+def screen_choice() -> ScreenChoice:
+    """This process's screening precision (decided once, on first use)."""
+    return choose_screen(os.environ.get(SCREEN_VAR), cpu_caps())
+
+
+def screen_precision() -> str:
+    """'bf16' or 'fp32': the precision of the CPU screening GEMMs of knn and empirical_denoise."""
+    return screen_choice().precision
