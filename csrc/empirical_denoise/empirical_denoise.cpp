@@ -310,14 +310,19 @@ std::pair<int64_t, int64_t> tile_update(
   return run_tile(a, reinterpret_cast<const double*>(g_ptr), budget, count_only, threads);
 }
 
-// Screening with candidate lists (small sigma, one bf16 pass). For each row, raise m_low with this
+// Screening with candidate lists (small sigma, one pass of bf16 or float32 Gram tiles: g_dtype). For each row, raise m_low with this
 // tile's bounds (as the first pass of tile_update) and append to the row's list [cap] every pair
 // whose upper bound l + e reaches m_low - band (global index start + j, upper bound). A full list is
 // pruned against the current cut; a row whose list stays full is marked overflowed (count = cap + 1)
 // and collects nothing more (its m_low still rises). Returns the number of overflowed rows.
-int64_t screen_collect(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_t tile, int64_t start,
-                       std::uintptr_t xn2_ptr, std::uintptr_t inv2s2_ptr, std::uintptr_t yn2_ptr, double gemm_err_coef,
-                       double band, std::uintptr_t mlow_ptr, std::uintptr_t cand_index_ptr,
+template <typename G>
+int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t tile, int64_t start, const double* xn2,
+                            const double* inv2s2, const double* yn2, double gemm_err_coef, double band, double* mlow,
+                            int64_t* cand_index, double* cand_upper, int64_t* cand_count, int64_t cap, int threads);
+
+int64_t screen_collect(std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, int64_t batch, int64_t tile,
+                       int64_t start, std::uintptr_t xn2_ptr, std::uintptr_t inv2s2_ptr, std::uintptr_t yn2_ptr,
+                       double gemm_err_coef, double band, std::uintptr_t mlow_ptr, std::uintptr_t cand_index_ptr,
                        std::uintptr_t cand_upper_ptr, std::uintptr_t cand_count_ptr, int64_t cap, int threads) {
   for (auto [ptr, name] : {std::pair{g_ptr, "g"}, {xn2_ptr, "x_sqnorm"}, {inv2s2_ptr, "inv_two_sigma_sq"},
                            {yn2_ptr, "train_sqnorm"}, {mlow_ptr, "running_max_lower"}, {cand_index_ptr, "cand_index"},
@@ -327,7 +332,8 @@ int64_t screen_collect(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_
   check_positive(tile, "tile");
   check_positive(cap, "cap");
   check_arg(g_ld >= tile, "g_ld", "row stride of g must be >= tile");
-  const auto* g = reinterpret_cast<const uint16_t*>(g_ptr);
+  const DType gd = parse_dtype(g_dtype, "g_dtype");
+  check_arg(gd == DType::float32 || gd == DType::bfloat16, "g_dtype", "expected float32 or bfloat16, got " + g_dtype);
   const auto* xn2 = reinterpret_cast<const double*>(xn2_ptr);
   const auto* inv2s2 = reinterpret_cast<const double*>(inv2s2_ptr);
   const auto* yn2 = reinterpret_cast<const double*>(yn2_ptr);
@@ -335,6 +341,17 @@ int64_t screen_collect(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_
   auto* cand_index = reinterpret_cast<int64_t*>(cand_index_ptr);
   auto* cand_upper = reinterpret_cast<double*>(cand_upper_ptr);
   auto* cand_count = reinterpret_cast<int64_t*>(cand_count_ptr);
+  if (gd == DType::bfloat16)
+    return screen_collect_rows(reinterpret_cast<const uint16_t*>(g_ptr), g_ld, batch, tile, start, xn2, inv2s2, yn2,
+                               gemm_err_coef, band, mlow, cand_index, cand_upper, cand_count, cap, threads);
+  return screen_collect_rows(reinterpret_cast<const float*>(g_ptr), g_ld, batch, tile, start, xn2, inv2s2, yn2,
+                             gemm_err_coef, band, mlow, cand_index, cand_upper, cand_count, cap, threads);
+}
+
+template <typename G>
+int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t tile, int64_t start, const double* xn2,
+                            const double* inv2s2, const double* yn2, double gemm_err_coef, double band, double* mlow,
+                            int64_t* cand_index, double* cand_upper, int64_t* cand_count, int64_t cap, int threads) {
   std::vector<double> ynorm(tile);
   for (int64_t j = 0; j < tile; ++j) ynorm[j] = std::sqrt(yn2[j]);
   int64_t overflowed = 0;
@@ -349,7 +366,7 @@ int64_t screen_collect(std::uintptr_t g_ptr, int64_t g_ld, int64_t batch, int64_
       const double c = inv2s2[b];
       const double xn = xn2[b];
       const double err_per_ynorm = 2.0 * gemm_err_coef * std::sqrt(xn) * c;
-      const uint16_t* grow = g + b * g_ld;
+      const G* grow = g + b * g_ld;
       double lower = mlow[b];
       for (int64_t j = 0; j < tile; ++j) {
         const double l = -(xn + yn2[j] - 2.0 * gram_value(grow[j])) * c;
@@ -557,11 +574,12 @@ void register_empirical_denoise(py::module_& m) {
         "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
         "pairs would need exact re-scoring (nothing written). rescore_budget=-2: only raise the "
         "running lower bound of the max logit (first pass).");
-  m.def("empirical_denoise_screen_collect", &screen_collect, release, arg("g_ptr"), arg("g_ld"), arg("batch"),
+  m.def("empirical_denoise_screen_collect", &screen_collect, release, arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
+        arg("batch"),
         arg("tile"), arg("start"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("yn2_ptr"), arg("gemm_err_coef"),
         arg("band"), arg("mlow_ptr"), arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"),
         arg("cap"), arg("threads"),
-        "Screening pass over one tile of a bf16 Gram matrix: raise the lower bound of each row's max "
+        "Screening pass over one tile of a bf16 or float32 Gram matrix: raise the lower bound of each row's max "
         "logit and collect the candidate pairs; returns the number of rows whose list overflowed.");
   m.def("empirical_denoise_screen_finalize", &screen_finalize, release, arg("x_ptr"), arg("x_ld"), arg("batch"),
         arg("dim"), arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("mlow_ptr"),

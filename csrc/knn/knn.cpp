@@ -1,10 +1,12 @@
-// Exact k-nearest-neighbour search (l2) on the CPU: screening with a bf16 GEMM plus a rigorous
+// Exact k-nearest-neighbour search (l2) on the CPU: screening with a bf16 or fp32 GEMM plus an
 // error bound, exact re-scoring of the survivors in double, fused top-k merge.
 //
-// Division of labour (DESIGN.md, Contracts): Python drives torch's BLAS for the bf16 Gram tile
-// G~ = bf16(Q) bf16(Y)^T; this file
-//   1. knn_cpu_prepare_rows: converts rows to bf16 (round to nearest even) and records, per row,
-//      |x|^2 (exact, double), |x~| and |x - x~| (x~ the bf16 rounding), and rejects NaN/Inf;
+// Division of labour (DESIGN.md, Contracts): Python drives torch's BLAS for the Gram tile
+// G~ = s(Q) s(Y)^T, s the screening precision (bf16 where the CPU has native bf16 matmul, else
+// fp32: diffcore/_cpu_caps.py); this file
+//   1. knn_cpu_prepare_rows: converts rows to the screening precision (round to nearest even) and
+//      records, per row, |x|^2 (exact, double), |x~| and |x - x~| (x~ the rounding), and rejects
+//      NaN/Inf (fp32 rows screened in fp32 are not copied: x~ = x);
 //   2. knn_cpu_screen_tile: for every query of a block and every training row of a tile, bounds
 //      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y between lower = a - 2E and
 //      upper = a + 2E, where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below); it keeps
@@ -12,13 +14,16 @@
 //      re-scores them exactly (difference first, double accumulation) and merges them into the
 //      per-query top-k, ordered by (distance, index).
 //
-// Error bound of the screening Gram entry (u = 2^-8, bf16 unit roundoff; q = q~ + dq exactly):
+// Error bound of the screening Gram entry (q = q~ + dq exactly):
 //   q.y = q~.y~ + q~.dy + dq.y~ + dq.dy
 //   |q~.dy + dq.y~ + dq.dy| <= |q~||dy| + |dq||y~| + |dq||dy|          (Cauchy-Schwarz)
-//   GEMM in fp32 on exact bf16 products: |acc - q~.y~| <= gamma_D |q~||y~|, gamma_D = D 2^-24 / (1 - D 2^-24)
-//   bf16 output rounding (torch returns bf16 on the CPU): |G~ - acc| <= u |G~|
-// E is the sum, with a safety factor on the two GEMM terms (what is assumed of the BLAS, checked by
-// a probe in Python) and a tiny absolute term for flushed subnormals and double rounding.
+//   fp32 accumulation, ANY summation order (Higham, Accuracy and Stability, Eq. 3.5):
+//     |acc - q~.y~| <= gamma_D |q~|.|y~| <= gamma_D |q~||y~|, gamma_D = D 2^-24 / (1 - D 2^-24)
+//   bf16 output rounding (torch returns bf16 on the CPU): |G~ - acc| <= 2^-8 |G~|; none for fp32.
+// E is the sum, plus a tiny absolute term for flushed subnormals and double rounding.
+// fp32 screen: every term is proven (the inputs are exact fp32 values, fp32 arithmetic is IEEE).
+// bf16 screen: that the BLAS accumulates bf16 products in fp32 and rounds the output once is
+// assumed (checked by a probe in Python), so the two GEMM terms get a safety factor.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -58,24 +63,37 @@ inline float bf16_bits_to_float(uint16_t h) {
 // Largest magnitude accepted: keeps every product and sum of the fp32 GEMM far from overflow.
 constexpr double kMaxMagnitude = 1e15;
 
-// Per row: bf16 copy and [|x|^2, |x~|, |x - x~|]. Returns the first offending row or -1.
-template <typename T>
-int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride, uint16_t* dst,
+// Screening formats: bf16 (raw bits) or fp32, each rounded to nearest even from the exact value.
+struct Bf16Format {
+  using Storage = uint16_t;
+  static Storage encode(double v) { return float_to_bf16_bits(static_cast<float>(v)); }
+  static double decode(Storage h) { return bf16_bits_to_float(h); }
+};
+struct Fp32Format {
+  using Storage = float;
+  static Storage encode(double v) { return static_cast<float>(v); }
+  static double decode(Storage f) { return f; }
+};
+
+// Per row: copy in the screening format (skipped when dst is null: the rows are used as they are,
+// x~ = x) and [|x|^2, |x~|, |x - x~|]. Returns the first offending row or -1.
+template <typename Format, typename T>
+int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride, typename Format::Storage* dst,
                      double* norms, int threads) {
   int64_t bad_row = -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = src + r * row_stride;
-    uint16_t* out = dst + r * dim;
+    typename Format::Storage* out = dst == nullptr ? nullptr : dst + r * dim;
     double sq = 0, sq_rounded = 0, sq_delta = 0;
     int64_t n_bad = 0;
 #pragma omp simd reduction(+ : sq, sq_rounded, sq_delta, n_bad)
     for (int64_t i = 0; i < dim; ++i) {
       const double v = value_as_double(x[i]);
       n_bad += !(std::fabs(v) <= kMaxMagnitude);  // true for NaN and Inf too
-      const uint16_t h = float_to_bf16_bits(static_cast<float>(v));
-      const double rounded = bf16_bits_to_float(h);
-      out[i] = h;
+      const typename Format::Storage h = Format::encode(v);
+      const double rounded = Format::decode(h);
+      if (out != nullptr) out[i] = h;
       sq += v * v;
       sq_rounded += rounded * rounded;
       sq_delta += (v - rounded) * (v - rounded);
@@ -91,32 +109,43 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
   return bad_row;
 }
 
+template <typename Format>
+int64_t prepare_rows_dispatch(std::uintptr_t src_ptr, DType dtype, int64_t rows, int64_t dim, int64_t row_stride,
+                              std::uintptr_t dst_ptr, double* norms, int threads, const std::string& arg_name) {
+  auto* dst = reinterpret_cast<typename Format::Storage*>(dst_ptr);
+  switch (dtype) {
+    case DType::float32:
+      return prepare_rows<Format>(reinterpret_cast<const float*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+    case DType::float64:
+      return prepare_rows<Format>(reinterpret_cast<const double*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+    case DType::uint8:
+      return prepare_rows<Format>(reinterpret_cast<const uint8_t*>(src_ptr), rows, dim, row_stride, dst, norms,
+                                  threads);
+    default:
+      fail_arg(arg_name, "expected float32, float64 or uint8 data");
+  }
+}
+
 void knn_cpu_prepare_rows(std::uintptr_t src_ptr, const std::string& dtype, int64_t rows, int64_t dim,
-                          int64_t row_stride, std::uintptr_t dst_ptr, std::uintptr_t norms_ptr, int threads,
-                          const std::string& arg_name) {
+                          int64_t row_stride, std::uintptr_t dst_ptr, const std::string& dst_dtype,
+                          std::uintptr_t norms_ptr, int threads, const std::string& arg_name) {
   check_ptr(src_ptr, arg_name);
-  check_ptr(dst_ptr, "dst");
   check_ptr(norms_ptr, "norms");
   check_positive(rows, "rows");
   check_positive(dim, "dim");
   check_arg(row_stride >= dim, "row_stride", "expected row_stride >= dim (rows stored contiguously)");
   threads = resolve_threads(threads);
-  auto* dst = reinterpret_cast<uint16_t*>(dst_ptr);
+  const DType src_type = parse_dtype(dtype, arg_name);
+  const DType format = parse_dtype(dst_dtype, "dst_dtype");
+  check_arg(format == DType::bfloat16 || format == DType::float32, "dst_dtype",
+            "expected bfloat16 or float32 (the screening precision), got " + dst_dtype);
+  check_arg(dst_ptr != 0 || (format == DType::float32 && src_type == DType::float32), "dst_ptr",
+            "may be null (no copy) only for float32 rows screened in float32");
   auto* norms = reinterpret_cast<double*>(norms_ptr);
-  int64_t bad = -1;
-  switch (parse_dtype(dtype, arg_name)) {
-    case DType::float32:
-      bad = prepare_rows(reinterpret_cast<const float*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
-      break;
-    case DType::float64:
-      bad = prepare_rows(reinterpret_cast<const double*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
-      break;
-    case DType::uint8:
-      bad = prepare_rows(reinterpret_cast<const uint8_t*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
-      break;
-    default:
-      fail_arg(arg_name, "expected float32, float64 or uint8 data, got " + dtype);
-  }
+  const int64_t bad =
+      format == DType::bfloat16
+          ? prepare_rows_dispatch<Bf16Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name)
+          : prepare_rows_dispatch<Fp32Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name);
   if (bad >= 0) {
     std::ostringstream msg;
     msg << "contains NaN, Inf or a value of magnitude above 1e15 (row " << bad << " of this block)";
@@ -147,23 +176,27 @@ struct TopK {
 };
 
 struct ScreenBound {
-  double gamma;     // fp32 accumulation over dim terms
-  double unit;      // bf16 unit roundoff of the output
-  double safety;    // multiplies the GEMM's own error terms
+  double gamma;     // fp32 accumulation over dim terms (any summation order)
+  double unit;      // unit roundoff of the output: 2^-8 for bf16, 0 for fp32
+  double safety;    // multiplies the GEMM's own error terms (1: proven, fp32 screen)
   double absolute;  // flushed subnormals and double rounding of the approximation
 };
 
 // Bounds of one query's squared distance to the rows of a tile: the slack 2 * safety * E (+ the
 // absolute term) around approx = |q|^2 + |y|^2 - 2 G~ (see the top of this file).
+inline double gram_value(uint16_t bf16_bits) { return bf16_bits_to_float(bf16_bits); }
+inline double gram_value(float value) { return value; }
+
+template <typename G>
 struct QueryBounds {
   double qn, q_round, q_delta;
   const double* y_norms;
-  const uint16_t* g_row;
+  const G* g_row;
   const ScreenBound* bound;
 
   inline void at(int64_t j, double& approx, double& slack) const {
     const double* yn = y_norms + 3 * j;
-    const double g = bf16_bits_to_float(g_row[j]);
+    const double g = gram_value(g_row[j]);
     approx = qn + yn[0] - 2.0 * g;
     // input rounding: proven from the measured norms (Cauchy-Schwarz); the GEMM's own error
     // (fp32 accumulation, bf16 output) is what is assumed of the BLAS, so the safety factor is there
@@ -175,7 +208,8 @@ struct QueryBounds {
 
 // k-th smallest upper bound over the tile (+inf if the tile has fewer than k rows): some k rows
 // of the tile have d^2 <= it, so the final k-th best is <= it.
-inline double tile_kth_upper(const QueryBounds& qb, int64_t tile, int64_t k, std::vector<double>& upper,
+template <typename G>
+inline double tile_kth_upper(const QueryBounds<G>& qb, int64_t tile, int64_t k, std::vector<double>& upper,
                              std::vector<double>& smallest) {
 #pragma omp simd
   for (int64_t j = 0; j < tile; ++j) {
@@ -198,10 +232,10 @@ inline double tile_kth_upper(const QueryBounds& qb, int64_t tile, int64_t k, std
   return smallest[k - 1];
 }
 
-template <typename TQ, typename TY>
+template <typename TQ, typename TY, typename G>
 int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, int64_t batch, int64_t dim,
                     const TY* train, int64_t y_stride, const double* y_norms, int64_t tile_start, int64_t tile,
-                    const uint16_t* gram, int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
+                    const G* gram, int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
                     int threads) {
   constexpr int64_t kBlock = 16;
   int64_t rescored_total = 0;
@@ -210,7 +244,7 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
     std::vector<double> upper(tile), smallest(k);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
-      const QueryBounds qb{q_norms[3 * b], q_norms[3 * b + 1], q_norms[3 * b + 2], y_norms, gram + b * tile, &bound};
+      const QueryBounds<G> qb{q_norms[3 * b], q_norms[3 * b + 1], q_norms[3 * b + 2], y_norms, gram + b * tile, &bound};
       TopK top{best_d2 + b * k, best_idx + b * k, k};
       const TQ* q = queries + b * q_stride;
       // Until k rows are known exactly (first tile), the tile's own k-th upper bound caps the cut.
@@ -253,10 +287,10 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
   return rescored_total;
 }
 
-template <typename TQ>
+template <typename TQ, typename G>
 int64_t screen_tile_dispatch_train(const TQ* queries, int64_t q_stride, const double* q_norms, int64_t batch,
                                    int64_t dim, std::uintptr_t train_ptr, DType train_dtype, int64_t y_stride,
-                                   const double* y_norms, int64_t tile_start, int64_t tile, const uint16_t* gram,
+                                   const double* y_norms, int64_t tile_start, int64_t tile, const G* gram,
                                    int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
                                    int threads) {
   switch (train_dtype) {
@@ -274,10 +308,29 @@ int64_t screen_tile_dispatch_train(const TQ* queries, int64_t q_stride, const do
   }
 }
 
+template <typename G>
+int64_t screen_tile_dispatch(std::uintptr_t queries_ptr, DType qtype, int64_t batch, int64_t dim,
+                             const double* q_norms, std::uintptr_t train_ptr, DType ytype, int64_t tile_start,
+                             int64_t tile, const double* y_norms, const G* gram, int64_t k, double* best_d2,
+                             int64_t* best_idx, const ScreenBound& bound, int threads) {
+  switch (qtype) {
+    case DType::float32:
+      return screen_tile_dispatch_train(reinterpret_cast<const float*>(queries_ptr), dim, q_norms, batch, dim,
+                                        train_ptr, ytype, dim, y_norms, tile_start, tile, gram, k, best_d2, best_idx,
+                                        bound, threads);
+    case DType::float64:
+      return screen_tile_dispatch_train(reinterpret_cast<const double*>(queries_ptr), dim, q_norms, batch, dim,
+                                        train_ptr, ytype, dim, y_norms, tile_start, tile, gram, k, best_d2, best_idx,
+                                        bound, threads);
+    default:
+      fail_arg("queries", "expected float32 or float64 data");
+  }
+}
+
 int64_t knn_cpu_screen_tile(std::uintptr_t queries_ptr, const std::string& queries_dtype, int64_t batch, int64_t dim,
                             std::uintptr_t q_norms_ptr, std::uintptr_t train_ptr, const std::string& train_dtype,
                             int64_t tile_start, int64_t tile, std::uintptr_t y_norms_ptr, std::uintptr_t gram_ptr,
-                            int64_t k, std::uintptr_t best_d2_ptr, std::uintptr_t best_idx_ptr, double safety,
+                            const std::string& gram_dtype, int64_t k, std::uintptr_t best_d2_ptr, std::uintptr_t best_idx_ptr, double safety,
                             int threads) {
   check_ptr(queries_ptr, "queries");
   check_ptr(q_norms_ptr, "q_norms");
@@ -296,25 +349,22 @@ int64_t knn_cpu_screen_tile(std::uintptr_t queries_ptr, const std::string& queri
   const double u32 = std::ldexp(1.0, -24);
   const double dim_u = static_cast<double>(dim) * u32;
   check_arg(dim_u < 0.5, "dim", "too large for the fp32 accumulation bound");
-  ScreenBound bound{dim_u / (1.0 - dim_u), std::ldexp(1.0, -8), safety, 1e-12};
+  const DType gtype = parse_dtype(gram_dtype, "gram_dtype");
+  check_arg(gtype == DType::bfloat16 || gtype == DType::float32, "gram_dtype",
+            "expected bfloat16 or float32 (the screening precision), got " + gram_dtype);
+  const bool bf16 = gtype == DType::bfloat16;
+  const ScreenBound bound{dim_u / (1.0 - dim_u), bf16 ? std::ldexp(1.0, -8) : 0.0, safety, 1e-12};
   const auto* q_norms = reinterpret_cast<const double*>(q_norms_ptr);
   const auto* y_norms = reinterpret_cast<const double*>(y_norms_ptr);
-  const auto* gram = reinterpret_cast<const uint16_t*>(gram_ptr);
   auto* best_d2 = reinterpret_cast<double*>(best_d2_ptr);
   auto* best_idx = reinterpret_cast<int64_t*>(best_idx_ptr);
+  const DType qtype = parse_dtype(queries_dtype, "queries");
   const DType ytype = parse_dtype(train_dtype, "train");
-  switch (parse_dtype(queries_dtype, "queries")) {
-    case DType::float32:
-      return screen_tile_dispatch_train(reinterpret_cast<const float*>(queries_ptr), dim, q_norms, batch, dim,
-                                        train_ptr, ytype, dim, y_norms, tile_start, tile, gram, k, best_d2, best_idx,
-                                        bound, threads);
-    case DType::float64:
-      return screen_tile_dispatch_train(reinterpret_cast<const double*>(queries_ptr), dim, q_norms, batch, dim,
-                                        train_ptr, ytype, dim, y_norms, tile_start, tile, gram, k, best_d2, best_idx,
-                                        bound, threads);
-    default:
-      fail_arg("queries", "expected float32 or float64 data, got " + queries_dtype);
-  }
+  if (bf16)
+    return screen_tile_dispatch(queries_ptr, qtype, batch, dim, q_norms, train_ptr, ytype, tile_start, tile, y_norms,
+                                reinterpret_cast<const uint16_t*>(gram_ptr), k, best_d2, best_idx, bound, threads);
+  return screen_tile_dispatch(queries_ptr, qtype, batch, dim, q_norms, train_ptr, ytype, tile_start, tile, y_norms,
+                              reinterpret_cast<const float*>(gram_ptr), k, best_d2, best_idx, bound, threads);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -348,16 +398,17 @@ void knn_cuda_entry(std::uintptr_t queries_ptr, std::uintptr_t train_ptr, const 
 
 void register_knn(py::module_& m) {
   m.def("knn_cpu_prepare_rows", &knn_cpu_prepare_rows, py::arg("src_ptr"), py::arg("dtype"), py::arg("rows"),
-        py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("norms_ptr"), py::arg("threads"),
-        py::arg("arg_name"), py::call_guard<py::gil_scoped_release>(),
-        "bf16 copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) and per-row doubles "
-        "[|x|^2, |bf16(x)|, |x - bf16(x)|]; raises ValueError on NaN/Inf.");
+        py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("dst_dtype"), py::arg("norms_ptr"),
+        py::arg("threads"), py::arg("arg_name"), py::call_guard<py::gil_scoped_release>(),
+        "Copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) in the screening precision dst_dtype "
+        "(bfloat16 or float32; dst_ptr 0: no copy, float32 rows only) and per-row doubles "
+        "[|x|^2, |s(x)|, |x - s(x)|]; raises ValueError on NaN/Inf.");
   m.def("knn_cpu_screen_tile", &knn_cpu_screen_tile, py::arg("queries_ptr"), py::arg("queries_dtype"),
         py::arg("batch"), py::arg("dim"), py::arg("q_norms_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
-        py::arg("tile_start"), py::arg("tile"), py::arg("y_norms_ptr"), py::arg("gram_ptr"), py::arg("k"),
+        py::arg("tile_start"), py::arg("tile"), py::arg("y_norms_ptr"), py::arg("gram_ptr"), py::arg("gram_dtype"), py::arg("k"),
         py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("safety"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),
-        "Screen one training tile with the bf16 Gram tile, re-score survivors exactly, merge into the "
+        "Screen one training tile with the bf16 or float32 Gram tile, re-score survivors exactly, merge into the "
         "per-query top-k (double d^2 [batch, k], int64 [batch, k]). Returns the number re-scored.");
   m.def("knn_cuda", &knn_cuda_entry, py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("batch"), py::arg("n_train"), py::arg("dim"), py::arg("k"), py::arg("tile"), py::arg("workspace_ptr"),

@@ -17,6 +17,7 @@ variable). ``diffcore info`` prints the choice and why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -96,14 +97,18 @@ def read_caps() -> CpuCaps:
                    bool(torch.backends.mkldnn.is_available()))
 
 
-def choose_screen(value: str | None, caps: CpuCaps) -> ScreenChoice:
-    """The choice for a value of DIFFCORE_CPU_SCREEN (None or '' = auto) on a machine with ``caps``."""
+def choose_screen(value: str | None, caps: CpuCaps, bf16_probe=lambda: True) -> ScreenChoice:
+    """The choice for a value of DIFFCORE_CPU_SCREEN (None or '' = auto) on a machine with ``caps``;
+    ``bf16_probe()`` (run only where auto would pick bf16) says whether torch's bf16 matmul meets
+    the bound's contract (:func:`bf16_matmul_accumulates_in_fp32`)."""
     value = (value or "auto").strip().lower() or "auto"
     if value not in SCREEN_VALUES:
         raise ValueError(f"{SCREEN_VAR}: expected one of {', '.join(SCREEN_VALUES)}, got {value!r}")
     if value != "auto":
         return ScreenChoice(value, f"forced by {SCREEN_VAR}={value}", caps)
     why_not = caps.native_bf16_reason()
+    if why_not is None and not bf16_probe():
+        why_not = "torch's bf16 matmul does not accumulate in fp32 here (probe failed)"
     if why_not is None:
         return ScreenChoice("bf16", f"native bf16 matmul ({', '.join(caps.bf16_flags)}, torch {caps.torch_capability})",
                             caps)
@@ -119,7 +124,44 @@ def cpu_caps() -> CpuCaps:
 @functools.lru_cache(maxsize=1)
 def screen_choice() -> ScreenChoice:
     """This process's screening precision (decided once, on first use)."""
-    return choose_screen(os.environ.get(SCREEN_VAR), cpu_caps())
+    return choose_screen(os.environ.get(SCREEN_VAR), cpu_caps(), bf16_matmul_accumulates_in_fp32)
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_accumulates_in_fp32() -> bool:
+    """Whether torch's CPU bf16 matmul meets the contract the screening bound assumes: products of
+    bf16 inputs accumulated in fp32, the output rounded to bf16 once.
+
+    Probe: rows of +-1 (plus exact multiples of 1/64) whose partial sums climb to about D / 2 and
+    cancel back to about 0. fp32 accumulation stays within gamma_D |q| |y| (about 1 here); any bf16
+    rounding of a partial sum on the way is off by several units.
+    """
+    g = torch.Generator().manual_seed(0)
+    dim = 4096
+    signs = torch.ones(dim)
+    signs[dim // 2:] = -1
+    q = (signs + torch.randint(-8, 8, (16, dim), generator=g) / 64).bfloat16()  # exact in bf16
+    y = (1 + torch.randint(-8, 8, (24, dim), generator=g) / 64).bfloat16()
+    exact = q.double() @ y.double().t()
+    got = (q @ y.t()).double()
+    unit = 2.0 ** -24
+    gamma = dim * unit / (1 - dim * unit)
+    bound = gamma * q.double().norm(dim=1)[:, None] * y.double().norm(dim=1)[None, :] + 2.0 ** -8 * got.abs()
+    return bool(((got - exact).abs() <= bound).all())
+
+
+@contextlib.contextmanager
+def fp32_matmul_at_full_precision():
+    """fp32 matmuls inside run in fp32 arithmetic (the screening bounds are proven for it):
+    ``torch.set_float32_matmul_precision('medium'/'high')`` would let oneDNN use bf16 inside."""
+    saved = torch.get_float32_matmul_precision()
+    if saved != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if saved != "highest":
+            torch.set_float32_matmul_precision(saved)
 
 
 def screen_precision() -> str:

@@ -208,7 +208,7 @@ def _spy_on(monkeypatch, name):
 @pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0])
 def test_cpu_bf16_screening_at_small_sigma(monkeypatch, sigma):
     """At D >= 256 the CPU path screens with a bf16 GEMM and re-scores the candidates exactly."""
-    screened = _spy_on(monkeypatch, "_Bf16Gram")
+    screened = _spy_on(monkeypatch, "_ScreenGram")
     x, train = make_case(9, 500, 768, sigma, torch.uint8)
     check_against_reference(x, train, sigma, "cpu")
     assert screened
@@ -243,7 +243,7 @@ def test_cpu_bf16_screening_near_duplicates_and_ties():
 
 
 def test_cpu_bf16_screening_gives_way_at_large_sigma(monkeypatch):
-    screened = _spy_on(monkeypatch, "_Bf16Gram")
+    screened = _spy_on(monkeypatch, "_ScreenGram")
     x, train = make_case(9, 500, 768, 80.0, torch.float32)
     sigma64 = torch.full((9,), 80.0, dtype=torch.float64)
     out_screen, logz_screen = ed._run_cpu(x, train, sigma64, tile_rows=100)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from diffcore._backend import OpBackends
+from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
 from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
 from diffcore._ext import dtype_name, extension
 
@@ -43,25 +44,50 @@ _TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, to
 # exp(-BAND) ~ 1e-26 of the largest weight: it is dropped.
 BAND = 60.0
 # A pair that may carry weight is re-scored exactly when its logit error bound exceeds this: a
-# relative weight error of at most about RESCORE_TOL by the (conservative) bound; the errors
-# actually made are about 10x smaller (see gemm_error_coefficient), and largely average out.
+# relative weight error of at most about RESCORE_TOL by the bound.
 RESCORE_TOL = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
-FP64_PER_FP32_ROUNDOFF = 2.0 ** -29  # u(float64) / u(float32)
-BF16_SCREEN_MIN_DIM = 256  # below this the fp32 GEMM is cheap next to the rest
+FP64_UNIT_ROUNDOFF = 2.0 ** -53
+SCREEN_MIN_DIM = 256  # below this the candidate screening pass does not pay
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
 SCREEN_CANDIDATES = 256  # candidate pairs kept per row by the screening pass (16 bytes each)
 
 
-def gemm_error_coefficient(dim: int) -> float:
-    """``k u`` in the bound ``|fl(x.y) - x.y| <= k u |x| |y|`` of an fp32 GEMM over ``dim`` terms.
+def gamma(terms: int, unit: float) -> float:
+    """``gamma_n = n u / (1 - n u)``: the worst-case relative error of a dot product of ``n`` terms
+    in floating point with unit roundoff ``u``, whatever the summation order (Higham, Accuracy and
+    Stability of Numerical Algorithms, Eq. 3.5): ``|fl(x.y) - x.y| <= gamma_n |x|.|y| <= gamma_n |x||y|``."""
+    nu = terms * unit
+    if nu >= 0.5:
+        raise ValueError(f"dim: {terms} terms is too many for the unit roundoff {unit:g} (n u >= 1/2)")
+    return nu / (1.0 - nu)
 
-    Empirical, not worst case (that is ``dim * u``): blocked BLAS accumulation keeps the error near
-    ``u |x| |y|``. Measured with torch's fp32 GEMM at dim 3072: at most 1.6 u |x||y| for x close to
-    y, at most 0.44 u |x||y| for noise-dominated x, 0.06 on average. k = 2, plus a margin growing
-    like a random walk beyond dim 4096.
-    """
+
+def fp32_gemm_error_bound(dim: int) -> float:
+    """``k`` in ``|G - x.y| <= k |x| |y|`` for an fp32 GEMM over ``dim`` terms, proven for any
+    summation order the BLAS may use: ``gamma_{dim+1}`` (one more rounding covers the fp32 decoding
+    of uint8 rows, u8 / 127.5 - 1; fp32 rows are exact)."""
+    return gamma(dim + 1, FP32_UNIT_ROUNDOFF)
+
+
+def fp64_gemm_error_bound(dim: int) -> float:
+    """As :func:`fp32_gemm_error_bound` for a float64 GEMM of float32 (or uint8-decoded) rows."""
+    return gamma(dim + 1, FP64_UNIT_ROUNDOFF)
+
+
+def measured_fp32_gemm_error_coefficient(dim: int) -> float:
+    """``k`` in ``|G - x.y| <= k |x| |y|`` as MEASURED for torch's blocked fp32 GEMM (not worst case):
+    at dim 3072 at most 1.6 u |x||y| for x close to y, 0.44 u for noise-dominated x, 0.06 u on
+    average; 2 u here, with a margin growing like a random walk beyond dim 4096. Used only where the
+    proven bound :func:`fp32_gemm_error_bound` is too loose to be useful: dense weights (large sigma,
+    most pairs carry weight), where the op's accuracy is therefore measured, not proven."""
     return max(2.0, 2.0 * math.sqrt(dim / 4096.0)) * FP32_UNIT_ROUNDOFF
+
+
+def gemm_error_coefficient(dim: int) -> float:
+    """The measured fp32 coefficient (:func:`measured_fp32_gemm_error_coefficient`), as the Triton
+    kernel uses it."""
+    return measured_fp32_gemm_error_coefficient(dim)
 
 
 def bf16_gemm_error_coefficient(dim: int) -> float:
@@ -205,6 +231,11 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     ``_stream`` with fp32 (then fp64) Gram tiles and a running log-sum-exp."""
     ext = extension()
     threads = torch.get_num_threads()
+    precision = screen_precision()
+    if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
+        raise RuntimeError("empirical_denoise: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate "
+                           "in fp32 on this machine (probe failed), so the screening bound would not hold; use "
+                           "DIFFCORE_CPU_SCREEN=fp32 or auto")
     xr = _rows(x).to(torch.float32).contiguous()
     batch, dim = xr.shape
     y = _rows(train)
@@ -214,11 +245,11 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     y_sqnorm = torch.empty(y.shape[0], dtype=torch.float64)
     ext.empirical_denoise_row_sqnorms(y.data_ptr(), dtype_name(y.dtype), y.shape[0], dim, dim, y_sqnorm.data_ptr(),
                                       threads)
-    screen = screen and dim >= BF16_SCREEN_MIN_DIM
+    screen = screen and dim >= SCREEN_MIN_DIM
     data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, screen))
     queries = _Queries.create(xr, 0.5 / sigma64.square(), threads)
     if not screen:
-        _stream(queries, data, threads, screen=False)
+        _stream(queries, data, threads, screen=None)
         return queries.result()
 
     out = torch.empty(batch, dim, dtype=torch.float32)
@@ -226,7 +257,7 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
     todo = torch.arange(batch)
     dense = False
     for attempt in range(2):
-        finished = _screen(queries, data, threads, out, logz, todo)
+        finished = _screen(queries, data, threads, out, logz, todo, precision)
         if finished is None:  # dense weights: screening cannot help; larger fp32 tiles
             dense = True
             data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, False))
@@ -236,15 +267,15 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
             return out, logz
         # again for the rows whose candidates overflowed, now knowing their global lower bound
         queries = _Queries.create(xr[todo], queries.inv2s2[~finished], threads, queries.run_max_lower[~finished])
-    _stream(queries, data, threads, screen=not dense)
+    _stream(queries, data, threads, screen=None if dense else precision)
     rest_out, rest_logz = queries.result()
     out[todo], logz[todo] = rest_out, rest_logz
     return out, logz
 
 
 def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor, logz: torch.Tensor,
-            rows: torch.Tensor) -> torch.Tensor | None:
-    """bf16 screening pass: raise each query's lower bound of its max logit and collect candidate
+            rows: torch.Tensor, precision: str) -> torch.Tensor | None:
+    """Screening pass (bf16 or fp32 Gram tiles: ``precision``): raise each query's lower bound of its max logit and collect candidate
     pairs; finish (exact re-scoring into out[rows], logz[rows]) the queries whose list did not
     overflow. Returns the finished mask over ``rows``, or None when the first tile already keeps
     nearly all pairs (dense weights)."""
@@ -254,18 +285,18 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
     cand_index = torch.empty(batch, cap, dtype=torch.int64)
     cand_upper = torch.empty(batch, cap, dtype=torch.float64)
     cand_count = torch.zeros(batch, dtype=torch.int64)
-    gram_of = _Bf16Gram(queries.x, data.tile, threads)
-    coef = bf16_gemm_error_coefficient(dim)
+    gram_of = _ScreenGram(queries.x, data.tile, threads, precision)
+    coef = gram_of.error_bound
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
         gram = gram_of.gram(y_tile)
         ext.empirical_denoise_screen_collect(
-            gram.data_ptr(), count, batch, count, start, queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(),
+            gram.data_ptr(), gram_of.dtype_name, count, batch, count, start, queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(),
             data.y_sqnorm[start:].data_ptr(), coef, BAND, queries.run_max_lower.data_ptr(), cand_index.data_ptr(),
             cand_upper.data_ptr(), cand_count.data_ptr(), cap, threads)
         if start == 0:
             wanted = ext.empirical_denoise_tile_update(
-                gram.data_ptr(), "bfloat16", count, gram.data_ptr(), batch, count, queries.x.data_ptr(), dim, dim,
+                gram.data_ptr(), gram_of.dtype_name, count, gram.data_ptr(), batch, count, queries.x.data_ptr(), dim, dim,
                 queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(), y_tile.data_ptr(), data.dtype_name, dim,
                 data.y_sqnorm[start:].data_ptr(), coef, RESCORE_TOL, BAND, COUNT_ONLY, *queries.state(threads))[1]
             if wanted * 10 > 9 * batch * count:  # (not 1/2: before a query meets its nearest
@@ -280,17 +311,21 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
     return finished
 
 
-def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: bool) -> None:
+def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None) -> None:
     """Streaming pass over the training tiles with a running log-sum-exp. The Gram precision goes
-    bf16 (``screen``: candidates only, each re-scored exactly) -> fp32 -> fp64, moving on for good
-    when a tile would need too many exact re-scorings (dense weights; mid sigma at image sizes)."""
+    bf16 (``screen == "bf16"``: candidates only, each re-scored exactly) -> fp32 -> fp64, moving on
+    for good when a tile would need too many exact re-scorings. An fp32 tile uses the proven bound;
+    where that would re-score too many pairs (dense weights: every pair carries weight) it uses the
+    measured coefficient if that clears the tile (large sigma: the accuracy there is measured, not
+    proven), else the rest of the pass uses float64 Gram tiles (mid sigma at image sizes)."""
     ext = extension()
     batch, dim = queries.x.shape
     queries.acc = torch.zeros(batch, dim, dtype=torch.float32)
     g_buffer = torch.empty(batch * data.tile, dtype=torch.float32)  # fp32 Gram tile, then the weights P
     convert_buffer = _LazyBuffer(data.tile * dim, torch.float32) if data.y.dtype == torch.uint8 else None
-    mode = "bf16" if screen else "fp32"
-    screen_gram = _Bf16Gram(queries.x, data.tile, threads) if screen else None
+    mode = "bf16" if screen == "bf16" else "fp32"
+    screen_gram = _ScreenGram(queries.x, data.tile, threads, "bf16") if mode == "bf16" else None
+    fp32_coefficients = (fp32_gemm_error_bound(dim), measured_fp32_gemm_error_coefficient(dim))
     precise_gram = None
     state = queries.state(threads)
     for start, y_tile in data.tiles():
@@ -304,22 +339,26 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: bool) -> N
             gram = screen_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
                 gram.data_ptr(), "bfloat16", count, p.data_ptr(), batch, count, *common,
-                bf16_gemm_error_coefficient(dim), RESCORE_TOL, BAND, batch * count // 64, *state)
+                screen_gram.error_bound, RESCORE_TOL, BAND, batch * count // 64, *state)
             if nonzero < 0:
                 mode, screen_gram = "fp32", None
         if mode == "fp32":
             y_float = _tile_as_float32(y_tile, convert_buffer)
-            torch.mm(queries.x, y_float.t(), out=p)
-            nonzero, _ = ext.empirical_denoise_tile_update(
-                p.data_ptr(), "float32", count, p.data_ptr(), batch, count, *common, gemm_error_coefficient(dim),
-                RESCORE_TOL, BAND, batch * count // 16, *state)
+            with fp32_matmul_at_full_precision():
+                torch.mm(queries.x, y_float.t(), out=p)
+            for coefficient in fp32_coefficients:  # proven first; measured only for dense tiles
+                nonzero, _ = ext.empirical_denoise_tile_update(
+                    p.data_ptr(), "float32", count, p.data_ptr(), batch, count, *common, coefficient,
+                    RESCORE_TOL, BAND, batch * count // 16, *state)
+                if nonzero >= 0:
+                    break
             if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
                 mode, precise_gram = "fp64", _PreciseGram(queries.x, data.tile)
         if mode == "fp64":
             gram = precise_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
                 gram.data_ptr(), "float64", count, p.data_ptr(), batch, count, *common,
-                gemm_error_coefficient(dim) * FP64_PER_FP32_ROUNDOFF, RESCORE_TOL, BAND, -1, *state)
+                fp64_gemm_error_bound(dim), RESCORE_TOL, BAND, -1, *state)
         if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
             ext.empirical_denoise_sparse_accumulate(p.data_ptr(), count, batch, count, queries.scale.data_ptr(),
                                                     y_tile.data_ptr(), data.dtype_name, dim, dim,
@@ -354,25 +393,34 @@ def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: _LazyBuffer | None) -
     return out
 
 
-class _Bf16Gram:
-    """x . y from a bfloat16 GEMM (bf16 inputs, fp32 accumulation, bf16 result): 4-6x faster than
-    fp32 here, used to find the few pairs that carry weight at small sigma (each then re-scored
-    exactly). The tile is decoded into one reused [T, D] bf16 buffer, each value rounded once from
-    its exact value (uint8 included)."""
+class _ScreenGram:
+    """x . y from the screening GEMM of ``precision``: bf16 (bf16 inputs, fp32 accumulation, bf16
+    result; where bf16 matmul is native, 2-3x faster than fp32) or fp32. Used to find the few pairs
+    that carry weight at small sigma (each then re-scored exactly). A tile that is not already in
+    that dtype is decoded into one reused [T, D] buffer, each value rounded once from its exact
+    value (uint8 included). ``error_bound``: k in |G - x.y| <= k |x| |y|."""
 
-    def __init__(self, xr: torch.Tensor, tile: int, threads: int):
-        self.x16 = xr.to(torch.bfloat16)
-        self.buffer = torch.empty(tile * xr.shape[1], dtype=torch.bfloat16)
-        self.out = torch.empty(xr.shape[0] * tile, dtype=torch.bfloat16)
+    def __init__(self, xr: torch.Tensor, tile: int, threads: int, precision: str):
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype_name = dtype_name(self.dtype)
+        dim = xr.shape[1]
+        self.error_bound = bf16_gemm_error_coefficient(dim) if precision == "bf16" else fp32_gemm_error_bound(dim)
+        self.x = xr.to(self.dtype)
+        self.buffer = _LazyBuffer(tile * dim, self.dtype)
+        self.out = torch.empty(xr.shape[0] * tile, dtype=self.dtype)
         self.threads = threads
 
     def gram(self, y_tile: torch.Tensor) -> torch.Tensor:
         count, dim = y_tile.shape
-        y16 = self.buffer[:count * dim].view(count, dim)
-        extension().empirical_denoise_decode_rows(y_tile.data_ptr(), dtype_name(y_tile.dtype), count, dim,
-                                                  y16.data_ptr(), "bfloat16", self.threads)
-        out = self.out[:self.x16.shape[0] * count].view(self.x16.shape[0], count)
-        return torch.mm(self.x16, y16.t(), out=out)
+        if y_tile.dtype == self.dtype:
+            y_screen = y_tile
+        else:
+            y_screen = self.buffer.get()[:count * dim].view(count, dim)
+            extension().empirical_denoise_decode_rows(y_tile.data_ptr(), dtype_name(y_tile.dtype), count, dim,
+                                                      y_screen.data_ptr(), self.dtype_name, self.threads)
+        out = self.out[:self.x.shape[0] * count].view(self.x.shape[0], count)
+        with fp32_matmul_at_full_precision():
+            return torch.mm(self.x, y_screen.t(), out=out)
 
 
 class _PreciseGram:

@@ -4,8 +4,8 @@
 ``train`` and their indices, in increasing order, ties broken by the lower index: exactly the
 answer of :func:`diffcore.ref.knn.knn_ref`.
 
-Every fast backend works in two steps. A fast approximation of the squared distances (bf16 GEMM
-on the CPU, ``tl.dot`` in fp32 or TF32 in Triton, fp32 difference-first tiles in CUDA) only
+Every fast backend works in two steps. A fast approximation of the squared distances (bf16 or
+fp32 GEMM on the CPU, chosen by capability: diffcore._cpu_caps, ``tl.dot`` in fp32 or TF32 in Triton, fp32 difference-first tiles in CUDA) only
 *screens*: its error is bounded rigorously (see csrc/knn/knn.cpp, kernels/knn.py and
 csrc/knn/knn.cu), so a training row is discarded only when its lower bound exceeds a value that
 the k-th best exact distance is certain not to exceed. The rows that survive are
@@ -14,12 +14,12 @@ per-query top-k ordered by (distance, index). Memory is O(B * tile), never [B, N
 """
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 
 from diffcore import _checks
+from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
 from diffcore._backend import OpBackends
 from diffcore._ext import dtype_name, extension
 
@@ -37,9 +37,10 @@ BACKENDS = OpBackends(
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Safety factor on the GEMM's own error terms in the screening bound of the CPU path (fp32
+# Safety factor on the GEMM's own error terms in the bf16 screening bound of the CPU path (fp32
 # accumulation and bf16 output rounding: what torch's BLAS is assumed to do; csrc/knn/knn.cpp).
-CPU_SCREEN_SAFETY = 4.0
+# The fp32 screening bound is proven for any summation order: no factor.
+CPU_SCREEN_SAFETY = {"bf16": 4.0, "fp32": 1.0}
 # Training rows per tile (CPU): about 8 M elements (32 MB in fp32), enough for an efficient GEMM
 # while the extra memory (bf16 tile copy, Gram tile [query block, tile]) stays bounded.
 CPU_TILE_ELEMENTS = 1 << 23
@@ -121,36 +122,15 @@ def _threads_for(work: int, threads: int) -> int:
     return threads if work >= CPU_MIN_PARALLEL_WORK else 1
 
 
-@functools.lru_cache(maxsize=1)
-def bf16_matmul_accumulates_in_fp32() -> bool:
-    """Whether torch's CPU bf16 matmul meets the contract the screening bound assumes: products of
-    bf16 inputs accumulated in fp32, the output rounded to bf16 once.
-
-    Probe: rows of +-1 (plus exact multiples of 1/64) whose partial sums climb to about D / 2 and
-    cancel back to about 0. fp32 accumulation stays within gamma_D |q| |y| (about 1 here); any bf16
-    rounding of a partial sum on the way is off by several units.
-    """
-    g = torch.Generator().manual_seed(0)
-    dim = 4096
-    signs = torch.ones(dim)
-    signs[dim // 2:] = -1
-    q = (signs + torch.randint(-8, 8, (16, dim), generator=g) / 64).bfloat16()  # exact in bf16
-    y = (1 + torch.randint(-8, 8, (24, dim), generator=g) / 64).bfloat16()
-    exact = q.double() @ y.double().t()
-    got = (q @ y.t()).double()
-    unit = 2.0 ** -24
-    gamma = dim * unit / (1 - dim * unit)
-    bound = gamma * q.double().norm(dim=1)[:, None] * y.double().norm(dim=1)[None, :] + 2.0 ** -8 * got.abs()
-    return bool(((got - exact).abs() <= bound).all())
-
-
-def _knn_cpu(q, y, k, *, stats: dict | None = None):
-    """bf16 GEMM screening (torch BLAS, in tiles) + exact C++ re-scoring and top-k merge.
+def _knn_cpu(q, y, k, *, stats: dict | None = None, precision: str | None = None):
+    """GEMM screening (torch BLAS, in tiles; bf16 or fp32: ``precision``, default the process's
+    choice, diffcore._cpu_caps) + exact C++ re-scoring and top-k merge.
 
     ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together).
     """
     ext = extension()
-    if not bf16_matmul_accumulates_in_fp32():
+    precision = precision or screen_precision()
+    if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
         raise RuntimeError("knn: backend 'cpu' screens with torch's bf16 matmul, which on this machine does not "
                            "accumulate in fp32 (probe failed), so its error bound would not hold; use "
                            "backend='reference' (or triton)")
@@ -161,36 +141,33 @@ def _knn_cpu(q, y, k, *, stats: dict | None = None):
         y = y.float()  # lossless (a copy of the training set: documented)
     batch, dim = q.shape
     n_train = y.shape[0]
-    q_bf16 = torch.empty(batch, dim, dtype=torch.bfloat16)
-    q_norms = torch.empty(batch, 3, dtype=torch.float64)
-    ext.knn_cpu_prepare_rows(q.data_ptr(), dtype_name(q.dtype), batch, dim, dim, q_bf16.data_ptr(),
-                             q_norms.data_ptr(), _threads_for(batch * dim, threads), "queries")
+    screen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    q_screen, q_norms = _screen_rows(q, screen_dtype, None, "queries", threads)
     best_d2 = torch.full((batch, k), float("inf"), dtype=torch.float64)
     best_idx = torch.full((batch, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
 
     tile = min(n_train, max(256, min(16384, CPU_TILE_ELEMENTS // dim)))
     query_block = min(batch, max(1, CPU_GRAM_ELEMENTS // tile))
-    y_bf16 = torch.empty(tile, dim, dtype=torch.bfloat16)
-    y_norms = torch.empty(tile, 3, dtype=torch.float64)
-    gram_storage = torch.empty(query_block * tile, dtype=torch.bfloat16)
+    y_buffer = None if screen_dtype == y.dtype else torch.empty(tile, dim, dtype=screen_dtype)
+    gram_storage = torch.empty(query_block * tile, dtype=screen_dtype)
     rescored = 0
     for start in range(0, n_train, tile):
         rows = min(tile, n_train - start)
         y_tile = y[start:start + rows]
         try:
-            ext.knn_cpu_prepare_rows(y_tile.data_ptr(), dtype_name(y.dtype), rows, dim, dim, y_bf16.data_ptr(),
-                                     y_norms.data_ptr(), _threads_for(rows * dim, threads), "train")
+            y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads)
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
         for q_start in range(0, batch, query_block):
             q_rows = min(query_block, batch - q_start)
             gram = gram_storage[:q_rows * rows].view(q_rows, rows)
-            torch.mm(q_bf16[q_start:q_start + q_rows], y_bf16[:rows].t(), out=gram)
+            with fp32_matmul_at_full_precision():
+                torch.mm(q_screen[q_start:q_start + q_rows], y_screen.t(), out=gram)
             rescored += ext.knn_cpu_screen_tile(
                 q[q_start].data_ptr(), dtype_name(q.dtype), q_rows, dim, q_norms[q_start].data_ptr(),
-                y_tile.data_ptr(), dtype_name(y.dtype), start, rows, y_norms.data_ptr(), gram.data_ptr(), k,
-                best_d2[q_start].data_ptr(), best_idx[q_start].data_ptr(), CPU_SCREEN_SAFETY,
-                _threads_for(q_rows * rows * 8, threads))
+                y_tile.data_ptr(), dtype_name(y.dtype), start, rows, y_norms.data_ptr(), gram.data_ptr(),
+                dtype_name(screen_dtype), k, best_d2[q_start].data_ptr(), best_idx[q_start].data_ptr(),
+                CPU_SCREEN_SAFETY[precision], _threads_for(q_rows * rows * 8, threads))
     if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
         raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
     if stats is not None:
@@ -198,6 +175,23 @@ def _knn_cpu(q, y, k, *, stats: dict | None = None):
     log.debug("knn cpu: B=%d N=%d D=%d k=%d, %d rows re-scored exactly (%.2f per query)",
               batch, n_train, dim, k, rescored, rescored / batch)
     return best_d2, best_idx
+
+
+def _screen_rows(rows: torch.Tensor, screen_dtype: torch.dtype, buffer: torch.Tensor | None, name: str,
+                 threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` [R, D] in the screening dtype (a view of ``rows`` when it has that dtype already,
+    else rounded into ``buffer``) and their norms [R, 3] float64: |x|^2, |x~|, |x - x~|."""
+    count, dim = rows.shape
+    norms = torch.empty(count, 3, dtype=torch.float64)
+    if rows.dtype == screen_dtype:
+        out, dst = rows, 0
+    else:
+        out = (buffer if buffer is not None else torch.empty(count, dim, dtype=screen_dtype))[:count]
+        dst = out.data_ptr()
+    extension().knn_cpu_prepare_rows(rows.data_ptr(), dtype_name(rows.dtype), count, dim, dim, dst,
+                                     dtype_name(screen_dtype), norms.data_ptr(), _threads_for(count * dim, threads),
+                                     name)
+    return out, norms
 
 
 def _knn_triton(q, y, k):
