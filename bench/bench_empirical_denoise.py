@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import QUICK, record_ratio, run_timed
-from diffcore.ops.empirical_denoise import empirical_denoise
+from diffcore.ops import empirical_denoise
 
 GROUP = "empirical_denoise"
 if QUICK:

@@ -18,7 +18,7 @@ import torch
 
 # bench/conftest.py, as pytest imported it (bench/ is on sys.path; not a package)
 from conftest import _PEER_SECONDS, QUICK, record_ratio, run_timed
-from diffcore.ops.knn import _knn_cpu, knn
+from diffcore.ops import _knn_cpu, knn
 
 K = 2
 GROUP = "knn_cpu"
@@ -97,7 +97,7 @@ def test_knn_cpu_top2(benchmark, case, impl):
     if faiss_seconds is not None:
         benchmark.extra_info["speedup_vs_faiss"] = faiss_seconds / benchmark.stats.stats.min
     stats = {}
-    _knn_cpu(queries, train, K, stats=stats)
+    _knn_cpu.run(queries, train, K, stats=stats)
     benchmark.extra_info["rescored_per_query"] = stats["rescored"] / queries.shape[0]
     # sanity: the float64 reference agrees on a few queries (indices exactly)
     from diffcore.ref.knn import knn_ref

@@ -1,6 +1,6 @@
 // Empirical optimal denoiser, CPU part: the fused work between torch's tile GEMMs.
 //
-// The Python side (diffcore/ops/empirical_denoise.py) streams over training-set tiles of T rows:
+// The Python side (diffcore/ops/_empirical_denoise_cpu.py) streams over training-set tiles of T rows:
 //   G = x @ tile^T                      (torch's BLAS, fp32)
 //   ed_tile_update(G, ...)              (here) G -> weights P, running max / sum updated
 //   acc = acc * scale + P @ tile        (torch addmm when many weights are nonzero) or
@@ -156,7 +156,6 @@ struct TileArgs {
   double* s;
   float* scale;
   float* p;  // [B, T] weights out (row stride g_ld)
-  bool bound_only = false;  // only raise m_low (first pass): nothing else is read or written
 };
 
 // One query row of a tile. With commit=false only counts the pairs that would be re-scored
@@ -171,7 +170,7 @@ int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, st
   const float* xrow = a.x + b * a.x_ld;
   // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
   const double err_per_ynorm = 2.0 * a.gemm_err_coef * std::sqrt(xn) * c;
-  if (!commit && !a.bound_only && err_per_ynorm * ynorm_max <= a.rescore_tol) return 0;  // nothing to re-score
+  if (!commit && err_per_ynorm * ynorm_max <= a.rescore_tol) return 0;  // nothing to re-score
   double lower = a.mlow[b];
   for (int64_t j = 0; j < a.tile; ++j) {
     const double l = -(xn + a.yn2[j] - 2.0 * gram_value(grow[j])) * c;
@@ -182,10 +181,6 @@ int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, st
   }
   // Pairs whose upper bound is below (lower - band) weigh less than exp(-band) of the largest
   // weight: dropped. The rest keep their logit when its error is small enough, else are re-scored.
-  if (a.bound_only) {
-    a.mlow[b] = lower;
-    return 0;
-  }
   const double cut = lower - a.band;
   int64_t rescored = 0;
   if (!commit) {
@@ -257,8 +252,6 @@ std::pair<int64_t, int64_t> run_tile(const TileArgs& a, const G* g, int64_t resc
   return {nonzero, rescored};
 }
 
-// rescore_budget value asking tile_update for the first pass only: m_low = max(m_low, max_j (l - e)).
-constexpr int64_t kBoundOnly = -2;
 // rescore_budget value asking only for the number of pairs that would be re-scored: (-1, wanted).
 constexpr int64_t kCountOnly = -3;
 
@@ -267,10 +260,9 @@ constexpr int64_t kCountOnly = -3;
 // carry weight), update the running max m, the running lower bound m_low of the max (max over pairs
 // of l - e), the running sum s, and write scale = exp(m_old - m_new).
 // With rescore_budget >= 0 and more pairs to re-score than that, nothing is written and
-// (-1, wanted) is returned (the caller then recomputes G more precisely). With rescore_budget == -2
-// (first pass) only m_low is raised to the tile's lower bound of the max logit; with -3 nothing is
-// written and (-1, number of pairs that would be re-scored) is returned. Otherwise returns
-// (number of nonzero weights, number of re-scored pairs).
+// (-1, wanted) is returned (the caller then recomputes G more precisely). With rescore_budget == -3
+// nothing is written and (-1, number of pairs that would be re-scored) is returned; -1 means no
+// budget. Otherwise returns (number of nonzero weights, number of re-scored pairs).
 std::pair<int64_t, int64_t> tile_update(
     std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, std::uintptr_t p_ptr, int64_t batch,
     int64_t tile, std::uintptr_t x_ptr, int64_t x_ld, int64_t dim, std::uintptr_t xn2_ptr,
@@ -299,19 +291,19 @@ std::pair<int64_t, int64_t> tile_update(
              reinterpret_cast<const double*>(yn2_ptr), gemm_err_coef, rescore_tol, band,
              reinterpret_cast<double*>(m_ptr), reinterpret_cast<double*>(mlow_ptr), reinterpret_cast<double*>(s_ptr),
              reinterpret_cast<float*>(scale_ptr), reinterpret_cast<float*>(p_ptr)};
-  a.bound_only = rescore_budget == kBoundOnly;
   const bool count_only = rescore_budget == kCountOnly;
-  check_arg(rescore_budget >= -1 || a.bound_only || count_only, "rescore_budget",
-            "expected >= 0, -1 (no budget), -2 (bound only) or -3 (count only)");
-  const int64_t budget = a.bound_only ? -1 : (count_only ? 0 : rescore_budget);
+  check_arg(rescore_budget >= -1 || count_only, "rescore_budget",
+            "expected >= 0, -1 (no budget) or -3 (count only), got " + std::to_string(rescore_budget));
+  const int64_t budget = count_only ? 0 : rescore_budget;
   if (gd == DType::float32) return run_tile(a, reinterpret_cast<const float*>(g_ptr), budget, count_only, threads);
   if (gd == DType::bfloat16)
     return run_tile(a, reinterpret_cast<const uint16_t*>(g_ptr), budget, count_only, threads);
   return run_tile(a, reinterpret_cast<const double*>(g_ptr), budget, count_only, threads);
 }
 
-// Screening with candidate lists (small sigma, one pass of bf16 or float32 Gram tiles: g_dtype). For each row, raise m_low with this
-// tile's bounds (as the first pass of tile_update) and append to the row's list [cap] every pair
+// Screening with candidate lists (small sigma, one pass of bf16 or float32 Gram tiles: g_dtype).
+// For each row, raise m_low with this tile's bounds (max over pairs of l - e) and append to the
+// row's list [cap] every pair
 // whose upper bound l + e reaches m_low - band (global index start + j, upper bound). A full list is
 // pruned against the current cut; a row whose list stays full is marked overflowed (count = cap + 1)
 // and collects nothing more (its m_low still rises). Returns the number of overflowed rows.
@@ -559,38 +551,45 @@ void cuda_forward(std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr
 void register_empirical_denoise(py::module_& m) {
   using py::arg;
   auto release = py::call_guard<py::gil_scoped_release>();
-  m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, arg("y_ptr"), arg("dtype"), arg("rows"),
+  const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
+  m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, named,
+        arg("y_ptr"), arg("dtype"), arg("rows"),
         arg("dim"), arg("ld"), arg("out_ptr"), arg("threads"),
         "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
-  m.def("empirical_denoise_decode_rows", &decode_rows, release, arg("src_ptr"), arg("src_dtype"), arg("rows"),
+  m.def("empirical_denoise_decode_rows", &decode_rows, release, named,
+        arg("src_ptr"), arg("src_dtype"), arg("rows"),
         arg("dim"), arg("dst_ptr"), arg("dst_dtype"), arg("threads"),
         "float32/uint8 rows (uint8 as u/127.5-1) into a float32 or bfloat16 buffer (one rounding).");
-  m.def("empirical_denoise_tile_update", &tile_update, release, arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
+  m.def("empirical_denoise_tile_update", &tile_update, release, named,
+        arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
         arg("p_ptr"), arg("batch"), arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"),
         arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"),
         arg("rescore_tol"), arg("band"), arg("rescore_budget"), arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"),
         arg("scale_ptr"), arg("threads"),
         "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
         "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
-        "pairs would need exact re-scoring (nothing written). rescore_budget=-2: only raise the "
-        "running lower bound of the max logit (first pass).");
-  m.def("empirical_denoise_screen_collect", &screen_collect, release, arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
-        arg("batch"),
+        "pairs would need exact re-scoring (nothing written). rescore_budget=-1: no budget; -3: only "
+        "count the pairs that would be re-scored, returning (-1, count).");
+  m.def("empirical_denoise_screen_collect", &screen_collect, release, named,
+        arg("g_ptr"), arg("g_dtype"), arg("g_ld"), arg("batch"),
         arg("tile"), arg("start"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("yn2_ptr"), arg("gemm_err_coef"),
         arg("band"), arg("mlow_ptr"), arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"),
         arg("cap"), arg("threads"),
         "Screening pass over one tile of a bf16 or float32 Gram matrix: raise the lower bound of each row's max "
         "logit and collect the candidate pairs; returns the number of rows whose list overflowed.");
-  m.def("empirical_denoise_screen_finalize", &screen_finalize, release, arg("x_ptr"), arg("x_ld"), arg("batch"),
+  m.def("empirical_denoise_screen_finalize", &screen_finalize, release, named,
+        arg("x_ptr"), arg("x_ld"), arg("batch"),
         arg("dim"), arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("mlow_ptr"),
         arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"), arg("cap"), arg("band"),
         arg("row_map_ptr"), arg("out_ptr"), arg("logz_ptr"), arg("threads"),
         "Exact re-scoring of the collected candidates: out [B, D] float32 and logz [B] float64.");
-  m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, arg("p_ptr"), arg("p_ld"),
+  m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, named,
+        arg("p_ptr"), arg("p_ld"),
         arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
         arg("acc_ptr"), arg("acc_ld"), arg("threads"),
         "acc = acc * scale + P @ tile over the nonzero weights of P only.");
-  m.def("empirical_denoise_cuda_forward", &cuda_forward, release, arg("x_ptr"), arg("x_dtype"), arg("y_ptr"),
+  m.def("empirical_denoise_cuda_forward", &cuda_forward, release, named,
+        arg("x_ptr"), arg("x_dtype"), arg("y_ptr"),
         arg("y_dtype"), arg("inv2s2_ptr"), arg("batch"), arg("rows"), arg("dim"), arg("splits"),
         arg("work_acc_ptr"), arg("work_m_ptr"), arg("work_s_ptr"), arg("out_ptr"), arg("logz_ptr"),
         arg("device"), arg("stream"),

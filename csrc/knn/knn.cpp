@@ -397,20 +397,24 @@ void knn_cuda_entry(std::uintptr_t queries_ptr, std::uintptr_t train_ptr, const 
 }
 
 void register_knn(py::module_& m) {
-  m.def("knn_cpu_prepare_rows", &knn_cpu_prepare_rows, py::arg("src_ptr"), py::arg("dtype"), py::arg("rows"),
+  const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
+  m.def("knn_cpu_prepare_rows", &knn_cpu_prepare_rows, named,
+        py::arg("src_ptr"), py::arg("dtype"), py::arg("rows"),
         py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("dst_dtype"), py::arg("norms_ptr"),
         py::arg("threads"), py::arg("arg_name"), py::call_guard<py::gil_scoped_release>(),
         "Copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) in the screening precision dst_dtype "
         "(bfloat16 or float32; dst_ptr 0: no copy, float32 rows only) and per-row doubles "
         "[|x|^2, |s(x)|, |x - s(x)|]; raises ValueError on NaN/Inf.");
-  m.def("knn_cpu_screen_tile", &knn_cpu_screen_tile, py::arg("queries_ptr"), py::arg("queries_dtype"),
+  m.def("knn_cpu_screen_tile", &knn_cpu_screen_tile, named,
+        py::arg("queries_ptr"), py::arg("queries_dtype"),
         py::arg("batch"), py::arg("dim"), py::arg("q_norms_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("tile_start"), py::arg("tile"), py::arg("y_norms_ptr"), py::arg("gram_ptr"), py::arg("gram_dtype"), py::arg("k"),
         py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("safety"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),
         "Screen one training tile with the bf16 or float32 Gram tile, re-score survivors exactly, merge into the "
         "per-query top-k (double d^2 [batch, k], int64 [batch, k]). Returns the number re-scored.");
-  m.def("knn_cuda", &knn_cuda_entry, py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
+  m.def("knn_cuda", &knn_cuda_entry, named,
+        py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("batch"), py::arg("n_train"), py::arg("dim"), py::arg("k"), py::arg("tile"), py::arg("workspace_ptr"),
         py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "CUDA exact k-NN: float32 queries [batch, dim] and float32/uint8 train [n_train, dim] on one GPU; "

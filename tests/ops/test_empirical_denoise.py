@@ -5,8 +5,6 @@ sigma from 0.002 to 80, near-ties included; logz to 5e-6 relative (absolute belo
 """
 from __future__ import annotations
 
-import importlib
-
 import json
 import subprocess
 import sys
@@ -15,8 +13,9 @@ import textwrap
 import pytest
 import torch
 
-ed = importlib.import_module("diffcore.ops.empirical_denoise")
-from diffcore.ops.empirical_denoise import empirical_denoise, empirical_denoise_with_logz
+from diffcore.ops import _empirical_denoise as op_module
+from diffcore.ops import _empirical_denoise_cpu as ed_cpu
+from diffcore.ops import empirical_denoise, empirical_denoise_with_logz
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 from tests.conftest import cpu_backends
 
@@ -177,7 +176,7 @@ def test_cpu_tiling_with_remainder_tiles(tile_rows, sigma):
     x, train = make_case(5, 123, 40, sigma, torch.uint8)
     ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
     sigma64 = torch.full((5,), sigma, dtype=torch.float64)
-    out, logz = ed._run_cpu(x, train, sigma64, tile_rows=tile_rows)
+    out, logz = ed_cpu.run(x, train, sigma64, tile_rows=tile_rows)
     assert row_rel_error(out, ref_out) <= REL_TOL
     assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
 
@@ -195,13 +194,13 @@ def test_cpu_mid_sigma_switches_to_float64_gram(monkeypatch, sigma):
 
 def _spy_on(monkeypatch, name):
     created = []
-    original = getattr(ed, name)
+    original = getattr(ed_cpu, name)
 
     def spy(*args, **kwargs):
         created.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ed, name, spy)
+    monkeypatch.setattr(ed_cpu, name, spy)
     return created
 
 
@@ -219,12 +218,12 @@ def test_cpu_bf16_screening_at_small_sigma(monkeypatch, sigma):
 def test_cpu_screening_candidate_overflow(monkeypatch, cap, sigma):
     """Tiny candidate lists force overflows: the rows go through a second screening pass (with
     their global lower bound), then through the streaming pass; the result must not change."""
-    monkeypatch.setattr(ed, "SCREEN_CANDIDATES", cap)
+    monkeypatch.setattr(ed_cpu, "SCREEN_CANDIDATES", cap)
     x, train = make_case(7, 300, 512, sigma, torch.uint8)
     x = torch.cat([x, torch.randn(2, 512)])  # far queries: many candidates
     sigma64 = torch.full((9,), sigma, dtype=torch.float64)
     ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
-    out, logz = ed._run_cpu(x, train, sigma64, tile_rows=64)
+    out, logz = ed_cpu.run(x, train, sigma64, tile_rows=64)
     assert row_rel_error(out, ref_out) <= REL_TOL
     assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
 
@@ -246,8 +245,8 @@ def test_cpu_bf16_screening_gives_way_at_large_sigma(monkeypatch):
     screened = _spy_on(monkeypatch, "_ScreenGram")
     x, train = make_case(9, 500, 768, 80.0, torch.float32)
     sigma64 = torch.full((9,), 80.0, dtype=torch.float64)
-    out_screen, logz_screen = ed._run_cpu(x, train, sigma64, tile_rows=100)
-    out_plain, logz_plain = ed._run_cpu(x, train, sigma64, tile_rows=100, screen=False)
+    out_screen, logz_screen = ed_cpu.run(x, train, sigma64, tile_rows=100)
+    out_plain, logz_plain = ed_cpu.run(x, train, sigma64, tile_rows=100, screen=False)
     assert screened
     torch.testing.assert_close(out_screen, out_plain, rtol=0, atol=0)  # every tile after the first: fp32
     ref_out, ref_logz = empirical_denoise_ref(x, train, 80.0)
@@ -258,7 +257,7 @@ def test_cpu_tile_rows_keep_the_working_set_small():
     for batch, rows, dim, dtype in [(256, 10000, 3072, torch.float32), (64, 50000, 3072, torch.uint8),
                                     (1, 10, 5, torch.float32), (4096, 100000, 64, torch.float32)]:
         for screen in (False, True):
-            tile = ed.cpu_tile_rows(batch, rows, dim, dtype, screen)
+            tile = ed_cpu.cpu_tile_rows(batch, rows, dim, dtype, screen)
             assert 1 <= tile <= rows
             assert tile == rows or tile >= 64
             assert batch * tile * 4 <= max(2 << 20, batch * 64 * 4)  # [B, T] weights
@@ -273,7 +272,7 @@ def test_cpu_never_materializes_batch_by_rows():
     """B=256, N=400000, D=8: [B, N] fp32 logits would take 410 MB; the run must stay far below."""
     script = textwrap.dedent("""
         import json, resource, torch
-        from diffcore.ops.empirical_denoise import empirical_denoise
+        from diffcore.ops import empirical_denoise
         train = torch.randint(0, 256, (400000, 8), dtype=torch.uint8)
         x = torch.randn(256, 8)
         empirical_denoise(x[:2], train[:100], 1.0, backend="cpu")  # warm up (loads _C)
@@ -289,8 +288,8 @@ def test_cpu_never_materializes_batch_by_rows():
 
 
 def test_auto_backend_on_cpu_is_cpu():
-    assert ed.BACKENDS.resolve("auto", torch.device("cpu")) == "cpu"
-    assert "cuda" not in ed.BACKENDS.auto_order["cuda"]
+    assert op_module.BACKENDS.resolve("auto", torch.device("cpu")) == "cpu"
+    assert "cuda" not in op_module.BACKENDS.auto_order["cuda"]
 
 
 def test_same_input_same_output():

@@ -2,13 +2,11 @@
 lower index; distances to fp32 rounding), and errors naming the argument."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from diffcore import _backend
-from diffcore.ops.knn import knn
+from diffcore.ops import _knn, _knn_cpu, knn
 from diffcore.ref.knn import knn_ref
 
 HAS_GPU = torch.cuda.is_available()
@@ -157,12 +155,10 @@ def test_cuda_backend_on_cpu_tensors_is_an_error():
 
 def test_cpu_streams_over_many_tiles(monkeypatch):
     """Several training tiles and query blocks: the top-k merge across tiles."""
-    knn_module = importlib.import_module("diffcore.ops.knn")
-
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("diffcore._C is not built")
-    monkeypatch.setattr(knn_module, "CPU_TILE_ELEMENTS", 64 * 300)  # 256-row tiles (the minimum)
-    monkeypatch.setattr(knn_module, "CPU_GRAM_ELEMENTS", 256 * 7)  # 7-query blocks
+    monkeypatch.setattr(_knn_cpu, "CPU_TILE_ELEMENTS", 64 * 300)  # 256-row tiles (the minimum)
+    monkeypatch.setattr(_knn_cpu, "CPU_GRAM_ELEMENTS", 256 * 7)  # 7-query blocks
     train = _uniform((1500, 300), 12)
     queries = torch.cat([_uniform((15, 300), 13), train[[5, 700, 1499]] + 1e-3])
     _assert_matches_reference(queries, train, 3, "cpu")
@@ -180,13 +176,11 @@ def test_non_contiguous_inputs(backend):
 
 def test_cpu_screening_keeps_few_candidates():
     """The bf16 screen must discard almost everything on random data (else it is no screen)."""
-    from diffcore.ops.knn import _knn_cpu
-
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("diffcore._C is not built")
     queries, train = _uniform((20, 768), 14), _uniform((3000, 768), 15)
     stats = {}
-    _knn_cpu(queries, train, 2, stats=stats)
+    _knn_cpu.run(queries, train, 2, stats=stats)
     assert 2 * 20 <= stats["rescored"] < 0.1 * 20 * 3000
 
 
@@ -205,9 +199,7 @@ def test_triton_screening_keeps_few_candidates():
 def test_bf16_matmul_contract_probe():
     """The CPU backend's bound assumes fp32 accumulation in torch's bf16 matmul; the probe must hold
     here and must catch a bf16 accumulation."""
-    from diffcore.ops.knn import bf16_matmul_accumulates_in_fp32
-
-    assert bf16_matmul_accumulates_in_fp32()
+    assert _knn_cpu.bf16_matmul_accumulates_in_fp32()
     signs = torch.ones(4096)
     signs[2048:] = -1
     partial = torch.zeros((), dtype=torch.bfloat16)
@@ -244,12 +236,10 @@ def test_cpu_screening_bound_holds_without_safety_factor(case):
 
 
 def test_auto_on_cpu_picks_cpu_kernel():
-    from diffcore.ops.knn import BACKENDS
-
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("diffcore._C is not built")
-    assert BACKENDS.resolve("auto", torch.device("cpu")) == "cpu"
-    assert "cuda" not in BACKENDS.auto_order["cuda"]
+    assert _knn.BACKENDS.resolve("auto", torch.device("cpu")) == "cpu"
+    assert "cuda" not in _knn.BACKENDS.auto_order["cuda"]
 
 
 @pytest.mark.triton

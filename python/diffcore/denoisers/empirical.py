@@ -37,9 +37,7 @@ class EmpiricalDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """x0_hat [B, ...] with x's shape and dtype; sigma a float or a tensor [B]."""
-        # import the function from its module: after the first import, the package attribute
-        # diffcore.ops.empirical_denoise is the submodule (same name), not the function
-        from diffcore.ops.empirical_denoise import empirical_denoise
+        from diffcore.ops import empirical_denoise
 
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x: expected shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}")

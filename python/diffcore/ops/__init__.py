@@ -5,15 +5,16 @@ Triton kernel ``diffcore/kernels/<op>.py``, its C++/CUDA code ``csrc/<op>/``, it
 ``tests/ops/test_<op>.py`` and its benchmark ``bench/bench_<op>.py``. Every op takes
 ``backend="auto"`` or one of ``reference``, ``cpu``, ``cuda``, ``triton``.
 
-The functions are imported eagerly: a submodule and its op share a name, and importing the
-submodule would otherwise replace the package attribute with the module. Importing here touches
-neither CUDA nor triton.
+Each op ``<op>`` is the function exported here; its module is private (``ops/_<op>.py``: checks,
+backend resolution, autograd where there is one, and the table ``RUNNERS`` of backend name ->
+runner), with CPU host code in ``ops/_<op>_cpu.py`` and CUDA launchers in ``ops/_<op>_cuda.py``.
+Importing here touches neither CUDA nor triton.
 """
 from __future__ import annotations
 
 from diffcore.ops.attention import attention, attention_and_jvp
-from diffcore.ops.empirical_denoise import empirical_denoise, empirical_denoise_with_logz
-from diffcore.ops.knn import knn
+from diffcore.ops._empirical_denoise import empirical_denoise, empirical_denoise_with_logz
+from diffcore.ops._knn import knn
 from diffcore.ops.sampler_step import sampler_step
 
 __all__ = ["attention", "attention_and_jvp", "empirical_denoise", "empirical_denoise_with_logz", "knn", "sampler_step"]

@@ -1,18 +1,9 @@
-"""Empirical optimal denoiser of a training set, streamed over training tiles.
+"""CPU host code of the empirical denoiser (``diffcore.ops.empirical_denoise``): torch GEMM tiles
+and the fused C++ work between them (csrc/empirical_denoise/empirical_denoise.cpp).
 
-``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (PAPERS.md; the denoiser that
-reproduces the training set exactly) and its log-normalizer
-``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``. No backend materializes the [B, N] logits: each
-streams over training tiles with a running log-sum-exp, in memory O(B*D + tile).
-
-Numerics (DESIGN.md): fast distances ``|x|^2 + |y|^2 - 2 x.y`` (a GEMM) carry an error of about
-``k u |x| |y|`` that ``1 / (2 sigma^2)`` magnifies. Every fast backend bounds that error per pair and
-re-scores, with exact distances (difference first, double accumulation), the pairs that may carry
-weight and whose logit error could exceed a tolerance. At small sigma this returns the nearest
-training image (or the right mixture at near-ties) to fp32 accuracy.
-
-The op is not differentiable: it runs under ``torch.no_grad()`` and returns tensors without
-autograd history.
+Also the logit tolerances and the GEMM error bounds (proven, and the measured fp32 coefficient the
+Triton runner shares; DESIGN.md Numerics; the op's docstring in ``_empirical_denoise.py`` explains
+the method). The screening precision (bf16 or fp32) is the process's choice, diffcore._cpu_caps.
 """
 from __future__ import annotations
 
@@ -21,23 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcore._backend import OpBackends
 from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
-from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
 from diffcore._ext import dtype_name, extension
-
-__all__ = ["empirical_denoise", "empirical_denoise_with_logz"]
-
-BACKENDS = OpBackends(
-    op="empirical_denoise",
-    implemented=("reference", "cpu", "cuda", "triton"),
-    # cuda: the Triton kernel passes the interpreter tests but has not run on a GPU yet; the CUDA
-    # kernel has only been compiled, never run: it stays out of auto (ask for backend="cuda").
-    auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},  # GPU kernels join auto after a GPU run matches the reference
-)
-
-_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
 
 # Logit tolerances shared by the fast backends (DESIGN.md Numerics).
 # A pair whose logit upper bound lies BAND below the running lower bound of the max weighs less than
@@ -49,6 +25,7 @@ RESCORE_TOL = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 FP64_UNIT_ROUNDOFF = 2.0 ** -53
 SCREEN_MIN_DIM = 256  # below this the candidate screening pass does not pay
+NO_BUDGET = -1  # rescore_budget value: re-score every pair that needs it
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
 SCREEN_CANDIDATES = 256  # candidate pairs kept per row by the screening pass (16 bytes each)
 
@@ -65,29 +42,23 @@ def gamma(terms: int, unit: float) -> float:
 
 def fp32_gemm_error_bound(dim: int) -> float:
     """``k`` in ``|G - x.y| <= k |x| |y|`` for an fp32 GEMM over ``dim`` terms, proven for any
-    summation order the BLAS may use: ``gamma_{dim+1}`` (one more rounding covers the fp32 decoding
-    of uint8 rows, u8 / 127.5 - 1; fp32 rows are exact)."""
+    summation order the BLAS may use: ``gamma_{dim+1}`` (the one more rounding covers the fp32
+    decoding of uint8 rows, u8 / 127.5 - 1; fp32 rows are exact)."""
     return gamma(dim + 1, FP32_UNIT_ROUNDOFF)
 
 
 def fp64_gemm_error_bound(dim: int) -> float:
-    """As :func:`fp32_gemm_error_bound` for a float64 GEMM of float32 (or uint8-decoded) rows."""
+    """As :func:`fp32_gemm_error_bound`, for a float64 GEMM of float32 (or uint8-decoded) rows."""
     return gamma(dim + 1, FP64_UNIT_ROUNDOFF)
 
 
 def measured_fp32_gemm_error_coefficient(dim: int) -> float:
-    """``k`` in ``|G - x.y| <= k |x| |y|`` as MEASURED for torch's blocked fp32 GEMM (not worst case):
+    """``k`` in ``|G - x.y| <= k |x| |y|`` as MEASURED for torch's blocked fp32 GEMM, not worst case:
     at dim 3072 at most 1.6 u |x||y| for x close to y, 0.44 u for noise-dominated x, 0.06 u on
-    average; 2 u here, with a margin growing like a random walk beyond dim 4096. Used only where the
-    proven bound :func:`fp32_gemm_error_bound` is too loose to be useful: dense weights (large sigma,
-    most pairs carry weight), where the op's accuracy is therefore measured, not proven."""
+    average; 2 u here, with a margin growing like a random walk beyond dim 4096. The CPU path uses it
+    only where the proven :func:`fp32_gemm_error_bound` is too loose to be useful: dense tiles (large
+    sigma, most pairs carry weight), whose accuracy is therefore measured, not proven."""
     return max(2.0, 2.0 * math.sqrt(dim / 4096.0)) * FP32_UNIT_ROUNDOFF
-
-
-def gemm_error_coefficient(dim: int) -> float:
-    """The measured fp32 coefficient (:func:`measured_fp32_gemm_error_coefficient`), as the Triton
-    kernel uses it."""
-    return measured_fp32_gemm_error_coefficient(dim)
 
 
 def bf16_gemm_error_coefficient(dim: int) -> float:
@@ -99,69 +70,10 @@ def bf16_gemm_error_coefficient(dim: int) -> float:
     return 1.01 * (3 * unit + unit * unit + 2.0 ** -23 + dim * FP32_UNIT_ROUNDOFF * (1 + 3 * unit))
 
 
-def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, backend: str = "auto") -> torch.Tensor:
-    """Empirical optimal denoiser ``sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``.
-
-    Args:
-        x: noisy inputs [B, ...]: float32 (any backend), float16/bfloat16 (computed in fp32),
-            float64 (reference backend only).
-        train: training set [N, ...] with the trailing shape of ``x``; float, or uint8 images mapped
-            to [-1, 1] as ``u8 / 127.5 - 1``. Must be on x's device. Not checked for NaN (cost).
-        sigma: noise level > 0, a float or a tensor of shape [B] (or 0-d).
-        backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton'.
-    Returns:
-        x0_hat [B, ...] in x's dtype. Not differentiable (computed under no_grad).
-    """
-    return empirical_denoise_with_logz(x, train, sigma, backend=backend)[0]
-
-
-def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
-                                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Empirical denoiser and its log-normalizer.
-
-    Returns:
-        ``(x0_hat [B, ...] in x's dtype, logz [B])`` with
-        ``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``; logz is float32 (float64 for float64 x).
-    See :func:`empirical_denoise` for the arguments.
-    """
-    x, train, sigma64 = _validate(x, train, sigma)
-    name = BACKENDS.resolve(backend, x.device)
-    if name != "reference" and x.dtype == torch.float64:
-        raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
-    with torch.no_grad():
-        out, logz = _RUNNERS[name](x, train, sigma64)
-    logz_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return out.to(x.dtype).reshape(x.shape), logz.to(logz_dtype)
-
-
-def _validate(x, train, sigma):
-    check_tensor("x", x, min_ndim=1, dtypes=_X_DTYPES)
-    check_tensor("train", train, min_ndim=1, dtypes=_TRAIN_DTYPES, nonempty=False)
-    if train.shape[0] == 0 or train.numel() == 0:
-        raise ValueError(f"train: expected at least one training row, got shape {tuple(train.shape)}")
-    if tuple(train.shape[1:]) != tuple(x.shape[1:]):
-        raise ValueError(f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
-                         f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})")
-    device = check_same_device(x=x, train=train)
-    if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
-        raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
-    check_finite("x", x)
-    sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
-    return x, train, sigma64
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-# ---------------------------------------------------------------- reference (float64, pure torch)
-def _run_reference(x, train, sigma64):
-    from diffcore.ref.empirical_denoise import empirical_denoise_ref
-
-    return empirical_denoise_ref(x, train, sigma64)
-
-
-# ---------------------------------------------------------------- cpu (torch GEMM tiles + C++)
 def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype, screen: bool = False) -> int:
     """Training rows per tile on the CPU: the [B, T] weight tile stays under 2 MiB, the [T, D]
     bf16 screening buffer (``screen``) under 4 MiB, the [T, D] fp32 decode buffer of uint8 / non-fp32
@@ -191,15 +103,16 @@ class _Queries:
     def create(cls, x: torch.Tensor, inv2s2: torch.Tensor, threads: int, lower: torch.Tensor | None = None):
         batch, dim = x.shape
         x_sqnorm = torch.empty(batch, dtype=torch.float64)
-        extension().empirical_denoise_row_sqnorms(x.data_ptr(), "float32", batch, dim, dim, x_sqnorm.data_ptr(),
-                                                  threads)
+        extension().empirical_denoise_row_sqnorms(y_ptr=x.data_ptr(), dtype="float32", rows=batch, dim=dim, ld=dim,
+                                                  out_ptr=x_sqnorm.data_ptr(), threads=threads)
         lower = torch.full((batch,), -math.inf, dtype=torch.float64) if lower is None else lower.clone()
         return cls(x, x_sqnorm, inv2s2.contiguous(), torch.full((batch,), -math.inf, dtype=torch.float64), lower,
                    torch.zeros(batch, dtype=torch.float64), torch.empty(batch, dtype=torch.float32), None)
 
-    def state(self, threads: int) -> tuple:
-        return (self.run_max.data_ptr(), self.run_max_lower.data_ptr(), self.run_sum.data_ptr(),
-                self.scale.data_ptr(), threads)
+    def state(self, threads: int) -> dict:
+        """The running state as keyword arguments of ``_C.empirical_denoise_tile_update``."""
+        return dict(m_ptr=self.run_max.data_ptr(), mlow_ptr=self.run_max_lower.data_ptr(),
+                    s_ptr=self.run_sum.data_ptr(), scale_ptr=self.scale.data_ptr(), threads=threads)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.acc.div_(self.run_sum.to(torch.float32)[:, None]), self.run_max + torch.log(self.run_sum)
@@ -222,13 +135,23 @@ class _TrainSet:
             yield start, self.y[start:start + self.tile]
 
 
-def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
-    """CPU backend: see the module docstring and docs/empirical_denoise.md.
+def _tile_inputs(queries: _Queries, data: _TrainSet, start: int, y_tile: torch.Tensor) -> dict:
+    """The query and training-tile arguments of ``_C.empirical_denoise_tile_update``, by name."""
+    dim = queries.x.shape[1]
+    return dict(x_ptr=queries.x.data_ptr(), x_ld=dim, dim=dim, xn2_ptr=queries.x_sqnorm.data_ptr(),
+                inv2s2_ptr=queries.inv2s2.data_ptr(), y_ptr=y_tile.data_ptr(), y_dtype=data.dtype_name, y_ld=dim,
+                yn2_ptr=data.y_sqnorm[start:].data_ptr())
 
-    Small sigma (D >= 256): one bf16 screening pass collects each query's candidates, re-scored
-    exactly (``_screen``); queries whose candidate list overflowed get a second screening pass with
-    the global lower bound of their max logit. Otherwise (dense weights), or when that fails too:
-    ``_stream`` with fp32 (then fp64) Gram tiles and a running log-sum-exp."""
+
+def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
+    """CPU backend: x [B, ...] float, train [N, ...], sigma64 [B] -> (out [B, D] float32, logz [B]
+    float64); see docs/empirical_denoise.md.
+
+    Small sigma (D >= 256): one screening pass (bf16 or fp32 GEMMs, diffcore._cpu_caps) collects
+    each query's candidates, re-scored exactly (``_screen``); queries whose candidate list
+    overflowed get a second screening pass with the global lower bound of their max logit.
+    Otherwise (dense weights), or when that fails too: ``_stream`` with fp32 (then fp64) Gram tiles
+    and a running log-sum-exp."""
     ext = extension()
     threads = torch.get_num_threads()
     precision = screen_precision()
@@ -243,8 +166,8 @@ def _run_cpu(x, train, sigma64, tile_rows: int | None = None, screen: bool = Tru
         y = y.to(torch.float32)  # float16/bfloat16/float64 training sets: one fp32 copy
     y = y.contiguous()
     y_sqnorm = torch.empty(y.shape[0], dtype=torch.float64)
-    ext.empirical_denoise_row_sqnorms(y.data_ptr(), dtype_name(y.dtype), y.shape[0], dim, dim, y_sqnorm.data_ptr(),
-                                      threads)
+    ext.empirical_denoise_row_sqnorms(y_ptr=y.data_ptr(), dtype=dtype_name(y.dtype), rows=y.shape[0], dim=dim, ld=dim,
+                                      out_ptr=y_sqnorm.data_ptr(), threads=threads)
     screen = screen and dim >= SCREEN_MIN_DIM
     data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, screen))
     queries = _Queries.create(xr, 0.5 / sigma64.square(), threads)
@@ -291,23 +214,28 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
         count = y_tile.shape[0]
         gram = gram_of.gram(y_tile)
         ext.empirical_denoise_screen_collect(
-            gram.data_ptr(), gram_of.dtype_name, count, batch, count, start, queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(),
-            data.y_sqnorm[start:].data_ptr(), coef, BAND, queries.run_max_lower.data_ptr(), cand_index.data_ptr(),
-            cand_upper.data_ptr(), cand_count.data_ptr(), cap, threads)
+            g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, batch=batch, tile=count, start=start,
+            xn2_ptr=queries.x_sqnorm.data_ptr(), inv2s2_ptr=queries.inv2s2.data_ptr(),
+            yn2_ptr=data.y_sqnorm[start:].data_ptr(), gemm_err_coef=coef, band=BAND,
+            mlow_ptr=queries.run_max_lower.data_ptr(), cand_index_ptr=cand_index.data_ptr(),
+            cand_upper_ptr=cand_upper.data_ptr(), cand_count_ptr=cand_count.data_ptr(), cap=cap, threads=threads)
         if start == 0:
             wanted = ext.empirical_denoise_tile_update(
-                gram.data_ptr(), gram_of.dtype_name, count, gram.data_ptr(), batch, count, queries.x.data_ptr(), dim, dim,
-                queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(), y_tile.data_ptr(), data.dtype_name, dim,
-                data.y_sqnorm[start:].data_ptr(), coef, RESCORE_TOL, BAND, COUNT_ONLY, *queries.state(threads))[1]
+                g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, p_ptr=gram.data_ptr(), batch=batch,
+                tile=count,
+                **_tile_inputs(queries, data, start, y_tile), gemm_err_coef=coef, rescore_tol=RESCORE_TOL, band=BAND,
+                rescore_budget=COUNT_ONLY, **queries.state(threads))[1]
             if wanted * 10 > 9 * batch * count:  # (not 1/2: before a query meets its nearest
                 return None                      # points, many pairs of a tile look alike)
     finished = cand_count <= cap
     if bool(finished.any()):  # exact re-scoring, written straight into out[rows], logz[rows]
         row_map = rows.to(torch.int64).contiguous()
         ext.empirical_denoise_screen_finalize(
-            queries.x.data_ptr(), dim, batch, dim, queries.inv2s2.data_ptr(), data.y.data_ptr(), data.dtype_name, dim,
-            queries.run_max_lower.data_ptr(), cand_index.data_ptr(), cand_upper.data_ptr(), cand_count.data_ptr(),
-            cap, BAND, row_map.data_ptr(), out.data_ptr(), logz.data_ptr(), threads)
+            x_ptr=queries.x.data_ptr(), x_ld=dim, batch=batch, dim=dim, inv2s2_ptr=queries.inv2s2.data_ptr(),
+            y_ptr=data.y.data_ptr(), y_dtype=data.dtype_name, y_ld=dim, mlow_ptr=queries.run_max_lower.data_ptr(),
+            cand_index_ptr=cand_index.data_ptr(), cand_upper_ptr=cand_upper.data_ptr(),
+            cand_count_ptr=cand_count.data_ptr(), cap=cap, band=BAND, row_map_ptr=row_map.data_ptr(),
+            out_ptr=out.data_ptr(), logz_ptr=logz.data_ptr(), threads=threads)
     return finished
 
 
@@ -315,9 +243,9 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
     """Streaming pass over the training tiles with a running log-sum-exp. The Gram precision goes
     bf16 (``screen == "bf16"``: candidates only, each re-scored exactly) -> fp32 -> fp64, moving on
     for good when a tile would need too many exact re-scorings. An fp32 tile uses the proven bound;
-    where that would re-score too many pairs (dense weights: every pair carries weight) it uses the
-    measured coefficient if that clears the tile (large sigma: the accuracy there is measured, not
-    proven), else the rest of the pass uses float64 Gram tiles (mid sigma at image sizes)."""
+    where that would re-score too many pairs (dense weights: most pairs carry weight) it uses the
+    measured coefficient if that clears the tile (large sigma: accuracy measured, not proven), else
+    the rest of the pass uses float64 Gram tiles (mid sigma at image sizes; proven)."""
     ext = extension()
     batch, dim = queries.x.shape
     queries.acc = torch.zeros(batch, dim, dtype=torch.float32)
@@ -330,26 +258,26 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
     state = queries.state(threads)
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
-        common = (queries.x.data_ptr(), dim, dim, queries.x_sqnorm.data_ptr(), queries.inv2s2.data_ptr(),
-                  y_tile.data_ptr(), data.dtype_name, dim, data.y_sqnorm[start:].data_ptr())
         p = g_buffer[:batch * count].view(batch, count)
+        common = dict(p_ptr=p.data_ptr(), batch=batch, tile=count, **_tile_inputs(queries, data, start, y_tile),
+                      rescore_tol=RESCORE_TOL, band=BAND, **state)
         y_float = None
         nonzero = -1
         if mode == "bf16":
             gram = screen_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
-                gram.data_ptr(), "bfloat16", count, p.data_ptr(), batch, count, *common,
-                screen_gram.error_bound, RESCORE_TOL, BAND, batch * count // 64, *state)
+                g_ptr=gram.data_ptr(), g_dtype="bfloat16", g_ld=count, **common,
+                gemm_err_coef=screen_gram.error_bound, rescore_budget=batch * count // 64)
             if nonzero < 0:
                 mode, screen_gram = "fp32", None
         if mode == "fp32":
             y_float = _tile_as_float32(y_tile, convert_buffer)
             with fp32_matmul_at_full_precision():
                 torch.mm(queries.x, y_float.t(), out=p)
-            for coefficient in fp32_coefficients:  # proven first; measured only for dense tiles
+            for coefficient in fp32_coefficients:  # proven first; the measured one only for dense tiles
                 nonzero, _ = ext.empirical_denoise_tile_update(
-                    p.data_ptr(), "float32", count, p.data_ptr(), batch, count, *common, coefficient,
-                    RESCORE_TOL, BAND, batch * count // 16, *state)
+                    g_ptr=p.data_ptr(), g_dtype="float32", g_ld=count, **common,
+                    gemm_err_coef=coefficient, rescore_budget=batch * count // 16)
                 if nonzero >= 0:
                     break
             if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
@@ -357,12 +285,13 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
         if mode == "fp64":
             gram = precise_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
-                gram.data_ptr(), "float64", count, p.data_ptr(), batch, count, *common,
-                fp64_gemm_error_bound(dim), RESCORE_TOL, BAND, -1, *state)
+                g_ptr=gram.data_ptr(), g_dtype="float64", g_ld=count, **common,
+                gemm_err_coef=fp64_gemm_error_bound(dim), rescore_budget=NO_BUDGET)
         if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
-            ext.empirical_denoise_sparse_accumulate(p.data_ptr(), count, batch, count, queries.scale.data_ptr(),
-                                                    y_tile.data_ptr(), data.dtype_name, dim, dim,
-                                                    queries.acc.data_ptr(), dim, threads)
+            ext.empirical_denoise_sparse_accumulate(
+                p_ptr=p.data_ptr(), p_ld=count, batch=batch, tile=count, scale_ptr=queries.scale.data_ptr(),
+                y_ptr=y_tile.data_ptr(), y_dtype=data.dtype_name, y_ld=dim, dim=dim, acc_ptr=queries.acc.data_ptr(),
+                acc_ld=dim, threads=threads)
         else:
             if y_float is None:
                 y_float = _tile_as_float32(y_tile, convert_buffer)
@@ -388,17 +317,18 @@ def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: _LazyBuffer | None) -
         return y_tile
     count, dim = y_tile.shape
     out = convert_buffer.get()[:count * dim].view(count, dim)
-    extension().empirical_denoise_decode_rows(y_tile.data_ptr(), "uint8", count, dim, out.data_ptr(), "float32",
-                                              torch.get_num_threads())
+    extension().empirical_denoise_decode_rows(src_ptr=y_tile.data_ptr(), src_dtype="uint8", rows=count, dim=dim,
+                                              dst_ptr=out.data_ptr(), dst_dtype="float32",
+                                              threads=torch.get_num_threads())
     return out
 
 
 class _ScreenGram:
     """x . y from the screening GEMM of ``precision``: bf16 (bf16 inputs, fp32 accumulation, bf16
-    result; where bf16 matmul is native, 2-3x faster than fp32) or fp32. Used to find the few pairs
-    that carry weight at small sigma (each then re-scored exactly). A tile that is not already in
-    that dtype is decoded into one reused [T, D] buffer, each value rounded once from its exact
-    value (uint8 included). ``error_bound``: k in |G - x.y| <= k |x| |y|."""
+    result; 2-3x faster than fp32 where bf16 matmul is native) or fp32. Used to find the few pairs
+    that carry weight at small sigma (each then re-scored exactly). A tile not already in that dtype
+    is decoded into one reused [T, D] buffer, each value rounded once from its exact value (uint8
+    included). ``error_bound``: k in |G - x.y| <= k |x| |y|."""
 
     def __init__(self, xr: torch.Tensor, tile: int, threads: int, precision: str):
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -416,8 +346,9 @@ class _ScreenGram:
             y_screen = y_tile
         else:
             y_screen = self.buffer.get()[:count * dim].view(count, dim)
-            extension().empirical_denoise_decode_rows(y_tile.data_ptr(), dtype_name(y_tile.dtype), count, dim,
-                                                      y_screen.data_ptr(), self.dtype_name, self.threads)
+            extension().empirical_denoise_decode_rows(src_ptr=y_tile.data_ptr(), src_dtype=dtype_name(y_tile.dtype),
+                                                      rows=count, dim=dim, dst_ptr=y_screen.data_ptr(),
+                                                      dst_dtype=self.dtype_name, threads=self.threads)
         out = self.out[:self.x.shape[0] * count].view(self.x.shape[0], count)
         with fp32_matmul_at_full_precision():
             return torch.mm(self.x, y_screen.t(), out=out)
@@ -442,46 +373,3 @@ class _PreciseGram:
                 block.div_(127.5).sub_(1.0)
             out[:, c0:c0 + block.shape[0]] = self.x64 @ block.t()
         return out
-
-
-# ---------------------------------------------------------------- triton
-def _run_triton(x, train, sigma64):
-    from diffcore.kernels.empirical_denoise import empirical_denoise_triton
-
-    return empirical_denoise_triton(_rows(x), _rows(train), sigma64, err_coef_fn=gemm_error_coefficient,
-                                    rescore_tol=RESCORE_TOL, band=BAND)
-
-
-# ---------------------------------------------------------------- cuda (C++ kernels in _C)
-def cuda_splits(batch: int, rows: int, query_group: int = 16, target_blocks: int = 264) -> int:
-    """How many contiguous training ranges the CUDA kernel splits the set into (flash-decoding
-    style): enough (query group, range) blocks to fill the GPU when B is small."""
-    groups = -(-batch // query_group)
-    return int(max(1, min(rows, -(-target_blocks // groups), 64)))
-
-
-def _run_cuda(x, train, sigma64):
-    ext = extension()
-    xr = _rows(x).contiguous()
-    y = _rows(train)
-    if y.dtype == torch.float64:
-        y = y.to(torch.float32)
-    y = y.contiguous()
-    batch, dim = xr.shape
-    rows = y.shape[0]
-    splits = cuda_splits(batch, rows)
-    inv2s2 = (0.5 / sigma64.square()).contiguous()
-    work_acc = torch.empty(splits, batch, dim, dtype=torch.float32, device=x.device)
-    work_m = torch.empty(splits, batch, dtype=torch.float64, device=x.device)
-    work_s = torch.empty(splits, batch, dtype=torch.float64, device=x.device)
-    out = torch.empty(batch, dim, dtype=xr.dtype, device=x.device)
-    logz = torch.empty(batch, dtype=torch.float32, device=x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    ext.empirical_denoise_cuda_forward(xr.data_ptr(), dtype_name(xr.dtype), y.data_ptr(), dtype_name(y.dtype),
-                                       inv2s2.data_ptr(), batch, rows, dim, splits, work_acc.data_ptr(),
-                                       work_m.data_ptr(), work_s.data_ptr(), out.data_ptr(), logz.data_ptr(),
-                                       x.device.index or 0, stream)
-    return out, logz
-
-
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}

@@ -1,0 +1,121 @@
+"""Empirical optimal denoiser of a training set, streamed over training tiles.
+
+``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (PAPERS.md; the denoiser that
+reproduces the training set exactly) and its log-normalizer
+``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``. No backend materializes the [B, N] logits: each
+streams over training tiles with a running log-sum-exp, in memory O(B*D + tile).
+
+Numerics (DESIGN.md): fast distances ``|x|^2 + |y|^2 - 2 x.y`` (a GEMM) carry an error of about
+``k u |x| |y|`` that ``1 / (2 sigma^2)`` magnifies. Every fast backend bounds that error per pair and
+re-scores, with exact distances (difference first, double accumulation), the pairs that may carry
+weight and whose logit error could exceed a tolerance. At small sigma this returns the nearest
+training image (or the right mixture at near-ties) to fp32 accuracy.
+
+This module holds the checks, the backend resolution and the table of runners; the CPU host code
+is in ``_empirical_denoise_cpu.py``, the CUDA launcher in ``_empirical_denoise_cuda.py``.
+
+The op is not differentiable: it runs under ``torch.no_grad()`` and returns tensors without
+autograd history.
+"""
+from __future__ import annotations
+
+import torch
+
+from diffcore._backend import OpBackends
+from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
+from diffcore.ops import _empirical_denoise_cpu as _cpu
+from diffcore.ops import _empirical_denoise_cuda as _cuda
+
+__all__ = ["empirical_denoise", "empirical_denoise_with_logz"]
+
+BACKENDS = OpBackends(
+    op="empirical_denoise",
+    implemented=("reference", "cpu", "cuda", "triton"),
+    # cuda: the Triton kernel passes the interpreter tests but has not run on a GPU yet; the CUDA
+    # kernel has only been compiled, never run: it stays out of auto (ask for backend="cuda").
+    auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},  # GPU kernels join auto after a GPU run matches the reference
+)
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
+
+
+def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, backend: str = "auto") -> torch.Tensor:
+    """Empirical optimal denoiser ``sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``.
+
+    Args:
+        x: noisy inputs [B, ...]: float32 (any backend), float16/bfloat16 (computed in fp32),
+            float64 (reference backend only).
+        train: training set [N, ...] with the trailing shape of ``x``; float, or uint8 images mapped
+            to [-1, 1] as ``u8 / 127.5 - 1``. Must be on x's device. Not checked for NaN (cost).
+        sigma: noise level > 0, a float or a tensor of shape [B] (or 0-d).
+        backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton'.
+    Returns:
+        x0_hat [B, ...] in x's dtype. Not differentiable (computed under no_grad).
+    """
+    return empirical_denoise_with_logz(x, train, sigma, backend=backend)[0]
+
+
+def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
+                                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Empirical denoiser and its log-normalizer.
+
+    Returns:
+        ``(x0_hat [B, ...] in x's dtype, logz [B])`` with
+        ``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``; logz is float32 (float64 for float64 x).
+    See :func:`empirical_denoise` for the arguments.
+    """
+    x, train, sigma64 = _validate(x, train, sigma)
+    name = BACKENDS.resolve(backend, x.device)
+    if name != "reference" and x.dtype == torch.float64:
+        raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
+    with torch.no_grad():
+        out, logz = RUNNERS[name](x, train, sigma64)
+    logz_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return out.to(x.dtype).reshape(x.shape), logz.to(logz_dtype)
+
+
+def _validate(x, train, sigma):
+    check_tensor("x", x, min_ndim=1, dtypes=_X_DTYPES)
+    check_tensor("train", train, min_ndim=1, dtypes=_TRAIN_DTYPES, nonempty=False)
+    if train.shape[0] == 0 or train.numel() == 0:
+        raise ValueError(f"train: expected at least one training row, got shape {tuple(train.shape)}")
+    if tuple(train.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
+                         f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})")
+    device = check_same_device(x=x, train=train)
+    if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
+        raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
+    check_finite("x", x)
+    sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
+    return x, train, sigma64
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _run_reference(x, train, sigma64):
+    from diffcore.ref.empirical_denoise import empirical_denoise_ref
+
+    return empirical_denoise_ref(x, train, sigma64)
+
+
+def _run_cpu(x, train, sigma64):
+    return _cpu.run(_rows(x), _rows(train), sigma64)
+
+
+def _run_triton(x, train, sigma64):
+    from diffcore.kernels.empirical_denoise import empirical_denoise_triton
+
+    return empirical_denoise_triton(_rows(x), _rows(train), sigma64,
+                                    err_coef_fn=_cpu.measured_fp32_gemm_error_coefficient,
+                                    rescore_tol=_cpu.RESCORE_TOL, band=_cpu.BAND)
+
+
+def _run_cuda(x, train, sigma64):
+    return _cuda.run(_rows(x), _rows(train), sigma64)
+
+
+# Backend name -> runner(x [B, ...], train [N, ...], sigma64 [B]) -> (out [B, D], logz [B]).
+RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}

@@ -1,0 +1,106 @@
+"""CPU host code of the exact k-NN (``diffcore.ops.knn``): GEMM screening with torch's BLAS in
+tiles (bf16 where the CPU has native bf16 matmul, else fp32: diffcore._cpu_caps), exact
+re-scoring and the top-k merge in C++ (csrc/knn/knn.cpp)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
+from diffcore._ext import dtype_name, extension
+
+log = logging.getLogger(__name__)
+
+# Safety factor on the GEMM's own error terms in the bf16 screening bound of the CPU path (fp32
+# accumulation and bf16 output rounding: what torch's BLAS is assumed to do; csrc/knn/knn.cpp).
+# The fp32 screening bound is proven for any summation order: no factor.
+CPU_SCREEN_SAFETY = {"bf16": 4.0, "fp32": 1.0}
+# Training rows per tile (CPU): about 8 M elements (32 MB in fp32), enough for an efficient GEMM
+# while the extra memory (bf16 tile copy, Gram tile [query block, tile]) stays bounded.
+CPU_TILE_ELEMENTS = 1 << 23
+CPU_GRAM_ELEMENTS = 1 << 24
+
+
+# Below this many elementary steps a parallel region costs more than it saves (its barrier is what
+# hurts most when the cores are oversubscribed).
+CPU_MIN_PARALLEL_WORK = 1 << 20
+
+
+def _threads_for(work: int, threads: int) -> int:
+    return threads if work >= CPU_MIN_PARALLEL_WORK else 1
+
+
+def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
+    """GEMM screening (torch BLAS, in tiles; bf16 or fp32: ``precision``, default the process's
+    choice, diffcore._cpu_caps) + exact C++ re-scoring and top-k merge: q [B, D], y [N, D]
+    (contiguous) -> (squared distances float64 [B, k], indices int64 [B, k]).
+
+    ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together).
+    """
+    ext = extension()
+    precision = precision or screen_precision()
+    if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
+        raise RuntimeError("knn: backend 'cpu' screens with torch's bf16 matmul, which on this machine does not "
+                           "accumulate in fp32 (probe failed), so its error bound would not hold; use "
+                           "backend='reference' (or triton)")
+    threads = torch.get_num_threads()
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q = q.float()  # lossless
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y = y.float()  # lossless (a copy of the training set: documented)
+    batch, dim = q.shape
+    n_train = y.shape[0]
+    screen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    q_screen, q_norms = _screen_rows(q, screen_dtype, None, "queries", threads)
+    best_d2 = torch.full((batch, k), float("inf"), dtype=torch.float64)
+    best_idx = torch.full((batch, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
+
+    tile = min(n_train, max(256, min(16384, CPU_TILE_ELEMENTS // dim)))
+    query_block = min(batch, max(1, CPU_GRAM_ELEMENTS // tile))
+    y_buffer = None if screen_dtype == y.dtype else torch.empty(tile, dim, dtype=screen_dtype)
+    gram_storage = torch.empty(query_block * tile, dtype=screen_dtype)
+    rescored = 0
+    for start in range(0, n_train, tile):
+        rows = min(tile, n_train - start)
+        y_tile = y[start:start + rows]
+        try:
+            y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads)
+        except ValueError as exc:
+            raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
+        for q_start in range(0, batch, query_block):
+            q_rows = min(query_block, batch - q_start)
+            gram = gram_storage[:q_rows * rows].view(q_rows, rows)
+            with fp32_matmul_at_full_precision():
+                torch.mm(q_screen[q_start:q_start + q_rows], y_screen.t(), out=gram)
+            rescored += ext.knn_cpu_screen_tile(
+                queries_ptr=q[q_start].data_ptr(), queries_dtype=dtype_name(q.dtype), batch=q_rows, dim=dim,
+                q_norms_ptr=q_norms[q_start].data_ptr(), train_ptr=y_tile.data_ptr(), train_dtype=dtype_name(y.dtype),
+                tile_start=start, tile=rows, y_norms_ptr=y_norms.data_ptr(), gram_ptr=gram.data_ptr(),
+                gram_dtype=dtype_name(screen_dtype), k=k, best_d2_ptr=best_d2[q_start].data_ptr(),
+                best_idx_ptr=best_idx[q_start].data_ptr(), safety=CPU_SCREEN_SAFETY[precision], threads=_threads_for(q_rows * rows * 8, threads))
+    if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
+        raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
+    if stats is not None:
+        stats["rescored"] = rescored
+    log.debug("knn cpu: B=%d N=%d D=%d k=%d, %d rows re-scored exactly (%.2f per query)",
+              batch, n_train, dim, k, rescored, rescored / batch)
+    return best_d2, best_idx
+
+
+def _screen_rows(rows: torch.Tensor, screen_dtype: torch.dtype, buffer: torch.Tensor | None, name: str,
+                 threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` [R, D] in the screening dtype (``rows`` itself when it has that dtype already, else
+    rounded into ``buffer``) and their norms [R, 3] float64: |x|^2, |x~|, |x - x~|."""
+    count, dim = rows.shape
+    norms = torch.empty(count, 3, dtype=torch.float64)
+    if rows.dtype == screen_dtype:
+        out, dst = rows, 0
+    else:
+        out = (buffer if buffer is not None else torch.empty(count, dim, dtype=screen_dtype))[:count]
+        dst = out.data_ptr()
+    extension().knn_cpu_prepare_rows(src_ptr=rows.data_ptr(), dtype=dtype_name(rows.dtype), rows=count, dim=dim,
+                                     row_stride=dim, dst_ptr=dst, dst_dtype=dtype_name(screen_dtype),
+                                     norms_ptr=norms.data_ptr(), threads=_threads_for(count * dim, threads),
+                                     arg_name=name)
+    return out, norms
