@@ -2,7 +2,9 @@
 
 Peers are timed first in each case, then diffcore; ``speedup_vs_peer`` is against torch,
 ``speedup_vs_faiss`` against faiss (when installed). ``rescored_per_query`` is how many training
-rows per query survived the bf16 screening and were re-scored exactly.
+rows per query survived the screening and were re-scored exactly. Every case records the CPU kind,
+the screening precision chosen (bf16 / fp32, diffcore._cpu_caps) and its achieved GFLOP/s as a
+fraction of torch's fp32 GEMM rate measured in the same run (``fraction_of_fp32_gemm``).
 
 Cases: ``uniform`` (queries and training rows uniform in [-1, 1]), ``near`` (queries = training
 rows + noise of std 0.01: one very close neighbour, the rest far) and ``digits`` (the 8x8 digits,
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 # bench/conftest.py, as pytest imported it (bench/ is on sys.path; not a package)
-from conftest import _PEER_SECONDS, QUICK, record_ratio, run_timed
+from conftest import _PEER_SECONDS, QUICK, record_cpu_screen, record_ratio, run_timed
 from diffcore.ops import _knn_cpu, knn
 
 K = 2
@@ -27,8 +29,8 @@ FAISS_GROUP = "knn_cpu_faiss"
 if QUICK:
     CASES = [("uniform", 100, 2000, 256), ("near", 100, 2000, 256), ("digits", 256, 1797, 64)]
 else:
-    CASES = [("uniform", 1000, 10000, 3072), ("near", 1000, 10000, 3072), ("uniform", 1000, 50000, 3072),
-             ("near", 1000, 50000, 3072), ("digits", 1000, 1797, 64)]
+    CASES = [("uniform", 1000, 20000, 3072), ("near", 1000, 20000, 3072), ("uniform", 1000, 50000, 3072),
+             ("digits", 1000, 1797, 64)]
 
 CASE_IDS = [f"{kind}-{b}x{n}x{d}" for kind, b, n, d in CASES]
 
@@ -81,6 +83,7 @@ def test_knn_cpu_top2(benchmark, case, impl):
     if impl == "torch":
         run_timed(benchmark, lambda: _torch_knn(queries, train), rounds=rounds, warmup_rounds=warmup)
         record_ratio(benchmark, GROUP, case_id, "peer", flops=flops)
+        record_cpu_screen(benchmark, flops)
         return
     if impl == "faiss":
         faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
@@ -89,10 +92,12 @@ def test_knn_cpu_top2(benchmark, case, impl):
         index.add(train.numpy())  # building the flat index (a copy) is not timed: only the search
         run_timed(benchmark, lambda: index.search(queries.numpy(), K), rounds=rounds, warmup_rounds=warmup)
         record_ratio(benchmark, FAISS_GROUP, case_id, "peer", flops=flops)
+        record_cpu_screen(benchmark, flops)
         return
     distances, indices = run_timed(benchmark, lambda: knn(queries, train, K, backend="cpu"),
                                    rounds=rounds, warmup_rounds=warmup)
     record_ratio(benchmark, GROUP, case_id, "diffcore", flops=flops)
+    record_cpu_screen(benchmark, flops)
     faiss_seconds = _PEER_SECONDS.get((FAISS_GROUP, case_id))
     if faiss_seconds is not None:
         benchmark.extra_info["speedup_vs_faiss"] = faiss_seconds / benchmark.stats.stats.min

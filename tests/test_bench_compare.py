@@ -15,9 +15,10 @@ def _load_compare():
     return module
 
 
-def _run(tmp_path: Path, name: str, speedups: dict[str, float]) -> Path:
+def _run(tmp_path: Path, name: str, speedups: dict[str, float], kind: str | None = "bf16") -> Path:
     path = tmp_path / name
-    path.write_text(json.dumps({"benchmarks": [
+    machine_info = {} if kind is None else {"cpu_kind": kind}
+    path.write_text(json.dumps({"machine_info": machine_info, "benchmarks": [
         {"fullname": k, "extra_info": {"speedup_vs_peer": v}} for k, v in speedups.items()]}))
     return path
 
@@ -30,3 +31,23 @@ def test_compare_detects_regression_and_accepts_noise(tmp_path):
     assert compare.main([str(base), str(same)]) == 0
     assert compare.main([str(base), str(worse)]) == 1
     assert compare.compare({"a": 3.0}, {"a": 1.5}, 0.2) == ["a: speedup 1.50x, baseline 3.00x"]
+
+
+def test_compare_refuses_across_cpu_kinds(tmp_path, capsys):
+    compare = _load_compare()
+    bf16 = _run(tmp_path, "bf16.json", {"a": 3.0}, kind="bf16")
+    avx2 = _run(tmp_path, "avx2.json", {"a": 3.0}, kind="avx2")
+    unknown = _run(tmp_path, "old.json", {"a": 3.0}, kind=None)
+    assert compare.main([str(bf16), str(avx2)]) == 2
+    assert "CPU kinds differ" in capsys.readouterr().err
+    assert compare.main([str(unknown), str(avx2)]) == 2
+    assert "not recorded" in capsys.readouterr().err
+    assert compare.main([str(avx2), str(avx2)]) == 0
+
+
+def test_saved_baselines_record_their_cpu_kind():
+    for path in (ROOT / "bench" / "baselines").glob("*.json"):
+        kind = json.loads(path.read_text())["machine_info"].get("cpu_kind")
+        assert kind is not None, path.name
+        if path.name.startswith("cpu-"):
+            assert kind in path.name, f"{path.name}: the file name should say the CPU kind ({kind})"
