@@ -44,3 +44,15 @@ def device() -> torch.device:
 def cpu_backends(implemented=("reference", "cpu", "triton")):
     """Backends a test can run on CPU tensors here (Triton through the interpreter)."""
     return [b for b in implemented if _backend.why_unusable(b, torch.device("cpu")) is None]
+
+
+@pytest.fixture(params=["bf16", "fp32"])
+def forced_screen(request, monkeypatch):
+    """Runs a test with DIFFCORE_CPU_SCREEN forced to each screening precision (bf16, fp32): both
+    CPU paths run on any machine (bf16 is slow, but correct, where it is not native)."""
+    from diffcore import _cpu_caps
+
+    monkeypatch.setenv(_cpu_caps.SCREEN_VAR, request.param)
+    _cpu_caps.screen_choice.cache_clear()
+    yield request.param
+    _cpu_caps.screen_choice.cache_clear()

@@ -428,3 +428,68 @@ def test_triton_on_gpu_half_x(x_dtype):
     out = empirical_denoise(x.cuda(), train.cuda(), 0.5, backend="triton")
     assert out.dtype == x_dtype
     assert row_rel_error(out.cpu(), ref_out) <= torch.finfo(x_dtype).eps
+
+
+# ---------------------------------------------------------------------------------------------
+# Both CPU screening precisions (DIFFCORE_CPU_SCREEN=bf16|fp32), whatever this machine would pick.
+
+@pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0, 10.0, 80.0])
+@pytest.mark.parametrize("train_dtype", [torch.uint8, torch.float32])
+def test_cpu_forced_screening_precision(forced_screen, sigma, train_dtype):
+    from diffcore import _cpu_caps
+
+    assert _cpu_caps.screen_precision() == forced_screen
+    x, train = make_case(6, 300, 768, sigma, train_dtype, seed=3)
+    check_against_reference(x, train, sigma, "cpu")
+
+
+def test_cpu_forced_screening_near_ties(forced_screen):
+    """Near-duplicate training points and a query halfway between two of them, at sigma 0.002."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.rand(10, 512, generator=gen, dtype=torch.float64) * 2 - 1
+    train = (base.repeat_interleave(20, 0) + 1e-3 * torch.randn(200, 512, generator=gen, dtype=torch.float64)).float()
+    x = torch.stack([(train[3] + train[4]) / 2, train[100] + 1e-4, (train[0] + train[199]) / 2])
+    for sigma in (0.002, 0.02):
+        check_against_reference(x, train, sigma, "cpu")
+
+
+def test_fp32_bounds_are_gamma_n():
+    """The proven fp32 / fp64 coefficients are gamma_{D+1} (Higham Eq. 3.5); the measured fp32
+    coefficient, used for dense tiles only, is far below it at image sizes."""
+    dim = 3072
+    for bound, unit in ((ed_cpu.fp32_gemm_error_bound(dim), 2.0 ** -24), (ed_cpu.fp64_gemm_error_bound(dim), 2.0 ** -53)):
+        nu = (dim + 1) * unit
+        assert bound == pytest.approx(nu / (1 - nu), rel=1e-12)
+    assert ed_cpu.measured_fp32_gemm_error_coefficient(dim) < ed_cpu.fp32_gemm_error_bound(dim) / 500
+    with pytest.raises(ValueError, match="dim"):
+        ed_cpu.gamma(2 ** 24, 2.0 ** -24)
+
+
+def test_dense_large_sigma_uses_the_measured_coefficient_only_after_the_proven_one(monkeypatch):
+    """At sigma 80 (every pair carries weight) the proven fp32 bound would re-score too many pairs:
+    the tile is then kept with the measured coefficient (a measured guarantee); at sigma 0.5 the
+    proven bound is enough."""
+    from diffcore._ext import extension
+
+    real = extension()
+    used = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def empirical_denoise_tile_update(self, **kwargs):
+            result = real.empirical_denoise_tile_update(**kwargs)
+            if kwargs["g_dtype"] == "float32" and result[0] >= 0:
+                used.append(kwargs["gemm_err_coef"])
+            return result
+
+    monkeypatch.setattr(ed_cpu, "extension", lambda: Spy())
+    x, train = make_case(8, 400, 3072, 80.0, torch.float32, seed=4)
+    out, _ = ed_cpu.run(x, train, torch.full((8,), 80.0, dtype=torch.float64), tile_rows=100, screen=False)
+    assert set(used) == {ed_cpu.measured_fp32_gemm_error_coefficient(3072)}
+    assert row_rel_error(out, empirical_denoise_ref(x, train, 80.0)[0]) <= REL_TOL  # the measured guarantee
+    used.clear()
+    x, train = make_case(8, 400, 3072, 0.5, torch.float32, seed=4)
+    ed_cpu.run(x, train, torch.full((8,), 0.5, dtype=torch.float64), tile_rows=100, screen=False)
+    assert set(used) == {ed_cpu.fp32_gemm_error_bound(3072)}

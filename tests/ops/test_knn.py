@@ -336,3 +336,73 @@ def test_error_mixed_devices_meta():
 def test_error_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         knn(torch.zeros(2, 4), torch.zeros(5, 4), backend="fortran")
+
+
+# ---------------------------------------------------------------------------------------------
+# Both CPU screening precisions (DIFFCORE_CPU_SCREEN=bf16|fp32), whatever this machine would pick.
+
+def _hard_cases():
+    return [lambda b: test_near_ties_and_large_offsets(b), lambda b: test_exact_duplicates_break_ties_by_lower_index(b),
+            lambda b: test_uint8_train(b), lambda b: test_uint8_gray_images_and_small_queries(b),
+            lambda b: test_float64_and_half_queries(b), lambda b: test_image_dim_3072(b, 2),
+            lambda b: test_digits(b, True)]
+
+
+@pytest.mark.parametrize("case", range(7), ids=["near_ties", "duplicates", "uint8", "uint8_gray", "float64_half",
+                                                 "dim3072", "digits_uint8"])
+def test_cpu_forced_screening_precision(forced_screen, case):
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("diffcore._C is not built")
+    from diffcore import _cpu_caps
+
+    assert _cpu_caps.screen_precision() == forced_screen
+    _hard_cases()[case]("cpu")
+
+
+def test_cpu_fp32_screen_rescores_no_more_than_bf16():
+    """The proven fp32 bound is tighter than the bf16 one: fewer rows survive the screening."""
+    queries, train = _uniform((40, 3072), 30), _uniform((600, 3072), 31)
+    counts = {}
+    for precision in ("bf16", "fp32"):
+        stats = {}
+        d2, idx = _knn_cpu.run(queries, train, 2, stats=stats, precision=precision)
+        assert torch.equal(idx, knn_ref(queries, train, 2)[1])
+        counts[precision] = stats["rescored"]
+    assert 2 * 40 <= counts["fp32"] <= counts["bf16"]
+
+
+@pytest.mark.parametrize("case", ["cancellation", "offset", "uint8"])
+def test_fp32_screening_bound_is_worst_case(case):
+    """The fp32 screening bound gamma_D |q||y| (any summation order) holds for torch's fp32 GEMM,
+    also where cancellation is severe (large common offset)."""
+    g = torch.Generator().manual_seed(22)
+    dim = 3072
+    queries, train = torch.rand(32, dim, generator=g) * 2 - 1, torch.rand(300, dim, generator=g) * 2 - 1
+    if case == "cancellation":
+        signs = torch.ones(dim)
+        signs[dim // 2:] = -1
+        queries, train = queries * 1e-3 + signs * 100, train * 1e-3 + 100
+    elif case == "offset":
+        base = torch.randn(1, dim, generator=g) * 100
+        queries, train = base + torch.randn(32, dim, generator=g), base + torch.randn(300, dim, generator=g)
+    elif case == "uint8":
+        train = torch.randint(0, 256, (300, dim), generator=g).double().div(127.5).sub(1).float()
+    exact = queries.double() @ train.double().t()
+    got = (queries @ train.t()).double()
+    gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
+    bound = gamma * queries.double().norm(dim=1)[:, None] * train.double().norm(dim=1)[None, :]
+    assert bool(((got - exact).abs() <= bound).all())
+
+
+def test_invalid_screen_variable_is_an_error_naming_it(monkeypatch):
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("diffcore._C is not built")
+    from diffcore import _cpu_caps
+
+    monkeypatch.setenv("DIFFCORE_CPU_SCREEN", "int4")
+    _cpu_caps.screen_choice.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="DIFFCORE_CPU_SCREEN"):
+            knn(_uniform((2, 8), 1), _uniform((5, 8), 2), 1, backend="cpu")
+    finally:
+        _cpu_caps.screen_choice.cache_clear()
