@@ -218,7 +218,7 @@ def test_cpu_bf16_screening_at_small_sigma(monkeypatch, sigma):
 def test_cpu_screening_candidate_overflow(monkeypatch, cap, sigma):
     """Tiny candidate lists force overflows: the rows go through a second screening pass (with
     their global lower bound), then through the streaming pass; the result must not change."""
-    monkeypatch.setattr(ed_cpu, "SCREEN_CANDIDATES", cap)
+    monkeypatch.setattr(ed_cpu, "screen_candidates", lambda batch: cap)
     x, train = make_case(7, 300, 512, sigma, torch.uint8)
     x = torch.cat([x, torch.randn(2, 512)])  # far queries: many candidates
     sigma64 = torch.full((9,), sigma, dtype=torch.float64)

@@ -27,7 +27,18 @@ FP64_UNIT_ROUNDOFF = 2.0 ** -53
 SCREEN_MIN_DIM = 256  # below this the candidate screening pass does not pay
 NO_BUDGET = -1  # rescore_budget value: re-score every pair that needs it
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
-SCREEN_CANDIDATES = 256  # candidate pairs kept per row by the screening pass (16 bytes each)
+# Candidate pairs kept per row by the screening pass (16 bytes each): at least SCREEN_CANDIDATES,
+# more while all lists together stay under SCREEN_LIST_BYTES. Before a query meets its nearest
+# training points every pair within BAND of the best so far is a candidate (a few % of the rows at
+# sigma ~ 1, D = 3072); a list that overflows costs that query a second screening pass.
+SCREEN_CANDIDATES = 256
+SCREEN_LIST_BYTES = 4 << 20
+SCREEN_CANDIDATES_MAX = 4096
+
+
+def screen_candidates(batch: int) -> int:
+    """Length of each query's candidate list for a batch of ``batch`` queries."""
+    return int(max(SCREEN_CANDIDATES, min(SCREEN_CANDIDATES_MAX, SCREEN_LIST_BYTES // (16 * batch))))
 
 
 def gamma(terms: int, unit: float) -> float:
@@ -170,7 +181,9 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
     ext.empirical_denoise_row_sqnorms(y_ptr=y.data_ptr(), dtype=dtype_name(y.dtype), rows=y.shape[0], dim=dim, ld=dim,
                                       out_ptr=y_sqnorm.data_ptr(), threads=threads)
     screen = screen and dim >= SCREEN_MIN_DIM
-    data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, screen))
+    # the [T, D] screening copy exists only for bf16 (fp32 tiles are used in place or decoded as below)
+    data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype,
+                                                             screen and precision == "bf16"))
     queries = _Queries.create(xr, 0.5 / sigma64.square(), threads)
     if not screen:
         _stream(queries, data, threads, screen=None)
@@ -199,18 +212,20 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
 
 def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor, logz: torch.Tensor,
             rows: torch.Tensor, precision: str) -> torch.Tensor | None:
-    """Screening pass (bf16 or fp32 Gram tiles: ``precision``): raise each query's lower bound of its max logit and collect candidate
-    pairs; finish (exact re-scoring into out[rows], logz[rows]) the queries whose list did not
-    overflow. Returns the finished mask over ``rows``, or None when the first tile already keeps
-    nearly all pairs (dense weights)."""
+    """Screening pass (bf16 or fp32 Gram tiles: ``precision``): raise each query's lower bound of
+    its max logit and collect candidate pairs; finish (exact re-scoring into out[rows], logz[rows])
+    the queries whose list did not overflow. Returns the finished mask over ``rows``, or None when
+    the first rows already keep nearly all pairs (dense weights)."""
     ext = extension()
     batch, dim = queries.x.shape
-    cap = SCREEN_CANDIDATES
+    cap = screen_candidates(batch)
     cand_index = torch.empty(batch, cap, dtype=torch.int64)
     cand_upper = torch.empty(batch, cap, dtype=torch.float64)
     cand_count = torch.zeros(batch, dtype=torch.int64)
     gram_of = _ScreenGram(queries.x, data.tile, threads, precision)
     coef = gram_of.error_bound
+    if _looks_dense(queries, data, gram_of, threads):
+        return None
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
         gram = gram_of.gram(y_tile)
@@ -220,14 +235,6 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
             yn2_ptr=data.y_sqnorm[start:].data_ptr(), gemm_err_coef=coef, band=BAND,
             mlow_ptr=queries.run_max_lower.data_ptr(), cand_index_ptr=cand_index.data_ptr(),
             cand_upper_ptr=cand_upper.data_ptr(), cand_count_ptr=cand_count.data_ptr(), cap=cap, threads=threads)
-        if start == 0:
-            wanted = ext.empirical_denoise_tile_update(
-                g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, p_ptr=gram.data_ptr(), batch=batch,
-                tile=count,
-                **_tile_inputs(queries, data, start, y_tile), gemm_err_coef=coef, rescore_tol=RESCORE_TOL, band=BAND,
-                rescore_budget=COUNT_ONLY, **queries.state(threads))[1]
-            if wanted * 10 > 9 * batch * count:  # (not 1/2: before a query meets its nearest
-                return None                      # points, many pairs of a tile look alike)
     finished = cand_count <= cap
     if bool(finished.any()):  # exact re-scoring, written straight into out[rows], logz[rows]
         row_map = rows.to(torch.int64).contiguous()
@@ -240,13 +247,32 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
     return finished
 
 
+DENSE_PROBE_ROWS = 256
+
+
+def _looks_dense(queries: _Queries, data: _TrainSet, gram_of: "_ScreenGram", threads: int) -> bool:
+    """Whether the first DENSE_PROBE_ROWS training rows already keep more than 90% of their pairs
+    (dense weights, large sigma: screening cannot help). Not 1/2: before a query meets its nearest
+    points, many pairs look alike. A small probe, so that a dense case wastes little GEMM work."""
+    batch = queries.x.shape[0]
+    y_probe = data.y[:min(DENSE_PROBE_ROWS, data.tile)]
+    count = y_probe.shape[0]
+    gram = gram_of.gram(y_probe)
+    wanted = extension().empirical_denoise_tile_update(
+        g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, p_ptr=gram.data_ptr(), batch=batch, tile=count,
+        **_tile_inputs(queries, data, 0, y_probe), gemm_err_coef=gram_of.error_bound, rescore_tol=RESCORE_TOL,
+        band=BAND, rescore_budget=COUNT_ONLY, **queries.state(threads))[1]
+    return wanted * 10 > 9 * batch * count
+
+
 def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None) -> None:
     """Streaming pass over the training tiles with a running log-sum-exp. The Gram precision goes
     bf16 (``screen == "bf16"``: candidates only, each re-scored exactly) -> fp32 -> fp64, moving on
     for good when a tile would need too many exact re-scorings. An fp32 tile uses the proven bound;
     where that would re-score too many pairs (dense weights: most pairs carry weight) it uses the
-    measured coefficient if that clears the tile (large sigma: accuracy measured, not proven), else
-    the rest of the pass uses float64 Gram tiles (mid sigma at image sizes; proven)."""
+    measured coefficient if that clears the tile (large sigma: accuracy measured, not proven), and
+    so do the later tiles of the pass (they are dense too); else the rest of the pass uses float64
+    Gram tiles (mid sigma at image sizes; proven)."""
     ext = extension()
     batch, dim = queries.x.shape
     queries.acc = torch.zeros(batch, dim, dtype=torch.float32)
@@ -275,11 +301,12 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
             y_float = _tile_as_float32(y_tile, convert_buffer)
             with fp32_matmul_at_full_precision():
                 torch.mm(queries.x, y_float.t(), out=p)
-            for coefficient in fp32_coefficients:  # proven first; the measured one only for dense tiles
+            for index, coefficient in enumerate(fp32_coefficients):  # proven first; measured: dense tiles
                 nonzero, _ = ext.empirical_denoise_tile_update(
                     g_ptr=p.data_ptr(), g_dtype="float32", g_ld=count, **common,
                     gemm_err_coef=coefficient, rescore_budget=batch * count // 16)
                 if nonzero >= 0:
+                    fp32_coefficients = fp32_coefficients[index:]
                     break
             if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
                 mode, precise_gram = "fp64", _PreciseGram(queries.x, data.tile)
