@@ -30,9 +30,9 @@ def _launch(q, k, v, scale, tq=None, tk=None, tv=None, jvp=False):
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        extension().attention_forward(dtype_name(dt), _ptr(qf), _ptr(kf), _ptr(vf), _ptr(tqf), _ptr(tkf),
-                                      _ptr(tvf), _ptr(o), _ptr(t_o), _ptr(lse), b * h, lq, lk, d,
-                                      float(scale), jvp, stream)
+        extension().attention_forward(dtype=dtype_name(dt), q=_ptr(qf), k=_ptr(kf), v=_ptr(vf), tq=_ptr(tqf),
+                                      tk=_ptr(tkf), tv=_ptr(tvf), o=_ptr(o), to=_ptr(t_o), lse=_ptr(lse), bh=b * h,
+                                      lq=lq, lk=lk, d=d, scale=float(scale), jvp=jvp, stream=stream)
     shape = (b, h, lq, d)
     return o.reshape(shape), lse.reshape(b, h, lq), (t_o.reshape(shape) if jvp else None)
 
