@@ -2,7 +2,7 @@
 
 Shapes (B, N, D) of issue 2: the digits (256, 1797, 64), (256, 10000, 3072), (64, 50000, 3072);
 sigma in {0.01, 1, 80}. Each peer case runs before the diffcore case of the same name, so
-``speedup_vs_peer`` lands in diffcore's extra_info (bench/conftest.py). Throughput counts the two
+``speedup_vs_peer`` lands in diffcore's extra_info (bench/benchutil.py). Throughput counts the two
 products of the plain way, 4 B N D flops.
 
 Peak extra memory: the growth of the process's peak resident set (VmHWM, reset through
@@ -22,7 +22,7 @@ import gc
 import pytest
 import torch
 
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 from diffcore.ops import empirical_denoise
 
 GROUP = "empirical_denoise"

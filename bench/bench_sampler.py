@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 
 import diffcore.sampler as S
 from diffcore.ops._sampler_step import BACKENDS as STEP_BACKENDS

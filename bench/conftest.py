@@ -1,9 +1,5 @@
-"""Shared benchmark setup: machine info, peer ratios, and GPU-synchronized timing.
-
-Each benchmark times diffcore and its peer in the same run. Use ``record_ratio`` to store the
-ratio and achieved throughput in ``extra_info``; ``bench/compare.py`` compares saved runs.
-Set DIFFCORE_BENCH_QUICK=1 for small shapes (a smoke run of every benchmark in seconds).
-"""
+"""Benchmark setup (pytest hooks only): the Triton interpreter without a GPU, machine info, and
+skips for GPU benchmarks. The helpers the benchmarks import are in ``benchutil.py``."""
 from __future__ import annotations
 
 import os
@@ -14,11 +10,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-QUICK = os.environ.get("DIFFCORE_BENCH_QUICK", "0") == "1"
-
-# peer timings of this session, keyed by (group, case): filled by the peer benchmark, read by ours
-_PEER_SECONDS: dict[tuple[str, str], float] = {}
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -36,46 +27,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton"] = None
     if torch.cuda.is_available():
         machine_info["gpu"] = torch.cuda.get_device_name()
-
-
-def synchronize(device) -> None:
-    """Wait for queued GPU work so that wall-clock timing is honest."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run_timed(benchmark, fn, device="cpu", rounds=3, warmup_rounds=1):
-    """Time ``fn`` with pytest-benchmark, synchronizing the GPU after each call."""
-
-    def call():
-        out = fn()
-        synchronize(device)
-        return out
-
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-
-
-def record_ratio(benchmark, group: str, case: str, role: str, flops: float | None = None,
-                 nbytes: float | None = None) -> None:
-    """Store throughput and, for role 'diffcore', the speed ratio against the peer timed earlier
-    in this session for the same (group, case): ``speedup = peer_time / diffcore_time``."""
-    seconds = benchmark.stats.stats.min
-    info = benchmark.extra_info
-    info["role"], info["case"] = role, case
-    if flops:
-        info["gflops"] = flops / seconds / 1e9
-    if nbytes:
-        info["gbytes_per_s"] = nbytes / seconds / 1e9
-    if role == "peer":
-        _PEER_SECONDS[(group, case)] = seconds
-    elif (group, case) in _PEER_SECONDS:
-        info["speedup_vs_peer"] = _PEER_SECONDS[(group, case)] / seconds
-
-
-@pytest.fixture
-def peer_seconds():
-    """Peer timings recorded so far in this session, keyed by (group, case)."""
-    return _PEER_SECONDS
 
 
 def pytest_collection_modifyitems(config, items):

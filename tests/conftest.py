@@ -39,8 +39,3 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """The device GPU-capable tests run on: CUDA when present, else CPU."""
     return torch.device("cuda" if HAS_GPU else "cpu")
-
-
-def cpu_backends(implemented=("reference", "cpu", "triton")):
-    """Backends a test can run on CPU tensors here (Triton through the interpreter)."""
-    return [b for b in implemented if _backend.why_unusable(b, torch.device("cpu")) is None]

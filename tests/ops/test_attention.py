@@ -14,7 +14,7 @@ import diffcore
 from diffcore.ops import _attention, _attention_cpu
 from diffcore.ref.attention import (attention_jvp_ref, attention_math, attention_ref,
                                     attention_vjp_ref)
-from tests.conftest import cpu_backends
+from tests.helpers import cpu_backends
 
 RATIO = 3.0
 FLOOR_ULPS = 16

@@ -8,7 +8,7 @@ import torch
 from diffcore.ops import _sampler_step
 from diffcore.ops._sampler_step import NO_BAD_STEP, new_finite_flag, sampler_step, step_coefficients
 from diffcore.ref import sampler_step as ref
-from tests.conftest import cpu_backends
+from tests.helpers import cpu_backends
 
 BACKENDS = cpu_backends(("reference", "cpu", "triton"))
 SHAPES = [(5, 123, 123), (7, 3, 5), (1,), (3, 1001)]
