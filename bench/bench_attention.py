@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import diffcore
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 from diffcore.ref.attention import attention_math
 
 CPU_SHAPES = [(2, 2, 64, 32)] if QUICK else [(64, 1, 256, 256), (64, 4, 256, 64), (8, 8, 1024, 64)]

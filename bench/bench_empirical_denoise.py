@@ -4,7 +4,7 @@ Shapes (B, N, D) of issues 2 and 20: the digits (256, 1797, 64), (256, 10000, 30
 3072); sigma in {0.01, 1, 80}. Peers: plain fp32 torch (the fast one, inaccurate at small sigma)
 and plain float64 torch (the accurate one). Each peer case runs before the diffcore case of the
 same name, so ``speedup_vs_peer`` (against fp32) and ``speedup_vs_float64`` land in diffcore's
-extra_info (bench/conftest.py), with the CPU kind and the screening precision chosen
+extra_info (bench/benchutil.py), with the CPU kind and the screening precision chosen
 (diffcore._cpu_caps). Throughput counts the two products of the plain way, 4 B N D flops.
 
 Peak extra memory: the growth of the process's peak resident set (VmHWM, reset through
@@ -24,7 +24,7 @@ import gc
 import pytest
 import torch
 
-from conftest import QUICK, record_cpu_screen, record_ratio, run_timed
+from benchutil import QUICK, record_cpu_screen, record_ratio, run_timed
 from diffcore.ops import empirical_denoise
 
 GROUP = "empirical_denoise"

@@ -18,8 +18,8 @@ import functools
 import pytest
 import torch
 
-# bench/conftest.py, as pytest imported it (bench/ is on sys.path; not a package)
-from conftest import _PEER_SECONDS, QUICK, record_cpu_screen, record_ratio, run_timed
+# bench/benchutil.py (bench/ is on sys.path; not a package)
+from benchutil import QUICK, peer_seconds, record_cpu_screen, record_ratio, run_timed
 from diffcore.ops import _knn_cpu, knn
 
 K = 2
@@ -98,7 +98,7 @@ def test_knn_cpu_top2(benchmark, case, impl):
                                    rounds=rounds, warmup_rounds=warmup)
     record_ratio(benchmark, GROUP, case_id, "diffcore", flops=flops)
     record_cpu_screen(benchmark, flops)
-    faiss_seconds = _PEER_SECONDS.get((FAISS_GROUP, case_id))
+    faiss_seconds = peer_seconds(FAISS_GROUP, case_id)
     if faiss_seconds is not None:
         benchmark.extra_info["speedup_vs_faiss"] = faiss_seconds / benchmark.stats.stats.min
     stats = {}

@@ -25,10 +25,10 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 
 import diffcore.sampler as S
-from diffcore.ops.sampler_step import BACKENDS as STEP_BACKENDS
+from diffcore.ops._sampler_step import BACKENDS as STEP_BACKENDS
 
 STEPS = 5 if QUICK else 50
 SHAPES = [(2, 3, 8, 8)] if QUICK else [(16, 3, 32, 32), (256, 3, 32, 32)]

@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 from diffcore.analysis import jacobian_subspace, principal_angles
 
 K = 16

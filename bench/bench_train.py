@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 from diffcore.train import TrainConfig, Trainer, build_model, register_model
 from diffcore.train.ddp import DistributedContext, resolve_device
 

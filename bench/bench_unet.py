@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICK, record_ratio, run_timed
+from benchutil import QUICK, record_ratio, run_timed
 from torch.func import jvp
 
 from diffcore.models import denoiser_preset, layers

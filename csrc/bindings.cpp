@@ -2,6 +2,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "common/cuda_utils.h"
 #include "common/registry.h"
 
@@ -11,6 +14,9 @@ namespace py = pybind11;
 namespace diffcore {
 bool cuda_device_available() { return false; }
 std::string cuda_build_version() { return ""; }
+int cuda_multiprocessor_count(int) {
+  throw std::runtime_error("diffcore._C: cuda_multiprocessor_count: built without CUDA (DIFFCORE_CUDA=OFF or no nvcc)");
+}
 }  // namespace diffcore
 #endif
 
@@ -19,6 +25,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cuda_available", &diffcore::cuda_device_available,
         "True when the module was built with CUDA kernels and a CUDA device is usable.");
+
+  m.def("cuda_multiprocessor_count", &diffcore::cuda_multiprocessor_count, py::kw_only(), py::arg("device"),
+        "Number of streaming multiprocessors of CUDA device `device` (the GPU is asked, not assumed).");
 
   m.def("build_info", []() {
     py::dict info;

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 import torch
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -57,9 +57,9 @@ def _fwd_jvp_kernel(
     q = _load_block(Q + bh * stride_qb, offs_m, offs_d, stride_ql, Lq, head_dim)
     if HAS_TQ:
         tq = _load_block(TQ + bh * stride_qb, offs_m, offs_d, stride_ql, Lq, head_dim)
-    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+    qk_scale = scale * LOG2E
     if USE_LSE:
-        m_i = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        m_i = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0) * LOG2E
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -108,7 +108,7 @@ def _fwd_jvp_kernel(
     else:
         o = acc / l_i[:, None]
         tl.store(O + bh * stride_ob + o_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
-        tl.store(LSE + bh * Lq + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+        tl.store(LSE + bh * Lq + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=row_ok)
         t_o = acc_t / l_i[:, None] - (r_i / l_i)[:, None] * o
     if JVP:
         tl.store(TO + bh * stride_ob + o_ptrs, t_o.to(TO.dtype.element_ty), mask=out_mask)
@@ -131,13 +131,13 @@ def _bwd_dkdv_kernel(
     v = _load_block(V + bh * stride_kb, offs_n, offs_d, stride_kl, Lk, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     for start_m in range(0, Lq, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < Lq
         q = _load_block(Q + bh * stride_qb, rows, offs_d, stride_ql, Lq, head_dim)
         do = _load_block(DO + bh * stride_qb, rows, offs_d, stride_ql, Lq, head_dim)
-        lse = tl.load(LSE + bh * Lq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + bh * Lq + rows, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + bh * Lq + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
@@ -167,10 +167,10 @@ def _bwd_dq_kernel(
     row_ok = offs_m < Lq
     q = _load_block(Q + bh * stride_qb, offs_m, offs_d, stride_ql, Lq, head_dim)
     do = _load_block(DO + bh * stride_qb, offs_m, offs_d, stride_ql, Lq, head_dim)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     for start_n in range(0, Lk, BLOCK_N):
         cols = start_n + offs_n
         k = _load_block(K + bh * stride_kb, cols, offs_d, stride_kl, Lk, head_dim)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build the CUDA kernels, run the GPU tests and the GPU benchmarks, write JSON.
-# Runs in under 6 minutes on one H100. Usage: bash scripts/gpu_check.sh [OUTPUT_DIR]
+# Not yet run on a GPU; its steps are capped at 240 + 150 + 150 s (timeouts below), so it ends within
+# about 9 minutes whatever happens. Usage: bash scripts/gpu_check.sh [OUTPUT_DIR]
 # (default: $OUT when set, else gpu_results/). Works offline: no build isolation, no deps fetched.
 set -uo pipefail
 cd "$(dirname "$0")/.."

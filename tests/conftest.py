@@ -41,11 +41,6 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_GPU else "cpu")
 
 
-def cpu_backends(implemented=("reference", "cpu", "triton")):
-    """Backends a test can run on CPU tensors here (Triton through the interpreter)."""
-    return [b for b in implemented if _backend.why_unusable(b, torch.device("cpu")) is None]
-
-
 @pytest.fixture(params=["bf16", "fp32"])
 def forced_screen(request, monkeypatch):
     """Runs a test with DIFFCORE_CPU_SCREEN forced to each screening precision (bf16, fp32): both

@@ -2,6 +2,7 @@
 compile wherever nvcc exists (CI has nvcc but no GPU)."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -27,7 +28,11 @@ def test_cuda_kernels_were_compiled_when_nvcc_is_present():
     if info["cuda_mode"] == "OFF":
         pytest.skip("built with DIFFCORE_CUDA=OFF")
     assert info["cuda"] is True, "nvcc is on PATH but _C was built without CUDA kernels"
-    assert "80" in info["cuda_archs"] and "90" in info["cuda_archs"]
+    archs = info["cuda_archs"].split(",")
+    assert archs and all(archs), info["cuda_archs"]
+    requested = os.environ.get("DIFFCORE_CUDA_ARCHS")  # set for the build and the test, it must match
+    if requested:
+        assert archs == requested.replace(";", ",").split(","), (info["cuda_archs"], requested)
 
 
 def test_import_does_not_touch_cuda(monkeypatch):
@@ -46,18 +51,24 @@ def test_import_does_not_touch_cuda(monkeypatch):
     assert calls == []
 
 
-# Entry points of _C that take data pointers and sizes; each must take its arguments by name only.
-_OPS_WITH_KEYWORD_ONLY_BINDINGS = ("empirical_denoise", "knn")
-
-
-def test_op_bindings_take_keyword_arguments_only():
-    """A swapped positional integer would silently corrupt memory: every op binding of _C takes its
-    arguments by name (pybind11 signature ``(*, ...)``) and refuses positional calls."""
+def test_every_binding_takes_keyword_arguments_only():
+    """A swapped positional integer would silently corrupt memory: every binding of _C that takes
+    arguments takes them by name (pybind11 signature ``(*, ...)``) and refuses positional calls."""
     ext = extension()
-    bindings = [name for name in dir(ext) if name.startswith(_OPS_WITH_KEYWORD_ONLY_BINDINGS)]
-    assert len(bindings) >= 9, bindings
+    bindings = [name for name in dir(ext) if not name.startswith("_") and callable(getattr(ext, name))
+                and name not in ("build_info", "cuda_available")]
+    assert len(bindings) >= 13, bindings
     for name in bindings:
         signature = getattr(ext, name).__doc__.splitlines()[0]
         assert signature.startswith(f"{name}(*, "), signature
     with pytest.raises(TypeError):
-        ext.knn_cuda(0, 0, "float32", 1, 1, 1, 1, 1, 0, 0, 0, 0)
+        ext.knn_cuda(0, 0, "float32", 1, 1, 1, 1, 1, 0, 0, 0, 0, 0)
+
+
+def test_multiprocessor_count_is_asked_of_the_device():
+    ext = extension()
+    if not ext.build_info()["cuda"]:
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            ext.cuda_multiprocessor_count(device=0)
+    elif ext.cuda_available():
+        assert ext.cuda_multiprocessor_count(device=0) > 0

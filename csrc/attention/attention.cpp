@@ -17,7 +17,7 @@ namespace {
 void attention_forward(const std::string& dtype_name, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                        std::uintptr_t tq, std::uintptr_t tk, std::uintptr_t tv, std::uintptr_t o,
                        std::uintptr_t to, std::uintptr_t lse, int64_t bh, int64_t lq, int64_t lk, int64_t d,
-                       double scale, bool jvp, std::uintptr_t stream) {
+                       double scale, bool jvp, int device, std::uintptr_t stream) {
   using namespace diffcore;
   const DType dtype = parse_dtype(dtype_name, "dtype");
   check_arg(dtype == DType::float32 || dtype == DType::float16 || dtype == DType::bfloat16, "dtype",
@@ -36,18 +36,18 @@ void attention_forward(const std::string& dtype_name, std::uintptr_t q, std::uin
   check_arg(lq < (int64_t(1) << 31) && lk < (int64_t(1) << 31) && bh < 65536, "bh",
             "expected bh < 65536 and sequence lengths < 2^31");
 #ifdef DIFFCORE_WITH_CUDA
-  attention_forward_cuda(dtype, q, k, v, tq, tk, tv, o, to, lse, bh, lq, lk, d, float(scale), jvp, stream);
+  attention_forward_cuda(dtype, q, k, v, tq, tk, tv, o, to, lse, bh, lq, lk, d, float(scale), jvp, device, stream);
 #else
-  (void)tq, (void)tk, (void)tv, (void)scale, (void)stream;
+  (void)tq, (void)tk, (void)tv, (void)scale, (void)device, (void)stream;
   throw std::runtime_error("diffcore._C: attention_forward: built without CUDA (DIFFCORE_CUDA=OFF or no nvcc)");
 #endif
 }
 
 void register_attention(py::module_& m) {
-  m.def("attention_forward", &attention_forward, py::call_guard<py::gil_scoped_release>(),
+  m.def("attention_forward", &attention_forward, py::call_guard<py::gil_scoped_release>(), py::kw_only(),
         py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tq"), py::arg("tk"),
         py::arg("tv"), py::arg("o"), py::arg("to"), py::arg("lse"), py::arg("bh"), py::arg("lq"),
-        py::arg("lk"), py::arg("d"), py::arg("scale"), py::arg("jvp"), py::arg("stream"),
+        py::arg("lk"), py::arg("d"), py::arg("scale"), py::arg("jvp"), py::arg("device"), py::arg("stream"),
         "CUDA attention forward (jvp=False) or fused forward + JVP (jvp=True) on contiguous "
         "[bh, L, d] device buffers given as data pointers; tq/tk/tv may be 0. Writes o, to, lse.");
 }

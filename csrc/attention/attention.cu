@@ -9,15 +9,12 @@
 //   acc  += p_j v_j,      acc_t += p_j tv_j + (p_j tS_j) v_j.
 // At the end O = acc / l, tO = acc_t / l - (r / l) O, lse = m + log l
 // (DESIGN.md; Lu & Song 2024, App. F). D <= 256.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <stdexcept>
-#include <string>
 
 #include "attention/attention_cuda.h"
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.h"
 
 namespace diffcore {
@@ -27,14 +24,6 @@ constexpr int kWarps = 8;
 constexpr int kTile = 32;        // keys per shared-memory tile (one per lane)
 constexpr int kMaxChunks = 8;    // D / 32 output dims per lane, D <= 256
 constexpr unsigned kFull = 0xffffffffu;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
@@ -139,8 +128,8 @@ __global__ void attention_fwd_kernel(const T* __restrict__ q, const T* __restric
     const int col = lane + 32 * c;
     if (col < d) {
       const float out = acc[c] * inv_l;
-      o[qbase + col] = from_float<T>(out);
-      if (kJvp) to[qbase + col] = from_float<T>(acc_t[c] * inv_l - (r * inv_l) * out);
+      o[qbase + col] = from_math<T>(out);
+      if (kJvp) to[qbase + col] = from_math<T>(acc_t[c] * inv_l - (r * inv_l) * out);
     }
   }
   if (lane == 0) lse[bh * lq + row] = m + logf(l);
@@ -176,14 +165,13 @@ void attention_forward_cuda(DType dtype, std::uintptr_t q, std::uintptr_t k, std
                             std::uintptr_t tq, std::uintptr_t tk, std::uintptr_t tv,
                             std::uintptr_t o, std::uintptr_t to, std::uintptr_t lse,
                             int64_t bh, int64_t lq, int64_t lk, int64_t d, float scale, bool jvp,
-                            std::uintptr_t stream) {
+                            int device, std::uintptr_t stream) {
+  CudaDeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::float32: launch<float>(q, k, v, tq, tk, tv, o, to, lse, bh, lq, lk, d, scale, jvp, s); break;
-    case DType::float16: launch<__half>(q, k, v, tq, tk, tv, o, to, lse, bh, lq, lk, d, scale, jvp, s); break;
-    case DType::bfloat16: launch<__nv_bfloat16>(q, k, v, tq, tk, tv, o, to, lse, bh, lq, lk, d, scale, jvp, s); break;
-    default: fail_arg("dtype", "expected float32, float16 or bfloat16");
-  }
+  dispatch_dtype<float, __half, __nv_bfloat16>(dtype, "dtype", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch<T>(q, k, v, tq, tk, tv, o, to, lse, bh, lq, lk, d, scale, jvp, s);
+  });
 }
 
 }  // namespace diffcore

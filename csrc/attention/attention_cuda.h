@@ -10,11 +10,12 @@ namespace diffcore {
 // Forward (jvp=false) or fused forward + JVP (jvp=true) of softmax(q k^T * scale) v.
 // q, tq, o, to: [bh, lq, d]; k, v, tk, tv: [bh, lk, d]; contiguous, element type `dtype`
 // (float32, float16, bfloat16); lse: [bh, lq] float32. tq/tk/tv may be 0 (zero tangent);
-// to is ignored without jvp. `stream` is a cudaStream_t as an integer (0: default stream).
+// to is ignored without jvp. Runs on `device` (made current for the launch); `stream` is a
+// cudaStream_t as an integer (0: default stream).
 void attention_forward_cuda(DType dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                             std::uintptr_t tq, std::uintptr_t tk, std::uintptr_t tv,
                             std::uintptr_t o, std::uintptr_t to, std::uintptr_t lse,
                             int64_t bh, int64_t lq, int64_t lk, int64_t d, float scale, bool jvp,
-                            std::uintptr_t stream);
+                            int device, std::uintptr_t stream);
 
 }  // namespace diffcore

@@ -534,8 +534,7 @@ void cuda_forward(std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr
             "expected float32, float16 or bfloat16, got " + x_dtype);
   check_arg(yd == DType::float32 || yd == DType::float16 || yd == DType::bfloat16 || yd == DType::uint8,
             "train_dtype", "expected float32, float16, bfloat16 or uint8, got " + y_dtype);
-  empirical_denoise_cuda_forward(reinterpret_cast<const void*>(x_ptr), static_cast<int>(xd),
-                                 reinterpret_cast<const void*>(y_ptr), static_cast<int>(yd),
+  empirical_denoise_cuda_forward(reinterpret_cast<const void*>(x_ptr), xd, reinterpret_cast<const void*>(y_ptr), yd,
                                  reinterpret_cast<const double*>(inv2s2_ptr), batch, rows, dim, splits,
                                  reinterpret_cast<float*>(work_acc_ptr), reinterpret_cast<double*>(work_m_ptr),
                                  reinterpret_cast<double*>(work_s_ptr), reinterpret_cast<void*>(out_ptr),

@@ -16,9 +16,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.h"
 #include "empirical_denoise/empirical_denoise_cuda.h"
 
@@ -30,30 +29,8 @@ constexpr int kRows = 16;     // training rows per tile
 constexpr int kChunk = 64;    // feature chunk staged in shared memory
 constexpr int kThreads = kQueries * kRows;
 
-// DType codes of csrc/common/checks.h: float32, float16, bfloat16, float64, uint8.
-enum Code { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3, kU8 = 4 };
-
-__device__ __forceinline__ double load_value(const void* base, int code, int64_t index) {
-  switch (code) {
-    case kF32: return static_cast<double>(static_cast<const float*>(base)[index]);
-    case kF16: return static_cast<double>(__half2float(static_cast<const __half*>(base)[index]));
-    case kBF16: return static_cast<double>(__bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]));
-    case kU8: return static_cast<double>(static_cast<const uint8_t*>(base)[index]) / 127.5 - 1.0;
-    default: return 0.0;
-  }
-}
-
-__device__ __forceinline__ void store_value(void* base, int code, int64_t index, float value) {
-  switch (code) {
-    case kF32: static_cast<float*>(base)[index] = value; break;
-    case kF16: static_cast<__half*>(base)[index] = __float2half(value); break;
-    case kBF16: static_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16(value); break;
-    default: break;
-  }
-}
-
-__global__ void partial_kernel(const void* __restrict__ x, int x_code, const void* __restrict__ train, int y_code,
-                               const double* __restrict__ inv2s2, int64_t batch, int64_t rows, int64_t dim,
+template <typename TX, typename TY>
+__global__ void partial_kernel(const TX* __restrict__ x, const TY* __restrict__ train, const double* __restrict__ inv2s2, int64_t batch, int64_t rows, int64_t dim,
                                int64_t rows_per_split, float* __restrict__ work_acc, double* __restrict__ work_m,
                                double* __restrict__ work_s) {
   __shared__ double xs[kQueries][kChunk];
@@ -86,12 +63,12 @@ __global__ void partial_kernel(const void* __restrict__ x, int x_code, const voi
       for (int i = tid; i < kQueries * kChunk; i += kThreads) {
         const int qq = i / kChunk, kk = i % kChunk;
         const int64_t b = b0 + qq, d = k0 + kk;
-        xs[qq][kk] = (b < batch && d < dim) ? load_value(x, x_code, b * dim + d) : 0.0;
+        xs[qq][kk] = (b < batch && d < dim) ? to_double(x[b * dim + d]) : 0.0;
       }
       for (int i = tid; i < kRows * kChunk; i += kThreads) {
         const int nn = i / kChunk, kk = i % kChunk;
         const int64_t r = tile + nn, d = k0 + kk;
-        ys[nn][kk] = (r < row_end && d < dim) ? load_value(train, y_code, r * dim + d) : 0.0;
+        ys[nn][kk] = (r < row_end && d < dim) ? to_double(train[r * dim + d]) : 0.0;
       }
       __syncthreads();
       const int limit = dim - k0 < kChunk ? static_cast<int>(dim - k0) : kChunk;
@@ -134,7 +111,7 @@ __global__ void partial_kernel(const void* __restrict__ x, int x_code, const voi
         float value = arow[d] * alpha[qq];
         for (int j = 0; j < kRows; ++j) {
           const float w = weight[qq][j];
-          if (w != 0.0f) value += w * static_cast<float>(load_value(train, y_code, (tile + j) * dim + d));
+          if (w != 0.0f) value += w * static_cast<float>(to_double(train[(tile + j) * dim + d]));
         }
         arow[d] = value;
       }
@@ -147,9 +124,10 @@ __global__ void partial_kernel(const void* __restrict__ x, int x_code, const voi
   }
 }
 
+template <typename TX>
 __global__ void merge_kernel(const float* __restrict__ work_acc, const double* __restrict__ work_m,
                              const double* __restrict__ work_s, int64_t batch, int64_t dim, int64_t splits,
-                             void* __restrict__ out, int out_code, float* __restrict__ logz) {
+                             TX* __restrict__ out, float* __restrict__ logz) {
   const int64_t b = blockIdx.x;
   double m = -INFINITY;
   for (int64_t s = 0; s < splits; ++s) m = fmax(m, work_m[s * batch + b]);
@@ -164,27 +142,34 @@ __global__ void merge_kernel(const float* __restrict__ work_acc, const double* _
       const double ms = work_m[s * batch + b];
       if (ms != -INFINITY) value += static_cast<double>(work_acc[(s * batch + b) * dim + d]) * exp(ms - m);
     }
-    store_value(out, out_code, b * dim + d, static_cast<float>(value / total));
+    out[b * dim + d] = from_math<TX>(static_cast<float>(value / total));
   }
   if (threadIdx.x == 0) logz[b] = static_cast<float>(m + log(total));
 }
 
 }  // namespace
 
-void empirical_denoise_cuda_forward(const void* x, int x_dtype, const void* train, int train_dtype,
+void empirical_denoise_cuda_forward(const void* x, DType x_dtype, const void* train, DType train_dtype,
                                     const double* inv2s2, int64_t batch, int64_t rows, int64_t dim,
                                     int64_t splits, float* work_acc, double* work_m, double* work_s, void* out,
                                     float* logz, int device, void* stream) {
-  if (cudaSetDevice(device) != cudaSuccess) throw std::runtime_error("empirical_denoise: cudaSetDevice failed");
+  CudaDeviceGuard guard(device);
   auto cuda_stream = static_cast<cudaStream_t>(stream);
   const int64_t rows_per_split = (rows + splits - 1) / splits;
   const dim3 grid(static_cast<unsigned>((batch + kQueries - 1) / kQueries), static_cast<unsigned>(splits));
-  partial_kernel<<<grid, kThreads, 0, cuda_stream>>>(x, x_dtype, train, train_dtype, inv2s2, batch, rows, dim,
-                                                     rows_per_split, work_acc, work_m, work_s);
-  check_cuda_launch("empirical_denoise partial_kernel");
-  merge_kernel<<<static_cast<unsigned>(batch), 256, 0, cuda_stream>>>(work_acc, work_m, work_s, batch, dim, splits,
-                                                                      out, x_dtype, logz);
-  check_cuda_launch("empirical_denoise merge_kernel");
+  dispatch_dtype<float, __half, __nv_bfloat16>(x_dtype, "x_dtype", [&](auto x_tag) {
+    using TX = typename decltype(x_tag)::type;
+    dispatch_dtype<float, __half, __nv_bfloat16, uint8_t>(train_dtype, "train_dtype", [&](auto y_tag) {
+      using TY = typename decltype(y_tag)::type;
+      partial_kernel<TX, TY><<<grid, kThreads, 0, cuda_stream>>>(static_cast<const TX*>(x),
+                                                                static_cast<const TY*>(train), inv2s2, batch, rows,
+                                                                dim, rows_per_split, work_acc, work_m, work_s);
+    });
+    check_cuda_launch("empirical_denoise partial_kernel");
+    merge_kernel<TX><<<static_cast<unsigned>(batch), 256, 0, cuda_stream>>>(work_acc, work_m, work_s, batch, dim,
+                                                                            splits, static_cast<TX*>(out), logz);
+    check_cuda_launch("empirical_denoise merge_kernel");
+  });
 }
 
 }  // namespace diffcore

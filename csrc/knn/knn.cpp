@@ -371,7 +371,7 @@ int64_t knn_cpu_screen_tile(std::uintptr_t queries_ptr, const std::string& queri
 void knn_cuda_entry(std::uintptr_t queries_ptr, std::uintptr_t train_ptr, const std::string& train_dtype,
                     int64_t batch, int64_t n_train, int64_t dim, int64_t k, int64_t tile,
                     std::uintptr_t workspace_ptr, std::uintptr_t best_d2_ptr, std::uintptr_t best_idx_ptr,
-                    std::uintptr_t stream) {
+                    int device, std::uintptr_t stream) {
   check_ptr(queries_ptr, "queries");
   check_ptr(train_ptr, "train");
   check_ptr(workspace_ptr, "workspace");
@@ -386,12 +386,12 @@ void knn_cuda_entry(std::uintptr_t queries_ptr, std::uintptr_t train_ptr, const 
   const DType ytype = parse_dtype(train_dtype, "train");
   check_arg(ytype == DType::float32 || ytype == DType::uint8, "train", "expected float32 or uint8 on CUDA");
 #ifdef DIFFCORE_WITH_CUDA
-  knn_cuda_launch(reinterpret_cast<const float*>(queries_ptr), reinterpret_cast<const void*>(train_ptr),
-                  ytype == DType::uint8, batch, n_train, dim, k, tile, reinterpret_cast<float*>(workspace_ptr),
-                  reinterpret_cast<double*>(best_d2_ptr), reinterpret_cast<int64_t*>(best_idx_ptr),
+  knn_cuda_launch(reinterpret_cast<const float*>(queries_ptr), reinterpret_cast<const void*>(train_ptr), ytype,
+                  batch, n_train, dim, k, tile, reinterpret_cast<float*>(workspace_ptr),
+                  reinterpret_cast<double*>(best_d2_ptr), reinterpret_cast<int64_t*>(best_idx_ptr), device,
                   reinterpret_cast<void*>(stream));
 #else
-  (void)stream;
+  (void)device, (void)stream;
   throw std::runtime_error("diffcore._C: knn_cuda: built without CUDA (DIFFCORE_CUDA=OFF or no nvcc)");
 #endif
 }
@@ -416,7 +416,8 @@ void register_knn(py::module_& m) {
   m.def("knn_cuda", &knn_cuda_entry, named,
         py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("batch"), py::arg("n_train"), py::arg("dim"), py::arg("k"), py::arg("tile"), py::arg("workspace_ptr"),
-        py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
         "CUDA exact k-NN: float32 queries [batch, dim] and float32/uint8 train [n_train, dim] on one GPU; "
         "workspace float32 [batch, tile]; fills double d^2 and int64 indices [batch, k].");
 }

@@ -20,7 +20,9 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.h"
 #include "knn/knn_cuda.h"
 
@@ -30,23 +32,9 @@ namespace {
 constexpr int kTileSide = 16;
 constexpr int kScreenThreads = 128;
 
-template <bool kUint8>
-__device__ __forceinline__ float train_value_f32(const void* train, int64_t offset) {
-  if (kUint8) {
-    return static_cast<float>(static_cast<const uint8_t*>(train)[offset]) * (1.0f / 127.5f) - 1.0f;
-  }
-  return static_cast<const float*>(train)[offset];
-}
-
-template <bool kUint8>
-__device__ __forceinline__ double train_value_f64(const void* train, int64_t offset) {
-  if (kUint8) return static_cast<double>(static_cast<const uint8_t*>(train)[offset]) / 127.5 - 1.0;
-  return static_cast<double>(static_cast<const float*>(train)[offset]);
-}
-
 // approx[b, j] (row stride `tile`) for queries b in [0, batch) and rows tile_start + j, j < rows.
-template <bool kUint8>
-__global__ void approx_tile_kernel(const float* __restrict__ queries, const void* __restrict__ train, int64_t batch,
+template <typename TY>
+__global__ void approx_tile_kernel(const float* __restrict__ queries, const TY* __restrict__ train, int64_t batch,
                                    int64_t dim, int64_t tile_start, int64_t rows, int64_t tile,
                                    float* __restrict__ approx) {
   __shared__ float q_s[kTileSide][kTileSide + 1];
@@ -59,7 +47,7 @@ __global__ void approx_tile_kernel(const float* __restrict__ queries, const void
     const int64_t col = d0 + tx;
     const bool col_ok = col < dim;
     q_s[ty][tx] = (b0 + ty < batch && col_ok) ? queries[(b0 + ty) * dim + col] : 0.0f;
-    y_s[ty][tx] = (j0 + ty < rows && col_ok) ? train_value_f32<kUint8>(train, (tile_start + j0 + ty) * dim + col) : 0.0f;
+    y_s[ty][tx] = (j0 + ty < rows && col_ok) ? to_float(train[(tile_start + j0 + ty) * dim + col]) : 0.0f;
     __syncthreads();
     const int width = static_cast<int>(dim - d0 < kTileSide ? dim - d0 : kTileSide);
     for (int c = 0; c < width; ++c) {
@@ -76,8 +64,8 @@ __device__ __forceinline__ bool pair_less(double d_a, int64_t i_a, double d_b, i
   return d_a < d_b || (d_a == d_b && i_a < i_b);
 }
 
-template <bool kUint8>
-__global__ void screen_rescore_kernel(const float* __restrict__ queries, const void* __restrict__ train,
+template <typename TY>
+__global__ void screen_rescore_kernel(const float* __restrict__ queries, const TY* __restrict__ train,
                                       int64_t dim, int64_t k, int64_t tile_start, int64_t rows, int64_t tile,
                                       const float* __restrict__ approx, double rel_slack, double abs_slack,
                                       double* __restrict__ best_d2, int64_t* __restrict__ best_idx) {
@@ -151,7 +139,7 @@ __global__ void screen_rescore_kernel(const float* __restrict__ queries, const v
       const int64_t row = tile_start + candidates[c];
       double partial = 0.0;
       for (int64_t i = tid; i < dim; i += kScreenThreads) {
-        const double diff = static_cast<double>(q[i]) - train_value_f64<kUint8>(train, row * dim + i);
+        const double diff = static_cast<double>(q[i]) - to_double(train[row * dim + i]);
         partial += diff * diff;
       }
       red_value[tid] = partial;
@@ -185,12 +173,13 @@ __global__ void screen_rescore_kernel(const float* __restrict__ queries, const v
   }
 }
 
-template <bool kUint8>
-void launch_all(const float* queries, const void* train, int64_t batch, int64_t n_train, int64_t dim, int64_t k,
+template <typename TY>
+void launch_all(const float* queries, const TY* train, int64_t batch, int64_t n_train, int64_t dim, int64_t k,
                 int64_t tile, float* workspace, double* best_d2, int64_t* best_idx, cudaStream_t stream) {
   const double unit = std::ldexp(1.0, -24);
   const double dim_u = static_cast<double>(dim) * unit;
   const double gamma = dim_u / (1.0 - dim_u);
+  constexpr bool kUint8 = std::is_same<TY, uint8_t>::value;
   const double rel_slack = 2.0 * (gamma + 4.0 * unit) + (kUint8 ? 14.0 * unit : 0.0);
   const double abs_slack = kUint8 ? 14.0 * unit * static_cast<double>(dim) : 0.0;
   for (int64_t start = 0; start < n_train; start += tile) {
@@ -198,9 +187,9 @@ void launch_all(const float* queries, const void* train, int64_t batch, int64_t 
     const dim3 block(kTileSide, kTileSide);
     const dim3 grid(static_cast<unsigned>((batch + kTileSide - 1) / kTileSide),
                     static_cast<unsigned>((rows + kTileSide - 1) / kTileSide));
-    approx_tile_kernel<kUint8><<<grid, block, 0, stream>>>(queries, train, batch, dim, start, rows, tile, workspace);
+    approx_tile_kernel<TY><<<grid, block, 0, stream>>>(queries, train, batch, dim, start, rows, tile, workspace);
     check_cuda_launch("knn approx_tile_kernel");
-    screen_rescore_kernel<kUint8><<<static_cast<unsigned>(batch), kScreenThreads, 0, stream>>>(
+    screen_rescore_kernel<TY><<<static_cast<unsigned>(batch), kScreenThreads, 0, stream>>>(
         queries, train, dim, k, start, rows, tile, workspace, rel_slack, abs_slack, best_d2, best_idx);
     check_cuda_launch("knn screen_rescore_kernel");
   }
@@ -208,15 +197,16 @@ void launch_all(const float* queries, const void* train, int64_t batch, int64_t 
 
 }  // namespace
 
-void knn_cuda_launch(const float* queries, const void* train, bool train_is_uint8, int64_t batch, int64_t n_train,
+void knn_cuda_launch(const float* queries, const void* train, DType train_dtype, int64_t batch, int64_t n_train,
                      int64_t dim, int64_t k, int64_t tile, float* workspace, double* best_d2, int64_t* best_idx,
-                     void* stream) {
+                     int device, void* stream) {
+  CudaDeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
-  if (train_is_uint8) {
-    launch_all<true>(queries, train, batch, n_train, dim, k, tile, workspace, best_d2, best_idx, s);
-  } else {
-    launch_all<false>(queries, train, batch, n_train, dim, k, tile, workspace, best_d2, best_idx, s);
-  }
+  dispatch_dtype<float, uint8_t>(train_dtype, "train", [&](auto tag) {
+    using TY = typename decltype(tag)::type;
+    launch_all<TY>(queries, static_cast<const TY*>(train), batch, n_train, dim, k, tile, workspace, best_d2, best_idx,
+                   s);
+  });
 }
 
 }  // namespace diffcore

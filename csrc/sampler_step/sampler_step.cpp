@@ -110,41 +110,33 @@ int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintpt
 
 int64_t sampler_step_cuda(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
                           std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
-                          double c_z, int32_t step, std::uintptr_t flag, std::uintptr_t stream) {
+                          double c_z, int32_t step, std::uintptr_t flag, int device, std::uintptr_t stream) {
   check_step_args(x, d, e, z, out, n, c_e, c_z);
   const DType type = parse_dtype(dtype, "dtype");
-  int code = -1;
-  switch (type) {
-    case DType::float32: code = 0; break;
-    case DType::float64: code = 1; break;
-    case DType::float16: code = 2; break;
-    case DType::bfloat16: code = 3; break;
-    default: fail_arg("dtype", "the CUDA sampler step supports float32, float64, float16 and bfloat16");
-  }
+  check_arg(type == DType::float32 || type == DType::float64 || type == DType::float16 || type == DType::bfloat16,
+            "dtype", "the CUDA sampler step supports float32, float64, float16 and bfloat16, got '" + dtype + "'");
 #ifdef DIFFCORE_WITH_CUDA
-  sampler_step_cuda_launch(code, x, d, e, z, out, n, c_x, c_d, c_e, c_z, step, flag, stream);
+  sampler_step_cuda_launch(type, x, d, e, z, out, n, c_x, c_d, c_e, c_z, step, flag, device, stream);
   return 0;
 #else
-  (void)code;
-  (void)step;
-  (void)flag;
-  (void)stream;
+  (void)c_x, (void)c_d, (void)step, (void)flag, (void)device, (void)stream;
   throw std::runtime_error("diffcore._C: sampler_step_cuda: built without CUDA (DIFFCORE_CUDA=OFF or no nvcc)");
 #endif
 }
 
 void register_sampler_step(py::module_& m) {
-  m.def("sampler_step_cpu", &sampler_step_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
+  const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
+  m.def("sampler_step_cpu", &sampler_step_cpu, py::call_guard<py::gil_scoped_release>(), named, py::arg("dtype"),
         py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
         py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),
         py::arg("flag"), py::arg("threads"),
         "Fused sampler step on contiguous CPU buffers: out = c_x x + c_denoised denoised + c_extra extra + "
         "c_noise noise (extra/noise may be 0 = absent). Returns > 0 when denoised or out holds NaN/Inf; "
         "if non-zero and flag != 0, lowers the int32 at flag to step.");
-  m.def("sampler_step_cuda", &sampler_step_cuda, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
+  m.def("sampler_step_cuda", &sampler_step_cuda, py::call_guard<py::gil_scoped_release>(), named, py::arg("dtype"),
         py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
         py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),
-        py::arg("flag"), py::arg("stream"),
+        py::arg("flag"), py::arg("device"), py::arg("stream"),
         "Fused sampler step on contiguous CUDA buffers (same formula); the NaN/Inf check is deferred: "
         "when flag != 0 the device int32 at flag is lowered to step (atomicMin). Returns 0.");
 }

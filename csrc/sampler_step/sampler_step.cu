@@ -1,51 +1,34 @@
 // Fused sampler step on CUDA: one elementwise pass per solver step, coefficients passed by value
 // (they are host constants of the schedule), so the loop never synchronizes with the host and a
 // whole trajectory can be captured into a CUDA graph.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.h"
 #include "sampler_step/sampler_step_cuda.h"
 
 namespace diffcore {
 namespace {
 
-template <typename T> struct MathOf { using type = float; };
-template <> struct MathOf<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename MathOf<T>::type load(const T* p, int64_t i) {
-  return static_cast<typename MathOf<T>::type>(p[i]);
-}
-template <> __device__ __forceinline__ float load<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <typename T, typename M> __device__ __forceinline__ T store_cast(M v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half store_cast<__half, float>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 template <typename T, bool HasE, bool HasZ, bool HasFlag>
 __global__ void sampler_step_kernel(const T* x, const T* __restrict__ d, const T* __restrict__ e,
                                     const T* __restrict__ z, T* out, int64_t n, double c_x, double c_d,
                                     double c_e, double c_z, int32_t step, int32_t* flag) {
-  using M = typename MathOf<T>::type;
+  using M = math_t<T>;
   const M cx = static_cast<M>(c_x), cd = static_cast<M>(c_d), ce = static_cast<M>(c_e), cz = static_cast<M>(c_z);
   bool bad = false;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const M dv = load(d, i);
+    const M dv = to_math(d[i]);
     M acc = cd * dv;                       // same association as the CPU kernel
-    if (HasE) acc = fma(ce, load(e, i), acc);
-    if (HasZ) acc = fma(cz, load(z, i), acc);
-    acc = fma(cx, load(x, i), acc);
-    const T stored = store_cast<T, M>(acc);
+    if (HasE) acc = fma(ce, to_math(e[i]), acc);
+    if (HasZ) acc = fma(cz, to_math(z[i]), acc);
+    acc = fma(cx, to_math(x[i]), acc);
+    const T stored = from_math<T>(acc);
     out[i] = stored;
-    if (HasFlag) bad |= !isfinite(dv) || !isfinite(static_cast<M>(load(&stored, 0)));
+    if (HasFlag) bad |= !isfinite(dv) || !isfinite(to_math(stored));
   }
   if (HasFlag && __syncthreads_or(bad) && threadIdx.x == 0) atomicMin(flag, step);
 }
@@ -78,9 +61,10 @@ void launch_typed(const void* x, const void* d, const void* e, const void* z, vo
 
 }  // namespace
 
-void sampler_step_cuda_launch(int dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e, std::uintptr_t z,
+void sampler_step_cuda_launch(DType dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e, std::uintptr_t z,
                               std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e, double c_z,
-                              int32_t step, std::uintptr_t flag, std::uintptr_t stream) {
+                              int32_t step, std::uintptr_t flag, int device, std::uintptr_t stream) {
+  CudaDeviceGuard guard(device);
   auto* xp = reinterpret_cast<const void*>(x);
   auto* dp = reinterpret_cast<const void*>(d);
   auto* ep = reinterpret_cast<const void*>(e);
@@ -88,13 +72,10 @@ void sampler_step_cuda_launch(int dtype, std::uintptr_t x, std::uintptr_t d, std
   auto* op = reinterpret_cast<void*>(out);
   auto* fp = reinterpret_cast<int32_t*>(flag);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_typed<float>(xp, dp, ep, zp, op, n, c_x, c_d, c_e, c_z, step, fp, s); break;
-    case 1: launch_typed<double>(xp, dp, ep, zp, op, n, c_x, c_d, c_e, c_z, step, fp, s); break;
-    case 2: launch_typed<__half>(xp, dp, ep, zp, op, n, c_x, c_d, c_e, c_z, step, fp, s); break;
-    case 3: launch_typed<__nv_bfloat16>(xp, dp, ep, zp, op, n, c_x, c_d, c_e, c_z, step, fp, s); break;
-    default: break;  // validated by the caller
-  }
+  dispatch_dtype<float, double, __half, __nv_bfloat16>(dtype, "dtype", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_typed<T>(xp, dp, ep, zp, op, n, c_x, c_d, c_e, c_z, step, fp, s);
+  });
   check_cuda_launch("sampler_step");
 }
 

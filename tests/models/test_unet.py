@@ -1,15 +1,13 @@
 """DDPM++ UNet: shapes, layout, attention routing, conditioning, errors, autograd and torch.func."""
 from __future__ import annotations
 
-import importlib
-
 import logging
 
 import pytest
 import torch
 from torch.func import jvp, vmap
 
-attention_module = importlib.import_module("diffcore.ops.attention")
+from diffcore import ops as attention_module  # the UNet calls diffcore.ops.attention
 from diffcore.models import UNet, UNetConfig
 from diffcore.models.layers import UNetBlock
 

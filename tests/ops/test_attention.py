@@ -7,15 +7,14 @@ floor of a few ulps of the result's scale for fp32 where plain PyTorch happens t
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import diffcore
+from diffcore.ops import _attention, _attention_cpu
 from diffcore.ref.attention import (attention_jvp_ref, attention_math, attention_ref,
                                     attention_vjp_ref)
-from tests.conftest import cpu_backends
+from tests.helpers import cpu_backends
 
 RATIO = 3.0
 FLOOR_ULPS = 16
@@ -150,8 +149,7 @@ def test_reference_jvp_formula_matches_autodiff_and_finite_differences():
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("keep_probs_budget", [0, 2**30], ids=["recompute", "kept-probs"])
 def test_jvp_float64_both_cpu_paths(backend, keep_probs_budget, monkeypatch):
-    mod = importlib.import_module("diffcore.ops.attention")
-    monkeypatch.setattr(mod, "PROBS_BUDGET_BYTES", keep_probs_budget)
+    monkeypatch.setattr(_attention, "PROBS_BUDGET_BYTES", keep_probs_budget)
     q, k, v, tq, tk, tv = _inputs((2, 3, 13, 17, 12), torch.float64, seed=5, tangents=True)
     _, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
     _, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend),
@@ -206,7 +204,7 @@ def test_vmap_jacfwd_jacrev_agree(backend):
 @pytest.mark.parametrize("chunk", [8, 1 << 18], ids=["many-chunks", "one-chunk"])
 def test_grad_of_jvp_and_vmap_of_jvp(backend, chunk, monkeypatch):
     """Reverse mode over forward mode (e.g. a JVP inside a training loss) and batched JVPs."""
-    monkeypatch.setattr(importlib.import_module("diffcore.ops._attention_cpu"), "SCORE_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_attention_cpu, "SCORE_CHUNK_ELEMENTS", chunk)
     q, k, v, tq, _, _ = _inputs((1, 2, 6, 6, 4), torch.float64, seed=9, tangents=True)
 
     def jvp_norm(fn, a):
@@ -223,18 +221,16 @@ def test_grad_of_jvp_and_vmap_of_jvp(backend, chunk, monkeypatch):
 
 
 def test_auto_on_cpu_picks_cpu_backend(monkeypatch):
-    from diffcore.ops.attention import OP
-
     monkeypatch.delenv("DIFFCORE_BACKEND", raising=False)
-    assert OP.resolve("auto", torch.device("cpu")) == "cpu"
-    assert "cuda" not in OP.auto_order["cuda"]  # never ran on a GPU
+    assert _attention.BACKENDS.resolve("auto", torch.device("cpu")) == "cpu"
+    assert "cuda" not in _attention.BACKENDS.auto_order["cuda"]  # never ran on a GPU
 
 
-def test_package_attribute_stays_the_op_after_importing_the_submodule():
-    module = importlib.import_module("diffcore.ops.attention")
+def test_package_attribute_is_the_op_and_the_module_is_private():
     q, k, v = _inputs((1, 1, 5, 5, 4), torch.float32)
-    assert callable(diffcore.ops.attention) and diffcore.ops.attention is module.attention
-    assert torch.equal(diffcore.ops.attention(q, k, v), module.attention(q, k, v))
+    assert callable(diffcore.ops.attention) and diffcore.ops.attention is _attention.attention
+    assert torch.equal(diffcore.ops.attention(q, k, v), _attention.attention(q, k, v))
+    assert set(_attention.RUNNERS) == set(_attention.BACKENDS.implemented)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -326,8 +322,7 @@ def test_triton_under_torch_func():
 @pytest.mark.parametrize("chunk", [64, 300, 1 << 18], ids=["row-chunks", "odd-chunks", "head-chunks"])
 def test_cpu_chunking_paths_float64(chunk, monkeypatch):
     """Row chunks (long sequences), uneven chunks and multi-head chunks give the same results."""
-    cpu = importlib.import_module("diffcore.ops._attention_cpu")
-    monkeypatch.setattr(cpu, "SCORE_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_attention_cpu, "SCORE_CHUNK_ELEMENTS", chunk)
     q, k, v, tq, tk, tv = _inputs((2, 3, 19, 23, 8), torch.float64, seed=13, tangents=True)
     ref_o, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
     out, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend="cpu"),

@@ -17,7 +17,7 @@ from diffcore.ops import _empirical_denoise as op_module
 from diffcore.ops import _empirical_denoise_cpu as ed_cpu
 from diffcore.ops import empirical_denoise, empirical_denoise_with_logz
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
-from tests.conftest import cpu_backends
+from tests.helpers import cpu_backends
 
 FAST_BACKENDS = [b for b in cpu_backends(("cpu", "triton"))]
 ALL_BACKENDS = [b for b in cpu_backends(("reference", "cpu", "triton"))]

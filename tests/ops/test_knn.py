@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcore import _backend
 from diffcore.ops import _knn, _knn_cpu, knn
 from diffcore.ref.knn import knn_ref
+from tests.helpers import cpu_backends
 
 HAS_GPU = torch.cuda.is_available()
-# backends usable on CPU tensors here (as tests/conftest.py's cpu_backends; Triton via the interpreter)
-CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.why_unusable(b, torch.device("cpu")) is None]
+CPU_BACKENDS = cpu_backends()  # usable on CPU tensors here (Triton via the interpreter)
 
 
 def _marks(backend):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcore.ops.sampler_step import NO_BAD_STEP, new_finite_flag, sampler_step, step_coefficients
+from diffcore.ops import _sampler_step
+from diffcore.ops._sampler_step import NO_BAD_STEP, new_finite_flag, sampler_step, step_coefficients
 from diffcore.ref import sampler_step as ref
-from tests.conftest import cpu_backends
+from tests.helpers import cpu_backends
 
 BACKENDS = cpu_backends(("reference", "cpu", "triton"))
 SHAPES = [(5, 123, 123), (7, 3, 5), (1,), (3, 1001)]
@@ -99,20 +100,20 @@ def test_coefficient_tables_match_textbook_updates():
     x, d, e, z = (torch.randn(9, generator=g, dtype=torch.float64) for _ in range(4))
     for kind in ("euler", "heun", "dpmpp_2m", "ddim"):
         for eta in ((0.0, 0.7, 1.0) if kind == "ddim" else (0.0,)):
-            table = ref.coefficient_table(kind, sigmas, eta=eta)
+            table = step_coefficients(kind, sigmas, eta=eta)
             for i in range(len(sigmas) - 1):
                 s, s_next = sigmas[i], sigmas[i + 1]
                 prev = sigmas[i - 1] if i > 0 else None
                 expected = ref.textbook_step(kind, x, d, s, s_next, extra=e, sigma_prev=prev, noise=z, eta=eta)
                 got = ref.sampler_step_ref(x, d, table[i], e, z)
                 torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"{kind} eta={eta} step {i}")
-    churn = ref.churn_coefficients(2.0, 2.5, 1.007)
+    churn = _sampler_step.churn_coefficients(2.0, 2.5, 1.007)
     torch.testing.assert_close(ref.sampler_step_ref(x, d, churn, None, z),
                                ref.textbook_step("churn", x, d, 2.0, 2.5, noise=z, s_noise=1.007))
 
 
 def test_dpmpp_2m_first_and_last_steps_are_first_order():
-    table = ref.coefficient_table("dpmpp_2m", [10.0, 1.0, 0.1, 0.0])
+    table = step_coefficients("dpmpp_2m", [10.0, 1.0, 0.1, 0.0])
     assert table[0, 2] == 0.0 and table[-1].tolist() == [0.0, 1.0, 0.0, 0.0]
     assert table[1, 2] != 0.0
 
@@ -186,11 +187,13 @@ def test_extension_checks_again():
 
     x = torch.zeros(4)
     with pytest.raises(ValueError, match="extra"):
-        extension().sampler_step_cpu("float32", x.data_ptr(), x.data_ptr(), 0, 0, x.data_ptr(), 4, 1.0, 0.0, 0.5,
-                                     0.0, 0, 0, 1)
+        extension().sampler_step_cpu(dtype="float32", x=x.data_ptr(), denoised=x.data_ptr(), extra=0, noise=0,
+                                     out=x.data_ptr(), numel=4, c_x=1.0, c_denoised=0.0, c_extra=0.5, c_noise=0.0,
+                                     step=0, flag=0, threads=1)
     with pytest.raises(ValueError, match="dtype"):
-        extension().sampler_step_cpu("float16", x.data_ptr(), x.data_ptr(), 0, 0, x.data_ptr(), 2, 1.0, 0.0, 0.0,
-                                     0.0, 0, 0, 1)
+        extension().sampler_step_cpu(dtype="float16", x=x.data_ptr(), denoised=x.data_ptr(), extra=0, noise=0,
+                                     out=x.data_ptr(), numel=2, c_x=1.0, c_denoised=0.0, c_extra=0.0, c_noise=0.0,
+                                     step=0, flag=0, threads=1)
 
 
 @pytest.mark.gpu
@@ -227,9 +230,7 @@ def test_triton_on_gpu_matches_reference(kind):
 
 
 def test_auto_uses_the_reference_for_dtypes_the_kernel_lacks():
-    from diffcore.ops.sampler_step import step_runner
-
-    name, _ = step_runner("auto", torch.device("cpu"), torch.float16)
+    name, _ = _sampler_step.step_runner("auto", torch.device("cpu"), torch.float16)
     assert name == "reference"
     x, d, _, _ = _inputs((2, 9), torch.bfloat16)
     torch.testing.assert_close(sampler_step("euler", x, d, (0.5, 0.5, 0, 0)).float(), (0.5 * x + 0.5 * d).float())

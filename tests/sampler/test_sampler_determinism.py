@@ -89,7 +89,7 @@ def test_callback_sees_every_step(gaussian):
 
 @pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
 def test_backends_agree_in_the_loop(solver, gaussian):
-    from tests.conftest import cpu_backends
+    from tests.helpers import cpu_backends
 
     x = 80.0 * torch.randn(3, 12, generator=torch.Generator().manual_seed(5))
     sigmas = S.karras_sigmas(8)

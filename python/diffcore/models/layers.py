@@ -33,9 +33,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
     q, k, v: [B, heads, L, Dh] -> [B, heads, L, Dh]. Delegates to ``diffcore.ops.attention``.
     """
-    from diffcore.ops.attention import attention as attention_op
+    from diffcore import ops
 
-    return attention_op(q, k, v, scale=scale)
+    return ops.attention(q, k, v, scale=scale)
 
 
 def xavier_uniform(shape: tuple[int, ...], fan_in: int, fan_out: int, gain: float = 1.0) -> torch.Tensor:

@@ -12,9 +12,9 @@ Importing here touches neither CUDA nor triton.
 """
 from __future__ import annotations
 
-from diffcore.ops.attention import attention, attention_and_jvp
+from diffcore.ops._attention import attention, attention_and_jvp
 from diffcore.ops._empirical_denoise import empirical_denoise, empirical_denoise_with_logz
 from diffcore.ops._knn import knn
-from diffcore.ops.sampler_step import sampler_step
+from diffcore.ops._sampler_step import sampler_step
 
 __all__ = ["attention", "attention_and_jvp", "empirical_denoise", "empirical_denoise_with_logz", "knn", "sampler_step"]

@@ -9,14 +9,11 @@ from __future__ import annotations
 import torch
 
 from diffcore._ext import dtype_name, extension
+from diffcore.ops._launch import cuda_launch_args, ptr
 
 
 def _flat(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype).reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
-
-
-def _ptr(x: torch.Tensor | None) -> int:
-    return 0 if x is None else x.data_ptr()
 
 
 def _launch(q, k, v, scale, tq=None, tk=None, tv=None, jvp=False):
@@ -28,11 +25,9 @@ def _launch(q, k, v, scale, tq=None, tk=None, tv=None, jvp=False):
     o = torch.empty_like(qf)
     t_o = torch.empty_like(qf) if jvp else None
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        extension().attention_forward(dtype_name(dt), _ptr(qf), _ptr(kf), _ptr(vf), _ptr(tqf), _ptr(tkf),
-                                      _ptr(tvf), _ptr(o), _ptr(t_o), _ptr(lse), b * h, lq, lk, d,
-                                      float(scale), jvp, stream)
+    extension().attention_forward(dtype=dtype_name(dt), q=ptr(qf), k=ptr(kf), v=ptr(vf), tq=ptr(tqf), tk=ptr(tkf),
+                                  tv=ptr(tvf), o=ptr(o), to=ptr(t_o), lse=ptr(lse), bh=b * h, lq=lq, lk=lk, d=d,
+                                  scale=float(scale), jvp=jvp, **cuda_launch_args(q))
     shape = (b, h, lq, d)
     return o.reshape(shape), lse.reshape(b, h, lq), (t_o.reshape(shape) if jvp else None)
 

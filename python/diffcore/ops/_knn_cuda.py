@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffcore._ext import dtype_name, extension
+from diffcore.ops._launch import cuda_launch_args
 
 CUDA_MAX_K = 16
 CUDA_TILE = 4096
@@ -27,10 +28,7 @@ def run(q: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     workspace = torch.empty(batch * tile, dtype=torch.float32, device=q.device)
     best_d2 = torch.full((batch, k), float("inf"), dtype=torch.float64, device=q.device)
     best_idx = torch.full((batch, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=q.device)
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    with torch.cuda.device(q.device):
-        extension().knn_cuda(queries_ptr=q.data_ptr(), train_ptr=y.data_ptr(), train_dtype=dtype_name(y.dtype),
-                             batch=batch, n_train=n_train, dim=dim, k=k, tile=tile,
-                             workspace_ptr=workspace.data_ptr(), best_d2_ptr=best_d2.data_ptr(),
-                             best_idx_ptr=best_idx.data_ptr(), stream=stream)
+    extension().knn_cuda(queries_ptr=q.data_ptr(), train_ptr=y.data_ptr(), train_dtype=dtype_name(y.dtype),
+                         batch=batch, n_train=n_train, dim=dim, k=k, tile=tile, workspace_ptr=workspace.data_ptr(),
+                         best_d2_ptr=best_d2.data_ptr(), best_idx_ptr=best_idx.data_ptr(), **cuda_launch_args(q))
     return best_d2, best_idx

@@ -7,10 +7,13 @@ Shapes: q [B, H, Lq, Dh], k and v [B, H, Lk, Dh] -> [B, H, Lq, Dh]; ``scale`` de
 explicit ``vmap`` rule, so that ``.backward()``, ``torch.func.grad/jvp/vmap/jacfwd/jacrev`` all work
 through it (``torch.func.jvp`` through ``F.scaled_dot_product_attention`` fails on the CPU).
 
-Backends: ``cpu`` (chunked batched torch matrix products, ``diffcore.ops._attention_cpu``),
-``triton`` (flash-style kernels, ``diffcore.kernels.attention``), ``cuda`` (CUDA C++ forward and
-JVP in ``diffcore._C``; its backward uses the Triton or reference formula), ``reference``
-(``diffcore.ref.attention``). Equations: see ``diffcore.ref.attention``.
+Backends: ``cpu`` (chunked batched torch matrix products, ``_attention_cpu.py``), ``triton``
+(flash-style kernels, ``diffcore.kernels.attention``), ``cuda`` (CUDA C++ forward and JVP in
+``diffcore._C``, launched by ``_attention_cuda.py``; its backward is the Triton kernel), ``reference``
+(``diffcore.ref.attention``). Equations: see ``diffcore.ref.attention``. This module holds the
+checks, the backend resolution, the autograd Function and the table ``RUNNERS`` of backend name ->
+``_Runner`` (forward, jvp, backward, forward_jvp); the private torch internals it needs are in
+``_torch_compat.py``.
 
 What the forward keeps: the output O and the row log-sum-exp ``lse`` (FlashAttention-2); the
 backward and the JVP recompute P blockwise. When autograd has to
@@ -23,14 +26,21 @@ the scores.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from diffcore import _checks
 from diffcore._backend import OpBackends
+from diffcore.ops import _attention_cpu as _cpu
+from diffcore.ops import _attention_cuda as _cuda
+from diffcore.ops import _torch_compat as compat
 from diffcore.ref import attention as ref
 
-OP = OpBackends(
+__all__ = ["attention", "attention_and_jvp"]
+
+BACKENDS = OpBackends(
     op="attention",
     implemented=("reference", "cpu", "cuda", "triton"),
     # cuda (C++): compiled, never run on a GPU -> not in auto. triton: verified under the
@@ -44,26 +54,11 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 PROBS_BUDGET_BYTES = 256 * 2**20
 
 
-def _forward_ad_active() -> bool:
-    """True inside a forward-AD level (torch.func.jvp / jacfwd / autograd.forward_ad)."""
-    import torch.autograd.forward_ad as fwad
-
-    return getattr(fwad, "_current_level", -1) >= 0
-
-
 def _reverse_mode_possible(*tensors: torch.Tensor) -> bool:
     """True when a gradient may flow back through this call: an input requires grad, or a
     torch.func.grad/vjp/jacrev transform is active (then the kept P, a non-differentiable output,
     must not be used by the JVP)."""
-    if any(t.requires_grad for t in tensors):
-        return True
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
-
-        return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
-    except (ImportError, AttributeError):  # private API moved: assume the worst, keep nothing
-        return True
+    return any(t.requires_grad for t in tensors) or compat.grad_transform_active()
 
 
 def _check_inputs(q, k, v, scale, backend: str) -> tuple[float, str]:
@@ -84,7 +79,7 @@ def _check_inputs(q, k, v, scale, backend: str) -> tuple[float, str]:
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (float(scale) == float(scale)) \
             or abs(float(scale)) == float("inf"):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
-    name = OP.resolve(backend, q.device)
+    name = BACKENDS.resolve(backend, q.device)
     if name in ("triton", "cuda") and q.dtype == torch.float64:
         raise TypeError(f"q: backend {name!r} takes float32, float16 or bfloat16, got float64 "
                         "(use backend='cpu' or 'reference' for float64)")
@@ -94,8 +89,18 @@ def _check_inputs(q, k, v, scale, backend: str) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Backend implementations: forward -> (O [B,H,Lq,D] in q.dtype, lse [B,H,Lq] fp32/64, probs or empty),
-# jvp -> tO, backward -> (dq, dk, dv). All take and return [B, H, L, D] tensors.
+# Runners. forward(q, k, v, scale, keep_probs) -> (O [B,H,Lq,D] in q.dtype, lse [B,H,Lq] fp32/64,
+# probs or empty); jvp(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse) -> tO;
+# backward(q, k, v, out, lse, d_out, scale, need) -> (dq, dk, dv); forward_jvp(q, k, v, tq, tk, tv,
+# scale) -> (O, tO) without autograd. All take and return [B, H, L, D] tensors.
+
+@dataclass(frozen=True)
+class _Runner:
+    forward: Callable
+    jvp: Callable
+    backward: Callable
+    forward_jvp: Callable
+
 
 def _empty_probs(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1], 0, 0), dtype=ref.compute_dtype(q.dtype))
@@ -105,25 +110,95 @@ def _unflat(x: torch.Tensor, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return x.reshape(*like.shape[:2], *x.shape[1:]).to(dtype or like.dtype)
 
 
-def _forward(backend: str, q, k, v, scale: float, keep_probs: bool):
-    if backend == "cpu":
-        from diffcore.ops import _attention_cpu as cpu
+def _cpu_forward(q, k, v, scale, keep_probs):
+    out, lse, probs = _cpu.forward(q, k, v, scale, keep_probs=keep_probs)
+    probs = _unflat(probs, q, probs.dtype) if probs is not None else _empty_probs(q)
+    return _unflat(out, q), _unflat(lse, q, lse.dtype), probs
 
-        out, lse, probs = cpu.forward(q, k, v, scale, keep_probs=keep_probs)
-        probs = _unflat(probs, q, probs.dtype) if probs is not None else _empty_probs(q)
-        return _unflat(out, q), _unflat(lse, q, lse.dtype), probs
-    if backend == "triton":
-        from diffcore.kernels import attention as tk
 
-        out, lse = tk.forward(q, k, v, scale)
-        return out, lse, _empty_probs(q)
-    if backend == "cuda":
-        from diffcore.ops import _attention_cuda as cu
+def _cpu_jvp(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse):
+    flat_probs = probs.reshape(-1, *probs.shape[2:]) if probs.numel() else None
+    ct = ref.compute_dtype(q.dtype)
+    if no_reverse and not any(compat.vmap_batched(t) for t in (q, k, v, tq, tk, tv)):
+        # no gradient can flow back through this JVP: reused buffers, in-place updates on
+        # plain tensors (the worker threads of the cpu backend see no torch.func state)
+        args = [compat.plain_tensor(t) for t in (q, k, v, tq, tk, tv)]
+        with torch.no_grad(), compat.functorch_disabled():
+            t_out = _cpu.jvp_inplace(*args, scale, _cpu.flat(compat.plain_tensor(out), ct),
+                                     compat.plain_tensor(lse).reshape(-1, lse.shape[-1]),
+                                     probs=compat.plain_tensor(flat_probs))
+    else:
+        t_out = _cpu.jvp(q, k, v, tq, tk, tv, scale, _cpu.flat(out, ct), probs=flat_probs)
+    return _unflat(t_out, q)
 
-        out, lse = cu.forward(q, k, v, scale)
-        return out, lse, _empty_probs(q)
-    out = ref.attention_ref(q, k, v, scale)
-    return out, ref.attention_lse_ref(q, k, scale), _empty_probs(q)
+
+def _cpu_backward(q, k, v, out, lse, d_out, scale, need):
+    ct = ref.compute_dtype(q.dtype)
+    grads = _cpu.backward(q, k, v, _cpu.flat(out, ct), lse.reshape(-1, lse.shape[-1]), d_out, scale, need)
+    return tuple(None if g is None else _unflat(g, t) for g, t in zip(grads, (q, k, v)))
+
+
+def _cpu_forward_jvp(q, k, v, tq, tk, tv, scale):
+    out, t_out, _ = _cpu.forward_jvp(q, k, v, tq, tk, tv, scale)
+    return _unflat(out, q), _unflat(t_out, q)
+
+
+def _triton():
+    from diffcore.kernels import attention as triton_kernels  # imports triton: only when used
+
+    return triton_kernels
+
+
+def _kernel_jvp(jvp_kernel):
+    """A jvp runner for kernels that read raw memory: plain tensors, torch.func off."""
+    def run(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse):
+        args = [compat.plain_tensor(t) for t in (q, k, v, tq, tk, tv)]
+        with compat.functorch_disabled():  # kernels allocate and read plain tensors
+            return jvp_kernel()(*args, scale, compat.plain_tensor(out), compat.plain_tensor(lse))
+    return run
+
+
+def _triton_backward(q, k, v, out, lse, d_out, scale, need):
+    q, k, v, out, lse, d_out = (compat.plain_tensor(t) for t in (q, k, v, out, lse, d_out))
+    with compat.functorch_disabled():
+        return _triton().backward(q, k, v, out, lse, d_out, scale, need)
+
+
+def _triton_forward(q, k, v, scale, keep_probs):
+    out, lse = _triton().forward(q, k, v, scale)
+    return out, lse, _empty_probs(q)
+
+
+def _triton_forward_jvp(q, k, v, tq, tk, tv, scale):
+    out, t_out, _ = _triton().forward_jvp(q, k, v, tq, tk, tv, scale)
+    return out, t_out
+
+
+def _cuda_forward(q, k, v, scale, keep_probs):
+    out, lse = _cuda.forward(q, k, v, scale)
+    return out, lse, _empty_probs(q)
+
+
+def _reference_forward(q, k, v, scale, keep_probs):
+    return ref.attention_ref(q, k, v, scale), ref.attention_lse_ref(q, k, scale), _empty_probs(q)
+
+
+def _reference_jvp(q, k, v, tq, tk, tv, scale, *_):
+    return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)[1]
+
+
+def _reference_backward(q, k, v, out, lse, d_out, scale, need):
+    return ref.attention_vjp_ref(q, k, v, d_out, scale)
+
+
+RUNNERS = {
+    "reference": _Runner(_reference_forward, _reference_jvp, _reference_backward, ref.attention_jvp_ref),
+    "cpu": _Runner(_cpu_forward, _cpu_jvp, _cpu_backward, _cpu_forward_jvp),
+    "triton": _Runner(_triton_forward, _kernel_jvp(lambda: _triton().jvp), _triton_backward, _triton_forward_jvp),
+    # the CUDA C++ backend has forward and JVP kernels; its backward is the Triton one
+    "cuda": _Runner(_cuda_forward, _kernel_jvp(lambda: _cuda.jvp), _triton_backward, _cuda.forward_jvp),
+}
+_KERNELS = ("triton", "cuda")  # read raw memory: not differentiable, not vmappable
 
 
 def _grad_through(*tensors) -> bool:
@@ -132,90 +207,24 @@ def _grad_through(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The plain tensor under torch.func's gradient wrappers, for kernels that read raw memory.
-
-    Batched (vmap) wrappers are not unwrapped: dropping their batch axis would be wrong, so they
-    raise instead (the Function's vmap rule folds vmapped axes into B before kernels run).
-    """
-    if t is None:
-        return None
-    from torch._C import _functorch as ft
-
-    while ft.is_functorch_wrapped_tensor(t):
-        if ft.is_batchedtensor(t):
-            raise RuntimeError("attention: a kernel backend received a vmap-batched tensor")
-        t = ft.get_unwrapped(t)
-    return t
-
-
-def _vmap_batched(t: torch.Tensor | None) -> bool:
-    """True for a tensor that carries a vmap batch axis at some functorch level."""
-    from torch._C import _functorch as ft
-
-    while t is not None and ft.is_functorch_wrapped_tensor(t):
-        if ft.is_batchedtensor(t):
-            return True
-        t = ft.get_unwrapped(t)
-    return False
-
-
 def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs, no_reverse: bool = False):
     if tq is None and tk is None and tv is None:
         return torch.zeros_like(out)
-    if backend in ("triton", "cuda") and _grad_through(q, k, v, tq, tk, tv):
-        return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)[1]
-    if backend in ("triton", "cuda") and any(_vmap_batched(t) for t in (q, k, v, tq, tk, tv, out)):
+    if backend in _KERNELS and _grad_through(q, k, v, tq, tk, tv):
+        backend = "reference"
+    elif backend in _KERNELS and any(compat.vmap_batched(t) for t in (q, k, v, tq, tk, tv, out)):
         # under vmap over a JVP (jacfwd) the tangents arrive vmap-batched; the kernels read raw
         # memory, so this case uses the chunked torch formula (vmappable, any device)
         backend = "cpu"
-    if backend == "cpu":
-        from diffcore.ops import _attention_cpu as cpu
-
-        flat_probs = probs.reshape(-1, *probs.shape[2:]) if probs.numel() else None
-        ct = ref.compute_dtype(q.dtype)
-        if no_reverse and not any(_vmap_batched(t) for t in (q, k, v, tq, tk, tv)):
-            # no gradient can flow back through this JVP: reused buffers, in-place updates
-            # plain tensors (the worker threads of the cpu backend see no torch.func state)
-            args = [_plain(t) for t in (q, k, v, tq, tk, tv)]
-            with torch.no_grad(), torch._C._DisableFuncTorch():
-                t_out = cpu.jvp_inplace(*args, scale, cpu.flat(_plain(out), ct),
-                                        _plain(lse).reshape(-1, lse.shape[-1]), probs=_plain(flat_probs))
-        else:
-            t_out = cpu.jvp(q, k, v, tq, tk, tv, scale, cpu.flat(out, ct), probs=flat_probs)
-        return _unflat(t_out, q)
-    if backend in ("triton", "cuda"):
-        args = [_plain(t) for t in (q, k, v, tq, tk, tv)] + [scale, _plain(out), _plain(lse)]
-        with torch._C._DisableFuncTorch():  # kernels allocate and read plain tensors
-            if backend == "triton":
-                from diffcore.kernels import attention as tk_
-
-                return tk_.jvp(*args)
-            from diffcore.ops import _attention_cuda as cu
-
-            return cu.jvp(*args)
-    return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)[1]
+    return RUNNERS[backend].jvp(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse)
 
 
 def _backward(backend: str, q, k, v, out, lse, d_out, scale: float, need):
-    if torch.is_grad_enabled() or (backend in ("triton", "cuda") and _vmap_batched(d_out)):
+    if torch.is_grad_enabled() or (backend in _KERNELS and compat.vmap_batched(d_out)):
         # create_graph=True / higher order, or vmap-batched cotangents (jacrev) reaching a raw-memory
         # kernel: the differentiable, vmappable formula
-        return ref.attention_vjp_ref(q, k, v, d_out, scale)
-    if backend == "cpu":
-        from diffcore.ops import _attention_cpu as cpu
-
-        ct = ref.compute_dtype(q.dtype)
-        grads = cpu.backward(q, k, v, cpu.flat(out, ct), lse.reshape(-1, lse.shape[-1]), d_out, scale, need)
-        return tuple(None if g is None else _unflat(g, t) for g, t in zip(grads, (q, k, v)))
-    if backend in ("triton", "cuda"):
-        # the CUDA C++ backend has forward and JVP kernels; its backward is the Triton one
-        from diffcore.kernels import attention as tk_
-
-        q, k, v, out, lse, d_out = (_plain(t) for t in (q, k, v, out, lse, d_out))
-        with torch._C._DisableFuncTorch():
-            return tk_.backward(q, k, v, out, lse, d_out, scale, need)
-    return ref.attention_vjp_ref(q, k, v, d_out, scale)
+        backend = "reference"
+    return RUNNERS[backend].backward(q, k, v, out, lse, d_out, scale, need)
 
 
 class _Attention(torch.autograd.Function):
@@ -224,7 +233,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, scale, backend, keep_probs, no_reverse):
-        return _forward(backend, q, k, v, scale, keep_probs)
+        return RUNNERS[backend].forward(q, k, v, scale, keep_probs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # required for torch.func (ANCHORS trap 9)
@@ -271,8 +280,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     Args:
         q: [B, H, Lq, Dh]; k, v: [B, H, Lk, Dh] (same dtype and device; Dh <= 256).
         scale: softmax temperature, default 1/sqrt(Dh).
-        backend: "auto" (cpu on CPU tensors; triton on CUDA tensors), "cpu", "triton", "cuda",
-            "reference".
+        backend: "auto" (cpu on CPU tensors; the reference on CUDA tensors until a GPU run has
+            verified the kernels), "cpu", "triton", "cuda", "reference".
     Returns:
         [B, H, Lq, Dh] in the dtype of q (computed with fp32 softmax and accumulation).
 
@@ -283,7 +292,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     scale, name = _check_inputs(q, k, v, scale, backend)
     keep = False
     no_reverse = False
-    if name == "cpu" and _forward_ad_active():
+    if name == "cpu" and compat.forward_ad_active():
         no_reverse = not _reverse_mode_possible(q, k, v)
         itemsize = 8 if q.dtype == torch.float64 else 4
         keep = no_reverse and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * itemsize <= PROBS_BUDGET_BYTES
@@ -299,19 +308,4 @@ def attention_and_jvp(q, k, v, tq, tk, tv, *, scale: float | None = None, backen
             raise ValueError(f"{tname}: expected shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}; "
                              f"got {tuple(t.shape)}, {t.dtype}, {t.device}")
     with torch.no_grad():
-        if name == "cpu":
-            from diffcore.ops import _attention_cpu as cpu
-
-            out, t_out, _ = cpu.forward_jvp(q, k, v, tq, tk, tv, scale)
-            return _unflat(out, q), _unflat(t_out, q)
-        if name == "triton":
-            from diffcore.kernels import attention as tk_
-
-            out, t_out, _ = tk_.forward_jvp(q, k, v, tq, tk, tv, scale)
-            return out, t_out
-        if name == "cuda":
-            from diffcore.ops import _attention_cuda as cu
-
-            return cu.forward_jvp(q, k, v, tq, tk, tv, scale)
-        return ref.attention_jvp_ref(q, k, v, tq, tk, tv, scale)
-
+        return RUNNERS[name].forward_jvp(q, k, v, tq, tk, tv, scale)

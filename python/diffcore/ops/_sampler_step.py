@@ -4,16 +4,17 @@
 
 Every update of ``diffcore.sampler`` (Euler, Heun's correction, DPM-Solver++ 2M, DDIM with or
 without eta, EDM churn) has this form with per-step scalar coefficients that depend only on the
-schedule (``diffcore.ref.sampler_step`` has the formulas and their textbook forms). The table of
-coefficients is computed once per schedule on the host (``step_coefficients``), so a step on the
-GPU reads four host scalars: no device-to-host synchronization, and a trajectory can be captured
-as a CUDA graph.
+schedule: the formulas are here (``euler_coefficients`` ... ``churn_coefficients``), tested against
+the textbook form of each update in ``diffcore.ref.sampler_step``. The table of coefficients is
+computed once per schedule on the host (``step_coefficients``), so a step on the GPU reads four
+host scalars: no device-to-host synchronization, and a trajectory can be captured as a CUDA graph.
 
 Backends: ``reference`` (torch, float64 math), ``cpu`` (C++, OpenMP, bitwise deterministic,
-float32/float64), ``cuda`` (CUDA C++; compiled, not yet run on a GPU, so not in ``auto``),
-``triton`` (fp32 math; float32/float16/bfloat16). ``auto`` takes ``cpu`` on CPU tensors and
-``triton`` on CUDA tensors, and the reference for a dtype the chosen kernel lacks (float16 and
-bfloat16 on the CPU, float64 on CUDA).
+float32/float64; host code in ``_sampler_step_cpu.py``), ``cuda`` (CUDA C++, launched by
+``_sampler_step_cuda.py``), ``triton`` (fp32 math; float32/float16/bfloat16). No GPU kernel has run
+on a GPU yet, so ``auto`` takes ``cpu`` on CPU tensors and the reference on CUDA tensors, and the
+reference for a dtype the CPU kernel lacks (float16 and bfloat16). ``RUNNERS`` maps a backend name
+to its step function.
 
 Non-finite check: pass ``finite_flag`` (an int32 tensor of shape [1] on the tensors' device,
 initialized to a large value, e.g. ``new_finite_flag``): when ``denoised`` or the result holds NaN
@@ -21,24 +22,28 @@ or Inf it is lowered to ``step``, on the device, without synchronizing. Read it 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from diffcore import _checks
 from diffcore._backend import OpBackends
-from diffcore._ext import dtype_name, extension
-from diffcore.ref import sampler_step as _ref
+from diffcore._ext import dtype_name
+from diffcore.ops import _sampler_step_cpu as _cpu
+from diffcore.ops import _sampler_step_cuda as _cuda
 
-KINDS = _ref.KINDS
+# Column order of a coefficient row / table.
+C_X, C_DENOISED, C_EXTRA, C_NOISE = 0, 1, 2, 3
+KINDS = ("euler", "heun", "dpmpp_2m", "ddim", "churn")
 NO_BAD_STEP = 2**31 - 1
 
 BACKENDS = OpBackends(
     "sampler_step",
     implemented=("reference", "cpu", "cuda", "triton"),
-    # cuda: the CUDA C++ kernel has not run on a GPU yet, so auto takes the Triton kernel (tested
-    # in the interpreter; an elementwise kernel) and the reference after it.
-    auto_order={"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},  # elementwise; see docs/sampler.md
+    # cuda: neither the CUDA C++ kernel nor the Triton kernel has run on a GPU yet (Triton only in
+    # the interpreter): auto takes the reference there until a GPU run matches it (docs/sampler.md).
+    auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
 )
 _DTYPES = {
     "reference": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
@@ -53,7 +58,107 @@ def step_coefficients(kind: str, sigmas, *, eta: float = 0.0) -> torch.Tensor:
     columns (c_x, c_denoised, c_extra, c_noise); row i steps from sigmas[i] to sigmas[i+1]."""
     if kind not in ("euler", "heun", "dpmpp_2m", "ddim"):
         raise ValueError(f"kind: expected euler, heun, dpmpp_2m or ddim, got {kind!r}")
-    return _ref.coefficient_table(kind, sigmas, eta=eta)
+    return coefficient_table(kind, sigmas, eta=eta)
+
+
+# ---------------------------------------------------------------- coefficient formulas (VE/EDM: x = x0 + sigma n)
+def euler_coefficients(sigma: float, sigma_next: float) -> tuple[float, float, float, float]:
+    """Euler step of the PF-ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (EDM Eq. 3 with
+    sigma(t) = t; EDM Alg. 1 line 5): ``x_next = x + (sigma_next - sigma) * (x - D) / sigma``
+    = ``(sigma_next/sigma) x + (1 - sigma_next/sigma) D``. First order. Identical to DDIM with
+    eta = 0 in VE variables."""
+    ratio = sigma_next / sigma
+    return (ratio, 1.0 - ratio, 0.0, 0.0)
+
+
+def heun_coefficients(sigma: float, sigma_next: float) -> tuple[float, float, float, float]:
+    """Heun's 2nd-order correction (EDM Alg. 1 lines 7-8), written in ``x``, ``D = D(x; sigma)``
+    and ``D' = D(x_pred; sigma_next)`` where ``x_pred`` is the Euler predictor:
+
+        x_next = x + h/2 * ((x - D)/sigma + (x_pred - D')/sigma_next),  h = sigma_next - sigma
+               = (sigma_next/sigma) x + (h/(2 sigma_next) - h/sigma) D - h/(2 sigma_next) D'
+
+    (substituting ``x_pred = (sigma_next/sigma) x + (1 - sigma_next/sigma) D``). Needs
+    ``sigma_next > 0``: EDM takes a plain Euler step into sigma = 0.
+    """
+    if sigma_next == 0.0:
+        raise ValueError("heun correction needs sigma_next > 0 (the last step into 0 is an Euler step)")
+    h = sigma_next - sigma
+    half_over_next = h / (2.0 * sigma_next)
+    return (sigma_next / sigma, half_over_next - h / sigma, -half_over_next, 0.0)
+
+
+def dpmpp_2m_coefficients(sigma: float, sigma_next: float,
+                          sigma_prev: float | None) -> tuple[float, float, float, float]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in VE variables, ``t = -log sigma``,
+    ``h = t_next - t``:
+
+        x_next = (sigma_next/sigma) x - expm1(-h) * ((1 + 1/(2r)) D - 1/(2r) D_prev),
+        r = h_prev / h,  h_prev = t - t_prev
+
+    Second order (multistep). The first step (no ``sigma_prev``) and the final step into
+    ``sigma_next = 0`` are first order: ``x_next = (sigma_next/sigma) x + (1 - sigma_next/sigma) D``
+    (ANCHORS trap 8: a second-order step into 0 is ill-defined, h = inf).
+    """
+    ratio = sigma_next / sigma
+    if sigma_next == 0.0 or sigma_prev is None:
+        return (ratio, 1.0 - ratio, 0.0, 0.0)
+    h = math.log(sigma) - math.log(sigma_next)
+    h_prev = math.log(sigma_prev) - math.log(sigma)
+    r = h_prev / h
+    one_minus_ratio = -math.expm1(-h)  # = 1 - sigma_next/sigma, without cancellation
+    return (ratio, one_minus_ratio * (1.0 + 1.0 / (2.0 * r)), -one_minus_ratio / (2.0 * r), 0.0)
+
+
+def ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """``(sigma_down, sigma_up)`` of a DDIM step with stochasticity ``eta`` in VE variables.
+
+    DDIM (Song et al. 2021, Eq. 12) with ``abar = 1/(1+sigma^2)`` gives, after dividing by
+    ``sqrt(abar_next)``, fresh-noise std ``sigma_up = eta * sigma_next * sqrt(sigma^2 -
+    sigma_next^2) / sigma`` and deterministic part ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``.
+    eta = 1 is DDPM's ancestral step; eta = 0 gives sigma_up = 0 (deterministic DDIM = Euler).
+    """
+    if eta == 0.0 or sigma_next == 0.0:
+        return sigma_next, 0.0
+    up = eta * sigma_next * math.sqrt(max(sigma * sigma - sigma_next * sigma_next, 0.0)) / sigma
+    up = min(up, sigma_next)
+    return math.sqrt(max(sigma_next * sigma_next - up * up, 0.0)), up
+
+
+def ddim_coefficients(sigma: float, sigma_next: float, eta: float = 0.0) -> tuple[float, float, float, float]:
+    """DDIM step in VE variables: ``x_next = D + sigma_down * (x - D)/sigma + sigma_up * z``
+    (see ``ancestral_split``). First order; deterministic for eta = 0."""
+    down, up = ancestral_split(sigma, sigma_next, eta)
+    ratio = down / sigma
+    return (ratio, 1.0 - ratio, 0.0, up)
+
+
+def churn_coefficients(sigma: float, sigma_hat: float, s_noise: float = 1.0) -> tuple[float, float, float, float]:
+    """EDM Alg. 2 lines 5-6: ``x_hat = x + sqrt(sigma_hat^2 - sigma^2) * S_noise * z``."""
+    return (1.0, 0.0, 0.0, math.sqrt(max(sigma_hat * sigma_hat - sigma * sigma, 0.0)) * s_noise)
+
+
+def coefficient_table(kind: str, sigmas, *, eta: float = 0.0) -> torch.Tensor:
+    """Coefficients of every step of ``kind`` on the grid ``sigmas`` (length n+1): float64 [n, 4].
+
+    Row i updates from ``sigmas[i]`` to ``sigmas[i+1]``. ``heun`` rows are the correction step
+    (the predictor uses the ``euler`` table); its row for a step into 0 is the Euler step.
+    ``churn`` is not a grid step (it needs sigma_hat) and has no table here.
+    """
+    s = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()]
+    rows = []
+    for i in range(len(s) - 1):
+        if kind == "euler":
+            rows.append(euler_coefficients(s[i], s[i + 1]))
+        elif kind == "heun":
+            rows.append(euler_coefficients(s[i], s[i + 1]) if s[i + 1] == 0.0 else heun_coefficients(s[i], s[i + 1]))
+        elif kind == "dpmpp_2m":
+            rows.append(dpmpp_2m_coefficients(s[i], s[i + 1], s[i - 1] if i > 0 else None))
+        elif kind == "ddim":
+            rows.append(ddim_coefficients(s[i], s[i + 1], eta))
+        else:
+            raise ValueError(f"kind: expected one of euler, heun, dpmpp_2m, ddim for a table, got {kind!r}")
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 4)
 
 
 def new_finite_flag(device) -> torch.Tensor:
@@ -84,28 +189,13 @@ def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
 
 
 def _run_reference(x, denoised, extra, noise, out, row, step, flag):
-    result = _ref.sampler_step_ref(x, denoised, row, extra, noise)
+    from diffcore.ref.sampler_step import sampler_step_ref
+
+    result = sampler_step_ref(x, denoised, row, extra, noise)
     out.copy_(result)
     if flag is not None:
         bad = ~(torch.isfinite(denoised).all() & torch.isfinite(out).all())
         flag.copy_(torch.where(bad, torch.clamp(flag, max=step), flag))
-    return out
-
-
-def _run_cpu(x, denoised, extra, noise, out, row, step, flag):
-    extension().sampler_step_cpu(
-        dtype_name(x.dtype), x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
-        noise.data_ptr() if noise is not None else 0, out.data_ptr(), x.numel(), row[0], row[1], row[2], row[3],
-        step, flag.data_ptr() if flag is not None else 0, torch.get_num_threads())
-    return out
-
-
-def _run_cuda(x, denoised, extra, noise, out, row, step, flag):
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    extension().sampler_step_cuda(
-        dtype_name(x.dtype), x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
-        noise.data_ptr() if noise is not None else 0, out.data_ptr(), x.numel(), row[0], row[1], row[2], row[3],
-        step, flag.data_ptr() if flag is not None else 0, stream)
     return out
 
 
@@ -115,7 +205,8 @@ def _run_triton(x, denoised, extra, noise, out, row, step, flag):
     return sampler_step_triton(x, denoised, extra, noise, out, row, step, flag)
 
 
-_RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
+# Backend name -> run(x, denoised, extra, noise, out, row, step, flag) -> out.
+RUNNERS = {"reference": _run_reference, "cpu": _cpu.run, "cuda": _cuda.run, "triton": _run_triton}
 
 
 def step_runner(backend: str, device: torch.device, dtype: torch.dtype):
@@ -124,11 +215,11 @@ def step_runner(backend: str, device: torch.device, dtype: torch.dtype):
     contiguous tensors of one shape, dtype and device. Returns ``(name, run)``."""
     name = BACKENDS.resolve(backend, torch.device(device))
     if (backend or "auto").lower() == "auto" and dtype not in _DTYPES[name]:
-        name = "reference"  # auto: the fast kernels lack this dtype (e.g. float64 on CUDA -> Triton)
+        name = "reference"  # auto: the kernel lacks this dtype (float16/bfloat16 on the CPU)
     if dtype not in _DTYPES[name]:
         names = ", ".join(dtype_name(d) for d in _DTYPES[name])
         raise TypeError(f"sampler_step: backend {name!r} supports {names}; got {dtype_name(dtype)}")
-    return name, _RUNNERS[name]
+    return name, RUNNERS[name]
 
 
 def bound_step_runner(backend: str, like: torch.Tensor, flag: torch.Tensor | None):
@@ -139,18 +230,7 @@ def bound_step_runner(backend: str, like: torch.Tensor, flag: torch.Tensor | Non
     ``(name, run)``."""
     name, runner = step_runner(backend, like.device, like.dtype)
     if name == "cpu":
-        kernel = extension().sampler_step_cpu
-        dtype, numel, threads = dtype_name(like.dtype), like.numel(), torch.get_num_threads()
-        flag_ptr = flag.data_ptr() if flag is not None else 0
-        checking = flag is not None
-
-        def run_cpu(x, denoised, extra, noise, out, row, step):
-            bad = kernel(dtype, x.data_ptr(), denoised.data_ptr(), extra.data_ptr() if extra is not None else 0,
-                         noise.data_ptr() if noise is not None else 0, out.data_ptr(), numel, row[0], row[1],
-                         row[2], row[3], step, flag_ptr, threads)
-            return checking and bad > 0
-
-        return name, run_cpu
+        return name, _cpu.bound_runner(like, flag)
     flag_host = flag.numpy() if flag is not None and like.device.type == "cpu" else None
 
     def run(x, denoised, extra, noise, out, row, step):
