@@ -76,9 +76,9 @@ def test_demo_writes_figure_and_results(tmp_path, capsys, stand_in_hooks):
 
 
 def test_train_is_delegated(monkeypatch):
-    from diffcore.experiments import _stack
+    from diffcore import train
 
     seen = {}
-    monkeypatch.setattr(_stack, "train_cli_main", lambda argv: seen.setdefault("argv", argv) and 0)
+    monkeypatch.setattr(train, "main_train", lambda argv: seen.setdefault("argv", argv) and 0)
     assert cli.main(["train", "--steps", "5", "--help"]) == 0
     assert seen["argv"] == ["--steps", "5", "--help"]

@@ -17,7 +17,7 @@ from diffcore.train.checkpoint import list_checkpoints
 
 
 def _train_command(config_file):
-    return [sys.executable, "-m", "diffcore.train", "--config", str(config_file), "--no-progress"]
+    return [sys.executable, str(HERE / "train_main.py"), "--config", str(config_file), "--no-progress"]
 
 
 def _write(config, path):

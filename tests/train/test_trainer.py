@@ -54,7 +54,7 @@ def test_resumed_run_matches_uninterrupted_bitwise(tiny_config, tmp_path):
 def test_training_reduces_the_loss_on_molrg(tmp_path):
     config = TrainConfig(
         data={"name": "molrg", "K": 2, "n": 16, "d": 2, "num": 256, "seed": 0},
-        model={"name": "tiny_model:tiny_denoiser", "dim": 16, "width": 64},
+        model={"name": "tiny_denoiser", "dim": 16, "width": 64},
         steps=300, batch_size=32, lr=3e-3, lr_warmup_images=320, ema_halflife_images=500,
         seed=0, device="cpu", out_dir=str(tmp_path / "run"), checkpoint_every=300, log_every=50,
         progress=False)
@@ -93,7 +93,7 @@ def test_config_mismatch_and_damaged_checkpoint_raise(tiny_config, tmp_path):
 @pytest.mark.parametrize("options", [
     {"loss": "ddpm"},
     {"precision": "bf16"},
-    {"class_conditional": True, "model": {"name": "tiny_model:tiny_denoiser", "num_classes": 10}},
+    {"class_conditional": True, "model": {"name": "tiny_denoiser", "num_classes": 10}},
     {"augment": "xflip", "grad_clip": 0.0, "ema_rampup_ratio": None},
 ])
 def test_training_options_run(tiny_config, options):
