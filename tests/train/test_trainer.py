@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from diffcore import _env
 from diffcore.data import load_dataset
 from diffcore.train import (CheckpointError, EDMLoss, build_model, TrainConfig, add_train_arguments, load_checkpoint,
                             load_trained_model, main_train, train_from_config)
@@ -16,10 +17,8 @@ from diffcore.train.cli import config_from_args
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _env.torch_threads(1):
+        yield
 
 
 def _assert_same_checkpoint(a, b):

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from diffcore import _folder
+from diffcore.sampler.noise import SEED_MAX
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,6 @@ def config_from_preset(presets: Mapping[str, Callable[[], Any]], preset: str,
 # A check is ``check(name, value)`` raising ConfigError("name: expected ..., got ...").
 
 Check = Callable[[str, Any], None]
-SEED_MAX = 2 ** 32 - 1  # torch's CPU generator uses 32 bits of a seed (see diffcore.sampler.noise)
 
 
 def _fail(name: str, expected: str, value: Any) -> None:
