@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffcore import _folder
 from diffcore.experiments import EXPERIMENTS, base, demo, experiment, reproducibility
@@ -264,3 +265,16 @@ def test_a_run_never_starts_beside_a_surviving_worker(tmp_path, monkeypatch):
         survivor.wait()
     with _folder.claim_folder(tmp_path, "demo"):  # and the lock was released on the refusal
         pass
+
+
+def test_a_training_request_is_validated_before_training(tmp_path, monkeypatch):
+    from diffcore import train
+    from diffcore.experiments import _stack
+
+    monkeypatch.setattr(train, "train_from_config", lambda *a, **k: pytest.fail("trained"))
+    spec = {"dataset": "digits", "n": 8, "subset_seed": 0, "model_preset": "ddpmpp-digits", "width": 4,
+            "seed": 0, "train_steps": 0, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0}
+    with pytest.raises(ValueError, match="steps must be positive"):
+        _stack.train_model(torch.zeros(8, 1, 8, 8), spec, tmp_path, tmp_path)
+    with pytest.raises(ValueError, match="images: expected the 8 training images, got 3"):
+        _stack.train_model(torch.zeros(3, 1, 8, 8), {**spec, "train_steps": 5}, tmp_path, tmp_path)
