@@ -27,7 +27,7 @@ def _seed_list(seeds) -> list[int]:
         raise ValueError("seeds: expected at least one seed, got an empty sequence")
     for i, s in enumerate(values):
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
-            raise ValueError(f"seeds: expected integers in [0, 2**32 - 1] (larger seeds would repeat "
+            raise ValueError(f"seeds: expected non-negative integers below 2**32 (larger seeds would repeat "
                              f"smaller ones: torch's CPU generator keeps 32 bits), got seeds[{i}] = {s!r}")
     return values
 
