@@ -278,3 +278,9 @@ def test_a_training_request_is_validated_before_training(tmp_path, monkeypatch):
         _stack.train_model(torch.zeros(8, 1, 8, 8), spec, tmp_path, tmp_path)
     with pytest.raises(ValueError, match="images: expected the 8 training images, got 3"):
         _stack.train_model(torch.zeros(3, 1, 8, 8), {**spec, "train_steps": 5}, tmp_path, tmp_path)
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere)
+    with pytest.raises(_folder.FolderError, match="out: the folder .* is not writable"):
+        Workspace(tmp_path / "ro")
