@@ -2,6 +2,7 @@
 
 An experiment writes everything under one output folder::
 
+    OUT/diffcore-run.json      the kind of run (the experiment's name; another kind is refused)
     OUT/config.json            the resolved config (a rerun with a different config is refused)
     OUT/units/<kind>/<name>/   finished units: a trained model, a sample set, a metric ...
     OUT/work/<kind>/<name>/    scratch of unfinished units (e.g. a trainer's checkpoints)
@@ -13,22 +14,31 @@ folder and moved into place with one ``os.replace`` after its manifest is writte
 leaves either a finished unit or none; a finished unit whose files no longer match the manifest is
 an error, never silently reused. Single files (results, figures) are written to a temporary file in
 the same folder and ``os.replace``-d over the target.
+
+A run holds the folder with :meth:`Workspace.claim` (see :mod:`diffcore._folder`): one run at a
+time (a second one waits or exits naming the holder), temporaries of killed runs removed, a folder
+of another kind refused; the config is validated before it is bound.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from diffcore import _folder
+from diffcore.sampler.noise import SEED_MAX
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +79,27 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _non_finite_path(value: Any, path: str = "") -> str | None:
+    """The path (``models[3].gl``) of the first NaN or infinity in a JSON-able value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the value)"
+    if isinstance(value, Mapping):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for p, v in items if (found := _non_finite_path(v, p)) is not None), None)
+
+
 def json_dumps(value: Any) -> str:
-    return json.dumps(to_jsonable(value), indent=2, sort_keys=True, allow_nan=True) + "\n"
+    """Strict JSON (sorted keys, indented): a NaN or infinity raises ValueError naming where it is
+    (missing values are None, written as null)."""
+    value = to_jsonable(value)
+    where = _non_finite_path(value)
+    if where is not None:
+        raise ValueError(f"refusing to write a non-finite number as JSON: {where} is not finite")
+    return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> Path:
@@ -167,9 +196,109 @@ def apply_overrides(config: Any, overrides: Iterable[str]) -> Any:
 
 def config_from_preset(presets: Mapping[str, Callable[[], Any]], preset: str,
                        overrides: Iterable[str] = ()) -> Any:
+    """The preset with ``overrides`` applied, validated (its ``validate()``, when it has one)."""
     if preset not in presets:
         raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    return apply_overrides(presets[preset](), overrides)
+    config = apply_overrides(presets[preset](), overrides)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+# ----------------------------------------------------------------------------- field ranges
+# A check is ``check(name, value)`` raising ConfigError("name: expected ..., got ...").
+
+Check = Callable[[str, Any], None]
+
+
+def _fail(name: str, expected: str, value: Any) -> None:
+    raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _bounds(lo, hi, lo_open: bool = False) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}]"
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    """An int in [lo, hi] (None: unbounded on that side)."""
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, "an integer", value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            _fail(name, "an integer " + (_bounds(lo, hi) if lo is not None else f"<= {hi}"), value)
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
+    """A finite real number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(name, "a finite number", value)
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if low_bad or (hi is not None and value > hi):
+            _fail(name, "a finite number " + (_bounds(lo, hi, lo_open) if lo is not None else f"<= {hi}"), value)
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    def check(name, value):
+        if value not in choices:
+            _fail(name, "one of " + ", ".join(map(str, choices)), value)
+    return check
+
+
+def text(name: str, value: Any) -> None:
+    """Any string (a path, a name checked where it is used)."""
+    if not isinstance(value, str):
+        _fail(name, "a string", value)
+
+
+def optional(inner: Check) -> Check:
+    """None or a value ``inner`` accepts."""
+    def check(name, value):
+        if value is not None:
+            inner(name, value)
+    return check
+
+
+def tuple_of(inner: Check, min_len: int = 1) -> Check:
+    """A tuple of at least ``min_len`` distinct values, each accepted by ``inner``."""
+    def check(name, value):
+        if not isinstance(value, tuple) or len(value) < min_len:
+            _fail(name, f"at least {min_len} comma-separated value{'s' if min_len != 1 else ''}", value)
+        if len(set(value)) != len(value):
+            _fail(name, "distinct values", value)
+        for i, item in enumerate(value):
+            inner(f"{name}[{i}]", item)
+    return check
+
+
+seed = integer(0, SEED_MAX)
+
+
+def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
+    """Run ``checks[field]`` on every field of the dataclass ``config`` (every field needs one)."""
+    names = [f.name for f in dataclasses.fields(config)]
+    missing = [n for n in names if n not in checks]
+    if missing:
+        raise TypeError(f"{type(config).__name__}: no range declared for {', '.join(missing)}")
+    for name in names:
+        checks[name](name, getattr(config, name))
+
+
+def check_seed_range(start_name: str, start: int, count: int) -> None:
+    """Seeds ``start .. start + count - 1`` must all be valid seeds."""
+    if start + count - 1 > SEED_MAX:
+        raise ConfigError(f"{start_name}: seeds {start} .. {start + count - 1} exceed the largest "
+                          f"seed {SEED_MAX}")
+
+
+def check_sigmas(sigma_min: float, sigma_max: float) -> None:
+    if not sigma_min < sigma_max:
+        raise ConfigError(f"sigma_min: expected sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
 
 
 # ----------------------------------------------------------------------------- resumable units
@@ -196,23 +325,41 @@ class Workspace:
     """An experiment's output folder with resumable units."""
 
     def __init__(self, root: str | os.PathLike, verify: bool = True):
-        self.root = Path(root)
+        self.root = _folder.check_output_folder(root)
         self.verify = verify
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.kind: str | None = None
+
+    @contextlib.contextmanager
+    def claim(self, kind: str) -> Iterator["Workspace"]:
+        """Hold the folder for a run of ``kind`` (lock, stale temporaries removed, another kind
+        refused; see :mod:`diffcore._folder`). :meth:`bind_config` then records the kind."""
+        with _folder.claim_folder(self.root, kind, record=False, legacy_files=("config.json",)):
+            self.kind = kind
+            try:
+                yield self
+            finally:
+                self.kind = None
 
     # config ------------------------------------------------------------------
     def bind_config(self, config: Any, name: str = "config.json") -> None:
-        """Write the run's config, or check that it equals the one already there."""
+        """Write the run's config, or check that it equals the one already there (validate the
+        config first); inside :meth:`claim` this also records the folder's kind."""
         path = self.root / name
         wanted = json.loads(json_dumps(config))
         if path.exists():
-            found = json.loads(path.read_text())
+            try:
+                found = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UnitError(f"{path}: unreadable ({exc}); delete it only if the folder holds "
+                                "nothing you need, or use a new --out folder") from None
             if found != wanted:
                 diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
                 raise UnitError(f"out: {self.root} holds a run with another config (differs in "
                                 f"{', '.join(diff)}); use a new --out folder or the same settings")
-            return
-        atomic_write_json(path, wanted)
+        else:
+            atomic_write_json(path, wanted)
+        if self.kind is not None:
+            _folder.record_kind(self.root, self.kind)
 
     # paths -------------------------------------------------------------------
     def unit_path(self, kind: str, name: str) -> Path:
@@ -233,8 +380,8 @@ class Workspace:
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UnitError(f"unit {kind}/{name}: unreadable {MANIFEST}; delete {path} to redo it") from exc
+        except (ValueError, UnicodeDecodeError):
+            raise UnitError(f"{manifest_path}: unreadable; delete {path} to redo the unit") from None
         wanted = json.loads(json_dumps(spec))
         if manifest.get("spec") != wanted:
             raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "

@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import torch
 
-from diffcore import metrics
-from diffcore.experiments import plotting
+from diffcore import _env, metrics
+from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -80,17 +80,31 @@ class ReproducibilityConfig:
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
 
-    def validate(self, pool_size: int) -> None:
-        if not self.widths or not self.sizes or not self.train_seeds:
-            raise ValueError("widths, sizes and train_seeds must each name at least one value")
-        if min(self.sizes) < 2:
-            raise ValueError(f"sizes: the memorization ratio needs N >= 2, got {min(self.sizes)}")
-        if max(self.sizes) > pool_size:
-            raise ValueError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
-        if self.num_samples < 1:
-            raise ValueError("num_samples must be at least 1")
-        if self.torch_threads < 0 or self.train_workers < 1:
-            raise ValueError("torch_threads must be >= 0 and train_workers >= 1")
+    def validate(self, pool_size: int | None = None) -> None:
+        """Raise ConfigError naming the first field out of its range (``pool_size``: the number of
+        images of the dataset, once loaded, bounds ``sizes``)."""
+        base.check_fields(self, FIELD_CHECKS)
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
+        base.check_sigmas(self.sigma_min, self.sigma_max)
+        if pool_size is not None and max(self.sizes) > pool_size:
+            raise base.ConfigError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
+
+
+_POSITIVE = base.integer(1)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "dataset": base.text, "data_root": base.text, "model_preset": base.text, "similarity": base.text,
+    "widths": base.tuple_of(_POSITIVE),
+    "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
+    "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
+    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
+    "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
+    "solver": base.one_of("euler", "heun"),
+    "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
+    "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
+    "calibration_quantile": base.number(0, 1),
+    "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
+    "grid_samples": base.integer(0), "torch_threads": base.integer(0), "train_workers": _POSITIVE,
+}
 
 
 # How many models train at once changes the wall time, not the results (each model's training is
@@ -164,10 +178,7 @@ class StudyHooks:
 def default_hooks() -> StudyHooks:
     from diffcore.experiments import _stack
 
-    return StudyHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
-                      load=_stack.load_model, sample=_stack.sample,
-                      empirical_denoiser=_stack.empirical_denoiser, knn=_stack.knn,
-                      noise_from_seeds=_stack.noise_from_seeds)
+    return _stack.default_hooks()
 
 
 # ----------------------------------------------------------------------------- units
@@ -291,9 +302,9 @@ class _Study:
     # the whole study ----------------------------------------------------------
     def run(self) -> dict:
         c = self.config
-        self.ws.bind_config(c.result_fields())
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
+        self.ws.bind_config(c.result_fields())
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
@@ -307,7 +318,8 @@ class _Study:
             emp_name = f"empirical-n{n}"
             emp_spec = {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
             emp_samples = self.sample_unit(emp_name, emp_spec,
-                                           lambda: self.hooks.empirical_denoiser(train_images), shape)
+                                           lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                                           shape)
             emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
             empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
             bar.update(1)
@@ -351,7 +363,8 @@ class _Study:
         (spawned; ``torch_threads`` threads each). The main loop then finds them finished. Costliest
         (widest) first, so the last ones to start are the cheap ones."""
         import concurrent.futures
-        import multiprocessing
+
+        from diffcore import _folder
 
         c = self.config
         todo = [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
@@ -361,9 +374,8 @@ class _Study:
             return
         log.info("training %d models, %d at a time", len(todo), c.train_workers)
         start = time.perf_counter()
-        context = multiprocessing.get_context("spawn")
         bar = _progress_bar(len(todo), self.progress, desc="training", unit="model")
-        pool = concurrent.futures.ProcessPoolExecutor(min(c.train_workers, len(todo)), mp_context=context)
+        pool = _folder.worker_pool(min(c.train_workers, len(todo)), self.ws.root)  # die with this process
         try:
             futures = {pool.submit(_train_model_in_worker, c, str(self.ws.root), w, n, s, self.device): (w, n, s)
                        for w, n, s in todo}
@@ -420,35 +432,15 @@ class _Study:
 def _train_model_in_worker(config: ReproducibilityConfig, out: str, width: int, n: int, seed: int,
                            device: str) -> None:
     """One model unit, in a worker process (see :meth:`_Study.train_in_workers`)."""
-    with _torch_threads(config.torch_threads):
+    with _env.torch_threads(config.torch_threads):
         study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
         pool = study.hooks.load_dataset(config.dataset, config.data_root)
         train_images, _ = study.hooks.subset(pool, n, config.subset_seed)
         study.model_unit(width, n, seed, train_images)
 
 
-class _torch_threads:
-    """Context manager: ``torch.set_num_threads(n)`` inside (n = 0: unchanged)."""
-
-    def __init__(self, n: int):
-        self.n, self.before = int(n), None
-
-    def __enter__(self):
-        if self.n > 0:
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.before is not None:
-            torch.set_num_threads(self.before)
-        return False
-
-
 def _progress_bar(total: int, progress: bool, desc: str = "reproducibility", unit: str = "model"):
     from tqdm.auto import tqdm
-
-    from diffcore import _env
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not _env.progress_enabled(progress))
 
@@ -497,13 +489,15 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
+    config.validate()
     start = time.perf_counter()
-    with _torch_threads(config.torch_threads):
+    with _env.torch_threads(config.torch_threads):
         study = _Study(config, out, hooks, device, progress, default_stack=default_stack)
-        results = study.run()
-    wall = time.perf_counter() - start
-    timings_path = Path(out) / "timings.json"
-    atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
+        with study.ws.claim(NAME):
+            results = study.run()
+            wall = time.perf_counter() - start
+            timings_path = study.ws.root / "timings.json"
+            atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
     log.info("reproducibility study done in %.1f s: %s", wall, out)
     return results
 
