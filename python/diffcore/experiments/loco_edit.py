@@ -85,6 +85,7 @@ class LocoEditConfig:
     subspace_iters: int = 50
     subspace_tol: float = 1e-4
     spectrum_k: int = 0                     # 0: exact full spectrum (small images); else top-k + Hutchinson
+    spectrum_probes: int = 32               # Hutchinson probes of the rest of |J|_F^2 (with spectrum_k > 0)
     rank_ratio: float = 0.99                # numerical rank: top k carry ratio^2 of |J|_F^2
     transfer: bool = True
     torch_threads: int = 1                  # CPU intra-op threads (0: torch's default)
@@ -94,7 +95,8 @@ class LocoEditConfig:
         _one_of("image_source", self.image_source, IMAGE_SOURCES)
         _one_of("solver", self.solver, SOLVERS)
         _one_of("subspace_method", self.subspace_method, SUBSPACE_METHODS)
-        for name in ("width", "train_size", "train_steps", "batch_size", "inversion_steps", "rank", "subspace_iters"):
+        for name in ("width", "train_size", "train_steps", "batch_size", "inversion_steps", "rank", "subspace_iters",
+                     "spectrum_probes"):
             _at_least(name, getattr(self, name), 1)
         for name in ("train_seed", "subset_seed", "lr_warmup_images", "noise_seed", "k_out", "spectrum_k",
                      "torch_threads"):
@@ -286,12 +288,13 @@ def grid_mask(spec: str, shape) -> torch.Tensor:
 
 def mask_from_file(path, shape) -> torch.Tensor:
     """An image file as a mask [C, H, W]: grayscale, resized (nearest) to H x W, inside where >= 50 %."""
+    import numpy as np
     from PIL import Image
 
     c, h, w = shape
     with Image.open(path) as img:
         gray = img.convert("L").resize((w, h), Image.NEAREST)
-        values = torch.tensor(list(gray.getdata()), dtype=torch.float64).reshape(h, w) / 255.0
+        values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
     m = (values >= 0.5).to(torch.float64)
     if float(m.sum()) == 0:
         raise ValueError(f"mask: {path} has no pixel inside (white = inside)")
@@ -300,6 +303,7 @@ def mask_from_file(path, shape) -> torch.Tensor:
 
 def image_from_file(path, shape) -> torch.Tensor:
     """An image file as [C, H, W] in [-1, 1] (RGB or grayscale by C, resized bicubically to H x W)."""
+    import numpy as np
     from PIL import Image
 
     c, h, w = shape
@@ -307,7 +311,7 @@ def image_from_file(path, shape) -> torch.Tensor:
         raise ValueError(f"image_files: the model has {c} channels; image files give 1 or 3")
     with Image.open(path) as img:
         img = img.convert("RGB" if c == 3 else "L").resize((w, h), Image.BICUBIC)
-        data = torch.tensor(list(img.getdata()), dtype=torch.float32).reshape(h, w, c)
+        data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
     return data.permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -401,7 +405,7 @@ class _Study:
     def image_spec(self, model: dict, position: int, image) -> dict:
         c = self.c
         keys = ("image_source", "edit_time", "inversion_steps", "solver", "stochastic_below", "noise_seed", "rank",
-                "k_out", "strengths", "subspace_method", "subspace_iters", "subspace_tol", "spectrum_k")
+                "k_out", "strengths", "subspace_method", "subspace_iters", "subspace_tol", "spectrum_k", "spectrum_probes")
         return {"model": model, "image": image, "position": position,
                 "mask": c.mask_files[position] if c.mask_files else c.mask, **{k: getattr(c, k) for k in keys}}
 
@@ -460,7 +464,7 @@ class _Study:
         out = {}
         for key, m in (("jacobian", None), ("masked", mask)):
             s, frob = analysis.jacobian_spectrum(denoiser, x_t, sigma, mask=m, k=k, **(
-                {} if k is None else self.subspace_kwargs()))
+                {} if k is None else {"probes": c.spectrum_probes, **self.subspace_kwargs()}))
             out[f"{key}_singular_values"], out[f"{key}_frobenius_sq"] = s, frob
         return out
 
