@@ -732,6 +732,7 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
             line, = ax.plot(range(1, s.numel() + 1), (s / s[0]).numpy(), style, lw=1,
                             label=f"{im['image']} {'J' if key == 'jacobian' else 'MJ'} (rank {im['rank_' + key]})")
     ax.set_yscale("log")
+    ax.set_ylim(1e-6, 1.5)
     ax.set_xlabel("index i")
     ax.set_ylabel("s_i / s_1")
     ax.set_title(f"Jacobian spectrum at sigma = {results['edit_sigma']:.3g}", fontsize=9)
@@ -753,6 +754,7 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     ax.plot(s, [r["gain_mean"] for r in summary], "s--", label="(|change(s)|/s) / (|change(s1)|/s1)")
     ax.plot(s, [1 - r["x0_rel_error_mean"] for r in summary], "^:", label="1 - rel. error of x0_hat's J v")
     ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_ylim(0, 1.15)
     ax.set_xlabel("strength |s|")
     ax.set_title("linearity (1 = linear)", fontsize=9)
     ax.legend(fontsize=7)
