@@ -318,12 +318,9 @@ def image_from_file(path, shape) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the study
 class _Study:
     def __init__(self, config: LocoEditConfig, out, hooks: LocoHooks, device: str, progress: bool):
-        self.c = config
+        self.c, self.hooks, self.device, self.progress = config, hooks, device, progress
         self.ws = Workspace(out)
-        self.hooks = hooks
-        self.device = device
-        self.progress = progress
-        self.units: list[Unit] = []
+        self.units: list[Unit] = []                       # the units this run made or reused
 
     # model ----------------------------------------------------------------------
     def model_spec(self) -> dict:
@@ -698,21 +695,26 @@ def plot_edits(tensors: list[dict], results: dict, path) -> Path:
 
 
 def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path) -> Path:
-    """Rows: the direction's source image; columns: target images; each cell the target edited at
-    the largest strength (diagonal: the image's own direction). First row: the unedited targets."""
+    """Rows: the direction's source image; columns: target images; each cell the change of the
+    target edited at the largest strength (diagonal: the image's own direction), with the mask's
+    border. First row: the unedited targets; first column: the sources."""
     strengths = results["config"]["strengths"]
     col = len(strengths)                                  # index of +s_max (index 0 is unedited)
     n = edits.shape[0]
     fig, axes = _figure(n + 1, n + 1)
     axes[0][0].axis("off")
     names = [im["image"] for im in results["images"]]
+    changes = edits[:, col] - edits[:, 0]                 # [src, tgt, C, H, W]
+    limit = float(changes.abs().max()) or 1.0
     for j in range(n):
         _show(axes[0][j + 1], edits[0, 0, j], names[j])
     for i in range(n):
         _show(axes[i + 1][0], tensors[i]["original"][0], f"dir. of {names[i]}")
         for j in range(n):
-            _show(axes[i + 1][j + 1], edits[i, col, j])
-    fig.suptitle(f"transfer: row i's direction applied to column j's image (s = +{strengths[-1]:g})", fontsize=8)
+            _show(axes[i + 1][j + 1], changes[i, j], None, diff=limit)
+            axes[i + 1][j + 1].contour(tensors[j]["mask"].mean(0).numpy(), levels=[0.5], colors="k", linewidths=0.6)
+    fig.suptitle(f"transfer: change of column j's image along row i's direction (s = +{strengths[-1]:g}; "
+                 "red +, blue -; black line: mask border)", fontsize=7)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
