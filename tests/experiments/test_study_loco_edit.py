@@ -243,3 +243,16 @@ def test_paper_pipeline_on_a_tiny_diffusers_folder(tmp_path, unet_folder):
         assert all(e["change_norm"] > 0 for e in im["edits"])
     assert len(results["transfer"]) == 2 * 2 * 2
     assert (tmp_path / "out" / "edits.png").stat().st_size > 0
+
+
+def test_generated_images_and_pool_size(tmp_path):
+    stack = GaussianStack()
+    config = dataclasses.replace(study.PRESETS["tiny"](), image_source="generated", image_seeds=(3, 4), rank=1,
+                                 strengths=(1.0,), transfer=False)
+    results = study.run(config, tmp_path / "gen", hooks=stack.hooks(), progress=False)
+    assert [im["image"] for im in results["images"]] == ["generated-3", "generated-4"]
+    assert all("reconstruction_rmse" not in im for im in results["images"])
+    loc = results["summary"]["per_strength"][0]
+    assert loc["inside_fraction_projected_mean"] > loc["inside_fraction_unprojected_mean"]
+    with pytest.raises(ConfigError, match="train_size"):
+        study.run(dataclasses.replace(config, train_size=5000), tmp_path / "big", hooks=stack.hooks(), progress=False)
