@@ -5,7 +5,12 @@
 - :func:`numerical_rank`, :func:`frobenius_norm_sq`, :func:`rank_along_trajectory`, :func:`euler_trajectory`.
 - :func:`local_linearity`.
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
+- LOCO Edit pipeline (:mod:`diffcore.analysis.editing`): :class:`EditTimeline`, :func:`loco_directions`,
+  :func:`edit_samples`, :func:`edit_locality`, :func:`edit_linearity`, :func:`jacobian_spectrum`.
 """
+from diffcore.analysis.editing import (EditTimeline, LocoDirections, compose_directions, edit_linearity,
+                                       edit_locality, edit_samples, jacobian_spectrum, load_directions,
+                                       loco_directions, region_mask, sample_back, save_directions)
 from diffcore.analysis.jacobian import JacobianOperator, JacobianSubspace, jacobian_full, jacobian_subspace
 from diffcore.analysis.linearity import LocalLinearity, local_linearity
 from diffcore.analysis.projection import edit_direction, null_space_project, orthonormal_rows, principal_angles
@@ -18,6 +23,8 @@ from diffcore.analysis.rank import (
 )
 
 __all__ = [
+    "EditTimeline", "LocoDirections", "compose_directions", "edit_linearity", "edit_locality", "edit_samples",
+    "jacobian_spectrum", "load_directions", "loco_directions", "region_mask", "sample_back", "save_directions",
     "JacobianOperator", "JacobianSubspace", "LocalLinearity", "TrajectoryRank", "edit_direction",
     "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
     "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",

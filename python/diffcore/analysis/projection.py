@@ -61,17 +61,34 @@ def edit_direction(denoiser, x: torch.Tensor, sigma, mask: torch.Tensor, *, k_ou
     interest most), with the top ``k_out`` right singular vectors of the outside Jacobian
     ``(1 - M) J`` projected out (null-space projection, so the edit leaves the outside little
     changed), renormalized to unit norm. Returns [B, ...]. Extra keywords go to ``jacobian_subspace``.
+    ``mask`` has shape ``x.shape[1:]`` or ``x.shape``; ``analysis.editing.loco_directions`` is the
+    image pipeline's version (several directions, checked masks, timings).
     """
-    from diffcore.analysis.jacobian import jacobian_subspace
-
     check_positive_int("k_out", k_out, minimum=0)
     check_positive_int("index", index, minimum=0)
     check_tensor("mask", mask)
-    inside = jacobian_subspace(denoiser, x, sigma, index + 1, mask=mask, **subspace_kwargs)
-    direction = inside.V[:, index].reshape(x.shape[0], -1)
+    outside_mask = 1 - mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
+    _, projected, _, _ = projected_directions(denoiser, x, sigma, mask, outside_mask, index + 1, k_out,
+                                              **subspace_kwargs)
+    return projected[:, index].reshape(x.shape).to(x.dtype)
+
+
+def projected_directions(denoiser, x: torch.Tensor, sigma, inside_mask, outside_mask, rank: int, k_out: int,
+                         **subspace_kwargs):
+    """The top ``rank`` right singular vectors of ``M_in J`` with the top ``k_out`` right singular
+    vectors of ``M_out J`` projected out of each and renormalized (the LOCO Edit step).
+
+    Returns ``(raw [B, rank, d], projected [B, rank, d], inside, outside)`` with the two
+    :class:`~diffcore.analysis.jacobian.JacobianSubspace` results (``outside`` is None for k_out = 0).
+    """
+    from diffcore.analysis.jacobian import jacobian_subspace
+
+    batch = x.shape[0]
+    inside = jacobian_subspace(denoiser, x, sigma, rank, mask=inside_mask, **subspace_kwargs)
+    raw = inside.V.reshape(batch, rank, -1)
+    projected, outside = raw, None
     if k_out > 0:
-        outside_mask = 1 - mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
         outside = jacobian_subspace(denoiser, x, sigma, k_out, mask=outside_mask, **subspace_kwargs)
-        direction = null_space_project(direction[:, None, :], outside.V.reshape(x.shape[0], k_out, -1))[:, 0]
-    norm = direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(direction.dtype).tiny)
-    return (direction / norm).reshape(x.shape).to(x.dtype)
+        projected = null_space_project(raw, outside.V.reshape(batch, k_out, -1))
+    norm = projected.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(projected.dtype).tiny)
+    return raw, projected / norm, inside, outside

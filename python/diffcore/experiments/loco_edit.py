@@ -1,0 +1,800 @@
+"""LOCO Edit: local, training-free image editing along low-rank Jacobian directions (PAPERS.md
+section 5, issue 13), on any denoiser (no diffusers needed except to read a diffusers model folder).
+
+Per image (a dataset image inverted to the edit time, a generated sample stopped there, or an image
+file): the Jacobian's numerical rank at the edit time (whole image and inside the mask), the top
+``rank`` LOCO directions (``diffcore.analysis.loco_directions``: masked Jacobian, null-space
+projection of the top ``k_out`` outside directions), edits ``x_t + s v`` at each strength of both
+signs sampled back to images (with and without the projection for the first direction), and the
+sum of the first two directions (composition). Then every image's first direction applied to
+every image (transfer). Measured per edit: locality (energy of the change inside the mask over
+outside, and the inside fraction), the outside masked MSE, linearity (cosine of the +s / -s changes,
+growth of the change with s; and the posterior-mean predictor's own local linearity), the time per
+direction (wall and CPU), and transfer locality.
+
+Outputs: ``results.json``, ``edits.csv``, ``transfer.csv``, ``edits.png``, ``transfer.png``,
+``spectrum.png``, ``timings.json``; per image a unit with ``directions.safetensors`` (load with
+``diffcore.analysis.load_directions``), the latent and the edited images.
+
+Models: the digits UNet diffcore trains (reused from a reproducibility run's folder with
+``models_from`` when it holds the model ``w{width}-n{train_size}-s{train_seed}``, otherwise trained
+here as a resumable unit), or a diffusers ``UNet2DModel`` folder with its scheduler
+(``diffusers_dir``: the paper preset).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
+                                       atomic_write_json, config_from_preset, json_dumps)
+
+log = logging.getLogger(__name__)
+
+NAME = "loco-edit"
+IMAGE_SOURCES = ("dataset", "generated", "files")
+NAMED_MASKS = ("upper-half", "lower-half", "left-half", "right-half", "center")
+SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m")
+SUBSPACE_METHODS = ("subspace", "randomized", "lanczos")
+
+
+@dataclass(frozen=True)
+class LocoEditConfig:
+    """What the study computes (all fields define the results; ``run``'s device and progress do not)."""
+
+    # the model: a diffusers folder, or the digits UNet (reused from models_from, else trained)
+    diffusers_dir: str = ""                 # local folder: UNet2DModel (root or unet/) + scheduler config
+    models_from: str = ""                   # a reproducibility study's --out folder
+    dataset: str = "digits"
+    data_root: str = ""
+    model_preset: str = "ddpmpp-digits-light"
+    width: int = 32
+    train_size: int = 1797                  # N training images (1797 = all digits: the generalizing model)
+    train_seed: int = 0
+    subset_seed: int = 0
+    train_steps: int = 1200
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_warmup_images: int = 1000
+    # images and their region of interest
+    image_source: str = "dataset"           # dataset | generated | files
+    image_indices: tuple[int, ...] = (0, 1, 2, 3)     # dataset images
+    image_seeds: tuple[int, ...] = (0, 1, 2, 3)       # generated images: x_T = sigma(t=1) * noise(seed)
+    image_files: tuple[str, ...] = ()                 # image files (resized to the model's resolution)
+    mask: str = "upper-half"                # upper-half | lower-half | left-half | right-half | center |
+                                            # box:r0,r1,c0,c1 (fractions of height/width) | an image file
+    mask_files: tuple[str, ...] = ()        # one mask image per image (white = inside); overrides mask
+    # the edit
+    edit_time: float = 0.6                  # fraction of the DDPM horizon T (paper: 0.6 T)
+    inversion_steps: int = 100              # steps over the whole horizon (paper: 100)
+    solver: str = "ddim"
+    stochastic_below: float = 0.0           # ancestral steps below this time (paper's script: 0.2); 0 = none
+    noise_seed: int = 0                     # seeds of those steps: noise_seed + image position
+    rank: int = 2                           # directions per image (top of the masked Jacobian)
+    k_out: int = 5                          # outside directions projected out
+    strengths: tuple[float, ...] = (1.0, 2.0, 4.0)    # each used with both signs
+    subspace_method: str = "subspace"
+    subspace_iters: int = 50
+    subspace_tol: float = 1e-4
+    spectrum_k: int = 0                     # 0: exact full spectrum (small images); else top-k + Hutchinson
+    spectrum_probes: int = 32               # Hutchinson probes of the rest of |J|_F^2 (with spectrum_k > 0)
+    rank_ratio: float = 0.99                # numerical rank: top k carry ratio^2 of |J|_F^2
+    transfer: bool = True
+    torch_threads: int = 1                  # CPU intra-op threads (0: torch's default)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that is out of range."""
+        _one_of("image_source", self.image_source, IMAGE_SOURCES)
+        _one_of("solver", self.solver, SOLVERS)
+        _one_of("subspace_method", self.subspace_method, SUBSPACE_METHODS)
+        for name in ("width", "train_size", "train_steps", "batch_size", "inversion_steps", "rank", "subspace_iters",
+                     "spectrum_probes"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("train_seed", "subset_seed", "lr_warmup_images", "noise_seed", "k_out", "spectrum_k",
+                     "torch_threads"):
+            _at_least(name, getattr(self, name), 0)
+        if not (isinstance(self.edit_time, (int, float)) and 0 < self.edit_time < 1):
+            raise ConfigError(f"edit_time: expected a value in (0, 1) (a fraction of the horizon T), got {self.edit_time!r}")
+        if not (isinstance(self.stochastic_below, (int, float)) and 0 <= self.stochastic_below < self.edit_time):
+            raise ConfigError(f"stochastic_below: expected a time in [0, edit_time = {self.edit_time}), "
+                              f"got {self.stochastic_below!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
+            raise ConfigError(f"learning_rate: expected a value in (0, 1), got {self.learning_rate!r}")
+        if not (isinstance(self.subspace_tol, (int, float)) and 0 < self.subspace_tol < 1):
+            raise ConfigError(f"subspace_tol: expected a value in (0, 1), got {self.subspace_tol!r}")
+        if not (isinstance(self.rank_ratio, (int, float)) and 0 < self.rank_ratio <= 1):
+            raise ConfigError(f"rank_ratio: expected a value in (0, 1], got {self.rank_ratio!r}")
+        if not self.strengths or any(not (isinstance(s, (int, float)) and 0 < s < 1e4 and math.isfinite(s))
+                                     for s in self.strengths):
+            raise ConfigError(f"strengths: expected positive numbers (each is used with both signs), got {self.strengths!r}")
+        if list(self.strengths) != sorted(set(self.strengths)):
+            raise ConfigError(f"strengths: expected distinct values in ascending order, got {self.strengths!r}")
+        images, field = self.images(), self.image_field()
+        if not images:
+            raise ConfigError(f"{field}: expected at least one image for image_source={self.image_source!r}")
+        if len(set(images)) != len(images):
+            raise ConfigError(f"{field}: expected distinct values, got {images!r}")
+        if self.image_source != "files" and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in images):
+            raise ConfigError(f"{field}: expected integers >= 0, got {images!r}")
+        if self.mask_files and len(self.mask_files) != len(images):
+            raise ConfigError(f"mask_files: expected one mask per image ({len(images)}), got {len(self.mask_files)}")
+        if not self.mask_files:
+            _check_mask_spec(self.mask)
+        if self.image_source == "dataset" and self.diffusers_dir:
+            raise ConfigError("image_source: 'dataset' needs the digits model; with diffusers_dir use 'files' or 'generated'")
+
+    def images(self) -> tuple:
+        """The images of ``image_source``: dataset indices, seeds or file paths."""
+        return getattr(self, self.image_field())
+
+    def image_field(self) -> str:
+        return {"dataset": "image_indices", "generated": "image_seeds", "files": "image_files"}[self.image_source]
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _at_least(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_mask_spec(spec: str) -> None:
+    if spec in NAMED_MASKS:
+        return
+    if spec.startswith("box:"):
+        parts = spec[4:].split(",")
+        try:
+            r0, r1, c0, c1 = (float(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"mask: expected box:r0,r1,c0,c1 (fractions of height and width), got {spec!r}") from None
+        if not (0 <= r0 < r1 <= 1 and 0 <= c0 < c1 <= 1):
+            raise ConfigError(f"mask: box fractions must satisfy 0 <= r0 < r1 <= 1 and 0 <= c0 < c1 <= 1, got {spec!r}")
+        return
+    if not spec or not Path(spec).is_file():
+        raise ConfigError(f"mask: expected one of {', '.join(NAMED_MASKS)}, box:r0,r1,c0,c1 or an image file, got {spec!r}")
+
+
+def _quick() -> LocoEditConfig:
+    """The digits UNet (width 32, all 1797 digits: the main job's generalizing model; reused with
+    ``--set models_from=<reproducibility --out>``, else trained: 207 s CPU with AVX2), 4 dataset
+    digits, upper-half mask, edit time 0.4 (sigma 2.04); the editing itself 52 s CPU (docs/studies.md)."""
+    return LocoEditConfig(edit_time=0.4)
+
+
+def _tiny() -> LocoEditConfig:
+    """Seconds, with stand-in hooks (tests): 3 images, 10 inversion steps, one direction."""
+    return LocoEditConfig(width=4, train_steps=10, batch_size=16, image_indices=(0, 1, 2),
+                          edit_time=0.4, inversion_steps=10, rank=2, k_out=3, strengths=(1.0, 2.0),
+                          subspace_iters=30)
+
+
+def _paper() -> LocoEditConfig:
+    """A pixel-space diffusers UNet2DModel with its scheduler (e.g. a DDPM CelebA-HQ 256 folder;
+    set diffusers_dir, image_files and mask_files): edit time 0.6 T, 100 inversion steps, strengths
+    up to 16 steps of 0.5 (= 8) both ways, one direction, 5 outside directions projected out,
+    ancestral steps below 0.2 T as the authors' script does; top-32 spectrum (GPU)."""
+    return LocoEditConfig(diffusers_dir="models/ddpm-celebahq-256", image_source="files", image_files=(),
+                          mask="center", edit_time=0.6, inversion_steps=100, rank=1, k_out=5,
+                          strengths=(2.0, 4.0, 8.0), stochastic_below=0.2, spectrum_k=32, subspace_iters=50,
+                          torch_threads=0)
+
+
+PRESETS: dict[str, Callable[[], LocoEditConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
+CONFIG_CLASS = LocoEditConfig
+
+
+# ----------------------------------------------------------------------------- hooks
+@dataclass
+class LocoHooks:
+    """What the study needs from the stack (injectable for tests).
+
+    - ``load_dataset(name, root) -> images [P, C, H, W]`` in [-1, 1]
+    - ``subset(images, n, seed) -> (images [n, ...], indices)``
+    - ``train(images, spec, out_dir, work_dir, device=, progress=) -> dict`` writes a model to out_dir
+    - ``load(model_dir, device=) -> D(x, sigma)``
+    - ``load_diffusers(folder, device=) -> (D(x, sigma), alphas_cumprod [T], image shape (C, H, W))``
+    """
+
+    load_dataset: Callable
+    subset: Callable
+    train: Callable
+    load: Callable
+    load_diffusers: Callable
+
+
+def default_hooks() -> LocoHooks:
+    from diffcore.experiments import _stack
+
+    return LocoHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
+                     load=_stack.load_model, load_diffusers=load_diffusers_denoiser)
+
+
+def load_diffusers_denoiser(folder, device="cpu"):
+    """A local diffusers folder as ``(D(x, sigma), alphas_cumprod, (C, H, W))``, offline.
+
+    The folder holds a ``UNet2DModel`` (``config.json`` + weights at the root, or in ``unet/``) and
+    its scheduler config (``scheduler_config.json`` at the root, or in ``scheduler/``). Weights are
+    read by diffusers (safetensors, or ``.bin`` through ``torch.load(weights_only=True)``); the
+    scheduler class named in the config is not instantiated: only ``DDPMScheduler`` reads its
+    betas and prediction type. Attention runs through PyTorch's math kernel and GroupNorm inputs
+    are made contiguous so forward-mode JVPs pass through (the fused CPU attention kernel and
+    GroupNorm's forward AD on strided inputs do not support them in torch 2.13).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffcore.sampler import DiffusersUNetDenoiser
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"diffusers_dir: {root} is not a folder")
+    unet_sub = "unet" if (root / "unet" / "config.json").is_file() else None
+    sched_sub = "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else None
+    if not (root / (unet_sub or "") / "config.json").is_file():
+        raise FileNotFoundError(f"diffusers_dir: no UNet config.json in {root} or {root / 'unet'}")
+    if not (root / (sched_sub or "") / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"diffusers_dir: no scheduler_config.json in {root} or {root / 'scheduler'}")
+    unet = UNet2DModel.from_pretrained(str(root), subfolder=unet_sub, local_files_only=True)
+    unet = unet.to(device).eval().requires_grad_(False)
+    for module in unet.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:]))
+    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder=sched_sub, local_files_only=True)
+    adapter = DiffusersUNetDenoiser(unet, scheduler)
+
+    def denoise(x, sigma):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return adapter(x, sigma)
+
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return denoise, torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64), (unet.config.in_channels, h, w)
+
+
+# ----------------------------------------------------------------------------- masks and image files
+def grid_mask(spec: str, shape) -> torch.Tensor:
+    """A named or box mask [C, H, W] (float 0/1) on the image grid; ``spec`` as the config's ``mask``."""
+    c, h, w = shape
+    m = torch.zeros(h, w, dtype=torch.float64)
+    if spec == "upper-half":
+        m[: h // 2] = 1
+    elif spec == "lower-half":
+        m[h // 2:] = 1
+    elif spec == "left-half":
+        m[:, : w // 2] = 1
+    elif spec == "right-half":
+        m[:, w // 2:] = 1
+    elif spec == "center":
+        m[h // 4: h - h // 4, w // 4: w - w // 4] = 1
+    elif spec.startswith("box:"):
+        r0, r1, c0, c1 = (float(p) for p in spec[4:].split(","))
+        m[round(r0 * h): max(round(r1 * h), round(r0 * h) + 1), round(c0 * w): max(round(c1 * w), round(c0 * w) + 1)] = 1
+    else:
+        return mask_from_file(spec, shape)
+    return m.expand(c, h, w).contiguous()
+
+
+def mask_from_file(path, shape) -> torch.Tensor:
+    """An image file as a mask [C, H, W]: grayscale, resized (nearest) to H x W, inside where >= 50 %."""
+    import numpy as np
+    from PIL import Image
+
+    c, h, w = shape
+    with Image.open(path) as img:
+        gray = img.convert("L").resize((w, h), Image.NEAREST)
+        values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
+    m = (values >= 0.5).to(torch.float64)
+    if float(m.sum()) == 0:
+        raise ValueError(f"mask: {path} has no pixel inside (white = inside)")
+    return m.expand(c, h, w).contiguous()
+
+
+def image_from_file(path, shape) -> torch.Tensor:
+    """An image file as [C, H, W] in [-1, 1] (RGB or grayscale by C, resized bicubically to H x W)."""
+    import numpy as np
+    from PIL import Image
+
+    c, h, w = shape
+    if c not in (1, 3):
+        raise ValueError(f"image_files: the model has {c} channels; image files give 1 or 3")
+    with Image.open(path) as img:
+        img = img.convert("RGB" if c == 3 else "L").resize((w, h), Image.BICUBIC)
+        data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
+    return data.permute(2, 0, 1) / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- the study
+class _Study:
+    def __init__(self, config: LocoEditConfig, out, hooks: LocoHooks, device: str, progress: bool):
+        self.c, self.hooks, self.device, self.progress = config, hooks, device, progress
+        self.ws = Workspace(out)
+        self.units: list[Unit] = []                       # the units this run made or reused
+
+    # model ----------------------------------------------------------------------
+    def model_spec(self) -> dict:
+        c = self.c
+        if c.diffusers_dir:
+            return {"diffusers_dir": str(Path(c.diffusers_dir).resolve())}
+        return {"dataset": c.dataset, "n": c.train_size, "subset_seed": c.subset_seed, "data_root": c.data_root,
+                "model_preset": c.model_preset, "width": c.width, "seed": c.train_seed,
+                "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images}
+
+    def model(self, pool):
+        """``(denoiser, timeline, image shape, model description)``."""
+        from diffcore.analysis import EditTimeline
+
+        c = self.c
+        if c.diffusers_dir:
+            denoiser, abar, shape = self.hooks.load_diffusers(c.diffusers_dir, device=self.device)
+            return denoiser, EditTimeline(abar), tuple(shape), {"kind": "diffusers", **self.model_spec()}
+        name = f"w{c.width}-n{c.train_size}-s{c.train_seed}"
+        unit = self.reused_model(name)
+        source = f"reused from {c.models_from}" if unit is not None else "trained here"
+        if unit is None:
+            if c.train_size > pool.shape[0]:
+                raise ConfigError(f"train_size: {c.train_size} exceeds the {pool.shape[0]} images of {c.dataset}")
+            spec = self.model_spec()
+            train_images, _ = self.hooks.subset(pool, c.train_size, c.subset_seed)
+            unit = self.ws.run_unit("models", name, spec, lambda tmp, work: self.hooks.train(
+                train_images, spec, tmp, work, device=self.device, progress=self.progress))
+            self.units.append(unit)
+        denoiser = self.hooks.load(unit.path, device=self.device)
+        return denoiser, EditTimeline(), tuple(pool.shape[1:]), {"kind": "diffcore", "name": name, "source": source,
+                                                                 "spec": unit.spec}
+
+    def reused_model(self, name: str) -> Unit | None:
+        """The finished model unit ``name`` of the reproducibility run in ``models_from`` (checked
+        against its manifest), or None when that folder has no such model."""
+        c = self.c
+        if not c.models_from:
+            return None
+        root = Path(c.models_from)
+        if not root.is_dir():
+            raise ConfigError(f"models_from: {root} is not a folder")
+        manifest = root / "units" / "models" / name / "MANIFEST.json"
+        if not manifest.is_file():
+            log.warning("models_from: %s has no finished model %s; training it here", root, name)
+            return None
+        spec = json.loads(manifest.read_text())["spec"]
+        if spec.get("dataset") != c.dataset or spec.get("subset_seed") != c.subset_seed:
+            raise ConfigError(f"models_from: {name} there was trained on {spec.get('dataset')} (subset_seed "
+                              f"{spec.get('subset_seed')}); this config asks for {c.dataset} (subset_seed {c.subset_seed})")
+        return Workspace(root).finished("models", name, spec)
+
+    # images -----------------------------------------------------------------------
+    def latents(self, denoiser, timeline, shape, pool, position: int, image) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x_t [1, ...], x0 [1, ...] or None)`` of one image at the edit time."""
+        from diffcore import sampler
+
+        c = self.c
+        if c.image_source == "generated":
+            noise = sampler.noise_from_seeds([image], shape, device=self.device, dtype=torch.float32)
+            grid = timeline.generation_grid(c.edit_time, c.inversion_steps)
+            with torch.no_grad():
+                x_t = sampler.SOLVERS[c.solver](denoiser, noise * float(grid[0]), grid, require_zero_end=False)
+            return x_t, None
+        if c.image_source == "dataset":
+            if image >= pool.shape[0]:
+                raise ConfigError(f"image_indices: {image} is out of range for the {pool.shape[0]} images of {c.dataset}")
+            x0 = pool[image:image + 1].to(self.device, torch.float32)
+        else:
+            x0 = image_from_file(image, shape)[None].to(self.device)
+        with torch.no_grad():
+            x_t = sampler.invert(denoiser, x0, timeline.inversion_grid(c.edit_time, c.inversion_steps), solver=c.solver)
+        return x_t, x0
+
+    def mask(self, shape, position: int) -> torch.Tensor:
+        c = self.c
+        spec = c.mask_files[position] if c.mask_files else c.mask
+        return grid_mask(spec, shape).to(torch.float32)
+
+    def image_spec(self, model: dict, position: int, image) -> dict:
+        c = self.c
+        keys = ("image_source", "edit_time", "inversion_steps", "solver", "stochastic_below", "noise_seed", "rank",
+                "k_out", "strengths", "subspace_method", "subspace_iters", "subspace_tol", "spectrum_k", "spectrum_probes")
+        return {"model": model, "image": image, "position": position,
+                "mask": c.mask_files[position] if c.mask_files else c.mask, **{k: getattr(c, k) for k in keys}}
+
+    def image_unit(self, denoiser, timeline, shape, model: dict, pool, position: int, image) -> Unit:
+        from diffcore import analysis
+
+        c = self.c
+        mask = self.mask(shape, position)
+        inside, outside = int((mask != 0).sum()), int((mask != 1).sum())
+        if c.rank > inside or c.k_out > outside:           # before any work: the masked Jacobian's rank bounds
+            name, value, count, where = ("rank", c.rank, inside, "inside") if c.rank > inside else \
+                ("k_out", c.k_out, outside, "outside")
+            raise ConfigError(f"{name}: {value} exceeds the {count} pixel values {where} the mask of image {image!r}")
+        sigma = timeline.sigma(c.edit_time)
+        sigmas = timeline.sampling_grid(c.edit_time, c.inversion_steps)
+        sample_kwargs = self.sample_kwargs(timeline, [c.noise_seed + position])
+
+        def produce(tmp: Path, work: Path) -> dict:
+            x_t, x0 = self.latents(denoiser, timeline, shape, pool, position, image)
+            original = analysis.sample_back(denoiser, x_t, sigmas, **sample_kwargs)
+            spectrum = self.spectrum(denoiser, x_t, sigma, mask)
+            dirs = analysis.loco_directions(denoiser, x_t, sigma, mask, rank=c.rank, k_out=c.k_out,
+                                            **self.subspace_kwargs())
+            analysis.save_directions(tmp / "directions.safetensors", dirs)
+            strengths = [*c.strengths, *(-s for s in c.strengths)]
+            edits = {f"dir{r}": analysis.edit_samples(denoiser, x_t, dirs.directions[:, r], strengths, sigmas,
+                                                      **sample_kwargs) for r in range(c.rank)}
+            edits["unprojected"] = analysis.edit_samples(denoiser, x_t, dirs.unprojected[:, 0], strengths, sigmas,
+                                                         **sample_kwargs)
+            if c.rank >= 2:
+                mid = c.strengths[len(c.strengths) // 2]
+                both = analysis.compose_directions(dirs.directions[:, :2], (mid, mid))
+                edits["composed"] = analysis.edit_samples(denoiser, x_t, both, [1.0], sigmas, **sample_kwargs)
+            lin = analysis.local_linearity(denoiser, x_t, sigma, dirs.directions[:, :1], list(c.strengths))
+            tensors = {"x_t": x_t, "original": original, "mask": mask, **edits, "x0_rel_error": lin.rel_error,
+                       "x0_cosine": lin.cosine, **spectrum}
+            if x0 is not None:
+                tensors["x0"] = x0
+            torch.save({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
+                        for k, v in tensors.items()}, tmp / "tensors.pt")
+            return {"sigma": sigma, "direction_seconds": dirs.seconds, "direction_cpu_seconds": dirs.cpu_seconds}
+
+        unit = self.ws.run_unit("images", f"image-{position}", self.image_spec(model, position, image), produce)
+        self.units.append(unit)
+        return unit
+
+    def sample_kwargs(self, timeline, seeds) -> dict:
+        c = self.c
+        below = timeline.sigma(c.stochastic_below) if c.stochastic_below > 0 else 0.0
+        return {"solver": c.solver, "stochastic_below": below, "seeds": seeds}
+
+    def subspace_kwargs(self) -> dict:
+        c = self.c
+        return {"method": c.subspace_method, "iters": c.subspace_iters, "tol": c.subspace_tol}
+
+    def spectrum(self, denoiser, x_t, sigma, mask) -> dict:
+        from diffcore import analysis
+
+        c = self.c
+        k = None if c.spectrum_k == 0 else c.spectrum_k
+        out = {}
+        for key, m in (("jacobian", None), ("masked", mask)):
+            s, frob = analysis.jacobian_spectrum(denoiser, x_t, sigma, mask=m, k=k, **(
+                {} if k is None else {"probes": c.spectrum_probes, **self.subspace_kwargs()}))
+            out[f"{key}_singular_values"], out[f"{key}_frobenius_sq"] = s, frob
+        return out
+
+    def transfer_unit(self, denoiser, timeline, units: list[Unit]) -> Unit:
+        """Every image's first direction applied to every image (including itself), at each strength
+        of both signs; the unedited images come from the same batch (strength 0)."""
+        from diffcore import analysis
+
+        c = self.c
+        spec = {"images": [u.spec for u in units]}
+        sigmas = timeline.sampling_grid(c.edit_time, c.inversion_steps)
+
+        def produce(tmp: Path, work: Path) -> dict:
+            x_t = torch.cat([_tensors(u)["x_t"] for u in units]).to(self.device)
+            kwargs = self.sample_kwargs(timeline, [c.noise_seed + i for i in range(len(units))])
+            strengths = [0.0, *c.strengths, *(-s for s in c.strengths)]
+            out = []
+            for u in units:
+                direction = analysis.load_directions(u.file("directions.safetensors"), self.device).directions[0, 0]
+                out.append(analysis.edit_samples(denoiser, x_t, direction, strengths, sigmas, **kwargs))
+            torch.save(torch.stack(out).float().cpu().contiguous(), tmp / "transfer.pt")   # [src, S+1, tgt, ...]
+            return {}
+
+        unit = self.ws.run_unit("transfer", "all", spec, produce)
+        self.units.append(unit)
+        return unit
+
+    # results ----------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.c
+        c.validate()
+        self.ws.bind_config(c)
+        pool = self.hooks.load_dataset(c.dataset, c.data_root) if not c.diffusers_dir else None
+        denoiser, timeline, shape, model = self.model(pool)
+        units = [self.image_unit(denoiser, timeline, shape, model, pool, i, image) for i, image in enumerate(c.images())]
+        transfer = self.transfer_unit(denoiser, timeline, units) if c.transfer and len(units) > 1 else None
+        per_image = [measure_image(_tensors(u), u.meta, c, i, image) for i, (u, image) in enumerate(zip(units, c.images()))]
+        transfer_rows = measure_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), units, c) \
+            if transfer is not None else []
+        results = {"experiment": NAME, "config": dataclasses.asdict(c), "model": model,
+                   "edit_sigma": timeline.sigma(c.edit_time), "images": per_image, "transfer": transfer_rows,
+                   "summary": summarize(per_image, transfer_rows, c)}
+        results = json.loads(json_dumps(results))
+        self.write(results, units, transfer)
+        return results
+
+    def write(self, results: dict, units: list[Unit], transfer: Unit | None) -> None:
+        root = self.ws.root
+        atomic_write_json(root / "results.json", results)
+        atomic_write_csv(root / "edits.csv", [{"image": im["image"], **row} for im in results["images"]
+                                              for row in im["edits"]])
+        atomic_write_csv(root / "transfer.csv", results["transfer"],
+                         columns=["source", "target", "strength", "locality", "inside_fraction", "outside_mse"])
+        tensors = [_tensors(u) for u in units]
+        plot_edits(tensors, results, root / "edits.png")
+        plot_spectrum(tensors, results, root / "spectrum.png")
+        if transfer is not None:
+            plot_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), tensors, results,
+                          root / "transfer.png")
+        atomic_write_json(root / "timings.json", {
+            kind: {"seconds": sum(u.seconds for u in self.units if u.path.parent.name == kind),
+                   "units": sum(u.path.parent.name == kind for u in self.units),
+                   "reused": sum(u.reused for u in self.units if u.path.parent.name == kind)}
+            for kind in ("models", "images", "transfer")})
+
+
+def _tensors(unit: Unit) -> dict:
+    return torch.load(unit.file("tensors.pt"), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- measures
+def measure_image(t: dict, meta: dict, c: LocoEditConfig, position: int, image) -> dict:
+    """One image's row of results.json (see docs/studies.md for each number)."""
+    from diffcore import analysis
+
+    mask, original = t["mask"], t["original"]
+    n = len(c.strengths)
+    ranks = {key: int(analysis.numerical_rank(t[f"{key}_singular_values"], c.rank_ratio,
+                                              frobenius_sq=t[f"{key}_frobenius_sq"])[0])
+             for key in ("jacobian", "masked")}
+    edits, linearity = [], []
+    for key in [*(f"dir{r}" for r in range(c.rank)), "unprojected"]:
+        delta = t[key][:, 0] - original[0]                          # [2S, C, H, W]
+        loc = analysis.edit_locality(delta, mask)
+        direction = 0 if key == "unprojected" else int(key[3:])
+        for i, s in enumerate([*c.strengths, *(-s for s in c.strengths)]):
+            edits.append({"direction": direction, "projected": key != "unprojected", "strength": s,
+                          "change_norm": float(delta[i].norm()),
+                          **{k: float(loc[k][i]) for k in ("locality", "inside_fraction", "outside_mse")}})
+        lin = analysis.edit_linearity(delta[:n, None], delta[n:, None], c.strengths)
+        for i, s in enumerate(c.strengths):
+            row = {"direction": direction, "projected": key != "unprojected", "strength": s,
+                   "cosine_pm": float(lin["cosine_pm"][i, 0]), "gain": float(lin["gain"][i, 0])}
+            if key == "dir0":
+                row.update(x0_rel_error=float(t["x0_rel_error"][0, 0, i]), x0_cosine=float(t["x0_cosine"][0, 0, i]))
+            linearity.append(row)
+    row = {"image": f"{c.image_source}-{image}", "position": position, "sigma": meta["sigma"],
+           "rank_jacobian": ranks["jacobian"], "rank_masked": ranks["masked"],
+           "jacobian_singular_values": t["jacobian_singular_values"][0, :32].tolist(),
+           "masked_singular_values": t["masked_singular_values"][0, :32].tolist(),
+           "direction_seconds": meta["direction_seconds"] / c.rank,
+           "direction_cpu_seconds": meta["direction_cpu_seconds"] / c.rank,
+           "edits": edits, "linearity": linearity}
+    if "x0" in t:
+        row["reconstruction_rmse"] = float((original - t["x0"]).square().mean().sqrt())
+    if "composed" in t:
+        mid = c.strengths[n // 2]
+        i = c.strengths.index(mid)
+        single = (t["dir0"][i, 0] - original[0]) + (t["dir1"][i, 0] - original[0])
+        both = t["composed"][0, 0] - original[0]
+        loc = analysis.edit_locality(both, mask)
+        row["composition"] = {"strength": mid, "additivity_error": float((both - single).norm() / both.norm()),
+                              **{k: float(loc[k]) for k in ("locality", "inside_fraction", "outside_mse")}}
+    return row
+
+
+def measure_transfer(edits: torch.Tensor, units: list[Unit], c: LocoEditConfig) -> list[dict]:
+    """Rows (source, target, strength) of the transfer: edits [src, 1 + 2S, tgt, C, H, W], index 0 unedited."""
+    from diffcore import analysis
+
+    rows = []
+    images = c.images()
+    for src in range(edits.shape[0]):
+        for tgt in range(edits.shape[2]):
+            mask = _tensors(units[tgt])["mask"]
+            delta = edits[src, 1:, tgt] - edits[src, 0, tgt]
+            loc = analysis.edit_locality(delta, mask)
+            for i, s in enumerate([*c.strengths, *(-s for s in c.strengths)]):
+                rows.append({"source": f"{c.image_source}-{images[src]}", "target": f"{c.image_source}-{images[tgt]}",
+                             "own": src == tgt, "strength": s,
+                             **{k: float(loc[k][i]) for k in ("locality", "inside_fraction", "outside_mse")}})
+    return rows
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(torch.tensor(values, dtype=torch.float64).median()) if values else None
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(images: list[dict], transfer: list[dict], c: LocoEditConfig) -> dict:
+    """Medians / means over images (and both signs) per strength."""
+    per_strength = []
+    for s in c.strengths:
+        at = lambda projected, key: [e[key] for im in images for e in im["edits"]  # noqa: E731
+                                     if e["projected"] == projected and abs(e["strength"]) == s and e["direction"] == 0]
+        lin = [r for im in images for r in im["linearity"] if r["strength"] == s and r["projected"] and r["direction"] == 0]
+        moved = [r for r in transfer if abs(r["strength"]) == s and not r["own"]]
+        per_strength.append({
+            "strength": s,
+            "locality_projected_median": _median(at(True, "locality")),
+            "locality_unprojected_median": _median(at(False, "locality")),
+            "inside_fraction_projected_mean": _mean(at(True, "inside_fraction")),
+            "inside_fraction_unprojected_mean": _mean(at(False, "inside_fraction")),
+            "outside_mse_projected_mean": _mean(at(True, "outside_mse")),
+            "outside_mse_unprojected_mean": _mean(at(False, "outside_mse")),
+            "cosine_pm_mean": _mean([r["cosine_pm"] for r in lin]),
+            "gain_mean": _mean([r["gain"] for r in lin]),
+            "x0_rel_error_mean": _mean([r["x0_rel_error"] for r in lin]),
+            "transfer_locality_median": _median([r["locality"] for r in moved]),
+            "transfer_inside_fraction_mean": _mean([r["inside_fraction"] for r in moved]),
+        })
+    return {"rank_jacobian_median": _median([im["rank_jacobian"] for im in images]),
+            "rank_masked_median": _median([im["rank_masked"] for im in images]),
+            "direction_seconds_mean": _mean([im["direction_seconds"] for im in images]),
+            "direction_cpu_seconds_mean": _mean([im["direction_cpu_seconds"] for im in images]),
+            "reconstruction_rmse_mean": _mean([im.get("reconstruction_rmse") for im in images]),
+            "composition_additivity_error_mean": _mean([im["composition"]["additivity_error"]
+                                                        for im in images if "composition" in im]),
+            "per_strength": per_strength}
+
+
+# ----------------------------------------------------------------------------- figures
+def _show(ax, image: torch.Tensor, title: str | None = None, diff: float | None = None) -> None:
+    """[C, H, W] in [-1, 1] (or a difference map with color limit ``diff``)."""
+    img = image.detach().float().cpu()
+    if diff is not None:
+        ax.imshow(img.mean(0).numpy(), cmap="RdBu_r", vmin=-diff, vmax=diff, interpolation="nearest")
+    elif img.shape[0] == 1:
+        ax.imshow(((img[0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def _figure(rows: int, cols: int, size: float = 1.05):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 0.4, size * rows + 0.5), squeeze=False)
+    return fig, axes
+
+
+def plot_edits(tensors: list[dict], results: dict, path) -> Path:
+    """Per image two rows: original, mask, edits at -s..+s; below, the difference maps (and the
+    unprojected edit's at the largest strength in the first column)."""
+    strengths = results["config"]["strengths"]
+    order = [*(-s for s in reversed(strengths)), *strengths]
+    cols = 2 + len(order)
+    fig, axes = _figure(2 * len(tensors), cols)
+    for k, (t, im) in enumerate(zip(tensors, results["images"])):
+        n = len(strengths)
+        signed = [*strengths, *(-s for s in strengths)]
+        edits = {s: t["dir0"][i, 0] for i, s in enumerate(signed)}
+        base = t["original"][0]
+        limit = max(float((e - base).abs().max()) for e in edits.values()) or 1.0
+        top, bottom = axes[2 * k], axes[2 * k + 1]
+        _show(top[0], base, f"{im['image']}")
+        _show(top[1], t["mask"] * 2 - 1, "mask")
+        unproj = t["unprojected"][n - 1, 0] - base
+        _show(bottom[0], unproj, f"no proj. +{strengths[-1]:g}", diff=limit)
+        bottom[1].axis("off")
+        bottom[1].text(0.5, 0.5, f"rank J {im['rank_jacobian']}\nrank MJ {im['rank_masked']}", ha="center",
+                       va="center", fontsize=6, transform=bottom[1].transAxes)
+        for j, s in enumerate(order):
+            _show(top[2 + j], edits[s], f"s = {s:+g}")
+            _show(bottom[2 + j], edits[s] - base, None, diff=limit)
+    fig.suptitle(f"LOCO edits at sigma = {results['edit_sigma']:.3g} (t = {results['config']['edit_time']} T); "
+                 "rows: image, change (red +, blue -)", fontsize=8)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path) -> Path:
+    """Rows: the direction's source image; columns: target images; each cell the change of the
+    target edited at the largest strength (diagonal: the image's own direction), with the mask's
+    border. First row: the unedited targets; first column: the sources."""
+    strengths = results["config"]["strengths"]
+    col = len(strengths)                                  # index of +s_max (index 0 is unedited)
+    n = edits.shape[0]
+    fig, axes = _figure(n + 1, n + 1)
+    axes[0][0].axis("off")
+    names = [im["image"] for im in results["images"]]
+    changes = edits[:, col] - edits[:, 0]                 # [src, tgt, C, H, W]
+    limit = float(changes.abs().max()) or 1.0
+    for j in range(n):
+        _show(axes[0][j + 1], edits[0, 0, j], names[j])
+    for i in range(n):
+        _show(axes[i + 1][0], tensors[i]["original"][0], f"dir. of {names[i]}")
+        for j in range(n):
+            _show(axes[i + 1][j + 1], changes[i, j], None, diff=limit)
+            axes[i + 1][j + 1].contour(tensors[j]["mask"].mean(0).numpy(), levels=[0.5], colors="k", linewidths=0.6)
+    fig.suptitle(f"transfer: change of column j's image along row i's direction (s = +{strengths[-1]:g}; "
+                 "red +, blue -; black line: mask border)", fontsize=7)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
+    """Singular values at the edit time; locality with and without the projection; linearity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    for t, im in zip(tensors, results["images"]):
+        for key, style in (("jacobian", "-"), ("masked", "--")):
+            s = t[f"{key}_singular_values"][0].double()
+            line, = ax.plot(range(1, s.numel() + 1), (s / s[0]).numpy(), style, lw=1,
+                            label=f"{im['image']} {'J' if key == 'jacobian' else 'MJ'} (rank {im['rank_' + key]})")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-6, 1.5)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("s_i / s_1")
+    ax.set_title(f"Jacobian spectrum at sigma = {results['edit_sigma']:.3g}", fontsize=9)
+    ax.legend(fontsize=5, ncol=2)
+    summary = results["summary"]["per_strength"]
+    s = [r["strength"] for r in summary]
+    ax = axes[1]
+    ax.plot(s, [r["inside_fraction_projected_mean"] for r in summary], "o-", label="null-space projected")
+    ax.plot(s, [r["inside_fraction_unprojected_mean"] for r in summary], "s--", label="no projection")
+    if any(r["transfer_inside_fraction_mean"] is not None for r in summary):
+        ax.plot(s, [r["transfer_inside_fraction_mean"] for r in summary], "^:", label="transferred (projected)")
+    ax.set_xlabel("strength |s|")
+    ax.set_ylabel("inside / (inside + outside) energy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("locality of the change", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.plot(s, [-r["cosine_pm_mean"] for r in summary], "o-", label="-cos(change(+s), change(-s))")
+    ax.plot(s, [r["gain_mean"] for r in summary], "s--", label="(|change(s)|/s) / (|change(s1)|/s1)")
+    ax.plot(s, [1 - r["x0_rel_error_mean"] for r in summary], "^:", label="1 - rel. error of x0_hat's J v")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_ylim(0, 1.15)
+    ax.set_xlabel("strength |s|")
+    ax.set_title("linearity (1 = linear)", fontsize=9)
+    ax.legend(fontsize=7)
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- entry points
+def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: str = "auto",
+        progress: bool = True) -> dict:
+    """Run (or resume) the study into ``out``; returns results.json's content."""
+    from diffcore.experiments._stack import resolve_device
+    from diffcore.experiments._vector import threads
+
+    config.validate()
+    if hooks is None:
+        hooks = default_hooks()
+        device = str(resolve_device(device))
+    elif device == "auto":
+        device = "cpu"
+    start, cpu = time.perf_counter(), time.process_time()
+    with threads(config.torch_threads or torch.get_num_threads()):
+        results = _Study(config, out, hooks, device, progress).run()
+    timings = Path(out) / "timings.json"
+    atomic_write_json(timings, {**json.loads(timings.read_text()), "wall_seconds": time.perf_counter() - start,
+                                "cpu_seconds": time.process_time() - cpu})
+    log.info("loco-edit done in %.1f s: %s", time.perf_counter() - start, out)
+    return results
+
+
+def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
+    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
