@@ -33,12 +33,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from diffcore import _env
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 WORKERS_LOCK_FILE = ".lock.workers"
 KIND_FILE = "diffcore-run.json"
-LOCK_WAIT_VAR = "DIFFCORE_LOCK_WAIT"
+LOCK_WAIT_VAR = _env.LOCK_WAIT_VAR
 WORKERS_GRACE_SECONDS = 30.0
 _STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp/mkdtemp names
 

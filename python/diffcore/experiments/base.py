@@ -37,7 +37,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from diffcore import _folder
+from diffcore import _env, _folder
 from diffcore.sampler.noise import SEED_MAX
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def check_sigmas(sigma_min: float, sigma_max: float) -> None:
 
 # ----------------------------------------------------------------------------- sharded runs
 
-SHARD_VAR = "DIFFCORE_SHARD"
+SHARD_VAR = _env.SHARD_VAR
 
 
 @dataclasses.dataclass(frozen=True)

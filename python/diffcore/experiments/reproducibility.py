@@ -36,6 +36,7 @@ from diffcore import _env, metrics
 from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
+from diffcore.sampler import SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
     "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
-    "solver": base.one_of("euler", "heun"),
+    "solver": base.one_of(*SOLVERS),
     "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
