@@ -161,6 +161,7 @@ def test_a_second_run_names_the_holder_and_exits_or_waits(tmp_path, monkeypatch)
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_finishes_the_other_is_refused(tmp_path):
     run_demo = """
         import sys
