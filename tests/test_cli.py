@@ -116,3 +116,11 @@ def test_train_refuses_a_study_folder_before_training(tmp_path, capsys):
     assert "holds a 'demo' run, not 'train'" in capsys.readouterr().err
     assert cli.main(["train", "--out-dir", str(tmp_path / "t"), "--steps", "0"]) == 2  # validated first
     assert "steps must be positive" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
+def test_shard_is_checked_and_only_for_the_study_that_spreads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFCORE_SHARD", "")  # restored after: the CLI sets it in this process
+    assert cli.main(["run", "reproducibility", "--preset", "tiny", "--shard", "2/2", "--out", str(tmp_path)]) == 2
+    assert "--shard: expected I/N with 0 <= I < N, got '2/2'" in capsys.readouterr().err
+    assert cli.main(["run", "molrg", "--preset", "tiny", "--shard", "0/2", "--out", str(tmp_path / "m")]) == 2
+    assert "molrg runs in one process" in capsys.readouterr().err and not (tmp_path / "m").exists()

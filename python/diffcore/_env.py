@@ -11,6 +11,7 @@ Run time:
                          knn and empirical_denoise (auto: bf16 where bf16 matmul is native, else
                          fp32; see diffcore._cpu_caps). Read once per process.
     DIFFCORE_LOCK_WAIT   seconds a run waits for an output folder another run holds (default 0).
+    DIFFCORE_SHARD       I/N: this process is shard I of N of a study (the CLI's --shard).
 Benchmarks (bench/):
     DIFFCORE_BENCH_QUICK 1 runs every benchmark at small shapes (a smoke run in seconds).
 """
@@ -20,13 +21,16 @@ import os
 
 BACKEND_VAR = "DIFFCORE_BACKEND"
 PROGRESS_VAR = "DIFFCORE_PROGRESS"
+LOCK_WAIT_VAR = "DIFFCORE_LOCK_WAIT"
+SHARD_VAR = "DIFFCORE_SHARD"
 
 RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
     PROGRESS_VAR: "0 disables progress bars everywhere (default 1)",
     "DIFFCORE_CPU_SCREEN": "auto (default), bf16 or fp32: screening GEMM precision of the CPU knn and "
                            "empirical_denoise (auto: bf16 where bf16 matmul is native, else fp32)",
-    "DIFFCORE_LOCK_WAIT": "seconds a run waits for an output folder another run holds (default 0: exit)",
+    LOCK_WAIT_VAR: "seconds a run waits for an output folder another run holds (default 0: exit)",
+    SHARD_VAR: "I/N: this process is shard I of N of a study (set by --shard; a plain run aggregates)",
 }
 BENCH_VARIABLES = {
     "DIFFCORE_BENCH_QUICK": "1 runs every benchmark at small shapes (a smoke run in seconds)",

@@ -11,6 +11,10 @@ Every command that writes into a folder claims it first with :func:`claim_folder
   :func:`worker_pool` also die with their parent: ``PR_SET_PDEATHSIG`` on Linux, a watchdog thread
   elsewhere);
 - temporaries left by a killed writer (``.NAME.XXXXXXXX.tmp`` from :mod:`tempfile`) are removed;
+- the processes of one sharded or distributed run (``--shard I/N``, torchrun ranks) share the lock
+  (``shared=True``): they run side by side, a plain run waits for all of them, and they leave the
+  removal of temporaries to it (a shard's temporaries may be in use); units are claimed one by one
+  (:func:`unit_claim`);
 - ``FOLDER/diffcore-run.json`` records the kind of run (``"train"``, an experiment's name), and a
   folder of another kind, or a non-empty folder diffcore did not write, is refused.
 """
@@ -29,12 +33,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from diffcore import _env
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 WORKERS_LOCK_FILE = ".lock.workers"
 KIND_FILE = "diffcore-run.json"
-LOCK_WAIT_VAR = "DIFFCORE_LOCK_WAIT"
+LOCK_WAIT_VAR = _env.LOCK_WAIT_VAR
 WORKERS_GRACE_SECONDS = 30.0
 _STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp/mkdtemp names
 
@@ -100,9 +106,9 @@ def _try_flock(fd: int, shared: bool = False) -> bool:
         return False
 
 
-def _wait_for_flock(fd: int, seconds: float) -> bool:
+def _wait_for_flock(fd: int, seconds: float, shared: bool = False) -> bool:
     deadline = time.monotonic() + seconds
-    while not _try_flock(fd):
+    while not _try_flock(fd, shared):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.2)
@@ -125,20 +131,23 @@ class FolderLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "an unknown process"
 
-    def acquire(self, wait: float | None = None, argument: str = "out") -> "FolderLock":
+    def acquire(self, wait: float | None = None, argument: str = "out", shared: bool = False) -> "FolderLock":
+        """Take the lock (``shared``: with the other processes of one sharded run) or raise
+        FolderError naming the holder after ``wait`` seconds (default ``DIFFCORE_LOCK_WAIT``)."""
         wait = lock_wait_seconds() if wait is None else wait
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_flock(fd):
-            log.info("%s is in use by %s; waiting up to %.0f s", self.root, self.holder(), wait)
-            if not _wait_for_flock(fd, wait):
-                os.close(fd)
-                raise FolderError(f"{argument}: {str(self.root)!r} is in use by {self.holder()}; wait for it "
-                                  f"to finish (or set {LOCK_WAIT_VAR}=SECONDS to wait) or use another folder")
+        if not _wait_for_flock(fd, wait, shared):
+            os.close(fd)
+            holder = "the shards of a sharded run" if shared else self.holder() + " (or the shards of a sharded run)"
+            raise FolderError(f"{argument}: {str(self.root)!r} is in use by {holder}; wait for it "
+                              f"to finish (or set {LOCK_WAIT_VAR}=SECONDS to wait) or use another folder")
+        self._fd = fd
+        if shared:
+            return self
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._fd = fd
         self._wait_for_workers(argument)
         return self
 
@@ -176,8 +185,9 @@ def folder_kind(root) -> str | None:
 def check_kind(root, kind: str, argument: str = "out", legacy_files: tuple[str, ...] = ()) -> None:
     """Refuse ``root`` if it holds a run of another kind, or files diffcore did not write.
 
-    A folder without a kind record is accepted when it is empty (lock files aside) or holds one of
-    ``legacy_files`` (a run of an earlier diffcore version, checked further by the caller)."""
+    A folder without a kind record is accepted when it holds nothing but hidden files (locks, the
+    temporaries of a shard starting beside this one) or one of ``legacy_files`` (a run of an
+    earlier diffcore version, checked further by the caller)."""
     root = Path(root)
     found = folder_kind(root)
     if found is not None:
@@ -185,7 +195,7 @@ def check_kind(root, kind: str, argument: str = "out", legacy_files: tuple[str, 
             raise FolderError(f"{argument}: {str(root)!r} holds a {found!r} run, not {kind!r}; "
                               "use another folder")
         return
-    entries = [p.name for p in root.iterdir() if p.name not in (LOCK_FILE, WORKERS_LOCK_FILE)]
+    entries = [p.name for p in root.iterdir() if not p.name.startswith(".")]
     if entries and not any(name in entries for name in legacy_files):
         shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
         raise FolderError(f"{argument}: {str(root)!r} is not empty and holds no diffcore run ({shown}); "
@@ -204,21 +214,41 @@ def record_kind(root, kind: str) -> None:
 
 @contextlib.contextmanager
 def claim_folder(path, kind: str, *, argument: str = "out", record: bool = True,
-                 legacy_files: tuple[str, ...] = ()) -> Iterator[Path]:
+                 legacy_files: tuple[str, ...] = (), shared: bool = False) -> Iterator[Path]:
     """Check, lock, clean and kind-check the folder ``path`` for a run of ``kind``; yields it.
 
     ``record=False`` leaves writing the kind record to the caller (:func:`record_kind`), e.g.
-    after a config was validated and bound. The lock is held inside the ``with`` block."""
+    after a config was validated and bound. ``shared``: one of the processes of a sharded run
+    (see the module docstring). The lock is held inside the ``with`` block."""
     root = check_output_folder(path, argument)
-    lock = FolderLock(root).acquire(argument=argument)
+    lock = FolderLock(root).acquire(argument=argument, shared=shared)
     try:
         check_kind(root, kind, argument, legacy_files)
-        remove_stale_temporaries(root)
+        if not shared:
+            remove_stale_temporaries(root)
         if record:
             record_kind(root, kind)
         yield root
     finally:
         lock.release()
+
+
+# ----------------------------------------------------------------------------- unit claims
+
+@contextlib.contextmanager
+def unit_claim(path, wait: bool = True) -> Iterator[bool]:
+    """Hold the claim ``path`` (a ``.NAME.claim`` file) while a unit is produced; yields whether
+    it is held (``wait=False``: False at once when another process holds it; else blocks until it
+    is free). The kernel drops a killed process's claim, so the next run takes it over. ``flock``
+    works across the nodes of a shared filesystem that supports it (NFS emulates it with POSIX
+    locks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        yield _wait_for_flock(fd, float("inf")) if wait else _try_flock(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- worker processes

@@ -53,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", choices=sorted(EXPERIMENTS))
     add_run_options(run, default_preset="quick")
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--shard", default=None, metavar="I/N",
+                     help="process I (0 .. N-1) of N sharing the run (a job array); afterwards a run "
+                          "without --shard writes the results (reproducibility only)")
 
     demo = sub.add_parser("demo", help="denoise noise with the empirical denoiser of the digits (seconds)")
     add_run_options(demo, default_preset="default")
@@ -139,10 +142,28 @@ def _run_experiment(name: str, args) -> int:
     out = args.out if args.out is not None else str(Path("runs") / f"{name}-{args.preset}")
     if args.wait is not None:
         os.environ[_folder.LOCK_WAIT_VAR] = str(args.wait)
+    _set_shard(name, getattr(args, "shard", None))
     print(f"diffcore: {name} (preset {args.preset}) -> {out}")
     results = module.run(config, out, device=args.device, progress=not args.no_progress)
+    if not results:
+        print("diffcore: this process's share is done; the results are written by rank 0 or by a run "
+              "without --shard")
+        return 0
     _print_summary(name, results, Path(out))
     return 0
+
+
+def _set_shard(name: str, shard: str | None) -> None:
+    """``--shard I/N`` as DIFFCORE_SHARD; only the reproducibility study spreads over processes."""
+    from diffcore.experiments.base import SHARD_VAR, ConfigError, parse_shard
+
+    if shard is not None:
+        parse_shard(shard)
+        os.environ[SHARD_VAR] = shard
+    spread = os.environ.get(SHARD_VAR) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if spread and name != "reproducibility":
+        raise ConfigError(f"--shard / torchrun: {name} runs in one process (only reproducibility spreads "
+                          "its units over processes so far)")
 
 
 def _print_summary(name: str, results: dict, out: Path) -> None:

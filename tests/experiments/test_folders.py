@@ -30,11 +30,12 @@ def _python(code: str, *args: str) -> subprocess.Popen:
 
 
 HOLD_FOLDER = """
-    import sys, time
+    import os, sys, time
     from diffcore import _folder
     with _folder.claim_folder(sys.argv[1], "demo"):
         print("holding", flush=True)
         time.sleep(float(sys.argv[2]))
+        open(os.path.join(sys.argv[1], "releasing"), "w").close()
 """
 
 
@@ -153,13 +154,14 @@ def test_a_second_run_names_the_holder_and_exits_or_waits(tmp_path, monkeypatch)
         monkeypatch.setenv(_folder.LOCK_WAIT_VAR, "60")
         start = time.monotonic()
         with _folder.claim_folder(tmp_path / "out", "demo"):
-            assert holder.poll() is not None  # got the folder only once the holder had finished
+            assert (tmp_path / "out" / "releasing").exists()  # got the folder only once the holder let go
         assert time.monotonic() - start < 30
     finally:
         holder.kill()
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_finishes_the_other_is_refused(tmp_path):
     run_demo = """
         import sys

@@ -7,6 +7,7 @@ samples, a study's model spec as a training request); nothing here falls back to
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ import torch
 
 from diffcore import _env
 from diffcore.ops import knn  # noqa: F401  (the studies' k-NN)
-from diffcore.train.ddp import resolve_device  # noqa: F401  (the one device resolution)
+from diffcore.train import ddp
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ def default_hooks():
     return StudyHooks(load_dataset=load_dataset, subset=subset, train=train_model, load=load_model,
                       sample=sample, empirical_denoiser=EmpiricalDenoiser, knn=knn,
                       noise_from_seeds=sampler.noise_from_seeds)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``diffcore.train``'s device resolution, on this process's GPU under torchrun (LOCAL_RANK)."""
+    return ddp.resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18, solver: str = "heun",

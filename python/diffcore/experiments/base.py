@@ -37,7 +37,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from diffcore import _folder
+from diffcore import _env, _folder
 from diffcore.sampler.noise import SEED_MAX
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,82 @@ def check_sigmas(sigma_min: float, sigma_max: float) -> None:
         raise ConfigError(f"sigma_min: expected sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
 
 
+# ----------------------------------------------------------------------------- sharded runs
+
+SHARD_VAR = _env.SHARD_VAR
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+    """This process's part in a run: ``index`` of ``count`` processes (a plain run: 0 of 1).
+
+    ``distributed``: torchrun ranks, which meet at :meth:`barrier` before rank 0 aggregates;
+    otherwise ``--shard I/N`` processes (a batch scheduler's job array), after which a plain run
+    aggregates. Either way every process produces the units no other process is producing."""
+
+    index: int = 0
+    count: int = 1
+    distributed: bool = False
+
+    @property
+    def alone(self) -> bool:
+        return self.count == 1
+
+    @property
+    def aggregates(self) -> bool:
+        """Whether this process writes the results (a plain run, or rank 0 after the barrier)."""
+        return self.alone or (self.distributed and self.index == 0)
+
+    def describe(self) -> str:
+        return f"{'rank' if self.distributed else 'shard'} {self.index}/{self.count}"
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; ConfigError naming --shard otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard: expected I/N with 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def participation() -> Participation:
+    """This process's part, from ``DIFFCORE_SHARD=I/N`` (``--shard``) or torchrun's WORLD_SIZE
+    and RANK (a gloo process group is initialized for the barrier when there is none)."""
+    shard = os.environ.get(SHARD_VAR, "").strip()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard and world > 1:
+        raise ConfigError("--shard: not under torchrun (the ranks already split the work)")
+    if shard:
+        return Participation(*parse_shard(shard))
+    if world <= 1:
+        return Participation()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="env://", rank=int(os.environ["RANK"]), world_size=world)
+    return Participation(dist.get_rank(), dist.get_world_size(), distributed=True)
+
+
+@contextlib.contextmanager
+def units_in_one_process() -> Iterator[None]:
+    """Inside: torchrun's WORLD_SIZE and RANK hidden, so that a unit (a model's training) runs in
+    this process alone instead of joining the ranks' process group (each rank makes its own units)."""
+    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 # ----------------------------------------------------------------------------- resumable units
 
 class UnitError(RuntimeError):
@@ -330,10 +406,11 @@ class Workspace:
         self.kind: str | None = None
 
     @contextlib.contextmanager
-    def claim(self, kind: str) -> Iterator["Workspace"]:
+    def claim(self, kind: str, shared: bool = False) -> Iterator["Workspace"]:
         """Hold the folder for a run of ``kind`` (lock, stale temporaries removed, another kind
-        refused; see :mod:`diffcore._folder`). :meth:`bind_config` then records the kind."""
-        with _folder.claim_folder(self.root, kind, record=False, legacy_files=("config.json",)):
+        refused; see :mod:`diffcore._folder`; ``shared``: one process of a sharded or distributed
+        run). :meth:`bind_config` then records the kind."""
+        with _folder.claim_folder(self.root, kind, record=False, legacy_files=("config.json",), shared=shared):
             self.kind = kind
             try:
                 yield self
@@ -364,6 +441,10 @@ class Workspace:
     # paths -------------------------------------------------------------------
     def unit_path(self, kind: str, name: str) -> Path:
         return self.root / "units" / kind / name
+
+    def claim_path(self, kind: str, name: str) -> Path:
+        """The claim file of a unit (held while the unit is produced)."""
+        return self.root / "units" / kind / f".{name}.claim"
 
     def work_path(self, kind: str, name: str) -> Path:
         """Persistent scratch of an unfinished unit (kept across kills; removed when it finishes)."""
@@ -404,10 +485,26 @@ class Workspace:
         and may keep resumable state in ``work_dir``; it returns JSON metadata (or None). The
         folder becomes the unit only after its manifest is written, by one rename.
         """
+        return self._run_unit(kind, name, spec, produce, wait=True)
+
+    def try_run_unit(self, kind: str, name: str, spec: Mapping[str, Any],
+                     produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit | None:
+        """:meth:`run_unit`, or None at once when another process is producing the unit."""
+        return self._run_unit(kind, name, spec, produce, wait=False)
+
+    def _run_unit(self, kind, name, spec, produce, wait: bool) -> Unit | None:
         unit = self.finished(kind, name, spec)
         if unit is not None:
             log.debug("reusing %s/%s", kind, name)
             return unit
+        with _folder.unit_claim(self.claim_path(kind, name), wait) as held:  # one producer at a time
+            if not held:
+                return None
+            unit = self.finished(kind, name, spec)  # made by another process meanwhile
+            return unit if unit is not None else self._produce(kind, name, spec, produce)
+
+    def _produce(self, kind: str, name: str, spec: Mapping[str, Any],
+                 produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit:
         final = self.unit_path(kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a folder without a manifest: leftovers, never a finished unit

@@ -36,6 +36,7 @@ from diffcore import _env, metrics
 from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
+from diffcore.sampler import SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
     "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
-    "solver": base.one_of("euler", "heun"),
+    "solver": base.one_of(*SOLVERS),
     "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
@@ -199,8 +200,10 @@ class _Study:
     """One run of the study: config, workspace, hooks and the units made so far."""
 
     def __init__(self, config: ReproducibilityConfig, out: str | Path, hooks: StudyHooks,
-                 device: str, progress: bool, default_stack: bool = False):
+                 device: str, progress: bool, default_stack: bool = False,
+                 part: base.Participation = base.Participation()):
         self.config = config
+        self.part = part  # this process's part of a sharded or distributed run
         self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
         self.train_wall_seconds: float | None = None  # set when models were trained in workers
         self.ws = Workspace(out)
@@ -248,7 +251,15 @@ class _Study:
         value = json.loads(unit.file("threshold.json").read_text())["threshold"]
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
-    def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape) -> torch.Tensor:
+    def run_unit(self, phase: str, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
+        """The workspace's unit (``wait=False``: None when another process is making it)."""
+        unit = (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
+        if unit is not None:
+            self.units[phase].append(unit)
+        return unit
+
+    def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape,
+                    wait: bool = True) -> torch.Tensor | None:
         def produce(tmp: Path, work: Path) -> dict:
             c = self.config
             samples = self.hooks.sample(make_denoiser(), c.seeds(), shape, steps=c.sampler_steps,
@@ -257,19 +268,43 @@ class _Study:
             _save_tensor(tmp / "samples.pt", samples.float())
             return {"shape": list(samples.shape)}
 
-        unit = self.ws.run_unit("samples", name, spec, produce)
-        self.units["sample"].append(unit)
-        return _load_tensor(unit.file("samples.pt"))
+        unit = self.run_unit("sample", "samples", name, spec, produce, wait)
+        return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
-    def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor) -> Unit:
+    def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
+                   wait: bool = True) -> Unit | None:
         spec = self.model_spec(width, n, seed)
 
         def produce(tmp: Path, work: Path) -> dict:
             return self.hooks.train(train_images, spec, tmp, work, device=self.device, progress=self.progress)
 
-        unit = self.ws.run_unit("models", _model_name(width, n, seed), spec, produce)
-        self.units["train"].append(unit)
-        return unit
+        return self.run_unit("train", "models", _model_name(width, n, seed), spec, produce, wait)
+
+    def empirical_sample_spec(self, n: int) -> dict:
+        return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
+
+    def models_costliest_first(self) -> list[tuple[int, int, int]]:
+        """(width, n, seed) of every model, widest and largest N first."""
+        c = self.config
+        return [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
+                for s in c.train_seeds]
+
+    def produce_share(self, pool: torch.Tensor, shape) -> None:
+        """One process of a sharded run: every model, then every sample set, that no other process
+        is making (each unit claimed while it is made; a killed process's claims are free again)."""
+        c = self.config
+        for width, n, seed in self.models_costliest_first():
+            self.model_unit(width, n, seed, self.hooks.subset(pool, n, c.subset_seed)[0], wait=False)
+        for n in sorted(c.sizes):
+            train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
+            self.sample_unit(f"empirical-n{n}", self.empirical_sample_spec(n),
+                             lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape, wait=False)
+            for width, seed in itertools.product(c.widths, c.train_seeds):
+                name = _model_name(width, n, seed)
+                model = self.ws.finished("models", name, self.model_spec(width, n, seed))
+                if model is not None:  # else another process is still training it
+                    self.sample_unit(name, {**model.spec, **self.sampling_spec()},
+                                     lambda: self.hooks.load(model.path, device=self.device), shape, wait=False)
 
     def metrics_unit(self, name: str, spec: dict, samples: torch.Tensor, train_images: torch.Tensor,
                      reference_samples: torch.Tensor | None, threshold: float) -> dict:
@@ -308,7 +343,13 @@ class _Study:
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
-        if c.train_workers > 1 and self.default_stack:
+        if not self.part.alone:
+            self.produce_share(pool, shape)
+            self.part.barrier()
+            if not self.part.aggregates:
+                log.info("%s: this process's share is done", self.part.describe())
+                return {}
+        elif c.train_workers > 1 and self.default_stack:
             self.train_in_workers()
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
@@ -316,7 +357,7 @@ class _Study:
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
             emp_name = f"empirical-n{n}"
-            emp_spec = {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
+            emp_spec = self.empirical_sample_spec(n)
             emp_samples = self.sample_unit(emp_name, emp_spec,
                                            lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
                                            shape)
@@ -367,8 +408,7 @@ class _Study:
         from diffcore import _folder
 
         c = self.config
-        todo = [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
-                for s in c.train_seeds
+        todo = [(w, n, s) for w, n, s in self.models_costliest_first()
                 if self.ws.finished("models", _model_name(w, n, s), self.model_spec(w, n, s)) is None]
         if not todo:
             return
@@ -480,7 +520,11 @@ def summarize(results: dict) -> dict:
 
 def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | None = None,
         device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns the content of ``results.json``."""
+    """Run (or resume) the study into ``out``; returns the content of ``results.json``.
+
+    Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process makes the
+    models and sample sets no other process is making; then rank 0 (or a later plain run) writes
+    the results, and the other processes return ``{}``."""
     from diffcore.experiments._stack import resolve_device
 
     default_stack = hooks is None
@@ -490,11 +534,14 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
     elif device == "auto":
         device = "cpu"
     config.validate()
+    part = base.participation()
     start = time.perf_counter()
     with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, hooks, device, progress, default_stack=default_stack)
-        with study.ws.claim(NAME):
+        study = _Study(config, out, hooks, device, progress, default_stack=default_stack, part=part)
+        with study.ws.claim(NAME, shared=not part.alone), base.units_in_one_process():
             results = study.run()
+            if not results:  # a shard, or a rank other than 0: the aggregating run writes the results
+                return results
             wall = time.perf_counter() - start
             timings_path = study.ws.root / "timings.json"
             atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
