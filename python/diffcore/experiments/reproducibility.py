@@ -64,7 +64,7 @@ class ReproducibilityConfig:
     solver: str = "heun"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    similarity: str = "cosine"                 # cosine | l2 | path to a TorchScript descriptor
+    similarity: str = "cosine"                 # cosine | l2 | sscd:PATH | raw:PATH (descriptor file)
     threshold: float | None = None             # None: 0.6 for descriptors, calibrated in pixel space
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0      # Gu et al.
