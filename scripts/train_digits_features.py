@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save
 
+from diffcore._atomic import atomic_write_bytes
 from diffcore.data import load_digits
 from diffcore.metrics.features import DigitsNetwork, digits_heldout_split
 
@@ -71,17 +71,6 @@ def train() -> tuple[DigitsNetwork, dict[str, str]]:
     return network, info
 
 
-def write_atomic(path: str, payload: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".digits_cnn.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)  # a shipped package file: readable by all
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT)
@@ -90,7 +79,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     network, info = train()
     state = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
-    write_atomic(args.out, save(state, metadata=info))
+    atomic_write_bytes(args.out, save(state, metadata=info))
+    os.chmod(args.out, 0o644)  # a shipped package file: readable by all
     print(f"wrote {os.path.normpath(args.out)}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 

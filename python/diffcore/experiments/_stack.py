@@ -105,8 +105,32 @@ def subset(images: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch
 
 # ----------------------------------------------------------------------------- models and training
 
+# The training recipe a study's model spec may carry (absent keys: EDM preconditioning and loss,
+# no augmentation). "vp": EDM's VP preconditioning with its loss; augment_p > 0: EDM's non-leaky
+# augmentation (diffcore.train.augment) with its 9 augment labels passed to the UNet.
+PRECONDITIONINGS = ("edm", "vp")
+
+
+def recipe_spec(precond: str, augment_p: float) -> dict:
+    """The recipe fields of a model spec, only those that differ from EDM without augmentation
+    (so the specs, and the finished units, of studies that use neither stay as they were)."""
+    if precond not in PRECONDITIONINGS:
+        raise ValueError(f"precond: expected one of {', '.join(PRECONDITIONINGS)}, got {precond!r}")
+    if not 0 <= augment_p <= 1:
+        raise ValueError(f"augment_p: expected a probability in [0, 1], got {augment_p}")
+    return {**({"precond": precond} if precond != "edm" else {}),
+            **({"augment_p": augment_p} if augment_p > 0 else {})}
+
+
 def model_spec(spec: dict) -> dict:
-    return {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
+    model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
+    if spec.get("precond", "edm") != "edm":
+        model["precond"] = spec["precond"]
+    if spec.get("augment_p", 0) > 0:
+        from diffcore.train.augment import AugmentPipe
+
+        model["augment_dim"] = AugmentPipe().label_dim
+    return model
 
 
 def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",
@@ -125,6 +149,8 @@ def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path,
     config = train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
                                batch_size=spec["batch_size"], lr=spec["learning_rate"],
                                lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
+                               loss=spec.get("precond", "edm"), augment="edm" if spec.get("augment_p", 0) > 0 else "none",
+                               augment_p=spec.get("augment_p", 0.12),
                                device=str(device), out_dir=str(work_dir), progress=_env.progress_enabled(progress))
     result = train.train_from_config(config, resume="auto")
     if result.checkpoint is None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from diffcore._atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,12 @@ class FeatureStatistics:
         arrays = {"mu": self.mean.numpy(), "sigma": self.covariance.numpy(),
                   "count": np.array([self.count], dtype=np.int64)}
         if path.suffix == ".npz":
-            _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+            atomic_write(path, lambda fh: np.savez(fh, **arrays))
         elif path.suffix == ".safetensors":
             from safetensors.numpy import save
 
             metadata = {"format": _FORMAT, "extractor": self.extractor or ""}
-            _atomic_write(path, lambda fh: fh.write(save(arrays, metadata=metadata)))
+            atomic_write(path, lambda fh: fh.write(save(arrays, metadata=metadata)))
         else:
             raise ValueError(f"FeatureStatistics.save: path must end in .safetensors or .npz, got {str(path)!r}")
         return path
@@ -201,20 +202,6 @@ def _centered_scatter(rows: torch.Tensor) -> torch.Tensor:
 def _check_same_extractor(a: FeatureStatistics, b: FeatureStatistics) -> None:
     if a.extractor and b.extractor and a.extractor != b.extractor:
         raise ValueError(f"statistics of different feature extractors: {a.extractor!r} and {b.extractor!r}")
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------- computing statistics
