@@ -166,6 +166,7 @@ class AugmentPipe:
         """``[B, 3, 3]`` float64: output pixel ``p`` (centred pixel coordinates, x right, y down)
         reads input pixel ``G_inv p``. Scale ``s``, rotation ``a``, anisotropy and translation ``t``
         compose as in EDM: ``G_inv = S(1/s) R(a) [R(r) S(1/s', s') R(-r)] T(-t)``."""
+        draws = {name: value.detach().cpu() for name, value in draws.items()}  # small: composed on the CPU
         batch = next(iter(draws.values())).shape[0]
         g = torch.eye(3, dtype=torch.float64).repeat(batch, 1, 1)
         if "scale" in draws:
