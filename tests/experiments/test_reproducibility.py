@@ -137,8 +137,8 @@ def test_torchscript_descriptor_uses_the_paper_threshold(tmp_path, stand_in_stac
 
     path = tmp_path / "descriptor.pt"
     torch.jit.script(Pool()).save(str(path))
-    cfg = dataclasses.replace(_config(), similarity=str(path), sizes=(8,), widths=(4,), train_seeds=(0,))
+    cfg = dataclasses.replace(_config(), similarity=f"raw:{path}", sizes=(8,), widths=(4,), train_seeds=(0,))
     results = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
     assert results["threshold"] == 0.6 and results["threshold_source"].startswith("descriptor")
-    assert results["similarity"]["name"] == "features:descriptor.pt"
+    assert results["similarity"]["name"] == "raw:descriptor.pt"
     assert results["models"][0]["gl"] == 0.0  # memorizing stand-in: exact copies

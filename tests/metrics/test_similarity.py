@@ -65,7 +65,7 @@ def test_torchscript_feature_extractor(tmp_path):
 
     path = tmp_path / "features.pt"
     torch.jit.script(Pool()).save(str(path))
-    sim = get_similarity(str(path))
+    sim = get_similarity(f"raw:{path}")
     assert isinstance(sim, FeatureCosine) and sim.default_threshold == 0.6
     a, b = _rand(6, 7), _rand(6, 8)
     fa = torch.nn.functional.avg_pool2d(a, 2).flatten(1) + 1.0
@@ -80,7 +80,7 @@ def test_get_similarity_errors_name_argument(tmp_path):
     with pytest.raises(ValueError, match="similarity"):
         get_similarity("manhattan")
     with pytest.raises(FileNotFoundError, match="feature extractor"):
-        get_similarity(str(tmp_path / "missing.pt")).embed(torch.zeros(1, 1, 2, 2))
+        get_similarity(f"raw:{tmp_path / 'missing.pt'}").embed(torch.zeros(1, 1, 2, 2))
 
 
 def test_torch_export_feature_extractor(tmp_path):
@@ -91,6 +91,6 @@ def test_torch_export_feature_extractor(tmp_path):
     a, b = _rand(4, 9), _rand(4, 10)
     path = tmp_path / "features.pt2"
     torch.export.save(torch.export.export(Pool(), (a,)), str(path))
-    sim = get_similarity(str(path))
+    sim = get_similarity(f"raw:{path}")
     want = torch.nn.functional.cosine_similarity(Pool()(a), Pool()(b), dim=1)
     torch.testing.assert_close(sim.pairwise(a, b), want, atol=1e-6, rtol=0)

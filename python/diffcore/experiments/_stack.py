@@ -70,18 +70,51 @@ def subset(images: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch
     return images[indices.to(images.device)], indices
 
 
+# ----------------------------------------------------------------------------- models and training
+
+# The training recipe a study's model spec may carry (absent keys: EDM preconditioning and loss,
+# no augmentation). "vp": EDM's VP preconditioning with its loss; augment_p > 0: EDM's non-leaky
+# augmentation (diffcore.train.augment) with its 9 augment labels passed to the UNet.
+PRECONDITIONINGS = ("edm", "vp")
+
+
+def recipe_spec(precond: str, augment_p: float) -> dict:
+    """The recipe fields of a model spec, only those that differ from EDM without augmentation
+    (so the specs, and the finished units, of studies that use neither stay as they were)."""
+    if precond not in PRECONDITIONINGS:
+        raise ValueError(f"precond: expected one of {', '.join(PRECONDITIONINGS)}, got {precond!r}")
+    if not 0 <= augment_p <= 1:
+        raise ValueError(f"augment_p: expected a probability in [0, 1], got {augment_p}")
+    return {**({"precond": precond} if precond != "edm" else {}),
+            **({"augment_p": augment_p} if augment_p > 0 else {})}
+
+
+def model_spec(spec: dict) -> dict:
+    """The ``diffcore.train`` model spec of a study's model spec (UNet preset, width, recipe)."""
+    model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
+    if spec.get("precond", "edm") != "edm":
+        model["precond"] = spec["precond"]
+    if spec.get("augment_p", 0) > 0:
+        from diffcore.train.augment import AugmentPipe
+
+        model["augment_dim"] = AugmentPipe().label_dim
+    return model
+
+
 def training_request(spec: dict, work_dir, device="cpu", progress: bool = True):
     """The validated ``diffcore.train.TrainConfig`` of a study's model spec (dataset, data_root, n,
     subset_seed, width, model_preset, seed, train_steps, batch_size, learning_rate,
-    lr_warmup_images); raises before anything is trained."""
+    lr_warmup_images, and the recipe keys of :func:`recipe_spec`); raises before anything is trained."""
     from diffcore import train
 
     data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
             "subset_seed": spec["subset_seed"]}
-    model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
-    return train.TrainConfig(data=data, model=model, steps=spec["train_steps"], batch_size=spec["batch_size"],
-                             lr=spec["learning_rate"], lr_warmup_images=spec["lr_warmup_images"],
-                             seed=spec["seed"], device=str(device), out_dir=str(work_dir),
+    return train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
+                             batch_size=spec["batch_size"], lr=spec["learning_rate"],
+                             lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
+                             loss=spec.get("precond", "edm"),
+                             augment="edm" if spec.get("augment_p", 0) > 0 else "none",
+                             augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
                              progress=_env.progress_enabled(progress))
 
 

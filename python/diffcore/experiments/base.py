@@ -40,29 +40,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from diffcore import _env, _folder
 from diffcore.sampler.noise import SEED_MAX
 
+from diffcore._atomic import atomic_write_bytes  # noqa: F401  (re-exported: the studies' atomic writes)
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 
 
 # ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def to_jsonable(value: Any) -> Any:
     """Dataclasses, tuples, paths, tensors and numpy scalars as plain JSON values."""

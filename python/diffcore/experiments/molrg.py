@@ -278,7 +278,7 @@ class _Study:
         return results
 
     def ranks(self, rank_inputs: dict) -> dict:
-        """Jacobian numerical rank along the Heun-grid Euler trajectory, at the largest d."""
+        """Jacobian numerical rank along an Euler trajectory on the Karras (EDM) sigma grid, at the largest d."""
         from diffcore import analysis, sampler
         from diffcore.data import molrg_bases
         from diffcore.denoisers import MoLRGDenoiser

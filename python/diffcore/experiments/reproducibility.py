@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from diffcore import _env, metrics
-from diffcore.experiments import base, plotting
+from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 from diffcore.sampler import SOLVERS
@@ -59,13 +59,15 @@ class ReproducibilityConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000               # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
+    precond: str = "edm"                       # edm | vp (EDM's VP preconditioning and loss)
+    augment_p: float = 0.0                     # EDM's non-leaky augmentation probability (0: off)
     sample_seed_start: int = 100000            # samples use seeds start .. start + num_samples - 1
     num_samples: int = 256
     sampler_steps: int = 18                    # Heun 18 steps = 35 evaluations (EDM)
     solver: str = "heun"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    similarity: str = "cosine"                 # cosine | l2 | path to a TorchScript descriptor
+    similarity: str = "cosine"                 # cosine | l2 | sscd:PATH | raw:PATH (descriptor file)
     threshold: float | None = None             # None: 0.6 for descriptors, calibrated in pixel space
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0      # Gu et al.
@@ -105,6 +107,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
     "grid_samples": base.integer(0), "torch_threads": base.integer(0), "train_workers": _POSITIVE,
+    "precond": base.one_of(*_stack.PRECONDITIONINGS), "augment_p": base.number(0, 1),
 }
 
 
@@ -130,13 +133,20 @@ def _quick() -> ReproducibilityConfig:
 
 
 def _paper() -> ReproducibilityConfig:
-    """CIFAR-10 subsets N = 2^6 .. 2^14, UNet-64/128/256, 10k samples from seeds 100000-109999
-    (PAPERS.md section 1). Set data_root. Add a second training seed with --set train_seeds=0,1."""
+    """The reproducibility paper's setting as its public code trains it (PAPERS.md section 1;
+    docs/experiments.md has the table, ours beside theirs): EDM's DDPM++ (``--arch=ddpmpp``,
+    dropout 0.13) at widths 64/128/256 on nested CIFAR-10 subsets N = 2^6 .. 2^14, VP
+    preconditioning and loss (``--precond vp``), batch 128, lr 1e-3 with EDM's 10 Mimg warm-up,
+    EMA half-life 0.5 Mimg, 50 Mimg of training (``--duration 50``: 390 625 steps), EDM's
+    augmentation at p = 0.12 with augment labels; 10k samples per model from seeds
+    100000-109999 (Heun, 18 steps). Set data_root, and ``similarity=sscd:PATH`` (the SSCD file you
+    have) for the paper's measure at threshold 0.6. Add a second seed with --set train_seeds=0,1."""
     return ReproducibilityConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(64, 128, 256),
                                  sizes=tuple(2 ** k for k in range(6, 15)), train_seeds=(0,),
-                                 train_steps=200_000, batch_size=128, learning_rate=2e-4,
-                                 lr_warmup_images=10_000_000,
-                                 num_samples=10_000, grid_samples=32)
+                                 train_steps=390_625, batch_size=128, learning_rate=1e-3,
+                                 lr_warmup_images=10_000_000, precond="vp", augment_p=0.12,
+                                 num_samples=10_000, sample_seed_start=100000, sampler_steps=18,
+                                 grid_samples=32)
 
 
 def _tiny() -> ReproducibilityConfig:
@@ -223,7 +233,7 @@ class _Study:
         return {**self.data_spec(n), "data_root": c.data_root, "model_preset": c.model_preset,
                 "width": width, "seed": seed, "train_steps": c.train_steps,
                 "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images}
+                "lr_warmup_images": c.lr_warmup_images, **_stack.recipe_spec(c.precond, c.augment_p)}
 
     def sampling_spec(self) -> dict:
         c = self.config

@@ -13,9 +13,12 @@ distance:
 - ``l2`` (pixel space): ``similarity = 1 - rms(a - b) / 2`` with ``rms = |a - b| / sqrt(D)``. For
   images in [-1, 1], rms lies in [0, 2], so the similarity lies in [0, 1] (1 = identical).
   Embedding: rows divided by ``2 sqrt(D)``, similarity = ``1 - distance``.
-- a TorchScript (``torch.jit.save``) or ``torch.export`` (``.pt2``) feature extractor (e.g. a copy-detection descriptor such as SSCD that the user
-  has): ``torch.jit.load(path)`` maps ``[B, C, H, W]`` to ``[B, F]``; similarity is the cosine of
-  the descriptors, as in the reproducibility paper (PAPERS.md section 1, threshold 0.6).
+- a descriptor file with its kind, ``KIND:PATH``: a TorchScript (``torch.jit.save``) or
+  ``torch.export`` (``torch.export.save``) network the user has, mapping preprocessed images to
+  ``[B, F]``; similarity is the cosine of the descriptors, as in the reproducibility paper
+  (PAPERS.md section 1, threshold 0.6). The kind states the preprocessing: ``sscd`` (the paper's
+  SSCD: 320x320, ImageNet mean/std) or ``raw`` (images in [-1, 1] at their own size). Files load
+  without unpickling (:func:`load_descriptor`).
 
 Thresholds: descriptors default to 0.6 (paper). Pixel-space measures have no universal threshold:
 their default is calibrated on the data (``diffcore.metrics.calibrate_threshold``), see
@@ -23,8 +26,12 @@ docs/experiments.md.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 import os
+import re
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -98,43 +105,89 @@ class PixelL2(Similarity):
         return 1.0 - distance.float()
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DescriptorPreprocess:
+    """What a descriptor network receives: images ``[B, C, H, W]`` in [-1, 1] (uint8 as ``u8 / 127.5 - 1``)
+    are resized to ``size x size`` (bilinear, ``align_corners=False``; ``None``: own size), one
+    channel is repeated to RGB when ``rgb``, and with ``mean``/``std`` the images are mapped to
+    [0, 1] and normalized per channel ``(x01 - mean) / std``; without them they stay in [-1, 1].
+    """
+
+    size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    rgb: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        if x.dim() != 4:
+            raise ValueError(f"similarity: descriptor input must be images [B, C, H, W], got {tuple(x.shape)}")
+        if self.rgb and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.size is not None:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                align_corners=False)
+        if self.mean is not None:
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+            x = ((x + 1.0) / 2.0 - mean) / std
+        return x
+
+
+# Descriptor kinds: the preprocessing each one states. ``sscd``: the copy-detection descriptor of
+# the reproducibility paper (Pizzi et al. 2022), as its public code feeds it (resize to 320x320,
+# [0, 1], ImageNet mean/std). ``raw``: the generic kind, images exactly as diffcore holds them.
+DESCRIPTOR_KINDS = {
+    "sscd": DescriptorPreprocess(size=320, mean=IMAGENET_MEAN, std=IMAGENET_STD, rgb=True),
+    "raw": DescriptorPreprocess(),
+}
+
+
 @dataclass
 class FeatureCosine(Similarity):
-    """Cosine of descriptors computed by a TorchScript module loaded from ``path``.
+    """Cosine of descriptors computed by a TorchScript or ``torch.export`` module loaded from ``path``.
 
-    The module takes images ``[B, C, H, W]`` in [-1, 1] (diffcore's convention) and returns
-    ``[B, F]`` (any trailing shape is flattened). It runs under ``torch.no_grad`` in batches of
-    ``batch_size`` on ``device``.
+    ``kind`` (a key of ``DESCRIPTOR_KINDS``) states the preprocessing (``preprocess`` overrides it):
+    ``"sscd"`` resizes to 320x320 and normalizes with ImageNet mean/std; ``"raw"`` passes images
+    ``[B, C, H, W]`` in [-1, 1] at their own size. The module returns ``[B, F]`` (trailing shape
+    flattened) and runs under ``torch.no_grad`` in batches of ``batch_size`` on ``device``.
+    Files load through :func:`load_descriptor` (no unpickling).
     """
 
     path: str
+    kind: str
     device: str = "cpu"
     batch_size: int = 256
+    preprocess: DescriptorPreprocess | None = None
     default_threshold: float | None = DESCRIPTOR_THRESHOLD
     _module: object = field(default=None, init=False, repr=False)
 
+    def __post_init__(self):
+        if self.preprocess is None:
+            if self.kind not in DESCRIPTOR_KINDS:
+                raise ValueError(f"similarity: unknown descriptor kind {self.kind!r}; known: "
+                                 f"{', '.join(DESCRIPTOR_KINDS)} (or pass preprocess=)")
+            self.preprocess = DESCRIPTOR_KINDS[self.kind]
+
     @property
     def name(self) -> str:  # type: ignore[override]
-        return f"features:{os.path.basename(self.path)}"
+        return f"{self.kind}:{os.path.basename(self.path)}"
 
     def module(self):
         if self._module is None:
-            if not os.path.isfile(self.path):
-                raise FileNotFoundError(f"similarity: feature extractor file {self.path!r} does not exist")
-            if self.path.endswith(".pt2"):  # torch.export archive
-                self._module = torch.export.load(self.path).module().to(self.device)
-            else:
-                self._module = torch.jit.load(self.path, map_location=self.device).eval()
+            self._module = load_descriptor(self.path, self.device)
         return self._module
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 127.5 - 1.0
         module = self.module()
         outs = []
         for start in range(0, x.shape[0], self.batch_size):
-            batch = x[start:start + self.batch_size].to(self.device, torch.float32)
+            batch = self.preprocess(x[start:start + self.batch_size].to(self.device))
             outs.append(module(batch).reshape(batch.shape[0], -1).float().cpu())
         feats = torch.cat(outs) if outs else torch.zeros(0, 0)
         return _unit_rows(feats)
@@ -146,23 +199,95 @@ class FeatureCosine(Similarity):
         return (self.embed(a) * self.embed(b)).sum(dim=1)
 
     def describe(self) -> dict:
-        return {"name": self.name, "path": os.path.abspath(self.path),
-                "default_threshold": self.default_threshold}
+        return {"name": self.name, "kind": self.kind, "path": os.path.abspath(self.path),
+                "preprocess": dataclasses.asdict(self.preprocess), "default_threshold": self.default_threshold}
+
+
+# ------------------------------------------------------------------ loading descriptor files safely
+
+# Members a torch.export archive may hold, relative to its root folder; anything else (pickled
+# custom objects, compiled AOTInductor libraries, legacy pickled weights) is refused.
+_EXPORT_MEMBERS = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/[^/]+\.json|data/weights/[^/]+_config\.json|data/weights/weight_\d+"
+    r"|data/constants/[^/]+_config\.json|data/constants/tensor_\d+|data/sample_inputs/[^/]+\.pt)")
+
+
+def load_descriptor(path: str | os.PathLike, device: str = "cpu"):
+    """Load a descriptor network from a TorchScript file or a ``torch.export`` archive, never unpickling.
+
+    TorchScript files are read by TorchScript's own loader (it builds scripted modules and tensors,
+    imports no Python). A ``torch.export`` archive (recognised by its content, not its suffix) is
+    loaded only when every part is plain: no pickled weights or constants (``use_pickle``), no
+    custom objects, no compiled libraries, and sample inputs that load with ``weights_only=True``.
+    What such a file is trusted with: its code runs with your permissions and TorchScript/ATen ops
+    can read and write files, so use descriptor files from a source you trust.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"similarity: descriptor (feature extractor) file {path!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"similarity: descriptor file {path!r} is neither a TorchScript file nor a "
+                         "torch.export archive")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if any(name.split("/", 1)[-1] == "archive_format" for name in names):
+            _check_export_archive(path, archive)
+            module = torch.export.load(path).module()
+            return module.to(device)
+        if not any("/code/" in name for name in names) or not any(n.endswith("/data.pkl") for n in names):
+            raise ValueError(f"similarity: descriptor file {path!r} is a zip archive but not a TorchScript "
+                             "file (torch.jit.save) nor a torch.export archive (torch.export.save)")
+    return torch.jit.load(path, map_location=device).eval()
+
+
+def _check_export_archive(path: str, archive: zipfile.ZipFile) -> None:
+    import json
+
+    for name in archive.namelist():
+        member = name.split("/", 1)[-1]
+        if name.endswith("/"):
+            continue
+        if not _EXPORT_MEMBERS.fullmatch(member):
+            raise ValueError(f"similarity: refusing torch.export archive {path!r}: it holds {member!r}, "
+                             "a part that loading would unpickle or execute")
+        if member.endswith("_config.json"):
+            entries = json.loads(archive.read(name)).get("config", {})
+            pickled = sorted(key for key, meta in entries.items() if meta.get("use_pickle"))
+            if pickled:
+                raise ValueError(f"similarity: refusing torch.export archive {path!r}: {member} marks "
+                                 f"{pickled[:3]} as pickled (loading would run pickle)")
+        if member.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception as err:
+                raise ValueError(f"similarity: refusing torch.export archive {path!r}: its sample inputs "
+                                 f"are not plain tensors ({type(err).__name__})") from err
 
 
 def get_similarity(spec: str | Similarity, device: str = "cpu") -> Similarity:
-    """A similarity from its name: ``"cosine"``, ``"l2"``, or a path to a TorchScript file
-    (``"features:/path/model.pt"`` or just the path)."""
+    """A similarity from its name: ``"cosine"``, ``"l2"``, or ``"KIND:PATH"`` for a descriptor file,
+    with KIND one of ``DESCRIPTOR_KINDS`` (``"sscd:/models/sscd_disc_large.torchscript.pt"``,
+    ``"raw:/path/descriptor.pt"``). A path without its kind is refused: the kind states what the
+    network receives."""
     if isinstance(spec, Similarity):
         return spec
     if spec == "cosine":
         return PixelCosine()
     if spec == "l2":
         return PixelL2()
-    path = spec[len("features:"):] if spec.startswith("features:") else spec
-    if path.endswith((".pt", ".pth", ".ts", ".jit", ".pt2")) or os.path.isfile(path):
-        return FeatureCosine(path=path, device=device)
-    raise ValueError(f"similarity: expected 'cosine', 'l2' or a TorchScript file path, got {spec!r}")
+    kind, sep, path = spec.partition(":")
+    if sep and kind in DESCRIPTOR_KINDS and path:
+        return FeatureCosine(path=path, kind=kind, device=device)
+    kinds = "; ".join(f"'{k}:PATH' ({_kind_summary(v)})" for k, v in DESCRIPTOR_KINDS.items())
+    raise ValueError(f"similarity: expected 'cosine', 'l2' or a descriptor file with its kind: {kinds}; "
+                     f"got {spec!r}")
+
+
+def _kind_summary(preprocess: DescriptorPreprocess) -> str:
+    if preprocess.size is None and preprocess.mean is None:
+        return "images in [-1, 1] at their own size"
+    return f"resized to {preprocess.size}x{preprocess.size}, ImageNet mean/std"
 
 
 def default_knn():

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-LOSSES = ("edm", "ddpm")
+LOSSES = ("edm", "vp", "ddpm")
 PRECISIONS = ("fp32", "fp16", "bf16")
-AUGMENTATIONS = ("none", "xflip")
+AUGMENTATIONS = ("none", "xflip", "edm")
 
 # Fields that may change between a run and its resume (they do not change the trained weights).
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
@@ -29,6 +29,8 @@ class TrainConfig:
     grad_clip: max global gradient norm (0 = no clipping).
     precision: fp32 | fp16 | bf16 (autocast; fp16 only on CUDA, with a gradient scaler).
     class_conditional: pass one-hot labels ``[B, num_classes]`` as ``class_labels`` to the model.
+    augment: none | xflip (dataset x-flips) | edm (EDM's non-leaky pipeline at probability
+        ``augment_p``, diffcore.train.augment; the model needs ``augment_dim = 9``).
     """
 
     data: Mapping[str, Any] = field(default_factory=lambda: {"name": "digits"})
@@ -47,6 +49,7 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     augment: str = "none"
+    augment_p: float = 0.12
     class_conditional: bool = False
     seed: int = 0
     device: str = "auto"
@@ -73,6 +76,8 @@ class TrainConfig:
         for name in ("lr", "ema_halflife_images"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= float(self.augment_p) <= 1:
+            raise ValueError(f"augment_p must lie in [0, 1], got {self.augment_p}")
         if self.lr_warmup_images < 0 or self.grad_clip < 0:
             raise ValueError("lr_warmup_images and grad_clip must be >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:

@@ -29,11 +29,32 @@ class EDMLoss:
         sd = self.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
-    def __call__(self, net, x0, sigma, noise, class_labels=None) -> torch.Tensor:
+    def __call__(self, net, x0, sigma, noise, class_labels=None, augment_labels=None) -> torch.Tensor:
         shape = (-1,) + (1,) * (x0.ndim - 1)
-        denoised = net(x0 + sigma.reshape(shape) * noise, sigma, class_labels)
+        denoised = net(x0 + sigma.reshape(shape) * noise, sigma, class_labels, **_augment(augment_labels))
         squared = (denoised.float() - x0.float()) ** 2
         return self.weight(sigma) * squared.flatten(1).mean(dim=1)
+
+
+class VPLoss(EDMLoss):
+    """EDM's loss for VP preconditioning (Karras et al. 2022, Table 1, "VP" column; Song et al.
+    2021's DDPM++ setting): ``t ~ U(epsilon_t, 1)``, ``sigma(t) = sqrt(exp(beta_d t^2 / 2 +
+    beta_min t) - 1)``, ``lambda(sigma) = 1 / sigma^2``."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
+        self.beta_d, self.beta_min, self.epsilon_t = float(beta_d), float(beta_min), float(epsilon_t)
+
+    def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+        t = 1 + torch.rand(batch, generator=generator, device=device) * (self.epsilon_t - 1)
+        return (torch.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1).sqrt()
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / sigma**2
+
+
+def _augment(augment_labels) -> dict:
+    """``augment_labels`` as a keyword for models that take them (only when augmenting)."""
+    return {} if augment_labels is None else {"augment_labels": augment_labels}
 
 
 class DDPMLoss:
@@ -55,22 +76,20 @@ class DDPMLoss:
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
         return self.sigmas.to(device)[t]
 
-    def __call__(self, net, x0, sigma, noise, class_labels=None) -> torch.Tensor:
+    def __call__(self, net, x0, sigma, noise, class_labels=None, augment_labels=None) -> torch.Tensor:
         shape = (-1,) + (1,) * (x0.ndim - 1)
         x = x0 + sigma.reshape(shape) * noise
-        denoised = net(x, sigma, class_labels).float()
+        denoised = net(x, sigma, class_labels, **_augment(augment_labels)).float()
         predicted_noise = (x.float() - denoised) / sigma.reshape(shape)
         return ((predicted_noise - noise.float()) ** 2).flatten(1).mean(dim=1)
 
 
 def build_loss(name: str, options=None):
-    """``EDMLoss`` or ``DDPMLoss`` by name, with keyword ``options``."""
-    options = dict(options or {})
-    if name == "edm":
-        return EDMLoss(**options)
-    if name == "ddpm":
-        return DDPMLoss(**options)
-    raise ValueError(f"unknown loss {name!r}; known: edm, ddpm")
+    """``EDMLoss``, ``VPLoss`` or ``DDPMLoss`` by name (edm, vp, ddpm), with keyword ``options``."""
+    losses = {"edm": EDMLoss, "vp": VPLoss, "ddpm": DDPMLoss}
+    if name not in losses:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(losses)}")
+    return losses[name](**dict(options or {}))
 
 
 def lr_at(images_seen_after_step: int, lr: float, warmup_images: int) -> float:

@@ -30,6 +30,7 @@ from diffcore.train.checkpoint import (CheckpointError, capture_rng_state, flatt
                                        unflatten_optimizer_state, write_file_atomic)
 from diffcore.train.config import TrainConfig, config_differences
 from diffcore.train.ema import EMA
+from diffcore.train.augment import AugmentPipe
 from diffcore.train.loss import build_loss, lr_at
 from diffcore.train.registry import build_model
 
@@ -98,6 +99,7 @@ class Trainer:
         self.dataset = load_dataset(config.data).to(self.device)
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed)
         self.loss_fn = build_loss(config.loss, config.loss_options)
+        self.augment_pipe = AugmentPipe(p=config.augment_p) if config.augment == "edm" else None
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.model = build_model(config.model).to(self.device)
@@ -251,18 +253,22 @@ class Trainer:
         class_labels = None
         if self.config.class_conditional:
             class_labels = F.one_hot(labels, self.dataset.num_classes).to(torch.float32)
-        return x, class_labels, sigma[local], noise[local]
+        augment = {}
+        if self.augment_pipe is not None:  # parameters drawn for the global batch, this rank's slice applied
+            draws = self.augment_pipe.draw(B, self.noise_generator, self.device)
+            x, augment["augment_labels"] = self.augment_pipe.apply(x, {k: v[local] for k, v in draws.items()})
+        return x, class_labels, sigma[local], noise[local], augment
 
     def _train_step(self, step: int) -> torch.Tensor:
         config = self.config
-        x, class_labels, sigma, noise = self._draw_batch(step)
+        x, class_labels, sigma, noise, augment = self._draw_batch(step)
         images_after = (step + 1) * config.batch_size
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(images_after, config.lr, config.lr_warmup_images)
         self.optimizer.zero_grad(set_to_none=True)
         dtype = _AUTOCAST_DTYPES.get(config.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            loss = self.loss_fn(self.train_model, x, sigma, noise, class_labels).mean()
+            loss = self.loss_fn(self.train_model, x, sigma, noise, class_labels, **augment).mean()
         self.scaler.scale(loss).backward()
         if config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
