@@ -4,8 +4,10 @@
   :func:`jacobian_full` (the small-d reference).
 - :func:`numerical_rank`, :func:`frobenius_norm_sq`, :func:`rank_along_trajectory`, :func:`euler_trajectory`.
 - :func:`local_linearity`.
+- :func:`contrastive_components` (per-sample CPCs of ``D_c - D_u``), :func:`subspace_overlap`.
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
 """
+from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap
 from diffcore.analysis.jacobian import JacobianOperator, JacobianSubspace, jacobian_full, jacobian_subspace
 from diffcore.analysis.linearity import LocalLinearity, local_linearity
 from diffcore.analysis.projection import edit_direction, null_space_project, orthonormal_rows, principal_angles
@@ -18,6 +20,7 @@ from diffcore.analysis.rank import (
 )
 
 __all__ = [
+    "ContrastiveComponents", "contrastive_components", "subspace_overlap",
     "JacobianOperator", "JacobianSubspace", "LocalLinearity", "TrajectoryRank", "edit_direction",
     "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
     "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",

@@ -29,6 +29,9 @@ class TrainConfig:
     grad_clip: max global gradient norm (0 = no clipping).
     precision: fp32 | fp16 | bf16 (autocast; fp16 only on CUDA, with a gradient scaler).
     class_conditional: pass one-hot labels ``[B, num_classes]`` as ``class_labels`` to the model.
+    label_dropout: with class_conditional, the probability that a sample's label is replaced by the
+        all-zero "null" label, so one model learns the conditional and the unconditional denoiser
+        (classifier-free guidance; drawn from the run's noise generator for the global batch).
     """
 
     data: Mapping[str, Any] = field(default_factory=lambda: {"name": "digits"})
@@ -48,6 +51,7 @@ class TrainConfig:
     compile: bool = False
     augment: str = "none"
     class_conditional: bool = False
+    label_dropout: float = 0.0
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/train"
@@ -73,6 +77,8 @@ class TrainConfig:
         for name in ("lr", "ema_halflife_images"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= float(self.label_dropout) < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.lr_warmup_images < 0 or self.grad_clip < 0:
             raise ValueError("lr_warmup_images and grad_clip must be >= 0")
         if "name" not in self.data or "name" not in self.model:
