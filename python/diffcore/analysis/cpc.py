@@ -21,6 +21,7 @@ import torch
 
 from diffcore.analysis.jacobian import JacobianSubspace, jacobian_subspace
 from diffcore.analysis.projection import principal_angles
+from diffcore.sampler.guidance import DenoiserDifference
 
 
 @dataclass
@@ -40,16 +41,6 @@ class ContrastiveComponents:
     subspace: JacobianSubspace
 
 
-class GuidanceDifference:
-    """``g(x, sigma) = D_c(x, sigma) - D_u(x, sigma)`` as one denoiser-like callable."""
-
-    def __init__(self, conditional, unconditional):
-        self.conditional, self.unconditional = conditional, unconditional
-
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        return self.conditional(x, sigma) - self.unconditional(x, sigma)
-
-
 def contrastive_components(conditional, unconditional, x: torch.Tensor, sigma, k: int,
                            **subspace_kwargs) -> ContrastiveComponents:
     """Per-sample CPCs of ``D_c - D_u`` at each point of ``x`` [B, ...].
@@ -61,9 +52,10 @@ def contrastive_components(conditional, unconditional, x: torch.Tensor, sigma, k
         k: number of components (by |eigenvalue|).
         subspace_kwargs: passed to :func:`jacobian_subspace` (method, iters, tol, seed, probes).
     """
-    sub = jacobian_subspace(GuidanceDifference(conditional, unconditional), x, sigma, k, **subspace_kwargs)
-    symmetry = (sub.U * sub.V).flatten(2).sum(dim=2)                     # [B, k]
-    return ContrastiveComponents(sub.singular_values * torch.sign(symmetry), sub.V, symmetry, sub)
+    term = DenoiserDifference(unconditional)
+    sub = jacobian_subspace(lambda y, s: term(y, s, conditional(y, s)), x, sigma, k, **subspace_kwargs)
+    symmetry = (sub.U * sub.V).flatten(2).sum(dim=2).detach()            # [B, k]
+    return ContrastiveComponents((sub.singular_values * torch.sign(symmetry)).detach(), sub.V.detach(), symmetry, sub)
 
 
 def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -73,4 +65,4 @@ def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cos(torch.deg2rad(angles)).square().mean(dim=-1)
 
 
-__all__ = ["ContrastiveComponents", "GuidanceDifference", "contrastive_components", "subspace_overlap"]
+__all__ = ["ContrastiveComponents", "contrastive_components", "subspace_overlap"]
