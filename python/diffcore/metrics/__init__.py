@@ -4,7 +4,19 @@
 - :func:`rp_score` (reproducibility.py)
 - :func:`pfd`, :func:`pfd_from_samples` (pfd.py)
 - similarity measures: ``"cosine"`` (pixel, default), ``"l2"``, TorchScript descriptors (similarity.py)
+- sample quality: :func:`frechet_distance`, :class:`FeatureStatistics` (frechet.py); feature
+  extractors :func:`digits_features` / :func:`digits_classifier` (shipped digits network,
+  features.py) and :func:`inception_features` (FID's Inception-v3 from a local file, inception.py)
 """
+from diffcore.metrics.features import (
+    DigitsNetwork,
+    class_accuracy,
+    digits_classifier,
+    digits_features,
+    digits_network_info,
+)
+from diffcore.metrics.frechet import FeatureStatistics, feature_statistics, frechet_distance
+from diffcore.metrics.inception import InceptionFeatures, inception_features
 from diffcore.metrics.memorization import (
     CALIBRATION_QUANTILE,
     MEMORIZATION_RATIO_THRESHOLD,
@@ -28,6 +40,9 @@ from diffcore.metrics.similarity import (
 )
 
 __all__ = [
+    "DigitsNetwork", "FeatureStatistics", "InceptionFeatures", "class_accuracy", "digits_classifier",
+    "digits_features", "digits_network_info", "feature_statistics", "frechet_distance",
+    "inception_features",
     "CALIBRATION_QUANTILE", "DESCRIPTOR_THRESHOLD", "MEMORIZATION_RATIO_THRESHOLD", "FeatureCosine",
     "GLResult", "MemorizationResult", "PFDResult", "PixelCosine", "PixelL2", "RPResult", "Similarity",
     "calibrate_threshold", "flow_map", "get_similarity", "gl_score", "memorization_ratio",
