@@ -62,6 +62,7 @@ SOLVER_NAMES = ("euler", "heun", "dpmpp_2m", "ddim")
 class CFGConfig:
     dataset: str = "digits"                     # digits | cifar10 (class labels required)
     data_root: str = ""                         # cifar10: the local folder
+    inception_weights: str = ""                 # cifar10: FID's Inception-v3 weights file (local)
     model_preset: str = "ddpmpp-digits-light"   # diffcore.models preset
     width: int = 16                             # model_channels
     train_steps: int = 3000
@@ -89,6 +90,7 @@ class CFGConfig:
     cpc_points: int = 10                        # points per such sigma (classes in turn)
     cpc_k: int = 8
     cpc_method: str = "lanczos"                 # diffcore.analysis.jacobian_subspace method
+    cpc_iters: int = 0                          # its iters (0: the method's default)
     probe_seed: int = 7
     grid_per_class: int = 2                     # samples per class in cfg-samples.png
     torch_threads: int = 1                      # intra-op threads on the CPU (0: leave as is)
@@ -106,11 +108,13 @@ class CFGConfig:
         _choice("cpc_method", self.cpc_method, ("subspace", "randomized", "lanczos"))
         if self.dataset == "cifar10" and not self.data_root:
             raise ConfigError("data_root: cifar10 needs the local CIFAR-10 folder")
+        if self.dataset != "cifar10" and self.inception_weights:
+            raise ConfigError("inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)")
         for name in ("width", "train_steps", "batch_size", "samples_per_class", "sampler_steps", "sample_batch",
                      "num_sigmas", "distance_samples", "cpc_points", "cpc_k", "grid_per_class"):
             _integer(name, getattr(self, name), 1)
         for name in ("lr_warmup_images", "train_seed", "sample_seed_start", "probe_seed", "cpc_sigmas",
-                     "torch_threads"):
+                     "cpc_iters", "torch_threads"):
             _integer(name, getattr(self, name), 0)
         _number("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         _number("ema_halflife_images", self.ema_halflife_images, 0.0, math.inf, low_open=True)
@@ -123,6 +127,8 @@ class CFGConfig:
             _number("guidance_scales", w, 0.0, 1e3, low_open=True)
         for s in self.split_sigmas:
             _number("split_sigmas", s, self.sigma_min, self.sigma_max, low_open=True, high_open=True)
+        if self.cpc_method == "lanczos" and 0 < self.cpc_iters < self.cpc_k:
+            raise ConfigError(f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}")
         if self.cpc_sigmas > self.num_sigmas:
             raise ConfigError(f"cpc_sigmas: at most num_sigmas = {self.num_sigmas}, got {self.cpc_sigmas}")
         if self.grid_per_class > self.samples_per_class:
@@ -156,9 +162,9 @@ def _quick() -> CFGConfig:
 
 def _tiny() -> CFGConfig:
     """Seconds (tests): a few training steps, few samples, a short analysis."""
-    return CFGConfig(width=8, train_steps=30, batch_size=32, guidance_scales=(1.0,), samples_per_class=2,
-                     sampler_steps=6, num_sigmas=4, distance_samples=2, cpc_sigmas=2, cpc_points=3, cpc_k=3,
-                     grid_per_class=1)
+    return CFGConfig(width=8, train_steps=20, batch_size=32, guidance_scales=(1.0,), samples_per_class=2,
+                     sampler_steps=5, num_sigmas=3, distance_samples=2, cpc_sigmas=2, cpc_points=2, cpc_k=2,
+                     cpc_method="subspace", cpc_iters=3, grid_per_class=1)
 
 
 def _paper() -> CFGConfig:
@@ -181,18 +187,39 @@ CONFIG_CLASS = CFGConfig
 
 @dataclass
 class CFGHooks:
-    """Sample-quality metrics: ``classify(images [N, C, H, W] in [-1, 1]) -> labels [N]``,
-    ``features(images) -> [N, F]`` and ``frechet(features_a, features_b) -> float``."""
+    """Sample-quality metrics: ``classify(images [N, C, H, W] in [-1, 1]) -> labels [N]`` (None: no
+    classifier, accuracy reported as null), ``features(images) -> [N, F]`` and
+    ``frechet(features_a, features_b) -> float``."""
 
-    classify: Callable[[torch.Tensor], torch.Tensor]
+    classify: Callable[[torch.Tensor], torch.Tensor] | None
     features: Callable[[torch.Tensor], torch.Tensor]
     frechet: Callable[[torch.Tensor, torch.Tensor], float]
 
 
-def default_hooks(dataset: str) -> CFGHooks:
-    """The digits classifier and feature network of ``diffcore.metrics`` (digits only)."""
-    raise NotImplementedError(f"dataset {dataset!r}: the sample-quality metrics (digits classifier, Frechet "
-                              "distance) are not in this build; pass hooks")
+def default_hooks(config: CFGConfig, device: str = "cpu") -> CFGHooks:
+    """``diffcore.metrics``: digits: the shipped digits CNN (classes, 64-d features); cifar10: FID's
+    Inception-v3 features from ``inception_weights`` and no classifier (none ships for CIFAR-10)."""
+    from diffcore import metrics
+
+    if config.dataset == "digits":
+        network = metrics.digits_classifier(device)
+        return CFGHooks(classify=_batched(network.predict, device), features=_batched(network, device),
+                        frechet=metrics.frechet_distance)
+    if not config.inception_weights:
+        raise ConfigError("inception_weights: cifar10 needs a local file of FID's Inception-v3 weights "
+                          "(see docs/metrics.md)")
+    log.warning("cfg: no CIFAR-10 classifier ships with diffcore; class accuracy is reported as null")
+    return CFGHooks(classify=None, features=_batched(metrics.inception_features(config.inception_weights, device),
+                                                     device), frechet=metrics.frechet_distance)
+
+
+def _batched(network, device, batch_size: int = 500):
+    """``images -> network(images)`` in batches on ``device``, without gradients, returned on the CPU."""
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([network(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+    return run
 
 
 # ----------------------------------------------------------------------------- denoisers
@@ -263,9 +290,15 @@ def per_class_diversity(images: torch.Tensor, labels: torch.Tensor) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks) -> float | None:
+    """Fraction of ``images`` the classifier puts in ``labels`` (None without a classifier)."""
+    if hooks.classify is None:
+        return None
+    return float((hooks.classify(images).cpu() == labels.cpu()).double().mean())
+
+
 def sample_metrics(samples: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks, data_features: torch.Tensor) -> dict:
-    predicted = hooks.classify(samples).cpu()
-    return {"accuracy": float((predicted == labels).double().mean()),
+    return {"accuracy": class_accuracy(samples, labels, hooks),
             "frechet": float(hooks.frechet(hooks.features(samples), data_features)),
             "diversity": per_class_diversity(samples, labels)}
 
@@ -308,7 +341,8 @@ def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor,
     for sigma in sigmas:
         x = (y + sigma * torch.randn(y.shape, generator=g)).to(device)
         comps = contrastive_components(LabeledDenoiser(net, classes, k_classes), LabeledDenoiser(net, None, k_classes),
-                                       x, sigma, c.cpc_k, method=c.cpc_method, seed=c.probe_seed)
+                                       x, sigma, c.cpc_k, method=c.cpc_method, iters=c.cpc_iters or None,
+                                       seed=c.probe_seed)
         overlaps, gaussian_top = [], []
         for b, cls in enumerate(classes.tolist()):
             values, vectors = gaussians.contrastive_components(cls, sigma)
@@ -421,7 +455,8 @@ class _Study:
         c = self.c
         spec = {"model": model_unit.spec, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
                 "sigma_max": c.sigma_max, "distance_samples": c.distance_samples, "cpc_sigmas": c.cpc_sigmas,
-                "cpc_points": c.cpc_points, "cpc_k": c.cpc_k, "cpc_method": c.cpc_method, "probe_seed": c.probe_seed}
+                "cpc_points": c.cpc_points, "cpc_k": c.cpc_k, "cpc_method": c.cpc_method, "cpc_iters": c.cpc_iters,
+                "probe_seed": c.probe_seed}
 
         def produce(tmp: Path, work: Path):
             sigmas = sampler.karras_sigmas(c.num_sigmas, c.sigma_min, c.sigma_max, append_zero=False).tolist()
@@ -443,7 +478,7 @@ class _Study:
         c = self.c
         self.ws.bind_config(c)
         images, labels, num_classes = self.data()
-        hooks = self.hooks if self.hooks is not None else default_hooks(c.dataset)
+        hooks = self.hooks if self.hooks is not None else default_hooks(c, self.device)
         model_unit = self.train(num_classes)
         net = self.load_net(model_unit)
         gaussians = ClassGaussians.fit(images.to(self.device), labels.to(self.device), num_classes)
@@ -457,7 +492,7 @@ class _Study:
             settings.append({**setting, **sample_metrics(stored["samples"], stored["labels"], hooks, data_features)})
             grids[setting["name"]] = _grid(stored["samples"], stored["labels"], num_classes, c.grid_per_class)
         analysis = self.analysis(model_unit, net, gaussians, images, labels).meta
-        data_reference = {"accuracy": float((hooks.classify(images).cpu() == labels).double().mean()),
+        data_reference = {"accuracy": class_accuracy(images, labels, hooks),
                           "diversity": per_class_diversity(images, labels)}
         results = json.loads(json_dumps({
             "experiment": NAME, "config": dataclasses.asdict(c), "model": model_unit.meta, "data": data_reference,
@@ -504,8 +539,12 @@ def _pyplot():
 
 def plot_samples(results: dict, grids: dict, path) -> Path:
     rows = [plotting.to_unit(grids[s["name"]]) for s in results["settings"]]
-    labels = [f"{s['name']}  (acc {s['accuracy']:.2f})" for s in results["settings"]]
+    labels = [f"{s['name']}  (acc {_fmt(s['accuracy'])}, FD {_fmt(s['frechet'])})" for s in results["settings"]]
     return plotting.image_rows(rows, labels, path, suptitle="same seeds and labels per column (classes 0..9)")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def plot_metrics(results: dict, path) -> Path:
@@ -519,6 +558,9 @@ def plot_metrics(results: dict, path) -> Path:
     others = [s for s in settings if s not in curve and s["guidance"] != "unconditional"]
     markers = {"cfg": "s", "positive": "^", "negative": "v", "mean_shift": "D", "all": "*", "none": "o"}
     for ax, (key, title) in zip(axes, keys):
+        if any(s[key] is None for s in settings):
+            ax.set_title(f"{title}: no classifier for this dataset", fontsize=9)
+            continue
         ax.plot([s["w"] for s in curve], [s[key] for s in curve], "k-o", label="net CFG (all sigma)")
         for s in others:
             colour = "tab:blue" if s["model"] == "net" else "tab:orange"
@@ -527,7 +569,7 @@ def plot_metrics(results: dict, path) -> Path:
         uncond = [s for s in settings if s["guidance"] == "unconditional"]
         if uncond:
             ax.axhline(uncond[0][key], color="gray", ls=":", label="net unconditional")
-        if key in results["data"]:
+        if results["data"].get(key) is not None:
             ax.axhline(results["data"][key], color="green", ls="--", lw=1, label="data")
         ax.set_xlabel("guidance strength w  (D_c + w G)")
         ax.set_title(title, fontsize=9)
