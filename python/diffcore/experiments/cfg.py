@@ -65,7 +65,7 @@ class CFGConfig:
     inception_weights: str = ""                 # cifar10: FID's Inception-v3 weights file (local)
     model_preset: str = "ddpmpp-digits-light"   # diffcore.models preset
     width: int = 16                             # model_channels
-    train_steps: int = 3000
+    train_steps: int = 1500
     batch_size: int = 64
     learning_rate: float = 2e-3
     lr_warmup_images: int = 2000
@@ -155,7 +155,7 @@ def _number(name: str, value, low: float, high: float, *, low_open: bool = False
 
 
 def _quick() -> CFGConfig:
-    """The embedded digits, one light UNet (width 16, 3000 steps); under 10 minutes of CPU time on a
+    """The embedded digits, one light UNet (width 16, 1500 steps); under 10 minutes of CPU time on a
     2-core AVX2 CPU (measured in docs/studies.md)."""
     return CFGConfig()
 
@@ -538,9 +538,24 @@ def _pyplot():
 
 
 def plot_samples(results: dict, grids: dict, path) -> Path:
-    rows = [plotting.to_unit(grids[s["name"]]) for s in results["settings"]]
-    labels = [f"{s['name']}  (acc {_fmt(s['accuracy'])}, FD {_fmt(s['frechet'])})" for s in results["settings"]]
-    return plotting.image_rows(rows, labels, path, suptitle="same seeds and labels per column (classes 0..9)")
+    """One row per setting (label: name, accuracy, Frechet distance); columns: classes 0..K-1."""
+    plt = _pyplot()
+    settings = results["settings"]
+    rows = [plotting.to_unit(grids[s["name"]]) for s in settings]
+    grid = plotting.mosaic(rows)
+    h, k = rows[0].shape[2] + 1, max(r.shape[0] for r in rows)
+    labels_inches, image_inches = 3.4, 0.3 * k
+    fig, ax = plt.subplots(figsize=(labels_inches + image_inches + 0.2, 0.3 * len(rows) + 0.7))
+    image = grid.permute(1, 2, 0).numpy()
+    ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * h + h / 2 - 1 for r in range(len(rows))])
+    ax.set_yticklabels([f"{s['name']}  (acc {_fmt(s['accuracy'])}, FD {_fmt(s['frechet'])})" for s in settings],
+                       fontsize=7)
+    ax.set_title("same seeds in every row; columns: classes 0..9", fontsize=8)
+    width = labels_inches + image_inches + 0.2
+    fig.subplots_adjust(left=labels_inches / width, right=1 - 0.1 / width, top=0.93, bottom=0.02)
+    return atomic_save_figure(fig, path)
 
 
 def _fmt(value) -> str:
