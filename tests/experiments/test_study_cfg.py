@@ -53,13 +53,16 @@ def test_rerun_reuses_every_unit(tiny_run):
     assert {p: p.stat().st_mtime_ns for p in (out / "units").rglob("MANIFEST.json")} == stamps
 
 
-def test_registered():
+def test_registered_and_paper_preset_checks_before_binding(tmp_path):
     assert EXPERIMENTS["cfg"] == "diffcore.experiments.cfg"
     assert set(cfg.PRESETS) == {"quick", "tiny", "paper"}
-    paper = cfg.PRESETS["paper"]
-    with pytest.raises(ConfigError, match="data_root"):
-        paper()                                      # needs the local CIFAR-10 folder
-    assert cfg.CFGConfig(dataset="cifar10", data_root="/data/cifar").model_preset == "ddpmpp-digits-light"
+    paper = cfg.PRESETS["paper"]()
+    assert (paper.dataset, paper.model_preset, paper.width) == ("cifar10", "ddpmpp-cifar", 128)
+    with pytest.raises(ConfigError, match="^data_root:"):
+        cfg.run(paper, tmp_path / "a", device="cpu")                # the local CIFAR-10 folder is needed
+    with pytest.raises(ConfigError, match="^inception_weights:"):
+        cfg.run(apply_overrides(paper, ["data_root=/nowhere"]), tmp_path / "b", device="cpu")
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()
 
 
 @pytest.mark.parametrize("override, field", [

@@ -106,8 +106,6 @@ class CFGConfig:
         _choice("augment", self.augment, ("none", "xflip"))
         _choice("solver", self.solver, SOLVER_NAMES)
         _choice("cpc_method", self.cpc_method, ("subspace", "randomized", "lanczos"))
-        if self.dataset == "cifar10" and not self.data_root:
-            raise ConfigError("data_root: cifar10 needs the local CIFAR-10 folder")
         if self.dataset != "cifar10" and self.inception_weights:
             raise ConfigError("inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)")
         for name in ("width", "train_steps", "batch_size", "samples_per_class", "sampler_steps", "sample_batch",
@@ -476,9 +474,11 @@ class _Study:
         from diffcore.denoisers import ClassGaussians
 
         c = self.c
+        if c.dataset == "cifar10" and not c.data_root:
+            raise ConfigError("data_root: cifar10 needs the local CIFAR-10 folder (--set data_root=...)")
+        hooks = self.hooks if self.hooks is not None else default_hooks(c, self.device)
         self.ws.bind_config(c)
         images, labels, num_classes = self.data()
-        hooks = self.hooks if self.hooks is not None else default_hooks(c, self.device)
         model_unit = self.train(num_classes)
         net = self.load_net(model_unit)
         gaussians = ClassGaussians.fit(images.to(self.device), labels.to(self.device), num_classes)
