@@ -41,7 +41,7 @@ def test_tiny_study_end_to_end(tiny_run):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["settings"] == results["settings"]
     samples = torch.load(next((out / "units" / "samples").glob("net-conditional/samples.pt")), weights_only=True)
-    assert samples["samples"].shape == (20, 1, 8, 8) and samples["labels"].tolist() == list(range(10)) * 2
+    assert samples["samples"].shape == (20, 1, 8, 8) and samples["labels"].tolist() == [c for c in range(10) for _ in range(2)]
 
 
 @pytest.mark.slow

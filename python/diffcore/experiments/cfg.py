@@ -428,7 +428,8 @@ class _Study:
         from diffcore import sampler
 
         c = self.c
-        spec = {"model": model_unit.spec, "setting": setting, "samples_per_class": c.samples_per_class,
+        spec = {"model": model_unit.spec, "setting": setting, "label_order": "class-major",
+                "samples_per_class": c.samples_per_class,
                 "sample_seed_start": c.sample_seed_start, "solver": c.solver, "sampler_steps": c.sampler_steps,
                 "sigma_min": c.sigma_min, "sigma_max": c.sigma_max}
 
@@ -482,7 +483,9 @@ class _Study:
         model_unit = self.train(num_classes)
         net = self.load_net(model_unit)
         gaussians = ClassGaussians.fit(images.to(self.device), labels.to(self.device), num_classes)
-        sample_labels = torch.arange(num_classes).repeat(c.samples_per_class)
+        # class-major: one class per sampler batch where possible (the linear terms cache one
+        # eigen-decomposition per class and sigma)
+        sample_labels = torch.arange(num_classes).repeat_interleave(c.samples_per_class)
         shape = tuple(images.shape[1:])
         data_features = hooks.features(images)
         settings, grids = [], {}
