@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from diffcore.experiments import plotting
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
+from diffcore.experiments.hidden_gaussian import relative_distance
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +320,8 @@ def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor
         dc_g = gaussians.conditional_denoiser(lab)(x.double(), sigma).cpu()
         du_g = gaussians.unconditional(x.double(), sigma).cpu()
         g_net, g_g = dc_net - du_net, dc_g - du_g
-        rows.append({"sigma": sigma, "dist_conditional": _relative(dc_net, dc_g),
-                     "dist_unconditional": _relative(du_net, du_g), "dist_guidance": _relative(g_net, g_g),
+        rows.append({"sigma": sigma, "dist_conditional": relative_distance(dc_net, dc_g),
+                     "dist_unconditional": relative_distance(du_net, du_g), "dist_guidance": relative_distance(g_net, g_g),
                      "cos_guidance": float(F.cosine_similarity(g_net.flatten(1), g_g.flatten(1), dim=1).mean())})
     return rows
 
@@ -359,10 +360,6 @@ def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor,
 def _class_rows(labels: torch.Tensor, cls: int, count: int, generator: torch.Generator) -> torch.Tensor:
     rows = (labels == cls).nonzero()[:, 0]
     return rows[torch.randint(0, rows.shape[0], (count,), generator=generator)]
-
-
-def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _spread(values: list[float], count: int) -> list[float]:
