@@ -15,7 +15,8 @@ Sample sets (same seeds and labels for every setting; guidance by ``diffcore.sam
   ``linear_scale`` limited to ``(s, inf]`` and to ``(0, s]`` for each ``split_sigmas`` s, and each
   linear term (positive, negative, mean_shift) and all of them (the Gaussians' ``D_c - D_u``) added to
   the trained model's conditional denoiser at ``linear_scale`` inside ``(linear_low, inf]``;
-- Gaussian model: conditional, and each linear term / all at ``linear_scale`` (everywhere).
+- Gaussian model: conditional, and each linear term / all at ``gaussian_scale`` (everywhere: for
+  the Gaussians the linear split is exact at every sigma).
 
 Metrics per set (``hooks``): class accuracy of the samples under the digits classifier, a Frechet
 distance in its feature space to the data, and per-class diversity (mean pairwise RMS distance per
@@ -23,7 +24,8 @@ pixel between samples of one class, averaged over classes; the data's value is r
 
 Linear-to-nonlinear transition (an analysis unit): on the ``num_sigmas`` Karras grid, noisy images
 ``x = y + sigma z`` of every class: ``|D_c^net - D_c^G| / |D_c^G|``, the same for ``D_u`` and for
-the guidance difference ``g = D_c - D_u`` (and its mean cosine); at ``cpc_sigmas`` of those sigmas
+the guidance difference ``g = D_c - D_u`` (and its mean cosine), and the error relative to the
+Gaussian's residual ``|D^net - D^G| / |x - D^G|`` (the relative error of the score); at ``cpc_sigmas`` of those sigmas
 per-sample CPCs of the trained model (top ``cpc_k`` eigenvectors of ``J_c - J_u`` by batched
 JVP/VJP, ``diffcore.analysis.contrastive_components``) against the Gaussian's top ``cpc_k`` CPCs of
 the same class: subspace overlap (mean cos^2 of principal angles; random: k/d).
@@ -78,6 +80,7 @@ class CFGConfig:
     linear_scale: float = 2.0                   # w of the limited-interval CFG and of the linear terms
     split_sigmas: tuple[float, ...] = (1.0,)    # CFG limited to (s, inf] and to (0, s]
     linear_low: float = 1.0                     # linear terms on the model act in (linear_low, inf]
+    gaussian_scale: float = 0.5                 # w of the linear terms on the Gaussian model (everywhere)
     samples_per_class: int = 50
     sample_seed_start: int = 0
     solver: str = "euler"                       # the paper's sampler
@@ -122,6 +125,7 @@ class CFGConfig:
         _number("sigma_max", self.sigma_max, self.sigma_min, math.inf, low_open=True)
         _number("linear_scale", self.linear_scale, -1e3, 1e3)
         _number("linear_low", self.linear_low, 0.0, self.sigma_max)
+        _number("gaussian_scale", self.gaussian_scale, -1e3, 1e3)
         for w in self.guidance_scales:
             _number("guidance_scales", w, 0.0, 1e3, low_open=True)
         for s in self.split_sigmas:
@@ -248,7 +252,7 @@ def setting_list(c: CFGConfig) -> list[dict]:
     out += [_setting(f"net + linear {t} w={c.linear_scale:g} sigma>{c.linear_low:g}", "net", t, c.linear_scale,
                      (c.linear_low, math.inf)) for t in LINEAR_TERMS]
     out += [_setting("gaussian conditional", "gaussian", "none", 0.0, everywhere)]
-    out += [_setting(f"gaussian + linear {t} w={c.linear_scale:g}", "gaussian", t, c.linear_scale, everywhere)
+    out += [_setting(f"gaussian + linear {t} w={c.gaussian_scale:g}", "gaussian", t, c.gaussian_scale, everywhere)
             for t in LINEAR_TERMS]
     return out
 
@@ -320,8 +324,13 @@ def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor
         dc_g = gaussians.conditional_denoiser(lab)(x.double(), sigma).cpu()
         du_g = gaussians.unconditional(x.double(), sigma).cpu()
         g_net, g_g = dc_net - du_net, dc_g - du_g
+        x64 = x.double()
         rows.append({"sigma": sigma, "dist_conditional": relative_distance(dc_net, dc_g),
                      "dist_unconditional": relative_distance(du_net, du_g), "dist_guidance": relative_distance(g_net, g_g),
+                     # the same error relative to the Gaussian's denoising residual x - D (its score times
+                     # sigma^2): at small sigma D ~ x and |D| hides the error, the residual does not
+                     "score_dist_conditional": relative_distance(dc_net - x64, dc_g - x64),
+                     "score_dist_unconditional": relative_distance(du_net - x64, du_g - x64),
                      "cos_guidance": float(F.cosine_similarity(g_net.flatten(1), g_g.flatten(1), dim=1).mean())})
     return rows
 
@@ -449,7 +458,7 @@ class _Study:
         from diffcore import sampler
 
         c = self.c
-        spec = {"model": model_unit.spec, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
+        spec = {"model": model_unit.spec, "measures": 2, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
                 "sigma_max": c.sigma_max, "distance_samples": c.distance_samples, "cpc_sigmas": c.cpc_sigmas,
                 "cpc_points": c.cpc_points, "cpc_k": c.cpc_k, "cpc_method": c.cpc_method, "cpc_iters": c.cpc_iters,
                 "probe_seed": c.probe_seed}
@@ -587,6 +596,8 @@ def plot_metrics(results: dict, path) -> Path:
         if results["data"].get(key) is not None:
             ax.axhline(results["data"][key], color="green", ls="--", lw=1, label="data")
         ax.set_xlabel("guidance strength w  (D_c + w G)")
+        if key == "frechet" and all(s[key] > 0 for s in settings):
+            ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -597,7 +608,7 @@ def plot_metrics(results: dict, path) -> Path:
 def plot_cpc(results: dict, path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
-    for key, spectrum in results["gaussian_spectra_class0"].items():
+    for key, spectrum in sorted(results["gaussian_spectra_class0"].items(), key=lambda kv: -float(kv[0])):
         axes[0].plot(range(1, len(spectrum) + 1), spectrum, ".-", label=f"sigma={float(key):.3g}")
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_xlabel("index (descending)")
@@ -636,10 +647,12 @@ def plot_transition(results: dict, path) -> Path:
     rows = results["transition"]
     sigmas = [r["sigma"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("dist_conditional", "D_c: net vs class Gaussian"),
-                       ("dist_unconditional", "D_u: net vs Gaussian"),
-                       ("dist_guidance", "D_c - D_u: net vs Gaussian")):
-        axes[0].plot(sigmas, [r[key] for r in rows], "o-", ms=3, label=label)
+    for key, label, style in (("dist_conditional", "D_c: net vs class Gaussian", "o-"),
+                              ("dist_unconditional", "D_u: net vs Gaussian", "o-"),
+                              ("dist_guidance", "D_c - D_u: net vs Gaussian", "o-"),
+                              ("score_dist_conditional", "score of D_c (|dD| / |x - D_G|)", "s--"),
+                              ("score_dist_unconditional", "score of D_u (|dD| / |x - D_G|)", "s--")):
+        axes[0].plot(sigmas, [r[key] for r in rows], style, ms=3, label=label)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("relative distance |net - G| / |G|")
     axes[1].plot(sigmas, [r["cos_guidance"] for r in rows], "o-", ms=3, color="tab:green")
