@@ -588,8 +588,10 @@ def plot_metrics(results: dict, path) -> Path:
         ax.plot([s["w"] for s in curve], [s[key] for s in curve], "k-o", label="net CFG (all sigma)")
         for s in others:
             colour = "tab:blue" if s["model"] == "net" else "tab:orange"
-            ax.scatter([s["w"]], [s[key]], marker=markers[s["guidance"]], color=colour, s=40,
-                       label=s["name"], alpha=0.8)
+            marker = markers[s["guidance"]]
+            if s["guidance"] == "cfg":                       # limited intervals: high or low sigma
+                marker = ">" if s["high"] == math.inf else "<"
+            ax.scatter([s["w"]], [s[key]], marker=marker, color=colour, s=40, label=s["name"], alpha=0.8)
         uncond = [s for s in settings if s["guidance"] == "unconditional"]
         if uncond:
             ax.axhline(uncond[0][key], color="gray", ls=":", label="net unconditional")
