@@ -321,8 +321,9 @@ def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor
         with torch.no_grad():
             dc_net, du_net = (LabeledDenoiser(net, lab_or_none, k)(x.to(device), sigma).double().cpu()
                               for lab_or_none in (lab, None))
-        dc_g = gaussians.conditional_denoiser(lab)(x.double(), sigma).cpu()
-        du_g = gaussians.unconditional(x.double(), sigma).cpu()
+        x_g = x.double().to(gaussians.unconditional.device)
+        dc_g = gaussians.conditional_denoiser(lab)(x_g, sigma).cpu()
+        du_g = gaussians.unconditional(x_g, sigma).cpu()
         g_net, g_g = dc_net - du_net, dc_g - du_g
         x64 = x.double()
         rows.append({"sigma": sigma, "dist_conditional": relative_distance(dc_net, dc_g),
