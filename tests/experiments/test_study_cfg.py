@@ -70,7 +70,7 @@ def test_registered_and_paper_preset_checks_before_binding(tmp_path):
     ("guidance_scales=1,-2", "guidance_scales"), ("split_sigmas=100", "split_sigmas"), ("solver=rk4", "solver"),
     ("sigma_max=0.001", "sigma_max"), ("cpc_sigmas=99", "cpc_sigmas"), ("grid_per_class=500", "grid_per_class"),
     ("cpc_method=power", "cpc_method"), ("cpc_iters=1", "cpc_iters"), ("learning_rate=nan", "learning_rate"),
-    ("linear_low=-1", "linear_low"), ("dataset=mnist", "dataset"), ("inception_weights=w.pth", "inception_weights"),
+    ("linear_low=-1", "linear_low"), ("model_preset=unet9", "model_preset"), ("gaussian_scale=inf", "gaussian_scale"), ("dataset=mnist", "dataset"), ("inception_weights=w.pth", "inception_weights"),
 ])
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):

@@ -110,6 +110,9 @@ class CFGConfig:
         _choice("augment", self.augment, ("none", "xflip"))
         _choice("solver", self.solver, SOLVER_NAMES)
         _choice("cpc_method", self.cpc_method, ("subspace", "randomized", "lanczos"))
+        from diffcore.models import PRESETS as MODEL_PRESETS
+
+        _choice("model_preset", self.model_preset, tuple(MODEL_PRESETS))
         if self.dataset != "cifar10" and self.inception_weights:
             raise ConfigError("inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)")
         for name in ("width", "train_steps", "batch_size", "samples_per_class", "sampler_steps", "sample_batch",
