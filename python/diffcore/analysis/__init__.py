@@ -4,10 +4,12 @@
   :func:`jacobian_full` (the small-d reference).
 - :func:`numerical_rank`, :func:`frobenius_norm_sq`, :func:`rank_along_trajectory`, :func:`euler_trajectory`.
 - :func:`local_linearity`.
+- :func:`contrastive_components` (per-sample CPCs of ``D_c - D_u``), :func:`subspace_overlap`.
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
 - LOCO Edit pipeline (:mod:`diffcore.analysis.editing`): :class:`EditTimeline`, :func:`loco_directions`,
   :func:`edit_samples`, :func:`edit_locality`, :func:`edit_linearity`, :func:`jacobian_spectrum`.
 """
+from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap
 from diffcore.analysis.editing import (EditTimeline, LocoDirections, compose_directions, edit_linearity,
                                        edit_locality, edit_samples, jacobian_spectrum, load_directions,
                                        loco_directions, region_mask, sample_back, save_directions)
@@ -25,6 +27,7 @@ from diffcore.analysis.rank import (
 __all__ = [
     "EditTimeline", "LocoDirections", "compose_directions", "edit_linearity", "edit_locality", "edit_samples",
     "jacobian_spectrum", "load_directions", "loco_directions", "region_mask", "sample_back", "save_directions",
+    "ContrastiveComponents", "contrastive_components", "subspace_overlap",
     "JacobianOperator", "JacobianSubspace", "LocalLinearity", "TrajectoryRank", "edit_direction",
     "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
     "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",

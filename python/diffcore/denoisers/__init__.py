@@ -2,10 +2,12 @@
 
 - :class:`GaussianDenoiser` (PAPERS.md 3): fitted mean/covariance, exact PF-ODE map, Jacobian W(sigma).
 - :class:`MoLRGDenoiser` (PAPERS.md 4): mixture of low-rank Gaussians, posterior weights, log-density.
+- :class:`ClassGaussians` (PAPERS.md 8): per-class Gaussians, the exact linear split of CFG, CPCs.
 - :class:`EmpiricalDenoiser`: the training set's optimal denoiser, on ``diffcore.ops.empirical_denoise``.
 """
+from diffcore.denoisers.class_gaussian import ClassGaussians, LinearSplit
 from diffcore.denoisers.empirical import EmpiricalDenoiser
 from diffcore.denoisers.gaussian import GaussianDenoiser
 from diffcore.denoisers.molrg import MoLRGDenoiser
 
-__all__ = ["EmpiricalDenoiser", "GaussianDenoiser", "MoLRGDenoiser"]
+__all__ = ["ClassGaussians", "LinearSplit", "EmpiricalDenoiser", "GaussianDenoiser", "MoLRGDenoiser"]

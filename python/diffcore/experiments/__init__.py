@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "molrg": "diffcore.experiments.molrg",
     "pfd": "diffcore.experiments.pfd",
     "loco-edit": "diffcore.experiments.loco_edit",
+    "cfg": "diffcore.experiments.cfg",
 }
 
 

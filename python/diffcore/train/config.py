@@ -31,6 +31,9 @@ class TrainConfig:
     class_conditional: pass one-hot labels ``[B, num_classes]`` as ``class_labels`` to the model.
     augment: none | xflip (dataset x-flips) | edm (EDM's non-leaky pipeline at probability
         ``augment_p``, diffcore.train.augment; the model needs ``augment_dim = 9``).
+    label_dropout: with class_conditional, the probability that a sample's label is replaced by the
+        all-zero "null" label, so one model learns the conditional and the unconditional denoiser
+        (classifier-free guidance; drawn from the run's noise generator for the global batch).
     """
 
     data: Mapping[str, Any] = field(default_factory=lambda: {"name": "digits"})
@@ -51,6 +54,7 @@ class TrainConfig:
     augment: str = "none"
     augment_p: float = 0.12
     class_conditional: bool = False
+    label_dropout: float = 0.0
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/train"
@@ -78,6 +82,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= float(self.augment_p) <= 1:
             raise ValueError(f"augment_p must lie in [0, 1], got {self.augment_p}")
+        if not 0.0 <= float(self.label_dropout) < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.lr_warmup_images < 0 or self.grad_clip < 0:
             raise ValueError("lr_warmup_images and grad_clip must be >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:

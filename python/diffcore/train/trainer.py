@@ -253,6 +253,9 @@ class Trainer:
         class_labels = None
         if self.config.class_conditional:
             class_labels = F.one_hot(labels, self.dataset.num_classes).to(torch.float32)
+            if self.config.label_dropout > 0:  # the all-zero null label, for classifier-free guidance
+                draw = torch.rand(B, generator=self.noise_generator, device=self.device)[local]
+                class_labels = class_labels * (draw >= self.config.label_dropout)[:, None].to(torch.float32)
         augment = {}
         if self.augment_pipe is not None:  # parameters drawn for the global batch, this rank's slice applied
             draws = self.augment_pipe.draw(B, self.noise_generator, self.device)

@@ -1,0 +1,697 @@
+"""Mechanisms of classifier-free guidance, linear and nonlinear (PAPERS.md section 8, issue 15).
+
+One class-conditional DDPM++ is trained with label dropout (``diffcore.train``: ``label_dropout``,
+the all-zero null label), so it is both the conditional denoiser ``D_c`` (one-hot label) and the
+unconditional ``D_u`` (null label). Class Gaussians fitted to the same data
+(``diffcore.denoisers.ClassGaussians``) give the linear model and the exact split
+
+    D_c - D_u = (W_c - W_u)(x - mu_c) + (I - W_u)(mu_c - mu_u)
+              = positive CPCs + negative CPCs + mean shift.
+
+Sample sets (same seeds and labels for every setting; guidance by ``diffcore.sampler``'s
+``GuidedDenoiser``, ``D_c + w G``; convention ``D_u + (1 + w)(D_c - D_u)`` for CFG):
+
+- trained model: unconditional, conditional (w = 0), CFG at each ``guidance_scales`` w, CFG at
+  ``linear_scale`` limited to ``(s, inf]`` and to ``(0, s]`` for each ``split_sigmas`` s, and each
+  linear term (positive, negative, mean_shift) and all of them (the Gaussians' ``D_c - D_u``) added to
+  the trained model's conditional denoiser at ``linear_scale`` inside ``(linear_low, inf]``;
+- Gaussian model: conditional, and each linear term / all at ``gaussian_scale`` (everywhere: for
+  the Gaussians the linear split is exact at every sigma).
+
+Metrics per set (``hooks``): class accuracy of the samples under the digits classifier, a Frechet
+distance in its feature space to the data, and per-class diversity (mean pairwise RMS distance per
+pixel between samples of one class, averaged over classes; the data's value is reported alongside).
+
+Linear-to-nonlinear transition (an analysis unit): on the ``num_sigmas`` Karras grid, noisy images
+``x = y + sigma z`` of every class: ``|D_c^net - D_c^G| / |D_c^G|``, the same for ``D_u`` and for
+the guidance difference ``g = D_c - D_u`` (and its mean cosine), and the error relative to the
+Gaussian's residual ``|D^net - D^G| / |x - D^G|`` (the relative error of the score); at ``cpc_sigmas`` of those sigmas
+per-sample CPCs of the trained model (top ``cpc_k`` eigenvectors of ``J_c - J_u`` by batched
+JVP/VJP, ``diffcore.analysis.contrastive_components``) against the Gaussian's top ``cpc_k`` CPCs of
+the same class: subspace overlap (mean cos^2 of principal angles; random: k/d).
+
+Outputs: ``results.json``, ``settings.csv``, ``transition.csv``, ``cfg-samples.png``,
+``cfg-metrics.png``, ``cfg-cpc.png``, ``cfg-transition.png``, ``timings.json``. The trained model,
+every sample set and the analysis are resumable units.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffcore.experiments import plotting
+from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
+                                       atomic_write_json, config_from_preset, json_dumps)
+from diffcore.experiments.hidden_gaussian import relative_distance
+
+log = logging.getLogger(__name__)
+
+NAME = "cfg"
+LINEAR_TERMS = ("positive", "negative", "mean_shift", "all")
+SOLVER_NAMES = ("euler", "heun", "dpmpp_2m", "ddim")
+
+
+@dataclass(frozen=True)
+class CFGConfig:
+    dataset: str = "digits"                     # digits | cifar10 (class labels required)
+    data_root: str = ""                         # cifar10: the local folder
+    inception_weights: str = ""                 # cifar10: FID's Inception-v3 weights file (local)
+    model_preset: str = "ddpmpp-digits-light"   # diffcore.models preset
+    width: int = 16                             # model_channels
+    train_steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    lr_warmup_images: int = 2000
+    ema_halflife_images: float = 20000.0
+    label_dropout: float = 0.1                  # probability of the null label in training
+    augment: str = "none"                       # none | xflip
+    train_seed: int = 0
+    guidance_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)   # CFG w (w = 0 is always sampled)
+    linear_scale: float = 2.0                   # w of the limited-interval CFG and of the linear terms
+    split_sigmas: tuple[float, ...] = (1.0,)    # CFG limited to (s, inf] and to (0, s]
+    linear_low: float = 1.0                     # linear terms on the model act in (linear_low, inf]
+    gaussian_scale: float = 0.5                 # w of the linear terms on the Gaussian model (everywhere)
+    samples_per_class: int = 50
+    sample_seed_start: int = 0
+    solver: str = "euler"                       # the paper's sampler
+    sampler_steps: int = 32
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sample_batch: int = 1000                    # samples per sampler batch
+    num_sigmas: int = 16                        # analysis grid (Karras, rho = 7)
+    distance_samples: int = 32                  # noisy images per class and sigma
+    cpc_sigmas: int = 6                         # analysis sigmas (evenly picked) with per-sample CPCs
+    cpc_points: int = 10                        # points per such sigma (classes in turn)
+    cpc_k: int = 8
+    cpc_method: str = "lanczos"                 # diffcore.analysis.jacobian_subspace method
+    cpc_iters: int = 0                          # its iters (0: the method's default)
+    probe_seed: int = 7
+    grid_per_class: int = 2                     # samples per class in cfg-samples.png
+    torch_threads: int = 1                      # intra-op threads on the CPU (0: leave as is)
+
+    def __post_init__(self):
+        for name in ("guidance_scales", "split_sigmas"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field out of range."""
+        _choice("dataset", self.dataset, ("digits", "cifar10"))
+        _choice("augment", self.augment, ("none", "xflip"))
+        _choice("solver", self.solver, SOLVER_NAMES)
+        _choice("cpc_method", self.cpc_method, ("subspace", "randomized", "lanczos"))
+        from diffcore.models import PRESETS as MODEL_PRESETS
+
+        _choice("model_preset", self.model_preset, tuple(MODEL_PRESETS))
+        if self.dataset != "cifar10" and self.inception_weights:
+            raise ConfigError("inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)")
+        for name in ("width", "train_steps", "batch_size", "samples_per_class", "sampler_steps", "sample_batch",
+                     "num_sigmas", "distance_samples", "cpc_points", "cpc_k", "grid_per_class"):
+            _integer(name, getattr(self, name), 1)
+        for name in ("lr_warmup_images", "train_seed", "sample_seed_start", "probe_seed", "cpc_sigmas",
+                     "cpc_iters", "torch_threads"):
+            _integer(name, getattr(self, name), 0)
+        _number("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        _number("ema_halflife_images", self.ema_halflife_images, 0.0, math.inf, low_open=True)
+        _number("label_dropout", self.label_dropout, 0.0, 1.0, low_open=True, high_open=True)
+        _number("sigma_min", self.sigma_min, 0.0, math.inf, low_open=True)
+        _number("sigma_max", self.sigma_max, self.sigma_min, math.inf, low_open=True)
+        _number("linear_scale", self.linear_scale, -1e3, 1e3)
+        _number("linear_low", self.linear_low, 0.0, self.sigma_max)
+        _number("gaussian_scale", self.gaussian_scale, -1e3, 1e3)
+        for w in self.guidance_scales:
+            _number("guidance_scales", w, 0.0, 1e3, low_open=True)
+        for s in self.split_sigmas:
+            _number("split_sigmas", s, self.sigma_min, self.sigma_max, low_open=True, high_open=True)
+        if self.cpc_method == "lanczos" and 0 < self.cpc_iters < self.cpc_k:
+            raise ConfigError(f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}")
+        if self.cpc_sigmas > self.num_sigmas:
+            raise ConfigError(f"cpc_sigmas: at most num_sigmas = {self.num_sigmas}, got {self.cpc_sigmas}")
+        if self.grid_per_class > self.samples_per_class:
+            raise ConfigError(f"grid_per_class: at most samples_per_class = {self.samples_per_class}, "
+                              f"got {self.grid_per_class}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"{name}: expected a number in {left}{low:g}, {high:g}{right}, got {value!r}")
+
+
+def _quick() -> CFGConfig:
+    """The embedded digits, one light UNet (width 16, 1500 steps); under 10 minutes of CPU time on a
+    2-core AVX2 CPU (measured in docs/studies.md)."""
+    return CFGConfig()
+
+
+def _tiny() -> CFGConfig:
+    """Seconds (tests): a few training steps, few samples, a short analysis."""
+    return CFGConfig(width=8, train_steps=20, batch_size=32, guidance_scales=(1.0,), samples_per_class=2,
+                     sampler_steps=5, num_sigmas=3, distance_samples=2, cpc_sigmas=2, cpc_points=2, cpc_k=2,
+                     cpc_method="subspace", cpc_iters=3, grid_per_class=1)
+
+
+def _paper() -> CFGConfig:
+    """CIFAR-10 from a local folder (set data_root), class-conditional DDPM++ at EDM's CIFAR-10
+    settings (batch 512, lr 1e-3, 200 Mimg, EMA half-life 0.5 Mimg, x-flips) with label dropout 0.1
+    (diffcore's choice: EDM's conditional models had none); a GPU run."""
+    return CFGConfig(dataset="cifar10", model_preset="ddpmpp-cifar", width=128, train_steps=390_625,
+                     batch_size=512, learning_rate=1e-3, lr_warmup_images=10_000_000,
+                     ema_halflife_images=500_000.0, augment="xflip", guidance_scales=(0.5, 1.0, 2.0, 4.0),
+                     split_sigmas=(0.5, 2.0), samples_per_class=1000, sampler_steps=32, num_sigmas=20,
+                     distance_samples=64, cpc_sigmas=6, cpc_points=20, cpc_k=16, cpc_method="subspace",
+                     torch_threads=0)
+
+
+PRESETS: dict[str, Callable[[], CFGConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
+CONFIG_CLASS = CFGConfig
+
+
+# ----------------------------------------------------------------------------- hooks (metrics)
+
+@dataclass
+class CFGHooks:
+    """Sample-quality metrics: ``classify(images [N, C, H, W] in [-1, 1]) -> labels [N]`` (None: no
+    classifier, accuracy reported as null), ``features(images) -> [N, F]`` and
+    ``frechet(features_a, features_b) -> float``."""
+
+    classify: Callable[[torch.Tensor], torch.Tensor] | None
+    features: Callable[[torch.Tensor], torch.Tensor]
+    frechet: Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def default_hooks(config: CFGConfig, device: str = "cpu") -> CFGHooks:
+    """``diffcore.metrics``: digits: the shipped digits CNN (classes, 64-d features); cifar10: FID's
+    Inception-v3 features from ``inception_weights`` and no classifier (none ships for CIFAR-10)."""
+    from diffcore import metrics
+
+    if config.dataset == "digits":
+        network = metrics.digits_classifier(device)
+        return CFGHooks(classify=_batched(network.predict, device), features=_batched(network, device),
+                        frechet=metrics.frechet_distance)
+    if not config.inception_weights:
+        raise ConfigError("inception_weights: cifar10 needs a local file of FID's Inception-v3 weights "
+                          "(see docs/metrics.md)")
+    log.warning("cfg: no CIFAR-10 classifier ships with diffcore; class accuracy is reported as null")
+    return CFGHooks(classify=None, features=_batched(metrics.inception_features(config.inception_weights, device),
+                                                     device), frechet=metrics.frechet_distance)
+
+
+def _batched(network, device, batch_size: int = 500):
+    """``images -> network(images)`` in batches on ``device``, without gradients, returned on the CPU."""
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([network(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+    return run
+
+
+# ----------------------------------------------------------------------------- denoisers
+
+class LabeledDenoiser:
+    """A class-conditional network as ``D(x, sigma)`` with labels bound: ``net(x, sigma, one_hot)``,
+    or the all-zero null label (the unconditional denoiser of label-dropout training) for None."""
+
+    def __init__(self, net, labels: torch.Tensor | None, num_classes: int):
+        self.net = net
+        self.one_hot = None if labels is None else F.one_hot(labels, num_classes).float()
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        labels = None if self.one_hot is None else self.one_hot.to(x.device)
+        return self.net(x, sigma, labels)
+
+
+def setting_list(c: CFGConfig) -> list[dict]:
+    """Every sample set of the study: name, model (net | gaussian), guidance, w, interval."""
+    everywhere = (0.0, math.inf)
+    out = [_setting("net unconditional", "net", "unconditional", 0.0, everywhere),
+           _setting("net conditional", "net", "none", 0.0, everywhere)]
+    out += [_setting(f"net cfg w={w:g}", "net", "cfg", w, everywhere) for w in c.guidance_scales]
+    for s in c.split_sigmas:
+        out += [_setting(f"net cfg w={c.linear_scale:g} sigma>{s:g}", "net", "cfg", c.linear_scale, (s, math.inf)),
+                _setting(f"net cfg w={c.linear_scale:g} sigma<={s:g}", "net", "cfg", c.linear_scale, (0.0, s))]
+    out += [_setting(f"net + linear {t} w={c.linear_scale:g} sigma>{c.linear_low:g}", "net", t, c.linear_scale,
+                     (c.linear_low, math.inf)) for t in LINEAR_TERMS]
+    out += [_setting("gaussian conditional", "gaussian", "none", 0.0, everywhere)]
+    out += [_setting(f"gaussian + linear {t} w={c.gaussian_scale:g}", "gaussian", t, c.gaussian_scale, everywhere)
+            for t in LINEAR_TERMS]
+    return out
+
+
+def _setting(name, model, guidance, w, interval) -> dict:
+    return {"name": name, "model": model, "guidance": guidance, "w": float(w), "low": float(interval[0]),
+            "high": float(interval[1])}
+
+
+def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
+    """The denoiser of one setting for a batch with class ``labels`` [B]."""
+    from diffcore import sampler
+
+    k = gaussians.num_classes
+    if setting["model"] == "net":
+        base = LabeledDenoiser(net, None if setting["guidance"] == "unconditional" else labels, k)
+    else:
+        base = gaussians.conditional_denoiser(labels)
+    if setting["guidance"] in ("none", "unconditional"):
+        return base
+    interval = sampler.GuidanceInterval(setting["low"], setting["high"], closed="right")
+    if setting["guidance"] == "cfg":
+        return sampler.classifier_free_guidance(base, LabeledDenoiser(net, None, k), setting["w"], interval)
+    return sampler.GuidedDenoiser(base, gaussians.term(setting["guidance"], labels), setting["w"], interval)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def per_class_diversity(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes of the mean pairwise RMS-per-pixel distance between images of one class."""
+    values = []
+    for c in labels.unique().tolist():
+        rows = images[labels == c].reshape(int((labels == c).sum()), -1).double()
+        if rows.shape[0] < 2:
+            continue
+        d = torch.cdist(rows, rows) / math.sqrt(rows.shape[1])
+        values.append(float(d.sum() / (rows.shape[0] * (rows.shape[0] - 1))))
+    return sum(values) / len(values) if values else float("nan")
+
+
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks) -> float | None:
+    """Fraction of ``images`` the classifier puts in ``labels`` (None without a classifier)."""
+    if hooks.classify is None:
+        return None
+    return float((hooks.classify(images).cpu() == labels.cpu()).double().mean())
+
+
+def sample_metrics(samples: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks, data_features: torch.Tensor) -> dict:
+    return {"accuracy": class_accuracy(samples, labels, hooks),
+            "frechet": float(hooks.frechet(hooks.features(samples), data_features)),
+            "diversity": per_class_diversity(samples, labels)}
+
+
+# ----------------------------------------------------------------------------- transition analysis
+
+def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
+                      c: CFGConfig, device) -> list[dict]:
+    """Relative distances of the trained denoisers to the Gaussian ones per sigma (module docstring)."""
+    k = gaussians.num_classes
+    g = torch.Generator().manual_seed(c.probe_seed)
+    pick = torch.cat([_class_rows(labels, cls, c.distance_samples, g) for cls in range(k)])
+    y, lab = images[pick], labels[pick]
+    rows = []
+    for sigma in sigmas:
+        x = y + sigma * torch.randn(y.shape, generator=g)
+        with torch.no_grad():
+            dc_net, du_net = (LabeledDenoiser(net, lab_or_none, k)(x.to(device), sigma).double().cpu()
+                              for lab_or_none in (lab, None))
+        x_g = x.double().to(gaussians.unconditional.device)
+        dc_g = gaussians.conditional_denoiser(lab)(x_g, sigma).cpu()
+        du_g = gaussians.unconditional(x_g, sigma).cpu()
+        g_net, g_g = dc_net - du_net, dc_g - du_g
+        x64 = x.double()
+        rows.append({"sigma": sigma, "dist_conditional": relative_distance(dc_net, dc_g),
+                     "dist_unconditional": relative_distance(du_net, du_g), "dist_guidance": relative_distance(g_net, g_g),
+                     # the same error relative to the Gaussian's denoising residual x - D (its score times
+                     # sigma^2): at small sigma D ~ x and |D| hides the error, the residual does not
+                     "score_dist_conditional": relative_distance(dc_net - x64, dc_g - x64),
+                     "score_dist_unconditional": relative_distance(du_net - x64, du_g - x64),
+                     "cos_guidance": float(F.cosine_similarity(g_net.flatten(1), g_g.flatten(1), dim=1).mean())})
+    return rows
+
+
+def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
+                     c: CFGConfig, device) -> list[dict]:
+    """Per-sample CPCs of the trained model vs the Gaussian CPCs of the same class, per sigma."""
+    from diffcore.analysis import contrastive_components, subspace_overlap
+
+    k_classes, dim = gaussians.num_classes, gaussians.dim
+    g = torch.Generator().manual_seed(c.probe_seed + 1)
+    classes = torch.arange(c.cpc_points) % k_classes
+    pick = torch.stack([_class_rows(labels, int(cls), 1, g)[0] for cls in classes])
+    y = images[pick]
+    rows = []
+    for sigma in sigmas:
+        x = (y + sigma * torch.randn(y.shape, generator=g)).to(device)
+        comps = contrastive_components(LabeledDenoiser(net, classes, k_classes), LabeledDenoiser(net, None, k_classes),
+                                       x, sigma, c.cpc_k, method=c.cpc_method, iters=c.cpc_iters or None,
+                                       seed=c.probe_seed)
+        overlaps, gaussian_top = [], []
+        for b, cls in enumerate(classes.tolist()):
+            values, vectors = gaussians.contrastive_components(cls, sigma)
+            top = values.abs().argsort(descending=True)[:c.cpc_k]
+            gaussian_top.append(values[top].tolist())
+            net_vectors = comps.vectors[b].reshape(c.cpc_k, dim).double().cpu()
+            overlaps.append(float(subspace_overlap(net_vectors, vectors[:, top].T.cpu())))
+        rows.append({"sigma": sigma, "overlap": sum(overlaps) / len(overlaps), "overlap_points": overlaps,
+                     "random_overlap": c.cpc_k / dim, "net_eigenvalues": comps.eigenvalues.cpu().tolist(),
+                     "gaussian_eigenvalues": gaussian_top,
+                     "symmetry": float(comps.symmetry.abs().mean()),
+                     "max_residual": float(comps.subspace.residuals.max())})
+    return rows
+
+
+def _class_rows(labels: torch.Tensor, cls: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    rows = (labels == cls).nonzero()[:, 0]
+    return rows[torch.randint(0, rows.shape[0], (count,), generator=generator)]
+
+
+def _spread(values: list[float], count: int) -> list[float]:
+    """``count`` entries of ``values`` evenly spread (both ends included)."""
+    if count >= len(values):
+        return list(values)
+    if count == 1:
+        return [values[len(values) // 2]]
+    return [values[round(i * (len(values) - 1) / (count - 1))] for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- the study
+
+class _Study:
+    def __init__(self, config: CFGConfig, out, hooks: CFGHooks | None, device: str, progress: bool):
+        self.c, self.ws, self.hooks, self.device, self.progress = config, Workspace(out), hooks, device, progress
+        self.units: list[Unit] = []
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        from diffcore import data
+
+        spec = {"name": self.c.dataset, **({"root": self.c.data_root} if self.c.data_root else {})}
+        dataset = data.load_dataset(spec)
+        images, labels = dataset.batch(torch.arange(len(dataset)))
+        return images.float(), labels, dataset.num_classes
+
+    def model_spec(self) -> dict:
+        c = self.c
+        return {"dataset": c.dataset, "data_root": c.data_root, "model_preset": c.model_preset, "width": c.width,
+                "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images, "ema_halflife_images": c.ema_halflife_images,
+                "label_dropout": c.label_dropout, "augment": c.augment, "seed": c.train_seed}
+
+    def train(self, num_classes: int) -> Unit:
+        from diffcore import train
+
+        spec = self.model_spec()
+
+        def produce(tmp: Path, work: Path):
+            import shutil
+
+            data = {"name": spec["dataset"], **({"root": spec["data_root"]} if spec["data_root"] else {})}
+            model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"],
+                     "label_dim": num_classes}
+            config = train.TrainConfig(data=data, model=model, steps=spec["train_steps"], batch_size=spec["batch_size"],
+                                       lr=spec["learning_rate"], lr_warmup_images=spec["lr_warmup_images"],
+                                       ema_halflife_images=spec["ema_halflife_images"], augment=spec["augment"],
+                                       class_conditional=True, label_dropout=spec["label_dropout"], seed=spec["seed"],
+                                       device=str(self.device), out_dir=str(work), progress=self.progress)
+            result = train.train_from_config(config, resume="auto")
+            shutil.copytree(result.checkpoint, tmp / "checkpoint")
+            return {"final_loss": result.final_loss, "step": result.step}
+
+        return self._unit("models", "conditional", spec, produce)
+
+    def load_net(self, unit: Unit):
+        from diffcore import train
+
+        net = train.load_trained_model(unit.path / "checkpoint", which="ema").to(self.device).eval()
+        return net.requires_grad_(False)
+
+    def sample_set(self, setting: dict, model_unit: Unit, net, gaussians, labels: torch.Tensor, shape) -> Unit:
+        from diffcore import sampler
+
+        c = self.c
+        spec = {"model": model_unit.spec, "setting": setting, "label_order": "class-major",
+                "samples_per_class": c.samples_per_class,
+                "sample_seed_start": c.sample_seed_start, "solver": c.solver, "sampler_steps": c.sampler_steps,
+                "sigma_min": c.sigma_min, "sigma_max": c.sigma_max}
+
+        def produce(tmp: Path, work: Path):
+            seeds = list(range(c.sample_seed_start, c.sample_seed_start + labels.shape[0]))
+            chunks = []
+            for start in range(0, len(seeds), c.sample_batch):
+                chunk = labels[start:start + c.sample_batch]
+                denoiser = guided_denoiser(setting, net, gaussians, chunk.to(self.device))
+                with torch.no_grad():
+                    chunks.append(sampler.sample(denoiser, seeds=seeds[start:start + c.sample_batch], shape=shape,
+                                                 steps=c.sampler_steps, solver=c.solver, sigma_min=c.sigma_min,
+                                                 sigma_max=c.sigma_max, device=self.device).float().cpu())
+            torch.save({"samples": torch.cat(chunks), "labels": labels}, tmp / "samples.pt")
+            return {}
+
+        return self._unit("samples", _slug(setting["name"]), spec, produce)
+
+    def analysis(self, model_unit: Unit, net, gaussians, images, labels) -> Unit:
+        from diffcore import sampler
+
+        c = self.c
+        spec = {"model": model_unit.spec, "measures": 2, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
+                "sigma_max": c.sigma_max, "distance_samples": c.distance_samples, "cpc_sigmas": c.cpc_sigmas,
+                "cpc_points": c.cpc_points, "cpc_k": c.cpc_k, "cpc_method": c.cpc_method, "cpc_iters": c.cpc_iters,
+                "probe_seed": c.probe_seed}
+
+        def produce(tmp: Path, work: Path):
+            sigmas = sampler.karras_sigmas(c.num_sigmas, c.sigma_min, c.sigma_max, append_zero=False).tolist()
+            curves = transition_curves(net, gaussians, images, labels, sigmas, c, self.device)
+            cpc = cpc_measurements(net, gaussians, images, labels, _spread(sigmas, c.cpc_sigmas), c, self.device)
+            spectra = {f"{s:.6g}": gaussians.contrastive_components(0, s)[0].tolist() for s in _spread(sigmas, 4)}
+            return {"transition": curves, "cpc": cpc, "gaussian_spectra_class0": spectra}
+
+        return self._unit("analysis", "transition", spec, produce)
+
+    def _unit(self, kind, name, spec, produce) -> Unit:
+        unit = self.ws.run_unit(kind, name, spec, produce)
+        self.units.append(unit)
+        return unit
+
+    def run(self) -> dict:
+        from diffcore.denoisers import ClassGaussians
+
+        c = self.c
+        if c.dataset == "cifar10" and not c.data_root:
+            raise ConfigError("data_root: cifar10 needs the local CIFAR-10 folder (--set data_root=...)")
+        hooks = self.hooks if self.hooks is not None else default_hooks(c, self.device)
+        self.ws.bind_config(c)
+        images, labels, num_classes = self.data()
+        model_unit = self.train(num_classes)
+        net = self.load_net(model_unit)
+        gaussians = ClassGaussians.fit(images.to(self.device), labels.to(self.device), num_classes)
+        # class-major: one class per sampler batch where possible (the linear terms cache one
+        # eigen-decomposition per class and sigma)
+        sample_labels = torch.arange(num_classes).repeat_interleave(c.samples_per_class)
+        shape = tuple(images.shape[1:])
+        data_features = hooks.features(images)
+        settings, grids = [], {}
+        for setting in setting_list(c):
+            unit = self.sample_set(setting, model_unit, net, gaussians, sample_labels, shape)
+            stored = torch.load(unit.file("samples.pt"), weights_only=True)
+            settings.append({**setting, **sample_metrics(stored["samples"], stored["labels"], hooks, data_features)})
+            grids[setting["name"]] = _grid(stored["samples"], stored["labels"], num_classes, c.grid_per_class)
+        analysis = self.analysis(model_unit, net, gaussians, images, labels).meta
+        data_reference = {"accuracy": class_accuracy(images, labels, hooks),
+                          "diversity": per_class_diversity(images, labels)}
+        results = json.loads(json_dumps({
+            "experiment": NAME, "config": dataclasses.asdict(c), "model": model_unit.meta, "data": data_reference,
+            "convention": "D_c + w G (CFG: G = D_c - D_u); guidance acts for sigma in (low, high]",
+            "settings": settings, **analysis}))
+        self.write(results, grids)
+        return results
+
+    def write(self, results: dict, grids: dict) -> None:
+        root = self.ws.root
+        atomic_write_json(root / "results.json", results)
+        atomic_write_csv(root / "settings.csv", results["settings"])
+        atomic_write_csv(root / "transition.csv", results["transition"])
+        plot_samples(results, grids, root / "cfg-samples.png")
+        plot_metrics(results, root / "cfg-metrics.png")
+        plot_cpc(results, root / "cfg-cpc.png")
+        plot_transition(results, root / "cfg-transition.png")
+        atomic_write_json(root / "timings.json", {kind: {"seconds": sum(u.seconds for u in self.units
+                                                                        if u.path.parent.name == kind),
+                                                         "units": sum(u.path.parent.name == kind for u in self.units)}
+                                                  for kind in ("models", "samples", "analysis")})
+
+
+def _slug(name: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.replace("<=", "le").replace(">", "gt"))
+    return "-".join(part for part in out.split("-") if part)
+
+
+def _grid(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
+    """``per_class`` samples of each class, class-major: [K * per_class, C, H, W]."""
+    return torch.cat([samples[labels == cls][:per_class] for cls in range(num_classes)])
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_samples(results: dict, grids: dict, path) -> Path:
+    """One row per setting (label: name, accuracy, Frechet distance); columns: classes 0..K-1."""
+    plt = _pyplot()
+    settings = results["settings"]
+    rows = [plotting.to_unit(grids[s["name"]]) for s in settings]
+    grid = plotting.mosaic(rows)
+    h, k = rows[0].shape[2] + 1, max(r.shape[0] for r in rows)
+    labels_inches, image_inches = 3.4, 0.3 * k
+    fig, ax = plt.subplots(figsize=(labels_inches + image_inches + 0.2, 0.3 * len(rows) + 0.7))
+    image = grid.permute(1, 2, 0).numpy()
+    ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * h + h / 2 - 1 for r in range(len(rows))])
+    ax.set_yticklabels([f"{s['name']}  (acc {_fmt(s['accuracy'])}, FD {_fmt(s['frechet'])})" for s in settings],
+                       fontsize=7)
+    ax.set_title("same seeds in every row; columns: classes 0..9", fontsize=8)
+    width = labels_inches + image_inches + 0.2
+    fig.subplots_adjust(left=labels_inches / width, right=1 - 0.1 / width, top=0.93, bottom=0.02)
+    return atomic_save_figure(fig, path)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def plot_metrics(results: dict, path) -> Path:
+    plt = _pyplot()
+    settings = results["settings"]
+    keys = (("accuracy", "class accuracy"), ("frechet", "Frechet distance (feature space)"),
+            ("diversity", "per-class diversity (RMS/pixel)"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    curve = [s for s in settings if s["model"] == "net" and s["guidance"] in ("none", "cfg")
+             and s["low"] == 0 and s["high"] == math.inf]
+    others = [s for s in settings if s not in curve and s["guidance"] != "unconditional"]
+    markers = {"cfg": "s", "positive": "^", "negative": "v", "mean_shift": "D", "all": "*", "none": "o"}
+    for ax, (key, title) in zip(axes, keys):
+        if any(s[key] is None for s in settings):
+            ax.set_title(f"{title}: no classifier for this dataset", fontsize=9)
+            continue
+        ax.plot([s["w"] for s in curve], [s[key] for s in curve], "k-o", label="net CFG (all sigma)")
+        for s in others:
+            colour = "tab:blue" if s["model"] == "net" else "tab:orange"
+            marker = markers[s["guidance"]]
+            if s["guidance"] == "cfg":                       # limited intervals: high or low sigma
+                marker = ">" if s["high"] == math.inf else "<"
+            ax.scatter([s["w"]], [s[key]], marker=marker, color=colour, s=40, label=s["name"], alpha=0.8)
+        uncond = [s for s in settings if s["guidance"] == "unconditional"]
+        if uncond:
+            ax.axhline(uncond[0][key], color="gray", ls=":", label="net unconditional")
+        if results["data"].get(key) is not None:
+            ax.axhline(results["data"][key], color="green", ls="--", lw=1, label="data")
+        ax.set_xlabel("guidance strength w  (D_c + w G)")
+        if key == "frechet" and all(s[key] > 0 for s in settings):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def plot_cpc(results: dict, path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
+    for key, spectrum in sorted(results["gaussian_spectra_class0"].items(), key=lambda kv: -float(kv[0])):
+        axes[0].plot(range(1, len(spectrum) + 1), spectrum, ".-", label=f"sigma={float(key):.3g}")
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_xlabel("index (descending)")
+    axes[0].set_ylabel("eigenvalue of W_c - W_u")
+    axes[0].set_title("Gaussian CPC spectrum, class 0: + enhanced, - suppressed", fontsize=9)
+    axes[0].legend(fontsize=7)
+    for row in results["cpc"]:
+        net = [sorted(v, reverse=True) for v in row["net_eigenvalues"]]
+        gauss = [sorted(v, reverse=True) for v in row["gaussian_eigenvalues"]]
+        k = len(net[0])
+        mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
+        line, = axes[1].plot(range(1, k + 1), [mean(net, i) for i in range(k)], "o-", ms=3,
+                             label=f"net, sigma={row['sigma']:.3g}")
+        axes[1].plot(range(1, k + 1), [mean(gauss, i) for i in range(k)], "x--", color=line.get_color(), ms=4)
+    axes[1].axhline(0, color="k", lw=0.5)
+    axes[1].set_xlabel("top-k by |eigenvalue|, sorted")
+    axes[1].set_title("per-sample CPC eigenvalues: net J_c - J_u (o) vs Gaussian (x)", fontsize=9)
+    axes[1].legend(fontsize=6)
+    cpc = results["cpc"]
+    axes[2].plot([r["sigma"] for r in cpc], [r["overlap"] for r in cpc], "o-", label="net vs Gaussian top-k CPCs")
+    axes[2].plot([r["sigma"] for r in cpc], [r["random_overlap"] for r in cpc], "k:", label="random subspaces (k/d)")
+    axes[2].set_xscale("log")
+    axes[2].set_ylim(0, 1.02)
+    axes[2].set_xlabel("sigma")
+    axes[2].set_ylabel("subspace overlap (mean cos^2)")
+    axes[2].set_title("per-sample CPCs: agreement with the linear model", fontsize=9)
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def plot_transition(results: dict, path) -> Path:
+    plt = _pyplot()
+    rows = results["transition"]
+    sigmas = [r["sigma"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label, style in (("dist_conditional", "D_c: net vs class Gaussian", "o-"),
+                              ("dist_unconditional", "D_u: net vs Gaussian", "o-"),
+                              ("dist_guidance", "D_c - D_u: net vs Gaussian", "o-"),
+                              ("score_dist_conditional", "score of D_c (|dD| / |x - D_G|)", "s--"),
+                              ("score_dist_unconditional", "score of D_u (|dD| / |x - D_G|)", "s--")):
+        axes[0].plot(sigmas, [r[key] for r in rows], style, ms=3, label=label)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("relative distance |net - G| / |G|")
+    axes[1].plot(sigmas, [r["cos_guidance"] for r in rows], "o-", ms=3, color="tab:green")
+    axes[1].set_ylabel("mean cosine of D_c - D_u (net, Gaussian)")
+    axes[1].set_ylim(-0.1, 1.05)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("sigma")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("linear (Gaussian) to nonlinear transition of the trained conditional model", fontsize=9)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """Run (or resume) the study into ``out``; returns results.json's content."""
+    from diffcore.experiments import _vector
+    from diffcore.experiments._stack import resolve_device
+
+    if not isinstance(config, CFGConfig):
+        raise ConfigError(f"config: expected a CFGConfig, got {type(config).__name__}")
+    device = str(resolve_device(device))
+    start = time.perf_counter()
+    threads = _vector.threads(config.torch_threads) if device == "cpu" and config.torch_threads else \
+        contextlib.nullcontext()
+    with threads:
+        results = _Study(config, out, hooks, device, progress).run()
+    log.info("cfg study done in %.1f s: %s", time.perf_counter() - start, out)
+    return results
+
+
+def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
+    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
