@@ -81,5 +81,5 @@ def test_setting_intervals():
     settings = {s["name"]: s for s in cfg.setting_list(cfg.PRESETS["quick"]())}
     assert settings["net conditional"]["w"] == 0.0
     high, low = settings["net cfg w=2 sigma>1"], settings["net cfg w=2 sigma<=1"]
-    assert (high["low"], high["high"]) == (1.0, float("inf")) and (low["low"], low["high"]) == (0.0, 1.0)
+    assert (high["low"], high["high"]) == (1.0, None) and (low["low"], low["high"]) == (0.0, 1.0)
     assert settings["net + linear mean_shift w=2 sigma>1"]["guidance"] == "mean_shift"

@@ -17,7 +17,7 @@ def _trainer(config: TrainConfig) -> Trainer:
 @pytest.fixture
 def conditional(tiny_config):
     return tiny_config.replace(class_conditional=True, batch_size=64,
-                               model={"name": "tiny_model:tiny_denoiser", "num_classes": 10})
+                               model={"name": "tiny_denoiser", "num_classes": 10})
 
 
 def test_dropped_labels_are_null_at_the_configured_rate(conditional, tmp_path):
@@ -25,7 +25,7 @@ def test_dropped_labels_are_null_at_the_configured_rate(conditional, tmp_path):
     dropped = kept = 0
     drawn = []
     for step in range(4):
-        _, class_labels, _, _ = trainer._draw_batch(step)
+        _, class_labels, _, _, _ = trainer._draw_batch(step)
         drawn.append(class_labels)
         _, labels = trainer.dataset.batch(trainer.order.indices(step))
         null = class_labels.sum(dim=1) == 0
@@ -40,7 +40,7 @@ def test_dropped_labels_are_null_at_the_configured_rate(conditional, tmp_path):
 def test_no_dropout_draws_nothing_extra(conditional, tmp_path):
     """label_dropout = 0 keeps every label and the noise stream of runs made before the option."""
     plain = _trainer(conditional.replace(out_dir=str(tmp_path / "a")))
-    x, class_labels, sigma, noise = plain._draw_batch(0)
+    x, class_labels, sigma, noise, _ = plain._draw_batch(0)
     assert bool((class_labels.sum(dim=1) == 1).all())
     fresh = torch.Generator().manual_seed(conditional.seed)
     expected_sigma = plain.loss_fn.sample_sigma(64, fresh, torch.device("cpu"))

@@ -261,8 +261,10 @@ def setting_list(c: CFGConfig) -> list[dict]:
 
 
 def _setting(name, model, guidance, w, interval) -> dict:
+    """One sample setting; an unbounded interval's ``high`` is None (results are strict JSON)."""
+    high = None if interval[1] == math.inf else float(interval[1])
     return {"name": name, "model": model, "guidance": guidance, "w": float(w), "low": float(interval[0]),
-            "high": float(interval[1])}
+            "high": high}
 
 
 def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
@@ -276,7 +278,8 @@ def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
         base = gaussians.conditional_denoiser(labels)
     if setting["guidance"] in ("none", "unconditional"):
         return base
-    interval = sampler.GuidanceInterval(setting["low"], setting["high"], closed="right")
+    high = math.inf if setting["high"] is None else setting["high"]
+    interval = sampler.GuidanceInterval(setting["low"], high, closed="right")
     if setting["guidance"] == "cfg":
         return sampler.classifier_free_guidance(base, LabeledDenoiser(net, None, k), setting["w"], interval)
     return sampler.GuidedDenoiser(base, gaussians.term(setting["guidance"], labels), setting["w"], interval)
@@ -582,7 +585,7 @@ def plot_metrics(results: dict, path) -> Path:
             ("diversity", "per-class diversity (RMS/pixel)"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     curve = [s for s in settings if s["model"] == "net" and s["guidance"] in ("none", "cfg")
-             and s["low"] == 0 and s["high"] == math.inf]
+             and s["low"] == 0 and s["high"] is None]
     others = [s for s in settings if s not in curve and s["guidance"] != "unconditional"]
     markers = {"cfg": "s", "positive": "^", "negative": "v", "mean_shift": "D", "all": "*", "none": "o"}
     for ax, (key, title) in zip(axes, keys):
@@ -594,7 +597,7 @@ def plot_metrics(results: dict, path) -> Path:
             colour = "tab:blue" if s["model"] == "net" else "tab:orange"
             marker = markers[s["guidance"]]
             if s["guidance"] == "cfg":                       # limited intervals: high or low sigma
-                marker = ">" if s["high"] == math.inf else "<"
+                marker = ">" if s["high"] is None else "<"
             ax.scatter([s["w"]], [s[key]], marker=marker, color=colour, s=40, label=s["name"], alpha=0.8)
         uncond = [s for s in settings if s["guidance"] == "unconditional"]
         if uncond:
