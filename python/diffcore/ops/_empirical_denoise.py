@@ -117,15 +117,21 @@ def _run_cpu(x, train, sigma64):
     return _cpu.run(_rows(x), _rows(train), sigma64)
 
 
+def _gpu_rows(x, train):
+    """x [B, D] and train [N, D], contiguous, as the GPU kernels read them (float64 train as fp32)."""
+    y = _rows(train)
+    return _rows(x).contiguous(), (y.to(torch.float32) if y.dtype == torch.float64 else y).contiguous()
+
+
 def _run_triton(x, train, sigma64):
     from diffcore.kernels.empirical_denoise import empirical_denoise_triton
 
-    return empirical_denoise_triton(_rows(x), _rows(train), sigma64, err_coef_fn=_cpu.gemm_error_coefficient,
+    return empirical_denoise_triton(*_gpu_rows(x, train), sigma64, err_coef_fn=_cpu.gemm_error_coefficient,
                                     rescore_tol=_cpu.RESCORE_TOL, band=_cpu.BAND)
 
 
 def _run_cuda(x, train, sigma64):
-    return _cuda.run(_rows(x), _rows(train), sigma64)
+    return _cuda.run(*_gpu_rows(x, train), sigma64)
 
 
 # Backend name -> runner(x [B, ...], train [N, ...], sigma64 [B]) -> (out [B, D], logz [B]).
