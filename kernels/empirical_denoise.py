@@ -175,12 +175,9 @@ def _row_sqnorms_f64(rows: torch.Tensor, chunk_elements: int = 1 << 22) -> torch
 
 def empirical_denoise_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, *, err_coef_fn,
                              rescore_tol: float, band: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, D] (fp32/fp16/bf16), train [N, D] (float or uint8), sigma64 [B] float64 ->
-    (out [B, D] fp32, logz [B] fp32). ``err_coef_fn(D)`` gives ``k u`` of the fp32 dot error bound."""
-    x = x.contiguous()
-    if train.dtype == torch.float64:
-        train = train.to(torch.float32)
-    train = train.contiguous()
+    """x [B, D] (fp32/fp16/bf16), train [N, D] (fp32/fp16/bf16 or uint8), both contiguous, sigma64
+    [B] float64 -> (out [B, D] fp32, logz [B] fp32). ``err_coef_fn(D)`` gives ``k u`` of the fp32
+    dot error bound."""
     batch, dim = x.shape
     rows = train.shape[0]
     is_u8 = train.dtype == torch.uint8

@@ -6,6 +6,7 @@ sigma from 0.002 to 80, near-ties included; logz to 5e-6 relative (absolute belo
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -493,3 +494,41 @@ def test_dense_large_sigma_uses_the_measured_coefficient_only_after_the_proven_o
     x, train = make_case(8, 400, 3072, 0.5, torch.float32, seed=4)
     ed_cpu.run(x, train, torch.full((8,), 0.5, dtype=torch.float64), tile_rows=100, screen=False)
     assert set(used) == {ed_cpu.fp32_gemm_error_bound(3072)}
+
+
+# ---------------------------------------------------------------- tiny sigma (issue 18, item 10)
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+@pytest.mark.parametrize("sigma", [1e-155, 1e-300, 5e-324, torch.tensor([1.0, 1e-160, 1.0], dtype=torch.float64)])
+def test_sigma_whose_square_underflows_is_refused(backend, sigma):
+    x, train = _good()
+    with pytest.raises(ValueError, match=r"sigma: expected values >= 1e-150"):
+        empirical_denoise(x, train, sigma, backend=backend)
+
+
+@pytest.mark.parametrize("backend", _params(FAST_BACKENDS))
+def test_logits_beyond_float64_are_an_error_not_nan(backend):
+    """At sigma 1e-149 the logits of distances ~1e10 leave the float64 range: the fast backends
+    refuse (naming sigma) instead of returning NaN; the reference, relative to the best distance,
+    still returns the nearest training row (logz underflows to -inf)."""
+    gen = torch.Generator().manual_seed(4)
+    train, x = torch.randn(50, 300, generator=gen) * 1e4, torch.randn(2, 300, generator=gen) * 1e4
+    with pytest.raises(ValueError, match="sigma: the weights could not be computed"):
+        empirical_denoise(x, train, 1e-149, backend=backend)
+    out, logz = empirical_denoise_with_logz(x, train, 1e-149, backend="reference")
+    nearest = ((x[:, None].double() - train[None].double()) ** 2).sum(-1).argmin(1)
+    assert torch.equal(out, train[nearest]) and bool((logz == -math.inf).all())
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+@pytest.mark.parametrize("sigma", [1e-8, 1e-30])
+def test_midpoint_and_duplicate_at_tiny_sigma(backend, sigma):
+    """The midpoint of two training rows is their mean at any sigma (an exact tie); with the first
+    row duplicated, the weights are 2/3 and 1/3. Rows on a 2^-10 grid: the midpoint is exact in fp32."""
+    gen = torch.Generator().manual_seed(6)
+    y = torch.randint(-1024, 1024, (5, 64), generator=gen).float() / 1024
+    y[2:] += 4.0  # far: rows 0 and 1 are the nearest
+    x = ((y[0] + y[1]) / 2)[None]
+    for train, expected in ((y, (y[0].double() + y[1].double()) / 2),
+                            (torch.cat([y[:1], y]), (2 * y[0].double() + y[1].double()) / 3)):
+        out = empirical_denoise(x, train, sigma, backend=backend)
+        assert float((out[0].double() - expected).abs().max()) <= 1e-6, backend

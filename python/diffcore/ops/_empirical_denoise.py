@@ -36,6 +36,11 @@ BACKENDS = OpBackends(
     auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},  # GPU kernels join auto after a GPU run matches the reference
 )
 
+# Smallest sigma taken: 1/(2 sigma^2) and the logits -|x - y|^2/(2 sigma^2) stay in the float64
+# range for any distance up to 3.6e8 (image data: at most 4 D); below about 1.5e-154 sigma^2 itself
+# underflows. Smaller sigmas are refused (the nearest training row is the answer there anyway).
+MIN_SIGMA = 1e-150
+
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
 
@@ -48,7 +53,7 @@ def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, backend: s
             float64 (reference backend only).
         train: training set [N, ...] with the trailing shape of ``x``; float, or uint8 images mapped
             to [-1, 1] as ``u8 / 127.5 - 1``. Must be on x's device. Not checked for NaN (cost).
-        sigma: noise level > 0, a float or a tensor of shape [B] (or 0-d).
+        sigma: noise level >= ``MIN_SIGMA`` (1e-150), a float or a tensor of shape [B] (or 0-d).
         backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton'.
     Returns:
         x0_hat [B, ...] in x's dtype. Not differentiable (computed under no_grad).
@@ -71,6 +76,10 @@ def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
         raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
     with torch.no_grad():
         out, logz = RUNNERS[name](x, train, sigma64)
+    if not bool(torch.isfinite(out).all()):  # never silent NaN (logz may be -inf: an underflow)
+        raise ValueError(f"sigma: the weights could not be computed at sigma down to {float(sigma64.min()):g}: "
+                         f"the logits -|x - y|^2 / (2 sigma^2) left the float64 range (use a larger sigma), "
+                         f"or train holds NaN/Inf")
     logz_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return out.to(x.dtype).reshape(x.shape), logz.to(logz_dtype)
 
@@ -88,6 +97,9 @@ def _validate(x, train, sigma):
         raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
     check_finite("x", x)
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
+    if bool((sigma64 < MIN_SIGMA).any()):
+        raise ValueError(f"sigma: expected values >= {MIN_SIGMA:g} (below, 1/(2 sigma^2) leaves the float64 "
+                         f"range), got min {float(sigma64.min()):g}")
     return x, train, sigma64
 
 
@@ -105,16 +117,22 @@ def _run_cpu(x, train, sigma64):
     return _cpu.run(_rows(x), _rows(train), sigma64)
 
 
+def _gpu_rows(x, train):
+    """x [B, D] and train [N, D], contiguous, as the GPU kernels read them (float64 train as fp32)."""
+    y = _rows(train)
+    return _rows(x).contiguous(), (y.to(torch.float32) if y.dtype == torch.float64 else y).contiguous()
+
+
 def _run_triton(x, train, sigma64):
     from diffcore.kernels.empirical_denoise import empirical_denoise_triton
 
-    return empirical_denoise_triton(_rows(x), _rows(train), sigma64,
+    return empirical_denoise_triton(*_gpu_rows(x, train), sigma64,
                                     err_coef_fn=_cpu.measured_fp32_gemm_error_coefficient,
                                     rescore_tol=_cpu.RESCORE_TOL, band=_cpu.BAND)
 
 
 def _run_cuda(x, train, sigma64):
-    return _cuda.run(_rows(x), _rows(train), sigma64)
+    return _cuda.run(*_gpu_rows(x, train), sigma64)
 
 
 # Backend name -> runner(x [B, ...], train [N, ...], sigma64 [B]) -> (out [B, D], logz [B]).

@@ -22,12 +22,8 @@ def cuda_splits(batch: int, rows: int, target_blocks: int, query_group: int = QU
 
 
 def run(xr: torch.Tensor, y: torch.Tensor, sigma64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """xr [B, D] (float32/float16/bfloat16), y [N, D], sigma64 [B] on one CUDA device ->
-    (out [B, D] in xr's dtype, logz [B] float32)."""
-    xr = xr.contiguous()
-    if y.dtype == torch.float64:
-        y = y.to(torch.float32)
-    y = y.contiguous()
+    """xr [B, D] (float32/float16/bfloat16), y [N, D] (float32/float16/bfloat16/uint8), both
+    contiguous, sigma64 [B] on one CUDA device -> (out [B, D] in xr's dtype, logz [B] float32)."""
     batch, dim = xr.shape
     rows = y.shape[0]
     launch = cuda_launch_args(xr)

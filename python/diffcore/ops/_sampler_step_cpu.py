@@ -23,13 +23,13 @@ def bound_runner(like: torch.Tensor, flag: torch.Tensor | None):
     with the per-call work hoisted out (the sampler's hot path); True when NaN/Inf was seen (the
     flag is lowered at once on the CPU)."""
     kernel = extension().sampler_step_cpu
-    fixed = dict(dtype=dtype_name(like.dtype), numel=like.numel(), flag=ptr(flag), threads=torch.get_num_threads())
+    dtype, numel, flag_ptr, threads = dtype_name(like.dtype), like.numel(), ptr(flag), torch.get_num_threads()
     checking = flag is not None
 
     def run_cpu(x, denoised, extra, noise, out, row, step):
-        bad = kernel(x=x.data_ptr(), denoised=denoised.data_ptr(), extra=ptr(extra), noise=ptr(noise),
-                     out=out.data_ptr(), c_x=row[0], c_denoised=row[1], c_extra=row[2], c_noise=row[3], step=step,
-                     **fixed)
+        bad = kernel(dtype=dtype, x=x.data_ptr(), denoised=denoised.data_ptr(), extra=ptr(extra), noise=ptr(noise),
+                     out=out.data_ptr(), numel=numel, c_x=row[0], c_denoised=row[1], c_extra=row[2],
+                     c_noise=row[3], step=step, flag=flag_ptr, threads=threads)
         return checking and bad > 0
 
     return run_cpu
