@@ -305,7 +305,7 @@ std::pair<int64_t, int64_t> tile_update(
 // For each row, raise m_low with this tile's bounds (max over pairs of l - e) and append to the
 // row's list [cap] every pair
 // whose upper bound l + e reaches m_low - band (global index start + j, upper bound). A full list is
-// pruned against the current cut; a row whose list stays full is marked overflowed (count = cap + 1)
+// pruned against the current cut; a row whose list stays (7/8) full is marked overflowed (count = cap + 1)
 // and collects nothing more (its m_low still rises). Returns the number of overflowed rows.
 template <typename G>
 int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t tile, int64_t start, const double* xn2,
@@ -378,7 +378,9 @@ int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t til
           for (int64_t i = 0; i < count; ++i)
             if (up[i] >= cut) index[kept] = index[i], up[kept] = up[i], ++kept;
           count = kept;
-          if (count == cap) {
+          // pruning freed under 1/8 of the list: it is full of real candidates; overflow now rather
+          // than pay O(cap) again for each later insertion
+          if (count > cap - std::max<int64_t>(1, cap / 8)) {
             count = cap + 1;
             ++overflowed;
             break;

@@ -458,7 +458,8 @@ def test_fp32_bounds_are_gamma_n():
     """The proven fp32 / fp64 coefficients are gamma_{D+1} (Higham Eq. 3.5); the measured fp32
     coefficient, used for dense tiles only, is far below it at image sizes."""
     dim = 3072
-    for bound, unit in ((ed_cpu.fp32_gemm_error_bound(dim), 2.0 ** -24), (ed_cpu.fp64_gemm_error_bound(dim), 2.0 ** -53)):
+    pairs = ((ed_cpu.fp32_gemm_error_bound(dim), 2.0 ** -24), (ed_cpu.fp64_gemm_error_bound(dim), 2.0 ** -53))
+    for bound, unit in pairs:
         nu = (dim + 1) * unit
         assert bound == pytest.approx(nu / (1 - nu), rel=1e-12)
     assert ed_cpu.measured_fp32_gemm_error_coefficient(dim) < ed_cpu.fp32_gemm_error_bound(dim) / 500

@@ -41,9 +41,9 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     ext = extension()
     precision = precision or screen_precision()
     if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
-        raise RuntimeError("knn: backend 'cpu' screens with torch's bf16 matmul, which on this machine does not "
-                           "accumulate in fp32 (probe failed), so its error bound would not hold; use "
-                           "backend='reference' (or triton)")
+        raise RuntimeError("knn: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate in fp32 on "
+                           "this machine (probe failed), so the screening bound would not hold; use "
+                           "DIFFCORE_CPU_SCREEN=fp32 or auto")
     threads = torch.get_num_threads()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # lossless
@@ -79,7 +79,8 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
                 q_norms_ptr=q_norms[q_start].data_ptr(), train_ptr=y_tile.data_ptr(), train_dtype=dtype_name(y.dtype),
                 tile_start=start, tile=rows, y_norms_ptr=y_norms.data_ptr(), gram_ptr=gram.data_ptr(),
                 gram_dtype=dtype_name(screen_dtype), k=k, best_d2_ptr=best_d2[q_start].data_ptr(),
-                best_idx_ptr=best_idx[q_start].data_ptr(), safety=CPU_SCREEN_SAFETY[precision], threads=_threads_for(q_rows * rows * 8, threads))
+                best_idx_ptr=best_idx[q_start].data_ptr(), safety=CPU_SCREEN_SAFETY[precision],
+                threads=_threads_for(q_rows * rows * 8, threads))
     if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
         raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
     if stats is not None:
