@@ -16,15 +16,25 @@ Conventions (VE/EDM, ``x = x0 + sigma n``; DESIGN.md):
   ``fftshift``-ed spectrum, where the same disc holds the lowest ones (Tree-Ring's ``complex``).
 - Key: a ring pattern on the disc of ``radius`` around the centre: every point at distance d gets
   ring ``max(1, ceil(d))``'s value (the nested discs of the public code, where the centre shares
-  ring 1). Ring values are real, drawn from ``random.Random(seed).gauss`` (Python's Mersenne
-  Twister: the same numbers on every platform and Python version) with standard deviation
-  ``sqrt(H W)``, the RMS of an FFT coefficient of unit white noise. A real, radially symmetric key
-  on a disc symmetric under ``k -> -k`` keeps the spectrum Hermitian, so injection gives a real
-  state exactly (the public code injects complex values and drops the imaginary part).
+  ring 1). Ring values are complex normals with ``E|c|^2 = H W`` (an FFT coefficient of unit white
+  noise, as the public code's key), real and imaginary parts from Box-Muller on
+  ``random.Random(seed).random()`` (Python's Mersenne Twister, whose sequence the Python docs
+  guarantee across versions and platforms). A ring holds ``c`` on one half plane (centred
+  offsets ``(u, v)`` with u > 0, or u = 0 and v > 0), ``conj(c)`` on the mirror half and ``Re c``
+  at the centre: the key is Hermitian on a disc symmetric under ``k -> -k``, so injection gives a
+  real state exactly (the public code writes the same complex value on the whole ring and drops the
+  imaginary part of the result, so half of its key never reaches the state, and any watermarked
+  image's disc becomes real - closer to every other key than an unmarked image is).
 - Detection score: mean L1 distance ``mean_{k in mask} |F(x)_k - key_k|`` (lower = watermarked),
-  and Tree-Ring's p-value: with ``y`` the real and imaginary parts of the masked coefficients,
-  ``s = std(y)``, ``p = ncx2.cdf(sum((y - key)^2) / s^2, df = len(y), nc = sum(key^2) / s^2)``
-  (lower = watermarked).
+  and Tree-Ring's p-value: with ``y`` the real and imaginary parts of the masked coefficients and
+  ``w`` the key's, ``s = std(y)``, ``p = ncx2.cdf(sum((y - w)^2) / s^2, df = len(y),
+  nc = sum(w^2) / s^2)`` (lower = watermarked). That test assumes ``len(y)`` independent
+  entries, but a ring key holds only ``2 radius`` random numbers: another key can land close, and
+  the p-value then calls it detected. :func:`key_rank_p_value` is the calibrated alternative: the
+  rank of the key's distance among the distances to ``references`` other ring keys (seeds
+  ``REFERENCE_SEED + j``), ``p = (1 + #{j: d_j <= d}) / (1 + references)``; keys are exchangeable
+  under "not marked with this key" (unmarked, or marked with any other key), so p is uniform
+  there, whatever the model, attack or key power.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ import torch
 from diffcore._checks import check_positive_int, check_tensor
 
 BANDS = ("high", "low")
+REFERENCE_SEED = 1 << 40        # seeds of the reference keys of key_rank_p_value
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,7 @@ class RingKey:
     """A watermark key: real ring values on a disc of one channel's spectrum.
 
     Attributes:
-        values: [H, W] float64, the key on the band's spectrum (0 outside the mask).
+        values: [H, W] complex128, the key on the band's spectrum (0 outside the mask).
         mask: [H, W] bool, the disc.
         channel, radius, band, seed: how it was made.
         shape: the per-sample image shape ``(C, H, W)`` it fits.
@@ -75,6 +86,18 @@ def _check_shape(shape) -> tuple[int, int, int]:
     return c, h, w
 
 
+def seeded_normals(seed: int, count: int) -> list[float]:
+    """``count`` standard normals from ``seed``, the same on every platform: Box-Muller
+    ``sqrt(-2 ln(1 - u1)) cos(2 pi u2)`` on pairs of ``random.Random(seed).random()`` (Python
+    guarantees that sequence across versions; ``gauss`` has no such guarantee)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        u1, u2 = rng.random(), rng.random()
+        out.append(math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2))
+    return out
+
+
 def max_radius(shape) -> int:
     """The largest disc radius that fits the spectrum of ``shape`` (C, H, W): ``min(H, W)/2 - 1``
     (the disc stays off the spectrum's edge row and column, so it is symmetric under k -> -k)."""
@@ -102,11 +125,15 @@ def ring_key(shape, *, radius: int, channel: int = 0, band: str = "high", seed: 
     cols = torch.arange(w, dtype=torch.float64)[None, :] - w // 2
     distance = (rows.square() + cols.square()).sqrt()
     mask = distance <= radius
-    ring = distance.ceil().clamp_min(1).long()                       # ring index 1 .. radius on the disc
-    rng = random.Random(seed)
-    scale = math.sqrt(h * w)
-    ring_values = torch.tensor([0.0] + [rng.gauss(0.0, 1.0) * scale for _ in range(radius)], dtype=torch.float64)
-    values = torch.where(mask, ring_values[ring.clamp_max(radius)], torch.zeros((), dtype=torch.float64))
+    ring = distance.ceil().clamp(1, radius).long()                   # ring index 1 .. radius on the disc
+    z = torch.tensor(seeded_normals(seed, 2 * radius), dtype=torch.float64) * math.sqrt(h * w / 2)
+    ring_values = torch.cat([torch.zeros(1, dtype=torch.complex128), torch.complex(z[0::2], z[1::2])])
+    upper_half = (rows > 0) | ((rows == 0) & (cols > 0))
+    centre = (rows == 0) & (cols == 0)
+    values = ring_values[ring]
+    values = torch.where(upper_half, values, values.conj())
+    values = torch.where(centre, values.real.to(values.dtype), values)
+    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
     return RingKey(values, mask, channel, radius, band, seed, (c, h, w))
 
 
@@ -158,9 +185,12 @@ def masked_coefficients(x: torch.Tensor, key: RingKey, sigma: float) -> torch.Te
 def key_distance(x: torch.Tensor, key: RingKey, sigma: float) -> torch.Tensor:
     """Detection score [B] (float64): mean L1 distance of the masked coefficients to the key (lower
     means watermarked)."""
-    coeffs = masked_coefficients(x, key, sigma)
-    target = key.values[key.mask].to(coeffs.device)
-    return (coeffs - target).abs().mean(dim=1)
+    return _l1(masked_coefficients(x, key, sigma), key)
+
+
+def _l1(coeffs: torch.Tensor, key: RingKey) -> torch.Tensor:
+    """Mean |coefficient - key| [B] over the mask, for coefficients [B, M] under ``key.mask``."""
+    return (coeffs - key.values[key.mask].to(coeffs.device)).abs().mean(dim=1)
 
 
 def key_p_value(x: torch.Tensor, key: RingKey, sigma: float) -> torch.Tensor:
@@ -173,11 +203,29 @@ def key_p_value(x: torch.Tensor, key: RingKey, sigma: float) -> torch.Tensor:
     coeffs = masked_coefficients(x, key, sigma)
     y = torch.cat([coeffs.real, coeffs.imag], dim=1)
     target = key.values[key.mask].to(y.device)
-    target = torch.cat([target, torch.zeros_like(target)])
+    target = torch.cat([target.real, target.imag])
     s2 = y.var(dim=1, unbiased=True).clamp_min(1e-300)
     stat = (y - target).square().sum(dim=1) / s2
     nc = target.square().sum() / s2
     return torch.as_tensor(ncx2.cdf(stat.cpu().numpy(), df=y.shape[1], nc=nc.cpu().numpy()), dtype=torch.float64)
+
+
+def reference_keys(key: RingKey, count: int) -> list[RingKey]:
+    """``count`` ring keys like ``key`` (shape, radius, channel, band) with seeds ``REFERENCE_SEED + j``."""
+    check_positive_int("count", count)
+    return [ring_key(key.shape, radius=key.radius, channel=key.channel, band=key.band, seed=REFERENCE_SEED + j)
+            for j in range(count)]
+
+
+def key_rank_p_value(x: torch.Tensor, key: RingKey, sigma: float, *, references: int = 99) -> torch.Tensor:
+    """Monte-Carlo key test [B] (float64; lower means marked with *this* key): ``(1 + #{j: d(x, K_j)
+    <= d(x, key)}) / (1 + references)`` over :func:`reference_keys` (see the module docstring)."""
+    coeffs = masked_coefficients(x, key, sigma)
+    distance = _l1(coeffs, key)
+    count = torch.zeros_like(distance)
+    for ref in reference_keys(key, references):
+        count += (_l1(coeffs, ref) <= distance).double()
+    return (1.0 + count) / (1.0 + references)
 
 
 # ----------------------------------------------------------------------------- times and grids
@@ -274,14 +322,20 @@ def invert_to(denoiser, images: torch.Tensor, sigmas, sigma: float, *, solver: s
 
 
 def detect(denoiser, images: torch.Tensor, sigmas, key: RingKey, sigma: float, *, solver: str = "ddim",
-           p_value: bool = False, **solver_options) -> dict:
-    """Invert ``images`` to ``sigma`` and score them against ``key``: ``{"distance": [B]}`` (and
-    ``"p_value": [B]`` when asked); lower means watermarked."""
+           p_value: bool = False, key_rank: int = 0, return_state: bool = False, **solver_options) -> dict:
+    """Invert ``images`` to ``sigma`` and score them against ``key``: ``{"distance": [B]}``, with
+    ``"p_value"`` (Tree-Ring's) when asked and ``"key_rank"`` (:func:`key_rank_p_value` with
+    ``key_rank`` references) when ``key_rank > 0``; lower means watermarked. ``return_state`` adds
+    the inverted state ``"state"`` [B, ...] (to score other keys without inverting again)."""
     _check_images("images", images, key)
     state = invert_to(denoiser, images, sigmas, sigma, solver=solver, **solver_options)
     out = {"distance": key_distance(state, key, sigma)}
     if p_value:
         out["p_value"] = key_p_value(state, key, sigma)
+    if key_rank:
+        out["key_rank"] = key_rank_p_value(state, key, sigma, references=key_rank)
+    if return_state:
+        out["state"] = state
     return out
 
 
@@ -339,7 +393,7 @@ def null_space_fraction(denoiser, x: torch.Tensor, sigma: float, delta: torch.Te
 
 
 __all__ = [
-    "BANDS", "NullSpaceFraction", "RingKey", "WatermarkedSamples", "check_time", "detect", "embed", "inject",
+    "BANDS", "NullSpaceFraction", "REFERENCE_SEED", "key_rank_p_value", "reference_keys", "RingKey", "WatermarkedSamples", "check_time", "detect", "embed", "inject",
     "invert_to", "key_distance", "key_p_value", "masked_coefficients", "max_radius", "null_space_fraction",
-    "ring_key", "sigma_at_time", "spectrum", "split_sigmas", "vp_scale",
+    "ring_key", "seeded_normals", "sigma_at_time", "spectrum", "split_sigmas", "vp_scale",
 ]

@@ -16,13 +16,17 @@ explanation of Shallow Diffuse's consistency.
 
 Models (``model``):
 
+- ``mixture`` (quick): one full-rank Gaussian per digit class fitted to the embedded 8x8 digits
+  upsampled to ``resolution`` (Pillow bicubic), eigenvalues plus ``variance_floor``
+  (``_mixture.GaussianMixtureDenoiser``): closed-form, nonlinear through the class posterior, and
+  invertible. 8x8 leaves no room for a ring key (the spectrum's radius is 3); at 32x32 the key's
+  disc has radius 5 (10/64 of the side, the paper's 10 on SD's 64x64 latent). A UNet that draws
+  digits at 32x32 takes longer to train on a 2-core CPU than the quick preset's 10 minutes.
 - ``unet``: a small EDM DDPM++ UNet trained here (``diffcore.train``, a resumable unit) on the
-  embedded 8x8 digits upsampled to ``resolution`` (Pillow bicubic). 8x8 leaves no room for a ring
-  key (the spectrum's radius is 3); at 32x32 the key's disc has radius 5 (10/64 of the side, the
-  paper's 10 on SD's 64x64 latent) and the digits' smooth strokes leave the high band nearly empty.
-- ``gaussian``: the closed-form Gaussian denoiser of those images, eigenvalues plus
-  ``variance_floor`` (so the flow is invertible in every direction); a linear model, the case where
-  inversion is exact up to solver error (tests).
+  same images (``--set model=unet``; ``train_steps`` decide its quality).
+- ``gaussian`` (tiny): the Gaussian denoiser of those images, eigenvalues plus ``variance_floor``;
+  a linear model, where inversion is exact up to solver error (tests), and where the key's effect on
+  the image does not depend on when it is written (both methods change the image alike).
 - ``diffusers``: a pixel-space ``UNet2DModel`` and its scheduler from the local folder
   ``model_dir`` (safetensors weights), e.g. a CelebA-HQ 256 DDPM; DDIM on the scheduler's
   timesteps (``vp_sigmas``).
@@ -50,13 +54,13 @@ log = logging.getLogger(__name__)
 
 NAME = "watermark"
 METHODS = ("shallow", "xT")
-MODELS = ("unet", "gaussian", "diffusers")
-SCORES = ("distance", "p_value")
+MODELS = ("mixture", "gaussian", "unet", "diffusers")
+SCORES = ("distance", "p_value", "key_rank")
 
 
 @dataclass(frozen=True)
 class WatermarkConfig:
-    model: str = "unet"                     # unet | gaussian | diffusers
+    model: str = "mixture"                  # mixture | gaussian | unet | diffusers
     model_dir: str = ""                     # diffusers: folder with the UNet2DModel and its scheduler
     resolution: int = 32                    # digits upsampled to this side (unet, gaussian)
     width: int = 16                         # unet: model_channels of ddpmpp-digits-light at `resolution`
@@ -65,7 +69,7 @@ class WatermarkConfig:
     learning_rate: float = 2e-3
     lr_warmup_images: int = 2000
     train_seed: int = 0
-    variance_floor: float = 1e-3            # gaussian: added to every eigenvalue
+    variance_floor: float = 1e-3            # mixture, gaussian: added to every eigenvalue
     solver: str = "ddim"                    # deterministic solver of sampling and inversion
     steps: int = 50                         # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
     time: float = 0.3                       # shallow injection time, fraction of T (DDPM timestep time * T)
@@ -86,7 +90,9 @@ class WatermarkConfig:
     crop_fraction: float = 0.75
     attack_reference_size: int = 256
     attack_seed: int = 0
-    p_value: bool = True
+    p_value: bool = True                    # Tree-Ring's chi-square p-value beside the L1 distance
+    rank_references: int = 99               # key-rank p-value against this many other keys (0: off)
+    wrong_keys: int = 20                    # other keys scored on the unattacked images (0: off)
     nullspace_images: int = 4               # images whose Jacobian is analysed (0: skip)
     nullspace_k: int = 32                   # top singular vectors computed
     grid_images: int = 6
@@ -109,7 +115,7 @@ class WatermarkConfig:
                      "nullspace_k", "attack_reference_size"):
             need(name, _int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
         for name in ("lr_warmup_images", "train_seed", "key_seed", "seed_start", "attack_seed", "nullspace_images",
-                     "grid_images", "channel"):
+                     "grid_images", "channel", "rank_references", "wrong_keys"):
             need(name, _int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
         need("learning_rate", 0 < self.learning_rate <= 1, "a value in (0, 1]")
         need("variance_floor", 0 < self.variance_floor <= 1, "a value in (0, 1]")
@@ -149,16 +155,16 @@ def _int(value) -> bool:
 
 
 def _quick() -> WatermarkConfig:
-    """A UNet trained on the digits at 32x32, 50 DDIM steps, 32 + 32 images, seven attacks
-    (time measured in docs/studies.md)."""
-    return WatermarkConfig()
+    """The class-wise Gaussian mixture of the digits at 32x32, 50 DDIM steps, 64 + 64 images,
+    seven attacks (time measured in docs/studies.md)."""
+    return WatermarkConfig(num_images=64, num_negatives=64)
 
 
 def _tiny() -> WatermarkConfig:
     """Seconds: the Gaussian denoiser of the digits at 16x16, 12 steps, 8 + 8 images (tests)."""
     return WatermarkConfig(model="gaussian", resolution=16, steps=12, radius_fraction=0.2, num_images=8,
-                           num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2, nullspace_k=8,
-                           grid_images=4)
+                           num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2, nullspace_k=4,
+                           grid_images=4, rank_references=19, wrong_keys=4)
 
 
 def _paper() -> WatermarkConfig:
@@ -212,7 +218,13 @@ class _Study:
             return self.diffusers_model()
         images = digits_at(c.resolution)
         shape = tuple(images.shape[1:])
-        if c.model == "gaussian":
+        if c.model == "mixture":
+            from diffcore.data import load_digits
+            from diffcore.experiments._mixture import GaussianMixtureDenoiser
+
+            denoiser = GaussianMixtureDenoiser.fit(images, load_digits()[1], c.variance_floor).to(self.device)
+            info = {"kind": "mixture", "components": int(denoiser.means.shape[0])}
+        elif c.model == "gaussian":
             from diffcore.denoisers import GaussianDenoiser
 
             fit = GaussianDenoiser.fit(images)
@@ -312,7 +324,7 @@ class _Study:
         c = self.c
         return {"model": {k: v for k, v in m.info.items() if k not in ("final_loss", "step")},
                 "solver": c.solver, "steps": c.steps, "time": c.time, "variance_floor": c.variance_floor
-                if c.model == "gaussian" else None}
+                if c.model in ("mixture", "gaussian") else None}
 
     def noise(self, seeds, m: _Model) -> torch.Tensor:
         """x_T of the seeds: unit noise times sqrt(1 + sigma_max^2) (the VP prior in VE units)."""
@@ -370,16 +382,26 @@ class _Study:
         spec = {**self.model_spec(m), "method": method, "attack": attack_name, "params": dataclasses.asdict(params),
                 "key": _key_spec(key), "seeds": [c.seed_start, c.num_images, c.num_negatives], "p_value": c.p_value}
 
-        def score(images: torch.Tensor) -> dict:
+        wrong = wm.reference_keys(key, c.wrong_keys) if attack_name == "none" and c.wrong_keys else []
+        spec["wrong_keys"] = len(wrong)
+
+        def score(images: torch.Tensor) -> tuple[dict, list]:
             attacked = mw.attack(images, attack_name, params)
             parts = [wm.detect(m.denoiser, attacked[i:i + c.batch_size].to(self.device), m.sigmas, key, sigma,
-                               solver=c.solver, p_value=c.p_value) for i in range(0, len(attacked), c.batch_size)]
-            return {k: torch.cat([p[k] for p in parts]).tolist() for k in parts[0]}
+                               solver=c.solver, p_value=c.p_value, key_rank=c.rank_references, return_state=True)
+                     for i in range(0, len(attacked), c.batch_size)]
+            state = torch.cat([p.pop("state") for p in parts])
+            others = [wm.key_distance(state, k, sigma).tolist() for k in wrong]
+            return {k: torch.cat([p[k] for p in parts]).tolist() for k in parts[0]}, others
 
         def produce(tmp: Path, work: Path):
-            result = {"positives": score(positives), "negatives": score(negatives)}
+            (pos, pos_wrong), (neg, neg_wrong) = score(positives), score(negatives)
+            result = {"positives": pos, "negatives": neg}
             atomic_write_json(tmp / "scores.json", result)
-            return summarize_detection(result)
+            meta = summarize_detection(result)
+            if wrong:
+                meta["wrong_keys"] = wrong_key_rates(pos_wrong, neg_wrong)
+            return meta
 
         unit = self.ws.run_unit("detection", f"{method}-{attack_name}", spec, produce)
         self.units.append(unit)
@@ -464,8 +486,12 @@ class _Study:
 
 
 def _key_spec(key) -> dict:
+    """What defines the key, with a digest of its values (units made with another key never match)."""
+    import hashlib
+
+    digest = hashlib.sha256(key.values.numpy().tobytes()).hexdigest()[:16]
     return {"radius": key.radius, "channel": key.channel, "band": key.band, "seed": key.seed,
-            "shape": list(key.shape)}
+            "shape": list(key.shape), "values_sha256": digest}
 
 
 def summarize_detection(scores: dict) -> dict:
@@ -482,6 +508,15 @@ def summarize_detection(scores: dict) -> dict:
                      "positives_median": _median(scores["positives"][name]),
                      "negatives_median": _median(scores["negatives"][name])}
     return out
+
+
+def wrong_key_rates(positives: list, negatives: list) -> dict:
+    """Images marked with the study's key, scored (L1 distance) against other keys: the fraction
+    detected at each other key's own 1 %-FPR threshold (from the unmarked images), mean over keys."""
+    from diffcore.metrics import watermark as mw
+
+    rates = [mw.tpr_at_fpr([-v for v in pos], [-v for v in neg], 0.01) for pos, neg in zip(positives, negatives)]
+    return {"keys": len(rates), "detected_fraction_mean": sum(rates) / len(rates), "detected_fraction_max": max(rates)}
 
 
 def _median(values) -> float:
