@@ -131,8 +131,17 @@ class WatermarkConfig:
         need("grid_images", self.grid_images <= self.num_images, "at most num_images")
         try:
             self.attack_params().validate()
+            if self.model != "diffusers":  # the image shape is known here: check the key fits
+                self.key((1, self.resolution, self.resolution))
         except ValueError as error:
             raise ConfigError(str(error)) from error
+
+    def key(self, shape):
+        """The ring key for images of ``shape`` (C, H, W): radius ``round(radius_fraction * side)``."""
+        from diffcore.analysis import watermark as wm
+
+        radius = max(1, round(self.radius_fraction * min(shape[1:])))
+        return wm.ring_key(shape, radius=radius, channel=self.channel, band=self.band, seed=self.key_seed)
 
     def attack_params(self):
         from diffcore.metrics.watermark import AttackParams
@@ -302,6 +311,14 @@ class _Study:
         unet = diffusers.UNet2DModel.from_pretrained(root, subfolder=unet_sub, use_safetensors=True)
         scheduler = diffusers.DDIMScheduler.from_pretrained(root, subfolder=sched_sub)
         unet = unet.to(self.device).eval()
+        # plain-math attention throughout: forward-mode AD (the Jacobian's JVPs) is not implemented for
+        # torch's fused scaled_dot_product_attention on the CPU, and one processor for every unit keeps
+        # results independent of which units ran in this process
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for module in unet.modules():
+            if isinstance(module, diffusers.models.attention_processor.Attention):
+                module.set_processor(AttnProcessor())
         denoiser = sampler.DiffusersUNetDenoiser(unet, scheduler)
         abar = scheduler.alphas_cumprod
         grid = sampler.vp_sigmas(c.steps, abar, spacing=getattr(scheduler.config, "timestep_spacing", "leading"))
@@ -311,12 +328,8 @@ class _Study:
 
     # units ---------------------------------------------------------------------
     def key(self, shape):
-        from diffcore.analysis import watermark as wm
-
-        c = self.c
-        radius = max(1, round(c.radius_fraction * min(shape[1:])))
         try:
-            return wm.ring_key(shape, radius=radius, channel=c.channel, band=c.band, seed=c.key_seed)
+            return self.c.key(shape)
         except ValueError as error:
             raise ConfigError(str(error)) from error
 
@@ -457,7 +470,7 @@ class _Study:
         bar.close()
         results = json.loads(json_dumps({
             "experiment": NAME, "config": dataclasses.asdict(c), "model": m.info,
-            "key": {**_key_spec(key), "size": key.size, "energy": float(key.values.square().sum())},
+            "key": {**_key_spec(key), "size": key.size, "energy": float(key.values.abs().square().sum())},
             "detection": [{k: v for k, v in d.items() if k != "scores"} for d in detection],
             "consistency": {method: _mean_std(values) for method, values in consistency.items()},
             "nullspace": {method: _nullspace_summary(v) for method, v in nullspace.items()},
