@@ -393,7 +393,8 @@ def null_space_fraction(denoiser, x: torch.Tensor, sigma: float, delta: torch.Te
 
 
 __all__ = [
-    "BANDS", "NullSpaceFraction", "REFERENCE_SEED", "key_rank_p_value", "reference_keys", "RingKey", "WatermarkedSamples", "check_time", "detect", "embed", "inject",
-    "invert_to", "key_distance", "key_p_value", "masked_coefficients", "max_radius", "null_space_fraction",
-    "ring_key", "seeded_normals", "sigma_at_time", "spectrum", "split_sigmas", "vp_scale",
+    "BANDS", "NullSpaceFraction", "REFERENCE_SEED", "RingKey", "WatermarkedSamples", "check_time", "detect", "embed",
+    "inject", "invert_to", "key_distance", "key_p_value", "key_rank_p_value", "masked_coefficients", "max_radius",
+    "null_space_fraction", "reference_keys", "ring_key", "seeded_normals", "sigma_at_time", "spectrum",
+    "split_sigmas", "vp_scale",
 ]

@@ -603,25 +603,14 @@ def plot_images(samples: dict, k: int, path, m: _Model) -> Path:
     (differences x5, mid-gray = 0)."""
     from diffcore.experiments import plotting
 
-    plt = _pyplot()
-    clean = samples["shallow"]["clean"][:k]
-    rows = [clean]
+    rows = [samples["shallow"]["clean"][:k]]
     labels = ["unwatermarked"]
     for method in METHODS:
         wm_images = samples[method]["watermarked"][:k]
         rows += [wm_images, ((wm_images - samples[method]["clean"][:k]) * 5).clamp(-1, 1)]
         labels += [f"{method} watermarked", f"{method} difference x5"]
-    grid = plotting.mosaic(rows)
-    h = rows[0].shape[2] + 1
-    fig, ax = plt.subplots(figsize=(0.9 * k + 2.2, 0.9 * len(rows) + 0.6))
-    image = grid.permute(1, 2, 0).numpy()
-    ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([r * h + h / 2 - 1 for r in range(len(rows))])
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.set_title(f"same seeds, same key ({m.info['kind']}, sigma_t = {m.sigma_t:.3g})", fontsize=8)
-    fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return plotting.image_rows(rows, labels, path, suptitle=f"same seeds, same key ({m.info['kind']}, "
+                                                            f"sigma_t = {m.sigma_t:.3g}; x_T at {m.info['sigma_max']:.3g})")
 
 
 def plot_consistency(results: dict, consistency: dict, path) -> Path:

@@ -13,7 +13,7 @@ image side, relative to ``reference_size`` (default 256, the paper preset's pixe
 | ``jpeg`` | JPEG round trip | quality 25 |
 | ``blur`` | Gaussian blur | radius ``4 * H / reference_size`` px (Pillow's radius = the Gaussian's std) |
 | ``noise`` | additive Gaussian noise, clipped | std 0.1 on the [0, 1] scale (0.2 in [-1, 1]), seeded per image |
-| ``brightness`` | brightness jitter (torchvision ColorJitter(brightness=6)) | factor uniform in [0, 7], seeded per image |
+| ``brightness`` | brightness jitter (as ColorJitter(brightness=6)) | factor uniform in [0, 7], seeded per image |
 | ``resize`` | downscale then upscale back (bicubic) | side x 0.5 |
 | ``crop`` | centre crop, resized back to the full size (bicubic) | keeps 0.75 of each side |
 """
