@@ -21,7 +21,7 @@ def test_roc_auc_and_tpr():
     # 1 % FPR with 200 negatives allows 2 false positives: the threshold is the third largest
     neg = torch.arange(200, dtype=torch.float64)
     assert mw.tpr_at_fpr([197.5, 196.5, 300.0, 198.0], neg, 0.01) == 0.75
-    assert mw.tpr_at_fpr([197.5, 196.5], torch.arange(50.0), 0.01) == 0.0      # < 100 negatives: none allowed
+    assert mw.tpr_at_fpr([48.5, 49.5], torch.arange(50.0), 0.01) == 0.5        # < 100 negatives: none allowed
     fpr, tpr = mw.roc_curve([2.0, 3.0], [1.0, 2.0])
     assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
     with pytest.raises(ValueError, match="fpr"):
