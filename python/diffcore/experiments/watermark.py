@@ -604,13 +604,13 @@ def plot_images(samples: dict, k: int, path, m: _Model) -> Path:
     from diffcore.experiments import plotting
 
     rows = [samples["shallow"]["clean"][:k]]
-    labels = ["unwatermarked"]
+    labels = ["clean"]
     for method in METHODS:
         wm_images = samples[method]["watermarked"][:k]
         rows += [wm_images, ((wm_images - samples[method]["clean"][:k]) * 5).clamp(-1, 1)]
-        labels += [f"{method} watermarked", f"{method} difference x5"]
-    return plotting.image_rows(rows, labels, path, suptitle=f"same seeds, same key ({m.info['kind']}, "
-                                                            f"sigma_t = {m.sigma_t:.3g}; x_T at {m.info['sigma_max']:.3g})")
+        labels += [method, f"{method} diff x5"]
+    title = f"{m.info['kind']}: key at sigma {m.sigma_t:.3g} / {m.info['sigma_max']:.3g}"
+    return plotting.image_rows(rows, labels, path, suptitle=title)
 
 
 def plot_consistency(results: dict, consistency: dict, path) -> Path:
