@@ -5,6 +5,8 @@
 - :func:`numerical_rank`, :func:`frobenius_norm_sq`, :func:`rank_along_trajectory`, :func:`euler_trajectory`.
 - :func:`local_linearity`.
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
+- ``diffcore.analysis.watermark`` (imported on use): Fourier ring keys written into the diffusion
+  state, detection by ODE inversion, the key's share of the Jacobian's null space (PAPERS.md 6).
 """
 from diffcore.analysis.jacobian import JacobianOperator, JacobianSubspace, jacobian_full, jacobian_subspace
 from diffcore.analysis.linearity import LocalLinearity, local_linearity

@@ -4,6 +4,8 @@
 - :func:`rp_score` (reproducibility.py)
 - :func:`pfd`, :func:`pfd_from_samples` (pfd.py)
 - similarity measures: ``"cosine"`` (pixel, default), ``"l2"``, TorchScript descriptors (similarity.py)
+- watermark evaluation: ROC-AUC, TPR at a FPR, PSNR/SSIM, attacks (``diffcore.metrics.watermark``,
+  imported on use: it needs scikit-image)
 """
 from diffcore.metrics.memorization import (
     CALIBRATION_QUANTILE,
