@@ -8,6 +8,8 @@
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
 - LOCO Edit pipeline (:mod:`diffcore.analysis.editing`): :class:`EditTimeline`, :func:`loco_directions`,
   :func:`edit_samples`, :func:`edit_locality`, :func:`edit_linearity`, :func:`jacobian_spectrum`.
+- ``diffcore.analysis.watermark`` (imported on use): Fourier ring keys written into the diffusion
+  state, detection by ODE inversion, the key's share of the Jacobian's null space (PAPERS.md 6).
 """
 from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap
 from diffcore.analysis.editing import (EditTimeline, LocoDirections, compose_directions, edit_linearity,

@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "pfd": "diffcore.experiments.pfd",
     "loco-edit": "diffcore.experiments.loco_edit",
     "cfg": "diffcore.experiments.cfg",
+    "watermark": "diffcore.experiments.watermark",
 }
 
 

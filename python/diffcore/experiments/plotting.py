@@ -54,6 +54,7 @@ def image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], path: st
     ax.set_yticklabels(row_labels, fontsize=7)
     if suptitle:
         ax.set_title(suptitle, fontsize=8)
+    fig.tight_layout()  # keeps long row labels inside the figure
     return atomic_save_figure(fig, path)
 
 

@@ -8,6 +8,8 @@
 - sample quality: :func:`frechet_distance`, :class:`FeatureStatistics` (frechet.py); feature
   extractors :func:`digits_features` / :func:`digits_classifier` (shipped digits network,
   features.py) and :func:`inception_features` (FID's Inception-v3 from a local file, inception.py)
+- watermark evaluation: ROC-AUC, TPR at a FPR, PSNR/SSIM, attacks (``diffcore.metrics.watermark``,
+  imported on use: it needs scikit-image)
 """
 from diffcore.metrics.features import (
     DigitsNetwork,

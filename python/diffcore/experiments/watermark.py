@@ -1,0 +1,656 @@
+"""Shallow Diffuse watermarks against the Tree-Ring x_T baseline (PAPERS.md section 6, issue 14).
+
+One model, one key, one set of seeds, one set of attacks, two places to write the key:
+
+- ``shallow``: sample deterministically to the shallow time ``time`` (0.3 T), overwrite the key's
+  disc in the spectrum of one channel (``diffcore.analysis.watermark``), continue to the image;
+- ``xT``: the same key written into the initial noise x_T (Tree-Ring style).
+
+Each watermarked image has an unwatermarked twin from the same noise (consistency: PSNR, SSIM).
+Detection inverts the (attacked) image back to the time of injection with the same solver and grid
+and scores the masked Fourier coefficients against the key (mean L1 distance; Tree-Ring's p-value
+too); ROC-AUC and TPR at 1 % FPR compare watermarked images with unwatermarked ones from other
+seeds (``diffcore.metrics.watermark``). At the injection state, the fraction of the key's energy
+in the null space of the denoiser's Jacobian (``null_space_fraction``) is measured: the paper's
+explanation of Shallow Diffuse's consistency.
+
+Models (``model``):
+
+- ``mixture`` (quick): one full-rank Gaussian per digit class fitted to the embedded 8x8 digits
+  upsampled to ``resolution`` (Pillow bicubic), eigenvalues plus ``variance_floor``
+  (``_mixture.GaussianMixtureDenoiser``): closed-form, nonlinear through the class posterior, and
+  invertible. 8x8 leaves no room for a ring key (the spectrum's radius is 3); at 32x32 the key's
+  disc has radius 5 (10/64 of the side, the paper's 10 on SD's 64x64 latent). A UNet that draws
+  digits at 32x32 takes longer to train on a 2-core CPU than the quick preset's 10 minutes.
+- ``unet``: a small EDM DDPM++ UNet trained here (``diffcore.train``, a resumable unit) on the
+  same images (``--set model=unet``; ``train_steps`` decide its quality).
+- ``gaussian`` (tiny): the Gaussian denoiser of those images, eigenvalues plus ``variance_floor``;
+  a linear model, where inversion is exact up to solver error (tests), and where the key's effect on
+  the image does not depend on when it is written (both methods change the image alike).
+- ``diffusers``: a pixel-space ``UNet2DModel`` and its scheduler from the local folder
+  ``model_dir`` (safetensors weights), e.g. a CelebA-HQ 256 DDPM; DDIM on the scheduler's
+  timesteps (``vp_sigmas``).
+
+Outputs: ``results.json``, ``detection.csv`` (method x attack), ``consistency.csv`` (per image),
+``watermark-roc.png``, ``watermark-images.png``, ``watermark-consistency.png``, ``timings.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
+                                       atomic_write_json, config_from_preset, json_dumps)
+
+log = logging.getLogger(__name__)
+
+NAME = "watermark"
+METHODS = ("shallow", "xT")
+MODELS = ("mixture", "gaussian", "unet", "diffusers")
+SCORES = ("distance", "p_value", "key_rank")
+
+
+@dataclass(frozen=True)
+class WatermarkConfig:
+    model: str = "mixture"                  # mixture | gaussian | unet | diffusers
+    model_dir: str = ""                     # diffusers: folder with the UNet2DModel and its scheduler
+    resolution: int = 32                    # digits upsampled to this side (unet, gaussian)
+    width: int = 16                         # unet: model_channels of ddpmpp-digits-light at `resolution`
+    train_steps: int = 400
+    train_batch_size: int = 64
+    learning_rate: float = 2e-3
+    lr_warmup_images: int = 2000
+    train_seed: int = 0
+    variance_floor: float = 1e-3            # mixture, gaussian: added to every eigenvalue
+    solver: str = "ddim"                    # deterministic solver of sampling and inversion
+    steps: int = 50                         # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
+    time: float = 0.3                       # shallow injection time, fraction of T (DDPM timestep time * T)
+    radius_fraction: float = 10 / 64        # key radius = round(fraction * side) (the paper: 10 on 64x64)
+    channel: int = 0
+    band: str = "high"                      # high (the public code's complex2) | low (Tree-Ring's complex)
+    key_seed: int = 0
+    num_images: int = 32                    # watermarked images (seeds seed_start ..)
+    num_negatives: int = 32                 # unwatermarked images from the next seeds
+    seed_start: int = 100000
+    batch_size: int = 64                    # images per sampler / inversion batch
+    attacks: tuple[str, ...] = ("none", "jpeg", "blur", "noise", "brightness", "resize", "crop")
+    jpeg_quality: int = 25
+    blur_radius: float = 4.0                # px at attack_reference_size, scaled with the image side
+    noise_std: float = 0.1                  # on the [0, 1] scale
+    brightness: float = 6.0                 # factor uniform in [max(0, 1 - b), 1 + b]
+    resize_scale: float = 0.5
+    crop_fraction: float = 0.75
+    attack_reference_size: int = 256
+    attack_seed: int = 0
+    p_value: bool = True                    # Tree-Ring's chi-square p-value beside the L1 distance
+    rank_references: int = 99               # key-rank p-value against this many other keys (0: off)
+    wrong_keys: int = 20                    # other keys scored on the unattacked images (0: off)
+    nullspace_images: int = 4               # images whose Jacobian is analysed (0: skip)
+    nullspace_k: int = 32                   # top singular vectors computed
+    grid_images: int = 6
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field out of range."""
+        from diffcore.analysis.watermark import BANDS
+        from diffcore.metrics.watermark import ATTACKS
+        from diffcore.sampler import SOLVERS
+
+        def need(name: str, ok: bool, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        need("model", self.model in MODELS, f"one of {', '.join(MODELS)}")
+        need("model_dir", self.model != "diffusers" or bool(self.model_dir), "a folder for model=diffusers")
+        need("resolution", _int(self.resolution) and 8 <= self.resolution <= 512 and self.resolution % 2 == 0,
+             "an even integer in [8, 512]")
+        for name in ("width", "train_steps", "train_batch_size", "steps", "num_images", "num_negatives", "batch_size",
+                     "nullspace_k", "attack_reference_size"):
+            need(name, _int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("lr_warmup_images", "train_seed", "key_seed", "seed_start", "attack_seed", "nullspace_images",
+                     "grid_images", "channel", "rank_references", "wrong_keys"):
+            need(name, _int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
+        need("learning_rate", 0 < self.learning_rate <= 1, "a value in (0, 1]")
+        need("variance_floor", 0 < self.variance_floor <= 1, "a value in (0, 1]")
+        need("solver", self.solver in SOLVERS, f"one of {', '.join(SOLVERS)}")
+        need("steps", self.steps >= 2, "at least 2 steps")
+        need("time", 0 < self.time < 1, "a fraction of the diffusion time in (0, 1)")
+        need("radius_fraction", 0 < self.radius_fraction < 0.5, "a value in (0, 0.5)")
+        need("band", self.band in BANDS, f"one of {', '.join(BANDS)}")
+        need("attacks", bool(self.attacks) and all(a in ATTACKS for a in self.attacks)
+             and len(set(self.attacks)) == len(self.attacks), f"distinct names from {', '.join(ATTACKS)}")
+        need("num_negatives", self.num_negatives >= 2, "at least 2 unwatermarked images")
+        need("nullspace_images", self.nullspace_images <= self.num_images, "at most num_images")
+        need("grid_images", self.grid_images <= self.num_images, "at most num_images")
+        try:
+            self.attack_params().validate()
+            if self.model != "diffusers":  # the image shape is known here: check the key fits
+                self.key((1, self.resolution, self.resolution))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    def key(self, shape):
+        """The ring key for images of ``shape`` (C, H, W): radius ``round(radius_fraction * side)``."""
+        from diffcore.analysis import watermark as wm
+
+        radius = max(1, round(self.radius_fraction * min(shape[1:])))
+        return wm.ring_key(shape, radius=radius, channel=self.channel, band=self.band, seed=self.key_seed)
+
+    def attack_params(self):
+        from diffcore.metrics.watermark import AttackParams
+
+        return AttackParams(jpeg_quality=self.jpeg_quality, blur_radius=self.blur_radius, noise_std=self.noise_std,
+                            brightness=self.brightness, resize_scale=self.resize_scale,
+                            crop_fraction=self.crop_fraction, reference_size=self.attack_reference_size,
+                            seed=self.attack_seed)
+
+    def positive_seeds(self) -> list[int]:
+        return list(range(self.seed_start, self.seed_start + self.num_images))
+
+    def negative_seeds(self) -> list[int]:
+        start = self.seed_start + self.num_images
+        return list(range(start, start + self.num_negatives))
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _quick() -> WatermarkConfig:
+    """The class-wise Gaussian mixture of the digits at 32x32, 50 DDIM steps, 64 + 64 images,
+    seven attacks (time measured in docs/studies.md)."""
+    return WatermarkConfig(num_images=64, num_negatives=64)
+
+
+def _tiny() -> WatermarkConfig:
+    """Seconds: the Gaussian denoiser of the digits at 16x16, 12 steps, 8 + 8 images (tests)."""
+    return WatermarkConfig(model="gaussian", resolution=16, steps=12, radius_fraction=0.2, num_images=8,
+                           num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2, nullspace_k=4,
+                           grid_images=4, rank_references=19, wrong_keys=4)
+
+
+def _paper() -> WatermarkConfig:
+    """A pixel-space diffusers DDPM (e.g. CelebA-HQ 256) from ``model_dir``, 50 DDIM steps, the
+    key in channel 0 with radius 10/64 of the side, 1000 + 1000 images (a GPU run)."""
+    return WatermarkConfig(model="diffusers", steps=50, num_images=1000, num_negatives=1000, batch_size=16,
+                           nullspace_images=8, nullspace_k=64, grid_images=6)
+
+
+PRESETS: dict[str, Callable[[], WatermarkConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
+CONFIG_CLASS = WatermarkConfig
+
+
+# ----------------------------------------------------------------------------- data and models
+
+def digits_at(resolution: int) -> torch.Tensor:
+    """The embedded digits upsampled to ``resolution`` (Pillow bicubic), uint8 [1797, 1, R, R]."""
+    import numpy as np
+    from PIL import Image
+
+    from diffcore.data import load_digits
+
+    images, _ = load_digits(as_uint8=True)
+    out = [np.asarray(Image.fromarray(img[0].numpy()).resize((resolution, resolution), Image.BICUBIC))
+           for img in images]
+    return torch.from_numpy(np.stack(out)).unsqueeze(1)
+
+
+@dataclass
+class _Model:
+    denoiser: Callable
+    sigmas: torch.Tensor          # descending sampling grid ending in 0 (sigma_t inserted)
+    sigma_t: float
+    shape: tuple
+    info: dict
+
+
+class _Study:
+    def __init__(self, config: WatermarkConfig, out, device: str, progress: bool):
+        config.validate()
+        self.c = config
+        self.ws = Workspace(out)
+        self.device = torch.device(device)
+        self.progress = progress
+        self.units = []
+
+    # models --------------------------------------------------------------------
+    def model(self) -> _Model:
+        c = self.c
+        if c.model == "diffusers":
+            return self.diffusers_model()
+        images = digits_at(c.resolution)
+        shape = tuple(images.shape[1:])
+        if c.model == "mixture":
+            from diffcore.data import load_digits
+            from diffcore.experiments._mixture import GaussianMixtureDenoiser
+
+            denoiser = GaussianMixtureDenoiser.fit(images, load_digits()[1], c.variance_floor).to(self.device)
+            info = {"kind": "mixture", "components": int(denoiser.means.shape[0])}
+        elif c.model == "gaussian":
+            from diffcore.denoisers import GaussianDenoiser
+
+            fit = GaussianDenoiser.fit(images)
+            denoiser = GaussianDenoiser(fit.mean, fit.eigvecs, fit.eigvals + c.variance_floor, shape=shape)
+            denoiser = denoiser.to(self.device)
+            info = {"kind": "gaussian", "rank": int(fit.eigvals.numel())}
+        else:
+            denoiser, info = self.trained_unet(images)
+        from diffcore import sampler
+
+        grid = sampler.karras_sigmas(c.steps)
+        return self.with_time(denoiser, grid, None, shape, info)
+
+    def with_time(self, denoiser, grid, alphas_cumprod, shape, info) -> _Model:
+        from diffcore.analysis import watermark as wm
+
+        sigma_t = wm.sigma_at_time(self.c.time, alphas_cumprod)
+        upper, lower = wm.split_sigmas(grid, sigma_t)
+        sigmas = lower if upper is None else torch.cat([upper, lower[1:]])
+        return _Model(denoiser, sigmas, sigma_t, shape, {**info, "sigma_t": sigma_t, "sigma_max": float(sigmas[0]),
+                                                         "grid_steps": sigmas.numel() - 1})
+
+    def trained_unet(self, images: torch.Tensor):
+        c = self.c
+        spec = {"resolution": c.resolution, "width": c.width, "train_steps": c.train_steps,
+                "batch_size": c.train_batch_size, "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images, "seed": c.train_seed, "model": self.unet_spec()}
+
+        def produce(tmp: Path, work: Path):
+            import shutil
+
+            from PIL import Image
+
+            from diffcore import _env, train
+
+            folder = work / "images"
+            if not (folder / "DONE").exists():          # the training set, written once (resumable)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i, img in enumerate(images):
+                    Image.fromarray(img[0].numpy()).save(folder / f"{i:05d}.png")
+                (folder / "DONE").write_text("ok\n")
+            config = train.TrainConfig(
+                data={"name": "image_folder", "root": str(folder), "resolution": c.resolution, "channels": 1},
+                model=self.unet_spec(), steps=c.train_steps, batch_size=c.train_batch_size, lr=c.learning_rate,
+                lr_warmup_images=c.lr_warmup_images, seed=c.train_seed, device=str(self.device),
+                out_dir=str(work / "run"), checkpoint_every=max(1, c.train_steps // 4),
+                progress=_env.progress_enabled(self.progress))
+            result = train.train_from_config(config, resume="auto")
+            shutil.copytree(result.checkpoint, tmp / "checkpoint")
+            return {"final_loss": result.final_loss, "step": result.step}
+
+        unit = self.ws.run_unit("models", "unet", spec, produce)
+        self.units.append(unit)
+        from diffcore import train
+
+        model = train.load_trained_model(unit.file("checkpoint"), which="ema").to(self.device).eval()
+        return model, {"kind": "unet", **unit.meta}
+
+    def unet_spec(self) -> dict:
+        c = self.c
+        return {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "img_resolution": c.resolution,
+                "model_channels": c.width, "channel_mult": [1, 2, 2]}
+
+    def diffusers_model(self) -> _Model:
+        import diffusers
+
+        from diffcore import sampler
+
+        c = self.c
+        root = Path(c.model_dir)
+        if not root.is_dir():
+            raise ConfigError(f"model_dir: {root} is not a folder")
+        unet_sub = "unet" if (root / "unet").is_dir() else None
+        sched_sub = "scheduler" if (root / "scheduler").is_dir() else None
+        unet = diffusers.UNet2DModel.from_pretrained(root, subfolder=unet_sub, use_safetensors=True)
+        scheduler = diffusers.DDIMScheduler.from_pretrained(root, subfolder=sched_sub)
+        unet = unet.to(self.device).eval()
+        # plain-math attention throughout: forward-mode AD (the Jacobian's JVPs) is not implemented for
+        # torch's fused scaled_dot_product_attention on the CPU, and one processor for every unit keeps
+        # results independent of which units ran in this process
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for module in unet.modules():
+            if isinstance(module, diffusers.models.attention_processor.Attention):
+                module.set_processor(AttnProcessor())
+        denoiser = sampler.DiffusersUNetDenoiser(unet, scheduler)
+        abar = scheduler.alphas_cumprod
+        grid = sampler.vp_sigmas(c.steps, abar, spacing=getattr(scheduler.config, "timestep_spacing", "leading"))
+        size = int(unet.config.sample_size)
+        shape = (int(unet.config.in_channels), size, size)
+        return self.with_time(denoiser, grid, abar, shape, {"kind": "diffusers", "model_dir": str(root)})
+
+    # units ---------------------------------------------------------------------
+    def key(self, shape):
+        try:
+            return self.c.key(shape)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    def model_spec(self, m: _Model) -> dict:
+        c = self.c
+        return {"model": {k: v for k, v in m.info.items() if k not in ("final_loss", "step")},
+                "solver": c.solver, "steps": c.steps, "time": c.time, "variance_floor": c.variance_floor
+                if c.model in ("mixture", "gaussian") else None}
+
+    def noise(self, seeds, m: _Model) -> torch.Tensor:
+        """x_T of the seeds: unit noise times sqrt(1 + sigma_max^2) (the VP prior in VE units)."""
+        from diffcore.sampler import noise_from_seeds
+
+        scale = math.sqrt(1.0 + float(m.sigmas[0]) ** 2)
+        return noise_from_seeds(seeds, m.shape, device=self.device) * scale
+
+    def batches(self, seeds):
+        b = self.c.batch_size
+        return [seeds[i:i + b] for i in range(0, len(seeds), b)]
+
+    def samples_unit(self, method: str, m: _Model, key) -> dict:
+        from diffcore.analysis import watermark as wm
+
+        c = self.c
+        sigma = m.sigma_t if method == "shallow" else float(m.sigmas[0])
+        spec = {**self.model_spec(m), "method": method, "key": _key_spec(key), "seeds": [c.seed_start, c.num_images]}
+
+        def produce(tmp: Path, work: Path):
+            parts = []
+            for seeds in self.batches(c.positive_seeds()):
+                out = wm.embed(m.denoiser, self.noise(seeds, m), m.sigmas, key, sigma, solver=c.solver)
+                parts.append({k: getattr(out, k).float().cpu() for k in ("watermarked", "clean", "state", "delta")})
+            torch.save({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, tmp / "samples.pt")
+            return {"sigma": sigma}
+
+        unit = self.ws.run_unit("samples", method, spec, produce)
+        self.units.append(unit)
+        return torch.load(unit.file("samples.pt"), map_location="cpu", weights_only=True)
+
+    def negatives_unit(self, m: _Model) -> torch.Tensor:
+        from diffcore.sampler import SOLVERS
+
+        c = self.c
+        spec = {**self.model_spec(m), "seeds": [c.seed_start + c.num_images, c.num_negatives]}
+
+        def produce(tmp: Path, work: Path):
+            with torch.no_grad():
+                parts = [SOLVERS[c.solver](m.denoiser, self.noise(s, m), m.sigmas).float().cpu()
+                         for s in self.batches(c.negative_seeds())]
+            torch.save(torch.cat(parts), tmp / "images.pt")
+
+        unit = self.ws.run_unit("samples", "negatives", spec, produce)
+        self.units.append(unit)
+        return torch.load(unit.file("images.pt"), map_location="cpu", weights_only=True)
+
+    def detection_unit(self, method: str, attack_name: str, m: _Model, key, positives, negatives) -> dict:
+        from diffcore.analysis import watermark as wm
+        from diffcore.metrics import watermark as mw
+
+        c = self.c
+        sigma = m.sigma_t if method == "shallow" else float(m.sigmas[0])
+        params = c.attack_params()
+        spec = {**self.model_spec(m), "method": method, "attack": attack_name, "params": dataclasses.asdict(params),
+                "key": _key_spec(key), "seeds": [c.seed_start, c.num_images, c.num_negatives], "p_value": c.p_value}
+
+        wrong = wm.reference_keys(key, c.wrong_keys) if attack_name == "none" and c.wrong_keys else []
+        spec["wrong_keys"] = len(wrong)
+
+        def score(images: torch.Tensor) -> tuple[dict, list]:
+            attacked = mw.attack(images, attack_name, params)
+            parts = [wm.detect(m.denoiser, attacked[i:i + c.batch_size].to(self.device), m.sigmas, key, sigma,
+                               solver=c.solver, p_value=c.p_value, key_rank=c.rank_references, return_state=True)
+                     for i in range(0, len(attacked), c.batch_size)]
+            state = torch.cat([p.pop("state") for p in parts])
+            others = [wm.key_distance(state, k, sigma).tolist() for k in wrong]
+            return {k: torch.cat([p[k] for p in parts]).tolist() for k in parts[0]}, others
+
+        def produce(tmp: Path, work: Path):
+            (pos, pos_wrong), (neg, neg_wrong) = score(positives), score(negatives)
+            result = {"positives": pos, "negatives": neg}
+            atomic_write_json(tmp / "scores.json", result)
+            meta = summarize_detection(result)
+            if wrong:
+                meta["wrong_keys"] = wrong_key_rates(pos_wrong, neg_wrong)
+            return meta
+
+        unit = self.ws.run_unit("detection", f"{method}-{attack_name}", spec, produce)
+        self.units.append(unit)
+        return {"method": method, "attack": attack_name, **unit.meta,
+                "scores": json.loads(unit.file("scores.json").read_text())}
+
+    def nullspace_unit(self, method: str, m: _Model, samples: dict) -> dict:
+        from diffcore.analysis import watermark as wm
+
+        c = self.c
+        sigma = m.sigma_t if method == "shallow" else float(m.sigmas[0])
+        n = c.nullspace_images
+        spec = {**self.model_spec(m), "method": method, "images": n, "k": c.nullspace_k,
+                "seeds": [c.seed_start, c.num_images]}
+
+        def produce(tmp: Path, work: Path):
+            x = samples["state"][:n].to(self.device)
+            delta = samples["delta"][:n].to(self.device)
+            k = min(c.nullspace_k, x[0].numel())
+            r = wm.null_space_fraction(m.denoiser, x, sigma, delta, k=k, seed=c.key_seed)
+            return {"fraction": r.fraction.tolist(), "rank": r.rank.tolist(), "response": r.response.tolist(),
+                    "k": k, "singular_values": r.singular_values.tolist()}
+
+        unit = self.ws.run_unit("nullspace", method, spec, produce)
+        self.units.append(unit)
+        return unit.meta
+
+    # the study -----------------------------------------------------------------
+    def run(self) -> dict:
+        from diffcore import _env
+        from diffcore.metrics import watermark as mw
+
+        c = self.c
+        self.ws.bind_config(c)
+        m = self.model()
+        key = self.key(m.shape)
+        negatives = self.negatives_unit(m)
+        samples, detection, consistency, nullspace = {}, [], {}, {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(METHODS) * len(c.attacks), desc=NAME, unit="attack",
+                   disable=not _env.progress_enabled(self.progress))
+        for method in METHODS:
+            s = samples[method] = self.samples_unit(method, m, key)
+            consistency[method] = {"psnr": mw.psnr(s["watermarked"], s["clean"]).tolist(),
+                                   "ssim": mw.ssim(s["watermarked"], s["clean"]).tolist()}
+            if c.nullspace_images:
+                nullspace[method] = self.nullspace_unit(method, m, s)
+            for attack_name in c.attacks:
+                detection.append(self.detection_unit(method, attack_name, m, key, s["watermarked"], negatives))
+                bar.set_postfix_str(f"{method}/{attack_name}: AUC {detection[-1]['distance']['auc']:.3f}")
+                bar.update(1)
+        bar.close()
+        results = json.loads(json_dumps({
+            "experiment": NAME, "config": dataclasses.asdict(c), "model": m.info,
+            "key": {**_key_spec(key), "size": key.size, "energy": float(key.values.abs().square().sum())},
+            "detection": [{k: v for k, v in d.items() if k != "scores"} for d in detection],
+            "consistency": {method: _mean_std(values) for method, values in consistency.items()},
+            "nullspace": {method: _nullspace_summary(v) for method, v in nullspace.items()},
+        }))
+        self.write(results, detection, consistency, samples, m)
+        return results
+
+    def write(self, results: dict, detection: list, consistency: dict, samples: dict, m: _Model) -> None:
+        root = self.ws.root
+        atomic_write_json(root / "results.json", results)
+        atomic_write_csv(root / "detection.csv", [
+            {"method": d["method"], "attack": d["attack"], **{f"{s}_{k}": d[s][k] for s in SCORES if s in d
+                                                                for k in ("auc", "tpr_at_1pct_fpr")}}
+            for d in results["detection"]])
+        atomic_write_csv(root / "consistency.csv", [
+            {"method": method, "image": i, "seed": self.c.seed_start + i, "psnr": p, "ssim": s}
+            for method, v in consistency.items() for i, (p, s) in enumerate(zip(v["psnr"], v["ssim"]))])
+        plot_roc(detection, root / "watermark-roc.png")
+        plot_images(samples, self.c.grid_images, root / "watermark-images.png", m)
+        plot_consistency(results, consistency, root / "watermark-consistency.png")
+        atomic_write_json(root / "timings.json", {
+            kind: {"seconds": sum(u.seconds for u in self.units if u.path.parent.name == kind),
+                   "units": sum(u.path.parent.name == kind for u in self.units),
+                   "reused": sum(u.reused for u in self.units if u.path.parent.name == kind)}
+            for kind in ("models", "samples", "detection", "nullspace")})
+
+
+def _key_spec(key) -> dict:
+    """What defines the key, with a digest of its values (units made with another key never match)."""
+    import hashlib
+
+    digest = hashlib.sha256(key.values.numpy().tobytes()).hexdigest()[:16]
+    return {"radius": key.radius, "channel": key.channel, "band": key.band, "seed": key.seed,
+            "shape": list(key.shape), "values_sha256": digest}
+
+
+def summarize_detection(scores: dict) -> dict:
+    """ROC-AUC and TPR at 1 % FPR for each score (lower score = watermarked, so negated)."""
+    from diffcore.metrics import watermark as mw
+
+    out = {}
+    for name in SCORES:
+        if name not in scores["positives"]:
+            continue
+        pos = [-v for v in scores["positives"][name]]
+        neg = [-v for v in scores["negatives"][name]]
+        out[name] = {"auc": mw.roc_auc(pos, neg), "tpr_at_1pct_fpr": mw.tpr_at_fpr(pos, neg, 0.01),
+                     "positives_median": _median(scores["positives"][name]),
+                     "negatives_median": _median(scores["negatives"][name])}
+    return out
+
+
+def wrong_key_rates(positives: list, negatives: list) -> dict:
+    """Images marked with the study's key, scored (L1 distance) against other keys: the fraction
+    detected at each other key's own 1 %-FPR threshold (from the unmarked images), mean over keys."""
+    from diffcore.metrics import watermark as mw
+
+    rates = [mw.tpr_at_fpr([-v for v in pos], [-v for v in neg], 0.01) for pos, neg in zip(positives, negatives)]
+    return {"keys": len(rates), "detected_fraction_mean": sum(rates) / len(rates), "detected_fraction_max": max(rates)}
+
+
+def _median(values) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).median())
+
+
+def _mean_std(values: dict) -> dict:
+    out = {}
+    for name, v in values.items():
+        t = torch.tensor(v, dtype=torch.float64)
+        finite = t[torch.isfinite(t)]
+        out[name] = {"mean": float(finite.mean()) if finite.numel() else None,
+                     "std": float(finite.std()) if finite.numel() > 1 else None,
+                     "min": float(t.min()), "infinite": int((~torch.isfinite(t)).sum())}
+    return out
+
+
+def _nullspace_summary(meta: dict) -> dict:
+    fraction = torch.tensor(meta["fraction"], dtype=torch.float64)
+    return {"fraction_mean": float(fraction.mean()), "fraction": meta["fraction"], "rank": meta["rank"],
+            "response": meta["response"], "k": meta["k"]}
+
+
+# ----------------------------------------------------------------------------- figures
+
+LABELS = {"shallow": "Shallow Diffuse (key at 0.3 T)", "xT": "x_T baseline (Tree-Ring style)"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(detection: list, path) -> Path:
+    """ROC curves (L1 distance score) per attack, both methods in each panel."""
+    from diffcore.metrics import watermark as mw
+
+    plt = _pyplot()
+    attacks = list(dict.fromkeys(d["attack"] for d in detection))
+    cols = min(4, len(attacks))
+    rows = math.ceil(len(attacks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows), squeeze=False)
+    for ax, attack_name in zip(axes.flat, attacks):
+        for d in detection:
+            if d["attack"] != attack_name:
+                continue
+            pos = [-v for v in d["scores"]["positives"]["distance"]]
+            neg = [-v for v in d["scores"]["negatives"]["distance"]]
+            fpr, tpr = mw.roc_curve(pos, neg)
+            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{d['method']}: AUC {d['distance']['auc']:.3f}")
+        ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
+        ax.set_title(attack_name, fontsize=9)
+        ax.set_xlabel("false-positive rate", fontsize=8)
+        ax.set_ylabel("true-positive rate", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(attacks):]:
+        ax.axis("off")
+    fig.suptitle("Detection ROC (mean L1 key distance after ODE inversion); shallow = key at 0.3 T, "
+                 "xT = key in the initial noise", fontsize=9)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def plot_images(samples: dict, k: int, path, m: _Model) -> Path:
+    """Rows: unwatermarked; Shallow Diffuse and its difference; x_T baseline and its difference
+    (differences x5, mid-gray = 0)."""
+    from diffcore.experiments import plotting
+
+    rows = [samples["shallow"]["clean"][:k]]
+    labels = ["clean"]
+    for method in METHODS:
+        wm_images = samples[method]["watermarked"][:k]
+        rows += [wm_images, ((wm_images - samples[method]["clean"][:k]) * 5).clamp(-1, 1)]
+        labels += [method, f"{method} diff x5"]
+    title = f"{m.info['kind']}: key at sigma {m.sigma_t:.3g} / {m.info['sigma_max']:.3g}"
+    return plotting.image_rows(rows, labels, path, suptitle=title)
+
+
+def plot_consistency(results: dict, consistency: dict, path) -> Path:
+    """PSNR and SSIM of watermarked vs unwatermarked twins per method, and AUC per attack."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, metric in zip(axes[:2], ("psnr", "ssim")):
+        values = [[v for v in consistency[method][metric] if math.isfinite(v)] for method in METHODS]
+        ax.boxplot(values, showmeans=True)
+        ax.set_xticks(range(1, len(METHODS) + 1), [LABELS[method].split(" (")[0] for method in METHODS], fontsize=8)
+        ax.set_ylabel(metric.upper() + (" (dB)" if metric == "psnr" else ""))
+        ax.set_title(f"consistency with the unwatermarked twin: {metric.upper()}", fontsize=9)
+        ax.grid(alpha=0.3)
+    ax = axes[2]
+    attacks = list(dict.fromkeys(d["attack"] for d in results["detection"]))
+    width = 0.38
+    for j, method in enumerate(METHODS):
+        auc = [next(d["distance"]["auc"] for d in results["detection"] if d["method"] == method and d["attack"] == a)
+               for a in attacks]
+        ax.bar([i + (j - 0.5) * width for i in range(len(attacks))], auc, width, label=LABELS[method])
+    ax.set_xticks(range(len(attacks)), attacks, fontsize=7, rotation=30)
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set_ylabel("ROC-AUC")
+    ax.set_title("robustness: AUC per attack", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def run(config: WatermarkConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
+    """Run (or resume) the study into ``out``; returns results.json's content. ``hooks`` is unused
+    (the study needs no stand-ins: its tiny preset runs the closed-form Gaussian denoiser)."""
+    from diffcore.experiments._stack import resolve_device
+
+    start = time.perf_counter()
+    results = _Study(config, out, str(resolve_device(device)), progress).run()
+    log.info("watermark study done in %.1f s: %s", time.perf_counter() - start, out)
+    return results
+
+
+def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
+    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)

@@ -1,0 +1,129 @@
+"""The watermark study (diffcore run watermark): tiny preset end to end, resume, config validation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from diffcore.experiments import EXPERIMENTS, experiment
+from diffcore.experiments import watermark as study
+from diffcore.experiments.base import ConfigError, apply_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("watermark")
+    results = study.run_preset("tiny", out, progress=False)
+    return out, results
+
+
+def test_registered():
+    assert "watermark" in EXPERIMENTS and experiment("watermark") is study
+    assert set(study.PRESETS) == {"quick", "tiny", "paper"}
+    for name, make in study.PRESETS.items():
+        config = make()
+        if name == "paper":  # the paper preset needs the model folder
+            with pytest.raises(ConfigError, match="model_dir"):
+                config.validate()
+            config = dataclasses.replace(config, model_dir="models/ddpm-celebahq-256")
+        config.validate()
+
+
+def test_tiny_run_outputs(tiny_run):
+    out, results = tiny_run
+    assert json.loads((out / "results.json").read_text()) == results
+    for name in ("detection.csv", "consistency.csv", "watermark-roc.png", "watermark-images.png",
+                 "watermark-consistency.png", "timings.json"):
+        assert (out / name).stat().st_size > 0, name
+    rows = {(d["method"], d["attack"]): d for d in results["detection"]}
+    assert set(rows) == {(m, a) for m in study.METHODS for a in ("none", "jpeg", "noise")}
+    for method in study.METHODS:
+        none = rows[(method, "none")]
+        # without attack the key comes back (the 8-bit image of a linear model): every score separates
+        assert none["distance"]["auc"] == 1.0 and none["p_value"]["auc"] == 1.0
+        assert none["distance"]["positives_median"] < none["distance"]["negatives_median"]
+        assert 0.0 <= none["wrong_keys"]["detected_fraction_mean"] <= 1.0
+        cons = results["consistency"][method]
+        assert cons["psnr"]["mean"] > 25 and 0.9 < cons["ssim"]["mean"] <= 1.0
+        null = results["nullspace"][method]
+        assert all(0.0 <= f <= 1.0 for f in null["fraction"]) and len(null["rank"]) == 2
+    assert results["model"]["kind"] == "gaussian" and 0 < results["model"]["sigma_t"] < results["model"]["sigma_max"]
+    assert results["key"]["radius"] == 3 and results["key"]["size"] > 0
+
+
+def test_rerun_reuses_every_unit(tiny_run):
+    out, results = tiny_run
+    again = study.run_preset("tiny", out, progress=False)
+    assert again == results
+    timings = json.loads((out / "timings.json").read_text())
+    assert all(v["reused"] == v["units"] for v in timings.values())
+
+
+@pytest.mark.parametrize("override, field", [
+    ("time=1.0", "time"), ("time=0", "time"), ("channel=1", "channel"), ("radius_fraction=0.49", "radius"),
+    ("radius_fraction=0.6", "radius_fraction"), ("model=vae", "model"), ("attacks=none,rotate", "attacks"),
+    ("solver=rk4", "solver"), ("num_negatives=1", "num_negatives"), ("jpeg_quality=0", "jpeg_quality"),
+    ("band=mid", "band"), ("steps=1", "steps"), ("grid_images=99", "grid_images"), ("model=diffusers", "model_dir"),
+])
+def test_bad_config_names_the_field(tmp_path, override, field):
+    config = apply_overrides(study.PRESETS["tiny"](), [override])
+    with pytest.raises(ConfigError, match=field):
+        study.run(config, tmp_path / "out", progress=False)
+
+
+def test_mixture_denoiser_is_tweedie():
+    """D = x + sigma^2 grad log p_sigma for the Gaussian mixture of the quick preset (float64)."""
+    from diffcore.data import load_digits
+    from diffcore.experiments._mixture import GaussianMixtureDenoiser
+
+    images = study.digits_at(8)
+    model = GaussianMixtureDenoiser.fit(images, load_digits()[1], 1e-3)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for sigma in (0.05, 1.0, 20.0):
+        grad, = torch.autograd.grad(model.log_density(x, sigma).sum(), x)
+        expected = x.detach() + sigma ** 2 * grad
+        assert torch.allclose(model(x.detach(), sigma), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_unet_path_trains_and_runs(tmp_path):
+    """model=unet: a few training steps through diffcore.train (resumable unit), then the study."""
+    config = dataclasses.replace(study.PRESETS["tiny"](), model="unet", width=8, train_steps=2, train_batch_size=8,
+                                 steps=2, num_images=2, num_negatives=2, attacks=("none",), nullspace_images=0,
+                                 grid_images=2, rank_references=3, wrong_keys=0, p_value=False)
+    results = study.run(config, tmp_path / "out", progress=False)
+    assert results["model"]["kind"] == "unet" and results["model"]["step"] == 2
+    assert (tmp_path / "out" / "units" / "models" / "unet" / "MANIFEST.json").is_file()
+    assert {d["method"] for d in results["detection"]} == set(study.METHODS)
+
+
+@pytest.mark.slow
+def test_diffusers_path_runs(tmp_path):
+    """model=diffusers: a tiny random UNet2DModel and DDIM scheduler saved to a folder (safetensors)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    folder = tmp_path / "model"
+    unet.save_pretrained(folder, safe_serialization=True)
+    diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    config = dataclasses.replace(study.PRESETS["paper"](), model_dir=str(folder), steps=3, num_images=2,
+                                 num_negatives=2, batch_size=4, attacks=("none", "jpeg"), nullspace_images=1,
+                                 nullspace_k=1, grid_images=2, rank_references=3, wrong_keys=2, channel=2)
+    results = study.run(config, tmp_path / "out", progress=False)
+    model = results["model"]
+    # timestep 300 of the scheduler (its alphas_cumprod is float32)
+    assert model["kind"] == "diffusers" and model["sigma_t"] == pytest.approx(study_sigma(300), rel=1e-6)
+    assert results["key"]["shape"] == [3, 16, 16] and results["key"]["channel"] == 2
+    assert len(results["detection"]) == 4
+
+
+def study_sigma(timestep: int) -> float:
+    """sigma of DDPM timestep ``timestep`` of the linear schedule (the DDIM scheduler's default)."""
+    from diffcore.sampler import ddpm_alphas_cumprod
+
+    abar = float(ddpm_alphas_cumprod()[timestep])
+    return ((1 - abar) / abar) ** 0.5
