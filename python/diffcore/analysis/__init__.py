@@ -5,6 +5,7 @@
 - :func:`numerical_rank`, :func:`frobenius_norm_sq`, :func:`rank_along_trajectory`, :func:`euler_trajectory`.
 - :func:`local_linearity`.
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
+- :func:`subspace_recovery`, :func:`subspace_distance`, :func:`distance_to_union` (MoLRG subspaces).
 """
 from diffcore.analysis.jacobian import JacobianOperator, JacobianSubspace, jacobian_full, jacobian_subspace
 from diffcore.analysis.linearity import LocalLinearity, local_linearity
@@ -16,9 +17,12 @@ from diffcore.analysis.rank import (
     numerical_rank,
     rank_along_trajectory,
 )
+from diffcore.analysis.subspaces import Recovery, distance_to_union, subspace_distance, subspace_recovery
 
 __all__ = [
-    "JacobianOperator", "JacobianSubspace", "LocalLinearity", "TrajectoryRank", "edit_direction",
+    "JacobianOperator", "JacobianSubspace", "LocalLinearity", "Recovery", "TrajectoryRank", "distance_to_union",
+    "edit_direction",
     "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
     "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",
+    "subspace_distance", "subspace_recovery",
 ]
