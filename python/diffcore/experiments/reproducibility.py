@@ -100,18 +100,21 @@ RUNTIME_FIELDS = frozenset({"train_workers"})
 
 
 def _quick() -> ReproducibilityConfig:
-    """Embedded digits: 6.5 min measured on a shared 2-core CPU at load ~2-3 (docs/experiments.md).
+    """Embedded digits, the light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout)
+    at widths 8 and 16, N = 16 .. 1797 (all digits), 1000 steps at batch 32 for every model, two
+    worker processes of one thread each that train and sample (docs/experiments.md, "The quick
+    recipe", has the measurements behind each choice and the old recipe beside it).
 
-    The light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout) at widths 16 and 32,
-    N = 16 .. 1797 (all digits), 1200 steps at batch 64 for every model, two models training at
-    once in two single-threaded processes: on tiny 8x8 tensors one thread per process beats
-    intra-op threading (one 2-threaded process on a busy 2-core machine was 5x slower per step).
-    Width 16 memorizes N = 16 and 64 (GL near 0) and generalizes from N = 256 (GL near 1), and
-    its samples at N = 256 and 1797 are near-identical digits from the same seeds.
+    Issue 19 chose it by measurement: a training step costs ~c x width x batch on the CPU (8x8
+    tensors, convolution-bound), so widths 8/16 at batch 32 cost ~4x less per step than the old
+    16/32 at batch 64, and 1000 steps still memorize N = 16 at both widths (GL 0.06 / 0.00) while
+    N >= 128 generalize; the widths part at N = 64 (GL 0.97 / 0.66), where RP across widths dips
+    (0.56 -> 0.23 -> 0.59). bf16 autocast buys nothing at these widths on a native-bf16 CPU and
+    costs ~10x on an AVX2-only one, so the preset trains in fp32 everywhere.
     ``--set train_seeds=0,1`` adds the same-width RP pairs at twice the training time."""
-    return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(16, 32),
-                                 sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1200,
-                                 batch_size=64, learning_rate=1e-3, num_samples=256, sampler_steps=18,
+    return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(8, 16),
+                                 sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1000,
+                                 batch_size=32, learning_rate=1e-3, num_samples=256, sampler_steps=18,
                                  torch_threads=1, train_workers=2)
 
 
@@ -352,6 +355,7 @@ class _Study:
                    "threshold_source": threshold_source, "models": models, "empirical": empirical,
                    "pairs": pairs}
         results.update(summarize(results))
+        results["figure_properties"] = figure_properties(results)
         results = json.loads(json_dumps(results))  # exactly what results.json holds
         self.write_outputs(results)
         return results
@@ -564,12 +568,13 @@ def figure_properties(results: dict) -> dict[str, bool]:
     - ``wider_memorizes_longer``: the largest N at which a model still memorizes (GL <= 0.5) is
       at least as large for every wider width as for every narrower one.
     """
-    curves = {int(w): c for w, c in results["curves"].items()}
+    curves = {int(w): {k: [math.nan if v is None else v for v in vs] for k, vs in c.items()}
+              for w, c in results["curves"].items()}
     widths = sorted(curves)
     out = {"memorizes_at_smallest_n": all(c["gl"][0] <= 0.1 and c["memorized_ratio"][0] >= 0.9
                                           for c in curves.values()),
            "generalizes_at_largest_n": all(c["gl"][-1] >= 0.95 for c in curves.values())}
-    rp = results["cross_width"]["rp"]
+    rp = [math.nan if v is None else v for v in results["cross_width"]["rp"]]
     out["rp_dips_at_transition"] = len(rp) >= 3 and min(rp[1:-1]) <= min(rp[0], rp[-1]) - 0.1
 
     def last_memorized(curve: dict) -> int:
