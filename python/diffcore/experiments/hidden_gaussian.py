@@ -320,8 +320,9 @@ class _Study:
             curves.extend({"model": model.label, "width": model.width, "n": model.n, **row}
                           for row in meta["curves"])
             samples[model.label] = torch.load(unit.file("samples.pt"), weights_only=True)
-        results = json.loads(json_dumps({"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model,
-                                         "curves": curves}))
+        results = {"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model, "curves": curves}
+        results["effect_properties"] = effect_properties(results)
+        results = json.loads(json_dumps(results))
         self.write(results, samples)
         return results
 
