@@ -39,8 +39,11 @@ def test_members_match_training_alone(tmp_path):
         assert len(a) == len(b) == 100
         worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
         assert worst < 1e-4, f"member {k}: loss curves differ by {worst:.2e} relative"
+        # Adam moves a weight by about lr per step whatever the gradient's size, so a near-zero
+        # gradient whose sign flips under reassociation moves it by up to ~lr (2e-3) once; seen:
+        # 1.2e-5 at most over 100 steps (1 of 48 elements of a bias) -- allowed: 5% of lr
         for p, q in zip(ens.ema_model.parameters(), single.ema_model.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
     # samples from shared seeds: 12 Heun steps through weights that agree to ~1e-6; the ODE map is
     # Lipschitz over this short path, so sample differences stay far below one 8-bit pixel level
     # (2/255 = 0.008) -- the test allows 1e-3
