@@ -1,4 +1,5 @@
-"""Training throughput (images/s): diffcore's Trainer vs a plain PyTorch loop of the same model.
+"""Training throughput (images/s): diffcore's Trainer vs a plain PyTorch loop of the same model,
+and an ensemble of K = 5 members in one stacked step vs 5 sequential Trainers (end of file).
 
 The model comes from ``diffcore.train.build_model(MODEL_SPEC)``: UNet-64 at 32x32
 (``{"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": 64}``, the issue's target) when
@@ -144,3 +145,55 @@ def test_train_throughput_diffcore_trainer(benchmark, tmp_path, case, precision,
     record_ratio(benchmark, "train", case, "diffcore")
     benchmark.extra_info["images_per_s"] = STEPS * BATCH / benchmark.stats.stats.min
     benchmark.extra_info["model"] = MODEL_SPEC
+
+
+# ----------------------------------------------------------------------------- ensembles
+# An ensemble of K = 5 members (diffcore.train.ensemble: one stacked vmap step) against the same
+# 5 models stepped one after another by 5 Trainers (the peer). ``images_per_s_per_member`` is the
+# images each member sees per second; the ratio is the ensemble's speed-up. CPU: the light 8x8
+# digits UNet of width 32 (the quick study's architecture) and a 32x32 DDPM++ UNet of width 32;
+# GPU: 32x32 widths 64 and 128 in bf16 autocast.
+ENSEMBLE_K = 5
+if ON_GPU:
+    ENSEMBLE_CASES = [(f"cifar32_w{w}", {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": w},
+                       [3, 32, 32], 128, "bf16") for w in (64, 128)]
+else:
+    ENSEMBLE_CASES = [
+        ("digits_w32", {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8 if QUICK else 32},
+         [1, 8, 8], 16 if QUICK else 64, "fp32"),
+        ("cifar32_w32", {"name": "ddpmpp", "preset": "ddpmpp-16" if QUICK else "ddpmpp-cifar",
+                         "model_channels": 8 if QUICK else 32}, [3, 16, 16] if QUICK else [3, 32, 32],
+         2 if QUICK else 8, "fp32")]
+ENSEMBLE_STEPS = 1 if QUICK else (10 if ON_GPU else 2)
+
+
+def _member_configs(tmp_path, model, shape, batch, precision):
+    data = {"name": "random_images", "shape": shape, "num": 4 * batch, "seed": 0}
+    return [TrainConfig(data=data, model=model, steps=10**9, batch_size=batch, lr=1e-4, lr_warmup_images=0,
+                        ema_halflife_images=10_000, precision=precision, seed=k, device=str(DEVICE),
+                        out_dir=str(tmp_path / f"member{k}"), progress=False) for k in range(ENSEMBLE_K)]
+
+
+def _time_steps(benchmark, step, batch, model, case, role):
+    step()  # warm-up
+    run_timed(benchmark, lambda: [step() for _ in range(ENSEMBLE_STEPS)], device=DEVICE, rounds=ROUNDS,
+              warmup_rounds=1 if ON_GPU else 0)
+    record_ratio(benchmark, "train_ensemble", case, role)
+    benchmark.extra_info["images_per_s_per_member"] = ENSEMBLE_STEPS * batch / benchmark.stats.stats.min
+    benchmark.extra_info["members"] = ENSEMBLE_K
+    benchmark.extra_info["model"] = model
+
+
+@pytest.mark.parametrize("case, model, shape, batch, precision", ENSEMBLE_CASES)
+def test_ensemble_peer_sequential(benchmark, tmp_path, case, model, shape, batch, precision):
+    trainers = [Trainer(c, DistributedContext(device=DEVICE), resume="never")
+                for c in _member_configs(tmp_path, model, shape, batch, precision)]
+    _time_steps(benchmark, lambda: [t.step_once() for t in trainers], batch, model, case, "peer")
+
+
+@pytest.mark.parametrize("case, model, shape, batch, precision", ENSEMBLE_CASES)
+def test_ensemble_diffcore_stacked(benchmark, tmp_path, case, model, shape, batch, precision):
+    from diffcore.train.ensemble import EnsembleTrainer
+
+    ensemble = EnsembleTrainer(_member_configs(tmp_path, model, shape, batch, precision), resume="never")
+    _time_steps(benchmark, ensemble.step_once, batch, model, case, "diffcore")

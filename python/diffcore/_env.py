@@ -6,7 +6,8 @@ Build time (read by CMake through pyproject.toml):
 Run time:
     DIFFCORE_BACKEND     force one backend for every op called with backend="auto":
                          reference | cpu | cuda | triton.
-    DIFFCORE_PROGRESS    0 disables progress bars everywhere (default 1).
+    DIFFCORE_PROGRESS    unset: progress bars on a terminal, periodic log lines otherwise;
+                         0: neither; 1: bars even when output is not a terminal.
     DIFFCORE_CPU_SCREEN  auto (default) | bf16 | fp32: precision of the screening GEMMs of the CPU
                          knn and empirical_denoise (auto: bf16 where bf16 matmul is native, else
                          fp32; see diffcore._cpu_caps). Read once per process.
@@ -26,7 +27,7 @@ SHARD_VAR = "DIFFCORE_SHARD"
 
 RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
-    PROGRESS_VAR: "0 disables progress bars everywhere (default 1)",
+    PROGRESS_VAR: "unset: bars on a terminal, log lines otherwise; 0: no progress; 1: bars always",
     "DIFFCORE_CPU_SCREEN": "auto (default), bf16 or fp32: screening GEMM precision of the CPU knn and "
                            "empirical_denoise (auto: bf16 where bf16 matmul is native, else fp32)",
     LOCK_WAIT_VAR: "seconds a run waits for an output folder another run holds (default 0: exit)",
@@ -47,9 +48,26 @@ def forced_backend() -> str | None:
     return value or None
 
 
+def progress_requested(progress: bool = True) -> bool:
+    """A call's ``progress`` flag combined with DIFFCORE_PROGRESS (``0`` turns progress off)."""
+    return bool(progress) and os.environ.get(PROGRESS_VAR, "").strip().lower() not in ("0", "false", "no")
+
+
 def progress_enabled(progress: bool = True) -> bool:
-    """Combine a call's ``progress`` flag with DIFFCORE_PROGRESS."""
-    return bool(progress) and os.environ.get(PROGRESS_VAR, "1").strip() not in ("0", "false", "no")
+    """Whether to draw progress *bars*: progress requested, and stderr is a terminal (bar redraws
+    would flood a log file) unless DIFFCORE_PROGRESS=1 forces them."""
+    if not progress_requested(progress):
+        return False
+    if os.environ.get(PROGRESS_VAR, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    return _stderr_is_terminal()
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    stream = sys.stderr
+    return stream is not None and hasattr(stream, "isatty") and stream.isatty()
 
 
 class torch_threads:

@@ -9,7 +9,9 @@ import torch
 
 from diffcore.data import molrg, molrg_bases
 from diffcore.denoisers import MoLRGDenoiser
+from diffcore import analysis
 from diffcore.experiments import EXPERIMENTS, _vector
+from diffcore.models import vector
 from diffcore.experiments import molrg as study
 
 
@@ -26,7 +28,7 @@ def test_registered():
 
 def test_subspace_denoiser_is_the_molrg_denoiser_at_the_true_bases():
     bases = molrg_bases(2, 12, 3, seed=0)
-    model = _vector.SubspaceDenoiser(2, 12, 3)
+    model = vector.SubspaceDenoiser(2, 12, 3)
     with torch.no_grad():
         model.raw.copy_(bases.float())
     x = torch.randn(7, 12)
@@ -39,22 +41,22 @@ def test_subspace_training_recovers_the_subspaces_with_enough_samples():
         data, _, bases = molrg(2, 16, 2, 64, seed=3)
         model, info = _vector.train_subspace_denoiser(data, 2, 2, restarts=3, seed=0, steps=400, lr=3e-2,
                                                       P_mean=-0.5, P_std=1.0, sigma_data=_vector.data_sigma(data))
-    rec = _vector.subspace_recovery(model.bases().detach(), bases)
+    rec = analysis.subspace_recovery(model.bases().detach(), bases)
     assert rec.error < 1e-2 and rec.max_angle_deg < 5, (rec, info)
     assert sorted(rec.permutation) == [0, 1]
 
 
 def test_subspace_recovery_and_union_distance_on_known_inputs():
     bases = molrg_bases(3, 10, 2, seed=1)
-    rec = _vector.subspace_recovery(bases[[2, 0, 1]], bases)
+    rec = analysis.subspace_recovery(bases[[2, 0, 1]], bases)
     assert rec.error < 1e-12 and rec.max_angle_deg < 1e-4 and rec.permutation == [1, 2, 0]
     other = molrg_bases(3, 10, 2, seed=2)
-    assert _vector.subspace_recovery(other, bases).error > 0.1
+    assert analysis.subspace_recovery(other, bases).error > 0.1
     on = torch.einsum("nd,bd->bn", bases[1], torch.randn(5, 2, dtype=torch.float64))
-    assert float(_vector.distance_to_union(on, bases).max()) < 1e-12
+    assert float(analysis.distance_to_union(on, bases).max()) < 1e-12
     direction = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0][:, :1].T
     off = on + 0.5 * direction * on.norm(dim=1, keepdim=True)
-    assert float(_vector.distance_to_union(off, bases).min()) > 0.05
+    assert float(analysis.distance_to_union(off, bases).min()) > 0.05
 
 
 def test_tiny_run_recovery_error_falls_with_n_over_d(tiny_run):

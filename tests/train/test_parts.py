@@ -10,7 +10,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from diffcore.train import (EMA, BatchOrder, CheckpointError, DDPMLoss, EDMLoss, build_model,
-                            load_checkpoint, register_model, save_checkpoint)
+                            TrainConfig, load_checkpoint, register_model, save_checkpoint)
 from diffcore.train.checkpoint import (flatten_optimizer_state, latest_checkpoint, list_checkpoints,
                                        unflatten_optimizer_state)
 from diffcore.train.ddp import DistributedContext, gather_by_seed, map_seeds, shard_seeds
@@ -192,3 +192,12 @@ def test_ddpmpp_entry_builds_the_unet_or_says_what_is_missing():
     model = build_model(spec)
     x = torch.randn(2, 1, 8, 8)
     assert model(x, torch.tensor([0.5, 2.0])).shape == x.shape
+
+
+def test_lr_cosine_decay():
+    assert lr_at(100, 1e-3, 100, 300) == 1e-3                      # end of the warm-up
+    assert lr_at(200, 1e-3, 100, 300) == pytest.approx(5e-4)       # half-way down the cosine
+    assert lr_at(300, 1e-3, 100, 300) == pytest.approx(0.0) and lr_at(900, 1e-3, 100, 300) == pytest.approx(0.0)
+    assert lr_at(50, 1e-3, 100, 300) == pytest.approx(5e-4)        # warm-up unchanged
+    with pytest.raises(ValueError, match="lr_decay_images"):
+        TrainConfig(lr_warmup_images=1000, lr_decay_images=500)

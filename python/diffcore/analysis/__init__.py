@@ -10,6 +10,7 @@
   :func:`edit_samples`, :func:`edit_locality`, :func:`edit_linearity`, :func:`jacobian_spectrum`.
 - ``diffcore.analysis.watermark`` (imported on use): Fourier ring keys written into the diffusion
   state, detection by ODE inversion, the key's share of the Jacobian's null space (PAPERS.md 6).
+- :func:`subspace_recovery`, :func:`subspace_distance`, :func:`distance_to_union` (MoLRG subspaces).
 """
 from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap
 from diffcore.analysis.editing import (EditTimeline, LocoDirections, compose_directions, edit_linearity,
@@ -25,12 +26,15 @@ from diffcore.analysis.rank import (
     numerical_rank,
     rank_along_trajectory,
 )
+from diffcore.analysis.subspaces import Recovery, distance_to_union, subspace_distance, subspace_recovery
 
 __all__ = [
     "EditTimeline", "LocoDirections", "compose_directions", "edit_linearity", "edit_locality", "edit_samples",
     "jacobian_spectrum", "load_directions", "loco_directions", "region_mask", "sample_back", "save_directions",
     "ContrastiveComponents", "contrastive_components", "subspace_overlap",
-    "JacobianOperator", "JacobianSubspace", "LocalLinearity", "TrajectoryRank", "edit_direction",
+    "JacobianOperator", "JacobianSubspace", "LocalLinearity", "Recovery", "TrajectoryRank", "distance_to_union",
+    "edit_direction",
     "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
     "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",
+    "subspace_distance", "subspace_recovery",
 ]

@@ -100,9 +100,12 @@ FIELD_CHECKS: dict[str, base.Check] = {
 
 
 def _quick() -> HiddenGaussianConfig:
-    """Two digits UNets (N = 16 memorizes, N = 1024 less so), 300 steps each; 3-5 minutes on a
-    2-core CPU (measured in docs/studies.md)."""
-    return HiddenGaussianConfig()
+    """The main job's models (``diffcore run reproducibility --preset quick --out runs/quick``
+    first): its wider UNet (width 16) at N = 16 (memorizes) and N = 1797 (all digits, generalizes),
+    so no training here; measuring takes minutes on a 2-core CPU (docs/experiments.md). Models
+    trained here with the old 300 steps at width 8 were too undertrained to show the effect
+    (issue 19). ``--set models_from=OTHER`` reads another study folder."""
+    return HiddenGaussianConfig(models_from="runs/quick", widths=(16,), sizes=(16, 1797))
 
 
 def _tiny() -> HiddenGaussianConfig:
@@ -201,6 +204,28 @@ def measure_curves(model, gaussian, empirical, images: torch.Tensor, sigmas: lis
     return rows
 
 
+def effect_properties(results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), tolerance: float = 0.05) -> dict[str, bool]:
+    """What the study's figure must show (issue 19), each True or False, from ``results``:
+
+    - ``close_to_gaussian_at_high_sigma``: every model within ``tolerance`` (relative distance) of
+      the Gaussian denoiser at every sigma >= ``high_sigma``;
+    - ``largest_n_closer_to_gaussian``: for sigma in ``mid`` the largest-N model is closer to the
+      Gaussian denoiser than to the empirical one (at every sigma of the grid there);
+    - ``smallest_n_closer_to_empirical``: the smallest-N model the other way round.
+    """
+    sizes = sorted({m["n"] for m in results["models"]})
+    rows = results["curves"]
+    in_mid = lambda r: mid[0] <= r["sigma"] <= mid[1]  # noqa: E731
+    return {
+        "close_to_gaussian_at_high_sigma": all(r["dist_gaussian"] <= tolerance for r in rows
+                                               if r["sigma"] >= high_sigma),
+        "largest_n_closer_to_gaussian": all(r["dist_gaussian"] < r["dist_empirical"] for r in rows
+                                            if r["n"] == sizes[-1] and in_mid(r)),
+        "smallest_n_closer_to_empirical": all(r["dist_empirical"] < r["dist_gaussian"] for r in rows
+                                              if r["n"] == sizes[0] and in_mid(r)),
+    }
+
+
 # ----------------------------------------------------------------------------- the study
 
 @dataclass
@@ -265,7 +290,9 @@ class _Study:
             found.append(_Model(manifest.parent.name, spec["width"], spec["n"], spec["seed"], unit))
         if not found:
             raise ValueError(f"models_from: no finished model under {root / 'units' / 'models'} matches "
-                             f"widths={c.widths}, sizes={c.sizes}, train_seeds={c.train_seeds}")
+                             f"widths={c.widths}, sizes={c.sizes}, train_seeds={c.train_seeds}; run "
+                             f"'diffcore run reproducibility --preset quick --out {root}' first, or "
+                             "--set models_from=<a reproducibility study's --out folder> (or models_from= to train here)")
         return sorted(found, key=lambda m: (m.width, m.n, m.seed))
 
     # measurements -------------------------------------------------------------
@@ -329,8 +356,9 @@ class _Study:
             curves.extend({"model": model.label, "width": model.width, "n": model.n, **row}
                           for row in meta["curves"])
             samples[model.label] = torch.load(unit.file("samples.pt"), weights_only=True)
-        results = json.loads(json_dumps({"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model,
-                                         "curves": curves}))
+        results = {"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model, "curves": curves}
+        results["effect_properties"] = effect_properties(results)
+        results = json.loads(json_dumps(results))
         self.write(results, samples)
         return results
 

@@ -4,7 +4,7 @@ For each intrinsic dimension d and each ratio N/d: draw N MoLRG samples (K class
 nested in N), train
 
 (a) the subspace-parameterized denoiser (the MoLRG optimal-denoiser form with learnable bases,
-    :class:`diffcore.experiments._vector.SubspaceDenoiser`; best of ``restarts`` by training loss) and
+    :class:`diffcore.models.vector.SubspaceDenoiser`; best of ``restarts`` by training loss) and
 (b) an EDM-preconditioned MLP denoiser,
 
 by denoising score matching with EDM's sigma sampling, and measure
@@ -34,9 +34,11 @@ from typing import Callable
 
 import torch
 
+from diffcore import analysis
 from diffcore.experiments import _vector
 from diffcore import _env
 from diffcore.experiments import base
+from diffcore.models import vector
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -150,7 +152,7 @@ def sample_metrics(samples: torch.Tensor, train: torch.Tensor, bases: torch.Tens
     from diffcore import metrics
     from diffcore.experiments import _stack
 
-    dist = _vector.distance_to_union(samples, bases)
+    dist = analysis.distance_to_union(samples, bases)
     on_union = dist < ON_UNION_TOLERANCE
     out = {"union_distance_median": float(dist.median()), "union_distance_mean": float(dist.mean()),
            "on_union": float(on_union.double().mean())}
@@ -206,7 +208,7 @@ class _Study:
             torch.save(samples, tmp / "samples.pt")
             meta.update(sample_metrics(samples, train, bases, threshold))
             if kind == "subspace":
-                rec = _vector.subspace_recovery(model.bases().detach(), bases)
+                rec = analysis.subspace_recovery(model.bases().detach(), bases)
                 meta.update(recovery_error=rec.error, max_angle_deg=rec.max_angle_deg,
                             mean_angle_deg=rec.mean_angle_deg)
             return meta
@@ -218,8 +220,8 @@ class _Study:
     def build(self, kind: str, d: int, train: torch.Tensor):
         c = self.c
         if kind == "subspace":
-            return _vector.SubspaceDenoiser(c.num_components, c.ambient_dim, d)
-        return _vector.MLPDenoiser(c.ambient_dim, c.mlp_width, c.mlp_depth, sigma_data=_vector.data_sigma(train))
+            return vector.SubspaceDenoiser(c.num_components, c.ambient_dim, d)
+        return vector.MLPDenoiser(c.ambient_dim, c.mlp_width, c.mlp_depth, sigma_data=_vector.data_sigma(train))
 
     def train(self, kind: str, d: int, train: torch.Tensor):
         c = self.c

@@ -35,6 +35,7 @@ import torch
 from diffcore.experiments import _vector
 from diffcore import _env
 from diffcore.experiments import base
+from diffcore.models import vector
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -208,7 +209,7 @@ class _Study:
 
         def produce(tmp: Path, work: Path):
             torch.manual_seed(seed)
-            model = _vector.MLPDenoiser(c.ambient_dim, c.mlp_width, c.mlp_depth, sigma_data=_vector.data_sigma(train))
+            model = vector.MLPDenoiser(c.ambient_dim, c.mlp_width, c.mlp_depth, sigma_data=_vector.data_sigma(train))
             tlog = _vector.train_denoiser(model, train, steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=seed,
                                           P_mean=c.P_mean, P_std=c.P_std, sigma_data=_vector.data_sigma(train),
                                           snapshot_steps=spec["snapshots"])

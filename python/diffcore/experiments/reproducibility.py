@@ -33,8 +33,9 @@ from typing import Any, Callable
 import torch
 
 from diffcore import _env, metrics
+from diffcore._progress import Progress
 from diffcore.experiments import _stack, base, plotting
-from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
+from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 from diffcore.sampler import SOLVERS
 
@@ -117,18 +118,21 @@ RUNTIME_FIELDS = frozenset({"train_workers"})
 
 
 def _quick() -> ReproducibilityConfig:
-    """Embedded digits: 6.5 min measured on a shared 2-core CPU at load ~2-3 (docs/experiments.md).
+    """Embedded digits, the light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout)
+    at widths 8 and 16, N = 16 .. 1797 (all digits), 1000 steps at batch 32 for every model, two
+    worker processes of one thread each that train and sample (docs/experiments.md, "The quick
+    recipe", has the measurements behind each choice and the old recipe beside it).
 
-    The light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout) at widths 16 and 32,
-    N = 16 .. 1797 (all digits), 1200 steps at batch 64 for every model, two models training at
-    once in two single-threaded processes: on tiny 8x8 tensors one thread per process beats
-    intra-op threading (one 2-threaded process on a busy 2-core machine was 5x slower per step).
-    Width 16 memorizes N = 16 and 64 (GL near 0) and generalizes from N = 256 (GL near 1), and
-    its samples at N = 256 and 1797 are near-identical digits from the same seeds.
+    Issue 19 chose it by measurement: a training step costs ~c x width x batch on the CPU (8x8
+    tensors, convolution-bound), so widths 8/16 at batch 32 cost ~4x less per step than the old
+    16/32 at batch 64, and 1000 steps still memorize N = 16 at both widths (GL 0.06 / 0.00) while
+    N >= 128 generalize; the widths part at N = 64 (GL 0.97 / 0.66), where RP across widths dips
+    (0.56 -> 0.23 -> 0.59). bf16 autocast buys nothing at these widths on a native-bf16 CPU and
+    costs ~10x on an AVX2-only one, so the preset trains in fp32 everywhere.
     ``--set train_seeds=0,1`` adds the same-width RP pairs at twice the training time."""
-    return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(16, 32),
-                                 sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1200,
-                                 batch_size=64, learning_rate=1e-3, num_samples=256, sampler_steps=18,
+    return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(8, 16),
+                                 sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1000,
+                                 batch_size=32, learning_rate=1e-3, num_samples=256, sampler_steps=18,
                                  torch_threads=1, train_workers=2)
 
 
@@ -268,13 +272,17 @@ class _Study:
             self.units[phase].append(unit)
         return unit
 
+    def empirical_spec(self, n: int) -> dict:
+        return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
+
     def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape,
-                    wait: bool = True) -> torch.Tensor | None:
+                    wait: bool = True, progress: bool | None = None) -> torch.Tensor | None:
         def produce(tmp: Path, work: Path) -> dict:
             c = self.config
             samples = self.hooks.sample(make_denoiser(), c.seeds(), shape, steps=c.sampler_steps,
                                         solver=c.solver, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
-                                        device=self.device, progress=self.progress)
+                                        device=self.device,
+                                        progress=self.progress if progress is None else progress)
             _save_tensor(tmp / "samples.pt", samples.float())
             return {"shape": list(samples.shape)}
 
@@ -282,16 +290,14 @@ class _Study:
         return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
     def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
-                   wait: bool = True) -> Unit | None:
+                   wait: bool = True, progress: bool | None = None) -> Unit | None:
         spec = self.model_spec(width, n, seed)
 
         def produce(tmp: Path, work: Path) -> dict:
-            return self.hooks.train(train_images, spec, tmp, work, device=self.device, progress=self.progress)
+            return self.hooks.train(train_images, spec, tmp, work, device=self.device,
+                                    progress=self.progress if progress is None else progress)
 
         return self.run_unit("train", "models", _model_name(width, n, seed), spec, produce, wait)
-
-    def empirical_sample_spec(self, n: int) -> dict:
-        return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
 
     def models_costliest_first(self) -> list[tuple[int, int, int]]:
         """(width, n, seed) of every model, widest and largest N first."""
@@ -307,7 +313,7 @@ class _Study:
             self.model_unit(width, n, seed, self.hooks.subset(pool, n, c.subset_seed)[0], wait=False)
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
-            self.sample_unit(f"empirical-n{n}", self.empirical_sample_spec(n),
+            self.sample_unit(f"empirical-n{n}", self.empirical_spec(n),
                              lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape, wait=False)
             for width, seed in itertools.product(c.widths, c.train_seeds):
                 name = _model_name(width, n, seed)
@@ -359,15 +365,16 @@ class _Study:
             if not self.part.aggregates:
                 log.info("%s: this process's share is done", self.part.describe())
                 return {}
-        elif c.train_workers > 1 and self.default_stack:
-            self.train_in_workers()
+        elif self.default_stack:
+            self.make_units_in_workers(pool)
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
-        bar = _progress_bar(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), self.progress)
+        bar = Progress(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), NAME, "models",
+                       enabled=self.progress)
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
             emp_name = f"empirical-n{n}"
-            emp_spec = self.empirical_sample_spec(n)
+            emp_spec = self.empirical_spec(n)
             emp_samples = self.sample_unit(emp_name, emp_spec,
                                            lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
                                            shape)
@@ -391,8 +398,9 @@ class _Study:
                        "nn_similarity_mean": result["nn_similarity_mean"], "ratio_median": result["ratio_median"]}
                 models.append(row)
                 at_n.append((row, samples))
-                bar.set_postfix_str(f"{name}: GL {row['gl']:.2f}")
                 bar.update(1)
+                bar.note(f"{name}: GL {row['gl']:.2f}, memorized {row['memorized_ratio']:.2f}, "
+                         f"RP vs empirical {row['rp_empirical']:.2f}")
             for (ra, sa), (rb, sb) in itertools.combinations(at_n, 2):
                 rp = metrics.rp_score(sa, sb, self.similarity, threshold)
                 pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
@@ -405,43 +413,83 @@ class _Study:
                    "threshold_source": threshold_source, "models": models, "empirical": empirical,
                    "pairs": pairs}
         results.update(summarize(results))
+        results["figure_properties"] = figure_properties(results)
         results = json.loads(json_dumps(results))  # exactly what results.json holds
         self.write_outputs(results)
         return results
 
-    def train_in_workers(self) -> None:
-        """Train every unfinished model unit, ``train_workers`` at a time, each in its own process
-        (spawned; ``torch_threads`` threads each). The main loop then finds them finished. Costliest
-        (widest) first, so the last ones to start are the cheap ones."""
+    def worker_tasks(self) -> list[tuple]:
+        """The unfinished units the workers make: ``("model", w, n, s)`` trains a model and samples
+        it, ``("empirical", n)`` samples the empirical denoiser. Costliest first (widest model,
+        then larger N), so the last tasks to start are the cheap ones."""
+        c = self.config
+        tasks = []
+        for w, n, s in self.models_costliest_first():
+            spec = self.model_spec(w, n, s)
+            if self.ws.finished("samples", _model_name(w, n, s), {**spec, **self.sampling_spec()}) is None:
+                tasks.append(("model", w, n, s))
+        for n in sorted(c.sizes, reverse=True):
+            if self.ws.finished("samples", f"empirical-n{n}", self.empirical_spec(n)) is None:
+                tasks.append(("empirical", n))
+        return tasks
+
+    def run_task(self, task: tuple, pool: torch.Tensor, shape: tuple, progress: bool) -> None:
+        """Make the units of one worker task (see :meth:`worker_tasks`)."""
+        if task[0] == "empirical":
+            n = task[1]
+            train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
+            self.sample_unit(f"empirical-n{n}", self.empirical_spec(n),
+                             lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape,
+                             progress=progress)
+            return
+        _, width, n, seed = task
+        train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
+        model = self.model_unit(width, n, seed, train_images, progress=progress)
+        self.sample_unit(_model_name(width, n, seed), {**model.spec, **self.sampling_spec()},
+                         lambda: self.hooks.load(model.path, device=self.device), shape, progress=progress)
+
+    def make_units_in_workers(self, pool: torch.Tensor) -> None:
+        """Train and sample every unfinished model, and sample every empirical denoiser, with
+        ``train_workers`` processes (spawned; ``torch_threads`` threads each; ``train_workers = 1``
+        runs the tasks in this process). The main loop then finds them finished and only measures.
+        Progress counts training steps over the whole study, polled from the trainers' logs."""
+        c = self.config
+        tasks = self.worker_tasks()
+        if not tasks:
+            return
+        names = [_model_name(w, n, s) for w in c.widths for n in c.sizes for s in c.train_seeds]
+        log.info("%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time",
+                 len(tasks), sum(t[0] == "model" for t in tasks), sum(t[0] == "empirical" for t in tasks),
+                 c.train_workers)
+        start = time.perf_counter()
+        with _TrainingProgress(self.ws, names, c.train_steps, self.progress) as progress:
+            if c.train_workers == 1:
+                for task in tasks:
+                    self.run_task(task, pool, tuple(pool.shape[1:]), progress=False)
+                    progress.task_done(task)
+            else:
+                self._run_tasks_in_processes(tasks, progress)
+        self.train_wall_seconds = time.perf_counter() - start
+
+    def _run_tasks_in_processes(self, tasks: list[tuple], progress: "_TrainingProgress") -> None:
         import concurrent.futures
 
         from diffcore import _folder
 
         c = self.config
-        todo = [(w, n, s) for w, n, s in self.models_costliest_first()
-                if self.ws.finished("models", _model_name(w, n, s), self.model_spec(w, n, s)) is None]
-        if not todo:
-            return
-        log.info("training %d models, %d at a time", len(todo), c.train_workers)
-        start = time.perf_counter()
-        bar = _progress_bar(len(todo), self.progress, desc="training", unit="model")
-        pool = _folder.worker_pool(min(c.train_workers, len(todo)), self.ws.root)  # die with this process
+        executor = _folder.worker_pool(min(c.train_workers, len(tasks)), self.ws.root)  # die with this process
         try:
-            futures = {pool.submit(_train_model_in_worker, c, str(self.ws.root), w, n, s, self.device): (w, n, s)
-                       for w, n, s in todo}
+            futures = {executor.submit(_task_in_worker, c, str(self.ws.root), task, self.device): task
+                       for task in tasks}
             for future in concurrent.futures.as_completed(futures):
-                future.result()  # a failed model raises here
-                bar.set_postfix_str(_model_name(*futures[future]))
-                bar.update(1)
+                future.result()  # a failed task raises here
+                progress.task_done(futures[future])
         except BaseException:
-            # do not train the queued models first: drop them (finished units and the running
+            # do not run the queued tasks first: drop them (finished units and the running
             # models' checkpoints stay, so the next run resumes)
-            pool.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=True, cancel_futures=True)
             raise
-        finally:
-            bar.close()
-        pool.shutdown(wait=True)
-        self.train_wall_seconds = time.perf_counter() - start
+        executor.shutdown(wait=True)
 
     def grid(self, path: Path, samples, train_images, result: dict, title: str) -> None:
         k = min(self.config.grid_samples, samples.shape[0])
@@ -479,20 +527,66 @@ class _Study:
         return out
 
 
-def _train_model_in_worker(config: ReproducibilityConfig, out: str, width: int, n: int, seed: int,
-                           device: str) -> None:
-    """One model unit, in a worker process (see :meth:`_Study.train_in_workers`)."""
+def _task_in_worker(config: ReproducibilityConfig, out: str, task: tuple, device: str) -> None:
+    """One task of :meth:`_Study.make_units_in_workers`, in a worker process."""
     with _env.torch_threads(config.torch_threads):
         study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
         pool = study.hooks.load_dataset(config.dataset, config.data_root)
-        train_images, _ = study.hooks.subset(pool, n, config.subset_seed)
-        study.model_unit(width, n, seed, train_images)
+        study.run_task(task, pool, tuple(pool.shape[1:]), progress=False)
 
 
-def _progress_bar(total: int, progress: bool, desc: str = "reproducibility", unit: str = "model"):
-    from tqdm.auto import tqdm
+class _TrainingProgress:
+    """Training steps of all the study's models, polled once a second from the finished model
+    units and the running trainers' ``metrics.jsonl`` (written every ``log_every`` steps), so it
+    counts the same whether models train in this process or in workers."""
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not _env.progress_enabled(progress))
+    def __init__(self, ws: Workspace, names: list[str], steps: int, enabled: bool, poll: float = 1.0):
+        self.ws, self.names, self.steps, self.poll = ws, names, int(steps), poll
+        self.bar = Progress(len(names) * self.steps, "training", "steps", enabled=enabled,
+                            initial=self._done_steps())
+        self._stop = None
+
+    def _done_steps(self) -> int:
+        total = 0
+        for name in self.names:
+            if (self.ws.unit_path("models", name) / MANIFEST).is_file():
+                total += self.steps
+                continue
+            metrics_file = self.ws.root / "work" / "models" / name / "metrics.jsonl"
+            if metrics_file.is_file():
+                lines = metrics_file.read_text().splitlines()
+                try:
+                    total += int(json.loads(lines[-1])["step"]) if lines else 0
+                except (ValueError, KeyError):  # a line being written
+                    continue
+        return total
+
+    def task_done(self, task: tuple) -> None:
+        self.bar.set(self._done_steps())
+        self.bar.note("trained and sampled " + _model_name(*task[1:]) if task[0] == "model"
+                      else f"sampled the empirical denoiser of N = {task[1]}")
+
+    def __enter__(self) -> "_TrainingProgress":
+        import threading
+
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(self.poll):
+                self.bar.set(self._done_steps())
+
+        self._thread = threading.Thread(target=poll, name="training-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join()
+        self.bar.set(self._done_steps())
+        self.bar.close()
+        return False
+
+
 
 
 def _mean(values: list[float]) -> float | None:
@@ -502,6 +596,35 @@ def _mean(values: list[float]) -> float | None:
 
 def _nan_curve(curve: dict) -> dict:
     return {k: [float("nan") if v is None else v for v in vs] for k, vs in curve.items()}
+
+
+def figure_properties(results: dict) -> dict[str, bool]:
+    """The properties of the seed's Figure 1 that ``results`` (of ``results.json``) must show,
+    each True or False (issue 19):
+
+    - ``memorizes_at_smallest_n``: at every width GL <= 0.1 and memorized fraction >= 0.9 at the
+      smallest N;
+    - ``generalizes_at_largest_n``: at every width GL >= 0.95 at the largest N;
+    - ``rp_dips_at_transition``: RP between the widths at some interior N is at least 0.1 below
+      its value at both the smallest and the largest N;
+    - ``wider_memorizes_longer``: the largest N at which a model still memorizes (GL <= 0.5) is
+      at least as large for every wider width as for every narrower one.
+    """
+    curves = {int(w): {k: [math.nan if v is None else v for v in vs] for k, vs in c.items()}
+              for w, c in results["curves"].items()}
+    widths = sorted(curves)
+    out = {"memorizes_at_smallest_n": all(c["gl"][0] <= 0.1 and c["memorized_ratio"][0] >= 0.9
+                                          for c in curves.values()),
+           "generalizes_at_largest_n": all(c["gl"][-1] >= 0.95 for c in curves.values())}
+    rp = [math.nan if v is None else v for v in results["cross_width"]["rp"]]
+    out["rp_dips_at_transition"] = len(rp) >= 3 and min(rp[1:-1]) <= min(rp[0], rp[-1]) - 0.1
+
+    def last_memorized(curve: dict) -> int:
+        return max([n for n, gl in zip(curve["n"], curve["gl"]) if gl <= 0.5], default=0)
+
+    reach = [last_memorized(curves[w]) for w in widths]
+    out["wider_memorizes_longer"] = all(a <= b for a, b in zip(reach, reach[1:]))
+    return out
 
 
 def summarize(results: dict) -> dict:

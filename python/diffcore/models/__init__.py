@@ -7,8 +7,9 @@ from diffcore.models.precond import EDMPrecond, Precond, VEPrecond, VPPrecond
 from diffcore.models.presets import (PRECONDITIONERS, PRESETS, count_parameters, denoiser_preset, unet_config,
                                      unet_preset)
 from diffcore.models.unet import UNet, UNetConfig
+from diffcore.models.vector import MLPDenoiser, SubspaceDenoiser
 
 __all__ = [
-    "EDMPrecond", "PRECONDITIONERS", "PRESETS", "Precond", "UNet", "UNetConfig", "VEPrecond", "VPPrecond",
+    "EDMPrecond", "MLPDenoiser", "PRECONDITIONERS", "PRESETS", "Precond", "SubspaceDenoiser", "UNet", "UNetConfig", "VEPrecond", "VPPrecond",
     "count_parameters", "denoiser_preset", "unet_config", "unet_preset",
 ]

@@ -85,13 +85,7 @@ class EDMPrecond(Precond):
         self.p_std = p_std
 
     def coefficients(self, sigma):
-        sd2 = self.sigma_data ** 2
-        total = sigma ** 2 + sd2
-        c_skip = sd2 / total                                 # sd^2 / (sigma^2 + sd^2)
-        c_out = sigma * self.sigma_data / total.sqrt()       # sigma sd / sqrt(sigma^2 + sd^2)
-        c_in = 1.0 / total.sqrt()                            # 1 / sqrt(sigma^2 + sd^2)
-        c_noise = sigma.log() / 4                            # ln(sigma) / 4
-        return c_skip, c_out, c_in, c_noise
+        return edm_coefficients(sigma, self.sigma_data)
 
     def loss_weight(self, sigma):
         """EDM Table 1: lambda = (sigma^2 + sd^2) / (sigma sd)^2."""
@@ -101,6 +95,18 @@ class EDMPrecond(Precond):
         """EDM Table 1 training noise: ln(sigma) ~ N(p_mean, p_std^2); shape [n], float32."""
         z = torch.randn(n, generator=generator, device=device)
         return (z * self.p_std + self.p_mean).exp()
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """EDM's ``(c_skip, c_out, c_in, c_noise)`` (Table 1, "ours"; Eq. 7) for a sigma tensor of any
+    shape (same shape out); shared by :class:`EDMPrecond` and the vector models."""
+    sd2 = sigma_data ** 2
+    total = sigma ** 2 + sd2
+    c_skip = sd2 / total                                 # sd^2 / (sigma^2 + sd^2)
+    c_out = sigma * sigma_data / total.sqrt()            # sigma sd / sqrt(sigma^2 + sd^2)
+    c_in = 1.0 / total.sqrt()                            # 1 / sqrt(sigma^2 + sd^2)
+    c_noise = sigma.log() / 4                            # ln(sigma) / 4
+    return c_skip, c_out, c_in, c_noise
 
 
 class VPPrecond(Precond):

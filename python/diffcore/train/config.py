@@ -24,6 +24,8 @@ class TrainConfig:
     model: model spec for ``diffcore.train.build_model`` (``name`` plus keyword arguments).
     steps: optimizer steps in total; ``batch_size`` is the global batch (split across ranks).
     lr, lr_warmup_images: Adam learning rate, linearly ramped up over the first images (EDM style).
+    lr_decay_images: 0 (constant after the warm-up) or the image count at which a cosine decay of
+        the learning rate from ``lr`` (at the end of the warm-up) reaches 0.
     ema_halflife_images, ema_rampup_ratio: EMA half-life in images, optionally capped at
         ``ratio * images_seen`` early in training (EDM's ema_halflife_kimg / ema_rampup_ratio).
     grad_clip: max global gradient norm (0 = no clipping).
@@ -46,6 +48,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     lr_warmup_images: int = 10_000
+    lr_decay_images: int = 0
     ema_halflife_images: float = 500_000.0
     ema_rampup_ratio: float | None = 0.05
     grad_clip: float = 0.0
@@ -84,8 +87,11 @@ class TrainConfig:
             raise ValueError(f"augment_p must lie in [0, 1], got {self.augment_p}")
         if not 0.0 <= float(self.label_dropout) < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.lr_warmup_images < 0 or self.grad_clip < 0:
-            raise ValueError("lr_warmup_images and grad_clip must be >= 0")
+        if self.lr_warmup_images < 0 or self.grad_clip < 0 or self.lr_decay_images < 0:
+            raise ValueError("lr_warmup_images, lr_decay_images and grad_clip must be >= 0")
+        if self.lr_decay_images and self.lr_decay_images <= self.lr_warmup_images:
+            raise ValueError(f"lr_decay_images ({self.lr_decay_images}) must exceed lr_warmup_images "
+                             f"({self.lr_warmup_images})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
             raise ValueError(f"seed: expected an integer in [0, 2**32 - 1] (torch's generator keeps 32 bits), "
                              f"got {self.seed!r}")

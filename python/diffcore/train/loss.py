@@ -92,11 +92,17 @@ def build_loss(name: str, options=None):
     return losses[name](**dict(options or {}))
 
 
-def lr_at(images_seen_after_step: int, lr: float, warmup_images: int) -> float:
-    """Learning rate with a linear warm-up over ``warmup_images`` (EDM training loop style)."""
-    if warmup_images <= 0:
+def lr_at(images_seen_after_step: int, lr: float, warmup_images: int, decay_images: int = 0) -> float:
+    """Learning rate with a linear warm-up over ``warmup_images`` (EDM training loop style), then
+    constant (``decay_images = 0``) or a cosine decay ``lr (1 + cos(pi t)) / 2`` with
+    ``t = (images - warmup) / (decay_images - warmup)`` clamped to [0, 1]."""
+    images = images_seen_after_step
+    if warmup_images > 0 and images < warmup_images:
+        return lr * images / warmup_images
+    if decay_images <= 0:
         return lr
-    return lr * min(images_seen_after_step / warmup_images, 1.0)
+    t = min(max((images - warmup_images) / (decay_images - warmup_images), 0.0), 1.0)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def ema_beta(batch_images: int, images_seen: int, halflife_images: float, rampup_ratio: float | None) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffcore import _env
+from diffcore._progress import Progress
 from diffcore.data.registry import load_dataset
 from diffcore.train import ddp
 from diffcore.train.checkpoint import (CheckpointError, capture_rng_state, flatten_optimizer_state,
@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Adam:
+    """Adam of ``config`` with the multi-tensor (foreach) update on every device: on the CPU torch
+    would otherwise loop over parameters one small tensor at a time (about 13 ops per parameter)."""
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.adam_eps, foreach=True)
 
 
 class BatchOrder:
@@ -104,8 +110,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.model = build_model(config.model).to(self.device)
         self.ema = EMA(self.model, config.ema_halflife_images, config.ema_rampup_ratio)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                          eps=config.adam_eps)
+        self.optimizer = make_optimizer(self.model.parameters(), config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.noise_generator = torch.Generator(self.device).manual_seed(config.seed)
         self._seed_global_rngs(config.seed + context.rank)
@@ -159,6 +164,8 @@ class Trainer:
     def _load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
         saved = checkpoint.documents.get("config")
+        if saved is not None:  # fields added later, at their defaults (checkpoints written before them)
+            saved = {"lr_decay_images": 0, **saved}
         if saved is None or "state" not in checkpoint.documents:
             raise CheckpointError(f"checkpoint {str(path)!r} has no config.json or state.json")
         differences = config_differences(saved, self.config.to_dict())
@@ -262,15 +269,25 @@ class Trainer:
             x, augment["augment_labels"] = self.augment_pipe.apply(x, {k: v[local] for k, v in draws.items()})
         return x, class_labels, sigma[local], noise[local], augment
 
+    def _set_lr(self, step: int, optimizer=None) -> None:
+        """The learning rate of ``step`` (warm-up, decay) into the optimizer's param groups."""
+        config = self.config
+        lr = lr_at((step + 1) * config.batch_size, config.lr, config.lr_warmup_images, config.lr_decay_images)
+        for group in (optimizer or self.optimizer).param_groups:
+            group["lr"] = lr
+
+    def autocast(self):
+        """The autocast context of ``config.precision`` (a no-op for fp32)."""
+        dtype = _AUTOCAST_DTYPES.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def _train_step(self, step: int) -> torch.Tensor:
         config = self.config
         x, class_labels, sigma, noise, augment = self._draw_batch(step)
         images_after = (step + 1) * config.batch_size
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(images_after, config.lr, config.lr_warmup_images)
+        self._set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
-        dtype = _AUTOCAST_DTYPES.get(config.precision)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with self.autocast():
             loss = self.loss_fn(self.train_model, x, sigma, noise, class_labels, **augment).mean()
         self.scaler.scale(loss).backward()
         if config.grad_clip > 0:
@@ -288,12 +305,15 @@ class Trainer:
         return loss
 
     # ---- loop ----------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, progress=None) -> TrainResult:
+        """Train to ``config.steps`` (logging, checkpoints). ``progress``: a
+        :class:`diffcore._progress.Progress` to advance by one per step instead of this run's own
+        bar / log lines (a study counting the steps of all its models)."""
         config, context = self.config, self.context
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (_env.progress_enabled(config.progress) and context.is_main))
+        own = progress is None
+        if own:
+            progress = Progress(config.steps, f"train {self.out_dir.name}", "steps", initial=self.step,
+                                enabled=config.progress and context.is_main)
         checkpoint = None
         loss_sum, loss_count, last_loss = torch.zeros((), device=self.device), 0, None
         window_start, window_step = time.perf_counter(), self.step
@@ -302,27 +322,37 @@ class Trainer:
             while self.step < config.steps:
                 loss_sum += self.step_once()
                 loss_count += 1
-                bar.update(1)
+                progress.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     mean_loss = ddp.all_reduce_mean(loss_sum / loss_count, context).item()
-                    if not np.isfinite(mean_loss):
-                        raise FloatingPointError(f"training loss is {mean_loss} at step {self.step}")
-                    elapsed = time.perf_counter() - window_start
-                    images_per_s = (self.step - window_step) * config.batch_size / max(elapsed, 1e-9)
-                    self._log_metrics({"step": self.step, "images": self.step * config.batch_size,
-                                       "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                       "images_per_s": images_per_s, "time": time.time()})
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+                    images_per_s = self._log_window(mean_loss, window_start, window_step)
+                    if own:
+                        progress.note(f"loss {mean_loss:.4f}, {images_per_s:.0f} img/s")
                     last_loss = mean_loss
                     loss_sum, loss_count = torch.zeros((), device=self.device), 0
                     window_start, window_step = time.perf_counter(), self.step
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     checkpoint = self.save()
         finally:
-            bar.close()
+            if own:
+                progress.close()
         if checkpoint is None and context.is_main:
             checkpoint = latest_checkpoint(self.checkpoints_dir)
-        return TrainResult(self.model, self.ema.ema_model, self.step, self.step * config.batch_size,
+        return self.result(checkpoint, last_loss)
+
+    def _log_window(self, mean_loss: float, window_start: float, window_step: int) -> float:
+        """Check the window's mean loss and append it to metrics.jsonl; returns images/s."""
+        if not np.isfinite(mean_loss):
+            raise FloatingPointError(f"training loss is {mean_loss} at step {self.step} ({self.out_dir})")
+        elapsed = time.perf_counter() - window_start
+        images_per_s = (self.step - window_step) * self.config.batch_size / max(elapsed, 1e-9)
+        self._log_metrics({"step": self.step, "images": self.step * self.config.batch_size,
+                           "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                           "images_per_s": images_per_s, "time": time.time()})
+        return images_per_s
+
+    def result(self, checkpoint: Path | None, last_loss: float | None) -> TrainResult:
+        return TrainResult(self.model, self.ema.ema_model, self.step, self.step * self.config.batch_size,
                            self.out_dir, checkpoint, self.resumed_from_step, last_loss)
 
 
