@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from diffcore import _env
+
 from diffcore.data import molrg, molrg_bases
 from diffcore.denoisers import MoLRGDenoiser
 from diffcore import analysis
@@ -37,7 +39,7 @@ def test_subspace_denoiser_is_the_molrg_denoiser_at_the_true_bases():
 
 
 def test_subspace_training_recovers_the_subspaces_with_enough_samples():
-    with _vector.threads(1):
+    with _env.torch_threads(1):
         data, _, bases = molrg(2, 16, 2, 64, seed=3)
         model, info = _vector.train_subspace_denoiser(data, 2, 2, restarts=3, seed=0, steps=400, lr=3e-2,
                                                       P_mean=-0.5, P_std=1.0, sigma_data=_vector.data_sigma(data))

@@ -13,7 +13,6 @@ milliseconds per step); the loss, its sigma sampling and weighting are the train
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -21,19 +20,6 @@ from torch import nn
 
 from diffcore.models.vector import SubspaceDenoiser
 from diffcore.train.loss import EDMLoss
-
-
-@contextlib.contextmanager
-def threads(count: int = 1):
-    """Run the block with ``count`` intra-op threads (restored after). The vector models here are
-    so small (a few thousand numbers per op) that thread start-up costs more than it saves: on the
-    shared 2-core machine one thread was up to 10x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

@@ -36,7 +36,6 @@ every sample set and the analysis are resumable units.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -681,16 +680,14 @@ def plot_transition(results: dict, path) -> Path:
 
 def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore.experiments import _vector
+    from diffcore import _env
     from diffcore.experiments._stack import resolve_device
 
     if not isinstance(config, CFGConfig):
         raise ConfigError(f"config: expected a CFGConfig, got {type(config).__name__}")
     device = str(resolve_device(device))
     start = time.perf_counter()
-    threads = _vector.threads(config.torch_threads) if device == "cpu" and config.torch_threads else \
-        contextlib.nullcontext()
-    with threads:
+    with _env.torch_threads(config.torch_threads if device == "cpu" else 0):
         results = _Study(config, out, hooks, device, progress).run()
     log.info("cfg study done in %.1f s: %s", time.perf_counter() - start, out)
     return results

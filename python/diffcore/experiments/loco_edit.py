@@ -777,8 +777,8 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
 def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: str = "auto",
         progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
+    from diffcore import _env
     from diffcore.experiments._stack import resolve_device
-    from diffcore.experiments._vector import threads
 
     config.validate()
     if hooks is None:
@@ -787,7 +787,7 @@ def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: 
     elif device == "auto":
         device = "cpu"
     start, cpu = time.perf_counter(), time.process_time()
-    with threads(config.torch_threads or torch.get_num_threads()):
+    with _env.torch_threads(config.torch_threads):
         results = _Study(config, out, hooks, device, progress).run()
     timings = Path(out) / "timings.json"
     atomic_write_json(timings, {**json.loads(timings.read_text()), "wall_seconds": time.perf_counter() - start,
