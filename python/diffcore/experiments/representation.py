@@ -133,6 +133,45 @@ PRESETS: dict[str, Callable[[], RepresentationConfig]] = {"quick": _quick, "tiny
 CONFIG_CLASS = RepresentationConfig
 
 
+# ----------------------------------------------------------------------------- one curve
+
+def probe_split(pool_size: int, config: RepresentationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the probe's labelled split ``[probe_train]`` and held-out split ``[probe_test]``
+    (a permutation of the pool seeded by ``split_seed``)."""
+    c = config
+    if c.probe_train + c.probe_test > pool_size:
+        raise ConfigError(f"probe_train + probe_test: {c.probe_train + c.probe_test} exceeds the {pool_size} "
+                          f"labelled images")
+    order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(c.split_seed))
+    return order[:c.probe_train], order[c.probe_train:c.probe_train + c.probe_test]
+
+
+def probe_curve(denoiser: torch.nn.Module, pool: torch.Tensor, labels: torch.Tensor,
+                config: RepresentationConfig) -> list[dict]:
+    """Probe accuracy and class SNR per sigma of ``denoiser``'s features at ``config.layer``.
+
+    ``pool`` [P, C, H, W] and ``labels`` [P]: the labelled images, split by :func:`probe_split`;
+    image i's noise comes from seed ``noise_seed_start + i`` (the same at every sigma). Rows:
+    ``{sigma, probe_accuracy, probe_train_accuracy, snr}``."""
+    from diffcore import sampler
+    from diffcore.analysis.representation import class_snr, extract_features, linear_probe
+
+    c = config
+    train_idx, test_idx = probe_split(pool.shape[0], c)
+    used = torch.cat([train_idx, test_idx])
+    noise = sampler.noise_from_seeds([c.noise_seed_start + int(i) for i in used], tuple(pool.shape[1:]),
+                                     device="cpu", dtype=torch.float32)
+    images, y = pool[used].float().cpu(), labels[used]
+    k = c.probe_train
+    rows = []
+    for sigma in c.sigmas():
+        feats = extract_features(denoiser, images, noise, sigma, [c.layer], pooling=c.pooling)[c.layer]
+        probe = linear_probe(feats[:k], y[:k], feats[k:], y[k:], l2=c.probe_l2)
+        rows.append({"sigma": sigma, "probe_accuracy": probe.accuracy,
+                     "probe_train_accuracy": probe.train_accuracy, "snr": class_snr(feats, y)})
+    return rows
+
+
 # ----------------------------------------------------------------------------- the study
 
 @dataclass
@@ -200,33 +239,6 @@ class _Study:
         return sorted(found, key=lambda m: (m.width, m.n, m.seed))
 
     # features ------------------------------------------------------------------
-    def probe_split(self, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.c
-        if c.probe_train + c.probe_test > pool_size:
-            raise ConfigError(f"probe_train + probe_test: {c.probe_train + c.probe_test} exceeds the {pool_size} "
-                              f"labelled images")
-        order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(c.split_seed))
-        return order[:c.probe_train], order[c.probe_train:c.probe_train + c.probe_test]
-
-    def curve(self, denoiser, pool: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-        """Probe accuracy and class SNR per sigma for one model (see the module docstring)."""
-        from diffcore.analysis.representation import class_snr, extract_features, linear_probe
-
-        c = self.c
-        train_idx, test_idx = self.probe_split(pool.shape[0])
-        used = torch.cat([train_idx, test_idx])
-        seeds = [c.noise_seed_start + int(i) for i in used]
-        noise = self.hooks.noise_from_seeds(seeds, tuple(pool.shape[1:]), "cpu", torch.float32)
-        images, y = pool[used], labels[used]
-        k = c.probe_train
-        rows = []
-        for sigma in c.sigmas():
-            feats = extract_features(denoiser, images, noise, sigma, [c.layer], pooling=c.pooling)[c.layer]
-            probe = linear_probe(feats[:k], y[:k], feats[k:], y[k:], l2=c.probe_l2)
-            rows.append({"sigma": sigma, "probe_accuracy": probe.accuracy,
-                         "probe_train_accuracy": probe.train_accuracy, "snr": class_snr(feats, y)})
-        return rows
-
     def feature_spec(self) -> dict:
         c = self.c
         return {"layer": c.layer, "pooling": c.pooling, "probe_train": c.probe_train, "probe_test": c.probe_test,
@@ -236,7 +248,7 @@ class _Study:
     def curve_unit(self, name: str, model_spec: dict, load: Callable, pool, labels) -> list[dict]:
         spec = {"model": model_spec, **self.feature_spec()}
         unit = self.ws.run_unit("curves", name, spec,
-                                lambda tmp, work: {"rows": self.curve(load(), pool, labels)})
+                                lambda tmp, work: {"rows": probe_curve(load(), pool, labels, self.c)})
         return unit.meta["rows"]
 
     # training time ---------------------------------------------------------------
