@@ -76,9 +76,43 @@ def test_demo_writes_figure_and_results(tmp_path, capsys, stand_in_hooks):
 
 
 def test_train_is_delegated(monkeypatch):
-    from diffcore.experiments import _stack
+    from diffcore import train
 
     seen = {}
-    monkeypatch.setattr(_stack, "train_cli_main", lambda argv: seen.setdefault("argv", argv) and 0)
+    monkeypatch.setattr(train, "main_train", lambda argv: seen.setdefault("argv", argv) and 0)
     assert cli.main(["train", "--steps", "5", "--help"]) == 0
     assert seen["argv"] == ["--steps", "5", "--help"]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "out: expected a folder path, got an empty string"),
+    ("{file}", "is a file; expected a folder"),
+    ("{file}/sub", "is under the file"),
+])
+def test_bad_out_is_one_line_naming_it(tmp_path, capsys, out, message):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert cli.main(["demo", "--preset", "tiny", "--out", out.format(file=file), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_train_config_file_errors_name_the_file(tmp_path, capsys):
+    config = tmp_path / "train.json"
+    config.write_text('{"steps": ')
+    assert cli.main(["train", "--config", str(config)]) == 2
+    assert f"--config {config}: not valid JSON" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+    assert f"{tmp_path / 'missing.json'}: No such file or directory" in capsys.readouterr().err
+
+
+def test_train_refuses_a_study_folder_before_training(tmp_path, capsys):
+    from diffcore.experiments.base import Workspace
+
+    ws = Workspace(tmp_path / "study")
+    with ws.claim("demo"):
+        ws.bind_config({"num_samples": 4})
+    assert cli.main(["train", "--out-dir", str(tmp_path / "study"), "--steps", "1", "--no-progress"]) == 2
+    assert "holds a 'demo' run, not 'train'" in capsys.readouterr().err
+    assert cli.main(["train", "--out-dir", str(tmp_path / "t"), "--steps", "0"]) == 2  # validated first
+    assert "steps must be positive" in capsys.readouterr().err and not (tmp_path / "t").exists()

@@ -7,6 +7,7 @@ Run time:
     DIFFCORE_BACKEND     force one backend for every op called with backend="auto":
                          reference | cpu | cuda | triton.
     DIFFCORE_PROGRESS    0 disables progress bars everywhere (default 1).
+    DIFFCORE_LOCK_WAIT   seconds a run waits for an output folder another run holds (default 0).
 Benchmarks (bench/):
     DIFFCORE_BENCH_QUICK 1 runs every benchmark at small shapes (a smoke run in seconds).
 """
@@ -20,6 +21,7 @@ PROGRESS_VAR = "DIFFCORE_PROGRESS"
 RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
     PROGRESS_VAR: "0 disables progress bars everywhere (default 1)",
+    "DIFFCORE_LOCK_WAIT": "seconds a run waits for an output folder another run holds (default 0: exit)",
 }
 BENCH_VARIABLES = {
     "DIFFCORE_BENCH_QUICK": "1 runs every benchmark at small shapes (a smoke run in seconds)",
@@ -39,3 +41,26 @@ def forced_backend() -> str | None:
 def progress_enabled(progress: bool = True) -> bool:
     """Combine a call's ``progress`` flag with DIFFCORE_PROGRESS."""
     return bool(progress) and os.environ.get(PROGRESS_VAR, "1").strip() not in ("0", "false", "no")
+
+
+class torch_threads:
+    """Context manager: ``torch.set_num_threads(n)`` inside, the previous count restored after
+    (``n = 0``: unchanged). The one helper for pinning torch's intra-op threads."""
+
+    def __init__(self, n: int):
+        self.n, self.before = int(n), None
+
+    def __enter__(self) -> "torch_threads":
+        import torch
+
+        if self.n > 0:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        import torch
+
+        if self.before is not None:
+            torch.set_num_threads(self.before)
+        return False

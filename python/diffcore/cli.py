@@ -10,13 +10,17 @@ Library code logs; this module prints.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-ERRORS_SHOWN_PLAINLY = (ValueError, FileNotFoundError, KeyError)
+from diffcore import _folder
+
+# user errors, shown as one line (ConfigError is a ValueError); anything else keeps its traceback
+ERRORS_SHOWN_PLAINLY = (ValueError, KeyError, OSError, MemoryError)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     def add_run_options(p, default_preset=None):
         p.add_argument("--out", default=None, help="output folder (default: runs/<experiment>-<preset>)")
+        p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                       help="wait this long for an output folder another run holds (default 0: exit; "
+                            "also DIFFCORE_LOCK_WAIT)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (repeatable); tuples as comma-separated values")
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
@@ -46,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", choices=sorted(EXPERIMENTS))
     add_run_options(run, default_preset="quick")
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--shard", default=None, metavar="I/N",
+                     help="process I (0 .. N-1) of N sharing the run (a job array); afterwards a run "
+                          "without --shard writes the results (reproducibility only)")
 
     demo = sub.add_parser("demo", help="denoise noise with the empirical denoiser of the digits (seconds)")
     add_run_options(demo, default_preset="default")
@@ -115,11 +125,31 @@ def _run_experiment(name: str, args) -> int:
     if getattr(args, "show_config", False):
         print(json_dumps(config), end="")
         return 0
-    out = Path(args.out or Path("runs") / f"{name}-{args.preset}")
+    out = args.out if args.out is not None else str(Path("runs") / f"{name}-{args.preset}")
+    if args.wait is not None:
+        os.environ[_folder.LOCK_WAIT_VAR] = str(args.wait)
+    _set_shard(name, getattr(args, "shard", None))
     print(f"diffcore: {name} (preset {args.preset}) -> {out}")
     results = module.run(config, out, device=args.device, progress=not args.no_progress)
-    _print_summary(name, results, out)
+    if not results:
+        print("diffcore: this process's share is done; the results are written by rank 0 or by a run "
+              "without --shard")
+        return 0
+    _print_summary(name, results, Path(out))
     return 0
+
+
+def _set_shard(name: str, shard: str | None) -> None:
+    """``--shard I/N`` as DIFFCORE_SHARD; only the reproducibility study spreads over processes."""
+    from diffcore.experiments.base import SHARD_VAR, ConfigError, parse_shard
+
+    if shard is not None:
+        parse_shard(shard)
+        os.environ[SHARD_VAR] = shard
+    spread = os.environ.get(SHARD_VAR) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if spread and name != "reproducibility":
+        raise ConfigError(f"--shard / torchrun: {name} runs in one process (only reproducibility spreads "
+                          "its units over processes so far)")
 
 
 def _print_summary(name: str, results: dict, out: Path) -> None:
@@ -140,28 +170,40 @@ def _print_summary(name: str, results: dict, out: Path) -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from diffcore.experiments import _stack
+    from diffcore.train import main_train
 
-    return _stack.train_cli_main(argv)
+    return int(main_train(argv) or 0)
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an error: its message, or for an OS error its file and reason."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory: {exc}" if str(exc) else "out of memory"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # everything after "train" belongs to diffcore.train's parser
         _configure_logging(False)
-        return _train(argv[1:])
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        _print_info(info(), args.json)
-        return 0
-    _configure_logging(args.quiet)
-    from diffcore.experiments.base import ConfigError, UnitError
+        job = functools.partial(_train, argv[1:])
+    else:
+        parser = _build_parser()
+        parsed = parser.parse_args(argv)
+        if parsed.command == "info":
+            _print_info(info(), parsed.json)
+            return 0
+        _configure_logging(parsed.quiet)
+        job = functools.partial(_run_experiment, "demo" if parsed.command == "demo" else parsed.experiment, parsed)
+    from diffcore.experiments.base import UnitError
+    from diffcore.train.checkpoint import CheckpointError
 
     try:
-        return _run_experiment("demo" if args.command == "demo" else args.experiment, args)
-    except (ConfigError, UnitError, *ERRORS_SHOWN_PLAINLY) as exc:
-        print(f"diffcore: error: {exc}", file=sys.stderr)
+        return job()
+    except (*ERRORS_SHOWN_PLAINLY, _folder.FolderError, UnitError, CheckpointError) as exc:
+        print(f"diffcore: error: {_error_line(exc)}", file=sys.stderr)
         return 2
 
 

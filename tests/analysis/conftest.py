@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffcore import _env
 from diffcore.denoisers import GaussianDenoiser, MoLRGDenoiser
 
 
@@ -55,7 +56,5 @@ def molrg():
 def single_thread():
     """These tests run many tiny ops: on a shared 2-core machine, intra-op threading makes each one
     wait on a thread barrier (measured ~100x slower). One thread per test, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _env.torch_threads(1):
+        yield

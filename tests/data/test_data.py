@@ -180,3 +180,38 @@ def test_load_dataset_specs(tmp_path, cifar_bin):
         load_dataset({"name": "mnist"})
     with pytest.raises(ValueError, match="needs the field 'root'"):
         load_dataset({"name": "cifar10"})
+
+
+def test_16_bit_grayscale_png_is_scaled_by_its_bit_depth(tmp_path):
+    """A 16-bit PNG is read as v * 255 / 65535, not clipped to 255 (issue 18, item 11)."""
+    from PIL import Image
+
+    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    loaded = load_image_folder(tmp_path, resolution=8, channels=1).values[0, 0].numpy().astype(np.int64)
+    assert np.abs(loaded - np.rint(values.astype(np.int64) * 255 / 65535)).max() <= 1  # bicubic, same size
+    assert (loaded == 255).mean() < 0.05
+
+
+def test_image_errors_name_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2x the limit: a "bomb"
+    with pytest.raises(ValueError, match="cannot read image .*big.png.*decompression bomb"):
+        load_image_folder(tmp_path, resolution=8, channels=1)
+
+
+def test_cifar_pickle_asking_for_a_huge_array_names_the_file(tmp_path):
+    from diffcore.data.cifar10 import _reconstruct_function
+
+    class Huge:  # unpickles as numpy's _reconstruct(ndarray, (10**13,), b"b"): a 10 TB allocation
+        def __reduce__(self):
+            return _reconstruct_function(), (np.ndarray, (10**13,), b"b")
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Huge(), b"labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match="data_batch_1.*too large for memory"):
+        load_cifar10(tmp_path)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffcore.denoisers import GaussianDenoiser
+from diffcore.sampler import noise_from_seeds
 
 
 def gaussian_data(num=400, shape=(3, 2, 2), seed=0):
@@ -82,8 +83,8 @@ def test_exact_flow_composes_and_reaches_data_at_zero():
 
 def test_samples_are_per_seed_and_have_the_data_covariance():
     den = GaussianDenoiser.fit(gaussian_data())
-    a = den.sample_seeds([5, 6, 7], dtype=torch.float64)
-    b = den.sample_seeds([7], dtype=torch.float64)
+    a = den.sample(noise_from_seeds([5, 6, 7], den.shape, dtype=torch.float64))
+    b = den.sample(noise_from_seeds([7], den.shape, dtype=torch.float64))
     assert torch.allclose(a[2], b[0], atol=1e-12, rtol=0)  # same noise; only GEMM rounding may differ
     many = den.sample(torch.randn(4000, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
     rows = many.reshape(4000, -1)

@@ -2,7 +2,7 @@
 
 - knn: the float64 reference ``diffcore.ref.knn.knn_ref`` (returns float32 distances like the op).
 - heun_sampler: a tiny EDM Heun loop (EDM Alg. 1 without churn) over the given sigmas.
-- noise_from_seeds: one torch.Generator per seed, so noise i does not depend on the batch.
+- noise_from_seeds: diffcore.sampler.noise_from_seeds itself (one generator per seed).
 - closed-form denoisers: isotropic Gaussian, and the empirical denoiser of a training set.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 from diffcore.ref.knn import knn_ref
+from diffcore.sampler import noise_from_seeds
 
 
 def knn(queries, train, k=2):
@@ -49,12 +50,6 @@ def heun_sampler(denoiser, x, sigmas):
             x_next = x + (s_next - s) * 0.5 * (d + d2)
         x = x_next
     return x.float()
-
-
-def noise_from_seeds(seeds, shape, device="cpu", dtype=torch.float32):
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-            for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 def gaussian_denoiser(mean: float = 0.0, std: float = 0.5):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from diffcore import _env
 from diffcore.models import UNet
 
 
@@ -47,7 +48,5 @@ def tiny_unet():
 def single_thread():
     """The networks here are tiny: one intra-op thread is faster than two, and far faster than two
     on a loaded shared machine (OpenMP threads wait on each other). Restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with _env.torch_threads(1):
+        yield

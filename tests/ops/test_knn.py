@@ -346,3 +346,15 @@ def test_error_mixed_devices_meta():
 def test_error_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         knn(torch.zeros(2, 4), torch.zeros(5, 4), backend="fortran")
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_values_above_1e15_are_refused_on_every_backend(backend):
+    q = torch.zeros(2, 4, dtype=torch.float64)
+    y = torch.zeros(3, 4, dtype=torch.float64)
+    y[1, 2] = 1e16
+    with pytest.raises((ValueError, RuntimeError), match="train.*(1e\\+?15|magnitude)"):
+        knn(q, y, k=1, backend=backend)
+    q[0, 0] = -1e16
+    with pytest.raises(ValueError, match="queries: expected values of magnitude <= 1e\\+15"):
+        knn(q, torch.zeros(3, 4, dtype=torch.float64), k=1, backend=backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffcore import _env
 from diffcore.ops.sampler_step import NO_BAD_STEP, new_finite_flag, sampler_step, step_coefficients
 from diffcore.ref import sampler_step as ref
 from tests.conftest import cpu_backends
@@ -122,14 +123,10 @@ def test_cpu_kernel_is_bitwise_deterministic_across_threads_and_sizes():
     n = 3 * (1 << 15) + 17  # several OpenMP chunks plus a tail
     x, d, e, z = _inputs((n,), torch.float32, seed=5)
     row = (0.8123, 0.2117, -0.0311, 0.137)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
+    results = []
+    for t in (1, 2, 3):
+        with _env.torch_threads(t):
             results.append(sampler_step("ddim", x, d, row, extra=e, noise=z, backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
     # element i does not depend on the tensor's length (no position-dependent vector/tail path)
     for length in (1, 7, 33, 1000):

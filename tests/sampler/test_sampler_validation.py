@@ -127,3 +127,14 @@ def test_denoiser_returning_its_input(solver):
     x = _x()
     out = S.SOLVERS[solver](lambda xx, s: xx, x, S.karras_sigmas(5))
     torch.testing.assert_close(out, x)
+
+
+def test_seeds_cover_the_32_bit_range_and_larger_ones_are_refused():
+    """torch's CPU generator keeps 32 bits of a seed: 2**32 + 7 would silently equal 7 (issue 18, item 8)."""
+    from diffcore.sampler import noise_from_seeds
+
+    top = noise_from_seeds([2**32 - 1, 2**31 - 1, 0], (4,), dtype=torch.float64)
+    assert not torch.equal(top[0], top[1]) and not torch.equal(top[0], top[2])
+    for seed in (2**32, 2**32 + 7, 2**63, 2**64, -1):
+        with pytest.raises(ValueError, match=r"seeds: expected non-negative integers below 2\*\*32.*seeds\[1\]"):
+            noise_from_seeds([3, seed], (4,))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import tiny_model  # noqa: F401  (registers the model "tiny_denoiser"; this folder is on sys.path)
 from diffcore.train import TrainConfig, init_distributed, map_seeds, shard_seeds, train_from_config
 
 

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from train_helpers import HERE, subprocess_env
+from diffcore import _env
 from diffcore.train import CheckpointError, load_checkpoint, train_from_config
 from diffcore.train.checkpoint import list_checkpoints
 
 
 def _train_command(config_file):
-    return [sys.executable, "-m", "diffcore.train", "--config", str(config_file), "--no-progress"]
+    return [sys.executable, str(HERE / "train_main.py"), "--config", str(config_file), "--no-progress"]
 
 
 def _write(config, path):
@@ -89,11 +90,7 @@ def test_two_process_gloo_run_resumes_and_agrees_across_ranks_and_with_one_proce
     with pytest.raises(CheckpointError, match="written by 2 ranks, this run has 1"):
         train_from_config(config.replace(steps=14))  # one process cannot continue a 2-rank run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _env.torch_threads(1):
         single = train_from_config(config.replace(out_dir=str(tmp_path / "single")))
-    finally:
-        torch.set_num_threads(threads)
     for key, value in single.model.state_dict().items():  # same global batches and noise
         assert torch.allclose(value, rank0[key], rtol=1e-4, atol=1e-6), key

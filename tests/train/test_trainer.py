@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from diffcore import _env
 from diffcore.data import load_dataset
 from diffcore.train import (CheckpointError, EDMLoss, build_model, TrainConfig, add_train_arguments, load_checkpoint,
                             load_trained_model, main_train, train_from_config)
@@ -16,10 +17,8 @@ from diffcore.train.cli import config_from_args
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _env.torch_threads(1):
+        yield
 
 
 def _assert_same_checkpoint(a, b):
@@ -54,7 +53,7 @@ def test_resumed_run_matches_uninterrupted_bitwise(tiny_config, tmp_path):
 def test_training_reduces_the_loss_on_molrg(tmp_path):
     config = TrainConfig(
         data={"name": "molrg", "K": 2, "n": 16, "d": 2, "num": 256, "seed": 0},
-        model={"name": "tiny_model:tiny_denoiser", "dim": 16, "width": 64},
+        model={"name": "tiny_denoiser", "dim": 16, "width": 64},
         steps=300, batch_size=32, lr=3e-3, lr_warmup_images=320, ema_halflife_images=500,
         seed=0, device="cpu", out_dir=str(tmp_path / "run"), checkpoint_every=300, log_every=50,
         progress=False)
@@ -93,7 +92,7 @@ def test_config_mismatch_and_damaged_checkpoint_raise(tiny_config, tmp_path):
 @pytest.mark.parametrize("options", [
     {"loss": "ddpm"},
     {"precision": "bf16"},
-    {"class_conditional": True, "model": {"name": "tiny_model:tiny_denoiser", "num_classes": 10}},
+    {"class_conditional": True, "model": {"name": "tiny_denoiser", "num_classes": 10}},
     {"augment": "xflip", "grad_clip": 0.0, "ema_rampup_ratio": None},
 ])
 def test_training_options_run(tiny_config, options):

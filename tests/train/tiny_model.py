@@ -1,12 +1,14 @@
 """A tiny denoiser for training tests, with its own EDM preconditioning (Karras et al. 2022,
-Table 1): ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``. Importable as
-``tiny_model:tiny_denoiser`` by subprocesses that put this folder on PYTHONPATH."""
+Table 1): ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``. Importing this module registers
+it as the model ``"tiny_denoiser"`` (subprocesses run ``train_main.py`` or import it first)."""
 from __future__ import annotations
 
 import time
 
 import torch
 from torch import nn
+
+from diffcore.train import register_model
 
 
 class TinyConvNet(nn.Module):
@@ -63,3 +65,6 @@ def tiny_denoiser(channels: int = 1, width: int = 8, num_classes: int = 0, sleep
     """The tiny preconditioned denoiser: a conv net for images, an MLP when ``dim`` is given."""
     inner = TinyMLP(dim, width) if dim else TinyConvNet(channels, width, num_classes)
     return TinyEDMPrecond(inner, sleep_s=sleep_s)
+
+
+register_model("tiny_denoiser", tiny_denoiser)

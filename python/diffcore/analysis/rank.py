@@ -130,11 +130,11 @@ def rank_along_trajectory(denoiser, x_T, sigmas, *, trajectory=None, k: int | No
     if sig.numel() < 1 or not bool((sig[:-1] >= sig[1:]).all()):
         raise ValueError("sigmas: expected a non-empty descending sequence")
     if not isinstance(x_T, torch.Tensor):
-        from diffcore.denoisers._common import seeded_normal
+        from diffcore.sampler import noise_from_seeds
 
         if shape is None:
             raise ValueError("shape: needed (the per-sample shape) when x_T is a sequence of seeds")
-        x_T = float(sig[0]) * seeded_normal(list(x_T), shape, device=device, dtype=dtype)
+        x_T = float(sig[0]) * noise_from_seeds(list(x_T), shape, device=device, dtype=dtype)
     check_tensor("x_T", x_T, min_ndim=2)
     points = list(trajectory) if trajectory is not None else euler_trajectory(denoiser, x_T, sig)
     if len(points) != sig.numel():

@@ -108,6 +108,9 @@ def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"malformed or unsafe CIFAR-10 pickle {str(path)!r}: {error}") from error
     except (EOFError, ValueError, TypeError, IndexError, KeyError) as error:
         raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: {error}") from error
+    except MemoryError:  # a forged header asking for a huge array
+        raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: it asks for an array too large "
+                         "for memory (a real batch holds 10000 x 3072 bytes)") from None
     if not isinstance(content, dict):
         raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: expected a dict, got {type(content).__name__}")
     data = content.get(b"data", content.get("data"))

@@ -3,7 +3,8 @@
 Layout: either ``root/<class_name>/*.png`` (one sub-folder per class; labels are the sorted
 class names' indices) or ``root/*.png`` (all labels 0). Each image is converted to RGB (or L for
 ``channels=1``), its shorter side resized to ``resolution`` (bicubic), then center-cropped to
-``resolution x resolution``. Stored as uint8 ``[N, C, R, R]``.
+``resolution x resolution``. Stored as uint8 ``[N, C, R, R]``. 16-bit grayscale PNGs are scaled
+by their bit depth (``v * 255 / 65535``), never clipped.
 """
 from __future__ import annotations
 
@@ -42,6 +43,21 @@ def _list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, [0] * len(files), []
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes of 16-bit grayscale PNGs
+
+
+def to_eight_bit(image):
+    """A PIL image whose 16-bit grayscale pixels are scaled to 8 bits (``round(v * 255 / 65535)``);
+    8-bit images unchanged. Raises ValueError for values beyond 16 bits."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"{image.mode} pixels outside 0 .. 65535 (expected a 16-bit grayscale image)")
+    eight = np.rint(values * (255 / 65535)).astype(np.uint8)
+    return _pil().fromarray(eight, mode="L")
+
+
 def resize_center_crop(image, resolution: int):
     """PIL image -> PIL image of ``resolution x resolution``: shorter side resized, center crop."""
     Image = _pil()
@@ -76,9 +92,9 @@ def load_image_folder(root, resolution: int, channels: int = 3) -> ArrayDataset:
     for path in files:
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB" if channels == 3 else "L")
+                image = to_eight_bit(image).convert("RGB" if channels == 3 else "L")
                 array = np.asarray(resize_center_crop(image, resolution), dtype=np.uint8)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
         arrays.append(array.reshape(resolution, resolution, channels).transpose(2, 0, 1))
     log.info("loaded %d images from %s (%d classes)", len(files), root, max(1, len(class_names)))

@@ -37,13 +37,3 @@ def sigma_column_allow_zero(sigma, batch: int, device: torch.device, dtype: torc
         return s.to(dtype)[:, None]
     return sigma_column(sigma, batch, device, dtype, name)
 
-
-def seeded_normal(seeds, shape, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise [len(seeds), *shape], row i drawn from its own CPU generator seeded with
-    ``seeds[i]`` (EDM's per-sample seeding), so a row never depends on the batch it is in.
-
-    A local stand-in for the sampler package's per-sample noise; swap when that lands.
-    """
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-            for s in seeds]
-    return torch.stack(rows).to(device=device or "cpu", dtype=dtype)

@@ -22,7 +22,6 @@ from diffcore._checks import check_positive_int, check_tensor
 from diffcore.denoisers._common import (
     FLOAT_DTYPES,
     check_input,
-    seeded_normal,
     sigma_column,
     sigma_column_allow_zero,
 )
@@ -150,11 +149,6 @@ class GaussianDenoiser:
         """Map standard normal ``noise`` [B, ...] to data exactly: the PF-ODE from
         ``x_T = sigma_max * noise`` (EDM's starting point) down to sigma = 0."""
         return self.exact_flow(noise * sigma_max, sigma_max, 0.0)
-
-    def sample_seeds(self, seeds, sigma_max: float = 80.0, *, dtype=torch.float32) -> torch.Tensor:
-        """``sample`` with per-sample seeded noise (row i from a generator seeded with seeds[i])."""
-        noise = seeded_normal(seeds, self.shape, device=self.device, dtype=torch.float64)
-        return self.sample(noise, sigma_max).to(dtype)
 
 
 def _prod(shape) -> int:

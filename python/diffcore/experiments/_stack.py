@@ -1,68 +1,40 @@
-"""The ONE place where experiments meet the rest of the stack (ops, sampler, models, train, data).
+"""The default hooks of the studies: what they take from the sampler, trainer, models, data and ops.
 
-Every experiment and the CLI reach the sampler, the trainer, the models, the datasets and the ops
-only through the functions below, so the contracts they assume live here and nowhere else. Written
-against the APIs of the branches knn, emp, sampler, train and unet as read at 00:45 UTC:
-
-- ``diffcore.ops.knn(queries, train, k=2) -> (distances [B, k], indices [B, k] int64)``
-- ``diffcore.ops.empirical_denoise(x, train, sigma) -> x0_hat`` (train on x's device)
-- ``diffcore.sampler.sample(denoiser, *, seeds, shape, steps, solver, sigma_min, sigma_max, device,
-  batch_size, progress)``, ``diffcore.sampler.noise_from_seeds(seeds, shape, device, dtype)``
-- ``diffcore.data.load_dataset(spec).all()`` (float32 in [-1, 1]), ``diffcore.data.subset_indices``
-  (nested subsets; the trainer selects its images with the same function)
-- ``diffcore.train.TrainConfig``, ``train_from_config`` (resumable checkpoints under out_dir),
-  ``load_trained_model(checkpoint_dir, which="ema")``, ``main_train(argv)``
-- model spec ``{"name": "ddpmpp", "preset": <diffcore.models preset>, "model_channels": width}``
-  (the "ddpmpp" factory of diffcore.train's model registry)
-
-Nothing here falls back to anything: a missing piece raises.
+Studies call the stack only through a hooks object (tests inject closed-form stand-ins); this
+module builds the real one. Each hook adapts one call to the shape the studies need (CPU float32
+samples, a study's model spec as a training request); nothing here falls back to anything.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from diffcore import _env
+from diffcore.ops import knn  # noqa: F401  (the studies' k-NN)
+from diffcore.train import ddp
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- ops
-
-def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2):
-    """Exact l2 k-NN: ``(distances [B, k], indices [B, k])``."""
-    from diffcore.ops import knn as knn_op
-
-    return knn_op(queries, train, k=k)
-
-
-def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma) -> torch.Tensor:
-    from diffcore.ops import empirical_denoise as empirical_denoise_op
-
-    return empirical_denoise_op(x, train, sigma)
-
-
-def empirical_denoiser(train: torch.Tensor):
-    """``D(x, sigma)`` of the empirical optimal denoiser of ``train [N, ...]`` (copied to each
-    device it is called on once, not per call)."""
-    on_device: dict[torch.device, torch.Tensor] = {}
-
-    def denoise(x, sigma):
-        if x.device not in on_device:
-            on_device[x.device] = train.to(x.device)
-        return empirical_denoise(x, on_device[x.device], sigma)
-    return denoise
-
-
-# ----------------------------------------------------------------------------- sampler
-
-def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device, dtype) -> torch.Tensor:
+def default_hooks():
+    """The studies' ``StudyHooks`` on the real stack."""
     from diffcore import sampler
+    from diffcore.denoisers import EmpiricalDenoiser
+    from diffcore.experiments.reproducibility import StudyHooks
 
-    return sampler.noise_from_seeds(seeds, shape, device=device, dtype=dtype)
+    return StudyHooks(load_dataset=load_dataset, subset=subset, train=train_model, load=load_model,
+                      sample=sample, empirical_denoiser=EmpiricalDenoiser, knn=knn,
+                      noise_from_seeds=sampler.noise_from_seeds)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``diffcore.train``'s device resolution, on this process's GPU under torchrun (LOCAL_RANK)."""
+    return ddp.resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18, solver: str = "heun",
@@ -78,13 +50,8 @@ def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int =
     return out.float().cpu()
 
 
-# ----------------------------------------------------------------------------- data
-
 def data_spec(dataset: str, root: str = "") -> dict:
-    spec = {"name": dataset}
-    if root:
-        spec["root"] = root
-    return spec
+    return {"name": dataset, **({"root": root} if root else {})}
 
 
 def load_dataset(name: str, root: str = "") -> torch.Tensor:
@@ -103,35 +70,34 @@ def subset(images: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch
     return images[indices.to(images.device)], indices
 
 
-# ----------------------------------------------------------------------------- models and training
-
-def model_spec(spec: dict) -> dict:
-    return {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
-
-
-def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",
-                progress: bool = True) -> dict:
-    """Train the model ``spec`` describes (the study's model spec: dataset, n, subset_seed, width,
-    model_preset, seed, train_steps, batch_size, learning_rate, lr_warmup_images) with diffcore.train; checkpoints
-    live in ``work_dir`` (a killed run resumes from them), the final checkpoint is copied to
-    ``out_dir/checkpoint``. ``images`` are the N training images (the trainer reloads the same
-    nested subset from the data spec; the sizes are checked)."""
-    import shutil
-
+def training_request(spec: dict, work_dir, device="cpu", progress: bool = True):
+    """The validated ``diffcore.train.TrainConfig`` of a study's model spec (dataset, data_root, n,
+    subset_seed, width, model_preset, seed, train_steps, batch_size, learning_rate,
+    lr_warmup_images); raises before anything is trained."""
     from diffcore import train
 
     data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
             "subset_seed": spec["subset_seed"]}
-    config = train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
-                               batch_size=spec["batch_size"], lr=spec["learning_rate"],
-                               lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
-                               device=str(device), out_dir=str(work_dir), progress=_env.progress_enabled(progress))
-    result = train.train_from_config(config, resume="auto")
+    model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
+    return train.TrainConfig(data=data, model=model, steps=spec["train_steps"], batch_size=spec["batch_size"],
+                             lr=spec["learning_rate"], lr_warmup_images=spec["lr_warmup_images"],
+                             seed=spec["seed"], device=str(device), out_dir=str(work_dir),
+                             progress=_env.progress_enabled(progress))
+
+
+def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",
+                progress: bool = True) -> dict:
+    """Train the model a study's ``spec`` describes with diffcore.train; checkpoints live in
+    ``work_dir`` (a killed run resumes from them), the final one is copied to ``out_dir/checkpoint``.
+    ``images`` are the N training images (the trainer reloads the same nested subset)."""
+    from diffcore import train
+
+    if images.shape[0] != spec["n"]:
+        raise ValueError(f"images: expected the {spec['n']} training images, got {images.shape[0]}")
+    result = train.train_from_config(training_request(spec, work_dir, device, progress), resume="auto")
     if result.checkpoint is None:
         raise RuntimeError(f"diffcore.train wrote no checkpoint for {spec}")
     shutil.copytree(result.checkpoint, Path(out_dir) / "checkpoint")
-    if images.shape[0] != spec["n"]:
-        raise ValueError(f"images: expected the {spec['n']} training images, got {images.shape[0]}")
     return {"final_loss": result.final_loss, "step": result.step, "images_seen": result.images_seen}
 
 
@@ -140,16 +106,3 @@ def load_model(model_dir: Path, device="cpu"):
     from diffcore import train
 
     return train.load_trained_model(Path(model_dir) / "checkpoint", which="ema").to(device).eval()
-
-
-def train_cli_main(argv: list[str]) -> int:
-    """The ``diffcore train`` command: delegated to diffcore.train's argument parser."""
-    from diffcore import train
-
-    return int(train.main_train(argv) or 0)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -2,6 +2,7 @@
 
 An experiment writes everything under one output folder::
 
+    OUT/diffcore-run.json      the kind of run (the experiment's name; another kind is refused)
     OUT/config.json            the resolved config (a rerun with a different config is refused)
     OUT/units/<kind>/<name>/   finished units: a trained model, a sample set, a metric ...
     OUT/work/<kind>/<name>/    scratch of unfinished units (e.g. a trainer's checkpoints)
@@ -13,22 +14,31 @@ folder and moved into place with one ``os.replace`` after its manifest is writte
 leaves either a finished unit or none; a finished unit whose files no longer match the manifest is
 an error, never silently reused. Single files (results, figures) are written to a temporary file in
 the same folder and ``os.replace``-d over the target.
+
+A run holds the folder with :meth:`Workspace.claim` (see :mod:`diffcore._folder`): one run at a
+time (a second one waits or exits naming the holder), temporaries of killed runs removed, a folder
+of another kind refused; the config is validated before it is bound.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from diffcore import _folder
+from diffcore.sampler.noise import SEED_MAX
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +79,27 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _non_finite_path(value: Any, path: str = "") -> str | None:
+    """The path (``models[3].gl``) of the first NaN or infinity in a JSON-able value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the value)"
+    if isinstance(value, Mapping):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for p, v in items if (found := _non_finite_path(v, p)) is not None), None)
+
+
 def json_dumps(value: Any) -> str:
-    return json.dumps(to_jsonable(value), indent=2, sort_keys=True, allow_nan=True) + "\n"
+    """Strict JSON (sorted keys, indented): a NaN or infinity raises ValueError naming where it is
+    (missing values are None, written as null)."""
+    value = to_jsonable(value)
+    where = _non_finite_path(value)
+    if where is not None:
+        raise ValueError(f"refusing to write a non-finite number as JSON: {where} is not finite")
+    return json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> Path:
@@ -167,9 +196,185 @@ def apply_overrides(config: Any, overrides: Iterable[str]) -> Any:
 
 def config_from_preset(presets: Mapping[str, Callable[[], Any]], preset: str,
                        overrides: Iterable[str] = ()) -> Any:
+    """The preset with ``overrides`` applied, validated (its ``validate()``, when it has one)."""
     if preset not in presets:
         raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    return apply_overrides(presets[preset](), overrides)
+    config = apply_overrides(presets[preset](), overrides)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+# ----------------------------------------------------------------------------- field ranges
+# A check is ``check(name, value)`` raising ConfigError("name: expected ..., got ...").
+
+Check = Callable[[str, Any], None]
+
+
+def _fail(name: str, expected: str, value: Any) -> None:
+    raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _bounds(lo, hi, lo_open: bool = False) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}]"
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    """An int in [lo, hi] (None: unbounded on that side)."""
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, "an integer", value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            _fail(name, "an integer " + (_bounds(lo, hi) if lo is not None else f"<= {hi}"), value)
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
+    """A finite real number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(name, "a finite number", value)
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if low_bad or (hi is not None and value > hi):
+            _fail(name, "a finite number " + (_bounds(lo, hi, lo_open) if lo is not None else f"<= {hi}"), value)
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    def check(name, value):
+        if value not in choices:
+            _fail(name, "one of " + ", ".join(map(str, choices)), value)
+    return check
+
+
+def text(name: str, value: Any) -> None:
+    """Any string (a path, a name checked where it is used)."""
+    if not isinstance(value, str):
+        _fail(name, "a string", value)
+
+
+def optional(inner: Check) -> Check:
+    """None or a value ``inner`` accepts."""
+    def check(name, value):
+        if value is not None:
+            inner(name, value)
+    return check
+
+
+def tuple_of(inner: Check, min_len: int = 1) -> Check:
+    """A tuple of at least ``min_len`` distinct values, each accepted by ``inner``."""
+    def check(name, value):
+        if not isinstance(value, tuple) or len(value) < min_len:
+            _fail(name, f"at least {min_len} comma-separated value{'s' if min_len != 1 else ''}", value)
+        if len(set(value)) != len(value):
+            _fail(name, "distinct values", value)
+        for i, item in enumerate(value):
+            inner(f"{name}[{i}]", item)
+    return check
+
+
+seed = integer(0, SEED_MAX)
+
+
+def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
+    """Run ``checks[field]`` on every field of the dataclass ``config`` (every field needs one)."""
+    names = [f.name for f in dataclasses.fields(config)]
+    missing = [n for n in names if n not in checks]
+    if missing:
+        raise TypeError(f"{type(config).__name__}: no range declared for {', '.join(missing)}")
+    for name in names:
+        checks[name](name, getattr(config, name))
+
+
+def check_seed_range(start_name: str, start: int, count: int) -> None:
+    """Seeds ``start .. start + count - 1`` must all be valid seeds."""
+    if start + count - 1 > SEED_MAX:
+        raise ConfigError(f"{start_name}: seeds {start} .. {start + count - 1} exceed the largest "
+                          f"seed {SEED_MAX}")
+
+
+def check_sigmas(sigma_min: float, sigma_max: float) -> None:
+    if not sigma_min < sigma_max:
+        raise ConfigError(f"sigma_min: expected sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+
+
+# ----------------------------------------------------------------------------- sharded runs
+
+SHARD_VAR = "DIFFCORE_SHARD"
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+    """This process's part in a run: ``index`` of ``count`` processes (a plain run: 0 of 1).
+
+    ``distributed``: torchrun ranks, which meet at :meth:`barrier` before rank 0 aggregates;
+    otherwise ``--shard I/N`` processes (a batch scheduler's job array), after which a plain run
+    aggregates. Either way every process produces the units no other process is producing."""
+
+    index: int = 0
+    count: int = 1
+    distributed: bool = False
+
+    @property
+    def alone(self) -> bool:
+        return self.count == 1
+
+    @property
+    def aggregates(self) -> bool:
+        """Whether this process writes the results (a plain run, or rank 0 after the barrier)."""
+        return self.alone or (self.distributed and self.index == 0)
+
+    def describe(self) -> str:
+        return f"{'rank' if self.distributed else 'shard'} {self.index}/{self.count}"
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; ConfigError naming --shard otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard: expected I/N with 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def participation() -> Participation:
+    """This process's part, from ``DIFFCORE_SHARD=I/N`` (``--shard``) or torchrun's WORLD_SIZE
+    and RANK (a gloo process group is initialized for the barrier when there is none)."""
+    shard = os.environ.get(SHARD_VAR, "").strip()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard and world > 1:
+        raise ConfigError("--shard: not under torchrun (the ranks already split the work)")
+    if shard:
+        return Participation(*parse_shard(shard))
+    if world <= 1:
+        return Participation()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="env://", rank=int(os.environ["RANK"]), world_size=world)
+    return Participation(dist.get_rank(), dist.get_world_size(), distributed=True)
+
+
+@contextlib.contextmanager
+def units_in_one_process() -> Iterator[None]:
+    """Inside: torchrun's WORLD_SIZE and RANK hidden, so that a unit (a model's training) runs in
+    this process alone instead of joining the ranks' process group (each rank makes its own units)."""
+    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 # ----------------------------------------------------------------------------- resumable units
@@ -196,27 +401,50 @@ class Workspace:
     """An experiment's output folder with resumable units."""
 
     def __init__(self, root: str | os.PathLike, verify: bool = True):
-        self.root = Path(root)
+        self.root = _folder.check_output_folder(root)
         self.verify = verify
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.kind: str | None = None
+
+    @contextlib.contextmanager
+    def claim(self, kind: str, shared: bool = False) -> Iterator["Workspace"]:
+        """Hold the folder for a run of ``kind`` (lock, stale temporaries removed, another kind
+        refused; see :mod:`diffcore._folder`; ``shared``: one process of a sharded or distributed
+        run). :meth:`bind_config` then records the kind."""
+        with _folder.claim_folder(self.root, kind, record=False, legacy_files=("config.json",), shared=shared):
+            self.kind = kind
+            try:
+                yield self
+            finally:
+                self.kind = None
 
     # config ------------------------------------------------------------------
     def bind_config(self, config: Any, name: str = "config.json") -> None:
-        """Write the run's config, or check that it equals the one already there."""
+        """Write the run's config, or check that it equals the one already there (validate the
+        config first); inside :meth:`claim` this also records the folder's kind."""
         path = self.root / name
         wanted = json.loads(json_dumps(config))
         if path.exists():
-            found = json.loads(path.read_text())
+            try:
+                found = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UnitError(f"{path}: unreadable ({exc}); delete it only if the folder holds "
+                                "nothing you need, or use a new --out folder") from None
             if found != wanted:
                 diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
                 raise UnitError(f"out: {self.root} holds a run with another config (differs in "
                                 f"{', '.join(diff)}); use a new --out folder or the same settings")
-            return
-        atomic_write_json(path, wanted)
+        else:
+            atomic_write_json(path, wanted)
+        if self.kind is not None:
+            _folder.record_kind(self.root, self.kind)
 
     # paths -------------------------------------------------------------------
     def unit_path(self, kind: str, name: str) -> Path:
         return self.root / "units" / kind / name
+
+    def claim_path(self, kind: str, name: str) -> Path:
+        """The claim file of a unit (held while the unit is produced)."""
+        return self.root / "units" / kind / f".{name}.claim"
 
     def work_path(self, kind: str, name: str) -> Path:
         """Persistent scratch of an unfinished unit (kept across kills; removed when it finishes)."""
@@ -233,8 +461,8 @@ class Workspace:
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UnitError(f"unit {kind}/{name}: unreadable {MANIFEST}; delete {path} to redo it") from exc
+        except (ValueError, UnicodeDecodeError):
+            raise UnitError(f"{manifest_path}: unreadable; delete {path} to redo the unit") from None
         wanted = json.loads(json_dumps(spec))
         if manifest.get("spec") != wanted:
             raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "
@@ -257,10 +485,26 @@ class Workspace:
         and may keep resumable state in ``work_dir``; it returns JSON metadata (or None). The
         folder becomes the unit only after its manifest is written, by one rename.
         """
+        return self._run_unit(kind, name, spec, produce, wait=True)
+
+    def try_run_unit(self, kind: str, name: str, spec: Mapping[str, Any],
+                     produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit | None:
+        """:meth:`run_unit`, or None at once when another process is producing the unit."""
+        return self._run_unit(kind, name, spec, produce, wait=False)
+
+    def _run_unit(self, kind, name, spec, produce, wait: bool) -> Unit | None:
         unit = self.finished(kind, name, spec)
         if unit is not None:
             log.debug("reusing %s/%s", kind, name)
             return unit
+        with _folder.unit_claim(self.claim_path(kind, name), wait) as held:  # one producer at a time
+            if not held:
+                return None
+            unit = self.finished(kind, name, spec)  # made by another process meanwhile
+            return unit if unit is not None else self._produce(kind, name, spec, produce)
+
+    def _produce(self, kind: str, name: str, spec: Mapping[str, Any],
+                 produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit:
         final = self.unit_path(kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a folder without a manifest: leftovers, never a finished unit

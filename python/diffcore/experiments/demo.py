@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from diffcore import metrics
-from diffcore.experiments import plotting
-from diffcore.experiments.base import atomic_write_json, json_dumps
+from diffcore.experiments import base, plotting
+from diffcore.experiments.base import Workspace, atomic_write_json, json_dumps
+from diffcore.sampler import SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,25 @@ class DemoConfig:
     similarity: str = "cosine"
     threshold: float | None = None  # None: calibrated on the data (pixel space) or 0.6 (descriptors)
 
+    def validate(self, pool_size: int | None = None) -> None:
+        """Raise ConfigError naming the first field out of its range (``pool_size``: images in the
+        dataset, once loaded, bound ``num_train``)."""
+        base.check_fields(self, FIELD_CHECKS)
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
+        base.check_sigmas(self.sigma_min, self.sigma_max)
+        if pool_size is not None and self.num_train > pool_size:
+            raise base.ConfigError(f"num_train: expected 2 .. {pool_size} (the images of {self.dataset}), "
+                                   f"got {self.num_train}")
+
+
+_POSITIVE_REAL = base.number(0, lo_open=True)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
+    "num_samples": base.integer(1), "sample_seed_start": base.seed, "steps": base.integer(1),
+    "solver": base.one_of(*SOLVERS), "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL,
+    "similarity": base.text, "threshold": base.optional(base.number(-1, 1)),
+}
+
 
 PRESETS: dict[str, Callable[[], DemoConfig]] = {
     "default": DemoConfig,
@@ -54,6 +74,7 @@ def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto"
     """Run the demo into ``out`` (``demo.png``, ``results.json``); returns the results."""
     from diffcore.experiments import reproducibility
 
+    config.validate()
     if hooks is None:
         from diffcore.experiments._stack import resolve_device
 
@@ -61,11 +82,15 @@ def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto"
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     pool = hooks.load_dataset(config.dataset, config.data_root)
-    if not 2 <= config.num_train <= pool.shape[0]:
-        raise ValueError(f"num_train: expected 2 .. {pool.shape[0]}, got {config.num_train}")
+    config.validate(pool.shape[0])
+    ws = Workspace(out)
+    with ws.claim(NAME):
+        ws.bind_config(config)
+        return _run(config, ws.root, hooks, device, progress, pool)
+
+
+def _run(config: DemoConfig, out: Path, hooks, device: str, progress: bool, pool: torch.Tensor) -> dict:
     train, train_index = hooks.subset(pool, config.num_train, config.subset_seed)
     seeds = list(range(config.sample_seed_start, config.sample_seed_start + config.num_samples))
     shape = tuple(pool.shape[1:])

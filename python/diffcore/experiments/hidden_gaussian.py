@@ -32,7 +32,8 @@ from typing import Callable
 
 import torch
 
-from diffcore.experiments import plotting
+from diffcore import _env
+from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -67,6 +68,33 @@ class HiddenGaussianConfig:
     sampler_steps: int = 18
     grid_samples: int = 8
 
+    def validate(self, pixels: int | None = None) -> None:
+        """Raise ConfigError naming the first field out of its range (``pixels``: numbers per image
+        of the dataset, once loaded, bound ``distill_samples``)."""
+        base.check_fields(self, FIELD_CHECKS)
+        if not self.models_from and not (self.widths and self.sizes):
+            raise base.ConfigError("widths, sizes: expected at least one value each (an empty tuple means "
+                                   "'every one found' and needs models_from)")
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
+        base.check_sigmas(self.sigma_min, self.sigma_max)
+        if pixels is not None and self.distill_samples <= pixels + 1:
+            raise base.ConfigError(f"distill_samples: the linear fit needs more than pixels + 1 = {pixels + 1} "
+                                   f"noisy images, got {self.distill_samples}")
+
+
+_POSITIVE = base.integer(1)
+_POSITIVE_REAL = base.number(0, lo_open=True)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "models_from": base.text, "dataset": base.text, "data_root": base.text, "model_preset": base.text,
+    "widths": base.tuple_of(_POSITIVE, min_len=0), "sizes": base.tuple_of(base.integer(2), min_len=0),
+    "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed,
+    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL,
+    "lr_warmup_images": base.integer(0), "num_sigmas": base.integer(2),
+    "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL, "linearity_pairs": _POSITIVE,
+    "distill_samples": base.integer(2), "probe_seed": base.seed, "num_samples": _POSITIVE,
+    "sample_seed_start": base.seed, "sampler_steps": _POSITIVE, "grid_samples": base.integer(0),
+}
+
 
 def _quick() -> HiddenGaussianConfig:
     """Two digits UNets (N = 16 memorizes, N = 1024 less so), 300 steps each; 3-5 minutes on a
@@ -93,11 +121,10 @@ CONFIG_CLASS = HiddenGaussianConfig
 
 
 def default_hooks():
-    """The reproducibility study's hooks, with ``diffcore.denoisers.EmpiricalDenoiser``."""
-    from diffcore.denoisers import EmpiricalDenoiser
+    """The reproducibility study's hooks (the empirical denoiser is ``diffcore.denoisers.EmpiricalDenoiser``)."""
     from diffcore.experiments import reproducibility
 
-    return dataclasses.replace(reproducibility.default_hooks(), empirical_denoiser=EmpiricalDenoiser)
+    return reproducibility.default_hooks()
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -279,8 +306,9 @@ class _Study:
 
     def run(self) -> dict:
         c = self.c
-        self.ws.bind_config(c)
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
+        c.validate(pool[0].numel())
+        self.ws.bind_config(c)
         models = self.reused_models() if c.models_from else self.trained_models(pool)
         per_model, curves, samples = [], [], {}
         for model in models:
@@ -349,11 +377,7 @@ def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
 def _cpu_threads(device: str):
     """One intra-op thread on the CPU: the digits UNets are small, and on the shared 2-core machine a
     training step took 0.17 s with one thread against 5-11 s with two (thread contention)."""
-    import contextlib
-
-    from diffcore.experiments import _vector
-
-    return _vector.threads(1) if str(device) == "cpu" else contextlib.nullcontext()
+    return _env.torch_threads(1 if str(device) == "cpu" else 0)
 
 
 def _on_cpu(denoiser, device: str):
@@ -405,9 +429,12 @@ def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", 
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
+    config.validate()
     start = time.perf_counter()
     with _cpu_threads(device):
-        results = _Study(config, out, hooks, device, progress).run()
+        study = _Study(config, out, hooks, device, progress)
+        with study.ws.claim(NAME):
+            results = study.run()
     log.info("hidden-gaussian study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 
 from diffcore.experiments import _vector
+from diffcore import _env
+from diffcore.experiments import base
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -77,6 +79,34 @@ class MoLRGConfig:
 
     def sizes(self, d: int) -> list[int]:
         return sorted({max(2, int(round(r * d))) for r in self.ratios})
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field out of its range."""
+        base.check_fields(self, FIELD_CHECKS)
+        if max(self.latent_dims) > self.ambient_dim:
+            raise base.ConfigError(f"latent_dims: expected values <= ambient_dim = {self.ambient_dim}, "
+                                   f"got {self.latent_dims}")
+        base.check_seed_range("data_seed", self.data_seed, max(self.latent_dims) + 1)
+        base.check_seed_range("sample_seed_start", self.sample_seed_start,
+                              max(self.num_samples, self.rank_samples, self.calibration_pool))
+        base.check_sigmas(self.sigma_min, self.sigma_max)
+
+
+_POSITIVE = base.integer(1)
+_POSITIVE_REAL = base.number(0, lo_open=True)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "num_components": _POSITIVE, "ambient_dim": _POSITIVE, "latent_dims": base.tuple_of(_POSITIVE),
+    "ratios": base.tuple_of(_POSITIVE_REAL), "data_seed": base.seed,
+    "models": base.tuple_of(base.one_of("subspace", "mlp")),
+    "subspace_steps": _POSITIVE, "subspace_lr": _POSITIVE_REAL, "subspace_restarts": _POSITIVE,
+    "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "mlp_steps": _POSITIVE, "mlp_lr": _POSITIVE_REAL,
+    "batch_size": _POSITIVE, "P_mean": base.number(), "P_std": _POSITIVE_REAL, "train_seed": base.seed,
+    "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
+    "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL,
+    "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
+    "gl_threshold": base.optional(base.number(-1, 1)),  # a cosine
+    "rank_samples": _POSITIVE,
+}
 
 
 def _quick() -> MoLRGConfig:
@@ -338,9 +368,12 @@ def run(config: MoLRGConfig, out, *, hooks=None, device: str = "auto", progress:
     """Run (or resume) the study into ``out`` (CPU: the models are tiny); returns results.json's content."""
     if hooks is not None:
         raise ValueError("hooks: the MoLRG study has no injectable hooks")
+    config.validate()
     start = time.perf_counter()
-    with _vector.threads(1):
-        results = _Study(config, out, progress).run()
+    with _env.torch_threads(1):
+        study = _Study(config, out, progress)
+        with study.ws.claim(NAME):
+            results = study.run()
     log.info("molrg study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 

@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 
 from diffcore.experiments import _vector
+from diffcore import _env
+from diffcore.experiments import base
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -68,14 +70,17 @@ class PFDConfig:
     normalize: str = "per_dim"                    # none | per_dim (RMS per coordinate)
 
     def validate(self) -> None:
-        if self.teacher not in ("molrg", "gaussian"):
-            raise ValueError(f"teacher: expected molrg or gaussian, got {self.teacher!r}")
-        if self.teacher_flow not in ("sampler", "exact"):
-            raise ValueError(f"teacher_flow: expected sampler or exact, got {self.teacher_flow!r}")
+        """Raise ConfigError naming the first field out of its range."""
+        base.check_fields(self, FIELD_CHECKS)
         if self.teacher_flow == "exact" and self.teacher != "gaussian":
-            raise ValueError("teacher_flow: 'exact' needs teacher=gaussian (the MoLRG flow has no closed form)")
-        if min(self.sizes) < 1 or (self.curve_size and self.curve_size not in self.sizes):
-            raise ValueError(f"curve_size: {self.curve_size} must be one of sizes {self.sizes} (or 0 for none)")
+            raise base.ConfigError("teacher_flow: 'exact' needs teacher=gaussian (the MoLRG flow has no closed form)")
+        if self.latent_dim > self.ambient_dim:
+            raise base.ConfigError(f"latent_dim: expected <= ambient_dim = {self.ambient_dim}, got {self.latent_dim}")
+        if self.curve_size and self.curve_size not in self.sizes:
+            raise base.ConfigError(f"curve_size: {self.curve_size} must be one of sizes {self.sizes} (or 0 for none)")
+        base.check_seed_range("teacher_seed", self.teacher_seed, 2)
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
+        base.check_sigmas(self.sigma_min, self.sigma_max)
 
     def snapshot_steps(self) -> list[int]:
         if not self.curve_size:
@@ -101,6 +106,19 @@ def _paper() -> PFDConfig:
     return PFDConfig(ambient_dim=32, latent_dim=4, sizes=tuple(2 ** k for k in range(1, 14)), train_seeds=(0, 1, 2),
                      mlp_width=256, mlp_depth=4, steps=20000, curve_size=64, curve_points=20, num_samples=2048)
 
+
+_POSITIVE = base.integer(1)
+_POSITIVE_REAL = base.number(0, lo_open=True)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "teacher": base.one_of("molrg", "gaussian"), "teacher_flow": base.one_of("sampler", "exact"),
+    "num_components": _POSITIVE, "ambient_dim": _POSITIVE, "latent_dim": _POSITIVE, "teacher_seed": base.seed,
+    "sizes": base.tuple_of(_POSITIVE), "train_seeds": base.tuple_of(base.seed),
+    "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "steps": _POSITIVE, "lr": _POSITIVE_REAL,
+    "batch_size": _POSITIVE, "P_mean": base.number(), "P_std": _POSITIVE_REAL,
+    "curve_size": base.integer(0), "curve_points": _POSITIVE,
+    "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
+    "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL, "normalize": base.one_of("none", "per_dim"),
+}
 
 PRESETS: dict[str, Callable[[], PFDConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
 CONFIG_CLASS = PFDConfig
@@ -308,8 +326,10 @@ def run(config: PFDConfig, out, *, hooks: PFDHooks | None = None, device: str = 
         progress: bool = True) -> dict:
     """Run (or resume) the study into ``out`` (CPU; the students are tiny MLPs)."""
     start = time.perf_counter()
-    with _vector.threads(1):
-        results = _Study(config, out, hooks or default_hooks(), progress).run()
+    with _env.torch_threads(1):
+        study = _Study(config, out, hooks or default_hooks(), progress)  # validates the config
+        with study.ws.claim(NAME):
+            results = study.run()
     log.info("pfd study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 

@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import torch
 
-from diffcore import metrics
-from diffcore.experiments import plotting
+from diffcore import _env, metrics
+from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
@@ -80,17 +80,31 @@ class ReproducibilityConfig:
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
 
-    def validate(self, pool_size: int) -> None:
-        if not self.widths or not self.sizes or not self.train_seeds:
-            raise ValueError("widths, sizes and train_seeds must each name at least one value")
-        if min(self.sizes) < 2:
-            raise ValueError(f"sizes: the memorization ratio needs N >= 2, got {min(self.sizes)}")
-        if max(self.sizes) > pool_size:
-            raise ValueError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
-        if self.num_samples < 1:
-            raise ValueError("num_samples must be at least 1")
-        if self.torch_threads < 0 or self.train_workers < 1:
-            raise ValueError("torch_threads must be >= 0 and train_workers >= 1")
+    def validate(self, pool_size: int | None = None) -> None:
+        """Raise ConfigError naming the first field out of its range (``pool_size``: the number of
+        images of the dataset, once loaded, bounds ``sizes``)."""
+        base.check_fields(self, FIELD_CHECKS)
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
+        base.check_sigmas(self.sigma_min, self.sigma_max)
+        if pool_size is not None and max(self.sizes) > pool_size:
+            raise base.ConfigError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
+
+
+_POSITIVE = base.integer(1)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "dataset": base.text, "data_root": base.text, "model_preset": base.text, "similarity": base.text,
+    "widths": base.tuple_of(_POSITIVE),
+    "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
+    "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
+    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
+    "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
+    "solver": base.one_of("euler", "heun"),
+    "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
+    "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
+    "calibration_quantile": base.number(0, 1),
+    "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
+    "grid_samples": base.integer(0), "torch_threads": base.integer(0), "train_workers": _POSITIVE,
+}
 
 
 # How many models train at once changes the wall time, not the results (each model's training is
@@ -164,10 +178,7 @@ class StudyHooks:
 def default_hooks() -> StudyHooks:
     from diffcore.experiments import _stack
 
-    return StudyHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
-                      load=_stack.load_model, sample=_stack.sample,
-                      empirical_denoiser=_stack.empirical_denoiser, knn=_stack.knn,
-                      noise_from_seeds=_stack.noise_from_seeds)
+    return _stack.default_hooks()
 
 
 # ----------------------------------------------------------------------------- units
@@ -188,8 +199,10 @@ class _Study:
     """One run of the study: config, workspace, hooks and the units made so far."""
 
     def __init__(self, config: ReproducibilityConfig, out: str | Path, hooks: StudyHooks,
-                 device: str, progress: bool, default_stack: bool = False):
+                 device: str, progress: bool, default_stack: bool = False,
+                 part: base.Participation = base.Participation()):
         self.config = config
+        self.part = part  # this process's part of a sharded or distributed run
         self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
         self.train_wall_seconds: float | None = None  # set when models were trained in workers
         self.ws = Workspace(out)
@@ -237,7 +250,15 @@ class _Study:
         value = json.loads(unit.file("threshold.json").read_text())["threshold"]
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
-    def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape) -> torch.Tensor:
+    def run_unit(self, phase: str, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
+        """The workspace's unit (``wait=False``: None when another process is making it)."""
+        unit = (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
+        if unit is not None:
+            self.units[phase].append(unit)
+        return unit
+
+    def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape,
+                    wait: bool = True) -> torch.Tensor | None:
         def produce(tmp: Path, work: Path) -> dict:
             c = self.config
             samples = self.hooks.sample(make_denoiser(), c.seeds(), shape, steps=c.sampler_steps,
@@ -246,19 +267,43 @@ class _Study:
             _save_tensor(tmp / "samples.pt", samples.float())
             return {"shape": list(samples.shape)}
 
-        unit = self.ws.run_unit("samples", name, spec, produce)
-        self.units["sample"].append(unit)
-        return _load_tensor(unit.file("samples.pt"))
+        unit = self.run_unit("sample", "samples", name, spec, produce, wait)
+        return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
-    def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor) -> Unit:
+    def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
+                   wait: bool = True) -> Unit | None:
         spec = self.model_spec(width, n, seed)
 
         def produce(tmp: Path, work: Path) -> dict:
             return self.hooks.train(train_images, spec, tmp, work, device=self.device, progress=self.progress)
 
-        unit = self.ws.run_unit("models", _model_name(width, n, seed), spec, produce)
-        self.units["train"].append(unit)
-        return unit
+        return self.run_unit("train", "models", _model_name(width, n, seed), spec, produce, wait)
+
+    def empirical_sample_spec(self, n: int) -> dict:
+        return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
+
+    def models_costliest_first(self) -> list[tuple[int, int, int]]:
+        """(width, n, seed) of every model, widest and largest N first."""
+        c = self.config
+        return [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
+                for s in c.train_seeds]
+
+    def produce_share(self, pool: torch.Tensor, shape) -> None:
+        """One process of a sharded run: every model, then every sample set, that no other process
+        is making (each unit claimed while it is made; a killed process's claims are free again)."""
+        c = self.config
+        for width, n, seed in self.models_costliest_first():
+            self.model_unit(width, n, seed, self.hooks.subset(pool, n, c.subset_seed)[0], wait=False)
+        for n in sorted(c.sizes):
+            train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
+            self.sample_unit(f"empirical-n{n}", self.empirical_sample_spec(n),
+                             lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape, wait=False)
+            for width, seed in itertools.product(c.widths, c.train_seeds):
+                name = _model_name(width, n, seed)
+                model = self.ws.finished("models", name, self.model_spec(width, n, seed))
+                if model is not None:  # else another process is still training it
+                    self.sample_unit(name, {**model.spec, **self.sampling_spec()},
+                                     lambda: self.hooks.load(model.path, device=self.device), shape, wait=False)
 
     def metrics_unit(self, name: str, spec: dict, samples: torch.Tensor, train_images: torch.Tensor,
                      reference_samples: torch.Tensor | None, threshold: float) -> dict:
@@ -291,13 +336,19 @@ class _Study:
     # the whole study ----------------------------------------------------------
     def run(self) -> dict:
         c = self.config
-        self.ws.bind_config(c.result_fields())
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
+        self.ws.bind_config(c.result_fields())
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
-        if c.train_workers > 1 and self.default_stack:
+        if not self.part.alone:
+            self.produce_share(pool, shape)
+            self.part.barrier()
+            if not self.part.aggregates:
+                log.info("%s: this process's share is done", self.part.describe())
+                return {}
+        elif c.train_workers > 1 and self.default_stack:
             self.train_in_workers()
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
@@ -305,9 +356,10 @@ class _Study:
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
             emp_name = f"empirical-n{n}"
-            emp_spec = {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
+            emp_spec = self.empirical_sample_spec(n)
             emp_samples = self.sample_unit(emp_name, emp_spec,
-                                           lambda: self.hooks.empirical_denoiser(train_images), shape)
+                                           lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                                           shape)
             emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
             empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
             bar.update(1)
@@ -351,19 +403,18 @@ class _Study:
         (spawned; ``torch_threads`` threads each). The main loop then finds them finished. Costliest
         (widest) first, so the last ones to start are the cheap ones."""
         import concurrent.futures
-        import multiprocessing
+
+        from diffcore import _folder
 
         c = self.config
-        todo = [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
-                for s in c.train_seeds
+        todo = [(w, n, s) for w, n, s in self.models_costliest_first()
                 if self.ws.finished("models", _model_name(w, n, s), self.model_spec(w, n, s)) is None]
         if not todo:
             return
         log.info("training %d models, %d at a time", len(todo), c.train_workers)
         start = time.perf_counter()
-        context = multiprocessing.get_context("spawn")
         bar = _progress_bar(len(todo), self.progress, desc="training", unit="model")
-        pool = concurrent.futures.ProcessPoolExecutor(min(c.train_workers, len(todo)), mp_context=context)
+        pool = _folder.worker_pool(min(c.train_workers, len(todo)), self.ws.root)  # die with this process
         try:
             futures = {pool.submit(_train_model_in_worker, c, str(self.ws.root), w, n, s, self.device): (w, n, s)
                        for w, n, s in todo}
@@ -420,35 +471,15 @@ class _Study:
 def _train_model_in_worker(config: ReproducibilityConfig, out: str, width: int, n: int, seed: int,
                            device: str) -> None:
     """One model unit, in a worker process (see :meth:`_Study.train_in_workers`)."""
-    with _torch_threads(config.torch_threads):
+    with _env.torch_threads(config.torch_threads):
         study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
         pool = study.hooks.load_dataset(config.dataset, config.data_root)
         train_images, _ = study.hooks.subset(pool, n, config.subset_seed)
         study.model_unit(width, n, seed, train_images)
 
 
-class _torch_threads:
-    """Context manager: ``torch.set_num_threads(n)`` inside (n = 0: unchanged)."""
-
-    def __init__(self, n: int):
-        self.n, self.before = int(n), None
-
-    def __enter__(self):
-        if self.n > 0:
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.before is not None:
-            torch.set_num_threads(self.before)
-        return False
-
-
 def _progress_bar(total: int, progress: bool, desc: str = "reproducibility", unit: str = "model"):
     from tqdm.auto import tqdm
-
-    from diffcore import _env
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not _env.progress_enabled(progress))
 
@@ -488,7 +519,11 @@ def summarize(results: dict) -> dict:
 
 def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | None = None,
         device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns the content of ``results.json``."""
+    """Run (or resume) the study into ``out``; returns the content of ``results.json``.
+
+    Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process makes the
+    models and sample sets no other process is making; then rank 0 (or a later plain run) writes
+    the results, and the other processes return ``{}``."""
     from diffcore.experiments._stack import resolve_device
 
     default_stack = hooks is None
@@ -497,13 +532,18 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
+    config.validate()
+    part = base.participation()
     start = time.perf_counter()
-    with _torch_threads(config.torch_threads):
-        study = _Study(config, out, hooks, device, progress, default_stack=default_stack)
-        results = study.run()
-    wall = time.perf_counter() - start
-    timings_path = Path(out) / "timings.json"
-    atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
+    with _env.torch_threads(config.torch_threads):
+        study = _Study(config, out, hooks, device, progress, default_stack=default_stack, part=part)
+        with study.ws.claim(NAME, shared=not part.alone), base.units_in_one_process():
+            results = study.run()
+            if not results:  # a shard, or a rank other than 0: the aggregating run writes the results
+                return results
+            wall = time.perf_counter() - start
+            timings_path = study.ws.root / "timings.json"
+            atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
     log.info("reproducibility study done in %.1f s: %s", wall, out)
     return results
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from diffcore import _env
 from diffcore.ref.attention import compute_dtype
 
 # scores per chunk (fp32: 1 MiB), chosen by measurement on a 2-core EPYC (256K..1M equally good,
@@ -89,14 +90,9 @@ def run_chunks(bh: int, lq: int, lk: int, body, n_buffers: int, like: torch.Tens
             for hs, rs in group:
                 body(hs, rs, ws)
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for f in [pool.submit(work, g) for g in groups if g]:
-                f.result()
-    finally:
-        torch.set_num_threads(previous)
+    with _env.torch_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
+        for f in [pool.submit(work, g) for g in groups if g]:
+            f.result()
 
 
 def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,8 +62,9 @@ def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2, *,
         float64 queries and float32 otherwise. Not differentiable (results are computed without
         autograd).
 
-    The ``cpu`` backend also rejects values of magnitude above 1e15 (its screening bound assumes
-    no fp32 overflow); ``triton`` takes k <= 16, ``cuda`` k <= 16 and no float64 queries.
+    Every backend rejects values of magnitude above 1e15 (``MAX_MAGNITUDE``: the ``cpu`` kernel's
+    screening bound assumes no fp32 overflow, and one contract holds for all backends);
+    ``triton`` takes k <= 16, ``cuda`` k <= 16 and no float64 queries.
 
     Example:
         >>> d, i = knn(torch.randn(4, 3, 8, 8), torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8), k=2)
@@ -72,10 +73,21 @@ def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2, *,
     out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     name = BACKENDS.resolve(backend, q.device)
     if name != "cpu":  # the CPU kernel checks the training rows while it converts them
-        _checks.check_finite("train", y)
+        _check_magnitude("train", y)
     with torch.no_grad():
         d2, idx = _IMPLS[name](q, y, k)
     return d2.sqrt().to(out_dtype), idx
+
+
+MAX_MAGNITUDE = 1e15  # the largest |value| any backend accepts (the cpu kernel's kMaxMagnitude)
+
+
+def _check_magnitude(name: str, values: torch.Tensor) -> None:
+    """Finite values of magnitude <= MAX_MAGNITUDE (uint8 images always are)."""
+    _checks.check_finite(name, values)
+    if values.is_floating_point() and values.numel() and float(values.abs().max()) > MAX_MAGNITUDE:
+        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), "
+                         f"got {float(values.abs().max()):g}")
 
 
 def _validate(queries, train, k):
@@ -95,7 +107,7 @@ def _validate(queries, train, k):
     n_train = train.shape[0]
     if k > n_train:
         raise ValueError(f"k: expected k <= N = {n_train} (the number of training rows), got {k}")
-    _checks.check_finite("queries", queries)
+    _check_magnitude("queries", queries)
     q = queries.detach().reshape(queries.shape[0], -1).contiguous()
     y = train.detach().reshape(n_train, -1).contiguous()
     return q, y, k

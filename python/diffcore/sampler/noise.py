@@ -4,12 +4,17 @@ This makes sample i's initial noise (and its stochastic-step noise) independent 
 runs in, the device and the backend (EDM's ``StackedRandomGenerator`` idea): the noise is drawn
 in float64 from a CPU ``torch.Generator`` per sample and then cast and moved, so a sample drawn
 alone and the same sample drawn in a batch of 1000 on a GPU start from the same numbers.
+
+Seeds are integers in [0, 2**32 - 1]: torch's CPU generator (mt19937) keeps only the low 32 bits
+of a seed, so 2**32 + 7 would silently repeat seed 7; larger seeds are refused.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
+
+SEED_MAX = 2 ** 32 - 1  # the largest seed with its own stream (mt19937 is seeded with 32 bits)
 
 
 def _seed_list(seeds) -> list[int]:
@@ -21,8 +26,9 @@ def _seed_list(seeds) -> list[int]:
     if not values:
         raise ValueError("seeds: expected at least one seed, got an empty sequence")
     for i, s in enumerate(values):
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"seeds: expected non-negative integers, got seeds[{i}] = {s!r}")
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
+            raise ValueError(f"seeds: expected non-negative integers below 2**32 (larger seeds would repeat "
+                             f"smaller ones: torch's CPU generator keeps 32 bits), got seeds[{i}] = {s!r}")
     return values
 
 
@@ -31,7 +37,7 @@ class SeededNoise:
     generator of seeds[i]; successive calls continue each sample's stream.
 
     Args:
-        seeds: one non-negative integer per sample.
+        seeds: one integer in [0, 2**32 - 1] per sample.
         device, dtype: where and in which dtype the noise is returned (drawn in float64 on the CPU).
     """
 

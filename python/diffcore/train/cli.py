@@ -7,8 +7,13 @@ Wire into the main CLI with ``add_train_arguments(subparser)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+from pathlib import Path
+
+from diffcore import _folder
 
 from diffcore.train.config import TrainConfig
 
@@ -41,7 +46,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A ``TrainConfig`` from ``--config`` (if given) with the command-line overrides applied."""
-    values = json.loads(open(args.config).read()) if args.config else {}
+    values = _read_config_file(args.config) if args.config else {}
     for field in ("out_dir", "data", "model", "loss", "steps", "batch_size", "lr", "precision", "compile",
                   "seed", "device", "checkpoint_every", "log_every"):
         value = getattr(args, field, None)
@@ -59,11 +64,32 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def _read_config_file(path: str) -> dict:
+    try:
+        values = json.loads(Path(path).read_text())
+    except ValueError as error:
+        raise ValueError(f"--config {path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    return values
+
+
+def _claim_run_folder(out_dir: str):
+    """Hold the run folder (lock, kind "train"; see diffcore._folder) on the main process only."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return _folder.claim_folder(out_dir, "train", argument="--out-dir",
+                                legacy_files=("config.json", "checkpoints", "metrics.jsonl"))
+
+
 def run_train_args(args: argparse.Namespace) -> int:
-    """Run training for parsed arguments; returns the exit code."""
+    """Run training for parsed arguments (validated first, then the folder is claimed); returns
+    the exit code."""
     from diffcore.train.trainer import train_from_config
 
-    result = train_from_config(config_from_args(args), resume=args.resume)
+    config = config_from_args(args)  # TrainConfig validates itself
+    with _claim_run_folder(config.out_dir):
+        result = train_from_config(config, resume=args.resume)
     log.info("finished at step %d (%d images); checkpoint %s", result.step, result.images_seen, result.checkpoint)
     return 0
 

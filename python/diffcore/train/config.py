@@ -75,6 +75,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr_warmup_images < 0 or self.grad_clip < 0:
             raise ValueError("lr_warmup_images and grad_clip must be >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError(f"seed: expected an integer in [0, 2**32 - 1] (torch's generator keeps 32 bits), "
+                             f"got {self.seed!r}")
         if "name" not in self.data or "name" not in self.model:
             raise ValueError("data and model specs need a 'name'")
 

@@ -1,13 +1,13 @@
 """Model construction from a config: ``build_model({"name": ..., **kwargs})``.
 
-Register a factory with ``register_model("name", factory)`` (or as a decorator); a spec may also
-name any importable factory as ``"package.module:callable"``. Built in: ``"ddpmpp"``, the
+Register a factory with ``register_model("name", factory)`` (or as a decorator), in code. A spec
+only ever names a registered factory: a run folder's ``config.json`` is data a user may have been
+handed, so a name in it is never imported or called as ``module:callable``. Built in: ``"ddpmpp"``, the
 EDM-preconditioned DDPM++ UNet of ``diffcore.models`` (``{"name": "ddpmpp", "preset":
 "ddpmpp-cifar", "model_channels": 64}`` is UNet-64 at 32x32), imported when first built.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Mapping
 
 import torch
@@ -33,7 +33,7 @@ def registered_models() -> list[str]:
 
 
 def build_model(spec: Mapping[str, Any]) -> torch.nn.Module:
-    """The denoiser a spec names: ``{"name": <registered name or "module:callable">, **kwargs}``.
+    """The denoiser a spec names: ``{"name": <a registered name>, **kwargs}``.
 
     The model must follow the preconditioned-denoiser contract
     ``forward(x [B, ...], sigma [B], class_labels [B, C] | None) -> x0_hat [B, ...]``.
@@ -42,18 +42,11 @@ def build_model(spec: Mapping[str, Any]) -> torch.nn.Module:
     name = spec.pop("name", None)
     if not isinstance(name, str):
         raise ValueError(f"model spec needs a 'name' string, got {name!r}")
-    if name in _REGISTRY:
-        factory = _REGISTRY[name]
-    elif ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"cannot import model factory {name!r}: {error}") from error
-    else:
+    if name not in _REGISTRY:
         known = ", ".join(registered_models()) or "none registered"
-        raise ValueError(f"unknown model {name!r}; registered: {known} (or use 'package.module:callable')")
-    model = factory(**spec)
+        raise ValueError(f"model: unknown model name {name!r}; registered: {known} (a factory must be "
+                         "registered in code with diffcore.train.register_model, never named by a file)")
+    model = _REGISTRY[name](**spec)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
