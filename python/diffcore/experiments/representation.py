@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from diffcore import _env
+from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
@@ -71,41 +73,35 @@ class RepresentationConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field out of its range."""
-        from diffcore.analysis.representation import POOLINGS
-
-        positive = ("probe_train", "probe_test", "num_sigmas", "snapshot_every", "molrg_components",
-                    "molrg_ambient_dim", "molrg_latent_dim", "molrg_samples")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-        if self.num_sigmas < 3:
-            raise ConfigError(f"num_sigmas: expected at least 3 to tell a curve's shape, got {self.num_sigmas}")
-        if not (0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
-            raise ConfigError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got "
-                              f"{self.sigma_min!r}, {self.sigma_max!r}")
-        for name in ("probe_l2", "shape_tolerance", "molrg_noise_std"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name}: expected a finite value >= 0, got {value!r}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling: expected one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.trajectory_size < 0 or self.torch_threads < 0:
-            raise ConfigError("trajectory_size and torch_threads: expected values >= 0")
+        base.check_fields(self, FIELD_CHECKS)
+        base.check_sigmas(self.sigma_min, self.sigma_max)
+        base.check_seed_range("noise_seed_start", self.noise_seed_start, self.probe_train + self.probe_test)
         if self.molrg_components * self.molrg_latent_dim > self.molrg_ambient_dim:
-            raise ConfigError("molrg_components * molrg_latent_dim: must not exceed molrg_ambient_dim "
-                              "(mutually orthogonal class subspaces)")
-        if any(w < 1 for w in self.widths) or any(n < 2 for n in self.sizes):
-            raise ConfigError("widths, sizes: expected widths >= 1 and sizes >= 2")
+            raise ConfigError("molrg_latent_dim: molrg_components * molrg_latent_dim must not exceed "
+                              "molrg_ambient_dim (mutually orthogonal class subspaces)")
         if not self.models_from:
             from diffcore.experiments import reproducibility
 
-            if self.reproducibility_preset not in reproducibility.PRESETS:
-                raise ConfigError(f"reproducibility_preset: expected one of {', '.join(reproducibility.PRESETS)}, "
-                                  f"got {self.reproducibility_preset!r}")
+            base.one_of(*reproducibility.PRESETS)("reproducibility_preset", self.reproducibility_preset)
 
     def sigmas(self) -> list[float]:
         ratio = self.sigma_max / self.sigma_min
         return [self.sigma_min * ratio ** (i / (self.num_sigmas - 1)) for i in range(self.num_sigmas)]
+
+
+_POSITIVE = base.integer(1)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "models_from": base.text, "reproducibility_preset": base.text,
+    "widths": base.tuple_of(_POSITIVE, min_len=0), "sizes": base.tuple_of(base.integer(2), min_len=0),
+    "layer": base.text, "pooling": base.one_of("mean", "flatten"), "probe_train": _POSITIVE,
+    "probe_test": _POSITIVE, "probe_l2": base.number(0), "split_seed": base.seed,
+    "num_sigmas": base.integer(3),  # a shape needs a middle
+    "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
+    "noise_seed_start": base.seed, "trajectory_size": base.integer(0), "snapshot_every": _POSITIVE,
+    "shape_tolerance": base.number(0), "molrg_components": base.integer(2), "molrg_ambient_dim": _POSITIVE,
+    "molrg_latent_dim": _POSITIVE, "molrg_noise_std": base.number(0), "molrg_samples": base.integer(10),
+    "molrg_seed": base.seed, "torch_threads": base.integer(0),
+}
 
 
 def _quick() -> RepresentationConfig:
@@ -268,15 +264,9 @@ class _Study:
                 "snapshot_every": c.snapshot_every}
 
         def produce(tmp: Path, work: Path) -> dict:
-            data = {**_stack.data_spec(spec["dataset"], spec["data_root"]), "subset": n,
-                    "subset_seed": spec["subset_seed"]}
             steps = spec["train_steps"]
-            config = train.TrainConfig(data=data, model=_stack.model_spec(spec), steps=steps,
-                                       batch_size=spec["batch_size"], lr=spec["learning_rate"],
-                                       lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
-                                       device=str(self.device), out_dir=str(work), progress=self.progress,
-                                       checkpoint_every=c.snapshot_every,
-                                       keep_checkpoints=steps // c.snapshot_every + 1)
+            config = _stack.training_request(spec, work, self.device, self.progress).replace(
+                checkpoint_every=c.snapshot_every, keep_checkpoints=steps // c.snapshot_every + 1)
             train.train_from_config(config, resume="auto")
             from diffcore.train.checkpoint import list_checkpoints
 
@@ -466,11 +456,10 @@ def plot(results: dict, path) -> Path:
 def run(config: RepresentationConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
     from diffcore.experiments._stack import resolve_device
-    from diffcore.experiments.reproducibility import _torch_threads
 
     device = str(resolve_device(device)) if hooks is None else ("cpu" if device == "auto" else device)
     start = time.perf_counter()
-    with _torch_threads(config.torch_threads):
+    with _env.torch_threads(config.torch_threads):
         results = _Study(config, out, hooks, device, progress).run()
     log.info("representation study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
