@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--budgets", default="50,100,300,1000", help="labelled digits for the probe")
     parser.add_argument("--poolings", default="mean,flatten")
+    parser.add_argument("--layers", default="", help="comma-separated layer names (default: every block)")
     parser.add_argument("--out", type=Path, default=Path("representation-sweep.csv"))
     args = parser.parse_args()
 
@@ -40,7 +41,8 @@ def main() -> None:
     models = {m["n"]: load(m) for m in (memorizing, generalizing)}
     pool = _stack.load_dataset(results["config"]["dataset"], results["config"]["data_root"])
     labels = _labels(results["config"]["dataset"], results["config"]["data_root"], pool.shape[0])
-    layers = [name for name in feature_layers(models[memorizing["n"]]) if "aux" not in name]
+    layers = args.layers.split(",") if args.layers else [name for name in feature_layers(models[memorizing["n"]])
+                                                         if "aux" not in name]
     table = []
     for layer, pooling, budget in itertools.product(layers, args.poolings.split(","),
                                                     [int(b) for b in args.budgets.split(",")]):

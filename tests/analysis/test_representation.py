@@ -90,6 +90,9 @@ def test_hooks_leave_the_output_unchanged_and_pool():
 def test_unknown_layer_lists_the_layers():
     model = _tiny_unet()
     assert "bottleneck" in feature_layers(model) and "dec.4x4_in1" in feature_layers(model)
+    images = torch.randn(3, 1, 8, 8)
+    last = extract_features(model, images, images, 0.3, ["decoder_last", "dec.8x8_block1"])
+    assert torch.equal(last["decoder_last"], last["dec.8x8_block1"])
     with pytest.raises(ValueError, match=r"no layer 'dec.nope'.*bottleneck"):
         extract_features(model, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), 1.0, ["dec.nope"])
     with pytest.raises(ValueError, match="pooling"):

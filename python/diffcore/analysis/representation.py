@@ -2,8 +2,9 @@
 
 - :func:`feature_layers` / :func:`extract_features`: features of any ``torch.nn.Module`` denoiser at
   named layers (forward hooks), for inputs ``x0 + sigma n``, spatially pooled or flattened. For a
-  diffcore UNet the names are its own (``enc.8x8_block0``, ``dec.4x4_in1``, ...) with the alias
-  ``bottleneck`` (the last block at the lowest resolution, before the decoder climbs back up).
+  diffcore UNet the names are its own (``enc.8x8_block0``, ``dec.4x4_in1``, ...) with the aliases
+  ``bottleneck`` (the last block at the lowest resolution, before the decoder climbs back up) and
+  ``decoder_last`` (the decoder's last block at full resolution, before the output layers).
 - :func:`linear_probe`: multinomial logistic regression fitted on one labelled split, scored on another.
 - :func:`class_snr`: between-class energy over within-class energy of features.
 - :func:`molrg_representation_curve`: the theory curve of the optimal (noisy) MoLRG denoiser: the
@@ -21,6 +22,7 @@ import torch
 from diffcore._checks import check_tensor
 
 BOTTLENECK = "bottleneck"
+DECODER_LAST = "decoder_last"
 POOLINGS = ("mean", "flatten")
 
 
@@ -33,27 +35,35 @@ def _feature_root(model: torch.nn.Module) -> torch.nn.Module:
     return next((m for m in model.modules() if isinstance(m, UNet)), model)
 
 
-def _bottleneck_name(root: torch.nn.Module) -> str | None:
+def _alias_path(root: torch.nn.Module, name: str) -> str | None:
+    """The module path of an alias in a diffcore UNet (None for another model or name)."""
     dec = getattr(root, "dec", None)
     if not isinstance(dec, torch.nn.ModuleDict):
         return None
-    inner = [name for name in dec.keys() if "_in" in name]
-    return f"dec.{inner[-1]}" if inner else None
+    if name == BOTTLENECK:
+        found = [key for key in dec.keys() if "_in" in key]
+    elif name == DECODER_LAST:
+        found = [key for key in dec.keys() if "_block" in key]
+    else:
+        return None
+    return f"dec.{found[-1]}" if found else None
 
 
 def feature_layers(model: torch.nn.Module) -> list[str]:
     """The layer names :func:`extract_features` accepts for ``model``: for a diffcore UNet, its
-    encoder and decoder blocks (``enc.<res>_<block>``, ``dec.<res>_<block>``) and ``bottleneck``;
+    encoder and decoder blocks (``enc.<res>_<block>``, ``dec.<res>_<block>``), ``bottleneck`` and
+    ``decoder_last``;
     for any other module, the paths of its named submodules."""
     root = _feature_root(model)
     names = [name for name, _ in root.named_modules() if name]
-    if _bottleneck_name(root) is not None:
-        names = [n for n in names if n.count(".") == 1 and n.split(".")[0] in ("enc", "dec")] + [BOTTLENECK]
+    if _alias_path(root, BOTTLENECK) is not None:
+        names = [n for n in names if n.count(".") == 1 and n.split(".")[0] in ("enc", "dec")] + [BOTTLENECK,
+                                                                                                DECODER_LAST]
     return names
 
 
 def _resolve_layer(root: torch.nn.Module, name: str) -> torch.nn.Module:
-    path = _bottleneck_name(root) if name == BOTTLENECK else name
+    path = _alias_path(root, name) if name in (BOTTLENECK, DECODER_LAST) else name
     modules = dict(root.named_modules())
     if path is None or path not in modules or not path:
         raise ValueError(f"layers: no layer {name!r}; this model has: {', '.join(feature_layers(root))}")

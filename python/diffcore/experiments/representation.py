@@ -3,7 +3,8 @@
 For UNets trained on nested subsets of N digits (the reproducibility study's models: reused from its
 output folder with ``models_from``, or trained here by running that study into ``OUT/reproducibility``):
 
-- features at one named layer (``bottleneck`` by default; forward hooks, spatially mean-pooled) for
+- features at one named layer (``decoder_last`` by default: the decoder's last full-resolution block,
+  chosen by ``scripts/representation_probe_sweep.py``; forward hooks, spatially mean-pooled) for
   inputs ``x0 + sigma n`` over a log-spaced sigma grid, the noise ``n`` of image i from its own seed
   (``noise_seed_start + i``, the same at every sigma);
 - representation quality per sigma: the accuracy of a multinomial logistic probe fitted on
@@ -50,7 +51,7 @@ class RepresentationConfig:
     reproducibility_preset: str = "quick"  # the preset of that study when it runs here
     widths: tuple[int, ...] = (32,)        # models used (and trained here); () = every width found
     sizes: tuple[int, ...] = ()            # () = every N of the preset / of models_from
-    layer: str = "bottleneck"              # a name of diffcore.analysis.feature_layers(model)
+    layer: str = "decoder_last"            # a name of diffcore.analysis.feature_layers(model)
     pooling: str = "mean"                  # mean (spatial average) | flatten
     probe_train: int = 100                 # labelled digits the probe is fitted on
     probe_test: int = 797                  # held-out digits it is scored on
@@ -105,8 +106,9 @@ FIELD_CHECKS: dict[str, base.Check] = {
 
 
 def _quick() -> RepresentationConfig:
-    """Width-32 digits UNets of the main job's recipe at every N (bottleneck, mean-pooled, 100
-    labelled digits), the training-time curve at N = 128; see docs/studies.md for the timing."""
+    """Width-32 digits UNets of the main job's recipe at every N (the decoder's last block, mean-pooled,
+    100 labelled digits: the setting with the clearest contrast in the sweep of docs/studies.md), the
+    training-time curve at N = 128."""
     return RepresentationConfig()
 
 
