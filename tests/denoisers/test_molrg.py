@@ -94,3 +94,38 @@ def test_gpu_matches_cpu(device):
     on_device = den.to(device)
     assert torch.allclose(on_device(x.to(device), 0.4).cpu(), den(x, 0.4), atol=1e-10)
     assert torch.allclose(on_device.log_prob(x.to(device), 0.4).cpu(), den.log_prob(x, 0.4), atol=1e-8)
+
+
+def test_noisy_molrg_matches_full_covariance_mixture():
+    """noise_std = delta: components N(0, U U^T + delta^2 I); the posterior mean by Tweedie through
+    full covariances, C0_k (C0_k + sigma^2 I)^{-1} x, against the closed form of the docstring."""
+    g = torch.Generator().manual_seed(3)
+    n, dims, delta = 12, (2, 3, 2), 0.3
+    q = torch.linalg.qr(torch.randn(n, sum(dims), generator=g, dtype=torch.float64))[0]
+    bases = list(torch.split(q, list(dims), dim=1))
+    weights = [0.3, 0.3, 0.4]
+    den = MoLRGDenoiser(bases, torch.tensor(weights, dtype=torch.float64), noise_std=delta)
+    x = torch.randn(5, n, generator=g, dtype=torch.float64) * 1.3
+    eye = torch.eye(n, dtype=torch.float64)
+    for sigma in (0.05, 0.7, 4.0):
+        clean = [u @ u.T + delta ** 2 * eye for u in bases]
+        logp = torch.stack([MultivariateNormal(torch.zeros(n, dtype=torch.float64), c + sigma ** 2 * eye).log_prob(x)
+                            + math.log(w) for c, w in zip(clean, weights)], dim=1)
+        post = torch.softmax(logp, dim=1)
+        means = torch.stack([x @ (c @ torch.linalg.inv(c + sigma ** 2 * eye)).T for c in clean], dim=1)
+        assert torch.allclose(den.posterior_weights(x, sigma), post, atol=1e-10)
+        assert torch.allclose(den(x, sigma), (post[:, :, None] * means).sum(1), atol=1e-10)
+        assert torch.allclose(den.log_prob(x, sigma), torch.logsumexp(logp, dim=1), atol=1e-9)
+
+
+def test_noise_std_zero_is_the_plain_mixture_and_negative_is_refused():
+    plain = MoLRGDenoiser.random(3, 10, 2, seed=1)
+    zero = MoLRGDenoiser.random(3, 10, 2, seed=1, noise_std=0.0)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    assert torch.equal(plain(x, 0.5), zero(x, 0.5))
+    with pytest.raises(ValueError, match="noise_std"):
+        MoLRGDenoiser.random(3, 10, 2, seed=1, noise_std=-0.1)
+    noisy = MoLRGDenoiser.random(3, 10, 2, seed=1, noise_std=0.2)
+    samples = noisy.sample(4000, seed=0, dtype=torch.float64)
+    # per-dimension variance: d/n from the subspaces (unit latents, orthonormal bases) + delta^2
+    assert abs(float(samples.var(0).mean()) - (2 / 10 + 0.04)) < 0.02

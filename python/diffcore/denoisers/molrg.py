@@ -20,7 +20,14 @@ PAPERS.md's ``softmax_k(|U_k^T x|^2 / (2 sigma^2 (1 + sigma^2)))``. The posterio
 
     D(x; sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2).
 
-Bases of different dimensions are stored zero-padded to ``d_max`` columns (zero columns change
+Noisy MoLRG (``noise_std`` = delta > 0, the data model of the representation-dynamics paper,
+PAPERS.md section 7): ``x0 = U_k a + delta e`` with ``e ~ N(0, I_n)``. Given k, ``x ~ N(0, U_k U_k^T +
+s^2 I)`` with ``s^2 = sigma^2 + delta^2``, so the weights above hold with ``sigma^2 -> s^2``, and the
+posterior mean given k is ``(1 + delta^2)/(1 + s^2) U_k U_k^T x + delta^2/s^2 (I - U_k U_k^T) x``:
+
+    D(x; sigma) = delta^2/s^2 x + sum_k w_k(x) [(1 + delta^2)/(1 + s^2) - delta^2/s^2] U_k U_k^T x.
+
+With delta = 0 this is the formula above. Bases of different dimensions are stored zero-padded to ``d_max`` columns (zero columns change
 neither ``U_k^T x`` norms nor ``U_k U_k^T``) together with their true dimensions ``dims``.
 """
 from __future__ import annotations
@@ -42,9 +49,10 @@ class MoLRGDenoiser:
             each with orthonormal columns (checked to 1e-4; the bases need not be mutually orthogonal).
         weights: mixture weights ``pi`` [K] (normalized here); uniform when None.
         shape: per-sample data shape (``x`` is ``[B, *shape]``), default ``(n,)``.
+        noise_std: isotropic data noise delta >= 0 (``x0 = U_k a + delta e``; 0 = the plain MoLRG).
     """
 
-    def __init__(self, bases, weights: torch.Tensor | None = None, shape=None):
+    def __init__(self, bases, weights: torch.Tensor | None = None, shape=None, noise_std: float = 0.0):
         padded, dims = _pad_bases(bases)
         k, n, _ = padded.shape
         gram = padded.transpose(1, 2) @ padded
@@ -63,11 +71,15 @@ class MoLRGDenoiser:
         self.shape = tuple(shape) if shape is not None else (n,)
         if math.prod(self.shape) != n:
             raise ValueError(f"shape: {self.shape} does not hold {n} numbers")
+        noise_std = float(noise_std)
+        if not (noise_std >= 0 and math.isfinite(noise_std)):
+            raise ValueError(f"noise_std: expected a finite value >= 0, got {noise_std!r}")
+        self.noise_std = noise_std
         self._cache: dict = {}
 
     @classmethod
     def random(cls, num_components: int, ambient_dim: int, latent_dim: int, *, orthogonal: bool = True,
-               seed: int = 0, weights=None, shape=None) -> "MoLRGDenoiser":
+               seed: int = 0, weights=None, shape=None, noise_std: float = 0.0) -> "MoLRGDenoiser":
         """Random bases: mutually orthogonal (one QR of an n x K d Gaussian, as in the public code;
         needs K d <= n; the same bases as ``diffcore.data.molrg.molrg_bases(K, n, d, seed)``) or
         independent (one QR per component)."""
@@ -89,11 +101,11 @@ class MoLRGDenoiser:
             bases = torch.stack([torch.linalg.qr(torch.randn(ambient_dim, latent_dim, generator=g,
                                                              dtype=torch.float64))[0]
                                  for _ in range(num_components)])
-        return cls(bases, weights=weights, shape=shape)
+        return cls(bases, weights=weights, shape=shape, noise_std=noise_std)
 
     def to(self, device) -> "MoLRGDenoiser":
         bases = [self.bases[k, :, : int(d)].to(device) for k, d in enumerate(self.dims)]
-        return MoLRGDenoiser(bases, self.weights.to(device), self.shape)
+        return MoLRGDenoiser(bases, self.weights.to(device), self.shape, self.noise_std)
 
     @property
     def dim(self) -> int:
@@ -110,10 +122,10 @@ class MoLRGDenoiser:
 
     # ------------------------------------------------------------------ core
     def _logits_and_coeffs(self, x: torch.Tensor, sigma):
-        """Posterior logits [B, K], latent coefficients U_k^T x [B, K, d_max], sigma^2 [B, 1]."""
+        """Posterior logits [B, K], latent coefficients U_k^T x [B, K, d_max], s^2 = sigma^2 + delta^2 [B, 1]."""
         check_input(x, self.dim)
         bases, dims, log_pi = self._params(x.dtype)
-        s2 = sigma_column(sigma, x.shape[0], x.device, x.dtype).square()             # [B, 1]
+        s2 = sigma_column(sigma, x.shape[0], x.device, x.dtype).square() + self.noise_std ** 2  # [B, 1]
         coeff = torch.einsum("bn,knd->bkd", x.reshape(x.shape[0], -1), bases)         # [B, K, d]
         energy = coeff.square().sum(-1)                                               # [B, K]
         logits = (log_pi + energy / (2 * s2 * (1 + s2))
@@ -126,12 +138,18 @@ class MoLRGDenoiser:
         return torch.softmax(logits, dim=-1)
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        """``D(x; sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2)`` with x's shape and dtype."""
+        """``D(x; sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2)`` with x's shape and dtype (the
+        noisy-MoLRG form of the module docstring when ``noise_std > 0``)."""
         logits, coeff, s2 = self._logits_and_coeffs(x, sigma)
         w = torch.softmax(logits, dim=-1)                                             # [B, K]
         bases = self._params(x.dtype)[0]
-        weighted = coeff * (w / (1 + s2))[:, :, None]                                 # [B, K, d]
-        return torch.einsum("bkd,knd->bn", weighted, bases).reshape(x.shape)
+        delta2 = self.noise_std ** 2
+        gain = (1 + delta2) / (1 + s2) - delta2 / s2                                  # [B, 1]
+        weighted = coeff * (w * gain)[:, :, None]                                     # [B, K, d]
+        out = torch.einsum("bkd,knd->bn", weighted, bases)
+        if delta2 > 0:
+            out = out + (delta2 / s2) * x.reshape(x.shape[0], -1)
+        return out.reshape(x.shape)
 
     def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """Exact ``log p_sigma(x)`` [B] of the noised mixture (see the module docstring)."""
@@ -144,13 +162,15 @@ class MoLRGDenoiser:
         return torch.logsumexp(logits, dim=-1) + common
 
     def sample(self, num: int, *, seed: int = 0, dtype=torch.float32, return_labels: bool = False):
-        """``num`` clean samples ``x0 = U_k a`` [num, *shape] (labels k drawn from the weights)."""
+        """``num`` clean samples ``x0 = U_k a (+ delta e)`` [num, *shape] (labels k drawn from the weights)."""
         check_positive_int("num", num)
         g = torch.Generator().manual_seed(seed)
         labels = torch.multinomial(self.weights.cpu(), num, replacement=True, generator=g)
         latent = torch.randn(num, self.bases.shape[2], generator=g, dtype=torch.float64)
         latent = latent * (torch.arange(self.bases.shape[2])[None, :] < self.dims.cpu()[labels][:, None])
         x0 = torch.einsum("bnd,bd->bn", self.bases.cpu()[labels], latent)
+        if self.noise_std > 0:
+            x0 = x0 + self.noise_std * torch.randn(x0.shape, generator=g, dtype=torch.float64)
         x0 = x0.to(device=self.device, dtype=dtype).reshape(num, *self.shape)
         return (x0, labels.to(self.device)) if return_labels else x0
 

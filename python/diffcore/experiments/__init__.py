@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "loco-edit": "diffcore.experiments.loco_edit",
     "cfg": "diffcore.experiments.cfg",
     "watermark": "diffcore.experiments.watermark",
+    "representation": "diffcore.experiments.representation",
 }
 
 

@@ -1,0 +1,75 @@
+"""The representation-dynamics study (issue 21) end to end on the real stack at the tiny preset
+(width-4 UNets trained for 20 steps: seconds), plus its config checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffcore.experiments import EXPERIMENTS
+from diffcore.experiments import representation as study
+from diffcore.experiments.base import ConfigError, config_from_preset
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("representation")
+    return out, study.run_preset("tiny", out, progress=False)
+
+
+def test_registered():
+    assert EXPERIMENTS["representation"] == "diffcore.experiments.representation"
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_every_model_step_and_sigma(tiny_run):
+    out, results = tiny_run
+    config = config_from_preset(study.PRESETS, "tiny")
+    sigmas = config.sigmas()
+    assert [m["n"] for m in results["models"]] == [8, 512]
+    assert [t["step"] for t in results["trajectory"]] == [10, 20]
+    for m in results["models"] + results["trajectory"]:
+        rows = [r for r in results["curves"] if r["model"] == m["model"]]
+        assert [r["sigma"] for r in rows] == pytest.approx(sigmas)
+        assert all(0 <= r["probe_accuracy"] <= 1 and r["snr"] > 0 for r in rows)
+        assert m["shape"] in ("unimodal", "decreasing", "increasing") and m["peak_sigma"] in sigmas
+        assert 0 <= m["gl"] <= 1
+    assert results["molrg_shape"]["shape"] == "unimodal"
+    confidence = [r["confidence"] for r in results["molrg"]]
+    assert confidence[0] > 0.99 and confidence[-1] < 0.5
+    assert json.loads((out / "results.json").read_text()) == results
+    for name in ("curves.csv", "models.csv", "molrg.csv", "representation.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_unit(tiny_run):
+    out, results = tiny_run
+    again = study.run_preset("tiny", out, progress=False)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in results.items() if k != "seconds"}
+
+
+@pytest.mark.slow
+def test_models_from_reuses_the_reproducibility_run(tiny_run, tmp_path):
+    out, results = tiny_run
+    reused = study.run_preset("tiny", tmp_path / "reuse", [f"models_from={out / 'reproducibility'}",
+                                                             "trajectory_size=0"], progress=False)
+    assert reused["trajectory"] == []
+    assert [m["peak"] for m in reused["models"]] == [m["peak"] for m in results["models"]]
+    assert not (tmp_path / "reuse" / "reproducibility").exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("num_sigmas=2", "num_sigmas"), ("sigma_min=0", "sigma_min"), ("probe_l2=nan", "probe_l2"),
+    ("pooling=max", "pooling"), ("probe_train=0", "probe_train"), ("molrg_latent_dim=40", "molrg_latent_dim"),
+    ("reproducibility_preset=huge", "reproducibility_preset"),
+])
+def test_invalid_config_is_refused_before_anything_is_written(override, field, tmp_path):
+    with pytest.raises(ConfigError, match=field):
+        study.run_preset("tiny", tmp_path / "bad", [override], progress=False)
+    assert not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_models_from_without_results_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="models_from"):
+        study.run_preset("tiny", tmp_path / "out", [f"models_from={tmp_path}"], progress=False)
