@@ -254,16 +254,12 @@ class _Study:
         """One model (the first width, N = trajectory_size, the first seed) trained with the
         reproducibility run's recipe, keeping its checkpoints every ``snapshot_every`` steps."""
         from diffcore import train
-        from diffcore.experiments import _stack
+        from diffcore.experiments import _stack, reproducibility
 
         c = self.c
         rc = repro["config"]
         width, n = (c.widths or tuple(rc["widths"]))[0], c.trajectory_size
-        spec = {"dataset": rc["dataset"], "data_root": rc["data_root"], "n": n, "subset_seed": rc["subset_seed"],
-                "model_preset": rc["model_preset"], "width": width, "seed": rc["train_seeds"][0],
-                "train_steps": rc["train_steps"], "batch_size": rc["batch_size"],
-                "learning_rate": rc["learning_rate"], "lr_warmup_images": rc["lr_warmup_images"],
-                "snapshot_every": c.snapshot_every}
+        spec = {**reproducibility.model_spec(rc, width, n, rc["train_seeds"][0]), "snapshot_every": c.snapshot_every}
 
         def produce(tmp: Path, work: Path) -> dict:
             steps = spec["train_steps"]
@@ -309,7 +305,6 @@ class _Study:
         from diffcore.analysis.representation import curve_shape
 
         c = self.c
-        c.validate()
         self.ws.bind_config(c)
         repro, root = self.reproducibility_run()
         pool = self.hooks.load_dataset(repro["config"]["dataset"], repro["config"]["data_root"])
@@ -459,10 +454,13 @@ def run(config: RepresentationConfig, out, *, hooks=None, device: str = "auto", 
     """Run (or resume) the study into ``out``; returns results.json's content."""
     from diffcore.experiments._stack import resolve_device
 
+    config.validate()
     device = str(resolve_device(device)) if hooks is None else ("cpu" if device == "auto" else device)
     start = time.perf_counter()
     with _env.torch_threads(config.torch_threads):
-        results = _Study(config, out, hooks, device, progress).run()
+        study = _Study(config, out, hooks, device, progress)
+        with study.ws.claim(NAME), base.units_in_one_process():
+            results = study.run()
     log.info("representation study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 

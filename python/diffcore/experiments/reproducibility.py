@@ -198,6 +198,17 @@ def default_hooks() -> StudyHooks:
 
 # ----------------------------------------------------------------------------- units
 
+def model_spec(config: ReproducibilityConfig | dict, width: int, n: int, seed: int) -> dict:
+    """The spec of model unit (width, n, seed) of a run with ``config`` (the config, or its result
+    fields as results.json holds them): what other studies train or reuse to get the same model."""
+    c = dataclasses.asdict(config) if isinstance(config, ReproducibilityConfig) else config
+    return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
+            "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
+            "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
+            "lr_warmup_images": c["lr_warmup_images"],
+            **_stack.recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0))}
+
+
 def _model_name(width: int, n: int, seed: int) -> str:
     return f"w{width}-n{n}-s{seed}"
 
@@ -233,11 +244,7 @@ class _Study:
         return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed}
 
     def model_spec(self, width: int, n: int, seed: int) -> dict:
-        c = self.config
-        return {**self.data_spec(n), "data_root": c.data_root, "model_preset": c.model_preset,
-                "width": width, "seed": seed, "train_steps": c.train_steps,
-                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images, **_stack.recipe_spec(c.precond, c.augment_p)}
+        return model_spec(self.config, width, n, seed)
 
     def sampling_spec(self) -> dict:
         c = self.config
