@@ -91,7 +91,8 @@ def test_spectrum_full_and_partial_agree(gaussian, upper):
 
 def _latents(gaussian, n=3, edit_time=0.4, steps=20):
     timeline = EditTimeline()
-    x0 = gaussian.sample_seeds(range(n)).to(torch.float64)
+    noise = sampler.noise_from_seeds(list(range(n)), gaussian.shape, dtype=torch.float64)
+    x0 = gaussian.sample(noise).to(torch.float32).to(torch.float64)
     x_t = sampler.invert(gaussian, x0, timeline.inversion_grid(edit_time, steps), solver="ddim")
     return timeline, x_t, timeline.sampling_grid(edit_time, steps)
 
