@@ -51,3 +51,9 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def randomize():
+    """``randomize(module, seed)``: :func:`randomize_parameters` for tests of other networks."""
+    return randomize_parameters
