@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "hidden-gaussian": "diffcore.experiments.hidden_gaussian",
     "molrg": "diffcore.experiments.molrg",
     "pfd": "diffcore.experiments.pfd",
+    "multistage": "diffcore.experiments.multistage",
 }
 
 
