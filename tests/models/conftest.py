@@ -50,3 +50,9 @@ def single_thread():
     on a loaded shared machine (OpenMP threads wait on each other). Restored after each test."""
     with _env.torch_threads(1):
         yield
+
+
+@pytest.fixture
+def randomize():
+    """``randomize(module, seed)``: :func:`randomize_parameters` for tests of other networks."""
+    return randomize_parameters

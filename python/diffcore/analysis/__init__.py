@@ -5,6 +5,8 @@
 - :func:`numerical_rank`, :func:`frobenius_norm_sq`, :func:`rank_along_trajectory`, :func:`euler_trajectory`.
 - :func:`local_linearity`.
 - :func:`contrastive_components` (per-sample CPCs of ``D_c - D_u``), :func:`subspace_overlap`.
+- :func:`denoiser_similarity`, :func:`contiguous_segmentation`, :func:`stage_boundaries` (stage division
+  of multi-stage models).
 - :func:`null_space_project`, :func:`principal_angles`, :func:`orthonormal_rows`, :func:`edit_direction`.
 - LOCO Edit pipeline (:mod:`diffcore.analysis.editing`): :class:`EditTimeline`, :func:`loco_directions`,
   :func:`edit_samples`, :func:`edit_locality`, :func:`edit_linearity`, :func:`jacobian_spectrum`.
@@ -26,6 +28,8 @@ from diffcore.analysis.rank import (
     numerical_rank,
     rank_along_trajectory,
 )
+from diffcore.analysis.stages import (Segmentation, contiguous_segmentation, denoiser_similarity,
+                                      segmentation_cost, stage_boundaries)
 from diffcore.analysis.subspaces import Recovery, distance_to_union, subspace_distance, subspace_recovery
 
 __all__ = [
@@ -37,4 +41,5 @@ __all__ = [
     "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
     "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",
     "subspace_distance", "subspace_recovery",
+    "Segmentation", "contiguous_segmentation", "denoiser_similarity", "segmentation_cost", "stage_boundaries",
 ]

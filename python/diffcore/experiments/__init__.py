@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "cfg": "diffcore.experiments.cfg",
     "watermark": "diffcore.experiments.watermark",
     "representation": "diffcore.experiments.representation",
+    "multistage": "diffcore.experiments.multistage",
 }
 
 

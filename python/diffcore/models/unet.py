@@ -158,27 +158,11 @@ class UNet(nn.Module):
                 width = config.model_channels * mult
         skip_widths = [m.out_channels for m in self.enc.values()]
 
-        # Decoder: blocks named in `_takes_skip` concatenate the next skip connection first.
-        self.dec = nn.ModuleDict()
-        self._takes_skip: set[str] = set()
-        last_level = len(config.channel_mult) - 1
-        for level in reversed(range(len(config.channel_mult))):
-            mult, res = config.channel_mult[level], config.resolutions()[level]
-            if level == last_level:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(width, width, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(width, width, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(width, width, up=True, **block)
-            for idx in range(config.num_blocks + 1):
-                name = f"{res}x{res}_block{idx}"
-                attend = idx == config.num_blocks and res in config.attn_resolutions
-                self.dec[name] = UNetBlock(width + skip_widths.pop(), config.model_channels * mult,
-                                           attention=attend, **block)
-                self._takes_skip.add(name)
-                width = config.model_channels * mult
-        res0 = config.img_resolution
-        self.dec[f"{res0}x{res0}_aux_norm"] = GroupNorm(width, eps=1e-6)
-        self.dec[f"{res0}x{res0}_aux_conv"] = Conv2d(width, self.out_channels, 3, init_gain=1e-5)
+        self._build_decoders(config, width, skip_widths, block)
+
+    def _build_decoders(self, config: UNetConfig, width: int, skip_widths: list[int], block: dict) -> None:
+        """Build ``self.dec`` (one decoder at the config's width); subclasses may build several."""
+        self.dec, self._takes_skip = build_decoder(config, width, skip_widths, self.out_channels, block)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,6 +173,16 @@ class UNet(nn.Module):
         batch = x.shape[0]
         if noise_labels.dim() != 1 or noise_labels.shape[0] != batch:
             raise ValueError(f"noise_labels: expected shape [{batch}], got {tuple(noise_labels.shape)}")
+        emb = self._embed(x, noise_labels, class_labels, augment_labels)
+        skips = []
+        for module in self.enc.values():
+            x = module(x, emb) if isinstance(module, UNetBlock) else module(x)
+            skips.append(x)
+        return self._decode(x, skips, emb, noise_labels)
+
+    def _embed(self, x, noise_labels, class_labels, augment_labels) -> torch.Tensor:
+        """The mapping network: noise/class/augment labels -> emb [B, 4 * model_channels]."""
+        batch = x.shape[0]
         emb = self.map_noise(noise_labels.to(x.dtype))
         if self.map_label is not None:
             labels = self._label_vectors(class_labels, batch, x)
@@ -201,24 +195,11 @@ class UNet(nn.Module):
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(x.dtype))
         emb = F.silu(self.map_layer0(emb))
-        emb = F.silu(self.map_layer1(emb))
+        return F.silu(self.map_layer1(emb))
 
-        skips = []
-        for module in self.enc.values():
-            x = module(x, emb) if isinstance(module, UNetBlock) else module(x)
-            skips.append(x)
-
-        out = None
-        for name, module in self.dec.items():
-            if name.endswith("_aux_norm"):
-                out = module(x)
-            elif name.endswith("_aux_conv"):
-                out = module(F.silu(out))
-            else:
-                if name in self._takes_skip:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = module(x, emb)
-        return out
+    def _decode(self, x, skips: list[torch.Tensor], emb, noise_labels) -> torch.Tensor:
+        """Bottleneck features x and the encoder's skip connections -> the output [B, C, R, R]."""
+        return run_decoder(self.dec, self._takes_skip, x, list(skips), emb)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_batch(x)
@@ -241,3 +222,51 @@ class UNet(nn.Module):
         if class_labels.shape != (batch, self.label_dim):
             raise ValueError(f"class_labels: expected shape [{batch}, {self.label_dim}], got {tuple(class_labels.shape)}")
         return class_labels.to(x.dtype)
+
+
+def build_decoder(config: UNetConfig, width: int, skip_widths: list[int], out_channels: int,
+                  block: dict) -> tuple[nn.ModuleDict, set[str]]:
+    """A decoder at width ``config.model_channels * channel_mult`` (see the module docstring).
+
+    ``width``: channels of the bottleneck input; ``skip_widths``: channels of the encoder's skip
+    connections in encoder order (they may differ from this decoder's widths). Returns the modules in
+    call order and the names of the blocks that concatenate the next skip connection first.
+    """
+    skip_widths = list(skip_widths)
+    dec = nn.ModuleDict()
+    takes_skip: set[str] = set()
+    last_level = len(config.channel_mult) - 1
+    for level in reversed(range(len(config.channel_mult))):
+        mult, res = config.channel_mult[level], config.resolutions()[level]
+        if level == last_level:
+            dec[f"{res}x{res}_in0"] = UNetBlock(width, config.model_channels * mult, attention=True, **block)
+            width = config.model_channels * mult
+            dec[f"{res}x{res}_in1"] = UNetBlock(width, width, **block)
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(width, width, up=True, **block)
+        for idx in range(config.num_blocks + 1):
+            name = f"{res}x{res}_block{idx}"
+            attend = idx == config.num_blocks and res in config.attn_resolutions
+            dec[name] = UNetBlock(width + skip_widths.pop(), config.model_channels * mult, attention=attend, **block)
+            takes_skip.add(name)
+            width = config.model_channels * mult
+    res0 = config.img_resolution
+    dec[f"{res0}x{res0}_aux_norm"] = GroupNorm(width, eps=1e-6)
+    dec[f"{res0}x{res0}_aux_conv"] = Conv2d(width, out_channels, 3, init_gain=1e-5)
+    return dec, takes_skip
+
+
+def run_decoder(dec: nn.ModuleDict, takes_skip: set[str], x: torch.Tensor, skips: list[torch.Tensor],
+                emb: torch.Tensor) -> torch.Tensor:
+    """Run a :func:`build_decoder` decoder; consumes ``skips`` (a list, popped from the end)."""
+    out = None
+    for name, module in dec.items():
+        if name.endswith("_aux_norm"):
+            out = module(x)
+        elif name.endswith("_aux_conv"):
+            out = module(F.silu(out))
+        else:
+            if name in takes_skip:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = module(x, emb)
+    return out

@@ -4,7 +4,10 @@ Register a factory with ``register_model("name", factory)`` (or as a decorator),
 only ever names a registered factory: a run folder's ``config.json`` is data a user may have been
 handed, so a name in it is never imported or called as ``module:callable``. Built in: ``"ddpmpp"``, the
 EDM-preconditioned DDPM++ UNet of ``diffcore.models`` (``{"name": "ddpmpp", "preset":
-"ddpmpp-cifar", "model_channels": 64}`` is UNet-64 at 32x32), imported when first built.
+"ddpmpp-cifar", "model_channels": 64}`` is UNet-64 at 32x32), imported when first built, and
+``"multistage"``, ``diffcore.models.multistage_denoiser`` (shared encoder, one decoder per sigma
+interval: ``{"name": "multistage", "sigma_boundaries": [2.5103, 7.6577], "decoder_channels":
+[192, 128, 16]}``).
 """
 from __future__ import annotations
 
@@ -63,3 +66,12 @@ def _ddpmpp(preset: str = "ddpmpp-cifar", **kwargs) -> torch.nn.Module:
 
 
 register_model("ddpmpp", _ddpmpp)
+
+
+def _multistage(**kwargs) -> torch.nn.Module:
+    """``diffcore.models.multistage_denoiser(**kwargs)``: the preconditioned multi-stage UNet."""
+    from diffcore.models.multistage import multistage_denoiser
+    return multistage_denoiser(**kwargs)
+
+
+register_model("multistage", _multistage)

@@ -1,0 +1,125 @@
+"""Multi-stage UNet: one shared encoder, one decoder per noise interval (PAPERS.md section 9).
+
+Multi-stage, multi-decoder diffusion models (Zhang et al., CVPR 2024) split the noise range into
+K intervals ("stages") ``[b_0=0, b_1), [b_1, b_2), ..., [b_{K-1}, inf)`` and give every stage its own
+decoder on top of one shared mapping network and encoder. The paper's EDM CIFAR-10 model has three
+stages with boundaries sigma = 2.5103 and 7.6577 and decoders of base width 192 / 128 / 16 (lowest
+noise first) on a 128-wide encoder.
+
+:class:`MultiStageUNet` is a :class:`~diffcore.models.unet.UNet` (same mapping network, encoder and
+blocks, same ``forward(x, noise_labels, class_labels, augment_labels)``) whose decoder is chosen per
+sample from its noise label, so one batch may mix stages. It is wrapped by the usual preconditioners
+(``EDMPrecond`` etc.), which pass ``c_noise(sigma)`` rather than sigma; the stage boundaries are
+therefore stored as noise labels (``label_boundaries``), which :func:`multistage_denoiser` computes
+from sigma boundaries through the wrapper's own ``c_noise`` (increasing in sigma for EDM, VP and VE).
+A label equal to a boundary belongs to the higher stage (c_noise is computed in x's dtype, so a
+float32 sigma within rounding of a boundary may land on either side).
+
+With one stage the model computes exactly what a single UNet of the same config computes (same
+parameters, renamed ``dec.* -> decoders.0.*``). Routing uses data-dependent indexing (a host sync),
+so the multi-stage forward is not ``torch.func.vmap``-able; single-stage batches take one decoder.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from diffcore.models.precond import Precond
+from diffcore.models.presets import PRECONDITIONERS, unet_config
+from diffcore.models.unet import UNet, UNetConfig, build_decoder, run_decoder
+
+
+class MultiStageUNet(UNet):
+    """Shared encoder + ``len(decoder_channels)`` decoders; stage of sample i from ``noise_labels[i]``.
+
+    ``config``: the encoder's (and mapping network's) :class:`UNetConfig`; every decoder uses it with
+    ``model_channels`` replaced by its entry of ``decoder_channels`` (lowest-noise stage first).
+    ``label_boundaries``: K-1 strictly increasing noise-label values separating the K stages.
+    ``forward(x [B, C, R, R], noise_labels [B], ...) -> [B, out_channels, R, R]``.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, *, decoder_channels: Sequence[int],
+                 label_boundaries: Sequence[float] = (), **fields):
+        channels = tuple(decoder_channels)
+        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
+            raise ValueError(f"decoder_channels: expected a non-empty sequence of integers >= 1, got {decoder_channels!r}")
+        boundaries = [float(b) for b in label_boundaries]
+        if len(boundaries) != len(channels) - 1:
+            raise ValueError(f"label_boundaries: expected {len(channels) - 1} values for {len(channels)} decoders, "
+                             f"got {len(boundaries)}")
+        if any(not math.isfinite(b) for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+            raise ValueError(f"label_boundaries: expected finite, strictly increasing values, got {boundaries}")
+        self._decoder_channels = channels  # read by _build_decoders during UNet.__init__
+        super().__init__(config, **fields)
+        self.decoder_channels = channels
+        self.register_buffer("label_boundaries", torch.tensor(boundaries, dtype=torch.float64))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.decoders)
+
+    def _build_decoders(self, config: UNetConfig, width: int, skip_widths: list[int], block: dict) -> None:
+        self.decoders = nn.ModuleList()
+        self._stage_takes_skip: list[set[str]] = []
+        for channels in self._decoder_channels:
+            decoder, takes_skip = build_decoder(config.replace(model_channels=channels), width, skip_widths,
+                                                self.out_channels, block)
+            self.decoders.append(decoder)
+            self._stage_takes_skip.append(takes_skip)
+
+    def stage_of(self, noise_labels: torch.Tensor) -> torch.Tensor:
+        """Stage index in [0, K) of each noise label: [B] -> [B] int64 (a boundary value goes up)."""
+        bounds = self.label_boundaries.to(device=noise_labels.device, dtype=torch.float64)
+        return torch.bucketize(noise_labels.detach().to(torch.float64), bounds, right=True)
+
+    def _decode(self, x, skips, emb, noise_labels) -> torch.Tensor:
+        stage = self.stage_of(noise_labels)
+        if self.num_stages == 1:
+            return run_decoder(self.decoders[0], self._stage_takes_skip[0], x, list(skips), emb)
+        out = None
+        for index, (decoder, takes_skip) in enumerate(zip(self.decoders, self._stage_takes_skip)):
+            rows = (stage == index).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = run_decoder(decoder, takes_skip, x[rows], [s[rows] for s in skips], emb[rows])
+            if out is None:
+                out = part.new_zeros((x.shape[0],) + part.shape[1:])
+            out = out.index_copy(0, rows, part)  # out of place: gradients flow to every stage
+        return out
+
+    def stage_parameter_counts(self) -> list[int]:
+        """Parameters used by a forward pass in each stage: shared (mapping + encoder) + its decoder."""
+        shared = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("decoders."))
+        return [shared + sum(p.numel() for p in d.parameters()) for d in self.decoders]
+
+
+def multistage_denoiser(preset: str = "ddpmpp-cifar", *, sigma_boundaries: Sequence[float],
+                        decoder_channels: Sequence[int], precond: str = "edm", precond_kwargs: dict | None = None,
+                        **overrides) -> Precond:
+    """A preconditioned multi-stage denoiser ``D(x, sigma)`` (the single-model denoiser contract).
+
+    ``preset``/``overrides``: the encoder's UNet config (``diffcore.models.unet_config``);
+    ``sigma_boundaries``: K-1 increasing sigmas > 0 between the K stages (paper: (2.5103, 7.6577));
+    ``decoder_channels``: K decoder base widths, lowest noise first (paper: (192, 128, 16)).
+    """
+    if precond not in PRECONDITIONERS:
+        raise ValueError(f"precond: expected one of {sorted(PRECONDITIONERS)}, got {precond!r}")
+    sigmas = [float(s) for s in sigma_boundaries]
+    if any(not (math.isfinite(s) and s > 0) for s in sigmas) or any(a >= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigma_boundaries: expected strictly increasing finite sigmas > 0, got {list(sigma_boundaries)}")
+    if len(sigmas) != len(tuple(decoder_channels)) - 1:
+        raise ValueError(f"sigma_boundaries: expected {len(tuple(decoder_channels)) - 1} values for "
+                         f"{len(tuple(decoder_channels))} decoders, got {len(sigmas)}")
+    config = unet_config(preset, **overrides)
+    network = MultiStageUNet(config, decoder_channels=decoder_channels,
+                             label_boundaries=[float(i) for i in range(len(sigmas))])  # placeholder, set below
+    denoiser = PRECONDITIONERS[precond](network, **(precond_kwargs or {}))
+    labels = denoiser.coefficients(torch.tensor(sigmas, dtype=torch.float64))[3] if sigmas else torch.zeros(0)
+    if (labels[1:] <= labels[:-1]).any():
+        raise ValueError(f"precond: its c_noise is not increasing over sigma_boundaries {sigmas}")
+    network.label_boundaries.copy_(labels.to(torch.float64))
+    network.sigma_boundaries = tuple(sigmas)
+    return denoiser
