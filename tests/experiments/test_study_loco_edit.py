@@ -105,7 +105,7 @@ def test_saved_directions_reproduce_the_edits(tiny_run):
     unit = out / "units" / "images" / "image-1"
     tensors = torch.load(unit / "tensors.pt", weights_only=True)
     dirs = load_directions(unit / "directions.safetensors")
-    model = stack.load(next((out / "units" / "models").iterdir()))
+    model = stack.load(next(p for p in (out / "units" / "models").iterdir() if not p.name.startswith(".")))
     timeline = EditTimeline()
     sigmas = timeline.sampling_grid(config.edit_time, config.inversion_steps)
     again = edit_samples(model, tensors["x_t"], dirs.directions[:, 0], [config.strengths[0]], sigmas,

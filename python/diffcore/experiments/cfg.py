@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffcore.experiments import plotting
+from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 from diffcore.experiments.hidden_gaussian import relative_distance
@@ -99,39 +99,26 @@ class CFGConfig:
     torch_threads: int = 1                      # intra-op threads on the CPU (0: leave as is)
 
     def __post_init__(self):
-        for name in ("guidance_scales", "split_sigmas"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        self.validate()
+        for name in ("guidance_scales", "split_sigmas"):  # ints as floats (validate() refuses anything else)
+            value = getattr(self, name)
+            if isinstance(value, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in value):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of range."""
-        _choice("dataset", self.dataset, ("digits", "cifar10"))
-        _choice("augment", self.augment, ("none", "xflip"))
-        _choice("solver", self.solver, SOLVER_NAMES)
-        _choice("cpc_method", self.cpc_method, ("subspace", "randomized", "lanczos"))
-        from diffcore.models import PRESETS as MODEL_PRESETS
-
-        _choice("model_preset", self.model_preset, tuple(MODEL_PRESETS))
+        base.check_fields(self, FIELD_CHECKS)
         if self.dataset != "cifar10" and self.inception_weights:
             raise ConfigError("inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)")
-        for name in ("width", "train_steps", "batch_size", "samples_per_class", "sampler_steps", "sample_batch",
-                     "num_sigmas", "distance_samples", "cpc_points", "cpc_k", "grid_per_class"):
-            _integer(name, getattr(self, name), 1)
-        for name in ("lr_warmup_images", "train_seed", "sample_seed_start", "probe_seed", "cpc_sigmas",
-                     "cpc_iters", "torch_threads"):
-            _integer(name, getattr(self, name), 0)
-        _number("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        _number("ema_halflife_images", self.ema_halflife_images, 0.0, math.inf, low_open=True)
-        _number("label_dropout", self.label_dropout, 0.0, 1.0, low_open=True, high_open=True)
-        _number("sigma_min", self.sigma_min, 0.0, math.inf, low_open=True)
-        _number("sigma_max", self.sigma_max, self.sigma_min, math.inf, low_open=True)
-        _number("linear_scale", self.linear_scale, -1e3, 1e3)
-        _number("linear_low", self.linear_low, 0.0, self.sigma_max)
-        _number("gaussian_scale", self.gaussian_scale, -1e3, 1e3)
-        for w in self.guidance_scales:
-            _number("guidance_scales", w, 0.0, 1e3, low_open=True)
+        if not self.sigma_max > self.sigma_min:
+            raise ConfigError(f"sigma_max: expected a number > sigma_min = {self.sigma_min:g}, got {self.sigma_max!r}")
+        if self.linear_low > self.sigma_max:
+            raise ConfigError(f"linear_low: expected a number in [0, sigma_max = {self.sigma_max:g}], "
+                              f"got {self.linear_low!r}")
         for s in self.split_sigmas:
-            _number("split_sigmas", s, self.sigma_min, self.sigma_max, low_open=True, high_open=True)
+            if not self.sigma_min < s < self.sigma_max:
+                raise ConfigError(f"split_sigmas: expected numbers in (sigma_min, sigma_max) = "
+                                  f"({self.sigma_min:g}, {self.sigma_max:g}), got {self.split_sigmas!r}")
         if self.cpc_method == "lanczos" and 0 < self.cpc_iters < self.cpc_k:
             raise ConfigError(f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}")
         if self.cpc_sigmas > self.num_sigmas:
@@ -141,22 +128,42 @@ class CFGConfig:
                               f"got {self.grid_per_class}")
 
 
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+def _model_preset(name: str, value) -> None:
+    from diffcore.models import PRESETS as MODEL_PRESETS  # imported when checked (the models are heavy)
+
+    base.one_of(*MODEL_PRESETS)(name, value)
 
 
-def _integer(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-
-
-def _number(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+def _fraction_below_one(name: str, value) -> None:
+    """A number in (0, 1)."""
+    try:
+        base.number(0, 1, lo_open=True)(name, value)
+        ok = value != 1
+    except ConfigError:
+        ok = False
     if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigError(f"{name}: expected a number in {left}{low:g}, {high:g}{right}, got {value!r}")
+        raise ConfigError(f"{name}: expected a finite number in (0, 1), got {value!r}")
+
+
+_POSITIVE = base.integer(1)
+_COUNT = base.integer(0)
+_POSITIVE_REAL = base.number(0, lo_open=True)
+_SCALE = base.number(-1e3, 1e3)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "dataset": base.one_of("digits", "cifar10"), "data_root": base.text, "inception_weights": base.text,
+    "model_preset": _model_preset, "width": _POSITIVE, "train_steps": _POSITIVE, "batch_size": _POSITIVE,
+    "learning_rate": base.number(0, 1, lo_open=True), "lr_warmup_images": _COUNT,
+    "ema_halflife_images": _POSITIVE_REAL, "label_dropout": _fraction_below_one,
+    "augment": base.one_of("none", "xflip"), "train_seed": base.seed,
+    "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0), "linear_scale": _SCALE,
+    "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0), "linear_low": base.number(0),
+    "gaussian_scale": _SCALE, "samples_per_class": _POSITIVE, "sample_seed_start": base.seed,
+    "solver": base.one_of(*SOLVER_NAMES), "sampler_steps": _POSITIVE, "sigma_min": _POSITIVE_REAL,
+    "sigma_max": _POSITIVE_REAL, "sample_batch": _POSITIVE, "num_sigmas": _POSITIVE, "distance_samples": _POSITIVE,
+    "cpc_sigmas": _COUNT, "cpc_points": _POSITIVE, "cpc_k": _POSITIVE,
+    "cpc_method": base.one_of("subspace", "randomized", "lanczos"), "cpc_iters": _COUNT, "probe_seed": base.seed,
+    "grid_per_class": _POSITIVE, "torch_threads": _COUNT,
+}
 
 
 def _quick() -> CFGConfig:
@@ -685,10 +692,13 @@ def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = 
 
     if not isinstance(config, CFGConfig):
         raise ConfigError(f"config: expected a CFGConfig, got {type(config).__name__}")
+    config.validate()
     device = str(resolve_device(device))
     start = time.perf_counter()
     with _env.torch_threads(config.torch_threads if device == "cpu" else 0):
-        results = _Study(config, out, hooks, device, progress).run()
+        study = _Study(config, out, hooks, device, progress)
+        with study.ws.claim(NAME):
+            results = study.run()
     log.info("cfg study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
@@ -92,38 +93,16 @@ class LocoEditConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that is out of range."""
-        _one_of("image_source", self.image_source, IMAGE_SOURCES)
-        _one_of("solver", self.solver, SOLVERS)
-        _one_of("subspace_method", self.subspace_method, SUBSPACE_METHODS)
-        for name in ("width", "train_size", "train_steps", "batch_size", "inversion_steps", "rank", "subspace_iters",
-                     "spectrum_probes"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("train_seed", "subset_seed", "lr_warmup_images", "noise_seed", "k_out", "spectrum_k",
-                     "torch_threads"):
-            _at_least(name, getattr(self, name), 0)
-        if not (isinstance(self.edit_time, (int, float)) and 0 < self.edit_time < 1):
-            raise ConfigError(f"edit_time: expected a value in (0, 1) (a fraction of the horizon T), got {self.edit_time!r}")
-        if not (isinstance(self.stochastic_below, (int, float)) and 0 <= self.stochastic_below < self.edit_time):
+        base.check_fields(self, FIELD_CHECKS)
+        if not self.stochastic_below < self.edit_time:
             raise ConfigError(f"stochastic_below: expected a time in [0, edit_time = {self.edit_time}), "
                               f"got {self.stochastic_below!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
-            raise ConfigError(f"learning_rate: expected a value in (0, 1), got {self.learning_rate!r}")
-        if not (isinstance(self.subspace_tol, (int, float)) and 0 < self.subspace_tol < 1):
-            raise ConfigError(f"subspace_tol: expected a value in (0, 1), got {self.subspace_tol!r}")
-        if not (isinstance(self.rank_ratio, (int, float)) and 0 < self.rank_ratio <= 1):
-            raise ConfigError(f"rank_ratio: expected a value in (0, 1], got {self.rank_ratio!r}")
-        if not self.strengths or any(not (isinstance(s, (int, float)) and 0 < s < 1e4 and math.isfinite(s))
-                                     for s in self.strengths):
-            raise ConfigError(f"strengths: expected positive numbers (each is used with both signs), got {self.strengths!r}")
-        if list(self.strengths) != sorted(set(self.strengths)):
+        if list(self.strengths) != sorted(self.strengths):
             raise ConfigError(f"strengths: expected distinct values in ascending order, got {self.strengths!r}")
         images, field = self.images(), self.image_field()
-        if not images:
+        if not images and self.image_source != "files":  # files: the paper preset names none (run checks)
             raise ConfigError(f"{field}: expected at least one image for image_source={self.image_source!r}")
-        if len(set(images)) != len(images):
-            raise ConfigError(f"{field}: expected distinct values, got {images!r}")
-        if self.image_source != "files" and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in images):
-            raise ConfigError(f"{field}: expected integers >= 0, got {images!r}")
+        base.check_seed_range("noise_seed", self.noise_seed, len(images))  # noise_seed + image position
         if self.mask_files and len(self.mask_files) != len(images):
             raise ConfigError(f"mask_files: expected one mask per image ({len(images)}), got {len(self.mask_files)}")
         if not self.mask_files:
@@ -139,14 +118,43 @@ class LocoEditConfig:
         return {"dataset": "image_indices", "generated": "image_seeds", "files": "image_files"}[self.image_source]
 
 
-def _one_of(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+def _open_fraction(name: str, value) -> None:
+    """A number in (0, 1)."""
+    _FRACTION(name, value)
+    if value >= 1:
+        raise ConfigError(f"{name}: expected a number in (0, 1), got {value!r}")
 
 
-def _at_least(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def _paths(name: str, value) -> None:
+    """A tuple of strings, repeats allowed (one mask file may serve several images)."""
+    if not isinstance(value, tuple):
+        raise ConfigError(f"{name}: expected comma-separated values, got {value!r}")
+    for i, item in enumerate(value):
+        base.text(f"{name}[{i}]", item)
+
+
+_FRACTION = base.number(0, 1, lo_open=True)
+_POSITIVE = base.integer(1)
+_COUNT = base.integer(0)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "diffusers_dir": base.text, "models_from": base.text, "dataset": base.text, "data_root": base.text,
+    "model_preset": base.text, "width": _POSITIVE, "train_size": _POSITIVE, "train_seed": base.seed,
+    "subset_seed": base.seed, "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _open_fraction,
+    "lr_warmup_images": _COUNT, "image_source": base.one_of(*IMAGE_SOURCES),
+    "image_indices": base.tuple_of(_COUNT, min_len=0),  # at least one for the chosen image_source: validate
+    "image_seeds": base.tuple_of(base.seed, min_len=0), "image_files": base.tuple_of(base.text, min_len=0),
+    "mask": base.text, "mask_files": _paths, "edit_time": _open_fraction, "inversion_steps": _POSITIVE,
+    "solver": base.one_of(*SOLVERS), "stochastic_below": base.number(0), "noise_seed": base.seed,
+    "rank": _POSITIVE, "k_out": _COUNT, "strengths": base.tuple_of(base.number(0, 1e4, lo_open=True)),
+    "subspace_method": base.one_of(*SUBSPACE_METHODS), "subspace_iters": _POSITIVE,
+    "subspace_tol": _open_fraction, "spectrum_k": _COUNT, "spectrum_probes": _POSITIVE, "rank_ratio": _FRACTION,
+    "transfer": _flag, "torch_threads": _COUNT,
+}
 
 
 def _check_mask_spec(spec: str) -> None:
@@ -781,6 +789,8 @@ def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: 
     from diffcore.experiments._stack import resolve_device
 
     config.validate()
+    if not config.images():
+        raise ConfigError("image_files: expected at least one image file (--set image_files=a.png,b.png)")
     if hooks is None:
         hooks = default_hooks()
         device = str(resolve_device(device))
@@ -788,7 +798,9 @@ def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: 
         device = "cpu"
     start, cpu = time.perf_counter(), time.process_time()
     with _env.torch_threads(config.torch_threads):
-        results = _Study(config, out, hooks, device, progress).run()
+        study = _Study(config, out, hooks, device, progress)
+        with study.ws.claim(NAME):
+            results = study.run()
     timings = Path(out) / "timings.json"
     atomic_write_json(timings, {**json.loads(timings.read_text()), "wall_seconds": time.perf_counter() - start,
                                 "cpu_seconds": time.process_time() - cpu})

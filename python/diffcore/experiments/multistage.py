@@ -33,7 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffcore.experiments import _stack
+from diffcore import _env
+from diffcore.experiments import _stack, base
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
@@ -83,42 +84,52 @@ class MultistageConfig:
 
     def validate(self, pool_size: int | None = None) -> None:
         """Raise ConfigError naming the first field out of range."""
-        ints = {"grid_points": 2, "num_probes": 1, "num_stages": 1, "single_channels": 4, "encoder_channels": 4,
-                "batch_size": 1, "num_samples": 2, "sampler_steps": 1, "loss_eval_images": 1, "num_train": 2}
-        for name, low in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
+        base.check_fields(self, FIELD_CHECKS)
         if pool_size is not None and self.num_train > pool_size:
             raise ConfigError(f"num_train: expected at most the pool's {pool_size} images, got {self.num_train}")
-        if not 0 < self.grid_sigma_min < self.grid_sigma_max or not math.isfinite(self.grid_sigma_max):
-            raise ConfigError(f"grid_sigma_min, grid_sigma_max: expected 0 < min < max < inf, "
+        if not self.grid_sigma_min < self.grid_sigma_max:
+            raise ConfigError(f"grid_sigma_min: expected grid_sigma_min < grid_sigma_max, "
                               f"got {self.grid_sigma_min}, {self.grid_sigma_max}")
         if self.num_stages > self.grid_points:
             raise ConfigError(f"num_stages: expected at most grid_points = {self.grid_points}, got {self.num_stages}")
-        if len(self.decoder_channels) != self.num_stages or any(
-                isinstance(c, bool) or not isinstance(c, int) or c < 4 for c in self.decoder_channels):
+        if len(self.decoder_channels) != self.num_stages:
             raise ConfigError(f"decoder_channels: expected {self.num_stages} integers >= 4 (one per stage), "
                               f"got {self.decoder_channels!r}")
         bounds = self.stage_boundaries
-        if bounds and (len(bounds) != self.num_stages - 1 or any(not b > 0 for b in bounds)
-                       or any(a >= b for a, b in zip(bounds, bounds[1:]))):
+        if bounds and (len(bounds) != self.num_stages - 1 or list(bounds) != sorted(bounds)):
             raise ConfigError(f"stage_boundaries: expected () or {self.num_stages - 1} increasing sigmas > 0, "
                               f"got {bounds!r}")
-        steps = self.eval_steps
-        if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps) \
-                or any(a >= b for a, b in zip(steps, steps[1:])):
-            raise ConfigError(f"eval_steps: expected increasing integers >= 1, got {steps!r}")
-        if isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int) or self.cpu_threads < 0:
-            raise ConfigError(f"cpu_threads: expected an integer >= 0, got {self.cpu_threads!r}")
-        if not self.learning_rate > 0 or self.lr_warmup_images < 0:
-            raise ConfigError(f"learning_rate, lr_warmup_images: expected > 0 and >= 0, got "
-                              f"{self.learning_rate}, {self.lr_warmup_images}")
+        if list(self.eval_steps) != sorted(self.eval_steps):
+            raise ConfigError(f"eval_steps: expected increasing integers >= 1, got {self.eval_steps!r}")
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         if self.dataset != "digits" and not self.fid_weights:
             log.warning("fid_weights: empty, so sample quality on %s is not measured", self.dataset)
 
     def sigma_grid(self) -> np.ndarray:
         return np.geomspace(self.grid_sigma_min, self.grid_sigma_max, self.grid_points)
+
+
+def _channels(name: str, value) -> None:
+    """One width >= 4 per stage; stages may share a width, so repeats are allowed (unlike base.tuple_of)."""
+    if not isinstance(value, tuple) or not value:
+        raise ConfigError(f"{name}: expected at least 1 comma-separated value, got {value!r}")
+    for i, item in enumerate(value):
+        _WIDTH(f"{name}[{i}]", item)
+
+
+_POSITIVE = base.integer(1)
+_WIDTH = base.integer(4)
+_SIGMA = base.number(0, lo_open=True)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
+    "grid_points": base.integer(2), "grid_sigma_min": _SIGMA, "grid_sigma_max": _SIGMA, "num_probes": _POSITIVE,
+    "probe_seed": base.seed, "num_stages": _POSITIVE, "stage_boundaries": base.tuple_of(_SIGMA, min_len=0),
+    "model_preset": base.text, "single_channels": _WIDTH, "encoder_channels": _WIDTH, "decoder_channels": _channels,
+    "eval_steps": base.tuple_of(_POSITIVE), "batch_size": _POSITIVE, "learning_rate": base.number(0, lo_open=True),
+    "lr_warmup_images": base.integer(0), "seed": base.seed, "num_samples": base.integer(2),
+    "sample_seed_start": base.seed, "sampler_steps": _POSITIVE, "loss_eval_images": _POSITIVE,
+    "loss_eval_seed": base.seed, "fid_weights": base.text, "cpu_threads": base.integer(0),
+}
 
 
 def _quick() -> MultistageConfig:
@@ -314,7 +325,7 @@ class _Study:
                 losses.append((denoiser.loss_weight(s) * error).cpu())
         losses = torch.cat(losses)
         stage = torch.bucketize(sigma.double(), torch.tensor(boundaries, dtype=torch.float64), right=True)
-        edges = [0.0] + list(boundaries) + [math.inf]
+        edges = [0.0] + list(boundaries) + [None]  # None: unbounded above (results are strict JSON)
         return [{"stage": k, "sigma_range": [edges[k], edges[k + 1]], "count": int((stage == k).sum()),
                  "loss": float(losses[stage == k].mean()) if (stage == k).any() else None}
                 for k in range(len(boundaries) + 1)]
@@ -414,13 +425,10 @@ def run(config: MultistageConfig, out, *, hooks=None, device: str = "auto", prog
     config.validate()
     start = time.perf_counter()
     device = str(_stack.resolve_device(device))
-    threads = torch.get_num_threads()
-    if device == "cpu" and config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
-    try:
-        results = _Study(config, out, device, progress).run()
-    finally:
-        torch.set_num_threads(threads)
+    with _env.torch_threads(config.cpu_threads if device == "cpu" else 0):
+        study = _Study(config, out, device, progress)
+        with study.ws.claim(NAME):
+            results = study.run()
     log.info("multistage study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 

@@ -47,6 +47,7 @@ from typing import Callable
 
 import torch
 
+from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
@@ -99,42 +100,19 @@ class WatermarkConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of range."""
-        from diffcore.analysis.watermark import BANDS
-        from diffcore.metrics.watermark import ATTACKS
-        from diffcore.sampler import SOLVERS
-
-        def need(name: str, ok: bool, expected: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        need("model", self.model in MODELS, f"one of {', '.join(MODELS)}")
-        need("model_dir", self.model != "diffusers" or bool(self.model_dir), "a folder for model=diffusers")
-        need("resolution", _int(self.resolution) and 8 <= self.resolution <= 512 and self.resolution % 2 == 0,
-             "an even integer in [8, 512]")
-        for name in ("width", "train_steps", "train_batch_size", "steps", "num_images", "num_negatives", "batch_size",
-                     "nullspace_k", "attack_reference_size"):
-            need(name, _int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
-        for name in ("lr_warmup_images", "train_seed", "key_seed", "seed_start", "attack_seed", "nullspace_images",
-                     "grid_images", "channel", "rank_references", "wrong_keys"):
-            need(name, _int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
-        need("learning_rate", 0 < self.learning_rate <= 1, "a value in (0, 1]")
-        need("variance_floor", 0 < self.variance_floor <= 1, "a value in (0, 1]")
-        need("solver", self.solver in SOLVERS, f"one of {', '.join(SOLVERS)}")
-        need("steps", self.steps >= 2, "at least 2 steps")
-        need("time", 0 < self.time < 1, "a fraction of the diffusion time in (0, 1)")
-        need("radius_fraction", 0 < self.radius_fraction < 0.5, "a value in (0, 0.5)")
-        need("band", self.band in BANDS, f"one of {', '.join(BANDS)}")
-        need("attacks", bool(self.attacks) and all(a in ATTACKS for a in self.attacks)
-             and len(set(self.attacks)) == len(self.attacks), f"distinct names from {', '.join(ATTACKS)}")
-        need("num_negatives", self.num_negatives >= 2, "at least 2 unwatermarked images")
-        need("nullspace_images", self.nullspace_images <= self.num_images, "at most num_images")
-        need("grid_images", self.grid_images <= self.num_images, "at most num_images")
-        try:
-            self.attack_params().validate()
-            if self.model != "diffusers":  # the image shape is known here: check the key fits
+        base.check_fields(self, FIELD_CHECKS)
+        if self.resolution % 2:
+            raise ConfigError(f"resolution: expected an even integer in [8, 512], got {self.resolution!r}")
+        base.check_seed_range("seed_start", self.seed_start, self.num_images + self.num_negatives)
+        for name in ("nullspace_images", "grid_images"):
+            if getattr(self, name) > self.num_images:
+                raise ConfigError(f"{name}: expected at most num_images = {self.num_images}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.model != "diffusers":  # the image shape is known here: check the key fits
+            try:
                 self.key((1, self.resolution, self.resolution))
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
+            except ValueError as error:
+                raise ConfigError(str(error)) from error
 
     def key(self, shape):
         """The ring key for images of ``shape`` (C, H, W): radius ``round(radius_fraction * side)``."""
@@ -159,8 +137,51 @@ class WatermarkConfig:
         return list(range(start, start + self.num_negatives))
 
 
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _below(hi: float) -> base.Check:
+    """A number in (0, hi)."""
+    def check(name, value):
+        try:
+            base.number(0, hi, lo_open=True)(name, value)
+            ok = value != hi
+        except ConfigError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name}: expected a finite number in (0, {hi:g}), got {value!r}")
+    return check
+
+
+def _among(module: str, attr: str) -> base.Check:
+    """One of the names ``module.attr`` (imported when checked: the modules load torch code)."""
+    def check(name, value):
+        import importlib
+
+        base.one_of(*getattr(importlib.import_module(module), attr))(name, value)
+    return check
+
+
+def _boolean(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+
+
+_POSITIVE = base.integer(1)
+_COUNT = base.integer(0)
+_FRACTION = base.number(0, 1, lo_open=True)
+_NON_NEGATIVE = base.number(0)
+FIELD_CHECKS: dict[str, base.Check] = {
+    "model": base.one_of(*MODELS), "model_dir": base.text, "resolution": base.integer(8, 512), "width": _POSITIVE,
+    "train_steps": _POSITIVE, "train_batch_size": _POSITIVE, "learning_rate": _FRACTION,
+    "lr_warmup_images": _COUNT, "train_seed": base.seed, "variance_floor": _FRACTION,
+    "solver": _among("diffcore.sampler", "SOLVERS"), "steps": base.integer(2), "time": _below(1),
+    "radius_fraction": _below(0.5), "channel": _COUNT, "band": _among("diffcore.analysis.watermark", "BANDS"),
+    "key_seed": base.seed, "num_images": _POSITIVE, "num_negatives": base.integer(2), "seed_start": base.seed,
+    "batch_size": _POSITIVE, "attacks": base.tuple_of(_among("diffcore.metrics.watermark", "ATTACKS")),
+    "jpeg_quality": base.integer(1, 95), "blur_radius": _NON_NEGATIVE, "noise_std": _NON_NEGATIVE,
+    "brightness": _NON_NEGATIVE, "resize_scale": _FRACTION, "crop_fraction": _FRACTION,
+    "attack_reference_size": _POSITIVE, "attack_seed": base.seed, "p_value": _boolean,
+    "rank_references": _COUNT, "wrong_keys": _COUNT, "nullspace_images": _COUNT, "nullspace_k": _POSITIVE,
+    "grid_images": _COUNT,
+}
 
 
 def _quick() -> WatermarkConfig:
@@ -214,6 +235,8 @@ class _Model:
 class _Study:
     def __init__(self, config: WatermarkConfig, out, device: str, progress: bool):
         config.validate()
+        if config.model == "diffusers" and not config.model_dir:  # a local folder, needed to run (not a range)
+            raise ConfigError(f"model_dir: expected a folder for model=diffusers, got {config.model_dir!r}")
         self.c = config
         self.ws = Workspace(out)
         self.device = torch.device(device)
@@ -647,7 +670,9 @@ def run(config: WatermarkConfig, out, *, hooks=None, device: str = "auto", progr
     from diffcore.experiments._stack import resolve_device
 
     start = time.perf_counter()
-    results = _Study(config, out, str(resolve_device(device)), progress).run()
+    study = _Study(config, out, str(resolve_device(device)), progress)
+    with study.ws.claim(NAME):
+        results = study.run()
     log.info("watermark study done in %.1f s: %s", time.perf_counter() - start, out)
     return results
 
