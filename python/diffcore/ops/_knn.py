@@ -17,6 +17,8 @@ is in ``_knn_cpu.py``, the CUDA launcher in ``_knn_cuda.py``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffcore import _checks
@@ -74,11 +76,15 @@ MAX_MAGNITUDE = 1e15  # the largest |value| any backend accepts (the cpu kernel'
 
 
 def _check_magnitude(name: str, values: torch.Tensor) -> None:
-    """Finite values of magnitude <= MAX_MAGNITUDE (uint8 images always are)."""
-    _checks.check_finite(name, values)
-    if values.is_floating_point() and values.numel() and float(values.abs().max()) > MAX_MAGNITUDE:
+    """Finite values of magnitude <= MAX_MAGNITUDE (uint8 images always are), in one reduction."""
+    if not values.is_floating_point() or values.numel() == 0:
+        return
+    largest = float(values.abs().max())  # NaN propagates through max, Inf stays Inf
+    if not math.isfinite(largest):
+        _checks.check_finite(name, values)  # names NaN or Inf
+    if largest > MAX_MAGNITUDE:
         raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), "
-                         f"got {float(values.abs().max()):g}")
+                         f"got {largest:g}")
 
 
 def _validate(queries, train, k):
