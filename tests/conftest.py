@@ -41,13 +41,23 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_GPU else "cpu")
 
 
-@pytest.fixture(params=["bf16", "fp32"])
-def forced_screen(request, monkeypatch):
-    """Runs a test with DIFFCORE_CPU_SCREEN forced to each screening precision (bf16, fp32): both
-    CPU paths run on any machine (bf16 is slow, but correct, where it is not native)."""
+def _force_screen(value, monkeypatch):
     from diffcore import _cpu_caps
 
-    monkeypatch.setenv(_cpu_caps.SCREEN_VAR, request.param)
+    monkeypatch.setenv(_cpu_caps.SCREEN_VAR, value)
     _cpu_caps.screen_choice.cache_clear()
-    yield request.param
+    yield value
     _cpu_caps.screen_choice.cache_clear()
+
+
+@pytest.fixture(params=["bf16", "fp32"])
+def forced_screen(request, monkeypatch):
+    """Runs a test with DIFFCORE_CPU_SCREEN forced to each float screening precision (bf16, fp32):
+    both CPU paths run on any machine (bf16 is slow, but correct, where it is not native)."""
+    yield from _force_screen(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["int8", "bf16", "fp32"])
+def forced_knn_screen(request, monkeypatch):
+    """DIFFCORE_CPU_SCREEN forced to each of knn's screening precisions (int8, bf16, fp32)."""
+    yield from _force_screen(request.param, monkeypatch)

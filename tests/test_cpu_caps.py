@@ -40,10 +40,29 @@ def test_forced_values_win_over_the_machine(value, caps):
     assert "DIFFCORE_CPU_SCREEN" in choice.reason
 
 
-@pytest.mark.parametrize("value", ["fp16", "int8", "yes", "bf-16"])
+@pytest.mark.parametrize("value", ["fp16", "int4", "yes", "bf-16"])
 def test_invalid_value_names_the_variable(value):
-    with pytest.raises(ValueError, match="DIFFCORE_CPU_SCREEN.*auto, bf16, fp32"):
+    with pytest.raises(ValueError, match="DIFFCORE_CPU_SCREEN.*auto, int8, bf16, fp32"):
         choose_screen(value, BF16_MACHINE)
+
+
+@pytest.mark.parametrize("levels", [127, 63])
+@pytest.mark.parametrize("caps", [BF16_MACHINE, AVX2_MACHINE])
+def test_knn_takes_int8_where_the_probe_finds_an_exact_int8_gemm(caps, levels):
+    choice = choose_screen("auto", caps, int8_probe=lambda: levels)
+    assert choice.knn_precision == "int8" and choice.int8_levels == levels and str(levels) in choice.knn_reason
+    assert choice.precision == ("bf16" if caps is BF16_MACHINE else "fp32")  # empirical_denoise: the float choice
+    forced = choose_screen("int8", caps, int8_probe=lambda: levels)
+    assert forced.knn_precision == "int8" and "DIFFCORE_CPU_SCREEN=int8" in forced.knn_reason
+
+
+def test_without_an_exact_int8_gemm_knn_follows_the_float_choice():
+    choice = choose_screen("auto", AVX2_MACHINE, int8_probe=lambda: None)
+    assert choice.knn_precision == choice.precision == "fp32" and choice.int8_levels is None
+    with pytest.raises(ValueError, match="DIFFCORE_CPU_SCREEN=int8.*probe failed"):
+        choose_screen("int8", AVX2_MACHINE, int8_probe=lambda: None)
+    forced = choose_screen("bf16", AVX2_MACHINE, int8_probe=lambda: 127)  # a forced float screen covers knn too
+    assert forced.knn_precision == "bf16" and forced.int8_levels is None
 
 
 def test_screen_choice_reads_the_variable_once(monkeypatch):

@@ -30,7 +30,7 @@ inline void check_positive(int64_t value, const std::string& arg) {
 }
 
 // Element types crossing the boundary, named as torch names them without the "torch." prefix.
-enum class DType { float32, float16, bfloat16, float64, uint8 };
+enum class DType { float32, float16, bfloat16, float64, uint8, int8, int32 };
 
 inline DType parse_dtype(const std::string& name, const std::string& arg) {
   if (name == "float32") return DType::float32;
@@ -38,6 +38,8 @@ inline DType parse_dtype(const std::string& name, const std::string& arg) {
   if (name == "bfloat16") return DType::bfloat16;
   if (name == "float64") return DType::float64;
   if (name == "uint8") return DType::uint8;
+  if (name == "int8") return DType::int8;    // screening copies only (knn's int8 screen)
+  if (name == "int32") return DType::int32;  // integer Gram tiles only
   fail_arg(arg, "unsupported dtype '" + name + "' (expected float32, float16, bfloat16, float64 or uint8)");
 }
 

@@ -1,12 +1,14 @@
-// Exact k-nearest-neighbour search (l2) on the CPU: screening with a bf16 or fp32 GEMM plus an
-// error bound, exact re-scoring of the survivors in double, fused top-k merge.
+// Exact k-nearest-neighbour search (l2) on the CPU: screening with an int8, bf16 or fp32 GEMM
+// plus an error bound, exact re-scoring of the survivors in double, fused top-k merge.
 //
-// Division of labour (DESIGN.md, Contracts): Python drives torch's BLAS for the Gram tile
-// G~ = s(Q) s(Y)^T, s the screening precision (bf16 where the CPU has native bf16 matmul, else
-// fp32: diffcore/_cpu_caps.py); this file
-//   1. knn_cpu_prepare_rows: converts rows to the screening precision (round to nearest even) and
-//      records, per row, |x|^2 (exact, double), |x~| and |x - x~| (x~ the rounding), and rejects
-//      NaN/Inf (fp32 rows screened in fp32 are not copied: x~ = x);
+// Division of labour (DESIGN.md, Contracts): Python drives torch's GEMM for the Gram tile
+// G~ = s(Q) s(Y)^T, s the screening precision (diffcore/_cpu_caps.py: int8 where torch's int8
+// GEMM is exact at the ranges used, else bf16 where the CPU has native bf16 matmul, else fp32);
+// this file
+//   1. knn_cpu_prepare_rows: converts rows to the screening precision (bf16/fp32: round to nearest
+//      even; int8: q = round(x / s) with one scale s = max|x| / levels per row, x~ = s q) and
+//      records, per row, |x|^2 (exact, double), |x~|, |x - x~| and s (1 for bf16/fp32), and
+//      rejects NaN/Inf (fp32 rows screened in fp32 are not copied: x~ = x);
 //   2. knn_cpu_screen_tile: for every query of a block and every training row of a tile, bounds
 //      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y between lower = a - 2E and
 //      upper = a + 2E, where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below); it keeps
@@ -17,11 +19,14 @@
 // Error bound of the screening Gram entry (q = q~ + dq exactly):
 //   q.y = q~.y~ + q~.dy + dq.y~ + dq.dy
 //   |q~.dy + dq.y~ + dq.dy| <= |q~||dy| + |dq||y~| + |dq||dy|          (Cauchy-Schwarz)
+//   int8 screen: G~ = s_q s_y (integer sum), exact in int32 for dim * 127^2 < 2^31 in any
+//     summation order (that torch's int8 GEMM does not saturate its intermediates at the value
+//     ranges used is checked by a probe in Python, which picks 7-bit training rows where needed);
 //   fp32 accumulation, ANY summation order (Higham, Accuracy and Stability, Eq. 3.5):
 //     |acc - q~.y~| <= gamma_D |q~|.|y~| <= gamma_D |q~||y~|, gamma_D = D 2^-24 / (1 - D 2^-24)
 //   bf16 output rounding (torch returns bf16 on the CPU): |G~ - acc| <= 2^-8 |G~|; none for fp32.
 // E is the sum, plus a tiny absolute term for flushed subnormals and double rounding.
-// fp32 screen: every term is proven (the inputs are exact fp32 values, fp32 arithmetic is IEEE).
+// fp32 and int8 screens: every term is proven (exact inputs, IEEE fp32 or integer arithmetic).
 // bf16 screen: that the BLAS accumulates bf16 products in fp32 and rounds the output once is
 // assumed (checked by a probe in Python), so the two GEMM terms get a safety factor.
 #include <pybind11/pybind11.h>
@@ -62,28 +67,61 @@ inline float bf16_bits_to_float(uint16_t h) {
 
 // Largest magnitude accepted: keeps every product and sum of the fp32 GEMM far from overflow.
 constexpr double kMaxMagnitude = 1e15;
+// Longest rows the int8 screen takes: dim * 127 * 127 < 2^31 keeps every int32 Gram sum exact.
+constexpr int64_t kInt8MaxDim = 133143;
 
-// Screening formats: bf16 (raw bits) or fp32, each rounded to nearest even from the exact value.
+// Screening formats. bf16 (raw bits) and fp32 round each value to nearest even; int8 stores
+// round(x / s) with one scale s = max|x| / levels per row (x~ = s q). A format object is made per
+// row (for_row) because the int8 scale depends on the row.
 struct Bf16Format {
   using Storage = uint16_t;
-  static Storage encode(double v) { return float_to_bf16_bits(static_cast<float>(v)); }
-  static double decode(Storage h) { return bf16_bits_to_float(h); }
+  template <typename T>
+  static Bf16Format for_row(const T*, int64_t) { return {}; }
+  Storage encode(double v) const { return float_to_bf16_bits(static_cast<float>(v)); }
+  double decode(Storage h) const { return bf16_bits_to_float(h); }
+  double scale() const { return 1.0; }
 };
 struct Fp32Format {
   using Storage = float;
-  static Storage encode(double v) { return static_cast<float>(v); }
-  static double decode(Storage f) { return f; }
+  template <typename T>
+  static Fp32Format for_row(const T*, int64_t) { return {}; }
+  Storage encode(double v) const { return static_cast<float>(v); }
+  double decode(Storage f) const { return f; }
+  double scale() const { return 1.0; }
+};
+// levels = 127, or 63 where the int8 GEMM needs 7-bit values to stay exact (python/diffcore/_cpu_caps.py).
+struct Int8Format {
+  using Storage = int8_t;
+  double step = 1.0, inverse = 1.0;
+  template <typename T>
+  static Int8Format for_row(const T* x, int64_t dim, int levels) {
+    double largest = 0;
+    for (int64_t i = 0; i < dim; ++i) largest = std::max(largest, std::fabs(value_as_double(x[i])));
+    // NaN/Inf rows are rejected by the caller; they only need a finite step here
+    if (!(largest > 0) || !std::isfinite(largest)) return {};
+    return {largest / levels, levels / largest};
+  }
+  // |v / step| <= levels (up to one rounding), so the rounded value fits in [-levels, levels]
+  Storage encode(double v) const {
+    return static_cast<Storage>(std::max(-127.0, std::min(127.0, std::nearbyint(v * inverse))));
+  }
+  double decode(Storage q) const { return step * q; }
+  double scale() const { return step; }
 };
 
 // Per row: copy in the screening format (skipped when dst is null: the rows are used as they are,
-// x~ = x) and [|x|^2, |x~|, |x - x~|]. Returns the first offending row or -1.
-template <typename Format, typename T>
+// x~ = x) and [|x|^2, |x~|, |x - x~|, s] (s: the int8 scale, 1 otherwise). Returns the first
+// offending row or -1.
+constexpr int64_t kNormColumns = 4;
+
+template <typename Format, typename T, typename MakeFormat>
 int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride, typename Format::Storage* dst,
-                     double* norms, int threads) {
+                     double* norms, int threads, MakeFormat make_format) {
   int64_t bad_row = -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = src + r * row_stride;
+    const Format format = make_format(x, dim);
     typename Format::Storage* out = dst == nullptr ? nullptr : dst + r * dim;
     double sq = 0, sq_rounded = 0, sq_delta = 0;
     int64_t n_bad = 0;
@@ -91,16 +129,18 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
     for (int64_t i = 0; i < dim; ++i) {
       const double v = value_as_double(x[i]);
       n_bad += !(std::fabs(v) <= kMaxMagnitude);  // true for NaN and Inf too
-      const typename Format::Storage h = Format::encode(v);
-      const double rounded = Format::decode(h);
+      const typename Format::Storage h = format.encode(v);
+      const double rounded = format.decode(h);
       if (out != nullptr) out[i] = h;
       sq += v * v;
       sq_rounded += rounded * rounded;
       sq_delta += (v - rounded) * (v - rounded);
     }
-    norms[3 * r + 0] = sq;
-    norms[3 * r + 1] = std::sqrt(sq_rounded);
-    norms[3 * r + 2] = std::sqrt(sq_delta);
+    double* row_norms = norms + kNormColumns * r;
+    row_norms[0] = sq;
+    row_norms[1] = std::sqrt(sq_rounded);
+    row_norms[2] = std::sqrt(sq_delta);
+    row_norms[3] = format.scale();
     if (n_bad != 0) {
 #pragma omp critical
       if (bad_row < 0 || r < bad_row) bad_row = r;
@@ -109,25 +149,35 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
   return bad_row;
 }
 
-template <typename Format>
+template <typename Format, typename MakeFormat>
 int64_t prepare_rows_dispatch(std::uintptr_t src_ptr, DType dtype, int64_t rows, int64_t dim, int64_t row_stride,
-                              std::uintptr_t dst_ptr, double* norms, int threads, const std::string& arg_name) {
+                              std::uintptr_t dst_ptr, double* norms, int threads, const std::string& arg_name,
+                              MakeFormat make_format) {
   auto* dst = reinterpret_cast<typename Format::Storage*>(dst_ptr);
   switch (dtype) {
     case DType::float32:
-      return prepare_rows<Format>(reinterpret_cast<const float*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+      return prepare_rows<Format>(reinterpret_cast<const float*>(src_ptr), rows, dim, row_stride, dst, norms, threads,
+                                  make_format);
     case DType::float64:
-      return prepare_rows<Format>(reinterpret_cast<const double*>(src_ptr), rows, dim, row_stride, dst, norms, threads);
+      return prepare_rows<Format>(reinterpret_cast<const double*>(src_ptr), rows, dim, row_stride, dst, norms, threads,
+                                  make_format);
     case DType::uint8:
       return prepare_rows<Format>(reinterpret_cast<const uint8_t*>(src_ptr), rows, dim, row_stride, dst, norms,
-                                  threads);
+                                  threads, make_format);
     default:
       fail_arg(arg_name, "expected float32, float64 or uint8 data");
   }
 }
 
+template <typename Format>
+int64_t prepare_rows_as(std::uintptr_t src_ptr, DType dtype, int64_t rows, int64_t dim, int64_t row_stride,
+                        std::uintptr_t dst_ptr, double* norms, int threads, const std::string& arg_name) {
+  return prepare_rows_dispatch<Format>(src_ptr, dtype, rows, dim, row_stride, dst_ptr, norms, threads, arg_name,
+                                       [](const auto* x, int64_t n) { return Format::for_row(x, n); });
+}
+
 void knn_cpu_prepare_rows(std::uintptr_t src_ptr, const std::string& dtype, int64_t rows, int64_t dim,
-                          int64_t row_stride, std::uintptr_t dst_ptr, const std::string& dst_dtype,
+                          int64_t row_stride, std::uintptr_t dst_ptr, const std::string& dst_dtype, int64_t int8_levels,
                           std::uintptr_t norms_ptr, int threads, const std::string& arg_name) {
   check_ptr(src_ptr, arg_name);
   check_ptr(norms_ptr, "norms");
@@ -137,15 +187,25 @@ void knn_cpu_prepare_rows(std::uintptr_t src_ptr, const std::string& dtype, int6
   threads = resolve_threads(threads);
   const DType src_type = parse_dtype(dtype, arg_name);
   const DType format = parse_dtype(dst_dtype, "dst_dtype");
-  check_arg(format == DType::bfloat16 || format == DType::float32, "dst_dtype",
-            "expected bfloat16 or float32 (the screening precision), got " + dst_dtype);
+  check_arg(format == DType::bfloat16 || format == DType::float32 || format == DType::int8, "dst_dtype",
+            "expected bfloat16, float32 or int8 (the screening precision), got " + dst_dtype);
   check_arg(dst_ptr != 0 || (format == DType::float32 && src_type == DType::float32), "dst_ptr",
             "may be null (no copy) only for float32 rows screened in float32");
+  check_arg(format != DType::int8 || (int8_levels >= 1 && int8_levels <= 127), "int8_levels",
+            "expected 1..127 (the largest int8 magnitude of the screening copy)");
   auto* norms = reinterpret_cast<double*>(norms_ptr);
-  const int64_t bad =
-      format == DType::bfloat16
-          ? prepare_rows_dispatch<Bf16Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name)
-          : prepare_rows_dispatch<Fp32Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name);
+  int64_t bad;
+  if (format == DType::bfloat16) {
+    bad = prepare_rows_as<Bf16Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name);
+  } else if (format == DType::float32) {
+    bad = prepare_rows_as<Fp32Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name);
+  } else {
+    const int levels = static_cast<int>(int8_levels);
+    bad = prepare_rows_dispatch<Int8Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads,
+                                            arg_name, [levels](const auto* x, int64_t n) {
+                                              return Int8Format::for_row(x, n, levels);
+                                            });
+  }
   if (bad >= 0) {
     std::ostringstream msg;
     msg << "contains NaN, Inf or a value of magnitude above 1e15 (row " << bad << " of this block)";
@@ -186,17 +246,18 @@ struct ScreenBound {
 // absolute term) around approx = |q|^2 + |y|^2 - 2 G~ (see the top of this file).
 inline double gram_value(uint16_t bf16_bits) { return bf16_bits_to_float(bf16_bits); }
 inline double gram_value(float value) { return value; }
+inline double gram_value(int32_t value) { return value; }  // exact; scaled by s_q s_y below
 
 template <typename G>
 struct QueryBounds {
-  double qn, q_round, q_delta;
+  double qn, q_round, q_delta, q_scale;
   const double* y_norms;
   const G* g_row;
   const ScreenBound* bound;
 
   inline void at(int64_t j, double& approx, double& slack) const {
-    const double* yn = y_norms + 3 * j;
-    const double g = gram_value(g_row[j]);
+    const double* yn = y_norms + kNormColumns * j;
+    const double g = q_scale * yn[3] * gram_value(g_row[j]);  // scales are 1 except for the int8 screen
     approx = qn + yn[0] - 2.0 * g;
     // input rounding: proven from the measured norms (Cauchy-Schwarz); the GEMM's own error
     // (fp32 accumulation, bf16 output) is what is assumed of the BLAS, so the safety factor is there
@@ -244,7 +305,8 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
     std::vector<double> upper(tile), smallest(k);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
-      const QueryBounds<G> qb{q_norms[3 * b], q_norms[3 * b + 1], q_norms[3 * b + 2], y_norms, gram + b * tile, &bound};
+      const double* qn = q_norms + kNormColumns * b;
+      const QueryBounds<G> qb{qn[0], qn[1], qn[2], qn[3], y_norms, gram + b * tile, &bound};
       TopK top{best_d2 + b * k, best_idx + b * k, k};
       const TQ* q = queries + b * q_stride;
       // Until k rows are known exactly (first tile), the tile's own k-th upper bound caps the cut.
@@ -346,25 +408,32 @@ int64_t knn_cpu_screen_tile(std::uintptr_t queries_ptr, const std::string& queri
   check_arg(tile_start >= 0, "tile_start", "expected a non-negative row offset");
   check_arg(safety >= 1.0, "safety", "expected a safety factor >= 1");
   threads = resolve_threads(threads);
-  const double u32 = std::ldexp(1.0, -24);
-  const double dim_u = static_cast<double>(dim) * u32;
+  const double dim_u = static_cast<double>(dim) * std::ldexp(1.0, -24);
   check_arg(dim_u < 0.5, "dim", "too large for the fp32 accumulation bound");
   const DType gtype = parse_dtype(gram_dtype, "gram_dtype");
-  check_arg(gtype == DType::bfloat16 || gtype == DType::float32, "gram_dtype",
-            "expected bfloat16 or float32 (the screening precision), got " + gram_dtype);
-  const bool bf16 = gtype == DType::bfloat16;
-  const ScreenBound bound{dim_u / (1.0 - dim_u), bf16 ? std::ldexp(1.0, -8) : 0.0, safety, 1e-12};
+  check_arg(gtype == DType::bfloat16 || gtype == DType::float32 || gtype == DType::int32, "gram_dtype",
+            "expected bfloat16, float32 or int32 (the screening precision), got " + gram_dtype);
+  // int8 screen: the int32 Gram entries are exact (|sum| <= dim 127^2 < 2^31), so only the input
+  // rounding is bounded; fp32/bf16: the accumulation (and the bf16 output rounding) too.
+  check_arg(gtype != DType::int32 || dim <= kInt8MaxDim, "dim",
+            "too large for the exact int32 accumulation of the int8 screen (at most " +
+                std::to_string(kInt8MaxDim) + ")");
+  const double gamma = gtype == DType::int32 ? 0.0 : dim_u / (1.0 - dim_u);
+  const double unit = gtype == DType::bfloat16 ? std::ldexp(1.0, -8) : 0.0;
+  const ScreenBound bound{gamma, unit, safety, 1e-12};
   const auto* q_norms = reinterpret_cast<const double*>(q_norms_ptr);
   const auto* y_norms = reinterpret_cast<const double*>(y_norms_ptr);
   auto* best_d2 = reinterpret_cast<double*>(best_d2_ptr);
   auto* best_idx = reinterpret_cast<int64_t*>(best_idx_ptr);
   const DType qtype = parse_dtype(queries_dtype, "queries");
   const DType ytype = parse_dtype(train_dtype, "train");
-  if (bf16)
+  auto screen = [&](const auto* gram) {
     return screen_tile_dispatch(queries_ptr, qtype, batch, dim, q_norms, train_ptr, ytype, tile_start, tile, y_norms,
-                                reinterpret_cast<const uint16_t*>(gram_ptr), k, best_d2, best_idx, bound, threads);
-  return screen_tile_dispatch(queries_ptr, qtype, batch, dim, q_norms, train_ptr, ytype, tile_start, tile, y_norms,
-                              reinterpret_cast<const float*>(gram_ptr), k, best_d2, best_idx, bound, threads);
+                                gram, k, best_d2, best_idx, bound, threads);
+  };
+  if (gtype == DType::bfloat16) return screen(reinterpret_cast<const uint16_t*>(gram_ptr));
+  if (gtype == DType::int32) return screen(reinterpret_cast<const int32_t*>(gram_ptr));
+  return screen(reinterpret_cast<const float*>(gram_ptr));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -400,18 +469,20 @@ void register_knn(py::module_& m) {
   const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
   m.def("knn_cpu_prepare_rows", &knn_cpu_prepare_rows, named,
         py::arg("src_ptr"), py::arg("dtype"), py::arg("rows"),
-        py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("dst_dtype"), py::arg("norms_ptr"),
+        py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("dst_dtype"), py::arg("int8_levels"),
+        py::arg("norms_ptr"),
         py::arg("threads"), py::arg("arg_name"), py::call_guard<py::gil_scoped_release>(),
         "Copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) in the screening precision dst_dtype "
-        "(bfloat16 or float32; dst_ptr 0: no copy, float32 rows only) and per-row doubles "
-        "[|x|^2, |s(x)|, |x - s(x)|]; raises ValueError on NaN/Inf.");
+        "(bfloat16, float32, or int8 with a per-row scale and values in [-int8_levels, int8_levels]; dst_ptr 0: "
+        "no copy, float32 rows only) and per-row doubles [|x|^2, |s(x)|, |x - s(x)|, scale]; raises ValueError "
+        "on NaN/Inf.");
   m.def("knn_cpu_screen_tile", &knn_cpu_screen_tile, named,
         py::arg("queries_ptr"), py::arg("queries_dtype"),
         py::arg("batch"), py::arg("dim"), py::arg("q_norms_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("tile_start"), py::arg("tile"), py::arg("y_norms_ptr"), py::arg("gram_ptr"), py::arg("gram_dtype"), py::arg("k"),
         py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("safety"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),
-        "Screen one training tile with the bf16 or float32 Gram tile, re-score survivors exactly, merge into the "
+        "Screen one training tile with the bf16, float32 or int32 (int8 screen) Gram tile, re-score survivors exactly, merge into the "
         "per-query top-k (double d^2 [batch, k], int64 [batch, k]). Returns the number re-scored.");
   m.def("knn_cuda", &knn_cuda_entry, named,
         py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),

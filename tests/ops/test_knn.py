@@ -2,6 +2,8 @@
 lower index; distances to fp32 rounding), and errors naming the argument."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -349,25 +351,89 @@ def _hard_cases():
 
 @pytest.mark.parametrize("case", range(7), ids=["near_ties", "duplicates", "uint8", "uint8_gray", "float64_half",
                                                  "dim3072", "digits_uint8"])
-def test_cpu_forced_screening_precision(forced_screen, case):
+def test_cpu_forced_screening_precision(forced_knn_screen, case):
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("diffcore._C is not built")
     from diffcore import _cpu_caps
 
-    assert _cpu_caps.screen_precision() == forced_screen
+    assert _cpu_caps.knn_screen_precision() == forced_knn_screen
     _hard_cases()[case]("cpu")
 
 
-def test_cpu_fp32_screen_rescores_no_more_than_bf16():
-    """The proven fp32 bound is tighter than the bf16 one: fewer rows survive the screening."""
+def test_cpu_fp32_screen_rescores_no_more_than_bf16_and_int8_few():
+    """The proven fp32 bound is tighter than the bf16 one: fewer rows survive the screening; the
+    int8 screen's bound (input rounding only) keeps the survivors to a few percent."""
     queries, train = _uniform((40, 3072), 30), _uniform((600, 3072), 31)
     counts = {}
-    for precision in ("bf16", "fp32"):
+    for precision in ("int8", "bf16", "fp32"):
         stats = {}
         d2, idx = _knn_cpu.run(queries, train, 2, stats=stats, precision=precision)
+        assert stats["precision"] == precision
         assert torch.equal(idx, knn_ref(queries, train, 2)[1])
         counts[precision] = stats["rescored"]
     assert 2 * 40 <= counts["fp32"] <= counts["bf16"]
+    assert counts["int8"] <= 0.05 * 40 * 600
+
+
+@pytest.mark.parametrize("dim", [1, 2, 15, 16, 17, 64])
+def test_cpu_int8_screen_short_rows(dim):
+    """Rows shorter than INT8_MIN_DIM screen in floating point (torch._int_mm gave zeros at dim 1);
+    from INT8_MIN_DIM on, int8; exact either way."""
+    queries, train = _uniform((9, dim), 40 + dim), _uniform((300, dim), 41)
+    stats = {}
+    d2, idx = _knn_cpu.run(queries, train, 3, stats=stats, precision="int8")
+    assert stats["precision"] == ("int8" if dim >= _knn_cpu.INT8_MIN_DIM else _knn_cpu.screen_choice().precision)
+    assert torch.equal(idx, knn_ref(queries, train, 3)[1])
+
+
+def test_int8_probe_finds_the_levels_here_and_catches_saturation():
+    """The probe gives the levels at which torch's int8 GEMM is exact on this machine, and that
+    GEMM is exact at those levels on tile-sized random products with extremes mixed in."""
+    from diffcore import _cpu_caps
+
+    levels = _cpu_caps.int8_gemm_levels()
+    if levels is None:
+        pytest.skip("torch's int8 GEMM is not exact here: knn screens in floating point")
+    assert levels in _cpu_caps.INT8_LEVELS
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-127, 128, (300, 3072), generator=g, dtype=torch.int8)
+    b = torch.randint(-levels, levels + 1, (700, 3072), generator=g, dtype=torch.int8)
+    a[:3], b[:3] = 127, levels  # the largest pair sums
+    assert torch.equal(torch._int_mm(a, b.t()).double(), a.double() @ b.double().t())
+
+
+@pytest.mark.slow
+def test_int8_screen_under_avx2_caps():
+    """The AVX2 int8 path (7-bit training rows, where oneDNN's kernel saturates 8-bit pairs),
+    reproduced with the instruction-set caps in a fresh process: the probe picks levels at which
+    the GEMM is exact and knn stays exact on near-ties and uint8 data."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from diffcore import _cpu_caps\n"
+        "from diffcore.ops import _knn_cpu\n"
+        "from diffcore.ref.knn import knn_ref\n"
+        "levels = _cpu_caps.int8_gemm_levels()\n"
+        "print('levels', levels)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "base = torch.rand(1, 3072, generator=g) * 2 - 1\n"
+        "train = base + 1e-3 * torch.randn(400, 3072, generator=g)\n"
+        "queries = base + 1e-3 * torch.randn(20, 3072, generator=g)\n"
+        "u8 = torch.randint(0, 256, (300, 3072), generator=g, dtype=torch.uint8)\n"
+        "for y in (train, u8):\n"
+        "    stats = {}\n"
+        "    idx = _knn_cpu.run(queries, y.contiguous(), 3, stats=stats, precision='int8' if levels else None)[1]\n"
+        "    assert torch.equal(idx, knn_ref(queries, y, 3)[1]), stats\n"
+        "print('ok')\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    env.pop("DIFFCORE_CPU_SCREEN", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "levels None" in done.stdout:
+        pytest.skip("torch's int8 GEMM is not exact under the AVX2 caps here (knn screens in floating point)")
+    assert "ok" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("case", ["cancellation", "offset", "uint8"])

@@ -1,21 +1,30 @@
-"""CPU host code of the exact k-NN (``diffcore.ops.knn``): GEMM screening with torch's BLAS in
-tiles (bf16 where the CPU has native bf16 matmul, else fp32: diffcore._cpu_caps), exact
-re-scoring and the top-k merge in C++ (csrc/knn/knn.cpp)."""
+"""CPU host code of the exact k-NN (``diffcore.ops.knn``): GEMM screening with torch in tiles
+(int8 where torch's int8 GEMM is exact, else bf16 where the CPU has native bf16 matmul, else fp32:
+diffcore._cpu_caps), exact re-scoring and the top-k merge in C++ (csrc/knn/knn.cpp)."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
+from diffcore._cpu_caps import (bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, int8_gemm_levels,
+                                screen_choice)
 from diffcore._ext import dtype_name, extension
 
 log = logging.getLogger(__name__)
 
 # Safety factor on the GEMM's own error terms in the bf16 screening bound of the CPU path (fp32
 # accumulation and bf16 output rounding: what torch's BLAS is assumed to do; csrc/knn/knn.cpp).
-# The fp32 screening bound is proven for any summation order: no factor.
-CPU_SCREEN_SAFETY = {"bf16": 4.0, "fp32": 1.0}
+# The fp32 screening bound is proven for any summation order, the int8 one has no GEMM error
+# term (exact integer sums): no factor.
+CPU_SCREEN_SAFETY = {"int8": 1.0, "bf16": 4.0, "fp32": 1.0}
+SCREEN_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
+GRAM_DTYPES = {"int8": torch.int32, "bf16": torch.bfloat16, "fp32": torch.float32}
+QUERY_INT8_LEVELS = 127  # queries are the first GEMM operand: 8 bits on every machine (the probe checks it)
+INT8_MAX_DIM = 133143  # dim * 127^2 < 2^31: exact int32 sums (csrc/knn/knn.cpp, kInt8MaxDim)
+# Shorter rows screen in floating point: their GEMM is cheap, and torch._int_mm returned zeros for
+# dim = 1 (B^T a [1, N] view; torch 2.13 CPU, measured; dims 2..3073 were exact).
+INT8_MIN_DIM = 16
 # Training rows per tile (CPU): about 8 M elements (32 MB in fp32), enough for an efficient GEMM
 # while the extra memory (bf16 tile copy, Gram tile [query block, tile]) stays bounded.
 CPU_TILE_ELEMENTS = 1 << 23
@@ -32,27 +41,24 @@ def _threads_for(work: int, threads: int) -> int:
 
 
 def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
-    """GEMM screening (torch BLAS, in tiles; bf16 or fp32: ``precision``, default the process's
+    """GEMM screening (torch, in tiles; int8, bf16 or fp32: ``precision``, default the process's
     choice, diffcore._cpu_caps) + exact C++ re-scoring and top-k merge: q [B, D], y [N, D]
     (contiguous) -> (squared distances float64 [B, k], indices int64 [B, k]).
 
-    ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together).
+    ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together) and
+    ``precision`` (the screen used).
     """
     ext = extension()
-    precision = precision or screen_precision()
-    if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
-        raise RuntimeError("knn: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate in fp32 on "
-                           "this machine (probe failed), so the screening bound would not hold; use "
-                           "DIFFCORE_CPU_SCREEN=fp32 or auto")
+    batch, dim = q.shape
+    precision, train_levels = _precision_for(precision, dim)
     threads = torch.get_num_threads()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # lossless
     if y.dtype in (torch.float16, torch.bfloat16):
         y = y.float()  # lossless (a copy of the training set: documented)
-    batch, dim = q.shape
     n_train = y.shape[0]
-    screen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    q_screen, q_norms = _screen_rows(q, screen_dtype, None, "queries", threads)
+    screen_dtype, gram_dtype = SCREEN_DTYPES[precision], GRAM_DTYPES[precision]
+    q_screen, q_norms = _screen_rows(q, screen_dtype, None, "queries", threads, QUERY_INT8_LEVELS)
     best_d2 = torch.full((batch, k), float("inf"), dtype=torch.float64)
     best_idx = torch.full((batch, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
 
@@ -60,42 +66,72 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     tile = min(n_train, max(256, min(16384, CPU_TILE_ELEMENTS // dim) // 64 * 64))
     query_block = min(batch, max(1, CPU_GRAM_ELEMENTS // tile))
     y_buffer = None if screen_dtype == y.dtype else torch.empty(tile, dim, dtype=screen_dtype)
-    gram_storage = torch.empty(query_block * tile, dtype=screen_dtype)
+    gram_storage = torch.empty(query_block * tile, dtype=gram_dtype)
     rescored = 0
     for start in range(0, n_train, tile):
         rows = min(tile, n_train - start)
         y_tile = y[start:start + rows]
         try:
-            y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads)
+            y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
         for q_start in range(0, batch, query_block):
             q_rows = min(query_block, batch - q_start)
             gram = gram_storage[:q_rows * rows].view(q_rows, rows)
-            with fp32_matmul_at_full_precision():
-                torch.mm(q_screen[q_start:q_start + q_rows], y_screen.t(), out=gram)
+            _gram_tile(q_screen[q_start:q_start + q_rows], y_screen, gram)
             rescored += ext.knn_cpu_screen_tile(
                 queries_ptr=q[q_start].data_ptr(), queries_dtype=dtype_name(q.dtype), batch=q_rows, dim=dim,
                 q_norms_ptr=q_norms[q_start].data_ptr(), train_ptr=y_tile.data_ptr(), train_dtype=dtype_name(y.dtype),
                 tile_start=start, tile=rows, y_norms_ptr=y_norms.data_ptr(), gram_ptr=gram.data_ptr(),
-                gram_dtype=dtype_name(screen_dtype), k=k, best_d2_ptr=best_d2[q_start].data_ptr(),
+                gram_dtype=dtype_name(gram_dtype), k=k, best_d2_ptr=best_d2[q_start].data_ptr(),
                 best_idx_ptr=best_idx[q_start].data_ptr(), safety=CPU_SCREEN_SAFETY[precision],
                 threads=_threads_for(q_rows * rows * 8, threads))
     if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
         raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
     if stats is not None:
-        stats["rescored"] = rescored
-    log.debug("knn cpu: B=%d N=%d D=%d k=%d, %d rows re-scored exactly (%.2f per query)",
-              batch, n_train, dim, k, rescored, rescored / batch)
+        stats.update(rescored=rescored, precision=precision)
+    log.debug("knn cpu: B=%d N=%d D=%d k=%d, %s screen, %d rows re-scored exactly (%.2f per query)",
+              batch, n_train, dim, k, precision, rescored, rescored / batch)
     return best_d2, best_idx
 
 
+def _precision_for(precision: str | None, dim: int) -> tuple[str, int]:
+    """The screen for rows of ``dim`` (``precision`` or the process's choice) and the int8 levels of
+    the training rows (0 unless int8). int8 needs INT8_MIN_DIM <= dim <= INT8_MAX_DIM, else the
+    float choice is used."""
+    choice = screen_choice()
+    precision = precision or choice.knn_precision
+    if precision == "int8":
+        levels = int8_gemm_levels()
+        if levels is None:
+            raise RuntimeError("knn: the int8 screen was asked for, but torch's int8 GEMM is not exact on this "
+                               "machine (probe failed); use DIFFCORE_CPU_SCREEN=auto, bf16 or fp32")
+        if INT8_MIN_DIM <= dim <= INT8_MAX_DIM:
+            return "int8", levels
+        precision = choice.precision
+    if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
+        raise RuntimeError("knn: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate in fp32 on "
+                           "this machine (probe failed), so the screening bound would not hold; use "
+                           "DIFFCORE_CPU_SCREEN=fp32 or auto")
+    return precision, 0
+
+
+def _gram_tile(q_screen: torch.Tensor, y_screen: torch.Tensor, out: torch.Tensor) -> None:
+    """out [Bq, R] = q_screen [Bq, D] @ y_screen [R, D]^T in the screening precision."""
+    if q_screen.dtype == torch.int8:
+        torch._int_mm(q_screen, y_screen.t(), out=out)  # exact int32 sums
+        return
+    with fp32_matmul_at_full_precision():
+        torch.mm(q_screen, y_screen.t(), out=out)
+
+
 def _screen_rows(rows: torch.Tensor, screen_dtype: torch.dtype, buffer: torch.Tensor | None, name: str,
-                 threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 threads: int, int8_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` [R, D] in the screening dtype (``rows`` itself when it has that dtype already, else
-    rounded into ``buffer``) and their norms [R, 3] float64: |x|^2, |x~|, |x - x~|."""
+    rounded into ``buffer``; int8: per-row scale, values in [-int8_levels, int8_levels]) and their
+    norms [R, 4] float64: |x|^2, |x~|, |x - x~|, the int8 scale (1 otherwise)."""
     count, dim = rows.shape
-    norms = torch.empty(count, 3, dtype=torch.float64)
+    norms = torch.empty(count, 4, dtype=torch.float64)
     if rows.dtype == screen_dtype:
         out, dst = rows, 0
     else:
@@ -103,6 +139,6 @@ def _screen_rows(rows: torch.Tensor, screen_dtype: torch.dtype, buffer: torch.Te
         dst = out.data_ptr()
     extension().knn_cpu_prepare_rows(src_ptr=rows.data_ptr(), dtype=dtype_name(rows.dtype), rows=count, dim=dim,
                                      row_stride=dim, dst_ptr=dst, dst_dtype=dtype_name(screen_dtype),
-                                     norms_ptr=norms.data_ptr(), threads=_threads_for(count * dim, threads),
-                                     arg_name=name)
+                                     int8_levels=int8_levels, norms_ptr=norms.data_ptr(),
+                                     threads=_threads_for(count * dim, threads), arg_name=name)
     return out, norms
