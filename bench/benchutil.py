@@ -23,11 +23,14 @@ ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_IN
 
 
 def cpu_screen_info() -> dict:
-    """CPU kind, screening precision chosen for knn / empirical_denoise and why, caps in force."""
+    """CPU kind, screening precisions chosen for empirical_denoise (``screen_precision``) and knn
+    (``knn_screen_precision``, with the int8 levels of its training rows) and why, caps in force."""
     from diffcore import _cpu_caps
 
     choice = _cpu_caps.screen_choice()
     return {"cpu_kind": choice.caps.kind, "screen_precision": choice.precision, "screen_reason": choice.reason,
+            "knn_screen_precision": choice.knn_precision, "knn_screen_reason": choice.knn_reason,
+            "int8_levels": choice.int8_levels,
             "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if name in os.environ}}
 
 

@@ -28,8 +28,9 @@ SHARD_VAR = "DIFFCORE_SHARD"
 RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
     PROGRESS_VAR: "unset: bars on a terminal, log lines otherwise; 0: no progress; 1: bars always",
-    "DIFFCORE_CPU_SCREEN": "auto (default), bf16 or fp32: screening GEMM precision of the CPU knn and "
-                           "empirical_denoise (auto: bf16 where bf16 matmul is native, else fp32)",
+    "DIFFCORE_CPU_SCREEN": "auto (default), int8, bf16 or fp32: screening GEMM precision of the CPU knn and "
+                           "empirical_denoise (auto: knn in int8 where torch's int8 GEMM is probed exact; "
+                           "else bf16 where bf16 matmul is native, else fp32; int8 applies to knn only)",
     LOCK_WAIT_VAR: "seconds a run waits for an output folder another run holds (default 0: exit)",
     SHARD_VAR: "I/N: this process is shard I of N of a study (set by --shard; a plain run aggregates)",
 }

@@ -120,7 +120,9 @@ def _print_info(data: dict, as_json: bool) -> None:
         for name, status in table.items():
             print(f"  {name:10s} {status}")
     screen = data["cpu_screen"]
-    print(f"CPU screening precision (knn, empirical_denoise): {screen['precision']} ({screen['reason']})")
+    print(f"CPU screening precision, empirical_denoise: {screen['precision']} ({screen['reason']})")
+    if screen.get("knn_precision"):
+        print(f"CPU screening precision, knn: {screen['knn_precision']} ({screen['knn_reason']})")
     print("experiments (diffcore run NAME --preset P):")
     for name, presets in data["experiments"].items():
         print(f"  {name:16s} presets: {', '.join(presets)}")

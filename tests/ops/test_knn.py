@@ -340,7 +340,7 @@ def test_error_unknown_backend():
 
 
 # ---------------------------------------------------------------------------------------------
-# Both CPU screening precisions (DIFFCORE_CPU_SCREEN=bf16|fp32), whatever this machine would pick.
+# Every CPU screening precision (DIFFCORE_CPU_SCREEN=int8|bf16|fp32), whatever this machine would pick.
 
 def _hard_cases():
     return [lambda b: test_near_ties_and_large_offsets(b), lambda b: test_exact_duplicates_break_ties_by_lower_index(b),
