@@ -7,7 +7,9 @@ from a finished reproducibility study with ``models_from``), on EDM's 40-level s
   ``a = b = 1/sqrt(2)``, for pure-noise inputs ``x = sigma z`` and noisy images ``x = y + sigma z``;
 - the relative distance ``|D_model(x) - D_ref(x)|_F / |D_ref(x)|_F`` over noisy images, to the
   Gaussian denoiser of the model's N training images (``diffcore.denoisers.GaussianDenoiser``) and to
-  their empirical denoiser (``diffcore.denoisers.EmpiricalDenoiser``);
+  their empirical denoiser (``diffcore.denoisers.EmpiricalDenoiser``), on two probe sets: noisy
+  dataset images (``dist_*``) and noisy training images of the model (``dist_*_train``, what
+  :func:`effect_properties` checks);
 - linear distillation: one affine map ``x -> W x + b`` per sigma fitted by least squares to the
   model's outputs on those noisy images, against the Gaussian ``W(sigma) = U diag(lam / (lam +
   sigma^2)) U^T``: ``|W_fit - W_G|_F / |W_G|_F`` (and the fit's R^2);
