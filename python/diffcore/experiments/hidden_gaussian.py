@@ -62,7 +62,7 @@ class HiddenGaussianConfig:
     precond: str = "edm"                        # edm | vp (EDM's VP preconditioning and loss)
     augment_p: float = 0.0                      # EDM's non-leaky augmentation probability (0: off)
     sigma_p_mean: float = -1.2                  # training noise levels ln sigma ~ N(sigma_p_mean, sigma_p_std^2)
-    sigma_p_std: float = 1.2                    # (EDM's P_mean, P_std; precond=edm only)
+    sigma_p_std: float = 1.2                    # (EDM's P_mean, P_std; precond=edm; unused with models_from)
     num_sigmas: int = 40                        # EDM grid (rho = 7)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
