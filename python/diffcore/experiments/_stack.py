@@ -17,6 +17,7 @@ import torch
 from diffcore import _env
 from diffcore.ops import knn  # noqa: F401  (the studies' k-NN)
 from diffcore.train import ddp
+from diffcore.train.loss import EDMLoss
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,28 @@ def subset(images: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch
 PRECONDITIONINGS = ("edm", "vp")
 
 
-def recipe_spec(precond: str, augment_p: float) -> dict:
+# EDM's training noise levels, ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1): the loss's defaults.
+EDM_SIGMA_LOGNORMAL = (EDMLoss().P_mean, EDMLoss().P_std)
+
+
+def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, float] = EDM_SIGMA_LOGNORMAL) -> dict:
     """The recipe fields of a model spec, only those that differ from EDM without augmentation
-    (so the specs, and the finished units, of studies that use neither stay as they were)."""
+    (so the specs, and the finished units, of studies that use neither stay as they were).
+    ``sigma_lognormal``: ``(P_mean, P_std)`` of the training noise levels (EDM preconditioning only)."""
     if precond not in PRECONDITIONINGS:
         raise ValueError(f"precond: expected one of {', '.join(PRECONDITIONINGS)}, got {precond!r}")
     if not 0 <= augment_p <= 1:
         raise ValueError(f"augment_p: expected a probability in [0, 1], got {augment_p}")
+    sigma_lognormal = tuple(float(v) for v in sigma_lognormal)
+    if len(sigma_lognormal) != 2 or not sigma_lognormal[1] > 0:
+        raise ValueError(f"sigma_lognormal: expected (P_mean, P_std > 0), got {sigma_lognormal}")
+    custom_sigmas = sigma_lognormal != EDM_SIGMA_LOGNORMAL
+    if custom_sigmas and precond != "edm":
+        raise ValueError(f"sigma_lognormal: only EDM preconditioning draws ln sigma ~ N(P_mean, P_std^2); "
+                         f"precond {precond!r} has its own noise levels")
     return {**({"precond": precond} if precond != "edm" else {}),
-            **({"augment_p": augment_p} if augment_p > 0 else {})}
+            **({"augment_p": augment_p} if augment_p > 0 else {}),
+            **({"sigma_lognormal": list(sigma_lognormal)} if custom_sigmas else {})}
 
 
 def model_spec(spec: dict) -> dict:
@@ -112,10 +126,18 @@ def training_request(spec: dict, work_dir, device="cpu", progress: bool = True):
     return train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
                              batch_size=spec["batch_size"], lr=spec["learning_rate"],
                              lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
-                             loss=spec.get("precond", "edm"),
+                             loss=spec.get("precond", "edm"), loss_options=_loss_options(spec),
                              augment="edm" if spec.get("augment_p", 0) > 0 else "none",
                              augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
                              progress=_env.progress_enabled(progress))
+
+
+def _loss_options(spec: dict) -> dict:
+    """The EDM loss's ``P_mean``, ``P_std`` when the spec sets ``sigma_lognormal`` (else the loss's defaults)."""
+    if "sigma_lognormal" not in spec:
+        return {}
+    p_mean, p_std = spec["sigma_lognormal"]
+    return {"P_mean": p_mean, "P_std": p_std}
 
 
 def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",

@@ -1,0 +1,62 @@
+"""Issue 19's hidden-Gaussian directions on the REAL stack (diffcore.train, the light DDPM++ UNet,
+the Gaussian and empirical denoisers), and the training-noise recipe that reaches the trainer.
+
+The quick preset itself trains two width-16 UNets for 1000 steps (about 2 min of CPU, docs/studies.md),
+too long for CI; the slow test runs it reduced (REDUCED below: fewer steps, N = 8 instead of 16,
+16 grid levels, fewer probes and samples), which still shows the two directions the quick preset
+shows. The third target ("within 0.05 of the Gaussian denoiser at sigma >= 5") is not met by the
+quick preset either (docs/studies.md: 0.06-0.13 there); the test checks what the study's training
+noise levels buy at high sigma instead (with EDM's N(-1.2, 1.2^2) the models stayed 0.13-0.32 away).
+"""
+from __future__ import annotations
+
+import pytest
+
+from diffcore.experiments import _stack, hidden_gaussian
+from diffcore.experiments.base import ConfigError, config_from_preset
+
+REDUCED = ["train_steps=500", "sizes=8,1797", "num_sigmas=16", "linearity_pairs=16", "distill_samples=96",
+           "num_samples=8", "sampler_steps=8", "grid_samples=4"]
+
+
+def test_training_noise_levels_reach_the_trainer(tmp_path):
+    spec = {"dataset": "digits", "n": 16, "subset_seed": 0, "model_preset": "ddpmpp-digits-light", "width": 8,
+            "seed": 0, "train_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0,
+            **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0))}
+    assert spec["sigma_lognormal"] == [-0.4, 2.0]
+    request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
+    assert request.loss == "edm" and request.loss_options == {"P_mean": -0.4, "P_std": 2.0}
+    # EDM's own levels add nothing to the spec: existing specs (and finished units) are unchanged
+    assert _stack.recipe_spec("edm", 0.0, _stack.EDM_SIGMA_LOGNORMAL) == {}
+    del spec["sigma_lognormal"]
+    assert _stack.training_request(spec, tmp_path, "cpu", progress=False).loss_options == {}
+    with pytest.raises(ValueError, match="sigma_lognormal"):
+        _stack.recipe_spec("vp", 0.0, (-0.4, 2.0))
+    with pytest.raises(ValueError, match="sigma_lognormal"):
+        _stack.recipe_spec("edm", 0.0, (-0.4, 0.0))
+
+
+def test_config_names_the_noise_level_fields():
+    quick = config_from_preset(hidden_gaussian.PRESETS, "quick")
+    assert (quick.sigma_p_mean, quick.sigma_p_std) == (-0.4, 2.0) and not quick.models_from
+    with pytest.raises(ConfigError, match="sigma_p_std"):
+        config_from_preset(hidden_gaussian.PRESETS, "quick", ["sigma_p_std=0"])
+    with pytest.raises(ConfigError, match="sigma_p_mean, sigma_p_std"):
+        config_from_preset(hidden_gaussian.PRESETS, "quick", ["precond=vp"])
+
+
+@pytest.mark.slow
+def test_reduced_quick_recipe_shows_the_directions(tmp_path):
+    config = config_from_preset(hidden_gaussian.PRESETS, "quick", REDUCED)
+    results = hidden_gaussian.run(config, tmp_path, device="cpu", progress=False)
+    properties = results["effect_properties"]
+    assert properties == hidden_gaussian.effect_properties(results)
+    mid = [r for r in results["curves"] if 0.1 <= r["sigma"] <= 2]
+    assert len({r["sigma"] for r in mid}) >= 3
+    # for sigma in [0.1, 2], on noisy training images: the N = 1797 model closer to the Gaussian
+    # denoiser than to the empirical one, the N = 8 model closer to the empirical one
+    assert properties["largest_n_closer_to_gaussian"], mid
+    assert properties["smallest_n_closer_to_empirical"], mid
+    # at sigma >= 5 both models within 0.2 of the Gaussian denoiser (on both probe sets)
+    high = [max(r["dist_gaussian"], r["dist_gaussian_train"]) for r in results["curves"] if r["sigma"] >= 5]
+    assert high and max(high) < 0.2, high
