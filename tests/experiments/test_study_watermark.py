@@ -122,3 +122,58 @@ def study_sigma(timestep: int) -> float:
 
     abar = float(ddpm_alphas_cumprod()[timestep])
     return ((1 - abar) / abar) ** 0.5
+
+
+def test_scaled_molrg_denoiser_is_tweedie():
+    """D = x + sigma^2 grad log p_sigma for the scaled MoLRG of the quick preset (float64), and its
+    pixel variance is the one asked for."""
+    from diffcore.experiments._mixture import ScaledMoLRGDenoiser
+
+    model = ScaledMoLRGDenoiser.random(3, (1, 8, 8), 4, pixel_variance=0.3, floor=1e-2, seed=1)
+    assert model.scale ** 2 * 4 / 64 + 1e-2 == pytest.approx(0.3, rel=1e-12)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for sigma in (0.05, 1.0, 20.0):
+        grad, = torch.autograd.grad(model.log_density(x, sigma).sum(), x)
+        expected = x.detach() + sigma ** 2 * grad
+        assert torch.allclose(model(x.detach(), sigma), expected, rtol=1e-10, atol=1e-10)
+    # a point on subspace k (scaled) is classified as k at a small noise level
+    bases = model.unit.bases
+    on_subspace = torch.stack([model.scale * bases[k, :, 0] for k in range(3)]).reshape(3, 1, 8, 8)
+    assert model.classify(on_subspace, 0.01).tolist() == [0, 1, 2]
+
+
+def test_mixture_classifies_its_class_means():
+    from diffcore.data import load_digits
+    from diffcore.experiments._mixture import GaussianMixtureDenoiser
+
+    model = GaussianMixtureDenoiser.fit(study.digits_at(8), load_digits()[1], 1e-3)
+    assert model.classify(model.means.reshape(-1, 1, 8, 8), 0.01).tolist() == list(range(10))
+
+
+@pytest.mark.slow
+def test_molrg_shallow_key_is_more_consistent(tmp_path):
+    """The quick preset's claim on a small scaled MoLRG (16x16, 4 subspaces of dimension 6): the key
+    written at 0.3 T changes the image less than the same key written into x_T, never changes its
+    class, and the Jacobian at the shallow state has the subspace's rank; both are detected."""
+    config = dataclasses.replace(study.PRESETS["quick"](), resolution=16, radius_fraction=0.2, components=4,
+                                 latent_dim=6, steps=12, num_images=8, num_negatives=8, attacks=("none",),
+                                 nullspace_images=2, nullspace_k=10, grid_images=4, rank_references=9, wrong_keys=0,
+                                 p_value=False)
+    results = study.run(config, tmp_path / "out", progress=False)
+    cons = results["consistency"]
+    assert cons["shallow"]["psnr"]["mean"] > cons["xT"]["psnr"]["mean"] + 3
+    assert cons["shallow"]["class_changed_fraction"] == 0.0
+    assert cons["shallow"]["gain"]["mean"] < cons["xT"]["gain"]["mean"]
+    # the subspace's 6 directions (+ at most one from the class posterior's gradient)
+    assert all(6 <= r <= 7 for r in results["nullspace"]["shallow"]["rank"])
+    for row in results["detection"]:
+        assert row["distance"]["auc"] == 1.0, row["method"]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("latent_dim=30", "latent_dim"), ("pixel_variance=0.0005", "pixel_variance"), ("components=0", "components"),
+])
+def test_bad_molrg_config_names_the_field(tmp_path, override, field):
+    config = apply_overrides(dataclasses.replace(study.PRESETS["tiny"](), model="molrg", components=10), [override])
+    with pytest.raises(ConfigError, match=field):
+        study.run(config, tmp_path / "out", progress=False)

@@ -1,4 +1,5 @@
-"""A Gaussian-mixture denoiser: one full-rank Gaussian per class (the watermark study's quick model).
+"""Closed-form mixture denoisers of the watermark study: one full-rank Gaussian per class (fitted to
+the digits) and a mixture of low-rank Gaussians with random subspaces at a given data scale.
 
 For ``p = sum_k pi_k N(mu_k, U_k diag(lam_k) U_k^T)`` the noisy density at sigma is the mixture of
 ``N(mu_k, U_k diag(lam_k + sigma^2) U_k^T)`` and the optimal denoiser (Tweedie) is
@@ -12,6 +13,8 @@ close to one class's ``W_k(sigma)``. Eigenvalues are the class covariances' plus
 direction has variance and the probability-flow map is invertible. Pure torch: JVPs pass through.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -91,3 +94,55 @@ class GaussianMixtureDenoiser:
     def log_density(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """``log p_sigma(x)`` [B] up to the constant ``-n/2 log(2 pi)`` (for tests: D = x + sigma^2 grad)."""
         return torch.logsumexp(self._logits(x, sigma)[0], dim=-1)
+
+    def classify(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The most probable component [B] (int64) of ``x`` [B, *shape] at noise level ``sigma``."""
+        return self._logits(x, sigma)[0].argmax(dim=-1)
+
+
+class ScaledMoLRGDenoiser:
+    """``D(x [B, *shape], sigma) -> x0_hat`` of a mixture of low-rank Gaussians with latent standard
+    deviation ``scale`` and isotropic data noise ``floor`` (variance):
+
+        x0 = scale U_k a + sqrt(floor) e,   a ~ N(0, I_d),  e ~ N(0, I_n),  k uniform,
+
+    the random-subspace model of the Shallow Diffuse analysis (PAPERS.md 4 and 6) at a chosen signal
+    scale. With ``y = x / scale`` this is ``diffcore.denoisers.MoLRGDenoiser`` (unit latent variance,
+    ``noise_std = sqrt(floor) / scale``) at noise level ``sigma / scale``, so
+    ``D(x; sigma) = scale D_unit(x / scale; sigma / scale)``. The floor keeps the probability-flow
+    map invertible off the subspaces (a key there reaches the image, attenuated, and inversion
+    recovers it).
+    """
+
+    def __init__(self, unit, scale: float):
+        self.unit, self.scale = unit, float(scale)
+
+    @classmethod
+    def random(cls, components: int, shape, latent_dim: int, *, pixel_variance: float, floor: float,
+               seed: int) -> "ScaledMoLRGDenoiser":
+        """Mutually orthogonal random subspaces (``MoLRGDenoiser.random``, seed ``seed``) and the scale
+        that gives the data the per-pixel variance ``pixel_variance`` (``scale^2 d / n + floor``)."""
+        from diffcore.denoisers import MoLRGDenoiser
+
+        n = math.prod(shape)
+        signal = pixel_variance - floor
+        if not signal > 0:
+            raise ValueError(f"pixel_variance: expected more than the floor {floor:g}, got {pixel_variance!r}")
+        scale = math.sqrt(signal * n / latent_dim)
+        unit = MoLRGDenoiser.random(components, n, latent_dim, seed=seed, shape=tuple(shape),
+                                    noise_std=math.sqrt(floor) / scale)
+        return cls(unit, scale)
+
+    def to(self, device) -> "ScaledMoLRGDenoiser":
+        return ScaledMoLRGDenoiser(self.unit.to(device), self.scale)
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return self.scale * self.unit(x / self.scale, sigma / self.scale)
+
+    def log_density(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """``log p_sigma(x)`` [B] (exact; for tests: D = x + sigma^2 grad)."""
+        return self.unit.log_prob(x / self.scale, sigma / self.scale) - x[0].numel() * math.log(self.scale)
+
+    def classify(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The most probable component [B] (int64) of ``x`` [B, *shape] at noise level ``sigma``."""
+        return self.unit.posterior_weights(x / self.scale, sigma / self.scale).argmax(dim=-1)

@@ -16,17 +16,28 @@ explanation of Shallow Diffuse's consistency.
 
 Models (``model``):
 
-- ``mixture`` (quick): one full-rank Gaussian per digit class fitted to the embedded 8x8 digits
+- ``molrg`` (quick): a mixture of low-rank Gaussians on random subspaces
+  (``_mixture.ScaledMoLRGDenoiser``), the model of the paper's low-rank-Jacobian argument, sized
+  after the digits at 32x32: ``components`` = 10 subspaces of dimension ``latent_dim`` = 20 (95 % of
+  a digit class's variance), per-pixel variance ``pixel_variance`` = 0.23 (the digits'), isotropic
+  ``variance_floor`` (the probability-flow map stays invertible, so the part of the key off the
+  subspaces reaches the image and inversion recovers it). Its images are not digits; its subspaces
+  are incoherent with the Fourier basis, as the paper assumes of the key.
+- ``mixture``: one full-rank Gaussian per digit class fitted to the embedded 8x8 digits
   upsampled to ``resolution`` (Pillow bicubic), eigenvalues plus ``variance_floor``
   (``_mixture.GaussianMixtureDenoiser``): closed-form, nonlinear through the class posterior, and
   invertible. 8x8 leaves no room for a ring key (the spectrum's radius is 3); at 32x32 the key's
-  disc has radius 5 (10/64 of the side, the paper's 10 on SD's 64x64 latent). A UNet that draws
-  digits at 32x32 takes longer to train on a 2-core CPU than the quick preset's 10 minutes.
+  disc has radius 5 (10/64 of the side, the paper's 10 on SD's 64x64 latent). The upsampled digits
+  have no variance in the key's band (only the floor), so there the flow is linear and the same for
+  every class. Along a direction of data variance ``lam`` a key component of VP size 1 reaches the
+  image with gain ``sqrt(lam)`` from x_T and ``sqrt(lam (1 + sigma_t^2) / (lam + sigma_t^2))`` from
+  x_t: larger from x_t wherever ``lam < 1``, as in that band, so here Shallow Diffuse is not more
+  consistent (docs/studies.md, measured).
 - ``unet``: a small EDM DDPM++ UNet trained here (``diffcore.train``, a resumable unit) on the
   same images (``--set model=unet``; ``train_steps`` decide its quality).
 - ``gaussian`` (tiny): the Gaussian denoiser of those images, eigenvalues plus ``variance_floor``;
-  a linear model, where inversion is exact up to solver error (tests), and where the key's effect on
-  the image does not depend on when it is written (both methods change the image alike).
+  a linear model, where inversion is exact up to solver error (tests) and the key's effect on the
+  image follows the gain law above (no class to change).
 - ``diffusers``: a pixel-space ``UNet2DModel`` and its scheduler from the local folder
   ``model_dir`` (safetensors weights), e.g. a CelebA-HQ 256 DDPM; DDIM on the scheduler's
   timesteps (``vp_sigmas``).
@@ -55,13 +66,13 @@ log = logging.getLogger(__name__)
 
 NAME = "watermark"
 METHODS = ("shallow", "xT")
-MODELS = ("mixture", "gaussian", "unet", "diffusers")
+MODELS = ("molrg", "mixture", "gaussian", "unet", "diffusers")
 SCORES = ("distance", "p_value", "key_rank")
 
 
 @dataclass(frozen=True)
 class WatermarkConfig:
-    model: str = "mixture"                  # mixture | gaussian | unet | diffusers
+    model: str = "molrg"                    # molrg | mixture | gaussian | unet | diffusers
     model_dir: str = ""                     # diffusers: folder with the UNet2DModel and its scheduler
     resolution: int = 32                    # digits upsampled to this side (unet, gaussian)
     width: int = 16                         # unet: model_channels of ddpmpp-digits-light at `resolution`
@@ -70,7 +81,11 @@ class WatermarkConfig:
     learning_rate: float = 2e-3
     lr_warmup_images: int = 2000
     train_seed: int = 0
-    variance_floor: float = 1e-3            # mixture, gaussian: added to every eigenvalue
+    variance_floor: float = 1e-2            # molrg, mixture, gaussian: added to every eigenvalue
+    components: int = 10                    # molrg: subspaces (the digits' classes)
+    latent_dim: int = 20                    # molrg: their dimension (95 % of a digit class's variance at 32x32)
+    pixel_variance: float = 0.23            # molrg: data variance per pixel (the digits' at 32x32, [-1, 1])
+    basis_seed: int = 0                     # molrg: the random subspaces
     solver: str = "ddim"                    # deterministic solver of sampling and inversion
     steps: int = 50                         # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
     time: float = 0.3                       # shallow injection time, fraction of T (DDPM timestep time * T)
@@ -108,6 +123,13 @@ class WatermarkConfig:
             if getattr(self, name) > self.num_images:
                 raise ConfigError(f"{name}: expected at most num_images = {self.num_images}, "
                                   f"got {getattr(self, name)!r}")
+        if self.model == "molrg" and self.components * self.latent_dim > self.resolution ** 2:
+            raise ConfigError(f"latent_dim: components * latent_dim must be at most resolution^2 = "
+                              f"{self.resolution ** 2} (orthogonal subspaces), "
+                              f"got {self.components} * {self.latent_dim}")
+        if self.model == "molrg" and not self.pixel_variance > self.variance_floor:
+            raise ConfigError(f"pixel_variance: expected more than variance_floor = {self.variance_floor:g}, "
+                              f"got {self.pixel_variance!r}")
         if self.model != "diffusers":  # the image shape is known here: check the key fits
             try:
                 self.key((1, self.resolution, self.resolution))
@@ -171,7 +193,8 @@ _NON_NEGATIVE = base.number(0)
 FIELD_CHECKS: dict[str, base.Check] = {
     "model": base.one_of(*MODELS), "model_dir": base.text, "resolution": base.integer(8, 512), "width": _POSITIVE,
     "train_steps": _POSITIVE, "train_batch_size": _POSITIVE, "learning_rate": _FRACTION,
-    "lr_warmup_images": _COUNT, "train_seed": base.seed, "variance_floor": _FRACTION,
+    "lr_warmup_images": _COUNT, "train_seed": base.seed, "variance_floor": _FRACTION, "components": _POSITIVE,
+    "latent_dim": _POSITIVE, "pixel_variance": base.number(0, 10, lo_open=True), "basis_seed": base.seed,
     "solver": _among("diffcore.sampler", "SOLVERS"), "steps": base.integer(2), "time": _below(1),
     "radius_fraction": _below(0.5), "channel": _COUNT, "band": _among("diffcore.analysis.watermark", "BANDS"),
     "key_seed": base.seed, "num_images": _POSITIVE, "num_negatives": base.integer(2), "seed_start": base.seed,
@@ -185,16 +208,17 @@ FIELD_CHECKS: dict[str, base.Check] = {
 
 
 def _quick() -> WatermarkConfig:
-    """The class-wise Gaussian mixture of the digits at 32x32, 50 DDIM steps, 64 + 64 images,
-    seven attacks (time measured in docs/studies.md)."""
-    return WatermarkConfig(num_images=64, num_negatives=64)
+    """Ten random 20-dimensional subspaces at 32x32 with the digits' pixel variance (``molrg``), 50
+    DDIM steps, 64 + 64 images, seven attacks; the Jacobian's top 256 singular vectors (its rank at
+    x_T is about components * latent_dim = 200). Time measured in docs/studies.md."""
+    return WatermarkConfig(num_images=64, num_negatives=64, nullspace_k=256)
 
 
 def _tiny() -> WatermarkConfig:
     """Seconds: the Gaussian denoiser of the digits at 16x16, 12 steps, 8 + 8 images (tests)."""
-    return WatermarkConfig(model="gaussian", resolution=16, steps=12, radius_fraction=0.2, num_images=8,
-                           num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2, nullspace_k=4,
-                           grid_images=4, rank_references=19, wrong_keys=4)
+    return WatermarkConfig(model="gaussian", variance_floor=1e-3, resolution=16, steps=12, radius_fraction=0.2,
+                           num_images=8, num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2,
+                           nullspace_k=4, grid_images=4, rank_references=19, wrong_keys=4)
 
 
 def _paper() -> WatermarkConfig:
@@ -232,6 +256,11 @@ class _Model:
     info: dict
 
 
+def injection_sigma(method: str, m: _Model) -> float:
+    """Where ``method`` writes the key: sigma_t (shallow) or the grid's first value (x_T)."""
+    return m.sigma_t if method == "shallow" else float(m.sigmas[0])
+
+
 class _Study:
     def __init__(self, config: WatermarkConfig, out, device: str, progress: bool):
         config.validate()
@@ -248,8 +277,16 @@ class _Study:
         c = self.c
         if c.model == "diffusers":
             return self.diffusers_model()
-        images = digits_at(c.resolution)
-        shape = tuple(images.shape[1:])
+        shape = (1, c.resolution, c.resolution)
+        if c.model == "molrg":
+            from diffcore.experiments._mixture import ScaledMoLRGDenoiser
+
+            denoiser = ScaledMoLRGDenoiser.random(c.components, shape, c.latent_dim, pixel_variance=c.pixel_variance,
+                                                  floor=c.variance_floor, seed=c.basis_seed).to(self.device)
+            info = {"kind": "molrg", "components": c.components, "latent_dim": c.latent_dim,
+                    "latent_std": denoiser.scale, "pixel_variance": c.pixel_variance, "basis_seed": c.basis_seed}
+        else:
+            images = digits_at(c.resolution)
         if c.model == "mixture":
             from diffcore.data import load_digits
             from diffcore.experiments._mixture import GaussianMixtureDenoiser
@@ -263,7 +300,7 @@ class _Study:
             denoiser = GaussianDenoiser(fit.mean, fit.eigvecs, fit.eigvals + c.variance_floor, shape=shape)
             denoiser = denoiser.to(self.device)
             info = {"kind": "gaussian", "rank": int(fit.eigvals.numel())}
-        else:
+        elif c.model == "unet":
             denoiser, info = self.trained_unet(images)
         from diffcore import sampler
 
@@ -360,7 +397,7 @@ class _Study:
         c = self.c
         return {"model": {k: v for k, v in m.info.items() if k not in ("final_loss", "step")},
                 "solver": c.solver, "steps": c.steps, "time": c.time, "variance_floor": c.variance_floor
-                if c.model in ("mixture", "gaussian") else None}
+                if c.model in ("molrg", "mixture", "gaussian") else None}
 
     def noise(self, seeds, m: _Model) -> torch.Tensor:
         """x_T of the seeds: unit noise times sqrt(1 + sigma_max^2) (the VP prior in VE units)."""
@@ -377,7 +414,7 @@ class _Study:
         from diffcore.analysis import watermark as wm
 
         c = self.c
-        sigma = m.sigma_t if method == "shallow" else float(m.sigmas[0])
+        sigma = injection_sigma(method, m)
         spec = {**self.model_spec(m), "method": method, "key": _key_spec(key), "seeds": [c.seed_start, c.num_images]}
 
         def produce(tmp: Path, work: Path):
@@ -413,7 +450,7 @@ class _Study:
         from diffcore.metrics import watermark as mw
 
         c = self.c
-        sigma = m.sigma_t if method == "shallow" else float(m.sigmas[0])
+        sigma = injection_sigma(method, m)
         params = c.attack_params()
         spec = {**self.model_spec(m), "method": method, "attack": attack_name, "params": dataclasses.asdict(params),
                 "key": _key_spec(key), "seeds": [c.seed_start, c.num_images, c.num_negatives], "p_value": c.p_value}
@@ -448,7 +485,7 @@ class _Study:
         from diffcore.analysis import watermark as wm
 
         c = self.c
-        sigma = m.sigma_t if method == "shallow" else float(m.sigmas[0])
+        sigma = injection_sigma(method, m)
         n = c.nullspace_images
         spec = {**self.model_spec(m), "method": method, "images": n, "k": c.nullspace_k,
                 "seeds": [c.seed_start, c.num_images]}
@@ -468,7 +505,6 @@ class _Study:
     # the study -----------------------------------------------------------------
     def run(self) -> dict:
         from diffcore import _env
-        from diffcore.metrics import watermark as mw
 
         c = self.c
         self.ws.bind_config(c)
@@ -482,8 +518,7 @@ class _Study:
                    disable=not _env.progress_enabled(self.progress))
         for method in METHODS:
             s = samples[method] = self.samples_unit(method, m, key)
-            consistency[method] = {"psnr": mw.psnr(s["watermarked"], s["clean"]).tolist(),
-                                   "ssim": mw.ssim(s["watermarked"], s["clean"]).tolist()}
+            consistency[method] = self.consistency(method, m, s)
             if c.nullspace_images:
                 nullspace[method] = self.nullspace_unit(method, m, s)
             for attack_name in c.attacks:
@@ -495,11 +530,31 @@ class _Study:
             "experiment": NAME, "config": dataclasses.asdict(c), "model": m.info,
             "key": {**_key_spec(key), "size": key.size, "energy": float(key.values.abs().square().sum())},
             "detection": [{k: v for k, v in d.items() if k != "scores"} for d in detection],
-            "consistency": {method: _mean_std(values) for method, values in consistency.items()},
+            "consistency": {method: consistency_summary(values) for method, values in consistency.items()},
             "nullspace": {method: _nullspace_summary(v) for method, v in nullspace.items()},
         }))
         self.write(results, detection, consistency, samples, m)
         return results
+
+    def consistency(self, method: str, m: _Model, s: dict) -> dict:
+        """Per image: PSNR and SSIM against the unwatermarked twin; ``gain`` = |image change| / |key
+        change of the state in VP units| (how the key propagates through the remaining steps); with a
+        class-conditional model, ``class_changed`` (1.0 when the key moved the image to another
+        component: the most probable one at the grid's smallest noise level differs)."""
+        from diffcore.analysis import watermark as wm
+        from diffcore.metrics import watermark as mw
+
+        marked, clean = s["watermarked"], s["clean"]
+        injected = s["delta"].flatten(1).double().norm(dim=1) * wm.vp_scale(injection_sigma(method, m))
+        values = {"psnr": mw.psnr(marked, clean).tolist(), "ssim": mw.ssim(marked, clean).tolist(),
+                  "gain": ((marked - clean).flatten(1).double().norm(dim=1) / injected.clamp_min(1e-300)).tolist()}
+        classify = getattr(m.denoiser, "classify", None)
+        if classify is not None:
+            low = float(m.sigmas[-2])
+            with torch.no_grad():
+                marked_class, clean_class = (classify(x.to(self.device).double(), low) for x in (marked, clean))
+            values["class_changed"] = (marked_class != clean_class).double().cpu().tolist()
+        return values
 
     def write(self, results: dict, detection: list, consistency: dict, samples: dict, m: _Model) -> None:
         root = self.ws.root
@@ -509,8 +564,8 @@ class _Study:
                                                                 for k in ("auc", "tpr_at_1pct_fpr")}}
             for d in results["detection"]])
         atomic_write_csv(root / "consistency.csv", [
-            {"method": method, "image": i, "seed": self.c.seed_start + i, "psnr": p, "ssim": s}
-            for method, v in consistency.items() for i, (p, s) in enumerate(zip(v["psnr"], v["ssim"]))])
+            {"method": method, "image": i, "seed": self.c.seed_start + i, **{k: v[k][i] for k in v}}
+            for method, v in consistency.items() for i in range(len(v["psnr"]))])
         plot_roc(detection, root / "watermark-roc.png")
         plot_images(samples, self.c.grid_images, root / "watermark-images.png", m)
         plot_consistency(results, consistency, root / "watermark-consistency.png")
@@ -567,6 +622,19 @@ def _mean_std(values: dict) -> dict:
         out[name] = {"mean": float(finite.mean()) if finite.numel() else None,
                      "std": float(finite.std()) if finite.numel() > 1 else None,
                      "min": float(t.min()), "infinite": int((~torch.isfinite(t)).sum())}
+    return out
+
+
+def consistency_summary(values: dict) -> dict:
+    """Mean, std and min of each per-image value; with ``class_changed``, its fraction and PSNR
+    separately over the images that kept their class and those that changed it."""
+    out = _mean_std(values)
+    if "class_changed" in values:
+        changed = [bool(v) for v in values["class_changed"]]
+        out["class_changed_fraction"] = sum(changed) / len(changed)
+        for name, keep in (("psnr_same_class", False), ("psnr_class_changed", True)):
+            psnr = [p for p, c in zip(values["psnr"], changed) if c == keep]
+            out[name] = _mean_std({"psnr": psnr})["psnr"] if psnr else None
     return out
 
 
@@ -637,12 +705,24 @@ def plot_images(samples: dict, k: int, path, m: _Model) -> Path:
 
 
 def plot_consistency(results: dict, consistency: dict, path) -> Path:
-    """PSNR and SSIM of watermarked vs unwatermarked twins per method, and AUC per attack."""
+    """PSNR and SSIM of watermarked vs unwatermarked twins per method (each image a dot, red where the
+    key changed the image's class), and AUC per attack."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    jitter = torch.Generator().manual_seed(0)
     for ax, metric in zip(axes[:2], ("psnr", "ssim")):
         values = [[v for v in consistency[method][metric] if math.isfinite(v)] for method in METHODS]
-        ax.boxplot(values, showmeans=True)
+        ax.boxplot(values, showmeans=True, showfliers=False)
+        for i, method in enumerate(METHODS, start=1):
+            v = consistency[method]
+            changed = v.get("class_changed", [0.0] * len(v[metric]))
+            for flag, color in ((0.0, "tab:blue"), (1.0, "tab:red")):
+                points = [p for p, c in zip(v[metric], changed) if c == flag and math.isfinite(p)]
+                x = (i + 0.25 * (torch.rand(len(points), generator=jitter) - 0.5)).tolist()
+                label = ("class kept" if flag == 0.0 else "class changed") if i == 1 else None
+                ax.scatter(x, points, s=6, alpha=0.6, color=color, label=label)
+        if any("class_changed" in consistency[method] for method in METHODS):
+            ax.legend(fontsize=7, loc="lower left")
         ax.set_xticks(range(1, len(METHODS) + 1), [LABELS[method].split(" (")[0] for method in METHODS], fontsize=8)
         ax.set_ylabel(metric.upper() + (" (dB)" if metric == "psnr" else ""))
         ax.set_title(f"consistency with the unwatermarked twin: {metric.upper()}", fontsize=9)
