@@ -351,6 +351,21 @@ def participation() -> Participation:
     return Participation(dist.get_rank(), dist.get_world_size(), distributed=True)
 
 
+def run_study(name: str, make_study: Callable[[], Any], out, *, threads: int = 0,
+              one_process: bool = False) -> dict:
+    """The common body of a study's ``run``: with ``threads`` torch threads (0: unchanged), build
+    the study (``make_study()``, which binds ``out``), hold its folder's claim for a run of kind
+    ``name`` while ``study.run()`` makes the results (``one_process``: inside
+    :func:`units_in_one_process`), and log the wall time. Returns the results."""
+    start = time.perf_counter()
+    with _env.torch_threads(threads):
+        study = make_study()
+        with study.ws.claim(name), (units_in_one_process() if one_process else contextlib.nullcontext()):
+            results = study.run()
+    log.info("%s study done in %.1f s: %s", name, time.perf_counter() - start, out)
+    return results
+
+
 @contextlib.contextmanager
 def units_in_one_process() -> Iterator[None]:
     """Inside: torchrun's WORLD_SIZE and RANK hidden, so that a unit (a model's training) runs in

@@ -40,7 +40,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -687,20 +686,14 @@ def plot_transition(results: dict, path) -> Path:
 
 def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore import _env
     from diffcore.experiments._stack import resolve_device
 
     if not isinstance(config, CFGConfig):
         raise ConfigError(f"config: expected a CFGConfig, got {type(config).__name__}")
     config.validate()
     device = str(resolve_device(device))
-    start = time.perf_counter()
-    with _env.torch_threads(config.torch_threads if device == "cpu" else 0):
-        study = _Study(config, out, hooks, device, progress)
-        with study.ws.claim(NAME):
-            results = study.run()
-    log.info("cfg study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
+                          threads=config.torch_threads if device == "cpu" else 0)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

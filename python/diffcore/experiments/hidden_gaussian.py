@@ -27,14 +27,12 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from diffcore import _env
 from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
@@ -42,6 +40,9 @@ from diffcore.experiments.base import (Unit, Workspace, atomic_save_figure, atom
 log = logging.getLogger(__name__)
 
 NAME = "hidden-gaussian"
+# One intra-op thread on the CPU: the digits UNets are small, and on the shared 2-core machine a
+# training step took 0.17 s with one thread against 5-11 s with two (thread contention).
+_CPU_THREADS = 1
 A = B = 1.0 / math.sqrt(2.0)
 
 
@@ -449,12 +450,6 @@ def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
     return atomic_save_figure(fig, path)
 
 
-def _cpu_threads(device: str):
-    """One intra-op thread on the CPU: the digits UNets are small, and on the shared 2-core machine a
-    training step took 0.17 s with one thread against 5-11 s with two (thread contention)."""
-    return _env.torch_threads(1 if str(device) == "cpu" else 0)
-
-
 def _on_cpu(denoiser, device: str):
     """The measurements feed CPU tensors: move them to the model's device and back."""
     if str(device) == "cpu":
@@ -547,13 +542,8 @@ def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", 
     elif device == "auto":
         device = "cpu"
     config.validate()
-    start = time.perf_counter()
-    with _cpu_threads(device):
-        study = _Study(config, out, hooks, device, progress)
-        with study.ws.claim(NAME):
-            results = study.run()
-    log.info("hidden-gaussian study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
+                          threads=_CPU_THREADS if str(device) == "cpu" else 0)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

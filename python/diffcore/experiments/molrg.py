@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +35,6 @@ import torch
 
 from diffcore import analysis
 from diffcore.experiments import _vector
-from diffcore import _env
 from diffcore.experiments import base
 from diffcore.models import vector
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
@@ -371,13 +369,7 @@ def run(config: MoLRGConfig, out, *, hooks=None, device: str = "auto", progress:
     if hooks is not None:
         raise ValueError("hooks: the MoLRG study has no injectable hooks")
     config.validate()
-    start = time.perf_counter()
-    with _env.torch_threads(1):
-        study = _Study(config, out, progress)
-        with study.ws.claim(NAME):
-            results = study.run()
-    log.info("molrg study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(NAME, lambda: _Study(config, out, progress), out, threads=1)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

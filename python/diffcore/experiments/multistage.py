@@ -33,7 +33,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffcore import _env
 from diffcore.experiments import _stack, base
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
@@ -423,14 +422,9 @@ def run(config: MultistageConfig, out, *, hooks=None, device: str = "auto", prog
     if hooks is not None:
         raise ValueError("hooks: the multistage study has no replaceable hooks; pass None")
     config.validate()
-    start = time.perf_counter()
     device = str(_stack.resolve_device(device))
-    with _env.torch_threads(config.cpu_threads if device == "cpu" else 0):
-        study = _Study(config, out, device, progress)
-        with study.ws.claim(NAME):
-            results = study.run()
-    log.info("multistage study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(NAME, lambda: _Study(config, out, device, progress), out,
+                          threads=config.cpu_threads if device == "cpu" else 0)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,6 @@ from typing import Callable
 import torch
 
 from diffcore.experiments import _vector
-from diffcore import _env
 from diffcore.experiments import base
 from diffcore.models import vector
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
@@ -326,13 +324,8 @@ def plot_vs_time(results: dict, path) -> Path:
 def run(config: PFDConfig, out, *, hooks: PFDHooks | None = None, device: str = "auto",
         progress: bool = True) -> dict:
     """Run (or resume) the study into ``out`` (CPU; the students are tiny MLPs)."""
-    start = time.perf_counter()
-    with _env.torch_threads(1):
-        study = _Study(config, out, hooks or default_hooks(), progress)  # validates the config
-        with study.ws.claim(NAME):
-            results = study.run()
-    log.info("pfd study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    # _Study validates the config
+    return base.run_study(NAME, lambda: _Study(config, out, hooks or default_hooks(), progress), out, threads=1)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 
-from diffcore import _env
 from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
@@ -456,13 +455,8 @@ def run(config: RepresentationConfig, out, *, hooks=None, device: str = "auto", 
 
     config.validate()
     device = str(resolve_device(device)) if hooks is None else ("cpu" if device == "auto" else device)
-    start = time.perf_counter()
-    with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, hooks, device, progress)
-        with study.ws.claim(NAME), base.units_in_one_process():
-            results = study.run()
-    log.info("representation study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
+                          threads=config.torch_threads, one_process=True)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

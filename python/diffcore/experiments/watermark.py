@@ -51,7 +51,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +58,7 @@ from typing import Callable
 import torch
 
 from diffcore.experiments import base
+from diffcore.metrics.watermark import AttackParams
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
@@ -98,14 +98,15 @@ class WatermarkConfig:
     seed_start: int = 100000
     batch_size: int = 64                    # images per sampler / inversion batch
     attacks: tuple[str, ...] = ("none", "jpeg", "blur", "noise", "brightness", "resize", "crop")
-    jpeg_quality: int = 25
-    blur_radius: float = 4.0                # px at attack_reference_size, scaled with the image side
-    noise_std: float = 0.1                  # on the [0, 1] scale
-    brightness: float = 6.0                 # factor uniform in [max(0, 1 - b), 1 + b]
-    resize_scale: float = 0.5
-    crop_fraction: float = 0.75
-    attack_reference_size: int = 256
-    attack_seed: int = 0
+    # the attacks' parameters (defaults: diffcore.metrics.watermark.AttackParams)
+    jpeg_quality: int = AttackParams.jpeg_quality
+    blur_radius: float = AttackParams.blur_radius        # px at attack_reference_size, scaled with the side
+    noise_std: float = AttackParams.noise_std            # on the [0, 1] scale
+    brightness: float = AttackParams.brightness          # factor uniform in [max(0, 1 - b), 1 + b]
+    resize_scale: float = AttackParams.resize_scale
+    crop_fraction: float = AttackParams.crop_fraction
+    attack_reference_size: int = AttackParams.reference_size
+    attack_seed: int = AttackParams.seed
     p_value: bool = True                    # Tree-Ring's chi-square p-value beside the L1 distance
     rank_references: int = 99               # key-rank p-value against this many other keys (0: off)
     wrong_keys: int = 20                    # other keys scored on the unattacked images (0: off)
@@ -143,9 +144,7 @@ class WatermarkConfig:
         radius = max(1, round(self.radius_fraction * min(shape[1:])))
         return wm.ring_key(shape, radius=radius, channel=self.channel, band=self.band, seed=self.key_seed)
 
-    def attack_params(self):
-        from diffcore.metrics.watermark import AttackParams
-
+    def attack_params(self) -> AttackParams:
         return AttackParams(jpeg_quality=self.jpeg_quality, blur_radius=self.blur_radius, noise_std=self.noise_std,
                             brightness=self.brightness, resize_scale=self.resize_scale,
                             crop_fraction=self.crop_fraction, reference_size=self.attack_reference_size,
@@ -749,12 +748,7 @@ def run(config: WatermarkConfig, out, *, hooks=None, device: str = "auto", progr
     (the study needs no stand-ins: its tiny preset runs the closed-form Gaussian denoiser)."""
     from diffcore.experiments._stack import resolve_device
 
-    start = time.perf_counter()
-    study = _Study(config, out, str(resolve_device(device)), progress)
-    with study.ws.claim(NAME):
-        results = study.run()
-    log.info("watermark study done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(NAME, lambda: _Study(config, out, str(resolve_device(device)), progress), out)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
