@@ -151,8 +151,9 @@ def test_train_throughput_diffcore_trainer(benchmark, tmp_path, case, precision,
 # An ensemble of K = 5 members (diffcore.train.ensemble: one stacked vmap step) against the same
 # 5 models stepped one after another by 5 Trainers (the peer). ``images_per_s_per_member`` is the
 # images each member sees per second; the ratio is the ensemble's speed-up. CPU: the light 8x8
-# digits UNet of width 32 (the quick study's architecture) and a 32x32 DDPM++ UNet of width 32;
-# GPU: 32x32 widths 64 and 128 in bf16 autocast.
+# digits UNet of width 32 (the quick study's architecture), the same at the quick preset's
+# widths 8 and 16 and batch 32 (its models train as ensembles of 5 because of these two cases), and
+# a 32x32 DDPM++ UNet of width 32; GPU: 32x32 widths 64 and 128 in bf16 autocast.
 ENSEMBLE_K = 5
 if ON_GPU:
     ENSEMBLE_CASES = [(f"cifar32_w{w}", {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": w},
@@ -164,6 +165,9 @@ else:
         ("cifar32_w32", {"name": "ddpmpp", "preset": "ddpmpp-16" if QUICK else "ddpmpp-cifar",
                          "model_channels": 8 if QUICK else 32}, [3, 16, 16] if QUICK else [3, 32, 32],
          2 if QUICK else 8, "fp32")]
+    if not QUICK:
+        ENSEMBLE_CASES += [(f"digits_quick_w{w}", {"name": "ddpmpp", "preset": "ddpmpp-digits-light",
+                                                   "model_channels": w}, [1, 8, 8], 32, "fp32") for w in (8, 16)]
 ENSEMBLE_STEPS = 1 if QUICK else (10 if ON_GPU else 2)
 
 

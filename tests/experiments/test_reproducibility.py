@@ -142,3 +142,42 @@ def test_torchscript_descriptor_uses_the_paper_threshold(tmp_path, stand_in_stac
     assert results["threshold"] == 0.6 and results["threshold_source"].startswith("descriptor")
     assert results["similarity"]["name"] == "raw:descriptor.pt"
     assert results["models"][0]["gl"] == 0.0  # memorizing stand-in: exact copies
+
+
+def test_models_of_one_width_and_seed_train_as_ensembles(tmp_path, stand_in_stack):
+    """Worker tasks group the unfinished models of one (width, seed) into ensembles of at most
+    train_ensemble; an ensemble trains only members whose model unit is unfinished, and each member's
+    unit records the ensemble's metadata and its share of the training seconds."""
+    from tests.experiments.conftest import subset
+
+    stack = stand_in_stack()
+    ensembles = []
+
+    def train_ensemble(images, specs, work_dirs, device="cpu", progress=True):
+        assert [im.shape[0] for im in images] == [s["n"] for s in specs]
+        ensembles.append([(s["width"], s["n"], s["seed"]) for s in specs])
+        for work_dir in work_dirs:
+            (work_dir / "checkpoint.txt").write_text("final step")
+        return [{"final_loss": 0.2, "ensemble_size": len(specs), "ensemble_train_seconds": 4.0} for _ in specs]
+
+    config = dataclasses.replace(_config(), widths=(4,), train_seeds=(0, 1), train_ensemble=3)
+    lone = study._Study(config, tmp_path, stack.hooks(), "cpu", progress=False)
+    assert {t[0] for t in lone.worker_tasks()} == {"model", "empirical"}  # hooks without train_ensemble
+
+    run = study._Study(config, tmp_path, dataclasses.replace(stack.hooks(), train_ensemble=train_ensemble),
+                       "cpu", progress=False)
+    pool = stack.pool
+    run.model_unit(4, 512, 0, subset(pool, 512, config.subset_seed)[0])  # finished before: not retrained
+    tasks = run.worker_tasks()
+    assert [t for t in tasks if t[0] != "empirical"] == [("ensemble", 4, (512, 96, 8), 0),
+                                                         ("ensemble", 4, (512, 96, 8), 1)]
+    run.run_task(tasks[0], pool, tuple(pool.shape[1:]), progress=False)
+    assert ensembles == [[(4, 96, 0), (4, 8, 0)]]
+    metas = {u.spec["n"]: u.meta for u in run.units["train"]}
+    assert metas[512] == {"final_loss": 0.1}
+    assert metas[96] == metas[8] == {"final_loss": 0.2, "ensemble_size": 2, "ensemble_train_seconds": 4.0}
+    made = [u for u in run.units["train"] if not u.reused]  # the lone model is also found again, reused
+    assert len(made) == 3 and run.timings()["train"]["units"] == 3
+    assert run.timings()["train"]["seconds"] == pytest.approx(sum(u.seconds for u in made) + 4.0)
+    assert all(run.ws.finished("samples", f"w4-n{n}-s0", {**run.model_spec(4, n, 0), **run.sampling_spec()})
+               for n in (512, 96, 8))

@@ -1,7 +1,8 @@
 """The reproducibility study with the REAL stack (trainer, DDPM++ UNet, sampler, empirical denoiser,
 k-NN), shrunk to seconds of CPU: one light UNet of width 16 trained on 8 digits memorizes them,
 the same training on all 1797 digits does not reproduce training images. The two models train
-in two worker processes (train_workers=2), the quick preset's path.
+in two worker processes (train_workers=2), or as one ensemble of two (train_ensemble=2, the
+quick preset's way of training the models of one width).
 
 This checks the direction of the effect end to end, not its size: 300 steps are far too few for
 the N = 1797 model to make good digits (its samples are blurry), so "generalizes" here only means
@@ -14,7 +15,7 @@ import json
 import pytest
 
 from diffcore.experiments import reproducibility as study
-from diffcore.experiments.base import config_from_preset
+from diffcore.experiments.base import MANIFEST, config_from_preset
 
 OVERRIDES = ["model_preset=ddpmpp-digits-light", "widths=16", "sizes=8,1797", "train_seeds=0",
              "train_steps=300", "batch_size=32", "num_samples=32", "sampler_steps=12",
@@ -22,8 +23,10 @@ OVERRIDES = ["model_preset=ddpmpp-digits-light", "widths=16", "sizes=8,1797", "t
 
 
 @pytest.mark.slow
-def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path):
-    config = config_from_preset(study.PRESETS, "tiny", OVERRIDES)
+@pytest.mark.parametrize("layout", [["train_workers=2"], ["train_workers=1", "train_ensemble=2"]],
+                         ids=["two-workers", "ensemble"])
+def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
+    config = config_from_preset(study.PRESETS, "tiny", OVERRIDES + layout)
     results = study.run(config, tmp_path, device="cpu", progress=False)
     rows = {row["n"]: row for row in results["models"]}
     small, large = rows[8], rows[1797]
@@ -33,5 +36,13 @@ def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path):
     assert {e["n"]: e["gl"] for e in results["empirical"]} == {8: 0.0, 1797: 0.0}
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert timings["train"]["units"] == 2 and timings["torch_threads"] == 1
-    assert timings["train"]["reused"] == 2 and timings["train"]["parallel_wall_seconds"] > 0  # made by workers
+    made_by_workers = 2 if config.train_workers == 2 else 0  # train_workers=1: made in this process
+    assert timings["train"]["reused"] == made_by_workers and timings["train"]["parallel_wall_seconds"] > 0
+    metas = [json.loads((tmp_path / "units" / "models" / f"w16-n{n}-s0" / MANIFEST).read_text())["meta"]
+             for n in (8, 1797)]
+    if config.train_ensemble == 2:
+        assert [m["ensemble_size"] for m in metas] == [2, 2] and all(m["final_loss"] > 0 for m in metas)
+        assert timings["train"]["seconds"] >= metas[0]["ensemble_train_seconds"] * 0.99
+    else:
+        assert all("ensemble_size" not in m for m in metas)
     assert (tmp_path / "figure1.png").is_file() and len(list((tmp_path / "grids").iterdir())) == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +31,7 @@ def default_hooks():
 
     return StudyHooks(load_dataset=load_dataset, subset=subset, train=train_model, load=load_model,
                       sample=sample, empirical_denoiser=EmpiricalDenoiser, knn=knn,
-                      noise_from_seeds=sampler.noise_from_seeds)
+                      noise_from_seeds=sampler.noise_from_seeds, train_ensemble=train_ensemble)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -154,6 +155,27 @@ def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path,
         raise RuntimeError(f"diffcore.train wrote no checkpoint for {spec}")
     shutil.copytree(result.checkpoint, Path(out_dir) / "checkpoint")
     return {"final_loss": result.final_loss, "step": result.step, "images_seen": result.images_seen}
+
+
+def train_ensemble(images: Sequence[torch.Tensor], specs: Sequence[dict], work_dirs: Sequence[Path], *,
+                   device="cpu", progress: bool = True) -> list[dict]:
+    """Train the models of ``specs`` (one architecture and recipe; they may differ in n and seed) as
+    one :mod:`diffcore.train.ensemble` in their ``work_dirs``, up to their final step; :func:`train_model`
+    with the same spec and work_dir then finds the final checkpoint and only copies it. ``images``:
+    each model's training images. Returns per model ``final_loss``, ``ensemble_size`` and
+    ``ensemble_train_seconds`` (the whole ensemble's wall time)."""
+    from diffcore.train import ensemble
+
+    for index, (train_images, spec) in enumerate(zip(images, specs)):
+        if train_images.shape[0] != spec["n"]:
+            raise ValueError(f"images[{index}]: expected the {spec['n']} training images, got {train_images.shape[0]}")
+    configs = [training_request(spec, work_dir, device, progress) for spec, work_dir in zip(specs, work_dirs)]
+    start = time.perf_counter()
+    results = ensemble.train_ensemble(configs, resume="auto")
+    seconds = time.perf_counter() - start
+    log.info("trained an ensemble of %d models in %.1f s", len(configs), seconds)
+    return [{"final_loss": r.final_loss, "ensemble_size": len(configs), "ensemble_train_seconds": seconds}
+            for r in results]
 
 
 def load_model(model_dir: Path, device="cpu"):

@@ -75,6 +75,7 @@ class ReproducibilityConfig:
     grid_samples: int = 16                     # samples shown per grid
     torch_threads: int = 0                     # intra-op CPU threads per process (0: torch's default)
     train_workers: int = 1                     # models trained at once, one process each (runtime only)
+    train_ensemble: int = 1                    # models of one width and seed per stacked ensemble (runtime only)
 
     def result_fields(self) -> dict:
         """The fields that define the results (``config.json`` binds an output folder to these);
@@ -108,20 +109,24 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
     "grid_samples": base.integer(0), "torch_threads": base.integer(0), "train_workers": _POSITIVE,
+    "train_ensemble": _POSITIVE,
     "precond": base.one_of(*_stack.PRECONDITIONINGS), "augment_p": base.number(0, 1),
 }
 
 
 # How many models train at once changes the wall time, not the results (each model's training is
-# deterministic on its own), so it is not bound to the output folder.
-RUNTIME_FIELDS = frozenset({"train_workers"})
+# deterministic on its own), so it is not bound to the output folder. Training models as one
+# stacked ensemble (diffcore.train.ensemble) reassociates the sums of their forward and backward
+# passes: it changes a model's weights at the level of float rounding, not beyond.
+RUNTIME_FIELDS = frozenset({"train_workers", "train_ensemble"})
 
 
 def _quick() -> ReproducibilityConfig:
     """Embedded digits, the light 8x8 UNet (ddpmpp-digits-light: one block per level, no dropout)
     at widths 8 and 16, N = 16 .. 1797 (all digits), 1000 steps at batch 32 for every model, two
-    worker processes of one thread each that train and sample (docs/experiments.md, "The quick
-    recipe", has the measurements behind each choice and the old recipe beside it).
+    worker processes of one thread each that train and sample, the five models of a width trained
+    as one stacked ensemble (docs/experiments.md, "The quick recipe", has the measurements behind
+    each choice and the old recipe beside it).
 
     Issue 19 chose it by measurement: a training step costs ~c x width x batch on the CPU (8x8
     tensors, convolution-bound), so widths 8/16 at batch 32 cost ~4x less per step than the old
@@ -133,7 +138,7 @@ def _quick() -> ReproducibilityConfig:
     return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(8, 16),
                                  sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1000,
                                  batch_size=32, learning_rate=1e-3, num_samples=256, sampler_steps=18,
-                                 torch_threads=1, train_workers=2)
+                                 torch_threads=1, train_workers=2, train_ensemble=5)
 
 
 def _paper() -> ReproducibilityConfig:
@@ -178,6 +183,10 @@ class StudyHooks:
     - ``empirical_denoiser(train_images) -> D(x, sigma)``
     - ``knn(queries [B, F], train [N, F], k) -> (distances, indices)``
     - ``noise_from_seeds(seeds, shape, device, dtype) -> [B, *shape]`` (figures of the noise)
+    - ``train_ensemble(images_list, specs, work_dirs, device=, progress=) -> [dict]`` (optional)
+      trains the models of ``specs`` (one architecture) as one stacked ensemble in their work
+      folders up to their final step, so that ``train`` with the same spec and work folder only
+      finishes each; returns each member's metadata. None: every model trains alone.
     """
 
     load_dataset: Callable
@@ -188,6 +197,7 @@ class StudyHooks:
     empirical_denoiser: Callable
     knn: Callable
     noise_from_seeds: Callable
+    train_ensemble: Callable | None = None
 
 
 def default_hooks() -> StudyHooks:
@@ -297,12 +307,15 @@ class _Study:
         return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
     def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
-                   wait: bool = True, progress: bool | None = None) -> Unit | None:
+                   wait: bool = True, progress: bool | None = None, ensemble_meta: dict | None = None) -> Unit | None:
+        """The model unit (width, n, seed); ``ensemble_meta``: what :meth:`train_ensemble` returned
+        for this model (it was trained in its work folder already), recorded in the unit's meta."""
         spec = self.model_spec(width, n, seed)
 
         def produce(tmp: Path, work: Path) -> dict:
-            return self.hooks.train(train_images, spec, tmp, work, device=self.device,
+            meta = self.hooks.train(train_images, spec, tmp, work, device=self.device,
                                     progress=self.progress if progress is None else progress)
+            return {**meta, **{k: v for k, v in (ensemble_meta or {}).items() if v is not None}}
 
         return self.run_unit("train", "models", _model_name(width, n, seed), spec, produce, wait)
 
@@ -427,14 +440,21 @@ class _Study:
 
     def worker_tasks(self) -> list[tuple]:
         """The unfinished units the workers make: ``("model", w, n, s)`` trains a model and samples
-        it, ``("empirical", n)`` samples the empirical denoiser. Costliest first (widest model,
-        then larger N), so the last tasks to start are the cheap ones."""
+        it, ``("ensemble", w, (n, ...), s)`` trains up to ``train_ensemble`` models of one width and
+        seed as one ensemble and samples each, ``("empirical", n)`` samples the empirical denoiser.
+        Costliest first (widest model, then larger N), so the last tasks to start are the cheap ones."""
         c = self.config
-        tasks = []
+        pending: dict[tuple[int, int], list[int]] = {}  # (width, seed) -> N of the models to make
         for w, n, s in self.models_costliest_first():
             spec = self.model_spec(w, n, s)
             if self.ws.finished("samples", _model_name(w, n, s), {**spec, **self.sampling_spec()}) is None:
-                tasks.append(("model", w, n, s))
+                pending.setdefault((w, s), []).append(n)
+        per_ensemble = c.train_ensemble if self.hooks.train_ensemble is not None else 1
+        tasks = []
+        for (w, s), sizes in pending.items():
+            for i in range(0, len(sizes), per_ensemble):
+                chunk = tuple(sizes[i:i + per_ensemble])
+                tasks.append(("model", w, chunk[0], s) if len(chunk) == 1 else ("ensemble", w, chunk, s))
         for n in sorted(c.sizes, reverse=True):
             if self.ws.finished("samples", f"empirical-n{n}", self.empirical_spec(n)) is None:
                 tasks.append(("empirical", n))
@@ -449,11 +469,40 @@ class _Study:
                              lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape,
                              progress=progress)
             return
-        _, width, n, seed = task
-        train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
-        model = self.model_unit(width, n, seed, train_images, progress=progress)
-        self.sample_unit(_model_name(width, n, seed), {**model.spec, **self.sampling_spec()},
-                         lambda: self.hooks.load(model.path, device=self.device), shape, progress=progress)
+        _, width, sizes, seed = task
+        sizes = sizes if task[0] == "ensemble" else (sizes,)
+        ensemble_meta = (self.train_ensemble(width, sizes, seed, pool, progress) if task[0] == "ensemble"
+                         else {})
+        for n in sizes:
+            train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
+            model = self.model_unit(width, n, seed, train_images, progress=progress,
+                                    ensemble_meta=ensemble_meta.get(n))
+            self.sample_unit(_model_name(width, n, seed), {**model.spec, **self.sampling_spec()},
+                             lambda: self.hooks.load(model.path, device=self.device), shape, progress=progress)
+
+    def train_ensemble(self, width: int, sizes: tuple[int, ...], seed: int, pool: torch.Tensor,
+                       progress: bool) -> dict[int, dict]:
+        """Train the unfinished models (width, n, seed), n in ``sizes``, as one ensemble in their
+        units' work folders, holding the units' claims meanwhile; :meth:`model_unit` then finds
+        each at its final step and finishes it. Returns n -> the member's metadata."""
+        import contextlib
+
+        from diffcore import _folder
+
+        c = self.config
+        todo = [n for n in sizes if self.ws.finished("models", _model_name(width, n, seed),
+                                                     self.model_spec(width, n, seed)) is None]
+        if len(todo) < 2:
+            return {}  # nothing to stack: model_unit trains a lone model itself
+        names = [_model_name(width, n, seed) for n in todo]
+        with contextlib.ExitStack() as claims:
+            for name in names:
+                claims.enter_context(_folder.unit_claim(self.ws.claim_path("models", name), True))
+            metas = self.hooks.train_ensemble(
+                [self.hooks.subset(pool, n, c.subset_seed)[0] for n in todo],
+                [self.model_spec(width, n, seed) for n in todo],
+                [self.ws.work_path("models", name) for name in names], device=self.device, progress=progress)
+        return dict(zip(todo, metas))
 
     def make_units_in_workers(self, pool: torch.Tensor) -> None:
         """Train and sample every unfinished model, and sample every empirical denoiser, with
@@ -465,9 +514,11 @@ class _Study:
         if not tasks:
             return
         names = [_model_name(w, n, s) for w in c.widths for n in c.sizes for s in c.train_seeds]
-        log.info("%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time",
-                 len(tasks), sum(t[0] == "model" for t in tasks), sum(t[0] == "empirical" for t in tasks),
-                 c.train_workers)
+        log.info("%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time%s",
+                 len(tasks), sum(1 if t[0] == "model" else len(t[2]) for t in tasks if t[0] != "empirical"),
+                 sum(t[0] == "empirical" for t in tasks), c.train_workers,
+                 ", models of one width in ensembles of up to %d" % c.train_ensemble
+                 if any(t[0] == "ensemble" for t in tasks) else "")
         start = time.perf_counter()
         with _TrainingProgress(self.ws, names, c.train_steps, self.progress) as progress:
             if c.train_workers == 1:
@@ -522,14 +573,21 @@ class _Study:
     def timings(self) -> dict:
         """Seconds per phase, summed over units (each unit's own wall time when it was made, so
         with train_workers > 1 the training seconds add up the concurrent processes; the wall time
-        of that parallel phase is ``train.parallel_wall_seconds``)."""
+        of that parallel phase is ``train.parallel_wall_seconds``; a model trained in an ensemble
+        counts its share of the ensemble's training seconds)."""
         out = {}
-        for phase, units in self.units.items():
-            out[phase] = {"seconds": sum(u.seconds for u in units), "units": len(units),
+        for phase, found in self.units.items():
+            units = {}  # path -> unit; a unit made in this process is also found finished later
+            for unit in found:
+                if unit.path not in units or not unit.reused:
+                    units[unit.path] = unit
+            units = list(units.values())
+            out[phase] = {"seconds": sum(u.seconds + _ensemble_share(u.meta) for u in units), "units": len(units),
                           "reused": sum(u.reused for u in units)}
         if self.train_wall_seconds is not None:
             out["train"]["parallel_wall_seconds"] = self.train_wall_seconds
         out["train_workers"] = self.config.train_workers
+        out["train_ensemble"] = self.config.train_ensemble
         out["torch_threads"] = torch.get_num_threads()
         return out
 
@@ -570,8 +628,14 @@ class _TrainingProgress:
 
     def task_done(self, task: tuple) -> None:
         self.bar.set(self._done_steps())
-        self.bar.note("trained and sampled " + _model_name(*task[1:]) if task[0] == "model"
-                      else f"sampled the empirical denoiser of N = {task[1]}")
+        if task[0] == "empirical":
+            self.bar.note(f"sampled the empirical denoiser of N = {task[1]}")
+        elif task[0] == "ensemble":
+            _, width, sizes, seed = task
+            self.bar.note("trained (as one ensemble) and sampled "
+                          + ", ".join(_model_name(width, n, seed) for n in sizes))
+        else:
+            self.bar.note("trained and sampled " + _model_name(*task[1:]))
 
     def __enter__(self) -> "_TrainingProgress":
         import threading
@@ -594,6 +658,11 @@ class _TrainingProgress:
         return False
 
 
+
+
+def _ensemble_share(meta: dict) -> float:
+    """A model's share of the seconds of the ensemble it was trained in (0 if trained alone)."""
+    return meta.get("ensemble_train_seconds", 0.0) / meta.get("ensemble_size", 1)
 
 
 def _mean(values: list[float]) -> float | None:
