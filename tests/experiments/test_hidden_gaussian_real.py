@@ -60,3 +60,23 @@ def test_reduced_quick_recipe_shows_the_directions(tmp_path):
     # at sigma >= 5 both models within 0.2 of the Gaussian denoiser (on both probe sets)
     high = [max(r["dist_gaussian"], r["dist_gaussian_train"]) for r in results["curves"] if r["sigma"] >= 5]
     assert high and max(high) < 0.2, high
+
+
+def test_training_target_reaches_the_trainer(tmp_path):
+    spec = {"dataset": "digits", "n": 16, "subset_seed": 0, "model_preset": "ddpmpp-digits-light", "width": 8,
+            "seed": 0, "train_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0,
+            **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0), ("empirical", 5.0))}
+    assert (spec["target"], spec["target_sigma_min"]) == ("empirical", 5.0)
+    request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
+    assert request.loss_options == {"P_mean": -0.4, "P_std": 2.0, "target": "empirical", "target_sigma_min": 5.0}
+    assert _stack.recipe_spec("edm", 0.0, _stack.EDM_SIGMA_LOGNORMAL, ("clean", 0.0)) == {}
+    with pytest.raises(ValueError, match="target: expected one of clean, empirical"):
+        _stack.recipe_spec("edm", 0.0, target=("posterior", 5.0))
+    with pytest.raises(ValueError, match="needs EDM preconditioning without augmentation"):
+        _stack.recipe_spec("edm", 0.12, target=("empirical", 5.0))
+    quick = config_from_preset(hidden_gaussian.PRESETS, "quick", ["train_target=empirical", "target_sigma_min=5"])
+    assert (quick.train_target, quick.target_sigma_min) == ("empirical", 5.0)
+    with pytest.raises(ConfigError, match="target_sigma_min: only train_target=empirical"):
+        config_from_preset(hidden_gaussian.PRESETS, "quick", ["target_sigma_min=5"])
+    with pytest.raises(ConfigError, match="train_target"):
+        config_from_preset(hidden_gaussian.PRESETS, "quick", ["train_target=posterior"])
