@@ -96,7 +96,7 @@ class EDMLoss:
         shape = (-1,) + (1,) * (x0.ndim - 1)
         noisy = x0 + sigma.reshape(shape) * noise
         denoised = net(noisy, sigma, class_labels, **_augment(augment_labels))
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):  # the target in float32
             target = self.training_target(x0, noisy, sigma)
         squared = (denoised.float() - target) ** 2
         return self.weight(sigma) * squared.flatten(1).mean(dim=1)
