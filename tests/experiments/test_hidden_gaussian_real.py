@@ -5,8 +5,9 @@ The quick preset itself trains two width-16 UNets for 1000 steps (about 2 min of
 too long for CI; the slow test runs it reduced (REDUCED below: fewer steps, N = 8 instead of 16,
 16 grid levels, fewer probes and samples), which still shows the two directions the quick preset
 shows. The third target ("within 0.05 of the Gaussian denoiser at sigma >= 5") is not met by the
-quick preset either (docs/studies.md: 0.06-0.13 there); the test checks what the study's training
-noise levels buy at high sigma instead (with EDM's N(-1.2, 1.2^2) the models stayed 0.13-0.32 away).
+quick preset either (docs/studies.md: 0.03-0.10 there, the largest at sigma 5-8); the test checks
+the bound its recipe (noise levels N(1.0, 2.0^2), empirical target at sigma >= 2) reaches in the
+reduced run (0.109 at most, measured; with EDM's N(-1.2, 1.2^2) the models stayed 0.13-0.32 away).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def test_training_noise_levels_reach_the_trainer(tmp_path):
 
 def test_config_names_the_noise_level_fields():
     quick = config_from_preset(hidden_gaussian.PRESETS, "quick")
-    assert (quick.sigma_p_mean, quick.sigma_p_std) == (-0.4, 2.0) and not quick.models_from
+    assert (quick.sigma_p_mean, quick.sigma_p_std) == (1.0, 2.0) and not quick.models_from
+    assert (quick.train_target, quick.target_sigma_min) == ("empirical", 2.0)
     with pytest.raises(ConfigError, match="sigma_p_std"):
         config_from_preset(hidden_gaussian.PRESETS, "quick", ["sigma_p_std=0"])
     with pytest.raises(ConfigError, match="sigma_p_mean, sigma_p_std"):
@@ -57,6 +59,29 @@ def test_reduced_quick_recipe_shows_the_directions(tmp_path):
     # denoiser than to the empirical one, the N = 8 model closer to the empirical one
     assert properties["largest_n_closer_to_gaussian"], mid
     assert properties["smallest_n_closer_to_empirical"], mid
-    # at sigma >= 5 both models within 0.2 of the Gaussian denoiser (on both probe sets)
-    high = [max(r["dist_gaussian"], r["dist_gaussian_train"]) for r in results["curves"] if r["sigma"] >= 5]
-    assert high and max(high) < 0.2, high
+    # at sigma >= 5 both models within 0.125 of the Gaussian denoiser (on both probe sets; measured
+    # 0.109 at most, at sigma 5.84, and 0.058 at most for sigma >= 20: 15-20% room for other CPUs)
+    high = {(r["n"], r["sigma"]): max(r["dist_gaussian"], r["dist_gaussian_train"])
+            for r in results["curves"] if r["sigma"] >= 5}
+    assert high and max(high.values()) < 0.125, high
+    assert max(d for (n, sigma), d in high.items() if sigma >= 20) < 0.07, high
+
+
+def test_training_target_reaches_the_trainer(tmp_path):
+    spec = {"dataset": "digits", "n": 16, "subset_seed": 0, "model_preset": "ddpmpp-digits-light", "width": 8,
+            "seed": 0, "train_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0,
+            **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0), ("empirical", 5.0))}
+    assert (spec["target"], spec["target_sigma_min"]) == ("empirical", 5.0)
+    request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
+    assert request.loss_options == {"P_mean": -0.4, "P_std": 2.0, "target": "empirical", "target_sigma_min": 5.0}
+    assert _stack.recipe_spec("edm", 0.0, _stack.EDM_SIGMA_LOGNORMAL, ("clean", 0.0)) == {}
+    with pytest.raises(ValueError, match="target: expected one of clean, empirical"):
+        _stack.recipe_spec("edm", 0.0, target=("posterior", 5.0))
+    with pytest.raises(ValueError, match="needs EDM preconditioning without augmentation"):
+        _stack.recipe_spec("edm", 0.12, target=("empirical", 5.0))
+    quick = config_from_preset(hidden_gaussian.PRESETS, "quick", ["target_sigma_min=5"])
+    assert (quick.train_target, quick.target_sigma_min) == ("empirical", 5.0)
+    with pytest.raises(ConfigError, match="target_sigma_min: only train_target=empirical"):
+        config_from_preset(hidden_gaussian.PRESETS, "quick", ["train_target=clean"])
+    with pytest.raises(ConfigError, match="train_target"):
+        config_from_preset(hidden_gaussian.PRESETS, "quick", ["train_target=posterior"])

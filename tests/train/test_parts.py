@@ -15,17 +15,7 @@ from diffcore.train.checkpoint import (flatten_optimizer_state, latest_checkpoin
                                        unflatten_optimizer_state)
 from diffcore.train.ddp import DistributedContext, gather_by_seed, map_seeds, shard_seeds
 from diffcore.train.loss import ema_beta, lr_at
-
-
-class Oracle(torch.nn.Module):
-    """Returns a fixed tensor, for checking loss formulas."""
-
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.output
+from tiny_model import Oracle
 
 
 def test_edm_loss_sigma_distribution_and_weight():

@@ -84,10 +84,12 @@ PRECONDITIONINGS = ("edm", "vp")
 EDM_SIGMA_LOGNORMAL = (EDMLoss().P_mean, EDMLoss().P_std)
 
 
-def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, float] = EDM_SIGMA_LOGNORMAL) -> dict:
+def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, float] = EDM_SIGMA_LOGNORMAL,
+                target: tuple[str, float] = ("clean", 0.0)) -> dict:
     """The recipe fields of a model spec, only those that differ from EDM without augmentation
     (so the specs, and the finished units, of studies that use neither stay as they were).
-    ``sigma_lognormal``: ``(P_mean, P_std)`` of the training noise levels (EDM preconditioning only)."""
+    ``sigma_lognormal``: ``(P_mean, P_std)`` of the training noise levels (EDM preconditioning only).
+    ``target``: the EDM loss's ``(target, target_sigma_min)`` (``diffcore.train.loss.EDMLoss``)."""
     if precond not in PRECONDITIONINGS:
         raise ValueError(f"precond: expected one of {', '.join(PRECONDITIONINGS)}, got {precond!r}")
     if not 0 <= augment_p <= 1:
@@ -101,7 +103,19 @@ def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, fl
                          f"precond {precond!r} has its own noise levels")
     return {**({"precond": precond} if precond != "edm" else {}),
             **({"augment_p": augment_p} if augment_p > 0 else {}),
-            **({"sigma_lognormal": list(sigma_lognormal)} if custom_sigmas else {})}
+            **({"sigma_lognormal": list(sigma_lognormal)} if custom_sigmas else {}),
+            **_target_spec(precond, augment_p, *target)}
+
+
+def _target_spec(precond: str, augment_p: float, target: str, sigma_min: float) -> dict:
+    """``{"target": ..., "target_sigma_min": ...}`` for a non-default EDM loss target (checked by EDMLoss)."""
+    if target == "clean" and not sigma_min:
+        return {}
+    EDMLoss(target=target, target_sigma_min=sigma_min)
+    if precond != "edm" or augment_p > 0:
+        raise ValueError(f"target: the {target!r} target needs EDM preconditioning without augmentation, "
+                         f"got precond {precond!r}, augment_p {augment_p}")
+    return {"target": target, "target_sigma_min": float(sigma_min)}
 
 
 def model_spec(spec: dict) -> dict:
@@ -134,11 +148,12 @@ def training_request(spec: dict, work_dir, device="cpu", progress: bool = True):
 
 
 def _loss_options(spec: dict) -> dict:
-    """The EDM loss's ``P_mean``, ``P_std`` when the spec sets ``sigma_lognormal`` (else the loss's defaults)."""
-    if "sigma_lognormal" not in spec:
-        return {}
-    p_mean, p_std = spec["sigma_lognormal"]
-    return {"P_mean": p_mean, "P_std": p_std}
+    """The EDM loss's ``P_mean``, ``P_std`` when the spec sets ``sigma_lognormal``, and its ``target``,
+    ``target_sigma_min`` when the spec sets them (else the loss's defaults)."""
+    options = {key: spec[key] for key in ("target", "target_sigma_min") if key in spec}
+    if "sigma_lognormal" in spec:
+        options["P_mean"], options["P_std"] = spec["sigma_lognormal"]
+    return options
 
 
 def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",

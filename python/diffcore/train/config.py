@@ -95,6 +95,10 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
             raise ValueError(f"seed: expected an integer in [0, 2**32 - 1] (torch's generator keeps 32 bits), "
                              f"got {self.seed!r}")
+        if self.loss_options.get("target", "clean") != "clean" and (self.augment != "none" or self.class_conditional):
+            raise ValueError(f"loss_options target={self.loss_options['target']!r}: the empirical target is the "
+                             "posterior mean over the unaugmented, unconditional training set; it needs "
+                             "augment='none' and class_conditional=False")
         if "name" not in self.data or "name" not in self.model:
             raise ValueError("data and model specs need a 'name'")
 

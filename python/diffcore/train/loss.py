@@ -12,13 +12,49 @@ import math
 import torch
 
 
+TARGETS = ("clean", "empirical")
+
+
 class EDMLoss:
     """EDM training loss (Karras et al. 2022, Eq. 8 with Table 1's "Ours" column):
     ``ln sigma ~ N(P_mean, P_std^2)``, ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``,
-    ``loss = lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2`` (mean over pixels)."""
+    ``loss = lambda(sigma) |D(x0 + sigma n; sigma) - target|^2`` (mean over pixels).
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+    ``target="clean"`` (default): the target is the clean image ``x0`` (denoising score matching).
+    ``target="empirical"``: at ``sigma >= target_sigma_min`` the target is the posterior mean of the
+    clean image over the whole training set (Xu et al. 2023, "Stable Target Field", Eq. 5, with the
+    training set as the reference batch): ``E(x, sigma) = sum_j softmax_j(-|x - y_j|^2 / (2 sigma^2))
+    y_j``, the empirical denoiser, which is the minimizer of the clean-target loss; the optimum does
+    not move, only the target's variance around it drops. The trainer supplies the training set with
+    :meth:`set_reference`; below ``target_sigma_min`` the target stays ``x0``.
+    """
+
+    target, target_sigma_min, reference = "clean", 0.0, None  # subclasses with their own __init__: clean target
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+                 target: str = "clean", target_sigma_min: float = 0.0):
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+        if target not in TARGETS:
+            raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
+        if isinstance(target_sigma_min, bool) or not isinstance(target_sigma_min, (int, float)) \
+                or not math.isfinite(target_sigma_min) or target_sigma_min < 0:
+            raise ValueError(f"target_sigma_min: expected a finite number >= 0, got {target_sigma_min!r}")
+        if target == "clean" and target_sigma_min:
+            raise ValueError("target_sigma_min: only target='empirical' uses it (the threshold above which the "
+                             f"empirical target replaces x0), got {target_sigma_min} with target='clean'")
+        self.target, self.target_sigma_min = target, float(target_sigma_min)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss needs the training set (:meth:`set_reference`) before its first call."""
+        return self.target == "empirical"
+
+    def set_reference(self, images: torch.Tensor) -> None:
+        """The training set ``[N, ...]`` (float32, the images ``x0`` is drawn from) of the empirical target."""
+        if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[0] == 0:
+            raise ValueError(f"images: expected a non-empty training set [N, ...], got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        self.reference = images.detach().to(torch.float32)
 
     def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
         """``[B]`` noise levels, ``ln sigma ~ N(P_mean, P_std^2)`` (float32)."""
@@ -29,10 +65,40 @@ class EDMLoss:
         sd = self.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
+    def training_target(self, x0: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``[B, ...]`` float32 regression target: ``x0``, or ``E(noisy, sigma)`` where ``sigma >=
+        target_sigma_min`` (``target="empirical"``)."""
+        x0 = x0.float()
+        if self.target == "clean":
+            return x0
+        self._check_reference(x0)
+        high = sigma >= self.target_sigma_min
+        if not bool(high.any()):
+            return x0
+        from diffcore.ops import empirical_denoise
+
+        target = x0.clone()
+        target[high] = empirical_denoise(noisy[high].float(), self.reference, sigma[high].float())
+        return target
+
+    def _check_reference(self, x0: torch.Tensor) -> None:
+        if torch._C._functorch.is_batchedtensor(x0):  # under vmap: an ensemble shares one loss object
+            raise ValueError("loss_options target='empirical' is not supported by ensembles "
+                             "(diffcore.train.ensemble): each member needs its own training set as the reference")
+        if self.reference is None:
+            raise RuntimeError("target='empirical': call set_reference(training_images) before the loss "
+                               "(diffcore.train.Trainer does)")
+        if self.reference.shape[1:] != x0.shape[1:] or self.reference.device != x0.device:
+            raise ValueError(f"reference: expected images of shape [N, {', '.join(map(str, x0.shape[1:]))}] on "
+                             f"{x0.device} (those of x0), got {tuple(self.reference.shape)} on {self.reference.device}")
+
     def __call__(self, net, x0, sigma, noise, class_labels=None, augment_labels=None) -> torch.Tensor:
         shape = (-1,) + (1,) * (x0.ndim - 1)
-        denoised = net(x0 + sigma.reshape(shape) * noise, sigma, class_labels, **_augment(augment_labels))
-        squared = (denoised.float() - x0.float()) ** 2
+        noisy = x0 + sigma.reshape(shape) * noise
+        denoised = net(noisy, sigma, class_labels, **_augment(augment_labels))
+        with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):  # the target in float32
+            target = self.training_target(x0, noisy, sigma)
+        squared = (denoised.float() - target) ** 2
         return self.weight(sigma) * squared.flatten(1).mean(dim=1)
 
 

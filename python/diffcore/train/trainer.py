@@ -105,6 +105,8 @@ class Trainer:
         self.dataset = load_dataset(config.data).to(self.device)
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed)
         self.loss_fn = build_loss(config.loss, config.loss_options)
+        if getattr(self.loss_fn, "needs_reference", False):  # the whole training set, on every rank
+            self.loss_fn.set_reference(self.dataset.all())
         self.augment_pipe = AugmentPipe(p=config.augment_p) if config.augment == "edm" else None
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
