@@ -281,6 +281,7 @@ def _init_worker(parent_pid: int, root: str) -> None:
     """Initializer of :func:`worker_pool`'s processes."""
     global _worker_lock_fd
     _die_with_parent(parent_pid)
+    _env.tune_allocator()
     _worker_lock_fd = os.open(Path(root) / WORKERS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     if not _try_flock(_worker_lock_fd, shared=True):  # never happens under the folder lock
         raise FolderError(f"{root}: could not take the workers' lock")

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from diffcore import _folder
+from diffcore import _env, _folder
 
 # user errors, shown as one line (ConfigError is a ValueError); anything else keeps its traceback
 ERRORS_SHOWN_PLAINLY = (ValueError, KeyError, OSError, MemoryError)
@@ -75,7 +75,7 @@ def info(as_json: bool = False) -> dict:
     import torch
 
     import diffcore
-    from diffcore import _backend, _env
+    from diffcore import _backend
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -202,6 +202,7 @@ def _error_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _env.tune_allocator()
     if argv and argv[0] == "train":  # everything after "train" belongs to diffcore.train's parser
         _configure_logging(False)
         job = functools.partial(_train, argv[1:])
