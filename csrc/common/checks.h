@@ -40,7 +40,7 @@ inline DType parse_dtype(const std::string& name, const std::string& arg) {
   if (name == "uint8") return DType::uint8;
   if (name == "int8") return DType::int8;    // screening copies only (knn's int8 screen)
   if (name == "int32") return DType::int32;  // integer Gram tiles only
-  fail_arg(arg, "unsupported dtype '" + name + "' (expected float32, float16, bfloat16, float64 or uint8)");
+  fail_arg(arg, "unsupported dtype '" + name + "' (expected float32, float16, bfloat16, float64, uint8, int8 or int32)");
 }
 
 // Number of threads for CPU kernels; 0 means "the OpenMP default". Python passes

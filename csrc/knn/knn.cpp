@@ -72,11 +72,11 @@ constexpr int64_t kInt8MaxDim = 133143;
 
 // Screening formats. bf16 (raw bits) and fp32 round each value to nearest even; int8 stores
 // round(x / s) with one scale s = max|x| / levels per row (x~ = s q). A format object is made per
-// row (for_row) because the int8 scale depends on the row.
+// row (for_row) because the int8 scale depends on the row; bf16 and fp32 ignore levels.
 struct Bf16Format {
   using Storage = uint16_t;
   template <typename T>
-  static Bf16Format for_row(const T*, int64_t) { return {}; }
+  static Bf16Format for_row(const T*, int64_t, int) { return {}; }
   Storage encode(double v) const { return float_to_bf16_bits(static_cast<float>(v)); }
   double decode(Storage h) const { return bf16_bits_to_float(h); }
   double scale() const { return 1.0; }
@@ -84,7 +84,7 @@ struct Bf16Format {
 struct Fp32Format {
   using Storage = float;
   template <typename T>
-  static Fp32Format for_row(const T*, int64_t) { return {}; }
+  static Fp32Format for_row(const T*, int64_t, int) { return {}; }
   Storage encode(double v) const { return static_cast<float>(v); }
   double decode(Storage f) const { return f; }
   double scale() const { return 1.0; }
@@ -114,14 +114,14 @@ struct Int8Format {
 // offending row or -1.
 constexpr int64_t kNormColumns = 4;
 
-template <typename Format, typename T, typename MakeFormat>
+template <typename Format, typename T>
 int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride, typename Format::Storage* dst,
-                     double* norms, int threads, MakeFormat make_format) {
+                     double* norms, int threads, int levels) {
   int64_t bad_row = -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = src + r * row_stride;
-    const Format format = make_format(x, dim);
+    const Format format = Format::for_row(x, dim, levels);
     typename Format::Storage* out = dst == nullptr ? nullptr : dst + r * dim;
     double sq = 0, sq_rounded = 0, sq_delta = 0;
     int64_t n_bad = 0;
@@ -149,31 +149,24 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
   return bad_row;
 }
 
-template <typename Format, typename MakeFormat>
+template <typename Format>
 int64_t prepare_rows_dispatch(std::uintptr_t src_ptr, DType dtype, int64_t rows, int64_t dim, int64_t row_stride,
-                              std::uintptr_t dst_ptr, double* norms, int threads, const std::string& arg_name,
-                              MakeFormat make_format) {
+                              std::uintptr_t dst_ptr, double* norms, int threads, int levels,
+                              const std::string& arg_name) {
   auto* dst = reinterpret_cast<typename Format::Storage*>(dst_ptr);
   switch (dtype) {
     case DType::float32:
       return prepare_rows<Format>(reinterpret_cast<const float*>(src_ptr), rows, dim, row_stride, dst, norms, threads,
-                                  make_format);
+                                  levels);
     case DType::float64:
       return prepare_rows<Format>(reinterpret_cast<const double*>(src_ptr), rows, dim, row_stride, dst, norms, threads,
-                                  make_format);
+                                  levels);
     case DType::uint8:
       return prepare_rows<Format>(reinterpret_cast<const uint8_t*>(src_ptr), rows, dim, row_stride, dst, norms,
-                                  threads, make_format);
+                                  threads, levels);
     default:
       fail_arg(arg_name, "expected float32, float64 or uint8 data");
   }
-}
-
-template <typename Format>
-int64_t prepare_rows_as(std::uintptr_t src_ptr, DType dtype, int64_t rows, int64_t dim, int64_t row_stride,
-                        std::uintptr_t dst_ptr, double* norms, int threads, const std::string& arg_name) {
-  return prepare_rows_dispatch<Format>(src_ptr, dtype, rows, dim, row_stride, dst_ptr, norms, threads, arg_name,
-                                       [](const auto* x, int64_t n) { return Format::for_row(x, n); });
 }
 
 void knn_cpu_prepare_rows(std::uintptr_t src_ptr, const std::string& dtype, int64_t rows, int64_t dim,
@@ -194,18 +187,16 @@ void knn_cpu_prepare_rows(std::uintptr_t src_ptr, const std::string& dtype, int6
   check_arg(format != DType::int8 || (int8_levels >= 1 && int8_levels <= 127), "int8_levels",
             "expected 1..127 (the largest int8 magnitude of the screening copy)");
   auto* norms = reinterpret_cast<double*>(norms_ptr);
-  int64_t bad;
-  if (format == DType::bfloat16) {
-    bad = prepare_rows_as<Bf16Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name);
-  } else if (format == DType::float32) {
-    bad = prepare_rows_as<Fp32Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads, arg_name);
-  } else {
-    const int levels = static_cast<int>(int8_levels);
-    bad = prepare_rows_dispatch<Int8Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads,
-                                            arg_name, [levels](const auto* x, int64_t n) {
-                                              return Int8Format::for_row(x, n, levels);
-                                            });
-  }
+  const int levels = static_cast<int>(int8_levels);
+  const int64_t bad =
+      format == DType::bfloat16
+          ? prepare_rows_dispatch<Bf16Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads,
+                                              levels, arg_name)
+      : format == DType::float32
+          ? prepare_rows_dispatch<Fp32Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads,
+                                              levels, arg_name)
+          : prepare_rows_dispatch<Int8Format>(src_ptr, src_type, rows, dim, row_stride, dst_ptr, norms, threads,
+                                              levels, arg_name);
   if (bad >= 0) {
     std::ostringstream msg;
     msg << "contains NaN, Inf or a value of magnitude above 1e15 (row " << bad << " of this block)";

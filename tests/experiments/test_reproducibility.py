@@ -176,7 +176,7 @@ def test_models_of_one_width_and_seed_train_as_ensembles(tmp_path, stand_in_stac
     metas = {u.spec["n"]: u.meta for u in run.units["train"]}
     assert metas[512] == {"final_loss": 0.1}
     assert metas[96] == metas[8] == {"final_loss": 0.2, "ensemble_size": 2, "ensemble_train_seconds": 4.0}
-    made = [u for u in run.units["train"] if not u.reused]  # the lone model is also found again, reused
+    made = [u for u in run.units["train"] if not u.reused]  # the lone model is recorded once, when made
     assert len(made) == 3 and run.timings()["train"]["units"] == 3
     assert run.timings()["train"]["seconds"] == pytest.approx(sum(u.seconds for u in made) + 4.0)
     assert all(run.ws.finished("samples", f"w4-n{n}-s0", {**run.model_spec(4, n, 0), **run.sampling_spec()})

@@ -20,6 +20,7 @@ Train, sample, data and k-NN come from :class:`StudyHooks`; the default hooks ar
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -277,15 +278,16 @@ class _Study:
             atomic_write_json(tmp / "threshold.json", {"threshold": value})
             return {"threshold": value}
 
-        unit = self.ws.run_unit("calibration", "threshold", spec, produce)
-        self.units["metrics"].append(unit)
+        unit = self.run_unit("metrics", "calibration", "threshold", spec, produce, wait=True)
         value = json.loads(unit.file("threshold.json").read_text())["threshold"]
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
     def run_unit(self, phase: str, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
-        """The workspace's unit (``wait=False``: None when another process is making it)."""
+        """The workspace's unit (``wait=False``: None when another process is making it), recorded
+        for :meth:`timings` once: a unit made in this process and found finished again later (tasks
+        run in-process with ``train_workers=1``) keeps its first, producing record."""
         unit = (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
-        if unit is not None:
+        if unit is not None and not (unit.reused and any(u.path == unit.path for u in self.units[phase])):
             self.units[phase].append(unit)
         return unit
 
@@ -364,8 +366,7 @@ class _Study:
             torch.save({k: v.cpu().contiguous().clone() for k, v in per_sample.items()}, tmp / "per_sample.pt")
             return summary
 
-        unit = self.ws.run_unit("metrics", name, full_spec, produce)
-        self.units["metrics"].append(unit)
+        unit = self.run_unit("metrics", "metrics", name, full_spec, produce, wait=True)
         summary = json.loads(unit.file("metrics.json").read_text())
         summary["per_sample"] = torch.load(unit.file("per_sample.pt"), map_location="cpu", weights_only=True)
         return summary
@@ -439,7 +440,7 @@ class _Study:
         return results
 
     def worker_tasks(self) -> list[tuple]:
-        """The unfinished units the workers make: ``("model", w, n, s)`` trains a model and samples
+        """The unfinished units the workers make: ``("model", w, (n,), s)`` trains a model and samples
         it, ``("ensemble", w, (n, ...), s)`` trains up to ``train_ensemble`` models of one width and
         seed as one ensemble and samples each, ``("empirical", n)`` samples the empirical denoiser.
         Costliest first (widest model, then larger N), so the last tasks to start are the cheap ones."""
@@ -454,7 +455,7 @@ class _Study:
         for (w, s), sizes in pending.items():
             for i in range(0, len(sizes), per_ensemble):
                 chunk = tuple(sizes[i:i + per_ensemble])
-                tasks.append(("model", w, chunk[0], s) if len(chunk) == 1 else ("ensemble", w, chunk, s))
+                tasks.append(("model" if len(chunk) == 1 else "ensemble", w, chunk, s))
         for n in sorted(c.sizes, reverse=True):
             if self.ws.finished("samples", f"empirical-n{n}", self.empirical_spec(n)) is None:
                 tasks.append(("empirical", n))
@@ -469,10 +470,8 @@ class _Study:
                              lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape,
                              progress=progress)
             return
-        _, width, sizes, seed = task
-        sizes = sizes if task[0] == "ensemble" else (sizes,)
-        ensemble_meta = (self.train_ensemble(width, sizes, seed, pool, progress) if task[0] == "ensemble"
-                         else {})
+        kind, width, sizes, seed = task
+        ensemble_meta = self.train_ensemble(width, sizes, seed, pool, progress) if kind == "ensemble" else {}
         for n in sizes:
             train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
             model = self.model_unit(width, n, seed, train_images, progress=progress,
@@ -485,8 +484,6 @@ class _Study:
         """Train the unfinished models (width, n, seed), n in ``sizes``, as one ensemble in their
         units' work folders, holding the units' claims meanwhile; :meth:`model_unit` then finds
         each at its final step and finishes it. Returns n -> the member's metadata."""
-        import contextlib
-
         from diffcore import _folder
 
         c = self.config
@@ -515,7 +512,7 @@ class _Study:
             return
         names = [_model_name(w, n, s) for w in c.widths for n in c.sizes for s in c.train_seeds]
         log.info("%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time%s",
-                 len(tasks), sum(1 if t[0] == "model" else len(t[2]) for t in tasks if t[0] != "empirical"),
+                 len(tasks), sum(len(t[2]) for t in tasks if t[0] != "empirical"),
                  sum(t[0] == "empirical" for t in tasks), c.train_workers,
                  ", models of one width in ensembles of up to %d" % c.train_ensemble
                  if any(t[0] == "ensemble" for t in tasks) else "")
@@ -576,12 +573,7 @@ class _Study:
         of that parallel phase is ``train.parallel_wall_seconds``; a model trained in an ensemble
         counts its share of the ensemble's training seconds)."""
         out = {}
-        for phase, found in self.units.items():
-            units = {}  # path -> unit; a unit made in this process is also found finished later
-            for unit in found:
-                if unit.path not in units or not unit.reused:
-                    units[unit.path] = unit
-            units = list(units.values())
+        for phase, units in self.units.items():
             out[phase] = {"seconds": sum(u.seconds + _ensemble_share(u.meta) for u in units), "units": len(units),
                           "reused": sum(u.reused for u in units)}
         if self.train_wall_seconds is not None:
@@ -630,12 +622,10 @@ class _TrainingProgress:
         self.bar.set(self._done_steps())
         if task[0] == "empirical":
             self.bar.note(f"sampled the empirical denoiser of N = {task[1]}")
-        elif task[0] == "ensemble":
-            _, width, sizes, seed = task
-            self.bar.note("trained (as one ensemble) and sampled "
-                          + ", ".join(_model_name(width, n, seed) for n in sizes))
-        else:
-            self.bar.note("trained and sampled " + _model_name(*task[1:]))
+            return
+        kind, width, sizes, seed = task
+        self.bar.note(("trained (as one ensemble) and sampled " if kind == "ensemble" else "trained and sampled ")
+                      + ", ".join(_model_name(width, n, seed) for n in sizes))
 
     def __enter__(self) -> "_TrainingProgress":
         import threading
