@@ -1,0 +1,57 @@
+"""The interval machinery against known values and its decision rules."""
+import math
+
+import numpy as np
+import pytest
+
+from diffcore.metrics import intervals as iv
+
+
+def test_t_quantile_matches_tables():
+    # two-sided 95%: df=2 -> 4.303, df=4 -> 2.776, df=30 -> 2.042
+    for df, expect in [(2, 4.3027), (4, 2.7764), (30, 2.0423)]:
+        assert iv._t_quantile(0.95, df) == pytest.approx(expect, abs=2e-4)
+
+
+def test_seed_interval_is_mean_plus_t_sem():
+    vals = [1.0, 2.0, 3.0]
+    got = iv.seed_interval(vals)
+    half = 4.3027 * 1.0 / math.sqrt(3)
+    assert got.value == pytest.approx(2.0)
+    assert got.low == pytest.approx(2.0 - half, abs=1e-3) and got.high == pytest.approx(2.0 + half, abs=1e-3)
+    assert got.method == "seeds-t" and got.n == 3
+    with pytest.raises(ValueError, match="at least two"):
+        iv.seed_interval([1.0])
+
+
+def test_wilson_known_value_and_edges():
+    got = iv.wilson_interval(5, 10)
+    assert got.low == pytest.approx(0.2366, abs=1e-3) and got.high == pytest.approx(0.7634, abs=1e-3)
+    zero = iv.wilson_interval(0, 20)
+    assert zero.value == 0.0 and zero.low == 0.0 and zero.high > 0.1
+    with pytest.raises(ValueError, match="successes"):
+        iv.wilson_interval(11, 10)
+
+
+def test_bootstrap_is_reproducible_and_covers_mean():
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 1.0, size=400)
+    a, b = iv.bootstrap_interval(x), iv.bootstrap_interval(x)
+    assert a == b
+    se = x.std(ddof=1) / math.sqrt(x.size)
+    assert a.low < x.mean() < a.high
+    assert a.half_width == pytest.approx(1.96 * se, rel=0.15)
+    with pytest.raises(ValueError, match="non-finite"):
+        iv.bootstrap_interval([1.0, float("nan")])
+
+
+def test_decisions_on_intervals():
+    lo, hi = iv.Interval(0.1, 0.05, 0.15), iv.Interval(0.3, 0.2, 0.4)
+    overlap = iv.Interval(0.18, 0.1, 0.25)
+    assert iv.clearly_below(lo, hi) and iv.clearly_above(hi, lo)
+    assert not iv.clearly_below(overlap, hi)
+    assert iv.dips([hi, lo, hi])["holds"]
+    assert not iv.dips([hi, overlap, hi])["holds"]
+    assert not iv.dips([lo, hi, hi])["holds"]  # minimum at an end is no dip
+    rec = iv.claim(True, dip=lo, note="x")
+    assert rec["holds"] is True and rec["dip"]["low"] == 0.05 and rec["note"] == "x"
