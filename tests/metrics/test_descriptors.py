@@ -111,36 +111,48 @@ def pickled(obj) -> bytes:
     return buffer.getvalue()
 
 
-def test_plain_export_archive_loads(tmp_path):
-    path = tmp_path / "plain.pt2"
-    path.write_bytes(exported_archive(tmp_path))
-    sim = get_similarity(f"raw:{path}")
-    assert sim.embed(images(2)).shape == (2, 16)
+def exported_dynamic_archive(tmp_path) -> bytes:
+    """A plain torch.export archive whose batch size is a symbol (an ``expr_str`` in models/*.json)."""
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return F.avg_pool2d(x, 2).flatten(1)
+
+    path = tmp_path / "dynamic.pt2"
+    batch = torch.export.Dim("batch", min=2)
+    torch.export.save(torch.export.export(Pool(), (images(3),), dynamic_shapes=({0: batch},)), str(path))
+    return path.read_bytes()
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_export_archive_with_pickled_weights_is_refused(tmp_path):
-    marker = tmp_path / "ran"
-    data = exported_archive(tmp_path)
+def sympify_payload(data: bytes, marker) -> bytes:
+    """The archive with every SymInt expression replaced by one that ``sympy.sympify`` would run."""
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        config_name = next(n for n in archive.namelist() if n.endswith("_weights_config.json"))
-        config = json.loads(archive.read(config_name))
-    for meta in config["config"].values():
-        meta["use_pickle"] = True
-    evil = rewrite_zip(data, {config_name.split("/", 1)[1]: json.dumps(config).encode(),
-                              "data/weights/weight_0": pickled(Payload(marker))})
-    path = tmp_path / "evil_weights.pt2"
-    path.write_bytes(evil)
-    with pytest.raises(ValueError, match="as pickled"):
-        get_similarity(f"sscd:{path}").embed(images(1))
+        model_name = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        text = archive.read(model_name).decode()
+    symbol = "Symbol('s77', positive=True, integer=True)"
+    assert symbol in text  # the exported shape expression the payload replaces
+    payload = (f"(sympify.__globals__['__builtins__']['__import__']('os').system('touch {marker}'), "
+               f"{symbol})[1]")
+    return rewrite_zip(data, {model_name.split("/", 1)[1]: text.replace(symbol, payload).encode()})
+
+
+@pytest.mark.parametrize("spec", ["raw:{p}", "sscd:{p}"])
+def test_export_archive_with_code_in_a_shape_expression_runs_nothing(tmp_path, spec):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil_expr.pt2"
+    path.write_bytes(sympify_payload(exported_dynamic_archive(tmp_path), marker))
+    with pytest.raises(ValueError, match=r"refusing torch.export archive .*evil_expr.pt2.*TorchScript"):
+        get_similarity(spec.format(p=path)).embed(images(2))
+    with pytest.raises(ValueError, match="refusing torch.export archive"):
+        load_descriptor(path)
     assert not marker.exists()
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_export_archive_with_pickled_sample_inputs_or_custom_objects_is_refused(tmp_path):
+def test_every_export_archive_is_refused(tmp_path):
     marker = tmp_path / "ran"
     data = exported_archive(tmp_path)
     cases = {
+        "plain.pt2": data,
         "evil_inputs.pt2": rewrite_zip(data, {"data/sample_inputs/model.pt": pickled((Payload(marker), {}))}),
         "evil_custom.pt2": rewrite_zip(data, {}, add={"data/constants/custom_obj_0": pickled(Payload(marker))}),
         "evil_legacy.pt2": rewrite_zip(data, {}, add={"data/weights/model.pt": pickled(Payload(marker))}),
@@ -156,7 +168,7 @@ def test_export_archive_with_pickled_sample_inputs_or_custom_objects_is_refused(
 def test_pickles_and_other_archives_are_refused(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "legacy.pt").write_bytes(b"\x80\x02" + b"not a zip")
-    with pytest.raises(ValueError, match="neither a TorchScript file nor a torch.export archive"):
+    with pytest.raises(ValueError, match="not a TorchScript file"):
         load_descriptor(tmp_path / "legacy.pt")
     torch.save({"w": Payload(marker)}, tmp_path / "state.pt")  # torch.save zip: a pickle, not TorchScript
     with pytest.raises(ValueError, match="not a TorchScript file"):

@@ -83,14 +83,14 @@ def test_get_similarity_errors_name_argument(tmp_path):
         get_similarity(f"raw:{tmp_path / 'missing.pt'}").embed(torch.zeros(1, 1, 2, 2))
 
 
-def test_torch_export_feature_extractor(tmp_path):
+def test_torchscript_feature_extractor(tmp_path):
     class Pool(torch.nn.Module):
         def forward(self, x):
             return torch.nn.functional.avg_pool2d(x, 2).flatten(1) + 1.0
 
     a, b = _rand(4, 9), _rand(4, 10)
-    path = tmp_path / "features.pt2"
-    torch.export.save(torch.export.export(Pool(), (a,)), str(path))
+    path = tmp_path / "features.torchscript.pt"
+    torch.jit.save(torch.jit.trace(Pool(), (a,)), str(path))
     sim = get_similarity(f"raw:{path}")
     want = torch.nn.functional.cosine_similarity(Pool()(a), Pool()(b), dim=1)
     torch.testing.assert_close(sim.pairwise(a, b), want, atol=1e-6, rtol=0)

@@ -13,12 +13,12 @@ distance:
 - ``l2`` (pixel space): ``similarity = 1 - rms(a - b) / 2`` with ``rms = |a - b| / sqrt(D)``. For
   images in [-1, 1], rms lies in [0, 2], so the similarity lies in [0, 1] (1 = identical).
   Embedding: rows divided by ``2 sqrt(D)``, similarity = ``1 - distance``.
-- a descriptor file with its kind, ``KIND:PATH``: a TorchScript (``torch.jit.save``) or
-  ``torch.export`` (``torch.export.save``) network the user has, mapping preprocessed images to
+- a descriptor file with its kind, ``KIND:PATH``: a TorchScript (``torch.jit.save``) network the
+  user has, mapping preprocessed images to
   ``[B, F]``; similarity is the cosine of the descriptors, as in the reproducibility paper
   (PAPERS.md section 1, threshold 0.6). The kind states the preprocessing: ``sscd`` (the paper's
   SSCD: 320x320, ImageNet mean/std) or ``raw`` (images in [-1, 1] at their own size). Files load
-  without unpickling (:func:`load_descriptor`).
+  running no Python; ``torch.export`` archives are refused (:func:`load_descriptor`).
 
 Thresholds: descriptors default to 0.6 (paper). Pixel-space measures have no universal threshold:
 their default is calibrated on the data (``diffcore.metrics.calibrate_threshold``), see
@@ -27,10 +27,8 @@ docs/experiments.md.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
-import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -149,13 +147,13 @@ DESCRIPTOR_KINDS = {
 
 @dataclass
 class FeatureCosine(Similarity):
-    """Cosine of descriptors computed by a TorchScript or ``torch.export`` module loaded from ``path``.
+    """Cosine of descriptors computed by a TorchScript module loaded from ``path``.
 
     ``kind`` (a key of ``DESCRIPTOR_KINDS``) states the preprocessing (``preprocess`` overrides it):
     ``"sscd"`` resizes to 320x320 and normalizes with ImageNet mean/std; ``"raw"`` passes images
     ``[B, C, H, W]`` in [-1, 1] at their own size. The module returns ``[B, F]`` (trailing shape
     flattened) and runs under ``torch.no_grad`` in batches of ``batch_size`` on ``device``.
-    Files load through :func:`load_descriptor` (no unpickling).
+    Files load through :func:`load_descriptor` (TorchScript only, no Python runs).
     """
 
     path: str
@@ -205,64 +203,33 @@ class FeatureCosine(Similarity):
 
 # ------------------------------------------------------------------ loading descriptor files safely
 
-# Members a torch.export archive may hold, relative to its root folder; anything else (pickled
-# custom objects, compiled AOTInductor libraries, legacy pickled weights) is refused.
-_EXPORT_MEMBERS = re.compile(
-    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-    r"|models/[^/]+\.json|data/weights/[^/]+_config\.json|data/weights/weight_\d+"
-    r"|data/constants/[^/]+_config\.json|data/constants/tensor_\d+|data/sample_inputs/[^/]+\.pt)")
-
-
 def load_descriptor(path: str | os.PathLike, device: str = "cpu"):
-    """Load a descriptor network from a TorchScript file or a ``torch.export`` archive, never unpickling.
+    """Load a descriptor network from a TorchScript file (``torch.jit.save``), running no Python.
 
-    TorchScript files are read by TorchScript's own loader (it builds scripted modules and tensors,
-    imports no Python). A ``torch.export`` archive (recognised by its content, not its suffix) is
-    loaded only when every part is plain: no pickled weights or constants (``use_pickle``), no
-    custom objects, no compiled libraries, and sample inputs that load with ``weights_only=True``.
-    What such a file is trusted with: its code runs with your permissions and TorchScript/ATen ops
-    can read and write files, so use descriptor files from a source you trust.
+    TorchScript files are read by TorchScript's own loader: it compiles the archive's TorchScript
+    code and reads its tensors with a restricted unpickler, importing and evaluating no Python.
+    ``torch.export`` archives (``.pt2``, recognised by their content, not their suffix) are refused:
+    ``torch.export.load`` evaluates text from the archive with ``sympy.sympify`` (a shape
+    expression in ``models/*.json`` can run any Python) and resolves graph targets to Python
+    callables by name, so no check of the archive short of re-implementing its loader makes it safe.
+    What a TorchScript file is still trusted with: its network then runs with your permissions and
+    ATen ops can read and write files, so use descriptor files from a source you trust.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"similarity: descriptor (feature extractor) file {path!r} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"similarity: descriptor file {path!r} is neither a TorchScript file nor a "
-                         "torch.export archive")
+        raise ValueError(f"similarity: descriptor file {path!r} is not a TorchScript file (torch.jit.save)")
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         if any(name.split("/", 1)[-1] == "archive_format" for name in names):
-            _check_export_archive(path, archive)
-            module = torch.export.load(path).module()
-            return module.to(device)
+            raise ValueError(f"similarity: refusing torch.export archive {path!r}: loading one evaluates "
+                             "text from the file as Python (sympy), so only TorchScript descriptors are "
+                             "accepted; save the network with torch.jit.save(torch.jit.trace(model, images))")
         if not any("/code/" in name for name in names) or not any(n.endswith("/data.pkl") for n in names):
             raise ValueError(f"similarity: descriptor file {path!r} is a zip archive but not a TorchScript "
-                             "file (torch.jit.save) nor a torch.export archive (torch.export.save)")
+                             "file (torch.jit.save)")
     return torch.jit.load(path, map_location=device).eval()
-
-
-def _check_export_archive(path: str, archive: zipfile.ZipFile) -> None:
-    import json
-
-    for name in archive.namelist():
-        member = name.split("/", 1)[-1]
-        if name.endswith("/"):
-            continue
-        if not _EXPORT_MEMBERS.fullmatch(member):
-            raise ValueError(f"similarity: refusing torch.export archive {path!r}: it holds {member!r}, "
-                             "a part that loading would unpickle or execute")
-        if member.endswith("_config.json"):
-            entries = json.loads(archive.read(name)).get("config", {})
-            pickled = sorted(key for key, meta in entries.items() if meta.get("use_pickle"))
-            if pickled:
-                raise ValueError(f"similarity: refusing torch.export archive {path!r}: {member} marks "
-                                 f"{pickled[:3]} as pickled (loading would run pickle)")
-        if member.startswith("data/sample_inputs/"):
-            try:
-                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-            except Exception as err:
-                raise ValueError(f"similarity: refusing torch.export archive {path!r}: its sample inputs "
-                                 f"are not plain tensors ({type(err).__name__})") from err
 
 
 def get_similarity(spec: str | Similarity, device: str = "cpu") -> Similarity:
