@@ -16,7 +16,13 @@ Every command that writes into a folder claims it first with :func:`claim_folder
   removal of temporaries to it (a shard's temporaries may be in use); units are claimed one by one
   (:func:`unit_claim`);
 - ``FOLDER/diffcore-run.json`` records the kind of run (``"train"``, an experiment's name), and a
-  folder of another kind, or a non-empty folder diffcore did not write, is refused.
+  folder of another kind, or a non-empty folder diffcore did not write, is refused. The folder is
+  identified before anything in it is touched: a folder without the record is adopted only when
+  its own files prove it is a diffcore run of an earlier version (``adopt``), never because it
+  merely holds a ``config.json``;
+- lock files are opened without following symbolic links and must be regular files, and nothing
+  is written or deleted through a symbolic link inside the folder (:func:`check_inside`,
+  :func:`remove_tree`): a link could lead out of the run folder to a user's files.
 """
 from __future__ import annotations
 
@@ -27,13 +33,15 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from diffcore import _env
+from diffcore._files import FileReadError, load_json
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +77,53 @@ def check_output_folder(path, argument: str = "out") -> Path:
     return path
 
 
+def check_inside(root, path, argument: str = "out") -> Path:
+    """``path`` (under ``root``) if no part of it below ``root`` is a symbolic link; raise
+    FolderError naming the link otherwise (writing or deleting through it could reach files
+    outside the run folder). Parts that do not exist yet are fine."""
+    root, path = Path(root), Path(path)
+    relative = path.relative_to(root)
+    if ".." in relative.parts:
+        raise FolderError(f"{argument}: {str(path)!r} leaves the run folder {str(root)!r}")
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise FolderError(f"{argument}: {str(current)!r} is a symbolic link; diffcore never writes or "
+                              "deletes through links inside a run folder (replace it by a folder)")
+        if not current.exists():
+            break
+    return path
+
+
+def remove_tree(root, path, argument: str = "out") -> None:
+    """Delete the folder (or file) ``path`` under ``root``, never through a symbolic link: the
+    path itself is checked with :func:`check_inside`, and ``shutil.rmtree`` does not follow the
+    links inside the tree (it removes the links themselves)."""
+    path = check_inside(root, path, argument)
+    if not os.path.lexists(path):
+        return
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def remove_stale_temporaries(root) -> list[Path]:
     """Remove ``.NAME.XXXXXXXX.tmp`` files and folders under ``root`` (leftovers of a killed
-    writer; call only while holding the folder's lock). Returns what was removed."""
+    writer; call only while holding the folder's lock, after the folder was identified as a
+    diffcore run). Symbolic links are not followed. Returns what was removed."""
     removed = []
-    for path in sorted(Path(root).rglob(".*.tmp")):
-        if _STALE_TEMPORARY.match(path.name) and path.exists():
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            removed.append(path)
+    for folder, folders, files in os.walk(root, followlinks=False):
+        for name in sorted(folders + files):
+            if _STALE_TEMPORARY.match(name):
+                path = Path(folder) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        folders[:] = [name for name in folders if not _STALE_TEMPORARY.match(name)]
     if removed:
         log.info("removed %d temporaries left by a killed run under %s", len(removed), root)
     return removed
@@ -115,6 +162,24 @@ def _wait_for_flock(fd: int, seconds: float, shared: bool = False) -> bool:
     return True
 
 
+def open_lock_file(path) -> int:
+    """A read-write descriptor of the lock file ``path`` (created if missing), opened without
+    following a symbolic link; FolderError unless it is a regular file (a link would make the
+    lock truncate and overwrite the link's target, a FIFO or device would hang or be written)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as error:
+        why = "is a symbolic link" if os.path.islink(path) else f"cannot be opened ({error.strerror or error})"
+        raise FolderError(f"lock file {str(path)!r} {why}; diffcore uses only regular lock files "
+                          "(delete it if no run is using the folder)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FolderError(f"lock file {str(path)!r} is not a regular file; delete it if no run is "
+                          "using the folder")
+    return fd
+
+
 class FolderLock:
     """The exclusive lock of one folder, held by one process (see the module docstring)."""
 
@@ -123,10 +188,11 @@ class FolderLock:
         self.path = self.root / LOCK_FILE
         self._fd: int | None = None
 
-    def holder(self) -> str:
-        """Who holds the lock, as written by the holder ("unknown" when unreadable)."""
+    @staticmethod
+    def holder(fd: int) -> str:
+        """Who holds the lock open as ``fd``, as written by the holder ("unknown" when unreadable)."""
         try:
-            info = json.loads(self.path.read_text())
+            info = json.loads(os.pread(fd, 4096, 0))
             return f"process {info['pid']} on {info['host']} (since {info['since']})"
         except (OSError, ValueError, KeyError, TypeError):
             return "an unknown process"
@@ -135,10 +201,10 @@ class FolderLock:
         """Take the lock (``shared``: with the other processes of one sharded run) or raise
         FolderError naming the holder after ``wait`` seconds (default ``DIFFCORE_LOCK_WAIT``)."""
         wait = lock_wait_seconds() if wait is None else wait
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         if not _wait_for_flock(fd, wait, shared):
+            holder = "the shards of a sharded run" if shared else self.holder(fd) + " (or the shards of a sharded run)"
             os.close(fd)
-            holder = "the shards of a sharded run" if shared else self.holder() + " (or the shards of a sharded run)"
             raise FolderError(f"{argument}: {str(self.root)!r} is in use by {holder}; wait for it "
                               f"to finish (or set {LOCK_WAIT_VAR}=SECONDS to wait) or use another folder")
         self._fd = fd
@@ -153,7 +219,7 @@ class FolderLock:
 
     def _wait_for_workers(self, argument: str) -> None:
         """Wait until no worker process of an earlier run holds ``.lock.workers``."""
-        fd = os.open(self.root / WORKERS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.root / WORKERS_LOCK_FILE)
         try:
             if not _wait_for_flock(fd, WORKERS_GRACE_SECONDS):
                 self.release()
@@ -173,21 +239,27 @@ class FolderLock:
 def folder_kind(root) -> str | None:
     """The kind recorded in ``root/diffcore-run.json``, or None when there is none."""
     path = Path(root) / KIND_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        return str(json.loads(path.read_text())["kind"])
-    except (ValueError, KeyError, TypeError):
-        raise FolderError(f"{str(path)!r} is unreadable; delete it only if the folder holds a run of "
-                          "the kind you are starting") from None
+        record = load_json(path, 4096, what="run record", follow=False)
+        return str(record["kind"])
+    except (FileReadError, KeyError, TypeError) as error:
+        detail = str(error) if isinstance(error, FileReadError) else f"{str(path)!r} is unreadable"
+        raise FolderError(f"{detail}; delete it only if the folder holds a run of the kind you are "
+                          "starting") from None
 
 
-def check_kind(root, kind: str, argument: str = "out", legacy_files: tuple[str, ...] = ()) -> None:
+Adopt = Callable[[Path], bool]
+
+
+def check_kind(root, kind: str, argument: str = "out", adopt: Adopt | None = None) -> None:
     """Refuse ``root`` if it holds a run of another kind, or files diffcore did not write.
 
     A folder without a kind record is accepted when it holds nothing but hidden files (locks, the
-    temporaries of a shard starting beside this one) or one of ``legacy_files`` (a run of an
-    earlier diffcore version, checked further by the caller)."""
+    temporaries of a shard starting beside this one), or when ``adopt(root)`` proves from its own
+    files that it is a run of an earlier diffcore version (checked further by the caller). Files
+    that merely have diffcore's names (``config.json``, ``checkpoints/``) prove nothing."""
     root = Path(root)
     found = folder_kind(root)
     if found is not None:
@@ -196,34 +268,63 @@ def check_kind(root, kind: str, argument: str = "out", legacy_files: tuple[str, 
                               "use another folder")
         return
     entries = [p.name for p in root.iterdir() if not p.name.startswith(".")]
-    if entries and not any(name in entries for name in legacy_files):
+    if entries and not (adopt is not None and adopt(root)):
         shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
         raise FolderError(f"{argument}: {str(root)!r} is not empty and holds no diffcore run ({shown}); "
                           "use a new or empty folder")
 
 
+def holds_manifest(folder, is_ours: Callable[[Any], bool]) -> bool:
+    """Whether some ``folder/*/MANIFEST.json`` (a regular file, not a link) parses to a value
+    ``is_ours`` accepts: the proof :func:`check_kind`'s ``adopt`` asks of an earlier run."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for child in sorted(folder.iterdir()):
+        manifest = child / "MANIFEST.json"
+        if child.is_symlink() or not manifest.is_file() or manifest.is_symlink():
+            continue
+        try:
+            if is_ours(load_json(manifest, what="manifest", follow=False)):
+                return True
+        except (FileReadError, OSError):
+            continue
+    return False
+
+
 def record_kind(root, kind: str) -> None:
     """Write ``root/diffcore-run.json`` (atomically) if it is not there."""
     path = Path(root) / KIND_FILE
-    if path.exists():
+    if os.path.lexists(path):
         return
     tmp = path.with_name(f".{KIND_FILE}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps({"kind": kind}) + "\n")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"kind": kind}) + "\n")
     os.replace(tmp, path)
 
 
 @contextlib.contextmanager
 def claim_folder(path, kind: str, *, argument: str = "out", record: bool = True,
-                 legacy_files: tuple[str, ...] = (), shared: bool = False) -> Iterator[Path]:
-    """Check, lock, clean and kind-check the folder ``path`` for a run of ``kind``; yields it.
+                 adopt: Adopt | None = None, shared: bool = False) -> Iterator[Path]:
+    """Check, lock, kind-check and then clean the folder ``path`` for a run of ``kind``; yields it.
+    ``adopt``: how a folder without a kind record proves it is an earlier diffcore run (see
+    :func:`check_kind`).
 
     ``record=False`` leaves writing the kind record to the caller (:func:`record_kind`), e.g.
     after a config was validated and bound. ``shared``: one of the processes of a sharded run
     (see the module docstring). The lock is held inside the ``with`` block."""
     root = check_output_folder(path, argument)
+    created = [root / name for name in (LOCK_FILE, WORKERS_LOCK_FILE) if not os.path.lexists(root / name)]
     lock = FolderLock(root).acquire(argument=argument, shared=shared)
     try:
-        check_kind(root, kind, argument, legacy_files)
+        try:
+            check_kind(root, kind, argument, adopt)
+        except FolderError:  # not ours: leave it as it was (no diffcore run waits on these locks)
+            for lock_file in created:
+                lock_file.unlink(missing_ok=True)
+            raise
         if not shared:
             remove_stale_temporaries(root)
         if record:
@@ -244,7 +345,7 @@ def unit_claim(path, wait: bool = True) -> Iterator[bool]:
     locks)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(path)
     try:
         yield _wait_for_flock(fd, float("inf")) if wait else _try_flock(fd)
     finally:
@@ -282,7 +383,7 @@ def _init_worker(parent_pid: int, root: str) -> None:
     global _worker_lock_fd
     _die_with_parent(parent_pid)
     _env.tune_allocator()
-    _worker_lock_fd = os.open(Path(root) / WORKERS_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    _worker_lock_fd = open_lock_file(Path(root) / WORKERS_LOCK_FILE)
     if not _try_flock(_worker_lock_fd, shared=True):  # never happens under the folder lock
         raise FolderError(f"{root}: could not take the workers' lock")
 

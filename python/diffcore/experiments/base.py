@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from diffcore import _env, _folder
+from diffcore._files import FileReadError, load_json
 from diffcore.sampler.noise import SEED_MAX
 
 from diffcore._atomic import atomic_write_bytes  # noqa: F401  (re-exported: the studies' atomic writes)
@@ -379,6 +380,29 @@ def units_in_one_process() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- resumable units
 
+def _read_record(path: Path, what: str, remedy: str) -> Any:
+    """A JSON record of the run folder (config, manifest): a regular file of bounded size, not a
+    link; UnitError naming it otherwise."""
+    try:
+        return load_json(path, what=what, follow=False)
+    except FileReadError as error:
+        raise UnitError(f"{error}; {remedy}") from None
+
+
+def _is_unit_manifest(manifest: Any) -> bool:
+    return isinstance(manifest, dict) and isinstance(manifest.get("spec"), dict) and isinstance(manifest.get("files"), dict)
+
+
+def _earlier_study_run(root: Path) -> bool:
+    """Whether ``root`` (no run record) is a study run of an earlier diffcore version: it holds a
+    finished unit (``units/<kind>/<name>/MANIFEST.json`` in the unit format). A ``config.json``
+    alone proves nothing (a model folder of another tool has one)."""
+    units = root / "units"
+    if units.is_symlink() or not units.is_dir():
+        return False
+    return any(_folder.holds_manifest(kind, _is_unit_manifest) for kind in sorted(units.iterdir()))
+
+
 class UnitError(RuntimeError):
     """A finished unit that is corrupt, or defined differently than the current run asks."""
 
@@ -410,7 +434,7 @@ class Workspace:
         """Hold the folder for a run of ``kind`` (lock, stale temporaries removed, another kind
         refused; see :mod:`diffcore._folder`; ``shared``: one process of a sharded or distributed
         run). :meth:`bind_config` then records the kind."""
-        with _folder.claim_folder(self.root, kind, record=False, legacy_files=("config.json",), shared=shared):
+        with _folder.claim_folder(self.root, kind, record=False, adopt=_earlier_study_run, shared=shared):
             self.kind = kind
             try:
                 yield self
@@ -420,55 +444,59 @@ class Workspace:
     # config ------------------------------------------------------------------
     def bind_config(self, config: Any, name: str = "config.json") -> None:
         """Write the run's config, or check that it equals the one already there (validate the
-        config first); inside :meth:`claim` this also records the folder's kind."""
+        config first); inside :meth:`claim` this also records the folder's kind. The check and
+        the write happen under an exclusive lock (``.lock.config``), so two shards started with
+        different configs never both bind."""
         path = self.root / name
         wanted = json.loads(json_dumps(config))
-        if path.exists():
-            try:
-                found = json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise UnitError(f"{path}: unreadable ({exc}); delete it only if the folder holds "
-                                "nothing you need, or use a new --out folder") from None
-            if found != wanted:
-                diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-                raise UnitError(f"out: {self.root} holds a run with another config (differs in "
-                                f"{', '.join(diff)}); use a new --out folder or the same settings")
-        else:
-            atomic_write_json(path, wanted)
-        if self.kind is not None:
-            _folder.record_kind(self.root, self.kind)
+        with _folder.unit_claim(self.root / ".lock.config"):
+            if os.path.lexists(path):
+                found = _read_record(path, "config", "delete it only if the folder holds nothing you need, "
+                                                     "or use a new --out folder")
+                if found != wanted:
+                    keys = set(found) | set(wanted) if isinstance(found, dict) else set(wanted)
+                    diff = sorted(k for k in keys if not isinstance(found, dict) or found.get(k) != wanted.get(k))
+                    raise UnitError(f"out: {self.root} holds a run with another config (differs in "
+                                    f"{', '.join(diff)}); use a new --out folder or the same settings")
+            else:
+                atomic_write_json(path, wanted)
+            if self.kind is not None:
+                _folder.record_kind(self.root, self.kind)
 
     # paths -------------------------------------------------------------------
+    # Every path below is checked to hold no symbolic link under the root: writing or deleting
+    # through one could reach a user's files outside the run folder.
     def unit_path(self, kind: str, name: str) -> Path:
-        return self.root / "units" / kind / name
+        return _folder.check_inside(self.root, self.root / "units" / kind / name)
 
     def claim_path(self, kind: str, name: str) -> Path:
         """The claim file of a unit (held while the unit is produced)."""
-        return self.root / "units" / kind / f".{name}.claim"
+        return _folder.check_inside(self.root, self.root / "units" / kind / f".{name}.claim")
 
     def work_path(self, kind: str, name: str) -> Path:
         """Persistent scratch of an unfinished unit (kept across kills; removed when it finishes)."""
-        path = self.root / "work" / kind / name
+        path = _folder.check_inside(self.root, self.root / "work" / kind / name)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     # units -------------------------------------------------------------------
     def finished(self, kind: str, name: str, spec: Mapping[str, Any]) -> Unit | None:
-        """The finished unit, or None. Raises UnitError if it is corrupt or has another spec."""
+        """The finished unit, or None. Raises UnitError if it is corrupt or has another spec (or
+        its manifest names a file outside the unit, a link, or anything but a regular file)."""
         path = self.unit_path(kind, name)
         manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
+        if not os.path.lexists(manifest_path):
             return None
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise UnitError(f"{manifest_path}: unreadable; delete {path} to redo the unit") from None
+        manifest = _read_record(manifest_path, "unit manifest", f"delete {path} to redo the unit")
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise UnitError(f"{manifest_path}: not a unit manifest; delete {path} to redo the unit")
         wanted = json.loads(json_dumps(spec))
         if manifest.get("spec") != wanted:
             raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "
                             f"this run asks for {wanted}; use a new --out folder")
-        for rel, entry in manifest["files"].items():
-            file = path / rel
+        for rel, entry in files.items():
+            file = self._unit_file(path, rel, f"unit {kind}/{name}")
             if not file.is_file() or file.stat().st_size != entry["size"]:
                 raise UnitError(f"unit {kind}/{name}: file {rel} is missing or has the wrong size; "
                                 f"delete {path} to redo it")
@@ -476,6 +504,21 @@ class Workspace:
                 raise UnitError(f"unit {kind}/{name}: file {rel} does not match its checksum; "
                                 f"delete {path} to redo it")
         return Unit(path, manifest["spec"], manifest.get("meta", {}), manifest.get("seconds", 0.0), True)
+
+    @staticmethod
+    def _unit_file(unit: Path, rel: Any, what: str) -> Path:
+        """The file ``rel`` a unit's manifest lists: a relative path inside the unit folder, no
+        link on the way, a regular file (never a FIFO or device, which would hang the checksum)."""
+        parts = Path(rel).parts if isinstance(rel, str) else ()
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise UnitError(f"{what}: its manifest lists {rel!r}, a path outside the unit; delete {unit} to redo it")
+        try:
+            file = _folder.check_inside(unit, unit / rel)
+        except _folder.FolderError as error:
+            raise UnitError(f"{what}: {error}; delete {unit} to redo it") from None
+        if os.path.lexists(file) and not file.is_file():
+            raise UnitError(f"{what}: {rel} is not a regular file; delete {unit} to redo it")
+        return file
 
     def run_unit(self, kind: str, name: str, spec: Mapping[str, Any],
                  produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit:
@@ -507,8 +550,8 @@ class Workspace:
                  produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit:
         final = self.unit_path(kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a folder without a manifest: leftovers, never a finished unit
-            shutil.rmtree(final)
+        if os.path.lexists(final):  # a folder without a manifest: leftovers, never a finished unit
+            _folder.remove_tree(self.root, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
         try:
             start = time.perf_counter()
@@ -524,6 +567,6 @@ class Workspace:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(self.root / "work" / kind / name, ignore_errors=True)
+        _folder.remove_tree(self.root, self.root / "work" / kind / name)
         log.info("finished %s/%s in %.1f s", kind, name, seconds)
         return Unit(final, json.loads(json_dumps(spec)), json.loads(json_dumps(meta)), seconds, False)

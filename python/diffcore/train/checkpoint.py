@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+
+from diffcore._files import FileReadError, load_json, parse_json, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +117,31 @@ def save_checkpoint(checkpoints_dir, step: int, tensors: Mapping[str, Mapping[st
     return final
 
 
+_CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(safetensors|json)$")
+
+
 def load_checkpoint(path) -> Checkpoint:
-    """Load and verify a checkpoint folder; raises ``CheckpointError`` naming what is wrong."""
+    """Load and verify a checkpoint folder; raises ``CheckpointError`` naming what is wrong.
+
+    Only what the format allows is read: a manifest of bounded size, and files named in it that
+    are plain names inside the folder (never ``../`` or a link), regular files of the size the
+    manifest states (never a FIFO or a device such as ``/dev/zero``)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     manifest_path = path / MANIFEST
-    if not manifest_path.exists():
+    if not os.path.lexists(manifest_path):
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: no {MANIFEST} (written last)")
     try:
-        manifest = json.loads(manifest_path.read_bytes())
+        manifest = load_json(manifest_path, what="checkpoint manifest", follow=False)
         files, step = dict(manifest["files"]), int(manifest["step"])
         if manifest.get("format") != FORMAT:
             raise ValueError(f"unknown format {manifest.get('format')!r}")
+        for filename, entry in files.items():
+            if not _CHECKPOINT_FILE.match(filename):
+                raise ValueError(f"it lists {filename!r}, not a file name of the checkpoint format")
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or entry["bytes"] < 0:
+                raise ValueError(f"its entry for {filename!r} has no byte count")
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} has a malformed {MANIFEST}: {error}") from error
     tensors, documents = {}, {}
@@ -137,20 +152,27 @@ def load_checkpoint(path) -> Checkpoint:
             if filename.endswith(".safetensors"):
                 tensors[stem] = load_safetensors_bytes(payload)
             else:
-                documents[stem] = json.loads(payload)
+                documents[stem] = parse_json(payload, what="checkpoint file", path=path / filename)
         except Exception as error:  # noqa: BLE001 - any decoding failure means corruption
             raise CheckpointError(f"checkpoint file {str(path / filename)!r} cannot be decoded: {error}") from error
     return Checkpoint(path, step, tensors, documents)
 
 
 def _read_verified(file: Path, entry: Mapping[str, Any]) -> bytes:
-    if not file.exists():
+    if not os.path.lexists(file):
         raise CheckpointError(f"checkpoint file {str(file)!r} listed in the manifest is missing")
-    payload = file.read_bytes()
+    info = os.lstat(file)
+    if stat.S_ISREG(info.st_mode) and info.st_size != entry["bytes"]:
+        raise CheckpointError(f"checkpoint file {str(file)!r} is truncated or padded: {info.st_size} bytes, "
+                              f"manifest says {entry['bytes']}")
+    try:
+        payload = read_regular_file(file, entry["bytes"], what="checkpoint file", follow=False)
+    except FileReadError as error:
+        raise CheckpointError(f"{error} (the manifest says {entry['bytes']} bytes)") from None
     if len(payload) != int(entry["bytes"]):
         raise CheckpointError(
             f"checkpoint file {str(file)!r} is truncated or padded: {len(payload)} bytes, manifest says {entry['bytes']}")
-    if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+    if hashlib.sha256(payload).hexdigest() != entry.get("sha256"):
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupted: SHA-256 does not match the manifest")
     return payload
 

@@ -78,8 +78,17 @@ def _claim_run_folder(out_dir: str):
     """Hold the run folder (lock, kind "train"; see diffcore._folder) on the main process only."""
     if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
-    return _folder.claim_folder(out_dir, "train", argument="--out-dir",
-                                legacy_files=("config.json", "checkpoints", "metrics.jsonl"))
+    return _folder.claim_folder(out_dir, "train", argument="--out-dir", adopt=_earlier_train_run)
+
+
+def _earlier_train_run(root: Path) -> bool:
+    """Whether ``root`` (no run record) is a training run of an earlier diffcore version: a
+    ``checkpoints/step_*`` folder whose manifest is in diffcore's checkpoint format. A folder that
+    merely holds ``config.json``, ``metrics.jsonl`` or ``checkpoints/`` (a diffusers or Hugging
+    Face model folder) is not one."""
+    from diffcore.train.checkpoint import FORMAT
+
+    return _folder.holds_manifest(root / "checkpoints", lambda m: isinstance(m, dict) and m.get("format") == FORMAT)
 
 
 def run_train_args(args: argparse.Namespace) -> int:

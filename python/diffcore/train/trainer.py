@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffcore import _folder
 from diffcore._progress import Progress
 from diffcore.data.registry import load_dataset
 from diffcore.train import ddp
@@ -100,6 +101,8 @@ class Trainer:
         self.device = context.device
         self.out_dir = Path(config.out_dir)
         self.checkpoints_dir = self.out_dir / CHECKPOINTS_DIR
+        for path in (self.checkpoints_dir, self.out_dir / METRICS_FILE, self.out_dir / "config.json"):
+            _folder.check_inside(self.out_dir, path, "out_dir")  # never write or prune through a link
         self._check_runtime_options()
         self.local_batch = config.batch_size // context.world_size
         self.dataset = load_dataset(config.data).to(self.device)

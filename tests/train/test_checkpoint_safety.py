@@ -1,0 +1,55 @@
+"""Checkpoint manifests name only plain files inside the checkpoint: a path leaving the folder, a
+link to a device or a FIFO is refused at once, and nothing about an outside file is disclosed
+(issue 32: hangs and runaway reads)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from diffcore.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def deadline():
+    def expire(signum, frame):
+        raise TimeoutError("blocked: the read hung")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def checkpoint_listing(tmp_path, name: str, size: int):
+    """A valid checkpoint whose manifest also lists ``name`` (``size`` bytes)."""
+    path = save_checkpoint(tmp_path / "checkpoints", 1, {"model": {"w": torch.ones(2)}}, {"state": {"step": 1}})
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    manifest["files"][name] = {"bytes": size, "sha256": "0" * 64}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_manifest_path_leaving_the_checkpoint_is_refused_without_disclosing_its_size(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "1234567"}')
+    path = checkpoint_listing(tmp_path, "../../secret.json", 1)
+    with pytest.raises(CheckpointError, match=r"lists '\.\./\.\./secret\.json', not a file name") as error:
+        load_checkpoint(path)
+    assert str(secret.stat().st_size) not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "manifest_dev_zero", "manifest_fifo"])
+def test_a_device_or_fifo_in_a_checkpoint_is_refused_without_hanging(tmp_path, deadline, kind):
+    path = checkpoint_listing(tmp_path, "extra.json", 1 << 40)
+    target = path / ("MANIFEST.json" if kind.startswith("manifest") else "extra.json")
+    target.unlink(missing_ok=True)
+    if kind.endswith("dev_zero"):
+        target.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(target)
+    with pytest.raises(CheckpointError, match="is a symbolic link|not a regular file"):
+        load_checkpoint(path)
