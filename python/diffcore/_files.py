@@ -66,3 +66,31 @@ def load_json(path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES, *, wha
     """The JSON value in the regular file ``path`` (see :func:`read_regular_file` and
     :func:`parse_json`)."""
     return parse_json(read_regular_file(path, max_bytes, what=what, follow=follow), what=what, path=Path(path))
+
+
+MAX_IMAGE_BYTES = 256 << 20
+
+
+def open_image(path: str | os.PathLike, *, what: str = "image"):
+    """The decoded Pillow image in the regular file ``path`` (fully loaded, file closed).
+
+    ValueError naming ``what`` and the file for anything that is not a readable image: a FIFO or
+    device (never opened for reading), a file over 256 MiB, a truncated or corrupt file, or a
+    decompression bomb (more pixels than Pillow's ``MAX_IMAGE_PIXELS``, which would allocate
+    gigabytes)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    data = read_regular_file(path, MAX_IMAGE_BYTES, what=what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()  # decode now: a truncated file fails here, naming the file
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise FileReadError(f"{what} {str(path)!r} is too large to decode ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise FileReadError(f"{what} {str(path)!r} is not a readable image ({error})") from None
+    return image

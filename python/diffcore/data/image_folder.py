@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffcore._files import open_image
 from diffcore.data.dataset import ArrayDataset
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,14 @@ def load_image_folder(root, resolution: int, channels: int = 3) -> ArrayDataset:
     files, labels, class_names = _list_images(root)
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG images in {str(root)!r} (or its class sub-folders)")
-    Image = _pil()
+    _pil()
     arrays = []
     for path in files:
+        image = open_image(path, what="image")  # regular files only, decoded, bombs refused
         try:
-            with Image.open(path) as image:
-                image = to_eight_bit(image).convert("RGB" if channels == 3 else "L")
-                array = np.asarray(resize_center_crop(image, resolution), dtype=np.uint8)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            image = to_eight_bit(image).convert("RGB" if channels == 3 else "L")
+            array = np.asarray(resize_center_crop(image, resolution), dtype=np.uint8)
+        except (OSError, ValueError) as error:
             raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
         arrays.append(array.reshape(resolution, resolution, channels).transpose(2, 0, 1))
     log.info("loaded %d images from %s (%d classes)", len(files), root, max(1, len(class_names)))

@@ -52,7 +52,17 @@ def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int =
     return out.float().cpu()
 
 
+DATASETS_WITH_A_FOLDER = ("cifar10", "image_folder")  # read from a local folder: need data_root
+
+
 def data_spec(dataset: str, root: str = "") -> dict:
+    """The ``diffcore.data`` spec of a study's ``dataset`` and ``data_root`` (ConfigError naming
+    ``data_root`` for a dataset read from a local folder without one)."""
+    if dataset in DATASETS_WITH_A_FOLDER and not root:
+        from diffcore.experiments.base import ConfigError
+
+        raise ConfigError(f"data_root: dataset {dataset!r} is read from a local folder; set it "
+                          "(--set data_root=PATH)")
     return {"name": dataset, **({"root": root} if root else {})}
 
 

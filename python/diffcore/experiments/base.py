@@ -338,7 +338,7 @@ def participation() -> Participation:
     """This process's part, from ``DIFFCORE_SHARD=I/N`` (``--shard``) or torchrun's WORLD_SIZE
     and RANK (a gloo process group is initialized for the barrier when there is none)."""
     shard = os.environ.get(SHARD_VAR, "").strip()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _launcher_count("WORLD_SIZE", "1")
     if shard and world > 1:
         raise ConfigError("--shard: not under torchrun (the ranks already split the work)")
     if shard:
@@ -348,8 +348,24 @@ def participation() -> Participation:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="env://", rank=int(os.environ["RANK"]), world_size=world)
+        if "RANK" not in os.environ:
+            raise ConfigError(f"WORLD_SIZE={world} is set but RANK is not: start the processes with torchrun "
+                              "(it sets both), or unset WORLD_SIZE")
+        rank = _launcher_count("RANK", "0")
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     return Participation(dist.get_rank(), dist.get_world_size(), distributed=True)
+
+
+def _launcher_count(name: str, default: str) -> int:
+    """An integer a launcher sets in the environment (torchrun's WORLD_SIZE, RANK), or ConfigError."""
+    text = os.environ.get(name, default).strip() or default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer >= 0 (as torchrun sets it), got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: expected an integer >= 0 (as torchrun sets it), got {text!r}")
+    return value
 
 
 def run_study(name: str, make_study: Callable[[], Any], out, *, threads: int = 0,
@@ -424,8 +440,12 @@ class Unit:
 class Workspace:
     """An experiment's output folder with resumable units."""
 
-    def __init__(self, root: str | os.PathLike, verify: bool = True):
-        self.root = _folder.check_output_folder(root)
+    def __init__(self, root: str | os.PathLike, verify: bool = True, read_only: bool = False):
+        """``read_only``: a folder only read from (another run's units, ``models_from``): it must
+        exist, and is neither created nor required to be writable."""
+        if read_only and not Path(root).is_dir():
+            raise ConfigError(f"{root}: not a folder")
+        self.root = Path(root) if read_only else _folder.check_output_folder(root)
         self.verify = verify
         self.kind: str | None = None
 

@@ -496,8 +496,9 @@ class _Study:
         if c.dataset == "cifar10" and not c.data_root:
             raise ConfigError("data_root: cifar10 needs the local CIFAR-10 folder (--set data_root=...)")
         hooks = self.hooks if self.hooks is not None else default_hooks(c, self.device)
+        images, labels, num_classes = self.data()  # loaded and checked before the folder is bound
+        base.check_seed_range("sample_seed_start", c.sample_seed_start, num_classes * c.samples_per_class)
         self.ws.bind_config(c)
-        images, labels, num_classes = self.data()
         model_unit = self.train(num_classes)
         net = self.load_net(model_unit)
         gaussians = ClassGaussians.fit(images.to(self.device), labels.to(self.device), num_classes)

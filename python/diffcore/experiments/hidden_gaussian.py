@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from diffcore.experiments import _stack, base, plotting
-from diffcore.experiments.base import (Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
+from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,9 @@ class _Study:
         widths / sizes / train_seeds when those are non-empty), checked against its manifest."""
         c = self.c
         root = Path(c.models_from)
-        other = Workspace(root)
+        if not root.is_dir():
+            raise ConfigError(f"models_from: {root} is not a folder")
+        other = Workspace(root, read_only=True)  # only read: never created, need not be writable
         found = []
         for manifest in sorted((root / "units" / "models").glob("*/MANIFEST.json")):
             spec = json.loads(manifest.read_text())["spec"]
@@ -400,8 +402,9 @@ class _Study:
         c = self.c
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool[0].numel())
+        reused = self.reused_models() if c.models_from else None  # checked before the folder is bound
         self.ws.bind_config(c)
-        models = self.reused_models() if c.models_from else self.trained_models(pool)
+        models = reused if reused is not None else self.trained_models(pool)
         per_model, curves, samples = [], [], {}
         for model in models:
             unit = self.measure_unit(model, pool)

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from diffcore._files import open_image
 from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
@@ -300,7 +301,7 @@ def mask_from_file(path, shape) -> torch.Tensor:
     from PIL import Image
 
     c, h, w = shape
-    with Image.open(path) as img:
+    with open_image(path, what="mask file") as img:
         gray = img.convert("L").resize((w, h), Image.NEAREST)
         values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
     m = (values >= 0.5).to(torch.float64)
@@ -317,7 +318,7 @@ def image_from_file(path, shape) -> torch.Tensor:
     c, h, w = shape
     if c not in (1, 3):
         raise ValueError(f"image_files: the model has {c} channels; image files give 1 or 3")
-    with Image.open(path) as img:
+    with open_image(path, what="image file") as img:
         img = img.convert("RGB" if c == 3 else "L").resize((w, h), Image.BICUBIC)
         data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
     return data.permute(2, 0, 1) / 127.5 - 1.0
@@ -380,7 +381,43 @@ class _Study:
         if spec.get("dataset") != c.dataset or spec.get("subset_seed") != c.subset_seed:
             raise ConfigError(f"models_from: {name} there was trained on {spec.get('dataset')} (subset_seed "
                               f"{spec.get('subset_seed')}); this config asks for {c.dataset} (subset_seed {c.subset_seed})")
-        return Workspace(root).finished("models", name, spec)
+        return Workspace(root, read_only=True).finished("models", name, spec)
+
+    def check_inputs(self, pool) -> None:
+        """ConfigError naming the field for what the config alone cannot show: an image index
+        beyond the dataset, an unreadable image or mask file, ``rank`` / ``k_out`` beyond the pixels
+        inside / outside a mask, ``spectrum_k`` beyond the image's dimension, a ``models_from`` that
+        is not a folder. Runs before the folder is bound (and before any training)."""
+        c = self.c
+        if c.models_from and not Path(c.models_from).is_dir():
+            raise ConfigError(f"models_from: {c.models_from} is not a folder")
+        for field in ("image_files", "mask_files") if c.image_source == "files" else ("mask_files",):
+            for path in getattr(c, field):
+                try:
+                    open_image(path, what=f"{field}:").close()
+                except (OSError, ValueError) as error:  # the message names the field and the file
+                    raise ConfigError(str(error)) from None
+        if pool is None:  # a diffusers model: its shape is known once it is loaded
+            return
+        shape = tuple(pool.shape[1:])
+        if c.image_source == "dataset":
+            beyond = [i for i in c.image_indices if i >= pool.shape[0]]
+            if beyond:
+                raise ConfigError(f"image_indices: {beyond[0]} is out of range for the {pool.shape[0]} images "
+                                  f"of {c.dataset}")
+        if c.spectrum_k > math.prod(shape):
+            raise ConfigError(f"spectrum_k: {c.spectrum_k} exceeds the dimension {math.prod(shape)} of the images")
+        for position, image in enumerate(c.images()):
+            self.check_mask_fits(self.mask(shape, position), image)
+
+    def check_mask_fits(self, mask: torch.Tensor, image) -> None:
+        """``rank`` directions inside and ``k_out`` outside the mask need that many pixel values."""
+        c = self.c
+        inside, outside = int((mask != 0).sum()), int((mask != 1).sum())
+        if c.rank > inside or c.k_out > outside:
+            name, value, count, where = ("rank", c.rank, inside, "inside") if c.rank > inside else \
+                ("k_out", c.k_out, outside, "outside")
+            raise ConfigError(f"{name}: {value} exceeds the {count} pixel values {where} the mask of image {image!r}")
 
     # images -----------------------------------------------------------------------
     def latents(self, denoiser, timeline, shape, pool, position: int, image) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -421,11 +458,7 @@ class _Study:
 
         c = self.c
         mask = self.mask(shape, position)
-        inside, outside = int((mask != 0).sum()), int((mask != 1).sum())
-        if c.rank > inside or c.k_out > outside:           # before any work: the masked Jacobian's rank bounds
-            name, value, count, where = ("rank", c.rank, inside, "inside") if c.rank > inside else \
-                ("k_out", c.k_out, outside, "outside")
-            raise ConfigError(f"{name}: {value} exceeds the {count} pixel values {where} the mask of image {image!r}")
+        self.check_mask_fits(mask, image)  # a diffusers model's masks are checked here, before any work
         sigma = timeline.sigma(c.edit_time)
         sigmas = timeline.sampling_grid(c.edit_time, c.inversion_steps)
         sample_kwargs = self.sample_kwargs(timeline, [c.noise_seed + position])
@@ -508,8 +541,9 @@ class _Study:
     def run(self) -> dict:
         c = self.c
         c.validate()
-        self.ws.bind_config(c)
         pool = self.hooks.load_dataset(c.dataset, c.data_root) if not c.diffusers_dir else None
+        self.check_inputs(pool)  # everything checkable against the data before the folder is bound
+        self.ws.bind_config(c)
         denoiser, timeline, shape, model = self.model(pool)
         units = [self.image_unit(denoiser, timeline, shape, model, pool, i, image) for i, image in enumerate(c.images())]
         transfer = self.transfer_unit(denoiser, timeline, units) if c.transfer and len(units) > 1 else None

@@ -168,9 +168,9 @@ class _Study:
 
     def run(self) -> dict:
         c = self.c
-        self.ws.bind_config(c)
         pool = _stack.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
+        self.ws.bind_config(c)  # after the data and the config checked against it
         train, _ = _stack.subset(pool, c.num_train, c.subset_seed)
         stages = self.stage_division(train)
         boundaries = list(c.stage_boundaries) or stages["dp_boundaries"]

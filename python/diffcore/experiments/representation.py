@@ -220,6 +220,35 @@ class _Study:
         self.seconds["reproducibility"] = time.perf_counter() - start
         return results, root
 
+    def check_inputs(self) -> None:
+        """ConfigError naming the field for what the config alone cannot show, before the folder is
+        bound: the models in ``models_from`` that ``widths`` / ``sizes`` select, and ``layer`` among
+        the layers of those models (or, when the reproducibility run is made here, of an untrained
+        model built from its recipe)."""
+        from diffcore.analysis.representation import feature_layers
+
+        c = self.c
+        if c.models_from:
+            repro, root = self.reproducibility_run()
+            model = self._load(self.models(repro, root)[0].path)
+        elif self.default_stack:
+            model = self._untrained_model()
+        else:
+            return
+        layers = feature_layers(model)
+        if c.layer not in layers:
+            raise ConfigError(f"layer: these models have no layer {c.layer!r}; they have: {', '.join(layers)}")
+
+    def _untrained_model(self):
+        """The first model of the reproducibility run made here, built but not trained (its layers)."""
+        from diffcore.experiments import _stack, reproducibility
+        from diffcore.train.registry import build_model
+
+        c = self.c
+        rc = dataclasses.asdict(reproducibility.PRESETS[c.reproducibility_preset]())
+        width = (c.widths or tuple(rc["widths"]))[0]
+        return build_model(_stack.model_spec(reproducibility.model_spec(rc, width, 1, 0)))
+
     def models(self, results: dict, root: Path) -> list[_Model]:
         c = self.c
         found = []
@@ -304,6 +333,7 @@ class _Study:
         from diffcore.analysis.representation import curve_shape
 
         c = self.c
+        self.check_inputs()
         self.ws.bind_config(c)
         repro, root = self.reproducibility_run()
         pool = self.hooks.load_dataset(repro["config"]["dataset"], repro["config"]["data_root"])
