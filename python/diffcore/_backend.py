@@ -20,6 +20,11 @@ from diffcore._ext import extension
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
+class BackendUnusable(RuntimeError, ValueError):
+    """A backend asked for (``backend=``, ``DIFFCORE_BACKEND``) that cannot run on the tensors'
+    device: a bad setting, shown by the CLI as one line naming it (also a RuntimeError, as before)."""
+
+
 @functools.lru_cache(maxsize=1)
 def triton_installed() -> bool:
     """True when the triton package can be imported (it is not imported here)."""
@@ -93,5 +98,5 @@ class OpBackends:
                              f"(it has {', '.join(self.implemented)})")
         reason = why_unusable(name, device)
         if reason is not None:
-            raise RuntimeError(f"{self.op}: {source}: {reason}")
+            raise BackendUnusable(f"{self.op}: {source}: {reason}")
         return name

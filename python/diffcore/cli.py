@@ -15,12 +15,14 @@ import json
 import logging
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from diffcore import _env, _folder
 
 # user errors, shown as one line (ConfigError is a ValueError); anything else keeps its traceback
-ERRORS_SHOWN_PLAINLY = (ValueError, KeyError, OSError, MemoryError)
+# FloatingPointError: a run that diverged (a setting such as the learning rate), not a bug
+ERRORS_SHOWN_PLAINLY = (ValueError, KeyError, OSError, MemoryError, FloatingPointError)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -195,6 +197,9 @@ def _error_line(exc: BaseException) -> str:
     """One line for an error: its message, or for an OS error its file and reason."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, BrokenProcessPool):
+        return ("a worker process died (killed, or out of memory) before finishing its unit; finished "
+                "units are kept: rerun the same command to resume")
     if isinstance(exc, MemoryError):
         return f"out of memory: {exc}" if str(exc) else "out of memory"
     return " ".join(str(exc).split()) or type(exc).__name__
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return job()
-    except (*ERRORS_SHOWN_PLAINLY, _folder.FolderError, UnitError, CheckpointError) as exc:
+    except (*ERRORS_SHOWN_PLAINLY, _folder.FolderError, UnitError, CheckpointError, BrokenProcessPool) as exc:
         print(f"diffcore: error: {_error_line(exc)}", file=sys.stderr)
         return 2
 

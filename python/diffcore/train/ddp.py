@@ -39,14 +39,25 @@ class DistributedContext:
         return self.rank == 0
 
 
+class DeviceUnavailable(RuntimeError, ValueError):
+    """A device asked for that this machine does not have: a bad setting (shown by the CLI as one
+    line), also a RuntimeError as before."""
+
+
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cuda' gets the local rank."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+            raise DeviceUnavailable(f"device: {device!r} requested but CUDA is not available on this "
+                                    "machine (use 'cpu' or 'auto')")
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank)
     return resolved
@@ -56,6 +67,9 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     """Initialize the process group from torchrun's environment (single process when WORLD_SIZE
     is unset or 1). Backend: NCCL when the device is CUDA, gloo otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not: start the processes with torchrun "
+                         "(it sets both), or unset WORLD_SIZE")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)

@@ -348,7 +348,9 @@ class Trainer:
     def _log_window(self, mean_loss: float, window_start: float, window_step: int) -> float:
         """Check the window's mean loss and append it to metrics.jsonl; returns images/s."""
         if not np.isfinite(mean_loss):
-            raise FloatingPointError(f"training loss is {mean_loss} at step {self.step} ({self.out_dir})")
+            raise FloatingPointError(f"training diverged: the loss is {mean_loss} at step {self.step} "
+                                     f"({self.out_dir}); lower the learning rate (lr={self.config.lr}) or "
+                                     f"the loss options ({self.config.loss_options or 'defaults'})")
         elapsed = time.perf_counter() - window_start
         images_per_s = (self.step - window_step) * self.config.batch_size / max(elapsed, 1e-9)
         self._log_metrics({"step": self.step, "images": self.step * self.config.batch_size,
