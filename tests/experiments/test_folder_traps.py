@@ -97,3 +97,30 @@ def test_hidden_gaussian_read_only_models_from_is_read_not_refused_as_unwritable
         str(path) == str(models_from) and mode & os.W_OK))  # read-only (also when the tests run as root)
     with pytest.raises(ValueError, match="models_from: no finished model"):
         hidden_gaussian.run_preset("tiny", tmp_path / "out", [f"models_from={models_from}"], progress=False)
+
+
+@pytest.mark.parametrize("module, override, field", [
+    (loco_edit, "inversion_steps=1000000000000", "inversion_steps"),
+])
+def test_huge_step_counts_are_refused_by_the_config(module, override, field, tmp_path):
+    with pytest.raises(ConfigError, match=f"{field}: expected an integer in"):
+        module.run_preset("tiny", tmp_path / "out", [override], progress=False)
+    assert_unbound(tmp_path / "out")
+
+
+@pytest.mark.parametrize("override, field", [("wrong_keys=1000000000000", "wrong_keys"),
+                                             ("rank_references=1000000000000", "rank_references")])
+def test_watermark_key_counts_are_bounded(override, field):
+    from diffcore.experiments import watermark
+    from diffcore.experiments.base import config_from_preset
+
+    with pytest.raises(ConfigError, match=f"{field}: expected an integer in"):
+        config_from_preset(watermark.PRESETS, "tiny", [override])
+
+
+def test_reference_keys_are_bounded_in_the_library():
+    from diffcore.analysis import watermark
+
+    key = watermark.ring_key((1, 8, 8), radius=2, channel=0, band="high", seed=0)
+    with pytest.raises(ValueError, match="count: expected at most"):
+        watermark.reference_keys(key, 10**12)

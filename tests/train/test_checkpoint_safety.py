@@ -53,3 +53,33 @@ def test_a_device_or_fifo_in_a_checkpoint_is_refused_without_hanging(tmp_path, d
         os.mkfifo(target)
     with pytest.raises(CheckpointError, match="is a symbolic link|not a regular file"):
         load_checkpoint(path)
+
+
+def tiny_checkpoint(tmp_path, tensors=None, documents=None):
+    from diffcore.train import build_model
+
+    spec = {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 4}
+    weights = build_model(spec).state_dict()
+    return save_checkpoint(tmp_path / "checkpoints", 2,
+                           tensors=tensors if tensors is not None else {"model": weights, "ema": weights},
+                           documents=documents if documents is not None else {"config": {"model": spec}})
+
+
+def test_a_checkpoint_without_config_json_is_named(tmp_path):
+    from diffcore.train import load_trained_model
+
+    path = tiny_checkpoint(tmp_path, tensors={"ema": {"w": torch.zeros(1)}}, documents={"state": {}})
+    with pytest.raises(CheckpointError, match=r"has no config.json with a model spec"):
+        load_trained_model(path)
+
+
+def test_a_wrong_shape_tensor_in_a_reused_checkpoint_is_named(tmp_path):
+    from diffcore.train import build_model, load_trained_model
+
+    spec = {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 4}
+    weights = build_model(spec).state_dict()
+    name = next(iter(weights))
+    weights[name] = torch.zeros(3, 1, 1)
+    path = tiny_checkpoint(tmp_path, tensors={"model": weights, "ema": weights})
+    with pytest.raises(CheckpointError, match=f"ema.safetensors does not fit the model of its config.json: .*{name}"):
+        load_trained_model(path)

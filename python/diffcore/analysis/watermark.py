@@ -48,6 +48,7 @@ from diffcore._checks import check_positive_int, check_tensor
 
 BANDS = ("high", "low")
 REFERENCE_SEED = 1 << 40        # seeds of the reference keys of key_rank_p_value
+MAX_REFERENCE_KEYS = 100_000    # reference keys one call builds
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,11 @@ def key_p_value(x: torch.Tensor, key: RingKey, sigma: float) -> torch.Tensor:
 
 
 def reference_keys(key: RingKey, count: int) -> list[RingKey]:
-    """``count`` ring keys like ``key`` (shape, radius, channel, band) with seeds ``REFERENCE_SEED + j``."""
+    """``count`` ring keys like ``key`` (shape, radius, channel, band) with seeds ``REFERENCE_SEED + j``
+    (at most ``MAX_REFERENCE_KEYS``: every key is built in memory)."""
     check_positive_int("count", count)
+    if count > MAX_REFERENCE_KEYS:
+        raise ValueError(f"count: expected at most {MAX_REFERENCE_KEYS} reference keys, got {count}")
     return [ring_key(key.shape, radius=key.radius, channel=key.channel, band=key.band, seed=REFERENCE_SEED + j)
             for j in range(count)]
 

@@ -141,6 +141,7 @@ def _paths(name: str, value) -> None:
 
 _FRACTION = base.number(0, 1, lo_open=True)
 _POSITIVE = base.integer(1)
+MAX_STEPS = 10_000  # inversion / sampling steps: the paper uses 100; beyond this a grid only wastes memory
 _COUNT = base.integer(0)
 FIELD_CHECKS: dict[str, base.Check] = {
     "diffusers_dir": base.text, "models_from": base.text, "dataset": base.text, "data_root": base.text,
@@ -149,7 +150,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "lr_warmup_images": _COUNT, "image_source": base.one_of(*IMAGE_SOURCES),
     "image_indices": base.tuple_of(_COUNT, min_len=0),  # at least one for the chosen image_source: validate
     "image_seeds": base.tuple_of(base.seed, min_len=0), "image_files": base.tuple_of(base.text, min_len=0),
-    "mask": base.text, "mask_files": _paths, "edit_time": _open_fraction, "inversion_steps": _POSITIVE,
+    "mask": base.text, "mask_files": _paths, "edit_time": _open_fraction, "inversion_steps": base.integer(1, MAX_STEPS),
     "solver": base.one_of(*SOLVERS), "stochastic_below": base.number(0), "noise_seed": base.seed,
     "rank": _POSITIVE, "k_out": _COUNT, "strengths": base.tuple_of(base.number(0, 1e4, lo_open=True)),
     "subspace_method": base.one_of(*SUBSPACE_METHODS), "subspace_iters": _POSITIVE,

@@ -187,6 +187,8 @@ def _boolean(name: str, value) -> None:
 
 _POSITIVE = base.integer(1)
 _COUNT = base.integer(0)
+MAX_REFERENCE_KEYS = 9_999  # key-rank p-values resolve 1e-4; each key is one more pass over the images
+MAX_WRONG_KEYS = 1_000
 _FRACTION = base.number(0, 1, lo_open=True)
 _NON_NEGATIVE = base.number(0)
 FIELD_CHECKS: dict[str, base.Check] = {
@@ -201,7 +203,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "jpeg_quality": base.integer(1, 95), "blur_radius": _NON_NEGATIVE, "noise_std": _NON_NEGATIVE,
     "brightness": _NON_NEGATIVE, "resize_scale": _FRACTION, "crop_fraction": _FRACTION,
     "attack_reference_size": _POSITIVE, "attack_seed": base.seed, "p_value": _boolean,
-    "rank_references": _COUNT, "wrong_keys": _COUNT, "nullspace_images": _COUNT, "nullspace_k": _POSITIVE,
+    "rank_references": base.integer(0, MAX_REFERENCE_KEYS), "wrong_keys": base.integer(0, MAX_WRONG_KEYS), "nullspace_images": _COUNT, "nullspace_k": _POSITIVE,
     "grid_images": _COUNT,
 }
 

@@ -394,6 +394,17 @@ def load_trained_model(path, which: str = "ema") -> torch.nn.Module:
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint.documents["config"]["model"])
-    model.load_state_dict(checkpoint.tensors[which])
+    config = checkpoint.documents.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no config.json with a model spec; it was not "
+                              "written by diffcore.train")
+    if which not in checkpoint.tensors:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {which}.safetensors")
+    model = build_model(config["model"])
+    try:
+        model.load_state_dict(checkpoint.tensors[which])
+    except RuntimeError as error:  # missing keys, unexpected keys, wrong shapes
+        detail = " ".join(str(error).split())
+        raise CheckpointError(f"checkpoint {str(path)!r}: {which}.safetensors does not fit the model of "
+                              f"its config.json: {detail[:300]}") from None
     return model.eval()
