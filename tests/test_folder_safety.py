@@ -276,3 +276,11 @@ def test_train_never_prunes_or_writes_through_a_linked_checkpoints_folder(tmp_pa
     assert cli.main(["train", "--out-dir", str(run), "--steps", "1", "--no-progress"]) == 2
     assert "checkpoints' is a symbolic link" in capsys.readouterr().err
     assert snapshot(outside) == before
+
+
+def test_a_train_config_that_is_a_fifo_or_device_is_one_line(tmp_path, deadline, capsys):
+    os.mkfifo(tmp_path / "run.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    for name in ("run.json", "zero.json"):
+        assert cli.main(["train", "--config", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 2
+        assert f"--config '{tmp_path / name}' is not a regular file" in capsys.readouterr().err

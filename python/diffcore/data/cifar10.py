@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffcore._files import read_regular_file
 from diffcore.data.dataset import ArrayDataset
 
 RECORD_BYTES = 1 + 3 * 32 * 32
@@ -103,7 +104,8 @@ def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"CIFAR-10 batch file {str(path)!r} is missing")
     try:
-        content = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        payload = read_regular_file(path, 1 << 30, what="CIFAR-10 batch")  # never a FIFO or a device
+        content = _CifarUnpickler(io.BytesIO(payload), encoding="bytes").load()
     except pickle.UnpicklingError as error:
         raise ValueError(f"malformed or unsafe CIFAR-10 pickle {str(path)!r}: {error}") from error
     except (EOFError, ValueError, TypeError, IndexError, KeyError) as error:

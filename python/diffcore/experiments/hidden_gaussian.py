@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from diffcore._files import load_json
 from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
@@ -336,7 +337,7 @@ class _Study:
         other = Workspace(root, read_only=True)  # only read: never created, need not be writable
         found = []
         for manifest in sorted((root / "units" / "models").glob("*/MANIFEST.json")):
-            spec = json.loads(manifest.read_text())["spec"]
+            spec = load_json(manifest, what="models_from: unit manifest", follow=False)["spec"]
             if (c.widths and spec["width"] not in c.widths) or (c.sizes and spec["n"] not in c.sizes) \
                     or (c.train_seeds and spec["seed"] not in c.train_seeds):
                 continue

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from diffcore._files import load_json
 from diffcore._files import open_image
 from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
@@ -378,7 +379,7 @@ class _Study:
         if not manifest.is_file():
             log.warning("models_from: %s has no finished model %s; training it here", root, name)
             return None
-        spec = json.loads(manifest.read_text())["spec"]
+        spec = load_json(manifest, what="models_from: unit manifest", follow=False)["spec"]
         if spec.get("dataset") != c.dataset or spec.get("subset_seed") != c.subset_seed:
             raise ConfigError(f"models_from: {name} there was trained on {spec.get('dataset')} (subset_seed "
                               f"{spec.get('subset_seed')}); this config asks for {c.dataset} (subset_seed {c.subset_seed})")

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from diffcore._files import load_json
 from diffcore.experiments import base
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
@@ -205,7 +206,7 @@ class _Study:
             results_path = root / "results.json"
             if not results_path.is_file():
                 raise ConfigError(f"models_from: {root} holds no results.json of a finished reproducibility run")
-            results = json.loads(results_path.read_text())
+            results = load_json(results_path, what="models_from: results", follow=False)
             if results.get("experiment") != reproducibility.NAME:
                 raise ConfigError(f"models_from: {results_path} is a {results.get('experiment')!r} run, "
                                   f"not a reproducibility run")
@@ -343,7 +344,7 @@ class _Study:
         start = time.perf_counter()
         models, curves = [], []
         for m in self.models(repro, root):
-            spec = json.loads((m.path / "MANIFEST.json").read_text())["spec"]
+            spec = load_json(m.path / "MANIFEST.json", what="unit manifest", follow=False)["spec"]
             rows = self.curve_unit(m.label, spec, lambda p=m.path: self._load(p), pool, labels)
             models.append({"model": m.label, "width": m.width, "n": m.n, "seed": m.seed, "gl": m.gl,
                            "memorized_ratio": m.memorized_ratio, **shape_of(rows)})

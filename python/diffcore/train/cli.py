@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from diffcore._files import FileReadError, load_json
 from diffcore import _folder
 
 from diffcore.train.config import TrainConfig
@@ -66,9 +67,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _read_config_file(path: str) -> dict:
     try:
-        values = json.loads(Path(path).read_text())
-    except ValueError as error:
-        raise ValueError(f"--config {path}: not valid JSON ({error})") from None
+        values = load_json(path, what="--config")
+    except FileReadError as error:
+        raise ValueError(str(error)) from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a JSON object of TrainConfig fields")
     return values

@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
+
+from diffcore._files import load_json
 
 LOSSES = ("edm", "vp", "ddpm")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -120,7 +121,7 @@ class TrainConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(load_json(path, what="training config"))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
