@@ -67,3 +67,21 @@ def test_a_dead_worker_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_run_experiment", lambda name, parsed: job())
     assert cli.main(["run", "demo", "--out", "unused"]) == 2
     assert "a worker process died" in capsys.readouterr().err
+
+
+def test_vector_training_that_diverges_names_its_settings():
+    from diffcore.experiments import _vector
+
+    data = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    class Denoiser(torch.nn.Module):  # the EDM loss calls model(x, sigma, labels)
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, sigma, *labels):
+            return self.net(x)
+
+    with pytest.raises(FloatingPointError, match=r"training diverged: .*P_mean=1000000000000.0"):
+        _vector.train_denoiser(Denoiser(), data, steps=4, batch_size=8, P_mean=1e12, log_every=2)

@@ -13,6 +13,7 @@ milliseconds per step); the loss, its sigma sampling and weighting are the train
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -67,8 +68,13 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_si
         opt.step()
         window.append(float(loss.detach()))
         if step % log_every == 0 or step == steps:
+            mean_loss = sum(window) / len(window)
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training diverged: the loss is {mean_loss} at step {step}; lower the "
+                                         f"learning rate (lr={lr}) or the noise levels (P_mean={P_mean}, "
+                                         f"P_std={P_std})")
             log.steps.append(step)
-            log.losses.append(sum(window) / len(window))
+            log.losses.append(mean_loss)
             window = []
         if step in want:
             log.snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
