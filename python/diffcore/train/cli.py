@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from diffcore._files import FileReadError, load_json
 from diffcore import _folder
+from diffcore._files import FileReadError, load_json
 
 from diffcore.train.config import TrainConfig
 
