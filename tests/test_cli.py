@@ -101,9 +101,9 @@ def test_train_config_file_errors_name_the_file(tmp_path, capsys):
     config = tmp_path / "train.json"
     config.write_text('{"steps": ')
     assert cli.main(["train", "--config", str(config)]) == 2
-    assert f"--config {config}: not valid JSON" in capsys.readouterr().err
+    assert f"--config '{config}' is not valid JSON" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(tmp_path / "missing.json")]) == 2
-    assert f"{tmp_path / 'missing.json'}: No such file or directory" in capsys.readouterr().err
+    assert f"--config '{tmp_path / 'missing.json'}' does not exist" in capsys.readouterr().err
 
 
 def test_train_refuses_a_study_folder_before_training(tmp_path, capsys):
