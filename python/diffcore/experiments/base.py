@@ -587,6 +587,9 @@ class Workspace:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _folder.remove_tree(self.root, self.root / "work" / kind / name)
+        try:  # the unit is finished: its scratch is no longer needed (never removed through a link)
+            _folder.remove_tree(self.root, self.root / "work" / kind / name)
+        except OSError as error:
+            log.warning("could not remove the scratch of %s/%s: %s", kind, name, error)
         log.info("finished %s/%s in %.1f s", kind, name, seconds)
         return Unit(final, json.loads(json_dumps(spec)), json.loads(json_dumps(meta)), seconds, False)
