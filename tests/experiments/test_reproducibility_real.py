@@ -46,3 +46,32 @@ def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
     else:
         assert all("ensemble_size" not in m for m in metas)
     assert (tmp_path / "figure1.png").is_file() and len(list((tmp_path / "grids").iterdir())) == 4
+
+
+# The tiny preset cut to seconds: two seeds of one width at two N (so the results hold GL, RP
+# against the empirical denoiser and RP between seeds), and torch_threads=0, which leaves the
+# thread count to the launcher (torchrun sets OMP_NUM_THREADS=1).
+LAUNCH_OVERRIDES = ["widths=4", "sizes=8,96", "train_seeds=0,1", "train_steps=12", "num_samples=8",
+                    "sampler_steps=4", "grid_samples=0", "torch_threads=0"]
+
+
+def _run_with_threads(out, threads: int) -> bytes:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        study.run(config_from_preset(study.PRESETS, "tiny", LAUNCH_OVERRIDES), out, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return (out / "results.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    """One and two intra-op threads give byte-identical results.json (issue 32): models train with
+    one thread whatever the launcher, and similarities reduce in float64 with exact means."""
+    one = _run_with_threads(tmp_path / "one", 1)
+    two = _run_with_threads(tmp_path / "two", 2)
+    assert json.loads(one)["pairs"] and json.loads(one)["models"][0]["nn_similarity_mean"] > 0
+    assert one == two

@@ -354,7 +354,7 @@ class _Study:
             x, train = samples.to(self.device), train_images.to(self.device)  # k-NN on the run's device
             gl = metrics.gl_score(x, train, self.similarity, threshold, knn=self.hooks.knn)
             mem = metrics.memorization_ratio(x, train, c.memorization_ratio, knn=self.hooks.knn)
-            summary = {"gl": gl.score, "nn_similarity_mean": float(gl.nn_similarity.mean()),
+            summary = {"gl": gl.score, "nn_similarity_mean": metrics.exact_mean(gl.nn_similarity),
                        "memorized_ratio": mem.fraction, "ratio_median": float(mem.ratio.median())}
             per_sample = {"nn_index": gl.nn_index, "nn_similarity": gl.nn_similarity,
                           "ratio": mem.ratio, "ratio_nn_index": mem.nn_index}
@@ -427,7 +427,7 @@ class _Study:
                 pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
                               "width_a": ra["width"], "seed_a": ra["seed"], "width_b": rb["width"],
                               "seed_b": rb["seed"], "rp": rp.score,
-                              "similarity_mean": float(rp.similarity.mean())})
+                              "similarity_mean": metrics.exact_mean(rp.similarity)})
         bar.close()
         results = {"experiment": NAME, "config": c.result_fields(),
                    "similarity": self.similarity.describe(), "threshold": threshold,
