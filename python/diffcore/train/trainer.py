@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffcore._checks import check_state_dict_values
 from diffcore._progress import Progress
 from diffcore.data.registry import load_dataset
 from diffcore.train import ddp
@@ -181,6 +182,9 @@ class Trainer:
                                   f"this run has {self.context.world_size}")
         if state["step"] > self.config.steps:
             raise CheckpointError(f"checkpoint {str(path)!r} is at step {state['step']}, beyond steps={self.config.steps}")
+        for which in ("model", "ema"):
+            check_state_dict_values(checkpoint.tensors.get(which, {}), self.model.state_dict(),
+                                    f"checkpoint {str(path)!r} ({which})")
         try:
             self.model.load_state_dict(checkpoint.tensors["model"])
             self.ema.load_state_dict(checkpoint.tensors["ema"])
@@ -390,5 +394,6 @@ def load_trained_model(path, which: str = "ema") -> torch.nn.Module:
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     checkpoint = load_checkpoint(path)
     model = build_model(checkpoint.documents["config"]["model"])
+    check_state_dict_values(checkpoint.tensors[which], model.state_dict(), f"checkpoint {str(path)!r} ({which})")
     model.load_state_dict(checkpoint.tensors[which])
     return model.eval()
