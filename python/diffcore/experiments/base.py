@@ -263,6 +263,44 @@ def tuple_of(inner: Check, min_len: int = 1) -> Check:
 
 seed = integer(0, SEED_MAX)
 
+# Noise levels a study accepts. Samples, images and trajectories are float32: at sigma = 1e4 one
+# rounding step of x (sigma * 2^-24 ~ 6e-4) is still below an 8-bit pixel level (2/255) of an
+# image in [-1, 1]; far above it the image is lost in the rounding of x and a run ends with
+# garbage (sigma_max = 1e12 did). Below 1e-5 the noise is under float32's resolution of pixels
+# near 1 (6e-8) by less than three orders of magnitude and steps toward it stop changing x.
+SIGMA_LOWEST, SIGMA_HIGHEST = 1e-5, 1e4
+
+
+def _range_check(lo: float, hi: float, why: str) -> Check:
+    inner = number(lo, hi)
+
+    def check(name, value):
+        try:
+            inner(name, value)
+        except ConfigError as err:
+            raise ConfigError(f"{err} ({why})") from None
+    return check
+
+
+_SIGMA_WHY = (f"noise levels are bounded to [{SIGMA_LOWEST:g}, {SIGMA_HIGHEST:g}]: float32 samples "
+              "lose the image beyond them")
+sigma = _range_check(SIGMA_LOWEST, SIGMA_HIGHEST, _SIGMA_WHY)
+"""A noise level sigma in [SIGMA_LOWEST, SIGMA_HIGHEST]."""
+
+
+def _zero_or(inner: Check) -> Check:
+    def check(name, value):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+            inner(name, value)
+    return check
+
+
+optional_sigma = _zero_or(sigma)
+"""0 (off) or a noise level in [SIGMA_LOWEST, SIGMA_HIGHEST]."""
+log_sigma = _range_check(math.log(SIGMA_LOWEST), math.log(SIGMA_HIGHEST),
+                         f"a mean of ln sigma; {_SIGMA_WHY}")
+"""The mean of a log-normal noise-level distribution, ln sigma in [ln SIGMA_LOWEST, ln SIGMA_HIGHEST]."""
+
 
 def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
     """Run ``checks[field]`` on every field of the dataclass ``config`` (every field needs one)."""

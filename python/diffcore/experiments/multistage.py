@@ -118,7 +118,7 @@ def _channels(name: str, value) -> None:
 
 _POSITIVE = base.integer(1)
 _WIDTH = base.integer(4)
-_SIGMA = base.number(0, lo_open=True)
+_SIGMA = base.sigma
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
     "grid_points": base.integer(2), "grid_sigma_min": _SIGMA, "grid_sigma_max": _SIGMA, "num_probes": _POSITIVE,

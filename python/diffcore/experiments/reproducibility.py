@@ -105,7 +105,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
     "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
     "solver": base.one_of(*SOLVERS),
-    "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
+    "sigma_min": base.sigma, "sigma_max": base.sigma,
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
