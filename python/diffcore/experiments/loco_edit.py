@@ -299,10 +299,11 @@ def mask_from_file(path, shape) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
+    from diffcore.data.image_folder import read_image
+
     c, h, w = shape
-    with Image.open(path) as img:
-        gray = img.convert("L").resize((w, h), Image.NEAREST)
-        values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
+    gray = read_image(path, channels=1).resize((w, h), Image.NEAREST)
+    values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
     m = (values >= 0.5).to(torch.float64)
     if float(m.sum()) == 0:
         raise ValueError(f"mask: {path} has no pixel inside (white = inside)")
@@ -310,16 +311,18 @@ def mask_from_file(path, shape) -> torch.Tensor:
 
 
 def image_from_file(path, shape) -> torch.Tensor:
-    """An image file as [C, H, W] in [-1, 1] (RGB or grayscale by C, resized bicubically to H x W)."""
+    """An image file as [C, H, W] in [-1, 1] (RGB or grayscale by C, resized bicubically to H x W),
+    decoded by the package's one image reader (:func:`diffcore.data.image_folder.read_image`)."""
     import numpy as np
     from PIL import Image
+
+    from diffcore.data.image_folder import read_image
 
     c, h, w = shape
     if c not in (1, 3):
         raise ValueError(f"image_files: the model has {c} channels; image files give 1 or 3")
-    with Image.open(path) as img:
-        img = img.convert("RGB" if c == 3 else "L").resize((w, h), Image.BICUBIC)
-        data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
+    img = read_image(path, channels=c).resize((w, h), Image.BICUBIC)
+    data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
     return data.permute(2, 0, 1) / 127.5 - 1.0
 
 
