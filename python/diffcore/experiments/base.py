@@ -9,7 +9,9 @@ An experiment writes everything under one output folder::
     OUT/results.json, *.csv, *.png
 
 A unit is *finished* when its folder holds ``MANIFEST.json`` listing every file with its size and
-SHA-256 and the unit's ``spec`` (the parameters that define it). A unit is produced in a temporary
+SHA-256 and the unit's ``spec`` (the parameters that define it, with the content digest of every
+file it depends on: :func:`file_digest`, :func:`folder_digest`; a unit whose files were replaced
+since is made again). A unit is produced in a temporary
 folder and moved into place with one ``os.replace`` after its manifest is written, so a killed run
 leaves either a finished unit or none; a finished unit whose files no longer match the manifest is
 an error, never silently reused. Single files (results, figures) are written to a temporary file in
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from diffcore import _env, _folder
+from diffcore._digest import file_digest, folder_digest  # noqa: F401  (re-exported: units keyed on content)
 from diffcore.sampler.noise import SEED_MAX
 
 from diffcore._atomic import atomic_write_bytes  # noqa: F401  (re-exported: the studies' atomic writes)
@@ -123,6 +126,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- content digests
+# Units are keyed on the content of the files they depend on (a descriptor, a data folder): a
+# spec records ``"sha256"`` (or ``"<what>_sha256"``) beside a path, and a finished unit whose
+# spec differs from the wanted one only in such digests was made from files that have since
+# been replaced, so it is made again (see :meth:`Workspace.finished`).
+
+def _without_digests(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: None if str(k).endswith("sha256") else _without_digests(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_digests(v) for v in value]
+    return value
+
+
+def replaced_files(found: Any, wanted: Any) -> bool:
+    """Whether spec ``found`` differs from ``wanted`` only in content digests (its files changed)."""
+    return found != wanted and _without_digests(found) == _without_digests(wanted)
+
+
+def data_digest(root: str) -> dict:
+    """``{"data_sha256": ...}``, the content digest of the data folder ``root`` (``{}`` without one):
+    a unit trained or measured on it is keyed on the data, not the path."""
+    return {"data_sha256": folder_digest(root)} if root else {}
 
 
 # ----------------------------------------------------------------------------- configs and presets
@@ -502,6 +530,9 @@ class Workspace:
         except (ValueError, UnicodeDecodeError):
             raise UnitError(f"{manifest_path}: unreadable; delete {path} to redo the unit") from None
         wanted = json.loads(json_dumps(spec))
+        if replaced_files(manifest.get("spec"), wanted):
+            log.info("unit %s/%s was made from files that have been replaced since: making it again", kind, name)
+            return None  # _produce replaces it, under the unit's claim
         if manifest.get("spec") != wanted:
             raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "
                             f"this run asks for {wanted}; use a new --out folder")

@@ -412,7 +412,8 @@ class _Study:
         return {"dataset": c.dataset, "data_root": c.data_root, "model_preset": c.model_preset, "width": c.width,
                 "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
                 "lr_warmup_images": c.lr_warmup_images, "ema_halflife_images": c.ema_halflife_images,
-                "label_dropout": c.label_dropout, "augment": c.augment, "seed": c.train_seed}
+                "label_dropout": c.label_dropout, "augment": c.augment, "seed": c.train_seed,
+                **base.data_digest(c.data_root)}
 
     def train(self, num_classes: int) -> Unit:
         from diffcore import train

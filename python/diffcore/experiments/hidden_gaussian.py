@@ -306,7 +306,7 @@ class _Study:
         return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed, "data_root": c.data_root,
                 "model_preset": c.model_preset, "width": width, "seed": seed, "train_steps": c.train_steps,
                 "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images,
+                "lr_warmup_images": c.lr_warmup_images, **base.data_digest(c.data_root),
                 **_stack.recipe_spec(c.precond, c.augment_p, (c.sigma_p_mean, c.sigma_p_std),
                                      (c.train_target, c.target_sigma_min))}
 

@@ -337,11 +337,12 @@ class _Study:
     def model_spec(self) -> dict:
         c = self.c
         if c.diffusers_dir:
-            return {"diffusers_dir": str(Path(c.diffusers_dir).resolve())}
+            return {"diffusers_dir": str(Path(c.diffusers_dir).resolve()),
+                    "weights_sha256": base.folder_digest(c.diffusers_dir)}
         return {"dataset": c.dataset, "n": c.train_size, "subset_seed": c.subset_seed, "data_root": c.data_root,
                 "model_preset": c.model_preset, "width": c.width, "seed": c.train_seed,
                 "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images}
+                "lr_warmup_images": c.lr_warmup_images, **base.data_digest(c.data_root)}
 
     def model(self, pool):
         """``(denoiser, timeline, image shape, model description)``."""

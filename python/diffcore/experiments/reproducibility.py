@@ -216,7 +216,7 @@ def model_spec(config: ReproducibilityConfig | dict, width: int, n: int, seed: i
     return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
             "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
             "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
-            "lr_warmup_images": c["lr_warmup_images"],
+            "lr_warmup_images": c["lr_warmup_images"], **base.data_digest(c["data_root"]),
             **_stack.recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0))}
 
 
@@ -252,7 +252,7 @@ class _Study:
     # specs -------------------------------------------------------------------
     def data_spec(self, n: int) -> dict:
         c = self.config
-        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed}
+        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed, **base.data_digest(c.data_root)}
 
     def model_spec(self, width: int, n: int, seed: int) -> dict:
         return model_spec(self.config, width, n, seed)

@@ -268,7 +268,14 @@ class FeatureCosine(Similarity):
         return _dot_rows(self.embed(a), self.embed(b))
 
     def describe(self) -> dict:
+        """The descriptor's name, kind, path, preprocessing and threshold, and its file's SHA-256
+        (``sha256``: results and units are keyed on the content, not the path)."""
+        from diffcore._digest import file_digest
+
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"similarity: descriptor (feature extractor) file {self.path!r} does not exist")
         return {"name": self.name, "kind": self.kind, "path": os.path.abspath(self.path),
+                "sha256": file_digest(self.path),
                 "preprocess": dataclasses.asdict(self.preprocess), "default_threshold": self.default_threshold}
 
 
