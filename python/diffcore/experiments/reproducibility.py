@@ -74,7 +74,7 @@ class ReproducibilityConfig:
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0      # Gu et al.
     grid_samples: int = 16                     # samples shown per grid
-    torch_threads: int = 0                     # intra-op CPU threads per process (0: torch's default)
+    torch_threads: int = 0                     # intra-op CPU threads per process for data and measures (0: torch's default); models train and sample with one
     train_workers: int = 1                     # models trained at once, one process each (runtime only)
     train_ensemble: int = 1                    # models of one width and seed per stacked ensemble (runtime only)
 
