@@ -108,3 +108,13 @@ def test_exact_mean_does_not_depend_on_order_or_threads():
     finally:
         torch.set_num_threads(before)
     assert math.isnan(exact_mean(torch.zeros(0)))
+
+
+def test_embeddings_do_not_depend_on_how_rows_are_chunked(monkeypatch):
+    from diffcore.metrics import similarity
+
+    x = torch.cat([images(9, seed=6), torch.zeros(1, 1, 8, 8)])
+    whole = get_similarity("cosine").embed(x)
+    monkeypatch.setattr(similarity, "ROW_CHUNK", 3)
+    assert torch.equal(get_similarity("cosine").embed(x), whole)
+    assert torch.equal(whole[-1, -1], torch.tensor(1.0))  # the constant image's own coordinate

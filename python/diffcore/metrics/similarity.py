@@ -66,23 +66,32 @@ def exact_mean(values: torch.Tensor) -> float:
 
 def check_finite_rows(rows: torch.Tensor, what: str) -> None:
     """ValueError naming ``what`` and the first row of ``rows [B, F]`` holding a NaN or infinity."""
-    bad = ~torch.isfinite(rows).all(dim=1)
+    bad = ~torch.isfinite(rows).all(dim=1) if rows.numel() else torch.zeros(rows.shape[0], dtype=torch.bool)
     if bool(bad.any()):
         raise ValueError(f"{what}: row {int(bad.nonzero()[0, 0])} (image index) of {rows.shape[0]} holds a "
                          "NaN or infinity (no similarity is defined for it)")
 
 
+ROW_CHUNK = 2048  # rows embedded at once: bounds the float64 copies of large pools (rows are independent)
+
+
+def _by_row_chunks(rows: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` applied to chunks of at most ROW_CHUNK rows of ``rows [B, F]``, results concatenated."""
+    if rows.shape[0] <= ROW_CHUNK:
+        return fn(rows)
+    return torch.cat([fn(chunk) for chunk in rows.split(ROW_CHUNK)])
+
+
 def _unit_rows(rows: torch.Tensor, what: str) -> torch.Tensor:
     """Rows ``[B, F]`` scaled to unit norm in float64, as float32; a non-finite or all-zero row is
     refused (ValueError naming ``what``): it has no direction."""
-    rows = rows.double()
     check_finite_rows(rows, what)
-    norms = rows.norm(dim=1, keepdim=True)
-    zero = (norms[:, 0] == 0).nonzero()
+    norms = rows.double().norm(dim=1)
+    zero = (norms == 0).nonzero()
     if zero.numel():
         raise ValueError(f"{what}: row {int(zero[0, 0])} (image index) of {rows.shape[0]} is all zeros "
                          "(it has no direction, so no cosine)")
-    return (rows / norms).float()
+    return _by_row_chunks(rows, lambda chunk: (chunk.double() / chunk.double().norm(dim=1, keepdim=True)).float())
 
 
 def _centered_unit_rows(rows: torch.Tensor, what: str) -> torch.Tensor:
@@ -90,13 +99,17 @@ def _centered_unit_rows(rows: torch.Tensor, what: str) -> torch.Tensor:
     with one extra coordinate: 0 for a row that varies, 1 for a constant row (whose centered
     coordinates are 0). Constant images are thus orthogonal to every other image and identical
     to each other (module docstring)."""
-    rows = rows.double()
     check_finite_rows(rows, what)
-    centered = rows - rows.mean(dim=1, keepdim=True)
-    norms = centered.norm(dim=1, keepdim=True)
-    constant = (rows == rows[:, :1]).all(dim=1, keepdim=True)
-    unit = torch.where(constant, torch.zeros_like(centered), centered / torch.where(constant, 1.0, norms))
-    return torch.cat([unit, constant.double()], dim=1).float()
+
+    def embed(chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.double()
+        centered = chunk - chunk.mean(dim=1, keepdim=True)
+        norms = centered.norm(dim=1, keepdim=True)
+        constant = (chunk == chunk[:, :1]).all(dim=1, keepdim=True)
+        unit = torch.where(constant, torch.zeros_like(centered), centered / torch.where(constant, 1.0, norms))
+        return torch.cat([unit, constant.double()], dim=1).float()
+
+    return _by_row_chunks(rows, embed)
 
 
 def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
