@@ -9,14 +9,14 @@ import torch
 from diffcore.train import load_trained_model, save_checkpoint
 from diffcore.train.registry import register_model
 
-register_model("relb-test-linear", lambda: torch.nn.Linear(3, 2), overwrite=True)
+register_model("test-linear-3x2", lambda: torch.nn.Linear(3, 2), overwrite=True)
 
 
 def _checkpoint(folder, weight: torch.Tensor):
     good = torch.nn.Linear(3, 2).state_dict()
     tensors = {"model": {**good, "weight": weight}, "ema": {**good, "weight": weight}}
     save_checkpoint(folder / "checkpoints", 5, tensors=tensors,
-                    documents={"config": {"model": {"name": "relb-test-linear"}}})
+                    documents={"config": {"model": {"name": "test-linear-3x2"}}})
     return folder
 
 

@@ -294,8 +294,8 @@ seed = integer(0, SEED_MAX)
 # Noise levels a study accepts. Samples, images and trajectories are float32: at sigma = 1e4 one
 # rounding step of x (sigma * 2^-24 ~ 6e-4) is still below an 8-bit pixel level (2/255) of an
 # image in [-1, 1]; far above it the image is lost in the rounding of x and a run ends with
-# garbage (sigma_max = 1e12 did). Below 1e-5 the noise is under float32's resolution of pixels
-# near 1 (6e-8) by less than three orders of magnitude and steps toward it stop changing x.
+# garbage (sigma_max = 1e12 did). Below 1e-5 the remaining noise comes within about two orders
+# of magnitude of float32's resolution of pixels near 1 (6e-8), where sampler steps stop changing x.
 SIGMA_LOWEST, SIGMA_HIGHEST = 1e-5, 1e4
 
 
