@@ -208,3 +208,17 @@ def test_replacing_a_descriptor_file_recomputes_every_unit_that_used_it(tmp_path
     assert rerun["similarity"]["sha256"] != first["similarity"]["sha256"]
     assert (tmp_path / "out" / "results.json").read_bytes() == (tmp_path / "fresh" / "results.json").read_bytes()
     assert [m["nn_similarity_mean"] for m in rerun["models"]] != [m["nn_similarity_mean"] for m in first["models"]]
+
+
+class _Zeros(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 8)
+
+
+def test_a_degenerate_descriptor_is_refused_before_anything_is_trained(tmp_path, stand_in_stack):
+    path = tmp_path / "zeros.pt"
+    torch.jit.script(_Zeros()).save(str(path))
+    cfg = dataclasses.replace(_config(), similarity=f"raw:{path}", sizes=(8,), widths=(4,), train_seeds=(0,))
+    with pytest.raises(ValueError, match="zeros.pt.*all zeros"):
+        study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
+    assert not (tmp_path / "out" / "units").exists() and not (tmp_path / "out" / "config.json").exists()

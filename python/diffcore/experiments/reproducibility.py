@@ -376,6 +376,7 @@ class _Study:
         c = self.config
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
+        self.similarity.embed(pool[:4])  # a descriptor that gives no [B, F] rows fails now, not after training
         self.ws.bind_config(c.result_fields())
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
