@@ -15,6 +15,8 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's content, computed once per process for each (path, size, mtime)."""
     resolved = os.path.realpath(path)
+    if not os.path.isfile(resolved):
+        raise FileNotFoundError(f"{os.fspath(path)!r}: not a file (results are keyed on its content)")
     info = os.stat(resolved)
     key = (resolved, info.st_size, info.st_mtime_ns)
     if key not in _DIGESTS:

@@ -417,8 +417,11 @@ class _Study:
         c = self.c
         keys = ("image_source", "edit_time", "inversion_steps", "solver", "stochastic_below", "noise_seed", "rank",
                 "k_out", "strengths", "subspace_method", "subspace_iters", "subspace_tol", "spectrum_k", "spectrum_probes")
+        files = {"image_sha256": base.file_digest(image)} if c.image_source == "files" else {}
+        if c.mask_files:
+            files["mask_sha256"] = base.file_digest(c.mask_files[position])
         return {"model": model, "image": image, "position": position,
-                "mask": c.mask_files[position] if c.mask_files else c.mask, **{k: getattr(c, k) for k in keys}}
+                "mask": c.mask_files[position] if c.mask_files else c.mask, **files, **{k: getattr(c, k) for k in keys}}
 
     def image_unit(self, denoiser, timeline, shape, model: dict, pool, position: int, image) -> Unit:
         from diffcore import analysis

@@ -256,7 +256,8 @@ class _Study:
         spec = {"model": model_spec, "steps": steps, "dataset": c.dataset, "num_train": c.num_train,
                 "subset_seed": c.subset_seed, "batch_size": c.batch_size, "lr": c.learning_rate,
                 "lr_warmup_images": c.lr_warmup_images, "seed": c.seed, "num_samples": c.num_samples,
-                "sampler_steps": c.sampler_steps, "loss_eval": [c.loss_eval_images, c.loss_eval_seed]}
+                "sampler_steps": c.sampler_steps, "loss_eval": [c.loss_eval_images, c.loss_eval_seed],
+                **({"fid_weights_sha256": base.file_digest(c.fid_weights)} if c.fid_weights else {})}
         run_dir = self.out / "train" / model  # shared by the eval points: each resumes the last
 
         def produce(tmp: Path, work: Path) -> dict:
