@@ -204,7 +204,7 @@ def test_replacing_a_descriptor_file_recomputes_every_unit_that_used_it(tmp_path
     first = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
     torch.jit.script(_Rows()).save(str(path))  # another network, same path
     rerun = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
-    fresh = study.run(cfg, tmp_path / "fresh", hooks=stand_in_stack().hooks(), progress=False)
+    study.run(cfg, tmp_path / "fresh", hooks=stand_in_stack().hooks(), progress=False)
     assert rerun["similarity"]["sha256"] != first["similarity"]["sha256"]
     assert (tmp_path / "out" / "results.json").read_bytes() == (tmp_path / "fresh" / "results.json").read_bytes()
     assert [m["nn_similarity_mean"] for m in rerun["models"]] != [m["nn_similarity_mean"] for m in first["models"]]
