@@ -72,3 +72,20 @@ def sigma_per_row(name: str, sigma, batch: int, device: torch.device) -> torch.T
     if not bool((s > 0).all()):
         raise ValueError(f"{name}: expected every value > 0, got min {float(s.min()):g}")
     return s.contiguous()
+
+
+def check_state_dict_values(state, expected, source: str) -> None:
+    """Refuse a loaded state dict whose tensors would be cast or are not finite: every tensor of
+    ``state`` (a mapping name -> tensor) that ``expected`` (the module's own ``state_dict()``) also
+    holds must have the module's dtype (``load_state_dict`` would silently cast int8, float16,
+    float64 or complex values) and, when floating, hold no NaN or infinity. ValueError naming the
+    tensor and ``source`` (the file)."""
+    for name, value in state.items():
+        want = expected.get(name)
+        if want is None or not isinstance(value, torch.Tensor):
+            continue  # unknown or missing keys: load_state_dict's own check names them
+        if value.dtype != want.dtype:
+            raise ValueError(f"{source}: tensor {name!r} has dtype {str(value.dtype).removeprefix('torch.')}, "
+                             f"the model's is {str(want.dtype).removeprefix('torch.')} (refused, not cast)")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{source}: tensor {name!r} holds NaN or infinite values")

@@ -108,3 +108,30 @@ def test_bind_config_refuses_another_config(tmp_path):
     ws.bind_config(Cfg())
     with pytest.raises(UnitError, match="steps"):
         ws.bind_config(Cfg(steps=4))
+
+
+def test_a_unit_whose_files_were_replaced_is_made_again(tmp_path):
+    """A spec that differs only in content digests (sha256 keys) marks a unit made from files that
+    have been replaced: it is made again, not reused and not an error (issue 32)."""
+    from diffcore.experiments.base import Workspace, file_digest, folder_digest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("one")
+    ws = Workspace(tmp_path / "out")
+    calls = []
+
+    def produce(tmp, work):
+        calls.append(1)
+        (tmp / "value.txt").write_text((data / "a.txt").read_text())
+
+    def spec():
+        return {"path": str(data), "data_sha256": folder_digest(data), "file": {"sha256": file_digest(data / "a.txt")}}
+
+    assert ws.run_unit("k", "u", spec(), produce).file("value.txt").read_text() == "one"
+    assert ws.run_unit("k", "u", spec(), produce).reused and len(calls) == 1
+    (data / "a.txt").write_text("two")
+    unit = ws.run_unit("k", "u", spec(), produce)
+    assert not unit.reused and unit.file("value.txt").read_text() == "two" and len(calls) == 2
+    with pytest.raises(UnitError, match="was made with spec"):  # other differences stay errors
+        ws.run_unit("k", "u", {**spec(), "path": "elsewhere"}, produce)

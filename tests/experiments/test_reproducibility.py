@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from diffcore.experiments import reproducibility as study
 from diffcore.experiments.base import config_from_preset
@@ -181,3 +182,43 @@ def test_models_of_one_width_and_seed_train_as_ensembles(tmp_path, stand_in_stac
     assert run.timings()["train"]["seconds"] == pytest.approx(sum(u.seconds for u in made) + 4.0)
     assert all(run.ws.finished("samples", f"w4-n{n}-s0", {**run.model_spec(4, n, 0), **run.sampling_spec()})
                for n in (512, 96, 8))
+
+
+class _Pool(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 2).flatten(1)
+
+
+class _Rows(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=3).flatten(1)
+
+
+def test_replacing_a_descriptor_file_recomputes_every_unit_that_used_it(tmp_path, stand_in_stack):
+    """Units are keyed on the descriptor's content, not its path (issue 32): after the file at the
+    same path is replaced, a rerun makes GL and RP again, with exactly the results of a fresh run
+    (old per-model GL never meets new pair RP in one results.json)."""
+    path = tmp_path / "descriptor.pt"
+    cfg = dataclasses.replace(_config(), similarity=f"raw:{path}", sizes=(8, 96), widths=(4, 8), train_seeds=(0,))
+    torch.jit.script(_Pool()).save(str(path))
+    first = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
+    torch.jit.script(_Rows()).save(str(path))  # another network, same path
+    rerun = study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
+    study.run(cfg, tmp_path / "fresh", hooks=stand_in_stack().hooks(), progress=False)
+    assert rerun["similarity"]["sha256"] != first["similarity"]["sha256"]
+    assert (tmp_path / "out" / "results.json").read_bytes() == (tmp_path / "fresh" / "results.json").read_bytes()
+    assert [m["nn_similarity_mean"] for m in rerun["models"]] != [m["nn_similarity_mean"] for m in first["models"]]
+
+
+class _Zeros(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 8)
+
+
+def test_a_degenerate_descriptor_is_refused_before_anything_is_trained(tmp_path, stand_in_stack):
+    path = tmp_path / "zeros.pt"
+    torch.jit.script(_Zeros()).save(str(path))
+    cfg = dataclasses.replace(_config(), similarity=f"raw:{path}", sizes=(8,), widths=(4,), train_seeds=(0,))
+    with pytest.raises(ValueError, match="zeros.pt.*all zeros"):
+        study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
+    assert not (tmp_path / "out" / "units").exists() and not (tmp_path / "out" / "config.json").exists()

@@ -46,3 +46,76 @@ def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
     else:
         assert all("ensemble_size" not in m for m in metas)
     assert (tmp_path / "figure1.png").is_file() and len(list((tmp_path / "grids").iterdir())) == 4
+
+
+# The tiny preset cut to seconds: two seeds of one width at two N (so the results hold GL, RP
+# against the empirical denoiser and RP between seeds), and torch_threads=0, which leaves the
+# thread count to the launcher (torchrun sets OMP_NUM_THREADS=1).
+LAUNCH_OVERRIDES = ["widths=4", "sizes=8,96", "train_seeds=0,1", "train_steps=12", "num_samples=8",
+                    "sampler_steps=4", "grid_samples=0", "torch_threads=0"]
+
+
+def _run_with_threads(out, threads: int) -> bytes:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        study.run(config_from_preset(study.PRESETS, "tiny", LAUNCH_OVERRIDES), out, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return (out / "results.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def two_thread_run(tmp_path_factory) -> bytes:
+    return _run_with_threads(tmp_path_factory.mktemp("two-threads"), 2)
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_thread_count(tmp_path, two_thread_run):
+    """One and two intra-op threads give byte-identical results.json (issue 32): models train with
+    one thread whatever the launcher, and similarities reduce in float64 with exact means."""
+    one = _run_with_threads(tmp_path / "one", 1)
+    assert json.loads(one)["pairs"] and json.loads(one)["models"][0]["nn_similarity_mean"] > 0
+    assert one == two_thread_run
+
+
+def _cli(out, **env):
+    import os
+    import subprocess
+    import sys
+
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFCORE_PROGRESS": "0", **env}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD"):
+        if var not in env:
+            environ.pop(var, None)
+    sets = [arg for item in LAUNCH_OVERRIDES for arg in ("--set", item)]
+    return subprocess.Popen([sys.executable, "-m", "diffcore", "run", "reproducibility", "--preset", "tiny",
+                             "--out", str(out), "--device", "cpu", "--no-progress", *sets],
+                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(processes) -> None:
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_shards_and_gloo_ranks_of_one_thread_give_the_results_of_one_two_thread_process(tmp_path, two_thread_run):
+    """``--shard`` processes (then the aggregating run) and two gloo ranks as torchrun starts them
+    (OMP_NUM_THREADS=1 each) write the results.json of one process with two threads, byte for byte."""
+    import socket
+
+    sharded = tmp_path / "sharded"
+    _wait([_cli(sharded, DIFFCORE_SHARD=f"{i}/2") for i in range(2)])
+    _wait([_cli(sharded)])
+    assert (sharded / "results.json").read_bytes() == two_thread_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = tmp_path / "ranks"
+    _wait([_cli(ranks, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+           for r in range(2)])
+    assert (ranks / "results.json").read_bytes() == two_thread_run

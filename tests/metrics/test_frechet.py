@@ -156,3 +156,44 @@ def test_images_through_a_stand_in_extractor():
     assert via == pytest.approx(direct, rel=1e-12)
     stats = feature_statistics(iter(real.split(10)), StandIn())
     assert stats.extractor == "row-means" and stats.count == 64
+
+
+def _fid_file(tmp_path, name="stats.npz", **arrays):
+    x = np.random.default_rng(2).standard_normal((40, 3))
+    base = {"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)}
+    path = tmp_path / name
+    np.savez(path, **{**base, **arrays})
+    return path
+
+
+def test_merging_statistics_without_a_count_is_an_error(tmp_path):
+    uncounted = FeatureStatistics.load(_fid_file(tmp_path), extractor="e")
+    ours = FeatureStatistics.from_features(torch.randn(10, 3), extractor="e")
+    with pytest.raises(ValueError, match="no row count"):
+        ours.merge(uncounted)
+    with pytest.raises(ValueError, match="no row count"):
+        FeatureStatistics(extractor="e").merge(uncounted)
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"mu": np.array([0.0, np.nan, 1.0])}, "'mu' holds NaN"),
+    ({"sigma": np.diag([1.0, np.inf, 1.0])}, "'sigma' holds NaN"),
+    ({"sigma": np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, "not symmetric"),
+    ({"sigma": -np.eye(3)}, "negative eigenvalue"),
+    ({"sigma": np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, "negative eigenvalue"),
+    ({"count": np.array([40.5])}, "'count' must be one integer"),
+    ({"count": np.array([1])}, "'count' is 1"),
+    ({"mu": np.array(["a", "b", "c"])}, "expected real numbers"),
+], ids=["nan-mean", "inf-cov", "asymmetric", "negative-definite", "indefinite", "float-count", "one-row",
+        "strings"])
+def test_loaded_statistics_that_are_no_gaussian_are_refused_naming_the_file(tmp_path, arrays, message):
+    path = _fid_file(tmp_path, "bad-stats.npz", **arrays)
+    with pytest.raises(ValueError, match=f"bad-stats.npz.*{message}"):
+        FeatureStatistics.load(path)
+
+
+def test_an_unreadable_statistics_file_is_named(tmp_path):
+    for name in ("garbage.npz", "garbage.safetensors"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 not really an archive")
+        with pytest.raises(ValueError, match=name):
+            FeatureStatistics.load(tmp_path / name)

@@ -25,8 +25,9 @@ def _cifar10(spec):
 def _image_folder(spec):
     from diffcore.data.image_folder import load_image_folder
 
-    return load_image_folder(_required(spec, "root"), int(_required(spec, "resolution")),
-                             channels=int(spec.get("channels", 3)))
+    resolution, channels = spec.get("resolution"), spec.get("channels")  # None: the images' own
+    return load_image_folder(_required(spec, "root"), None if resolution is None else int(resolution),
+                             channels=None if channels is None else int(channels))
 
 
 def _molrg(spec):
@@ -61,7 +62,7 @@ def load_dataset(spec: Mapping[str, Any]) -> ArrayDataset:
     """The dataset a config names, optionally reduced to a nested subset.
 
     ``spec``: ``name`` (one of ``DATASET_NAMES``) and its fields (``root``, ``split``,
-    ``resolution``, ``channels``; ``K, n, d, num, seed`` for molrg; ``shape, num, seed`` for
+    ``resolution``, ``channels`` (image_folder: optional, the images' own by default); ``K, n, d, num, seed`` for molrg; ``shape, num, seed`` for
     random_images), plus optional ``subset``
     (size n) and ``subset_seed`` (default 0) for ``subset(dataset, n, seed)``.
     """

@@ -39,13 +39,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     return ddp.resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def one_thread_on_cpu(device) -> _env.torch_threads:
+    """The intra-op threads a study trains and samples with: one on the CPU, whatever
+    ``torch_threads``, the launcher (torchrun sets ``OMP_NUM_THREADS=1``) or the machine. Torch's
+    CPU convolutions (oneDNN: the weight gradients, strided 1x1 convolutions) and long sums add
+    per-thread partial results, so their float32 rounding, and thus a model's weights and samples,
+    would change with the thread count. Studies run models in parallel across processes
+    (``train_workers``) and stacked ensembles instead. Other devices: unchanged."""
+    return _env.torch_threads(1 if torch.device(device).type == "cpu" else 0)
+
+
 def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18, solver: str = "heun",
            sigma_min: float = 0.002, sigma_max: float = 80.0, device="cpu", batch_size: int = 256,
            progress: bool = True) -> torch.Tensor:
-    """Deterministic samples ``[len(seeds), *shape]`` (float32, CPU), sample i from seed i only."""
+    """Deterministic samples ``[len(seeds), *shape]`` (float32, CPU), sample i from seed i only
+    (one intra-op thread on the CPU: :func:`one_thread_on_cpu`)."""
     from diffcore import sampler
 
-    with torch.no_grad():
+    with torch.no_grad(), one_thread_on_cpu(device):
         out = sampler.sample(denoiser, seeds=list(seeds), shape=tuple(shape), steps=steps, solver=solver,
                              sigma_min=sigma_min, sigma_max=sigma_max, device=device, batch_size=batch_size,
                              progress=_env.progress_enabled(progress))
@@ -170,12 +181,14 @@ def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path,
                 progress: bool = True) -> dict:
     """Train the model a study's ``spec`` describes with diffcore.train; checkpoints live in
     ``work_dir`` (a killed run resumes from them), the final one is copied to ``out_dir/checkpoint``.
-    ``images`` are the N training images (the trainer reloads the same nested subset)."""
+    ``images`` are the N training images (the trainer reloads the same nested subset). One intra-op
+    thread on the CPU (:func:`one_thread_on_cpu`)."""
     from diffcore import train
 
     if images.shape[0] != spec["n"]:
         raise ValueError(f"images: expected the {spec['n']} training images, got {images.shape[0]}")
-    result = train.train_from_config(training_request(spec, work_dir, device, progress), resume="auto")
+    with one_thread_on_cpu(device):
+        result = train.train_from_config(training_request(spec, work_dir, device, progress), resume="auto")
     if result.checkpoint is None:
         raise RuntimeError(f"diffcore.train wrote no checkpoint for {spec}")
     shutil.copytree(result.checkpoint, Path(out_dir) / "checkpoint")
@@ -196,7 +209,8 @@ def train_ensemble(images: Sequence[torch.Tensor], specs: Sequence[dict], work_d
             raise ValueError(f"images[{index}]: expected the {spec['n']} training images, got {train_images.shape[0]}")
     configs = [training_request(spec, work_dir, device, progress) for spec, work_dir in zip(specs, work_dirs)]
     start = time.perf_counter()
-    results = ensemble.train_ensemble(configs, resume="auto")
+    with one_thread_on_cpu(device):
+        results = ensemble.train_ensemble(configs, resume="auto")
     seconds = time.perf_counter() - start
     log.info("trained an ensemble of %d models in %.1f s", len(configs), seconds)
     return [{"final_loss": r.final_loss, "ensemble_size": len(configs), "ensemble_train_seconds": seconds}

@@ -9,7 +9,9 @@ An experiment writes everything under one output folder::
     OUT/results.json, *.csv, *.png
 
 A unit is *finished* when its folder holds ``MANIFEST.json`` listing every file with its size and
-SHA-256 and the unit's ``spec`` (the parameters that define it). A unit is produced in a temporary
+SHA-256 and the unit's ``spec`` (the parameters that define it, with the content digest of every
+file it depends on: :func:`file_digest`, :func:`folder_digest`; a unit whose files were replaced
+since is made again). A unit is produced in a temporary
 folder and moved into place with one ``os.replace`` after its manifest is written, so a killed run
 leaves either a finished unit or none; a finished unit whose files no longer match the manifest is
 an error, never silently reused. Single files (results, figures) are written to a temporary file in
@@ -39,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from diffcore import _env, _folder
 from diffcore._files import FileReadError, load_json
+from diffcore._digest import file_digest, folder_digest  # noqa: F401  (re-exported: units keyed on content)
 from diffcore.sampler.noise import SEED_MAX
 
 from diffcore._atomic import atomic_write_bytes  # noqa: F401  (re-exported: the studies' atomic writes)
@@ -124,6 +127,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- content digests
+# Units are keyed on the content of the files they depend on (a descriptor, a data folder): a
+# spec records ``"sha256"`` (or ``"<what>_sha256"``) beside a path, and a finished unit whose
+# spec differs from the wanted one only in such digests was made from files that have since
+# been replaced, so it is made again (see :meth:`Workspace.finished`).
+
+def _without_digests(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: None if str(k).endswith("sha256") else _without_digests(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_digests(v) for v in value]
+    return value
+
+
+def replaced_files(found: Any, wanted: Any) -> bool:
+    """Whether spec ``found`` differs from ``wanted`` only in content digests (its files changed)."""
+    return found != wanted and _without_digests(found) == _without_digests(wanted)
+
+
+def data_digest(root: str) -> dict:
+    """``{"data_sha256": ...}``, the content digest of the data folder ``root`` (``{}`` without one):
+    a unit trained or measured on it is keyed on the data, not the path."""
+    return {"data_sha256": folder_digest(root)} if root else {}
 
 
 # ----------------------------------------------------------------------------- configs and presets
@@ -263,6 +291,44 @@ def tuple_of(inner: Check, min_len: int = 1) -> Check:
 
 
 seed = integer(0, SEED_MAX)
+
+# Noise levels a study accepts. Samples, images and trajectories are float32: at sigma = 1e4 one
+# rounding step of x (sigma * 2^-24 ~ 6e-4) is still below an 8-bit pixel level (2/255) of an
+# image in [-1, 1]; far above it the image is lost in the rounding of x and a run ends with
+# garbage (sigma_max = 1e12 did). Below 1e-5 the remaining noise comes within about two orders
+# of magnitude of float32's resolution of pixels near 1 (6e-8), where sampler steps stop changing x.
+SIGMA_LOWEST, SIGMA_HIGHEST = 1e-5, 1e4
+
+
+def _range_check(lo: float, hi: float, why: str) -> Check:
+    inner = number(lo, hi)
+
+    def check(name, value):
+        try:
+            inner(name, value)
+        except ConfigError as err:
+            raise ConfigError(f"{err} ({why})") from None
+    return check
+
+
+_SIGMA_WHY = (f"noise levels are bounded to [{SIGMA_LOWEST:g}, {SIGMA_HIGHEST:g}]: float32 samples "
+              "lose the image beyond them")
+sigma = _range_check(SIGMA_LOWEST, SIGMA_HIGHEST, _SIGMA_WHY)
+"""A noise level sigma in [SIGMA_LOWEST, SIGMA_HIGHEST]."""
+
+
+def _zero_or(inner: Check) -> Check:
+    def check(name, value):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+            inner(name, value)
+    return check
+
+
+optional_sigma = _zero_or(sigma)
+"""0 (off) or a noise level in [SIGMA_LOWEST, SIGMA_HIGHEST]."""
+log_sigma = _range_check(math.log(SIGMA_LOWEST), math.log(SIGMA_HIGHEST),
+                         f"a mean of ln sigma; {_SIGMA_WHY}")
+"""The mean of a log-normal noise-level distribution, ln sigma in [ln SIGMA_LOWEST, ln SIGMA_HIGHEST]."""
 
 
 def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
@@ -512,6 +578,9 @@ class Workspace:
         if not isinstance(files, dict):
             raise UnitError(f"{manifest_path}: not a unit manifest; delete {path} to redo the unit")
         wanted = json.loads(json_dumps(spec))
+        if replaced_files(manifest.get("spec"), wanted):
+            log.info("unit %s/%s was made from files that have been replaced since: making it again", kind, name)
+            return None  # _produce replaces it, under the unit's claim
         if manifest.get("spec") != wanted:
             raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "
                             f"this run asks for {wanted}; use a new --out folder")

@@ -157,8 +157,8 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0), "linear_scale": _SCALE,
     "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0), "linear_low": base.number(0),
     "gaussian_scale": _SCALE, "samples_per_class": _POSITIVE, "sample_seed_start": base.seed,
-    "solver": base.one_of(*SOLVER_NAMES), "sampler_steps": _POSITIVE, "sigma_min": _POSITIVE_REAL,
-    "sigma_max": _POSITIVE_REAL, "sample_batch": _POSITIVE, "num_sigmas": _POSITIVE, "distance_samples": _POSITIVE,
+    "solver": base.one_of(*SOLVER_NAMES), "sampler_steps": _POSITIVE, "sigma_min": base.sigma,
+    "sigma_max": base.sigma, "sample_batch": _POSITIVE, "num_sigmas": _POSITIVE, "distance_samples": _POSITIVE,
     "cpc_sigmas": _COUNT, "cpc_points": _POSITIVE, "cpc_k": _POSITIVE,
     "cpc_method": base.one_of("subspace", "randomized", "lanczos"), "cpc_iters": _COUNT, "probe_seed": base.seed,
     "grid_per_class": _POSITIVE, "torch_threads": _COUNT,
@@ -412,7 +412,8 @@ class _Study:
         return {"dataset": c.dataset, "data_root": c.data_root, "model_preset": c.model_preset, "width": c.width,
                 "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
                 "lr_warmup_images": c.lr_warmup_images, "ema_halflife_images": c.ema_halflife_images,
-                "label_dropout": c.label_dropout, "augment": c.augment, "seed": c.train_seed}
+                "label_dropout": c.label_dropout, "augment": c.augment, "seed": c.train_seed,
+                **base.data_digest(c.data_root)}
 
     def train(self, num_classes: int) -> Unit:
         from diffcore import train

@@ -57,7 +57,7 @@ _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
     "num_samples": base.integer(1), "sample_seed_start": base.seed, "steps": base.integer(1),
-    "solver": base.one_of(*SOLVERS), "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL,
+    "solver": base.one_of(*SOLVERS), "sigma_min": base.sigma, "sigma_max": base.sigma,
     "similarity": base.text, "threshold": base.optional(base.number(-1, 1)),
 }
 

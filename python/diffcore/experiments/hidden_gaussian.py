@@ -109,12 +109,12 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL,
     "lr_warmup_images": base.integer(0), "num_sigmas": base.integer(2),
-    "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL, "linearity_pairs": _POSITIVE,
+    "sigma_min": base.sigma, "sigma_max": base.sigma, "linearity_pairs": _POSITIVE,
     "distill_samples": base.integer(2), "probe_seed": base.seed, "num_samples": _POSITIVE,
     "sample_seed_start": base.seed, "sampler_steps": _POSITIVE, "grid_samples": base.integer(0),
     "precond": base.one_of(*_stack.PRECONDITIONINGS), "augment_p": base.number(0, 1),
-    "sigma_p_mean": base.number(), "sigma_p_std": _POSITIVE_REAL,
-    "train_target": base.one_of("clean", "empirical"), "target_sigma_min": base.number(0),
+    "sigma_p_mean": base.log_sigma, "sigma_p_std": _POSITIVE_REAL,
+    "train_target": base.one_of("clean", "empirical"), "target_sigma_min": base.optional_sigma,
 }
 
 
@@ -307,7 +307,7 @@ class _Study:
         return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed, "data_root": c.data_root,
                 "model_preset": c.model_preset, "width": width, "seed": seed, "train_steps": c.train_steps,
                 "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images,
+                "lr_warmup_images": c.lr_warmup_images, **base.data_digest(c.data_root),
                 **_stack.recipe_spec(c.precond, c.augment_p, (c.sigma_p_mean, c.sigma_p_std),
                                      (c.train_target, c.target_sigma_min))}
 

@@ -302,10 +302,11 @@ def mask_from_file(path, shape) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
+    from diffcore.data.image_folder import read_image
+
     c, h, w = shape
-    with open_image(path, what="mask file") as img:
-        gray = img.convert("L").resize((w, h), Image.NEAREST)
-        values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
+    gray = read_image(path, channels=1).resize((w, h), Image.NEAREST)
+    values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
     m = (values >= 0.5).to(torch.float64)
     if float(m.sum()) == 0:
         raise ValueError(f"mask: {path} has no pixel inside (white = inside)")
@@ -313,16 +314,18 @@ def mask_from_file(path, shape) -> torch.Tensor:
 
 
 def image_from_file(path, shape) -> torch.Tensor:
-    """An image file as [C, H, W] in [-1, 1] (RGB or grayscale by C, resized bicubically to H x W)."""
+    """An image file as [C, H, W] in [-1, 1] (RGB or grayscale by C, resized bicubically to H x W),
+    decoded by the package's one image reader (:func:`diffcore.data.image_folder.read_image`)."""
     import numpy as np
     from PIL import Image
+
+    from diffcore.data.image_folder import read_image
 
     c, h, w = shape
     if c not in (1, 3):
         raise ValueError(f"image_files: the model has {c} channels; image files give 1 or 3")
-    with open_image(path, what="image file") as img:
-        img = img.convert("RGB" if c == 3 else "L").resize((w, h), Image.BICUBIC)
-        data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
+    img = read_image(path, channels=c).resize((w, h), Image.BICUBIC)
+    data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
     return data.permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -337,11 +340,12 @@ class _Study:
     def model_spec(self) -> dict:
         c = self.c
         if c.diffusers_dir:
-            return {"diffusers_dir": str(Path(c.diffusers_dir).resolve())}
+            return {"diffusers_dir": str(Path(c.diffusers_dir).resolve()),
+                    "weights_sha256": base.folder_digest(c.diffusers_dir)}
         return {"dataset": c.dataset, "n": c.train_size, "subset_seed": c.subset_seed, "data_root": c.data_root,
                 "model_preset": c.model_preset, "width": c.width, "seed": c.train_seed,
                 "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images}
+                "lr_warmup_images": c.lr_warmup_images, **base.data_digest(c.data_root)}
 
     def model(self, pool):
         """``(denoiser, timeline, image shape, model description)``."""
@@ -452,8 +456,11 @@ class _Study:
         c = self.c
         keys = ("image_source", "edit_time", "inversion_steps", "solver", "stochastic_below", "noise_seed", "rank",
                 "k_out", "strengths", "subspace_method", "subspace_iters", "subspace_tol", "spectrum_k", "spectrum_probes")
+        files = {"image_sha256": base.file_digest(image)} if c.image_source == "files" else {}
+        if c.mask_files:
+            files["mask_sha256"] = base.file_digest(c.mask_files[position])
         return {"model": model, "image": image, "position": position,
-                "mask": c.mask_files[position] if c.mask_files else c.mask, **{k: getattr(c, k) for k in keys}}
+                "mask": c.mask_files[position] if c.mask_files else c.mask, **files, **{k: getattr(c, k) for k in keys}}
 
     def image_unit(self, denoiser, timeline, shape, model: dict, pool, position: int, image) -> Unit:
         from diffcore import analysis

@@ -100,9 +100,9 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "models": base.tuple_of(base.one_of("subspace", "mlp")),
     "subspace_steps": _POSITIVE, "subspace_lr": _POSITIVE_REAL, "subspace_restarts": _POSITIVE,
     "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "mlp_steps": _POSITIVE, "mlp_lr": _POSITIVE_REAL,
-    "batch_size": _POSITIVE, "P_mean": base.number(), "P_std": _POSITIVE_REAL, "train_seed": base.seed,
+    "batch_size": _POSITIVE, "P_mean": base.log_sigma, "P_std": _POSITIVE_REAL, "train_seed": base.seed,
     "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
-    "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL,
+    "sigma_min": base.sigma, "sigma_max": base.sigma,
     "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
     "gl_threshold": base.optional(base.number(-1, 1)),  # a cosine
     "rank_samples": _POSITIVE,

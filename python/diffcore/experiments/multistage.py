@@ -118,7 +118,7 @@ def _channels(name: str, value) -> None:
 
 _POSITIVE = base.integer(1)
 _WIDTH = base.integer(4)
-_SIGMA = base.number(0, lo_open=True)
+_SIGMA = base.sigma
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
     "grid_points": base.integer(2), "grid_sigma_min": _SIGMA, "grid_sigma_max": _SIGMA, "num_probes": _POSITIVE,
@@ -256,7 +256,8 @@ class _Study:
         spec = {"model": model_spec, "steps": steps, "dataset": c.dataset, "num_train": c.num_train,
                 "subset_seed": c.subset_seed, "batch_size": c.batch_size, "lr": c.learning_rate,
                 "lr_warmup_images": c.lr_warmup_images, "seed": c.seed, "num_samples": c.num_samples,
-                "sampler_steps": c.sampler_steps, "loss_eval": [c.loss_eval_images, c.loss_eval_seed]}
+                "sampler_steps": c.sampler_steps, "loss_eval": [c.loss_eval_images, c.loss_eval_seed],
+                **({"fid_weights_sha256": base.file_digest(c.fid_weights)} if c.fid_weights else {})}
         run_dir = self.out / "train" / model  # shared by the eval points: each resumes the last
 
         def produce(tmp: Path, work: Path) -> dict:

@@ -113,10 +113,10 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "num_components": _POSITIVE, "ambient_dim": _POSITIVE, "latent_dim": _POSITIVE, "teacher_seed": base.seed,
     "sizes": base.tuple_of(_POSITIVE), "train_seeds": base.tuple_of(base.seed),
     "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "steps": _POSITIVE, "lr": _POSITIVE_REAL,
-    "batch_size": _POSITIVE, "P_mean": base.number(), "P_std": _POSITIVE_REAL,
+    "batch_size": _POSITIVE, "P_mean": base.log_sigma, "P_std": _POSITIVE_REAL,
     "curve_size": base.integer(0), "curve_points": _POSITIVE,
     "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
-    "sigma_min": _POSITIVE_REAL, "sigma_max": _POSITIVE_REAL, "normalize": base.one_of("none", "per_dim"),
+    "sigma_min": base.sigma, "sigma_max": base.sigma, "normalize": base.one_of("none", "per_dim"),
 }
 
 PRESETS: dict[str, Callable[[], PFDConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}

@@ -97,7 +97,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "layer": base.text, "pooling": base.one_of("mean", "flatten"), "probe_train": _POSITIVE,
     "probe_test": _POSITIVE, "probe_l2": base.number(0), "split_seed": base.seed,
     "num_sigmas": base.integer(3),  # a shape needs a middle
-    "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
+    "sigma_min": base.sigma, "sigma_max": base.sigma,
     "noise_seed_start": base.seed, "trajectory_size": base.integer(0), "snapshot_every": _POSITIVE,
     "shape_tolerance": base.number(0), "molrg_components": base.integer(2), "molrg_ambient_dim": _POSITIVE,
     "molrg_latent_dim": _POSITIVE, "molrg_noise_std": base.number(0), "molrg_samples": base.integer(10),

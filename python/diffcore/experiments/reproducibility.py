@@ -74,7 +74,7 @@ class ReproducibilityConfig:
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0      # Gu et al.
     grid_samples: int = 16                     # samples shown per grid
-    torch_threads: int = 0                     # intra-op CPU threads per process (0: torch's default)
+    torch_threads: int = 0                     # intra-op CPU threads per process for data and measures (0: torch's default); models train and sample with one
     train_workers: int = 1                     # models trained at once, one process each (runtime only)
     train_ensemble: int = 1                    # models of one width and seed per stacked ensemble (runtime only)
 
@@ -105,7 +105,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
     "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
     "solver": base.one_of(*SOLVERS),
-    "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
+    "sigma_min": base.sigma, "sigma_max": base.sigma,
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
@@ -216,7 +216,7 @@ def model_spec(config: ReproducibilityConfig | dict, width: int, n: int, seed: i
     return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
             "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
             "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
-            "lr_warmup_images": c["lr_warmup_images"],
+            "lr_warmup_images": c["lr_warmup_images"], **base.data_digest(c["data_root"]),
             **_stack.recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0))}
 
 
@@ -252,7 +252,7 @@ class _Study:
     # specs -------------------------------------------------------------------
     def data_spec(self, n: int) -> dict:
         c = self.config
-        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed}
+        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed, **base.data_digest(c.data_root)}
 
     def model_spec(self, width: int, n: int, seed: int) -> dict:
         return model_spec(self.config, width, n, seed)
@@ -354,7 +354,7 @@ class _Study:
             x, train = samples.to(self.device), train_images.to(self.device)  # k-NN on the run's device
             gl = metrics.gl_score(x, train, self.similarity, threshold, knn=self.hooks.knn)
             mem = metrics.memorization_ratio(x, train, c.memorization_ratio, knn=self.hooks.knn)
-            summary = {"gl": gl.score, "nn_similarity_mean": float(gl.nn_similarity.mean()),
+            summary = {"gl": gl.score, "nn_similarity_mean": metrics.exact_mean(gl.nn_similarity),
                        "memorized_ratio": mem.fraction, "ratio_median": float(mem.ratio.median())}
             per_sample = {"nn_index": gl.nn_index, "nn_similarity": gl.nn_similarity,
                           "ratio": mem.ratio, "ratio_nn_index": mem.nn_index}
@@ -376,6 +376,7 @@ class _Study:
         c = self.config
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
         c.validate(pool.shape[0])
+        self.similarity.embed(pool[:4])  # a descriptor that gives no [B, F] rows fails now, not after training
         self.ws.bind_config(c.result_fields())
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
@@ -427,7 +428,7 @@ class _Study:
                 pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
                               "width_a": ra["width"], "seed_a": ra["seed"], "width_b": rb["width"],
                               "seed_b": rb["seed"], "rp": rp.score,
-                              "similarity_mean": float(rp.similarity.mean())})
+                              "similarity_mean": metrics.exact_mean(rp.similarity)})
         bar.close()
         results = {"experiment": NAME, "config": c.result_fields(),
                    "similarity": self.similarity.describe(), "threshold": threshold,

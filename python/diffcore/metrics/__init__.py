@@ -40,6 +40,7 @@ from diffcore.metrics.similarity import (
     PixelCosine,
     PixelL2,
     Similarity,
+    exact_mean,
     get_similarity,
     load_descriptor,
     nearest_neighbors,
@@ -51,6 +52,6 @@ __all__ = [
     "inception_features", "DESCRIPTOR_KINDS", "DescriptorPreprocess", "load_descriptor",
     "CALIBRATION_QUANTILE", "DESCRIPTOR_THRESHOLD", "MEMORIZATION_RATIO_THRESHOLD", "FeatureCosine",
     "GLResult", "MemorizationResult", "PFDResult", "PixelCosine", "PixelL2", "RPResult", "Similarity",
-    "calibrate_threshold", "flow_map", "get_similarity", "gl_score", "memorization_ratio",
+    "calibrate_threshold", "exact_mean", "flow_map", "get_similarity", "gl_score", "memorization_ratio",
     "nearest_neighbors", "nearest_other_similarity", "pfd", "pfd_from_samples", "rp_score",
 ]

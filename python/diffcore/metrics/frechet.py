@@ -75,11 +75,11 @@ class FeatureStatistics:
     def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
         """Add the rows summarized by ``other`` (statistics of the same extractor). Returns self."""
         _check_same_extractor(self, other)
+        if other.mean is not None and other.scatter is None:
+            raise ValueError("FeatureStatistics.merge: 'other' has no row count (loaded from a file "
+                             "without one, e.g. pytorch-fid's .npz) and cannot be merged")
         if other.count == 0:
             return self
-        if other.scatter is None:
-            raise ValueError("FeatureStatistics.merge: 'other' has no row count (loaded from a file "
-                             "without one) and cannot be merged")
         _feature_rows(other.mean[None], "other.mean", self.dim)
         return self._merge(other.count, other.mean, other.scatter)
 
@@ -132,39 +132,91 @@ class FeatureStatistics:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FeatureStatistics.load: no file {str(path)!r}")
-        if path.suffix == ".npz":
-            archive = np.load(path, allow_pickle=False)
-            if not hasattr(archive, "files"):
-                raise ValueError(f"FeatureStatistics.load: {str(path)!r} is not an .npz archive")
-            with archive:
-                arrays = {key: archive[key] for key in archive.files}
-            stored_extractor = None
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as fh:
-                arrays = {key: fh.get_tensor(key) for key in fh.keys()}
-                metadata = fh.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"FeatureStatistics.load: {str(path)!r} is not a diffcore statistics file")
-            stored_extractor = metadata.get("extractor") or None
-        else:
+        if path.suffix not in (".npz", ".safetensors"):
             raise ValueError(f"FeatureStatistics.load: path must end in .safetensors or .npz, got {str(path)!r}")
+        try:
+            arrays, stored_extractor = _read_arrays(path)
+        except Exception as err:  # a corrupt or truncated file: name it
+            if str(path) in str(err):
+                raise
+            raise ValueError(f"FeatureStatistics.load: {str(path)!r} is not a readable {path.suffix} "
+                             f"statistics file ({type(err).__name__}: {err})") from None
         return cls._from_arrays(arrays, stored_extractor or extractor, str(path))
 
     @classmethod
     def _from_arrays(cls, arrays: dict, extractor: str | None, source: str) -> "FeatureStatistics":
         if "mu" not in arrays or "sigma" not in arrays:
             raise ValueError(f"FeatureStatistics.load: {source!r} lacks the arrays 'mu' and 'sigma'")
-        mean = torch.from_numpy(np.asarray(arrays["mu"], dtype=np.float64)).reshape(-1)
-        cov = torch.from_numpy(np.asarray(arrays["sigma"], dtype=np.float64))
+        mean = _real_array(arrays["mu"], "mu", source).reshape(-1)
+        cov = _real_array(arrays["sigma"], "sigma", source)
         if cov.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(f"FeatureStatistics.load: {source!r}: 'sigma' has shape {tuple(cov.shape)}, "
                              f"expected {(mean.shape[0], mean.shape[0])} to match 'mu'")
+        _check_covariance(cov, source)
         if "count" not in arrays:  # pytorch-fid: mean and covariance only
             return _UncountedStatistics(mean, cov, extractor)
-        count = int(np.asarray(arrays["count"]).reshape(-1)[0])
+        count = _row_count(arrays["count"], source)
         return cls(count=count, mean=mean, scatter=cov * (count - 1), extractor=extractor)
+
+
+def _read_arrays(path: Path) -> tuple[dict, str | None]:
+    """The arrays of a statistics file and the extractor it names (None for ``.npz``)."""
+    if path.suffix == ".npz":
+        archive = np.load(path, allow_pickle=False)
+        if not hasattr(archive, "files"):
+            raise ValueError(f"FeatureStatistics.load: {str(path)!r} is not an .npz archive")
+        with archive:
+            return {key: archive[key] for key in archive.files}, None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as fh:
+        arrays = {key: fh.get_tensor(key) for key in fh.keys()}
+        metadata = fh.metadata() or {}
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"FeatureStatistics.load: {str(path)!r} is not a diffcore statistics file")
+    return arrays, metadata.get("extractor") or None
+
+
+def _real_array(array, key: str, source: str) -> torch.Tensor:
+    """``array`` as float64, refused (naming the file and key) unless real and finite."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"FeatureStatistics.load: {source!r}: {key!r} has dtype {array.dtype}, "
+                         "expected real numbers")
+    values = torch.from_numpy(array.astype(np.float64))
+    if not torch.isfinite(values).all():
+        raise ValueError(f"FeatureStatistics.load: {source!r}: {key!r} holds NaN or infinite values")
+    return values
+
+
+# A stored covariance is symmetric and positive semi-definite up to the rounding of its storage
+# (float32 files): asymmetry and negative eigenvalues are allowed up to this fraction of its
+# largest absolute entry / eigenvalue.
+COVARIANCE_RTOL = 1e-5
+
+
+def _check_covariance(cov: torch.Tensor, source: str) -> None:
+    scale = float(cov.abs().max()) if cov.numel() else 0.0
+    asymmetry = float((cov - cov.T).abs().max()) if cov.numel() else 0.0
+    if asymmetry > COVARIANCE_RTOL * scale:
+        raise ValueError(f"FeatureStatistics.load: {source!r}: 'sigma' is not symmetric (largest "
+                         f"|S - S^T| = {asymmetry:.3g}, largest |S| = {scale:.3g}); not a covariance")
+    eigenvalues = torch.linalg.eigvalsh((cov + cov.T) / 2) if cov.numel() else cov.new_zeros(1)
+    if float(eigenvalues.min()) < -COVARIANCE_RTOL * max(float(eigenvalues.abs().max()), 1e-300):
+        raise ValueError(f"FeatureStatistics.load: {source!r}: 'sigma' has a negative eigenvalue "
+                         f"{float(eigenvalues.min()):.3g}; a covariance is positive semi-definite")
+
+
+def _row_count(array, source: str) -> int:
+    array = np.asarray(array)
+    if array.dtype.kind not in "iu" or array.size != 1:
+        raise ValueError(f"FeatureStatistics.load: {source!r}: 'count' must be one integer, got "
+                         f"{array.size} value(s) of dtype {array.dtype}")
+    count = int(array.reshape(-1)[0])
+    if count < 2:
+        raise ValueError(f"FeatureStatistics.load: {source!r}: 'count' is {count}; a covariance needs "
+                         "at least 2 rows")
+    return count
 
 
 class _UncountedStatistics(FeatureStatistics):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore._checks import check_state_dict_values
+
 INCEPTION_SIZE = 299
 INCEPTION_FEATURES = "inception-v3-pool3"
 
@@ -233,5 +235,6 @@ def inception_features(weights: str | os.PathLike, device: str | torch.device = 
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         raise ValueError(f"inception weights {os.fspath(weights)!r}: wrong shapes for {wrong[:5]}")
+    check_state_dict_values(state, expected, f"inception weights {os.fspath(weights)!r}")
     network.load_state_dict(state)
     return network.eval().requires_grad_(False).to(device)

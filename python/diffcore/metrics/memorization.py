@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcore.metrics.similarity import Similarity, default_knn, flatten_rows, nearest_neighbors
+from diffcore.metrics.similarity import Similarity, default_knn, exact_mean, flatten_rows, nearest_neighbors
 
 MEMORIZATION_RATIO_THRESHOLD = 1.0 / 3.0  # Gu et al.
 CALIBRATION_QUANTILE = 0.95
@@ -27,7 +27,7 @@ class GLResult:
 
     def summary(self) -> dict:
         return {"gl": self.score, "threshold": self.threshold,
-                "nn_similarity_mean": float(self.nn_similarity.mean()) if self.nn_similarity.numel() else float("nan")}
+                "nn_similarity_mean": exact_mean(self.nn_similarity)}
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def gl_score(samples: torch.Tensor, train: torch.Tensor, similarity: Similarity,
     sims, idx = nearest_neighbors(samples, train, similarity, k=1, knn=knn)
     nn_similarity, nn_index = sims[:, 0], idx[:, 0]
     generalized = nn_similarity < threshold
-    score = float(generalized.float().mean()) if generalized.numel() else float("nan")
+    score = exact_mean(generalized)
     return GLResult(score, threshold, nn_similarity, nn_index, generalized)
 
 
@@ -81,7 +81,7 @@ def memorization_ratio(samples: torch.Tensor, train: torch.Tensor,
     d1, d2 = d[:, 0], d[:, 1]
     ratio = torch.where(d2 > 0, d1 / d2.clamp_min(1e-300), torch.zeros_like(d1))
     memorized = ratio < threshold
-    fraction = float(memorized.float().mean()) if memorized.numel() else float("nan")
+    fraction = exact_mean(memorized)
     return MemorizationResult(fraction, float(threshold), ratio, indices.cpu().long(), d.float(), memorized)
 
 

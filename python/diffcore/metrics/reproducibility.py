@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from diffcore.metrics.memorization import _resolve_threshold
-from diffcore.metrics.similarity import Similarity
+from diffcore.metrics.similarity import Similarity, exact_mean
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class RPResult:
 
     def summary(self) -> dict:
         return {"rp": self.score, "threshold": self.threshold,
-                "similarity_mean": float(self.similarity.mean()) if self.similarity.numel() else float("nan")}
+                "similarity_mean": exact_mean(self.similarity)}
 
 
 def rp_score(samples_a: torch.Tensor, samples_b: torch.Tensor, similarity: Similarity,
@@ -34,5 +34,5 @@ def rp_score(samples_a: torch.Tensor, samples_b: torch.Tensor, similarity: Simil
     threshold = _resolve_threshold(threshold, similarity)
     sims = similarity.pairwise(samples_a, samples_b).float().cpu()
     reproduced = sims > threshold
-    score = float(reproduced.float().mean()) if reproduced.numel() else float("nan")
+    score = exact_mean(reproduced)
     return RPResult(score, threshold, sims, reproduced)

@@ -9,7 +9,11 @@ distance:
   mean pixel subtracted) before the cosine, i.e. Pearson correlation of pixels. Centering removes
   the constant background offset every image shares (digits and most images have a large uniform
   background at -1), which otherwise inflates every cosine toward 1. Embedding: unit vectors, and
-  for unit vectors ``cos = 1 - |a - b|^2 / 2``.
+  for unit vectors ``cos = 1 - |a - b|^2 / 2``. A *constant* image (a blank sample: every pixel
+  equal, so its Pearson correlation is undefined) has similarity 0 to every non-constant image and
+  1 to every other constant image, in the k-NN (GL) and the pairwise (RP) path alike: the
+  embedding has one extra coordinate, 0 for non-constant images and 1 for constant ones (whose
+  other coordinates are 0).
 - ``l2`` (pixel space): ``similarity = 1 - rms(a - b) / 2`` with ``rms = |a - b| / sqrt(D)``. For
   images in [-1, 1], rms lies in [0, 2], so the similarity lies in [0, 1] (1 = identical).
   Embedding: rows divided by ``2 sqrt(D)``, similarity = ``1 - distance``.
@@ -18,7 +22,13 @@ distance:
   ``[B, F]``; similarity is the cosine of the descriptors, as in the reproducibility paper
   (PAPERS.md section 1, threshold 0.6). The kind states the preprocessing: ``sscd`` (the paper's
   SSCD: 320x320, ImageNet mean/std) or ``raw`` (images in [-1, 1] at their own size). Files load
-  running no Python; ``torch.export`` archives are refused (:func:`load_descriptor`).
+  running no Python; ``torch.export`` archives are refused (:func:`load_descriptor`). A descriptor row that is not finite or all zero
+  has no direction, so no cosine: it is refused (ValueError naming the descriptor file and the
+  image), as is an output that is not one tensor ``[B, F]`` for a batch of B images.
+
+Every measure refuses images with a NaN or infinite pixel. Embeddings are computed in float64 and
+rounded to float32 once, and means of similarities are exact (:func:`exact_mean`), so a result
+does not depend on the number of threads that reduced it.
 
 Thresholds: descriptors default to 0.6 (paper). Pixel-space measures have no universal threshold:
 their default is calibrated on the data (``diffcore.metrics.calibrate_threshold``), see
@@ -45,10 +55,64 @@ def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     return rows.float()
 
 
-def _unit_rows(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Rows scaled to unit norm; an all-zero row stays zero (its cosine with anything is 0)."""
-    norms = rows.norm(dim=1, keepdim=True)
-    return torch.where(norms > eps, rows / norms.clamp_min(eps), torch.zeros_like(rows))
+def exact_mean(values: torch.Tensor) -> float:
+    """The mean of ``values [B]`` as a float, summed exactly (``math.fsum``): the same whatever the
+    order or thread count; NaN for no values."""
+    flat = values.detach().reshape(-1).double().cpu().tolist()
+    return math.fsum(flat) / len(flat) if flat else float("nan")
+
+
+def check_finite_rows(rows: torch.Tensor, what: str) -> None:
+    """ValueError naming ``what`` and the first row of ``rows [B, F]`` holding a NaN or infinity."""
+    bad = ~torch.isfinite(rows).all(dim=1) if rows.numel() else torch.zeros(rows.shape[0], dtype=torch.bool)
+    if bool(bad.any()):
+        raise ValueError(f"{what}: row {int(bad.nonzero()[0, 0])} (image index) of {rows.shape[0]} holds a "
+                         "NaN or infinity (no similarity is defined for it)")
+
+
+ROW_CHUNK = 2048  # rows embedded at once: bounds the float64 copies of large pools (rows are independent)
+
+
+def _by_row_chunks(rows: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` applied to chunks of at most ROW_CHUNK rows of ``rows [B, F]``, results concatenated."""
+    if rows.shape[0] <= ROW_CHUNK:
+        return fn(rows)
+    return torch.cat([fn(chunk) for chunk in rows.split(ROW_CHUNK)])
+
+
+def _unit_rows(rows: torch.Tensor, what: str) -> torch.Tensor:
+    """Rows ``[B, F]`` scaled to unit norm in float64, as float32; a non-finite or all-zero row is
+    refused (ValueError naming ``what``): it has no direction."""
+    check_finite_rows(rows, what)
+    norms = rows.double().norm(dim=1)
+    zero = (norms == 0).nonzero()
+    if zero.numel():
+        raise ValueError(f"{what}: row {int(zero[0, 0])} (image index) of {rows.shape[0]} is all zeros "
+                         "(it has no direction, so no cosine)")
+    return _by_row_chunks(rows, lambda chunk: (chunk.double() / chunk.double().norm(dim=1, keepdim=True)).float())
+
+
+def _centered_unit_rows(rows: torch.Tensor, what: str) -> torch.Tensor:
+    """Pixel rows ``[B, D]`` mean-centered and scaled to unit norm (float64, returned as float32),
+    with one extra coordinate: 0 for a row that varies, 1 for a constant row (whose centered
+    coordinates are 0). Constant images are thus orthogonal to every other image and identical
+    to each other (module docstring)."""
+    check_finite_rows(rows, what)
+
+    def embed(chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.double()
+        centered = chunk - chunk.mean(dim=1, keepdim=True)
+        norms = centered.norm(dim=1, keepdim=True)
+        constant = (chunk == chunk[:, :1]).all(dim=1, keepdim=True)
+        unit = torch.where(constant, torch.zeros_like(centered), centered / torch.where(constant, 1.0, norms))
+        return torch.cat([unit, constant.double()], dim=1).float()
+
+    return _by_row_chunks(rows, embed)
+
+
+def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[B]`` of ``a, b [B, F]``, accumulated in float64, as float32."""
+    return (a.double() * b.double()).sum(dim=1).float()
 
 
 class Similarity:
@@ -80,14 +144,15 @@ class PixelCosine(Similarity):
     name = "cosine"
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        rows = flatten_rows(x)
-        return _unit_rows(rows - rows.mean(dim=1, keepdim=True))
+        """Images ``[B, ...]`` -> ``[B, D + 1]``: centered unit pixel rows, and 1 in the last
+        coordinate for a constant image (module docstring)."""
+        return _centered_unit_rows(flatten_rows(x), "similarity 'cosine': images")
 
     def from_distance(self, distance: torch.Tensor) -> torch.Tensor:
         return 1.0 - distance.float().square() / 2.0  # |a - b|^2 = 2 - 2 cos for unit a, b
 
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (self.embed(a) * self.embed(b)).sum(dim=1)  # exact cosine, no distance round trip
+        return _dot_rows(self.embed(a), self.embed(b))  # exact cosine, no distance round trip
 
 
 class PixelL2(Similarity):
@@ -97,11 +162,14 @@ class PixelL2(Similarity):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         rows = flatten_rows(x)
+        check_finite_rows(rows, "similarity 'l2': images")
         return rows / (2.0 * math.sqrt(rows.shape[1]))
 
     def from_distance(self, distance: torch.Tensor) -> torch.Tensor:
         return 1.0 - distance.float()
 
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,22 +250,43 @@ class FeatureCosine(Similarity):
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> unit descriptor rows ``[B, F]``; a descriptor output that is
+        not one tensor ``[B, F]`` (a tuple, a 1-D tensor, another batch size, complex numbers) or
+        a row that is not finite or all zero is refused naming the descriptor file."""
         module = self.module()
         outs = []
         for start in range(0, x.shape[0], self.batch_size):
             batch = self.preprocess(x[start:start + self.batch_size].to(self.device))
-            outs.append(module(batch).reshape(batch.shape[0], -1).float().cpu())
+            outs.append(self._checked_output(module(batch), batch.shape[0]))
         feats = torch.cat(outs) if outs else torch.zeros(0, 0)
-        return _unit_rows(feats)
+        return _unit_rows(feats, f"similarity: descriptor {self.path!r}: its output for the images")
+
+    def _checked_output(self, out, batch: int) -> torch.Tensor:
+        what = f"similarity: descriptor {self.path!r}"
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{what} returned a {type(out).__name__}; expected one tensor [B, F]")
+        if out.dim() < 2 or out.shape[0] != batch:
+            raise ValueError(f"{what} returned shape {tuple(out.shape)} for {batch} images; expected [B, F] "
+                             f"with B = {batch}")
+        if out.is_complex() or not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
+            raise ValueError(f"{what} returned {out.dtype} descriptors; expected real numbers")
+        return out.reshape(batch, -1).double().cpu()
 
     def from_distance(self, distance: torch.Tensor) -> torch.Tensor:
         return 1.0 - distance.float().square() / 2.0
 
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (self.embed(a) * self.embed(b)).sum(dim=1)
+        return _dot_rows(self.embed(a), self.embed(b))
 
     def describe(self) -> dict:
+        """The descriptor's name, kind, path, preprocessing and threshold, and its file's SHA-256
+        (``sha256``: results and units are keyed on the content, not the path)."""
+        from diffcore._digest import file_digest
+
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"similarity: descriptor (feature extractor) file {self.path!r} does not exist")
         return {"name": self.name, "kind": self.kind, "path": os.path.abspath(self.path),
+                "sha256": file_digest(self.path),
                 "preprocess": dataclasses.asdict(self.preprocess), "default_threshold": self.default_threshold}
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcore import _folder
+from diffcore._checks import check_state_dict_values
 from diffcore._progress import Progress
 from diffcore.data.registry import load_dataset
 from diffcore.train import ddp
@@ -184,6 +185,9 @@ class Trainer:
                                   f"this run has {self.context.world_size}")
         if state["step"] > self.config.steps:
             raise CheckpointError(f"checkpoint {str(path)!r} is at step {state['step']}, beyond steps={self.config.steps}")
+        for which in ("model", "ema"):
+            check_state_dict_values(checkpoint.tensors.get(which, {}), self.model.state_dict(),
+                                    f"checkpoint {str(path)!r} ({which})")
         try:
             self.model.load_state_dict(checkpoint.tensors["model"])
             self.ema.load_state_dict(checkpoint.tensors["ema"])
@@ -401,6 +405,7 @@ def load_trained_model(path, which: str = "ema") -> torch.nn.Module:
     if which not in checkpoint.tensors:
         raise CheckpointError(f"checkpoint {str(path)!r} has no {which}.safetensors")
     model = build_model(config["model"])
+    check_state_dict_values(checkpoint.tensors[which], model.state_dict(), f"checkpoint {str(path)!r} ({which})")
     try:
         model.load_state_dict(checkpoint.tensors[which])
     except RuntimeError as error:  # missing keys, unexpected keys, wrong shapes
