@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffcore import cli
-from diffcore.experiments import reproducibility
+from diffcore.experiments import hooks as study_hooks
 
 _spec = importlib.util.spec_from_file_location("experiments_standins",
                                                Path(__file__).parent / "experiments" / "conftest.py")
@@ -19,7 +19,7 @@ _spec.loader.exec_module(stack_standins)
 @pytest.fixture
 def stand_in_hooks(monkeypatch):
     stack = stack_standins.StandInStack()
-    monkeypatch.setattr(reproducibility, "default_hooks", stack.hooks)
+    monkeypatch.setattr(study_hooks, "default_hooks", stack.hooks)
     return stack
 
 

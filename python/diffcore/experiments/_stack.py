@@ -1,17 +1,19 @@
-"""The default hooks of the studies: what they take from the sampler, trainer, models, data and ops.
+"""The real hooks of the studies: what they take from the sampler, trainer, models, data and ops.
 
-Studies call the stack only through a hooks object (tests inject closed-form stand-ins); this
-module builds the real one. Each hook adapts one call to the shape the studies need (CPU float32
-samples, a study's model spec as a training request); nothing here falls back to anything.
+Studies call the stack only through a hooks object (:mod:`diffcore.experiments.hooks`, which
+assembles these functions; tests inject closed-form stand-ins). Each hook adapts one call to the
+shape the studies need (CPU float32 samples, a study's model spec as a training request); nothing
+here falls back to anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,17 +23,6 @@ from diffcore.train import ddp
 from diffcore.train.loss import EDMLoss
 
 log = logging.getLogger(__name__)
-
-
-def default_hooks():
-    """The studies' ``StudyHooks`` on the real stack."""
-    from diffcore import sampler
-    from diffcore.denoisers import EmpiricalDenoiser
-    from diffcore.experiments.reproducibility import StudyHooks
-
-    return StudyHooks(load_dataset=load_dataset, subset=subset, train=train_model, load=load_model,
-                      sample=sample, empirical_denoiser=EmpiricalDenoiser, knn=knn,
-                      noise_from_seeds=sampler.noise_from_seeds, train_ensemble=train_ensemble)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -116,6 +107,26 @@ def _target_spec(precond: str, augment_p: float, target: str, sigma_min: float) 
         raise ValueError(f"target: the {target!r} target needs EDM preconditioning without augmentation, "
                          f"got precond {precond!r}, augment_p {augment_p}")
     return {"target": target, "target_sigma_min": float(sigma_min)}
+
+
+def model_unit_spec(config: Any, width: int, n: int, seed: int) -> dict:
+    """The spec of the model unit (width, n, seed) of a study that trains UNets on nested subsets
+    (reproducibility, hidden-gaussian): ``config`` is the study's config or its fields as
+    results.json holds them. Recipe fields the config lacks take EDM's defaults
+    (:func:`recipe_spec`), so a reproducibility run's models are found by the same spec."""
+    c = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    sigma_lognormal = (c["sigma_p_mean"], c["sigma_p_std"]) if "sigma_p_mean" in c else EDM_SIGMA_LOGNORMAL
+    target = (c["train_target"], c["target_sigma_min"]) if "train_target" in c else ("clean", 0.0)
+    return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
+            "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
+            "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
+            "lr_warmup_images": c["lr_warmup_images"],
+            **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target)}
+
+
+def model_unit_name(width: int, n: int, seed: int) -> str:
+    """The unit name of model (width, n, seed): ``units/models/w{width}-n{n}-s{seed}``."""
+    return f"w{width}-n{n}-s{seed}"
 
 
 def model_spec(spec: dict) -> dict:

@@ -47,10 +47,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from diffcore.analysis.generalization import relative_distance
 from diffcore.experiments import base, plotting
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
-from diffcore.experiments.hidden_gaussian import relative_distance
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import torch
 
 from diffcore import metrics
 from diffcore.experiments import base, plotting
+from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import Workspace, atomic_write_json, json_dumps
 from diffcore.sampler import SOLVERS
 
@@ -72,13 +73,11 @@ CONFIG_CLASS = DemoConfig
 
 def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run the demo into ``out`` (``demo.png``, ``results.json``); returns the results."""
-    from diffcore.experiments import reproducibility
-
     config.validate()
     if hooks is None:
         from diffcore.experiments._stack import resolve_device
 
-        hooks = reproducibility.default_hooks()
+        hooks = study_hooks.default_hooks()
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"

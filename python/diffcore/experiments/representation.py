@@ -35,13 +35,16 @@ from typing import Callable
 
 import torch
 
-from diffcore.experiments import base
+from diffcore.experiments import base, experiment
+from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
 log = logging.getLogger(__name__)
 
 NAME = "representation"
+# The study whose models this one measures, run or read through the registry (no study imports another).
+REPRODUCIBILITY = "reproducibility"
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,7 @@ class RepresentationConfig:
             raise ConfigError("molrg_latent_dim: molrg_components * molrg_latent_dim must not exceed "
                               "molrg_ambient_dim (mutually orthogonal class subspaces)")
         if not self.models_from:
-            from diffcore.experiments import reproducibility
-
-            base.one_of(*reproducibility.PRESETS)("reproducibility_preset", self.reproducibility_preset)
+            base.one_of(*experiment(REPRODUCIBILITY).PRESETS)("reproducibility_preset", self.reproducibility_preset)
 
     def sigmas(self) -> list[float]:
         ratio = self.sigma_max / self.sigma_min
@@ -184,11 +185,9 @@ class _Model:
 
 class _Study:
     def __init__(self, config: RepresentationConfig, out, hooks, device: str, progress: bool):
-        from diffcore.experiments import reproducibility
-
         self.c = config
         self.ws = Workspace(out)
-        self.hooks = hooks or reproducibility.default_hooks()
+        self.hooks = hooks or study_hooks.default_hooks()
         self.default_stack = hooks is None
         self.device = device
         self.progress = progress
@@ -197,8 +196,7 @@ class _Study:
     # models --------------------------------------------------------------------
     def reproducibility_run(self) -> tuple[dict, Path]:
         """The reproducibility results and folder: ``models_from``, or that study run here."""
-        from diffcore.experiments import reproducibility
-
+        reproducibility = experiment(REPRODUCIBILITY)
         c = self.c
         if c.models_from:
             root = Path(c.models_from)
@@ -206,7 +204,7 @@ class _Study:
             if not results_path.is_file():
                 raise ConfigError(f"models_from: {root} holds no results.json of a finished reproducibility run")
             results = json.loads(results_path.read_text())
-            if results.get("experiment") != reproducibility.NAME:
+            if results.get("experiment") != REPRODUCIBILITY:
                 raise ConfigError(f"models_from: {results_path} is a {results.get('experiment')!r} run, "
                                   f"not a reproducibility run")
             return results, root
@@ -253,12 +251,12 @@ class _Study:
         """One model (the first width, N = trajectory_size, the first seed) trained with the
         reproducibility run's recipe, keeping its checkpoints every ``snapshot_every`` steps."""
         from diffcore import train
-        from diffcore.experiments import _stack, reproducibility
+        from diffcore.experiments import _stack
 
         c = self.c
         rc = repro["config"]
         width, n = (c.widths or tuple(rc["widths"]))[0], c.trajectory_size
-        spec = {**reproducibility.model_spec(rc, width, n, rc["train_seeds"][0]), "snapshot_every": c.snapshot_every}
+        spec = {**_stack.model_unit_spec(rc, width, n, rc["train_seeds"][0]), "snapshot_every": c.snapshot_every}
 
         def produce(tmp: Path, work: Path) -> dict:
             steps = spec["train_steps"]

@@ -16,7 +16,7 @@ model, sample set and metric is a resumable unit (see :mod:`diffcore.experiments
 run at any point and run it again to continue; it ends with the same ``results.json``.
 
 Train, sample, data and k-NN come from :class:`StudyHooks`; the default hooks are those of
-:mod:`diffcore.experiments._stack`, and tests inject closed-form stand-ins.
+:mod:`diffcore.experiments.hooks`, and tests inject closed-form stand-ins.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ import torch
 from diffcore import _env, metrics
 from diffcore._progress import Progress
 from diffcore.experiments import _stack, base, plotting
+from diffcore.experiments import hooks as study_hooks
+from diffcore.experiments.hooks import StudyHooks
 from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 from diffcore.sampler import SOLVERS
@@ -169,59 +171,12 @@ PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {"quick": _quick, "pap
 CONFIG_CLASS = ReproducibilityConfig
 
 
-# ----------------------------------------------------------------------------- hooks
-
-@dataclass
-class StudyHooks:
-    """What the study needs from the rest of the stack (injectable for tests).
-
-    - ``load_dataset(name, root) -> images [P, C, H, W]`` in [-1, 1]
-    - ``subset(images, n, seed) -> (images [n, ...], indices [n])``, nested in n
-    - ``train(images, spec, out_dir, work_dir, device=, progress=) -> dict`` writes a model to out_dir
-    - ``load(model_dir, device=) -> D(x, sigma)``
-    - ``sample(denoiser, seeds, shape, steps=, solver=, sigma_min=, sigma_max=, device=, progress=)``
-      ``-> [len(seeds), *shape]``
-    - ``empirical_denoiser(train_images) -> D(x, sigma)``
-    - ``knn(queries [B, F], train [N, F], k) -> (distances, indices)``
-    - ``noise_from_seeds(seeds, shape, device, dtype) -> [B, *shape]`` (figures of the noise)
-    - ``train_ensemble(images_list, specs, work_dirs, device=, progress=) -> [dict]`` (optional)
-      trains the models of ``specs`` (one architecture) as one stacked ensemble in their work
-      folders up to their final step, so that ``train`` with the same spec and work folder only
-      finishes each; returns each member's metadata. None: every model trains alone.
-    """
-
-    load_dataset: Callable
-    subset: Callable
-    train: Callable
-    load: Callable
-    sample: Callable
-    empirical_denoiser: Callable
-    knn: Callable
-    noise_from_seeds: Callable
-    train_ensemble: Callable | None = None
-
-
-def default_hooks() -> StudyHooks:
-    from diffcore.experiments import _stack
-
-    return _stack.default_hooks()
-
-
 # ----------------------------------------------------------------------------- units
 
-def model_spec(config: ReproducibilityConfig | dict, width: int, n: int, seed: int) -> dict:
-    """The spec of model unit (width, n, seed) of a run with ``config`` (the config, or its result
-    fields as results.json holds them): what other studies train or reuse to get the same model."""
-    c = dataclasses.asdict(config) if isinstance(config, ReproducibilityConfig) else config
-    return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
-            "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
-            "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
-            "lr_warmup_images": c["lr_warmup_images"],
-            **_stack.recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0))}
-
-
-def _model_name(width: int, n: int, seed: int) -> str:
-    return f"w{width}-n{n}-s{seed}"
+# The spec of model unit (width, n, seed) of a run with a config (or its result fields as
+# results.json holds them): what other studies train or reuse to get the same model.
+model_spec = _stack.model_unit_spec
+_model_name = _stack.model_unit_name
 
 
 def _save_tensor(path: Path, tensor: torch.Tensor) -> None:
@@ -587,7 +542,7 @@ class _Study:
 def _task_in_worker(config: ReproducibilityConfig, out: str, task: tuple, device: str) -> None:
     """One task of :meth:`_Study.make_units_in_workers`, in a worker process."""
     with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
+        study = _Study(config, out, study_hooks.default_hooks(), device, progress=False, default_stack=True)
         pool = study.hooks.load_dataset(config.dataset, config.data_root)
         study.run_task(task, pool, tuple(pool.shape[1:]), progress=False)
 
@@ -728,7 +683,7 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
 
     default_stack = hooks is None
     if default_stack:
-        hooks = default_hooks()
+        hooks = study_hooks.default_hooks()
         device = str(resolve_device(device))
     elif device == "auto":
         device = "cpu"
