@@ -65,7 +65,7 @@ def test_run_reproducibility_tiny(tmp_path, capsys, stand_in_hooks):
 
 def test_demo_writes_figure_and_results(tmp_path, capsys, stand_in_hooks):
     assert cli.main(["demo", "--out", str(tmp_path), "--no-progress", "-q", "--set", "num_samples=5",
-                     "--set", "steps=8"]) == 0
+                     "--set", "sampler_steps=8"]) == 0
     assert "memorized" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from diffcore import _env
+from diffcore import _atomic, _env
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ WORKERS_LOCK_FILE = ".lock.workers"
 KIND_FILE = "diffcore-run.json"
 LOCK_WAIT_VAR = _env.LOCK_WAIT_VAR
 WORKERS_GRACE_SECONDS = 30.0
-_STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp/mkdtemp names
+_STALE_TEMPORARY = _atomic.TEMPORARY_NAME  # the one temporary-name scheme (diffcore._atomic)
 
 
 class FolderError(RuntimeError):
@@ -207,9 +206,7 @@ def record_kind(root, kind: str) -> None:
     path = Path(root) / KIND_FILE
     if path.exists():
         return
-    tmp = path.with_name(f".{KIND_FILE}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps({"kind": kind}) + "\n")
-    os.replace(tmp, path)
+    _atomic.atomic_write_bytes(path, (json.dumps({"kind": kind}) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -94,7 +94,7 @@ def test_tiny_run_measures(tiny_run):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text()) == results
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["cpu_seconds"] > 0 and timings["images"]["units"] == n
+    assert timings["cpu_seconds"] > 0 and timings["units"]["images"]["units"] == n
 
 
 def test_saved_directions_reproduce_the_edits(tiny_run):
@@ -120,7 +120,7 @@ def test_resume_reuses_every_unit(tiny_run):
     again = study.run_preset("tiny", out, hooks=stack.hooks(), progress=False)
     assert again == results and stack.trained == trained
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["images"]["reused"] == timings["images"]["units"]
+    assert timings["units"]["images"]["reused"] == timings["units"]["images"]["units"]
 
 
 def test_reuses_the_model_of_a_reproducibility_run(tmp_path):

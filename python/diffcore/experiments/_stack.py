@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -124,6 +125,16 @@ def model_unit_spec(config: Any, width: int, n: int, seed: int) -> dict:
             **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target)}
 
 
+@dataclass
+class ModelOfSubset:
+    """A model of a study that trains on nested subsets: its unit name (``label``), width, N and seed."""
+
+    label: str
+    width: int
+    n: int
+    seed: int
+
+
 def model_unit_name(width: int, n: int, seed: int) -> str:
     """The unit name of model (width, n, seed): ``units/models/w{width}-n{n}-s{seed}``."""
     return f"w{width}-n{n}-s{seed}"
@@ -141,21 +152,31 @@ def model_spec(spec: dict) -> dict:
     return model
 
 
-def training_request(spec: dict, work_dir, device="cpu", progress: bool = True):
-    """The validated ``diffcore.train.TrainConfig`` of a study's model spec (dataset, data_root, n,
-    subset_seed, width, model_preset, seed, train_steps, batch_size, learning_rate,
-    lr_warmup_images, and the recipe keys of :func:`recipe_spec`); raises before anything is trained."""
+def training_request(spec: dict, work_dir, device="cpu", progress: bool = True, *, data: dict | None = None,
+                     model: dict | None = None, **options):
+    """The validated ``diffcore.train.TrainConfig`` of a study's model spec, the one way every study
+    asks ``diffcore.train`` for a model; raises before anything is trained.
+
+    ``spec``: train_steps, batch_size, learning_rate, lr_warmup_images, seed, the recipe keys of
+    :func:`recipe_spec`, and (unless ``data`` / ``model`` are given) dataset, data_root, n,
+    subset_seed (a nested subset) and model_preset, width (a DDPM++ UNet, :func:`model_spec`).
+    ``data`` / ``model``: the trainer's data and model specs where the study trains on something
+    else (a whole labelled dataset, an image folder) or another model (class-conditional,
+    multistage). ``options``: further ``TrainConfig`` fields (checkpoint_every, log_every,
+    class_conditional, label_dropout, ema_halflife_images, augment, ...)."""
     from diffcore import train
 
-    data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
-            "subset_seed": spec["subset_seed"]}
-    return train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
-                             batch_size=spec["batch_size"], lr=spec["learning_rate"],
-                             lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
-                             loss=spec.get("precond", "edm"), loss_options=_loss_options(spec),
-                             augment="edm" if spec.get("augment_p", 0) > 0 else "none",
-                             augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
-                             progress=_env.progress_enabled(progress))
+    if data is None:
+        data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
+                "subset_seed": spec["subset_seed"]}
+    fields = dict(data=data, model=model_spec(spec) if model is None else model, steps=spec["train_steps"],
+                  batch_size=spec["batch_size"], lr=spec["learning_rate"],
+                  lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
+                  loss=spec.get("precond", "edm"), loss_options=_loss_options(spec),
+                  augment="edm" if spec.get("augment_p", 0) > 0 else "none",
+                  augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
+                  progress=_env.progress_enabled(progress))
+    return train.TrainConfig(**{**fields, **options})
 
 
 def _loss_options(spec: dict) -> dict:

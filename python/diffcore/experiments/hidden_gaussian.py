@@ -41,9 +41,6 @@ from diffcore.experiments.base import (Unit, Workspace, atomic_save_figure, atom
 log = logging.getLogger(__name__)
 
 NAME = "hidden-gaussian"
-# One intra-op thread on the CPU: the digits UNets are small, and on the shared 2-core machine a
-# training step took 0.17 s with one thread against 5-11 s with two (thread contention).
-_CPU_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -103,7 +100,7 @@ class HiddenGaussianConfig:
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text, "dataset": base.text, "data_root": base.text, "model_preset": base.text,
+    "models_from": base.text, "dataset": base.text, "data_root": base.text, "model_preset": base.model_preset,
     "widths": base.tuple_of(_POSITIVE, min_len=0), "sizes": base.tuple_of(base.integer(2), min_len=0),
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL,
@@ -248,11 +245,7 @@ def effect_properties(results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), to
 # ----------------------------------------------------------------------------- the study
 
 @dataclass
-class _Model:
-    label: str
-    width: int
-    n: int
-    seed: int
+class _Model(_stack.ModelOfSubset):
     unit: Unit
 
 
@@ -263,7 +256,6 @@ class _Study:
         self.hooks = hooks
         self.device = device
         self.progress = progress
-        self.units: list[Unit] = []
 
     # models --------------------------------------------------------------------
     def model_spec(self, width: int, n: int, seed: int) -> dict:
@@ -281,7 +273,7 @@ class _Study:
                     unit = self.ws.run_unit("models", name, spec, lambda tmp, work, s=spec, t=train_images:
                                             self.hooks.train(t, s, tmp, work, device=self.device,
                                                              progress=self.progress))
-                    self.units.append(unit)
+                    self.ws.record(unit)
                     out.append(_Model(name, width, n, seed, unit))
         return out
 
@@ -352,7 +344,7 @@ class _Study:
                     "pfd_model_empirical": pfd(s_model, s_emp), "pfd_gaussian_empirical": pfd(s_gauss, s_emp)}
 
         unit = self.ws.run_unit("measure", model.label, spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     def run(self) -> dict:
@@ -390,10 +382,6 @@ class _Study:
         plot_curves(results, ("distill_w_error",), ("linear distillation vs Gaussian W",),
                     "|W_fit - W_G|_F / |W_G|_F", root / "distillation.png", logy=True)
         plot_samples(results, samples, self.c.grid_samples, root / "samples.png")
-        atomic_write_json(root / "timings.json", {kind: {"seconds": sum(u.seconds for u in self.units
-                                                                        if u.path.parent.name == kind),
-                                                         "units": sum(u.path.parent.name == kind for u in self.units)}
-                                                  for kind in ("models", "measure")})
 
 
 def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
@@ -507,16 +495,13 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
 
 def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore.experiments._stack import resolve_device
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given or study_hooks.default_hooks(), resolved, progress), hooks=hooks, device=device)
 
-    if hooks is None:
-        hooks = study_hooks.default_hooks()
-        device = str(resolve_device(device))
-    elif device == "auto":
-        device = "cpu"
-    config.validate()
-    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
-                          threads=_CPU_THREADS if str(device) == "cpu" else 0)
+
+# One intra-op thread on the CPU: the digits UNets are small, and on a busy 2-core machine a
+# training step took 0.17 s with one thread against 5-11 s with two (thread contention).
+STUDY = base.Study(NAME, HiddenGaussianConfig, threads=1)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

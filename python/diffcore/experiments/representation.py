@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from diffcore.experiments import base, experiment
+from diffcore.experiments import _stack, base, experiment
 from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
@@ -173,11 +173,7 @@ def probe_curve(denoiser: torch.nn.Module, pool: torch.Tensor, labels: torch.Ten
 # ----------------------------------------------------------------------------- the study
 
 @dataclass
-class _Model:
-    label: str
-    width: int
-    n: int
-    seed: int
+class _Model(_stack.ModelOfSubset):
     path: Path               # a finished model unit (its checkpoint/ folder)
     gl: float | None
     memorized_ratio: float | None
@@ -251,7 +247,6 @@ class _Study:
         """One model (the first width, N = trajectory_size, the first seed) trained with the
         reproducibility run's recipe, keeping its checkpoints every ``snapshot_every`` steps."""
         from diffcore import train
-        from diffcore.experiments import _stack
 
         c = self.c
         rc = repro["config"]
@@ -377,7 +372,6 @@ class _Study:
 def _labels(dataset: str, data_root: str, expected: int) -> torch.Tensor:
     """Integer class labels of the dataset's pool, in the pool's order."""
     from diffcore import data
-    from diffcore.experiments import _stack
 
     labels = data.load_dataset(_stack.data_spec(dataset, data_root)).labels
     if labels.shape[0] != expected:
@@ -449,12 +443,11 @@ def plot(results: dict, path) -> Path:
 
 def run(config: RepresentationConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore.experiments._stack import resolve_device
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given, resolved, progress), hooks=hooks, device=device)
 
-    config.validate()
-    device = str(resolve_device(device)) if hooks is None else ("cpu" if device == "auto" else device)
-    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
-                          threads=config.torch_threads, one_process=True)
+
+STUDY = base.Study(NAME, RepresentationConfig, one_process=True)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -37,10 +37,9 @@ from diffcore import _env, metrics
 from diffcore._progress import Progress
 from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments import hooks as study_hooks
-from diffcore.experiments.hooks import StudyHooks
 from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
-from diffcore.sampler import SOLVERS
+from diffcore.experiments.hooks import StudyHooks
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +99,13 @@ class ReproducibilityConfig:
 
 _POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "model_preset": base.text, "similarity": base.text,
+    "dataset": base.text, "data_root": base.text, "model_preset": base.model_preset, "similarity": base.text,
     "widths": base.tuple_of(_POSITIVE),
     "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
     "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
-    "solver": base.one_of(*SOLVERS),
+    "solver": base.solver,
     "sigma_min": base.number(0, lo_open=True), "sigma_max": base.number(0, lo_open=True),
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
@@ -201,7 +200,6 @@ class _Study:
         self.hooks = hooks
         self.device = device
         self.progress = progress
-        self.units: dict[str, list[Unit]] = {"train": [], "sample": [], "metrics": []}
         self.similarity = metrics.get_similarity(config.similarity, device=device)
 
     # specs -------------------------------------------------------------------
@@ -238,13 +236,8 @@ class _Study:
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
     def run_unit(self, phase: str, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
-        """The workspace's unit (``wait=False``: None when another process is making it), recorded
-        for :meth:`timings` once: a unit made in this process and found finished again later (tasks
-        run in-process with ``train_workers=1``) keeps its first, producing record."""
-        unit = (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
-        if unit is not None and not (unit.reused and any(u.path == unit.path for u in self.units[phase])):
-            self.units[phase].append(unit)
-        return unit
+        """The workspace's unit (``wait=False``: None when another process is making it)."""
+        return (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
 
     def empirical_spec(self, n: int) -> dict:
         return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
@@ -520,23 +513,13 @@ class _Study:
                          threshold=results["threshold"], similarity=results["similarity"]["name"],
                          title=f"Reproducibility and generalization against N: {self.config.dataset}, "
                                f"{self.config.model_preset}")
-        atomic_write_json(root / "timings.json", self.timings())
 
-    def timings(self) -> dict:
-        """Seconds per phase, summed over units (each unit's own wall time when it was made, so
-        with train_workers > 1 the training seconds add up the concurrent processes; the wall time
-        of that parallel phase is ``train.parallel_wall_seconds``; a model trained in an ensemble
-        counts its share of the ensemble's training seconds)."""
-        out = {}
-        for phase, units in self.units.items():
-            out[phase] = {"seconds": sum(u.seconds + _ensemble_share(u.meta) for u in units), "units": len(units),
-                          "reused": sum(u.reused for u in units)}
-        if self.train_wall_seconds is not None:
-            out["train"]["parallel_wall_seconds"] = self.train_wall_seconds
-        out["train_workers"] = self.config.train_workers
-        out["train_ensemble"] = self.config.train_ensemble
-        out["torch_threads"] = torch.get_num_threads()
-        return out
+    def timing_details(self) -> dict:
+        """What timings.json adds for this study: the wall time of the parallel training phase
+        (``train_wall_seconds``; the units' seconds add up the concurrent processes), the workers
+        and the ensembles."""
+        return {"train_wall_seconds": self.train_wall_seconds, "train_workers": self.config.train_workers,
+                "train_ensemble": self.config.train_ensemble}
 
 
 def _task_in_worker(config: ReproducibilityConfig, out: str, task: tuple, device: str) -> None:
@@ -601,13 +584,6 @@ class _TrainingProgress:
         self.bar.set(self._done_steps())
         self.bar.close()
         return False
-
-
-
-
-def _ensemble_share(meta: dict) -> float:
-    """A model's share of the seconds of the ensemble it was trained in (0 if trained alone)."""
-    return meta.get("ensemble_train_seconds", 0.0) / meta.get("ensemble_size", 1)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -679,28 +655,22 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
     Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process makes the
     models and sample sets no other process is making; then rank 0 (or a later plain run) writes
     the results, and the other processes return ``{}``."""
-    from diffcore.experiments._stack import resolve_device
+    def make(given: StudyHooks | None, resolved: str, part: base.Participation) -> _Study:
+        return _Study(config, out, given or study_hooks.default_hooks(), resolved, progress,
+                      default_stack=given is None, part=part)
 
-    default_stack = hooks is None
-    if default_stack:
-        hooks = study_hooks.default_hooks()
-        device = str(resolve_device(device))
-    elif device == "auto":
-        device = "cpu"
-    config.validate()
-    part = base.participation()
-    start = time.perf_counter()
-    with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, hooks, device, progress, default_stack=default_stack, part=part)
-        with study.ws.claim(NAME, shared=not part.alone), base.units_in_one_process():
-            results = study.run()
-            if not results:  # a shard, or a rank other than 0: the aggregating run writes the results
-                return results
-            wall = time.perf_counter() - start
-            timings_path = study.ws.root / "timings.json"
-            atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
-    log.info("reproducibility study done in %.1f s: %s", wall, out)
-    return results
+    return base.run_study(STUDY, config, out, make, hooks=hooks, device=device)
+
+
+def summary(results: dict, out: Path) -> list[str]:
+    """The lines ``diffcore run reproducibility`` prints: a row per model, then the figure."""
+    lines = [f"{'width':>6} {'N':>6} {'seed':>4} {'GL':>6} {'mem':>6} {'RP_emp':>6}"]
+    lines += [f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
+              f"{row['memorized_ratio']:6.3f} {row['rp_empirical']:6.3f}" for row in results["models"]]
+    return lines + [f"figure: {out / 'figure1.png'}", f"results: {out / 'results.json'}"]
+
+
+STUDY = base.Study(NAME, ReproducibilityConfig, spreads=True, one_process=True, summary=summary)
 
 
 def run_preset(preset: str, out: str | Path, overrides=(), **kwargs) -> dict:
