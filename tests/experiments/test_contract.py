@@ -115,7 +115,9 @@ def test_every_study_declares_its_contract(name):
     from diffcore.experiments import base, experiment
 
     module = experiment(name)
+    assert EXPERIMENTS[name] == module.__name__
     assert isinstance(module.STUDY, base.Study) and module.STUDY.name == name == module.NAME
+    assert set(module.PRESETS) >= {"tiny", "quick"}  # tiny: seconds, for tests
     assert module.STUDY.config_class is module.CONFIG_CLASS
     assert set(module.PRESETS) and all(isinstance(make(), module.CONFIG_CLASS) for make in module.PRESETS.values())
 

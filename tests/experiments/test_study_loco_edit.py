@@ -13,7 +13,6 @@ import torch
 
 from diffcore.data import load_digits
 from diffcore.denoisers import GaussianDenoiser
-from diffcore.experiments import EXPERIMENTS
 from diffcore.experiments import loco_edit as study
 from diffcore.experiments.base import ConfigError, Workspace
 
@@ -59,12 +58,6 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("loco")
     stack = GaussianStack()
     return out, stack, study.run_preset("tiny", out, hooks=stack.hooks(), progress=False)
-
-
-def test_registered():
-    assert EXPERIMENTS["loco-edit"] == "diffcore.experiments.loco_edit"
-    for preset in study.PRESETS:
-        assert isinstance(study.PRESETS[preset](), study.LocoEditConfig)
 
 
 def test_tiny_run_measures(tiny_run):

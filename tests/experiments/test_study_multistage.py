@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from diffcore.analysis import segmentation_cost
-from diffcore.experiments import EXPERIMENTS
 from diffcore.experiments import multistage as study
 from diffcore.experiments.base import ConfigError
 
@@ -22,10 +21,6 @@ def tiny_run(tmp_path_factory):
         yield out, study.run_preset("tiny", out, progress=False, device="cpu")
     finally:
         torch.set_num_threads(threads)
-
-
-def test_registered():
-    assert EXPERIMENTS["multistage"] == "diffcore.experiments.multistage"
 
 
 def test_stage_division_is_the_optimal_contiguous_split(tiny_run):
