@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from diffcore.analysis import guidance
+from diffcore.analysis import guidance as guidance_measures
 from diffcore.analysis.guidance import LabeledDenoiser
 from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
@@ -292,17 +292,18 @@ def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor
                       c: CFGConfig, device) -> list[dict]:
     """Relative distances of the trained denoisers to the Gaussian ones per sigma (module docstring;
     :func:`diffcore.analysis.guidance.transition_curves` with this config's probes)."""
-    return guidance.transition_curves(net, gaussians, images, labels, sigmas, samples_per_class=c.distance_samples,
-                                      seed=c.probe_seed, device=device)
+    return guidance_measures.transition_curves(net, gaussians, images, labels, sigmas,
+                                               samples_per_class=c.distance_samples,
+                                               seed=c.probe_seed, device=device)
 
 
 def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
                      c: CFGConfig, device) -> list[dict]:
     """Per-sample CPCs of the trained model vs the Gaussian CPCs of the same class, per sigma
     (:func:`diffcore.analysis.guidance.cpc_measurements` with this config's probes)."""
-    return guidance.cpc_measurements(net, gaussians, images, labels, sigmas, points=c.cpc_points, k=c.cpc_k,
-                                     method=c.cpc_method, iters=c.cpc_iters or None, seed=c.probe_seed,
-                                     device=device)
+    return guidance_measures.cpc_measurements(net, gaussians, images, labels, sigmas, points=c.cpc_points, k=c.cpc_k,
+                                              method=c.cpc_method, iters=c.cpc_iters or None, seed=c.probe_seed,
+                                              device=device)
 
 
 def _spread(values: list[float], count: int) -> list[float]:

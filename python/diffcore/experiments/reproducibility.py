@@ -231,11 +231,11 @@ class _Study:
             atomic_write_json(tmp / "threshold.json", {"threshold": value})
             return {"threshold": value}
 
-        unit = self.run_unit("metrics", "calibration", "threshold", spec, produce, wait=True)
+        unit = self.run_unit("calibration", "threshold", spec, produce, wait=True)
         value = json.loads(unit.file("threshold.json").read_text())["threshold"]
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
-    def run_unit(self, phase: str, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
+    def run_unit(self, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
         """The workspace's unit (``wait=False``: None when another process is making it)."""
         return (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
 
@@ -253,7 +253,7 @@ class _Study:
             _save_tensor(tmp / "samples.pt", samples.float())
             return {"shape": list(samples.shape)}
 
-        unit = self.run_unit("sample", "samples", name, spec, produce, wait)
+        unit = self.run_unit("samples", name, spec, produce, wait)
         return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
     def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
@@ -267,7 +267,7 @@ class _Study:
                                     progress=self.progress if progress is None else progress)
             return {**meta, **{k: v for k, v in (ensemble_meta or {}).items() if v is not None}}
 
-        return self.run_unit("train", "models", _model_name(width, n, seed), spec, produce, wait)
+        return self.run_unit("models", _model_name(width, n, seed), spec, produce, wait)
 
     def models_costliest_first(self) -> list[tuple[int, int, int]]:
         """(width, n, seed) of every model, widest and largest N first."""
@@ -314,7 +314,7 @@ class _Study:
             torch.save({k: v.cpu().contiguous().clone() for k, v in per_sample.items()}, tmp / "per_sample.pt")
             return summary
 
-        unit = self.run_unit("metrics", "metrics", name, full_spec, produce, wait=True)
+        unit = self.run_unit("metrics", name, full_spec, produce, wait=True)
         summary = json.loads(unit.file("metrics.json").read_text())
         summary["per_sample"] = torch.load(unit.file("per_sample.pt"), map_location="cpu", weights_only=True)
         return summary
