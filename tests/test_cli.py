@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffcore import cli
-from diffcore.experiments import reproducibility
+from diffcore.experiments import hooks as study_hooks
 
 _spec = importlib.util.spec_from_file_location("experiments_standins",
                                                Path(__file__).parent / "experiments" / "conftest.py")
@@ -19,7 +19,7 @@ _spec.loader.exec_module(stack_standins)
 @pytest.fixture
 def stand_in_hooks(monkeypatch):
     stack = stack_standins.StandInStack()
-    monkeypatch.setattr(reproducibility, "default_hooks", stack.hooks)
+    monkeypatch.setattr(study_hooks, "default_hooks", stack.hooks)
     return stack
 
 
@@ -65,7 +65,7 @@ def test_run_reproducibility_tiny(tmp_path, capsys, stand_in_hooks):
 
 def test_demo_writes_figure_and_results(tmp_path, capsys, stand_in_hooks):
     assert cli.main(["demo", "--out", str(tmp_path), "--no-progress", "-q", "--set", "num_samples=5",
-                     "--set", "steps=8"]) == 0
+                     "--set", "sampler_steps=8"]) == 0
     assert "memorized" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,14 +1,30 @@
 """Atomic file writes shared by every layer: a temporary file in the target's folder, fsync, ``os.replace``.
 
 A killed process leaves either the old file or the new one, never half of one (a stray
-``.NAME.*.tmp`` at worst, which never passes for the file).
+``.NAME.XXXXXXXX.tmp`` at worst, which never passes for the file). Folders made whole before they
+appear (a unit, a checkpoint) are built in :func:`temporary_folder` and renamed into place. This is
+the one temporary-name scheme of the package: :data:`TEMPORARY_NAME` is what the stale-file
+cleaner (:func:`diffcore._folder.remove_stale_temporaries`) removes.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+
+# ``.NAME.XXXXXXXX.tmp``: what tempfile.mkstemp / mkdtemp make with the prefix and suffix used here.
+TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def temporary_folder(target: str | os.PathLike) -> Path:
+    """A fresh empty folder ``.NAME.XXXXXXXX.tmp`` beside ``target`` (its parent created), to be
+    filled and then renamed onto ``target`` with ``os.replace``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:

@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import stat
@@ -40,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from diffcore import _env
+from diffcore import _atomic, _env
 from diffcore._files import FileReadError, load_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ WORKERS_LOCK_FILE = ".lock.workers"
 KIND_FILE = "diffcore-run.json"
 LOCK_WAIT_VAR = _env.LOCK_WAIT_VAR
 WORKERS_GRACE_SECONDS = 30.0
-_STALE_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp/mkdtemp names
+_STALE_TEMPORARY = _atomic.TEMPORARY_NAME  # the one temporary-name scheme (diffcore._atomic)
 
 
 class FolderError(RuntimeError):
@@ -297,12 +296,7 @@ def record_kind(root, kind: str) -> None:
     path = Path(root) / KIND_FILE
     if os.path.lexists(path):
         return
-    tmp = path.with_name(f".{KIND_FILE}.{os.getpid()}.partial")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps({"kind": kind}) + "\n")
-    os.replace(tmp, path)
+    _atomic.atomic_write_bytes(path, (json.dumps({"kind": kind}) + "\n").encode())
 
 
 @contextlib.contextmanager

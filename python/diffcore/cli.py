@@ -57,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--shard", default=None, metavar="I/N",
                      help="process I (0 .. N-1) of N sharing the run (a job array); afterwards a run "
-                          "without --shard writes the results (reproducibility only)")
+                          "without --shard writes the results (studies that spread their units)")
 
     demo = sub.add_parser("demo", help="denoise noise with the empirical denoiser of the digits (seconds)")
     add_run_options(demo, default_preset="default")
@@ -146,45 +146,31 @@ def _run_experiment(name: str, args) -> int:
     out = args.out if args.out is not None else str(Path("runs") / f"{name}-{args.preset}")
     if args.wait is not None:
         os.environ[_folder.LOCK_WAIT_VAR] = str(args.wait)
-    _set_shard(name, getattr(args, "shard", None))
+    _set_shard(getattr(args, "shard", None))
     print(f"diffcore: {name} (preset {args.preset}) -> {out}")
     results = module.run(config, out, device=args.device, progress=not args.no_progress)
     if not results:
         print("diffcore: this process's share is done; the results are written by rank 0 or by a run "
               "without --shard")
         return 0
-    _print_summary(name, results, Path(out))
+    _print_summary(module, results, Path(out))
     return 0
 
 
-def _set_shard(name: str, shard: str | None) -> None:
-    """``--shard I/N`` as DIFFCORE_SHARD; only the reproducibility study spreads over processes."""
-    from diffcore.experiments.base import SHARD_VAR, ConfigError, parse_shard
+def _set_shard(shard: str | None) -> None:
+    """``--shard I/N`` as DIFFCORE_SHARD (a study that does not spread its units refuses it when it runs)."""
+    from diffcore.experiments.base import SHARD_VAR, parse_shard
 
     if shard is not None:
         parse_shard(shard)
         os.environ[SHARD_VAR] = shard
-    spread = os.environ.get(SHARD_VAR) or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if spread and name != "reproducibility":
-        raise ConfigError(f"--shard / torchrun: {name} runs in one process (only reproducibility spreads "
-                          "its units over processes so far)")
 
 
-def _print_summary(name: str, results: dict, out: Path) -> None:
-    if name == "demo":
-        print(f"memorized (|x-NN1|/|x-NN2| < 1/3): {results['memorized_fraction']:.0%} of "
-              f"{len(results['samples'])} samples; GL {results['gl']:.3f} "
-              f"(threshold {results['threshold']:.3f}, {results['similarity']['name']})")
-        print(f"figure: {out / 'demo.png'}\nresults: {out / 'results.json'}")
-        return
-    if name == "reproducibility":
-        print(f"{'width':>6} {'N':>6} {'seed':>4} {'GL':>6} {'mem':>6} {'RP_emp':>6}")
-        for row in results["models"]:
-            print(f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
-                  f"{row['memorized_ratio']:6.3f} {row['rp_empirical']:6.3f}")
-        print(f"figure: {out / 'figure1.png'}\nresults: {out / 'results.json'}")
-        return
-    print(f"results: {out / 'results.json'}")
+def _print_summary(module, results: dict, out: Path) -> None:
+    """The study's own summary lines (its ``STUDY.summary``), or where the results are."""
+    summary = module.STUDY.summary
+    for line in summary(results, out) if summary is not None else [f"results: {out / 'results.json'}"]:
+        print(line)
 
 
 def _train(argv: list[str]) -> int:

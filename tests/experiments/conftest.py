@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffcore.data import load_digits
-from diffcore.experiments.reproducibility import StudyHooks
+from diffcore.experiments.hooks import StudyHooks
 
 _spec = importlib.util.spec_from_file_location("standins", Path(__file__).parents[1] / "metrics" / "standins.py")
 standins = importlib.util.module_from_spec(_spec)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffcore.experiments import reproducibility as study
-from diffcore.experiments.base import config_from_preset
+from diffcore.experiments.base import config_from_preset, unit_timings
 
 # N = 96 lies between the capacities of the two widths (64 and 128 images): width 4 generalizes there
 # while width 8 still memorizes.
@@ -48,7 +48,7 @@ def test_outputs_have_the_expected_structure(finished_run):
     assert set(results["curves"]) == {str(w) for w in cfg.widths}
     assert 0.9 < results["threshold"] < 1.0 and results["threshold_source"].startswith("calibrated")
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["train"]["units"] == n_models
+    assert timings["schema"] == "diffcore-timings/1" and timings["units"]["models"]["units"] == n_models
 
 
 def test_direction_of_the_effect(finished_run):
@@ -174,12 +174,13 @@ def test_models_of_one_width_and_seed_train_as_ensembles(tmp_path, stand_in_stac
                                                          ("ensemble", 4, (512, 96, 8), 1)]
     run.run_task(tasks[0], pool, tuple(pool.shape[1:]), progress=False)
     assert ensembles == [[(4, 96, 0), (4, 8, 0)]]
-    metas = {u.spec["n"]: u.meta for u in run.units["train"]}
+    models = [u for u in run.ws.units if u.path.parent.name == "models"]
+    metas = {u.spec["n"]: u.meta for u in models}
     assert metas[512] == {"final_loss": 0.1}
     assert metas[96] == metas[8] == {"final_loss": 0.2, "ensemble_size": 2, "ensemble_train_seconds": 4.0}
-    made = [u for u in run.units["train"] if not u.reused]  # the lone model is recorded once, when made
-    assert len(made) == 3 and run.timings()["train"]["units"] == 3
-    assert run.timings()["train"]["seconds"] == pytest.approx(sum(u.seconds for u in made) + 4.0)
+    made = [u for u in models if not u.reused]  # the lone model is recorded once, when made
+    assert len(made) == 3 and unit_timings(run.ws.units)["models"]["units"] == 3
+    assert unit_timings(run.ws.units)["models"]["seconds"] == pytest.approx(sum(u.seconds for u in made) + 4.0)
     assert all(run.ws.finished("samples", f"w4-n{n}-s0", {**run.model_spec(4, n, 0), **run.sampling_spec()})
                for n in (512, 96, 8))
 

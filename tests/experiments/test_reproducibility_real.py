@@ -35,14 +35,14 @@ def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
     assert small["rp_empirical"] > large["rp_empirical"], (small, large)
     assert {e["n"]: e["gl"] for e in results["empirical"]} == {8: 0.0, 1797: 0.0}
     timings = json.loads((tmp_path / "timings.json").read_text())
-    assert timings["train"]["units"] == 2 and timings["torch_threads"] == 1
+    assert timings["units"]["models"]["units"] == 2 and timings["torch_threads"] == 1
     made_by_workers = 2 if config.train_workers == 2 else 0  # train_workers=1: made in this process
-    assert timings["train"]["reused"] == made_by_workers and timings["train"]["parallel_wall_seconds"] > 0
+    assert timings["units"]["models"]["reused"] == made_by_workers and timings["details"]["train_wall_seconds"] > 0
     metas = [json.loads((tmp_path / "units" / "models" / f"w16-n{n}-s0" / MANIFEST).read_text())["meta"]
              for n in (8, 1797)]
     if config.train_ensemble == 2:
         assert [m["ensemble_size"] for m in metas] == [2, 2] and all(m["final_loss"] > 0 for m in metas)
-        assert timings["train"]["seconds"] >= metas[0]["ensemble_train_seconds"] * 0.99
+        assert timings["units"]["models"]["seconds"] >= metas[0]["ensemble_train_seconds"] * 0.99
     else:
         assert all("ensemble_size" not in m for m in metas)
     assert (tmp_path / "figure1.png").is_file() and len(list((tmp_path / "grids").iterdir())) == 4

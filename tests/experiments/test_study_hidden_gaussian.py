@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from diffcore.denoisers import GaussianDenoiser
-from diffcore.experiments import EXPERIMENTS
 from diffcore.experiments import hidden_gaussian as study
 
 
@@ -26,10 +25,6 @@ def tiny_run(tmp_path_factory, stand_in_stack):
 
 def _curve(results, n, key, lo, hi):
     return [r[key] for r in results["curves"] if r["n"] == n and lo <= r["sigma"] <= hi]
-
-
-def test_registered():
-    assert EXPERIMENTS["hidden-gaussian"] == "diffcore.experiments.hidden_gaussian"
 
 
 def test_generalizing_model_is_closer_to_the_gaussian(tiny_run):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from diffcore.analysis import segmentation_cost
-from diffcore.experiments import EXPERIMENTS
 from diffcore.experiments import multistage as study
 from diffcore.experiments.base import ConfigError
 
@@ -22,10 +21,6 @@ def tiny_run(tmp_path_factory):
         yield out, study.run_preset("tiny", out, progress=False, device="cpu")
     finally:
         torch.set_num_threads(threads)
-
-
-def test_registered():
-    assert EXPERIMENTS["multistage"] == "diffcore.experiments.multistage"
 
 
 def test_stage_division_is_the_optimal_contiguous_split(tiny_run):
@@ -70,7 +65,7 @@ def test_rerun_reuses_every_unit(tiny_run):
 
 @pytest.mark.parametrize("field, value", [
     ("num_stages", 0), ("grid_points", 1), ("decoder_channels", (8, 8)), ("stage_boundaries", (2.0, 1.0)),
-    ("eval_steps", (6, 3)), ("cpu_threads", -1), ("grid_sigma_min", 0.0), ("learning_rate", 0.0), ("num_train", 1),
+    ("eval_steps", (6, 3)), ("torch_threads", -1), ("grid_sigma_min", 0.0), ("learning_rate", 0.0), ("num_train", 1),
 ])
 def test_bad_config_names_the_field(field, value):
     config = study.PRESETS["tiny"]().__class__(**{**study.PRESETS["tiny"]().__dict__, field: value})

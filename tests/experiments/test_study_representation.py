@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from diffcore.experiments import EXPERIMENTS
 from diffcore.experiments import representation as study
 from diffcore.experiments.base import ConfigError, config_from_preset
 
@@ -15,10 +14,6 @@ from diffcore.experiments.base import ConfigError, config_from_preset
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("representation")
     return out, study.run_preset("tiny", out, progress=False)
-
-
-def test_registered():
-    assert EXPERIMENTS["representation"] == "diffcore.experiments.representation"
 
 
 @pytest.mark.slow

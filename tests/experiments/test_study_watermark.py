@@ -53,14 +53,15 @@ def test_rerun_reuses_every_unit(tiny_run):
     again = study.run_preset("tiny", out, progress=False)
     assert again == results
     timings = json.loads((out / "timings.json").read_text())
-    assert all(v["reused"] == v["units"] for v in timings.values())
+    assert all(v["reused"] == v["units"] for v in timings["units"].values())
 
 
 @pytest.mark.parametrize("override, field", [
     ("time=1.0", "time"), ("time=0", "time"), ("channel=1", "channel"), ("radius_fraction=0.49", "radius"),
     ("radius_fraction=0.6", "radius_fraction"), ("model=vae", "model"), ("attacks=none,rotate", "attacks"),
     ("solver=rk4", "solver"), ("num_negatives=1", "num_negatives"), ("jpeg_quality=0", "jpeg_quality"),
-    ("band=mid", "band"), ("steps=1", "steps"), ("grid_images=99", "grid_images"), ("model=diffusers", "model_dir"),
+    ("band=mid", "band"), ("sampler_steps=1", "sampler_steps"), ("grid_images=99", "grid_images"),
+    ("model=diffusers", "model_dir"),
 ])
 def test_bad_config_names_the_field(tmp_path, override, field):
     config = apply_overrides(study.PRESETS["tiny"](), [override])
@@ -71,7 +72,7 @@ def test_bad_config_names_the_field(tmp_path, override, field):
 def test_mixture_denoiser_is_tweedie():
     """D = x + sigma^2 grad log p_sigma for the Gaussian mixture of the quick preset (float64)."""
     from diffcore.data import load_digits
-    from diffcore.experiments._mixture import GaussianMixtureDenoiser
+    from diffcore.denoisers.mixture import GaussianMixtureDenoiser
 
     images = study.digits_at(8)
     model = GaussianMixtureDenoiser.fit(images, load_digits()[1], 1e-3)
@@ -85,8 +86,8 @@ def test_mixture_denoiser_is_tweedie():
 @pytest.mark.slow
 def test_unet_path_trains_and_runs(tmp_path):
     """model=unet: a few training steps through diffcore.train (resumable unit), then the study."""
-    config = dataclasses.replace(study.PRESETS["tiny"](), model="unet", width=8, train_steps=2, train_batch_size=8,
-                                 steps=2, num_images=2, num_negatives=2, attacks=("none",), nullspace_images=0,
+    config = dataclasses.replace(study.PRESETS["tiny"](), model="unet", width=8, train_steps=2, batch_size=8,
+                                 sampler_steps=2, num_images=2, num_negatives=2, attacks=("none",), nullspace_images=0,
                                  grid_images=2, rank_references=3, wrong_keys=0, p_value=False)
     results = study.run(config, tmp_path / "out", progress=False)
     assert results["model"]["kind"] == "unet" and results["model"]["step"] == 2
@@ -105,8 +106,8 @@ def test_diffusers_path_runs(tmp_path):
     folder = tmp_path / "model"
     unet.save_pretrained(folder, safe_serialization=True)
     diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder)
-    config = dataclasses.replace(study.PRESETS["paper"](), model_dir=str(folder), steps=3, num_images=2,
-                                 num_negatives=2, batch_size=4, attacks=("none", "jpeg"), nullspace_images=1,
+    config = dataclasses.replace(study.PRESETS["paper"](), model_dir=str(folder), sampler_steps=3, num_images=2,
+                                 num_negatives=2, sample_batch=4, attacks=("none", "jpeg"), nullspace_images=1,
                                  nullspace_k=1, grid_images=2, rank_references=3, wrong_keys=2, channel=2)
     results = study.run(config, tmp_path / "out", progress=False)
     model = results["model"]
@@ -127,7 +128,7 @@ def study_sigma(timestep: int) -> float:
 def test_scaled_molrg_denoiser_is_tweedie():
     """D = x + sigma^2 grad log p_sigma for the scaled MoLRG of the quick preset (float64), and its
     pixel variance is the one asked for."""
-    from diffcore.experiments._mixture import ScaledMoLRGDenoiser
+    from diffcore.denoisers.mixture import ScaledMoLRGDenoiser
 
     model = ScaledMoLRGDenoiser.random(3, (1, 8, 8), 4, pixel_variance=0.3, floor=1e-2, seed=1)
     assert model.scale ** 2 * 4 / 64 + 1e-2 == pytest.approx(0.3, rel=1e-12)
@@ -144,7 +145,7 @@ def test_scaled_molrg_denoiser_is_tweedie():
 
 def test_mixture_classifies_its_class_means():
     from diffcore.data import load_digits
-    from diffcore.experiments._mixture import GaussianMixtureDenoiser
+    from diffcore.denoisers.mixture import GaussianMixtureDenoiser
 
     model = GaussianMixtureDenoiser.fit(study.digits_at(8), load_digits()[1], 1e-3)
     assert model.classify(model.means.reshape(-1, 1, 8, 8), 0.01).tolist() == list(range(10))
@@ -156,7 +157,7 @@ def test_molrg_shallow_key_is_more_consistent(tmp_path):
     written at 0.3 T changes the image less than the same key written into x_T, never changes its
     class, and the Jacobian at the shallow state has the subspace's rank; both are detected."""
     config = dataclasses.replace(study.PRESETS["quick"](), resolution=16, radius_fraction=0.2, components=4,
-                                 latent_dim=6, steps=12, num_images=8, num_negatives=8, attacks=("none",),
+                                 latent_dim=6, sampler_steps=12, num_images=8, num_negatives=8, attacks=("none",),
                                  nullspace_images=2, nullspace_k=10, grid_images=4, rank_references=9, wrong_keys=0,
                                  p_value=False)
     results = study.run(config, tmp_path / "out", progress=False)

@@ -32,3 +32,25 @@ def test_auto_on_cuda_takes_only_verified_backends(op):
     one (README: auto picks only verified backends)."""
     module = importlib.import_module(f"diffcore.ops._{op}")
     assert module.BACKENDS.auto_order["cuda"] == ("reference",)
+
+
+def test_the_sampler_uses_only_the_public_ops_api():
+    """diffcore.sampler reaches the fused step through ``diffcore.ops`` and ``diffcore.ops.steps``,
+    never through a private ops module (``diffcore.ops._<op>``)."""
+    import ast
+    from pathlib import Path
+
+    import diffcore.ops.steps
+    import diffcore.sampler
+
+    assert set(diffcore.ops.steps.__all__) <= set(dir(diffcore.ops.steps))
+    for path in sorted(Path(diffcore.sampler.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            private = [m for m in modules if m.startswith("diffcore.ops._")]
+            assert not private, f"{path.name} imports the private {private}; use diffcore.ops.steps"

@@ -108,3 +108,17 @@ def test_diffusers_unet_adapter_matches_diffusers_ddim_loop():
         x_ve = noise * float((1 + sigmas[0] ** 2).sqrt())  # x_ve = x_vp / sqrt(abar)
         ours = S.sample_ddim(denoiser, x_ve, sigmas)
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")
+def test_diffusers_folder_loader_names_the_setting_and_what_is_missing(tmp_path):
+    from diffcore.sampler.adapters import load_diffusers_folder
+
+    with pytest.raises(FileNotFoundError, match="^model_dir: .* is not a folder"):
+        load_diffusers_folder(tmp_path / "absent", argument="model_dir")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match="^diffusers_dir: no UNet config.json in"):
+        load_diffusers_folder(tmp_path, argument="diffusers_dir")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="^diffusers_dir: no scheduler_config.json in"):
+        load_diffusers_folder(tmp_path, argument="diffusers_dir")

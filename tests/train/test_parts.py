@@ -191,3 +191,27 @@ def test_lr_cosine_decay():
     assert lr_at(50, 1e-3, 100, 300) == pytest.approx(5e-4)        # warm-up unchanged
     with pytest.raises(ValueError, match="lr_decay_images"):
         TrainConfig(lr_warmup_images=1000, lr_decay_images=500)
+
+
+def test_checkpoint_temporaries_use_the_one_temporary_name(tmp_path, monkeypatch):
+    """A writer killed mid-checkpoint leaves a ``.step_N.XXXXXXXX.tmp`` folder (diffcore._atomic's
+    name): never a checkpoint, removed by prune_checkpoints and by the output folders' cleaner."""
+    from diffcore import _atomic, _folder
+    from diffcore.train.checkpoint import prune_checkpoints
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr("diffcore.train.checkpoint.write_bytes_durably", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 7, _tensors(), {})
+    monkeypatch.undo()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".step_000000007.") and _atomic.TEMPORARY_NAME.match(left[0])
+    assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
+    assert _folder.remove_stale_temporaries(tmp_path) == [tmp_path / left[0]]
+    for name in (".step_000000008.abcd1234.tmp", ".tmp-step_000000009-42", ".old-step_000000001-42"):
+        (tmp_path / name).mkdir()
+    save_checkpoint(tmp_path, 10, _tensors(), {})
+    prune_checkpoints(tmp_path, keep=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000010"]

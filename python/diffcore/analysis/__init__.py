@@ -13,6 +13,10 @@
 - ``diffcore.analysis.watermark`` (imported on use): Fourier ring keys written into the diffusion
   state, detection by ODE inversion, the key's share of the Jacobian's null space (PAPERS.md 6).
 - :func:`subspace_recovery`, :func:`subspace_distance`, :func:`distance_to_union` (MoLRG subspaces).
+- ``diffcore.analysis.generalization`` (imported on use): ``linearity_score``, ``relative_distance``,
+  ``distill_affine`` (a denoiser against the Gaussian one: the hidden Gaussian structure).
+- ``diffcore.analysis.guidance`` (imported on use): ``LabeledDenoiser``, ``transition_curves`` and
+  ``cpc_measurements`` (a class-conditional network against per-class Gaussians: CFG).
 """
 from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap
 from diffcore.analysis.editing import (EditTimeline, LocoDirections, compose_directions, edit_linearity,

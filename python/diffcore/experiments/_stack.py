@@ -1,37 +1,30 @@
-"""The default hooks of the studies: what they take from the sampler, trainer, models, data and ops.
+"""The real hooks of the studies: what they take from the sampler, trainer, models, data and ops.
 
-Studies call the stack only through a hooks object (tests inject closed-form stand-ins); this
-module builds the real one. Each hook adapts one call to the shape the studies need (CPU float32
-samples, a study's model spec as a training request); nothing here falls back to anything.
+Studies call the stack only through a hooks object (:mod:`diffcore.experiments.hooks`, which
+assembles these functions; tests inject closed-form stand-ins). Each hook adapts one call to the
+shape the studies need (CPU float32 samples, a study's model spec as a training request); nothing
+here falls back to anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from diffcore import _env
+from diffcore.experiments import base
 from diffcore.ops import knn  # noqa: F401  (the studies' k-NN)
 from diffcore.train import ddp
 from diffcore.train.loss import EDMLoss
 
 log = logging.getLogger(__name__)
-
-
-def default_hooks():
-    """The studies' ``StudyHooks`` on the real stack."""
-    from diffcore import sampler
-    from diffcore.denoisers import EmpiricalDenoiser
-    from diffcore.experiments.reproducibility import StudyHooks
-
-    return StudyHooks(load_dataset=load_dataset, subset=subset, train=train_model, load=load_model,
-                      sample=sample, empirical_denoiser=EmpiricalDenoiser, knn=knn,
-                      noise_from_seeds=sampler.noise_from_seeds, train_ensemble=train_ensemble)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -139,6 +132,36 @@ def _target_spec(precond: str, augment_p: float, target: str, sigma_min: float) 
     return {"target": target, "target_sigma_min": float(sigma_min)}
 
 
+def model_unit_spec(config: Any, width: int, n: int, seed: int) -> dict:
+    """The spec of the model unit (width, n, seed) of a study that trains UNets on nested subsets
+    (reproducibility, hidden-gaussian): ``config`` is the study's config or its fields as
+    results.json holds them. Recipe fields the config lacks take EDM's defaults
+    (:func:`recipe_spec`), so a reproducibility run's models are found by the same spec."""
+    c = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    sigma_lognormal = (c["sigma_p_mean"], c["sigma_p_std"]) if "sigma_p_mean" in c else EDM_SIGMA_LOGNORMAL
+    target = (c["train_target"], c["target_sigma_min"]) if "train_target" in c else ("clean", 0.0)
+    return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
+            "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
+            "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
+            "lr_warmup_images": c["lr_warmup_images"], **base.data_digest(c["data_root"]),
+            **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target)}
+
+
+@dataclass
+class ModelOfSubset:
+    """A model of a study that trains on nested subsets: its unit name (``label``), width, N and seed."""
+
+    label: str
+    width: int
+    n: int
+    seed: int
+
+
+def model_unit_name(width: int, n: int, seed: int) -> str:
+    """The unit name of model (width, n, seed): ``units/models/w{width}-n{n}-s{seed}``."""
+    return f"w{width}-n{n}-s{seed}"
+
+
 def model_spec(spec: dict) -> dict:
     """The ``diffcore.train`` model spec of a study's model spec (UNet preset, width, recipe)."""
     model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"]}
@@ -151,21 +174,31 @@ def model_spec(spec: dict) -> dict:
     return model
 
 
-def training_request(spec: dict, work_dir, device="cpu", progress: bool = True):
-    """The validated ``diffcore.train.TrainConfig`` of a study's model spec (dataset, data_root, n,
-    subset_seed, width, model_preset, seed, train_steps, batch_size, learning_rate,
-    lr_warmup_images, and the recipe keys of :func:`recipe_spec`); raises before anything is trained."""
+def training_request(spec: dict, work_dir, device="cpu", progress: bool = True, *, data: dict | None = None,
+                     model: dict | None = None, **options):
+    """The validated ``diffcore.train.TrainConfig`` of a study's model spec, the one way every study
+    asks ``diffcore.train`` for a model; raises before anything is trained.
+
+    ``spec``: train_steps, batch_size, learning_rate, lr_warmup_images, seed, the recipe keys of
+    :func:`recipe_spec`, and (unless ``data`` / ``model`` are given) dataset, data_root, n,
+    subset_seed (a nested subset) and model_preset, width (a DDPM++ UNet, :func:`model_spec`).
+    ``data`` / ``model``: the trainer's data and model specs where the study trains on something
+    else (a whole labelled dataset, an image folder) or another model (class-conditional,
+    multistage). ``options``: further ``TrainConfig`` fields (checkpoint_every, log_every,
+    class_conditional, label_dropout, ema_halflife_images, augment, ...)."""
     from diffcore import train
 
-    data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
-            "subset_seed": spec["subset_seed"]}
-    return train.TrainConfig(data=data, model=model_spec(spec), steps=spec["train_steps"],
-                             batch_size=spec["batch_size"], lr=spec["learning_rate"],
-                             lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
-                             loss=spec.get("precond", "edm"), loss_options=_loss_options(spec),
-                             augment="edm" if spec.get("augment_p", 0) > 0 else "none",
-                             augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
-                             progress=_env.progress_enabled(progress))
+    if data is None:
+        data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
+                "subset_seed": spec["subset_seed"]}
+    fields = dict(data=data, model=model_spec(spec) if model is None else model, steps=spec["train_steps"],
+                  batch_size=spec["batch_size"], lr=spec["learning_rate"],
+                  lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
+                  loss=spec.get("precond", "edm"), loss_options=_loss_options(spec),
+                  augment="edm" if spec.get("augment_p", 0) > 0 else "none",
+                  augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
+                  progress=_env.progress_enabled(progress))
+    return train.TrainConfig(**{**fields, **options})
 
 
 def _loss_options(spec: dict) -> dict:

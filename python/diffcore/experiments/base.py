@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import typing
 from pathlib import Path
@@ -44,7 +43,7 @@ from diffcore._files import FileReadError, load_json
 from diffcore._digest import file_digest, folder_digest  # noqa: F401  (re-exported: units keyed on content)
 from diffcore.sampler.noise import SEED_MAX
 
-from diffcore._atomic import atomic_write_bytes  # noqa: F401  (re-exported: the studies' atomic writes)
+from diffcore._atomic import atomic_write_bytes, temporary_folder  # atomic_write_bytes: re-exported for the studies
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +191,69 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
     return _parse_scalar(text, annotation, key)
 
 
+# ----------------------------------------------------------------------------- one vocabulary
+# Every study names a setting the same way: train_steps (training steps), sampler_steps (sampler
+# steps), learning_rate, batch_size (training batch), sample_batch (sampler batch),
+# sample_seed_start, threshold, torch_threads. The names a study used before are its aliases:
+# ``--set OLD=...`` and an output folder's config.json written with the old names keep working
+# (with a deprecation message). A name that is a field of the study's config always means that
+# field (watermark's old ``batch_size`` was its sampler batch, now ``sample_batch``).
+RENAMED_FIELDS: dict[str, dict[str, str]] = {
+    "demo": {"steps": "sampler_steps"},
+    "pfd": {"steps": "train_steps", "lr": "learning_rate"},
+    "molrg": {"gl_threshold": "threshold"},
+    "watermark": {"steps": "sampler_steps", "seed_start": "sample_seed_start",
+                  "train_batch_size": "batch_size", "batch_size": "sample_batch"},
+    "multistage": {"cpu_threads": "torch_threads"},
+}
+
+
+def study_of_config(config: Any) -> str | None:
+    """The registry name of the study whose config class ``config`` is (None: no study's)."""
+    from diffcore.experiments import EXPERIMENTS
+
+    module = type(config).__module__
+    return next((name for name, path in EXPERIMENTS.items() if path == module), None)
+
+
+def current_field_name(study: str | None, key: str, fields: Iterable[str]) -> str:
+    """``key`` as the study names it now: a current field as is, an old name (RENAMED_FIELDS) as
+    its new one, with a deprecation message; anything else unchanged (the caller rejects it)."""
+    fields = set(fields)
+    new = RENAMED_FIELDS.get(study or "", {}).get(key)
+    if key in fields or new is None:
+        return key
+    log.warning("%s: %r is the old name of %r (deprecated; one vocabulary across studies); use %r",
+                study, key, new, new)
+    return new
+
+
+def upgrade_stored_config(study: str | None, stored: Mapping[str, Any], fields: Iterable[str]) -> dict:
+    """A config.json written with a study's old field names, with the current names (all old names
+    at once, so renames that chain, like watermark's batch sizes, stay apart); a config that holds
+    no old-only name is returned unchanged."""
+    renames = RENAMED_FIELDS.get(study or "", {})
+    fields = set(fields)
+    if not any(key in renames and key not in fields for key in stored):
+        return dict(stored)
+    log.warning("%s: this folder's config.json uses old field names (%s); reading them as %s", study,
+                ", ".join(sorted(k for k in stored if k in renames)),
+                ", ".join(renames[k] for k in sorted(stored) if k in renames))
+    return {renames.get(key, key): value for key, value in stored.items()}
+
+
 def apply_overrides(config: Any, overrides: Iterable[str]) -> Any:
-    """A copy of the dataclass ``config`` with ``key=value`` overrides (``--set`` on the CLI)."""
+    """A copy of the dataclass ``config`` with ``key=value`` overrides (``--set`` on the CLI; a
+    study's old field names are accepted with a deprecation message, :data:`RENAMED_FIELDS`)."""
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in dataclasses.fields(config)}
+    study = study_of_config(config)
     changes = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set: expected key=value, got {item!r}")
         key, text = item.split("=", 1)
-        key = key.strip()
+        key = current_field_name(study, key.strip(), names)
         if key not in names:
             raise ConfigError(f"--set {key}: unknown key; known keys: {', '.join(sorted(names))}")
         changes[key] = parse_value(text, hints[key], key)
@@ -291,6 +343,35 @@ def tuple_of(inner: Check, min_len: int = 1) -> Check:
 
 
 seed = integer(0, SEED_MAX)
+fraction = number(0, 1, lo_open=True)  # a share or a probability that must not be 0: (0, 1]
+
+
+def boolean(name: str, value: Any) -> None:
+    """True or False (not 0 / 1)."""
+    if not isinstance(value, bool):
+        _fail(name, "a boolean (true or false)", value)
+
+
+def below(hi: float) -> Check:
+    """A finite number in the open interval (0, hi)."""
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < hi:
+            _fail(name, f"a finite number in (0, {hi:g})", value)
+    return check
+
+
+def registered(module: str, attr: str) -> Check:
+    """One of the names of the registry ``module.attr`` (a dict or tuple), imported when checked
+    (the registries' modules load torch code)."""
+    def check(name, value):
+        import importlib
+
+        one_of(*getattr(importlib.import_module(module), attr))(name, value)
+    return check
+
+
+solver = registered("diffcore.sampler", "SOLVERS")           # a sampler of diffcore.sampler
+model_preset = registered("diffcore.models", "PRESETS")      # a UNet preset of diffcore.models
 
 # Noise levels a study accepts. Samples, images and trajectories are float32: at sigma = 1e4 one
 # rounding step of x (sigma * 2^-24 ~ 6e-4) is still below an 8-bit pixel level (2/255) of an
@@ -434,19 +515,133 @@ def _launcher_count(name: str, default: str) -> int:
     return value
 
 
-def run_study(name: str, make_study: Callable[[], Any], out, *, threads: int = 0,
-              one_process: bool = False) -> dict:
-    """The common body of a study's ``run``: with ``threads`` torch threads (0: unchanged), build
-    the study (``make_study()``, which binds ``out``), hold its folder's claim for a run of kind
-    ``name`` while ``study.run()`` makes the results (``one_process``: inside
-    :func:`units_in_one_process`), and log the wall time. Returns the results."""
-    start = time.perf_counter()
-    with _env.torch_threads(threads):
-        study = make_study()
-        with study.ws.claim(name), (units_in_one_process() if one_process else contextlib.nullcontext()):
-            results = study.run()
-    log.info("%s study done in %.1f s: %s", name, time.perf_counter() - start, out)
+
+# ----------------------------------------------------------------------------- the study contract
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """What a study declares about how it runs: its module's ``STUDY``, read by :func:`run_study`
+    and by the ``diffcore`` command (which knows no study by name).
+
+    - ``name``: the run kind (``diffcore run NAME``; an output folder holds runs of one kind);
+    - ``config_class``: the config dataclass ``run`` takes;
+    - ``cpu_only``: the study runs on the CPU alone (``--device cuda`` is an error, never ignored);
+    - ``threads``: torch threads on the CPU when the config has no ``torch_threads`` field (0: torch's default);
+    - ``takes_hooks``: whether ``run(..., hooks=)`` accepts stand-ins (else passing hooks is an error);
+    - ``spreads``: whether its units spread over ``--shard I/N`` processes or torchrun ranks
+      (every other study refuses to run under either);
+    - ``one_process``: a unit (a model's training) runs in this process alone under torchrun;
+    - ``summary(results, out) -> [lines]``: what the command prints after a run (None: the results path).
+    """
+
+    name: str
+    config_class: type
+    cpu_only: bool = False
+    threads: int = 0
+    takes_hooks: bool = True
+    spreads: bool = False
+    one_process: bool = False
+    summary: Callable[[dict, Path], list[str]] | None = None
+
+
+def study_device(study: Study, device: str, stand_ins: bool) -> str:
+    """The device a study runs on, by one rule: a CPU-only study runs on the CPU and refuses any
+    other; with stand-in hooks ``auto`` is the CPU (closed-form stand-ins run there); otherwise
+    ``diffcore.train``'s resolution (``auto``: CUDA when present; this rank's GPU under torchrun)."""
+    if study.cpu_only:
+        if str(device) not in ("auto", "cpu"):
+            raise ConfigError(f"--device: the {study.name} study runs only on the CPU, got {device!r}")
+        return "cpu"
+    if stand_ins and str(device) == "auto":
+        return "cpu"
+    from diffcore.experiments._stack import resolve_device
+
+    return str(resolve_device(device))
+
+
+def study_threads(study: Study, config: Any, device: str) -> int:
+    """Torch threads of a run, by one rule: on the CPU the config's ``torch_threads`` field (or the
+    study's declared default where the config has none); on a GPU torch's default (0)."""
+    if device != "cpu":
+        return 0
+    return int(getattr(config, "torch_threads", study.threads))
+
+
+def _study_participation(study: Study) -> Participation:
+    """This process's part: from --shard / torchrun for a study that spreads; a study that does
+    not refuses to run under either."""
+    if study.spreads:
+        return participation()
+    if os.environ.get(SHARD_VAR, "").strip() or _launcher_count("WORLD_SIZE", "1") > 1:
+        raise ConfigError(f"--shard / torchrun: {study.name} runs in one process (only a study "
+                          "that declares spreads=True spreads its units over processes)")
+    return Participation()
+
+
+def run_study(study: Study, config: Any, out, make: Callable[[Any, str, Participation], Any], *,
+              hooks: Any = None, device: str = "auto") -> dict:
+    """The one body of every study's ``run``: check the config (its type and ``validate()``), refuse
+    hooks a study does not take, resolve the device (:func:`study_device`) and the threads
+    (:func:`study_threads`), build the study with ``make(hooks, device, participation)`` (it binds
+    ``out``; ``hooks`` None means the study's default hooks), hold its folder's claim for a run of
+    kind ``study.name`` while ``study.run()`` makes the results, and write ``timings.json``
+    (:func:`write_timings`). Returns the results (``{}`` from a process of a sharded run that does
+    not aggregate)."""
+    if not isinstance(config, study.config_class):
+        raise ConfigError(f"config: expected a {study.config_class.__name__}, got {type(config).__name__}")
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    if hooks is not None and not study.takes_hooks:
+        raise ValueError(f"hooks: the {study.name} study has no replaceable hooks; pass None")
+    device = study_device(study, device, stand_ins=hooks is not None)
+    part = _study_participation(study)
+    start, cpu = time.perf_counter(), time.process_time()
+    with _env.torch_threads(study_threads(study, config, device)):
+        made = make(hooks, device, part)
+        with made.ws.claim(study.name, shared=not part.alone), \
+                (units_in_one_process() if study.one_process else contextlib.nullcontext()):
+            results = made.run()
+            if not results:  # a shard, or a rank other than 0: the aggregating run writes the results
+                return results
+            write_timings(made, study.name, device, time.perf_counter() - start, time.process_time() - cpu)
+    log.info("%s study done in %.1f s: %s", study.name, time.perf_counter() - start, out)
     return results
+
+
+TIMINGS_SCHEMA = "diffcore-timings/1"
+
+
+def unit_timings(units: Iterable[Unit]) -> dict[str, dict]:
+    """Seconds per unit kind, summed over the run's units (each unit's own wall time when it was
+    made; a model trained in a stacked ensemble adds its share of the ensemble's seconds):
+    ``{kind: {"seconds", "units", "reused"}}``."""
+    out: dict[str, dict] = {}
+    for unit in units:
+        entry = out.setdefault(unit.path.parent.name, {"seconds": 0.0, "units": 0, "reused": 0})
+        share = unit.meta.get("ensemble_train_seconds", 0.0) / unit.meta.get("ensemble_size", 1)
+        entry["seconds"] += unit.seconds + share
+        entry["units"] += 1
+        entry["reused"] += int(unit.reused)
+    return out
+
+
+def write_timings(made: Any, name: str, device: str, wall: float, cpu: float) -> Path:
+    """``timings.json`` of a run, one schema for every study (not part of the results)::
+
+        {"schema": "diffcore-timings/1", "study": name, "device": "cpu", "torch_threads": 1,
+         "wall_seconds": ..., "cpu_seconds": ..., "units": {kind: {"seconds", "units", "reused"}},
+         "details": {...}}
+
+    ``units``: :func:`unit_timings` of the units the run made or reused (:attr:`Workspace.units`);
+    ``details``: what the study adds (its ``timing_details()``, when it has one)."""
+    import torch
+
+    details = getattr(made, "timing_details", None)
+    return atomic_write_json(made.ws.root / "timings.json", {
+        "schema": TIMINGS_SCHEMA, "study": name, "device": device, "torch_threads": torch.get_num_threads(),
+        "wall_seconds": wall, "cpu_seconds": cpu, "units": unit_timings(made.ws.units),
+        "details": details() if details is not None else {}})
 
 
 @contextlib.contextmanager
@@ -514,6 +709,7 @@ class Workspace:
         self.root = Path(root) if read_only else _folder.check_output_folder(root)
         self.verify = verify
         self.kind: str | None = None
+        self.units: list[Unit] = []  # the units this run made or reused, each once (for timings.json)
 
     @contextlib.contextmanager
     def claim(self, kind: str, shared: bool = False) -> Iterator["Workspace"]:
@@ -539,6 +735,8 @@ class Workspace:
             if os.path.lexists(path):
                 found = _read_record(path, "config", "delete it only if the folder holds nothing you need, "
                                                      "or use a new --out folder")
+                if isinstance(found, dict):
+                    found = upgrade_stored_config(self.kind, found, wanted)
                 if found != wanted:
                     keys = set(found) | set(wanted) if isinstance(found, dict) else set(wanted)
                     diff = sorted(k for k in keys if not isinstance(found, dict) or found.get(k) != wanted.get(k))
@@ -625,6 +823,18 @@ class Workspace:
         return self._run_unit(kind, name, spec, produce, wait=False)
 
     def _run_unit(self, kind, name, spec, produce, wait: bool) -> Unit | None:
+        unit = self._find_or_produce(kind, name, spec, produce, wait)
+        if unit is not None:
+            self.record(unit)
+        return unit
+
+    def record(self, unit: Unit) -> None:
+        """Count ``unit`` in :attr:`units` once: a unit made in this process and found finished again
+        later keeps its first, producing record."""
+        if not any(u.path == unit.path for u in self.units):
+            self.units.append(unit)
+
+    def _find_or_produce(self, kind, name, spec, produce, wait: bool) -> Unit | None:
         unit = self.finished(kind, name, spec)
         if unit is not None:
             log.debug("reusing %s/%s", kind, name)
@@ -641,7 +851,7 @@ class Workspace:
         final.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(final):  # a folder without a manifest: leftovers, never a finished unit
             _folder.remove_tree(self.root, final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=final.parent))
+        tmp = temporary_folder(final)
         try:
             start = time.perf_counter()
             meta = dict(produce(tmp, self.work_path(kind, name)) or {})

@@ -45,18 +45,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from diffcore.experiments import base, plotting
+from diffcore.analysis import guidance as guidance_measures
+from diffcore.analysis.guidance import LabeledDenoiser
+from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
-from diffcore.experiments.hidden_gaussian import relative_distance
 
 log = logging.getLogger(__name__)
 
 NAME = "cfg"
 LINEAR_TERMS = ("positive", "negative", "mean_shift", "all")
-SOLVER_NAMES = ("euler", "heun", "dpmpp_2m", "ddim")
 
 
 @dataclass(frozen=True)
@@ -127,37 +126,20 @@ class CFGConfig:
                               f"got {self.grid_per_class}")
 
 
-def _model_preset(name: str, value) -> None:
-    from diffcore.models import PRESETS as MODEL_PRESETS  # imported when checked (the models are heavy)
-
-    base.one_of(*MODEL_PRESETS)(name, value)
-
-
-def _fraction_below_one(name: str, value) -> None:
-    """A number in (0, 1)."""
-    try:
-        base.number(0, 1, lo_open=True)(name, value)
-        ok = value != 1
-    except ConfigError:
-        ok = False
-    if not ok:
-        raise ConfigError(f"{name}: expected a finite number in (0, 1), got {value!r}")
-
-
 _POSITIVE = base.integer(1)
 _COUNT = base.integer(0)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 _SCALE = base.number(-1e3, 1e3)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.one_of("digits", "cifar10"), "data_root": base.text, "inception_weights": base.text,
-    "model_preset": _model_preset, "width": _POSITIVE, "train_steps": _POSITIVE, "batch_size": _POSITIVE,
+    "model_preset": base.model_preset, "width": _POSITIVE, "train_steps": _POSITIVE, "batch_size": _POSITIVE,
     "learning_rate": base.number(0, 1, lo_open=True), "lr_warmup_images": _COUNT,
-    "ema_halflife_images": _POSITIVE_REAL, "label_dropout": _fraction_below_one,
+    "ema_halflife_images": _POSITIVE_REAL, "label_dropout": base.below(1),
     "augment": base.one_of("none", "xflip"), "train_seed": base.seed,
     "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0), "linear_scale": _SCALE,
     "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0), "linear_low": base.number(0),
     "gaussian_scale": _SCALE, "samples_per_class": _POSITIVE, "sample_seed_start": base.seed,
-    "solver": base.one_of(*SOLVER_NAMES), "sampler_steps": _POSITIVE, "sigma_min": base.sigma,
+    "solver": base.solver, "sampler_steps": _POSITIVE, "sigma_min": base.sigma,
     "sigma_max": base.sigma, "sample_batch": _POSITIVE, "num_sigmas": _POSITIVE, "distance_samples": _POSITIVE,
     "cpc_sigmas": _COUNT, "cpc_points": _POSITIVE, "cpc_k": _POSITIVE,
     "cpc_method": base.one_of("subspace", "randomized", "lanczos"), "cpc_iters": _COUNT, "probe_seed": base.seed,
@@ -235,19 +217,6 @@ def _batched(network, device, batch_size: int = 500):
 
 # ----------------------------------------------------------------------------- denoisers
 
-class LabeledDenoiser:
-    """A class-conditional network as ``D(x, sigma)`` with labels bound: ``net(x, sigma, one_hot)``,
-    or the all-zero null label (the unconditional denoiser of label-dropout training) for None."""
-
-    def __init__(self, net, labels: torch.Tensor | None, num_classes: int):
-        self.net = net
-        self.one_hot = None if labels is None else F.one_hot(labels, num_classes).float()
-
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        labels = None if self.one_hot is None else self.one_hot.to(x.device)
-        return self.net(x, sigma, labels)
-
-
 def setting_list(c: CFGConfig) -> list[dict]:
     """Every sample set of the study: name, model (net | gaussian), guidance, w, interval."""
     everywhere = (0.0, math.inf)
@@ -321,66 +290,20 @@ def sample_metrics(samples: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks,
 
 def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
                       c: CFGConfig, device) -> list[dict]:
-    """Relative distances of the trained denoisers to the Gaussian ones per sigma (module docstring)."""
-    k = gaussians.num_classes
-    g = torch.Generator().manual_seed(c.probe_seed)
-    pick = torch.cat([_class_rows(labels, cls, c.distance_samples, g) for cls in range(k)])
-    y, lab = images[pick], labels[pick]
-    rows = []
-    for sigma in sigmas:
-        x = y + sigma * torch.randn(y.shape, generator=g)
-        with torch.no_grad():
-            dc_net, du_net = (LabeledDenoiser(net, lab_or_none, k)(x.to(device), sigma).double().cpu()
-                              for lab_or_none in (lab, None))
-        x_g = x.double().to(gaussians.unconditional.device)
-        dc_g = gaussians.conditional_denoiser(lab)(x_g, sigma).cpu()
-        du_g = gaussians.unconditional(x_g, sigma).cpu()
-        g_net, g_g = dc_net - du_net, dc_g - du_g
-        x64 = x.double()
-        rows.append({"sigma": sigma, "dist_conditional": relative_distance(dc_net, dc_g),
-                     "dist_unconditional": relative_distance(du_net, du_g), "dist_guidance": relative_distance(g_net, g_g),
-                     # the same error relative to the Gaussian's denoising residual x - D (its score times
-                     # sigma^2): at small sigma D ~ x and |D| hides the error, the residual does not
-                     "score_dist_conditional": relative_distance(dc_net - x64, dc_g - x64),
-                     "score_dist_unconditional": relative_distance(du_net - x64, du_g - x64),
-                     "cos_guidance": float(F.cosine_similarity(g_net.flatten(1), g_g.flatten(1), dim=1).mean())})
-    return rows
+    """Relative distances of the trained denoisers to the Gaussian ones per sigma (module docstring;
+    :func:`diffcore.analysis.guidance.transition_curves` with this config's probes)."""
+    return guidance_measures.transition_curves(net, gaussians, images, labels, sigmas,
+                                               samples_per_class=c.distance_samples,
+                                               seed=c.probe_seed, device=device)
 
 
 def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
                      c: CFGConfig, device) -> list[dict]:
-    """Per-sample CPCs of the trained model vs the Gaussian CPCs of the same class, per sigma."""
-    from diffcore.analysis import contrastive_components, subspace_overlap
-
-    k_classes, dim = gaussians.num_classes, gaussians.dim
-    g = torch.Generator().manual_seed(c.probe_seed + 1)
-    classes = torch.arange(c.cpc_points) % k_classes
-    pick = torch.stack([_class_rows(labels, int(cls), 1, g)[0] for cls in classes])
-    y = images[pick]
-    rows = []
-    for sigma in sigmas:
-        x = (y + sigma * torch.randn(y.shape, generator=g)).to(device)
-        comps = contrastive_components(LabeledDenoiser(net, classes, k_classes), LabeledDenoiser(net, None, k_classes),
-                                       x, sigma, c.cpc_k, method=c.cpc_method, iters=c.cpc_iters or None,
-                                       seed=c.probe_seed)
-        overlaps, gaussian_top = [], []
-        for b, cls in enumerate(classes.tolist()):
-            values, vectors = gaussians.contrastive_components(cls, sigma)
-            top = values.abs().argsort(descending=True)[:c.cpc_k]
-            gaussian_top.append(values[top].tolist())
-            net_vectors = comps.vectors[b].reshape(c.cpc_k, dim).double().cpu()
-            overlaps.append(float(subspace_overlap(net_vectors, vectors[:, top].T.cpu())))
-        rows.append({"sigma": sigma, "overlap": sum(overlaps) / len(overlaps), "overlap_points": overlaps,
-                     "random_overlap": c.cpc_k / dim, "net_eigenvalues": comps.eigenvalues.cpu().tolist(),
-                     "gaussian_eigenvalues": gaussian_top,
-                     "symmetry": float(comps.symmetry.abs().mean()),
-                     "max_residual": float(comps.subspace.residuals.max())})
-    return rows
-
-
-def _class_rows(labels: torch.Tensor, cls: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    rows = (labels == cls).nonzero()[:, 0]
-    return rows[torch.randint(0, rows.shape[0], (count,), generator=generator)]
+    """Per-sample CPCs of the trained model vs the Gaussian CPCs of the same class, per sigma
+    (:func:`diffcore.analysis.guidance.cpc_measurements` with this config's probes)."""
+    return guidance_measures.cpc_measurements(net, gaussians, images, labels, sigmas, points=c.cpc_points, k=c.cpc_k,
+                                              method=c.cpc_method, iters=c.cpc_iters or None, seed=c.probe_seed,
+                                              device=device)
 
 
 def _spread(values: list[float], count: int) -> list[float]:
@@ -397,7 +320,6 @@ def _spread(values: list[float], count: int) -> list[float]:
 class _Study:
     def __init__(self, config: CFGConfig, out, hooks: CFGHooks | None, device: str, progress: bool):
         self.c, self.ws, self.hooks, self.device, self.progress = config, Workspace(out), hooks, device, progress
-        self.units: list[Unit] = []
 
     def data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         from diffcore import data
@@ -426,11 +348,9 @@ class _Study:
             data = {"name": spec["dataset"], **({"root": spec["data_root"]} if spec["data_root"] else {})}
             model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"],
                      "label_dim": num_classes}
-            config = train.TrainConfig(data=data, model=model, steps=spec["train_steps"], batch_size=spec["batch_size"],
-                                       lr=spec["learning_rate"], lr_warmup_images=spec["lr_warmup_images"],
-                                       ema_halflife_images=spec["ema_halflife_images"], augment=spec["augment"],
-                                       class_conditional=True, label_dropout=spec["label_dropout"], seed=spec["seed"],
-                                       device=str(self.device), out_dir=str(work), progress=self.progress)
+            config = _stack.training_request(spec, work, self.device, self.progress, data=data, model=model,
+                                             ema_halflife_images=spec["ema_halflife_images"], augment=spec["augment"],
+                                             class_conditional=True, label_dropout=spec["label_dropout"])
             result = train.train_from_config(config, resume="auto")
             shutil.copytree(result.checkpoint, tmp / "checkpoint")
             return {"final_loss": result.final_loss, "step": result.step}
@@ -487,7 +407,7 @@ class _Study:
 
     def _unit(self, kind, name, spec, produce) -> Unit:
         unit = self.ws.run_unit(kind, name, spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     def run(self) -> dict:
@@ -533,10 +453,6 @@ class _Study:
         plot_metrics(results, root / "cfg-metrics.png")
         plot_cpc(results, root / "cfg-cpc.png")
         plot_transition(results, root / "cfg-transition.png")
-        atomic_write_json(root / "timings.json", {kind: {"seconds": sum(u.seconds for u in self.units
-                                                                        if u.path.parent.name == kind),
-                                                         "units": sum(u.path.parent.name == kind for u in self.units)}
-                                                  for kind in ("models", "samples", "analysis")})
 
 
 def _slug(name: str) -> str:
@@ -688,14 +604,11 @@ def plot_transition(results: dict, path) -> Path:
 
 def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore.experiments._stack import resolve_device
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given, resolved, progress), hooks=hooks, device=device)
 
-    if not isinstance(config, CFGConfig):
-        raise ConfigError(f"config: expected a CFGConfig, got {type(config).__name__}")
-    config.validate()
-    device = str(resolve_device(device))
-    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
-                          threads=config.torch_threads if device == "cpu" else 0)
+
+STUDY = base.Study(NAME, CFGConfig)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

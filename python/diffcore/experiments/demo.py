@@ -19,8 +19,8 @@ import torch
 
 from diffcore import metrics
 from diffcore.experiments import base, plotting
+from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import Workspace, atomic_write_json, json_dumps
-from diffcore.sampler import SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class DemoConfig:
     subset_seed: int = 0
     num_samples: int = 16
     sample_seed_start: int = 0
-    steps: int = 18                 # Heun, 35 evaluations
+    sampler_steps: int = 18         # Heun, 35 evaluations
     solver: str = "heun"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -56,8 +56,8 @@ class DemoConfig:
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
-    "num_samples": base.integer(1), "sample_seed_start": base.seed, "steps": base.integer(1),
-    "solver": base.one_of(*SOLVERS), "sigma_min": base.sigma, "sigma_max": base.sigma,
+    "num_samples": base.integer(1), "sample_seed_start": base.seed, "sampler_steps": base.integer(1),
+    "solver": base.solver, "sigma_min": base.sigma, "sigma_max": base.sigma,
     "similarity": base.text, "threshold": base.optional(base.number(-1, 1)),
 }
 
@@ -65,36 +65,46 @@ FIELD_CHECKS: dict[str, base.Check] = {
 PRESETS: dict[str, Callable[[], DemoConfig]] = {
     "default": DemoConfig,
     "quick": DemoConfig,
-    "tiny": lambda: DemoConfig(num_train=64, num_samples=6, steps=6),
+    "tiny": lambda: DemoConfig(num_train=64, num_samples=6, sampler_steps=6),
 }
 CONFIG_CLASS = DemoConfig
 
 
 def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run the demo into ``out`` (``demo.png``, ``results.json``); returns the results."""
-    from diffcore.experiments import reproducibility
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Demo(
+        config, out, given or study_hooks.default_hooks(), resolved, progress), hooks=hooks, device=device)
 
-    config.validate()
-    if hooks is None:
-        from diffcore.experiments._stack import resolve_device
 
-        hooks = reproducibility.default_hooks()
-        device = str(resolve_device(device))
-    elif device == "auto":
-        device = "cpu"
-    pool = hooks.load_dataset(config.dataset, config.data_root)
-    config.validate(pool.shape[0])
-    ws = Workspace(out)
-    with ws.claim(NAME):
-        ws.bind_config(config)
-        return _run(config, ws.root, hooks, device, progress, pool)
+class _Demo:
+    """One run of the demo: it makes no units (seconds), so it only binds its folder and writes."""
+
+    def __init__(self, config: DemoConfig, out, hooks, device: str, progress: bool):
+        self.config, self.ws, self.hooks, self.device, self.progress = config, Workspace(out), hooks, device, progress
+
+    def run(self) -> dict:
+        pool = self.hooks.load_dataset(self.config.dataset, self.config.data_root)
+        self.config.validate(pool.shape[0])
+        self.ws.bind_config(self.config)
+        return _run(self.config, self.ws.root, self.hooks, self.device, self.progress, pool)
+
+
+def summary(results: dict, out: Path) -> list[str]:
+    """The lines ``diffcore demo`` prints: the memorized fraction, GL, the figure."""
+    return [f"memorized (|x-NN1|/|x-NN2| < 1/3): {results['memorized_fraction']:.0%} of "
+            f"{len(results['samples'])} samples; GL {results['gl']:.3f} "
+            f"(threshold {results['threshold']:.3f}, {results['similarity']['name']})",
+            f"figure: {out / 'demo.png'}", f"results: {out / 'results.json'}"]
+
+
+STUDY = base.Study(NAME, DemoConfig, summary=summary)
 
 
 def _run(config: DemoConfig, out: Path, hooks, device: str, progress: bool, pool: torch.Tensor) -> dict:
     train, train_index = hooks.subset(pool, config.num_train, config.subset_seed)
     seeds = list(range(config.sample_seed_start, config.sample_seed_start + config.num_samples))
     shape = tuple(pool.shape[1:])
-    samples = hooks.sample(hooks.empirical_denoiser(train.to(device)), seeds, shape, steps=config.steps,
+    samples = hooks.sample(hooks.empirical_denoiser(train.to(device)), seeds, shape, steps=config.sampler_steps,
                            solver=config.solver, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
                            device=device, progress=progress).float().cpu()
 

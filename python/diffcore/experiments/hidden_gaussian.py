@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,17 +33,15 @@ from typing import Callable
 import torch
 
 from diffcore._files import load_json
+from diffcore.analysis.generalization import distill_affine, linearity_score, relative_distance
 from diffcore.experiments import _stack, base, plotting
+from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 
 log = logging.getLogger(__name__)
 
 NAME = "hidden-gaussian"
-# One intra-op thread on the CPU: the digits UNets are small, and on the shared 2-core machine a
-# training step took 0.17 s with one thread against 5-11 s with two (thread contention).
-_CPU_THREADS = 1
-A = B = 1.0 / math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class HiddenGaussianConfig:
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text, "dataset": base.text, "data_root": base.text, "model_preset": base.text,
+    "models_from": base.text, "dataset": base.text, "data_root": base.text, "model_preset": base.model_preset,
     "widths": base.tuple_of(_POSITIVE, min_len=0), "sizes": base.tuple_of(base.integer(2), min_len=0),
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL,
@@ -157,42 +154,7 @@ PRESETS: dict[str, Callable[[], HiddenGaussianConfig]] = {"quick": _quick, "tiny
 CONFIG_CLASS = HiddenGaussianConfig
 
 
-def default_hooks():
-    """The reproducibility study's hooks (the empirical denoiser is ``diffcore.denoisers.EmpiricalDenoiser``)."""
-    from diffcore.experiments import reproducibility
-
-    return reproducibility.default_hooks()
-
-
 # ----------------------------------------------------------------------------- measurements
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1).double(),
-                                                 b.reshape(b.shape[0], -1).double(), dim=1)
-
-
-def linearity_score(denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> float:
-    """Mean cosine between ``D(a x1 + b x2)`` and ``a D(x1) + b D(x2)`` (a = b = 1/sqrt(2))."""
-    with torch.no_grad():
-        d1, d2, dm = denoiser(x1, sigma), denoiser(x2, sigma), denoiser(A * x1 + B * x2, sigma)
-    return float(_cosine(dm, A * d1 + B * d2).mean())
-
-
-def relative_distance(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """``|a - ref|_F / |ref|_F`` over the batch."""
-    return float((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
-def distill_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Least-squares affine map ``y ~ W x + b`` for ``x, y`` [M, ...] (float64): ``(W [n, n], b [n], R^2)``."""
-    xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
-    design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
-    coef = torch.linalg.lstsq(design, yf).solution                     # [n + 1, n]
-    w, b = coef[:-1].T, coef[-1]
-    resid = yf - design @ coef
-    r2 = 1.0 - float(resid.square().sum() / (yf - yf.mean(0)).square().sum().clamp_min(1e-30))
-    return w, b, r2
-
 
 def measure_curves(model, gaussian, empirical, images: torch.Tensor, sigmas: list[float],
                    config: HiddenGaussianConfig, train_images: torch.Tensor | None = None) -> list[dict]:
@@ -284,11 +246,7 @@ def effect_properties(results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), to
 # ----------------------------------------------------------------------------- the study
 
 @dataclass
-class _Model:
-    label: str
-    width: int
-    n: int
-    seed: int
+class _Model(_stack.ModelOfSubset):
     unit: Unit
 
 
@@ -299,17 +257,10 @@ class _Study:
         self.hooks = hooks
         self.device = device
         self.progress = progress
-        self.units: list[Unit] = []
 
     # models --------------------------------------------------------------------
     def model_spec(self, width: int, n: int, seed: int) -> dict:
-        c = self.c
-        return {"dataset": c.dataset, "n": n, "subset_seed": c.subset_seed, "data_root": c.data_root,
-                "model_preset": c.model_preset, "width": width, "seed": seed, "train_steps": c.train_steps,
-                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images, **base.data_digest(c.data_root),
-                **_stack.recipe_spec(c.precond, c.augment_p, (c.sigma_p_mean, c.sigma_p_std),
-                                     (c.train_target, c.target_sigma_min))}
+        return _stack.model_unit_spec(self.c, width, n, seed)
 
     def trained_models(self, pool: torch.Tensor) -> list[_Model]:
         c = self.c
@@ -319,11 +270,11 @@ class _Study:
                 for seed in c.train_seeds:
                     spec = self.model_spec(width, n, seed)
                     train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
-                    name = f"w{width}-n{n}-s{seed}"
+                    name = _stack.model_unit_name(width, n, seed)
                     unit = self.ws.run_unit("models", name, spec, lambda tmp, work, s=spec, t=train_images:
                                             self.hooks.train(t, s, tmp, work, device=self.device,
                                                              progress=self.progress))
-                    self.units.append(unit)
+                    self.ws.record(unit)
                     out.append(_Model(name, width, n, seed, unit))
         return out
 
@@ -396,7 +347,7 @@ class _Study:
                     "pfd_model_empirical": pfd(s_model, s_emp), "pfd_gaussian_empirical": pfd(s_gauss, s_emp)}
 
         unit = self.ws.run_unit("measure", model.label, spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     def run(self) -> dict:
@@ -435,10 +386,6 @@ class _Study:
         plot_curves(results, ("distill_w_error",), ("linear distillation vs Gaussian W",),
                     "|W_fit - W_G|_F / |W_G|_F", root / "distillation.png", logy=True)
         plot_samples(results, samples, self.c.grid_samples, root / "samples.png")
-        atomic_write_json(root / "timings.json", {kind: {"seconds": sum(u.seconds for u in self.units
-                                                                        if u.path.parent.name == kind),
-                                                         "units": sum(u.path.parent.name == kind for u in self.units)}
-                                                  for kind in ("models", "measure")})
 
 
 def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
@@ -552,16 +499,13 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
 
 def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore.experiments._stack import resolve_device
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given or study_hooks.default_hooks(), resolved, progress), hooks=hooks, device=device)
 
-    if hooks is None:
-        hooks = default_hooks()
-        device = str(resolve_device(device))
-    elif device == "auto":
-        device = "cpu"
-    config.validate()
-    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
-                          threads=_CPU_THREADS if str(device) == "cpu" else 0)
+
+# One intra-op thread on the CPU: the digits UNets are small, and on a busy 2-core machine a
+# training step took 0.17 s with one thread against 5-11 s with two (thread contention).
+STUDY = base.Study(NAME, HiddenGaussianConfig, threads=1)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

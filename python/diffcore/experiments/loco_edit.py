@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 NAME = "loco-edit"
 IMAGE_SOURCES = ("dataset", "generated", "files")
 NAMED_MASKS = ("upper-half", "lower-half", "left-half", "right-half", "center")
-SOLVERS = ("ddim", "euler", "heun", "dpmpp_2m")
 SUBSPACE_METHODS = ("subspace", "randomized", "lanczos")
 
 
@@ -127,11 +125,6 @@ def _open_fraction(name: str, value) -> None:
         raise ConfigError(f"{name}: expected a number in (0, 1), got {value!r}")
 
 
-def _flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-
-
 def _paths(name: str, value) -> None:
     """A tuple of strings, repeats allowed (one mask file may serve several images)."""
     if not isinstance(value, tuple):
@@ -140,23 +133,23 @@ def _paths(name: str, value) -> None:
         base.text(f"{name}[{i}]", item)
 
 
-_FRACTION = base.number(0, 1, lo_open=True)
+_FRACTION = base.fraction
 _POSITIVE = base.integer(1)
 MAX_STEPS = 10_000  # inversion / sampling steps: the paper uses 100; beyond this a grid only wastes memory
 _COUNT = base.integer(0)
 FIELD_CHECKS: dict[str, base.Check] = {
     "diffusers_dir": base.text, "models_from": base.text, "dataset": base.text, "data_root": base.text,
-    "model_preset": base.text, "width": _POSITIVE, "train_size": _POSITIVE, "train_seed": base.seed,
+    "model_preset": base.model_preset, "width": _POSITIVE, "train_size": _POSITIVE, "train_seed": base.seed,
     "subset_seed": base.seed, "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _open_fraction,
     "lr_warmup_images": _COUNT, "image_source": base.one_of(*IMAGE_SOURCES),
     "image_indices": base.tuple_of(_COUNT, min_len=0),  # at least one for the chosen image_source: validate
     "image_seeds": base.tuple_of(base.seed, min_len=0), "image_files": base.tuple_of(base.text, min_len=0),
     "mask": base.text, "mask_files": _paths, "edit_time": _open_fraction, "inversion_steps": base.integer(1, MAX_STEPS),
-    "solver": base.one_of(*SOLVERS), "stochastic_below": base.number(0), "noise_seed": base.seed,
+    "solver": base.solver, "stochastic_below": base.number(0), "noise_seed": base.seed,
     "rank": _POSITIVE, "k_out": _COUNT, "strengths": base.tuple_of(base.number(0, 1e4, lo_open=True)),
     "subspace_method": base.one_of(*SUBSPACE_METHODS), "subspace_iters": _POSITIVE,
     "subspace_tol": _open_fraction, "spectrum_k": _COUNT, "spectrum_probes": _POSITIVE, "rank_ratio": _FRACTION,
-    "transfer": _flag, "torch_threads": _COUNT,
+    "transfer": base.boolean, "torch_threads": _COUNT,
 }
 
 
@@ -232,46 +225,12 @@ def default_hooks() -> LocoHooks:
 
 
 def load_diffusers_denoiser(folder, device="cpu"):
-    """A local diffusers folder as ``(D(x, sigma), alphas_cumprod, (C, H, W))``, offline.
+    """A local diffusers folder as ``(D(x, sigma), alphas_cumprod [T] float64, (C, H, W))``, offline
+    (``diffcore.sampler.load_diffusers_folder``: weights, scheduler, and the JVP-safe attention)."""
+    from diffcore.sampler.adapters import load_diffusers_folder
 
-    The folder holds a ``UNet2DModel`` (``config.json`` + weights at the root, or in ``unet/``) and
-    its scheduler config (``scheduler_config.json`` at the root, or in ``scheduler/``). Weights are
-    read by diffusers (safetensors, or ``.bin`` through ``torch.load(weights_only=True)``); the
-    scheduler class named in the config is not instantiated: only ``DDPMScheduler`` reads its
-    betas and prediction type. Attention runs through PyTorch's math kernel and GroupNorm inputs
-    are made contiguous so forward-mode JVPs pass through (the fused CPU attention kernel and
-    GroupNorm's forward AD on strided inputs do not support them in torch 2.13).
-    """
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from diffcore.sampler import DiffusersUNetDenoiser
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"diffusers_dir: {root} is not a folder")
-    unet_sub = "unet" if (root / "unet" / "config.json").is_file() else None
-    sched_sub = "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else None
-    if not (root / (unet_sub or "") / "config.json").is_file():
-        raise FileNotFoundError(f"diffusers_dir: no UNet config.json in {root} or {root / 'unet'}")
-    if not (root / (sched_sub or "") / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"diffusers_dir: no scheduler_config.json in {root} or {root / 'scheduler'}")
-    unet = UNet2DModel.from_pretrained(str(root), subfolder=unet_sub, local_files_only=True)
-    unet = unet.to(device).eval().requires_grad_(False)
-    for module in unet.modules():
-        if isinstance(module, torch.nn.GroupNorm):
-            module.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:]))
-    scheduler = DDPMScheduler.from_pretrained(str(root), subfolder=sched_sub, local_files_only=True)
-    adapter = DiffusersUNetDenoiser(unet, scheduler)
-
-    def denoise(x, sigma):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            return adapter(x, sigma)
-
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return denoise, torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64), (unet.config.in_channels, h, w)
+    loaded = load_diffusers_folder(folder, device, argument="diffusers_dir")
+    return loaded.denoiser, loaded.alphas_cumprod, loaded.shape
 
 
 # ----------------------------------------------------------------------------- masks and image files
@@ -334,7 +293,6 @@ class _Study:
     def __init__(self, config: LocoEditConfig, out, hooks: LocoHooks, device: str, progress: bool):
         self.c, self.hooks, self.device, self.progress = config, hooks, device, progress
         self.ws = Workspace(out)
-        self.units: list[Unit] = []                       # the units this run made or reused
 
     # model ----------------------------------------------------------------------
     def model_spec(self) -> dict:
@@ -365,7 +323,7 @@ class _Study:
             train_images, _ = self.hooks.subset(pool, c.train_size, c.subset_seed)
             unit = self.ws.run_unit("models", name, spec, lambda tmp, work: self.hooks.train(
                 train_images, spec, tmp, work, device=self.device, progress=self.progress))
-            self.units.append(unit)
+            self.ws.record(unit)
         denoiser = self.hooks.load(unit.path, device=self.device)
         return denoiser, EditTimeline(), tuple(pool.shape[1:]), {"kind": "diffcore", "name": name, "source": source,
                                                                  "spec": unit.spec}
@@ -498,7 +456,7 @@ class _Study:
             return {"sigma": sigma, "direction_seconds": dirs.seconds, "direction_cpu_seconds": dirs.cpu_seconds}
 
         unit = self.ws.run_unit("images", f"image-{position}", self.image_spec(model, position, image), produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     def sample_kwargs(self, timeline, seeds) -> dict:
@@ -543,7 +501,7 @@ class _Study:
             return {}
 
         unit = self.ws.run_unit("transfer", "all", spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     # results ----------------------------------------------------------------------
@@ -579,11 +537,6 @@ class _Study:
         if transfer is not None:
             plot_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), tensors, results,
                           root / "transfer.png")
-        atomic_write_json(root / "timings.json", {
-            kind: {"seconds": sum(u.seconds for u in self.units if u.path.parent.name == kind),
-                   "units": sum(u.path.parent.name == kind for u in self.units),
-                   "reused": sum(u.reused for u in self.units if u.path.parent.name == kind)}
-            for kind in ("models", "images", "transfer")})
 
 
 def _tensors(unit: Unit) -> dict:
@@ -828,27 +781,14 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
 def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: str = "auto",
         progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore import _env
-    from diffcore.experiments._stack import resolve_device
-
     config.validate()
     if not config.images():
         raise ConfigError("image_files: expected at least one image file (--set image_files=a.png,b.png)")
-    if hooks is None:
-        hooks = default_hooks()
-        device = str(resolve_device(device))
-    elif device == "auto":
-        device = "cpu"
-    start, cpu = time.perf_counter(), time.process_time()
-    with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, hooks, device, progress)
-        with study.ws.claim(NAME):
-            results = study.run()
-    timings = Path(out) / "timings.json"
-    atomic_write_json(timings, {**json.loads(timings.read_text()), "wall_seconds": time.perf_counter() - start,
-                                "cpu_seconds": time.process_time() - cpu})
-    log.info("loco-edit done in %.1f s: %s", time.perf_counter() - start, out)
-    return results
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given or default_hooks(), resolved, progress), hooks=hooks, device=device)
+
+
+STUDY = base.Study(NAME, LocoEditConfig)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -74,7 +74,7 @@ class MoLRGConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     calibration_pool: int = 2048                  # fresh samples (for a calibrated GL threshold)
-    gl_threshold: float | None = 0.99             # centered cosine; None: calibrated on the fresh pool
+    threshold: float | None = 0.99                # centered cosine; None: calibrated on the fresh pool
     rank_samples: int = 8
 
     def sizes(self, d: int) -> list[int]:
@@ -104,7 +104,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
     "sigma_min": base.sigma, "sigma_max": base.sigma,
     "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
-    "gl_threshold": base.optional(base.number(-1, 1)),  # a cosine
+    "threshold": base.optional(base.number(-1, 1)),  # a cosine
     "rank_samples": _POSITIVE,
 }
 
@@ -170,7 +170,6 @@ class _Study:
         self.c = config
         self.ws = Workspace(out)
         self.progress = progress
-        self.units = []
 
     def data(self, d: int):
         from diffcore.data import molrg
@@ -212,7 +211,7 @@ class _Study:
             return meta
 
         unit = self.ws.run_unit("model", f"{kind}-d{d}-N{n_train}", spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     def build(self, kind: str, d: int, train: torch.Tensor):
@@ -260,7 +259,7 @@ class _Study:
             # The calibrated threshold (0.95 quantile of nearest-other similarity) is ~1 on a dense
             # pool of low-dimensional data, which would count every sample as novel: a fixed cosine
             # (0.99, about 8 degrees) is the default instead.
-            threshold = self.threshold(fresh) if c.gl_threshold is None else float(c.gl_threshold)
+            threshold = self.threshold(fresh) if c.threshold is None else float(c.threshold)
             for n_train in c.sizes(d):
                 train = pool[:n_train]
                 for kind in c.models:
@@ -306,9 +305,6 @@ class _Study:
         atomic_write_csv(root / "runs.csv", results["runs"])
         plot_phase_transition(results, root / "phase_transition.png")
         plot_rank(results["rank"], root / "rank.png")
-        atomic_write_json(root / "timings.json", {"train_and_sample_seconds": sum(u.seconds for u in self.units),
-                                                  "units": len(self.units),
-                                                  "reused": sum(u.reused for u in self.units)})
 
 
 # ----------------------------------------------------------------------------- figures
@@ -365,11 +361,12 @@ def plot_rank(rank: dict, path) -> Path:
 
 
 def run(config: MoLRGConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out`` (CPU: the models are tiny); returns results.json's content."""
-    if hooks is not None:
-        raise ValueError("hooks: the MoLRG study has no injectable hooks")
-    config.validate()
-    return base.run_study(NAME, lambda: _Study(config, out, progress), out, threads=1)
+    """Run (or resume) the study into ``out`` (CPU only: the models are tiny); returns results.json's content."""
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, progress),
+                          hooks=hooks, device=device)
+
+
+STUDY = base.Study(NAME, MoLRGConfig, cpu_only=True, threads=1, takes_hooks=False)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -78,7 +78,7 @@ class MultistageConfig:
     loss_eval_images: int = 1024
     loss_eval_seed: int = 1
     fid_weights: str = ""              # non-digits data: local Inception-v3 weights for FID
-    cpu_threads: int = 1               # intra-op threads on the CPU (0: torch's default); the digits
+    torch_threads: int = 1             # intra-op threads on the CPU (0: torch's default); the digits
     #                                    models are so small that one thread is fastest on a busy CPU
 
     def validate(self, pool_size: int | None = None) -> None:
@@ -123,11 +123,12 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
     "grid_points": base.integer(2), "grid_sigma_min": _SIGMA, "grid_sigma_max": _SIGMA, "num_probes": _POSITIVE,
     "probe_seed": base.seed, "num_stages": _POSITIVE, "stage_boundaries": base.tuple_of(_SIGMA, min_len=0),
-    "model_preset": base.text, "single_channels": _WIDTH, "encoder_channels": _WIDTH, "decoder_channels": _channels,
+    "model_preset": base.model_preset, "single_channels": _WIDTH, "encoder_channels": _WIDTH,
+    "decoder_channels": _channels,
     "eval_steps": base.tuple_of(_POSITIVE), "batch_size": _POSITIVE, "learning_rate": base.number(0, lo_open=True),
     "lr_warmup_images": base.integer(0), "seed": base.seed, "num_samples": base.integer(2),
     "sample_seed_start": base.seed, "sampler_steps": _POSITIVE, "loss_eval_images": _POSITIVE,
-    "loss_eval_seed": base.seed, "fid_weights": base.text, "cpu_threads": base.integer(0),
+    "loss_eval_seed": base.seed, "fid_weights": base.text, "torch_threads": base.integer(0),
 }
 
 
@@ -261,13 +262,12 @@ class _Study:
         run_dir = self.out / "train" / model  # shared by the eval points: each resumes the last
 
         def produce(tmp: Path, work: Path) -> dict:
-            config = trainer.TrainConfig(
-                data={**_stack.data_spec(c.dataset, c.data_root), "subset": c.num_train,
-                      "subset_seed": c.subset_seed},
-                model=model_spec, steps=steps, batch_size=c.batch_size, lr=c.learning_rate,
-                lr_warmup_images=c.lr_warmup_images, seed=c.seed, device=self.device, out_dir=str(run_dir),
-                checkpoint_every=max(steps // 2, 1), log_every=max(min(50, steps // 2), 1),
-                progress=self.progress)
+            request = {"train_steps": steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                       "lr_warmup_images": c.lr_warmup_images, "seed": c.seed}
+            config = _stack.training_request(
+                request, run_dir, self.device, self.progress, model=model_spec,
+                data={**_stack.data_spec(c.dataset, c.data_root), "subset": c.num_train, "subset_seed": c.subset_seed},
+                checkpoint_every=max(steps // 2, 1), log_every=max(min(50, steps // 2), 1))
             wall, cpu = time.perf_counter(), time.process_time()
             result = trainer.train_from_config(config, resume="auto")
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -420,12 +420,11 @@ def _machine() -> dict:
 
 def run(config: MultistageConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``: results.json, cost.csv, similarity.png, quality.png."""
-    if hooks is not None:
-        raise ValueError("hooks: the multistage study has no replaceable hooks; pass None")
-    config.validate()
-    device = str(_stack.resolve_device(device))
-    return base.run_study(NAME, lambda: _Study(config, out, device, progress), out,
-                          threads=config.cpu_threads if device == "cpu" else 0)
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, resolved, progress),
+                          hooks=hooks, device=device)
+
+
+STUDY = base.Study(NAME, MultistageConfig, takes_hooks=False)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -54,8 +54,8 @@ class PFDConfig:
     train_seeds: tuple[int, ...] = (0,)
     mlp_width: int = 128
     mlp_depth: int = 3
-    steps: int = 2000
-    lr: float = 2e-3
+    train_steps: int = 2000
+    learning_rate: float = 2e-3
     batch_size: int = 128
     P_mean: float = -1.2
     P_std: float = 1.2
@@ -84,7 +84,8 @@ class PFDConfig:
     def snapshot_steps(self) -> list[int]:
         if not self.curve_size:
             return []
-        grid = torch.logspace(math.log10(max(1, self.steps // 200)), math.log10(self.steps), self.curve_points)
+        grid = torch.logspace(math.log10(max(1, self.train_steps // 200)), math.log10(self.train_steps),
+                              self.curve_points)
         return sorted({0, *(int(round(float(s))) for s in grid)})
 
 
@@ -95,15 +96,15 @@ def _quick() -> PFDConfig:
 
 def _tiny() -> PFDConfig:
     """Seconds, for tests."""
-    return PFDConfig(ambient_dim=8, latent_dim=2, sizes=(2, 256), mlp_width=64, mlp_depth=2, steps=400,
-                     lr=3e-3, curve_size=2, curve_points=4, num_samples=64, sampler_steps=10)
+    return PFDConfig(ambient_dim=8, latent_dim=2, sizes=(2, 256), mlp_width=64, mlp_depth=2, train_steps=400,
+                     learning_rate=3e-3, curve_size=2, curve_points=4, num_samples=64, sampler_steps=10)
 
 
 def _paper() -> PFDConfig:
     """A wider N grid, 3 training seeds, longer training (hours on a CPU; minutes on a GPU-less box
     per model)."""
     return PFDConfig(ambient_dim=32, latent_dim=4, sizes=tuple(2 ** k for k in range(1, 14)), train_seeds=(0, 1, 2),
-                     mlp_width=256, mlp_depth=4, steps=20000, curve_size=64, curve_points=20, num_samples=2048)
+                     mlp_width=256, mlp_depth=4, train_steps=20000, curve_size=64, curve_points=20, num_samples=2048)
 
 
 _POSITIVE = base.integer(1)
@@ -112,7 +113,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "teacher": base.one_of("molrg", "gaussian"), "teacher_flow": base.one_of("sampler", "exact"),
     "num_components": _POSITIVE, "ambient_dim": _POSITIVE, "latent_dim": _POSITIVE, "teacher_seed": base.seed,
     "sizes": base.tuple_of(_POSITIVE), "train_seeds": base.tuple_of(base.seed),
-    "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "steps": _POSITIVE, "lr": _POSITIVE_REAL,
+    "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "train_steps": _POSITIVE, "learning_rate": _POSITIVE_REAL,
     "batch_size": _POSITIVE, "P_mean": base.log_sigma, "P_std": _POSITIVE_REAL,
     "curve_size": base.integer(0), "curve_points": _POSITIVE,
     "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
@@ -169,7 +170,6 @@ class _Study:
         self.ws = Workspace(out)
         self.hooks = hooks
         self.progress = progress
-        self.units = []
         from diffcore import sampler
 
         self.sigmas = sampler.karras_sigmas(config.sampler_steps, config.sigma_min, config.sigma_max)
@@ -199,7 +199,7 @@ class _Study:
         with_curve = n_train == c.curve_size and seed == c.train_seeds[0]
         spec = {"teacher": c.teacher, "teacher_flow": c.teacher_flow, "K": c.num_components, "n": c.ambient_dim,
                 "d": c.latent_dim, "teacher_seed": c.teacher_seed, "N": n_train, "seed": seed,
-                "width": c.mlp_width, "depth": c.mlp_depth, "steps": c.steps, "lr": c.lr,
+                "width": c.mlp_width, "depth": c.mlp_depth, "steps": c.train_steps, "lr": c.learning_rate,
                 "batch_size": c.batch_size, "P_mean": c.P_mean, "P_std": c.P_std,
                 "num_samples": c.num_samples, "sample_seed_start": c.sample_seed_start,
                 "sampler_steps": c.sampler_steps, "normalize": c.normalize,
@@ -208,7 +208,8 @@ class _Study:
         def produce(tmp: Path, work: Path):
             torch.manual_seed(seed)
             model = vector.MLPDenoiser(c.ambient_dim, c.mlp_width, c.mlp_depth, sigma_data=_vector.data_sigma(train))
-            tlog = _vector.train_denoiser(model, train, steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=seed,
+            tlog = _vector.train_denoiser(model, train, steps=c.train_steps, batch_size=c.batch_size,
+                                          lr=c.learning_rate, seed=seed,
                                           P_mean=c.P_mean, P_std=c.P_std, sigma_data=_vector.data_sigma(train),
                                           snapshot_steps=spec["snapshots"])
             torch.save(model.state_dict(), tmp / "model.pt")
@@ -228,7 +229,7 @@ class _Study:
             return meta
 
         unit = self.ws.run_unit("student", f"N{n_train}-s{seed}", spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit
 
     def run(self) -> dict:
@@ -261,9 +262,6 @@ class _Study:
         plot_vs_n(results, root / "pfd_vs_n.png")
         if curve:
             plot_vs_time(results, root / "pfd_vs_time.png")
-        atomic_write_json(root / "timings.json", {"train_and_measure_seconds": sum(u.seconds for u in self.units),
-                                                  "units": len(self.units),
-                                                  "reused": sum(u.reused for u in self.units)})
         return results
 
 
@@ -323,9 +321,12 @@ def plot_vs_time(results: dict, path) -> Path:
 
 def run(config: PFDConfig, out, *, hooks: PFDHooks | None = None, device: str = "auto",
         progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out`` (CPU; the students are tiny MLPs)."""
-    # _Study validates the config
-    return base.run_study(NAME, lambda: _Study(config, out, hooks or default_hooks(), progress), out, threads=1)
+    """Run (or resume) the study into ``out`` (CPU only; the students are tiny MLPs)."""
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given or default_hooks(), progress), hooks=hooks, device=device)
+
+
+STUDY = base.Study(NAME, PFDConfig, cpu_only=True, threads=1)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

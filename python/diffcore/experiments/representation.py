@@ -36,13 +36,16 @@ from typing import Callable
 import torch
 
 from diffcore._files import load_json
-from diffcore.experiments import base
+from diffcore.experiments import _stack, base, experiment
+from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
 
 log = logging.getLogger(__name__)
 
 NAME = "representation"
+# The study whose models this one measures, run or read through the registry (no study imports another).
+REPRODUCIBILITY = "reproducibility"
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,7 @@ class RepresentationConfig:
             raise ConfigError("molrg_latent_dim: molrg_components * molrg_latent_dim must not exceed "
                               "molrg_ambient_dim (mutually orthogonal class subspaces)")
         if not self.models_from:
-            from diffcore.experiments import reproducibility
-
-            base.one_of(*reproducibility.PRESETS)("reproducibility_preset", self.reproducibility_preset)
+            base.one_of(*experiment(REPRODUCIBILITY).PRESETS)("reproducibility_preset", self.reproducibility_preset)
 
     def sigmas(self) -> list[float]:
         ratio = self.sigma_max / self.sigma_min
@@ -173,11 +174,7 @@ def probe_curve(denoiser: torch.nn.Module, pool: torch.Tensor, labels: torch.Ten
 # ----------------------------------------------------------------------------- the study
 
 @dataclass
-class _Model:
-    label: str
-    width: int
-    n: int
-    seed: int
+class _Model(_stack.ModelOfSubset):
     path: Path               # a finished model unit (its checkpoint/ folder)
     gl: float | None
     memorized_ratio: float | None
@@ -185,11 +182,9 @@ class _Model:
 
 class _Study:
     def __init__(self, config: RepresentationConfig, out, hooks, device: str, progress: bool):
-        from diffcore.experiments import reproducibility
-
         self.c = config
         self.ws = Workspace(out)
-        self.hooks = hooks or reproducibility.default_hooks()
+        self.hooks = hooks or study_hooks.default_hooks()
         self.default_stack = hooks is None
         self.device = device
         self.progress = progress
@@ -198,8 +193,7 @@ class _Study:
     # models --------------------------------------------------------------------
     def reproducibility_run(self) -> tuple[dict, Path]:
         """The reproducibility results and folder: ``models_from``, or that study run here."""
-        from diffcore.experiments import reproducibility
-
+        reproducibility = experiment(REPRODUCIBILITY)
         c = self.c
         if c.models_from:
             root = Path(c.models_from)
@@ -207,7 +201,7 @@ class _Study:
             if not results_path.is_file():
                 raise ConfigError(f"models_from: {root} holds no results.json of a finished reproducibility run")
             results = load_json(results_path, what="models_from: results", follow=False)
-            if results.get("experiment") != reproducibility.NAME:
+            if results.get("experiment") != REPRODUCIBILITY:
                 raise ConfigError(f"models_from: {results_path} is a {results.get('experiment')!r} run, "
                                   f"not a reproducibility run")
             return results, root
@@ -242,13 +236,12 @@ class _Study:
 
     def _untrained_model(self):
         """The first model of the reproducibility run made here, built but not trained (its layers)."""
-        from diffcore.experiments import _stack, reproducibility
         from diffcore.train.registry import build_model
 
         c = self.c
-        rc = dataclasses.asdict(reproducibility.PRESETS[c.reproducibility_preset]())
+        rc = dataclasses.asdict(experiment(REPRODUCIBILITY).PRESETS[c.reproducibility_preset]())
         width = (c.widths or tuple(rc["widths"]))[0]
-        return build_model(_stack.model_spec(reproducibility.model_spec(rc, width, 1, 0)))
+        return build_model(_stack.model_spec(_stack.model_unit_spec(rc, width, 1, 0)))
 
     def models(self, results: dict, root: Path) -> list[_Model]:
         c = self.c
@@ -283,12 +276,11 @@ class _Study:
         """One model (the first width, N = trajectory_size, the first seed) trained with the
         reproducibility run's recipe, keeping its checkpoints every ``snapshot_every`` steps."""
         from diffcore import train
-        from diffcore.experiments import _stack, reproducibility
 
         c = self.c
         rc = repro["config"]
         width, n = (c.widths or tuple(rc["widths"]))[0], c.trajectory_size
-        spec = {**reproducibility.model_spec(rc, width, n, rc["train_seeds"][0]), "snapshot_every": c.snapshot_every}
+        spec = {**_stack.model_unit_spec(rc, width, n, rc["train_seeds"][0]), "snapshot_every": c.snapshot_every}
 
         def produce(tmp: Path, work: Path) -> dict:
             steps = spec["train_steps"]
@@ -410,7 +402,6 @@ class _Study:
 def _labels(dataset: str, data_root: str, expected: int) -> torch.Tensor:
     """Integer class labels of the dataset's pool, in the pool's order."""
     from diffcore import data
-    from diffcore.experiments import _stack
 
     labels = data.load_dataset(_stack.data_spec(dataset, data_root)).labels
     if labels.shape[0] != expected:
@@ -482,12 +473,11 @@ def plot(results: dict, path) -> Path:
 
 def run(config: RepresentationConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    from diffcore.experiments._stack import resolve_device
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
+        config, out, given, resolved, progress), hooks=hooks, device=device)
 
-    config.validate()
-    device = str(resolve_device(device)) if hooks is None else ("cpu" if device == "auto" else device)
-    return base.run_study(NAME, lambda: _Study(config, out, hooks, device, progress), out,
-                          threads=config.torch_threads, one_process=True)
+
+STUDY = base.Study(NAME, RepresentationConfig, one_process=True)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

@@ -16,7 +16,7 @@ model, sample set and metric is a resumable unit (see :mod:`diffcore.experiments
 run at any point and run it again to continue; it ends with the same ``results.json``.
 
 Train, sample, data and k-NN come from :class:`StudyHooks`; the default hooks are those of
-:mod:`diffcore.experiments._stack`, and tests inject closed-form stand-ins.
+:mod:`diffcore.experiments.hooks`, and tests inject closed-form stand-ins.
 """
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ import torch
 from diffcore import _env, metrics
 from diffcore._progress import Progress
 from diffcore.experiments import _stack, base, plotting
+from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
-from diffcore.sampler import SOLVERS
+from diffcore.experiments.hooks import StudyHooks
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,13 @@ class ReproducibilityConfig:
 
 _POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "model_preset": base.text, "similarity": base.text,
+    "dataset": base.text, "data_root": base.text, "model_preset": base.model_preset, "similarity": base.text,
     "widths": base.tuple_of(_POSITIVE),
     "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
     "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
     "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
-    "solver": base.one_of(*SOLVERS),
+    "solver": base.solver,
     "sigma_min": base.sigma, "sigma_max": base.sigma,
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
@@ -169,59 +170,12 @@ PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {"quick": _quick, "pap
 CONFIG_CLASS = ReproducibilityConfig
 
 
-# ----------------------------------------------------------------------------- hooks
-
-@dataclass
-class StudyHooks:
-    """What the study needs from the rest of the stack (injectable for tests).
-
-    - ``load_dataset(name, root) -> images [P, C, H, W]`` in [-1, 1]
-    - ``subset(images, n, seed) -> (images [n, ...], indices [n])``, nested in n
-    - ``train(images, spec, out_dir, work_dir, device=, progress=) -> dict`` writes a model to out_dir
-    - ``load(model_dir, device=) -> D(x, sigma)``
-    - ``sample(denoiser, seeds, shape, steps=, solver=, sigma_min=, sigma_max=, device=, progress=)``
-      ``-> [len(seeds), *shape]``
-    - ``empirical_denoiser(train_images) -> D(x, sigma)``
-    - ``knn(queries [B, F], train [N, F], k) -> (distances, indices)``
-    - ``noise_from_seeds(seeds, shape, device, dtype) -> [B, *shape]`` (figures of the noise)
-    - ``train_ensemble(images_list, specs, work_dirs, device=, progress=) -> [dict]`` (optional)
-      trains the models of ``specs`` (one architecture) as one stacked ensemble in their work
-      folders up to their final step, so that ``train`` with the same spec and work folder only
-      finishes each; returns each member's metadata. None: every model trains alone.
-    """
-
-    load_dataset: Callable
-    subset: Callable
-    train: Callable
-    load: Callable
-    sample: Callable
-    empirical_denoiser: Callable
-    knn: Callable
-    noise_from_seeds: Callable
-    train_ensemble: Callable | None = None
-
-
-def default_hooks() -> StudyHooks:
-    from diffcore.experiments import _stack
-
-    return _stack.default_hooks()
-
-
 # ----------------------------------------------------------------------------- units
 
-def model_spec(config: ReproducibilityConfig | dict, width: int, n: int, seed: int) -> dict:
-    """The spec of model unit (width, n, seed) of a run with ``config`` (the config, or its result
-    fields as results.json holds them): what other studies train or reuse to get the same model."""
-    c = dataclasses.asdict(config) if isinstance(config, ReproducibilityConfig) else config
-    return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
-            "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
-            "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
-            "lr_warmup_images": c["lr_warmup_images"], **base.data_digest(c["data_root"]),
-            **_stack.recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0))}
-
-
-def _model_name(width: int, n: int, seed: int) -> str:
-    return f"w{width}-n{n}-s{seed}"
+# The spec of model unit (width, n, seed) of a run with a config (or its result fields as
+# results.json holds them): what other studies train or reuse to get the same model.
+model_spec = _stack.model_unit_spec
+_model_name = _stack.model_unit_name
 
 
 def _save_tensor(path: Path, tensor: torch.Tensor) -> None:
@@ -246,7 +200,6 @@ class _Study:
         self.hooks = hooks
         self.device = device
         self.progress = progress
-        self.units: dict[str, list[Unit]] = {"train": [], "sample": [], "metrics": []}
         self.similarity = metrics.get_similarity(config.similarity, device=device)
 
     # specs -------------------------------------------------------------------
@@ -278,18 +231,13 @@ class _Study:
             atomic_write_json(tmp / "threshold.json", {"threshold": value})
             return {"threshold": value}
 
-        unit = self.run_unit("metrics", "calibration", "threshold", spec, produce, wait=True)
+        unit = self.run_unit("calibration", "threshold", spec, produce, wait=True)
         value = json.loads(unit.file("threshold.json").read_text())["threshold"]
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
-    def run_unit(self, phase: str, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
-        """The workspace's unit (``wait=False``: None when another process is making it), recorded
-        for :meth:`timings` once: a unit made in this process and found finished again later (tasks
-        run in-process with ``train_workers=1``) keeps its first, producing record."""
-        unit = (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
-        if unit is not None and not (unit.reused and any(u.path == unit.path for u in self.units[phase])):
-            self.units[phase].append(unit)
-        return unit
+    def run_unit(self, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
+        """The workspace's unit (``wait=False``: None when another process is making it)."""
+        return (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
 
     def empirical_spec(self, n: int) -> dict:
         return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
@@ -305,7 +253,7 @@ class _Study:
             _save_tensor(tmp / "samples.pt", samples.float())
             return {"shape": list(samples.shape)}
 
-        unit = self.run_unit("sample", "samples", name, spec, produce, wait)
+        unit = self.run_unit("samples", name, spec, produce, wait)
         return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
     def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
@@ -319,7 +267,7 @@ class _Study:
                                     progress=self.progress if progress is None else progress)
             return {**meta, **{k: v for k, v in (ensemble_meta or {}).items() if v is not None}}
 
-        return self.run_unit("train", "models", _model_name(width, n, seed), spec, produce, wait)
+        return self.run_unit("models", _model_name(width, n, seed), spec, produce, wait)
 
     def models_costliest_first(self) -> list[tuple[int, int, int]]:
         """(width, n, seed) of every model, widest and largest N first."""
@@ -366,7 +314,7 @@ class _Study:
             torch.save({k: v.cpu().contiguous().clone() for k, v in per_sample.items()}, tmp / "per_sample.pt")
             return summary
 
-        unit = self.run_unit("metrics", "metrics", name, full_spec, produce, wait=True)
+        unit = self.run_unit("metrics", name, full_spec, produce, wait=True)
         summary = json.loads(unit.file("metrics.json").read_text())
         summary["per_sample"] = torch.load(unit.file("per_sample.pt"), map_location="cpu", weights_only=True)
         return summary
@@ -566,29 +514,19 @@ class _Study:
                          threshold=results["threshold"], similarity=results["similarity"]["name"],
                          title=f"Reproducibility and generalization against N: {self.config.dataset}, "
                                f"{self.config.model_preset}")
-        atomic_write_json(root / "timings.json", self.timings())
 
-    def timings(self) -> dict:
-        """Seconds per phase, summed over units (each unit's own wall time when it was made, so
-        with train_workers > 1 the training seconds add up the concurrent processes; the wall time
-        of that parallel phase is ``train.parallel_wall_seconds``; a model trained in an ensemble
-        counts its share of the ensemble's training seconds)."""
-        out = {}
-        for phase, units in self.units.items():
-            out[phase] = {"seconds": sum(u.seconds + _ensemble_share(u.meta) for u in units), "units": len(units),
-                          "reused": sum(u.reused for u in units)}
-        if self.train_wall_seconds is not None:
-            out["train"]["parallel_wall_seconds"] = self.train_wall_seconds
-        out["train_workers"] = self.config.train_workers
-        out["train_ensemble"] = self.config.train_ensemble
-        out["torch_threads"] = torch.get_num_threads()
-        return out
+    def timing_details(self) -> dict:
+        """What timings.json adds for this study: the wall time of the parallel training phase
+        (``train_wall_seconds``; the units' seconds add up the concurrent processes), the workers
+        and the ensembles."""
+        return {"train_wall_seconds": self.train_wall_seconds, "train_workers": self.config.train_workers,
+                "train_ensemble": self.config.train_ensemble}
 
 
 def _task_in_worker(config: ReproducibilityConfig, out: str, task: tuple, device: str) -> None:
     """One task of :meth:`_Study.make_units_in_workers`, in a worker process."""
     with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, default_hooks(), device, progress=False, default_stack=True)
+        study = _Study(config, out, study_hooks.default_hooks(), device, progress=False, default_stack=True)
         pool = study.hooks.load_dataset(config.dataset, config.data_root)
         study.run_task(task, pool, tuple(pool.shape[1:]), progress=False)
 
@@ -647,13 +585,6 @@ class _TrainingProgress:
         self.bar.set(self._done_steps())
         self.bar.close()
         return False
-
-
-
-
-def _ensemble_share(meta: dict) -> float:
-    """A model's share of the seconds of the ensemble it was trained in (0 if trained alone)."""
-    return meta.get("ensemble_train_seconds", 0.0) / meta.get("ensemble_size", 1)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -725,28 +656,22 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
     Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process makes the
     models and sample sets no other process is making; then rank 0 (or a later plain run) writes
     the results, and the other processes return ``{}``."""
-    from diffcore.experiments._stack import resolve_device
+    def make(given: StudyHooks | None, resolved: str, part: base.Participation) -> _Study:
+        return _Study(config, out, given or study_hooks.default_hooks(), resolved, progress,
+                      default_stack=given is None, part=part)
 
-    default_stack = hooks is None
-    if default_stack:
-        hooks = default_hooks()
-        device = str(resolve_device(device))
-    elif device == "auto":
-        device = "cpu"
-    config.validate()
-    part = base.participation()
-    start = time.perf_counter()
-    with _env.torch_threads(config.torch_threads):
-        study = _Study(config, out, hooks, device, progress, default_stack=default_stack, part=part)
-        with study.ws.claim(NAME, shared=not part.alone), base.units_in_one_process():
-            results = study.run()
-            if not results:  # a shard, or a rank other than 0: the aggregating run writes the results
-                return results
-            wall = time.perf_counter() - start
-            timings_path = study.ws.root / "timings.json"
-            atomic_write_json(timings_path, {**json.loads(timings_path.read_text()), "wall_seconds": wall})
-    log.info("reproducibility study done in %.1f s: %s", wall, out)
-    return results
+    return base.run_study(STUDY, config, out, make, hooks=hooks, device=device)
+
+
+def summary(results: dict, out: Path) -> list[str]:
+    """The lines ``diffcore run reproducibility`` prints: a row per model, then the figure."""
+    lines = [f"{'width':>6} {'N':>6} {'seed':>4} {'GL':>6} {'mem':>6} {'RP_emp':>6}"]
+    lines += [f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
+              f"{row['memorized_ratio']:6.3f} {row['rp_empirical']:6.3f}" for row in results["models"]]
+    return lines + [f"figure: {out / 'figure1.png'}", f"results: {out / 'results.json'}"]
+
+
+STUDY = base.Study(NAME, ReproducibilityConfig, spreads=True, one_process=True, summary=summary)
 
 
 def run_preset(preset: str, out: str | Path, overrides=(), **kwargs) -> dict:

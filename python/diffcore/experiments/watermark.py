@@ -17,7 +17,7 @@ explanation of Shallow Diffuse's consistency.
 Models (``model``):
 
 - ``molrg`` (quick): a mixture of low-rank Gaussians on random subspaces
-  (``_mixture.ScaledMoLRGDenoiser``), the model of the paper's low-rank-Jacobian argument, sized
+  (``diffcore.denoisers.mixture.ScaledMoLRGDenoiser``), the model of the paper's low-rank-Jacobian argument, sized
   after the digits at 32x32: ``components`` = 10 subspaces of dimension ``latent_dim`` = 20 (95 % of
   a digit class's variance), per-pixel variance ``pixel_variance`` = 0.23 (the digits'), isotropic
   ``variance_floor`` (the probability-flow map stays invertible, so the part of the key off the
@@ -25,7 +25,7 @@ Models (``model``):
   are incoherent with the Fourier basis, as the paper assumes of the key.
 - ``mixture``: one full-rank Gaussian per digit class fitted to the embedded 8x8 digits
   upsampled to ``resolution`` (Pillow bicubic), eigenvalues plus ``variance_floor``
-  (``_mixture.GaussianMixtureDenoiser``): closed-form, nonlinear through the class posterior, and
+  (``diffcore.denoisers.mixture.GaussianMixtureDenoiser``): closed-form, nonlinear through the class posterior, and
   invertible. 8x8 leaves no room for a ring key (the spectrum's radius is 3); at 32x32 the key's
   disc has radius 5 (10/64 of the side, the paper's 10 on SD's 64x64 latent). The upsampled digits
   have no variance in the key's band (only the floor), so there the flow is linear and the same for
@@ -57,7 +57,7 @@ from typing import Callable
 
 import torch
 
-from diffcore.experiments import base
+from diffcore.experiments import _stack, base
 from diffcore.metrics.watermark import AttackParams
 from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
                                        atomic_write_json, config_from_preset, json_dumps)
@@ -77,7 +77,7 @@ class WatermarkConfig:
     resolution: int = 32                    # digits upsampled to this side (unet, gaussian)
     width: int = 16                         # unet: model_channels of ddpmpp-digits-light at `resolution`
     train_steps: int = 400
-    train_batch_size: int = 64
+    batch_size: int = 64
     learning_rate: float = 2e-3
     lr_warmup_images: int = 2000
     train_seed: int = 0
@@ -87,16 +87,16 @@ class WatermarkConfig:
     pixel_variance: float = 0.23            # molrg: data variance per pixel (the digits' at 32x32, [-1, 1])
     basis_seed: int = 0                     # molrg: the random subspaces
     solver: str = "ddim"                    # deterministic solver of sampling and inversion
-    steps: int = 50                         # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
+    sampler_steps: int = 50                 # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
     time: float = 0.3                       # shallow injection time, fraction of T (DDPM timestep time * T)
     radius_fraction: float = 10 / 64        # key radius = round(fraction * side) (the paper: 10 on 64x64)
     channel: int = 0
     band: str = "high"                      # high (the public code's complex2) | low (Tree-Ring's complex)
     key_seed: int = 0
-    num_images: int = 32                    # watermarked images (seeds seed_start ..)
+    num_images: int = 32                    # watermarked images (seeds sample_seed_start ..)
     num_negatives: int = 32                 # unwatermarked images from the next seeds
-    seed_start: int = 100000
-    batch_size: int = 64                    # images per sampler / inversion batch
+    sample_seed_start: int = 100000
+    sample_batch: int = 64                  # images per sampler / inversion batch
     attacks: tuple[str, ...] = ("none", "jpeg", "blur", "noise", "brightness", "resize", "crop")
     # the attacks' parameters (defaults: diffcore.metrics.watermark.AttackParams)
     jpeg_quality: int = AttackParams.jpeg_quality
@@ -119,7 +119,7 @@ class WatermarkConfig:
         base.check_fields(self, FIELD_CHECKS)
         if self.resolution % 2:
             raise ConfigError(f"resolution: expected an even integer in [8, 512], got {self.resolution!r}")
-        base.check_seed_range("seed_start", self.seed_start, self.num_images + self.num_negatives)
+        base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_images + self.num_negatives)
         for name in ("nullspace_images", "grid_images"):
             if getattr(self, name) > self.num_images:
                 raise ConfigError(f"{name}: expected at most num_images = {self.num_images}, "
@@ -151,58 +151,32 @@ class WatermarkConfig:
                             seed=self.attack_seed)
 
     def positive_seeds(self) -> list[int]:
-        return list(range(self.seed_start, self.seed_start + self.num_images))
+        return list(range(self.sample_seed_start, self.sample_seed_start + self.num_images))
 
     def negative_seeds(self) -> list[int]:
-        start = self.seed_start + self.num_images
+        start = self.sample_seed_start + self.num_images
         return list(range(start, start + self.num_negatives))
-
-
-def _below(hi: float) -> base.Check:
-    """A number in (0, hi)."""
-    def check(name, value):
-        try:
-            base.number(0, hi, lo_open=True)(name, value)
-            ok = value != hi
-        except ConfigError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"{name}: expected a finite number in (0, {hi:g}), got {value!r}")
-    return check
-
-
-def _among(module: str, attr: str) -> base.Check:
-    """One of the names ``module.attr`` (imported when checked: the modules load torch code)."""
-    def check(name, value):
-        import importlib
-
-        base.one_of(*getattr(importlib.import_module(module), attr))(name, value)
-    return check
-
-
-def _boolean(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
 
 
 _POSITIVE = base.integer(1)
 _COUNT = base.integer(0)
 MAX_REFERENCE_KEYS = 9_999  # key-rank p-values resolve 1e-4; each key is one more pass over the images
 MAX_WRONG_KEYS = 1_000
-_FRACTION = base.number(0, 1, lo_open=True)
+_FRACTION = base.fraction
 _NON_NEGATIVE = base.number(0)
 FIELD_CHECKS: dict[str, base.Check] = {
     "model": base.one_of(*MODELS), "model_dir": base.text, "resolution": base.integer(8, 512), "width": _POSITIVE,
-    "train_steps": _POSITIVE, "train_batch_size": _POSITIVE, "learning_rate": _FRACTION,
+    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _FRACTION,
     "lr_warmup_images": _COUNT, "train_seed": base.seed, "variance_floor": _FRACTION, "components": _POSITIVE,
     "latent_dim": _POSITIVE, "pixel_variance": base.number(0, 10, lo_open=True), "basis_seed": base.seed,
-    "solver": _among("diffcore.sampler", "SOLVERS"), "steps": base.integer(2), "time": _below(1),
-    "radius_fraction": _below(0.5), "channel": _COUNT, "band": _among("diffcore.analysis.watermark", "BANDS"),
-    "key_seed": base.seed, "num_images": _POSITIVE, "num_negatives": base.integer(2), "seed_start": base.seed,
-    "batch_size": _POSITIVE, "attacks": base.tuple_of(_among("diffcore.metrics.watermark", "ATTACKS")),
+    "solver": base.solver, "sampler_steps": base.integer(2), "time": base.below(1),
+    "radius_fraction": base.below(0.5), "channel": _COUNT,
+    "band": base.registered("diffcore.analysis.watermark", "BANDS"),
+    "key_seed": base.seed, "num_images": _POSITIVE, "num_negatives": base.integer(2), "sample_seed_start": base.seed,
+    "sample_batch": _POSITIVE, "attacks": base.tuple_of(base.registered("diffcore.metrics.watermark", "ATTACKS")),
     "jpeg_quality": base.integer(1, 95), "blur_radius": _NON_NEGATIVE, "noise_std": _NON_NEGATIVE,
     "brightness": _NON_NEGATIVE, "resize_scale": _FRACTION, "crop_fraction": _FRACTION,
-    "attack_reference_size": _POSITIVE, "attack_seed": base.seed, "p_value": _boolean,
+    "attack_reference_size": _POSITIVE, "attack_seed": base.seed, "p_value": base.boolean,
     "rank_references": base.integer(0, MAX_REFERENCE_KEYS), "wrong_keys": base.integer(0, MAX_WRONG_KEYS), "nullspace_images": _COUNT, "nullspace_k": _POSITIVE,
     "grid_images": _COUNT,
 }
@@ -217,7 +191,7 @@ def _quick() -> WatermarkConfig:
 
 def _tiny() -> WatermarkConfig:
     """Seconds: the Gaussian denoiser of the digits at 16x16, 12 steps, 8 + 8 images (tests)."""
-    return WatermarkConfig(model="gaussian", variance_floor=1e-3, resolution=16, steps=12, radius_fraction=0.2,
+    return WatermarkConfig(model="gaussian", variance_floor=1e-3, resolution=16, sampler_steps=12, radius_fraction=0.2,
                            num_images=8, num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2,
                            nullspace_k=4, grid_images=4, rank_references=19, wrong_keys=4)
 
@@ -225,7 +199,7 @@ def _tiny() -> WatermarkConfig:
 def _paper() -> WatermarkConfig:
     """A pixel-space diffusers DDPM (e.g. CelebA-HQ 256) from ``model_dir``, 50 DDIM steps, the
     key in channel 0 with radius 10/64 of the side, 1000 + 1000 images (a GPU run)."""
-    return WatermarkConfig(model="diffusers", steps=50, num_images=1000, num_negatives=1000, batch_size=16,
+    return WatermarkConfig(model="diffusers", sampler_steps=50, num_images=1000, num_negatives=1000, sample_batch=16,
                            nullspace_images=8, nullspace_k=64, grid_images=6)
 
 
@@ -271,7 +245,6 @@ class _Study:
         self.ws = Workspace(out)
         self.device = torch.device(device)
         self.progress = progress
-        self.units = []
 
     # models --------------------------------------------------------------------
     def model(self) -> _Model:
@@ -280,7 +253,7 @@ class _Study:
             return self.diffusers_model()
         shape = (1, c.resolution, c.resolution)
         if c.model == "molrg":
-            from diffcore.experiments._mixture import ScaledMoLRGDenoiser
+            from diffcore.denoisers.mixture import ScaledMoLRGDenoiser
 
             denoiser = ScaledMoLRGDenoiser.random(c.components, shape, c.latent_dim, pixel_variance=c.pixel_variance,
                                                   floor=c.variance_floor, seed=c.basis_seed).to(self.device)
@@ -290,7 +263,7 @@ class _Study:
             images = digits_at(c.resolution)
         if c.model == "mixture":
             from diffcore.data import load_digits
-            from diffcore.experiments._mixture import GaussianMixtureDenoiser
+            from diffcore.denoisers.mixture import GaussianMixtureDenoiser
 
             denoiser = GaussianMixtureDenoiser.fit(images, load_digits()[1], c.variance_floor).to(self.device)
             info = {"kind": "mixture", "components": int(denoiser.means.shape[0])}
@@ -305,7 +278,7 @@ class _Study:
             denoiser, info = self.trained_unet(images)
         from diffcore import sampler
 
-        grid = sampler.karras_sigmas(c.steps)
+        grid = sampler.karras_sigmas(c.sampler_steps)
         return self.with_time(denoiser, grid, None, shape, info)
 
     def with_time(self, denoiser, grid, alphas_cumprod, shape, info) -> _Model:
@@ -320,7 +293,7 @@ class _Study:
     def trained_unet(self, images: torch.Tensor):
         c = self.c
         spec = {"resolution": c.resolution, "width": c.width, "train_steps": c.train_steps,
-                "batch_size": c.train_batch_size, "learning_rate": c.learning_rate,
+                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
                 "lr_warmup_images": c.lr_warmup_images, "seed": c.train_seed, "model": self.unet_spec()}
 
         def produce(tmp: Path, work: Path):
@@ -328,7 +301,7 @@ class _Study:
 
             from PIL import Image
 
-            from diffcore import _env, train
+            from diffcore import train
 
             folder = work / "images"
             if not (folder / "DONE").exists():          # the training set, written once (resumable)
@@ -336,18 +309,16 @@ class _Study:
                 for i, img in enumerate(images):
                     Image.fromarray(img[0].numpy()).save(folder / f"{i:05d}.png")
                 (folder / "DONE").write_text("ok\n")
-            config = train.TrainConfig(
+            config = _stack.training_request(
+                spec, work / "run", self.device, self.progress, model=self.unet_spec(),
                 data={"name": "image_folder", "root": str(folder), "resolution": c.resolution, "channels": 1},
-                model=self.unet_spec(), steps=c.train_steps, batch_size=c.train_batch_size, lr=c.learning_rate,
-                lr_warmup_images=c.lr_warmup_images, seed=c.train_seed, device=str(self.device),
-                out_dir=str(work / "run"), checkpoint_every=max(1, c.train_steps // 4),
-                progress=_env.progress_enabled(self.progress))
+                checkpoint_every=max(1, c.train_steps // 4))
             result = train.train_from_config(config, resume="auto")
             shutil.copytree(result.checkpoint, tmp / "checkpoint")
             return {"final_loss": result.final_loss, "step": result.step}
 
         unit = self.ws.run_unit("models", "unet", spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         from diffcore import train
 
         model = train.load_trained_model(unit.file("checkpoint"), which="ema").to(self.device).eval()
@@ -359,33 +330,17 @@ class _Study:
                 "model_channels": c.width, "channel_mult": [1, 2, 2]}
 
     def diffusers_model(self) -> _Model:
-        import diffusers
-
         from diffcore import sampler
+        from diffcore.sampler.adapters import load_diffusers_folder
 
         c = self.c
-        root = Path(c.model_dir)
-        if not root.is_dir():
-            raise ConfigError(f"model_dir: {root} is not a folder")
-        unet_sub = "unet" if (root / "unet").is_dir() else None
-        sched_sub = "scheduler" if (root / "scheduler").is_dir() else None
-        unet = diffusers.UNet2DModel.from_pretrained(root, subfolder=unet_sub, use_safetensors=True)
-        scheduler = diffusers.DDIMScheduler.from_pretrained(root, subfolder=sched_sub)
-        unet = unet.to(self.device).eval()
-        # plain-math attention throughout: forward-mode AD (the Jacobian's JVPs) is not implemented for
-        # torch's fused scaled_dot_product_attention on the CPU, and one processor for every unit keeps
-        # results independent of which units ran in this process
-        from diffusers.models.attention_processor import AttnProcessor
-
-        for module in unet.modules():
-            if isinstance(module, diffusers.models.attention_processor.Attention):
-                module.set_processor(AttnProcessor())
-        denoiser = sampler.DiffusersUNetDenoiser(unet, scheduler)
-        abar = scheduler.alphas_cumprod
-        grid = sampler.vp_sigmas(c.steps, abar, spacing=getattr(scheduler.config, "timestep_spacing", "leading"))
-        size = int(unet.config.sample_size)
-        shape = (int(unet.config.in_channels), size, size)
-        return self.with_time(denoiser, grid, abar, shape, {"kind": "diffusers", "model_dir": str(root)})
+        if not Path(c.model_dir).is_dir():
+            raise ConfigError(f"model_dir: {c.model_dir} is not a folder")
+        loaded = load_diffusers_folder(c.model_dir, self.device, argument="model_dir")
+        abar = loaded.scheduler.alphas_cumprod
+        grid = sampler.vp_sigmas(c.sampler_steps, abar, spacing=loaded.timestep_spacing)
+        return self.with_time(loaded.denoiser, grid, abar, loaded.shape,
+                              {"kind": "diffusers", "model_dir": str(Path(c.model_dir))})
 
     # units ---------------------------------------------------------------------
     def key(self, shape):
@@ -397,7 +352,7 @@ class _Study:
     def model_spec(self, m: _Model) -> dict:
         c = self.c
         return {"model": {k: v for k, v in m.info.items() if k not in ("final_loss", "step")},
-                "solver": c.solver, "steps": c.steps, "time": c.time, "variance_floor": c.variance_floor
+                "solver": c.solver, "steps": c.sampler_steps, "time": c.time, "variance_floor": c.variance_floor
                 if c.model in ("molrg", "mixture", "gaussian") else None}
 
     def noise(self, seeds, m: _Model) -> torch.Tensor:
@@ -408,7 +363,7 @@ class _Study:
         return noise_from_seeds(seeds, m.shape, device=self.device) * scale
 
     def batches(self, seeds):
-        b = self.c.batch_size
+        b = self.c.sample_batch
         return [seeds[i:i + b] for i in range(0, len(seeds), b)]
 
     def samples_unit(self, method: str, m: _Model, key) -> dict:
@@ -416,7 +371,8 @@ class _Study:
 
         c = self.c
         sigma = injection_sigma(method, m)
-        spec = {**self.model_spec(m), "method": method, "key": _key_spec(key), "seeds": [c.seed_start, c.num_images]}
+        spec = {**self.model_spec(m), "method": method, "key": _key_spec(key),
+                "seeds": [c.sample_seed_start, c.num_images]}
 
         def produce(tmp: Path, work: Path):
             parts = []
@@ -427,14 +383,14 @@ class _Study:
             return {"sigma": sigma}
 
         unit = self.ws.run_unit("samples", method, spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return torch.load(unit.file("samples.pt"), map_location="cpu", weights_only=True)
 
     def negatives_unit(self, m: _Model) -> torch.Tensor:
         from diffcore.sampler import SOLVERS
 
         c = self.c
-        spec = {**self.model_spec(m), "seeds": [c.seed_start + c.num_images, c.num_negatives]}
+        spec = {**self.model_spec(m), "seeds": [c.sample_seed_start + c.num_images, c.num_negatives]}
 
         def produce(tmp: Path, work: Path):
             with torch.no_grad():
@@ -443,7 +399,7 @@ class _Study:
             torch.save(torch.cat(parts), tmp / "images.pt")
 
         unit = self.ws.run_unit("samples", "negatives", spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return torch.load(unit.file("images.pt"), map_location="cpu", weights_only=True)
 
     def detection_unit(self, method: str, attack_name: str, m: _Model, key, positives, negatives) -> dict:
@@ -454,16 +410,17 @@ class _Study:
         sigma = injection_sigma(method, m)
         params = c.attack_params()
         spec = {**self.model_spec(m), "method": method, "attack": attack_name, "params": dataclasses.asdict(params),
-                "key": _key_spec(key), "seeds": [c.seed_start, c.num_images, c.num_negatives], "p_value": c.p_value}
+                "key": _key_spec(key), "seeds": [c.sample_seed_start, c.num_images, c.num_negatives],
+                "p_value": c.p_value}
 
         wrong = wm.reference_keys(key, c.wrong_keys) if attack_name == "none" and c.wrong_keys else []
         spec["wrong_keys"] = len(wrong)
 
         def score(images: torch.Tensor) -> tuple[dict, list]:
             attacked = mw.attack(images, attack_name, params)
-            parts = [wm.detect(m.denoiser, attacked[i:i + c.batch_size].to(self.device), m.sigmas, key, sigma,
+            parts = [wm.detect(m.denoiser, attacked[i:i + c.sample_batch].to(self.device), m.sigmas, key, sigma,
                                solver=c.solver, p_value=c.p_value, key_rank=c.rank_references, return_state=True)
-                     for i in range(0, len(attacked), c.batch_size)]
+                     for i in range(0, len(attacked), c.sample_batch)]
             state = torch.cat([p.pop("state") for p in parts])
             others = [wm.key_distance(state, k, sigma).tolist() for k in wrong]
             return {k: torch.cat([p[k] for p in parts]).tolist() for k in parts[0]}, others
@@ -478,7 +435,7 @@ class _Study:
             return meta
 
         unit = self.ws.run_unit("detection", f"{method}-{attack_name}", spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return {"method": method, "attack": attack_name, **unit.meta,
                 "scores": json.loads(unit.file("scores.json").read_text())}
 
@@ -489,7 +446,7 @@ class _Study:
         sigma = injection_sigma(method, m)
         n = c.nullspace_images
         spec = {**self.model_spec(m), "method": method, "images": n, "k": c.nullspace_k,
-                "seeds": [c.seed_start, c.num_images]}
+                "seeds": [c.sample_seed_start, c.num_images]}
 
         def produce(tmp: Path, work: Path):
             x = samples["state"][:n].to(self.device)
@@ -500,7 +457,7 @@ class _Study:
                     "k": k, "singular_values": r.singular_values.tolist()}
 
         unit = self.ws.run_unit("nullspace", method, spec, produce)
-        self.units.append(unit)
+        self.ws.record(unit)
         return unit.meta
 
     # the study -----------------------------------------------------------------
@@ -565,16 +522,11 @@ class _Study:
                                                                 for k in ("auc", "tpr_at_1pct_fpr")}}
             for d in results["detection"]])
         atomic_write_csv(root / "consistency.csv", [
-            {"method": method, "image": i, "seed": self.c.seed_start + i, **{k: v[k][i] for k in v}}
+            {"method": method, "image": i, "seed": self.c.sample_seed_start + i, **{k: v[k][i] for k in v}}
             for method, v in consistency.items() for i in range(len(v["psnr"]))])
         plot_roc(detection, root / "watermark-roc.png")
         plot_images(samples, self.c.grid_images, root / "watermark-images.png", m)
         plot_consistency(results, consistency, root / "watermark-consistency.png")
-        atomic_write_json(root / "timings.json", {
-            kind: {"seconds": sum(u.seconds for u in self.units if u.path.parent.name == kind),
-                   "units": sum(u.path.parent.name == kind for u in self.units),
-                   "reused": sum(u.reused for u in self.units if u.path.parent.name == kind)}
-            for kind in ("models", "samples", "detection", "nullspace")})
 
 
 def _key_spec(key) -> dict:
@@ -746,11 +698,13 @@ def plot_consistency(results: dict, consistency: dict, path) -> Path:
 
 
 def run(config: WatermarkConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content. ``hooks`` is unused
-    (the study needs no stand-ins: its tiny preset runs the closed-form Gaussian denoiser)."""
-    from diffcore.experiments._stack import resolve_device
+    """Run (or resume) the study into ``out``; returns results.json's content. The study takes no
+    hooks (its tiny preset runs the closed-form Gaussian denoiser instead of stand-ins)."""
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, resolved, progress),
+                          hooks=hooks, device=device)
 
-    return base.run_study(NAME, lambda: _Study(config, out, str(resolve_device(device)), progress), out)
+
+STUDY = base.Study(NAME, WatermarkConfig, takes_hooks=False)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

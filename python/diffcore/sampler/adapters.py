@@ -9,6 +9,7 @@ in diffusers: ``epsilon`` (eps), ``sample`` (x0), ``v_prediction``
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -138,3 +139,63 @@ class DiffusersUNetDenoiser(VPDenoiser):
     def _call_unet(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.unet(x_vp, t)
         return out.sample if hasattr(out, "sample") else out[0]
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """A local diffusers folder loaded by :func:`load_diffusers_folder`.
+
+    Attributes: ``denoiser`` (``D(x [B, C, H, W], sigma) -> x0_hat``, a :class:`DiffusersUNetDenoiser`),
+    ``alphas_cumprod`` [T] float64, ``shape`` (C, H, W) of one image, ``timestep_spacing`` (the
+    scheduler's, e.g. ``leading``; for ``diffcore.sampler.vp_sigmas``), ``unet`` and ``scheduler``."""
+
+    denoiser: DiffusersUNetDenoiser
+    alphas_cumprod: torch.Tensor
+    shape: tuple[int, int, int]
+    timestep_spacing: str
+    unet: object
+    scheduler: object
+
+
+def load_diffusers_folder(folder, device="cpu", *, argument: str = "folder") -> DiffusersFolder:
+    """A local diffusers folder as a denoiser, offline: the one loader of the studies.
+
+    The folder holds a pixel-space ``UNet2DModel`` (``config.json`` and weights at the root, or in
+    ``unet/``) and its scheduler config (``scheduler_config.json`` at the root, or in
+    ``scheduler/``). Weights are read by diffusers (safetensors, or ``.bin`` through
+    ``torch.load(weights_only=True)``); nothing in the folder runs code. Only the scheduler's betas,
+    prediction type and timestep spacing are read (through ``DDIMScheduler``, whatever class the
+    config names). So that forward-mode JVPs pass through (the Jacobian analyses), attention runs
+    diffusers' plain-math processor (torch's fused CPU attention has no forward AD in torch 2.13)
+    and GroupNorm inputs are made contiguous (its forward AD refuses strided inputs); one
+    processor for every call also keeps results independent of which units ran in a process.
+    ``argument`` names the setting in error messages (``model_dir``, ``diffusers_dir``).
+    """
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{argument}: {root} is not a folder")
+    unet_sub = "unet" if (root / "unet" / "config.json").is_file() else None
+    sched_sub = "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else None
+    if not (root / (unet_sub or "") / "config.json").is_file():
+        raise FileNotFoundError(f"{argument}: no UNet config.json in {root} or {root / 'unet'}")
+    if not (root / (sched_sub or "") / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"{argument}: no scheduler_config.json in {root} or {root / 'scheduler'}")
+    unet = UNet2DModel.from_pretrained(str(root), subfolder=unet_sub, local_files_only=True)
+    unet = unet.to(device).eval().requires_grad_(False)
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:]))
+    scheduler = DDIMScheduler.from_pretrained(str(root), subfolder=sched_sub, local_files_only=True)
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return DiffusersFolder(DiffusersUNetDenoiser(unet, scheduler),
+                           torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64),
+                           (int(unet.config.in_channels), int(h), int(w)),
+                           str(getattr(scheduler.config, "timestep_spacing", "leading")), unet, scheduler)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from diffcore.ops._sampler_step import NO_BAD_STEP
+from diffcore.ops.steps import NO_BAD_STEP
 
 
 class CapturedTrajectory:

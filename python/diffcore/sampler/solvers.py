@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 
 from diffcore import _checks, _env
-from diffcore.ops import _sampler_step as coef
-from diffcore.ops._sampler_step import NO_BAD_STEP, bound_step_runner, new_finite_flag
+from diffcore.ops import steps as coef
+from diffcore.ops.steps import NO_BAD_STEP, bound_step_runner, new_finite_flag
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,10 @@ A checkpoint is a folder ``<run>/checkpoints/step_<step:09d>/`` holding named fi
 (``*.safetensors`` and ``*.json``) and ``MANIFEST.json`` (size and SHA-256 of every file).
 Writing: every file goes into a temporary folder in the same parent, is fsynced, the manifest is
 written last, the folder is fsynced and renamed into place with ``os.replace``; so a killed
-writer leaves at most a ``.tmp-*`` folder that never passes for a checkpoint. Loading verifies
-the manifest, sizes and hashes and raises ``CheckpointError`` naming the bad file: a corrupted or
-truncated checkpoint is never silently skipped or replaced by a fresh start.
+writer leaves at most a ``.step_N.XXXXXXXX.tmp`` folder (:mod:`diffcore._atomic`'s one temporary
+name) that never passes for a checkpoint. Loading verifies the manifest, sizes and hashes and
+raises ``CheckpointError`` naming the bad file: a corrupted or truncated checkpoint is never
+silently skipped or replaced by a fresh start.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from diffcore._files import FileReadError, load_json, parse_json, read_regular_file
+from diffcore._atomic import TEMPORARY_NAME, atomic_write_bytes, temporary_folder
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,7 @@ def write_bytes_durably(path: Path, payload: bytes) -> None:
 
 def write_file_atomic(path, payload: bytes) -> None:
     """Replace ``path`` atomically: temporary file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    write_bytes_durably(tmp, payload)
-    os.replace(tmp, path)
+    path = atomic_write_bytes(path, payload)
     _fsync_dir(path.parent)
 
 
@@ -91,10 +90,7 @@ def save_checkpoint(checkpoints_dir, step: int, tensors: Mapping[str, Mapping[st
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / step_dir_name(step)
-    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temporary_folder(final)
     entries = {}
     payloads = {f"{name}.safetensors": save_safetensors_bytes(_cpu_contiguous(group))
                 for name, group in tensors.items()}
@@ -197,9 +193,10 @@ def prune_checkpoints(checkpoints_dir, keep: int) -> None:
     checkpoints_dir = Path(checkpoints_dir)
     for _, path in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(path)
-    for pattern in (".tmp-*", ".old-*"):  # leftovers of a writer killed mid-way
-        for path in checkpoints_dir.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+    # leftovers of a writer killed mid-way (".tmp-*": the temporary name of older versions)
+    for path in checkpoints_dir.iterdir() if checkpoints_dir.is_dir() else ():
+        if TEMPORARY_NAME.match(path.name) or path.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # ---- optimizer state <-> (tensors, JSON) ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""Closed-form mixture denoisers of the watermark study: one full-rank Gaussian per class (fitted to
+"""Closed-form mixture denoisers (the watermark study's models): one full-rank Gaussian per class (fitted to
 the digits) and a mixture of low-rank Gaussians with random subspaces at a given data scale.
 
 For ``p = sum_k pi_k N(mu_k, U_k diag(lam_k) U_k^T)`` the noisy density at sigma is the mixture of
