@@ -81,13 +81,13 @@ def to_eight_bit(image):
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "F") + SIXTEEN_BIT_MODES
 
 
-def read_image(path, channels: int | None = 3):
+def read_image(path, channels: int | None = 3, *, what: str = "image"):
     """The image file ``path`` as a PIL image of mode ``"RGB"`` (``channels=3``) or ``"L"`` (1),
     or as stored (``None``; only 16-bit scaling and alpha handling applied). 16-bit grayscale is
     scaled to 8 bits, an opaque alpha channel dropped, and transparency refused (module
     docstring). ValueError naming the file for an unreadable or transparent image."""
     _pil()
-    opened = open_image(path, what="image")  # regular files only, bounded size, bombs refused
+    opened = open_image(path, what=what)  # regular files only, bounded size, bombs refused
     try:
         image = _without_alpha(to_eight_bit(opened), path)
     except (OSError, ValueError) as error:

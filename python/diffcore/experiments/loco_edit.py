@@ -264,7 +264,7 @@ def mask_from_file(path, shape) -> torch.Tensor:
     from diffcore.data.image_folder import read_image
 
     c, h, w = shape
-    gray = read_image(path, channels=1).resize((w, h), Image.NEAREST)
+    gray = read_image(path, channels=1, what="mask file").resize((w, h), Image.NEAREST)
     values = torch.from_numpy(np.array(gray, dtype=np.float64)) / 255.0
     m = (values >= 0.5).to(torch.float64)
     if float(m.sum()) == 0:
@@ -283,7 +283,7 @@ def image_from_file(path, shape) -> torch.Tensor:
     c, h, w = shape
     if c not in (1, 3):
         raise ValueError(f"image_files: the model has {c} channels; image files give 1 or 3")
-    img = read_image(path, channels=c).resize((w, h), Image.BICUBIC)
+    img = read_image(path, channels=c, what="image file").resize((w, h), Image.BICUBIC)
     data = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(h, w, c)
     return data.permute(2, 0, 1) / 127.5 - 1.0
 
