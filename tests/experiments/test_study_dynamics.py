@@ -122,7 +122,8 @@ def test_sweep_resumes_after_kills_with_the_same_results(tmp_path, monkeypatch):
 
     steps = dynamics.log_spaced_steps(config.first_checkpoint, config.train_steps, config.num_checkpoints)
     assert full["checkpoint_steps"] == steps
-    kept = sorted(p.name for p in (tmp_path / "full" / "units" / "train" / "w4" / "w4-n16-s0-lr0.001").iterdir())
+    member = tmp_path / "full" / "units" / "train" / "w4" / f"w4-n16-s{config.train_seeds[0]}-lr0.001"
+    kept = sorted(p.name for p in member.iterdir())
     assert kept == [f"step_{t:09d}.safetensors" for t in steps]   # the chosen checkpoints, nothing else
 
     original_step = ensemble.EnsembleTrainer.step_once

@@ -77,16 +77,16 @@ class DynamicsConfig:
     model_preset: str = "ddpmpp-digits-light"
     widths: tuple[int, ...] = (8, 16)
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256)   # nested subsets
-    train_seeds: tuple[int, ...] = (0,)
+    train_seeds: tuple[int, ...] = (1,)                # the budget pilot ran seed 0
     subset_seed: int = 0
-    train_steps: int = 4000
+    train_steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000
     sigma_p_mean: float = -0.5                        # training noise levels ln sigma ~ N(mean, std^2)
     sigma_p_std: float = 1.8
-    num_checkpoints: int = 12                         # log-spaced from first_checkpoint to train_steps
-    first_checkpoint: int = 25
+    num_checkpoints: int = 10                         # log-spaced from first_checkpoint to train_steps
+    first_checkpoint: int = 20
     num_samples: int = 256
     sample_seed_start: int = 100000
     sampler_steps: int = 18
@@ -100,9 +100,9 @@ class DynamicsConfig:
     mem_level: float = 0.2                            # tau_mem: memorized fraction reaches it
     gen_factor: float = 1.5                           # tau_gen: FD within this factor of its minimum
     tau_resamples: int = 200
-    lr_sweep_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    lr_sweep_rates: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # increasing
     lr_sweep_width: int = 8
-    lr_sweep_n: int = 32
+    lr_sweep_n: int = 16
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of its range."""
@@ -117,6 +117,10 @@ class DynamicsConfig:
                                    f"distinct steps between first_checkpoint and train_steps, got {self.num_checkpoints}")
         if self.lr_sweep_rates and self.lr_sweep_n not in self.sizes:
             raise base.ConfigError(f"lr_sweep_n: expected one of sizes {self.sizes}, got {self.lr_sweep_n}")
+        if self.lr_sweep_rates and self.lr_sweep_width not in self.widths:
+            raise base.ConfigError(f"lr_sweep_width: expected one of widths {self.widths}, got {self.lr_sweep_width}")
+        if list(self.lr_sweep_rates) != sorted(self.lr_sweep_rates):
+            raise base.ConfigError(f"lr_sweep_rates: expected increasing rates, got {self.lr_sweep_rates}")
 
 
 _POSITIVE = base.integer(1)
@@ -138,11 +142,13 @@ FIELD_CHECKS: dict[str, base.Check] = {
 
 
 def _quick() -> DynamicsConfig:
-    """Minutes on a 2-core CPU (docs/studies.md): the light digits UNet at widths 8 and 16 on n =
-    16 ... 256, one seed, 4000 steps of batch 32 at lr 1e-3 (Adam), 12 log-spaced checkpoints from
-    step 25, 256 samples per checkpoint; the learning-rate sweep at width 8, n = 32, over
-    1e-4 ... 1e-2. Training noise levels ln sigma ~ N(-0.5, 1.8^2) put the sampler's range
-    [0.002, 80] within 3.2 standard deviations (EDM's N(-1.2, 1.2^2) hardly trains sigma > 5)."""
+    """About 10 minutes of a quiet 2-core CPU (docs/studies.md: the budget): the light digits UNet
+    (the main job's quick architecture) at widths 8 and 16, n = 16 ... 256 nested, training seed 1
+    (seed 0 was the budget pilot), 2000 steps of batch 32 at lr 1e-3 (Adam, the main job's recipe),
+    10 log-spaced checkpoints from step 20, 256 samples per checkpoint (Heun 18); the learning-rate
+    sweep at width 8, n = 16 over 1e-4, 1e-3, 1e-2. Training noise levels ln sigma ~ N(-0.5, 1.8^2)
+    put the sampler's range [0.002, 80] within 3.2 standard deviations (EDM's N(-1.2, 1.2^2) hardly
+    trains sigma > 5)."""
     return DynamicsConfig()
 
 
@@ -278,11 +284,12 @@ class Group:
 
 
 def groups(c: DynamicsConfig) -> list[Group]:
-    """The ensembles: one per width (every n and seed at ``learning_rate``), one per swept rate."""
+    """The ensembles: one per width (every n and seed at ``learning_rate``), one per swept rate
+    other than ``learning_rate``."""
     out = [Group(f"w{w}", "size", tuple(Member(w, n, s, c.learning_rate) for n in c.sizes for s in c.train_seeds))
            for w in c.widths]
     out += [Group(f"lr{rate:g}", "lr", tuple(Member(c.lr_sweep_width, c.lr_sweep_n, s, rate) for s in c.train_seeds))
-            for rate in c.lr_sweep_rates]
+            for rate in c.lr_sweep_rates if rate != c.learning_rate]  # that rate's models are the size sweep's
     return out
 
 
@@ -618,17 +625,19 @@ def fit_tau(c: DynamicsConfig, models: list[dict], draws: dict, width: int, kind
 
 def lr_sweep(c: DynamicsConfig, curves: dict, models: list[dict]) -> list[dict]:
     """Per swept rate: the memorized fraction at the budget (Wilson over seeds x samples), its
-    Frechet distance (mean over seeds) and tau_mem per seed."""
+    Frechet distance (mean over seeds) and tau_mem per seed; at ``learning_rate`` the size sweep's
+    models of width ``lr_sweep_width`` and size ``lr_sweep_n``."""
     out = []
+    swept = lambda m: (m.width, m.n) == (c.lr_sweep_width, c.lr_sweep_n)  # noqa: E731
     for rate in c.lr_sweep_rates:
-        members = [cv for cv in curves.values() if cv["sweep"] == "lr" and cv["member"].learning_rate == rate]
+        members = [cv for cv in curves.values() if swept(cv["member"]) and cv["member"].learning_rate == rate]
+        rows = [r for r in models if (r["width"], r["n"], r["learning_rate"]) == (c.lr_sweep_width, c.lr_sweep_n, rate)]
         hits = sum(cv["rows"][-1]["memorized"] for cv in members)
         total = sum(cv["rows"][-1]["samples"] for cv in members)
         out.append({"learning_rate": rate, "final_memorized_fraction": intervals.wilson_interval(hits, total).as_dict(),
                     "final_fd": float(np.mean([cv["rows"][-1]["fd"] for cv in members])),
-                    "tau_mem": [r["tau_mem"] for r in models if r["sweep"] == "lr" and r["learning_rate"] == rate],
-                    "tau_mem_status": [r["tau_mem_status"] for r in models
-                                       if r["sweep"] == "lr" and r["learning_rate"] == rate]})
+                    "models": [cv["member"].label for cv in members],
+                    "tau_mem": [r["tau_mem"] for r in rows], "tau_mem_status": [r["tau_mem_status"] for r in rows]})
     return out
 
 
@@ -750,7 +759,10 @@ def plot_tau(results: dict, path) -> Path:
         ax.set_ylabel(f"{kind} (steps)")
         ax.set_title(f"{kind}: models that crossed within the budget", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"no model crossed ({kind})", transform=ax.transAxes, ha="center", fontsize=8)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
