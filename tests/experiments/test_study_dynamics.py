@@ -8,11 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from diffcore.experiments import dynamics
 from diffcore.experiments.base import ConfigError, config_from_preset
 from diffcore.train import ensemble
-
 
 # ----------------------------------------------------------------------------- the memorization ratio
 

@@ -50,16 +50,22 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from diffcore.experiments import _stack, base
-from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
-                                       config_from_preset, json_dumps)
+from diffcore.experiments.base import (
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,7 @@ class DynamicsConfig:
     dataset: str = "digits"
     data_root: str = ""
     model_preset: str = "ddpmpp-digits-light"
+    inception_weights: str = ""                       # "": the shipped digits network; else FID's Inception file
     widths: tuple[int, ...] = (8, 16)
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256)   # nested subsets
     train_seeds: tuple[int, ...] = (1,)                # the budget pilot ran seed 0
@@ -115,6 +122,8 @@ class DynamicsConfig:
         if self.num_checkpoints > self.train_steps - self.first_checkpoint + 1:
             raise base.ConfigError(f"num_checkpoints: at most {self.train_steps - self.first_checkpoint + 1} "
                                    f"distinct steps between first_checkpoint and train_steps, got {self.num_checkpoints}")
+        if self.dataset == "digits" and self.inception_weights:
+            raise base.ConfigError("inception_weights: the digits use the shipped digits network (leave it empty)")
         if self.lr_sweep_rates and self.lr_sweep_n not in self.sizes:
             raise base.ConfigError(f"lr_sweep_n: expected one of sizes {self.sizes}, got {self.lr_sweep_n}")
         if self.lr_sweep_rates and self.lr_sweep_width not in self.widths:
@@ -126,7 +135,7 @@ class DynamicsConfig:
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "model_preset": base.text,
+    "dataset": base.text, "data_root": base.text, "model_preset": base.text, "inception_weights": base.text,
     "widths": base.tuple_of(_POSITIVE), "sizes": base.tuple_of(base.integer(2)),
     "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "train_steps": base.integer(2),
     "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL, "lr_warmup_images": base.integer(0),
@@ -192,7 +201,7 @@ def log_spaced_steps(first: int, last: int, count: int) -> list[int]:
     raw = np.exp(np.linspace(math.log(first), math.log(last), count))
     steps, previous = [], first - 1
     for i, value in enumerate(raw):
-        step = max(int(round(value)), previous + 1)
+        step = max(round(float(value)), previous + 1)
         step = min(step, last - (count - 1 - i))  # leave room for the remaining steps
         steps.append(step)
         previous = step
@@ -338,9 +347,7 @@ class _Study:
         spec = {"members": specs, "checkpoint_steps": self.steps}
 
         def produce(tmp: Path, work: Path):
-            configs = [_stack.training_request(s, work / m.label, self.device, self.progress).replace(
-                keep_steps=tuple(self.steps), checkpoint_every=self.c.train_steps, keep_checkpoints=1)
-                for s, m in zip(specs, group.members)]
+            configs = self.train_configs(group, work)
             start = time.perf_counter()
             results = ensemble.train_ensemble(configs, resume="auto")
             for m, config in zip(group.members, configs):
@@ -353,6 +360,12 @@ class _Study:
         unit = self.ws.run_unit("train", group.name, spec, produce)
         self.units.append(unit)
         return unit
+
+    def train_configs(self, group: Group, work: Path) -> list:
+        """The members' ``TrainConfig``s, checkpointed at the log-spaced steps, in ``work/<member>``."""
+        return [_stack.training_request(self.member_spec(m), work / m.label, self.device, self.progress).replace(
+                keep_steps=tuple(self.steps), checkpoint_every=self.c.train_steps, keep_checkpoints=1)
+                for m in group.members]
 
     def load_member(self, unit: base.Unit, m: Member, step: int) -> torch.nn.Module:
         from safetensors.torch import load_file
@@ -379,8 +392,8 @@ class _Study:
             meta = {}
             for m in group.members:
                 model = self.load_member(trained, m, step)
-                row, arrays = measure_member(model, self.train_images(m.n), self.heldout, self.reference, c,
-                                             self.device, self.progress)
+                row, arrays = measure_member(model, self.train_images(m.n), self.heldout, self.features,
+                                             self.reference, c, self.device, self.progress)
                 save_file(arrays, str(tmp / f"{m.label}.safetensors"))
                 meta[m.label] = row
             return meta
@@ -391,13 +404,13 @@ class _Study:
 
     # the run -------------------------------------------------------------------
     def run(self) -> dict:
-        from diffcore.metrics import digits_features, feature_statistics
+        from diffcore.metrics import feature_statistics
 
         c = self.c
         wall, cpu, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
         self.load_data()
         self.ws.bind_config(c)
-        self.features = digits_features()
+        self.features = feature_network(c, self.device)
         self.reference = feature_statistics(self.pool, self.features)
         curves: dict[str, dict] = {}
         for group in groups(c):
@@ -429,7 +442,7 @@ class _Study:
         from diffcore.metrics import feature_statistics, frechet_distance
 
         c = self.c
-        fd = lambda images: frechet_distance(feature_statistics(images, self.features), self.reference)  # noqa: E731
+        fd = lambda images: frechet_distance(feature_statistics(images, self.features), self.reference)
         return {"fd_training_images": {str(n): fd(self.train_images(n)) for n in c.sizes},
                 "fd_heldout_images": fd(self.heldout[:c.num_samples]),
                 "heldout_count": min(c.num_samples, self.heldout.shape[0])}
@@ -444,20 +457,40 @@ class _Study:
                    for kind in kinds}}
 
 
-def measure_member(model, train: torch.Tensor, heldout: torch.Tensor, reference, c: DynamicsConfig,
-                   device: str, progress: bool) -> tuple[dict, dict]:
+def feature_network(c: DynamicsConfig, device: str):
+    """The Frechet distance's features: the shipped digits network ``[B, 1, 8, 8] -> [B, 64]``, or
+    FID's Inception-v3 from ``inception_weights`` ``[B, C, H, W] -> [B, 2048]`` (CPU in, CPU out)."""
+    from diffcore.metrics import digits_features, inception_features
+
+    if c.dataset == "digits":
+        return digits_features()
+    if not c.inception_weights:
+        raise base.ConfigError(f"inception_weights: dataset {c.dataset!r} needs FID's Inception-v3 weights file "
+                               "(--set inception_weights=PATH; docs/studies.md, dynamics)")
+    network = inception_features(c.inception_weights, device)
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([network(b.to(device)).float().cpu() for b in images.split(256)])
+    extract.name = "inception-v3-pool3"  # type: ignore[attr-defined]
+    return extract
+
+
+def measure_member(model, train: torch.Tensor, heldout: torch.Tensor, features_of, reference,
+                   c: DynamicsConfig, device: str, progress: bool) -> tuple[dict, dict]:
     """One model at one checkpoint: ``(row, arrays)``. ``train [n, C, H, W]``: its training images;
-    ``heldout [H, C, H, W]``: images no model trained on; ``reference``: the dataset's feature
-    statistics. ``arrays``: ``memorized [S]`` (uint8), ``ratio [S]``, ``features [S, F]``, ``samples``."""
+    ``heldout [H, C, H, W]``: images no model trained on; ``features_of``: :func:`feature_network`;
+    ``reference``: the dataset's feature statistics. ``arrays``: ``memorized [S]`` (uint8),
+    ``ratio [S]``, ``features [S, F]``, ``samples [S, C, H, W]``."""
     from diffcore.denoisers import EmpiricalDenoiser
-    from diffcore.metrics import digits_features, frechet_distance
+    from diffcore.metrics import frechet_distance
 
     seeds = list(range(c.sample_seed_start, c.sample_seed_start + c.num_samples))
     samples = _stack.sample(model, seeds, tuple(train.shape[1:]), steps=c.sampler_steps, solver="heun",
                             sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=device, progress=progress)
     memorized, ratio = memorized_mask(samples, train, c.threshold)
     with torch.no_grad():
-        features = digits_features()(samples).float()
+        features = features_of(samples).float()
     fd = frechet_distance(_stats(features, reference), reference)
     hits = int(memorized.sum())
     row = {"memorized": hits, "samples": len(seeds), "memorized_fraction": hits / len(seeds), "fd": fd,
@@ -508,7 +541,7 @@ def distance_to_empirical(model, empirical, heldout: torch.Tensor, c: DynamicsCo
     y, z = _probes(heldout, c.loss_probes, c.probe_seed + 2)
     x = y + c.empirical_sigma * z
     target = empirical(x, c.empirical_sigma).double()
-    rel = lambda a: float((a.double() - target).norm() / target.norm().clamp_min(1e-30))  # noqa: E731
+    rel = lambda a: float((a.double() - target).norm() / target.norm().clamp_min(1e-30))
     return {"dist_empirical": rel(_denoise(model, x, c.empirical_sigma, device)), "dist_clean_empirical": rel(y)}
 
 
@@ -628,7 +661,7 @@ def lr_sweep(c: DynamicsConfig, curves: dict, models: list[dict]) -> list[dict]:
     Frechet distance (mean over seeds) and tau_mem per seed; at ``learning_rate`` the size sweep's
     models of width ``lr_sweep_width`` and size ``lr_sweep_n``."""
     out = []
-    swept = lambda m: (m.width, m.n) == (c.lr_sweep_width, c.lr_sweep_n)  # noqa: E731
+    swept = lambda m: (m.width, m.n) == (c.lr_sweep_width, c.lr_sweep_n)
     for rate in c.lr_sweep_rates:
         members = [cv for cv in curves.values() if swept(cv["member"]) and cv["member"].learning_rate == rate]
         rows = [r for r in models if (r["width"], r["n"], r["learning_rate"]) == (c.lr_sweep_width, c.lr_sweep_n, rate)]
