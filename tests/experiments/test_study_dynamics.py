@@ -159,3 +159,66 @@ def test_sweep_resumes_after_kills_with_the_same_results(tmp_path, monkeypatch):
     assert set(full["claims"]) == {"tau_mem_linear_in_n_w4", "tau_gen_independent_of_n_w4",
                                    "large_lr_prevents_memorization"}
     assert all(isinstance(c["holds"], bool) for c in full["claims"].values())
+
+
+# ----------------------------------------------------------------------------- the summary on synthetic curves
+
+def test_reference_gaussian_matches_frechet_distance():
+    from diffcore.metrics import FeatureStatistics, frechet_distance
+
+    rng = np.random.default_rng(3)
+    reference = FeatureStatistics.from_features(torch.from_numpy(rng.normal(size=(500, 6))))
+    rows = rng.normal(0.3, 1.2, size=(80, 6))
+    expected = frechet_distance(FeatureStatistics.from_features(torch.from_numpy(rows)), reference)
+    assert dynamics.ReferenceGaussian(reference).distance(rows) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def _synthetic_curves(config, steps, slope_mem: float):
+    """Curves of models whose memorized fraction crosses at a time proportional to n ** slope_mem
+    and whose features approach the reference at a time independent of n."""
+    from diffcore.metrics import FeatureStatistics
+
+    rng = np.random.default_rng(1)
+    reference = FeatureStatistics.from_features(torch.from_numpy(rng.normal(size=(4000, 4))), extractor="toy")
+    curves = {}
+    for width in config.widths:
+        for n in config.sizes:
+            member = dynamics.Member(width, n, config.train_seeds[0], config.learning_rate)
+            onset = rng.uniform(size=config.num_samples)                      # each sample's level
+            onset_time = 10.0 * width * (n / 16) ** slope_mem                   # 40 .. 80 at n = 16
+            level = np.array([1.0 / (1.0 + (onset_time / t) ** 3) for t in steps])
+            memorized = onset[None, :] < level[:, None]                        # [C, S], monotone in t
+            noise = rng.normal(size=(config.num_samples, 4))
+            shift = np.array([3.0 * math.exp(-t / 300.0) for t in steps])       # tau_gen ~ constant
+            features = noise[None] + shift[:, None, None]
+            rows = [{"memorized": int(m.sum()), "samples": config.num_samples,
+                     "fd": float(dynamics._fd_curve(f[None], reference)[0]),
+                     **{f"loss_{k}_{s:g}": 0.1 for k in ("train", "heldout") for s in config.loss_sigmas}}
+                    for m, f in zip(memorized, features)]
+            curves[f"w{width}/{member.label}"] = {"member": member, "group": f"w{width}", "sweep": "size",
+                                                  "steps": steps, "rows": rows, "memorized": memorized,
+                                                  "features": features, "reference": reference}
+    return curves
+
+
+@pytest.mark.parametrize("slope_mem", [1.0, 0.0])
+def test_summary_recovers_the_timescales_of_synthetic_curves(tmp_path, slope_mem):
+    """tau_mem proportional to n ** slope_mem and tau_gen constant: the fitted slopes and the
+    claims follow (the claim fails when tau_mem does not grow with n)."""
+    config = dynamics.DynamicsConfig(widths=(4, 8), num_samples=400, lr_sweep_rates=(), tau_resamples=100)
+    steps = dynamics.log_spaced_steps(10, 100_000, 16)
+    curves = _synthetic_curves(config, steps, slope_mem)
+    controls = {"fd_training_images": {str(n): 1.0 for n in config.sizes}, "fd_heldout_images": 0.1,
+                "heldout_count": 400}
+    results = json.loads(dynamics.json_dumps(dynamics.summarize(config, steps, curves, controls)))
+    for width in ("w4", "w8"):
+        mem, gen = results["fits"][width]["tau_mem"]["slope"], results["fits"][width]["tau_gen"]["slope"]
+        assert mem["value"] == pytest.approx(slope_mem, abs=0.1)
+        assert mem["low"] <= mem["value"] <= mem["high"] and mem["method"] == "bootstrap"
+        assert gen["value"] == pytest.approx(0.0, abs=0.1)
+        assert results["claims"][f"tau_mem_linear_in_n_{width}"]["holds"] is (slope_mem == 1.0)
+        assert results["claims"][f"tau_gen_independent_of_n_{width}"]["holds"] is True
+    dynamics.write_outputs(tmp_path, results, curves)
+    for name in ("dynamics.png", "tau.png", "losses.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not (tmp_path / "lr.png").exists()
