@@ -172,13 +172,14 @@ def _tiny() -> DynamicsConfig:
 
 def _paper() -> DynamicsConfig:
     """CIFAR-10 (set data_root; the local folder of diffcore.data.cifar10) where the paper trained
-    on 32x32 grayscale CelebA: the DDPM++ UNet at widths 32 and 64 (the paper's U-Net with 32 base
-    filters and its wider variant), n = 128 ... 2048 nested, 3 seeds, Adam at lr 1e-4 (the paper's),
-    batch 512 (the paper's, min(n, 512) there: here fixed, so that the members form one ensemble),
+    on 32x32 grayscale CelebA: the DDPM++ UNet at widths 32 (the public code's example: 32 base
+    filters) and 64, n = 128 ... 2048 nested (around the public code's example n = 1024), 3 seeds,
+    Adam at lr 1e-4 and batch 512 (the public code's example; min(n, 512) there, here fixed so that
+    the members of a width form one ensemble),
     200 000 steps with 16 log-spaced checkpoints, 1024 samples per checkpoint. Departures: colour
     CIFAR-10 instead of grayscale CelebA, EDM's preconditioned loss and Heun sampler instead of DDPM
-    with DDIM, the Frechet distance in the digits network's role needs Inception features
-    (docs/studies.md: not wired here, so FD is computed on the digits network only for digits)."""
+    with DDIM, EMA weights, the Frechet distance on 1024 samples with Inception-v3 features (set
+    ``inception_weights`` to FID's weights file; nothing is downloaded)."""
     return DynamicsConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(32, 64),
                           sizes=(128, 256, 512, 1024, 2048), train_seeds=(0, 1, 2), train_steps=200_000,
                           batch_size=512, learning_rate=1e-4, lr_warmup_images=1_000_000,
@@ -769,7 +770,8 @@ def _size_rows(results: dict, width: int, n: int) -> list[dict]:
 
 def plot_dynamics(results: dict, path) -> Path:
     """Per width (rows): memorized fraction (Wilson bars) and Frechet distance against the step,
-    one line per n (seed 0 ... pooled by averaging seeds), log time; mem_level and controls drawn."""
+    one line per n (fractions pooled over seeds, FDs averaged), log time; mem_level and the FD
+    controls drawn."""
     plt = _plt()
     c = results["config"]
     widths = c["widths"]
