@@ -101,3 +101,12 @@ def test_members_must_agree(tmp_path):
         check_members([a, a.replace(seed=4)])
     with pytest.raises(ValueError, match="at least one"):
         check_members([])
+
+
+def test_ensemble_keeps_chosen_steps(tmp_path):
+    """Every member keeps a checkpoint at each of ``keep_steps`` (pruning spares them)."""
+    configs = [_member(tmp_path, name, n, seed, steps=12, checkpoint_every=5, keep_checkpoints=1, keep_steps=(2, 4, 8))
+               for name, n, seed in (("a", 16, 0), ("b", 32, 1))]
+    train_ensemble(configs)
+    for name in ("a", "b"):
+        assert [s for s, _ in list_checkpoints(tmp_path / name / "checkpoints")] == [2, 4, 8, 12]

@@ -136,3 +136,21 @@ def test_torch_compile_matches_eager(tiny_config, tmp_path):
     eager = train_from_config(tiny_config.replace(steps=3, out_dir=str(tmp_path / "e")))
     for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_steps_are_written_and_never_pruned(tiny_config, tmp_path):
+    """``keep_steps`` adds checkpoints off the ``checkpoint_every`` grid and protects them from
+    pruning; the weights at a kept step equal those of a run stopped there."""
+    config = tiny_config.replace(out_dir=str(tmp_path / "kept"), keep_steps=(3, 7, 25), keep_checkpoints=1)
+    train_from_config(config)
+    steps = [s for s, _ in list_checkpoints(tmp_path / "kept" / "checkpoints")]
+    assert steps == [3, 7, 25, 40]  # the kept steps and the newest one (10, 20, 30 pruned)
+    stopped = train_from_config(tiny_config.replace(out_dir=str(tmp_path / "stopped"), steps=7))
+    kept = load_checkpoint(tmp_path / "kept" / "checkpoints" / "step_000000007")
+    for key, value in stopped.ema_model.state_dict().items():
+        assert torch.equal(kept.tensors["ema"][key], value), key
+    # keep_steps may change on resume (it does not change the weights); bad values raise
+    train_from_config(config.replace(keep_steps=(3,)))
+    for bad in ((0,), (5, 5), (2.5,)):
+        with pytest.raises(ValueError, match="keep_steps"):
+            tiny_config.replace(keep_steps=bad)

@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "watermark": "diffcore.experiments.watermark",
     "representation": "diffcore.experiments.representation",
     "multistage": "diffcore.experiments.multistage",
+    "dynamics": "diffcore.experiments.dynamics",
 }
 
 

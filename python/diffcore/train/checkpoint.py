@@ -188,11 +188,14 @@ def latest_checkpoint(checkpoints_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(checkpoints_dir, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints, and temporary folders left by killed writers."""
+def prune_checkpoints(checkpoints_dir, keep: int, protected=()) -> None:
+    """Delete all but the ``keep`` newest checkpoints and those of the ``protected`` steps (a
+    trainer's ``keep_steps``), and temporary folders left by killed writers."""
     checkpoints_dir = Path(checkpoints_dir)
-    for _, path in list_checkpoints(checkpoints_dir)[:-keep]:
-        shutil.rmtree(path)
+    protected = {int(step) for step in protected}
+    for step, path in list_checkpoints(checkpoints_dir)[:-keep]:
+        if step not in protected:
+            shutil.rmtree(path)
     # leftovers of a writer killed mid-way (".tmp-*": the temporary name of older versions)
     for path in checkpoints_dir.iterdir() if checkpoints_dir.is_dir() else ():
         if TEMPORARY_NAME.match(path.name) or path.name.startswith((".tmp-", ".old-")):

@@ -13,8 +13,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 AUGMENTATIONS = ("none", "xflip", "edm")
 
 # Fields that may change between a run and its resume (they do not change the trained weights).
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-                               "out_dir", "device"})
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "keep_steps", "log_every",
+                               "progress", "out_dir", "device"})
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class TrainConfig:
         the learning rate from ``lr`` (at the end of the warm-up) reaches 0.
     ema_halflife_images, ema_rampup_ratio: EMA half-life in images, optionally capped at
         ``ratio * images_seen`` early in training (EDM's ema_halflife_kimg / ema_rampup_ratio).
+    checkpoint_every, keep_checkpoints: a checkpoint every so many steps (and at the last), of which
+        the ``keep_checkpoints`` newest are kept.
+    keep_steps: steps at which a checkpoint is also written and never pruned (e.g. log-spaced steps
+        for a study of the training dynamics); steps beyond ``steps`` are never reached.
     grad_clip: max global gradient norm (0 = no clipping).
     precision: fp32 | fp16 | bf16 (autocast; fp16 only on CUDA, with a gradient scaler).
     class_conditional: pass one-hot labels ``[B, num_classes]`` as ``class_labels`` to the model.
@@ -64,6 +68,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    keep_steps: tuple[int, ...] = ()
     log_every: int = 50
     progress: bool = True
 
@@ -72,6 +77,7 @@ class TrainConfig:
         object.__setattr__(self, "model", dict(self.model))
         object.__setattr__(self, "loss_options", dict(self.loss_options))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "keep_steps", tuple(self.keep_steps))
         self.validate()
 
     def validate(self) -> None:
@@ -88,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"augment_p must lie in [0, 1], got {self.augment_p}")
         if not 0.0 <= float(self.label_dropout) < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in self.keep_steps):
+            raise ValueError(f"keep_steps must be positive integers, got {list(self.keep_steps)}")
+        if len(set(self.keep_steps)) != len(self.keep_steps):
+            raise ValueError(f"keep_steps must be distinct, got {list(self.keep_steps)}")
         if self.lr_warmup_images < 0 or self.grad_clip < 0 or self.lr_decay_images < 0:
             raise ValueError("lr_warmup_images, lr_decay_images and grad_clip must be >= 0")
         if self.lr_decay_images and self.lr_decay_images <= self.lr_warmup_images:
@@ -106,6 +116,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
+        out["keep_steps"] = list(self.keep_steps)
         return out
 
     def to_json(self) -> str:

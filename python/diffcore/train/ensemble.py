@@ -225,7 +225,7 @@ class EnsembleTrainer:
                     last = means
                     loss_sum, loss_count = torch.zeros(self.size, device=self.device), 0
                     window_start, window_step = time.perf_counter(), self.step
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                if self.members[0].checkpoint_due():
                     self.save()
         finally:
             if own:

@@ -225,7 +225,7 @@ class Trainer:
                 tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                          "optimizer": optimizer_tensors, "rng": rng_tensors},
                 documents={"config": self.config.to_dict(), "optimizer": optimizer_meta, "state": state})
-            prune_checkpoints(self.checkpoints_dir, self.config.keep_checkpoints)
+            prune_checkpoints(self.checkpoints_dir, self.config.keep_checkpoints, self.config.keep_steps)
             log.info("checkpoint step %d -> %s", self.step, path)
         ddp.barrier(self.context)
         return path
@@ -340,7 +340,7 @@ class Trainer:
                     last_loss = mean_loss
                     loss_sum, loss_count = torch.zeros((), device=self.device), 0
                     window_start, window_step = time.perf_counter(), self.step
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                if self.checkpoint_due():
                     checkpoint = self.save()
         finally:
             if own:
@@ -348,6 +348,12 @@ class Trainer:
         if checkpoint is None and context.is_main:
             checkpoint = latest_checkpoint(self.checkpoints_dir)
         return self.result(checkpoint, last_loss)
+
+    def checkpoint_due(self) -> bool:
+        """Whether the current step gets a checkpoint: every ``checkpoint_every`` steps, the last
+        step, and the ``keep_steps``."""
+        config = self.config
+        return self.step % config.checkpoint_every == 0 or self.step == config.steps or self.step in config.keep_steps
 
     def _log_window(self, mean_loss: float, window_start: float, window_step: int) -> float:
         """Check the window's mean loss and append it to metrics.jsonl; returns images/s."""
