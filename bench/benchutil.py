@@ -97,39 +97,43 @@ def record_cpu_screen(benchmark, flops: float | None = None) -> None:
         info["fraction_of_fp32_gemm"] = flops / benchmark.stats.stats.min / 1e9 / info["fp32_gemm_gflops"]
 
 
-def interleaved_best(peer_fn, fn, rounds: int = 15, threads: int | None = None) -> tuple[float, float]:
-    """Best wall time of ``peer_fn`` and of ``fn`` over ``rounds`` rounds that alternate them (peer,
-    then ours, each round), after one warm-up call of each: on a shared, loaded machine both see the
-    same load, so their ratio is steadier than that of two runs timed one after the other.
+def interleaved_best(peer_fn, fn, rounds: int = 15, threads: int | None = None) -> dict:
+    """Best times of ``peer_fn`` and ``fn`` over ``rounds`` rounds that alternate them (peer, then
+    ours, each round), after one warm-up call of each, so that both see the same load: wall time
+    (``peer_wall``, ``wall``) and the process's CPU time (``peer_cpu``, ``cpu``: user + system of all
+    its threads). On a loaded machine the CPU time is the figure to trust (a descheduled thread
+    stretches the wall time, not the CPU time; with 2 threads it also counts OpenMP spin-waiting).
     ``threads``: torch's thread count for the measurement (restored after)."""
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    best = {"peer_wall": float("inf"), "wall": float("inf"), "peer_cpu": float("inf"), "cpu": float("inf")}
     try:
         peer_fn(), fn()
-        best_peer = best = float("inf")
         for _ in range(rounds):
-            start = time.perf_counter()
-            peer_fn()
-            best_peer = min(best_peer, time.perf_counter() - start)
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
+            for name, call in (("peer_", peer_fn), ("", fn)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                call()
+                best[name + "cpu"] = min(best[name + "cpu"], time.process_time() - cpu)
+                best[name + "wall"] = min(best[name + "wall"], time.perf_counter() - wall)
     finally:
         torch.set_num_threads(saved)
-    return best_peer, best
+    return best
 
 
 def record_interleaved(benchmark, peer_fn, fn, rounds: int = 15) -> None:
     """Time ``fn`` with pytest-benchmark (``rounds`` rounds) and the peer against it in the same test,
-    interleaved (:func:`interleaved_best`), with the torch threads in force and with one thread:
-    ``speedup_vs_peer`` (this test's threads) and ``speedup_vs_peer_1thread`` in extra_info, with
-    the best times and the 1-minute load average before and after."""
+    interleaved (:func:`interleaved_best`), with the torch threads in force and with one thread.
+    extra_info: ``speedup_vs_peer`` (wall, this test's threads), ``speedup_vs_peer_cpu`` (CPU time),
+    the same with ``_1thread``, the best times, and the 1-minute load average before and after."""
     info = benchmark.extra_info
     info["load_average_before"] = os.getloadavg()
-    peer, ours = interleaved_best(peer_fn, fn, rounds)
-    peer1, ours1 = interleaved_best(peer_fn, fn, rounds, threads=1)
+    many = interleaved_best(peer_fn, fn, rounds)
+    one = interleaved_best(peer_fn, fn, rounds, threads=1)
     run_timed(benchmark, fn, rounds=rounds)
-    info.update(peer_seconds=peer, diffcore_seconds=ours, speedup_vs_peer=peer / ours,
-                peer_seconds_1thread=peer1, diffcore_seconds_1thread=ours1, speedup_vs_peer_1thread=peer1 / ours1,
-                threads=torch.get_num_threads(), load_average_after=os.getloadavg(), role="diffcore")
+    for suffix, best in (("", many), ("_1thread", one)):
+        info.update({f"peer_seconds{suffix}": best["peer_wall"], f"diffcore_seconds{suffix}": best["wall"],
+                     f"peer_cpu_seconds{suffix}": best["peer_cpu"], f"diffcore_cpu_seconds{suffix}": best["cpu"],
+                     f"speedup_vs_peer{suffix}": best["peer_wall"] / best["wall"],
+                     f"speedup_vs_peer_cpu{suffix}": best["peer_cpu"] / best["cpu"]})
+    info.update(threads=torch.get_num_threads(), load_average_after=os.getloadavg(), role="diffcore")

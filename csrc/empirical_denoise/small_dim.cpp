@@ -89,7 +89,8 @@ inline __m256d exp_nonpositive(__m256d v) {
 struct SmallTrain {
   int64_t rows, padded, dim;
   std::vector<float> yt;      // [dim, padded] transposed (Gram kernel), zero-padded rows
-  std::vector<float> yf;      // [rows, dim] float32 (accumulation; uint8 decoded)
+  std::vector<float> decoded;  // [rows, dim] float32 of uint8 rows (empty for float32 rows)
+  const float* yf;             // [rows, dim] float32 rows for the accumulation: the input or `decoded`
   std::vector<double> yn2;    // [rows] exact squared norms (float64 values, as distance.h)
   std::vector<double> ynorm;  // [rows]
   double ynorm_max;
@@ -99,9 +100,10 @@ struct SmallTrain {
 };
 
 SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) {
-  SmallTrain t{rows, (rows + 15) / 16 * 16, dim, {}, {}, {}, {}, 0.0, 0.0, y, dtype};
+  SmallTrain t{rows, (rows + 15) / 16 * 16, dim, {}, {}, nullptr, {}, {}, 0.0, 0.0, y, dtype};
   t.yt.assign(static_cast<size_t>(dim * t.padded), 0.0f);
-  t.yf.resize(static_cast<size_t>(rows * dim));
+  if (dtype == DType::uint8) t.decoded.resize(static_cast<size_t>(rows * dim));
+  t.yf = dtype == DType::uint8 ? t.decoded.data() : static_cast<const float*>(y);
   t.yn2.resize(rows);
   t.ynorm.resize(rows);
   for (int64_t j = 0; j < rows; ++j) {
@@ -111,7 +113,7 @@ SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) 
                                                : value_as_double(static_cast<const uint8_t*>(y)[j * dim + k]);
       total += v * v;
       if (std::fabs(v) > t.max_abs) t.max_abs = std::fabs(v);  // stays NaN once NaN
-      t.yf[j * dim + k] = static_cast<float>(v);
+      if (dtype == DType::uint8) t.decoded[j * dim + k] = static_cast<float>(v);
     }
     if (!std::isfinite(total)) t.max_abs = std::numeric_limits<double>::quiet_NaN();  // NaN / Inf: refused
     t.yn2[j] = total;
@@ -326,7 +328,7 @@ void accumulate_block(const SmallTrain& t, const float* w, int nq, double* acc, 
   const int32_t* rows = active.data();
   const size_t count = active.size();
   for (; k0 + 16 <= dim; k0 += 16) {
-    const float* ybase = t.yf.data() + k0;
+    const float* ybase = t.yf + k0;
     for (size_t g0 = 0; g0 < count; g0 += kGroupRows) {
       const size_t g1 = std::min(count, g0 + kGroupRows);
       __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
