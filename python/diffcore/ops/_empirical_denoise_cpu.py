@@ -223,10 +223,12 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
 
 
 # The one-call path for small problems (csrc/empirical_denoise/small_dim.cpp): rows of at most
-# SMALL_MAX_DIM values and training sets of at most SMALL_MAX_ELEMENTS values (two float32 copies
-# of it, 2 x 2 MiB at most, stay in cache). Below SMALL_PARALLEL_MIN_WORK multiply-adds (B N D) it
-# runs on one thread: the OpenMP hand-off costs more than it saves there (measured, see
-# docs/empirical_denoise.md).
+# SMALL_MAX_DIM values and training sets of at most SMALL_MAX_ELEMENTS values (its transposed
+# float32 copy, and for uint8 a decoded one, at most 2 MiB each, stay in cache). Below
+# SMALL_PARALLEL_MIN_WORK multiply-adds (B N D; the digits at B = 36) it runs on one thread, where
+# the OpenMP hand-off would cost about as much as the work (about 10 us of CPU per query at D = 64,
+# bench/baselines/MEASUREMENTS.md). The threshold is an estimate: 2-thread timings on the loaded
+# shared machine could not resolve it; rerun the measurement on a quiet machine.
 SMALL_MAX_DIM = 256
 SMALL_MAX_ELEMENTS = 1 << 19
 SMALL_PARALLEL_MIN_WORK = 1 << 22
