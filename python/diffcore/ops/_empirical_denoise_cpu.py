@@ -225,13 +225,14 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
 # The one-call path for small problems (csrc/empirical_denoise/small_dim.cpp): rows of at most
 # SMALL_MAX_DIM values and training sets of at most SMALL_MAX_ELEMENTS values (its transposed
 # float32 copy, and for uint8 a decoded one, at most 2 MiB each, stay in cache). Below
-# SMALL_PARALLEL_MIN_WORK multiply-adds (B N D; the digits at B = 36) it runs on one thread, where
-# the OpenMP hand-off would cost about as much as the work (about 10 us of CPU per query at D = 64,
-# bench/baselines/MEASUREMENTS.md). The threshold is an estimate: 2-thread timings on the loaded
-# shared machine could not resolve it; rerun the measurement on a quiet machine.
+# SMALL_PARALLEL_MIN_WORK multiply-adds (B N D; the digits up to B = 291) it runs on one thread.
+# Measured on the shared 2-vCPU machine at load 6-14 (bench/baselines/MEASUREMENTS.md,
+# 2026-12-06): the 2-thread split was slower at every digits size (B = 16: 0.36 ms on one thread
+# against 9.2 ms on two; B = 256: 3.6 against 12 ms; B = 1797: 45 against 53 ms); on a quiet
+# machine it pays at B = 1797, so the split is kept for the largest calls only.
 SMALL_MAX_DIM = 256
 SMALL_MAX_ELEMENTS = 1 << 19
-SMALL_PARALLEL_MIN_WORK = 1 << 22
+SMALL_PARALLEL_MIN_WORK = 1 << 25
 
 
 def uses_small_path(rows: int, dim: int) -> bool:
