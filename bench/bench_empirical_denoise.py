@@ -24,7 +24,7 @@ import gc
 import pytest
 import torch
 
-from benchutil import QUICK, record_cpu_screen, record_ratio, run_timed
+from benchutil import QUICK, record_cpu_screen, record_interleaved, record_ratio, run_timed
 from diffcore.ops import empirical_denoise
 
 GROUP = "empirical_denoise"
@@ -33,6 +33,7 @@ if QUICK:
 else:
     CASES = [("digits", 256, None, 64, s) for s in (0.01, 1.0, 80.0)]
     CASES += [("cifar10k", 256, 10000, 3072, s) for s in (0.01, 1.0, 80.0)]
+    CASES += [("cifar12k", 200, 12000, 3072, s) for s in (0.01, 1.0, 80.0)]
     CASES += [("cifar50k", 64, 50000, 3072, s) for s in (0.01, 1.0, 80.0)]
 CASE_IDS = [f"{name}-B{b}-N{n or 1797}-D{d}-sigma{s:g}" for name, b, n, d, s in CASES]
 _PEER_PEAK: dict[str, float] = {}
@@ -145,6 +146,25 @@ def test_diffcore_cpu(benchmark, case):
     # the benchmark checks what it times: agreement with the plain way in float64 on a few rows
     ref = plain_torch_denoise(x[:4].double(), train.double(), sigma)
     err = ((out[:4].double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+    benchmark.extra_info["max_rel_error_vs_float64"] = err
+    assert err <= 1e-5
+
+
+# The embedded default (issue 34): the digits with B = 256 and 1797 queries, peer timed in the same
+# test, interleaved round by round (benchutil.record_interleaved), with 2 threads and with 1.
+DIGITS_CASES = [(batch, s) for batch in ((64,) if QUICK else (256, 1797)) for s in (0.01, 1.0, 80.0)]
+
+
+@pytest.mark.parametrize("batch,sigma", DIGITS_CASES, ids=[f"digits-B{b}-N1797-D64-sigma{s:g}" for b, s in DIGITS_CASES])
+def test_digits_interleaved(benchmark, batch, sigma):
+    x, train, _ = _inputs(("digits", batch, None, 64, sigma))
+    benchmark.group = GROUP + "-digits-interleaved"
+    record_interleaved(benchmark, lambda: plain_torch_denoise(x, train, sigma),
+                       lambda: empirical_denoise(x, train, sigma, backend="cpu"), rounds=5 if QUICK else 25)
+    record_cpu_screen(benchmark)
+    ref = plain_torch_denoise(x.double(), train.double(), sigma)
+    out = empirical_denoise(x, train, sigma, backend="cpu")
+    err = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
     benchmark.extra_info["max_rel_error_vs_float64"] = err
     assert err <= 1e-5
 

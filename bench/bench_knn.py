@@ -19,7 +19,7 @@ import pytest
 import torch
 
 # bench/benchutil.py (bench/ is on sys.path; not a package)
-from benchutil import QUICK, peer_seconds, record_cpu_screen, record_ratio, run_timed
+from benchutil import QUICK, peer_seconds, record_cpu_screen, record_interleaved, record_ratio, run_timed
 from diffcore.ops import _knn_cpu, knn
 
 K = 2
@@ -108,6 +108,21 @@ def test_knn_cpu_top2(benchmark, case, impl):
     from diffcore.ref.knn import knn_ref
 
     assert torch.equal(indices[:4], knn_ref(queries[:4], train, K)[1])
+
+
+def test_knn_digits_all_pairs_interleaved(benchmark):
+    """The embedded default (issue 34): top-2 of the 1797 digits among themselves (1797 x 1797 x 64),
+    torch cdist + topk timed in the same test, interleaved, with the torch threads and with one."""
+    from diffcore.data.digits import load_digits
+
+    train = load_digits()[0].reshape(-1, 64).float().contiguous()
+    benchmark.group = GROUP + "-digits-interleaved"
+    record_interleaved(benchmark, lambda: _torch_knn(train, train), lambda: knn(train, train, K, backend="cpu"),
+                       rounds=5 if QUICK else 25)
+    record_cpu_screen(benchmark, _flops(1797, 1797, 64))
+    from diffcore.ref.knn import knn_ref
+
+    assert torch.equal(knn(train, train, K, backend="cpu")[1], knn_ref(train, train, K)[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,3 +95,45 @@ def record_cpu_screen(benchmark, flops: float | None = None) -> None:
     if flops:
         info["fp32_gemm_gflops"] = fp32_gemm_gflops()
         info["fraction_of_fp32_gemm"] = flops / benchmark.stats.stats.min / 1e9 / info["fp32_gemm_gflops"]
+
+
+def interleaved_best(peer_fn, fn, rounds: int = 15, threads: int | None = None) -> dict:
+    """Best times of ``peer_fn`` and ``fn`` over ``rounds`` rounds that alternate them (peer, then
+    ours, each round), after one warm-up call of each, so that both see the same load: wall time
+    (``peer_wall``, ``wall``) and the process's CPU time (``peer_cpu``, ``cpu``: user + system of all
+    its threads). On a loaded machine the CPU time is the figure to trust (a descheduled thread
+    stretches the wall time, not the CPU time; with 2 threads it also counts OpenMP spin-waiting).
+    ``threads``: torch's thread count for the measurement (restored after)."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    best = {"peer_wall": float("inf"), "wall": float("inf"), "peer_cpu": float("inf"), "cpu": float("inf")}
+    try:
+        peer_fn(), fn()
+        for _ in range(rounds):
+            for name, call in (("peer_", peer_fn), ("", fn)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                call()
+                best[name + "cpu"] = min(best[name + "cpu"], time.process_time() - cpu)
+                best[name + "wall"] = min(best[name + "wall"], time.perf_counter() - wall)
+    finally:
+        torch.set_num_threads(saved)
+    return best
+
+
+def record_interleaved(benchmark, peer_fn, fn, rounds: int = 15) -> None:
+    """Time ``fn`` with pytest-benchmark (``rounds`` rounds) and the peer against it in the same test,
+    interleaved (:func:`interleaved_best`), with the torch threads in force and with one thread.
+    extra_info: ``speedup_vs_peer`` (wall, this test's threads), ``speedup_vs_peer_cpu`` (CPU time),
+    the same with ``_1thread``, the best times, and the 1-minute load average before and after."""
+    info = benchmark.extra_info
+    info["load_average_before"] = os.getloadavg()
+    many = interleaved_best(peer_fn, fn, rounds)
+    one = interleaved_best(peer_fn, fn, rounds, threads=1)
+    run_timed(benchmark, fn, rounds=rounds)
+    for suffix, best in (("", many), ("_1thread", one)):
+        info.update({f"peer_seconds{suffix}": best["peer_wall"], f"diffcore_seconds{suffix}": best["wall"],
+                     f"peer_cpu_seconds{suffix}": best["peer_cpu"], f"diffcore_cpu_seconds{suffix}": best["cpu"],
+                     f"speedup_vs_peer{suffix}": best["peer_wall"] / best["wall"],
+                     f"speedup_vs_peer_cpu{suffix}": best["peer_cpu"] / best["cpu"]})
+    info.update(threads=torch.get_num_threads(), load_average_after=os.getloadavg(), role="diffcore")

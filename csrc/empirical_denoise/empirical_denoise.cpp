@@ -150,13 +150,21 @@ struct TileArgs {
   const char* y;
   DType y_dtype;
   const double* yn2;
-  double gemm_err_coef, rescore_tol, band;
+  double gemm_err_coef, rounding_coef, rescore_tol, band;
   double* m;
   double* mlow;
   double* s;
   float* scale;
   float* p;  // [B, T] weights out (row stride g_ld)
 };
+
+// Float64 rounding of the logit -(|x|^2 + |y|^2 - 2 G) c (all three terms and the exact distance
+// of a re-scored pair are at most (|x| + |y|)^2; rounding_coef = gamma_{D+4} in float64). The part
+// common to a query's pairs (the error of |x|^2) cancels in the softmax and is not counted.
+inline double rounding_bound(double rounding_coef, double xnorm, double ynorm, double c) {
+  const double r = xnorm + ynorm;
+  return rounding_coef * r * r * c;
+}
 
 // One query row of a tile. With commit=false only counts the pairs that would be re-scored
 // (nothing is written); with commit=true writes P and updates the running state.
@@ -168,13 +176,16 @@ int64_t process_row(const TileArgs& a, const G* grow, int64_t b, bool commit, st
   const double c = a.inv2s2[b];
   const double xn = a.xn2[b];
   const float* xrow = a.x + b * a.x_ld;
-  // logit error bound per unit |y|: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|.
-  const double err_per_ynorm = 2.0 * a.gemm_err_coef * std::sqrt(xn) * c;
-  if (!commit && err_per_ynorm * ynorm_max <= a.rescore_tol) return 0;  // nothing to re-score
+  // logit error bound: 2 |dG| / (2 sigma^2) with |dG| <= k u |x| |y|, plus the float64 rounding of
+  // |x|^2 + |y|^2 - 2 G (rounding_bound; it matters only for huge |x| or |y|).
+  const double xnorm = std::sqrt(xn);
+  const double err_per_ynorm = 2.0 * a.gemm_err_coef * xnorm * c;
+  if (!commit && rounding_bound(a.rounding_coef, xnorm, ynorm_max, c) + err_per_ynorm * ynorm_max <= a.rescore_tol)
+    return 0;  // nothing to re-score
   double lower = a.mlow[b];
   for (int64_t j = 0; j < a.tile; ++j) {
     const double l = -(xn + a.yn2[j] - 2.0 * gram_value(grow[j])) * c;
-    const double e = err_per_ynorm * ynorm[j];
+    const double e = err_per_ynorm * ynorm[j] + rounding_bound(a.rounding_coef, xnorm, ynorm[j], c);
     logit[j] = l;
     err[j] = e;
     lower = std::max(lower, l - e);
@@ -267,8 +278,8 @@ std::pair<int64_t, int64_t> tile_update(
     std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, std::uintptr_t p_ptr, int64_t batch,
     int64_t tile, std::uintptr_t x_ptr, int64_t x_ld, int64_t dim, std::uintptr_t xn2_ptr,
     std::uintptr_t inv2s2_ptr, std::uintptr_t y_ptr, const std::string& y_dtype_name, int64_t y_ld,
-    std::uintptr_t yn2_ptr, double gemm_err_coef, double rescore_tol, double band, int64_t rescore_budget,
-    std::uintptr_t m_ptr, std::uintptr_t mlow_ptr, std::uintptr_t s_ptr, std::uintptr_t scale_ptr, int threads) {
+    std::uintptr_t yn2_ptr, double gemm_err_coef, double rounding_coef, double rescore_tol, double band,
+    int64_t rescore_budget, std::uintptr_t m_ptr, std::uintptr_t mlow_ptr, std::uintptr_t s_ptr, std::uintptr_t scale_ptr, int threads) {
   for (auto [ptr, name] : {std::pair{g_ptr, "g"}, {p_ptr, "p"}, {x_ptr, "x"}, {xn2_ptr, "x_sqnorm"},
                            {inv2s2_ptr, "inv_two_sigma_sq"}, {y_ptr, "train"}, {yn2_ptr, "train_sqnorm"},
                            {m_ptr, "running_max"}, {mlow_ptr, "running_max_lower"}, {s_ptr, "running_sum"},
@@ -279,8 +290,9 @@ std::pair<int64_t, int64_t> tile_update(
   check_positive(dim, "dim");
   check_arg(g_ld >= tile, "g_ld", "row stride of g must be >= tile");
   check_arg(x_ld >= dim && y_ld >= dim, "x_ld/y_ld", "row strides must be >= dim");
-  check_arg(gemm_err_coef >= 0 && rescore_tol >= 0 && band > 0, "gemm_err_coef/rescore_tol/band",
-            "expected gemm_err_coef >= 0, rescore_tol >= 0, band > 0");
+  check_arg(gemm_err_coef >= 0 && rounding_coef >= 0 && rescore_tol >= 0 && band > 0,
+            "gemm_err_coef/rounding_coef/rescore_tol/band",
+            "expected gemm_err_coef >= 0, rounding_coef >= 0, rescore_tol >= 0, band > 0");
   const DType gd = parse_dtype(g_dtype, "g_dtype");
   check_arg(gd == DType::float32 || gd == DType::float64 || gd == DType::bfloat16, "g_dtype",
             "expected float32, float64 or bfloat16, got " + g_dtype);
@@ -288,7 +300,7 @@ std::pair<int64_t, int64_t> tile_update(
   TileArgs a{batch, tile, dim, x_ld, y_ld * element_size(y_dtype), g_ld,
              reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const double*>(xn2_ptr),
              reinterpret_cast<const double*>(inv2s2_ptr), reinterpret_cast<const char*>(y_ptr), y_dtype,
-             reinterpret_cast<const double*>(yn2_ptr), gemm_err_coef, rescore_tol, band,
+             reinterpret_cast<const double*>(yn2_ptr), gemm_err_coef, rounding_coef, rescore_tol, band,
              reinterpret_cast<double*>(m_ptr), reinterpret_cast<double*>(mlow_ptr), reinterpret_cast<double*>(s_ptr),
              reinterpret_cast<float*>(scale_ptr), reinterpret_cast<float*>(p_ptr)};
   const bool count_only = rescore_budget == kCountOnly;
@@ -309,12 +321,14 @@ std::pair<int64_t, int64_t> tile_update(
 // and collects nothing more (its m_low still rises). Returns the number of overflowed rows.
 template <typename G>
 int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t tile, int64_t start, const double* xn2,
-                            const double* inv2s2, const double* yn2, double gemm_err_coef, double band, double* mlow,
-                            int64_t* cand_index, double* cand_upper, int64_t* cand_count, int64_t cap, int threads);
+                            const double* inv2s2, const double* yn2, double gemm_err_coef, double rounding_coef,
+                            double band, double* mlow, int64_t* cand_index, double* cand_upper, int64_t* cand_count,
+                            int64_t cap, int threads);
 
 int64_t screen_collect(std::uintptr_t g_ptr, const std::string& g_dtype, int64_t g_ld, int64_t batch, int64_t tile,
                        int64_t start, std::uintptr_t xn2_ptr, std::uintptr_t inv2s2_ptr, std::uintptr_t yn2_ptr,
-                       double gemm_err_coef, double band, std::uintptr_t mlow_ptr, std::uintptr_t cand_index_ptr,
+                       double gemm_err_coef, double rounding_coef, double band, std::uintptr_t mlow_ptr,
+                       std::uintptr_t cand_index_ptr,
                        std::uintptr_t cand_upper_ptr, std::uintptr_t cand_count_ptr, int64_t cap, int threads) {
   for (auto [ptr, name] : {std::pair{g_ptr, "g"}, {xn2_ptr, "x_sqnorm"}, {inv2s2_ptr, "inv_two_sigma_sq"},
                            {yn2_ptr, "train_sqnorm"}, {mlow_ptr, "running_max_lower"}, {cand_index_ptr, "cand_index"},
@@ -335,15 +349,18 @@ int64_t screen_collect(std::uintptr_t g_ptr, const std::string& g_dtype, int64_t
   auto* cand_count = reinterpret_cast<int64_t*>(cand_count_ptr);
   if (gd == DType::bfloat16)
     return screen_collect_rows(reinterpret_cast<const uint16_t*>(g_ptr), g_ld, batch, tile, start, xn2, inv2s2, yn2,
-                               gemm_err_coef, band, mlow, cand_index, cand_upper, cand_count, cap, threads);
+                               gemm_err_coef, rounding_coef, band, mlow, cand_index, cand_upper, cand_count, cap,
+                               threads);
   return screen_collect_rows(reinterpret_cast<const float*>(g_ptr), g_ld, batch, tile, start, xn2, inv2s2, yn2,
-                             gemm_err_coef, band, mlow, cand_index, cand_upper, cand_count, cap, threads);
+                             gemm_err_coef, rounding_coef, band, mlow, cand_index, cand_upper, cand_count, cap,
+                             threads);
 }
 
 template <typename G>
 int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t tile, int64_t start, const double* xn2,
-                            const double* inv2s2, const double* yn2, double gemm_err_coef, double band, double* mlow,
-                            int64_t* cand_index, double* cand_upper, int64_t* cand_count, int64_t cap, int threads) {
+                            const double* inv2s2, const double* yn2, double gemm_err_coef, double rounding_coef,
+                            double band, double* mlow, int64_t* cand_index, double* cand_upper, int64_t* cand_count,
+                            int64_t cap, int threads) {
   std::vector<double> ynorm(tile);
   for (int64_t j = 0; j < tile; ++j) ynorm[j] = std::sqrt(yn2[j]);
   int64_t overflowed = 0;
@@ -357,12 +374,13 @@ int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t til
       int64_t& count = cand_count[b];
       const double c = inv2s2[b];
       const double xn = xn2[b];
-      const double err_per_ynorm = 2.0 * gemm_err_coef * std::sqrt(xn) * c;
+      const double xnorm = std::sqrt(xn);
+      const double err_per_ynorm = 2.0 * gemm_err_coef * xnorm * c;
       const G* grow = g + b * g_ld;
       double lower = mlow[b];
       for (int64_t j = 0; j < tile; ++j) {
         const double l = -(xn + yn2[j] - 2.0 * gram_value(grow[j])) * c;
-        const double e = err_per_ynorm * ynorm[j];
+        const double e = err_per_ynorm * ynorm[j] + rounding_bound(rounding_coef, xnorm, ynorm[j], c);
         upper[j] = l + e;
         lower = std::max(lower, l - e);
       }
@@ -395,8 +413,143 @@ int64_t screen_collect_rows(const G* g, int64_t g_ld, int64_t batch, int64_t til
   return overflowed;
 }
 
+// Error-free transformations (Knuth's two-sum; the two-product through fma), for the excess below.
+inline void two_sum(double a, double b, double& s, double& e) {
+  s = a + b;
+  const double b_virtual = s - a;
+  e = (a - (s - b_virtual)) + (b - b_virtual);
+}
+inline void two_prod(double a, double b, double& p, double& e) {
+  p = a * b;
+  e = std::fma(a, b, -p);
+}
+
+template <typename TY>
+double excess_double_double(const float* x, const TY* y, const TY* y_best, int64_t dim) {
+  double total = 0, compensation = 0;
+  for (int64_t k = 0; k < dim; ++k) {
+    const double xk = x[k], yk = value_as_double(y[k]), bk = value_as_double(y_best[k]);
+    double p_hi, p_lo, q_hi, q_lo, d_hi, d_lo, s_hi, s_lo, t_hi, t_lo, sum_err;
+    two_sum(xk, -yk, p_hi, p_lo);  // p = x - y
+    two_sum(xk, -bk, q_hi, q_lo);  // q = x - y_best
+    two_sum(p_hi, -q_hi, d_hi, d_lo);
+    d_lo += p_lo - q_lo;
+    two_sum(p_hi, q_hi, s_hi, s_lo);
+    s_lo += p_lo + q_lo;
+    two_prod(d_hi, s_hi, t_hi, t_lo);  // (p - q)(p + q) = p^2 - q^2
+    t_lo += d_hi * s_lo + d_lo * s_hi;
+    two_sum(total, t_hi, total, sum_err);
+    compensation += sum_err + t_lo;
+  }
+  return total + compensation;
+}
+
+// Exact sum of doubles (Shewchuk's non-overlapping partials, as Python's math.fsum; no overflow
+// handling: the values here are far from it). value() is the sum rounded once more at most.
+class ExactSum {
+ public:
+  void add(double value) {
+    size_t kept = 0;
+    for (double partial : partials_) {
+      if (std::fabs(value) < std::fabs(partial)) std::swap(value, partial);
+      const double hi = value + partial;
+      const double lo = partial - (hi - value);
+      if (lo != 0.0) partials_[kept++] = lo;
+      value = hi;
+    }
+    partials_.resize(kept);
+    partials_.push_back(value);
+  }
+  double value() const {
+    double total = 0;
+    for (size_t i = partials_.size(); i-- > 0;) total += partials_[i];
+    return total;
+  }
+
+ private:
+  std::vector<double> partials_;
+};
+
+// a^2 as the exact sum of six doubles for a = hi + lo, added to `sum` with the sign given.
+inline void add_exact_square(double hi, double lo, double sign, ExactSum& sum) {
+  double p, e;
+  two_prod(hi, hi, p, e);
+  sum.add(sign * p), sum.add(sign * e);
+  two_prod(2.0 * hi, lo, p, e);
+  sum.add(sign * p), sum.add(sign * e);
+  two_prod(lo, lo, p, e);
+  sum.add(sign * p), sum.add(sign * e);
+}
+
+// |x - y|^2 - |x - y_best|^2 exactly (then rounded once): each x - y as an exact two-sum, each
+// square as exact products, all summed by ExactSum. For the few pairs at tiny sigma where even the
+// double-double excess could move a logit (1e-30 at D = 64: ties summed in different orders).
+template <typename TY>
+double excess_exact(const float* x, const TY* y, const TY* y_best, int64_t dim) {
+  ExactSum sum;
+  for (int64_t k = 0; k < dim; ++k) {
+    const double yk = value_as_double(y[k]), bk = value_as_double(y_best[k]);
+    if (yk == bk) continue;
+    double hi, lo;
+    two_sum(static_cast<double>(x[k]), -yk, hi, lo);
+    add_exact_square(hi, lo, 1.0, sum);
+    two_sum(static_cast<double>(x[k]), -bk, hi, lo);
+    add_exact_square(hi, lo, -1.0, sum);
+  }
+  return sum.value();
+}
+
+// |x - y|^2 - |x - y_best|^2 = sum_k (p_k - q_k)(p_k + q_k), p = x - y, q = x - y_best, in
+// double-double arithmetic (error-free sums and products, compensated sum): exact but for the final
+// rounding, where the plain difference of two float64 sums is not (exact ties summed in another
+// order, sigma 1e-8 at D = 3072; huge |x|). As diffcore.ref.empirical_denoise computes it.
+double excess_row(const float* x, const char* y, const char* y_best, DType y_dtype, int64_t dim, bool exact) {
+  if (y_dtype == DType::float32) {
+    const auto* yf = reinterpret_cast<const float*>(y);
+    const auto* bf = reinterpret_cast<const float*>(y_best);
+    return exact ? excess_exact(x, yf, bf, dim) : excess_double_double(x, yf, bf, dim);
+  }
+  const auto* yu = reinterpret_cast<const uint8_t*>(y);
+  const auto* bu = reinterpret_cast<const uint8_t*>(y_best);
+  return exact ? excess_exact(x, yu, bu, dim) : excess_double_double(x, yu, bu, dim);
+}
+
+// exp(-746) is 0 in float64: a pair this many logits below the best weighs nothing.
+constexpr double kZeroWeightLogit = 746.0;
+// Logits relative to the best are exact to this (absolute), as in the float64 reference.
+constexpr double kExcessLogitTol = 1e-10;
+
+// Candidates' squared distances (float64 sums, in `logit` on entry) -> logits relative to the best
+// candidate m, -(|x - y_i|^2 - |x - y_m|^2) c (0 for m and its exact ties): the plain difference
+// where its rounding (gamma_{D+3} of both sums) moves no logit by more than kExcessLogitTol or the
+// pair weighs nothing, else the double-double excess, or the exact one where the double-double
+// error ((D^2 + 8) u^2 of both sums) could. Returns |x - y_m|^2.
+double relative_logits(const float* x, const char* ybase, int64_t y_row_bytes, DType y_dtype, int64_t dim, double c,
+                       const std::vector<int64_t>& rows, std::vector<double>& logit) {
+  size_t best = 0;
+  for (size_t i = 1; i < logit.size(); ++i)
+    if (logit[i] < logit[best]) best = i;
+  const double best_sqdist = logit[best];
+  const double unit = std::ldexp(1.0, -53), terms = static_cast<double>(dim + 3);
+  const double gamma = terms * unit / (1.0 - terms * unit);
+  const double dd_error = (static_cast<double>(dim) * dim + 8.0) * unit * unit;
+  const char* y_best = ybase + rows[best] * y_row_bytes;
+  for (size_t i = 0; i < logit.size(); ++i) {
+    const double excess = std::max(0.0, logit[i] - best_sqdist);
+    const double sums = logit[i] + best_sqdist;
+    const double rounding = gamma * sums;
+    if (i != best && rounding * c > kExcessLogitTol && (excess - rounding) * c <= kZeroWeightLogit)
+      logit[i] = -excess_row(x, ybase + rows[i] * y_row_bytes, y_best, y_dtype, dim,
+                             dd_error * sums * c > kExcessLogitTol) * c;
+    else
+      logit[i] = -excess * c;
+  }
+  return best_sqdist;
+}
+
 // Final step of the candidate-list screening: per row whose list did not overflow, exact logits
-// (difference first, float64) of the candidates whose upper bound reaches m_low - band, then
+// (difference first, float64; relative to the best candidate, in double-double where float64 is
+// not enough: relative_logits) of the candidates whose upper bound reaches m_low - band, then
 // out[row_map[b]] = sum softmax(l) y and logz[row_map[b]] = logsumexp(l) over them (the pairs left
 // out weigh < exp(-band) of the largest weight).
 void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t dim, std::uintptr_t inv2s2_ptr,
@@ -441,15 +594,15 @@ void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t 
       const float* xrow = x + b * x_ld;
       logit.clear();
       rows.clear();
-      double mx = -std::numeric_limits<double>::infinity();
       for (int64_t i = 0; i < cand_count[b]; ++i) {
         if (cand_upper[b * cap + i] < cut) continue;
         const int64_t r = cand_index[b * cap + i];
-        const double l = -exact_sqdist_row(xrow, ybase + r * y_row_bytes, y_dtype, dim) * c;
-        logit.push_back(l);
+        logit.push_back(exact_sqdist_row(xrow, ybase + r * y_row_bytes, y_dtype, dim));  // distance for now
         rows.push_back(r);
-        mx = std::max(mx, l);
       }
+      const double best_sqdist = relative_logits(xrow, ybase, y_row_bytes, y_dtype, dim, c, rows, logit);
+      double mx = -std::numeric_limits<double>::infinity();
+      for (const double l : logit) mx = std::max(mx, l);
       std::fill(acc.begin(), acc.end(), 0.0);
       double sum = 0;
       for (size_t i = 0; i < rows.size(); ++i) {
@@ -467,7 +620,7 @@ void screen_finalize(std::uintptr_t x_ptr, int64_t x_ld, int64_t batch, int64_t 
       }
       float* orow = out + row_map[b] * dim;
       for (int64_t k = 0; k < dim; ++k) orow[k] = static_cast<float>(acc[k] / sum);
-      logz[row_map[b]] = mx + std::log(sum);
+      logz[row_map[b]] = -best_sqdist * c + mx + std::log(sum);
     }
   }
 }
@@ -565,7 +718,7 @@ void register_empirical_denoise(py::module_& m) {
         arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
         arg("p_ptr"), arg("batch"), arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"),
         arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"),
-        arg("rescore_tol"), arg("band"), arg("rescore_budget"), arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"),
+        arg("rounding_coef"), arg("rescore_tol"), arg("band"), arg("rescore_budget"), arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"),
         arg("scale_ptr"), arg("threads"),
         "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
         "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
@@ -574,7 +727,7 @@ void register_empirical_denoise(py::module_& m) {
   m.def("empirical_denoise_screen_collect", &screen_collect, release, named,
         arg("g_ptr"), arg("g_dtype"), arg("g_ld"), arg("batch"),
         arg("tile"), arg("start"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("yn2_ptr"), arg("gemm_err_coef"),
-        arg("band"), arg("mlow_ptr"), arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"),
+        arg("rounding_coef"), arg("band"), arg("mlow_ptr"), arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"),
         arg("cap"), arg("threads"),
         "Screening pass over one tile of a bf16 or float32 Gram matrix: raise the lower bound of each row's max "
         "logit and collect the candidate pairs; returns the number of rows whose list overflowed.");

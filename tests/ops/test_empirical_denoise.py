@@ -506,16 +506,18 @@ def test_sigma_whose_square_underflows_is_refused(backend, sigma):
         empirical_denoise(x, train, sigma, backend=backend)
 
 
-@pytest.mark.parametrize("backend", _params(FAST_BACKENDS))
-def test_logits_beyond_float64_are_an_error_not_nan(backend):
-    """At sigma 1e-149 the logits of distances ~1e10 leave the float64 range: the fast backends
-    refuse (naming sigma) instead of returning NaN; the reference, relative to the best distance,
-    still returns the nearest training row (logz underflows to -inf)."""
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+def test_logits_beyond_float64(backend):
+    """At sigma 1e-149 the absolute logits of distances ~1e10 leave the float64 range. The reference
+    and the cpu backend (logits relative to the best row, as the reference) return the nearest
+    training row (logz underflows to -inf); triton refuses, naming sigma, instead of returning NaN."""
     gen = torch.Generator().manual_seed(4)
     train, x = torch.randn(50, 300, generator=gen) * 1e4, torch.randn(2, 300, generator=gen) * 1e4
-    with pytest.raises(ValueError, match="sigma: the weights could not be computed"):
-        empirical_denoise(x, train, 1e-149, backend=backend)
-    out, logz = empirical_denoise_with_logz(x, train, 1e-149, backend="reference")
+    if backend == "triton":
+        with pytest.raises(ValueError, match="sigma: the weights could not be computed"):
+            empirical_denoise(x, train, 1e-149, backend=backend)
+        return
+    out, logz = empirical_denoise_with_logz(x, train, 1e-149, backend=backend)
     nearest = ((x[:, None].double() - train[None].double()) ** 2).sum(-1).argmin(1)
     assert torch.equal(out, train[nearest]) and bool((logz == -math.inf).all())
 
@@ -533,3 +535,135 @@ def test_midpoint_and_duplicate_at_tiny_sigma(backend, sigma):
                             (torch.cat([y[:1], y]), (2 * y[0].double() + y[1].double()) / 3)):
         out = empirical_denoise(x, train, sigma, backend=backend)
         assert float((out[0].double() - expected).abs().max()) <= 1e-6, backend
+
+
+# ------------------------------------------- exact ties at tiny sigma, huge values (issue 32)
+def _permuted_ties(dim: int, train_dtype: torch.dtype):
+    """Rows 0-2 are one row with its coordinates permuted: exactly equidistant from a constant x,
+    but their float64 distance sums round differently (summed in another order); rows 3-4 far."""
+    gen = torch.Generator().manual_seed(6)
+    if train_dtype == torch.uint8:
+        base = torch.randint(0, 256, (dim,), generator=gen, dtype=torch.uint8)
+        far = torch.tensor([[0], [255]], dtype=torch.uint8).expand(2, dim)  # black and white: far
+        x = torch.full((1, dim), 0.5 / 127.5)  # the value of pixel 127.5 (constant: permutations tie)
+    else:
+        base = torch.rand(dim, generator=gen) * 2 - 1
+        far = torch.stack([torch.rand(dim, generator=gen) + 3, torch.rand(dim, generator=gen) - 4])
+        x = torch.full((1, dim), 0.125)
+    train = torch.cat([torch.stack([base, base.flip(0), base.roll(7)]), far])
+    return x, train
+
+
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+@pytest.mark.parametrize("sigma", [1e-30, 1e-8, 1e-6, 1e-4])
+@pytest.mark.parametrize("dim", [64, 3072])
+def test_cpu_exact_ties_summed_in_different_orders(dim, sigma, train_dtype):
+    """Exact ties whose float64 distance sums differ (relative error 0.58 at sigma 1e-8 and 5% at
+    1e-6 at D = 3072 before: the rounding of the sums, magnified by 1/(2 sigma^2), chose a winner)."""
+    x, train = _permuted_ties(dim, train_dtype)
+    values = train.double() / 127.5 - 1.0 if train_dtype == torch.uint8 else train.double()
+    tied_mean = values[:3].mean(0, keepdim=True)  # the exact answer: the three tied rows weigh alike
+    ref_out, _ = empirical_denoise_ref(x, train, sigma)
+    assert row_rel_error(ref_out, tied_mean) <= 1e-12  # the reference too (it was off at 1e-30)
+    out = empirical_denoise(x, train, sigma, backend="cpu")
+    assert row_rel_error(out, tied_mean) <= REL_TOL
+
+
+@pytest.mark.parametrize("dim", [64, 3072])
+def test_cpu_exact_ties_with_forced_overflow_use_the_reference(monkeypatch, dim):
+    """With candidate lists of one entry the three tied rows overflow both screening passes: the
+    rows that need relative logits are then computed by the float64 reference, never streamed."""
+    monkeypatch.setattr(ed_cpu, "screen_candidates", lambda batch: 1)
+    x, train = _permuted_ties(dim, torch.float32)
+    ref_out, ref_logz = empirical_denoise_ref(x, train, 1e-8)
+    out, logz = ed_cpu.run(x, train, torch.full((1,), 1e-8, dtype=torch.float64))
+    assert row_rel_error(out, ref_out) <= REL_TOL
+    assert logz_rel_error(logz, ref_logz) <= LOGZ_TOL
+
+
+@pytest.mark.parametrize("magnitude", [1e10, 1e15])
+@pytest.mark.parametrize("sigma", [1.0, 1e6, 1e12])
+@pytest.mark.parametrize("dim", [64, 3072])
+def test_cpu_huge_values_up_to_the_limit_match_reference(magnitude, sigma, dim):
+    """Queries of magnitude up to MAX_MAGNITUDE: the float64 rounding of |x|^2 + |y|^2 - 2 G is in
+    the screening bound, and the logits are relative to the best row."""
+    gen = torch.Generator().manual_seed(8)
+    train = torch.rand(40, dim, generator=gen) * 2 - 1
+    x = (torch.rand(3, dim, generator=gen) * 2 - 1) * magnitude
+    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
+    out, logz = empirical_denoise_with_logz(x, train, sigma, backend="cpu")
+    assert row_rel_error(out, ref_out) <= REL_TOL
+    assert float(((logz.double() - ref_logz).abs() / ref_logz.abs().clamp_min(1.0)).max()) <= LOGZ_TOL
+
+
+@pytest.mark.parametrize("backend", _params(ALL_BACKENDS))
+@pytest.mark.parametrize("where", ["x", "train"])
+@pytest.mark.parametrize("value", [2e15, 1e20, -3e38])
+def test_values_above_1e15_are_refused(backend, where, value):
+    """|x| near 1e20 gave a finite wrong result: values beyond MAX_MAGNITUDE are refused, naming
+    the argument (as knn)."""
+    x, train = _good()
+    x, train = x.clone(), train.float().clone()
+    (x if where == "x" else train).view(-1)[3] = value
+    with pytest.raises(ValueError, match=rf"{where}: expected values of magnitude <= 1e\+15"):
+        empirical_denoise(x, train, 1.0, backend=backend)
+
+
+# ------------------------------------------- the one-call small path (digits sizes, issue 34)
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+@pytest.mark.parametrize("sigma", [1e-5, 0.002, 0.05, 1.0, 3.0, 80.0, 1e4])
+@pytest.mark.parametrize("batch,rows,dim", [(1, 1, 64), (7, 300, 64), (37, 1797, 64), (5, 120, 45), (9, 200, 256)])
+def test_cpu_small_path_matches_reference(train_dtype, sigma, batch, rows, dim):
+    """Rows of at most 256 values and training sets of at most 2^19 values take the one-call C++
+    path (float64 Gram; fp32 where its bound holds; exact re-scoring where the bound is loose)."""
+    assert ed_cpu.uses_small_path(rows, dim)
+    x, train = make_case(batch, rows, dim, sigma, train_dtype, seed=batch + rows)
+    check_against_reference(x, train, sigma, "cpu")
+
+
+def test_cpu_small_path_per_row_sigma_and_far_queries():
+    x, train = make_case(11, 500, 64, 1.0, torch.uint8, seed=3)
+    x = torch.cat([x, torch.randn(3, 64) * 5])  # far from every training row
+    sigma = torch.tensor([0.003, 0.05, 0.5, 1.0, 2.0, 5.0, 80.0, 0.01, 0.2, 30.0, 1e3, 0.02, 1.0, 80.0],
+                         dtype=torch.float64)
+    check_against_reference(x, train, sigma, "cpu")
+
+
+def test_cpu_small_path_near_ties_and_duplicates():
+    """Near-ties (distances equal up to 1e-6 relative) and exact duplicates at small sigma."""
+    gen = torch.Generator().manual_seed(9)
+    train = torch.rand(100, 64, generator=gen) * 2 - 1
+    train[50] = train[10]  # a duplicate: weighs as much as its twin
+    mid = (train[3] + train[4]) / 2
+    x = torch.stack([mid, mid + 1e-6 * (train[3] - train[4]), train[10] + 0.001])
+    for sigma in (0.002, 0.01, 0.05):
+        check_against_reference(x, train, sigma, "cpu")
+
+
+def test_cpu_small_path_agrees_with_the_tile_path_and_threads(monkeypatch):
+    """Same result (to the tolerance) as the tile path, and bit-identical for 1 and 2 threads."""
+    x, train = make_case(37, 1797, 64, 1.0, torch.float32, seed=2)
+    sigma64 = torch.full((37,), 1.0, dtype=torch.float64)
+    small_out, _ = ed_cpu.run(x, train, sigma64)
+    tile_out, _ = ed_cpu.run(x, train, sigma64, small=False)
+    assert row_rel_error(small_out, tile_out) <= 2 * REL_TOL
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ed_cpu.run(x, train, sigma64)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(ed_cpu, "SMALL_PARALLEL_MIN_WORK", 1)  # force the parallel split
+        two = ed_cpu.run(x, train, sigma64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_cpu_small_path_refuses_nan_and_huge_train():
+    x, train = make_case(4, 100, 64, 1.0)
+    for value, message in ((float("nan"), "train: contains NaN"), (float("inf"), "train: contains Inf"),
+                           (1e16, r"train: expected values of magnitude <= 1e\+15")):
+        bad = train.clone()
+        bad[7, 3] = value
+        with pytest.raises(ValueError, match=message):
+            empirical_denoise(x, bad, 1.0, backend="cpu")

@@ -40,6 +40,7 @@ BACKENDS = OpBackends(
 # range for any distance up to 3.6e8 (image data: at most 4 D); below about 1.5e-154 sigma^2 itself
 # underflows. Smaller sigmas are refused (the nearest training row is the answer there anyway).
 MIN_SIGMA = 1e-150
+MAX_MAGNITUDE = _cpu.MAX_MAGNITUDE  # largest |value| of x and train any backend takes
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
@@ -72,6 +73,8 @@ def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
     """
     x, train, sigma64 = _validate(x, train, sigma)
     name = BACKENDS.resolve(backend, x.device)
+    if name != "cpu":  # the CPU path checks the training rows from the norms it computes anyway
+        _check_magnitude("train", train)
     if name != "reference" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
     with torch.no_grad():
@@ -96,11 +99,23 @@ def _validate(x, train, sigma):
     if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
         raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
     check_finite("x", x)
+    _check_magnitude("x", x)
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
     if bool((sigma64 < MIN_SIGMA).any()):
         raise ValueError(f"sigma: expected values >= {MIN_SIGMA:g} (below, 1/(2 sigma^2) leaves the float64 "
                          f"range), got min {float(sigma64.min()):g}")
     return x, train, sigma64
+
+
+def _check_magnitude(name: str, values: torch.Tensor) -> None:
+    """Refuse finite values of magnitude above ``MAX_MAGNITUDE`` (1e15, as knn): beyond it the fp32
+    Gram products and squared norms of the fast paths leave the range their bounds cover (at |x|
+    near 1e20 a finite wrong result came back). NaN / Inf in ``train`` are left to the result check."""
+    if not values.is_floating_point() or values.numel() == 0:
+        return
+    largest = float(values.abs().nan_to_num(nan=0.0, posinf=0.0).max())
+    if largest > MAX_MAGNITUDE:
+        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

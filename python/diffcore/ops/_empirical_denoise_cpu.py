@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffcore._checks import check_finite
 from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
 from diffcore._ext import dtype_name, extension
 
@@ -22,8 +23,12 @@ BAND = 60.0
 # A pair that may carry weight is re-scored exactly when its logit error bound exceeds this: a
 # relative weight error of at most about RESCORE_TOL by the bound.
 RESCORE_TOL = 1e-5
+# Queries whose float64 distance sums could move a logit difference by more than this take the path
+# with relative (double-double) logits: needs_relative_logits.
+TINY_LOGIT_TOL = 1e-6
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 FP64_UNIT_ROUNDOFF = 2.0 ** -53
+MAX_MAGNITUDE = 1e15  # the largest |value| of x and train taken (as knn): fp32 Gram and norms stay finite
 SCREEN_MIN_DIM = 256  # below this the candidate screening pass does not pay
 NO_BUDGET = -1  # rescore_budget value: re-score every pair that needs it
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
@@ -70,6 +75,26 @@ def measured_fp32_gemm_error_coefficient(dim: int) -> float:
     only where the proven :func:`fp32_gemm_error_bound` is too loose to be useful: dense tiles (large
     sigma, most pairs carry weight), whose accuracy is therefore measured, not proven."""
     return max(2.0, 2.0 * math.sqrt(dim / 4096.0)) * FP32_UNIT_ROUNDOFF
+
+
+def logit_rounding_coefficient(dim: int) -> float:
+    """``f`` in ``|fl(l) - l| <= f (|x| + |y|)^2 / (2 sigma^2)``: the float64 rounding of a logit
+    computed from ``|x|^2 + |y|^2 - 2 x.y`` (or from an exact float64 distance sum of ``dim`` terms):
+    ``gamma_{dim+4}`` with u = 2^-53. Negligible beside the GEMM error for data in [-1, 1]; it rules
+    at tiny sigma and for huge values (:func:`needs_relative_logits`)."""
+    return gamma(dim + 4, FP64_UNIT_ROUNDOFF)
+
+
+def needs_relative_logits(logz: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """Queries [B] bool whose streamed logits (absolute, ``-|x - y|^2 / (2 sigma^2)`` from float64
+    distance sums) may be off by more than TINY_LOGIT_TOL against each other: every pair that
+    carries weight has ``|l| <= |logz| + log N + BAND``, and two such sums round by at most
+    ``2 f |l|`` (:func:`logit_rounding_coefficient`). Tiny sigma (exact ties summed in different
+    orders: sigma 1e-6 at D = 3072) or huge values; those queries are recomputed by the screening
+    path, whose final step takes logits relative to the best candidate, in double-double where
+    needed, as the float64 reference does."""
+    reach = logz.abs() + math.log(rows) + BAND
+    return ~(2.0 * logit_rounding_coefficient(dim) * reach <= TINY_LOGIT_TOL)  # NaN logz: recompute too
 
 
 def bf16_gemm_error_coefficient(dim: int) -> float:
@@ -152,10 +177,10 @@ def _tile_inputs(queries: _Queries, data: _TrainSet, start: int, y_tile: torch.T
     dim = queries.x.shape[1]
     return dict(x_ptr=queries.x.data_ptr(), x_ld=dim, dim=dim, xn2_ptr=queries.x_sqnorm.data_ptr(),
                 inv2s2_ptr=queries.inv2s2.data_ptr(), y_ptr=y_tile.data_ptr(), y_dtype=data.dtype_name, y_ld=dim,
-                yn2_ptr=data.y_sqnorm[start:].data_ptr())
+                yn2_ptr=data.y_sqnorm[start:].data_ptr(), rounding_coef=logit_rounding_coefficient(dim))
 
 
-def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
+def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, small: bool = True):
     """CPU backend: x [B, ...] float, train [N, ...], sigma64 [B] -> (out [B, D] float32, logz [B]
     float64); see docs/empirical_denoise.md.
 
@@ -163,8 +188,10 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
     each query's candidates, re-scored exactly (``_screen``); queries whose candidate list
     overflowed get a second screening pass with the global lower bound of their max logit.
     Otherwise (dense weights), or when that fails too: ``_stream`` with fp32 (then fp64) Gram tiles
-    and a running log-sum-exp."""
-    ext = extension()
+    and a running log-sum-exp. Small rows and training sets (``uses_small_path``: the digits) take
+    one C++ call instead (``_run_small``; ``small=False`` or ``tile_rows`` turn it off). Queries
+    whose logits need more than float64 sums (``needs_relative_logits``) are redone by the
+    screening path with relative logits."""
     threads = torch.get_num_threads()
     precision = screen_precision()
     if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
@@ -172,46 +199,144 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
                            "in fp32 on this machine (probe failed), so the screening bound would not hold; use "
                            "DIFFCORE_CPU_SCREEN=fp32 or auto")
     xr = _rows(x).to(torch.float32).contiguous()
-    batch, dim = xr.shape
+    dim = xr.shape[1]
     y = _rows(train)
     if y.dtype not in (torch.float32, torch.uint8):
         y = y.to(torch.float32)  # float16/bfloat16/float64 training sets: one fp32 copy
     y = y.contiguous()
+    inv2s2 = 0.5 / sigma64.square()
+    if small and tile_rows is None and uses_small_path(y.shape[0], dim):
+        out, logz, redo = _run_small(xr, y, inv2s2, threads)
+        if redo is None:
+            return out, logz
+        y_sqnorm = _row_sqnorms(y, threads)
+    else:
+        y_sqnorm = _row_sqnorms(y, threads)
+        check_train_magnitude(y, y_sqnorm)
+        out, logz, streamed = _run_rows(xr, inv2s2, y, y_sqnorm, train.dtype, tile_rows,
+                                        screen and dim >= SCREEN_MIN_DIM, threads, precision, exact=False)
+        redo = streamed & needs_relative_logits(logz, y.shape[0], dim)
+    if bool(redo.any()):  # tiny sigma or huge values: again with logits relative to the best row
+        out[redo], logz[redo], _ = _run_rows(xr[redo], inv2s2[redo], y, y_sqnorm, train.dtype, tile_rows, True,
+                                             threads, precision, exact=True)
+    return out, logz
+
+
+# The one-call path for small problems (csrc/empirical_denoise/small_dim.cpp): rows of at most
+# SMALL_MAX_DIM values and training sets of at most SMALL_MAX_ELEMENTS values (its transposed
+# float32 copy, and for uint8 a decoded one, at most 2 MiB each, stay in cache). Below
+# SMALL_PARALLEL_MIN_WORK multiply-adds (B N D; the digits up to B = 291) it runs on one thread.
+# Measured on the shared 2-vCPU machine at load 6-14 (bench/baselines/MEASUREMENTS.md,
+# 2026-12-06): the 2-thread split was slower at every digits size (B = 16: 0.36 ms on one thread
+# against 9.2 ms on two; B = 256: 3.6 against 12 ms; B = 1797: 45 against 53 ms); on a quiet
+# machine it pays at B = 1797, so the split is kept for the largest calls only.
+SMALL_MAX_DIM = 256
+SMALL_MAX_ELEMENTS = 1 << 19
+SMALL_PARALLEL_MIN_WORK = 1 << 25
+
+
+def uses_small_path(rows: int, dim: int) -> bool:
+    """Whether a training set of ``rows`` x ``dim`` takes the one-call small path."""
+    return dim <= SMALL_MAX_DIM and rows * dim <= SMALL_MAX_ELEMENTS
+
+
+def float64_gram_error_bound(dim: int, train_dtype: torch.dtype) -> float:
+    """``k`` in ``|G - x.y| <= k |x| |y|`` for the small path's float64 Gram of fp32 rows: every
+    product exact, ``dim - 1`` roundings, ``gamma_dim`` (u = 2^-53); uint8 rows are read as their
+    float32 roundings, one more ``2^-24``."""
+    return gamma(dim, FP64_UNIT_ROUNDOFF) + (FP32_UNIT_ROUNDOFF if train_dtype == torch.uint8 else 0.0)
+
+
+def _row_sqnorms(y: torch.Tensor, threads: int) -> torch.Tensor:
+    """|y_i|^2 [N] float64 of float32 / uint8 rows [N, D] (uint8 as u8 / 127.5 - 1)."""
     y_sqnorm = torch.empty(y.shape[0], dtype=torch.float64)
-    ext.empirical_denoise_row_sqnorms(y_ptr=y.data_ptr(), dtype=dtype_name(y.dtype), rows=y.shape[0], dim=dim, ld=dim,
-                                      out_ptr=y_sqnorm.data_ptr(), threads=threads)
-    screen = screen and dim >= SCREEN_MIN_DIM
-    # the [T, D] screening copy exists only for bf16 (fp32 tiles are used in place or decoded as below)
-    data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype,
+    extension().empirical_denoise_row_sqnorms(y_ptr=y.data_ptr(), dtype=dtype_name(y.dtype), rows=y.shape[0],
+                                              dim=y.shape[1], ld=y.shape[1], out_ptr=y_sqnorm.data_ptr(),
+                                              threads=threads)
+    return y_sqnorm
+
+
+def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads: int):
+    """The small path in one C++ call: (out [B, D] float32, logz [B] float64, redo [B] bool or None:
+    the rows that need relative logits, needs_relative_logits, computed there). Refuses training
+    values above MAX_MAGNITUDE and NaN / Inf, naming ``train``."""
+    batch, dim = xr.shape
+    out = torch.empty(batch, dim, dtype=torch.float32)
+    logz = torch.empty(batch, dtype=torch.float64)
+    redo = torch.empty(batch, dtype=torch.uint8)
+    inv2s2 = inv2s2.contiguous()
+    largest, flagged = extension().empirical_denoise_small_dim(
+        x_ptr=xr.data_ptr(), y_ptr=y.data_ptr(), y_dtype=dtype_name(y.dtype), batch=batch, rows=y.shape[0], dim=dim,
+        inv2s2_ptr=inv2s2.data_ptr(), gemm_err_coef=float64_gram_error_bound(dim, y.dtype),
+        fp32_err_coef=fp32_gemm_error_bound(dim),
+        rounding_coef=logit_rounding_coefficient(dim), rescore_tol=RESCORE_TOL, band=BAND, tiny_tol=TINY_LOGIT_TOL,
+        out_ptr=out.data_ptr(), logz_ptr=logz.data_ptr(), redo_ptr=redo.data_ptr(),
+        parallel_min_work=SMALL_PARALLEL_MIN_WORK, threads=threads)
+    if not math.isfinite(largest):
+        check_finite("train", y)
+    if largest > MAX_MAGNITUDE:
+        raise ValueError(f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
+    return out, logz, (redo.bool() if flagged else None)
+
+
+def check_train_magnitude(y: torch.Tensor, y_sqnorm: torch.Tensor) -> None:
+    """Refuse training values of magnitude above MAX_MAGNITUDE, from the float64 squared norms the
+    path computes anyway (an element scan only when a norm is that large; NaN / Inf are left to the
+    op's check of the result, which names them)."""
+    largest_norm = float(y_sqnorm.max())
+    if largest_norm > MAX_MAGNITUDE ** 2 and y.dtype != torch.uint8:
+        largest = float(y.abs().max())
+        if largest > MAX_MAGNITUDE:
+            raise ValueError(f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), "
+                             f"got {largest:g}")
+
+
+def _run_rows(xr, inv2s2, y, y_sqnorm, train_dtype, tile_rows, screen, threads, precision, exact):
+    """The queries xr [B, D] against the training rows y: screening (``screen``) then streaming for
+    what screening leaves. Returns (out [B, D] float32, logz [B] float64, streamed [B] bool: the rows
+    finished by the streaming pass). ``exact`` (queries that need relative logits,
+    needs_relative_logits): never stream; rows whose candidate lists overflow twice (thousands of
+    pairs within the band at tiny sigma, or huge values) are computed by the float64 reference."""
+    batch, dim = xr.shape
+    data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train_dtype,
                                                              screen and precision == "bf16"))
-    queries = _Queries.create(xr, 0.5 / sigma64.square(), threads)
+    queries = _Queries.create(xr, inv2s2, threads)
     if not screen:
         _stream(queries, data, threads, screen=None)
-        return queries.result()
+        return (*queries.result(), torch.ones(batch, dtype=torch.bool))
 
     out = torch.empty(batch, dim, dtype=torch.float32)
     logz = torch.empty(batch, dtype=torch.float64)
     todo = torch.arange(batch)
     dense = False
     for attempt in range(2):
-        finished = _screen(queries, data, threads, out, logz, todo, precision)
+        finished = _screen(queries, data, threads, out, logz, todo, precision, probe_dense=not exact)
         if finished is None:  # dense weights: screening cannot help; larger fp32 tiles
             dense = True
-            data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train.dtype, False))
+            data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train_dtype, False))
             break
         todo = todo[~finished]
         if todo.numel() == 0:
-            return out, logz
+            return out, logz, torch.zeros(batch, dtype=torch.bool)
         # again for the rows whose candidates overflowed, now knowing their global lower bound
         queries = _Queries.create(xr[todo], queries.inv2s2[~finished], threads, queries.run_max_lower[~finished])
+    if exact:
+        from diffcore.ref.empirical_denoise import empirical_denoise_ref
+
+        sigma = (0.5 / inv2s2[todo]).sqrt()
+        rest_out, rest_logz = empirical_denoise_ref(xr[todo].double(), y, sigma)
+        out[todo], logz[todo] = rest_out.float(), rest_logz
+        return out, logz, torch.zeros(batch, dtype=torch.bool)
     _stream(queries, data, threads, screen=None if dense else precision)
     rest_out, rest_logz = queries.result()
     out[todo], logz[todo] = rest_out, rest_logz
-    return out, logz
+    streamed = torch.zeros(batch, dtype=torch.bool)
+    streamed[todo] = True
+    return out, logz, streamed
 
 
 def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor, logz: torch.Tensor,
-            rows: torch.Tensor, precision: str) -> torch.Tensor | None:
+            rows: torch.Tensor, precision: str, probe_dense: bool = True) -> torch.Tensor | None:
     """Screening pass (bf16 or fp32 Gram tiles: ``precision``): raise each query's lower bound of
     its max logit and collect candidate pairs; finish (exact re-scoring into out[rows], logz[rows])
     the queries whose list did not overflow. Returns the finished mask over ``rows``, or None when
@@ -224,7 +349,7 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
     cand_count = torch.zeros(batch, dtype=torch.int64)
     gram_of = _ScreenGram(queries.x, data.tile, threads, precision)
     coef = gram_of.error_bound
-    if _looks_dense(queries, data, gram_of, threads):
+    if probe_dense and _looks_dense(queries, data, gram_of, threads):
         return None
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
@@ -232,7 +357,8 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
         ext.empirical_denoise_screen_collect(
             g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, batch=batch, tile=count, start=start,
             xn2_ptr=queries.x_sqnorm.data_ptr(), inv2s2_ptr=queries.inv2s2.data_ptr(),
-            yn2_ptr=data.y_sqnorm[start:].data_ptr(), gemm_err_coef=coef, band=BAND,
+            yn2_ptr=data.y_sqnorm[start:].data_ptr(), gemm_err_coef=coef, rounding_coef=logit_rounding_coefficient(dim),
+            band=BAND,
             mlow_ptr=queries.run_max_lower.data_ptr(), cand_index_ptr=cand_index.data_ptr(),
             cand_upper_ptr=cand_upper.data_ptr(), cand_count_ptr=cand_count.data_ptr(), cap=cap, threads=threads)
     finished = cand_count <= cap

@@ -9,9 +9,12 @@ Exact at tiny sigma too: the logits are taken relative to each query's best (sma
 that can carry weight is computed in double-double arithmetic where the plain difference of the
 two sums could be off by more than 1e-10 in the logit: ``sum_k (p_k - q_k)(p_k + q_k)`` with
 ``p = x - y_i``, ``q = x - y_m`` (zero for exact ties and duplicates, the float64 rounding of the
-exact value for near-ties).
+exact value for near-ties), and exactly (error-free terms, ``math.fsum``) where even the
+double-double error could be (sigma 1e-30: ties whose coordinates come in different orders).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -65,7 +68,25 @@ def _exact_excess(xb, yb, best, sqdist, best_sqdist, inv2s2, max_elements: int =
     for start in range(0, b_idx.numel(), chunk):
         b, i = b_idx[start:start + chunk], i_idx[start:start + chunk]
         excess[b, i] = _excess_double_double(xb[b], yb[i], yb[best[b]])
+    # where even the double-double error ((D^2 + 8) u^2 of both sums) could move a logit: exact sums
+    dim = xb.shape[1]
+    dd_error = (dim * dim + 8.0) * _FLOAT64_UNIT ** 2 * (sqdist + best_sqdist) * inv2s2
+    for b, i in torch.nonzero(needs & (dd_error > _LOGIT_TOL)).tolist():
+        excess[b, i] = _excess_exact(xb[b], yb[i], yb[best[b]])
     return excess
+
+
+def _excess_exact(x, y, y_best) -> float:
+    """``|x - y|^2 - |x - y_best|^2`` for rows [D], exact but for one final rounding: each difference
+    as an exact two-sum, each square as exact products, summed by ``math.fsum`` (tiny sigma, where
+    the double-double excess could still move a logit: ties summed in different orders)."""
+    terms = []
+    for row, sign in ((y, 1.0), (y_best, -1.0)):
+        hi, lo = _two_sum(x, -row)
+        for a, b, scale in ((hi, hi, 1.0), (hi, lo, 2.0), (lo, lo, 1.0)):
+            prod, err = _two_prod(a * scale, b)
+            terms += [sign * prod, sign * err]
+    return math.fsum(torch.cat(terms).tolist())
 
 
 def _excess_double_double(x, y, y_best) -> torch.Tensor:
