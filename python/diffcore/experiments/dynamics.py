@@ -40,7 +40,7 @@ Claims (``results["claims"]``, each ``{"holds": ...}`` decided on intervals):
   diverged or untrained model would also not memorize).
 
 Outputs: ``results.json``, ``checkpoints.csv`` (one row per model and checkpoint), ``models.csv``,
-``dynamics.png``, ``tau.png``, ``lr.png``, ``losses.png``, ``timings.json`` (wall and CPU seconds,
+``dynamics.png``, ``tau.png``, ``lr.png``, ``losses.png``, ``timings.json`` (the shared schema; wall and CPU seconds,
 load averages).
 """
 from __future__ import annotations
@@ -312,7 +312,7 @@ class _Study:
         self.ws = Workspace(out)
         self.device = device
         self.progress = progress
-        self.units: list[base.Unit] = []
+        self.load_start = os.getloadavg()
         self.steps = log_spaced_steps(config.first_checkpoint, config.train_steps, config.num_checkpoints)
 
     # data ----------------------------------------------------------------------
@@ -336,7 +336,7 @@ class _Study:
         return {"dataset": c.dataset, "n": m.n, "subset_seed": c.subset_seed, "data_root": c.data_root,
                 "model_preset": c.model_preset, "width": m.width, "seed": m.seed, "train_steps": c.train_steps,
                 "batch_size": c.batch_size, "learning_rate": m.learning_rate, "lr_warmup_images": c.lr_warmup_images,
-                **_stack.recipe_spec("edm", 0.0, (c.sigma_p_mean, c.sigma_p_std))}
+                **base.data_digest(c.data_root), **_stack.recipe_spec("edm", 0.0, (c.sigma_p_mean, c.sigma_p_std))}
 
     def train_group(self, group: Group) -> base.Unit:
         """The ensemble of ``group`` trained to ``train_steps``; the unit keeps each member's EMA
@@ -359,9 +359,7 @@ class _Study:
                     save_file(ckpt.tensors["ema"], str(tmp / m.label / f"step_{step:09d}.safetensors"))
             return {"final_loss": [r.final_loss for r in results], "train_seconds": time.perf_counter() - start}
 
-        unit = self.ws.run_unit("train", group.name, spec, produce)
-        self.units.append(unit)
-        return unit
+        return self.ws.run_unit("train", group.name, spec, produce)
 
     def train_configs(self, group: Group, work: Path) -> list:
         """The members' ``TrainConfig``s, checkpointed at the log-spaced steps, in ``work/<member>``."""
@@ -400,16 +398,13 @@ class _Study:
                 meta[m.label] = row
             return meta
 
-        unit = self.ws.run_unit("measure", f"{group.name}-t{step:09d}", spec, produce)
-        self.units.append(unit)
-        return unit
+        return self.ws.run_unit("measure", f"{group.name}-t{step:09d}", spec, produce)
 
     # the run -------------------------------------------------------------------
     def run(self) -> dict:
         from diffcore.metrics import feature_statistics
 
         c = self.c
-        wall, cpu, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
         self.load_data()
         self.ws.bind_config(c)
         self.features = feature_network(c, self.device)
@@ -420,12 +415,8 @@ class _Study:
             measured = [self.measure_checkpoint(group, trained, step) for step in self.steps]
             for m in group.members:
                 curves[f"{group.name}/{m.label}"] = self.member_curve(group, m, measured)
-        results = summarize(c, self.steps, curves, self.controls())
-        timings = self.timings(time.perf_counter() - wall, time.process_time() - cpu, load_start)
-        results["timings"] = timings
-        results = json.loads(json_dumps(results))
+        results = json.loads(json_dumps(summarize(c, self.steps, curves, self.controls())))
         write_outputs(self.ws.root, results, curves)
-        atomic_write_json(self.ws.root / "timings.json", timings)
         return results
 
     def member_curve(self, group: Group, m: Member, measured: list[base.Unit]) -> dict:
@@ -449,14 +440,10 @@ class _Study:
                 "fd_heldout_images": fd(self.heldout[:c.num_samples]),
                 "heldout_count": min(c.num_samples, self.heldout.shape[0])}
 
-    def timings(self, wall: float, cpu: float, load_start) -> dict:
-        kinds = ("train", "measure")
-        return {"wall_seconds": wall, "cpu_seconds": cpu, "loadavg_start": list(load_start),
-                "loadavg_end": list(os.getloadavg()), "threads": torch.get_num_threads(),
-                **{kind: {"seconds": sum(u.seconds for u in self.units if u.path.parent.name == kind),
-                          "units": sum(u.path.parent.name == kind for u in self.units),
-                          "reused": sum(u.reused for u in self.units if u.path.parent.name == kind)}
-                   for kind in kinds}}
+    def timing_details(self) -> dict:
+        """What timings.json adds for this study: the load average at the start and the end (the
+        run's wall time means little on a shared machine without it)."""
+        return {"loadavg_start": list(self.load_start), "loadavg_end": list(os.getloadavg())}
 
 
 def feature_network(c: DynamicsConfig, device: str):
@@ -894,12 +881,11 @@ def plot_losses(results: dict, path) -> Path:
 def run(config: DynamicsConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content. ``hooks`` is not
     used (the study calls the stack directly) and must be None."""
-    if hooks is not None:
-        raise ValueError("hooks: the dynamics study runs on the real stack only; pass hooks=None")
-    device = str(_stack.resolve_device(device))
-    config.validate()
-    return base.run_study(NAME, lambda: _Study(config, out, device, progress), out,
-                          threads=_CPU_THREADS if device == "cpu" else 0)
+    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, resolved, progress),
+                          hooks=hooks, device=device)
+
+
+STUDY = base.Study(NAME, DynamicsConfig, threads=_CPU_THREADS, takes_hooks=False)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
