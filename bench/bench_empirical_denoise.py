@@ -11,8 +11,9 @@ Peak extra memory: the growth of the process's peak resident set (VmHWM, reset t
 /proc/self/clear_refs) during one call, over the resident set just before it, with glibc's mmap
 threshold fixed at 128 KiB and malloc_trim before the call, so that memory freed earlier and reused
 by the call is counted. The kernel updates the resident counters in steps of 64 pages per thread,
-so the figure is good to about 0.5 MB. Torch's CPU tensors live in malloc'ed memory, so this sees every tensor the call makes
-(tracemalloc does not). Recorded as ``peak_extra_mb`` (and ``memory_ratio_vs_peer`` for diffcore).
+so the figure is good to about 0.5 MB. Torch's CPU tensors live in malloc'ed memory, so this sees
+every tensor the call makes (tracemalloc does not). Recorded as ``peak_extra_mb`` (and
+``memory_ratio_vs_peer`` for diffcore).
 DIFFCORE_BENCH_QUICK=1 shrinks the shapes.
 """
 from __future__ import annotations

@@ -193,7 +193,7 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True):
     logz = torch.empty(batch, dtype=torch.float64)
     todo = torch.arange(batch)
     dense = False
-    for attempt in range(2):
+    for _attempt in range(2):
         finished = _screen(queries, data, threads, out, logz, todo, precision)
         if finished is None:  # dense weights: screening cannot help; larger fp32 tiles
             dense = True

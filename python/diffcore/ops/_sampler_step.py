@@ -177,7 +177,8 @@ def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
                 raise ValueError(f"step: expected 0 <= step < {coefficients.shape[0]}, got {step}")
             coefficients = coefficients[step]
         if coefficients.shape != (4,):
-            raise ValueError(f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}")
+            raise ValueError(
+                f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}")
         row = tuple(float(v) for v in coefficients.detach().cpu().tolist())
     elif isinstance(coefficients, Sequence) and len(coefficients) == 4:
         row = tuple(float(v) for v in coefficients)
@@ -303,7 +304,8 @@ def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficient
     for name, tensor, coefficient in (("extra", extra, row[2]), ("noise", noise, row[3]), ("out", out, None)):
         if tensor is None:
             if coefficient:
-                raise ValueError(f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})")
+                raise ValueError(
+                    f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})")
             continue
         _checks.check_tensor(name, tensor)
         if tensor.shape != x.shape:
