@@ -118,7 +118,7 @@ def _run_cpu(x, train, sigma64):
     return _cpu.run(_rows(x), _rows(train), sigma64)
 
 
-def _gpu_rows(x, train):
+def _gpu_rows(x: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, D] and train [N, D], contiguous, as the GPU kernels read them (float64 train as fp32)."""
     y = _rows(train)
     return _rows(x).contiguous(), (y.to(torch.float32) if y.dtype == torch.float64 else y).contiguous()

@@ -186,7 +186,8 @@ def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
         raise TypeError("coefficients: expected 4 numbers, a tensor [4] or a table [steps, 4]")
     if not all(map(lambda v: v == v and abs(v) != float("inf"), row)):
         raise ValueError(f"coefficients: contains NaN or Inf: {row}")
-    return row
+    c_x, c_denoised, c_extra, c_noise = row
+    return c_x, c_denoised, c_extra, c_noise
 
 
 def _run_reference(x, denoised, extra, noise, out, row, step, flag):
@@ -328,7 +329,7 @@ def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficient
         if out is not None:
             raise ValueError("out: not supported when an input requires grad")
         return result
-    target = out if out is not None and out.is_contiguous() else torch.empty_like(inputs[0])
+    target = out if out is not None and out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
     runner(*inputs, target, row, step_index, finite_flag)
     if out is not None and target is not out:
         out.copy_(target)

@@ -9,6 +9,8 @@ behaviour it stands for, on whichever torch the suite runs with (``torch>=2.4``,
 """
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.autograd.forward_ad as fwad
 from torch._C import _functorch as _ft
@@ -41,6 +43,12 @@ def vmap_batched(t: torch.Tensor | None) -> bool:
     return False
 
 
+@overload
+def plain_tensor(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def plain_tensor(t: None) -> None: ...
+@overload
+def plain_tensor(t: torch.Tensor | None) -> torch.Tensor | None: ...
 def plain_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
     """The plain tensor under torch.func's gradient wrappers, for kernels that read raw memory.
 

@@ -116,14 +116,14 @@ class _Loop:
             self._sigma_vectors[sigma] = vec
         return vec
 
-    def sigma_vectors(self, values) -> list[torch.Tensor]:
-        """[B] sigma tensors for many values at once (one allocation, contiguous rows)."""
+    def sigma_vectors(self, values) -> list[torch.Tensor | None]:
+        """[B] sigma tensors for many values at once (one allocation, contiguous rows); None for 0."""
         missing = [v for v in dict.fromkeys(values) if v > 0 and v not in self._sigma_vectors]
         if missing:
             table = torch.tensor(missing, dtype=torch.float64).to(self.model_dtype).view(-1, 1)
             rows = table.repeat(1, self.batch).to(self.device).unbind(0)
             self._sigma_vectors.update(zip(missing, rows))
-        return [self._sigma_vectors.get(v) for v in values]
+        return [self._sigma_vectors[v] if v > 0 else None for v in values]
 
     def prepare_sigmas(self, values) -> None:
         """Allocate the [B] sigma tensors up front (before a CUDA-graph capture)."""
@@ -189,7 +189,7 @@ class _Loop:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Raise for a deferred (GPU) non-finite flag: the loop's only host synchronization."""
-        if self.deferred:
+        if self.deferred and self.flag is not None:
             bad = int(self.flag.item())
             if bad != NO_BAD_STEP:
                 raise self.nonfinite_error(bad)
