@@ -1,7 +1,11 @@
-"""Atomic file writes shared by every layer: a temporary file in the target's folder, fsync, ``os.replace``.
+"""Atomic writes of single files: a temporary file in the target's folder, fsync, ``os.replace``.
 
 A killed process leaves either the old file or the new one, never half of one (a stray
-``.NAME.*.tmp`` at worst, which never passes for the file).
+``.NAME.XXXXXXXX.tmp`` at worst, which never passes for the file and which
+``diffcore._folder`` removes). Studies and metrics write their files through here; two writers
+still have their own scheme: unit folders (``experiments/base.py``, the same ``tempfile`` names)
+and the trainer's files and checkpoint folders (``train/checkpoint.py``, ``.tmp-NAME-PID``,
+removed by ``prune_checkpoints``).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The default hooks of the studies: what they take from the sampler, trainer, models, data and ops.
 
-Studies call the stack only through a hooks object (tests inject closed-form stand-ins); this
-module builds the real one. Each hook adapts one call to the shape the studies need (CPU float32
-samples, a study's model spec as a training request); nothing here falls back to anything.
+Studies reach training, sampling and the empirical denoiser through a hooks object, so that tests
+can inject closed-form stand-ins; this module builds the real one. (Studies still import the
+sampler, models and denoisers directly where no stand-in is needed.) Each hook adapts one call to
+the shape the studies need (CPU float32 samples, a study's model spec as a training request);
+nothing here falls back to anything.
 """
 from __future__ import annotations
 

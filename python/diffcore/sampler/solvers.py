@@ -16,7 +16,9 @@ Common keyword arguments:
     state_dtype: dtype of the integrated state and of the update arithmetic; default x's dtype.
         ``torch.float64`` integrates in float64 (NVlabs/edm style) while the denoiser is still
         called with x's dtype (its output is cast to the state dtype).
-    backend: backend of the fused step (``auto``: C++ on the CPU, Triton on CUDA).
+    backend: backend of the fused step. ``auto``: the C++ kernel on CPU tensors; on CUDA tensors the
+        torch reference until the Triton and CUDA kernels have matched it in a run on a GPU (the
+        README's backend table; docs/design.md, "Backends and auto").
     check_finite: detect NaN/Inf in the denoiser output or the state (default True). On the CPU
         the check is fused into the step kernel and raises at once; on CUDA it is deferred (a
         device flag written by the kernel, read once at the end), so the loop never syncs.
