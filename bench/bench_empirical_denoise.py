@@ -135,7 +135,8 @@ def test_diffcore_cpu(benchmark, case):
     benchmark.group = GROUP
     out = run_timed(benchmark, lambda: empirical_denoise(x, train, sigma, backend="cpu"))
     case_id = CASE_IDS[CASES.index(case)]
-    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train))
+    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train),
+                 peer=lambda: plain_torch_denoise(x, train, sigma))
     record_cpu_screen(benchmark, _flops(x, train))
     if case_id in _FLOAT64_SECONDS:
         benchmark.extra_info["speedup_vs_float64"] = _FLOAT64_SECONDS[case_id] / benchmark.stats.stats.min
@@ -178,5 +179,6 @@ def test_gpu_empirical_denoise(benchmark, impl, sigma):
     run_timed(benchmark, fn, device="cuda", rounds=5)
     role = "peer" if impl == "peer" else "diffcore"
     record_ratio(benchmark, GROUP + "-gpu", f"B{batch}-N{rows}-D{dim}-sigma{sigma:g}", role,
-                 flops=4.0 * batch * rows * dim)
+                 flops=4.0 * batch * rows * dim, peer=functools.partial(plain_torch_denoise, x, train, sigma),
+                 device="cuda", peer_rounds=5)
     benchmark.extra_info["impl"] = impl
