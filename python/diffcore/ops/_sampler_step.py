@@ -329,7 +329,10 @@ def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficient
         if out is not None:
             raise ValueError("out: not supported when an input requires grad")
         return result
-    target = out if out is not None and out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out is not None and out.is_contiguous():
+        target = out
+    else:
+        target = torch.empty_like(x, memory_format=torch.contiguous_format)
     runner(*inputs, target, row, step_index, finite_flag)
     if out is not None and target is not out:
         out.copy_(target)
