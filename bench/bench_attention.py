@@ -71,7 +71,7 @@ def test_cpu_forward(benchmark, shape, role):
     benchmark.group = f"attention_fwd_cpu_{_case(shape)}"
     fn = _sdpa_fwd if role == "peer" else _ours_fwd
     run_timed(benchmark, lambda: fn(q, k, v))
-    record_ratio(benchmark, "fwd_cpu", _case(shape), role, flops=_flops(shape, "fwd"))
+    record_ratio(benchmark, "fwd_cpu", _case(shape), role, flops=_flops(shape, "fwd"), peer=lambda: _sdpa_fwd(q, k, v))
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
@@ -81,7 +81,8 @@ def test_cpu_forward_backward(benchmark, shape, role):
     benchmark.group = f"attention_fwd_bwd_cpu_{_case(shape)}"
     fn = F.scaled_dot_product_attention if role == "peer" else diffcore.ops.attention
     run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()))
-    record_ratio(benchmark, "fwd_bwd_cpu", _case(shape), role, flops=_flops(shape, "fwd_bwd"))
+    record_ratio(benchmark, "fwd_bwd_cpu", _case(shape), role, flops=_flops(shape, "fwd_bwd"),
+                 peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()))
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
@@ -92,7 +93,8 @@ def test_cpu_forward_jvp_vs_math_jvp(benchmark, shape, role):
     benchmark.group = f"attention_fwd_jvp_cpu_{_case(shape)}"
     fn = attention_math if role == "peer" else diffcore.ops.attention
     run_timed(benchmark, lambda: _jvp(fn, *args), rounds=2 if role == "peer" else 3)
-    record_ratio(benchmark, "fwd_jvp_cpu", _case(shape), role, flops=_flops(shape, "fwd_jvp"))
+    record_ratio(benchmark, "fwd_jvp_cpu", _case(shape), role, flops=_flops(shape, "fwd_jvp"),
+                 peer=lambda: _jvp(attention_math, *args), peer_rounds=2)
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
@@ -106,7 +108,7 @@ def test_cpu_forward_jvp_vs_sdpa_forward(benchmark, shape, role):
         run_timed(benchmark, lambda: _sdpa_fwd(*args[:3]))
     else:
         run_timed(benchmark, lambda: _jvp(diffcore.ops.attention, *args))
-    record_ratio(benchmark, "fwd_jvp_vs_sdpa_fwd_cpu", _case(shape), role)
+    record_ratio(benchmark, "fwd_jvp_vs_sdpa_fwd_cpu", _case(shape), role, peer=lambda: _sdpa_fwd(*args[:3]))
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -125,7 +127,8 @@ def test_gpu_forward(benchmark, shape, dtype, role):
     fn = _sdpa_fwd if role == "peer" else (lambda *a: _ours_fwd(*a, backend="triton"))
     run_timed(benchmark, lambda: fn(q, k, v), device="cuda", rounds=20, warmup_rounds=3)
     nbytes = 4 * q.numel() * q.element_size()
-    record_ratio(benchmark, f"fwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd"), nbytes=nbytes)
+    record_ratio(benchmark, f"fwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd"), nbytes=nbytes,
+                 peer=lambda: _sdpa_fwd(q, k, v), device="cuda", peer_rounds=20, peer_warmup_rounds=3)
 
 
 @pytest.mark.gpu
@@ -139,7 +142,9 @@ def test_gpu_forward_backward(benchmark, shape, dtype, role):
     fn = F.scaled_dot_product_attention if role == "peer" else \
         (lambda *a: diffcore.ops.attention(*a, backend="triton"))
     run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()), device="cuda", rounds=10, warmup_rounds=2)
-    record_ratio(benchmark, f"fwd_bwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_bwd"))
+    record_ratio(benchmark, f"fwd_bwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_bwd"),
+                 peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()), device="cuda",
+                 peer_rounds=10, peer_warmup_rounds=2)
 
 
 @pytest.mark.gpu
@@ -150,10 +155,13 @@ def test_gpu_forward_backward(benchmark, shape, dtype, role):
 def test_gpu_forward_jvp(benchmark, shape, dtype, role):
     """Peer: torch.func.jvp over the math formula (skipped where its L^2 scores would not fit)."""
     b, h, l, _ = shape
-    if role == "peer" and b * h * l * l * 4 * 6 > 40e9:
-        pytest.skip("math-formula JVP would need > 40 GB of scores")
+    peer_too_large = "math-formula JVP would need > 40 GB of scores" if b * h * l * l * 4 * 6 > 40e9 else None
+    if role == "peer" and peer_too_large:
+        pytest.skip(peer_too_large)
     args = _inputs(shape, "cuda", dtype)
     benchmark.group = f"attention_fwd_jvp_gpu_{_case(shape)}_{dtype}"
     fn = attention_math if role == "peer" else (lambda *a: diffcore.ops.attention(*a, backend="triton"))
     run_timed(benchmark, lambda: _jvp(fn, *args), device="cuda", rounds=10, warmup_rounds=2)
-    record_ratio(benchmark, f"fwd_jvp_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_jvp"))
+    record_ratio(benchmark, f"fwd_jvp_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_jvp"),
+                 peer=lambda: _jvp(attention_math, *args), device="cuda", peer_rounds=10, peer_warmup_rounds=2,
+                 no_peer_reason=peer_too_large)

@@ -11,8 +11,9 @@ Peak extra memory: the growth of the process's peak resident set (VmHWM, reset t
 /proc/self/clear_refs) during one call, over the resident set just before it, with glibc's mmap
 threshold fixed at 128 KiB and malloc_trim before the call, so that memory freed earlier and reused
 by the call is counted. The kernel updates the resident counters in steps of 64 pages per thread,
-so the figure is good to about 0.5 MB. Torch's CPU tensors live in malloc'ed memory, so this sees every tensor the call makes
-(tracemalloc does not). Recorded as ``peak_extra_mb`` (and ``memory_ratio_vs_peer`` for diffcore).
+so the figure is good to about 0.5 MB. Torch's CPU tensors live in malloc'ed memory, so this sees
+every tensor the call makes (tracemalloc does not). Recorded as ``peak_extra_mb`` (and
+``memory_ratio_vs_peer`` for diffcore).
 DIFFCORE_BENCH_QUICK=1 shrinks the shapes.
 """
 from __future__ import annotations
@@ -135,7 +136,8 @@ def test_diffcore_cpu(benchmark, case):
     benchmark.group = GROUP
     out = run_timed(benchmark, lambda: empirical_denoise(x, train, sigma, backend="cpu"))
     case_id = CASE_IDS[CASES.index(case)]
-    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train))
+    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train),
+                 peer=lambda: plain_torch_denoise(x, train, sigma))
     record_cpu_screen(benchmark, _flops(x, train))
     if case_id in _FLOAT64_SECONDS:
         benchmark.extra_info["speedup_vs_float64"] = _FLOAT64_SECONDS[case_id] / benchmark.stats.stats.min
@@ -197,5 +199,6 @@ def test_gpu_empirical_denoise(benchmark, impl, sigma):
     run_timed(benchmark, fn, device="cuda", rounds=5)
     role = "peer" if impl == "peer" else "diffcore"
     record_ratio(benchmark, GROUP + "-gpu", f"B{batch}-N{rows}-D{dim}-sigma{sigma:g}", role,
-                 flops=4.0 * batch * rows * dim)
+                 flops=4.0 * batch * rows * dim, peer=functools.partial(plain_torch_denoise, x, train, sigma),
+                 device="cuda", peer_rounds=5)
     benchmark.extra_info["impl"] = impl

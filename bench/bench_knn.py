@@ -96,7 +96,9 @@ def test_knn_cpu_top2(benchmark, case, impl):
         return
     distances, indices = run_timed(benchmark, lambda: knn(queries, train, K, backend="cpu"),
                                    rounds=rounds, warmup_rounds=warmup)
-    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=flops)
+    peer_rounds, peer_warmup = _rounds(case[2], "torch")
+    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=flops, peer=lambda: _torch_knn(queries, train),
+                 peer_rounds=peer_rounds, peer_warmup_rounds=peer_warmup)
     record_cpu_screen(benchmark, flops)
     faiss_seconds = peer_seconds(FAISS_GROUP, case_id)
     if faiss_seconds is not None:
@@ -148,15 +150,16 @@ def gpu_data():
     return queries, train
 
 
+def _chunked_torch_knn(queries, train):
+    """The GPU peer: torch cdist + topk in query chunks ([50000, 50000] fp32 is 10 GB at once)."""
+    return [_torch_knn(queries[i:i + 10000], train) for i in range(0, queries.shape[0], 10000)]
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_peer_torch_cdist_topk(benchmark, gpu_data):
     queries, train = gpu_data
-
-    def chunked():  # [50000, 50000] fp32 is 10 GB: in query chunks
-        return [_torch_knn(queries[i:i + 10000], train) for i in range(0, queries.shape[0], 10000)]
-
-    run_timed(benchmark, chunked, device="cuda", rounds=3, warmup_rounds=1)
+    run_timed(benchmark, lambda: _chunked_torch_knn(queries, train), device="cuda", rounds=3, warmup_rounds=1)
     record_ratio(benchmark, "knn_gpu", "uniform", "peer", flops=_flops(*GPU_SHAPE))
 
 
@@ -167,7 +170,8 @@ def test_gpu_diffcore_triton(benchmark, gpu_data):
     queries, train = gpu_data
     run_timed(benchmark, lambda: knn(queries, train, K, backend="triton"), device="cuda", rounds=3,
               warmup_rounds=1)
-    record_ratio(benchmark, "knn_gpu", "uniform", "diffcore", flops=_flops(*GPU_SHAPE))
+    record_ratio(benchmark, "knn_gpu", "uniform", "diffcore", flops=_flops(*GPU_SHAPE),
+                 peer=lambda: _chunked_torch_knn(queries, train), device="cuda")
 
 
 @pytest.mark.gpu
@@ -179,4 +183,5 @@ def test_gpu_diffcore_cuda(benchmark, gpu_data):
     queries, train = gpu_data
     run_timed(benchmark, lambda: knn(queries, train, K, backend="cuda"), device="cuda", rounds=3,
               warmup_rounds=1)
-    record_ratio(benchmark, "knn_gpu", "uniform", "diffcore", flops=_flops(*GPU_SHAPE))
+    record_ratio(benchmark, "knn_gpu", "uniform", "diffcore", flops=_flops(*GPU_SHAPE),
+                 peer=lambda: _chunked_torch_knn(queries, train), device="cuda")

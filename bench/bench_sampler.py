@@ -104,8 +104,10 @@ def _rounds(shape) -> int:
     return ROUNDS if shape[0] <= 16 else max(2, ROUNDS // 2)
 
 
-def _record(benchmark, shape, name, role, records, case=None):
-    """Per-step overhead = min over rounds of (trajectory - time inside the denoiser) / steps."""
+def _record(benchmark, shape, name, role, records, case=None, peer=None):
+    """Per-step overhead = min over rounds of (trajectory - time inside the denoiser) / steps.
+    ``speedup_vs_peer`` (diffcore loops with a ``case``): the whole trajectory against ``peer()``,
+    the peer's loop for that case, timed in this test."""
     overhead = min(total - inside for total, inside, _ in records) / STEPS
     total, inside, calls = min(records)
     _OVERHEAD[(tuple(shape), name)] = overhead
@@ -113,21 +115,19 @@ def _record(benchmark, shape, name, role, records, case=None):
     info.update(loop=name, steps=STEPS, denoiser_calls=calls, denoiser_us_per_call=inside / calls * 1e6,
                 trajectory_ms=total * 1e3, per_step_overhead_us=overhead * 1e6)
     if role == "diffcore":
-        for peer in ("plain_torch_euler", "diffusers_ddim", "diffusers_euler", "diffusers_dpmsolver"):
-            if (tuple(shape), peer) in _OVERHEAD:
-                info[f"overhead_ratio_vs_{peer}"] = overhead / _OVERHEAD[(tuple(shape), peer)]
+        for loop in ("plain_torch_euler", "diffusers_ddim", "diffusers_euler", "diffusers_dpmsolver"):
+            if (tuple(shape), loop) in _OVERHEAD:
+                info[f"overhead_ratio_vs_{loop}"] = overhead / _OVERHEAD[(tuple(shape), loop)]
     if case is not None:
-        record_ratio(benchmark, f"sampler_{_label(shape)}", case, role)
+        record_ratio(benchmark, f"sampler_{_label(shape)}", case, role, peer=peer, peer_rounds=_rounds(shape))
 
 
 # --- peers --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_label)
-def test_plain_torch_euler_loop(benchmark, shape):
+def _plain_torch_euler_loop(shape, timed):
     """k-diffusion-style Euler loop in plain torch (the issue's "plain torch loop")."""
     x0 = _noise(shape)
     sigmas = S.karras_sigmas(STEPS).float()
-    timed = Timed(denoiser)
 
     def loop():
         x = x0 * sigmas[0]
@@ -137,12 +137,11 @@ def test_plain_torch_euler_loop(benchmark, shape):
             x = x + d * (sigmas[i + 1] - sigmas[i])
         return x
 
-    records = _timed_trajectories(benchmark, timed, loop, _rounds(shape))
-    _record(benchmark, shape, "plain_torch_euler", "peer", records, case="euler")
+    return loop
 
 
-def _diffusers_loop(benchmark, shape, scheduler, name, case):
-    timed = Timed(EpsilonVPModel(scheduler.alphas_cumprod))
+def _diffusers_loop_of(shape, scheduler, timed):
+    """The sampling loop a diffusers user writes, around ``timed`` (an EpsilonVPModel)."""
     x0 = _noise(shape)
 
     def loop():
@@ -153,7 +152,32 @@ def _diffusers_loop(benchmark, shape, scheduler, name, case):
             x = scheduler.step(eps, t, x).prev_sample
         return x
 
-    records = _timed_trajectories(benchmark, timed, loop, _rounds(shape))
+    return loop
+
+
+# the peer loop of each diffcore solver with a ratio: the plain torch loop, or a diffusers scheduler
+PEER_SCHEDULERS = {"ddim": ("DDIMScheduler", {"clip_sample": False}), "dpmpp_2m": ("DPMSolverMultistepScheduler", {})}
+
+
+def _peer_loop(shape, case: str):
+    if case == "euler":
+        return _plain_torch_euler_loop(shape, Timed(denoiser))
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
+    name, kwargs = PEER_SCHEDULERS[case]
+    scheduler = getattr(diffusers, name)(**kwargs)
+    return _diffusers_loop_of(shape, scheduler, Timed(EpsilonVPModel(scheduler.alphas_cumprod)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_plain_torch_euler_loop(benchmark, shape):
+    timed = Timed(denoiser)
+    records = _timed_trajectories(benchmark, timed, _plain_torch_euler_loop(shape, timed), _rounds(shape))
+    _record(benchmark, shape, "plain_torch_euler", "peer", records, case="euler")
+
+
+def _diffusers_loop(benchmark, shape, scheduler, name, case):
+    timed = Timed(EpsilonVPModel(scheduler.alphas_cumprod))
+    records = _timed_trajectories(benchmark, timed, _diffusers_loop_of(shape, scheduler, timed), _rounds(shape))
     _record(benchmark, shape, name, "peer", records, case=case)
 
 
@@ -191,8 +215,9 @@ def test_diffcore_loop(benchmark, shape, solver):
     timed = Timed(denoiser)
     fn = S.SOLVERS[solver]
     records = _timed_trajectories(benchmark, timed, lambda: fn(timed, x0 * 80.0, sigmas), _rounds(shape))
-    _record(benchmark, shape, f"diffcore_{solver}", "diffcore", records,
-            case=solver if solver != "heun" else None)
+    case = solver if solver != "heun" else None
+    _record(benchmark, shape, f"diffcore_{solver}", "diffcore", records, case=case,
+            peer=_peer_loop(shape, case) if case is not None else None)
     benchmark.extra_info["backend"] = STEP_BACKENDS.resolve("auto", x0.device)
 
 
@@ -229,4 +254,9 @@ def test_gpu_heun_trajectory(benchmark, mode):
             run_timed(benchmark, lambda: graph.run(x), device="cuda", rounds=20, warmup_rounds=2)
         else:
             run_timed(benchmark, lambda: S.sample(net, **kwargs), device="cuda", rounds=20, warmup_rounds=2)
-    record_ratio(benchmark, "sampler_gpu_heun_64x3x32x32", "trajectory", "peer" if mode == "eager" else "diffcore")
+
+        def eager():
+            return S.sample(net, **kwargs)
+
+        record_ratio(benchmark, "sampler_gpu_heun_64x3x32x32", "trajectory", "peer" if mode == "eager" else "diffcore",
+                     peer=eager, device="cuda", peer_rounds=20, peer_warmup_rounds=2)

@@ -126,7 +126,7 @@ def chunked_power_iteration(den, x, k=K, tol=TOL, max_iters=50, chunk=5, seed=0)
     d = x.numel()
     v = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))[0]
     _, vjp_fn = torch.func.vjp(f, x)
-    for it in range(1, max_iters + 1):
+    for it in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
         cols = []
         for start in range(0, k, chunk):
             tangents = v[:, start:start + chunk].T.reshape(-1, *x.shape)

@@ -138,11 +138,16 @@ def test_train_throughput_peer_plain_loop(benchmark, monkeypatch, tmp_path, case
 
 
 @pytest.mark.parametrize("case, precision, compile_model", CASES)
-def test_train_throughput_diffcore_trainer(benchmark, tmp_path, case, precision, compile_model):
+def test_train_throughput_diffcore_trainer(benchmark, monkeypatch, tmp_path, case, precision, compile_model):
     steps = _trainer_loop(_config(tmp_path, precision, compile_model))
     steps(3 if compile_model else 1)  # warm-up (and compilation)
     run_timed(benchmark, lambda: steps(STEPS), device=DEVICE, rounds=ROUNDS, warmup_rounds=1 if ON_GPU else 0)
-    record_ratio(benchmark, "train", case, "diffcore")
+    with monkeypatch.context() as patch:
+        patch.setenv("DIFFCORE_BACKEND", "reference")  # the peer uses no diffcore kernel (plain torch ops)
+        peer_steps = _plain_loop(_config(tmp_path / "peer"))
+        peer_steps(1)  # warm-up
+        record_ratio(benchmark, "train", case, "diffcore", peer=lambda: peer_steps(STEPS), device=DEVICE,
+                     peer_rounds=ROUNDS, peer_warmup_rounds=1 if ON_GPU else 0)
     benchmark.extra_info["images_per_s"] = STEPS * BATCH / benchmark.stats.stats.min
     benchmark.extra_info["model"] = MODEL_SPEC
 
@@ -178,11 +183,15 @@ def _member_configs(tmp_path, model, shape, batch, precision):
                         out_dir=str(tmp_path / f"member{k}"), progress=False) for k in range(ENSEMBLE_K)]
 
 
-def _time_steps(benchmark, step, batch, model, case, role):
+def _time_steps(benchmark, step, batch, model, case, role, peer_step=None):
     step()  # warm-up
     run_timed(benchmark, lambda: [step() for _ in range(ENSEMBLE_STEPS)], device=DEVICE, rounds=ROUNDS,
               warmup_rounds=1 if ON_GPU else 0)
-    record_ratio(benchmark, "train_ensemble", case, role)
+    if peer_step is not None:
+        peer_step()  # warm-up
+    record_ratio(benchmark, "train_ensemble", case, role,
+                 peer=None if peer_step is None else (lambda: [peer_step() for _ in range(ENSEMBLE_STEPS)]),
+                 device=DEVICE, peer_rounds=ROUNDS, peer_warmup_rounds=1 if ON_GPU else 0)
     benchmark.extra_info["images_per_s_per_member"] = ENSEMBLE_STEPS * batch / benchmark.stats.stats.min
     benchmark.extra_info["members"] = ENSEMBLE_K
     benchmark.extra_info["model"] = model
@@ -190,9 +199,14 @@ def _time_steps(benchmark, step, batch, model, case, role):
 
 @pytest.mark.parametrize("case, model, shape, batch, precision", ENSEMBLE_CASES)
 def test_ensemble_peer_sequential(benchmark, tmp_path, case, model, shape, batch, precision):
+    _time_steps(benchmark, _sequential_steps(tmp_path, model, shape, batch, precision), batch, model, case, "peer")
+
+
+def _sequential_steps(tmp_path, model, shape, batch, precision):
+    """The peer: one step of each of K single-model Trainers, one after another."""
     trainers = [Trainer(c, DistributedContext(device=DEVICE), resume="never")
                 for c in _member_configs(tmp_path, model, shape, batch, precision)]
-    _time_steps(benchmark, lambda: [t.step_once() for t in trainers], batch, model, case, "peer")
+    return lambda: [t.step_once() for t in trainers]
 
 
 @pytest.mark.parametrize("case, model, shape, batch, precision", ENSEMBLE_CASES)
@@ -200,4 +214,5 @@ def test_ensemble_diffcore_stacked(benchmark, tmp_path, case, model, shape, batc
     from diffcore.train.ensemble import EnsembleTrainer
 
     ensemble = EnsembleTrainer(_member_configs(tmp_path, model, shape, batch, precision), resume="never")
-    _time_steps(benchmark, ensemble.step_once, batch, model, case, "diffcore")
+    _time_steps(benchmark, ensemble.step_once, batch, model, case, "diffcore",
+                peer_step=_sequential_steps(tmp_path / "peer", model, shape, batch, precision))

@@ -81,6 +81,17 @@ def _work(mode, denoiser, x, tangent):
     return forward_backward
 
 
+def _peer(mode, denoiser, x, tangent):
+    """The same call with the UNet's attention on torch (the peer), for timing inside a test."""
+    work = _work(mode, denoiser, x, tangent)
+
+    def peer():
+        with attention_impl("peer", mode):
+            return work()
+
+    return peer
+
+
 @pytest.mark.parametrize("role", ["peer", "diffcore"])
 @pytest.mark.parametrize("mode", ["forward", "jvp", "backward"])
 def test_unet(benchmark, setup, mode, role):
@@ -88,7 +99,8 @@ def test_unet(benchmark, setup, mode, role):
     benchmark.group = f"unet_{mode}"
     with attention_impl(role, mode):
         run_timed(benchmark, _work(mode, denoiser, x, tangent), device=device, rounds=ROUNDS)
-    record_ratio(benchmark, f"unet_{mode}", CASE, role)
+    record_ratio(benchmark, f"unet_{mode}", CASE, role, peer=_peer(mode, denoiser, x, tangent), device=device,
+                 peer_rounds=ROUNDS)
     benchmark.extra_info["batch"], benchmark.extra_info["width"] = BATCH, WIDTH
 
 
@@ -115,5 +127,6 @@ def test_unet_gpu(benchmark, gpu_setup, mode, role):
     benchmark.group = f"unet_gpu_{mode}"
     with attention_impl(role, mode):
         run_timed(benchmark, _work(mode, denoiser, x, tangent), device="cuda", rounds=5, warmup_rounds=2)
-    record_ratio(benchmark, f"unet_gpu_{mode}", f"ddpmpp-cifar-w{GPU_WIDTH}-b{GPU_BATCH}", role)
+    record_ratio(benchmark, f"unet_gpu_{mode}", f"ddpmpp-cifar-w{GPU_WIDTH}-b{GPU_BATCH}", role,
+                 peer=_peer(mode, denoiser, x, tangent), device="cuda", peer_rounds=5, peer_warmup_rounds=2)
     benchmark.extra_info["batch"], benchmark.extra_info["width"] = GPU_BATCH, GPU_WIDTH

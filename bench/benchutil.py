@@ -1,7 +1,9 @@
 """Helpers the benchmarks share: peer ratios and GPU-synchronized timing.
 
-Each benchmark times diffcore and its peer in the same run. Use ``record_ratio`` to store the
-ratio and achieved throughput in ``extra_info``; ``bench/compare.py`` compares saved runs.
+Each benchmark of diffcore times its peer inside the same test (``record_ratio(..., peer=fn)``), so
+the ratio ``speedup_vs_peer`` does not depend on which tests ran before or in what order; the peer
+benchmarks still run on their own for their absolute times. ``record_ratio`` also stores the
+achieved throughput in ``extra_info``; ``bench/compare.py`` compares saved runs.
 Set DIFFCORE_BENCH_QUICK=1 for small shapes (a smoke run of every benchmark in seconds).
 (bench/ is on sys.path when pytest runs the benchmarks: import as ``from benchutil import ...``.)
 """
@@ -15,7 +17,8 @@ import torch
 
 QUICK = os.environ.get("DIFFCORE_BENCH_QUICK", "0") == "1"
 
-# peer timings of this session, keyed by (group, case): filled by the peer benchmark, read by ours
+# peer timings of this session, keyed by (group, case): filled by the peer benchmarks, for extra
+# (not compared) ratios such as knn's speedup_vs_faiss
 _PEER_SECONDS: dict[tuple[str, str], float] = {}
 # instruction-set caps that make a bf16 CPU stand in for an AVX2-only one (docs/knn.md)
 ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
@@ -64,10 +67,37 @@ def run_timed(benchmark, fn, device="cpu", rounds=3, warmup_rounds=1):
     return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
 
 
+def best_seconds(fn, device="cpu", rounds=3, warmup_rounds=1) -> float:
+    """The shortest of ``rounds`` timed calls of ``fn`` after ``warmup_rounds`` untimed ones (the
+    GPU synchronized after each): how ``run_timed``'s minimum is taken, for a peer timed inside a
+    diffcore benchmark."""
+    if rounds < 1:
+        raise ValueError(f"rounds: expected at least 1, got {rounds}")
+    for _ in range(warmup_rounds):
+        fn()
+        synchronize(device)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def record_ratio(benchmark, group: str, case: str, role: str, flops: float | None = None,
-                 nbytes: float | None = None) -> None:
-    """Store throughput and, for role 'diffcore', the speed ratio against the peer timed earlier
-    in this session for the same (group, case): ``speedup = peer_time / diffcore_time``."""
+                 nbytes: float | None = None, peer=None, device="cpu", peer_rounds: int = 3,
+                 peer_warmup_rounds: int = 1, no_peer_reason: str | None = None) -> None:
+    """Store throughput and, for role ``diffcore``, ``speedup_vs_peer = peer_time / diffcore_time``
+    with the peer ``peer()`` timed here, in the same test (``best_seconds``). A diffcore benchmark
+    without a peer is an error (the ratio is what ``bench/compare.py`` guards) unless it says why
+    there is none (``no_peer_reason``, e.g. the peer would not fit in memory)."""
+    if role not in ("peer", "diffcore"):
+        raise ValueError(f"role: expected 'peer' or 'diffcore', got {role!r}")
+    if role == "diffcore" and no_peer_reason is not None:
+        benchmark.extra_info["no_peer"] = no_peer_reason
+    elif role == "diffcore" and peer is None:
+        raise ValueError(f"{group} {case}: a diffcore benchmark must time its peer (record_ratio(..., peer=fn))")
     seconds = benchmark.stats.stats.min
     info = benchmark.extra_info
     info["role"], info["case"] = role, case
@@ -78,8 +108,11 @@ def record_ratio(benchmark, group: str, case: str, role: str, flops: float | Non
         info["gbytes_per_s"] = nbytes / seconds / 1e9
     if role == "peer":
         _PEER_SECONDS[(group, case)] = seconds
-    elif (group, case) in _PEER_SECONDS:
-        info["speedup_vs_peer"] = _PEER_SECONDS[(group, case)] / seconds
+    if role == "peer" or no_peer_reason is not None:
+        return
+    peer_time = best_seconds(peer, device, peer_rounds, peer_warmup_rounds)
+    info["peer_seconds"] = peer_time
+    info["speedup_vs_peer"] = peer_time / seconds
 
 
 def peer_seconds(group: str, case: str) -> float | None:

@@ -51,3 +51,50 @@ def test_saved_baselines_record_their_cpu_kind():
         assert kind is not None, path.name
         if path.name.startswith("cpu-"):
             assert kind in path.name, f"{path.name}: the file name should say the CPU kind ({kind})"
+
+
+def test_compare_fails_closed_on_missing_benchmarks_and_ratios(tmp_path, capsys):
+    compare = _load_compare()
+    base = _run(tmp_path, "base.json", {"a": 3.0, "b": 2.0})
+    without_b = _run(tmp_path, "without_b.json", {"a": 3.0})
+    assert compare.main([str(base), str(without_b)]) == 1
+    assert "b: missing from the new run" in capsys.readouterr().err
+    no_ratio = tmp_path / "no_ratio.json"
+    no_ratio.write_text(json.dumps({"machine_info": {"cpu_kind": "bf16"}, "benchmarks": [
+        {"fullname": "a", "extra_info": {"speedup_vs_peer": 3.0}}, {"fullname": "b", "extra_info": {}}]}))
+    assert compare.main([str(base), str(no_ratio)]) == 1
+    assert "b: no speedup_vs_peer in the new run" in capsys.readouterr().err
+    assert compare.main([str(base), str(without_b), "--select", "a"]) == 0
+    assert compare.main([str(base), str(without_b), "--select", "zzz"]) == 1
+
+
+class _FakeBenchmark:
+    """What record_ratio reads of pytest-benchmark's fixture: stats.stats.min and extra_info."""
+
+    def __init__(self, seconds: float):
+        self.stats = type("S", (), {"stats": type("T", (), {"min": seconds})()})()
+        self.extra_info: dict = {}
+
+
+def _load_benchutil():
+    spec = importlib.util.spec_from_file_location("benchutil_under_test", ROOT / "bench" / "benchutil.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_record_ratio_times_the_peer_in_the_same_test():
+    import time
+
+    import pytest
+
+    benchutil = _load_benchutil()
+    bench = _FakeBenchmark(0.001)
+    benchutil.record_ratio(bench, "g", "c", "diffcore", peer=lambda: time.sleep(0.02), peer_rounds=2)
+    assert bench.extra_info["peer_seconds"] >= 0.02
+    assert bench.extra_info["speedup_vs_peer"] == bench.extra_info["peer_seconds"] / 0.001
+    with pytest.raises(ValueError, match="must time its peer"):
+        benchutil.record_ratio(_FakeBenchmark(0.001), "g", "c", "diffcore")
+    no_peer = _FakeBenchmark(0.001)
+    benchutil.record_ratio(no_peer, "g", "c", "diffcore", no_peer_reason="too large")
+    assert "speedup_vs_peer" not in no_peer.extra_info and no_peer.extra_info["no_peer"] == "too large"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one source of the version (pyproject.toml reads it; CHANGELOG.md)
 
 _SUBPACKAGES = (
     "ops", "ref", "sampler", "models", "denoisers", "data", "train", "analysis", "metrics",

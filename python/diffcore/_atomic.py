@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every layer: a temporary file in the target's folder, fsync, ``os.replace``.
+"""Atomic writes of single files: a temporary file in the target's folder, fsync, ``os.replace``.
 
 A killed process leaves either the old file or the new one, never half of one (a stray
 ``.NAME.XXXXXXXX.tmp`` at worst, which never passes for the file). Folders made whole before they

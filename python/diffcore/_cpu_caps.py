@@ -197,7 +197,9 @@ def int8_gemm_levels() -> int | None:
     operand at its extreme magnitudes, with equal and alternating signs (where pairwise 16-bit
     saturation, as in AVX2's u8 x s8 multiply-add, shows at once), and random values.
     """
-    if not hasattr(torch, "_int_mm"):
+    from diffcore.ops import _torch_compat
+
+    if not _torch_compat.has_int_mm():
         return None
     for levels in INT8_LEVELS:
         try:
@@ -218,7 +220,9 @@ def _int_mm_exact(levels: int, rows_a: int, rows_b: int, dim: int) -> bool:
     extremes_b = levels * torch.stack([torch.ones(dim), -torch.ones(dim), alternating, -alternating])
     a = torch.cat([extremes_a, torch.randint(-127, 128, (rows_a - 5, dim), generator=g).float()])
     b = torch.cat([extremes_b, torch.randint(-levels, levels + 1, (rows_b - 4, dim), generator=g).float()])
-    got = torch._int_mm(a.to(torch.int8), b.to(torch.int8).t())
+    from diffcore.ops._torch_compat import int_mm
+
+    got = int_mm(a.to(torch.int8), b.to(torch.int8).t())
     return torch.equal(got.double(), a.double() @ b.double().t())
 
 

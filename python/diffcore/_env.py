@@ -81,7 +81,8 @@ class torch_threads:
     (``n = 0``: unchanged). The one helper for pinning torch's intra-op threads."""
 
     def __init__(self, n: int):
-        self.n, self.before = int(n), None
+        self.n = int(n)
+        self.before: int | None = None
 
     def __enter__(self) -> "torch_threads":
         import torch
@@ -91,12 +92,11 @@ class torch_threads:
             torch.set_num_threads(self.n)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         import torch
 
         if self.before is not None:
             torch.set_num_threads(self.before)
-        return False
 
 
 # glibc mallopt parameters (malloc.h)

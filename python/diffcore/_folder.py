@@ -10,7 +10,9 @@ Every command that writes into a folder claims it first with :func:`claim_folder
   exit, so a new run waits for them and never writes beside them (workers started through
   :func:`worker_pool` also die with their parent: ``PR_SET_PDEATHSIG`` on Linux, a watchdog thread
   elsewhere);
-- temporaries left by a killed writer (``.NAME.XXXXXXXX.tmp`` from :mod:`tempfile`) are removed;
+- temporaries left by a killed writer with :mod:`tempfile`'s names (``.NAME.XXXXXXXX.tmp``: the
+  files of :mod:`diffcore._atomic` and the unit folders of ``experiments/base.py``) are removed;
+  the trainer's ``.tmp-*`` checkpoint leftovers are removed by ``train.checkpoint.prune_checkpoints``;
 - the processes of one sharded or distributed run (``--shard I/N``, torchrun ranks) share the lock
   (``shared=True``): they run side by side, a plain run waits for all of them, and they leave the
   removal of temporaries to it (a shard's temporaries may be in use); units are claimed one by one

@@ -1,7 +1,8 @@
 """diffcore.ops._torch_compat: each private-torch helper against the public behaviour it stands
-for, on the installed torch (CI runs the suite on the torch versions pyproject.toml allows)."""
+for, on the installed torch (CI installs the torch release pyproject.toml pins; CONTRIBUTING.md)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.autograd.forward_ad as fwad
 
@@ -74,3 +75,35 @@ def test_functorch_disabled_lets_kernels_see_plain_tensors():
         return (x * x).sum()
 
     torch.func.grad(probe)(torch.ones(3))
+
+
+def test_vmap_batched_inside_vmap_only():
+    seen = []
+
+    def probe(x):
+        seen.append(compat.vmap_batched(x))
+        return x * 2
+
+    torch.func.vmap(probe)(torch.ones(2, 3))
+    assert seen == [True] and not compat.vmap_batched(torch.ones(3))
+
+
+def test_int_mm_is_the_exact_integer_product():
+    if not compat.has_int_mm():
+        pytest.skip("this torch has no torch._int_mm")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-63, 64, (64, 40), generator=g, dtype=torch.int8)
+    expected = a.long() @ b.long()
+    assert torch.equal(compat.int_mm(a, b).long(), expected)
+    out = torch.empty(32, 40, dtype=torch.int32)
+    compat.int_mm(a, b, out=out)
+    assert torch.equal(out.long(), expected)
+
+
+def test_foreach_lerp_matches_the_formula():
+    targets = [torch.zeros(3, dtype=torch.float64), torch.full((2, 2), 4.0, dtype=torch.float64)]
+    sources = [torch.ones(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)]
+    expected = [t + 0.25 * (s - t) for t, s in zip(targets, sources)]
+    compat.foreach_lerp_(targets, sources, 0.25)
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected))

@@ -468,10 +468,7 @@ def _grid(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, per_cla
 # ----------------------------------------------------------------------------- figures
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     return plt
 

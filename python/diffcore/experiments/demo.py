@@ -1,10 +1,11 @@
 """``diffcore demo``: the empirical optimal denoiser of the embedded digits memorizes.
 
 Pure noise from per-sample seeds is denoised along a deterministic Heun trajectory by the
-empirical optimal denoiser of the digits (PAPERS.md: ``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 /
-(2 sigma^2)) y_i``). Every sample lands on a training image: the figure shows noise, samples and
-their nearest training images, and ``results.json`` the memorization ratio (|x - NN1| / |x - NN2|,
-Gu et al.) and the GL score of each sample. It runs in seconds on a CPU.
+empirical optimal denoiser of the digits
+(PAPERS.md: ``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``). Every sample
+lands on a training image: the figure shows noise, samples and their nearest training images,
+and ``results.json`` the memorization ratio (|x - NN1| / |x - NN2|, Gu et al.) and the GL score
+of each sample. It runs in seconds on a CPU.
 """
 from __future__ import annotations
 

@@ -390,10 +390,7 @@ class _Study:
 
 def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
     """Rows of samples from the same seeds: each model, its Gaussian, its empirical denoiser."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     rows, labels = [], []
     for m in results["models"]:
@@ -432,10 +429,7 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
     the model's relative distance to the Gaussian (solid) and to the empirical denoiser (dashed),
     and theirs to each other (dotted); :func:`effect_properties`' sigma band shaded and its
     high-sigma tolerance drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     probes = (("_train", "noisy training images"), ("", "noisy pool images (all digits)"))
     models = results["models"]
@@ -469,10 +463,7 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
 
 
 def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, logy: bool = False) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.4), squeeze=False)
     labels = [m["model"] for m in results["models"]]

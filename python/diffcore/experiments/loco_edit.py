@@ -666,10 +666,7 @@ def _show(ax, image: torch.Tensor, title: str | None = None, diff: float | None 
 
 
 def _figure(rows: int, cols: int, size: float = 1.05):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 0.4, size * rows + 0.5), squeeze=False)
     return fig, axes
@@ -732,10 +729,7 @@ def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path)
 
 def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     """Singular values at the edit time; locality with and without the projection; linearity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]

@@ -310,10 +310,7 @@ class _Study:
 # ----------------------------------------------------------------------------- figures
 
 def plot_phase_transition(results: dict, path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     runs = results["runs"]
     dims = sorted({r["d"] for r in runs})
@@ -342,10 +339,7 @@ def plot_phase_transition(results: dict, path) -> Path:
 
 
 def plot_rank(rank: dict, path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, values in rank["curves"].items():

@@ -277,10 +277,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     return plt
 

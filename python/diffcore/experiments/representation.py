@@ -414,10 +414,7 @@ def _labels(dataset: str, data_root: str, expected: int) -> torch.Tensor:
 def plot(results: dict, path) -> Path:
     """Four panels: probe accuracy vs sigma per N; class SNR vs sigma per N; probe accuracy vs sigma
     over training time for one N; the MoLRG theory curve (SNR and class confidence)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.0))
     final = results["models"]

@@ -603,10 +603,7 @@ LABELS = {"shallow": "Shallow Diffuse (key at 0.3 T)", "xT": "x_T baseline (Tree
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     return plt
 

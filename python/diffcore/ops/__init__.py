@@ -1,9 +1,9 @@
 """Public ops: input checks, backend dispatch and autograd.
 
-Each op lives in ``diffcore/ops/<op>.py`` beside its reference ``diffcore/ref/<op>.py``, its
-Triton kernel ``diffcore/kernels/<op>.py``, its C++/CUDA code ``csrc/<op>/``, its tests
-``tests/ops/test_<op>.py`` and its benchmark ``bench/bench_<op>.py``. Every op takes
-``backend="auto"`` or one of ``reference``, ``cpu``, ``cuda``, ``triton``.
+Each op lives in ``diffcore/ops/_<op>.py`` beside its reference ``diffcore/ref/<op>.py``, its
+Triton kernel ``kernels/<op>.py`` (shipped as ``diffcore.kernels``), its C++/CUDA code
+``csrc/<op>/``, its tests ``tests/ops/test_<op>.py`` and its benchmark ``bench/bench_<op>.py``.
+Every op takes ``backend="auto"`` or one of ``reference``, ``cpu``, ``cuda``, ``triton``.
 
 Each op ``<op>`` is the function exported here; its module is private (``ops/_<op>.py``: checks,
 backend resolution, autograd where there is one, and the table ``RUNNERS`` of backend name ->

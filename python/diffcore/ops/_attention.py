@@ -122,9 +122,9 @@ def _cpu_jvp(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse):
     if no_reverse and not any(compat.vmap_batched(t) for t in (q, k, v, tq, tk, tv)):
         # no gradient can flow back through this JVP: reused buffers, in-place updates on
         # plain tensors (the worker threads of the cpu backend see no torch.func state)
-        args = [compat.plain_tensor(t) for t in (q, k, v, tq, tk, tv)]
+        pq, pk, pv, ptq, ptk, ptv = (compat.plain_tensor(t) for t in (q, k, v, tq, tk, tv))
         with torch.no_grad(), compat.functorch_disabled():
-            t_out = _cpu.jvp_inplace(*args, scale, _cpu.flat(compat.plain_tensor(out), ct),
+            t_out = _cpu.jvp_inplace(pq, pk, pv, ptq, ptk, ptv, scale, _cpu.flat(compat.plain_tensor(out), ct),
                                      compat.plain_tensor(lse).reshape(-1, lse.shape[-1]),
                                      probs=compat.plain_tensor(flat_probs))
     else:

@@ -116,7 +116,7 @@ def forward(q, k, v, scale: float, keep_probs: bool = False):
     probs = qs.new_empty(bh, lq, lk) if keep_probs else None
 
     def body(hs, rs, ws):
-        s = torch.bmm(qs[hs, rs], kt[hs], out=probs[hs, rs] if keep_probs else ws.get(0, hs, rs))
+        s = torch.bmm(qs[hs, rs], kt[hs], out=probs[hs, rs] if probs is not None else ws.get(0, hs, rs))
         m, l = _exp_rows(s)
         torch.bmm(s, vf[hs], out=out[hs, rs]).div_(l)
         torch.add(m, l.log(), out=lse[hs, rs])
@@ -180,6 +180,8 @@ def jvp(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor,
             to = torch.addcmul(torch.bmm(p_ts, vf[hs]), p_ts.sum(dim=-1, keepdim=True), out[hs, rs], value=-1.0)
         if tvf is not None:
             to = torch.bmm(p, tvf[hs]) if to is None else torch.baddbmm(to, p, tvf[hs])
+        if to is None:  # every tangent is zero
+            to = torch.zeros_like(out[hs, rs])
         if rs.start == 0:
             per_head_chunk.append([])
         per_head_chunk[-1].append(to)

@@ -6,12 +6,18 @@ Its backward is the Triton one (diffcore.kernels.attention). Never run on a GPU 
 """
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
 from diffcore._ext import dtype_name, extension
 from diffcore.ops._launch import cuda_launch_args, ptr
 
 
+@overload
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _flat(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
 def _flat(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype).reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
@@ -29,7 +35,7 @@ def _launch(q, k, v, scale, tq=None, tk=None, tv=None, jvp=False):
                                   tv=ptr(tvf), o=ptr(o), to=ptr(t_o), lse=ptr(lse), bh=b * h, lq=lq, lk=lk, d=d,
                                   scale=float(scale), jvp=jvp, **cuda_launch_args(q))
     shape = (b, h, lq, d)
-    return o.reshape(shape), lse.reshape(b, h, lq), (t_o.reshape(shape) if jvp else None)
+    return o.reshape(shape), lse.reshape(b, h, lq), (t_o.reshape(shape) if t_o is not None else None)
 
 
 def forward(q, k, v, scale: float):

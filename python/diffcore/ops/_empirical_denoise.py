@@ -32,8 +32,9 @@ BACKENDS = OpBackends(
     op="empirical_denoise",
     implemented=("reference", "cpu", "cuda", "triton"),
     # cuda: the Triton kernel passes the interpreter tests but has not run on a GPU yet; the CUDA
-    # kernel has only been compiled, never run: it stays out of auto (ask for backend="cuda").
-    auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},  # GPU kernels join auto after a GPU run matches the reference
+    # kernel has only been compiled, never run: it stays out of auto (ask for backend="cuda"). The
+    # GPU kernels join auto after a GPU run matches the reference.
+    auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
 )
 
 # Smallest sigma taken: 1/(2 sigma^2) and the logits -|x - y|^2/(2 sigma^2) stay in the float64
@@ -132,7 +133,7 @@ def _run_cpu(x, train, sigma64):
     return _cpu.run(_rows(x), _rows(train), sigma64)
 
 
-def _gpu_rows(x, train):
+def _gpu_rows(x: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, D] and train [N, D], contiguous, as the GPU kernels read them (float64 train as fp32)."""
     y = _rows(train)
     return _rows(x).contiguous(), (y.to(torch.float32) if y.dtype == torch.float64 else y).contiguous()

@@ -152,6 +152,8 @@ class _Queries:
                     s_ptr=self.run_sum.data_ptr(), scale_ptr=self.scale.data_ptr(), threads=threads)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.acc is None:
+            raise RuntimeError("empirical_denoise: the accumulator was never created (no training tile ran)")
         return self.acc.div_(self.run_sum.to(torch.float32)[:, None]), self.run_max + torch.log(self.run_sum)
 
 
@@ -309,7 +311,7 @@ def _run_rows(xr, inv2s2, y, y_sqnorm, train_dtype, tile_rows, screen, threads, 
     logz = torch.empty(batch, dtype=torch.float64)
     todo = torch.arange(batch)
     dense = False
-    for attempt in range(2):
+    for _attempt in range(2):
         finished = _screen(queries, data, threads, out, logz, todo, precision, probe_dense=not exact)
         if finished is None:  # dense weights: screening cannot help; larger fp32 tiles
             dense = True
@@ -406,8 +408,8 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
     convert_buffer = _LazyBuffer(data.tile * dim, torch.float32) if data.y.dtype == torch.uint8 else None
     mode = "bf16" if screen == "bf16" else "fp32"
     screen_gram = _ScreenGram(queries.x, data.tile, threads, "bf16") if mode == "bf16" else None
-    fp32_coefficients = (fp32_gemm_error_bound(dim), measured_fp32_gemm_error_coefficient(dim))
-    precise_gram = None
+    fp32_coefficients: tuple[float, ...] = (fp32_gemm_error_bound(dim), measured_fp32_gemm_error_coefficient(dim))
+    precise_gram: _PreciseGram | None = None
     state = queries.state(threads)
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
@@ -417,6 +419,7 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
         y_float = None
         nonzero = -1
         if mode == "bf16":
+            assert screen_gram is not None  # made above whenever the mode is bf16
             gram = screen_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
                 g_ptr=gram.data_ptr(), g_dtype="bfloat16", g_ld=count, **common,
@@ -437,6 +440,7 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
             if nonzero < 0:  # most pairs carry weight AND need exact logits (mid sigma, large D)
                 mode, precise_gram = "fp64", _PreciseGram(queries.x, data.tile)
         if mode == "fp64":
+            assert precise_gram is not None  # made when the mode changes to fp64
             gram = precise_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
                 g_ptr=gram.data_ptr(), g_dtype="float64", g_ld=count, **common,
@@ -457,7 +461,8 @@ class _LazyBuffer:
     tile leaves the bf16 screening)."""
 
     def __init__(self, numel: int, dtype: torch.dtype):
-        self.numel, self.dtype, self.tensor = numel, dtype, None
+        self.numel, self.dtype = numel, dtype
+        self.tensor: torch.Tensor | None = None
 
     def get(self) -> torch.Tensor:
         if self.tensor is None:

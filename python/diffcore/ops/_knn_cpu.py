@@ -10,6 +10,7 @@ import torch
 from diffcore._cpu_caps import (bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, int8_gemm_levels,
                                 screen_choice)
 from diffcore._ext import dtype_name, extension
+from diffcore.ops import _torch_compat as compat
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _precision_for(precision: str | None, dim: int) -> tuple[str, int]:
 def _gram_tile(q_screen: torch.Tensor, y_screen: torch.Tensor, out: torch.Tensor) -> None:
     """out [Bq, R] = q_screen [Bq, D] @ y_screen [R, D]^T in the screening precision."""
     if q_screen.dtype == torch.int8:
-        torch._int_mm(q_screen, y_screen.t(), out=out)  # exact int32 sums
+        compat.int_mm(q_screen, y_screen.t(), out=out)  # exact int32 sums
         return
     with fp32_matmul_at_full_precision():
         torch.mm(q_screen, y_screen.t(), out=out)

@@ -177,7 +177,8 @@ def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
                 raise ValueError(f"step: expected 0 <= step < {coefficients.shape[0]}, got {step}")
             coefficients = coefficients[step]
         if coefficients.shape != (4,):
-            raise ValueError(f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}")
+            raise ValueError(
+                f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}")
         row = tuple(float(v) for v in coefficients.detach().cpu().tolist())
     elif isinstance(coefficients, Sequence) and len(coefficients) == 4:
         row = tuple(float(v) for v in coefficients)
@@ -185,7 +186,8 @@ def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
         raise TypeError("coefficients: expected 4 numbers, a tensor [4] or a table [steps, 4]")
     if not all(map(lambda v: v == v and abs(v) != float("inf"), row)):
         raise ValueError(f"coefficients: contains NaN or Inf: {row}")
-    return row
+    c_x, c_denoised, c_extra, c_noise = row
+    return c_x, c_denoised, c_extra, c_noise
 
 
 def _run_reference(x, denoised, extra, noise, out, row, step, flag):
@@ -303,7 +305,8 @@ def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficient
     for name, tensor, coefficient in (("extra", extra, row[2]), ("noise", noise, row[3]), ("out", out, None)):
         if tensor is None:
             if coefficient:
-                raise ValueError(f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})")
+                raise ValueError(
+                    f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})")
             continue
         _checks.check_tensor(name, tensor)
         if tensor.shape != x.shape:
@@ -326,7 +329,10 @@ def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficient
         if out is not None:
             raise ValueError("out: not supported when an input requires grad")
         return result
-    target = out if out is not None and out.is_contiguous() else torch.empty_like(inputs[0])
+    if out is not None and out.is_contiguous():
+        target = out
+    else:
+        target = torch.empty_like(x, memory_format=torch.contiguous_format)
     runner(*inputs, target, row, step_index, finite_flag)
     if out is not None and target is not out:
         out.copy_(target)

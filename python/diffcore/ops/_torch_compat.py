@@ -1,13 +1,18 @@
-"""The private torch internals the attention op relies on, in one place.
+"""The private torch internals diffcore relies on, in one place.
 
 Attention must know whether forward-mode AD or a torch.func gradient transform is active (to keep
 or drop the probability matrix), must unwrap torch.func's gradient wrappers before a kernel reads
-raw memory, and must run kernels with torch.func disabled. torch has no public API for these;
-every use goes through this module, so that a torch release that moves them breaks (or is
-adapted) here only. ``tests/ops/test_torch_compat.py`` checks each function against the public
-behaviour it stands for, on whichever torch the suite runs with (``torch>=2.4``, pyproject.toml).
+raw memory, and must run kernels with torch.func disabled; the EDM loss must know whether it runs
+under vmap (an ensemble); k-NN screens with torch's int8 GEMM (``_int_mm``); the EMA updates use
+the fused multi-tensor lerp (``_foreach_lerp_``). torch has no public API for these; every use
+goes through this module (``scripts/check_guards.py`` enforces it), so that a torch release that
+moves them breaks (or is adapted) here only. ``tests/ops/test_torch_compat.py`` checks each
+function against the public behaviour it stands for, on whichever torch the suite runs with (the
+supported range in pyproject.toml; CONTRIBUTING.md says how its ends are tested).
 """
 from __future__ import annotations
+
+from typing import overload
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -41,6 +46,12 @@ def vmap_batched(t: torch.Tensor | None) -> bool:
     return False
 
 
+@overload
+def plain_tensor(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def plain_tensor(t: None) -> None: ...
+@overload
+def plain_tensor(t: torch.Tensor | None) -> torch.Tensor | None: ...
 def plain_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
     """The plain tensor under torch.func's gradient wrappers, for kernels that read raw memory.
 
@@ -59,3 +70,21 @@ def plain_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
 def functorch_disabled():
     """Context in which torch.func transforms are off (kernels allocate and read plain tensors)."""
     return torch._C._DisableFuncTorch()
+
+
+def has_int_mm() -> bool:
+    """True when torch has its int8 x int8 -> int32 GEMM (``torch._int_mm``)."""
+    return hasattr(torch, "_int_mm")
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a [M, K] int8 @ b [K, N] int8 -> [M, N] int32`` with exact integer sums (``torch._int_mm``)."""
+    if out is None:
+        return torch._int_mm(a, b)
+    return torch._int_mm(a, b, out=out)
+
+
+def foreach_lerp_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
+    """In place, for every pair: ``target += weight * (source - target)`` (one fused multi-tensor
+    kernel, ``torch._foreach_lerp_``)."""
+    torch._foreach_lerp_(targets, sources, weight)

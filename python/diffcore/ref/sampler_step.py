@@ -55,7 +55,8 @@ def textbook_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, sigma: flo
         x_pred = x + (sigma_next - sigma) * (x - d) / sigma                     # EDM Alg. 1 line 5
         if sigma_next == 0.0:
             return x_pred
-        d_prime = (x_pred - extra.double()) / sigma_next                        # EDM Alg. 1 line 7
+        d_next = _required(extra, "extra", kind).double()                        # D(x_pred; sigma_next)
+        d_prime = (x_pred - d_next) / sigma_next                                # EDM Alg. 1 line 7
         return x + (sigma_next - sigma) * (0.5 * (x - d) / sigma + 0.5 * d_prime)  # line 8
     if kind == "dpmpp_2m":
         if sigma_next == 0.0 or sigma_prev is None:
@@ -64,13 +65,21 @@ def textbook_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, sigma: flo
         t, t_next, t_prev = -math.log(sigma), -math.log(sigma_next), -math.log(sigma_prev)
         h, h_prev = t_next - t, t - t_prev
         r = h_prev / h
-        d_combined = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * extra.double()      # DPM-Solver++ Alg. 2
+        d_prev = _required(extra, "extra", kind).double()                        # the previous denoised
+        d_combined = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev              # DPM-Solver++ Alg. 2
         return (sigma_next / sigma) * x - math.expm1(-h) * d_combined
     if kind == "ddim":
         return _ddim_textbook(x, d, sigma, sigma_next, eta, noise)
     if kind == "churn":
-        return x + math.sqrt(sigma_next ** 2 - sigma ** 2) * s_noise * noise.double()  # EDM Alg. 2 l. 6
+        z = _required(noise, "noise", kind).double()
+        return x + math.sqrt(sigma_next ** 2 - sigma ** 2) * s_noise * z       # EDM Alg. 2 l. 6
     raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def _required(tensor: torch.Tensor | None, name: str, kind: str) -> torch.Tensor:
+    if tensor is None:
+        raise ValueError(f"{name}: required for kind {kind!r}")
+    return tensor
 
 
 def _ddim_textbook(x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: float, eta: float,
@@ -83,5 +92,5 @@ def _ddim_textbook(x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_next: f
     eps = (x - d) / sigma                                  # x_vp = sqrt(abar) x0 + sqrt(1 - abar) eps
     x_vp_next = (math.sqrt(abar_next) * d + math.sqrt(max(one_minus_next - s_t * s_t, 0.0)) * eps)  # Eq. 12
     if s_t > 0:
-        x_vp_next = x_vp_next + s_t * noise.double()
+        x_vp_next = x_vp_next + s_t * _required(noise, "noise", "ddim with eta > 0").double()
     return x_vp_next / math.sqrt(abar_next)

@@ -76,7 +76,7 @@ class VPDenoiser:
         self.train_sigmas = sigmas_from_alphas_cumprod(torch.as_tensor(alphas_cumprod).detach().cpu())
         if not bool((self.train_sigmas[1:] > self.train_sigmas[:-1]).all()):
             raise ValueError("alphas_cumprod: expected strictly decreasing values (sigma increasing with t)")
-        self._log_sigmas = {}
+        self._log_sigmas: dict[torch.device, torch.Tensor] = {}
 
     @property
     def sigma_min(self) -> float:

@@ -133,7 +133,7 @@ class GuidedDenoiser:
         else:
             mixed = False
         guided = base + self.scale * self.term(x, sigma, base)
-        if mixed:
+        if mixed and isinstance(inside, torch.Tensor):
             return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))).to(x.device), guided, base)
         return guided
 

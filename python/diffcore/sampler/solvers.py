@@ -16,7 +16,9 @@ Common keyword arguments:
     state_dtype: dtype of the integrated state and of the update arithmetic; default x's dtype.
         ``torch.float64`` integrates in float64 (NVlabs/edm style) while the denoiser is still
         called with x's dtype (its output is cast to the state dtype).
-    backend: backend of the fused step (``auto``: C++ on the CPU, Triton on CUDA).
+    backend: backend of the fused step. ``auto``: the C++ kernel on CPU tensors; on CUDA tensors the
+        torch reference until the Triton and CUDA kernels have matched it in a run on a GPU (the
+        README's backend table; docs/design.md, "Backends and auto").
     check_finite: detect NaN/Inf in the denoiser output or the state (default True). On the CPU
         the check is fused into the step kernel and raises at once; on CUDA it is deferred (a
         device flag written by the kernel, read once at the end), so the loop never syncs.
@@ -116,14 +118,14 @@ class _Loop:
             self._sigma_vectors[sigma] = vec
         return vec
 
-    def sigma_vectors(self, values) -> list[torch.Tensor]:
-        """[B] sigma tensors for many values at once (one allocation, contiguous rows)."""
+    def sigma_vectors(self, values) -> list[torch.Tensor | None]:
+        """[B] sigma tensors for many values at once (one allocation, contiguous rows); None for 0."""
         missing = [v for v in dict.fromkeys(values) if v > 0 and v not in self._sigma_vectors]
         if missing:
             table = torch.tensor(missing, dtype=torch.float64).to(self.model_dtype).view(-1, 1)
             rows = table.repeat(1, self.batch).to(self.device).unbind(0)
             self._sigma_vectors.update(zip(missing, rows))
-        return [self._sigma_vectors.get(v) for v in values]
+        return [self._sigma_vectors[v] if v > 0 else None for v in values]
 
     def prepare_sigmas(self, values) -> None:
         """Allocate the [B] sigma tensors up front (before a CUDA-graph capture)."""
@@ -189,7 +191,7 @@ class _Loop:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Raise for a deferred (GPU) non-finite flag: the loop's only host synchronization."""
-        if self.deferred:
+        if self.deferred and self.flag is not None:
             bad = int(self.flag.item())
             if bad != NO_BAD_STEP:
                 raise self.nonfinite_error(bad)

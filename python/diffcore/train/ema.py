@@ -5,6 +5,7 @@ import copy
 
 import torch
 
+from diffcore.ops._torch_compat import foreach_lerp_
 from diffcore.train.loss import ema_beta
 
 
@@ -25,7 +26,7 @@ class EMA:
         ema_params = list(self.ema_model.parameters())
         params = [p.detach() for p in model.parameters()]
         if ema_params:
-            torch._foreach_lerp_(ema_params, params, 1.0 - beta)  # p_ema += (1 - beta) (p - p_ema)
+            foreach_lerp_(ema_params, params, 1.0 - beta)  # p_ema += (1 - beta) (p - p_ema)
         for b_ema, b in zip(self.ema_model.buffers(), model.buffers()):
             b_ema.copy_(b)
         return beta

@@ -36,6 +36,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from diffcore._progress import Progress
+from diffcore.ops._torch_compat import foreach_lerp_
 from diffcore.train import ddp
 from diffcore.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from diffcore.train.config import TrainConfig
@@ -179,8 +180,8 @@ class EnsembleTrainer:
         images_after = (step + 1) * config.batch_size
         beta = ema_beta(config.batch_size, images_after, config.ema_halflife_images, config.ema_rampup_ratio)
         with torch.no_grad():
-            torch._foreach_lerp_([self.ema_params[n] for n in self.names],
-                                 [self.params[n].detach() for n in self.names], 1.0 - beta)
+            foreach_lerp_([self.ema_params[n] for n in self.names],
+                          [self.params[n].detach() for n in self.names], 1.0 - beta)
         self.step += 1
         for member in self.members:
             member.step = self.step

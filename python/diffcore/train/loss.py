@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from diffcore.ops._torch_compat import vmap_batched
+
 
 TARGETS = ("clean", "empirical")
 
@@ -82,7 +84,7 @@ class EDMLoss:
         return target
 
     def _check_reference(self, x0: torch.Tensor) -> None:
-        if torch._C._functorch.is_batchedtensor(x0):  # under vmap: an ensemble shares one loss object
+        if vmap_batched(x0):  # under vmap: an ensemble shares one loss object
             raise ValueError("loss_options target='empirical' is not supported by ensembles "
                              "(diffcore.train.ensemble): each member needs its own training set as the reference")
         if self.reference is None:

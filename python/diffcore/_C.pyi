@@ -1,0 +1,274 @@
+"""Type stub of the compiled extension ``diffcore._C`` (csrc/bindings.cpp and each op's registration).
+
+The C ABI is narrow on purpose: every argument is keyword-only and is a data pointer
+(``*_ptr`` or a buffer name such as ``x``, as ``int``), a size, a dtype name (``"float32"``...),
+a scalar, a thread count, or a CUDA device index and stream handle (``int``). ``Extension`` is the
+module's interface as a protocol, the type :func:`diffcore._ext.extension` returns; the module-level
+names below are the same functions. Keep this file in step with the ``m.def`` calls in ``csrc/``:
+``tests/test_ext_stub.py`` checks that the names and keyword arguments match the built module.
+"""
+
+from typing import Protocol, TypedDict
+
+class BuildInfo(TypedDict):
+    cuda_mode: str
+    cuda: bool
+    cuda_version: str | None
+    cuda_archs: str | None
+    openmp: bool
+    compiler: str
+    avx2: bool
+    ops: list[str]
+
+class Extension(Protocol):
+    # csrc/bindings.cpp
+    def cuda_available(self) -> bool: ...
+    def cuda_multiprocessor_count(self, *, device: int) -> int: ...
+    def build_info(self) -> BuildInfo: ...
+    # csrc/empirical_denoise/empirical_denoise.cpp
+    def empirical_denoise_row_sqnorms(
+        self, *, y_ptr: int, dtype: str, rows: int, dim: int, ld: int, out_ptr: int, threads: int
+    ) -> None: ...
+    def empirical_denoise_decode_rows(
+        self, *, src_ptr: int, src_dtype: str, rows: int, dim: int, dst_ptr: int, dst_dtype: str, threads: int
+    ) -> None: ...
+    def empirical_denoise_tile_update(
+        self,
+        *,
+        g_ptr: int,
+        g_dtype: str,
+        g_ld: int,
+        p_ptr: int,
+        batch: int,
+        tile: int,
+        x_ptr: int,
+        x_ld: int,
+        dim: int,
+        xn2_ptr: int,
+        inv2s2_ptr: int,
+        y_ptr: int,
+        y_dtype: str,
+        y_ld: int,
+        yn2_ptr: int,
+        gemm_err_coef: float,
+        rescore_tol: float,
+        band: float,
+        rescore_budget: int,
+        m_ptr: int,
+        mlow_ptr: int,
+        s_ptr: int,
+        scale_ptr: int,
+        threads: int,
+    ) -> tuple[int, int]: ...
+    def empirical_denoise_screen_collect(
+        self,
+        *,
+        g_ptr: int,
+        g_dtype: str,
+        g_ld: int,
+        batch: int,
+        tile: int,
+        start: int,
+        xn2_ptr: int,
+        inv2s2_ptr: int,
+        yn2_ptr: int,
+        gemm_err_coef: float,
+        band: float,
+        mlow_ptr: int,
+        cand_index_ptr: int,
+        cand_upper_ptr: int,
+        cand_count_ptr: int,
+        cap: int,
+        threads: int,
+    ) -> int: ...
+    def empirical_denoise_screen_finalize(
+        self,
+        *,
+        x_ptr: int,
+        x_ld: int,
+        batch: int,
+        dim: int,
+        inv2s2_ptr: int,
+        y_ptr: int,
+        y_dtype: str,
+        y_ld: int,
+        mlow_ptr: int,
+        cand_index_ptr: int,
+        cand_upper_ptr: int,
+        cand_count_ptr: int,
+        cap: int,
+        band: float,
+        row_map_ptr: int,
+        out_ptr: int,
+        logz_ptr: int,
+        threads: int,
+    ) -> None: ...
+    def empirical_denoise_sparse_accumulate(
+        self,
+        *,
+        p_ptr: int,
+        p_ld: int,
+        batch: int,
+        tile: int,
+        scale_ptr: int,
+        y_ptr: int,
+        y_dtype: str,
+        y_ld: int,
+        dim: int,
+        acc_ptr: int,
+        acc_ld: int,
+        threads: int,
+    ) -> None: ...
+    def empirical_denoise_cuda_forward(
+        self,
+        *,
+        x_ptr: int,
+        x_dtype: str,
+        y_ptr: int,
+        y_dtype: str,
+        inv2s2_ptr: int,
+        batch: int,
+        rows: int,
+        dim: int,
+        splits: int,
+        work_acc_ptr: int,
+        work_m_ptr: int,
+        work_s_ptr: int,
+        out_ptr: int,
+        logz_ptr: int,
+        device: int,
+        stream: int,
+    ) -> None: ...
+    # csrc/knn/knn.cpp
+    def knn_cpu_prepare_rows(
+        self,
+        *,
+        src_ptr: int,
+        dtype: str,
+        rows: int,
+        dim: int,
+        row_stride: int,
+        dst_ptr: int,
+        dst_dtype: str,
+        int8_levels: int,
+        norms_ptr: int,
+        threads: int,
+        arg_name: str,
+    ) -> None: ...
+    def knn_cpu_screen_tile(
+        self,
+        *,
+        queries_ptr: int,
+        queries_dtype: str,
+        batch: int,
+        dim: int,
+        q_norms_ptr: int,
+        train_ptr: int,
+        train_dtype: str,
+        tile_start: int,
+        tile: int,
+        y_norms_ptr: int,
+        gram_ptr: int,
+        gram_dtype: str,
+        k: int,
+        best_d2_ptr: int,
+        best_idx_ptr: int,
+        safety: float,
+        threads: int,
+    ) -> int: ...
+    def knn_cuda(
+        self,
+        *,
+        queries_ptr: int,
+        train_ptr: int,
+        train_dtype: str,
+        batch: int,
+        n_train: int,
+        dim: int,
+        k: int,
+        tile: int,
+        workspace_ptr: int,
+        best_d2_ptr: int,
+        best_idx_ptr: int,
+        device: int,
+        stream: int,
+    ) -> None: ...
+    # csrc/attention/attention.cpp
+    def attention_forward(
+        self,
+        *,
+        dtype: str,
+        q: int,
+        k: int,
+        v: int,
+        tq: int,
+        tk: int,
+        tv: int,
+        o: int,
+        to: int,
+        lse: int,
+        bh: int,
+        lq: int,
+        lk: int,
+        d: int,
+        scale: float,
+        jvp: bool,
+        device: int,
+        stream: int,
+    ) -> None: ...
+    # csrc/sampler_step/sampler_step.cpp
+    def sampler_step_cpu(
+        self,
+        *,
+        dtype: str,
+        x: int,
+        denoised: int,
+        extra: int,
+        noise: int,
+        out: int,
+        numel: int,
+        c_x: float,
+        c_denoised: float,
+        c_extra: float,
+        c_noise: float,
+        step: int,
+        flag: int,
+        threads: int,
+    ) -> int: ...
+    def sampler_step_cuda(
+        self,
+        *,
+        dtype: str,
+        x: int,
+        denoised: int,
+        extra: int,
+        noise: int,
+        out: int,
+        numel: int,
+        c_x: float,
+        c_denoised: float,
+        c_extra: float,
+        c_noise: float,
+        step: int,
+        flag: int,
+        device: int,
+        stream: int,
+    ) -> int: ...
+
+_module: Extension
+cuda_available = _module.cuda_available
+cuda_multiprocessor_count = _module.cuda_multiprocessor_count
+build_info = _module.build_info
+empirical_denoise_row_sqnorms = _module.empirical_denoise_row_sqnorms
+empirical_denoise_decode_rows = _module.empirical_denoise_decode_rows
+empirical_denoise_tile_update = _module.empirical_denoise_tile_update
+empirical_denoise_screen_collect = _module.empirical_denoise_screen_collect
+empirical_denoise_screen_finalize = _module.empirical_denoise_screen_finalize
+empirical_denoise_sparse_accumulate = _module.empirical_denoise_sparse_accumulate
+empirical_denoise_cuda_forward = _module.empirical_denoise_cuda_forward
+knn_cpu_prepare_rows = _module.knn_cpu_prepare_rows
+knn_cpu_screen_tile = _module.knn_cpu_screen_tile
+knn_cuda = _module.knn_cuda
+attention_forward = _module.attention_forward
+sampler_step_cpu = _module.sampler_step_cpu
+sampler_step_cuda = _module.sampler_step_cuda
