@@ -51,6 +51,7 @@ class Extension(Protocol):
         y_ld: int,
         yn2_ptr: int,
         gemm_err_coef: float,
+        rounding_coef: float,
         rescore_tol: float,
         band: float,
         rescore_budget: int,
@@ -73,6 +74,7 @@ class Extension(Protocol):
         inv2s2_ptr: int,
         yn2_ptr: int,
         gemm_err_coef: float,
+        rounding_coef: float,
         band: float,
         mlow_ptr: int,
         cand_index_ptr: int,
@@ -81,6 +83,29 @@ class Extension(Protocol):
         cap: int,
         threads: int,
     ) -> int: ...
+    # csrc/empirical_denoise/small_dim.cpp
+    def empirical_denoise_small_dim(
+        self,
+        *,
+        x_ptr: int,
+        y_ptr: int,
+        y_dtype: str,
+        batch: int,
+        rows: int,
+        dim: int,
+        inv2s2_ptr: int,
+        gemm_err_coef: float,
+        fp32_err_coef: float,
+        rounding_coef: float,
+        rescore_tol: float,
+        band: float,
+        tiny_tol: float,
+        out_ptr: int,
+        logz_ptr: int,
+        redo_ptr: int,
+        parallel_min_work: int,
+        threads: int,
+    ) -> tuple[float, int]: ...
     def empirical_denoise_screen_finalize(
         self,
         *,
@@ -264,6 +289,7 @@ empirical_denoise_decode_rows = _module.empirical_denoise_decode_rows
 empirical_denoise_tile_update = _module.empirical_denoise_tile_update
 empirical_denoise_screen_collect = _module.empirical_denoise_screen_collect
 empirical_denoise_screen_finalize = _module.empirical_denoise_screen_finalize
+empirical_denoise_small_dim = _module.empirical_denoise_small_dim
 empirical_denoise_sparse_accumulate = _module.empirical_denoise_sparse_accumulate
 empirical_denoise_cuda_forward = _module.empirical_denoise_cuda_forward
 knn_cpu_prepare_rows = _module.knn_cpu_prepare_rows
