@@ -55,3 +55,28 @@ def test_decisions_on_intervals():
     assert not iv.dips([lo, hi, hi])["holds"]  # minimum at an end is no dip
     rec = iv.claim(True, dip=lo, note="x")
     assert rec["holds"] is True and rec["dip"]["low"] == 0.05 and rec["note"] == "x"
+
+
+def test_bootstrap_sums_matches_the_row_bootstrap_of_a_ratio():
+    rng = np.random.default_rng(2)
+    rows = np.stack([rng.gamma(2.0, 1.0, 300), rng.gamma(4.0, 1.0, 300)], axis=1)  # [n, 2]
+    ratio = lambda s: np.sqrt(s[:, 0] / s[:, 1])  # noqa: E731
+    fast = iv.bootstrap_sums(rows, ratio)
+    slow = iv.bootstrap_interval(rows, lambda a: float(np.sqrt(a[:, 0].sum() / a[:, 1].sum())))
+    assert fast.value == pytest.approx(math.sqrt(rows[:, 0].sum() / rows[:, 1].sum()))
+    # the same estimator, different resampling draws: ends agree to a small share of the width
+    assert abs(fast.low - slow.low) < 0.15 * (slow.high - slow.low)
+    assert abs(fast.high - slow.high) < 0.15 * (slow.high - slow.low)
+    assert fast == iv.bootstrap_sums(rows, ratio) and fast.method == "bootstrap" and fast.n == 300
+    with pytest.raises(ValueError, match="rows"):
+        iv.bootstrap_sums(np.zeros((0, 2)), ratio)
+
+
+def test_fraction_interval_follows_the_seed_rule():
+    one = iv.fraction_interval([30], 100)
+    assert one == iv.wilson_interval(30, 100)
+    two = iv.fraction_interval([30, 40], 100)
+    assert two.method == "wilson-pooled" and two.value == pytest.approx(0.35) and two.n == 200
+    three = iv.fraction_interval([30, 40, 50], 100)
+    assert three.method == "seeds-t" and three.value == pytest.approx(0.4)
+    assert iv.flat("gl", one) == {"gl": one.value, "gl_low": one.low, "gl_high": one.high}
