@@ -34,11 +34,11 @@ from typing import Any, Callable
 import torch
 
 from diffcore import _env, metrics
-from diffcore.metrics import intervals
 from diffcore._progress import Progress
 from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
+from diffcore.metrics import intervals
 from diffcore.sampler import SOLVERS
 
 log = logging.getLogger(__name__)

@@ -235,6 +235,19 @@ def bootstrap_sums(
     fixed). Resamples draw rows with replacement as multinomial counts, so ratios of sums (which
     :func:`bootstrap_interval` would recompute row by row) cost one matrix product per block.
     """
+    return bootstrap_sums_each(rows, {"": statistic}, level=level, resamples=resamples, seed=seed)[""]
+
+
+def bootstrap_sums_each(
+    rows: Sequence[float] | np.ndarray,
+    statistics: dict[str, Callable[[np.ndarray], np.ndarray]],
+    *,
+    level: float = LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """:func:`bootstrap_sums` of several statistics of the same rows, on the same resamples
+    (so differences between them are paired): ``{name: Interval}``."""
     arr = np.asarray(rows, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[:, None]
@@ -246,16 +259,20 @@ def bootstrap_sums(
         raise ValueError("resamples must be at least 100")
     n = arr.shape[0]
     rng = np.random.default_rng(seed)
-    draws = []
+    sums = []
     block = max(1, min(resamples, 2_000_000 // n))  # bound the [block, n] count matrix
     for start in range(0, resamples, block):
         counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(block, resamples - start))
-        draws.append(np.asarray(statistic(counts.astype(np.float64) @ arr), dtype=np.float64).reshape(-1))
-    draws_arr = np.concatenate(draws)
-    value = float(np.asarray(statistic(arr.sum(axis=0, keepdims=True))).reshape(-1)[0])
+        sums.append(counts.astype(np.float64) @ arr)
+    resampled, full = np.concatenate(sums), arr.sum(axis=0, keepdims=True)
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(draws_arr[np.isfinite(draws_arr)], [alpha, 1.0 - alpha])
-    return Interval(value, float(min(low, value)), float(max(high, value)), level, "bootstrap", n)
+    out = {}
+    for name, statistic in statistics.items():
+        draws = np.asarray(statistic(resampled), dtype=np.float64).reshape(-1)
+        value = float(np.asarray(statistic(full)).reshape(-1)[0])
+        low, high = np.quantile(draws[np.isfinite(draws)], [alpha, 1.0 - alpha])
+        out[name] = Interval(value, float(min(low, value)), float(max(high, value)), level, "bootstrap", n)
+    return out
 
 
 def fraction_interval(successes: Sequence[int] | np.ndarray, n: int, *, level: float = LEVEL) -> Interval:
