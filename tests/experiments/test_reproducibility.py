@@ -180,6 +180,18 @@ def test_presets_are_valid():
     assert paper.num_samples == 10_000 and paper.sample_seed_start == 100000
 
 
+def test_three_seeds_give_seed_intervals_and_same_width_rp(tmp_path, stand_in_stack):
+    assert study.PRESETS["seeds"]().train_seeds == (0, 1, 2)
+    assert dataclasses.replace(study.PRESETS["seeds"](), train_seeds=(0,)) == study.PRESETS["quick"]()
+    config = config_from_preset(study.PRESETS, "tiny", ["num_samples=8", "grid_samples=0", "sampler_steps=4",
+                                                         "sizes=8,512", "train_seeds=0,1,2"])
+    results = study.run(config, tmp_path, hooks=stand_in_stack().hooks(), progress=False)
+    for curve in results["curves"].values():
+        assert curve["gl_method"] == "seeds-t" and curve["rp_seeds_method"] == "seeds-t"
+        assert all(v is not None for v in curve["rp_seeds"])  # three same-width pairs per N
+    assert sum(p["kind"] == "seeds" for p in results["pairs"]) == 2 * 2 * 3
+
+
 def test_torchscript_descriptor_uses_the_paper_threshold(tmp_path, stand_in_stack):
     import torch
 
