@@ -319,7 +319,7 @@ def _row_interval(row: dict, key: str) -> intervals.Interval:
 
 
 def _extreme(rows: list[dict], key: str, worst) -> dict | None:
-    """The row whose ``key`` interval end is worst (``worst``: max or min over ``(end, row)``)."""
+    """The row with the worst ``key`` (``worst``: ``max`` or ``min``), None without rows."""
     return worst(rows, key=lambda r: r[key]) if rows else None
 
 
