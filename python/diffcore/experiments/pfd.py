@@ -349,9 +349,9 @@ def student_params(config: PFDConfig, width: int) -> int:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per width and N: E_gen, E_mem and PFD(teacher, empirical) over the training seeds with 95%
-    intervals (seeds-t across 3+ seeds; with fewer, the bootstrap over noises of the one student, or
-    the mean of the two seeds' bootstrap ends, labelled). Keyed by width (a string); each entry has
+    """Per width and N: E_gen, E_mem over the training seeds with 95% intervals (seeds-t across 3+
+    seeds; with fewer, the bootstrap over noises of the one student, or the mean of the two seeds'
+    bootstrap ends, labelled), and PFD(teacher, empirical) with its bootstrap over the noises. Keyed by width (a string); each entry has
     ``N``, ``params`` and for every measure ``key``, ``key_low``, ``key_high``."""
     out: dict = {}
     for width in sorted({r["width"] for r in rows}):
@@ -361,7 +361,10 @@ def summarize(rows: list[dict]) -> dict:
             entry["N"].append(n)
             entry["params"], entry["n_seeds"] = at[0]["params"], len(at)
             for key in ("e_gen", "e_mem", "pfd_teacher_empirical"):
-                interval = _over_seeds([r[key] for r in at], at, key)
+                # the teacher and the empirical denoiser do not depend on the training seed: their
+                # PFD's interval is the bootstrap over the noises
+                rows_for = at[:1] if key == "pfd_teacher_empirical" else at
+                interval = _over_seeds([r[key] for r in rows_for], rows_for, key)
                 for suffix, value in (("", interval.value), ("_low", interval.low), ("_high", interval.high)):
                     entry.setdefault(key + suffix, []).append(value)
                 entry.setdefault(key + "_method", interval.method)
