@@ -10,6 +10,7 @@ import torch
 
 from diffcore.experiments import reproducibility as study
 from diffcore.experiments.base import config_from_preset, unit_timings
+from diffcore.metrics import intervals as iv
 
 # N = 96 lies between the capacities of the two widths (64 and 128 images): width 4 generalizes there
 # while width 8 still memorizes.
@@ -72,6 +73,57 @@ def test_direction_of_the_effect(finished_run):
             assert pair["rp"] >= 0.8, pair
 
 
+def test_every_headline_number_has_its_interval(finished_run):
+    """GL, memorized fraction and RP carry Wilson intervals over the 16 samples; RP is recorded at a
+    grid of thresholds around the one used; each property is a claim decided on the intervals."""
+    _, results, _ = finished_run
+    num = _config().num_samples
+    for row in results["models"]:
+        for key in ("gl", "memorized_ratio", "rp_empirical"):
+            expect = iv.wilson_interval(round(row[key] * num), num)
+            assert (row[f"{key}_low"], row[f"{key}_high"]) == pytest.approx((expect.low, expect.high))
+    grid = results["threshold_grid"]
+    assert len(grid) == len(study.THRESHOLD_GAP_FACTORS) and max(grid) < 1.0
+    used = grid.index(results["threshold"])
+    for pair in results["pairs"]:
+        assert pair["rp_low"] <= pair["rp"] <= pair["rp_high"] and pair["rp_grid"][used] == pair["rp"]
+        assert pair["rp_grid"] == sorted(pair["rp_grid"], reverse=True)  # a higher threshold reproduces less
+        assert pair["similarity_mean_low"] <= pair["similarity_mean"] <= pair["similarity_mean_high"]
+    # two seeds: the curves pool the seeds' samples (Wilson over 2 x 16)
+    curve = results["curves"]["4"]
+    assert curve["gl_method"] == "wilson-pooled" and all(
+        lo <= v <= hi for v, lo, hi in zip(curve["gl"], curve["gl_low"], curve["gl_high"]))
+    by_threshold = results["cross_width"]["rp_by_threshold"]
+    assert [e["threshold"] for e in by_threshold] == grid and all("dip" in e for e in by_threshold)
+    props = results["figure_properties"]
+    assert props == study.figure_properties(results)
+    for name, record in props.items():
+        assert isinstance(record["holds"], bool), name
+    # the width-8 stand-in still memorizes at N = 96, where width 4 generalizes
+    assert props["wider_memorizes_longer"]["holds"], props["wider_memorizes_longer"]
+
+
+def test_figure_properties_decide_on_intervals():
+    """Synthetic curves: a dip of 0.25 over 256 samples holds, the same dip over 8 samples does not."""
+    def results(num, gl_small):
+        sizes = [16, 64, 256]
+        models = [{"width": w, "n": n, "seed": 0, "gl": g, "memorized_ratio": 1 - g, "rp_empirical": 1 - g}
+                  for w, gls in ((8, (gl_small, 0.9, 1.0)), (16, (gl_small, 0.4, 1.0))) for n, g in zip(sizes, gls)]
+        pairs = [{"n": n, "kind": "widths", "width_a": 8, "width_b": 16, "rp": rp, "rp_grid": [rp],
+                  "similarity_mean": rp}
+                 for n, rp in zip(sizes, (0.75, 0.5, 0.75))]
+        out = {"config": {"num_samples": num}, "models": models, "pairs": pairs, "threshold_grid": [0.9]}
+        out.update(study.summarize(out))
+        return study.figure_properties(out)
+
+    many, few = results(256, 0.0), results(8, 0.0)
+    assert many["rp_dips_at_transition"]["holds"] and not few["rp_dips_at_transition"]["holds"]
+    assert many["memorizes_at_smallest_n"]["holds"] and not few["memorizes_at_smallest_n"]["holds"]
+    assert many["wider_less_generalized_somewhere"] == {"holds": True, "widths": [8, 16], "at_n": [64]}
+    assert not results(256, 0.08)["memorizes_at_smallest_n"]["holds"]  # 0.08 of 256: upper end above 0.1
+    assert many["generalizes_at_largest_n"]["holds"] and not few["generalizes_at_largest_n"]["holds"]
+
+
 def test_rerun_reuses_everything(finished_run, stand_in_stack):
     StandInStack = stand_in_stack
 
@@ -127,6 +179,18 @@ def test_presets_are_valid():
     paper = study.PRESETS["paper"]()
     assert paper.widths == (64, 128, 256) and paper.sizes[0] == 64 and paper.sizes[-1] == 2 ** 14
     assert paper.num_samples == 10_000 and paper.sample_seed_start == 100000
+
+
+def test_three_seeds_give_seed_intervals_and_same_width_rp(tmp_path, stand_in_stack):
+    assert study.PRESETS["seeds"]().train_seeds == (0, 1, 2)
+    assert dataclasses.replace(study.PRESETS["seeds"](), train_seeds=(0,)) == study.PRESETS["quick"]()
+    config = config_from_preset(study.PRESETS, "tiny", ["num_samples=8", "grid_samples=0", "sampler_steps=4",
+                                                         "sizes=8,512", "train_seeds=0,1,2"])
+    results = study.run(config, tmp_path, hooks=stand_in_stack().hooks(), progress=False)
+    for curve in results["curves"].values():
+        assert curve["gl_method"] == "seeds-t" and curve["rp_seeds_method"] == "seeds-t"
+        assert all(v is not None for v in curve["rp_seeds"])  # three same-width pairs per N
+    assert sum(p["kind"] == "seeds" for p in results["pairs"]) == 2 * 2 * 3
 
 
 def test_torchscript_descriptor_uses_the_paper_threshold(tmp_path, stand_in_stack):

@@ -48,6 +48,28 @@ def test_generalizing_model_is_closer_to_the_gaussian(tiny_run):
     assert by_n[large]["pfd_model_gaussian"] < by_n[small]["pfd_model_gaussian"]
 
 
+def test_intervals_claims_and_the_distillation_control(tiny_run):
+    """Every per-sigma measure has its bootstrap interval; the claims are decided on the paired gap;
+    the same least-squares fit recovers the Gaussian denoiser's own W (the control's zero)."""
+    _, _, results = tiny_run
+    for row in results["curves"]:
+        for key in ("dist_gaussian_train", "dist_empirical", "gap_train", "linearity_image"):
+            assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], (key, row["sigma"])
+        assert row["gap_train"] == pytest.approx(row["dist_gaussian_train"] - row["dist_empirical_train"])
+        if row["distill_condition"] < 1e8:
+            assert row["distill_w_error_gaussian"] < 1e-4, row  # float32 outputs: 1e-6 level
+    for m in results["models"]:
+        assert m["pfd_model_gaussian_low"] <= m["pfd_model_gaussian"] <= m["pfd_model_gaussian_high"]
+    props = results["effect_properties"]
+    assert props == study.effect_properties(results)
+    # the stand-ins: the N = 512 model is the Gaussian denoiser (gap = -dist_empirical < 0), the
+    # N = 16 one the empirical denoiser (gap = dist_gaussian > 0)
+    assert props["largest_n_closer_to_gaussian"]["holds"] and props["smallest_n_closer_to_empirical"]["holds"]
+    assert props["largest_n_closer_to_gaussian"]["worst"]["gap_train"]["high"] < 0
+    cap = results["capacity"]
+    assert cap["widths"]["4"]["n"] == [16, 512] and cap["sigma"] == pytest.approx(1.0, rel=0.6)
+
+
 def test_measurements_on_known_maps():
     torch.manual_seed(0)
     x = torch.randn(200, 1, 3, 3)
@@ -67,7 +89,7 @@ def test_measurements_on_known_maps():
 def test_outputs_and_resume(tiny_run):
     out, stack, results = tiny_run
     for name in ("results.json", "curves.csv", "samples.csv", "linearity.png", "distance.png",
-                 "distillation.png", "samples.png", "timings.json"):
+                 "distillation.png", "capacity.png", "samples.png", "timings.json"):
         assert (out / name).stat().st_size > 0
     assert len(results["curves"]) == 2 * study.PRESETS["tiny"]().num_sigmas
     trained = stack.calls["train"]

@@ -82,3 +82,35 @@ def test_rerun_reuses_every_unit(tiny_run):
     assert again == results
     timings = json.loads((out / "timings.json").read_text())
     assert sum(kind["reused"] for kind in timings["units"].values()) == len(results["runs"])
+
+
+
+def test_tiny_run_has_intervals_and_per_class_counts(tiny_run):
+    _, results = tiny_run
+    for row in results["runs"]:
+        assert 0 <= row["per_class_min"] <= row["per_class_max"] <= row["N"]
+        for key in ("on_union", "union_distance_median"):
+            assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], (key, row)
+    assert {e["draws"] for e in results["summary"]} == {1}
+    props = results["effect_properties"]
+    assert props == study.effect_properties(results)
+    # one data draw: no exponent of N* against d can carry an interval, so that claim does not hold
+    assert not props["n_star_grows_with_d"]["holds"] and "reason" in props["n_star_grows_with_d"]
+
+
+def test_transition_exponent_on_known_counts():
+    """N* proportional to d (per-class counts crossing the level at 2 d): exponent 1 in every draw."""
+    rows = []
+    for seed in (0, 1, 2):
+        for d in (2, 4, 8):
+            for count in (d // 2, d, 4 * d, 8 * d):
+                error = 0.9 if count < 2 * d else 0.1
+                rows.append({"model": "subspace", "d": d, "N": 2 * count, "data_seed": seed,
+                             "per_class_min": count, "recovery_error": error})
+    got = study.transition(rows, 0.5)
+    for draw in got["per_draw"]:
+        assert draw["exponent"] == pytest.approx(1.0)
+        # halfway between counts d and 4 d in log: 2 d
+        assert draw["n_star"]["4"] == pytest.approx(8.0)
+    assert study._crossing_below([0, 2], [0.9, 0.1], 0.5) == pytest.approx(1.0)  # an empty class: linear
+    assert study._crossing_below([1, 2], [0.9, 0.8], 0.5) is None

@@ -39,7 +39,7 @@ def test_registered_and_default_empirical_denoiser():
 
 def test_e_gen_falls_and_e_mem_rises_with_n(tiny_run):
     _, results = tiny_run
-    s = results["summary"]
+    s = results["summary"]["64"]
     assert s["N"] == sorted(s["N"])
     assert s["e_gen"][-1] < s["e_gen"][0]
     assert s["e_mem"][-1] > s["e_mem"][0]
@@ -87,3 +87,47 @@ def test_bad_config_is_refused(tmp_path):
     cfg = dataclasses.replace(study.PRESETS["tiny"](), teacher_flow="exact")
     with pytest.raises(ValueError, match="teacher_flow"):
         study.run(cfg, tmp_path, hooks=study.PFDHooks(reference_empirical), progress=False)
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pfd-sweep")
+    return study.run_preset("tiny-sweep", out, progress=False, hooks=study.PFDHooks(reference_empirical))
+
+
+def test_sweep_intervals_bias_variance_and_claims(sweep_run):
+    """Two widths x three seeds: seeds-t intervals, the bias-variance split adds up to the seeds'
+    mean E_gen^2, the transition per seed on both axes, the claims decided on intervals."""
+    results = sweep_run
+    cfg = study.PRESETS["tiny-sweep"]()
+    for width, entry in results["summary"].items():
+        assert entry["e_gen_method"] == "seeds-t" and entry["params"] == study.student_params(cfg, int(width))
+        assert all(lo <= v <= hi for v, lo, hi in zip(entry["e_gen"], entry["e_gen_low"], entry["e_gen_high"]))
+    for bv in results["bias_variance"]:
+        e2 = [r["e_gen"] ** 2 for r in results["students"] if r["width"] == bv["width"] and r["N"] == bv["N"]]
+        assert bv["bias2"] + bv["variance"] == pytest.approx(sum(e2) / len(e2), rel=1e-6)
+        assert bv["variance"] > 0 and bv["bias2_low"] <= bv["bias2"] <= bv["bias2_high"]
+    assert len(results["bias_variance"]) == len(cfg.widths) * len(cfg.sizes)
+    per_seed = results["transition"]["per_seed"]
+    assert [p["seed"] for p in per_seed] == list(cfg.train_seeds)
+    props = results["effect_properties"]
+    assert props == study.effect_properties(results)
+    assert set(props) == {"e_gen_falls_with_n", "e_mem_rises_with_n", "transition_aligns_on_n_over_sqrt_params",
+                          "early_learning_dip"}
+    # the direction the tiny students show with their intervals: E_gen falls, E_mem rises with N
+    assert props["e_gen_falls_with_n"]["holds"] and props["e_mem_rises_with_n"]["holds"]
+    # the curve: the width-64 student at N = 2, every checkpoint with its interval
+    assert {p["width"] for p in results["curve"]} == {64}
+    assert all(p["e_gen_low"] <= p["e_gen"] <= p["e_gen_high"] for p in results["curve"])
+
+
+def test_transition_crossing_on_known_curves():
+    assert study._crossing([4, 16, 64], [1.0, 0.5, 0.2], [0.2, 0.5, 0.6]) == pytest.approx(16.0)
+    assert study._crossing([4, 16], [1.0, 0.9], [0.2, 0.3]) is None
+    rows = [{"width": w, "params": p, "N": n, "seed": 0, "e_gen": g, "e_mem": m}
+            for w, p, curve in ((8, 64, ((4, 1.0, 0.0), (16, 0.0, 1.0))), (32, 1024, ((4, 1.0, 0.0), (64, 0.0, 1.0))))
+            for n, g, m in curve]
+    got = study.transition(rows)["per_seed"][0]
+    # N* = 8 and 16: spread of log2 N* is 0.5; on N / sqrt(params) the points are 1 and 0.5: also 0.5
+    assert got["n_star"] == {"8": pytest.approx(8.0), "32": pytest.approx(16.0)}
+    assert got["spread_n"] == pytest.approx(0.5) and got["spread_scaled"] == pytest.approx(0.5)

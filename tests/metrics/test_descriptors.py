@@ -3,7 +3,6 @@ without its kind is refused, and descriptor files never unpickle (malicious file
 from __future__ import annotations
 
 import io
-import json
 import os
 import zipfile
 

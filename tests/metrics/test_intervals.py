@@ -55,3 +55,39 @@ def test_decisions_on_intervals():
     assert not iv.dips([lo, hi, hi])["holds"]  # minimum at an end is no dip
     rec = iv.claim(True, dip=lo, note="x")
     assert rec["holds"] is True and rec["dip"]["low"] == 0.05 and rec["note"] == "x"
+
+
+def test_bootstrap_sums_matches_the_row_bootstrap_of_a_ratio():
+    rng = np.random.default_rng(2)
+    rows = np.stack([rng.gamma(2.0, 1.0, 300), rng.gamma(4.0, 1.0, 300)], axis=1)  # [n, 2]
+    ratio = lambda s: np.sqrt(s[:, 0] / s[:, 1])  # noqa: E731
+    fast = iv.bootstrap_sums(rows, ratio)
+    slow = iv.bootstrap_interval(rows, lambda a: float(np.sqrt(a[:, 0].sum() / a[:, 1].sum())))
+    assert fast.value == pytest.approx(math.sqrt(rows[:, 0].sum() / rows[:, 1].sum()))
+    # the same estimator, different resampling draws: ends agree to a small share of the width
+    assert abs(fast.low - slow.low) < 0.15 * (slow.high - slow.low)
+    assert abs(fast.high - slow.high) < 0.15 * (slow.high - slow.low)
+    assert fast == iv.bootstrap_sums(rows, ratio) and fast.method == "bootstrap" and fast.n == 300
+    with pytest.raises(ValueError, match="rows"):
+        iv.bootstrap_sums(np.zeros((0, 2)), ratio)
+
+
+def test_fraction_interval_follows_the_seed_rule():
+    one = iv.fraction_interval([30], 100)
+    assert one == iv.wilson_interval(30, 100)
+    two = iv.fraction_interval([30, 40], 100)
+    assert two.method == "wilson-pooled" and two.value == pytest.approx(0.35) and two.n == 200
+    three = iv.fraction_interval([30, 40, 50], 100)
+    assert three.method == "seeds-t" and three.value == pytest.approx(0.4)
+    assert iv.flat("gl", one) == {"gl": one.value, "gl_low": one.low, "gl_high": one.high}
+
+
+def test_bootstrap_sums_each_pairs_the_statistics():
+    rng = np.random.default_rng(3)
+    a = rng.normal(1.0, 1.0, 200)
+    rows = np.stack([a, a + 0.05 + rng.normal(0, 0.01, 200)], axis=1)
+    got = iv.bootstrap_sums_each(rows, {"a": lambda s: s[:, 0] / 200, "b": lambda s: s[:, 1] / 200,
+                                        "diff": lambda s: (s[:, 1] - s[:, 0]) / 200})
+    # unpaired, the two means overlap; paired on the same resamples, the difference is clearly > 0
+    assert not iv.clearly_above(got["b"], got["a"]) and got["diff"].low > 0.04
+    assert got["a"] == iv.bootstrap_sums(rows, lambda s: s[:, 0] / 200)

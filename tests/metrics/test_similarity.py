@@ -58,7 +58,7 @@ def test_uint8_images_map_to_unit_range():
     torch.testing.assert_close(PixelL2().embed(u8), PixelL2().embed(u8.float() / 127.5 - 1))
 
 
-def test_torchscript_feature_extractor(tmp_path):
+def test_scripted_feature_extractor_and_its_neighbours(tmp_path):
     class Pool(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.avg_pool2d(x, 2).flatten(1) + 1.0

@@ -51,7 +51,7 @@ def test_nonfinite_denoiser_output_names_step_and_sigma(solver, bad, gaussian):
         out = gaussian(x, s)
         return out * bad if float(s[0]) <= threshold * 1.0001 else out
 
-    with pytest.raises(FloatingPointError, match=rf"step (2|3) \(sigma .*\).*denoiser"):
+    with pytest.raises(FloatingPointError, match=r"step (2|3) \(sigma .*\).*denoiser"):
         S.SOLVERS[solver](breaks_at_low_noise, _x(), sigmas)
 
 

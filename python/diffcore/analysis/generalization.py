@@ -25,12 +25,17 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                                                  b.reshape(b.shape[0], -1).double(), dim=1)
 
 
-def linearity_score(denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> float:
-    """Mean cosine between ``D(a x1 + b x2)`` and ``a D(x1) + b D(x2)`` (a = b = 1/sqrt(2));
-    ``x1, x2`` [B, C, H, W] (or [B, n]), ``denoiser(x, sigma)`` of the same shape."""
+def linearity_cosines(denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``[B]`` cosines between ``D(a x1 + b x2)`` and ``a D(x1) + b D(x2)`` (a = b = 1/sqrt(2)) for
+    input pairs ``x1, x2`` [B, C, H, W] (or [B, n]), ``denoiser(x, sigma)`` of the same shape."""
     with torch.no_grad():
         d1, d2, dm = denoiser(x1, sigma), denoiser(x2, sigma), denoiser(A * x1 + B * x2, sigma)
-    return float(_cosine(dm, A * d1 + B * d2).mean())
+    return _cosine(dm, A * d1 + B * d2)
+
+
+def linearity_score(denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> float:
+    """The linearity score: the mean of :func:`linearity_cosines`."""
+    return float(linearity_cosines(denoiser, x1, x2, sigma).mean())
 
 
 def relative_distance(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -99,11 +99,14 @@ EDM_SIGMA_LOGNORMAL = (EDMLoss().P_mean, EDMLoss().P_std)
 
 
 def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, float] = EDM_SIGMA_LOGNORMAL,
-                target: tuple[str, float] = ("clean", 0.0)) -> dict:
+                target: tuple[str, float] = ("clean", 0.0),
+                log_uniform: tuple[float, float, float] = (0.0, 0.002, 80.0)) -> dict:
     """The recipe fields of a model spec, only those that differ from EDM without augmentation
     (so the specs, and the finished units, of studies that use neither stay as they were).
     ``sigma_lognormal``: ``(P_mean, P_std)`` of the training noise levels (EDM preconditioning only).
-    ``target``: the EDM loss's ``(target, target_sigma_min)`` (``diffcore.train.loss.EDMLoss``)."""
+    ``target``: the EDM loss's ``(target, target_sigma_min)`` (``diffcore.train.loss.EDMLoss``).
+    ``log_uniform``: ``(fraction, sigma_lo, sigma_hi)``, the share of training noise levels drawn
+    log-uniform over ``[sigma_lo, sigma_hi]`` (EDMLoss's ``log_uniform_fraction``; 0: none)."""
     if precond not in PRECONDITIONINGS:
         raise ValueError(f"precond: expected one of {', '.join(PRECONDITIONINGS)}, got {precond!r}")
     if not 0 <= augment_p <= 1:
@@ -118,7 +121,17 @@ def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, fl
     return {**({"precond": precond} if precond != "edm" else {}),
             **({"augment_p": augment_p} if augment_p > 0 else {}),
             **({"sigma_lognormal": list(sigma_lognormal)} if custom_sigmas else {}),
-            **_target_spec(precond, augment_p, *target)}
+            **_target_spec(precond, augment_p, *target), **_log_uniform_spec(precond, *log_uniform)}
+
+
+def _log_uniform_spec(precond: str, fraction: float, lo: float, hi: float) -> dict:
+    """``{"sigma_log_uniform": [fraction, lo, hi]}`` when a share of the noise levels is log-uniform."""
+    if not fraction:
+        return {}
+    EDMLoss(log_uniform_fraction=fraction, log_uniform_range=(lo, hi))
+    if precond != "edm":
+        raise ValueError(f"log_uniform: only EDM preconditioning takes a log-uniform share, got precond {precond!r}")
+    return {"sigma_log_uniform": [float(fraction), float(lo), float(hi)]}
 
 
 def _target_spec(precond: str, augment_p: float, target: str, sigma_min: float) -> dict:
@@ -140,11 +153,12 @@ def model_unit_spec(config: Any, width: int, n: int, seed: int) -> dict:
     c = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     sigma_lognormal = (c["sigma_p_mean"], c["sigma_p_std"]) if "sigma_p_mean" in c else EDM_SIGMA_LOGNORMAL
     target = (c["train_target"], c["target_sigma_min"]) if "train_target" in c else ("clean", 0.0)
+    log_uniform = (c["sigma_log_uniform"], c["sigma_min"], c["sigma_max"]) if c.get("sigma_log_uniform") else (0.0, 0.002, 80.0)
     return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
             "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
             "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
             "lr_warmup_images": c["lr_warmup_images"], **base.data_digest(c["data_root"]),
-            **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target)}
+            **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target, log_uniform)}
 
 
 @dataclass
@@ -207,6 +221,9 @@ def _loss_options(spec: dict) -> dict:
     options = {key: spec[key] for key in ("target", "target_sigma_min") if key in spec}
     if "sigma_lognormal" in spec:
         options["P_mean"], options["P_std"] = spec["sigma_lognormal"]
+    if "sigma_log_uniform" in spec:
+        fraction, lo, hi = spec["sigma_log_uniform"]
+        options["log_uniform_fraction"], options["log_uniform_range"] = fraction, [lo, hi]
     return options
 
 

@@ -23,6 +23,9 @@ from diffcore.models.vector import SubspaceDenoiser
 from diffcore.train.loss import EDMLoss
 
 
+_PROPOSAL_KEYS = ("P_mean", "P_std", "sigma_data", "log_uniform_fraction", "log_uniform_range")
+
+
 @dataclass
 class TrainLog:
     """Losses (mean per logging window) and the snapshots taken at the requested steps."""
@@ -34,7 +37,8 @@ class TrainLog:
 
 def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_size: int = 128,
                    lr: float = 1e-3, seed: int = 0, P_mean: float = -1.2, P_std: float = 1.2,
-                   sigma_data: float = 0.5, snapshot_steps=(), log_every: int = 50) -> TrainLog:
+                   sigma_data: float = 0.5, snapshot_steps=(), log_every: int = 50,
+                   log_uniform_fraction: float = 0.0, log_uniform_range=(0.002, 80.0)) -> TrainLog:
     """Denoising score matching of ``model`` on ``data [N, n]`` (EDM Eq. 8), Adam, in place.
 
     Each step draws a batch (with replacement when N < batch_size, else a reshuffled epoch
@@ -43,7 +47,8 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_si
     is kept (step 0 = the initial weights).
     """
     g = torch.Generator().manual_seed(seed)
-    loss_fn = EDMLoss(P_mean, P_std, sigma_data)
+    loss_fn = EDMLoss(P_mean, P_std, sigma_data, log_uniform_fraction=log_uniform_fraction,
+                      log_uniform_range=log_uniform_range)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     data = data.float()
     n = data.shape[0]
@@ -89,11 +94,13 @@ def data_sigma(data: torch.Tensor) -> float:
 
 
 def dsm_loss(model: nn.Module, data: torch.Tensor, *, seed: int = 0, draws: int = 8, P_mean: float = -1.2,
-             P_std: float = 1.2, sigma_data: float = 0.5) -> float:
+             P_std: float = 1.2, sigma_data: float = 0.5, log_uniform_fraction: float = 0.0,
+             log_uniform_range=(0.002, 80.0)) -> float:
     """The EDM-weighted denoising loss of ``model`` on ``data [N, n]`` with fixed seeded noise
     (``draws`` noise levels per point): comparable across models, used to pick among restarts."""
     g = torch.Generator().manual_seed(seed)
-    loss_fn = EDMLoss(P_mean, P_std, sigma_data)
+    loss_fn = EDMLoss(P_mean, P_std, sigma_data, log_uniform_fraction=log_uniform_fraction,
+                      log_uniform_range=log_uniform_range)
     x0 = data.float().repeat(draws, 1)
     sigma = loss_fn.sample_sigma(x0.shape[0], g, x0.device)
     noise = torch.randn(x0.shape, generator=g)
@@ -111,8 +118,7 @@ def train_subspace_denoiser(data: torch.Tensor, num_components: int, latent_dim:
     for r in range(restarts):
         model = SubspaceDenoiser(num_components, data.shape[1], latent_dim, seed=seed * 1000 + r)
         train_denoiser(model, data, seed=seed * 1000 + r, **train_kwargs)
-        loss = dsm_loss(model, data, seed=seed, P_mean=train_kwargs.get("P_mean", -1.2),
-                        P_std=train_kwargs.get("P_std", 1.2), sigma_data=train_kwargs.get("sigma_data", 0.5))
+        loss = dsm_loss(model, data, seed=seed, **{k: v for k, v in train_kwargs.items() if k in _PROPOSAL_KEYS})
         losses.append(loss)
         if best is None or loss < min(losses[:-1]):
             best = model

@@ -743,10 +743,7 @@ def write_outputs(root: Path, results: dict, curves: dict) -> None:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     return plt
 

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import math
+
+import numpy as np
 import torch
 
 from diffcore import analysis
@@ -39,6 +42,7 @@ from diffcore.experiments import base
 from diffcore.models import vector
 from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
+from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class MoLRGConfig:
     latent_dims: tuple[int, ...] = (2, 4)         # d (one curve each)
     ratios: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16)  # N / d
     data_seed: int = 0
+    data_seeds: tuple[int, ...] = ()              # data draws per grid point (intervals across them); (): (data_seed,)
+    mlp_draws: int = 0                            # the MLP on the first this many draws (0: all)
     models: tuple[str, ...] = ("subspace", "mlp")
     # subspace denoiser
     subspace_steps: int = 600
@@ -66,7 +72,9 @@ class MoLRGConfig:
     batch_size: int = 128
     P_mean: float = -0.5                          # ln sigma ~ N(P_mean, P_std^2) (EDM uses -1.2, 1.2)
     P_std: float = 1.0
+    sigma_log_uniform: float = 0.0                # share of training noise levels log-uniform over [sigma_min, sigma_max]
     train_seed: int = 0
+    recovery_threshold: float = 0.5               # N*: the per-class count where recovery_error falls below this
     # evaluation
     num_samples: int = 256
     sample_seed_start: int = 100000
@@ -77,6 +85,9 @@ class MoLRGConfig:
     threshold: float | None = 0.99                # centered cosine; None: calibrated on the fresh pool
     rank_samples: int = 8
 
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(self.data_seeds) or (self.data_seed,)
+
     def sizes(self, d: int) -> list[int]:
         return sorted({max(2, int(round(r * d))) for r in self.ratios})
 
@@ -86,7 +97,8 @@ class MoLRGConfig:
         if max(self.latent_dims) > self.ambient_dim:
             raise base.ConfigError(f"latent_dims: expected values <= ambient_dim = {self.ambient_dim}, "
                                    f"got {self.latent_dims}")
-        base.check_seed_range("data_seed", self.data_seed, max(self.latent_dims) + 1)
+        for seed in self.seeds():
+            base.check_seed_range("data_seeds", _data_seed(seed, 0), max(self.latent_dims) + 1)
         base.check_seed_range("sample_seed_start", self.sample_seed_start,
                               max(self.num_samples, self.rank_samples, self.calibration_pool))
         base.check_sigmas(self.sigma_min, self.sigma_max)
@@ -105,13 +117,25 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "sigma_min": base.sigma, "sigma_max": base.sigma,
     "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
     "threshold": base.optional(base.number(-1, 1)),  # a cosine
-    "rank_samples": _POSITIVE,
+    "rank_samples": _POSITIVE, "data_seeds": base.tuple_of(base.seed, min_len=0), "mlp_draws": base.integer(0),
+    "sigma_log_uniform": base.number(0, 1), "recovery_threshold": base.number(0, 1, lo_open=True),
 }
 
 
+def _data_seed(seed: int, d: int) -> int:
+    """The generator seed of the data of draw ``seed`` at latent dimension d (seed 0: d, as before)."""
+    return seed * 1009 + d
+
+
 def _quick() -> MoLRGConfig:
-    """About 3-5 minutes on a 2-core CPU (see docs/studies.md for the measured time)."""
-    return MoLRGConfig()
+    """Minutes on a 2-core CPU (docs/studies.md has the measured CPU time): d = 2, 4, 8, N/d from 0.5
+    to 8, three data draws per grid point (intervals across them) for the subspace model (best of 3
+    restarts), the MLP on the first draw (Wilson intervals over its samples); training noise levels
+    half EDM-style lognormal, half log-uniform over the sampled [0.002, 80] (issue 27). The grid,
+    restarts and MLP draws were cut from 6 ratios, 5 restarts and 3 draws by the measured CPU cost
+    (about 410 CPU-seconds, past the 5-minute budget), before any outcome was looked at."""
+    return MoLRGConfig(latent_dims=(2, 4, 8), ratios=(0.5, 1, 2, 4, 8), data_seeds=(0, 1, 2), mlp_draws=1,
+                       subspace_restarts=3, sigma_log_uniform=0.5)
 
 
 def _tiny() -> MoLRGConfig:
@@ -152,15 +176,22 @@ def sample_metrics(samples: torch.Tensor, train: torch.Tensor, bases: torch.Tens
 
     dist = analysis.distance_to_union(samples, bases)
     on_union = dist < ON_UNION_TOLERANCE
-    out = {"union_distance_median": float(dist.median()), "union_distance_mean": float(dist.mean()),
-           "on_union": float(on_union.double().mean())}
+    num = samples.shape[0]
+    median = intervals.bootstrap_interval(dist.double().cpu().numpy(), lambda a: float(np.median(a)), resamples=500)
+    out = {**intervals.flat("union_distance_median", median), "union_distance_mean": float(dist.mean()),
+           **_wilson("on_union", int(on_union.sum()), num)}
     if train.shape[0] >= 2:
         mem = metrics.memorization_ratio(samples, train, knn=_stack.knn)
         gl = metrics.gl_score(samples, train, metrics.get_similarity("cosine"), threshold, knn=_stack.knn)
         novel = mem.ratio >= mem.threshold
-        out.update(memorized=mem.fraction, gl=gl.score,
-                   generalized=float((novel & on_union.to(novel.device)).double().mean()))
+        out.update(**_wilson("memorized", int(round(mem.fraction * num)), num),
+                   **_wilson("gl", int(round(gl.score * num)), num),
+                   **_wilson("generalized", int((novel & on_union.to(novel.device)).sum()), num))
     return out
+
+
+def _wilson(name: str, successes: int, num: int) -> dict:
+    return intervals.flat(name, intervals.wilson_interval(successes, num))
 
 
 # ----------------------------------------------------------------------------- study
@@ -171,13 +202,14 @@ class _Study:
         self.ws = Workspace(out)
         self.progress = progress
 
-    def data(self, d: int):
+    def data(self, d: int, seed: int):
+        """``(data [P, n], labels [P], bases [K, n, d])`` of draw ``seed`` at latent dimension d."""
         from diffcore.data import molrg
 
         c = self.c
         sample = molrg(c.num_components, c.ambient_dim, d, max(c.sizes(d)) + c.calibration_pool,
-                       seed=c.data_seed + d)
-        return sample.data, sample.bases
+                       seed=_data_seed(seed, d))
+        return sample.data, sample.labels, sample.bases
 
     def threshold(self, pool: torch.Tensor) -> float:
         from diffcore import metrics
@@ -185,13 +217,13 @@ class _Study:
 
         return metrics.calibrate_threshold(pool, metrics.get_similarity("cosine"), knn=_stack.knn)
 
-    def model_unit(self, kind: str, d: int, n_train: int, train: torch.Tensor, bases, threshold):
+    def model_unit(self, kind: str, d: int, n_train: int, seed: int, train: torch.Tensor, bases, threshold):
         c = self.c
         spec = {"kind": kind, "K": c.num_components, "n": c.ambient_dim, "d": d, "N": n_train,
-                "data_seed": c.data_seed, "train_seed": c.train_seed, "batch_size": c.batch_size,
-                "P_mean": c.P_mean, "P_std": c.P_std, "num_samples": c.num_samples,
+                "data_seed": seed, "train_seed": c.train_seed, "batch_size": c.batch_size,
+                "P_mean": c.P_mean, "P_std": c.P_std, **self.log_uniform_spec(), "num_samples": c.num_samples,
                 "sample_seed_start": c.sample_seed_start, "sampler_steps": c.sampler_steps,
-                "threshold": threshold}
+                "threshold": threshold, "intervals": "wilson; bootstrap median"}
         if kind == "subspace":
             spec.update(steps=c.subspace_steps, lr=c.subspace_lr, restarts=c.subspace_restarts)
         else:
@@ -210,9 +242,13 @@ class _Study:
                             mean_angle_deg=rec.mean_angle_deg)
             return meta
 
-        unit = self.ws.run_unit("model", f"{kind}-d{d}-N{n_train}", spec, produce)
+        unit = self.ws.run_unit("model", f"{kind}-d{d}-N{n_train}" + (f"-data{seed}" if seed else ""), spec, produce)
         self.ws.record(unit)
         return unit
+
+    def log_uniform_spec(self) -> dict:
+        c = self.c
+        return {"sigma_log_uniform": [c.sigma_log_uniform, c.sigma_min, c.sigma_max]} if c.sigma_log_uniform else {}
 
     def build(self, kind: str, d: int, train: torch.Tensor):
         c = self.c
@@ -223,7 +259,8 @@ class _Study:
     def train(self, kind: str, d: int, train: torch.Tensor):
         c = self.c
         common = dict(batch_size=c.batch_size, P_mean=c.P_mean, P_std=c.P_std,
-                      sigma_data=_vector.data_sigma(train))
+                      sigma_data=_vector.data_sigma(train), log_uniform_fraction=c.sigma_log_uniform,
+                      log_uniform_range=(c.sigma_min, c.sigma_max))
         if kind == "subspace":
             model, info = _vector.train_subspace_denoiser(train, c.num_components, d, restarts=c.subspace_restarts,
                                                           seed=c.train_seed, steps=c.subspace_steps,
@@ -250,29 +287,40 @@ class _Study:
 
         c = self.c
         self.ws.bind_config(c)
-        total = sum(len(c.sizes(d)) for d in c.latent_dims) * len(c.models)
+        draws = {kind: len(c.seeds()) if kind != "mlp" or not c.mlp_draws else min(c.mlp_draws, len(c.seeds()))
+                 for kind in c.models}
+        total = sum(len(c.sizes(d)) for d in c.latent_dims) * sum(draws.values())
         bar = tqdm(total=total, desc=NAME, unit="model", disable=not _env.progress_enabled(self.progress))
         rows, rank_inputs = [], {}
         for d in c.latent_dims:
-            pool, bases = self.data(d)
-            fresh = pool[max(c.sizes(d)):]
-            # The calibrated threshold (0.95 quantile of nearest-other similarity) is ~1 on a dense
-            # pool of low-dimensional data, which would count every sample as novel: a fixed cosine
-            # (0.99, about 8 degrees) is the default instead.
-            threshold = self.threshold(fresh) if c.threshold is None else float(c.threshold)
-            for n_train in c.sizes(d):
-                train = pool[:n_train]
-                for kind in c.models:
-                    unit = self.model_unit(kind, d, n_train, train, bases, threshold)
-                    rows.append({"model": kind, "d": d, "N": n_train, "ratio": n_train / d, **{
-                        k: v for k, v in unit.meta.items() if not isinstance(v, (list, dict))}})
-                    if d == max(c.latent_dims):
-                        rank_inputs[(kind, n_train)] = (unit, train)
-                    bar.update(1)
+            for seed in c.seeds():
+                pool, labels, bases = self.data(d, seed)
+                fresh = pool[max(c.sizes(d)):]
+                # The calibrated threshold (0.95 quantile of nearest-other similarity) is ~1 on a dense
+                # pool of low-dimensional data, which would count every sample as novel: a fixed cosine
+                # (0.99, about 8 degrees) is the default instead.
+                threshold = self.threshold(fresh) if c.threshold is None else float(c.threshold)
+                for n_train in c.sizes(d):
+                    train = pool[:n_train]
+                    per_class = torch.bincount(labels[:n_train], minlength=c.num_components)
+                    for kind in c.models:
+                        if kind == "mlp" and c.mlp_draws and seed not in c.seeds()[:c.mlp_draws]:
+                            continue
+                        unit = self.model_unit(kind, d, n_train, seed, train, bases, threshold)
+                        rows.append({"model": kind, "d": d, "N": n_train, "data_seed": seed, "ratio": n_train / d,
+                                     "per_class_min": int(per_class.min()), "per_class_max": int(per_class.max()),
+                                     **{k: v for k, v in unit.meta.items() if not isinstance(v, (list, dict))}})
+                        if d == max(c.latent_dims) and seed == c.seeds()[0]:
+                            rank_inputs[(kind, n_train)] = (unit, train)
+                        bar.update(1)
         bar.close()
+        summary = summarize(rows)
         ranks = self.ranks(rank_inputs)
-        results = json.loads(json_dumps({"experiment": NAME, "config": dataclasses.asdict(c), "runs": rows,
-                                         "rank": ranks, "on_union_tolerance": ON_UNION_TOLERANCE}))
+        results = {"experiment": NAME, "config": dataclasses.asdict(c), "runs": rows, "summary": summary,
+                   "transition": transition(rows, c.recovery_threshold), "rank": ranks,
+                   "on_union_tolerance": ON_UNION_TOLERANCE}
+        results["effect_properties"] = effect_properties(results)
+        results = json.loads(json_dumps(results))
         self.write(results)
         return results
 
@@ -287,7 +335,8 @@ class _Study:
         sigmas = sampler.karras_sigmas(c.sampler_steps, c.sigma_min, c.sigma_max)
         seeds = list(range(c.sample_seed_start, c.sample_seed_start + c.rank_samples))
         x_t = float(sigmas[0]) * sampler.noise_from_seeds(seeds, (c.ambient_dim,))
-        denoisers = {"true MoLRG": MoLRGDenoiser(molrg_bases(c.num_components, c.ambient_dim, d, c.data_seed + d))}
+        denoisers = {"true MoLRG": MoLRGDenoiser(molrg_bases(c.num_components, c.ambient_dim, d,
+                                                             _data_seed(c.seeds()[0], d)))}
         for kind in c.models:
             sizes = sorted(n for (k, n) in rank_inputs if k == kind)
             for n_train in ([sizes[0], sizes[-1]] if len(sizes) > 1 else sizes):
@@ -307,33 +356,160 @@ class _Study:
         plot_rank(results["rank"], root / "rank.png")
 
 
+# ----------------------------------------------------------------------------- analysis
+
+SUMMARY_KEYS = ("recovery_error", "union_distance_median", "on_union", "memorized", "generalized", "gl")
+
+
+def _over_draws(rows: list[dict], key: str) -> intervals.Interval:
+    """A grid point's interval of ``key``: seeds-t across 3+ data draws, else the one run's own
+    interval (Wilson / bootstrap as recorded; for two draws the mean of their ends)."""
+    values = [r[key] for r in rows]
+    if len(values) >= 3:
+        return intervals.seed_interval(values)
+    mean = sum(values) / len(values)
+    if f"{key}_low" not in rows[0]:
+        return intervals.Interval(mean, mean, mean, method="exact (one draw, no interval)", n=len(values))
+    low = min(mean, sum(r[f"{key}_low"] for r in rows) / len(rows))
+    high = max(mean, sum(r[f"{key}_high"] for r in rows) / len(rows))
+    return intervals.Interval(mean, low, high, method="per-run", n=len(values))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per model, d and N: the mean per-class count (smallest class) and each measure of
+    :data:`SUMMARY_KEYS` with its 95% interval across the data draws (``key``, ``key_low``, ``key_high``)."""
+    out = []
+    for kind, d, n in sorted({(r["model"], r["d"], r["N"]) for r in rows}):
+        at = [r for r in rows if (r["model"], r["d"], r["N"]) == (kind, d, n)]
+        entry = {"model": kind, "d": d, "N": n, "ratio": n / d, "draws": len(at),
+                 "per_class_min": sum(r["per_class_min"] for r in at) / len(at)}
+        for key in SUMMARY_KEYS:
+            if key in at[0]:
+                interval = _over_draws(at, key)
+                entry.update(intervals.flat(key, interval))
+                entry[f"{key}_method"] = interval.method
+        out.append(entry)
+    return out
+
+
+def _crossing_below(x: list[float], y: list[float], level: float) -> float | None:
+    """The first x where y falls below ``level``, interpolated linearly in log x (None if never;
+    ``x[0]`` if y starts below)."""
+    for i, value in enumerate(y):
+        if value < level:
+            if i == 0:
+                return x[0]
+            t = (y[i - 1] - level) / (y[i - 1] - value)
+            if x[i - 1] <= 0:  # an empty class before the crossing: interpolate linearly
+                return x[i - 1] + t * (x[i] - x[i - 1])
+            a, b = math.log(x[i - 1]), math.log(x[i])
+            return math.exp(a + t * (b - a))
+    return None
+
+
+def transition(rows: list[dict], level: float) -> dict:
+    """The subspace model's transition per data draw: N* (in samples of the smallest class) where
+    its recovery error falls below ``level``, at each d; and per draw the exponent of N* against
+    d (least-squares slope of ln N* on ln d; the paper: linear in d, slope 1)."""
+    subspace = [r for r in rows if r["model"] == "subspace"]
+    dims = sorted({r["d"] for r in subspace})
+    per_draw = []
+    for seed in sorted({r["data_seed"] for r in subspace}):
+        n_star = {}
+        for d in dims:
+            at = sorted((r for r in subspace if r["d"] == d and r["data_seed"] == seed), key=lambda r: r["N"])
+            n_star[d] = _crossing_below([r["per_class_min"] for r in at], [r["recovery_error"] for r in at], level)
+        entry: dict = {"data_seed": seed, "n_star": {str(d): v for d, v in n_star.items()}}
+        found = [(d, v) for d, v in n_star.items() if v is not None and v > 0]
+        if len(found) >= 2:
+            log_d = np.log([d for d, _ in found])
+            log_n = np.log([v for _, v in found])
+            entry["exponent"] = float(np.polyfit(log_d, log_n, 1)[0])
+        per_draw.append(entry)
+    return {"level": level, "dims": dims, "per_draw": per_draw}
+
+
+def effect_properties(results: dict) -> dict[str, dict]:
+    """The MoLRG paper's claims on this run, decided on 95% intervals (``intervals.claim``):
+
+    - ``subspace_recovers_at_largest_ratio``: at every d the subspace model's recovery error at the
+      largest N/d has its upper end below ``recovery_threshold`` (and above it at the smallest N/d:
+      ``subspace_fails_at_smallest_ratio``);
+    - ``n_star_grows_with_d``: the exponent of N* against d (seeds-t across 3+ draws) lies above 0;
+      ``n_star_linear_in_d``: its interval contains 1 (recorded with the interval's width: a wide
+      interval decides little);
+    - ``mlp_generalizes_at_largest_ratio``: at every d the MLP's generalized fraction (novel and on
+      the union) at the largest N/d lies above 0.5.
+    """
+    level = results["config"]["recovery_threshold"]
+    summary = results["summary"]
+    out = {}
+    as_iv = lambda e, key: intervals.Interval(e[key], e[f"{key}_low"], e[f"{key}_high"],  # noqa: E731
+                                              method=e[f"{key}_method"], n=e["draws"])
+    for model, key, name, ok in (("subspace", "recovery_error", "subspace_recovers_at_largest_ratio",
+                                  lambda iv: iv.high < level),
+                                 ("subspace", "recovery_error", "subspace_fails_at_smallest_ratio",
+                                  lambda iv: iv.low > level),
+                                 ("mlp", "generalized", "mlp_generalizes_at_largest_ratio", lambda iv: iv.low > 0.5)):
+        rows = [e for e in summary if e["model"] == model and key in e]
+        if not rows:
+            continue
+        at = {}
+        for d in sorted({e["d"] for e in rows}):
+            by_d = sorted((e for e in rows if e["d"] == d), key=lambda e: e["ratio"])
+            at[d] = as_iv(by_d[0] if "smallest" in name else by_d[-1], key)
+        out[name] = intervals.claim(all(ok(iv) for iv in at.values()), **{f"d{d}": iv for d, iv in at.items()},
+                                    **({"level": level} if model == "subspace" else {"bound": 0.5}))
+    exponents = [p["exponent"] for p in results["transition"]["per_draw"] if "exponent" in p]
+    if len(exponents) >= 3 and len(exponents) == len(results["transition"]["per_draw"]):
+        slope = intervals.seed_interval(exponents)
+        out["n_star_grows_with_d"] = intervals.claim(slope.low > 0, exponent=slope)
+        out["n_star_linear_in_d"] = intervals.claim(slope.contains(1.0) and slope.low > 0, exponent=slope,
+                                                    interval_width=slope.high - slope.low)
+    else:
+        reason = "needs 3+ data draws, each with a crossing at 2+ latent dimensions"
+        out["n_star_grows_with_d"] = intervals.claim(False, reason=reason, draws_with_exponent=len(exponents))
+        out["n_star_linear_in_d"] = intervals.claim(False, reason=reason, draws_with_exponent=len(exponents))
+    return out
+
+
 # ----------------------------------------------------------------------------- figures
 
 def plot_phase_transition(results: dict, path) -> Path:
+    """Each measure against the smallest class's sample count over d (the theory's per-class
+    condition), one curve per d, bars the 95% intervals across data draws."""
     from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
-    runs = results["runs"]
-    dims = sorted({r["d"] for r in runs})
+    summary = results["summary"]
+    dims = sorted({e["d"] for e in summary})
     panels = [("subspace", "recovery_error", "subspace model: recovery error\n(mean sin$^2$ principal angle)"),
-              ("subspace", "union_distance_median", "subspace model: samples'\nrel. distance to union"),
+              ("subspace", "union_distance_median", "subspace model: samples'\nrel. distance to union (median)"),
               ("mlp", "union_distance_median", "MLP: samples' rel. distance\nto union (median)"),
               ("mlp", "memorized", "MLP: memorized fraction\n(|x-NN1|/|x-NN2| < 1/3)"),
               ("mlp", "generalized", "MLP: generalized fraction\n(novel and on the union)")]
-    panels = [p for p in panels if any(r["model"] == p[0] and p[1] in r for r in runs)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    panels = [p for p in panels if any(e["model"] == p[0] and p[1] in e for e in summary)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.1), squeeze=False)
     for ax, (kind, key, title) in zip(axes[0], panels):
         for d in dims:
-            pts = sorted((r["ratio"], r[key]) for r in runs if r["model"] == kind and r["d"] == d and key in r)
+            pts = sorted((e for e in summary if e["model"] == kind and e["d"] == d and key in e),
+                         key=lambda e: e["N"])
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"d={d}")
-        ax.axvline(results["config"]["num_components"], color="gray", ls=":", lw=1)
+                x = [max(e["per_class_min"], 0.25) / d for e in pts]
+                y = [e[key] for e in pts]
+                ax.errorbar(x, y, yerr=[[v - e[f"{key}_low"] for v, e in zip(y, pts)],
+                                        [e[f"{key}_high"] - v for v, e in zip(y, pts)]],
+                            fmt="o-", ms=3, capsize=2, label=f"d={d}")
+        if key == "recovery_error":
+            ax.axhline(results["config"]["recovery_threshold"], color="gray", ls="--", lw=1)
+        ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("N / d")
+        ax.set_xlabel("smallest class's count / d")
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"MoLRG phase transition (K={results['config']['num_components']}, "
-                 f"n={results['config']['ambient_dim']}; dotted: N/d = K)", fontsize=9)
+    draws = max(e["draws"] for e in summary)
+    fig.suptitle(f"MoLRG (K={results['config']['num_components']}, n={results['config']['ambient_dim']}); "
+                 f"bars: 95% intervals across {draws} data draw(s); dotted: count = d", fontsize=9)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 

@@ -95,19 +95,24 @@ def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Pat
     ``memorized_ratio``; ``cross_width`` has ``n`` and ``rp`` (mean RP between different widths).
     """
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    band = _band
     ax_rp, ax_gl, ax_emp = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     sizes = sorted({n for curve in curves.values() for n in curve["n"]})
     for index, (width, curve) in enumerate(curves.items()):
         color, n = colors[index % len(colors)], list(curve["n"])
         if any(not math.isnan(v) for v in curve["rp_seeds"]):
-            ax_rp.plot(n, curve["rp_seeds"], "o-", color=color, label=f"UNet-{width}: two training seeds")
+            ax_rp.plot(n, curve["rp_seeds"], "o-", color=color, label=f"UNet-{width}: between training seeds")
+            band(ax_rp, n, curve, "rp_seeds", color)
         ax_gl.plot(n, curve["gl"], "o-", color=color, label=f"UNet-{width}: GL")
+        band(ax_gl, n, curve, "gl", color)
         ax_gl.plot(n, [1 - v for v in curve["memorized_ratio"]], "x:", color=color, alpha=0.8,
                    label=f"UNet-{width}: 1 - memorized (ratio < 1/3)")
         ax_emp.plot(n, curve["rp_empirical"], "o-", color=color, label=f"UNet-{width}")
+        band(ax_emp, n, curve, "rp_empirical", color)
     if cross_width and len(cross_width.get("n", [])):
         ax_rp.plot(list(cross_width["n"]), cross_width["rp"], "s--k", label="across widths")
+        band(ax_rp, list(cross_width["n"]), cross_width, "rp", "k")
     ax_rp.set_title("Reproducibility: RP between models", fontsize=10)
     ax_gl.set_title("Generalization: GL against the training set", fontsize=10)
     ax_emp.set_title("RP against the empirical optimal denoiser", fontsize=10)
@@ -126,8 +131,21 @@ def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Pat
         else:  # one width and one seed: no pair of models to compare
             ax.text(0.5, 0.5, "no model pairs\n(one width, one seed)", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8, color="gray")
+    if any(f"{key}_low" in c for c in curves.values() for key in ("gl",)):
+        fig.text(0.5, 0.005, "bands: 95% intervals (Wilson over the samples for one training seed, "
+                 "seeds-t for three or more)", ha="center", fontsize=7, color="0.3")
     sim_note = f"{similarity} similarity, threshold {threshold:.3f}" if threshold is not None else similarity
     fig.suptitle((title or "Reproducibility and generalization against training-set size")
                  + (f"  ({sim_note})" if sim_note else ""), fontsize=11)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
+
+
+def _band(ax, n: Sequence[float], curve: Mapping, key: str, color) -> None:
+    """Shade ``curve[key_low] .. curve[key_high]`` (a 95% interval per point) when the curve has them."""
+    low, high = curve.get(f"{key}_low"), curve.get(f"{key}_high")
+    if low is None or high is None:
+        return
+    nan = float("nan")
+    ax.fill_between(list(n), [nan if v is None else v for v in low], [nan if v is None else v for v in high],
+                    color=color, alpha=0.15, linewidth=0)

@@ -40,6 +40,7 @@ from diffcore.experiments import hooks as study_hooks
 from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
                                        config_from_preset, json_dumps)
 from diffcore.experiments.hooks import StudyHooks
+from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,14 @@ def _quick() -> ReproducibilityConfig:
                                  torch_threads=1, train_workers=2, train_ensemble=5)
 
 
+def _seeds() -> ReproducibilityConfig:
+    """The quick preset with three training seeds per (width, N) (issue 27): same-width RP between
+    seeds beside RP across widths, and seeds-t intervals across the seeds on every curve. The
+    models of one width and seed train as one stacked ensemble, as in the quick preset, so the
+    training costs three times the quick preset's (not timed on a quiet machine yet)."""
+    return dataclasses.replace(_quick(), train_seeds=(0, 1, 2))
+
+
 def _paper() -> ReproducibilityConfig:
     """The reproducibility paper's setting as its public code trains it (PAPERS.md section 1;
     docs/experiments.md has the table, ours beside theirs): EDM's DDPM++ (``--arch=ddpmpp``,
@@ -166,7 +175,8 @@ def _tiny() -> ReproducibilityConfig:
                                  batch_size=16, num_samples=24, sampler_steps=8, grid_samples=8)
 
 
-PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {"quick": _quick, "paper": _paper, "tiny": _tiny}
+PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {"quick": _quick, "seeds": _seeds, "paper": _paper,
+                                                           "tiny": _tiny}
 CONFIG_CLASS = ReproducibilityConfig
 
 
@@ -365,7 +375,8 @@ class _Study:
                           f"UNet-{width}, N={n}, seed {seed}")
                 row = {"width": width, "n": n, "seed": seed, "gl": result["gl"],
                        "memorized_ratio": result["memorized_ratio"], "rp_empirical": result["rp_empirical"],
-                       "nn_similarity_mean": result["nn_similarity_mean"], "ratio_median": result["ratio_median"]}
+                       "nn_similarity_mean": result["nn_similarity_mean"], "ratio_median": result["ratio_median"],
+                       **_fraction_columns(result, samples.shape[0])}
                 models.append(row)
                 at_n.append((row, samples))
                 bar.update(1)
@@ -375,13 +386,12 @@ class _Study:
                 rp = metrics.rp_score(sa, sb, self.similarity, threshold)
                 pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
                               "width_a": ra["width"], "seed_a": ra["seed"], "width_b": rb["width"],
-                              "seed_b": rb["seed"], "rp": rp.score,
-                              "similarity_mean": metrics.exact_mean(rp.similarity)})
+                              "seed_b": rb["seed"], **_pair_columns(rp.similarity, threshold)})
         bar.close()
         results = {"experiment": NAME, "config": c.result_fields(),
                    "similarity": self.similarity.describe(), "threshold": threshold,
                    "threshold_source": threshold_source, "models": models, "empirical": empirical,
-                   "pairs": pairs}
+                   "pairs": pairs, "threshold_grid": threshold_grid(threshold)}
         results.update(summarize(results))
         results["figure_properties"] = figure_properties(results)
         results = json.loads(json_dumps(results))  # exactly what results.json holds
@@ -508,7 +518,8 @@ class _Study:
         atomic_write_json(root / "results.json", results)
         atomic_write_csv(root / "models.csv", results["models"])
         atomic_write_csv(root / "pairs.csv", results["pairs"],
-                         columns=["n", "kind", "width_a", "seed_a", "width_b", "seed_b", "rp", "similarity_mean"])
+                         columns=["n", "kind", "width_a", "seed_a", "width_b", "seed_b", "rp", "rp_low", "rp_high",
+                                  "similarity_mean", "similarity_mean_low", "similarity_mean_high"])
         plotting.figure1({str(w): _nan_curve(curve) for w, curve in results["curves"].items()},
                          root / "figure1.png", cross_width=_nan_curve(results["cross_width"]),
                          threshold=results["threshold"], similarity=results["similarity"]["name"],
@@ -593,59 +604,159 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _nan_curve(curve: dict) -> dict:
-    return {k: [float("nan") if v is None else v for v in vs] for k, vs in curve.items()}
+    return {k: [float("nan") if v is None else v for v in vs] if isinstance(vs, list) else vs
+            for k, vs in curve.items()}
 
 
-def figure_properties(results: dict) -> dict[str, bool]:
+# RP over a grid of thresholds around the one used: the gap to a perfect match, 1 - threshold,
+# scaled by these factors (so every threshold stays below 1 whatever the calibration gave).
+THRESHOLD_GAP_FACTORS = (2.0, 1.5, 1.25, 1.0, 0.8, 2.0 / 3.0, 0.5)
+MEMORIZES_GL, MEMORIZES_RATIO, GENERALIZES_GL, DIP_MARGIN = 0.1, 0.9, 0.95, 0.1
+
+
+def threshold_grid(threshold: float) -> list[float]:
+    """Thresholds ``1 - (1 - threshold) f`` for f in :data:`THRESHOLD_GAP_FACTORS` (f = 1: the one used)."""
+    return [1.0 - (1.0 - threshold) * f for f in THRESHOLD_GAP_FACTORS]
+
+
+def _successes(fraction: float, n: int) -> int:
+    return int(round(fraction * n))
+
+
+def _fraction_columns(result: dict, num: int) -> dict:
+    """A model's GL, memorized fraction and RP against the empirical denoiser as Wilson intervals
+    over its ``num`` samples (``*_low``, ``*_high`` beside the values)."""
+    out = {}
+    for key in ("gl", "memorized_ratio", "rp_empirical"):
+        interval = intervals.wilson_interval(_successes(result[key], num), num)
+        out.update({f"{key}_low": interval.low, f"{key}_high": interval.high})
+    return out
+
+
+def _pair_columns(similarity: torch.Tensor, threshold: float) -> dict:
+    """RP of one pair of models (Wilson over the seeds), its mean similarity (bootstrap over the
+    seeds) and RP at every threshold of :func:`threshold_grid` (``rp_grid``)."""
+    sims = similarity.double().cpu().numpy()
+    num = sims.shape[0]
+    rp = intervals.wilson_interval(int((sims > threshold).sum()), num)
+    mean = intervals.bootstrap_sums(sims, lambda s: s[:, 0] / num)
+    return {**intervals.flat("rp", rp), **intervals.flat("similarity_mean", mean),
+            "rp_grid": [float((sims > t).mean()) for t in threshold_grid(threshold)]}
+
+
+def _interval_lists(key: str, values: list[intervals.Interval | None]) -> dict:
+    """Curve columns ``key``, ``key_low``, ``key_high`` (None where a point has no value)."""
+    return {key: [None if v is None else v.value for v in values],
+            f"{key}_low": [None if v is None else v.low for v in values],
+            f"{key}_high": [None if v is None else v.high for v in values],
+            f"{key}_method": next((v.method for v in values if v is not None), None)}
+
+
+def _fraction_at(fractions: list[float], num: int) -> intervals.Interval | None:
+    """The interval of a curve point from its runs' fractions of ``num`` (None when it has no run)."""
+    fractions = [f for f in fractions if f is not None and not math.isnan(f)]
+    if not fractions:
+        return None
+    return intervals.fraction_interval([_successes(f, num) for f in fractions], num)
+
+
+def _interval(point: dict, key: str) -> intervals.Interval:
+    return intervals.Interval(point[key], point[f"{key}_low"], point[f"{key}_high"], method=point.get(
+        f"{key}_method") or "exact")
+
+
+def _points(curve: dict, key: str) -> list[dict]:
+    """The curve's points as dicts with ``key``, ``key_low``, ``key_high`` (for :func:`_interval`)."""
+    return [{key: v, f"{key}_low": lo, f"{key}_high": hi, f"{key}_method": curve.get(f"{key}_method")}
+            for v, lo, hi in zip(curve[key], curve[f"{key}_low"], curve[f"{key}_high"])]
+
+
+def figure_properties(results: dict) -> dict[str, dict]:
     """The properties of the seed's Figure 1 that ``results`` (of ``results.json``) must show,
-    each True or False (issue 19):
+    each decided on 95% intervals and recorded as ``{"holds": bool, ...the intervals behind it}``
+    (:func:`diffcore.metrics.intervals.claim`). The bounds were fixed in issue 19, before intervals:
 
-    - ``memorizes_at_smallest_n``: at every width GL <= 0.1 and memorized fraction >= 0.9 at the
-      smallest N;
-    - ``generalizes_at_largest_n``: at every width GL >= 0.95 at the largest N;
-    - ``rp_dips_at_transition``: RP between the widths at some interior N is at least 0.1 below
-      its value at both the smallest and the largest N;
-    - ``wider_memorizes_longer``: the largest N at which a model still memorizes (GL <= 0.5) is
-      at least as large for every wider width as for every narrower one.
+    - ``memorizes_at_smallest_n``: at every width, at the smallest N, GL's interval lies below 0.1
+      and the memorized fraction's above 0.9;
+    - ``generalizes_at_largest_n``: at every width GL's interval at the largest N lies above 0.95;
+    - ``rp_dips_at_transition``: the interval of RP between the widths at its interior minimum
+      lies below the intervals at the smallest and the largest N (:func:`intervals.dips`);
+    - ``wider_memorizes_longer``: the largest N at which a model clearly memorizes (GL's interval
+      below 0.5) is at least as large for every wider width as for every narrower one;
+    - ``wider_less_generalized_somewhere``: at some N the wider model's GL interval lies below the
+      narrower's (two widths; the strict form of the previous one).
     """
-    curves = {int(w): {k: [math.nan if v is None else v for v in vs] for k, vs in c.items()}
-              for w, c in results["curves"].items()}
+    curves = {int(w): c for w, c in results["curves"].items()}
     widths = sorted(curves)
-    out = {"memorizes_at_smallest_n": all(c["gl"][0] <= 0.1 and c["memorized_ratio"][0] >= 0.9
-                                          for c in curves.values()),
-           "generalizes_at_largest_n": all(c["gl"][-1] >= 0.95 for c in curves.values())}
-    rp = [math.nan if v is None else v for v in results["cross_width"]["rp"]]
-    out["rp_dips_at_transition"] = len(rp) >= 3 and min(rp[1:-1]) <= min(rp[0], rp[-1]) - 0.1
+    first = {w: (_interval(_points(c, "gl")[0], "gl"), _interval(_points(c, "memorized_ratio")[0],
+                                                                    "memorized_ratio")) for w, c in curves.items()}
+    last = {w: _interval(_points(c, "gl")[-1], "gl") for w, c in curves.items()}
+    out = {
+        "memorizes_at_smallest_n": intervals.claim(
+            all(gl.high < MEMORIZES_GL and mem.low > MEMORIZES_RATIO for gl, mem in first.values()),
+            bounds={"gl_below": MEMORIZES_GL, "memorized_above": MEMORIZES_RATIO},
+            **{f"gl_w{w}": gl for w, (gl, _) in first.items()},
+            **{f"memorized_w{w}": mem for w, (_, mem) in first.items()}),
+        "generalizes_at_largest_n": intervals.claim(
+            all(gl.low > GENERALIZES_GL for gl in last.values()), bound=GENERALIZES_GL,
+            **{f"gl_w{w}": gl for w, gl in last.items()}),
+    }
+    cross = results["cross_width"]
+    points = [_interval(p, "rp") for p in _points(cross, "rp")] if len(cross["n"]) >= 3 else []
+    if points:
+        dip = intervals.dips(points)
+        out["rp_dips_at_transition"] = {**dip, "n_at": cross["n"][dip["at"]]}
+    else:
+        out["rp_dips_at_transition"] = intervals.claim(False, reason="RP across widths needs two widths and 3+ N")
 
-    def last_memorized(curve: dict) -> int:
-        return max([n for n, gl in zip(curve["n"], curve["gl"]) if gl <= 0.5], default=0)
+    def reach(curve: dict) -> int:
+        return max([n for n, p in zip(curve["n"], _points(curve, "gl")) if p["gl_high"] < 0.5], default=0)
 
-    reach = [last_memorized(curves[w]) for w in widths]
-    out["wider_memorizes_longer"] = all(a <= b for a, b in zip(reach, reach[1:]))
+    reaches = [reach(curves[w]) for w in widths]
+    out["wider_memorizes_longer"] = intervals.claim(all(a <= b for a, b in zip(reaches, reaches[1:])),
+                                                    widths=widths, last_n_clearly_memorized=reaches)
+    apart = []
+    if len(widths) >= 2:
+        narrow, wide = curves[widths[0]], curves[widths[-1]]
+        for n, pn, pw in zip(narrow["n"], _points(narrow, "gl"), _points(wide, "gl")):
+            if intervals.clearly_below(_interval(pw, "gl"), _interval(pn, "gl")):
+                apart.append(n)
+    out["wider_less_generalized_somewhere"] = intervals.claim(bool(apart), widths=widths, at_n=apart)
     return out
 
 
 def summarize(results: dict) -> dict:
-    """Curves per width against N (means over training seeds) and RP across widths."""
+    """Curves per width against N (over training seeds) and RP across widths, each point with its
+    95% interval (``*_low``, ``*_high``: Wilson over the samples for one seed, seeds-t for 3+), the
+    mean similarity across widths, and RP across widths at every threshold of ``threshold_grid``
+    with whether its dip holds there (``rp_dip_by_threshold``)."""
+    num = results["config"]["num_samples"]
     curves = {}
     sizes = sorted({m["n"] for m in results["models"]})
     for width in sorted({m["width"] for m in results["models"]}):
         rows = [m for m in results["models"] if m["width"] == width]
-        curve = {"n": sizes, "gl": [], "memorized_ratio": [], "rp_empirical": [], "rp_seeds": []}
-        for n in sizes:
-            at_n = [m for m in rows if m["n"] == n]
-            curve["gl"].append(_mean([m["gl"] for m in at_n]))
-            curve["memorized_ratio"].append(_mean([m["memorized_ratio"] for m in at_n]))
-            curve["rp_empirical"].append(_mean([m["rp_empirical"] for m in at_n]))
-            curve["rp_seeds"].append(_mean([p["rp"] for p in results["pairs"] if p["n"] == n
-                                            and p["kind"] == "seeds" and p["width_a"] == width]))
+        curve: dict[str, Any] = {"n": sizes}
+        for key in ("gl", "memorized_ratio", "rp_empirical"):
+            curve.update(_interval_lists(key, [_fraction_at([m[key] for m in rows if m["n"] == n], num)
+                                               for n in sizes]))
+        curve.update(_interval_lists("rp_seeds", [_fraction_at([
+            p["rp"] for p in results["pairs"] if p["n"] == n and p["kind"] == "seeds" and p["width_a"] == width],
+            num) for n in sizes]))
         curves[str(width)] = curve
-    cross = {"n": [], "rp": []}
-    for n in sizes:
-        value = _mean([p["rp"] for p in results["pairs"] if p["n"] == n and p["kind"] == "widths"])
-        if value is not None:
-            cross["n"].append(n)
-            cross["rp"].append(value)
+    cross_pairs = {n: [p for p in results["pairs"] if p["n"] == n and p["kind"] == "widths"] for n in sizes}
+    cross_n = [n for n in sizes if cross_pairs[n]]
+    cross = {"n": cross_n, **_interval_lists("rp", [_fraction_at([p["rp"] for p in cross_pairs[n]], num)
+                                                    for n in cross_n]),
+             "similarity_mean": [_mean([p["similarity_mean"] for p in cross_pairs[n]]) for n in cross_n]}
+    grid = results.get("threshold_grid", [])
+    by_threshold = []
+    for index, t in enumerate(grid):
+        curve = [_fraction_at([p["rp_grid"][index] for p in cross_pairs[n]], num) for n in cross_n]
+        entry = {"threshold": t, "rp": [c.value for c in curve]}
+        if len(curve) >= 3:
+            entry["dip"] = intervals.dips(curve)
+        by_threshold.append(entry)
+    cross["rp_by_threshold"] = by_threshold
     return {"curves": curves, "cross_width": cross}
 
 

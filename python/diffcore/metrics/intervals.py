@@ -217,3 +217,79 @@ def claim(holds: bool, **numbers) -> dict:
     for key, value in numbers.items():
         out[key] = value.as_dict() if isinstance(value, Interval) else value
     return out
+
+
+def bootstrap_sums(
+    rows: Sequence[float] | np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    *,
+    level: float = LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap of a statistic of column sums, vectorized over resamples.
+
+    ``rows`` is ``[n, k]`` (or ``[n]``): per-unit additive terms (e.g. per noisy image the squared
+    norms ``|D - D_ref|^2`` and ``|D_ref|^2``); ``statistic`` maps sums ``[R, k]`` to ``[R]``
+    (e.g. ``sqrt(s[:, 0] / s[:, 1])``, a relative Frobenius distance; ``s / n`` for a mean, n is
+    fixed). Resamples draw rows with replacement as multinomial counts, so ratios of sums (which
+    :func:`bootstrap_interval` would recompute row by row) cost one matrix product per block.
+    """
+    return bootstrap_sums_each(rows, {"": statistic}, level=level, resamples=resamples, seed=seed)[""]
+
+
+def bootstrap_sums_each(
+    rows: Sequence[float] | np.ndarray,
+    statistics: dict[str, Callable[[np.ndarray], np.ndarray]],
+    *,
+    level: float = LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """:func:`bootstrap_sums` of several statistics of the same rows, on the same resamples
+    (so differences between them are paired): ``{name: Interval}``."""
+    arr = np.asarray(rows, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"rows: expected [n, k] with n >= 1, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("rows: non-finite values")
+    if resamples < 100:
+        raise ValueError("resamples must be at least 100")
+    n = arr.shape[0]
+    rng = np.random.default_rng(seed)
+    sums = []
+    block = max(1, min(resamples, 2_000_000 // n))  # bound the [block, n] count matrix
+    for start in range(0, resamples, block):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(block, resamples - start))
+        sums.append(counts.astype(np.float64) @ arr)
+    resampled, full = np.concatenate(sums), arr.sum(axis=0, keepdims=True)
+    alpha = (1.0 - level) / 2.0
+    out = {}
+    for name, statistic in statistics.items():
+        draws = np.asarray(statistic(resampled), dtype=np.float64).reshape(-1)
+        value = float(np.asarray(statistic(full)).reshape(-1)[0])
+        low, high = np.quantile(draws[np.isfinite(draws)], [alpha, 1.0 - alpha])
+        out[name] = Interval(value, float(min(low, value)), float(max(high, value)), level, "bootstrap", n)
+    return out
+
+
+def fraction_interval(successes: Sequence[int] | np.ndarray, n: int, *, level: float = LEVEL) -> Interval:
+    """A fraction's interval by the studies' rule: Wilson for one run's ``successes`` of ``n``,
+    :func:`seed_interval` of the per-run fractions for 3+ training seeds, and Wilson of the pooled
+    counts for two (labelled ``"wilson-pooled"``: it omits the between-seed spread)."""
+    counts = [int(s) for s in np.asarray(successes).reshape(-1)]
+    if not counts:
+        raise ValueError("successes: no runs")
+    if len(counts) >= 3:
+        return seed_interval([s / n for s in counts], level=level)
+    pooled = wilson_interval(sum(counts), n * len(counts), level=level)
+    if len(counts) == 1:
+        return pooled
+    return dataclasses.replace(pooled, method="wilson-pooled")
+
+
+def flat(name: str, interval: Interval) -> dict:
+    """``{name: value, name_low: low, name_high: high}``: an interval as flat CSV-friendly columns."""
+    return {name: interval.value, f"{name}_low": interval.low, f"{name}_high": interval.high}

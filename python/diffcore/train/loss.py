@@ -29,13 +29,23 @@ class EDMLoss:
     y_j``, the empirical denoiser, which is the minimizer of the clean-target loss; the optimum does
     not move, only the target's variance around it drops. The trainer supplies the training set with
     :meth:`set_reference`; below ``target_sigma_min`` the target stays ``x0``.
+
+    ``log_uniform_fraction`` (default 0: EDM's proposal alone): that share of the noise levels is
+    drawn log-uniform over ``log_uniform_range`` (``[sigma_lo, sigma_hi]``) instead, a proposal
+    that covers the whole range a sampler or a probe visits (EDM's lognormal puts about 1% of its
+    draws above sigma 5, none near 80). The weight ``lambda(sigma)`` is unchanged, so the
+    minimizer at every sigma is still the posterior mean; only how often each sigma is trained moves.
     """
 
     target, target_sigma_min, reference = "clean", 0.0, None  # subclasses with their own __init__: clean target
+    log_uniform_fraction, log_uniform_range = 0.0, (0.002, 80.0)
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
-                 target: str = "clean", target_sigma_min: float = 0.0):
+                 target: str = "clean", target_sigma_min: float = 0.0, log_uniform_fraction: float = 0.0,
+                 log_uniform_range=(0.002, 80.0)):
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+        self.log_uniform_fraction, self.log_uniform_range = _check_log_uniform(log_uniform_fraction,
+                                                                               log_uniform_range)
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
         if isinstance(target_sigma_min, bool) or not isinstance(target_sigma_min, (int, float)) \
@@ -59,9 +69,17 @@ class EDMLoss:
         self.reference = images.detach().to(torch.float32)
 
     def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
-        """``[B]`` noise levels, ``ln sigma ~ N(P_mean, P_std^2)`` (float32)."""
+        """``[B]`` noise levels, ``ln sigma ~ N(P_mean, P_std^2)`` (float32), a
+        ``log_uniform_fraction`` share of them log-uniform over ``log_uniform_range`` instead (drawn
+        from the same generator after the normals, so the fraction 0 draws exactly EDM's levels)."""
         normal = torch.randn(batch, generator=generator, device=device)
-        return (normal * self.P_std + self.P_mean).exp()
+        sigma = (normal * self.P_std + self.P_mean).exp()
+        if self.log_uniform_fraction > 0:
+            lo, hi = (math.log(v) for v in self.log_uniform_range)
+            pick = torch.rand(batch, generator=generator, device=device) < self.log_uniform_fraction
+            uniform = (lo + (hi - lo) * torch.rand(batch, generator=generator, device=device)).exp()
+            sigma = torch.where(pick, uniform, sigma)
+        return sigma
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         sd = self.sigma_data
@@ -102,6 +120,19 @@ class EDMLoss:
             target = self.training_target(x0, noisy, sigma)
         squared = (denoised.float() - target) ** 2
         return self.weight(sigma) * squared.flatten(1).mean(dim=1)
+
+
+def _check_log_uniform(fraction, sigma_range) -> tuple[float, tuple[float, float]]:
+    """The log-uniform share and range of :class:`EDMLoss`'s proposal, checked (ValueError naming the argument)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"log_uniform_fraction: expected a number in [0, 1], got {fraction!r}")
+    try:
+        lo, hi = (float(v) for v in sigma_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"log_uniform_range: expected (sigma_lo, sigma_hi), got {sigma_range!r}") from None
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"log_uniform_range: expected 0 < sigma_lo < sigma_hi < inf, got {sigma_range!r}")
+    return float(fraction), (lo, hi)
 
 
 class VPLoss(EDMLoss):
