@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from diffcore.analysis.generalization import distill_affine, linearity_score, relative_distance
 from diffcore.denoisers import GaussianDenoiser
 from diffcore.experiments import hidden_gaussian as study
 
@@ -75,14 +76,14 @@ def test_measurements_on_known_maps():
     x = torch.randn(200, 1, 3, 3)
     w, b = torch.randn(9, 9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
     y = (x.reshape(200, -1).double() @ w.T + b).reshape(x.shape)
-    w_fit, b_fit, r2 = study.distill_affine(x, y)
+    w_fit, b_fit, r2 = distill_affine(x, y)
     torch.testing.assert_close(w_fit, w, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(b_fit, b, atol=1e-8, rtol=1e-8)
     assert r2 > 1 - 1e-12
     linear = lambda z, s: 2.0 * z  # noqa: E731
-    assert study.linearity_score(linear, x[:10], x[10:20], 1.0) == pytest.approx(1.0)
+    assert linearity_score(linear, x[:10], x[10:20], 1.0) == pytest.approx(1.0)
     g = GaussianDenoiser.fit(torch.randn(50, 4, dtype=torch.float64))
-    assert study.relative_distance(g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3),
+    assert relative_distance(g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3),
                                    g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3)) == 0.0
 
 
