@@ -1,0 +1,65 @@
+"""The plain-torch local denoisers the public codes compute (the benchmark's peer): unfold the
+training patches, squared distances by the |q|^2 + |k|^2 - 2 q.k expansion, softmax, weighted sum
+of the key centres, in fp32. Chunked to fit memory: over queries, and over training images with a
+log-sum-exp merge of the chunks (the keys [N, H*W, C*P*P] of CIFAR-size sets do not fit at once).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_BYTES = 256 << 20  # the [queries, keys] logit block of one chunk
+
+
+def _pad(t: torch.Tensor, r: int, padding: str) -> torch.Tensor:
+    return F.pad(t, (r, r, r, r), mode="circular" if padding == "circular" else "constant")
+
+
+def _unfold(t: torch.Tensor, patch: int, padding: str) -> torch.Tensor:
+    """[M, C, H, W] -> patches [M, H*W, C*P*P] (the patch centred at each pixel)."""
+    return F.unfold(_pad(t, patch // 2, padding), patch).transpose(1, 2)
+
+
+def _pattern_classes(size: int, patch: int, padding: str) -> torch.Tensor:
+    """Per coordinate, its boundary class (zeros padding: border coordinates alone, interior ones together)."""
+    r = patch // 2
+    idx = torch.arange(size)
+    if padding == "circular":
+        return torch.zeros(size, dtype=torch.long)
+    return torch.where((idx >= r) & (idx < size - r), torch.full_like(idx, -1), idx)
+
+
+def plain_torch_els(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int,
+                    padding: str = "zeros") -> torch.Tensor:
+    """ELS the plain way: x [B, C, H, W] fp32, train [N, C, H, W] fp32, sigma [B] -> [B, C, H, W]."""
+    b, c, h, w = x.shape
+    n = train.shape[0]
+    pixels = h * w
+    queries = _unfold(x, patch, padding).reshape(b * pixels, -1)
+    rows, cols = _pattern_classes(h, patch, padding), _pattern_classes(w, patch, padding)
+    klass = (rows[:, None] * (w + 1) + cols[None, :]).reshape(-1)  # [H*W]
+    inv2s2 = (0.5 / sigma.float().square()).repeat_interleave(pixels)
+    images_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * pixels * max(1, b * pixels))))
+    query_chunk = max(1, CHUNK_BYTES // (4 * images_per_chunk * pixels))
+    out = torch.empty(b * pixels, c)
+    for q0 in range(0, b * pixels, query_chunk):
+        q = queries[q0:q0 + query_chunk]
+        qclass = klass[torch.arange(q0, q0 + q.shape[0]) % pixels]
+        run_lse = torch.full((q.shape[0],), -float("inf"))
+        acc = torch.zeros(q.shape[0], c)
+        for n0 in range(0, n, images_per_chunk):
+            imgs = train[n0:n0 + images_per_chunk]
+            keys = _unfold(imgs, patch, padding).reshape(-1, queries.shape[1])
+            centres = imgs.permute(0, 2, 3, 1).reshape(-1, c)
+            logits = (q.square().sum(1, keepdim=True) + keys.square().sum(1)[None, :] - 2 * q @ keys.T)
+            logits.mul_(-inv2s2[q0:q0 + q.shape[0], None])
+            if padding == "zeros":
+                match = qclass[:, None] == klass.repeat(imgs.shape[0])[None, :]
+                logits.masked_fill_(~match, -float("inf"))
+            lse = torch.logsumexp(logits, dim=1)
+            new_lse = torch.logaddexp(run_lse, lse)
+            part = torch.softmax(logits, dim=1) @ centres
+            acc = acc * torch.exp(run_lse - new_lse)[:, None] + part * torch.exp(lse - new_lse)[:, None]
+            run_lse = new_lse
+        out[q0:q0 + q.shape[0]] = acc
+    return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
