@@ -63,3 +63,47 @@ def plain_torch_els(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, p
             run_lse = new_lse
         out[q0:q0 + q.shape[0]] = acc
     return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def plain_torch_ls(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int,
+                   padding: str = "zeros") -> torch.Tensor:
+    """LS the plain way: per location a batched [B, N] logit block (bmm over locations), chunked
+    over training images with a log-sum-exp merge."""
+    b, c, h, w = x.shape
+    n = train.shape[0]
+    pixels = h * w
+    queries = _unfold(x, patch, padding).transpose(0, 1)  # [L, B, D]
+    inv2s2 = (0.5 / sigma.float().square())[None, :, None]
+    images_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * pixels * b)))
+    run_lse = torch.full((pixels, b), -float("inf"))
+    acc = torch.zeros(pixels, b, c)
+    for n0 in range(0, n, images_per_chunk):
+        imgs = train[n0:n0 + images_per_chunk]
+        keys = _unfold(imgs, patch, padding).transpose(0, 1)  # [L, n, D]
+        centres = imgs.reshape(imgs.shape[0], c, pixels).permute(2, 0, 1)  # [L, n, C]
+        logits = (queries.square().sum(2, keepdim=True) + keys.square().sum(2)[:, None, :]
+                  - 2 * torch.bmm(queries, keys.transpose(1, 2))).mul_(-inv2s2)
+        lse = torch.logsumexp(logits, dim=2)
+        new_lse = torch.logaddexp(run_lse, lse)
+        part = torch.bmm(torch.softmax(logits, dim=2), centres)
+        acc = acc * torch.exp(run_lse - new_lse)[..., None] + part * torch.exp(lse - new_lse)[..., None]
+        run_lse = new_lse
+    return acc.permute(1, 2, 0).reshape(b, c, h, w)
+
+
+def plain_torch_pspc(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int) -> torch.Tensor:
+    """PSPC the plain way (a Python loop over square positions, as the public code): per square the
+    [B, N] distances, softmax and the posterior-mean crop, averaged over the covering squares."""
+    b, c, h, w = x.shape
+    inv2s2 = (0.5 / sigma.float().square())[:, None]
+    out = torch.zeros_like(x)
+    count = torch.zeros(h, w)
+    flat_train = train.reshape(train.shape[0], c, h, w)
+    for i in range(h - patch + 1):
+        for j in range(w - patch + 1):
+            crops = flat_train[:, :, i:i + patch, j:j + patch].reshape(train.shape[0], -1)
+            q = x[:, :, i:i + patch, j:j + patch].reshape(b, -1)
+            logits = torch.cdist(q, crops).square_().mul_(-inv2s2)
+            out[:, :, i:i + patch, j:j + patch] += (torch.softmax(logits, dim=1) @ crops).reshape(b, c, patch, patch)
+            count[i:i + patch, j:j + patch] += 1
+    return out / count

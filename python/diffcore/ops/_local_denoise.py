@@ -171,11 +171,21 @@ def _run_cpu(x, train, sigma64, kind, patch, padding, mask):
     if kind == "els":
         return _cpu.run_els(xf, train, sigma64, patch, padding)
     batch, channels, height, width = x.shape
+    means = _cpu.run_same_location(xf, train, sigma64, _supports(kind, height, width, patch, padding, mask))
+    return _same_location_result(means, kind, batch, channels, height, width, patch)
+
+
+def _supports(kind, height, width, patch, padding, mask) -> _cpu.Supports:
+    """The query precisions and output pixels of the same-location kinds."""
     if kind == "pspc":
-        return _pspc_composite(_cpu.run_same_location(xf, train, sigma64, _cpu.pspc_supports(height, width, patch)),
-                               batch, channels, height, width, patch)
-    supports = (_cpu.ls_supports(height, width, patch, padding) if kind == "ls" else _cpu.mask_supports(mask))
-    means = _cpu.run_same_location(xf, train, sigma64, supports)  # [B, H*W, C]
+        return _cpu.pspc_supports(height, width, patch)
+    return _cpu.ls_supports(height, width, patch, padding) if kind == "ls" else _cpu.mask_supports(mask)
+
+
+def _same_location_result(means, kind, batch, channels, height, width, patch) -> torch.Tensor:
+    """Posterior means [B, outputs, C] -> x0_hat [B, C, H, W] (pspc: averaged over the squares)."""
+    if kind == "pspc":
+        return _pspc_composite(means, batch, channels, height, width, patch)
     return means.permute(0, 2, 1).reshape(batch, channels, height, width)
 
 
@@ -188,15 +198,27 @@ def _pspc_composite(means: torch.Tensor, batch: int, channels: int, height: int,
     columns = crops.permute(0, 3, 2, 1).reshape(batch, channels * patch * patch, squares_h * squares_w)
     fold = torch.nn.functional.fold
     total = fold(columns.double(), (height, width), patch)
-    count = fold(torch.ones(1, patch * patch, squares_h * squares_w, dtype=torch.float64), (height, width), patch)
+    count = fold(torch.ones(1, patch * patch, squares_h * squares_w, dtype=torch.float64, device=means.device),
+                 (height, width), patch)
     return (total / count).to(torch.float32)
 
 
 def _run_triton(x, train, sigma64, kind, patch, padding, mask):
-    from diffcore.kernels.local_denoise import local_denoise_triton
+    from diffcore.kernels.local_denoise import els_triton, same_location_triton
 
-    return local_denoise_triton(x.to(torch.float32).contiguous(), train, sigma64, kind=kind, patch=patch,
-                                padding=padding, mask=mask)
+    xf = x.to(torch.float32).contiguous()
+    yf = _cpu.as_float32(train).contiguous()
+    if kind == "els":
+        return els_triton(xf, yf, sigma64, patch, padding)
+    batch, channels, height, width = x.shape
+    supports = _supports(kind, height, width, patch, padding, mask)
+    locations = supports.offsets.shape[0] - 1
+    rows = torch.arange(locations).repeat_interleave(supports.offsets[1:] - supports.offsets[:-1])
+    precision = torch.zeros(locations, height * width, dtype=torch.float32)
+    precision.index_put_((rows, supports.index.long()), supports.weight, accumulate=True)  # repeats add up
+    out_pixels = supports.out_index.reshape(locations, -1)
+    means = same_location_triton(xf, yf, sigma64, precision.to(x.device), out_pixels.to(x.device))
+    return _same_location_result(means, kind, batch, channels, height, width, patch)
 
 
 # Backend name -> runner(x, train, sigma64 [B], kind, patch, padding, mask) -> x0_hat [B, C, H, W].
