@@ -13,8 +13,7 @@
 //   at (i, j); its keys are the patches of every training image of the tile at the locations
 //   rows [row_lo[i], row_hi[i]) x cols [col_lo[j], col_hi[j]) (all of them with circular padding; the
 //   boundary-broken dictionaries with zero padding), value = the key's centre pixel (C values).
-//   Vectorized over the key columns: for a fixed patch offset a key row is a contiguous row segment
-//   of the padded training image.
+//   Vectorized over the tile's images (the tile is passed image-innermost).
 // - same_location_tile (ls, pspc, mask): the query of location q is a weighted list of pixels
 //   (support, weights: query precisions); the keys are the same pixels of each training image; the
 //   values are the pixels out_index[q] of the training image (C values each). Vectorized over the
@@ -40,6 +39,8 @@ namespace py = pybind11;
 
 namespace diffcore {
 namespace {
+
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
 
 // exp(-t) for t >= 0 in fp32 (Cody-Waite reduction by ln 2, degree-6 polynomial of Cephes' expf:
 // relative error below 2e-7), branch-free so that the loops calling it vectorize. t is clamped
@@ -89,58 +90,70 @@ inline float block_weights(const double* dist, float* weight, int64_t count, dou
   return sum;
 }
 
+constexpr int64_t kLanes = 16;  // training images per vector chunk (the tile is a multiple of it)
+
 struct TranslatedShape {
-  int64_t batch, tile, channels, height, width, patch;
+  int64_t batch, tile, valid, channels, height, width, patch;
   int64_t padded_h() const { return height + patch - 1; }
   int64_t padded_w() const { return width + patch - 1; }
   int64_t image() const { return channels * padded_h() * padded_w(); }
 };
+
+// Distances of one query patch to the keys at (kr, kc) of the tile's images, kLanes images at a
+// time: the tile is image-innermost ([C, H+P-1, W+P-1, T]) so that every load is a full vector
+// whatever the dictionary's size (a corner pixel of a zero-padded image has one key per image).
+inline void key_distances(const double* query, const float* y, const TranslatedShape& s, int64_t kr, int64_t kc,
+                          double* dist) {
+  const int64_t ph = s.padded_h(), pw = s.padded_w(), p = s.patch, t = s.tile;
+  for (int64_t t0 = 0; t0 < t; t0 += kLanes) {
+    double d[kLanes] = {};
+    for (int64_t ch = 0; ch < s.channels; ++ch) {
+      for (int64_t di = 0; di < p; ++di) {
+        const float* yrow = y + ((ch * ph + kr + di) * pw + kc) * t + t0;
+        const double* qrow = query + (ch * p + di) * p;
+        for (int64_t dj = 0; dj < p; ++dj) {
+          const double xv = qrow[dj];
+          const float* ys = yrow + dj * t;
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const double diff = xv - static_cast<double>(ys[l]);
+            d[l] += diff * diff;
+          }
+        }
+      }
+    }
+    for (int64_t l = 0; l < kLanes; ++l) dist[t0 + l] = t0 + l < s.valid ? d[l] : kInfinity;
+  }
+}
 
 // One query pixel against every image of the tile (translated keys).
 void translated_query(const float* xq_image, const float* y, const TranslatedShape& s, int64_t i, int64_t j,
                       int32_t rlo, int32_t rhi, int32_t clo, int32_t chi, double c, float band, double& dmin,
                       double& total, double* acc, std::vector<double>& dist, std::vector<float>& weight,
                       std::vector<double>& query) {
-  const int64_t ph = s.padded_h(), pw = s.padded_w(), p = s.patch, r = p / 2;
-  const int64_t nrows = rhi - rlo, ncols = chi - clo, count = nrows * ncols;
+  const int64_t ph = s.padded_h(), pw = s.padded_w(), p = s.patch, r = p / 2, t = s.tile;
+  const int64_t nrows = rhi - rlo, ncols = chi - clo, count = nrows * ncols * t;
   for (int64_t ch = 0; ch < s.channels; ++ch)  // the query patch, [C, P, P]
     for (int64_t di = 0; di < p; ++di)
       for (int64_t dj = 0; dj < p; ++dj) query[(ch * p + di) * p + dj] = xq_image[(ch * ph + i + di) * pw + j + dj];
-  for (int64_t n = 0; n < s.tile; ++n) {
-    const float* yimg = y + n * s.image();
-    std::fill(dist.begin(), dist.begin() + count, 0.0);
-    for (int64_t ch = 0; ch < s.channels; ++ch) {
-      for (int64_t di = 0; di < p; ++di) {
-        for (int64_t kr = 0; kr < nrows; ++kr) {
-          const float* yrow = yimg + (ch * ph + rlo + kr + di) * pw + clo;
-          double* drow = dist.data() + kr * ncols;
-          for (int64_t dj = 0; dj < p; ++dj) {
-            const double xv = query[(ch * p + di) * p + dj];
-            const float* ys = yrow + dj;
-#pragma omp simd
-            for (int64_t kc = 0; kc < ncols; ++kc) {
-              const double diff = xv - static_cast<double>(ys[kc]);
-              drow[kc] += diff * diff;
-            }
-          }
-        }
-      }
-    }
-    block_weights(dist.data(), weight.data(), count, c, band, dmin, total, acc, s.channels);
-    for (int64_t ch = 0; ch < s.channels; ++ch) {  // values: the keys' centre pixels
-      float part = 0.0f;
-      for (int64_t kr = 0; kr < nrows; ++kr) {
-        const float* centre = yimg + (ch * ph + rlo + kr + r) * pw + clo + r;
-        const float* w = weight.data() + kr * ncols;
+  for (int64_t kr = 0; kr < nrows; ++kr)
+    for (int64_t kc = 0; kc < ncols; ++kc)
+      key_distances(query.data(), y, s, rlo + kr, clo + kc, dist.data() + (kr * ncols + kc) * t);
+  block_weights(dist.data(), weight.data(), count, c, band, dmin, total, acc, s.channels);
+  for (int64_t ch = 0; ch < s.channels; ++ch) {  // values: the keys' centre pixels
+    float part = 0.0f;
+    for (int64_t kr = 0; kr < nrows; ++kr) {
+      const float* centre = y + ((ch * ph + rlo + kr + r) * pw + clo + r) * t;
+      const float* w = weight.data() + kr * ncols * t;
 #pragma omp simd reduction(+ : part)
-        for (int64_t kc = 0; kc < ncols; ++kc) part += w[kc] * centre[kc];
-      }
-      acc[ch] += part;
+      for (int64_t k = 0; k < ncols * t; ++k) part += w[k] * centre[k];
     }
+    acc[ch] += part;
   }
 }
 
-void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t channels,
+void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
+                     int64_t channels,
                      int64_t height, int64_t width, int64_t patch, std::uintptr_t row_lo_ptr, std::uintptr_t row_hi_ptr,
                      std::uintptr_t col_lo_ptr, std::uintptr_t col_hi_ptr, std::uintptr_t inv2s2_ptr, double band,
                      std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int threads) {
@@ -152,7 +165,9 @@ void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch,
                          {width, "width"}, {patch, "patch"}})
     check_positive(v, name);
   check_arg(patch % 2 == 1, "patch", "expected an odd patch size");
-  const TranslatedShape s{batch, tile, channels, height, width, patch};
+  check_arg(tile % kLanes == 0, "tile", "expected a multiple of 16 images");
+  check_arg(0 < valid && valid <= tile, "valid", "expected 0 < valid <= tile");
+  const TranslatedShape s{batch, tile, valid, channels, height, width, patch};
   const auto* xq = reinterpret_cast<const float*>(xq_ptr);
   const auto* y = reinterpret_cast<const float*>(y_ptr);
   const auto* row_lo = reinterpret_cast<const int32_t*>(row_lo_ptr);
@@ -173,8 +188,8 @@ void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch,
   const float fband = static_cast<float>(band);
 #pragma omp parallel num_threads(resolve_threads(threads))
   {
-    std::vector<double> dist(pixels), query(channels * patch * patch);
-    std::vector<float> weight(pixels);
+    std::vector<double> dist(pixels * tile), query(channels * patch * patch);
+    std::vector<float> weight(pixels * tile);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t qi = 0; qi < queries; ++qi) {
       const int64_t b = qi / pixels, i = (qi % pixels) / width, j = qi % width;
@@ -256,11 +271,11 @@ void register_local_denoise(py::module_& m) {
   auto release = py::call_guard<py::gil_scoped_release>();
   const auto named = py::kw_only();
   m.def("local_denoise_translated_tile", &translated_tile, release, named, arg("xq_ptr"), arg("y_ptr"), arg("batch"),
-        arg("tile"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("row_lo_ptr"), arg("row_hi_ptr"),
+        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("row_lo_ptr"), arg("row_hi_ptr"),
         arg("col_lo_ptr"), arg("col_hi_ptr"), arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"),
         arg("acc_ptr"), arg("threads"),
-        "ELS over one tile: padded queries [B, C, H+P-1, W+P-1] and padded training images [T, C, H+P-1, W+P-1] "
-        "(float32); key ranges per row/column (int32 [H], [W]); running state dmin/total [B*H*W], acc [B*H*W, C] "
+        "ELS over one tile: padded queries [B, C, H+P-1, W+P-1] and padded training images, image-innermost "
+        "[C, H+P-1, W+P-1, T] (float32, T a multiple of 16, the first `valid` images real); key ranges per row/column (int32 [H], [W]); running state dmin/total [B*H*W], acc [B*H*W, C] "
         "(float64) updated in place.");
   m.def("local_denoise_same_location_tile", &same_location_tile, release, named, arg("x_ptr"), arg("y_ptr"),
         arg("batch"), arg("tile"), arg("channels"), arg("pixels"), arg("locations"), arg("support_offsets_ptr"),

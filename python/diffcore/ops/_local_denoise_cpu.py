@@ -19,6 +19,7 @@ BAND = 60.0
 # float32 images, so that a tile stays in the L2 cache while every query streams over it.
 TILE_BYTES = 256 << 10
 SAME_LOCATION_TILE_BYTES = 1 << 20
+LANES = 16  # the ELS tile holds a multiple of this many images (the C++ kernel's vector chunk)
 
 
 def tile_images(image_bytes: int, rows: int, budget: int, minimum: int) -> int:
@@ -85,11 +86,15 @@ def run_els(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: 
     col_lo, col_hi = key_ranges(width, patch, padding)
     inv2s2 = (0.5 / sigma64.square()).contiguous()
     state = _State.create(batch * height * width, (batch * height * width, channels))
-    tile = tile_rows or tile_images(4 * xq[0].numel(), train.shape[0], TILE_BYTES, 8)
+    tile = tile_rows or max(LANES, tile_images(4 * xq[0].numel(), train.shape[0], TILE_BYTES, LANES) // LANES * LANES)
+    lanes = -(-tile // LANES) * LANES
+    buffer = torch.zeros(channels, height + 2 * r, width + 2 * r, lanes, dtype=torch.float32)
     for start in range(0, train.shape[0], tile):
-        y = pad_images(as_float32(train[start:start + tile]), r, padding)
+        images = pad_images(as_float32(train[start:start + tile]), r, padding)
+        valid = images.shape[0]
+        buffer[..., :valid] = images.permute(1, 2, 3, 0)  # image-innermost: full vectors for any dictionary
         extension().local_denoise_translated_tile(
-            xq_ptr=xq.data_ptr(), y_ptr=y.data_ptr(), batch=batch, tile=y.shape[0], channels=channels,
+            xq_ptr=xq.data_ptr(), y_ptr=buffer.data_ptr(), batch=batch, tile=lanes, valid=valid, channels=channels,
             height=height, width=width, patch=patch, row_lo_ptr=row_lo.data_ptr(), row_hi_ptr=row_hi.data_ptr(),
             col_lo_ptr=col_lo.data_ptr(), col_hi_ptr=col_hi.data_ptr(), inv2s2_ptr=inv2s2.data_ptr(), band=BAND,
             threads=threads, **state.pointers())
