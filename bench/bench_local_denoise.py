@@ -23,7 +23,6 @@ import time
 
 import pytest
 import torch
-
 from benchutil import QUICK, peak_extra_mb
 from diffcore.ops import local_denoise
 from diffcore.ref.local_denoise import local_denoise_ref
@@ -57,7 +56,7 @@ def _train(data: str, rows) -> torch.Tensor:
 
 
 def _inputs(case):
-    data, kind, patch, batch, rows = case
+    data, _kind, _patch, batch, rows = case
     train = _train(data, rows)
     gen = torch.Generator().manual_seed(1)
     source = torch.randint(0, train.shape[0], (batch,), generator=gen)
@@ -68,7 +67,7 @@ def _inputs(case):
 def _pairs(case, x, train) -> float:
     """(query, key) pairs of one call: one exp and D = C P^2 distance terms each."""
     _, kind, patch, batch, _ = case
-    _, c, h, w = x.shape
+    _, _c, h, w = x.shape
     rows = train.shape[0]
     if kind == "els":
         r = patch // 2

@@ -11,12 +11,12 @@ import itertools
 
 import pytest
 import torch
-
 from diffcore.ops import _local_denoise as op_module
 from diffcore.ops import _local_denoise_cpu as ld_cpu
 from diffcore.ops import local_denoise, wiener_masks
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 from diffcore.ref.local_denoise import local_denoise_ref
+
 from tests.helpers import cpu_backends
 
 FAST_BACKENDS = cpu_backends(("cpu", "triton"))
@@ -246,18 +246,22 @@ def test_wiener_masks_threshold_rule():
     assert float(mask[5, 4]) == 1.0 and float(mask[5, 6]) == 1.0  # row neighbours kept
     assert float(mask[5, 13]) == 0.0  # two rows away: uncorrelated, dropped
     assert float(wiener_masks(train, 1.0, 1.0).sum()) < float(mask.sum())
+    constant = train.clone()
+    constant[:, :, 0, 0] = 0.5  # no variance: W's row 0 is zero, the mask keeps pixel 0 alone
+    row = wiener_masks(constant, 1.0, 0.3)[0]
+    assert float(row[0]) == 1.0 and float(row.sum()) == 1.0
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="bad"), "kind"),
-    (dict(kind="els", padding="reflect"), "padding"),
-    (dict(kind="els", patch_size=4), "patch_size"),
-    (dict(kind="els", patch_size=[3, 3]), "patch_size"),
-    (dict(kind="pspc", patch_size=7), "patch_size"),
-    (dict(kind="mask"), "mask"),
-    (dict(kind="mask", mask=torch.ones(3, 3)), "mask"),
-    (dict(kind="mask", mask=-torch.ones(30, 30)), "mask"),
-    (dict(kind="els", mask=torch.ones(30, 30)), "mask"),
+    ({"kind": "bad"}, "kind"),
+    ({"kind": "els", "padding": "reflect"}, "padding"),
+    ({"kind": "els", "patch_size": 4}, "patch_size"),
+    ({"kind": "els", "patch_size": [3, 3]}, "patch_size"),
+    ({"kind": "pspc", "patch_size": 7}, "patch_size"),
+    ({"kind": "mask"}, "mask"),
+    ({"kind": "mask", "mask": torch.ones(3, 3)}, "mask"),
+    ({"kind": "mask", "mask": -torch.ones(30, 30)}, "mask"),
+    ({"kind": "els", "mask": torch.ones(30, 30)}, "mask"),
 ])
 def test_errors_name_the_argument(kwargs, match):
     x, train = make_case(sigma=0.5)

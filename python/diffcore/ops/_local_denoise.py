@@ -24,7 +24,12 @@ from __future__ import annotations
 import torch
 
 from diffcore._backend import OpBackends
-from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
+from diffcore._checks import (
+    check_finite,
+    check_same_device,
+    check_tensor,
+    sigma_per_row,
+)
 from diffcore.ops import _local_denoise_cpu as _cpu
 
 __all__ = ["local_denoise", "wiener_masks"]
@@ -141,7 +146,8 @@ def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.T
         sigma: noise level > 0.
         threshold: in (0, 1]: the fraction of each row's largest ``|W|`` a pixel must reach.
     Returns:
-        float32 [H*W, H*W] of 0/1 (every row holds at least its largest entry).
+        float32 [H*W, H*W] of 0/1 (every row holds at least its largest entry; the row of a pixel
+        that is constant over the training set, where W's row is 0, holds that pixel alone).
     """
     check_tensor("train", train, ndim=4, dtypes=_TRAIN_DTYPES)
     if not (isinstance(sigma, (int, float)) and sigma > 0):
@@ -155,7 +161,10 @@ def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.T
     eye = torch.eye(cov.shape[0], dtype=torch.float64)
     filt = torch.linalg.solve(cov + sigma ** 2 * eye, cov).T  # S symmetric: (S + s^2 I)^-1 S = W^T
     magnitude = filt.abs().reshape(c, h * w, c, h * w).amax(dim=(0, 2))
-    return (magnitude >= threshold * magnitude.amax(dim=1, keepdim=True)).to(torch.float32)
+    row_max = magnitude.amax(dim=1, keepdim=True)
+    masks = (magnitude >= threshold * row_max) & (row_max > 0)
+    masks |= (row_max == 0) & torch.eye(h * w, dtype=torch.bool)  # a constant pixel: W's row is 0; keep q itself
+    return masks.to(torch.float32)
 
 
 def _run_reference(x, train, sigma64, kind, patch, padding, mask):

@@ -72,7 +72,7 @@ class _State:
                    torch.zeros(queries, dtype=torch.float64), torch.zeros(acc_shape, dtype=torch.float64))
 
     def pointers(self) -> dict:
-        return dict(dmin_ptr=self.dmin.data_ptr(), total_ptr=self.total.data_ptr(), acc_ptr=self.acc.data_ptr())
+        return {"dmin_ptr": self.dmin.data_ptr(), "total_ptr": self.total.data_ptr(), "acc_ptr": self.acc.data_ptr()}
 
 
 def run_els(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: int, padding: str,

@@ -55,6 +55,8 @@ def local_denoise_ref(x: torch.Tensor, train: torch.Tensor, sigma, *, kind: str,
     s = torch.as_tensor(sigma, dtype=torch.float64, device=xd.device).reshape(-1)
     inv2s2 = 0.5 / (s.expand(xd.shape[0]) if s.numel() == 1 else s).square()
     if kind == "mask":
+        if mask is None:
+            raise ValueError("mask: kind 'mask' needs a query-precision matrix [H*W, H*W]")
         return _mask_ref(xd, yd, inv2s2, mask.to(torch.float64))
     if kind == "pspc":
         return _pspc_ref(xd, yd, inv2s2, patch_size)
@@ -104,7 +106,7 @@ def dictionary_ranges(size: int, patch_size: int, padding: str) -> list[range]:
 
 
 def _patch_ref(x, y, inv2s2, patch_size, padding, same_location):
-    b, c, h, w = x.shape
+    _b, c, h, w = x.shape
     xq = patches(x, patch_size, padding)        # [B, H, W, D]
     yk = patches(y, patch_size, padding)        # [N, H, W, D]
     out = torch.empty_like(x)
