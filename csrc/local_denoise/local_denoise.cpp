@@ -30,10 +30,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/registry.h"
+#ifdef DIFFCORE_WITH_CUDA
+#include "local_denoise/local_denoise_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -266,6 +271,71 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
   }
 }
 
+// CUDA entry points (local_denoise.cu): the same tiles and state as the CPU kernels, on device
+// pointers (the els tile image-major, [T, C, H+P-1, W+P-1]). Python built the index arrays; they
+// live on the device and are not re-checked here.
+void translated_cuda(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t channels,
+                     int64_t height, int64_t width, int64_t patch, std::uintptr_t row_lo_ptr, std::uintptr_t row_hi_ptr,
+                     std::uintptr_t col_lo_ptr, std::uintptr_t col_hi_ptr, std::uintptr_t inv2s2_ptr, double band,
+                     std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int device,
+                     std::uintptr_t stream) {
+#ifdef DIFFCORE_WITH_CUDA
+  for (auto [ptr, name] : {std::pair{xq_ptr, "xq"}, {y_ptr, "y"}, {row_lo_ptr, "row_lo"}, {row_hi_ptr, "row_hi"},
+                           {col_lo_ptr, "col_lo"}, {col_hi_ptr, "col_hi"}, {inv2s2_ptr, "inv2s2"},
+                           {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
+    check_ptr(ptr, name);
+  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {height, "height"},
+                         {width, "width"}, {patch, "patch"}})
+    check_positive(v, name);
+  check_arg(patch % 2 == 1, "patch", "expected an odd patch size");
+  local_denoise_translated_cuda(reinterpret_cast<const float*>(xq_ptr), reinterpret_cast<const float*>(y_ptr), batch,
+                                tile, channels, height, width, patch, reinterpret_cast<const int32_t*>(row_lo_ptr),
+                                reinterpret_cast<const int32_t*>(row_hi_ptr),
+                                reinterpret_cast<const int32_t*>(col_lo_ptr),
+                                reinterpret_cast<const int32_t*>(col_hi_ptr),
+                                reinterpret_cast<const double*>(inv2s2_ptr), band,
+                                reinterpret_cast<double*>(dmin_ptr), reinterpret_cast<double*>(total_ptr),
+                                reinterpret_cast<double*>(acc_ptr), device, reinterpret_cast<void*>(stream));
+#else
+  (void)xq_ptr, (void)y_ptr, (void)batch, (void)tile, (void)channels, (void)height, (void)width, (void)patch;
+  (void)row_lo_ptr, (void)row_hi_ptr, (void)col_lo_ptr, (void)col_hi_ptr, (void)inv2s2_ptr, (void)band;
+  (void)dmin_ptr, (void)total_ptr, (void)acc_ptr, (void)device, (void)stream;
+  throw std::runtime_error("diffcore._C: local_denoise_translated_cuda: diffcore._C was built without CUDA");
+#endif
+}
+
+void same_location_cuda(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t channels,
+                        int64_t pixels, int64_t locations, std::uintptr_t support_offsets_ptr,
+                        std::uintptr_t support_index_ptr, std::uintptr_t support_weight_ptr,
+                        std::uintptr_t out_offsets_ptr, std::uintptr_t out_index_ptr, std::uintptr_t inv2s2_ptr,
+                        double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr,
+                        int device, std::uintptr_t stream) {
+#ifdef DIFFCORE_WITH_CUDA
+  for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {y_ptr, "y"}, {support_offsets_ptr, "support_offsets"},
+                           {support_index_ptr, "support_index"}, {support_weight_ptr, "support_weight"},
+                           {out_offsets_ptr, "out_offsets"}, {out_index_ptr, "out_index"}, {inv2s2_ptr, "inv2s2"},
+                           {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
+    check_ptr(ptr, name);
+  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {pixels, "pixels"},
+                         {locations, "locations"}})
+    check_positive(v, name);
+  local_denoise_same_location_cuda(
+      reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const float*>(y_ptr), batch, tile, channels, pixels,
+      locations, reinterpret_cast<const int64_t*>(support_offsets_ptr),
+      reinterpret_cast<const int32_t*>(support_index_ptr), reinterpret_cast<const float*>(support_weight_ptr),
+      reinterpret_cast<const int64_t*>(out_offsets_ptr), reinterpret_cast<const int32_t*>(out_index_ptr),
+      reinterpret_cast<const double*>(inv2s2_ptr), band, reinterpret_cast<double*>(dmin_ptr),
+      reinterpret_cast<double*>(total_ptr), reinterpret_cast<double*>(acc_ptr), device,
+      reinterpret_cast<void*>(stream));
+#else
+  (void)x_ptr, (void)y_ptr, (void)batch, (void)tile, (void)channels, (void)pixels, (void)locations;
+  (void)support_offsets_ptr, (void)support_index_ptr, (void)support_weight_ptr, (void)out_offsets_ptr;
+  (void)out_index_ptr, (void)inv2s2_ptr, (void)band, (void)dmin_ptr, (void)total_ptr, (void)acc_ptr;
+  (void)device, (void)stream;
+  throw std::runtime_error("diffcore._C: local_denoise_same_location_cuda: diffcore._C was built without CUDA");
+#endif
+}
+
 void register_local_denoise(py::module_& m) {
   using py::arg;
   auto release = py::call_guard<py::gil_scoped_release>();
@@ -284,6 +354,16 @@ void register_local_denoise(py::module_& m) {
         "Same-location keys over one tile: x [B, C, H*W], training tile pixel-major [H*W, C, T] (float32); per "
         "location a weighted pixel support and output pixels (CSR: int64 offsets, int32 indices, float32 "
         "weights); running state dmin/total [B*L], acc [B, outputs, C] (float64) updated in place.");
+  m.def("local_denoise_translated_cuda", &translated_cuda, release, named, arg("xq_ptr"), arg("y_ptr"), arg("batch"),
+        arg("tile"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("row_lo_ptr"), arg("row_hi_ptr"),
+        arg("col_lo_ptr"), arg("col_hi_ptr"), arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"),
+        arg("acc_ptr"), arg("device"), arg("stream"),
+        "CUDA ELS over one image-major tile [T, C, H+P-1, W+P-1] (compiled, never run on a GPU).");
+  m.def("local_denoise_same_location_cuda", &same_location_cuda, release, named, arg("x_ptr"), arg("y_ptr"),
+        arg("batch"), arg("tile"), arg("channels"), arg("pixels"), arg("locations"), arg("support_offsets_ptr"),
+        arg("support_index_ptr"), arg("support_weight_ptr"), arg("out_offsets_ptr"), arg("out_index_ptr"),
+        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("device"),
+        arg("stream"), "CUDA same-location kinds over one tile (compiled, never run on a GPU).");
 }
 
 }  // namespace

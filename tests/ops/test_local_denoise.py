@@ -283,3 +283,38 @@ def test_errors_shapes_and_sigma():
         local_denoise(x.double(), train, 0.5, backend="cpu")
     with pytest.raises(ValueError, match="threshold"):
         wiener_masks(train, 0.5, 0.0)
+
+
+def test_error_cuda_backend_on_cpu_tensors():
+    x, train = make_case(sigma=0.5)
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
+        local_denoise(x, train, 0.5, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------- GPU only
+GPU_CASES = [*CASES, ("mask", "zeros", 1)]
+
+
+def _gpu_check(backend, kind, padding, patch, train_dtype):
+    sigma = torch.tensor([0.001, 1.0, 80.0], dtype=torch.float64)
+    x, train = make_case(batch=3, rows=40, channels=3, height=9, width=7, sigma=sigma, train_dtype=train_dtype)
+    mask = (torch.rand(63, 63, generator=torch.Generator().manual_seed(6)) < 0.2).float() if kind == "mask" else None
+    kw = dict(kind=kind, patch_size=patch, padding=padding, mask=mask)
+    ref = local_denoise_ref(x, train, sigma, **kw)
+    out = local_denoise(x.cuda(), train.cuda(), sigma.cuda(), backend=backend, **kw).cpu()
+    assert float(((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max()) <= ABS_TOL
+
+
+@pytest.mark.cuda_ext
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+@pytest.mark.parametrize("kind,padding,patch", GPU_CASES, ids=[f"{k}-{p}-P{s}" for k, p, s in GPU_CASES])
+def test_cuda_kernel_matches_reference(kind, padding, patch, train_dtype):
+    _gpu_check("cuda", kind, padding, patch, train_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
+@pytest.mark.parametrize("kind,padding,patch", GPU_CASES, ids=[f"{k}-{p}-P{s}" for k, p, s in GPU_CASES])
+def test_triton_on_gpu_matches_reference(kind, padding, patch, train_dtype):
+    _gpu_check("triton", kind, padding, patch, train_dtype)

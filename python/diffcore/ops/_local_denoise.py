@@ -17,7 +17,8 @@ Memory of the fast backends: O(B C H W + tile); the [N, H, W, C P^2] key tensor 
 The op is not differentiable (computed under ``torch.no_grad()``).
 
 This module holds the checks, the backend resolution and the table of runners; the CPU host code
-is in ``_local_denoise_cpu.py``, the Triton kernels in ``diffcore/kernels/local_denoise.py``.
+is in ``_local_denoise_cpu.py``, the CUDA launchers in ``_local_denoise_cuda.py``, the Triton kernels
+in ``diffcore/kernels/local_denoise.py``.
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ from diffcore._checks import (
     sigma_per_row,
 )
 from diffcore.ops import _local_denoise_cpu as _cpu
+from diffcore.ops import _local_denoise_cuda as _cuda
 
 __all__ = ["local_denoise", "wiener_masks"]
 
 BACKENDS = OpBackends(
     op="local_denoise",
-    implemented=("reference", "cpu", "triton"),
-    # triton: passes the interpreter tests, never run on a GPU: out of auto. No CUDA C++ kernel yet.
+    implemented=("reference", "cpu", "cuda", "triton"),
+    # triton passes the interpreter tests but has not run on a GPU; the CUDA kernel has only been
+    # compiled, never run: both stay out of auto (ask for them by name).
     auto_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
 )
 
@@ -67,7 +70,7 @@ def local_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, kind: str = "e
         padding: 'zeros' or 'circular' (els, ls).
         mask: query precisions [H*W, H*W] (kind 'mask'): row q weighs each pixel p's squared
             difference in pixel q's logit; >= 0, binary or soft.
-        backend: 'auto', 'reference', 'cpu' or 'triton'.
+        backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton'.
     Returns:
         x0_hat [B, C, H, W] in x's dtype. Not differentiable (computed under no_grad).
     """
@@ -230,5 +233,16 @@ def _run_triton(x, train, sigma64, kind, patch, padding, mask):
     return _same_location_result(means, kind, batch, channels, height, width, patch)
 
 
+def _run_cuda(x, train, sigma64, kind, patch, padding, mask):
+    xf = x.to(torch.float32).contiguous()
+    if train.dtype not in (torch.float32, torch.uint8):
+        train = train.to(torch.float32)
+    if kind == "els":
+        return _cuda.run_els(xf, train, sigma64, patch, padding)
+    batch, channels, height, width = x.shape
+    means = _cuda.run_same_location(xf, train, sigma64, _supports(kind, height, width, patch, padding, mask))
+    return _same_location_result(means, kind, batch, channels, height, width, patch)
+
+
 # Backend name -> runner(x, train, sigma64 [B], kind, patch, padding, mask) -> x0_hat [B, C, H, W].
-RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton}
+RUNNERS = {"reference": _run_reference, "cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
