@@ -69,9 +69,10 @@ inline float exp_neg(float t) {
 }
 
 // Folds one block of key distances into a query's running state: a new minimum rescales the sum
-// and the accumulator (one exp), then every key gets w = exp(-(d - dmin) c) (0 beyond the band),
-// written to `weight`. Returns the block's weight sum.
-inline float block_weights(const double* dist, float* weight, int64_t count, double c, float band, double& dmin,
+// and the accumulator (one exp), then every key gets w = exp(-(d - dmin) c) (0 beyond the band, fp32),
+// written to `weight`; sums are float64 (a tile of a query holds up to H W T keys: fp32 sums of
+// 10^4 terms lost 2e-5). Returns the block's weight sum.
+inline double block_weights(const double* dist, float* weight, int64_t count, double c, float band, double& dmin,
                            double& total, double* acc, int64_t values) {
   double block_min = std::numeric_limits<double>::infinity();
 #pragma omp simd reduction(min : block_min)
@@ -83,13 +84,13 @@ inline float block_weights(const double* dist, float* weight, int64_t count, dou
     dmin = block_min;
   }
   const double base = dmin;
-  float sum = 0.0f;
+  double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < count; ++k) {
     const float t = static_cast<float>((dist[k] - base) * c);  // >= 0: exact but for one rounding
     const float w = t > band ? 0.0f : exp_neg(t);
     weight[k] = w;
-    sum += w;
+    sum += static_cast<double>(w);
   }
   total += sum;
   return sum;
@@ -146,12 +147,12 @@ void translated_query(const float* xq_image, const float* y, const TranslatedSha
       key_distances(query.data(), y, s, rlo + kr, clo + kc, dist.data() + (kr * ncols + kc) * t);
   block_weights(dist.data(), weight.data(), count, c, band, dmin, total, acc, s.channels);
   for (int64_t ch = 0; ch < s.channels; ++ch) {  // values: the keys' centre pixels
-    float part = 0.0f;
+    double part = 0.0;
     for (int64_t kr = 0; kr < nrows; ++kr) {
       const float* centre = y + ((ch * ph + rlo + kr + r) * pw + clo + r) * t;
       const float* w = weight.data() + kr * ncols * t;
 #pragma omp simd reduction(+ : part)
-      for (int64_t k = 0; k < ncols * t; ++k) part += w[k] * centre[k];
+      for (int64_t k = 0; k < ncols * t; ++k) part += static_cast<double>(w[k]) * centre[k];
     }
     acc[ch] += part;
   }
@@ -261,9 +262,9 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
       for (int64_t o = out_off[q]; o < out_off[q + 1]; ++o) {
         for (int64_t ch = 0; ch < channels; ++ch) {
           const float* yrow = y + (static_cast<int64_t>(out_idx[o]) * channels + ch) * tile;
-          float part = 0.0f;
+          double part = 0.0;
 #pragma omp simd reduction(+ : part)
-          for (int64_t n = 0; n < tile; ++n) part += weight[n] * yrow[n];
+          for (int64_t n = 0; n < tile; ++n) part += static_cast<double>(weight[n]) * yrow[n];
           qacc[(o - out_off[q]) * channels + ch] += part;
         }
       }

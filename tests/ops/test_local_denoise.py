@@ -318,3 +318,14 @@ def test_cuda_kernel_matches_reference(kind, padding, patch, train_dtype):
 @pytest.mark.parametrize("kind,padding,patch", GPU_CASES, ids=[f"{k}-{p}-P{s}" for k, p, s in GPU_CASES])
 def test_triton_on_gpu_matches_reference(kind, padding, patch, train_dtype):
     _gpu_check("triton", kind, padding, patch, train_dtype)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_cpu_large_tile_sums_stay_accurate(padding):
+    """The digits at sigma = 1: one query against up to 115008 keys, 320-image tiles whose
+    background patches all weigh alike (fp32 sums of a tile's weights lost 2.3e-5; they are float64)."""
+    from diffcore.data.digits import load_digits
+
+    train = load_digits()[0]
+    x = train[:1] + torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    check(x, train, 1.0, "cpu", kind="els", patch_size=3, padding=padding)
