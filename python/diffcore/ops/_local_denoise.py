@@ -158,7 +158,9 @@ def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.T
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ValueError(f"threshold: expected a float in (0, 1], got {threshold!r}")
     n, c, h, w = train.shape
-    rows = _cpu.as_float32(train.cpu()).to(torch.float64).reshape(n, -1)
+    rows = train.cpu().to(torch.float64).reshape(n, -1)
+    if train.dtype == torch.uint8:
+        rows = rows / 127.5 - 1.0
     centred = rows - rows.mean(dim=0)
     cov = centred.T @ centred / n
     eye = torch.eye(cov.shape[0], dtype=torch.float64)
