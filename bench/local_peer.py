@@ -39,7 +39,8 @@ def plain_torch_els(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, p
     rows, cols = _pattern_classes(h, patch, padding), _pattern_classes(w, patch, padding)
     klass = (rows[:, None] * (w + 1) + cols[None, :]).reshape(-1)  # [H*W]
     inv2s2 = (0.5 / sigma.float().square()).repeat_interleave(pixels)
-    images_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * pixels * max(1, b * pixels))))
+    dim = queries.shape[1]  # the unfolded keys of a chunk ([images * H*W, D]) fit CHUNK_BYTES too
+    images_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * pixels * max(b * pixels, dim))))
     query_chunk = max(1, CHUNK_BYTES // (4 * images_per_chunk * pixels))
     out = torch.empty(b * pixels, c)
     for q0 in range(0, b * pixels, query_chunk):
@@ -74,7 +75,7 @@ def plain_torch_ls(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, pa
     pixels = h * w
     queries = _unfold(x, patch, padding).transpose(0, 1)  # [L, B, D]
     inv2s2 = (0.5 / sigma.float().square())[None, :, None]
-    images_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * pixels * b)))
+    images_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * pixels * max(b, queries.shape[2]))))
     run_lse = torch.full((pixels, b), -float("inf"))
     acc = torch.zeros(pixels, b, c)
     for n0 in range(0, n, images_per_chunk):
