@@ -46,8 +46,8 @@ BACKENDS = OpBackends(
 
 KINDS = ("els", "ls", "pspc", "mask")
 PADDINGS = ("zeros", "circular")
-# 1/(2 sigma^2) must stay a normal float32 in the fast kernels' weights (and sigma^2 a normal
-# float64): smaller sigmas are refused (the nearest key is the answer there anyway).
+# Smallest sigma taken: 1/(2 sigma^2) (float64 in every kernel) and the logit differences stay far
+# inside the float64 range; below it the nearest key is the answer anyway, so smaller sigmas are refused.
 MIN_SIGMA = 1e-18
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
