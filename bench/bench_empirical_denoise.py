@@ -18,14 +18,12 @@ DIFFCORE_BENCH_QUICK=1 shrinks the shapes.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 
 import pytest
 import torch
 
-from benchutil import QUICK, record_cpu_screen, record_interleaved, record_ratio, run_timed
+from benchutil import QUICK, peak_extra_mb, record_cpu_screen, record_interleaved, record_ratio, run_timed
 from diffcore.ops import empirical_denoise
 
 GROUP = "empirical_denoise"
@@ -69,41 +67,6 @@ def plain_torch_denoise(x, train, sigma):
 
 def _flops(x, train) -> float:
     return 4.0 * x.shape[0] * train.shape[0] * x.shape[1]
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so large buffers are unmapped on free
-        return libc
-    except OSError:
-        return None
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_extra_mb(fn) -> float | None:
-    """Peak resident growth of one call of ``fn`` in MB (None where /proc cannot be used)."""
-    libc = _libc()
-    gc.collect()
-    if libc is not None:
-        libc.malloc_trim(0)  # give freed heap pages back, so that reusing them counts as growth
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset VmHWM to the current resident set
-        before = _status_kb("VmRSS")
-        fn()
-        peak = _status_kb("VmHWM")
-    except (OSError, KeyError):
-        return None
-    return max(0, peak - before) / 1024.0
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -9,7 +9,9 @@ Set DIFFCORE_BENCH_QUICK=1 for small shapes (a smoke run of every benchmark in s
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import os
 import time
 
@@ -170,3 +172,38 @@ def record_interleaved(benchmark, peer_fn, fn, rounds: int = 15) -> None:
                      f"speedup_vs_peer{suffix}": best["peer_wall"] / best["wall"],
                      f"speedup_vs_peer_cpu{suffix}": best["peer_cpu"] / best["cpu"]})
     info.update(threads=torch.get_num_threads(), load_average_after=os.getloadavg(), role="diffcore")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so large buffers are unmapped on free
+        return libc
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Peak resident growth of one call of ``fn`` in MB (None where /proc cannot be used)."""
+    libc = _libc()
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)  # give freed heap pages back, so that reusing them counts as growth
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current resident set
+        before = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+    except (OSError, KeyError):
+        return None
+    return max(0, peak - before) / 1024.0

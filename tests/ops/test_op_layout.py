@@ -12,6 +12,7 @@ import diffcore.ops
 OPS = {"attention": ("attention", "attention_and_jvp"),
        "empirical_denoise": ("empirical_denoise", "empirical_denoise_with_logz"),
        "knn": ("knn",),
+       "local_denoise": ("local_denoise", "wiener_masks"),
        "sampler_step": ("sampler_step",)}
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from diffcore.ops._attention import attention, attention_and_jvp
 from diffcore.ops._empirical_denoise import empirical_denoise, empirical_denoise_with_logz
 from diffcore.ops._knn import knn
+from diffcore.ops._local_denoise import local_denoise, wiener_masks
 from diffcore.ops._sampler_step import sampler_step
 
-__all__ = ["attention", "attention_and_jvp", "empirical_denoise", "empirical_denoise_with_logz", "knn", "sampler_step"]
+__all__ = ["attention", "attention_and_jvp", "empirical_denoise", "empirical_denoise_with_logz", "knn", "local_denoise", "sampler_step",
+           "wiener_masks"]

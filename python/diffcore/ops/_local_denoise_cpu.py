@@ -1,0 +1,196 @@
+"""CPU host code of the local denoisers (``diffcore.ops.local_denoise``): training tiles decoded
+and padded here, the fused work in C++ (csrc/local_denoise/local_denoise.cpp).
+
+Memory: the noisy images (padded), one training tile (padded or pixel-major, float32, about
+``TILE_BYTES``) and the running state (``dmin``, ``total`` [Q], ``acc`` [Q, V] float64): O(B C H W +
+tile). The key tensor [N, H, W, C P P] is never formed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffcore._ext import extension
+
+# A key whose logit lies BAND below the running best weighs less than exp(-60) ~ 1e-26 of it.
+BAND = 60.0
+# Training images per tile: about this many bytes of padded (els) or pixel-major (same-location)
+# float32 images, so that a tile stays in the L2 cache while every query streams over it.
+TILE_BYTES = 256 << 10
+SAME_LOCATION_TILE_BYTES = 1 << 20
+LANES = 16  # the ELS tile holds a multiple of this many images (the C++ kernel's vector chunk)
+
+
+def tile_images(image_bytes: int, rows: int, budget: int, minimum: int) -> int:
+    """Training images per tile: ``budget`` bytes' worth, at least ``minimum``, at most ``rows``."""
+    return int(max(1, min(rows, max(minimum, budget // max(1, image_bytes)))))
+
+
+def pad_images(t: torch.Tensor, r: int, padding: str) -> torch.Tensor:
+    """[M, C, H, W] -> [M, C, H + 2r, W + 2r] contiguous, zero-padded or wrapped around (any r)."""
+    if padding == "zeros":
+        return torch.nn.functional.pad(t, (r, r, r, r)).contiguous()
+    rows = torch.arange(-r, t.shape[2] + r) % t.shape[2]
+    cols = torch.arange(-r, t.shape[3] + r) % t.shape[3]
+    return t.index_select(2, rows).index_select(3, cols).contiguous()
+
+
+def as_float32(t: torch.Tensor) -> torch.Tensor:
+    """Images as float32 (uint8 as u8 / 127.5 - 1)."""
+    return t.to(torch.float32).div_(127.5).sub_(1.0) if t.dtype == torch.uint8 else t.to(torch.float32)
+
+
+def key_ranges(size: int, patch: int, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate of an axis, the key coordinates [lo, hi) of the els dictionary: all of them
+    (circular), the same one for border coordinates (within r of an edge: a unique padding
+    pattern) and the interior ones [r, size - r) for the others (zeros)."""
+    r = patch // 2
+    lo = torch.zeros(size, dtype=torch.int32)
+    hi = torch.full((size,), size, dtype=torch.int32)
+    if padding == "zeros":
+        for i in range(size):
+            if r <= i < size - r:
+                lo[i], hi[i] = r, size - r
+            else:
+                lo[i], hi[i] = i, i + 1
+    return lo, hi
+
+
+@dataclass
+class _State:
+    """Running log-sum-exp state of Q queries (float64): the smallest distance, the weight sum, and
+    the weighted sums of the values (``acc``, laid out as the kernel expects)."""
+
+    dmin: torch.Tensor
+    total: torch.Tensor
+    acc: torch.Tensor
+
+    @classmethod
+    def create(cls, queries: int, acc_shape: tuple[int, ...]):
+        return cls(torch.full((queries,), float("inf"), dtype=torch.float64),
+                   torch.zeros(queries, dtype=torch.float64), torch.zeros(acc_shape, dtype=torch.float64))
+
+    def pointers(self) -> dict:
+        return {"dmin_ptr": self.dmin.data_ptr(), "total_ptr": self.total.data_ptr(), "acc_ptr": self.acc.data_ptr()}
+
+
+def run_els(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: int, padding: str,
+            tile_rows: int | None = None) -> torch.Tensor:
+    """ELS: x [B, C, H, W] float32, train [N, C, H, W] -> x0_hat [B, C, H, W] float32."""
+    batch, channels, height, width = x.shape
+    r = patch // 2
+    threads = torch.get_num_threads()
+    xq = pad_images(x, r, padding)
+    row_lo, row_hi = key_ranges(height, patch, padding)
+    col_lo, col_hi = key_ranges(width, patch, padding)
+    inv2s2 = (0.5 / sigma64.square()).contiguous()
+    state = _State.create(batch * height * width, (batch * height * width, channels))
+    tile = tile_rows or max(LANES, tile_images(4 * xq[0].numel(), train.shape[0], TILE_BYTES, LANES) // LANES * LANES)
+    lanes = -(-tile // LANES) * LANES
+    buffer = torch.zeros(channels, height + 2 * r, width + 2 * r, lanes, dtype=torch.float32)
+    for start in range(0, train.shape[0], tile):
+        images = pad_images(as_float32(train[start:start + tile]), r, padding)
+        valid = images.shape[0]
+        buffer[..., :valid] = images.permute(1, 2, 3, 0)  # image-innermost: full vectors for any dictionary
+        extension().local_denoise_translated_tile(
+            xq_ptr=xq.data_ptr(), y_ptr=buffer.data_ptr(), batch=batch, tile=lanes, valid=valid, channels=channels,
+            height=height, width=width, patch=patch, row_lo_ptr=row_lo.data_ptr(), row_hi_ptr=row_hi.data_ptr(),
+            col_lo_ptr=col_lo.data_ptr(), col_hi_ptr=col_hi.data_ptr(), inv2s2_ptr=inv2s2.data_ptr(), band=BAND,
+            threads=threads, **state.pointers())
+    out = state.acc / state.total[:, None]
+    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+
+
+@dataclass
+class Supports:
+    """Same-location queries in CSR form: per location a weighted list of pixels (the query
+    precision's row) and the pixels whose posterior means it outputs."""
+
+    offsets: torch.Tensor  # [L + 1] int64
+    index: torch.Tensor    # [nnz] int32
+    weight: torch.Tensor   # [nnz] float32
+    out_offsets: torch.Tensor  # [L + 1] int64
+    out_index: torch.Tensor    # [outputs] int32
+
+    @classmethod
+    def from_lists(cls, supports: list[tuple[list[int], list[float]]], outputs: list[list[int]]):
+        def offsets(lengths):
+            return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+
+        return cls(offsets([len(s[0]) for s in supports]),
+                   torch.tensor([p for s in supports for p in s[0]], dtype=torch.int32),
+                   torch.tensor([w for s in supports for w in s[1]], dtype=torch.float32),
+                   offsets([len(o) for o in outputs]), torch.tensor([p for o in outputs for p in o], dtype=torch.int32))
+
+
+def patch_pixels(i: int, j: int, height: int, width: int, patch: int, padding: str) -> list[int]:
+    """Pixel indices of the P x P patch centred at (i, j): wrapped (circular; repeats counted) or
+    those inside the image (zeros: the padded entries are 0 for queries and keys alike)."""
+    r = patch // 2
+    pixels = []
+    for a in range(i - r, i + r + 1):
+        for b in range(j - r, j + r + 1):
+            if padding == "circular":
+                pixels.append((a % height) * width + b % width)
+            elif 0 <= a < height and 0 <= b < width:
+                pixels.append(a * width + b)
+    return pixels
+
+
+def ls_supports(height: int, width: int, patch: int, padding: str) -> Supports:
+    """LS: the patch around each pixel, output that pixel."""
+    supports, outputs = [], []
+    for i in range(height):
+        for j in range(width):
+            pixels = patch_pixels(i, j, height, width, patch, padding)
+            supports.append((pixels, [1.0] * len(pixels)))
+            outputs.append([i * width + j])
+    return Supports.from_lists(supports, outputs)
+
+
+def pspc_supports(height: int, width: int, patch: int) -> Supports:
+    """PSPC: every valid P x P square (top-left (i, j), row-major), output all of its pixels."""
+    supports, outputs = [], []
+    for i in range(height - patch + 1):
+        for j in range(width - patch + 1):
+            pixels = [(i + a) * width + j + b for a in range(patch) for b in range(patch)]
+            supports.append((pixels, [1.0] * len(pixels)))
+            outputs.append(pixels)
+    return Supports.from_lists(supports, outputs)
+
+
+def mask_supports(mask: torch.Tensor) -> Supports:
+    """A query-precision matrix [H*W, H*W]: the nonzero entries of each row, output that pixel."""
+    supports, outputs = [], []
+    for q in range(mask.shape[0]):
+        pixels = torch.nonzero(mask[q] > 0).flatten()
+        supports.append((pixels.tolist(), mask[q, pixels].to(torch.float32).tolist()))
+        outputs.append([q])
+    return Supports.from_lists(supports, outputs)
+
+
+def run_same_location(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, supports: Supports,
+                      tile_rows: int | None = None) -> torch.Tensor:
+    """Same-location keys: x [B, C, H, W] float32 -> posterior means [B, outputs, C] float32 (per
+    location, the values of its output pixels in CSR order)."""
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    locations = supports.offsets.shape[0] - 1
+    threads = torch.get_num_threads()
+    xf = x.reshape(batch, channels, pixels).contiguous()
+    inv2s2 = (0.5 / sigma64.square()).contiguous()
+    outputs = int(supports.out_offsets[-1])
+    state = _State.create(batch * locations, (batch, outputs, channels))
+    tile = tile_rows or tile_images(4 * channels * pixels, train.shape[0], SAME_LOCATION_TILE_BYTES, 64)
+    for start in range(0, train.shape[0], tile):
+        y = as_float32(train[start:start + tile]).reshape(-1, channels, pixels).permute(2, 1, 0).contiguous()
+        extension().local_denoise_same_location_tile(
+            x_ptr=xf.data_ptr(), y_ptr=y.data_ptr(), batch=batch, tile=y.shape[2], channels=channels, pixels=pixels,
+            locations=locations, support_offsets_ptr=supports.offsets.data_ptr(),
+            support_index_ptr=supports.index.data_ptr(), support_weight_ptr=supports.weight.data_ptr(),
+            out_offsets_ptr=supports.out_offsets.data_ptr(), out_index_ptr=supports.out_index.data_ptr(),
+            inv2s2_ptr=inv2s2.data_ptr(), band=BAND, threads=threads, **state.pointers())
+    counts = (supports.out_offsets[1:] - supports.out_offsets[:-1])
+    total = state.total.reshape(batch, locations).repeat_interleave(counts, dim=1)
+    return (state.acc / total[:, :, None]).to(torch.float32)
