@@ -279,6 +279,98 @@ class Extension(Protocol):
         device: int,
         stream: int,
     ) -> int: ...
+    # csrc/local_denoise/local_denoise.cpp (and local_denoise.cu)
+    def local_denoise_translated_tile(
+        self,
+        *,
+        xq_ptr: int,
+        y_ptr: int,
+        batch: int,
+        tile: int,
+        valid: int,
+        channels: int,
+        height: int,
+        width: int,
+        patch: int,
+        row_lo_ptr: int,
+        row_hi_ptr: int,
+        col_lo_ptr: int,
+        col_hi_ptr: int,
+        inv2s2_ptr: int,
+        band: float,
+        dmin_ptr: int,
+        total_ptr: int,
+        acc_ptr: int,
+        threads: int,
+    ) -> None: ...
+    def local_denoise_same_location_tile(
+        self,
+        *,
+        x_ptr: int,
+        y_ptr: int,
+        batch: int,
+        tile: int,
+        channels: int,
+        pixels: int,
+        locations: int,
+        support_offsets_ptr: int,
+        support_index_ptr: int,
+        support_weight_ptr: int,
+        out_offsets_ptr: int,
+        out_index_ptr: int,
+        inv2s2_ptr: int,
+        band: float,
+        dmin_ptr: int,
+        total_ptr: int,
+        acc_ptr: int,
+        threads: int,
+    ) -> None: ...
+    def local_denoise_translated_cuda(
+        self,
+        *,
+        xq_ptr: int,
+        y_ptr: int,
+        batch: int,
+        tile: int,
+        channels: int,
+        height: int,
+        width: int,
+        patch: int,
+        row_lo_ptr: int,
+        row_hi_ptr: int,
+        col_lo_ptr: int,
+        col_hi_ptr: int,
+        inv2s2_ptr: int,
+        band: float,
+        dmin_ptr: int,
+        total_ptr: int,
+        acc_ptr: int,
+        device: int,
+        stream: int,
+    ) -> None: ...
+    def local_denoise_same_location_cuda(
+        self,
+        *,
+        x_ptr: int,
+        y_ptr: int,
+        batch: int,
+        tile: int,
+        channels: int,
+        pixels: int,
+        locations: int,
+        support_offsets_ptr: int,
+        support_index_ptr: int,
+        support_weight_ptr: int,
+        out_offsets_ptr: int,
+        out_index_ptr: int,
+        inv2s2_ptr: int,
+        band: float,
+        dmin_ptr: int,
+        total_ptr: int,
+        acc_ptr: int,
+        device: int,
+        stream: int,
+    ) -> None: ...
 
 _module: Extension
 cuda_available = _module.cuda_available
@@ -298,3 +390,7 @@ knn_cuda = _module.knn_cuda
 attention_forward = _module.attention_forward
 sampler_step_cpu = _module.sampler_step_cpu
 sampler_step_cuda = _module.sampler_step_cuda
+local_denoise_translated_tile = _module.local_denoise_translated_tile
+local_denoise_same_location_tile = _module.local_denoise_same_location_tile
+local_denoise_translated_cuda = _module.local_denoise_translated_cuda
+local_denoise_same_location_cuda = _module.local_denoise_same_location_cuda
