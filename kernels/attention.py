@@ -7,7 +7,7 @@ are sequence lengths that are not multiples of the blocks. The softmax state (ru
 and every accumulator are fp32; the products with P run in the input dtype (fp32 inputs use IEEE
 fp32 products, not TF32).
 
-JVP (DESIGN.md; Lu & Song 2024, App. F): with tS = (tq k^T + q tk^T) * scale,
+JVP (docs/design.md, Numerics; Lu & Song 2024, App. F): with tS = (tq k^T + q tk^T) * scale,
     tO = P tv + (P * tS) v - rowsum(P * tS) * O.
 Fused (online softmax): accumulators A = sum p~ v, At = sum p~ tv + (p~ * tS) v and r = sum p~ * tS,
 all rescaled by exp(m_old - m_new) when the running max m grows; at the end O = A / l and

@@ -8,7 +8,7 @@
 // lane accumulates its D / 32 output dims over the tile's 32 keys:
 //   acc  += p_j v_j,      acc_t += p_j tv_j + (p_j tS_j) v_j.
 // At the end O = acc / l, tO = acc_t / l - (r / l) O, lse = m + log l
-// (DESIGN.md; Lu & Song 2024, App. F). D <= 256.
+// (docs/design.md, Numerics; Lu & Song 2024, App. F). D <= 256.
 #include <cuda_runtime.h>
 
 #include <cmath>

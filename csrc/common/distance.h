@@ -1,6 +1,6 @@
 // Exact squared distances for re-scoring candidates: difference first, then square, accumulated
 // in double. The fast expansion |x|^2 + |y|^2 - 2 x.y loses about eps * |x| |y| to cancellation,
-// which 1 / (2 sigma^2) magnifies at small sigma (DESIGN.md, Numerics).
+// which 1 / (2 sigma^2) magnifies at small sigma (docs/design.md, Numerics).
 #pragma once
 #include <cstdint>
 

@@ -7,7 +7,7 @@
 //   ed_sparse_accumulate(P, ...)        (here, when few are: small sigma)
 // so that [B, N] is never materialized. Logits are l = -|x - y|^2 / (2 sigma^2) computed as
 // -(|x|^2 + |y|^2 - 2 G) / (2 sigma^2) with exact (double) norms; the GEMM error of G (about
-// k u |x| |y|, DESIGN.md Numerics) becomes a per-pair logit error bound e. Pairs that may carry
+// k u |x| |y|, docs/design.md, Numerics) becomes a per-pair logit error bound e. Pairs that may carry
 // weight and whose e exceeds `rescore_tol` are re-scored with exact distances (difference first,
 // double accumulation).
 #include <pybind11/pybind11.h>

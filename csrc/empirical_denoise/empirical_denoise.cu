@@ -2,7 +2,7 @@
 //
 // out_b = sum_i softmax_i(l_bi) y_i with l_bi = -|x_b - y_i|^2 / (2 sigma_b^2), logz_b = lse_i l_bi.
 // Kept simple and exact rather than fast: every distance is computed difference first with double
-// accumulation (no |x|^2 + |y|^2 - 2 x.y cancellation, DESIGN.md Numerics), so no re-scoring is needed.
+// accumulation (no |x|^2 + |y|^2 - 2 x.y cancellation, docs/design.md, Numerics), so no re-scoring is needed.
 //
 // partial_kernel, grid (query groups of kQueries, splits): each block streams its contiguous range of
 // training rows in tiles of kRows; the kQueries x kRows distances of a tile come from D-chunks staged

@@ -1,7 +1,7 @@
 // Exact k-nearest-neighbour search (l2) on the CPU: screening with an int8, bf16 or fp32 GEMM
 // plus an error bound, exact re-scoring of the survivors in double, fused top-k merge.
 //
-// Division of labour (DESIGN.md, Contracts): Python drives torch's GEMM for the Gram tile
+// Division of labour (docs/design.md, Backends and auto): Python drives torch's GEMM for the Gram tile
 // G~ = s(Q) s(Y)^T, s the screening precision (diffcore/_cpu_caps.py: int8 where torch's int8
 // GEMM is exact at the ranges used, else bf16 where the CPU has native bf16 matmul, else fp32);
 // this file

@@ -1,6 +1,6 @@
 // CUDA exact k-NN (l2): fp32 difference-first distance tiles screen, exact double re-scoring of
 // the survivors, per-query top-k ordered by (distance, index). Simple rather than fast: it has not
-// run on a GPU yet, so diffcore's auto dispatch does not pick it (DESIGN.md, Contracts).
+// run on a GPU yet, so diffcore's auto dispatch does not pick it (docs/design.md, Backends and auto).
 //
 // Per training tile of `tile` rows:
 //   1. approx_tile_kernel: a[b, j] = sum_i fl(fl(q_i - y~_i)^2) in fp32 (16 x 16 shared-memory tiles),

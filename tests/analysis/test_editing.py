@@ -1,4 +1,4 @@
-"""The LOCO Edit pipeline of diffcore.analysis.editing (PAPERS.md section 5, issue 13).
+"""The LOCO Edit pipeline of diffcore.analysis.editing (docs/papers.md section 5, issue 13).
 
 On a Gaussian denoiser D(x) = mu + W (x - mu), W = U diag(lam / (lam + s^2)) U^T, the Jacobian is W
 at every x, so the masked directions are known in closed form: the right singular vectors of M W

@@ -1,4 +1,4 @@
-"""Class Gaussians and the linear split of CFG (PAPERS.md section 8)."""
+"""Class Gaussians and the linear split of CFG (docs/papers.md section 8)."""
 from __future__ import annotations
 
 import pytest

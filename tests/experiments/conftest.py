@@ -2,7 +2,7 @@
 
 The stand-in "model" of width w trained on N images has a capacity of 16 w images: at N <= 16 w it
 is the empirical denoiser of its N images (it memorizes), above it is the denoiser of the Gaussian
-fitted to them (it generalizes; PAPERS.md section 3), so wider models memorize up to larger N, like
+fitted to them (it generalizes; docs/papers.md section 3), so wider models memorize up to larger N, like
 the trained UNets of the paper. The training seed scales the fitted covariance a little.
 """
 from __future__ import annotations

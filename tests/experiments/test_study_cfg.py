@@ -1,4 +1,4 @@
-"""The cfg study (PAPERS.md section 8) end to end on its tiny preset, resume, and config validation."""
+"""The cfg study (docs/papers.md section 8) end to end on its tiny preset, resume, and config validation."""
 from __future__ import annotations
 
 import json

@@ -88,7 +88,7 @@ def blended_denoiser(train, weight_gaussian: float, std: float = 0.5):
 
 
 def fitted_gaussian_denoiser(train, scale: float = 1.0):
-    """Optimal denoiser of the Gaussian fitted to ``train`` (mean, covariance; PAPERS.md s.3):
+    """Optimal denoiser of the Gaussian fitted to ``train`` (mean, covariance; docs/papers.md section 3):
     ``mu + U diag(lam / (lam + sigma^2)) U^T (x - mu)``; ``scale`` multiplies the covariance."""
     flat = train.reshape(train.shape[0], -1).double()
     mu = flat.mean(0)

@@ -1,7 +1,7 @@
 """diffcore.ops.attention against the float64 reference: forward, backward and JVP on every
 backend usable here, torch.func transforms through the autograd Function, and input errors.
 
-Tolerances (flash-attention style, DESIGN.md): a backend's error against the float64 reference is
+Tolerances (flash-attention style; docs/design.md, Numerics): a backend's error against the float64 reference is
 at most ``RATIO`` times the error of plain PyTorch (``attention_math``) at the same dtype, plus a
 floor of a few ulps of the result's scale for fp32 where plain PyTorch happens to be exact.
 """

@@ -6,7 +6,7 @@ import torch
 
 
 class GaussianModel:
-    """Data ~ N(mu, U diag(lam) U^T) in R^D (PAPERS.md section 3).
+    """Data ~ N(mu, U diag(lam) U^T) in R^D (docs/papers.md section 3).
 
     ``D(x; s) = mu + U diag(lam/(lam + s^2)) U^T (x - mu)``; the PF-ODE solution per
     eigen-direction is ``(x - mu)_k(s) = (x - mu)_k(s0) sqrt((lam_k + s^2)/(lam_k + s0^2))``.

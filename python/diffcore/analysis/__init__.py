@@ -11,7 +11,7 @@
 - LOCO Edit pipeline (:mod:`diffcore.analysis.editing`): :class:`EditTimeline`, :func:`loco_directions`,
   :func:`edit_samples`, :func:`edit_locality`, :func:`edit_linearity`, :func:`jacobian_spectrum`.
 - ``diffcore.analysis.watermark`` (imported on use): Fourier ring keys written into the diffusion
-  state, detection by ODE inversion, the key's share of the Jacobian's null space (PAPERS.md 6).
+  state, detection by ODE inversion, the key's share of the Jacobian's null space (docs/papers.md section 6).
 - :func:`subspace_recovery`, :func:`subspace_distance`, :func:`distance_to_union` (MoLRG subspaces).
 - ``diffcore.analysis.generalization`` (imported on use): ``linearity_score``, ``relative_distance``,
   ``distill_affine`` (a denoiser against the Gaussian one: the hidden Gaussian structure).

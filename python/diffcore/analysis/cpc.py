@@ -1,4 +1,4 @@
-"""Per-sample contrastive principal components of a trained model (PAPERS.md section 8, nonlinear regime).
+"""Per-sample contrastive principal components of a trained model (docs/papers.md section 8, nonlinear regime).
 
 For Gaussians the CFG difference ``D_c - D_u`` is affine in x with the symmetric matrix
 ``W_c - W_u`` (``diffcore.denoisers.ClassGaussians``). For a trained network the Jacobian of the

@@ -1,4 +1,4 @@
-"""LOCO Edit (PAPERS.md section 5): local, training-free edits along low-rank Jacobian directions.
+"""LOCO Edit (docs/papers.md section 5): local, training-free edits along low-rank Jacobian directions.
 
 For any denoiser ``D(x, sigma)`` (the posterior-mean predictor ``x0_hat(x_t)``, VE convention) and
 an image ``x0`` [B, C, H, W] with a region of interest ``M`` [C, H, W]:
@@ -168,7 +168,7 @@ class LocoDirections:
 
 def loco_directions(denoiser, x: torch.Tensor, sigma: float, mask, *, rank: int = 1, k_out: int = 5,
                     **subspace_kwargs) -> LocoDirections:
-    """LOCO Edit directions at each point of ``x`` [B, C, H, W] (PAPERS.md section 5).
+    """LOCO Edit directions at each point of ``x`` [B, C, H, W] (docs/papers.md section 5).
 
     The top ``rank`` right singular vectors of ``M J`` (J = dD(x; sigma)/dx, M = ``mask``) with the
     top ``k_out`` right singular vectors of ``(1 - M) J`` projected out of each, renormalized.

@@ -1,13 +1,13 @@
 """Top singular subspaces of a denoiser's Jacobian from batched JVPs and VJPs.
 
-For a denoiser ``D(x, sigma)`` (DESIGN.md contract) and a batch of points ``x`` [B, ...], each point b
+For a denoiser ``D(x, sigma)`` (docs/design.md, Denoiser) and a batch of points ``x`` [B, ...], each point b
 has its own Jacobian ``J_b = dD(x)_b / dx_b`` (d x d, d = prod(shape[1:])). Denoisers act on the
 rows of a batch independently, so ONE forward-mode JVP with a tangent [B, ...] returns ``J_b t_b`` for
 every point at once, and ONE VJP returns ``J_b^T c_b``; ``torch.func.vmap`` then batches the k probe
 vectors of a block method on top (``probes="vmap"``), or the probes are folded into the batch
 (``probes="batch"``: x repeated k times), or looped (``probes="loop"``).
 
-Operators (optional masks, PAPERS.md section 5): with an output mask ``M_out`` (region of interest)
+Operators (optional masks, docs/papers.md section 5): with an output mask ``M_out`` (region of interest)
 and an input mask ``M_in`` (diagonal weights, usually 0/1), the analysed operator is
 ``A = M_out J M_in``. Singular triplets satisfy ``A v = s u`` and ``A^T u = s v``; ``U`` lives in
 output space, ``V`` in input space.

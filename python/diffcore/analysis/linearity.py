@@ -2,7 +2,7 @@
 
 For a point x, a direction v and a step s: ``delta = D(x + s v) - D(x)`` against the linear
 prediction ``s J v`` (one JVP). Reported per direction and step: the relative error
-``|delta - s J v| / |delta|`` and the cosine between ``delta`` and ``s J v`` (PAPERS.md section 5:
+``|delta - s J v| / |delta|`` and the cosine between ``delta`` and ``s J v`` (docs/papers.md section 5:
 the posterior-mean predictor is locally linear, which is what makes LOCO edits work).
 """
 from __future__ import annotations

@@ -56,7 +56,7 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def edit_direction(denoiser, x: torch.Tensor, sigma, mask: torch.Tensor, *, k_out: int = 5, index: int = 0,
                    **subspace_kwargs) -> torch.Tensor:
-    """LOCO-Edit direction (PAPERS.md section 5) at each point of x [B, ...]: the ``index``-th right
+    """LOCO-Edit direction (docs/papers.md section 5) at each point of x [B, ...]: the ``index``-th right
     singular vector of the masked Jacobian ``M J`` (input directions that change the region of
     interest most), with the top ``k_out`` right singular vectors of the outside Jacobian
     ``(1 - M) J`` projected out (null-space projection, so the edit leaves the outside little

@@ -1,6 +1,6 @@
 """Numerical rank of denoiser Jacobians, alone and along a deterministic sampling trajectory.
 
-PAPERS.md section 4: the numerical rank used by the public MoLRG code is the smallest k with
+docs/papers.md section 4: the numerical rank used by the public MoLRG code is the smallest k with
 ``sqrt(sum_{i<=k} s_i^2) > ratio * |J|_F`` (ratio = 0.99), i.e. the top k singular values carry more
 than ratio^2 (98.01 %) of the squared Frobenius norm. ``criterion="energy"`` is the other common
 convention: the smallest k with ``sum_{i<=k} s_i^2 > ratio * sum_i s_i^2`` (99 % of the energy).

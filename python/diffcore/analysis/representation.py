@@ -1,4 +1,4 @@
-"""Representation quality of a denoiser's internal features across noise levels (PAPERS.md section 7).
+"""Representation quality of a denoiser's internal features across noise levels (docs/papers.md section 7).
 
 - :func:`feature_layers` / :func:`extract_features`: features of any ``torch.nn.Module`` denoiser at
   named layers (forward hooks), for inputs ``x0 + sigma n``, spatially pooled or flattened. For a
@@ -172,7 +172,7 @@ def class_snr(features: torch.Tensor, labels: torch.Tensor) -> float:
 
         SNR = sum_c M_c |mu_c - mu|^2 / sum_i |f_i - mu_{c(i)}|^2
 
-    (the trace ratio of the between- and within-class scatter matrices; PAPERS.md section 7)."""
+    (the trace ratio of the between- and within-class scatter matrices; docs/papers.md section 7)."""
     check_tensor("features", features, ndim=2)
     check_tensor("labels", labels, ndim=1)
     if features.shape[0] != labels.shape[0] or features.shape[0] < 2:

@@ -1,4 +1,4 @@
-"""Stage division for multi-stage diffusion models (PAPERS.md section 9).
+"""Stage division for multi-stage diffusion models (docs/papers.md section 9).
 
 Noise levels are grouped into stages by how similar the *empirical optimal denoiser*
 ``D_emp(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` behaves across them:

@@ -1,4 +1,4 @@
-"""Subspace geometry of mixtures of low-rank Gaussians (PAPERS.md section 4): how far learned
+"""Subspace geometry of mixtures of low-rank Gaussians (docs/papers.md section 4): how far learned
 bases are from the true ones, and how far points are from a union of subspaces."""
 from __future__ import annotations
 

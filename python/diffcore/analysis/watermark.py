@@ -1,11 +1,11 @@
-"""Fourier ring watermarks written into the diffusion state, detected by ODE inversion (PAPERS.md 6).
+"""Fourier ring watermarks written into the diffusion state, detected by ODE inversion (docs/papers.md section 6).
 
 Shallow Diffuse (Li et al., arXiv 2410.21088) writes a key into the state ``x_t`` at a *shallow*
 time (0.3 T) and continues deterministic sampling; Tree-Ring (Wen et al. 2023) writes the same key
 into the initial noise ``x_T``. Both are detected by inverting the image back to the time of
 injection and comparing the Fourier coefficients under the key's mask with the key.
 
-Conventions (VE/EDM, ``x = x0 + sigma n``; DESIGN.md):
+Conventions (VE/EDM, ``x = x0 + sigma n``; docs/design.md, Sigma conventions):
 
 - The key lives in *VP units*: the state is scaled by ``sqrt(abar) = 1/sqrt(1 + sigma^2)`` before
   its FFT, as the DDPM latent that the papers write into (``x_vp = sqrt(abar) x0 + sqrt(1 - abar)
@@ -367,7 +367,7 @@ class NullSpaceFraction:
 def null_space_fraction(denoiser, x: torch.Tensor, sigma: float, delta: torch.Tensor, *, k: int = 32,
                         ratio: float = 0.99, seed: int = 0, probes: int = 16, **subspace_options) -> NullSpaceFraction:
     """The fraction of ``delta`` [B, ...]'s energy in the null space of ``J = dD/dx`` at ``x`` [B, ...]
-    (the Shallow Diffuse argument, PAPERS.md 6): top-``k`` right singular vectors by
+    (the Shallow Diffuse argument, docs/papers.md section 6): top-``k`` right singular vectors by
     ``diffcore.analysis.jacobian_subspace`` (randomized SVD by default), ``|J|_F^2`` = the top-k
     energy plus a Hutchinson estimate of the rest (``frobenius_norm_sq``), numerical rank by the
     energy criterion at ``ratio``."""

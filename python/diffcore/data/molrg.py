@@ -1,4 +1,4 @@
-"""Mixture of low-rank Gaussians (MoLRG), PAPERS.md section 4 (arXiv 2409.02426).
+"""Mixture of low-rank Gaussians (MoLRG), docs/papers.md section 4 (arXiv 2409.02426).
 
 K classes with orthonormal bases ``U_k`` (``[n, d]``), mutually orthogonal (so ``K d <= n``);
 a sample of class k is ``x = U_k a`` with ``a ~ N(0, I_d)``; classes have equal weights.

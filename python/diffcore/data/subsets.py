@@ -3,7 +3,7 @@
 A fixed permutation of ``range(N)`` per seed is drawn once; the subset of size n is its first n
 entries (so the smaller subset is even a prefix of the larger one, in the same order). This is
 how the reproducibility/generalization studies train on N = 2^6 ... 2^14 images of one dataset
-(PAPERS.md section 1): every larger training set contains every smaller one.
+(docs/papers.md section 1): every larger training set contains every smaller one.
 """
 from __future__ import annotations
 

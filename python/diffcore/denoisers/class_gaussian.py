@@ -1,4 +1,4 @@
-"""Class-conditional Gaussians and the linear split of classifier-free guidance (PAPERS.md section 8).
+"""Class-conditional Gaussians and the linear split of classifier-free guidance (docs/papers.md section 8).
 
 Fitted to labeled data: one Gaussian ``N(mu_c, Sigma_c)`` per class and the unconditional
 ``N(mu_u, Sigma_u)`` of all the data. Their optimal denoisers are linear,

@@ -1,6 +1,6 @@
 """The empirical optimal denoiser of a training set, as a D(x, sigma) object.
 
-``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (PAPERS.md, common substrate): the
+``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (docs/papers.md, Common substrate): the
 denoiser that reproduces the training set; a model equal to it has memorized. The work is done by
 the op ``diffcore.ops.empirical_denoise`` (backend dispatch, fused kernels); this class only holds
 the training set and the backend choice.

@@ -1,6 +1,6 @@
 """The Gaussian denoiser of a data set and the exact solution of its probability-flow ODE.
 
-PAPERS.md section 3 (hidden Gaussian structure). With the data mean ``mu`` and covariance
+docs/papers.md section 3 (hidden Gaussian structure). With the data mean ``mu`` and covariance
 ``Sigma = U diag(lam) U^T``, the optimal denoiser of ``N(mu, Sigma)`` in the VE convention
 ``x = x0 + sigma n`` is
 

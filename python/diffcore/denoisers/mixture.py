@@ -106,7 +106,7 @@ class ScaledMoLRGDenoiser:
 
         x0 = scale U_k a + sqrt(floor) e,   a ~ N(0, I_d),  e ~ N(0, I_n),  k uniform,
 
-    the random-subspace model of the Shallow Diffuse analysis (PAPERS.md 4 and 6) at a chosen signal
+    the random-subspace model of the Shallow Diffuse analysis (docs/papers.md sections 4 and 6) at a chosen signal
     scale. With ``y = x / scale`` this is ``diffcore.denoisers.MoLRGDenoiser`` (unit latent variance,
     ``noise_std = sqrt(floor) / scale``) at noise level ``sigma / scale``, so
     ``D(x; sigma) = scale D_unit(x / scale; sigma / scale)``. The floor keeps the probability-flow

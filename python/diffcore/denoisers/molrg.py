@@ -1,6 +1,6 @@
 """Mixture of low-rank Gaussians (MoLRG): optimal denoiser, posterior weights, exact log-density.
 
-PAPERS.md section 4. Component k has an orthonormal basis ``U_k`` [n, d_k] and ``x0 = U_k a``,
+docs/papers.md section 4. Component k has an orthonormal basis ``U_k`` [n, d_k] and ``x0 = U_k a``,
 ``a ~ N(0, I_{d_k})`` (unit latent variance), chosen with probability ``pi_k``. In the VE convention
 ``x = x0 + sigma n``, given k, ``x ~ N(0, C_k)`` with ``C_k = U_k U_k^T + sigma^2 I``, whose
 eigenvalues are ``1 + sigma^2`` (d_k times) and ``sigma^2`` (n - d_k times), so
@@ -15,13 +15,13 @@ Posterior weights (the terms common to all k cancel in the softmax):
 
 The last term is the normalizing constant that cancels only when all d_k are equal; it is kept, so
 components of different dimensions are handled exactly. With equal weights and equal d_k this is
-PAPERS.md's ``softmax_k(|U_k^T x|^2 / (2 sigma^2 (1 + sigma^2)))``. The posterior mean given k is
+docs/papers.md's ``softmax_k(|U_k^T x|^2 / (2 sigma^2 (1 + sigma^2)))``. The posterior mean given k is
 ``U_k E[a | x] = U_k U_k^T x / (1 + sigma^2)``, hence
 
     D(x; sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2).
 
 Noisy MoLRG (``noise_std`` = delta > 0, the data model of the representation-dynamics paper,
-PAPERS.md section 7): ``x0 = U_k a + delta e`` with ``e ~ N(0, I_n)``. Given k, ``x ~ N(0, U_k U_k^T +
+docs/papers.md section 7): ``x0 = U_k a + delta e`` with ``e ~ N(0, I_n)``. Given k, ``x ~ N(0, U_k U_k^T +
 s^2 I)`` with ``s^2 = sigma^2 + delta^2``, so the weights above hold with ``sigma^2 -> s^2``, and the
 posterior mean given k is ``(1 + delta^2)/(1 + s^2) U_k U_k^T x + delta^2/s^2 (I - U_k U_k^T) x``:
 

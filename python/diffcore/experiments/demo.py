@@ -2,7 +2,7 @@
 
 Pure noise from per-sample seeds is denoised along a deterministic Heun trajectory by the
 empirical optimal denoiser of the digits
-(PAPERS.md: ``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``). Every sample
+(docs/papers.md, Common substrate: ``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``). Every sample
 lands on a training image: the figure shows noise, samples and their nearest training images,
 and ``results.json`` the memorization ratio (|x - NN1| / |x - NN2|, Gu et al.) and the GL score
 of each sample. It runs in seconds on a CPU.

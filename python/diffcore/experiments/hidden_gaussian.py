@@ -1,4 +1,4 @@
-"""Hidden Gaussian structure of trained denoisers (PAPERS.md section 3, issue 8).
+"""Hidden Gaussian structure of trained denoisers (docs/papers.md section 3, issue 8).
 
 For UNets trained on nested subsets of N images (trained here through ``diffcore.train``, or reused
 from a finished reproducibility study with ``models_from``), on EDM's 40-level sigma grid:

@@ -1,4 +1,4 @@
-"""LOCO Edit: local, training-free image editing along low-rank Jacobian directions (PAPERS.md
+"""LOCO Edit: local, training-free image editing along low-rank Jacobian directions (docs/papers.md
 section 5, issue 13), on any denoiser (no diffusers needed except to read a diffusers model folder).
 
 Per image (a dataset image inverted to the edit time, a generated sample stopped there, or an image

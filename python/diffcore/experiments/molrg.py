@@ -1,4 +1,4 @@
-"""Mixtures of low-rank Gaussians: the phase transition in N/d (PAPERS.md section 4, issue 8).
+"""Mixtures of low-rank Gaussians: the phase transition in N/d (docs/papers.md section 4, issue 8).
 
 For each intrinsic dimension d and each ratio N/d: draw N MoLRG samples (K classes, ambient n,
 nested in N), train

@@ -1,6 +1,6 @@
 """``diffcore run multistage``: multi-stage models (shared encoder, one decoder per noise interval).
 
-PAPERS.md section 9 (Zhang et al., CVPR 2024). Two parts:
+docs/papers.md section 9 (Zhang et al., CVPR 2024). Two parts:
 
 1. Stage division: the mean cosine similarity of the empirical optimal denoiser's (centred) outputs
    for the same ``(x0, n)`` at every pair of sigmas on a log grid (``diffcore.analysis.stages``), and

@@ -1,4 +1,4 @@
-"""Probability flow distance: teacher-student generalization and memorization (PAPERS.md section 2).
+"""Probability flow distance: teacher-student generalization and memorization (docs/papers.md section 2).
 
 A closed-form teacher (a mixture of low-rank Gaussians, ``diffcore.denoisers.MoLRGDenoiser``, or a
 low-rank Gaussian, ``diffcore.denoisers.GaussianDenoiser``) generates N training vectors (nested in

@@ -1,4 +1,4 @@
-"""Representation dynamics across noise levels as a signal of generalization (PAPERS.md section 7).
+"""Representation dynamics across noise levels as a signal of generalization (docs/papers.md section 7).
 
 For UNets trained on nested subsets of N digits (the reproducibility study's models: reused from its
 output folder with ``models_from``, or trained here by running that study into ``OUT/reproducibility``):

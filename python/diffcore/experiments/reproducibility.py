@@ -1,4 +1,4 @@
-"""Reproducibility and generalization against training-set size (PAPERS.md section 1, issue 7).
+"""Reproducibility and generalization against training-set size (docs/papers.md section 1, issue 7).
 
 For each width, each nested subset size N and each training seed: train a model (or reuse the
 finished one), sample the same seeds with the deterministic sampler, and measure
@@ -153,7 +153,7 @@ def _seeds() -> ReproducibilityConfig:
 
 
 def _paper() -> ReproducibilityConfig:
-    """The reproducibility paper's setting as its public code trains it (PAPERS.md section 1;
+    """The reproducibility paper's setting as its public code trains it (docs/papers.md section 1;
     docs/experiments.md has the table, ours beside theirs): EDM's DDPM++ (``--arch=ddpmpp``,
     dropout 0.13) at widths 64/128/256 on nested CIFAR-10 subsets N = 2^6 .. 2^14, VP
     preconditioning and loss (``--precond vp``), batch 128, lr 1e-3 with EDM's 10 Mimg warm-up,

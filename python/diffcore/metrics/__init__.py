@@ -1,4 +1,4 @@
-"""Metrics of memorization, generalization and reproducibility (PAPERS.md sections 1, 2).
+"""Metrics of memorization, generalization and reproducibility (docs/papers.md sections 1, 2).
 
 - :func:`gl_score`, :func:`memorization_ratio`, :func:`calibrate_threshold` (memorization.py)
 - :func:`rp_score` (reproducibility.py)

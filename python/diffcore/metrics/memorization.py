@@ -1,6 +1,6 @@
 """Generalization (GL) score, memorization ratio, and the calibrated pixel-space threshold.
 
-- GL score (PAPERS.md section 1): the fraction of samples whose most similar training image has
+- GL score (docs/papers.md section 1): the fraction of samples whose most similar training image has
   similarity below the threshold (the memorized fraction is ``1 - GL``).
 - Memorization ratio (Gu et al., DiffMemorize): a sample ``x`` is memorized when
   ``|x - NN1| / |x - NN2| < 1/3`` in pixel l2, NN1 and NN2 its two nearest training images.
@@ -54,7 +54,7 @@ def _resolve_threshold(threshold: float | None, similarity: Similarity) -> float
 
 def gl_score(samples: torch.Tensor, train: torch.Tensor, similarity: Similarity,
              threshold: float | None = None, knn=None) -> GLResult:
-    """GL score of ``samples [B, ...]`` against ``train [N, ...]`` (PAPERS.md section 1)."""
+    """GL score of ``samples [B, ...]`` against ``train [N, ...]`` (docs/papers.md section 1)."""
     if samples.shape[1:] != train.shape[1:]:
         raise ValueError(f"samples: trailing shape {tuple(samples.shape[1:])} differs from train's "
                          f"{tuple(train.shape[1:])}")

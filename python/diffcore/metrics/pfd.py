@@ -1,4 +1,4 @@
-"""Probability flow distance (arXiv 2505.20123; PAPERS.md section 2).
+"""Probability flow distance (arXiv 2505.20123; docs/papers.md section 2).
 
 ``PFD(p, q) = ( E_z |Phi_p(z) - Phi_q(z)|^2 )^(1/2)``, ``Phi`` the deterministic PF-ODE map from
 noise to data of each denoiser, evaluated on the *same* noise ``z`` (per-sample seeds).

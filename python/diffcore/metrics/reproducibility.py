@@ -1,4 +1,4 @@
-"""Reproducibility (RP) score between two sample sets drawn from the same seeds (PAPERS.md section 1).
+"""Reproducibility (RP) score between two sample sets drawn from the same seeds (docs/papers.md section 1).
 
 ``RP(A, B)`` = fraction of seeds ``i`` whose samples ``A[i]`` and ``B[i]`` have similarity above the
 threshold. Both sets must come from the same initial noise (same seeds, deterministic sampler).

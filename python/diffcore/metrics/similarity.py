@@ -20,7 +20,7 @@ distance:
 - a descriptor file with its kind, ``KIND:PATH``: a TorchScript (``torch.jit.save``) network the
   user has, mapping preprocessed images to
   ``[B, F]``; similarity is the cosine of the descriptors, as in the reproducibility paper
-  (PAPERS.md section 1, threshold 0.6). The kind states the preprocessing: ``sscd`` (the paper's
+  (docs/papers.md section 1, threshold 0.6). The kind states the preprocessing: ``sscd`` (the paper's
   SSCD: 320x320, ImageNet mean/std) or ``raw`` (images in [-1, 1] at their own size). Files load
   running no Python; ``torch.export`` archives are refused (:func:`load_descriptor`). A descriptor row that is not finite or all zero
   has no direction, so no cosine: it is refused (ValueError naming the descriptor file and the
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-DESCRIPTOR_THRESHOLD = 0.6  # cosine of copy-detection descriptors, as in the paper (PAPERS.md s.1)
+DESCRIPTOR_THRESHOLD = 0.6  # cosine of copy-detection descriptors, as in the paper (docs/papers.md section 1)
 
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:

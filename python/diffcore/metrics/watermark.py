@@ -1,4 +1,4 @@
-"""Watermark evaluation: detection ROC, image consistency (PSNR, SSIM) and attacks (PAPERS.md 6).
+"""Watermark evaluation: detection ROC, image consistency (PSNR, SSIM) and attacks (docs/papers.md section 6).
 
 Scores follow "higher = more likely watermarked" (pass ``-distance`` for the L1 key distance).
 

@@ -1,4 +1,4 @@
-"""Multi-stage UNet: one shared encoder, one decoder per noise interval (PAPERS.md section 9).
+"""Multi-stage UNet: one shared encoder, one decoder per noise interval (docs/papers.md section 9).
 
 Multi-stage, multi-decoder diffusion models (Zhang et al., CVPR 2024) split the noise range into
 K intervals ("stages") ``[b_0=0, b_1), [b_1, b_2), ..., [b_{K-1}, inf)`` and give every stage its own

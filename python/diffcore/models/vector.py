@@ -3,7 +3,7 @@
 - :class:`MLPDenoiser`: an EDM-preconditioned MLP ``D(x [B, n], sigma [B]) -> x0_hat [B, n]``
   (EDM Eq. 7 with Table 1's coefficients, :func:`diffcore.models.precond.edm_coefficients`;
   ``sigma_data`` set from the data).
-- :class:`SubspaceDenoiser`: the MoLRG denoiser form (PAPERS.md section 4) with *learnable* bases
+- :class:`SubspaceDenoiser`: the MoLRG denoiser form (docs/papers.md section 4) with *learnable* bases
   ``U_k = QR(A_k)`` (orthonormal by construction):
   ``D(x; sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2)``,
   ``w_k = softmax_k(|U_k^T x|^2 / (2 sigma^2 (1 + sigma^2)))`` (equal weights and dimensions).

@@ -1,11 +1,11 @@
 """Empirical optimal denoiser of a training set, streamed over training tiles.
 
-``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (PAPERS.md; the denoiser that
+``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (docs/papers.md, Common substrate; the denoiser that
 reproduces the training set exactly) and its log-normalizer
 ``logz = logsumexp_i(-|x - y_i|^2 / (2 sigma^2))``. No backend materializes the [B, N] logits: each
 streams over training tiles with a running log-sum-exp, in memory O(B*D + tile).
 
-Numerics (DESIGN.md): fast distances ``|x|^2 + |y|^2 - 2 x.y`` (a GEMM) carry an error of about
+Numerics (docs/design.md, Numerics): fast distances ``|x|^2 + |y|^2 - 2 x.y`` (a GEMM) carry an error of about
 ``k u |x| |y|`` that ``1 / (2 sigma^2)`` magnifies. Every fast backend bounds that error per pair and
 re-scores, with exact distances (difference first, double accumulation), the pairs that may carry
 weight and whose logit error could exceed a tolerance. At small sigma this returns the nearest

@@ -2,7 +2,7 @@
 and the fused C++ work between them (csrc/empirical_denoise/empirical_denoise.cpp).
 
 Also the logit tolerances and the GEMM error bounds (proven, and the measured fp32 coefficient the
-Triton runner shares; DESIGN.md Numerics; the op's docstring in ``_empirical_denoise.py`` explains
+Triton runner shares; docs/design.md, Numerics; the op's docstring in ``_empirical_denoise.py`` explains
 the method). The screening precision (bf16 or fp32) is the process's choice, diffcore._cpu_caps.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from diffcore._checks import check_finite
 from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
 from diffcore._ext import dtype_name, extension
 
-# Logit tolerances shared by the fast backends (DESIGN.md Numerics).
+# Logit tolerances shared by the fast backends (docs/design.md, Numerics).
 # A pair whose logit upper bound lies BAND below the running lower bound of the max weighs less than
 # exp(-BAND) ~ 1e-26 of the largest weight: it is dropped.
 BAND = 60.0

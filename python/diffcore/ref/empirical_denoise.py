@@ -1,6 +1,6 @@
 """Reference of the empirical optimal denoiser of a training set (float64).
 
-``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (PAPERS.md, EDM substrate), the
+``D*(x; sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i`` (docs/papers.md, Common substrate), the
 denoiser that reproduces the training set exactly: a model equal to it has memorized.
 
 Exact at tiny sigma too: the logits are taken relative to each query's best (smallest) distance,

@@ -2,7 +2,7 @@
 limited-interval guidance. The result speaks the denoiser contract, so every solver of
 ``diffcore.sampler`` (and ``sample``) runs guided sampling unchanged.
 
-Convention (Ho & Salimans 2022, in the EDM denoiser form; the convention of PAPERS.md section 8
+Convention (Ho & Salimans 2022, in the EDM denoiser form; the convention of docs/papers.md section 8
 and its public code): with guidance strength ``w``,
 
     D_w(x; sigma) = D_c + w (D_c - D_u) = D_u + (1 + w)(D_c - D_u),
@@ -12,12 +12,12 @@ denoiser is not even called) and ``w = -1`` is unconditional sampling. (Another 
 writes ``D_u + s (D_c - D_u)`` with ``s = 1 + w``.) Computed as ``D_c + w (D_c - D_u)``.
 
 More generally :class:`GuidedDenoiser` adds ``w * G(x, sigma, D_base)`` to a base denoiser, for
-any guidance term ``G`` (e.g. one term of the linear split of CFG, PAPERS.md section 8).
+any guidance term ``G`` (e.g. one term of the linear split of CFG, docs/papers.md section 8).
 
 Limited interval (Kynkaanniemi et al. 2024): guidance acts only where sigma lies in a
 :class:`GuidanceInterval`; elsewhere the wrapper returns the base denoiser's output unchanged
 (bitwise). The default interval is ``(low, high]``: low exclusive, high inclusive, as in that paper
-and in the public code of PAPERS.md section 8; ``closed`` picks any other combination. Sigma is
+and in the public code of docs/papers.md section 8; ``closed`` picks any other combination. Sigma is
 compared in the dtype the sampler hands the denoiser (the bounds are rounded to it), so a bound
 given as a float64 grid value matches that grid point even when the denoiser gets float32 sigmas.
 """
