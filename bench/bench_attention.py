@@ -7,19 +7,23 @@ speedup_vs_peer >= 1/3). GPU benchmarks (marked gpu) run fp16/bf16 and record TF
 Run: python -m pytest bench/bench_attention.py --benchmark-only -p no:cacheprovider
 (DIFFCORE_BENCH_QUICK=1: small shapes, seconds).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import QUICK, record_ratio, run_timed
 
 import diffcore
-from benchutil import QUICK, record_ratio, run_timed
 from diffcore.ref.attention import attention_math
 
 CPU_SHAPES = [(2, 2, 64, 32)] if QUICK else [(64, 1, 256, 256), (64, 4, 256, 64), (8, 8, 1024, 64)]
-GPU_SHAPES = [(2, 2, 128, 64)] if QUICK else [(64, 1, 256, 256), (64, 4, 256, 64), (8, 8, 1024, 64),
-                                              (4, 16, 4096, 64), (1, 16, 8192, 64)]
+GPU_SHAPES = (
+    [(2, 2, 128, 64)]
+    if QUICK
+    else [(64, 1, 256, 256), (64, 4, 256, 64), (8, 8, 1024, 64), (4, 16, 4096, 64), (1, 16, 8192, 64)]
+)
 
 
 def _case(shape) -> str:
@@ -81,8 +85,14 @@ def test_cpu_forward_backward(benchmark, shape, role):
     benchmark.group = f"attention_fwd_bwd_cpu_{_case(shape)}"
     fn = F.scaled_dot_product_attention if role == "peer" else diffcore.ops.attention
     run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()))
-    record_ratio(benchmark, "fwd_bwd_cpu", _case(shape), role, flops=_flops(shape, "fwd_bwd"),
-                 peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()))
+    record_ratio(
+        benchmark,
+        "fwd_bwd_cpu",
+        _case(shape),
+        role,
+        flops=_flops(shape, "fwd_bwd"),
+        peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()),
+    )
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
@@ -93,8 +103,15 @@ def test_cpu_forward_jvp_vs_math_jvp(benchmark, shape, role):
     benchmark.group = f"attention_fwd_jvp_cpu_{_case(shape)}"
     fn = attention_math if role == "peer" else diffcore.ops.attention
     run_timed(benchmark, lambda: _jvp(fn, *args), rounds=2 if role == "peer" else 3)
-    record_ratio(benchmark, "fwd_jvp_cpu", _case(shape), role, flops=_flops(shape, "fwd_jvp"),
-                 peer=lambda: _jvp(attention_math, *args), peer_rounds=2)
+    record_ratio(
+        benchmark,
+        "fwd_jvp_cpu",
+        _case(shape),
+        role,
+        flops=_flops(shape, "fwd_jvp"),
+        peer=lambda: _jvp(attention_math, *args),
+        peer_rounds=2,
+    )
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_case)
@@ -127,8 +144,18 @@ def test_gpu_forward(benchmark, shape, dtype, role):
     fn = _sdpa_fwd if role == "peer" else (lambda *a: _ours_fwd(*a, backend="triton"))
     run_timed(benchmark, lambda: fn(q, k, v), device="cuda", rounds=20, warmup_rounds=3)
     nbytes = 4 * q.numel() * q.element_size()
-    record_ratio(benchmark, f"fwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd"), nbytes=nbytes,
-                 peer=lambda: _sdpa_fwd(q, k, v), device="cuda", peer_rounds=20, peer_warmup_rounds=3)
+    record_ratio(
+        benchmark,
+        f"fwd_gpu_{dtype}",
+        _case(shape),
+        role,
+        flops=_flops(shape, "fwd"),
+        nbytes=nbytes,
+        peer=lambda: _sdpa_fwd(q, k, v),
+        device="cuda",
+        peer_rounds=20,
+        peer_warmup_rounds=3,
+    )
 
 
 @pytest.mark.gpu
@@ -139,12 +166,19 @@ def test_gpu_forward(benchmark, shape, dtype, role):
 def test_gpu_forward_backward(benchmark, shape, dtype, role):
     q, k, v, d_o, *_ = _inputs(shape, "cuda", dtype, grad=True)
     benchmark.group = f"attention_fwd_bwd_gpu_{_case(shape)}_{dtype}"
-    fn = F.scaled_dot_product_attention if role == "peer" else \
-        (lambda *a: diffcore.ops.attention(*a, backend="triton"))
+    fn = F.scaled_dot_product_attention if role == "peer" else (lambda *a: diffcore.ops.attention(*a, backend="triton"))
     run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()), device="cuda", rounds=10, warmup_rounds=2)
-    record_ratio(benchmark, f"fwd_bwd_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_bwd"),
-                 peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()), device="cuda",
-                 peer_rounds=10, peer_warmup_rounds=2)
+    record_ratio(
+        benchmark,
+        f"fwd_bwd_gpu_{dtype}",
+        _case(shape),
+        role,
+        flops=_flops(shape, "fwd_bwd"),
+        peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()),
+        device="cuda",
+        peer_rounds=10,
+        peer_warmup_rounds=2,
+    )
 
 
 @pytest.mark.gpu
@@ -162,6 +196,15 @@ def test_gpu_forward_jvp(benchmark, shape, dtype, role):
     benchmark.group = f"attention_fwd_jvp_gpu_{_case(shape)}_{dtype}"
     fn = attention_math if role == "peer" else (lambda *a: diffcore.ops.attention(*a, backend="triton"))
     run_timed(benchmark, lambda: _jvp(fn, *args), device="cuda", rounds=10, warmup_rounds=2)
-    record_ratio(benchmark, f"fwd_jvp_gpu_{dtype}", _case(shape), role, flops=_flops(shape, "fwd_jvp"),
-                 peer=lambda: _jvp(attention_math, *args), device="cuda", peer_rounds=10, peer_warmup_rounds=2,
-                 no_peer_reason=peer_too_large)
+    record_ratio(
+        benchmark,
+        f"fwd_jvp_gpu_{dtype}",
+        _case(shape),
+        role,
+        flops=_flops(shape, "fwd_jvp"),
+        peer=lambda: _jvp(attention_math, *args),
+        device="cuda",
+        peer_rounds=10,
+        peer_warmup_rounds=2,
+        no_peer_reason=peer_too_large,
+    )

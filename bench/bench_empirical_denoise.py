@@ -16,14 +16,15 @@ every tensor the call makes (tracemalloc does not). Recorded as ``peak_extra_mb`
 ``memory_ratio_vs_peer`` for diffcore).
 DIFFCORE_BENCH_QUICK=1 shrinks the shapes.
 """
+
 from __future__ import annotations
 
 import functools
 
 import pytest
 import torch
-
 from benchutil import QUICK, peak_extra_mb, record_cpu_screen, record_interleaved, record_ratio, run_timed
+
 from diffcore.ops import empirical_denoise
 
 GROUP = "empirical_denoise"
@@ -99,8 +100,9 @@ def test_diffcore_cpu(benchmark, case):
     benchmark.group = GROUP
     out = run_timed(benchmark, lambda: empirical_denoise(x, train, sigma, backend="cpu"))
     case_id = CASE_IDS[CASES.index(case)]
-    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train),
-                 peer=lambda: plain_torch_denoise(x, train, sigma))
+    record_ratio(
+        benchmark, GROUP, case_id, "diffcore", flops=_flops(x, train), peer=lambda: plain_torch_denoise(x, train, sigma)
+    )
     record_cpu_screen(benchmark, _flops(x, train))
     if case_id in _FLOAT64_SECONDS:
         benchmark.extra_info["speedup_vs_float64"] = _FLOAT64_SECONDS[case_id] / benchmark.stats.stats.min
@@ -120,12 +122,18 @@ def test_diffcore_cpu(benchmark, case):
 DIGITS_CASES = [(batch, s) for batch in ((64,) if QUICK else (256, 1797)) for s in (0.01, 1.0, 80.0)]
 
 
-@pytest.mark.parametrize("batch,sigma", DIGITS_CASES, ids=[f"digits-B{b}-N1797-D64-sigma{s:g}" for b, s in DIGITS_CASES])
+@pytest.mark.parametrize(
+    "batch,sigma", DIGITS_CASES, ids=[f"digits-B{b}-N1797-D64-sigma{s:g}" for b, s in DIGITS_CASES]
+)
 def test_digits_interleaved(benchmark, batch, sigma):
     x, train, _ = _inputs(("digits", batch, None, 64, sigma))
     benchmark.group = GROUP + "-digits-interleaved"
-    record_interleaved(benchmark, lambda: plain_torch_denoise(x, train, sigma),
-                       lambda: empirical_denoise(x, train, sigma, backend="cpu"), rounds=5 if QUICK else 25)
+    record_interleaved(
+        benchmark,
+        lambda: plain_torch_denoise(x, train, sigma),
+        lambda: empirical_denoise(x, train, sigma, backend="cpu"),
+        rounds=5 if QUICK else 25,
+    )
     record_cpu_screen(benchmark)
     ref = plain_torch_denoise(x.double(), train.double(), sigma)
     out = empirical_denoise(x, train, sigma, backend="cpu")
@@ -152,8 +160,7 @@ def test_gpu_empirical_denoise(benchmark, impl, sigma):
     batch, rows, dim = (64, 5000, 3072) if QUICK else GPU_CASE
     gen = torch.Generator().manual_seed(0)
     train = (torch.rand(rows, dim, generator=gen) * 2 - 1).cuda()
-    x = train[torch.randint(0, rows, (batch,), generator=gen).cuda()] + sigma * torch.randn(batch, dim,
-                                                                                              device="cuda")
+    x = train[torch.randint(0, rows, (batch,), generator=gen).cuda()] + sigma * torch.randn(batch, dim, device="cuda")
     if impl == "peer":
         fn = functools.partial(plain_torch_denoise, x, train, sigma)
     else:
@@ -161,7 +168,14 @@ def test_gpu_empirical_denoise(benchmark, impl, sigma):
     benchmark.group = GROUP + "-gpu"
     run_timed(benchmark, fn, device="cuda", rounds=5)
     role = "peer" if impl == "peer" else "diffcore"
-    record_ratio(benchmark, GROUP + "-gpu", f"B{batch}-N{rows}-D{dim}-sigma{sigma:g}", role,
-                 flops=4.0 * batch * rows * dim, peer=functools.partial(plain_torch_denoise, x, train, sigma),
-                 device="cuda", peer_rounds=5)
+    record_ratio(
+        benchmark,
+        GROUP + "-gpu",
+        f"B{batch}-N{rows}-D{dim}-sigma{sigma:g}",
+        role,
+        flops=4.0 * batch * rows * dim,
+        peer=functools.partial(plain_torch_denoise, x, train, sigma),
+        device="cuda",
+        peer_rounds=5,
+    )
     benchmark.extra_info["impl"] = impl

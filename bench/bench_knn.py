@@ -11,6 +11,7 @@ rows + noise of std 0.01: one very close neighbour, the rest far) and ``digits``
 queries = digits + noise of std 0.05). Run:
     python -m pytest bench/bench_knn.py --benchmark-only -p no:cacheprovider
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,6 +21,7 @@ import torch
 
 # bench/benchutil.py (bench/ is on sys.path; not a package)
 from benchutil import QUICK, peer_seconds, record_cpu_screen, record_interleaved, record_ratio, run_timed
+
 from diffcore.ops import _knn_cpu, knn
 
 K = 2
@@ -29,8 +31,12 @@ FAISS_GROUP = "knn_cpu_faiss"
 if QUICK:
     CASES = [("uniform", 100, 2000, 256), ("near", 100, 2000, 256), ("digits", 256, 1797, 64)]
 else:
-    CASES = [("uniform", 1000, 20000, 3072), ("near", 1000, 20000, 3072), ("uniform", 1000, 50000, 3072),
-             ("digits", 1000, 1797, 64)]
+    CASES = [
+        ("uniform", 1000, 20000, 3072),
+        ("near", 1000, 20000, 3072),
+        ("uniform", 1000, 50000, 3072),
+        ("digits", 1000, 1797, 64),
+    ]
 
 CASE_IDS = [f"{kind}-{b}x{n}x{d}" for kind, b, n, d in CASES]
 
@@ -94,11 +100,20 @@ def test_knn_cpu_top2(benchmark, case, impl):
         record_ratio(benchmark, FAISS_GROUP, case_id, "peer", flops=flops)
         record_cpu_screen(benchmark, flops)
         return
-    distances, indices = run_timed(benchmark, lambda: knn(queries, train, K, backend="cpu"),
-                                   rounds=rounds, warmup_rounds=warmup)
+    distances, indices = run_timed(
+        benchmark, lambda: knn(queries, train, K, backend="cpu"), rounds=rounds, warmup_rounds=warmup
+    )
     peer_rounds, peer_warmup = _rounds(case[2], "torch")
-    record_ratio(benchmark, GROUP, case_id, "diffcore", flops=flops, peer=lambda: _torch_knn(queries, train),
-                 peer_rounds=peer_rounds, peer_warmup_rounds=peer_warmup)
+    record_ratio(
+        benchmark,
+        GROUP,
+        case_id,
+        "diffcore",
+        flops=flops,
+        peer=lambda: _torch_knn(queries, train),
+        peer_rounds=peer_rounds,
+        peer_warmup_rounds=peer_warmup,
+    )
     record_cpu_screen(benchmark, flops)
     faiss_seconds = peer_seconds(FAISS_GROUP, case_id)
     if faiss_seconds is not None:
@@ -119,8 +134,12 @@ def test_knn_digits_all_pairs_interleaved(benchmark):
 
     train = load_digits()[0].reshape(-1, 64).float().contiguous()
     benchmark.group = GROUP + "-digits-interleaved"
-    record_interleaved(benchmark, lambda: _torch_knn(train, train), lambda: knn(train, train, K, backend="cpu"),
-                       rounds=5 if QUICK else 25)
+    record_interleaved(
+        benchmark,
+        lambda: _torch_knn(train, train),
+        lambda: knn(train, train, K, backend="cpu"),
+        rounds=5 if QUICK else 25,
+    )
     record_cpu_screen(benchmark, _flops(1797, 1797, 64))
     from diffcore.ref.knn import knn_ref
 
@@ -152,7 +171,7 @@ def gpu_data():
 
 def _chunked_torch_knn(queries, train):
     """The GPU peer: torch cdist + topk in query chunks ([50000, 50000] fp32 is 10 GB at once)."""
-    return [_torch_knn(queries[i:i + 10000], train) for i in range(0, queries.shape[0], 10000)]
+    return [_torch_knn(queries[i : i + 10000], train) for i in range(0, queries.shape[0], 10000)]
 
 
 @pytest.mark.gpu
@@ -168,10 +187,16 @@ def test_gpu_peer_torch_cdist_topk(benchmark, gpu_data):
 @needs_gpu
 def test_gpu_diffcore_triton(benchmark, gpu_data):
     queries, train = gpu_data
-    run_timed(benchmark, lambda: knn(queries, train, K, backend="triton"), device="cuda", rounds=3,
-              warmup_rounds=1)
-    record_ratio(benchmark, "knn_gpu", "uniform", "diffcore", flops=_flops(*GPU_SHAPE),
-                 peer=lambda: _chunked_torch_knn(queries, train), device="cuda")
+    run_timed(benchmark, lambda: knn(queries, train, K, backend="triton"), device="cuda", rounds=3, warmup_rounds=1)
+    record_ratio(
+        benchmark,
+        "knn_gpu",
+        "uniform",
+        "diffcore",
+        flops=_flops(*GPU_SHAPE),
+        peer=lambda: _chunked_torch_knn(queries, train),
+        device="cuda",
+    )
 
 
 @pytest.mark.gpu
@@ -181,7 +206,13 @@ def test_gpu_diffcore_cuda(benchmark, gpu_data):
     if not _cuda_kernels_built():
         pytest.skip("diffcore._C was built without CUDA kernels")
     queries, train = gpu_data
-    run_timed(benchmark, lambda: knn(queries, train, K, backend="cuda"), device="cuda", rounds=3,
-              warmup_rounds=1)
-    record_ratio(benchmark, "knn_gpu", "uniform", "diffcore", flops=_flops(*GPU_SHAPE),
-                 peer=lambda: _chunked_torch_knn(queries, train), device="cuda")
+    run_timed(benchmark, lambda: knn(queries, train, K, backend="cuda"), device="cuda", rounds=3, warmup_rounds=1)
+    record_ratio(
+        benchmark,
+        "knn_gpu",
+        "uniform",
+        "diffcore",
+        flops=_flops(*GPU_SHAPE),
+        peer=lambda: _chunked_torch_knn(queries, train),
+        device="cuda",
+    )

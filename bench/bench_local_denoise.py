@@ -15,6 +15,7 @@ key within the band: the exp-bound case). Recorded per case: ``speedup_vs_peer``
 the 1-minute load average, and the max error against the float64 reference on a few images.
 DIFFCORE_BENCH_QUICK=1 shrinks the shapes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,15 +25,21 @@ import time
 import pytest
 import torch
 from benchutil import QUICK, peak_extra_mb
+from local_peer import plain_torch_els, plain_torch_ls, plain_torch_pspc
+
 from diffcore.ops import local_denoise
 from diffcore.ref.local_denoise import local_denoise_ref
-from local_peer import plain_torch_els, plain_torch_ls, plain_torch_pspc
 
 GROUP = "local_denoise"
 SIGMA = 1.0
 if QUICK:
-    CASES = [("digits", "els", 3, 8, None), ("digits", "ls", 5, 16, None), ("digits", "pspc", 5, 16, None),
-             ("cifar", "ls", 3, 4, 500), ("cifar", "els", 3, 1, 20)]
+    CASES = [
+        ("digits", "els", 3, 8, None),
+        ("digits", "ls", 5, 16, None),
+        ("digits", "pspc", 5, 16, None),
+        ("cifar", "ls", 3, 4, 500),
+        ("cifar", "els", 3, 1, 20),
+    ]
     ROUNDS = 2
 else:
     CASES = [("digits", "els", p, 64, None) for p in (3, 5, 7)]
@@ -108,10 +115,15 @@ def test_local_denoise_vs_peer(benchmark, case):
     info = benchmark.extra_info
     pairs = _pairs(case, x, train)
     dim = x.shape[1] * patch * patch
-    info.update(case=CASE_IDS[CASES.index(case)], load_average_1min=os.getloadavg()[0],
-                peer_seconds_min=min(peer_seconds), speedup_vs_peer=min(peer_seconds) / seconds,
-                pairs_per_s=pairs / seconds, gflops=3.0 * dim * pairs / seconds / 1e9,
-                threads=torch.get_num_threads())
+    info.update(
+        case=CASE_IDS[CASES.index(case)],
+        load_average_1min=os.getloadavg()[0],
+        peer_seconds_min=min(peer_seconds),
+        speedup_vs_peer=min(peer_seconds) / seconds,
+        pairs_per_s=pairs / seconds,
+        gflops=3.0 * dim * pairs / seconds / 1e9,
+        threads=torch.get_num_threads(),
+    )
     peer_mb = peak_extra_mb(lambda: _peer(case, x, train, sigma))
     ours_mb = peak_extra_mb(run)
     info.update(peer_peak_extra_mb=peer_mb, peak_extra_mb=ours_mb)

@@ -17,6 +17,7 @@ DPMSolverMultistepScheduler loops (skipped with a reason when diffusers is not i
 Run: python -m pytest bench/bench_sampler.py --benchmark-only -p no:cacheprovider
 (DIFFCORE_BENCH_QUICK=1: small shapes and 5 steps, seconds.)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,6 @@ import time
 
 import pytest
 import torch
-
 from benchutil import QUICK, record_ratio, run_timed
 
 import diffcore.sampler as S
@@ -112,8 +112,14 @@ def _record(benchmark, shape, name, role, records, case=None, peer=None):
     total, inside, calls = min(records)
     _OVERHEAD[(tuple(shape), name)] = overhead
     info = benchmark.extra_info
-    info.update(loop=name, steps=STEPS, denoiser_calls=calls, denoiser_us_per_call=inside / calls * 1e6,
-                trajectory_ms=total * 1e3, per_step_overhead_us=overhead * 1e6)
+    info.update(
+        loop=name,
+        steps=STEPS,
+        denoiser_calls=calls,
+        denoiser_us_per_call=inside / calls * 1e6,
+        trajectory_ms=total * 1e3,
+        per_step_overhead_us=overhead * 1e6,
+    )
     if role == "diffcore":
         for loop in ("plain_torch_euler", "diffusers_ddim", "diffusers_euler", "diffusers_dpmsolver"):
             if (tuple(shape), loop) in _OVERHEAD:
@@ -123,6 +129,7 @@ def _record(benchmark, shape, name, role, records, case=None, peer=None):
 
 
 # --- peers --------------------------------------------------------------------------------------
+
 
 def _plain_torch_euler_loop(shape, timed):
     """k-diffusion-style Euler loop in plain torch (the issue's "plain torch loop")."""
@@ -207,6 +214,7 @@ def test_diffusers_dpmsolver_loop(benchmark, shape):
 
 # --- diffcore -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("solver", ["euler", "ddim", "dpmpp_2m", "heun"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_label)
 def test_diffcore_loop(benchmark, shape, solver):
@@ -216,12 +224,20 @@ def test_diffcore_loop(benchmark, shape, solver):
     fn = S.SOLVERS[solver]
     records = _timed_trajectories(benchmark, timed, lambda: fn(timed, x0 * 80.0, sigmas), _rounds(shape))
     case = solver if solver != "heun" else None
-    _record(benchmark, shape, f"diffcore_{solver}", "diffcore", records, case=case,
-            peer=_peer_loop(shape, case) if case is not None else None)
+    _record(
+        benchmark,
+        shape,
+        f"diffcore_{solver}",
+        "diffcore",
+        records,
+        case=case,
+        peer=_peer_loop(shape, case) if case is not None else None,
+    )
     benchmark.extra_info["backend"] = STEP_BACKENDS.resolve("auto", x0.device)
 
 
 # --- GPU (skipped without one) --------------------------------------------------------------------
+
 
 class SmallConvNet(torch.nn.Module):
     """A small UNet-sized stand-in (conv stack) for the eager-vs-graph comparison."""
@@ -229,9 +245,12 @@ class SmallConvNet(torch.nn.Module):
     def __init__(self, channels: int = 64):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, channels, 3, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, 3, 3, padding=1))
+            torch.nn.Conv2d(3, channels, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, 3, 3, padding=1),
+        )
 
     def forward(self, x, sigma):
         c_skip = (1 / (1 + sigma * sigma)).view(-1, 1, 1, 1)
@@ -258,5 +277,13 @@ def test_gpu_heun_trajectory(benchmark, mode):
         def eager():
             return S.sample(net, **kwargs)
 
-        record_ratio(benchmark, "sampler_gpu_heun_64x3x32x32", "trajectory", "peer" if mode == "eager" else "diffcore",
-                     peer=eager, device="cuda", peer_rounds=20, peer_warmup_rounds=2)
+        record_ratio(
+            benchmark,
+            "sampler_gpu_heun_64x3x32x32",
+            "trajectory",
+            "peer" if mode == "eager" else "diffcore",
+            peer=eager,
+            device="cuda",
+            peer_rounds=20,
+            peer_warmup_rounds=2,
+        )

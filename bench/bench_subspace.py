@@ -15,14 +15,15 @@ autoencoder denoiser with a gapped spectrum, and EDM's DDPM++ UNet at width 64 (
 needs diffcore.models and trained weights for meaningful angles, see :func:`make_unet64`).
 DIFFCORE_BENCH_QUICK=1 runs 16x16x3 (d = 768).
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from benchutil import QUICK, record_ratio, run_timed
+
 from diffcore.analysis import jacobian_subspace, principal_angles
 
 K = 16
@@ -32,9 +33,9 @@ SHAPE = (3, 16, 16) if QUICK else (3, 32, 32)
 # the UNet-64 case takes many minutes on a 2-core CPU (full Jacobian: 3072 VJPs through the UNet):
 # marked slow, deselect with -m "not slow"
 DENOISERS = ["convnet", pytest.param("unet64", marks=pytest.mark.slow)]
-FULL_CHUNK = {"convnet": 256, "unet64": 16}   # vmapped VJPs per chunk of the full-Jacobian peer (memory)
+FULL_CHUNK = {"convnet": 256, "unet64": 16}  # vmapped VJPs per chunk of the full-Jacobian peer (memory)
 
-_EXACT: dict[str, torch.Tensor] = {}     # denoiser name -> exact top-K right singular vectors [K, d]
+_EXACT: dict[str, torch.Tensor] = {}  # denoiser name -> exact top-K right singular vectors [K, d]
 _SECONDS: dict[tuple[str, str], float] = {}
 
 
@@ -51,13 +52,18 @@ class ConvAutoencoderDenoiser(torch.nn.Module):
         c, h, w = shape
         self.low = (32, h // 4, w // 4)
         flat = math.prod(self.low)
-        self.down = torch.nn.Sequential(torch.nn.Conv2d(c, 16, 3, 2, 1), torch.nn.SiLU(),
-                                        torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.SiLU())
+        self.down = torch.nn.Sequential(
+            torch.nn.Conv2d(c, 16, 3, 2, 1), torch.nn.SiLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.SiLU()
+        )
         self.encode = torch.nn.Linear(flat, 80)
         self.decode = torch.nn.Linear(80, flat)
-        self.up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(32, 16, 3, 1, 1),
-                                      torch.nn.SiLU(), torch.nn.Upsample(scale_factor=2),
-                                      torch.nn.Conv2d(16, c, 3, 1, 1))
+        self.up = torch.nn.Sequential(
+            torch.nn.Upsample(scale_factor=2),
+            torch.nn.Conv2d(32, 16, 3, 1, 1),
+            torch.nn.SiLU(),
+            torch.nn.Upsample(scale_factor=2),
+            torch.nn.Conv2d(16, c, 3, 1, 1),
+        )
         self.register_buffer("latent_scale", torch.cat([torch.ones(16), torch.full((64,), 0.15)]))
         # output gain: lets the network's Jacobian dominate the skip term c_skip I, as in a trained
         # denoiser (at default init the network part is ~100x smaller and J is ~ c_skip I)
@@ -90,7 +96,7 @@ def make_unet64():
     with torch.no_grad():
         for p in den.parameters():
             if p.dim() >= 2 and float(p.abs().max()) < 1e-3:
-                p.mul_(1e5)                      # undo the 1e-5 init gains of the residual/output convs
+                p.mul_(1e5)  # undo the 1e-5 init gains of the residual/output convs
     for p in den.parameters():
         p.requires_grad_(False)
     return den
@@ -129,12 +135,12 @@ def chunked_power_iteration(den, x, k=K, tol=TOL, max_iters=50, chunk=5, seed=0)
     for it in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
         cols = []
         for start in range(0, k, chunk):
-            tangents = v[:, start:start + chunk].T.reshape(-1, *x.shape)
+            tangents = v[:, start : start + chunk].T.reshape(-1, *x.shape)
             cols.append(torch.func.vmap(lambda t: torch.func.jvp(f, (x,), (t,))[1])(tangents).reshape(-1, d))
-        u = torch.linalg.qr(torch.cat(cols).T)[0]                                        # [d, k]
+        u = torch.linalg.qr(torch.cat(cols).T)[0]  # [d, k]
         w = torch.stack([vjp_fn(u[:, i].reshape(x.shape))[0].flatten() for i in range(k)], 1)  # J^T U
         v_new, s, _ = torch.linalg.svd(w, full_matrices=False)
-        change = torch.linalg.matrix_norm(v_new - v @ (v.T @ v_new), ord=2)   # sin of the largest angle
+        change = torch.linalg.matrix_norm(v_new - v @ (v.T @ v_new), ord=2)  # sin of the largest angle
         v = v_new
         if float(change) <= tol:
             break
@@ -153,14 +159,15 @@ def test_peer_full_jacobian_svd(benchmark, case):
     _EXACT[name] = vh[:K].double()
     _SECONDS[(name, "full")] = benchmark.stats.stats.min
     record_ratio(benchmark, f"subspace-{name}", f"full d={x.numel()}", "peer")
-    benchmark.extra_info.update(gap_s16_over_s17=float(s[K - 1] / s[K]), top_singular_values=s[:K + 2].tolist())
+    benchmark.extra_info.update(gap_s16_over_s17=float(s[K - 1] / s[K]), top_singular_values=s[: K + 2].tolist())
 
 
 def test_peer_chunked_power_iteration(benchmark, case):
     name, den, x = case
     benchmark.group = f"subspace-{name}"
-    s, v, iters = run_timed(benchmark, lambda: chunked_power_iteration(den, x), rounds=1 if QUICK else 3,
-                            warmup_rounds=1)
+    s, v, iters = run_timed(
+        benchmark, lambda: chunked_power_iteration(den, x), rounds=1 if QUICK else 3, warmup_rounds=1
+    )
     _SECONDS[(name, "chunked")] = benchmark.stats.stats.min
     record_ratio(benchmark, f"subspace-{name}", f"chunked d={x.numel()}", "peer")
     benchmark.extra_info.update(iterations=iters, max_angle_deg=_angle(name, v) if name in _EXACT else None)
@@ -171,13 +178,23 @@ def test_diffcore_jacobian_subspace(benchmark, case, method):
     name, den, x = case
     benchmark.group = f"subspace-{name}"
     kwargs = {"randomized": {"iters": 4, "oversample": 16}}.get(method, {})
-    res = run_timed(benchmark, lambda: jacobian_subspace(den, x, SIGMA, K, method=method, tol=TOL, **kwargs),
-                    rounds=1 if QUICK else 3, warmup_rounds=1)
+    res = run_timed(
+        benchmark,
+        lambda: jacobian_subspace(den, x, SIGMA, K, method=method, tol=TOL, **kwargs),
+        rounds=1 if QUICK else 3,
+        warmup_rounds=1,
+    )
     seconds = benchmark.stats.stats.min
     info = benchmark.extra_info
-    info.update(role="diffcore", method=method, iterations=int(res.iterations[0]),
-                converged=bool(res.converged[0]), max_residual=float(res.residuals.max()),
-                jvp_passes=res.jvp_passes, vjp_passes=res.vjp_passes)
+    info.update(
+        role="diffcore",
+        method=method,
+        iterations=int(res.iterations[0]),
+        converged=bool(res.converged[0]),
+        max_residual=float(res.residuals.max()),
+        jvp_passes=res.jvp_passes,
+        vjp_passes=res.vjp_passes,
+    )
     for peer in ("full", "chunked"):
         if (name, peer) in _SECONDS:
             info[f"speedup_vs_{peer}"] = _SECONDS[(name, peer)] / seconds

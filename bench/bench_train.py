@@ -12,13 +12,14 @@ a GPU (on the CPU its ratio measures the trainer's own overhead, so ~1.0 is the 
 
 Run: python -m pytest bench/bench_train.py --benchmark-only -p no:cacheprovider
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from benchutil import QUICK, record_ratio, run_timed
 from torch import nn
 
-from benchutil import QUICK, record_ratio, run_timed
 from diffcore.train import TrainConfig, Trainer, build_model, register_model
 from diffcore.train.ddp import DistributedContext, resolve_device
 
@@ -72,18 +73,31 @@ class BenchConvDenoiser(nn.Module):
 
 register_model("bench_convnet", BenchConvDenoiser, overwrite=True)
 if USE_UNET:
-    MODEL_SPEC = ({"name": "ddpmpp", "preset": "ddpmpp-16", "model_channels": 16} if QUICK else
-                  {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": 64})
+    MODEL_SPEC = (
+        {"name": "ddpmpp", "preset": "ddpmpp-16", "model_channels": 16}
+        if QUICK
+        else {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": 64}
+    )
 else:
     MODEL_SPEC = {"name": "bench_convnet", "channels": CHANNELS, "width": 16 if QUICK else (64 if ON_GPU else 32)}
 DATA_SPEC = {"name": "random_images", "shape": [CHANNELS, RESOLUTION, RESOLUTION], "num": 4 * BATCH, "seed": 0}
 
 
 def _config(tmp_path, precision="fp32", compile_model=False) -> TrainConfig:
-    return TrainConfig(data=DATA_SPEC, model=MODEL_SPEC, steps=10**9, batch_size=BATCH, lr=1e-4,
-                       lr_warmup_images=0, ema_halflife_images=10_000, precision=precision,
-                       compile=compile_model, device=str(DEVICE), out_dir=str(tmp_path / "run"),
-                       progress=False)
+    return TrainConfig(
+        data=DATA_SPEC,
+        model=MODEL_SPEC,
+        steps=10**9,
+        batch_size=BATCH,
+        lr=1e-4,
+        lr_warmup_images=0,
+        ema_halflife_images=10_000,
+        precision=precision,
+        compile=compile_model,
+        device=str(DEVICE),
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
 
 
 def _plain_loop(config: TrainConfig):
@@ -146,8 +160,16 @@ def test_train_throughput_diffcore_trainer(benchmark, monkeypatch, tmp_path, cas
         patch.setenv("DIFFCORE_BACKEND", "reference")  # the peer uses no diffcore kernel (plain torch ops)
         peer_steps = _plain_loop(_config(tmp_path / "peer"))
         peer_steps(1)  # warm-up
-        record_ratio(benchmark, "train", case, "diffcore", peer=lambda: peer_steps(STEPS), device=DEVICE,
-                     peer_rounds=ROUNDS, peer_warmup_rounds=1 if ON_GPU else 0)
+        record_ratio(
+            benchmark,
+            "train",
+            case,
+            "diffcore",
+            peer=lambda: peer_steps(STEPS),
+            device=DEVICE,
+            peer_rounds=ROUNDS,
+            peer_warmup_rounds=1 if ON_GPU else 0,
+        )
     benchmark.extra_info["images_per_s"] = STEPS * BATCH / benchmark.stats.stats.min
     benchmark.extra_info["model"] = MODEL_SPEC
 
@@ -161,37 +183,87 @@ def test_train_throughput_diffcore_trainer(benchmark, monkeypatch, tmp_path, cas
 # a 32x32 DDPM++ UNet of width 32; GPU: 32x32 widths 64 and 128 in bf16 autocast.
 ENSEMBLE_K = 5
 if ON_GPU:
-    ENSEMBLE_CASES = [(f"cifar32_w{w}", {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": w},
-                       [3, 32, 32], 128, "bf16") for w in (64, 128)]
+    ENSEMBLE_CASES = [
+        (f"cifar32_w{w}", {"name": "ddpmpp", "preset": "ddpmpp-cifar", "model_channels": w}, [3, 32, 32], 128, "bf16")
+        for w in (64, 128)
+    ]
 else:
     ENSEMBLE_CASES = [
-        ("digits_w32", {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8 if QUICK else 32},
-         [1, 8, 8], 16 if QUICK else 64, "fp32"),
-        ("cifar32_w32", {"name": "ddpmpp", "preset": "ddpmpp-16" if QUICK else "ddpmpp-cifar",
-                         "model_channels": 8 if QUICK else 32}, [3, 16, 16] if QUICK else [3, 32, 32],
-         2 if QUICK else 8, "fp32")]
+        (
+            "digits_w32",
+            {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8 if QUICK else 32},
+            [1, 8, 8],
+            16 if QUICK else 64,
+            "fp32",
+        ),
+        (
+            "cifar32_w32",
+            {
+                "name": "ddpmpp",
+                "preset": "ddpmpp-16" if QUICK else "ddpmpp-cifar",
+                "model_channels": 8 if QUICK else 32,
+            },
+            [3, 16, 16] if QUICK else [3, 32, 32],
+            2 if QUICK else 8,
+            "fp32",
+        ),
+    ]
     if not QUICK:
-        ENSEMBLE_CASES += [(f"digits_quick_w{w}", {"name": "ddpmpp", "preset": "ddpmpp-digits-light",
-                                                   "model_channels": w}, [1, 8, 8], 32, "fp32") for w in (8, 16)]
+        ENSEMBLE_CASES += [
+            (
+                f"digits_quick_w{w}",
+                {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": w},
+                [1, 8, 8],
+                32,
+                "fp32",
+            )
+            for w in (8, 16)
+        ]
 ENSEMBLE_STEPS = 1 if QUICK else (10 if ON_GPU else 2)
 
 
 def _member_configs(tmp_path, model, shape, batch, precision):
     data = {"name": "random_images", "shape": shape, "num": 4 * batch, "seed": 0}
-    return [TrainConfig(data=data, model=model, steps=10**9, batch_size=batch, lr=1e-4, lr_warmup_images=0,
-                        ema_halflife_images=10_000, precision=precision, seed=k, device=str(DEVICE),
-                        out_dir=str(tmp_path / f"member{k}"), progress=False) for k in range(ENSEMBLE_K)]
+    return [
+        TrainConfig(
+            data=data,
+            model=model,
+            steps=10**9,
+            batch_size=batch,
+            lr=1e-4,
+            lr_warmup_images=0,
+            ema_halflife_images=10_000,
+            precision=precision,
+            seed=k,
+            device=str(DEVICE),
+            out_dir=str(tmp_path / f"member{k}"),
+            progress=False,
+        )
+        for k in range(ENSEMBLE_K)
+    ]
 
 
 def _time_steps(benchmark, step, batch, model, case, role, peer_step=None):
     step()  # warm-up
-    run_timed(benchmark, lambda: [step() for _ in range(ENSEMBLE_STEPS)], device=DEVICE, rounds=ROUNDS,
-              warmup_rounds=1 if ON_GPU else 0)
+    run_timed(
+        benchmark,
+        lambda: [step() for _ in range(ENSEMBLE_STEPS)],
+        device=DEVICE,
+        rounds=ROUNDS,
+        warmup_rounds=1 if ON_GPU else 0,
+    )
     if peer_step is not None:
         peer_step()  # warm-up
-    record_ratio(benchmark, "train_ensemble", case, role,
-                 peer=None if peer_step is None else (lambda: [peer_step() for _ in range(ENSEMBLE_STEPS)]),
-                 device=DEVICE, peer_rounds=ROUNDS, peer_warmup_rounds=1 if ON_GPU else 0)
+    record_ratio(
+        benchmark,
+        "train_ensemble",
+        case,
+        role,
+        peer=None if peer_step is None else (lambda: [peer_step() for _ in range(ENSEMBLE_STEPS)]),
+        device=DEVICE,
+        peer_rounds=ROUNDS,
+        peer_warmup_rounds=1 if ON_GPU else 0,
+    )
     benchmark.extra_info["images_per_s_per_member"] = ENSEMBLE_STEPS * batch / benchmark.stats.stats.min
     benchmark.extra_info["members"] = ENSEMBLE_K
     benchmark.extra_info["model"] = model
@@ -204,8 +276,10 @@ def test_ensemble_peer_sequential(benchmark, tmp_path, case, model, shape, batch
 
 def _sequential_steps(tmp_path, model, shape, batch, precision):
     """The peer: one step of each of K single-model Trainers, one after another."""
-    trainers = [Trainer(c, DistributedContext(device=DEVICE), resume="never")
-                for c in _member_configs(tmp_path, model, shape, batch, precision)]
+    trainers = [
+        Trainer(c, DistributedContext(device=DEVICE), resume="never")
+        for c in _member_configs(tmp_path, model, shape, batch, precision)
+    ]
     return lambda: [t.step_once() for t in trainers]
 
 
@@ -214,5 +288,12 @@ def test_ensemble_diffcore_stacked(benchmark, tmp_path, case, model, shape, batc
     from diffcore.train.ensemble import EnsembleTrainer
 
     ensemble = EnsembleTrainer(_member_configs(tmp_path, model, shape, batch, precision), resume="never")
-    _time_steps(benchmark, ensemble.step_once, batch, model, case, "diffcore",
-                peer_step=_sequential_steps(tmp_path / "peer", model, shape, batch, precision))
+    _time_steps(
+        benchmark,
+        ensemble.step_once,
+        batch,
+        model,
+        case,
+        "diffcore",
+        peer_step=_sequential_steps(tmp_path / "peer", model, shape, batch, precision),
+    )

@@ -8,6 +8,7 @@ rest of the network is identical, so the ratio isolates what the attention op ch
 Full size: UNet-64 (``ddpmpp-cifar`` with model_channels=64, 13.9M parameters), batch 16, 32x32x3,
 EDM preconditioning at sigma = 1. DIFFCORE_BENCH_QUICK=1: width 16, batch 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,6 +66,7 @@ ROUNDS = 1 if QUICK else 3
 def _work(mode, denoiser, x, tangent):
     """The timed call: forward (no grad), forward+JVP (torch.func.jvp) or forward+backward."""
     if mode == "forward":
+
         def forward():
             with torch.no_grad():
                 return denoiser(x, 1.0)
@@ -99,8 +101,9 @@ def test_unet(benchmark, setup, mode, role):
     benchmark.group = f"unet_{mode}"
     with attention_impl(role, mode):
         run_timed(benchmark, _work(mode, denoiser, x, tangent), device=device, rounds=ROUNDS)
-    record_ratio(benchmark, f"unet_{mode}", CASE, role, peer=_peer(mode, denoiser, x, tangent), device=device,
-                 peer_rounds=ROUNDS)
+    record_ratio(
+        benchmark, f"unet_{mode}", CASE, role, peer=_peer(mode, denoiser, x, tangent), device=device, peer_rounds=ROUNDS
+    )
     benchmark.extra_info["batch"], benchmark.extra_info["width"] = BATCH, WIDTH
 
 
@@ -127,6 +130,14 @@ def test_unet_gpu(benchmark, gpu_setup, mode, role):
     benchmark.group = f"unet_gpu_{mode}"
     with attention_impl(role, mode):
         run_timed(benchmark, _work(mode, denoiser, x, tangent), device="cuda", rounds=5, warmup_rounds=2)
-    record_ratio(benchmark, f"unet_gpu_{mode}", f"ddpmpp-cifar-w{GPU_WIDTH}-b{GPU_BATCH}", role,
-                 peer=_peer(mode, denoiser, x, tangent), device="cuda", peer_rounds=5, peer_warmup_rounds=2)
+    record_ratio(
+        benchmark,
+        f"unet_gpu_{mode}",
+        f"ddpmpp-cifar-w{GPU_WIDTH}-b{GPU_BATCH}",
+        role,
+        peer=_peer(mode, denoiser, x, tangent),
+        device="cuda",
+        peer_rounds=5,
+        peer_warmup_rounds=2,
+    )
     benchmark.extra_info["batch"], benchmark.extra_info["width"] = GPU_BATCH, GPU_WIDTH

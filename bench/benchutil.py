@@ -7,6 +7,7 @@ achieved throughput in ``extra_info``; ``bench/compare.py`` compares saved runs.
 Set DIFFCORE_BENCH_QUICK=1 for small shapes (a smoke run of every benchmark in seconds).
 (bench/ is on sys.path when pytest runs the benchmarks: import as ``from benchutil import ...``.)
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,8 +24,14 @@ QUICK = os.environ.get("DIFFCORE_BENCH_QUICK", "0") == "1"
 # (not compared) ratios such as knn's speedup_vs_faiss
 _PEER_SECONDS: dict[tuple[str, str], float] = {}
 # instruction-set caps that make a bf16 CPU stand in for an AVX2-only one (docs/knn.md)
-ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
-                     "FAISS_OPT_LEVEL", "DIFFCORE_CPU_SCREEN")
+ISA_CAP_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OPENBLAS_CORETYPE",
+    "FAISS_OPT_LEVEL",
+    "DIFFCORE_CPU_SCREEN",
+)
 
 
 def cpu_screen_info() -> dict:
@@ -33,10 +40,15 @@ def cpu_screen_info() -> dict:
     from diffcore import _cpu_caps
 
     choice = _cpu_caps.screen_choice()
-    return {"cpu_kind": choice.caps.kind, "screen_precision": choice.precision, "screen_reason": choice.reason,
-            "knn_screen_precision": choice.knn_precision, "knn_screen_reason": choice.knn_reason,
-            "int8_levels": choice.int8_levels,
-            "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if name in os.environ}}
+    return {
+        "cpu_kind": choice.caps.kind,
+        "screen_precision": choice.precision,
+        "screen_reason": choice.reason,
+        "knn_screen_precision": choice.knn_precision,
+        "knn_screen_reason": choice.knn_reason,
+        "int8_levels": choice.int8_levels,
+        "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if name in os.environ},
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,9 +99,19 @@ def best_seconds(fn, device="cpu", rounds=3, warmup_rounds=1) -> float:
     return best
 
 
-def record_ratio(benchmark, group: str, case: str, role: str, flops: float | None = None,
-                 nbytes: float | None = None, peer=None, device="cpu", peer_rounds: int = 3,
-                 peer_warmup_rounds: int = 1, no_peer_reason: str | None = None) -> None:
+def record_ratio(
+    benchmark,
+    group: str,
+    case: str,
+    role: str,
+    flops: float | None = None,
+    nbytes: float | None = None,
+    peer=None,
+    device="cpu",
+    peer_rounds: int = 3,
+    peer_warmup_rounds: int = 1,
+    no_peer_reason: str | None = None,
+) -> None:
     """Store throughput and, for role ``diffcore``, ``speedup_vs_peer = peer_time / diffcore_time``
     with the peer ``peer()`` timed here, in the same test (``best_seconds``). A diffcore benchmark
     without a peer is an error (the ratio is what ``bench/compare.py`` guards) unless it says why
@@ -167,10 +189,16 @@ def record_interleaved(benchmark, peer_fn, fn, rounds: int = 15) -> None:
     one = interleaved_best(peer_fn, fn, rounds, threads=1)
     run_timed(benchmark, fn, rounds=rounds)
     for suffix, best in (("", many), ("_1thread", one)):
-        info.update({f"peer_seconds{suffix}": best["peer_wall"], f"diffcore_seconds{suffix}": best["wall"],
-                     f"peer_cpu_seconds{suffix}": best["peer_cpu"], f"diffcore_cpu_seconds{suffix}": best["cpu"],
-                     f"speedup_vs_peer{suffix}": best["peer_wall"] / best["wall"],
-                     f"speedup_vs_peer_cpu{suffix}": best["peer_cpu"] / best["cpu"]})
+        info.update(
+            {
+                f"peer_seconds{suffix}": best["peer_wall"],
+                f"diffcore_seconds{suffix}": best["wall"],
+                f"peer_cpu_seconds{suffix}": best["peer_cpu"],
+                f"diffcore_cpu_seconds{suffix}": best["cpu"],
+                f"speedup_vs_peer{suffix}": best["peer_wall"] / best["wall"],
+                f"speedup_vs_peer_cpu{suffix}": best["peer_cpu"] / best["cpu"],
+            }
+        )
     info.update(threads=torch.get_num_threads(), load_average_after=os.getloadavg(), role="diffcore")
 
 

@@ -13,6 +13,7 @@ lost more than ``tolerance`` (a fraction) of its baseline value; 2 when the two 
 different CPU kinds (or one does not say). ``--select TEXT`` limits the comparison to the baseline
 benchmarks whose full name contains TEXT (say so deliberately, e.g. to compare a run of one file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def missing(baseline_run: dict, current_run: dict) -> list[str]:
     speedup_vs_peer the current run does not record."""
     names, base, cur = benchmark_names(current_run), speedups(baseline_run), speedups(current_run)
     lines = [f"{name}: missing from the new run" for name in sorted(benchmark_names(baseline_run) - names)]
-    lines += [f"{name}: no speedup_vs_peer in the new run (baseline {base[name]:.2f}x)"
-              for name in sorted(base.keys() - cur.keys()) if name in names]
+    lines += [
+        f"{name}: no speedup_vs_peer in the new run (baseline {base[name]:.2f}x)"
+        for name in sorted(base.keys() - cur.keys())
+        if name in names
+    ]
     return lines
 
 
@@ -45,8 +49,11 @@ def select(run: dict, text: str | None) -> dict:
 
 def speedups(data: dict) -> dict[str, float]:
     """Benchmark full name -> speedup_vs_peer, for the benchmarks that record one."""
-    return {b["fullname"]: float(b["extra_info"]["speedup_vs_peer"])
-            for b in data.get("benchmarks", []) if "speedup_vs_peer" in b.get("extra_info", {})}
+    return {
+        b["fullname"]: float(b["extra_info"]["speedup_vs_peer"])
+        for b in data.get("benchmarks", [])
+        if "speedup_vs_peer" in b.get("extra_info", {})
+    }
 
 
 def cpu_kind(data: dict) -> str | None:
@@ -58,11 +65,15 @@ def kind_mismatch(baseline: dict, current: dict) -> str | None:
     """Why two runs must not be compared, or None when they are of one CPU kind."""
     kinds = cpu_kind(baseline), cpu_kind(current)
     if None in kinds:
-        return (f"CPU kind not recorded (baseline: {kinds[0]}, current: {kinds[1]}); rerun with the current "
-                f"bench/conftest.py")
+        return (
+            f"CPU kind not recorded (baseline: {kinds[0]}, current: {kinds[1]}); rerun with the current "
+            f"bench/conftest.py"
+        )
     if kinds[0] != kinds[1]:
-        return (f"CPU kinds differ (baseline: {kinds[0]}, current: {kinds[1]}): the CPU ops take different paths "
-                f"on them; compare with a baseline of kind {kinds[1]}")
+        return (
+            f"CPU kinds differ (baseline: {kinds[0]}, current: {kinds[1]}): the CPU ops take different paths "
+            f"on them; compare with a baseline of kind {kinds[1]}"
+        )
     return None
 
 

@@ -1,6 +1,7 @@
 """Benchmark setup (pytest hooks only): the Triton interpreter without a GPU, machine info (with the
 CPU kind: ``bench/compare.py`` compares saved runs of the same kind only), and
 skips for GPU benchmarks. The helpers the benchmarks import are in ``benchutil.py``."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import platform
 
 import pytest
 import torch
-
 from benchutil import cpu_screen_info, fp32_gemm_gflops
 
 if not torch.cuda.is_available():

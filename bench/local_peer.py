@@ -3,6 +3,7 @@ training patches, squared distances by the |q|^2 + |k|^2 - 2 q.k expansion, soft
 of the key centres, in fp32. Chunked to fit memory: over queries, and over training images with a
 log-sum-exp merge of the chunks (the keys [N, H*W, C*P*P] of CIFAR-size sets do not fit at once).
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ def _pattern_classes(size: int, patch: int, padding: str) -> torch.Tensor:
     return torch.where((idx >= r) & (idx < size - r), torch.full_like(idx, -1), idx)
 
 
-def plain_torch_els(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int,
-                    padding: str = "zeros") -> torch.Tensor:
+def plain_torch_els(
+    x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int, padding: str = "zeros"
+) -> torch.Tensor:
     """ELS the plain way: x [B, C, H, W] fp32, train [N, C, H, W] fp32, sigma [B] -> [B, C, H, W]."""
     b, c, h, w = x.shape
     n = train.shape[0]
@@ -44,16 +46,16 @@ def plain_torch_els(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, p
     query_chunk = max(1, CHUNK_BYTES // (4 * images_per_chunk * pixels))
     out = torch.empty(b * pixels, c)
     for q0 in range(0, b * pixels, query_chunk):
-        q = queries[q0:q0 + query_chunk]
+        q = queries[q0 : q0 + query_chunk]
         qclass = klass[torch.arange(q0, q0 + q.shape[0]) % pixels]
         run_lse = torch.full((q.shape[0],), -float("inf"))
         acc = torch.zeros(q.shape[0], c)
         for n0 in range(0, n, images_per_chunk):
-            imgs = train[n0:n0 + images_per_chunk]
+            imgs = train[n0 : n0 + images_per_chunk]
             keys = _unfold(imgs, patch, padding).reshape(-1, queries.shape[1])
             centres = imgs.permute(0, 2, 3, 1).reshape(-1, c)
-            logits = (q.square().sum(1, keepdim=True) + keys.square().sum(1)[None, :] - 2 * q @ keys.T)
-            logits.mul_(-inv2s2[q0:q0 + q.shape[0], None])
+            logits = q.square().sum(1, keepdim=True) + keys.square().sum(1)[None, :] - 2 * q @ keys.T
+            logits.mul_(-inv2s2[q0 : q0 + q.shape[0], None])
             if padding == "zeros":
                 match = qclass[:, None] == klass.repeat(imgs.shape[0])[None, :]
                 logits.masked_fill_(~match, -float("inf"))
@@ -62,12 +64,13 @@ def plain_torch_els(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, p
             part = torch.softmax(logits, dim=1) @ centres
             acc = acc * torch.exp(run_lse - new_lse)[:, None] + part * torch.exp(lse - new_lse)[:, None]
             run_lse = new_lse
-        out[q0:q0 + q.shape[0]] = acc
+        out[q0 : q0 + q.shape[0]] = acc
     return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def plain_torch_ls(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int,
-                   padding: str = "zeros") -> torch.Tensor:
+def plain_torch_ls(
+    x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, patch: int, padding: str = "zeros"
+) -> torch.Tensor:
     """LS the plain way: per location a batched [B, N] logit block (bmm over locations), chunked
     over training images with a log-sum-exp merge."""
     b, c, h, w = x.shape
@@ -79,11 +82,14 @@ def plain_torch_ls(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, pa
     run_lse = torch.full((pixels, b), -float("inf"))
     acc = torch.zeros(pixels, b, c)
     for n0 in range(0, n, images_per_chunk):
-        imgs = train[n0:n0 + images_per_chunk]
+        imgs = train[n0 : n0 + images_per_chunk]
         keys = _unfold(imgs, patch, padding).transpose(0, 1)  # [L, n, D]
         centres = imgs.reshape(imgs.shape[0], c, pixels).permute(2, 0, 1)  # [L, n, C]
-        logits = (queries.square().sum(2, keepdim=True) + keys.square().sum(2)[:, None, :]
-                  - 2 * torch.bmm(queries, keys.transpose(1, 2))).mul_(-inv2s2)
+        logits = (
+            queries.square().sum(2, keepdim=True)
+            + keys.square().sum(2)[:, None, :]
+            - 2 * torch.bmm(queries, keys.transpose(1, 2))
+        ).mul_(-inv2s2)
         lse = torch.logsumexp(logits, dim=2)
         new_lse = torch.logaddexp(run_lse, lse)
         part = torch.bmm(torch.softmax(logits, dim=2), centres)
@@ -102,9 +108,11 @@ def plain_torch_pspc(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor, 
     flat_train = train.reshape(train.shape[0], c, h, w)
     for i in range(h - patch + 1):
         for j in range(w - patch + 1):
-            crops = flat_train[:, :, i:i + patch, j:j + patch].reshape(train.shape[0], -1)
-            q = x[:, :, i:i + patch, j:j + patch].reshape(b, -1)
+            crops = flat_train[:, :, i : i + patch, j : j + patch].reshape(train.shape[0], -1)
+            q = x[:, :, i : i + patch, j : j + patch].reshape(b, -1)
             logits = torch.cdist(q, crops).square_().mul_(-inv2s2)
-            out[:, :, i:i + patch, j:j + patch] += (torch.softmax(logits, dim=1) @ crops).reshape(b, c, patch, patch)
-            count[i:i + patch, j:j + patch] += 1
+            out[:, :, i : i + patch, j : j + patch] += (torch.softmax(logits, dim=1) @ crops).reshape(
+                b, c, patch, patch
+            )
+            count[i : i + patch, j : j + patch] += 1
     return out / count

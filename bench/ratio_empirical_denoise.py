@@ -7,6 +7,7 @@ time, and prints the load average before and after (bench/baselines/MEASUREMENTS
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python bench/ratio_empirical_denoise.py --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_empirical_denoise import plain_torch_denoise
+
 from diffcore import _cpu_caps
 from diffcore.ops import empirical_denoise
 
@@ -53,9 +55,14 @@ def main() -> None:
             x = train[source] + sigma * torch.randn(batch, dim, generator=torch.Generator().manual_seed(2))
             peer_cpu, cpu, peer_wall, wall = best_times(
                 lambda x=x, train=train, sigma=sigma: plain_torch_denoise(x, train, sigma),
-                lambda x=x, train=train, sigma=sigma: empirical_denoise(x, train, sigma), args.rounds)
-            print(f"({batch}, {rows}, {dim}) sigma {sigma:g}: CPU s {peer_cpu:.3f} / {cpu:.3f} = "
-                  f"{peer_cpu / cpu:.2f}x, wall {peer_wall / wall:.2f}x", flush=True)
+                lambda x=x, train=train, sigma=sigma: empirical_denoise(x, train, sigma),
+                args.rounds,
+            )
+            print(
+                f"({batch}, {rows}, {dim}) sigma {sigma:g}: CPU s {peer_cpu:.3f} / {cpu:.3f} = "
+                f"{peer_cpu / cpu:.2f}x, wall {peer_wall / wall:.2f}x",
+                flush=True,
+            )
     print(f"load after {os.getloadavg()}")
 
 

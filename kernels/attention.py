@@ -21,11 +21,12 @@ Import this module lazily (it imports triton). On CPU tensors it runs under TRIT
 Lq, Lk and Dh are compile-time constants (one compilation per shape): loop bounds taken from
 runtime scalars break the interpreter under numpy >= 2.4 (``int()`` of a 1-element array).
 """
+
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
@@ -38,12 +39,34 @@ def _load_block(ptr, offs_rows, offs_d, stride_l, n_rows, head_dim):
 
 @triton.jit
 def _fwd_jvp_kernel(
-    Q, K, V, O, LSE, TQ, TK, TV, TO,
-    stride_qb, stride_ql, stride_kb, stride_kl, stride_ob, stride_ol,
-    scale, Lq: tl.constexpr, Lk: tl.constexpr, head_dim: tl.constexpr,
-    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    JVP: tl.constexpr, USE_LSE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    TQ,
+    TK,
+    TV,
+    TO,
+    stride_qb,
+    stride_ql,
+    stride_kb,
+    stride_kl,
+    stride_ob,
+    stride_ol,
+    scale,
+    Lq: tl.constexpr,
+    Lk: tl.constexpr,
+    head_dim: tl.constexpr,
+    HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr,
+    JVP: tl.constexpr,
+    USE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Forward (JVP=False), fused forward+JVP (JVP=True, USE_LSE=False) or JVP from the saved
     LSE and O (JVP=True, USE_LSE=True). Q/TQ/O/TO strides: stride_qb/ob per batch*head, *_l per row
@@ -116,10 +139,26 @@ def _fwd_jvp_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_ql, stride_kb, stride_kl,
-    scale, Lq: tl.constexpr, Lk: tl.constexpr, head_dim: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_ql,
+    stride_kb,
+    stride_kl,
+    scale,
+    Lq: tl.constexpr,
+    Lk: tl.constexpr,
+    head_dim: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dK, dV for one block of BLOCK_N keys, looping over all query blocks."""
     pid_n = tl.program_id(0)
@@ -153,10 +192,25 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_ql, stride_kb, stride_kl,
-    scale, Lq: tl.constexpr, Lk: tl.constexpr, head_dim: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_ql,
+    stride_kb,
+    stride_kl,
+    scale,
+    Lq: tl.constexpr,
+    Lk: tl.constexpr,
+    head_dim: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries, looping over all key blocks."""
     pid_m = tl.program_id(0)
@@ -181,11 +235,15 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
-    tl.store(DQ + bh * stride_qb + offs_m[:, None] * stride_ql + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    tl.store(
+        DQ + bh * stride_qb + offs_m[:, None] * stride_ql + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=mask,
+    )
 
 
 # ---------------------------------------------------------------------------------------- launchers
+
 
 def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, launch options): fixed choices (no autotuning: same result
@@ -229,13 +287,35 @@ def _launch_fwd(q, k, v, scale, tq=None, tk=None, tv=None, out=None, lse=None, j
     t_o = torch.empty_like(o) if jvp else o
     bm, bn, bd, launch = _blocks(d, q.device)
     _fwd_jvp_kernel[(triton.cdiv(lq, bm), b * h)](
-        qf, kf, vf, o, lse_f,
-        qf if tqf is None else tqf, kf if tkf is None else tkf, vf if tvf is None else tvf, t_o,
-        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), o.stride(0), o.stride(1),
-        float(scale), lq, lk, d,
-        HAS_TQ=tqf is not None, HAS_TK=tkf is not None, HAS_TV=tvf is not None,
-        JVP=jvp, USE_LSE=use_lse, PRECISION=_precision(dt),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **launch,
+        qf,
+        kf,
+        vf,
+        o,
+        lse_f,
+        qf if tqf is None else tqf,
+        kf if tkf is None else tkf,
+        vf if tvf is None else tvf,
+        t_o,
+        qf.stride(0),
+        qf.stride(1),
+        kf.stride(0),
+        kf.stride(1),
+        o.stride(0),
+        o.stride(1),
+        float(scale),
+        lq,
+        lk,
+        d,
+        HAS_TQ=tqf is not None,
+        HAS_TK=tkf is not None,
+        HAS_TV=tvf is not None,
+        JVP=jvp,
+        USE_LSE=use_lse,
+        PRECISION=_precision(dt),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        **launch,
     )
     shape4 = (b, h, lq, d)
     return o.reshape(shape4), lse_f.reshape(b, h, lq), (t_o.reshape(shape4) if jvp else None)
@@ -275,5 +355,8 @@ def backward(q, k, v, out, lse, d_out, scale: float, need=(True, True, True)):
         _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](qf, kf, vf, dof, lse_f, delta, dk, dv, *strides, **common)
     if need[0]:
         _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](qf, kf, vf, dof, lse_f, delta, dq, *strides, **common)
-    return (dq.reshape(q.shape) if need[0] else None, dk.reshape(k.shape) if need[1] else None,
-            dv.reshape(v.shape) if need[2] else None)
+    return (
+        dq.reshape(q.shape) if need[0] else None,
+        dk.reshape(k.shape) if need[1] else None,
+        dv.reshape(v.shape) if need[2] else None,
+    )

@@ -17,6 +17,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 
 N and D are compile-time constants (one compilation per training-set shape): loop bounds taken from
 runtime scalars break the interpreter under numpy >= 2.4 (``int()`` of a 1-element array).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 16   # queries per program
-BLOCK_N = 32   # training rows per tile
-BLOCK_K = 32   # feature chunk of the fast dot product
-BLOCK_D = 64   # feature chunk of the accumulator update
-BLOCK_E = 8    # feature chunk of the exact (float64) re-scoring
+BLOCK_M = 16  # queries per program
+BLOCK_N = 32  # training rows per tile
+BLOCK_K = 32  # feature chunk of the fast dot product
+BLOCK_D = 64  # feature chunk of the accumulator update
+BLOCK_E = 8  # feature chunk of the exact (float64) re-scoring
 
 
 @triton.jit
@@ -46,9 +47,26 @@ def _load_rows(ptr, rows, cols, n_rows, n_cols, stride, IS_U8: tl.constexpr):
 
 
 @triton.jit
-def _fast_logits(x_ptr, y_ptr, xn_ptr, yn_ptr, c, xnorm, offs_m, offs_n, B, N, D: tl.constexpr, stride_x, stride_y,
-                 err_coef, IS_U8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _fast_logits(
+    x_ptr,
+    y_ptr,
+    xn_ptr,
+    yn_ptr,
+    c,
+    xnorm,
+    offs_m,
+    offs_n,
+    B,
+    N,
+    D: tl.constexpr,
+    stride_x,
+    stride_y,
+    err_coef,
+    IS_U8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Fast logits [BLOCK_M, BLOCK_N] (float64 from an fp32 dot) and their error bounds."""
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -65,8 +83,22 @@ def _fast_logits(x_ptr, y_ptr, xn_ptr, yn_ptr, c, xnorm, offs_m, offs_n, B, N, D
 
 
 @triton.jit
-def _exact_logits(x_ptr, y_ptr, c, offs_m, offs_n, B, N, D: tl.constexpr, stride_x, stride_y, IS_U8: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def _exact_logits(
+    x_ptr,
+    y_ptr,
+    c,
+    offs_m,
+    offs_n,
+    B,
+    N,
+    D: tl.constexpr,
+    stride_x,
+    stride_y,
+    IS_U8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Exact logits [BLOCK_M, BLOCK_N]: difference first, float64 accumulation."""
     dist = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     for k0 in range(0, D, BLOCK_E):
@@ -85,10 +117,24 @@ def _exact_logits(x_ptr, y_ptr, c, offs_m, offs_n, B, N, D: tl.constexpr, stride
 
 
 @triton.jit
-def _max_lower_bound_kernel(x_ptr, y_ptr, xn_ptr, yn_ptr, inv2s2_ptr, lower_ptr, B, N: tl.constexpr,
-                            D: tl.constexpr, stride_x, stride_y,
-                            err_coef, IS_U8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+def _max_lower_bound_kernel(
+    x_ptr,
+    y_ptr,
+    xn_ptr,
+    yn_ptr,
+    inv2s2_ptr,
+    lower_ptr,
+    B,
+    N: tl.constexpr,
+    D: tl.constexpr,
+    stride_x,
+    stride_y,
+    err_coef,
+    IS_U8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
@@ -97,19 +143,57 @@ def _max_lower_bound_kernel(x_ptr, y_ptr, xn_ptr, yn_ptr, inv2s2_ptr, lower_ptr,
     lower = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float64)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        logit, err = _fast_logits(x_ptr, y_ptr, xn_ptr, yn_ptr, c, xnorm, offs_m, offs_n, B, N, D, stride_x,
-                                  stride_y, err_coef, IS_U8, BLOCK_M, BLOCK_N, BLOCK_K)
+        logit, err = _fast_logits(
+            x_ptr,
+            y_ptr,
+            xn_ptr,
+            yn_ptr,
+            c,
+            xnorm,
+            offs_m,
+            offs_n,
+            B,
+            N,
+            D,
+            stride_x,
+            stride_y,
+            err_coef,
+            IS_U8,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         bound = tl.where((offs_n < N)[None, :], logit - err, -float("inf"))
         lower = tl.maximum(lower, tl.max(bound, axis=1))
     tl.store(lower_ptr + offs_m, lower, mask=row_ok)
 
 
 @triton.jit
-def _stream_kernel(x_ptr, y_ptr, xn_ptr, yn_ptr, inv2s2_ptr, lower_ptr, out_ptr, logz_ptr, B, N: tl.constexpr,
-                   D: tl.constexpr, stride_x,
-                   stride_y, stride_out, err_coef, rescore_tol, band, IS_U8: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_E: tl.constexpr):
+def _stream_kernel(
+    x_ptr,
+    y_ptr,
+    xn_ptr,
+    yn_ptr,
+    inv2s2_ptr,
+    lower_ptr,
+    out_ptr,
+    logz_ptr,
+    B,
+    N: tl.constexpr,
+    D: tl.constexpr,
+    stride_x,
+    stride_y,
+    stride_out,
+    err_coef,
+    rescore_tol,
+    band,
+    IS_U8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
@@ -120,18 +204,39 @@ def _stream_kernel(x_ptr, y_ptr, xn_ptr, yn_ptr, inv2s2_ptr, lower_ptr, out_ptr,
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):  # acc = 0 in the output buffer
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + offs_m[:, None] * stride_out + offs_d[None, :],
-                 tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32),
-                 mask=row_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_out + offs_d[None, :],
+            tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32),
+            mask=row_ok[:, None] & (offs_d[None, :] < D),
+        )
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        logit, err = _fast_logits(x_ptr, y_ptr, xn_ptr, yn_ptr, c, xnorm, offs_m, offs_n, B, N, D, stride_x,
-                                  stride_y, err_coef, IS_U8, BLOCK_M, BLOCK_N, BLOCK_K)
+        logit, err = _fast_logits(
+            x_ptr,
+            y_ptr,
+            xn_ptr,
+            yn_ptr,
+            c,
+            xnorm,
+            offs_m,
+            offs_n,
+            B,
+            N,
+            D,
+            stride_x,
+            stride_y,
+            err_coef,
+            IS_U8,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         keep = ((logit + err) >= cut[:, None]) & (offs_n < N)[None, :] & row_ok[:, None]
         rescore = keep & (err > rescore_tol)
         if tl.max(rescore.to(tl.int32)) > 0:
-            exact = _exact_logits(x_ptr, y_ptr, c, offs_m, offs_n, B, N, D, stride_x, stride_y, IS_U8,
-                                  BLOCK_M, BLOCK_N, BLOCK_E)
+            exact = _exact_logits(
+                x_ptr, y_ptr, c, offs_m, offs_n, B, N, D, stride_x, stride_y, IS_U8, BLOCK_M, BLOCK_N, BLOCK_E
+            )
             logit = tl.where(rescore, exact, logit)
         if tl.max(keep.to(tl.int32)) > 0:
             logit = tl.where(keep, logit, -float("inf"))
@@ -166,15 +271,16 @@ def _row_sqnorms_f64(rows: torch.Tensor, chunk_elements: int = 1 << 22) -> torch
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
     step = max(1, chunk_elements // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        block = rows[start:start + step].to(torch.float64)
+        block = rows[start : start + step].to(torch.float64)
         if rows.dtype == torch.uint8:
             block = block / 127.5 - 1.0
-        out[start:start + step] = block.square().sum(1)
+        out[start : start + step] = block.square().sum(1)
     return out
 
 
-def empirical_denoise_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, *, err_coef_fn,
-                             rescore_tol: float, band: float) -> tuple[torch.Tensor, torch.Tensor]:
+def empirical_denoise_triton(
+    x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, *, err_coef_fn, rescore_tol: float, band: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, D] (fp32/fp16/bf16), train [N, D] (fp32/fp16/bf16 or uint8), both contiguous, sigma64
     [B] float64 -> (out [B, D] fp32, logz [B] fp32). ``err_coef_fn(D)`` gives ``k u`` of the fp32
     dot error bound."""
@@ -189,10 +295,47 @@ def empirical_denoise_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torc
     out = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
     logz = torch.empty(batch, dtype=torch.float32, device=x.device)
     grid = (math.ceil(batch / BLOCK_M),)
-    _max_lower_bound_kernel[grid](x, train, x_sqnorm, y_sqnorm, inv2s2, lower, batch, rows, dim, x.stride(0),
-                                  train.stride(0), err_coef, IS_U8=is_u8, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                  BLOCK_K=BLOCK_K)
-    _stream_kernel[grid](x, train, x_sqnorm, y_sqnorm, inv2s2, lower, out, logz, batch, rows, dim, x.stride(0),
-                         train.stride(0), out.stride(0), err_coef, float(rescore_tol), float(band), IS_U8=is_u8,
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E)
+    _max_lower_bound_kernel[grid](
+        x,
+        train,
+        x_sqnorm,
+        y_sqnorm,
+        inv2s2,
+        lower,
+        batch,
+        rows,
+        dim,
+        x.stride(0),
+        train.stride(0),
+        err_coef,
+        IS_U8=is_u8,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    _stream_kernel[grid](
+        x,
+        train,
+        x_sqnorm,
+        y_sqnorm,
+        inv2s2,
+        lower,
+        out,
+        logz,
+        batch,
+        rows,
+        dim,
+        x.stride(0),
+        train.stride(0),
+        out.stride(0),
+        err_coef,
+        float(rescore_tol),
+        float(band),
+        IS_U8=is_u8,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        BLOCK_D=BLOCK_D,
+        BLOCK_E=BLOCK_E,
+    )
     return out, logz

@@ -27,6 +27,7 @@ The training-set size and the dimension are ``tl.constexpr`` (loop trip counts):
 per (N, D), and it keeps the loops runnable in the interpreter with NumPy >= 2.4, whose arrays no
 longer convert to Python ints as the interpreter's runtime loop bounds need.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,11 +47,11 @@ def block_sizes(on_gpu: bool) -> dict:
 
 def screen_slack(dim: int, is_uint8: bool, tf32: bool) -> tuple[float, float]:
     """(C, A) with |approx - d^2| <= C (|q|^2 + |y|^2) + A for the screening (module docstring)."""
-    unit = 2.0 ** -24
+    unit = 2.0**-24
     gamma = dim * unit / (1.0 - dim * unit)
     relative = 2.0 * gamma + 22.0 * unit
     if tf32:
-        u_in = 2.0 ** -10
+        u_in = 2.0**-10
         relative += 2.0 * u_in + u_in * u_in
     absolute = 3.0 * unit * dim if is_uint8 else 0.0
     return SAFETY * relative, SAFETY * absolute
@@ -65,9 +66,25 @@ def _load_train(y_ptr, rows, cols, mask, dim, IS_UINT8: tl.constexpr):
 
 
 @triton.jit
-def _knn_screen_kernel(q_ptr, y_ptr, cand_ptr, count_ptr, batch, n_train: tl.constexpr, dim: tl.constexpr,
-                       coef, abs_slack, capacity, K: tl.constexpr, KP: tl.constexpr, IS_UINT8: tl.constexpr,
-                       TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _knn_screen_kernel(
+    q_ptr,
+    y_ptr,
+    cand_ptr,
+    count_ptr,
+    batch,
+    n_train: tl.constexpr,
+    dim: tl.constexpr,
+    coef,
+    abs_slack,
+    capacity,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    IS_UINT8: tl.constexpr,
+    TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     q_rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     q_ok = q_rows < batch
@@ -86,8 +103,11 @@ def _knn_screen_kernel(q_ptr, y_ptr, cand_ptr, count_ptr, batch, n_train: tl.con
         for d0 in range(0, dim, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             d_ok = dims < dim
-            q = tl.load(q_ptr + q_rows[:, None].to(tl.int64) * dim + dims[None, :],
-                        mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(
+                q_ptr + q_rows[:, None].to(tl.int64) * dim + dims[None, :],
+                mask=q_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             y = _load_train(y_ptr, y_rows, dims, y_ok[:, None] & d_ok[None, :], dim, IS_UINT8)
             if TF32:
                 dot += tl.dot(q, tl.trans(y), input_precision="tf32")
@@ -112,16 +132,28 @@ def _knn_screen_kernel(q_ptr, y_ptr, cand_ptr, count_ptr, batch, n_train: tl.con
         keep = (approx - slack <= cut[:, None]) & y_ok[None, :] & q_ok[:, None]
         keep_i = keep.to(tl.int32)
         slot = count[:, None] + tl.cumsum(keep_i, axis=1) - 1
-        tl.store(cand_ptr + q_rows[:, None].to(tl.int64) * capacity + slot,
-                 y_rows[None, :].to(tl.int64) + tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.int64),
-                 mask=keep & (slot < capacity))
+        tl.store(
+            cand_ptr + q_rows[:, None].to(tl.int64) * capacity + slot,
+            y_rows[None, :].to(tl.int64) + tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.int64),
+            mask=keep & (slot < capacity),
+        )
         count += tl.sum(keep_i, axis=1)
     tl.store(count_ptr + q_rows, count, mask=q_ok)
 
 
 @triton.jit
-def _knn_exact_kernel(q_ptr, y_ptr, cand_ptr, count_ptr, out_ptr, dim: tl.constexpr, capacity,
-                      IS_UINT8: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _knn_exact_kernel(
+    q_ptr,
+    y_ptr,
+    cand_ptr,
+    count_ptr,
+    out_ptr,
+    dim: tl.constexpr,
+    capacity,
+    IS_UINT8: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[b, c] = exact squared distance of query b to candidate c (float64), +inf past the count."""
     b = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
@@ -145,16 +177,19 @@ def _knn_exact_kernel(q_ptr, y_ptr, cand_ptr, count_ptr, out_ptr, dim: tl.conste
     tl.store(out_ptr + b.to(tl.int64) * capacity + slots, acc, mask=slots < capacity)
 
 
-def knn_triton(q: torch.Tensor, y: torch.Tensor, k: int, *,
-               stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_triton(
+    q: torch.Tensor, y: torch.Tensor, k: int, *, stats: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k-NN with Triton. q [B, D] float, y [N, D] float or uint8, contiguous, same device.
 
     Returns (squared distances float64 [B, k], indices int64 [B, k]), ordered by (distance, index).
     ``stats``, if given, receives ``rescored`` (candidates re-scored exactly, all queries together).
     """
     if k > MAX_K:
-        raise ValueError(f"k: the triton backend keeps a register top-k of at most {MAX_K}, got k={k}; "
-                         f"use backend='cpu' or 'reference' for larger k")
+        raise ValueError(
+            f"k: the triton backend keeps a register top-k of at most {MAX_K}, got k={k}; "
+            f"use backend='cpu' or 'reference' for larger k"
+        )
     batch, dim = q.shape
     n_train = y.shape[0]
     if y.dtype in (torch.float16, torch.bfloat16):
@@ -171,9 +206,25 @@ def knn_triton(q: torch.Tensor, y: torch.Tensor, k: int, *,
     while True:
         cand = torch.empty(batch, capacity, dtype=torch.int64, device=q.device)
         count = torch.empty(batch, dtype=torch.int32, device=q.device)
-        _knn_screen_kernel[grid](q32, y_screen, cand, count, batch, n_train, dim, coef, abs_slack, capacity, K=k,
-                                 KP=triton.next_power_of_2(k), IS_UINT8=is_uint8, TF32=on_gpu,
-                                 BLOCK_B=blocks["BLOCK_B"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"])
+        _knn_screen_kernel[grid](
+            q32,
+            y_screen,
+            cand,
+            count,
+            batch,
+            n_train,
+            dim,
+            coef,
+            abs_slack,
+            capacity,
+            K=k,
+            KP=triton.next_power_of_2(k),
+            IS_UINT8=is_uint8,
+            TF32=on_gpu,
+            BLOCK_B=blocks["BLOCK_B"],
+            BLOCK_N=blocks["BLOCK_N"],
+            BLOCK_D=blocks["BLOCK_D"],
+        )
         needed = int(count.max())
         if needed <= capacity:
             break
@@ -184,7 +235,16 @@ def knn_triton(q: torch.Tensor, y: torch.Tensor, k: int, *,
         stats["rescored"] = int(count.sum())
     exact = torch.empty(batch, capacity, dtype=torch.float64, device=q.device)
     _knn_exact_kernel[(batch, triton.cdiv(capacity, blocks["BLOCK_C"]))](
-        q_exact, y, cand, count, exact, dim, capacity, IS_UINT8=is_uint8,
-        BLOCK_C=blocks["BLOCK_C"], BLOCK_D=blocks["BLOCK_D"])
+        q_exact,
+        y,
+        cand,
+        count,
+        exact,
+        dim,
+        capacity,
+        IS_UINT8=is_uint8,
+        BLOCK_C=blocks["BLOCK_C"],
+        BLOCK_D=blocks["BLOCK_D"],
+    )
     order = torch.sort(exact, dim=1, stable=True).indices[:, :k]
     return exact.gather(1, order), cand.gather(1, order)

@@ -15,6 +15,7 @@ logits exist. Distances are accumulated in float64, difference first (as the CPU
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. Sizes that bound loops are
 compile-time constants (runtime loop bounds break the interpreter under numpy >= 2.4).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,25 @@ BLOCK_K = 32
 
 
 @triton.jit
-def _els_kernel(xq_ptr, y_ptr, inv2s2_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr, out_ptr, Q,
-                N: tl.constexpr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+def _els_kernel(
+    xq_ptr,
+    y_ptr,
+    inv2s2_ptr,
+    row_lo_ptr,
+    row_hi_ptr,
+    col_lo_ptr,
+    col_hi_ptr,
+    out_ptr,
+    Q,
+    N: tl.constexpr,
+    C: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     PH: tl.constexpr = H + P - 1
     PW: tl.constexpr = W + P - 1
     R: tl.constexpr = P // 2
@@ -56,8 +73,14 @@ def _els_kernel(xq_ptr, y_ptr, inv2s2_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, c
         n = offs_k // HW
         ki = (offs_k % HW) // W
         kj = offs_k % W
-        valid = (q_ok[:, None] & k_ok[None, :] & (ki[None, :] >= rlo[:, None]) & (ki[None, :] < rhi[:, None])
-                 & (kj[None, :] >= clo[:, None]) & (kj[None, :] < chi[:, None]))
+        valid = (
+            q_ok[:, None]
+            & k_ok[None, :]
+            & (ki[None, :] >= rlo[:, None])
+            & (ki[None, :] < rhi[:, None])
+            & (kj[None, :] >= clo[:, None])
+            & (kj[None, :] < chi[:, None])
+        )
         dist = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float64)
         for t in range(C * P * P):
             ch = t // (P * P)
@@ -72,21 +95,37 @@ def _els_kernel(xq_ptr, y_ptr, inv2s2_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, c
         safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)
         alpha = tl.where(run_max == -float("inf"), 0.0, tl.exp(run_max - safe_max))
         p = tl.where(valid, tl.exp(logit - safe_max[:, None]), 0.0)
-        centre = tl.load(y_ptr + ((n[:, None] * C + offs_c[None, :]) * PH + ki[:, None] + R) * PW + kj[:, None] + R,
-                         mask=k_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float64)
+        centre = tl.load(
+            y_ptr + ((n[:, None] * C + offs_c[None, :]) * PH + ki[:, None] + R) * PW + kj[:, None] + R,
+            mask=k_ok[:, None] & (offs_c[None, :] < C),
+            other=0.0,
+        ).to(tl.float64)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * centre[None, :, :], axis=1)
         run_sum = run_sum * alpha + tl.sum(p, axis=1)
         run_max = new_max
     run_sum = tl.where(q_ok, run_sum, 1.0)
     out = acc / run_sum[:, None]
-    tl.store(out_ptr + offs_q[:, None] * C + offs_c[None, :], out.to(tl.float32),
-             mask=q_ok[:, None] & (offs_c[None, :] < C))
+    tl.store(
+        out_ptr + offs_q[:, None] * C + offs_c[None, :], out.to(tl.float32), mask=q_ok[:, None] & (offs_c[None, :] < C)
+    )
 
 
 @triton.jit
-def _same_location_kernel(x_ptr, y_ptr, inv2s2_ptr, prec_ptr, out_pix_ptr, out_ptr, L, N: tl.constexpr,
-                          C: tl.constexpr, HW: tl.constexpr, OUT: tl.constexpr, BLOCK_V: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+def _same_location_kernel(
+    x_ptr,
+    y_ptr,
+    inv2s2_ptr,
+    prec_ptr,
+    out_pix_ptr,
+    out_ptr,
+    L,
+    N: tl.constexpr,
+    C: tl.constexpr,
+    HW: tl.constexpr,
+    OUT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = pid // L
     loc = pid % L
@@ -114,16 +153,18 @@ def _same_location_kernel(x_ptr, y_ptr, inv2s2_ptr, prec_ptr, out_pix_ptr, out_p
         new_max = tl.maximum(run_max, tl.max(logit, axis=0))
         alpha = tl.where(run_max == -float("inf"), 0.0, tl.exp(run_max - new_max))
         p = tl.where(n_ok, tl.exp(logit - new_max), 0.0)
-        vals = tl.load(y_ptr + (offs_n[:, None] * C + out_ch[None, :]) * HW + out_pix[None, :],
-                       mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float64)
+        vals = tl.load(
+            y_ptr + (offs_n[:, None] * C + out_ch[None, :]) * HW + out_pix[None, :],
+            mask=n_ok[:, None] & v_ok[None, :],
+            other=0.0,
+        ).to(tl.float64)
         acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
         run_sum = run_sum * alpha + tl.sum(p, axis=0)
         run_max = new_max
     tl.store(out_ptr + pid * OUT * C + offs_v, (acc / run_sum).to(tl.float32), mask=v_ok)
 
 
-def els_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: int,
-               padding: str) -> torch.Tensor:
+def els_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: int, padding: str) -> torch.Tensor:
     """x [B, C, H, W] float32, train [N, C, H, W] float32 (decoded) -> ELS x0_hat [B, C, H, W] float32."""
     from diffcore.ops._local_denoise_cpu import key_ranges, pad_images
 
@@ -137,14 +178,31 @@ def els_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patc
     queries = batch * height * width
     out = torch.empty(queries, channels, dtype=torch.float32, device=x.device)
     grid = (math.ceil(queries / BLOCK_Q),)
-    _els_kernel[grid](xq, y, inv2s2, row_lo, row_hi, col_lo, col_hi, out, queries, N=train.shape[0], C=channels,
-                      H=height, W=width, P=patch, BLOCK_C=triton.next_power_of_2(channels), BLOCK_Q=BLOCK_Q,
-                      BLOCK_K=BLOCK_K)
+    _els_kernel[grid](
+        xq,
+        y,
+        inv2s2,
+        row_lo,
+        row_hi,
+        col_lo,
+        col_hi,
+        out,
+        queries,
+        N=train.shape[0],
+        C=channels,
+        H=height,
+        W=width,
+        P=patch,
+        BLOCK_C=triton.next_power_of_2(channels),
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_K=BLOCK_K,
+    )
     return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
 
 
-def same_location_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, precision: torch.Tensor,
-                         out_pixels: torch.Tensor) -> torch.Tensor:
+def same_location_triton(
+    x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, precision: torch.Tensor, out_pixels: torch.Tensor
+) -> torch.Tensor:
     """x [B, C, H, W] float32, train [N, C, H, W] float32, query precisions [L, H*W] float32, output
     pixels [L, OUT] int32 -> posterior means [B, L * OUT, C] float32."""
     batch, channels, height, width = x.shape
@@ -152,7 +210,18 @@ def same_location_triton(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Te
     inv2s2 = (0.5 / sigma64.square()).contiguous()
     out = torch.empty(batch, locations * outs, channels, dtype=torch.float32, device=x.device)
     _same_location_kernel[(batch * locations,)](
-        x.contiguous(), train.contiguous(), inv2s2, precision.contiguous(), out_pixels.contiguous(), out, locations,
-        N=train.shape[0], C=channels, HW=height * width, OUT=outs, BLOCK_V=triton.next_power_of_2(outs * channels),
-        BLOCK_K=BLOCK_K)
+        x.contiguous(),
+        train.contiguous(),
+        inv2s2,
+        precision.contiguous(),
+        out_pixels.contiguous(),
+        out,
+        locations,
+        N=train.shape[0],
+        C=channels,
+        HW=height * width,
+        OUT=outs,
+        BLOCK_V=triton.next_power_of_2(outs * channels),
+        BLOCK_K=BLOCK_K,
+    )
     return out

@@ -13,6 +13,7 @@ checked: ``tests/ops/test_torch_compat.py`` compares the compat functions with t
 Usage: ``python scripts/check_guards.py [FILE ...]`` (default: every Python file of the package,
 kernels/, bench/ and scripts/). Prints one line per finding and exits 1 when there is any.
 """
+
 from __future__ import annotations
 
 import ast

@@ -10,6 +10,7 @@ accuracy minus the accuracy at the smallest sigma (a unimodal curve rises, a dec
 
 The chosen setting is the quick preset's (docs/studies.md gives the table this script printed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,21 +42,36 @@ def main() -> None:
     models = {m["n"]: load(m) for m in (memorizing, generalizing)}
     pool = _stack.load_dataset(results["config"]["dataset"], results["config"]["data_root"])
     labels = _labels(results["config"]["dataset"], results["config"]["data_root"], pool.shape[0])
-    layers = args.layers.split(",") if args.layers else [name for name in feature_layers(models[memorizing["n"]])
-                                                         if "aux" not in name]
+    layers = (
+        args.layers.split(",")
+        if args.layers
+        else [name for name in feature_layers(models[memorizing["n"]]) if "aux" not in name]
+    )
     table = []
-    for layer, pooling, budget in itertools.product(layers, args.poolings.split(","),
-                                                    [int(b) for b in args.budgets.split(",")]):
+    for layer, pooling, budget in itertools.product(
+        layers, args.poolings.split(","), [int(b) for b in args.budgets.split(",")]
+    ):
         config = dataclasses.replace(RepresentationConfig(), layer=layer, pooling=pooling, probe_train=budget)
         shapes = {}
         for n, model in models.items():
             curve = probe_curve(model, pool, labels, config)
             shapes[n] = curve_shape(config.sigmas(), [r["probe_accuracy"] for r in curve], config.shape_tolerance)
         gen, mem = shapes[generalizing["n"]], shapes[memorizing["n"]]
-        row = {"layer": layer, "pooling": pooling, "probe_train": budget, "contrast": gen["rise"] - mem["rise"],
-               "gen_n": generalizing["n"], "gen_shape": gen["shape"], "gen_rise": gen["rise"], "gen_peak": gen["peak"],
-               "gen_peak_sigma": gen["peak_sigma"], "mem_n": memorizing["n"], "mem_shape": mem["shape"],
-               "mem_rise": mem["rise"], "mem_peak": mem["peak"]}
+        row = {
+            "layer": layer,
+            "pooling": pooling,
+            "probe_train": budget,
+            "contrast": gen["rise"] - mem["rise"],
+            "gen_n": generalizing["n"],
+            "gen_shape": gen["shape"],
+            "gen_rise": gen["rise"],
+            "gen_peak": gen["peak"],
+            "gen_peak_sigma": gen["peak_sigma"],
+            "mem_n": memorizing["n"],
+            "mem_shape": mem["shape"],
+            "mem_rise": mem["rise"],
+            "mem_peak": mem["peak"],
+        }
         table.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     table.sort(key=lambda r: -r["contrast"])

@@ -1,4 +1,5 @@
 """Summarize a GPU check run (scripts/gpu_check.sh) into OUT/summary.json."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def _tests(xml_path: Path) -> dict:
                 break
         else:
             message = ""
-        cases.append({"name": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time", 0)), "message": message})
+        cases.append(
+            {
+                "name": f"{case.get('classname')}::{case.get('name')}",
+                "outcome": outcome,
+                "seconds": float(case.get("time", 0)),
+                "message": message,
+            }
+        )
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     return {"counts": counts, "cases": cases}
 
@@ -32,8 +39,15 @@ def _bench(json_path: Path) -> list[dict]:
     if not text.strip():  # pytest-benchmark leaves an empty file when no benchmark ran
         return []
     data = json.loads(text)
-    return [{"name": b["fullname"], "min_s": b["stats"]["min"], "median_s": b["stats"]["median"],
-             "extra_info": b.get("extra_info", {})} for b in data.get("benchmarks", [])]
+    return [
+        {
+            "name": b["fullname"],
+            "min_s": b["stats"]["min"],
+            "median_s": b["stats"]["median"],
+            "extra_info": b.get("extra_info", {}),
+        }
+        for b in data.get("benchmarks", [])
+    ]
 
 
 def main() -> None:
@@ -41,8 +55,12 @@ def main() -> None:
     install_rc, tests_rc, bench_rc, build_s = (int(a) for a in sys.argv[2:6])
     summary = {
         "nvidia_smi": (out / "nvidia-smi.txt").read_text()[:2000] if (out / "nvidia-smi.txt").exists() else "",
-        "install_rc": install_rc, "build_seconds": build_s, "tests_rc": tests_rc, "bench_rc": bench_rc,
-        "tests": _tests(out / "tests.xml"), "benchmarks": _bench(out / "bench.json"),
+        "install_rc": install_rc,
+        "build_seconds": build_s,
+        "tests_rc": tests_rc,
+        "bench_rc": bench_rc,
+        "tests": _tests(out / "tests.xml"),
+        "benchmarks": _bench(out / "bench.json"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: summary[k] for k in ("install_rc", "build_seconds", "tests_rc", "bench_rc")}))

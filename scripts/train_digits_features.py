@@ -8,6 +8,7 @@ the held-out accuracy in the metadata:
 
     python scripts/train_digits_features.py [--out python/diffcore/data/files/digits_cnn.safetensors]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,16 @@ EPOCHS = 60
 BATCH = 64
 LR = 2e-3
 NOISE_STD = 0.05
-DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "python", "diffcore", "data", "files",
-                           "digits_cnn.safetensors")
+DEFAULT_OUT = os.path.join(
+    os.path.dirname(__file__), "..", "python", "diffcore", "data", "files", "digits_cnn.safetensors"
+)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shift each image by up to one pixel (background -1 fills in) and add N(0, NOISE_STD^2) noise."""
     padded = F.pad(images, (1, 1, 1, 1), value=-1.0)
     shifts = torch.randint(0, 3, (images.shape[0], 2), generator=generator)
-    shifted = torch.stack([padded[i, :, dy:dy + 8, dx:dx + 8] for i, (dy, dx) in enumerate(shifts.tolist())])
+    shifted = torch.stack([padded[i, :, dy : dy + 8, dx : dx + 8] for i, (dy, dx) in enumerate(shifts.tolist())])
     return shifted + NOISE_STD * torch.randn(shifted.shape, generator=generator)
 
 
@@ -64,9 +66,14 @@ def train() -> tuple[DigitsNetwork, dict[str, str]]:
     info = {
         "heldout_accuracy": f"{accuracy(network, images[heldout_idx], labels[heldout_idx]):.4f}",
         "train_accuracy": f"{accuracy(network, x, y):.4f}",
-        "heldout_images": str(len(heldout_idx)), "epochs": str(EPOCHS), "batch": str(BATCH),
-        "lr": str(LR), "seed": str(SEED), "noise_std": str(NOISE_STD),
-        "script": "scripts/train_digits_features.py", "torch": torch.__version__,
+        "heldout_images": str(len(heldout_idx)),
+        "epochs": str(EPOCHS),
+        "batch": str(BATCH),
+        "lr": str(LR),
+        "seed": str(SEED),
+        "noise_std": str(NOISE_STD),
+        "script": "scripts/train_digits_features.py",
+        "torch": torch.__version__,
     }
     return network, info
 

@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection time.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Helpers shared by the tests (import ``from tests.helpers import ...``; conftest.py holds only
 pytest hooks and fixtures)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """bench/compare.py flags speedup regressions and passes stable runs."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,8 +19,14 @@ def _load_compare():
 def _run(tmp_path: Path, name: str, speedups: dict[str, float], kind: str | None = "bf16") -> Path:
     path = tmp_path / name
     machine_info = {} if kind is None else {"cpu_kind": kind}
-    path.write_text(json.dumps({"machine_info": machine_info, "benchmarks": [
-        {"fullname": k, "extra_info": {"speedup_vs_peer": v}} for k, v in speedups.items()]}))
+    path.write_text(
+        json.dumps(
+            {
+                "machine_info": machine_info,
+                "benchmarks": [{"fullname": k, "extra_info": {"speedup_vs_peer": v}} for k, v in speedups.items()],
+            }
+        )
+    )
     return path
 
 
@@ -60,8 +67,17 @@ def test_compare_fails_closed_on_missing_benchmarks_and_ratios(tmp_path, capsys)
     assert compare.main([str(base), str(without_b)]) == 1
     assert "b: missing from the new run" in capsys.readouterr().err
     no_ratio = tmp_path / "no_ratio.json"
-    no_ratio.write_text(json.dumps({"machine_info": {"cpu_kind": "bf16"}, "benchmarks": [
-        {"fullname": "a", "extra_info": {"speedup_vs_peer": 3.0}}, {"fullname": "b", "extra_info": {}}]}))
+    no_ratio.write_text(
+        json.dumps(
+            {
+                "machine_info": {"cpu_kind": "bf16"},
+                "benchmarks": [
+                    {"fullname": "a", "extra_info": {"speedup_vs_peer": 3.0}},
+                    {"fullname": "b", "extra_info": {}},
+                ],
+            }
+        )
+    )
     assert compare.main([str(base), str(no_ratio)]) == 1
     assert "b: no speedup_vs_peer in the new run" in capsys.readouterr().err
     assert compare.main([str(base), str(without_b), "--select", "a"]) == 0

@@ -1,5 +1,6 @@
 """The build: the extension imports without a GPU, says what it contains, and the CUDA sources
 compile wherever nvcc exists (CI has nvcc but no GPU)."""
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,11 @@ def test_every_binding_takes_keyword_arguments_only():
     """A swapped positional integer would silently corrupt memory: every binding of _C that takes
     arguments takes them by name (pybind11 signature ``(*, ...)``) and refuses positional calls."""
     ext = extension()
-    bindings = [name for name in dir(ext) if not name.startswith("_") and callable(getattr(ext, name))
-                and name not in ("build_info", "cuda_available")]
+    bindings = [
+        name
+        for name in dir(ext)
+        if not name.startswith("_") and callable(getattr(ext, name)) and name not in ("build_info", "cuda_available")
+    ]
     assert len(bindings) >= 13, bindings
     for name in bindings:
         signature = getattr(ext, name).__doc__.splitlines()[0]

@@ -1,4 +1,5 @@
 """The diffcore command: info, run (with stand-in hooks), demo, errors, train hook."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,9 @@ import pytest
 from diffcore import cli
 from diffcore.experiments import hooks as study_hooks
 
-_spec = importlib.util.spec_from_file_location("experiments_standins",
-                                               Path(__file__).parent / "experiments" / "conftest.py")
+_spec = importlib.util.spec_from_file_location(
+    "experiments_standins", Path(__file__).parent / "experiments" / "conftest.py"
+)
 stack_standins = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stack_standins)
 
@@ -52,8 +54,24 @@ def test_bad_override_is_a_clean_error(capsys):
 
 
 def test_run_reproducibility_tiny(tmp_path, capsys, stand_in_hooks):
-    argv = ["run", "reproducibility", "--preset", "tiny", "--out", str(tmp_path), "--no-progress", "-q",
-            "--set", "sizes=8", "--set", "widths=4", "--set", "num_samples=6", "--set", "sampler_steps=4"]
+    argv = [
+        "run",
+        "reproducibility",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "-q",
+        "--set",
+        "sizes=8",
+        "--set",
+        "widths=4",
+        "--set",
+        "num_samples=6",
+        "--set",
+        "sampler_steps=4",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "figure1.png" in out and (tmp_path / "figure1.png").is_file()
@@ -64,8 +82,22 @@ def test_run_reproducibility_tiny(tmp_path, capsys, stand_in_hooks):
 
 
 def test_demo_writes_figure_and_results(tmp_path, capsys, stand_in_hooks):
-    assert cli.main(["demo", "--out", str(tmp_path), "--no-progress", "-q", "--set", "num_samples=5",
-                     "--set", "sampler_steps=8"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+                "-q",
+                "--set",
+                "num_samples=5",
+                "--set",
+                "sampler_steps=8",
+            ]
+        )
+        == 0
+    )
     assert "memorized" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
@@ -84,11 +116,14 @@ def test_train_is_delegated(monkeypatch):
     assert seen["argv"] == ["--steps", "5", "--help"]
 
 
-@pytest.mark.parametrize("out, message", [
-    ("", "out: expected a folder path, got an empty string"),
-    ("{file}", "is a file; expected a folder"),
-    ("{file}/sub", "is under the file"),
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("", "out: expected a folder path, got an empty string"),
+        ("{file}", "is a file; expected a folder"),
+        ("{file}/sub", "is under the file"),
+    ],
+)
 def test_bad_out_is_one_line_naming_it(tmp_path, capsys, out, message):
     file = tmp_path / "file"
     file.write_text("x")

@@ -1,4 +1,5 @@
 """Bad settings end in one line naming the setting, never a traceback (issue 32: tracebacks)."""
+
 from __future__ import annotations
 
 import os
@@ -14,16 +15,25 @@ from diffcore import cli
 def run_cli(args, tmp_path, **env):
     """``python -m diffcore ARGS`` in a subprocess: (exit code, stderr)."""
     full_env = {**os.environ, "DIFFCORE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **env}
-    done = subprocess.run([sys.executable, "-m", "diffcore", *args], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffcore", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return done.returncode, done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("device, message", [
-    ("banana", "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'banana'"),
-    ("cuda", "device: 'cuda' requested but CUDA is not available"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("banana", "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'banana'"),
+        ("cuda", "device: 'cuda' requested but CUDA is not available"),
+    ],
+)
 def test_a_bad_device_is_one_line(tmp_path, device, message):
     code, err = run_cli(["run", "demo", "--device", device, "--out", str(tmp_path / "out")], tmp_path)
     assert code == 2 and "Traceback" not in err and message in err
@@ -51,9 +61,24 @@ def test_world_size_without_rank_is_one_line(tmp_path, monkeypatch):
 
 
 def test_training_that_diverges_names_the_learning_rate(tmp_path, capsys):
-    code = cli.main(["train", "--out-dir", str(tmp_path / "run"), "--steps", "3", "--batch-size", "8",
-                     "--lr", "1e12", "--log-every", "1", "--no-progress",
-                     "--model", '{"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 4}'])
+    code = cli.main(
+        [
+            "train",
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e12",
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--model",
+            '{"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 4}',
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and "lr=1000000000000.0" in err
 

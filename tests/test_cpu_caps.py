@@ -1,4 +1,5 @@
 """The CPU screening choice (diffcore._cpu_caps): capability rules, forced values, bad values."""
+
 import pytest
 
 from diffcore import _cpu_caps
@@ -15,12 +16,15 @@ def test_auto_picks_bf16_only_where_bf16_matmul_is_native():
     assert choice.precision == "fp32" and "avx512_bf16" in choice.reason
 
 
-@pytest.mark.parametrize("caps,expected_reason", [
-    (CpuCaps("AVX2", ("avx512_bf16",), None, None, True), "ATEN_CPU_CAPABILITY"),
-    (CpuCaps("AVX512", ("amx_bf16",), "AVX2", "AVX2", True), "ONEDNN_MAX_CPU_ISA=AVX2"),
-    (CpuCaps("AVX512", ("avx512_bf16",), "AVX512_CORE", None, True), "ONEDNN_MAX_CPU_ISA=AVX512_CORE"),
-    (CpuCaps("AVX512", ("avx512_bf16",), None, None, False), "oneDNN"),
-])
+@pytest.mark.parametrize(
+    "caps,expected_reason",
+    [
+        (CpuCaps("AVX2", ("avx512_bf16",), None, None, True), "ATEN_CPU_CAPABILITY"),
+        (CpuCaps("AVX512", ("amx_bf16",), "AVX2", "AVX2", True), "ONEDNN_MAX_CPU_ISA=AVX2"),
+        (CpuCaps("AVX512", ("avx512_bf16",), "AVX512_CORE", None, True), "ONEDNN_MAX_CPU_ISA=AVX512_CORE"),
+        (CpuCaps("AVX512", ("avx512_bf16",), None, None, False), "oneDNN"),
+    ],
+)
 def test_caps_that_disable_native_bf16(caps, expected_reason):
     choice = choose_screen("auto", caps)
     assert choice.precision == "fp32" and expected_reason in choice.reason

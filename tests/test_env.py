@@ -1,4 +1,5 @@
 """diffcore._env: the documented DIFFCORE_* variables and the allocator settings of the command."""
+
 from __future__ import annotations
 
 import platform
@@ -18,8 +19,7 @@ def test_every_variable_is_documented_in_the_readme():
     assert set(declared) <= documented, sorted(set(declared) - documented)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt is glibc's")
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_tune_allocator_applies_on_glibc(monkeypatch):
     monkeypatch.delenv(_env.MALLOC_VAR, raising=False)
     assert _env.tune_allocator() is True

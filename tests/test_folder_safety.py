@@ -1,6 +1,7 @@
 """Run folders are identified before anything in them is touched, lock files are regular files
 opened without following links, nothing is written or deleted through a link, and records are
 read only from regular files of bounded size (issue 32: data loss, hangs and runaway reads)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from diffcore import _folder, cli
 from diffcore.experiments.base import UnitError, Workspace
 
@@ -17,6 +19,7 @@ from diffcore.experiments.base import UnitError, Workspace
 @pytest.fixture
 def deadline():
     """Fail (instead of hanging the suite) when a read blocks for 20 s, e.g. on a FIFO."""
+
     def expire(signum, frame):
         raise TimeoutError("blocked: the read hung")
 
@@ -51,6 +54,7 @@ def diffusers_folder(root: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- identify first
+
 
 def test_train_refuses_a_foreign_folder_with_diffcore_names_and_changes_nothing(tmp_path, capsys):
     folder = diffusers_folder(tmp_path / "model")
@@ -102,6 +106,7 @@ def test_an_earlier_study_run_with_a_finished_unit_is_still_adopted(tmp_path):
 
 # ----------------------------------------------------------------------------- lock files
 
+
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
     victim = tmp_path / "precious.txt"
     victim.write_text("user data")
@@ -140,6 +145,7 @@ def test_a_lock_file_that_is_a_fifo_is_refused_without_hanging(tmp_path, deadlin
 
 
 # ----------------------------------------------------------------------------- links out of the folder
+
 
 def outside_with_victim(tmp_path: Path) -> Path:
     outside = tmp_path / "outside"
@@ -183,6 +189,7 @@ def test_stale_temporaries_are_not_looked_for_through_links(tmp_path):
 
 # ----------------------------------------------------------------------------- bounded regular reads
 
+
 @pytest.mark.parametrize("record", ["diffcore-run.json", "config.json"])
 def test_a_record_that_is_a_fifo_or_dev_zero_is_refused_without_hanging(tmp_path, deadline, record):
     for kind in ("fifo", "device"):
@@ -195,7 +202,9 @@ def test_a_record_that_is_a_fifo_or_dev_zero_is_refused_without_hanging(tmp_path
         else:
             (run / record).symlink_to("/dev/zero")
         ws = Workspace(run)
-        with pytest.raises((_folder.FolderError, UnitError), match=f"{record}' (is not a regular file|is a symbolic link)"):
+        with pytest.raises(
+            (_folder.FolderError, UnitError), match=f"{record}' (is not a regular file|is a symbolic link)"
+        ):
             with ws.claim("demo"):
                 ws.bind_config({"a": 1})
 
@@ -208,11 +217,14 @@ def test_a_unit_manifest_pointing_outside_or_at_a_device_is_refused(tmp_path, de
     unit.mkdir(parents=True)
     (unit / "zero").symlink_to("/dev/zero")
     os.mkfifo(unit / "fifo")
-    cases = {"../../../secret.txt": "a path outside the unit", "zero": "is a symbolic link",
-             "fifo": "not a regular file", "/etc/hostname": "a path outside the unit"}
+    cases = {
+        "../../../secret.txt": "a path outside the unit",
+        "zero": "is a symbolic link",
+        "fifo": "not a regular file",
+        "/etc/hostname": "a path outside the unit",
+    }
     for rel, message in cases.items():
-        (unit / "MANIFEST.json").write_text(
-            json.dumps({"spec": {}, "files": {rel: {"size": 7, "sha256": "0"}}}))
+        (unit / "MANIFEST.json").write_text(json.dumps({"spec": {}, "files": {rel: {"size": 7, "sha256": "0"}}}))
         with pytest.raises(UnitError, match=message):
             ws.finished("models", "m0", {})
 
@@ -229,6 +241,7 @@ def test_deeply_nested_json_is_a_one_line_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- binding under a lock
+
 
 def test_two_shards_with_different_configs_never_both_bind(tmp_path, monkeypatch):
     """Two processes of one sharded run (shared folder lock) bind different configs at the same

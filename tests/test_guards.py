@@ -1,5 +1,6 @@
 """scripts/check_guards.py: torch internals only in ops/_torch_compat.py, matplotlib.use only in
 experiments/plotting.py. The tree passes, and each rule catches what it is for."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """diffcore._progress: a bar on a terminal, log lines (never bar redraws) everywhere else."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ Subpackages (imported on demand, so ``import diffcore`` is cheap and never touch
 ``ops`` (kernels with backend dispatch), ``ref`` (float64 references), ``sampler``, ``models``,
 ``denoisers``, ``data``, ``train``, ``analysis``, ``metrics``, ``experiments``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,8 +12,17 @@ import importlib
 __version__ = "0.2.0"  # the one source of the version (pyproject.toml reads it; CHANGELOG.md)
 
 _SUBPACKAGES = (
-    "ops", "ref", "sampler", "models", "denoisers", "data", "train", "analysis", "metrics",
-    "experiments", "kernels",
+    "ops",
+    "ref",
+    "sampler",
+    "models",
+    "denoisers",
+    "data",
+    "train",
+    "analysis",
+    "metrics",
+    "experiments",
+    "kernels",
 )
 
 

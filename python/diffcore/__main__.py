@@ -1,4 +1,5 @@
 """``python -m diffcore`` (and ``torchrun ... -m diffcore run STUDY ...``): the ``diffcore`` command."""
+
 import sys
 
 from diffcore.cli import main

@@ -6,14 +6,15 @@ appear (a unit, a checkpoint) are built in :func:`temporary_folder` and renamed 
 the one temporary-name scheme of the package: :data:`TEMPORARY_NAME` is what the stale-file
 cleaner (:func:`diffcore._folder.remove_stale_temporaries`) removes.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
-
+from typing import BinaryIO
 
 # ``.NAME.XXXXXXXX.tmp``: what tempfile.mkstemp / mkdtemp make with the prefix and suffix used here.
 TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")

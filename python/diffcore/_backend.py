@@ -5,6 +5,7 @@ them. ``auto`` takes the first one that is usable for the tensors' device; ``DIF
 overrides ``auto`` globally. Asking for a backend that cannot run on the given device is an error
 that names the backend and the device, never a silent fallback.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,8 +61,10 @@ def why_unusable(backend: str, device: torch.device) -> str | None:
             return None
         if device.type == "cpu" and triton_interpreted():
             return None
-        return (f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
-                f"before triton is imported; got device {device}")
+        return (
+            f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported; got device {device}"
+        )
     return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
 
 
@@ -94,8 +97,9 @@ class OpBackends:
         if name not in BACKENDS:
             raise ValueError(f"{self.op}: {source}: unknown backend; expected 'auto' or one of {', '.join(BACKENDS)}")
         if name not in self.implemented:
-            raise ValueError(f"{self.op}: {source}: this op has no {name!r} backend "
-                             f"(it has {', '.join(self.implemented)})")
+            raise ValueError(
+                f"{self.op}: {source}: this op has no {name!r} backend (it has {', '.join(self.implemented)})"
+            )
         reason = why_unusable(name, device)
         if reason is not None:
             raise BackendUnusable(f"{self.op}: {source}: {reason}")

@@ -1,4 +1,5 @@
 """Input validation shared by ops, samplers and experiments. Every message names the argument."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,15 @@ from collections.abc import Iterable
 import torch
 
 
-def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None,
-                 dtypes: Iterable[torch.dtype] | None = None, nonempty: bool = True) -> torch.Tensor:
+def check_tensor(
+    name: str,
+    value,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    nonempty: bool = True,
+) -> torch.Tensor:
     """Check that ``value`` is a tensor with the expected rank and dtype; return it."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -85,7 +93,9 @@ def check_state_dict_values(state, expected, source: str) -> None:
         if want is None or not isinstance(value, torch.Tensor):
             continue  # unknown or missing keys: load_state_dict's own check names them
         if value.dtype != want.dtype:
-            raise ValueError(f"{source}: tensor {name!r} has dtype {str(value.dtype).removeprefix('torch.')}, "
-                             f"the model's is {str(want.dtype).removeprefix('torch.')} (refused, not cast)")
+            raise ValueError(
+                f"{source}: tensor {name!r} has dtype {str(value.dtype).removeprefix('torch.')}, "
+                f"the model's is {str(want.dtype).removeprefix('torch.')} (refused, not cast)"
+            )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{source}: tensor {name!r} holds NaN or infinite values")

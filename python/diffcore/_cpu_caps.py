@@ -24,6 +24,7 @@ lanes, so there the training rows take 7 bits (+-63), which the probe finds exac
 variable; ``int8`` forces knn's screen, empirical_denoise keeps the automatic float choice).
 ``diffcore info`` prints the choice and why.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,19 +38,28 @@ SCREEN_VAR = "DIFFCORE_CPU_SCREEN"
 SCREEN_VALUES = ("auto", "int8", "bf16", "fp32")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # ONEDNN_MAX_CPU_ISA values that still allow native bf16 (oneDNN's names; DEFAULT/ALL: no cap).
-_ONEDNN_BF16_ISAS = {"DEFAULT", "ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512",
-                     "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"}
+_ONEDNN_BF16_ISAS = {
+    "DEFAULT",
+    "ALL",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX_FP16",
+}
 
 
 @dataclass(frozen=True)
 class CpuCaps:
     """The facts the screening choice rests on."""
 
-    torch_capability: str            # torch.backends.cpu.get_cpu_capability()
-    bf16_flags: tuple[str, ...]      # those of BF16_FLAGS that /proc/cpuinfo lists
-    onednn_max_isa: str | None       # ONEDNN_MAX_CPU_ISA, upper-cased, None when unset
-    mkl_instructions: str | None     # MKL_ENABLE_INSTRUCTIONS (recorded: it caps torch's fp32 GEMM)
-    mkldnn: bool                     # torch.backends.mkldnn.is_available()
+    torch_capability: str  # torch.backends.cpu.get_cpu_capability()
+    bf16_flags: tuple[str, ...]  # those of BF16_FLAGS that /proc/cpuinfo lists
+    onednn_max_isa: str | None  # ONEDNN_MAX_CPU_ISA, upper-cased, None when unset
+    mkl_instructions: str | None  # MKL_ENABLE_INSTRUCTIONS (recorded: it caps torch's fp32 GEMM)
+    mkldnn: bool  # torch.backends.mkldnn.is_available()
 
     @property
     def kind(self) -> str:
@@ -69,9 +79,14 @@ class CpuCaps:
         return None
 
     def as_dict(self) -> dict:
-        return {"torch_capability": self.torch_capability, "bf16_flags": list(self.bf16_flags),
-                "onednn_max_isa": self.onednn_max_isa, "mkl_instructions": self.mkl_instructions,
-                "mkldnn": self.mkldnn, "kind": self.kind}
+        return {
+            "torch_capability": self.torch_capability,
+            "bf16_flags": list(self.bf16_flags),
+            "onednn_max_isa": self.onednn_max_isa,
+            "mkl_instructions": self.mkl_instructions,
+            "mkldnn": self.mkldnn,
+            "kind": self.kind,
+        }
 
 
 @dataclass(frozen=True)
@@ -93,8 +108,14 @@ class ScreenChoice:
             object.__setattr__(self, "knn_reason", self.reason)
 
     def as_dict(self) -> dict:
-        return {"precision": self.precision, "reason": self.reason, "knn_precision": self.knn_precision,
-                "knn_reason": self.knn_reason, "int8_levels": self.int8_levels, "caps": self.caps.as_dict()}
+        return {
+            "precision": self.precision,
+            "reason": self.reason,
+            "knn_precision": self.knn_precision,
+            "knn_reason": self.knn_reason,
+            "int8_levels": self.int8_levels,
+            "caps": self.caps.as_dict(),
+        }
 
 
 def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
@@ -113,8 +134,13 @@ def read_caps() -> CpuCaps:
     flags = _cpuinfo_flags()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() or None
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() or None
-    return CpuCaps(torch.backends.cpu.get_cpu_capability(), tuple(f for f in BF16_FLAGS if f in flags), isa, mkl,
-                   bool(torch.backends.mkldnn.is_available()))
+    return CpuCaps(
+        torch.backends.cpu.get_cpu_capability(),
+        tuple(f for f in BF16_FLAGS if f in flags),
+        isa,
+        mkl,
+        bool(torch.backends.mkldnn.is_available()),
+    )
 
 
 def choose_screen(value: str | None, caps: CpuCaps, bf16_probe=lambda: True, int8_probe=lambda: None) -> ScreenChoice:
@@ -132,12 +158,20 @@ def choose_screen(value: str | None, caps: CpuCaps, bf16_probe=lambda: True, int
     levels = int8_probe()
     if levels is None:
         if value == "int8":
-            raise ValueError(f"{SCREEN_VAR}=int8: torch's int8 GEMM (torch._int_mm) is not exact on this machine "
-                             "at any range the screen can use (probe failed); use auto, bf16 or fp32")
+            raise ValueError(
+                f"{SCREEN_VAR}=int8: torch's int8 GEMM (torch._int_mm) is not exact on this machine "
+                "at any range the screen can use (probe failed); use auto, bf16 or fp32"
+            )
         return float_choice
     why = f"forced by {SCREEN_VAR}=int8" if value == "int8" else "torch's int8 GEMM is exact here"
-    return ScreenChoice(float_choice.precision, float_choice.reason, caps, "int8",
-                        f"{why} (probed; training rows at +-{levels})", levels)
+    return ScreenChoice(
+        float_choice.precision,
+        float_choice.reason,
+        caps,
+        "int8",
+        f"{why} (probed; training rows at +-{levels})",
+        levels,
+    )
 
 
 def _choose_float_screen(caps: CpuCaps, bf16_probe) -> ScreenChoice:
@@ -145,8 +179,9 @@ def _choose_float_screen(caps: CpuCaps, bf16_probe) -> ScreenChoice:
     if why_not is None and not bf16_probe():
         why_not = "torch's bf16 matmul does not accumulate in fp32 here (probe failed)"
     if why_not is None:
-        return ScreenChoice("bf16", f"native bf16 matmul ({', '.join(caps.bf16_flags)}, torch {caps.torch_capability})",
-                            caps)
+        return ScreenChoice(
+            "bf16", f"native bf16 matmul ({', '.join(caps.bf16_flags)}, torch {caps.torch_capability})", caps
+        )
     return ScreenChoice("fp32", f"no native bf16 matmul: {why_not}", caps)
 
 
@@ -174,14 +209,14 @@ def bf16_matmul_accumulates_in_fp32() -> bool:
     g = torch.Generator().manual_seed(0)
     dim = 4096
     signs = torch.ones(dim)
-    signs[dim // 2:] = -1
+    signs[dim // 2 :] = -1
     q = (signs + torch.randint(-8, 8, (16, dim), generator=g) / 64).bfloat16()  # exact in bf16
     y = (1 + torch.randint(-8, 8, (24, dim), generator=g) / 64).bfloat16()
     exact = q.double() @ y.double().t()
     got = (q @ y.t()).double()
-    unit = 2.0 ** -24
+    unit = 2.0**-24
     gamma = dim * unit / (1 - dim * unit)
-    bound = gamma * q.double().norm(dim=1)[:, None] * y.double().norm(dim=1)[None, :] + 2.0 ** -8 * got.abs()
+    bound = gamma * q.double().norm(dim=1)[:, None] * y.double().norm(dim=1)[None, :] + 2.0**-8 * got.abs()
     return bool(((got - exact).abs() <= bound).all())
 
 
@@ -215,8 +250,15 @@ def _int_mm_exact(levels: int, rows_a: int, rows_b: int, dim: int) -> bool:
     g = torch.Generator().manual_seed(levels)
     alternating = torch.ones(dim)
     alternating[1::2] = -1
-    extremes_a = torch.stack([torch.full((dim,), 127.0), torch.full((dim,), -127.0), 127 * alternating,
-                              -127 * alternating, torch.full((dim,), -1.0)])
+    extremes_a = torch.stack(
+        [
+            torch.full((dim,), 127.0),
+            torch.full((dim,), -127.0),
+            127 * alternating,
+            -127 * alternating,
+            torch.full((dim,), -1.0),
+        ]
+    )
     extremes_b = levels * torch.stack([torch.ones(dim), -torch.ones(dim), alternating, -alternating])
     a = torch.cat([extremes_a, torch.randint(-127, 128, (rows_a - 5, dim), generator=g).float()])
     b = torch.cat([extremes_b, torch.randint(-levels, levels + 1, (rows_b - 4, dim), generator=g).float()])

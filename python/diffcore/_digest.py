@@ -3,6 +3,7 @@
 Results and resumable units are keyed on the content of the files they depend on (a descriptor
 network, a data folder), not on their paths: replacing a file at the same path changes its digest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,11 @@ def folder_digest(root: str | os.PathLike) -> str:
     (hidden files and folders skipped), in sorted order; each file hashed once per process."""
     root = Path(root)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts)):
+    for path in sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ):
         digest.update(f"{path.relative_to(root).as_posix()}\0{file_digest(path)}\n".encode())
     return digest.hexdigest()
 

@@ -18,6 +18,7 @@ Run time:
 Benchmarks (bench/):
     DIFFCORE_BENCH_QUICK 1 runs every benchmark at small shapes (a smoke run in seconds).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,12 +33,12 @@ RUNTIME_VARIABLES = {
     BACKEND_VAR: "force one backend (reference, cpu, cuda, triton) for every op called with backend='auto'",
     PROGRESS_VAR: "unset: bars on a terminal, log lines otherwise; 0: no progress; 1: bars always",
     "DIFFCORE_CPU_SCREEN": "auto (default), int8, bf16 or fp32: screening GEMM precision of the CPU knn and "
-                           "empirical_denoise (auto: knn in int8 where torch's int8 GEMM is probed exact; "
-                           "else bf16 where bf16 matmul is native, else fp32; int8 applies to knn only)",
+    "empirical_denoise (auto: knn in int8 where torch's int8 GEMM is probed exact; "
+    "else bf16 where bf16 matmul is native, else fp32; int8 applies to knn only)",
     LOCK_WAIT_VAR: "seconds a run waits for an output folder another run holds (default 0: exit)",
     SHARD_VAR: "I/N: this process is shard I of N of a study (set by --shard; a plain run aggregates)",
     MALLOC_VAR: "1 (default) or 0: the diffcore command and its worker processes make glibc's allocator "
-                "keep freed memory for reuse (trim threshold 256 MiB) instead of handing it back each step",
+    "keep freed memory for reuse (trim threshold 256 MiB) instead of handing it back each step",
 }
 BENCH_VARIABLES = {
     "DIFFCORE_BENCH_QUICK": "1 runs every benchmark at small shapes (a smoke run in seconds)",
@@ -84,7 +85,7 @@ class torch_threads:
         self.n = int(n)
         self.before: int | None = None
 
-    def __enter__(self) -> "torch_threads":
+    def __enter__(self) -> torch_threads:
         import torch
 
         if self.n > 0:
@@ -102,7 +103,7 @@ class torch_threads:
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 TRIM_THRESHOLD_BYTES = 256 << 20  # free memory kept at the top of the heap before handing it back
-MMAP_THRESHOLD_BYTES = 32 << 20   # blocks from this size up get their own mapping (glibc's dynamic maximum)
+MMAP_THRESHOLD_BYTES = 32 << 20  # blocks from this size up get their own mapping (glibc's dynamic maximum)
 
 
 def tune_allocator() -> bool:
@@ -123,5 +124,6 @@ def tune_allocator() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator keeps its defaults
         return False
-    return (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-            and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
+    return (
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    )

@@ -1,4 +1,5 @@
 """Loading of the compiled extension ``diffcore._C`` with a clear error when it is missing."""
+
 from __future__ import annotations
 
 import functools

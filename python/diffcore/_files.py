@@ -6,6 +6,7 @@ device such as ``/dev/zero`` would never end), at most ``max_bytes`` of it, and 
 also refuses a symbolic link (a run folder's own records are never links). :func:`load_json`
 adds a one-line error for malformed or absurdly nested JSON (Python's parser recurses).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ class FileReadError(ValueError):
     """A file that is not a regular file, too large, or not what it should hold."""
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES, *, what: str = "file",
-                      follow: bool = True) -> bytes:
+def read_regular_file(
+    path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES, *, what: str = "file", follow: bool = True
+) -> bytes:
     """The bytes of the regular file ``path`` (at most ``max_bytes``); FileReadError naming ``what``
     and the path for a FIFO, device, folder, link (``follow=False``) or a larger file;
     FileNotFoundError when it does not exist."""
@@ -39,8 +41,9 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES
         if not stat.S_ISREG(info.st_mode):
             raise FileReadError(f"{what} {str(path)!r} is not a regular file")
         if info.st_size > max_bytes:
-            raise FileReadError(f"{what} {str(path)!r} is {info.st_size} bytes, more than the {max_bytes} "
-                                "such a file can hold")
+            raise FileReadError(
+                f"{what} {str(path)!r} is {info.st_size} bytes, more than the {max_bytes} such a file can hold"
+            )
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -61,8 +64,9 @@ def parse_json(data: bytes | str, *, what: str, path: str | os.PathLike) -> Any:
         raise FileReadError(f"{what} {str(path)!r} is not valid JSON ({error})") from None
 
 
-def load_json(path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES, *, what: str = "file",
-              follow: bool = True) -> Any:
+def load_json(
+    path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES, *, what: str = "file", follow: bool = True
+) -> Any:
     """The JSON value in the regular file ``path`` (see :func:`read_regular_file` and
     :func:`parse_json`)."""
     return parse_json(read_regular_file(path, max_bytes, what=what, follow=follow), what=what, path=Path(path))

@@ -26,6 +26,7 @@ Every command that writes into a folder claims it first with :func:`claim_folder
   is written or deleted through a symbolic link inside the folder (:func:`check_inside`,
   :func:`remove_tree`): a link could lead out of the run folder to a user's files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,9 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from diffcore import _atomic, _env
 from diffcore._files import FileReadError, load_json
@@ -59,6 +61,7 @@ class FolderError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- path checks
+
 
 def check_output_folder(path, argument: str = "out") -> Path:
     """Create ``path`` as a folder (with parents) or raise one line naming ``argument``."""
@@ -90,8 +93,10 @@ def check_inside(root, path, argument: str = "out") -> Path:
     for part in relative.parts:
         current = current / part
         if current.is_symlink():
-            raise FolderError(f"{argument}: {str(current)!r} is a symbolic link; diffcore never writes or "
-                              "deletes through links inside a run folder (replace it by a folder)")
+            raise FolderError(
+                f"{argument}: {str(current)!r} is a symbolic link; diffcore never writes or "
+                "deletes through links inside a run folder (replace it by a folder)"
+            )
         if not current.exists():
             break
     return path
@@ -131,6 +136,7 @@ def remove_stale_temporaries(root) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- locks
+
 
 def lock_wait_seconds() -> float:
     """``DIFFCORE_LOCK_WAIT``: seconds to wait for a folder held by another run (default 0)."""
@@ -172,12 +178,13 @@ def open_lock_file(path) -> int:
         fd = os.open(path, flags, 0o644)
     except OSError as error:
         why = "is a symbolic link" if os.path.islink(path) else f"cannot be opened ({error.strerror or error})"
-        raise FolderError(f"lock file {str(path)!r} {why}; diffcore uses only regular lock files "
-                          "(delete it if no run is using the folder)") from None
+        raise FolderError(
+            f"lock file {str(path)!r} {why}; diffcore uses only regular lock files "
+            "(delete it if no run is using the folder)"
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise FolderError(f"lock file {str(path)!r} is not a regular file; delete it if no run is "
-                          "using the folder")
+        raise FolderError(f"lock file {str(path)!r} is not a regular file; delete it if no run is using the folder")
     return fd
 
 
@@ -198,7 +205,7 @@ class FolderLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "an unknown process"
 
-    def acquire(self, wait: float | None = None, argument: str = "out", shared: bool = False) -> "FolderLock":
+    def acquire(self, wait: float | None = None, argument: str = "out", shared: bool = False) -> FolderLock:
         """Take the lock (``shared``: with the other processes of one sharded run) or raise
         FolderError naming the holder after ``wait`` seconds (default ``DIFFCORE_LOCK_WAIT``)."""
         wait = lock_wait_seconds() if wait is None else wait
@@ -206,13 +213,18 @@ class FolderLock:
         if not _wait_for_flock(fd, wait, shared):
             holder = "the shards of a sharded run" if shared else self.holder(fd) + " (or the shards of a sharded run)"
             os.close(fd)
-            raise FolderError(f"{argument}: {str(self.root)!r} is in use by {holder}; wait for it "
-                              f"to finish (or set {LOCK_WAIT_VAR}=SECONDS to wait) or use another folder")
+            raise FolderError(
+                f"{argument}: {str(self.root)!r} is in use by {holder}; wait for it "
+                f"to finish (or set {LOCK_WAIT_VAR}=SECONDS to wait) or use another folder"
+            )
         self._fd = fd
         if shared:
             return self
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._wait_for_workers(argument)
@@ -224,8 +236,10 @@ class FolderLock:
         try:
             if not _wait_for_flock(fd, WORKERS_GRACE_SECONDS):
                 self.release()
-                raise FolderError(f"{argument}: worker processes of an earlier run still write into "
-                                  f"{str(self.root)!r} after {WORKERS_GRACE_SECONDS:.0f} s; end them first")
+                raise FolderError(
+                    f"{argument}: worker processes of an earlier run still write into "
+                    f"{str(self.root)!r} after {WORKERS_GRACE_SECONDS:.0f} s; end them first"
+                )
         finally:
             os.close(fd)  # closing drops the probe lock
 
@@ -237,6 +251,7 @@ class FolderLock:
 
 # ----------------------------------------------------------------------------- kinds
 
+
 def folder_kind(root) -> str | None:
     """The kind recorded in ``root/diffcore-run.json``, or None when there is none."""
     path = Path(root) / KIND_FILE
@@ -247,8 +262,7 @@ def folder_kind(root) -> str | None:
         return str(record["kind"])
     except (FileReadError, KeyError, TypeError) as error:
         detail = str(error) if isinstance(error, FileReadError) else f"{str(path)!r} is unreadable"
-        raise FolderError(f"{detail}; delete it only if the folder holds a run of the kind you are "
-                          "starting") from None
+        raise FolderError(f"{detail}; delete it only if the folder holds a run of the kind you are starting") from None
 
 
 Adopt = Callable[[Path], bool]
@@ -265,14 +279,14 @@ def check_kind(root, kind: str, argument: str = "out", adopt: Adopt | None = Non
     found = folder_kind(root)
     if found is not None:
         if found != kind:
-            raise FolderError(f"{argument}: {str(root)!r} holds a {found!r} run, not {kind!r}; "
-                              "use another folder")
+            raise FolderError(f"{argument}: {str(root)!r} holds a {found!r} run, not {kind!r}; use another folder")
         return
     entries = [p.name for p in root.iterdir() if not p.name.startswith(".")]
     if entries and not (adopt is not None and adopt(root)):
         shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
-        raise FolderError(f"{argument}: {str(root)!r} is not empty and holds no diffcore run ({shown}); "
-                          "use a new or empty folder")
+        raise FolderError(
+            f"{argument}: {str(root)!r} is not empty and holds no diffcore run ({shown}); use a new or empty folder"
+        )
 
 
 def holds_manifest(folder, is_ours: Callable[[Any], bool]) -> bool:
@@ -302,8 +316,9 @@ def record_kind(root, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def claim_folder(path, kind: str, *, argument: str = "out", record: bool = True,
-                 adopt: Adopt | None = None, shared: bool = False) -> Iterator[Path]:
+def claim_folder(
+    path, kind: str, *, argument: str = "out", record: bool = True, adopt: Adopt | None = None, shared: bool = False
+) -> Iterator[Path]:
     """Check, lock, kind-check and then clean the folder ``path`` for a run of ``kind``; yields it.
     ``adopt``: how a folder without a kind record proves it is an earlier diffcore run (see
     :func:`check_kind`).
@@ -332,6 +347,7 @@ def claim_folder(path, kind: str, *, argument: str = "out", record: bool = True,
 
 # ----------------------------------------------------------------------------- unit claims
 
+
 @contextlib.contextmanager
 def unit_claim(path, wait: bool = True) -> Iterator[bool]:
     """Hold the claim ``path`` (a ``.NAME.claim`` file) while a unit is produced; yields whether
@@ -350,6 +366,7 @@ def unit_claim(path, wait: bool = True) -> Iterator[bool]:
 
 # ----------------------------------------------------------------------------- worker processes
 
+
 def _die_with_parent(parent_pid: int) -> None:
     """In a worker: end this process when ``parent_pid`` ends (at once on Linux)."""
     if sys.platform.startswith("linux"):
@@ -361,6 +378,7 @@ def _die_with_parent(parent_pid: int) -> None:
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     else:  # a watchdog: poll the parent
+
         def watch():
             while os.getppid() == parent_pid:
                 time.sleep(0.5)
@@ -391,5 +409,8 @@ def worker_pool(workers: int, root):
     import multiprocessing
 
     return concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-        initargs=(os.getpid(), str(root)))
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(), str(root)),
+    )

@@ -7,6 +7,7 @@ file or a CI log is not flooded with bar redraws, it logs one status line at mos
 (e.g. a finished unit) as a line in both modes. ``DIFFCORE_PROGRESS=0`` or ``enabled=False``
 silences both. See :func:`diffcore._env.progress_enabled`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,9 @@ class Progress:
     it. The ETA is measured from the work done since the first update (work found already done at
     the start, e.g. on resume, does not count as speed)."""
 
-    def __init__(self, total: int, desc: str, unit: str, *, enabled: bool = True, initial: int = 0,
-                 interval: float = 30.0):
+    def __init__(
+        self, total: int, desc: str, unit: str, *, enabled: bool = True, initial: int = 0, interval: float = 30.0
+    ):
         self.total, self.desc, self.unit = int(total), desc, unit
         self.done = self._start_done = int(initial)
         self.interval = float(interval)
@@ -66,8 +68,10 @@ class Progress:
         rate = made / elapsed if elapsed > 0 else 0.0
         percent = 100.0 * self.done / self.total if self.total else 100.0
         eta = format_seconds((self.total - self.done) / rate) if rate > 0 else "?"
-        return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), {rate:.1f} {self.unit}/s, "
-                f"elapsed {format_seconds(elapsed)}, ETA {eta}")
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), {rate:.1f} {self.unit}/s, "
+            f"elapsed {format_seconds(elapsed)}, ETA {eta}"
+        )
 
     def note(self, text: str) -> None:
         """One event as one line (above the bar on a terminal, a log line otherwise)."""
@@ -86,7 +90,7 @@ class Progress:
             log.info("%s", self.status())
             self.active = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> bool:

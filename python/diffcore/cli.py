@@ -7,6 +7,7 @@
 
 Library code logs; this module prints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from diffcore import __version__
     from diffcore.experiments import EXPERIMENTS
 
-    parser = argparse.ArgumentParser(prog="diffcore", description="diffcore: kernels and experiments for "
-                                     "the science of diffusion-model generalization")
+    parser = argparse.ArgumentParser(
+        prog="diffcore",
+        description="diffcore: kernels and experiments for the science of diffusion-model generalization",
+    )
     parser.add_argument("--version", action="version", version=f"diffcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,25 +42,42 @@ def _build_parser() -> argparse.ArgumentParser:
 
     def add_run_options(p, default_preset=None):
         p.add_argument("--out", default=None, help="output folder (default: runs/<experiment>-<preset>)")
-        p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
-                       help="wait this long for an output folder another run holds (default 0: exit; "
-                            "also DIFFCORE_LOCK_WAIT)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field (repeatable); tuples as comma-separated values")
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="wait this long for an output folder another run holds (default 0: exit; also DIFFCORE_LOCK_WAIT)",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field (repeatable); tuples as comma-separated values",
+        )
         p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
         p.add_argument("--no-progress", action="store_true", help="no progress bars (also DIFFCORE_PROGRESS=0)")
         p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
         if default_preset is not None:
             p.add_argument("--preset", default=default_preset, help="named preset of the config")
 
-    run = sub.add_parser("run", help="run (or resume) an experiment",
-                         description="Run an experiment into --out; rerunning the same command resumes it.")
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) an experiment",
+        description="Run an experiment into --out; rerunning the same command resumes it.",
+    )
     run.add_argument("experiment", choices=sorted(EXPERIMENTS))
     add_run_options(run, default_preset="quick")
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    run.add_argument("--shard", default=None, metavar="I/N",
-                     help="process I (0 .. N-1) of N sharing the run (a job array); afterwards a run "
-                          "without --shard writes the results (studies that spread their units)")
+    run.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="process I (0 .. N-1) of N sharing the run (a job array); afterwards a run "
+        "without --shard writes the results (studies that spread their units)",
+    )
 
     demo = sub.add_parser("demo", help="denoise noise with the empirical denoiser of the digits (seconds)")
     add_run_options(demo, default_preset="default")
@@ -68,8 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def info(as_json: bool = False) -> dict:
@@ -82,18 +105,26 @@ def info(as_json: bool = False) -> dict:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    backends = {str(dev): {b: (_backend.why_unusable(b, dev) or "usable") for b in _backend.BACKENDS}
-                for dev in devices}
-    variables = {name: {"value": os.environ.get(name), "meaning": meaning}
-                 for name, meaning in {**_env.RUNTIME_VARIABLES, **_env.BUILD_VARIABLES,
-                                       **_env.BENCH_VARIABLES}.items()}
+    backends = {
+        str(dev): {b: (_backend.why_unusable(b, dev) or "usable") for b in _backend.BACKENDS} for dev in devices
+    }
+    variables = {
+        name: {"value": os.environ.get(name), "meaning": meaning}
+        for name, meaning in {**_env.RUNTIME_VARIABLES, **_env.BUILD_VARIABLES, **_env.BENCH_VARIABLES}.items()
+    }
     from diffcore.experiments import EXPERIMENTS, experiment
 
     experiments = {name: sorted(experiment(name).PRESETS) for name in EXPERIMENTS}
-    return {"diffcore": diffcore.__version__, "torch": torch.__version__,
-            "cuda_available": torch.cuda.is_available(), "build": diffcore.build_info(),
-            "backends": backends, "cpu_screen": _cpu_screen_info(), "environment": variables,
-            "experiments": experiments}
+    return {
+        "diffcore": diffcore.__version__,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "build": diffcore.build_info(),
+        "backends": backends,
+        "cpu_screen": _cpu_screen_info(),
+        "environment": variables,
+        "experiments": experiments,
+    }
 
 
 def _cpu_screen_info() -> dict:
@@ -150,8 +181,7 @@ def _run_experiment(name: str, args) -> int:
     print(f"diffcore: {name} (preset {args.preset}) -> {out}")
     results = module.run(config, out, device=args.device, progress=not args.no_progress)
     if not results:
-        print("diffcore: this process's share is done; the results are written by rank 0 or by a run "
-              "without --shard")
+        print("diffcore: this process's share is done; the results are written by rank 0 or by a run without --shard")
         return 0
     _print_summary(module, results, Path(out))
     return 0
@@ -184,8 +214,10 @@ def _error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
     if isinstance(exc, BrokenProcessPool):
-        return ("a worker process died (killed, or out of memory) before finishing its unit; finished "
-                "units are kept: rerun the same command to resume")
+        return (
+            "a worker process died (killed, or out of memory) before finishing its unit; finished "
+            "units are kept: rerun the same command to resume"
+        )
     if isinstance(exc, MemoryError):
         return f"out of memory: {exc}" if str(exc) else "out of memory"
     return " ".join(str(exc).split()) or type(exc).__name__

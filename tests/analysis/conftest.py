@@ -1,4 +1,5 @@
 """Fixtures of the analysis tests: small denoisers with known or cheaply computable Jacobians."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,8 @@ class TinyMLPDenoiser(torch.nn.Module):
     def forward(self, x, sigma):
         s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0])[:, None]
         flat = x.reshape(x.shape[0], -1)
-        h = torch.tanh(flat @ self.b.T.to(x.dtype) / (1 + s ** 2).sqrt() + self.c.to(x.dtype) + s * self.e.to(x.dtype))
-        return (h @ self.a.T.to(x.dtype) / (1 + s ** 2)).reshape(x.shape)
+        h = torch.tanh(flat @ self.b.T.to(x.dtype) / (1 + s**2).sqrt() + self.c.to(x.dtype) + s * self.e.to(x.dtype))
+        return (h @ self.a.T.to(x.dtype) / (1 + s**2)).reshape(x.shape)
 
 
 @pytest.fixture
@@ -43,7 +44,9 @@ def gapped_gaussian():
     g = torch.Generator().manual_seed(0)
     n = 48
     u = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-    lam = torch.cat([torch.linspace(9.0, 4.0, 6, dtype=torch.float64), torch.linspace(0.05, 0.001, n - 6, dtype=torch.float64)])
+    lam = torch.cat(
+        [torch.linspace(9.0, 4.0, 6, dtype=torch.float64), torch.linspace(0.05, 0.001, n - 6, dtype=torch.float64)]
+    )
     return GaussianDenoiser(torch.randn(n, generator=g, dtype=torch.float64) * 0.1, u, lam, shape=(3, 4, 4))
 
 

@@ -5,6 +5,7 @@ at every x, so the masked directions are known in closed form: the right singula
 are the top eigenvectors of W M W (M a 0/1 mask), those of the outside the top eigenvectors of
 W (1 - M) W; and with a linear sampler (DDIM) every edit's change is linear in the direction and
 the same for every image."""
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,20 @@ import pytest
 import torch
 
 from diffcore import sampler
-from diffcore.analysis import (EditTimeline, compose_directions, edit_linearity, edit_locality, edit_samples,
-                               jacobian_spectrum, load_directions, loco_directions, principal_angles, region_mask,
-                               sample_back, save_directions)
+from diffcore.analysis import (
+    EditTimeline,
+    compose_directions,
+    edit_linearity,
+    edit_locality,
+    edit_samples,
+    jacobian_spectrum,
+    load_directions,
+    loco_directions,
+    principal_angles,
+    region_mask,
+    sample_back,
+    save_directions,
+)
 from diffcore.denoisers import GaussianDenoiser
 
 SHAPE = (1, 6, 6)
@@ -59,7 +71,7 @@ def test_directions_match_the_analytic_ones(gaussian, upper):
     outside = _top_eigenvectors(w @ torch.diag(1 - m) @ w, k_out)
     for b in range(x.shape[0]):
         for r in range(rank):  # each singular vector on its own (not just the span)
-            angle = principal_angles(dirs.unprojected[b, r].reshape(1, -1), inside[r:r + 1])
+            angle = principal_angles(dirs.unprojected[b, r].reshape(1, -1), inside[r : r + 1])
             assert float(angle.max()) < 1.0
         assert float(principal_angles(dirs.outside[b].reshape(k_out, -1), outside).max()) < 1.0
         # the projection removes exactly the outside directions: orthogonal to them, and the change
@@ -70,10 +82,11 @@ def test_directions_match_the_analytic_ones(gaussian, upper):
             v = inside[r] * torch.sign(inside[r] @ dirs.unprojected[b, r].reshape(-1))
             expected = v - outside.T @ (outside @ v)
             expected = expected / expected.norm()
-            assert float(principal_angles(d[r:r + 1], expected[None]).max()) < 1.0
+            assert float(principal_angles(d[r : r + 1], expected[None]).max()) < 1.0
             assert float((d[r] - expected).norm()) < 1e-4
-    torch.testing.assert_close(dirs.directions.reshape(2, rank, -1).norm(dim=-1),
-                               torch.ones(2, rank, dtype=torch.float64))
+    torch.testing.assert_close(
+        dirs.directions.reshape(2, rank, -1).norm(dim=-1), torch.ones(2, rank, dtype=torch.float64)
+    )
     # the masked singular values are the square roots of the eigenvalues of W M W
     expected_s = torch.linalg.eigvalsh(w @ torch.diag(m) @ w).flip(0)[:rank].sqrt()
     torch.testing.assert_close(dirs.singular_values[0], expected_s, rtol=1e-8, atol=1e-10)
@@ -86,7 +99,7 @@ def test_spectrum_full_and_partial_agree(gaussian, upper):
     torch.testing.assert_close(s_full[0], torch.linalg.svdvals(w), rtol=1e-10, atol=1e-12)
     s_top, frob = jacobian_spectrum(gaussian, x, SIGMA, mask=upper, k=8, probes=64, tol=1e-12, iters=300)
     torch.testing.assert_close(s_top[0], s_full[0, :8], rtol=1e-8, atol=1e-10)
-    assert abs(float(frob[0] / frob_full[0]) - 1) < 0.05          # Hutchinson on the small remainder
+    assert abs(float(frob[0] / frob_full[0]) - 1) < 0.05  # Hutchinson on the small remainder
 
 
 def _latents(gaussian, n=3, edit_time=0.4, steps=20):
@@ -102,8 +115,11 @@ def test_zero_strength_is_the_unedited_sample_bitwise(mlp_denoiser):
     v = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
     timeline = EditTimeline()
     sigmas = timeline.sampling_grid(0.3, 20)
-    for kwargs in ({"solver": "ddim"}, {"solver": "heun"},
-                   {"solver": "ddim", "stochastic_below": timeline.sigma(0.1), "seeds": [5, 6]}):
+    for kwargs in (
+        {"solver": "ddim"},
+        {"solver": "heun"},
+        {"solver": "ddim", "stochastic_below": timeline.sigma(0.1), "seeds": [5, 6]},
+    ):
         edited = edit_samples(mlp_denoiser, x_t, v, [0.0, 1.5], sigmas, **kwargs)
         original = sample_back(mlp_denoiser, x_t, sigmas, **kwargs)
         assert torch.equal(edited[0], original)
@@ -117,7 +133,7 @@ def test_transfer_and_composition_match_direct_computation(gaussian, upper):
     # the Jacobian is the same everywhere: image 2's own direction is image 0's, transferred
     assert float(principal_angles(dirs.directions[0, :1].flatten(1), dirs.directions[2, :1].flatten(1))) < 1e-3
     original = sample_back(gaussian, x_t, sigmas)
-    moved = edit_samples(gaussian, x_t, dirs.directions[0, 0], [2.0], sigmas)[0]      # shared direction
+    moved = edit_samples(gaussian, x_t, dirs.directions[0, 0], [2.0], sigmas)[0]  # shared direction
     own = edit_samples(gaussian, x_t[:1], dirs.directions[0, 0][None], [2.0], sigmas)[0]
     direct = sample_back(gaussian, x_t + 2.0 * dirs.directions[0, 0], sigmas)
     torch.testing.assert_close(moved, direct, rtol=0, atol=1e-12)
@@ -131,8 +147,12 @@ def test_transfer_and_composition_match_direct_computation(gaussian, upper):
     one = edit_samples(gaussian, x_t, dirs.directions[:, 0], [a], sigmas)[0]
     two = edit_samples(gaussian, x_t, dirs.directions[:, 1], [b], sigmas)[0]
     torch.testing.assert_close(composed - original, (one - original) + (two - original), rtol=0, atol=1e-10)
-    torch.testing.assert_close(composed, sample_back(gaussian, x_t + a * dirs.directions[:, 0]
-                                                     + b * dirs.directions[:, 1], sigmas), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        composed,
+        sample_back(gaussian, x_t + a * dirs.directions[:, 0] + b * dirs.directions[:, 1], sigmas),
+        rtol=0,
+        atol=1e-12,
+    )
     # the edit is local: most of the change lies inside the mask, more than without the projection
     loc = edit_locality(moved - original, upper)
     raw = edit_samples(gaussian, x_t, dirs.unprojected[:, 0], [2.0], sigmas)[0]
@@ -149,7 +169,7 @@ def test_measures_on_known_changes():
     assert float(loc["outside_mse"]) == 1.0
     assert math.isinf(float(edit_locality(delta * mask, mask)["locality"]))
     assert math.isnan(float(edit_locality(torch.zeros_like(delta), mask)["inside_fraction"]))
-    plus = torch.stack([delta, 2.5 * delta])[:, None]                # [S, B, ...], linear in s
+    plus = torch.stack([delta, 2.5 * delta])[:, None]  # [S, B, ...], linear in s
     lin = edit_linearity(plus, -plus, [1.0, 2.5])
     torch.testing.assert_close(lin["cosine_pm"], -torch.ones(2, 1, dtype=torch.float64))
     torch.testing.assert_close(lin["gain"], torch.ones(2, 1, dtype=torch.float64))
@@ -177,6 +197,7 @@ def test_saved_directions_round_trip(tmp_path, gaussian, upper):
     assert back.sigma == dirs.sigma
     with pytest.raises(ValueError, match="path"):
         from safetensors.torch import save_file
+
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
         load_directions(tmp_path / "other.safetensors")
 
@@ -188,7 +209,7 @@ def test_bad_input_names_the_argument(gaussian, upper):
     with pytest.raises(ValueError, match="mask.*empty"):
         loco_directions(gaussian, x, SIGMA, torch.zeros(SHAPE), rank=1)
     with pytest.raises(ValueError, match="rank"):
-        loco_directions(gaussian, x, SIGMA, upper, rank=19, k_out=0)      # 18 pixels inside
+        loco_directions(gaussian, x, SIGMA, upper, rank=19, k_out=0)  # 18 pixels inside
     with pytest.raises(ValueError, match="k_out"):
         loco_directions(gaussian, x, SIGMA, torch.ones(SHAPE), rank=1, k_out=1)
     with pytest.raises(ValueError, match="mask"):

@@ -1,4 +1,5 @@
 """jacobian_subspace and jacobian_full against exact SVDs and analytic Jacobians."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,9 @@ def test_jacobian_full_matches_autograd(mlp_denoiser):
     fwd = jacobian_full(mlp_denoiser, x, sigma, chunk_size=7)
     rev = jacobian_full(mlp_denoiser, x, sigma, mode="rev", chunk_size=5)
     for b in range(3):
-        ref = torch.autograd.functional.jacobian(lambda z: mlp_denoiser(z[None], sigma[b:b + 1])[0], x[b]).reshape(32, 32)
+        ref = torch.autograd.functional.jacobian(lambda z: mlp_denoiser(z[None], sigma[b : b + 1])[0], x[b]).reshape(
+            32, 32
+        )
         assert torch.allclose(fwd[b], ref, atol=1e-12)
         assert torch.allclose(rev[b], ref, atol=1e-12)
 
@@ -60,7 +63,7 @@ def test_gaussian_jacobian_subspace_within_one_degree(gapped_gaussian, method):
     sigma = 0.5
     res = jacobian_subspace(den, x, sigma, 6, method=method, tol=1e-4)
     lam = den.eigvals[:6]
-    assert torch.allclose(res.singular_values.double(), (lam / (lam + sigma ** 2)).expand(3, 6), rtol=1e-4)
+    assert torch.allclose(res.singular_values.double(), (lam / (lam + sigma**2)).expand(3, 6), rtol=1e-4)
     top = den.eigvecs[:, :6].T.float()
     assert float(principal_angles(res.V.flatten(2), top).max()) <= 1.0
     assert float(principal_angles(res.U.flatten(2), top).max()) <= 1.0
@@ -76,7 +79,7 @@ def test_molrg_rank_is_the_component_dimension_at_small_sigma(molrg):
     for b in range(3):
         basis = molrg.bases[labels[b]].T
         assert float(principal_angles(res.V[b].flatten(1), basis).max()) <= 1.0
-    assert torch.allclose(res.singular_values, torch.full((3, 4), 1 / (1 + 0.01 ** 2), dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(res.singular_values, torch.full((3, 4), 1 / (1 + 0.01**2), dtype=torch.float64), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,14 +87,15 @@ def test_output_and_input_masks(mlp_denoiser, method):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=g)
     out_mask = torch.zeros(2, 4, 4, dtype=torch.float64)
-    out_mask[:, 1:3, 1:4] = 1                                           # 12 output pixels
-    in_mask = (torch.rand(2, 2, 4, 4, generator=g) > 0.4).double()      # per-point input masks
+    out_mask[:, 1:3, 1:4] = 1  # 12 output pixels
+    in_mask = (torch.rand(2, 2, 4, 4, generator=g) > 0.4).double()  # per-point input masks
     jac = jacobian_full(mlp_denoiser, x, 0.8)
     masked = out_mask.reshape(1, -1, 1) * jac * in_mask.reshape(2, 1, -1)
     s_ref, _, v_ref = exact_svd(masked, 4)
     iters = {"subspace": 300, "randomized": 8, "lanczos": 32}[method]
-    res = jacobian_subspace(mlp_denoiser, x, 0.8, 4, mask=out_mask, input_mask=in_mask, method=method,
-                            tol=1e-10, iters=iters, oversample=6)
+    res = jacobian_subspace(
+        mlp_denoiser, x, 0.8, 4, mask=out_mask, input_mask=in_mask, method=method, tol=1e-10, iters=iters, oversample=6
+    )
     assert torch.allclose(res.singular_values, s_ref, rtol=1e-6, atol=1e-9)
     assert float(principal_angles(res.V.flatten(2), v_ref).max()) < 0.1
     # U vanishes outside the output mask and V outside the input mask
@@ -102,7 +106,7 @@ def test_output_and_input_masks(mlp_denoiser, method):
 def test_lanczos_handles_a_rank_deficient_operator(mlp_denoiser):
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     mask = torch.zeros(2, 4, 4, dtype=torch.float64)
-    mask[0, 0, :2] = 1                                                  # rank <= 2
+    mask[0, 0, :2] = 1  # rank <= 2
     res = jacobian_subspace(mlp_denoiser, x, 1.0, 4, mask=mask, method="lanczos", tol=1e-10)
     s_ref = torch.linalg.svdvals(mask.reshape(1, -1, 1) * jacobian_full(mlp_denoiser, x, 1.0))[:, :4]
     assert torch.allclose(res.singular_values, s_ref, atol=1e-9)

@@ -1,4 +1,5 @@
 """numerical_rank, Frobenius estimates, trajectory ranks, local linearity and subspace helpers."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from diffcore.analysis import (
 
 
 def test_numerical_rank_criteria_by_hand():
-    s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1])           # s^2: 9, 4, 1, 0.25, 0.01; total 14.26
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1])  # s^2: 9, 4, 1, 0.25, 0.01; total 14.26
     # frobenius: cumulative s^2 > 0.99^2 * 14.26 = 13.976 -> 9 + 4 + 1 = 14 at k = 3
     assert int(numerical_rank(s)) == 3
     # energy: cumulative > 0.99 * 14.26 = 14.117 -> 14.25 at k = 4; ratio 0.9: > 12.834 -> k = 2
@@ -33,10 +34,10 @@ def test_numerical_rank_criteria_by_hand():
     s2 = torch.tensor([1.0, 1.0, 1.0, 1.0])
     assert int(numerical_rank(s2, 0.9)) == 4 and int(numerical_rank(s2, 0.9, "energy")) == 4
     assert int(numerical_rank(s2, 0.8)) == 3 and int(numerical_rank(s2, 0.8, "energy")) == 4
-    batch = torch.stack([s, s.flip(0)])                   # order does not matter
+    batch = torch.stack([s, s.flip(0)])  # order does not matter
     assert numerical_rank(batch).tolist() == [3, 3]
     assert int(numerical_rank(torch.zeros(5))) == 0
-    assert int(numerical_rank(s[:2], frobenius_sq=torch.tensor(14.26))) == 3   # not reached: r + 1
+    assert int(numerical_rank(s[:2], frobenius_sq=torch.tensor(14.26))) == 3  # not reached: r + 1
     with pytest.raises(ValueError, match="criterion"):
         numerical_rank(s, criterion="nuclear")
     with pytest.raises(ValueError, match="ratio"):
@@ -61,7 +62,7 @@ def test_euler_trajectory_converges_to_the_exact_gaussian_flow(gapped_gaussian):
         end = euler_trajectory(gapped_gaussian, x_T, sig)[-1]
         errors.append(float((end - gapped_gaussian.exact_flow(x_T, 10.0, 0.05)).norm()))
     assert errors[1] < 0.03 * float(x_T.norm())
-    assert 1.7 < errors[0] / errors[1] < 2.3                   # first order
+    assert 1.7 < errors[0] / errors[1] < 2.3  # first order
 
 
 def test_rank_along_trajectory_full_and_top_k(molrg):
@@ -69,10 +70,11 @@ def test_rank_along_trajectory_full_and_top_k(molrg):
     sig = torch.cat([torch.logspace(math.log10(20.0), math.log10(0.01), 12, dtype=torch.float64), torch.zeros(1)])
     full = rank_along_trajectory(molrg, x_T, sig, progress=False)
     assert full.ranks.shape == (12, 2) and full.sigmas.shape == (12,)
-    assert full.ranks[-1].tolist() == [4, 4]                  # one 4-dim component at the end
-    assert bool((full.ranks[0] >= 4).all())                   # high noise: components mix
-    topk = rank_along_trajectory(molrg, x_T, sig, trajectory=euler_trajectory(molrg, x_T, sig), k=6,
-                                 progress=False, method="lanczos", tol=1e-8)
+    assert full.ranks[-1].tolist() == [4, 4]  # one 4-dim component at the end
+    assert bool((full.ranks[0] >= 4).all())  # high noise: components mix
+    topk = rank_along_trajectory(
+        molrg, x_T, sig, trajectory=euler_trajectory(molrg, x_T, sig), k=6, progress=False, method="lanczos", tol=1e-8
+    )
     assert topk.ranks[-1].tolist() == [4, 4]
     assert torch.allclose(topk.singular_values[-1], full.singular_values[-1, :, :6], atol=1e-6)
     with pytest.raises(ValueError, match="trajectory"):
@@ -92,7 +94,7 @@ def test_local_linearity(gapped_gaussian, molrg):
     x0 = molrg.sample(2, seed=5, dtype=torch.float64)
     nonlin = local_linearity(molrg, x0 + 0.3 * x, 0.3, dirs, [1e-3, 1.0, 5.0])
     err = nonlin.rel_error.mean(dim=(0, 1))
-    assert float(err[0]) < 1e-2 and float(err[0]) < float(err[2])   # linear for small steps only
+    assert float(err[0]) < 1e-2 and float(err[0]) < float(err[2])  # linear for small steps only
     per_point = local_linearity(molrg, x0, 0.3, dirs[None].expand(2, 3, 3, 4, 4), [0.5])
     assert per_point.cosine.shape == (2, 3, 1)
     with pytest.raises(ValueError, match="directions"):
@@ -112,8 +114,11 @@ def test_null_space_projection_and_principal_angles():
     a = e[:2]
     b = torch.stack([e[0], math.cos(theta) * e[1] + math.sin(theta) * e[2]])
     assert torch.allclose(principal_angles(a, b), torch.tensor([0.0, 30.0], dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(principal_angles(a[None].repeat(2, 1, 1), 3 * a[None].repeat(2, 1, 1)),
-                          torch.zeros(2, 2, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(
+        principal_angles(a[None].repeat(2, 1, 1), 3 * a[None].repeat(2, 1, 1)),
+        torch.zeros(2, 2, dtype=torch.float64),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="v"):
         null_space_project(torch.randn(2, 9), basis)
 

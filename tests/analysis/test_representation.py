@@ -1,4 +1,5 @@
 """Representation measures: probe, class SNR, hooks, MoLRG theory curve, curve shape."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,14 @@ import math
 import pytest
 import torch
 
-from diffcore.analysis.representation import (class_snr, curve_shape, extract_features, feature_layers,
-                                              linear_probe, molrg_representation_curve)
+from diffcore.analysis.representation import (
+    class_snr,
+    curve_shape,
+    extract_features,
+    feature_layers,
+    linear_probe,
+    molrg_representation_curve,
+)
 from diffcore.denoisers import MoLRGDenoiser
 from diffcore.models import EDMPrecond, UNet
 
@@ -53,7 +60,7 @@ def test_class_snr_matches_closed_form_on_gaussian_classes():
     g = torch.Generator().manual_seed(4)
     means = torch.randn(4, 8, generator=g, dtype=torch.float64) * 2
     feats, labels = _gaussian_classes(20000, means, 1.5, seed=5)
-    expected = float((means - means.mean(0)).square().sum(1).mean()) / (8 * 1.5 ** 2)
+    expected = float((means - means.mean(0)).square().sum(1).mean()) / (8 * 1.5**2)
     assert class_snr(feats, labels) == pytest.approx(expected, rel=0.03)
 
 
@@ -64,8 +71,15 @@ def test_class_snr_rejects_mismatched_labels():
 
 def _tiny_unet():
     torch.manual_seed(0)
-    net = UNet(img_resolution=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-               attn_resolutions=(), dropout=0.0)
+    net = UNet(
+        img_resolution=8,
+        in_channels=1,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(),
+        dropout=0.0,
+    )
     return EDMPrecond(net).eval()
 
 

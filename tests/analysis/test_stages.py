@@ -1,4 +1,5 @@
 """Stage division: the dynamic program against brute force, grid-density invariance, the similarity."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffcore.analysis import (Segmentation, contiguous_segmentation, denoiser_similarity, segmentation_cost,
-                               stage_boundaries)
+from diffcore.analysis import (
+    Segmentation,
+    contiguous_segmentation,
+    denoiser_similarity,
+    segmentation_cost,
+    stage_boundaries,
+)
 
 
 def _random_similarity(size: int, seed: int) -> np.ndarray:
@@ -23,8 +29,9 @@ def _random_similarity(size: int, seed: int) -> np.ndarray:
 def test_dynamic_program_matches_brute_force(size, segments, seed):
     similarity = _random_similarity(size, seed)
     result = contiguous_segmentation(similarity, segments)
-    brute = min(segmentation_cost(similarity, (0,) + cuts)
-                for cuts in itertools.combinations(range(1, size), segments - 1))
+    brute = min(
+        segmentation_cost(similarity, (0,) + cuts) for cuts in itertools.combinations(range(1, size), segments - 1)
+    )
     assert result.cost == pytest.approx(brute, rel=1e-12, abs=1e-12)
     assert result.cost == pytest.approx(segmentation_cost(similarity, result.starts), rel=1e-12, abs=1e-12)
     assert len(result.starts) == segments and result.starts[0] == 0
@@ -77,7 +84,7 @@ def test_similarity_of_the_empirical_denoiser_matches_a_direct_computation():
 
     def centred_output(sigma):
         x = (probes + sigma * noise).reshape(5, -1)
-        weights = torch.softmax(-torch.cdist(x, flat_train) ** 2 / (2 * sigma ** 2), dim=1)
+        weights = torch.softmax(-(torch.cdist(x, flat_train) ** 2) / (2 * sigma**2), dim=1)
         return weights @ flat_train - mean
 
     a, b = centred_output(sigmas[0]), centred_output(sigmas[2])
@@ -89,17 +96,23 @@ def test_similarity_of_the_empirical_denoiser_matches_a_direct_computation():
 def test_segments_and_boundaries():
     seg = Segmentation(starts=(0, 3, 5), cost=0.0)
     assert seg.segments(8) == [(0, 3), (3, 5), (5, 8)]
-    assert stage_boundaries([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0], seg) == [math.sqrt(4.0 * 8.0), math.sqrt(16.0 * 32.0)]
+    assert stage_boundaries([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0], seg) == [
+        math.sqrt(4.0 * 8.0),
+        math.sqrt(16.0 * 32.0),
+    ]
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: contiguous_segmentation(np.ones((3, 2)), 1), "similarity"),
-    (lambda: contiguous_segmentation(np.full((3, 3), np.nan), 1), "similarity"),
-    (lambda: contiguous_segmentation(np.ones((3, 3)), 4), "num_segments"),
-    (lambda: contiguous_segmentation(np.ones((3, 3)), 0), "num_segments"),
-    (lambda: stage_boundaries([1.0, 0.5], Segmentation((0, 1), 0.0)), "sigmas"),
-    (lambda: denoiser_similarity(torch.zeros(2, 3), torch.zeros(3, 3), torch.zeros(4, 3), [1.0]), "noise"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: contiguous_segmentation(np.ones((3, 2)), 1), "similarity"),
+        (lambda: contiguous_segmentation(np.full((3, 3), np.nan), 1), "similarity"),
+        (lambda: contiguous_segmentation(np.ones((3, 3)), 4), "num_segments"),
+        (lambda: contiguous_segmentation(np.ones((3, 3)), 0), "num_segments"),
+        (lambda: stage_boundaries([1.0, 0.5], Segmentation((0, 1), 0.0)), "sigmas"),
+        (lambda: denoiser_similarity(torch.zeros(2, 3), torch.zeros(3, 3), torch.zeros(4, 3), [1.0]), "noise"),
+    ],
+)
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,4 +1,5 @@
 """Ring keys, injection, inversion detection and the null-space measure (diffcore.analysis.watermark)."""
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ def smooth_gaussian(shape=SHAPE, floor=1e-3, seed=0) -> GaussianDenoiser:
 
 # --------------------------------------------------------------------------- keys
 
+
 def test_key_is_seeded_and_platform_independent():
     a = wm.ring_key(SHAPE, radius=4, seed=7)
     b = wm.ring_key(SHAPE, radius=4, seed=7)
@@ -39,10 +41,10 @@ def test_key_is_seeded_and_platform_independent():
     assert z[:3] == pytest.approx([0.09637157846515239, -0.05850007947614822, -0.9894262130739009], rel=1e-12)
     key = wm.ring_key(SHAPE, radius=2, seed=0)
     scale = math.sqrt(16 * 16 / 2)
-    assert key.values[8, 8] == pytest.approx(z[0] * scale, rel=1e-12)                      # centre: Re(ring 1)
-    assert key.values[9, 8] == pytest.approx(complex(z[0], z[1]) * scale, rel=1e-12)       # ring 1, upper half
-    assert key.values[7, 8] == pytest.approx(complex(z[0], -z[1]) * scale, rel=1e-12)      # its mirror: conj
-    assert key.values[8, 10] == pytest.approx(complex(z[2], z[3]) * scale, rel=1e-12)      # ring 2
+    assert key.values[8, 8] == pytest.approx(z[0] * scale, rel=1e-12)  # centre: Re(ring 1)
+    assert key.values[9, 8] == pytest.approx(complex(z[0], z[1]) * scale, rel=1e-12)  # ring 1, upper half
+    assert key.values[7, 8] == pytest.approx(complex(z[0], -z[1]) * scale, rel=1e-12)  # its mirror: conj
+    assert key.values[8, 10] == pytest.approx(complex(z[2], z[3]) * scale, rel=1e-12)  # ring 2
     assert key.values[8, 11] == 0 and not key.mask[8, 11]
 
 
@@ -52,8 +54,8 @@ def test_key_is_hermitian_so_injection_is_real_and_exact():
         key = wm.ring_key((2, 16, 16), radius=5, channel=1, band=band, seed=3)
         sigma = 1.7
         marked = wm.inject(x, key, sigma)
-        assert torch.equal(marked[:, 0], x[:, 0])                             # other channels untouched
-        assert float(wm.key_distance(marked, key, sigma).max()) < 1e-9        # the disc equals the key
+        assert torch.equal(marked[:, 0], x[:, 0])  # other channels untouched
+        assert float(wm.key_distance(marked, key, sigma).max()) < 1e-9  # the disc equals the key
         coeffs = wm.spectrum(marked[:, 1] * wm.vp_scale(sigma), band)
         before = wm.spectrum(x[:, 1] * wm.vp_scale(sigma), band)
         outside = ~key.mask
@@ -68,10 +70,16 @@ def test_bands_hold_high_and_low_frequencies():
     assert float((high[..., 1:] * high[..., :-1]).sum()) < 0 < float((low[..., 1:] * low[..., :-1]).sum())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"radius": 8}, "radius"), ({"radius": 0}, "radius"), ({"radius": 3, "channel": 1}, "channel"),
-    ({"radius": 3, "channel": -1}, "channel"), ({"radius": 3, "band": "mid"}, "band"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"radius": 8}, "radius"),
+        ({"radius": 0}, "radius"),
+        ({"radius": 3, "channel": 1}, "channel"),
+        ({"radius": 3, "channel": -1}, "channel"),
+        ({"radius": 3, "band": "mid"}, "band"),
+    ],
+)
 def test_key_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         wm.ring_key(SHAPE, **kwargs)
@@ -83,7 +91,7 @@ def test_bad_shape_and_time():
     for bad in (0.0, 1.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="time"):
             wm.sigma_at_time(bad)
-    assert wm.sigma_at_time(0.3) == pytest.approx(1.2402, abs=1e-4)   # DDPM linear, timestep 300
+    assert wm.sigma_at_time(0.3) == pytest.approx(1.2402, abs=1e-4)  # DDPM linear, timestep 300
     with pytest.raises(ValueError, match="x"):
         wm.inject(torch.zeros(1, 1, 8, 8), wm.ring_key(SHAPE, radius=2), 1.0)
 
@@ -103,6 +111,7 @@ def test_split_sigmas_inserts_the_injection_level():
 
 
 # --------------------------------------------------------------------------- embed and detect
+
 
 @pytest.fixture(scope="module")
 def gaussian_run():
@@ -138,14 +147,16 @@ def test_wrong_key_is_not_detected(gaussian_run):
     keys) at the 5 % level: detected about 5 % of the time (uniform p), the right key always."""
     model, key, sigmas, sigma, marked, negatives = gaussian_run
     right = wm.detect(model, marked.watermarked, sigmas, key, sigma, solver="heun", key_rank=99, return_state=True)
-    assert float(right["key_rank"].max()) == 0.01                            # the smallest possible p
+    assert float(right["key_rank"].max()) == 0.01  # the smallest possible p
     state = right["state"]
-    p_wrong = torch.stack([wm.key_rank_p_value(state, wm.ring_key(SHAPE, radius=4, seed=seed), sigma)
-                           for seed in range(1, 41)])                        # [40 keys, 8 images]
+    p_wrong = torch.stack(
+        [wm.key_rank_p_value(state, wm.ring_key(SHAPE, radius=4, seed=seed), sigma) for seed in range(1, 41)]
+    )  # [40 keys, 8 images]
     assert float((p_wrong <= 0.05).double().mean()) <= 0.15
-    assert 0.3 < float(p_wrong.mean()) < 0.7                                 # about uniform
-    distance_wrong = torch.stack([wm.key_distance(state, wm.ring_key(SHAPE, radius=4, seed=seed), sigma)
-                                  for seed in range(1, 41)])
+    assert 0.3 < float(p_wrong.mean()) < 0.7  # about uniform
+    distance_wrong = torch.stack(
+        [wm.key_distance(state, wm.ring_key(SHAPE, radius=4, seed=seed), sigma) for seed in range(1, 41)]
+    )
     assert float(distance_wrong.min()) > 20 * float(right["distance"].max())
 
 
@@ -163,7 +174,7 @@ def test_tree_ring_baseline_in_the_same_harness(gaussian_run):
     top = float(sigmas[0])
     x = sampler.noise_from_seeds(range(4), SHAPE, dtype=torch.float64) * 80.0
     marked = wm.embed(model, x, sigmas, key, top, solver="heun")
-    assert torch.equal(marked.state, x)                          # the key goes into x_T itself
+    assert torch.equal(marked.state, x)  # the key goes into x_T itself
     pos = wm.detect(model, marked.watermarked, sigmas, key, top, solver="heun")["distance"]
     neg = wm.detect(model, negatives, sigmas, key, top, solver="heun")["distance"]
     assert float(pos.max()) < 0.1 * float(neg.min())
@@ -173,8 +184,12 @@ def test_null_space_fraction_on_a_low_rank_gaussian():
     n = 64
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-    model = GaussianDenoiser(torch.zeros(n, dtype=torch.float64), basis[:, :3],
-                             torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64), shape=(1, 8, 8))
+    model = GaussianDenoiser(
+        torch.zeros(n, dtype=torch.float64),
+        basis[:, :3],
+        torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64),
+        shape=(1, 8, 8),
+    )
     x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
     inside = torch.stack([basis[:, 0], basis[:, 1]]).reshape(2, 1, 8, 8)
     outside = torch.stack([basis[:, 10], basis[:, 40] + basis[:, 50]]).reshape(2, 1, 8, 8)

@@ -1,4 +1,5 @@
 """Datasets: digits, CIFAR-10 (fake folders in the real formats), image folders, MoLRG, subsets."""
+
 from __future__ import annotations
 
 import pickle
@@ -7,8 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from diffcore.data import (ArrayDataset, load_cifar10, load_dataset, load_digits, load_image_folder,
-                           molrg, subset, subset_indices, uint8_to_unit, unit_to_uint8)
+from diffcore.data import (
+    ArrayDataset,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_image_folder,
+    molrg,
+    subset,
+    subset_indices,
+    uint8_to_unit,
+    unit_to_uint8,
+)
 from diffcore.data.cifar10 import write_cifar10_binary_batch
 
 
@@ -76,9 +87,16 @@ def test_cifar10_errors(tmp_path, cifar_bin):
 
 def _write_py_batch(path, images, labels):
     with open(path, "wb") as fh:
-        pickle.dump({b"batch_label": b"fake", b"labels": list(map(int, labels)),
-                     b"data": images.reshape(len(labels), 3072), b"filenames": [b"a"] * len(labels)},
-                    fh, protocol=2)
+        pickle.dump(
+            {
+                b"batch_label": b"fake",
+                b"labels": list(map(int, labels)),
+                b"data": images.reshape(len(labels), 3072),
+                b"filenames": [b"a"] * len(labels),
+            },
+            fh,
+            protocol=2,
+        )
 
 
 def test_cifar10_python_pickle_restricted(tmp_path):
@@ -186,7 +204,7 @@ def test_16_bit_grayscale_png_is_scaled_by_its_bit_depth(tmp_path):
     """A 16-bit PNG is read as v * 255 / 65535, not clipped to 255 (issue 18, item 11)."""
     from PIL import Image
 
-    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000
+    values = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # 0 .. 63000
     Image.fromarray(values).save(tmp_path / "gray16.png")
     assert Image.open(tmp_path / "gray16.png").mode == "I;16"
     loaded = load_image_folder(tmp_path, resolution=8, channels=1).values[0, 0].numpy().astype(np.int64)

@@ -1,6 +1,7 @@
 """Image files are read only when they are regular files, decoded at once, and refused with a
 one-line error naming the file when they are FIFOs, truncated or decompression bombs
 (issue 32: hangs, tracebacks)."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,11 @@ def bad_images(folder):
     (folder / "truncated.png").write_bytes((folder / "whole.png").read_bytes()[:60])
     (folder / "whole.png").unlink()
     Image.new("1", (20000, 20000)).save(folder / "bomb.png")  # 400 M pixels in a few kB
-    return {"fifo.png": "is not a regular file", "truncated.png": "is not a readable image",
-            "bomb.png": "is too large to decode"}
+    return {
+        "fifo.png": "is not a regular file",
+        "truncated.png": "is not a readable image",
+        "bomb.png": "is too large to decode",
+    }
 
 
 def test_loco_edit_image_and_mask_files_refuse_bad_files_naming_them(tmp_path, deadline):

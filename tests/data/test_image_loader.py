@@ -2,6 +2,7 @@
 like the image folder does, transparency is refused naming the file, a folder mixing top-level
 images and class sub-folders is refused, and an image folder needs no resolution when its images
 are square of one size (so ``--set dataset=image_folder`` works in the studies)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,9 +102,19 @@ def test_a_study_runs_on_an_image_folder(tmp_path):
     from diffcore.experiments.base import config_from_preset
 
     _digits_folder(tmp_path / "digits")
-    overrides = ["dataset=image_folder", f"data_root={tmp_path / 'digits'}", "widths=4", "sizes=8,24",
-                 "train_seeds=0", "train_steps=3", "num_samples=4", "sampler_steps=2", "grid_samples=0"]
-    results = study.run(config_from_preset(study.PRESETS, "tiny", overrides), tmp_path / "out", device="cpu",
-                        progress=False)
+    overrides = [
+        "dataset=image_folder",
+        f"data_root={tmp_path / 'digits'}",
+        "widths=4",
+        "sizes=8,24",
+        "train_seeds=0",
+        "train_steps=3",
+        "num_samples=4",
+        "sampler_steps=2",
+        "grid_samples=0",
+    ]
+    results = study.run(
+        config_from_preset(study.PRESETS, "tiny", overrides), tmp_path / "out", device="cpu", progress=False
+    )
     assert results["config"]["dataset"] == "image_folder"
     assert [m["n"] for m in results["models"]] == [8, 24] and all(0 <= m["gl"] <= 1 for m in results["models"])

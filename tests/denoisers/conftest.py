@@ -1,4 +1,5 @@
 """Fixtures of the closed-form denoiser tests."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Class Gaussians and the linear split of CFG (docs/papers.md section 8)."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,8 +40,12 @@ def test_exact_split_to_float64_precision(gaussians, sigma):
     split = gaussians.split(x, sigma, labels)
     direct = gaussians.difference(x, sigma, labels)
     # reference: D_c - D_u from each class' own GaussianDenoiser
-    reference = torch.stack([gaussians.conditional[c](x[i:i + 1], sigma)[0] - gaussians.unconditional(x[i:i + 1], sigma)[0]
-                             for i, c in enumerate(labels.tolist())])
+    reference = torch.stack(
+        [
+            gaussians.conditional[c](x[i : i + 1], sigma)[0] - gaussians.unconditional(x[i : i + 1], sigma)[0]
+            for i, c in enumerate(labels.tolist())
+        ]
+    )
     scale = float(x.abs().max() + 2.0)  # |x - mu|: eigh and two products, about d * eps relative
     torch.testing.assert_close(direct, reference, rtol=0, atol=50 * EPS64 * scale)  # batched vs row GEMMs
     assert float((split.total() - direct).abs().max()) < 200 * EPS64 * scale
@@ -67,8 +72,8 @@ def test_contrastive_components_decompose_the_guidance_matrix(gaussians):
     values, vectors = gaussians.contrastive_components(2, 0.7)
     matrix = gaussians.guidance_matrix(2, 0.7)
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, matrix, rtol=0, atol=1e-13)
-    assert bool((values[:-1] >= values[1:]).all())            # descending
-    assert values[0] > 0 > values[-1]                          # both positive and negative CPCs here
+    assert bool((values[:-1] >= values[1:]).all())  # descending
+    assert values[0] > 0 > values[-1]  # both positive and negative CPCs here
     assert gaussians.contrastive_components(2, 0.7)[0] is values  # cached
 
 
@@ -79,7 +84,7 @@ def test_cpc_eigenvalues_when_covariances_commute():
     lam_u = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
     mean_c, mean_u = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
     cls = ClassGaussians([GaussianDenoiser(mean_c, basis, lam_c)], GaussianDenoiser(mean_u, basis, lam_u))
-    s2 = 0.8 ** 2
+    s2 = 0.8**2
     expected = (lam_c / (lam_c + s2) - lam_u / (lam_u + s2)).sort(descending=True).values
     torch.testing.assert_close(cls.contrastive_components(0, 0.8)[0], expected, rtol=0, atol=1e-14)
 
@@ -90,8 +95,10 @@ def test_each_term_alone_plus_the_others_is_full_linear_guidance(gaussians):
     x = _batch(labels, seed=5)
     base = gaussians.conditional_denoiser(labels)
     sigma, w = torch.full((4,), 1.3, dtype=torch.float64), 2.5
-    out = {name: GuidedDenoiser(base, gaussians.term(name, labels), w)(x, sigma)
-           for name in ("positive", "negative", "mean_shift", "all")}
+    out = {
+        name: GuidedDenoiser(base, gaussians.term(name, labels), w)(x, sigma)
+        for name in ("positive", "negative", "mean_shift", "all")
+    }
     b = base(x, sigma)
     summed = sum(out[name] - b for name in ("positive", "negative", "mean_shift"))
     torch.testing.assert_close(summed, out["all"] - b, rtol=0, atol=1e-12)
@@ -110,7 +117,7 @@ def test_conditional_denoiser_rows_and_mixed_sigmas(gaussians):
     out = gaussians.conditional_denoiser(labels)(x, sigma)
     assert out.dtype == torch.float32
     for i, c in enumerate(labels.tolist()):
-        torch.testing.assert_close(out[i], gaussians.conditional[c](x[i:i + 1], float(sigma[i]))[0])
+        torch.testing.assert_close(out[i], gaussians.conditional[c](x[i : i + 1], float(sigma[i]))[0])
 
 
 def test_fit_and_label_validation(labeled):

@@ -1,4 +1,5 @@
 """EmpiricalDenoiser on the empirical-denoiser op, against the float64 reference."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """GaussianDenoiser: fit, definition, exact PF-ODE map, Jacobian, torch.func compatibility."""
+
 from __future__ import annotations
 
 import pytest
@@ -103,7 +104,9 @@ def test_jacobian_matrix_and_torch_func():
     assert torch.allclose(jv.reshape(2, -1), v.reshape(2, -1) @ w.T, atol=1e-12)
     wb = den.jacobian(torch.tensor([0.7, 2.0]))
     assert wb.shape == (2, 12, 12) and torch.allclose(wb[0], w)
-    batched = torch.func.vmap(lambda t: torch.func.jvp(lambda z: den(z, 0.7), (x,), (t,))[1])(v[None].repeat(3, 1, 1, 1, 1))
+    batched = torch.func.vmap(lambda t: torch.func.jvp(lambda z: den(z, 0.7), (x,), (t,))[1])(
+        v[None].repeat(3, 1, 1, 1, 1)
+    )
     assert torch.allclose(batched[1], jv)
 
 
@@ -126,4 +129,6 @@ def test_runs_on_the_device_of_the_fitted_tensors(device):
     assert den(x, 1.0).device.type == device.type
     cpu = GaussianDenoiser.fit(gaussian_data())
     assert torch.allclose(den(x, 1.0).cpu(), cpu(x.cpu(), 1.0), atol=1e-5)
-    assert torch.allclose(den.exact_flow(x.double(), 5.0, 0.0).cpu(), cpu.exact_flow(x.double().cpu(), 5.0, 0.0), atol=1e-10)
+    assert torch.allclose(
+        den.exact_flow(x.double(), 5.0, 0.0).cpu(), cpu.exact_flow(x.double().cpu(), 5.0, 0.0), atol=1e-10
+    )

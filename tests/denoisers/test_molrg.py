@@ -1,4 +1,5 @@
 """MoLRGDenoiser against its definition: full-covariance Gaussians, Tweedie's formula, posteriors."""
+
 from __future__ import annotations
 
 import math
@@ -13,11 +14,18 @@ from diffcore.denoisers import MoLRGDenoiser
 def brute_force(bases, weights, x, sigma):
     """Posterior weights and posterior mean from full n x n covariances C_k = U_k U_k^T + s^2 I."""
     n = x.shape[1]
-    logp = torch.stack([MultivariateNormal(torch.zeros(n, dtype=torch.float64),
-                                           u @ u.T + sigma ** 2 * torch.eye(n, dtype=torch.float64)).log_prob(x)
-                        + math.log(w) for u, w in zip(bases, weights)], dim=1)
+    logp = torch.stack(
+        [
+            MultivariateNormal(
+                torch.zeros(n, dtype=torch.float64), u @ u.T + sigma**2 * torch.eye(n, dtype=torch.float64)
+            ).log_prob(x)
+            + math.log(w)
+            for u, w in zip(bases, weights)
+        ],
+        dim=1,
+    )
     post = torch.softmax(logp, dim=1)
-    means = torch.stack([x @ (u @ u.T).T / (1 + sigma ** 2) for u in bases], dim=1)
+    means = torch.stack([x @ (u @ u.T).T / (1 + sigma**2) for u in bases], dim=1)
     return post, (post[:, :, None] * means).sum(1), torch.logsumexp(logp, dim=1)
 
 
@@ -43,7 +51,7 @@ def test_tweedie_formula_holds():
     sigma = 0.7
     score = torch.autograd.grad(den.log_prob(x, sigma).sum(), x)[0]
     # D(x; sigma) = x + sigma^2 grad log p_sigma(x)
-    assert torch.allclose(den(x.detach(), sigma), x.detach() + sigma ** 2 * score, atol=1e-10)
+    assert torch.allclose(den(x.detach(), sigma), x.detach() + sigma**2 * score, atol=1e-10)
 
 
 def test_small_sigma_picks_the_generating_component_and_denoises():
@@ -53,7 +61,7 @@ def test_small_sigma_picks_the_generating_component_and_denoises():
     noisy = x0 + 0.05 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     w = den.posterior_weights(noisy, 0.05)
     assert torch.allclose(w.sum(1), torch.ones(50, dtype=torch.float64))
-    clear = x0.reshape(50, -1).norm(dim=1) > 0.5      # samples near the origin are ambiguous
+    clear = x0.reshape(50, -1).norm(dim=1) > 0.5  # samples near the origin are ambiguous
     assert int(clear.sum()) > 40
     assert bool((w.argmax(1) == labels)[clear].all())
     err = (den(noisy, 0.05) - x0).reshape(50, -1).norm(dim=1) / x0.reshape(50, -1).norm(dim=1)
@@ -67,7 +75,7 @@ def test_torch_func_and_batched_sigma():
     sig = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
     out = den(x, sig)
     for b in range(3):
-        assert torch.allclose(out[b], den(x[b:b + 1], float(sig[b]))[0], atol=1e-12)
+        assert torch.allclose(out[b], den(x[b : b + 1], float(sig[b]))[0], atol=1e-12)
     v = torch.randn(3, 10, dtype=torch.float64)
     _, jv = torch.func.jvp(lambda z: den(z, sig), (x,), (v,))
     eps = 1e-6
@@ -108,11 +116,16 @@ def test_noisy_molrg_matches_full_covariance_mixture():
     x = torch.randn(5, n, generator=g, dtype=torch.float64) * 1.3
     eye = torch.eye(n, dtype=torch.float64)
     for sigma in (0.05, 0.7, 4.0):
-        clean = [u @ u.T + delta ** 2 * eye for u in bases]
-        logp = torch.stack([MultivariateNormal(torch.zeros(n, dtype=torch.float64), c + sigma ** 2 * eye).log_prob(x)
-                            + math.log(w) for c, w in zip(clean, weights)], dim=1)
+        clean = [u @ u.T + delta**2 * eye for u in bases]
+        logp = torch.stack(
+            [
+                MultivariateNormal(torch.zeros(n, dtype=torch.float64), c + sigma**2 * eye).log_prob(x) + math.log(w)
+                for c, w in zip(clean, weights)
+            ],
+            dim=1,
+        )
         post = torch.softmax(logp, dim=1)
-        means = torch.stack([x @ (c @ torch.linalg.inv(c + sigma ** 2 * eye)).T for c in clean], dim=1)
+        means = torch.stack([x @ (c @ torch.linalg.inv(c + sigma**2 * eye)).T for c in clean], dim=1)
         assert torch.allclose(den.posterior_weights(x, sigma), post, atol=1e-10)
         assert torch.allclose(den(x, sigma), (post[:, :, None] * means).sum(1), atol=1e-10)
         assert torch.allclose(den.log_prob(x, sigma), torch.logsumexp(logp, dim=1), atol=1e-9)

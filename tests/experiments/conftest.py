@@ -5,6 +5,7 @@ is the empirical denoiser of its N images (it memorizes), above it is the denois
 fitted to them (it generalizes; docs/papers.md section 3), so wider models memorize up to larger N, like
 the trained UNets of the paper. The training seed scales the fitted covariance a little.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,17 +62,34 @@ class StandInStack:
             return standins.empirical_denoiser(train)
         return standins.fitted_gaussian_denoiser(train, scale=1.0 + 0.02 * model["seed"])
 
-    def sample(self, denoiser, seeds, shape, steps=18, solver="heun", sigma_min=0.002, sigma_max=80.0,
-               device="cpu", progress=True):
+    def sample(
+        self,
+        denoiser,
+        seeds,
+        shape,
+        steps=18,
+        solver="heun",
+        sigma_min=0.002,
+        sigma_max=80.0,
+        device="cpu",
+        progress=True,
+    ):
         self.calls["sample"] += 1
         z = standins.noise_from_seeds(seeds, shape, dtype=torch.float64)
         sigmas = standins.karras_sigmas(steps, sigma_min, sigma_max)
         return standins.heun_sampler(denoiser, z * sigmas[0], sigmas)
 
     def hooks(self) -> StudyHooks:
-        return StudyHooks(load_dataset=self.load_dataset, subset=subset, train=self.train, load=self.load,
-                          sample=self.sample, empirical_denoiser=standins.empirical_denoiser,
-                          knn=standins.knn, noise_from_seeds=standins.noise_from_seeds)
+        return StudyHooks(
+            load_dataset=self.load_dataset,
+            subset=subset,
+            train=self.train,
+            load=self.load,
+            sample=self.sample,
+            empirical_denoiser=standins.empirical_denoiser,
+            knn=standins.knn,
+            noise_from_seeds=standins.noise_from_seeds,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The experiment framework: overrides, atomic writes, resumable units."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from diffcore.experiments.base import (ConfigError, UnitError, Workspace, apply_overrides, atomic_write_csv,
-                                       atomic_write_json, config_from_preset)
+from diffcore.experiments.base import (
+    ConfigError,
+    UnitError,
+    Workspace,
+    apply_overrides,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+)
 
 
 @dataclass(frozen=True)
@@ -26,8 +34,9 @@ def test_overrides_parse_field_types():
     assert apply_overrides(cfg, ["threshold=none"]).threshold is None
 
 
-@pytest.mark.parametrize("bad, match", [("steps", "key=value"), ("nope=1", "unknown key"),
-                                        ("steps=x", "steps"), ("flag=maybe", "flag")])
+@pytest.mark.parametrize(
+    "bad, match", [("steps", "key=value"), ("nope=1", "unknown key"), ("steps=x", "steps"), ("flag=maybe", "flag")]
+)
 def test_bad_overrides_name_the_key(bad, match):
     with pytest.raises(ConfigError, match=match):
         apply_overrides(Cfg(), [bad])
@@ -51,6 +60,7 @@ def _produce(calls):
         calls.append(1)
         (tmp / "value.txt").write_text("42")
         return {"value": 42}
+
     return produce
 
 

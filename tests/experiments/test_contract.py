@@ -1,4 +1,5 @@
 """The study contract as code: studies sit on shared floors and never import one another."""
+
 from __future__ import annotations
 
 import ast
@@ -47,6 +48,7 @@ def test_shared_modules_import_no_study(shared):
 
 # ----------------------------------------------------------------------------- one vocabulary
 
+
 def test_old_field_names_work_in_set_with_a_deprecation_message(caplog):
     from diffcore.experiments import base, pfd, watermark
 
@@ -66,7 +68,12 @@ def test_a_stored_config_with_old_names_reads_as_the_new_ones():
     fields = ["batch_size", "sample_batch", "sample_seed_start", "sampler_steps", "key_seed"]
     old = {"train_batch_size": 8, "batch_size": 4, "seed_start": 10, "steps": 3, "key_seed": 1}
     assert base.upgrade_stored_config("watermark", old, fields) == {
-        "batch_size": 8, "sample_batch": 4, "sample_seed_start": 10, "sampler_steps": 3, "key_seed": 1}
+        "batch_size": 8,
+        "sample_batch": 4,
+        "sample_seed_start": 10,
+        "sampler_steps": 3,
+        "key_seed": 1,
+    }
     new = {"batch_size": 8, "sample_batch": 4, "sample_seed_start": 10, "sampler_steps": 3, "key_seed": 1}
     assert base.upgrade_stored_config("watermark", new, fields) == new
 
@@ -83,6 +90,7 @@ def test_an_old_run_folder_resumes(tmp_path, caplog):
         def denoise(x, sigma):
             s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
             return empirical_denoise_ref(x.double(), train.double(), s)[0].to(x.dtype)
+
         return denoise
 
     config = dataclasses.replace(pfd.PRESETS["tiny"](), sizes=(2, 16), train_steps=60, curve_points=2)
@@ -99,6 +107,7 @@ def test_an_old_run_folder_resumes(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- one run body
+
 
 @pytest.mark.parametrize("name", ["pfd", "molrg"])
 def test_a_cpu_only_study_refuses_another_device(tmp_path, name):
@@ -124,12 +133,16 @@ def test_every_study_declares_its_contract(name):
 
 # ----------------------------------------------------------------------------- shared field checks
 
-@pytest.mark.parametrize("check, good, bad", [
-    ("fraction", [1e-9, 0.5, 1.0], [0.0, 1.5, float("nan"), True]),
-    ("boolean", [True, False], [0, 1, "true", None]),
-    ("solver", ["heun", "ddim"], ["rk4", ""]),
-    ("model_preset", ["ddpmpp-digits", "ddpmpp-cifar"], ["ddpmpp-huge", 3]),
-])
+
+@pytest.mark.parametrize(
+    "check, good, bad",
+    [
+        ("fraction", [1e-9, 0.5, 1.0], [0.0, 1.5, float("nan"), True]),
+        ("boolean", [True, False], [0, 1, "true", None]),
+        ("solver", ["heun", "ddim"], ["rk4", ""]),
+        ("model_preset", ["ddpmpp-digits", "ddpmpp-cifar"], ["ddpmpp-huge", 3]),
+    ],
+)
 def test_shared_field_checks(check, good, bad):
     from diffcore.experiments import base
 

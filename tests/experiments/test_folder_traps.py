@@ -1,6 +1,7 @@
 """Invalid values are refused before the output folder is bound: checks against the loaded data and
 the referenced folders run first, so a corrected rerun into the same folder is accepted
 (issue 32: folder traps)."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,17 @@ def truncated_png(path):
     return path
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["image_indices=1797"], "image_indices"),
-    (["rank=70"], "rank"),
-    (["k_out=70", "mask=center"], "k_out"),
-    (["spectrum_k=65"], "spectrum_k"),
-    (["dataset=cifar10"], "data_root"),
-    (["models_from=/no/such/run"], "models_from"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["image_indices=1797"], "image_indices"),
+        (["rank=70"], "rank"),
+        (["k_out=70", "mask=center"], "k_out"),
+        (["spectrum_k=65"], "spectrum_k"),
+        (["dataset=cifar10"], "data_root"),
+        (["models_from=/no/such/run"], "models_from"),
+    ],
+)
 def test_loco_edit_checks_against_the_data_before_binding(tmp_path, overrides, field):
     out = tmp_path / "out"
     with pytest.raises((ConfigError, ValueError), match=field):
@@ -59,8 +63,14 @@ def test_representation_widths_absent_from_models_from_are_refused_before_bindin
     repro = tmp_path / "repro"
     (repro / "units" / "models" / "w4-n8-s0").mkdir(parents=True)
     (repro / "units" / "models" / "w4-n8-s0" / "MANIFEST.json").write_text('{"spec": {}, "files": {}}')
-    (repro / "results.json").write_text(json.dumps({"experiment": "reproducibility", "models": [
-        {"width": 4, "n": 8, "seed": 0, "gl": 0.5, "memorized_ratio": 0.1}]}))
+    (repro / "results.json").write_text(
+        json.dumps(
+            {
+                "experiment": "reproducibility",
+                "models": [{"width": 4, "n": 8, "seed": 0, "gl": 0.5, "memorized_ratio": 0.1}],
+            }
+        )
+    )
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="widths, sizes: no model"):
         representation.run_preset("tiny", out, [f"models_from={repro}", "widths=999"], progress=False)
@@ -93,23 +103,29 @@ def test_hidden_gaussian_read_only_models_from_is_read_not_refused_as_unwritable
     models_from = tmp_path / "repro"
     models_from.mkdir()
     access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and not (
-        str(path) == str(models_from) and mode & os.W_OK))  # read-only (also when the tests run as root)
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: access(path, mode) and not (str(path) == str(models_from) and mode & os.W_OK)
+    )  # read-only (also when the tests run as root)
     with pytest.raises(ValueError, match="models_from: no finished model"):
         hidden_gaussian.run_preset("tiny", tmp_path / "out", [f"models_from={models_from}"], progress=False)
 
 
-@pytest.mark.parametrize("module, override, field", [
-    (loco_edit, "inversion_steps=1000000000000", "inversion_steps"),
-])
+@pytest.mark.parametrize(
+    "module, override, field",
+    [
+        (loco_edit, "inversion_steps=1000000000000", "inversion_steps"),
+    ],
+)
 def test_huge_step_counts_are_refused_by_the_config(module, override, field, tmp_path):
     with pytest.raises(ConfigError, match=f"{field}: expected an integer in"):
         module.run_preset("tiny", tmp_path / "out", [override], progress=False)
     assert_unbound(tmp_path / "out")
 
 
-@pytest.mark.parametrize("override, field", [("wrong_keys=1000000000000", "wrong_keys"),
-                                             ("rank_references=1000000000000", "rank_references")])
+@pytest.mark.parametrize(
+    "override, field",
+    [("wrong_keys=1000000000000", "wrong_keys"), ("rank_references=1000000000000", "rank_references")],
+)
 def test_watermark_key_counts_are_bounded(override, field):
     from diffcore.experiments import watermark
     from diffcore.experiments.base import config_from_preset

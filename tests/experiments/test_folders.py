@@ -1,6 +1,7 @@
 """Output folders: claimed by one run at a time, of one kind, cleaned of a killed run's temporaries;
 workers die with their parent; configs validated (every field has a range) before anything is bound;
 results are strict JSON (issue 18, items 3-7 and 9)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,13 @@ from diffcore.experiments.base import ConfigError, Workspace, config_from_preset
 def _python(code: str, *args: str) -> subprocess.Popen:
     """A Python subprocess running ``code`` (stdout piped, one line per event)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFCORE_PROGRESS": "0"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 HOLD_FOLDER = """
@@ -48,6 +54,7 @@ def _alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- kinds (item 3)
+
 
 def test_demo_refuses_a_folder_of_another_study(tmp_path):
     ws = Workspace(tmp_path / "out")
@@ -75,9 +82,21 @@ def test_a_folder_with_foreign_files_is_refused_and_a_demo_folder_is_reused(tmp_
 
 # ----------------------------------------------------------------------------- validation (items 4, 9)
 
-BAD_SETTINGS = ["sizes=", "train_steps=0", "batch_size=-1", "sampler_steps=0", "threshold=nan",
-                "threshold=-5", "memorization_ratio=-1", "grid_samples=-1", "calibration_quantile=2",
-                "sigma_min=inf", "learning_rate=0", "train_seeds=4294967296", "widths=4,4"]
+BAD_SETTINGS = [
+    "sizes=",
+    "train_steps=0",
+    "batch_size=-1",
+    "sampler_steps=0",
+    "threshold=nan",
+    "threshold=-5",
+    "memorization_ratio=-1",
+    "grid_samples=-1",
+    "calibration_quantile=2",
+    "sigma_min=inf",
+    "learning_rate=0",
+    "train_seeds=4294967296",
+    "widths=4,4",
+]
 
 
 @pytest.mark.parametrize("setting", BAD_SETTINGS)
@@ -123,6 +142,7 @@ def test_results_json_is_strict():
 
 # ----------------------------------------------------------------------------- paths (clear messages)
 
+
 def test_bad_out_paths_are_one_line_errors(tmp_path):
     file = tmp_path / "file"
     file.write_text("x")
@@ -144,6 +164,7 @@ def test_a_truncated_config_json_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- lock (item 5)
+
 
 def test_a_second_run_names_the_holder_and_exits_or_waits(tmp_path, monkeypatch):
     holder = _python(HOLD_FOLDER, str(tmp_path / "out"), "3")
@@ -182,6 +203,7 @@ def test_two_concurrent_runs_one_finishes_the_other_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- temporaries (item 6)
+
 
 def test_stale_temporaries_are_removed_on_the_next_run(tmp_path):
     unit_tmp = tmp_path / "units" / "models" / ".w4-n8-s0.k2j4h6g8.tmp"
@@ -225,8 +247,9 @@ def test_workers_die_with_a_killed_parent_and_the_next_run_waits_for_them(tmp_pa
     script = tmp_path / "spawn_workers.py"  # a file: spawned workers re-import the main module
     script.write_text(textwrap.dedent(SPAWN_WORKERS))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=env,
-                              stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, text=True
+    )
     workers = []
     try:
         assert parent.stdout.readline().strip() == "workers started"
@@ -250,13 +273,16 @@ def test_workers_die_with_a_killed_parent_and_the_next_run_waits_for_them(tmp_pa
 
 
 def test_a_run_never_starts_beside_a_surviving_worker(tmp_path, monkeypatch):
-    survivor = _python("""
+    survivor = _python(
+        """
         import fcntl, os, sys, time
         fd = os.open(os.path.join(sys.argv[1], ".lock.workers"), os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_SH)
         print("holding", flush=True)
         time.sleep(60)
-    """, str(tmp_path))
+    """,
+        str(tmp_path),
+    )
     try:
         assert survivor.stdout.readline().strip() == "holding"
         monkeypatch.setattr(_folder, "WORKERS_GRACE_SECONDS", 0.5)
@@ -275,8 +301,18 @@ def test_a_training_request_is_validated_before_training(tmp_path, monkeypatch):
     from diffcore.experiments import _stack
 
     monkeypatch.setattr(train, "train_from_config", lambda *a, **k: pytest.fail("trained"))
-    spec = {"dataset": "digits", "n": 8, "subset_seed": 0, "model_preset": "ddpmpp-digits", "width": 4,
-            "seed": 0, "train_steps": 0, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0}
+    spec = {
+        "dataset": "digits",
+        "n": 8,
+        "subset_seed": 0,
+        "model_preset": "ddpmpp-digits",
+        "width": 4,
+        "seed": 0,
+        "train_steps": 0,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_images": 0,
+    }
     with pytest.raises(ValueError, match="steps must be positive"):
         _stack.train_model(torch.zeros(8, 1, 8, 8), spec, tmp_path, tmp_path)
     with pytest.raises(ValueError, match="images: expected the 8 training images, got 3"):

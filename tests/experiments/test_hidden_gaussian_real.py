@@ -11,6 +11,7 @@ quick preset either (docs/studies.md: 0.03-0.10 there, the largest at sigma 5-8)
 the bound its recipe (noise levels N(1.0, 2.0^2), empirical target at sigma >= 2) reaches in the
 reduced run (0.109 at most, measured; with EDM's N(-1.2, 1.2^2) the models stayed 0.13-0.32 away).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,14 +19,32 @@ import pytest
 from diffcore.experiments import _stack, hidden_gaussian
 from diffcore.experiments.base import ConfigError, config_from_preset
 
-REDUCED = ["train_steps=500", "sizes=8,1797", "num_sigmas=16", "linearity_pairs=16", "distill_samples=96",
-           "num_samples=8", "sampler_steps=8", "grid_samples=4"]
+REDUCED = [
+    "train_steps=500",
+    "sizes=8,1797",
+    "num_sigmas=16",
+    "linearity_pairs=16",
+    "distill_samples=96",
+    "num_samples=8",
+    "sampler_steps=8",
+    "grid_samples=4",
+]
 
 
 def test_training_noise_levels_reach_the_trainer(tmp_path):
-    spec = {"dataset": "digits", "n": 16, "subset_seed": 0, "model_preset": "ddpmpp-digits-light", "width": 8,
-            "seed": 0, "train_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0,
-            **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0))}
+    spec = {
+        "dataset": "digits",
+        "n": 16,
+        "subset_seed": 0,
+        "model_preset": "ddpmpp-digits-light",
+        "width": 8,
+        "seed": 0,
+        "train_steps": 10,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_images": 0,
+        **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0)),
+    }
     assert spec["sigma_lognormal"] == [-0.4, 2.0]
     request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
     assert request.loss == "edm" and request.loss_options == {"P_mean": -0.4, "P_std": 2.0}
@@ -48,7 +67,9 @@ def test_config_names_the_noise_level_fields(tmp_path):
     spec = hidden_gaussian._Study(quick, tmp_path, None, "cpu", False).model_spec(16, 16, 0)
     assert spec["sigma_log_uniform"] == [0.5, 0.002, 80.0] and "target" not in spec
     assert _stack.training_request(spec, tmp_path, "cpu", progress=False).loss_options == {
-        "log_uniform_fraction": 0.5, "log_uniform_range": [0.002, 80.0]}
+        "log_uniform_fraction": 0.5,
+        "log_uniform_range": [0.002, 80.0],
+    }
     old = config_from_preset(hidden_gaussian.PRESETS, "empirical-target")
     assert (old.sigma_p_mean, old.sigma_p_std, old.sigma_log_uniform) == (1.0, 2.0, 0.0)
     assert (old.train_target, old.target_sigma_min) == ("empirical", 2.0)
@@ -77,16 +98,29 @@ def test_reduced_quick_recipe_shows_the_directions(tmp_path):
     assert all(r["gap_train"] > 0 for r in mid if r["n"] == 8), mid
     # at sigma >= 5 both models within 0.125 of the Gaussian denoiser (on both probe sets; measured
     # 0.109 at most, at sigma 5.84, and 0.058 at most for sigma >= 20: 15-20% room for other CPUs)
-    high = {(r["n"], r["sigma"]): max(r["dist_gaussian"], r["dist_gaussian_train"])
-            for r in results["curves"] if r["sigma"] >= 5}
+    high = {
+        (r["n"], r["sigma"]): max(r["dist_gaussian"], r["dist_gaussian_train"])
+        for r in results["curves"]
+        if r["sigma"] >= 5
+    }
     assert high and max(high.values()) < 0.125, high
     assert max(d for (n, sigma), d in high.items() if sigma >= 20) < 0.07, high
 
 
 def test_training_target_reaches_the_trainer(tmp_path):
-    spec = {"dataset": "digits", "n": 16, "subset_seed": 0, "model_preset": "ddpmpp-digits-light", "width": 8,
-            "seed": 0, "train_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lr_warmup_images": 0,
-            **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0), ("empirical", 5.0))}
+    spec = {
+        "dataset": "digits",
+        "n": 16,
+        "subset_seed": 0,
+        "model_preset": "ddpmpp-digits-light",
+        "width": 8,
+        "seed": 0,
+        "train_steps": 10,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_images": 0,
+        **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0), ("empirical", 5.0)),
+    }
     assert (spec["target"], spec["target_sigma_min"]) == ("empirical", 5.0)
     request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
     assert request.loss_options == {"P_mean": -0.4, "P_std": 2.0, "target": "empirical", "target_sigma_min": 5.0}

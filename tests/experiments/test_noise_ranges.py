@@ -1,5 +1,6 @@
 """Noise levels far outside float32's range are refused by every study's config (issue 32):
 ``sigma_max=1e12`` gave garbage samples with exit 0 in pfd and hidden-gaussian."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,15 @@ import pytest
 from diffcore.experiments import EXPERIMENTS, experiment
 from diffcore.experiments.base import SIGMA_HIGHEST, SIGMA_LOWEST, ConfigError, config_from_preset
 
-SIGMA_FIELDS = ("sigma_min", "sigma_max", "grid_sigma_min", "grid_sigma_max", "P_mean", "sigma_p_mean",
-                "target_sigma_min")
+SIGMA_FIELDS = (
+    "sigma_min",
+    "sigma_max",
+    "grid_sigma_min",
+    "grid_sigma_max",
+    "P_mean",
+    "sigma_p_mean",
+    "target_sigma_min",
+)
 
 
 def _fields(name: str) -> list[str]:

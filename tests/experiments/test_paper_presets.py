@@ -1,5 +1,6 @@
 """Paper presets against the papers' public code (docs/experiments.md, "Paper presets"), and the
 training recipe (VP preconditioning, EDM augmentation) they pass to the trainer."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ def test_reproducibility_paper_preset_matches_the_public_code():
     assert c.precond == "vp" and c.batch_size == 128 and c.learning_rate == 1e-3
     assert c.train_steps * c.batch_size == 50_000_000 and c.lr_warmup_images == 10_000_000
     assert c.augment_p == 0.12
-    assert c.sizes == tuple(2 ** k for k in range(6, 15))
+    assert c.sizes == tuple(2**k for k in range(6, 15))
     assert c.num_samples == 10_000 and c.sample_seed_start == 100000 and c.sampler_steps == 18
     c.validate(50_000)
 

@@ -1,4 +1,5 @@
 """The reproducibility study end to end with closed-form stand-ins (tiny preset, seconds)."""
+
 from __future__ import annotations
 
 import csv
@@ -63,7 +64,7 @@ def test_direction_of_the_effect(finished_run):
             assert row["gl"] >= 0.5 and row["rp_empirical"] <= 0.5
     for emp in results["empirical"]:
         assert emp["gl"] == 0.0  # the empirical denoiser only reproduces training images
-    for width, curve in results["curves"].items():
+    for _width, curve in results["curves"].items():
         assert curve["gl"][-1] > curve["gl"][0]
     at_96 = {m["width"]: m for m in results["models"] if m["n"] == 96 and m["seed"] == 0}
     assert at_96[4]["gl"] > at_96[8]["gl"] and at_96[8]["rp_empirical"] > at_96[4]["rp_empirical"]
@@ -92,7 +93,8 @@ def test_every_headline_number_has_its_interval(finished_run):
     # two seeds: the curves pool the seeds' samples (Wilson over 2 x 16)
     curve = results["curves"]["4"]
     assert curve["gl_method"] == "wilson-pooled" and all(
-        lo <= v <= hi for v, lo, hi in zip(curve["gl"], curve["gl_low"], curve["gl_high"]))
+        lo <= v <= hi for v, lo, hi in zip(curve["gl"], curve["gl_low"], curve["gl_high"])
+    )
     by_threshold = results["cross_width"]["rp_by_threshold"]
     assert [e["threshold"] for e in by_threshold] == grid and all("dip" in e for e in by_threshold)
     props = results["figure_properties"]
@@ -105,13 +107,18 @@ def test_every_headline_number_has_its_interval(finished_run):
 
 def test_figure_properties_decide_on_intervals():
     """Synthetic curves: a dip of 0.25 over 256 samples holds, the same dip over 8 samples does not."""
+
     def results(num, gl_small):
         sizes = [16, 64, 256]
-        models = [{"width": w, "n": n, "seed": 0, "gl": g, "memorized_ratio": 1 - g, "rp_empirical": 1 - g}
-                  for w, gls in ((8, (gl_small, 0.9, 1.0)), (16, (gl_small, 0.4, 1.0))) for n, g in zip(sizes, gls)]
-        pairs = [{"n": n, "kind": "widths", "width_a": 8, "width_b": 16, "rp": rp, "rp_grid": [rp],
-                  "similarity_mean": rp}
-                 for n, rp in zip(sizes, (0.75, 0.5, 0.75))]
+        models = [
+            {"width": w, "n": n, "seed": 0, "gl": g, "memorized_ratio": 1 - g, "rp_empirical": 1 - g}
+            for w, gls in ((8, (gl_small, 0.9, 1.0)), (16, (gl_small, 0.4, 1.0)))
+            for n, g in zip(sizes, gls)
+        ]
+        pairs = [
+            {"n": n, "kind": "widths", "width_a": 8, "width_b": 16, "rp": rp, "rp_grid": [rp], "similarity_mean": rp}
+            for n, rp in zip(sizes, (0.75, 0.5, 0.75))
+        ]
         out = {"config": {"num_samples": num}, "models": models, "pairs": pairs, "threshold_grid": [0.9]}
         out.update(study.summarize(out))
         return study.figure_properties(out)
@@ -164,8 +171,7 @@ def test_another_config_in_the_same_folder_is_refused(finished_run, stand_in_sta
 def test_fixed_threshold_and_l2_similarity(tmp_path, stand_in_stack):
     StandInStack = stand_in_stack
 
-    cfg = dataclasses.replace(_config(), similarity="l2", threshold=0.9, sizes=(8,), widths=(4,),
-                              train_seeds=(0,))
+    cfg = dataclasses.replace(_config(), similarity="l2", threshold=0.9, sizes=(8,), widths=(4,), train_seeds=(0,))
     results = study.run(cfg, tmp_path, hooks=StandInStack().hooks(), progress=False)
     assert results["threshold"] == 0.9 and results["threshold_source"] == "config"
     assert results["similarity"]["name"] == "l2" and results["pairs"] == []
@@ -177,15 +183,18 @@ def test_presets_are_valid():
         cfg = make()
         assert cfg.sizes == tuple(sorted(cfg.sizes)), name
     paper = study.PRESETS["paper"]()
-    assert paper.widths == (64, 128, 256) and paper.sizes[0] == 64 and paper.sizes[-1] == 2 ** 14
+    assert paper.widths == (64, 128, 256) and paper.sizes[0] == 64 and paper.sizes[-1] == 2**14
     assert paper.num_samples == 10_000 and paper.sample_seed_start == 100000
 
 
 def test_three_seeds_give_seed_intervals_and_same_width_rp(tmp_path, stand_in_stack):
     assert study.PRESETS["seeds"]().train_seeds == (0, 1, 2)
     assert dataclasses.replace(study.PRESETS["seeds"](), train_seeds=(0,)) == study.PRESETS["quick"]()
-    config = config_from_preset(study.PRESETS, "tiny", ["num_samples=8", "grid_samples=0", "sampler_steps=4",
-                                                         "sizes=8,512", "train_seeds=0,1,2"])
+    config = config_from_preset(
+        study.PRESETS,
+        "tiny",
+        ["num_samples=8", "grid_samples=0", "sampler_steps=4", "sizes=8,512", "train_seeds=0,1,2"],
+    )
     results = study.run(config, tmp_path, hooks=stand_in_stack().hooks(), progress=False)
     for curve in results["curves"].values():
         assert curve["gl_method"] == "seeds-t" and curve["rp_seeds_method"] == "seeds-t"
@@ -229,13 +238,16 @@ def test_models_of_one_width_and_seed_train_as_ensembles(tmp_path, stand_in_stac
     lone = study._Study(config, tmp_path, stack.hooks(), "cpu", progress=False)
     assert {t[0] for t in lone.worker_tasks()} == {"model", "empirical"}  # hooks without train_ensemble
 
-    run = study._Study(config, tmp_path, dataclasses.replace(stack.hooks(), train_ensemble=train_ensemble),
-                       "cpu", progress=False)
+    run = study._Study(
+        config, tmp_path, dataclasses.replace(stack.hooks(), train_ensemble=train_ensemble), "cpu", progress=False
+    )
     pool = stack.pool
     run.model_unit(4, 512, 0, subset(pool, 512, config.subset_seed)[0])  # finished before: not retrained
     tasks = run.worker_tasks()
-    assert [t for t in tasks if t[0] != "empirical"] == [("ensemble", 4, (512, 96, 8), 0),
-                                                         ("ensemble", 4, (512, 96, 8), 1)]
+    assert [t for t in tasks if t[0] != "empirical"] == [
+        ("ensemble", 4, (512, 96, 8), 0),
+        ("ensemble", 4, (512, 96, 8), 1),
+    ]
     run.run_task(tasks[0], pool, tuple(pool.shape[1:]), progress=False)
     assert ensembles == [[(4, 96, 0), (4, 8, 0)]]
     models = [u for u in run.ws.units if u.path.parent.name == "models"]
@@ -245,8 +257,10 @@ def test_models_of_one_width_and_seed_train_as_ensembles(tmp_path, stand_in_stac
     made = [u for u in models if not u.reused]  # the lone model is recorded once, when made
     assert len(made) == 3 and unit_timings(run.ws.units)["models"]["units"] == 3
     assert unit_timings(run.ws.units)["models"]["seconds"] == pytest.approx(sum(u.seconds for u in made) + 4.0)
-    assert all(run.ws.finished("samples", f"w4-n{n}-s0", {**run.model_spec(4, n, 0), **run.sampling_spec()})
-               for n in (512, 96, 8))
+    assert all(
+        run.ws.finished("samples", f"w4-n{n}-s0", {**run.model_spec(4, n, 0), **run.sampling_spec()})
+        for n in (512, 96, 8)
+    )
 
 
 class _Pool(torch.nn.Module):

@@ -8,6 +8,7 @@ This checks the direction of the effect end to end, not its size: 300 steps are 
 the N = 1797 model to make good digits (its samples are blurry), so "generalizes" here only means
 "does not copy training images". The quick preset (docs/experiments.md) is the real measurement.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,25 @@ import pytest
 from diffcore.experiments import reproducibility as study
 from diffcore.experiments.base import MANIFEST, config_from_preset
 
-OVERRIDES = ["model_preset=ddpmpp-digits-light", "widths=16", "sizes=8,1797", "train_seeds=0",
-             "train_steps=300", "batch_size=32", "num_samples=32", "sampler_steps=12",
-             "grid_samples=8", "torch_threads=1", "train_workers=2"]
+OVERRIDES = [
+    "model_preset=ddpmpp-digits-light",
+    "widths=16",
+    "sizes=8,1797",
+    "train_seeds=0",
+    "train_steps=300",
+    "batch_size=32",
+    "num_samples=32",
+    "sampler_steps=12",
+    "grid_samples=8",
+    "torch_threads=1",
+    "train_workers=2",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["train_workers=2"], ["train_workers=1", "train_ensemble=2"]],
-                         ids=["two-workers", "ensemble"])
+@pytest.mark.parametrize(
+    "layout", [["train_workers=2"], ["train_workers=1", "train_ensemble=2"]], ids=["two-workers", "ensemble"]
+)
 def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
     config = config_from_preset(study.PRESETS, "tiny", OVERRIDES + layout)
     results = study.run(config, tmp_path, device="cpu", progress=False)
@@ -38,8 +50,9 @@ def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
     assert timings["units"]["models"]["units"] == 2 and timings["torch_threads"] == 1
     made_by_workers = 2 if config.train_workers == 2 else 0  # train_workers=1: made in this process
     assert timings["units"]["models"]["reused"] == made_by_workers and timings["details"]["train_wall_seconds"] > 0
-    metas = [json.loads((tmp_path / "units" / "models" / f"w16-n{n}-s0" / MANIFEST).read_text())["meta"]
-             for n in (8, 1797)]
+    metas = [
+        json.loads((tmp_path / "units" / "models" / f"w16-n{n}-s0" / MANIFEST).read_text())["meta"] for n in (8, 1797)
+    ]
     if config.train_ensemble == 2:
         assert [m["ensemble_size"] for m in metas] == [2, 2] and all(m["final_loss"] > 0 for m in metas)
         assert timings["units"]["models"]["seconds"] >= metas[0]["ensemble_train_seconds"] * 0.99
@@ -51,8 +64,16 @@ def test_real_stack_small_n_memorizes_large_n_does_not(tmp_path, layout):
 # The tiny preset cut to seconds: two seeds of one width at two N (so the results hold GL, RP
 # against the empirical denoiser and RP between seeds), and torch_threads=0, which leaves the
 # thread count to the launcher (torchrun sets OMP_NUM_THREADS=1).
-LAUNCH_OVERRIDES = ["widths=4", "sizes=8,96", "train_seeds=0,1", "train_steps=12", "num_samples=8",
-                    "sampler_steps=4", "grid_samples=0", "torch_threads=0"]
+LAUNCH_OVERRIDES = [
+    "widths=4",
+    "sizes=8,96",
+    "train_seeds=0,1",
+    "train_steps=12",
+    "num_samples=8",
+    "sampler_steps=4",
+    "grid_samples=0",
+    "torch_threads=0",
+]
 
 
 def _run_with_threads(out, threads: int) -> bytes:
@@ -91,9 +112,27 @@ def _cli(out, **env):
         if var not in env:
             environ.pop(var, None)
     sets = [arg for item in LAUNCH_OVERRIDES for arg in ("--set", item)]
-    return subprocess.Popen([sys.executable, "-m", "diffcore", "run", "reproducibility", "--preset", "tiny",
-                             "--out", str(out), "--device", "cpu", "--no-progress", *sets],
-                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffcore",
+            "run",
+            "reproducibility",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            *sets,
+        ],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(processes) -> None:
@@ -116,6 +155,10 @@ def test_shards_and_gloo_ranks_of_one_thread_give_the_results_of_one_two_thread_
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     ranks = tmp_path / "ranks"
-    _wait([_cli(ranks, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-           for r in range(2)])
+    _wait(
+        [
+            _cli(ranks, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            for r in range(2)
+        ]
+    )
     assert (ranks / "results.json").read_bytes() == two_thread_run

@@ -1,6 +1,7 @@
 """The reproducibility study spread over processes (issue 11, section 1): two gloo ranks, two
 ``--shard`` processes plus the aggregating run, and a killed shard followed by a rerun all give
 exactly the results.json of one process; no unit is made twice."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,9 @@ HERE = Path(__file__).resolve().parent
 OVERRIDES = ["num_samples=8", "grid_samples=2", "sampler_steps=4", "sizes=8,96"]
 NUM_MODELS = 2 * 2 * 2  # widths x sizes x train seeds of the tiny preset with OVERRIDES
 
-RUN = """
+RUN = f"""
     import os, sys, time
-    sys.path.insert(0, {here!r})
+    sys.path.insert(0, {str(HERE)!r})
     from conftest import StandInStack
     from diffcore.experiments import reproducibility as study
     from diffcore.experiments.base import config_from_preset
@@ -35,9 +36,9 @@ RUN = """
             time.sleep(float(sys.argv[3]))
             return super().train(*args, **kwargs)
 
-    config = config_from_preset(study.PRESETS, "tiny", {overrides!r})
+    config = config_from_preset(study.PRESETS, "tiny", {OVERRIDES!r})
     study.run(config, sys.argv[1], hooks=Logged().hooks(), progress=False)
-""".format(here=str(HERE), overrides=OVERRIDES)
+"""
 
 
 def _start(out: Path, log_dir: Path, sleep: float = 0.0, **env) -> subprocess.Popen:
@@ -45,8 +46,13 @@ def _start(out: Path, log_dir: Path, sleep: float = 0.0, **env) -> subprocess.Po
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD"):
         if var not in env:
             environ.pop(var, None)
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(RUN), str(out), str(log_dir), str(sleep)],
-                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(RUN), str(out), str(log_dir), str(sleep)],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(processes) -> None:
@@ -63,8 +69,7 @@ def _train_calls(log_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, stand_in_stack):
     out = tmp_path_factory.mktemp("one")
-    study.run(config_from_preset(study.PRESETS, "tiny", OVERRIDES), out, hooks=stand_in_stack().hooks(),
-              progress=False)
+    study.run(config_from_preset(study.PRESETS, "tiny", OVERRIDES), out, hooks=stand_in_stack().hooks(), progress=False)
     return (out / "results.json").read_bytes()
 
 
@@ -77,8 +82,19 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_gloo_ranks_give_the_results_of_one_process(one_process, tmp_path):
     out, port = tmp_path / "out", str(_free_port())
-    ranks = [_start(out, tmp_path, 0.2, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(2)]
+    ranks = [
+        _start(
+            out,
+            tmp_path,
+            0.2,
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        for r in range(2)
+    ]
     _finish(ranks)
     assert (out / "results.json").read_bytes() == one_process
     calls = _train_calls(tmp_path)

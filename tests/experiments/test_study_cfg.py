@@ -1,4 +1,5 @@
 """The cfg study (docs/papers.md section 8) end to end on its tiny preset, resume, and config validation."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from diffcore.experiments import EXPERIMENTS, cfg
-from diffcore.sampler import karras_sigmas
 from diffcore.experiments.base import ConfigError, apply_overrides
+from diffcore.sampler import karras_sigmas
 
 FIGURES = ("cfg-samples.png", "cfg-metrics.png", "cfg-cpc.png", "cfg-transition.png")
 
@@ -27,7 +28,7 @@ def test_tiny_study_end_to_end(tiny_run):
     assert names == [s["name"] for s in cfg.setting_list(config)] and len(set(names)) == len(names)
     for s in results["settings"]:
         assert 0.0 <= s["accuracy"] <= 1.0 and s["frechet"] >= -1e-9 and s["diversity"] > 0
-    assert results["data"]["accuracy"] > 0.95                       # the shipped digits classifier
+    assert results["data"]["accuracy"] > 0.95  # the shipped digits classifier
     grid = karras_sigmas(3, 0.002, 80.0, append_zero=False).tolist()
     assert [r["sigma"] for r in results["transition"]] == pytest.approx(grid, rel=1e-12)
     for row in results["transition"]:
@@ -41,7 +42,9 @@ def test_tiny_study_end_to_end(tiny_run):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["settings"] == results["settings"]
     samples = torch.load(next((out / "units" / "samples").glob("net-conditional/samples.pt")), weights_only=True)
-    assert samples["samples"].shape == (20, 1, 8, 8) and samples["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert samples["samples"].shape == (20, 1, 8, 8) and samples["labels"].tolist() == [
+        c for c in range(10) for _ in range(2)
+    ]
 
 
 @pytest.mark.slow
@@ -59,19 +62,34 @@ def test_registered_and_paper_preset_checks_before_binding(tmp_path):
     paper = cfg.PRESETS["paper"]()
     assert (paper.dataset, paper.model_preset, paper.width) == ("cifar10", "ddpmpp-cifar", 128)
     with pytest.raises(ConfigError, match="^data_root:"):
-        cfg.run(paper, tmp_path / "a", device="cpu")                # the local CIFAR-10 folder is needed
+        cfg.run(paper, tmp_path / "a", device="cpu")  # the local CIFAR-10 folder is needed
     with pytest.raises(ConfigError, match="^inception_weights:"):
         cfg.run(apply_overrides(paper, ["data_root=/nowhere"]), tmp_path / "b", device="cpu")
     assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()
 
 
-@pytest.mark.parametrize("override, field", [
-    ("width=0", "width"), ("label_dropout=1.0", "label_dropout"), ("label_dropout=0", "label_dropout"),
-    ("guidance_scales=1,-2", "guidance_scales"), ("split_sigmas=100", "split_sigmas"), ("solver=rk4", "solver"),
-    ("sigma_max=0.001", "sigma_max"), ("cpc_sigmas=99", "cpc_sigmas"), ("grid_per_class=500", "grid_per_class"),
-    ("cpc_method=power", "cpc_method"), ("cpc_iters=1", "cpc_iters"), ("learning_rate=nan", "learning_rate"),
-    ("linear_low=-1", "linear_low"), ("model_preset=unet9", "model_preset"), ("gaussian_scale=inf", "gaussian_scale"), ("dataset=mnist", "dataset"), ("inception_weights=w.pth", "inception_weights"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("width=0", "width"),
+        ("label_dropout=1.0", "label_dropout"),
+        ("label_dropout=0", "label_dropout"),
+        ("guidance_scales=1,-2", "guidance_scales"),
+        ("split_sigmas=100", "split_sigmas"),
+        ("solver=rk4", "solver"),
+        ("sigma_max=0.001", "sigma_max"),
+        ("cpc_sigmas=99", "cpc_sigmas"),
+        ("grid_per_class=500", "grid_per_class"),
+        ("cpc_method=power", "cpc_method"),
+        ("cpc_iters=1", "cpc_iters"),
+        ("learning_rate=nan", "learning_rate"),
+        ("linear_low=-1", "linear_low"),
+        ("model_preset=unet9", "model_preset"),
+        ("gaussian_scale=inf", "gaussian_scale"),
+        ("dataset=mnist", "dataset"),
+        ("inception_weights=w.pth", "inception_weights"),
+    ],
+)
 def test_config_validation_names_the_field(override, field):
     with pytest.raises(ConfigError, match=f"^{field}[:\\[]"):
         apply_overrides(cfg.PRESETS["quick"](), [override]).validate()

@@ -5,6 +5,7 @@ empirical denoiser of its images when N <= 16 w (memorizes) and the denoiser of 
 to them (covariance normalized by N - 1) otherwise. The test checks that the study's measurements
 see the known direction: the generalizing model is the one close to the Gaussian denoiser at mid
 and high sigma, and its samples are close to the Gaussian model's."""
+
 from __future__ import annotations
 
 import json
@@ -83,14 +84,28 @@ def test_measurements_on_known_maps():
     linear = lambda z, s: 2.0 * z  # noqa: E731
     assert linearity_score(linear, x[:10], x[10:20], 1.0) == pytest.approx(1.0)
     g = GaussianDenoiser.fit(torch.randn(50, 4, dtype=torch.float64))
-    assert relative_distance(g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3),
-                                   g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3)) == 0.0
+    assert (
+        relative_distance(
+            g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3),
+            g(x[:5, 0, 0, :].reshape(5, 3)[:, :1].repeat(1, 4).double(), 0.3),
+        )
+        == 0.0
+    )
 
 
 def test_outputs_and_resume(tiny_run):
     out, stack, results = tiny_run
-    for name in ("results.json", "curves.csv", "samples.csv", "linearity.png", "distance.png",
-                 "distillation.png", "capacity.png", "samples.png", "timings.json"):
+    for name in (
+        "results.json",
+        "curves.csv",
+        "samples.csv",
+        "linearity.png",
+        "distance.png",
+        "distillation.png",
+        "capacity.png",
+        "samples.png",
+        "timings.json",
+    ):
         assert (out / name).stat().st_size > 0
     assert len(results["curves"]) == 2 * study.PRESETS["tiny"]().num_sigmas
     trained = stack.calls["train"]
@@ -103,12 +118,14 @@ def test_models_from_a_reproducibility_run(tmp_path, stand_in_stack):
 
     stack = stand_in_stack()
     repro = tmp_path / "repro"
-    reproducibility.run_preset("tiny", repro, hooks=stack.hooks(), progress=False,
-                               overrides=["train_seeds=0", "widths=4", "num_samples=8"])
+    reproducibility.run_preset(
+        "tiny", repro, hooks=stack.hooks(), progress=False, overrides=["train_seeds=0", "widths=4", "num_samples=8"]
+    )
     trained = stack.calls["train"]
     out = tmp_path / "hg"
-    results = study.run_preset("tiny", out, hooks=stack.hooks(), progress=False,
-                               overrides=[f"models_from={repro}", "widths=", "sizes="])
-    assert stack.calls["train"] == trained            # nothing retrained
+    results = study.run_preset(
+        "tiny", out, hooks=stack.hooks(), progress=False, overrides=[f"models_from={repro}", "widths=", "sizes="]
+    )
+    assert stack.calls["train"] == trained  # nothing retrained
     assert sorted(m["n"] for m in results["models"]) == [8, 512]
     assert json.loads((out / "results.json").read_text())["models"][0]["reused_from"] == str(repro)

@@ -1,6 +1,7 @@
 """The LOCO Edit study (issue 13): the tiny preset on a Gaussian stand-in "model" of the digits
 (its Jacobian is known, training a UNet would take minutes), the reuse of a reproducibility run's
 model, config validation, and the diffusers path on a tiny random UNet2DModel saved to a folder."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,13 @@ class GaussianStack:
         return GaussianDenoiser.fit(self.subset(self.pool, spec["n"], spec["subset_seed"])[0])
 
     def hooks(self):
-        return study.LocoHooks(load_dataset=lambda name, root="": self.pool, subset=self.subset, train=self.train,
-                               load=self.load, load_diffusers=study.load_diffusers_denoiser)
+        return study.LocoHooks(
+            load_dataset=lambda name, root="": self.pool,
+            subset=self.subset,
+            train=self.train,
+            load=self.load,
+            load_diffusers=study.load_diffusers_denoiser,
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -82,8 +88,15 @@ def test_tiny_run_measures(tiny_run):
         assert abs(s["transfer_inside_fraction_mean"] - s["inside_fraction_projected_mean"]) < 1e-3
     n = len(images)
     assert len(results["transfer"]) == n * n * 2 * len(config.strengths)
-    for name in ("results.json", "edits.csv", "transfer.csv", "edits.png", "transfer.png", "spectrum.png",
-                 "timings.json"):
+    for name in (
+        "results.json",
+        "edits.csv",
+        "transfer.csv",
+        "edits.png",
+        "transfer.png",
+        "spectrum.png",
+        "timings.json",
+    ):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text()) == results
     timings = json.loads((out / "timings.json").read_text())
@@ -101,8 +114,16 @@ def test_saved_directions_reproduce_the_edits(tiny_run):
     model = stack.load(next(p for p in (out / "units" / "models").iterdir() if not p.name.startswith(".")))
     timeline = EditTimeline()
     sigmas = timeline.sampling_grid(config.edit_time, config.inversion_steps)
-    again = edit_samples(model, tensors["x_t"], dirs.directions[:, 0], [config.strengths[0]], sigmas,
-                         solver=config.solver, stochastic_below=0.0, seeds=[config.noise_seed + 1])
+    again = edit_samples(
+        model,
+        tensors["x_t"],
+        dirs.directions[:, 0],
+        [config.strengths[0]],
+        sigmas,
+        solver=config.solver,
+        stochastic_below=0.0,
+        seeds=[config.noise_seed + 1],
+    )
     assert torch.equal(again[0].float(), tensors["dir0"][0])
     assert dirs.sigma == pytest.approx(results["edit_sigma"])
 
@@ -118,31 +139,72 @@ def test_resume_reuses_every_unit(tiny_run):
 
 def test_reuses_the_model_of_a_reproducibility_run(tmp_path):
     stack = GaussianStack()
-    config = dataclasses.replace(study.PRESETS["tiny"](), image_indices=(5,), transfer=False, rank=1,
-                                 strengths=(1.0,))
+    config = dataclasses.replace(study.PRESETS["tiny"](), image_indices=(5,), transfer=False, rank=1, strengths=(1.0,))
     repro = Workspace(tmp_path / "repro")
-    spec = {"dataset": "digits", "n": config.train_size, "subset_seed": 0, "data_root": "", "model_preset": "x",
-            "width": config.width, "seed": config.train_seed, "train_steps": 5, "batch_size": 8,
-            "learning_rate": 1e-3, "lr_warmup_images": 0}
-    repro.run_unit("models", f"w{config.width}-n{config.train_size}-s{config.train_seed}", spec,
-                   lambda tmp, work: stack.train(None, spec, tmp, work))
+    spec = {
+        "dataset": "digits",
+        "n": config.train_size,
+        "subset_seed": 0,
+        "data_root": "",
+        "model_preset": "x",
+        "width": config.width,
+        "seed": config.train_seed,
+        "train_steps": 5,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "lr_warmup_images": 0,
+    }
+    repro.run_unit(
+        "models",
+        f"w{config.width}-n{config.train_size}-s{config.train_seed}",
+        spec,
+        lambda tmp, work: stack.train(None, spec, tmp, work),
+    )
     trained = stack.trained
-    results = study.run(dataclasses.replace(config, models_from=str(tmp_path / "repro")), tmp_path / "out",
-                        hooks=stack.hooks(), progress=False)
+    results = study.run(
+        dataclasses.replace(config, models_from=str(tmp_path / "repro")),
+        tmp_path / "out",
+        hooks=stack.hooks(),
+        progress=False,
+    )
     assert stack.trained == trained
     assert results["model"]["source"].startswith("reused from") and results["model"]["spec"] == spec
     with pytest.raises(ConfigError, match="models_from"):
-        study.run(dataclasses.replace(config, models_from=str(tmp_path / "missing")), tmp_path / "out2",
-                  hooks=stack.hooks(), progress=False)
+        study.run(
+            dataclasses.replace(config, models_from=str(tmp_path / "missing")),
+            tmp_path / "out2",
+            hooks=stack.hooks(),
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("field,value", [
-    ("edit_time", 0.0), ("edit_time", 1.0), ("edit_time", 1.5), ("rank", 0), ("k_out", -1), ("strengths", ()),
-    ("strengths", (2.0, 1.0)), ("strengths", (-1.0,)), ("solver", "rk4"), ("image_source", "web"),
-    ("image_indices", ()), ("image_indices", (1, 1)), ("mask", "top"), ("mask", "box:0.5,0.2,0,1"),
-    ("mask_files", ("a.png", "b.png")), ("stochastic_below", 0.5), ("inversion_steps", 0), ("subspace_tol", 0.0),
-    ("rank_ratio", 1.5), ("subspace_method", "qr"), ("torch_threads", -1), ("width", 0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("edit_time", 0.0),
+        ("edit_time", 1.0),
+        ("edit_time", 1.5),
+        ("rank", 0),
+        ("k_out", -1),
+        ("strengths", ()),
+        ("strengths", (2.0, 1.0)),
+        ("strengths", (-1.0,)),
+        ("solver", "rk4"),
+        ("image_source", "web"),
+        ("image_indices", ()),
+        ("image_indices", (1, 1)),
+        ("mask", "top"),
+        ("mask", "box:0.5,0.2,0,1"),
+        ("mask_files", ("a.png", "b.png")),
+        ("stochastic_below", 0.5),
+        ("inversion_steps", 0),
+        ("subspace_tol", 0.0),
+        ("rank_ratio", 1.5),
+        ("subspace_method", "qr"),
+        ("torch_threads", -1),
+        ("width", 0),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     config = dataclasses.replace(study.PRESETS["tiny"](), **{field: value})
     with pytest.raises(ConfigError, match=field):
@@ -151,7 +213,7 @@ def test_config_validation_names_the_field(field, value):
 
 def test_rank_above_the_mask_pixels_is_refused(tmp_path):
     config = dataclasses.replace(study.PRESETS["tiny"](), image_indices=(0,), rank=33, transfer=False)
-    with pytest.raises(ValueError, match="rank"):                   # 32 pixels in the upper half
+    with pytest.raises(ValueError, match="rank"):  # 32 pixels in the upper half
         study.run(config, tmp_path, hooks=GaussianStack().hooks(), progress=False)
 
 
@@ -172,9 +234,16 @@ def unet_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diffusers") / "model"
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     unet.save_pretrained(root / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
     return root
@@ -193,14 +262,17 @@ def test_diffusers_folder_adapter(tmp_path, unet_folder):
     direct = DiffusersUNetDenoiser(unet, DDPMScheduler.from_pretrained(str(folder / "scheduler")))
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(denoiser(x, torch.tensor([0.5, 3.0])), direct(x, torch.tensor([0.5, 3.0])),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            denoiser(x, torch.tensor([0.5, 3.0])), direct(x, torch.tensor([0.5, 3.0])), rtol=1e-5, atol=1e-5
+        )
     # forward-mode JVPs pass through attention and GroupNorm (what the Jacobian directions need)
     v = torch.randn_like(x)
     jv = torch.func.jvp(lambda z: denoiser(z, torch.tensor([1.0, 1.0])), (x,), (v,))[1]
     eps = 1e-3
     with torch.no_grad():
-        fd = (denoiser(x + eps * v, torch.tensor([1.0, 1.0])) - denoiser(x - eps * v, torch.tensor([1.0, 1.0]))) / (2 * eps)
+        fd = (denoiser(x + eps * v, torch.tensor([1.0, 1.0])) - denoiser(x - eps * v, torch.tensor([1.0, 1.0]))) / (
+            2 * eps
+        )
     assert float((jv - fd).norm() / fd.norm()) < 1e-2
     with pytest.raises(FileNotFoundError, match="diffusers_dir"):
         study.load_diffusers_denoiser(tmp_path / "missing")
@@ -221,15 +293,25 @@ def test_paper_pipeline_on_a_tiny_diffusers_folder(tmp_path, unet_folder):
         Image.fromarray(mask.numpy()).save(tmp_path / f"mask{i}.png")
         files.append(str(tmp_path / f"img{i}.png"))
         masks.append(str(tmp_path / f"mask{i}.png"))
-    config = dataclasses.replace(study.PRESETS["paper"](), diffusers_dir=str(folder), image_files=tuple(files),
-                                 mask_files=tuple(masks), inversion_steps=10, strengths=(1.0,), spectrum_k=2,
-                                 spectrum_probes=2, k_out=2, subspace_method="subspace", subspace_iters=1,
-                                 torch_threads=1)
+    config = dataclasses.replace(
+        study.PRESETS["paper"](),
+        diffusers_dir=str(folder),
+        image_files=tuple(files),
+        mask_files=tuple(masks),
+        inversion_steps=10,
+        strengths=(1.0,),
+        spectrum_k=2,
+        spectrum_probes=2,
+        k_out=2,
+        subspace_method="subspace",
+        subspace_iters=1,
+        torch_threads=1,
+    )
     results = study.run(config, tmp_path / "out", hooks=GaussianStack().hooks(), progress=False)
     assert results["model"]["kind"] == "diffusers"
     from diffcore.analysis import EditTimeline
 
-    abar = study.load_diffusers_denoiser(folder)[1]                 # the scheduler's, not the default
+    abar = study.load_diffusers_denoiser(folder)[1]  # the scheduler's, not the default
     assert results["edit_sigma"] == pytest.approx(EditTimeline(abar).sigma(0.6))
     for im in results["images"]:
         assert im["reconstruction_rmse"] >= 0 and len(im["edits"]) == 4
@@ -240,8 +322,9 @@ def test_paper_pipeline_on_a_tiny_diffusers_folder(tmp_path, unet_folder):
 
 def test_generated_images_and_pool_size(tmp_path):
     stack = GaussianStack()
-    config = dataclasses.replace(study.PRESETS["tiny"](), image_source="generated", image_seeds=(3, 4), rank=1,
-                                 strengths=(1.0,), transfer=False)
+    config = dataclasses.replace(
+        study.PRESETS["tiny"](), image_source="generated", image_seeds=(3, 4), rank=1, strengths=(1.0,), transfer=False
+    )
     results = study.run(config, tmp_path / "gen", hooks=stack.hooks(), progress=False)
     assert [im["image"] for im in results["images"]] == ["generated-3", "generated-4"]
     assert all("reconstruction_rmse" not in im for im in results["images"])

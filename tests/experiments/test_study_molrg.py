@@ -1,5 +1,6 @@
 """The MoLRG study (issue 8): the learnable-subspace denoiser recovers the subspaces with enough
 samples, the recovery error falls as N/d grows, and the tiny preset writes its outputs."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,11 @@ import json
 import pytest
 import torch
 
-from diffcore import _env
-
+from diffcore import _env, analysis
 from diffcore.data import molrg, molrg_bases
 from diffcore.denoisers import MoLRGDenoiser
-from diffcore import analysis
-from diffcore.experiments import _vector
+from diffcore.experiments import _vector, molrg as study
 from diffcore.models import vector
-from diffcore.experiments import molrg as study
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +34,18 @@ def test_subspace_denoiser_is_the_molrg_denoiser_at_the_true_bases():
 def test_subspace_training_recovers_the_subspaces_with_enough_samples():
     with _env.torch_threads(1):
         data, _, bases = molrg(2, 16, 2, 64, seed=3)
-        model, info = _vector.train_subspace_denoiser(data, 2, 2, restarts=3, seed=0, steps=400, lr=3e-2,
-                                                      P_mean=-0.5, P_std=1.0, sigma_data=_vector.data_sigma(data))
+        model, info = _vector.train_subspace_denoiser(
+            data,
+            2,
+            2,
+            restarts=3,
+            seed=0,
+            steps=400,
+            lr=3e-2,
+            P_mean=-0.5,
+            P_std=1.0,
+            sigma_data=_vector.data_sigma(data),
+        )
     rec = analysis.subspace_recovery(model.bases().detach(), bases)
     assert rec.error < 1e-2 and rec.max_angle_deg < 5, (rec, info)
     assert sorted(rec.permutation) == [0, 1]
@@ -59,8 +67,8 @@ def test_subspace_recovery_and_union_distance_on_known_inputs():
 def test_tiny_run_recovery_error_falls_with_n_over_d(tiny_run):
     out, results = tiny_run
     sub = sorted((r["ratio"], r["recovery_error"]) for r in results["runs"] if r["model"] == "subspace")
-    assert sub[0][1] > 0.3          # N < K d: the bases cannot be determined
-    assert sub[-1][1] < 0.05        # N/d = 8: recovered
+    assert sub[0][1] > 0.3  # N < K d: the bases cannot be determined
+    assert sub[-1][1] < 0.05  # N/d = 8: recovered
     assert sub[-1][1] < sub[0][1]
     large = [r for r in results["runs"] if r["model"] == "subspace" and r["ratio"] == sub[-1][0]][0]
     assert large["on_union"] > 0.8  # its samples lie on the true union
@@ -84,7 +92,6 @@ def test_rerun_reuses_every_unit(tiny_run):
     assert sum(kind["reused"] for kind in timings["units"].values()) == len(results["runs"])
 
 
-
 def test_tiny_run_has_intervals_and_per_class_counts(tiny_run):
     _, results = tiny_run
     for row in results["runs"]:
@@ -105,8 +112,16 @@ def test_transition_exponent_on_known_counts():
         for d in (2, 4, 8):
             for count in (d // 2, d, 4 * d, 8 * d):
                 error = 0.9 if count < 2 * d else 0.1
-                rows.append({"model": "subspace", "d": d, "N": 2 * count, "data_seed": seed,
-                             "per_class_min": count, "recovery_error": error})
+                rows.append(
+                    {
+                        "model": "subspace",
+                        "d": d,
+                        "N": 2 * count,
+                        "data_seed": seed,
+                        "per_class_min": count,
+                        "recovery_error": error,
+                    }
+                )
     got = study.transition(rows, 0.5)
     for draw in got["per_draw"]:
         assert draw["exponent"] == pytest.approx(1.0)

@@ -1,4 +1,5 @@
 """The multi-stage study (issue 16) at its tiny preset: stage division, both models, cost and quality."""
+
 from __future__ import annotations
 
 import json
@@ -63,10 +64,20 @@ def test_rerun_reuses_every_unit(tiny_run):
     assert again["evaluations"] == results["evaluations"] and again["stages"] == results["stages"]
 
 
-@pytest.mark.parametrize("field, value", [
-    ("num_stages", 0), ("grid_points", 1), ("decoder_channels", (8, 8)), ("stage_boundaries", (2.0, 1.0)),
-    ("eval_steps", (6, 3)), ("torch_threads", -1), ("grid_sigma_min", 0.0), ("learning_rate", 0.0), ("num_train", 1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_stages", 0),
+        ("grid_points", 1),
+        ("decoder_channels", (8, 8)),
+        ("stage_boundaries", (2.0, 1.0)),
+        ("eval_steps", (6, 3)),
+        ("torch_threads", -1),
+        ("grid_sigma_min", 0.0),
+        ("learning_rate", 0.0),
+        ("num_train", 1),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
     config = study.PRESETS["tiny"]().__class__(**{**study.PRESETS["tiny"]().__dict__, field: value})
     with pytest.raises(ConfigError, match=field):

@@ -3,6 +3,7 @@
 The study calls ``diffcore.denoisers.EmpiricalDenoiser``; here a float64 empirical denoiser built on
 ``diffcore.ref.empirical_denoise`` is injected instead (tests only), so the test does not depend on
 the op's backends."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,7 @@ import json
 import pytest
 import torch
 
-from diffcore.experiments import EXPERIMENTS
-from diffcore.experiments import pfd as study
+from diffcore.experiments import EXPERIMENTS, pfd as study
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 
 
@@ -21,6 +21,7 @@ def reference_empirical(train):
     def denoise(x, sigma):
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         return empirical_denoise_ref(x.double(), t, s)[0].to(x.dtype)
+
     return denoise
 
 
@@ -112,8 +113,12 @@ def test_sweep_intervals_bias_variance_and_claims(sweep_run):
     assert [p["seed"] for p in per_seed] == list(cfg.train_seeds)
     props = results["effect_properties"]
     assert props == study.effect_properties(results)
-    assert set(props) == {"e_gen_falls_with_n", "e_mem_rises_with_n", "transition_aligns_on_n_over_sqrt_params",
-                          "early_learning_dip"}
+    assert set(props) == {
+        "e_gen_falls_with_n",
+        "e_mem_rises_with_n",
+        "transition_aligns_on_n_over_sqrt_params",
+        "early_learning_dip",
+    }
     # the direction the tiny students show with their intervals: E_gen falls, E_mem rises with N
     assert props["e_gen_falls_with_n"]["holds"] and props["e_mem_rises_with_n"]["holds"]
     # the curve: the width-64 student at N = 2, every checkpoint with its interval
@@ -124,9 +129,11 @@ def test_sweep_intervals_bias_variance_and_claims(sweep_run):
 def test_transition_crossing_on_known_curves():
     assert study._crossing([4, 16, 64], [1.0, 0.5, 0.2], [0.2, 0.5, 0.6]) == pytest.approx(16.0)
     assert study._crossing([4, 16], [1.0, 0.9], [0.2, 0.3]) is None
-    rows = [{"width": w, "params": p, "N": n, "seed": 0, "e_gen": g, "e_mem": m}
-            for w, p, curve in ((8, 64, ((4, 1.0, 0.0), (16, 0.0, 1.0))), (32, 1024, ((4, 1.0, 0.0), (64, 0.0, 1.0))))
-            for n, g, m in curve]
+    rows = [
+        {"width": w, "params": p, "N": n, "seed": 0, "e_gen": g, "e_mem": m}
+        for w, p, curve in ((8, 64, ((4, 1.0, 0.0), (16, 0.0, 1.0))), (32, 1024, ((4, 1.0, 0.0), (64, 0.0, 1.0))))
+        for n, g, m in curve
+    ]
     got = study.transition(rows)["per_seed"][0]
     # N* = 8 and 16: spread of log2 N* is 0.5; on N / sqrt(params) the points are 1 and 0.5: also 0.5
     assert got["n_star"] == {"8": pytest.approx(8.0), "32": pytest.approx(16.0)}

@@ -1,5 +1,6 @@
 """The representation-dynamics study (issue 21) end to end on the real stack at the tiny preset
 (width-4 UNets trained for 20 steps: seconds), plus its config checks."""
+
 from __future__ import annotations
 
 import json
@@ -47,18 +48,26 @@ def test_rerun_reuses_every_unit(tiny_run):
 @pytest.mark.slow
 def test_models_from_reuses_the_reproducibility_run(tiny_run, tmp_path):
     out, results = tiny_run
-    reused = study.run_preset("tiny", tmp_path / "reuse", [f"models_from={out / 'reproducibility'}",
-                                                             "trajectory_size=0"], progress=False)
+    reused = study.run_preset(
+        "tiny", tmp_path / "reuse", [f"models_from={out / 'reproducibility'}", "trajectory_size=0"], progress=False
+    )
     assert reused["trajectory"] == []
     assert [m["peak"] for m in reused["models"]] == [m["peak"] for m in results["models"]]
     assert not (tmp_path / "reuse" / "reproducibility").exists()
 
 
-@pytest.mark.parametrize("override, field", [
-    ("num_sigmas=2", "num_sigmas"), ("sigma_min=0", "sigma_min"), ("probe_l2=nan", "probe_l2"),
-    ("pooling=max", "pooling"), ("probe_train=0", "probe_train"), ("molrg_latent_dim=40", "molrg_latent_dim"),
-    ("reproducibility_preset=huge", "reproducibility_preset"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("num_sigmas=2", "num_sigmas"),
+        ("sigma_min=0", "sigma_min"),
+        ("probe_l2=nan", "probe_l2"),
+        ("pooling=max", "pooling"),
+        ("probe_train=0", "probe_train"),
+        ("molrg_latent_dim=40", "molrg_latent_dim"),
+        ("reproducibility_preset=huge", "reproducibility_preset"),
+    ],
+)
 def test_invalid_config_is_refused_before_anything_is_written(override, field, tmp_path):
     with pytest.raises(ConfigError, match=field):
         study.run_preset("tiny", tmp_path / "bad", [override], progress=False)

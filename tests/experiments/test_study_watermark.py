@@ -1,4 +1,5 @@
 """The watermark study (diffcore run watermark): tiny preset end to end, resume, config validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,7 @@ import json
 import pytest
 import torch
 
-from diffcore.experiments import EXPERIMENTS, experiment
-from diffcore.experiments import watermark as study
+from diffcore.experiments import EXPERIMENTS, experiment, watermark as study
 from diffcore.experiments.base import ConfigError, apply_overrides
 
 
@@ -29,8 +29,14 @@ def test_registered():
 def test_tiny_run_outputs(tiny_run):
     out, results = tiny_run
     assert json.loads((out / "results.json").read_text()) == results
-    for name in ("detection.csv", "consistency.csv", "watermark-roc.png", "watermark-images.png",
-                 "watermark-consistency.png", "timings.json"):
+    for name in (
+        "detection.csv",
+        "consistency.csv",
+        "watermark-roc.png",
+        "watermark-images.png",
+        "watermark-consistency.png",
+        "timings.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     rows = {(d["method"], d["attack"]): d for d in results["detection"]}
     assert set(rows) == {(m, a) for m in study.METHODS for a in ("none", "jpeg", "noise")}
@@ -56,13 +62,25 @@ def test_rerun_reuses_every_unit(tiny_run):
     assert all(v["reused"] == v["units"] for v in timings["units"].values())
 
 
-@pytest.mark.parametrize("override, field", [
-    ("time=1.0", "time"), ("time=0", "time"), ("channel=1", "channel"), ("radius_fraction=0.49", "radius"),
-    ("radius_fraction=0.6", "radius_fraction"), ("model=vae", "model"), ("attacks=none,rotate", "attacks"),
-    ("solver=rk4", "solver"), ("num_negatives=1", "num_negatives"), ("jpeg_quality=0", "jpeg_quality"),
-    ("band=mid", "band"), ("sampler_steps=1", "sampler_steps"), ("grid_images=99", "grid_images"),
-    ("model=diffusers", "model_dir"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("time=1.0", "time"),
+        ("time=0", "time"),
+        ("channel=1", "channel"),
+        ("radius_fraction=0.49", "radius"),
+        ("radius_fraction=0.6", "radius_fraction"),
+        ("model=vae", "model"),
+        ("attacks=none,rotate", "attacks"),
+        ("solver=rk4", "solver"),
+        ("num_negatives=1", "num_negatives"),
+        ("jpeg_quality=0", "jpeg_quality"),
+        ("band=mid", "band"),
+        ("sampler_steps=1", "sampler_steps"),
+        ("grid_images=99", "grid_images"),
+        ("model=diffusers", "model_dir"),
+    ],
+)
 def test_bad_config_names_the_field(tmp_path, override, field):
     config = apply_overrides(study.PRESETS["tiny"](), [override])
     with pytest.raises(ConfigError, match=field):
@@ -78,17 +96,30 @@ def test_mixture_denoiser_is_tweedie():
     model = GaussianMixtureDenoiser.fit(images, load_digits()[1], 1e-3)
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     for sigma in (0.05, 1.0, 20.0):
-        grad, = torch.autograd.grad(model.log_density(x, sigma).sum(), x)
-        expected = x.detach() + sigma ** 2 * grad
+        (grad,) = torch.autograd.grad(model.log_density(x, sigma).sum(), x)
+        expected = x.detach() + sigma**2 * grad
         assert torch.allclose(model(x.detach(), sigma), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow
 def test_unet_path_trains_and_runs(tmp_path):
     """model=unet: a few training steps through diffcore.train (resumable unit), then the study."""
-    config = dataclasses.replace(study.PRESETS["tiny"](), model="unet", width=8, train_steps=2, batch_size=8,
-                                 sampler_steps=2, num_images=2, num_negatives=2, attacks=("none",), nullspace_images=0,
-                                 grid_images=2, rank_references=3, wrong_keys=0, p_value=False)
+    config = dataclasses.replace(
+        study.PRESETS["tiny"](),
+        model="unet",
+        width=8,
+        train_steps=2,
+        batch_size=8,
+        sampler_steps=2,
+        num_images=2,
+        num_negatives=2,
+        attacks=("none",),
+        nullspace_images=0,
+        grid_images=2,
+        rank_references=3,
+        wrong_keys=0,
+        p_value=False,
+    )
     results = study.run(config, tmp_path / "out", progress=False)
     assert results["model"]["kind"] == "unet" and results["model"]["step"] == 2
     assert (tmp_path / "out" / "units" / "models" / "unet" / "MANIFEST.json").is_file()
@@ -100,15 +131,34 @@ def test_diffusers_path_runs(tmp_path):
     """model=diffusers: a tiny random UNet2DModel and DDIM scheduler saved to a folder (safetensors)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet = diffusers.UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     folder = tmp_path / "model"
     unet.save_pretrained(folder, safe_serialization=True)
     diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder)
-    config = dataclasses.replace(study.PRESETS["paper"](), model_dir=str(folder), sampler_steps=3, num_images=2,
-                                 num_negatives=2, sample_batch=4, attacks=("none", "jpeg"), nullspace_images=1,
-                                 nullspace_k=1, grid_images=2, rank_references=3, wrong_keys=2, channel=2)
+    config = dataclasses.replace(
+        study.PRESETS["paper"](),
+        model_dir=str(folder),
+        sampler_steps=3,
+        num_images=2,
+        num_negatives=2,
+        sample_batch=4,
+        attacks=("none", "jpeg"),
+        nullspace_images=1,
+        nullspace_k=1,
+        grid_images=2,
+        rank_references=3,
+        wrong_keys=2,
+        channel=2,
+    )
     results = study.run(config, tmp_path / "out", progress=False)
     model = results["model"]
     # timestep 300 of the scheduler (its alphas_cumprod is float32)
@@ -131,11 +181,11 @@ def test_scaled_molrg_denoiser_is_tweedie():
     from diffcore.denoisers.mixture import ScaledMoLRGDenoiser
 
     model = ScaledMoLRGDenoiser.random(3, (1, 8, 8), 4, pixel_variance=0.3, floor=1e-2, seed=1)
-    assert model.scale ** 2 * 4 / 64 + 1e-2 == pytest.approx(0.3, rel=1e-12)
+    assert model.scale**2 * 4 / 64 + 1e-2 == pytest.approx(0.3, rel=1e-12)
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     for sigma in (0.05, 1.0, 20.0):
-        grad, = torch.autograd.grad(model.log_density(x, sigma).sum(), x)
-        expected = x.detach() + sigma ** 2 * grad
+        (grad,) = torch.autograd.grad(model.log_density(x, sigma).sum(), x)
+        expected = x.detach() + sigma**2 * grad
         assert torch.allclose(model(x.detach(), sigma), expected, rtol=1e-10, atol=1e-10)
     # a point on subspace k (scaled) is classified as k at a small noise level
     bases = model.unit.bases
@@ -156,10 +206,23 @@ def test_molrg_shallow_key_is_more_consistent(tmp_path):
     """The quick preset's claim on a small scaled MoLRG (16x16, 4 subspaces of dimension 6): the key
     written at 0.3 T changes the image less than the same key written into x_T, never changes its
     class, and the Jacobian at the shallow state has the subspace's rank; both are detected."""
-    config = dataclasses.replace(study.PRESETS["quick"](), resolution=16, radius_fraction=0.2, components=4,
-                                 latent_dim=6, sampler_steps=12, num_images=8, num_negatives=8, attacks=("none",),
-                                 nullspace_images=2, nullspace_k=10, grid_images=4, rank_references=9, wrong_keys=0,
-                                 p_value=False)
+    config = dataclasses.replace(
+        study.PRESETS["quick"](),
+        resolution=16,
+        radius_fraction=0.2,
+        components=4,
+        latent_dim=6,
+        sampler_steps=12,
+        num_images=8,
+        num_negatives=8,
+        attacks=("none",),
+        nullspace_images=2,
+        nullspace_k=10,
+        grid_images=4,
+        rank_references=9,
+        wrong_keys=0,
+        p_value=False,
+    )
     results = study.run(config, tmp_path / "out", progress=False)
     cons = results["consistency"]
     assert cons["shallow"]["psnr"]["mean"] > cons["xT"]["psnr"]["mean"] + 3
@@ -171,9 +234,14 @@ def test_molrg_shallow_key_is_more_consistent(tmp_path):
         assert row["distance"]["auc"] == 1.0, row["method"]
 
 
-@pytest.mark.parametrize("override, field", [
-    ("latent_dim=30", "latent_dim"), ("pixel_variance=0.0005", "pixel_variance"), ("components=0", "components"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("latent_dim=30", "latent_dim"),
+        ("pixel_variance=0.0005", "pixel_variance"),
+        ("components=0", "components"),
+    ],
+)
 def test_bad_molrg_config_names_the_field(tmp_path, override, field):
     config = apply_overrides(dataclasses.replace(study.PRESETS["tiny"](), model="molrg", components=10), [override])
     with pytest.raises(ConfigError, match=field):

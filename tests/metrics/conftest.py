@@ -1,4 +1,5 @@
 """Fixtures of the metrics tests: the embedded digits and the stand-ins of standins.py."""
+
 from __future__ import annotations
 
 import pytest

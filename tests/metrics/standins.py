@@ -5,6 +5,7 @@
 - noise_from_seeds: diffcore.sampler.noise_from_seeds itself (one generator per seed).
 - closed-form denoisers: isotropic Gaussian, and the empirical denoiser of a training set.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,9 +55,11 @@ def heun_sampler(denoiser, x, sigmas):
 
 def gaussian_denoiser(mean: float = 0.0, std: float = 0.5):
     """Optimal denoiser of N(mean, std^2 I): ``mean + std^2 / (std^2 + sigma^2) (x - mean)``."""
+
     def denoise(x, sigma):
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *([1] * (x.dim() - 1)))
-        return mean + std ** 2 / (std ** 2 + s ** 2) * (x.double() - mean)
+        return mean + std**2 / (std**2 + s**2) * (x.double() - mean)
+
     return denoise
 
 
@@ -68,8 +71,9 @@ def empirical_denoiser(train):
     def denoise(x, sigma):
         xf = x.reshape(x.shape[0], -1).double()
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
-        logits = -torch.cdist(xf, flat).square() / (2 * s ** 2)
+        logits = -torch.cdist(xf, flat).square() / (2 * s**2)
         return (torch.softmax(logits, dim=1) @ flat).reshape(x.shape)
+
     return denoise
 
 
@@ -84,6 +88,7 @@ def blended_denoiser(train, weight_gaussian: float, std: float = 0.5):
         if weight_gaussian == 0:
             return emp(x, sigma)
         return (1 - weight_gaussian) * emp(x, sigma) + weight_gaussian * gauss(x, sigma)
+
     return denoise
 
 
@@ -97,8 +102,9 @@ def fitted_gaussian_denoiser(train, scale: float = 1.0):
 
     def denoise(x, sigma):
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
-        coeff = ((x.reshape(x.shape[0], -1).double() - mu) @ u) * (lam / (lam + s ** 2))
+        coeff = ((x.reshape(x.shape[0], -1).double() - mu) @ u) * (lam / (lam + s**2))
         return (mu + coeff @ u.T).reshape(x.shape)
+
     return denoise
 
 
@@ -108,5 +114,17 @@ def sample(denoiser, seeds, shape, steps=18, sigma_min=0.002, sigma_max=80.0):
     return heun_sampler(denoiser, z * sigmas[0], sigmas)
 
 
-__all__ = ["knn", "knn_reference", "empirical_denoise_ref", "karras_sigmas", "heun_sampler", "noise_from_seeds", "gaussian_denoiser",
-           "empirical_denoiser", "blended_denoiser", "fitted_gaussian_denoiser", "sample", "math"]
+__all__ = [
+    "knn",
+    "knn_reference",
+    "empirical_denoise_ref",
+    "karras_sigmas",
+    "heun_sampler",
+    "noise_from_seeds",
+    "gaussian_denoiser",
+    "empirical_denoiser",
+    "blended_denoiser",
+    "fitted_gaussian_denoiser",
+    "sample",
+    "math",
+]

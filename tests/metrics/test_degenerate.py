@@ -2,6 +2,7 @@
 or all zero, or whose output is not one tensor [B, F], is refused naming the file; constant images
 under the pixel cosine follow one convention in the GL (k-NN) and the RP (pairwise) path; means of
 similarities are exact, whatever the thread count."""
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,14 @@ def test_descriptor_rows_without_direction_are_refused_in_gl_and_rp(tmp_path, sc
         rp_score(x, x, sim, 0.6)
 
 
-@pytest.mark.parametrize("module,word", [(Tupled(), "returned a tuple"), (Flat(), r"returned shape \(256,\)"),
-                                         (OneRow(), r"returned shape \(1, 64\) for 4 images")])
+@pytest.mark.parametrize(
+    "module,word",
+    [
+        (Tupled(), "returned a tuple"),
+        (Flat(), r"returned shape \(256,\)"),
+        (OneRow(), r"returned shape \(1, 64\) for 4 images"),
+    ],
+)
 def test_descriptor_output_that_is_not_one_b_by_f_tensor_is_refused(tmp_path, module, word):
     sim = get_similarity(_descriptor(tmp_path, module, "odd"))
     with pytest.raises(ValueError, match=f"odd.torchscript.pt.*{word}"):

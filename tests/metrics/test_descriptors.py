@@ -1,5 +1,6 @@
 """Copy-detection descriptors: the kind states the preprocessing (SSCD as the paper feeds it), a file
 without its kind is refused, and descriptor files never unpickle (malicious files made here)."""
+
 from __future__ import annotations
 
 import io
@@ -77,6 +78,7 @@ def test_descriptor_without_its_kind_is_refused(recorder_file, spec):
 
 # ----------------------------------------------------------------------------- malicious files
 
+
 def exported_archive(tmp_path) -> bytes:
     class Pool(torch.nn.Module):
         def __init__(self):
@@ -112,6 +114,7 @@ def pickled(obj) -> bytes:
 
 def exported_dynamic_archive(tmp_path) -> bytes:
     """A plain torch.export archive whose batch size is a symbol (an ``expr_str`` in models/*.json)."""
+
     class Pool(torch.nn.Module):
         def forward(self, x):
             return F.avg_pool2d(x, 2).flatten(1)
@@ -129,8 +132,7 @@ def sympify_payload(data: bytes, marker) -> bytes:
         text = archive.read(model_name).decode()
     symbol = "Symbol('s77', positive=True, integer=True)"
     assert symbol in text  # the exported shape expression the payload replaces
-    payload = (f"(sympify.__globals__['__builtins__']['__import__']('os').system('touch {marker}'), "
-               f"{symbol})[1]")
+    payload = f"(sympify.__globals__['__builtins__']['__import__']('os').system('touch {marker}'), {symbol})[1]"
     return rewrite_zip(data, {model_name.split("/", 1)[1]: text.replace(symbol, payload).encode()})
 
 

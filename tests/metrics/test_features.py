@@ -1,5 +1,6 @@
 """Feature extractors: the shipped digits network, and FID's Inception-v3 loaded from a local file
 (tested with a stand-in weights file of the same layout, made here with random weights)."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,8 @@ from diffcore.metrics import (
 )
 from diffcore.metrics.features import DIGITS_HELDOUT, digits_heldout_split
 
-
 # ----------------------------------------------------------------------------- digits network
+
 
 def test_shipped_digits_weights_are_small_and_reach_their_recorded_accuracy():
     from importlib import resources
@@ -61,6 +62,7 @@ def test_digits_frechet_distance_separates_digits_from_noise():
 
 
 # ----------------------------------------------------------------------------- Inception-v3
+
 
 @pytest.fixture(scope="module")
 def standin_inception_file(tmp_path_factory):

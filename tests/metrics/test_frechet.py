@@ -1,5 +1,6 @@
 """Frechet distance: the float64 matrix square root, streaming statistics, files, and the distance
 against an independent float64 computation on Gaussian features with known statistics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -90,7 +91,8 @@ def test_streaming_statistics_equal_numpy_in_float64():
     assert np.allclose(stats.mean.numpy(), x.mean(0), rtol=0, atol=1e-12)
     assert np.allclose(stats.covariance.numpy(), np.cov(x, rowvar=False), rtol=1e-11, atol=0)
     merged = FeatureStatistics.from_features(torch.from_numpy(x[:400])).merge(
-        FeatureStatistics.from_features(torch.from_numpy(x[400:])))
+        FeatureStatistics.from_features(torch.from_numpy(x[400:]))
+    )
     assert torch.allclose(merged.covariance, stats.covariance, rtol=1e-12, atol=0)
 
 
@@ -143,6 +145,7 @@ def test_refusals(tmp_path):
 
 def test_images_through_a_stand_in_extractor():
     """Any callable [B, C, H, W] -> [B, F] with a name is an extractor; batching does not change the result."""
+
     class StandIn(torch.nn.Module):
         name = "row-means"
 
@@ -175,17 +178,20 @@ def test_merging_statistics_without_a_count_is_an_error(tmp_path):
         FeatureStatistics(extractor="e").merge(uncounted)
 
 
-@pytest.mark.parametrize("arrays,message", [
-    ({"mu": np.array([0.0, np.nan, 1.0])}, "'mu' holds NaN"),
-    ({"sigma": np.diag([1.0, np.inf, 1.0])}, "'sigma' holds NaN"),
-    ({"sigma": np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, "not symmetric"),
-    ({"sigma": -np.eye(3)}, "negative eigenvalue"),
-    ({"sigma": np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, "negative eigenvalue"),
-    ({"count": np.array([40.5])}, "'count' must be one integer"),
-    ({"count": np.array([1])}, "'count' is 1"),
-    ({"mu": np.array(["a", "b", "c"])}, "expected real numbers"),
-], ids=["nan-mean", "inf-cov", "asymmetric", "negative-definite", "indefinite", "float-count", "one-row",
-        "strings"])
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ({"mu": np.array([0.0, np.nan, 1.0])}, "'mu' holds NaN"),
+        ({"sigma": np.diag([1.0, np.inf, 1.0])}, "'sigma' holds NaN"),
+        ({"sigma": np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, "not symmetric"),
+        ({"sigma": -np.eye(3)}, "negative eigenvalue"),
+        ({"sigma": np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, "negative eigenvalue"),
+        ({"count": np.array([40.5])}, "'count' must be one integer"),
+        ({"count": np.array([1])}, "'count' is 1"),
+        ({"mu": np.array(["a", "b", "c"])}, "expected real numbers"),
+    ],
+    ids=["nan-mean", "inf-cov", "asymmetric", "negative-definite", "indefinite", "float-count", "one-row", "strings"],
+)
 def test_loaded_statistics_that_are_no_gaussian_are_refused_naming_the_file(tmp_path, arrays, message):
     path = _fid_file(tmp_path, "bad-stats.npz", **arrays)
     with pytest.raises(ValueError, match=f"bad-stats.npz.*{message}"):

@@ -1,4 +1,5 @@
 """The interval machinery against known values and its decision rules."""
+
 import math
 
 import numpy as np
@@ -86,8 +87,9 @@ def test_bootstrap_sums_each_pairs_the_statistics():
     rng = np.random.default_rng(3)
     a = rng.normal(1.0, 1.0, 200)
     rows = np.stack([a, a + 0.05 + rng.normal(0, 0.01, 200)], axis=1)
-    got = iv.bootstrap_sums_each(rows, {"a": lambda s: s[:, 0] / 200, "b": lambda s: s[:, 1] / 200,
-                                        "diff": lambda s: (s[:, 1] - s[:, 0]) / 200})
+    got = iv.bootstrap_sums_each(
+        rows, {"a": lambda s: s[:, 0] / 200, "b": lambda s: s[:, 1] / 200, "diff": lambda s: (s[:, 1] - s[:, 0]) / 200}
+    )
     # unpaired, the two means overlap; paired on the same resamples, the difference is clearly > 0
     assert not iv.clearly_above(got["b"], got["a"]) and got["diff"].low > 0.04
     assert got["a"] == iv.bootstrap_sums(rows, lambda s: s[:, 0] / 200)

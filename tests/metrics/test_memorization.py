@@ -1,12 +1,20 @@
 """GL score, memorization ratio, RP score and the calibrated pixel threshold, on the digits."""
+
 from __future__ import annotations
 
 import pytest
+import standins
 import torch
 
-import standins
-from diffcore.metrics import (PixelCosine, PixelL2, calibrate_threshold, gl_score, memorization_ratio,
-                              nearest_other_similarity, rp_score)
+from diffcore.metrics import (
+    PixelCosine,
+    PixelL2,
+    calibrate_threshold,
+    gl_score,
+    memorization_ratio,
+    nearest_other_similarity,
+    rp_score,
+)
 
 
 def _noise(shape, seed):

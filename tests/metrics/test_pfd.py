@@ -1,12 +1,13 @@
 """Probability flow distance with closed-form denoisers and a tiny Heun stand-in."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
+import standins
 import torch
 
-import standins
 from diffcore.metrics import pfd, pfd_from_samples
 
 SHAPE = (1, 4, 4)
@@ -14,8 +15,17 @@ SEEDS = list(range(100, 124))
 
 
 def _pfd(a, b, **kw):
-    return pfd(a, b, seeds=SEEDS, shape=SHAPE, sigmas=standins.karras_sigmas(12, 0.002, 20.0),
-               sampler=standins.heun_sampler, noise_fn=standins.noise_from_seeds, batch_size=10, **kw)
+    return pfd(
+        a,
+        b,
+        seeds=SEEDS,
+        shape=SHAPE,
+        sigmas=standins.karras_sigmas(12, 0.002, 20.0),
+        sampler=standins.heun_sampler,
+        noise_fn=standins.noise_from_seeds,
+        batch_size=10,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +60,8 @@ def test_pfd_triangle_inequality(denoisers):
     z = standins.noise_from_seeds(SEEDS, SHAPE)
     maps = {name: standins.heun_sampler(d, z * sigmas[0], sigmas) for name, d in denoisers.items()}
     assert _pfd(denoisers["g1"], denoisers["mix"]).value == pytest.approx(
-        pfd_from_samples(maps["g1"], maps["mix"]).value, rel=1e-6)  # pfd runs sigmas in float32
+        pfd_from_samples(maps["g1"], maps["mix"]).value, rel=1e-6
+    )  # pfd runs sigmas in float32
     dist = {(a, b): pfd_from_samples(maps[a], maps[b]).value for a in maps for b in maps}
     for a in maps:
         for b in maps:
@@ -65,16 +76,28 @@ def test_pfd_gaussians_matches_closed_form():
     E = D (m_a - m_b)^2 + D (s_a - s_b)^2 (z has unit variance, zero mean)."""
     seeds = list(range(2000))
     sigmas = standins.karras_sigmas(40, 0.002, 400.0)
-    res = pfd(standins.gaussian_denoiser(0.0, 0.5), standins.gaussian_denoiser(0.2, 0.4), seeds=seeds,
-              shape=SHAPE, sigmas=sigmas, sampler=standins.heun_sampler, noise_fn=standins.noise_from_seeds,
-              normalize="per_dim")
-    want = math.sqrt(0.2 ** 2 + 0.1 ** 2)
+    res = pfd(
+        standins.gaussian_denoiser(0.0, 0.5),
+        standins.gaussian_denoiser(0.2, 0.4),
+        seeds=seeds,
+        shape=SHAPE,
+        sigmas=sigmas,
+        sampler=standins.heun_sampler,
+        noise_fn=standins.noise_from_seeds,
+        normalize="per_dim",
+    )
+    want = math.sqrt(0.2**2 + 0.1**2)
     assert res.value == pytest.approx(want, rel=0.05)
 
 
 def test_pfd_is_independent_of_batch_size(denoisers):
-    kw = dict(seeds=SEEDS, shape=SHAPE, sigmas=standins.karras_sigmas(8, 0.002, 20.0),
-              sampler=standins.heun_sampler, noise_fn=standins.noise_from_seeds)
+    kw = dict(
+        seeds=SEEDS,
+        shape=SHAPE,
+        sigmas=standins.karras_sigmas(8, 0.002, 20.0),
+        sampler=standins.heun_sampler,
+        noise_fn=standins.noise_from_seeds,
+    )
     r1 = pfd(denoisers["g1"], denoisers["emp"], batch_size=5, **kw)
     r2 = pfd(denoisers["g1"], denoisers["emp"], batch_size=64, **kw)
     torch.testing.assert_close(r1.per_sample, r2.per_sample)

@@ -1,12 +1,13 @@
 """Similarity measures: pixel cosine (centered), l2, and a TorchScript feature extractor."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
+import standins
 import torch
 
-import standins
 from diffcore.metrics import FeatureCosine, PixelCosine, PixelL2, get_similarity, nearest_neighbors
 
 
@@ -36,8 +37,9 @@ def test_l2_similarity_range_and_identity():
     a = _rand(4, 4)
     sim = PixelL2()
     torch.testing.assert_close(sim.pairwise(a, a), torch.ones(4))
-    torch.testing.assert_close(sim.pairwise(a.clamp(-1, 1).sign(), -a.clamp(-1, 1).sign()), torch.zeros(4),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        sim.pairwise(a.clamp(-1, 1).sign(), -a.clamp(-1, 1).sign()), torch.zeros(4), atol=1e-6, rtol=0
+    )
     b = _rand(4, 5)
     rms = (a - b).reshape(4, -1).norm(dim=1) / math.sqrt(64)
     torch.testing.assert_close(sim.pairwise(a, b), 1 - rms / 2, atol=1e-6, rtol=0)

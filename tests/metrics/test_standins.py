@@ -1,9 +1,9 @@
 """The test stand-ins agree with the float64 references they replace for speed."""
+
 from __future__ import annotations
 
-import torch
-
 import standins
+import torch
 
 
 def test_fast_knn_matches_reference(digits):

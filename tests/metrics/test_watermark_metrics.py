@@ -1,4 +1,5 @@
 """Detection ROC, PSNR/SSIM and attacks of diffcore.metrics.watermark."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def test_roc_auc_and_tpr():
     # 1 % FPR with 200 negatives allows 2 false positives: the threshold is the third largest
     neg = torch.arange(200, dtype=torch.float64)
     assert mw.tpr_at_fpr([197.5, 196.5, 300.0, 198.0], neg, 0.01) == 0.75
-    assert mw.tpr_at_fpr([48.5, 49.5], torch.arange(50.0), 0.01) == 0.5        # < 100 negatives: none allowed
+    assert mw.tpr_at_fpr([48.5, 49.5], torch.arange(50.0), 0.01) == 0.5  # < 100 negatives: none allowed
     fpr, tpr = mw.roc_curve([2.0, 3.0], [1.0, 2.0])
     assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
     with pytest.raises(ValueError, match="fpr"):
@@ -50,7 +51,7 @@ def test_psnr_ssim():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_attacks_shapes_and_behaviour(channels):
     g = torch.Generator().manual_seed(1)
-    images = (torch.rand(4, channels, 32, 32, generator=g) * 2 - 1)
+    images = torch.rand(4, channels, 32, 32, generator=g) * 2 - 1
     quantized = mw.attack(images, "none")
     assert torch.allclose(quantized, images, atol=1 / 127.5)
     for name in mw.ATTACKS:
@@ -65,7 +66,8 @@ def test_attacks_shapes_and_behaviour(channels):
     assert mw.AttackParams().scaled_blur_radius(32) == 0.5
     blurred = mw.attack(images, "blur")
     assert float((blurred[..., 1:] - blurred[..., :-1]).abs().mean()) < float(
-        (quantized[..., 1:] - quantized[..., :-1]).abs().mean())
+        (quantized[..., 1:] - quantized[..., :-1]).abs().mean()
+    )
 
 
 def test_attack_bad_input():

@@ -1,4 +1,5 @@
 """Fixtures for the UNet and preconditioning tests: tiny networks with non-trivial weights."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,12 @@ def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mod
             if p.dim() > 1:
                 fan_in = math.prod(p.shape[1:])
                 p.copy_(noise / math.sqrt(fan_in))
-            elif name.endswith("norm0.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
-                    or name.endswith("aux_norm.weight"):
+            elif (
+                name.endswith("norm0.weight")
+                or name.endswith("norm1.weight")
+                or name.endswith("norm2.weight")
+                or name.endswith("aux_norm.weight")
+            ):
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(0.1 * noise)
@@ -30,8 +35,15 @@ def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mod
 
 def make_tiny_unet(*, seed: int = 0, randomize: bool = True, **fields) -> UNet:
     """A small UNet (width 8, one block per level) with deterministic weights."""
-    config = dict(img_resolution=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-                  attn_resolutions=(8,), dropout=0.0)
+    config = dict(
+        img_resolution=8,
+        in_channels=1,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(8,),
+        dropout=0.0,
+    )
     config.update(fields)
     torch.manual_seed(seed)
     net = UNet(**config)

@@ -1,4 +1,5 @@
 """Multi-stage UNet: one stage is the single UNet; mixed batches equal per-stage batches; wrappers."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,25 +8,35 @@ import torch
 from diffcore.models import EDMPrecond, MultiStageUNet, UNet, VPPrecond, multistage_denoiser
 from diffcore.train import build_model
 
-TINY = dict(img_resolution=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-            attn_resolutions=(8,), dropout=0.0)
+TINY = dict(
+    img_resolution=8,
+    in_channels=1,
+    model_channels=8,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(8,),
+    dropout=0.0,
+)
 
 
 @pytest.fixture
 def tiny_multistage(randomize):
     """``tiny_multistage(decoder_channels, label_boundaries)``: float64 eval model, O(1) random weights."""
+
     def make(decoder_channels=(8, 16, 4), label_boundaries=(-0.3, 0.4), seed=0):
         torch.manual_seed(seed)
         net = MultiStageUNet(decoder_channels=decoder_channels, label_boundaries=label_boundaries, **TINY)
         return randomize(net, seed).double().eval()
+
     return make
 
 
 def test_one_stage_equals_the_single_unet_with_the_same_weights(randomize):
     single = randomize(UNet(**TINY), 3).double().eval()
     multi = MultiStageUNet(decoder_channels=(TINY["model_channels"],), **TINY).double().eval()
-    state = {k.replace("dec.", "decoders.0.", 1) if k.startswith("dec.") else k: v
-             for k, v in single.state_dict().items()}
+    state = {
+        k.replace("dec.", "decoders.0.", 1) if k.startswith("dec.") else k: v for k, v in single.state_dict().items()
+    }
     state["label_boundaries"] = multi.label_boundaries
     multi.load_state_dict(state, strict=True)
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
@@ -84,20 +95,27 @@ def test_precond_wrapper_routes_by_sigma():
 
 
 def test_registry_builds_it_and_state_dicts_round_trip():
-    spec = {"name": "multistage", "preset": "ddpmpp-digits-light", "sigma_boundaries": [1.0],
-            "decoder_channels": [16, 8]}
+    spec = {
+        "name": "multistage",
+        "preset": "ddpmpp-digits-light",
+        "sigma_boundaries": [1.0],
+        "decoder_channels": [16, 8],
+    }
     a, b = build_model(spec), build_model(spec)
     b.load_state_dict(a.state_dict())
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.2, 1.0, 3.0])
     assert torch.equal(a(x, sigma), b(x, sigma))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(decoder_channels=()), "decoder_channels"),
-    (dict(decoder_channels=(8, 0)), "decoder_channels"),
-    (dict(decoder_channels=(8, 8), label_boundaries=()), "label_boundaries"),
-    (dict(decoder_channels=(8, 8, 8), label_boundaries=(1.0, 0.0)), "label_boundaries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(decoder_channels=()), "decoder_channels"),
+        (dict(decoder_channels=(8, 0)), "decoder_channels"),
+        (dict(decoder_channels=(8, 8), label_boundaries=()), "label_boundaries"),
+        (dict(decoder_channels=(8, 8, 8), label_boundaries=(1.0, 0.0)), "label_boundaries"),
+    ],
+)
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiStageUNet(**TINY, **kwargs)

@@ -1,4 +1,5 @@
 """Preconditioning wrappers: EDM Table 1 coefficients, the D(x, sigma) contract, sigma forms, JVPs."""
+
 from __future__ import annotations
 
 import math
@@ -31,21 +32,26 @@ class AffineProbe(nn.Module):
 
 
 def edm_direct(sigma, sd=0.5):
-    return (sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / math.sqrt(sigma ** 2 + sd ** 2),
-            1 / math.sqrt(sigma ** 2 + sd ** 2), math.log(sigma) / 4)
+    return (
+        sd**2 / (sigma**2 + sd**2),
+        sigma * sd / math.sqrt(sigma**2 + sd**2),
+        1 / math.sqrt(sigma**2 + sd**2),
+        math.log(sigma) / 4,
+    )
 
 
 def vp_direct(sigma, beta_d=19.9, beta_min=0.1, M=1000):
-    t = (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(sigma ** 2)) - beta_min) / beta_d
-    return 1.0, -sigma, 1 / math.sqrt(sigma ** 2 + 1), (M - 1) * t
+    t = (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
+    return 1.0, -sigma, 1 / math.sqrt(sigma**2 + 1), (M - 1) * t
 
 
 def ve_direct(sigma):
     return 1.0, sigma, 1.0, math.log(sigma / 2)
 
 
-@pytest.mark.parametrize("cls,direct", [(EDMPrecond, edm_direct), (VPPrecond, vp_direct), (VEPrecond, ve_direct)],
-                         ids=["edm", "vp", "ve"])
+@pytest.mark.parametrize(
+    "cls,direct", [(EDMPrecond, edm_direct), (VPPrecond, vp_direct), (VEPrecond, ve_direct)], ids=["edm", "vp", "ve"]
+)
 def test_coefficients_match_table_1(cls, direct):
     precond = cls(AffineProbe())
     got = precond.coefficients(SIGMAS)
@@ -55,8 +61,9 @@ def test_coefficients_match_table_1(cls, direct):
             assert value[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-15), (name, s)
 
 
-@pytest.mark.parametrize("cls,direct", [(EDMPrecond, edm_direct), (VPPrecond, vp_direct), (VEPrecond, ve_direct)],
-                         ids=["edm", "vp", "ve"])
+@pytest.mark.parametrize(
+    "cls,direct", [(EDMPrecond, edm_direct), (VPPrecond, vp_direct), (VEPrecond, ve_direct)], ids=["edm", "vp", "ve"]
+)
 def test_forward_is_eq_7(cls, direct):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), per sample."""
     probe = AffineProbe()
@@ -101,7 +108,7 @@ def test_vp_schedule_inverse_and_range():
 def test_loss_weight(cls):
     precond = cls(AffineProbe())
     s = SIGMAS
-    expected = (s ** 2 + 0.25) / (s * 0.5) ** 2 if cls is EDMPrecond else 1 / s ** 2
+    expected = (s**2 + 0.25) / (s * 0.5) ** 2 if cls is EDMPrecond else 1 / s**2
     torch.testing.assert_close(precond.loss_weight(s), expected)
 
 
@@ -124,10 +131,16 @@ def test_sigma_forms_agree(tiny_unet):
         torch.testing.assert_close(precond(x, sigma), ref)
 
 
-@pytest.mark.parametrize("sigma,error", [
-    (torch.ones(4), ValueError), (torch.ones(3, 2), ValueError), (torch.ones(1, 3), ValueError),
-    ("0.5", TypeError), (torch.ones(3, 1, 1, 1, 1), ValueError),
-])
+@pytest.mark.parametrize(
+    "sigma,error",
+    [
+        (torch.ones(4), ValueError),
+        (torch.ones(3, 2), ValueError),
+        (torch.ones(1, 3), ValueError),
+        ("0.5", TypeError),
+        (torch.ones(3, 1, 1, 1, 1), ValueError),
+    ],
+)
 def test_bad_sigma_raises_naming_sigma(tiny_unet, sigma, error):
     with pytest.raises(error, match="sigma"):
         EDMPrecond(tiny_unet())(torch.randn(3, 1, 8, 8), sigma)

@@ -1,11 +1,21 @@
 """Named presets and parameter counts."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffcore.models import (PRESETS, EDMPrecond, UNet, VEPrecond, VPPrecond, count_parameters, denoiser_preset,
-                             unet_config, unet_preset)
+from diffcore.models import (
+    PRESETS,
+    EDMPrecond,
+    UNet,
+    VEPrecond,
+    VPPrecond,
+    count_parameters,
+    denoiser_preset,
+    unet_config,
+    unet_preset,
+)
 
 # EDM's DDPM++ CIFAR-10 network (model_channels=128) is reported as about 56M parameters.
 EDM_DDPMPP_CIFAR_PARAMS = 56e6

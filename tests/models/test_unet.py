@@ -1,4 +1,5 @@
 """DDPM++ UNet: shapes, layout, attention routing, conditioning, errors, autograd and torch.func."""
+
 from __future__ import annotations
 
 import logging
@@ -48,9 +49,14 @@ def test_layout_matches_ddpmpp_cifar():
         net = UNet(UNetConfig(model_channels=8))
     enc = list(net.enc)
     dec = [n for n in net.dec if "aux" not in n]
-    assert enc == ["32x32_conv", *[f"32x32_block{i}" for i in range(4)],
-                   "16x16_down", *[f"16x16_block{i}" for i in range(4)],
-                   "8x8_down", *[f"8x8_block{i}" for i in range(4)]]
+    assert enc == [
+        "32x32_conv",
+        *[f"32x32_block{i}" for i in range(4)],
+        "16x16_down",
+        *[f"16x16_block{i}" for i in range(4)],
+        "8x8_down",
+        *[f"8x8_block{i}" for i in range(4)],
+    ]
     assert dec[:2] == ["8x8_in0", "8x8_in1"] and len(dec) == 2 + 5 + 1 + 5 + 1 + 5
     blocks = [(n, m) for n, m in [*net.enc.items(), *net.dec.items()] if isinstance(m, UNetBlock)]
     attending = [n for n, m in blocks if m.num_heads]
@@ -67,20 +73,20 @@ def test_all_attention_goes_through_ops_attention(tiny_unet, monkeypatch):
         return real(q, k, v, scale=scale, backend=backend)
 
     monkeypatch.setattr(attention_module, "attention", spy)
-    net = tiny_unet(img_resolution=16, channel_mult=(1, 2), attn_resolutions=(16,), channels_per_head=4,
-                    num_heads=None)
+    net = tiny_unet(img_resolution=16, channel_mult=(1, 2), attn_resolutions=(16,), channels_per_head=4, num_heads=None)
     net(torch.randn(2, 1, 16, 16), torch.zeros(2))
     # enc block at 16 (8 ch -> 2 heads of 4), bottleneck in0 at 8 (16 ch -> 4 heads), dec last block at 16
-    assert calls == [((2, 2, 256, 4),) * 3 + (0.5,),
-                     ((2, 4, 64, 4),) * 3 + (0.5,),
-                     ((2, 2, 256, 4),) * 3 + (0.5,)]
+    assert calls == [((2, 2, 256, 4),) * 3 + (0.5,), ((2, 4, 64, 4),) * 3 + (0.5,), ((2, 2, 256, 4),) * 3 + (0.5,)]
 
 
 def test_single_head_uses_all_channels(tiny_unet, monkeypatch):
     shapes = []
     real = attention_module.attention
-    monkeypatch.setattr(attention_module, "attention",
-                        lambda q, k, v, *, scale=None, backend="auto": shapes.append(q.shape) or real(q, k, v, scale=scale))
+    monkeypatch.setattr(
+        attention_module,
+        "attention",
+        lambda q, k, v, *, scale=None, backend="auto": shapes.append(q.shape) or real(q, k, v, scale=scale),
+    )
     tiny_unet(attn_resolutions=())(torch.randn(1, 1, 8, 8), torch.zeros(1))
     assert shapes == [(1, 1, 16, 16)]  # only the bottleneck: one head, head dim = 16 channels
 
@@ -174,15 +180,18 @@ class TestBadInput:
         with pytest.raises(ValueError, match="img_resolution"):
             UNet(img_resolution=0, model_channels=8)
 
-    @pytest.mark.parametrize("fields,match", [
-        (dict(num_heads=3), "num_heads: 3 does not divide"),
-        (dict(num_heads=None, channels_per_head=5), "channels_per_head: 5 does not divide"),
-        (dict(num_heads=None), "exactly one of num_heads and channels_per_head"),
-        (dict(channel_mult=()), "channel_mult"),
-        (dict(dropout=1.0), "dropout"),
-        (dict(model_channels=3), "model_channels"),
-        (dict(label_dim=-1), "label_dim"),
-    ])
+    @pytest.mark.parametrize(
+        "fields,match",
+        [
+            (dict(num_heads=3), "num_heads: 3 does not divide"),
+            (dict(num_heads=None, channels_per_head=5), "channels_per_head: 5 does not divide"),
+            (dict(num_heads=None), "exactly one of num_heads and channels_per_head"),
+            (dict(channel_mult=()), "channel_mult"),
+            (dict(dropout=1.0), "dropout"),
+            (dict(model_channels=3), "model_channels"),
+            (dict(label_dim=-1), "label_dim"),
+        ],
+    )
     def test_bad_config(self, fields, match):
         with pytest.raises(ValueError, match=match):
             UNet(**{"model_channels": 8, **fields})

@@ -2,6 +2,7 @@
 
 Skipped without a GPU (tests/conftest.py). Not yet run: no GPU machine was lent to this task.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ Tolerances (flash-attention style; docs/design.md, Numerics): a backend's error 
 at most ``RATIO`` times the error of plain PyTorch (``attention_math``) at the same dtype, plus a
 floor of a few ulps of the result's scale for fp32 where plain PyTorch happens to be exact.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,7 @@ import torch
 
 import diffcore
 from diffcore.ops import _attention, _attention_cpu
-from diffcore.ref.attention import (attention_jvp_ref, attention_math, attention_ref,
-                                    attention_vjp_ref)
+from diffcore.ref.attention import attention_jvp_ref, attention_math, attention_ref, attention_vjp_ref
 from tests.helpers import cpu_backends
 
 RATIO = 3.0
@@ -29,7 +29,7 @@ def _params(backends):
     out = []
     for b in backends:
         marks = [pytest.mark.triton] if b == "triton" else []
-        for shape in (TRITON_SHAPES if b == "triton" else SHAPES):
+        for shape in TRITON_SHAPES if b == "triton" else SHAPES:
             out.append(pytest.param(b, shape, marks=marks, id=f"{b}-{'x'.join(map(str, shape))}"))
     return out
 
@@ -61,8 +61,9 @@ def _math_vjp(q, k, v, d_o):
 
 def _dtypes_for(backend):
     """Triton: the interpreter has fp32 and fp16; cpu: fp32, and fp16/bf16 computed in fp32."""
-    return {"triton": [torch.float32, torch.float16],
-            "cpu": [torch.float32, torch.float16, torch.bfloat16]}.get(backend, [torch.float32])
+    return {"triton": [torch.float32, torch.float16], "cpu": [torch.float32, torch.float16, torch.bfloat16]}.get(
+        backend, [torch.float32]
+    )
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -127,8 +128,9 @@ def test_jvp_matches_reference(backend, shape):
         q, k, v, tq, tk, tv = _inputs(shape, torch.float64, seed=3, tangents=True)
         ref_o, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
         low = [t.to(dtype) for t in (q, k, v, tq, tk, tv)]
-        out, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend),
-                                    tuple(low[:3]), tuple(low[3:]))
+        out, t_out = torch.func.jvp(
+            lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend), tuple(low[:3]), tuple(low[3:])
+        )
         m_o, m_t = _math_jvp(*low)
         assert _err(out, ref_o) <= _tol(_err(m_o, ref_o), ref_o, dtype)
         tol = _tol(_err(m_t, ref_t), ref_t, dtype)
@@ -141,8 +143,10 @@ def test_reference_jvp_formula_matches_autodiff_and_finite_differences():
     _, t_auto = torch.func.jvp(attention_ref, (q, k, v), (tq, tk, tv))
     assert _err(t_formula, t_auto) < 1e-12
     eps = 1e-6
-    fd = (attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
-          - attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)) / (2 * eps)
+    fd = (
+        attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
+        - attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)
+    ) / (2 * eps)
     assert _err(t_formula, fd) < 1e-7
 
 
@@ -152,12 +156,13 @@ def test_jvp_float64_both_cpu_paths(backend, keep_probs_budget, monkeypatch):
     monkeypatch.setattr(_attention, "PROBS_BUDGET_BYTES", keep_probs_budget)
     q, k, v, tq, tk, tv = _inputs((2, 3, 13, 17, 12), torch.float64, seed=5, tangents=True)
     _, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
-    _, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend),
-                              (q, k, v), (tq, tk, tv))
+    _, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend), (q, k, v), (tq, tk, tv))
     assert _err(t_out, ref_t) < 1e-12
     eps = 1e-6
-    fd = (attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
-          - attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)) / (2 * eps)
+    fd = (
+        attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
+        - attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)
+    ) / (2 * eps)
     assert _err(t_out, fd) < 1e-7
 
 
@@ -169,8 +174,9 @@ def test_jvp_with_partial_tangents(backend):
     assert _err(t_out, ref_t) < 1e-12
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [])
-                                     for b in BACKENDS])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else []) for b in BACKENDS]
+)
 def test_attention_and_jvp_fused(backend):
     dtype = torch.float32
     q, k, v, tq, tk, tv = _inputs((1, 2, 19, 26, 32), torch.float64, seed=7, tangents=True)
@@ -214,8 +220,9 @@ def test_grad_of_jvp_and_vmap_of_jvp(backend, chunk, monkeypatch):
     ref = torch.func.grad(lambda a: jvp_norm(attention_ref, a))(q)
     assert _err(ours, ref) < 1e-10
     qs = torch.randn(4, *q.shape, dtype=torch.float64)
-    t_b = torch.vmap(lambda a, t: torch.func.jvp(lambda x: diffcore.ops.attention(x, k, v, backend=backend),
-                                                 (a,), (t,))[1])(qs, qs)
+    t_b = torch.vmap(
+        lambda a, t: torch.func.jvp(lambda x: diffcore.ops.attention(x, k, v, backend=backend), (a,), (t,))[1]
+    )(qs, qs)
     t_r = torch.stack([attention_jvp_ref(a, k, v, a, None, None)[1] for a in qs])
     assert _err(t_b, t_r) < 1e-12
 
@@ -234,14 +241,17 @@ def test_package_attribute_is_the_op_and_the_module_is_private():
 
 
 # ------------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("make,match", [
-    (lambda q, k, v: (q[0], k, v), "q: expected 4 dimensions"),
-    (lambda q, k, v: (q, k.double(), v), "k, v: expected the dtype of q"),
-    (lambda q, k, v: (q, k[:, :1], v), "k: expected shape"),
-    (lambda q, k, v: (q, k, v[..., :3, :]), "v: expected the shape of k"),
-    (lambda q, k, v: (q.int(), k.int(), v.int()), "q: expected dtype"),
-    (lambda q, k, v: (q[..., :0, :], k, v), "q: expected a non-empty tensor"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda q, k, v: (q[0], k, v), "q: expected 4 dimensions"),
+        (lambda q, k, v: (q, k.double(), v), "k, v: expected the dtype of q"),
+        (lambda q, k, v: (q, k[:, :1], v), "k: expected shape"),
+        (lambda q, k, v: (q, k, v[..., :3, :]), "v: expected the shape of k"),
+        (lambda q, k, v: (q.int(), k.int(), v.int()), "q: expected dtype"),
+        (lambda q, k, v: (q[..., :0, :], k, v), "q: expected a non-empty tensor"),
+    ],
+)
 def test_bad_inputs_name_the_argument(make, match):
     q, k, v = _inputs((1, 2, 5, 5, 4), torch.float32)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -276,8 +286,9 @@ def _gpu_check(backend, shape, dtype, jvp=True, backward=True):
     m_o, m_t = _math_jvp(*low)
     assert _err(out, ref_o) <= _tol(_err(m_o, ref_o), ref_o, dtype)
     if jvp:
-        _, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend),
-                                  tuple(low[:3]), tuple(low[3:]))
+        _, t_out = torch.func.jvp(
+            lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend), tuple(low[:3]), tuple(low[3:])
+        )
         assert _err(t_out, ref_t) <= _tol(_err(m_t, ref_t), ref_t, dtype)
     if backward:
         d_o = torch.randn_like(ref_o)
@@ -325,8 +336,7 @@ def test_cpu_chunking_paths_float64(chunk, monkeypatch):
     monkeypatch.setattr(_attention_cpu, "SCORE_CHUNK_ELEMENTS", chunk)
     q, k, v, tq, tk, tv = _inputs((2, 3, 19, 23, 8), torch.float64, seed=13, tangents=True)
     ref_o, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
-    out, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend="cpu"),
-                                (q, k, v), (tq, tk, tv))
+    out, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend="cpu"), (q, k, v), (tq, tk, tv))
     assert _err(out, ref_o) < 1e-12 and _err(t_out, ref_t) < 1e-12
     fused_o, fused_t = diffcore.ops.attention_and_jvp(q, k, v, tq, tk, tv, backend="cpu")
     assert _err(fused_o, ref_o) < 1e-12 and _err(fused_t, ref_t) < 1e-12
@@ -345,7 +355,7 @@ def test_inside_a_module_with_parameters_under_jvp_vmap_and_backward():
 
     def block(x, attn):  # x [B, L, H*Dh]
         q, k, v = proj(x).reshape(x.shape[0], l, 3, h, d).permute(2, 0, 3, 1, 4)
-        return attn(q, k, v, scale=d ** -0.5).transpose(1, 2).reshape(x.shape)
+        return attn(q, k, v, scale=d**-0.5).transpose(1, 2).reshape(x.shape)
 
     ours = lambda q, k, v, scale: diffcore.ops.attention(q, k, v, scale=scale)  # noqa: E731
     ref = lambda q, k, v, scale: attention_ref(q, k, v, scale)  # noqa: E731

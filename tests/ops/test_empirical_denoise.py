@@ -3,6 +3,7 @@
 Accuracy target (issue 2): relative error ||out - ref|| / ||ref|| per row at most 1e-5 in fp32 for
 sigma from 0.002 to 80, near-ties included; logz to 5e-6 relative (absolute below |logz| = 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,12 @@ import textwrap
 import pytest
 import torch
 
-from diffcore.ops import _empirical_denoise as op_module
-from diffcore.ops import _empirical_denoise_cpu as ed_cpu
-from diffcore.ops import empirical_denoise, empirical_denoise_with_logz
+from diffcore.ops import (
+    _empirical_denoise as op_module,
+    _empirical_denoise_cpu as ed_cpu,
+    empirical_denoise,
+    empirical_denoise_with_logz,
+)
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 from tests.helpers import cpu_backends
 
@@ -129,8 +133,10 @@ def test_near_ties_mix_both_training_points(backend, sigma):
     assert abs(da - db) / da < 1e-5
     ref_out, _ = empirical_denoise_ref(x, train, sigma)
     # the reference itself mixes the two points: a real near-tie
-    weight_a = float(((ref_out[0] - train[17].double()) @ (train[3].double() - train[17].double()))
-                     / ((train[3].double() - train[17].double()).square().sum()))
+    weight_a = float(
+        ((ref_out[0] - train[17].double()) @ (train[3].double() - train[17].double()))
+        / ((train[3].double() - train[17].double()).square().sum())
+    )
     assert 0.01 < weight_a < 0.99
     check_against_reference(x, train, sigma, backend)
 
@@ -234,7 +240,7 @@ def test_cpu_bf16_screening_near_duplicates_and_ties():
     the screening gives way to fp32 or re-scores them all; near-ties resolved exactly."""
     gen = torch.Generator().manual_seed(5)
     base = torch.rand(20, 512, generator=gen, dtype=torch.float64) * 2 - 1
-    train = (base.repeat_interleave(25, 0) + 1e-3 * torch.randn(500, 512, generator=gen, dtype=torch.float64))
+    train = base.repeat_interleave(25, 0) + 1e-3 * torch.randn(500, 512, generator=gen, dtype=torch.float64)
     train = train.float()
     x = (train[[0, 30, 260]].double() + 1e-3 * torch.randn(3, 512, generator=gen, dtype=torch.float64)).float()
     x = torch.cat([x, ((train[7] + train[8]) / 2)[None]])  # near-tie of two near-duplicates
@@ -255,8 +261,12 @@ def test_cpu_bf16_screening_gives_way_at_large_sigma(monkeypatch):
 
 
 def test_cpu_tile_rows_keep_the_working_set_small():
-    for batch, rows, dim, dtype in [(256, 10000, 3072, torch.float32), (64, 50000, 3072, torch.uint8),
-                                    (1, 10, 5, torch.float32), (4096, 100000, 64, torch.float32)]:
+    for batch, rows, dim, dtype in [
+        (256, 10000, 3072, torch.float32),
+        (64, 50000, 3072, torch.uint8),
+        (1, 10, 5, torch.float32),
+        (4096, 100000, 64, torch.float32),
+    ]:
         for screen in (False, True):
             tile = ed_cpu.cpu_tile_rows(batch, rows, dim, dtype, screen)
             assert 1 <= tile <= rows
@@ -325,8 +335,10 @@ def test_error_empty_train():
         empirical_denoise(x, torch.randn(0, 4, 5), 1.0)
 
 
-@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 0.0, 1.0]),
-                                   torch.tensor([1.0, float("nan"), 1.0])])
+@pytest.mark.parametrize(
+    "sigma",
+    [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0])],
+)
 def test_error_bad_sigma(sigma):
     x, train = _good()
     with pytest.raises(ValueError, match="sigma"):
@@ -434,6 +446,7 @@ def test_triton_on_gpu_half_x(x_dtype):
 # ---------------------------------------------------------------------------------------------
 # Both CPU screening precisions (DIFFCORE_CPU_SCREEN=bf16|fp32), whatever this machine would pick.
 
+
 @pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0, 10.0, 80.0])
 @pytest.mark.parametrize("train_dtype", [torch.uint8, torch.float32])
 def test_cpu_forced_screening_precision(forced_screen, sigma, train_dtype):
@@ -458,13 +471,13 @@ def test_fp32_bounds_are_gamma_n():
     """The proven fp32 / fp64 coefficients are gamma_{D+1} (Higham Eq. 3.5); the measured fp32
     coefficient, used for dense tiles only, is far below it at image sizes."""
     dim = 3072
-    pairs = ((ed_cpu.fp32_gemm_error_bound(dim), 2.0 ** -24), (ed_cpu.fp64_gemm_error_bound(dim), 2.0 ** -53))
+    pairs = ((ed_cpu.fp32_gemm_error_bound(dim), 2.0**-24), (ed_cpu.fp64_gemm_error_bound(dim), 2.0**-53))
     for bound, unit in pairs:
         nu = (dim + 1) * unit
         assert bound == pytest.approx(nu / (1 - nu), rel=1e-12)
     assert ed_cpu.measured_fp32_gemm_error_coefficient(dim) < ed_cpu.fp32_gemm_error_bound(dim) / 500
     with pytest.raises(ValueError, match="dim"):
-        ed_cpu.gamma(2 ** 24, 2.0 ** -24)
+        ed_cpu.gamma(2**24, 2.0**-24)
 
 
 def test_dense_large_sigma_uses_the_measured_coefficient_only_after_the_proven_one(monkeypatch):
@@ -531,8 +544,10 @@ def test_midpoint_and_duplicate_at_tiny_sigma(backend, sigma):
     y = torch.randint(-1024, 1024, (5, 64), generator=gen).float() / 1024
     y[2:] += 4.0  # far: rows 0 and 1 are the nearest
     x = ((y[0] + y[1]) / 2)[None]
-    for train, expected in ((y, (y[0].double() + y[1].double()) / 2),
-                            (torch.cat([y[:1], y]), (2 * y[0].double() + y[1].double()) / 3)):
+    for train, expected in (
+        (y, (y[0].double() + y[1].double()) / 2),
+        (torch.cat([y[:1], y]), (2 * y[0].double() + y[1].double()) / 3),
+    ):
         out = empirical_denoise(x, train, sigma, backend=backend)
         assert float((out[0].double() - expected).abs().max()) <= 1e-6, backend
 
@@ -624,8 +639,9 @@ def test_cpu_small_path_matches_reference(train_dtype, sigma, batch, rows, dim):
 def test_cpu_small_path_per_row_sigma_and_far_queries():
     x, train = make_case(11, 500, 64, 1.0, torch.uint8, seed=3)
     x = torch.cat([x, torch.randn(3, 64) * 5])  # far from every training row
-    sigma = torch.tensor([0.003, 0.05, 0.5, 1.0, 2.0, 5.0, 80.0, 0.01, 0.2, 30.0, 1e3, 0.02, 1.0, 80.0],
-                         dtype=torch.float64)
+    sigma = torch.tensor(
+        [0.003, 0.05, 0.5, 1.0, 2.0, 5.0, 80.0, 0.01, 0.2, 30.0, 1e3, 0.02, 1.0, 80.0], dtype=torch.float64
+    )
     check_against_reference(x, train, sigma, "cpu")
 
 
@@ -661,8 +677,11 @@ def test_cpu_small_path_agrees_with_the_tile_path_and_threads(monkeypatch):
 
 def test_cpu_small_path_refuses_nan_and_huge_train():
     x, train = make_case(4, 100, 64, 1.0)
-    for value, message in ((float("nan"), "train: contains NaN"), (float("inf"), "train: contains Inf"),
-                           (1e16, r"train: expected values of magnitude <= 1e\+15")):
+    for value, message in (
+        (float("nan"), "train: contains NaN"),
+        (float("inf"), "train: contains Inf"),
+        (1e16, r"train: expected values of magnitude <= 1e\+15"),
+    ):
         bad = train.clone()
         bad[7, 3] = value
         with pytest.raises(ValueError, match=message):

@@ -1,5 +1,6 @@
 """diffcore.ops.knn: every backend against the float64 reference (exact indices, ties to the
 lower index; distances to fp32 rounding), and errors naming the argument."""
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,8 @@ def _assert_matches_reference(queries, train, k, backend):
     assert torch.equal(i.cpu(), i_ref.cpu()), f"indices differ from the reference ({backend})"
     # exact distances, rounded once to the output dtype
     assert torch.equal(d.cpu(), d_ref.cpu().to(expected_dtype)) or torch.allclose(
-        d.double().cpu(), d_ref.cpu(), rtol=2 * torch.finfo(expected_dtype).eps, atol=0)
+        d.double().cpu(), d_ref.cpu(), rtol=2 * torch.finfo(expected_dtype).eps, atol=0
+    )
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -231,8 +233,8 @@ def test_cpu_screening_bound_holds_without_safety_factor(case):
     dq = (queries.double() - q_round.double()).norm(dim=1)[:, None]
     dy = (train.double() - y_round.double()).norm(dim=1)[None, :]
     nq, ny = q_round.double().norm(dim=1)[:, None], y_round.double().norm(dim=1)[None, :]
-    gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
-    bound = nq * dy + dq * ny + dq * dy + gamma * nq * ny + 2.0 ** -8 * screened.abs()
+    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+    bound = nq * dy + dq * ny + dq * dy + gamma * nq * ny + 2.0**-8 * screened.abs()
     assert bool(((screened - exact).abs() <= bound).all())
 
 
@@ -253,6 +255,7 @@ def test_triton_rejects_large_k():
 
 # ---------------------------------------------------------------------------------------------
 # CUDA (never run on a GPU yet: these run in the GPU check script)
+
 
 @pytest.mark.cuda_ext
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -276,6 +279,7 @@ def test_triton_on_gpu_matches_reference():
 
 # ---------------------------------------------------------------------------------------------
 # Errors name the argument
+
 
 def test_error_mismatched_trailing_shapes():
     with pytest.raises(ValueError, match="train"):
@@ -342,15 +346,22 @@ def test_error_unknown_backend():
 # ---------------------------------------------------------------------------------------------
 # Every CPU screening precision (DIFFCORE_CPU_SCREEN=int8|bf16|fp32), whatever this machine would pick.
 
+
 def _hard_cases():
-    return [lambda b: test_near_ties_and_large_offsets(b), lambda b: test_exact_duplicates_break_ties_by_lower_index(b),
-            lambda b: test_uint8_train(b), lambda b: test_uint8_gray_images_and_small_queries(b),
-            lambda b: test_float64_and_half_queries(b), lambda b: test_image_dim_3072(b, 2),
-            lambda b: test_digits(b, True)]
+    return [
+        lambda b: test_near_ties_and_large_offsets(b),
+        lambda b: test_exact_duplicates_break_ties_by_lower_index(b),
+        lambda b: test_uint8_train(b),
+        lambda b: test_uint8_gray_images_and_small_queries(b),
+        lambda b: test_float64_and_half_queries(b),
+        lambda b: test_image_dim_3072(b, 2),
+        lambda b: test_digits(b, True),
+    ]
 
 
-@pytest.mark.parametrize("case", range(7), ids=["near_ties", "duplicates", "uint8", "uint8_gray", "float64_half",
-                                                 "dim3072", "digits_uint8"])
+@pytest.mark.parametrize(
+    "case", range(7), ids=["near_ties", "duplicates", "uint8", "uint8_gray", "float64_half", "dim3072", "digits_uint8"]
+)
 def test_cpu_forced_screening_precision(forced_knn_screen, case):
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("diffcore._C is not built")
@@ -426,7 +437,8 @@ def test_int8_screen_under_avx2_caps():
         "    stats = {}\n"
         "    idx = _knn_cpu.run(queries, y.contiguous(), 3, stats=stats, precision='int8' if levels else None)[1]\n"
         "    assert torch.equal(idx, knn_ref(queries, y, 3)[1]), stats\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2")
     env.pop("DIFFCORE_CPU_SCREEN", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -445,7 +457,7 @@ def test_fp32_screening_bound_is_worst_case(case):
     queries, train = torch.rand(32, dim, generator=g) * 2 - 1, torch.rand(300, dim, generator=g) * 2 - 1
     if case == "cancellation":
         signs = torch.ones(dim)
-        signs[dim // 2:] = -1
+        signs[dim // 2 :] = -1
         queries, train = queries * 1e-3 + signs * 100, train * 1e-3 + 100
     elif case == "offset":
         base = torch.randn(1, dim, generator=g) * 100
@@ -454,7 +466,7 @@ def test_fp32_screening_bound_is_worst_case(case):
         train = torch.randint(0, 256, (300, dim), generator=g).double().div(127.5).sub(1).float()
     exact = queries.double() @ train.double().t()
     got = (queries @ train.t()).double()
-    gamma = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
+    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
     bound = gamma * queries.double().norm(dim=1)[:, None] * train.double().norm(dim=1)[None, :]
     assert bool(((got - exact).abs() <= bound).all())
 

@@ -5,26 +5,32 @@ the image with circular padding is the empirical denoiser of the translated trai
 Accuracy target: max |out - ref| <= 2e-5 * max(1, |ref|) in fp32 (fp32 weights: ~2e-7 relative
 each; the float64 distances keep the logits exact to ~1e-9 even at sigma = 1e-3).
 """
+
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
-from diffcore.ops import _local_denoise as op_module
-from diffcore.ops import _local_denoise_cpu as ld_cpu
-from diffcore.ops import local_denoise, wiener_masks
+
+from diffcore.ops import _local_denoise as op_module, _local_denoise_cpu as ld_cpu, local_denoise, wiener_masks
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 from diffcore.ref.local_denoise import local_denoise_ref
-
 from tests.helpers import cpu_backends
 
 FAST_BACKENDS = cpu_backends(("cpu", "triton"))
 TRITON = [b for b in FAST_BACKENDS if b == "triton"]  # the interpreter is slow: fewer, smaller cases
 ABS_TOL = 2e-5
 SIGMAS = [0.001, 0.05, 1.0, 80.0]
-CASES = [("els", "zeros", 3), ("els", "circular", 3), ("els", "zeros", 5), ("els", "circular", 5),
-         ("ls", "zeros", 3), ("ls", "circular", 5), ("pspc", "zeros", 3)]
+CASES = [
+    ("els", "zeros", 3),
+    ("els", "circular", 3),
+    ("els", "zeros", 5),
+    ("els", "circular", 5),
+    ("ls", "zeros", 3),
+    ("ls", "circular", 5),
+    ("pspc", "zeros", 3),
+]
 
 
 def _params(backends):
@@ -42,7 +48,7 @@ def make_case(batch=3, rows=7, channels=2, height=5, width=6, sigma=0.5, train_d
         values = train.double()
     source = torch.randint(0, rows, (batch,), generator=gen)
     sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
-    x = (values[source] + sig * torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64))
+    x = values[source] + sig * torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
     return x.float(), train
 
 
@@ -182,8 +188,8 @@ def test_per_sample_patch_size_splits_the_batch():
     x, train = make_case(batch=3, rows=6, channels=1, height=6, width=5, sigma=0.5)
     out = local_denoise(x, train, 0.5, kind="els", patch_size=[3, 5, 3], backend="cpu")
     for row, size in enumerate([3, 5, 3]):
-        alone = local_denoise(x[row:row + 1], train, 0.5, kind="els", patch_size=size, backend="cpu")
-        assert torch.equal(out[row:row + 1], alone)
+        alone = local_denoise(x[row : row + 1], train, 0.5, kind="els", patch_size=size, backend="cpu")
+        assert torch.equal(out[row : row + 1], alone)
 
 
 @pytest.mark.parametrize("tile", [1, 4, 7])
@@ -252,17 +258,20 @@ def test_wiener_masks_threshold_rule():
     assert float(row[0]) == 1.0 and float(row.sum()) == 1.0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"kind": "bad"}, "kind"),
-    ({"kind": "els", "padding": "reflect"}, "padding"),
-    ({"kind": "els", "patch_size": 4}, "patch_size"),
-    ({"kind": "els", "patch_size": [3, 3]}, "patch_size"),
-    ({"kind": "pspc", "patch_size": 7}, "patch_size"),
-    ({"kind": "mask"}, "mask"),
-    ({"kind": "mask", "mask": torch.ones(3, 3)}, "mask"),
-    ({"kind": "mask", "mask": -torch.ones(30, 30)}, "mask"),
-    ({"kind": "els", "mask": torch.ones(30, 30)}, "mask"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kind": "bad"}, "kind"),
+        ({"kind": "els", "padding": "reflect"}, "padding"),
+        ({"kind": "els", "patch_size": 4}, "patch_size"),
+        ({"kind": "els", "patch_size": [3, 3]}, "patch_size"),
+        ({"kind": "pspc", "patch_size": 7}, "patch_size"),
+        ({"kind": "mask"}, "mask"),
+        ({"kind": "mask", "mask": torch.ones(3, 3)}, "mask"),
+        ({"kind": "mask", "mask": -torch.ones(30, 30)}, "mask"),
+        ({"kind": "els", "mask": torch.ones(30, 30)}, "mask"),
+    ],
+)
 def test_errors_name_the_argument(kwargs, match):
     x, train = make_case(sigma=0.5)
     with pytest.raises((ValueError, TypeError), match=match):

@@ -1,6 +1,7 @@
 """Every op has the same shape: a private module ``diffcore.ops._<op>`` with ``BACKENDS`` and a
 ``RUNNERS`` table keyed by every implemented backend, CPU host code in ``_<op>_cpu`` and CUDA
 launchers in ``_<op>_cuda``; ``diffcore.ops`` exports the functions."""
+
 from __future__ import annotations
 
 import importlib
@@ -9,11 +10,13 @@ import pytest
 
 import diffcore.ops
 
-OPS = {"attention": ("attention", "attention_and_jvp"),
-       "empirical_denoise": ("empirical_denoise", "empirical_denoise_with_logz"),
-       "knn": ("knn",),
-       "local_denoise": ("local_denoise", "wiener_masks"),
-       "sampler_step": ("sampler_step",)}
+OPS = {
+    "attention": ("attention", "attention_and_jvp"),
+    "empirical_denoise": ("empirical_denoise", "empirical_denoise_with_logz"),
+    "knn": ("knn",),
+    "local_denoise": ("local_denoise", "wiener_masks"),
+    "sampler_step": ("sampler_step",),
+}
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

@@ -1,5 +1,6 @@
 """diffcore.ops.sampler_step: every backend against the float64 reference; coefficient formulas
 against the textbook updates; NaN/Inf flag; bitwise determinism of the CPU kernel; errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,8 +43,11 @@ def _torch_in_dtype(x, d, e, z, row):
     return out
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"] +
-                         [pytest.param("triton", marks=pytest.mark.triton)] * ("triton" in BACKENDS))
+@pytest.mark.parametrize(
+    "backend",
+    [b for b in BACKENDS if b != "triton"]
+    + [pytest.param("triton", marks=pytest.mark.triton)] * ("triton" in BACKENDS),
+)
 @pytest.mark.parametrize("kind", list(ROWS))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backend_matches_float64_reference(backend, kind, shape):
@@ -100,7 +104,7 @@ def test_coefficient_tables_match_textbook_updates():
     g = torch.Generator().manual_seed(3)
     x, d, e, z = (torch.randn(9, generator=g, dtype=torch.float64) for _ in range(4))
     for kind in ("euler", "heun", "dpmpp_2m", "ddim"):
-        for eta in ((0.0, 0.7, 1.0) if kind == "ddim" else (0.0,)):
+        for eta in (0.0, 0.7, 1.0) if kind == "ddim" else (0.0,):
             table = step_coefficients(kind, sigmas, eta=eta)
             for i in range(len(sigmas) - 1):
                 s, s_next = sigmas[i], sigmas[i + 1]
@@ -109,8 +113,9 @@ def test_coefficient_tables_match_textbook_updates():
                 got = ref.sampler_step_ref(x, d, table[i], e, z)
                 torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"{kind} eta={eta} step {i}")
     churn = _sampler_step.churn_coefficients(2.0, 2.5, 1.007)
-    torch.testing.assert_close(ref.sampler_step_ref(x, d, churn, None, z),
-                               ref.textbook_step("churn", x, d, 2.0, 2.5, noise=z, s_noise=1.007))
+    torch.testing.assert_close(
+        ref.sampler_step_ref(x, d, churn, None, z), ref.textbook_step("churn", x, d, 2.0, 2.5, noise=z, s_noise=1.007)
+    )
 
 
 def test_dpmpp_2m_first_and_last_steps_are_first_order():
@@ -131,8 +136,7 @@ def test_cpu_kernel_is_bitwise_deterministic_across_threads_and_sizes():
     assert all(torch.equal(results[0], r) for r in results[1:])
     # element i does not depend on the tensor's length (no position-dependent vector/tail path)
     for length in (1, 7, 33, 1000):
-        part = sampler_step("ddim", x[-length:], d[-length:], row, extra=e[-length:], noise=z[-length:],
-                            backend="cpu")
+        part = sampler_step("ddim", x[-length:], d[-length:], row, extra=e[-length:], noise=z[-length:], backend="cpu")
         assert torch.equal(part, results[0][-length:])
 
 
@@ -141,10 +145,14 @@ def test_autograd_gradients_and_jvp_are_the_coefficients():
     row = (0.7, 0.4, -0.1, 0.0)
     for backend in [b for b in BACKENDS if b != "triton"]:
         assert torch.autograd.gradcheck(
-            lambda a, b, c: sampler_step("heun", a, b, row, extra=c, backend=backend), (x, d, e))
+            lambda a, b, c: sampler_step("heun", a, b, row, extra=c, backend=backend), (x, d, e)
+        )
     tangents = tuple(torch.randn_like(t) for t in (x, d, e))
-    _, jvp = torch.func.jvp(lambda a, b, c: sampler_step("heun", a, b, row, extra=c, backend="reference"),
-                            (x.detach(), d.detach(), e.detach()), tangents)
+    _, jvp = torch.func.jvp(
+        lambda a, b, c: sampler_step("heun", a, b, row, extra=c, backend="reference"),
+        (x.detach(), d.detach(), e.detach()),
+        tangents,
+    )
     torch.testing.assert_close(jvp, 0.7 * tangents[0] + 0.4 * tangents[1] - 0.1 * tangents[2])
 
 
@@ -184,13 +192,39 @@ def test_extension_checks_again():
 
     x = torch.zeros(4)
     with pytest.raises(ValueError, match="extra"):
-        extension().sampler_step_cpu(dtype="float32", x=x.data_ptr(), denoised=x.data_ptr(), extra=0, noise=0,
-                                     out=x.data_ptr(), numel=4, c_x=1.0, c_denoised=0.0, c_extra=0.5, c_noise=0.0,
-                                     step=0, flag=0, threads=1)
+        extension().sampler_step_cpu(
+            dtype="float32",
+            x=x.data_ptr(),
+            denoised=x.data_ptr(),
+            extra=0,
+            noise=0,
+            out=x.data_ptr(),
+            numel=4,
+            c_x=1.0,
+            c_denoised=0.0,
+            c_extra=0.5,
+            c_noise=0.0,
+            step=0,
+            flag=0,
+            threads=1,
+        )
     with pytest.raises(ValueError, match="dtype"):
-        extension().sampler_step_cpu(dtype="float16", x=x.data_ptr(), denoised=x.data_ptr(), extra=0, noise=0,
-                                     out=x.data_ptr(), numel=2, c_x=1.0, c_denoised=0.0, c_extra=0.0, c_noise=0.0,
-                                     step=0, flag=0, threads=1)
+        extension().sampler_step_cpu(
+            dtype="float16",
+            x=x.data_ptr(),
+            denoised=x.data_ptr(),
+            extra=0,
+            noise=0,
+            out=x.data_ptr(),
+            numel=2,
+            c_x=1.0,
+            c_denoised=0.0,
+            c_extra=0.0,
+            c_noise=0.0,
+            step=0,
+            flag=0,
+            threads=1,
+        )
 
 
 @pytest.mark.gpu

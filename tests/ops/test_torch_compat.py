@@ -1,5 +1,6 @@
 """diffcore.ops._torch_compat: each private-torch helper against the public behaviour it stands
 for, on the installed torch (CI installs the torch release pyproject.toml pins; CONTRIBUTING.md)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The float64 references against direct definitions on tiny inputs."""
+
 from __future__ import annotations
 
 import math
@@ -50,15 +51,15 @@ def test_empirical_denoise_ref_midpoint_at_tiny_sigma_is_the_mean():
     """logits near -1e16 cannot hold the log 2 of a tie: relative to the best distance they can."""
     y, x = _two_rows_and_their_midpoint()
     out, logz = empirical_denoise_ref(x, y, 1e-8)
-    assert float((out[0] - (y[0] + y[1]) / 2).abs().max()) <= 2.0 ** -52
+    assert float((out[0] - (y[0] + y[1]) / 2).abs().max()) <= 2.0**-52
     best = float(((x[0] - y[0]) ** 2).sum())
-    assert abs(float(logz[0]) - (-best / 2e-16 + math.log(2))) <= 4 * abs(best / 2e-16) * 2.0 ** -53
+    assert abs(float(logz[0]) - (-best / 2e-16 + math.log(2))) <= 4 * abs(best / 2e-16) * 2.0**-53
 
 
 def test_empirical_denoise_ref_duplicated_row_counts_twice():
     y, x = _two_rows_and_their_midpoint()
     out, _ = empirical_denoise_ref(x, torch.cat([y[:1], y]), 1e-8)  # row 0 twice: weights 2/3, 1/3
-    assert float((out[0] - (2 * y[0] + y[1]) / 3).abs().max()) <= 4 * 2.0 ** -52
+    assert float((out[0] - (2 * y[0] + y[1]) / 3).abs().max()) <= 4 * 2.0**-52
 
 
 def test_empirical_denoise_ref_near_tie_at_tiny_sigma_matches_exact_arithmetic():

@@ -1,4 +1,5 @@
 """Closed-form denoisers with known probability-flow ODE solutions, for the sampler tests."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ class GaussianModel:
     def exact(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1).double()
         y = (flat - self.mu) @ self.U
-        scale = torch.sqrt((self.lam + sigma_to ** 2) / (self.lam + sigma_from ** 2))
+        scale = torch.sqrt((self.lam + sigma_to**2) / (self.lam + sigma_from**2))
         return (self.mu + (y * scale) @ self.U.T).reshape(x.shape)
 
 

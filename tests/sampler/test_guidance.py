@@ -1,4 +1,5 @@
 """Guidance wrappers: the CFG convention, w = 0 bitwise, interval boundaries, every solver."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ def test_cfg_convention_matches_formula(pair):
         expected = uncond(x, sigma) + (1 + w) * (cond(x, sigma) - uncond(x, sigma))
         torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)  # float64 rounding of 3 terms
     # w = -1 is the unconditional denoiser (up to that rounding)
-    torch.testing.assert_close(classifier_free_guidance(cond, uncond, -1.0)(x, sigma), uncond(x, sigma),
-                               rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(
+        classifier_free_guidance(cond, uncond, -1.0)(x, sigma), uncond(x, sigma), rtol=1e-13, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
@@ -37,8 +39,9 @@ def test_w_zero_is_conditional_sampling_bitwise(pair, solver):
     shape, seeds = (3, 2, 2), list(range(4))
     plain = sampler.sample(cond, seeds=seeds, shape=shape, steps=8, solver=solver)
     calls_before = uncond.calls
-    guided = sampler.sample(classifier_free_guidance(cond, uncond, 0.0), seeds=seeds, shape=shape, steps=8,
-                            solver=solver)
+    guided = sampler.sample(
+        classifier_free_guidance(cond, uncond, 0.0), seeds=seeds, shape=shape, steps=8, solver=solver
+    )
     assert torch.equal(plain, guided)
     assert uncond.calls == calls_before  # D_u is never evaluated at w = 0
 
@@ -48,13 +51,16 @@ def test_guided_sampling_runs_on_every_solver(pair, solver):
     cond, uncond = pair
     shape, seeds = (3, 2, 2), list(range(3))
     plain = sampler.sample(cond, seeds=seeds, shape=shape, steps=8, solver=solver)
-    guided = sampler.sample(classifier_free_guidance(cond, uncond, 1.5), seeds=seeds, shape=shape, steps=8,
-                            solver=solver)
+    guided = sampler.sample(
+        classifier_free_guidance(cond, uncond, 1.5), seeds=seeds, shape=shape, steps=8, solver=solver
+    )
     assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
 
 
-@pytest.mark.parametrize("closed, low_in, high_in", [
-    ("right", False, True), ("left", True, False), ("both", True, True), ("neither", False, False)])
+@pytest.mark.parametrize(
+    "closed, low_in, high_in",
+    [("right", False, True), ("left", True, False), ("both", True, True), ("neither", False, False)],
+)
 def test_interval_boundaries(closed, low_in, high_in):
     interval = GuidanceInterval(0.5, 2.0, closed)
     assert interval.contains(0.5) is low_in and interval.contains(2.0) is high_in
@@ -67,7 +73,7 @@ def test_interval_boundaries(closed, low_in, high_in):
 def test_interval_bounds_match_grid_points_in_float32():
     """A bound given as the float64 grid value matches the float32 sigma the sampler hands over."""
     grid = sampler.karras_sigmas(10, 0.002, 80.0).tolist()
-    high = grid[3]                               # not representable in float32
+    high = grid[3]  # not representable in float32
     interval = GuidanceInterval(grid[6], high)
     as_float32 = torch.tensor(grid[:-1], dtype=torch.float32)
     assert interval.contains(as_float32).tolist() == [False] * 3 + [True] * 3 + [False] * 4
@@ -105,8 +111,11 @@ def test_interval_in_a_sampler_run(pair, closed):
     expected = [s for s in values[:-1] if interval.contains(torch.tensor(s, dtype=torch.float32))]
     assert seen == pytest.approx(expected, rel=1e-6)
     inner = values[3:5]
-    wanted = inner + ([values[5]] if closed in ("left", "both") else []) + \
-        ([values[2]] if closed in ("right", "both") else [])
+    wanted = (
+        inner
+        + ([values[5]] if closed in ("left", "both") else [])
+        + ([values[2]] if closed in ("right", "both") else [])
+    )
     assert sorted(seen) == pytest.approx(sorted(wanted), rel=1e-6)
 
 

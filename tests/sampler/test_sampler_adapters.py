@@ -1,4 +1,5 @@
 """Adapters to the denoiser contract: epsilon/v/x0 predictions, VP models, diffusers UNets."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -85,17 +86,31 @@ def test_vp_adapter_samples_like_the_ve_model(gaussian):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
-                    reason="diffusers is not installed (optional: pip install diffusers)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed (optional: pip install diffusers)"
+)
 def test_diffusers_unet_adapter_matches_diffusers_ddim_loop():
     from diffusers import DDIMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                              set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
     scheduler.set_timesteps(10)
     noise = S.noise_from_seeds([0, 1], (3, 8, 8))
     with torch.no_grad():

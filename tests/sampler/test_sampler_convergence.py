@@ -1,5 +1,6 @@
 """Accuracy of the solvers: Gaussian data (exact PF-ODE solution) and a nonlinear empirical
 denoiser (against torchdiffeq's dopri5 at tight tolerances)."""
+
 from __future__ import annotations
 
 import math

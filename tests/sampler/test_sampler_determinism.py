@@ -1,5 +1,6 @@
 """Reproducibility: bitwise repeatable on the CPU; a sample depends on its seed only, not on the
 batch it runs in; per-sample noise streams."""
+
 from __future__ import annotations
 
 import pytest
@@ -48,8 +49,9 @@ def test_same_seed_same_sample_whatever_the_batch(solver, dtype, isotropic):
         assert torch.equal(alone[0], full[i])
 
 
-@pytest.mark.parametrize("solver,options", [("heun", {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0}),
-                                            ("ddim", {"eta": 1.0})])
+@pytest.mark.parametrize(
+    "solver,options", [("heun", {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0}), ("ddim", {"eta": 1.0})]
+)
 def test_stochastic_samplers_use_per_sample_streams(solver, options, isotropic):
     seeds = [7, 8, 9, 10]
     full = S.sample(isotropic, seeds=seeds, shape=(6,), steps=10, solver=solver, **options)
@@ -71,7 +73,7 @@ def test_churn_follows_edm_algorithm_2(isotropic):
         return isotropic(xx, s)
 
     S.sample_heun(denoiser, x, sigmas, s_churn=4.0, generator=torch.Generator().manual_seed(0))
-    gamma = min(4.0 / 4, 2 ** 0.5 - 1)
+    gamma = min(4.0 / 4, 2**0.5 - 1)
     expected_std = (((1 + gamma) ** 2 - 1) ** 0.5) * 10.0
     assert abs(float(added[0].std()) / expected_std - 1) < 0.05
 
@@ -99,12 +101,15 @@ def test_backends_agree_in_the_loop(solver, gaussian):
         torch.testing.assert_close(out, reference, rtol=2e-5, atol=2e-5, msg=backend)
 
 
-@pytest.mark.parametrize("solver,options", [("euler", {}), ("heun", {}), ("heun", {"s_churn": 10.0}),
-                                            ("dpmpp_2m", {}), ("ddim", {"eta": 0.5})])
+@pytest.mark.parametrize(
+    "solver,options",
+    [("euler", {}), ("heun", {}), ("heun", {"s_churn": 10.0}), ("dpmpp_2m", {}), ("ddim", {"eta": 0.5})],
+)
 @pytest.mark.parametrize("with_callback", [False, True])
 def test_input_state_is_never_modified(solver, options, with_callback, isotropic):
     x = 80.0 * torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(9))
     before = x.clone()
-    out = S.SOLVERS[solver](isotropic, x, S.karras_sigmas(5), callback=(lambda d: None) if with_callback else None,
-                            **options)
+    out = S.SOLVERS[solver](
+        isotropic, x, S.karras_sigmas(5), callback=(lambda d: None) if with_callback else None, **options
+    )
     assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()

@@ -1,5 +1,6 @@
 """GPU behaviour (skipped without a CUDA GPU): no host synchronization inside the loop, deferred
 NaN/Inf detection, CUDA-graph trajectories equal to eager ones, same samples as on the CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,9 @@ class SmallConvDenoiser(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.SiLU(),
-                                       torch.nn.Conv2d(16, 3, 3, padding=1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 3, 3, padding=1)
+        )
 
     def forward(self, x, sigma):
         c = (1 / (1 + sigma * sigma)).view(-1, 1, 1, 1)
@@ -56,8 +58,9 @@ def test_capture_matches_eager(solver):
     with torch.no_grad():
         eager = S.SOLVERS[solver](net, x, sigmas)
         captured = S.SOLVERS[solver](net, x, sigmas, capture=True)
-        batched = S.sample(net, seeds=range(8), shape=(3, 16, 16), steps=12, solver=solver, device="cuda",
-                           batch_size=4, capture=True)
+        batched = S.sample(
+            net, seeds=range(8), shape=(3, 16, 16), steps=12, solver=solver, device="cuda", batch_size=4, capture=True
+        )
     torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, eager, rtol=1e-4, atol=1e-4)
 

@@ -1,4 +1,5 @@
 """ODE inversion data -> noise, and the round trip back."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Sigma schedules: formulas, end points, ordering."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the argument, the step and the sigma."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ def test_denoiser_output_of_wrong_shape(solver):
     def bad(x, s):
         return x[:, :-1]
 
-    with pytest.raises(ValueError, match=r"denoiser: returned shape \(2, 11\), expected \(2, 12\).*step 0 \(sigma 80\)"):
+    with pytest.raises(
+        ValueError, match=r"denoiser: returned shape \(2, 11\), expected \(2, 12\).*step 0 \(sigma 80\)"
+    ):
         S.SOLVERS[solver](bad, _x(), S.karras_sigmas(4))
     with pytest.raises(TypeError, match="denoiser: expected a tensor"):
         S.SOLVERS[solver](lambda x, s: x.numpy(), _x(), S.karras_sigmas(4))

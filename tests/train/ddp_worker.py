@@ -2,6 +2,7 @@
 
 Run as ``python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py CONFIG [STEPS]``.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+import tiny_model  # noqa: F401  (registers the model "tiny_denoiser"; this folder is on sys.path)
 import torch
 from safetensors.torch import save_file
 
-import tiny_model  # noqa: F401  (registers the model "tiny_denoiser"; this folder is on sys.path)
 from diffcore.train import TrainConfig, init_distributed, map_seeds, shard_seeds, train_from_config
 
 
@@ -25,13 +26,21 @@ def main(config_path: str, steps: str | None = None) -> None:
     context = init_distributed(config.device)
     result = train_from_config(config)  # reuses the process group initialized above
     out = Path(config.out_dir)
-    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
-              str(out / f"rank{context.rank}.safetensors"))
-    squares = map_seeds(lambda seed: {"seed": seed, "square": seed * seed, "rank": context.rank},
-                        list(range(100, 107)), context)
-    report = {"rank": context.rank, "world_size": context.world_size, "backend": context.backend,
-              "step": result.step, "resumed_from_step": result.resumed_from_step, "my_seeds": shard_seeds(range(100, 107), context.rank, context.world_size),
-              "gathered": squares}
+    save_file(
+        {k: v.contiguous() for k, v in result.model.state_dict().items()}, str(out / f"rank{context.rank}.safetensors")
+    )
+    squares = map_seeds(
+        lambda seed: {"seed": seed, "square": seed * seed, "rank": context.rank}, list(range(100, 107)), context
+    )
+    report = {
+        "rank": context.rank,
+        "world_size": context.world_size,
+        "backend": context.backend,
+        "step": result.step,
+        "resumed_from_step": result.resumed_from_step,
+        "my_seeds": shard_seeds(range(100, 107), context.rank, context.world_size),
+        "gathered": squares,
+    }
     (out / f"rank{context.rank}.json").write_text(json.dumps(report))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -1,5 +1,6 @@
 """EDM's non-leaky augmentation: labels, identity where nothing is drawn, the geometry of each
 transform against an analytic image, colour transforms, and the trainer option."""
+
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ SIZE = 32
 
 def smooth_image(batch: int = 4, channels: int = 3) -> tuple[torch.Tensor, callable]:
     """A low-frequency analytic image and its formula f(x, y) in centred pixel coordinates."""
+
     def f(x, y):
         return 0.5 * torch.sin(0.15 * x + 0.05) * torch.cos(0.11 * y - 0.2)
 
@@ -34,7 +36,7 @@ def expected_from_matrix(pipe, draws, f):
     c = torch.arange(SIZE, dtype=torch.float64) - (SIZE - 1) / 2
     y, x = torch.meshgrid(c, c, indexing="ij")
     p = torch.stack([x, y, torch.ones_like(x)]).reshape(3, -1)
-    q = g @ p                                            # [B, 3, H*W]
+    q = g @ p  # [B, 3, H*W]
     return f(q[:, 0], q[:, 1]).reshape(-1, 1, SIZE, SIZE).float()
 
 
@@ -108,12 +110,15 @@ def test_colour_transforms():
     hue_only = AugmentPipe(p=1.0, xflip=0, yflip=0, scale=0, rotate=0, aniso=0, translate=0, hue=1)
     rotated, _ = hue_only.apply(x, {"hue": draws["hue"]})
     torch.testing.assert_close(rotated.mean(1), x.mean(1), atol=1e-6, rtol=0)
-    torch.testing.assert_close((rotated - rotated.mean(1, keepdim=True)).norm(dim=1),
-                               (x - x.mean(1, keepdim=True)).norm(dim=1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        (rotated - rotated.mean(1, keepdim=True)).norm(dim=1),
+        (x - x.mean(1, keepdim=True)).norm(dim=1),
+        atol=1e-5,
+        rtol=0,
+    )
     bright = AugmentPipe(p=1.0, xflip=0, yflip=0, scale=0, rotate=0, aniso=0, translate=0, brightness=1)
     shifted, labels = bright(x, torch.Generator().manual_seed(11))
-    torch.testing.assert_close(shifted - x, (labels[:, 0] * 0.2).reshape(-1, 1, 1, 1).expand_as(x),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(shifted - x, (labels[:, 0] * 0.2).reshape(-1, 1, 1, 1).expand_as(x), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="3 channels"):
         pipe.apply(x[:, :1], draws)
     with pytest.raises(ValueError, match="p must lie"):
@@ -132,11 +137,20 @@ def test_vp_loss_draws_edm_vp_sigmas():
 def test_trainer_passes_augment_labels_to_the_model(tmp_path):
     from diffcore.train import TrainConfig, train_from_config
 
-    config = TrainConfig(data={"name": "digits", "subset": 32},
-                         model={"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8,
-                                "augment_dim": 9},
-                         loss="vp", augment="edm", augment_p=0.5, steps=2, batch_size=8,
-                         checkpoint_every=2, log_every=1, device="cpu", out_dir=str(tmp_path), progress=False)
+    config = TrainConfig(
+        data={"name": "digits", "subset": 32},
+        model={"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8, "augment_dim": 9},
+        loss="vp",
+        augment="edm",
+        augment_p=0.5,
+        steps=2,
+        batch_size=8,
+        checkpoint_every=2,
+        log_every=1,
+        device="cpu",
+        out_dir=str(tmp_path),
+        progress=False,
+    )
     seen = []
     import diffcore.models.unet as unet
 

@@ -1,6 +1,7 @@
 """Checkpoint manifests name only plain files inside the checkpoint: a path leaving the folder, a
 link to a device or a FIFO is refused at once, and nothing about an outside file is disclosed
 (issue 32: hangs and runaway reads)."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import signal
 
 import pytest
 import torch
+
 from diffcore.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
@@ -60,9 +62,12 @@ def tiny_checkpoint(tmp_path, tensors=None, documents=None):
 
     spec = {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 4}
     weights = build_model(spec).state_dict()
-    return save_checkpoint(tmp_path / "checkpoints", 2,
-                           tensors=tensors if tensors is not None else {"model": weights, "ema": weights},
-                           documents=documents if documents is not None else {"config": {"model": spec}})
+    return save_checkpoint(
+        tmp_path / "checkpoints",
+        2,
+        tensors=tensors if tensors is not None else {"model": weights, "ema": weights},
+        documents=documents if documents is not None else {"config": {"model": spec}},
+    )
 
 
 def test_a_checkpoint_without_config_json_is_named(tmp_path):

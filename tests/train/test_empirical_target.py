@@ -1,17 +1,18 @@
 """The EDM loss's empirical (reduced-variance, "Stable Target Field") target: values against the
 float64 reference, the threshold, the trainer's reference set, and the errors for bad options."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_model import Oracle
 
 from diffcore.data import load_dataset
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
 from diffcore.train import EDMLoss, TrainConfig
+from diffcore.train.ddp import DistributedContext
 from diffcore.train.loss import build_loss
 from diffcore.train.trainer import Trainer
-from diffcore.train.ddp import DistributedContext
-from tiny_model import Oracle
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +78,16 @@ def test_clean_target_is_unchanged(digits):
     assert torch.equal(loss.training_target(x0, x0 + noise, sigma), x0)
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"target": "posterior"}, "target: expected one of clean, empirical"),
-    ({"target": "empirical", "target_sigma_min": -1.0}, "target_sigma_min: expected a finite number >= 0"),
-    ({"target": "empirical", "target_sigma_min": float("nan")}, "target_sigma_min"),
-    ({"target": "empirical", "target_sigma_min": "5"}, "target_sigma_min"),
-    ({"target_sigma_min": 5.0}, "only target='empirical' uses it"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"target": "posterior"}, "target: expected one of clean, empirical"),
+        ({"target": "empirical", "target_sigma_min": -1.0}, "target_sigma_min: expected a finite number >= 0"),
+        ({"target": "empirical", "target_sigma_min": float("nan")}, "target_sigma_min"),
+        ({"target": "empirical", "target_sigma_min": "5"}, "target_sigma_min"),
+        ({"target_sigma_min": 5.0}, "only target='empirical' uses it"),
+    ],
+)
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
         build_loss("edm", options)

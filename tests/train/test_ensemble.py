@@ -1,5 +1,6 @@
 """Ensembles (diffcore.train.ensemble): K light digits UNets in one stacked computation against the
 same models trained alone, the single-model checkpoint format, bitwise resume, stacked sampling."""
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,23 @@ from diffcore.train.ensemble import EnsembleTrainer, check_members, sample_ensem
 
 def _member(tmp_path, name: str, n: int, seed: int, **changes) -> TrainConfig:
     """A width-8 light digits UNet (the quick preset's architecture, no dropout) on N digits."""
-    base = dict(data={"name": "digits", "subset": n, "subset_seed": 0},
-                model={"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8},
-                steps=100, batch_size=16, lr=2e-3, lr_warmup_images=320, ema_halflife_images=500,
-                ema_rampup_ratio=0.5, seed=seed, device="cpu", out_dir=str(tmp_path / name),
-                checkpoint_every=50, keep_checkpoints=2, log_every=1, progress=False)
+    base = dict(
+        data={"name": "digits", "subset": n, "subset_seed": 0},
+        model={"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8},
+        steps=100,
+        batch_size=16,
+        lr=2e-3,
+        lr_warmup_images=320,
+        ema_halflife_images=500,
+        ema_rampup_ratio=0.5,
+        seed=seed,
+        device="cpu",
+        out_dir=str(tmp_path / name),
+        checkpoint_every=50,
+        keep_checkpoints=2,
+        log_every=1,
+        progress=False,
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -30,8 +43,7 @@ def _losses(out_dir) -> list[float]:
 def test_members_match_training_alone(tmp_path):
     """Same batches, noise and initial weights; only the stacked forward/backward reassociates
     sums: loss curves agree to 1e-4 relative over 100 steps, weights and samples closely."""
-    members = [_member(tmp_path, "a", 16, 0, lr_decay_images=1600),
-               _member(tmp_path, "b", 64, 5, lr_decay_images=1600)]
+    members = [_member(tmp_path, "a", 16, 0, lr_decay_images=1600), _member(tmp_path, "b", 64, 5, lr_decay_images=1600)]
     results = train_ensemble(members)
     alone = [train_from_config(c.replace(out_dir=str(tmp_path / f"alone-{k}"))) for k, c in enumerate(members)]
     for k, (ens, single) in enumerate(zip(results, alone)):
@@ -50,22 +62,26 @@ def test_members_match_training_alone(tmp_path):
     models = [r.ema_model for r in results]
     stacked = sample_ensemble(models, range(100, 116), (1, 8, 8), steps=12)
     from diffcore import sampler
+
     for k, single in enumerate(alone):
         ref = sampler.sample(single.ema_model.eval(), seeds=range(100, 116), shape=(1, 8, 8), steps=12)
         assert (stacked[k] - ref).abs().max() < 1e-3
 
 
 def test_member_checkpoints_have_the_single_model_format(tmp_path):
-    members = [_member(tmp_path, "a", 16, 0, steps=10, checkpoint_every=10),
-               _member(tmp_path, "b", 32, 1, steps=10, checkpoint_every=10)]
+    members = [
+        _member(tmp_path, "a", 16, 0, steps=10, checkpoint_every=10),
+        _member(tmp_path, "b", 32, 1, steps=10, checkpoint_every=10),
+    ]
     train_ensemble(members)
     single = train_from_config(members[0].replace(out_dir=str(tmp_path / "single")))
     ens = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1][1])
     ref = load_checkpoint(single.checkpoint)
     assert set(ens.tensors) == set(ref.tensors) and set(ens.documents) == set(ref.documents)
     for group in ("model", "ema", "optimizer"):
-        assert {k: (v.shape, v.dtype) for k, v in ens.tensors[group].items()} == \
-               {k: (v.shape, v.dtype) for k, v in ref.tensors[group].items()}, group
+        assert {k: (v.shape, v.dtype) for k, v in ens.tensors[group].items()} == {
+            k: (v.shape, v.dtype) for k, v in ref.tensors[group].items()
+        }, group
     assert ens.documents["optimizer"] == ref.documents["optimizer"]
     model = load_trained_model(tmp_path / "b")  # a member loads alone
     assert model(torch.zeros(2, 1, 8, 8), torch.ones(2)).shape == (2, 1, 8, 8)
@@ -75,8 +91,10 @@ def test_member_checkpoints_have_the_single_model_format(tmp_path):
 
 def test_ensemble_resume_is_bitwise(tmp_path):
     def configs(folder, steps):
-        return [_member(tmp_path / folder, "a", 16, 0, steps=steps, checkpoint_every=10, log_every=5),
-                _member(tmp_path / folder, "b", 48, 2, steps=steps, checkpoint_every=10, log_every=5)]
+        return [
+            _member(tmp_path / folder, "a", 16, 0, steps=steps, checkpoint_every=10, log_every=5),
+            _member(tmp_path / folder, "b", 48, 2, steps=steps, checkpoint_every=10, log_every=5),
+        ]
 
     full = train_ensemble(configs("full", 30))
     train_ensemble(configs("split", 20))
@@ -105,8 +123,10 @@ def test_members_must_agree(tmp_path):
 
 def test_ensemble_keeps_chosen_steps(tmp_path):
     """Every member keeps a checkpoint at each of ``keep_steps`` (pruning spares them)."""
-    configs = [_member(tmp_path, name, n, seed, steps=12, checkpoint_every=5, keep_checkpoints=1, keep_steps=(2, 4, 8))
-               for name, n, seed in (("a", 16, 0), ("b", 32, 1))]
+    configs = [
+        _member(tmp_path, name, n, seed, steps=12, checkpoint_every=5, keep_checkpoints=1, keep_steps=(2, 4, 8))
+        for name, n, seed in (("a", 16, 0), ("b", 32, 1))
+    ]
     train_ensemble(configs)
     for name in ("a", "b"):
         assert [s for s, _ in list_checkpoints(tmp_path / name / "checkpoints")] == [2, 4, 8, 12]

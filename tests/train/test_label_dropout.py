@@ -1,12 +1,12 @@
 """Label dropout (classifier-free guidance training): the null label, its rate, determinism."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcore.train import TrainConfig, train_from_config
-from diffcore.train import ddp
+from diffcore.train import TrainConfig, ddp, train_from_config
 from diffcore.train.trainer import Trainer
 
 
@@ -16,8 +16,9 @@ def _trainer(config: TrainConfig) -> Trainer:
 
 @pytest.fixture
 def conditional(tiny_config):
-    return tiny_config.replace(class_conditional=True, batch_size=64,
-                               model={"name": "tiny_denoiser", "num_classes": 10})
+    return tiny_config.replace(
+        class_conditional=True, batch_size=64, model={"name": "tiny_denoiser", "num_classes": 10}
+    )
 
 
 def test_dropped_labels_are_null_at_the_configured_rate(conditional, tmp_path):

@@ -1,4 +1,5 @@
 """Losses, EMA, warm-up, data order, checkpoint files, optimizer flattening, model registry."""
+
 from __future__ import annotations
 
 import json
@@ -6,16 +7,29 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+from safetensors.torch import load as safetensors_load, save as safetensors_save
+from tiny_model import Oracle
 
-from diffcore.train import (EMA, BatchOrder, CheckpointError, DDPMLoss, EDMLoss, build_model,
-                            TrainConfig, load_checkpoint, register_model, save_checkpoint)
-from diffcore.train.checkpoint import (flatten_optimizer_state, latest_checkpoint, list_checkpoints,
-                                       unflatten_optimizer_state)
+from diffcore.train import (
+    EMA,
+    BatchOrder,
+    CheckpointError,
+    DDPMLoss,
+    EDMLoss,
+    TrainConfig,
+    build_model,
+    load_checkpoint,
+    register_model,
+    save_checkpoint,
+)
+from diffcore.train.checkpoint import (
+    flatten_optimizer_state,
+    latest_checkpoint,
+    list_checkpoints,
+    unflatten_optimizer_state,
+)
 from diffcore.train.ddp import DistributedContext, gather_by_seed, map_seeds, shard_seeds
 from diffcore.train.loss import ema_beta, lr_at
-from tiny_model import Oracle
 
 
 def test_edm_loss_sigma_distribution_and_weight():
@@ -47,7 +61,7 @@ def test_ddpm_loss_is_epsilon_mse():
 
 
 def test_ema_halflife_in_images():
-    assert ema_beta(100, 10**9, 1000, None) == pytest.approx(0.5 ** 0.1)
+    assert ema_beta(100, 10**9, 1000, None) == pytest.approx(0.5**0.1)
     assert ema_beta(100, 200, 1000, 0.5) == pytest.approx(0.5)  # ramp-up caps the half-life at 100
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -97,10 +111,16 @@ def test_checkpoint_roundtrip(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [12]
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "truncated"), ("flip", "corrupted"), ("manifest", "incomplete"),
-    ("garbled_manifest", "malformed MANIFEST"), ("delete", "missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "truncated"),
+        ("flip", "corrupted"),
+        ("manifest", "incomplete"),
+        ("garbled_manifest", "malformed MANIFEST"),
+        ("delete", "missing"),
+    ],
+)
 def test_damaged_checkpoint_raises(tmp_path, damage, message):
     path = save_checkpoint(tmp_path, 3, _tensors(), {"state": {"step": 3}})
     target = path / "model.safetensors"
@@ -185,10 +205,10 @@ def test_ddpmpp_entry_builds_the_unet_or_says_what_is_missing():
 
 
 def test_lr_cosine_decay():
-    assert lr_at(100, 1e-3, 100, 300) == 1e-3                      # end of the warm-up
-    assert lr_at(200, 1e-3, 100, 300) == pytest.approx(5e-4)       # half-way down the cosine
+    assert lr_at(100, 1e-3, 100, 300) == 1e-3  # end of the warm-up
+    assert lr_at(200, 1e-3, 100, 300) == pytest.approx(5e-4)  # half-way down the cosine
     assert lr_at(300, 1e-3, 100, 300) == pytest.approx(0.0) and lr_at(900, 1e-3, 100, 300) == pytest.approx(0.0)
-    assert lr_at(50, 1e-3, 100, 300) == pytest.approx(5e-4)        # warm-up unchanged
+    assert lr_at(50, 1e-3, 100, 300) == pytest.approx(5e-4)  # warm-up unchanged
     with pytest.raises(ValueError, match="lr_decay_images"):
         TrainConfig(lr_warmup_images=1000, lr_decay_images=500)
 

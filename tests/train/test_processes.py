@@ -1,4 +1,5 @@
 """Training in subprocesses: SIGKILL mid-run then resume (bitwise), and a 2-process gloo DDP run."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_helpers import HERE, subprocess_env
+
 from diffcore import _env
 from diffcore.train import CheckpointError, load_checkpoint, train_from_config
 from diffcore.train.checkpoint import list_checkpoints
@@ -42,7 +43,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
     env = subprocess_env()
     uninterrupted = subprocess.Popen(  # runs alongside the one that gets killed
         _train_command(_write(config.replace(out_dir=str(reference)), tmp_path / "ref.json")),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     command = _train_command(_write(config.replace(out_dir=str(killed)), tmp_path / "killed.json"))
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -66,11 +71,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_run_resumes_and_agrees_across_ranks_and_with_one_process(tiny_config, tmp_path):
-    config = tiny_config.replace(steps=12, batch_size=8, checkpoint_every=6, log_every=4,
-                                 out_dir=str(tmp_path / "ddp"))
+    config = tiny_config.replace(steps=12, batch_size=8, checkpoint_every=6, log_every=4, out_dir=str(tmp_path / "ddp"))
     config_file = _write(config, tmp_path / "ddp.json")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(HERE / "ddp_worker.py"), str(config_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_worker.py"),
+        str(config_file),
+    ]
     for stop in (["7"], []):  # 7 steps, then a second launch resumes to 12 (per-rank RNG restored)
         done = subprocess.run(command + stop, env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,5 @@
 """EDMLoss's training noise proposal: EDM's lognormal mixed with a log-uniform share over a range."""
+
 import math
 
 import pytest
@@ -27,10 +28,14 @@ def test_mixture_covers_the_range_in_the_stated_share():
     assert float((sigma > 80.001).double().sum()) <= tail * sigma.numel() + 4 * math.sqrt(tail * sigma.numel()) + 1
 
 
-@pytest.mark.parametrize("options, match", [({"log_uniform_fraction": 1.5}, "log_uniform_fraction"),
-                                            ({"log_uniform_fraction": 0.2, "log_uniform_range": (5, 1)},
-                                             "log_uniform_range"),
-                                            ({"log_uniform_range": "x"}, "log_uniform_range")])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"log_uniform_fraction": 1.5}, "log_uniform_fraction"),
+        ({"log_uniform_fraction": 0.2, "log_uniform_range": (5, 1)}, "log_uniform_range"),
+        ({"log_uniform_range": "x"}, "log_uniform_range"),
+    ],
+)
 def test_bad_proposal_is_refused(options, match):
     with pytest.raises(ValueError, match=match):
         EDMLoss(**options)

@@ -1,4 +1,5 @@
 """In-process training runs: exact resume, metrics, config checks, options, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,17 @@ import torch
 
 from diffcore import _env
 from diffcore.data import load_dataset
-from diffcore.train import (CheckpointError, EDMLoss, build_model, TrainConfig, add_train_arguments, load_checkpoint,
-                            load_trained_model, main_train, train_from_config)
+from diffcore.train import (
+    CheckpointError,
+    EDMLoss,
+    TrainConfig,
+    add_train_arguments,
+    build_model,
+    load_checkpoint,
+    load_trained_model,
+    main_train,
+    train_from_config,
+)
 from diffcore.train.checkpoint import list_checkpoints
 from diffcore.train.cli import config_from_args
 
@@ -54,9 +64,18 @@ def test_training_reduces_the_loss_on_molrg(tmp_path):
     config = TrainConfig(
         data={"name": "molrg", "K": 2, "n": 16, "d": 2, "num": 256, "seed": 0},
         model={"name": "tiny_denoiser", "dim": 16, "width": 64},
-        steps=300, batch_size=32, lr=3e-3, lr_warmup_images=320, ema_halflife_images=500,
-        seed=0, device="cpu", out_dir=str(tmp_path / "run"), checkpoint_every=300, log_every=50,
-        progress=False)
+        steps=300,
+        batch_size=32,
+        lr=3e-3,
+        lr_warmup_images=320,
+        ema_halflife_images=500,
+        seed=0,
+        device="cpu",
+        out_dir=str(tmp_path / "run"),
+        checkpoint_every=300,
+        log_every=50,
+        progress=False,
+    )
     result = train_from_config(config)
     data = load_dataset(config.data).all()
     loss, generator = EDMLoss(), torch.Generator().manual_seed(123)
@@ -89,12 +108,15 @@ def test_config_mismatch_and_damaged_checkpoint_raise(tiny_config, tmp_path):
     assert resumed.resumed_from_step == 10 and resumed.step == 40
 
 
-@pytest.mark.parametrize("options", [
-    {"loss": "ddpm"},
-    {"precision": "bf16"},
-    {"class_conditional": True, "model": {"name": "tiny_denoiser", "num_classes": 10}},
-    {"augment": "xflip", "grad_clip": 0.0, "ema_rampup_ratio": None},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss": "ddpm"},
+        {"precision": "bf16"},
+        {"class_conditional": True, "model": {"name": "tiny_denoiser", "num_classes": 10}},
+        {"augment": "xflip", "grad_clip": 0.0, "ema_rampup_ratio": None},
+    ],
+)
 def test_training_options_run(tiny_config, options):
     result = train_from_config(tiny_config.replace(steps=6, log_every=3, **options))
     assert result.step == 6 and result.final_loss is not None and result.final_loss == result.final_loss
@@ -117,8 +139,12 @@ def test_cli_and_load_trained_model(tiny_config, tmp_path):
     config_file = tmp_path / "config.json"
     config_file.write_text(tiny_config.to_json())
     out = tmp_path / "cli_run"
-    assert main_train(["--config", str(config_file), "--out-dir", str(out), "--steps", "8",
-                       "--subset", "32", "--no-progress"]) == 0
+    assert (
+        main_train(
+            ["--config", str(config_file), "--out-dir", str(out), "--steps", "8", "--subset", "32", "--no-progress"]
+        )
+        == 0
+    )
     saved = json.loads((out / "config.json").read_text())
     assert saved["steps"] == 8 and saved["data"]["subset"] == 32 and saved["progress"] is False
     model = load_trained_model(out)

@@ -1,6 +1,7 @@
 """Loaded weights are never cast silently (issue 32): a reused checkpoint or Inception weights file
 whose tensors have another dtype than the model's (int8, float16, complex) or hold NaN is refused,
 naming the tensor and the file."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,17 +16,22 @@ register_model("test-linear-3x2", lambda: torch.nn.Linear(3, 2), overwrite=True)
 def _checkpoint(folder, weight: torch.Tensor):
     good = torch.nn.Linear(3, 2).state_dict()
     tensors = {"model": {**good, "weight": weight}, "ema": {**good, "weight": weight}}
-    save_checkpoint(folder / "checkpoints", 5, tensors=tensors,
-                    documents={"config": {"model": {"name": "test-linear-3x2"}}})
+    save_checkpoint(
+        folder / "checkpoints", 5, tensors=tensors, documents={"config": {"model": {"name": "test-linear-3x2"}}}
+    )
     return folder
 
 
-@pytest.mark.parametrize("weight,message", [
-    (torch.ones(2, 3, dtype=torch.int8), "dtype int8"),
-    (torch.ones(2, 3, dtype=torch.float16), "dtype float16"),
-    (torch.ones(2, 3, dtype=torch.complex64), "dtype complex64"),
-    (torch.full((2, 3), float("nan")), "NaN"),
-], ids=["int8", "fp16", "complex", "nan"])
+@pytest.mark.parametrize(
+    "weight,message",
+    [
+        (torch.ones(2, 3, dtype=torch.int8), "dtype int8"),
+        (torch.ones(2, 3, dtype=torch.float16), "dtype float16"),
+        (torch.ones(2, 3, dtype=torch.complex64), "dtype complex64"),
+        (torch.full((2, 3), float("nan")), "NaN"),
+    ],
+    ids=["int8", "fp16", "complex", "nan"],
+)
 def test_a_checkpoint_with_wrong_dtype_or_nan_weights_is_refused(tmp_path, weight, message):
     folder = _checkpoint(tmp_path / "run", weight)
     with pytest.raises(ValueError, match=f"checkpoint .*run.* tensor 'weight' .*{message}"):
@@ -37,10 +43,16 @@ def test_a_checkpoint_with_the_models_dtypes_loads(tmp_path):
     assert torch.equal(load_trained_model(folder).weight, torch.full((2, 3), 0.5))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda t: t.half(), "dtype float16"), (lambda t: t.to(torch.int8), "dtype int8"),
-    (lambda t: t.to(torch.complex64), "dtype complex64"), (lambda t: t * float("nan"), "NaN"),
-], ids=["fp16", "int8", "complex", "nan"])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t: t.half(), "dtype float16"),
+        (lambda t: t.to(torch.int8), "dtype int8"),
+        (lambda t: t.to(torch.complex64), "dtype complex64"),
+        (lambda t: t * float("nan"), "NaN"),
+    ],
+    ids=["fp16", "int8", "complex", "nan"],
+)
 def test_inception_weights_with_wrong_dtype_or_nan_are_refused(tmp_path, change, message):
     from diffcore.metrics import InceptionFeatures, inception_features
 

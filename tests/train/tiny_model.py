@@ -1,6 +1,7 @@
 """A tiny denoiser for training tests, with its own EDM preconditioning (Karras et al. 2022,
 Table 1): ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``. Importing this module registers
 it as the model ``"tiny_denoiser"`` (subprocesses run ``train_main.py`` or import it first)."""
+
 from __future__ import annotations
 
 import time
@@ -60,8 +61,9 @@ class TinyEDMPrecond(nn.Module):
         return c_skip * x + c_out * self.inner(c_in * x, c_noise, class_labels).to(x.dtype)
 
 
-def tiny_denoiser(channels: int = 1, width: int = 8, num_classes: int = 0, sleep_s: float = 0.0,
-                  dim: int | None = None):
+def tiny_denoiser(
+    channels: int = 1, width: int = 8, num_classes: int = 0, sleep_s: float = 0.0, dim: int | None = None
+):
     """The tiny preconditioned denoiser: a conv net for images, an MLP when ``dim`` is given."""
     inner = TinyMLP(dim, width) if dim else TinyConvNet(channels, width, num_classes)
     return TinyEDMPrecond(inner, sleep_s=sleep_s)

@@ -1,4 +1,5 @@
 """Helpers for the training tests that spawn processes (a module name unique across tests/)."""
+
 from __future__ import annotations
 
 import os

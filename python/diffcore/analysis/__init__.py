@@ -18,10 +18,22 @@
 - ``diffcore.analysis.guidance`` (imported on use): ``LabeledDenoiser``, ``transition_curves`` and
   ``cpc_measurements`` (a class-conditional network against per-class Gaussians: CFG).
 """
+
 from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap
-from diffcore.analysis.editing import (EditTimeline, LocoDirections, compose_directions, edit_linearity,
-                                       edit_locality, edit_samples, jacobian_spectrum, load_directions,
-                                       loco_directions, region_mask, sample_back, save_directions)
+from diffcore.analysis.editing import (
+    EditTimeline,
+    LocoDirections,
+    compose_directions,
+    edit_linearity,
+    edit_locality,
+    edit_samples,
+    jacobian_spectrum,
+    load_directions,
+    loco_directions,
+    region_mask,
+    sample_back,
+    save_directions,
+)
 from diffcore.analysis.jacobian import JacobianOperator, JacobianSubspace, jacobian_full, jacobian_subspace
 from diffcore.analysis.linearity import LocalLinearity, local_linearity
 from diffcore.analysis.projection import edit_direction, null_space_project, orthonormal_rows, principal_angles
@@ -32,18 +44,53 @@ from diffcore.analysis.rank import (
     numerical_rank,
     rank_along_trajectory,
 )
-from diffcore.analysis.stages import (Segmentation, contiguous_segmentation, denoiser_similarity,
-                                      segmentation_cost, stage_boundaries)
+from diffcore.analysis.stages import (
+    Segmentation,
+    contiguous_segmentation,
+    denoiser_similarity,
+    segmentation_cost,
+    stage_boundaries,
+)
 from diffcore.analysis.subspaces import Recovery, distance_to_union, subspace_distance, subspace_recovery
 
 __all__ = [
-    "EditTimeline", "LocoDirections", "compose_directions", "edit_linearity", "edit_locality", "edit_samples",
-    "jacobian_spectrum", "load_directions", "loco_directions", "region_mask", "sample_back", "save_directions",
-    "ContrastiveComponents", "contrastive_components", "subspace_overlap",
-    "JacobianOperator", "JacobianSubspace", "LocalLinearity", "Recovery", "TrajectoryRank", "distance_to_union",
+    "EditTimeline",
+    "LocoDirections",
+    "compose_directions",
+    "edit_linearity",
+    "edit_locality",
+    "edit_samples",
+    "jacobian_spectrum",
+    "load_directions",
+    "loco_directions",
+    "region_mask",
+    "sample_back",
+    "save_directions",
+    "ContrastiveComponents",
+    "contrastive_components",
+    "subspace_overlap",
+    "JacobianOperator",
+    "JacobianSubspace",
+    "LocalLinearity",
+    "Recovery",
+    "TrajectoryRank",
+    "distance_to_union",
     "edit_direction",
-    "euler_trajectory", "frobenius_norm_sq", "jacobian_full", "jacobian_subspace", "local_linearity",
-    "null_space_project", "numerical_rank", "orthonormal_rows", "principal_angles", "rank_along_trajectory",
-    "subspace_distance", "subspace_recovery",
-    "Segmentation", "contiguous_segmentation", "denoiser_similarity", "segmentation_cost", "stage_boundaries",
+    "euler_trajectory",
+    "frobenius_norm_sq",
+    "jacobian_full",
+    "jacobian_subspace",
+    "local_linearity",
+    "null_space_project",
+    "numerical_rank",
+    "orthonormal_rows",
+    "principal_angles",
+    "rank_along_trajectory",
+    "subspace_distance",
+    "subspace_recovery",
+    "Segmentation",
+    "contiguous_segmentation",
+    "denoiser_similarity",
+    "segmentation_cost",
+    "stage_boundaries",
 ]

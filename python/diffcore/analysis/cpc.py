@@ -13,6 +13,7 @@ A denoiser's Jacobian is nearly symmetric (it is ``I + sigma^2`` times the Hessi
 for the ideal denoiser), so ``u = +-v`` and the signed eigenvalue is ``s <u, v>``; ``<u, v>`` near
 +-1 measures how symmetric the trained Jacobian is along that direction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ class ContrastiveComponents:
     subspace: JacobianSubspace
 
 
-def contrastive_components(conditional, unconditional, x: torch.Tensor, sigma, k: int,
-                           **subspace_kwargs) -> ContrastiveComponents:
+def contrastive_components(
+    conditional, unconditional, x: torch.Tensor, sigma, k: int, **subspace_kwargs
+) -> ContrastiveComponents:
     """Per-sample CPCs of ``D_c - D_u`` at each point of ``x`` [B, ...].
 
     Args:
@@ -54,7 +56,7 @@ def contrastive_components(conditional, unconditional, x: torch.Tensor, sigma, k
     """
     term = DenoiserDifference(unconditional)
     sub = jacobian_subspace(lambda y, s: term(y, s, conditional(y, s)), x, sigma, k, **subspace_kwargs)
-    symmetry = (sub.U * sub.V).flatten(2).sum(dim=2).detach()            # [B, k]
+    symmetry = (sub.U * sub.V).flatten(2).sum(dim=2).detach()  # [B, k]
     return ContrastiveComponents((sub.singular_values * torch.sign(symmetry)).detach(), sub.V.detach(), symmetry, sub)
 
 

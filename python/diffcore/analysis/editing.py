@@ -20,6 +20,7 @@ time for the numerical rank. Directions are saved and loaded with safetensors
 (:func:`save_directions`, :func:`load_directions`) and apply to other images (transfer) or add up
 (:func:`compose_directions`).
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ class EditTimeline:
         sigmas = torch.tensor([self.sigma(t) for t in times], dtype=torch.float64)
         steps_taken = sigmas[1:] - sigmas[:-1]
         if not bool((steps_taken > 0).all() or (steps_taken < 0).all()):
-            raise ValueError(f"steps: {steps} steps between t = {t_from} and {t_to} repeat a noise level; "
-                             f"use fewer steps")
+            raise ValueError(
+                f"steps: {steps} steps between t = {t_from} and {t_to} repeat a noise level; use fewer steps"
+            )
         return sigmas
 
     def steps_to(self, edit_time: float, steps: int) -> int:
@@ -128,8 +130,9 @@ def region_mask(mask, shape) -> torch.Tensor:
     if tuple(m.shape) == (1, h, w):
         m = m.expand(c, h, w)
     if tuple(m.shape) != (c, h, w):
-        raise ValueError(f"mask: expected shape [{h}, {w}], [1, {h}, {w}] or [{c}, {h}, {w}] (the image's), "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask: expected shape [{h}, {w}], [1, {h}, {w}] or [{c}, {h}, {w}] (the image's), got {tuple(mask.shape)}"
+        )
     if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
         raise ValueError("mask: expected values in [0, 1]")
     if float(m.sum()) == 0:
@@ -166,8 +169,9 @@ class LocoDirections:
     cpu_seconds: float = 0.0
 
 
-def loco_directions(denoiser, x: torch.Tensor, sigma: float, mask, *, rank: int = 1, k_out: int = 5,
-                    **subspace_kwargs) -> LocoDirections:
+def loco_directions(
+    denoiser, x: torch.Tensor, sigma: float, mask, *, rank: int = 1, k_out: int = 5, **subspace_kwargs
+) -> LocoDirections:
     """LOCO Edit directions at each point of ``x`` [B, C, H, W] (docs/papers.md section 5).
 
     The top ``rank`` right singular vectors of ``M J`` (J = dD(x; sigma)/dx, M = ``mask``) with the
@@ -184,22 +188,28 @@ def loco_directions(denoiser, x: torch.Tensor, sigma: float, mask, *, rank: int 
     check_positive_int("k_out", k_out, minimum=0)
     inside_count, outside_count = _pixel_count(m), _pixel_count(1 - m)
     if rank > inside_count:
-        raise ValueError(f"rank: {rank} exceeds the {inside_count} pixel values inside the mask "
-                         f"(the masked Jacobian's largest possible rank)")
+        raise ValueError(
+            f"rank: {rank} exceeds the {inside_count} pixel values inside the mask "
+            f"(the masked Jacobian's largest possible rank)"
+        )
     if k_out > outside_count:
         raise ValueError(f"k_out: {k_out} exceeds the {outside_count} pixel values outside the mask")
     start, cpu_start = time.perf_counter(), time.process_time()
     batch = x.shape[0]
-    raw, directions, inside, outside = projected_directions(denoiser, x, sigma, m.to(x.dtype), (1 - m).to(x.dtype),
-                                                            rank, k_out, **subspace_kwargs)
+    raw, directions, inside, outside = projected_directions(
+        denoiser, x, sigma, m.to(x.dtype), (1 - m).to(x.dtype), rank, k_out, **subspace_kwargs
+    )
     shape = (batch, rank, *x.shape[1:])
-    return LocoDirections(directions=directions.reshape(shape).to(x.dtype).detach(),
-                          unprojected=raw.reshape(shape).to(x.dtype).detach(),
-                          singular_values=inside.singular_values.detach(),
-                          outside=None if outside is None else outside.V.detach(),
-                          outside_singular_values=None if outside is None else outside.singular_values.detach(),
-                          sigma=float(sigma), seconds=time.perf_counter() - start,
-                          cpu_seconds=time.process_time() - cpu_start)
+    return LocoDirections(
+        directions=directions.reshape(shape).to(x.dtype).detach(),
+        unprojected=raw.reshape(shape).to(x.dtype).detach(),
+        singular_values=inside.singular_values.detach(),
+        outside=None if outside is None else outside.V.detach(),
+        outside_singular_values=None if outside is None else outside.singular_values.detach(),
+        sigma=float(sigma),
+        seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu_start,
+    )
 
 
 def compose_directions(directions: torch.Tensor, weights) -> torch.Tensor:
@@ -217,13 +227,19 @@ def save_directions(path, directions: LocoDirections) -> Path:
     """Write ``directions`` to a safetensors file (tensors only; the sigma and timings as metadata)."""
     from safetensors.torch import save_file
 
-    tensors = {"directions": directions.directions, "unprojected": directions.unprojected,
-               "singular_values": directions.singular_values}
+    tensors = {
+        "directions": directions.directions,
+        "unprojected": directions.unprojected,
+        "singular_values": directions.singular_values,
+    }
     if directions.outside is not None:
         tensors["outside"] = directions.outside
         tensors["outside_singular_values"] = directions.outside_singular_values
-    meta = {"sigma": repr(directions.sigma), "seconds": repr(directions.seconds),
-            "cpu_seconds": repr(directions.cpu_seconds)}
+    meta = {
+        "sigma": repr(directions.sigma),
+        "seconds": repr(directions.seconds),
+        "cpu_seconds": repr(directions.cpu_seconds),
+    }
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return Path(path)
 
@@ -238,16 +254,22 @@ def load_directions(path, device="cpu") -> LocoDirections:
     missing = {"directions", "unprojected", "singular_values"} - set(tensors)
     if missing:
         raise ValueError(f"path: {path} is not a directions file (missing {', '.join(sorted(missing))})")
-    return LocoDirections(directions=tensors["directions"], unprojected=tensors["unprojected"],
-                          singular_values=tensors["singular_values"], outside=tensors.get("outside"),
-                          outside_singular_values=tensors.get("outside_singular_values"),
-                          sigma=float(meta.get("sigma", "nan")), seconds=float(meta.get("seconds", "0")),
-                          cpu_seconds=float(meta.get("cpu_seconds", "0")))
+    return LocoDirections(
+        directions=tensors["directions"],
+        unprojected=tensors["unprojected"],
+        singular_values=tensors["singular_values"],
+        outside=tensors.get("outside"),
+        outside_singular_values=tensors.get("outside_singular_values"),
+        sigma=float(meta.get("sigma", "nan")),
+        seconds=float(meta.get("seconds", "0")),
+        cpu_seconds=float(meta.get("cpu_seconds", "0")),
+    )
 
 
 # ----------------------------------------------------------------------------- sampling back
-def sample_back(denoiser, x: torch.Tensor, sigmas, *, solver: str = "ddim", stochastic_below: float = 0.0,
-                seeds=None) -> torch.Tensor:
+def sample_back(
+    denoiser, x: torch.Tensor, sigmas, *, solver: str = "ddim", stochastic_below: float = 0.0, seeds=None
+) -> torch.Tensor:
     """Sample ``x`` [B, ...] (the state at ``sigmas[0]``) down the descending grid ``sigmas`` (ending
     in 0) with ``solver``; steps that start at or below ``stochastic_below`` (a noise level; 0 = none)
     are DDPM-ancestral (DDIM with eta = 1) with per-image noise from ``seeds`` (one per row), so
@@ -266,12 +288,13 @@ def sample_back(denoiser, x: torch.Tensor, sigmas, *, solver: str = "ddim", stoc
             raise ValueError(f"seeds: expected one seed per image ({x.shape[0]}) for the stochastic steps")
         split = int((grid[:-1] <= stochastic_below).nonzero()[0])
         if split > 0:
-            x = SOLVERS[solver](denoiser, x, grid[:split + 1], require_zero_end=False)
+            x = SOLVERS[solver](denoiser, x, grid[: split + 1], require_zero_end=False)
         return sample_ddim(denoiser, x, grid[split:], eta=1.0, generator=SeededNoise(list(seeds), device=x.device))
 
 
-def edit_samples(denoiser, x_t: torch.Tensor, direction: torch.Tensor, strengths, sigmas, **sample_kwargs
-                 ) -> torch.Tensor:
+def edit_samples(
+    denoiser, x_t: torch.Tensor, direction: torch.Tensor, strengths, sigmas, **sample_kwargs
+) -> torch.Tensor:
     """Edited images [S, B, ...]: ``x_t + s v`` sampled back by :func:`sample_back` for each strength s.
 
     ``direction`` is [B, ...] (one per image) or [...] (shared: a transferred direction). Each
@@ -282,8 +305,9 @@ def edit_samples(denoiser, x_t: torch.Tensor, direction: torch.Tensor, strengths
     if tuple(direction.shape) == tuple(x_t.shape[1:]):
         direction = direction.expand(x_t.shape)
     elif tuple(direction.shape) != tuple(x_t.shape):
-        raise ValueError(f"direction: expected shape {tuple(x_t.shape)} or {tuple(x_t.shape[1:])}, "
-                         f"got {tuple(direction.shape)}")
+        raise ValueError(
+            f"direction: expected shape {tuple(x_t.shape)} or {tuple(x_t.shape[1:])}, got {tuple(direction.shape)}"
+        )
     values = [float(s) for s in torch.as_tensor(strengths, dtype=torch.float64).reshape(-1)]
     if not values or not all(math.isfinite(s) for s in values):
         raise ValueError(f"strengths: expected finite numbers, got {strengths!r}")
@@ -307,12 +331,13 @@ def edit_locality(delta: torch.Tensor, mask) -> dict[str, torch.Tensor]:
     outside = (d2 * (1 - m)).sum(dim=(-3, -2, -1))
     total = inside + outside
     outside_weight = float((1 - m).sum())
-    return {"inside": inside, "outside": outside,
-            "locality": torch.where(outside > 0, inside / outside.clamp_min(1e-300),
-                                    torch.full_like(inside, math.inf)),
-            "inside_fraction": torch.where(total > 0, inside / total.clamp_min(1e-300),
-                                           torch.full_like(inside, math.nan)),
-            "outside_mse": outside / outside_weight if outside_weight > 0 else torch.zeros_like(outside)}
+    return {
+        "inside": inside,
+        "outside": outside,
+        "locality": torch.where(outside > 0, inside / outside.clamp_min(1e-300), torch.full_like(inside, math.inf)),
+        "inside_fraction": torch.where(total > 0, inside / total.clamp_min(1e-300), torch.full_like(inside, math.nan)),
+        "outside_mse": outside / outside_weight if outside_weight > 0 else torch.zeros_like(outside),
+    }
 
 
 def edit_linearity(plus: torch.Tensor, minus: torch.Tensor, strengths) -> dict[str, torch.Tensor]:
@@ -333,8 +358,17 @@ def edit_linearity(plus: torch.Tensor, minus: torch.Tensor, strengths) -> dict[s
     return {"cosine_pm": cosine, "gain": per_unit / per_unit[:1].clamp_min(1e-300)}
 
 
-def jacobian_spectrum(denoiser, x: torch.Tensor, sigma: float, *, mask=None, k: int | None = None,
-                      probes: int = 32, seed: int = 0, **subspace_kwargs):
+def jacobian_spectrum(
+    denoiser,
+    x: torch.Tensor,
+    sigma: float,
+    *,
+    mask=None,
+    k: int | None = None,
+    probes: int = 32,
+    seed: int = 0,
+    **subspace_kwargs,
+):
     """Singular values of ``J`` (or ``M J`` with ``mask``) at each point of ``x`` [B, ...], and
     ``|J|_F^2`` [B]: ``(s [B, r], frobenius_sq [B])`` for ``analysis.numerical_rank``.
 

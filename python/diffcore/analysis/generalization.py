@@ -9,6 +9,7 @@
 
 See docs/papers.md (hidden Gaussian structure) for the definitions.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ A = B = 1.0 / math.sqrt(2.0)
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row cosine of ``a, b`` [B, ...] in float64: [B]."""
-    return torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1).double(),
-                                                 b.reshape(b.shape[0], -1).double(), dim=1)
+    return torch.nn.functional.cosine_similarity(
+        a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double(), dim=1
+    )
 
 
 def linearity_cosines(denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -47,7 +49,7 @@ def distill_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     """Least-squares affine map ``y ~ W x + b`` for ``x, y`` [M, ...] (float64): ``(W [n, n], b [n], R^2)``."""
     xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
     design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
-    coef = torch.linalg.lstsq(design, yf).solution                     # [n + 1, n]
+    coef = torch.linalg.lstsq(design, yf).solution  # [n + 1, n]
     w, b = coef[:-1].T, coef[-1]
     resid = yf - design @ coef
     r2 = 1.0 - float(resid.square().sum() / (yf - yf.mean(0)).square().sum().clamp_min(1e-30))

@@ -12,6 +12,7 @@
 The per-class Gaussians are :class:`diffcore.denoisers.ClassGaussians`; definitions in
 docs/papers.md (classifier-free guidance).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,17 @@ def class_rows(labels: torch.Tensor, cls: int, count: int, generator: torch.Gene
     return rows[torch.randint(0, rows.shape[0], (count,), generator=generator)]
 
 
-def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float], *,
-                      samples_per_class: int, seed: int, device) -> list[dict]:
+def transition_curves(
+    net,
+    gaussians,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sigmas: list[float],
+    *,
+    samples_per_class: int,
+    seed: int,
+    device,
+) -> list[dict]:
     """Relative distances of the network's denoisers to the Gaussian ones, a row per sigma.
 
     ``images`` [P, C, H, W] float32 with ``labels`` [P]: the pool the probes are drawn from
@@ -55,26 +65,44 @@ def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor
     for sigma in sigmas:
         x = y + sigma * torch.randn(y.shape, generator=g)
         with torch.no_grad():
-            dc_net, du_net = (LabeledDenoiser(net, lab_or_none, k)(x.to(device), sigma).double().cpu()
-                              for lab_or_none in (lab, None))
+            dc_net, du_net = (
+                LabeledDenoiser(net, lab_or_none, k)(x.to(device), sigma).double().cpu() for lab_or_none in (lab, None)
+            )
         x_g = x.double().to(gaussians.unconditional.device)
         dc_g = gaussians.conditional_denoiser(lab)(x_g, sigma).cpu()
         du_g = gaussians.unconditional(x_g, sigma).cpu()
         g_net, g_g = dc_net - du_net, dc_g - du_g
         x64 = x.double()
-        rows.append({"sigma": sigma, "dist_conditional": relative_distance(dc_net, dc_g),
-                     "dist_unconditional": relative_distance(du_net, du_g),
-                     "dist_guidance": relative_distance(g_net, g_g),
-                     # the same error relative to the Gaussian's denoising residual x - D (its score times
-                     # sigma^2): at small sigma D ~ x and |D| hides the error, the residual does not
-                     "score_dist_conditional": relative_distance(dc_net - x64, dc_g - x64),
-                     "score_dist_unconditional": relative_distance(du_net - x64, du_g - x64),
-                     "cos_guidance": float(F.cosine_similarity(g_net.flatten(1), g_g.flatten(1), dim=1).mean())})
+        rows.append(
+            {
+                "sigma": sigma,
+                "dist_conditional": relative_distance(dc_net, dc_g),
+                "dist_unconditional": relative_distance(du_net, du_g),
+                "dist_guidance": relative_distance(g_net, g_g),
+                # the same error relative to the Gaussian's denoising residual x - D (its score times
+                # sigma^2): at small sigma D ~ x and |D| hides the error, the residual does not
+                "score_dist_conditional": relative_distance(dc_net - x64, dc_g - x64),
+                "score_dist_unconditional": relative_distance(du_net - x64, du_g - x64),
+                "cos_guidance": float(F.cosine_similarity(g_net.flatten(1), g_g.flatten(1), dim=1).mean()),
+            }
+        )
     return rows
 
 
-def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float], *,
-                     points: int, k: int, method: str, iters: int | None, seed: int, device) -> list[dict]:
+def cpc_measurements(
+    net,
+    gaussians,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sigmas: list[float],
+    *,
+    points: int,
+    k: int,
+    method: str,
+    iters: int | None,
+    seed: int,
+    device,
+) -> list[dict]:
     """Per-sample CPCs of the network against the Gaussian CPCs of the same class, a row per sigma.
 
     ``points`` probes (classes in turn; generator seeded with ``seed + 1``), the top ``k``
@@ -91,8 +119,16 @@ def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor,
     rows = []
     for sigma in sigmas:
         x = (y + sigma * torch.randn(y.shape, generator=g)).to(device)
-        comps = contrastive_components(LabeledDenoiser(net, classes, k_classes), LabeledDenoiser(net, None, k_classes),
-                                       x, sigma, k, method=method, iters=iters, seed=seed)
+        comps = contrastive_components(
+            LabeledDenoiser(net, classes, k_classes),
+            LabeledDenoiser(net, None, k_classes),
+            x,
+            sigma,
+            k,
+            method=method,
+            iters=iters,
+            seed=seed,
+        )
         overlaps, gaussian_top = [], []
         for b, cls in enumerate(classes.tolist()):
             values, vectors = gaussians.contrastive_components(cls, sigma)
@@ -100,9 +136,16 @@ def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor,
             gaussian_top.append(values[top].tolist())
             net_vectors = comps.vectors[b].reshape(k, dim).double().cpu()
             overlaps.append(float(subspace_overlap(net_vectors, vectors[:, top].T.cpu())))
-        rows.append({"sigma": sigma, "overlap": sum(overlaps) / len(overlaps), "overlap_points": overlaps,
-                     "random_overlap": k / dim, "net_eigenvalues": comps.eigenvalues.cpu().tolist(),
-                     "gaussian_eigenvalues": gaussian_top,
-                     "symmetry": float(comps.symmetry.abs().mean()),
-                     "max_residual": float(comps.subspace.residuals.max())})
+        rows.append(
+            {
+                "sigma": sigma,
+                "overlap": sum(overlaps) / len(overlaps),
+                "overlap_points": overlaps,
+                "random_overlap": k / dim,
+                "net_eigenvalues": comps.eigenvalues.cpu().tolist(),
+                "gaussian_eigenvalues": gaussian_top,
+                "symmetry": float(comps.symmetry.abs().mean()),
+                "max_residual": float(comps.subspace.residuals.max()),
+            }
+        )
     return rows

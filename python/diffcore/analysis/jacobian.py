@@ -26,6 +26,7 @@ Methods:
 
 Every method reports residuals ``|A v_i - s_i u_i| / s_1`` computed with an explicit final JVP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,8 +97,10 @@ class JacobianOperator:
         with torch.no_grad():
             out = denoiser(self.x, self.sigma)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            raise ValueError(f"denoiser: expected an output of shape {tuple(x.shape)}, got "
-                             f"{getattr(out, 'shape', type(out).__name__)}")
+            raise ValueError(
+                f"denoiser: expected an output of shape {tuple(x.shape)}, got "
+                f"{getattr(out, 'shape', type(out).__name__)}"
+            )
         _check_finite_output(out, "denoiser output D(x, sigma)")
         self.output = out.detach()
 
@@ -180,8 +183,9 @@ def _flat_mask(name: str, mask, x: torch.Tensor):
     if tuple(mask.shape) == tuple(x.shape[1:]):
         mask = mask.expand(x.shape)
     elif tuple(mask.shape) != tuple(x.shape):
-        raise ValueError(f"{name}: expected shape {tuple(x.shape[1:])} or {tuple(x.shape)} (like x), "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(x.shape[1:])} or {tuple(x.shape)} (like x), got {tuple(mask.shape)}"
+        )
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     flat = mask.to(device=x.device, dtype=dtype).reshape(x.shape[0], -1)
     if not bool(torch.isfinite(flat).all()):
@@ -195,9 +199,21 @@ def _check_finite_output(value: torch.Tensor, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- public API
-def jacobian_subspace(denoiser, x: torch.Tensor, sigma, k: int, *, mask=None, input_mask=None,
-                      method: str = "subspace", iters: int | None = None, tol: float = 1e-4,
-                      oversample: int | None = None, seed: int = 0, probes: str = "vmap") -> JacobianSubspace:
+def jacobian_subspace(
+    denoiser,
+    x: torch.Tensor,
+    sigma,
+    k: int,
+    *,
+    mask=None,
+    input_mask=None,
+    method: str = "subspace",
+    iters: int | None = None,
+    tol: float = 1e-4,
+    oversample: int | None = None,
+    seed: int = 0,
+    probes: str = "vmap",
+) -> JacobianSubspace:
     """Top-``k`` singular values and vectors of ``J = dD/dx`` (optionally ``M_out J M_in``) at each
     point of ``x`` [B, ...].
 
@@ -243,8 +259,15 @@ def jacobian_subspace(denoiser, x: torch.Tensor, sigma, k: int, *, mask=None, in
         result = _lanczos(op, k, min(iters, op.dim), tol, generator)
     packaged = _package(op, result, method)
     if not bool(packaged.converged.all()):
-        log.warning("jacobian_subspace(%s, k=%d): %d of %d points not converged to tol=%g (max residual %.3g)",
-                    method, k, int((~packaged.converged).sum()), op.batch, tol, float(packaged.residuals.max()))
+        log.warning(
+            "jacobian_subspace(%s, k=%d): %d of %d points not converged to tol=%g (max residual %.3g)",
+            method,
+            k,
+            int((~packaged.converged).sum()),
+            op.batch,
+            tol,
+            float(packaged.residuals.max()),
+        )
     return packaged
 
 
@@ -307,7 +330,7 @@ def _subspace_iteration(op, k, iters, tol, oversample, generator):
     residuals = None
     for it in range(1, iters + 1):
         s, u, v_new = _ritz(op, _orthonormal(av))
-        av = op.matvec(v_new)                     # the next round's JVPs double as the residual check
+        av = op.matvec(v_new)  # the next round's JVPs double as the residual check
         residuals = _residuals(av[:, :, :k], s[:, :k], u[:, :, :k])
         change = _subspace_change(v[:, :, :k], v_new[:, :, :k])
         v = v_new
@@ -358,7 +381,7 @@ def _lanczos(op, k, max_steps, tol, generator):
     eps = torch.finfo(op.dtype).eps
     v = op.random_block(1, generator)[:, :, 0]
     v = v / v.norm(dim=1, keepdim=True)
-    vs = v[:, :, None]                                         # [B, d, m]
+    vs = v[:, :, None]  # [B, d, m]
     p = op.matvec(vs)[:, :, 0]
     scale = p.norm(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
     u, alpha = _normalize_or_restart(p, p.new_zeros(op.batch, op.dim, 0), op, generator, "output", 100 * eps * scale)
@@ -396,7 +419,7 @@ def _lanczos(op, k, max_steps, tol, generator):
 
 def _fix_signs(u: torch.Tensor, v: torch.Tensor):
     """Make the largest-magnitude entry of each right vector positive (deterministic signs)."""
-    idx = v.abs().argmax(dim=1, keepdim=True)                     # [B, 1, k]
+    idx = v.abs().argmax(dim=1, keepdim=True)  # [B, 1, k]
     sign = torch.sign(torch.gather(v, 1, idx))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return u * sign, v * sign
@@ -407,6 +430,14 @@ def _package(op: JacobianOperator, result, method: str) -> JacobianSubspace:
     u, v = _fix_signs(u, v)
     k = s.shape[1]
     as_rows = lambda block: block.transpose(1, 2).reshape(op.batch, k, *op.shape)  # noqa: E731
-    return JacobianSubspace(singular_values=s, U=as_rows(u), V=as_rows(v), residuals=residuals,
-                            iterations=iterations, converged=converged, method=method,
-                            jvp_passes=op.jvp_passes, vjp_passes=op.vjp_passes)
+    return JacobianSubspace(
+        singular_values=s,
+        U=as_rows(u),
+        V=as_rows(v),
+        residuals=residuals,
+        iterations=iterations,
+        converged=converged,
+        method=method,
+        jvp_passes=op.jvp_passes,
+        vjp_passes=op.vjp_passes,
+    )

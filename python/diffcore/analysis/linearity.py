@@ -5,6 +5,7 @@ prediction ``s J v`` (one JVP). Reported per direction and step: the relative er
 ``|delta - s J v| / |delta|`` and the cosine between ``delta`` and ``s J v`` (docs/papers.md section 5:
 the posterior-mean predictor is locally linear, which is what makes LOCO edits work).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ class LocalLinearity:
     scales: torch.Tensor
 
 
-def local_linearity(denoiser, x: torch.Tensor, sigma, directions: torch.Tensor, scales,
-                    *, normalize: bool = True) -> LocalLinearity:
+def local_linearity(
+    denoiser, x: torch.Tensor, sigma, directions: torch.Tensor, scales, *, normalize: bool = True
+) -> LocalLinearity:
     """Compare ``D(x + s v) - D(x)`` with ``s J v``.
 
     Args:
@@ -41,10 +43,13 @@ def local_linearity(denoiser, x: torch.Tensor, sigma, directions: torch.Tensor, 
     shape = tuple(x.shape[1:])
     if tuple(directions.shape[1:]) == shape:
         directions = directions[None].expand(x.shape[0], *directions.shape)
-    elif not (directions.dim() == x.dim() + 1 and directions.shape[0] == x.shape[0]
-              and tuple(directions.shape[2:]) == shape):
-        raise ValueError(f"directions: expected shape [m, {', '.join(map(str, shape))}] or "
-                         f"[{x.shape[0]}, m, {', '.join(map(str, shape))}], got {tuple(directions.shape)}")
+    elif not (
+        directions.dim() == x.dim() + 1 and directions.shape[0] == x.shape[0] and tuple(directions.shape[2:]) == shape
+    ):
+        raise ValueError(
+            f"directions: expected shape [m, {', '.join(map(str, shape))}] or "
+            f"[{x.shape[0]}, m, {', '.join(map(str, shape))}], got {tuple(directions.shape)}"
+        )
     steps = torch.as_tensor(scales, dtype=x.dtype, device=x.device).reshape(-1)
     batch, m = x.shape[0], directions.shape[1]
     dirs = directions.to(x.dtype)
@@ -53,19 +58,25 @@ def local_linearity(denoiser, x: torch.Tensor, sigma, directions: torch.Tensor, 
         dirs = dirs / norms.reshape(batch, m, *([1] * len(shape)))
     sig = sigma_per_row("sigma", sigma, batch, x.device).to(x.dtype)
     f = lambda z: denoiser(z, sig)  # noqa: E731
-    tangents = dirs.transpose(0, 1)                                          # [m, B, ...]
+    tangents = dirs.transpose(0, 1)  # [m, B, ...]
     with torch.no_grad():
         base = f(x)
-        jv = torch.stack([torch.func.jvp(f, (x,), (t,))[1] for t in tangents])          # [m, B, ...]
+        jv = torch.stack([torch.func.jvp(f, (x,), (t,))[1] for t in tangents])  # [m, B, ...]
         rel, cos = [], []
         for s in steps:
-            delta = torch.stack([f(x + s * t) for t in tangents]) - base                # [m, B, ...]
+            delta = torch.stack([f(x + s * t) for t in tangents]) - base  # [m, B, ...]
             pred = s * jv
             dflat, pflat = delta.reshape(m, batch, -1), pred.reshape(m, batch, -1)
             dnorm = dflat.norm(dim=-1)
             err = (dflat - pflat).norm(dim=-1)
-            rel.append(torch.where(dnorm > 0, err / dnorm.clamp_min(torch.finfo(x.dtype).tiny),
-                                   torch.where(err > 0, torch.full_like(err, float("inf")), torch.zeros_like(err))))
+            rel.append(
+                torch.where(
+                    dnorm > 0,
+                    err / dnorm.clamp_min(torch.finfo(x.dtype).tiny),
+                    torch.where(err > 0, torch.full_like(err, float("inf")), torch.zeros_like(err)),
+                )
+            )
             cos.append(torch.nn.functional.cosine_similarity(dflat, pflat, dim=-1, eps=0.0))
-    return LocalLinearity(rel_error=torch.stack(rel, -1).transpose(0, 1), cosine=torch.stack(cos, -1).transpose(0, 1),
-                          scales=steps)
+    return LocalLinearity(
+        rel_error=torch.stack(rel, -1).transpose(0, 1), cosine=torch.stack(cos, -1).transpose(0, 1), scales=steps
+    )

@@ -3,6 +3,7 @@
 Vectors are stored as ROWS of the last dimension: a basis is ``[..., k, d]`` (k vectors of length d)
 and ``v`` is ``[..., m, d]`` or ``[d]``; flatten images first (``U.flatten(-3)`` for ``[B, k, C, H, W]``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,18 +45,19 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"b: expected vectors of length {a.shape[-1]} (like a), got shape {tuple(b.shape)}")
     if b.shape[-2] > a.shape[-2]:
-        a, b = b, a                                                  # b holds the smaller span
+        a, b = b, a  # b holds the smaller span
     dtype = torch.promote_types(a.dtype, b.dtype)
     qa, qb = orthonormal_rows(a.to(dtype)), orthonormal_rows(b.to(dtype))
-    cos = torch.linalg.svdvals(qb @ qa.transpose(-1, -2)).clamp(0.0, 1.0)              # descending
+    cos = torch.linalg.svdvals(qb @ qa.transpose(-1, -2)).clamp(0.0, 1.0)  # descending
     sin = torch.linalg.svdvals(qb - (qb @ qa.transpose(-1, -2)) @ qa).clamp(0.0, 1.0)  # descending
-    sin = sin.flip(-1)                                                                 # pairs with cos
+    sin = sin.flip(-1)  # pairs with cos
     angles = torch.where(cos.square() < 0.5, torch.arccos(cos), torch.arcsin(sin))
     return torch.rad2deg(angles).sort(dim=-1).values
 
 
-def edit_direction(denoiser, x: torch.Tensor, sigma, mask: torch.Tensor, *, k_out: int = 5, index: int = 0,
-                   **subspace_kwargs) -> torch.Tensor:
+def edit_direction(
+    denoiser, x: torch.Tensor, sigma, mask: torch.Tensor, *, k_out: int = 5, index: int = 0, **subspace_kwargs
+) -> torch.Tensor:
     """LOCO-Edit direction (docs/papers.md section 5) at each point of x [B, ...]: the ``index``-th right
     singular vector of the masked Jacobian ``M J`` (input directions that change the region of
     interest most), with the top ``k_out`` right singular vectors of the outside Jacobian
@@ -68,13 +70,15 @@ def edit_direction(denoiser, x: torch.Tensor, sigma, mask: torch.Tensor, *, k_ou
     check_positive_int("index", index, minimum=0)
     check_tensor("mask", mask)
     outside_mask = 1 - mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
-    _, projected, _, _ = projected_directions(denoiser, x, sigma, mask, outside_mask, index + 1, k_out,
-                                              **subspace_kwargs)
+    _, projected, _, _ = projected_directions(
+        denoiser, x, sigma, mask, outside_mask, index + 1, k_out, **subspace_kwargs
+    )
     return projected[:, index].reshape(x.shape).to(x.dtype)
 
 
-def projected_directions(denoiser, x: torch.Tensor, sigma, inside_mask, outside_mask, rank: int, k_out: int,
-                         **subspace_kwargs):
+def projected_directions(
+    denoiser, x: torch.Tensor, sigma, inside_mask, outside_mask, rank: int, k_out: int, **subspace_kwargs
+):
     """The top ``rank`` right singular vectors of ``M_in J`` with the top ``k_out`` right singular
     vectors of ``M_out J`` projected out of each and renormalized (the LOCO Edit step).
 

@@ -5,6 +5,7 @@ docs/papers.md section 4: the numerical rank used by the public MoLRG code is th
 than ratio^2 (98.01 %) of the squared Frobenius norm. ``criterion="energy"`` is the other common
 convention: the smallest k with ``sum_{i<=k} s_i^2 > ratio * sum_i s_i^2`` (99 % of the energy).
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,13 @@ CRITERIA = ("frobenius", "energy")
 log = logging.getLogger(__name__)
 
 
-def numerical_rank(singular_values: torch.Tensor, ratio: float = 0.99, criterion: str = "frobenius",
-                   *, frobenius_sq: torch.Tensor | None = None) -> torch.Tensor:
+def numerical_rank(
+    singular_values: torch.Tensor,
+    ratio: float = 0.99,
+    criterion: str = "frobenius",
+    *,
+    frobenius_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Numerical rank [...] (int64) from singular values [..., r] (any order; sorted here).
 
     - ``"frobenius"`` (default, the public code's): smallest k with
@@ -40,16 +46,27 @@ def numerical_rank(singular_values: torch.Tensor, ratio: float = 0.99, criterion
     s2 = singular_values.double().abs().square().sort(dim=-1, descending=True).values
     cumulative = s2.cumsum(dim=-1)
     total = cumulative[..., -1] if frobenius_sq is None else torch.as_tensor(frobenius_sq).double().to(s2.device)
-    threshold = total * (ratio ** 2 if criterion == "frobenius" else ratio)
+    threshold = total * (ratio**2 if criterion == "frobenius" else ratio)
     reached = cumulative > threshold[..., None]
     r = s2.shape[-1]
-    first = torch.where(reached.any(dim=-1), reached.to(torch.int64).argmax(dim=-1) + 1,
-                        torch.full_like(threshold, r + 1, dtype=torch.int64))
+    first = torch.where(
+        reached.any(dim=-1),
+        reached.to(torch.int64).argmax(dim=-1) + 1,
+        torch.full_like(threshold, r + 1, dtype=torch.int64),
+    )
     return torch.where(total > 0, first, torch.zeros_like(first))
 
 
-def frobenius_norm_sq(denoiser, x: torch.Tensor, sigma, *, basis: torch.Tensor | None = None,
-                      probes: int = 32, seed: int = 0, **operator_kwargs) -> torch.Tensor:
+def frobenius_norm_sq(
+    denoiser,
+    x: torch.Tensor,
+    sigma,
+    *,
+    basis: torch.Tensor | None = None,
+    probes: int = 32,
+    seed: int = 0,
+    **operator_kwargs,
+) -> torch.Tensor:
     """Estimate ``|J|_F^2`` [B] at each point with Hutchinson probes, ``E |J z|^2 = |J|_F^2`` for
     z ~ N(0, I). With ``basis`` = the right singular vectors V [B, k, ...] already found (and their
     singular values known by the caller), estimates only the remainder ``|J (I - V V^T)|_F^2`` (add
@@ -104,10 +121,22 @@ def euler_trajectory(denoiser, x_T: torch.Tensor, sigmas) -> list[torch.Tensor]:
     return points
 
 
-def rank_along_trajectory(denoiser, x_T, sigmas, *, trajectory=None, k: int | None = None,
-                          ratio: float = 0.99, criterion: str = "frobenius", fro_probes: int = 32,
-                          shape=None, dtype=torch.float32, device=None, progress: bool = True,
-                          **subspace_kwargs) -> TrajectoryRank:
+def rank_along_trajectory(
+    denoiser,
+    x_T,
+    sigmas,
+    *,
+    trajectory=None,
+    k: int | None = None,
+    ratio: float = 0.99,
+    criterion: str = "frobenius",
+    fro_probes: int = 32,
+    shape=None,
+    dtype=torch.float32,
+    device=None,
+    progress: bool = True,
+    **subspace_kwargs,
+) -> TrajectoryRank:
     """Numerical rank of ``J = dD/dx`` at each step of a deterministic trajectory.
 
     Args:
@@ -160,5 +189,10 @@ def rank_along_trajectory(denoiser, x_T, sigmas, *, trajectory=None, k: int | No
         fros.append(fro)
         ranks.append(numerical_rank(svals, ratio, criterion, frobenius_sq=fro))
         log.debug("sigma %.4g: ranks %s", s, ranks[-1].tolist())
-    return TrajectoryRank(sigmas=sig[keep], ranks=torch.stack(ranks), singular_values=torch.stack(spectra),
-                          frobenius_sq=torch.stack(fros), points=torch.stack([points[i] for i in keep]))
+    return TrajectoryRank(
+        sigmas=sig[keep],
+        ranks=torch.stack(ranks),
+        singular_values=torch.stack(spectra),
+        frobenius_sq=torch.stack(fros),
+        points=torch.stack([points[i] for i in keep]),
+    )

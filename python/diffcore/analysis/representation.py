@@ -11,11 +11,12 @@
   SNR of its output in the true class subspace against the rest, and the posterior class confidence.
 - :func:`curve_shape`: is a curve against sigma unimodal, where is its peak, how high.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -27,6 +28,7 @@ POOLINGS = ("mean", "flatten")
 
 
 # ----------------------------------------------------------------------------- features
+
 
 def _feature_root(model: torch.nn.Module) -> torch.nn.Module:
     """The diffcore UNet inside ``model`` (layer names are relative to it), else ``model`` itself."""
@@ -57,8 +59,10 @@ def feature_layers(model: torch.nn.Module) -> list[str]:
     root = _feature_root(model)
     names = [name for name, _ in root.named_modules() if name]
     if _alias_path(root, BOTTLENECK) is not None:
-        names = [n for n in names if n.count(".") == 1 and n.split(".")[0] in ("enc", "dec")] + [BOTTLENECK,
-                                                                                                DECODER_LAST]
+        names = [n for n in names if n.count(".") == 1 and n.split(".")[0] in ("enc", "dec")] + [
+            BOTTLENECK,
+            DECODER_LAST,
+        ]
     return names
 
 
@@ -77,8 +81,16 @@ def _pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(denoiser: torch.nn.Module, images: torch.Tensor, noise: torch.Tensor, sigma: float,
-                     layers: Sequence[str], *, pooling: str = "mean", batch_size: int = 512) -> dict[str, torch.Tensor]:
+def extract_features(
+    denoiser: torch.nn.Module,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: float,
+    layers: Sequence[str],
+    *,
+    pooling: str = "mean",
+    batch_size: int = 512,
+) -> dict[str, torch.Tensor]:
     """Features of ``denoiser`` at ``layers`` for the inputs ``x = images + sigma * noise``.
 
     Args:
@@ -101,12 +113,14 @@ def extract_features(denoiser: torch.nn.Module, images: torch.Tensor, noise: tor
     root = _feature_root(denoiser)
     modules = {name: _resolve_layer(root, name) for name in layers}
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    handles = [module.register_forward_hook(lambda _m, _i, out, name=name: chunks[name].append(_pool(out, pooling)))
-               for name, module in modules.items()]
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: chunks[name].append(_pool(out, pooling)))
+        for name, module in modules.items()
+    ]
     try:
         device = next(denoiser.parameters(), torch.empty(0)).device
         for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size] + float(sigma) * noise[start:start + batch_size]
+            x = images[start : start + batch_size] + float(sigma) * noise[start : start + batch_size]
             x = x.to(device)
             denoiser(x, torch.full((x.shape[0],), float(sigma), device=device, dtype=x.dtype))
     finally:
@@ -117,6 +131,7 @@ def extract_features(denoiser: torch.nn.Module, images: torch.Tensor, noise: tor
 
 # ----------------------------------------------------------------------------- probe and SNR
 
+
 @dataclass(frozen=True)
 class ProbeResult:
     """Accuracy of the fitted probe on the held-out split and on its own training split."""
@@ -125,8 +140,15 @@ class ProbeResult:
     train_accuracy: float
 
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, *, l2: float = 1e-2, max_iter: int = 200) -> ProbeResult:
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    l2: float = 1e-2,
+    max_iter: int = 200,
+) -> ProbeResult:
     """Multinomial logistic regression ``softmax(W f + b)`` fitted on ``train_*`` and scored on ``test_*``.
 
     Features ``[M, F]`` are standardized with the training split's mean and standard deviation; the
@@ -136,8 +158,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         check_tensor(f"{name}_features", feats, ndim=2)
         check_tensor(f"{name}_labels", labels, ndim=1)
         if feats.shape[0] != labels.shape[0] or feats.shape[0] == 0:
-            raise ValueError(f"{name}_features: expected a non-empty [M, F] matching {name}_labels [M], got "
-                             f"{tuple(feats.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"{name}_features: expected a non-empty [M, F] matching {name}_labels [M], got "
+                f"{tuple(feats.shape)} and {tuple(labels.shape)}"
+            )
     if test_features.shape[1] != train_features.shape[1]:
         raise ValueError(f"test_features: expected {train_features.shape[1]} features, got {test_features.shape[1]}")
     if not l2 >= 0:
@@ -151,8 +175,15 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     classes = int(max(int(y.max()), int(yt.max()))) + 1
     weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -176,8 +207,9 @@ def class_snr(features: torch.Tensor, labels: torch.Tensor) -> float:
     check_tensor("features", features, ndim=2)
     check_tensor("labels", labels, ndim=1)
     if features.shape[0] != labels.shape[0] or features.shape[0] < 2:
-        raise ValueError(f"features: expected [M >= 2, F] matching labels [M], got {tuple(features.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"features: expected [M >= 2, F] matching labels [M], got {tuple(features.shape)} and {tuple(labels.shape)}"
+        )
     f = features.double().cpu()
     y = labels.long().cpu()
     mean = f.mean(0)
@@ -191,6 +223,7 @@ def class_snr(features: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- theory (MoLRG)
+
 
 def molrg_representation_curve(denoiser, sigmas: Sequence[float], *, num: int = 2000, seed: int = 0) -> list[dict]:
     """Representation SNR and class confidence of the optimal MoLRG denoiser against sigma.
@@ -210,7 +243,7 @@ def molrg_representation_curve(denoiser, sigmas: Sequence[float], *, num: int = 
     x0 = x0.reshape(num, -1)
     g = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    bases = denoiser.bases.cpu()[labels.cpu()]                                          # [num, n, d]
+    bases = denoiser.bases.cpu()[labels.cpu()]  # [num, n, d]
     rows = []
     for sigma in sigmas:
         x = x0 + float(sigma) * noise
@@ -218,9 +251,15 @@ def molrg_representation_curve(denoiser, sigmas: Sequence[float], *, num: int = 
         inside = torch.einsum("bnd,bd->bn", bases, torch.einsum("bnd,bn->bd", bases, xhat))
         e_in, e_rest = float(inside.square().sum()), float((xhat - inside).square().sum())
         weights = denoiser.posterior_weights(x.to(denoiser.device), float(sigma)).cpu()
-        rows.append({"sigma": float(sigma), "snr": e_in / e_rest if e_rest > 0 else math.inf,
-                     "confidence": float(weights.gather(1, labels.cpu()[:, None]).mean()),
-                     "energy_in_class": e_in / num, "energy_rest": e_rest / num})
+        rows.append(
+            {
+                "sigma": float(sigma),
+                "snr": e_in / e_rest if e_rest > 0 else math.inf,
+                "confidence": float(weights.gather(1, labels.cpu()[:, None]).mean()),
+                "energy_in_class": e_in / num,
+                "energy_rest": e_rest / num,
+            }
+        )
     return rows
 
 
@@ -236,5 +275,7 @@ def curve_shape(sigmas: Sequence[float], values: Sequence[float], tolerance: flo
     peak_index = max(range(len(values)), key=lambda i: values[i])
     peak = float(values[peak_index])
     rise, fall = peak - float(values[0]), peak - float(values[-1])
-    shape = "unimodal" if rise > tolerance and fall > tolerance else ("decreasing" if rise <= tolerance else "increasing")
+    shape = (
+        "unimodal" if rise > tolerance and fall > tolerance else ("decreasing" if rise <= tolerance else "increasing")
+    )
     return {"shape": shape, "peak_sigma": float(sigmas[peak_index]), "peak": peak, "rise": rise, "fall": fall}

@@ -22,11 +22,12 @@ Noise levels are grouped into stages by how similar the *empirical optimal denoi
 3. :func:`stage_boundaries`: the sigma at each cut, the geometric mean of the last sigma of one
    segment and the first of the next (the midpoint in log sigma).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,9 +49,15 @@ class Segmentation:
         return list(zip(self.starts, stops))
 
 
-def denoiser_similarity(probes: torch.Tensor, noise: torch.Tensor, train: torch.Tensor,
-                        sigmas: Sequence[float] | torch.Tensor, *, backend: str = "auto",
-                        batch_size: int = 256) -> torch.Tensor:
+def denoiser_similarity(
+    probes: torch.Tensor,
+    noise: torch.Tensor,
+    train: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    *,
+    backend: str = "auto",
+    batch_size: int = 256,
+) -> torch.Tensor:
     """Mean cosine similarity of centred empirical-denoiser outputs across a sigma grid.
 
     probes: x0 [P, ...]; noise: n [P, ...] (same shape); train: the training set [N, ...] of the
@@ -58,15 +65,17 @@ def denoiser_similarity(probes: torch.Tensor, noise: torch.Tensor, train: torch.
     reference backend; float32 any backend. Returns S [G, G] float64 (module docstring, step 1).
     """
     if not isinstance(probes, torch.Tensor) or not isinstance(noise, torch.Tensor) or probes.shape != noise.shape:
-        raise ValueError(f"noise: expected a tensor of the probes' shape {tuple(getattr(probes, 'shape', ()))}, "
-                         f"got {tuple(getattr(noise, 'shape', ()))}")
+        raise ValueError(
+            f"noise: expected a tensor of the probes' shape {tuple(getattr(probes, 'shape', ()))}, "
+            f"got {tuple(getattr(noise, 'shape', ()))}"
+        )
     grid = _check_sigmas(sigmas)
     mean = train.to(torch.float64).mean(0).reshape(1, -1)
     units = []
     for sigma in grid:
         outputs = []
         for start in range(0, probes.shape[0], batch_size):
-            x = probes[start:start + batch_size] + sigma * noise[start:start + batch_size]
+            x = probes[start : start + batch_size] + sigma * noise[start : start + batch_size]
             outputs.append(empirical_denoise(x, train, sigma, backend=backend))
         centred = torch.cat(outputs).reshape(probes.shape[0], -1).to(torch.float64) - mean.to(probes.device)
         units.append(centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-300))
@@ -88,8 +97,12 @@ def contiguous_segmentation(similarity, num_segments: int) -> Segmentation:
     prefix[1:, 1:] = dissimilarity.cumsum(0).cumsum(1)
     idx = np.arange(grid_size + 1)
     # cost[i, j]: scatter of segment [i, j) (j > i), from the 2-D prefix sums in O(1) each.
-    block = prefix[idx[None, :], idx[None, :]] - prefix[idx[:, None], idx[None, :]] \
-        - prefix[idx[None, :], idx[:, None]] + prefix[idx[:, None], idx[:, None]]
+    block = (
+        prefix[idx[None, :], idx[None, :]]
+        - prefix[idx[:, None], idx[None, :]]
+        - prefix[idx[None, :], idx[:, None]]
+        + prefix[idx[:, None], idx[:, None]]
+    )
     lengths = idx[None, :] - idx[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         cost = np.where(lengths > 0, block / (2.0 * np.maximum(lengths, 1)), np.inf)
@@ -123,7 +136,9 @@ def stage_boundaries(sigmas: Sequence[float] | torch.Tensor, segmentation: Segme
 def _check_sigmas(sigmas) -> list[float]:
     grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if not grid or any(not (math.isfinite(s) and s > 0) for s in grid) or any(a >= b for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"sigmas: expected a non-empty, strictly increasing grid of finite values > 0, got {grid[:8]}...")
+        raise ValueError(
+            f"sigmas: expected a non-empty, strictly increasing grid of finite values > 0, got {grid[:8]}..."
+        )
     return grid
 
 

@@ -1,5 +1,6 @@
 """Subspace geometry of mixtures of low-rank Gaussians (docs/papers.md section 4): how far learned
 bases are from the true ones, and how far points are from a union of subspaces."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,9 +23,9 @@ def subspace_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Recovery:
     """Subspace recovery after matching learned to true components by the best permutation."""
 
-    error: float                   # mean normalized projection distance (0 = exact recovery)
-    max_angle_deg: float           # largest principal angle over matched pairs
-    mean_angle_deg: float          # mean principal angle over matched pairs and directions
+    error: float  # mean normalized projection distance (0 = exact recovery)
+    max_angle_deg: float  # largest principal angle over matched pairs
+    mean_angle_deg: float  # mean principal angle over matched pairs and directions
     permutation: list
 
 
@@ -37,13 +38,16 @@ def subspace_recovery(learned: torch.Tensor, true: torch.Tensor) -> Recovery:
         raise ValueError(f"learned: expected shape {tuple(true.shape)}, got {tuple(learned.shape)}")
     if k > 7:
         raise ValueError("subspace_recovery: exhaustive matching supports K <= 7")
-    cost = subspace_distance(learned[:, None], true[None])                     # [K, K]
+    cost = subspace_distance(learned[:, None], true[None])  # [K, K]
     perm = min(itertools.permutations(range(k)), key=lambda p: float(sum(cost[p[j], j] for j in range(k))))
     matched = learned[list(perm)]
     angles = principal_angles(matched.transpose(1, 2).double(), true.transpose(1, 2).double())  # [K, d]
-    return Recovery(error=float(torch.stack([cost[perm[j], j] for j in range(k)]).mean()),
-                    max_angle_deg=float(angles.max()), mean_angle_deg=float(angles.mean()),
-                    permutation=list(perm))
+    return Recovery(
+        error=float(torch.stack([cost[perm[j], j] for j in range(k)]).mean()),
+        max_angle_deg=float(angles.max()),
+        mean_angle_deg=float(angles.mean()),
+        permutation=list(perm),
+    )
 
 
 def distance_to_union(x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:

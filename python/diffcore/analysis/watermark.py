@@ -36,6 +36,7 @@ Conventions (VE/EDM, ``x = x0 + sigma n``; docs/design.md, Sigma conventions):
   under "not marked with this key" (unmarked, or marked with any other key), so p is uniform
   there, whatever the model, attack or key power.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,8 @@ import torch
 from diffcore._checks import check_positive_int, check_tensor
 
 BANDS = ("high", "low")
-REFERENCE_SEED = 1 << 40        # seeds of the reference keys of key_rank_p_value
-MAX_REFERENCE_KEYS = 100_000    # reference keys one call builds
+REFERENCE_SEED = 1 << 40  # seeds of the reference keys of key_rank_p_value
+MAX_REFERENCE_KEYS = 100_000  # reference keys one call builds
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,7 @@ def _check_shape(shape) -> tuple[int, int, int]:
         raise ValueError(f"shape: expected the per-sample shape (C, H, W) with positive sizes, got {shape}")
     c, h, w = shape
     if h % 2 or w % 2 or min(h, w) < 4:
-        raise ValueError(f"shape: expected an even height and width >= 4 (a disc symmetric under k -> -k), "
-                         f"got {h}x{w}")
+        raise ValueError(f"shape: expected an even height and width >= 4 (a disc symmetric under k -> -k), got {h}x{w}")
     return c, h, w
 
 
@@ -126,7 +126,7 @@ def ring_key(shape, *, radius: int, channel: int = 0, band: str = "high", seed: 
     cols = torch.arange(w, dtype=torch.float64)[None, :] - w // 2
     distance = (rows.square() + cols.square()).sqrt()
     mask = distance <= radius
-    ring = distance.ceil().clamp(1, radius).long()                   # ring index 1 .. radius on the disc
+    ring = distance.ceil().clamp(1, radius).long()  # ring index 1 .. radius on the disc
     z = torch.tensor(seeded_normals(seed, 2 * radius), dtype=torch.float64) * math.sqrt(h * w / 2)
     ring_values = torch.cat([torch.zeros(1, dtype=torch.complex128), torch.complex(z[0::2], z[1::2])])
     upper_half = (rows > 0) | ((rows == 0) & (cols > 0))
@@ -153,8 +153,9 @@ def _inverse_spectrum(f: torch.Tensor, band: str) -> torch.Tensor:
 def _check_images(name: str, x: torch.Tensor, key: RingKey) -> None:
     check_tensor(name, x, ndim=4)
     if tuple(x.shape[1:]) != key.shape:
-        raise ValueError(f"{name}: expected images of shape [B, {', '.join(map(str, key.shape))}] (the key's), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected images of shape [B, {', '.join(map(str, key.shape))}] (the key's), got {tuple(x.shape)}"
+        )
 
 
 def vp_scale(sigma: float) -> float:
@@ -217,8 +218,10 @@ def reference_keys(key: RingKey, count: int) -> list[RingKey]:
     check_positive_int("count", count)
     if count > MAX_REFERENCE_KEYS:
         raise ValueError(f"count: expected at most {MAX_REFERENCE_KEYS} reference keys, got {count}")
-    return [ring_key(key.shape, radius=key.radius, channel=key.channel, band=key.band, seed=REFERENCE_SEED + j)
-            for j in range(count)]
+    return [
+        ring_key(key.shape, radius=key.radius, channel=key.channel, band=key.band, seed=REFERENCE_SEED + j)
+        for j in range(count)
+    ]
 
 
 def key_rank_p_value(x: torch.Tensor, key: RingKey, sigma: float, *, references: int = 99) -> torch.Tensor:
@@ -233,6 +236,7 @@ def key_rank_p_value(x: torch.Tensor, key: RingKey, sigma: float, *, references:
 
 
 # ----------------------------------------------------------------------------- times and grids
+
 
 def check_time(time: float) -> float:
     """``time`` as a float in the open interval (0, 1); raises ValueError naming ``time``."""
@@ -275,14 +279,15 @@ def split_sigmas(sigmas, sigma: float) -> tuple[torch.Tensor | None, torch.Tenso
 
 # ----------------------------------------------------------------------------- embed and detect
 
+
 @dataclass
 class WatermarkedSamples:
     """Images [B, C, H, W] from the same initial noise, with and without the key."""
 
     watermarked: torch.Tensor
     clean: torch.Tensor | None
-    state: torch.Tensor          # the clean state at the injection sigma [B, C, H, W]
-    delta: torch.Tensor          # watermarked state - clean state at the injection sigma
+    state: torch.Tensor  # the clean state at the injection sigma [B, C, H, W]
+    delta: torch.Tensor  # watermarked state - clean state at the injection sigma
 
 
 def _solver(name: str):
@@ -293,8 +298,17 @@ def _solver(name: str):
     return SOLVERS[name]
 
 
-def embed(denoiser, x_T: torch.Tensor, sigmas, key: RingKey, sigma: float, *, solver: str = "ddim",
-          with_clean: bool = True, **solver_options) -> WatermarkedSamples:
+def embed(
+    denoiser,
+    x_T: torch.Tensor,
+    sigmas,
+    key: RingKey,
+    sigma: float,
+    *,
+    solver: str = "ddim",
+    with_clean: bool = True,
+    **solver_options,
+) -> WatermarkedSamples:
     """Sample from ``x_T`` [B, C, H, W] (the state at sigmas[0]) down to ``sigma``, write the key
     (:func:`inject`), and continue to 0; with ``with_clean`` also continue the unmarked state (the
     same trajectory down to ``sigma``). ``sigma = sigmas[0]`` is Tree-Ring (the key in x_T).
@@ -310,23 +324,35 @@ def embed(denoiser, x_T: torch.Tensor, sigmas, key: RingKey, sigma: float, *, so
     return WatermarkedSamples(watermarked, clean, state, marked - state)
 
 
-def invert_to(denoiser, images: torch.Tensor, sigmas, sigma: float, *, solver: str = "ddim",
-              **solver_options) -> torch.Tensor:
+def invert_to(
+    denoiser, images: torch.Tensor, sigmas, sigma: float, *, solver: str = "ddim", **solver_options
+) -> torch.Tensor:
     """ODE-invert ``images`` [B, ...] up the part of the descending sampling grid ``sigmas`` below
     ``sigma``: the images are taken as the state at the smallest positive grid value (DDIM
     inversion's approximation) and integrated up to ``sigma`` (``diffcore.sampler.invert``)."""
     from diffcore.sampler import invert
 
     _, lower = split_sigmas(sigmas, sigma)
-    grid = lower[:-1].flip(0)                                        # ascending, without the 0
+    grid = lower[:-1].flip(0)  # ascending, without the 0
     if grid.numel() < 2:
         raise ValueError(f"sigma: {sigma:g} leaves no step to invert on this grid")
     with torch.no_grad():
         return invert(denoiser, images, grid, solver=solver, **solver_options)
 
 
-def detect(denoiser, images: torch.Tensor, sigmas, key: RingKey, sigma: float, *, solver: str = "ddim",
-           p_value: bool = False, key_rank: int = 0, return_state: bool = False, **solver_options) -> dict:
+def detect(
+    denoiser,
+    images: torch.Tensor,
+    sigmas,
+    key: RingKey,
+    sigma: float,
+    *,
+    solver: str = "ddim",
+    p_value: bool = False,
+    key_rank: int = 0,
+    return_state: bool = False,
+    **solver_options,
+) -> dict:
     """Invert ``images`` to ``sigma`` and score them against ``key``: ``{"distance": [B]}``, with
     ``"p_value"`` (Tree-Ring's) when asked and ``"key_rank"`` (:func:`key_rank_p_value` with
     ``key_rank`` references) when ``key_rank > 0``; lower means watermarked. ``return_state`` adds
@@ -344,6 +370,7 @@ def detect(denoiser, images: torch.Tensor, sigmas, key: RingKey, sigma: float, *
 
 
 # ----------------------------------------------------------------------------- the null-space measure
+
 
 @dataclass
 class NullSpaceFraction:
@@ -364,8 +391,18 @@ class NullSpaceFraction:
     singular_values: torch.Tensor
 
 
-def null_space_fraction(denoiser, x: torch.Tensor, sigma: float, delta: torch.Tensor, *, k: int = 32,
-                        ratio: float = 0.99, seed: int = 0, probes: int = 16, **subspace_options) -> NullSpaceFraction:
+def null_space_fraction(
+    denoiser,
+    x: torch.Tensor,
+    sigma: float,
+    delta: torch.Tensor,
+    *,
+    k: int = 32,
+    ratio: float = 0.99,
+    seed: int = 0,
+    probes: int = 16,
+    **subspace_options,
+) -> NullSpaceFraction:
     """The fraction of ``delta`` [B, ...]'s energy in the null space of ``J = dD/dx`` at ``x`` [B, ...]
     (the Shallow Diffuse argument, docs/papers.md section 6): top-``k`` right singular vectors by
     ``diffcore.analysis.jacobian_subspace`` (randomized SVD by default), ``|J|_F^2`` = the top-k
@@ -397,8 +434,27 @@ def null_space_fraction(denoiser, x: torch.Tensor, sigma: float, delta: torch.Te
 
 
 __all__ = [
-    "BANDS", "NullSpaceFraction", "REFERENCE_SEED", "RingKey", "WatermarkedSamples", "check_time", "detect", "embed",
-    "inject", "invert_to", "key_distance", "key_p_value", "key_rank_p_value", "masked_coefficients", "max_radius",
-    "null_space_fraction", "reference_keys", "ring_key", "seeded_normals", "sigma_at_time", "spectrum",
-    "split_sigmas", "vp_scale",
+    "BANDS",
+    "NullSpaceFraction",
+    "REFERENCE_SEED",
+    "RingKey",
+    "WatermarkedSamples",
+    "check_time",
+    "detect",
+    "embed",
+    "inject",
+    "invert_to",
+    "key_distance",
+    "key_p_value",
+    "key_rank_p_value",
+    "masked_coefficients",
+    "max_radius",
+    "null_space_fraction",
+    "reference_keys",
+    "ring_key",
+    "seeded_normals",
+    "sigma_at_time",
+    "spectrum",
+    "split_sigmas",
+    "vp_scale",
 ]

@@ -10,6 +10,7 @@ Supported layouts:
 
 ``root`` may be the batches folder itself or a folder that contains it.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,7 +51,8 @@ def _find_layout(root: Path) -> tuple[str, Path]:
             return "py", folder
     raise FileNotFoundError(
         f"no CIFAR-10 batch files under {str(root)!r}: expected cifar-10-batches-bin "
-        "(data_batch_1.bin ... test_batch.bin) or cifar-10-batches-py (data_batch_1 ... test_batch)")
+        "(data_batch_1.bin ... test_batch.bin) or cifar-10-batches-py (data_batch_1 ... test_batch)"
+    )
 
 
 def _read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +62,8 @@ def _read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if raw.size == 0 or raw.size % RECORD_BYTES != 0:
         raise ValueError(
             f"malformed CIFAR-10 batch {str(path)!r}: {raw.size} bytes is not a positive multiple "
-            f"of the record size {RECORD_BYTES} (1 label byte + 3072 pixel bytes)")
+            f"of the record size {RECORD_BYTES} (1 label byte + 3072 pixel bytes)"
+        )
     records = raw.reshape(-1, RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     if labels.max() >= len(CLASSES):
@@ -90,7 +93,8 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name} from a CIFAR-10 pickle (only numpy arrays are allowed)")
+                f"refusing to load {module}.{name} from a CIFAR-10 pickle (only numpy arrays are allowed)"
+            )
         if name == "_reconstruct":
             return _reconstruct_function()
         if name == "encode":
@@ -111,8 +115,10 @@ def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (EOFError, ValueError, TypeError, IndexError, KeyError) as error:
         raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: {error}") from error
     except MemoryError:  # a forged header asking for a huge array
-        raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: it asks for an array too large "
-                         "for memory (a real batch holds 10000 x 3072 bytes)") from None
+        raise ValueError(
+            f"malformed CIFAR-10 pickle {str(path)!r}: it asks for an array too large "
+            "for memory (a real batch holds 10000 x 3072 bytes)"
+        ) from None
     if not isinstance(content, dict):
         raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: expected a dict, got {type(content).__name__}")
     data = content.get(b"data", content.get("data"))
@@ -122,7 +128,8 @@ def _read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels, dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"malformed CIFAR-10 pickle {str(path)!r}: data {data.dtype} {data.shape}, labels {labels.shape}")
+            f"malformed CIFAR-10 pickle {str(path)!r}: data {data.dtype} {data.shape}, labels {labels.shape}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
         raise ValueError(f"malformed CIFAR-10 pickle {str(path)!r}: labels outside 0..9")
     return data.reshape(-1, 3, 32, 32), labels
@@ -139,8 +146,9 @@ def load_cifar10(root, split: str = "train") -> ArrayDataset:
     suffix = ".bin" if layout == "bin" else ""
     images, labels = zip(*(reader(folder / (name + suffix)) for name in _batch_names(split)))
     values = torch.from_numpy(np.ascontiguousarray(np.concatenate(images)))
-    return ArrayDataset(values, torch.from_numpy(np.concatenate(labels)), num_classes=len(CLASSES),
-                        name=f"cifar10-{split}")
+    return ArrayDataset(
+        values, torch.from_numpy(np.concatenate(labels)), num_classes=len(CLASSES), name=f"cifar10-{split}"
+    )
 
 
 def write_cifar10_binary_batch(path, images: np.ndarray, labels: np.ndarray) -> None:

@@ -4,6 +4,7 @@ Images are stored as uint8 ``[N, C, H, W]`` and converted on access with ``x = u
 (pixels in [-1, 1], the convention of every diffcore op that accepts uint8). Synthetic data
 (e.g. a mixture of low-rank Gaussians) is stored as float ``[N, ...]`` and returned as is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,7 @@ class ArrayDataset:
         if self.values.ndim < 2:
             raise ValueError(f"values must have shape [N, ...], got {tuple(self.values.shape)}")
         if self.labels.shape != (self.values.shape[0],):
-            raise ValueError(
-                f"labels must have shape [N] = [{self.values.shape[0]}], got {tuple(self.labels.shape)}")
+            raise ValueError(f"labels must have shape [N] = [{self.values.shape[0]}], got {tuple(self.labels.shape)}")
         if self.values.dtype != torch.uint8 and not self.values.is_floating_point():
             raise ValueError(f"values must be uint8 or floating point, got {self.values.dtype}")
         self.labels = self.labels.to(torch.int64)
@@ -71,13 +71,16 @@ class ArrayDataset:
         """Every sample as float32 ``[N, ...]`` (uint8 images mapped to [-1, 1])."""
         return uint8_to_unit(self.values) if self.is_uint8 else self.values.to(torch.float32)
 
-    def to(self, device) -> "ArrayDataset":
+    def to(self, device) -> ArrayDataset:
         """The same dataset with its tensors on ``device``."""
         return ArrayDataset(self.values.to(device), self.labels.to(device), self.num_classes, self.name)
 
-    def select(self, indices: torch.Tensor, name: str | None = None) -> "ArrayDataset":
+    def select(self, indices: torch.Tensor, name: str | None = None) -> ArrayDataset:
         """The samples at ``indices`` (in that order), as a new dataset."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
-        return ArrayDataset(self.values[indices.to(self.values.device)],
-                            self.labels[indices.to(self.labels.device)],
-                            self.num_classes, name or self.name)
+        return ArrayDataset(
+            self.values[indices.to(self.values.device)],
+            self.labels[indices.to(self.labels.device)],
+            self.num_classes,
+            name or self.name,
+        )

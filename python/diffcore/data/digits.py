@@ -3,6 +3,7 @@
 Stored as uint8 (the original 0..16 intensities scaled to 0..255) in ``files/digits_8x8.npz``,
 so no download is needed at run time.
 """
+
 from __future__ import annotations
 
 from importlib import resources

@@ -16,6 +16,7 @@ image with any transparent pixel is refused (ValueError naming the file): diffco
 guess the background the transparent pixels stand on (Pillow alone would turn them black, or
 whatever color they hide); flatten such images onto the background you mean first.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,10 +49,12 @@ def _list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     top_level = sorted(p for p in root.iterdir() if _is_image(p))
     if class_dirs and top_level:
-        raise ValueError(f"image folder {str(root)!r} holds {len(top_level)} images at its top level (e.g. "
-                         f"{top_level[0].name!r}) and class sub-folders ({', '.join(p.name for p in class_dirs[:3])}"
-                         f"{', ...' if len(class_dirs) > 3 else ''}): use one layout, root/*.png or "
-                         "root/<class>/*.png (move the top-level images into a class folder)")
+        raise ValueError(
+            f"image folder {str(root)!r} holds {len(top_level)} images at its top level (e.g. "
+            f"{top_level[0].name!r}) and class sub-folders ({', '.join(p.name for p in class_dirs[:3])}"
+            f"{', ...' if len(class_dirs) > 3 else ''}): use one layout, root/*.png or "
+            "root/<class>/*.png (move the top-level images into a class folder)"
+        )
     if class_dirs:
         names = [p.name for p in class_dirs]
         files, labels = [], []
@@ -107,9 +110,11 @@ def _without_alpha(image, path):
         return image
     alpha = np.asarray(image.getchannel("A"))
     if alpha.size and int(alpha.min()) < 255:
-        raise ValueError(f"image {str(path)!r} has {int((alpha < 255).sum())} transparent pixels; diffcore "
-                         "does not guess their background: flatten it onto the background you mean "
-                         "(e.g. Image.alpha_composite) and save it without alpha")
+        raise ValueError(
+            f"image {str(path)!r} has {int((alpha < 255).sum())} transparent pixels; diffcore "
+            "does not guess their background: flatten it onto the background you mean "
+            "(e.g. Image.alpha_composite) and save it without alpha"
+        )
     return image.convert("L" if image.mode in ("LA", "La") else "RGB")
 
 
@@ -123,8 +128,10 @@ def _infer_layout(files: list[Path], root: Path) -> tuple[int, int]:
         gray = gray and mode in GRAYSCALE_MODES
     if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
         shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-        raise ValueError(f"image folder {str(root)!r}: no resolution given and the images are not all square "
-                         f"of one size ({shown}); give the dataset a resolution")
+        raise ValueError(
+            f"image folder {str(root)!r}: no resolution given and the images are not all square "
+            f"of one size ({shown}); give the dataset a resolution"
+        )
     return next(iter(sizes))[0], 1 if gray else 3
 
 
@@ -170,8 +177,12 @@ def load_image_folder(root, resolution: int | None = None, channels: int | None 
         arrays.append(array.reshape(resolution, resolution, channels).transpose(2, 0, 1))
     log.info("loaded %d images from %s (%d classes)", len(files), root, max(1, len(class_names)))
     values = torch.from_numpy(np.stack(arrays))
-    return ArrayDataset(values, torch.tensor(labels, dtype=torch.int64),
-                        num_classes=max(1, len(class_names)), name=f"folder:{root.name}")
+    return ArrayDataset(
+        values,
+        torch.tensor(labels, dtype=torch.int64),
+        num_classes=max(1, len(class_names)),
+        name=f"folder:{root.name}",
+    )
 
 
 def _is_grayscale(path: Path) -> bool:

@@ -3,6 +3,7 @@
 K classes with orthonormal bases ``U_k`` (``[n, d]``), mutually orthogonal (so ``K d <= n``);
 a sample of class k is ``x = U_k a`` with ``a ~ N(0, I_d)``; classes have equal weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

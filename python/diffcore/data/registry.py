@@ -1,7 +1,9 @@
 """Datasets by name, for configs: ``load_dataset({"name": "cifar10", "root": ..., "subset": 1024})``."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from diffcore.data.dataset import ArrayDataset
 from diffcore.data.subsets import subset
@@ -26,8 +28,11 @@ def _image_folder(spec):
     from diffcore.data.image_folder import load_image_folder
 
     resolution, channels = spec.get("resolution"), spec.get("channels")  # None: the images' own
-    return load_image_folder(_required(spec, "root"), None if resolution is None else int(resolution),
-                             channels=None if channels is None else int(channels))
+    return load_image_folder(
+        _required(spec, "root"),
+        None if resolution is None else int(resolution),
+        channels=None if channels is None else int(channels),
+    )
 
 
 def _molrg(spec):
@@ -54,8 +59,13 @@ def _required(spec, key):
     return spec[key]
 
 
-_LOADERS = {"digits": _digits, "cifar10": _cifar10, "image_folder": _image_folder, "molrg": _molrg,
-            "random_images": _random_images}
+_LOADERS = {
+    "digits": _digits,
+    "cifar10": _cifar10,
+    "image_folder": _image_folder,
+    "molrg": _molrg,
+    "random_images": _random_images,
+}
 
 
 def load_dataset(spec: Mapping[str, Any]) -> ArrayDataset:

@@ -5,6 +5,7 @@ entries (so the smaller subset is even a prefix of the larger one, in the same o
 how the reproducibility/generalization studies train on N = 2^6 ... 2^14 images of one dataset
 (docs/papers.md section 1): every larger training set contains every smaller one.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,11 +7,19 @@
 - :class:`GaussianMixtureDenoiser` (full-rank Gaussians per class) and :class:`ScaledMoLRGDenoiser`
   (:class:`MoLRGDenoiser` at a given data scale): the closed-form mixtures of ``mixture.py``.
 """
+
 from diffcore.denoisers.class_gaussian import ClassGaussians, LinearSplit
 from diffcore.denoisers.empirical import EmpiricalDenoiser
 from diffcore.denoisers.gaussian import GaussianDenoiser
 from diffcore.denoisers.mixture import GaussianMixtureDenoiser, ScaledMoLRGDenoiser
 from diffcore.denoisers.molrg import MoLRGDenoiser
 
-__all__ = ["ClassGaussians", "LinearSplit", "EmpiricalDenoiser", "GaussianDenoiser", "GaussianMixtureDenoiser",
-           "MoLRGDenoiser", "ScaledMoLRGDenoiser"]
+__all__ = [
+    "ClassGaussians",
+    "LinearSplit",
+    "EmpiricalDenoiser",
+    "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
+    "MoLRGDenoiser",
+    "ScaledMoLRGDenoiser",
+]

@@ -1,4 +1,5 @@
 """Small helpers shared by the closed-form denoisers (pure torch, safe under torch.func transforms)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,10 @@ def check_input(x, dim: int, name: str = "x") -> torch.Tensor:
     check_tensor(name, x, min_ndim=2, dtypes=FLOAT_DTYPES)
     flat = x[0].numel()
     if flat != dim:
-        raise ValueError(f"{name}: expected {dim} numbers per sample (shape [B, ...] with prod(...) = {dim}), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected {dim} numbers per sample (shape [B, ...] with prod(...) = {dim}), "
+            f"got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -36,4 +39,3 @@ def sigma_column_allow_zero(sigma, batch: int, device: torch.device, dtype: torc
             raise ValueError(f"{name}: expected finite values >= 0")
         return s.to(dtype)[:, None]
     return sigma_column(sigma, batch, device, dtype, name)
-

@@ -21,6 +21,7 @@ them (``"all"``: ``D_c - D_u`` of the Gaussians), serves as a guidance term of
 ``diffcore.sampler.GuidedDenoiser``, added either to the Gaussian conditional denoiser or to a
 trained network's, as the paper does.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -58,13 +59,14 @@ class ClassGaussians:
             a sampler asks for the same few sigmas again and again.
     """
 
-    def __init__(self, conditional: list[GaussianDenoiser], unconditional: GaussianDenoiser, *,
-                 cache_size: int = 64):
+    def __init__(self, conditional: list[GaussianDenoiser], unconditional: GaussianDenoiser, *, cache_size: int = 64):
         if not conditional:
             raise ValueError("conditional: expected at least one class Gaussian")
         for c, g in enumerate(conditional):
             if g.dim != unconditional.dim:
-                raise ValueError(f"conditional: class {c} has dimension {g.dim}, the unconditional one {unconditional.dim}")
+                raise ValueError(
+                    f"conditional: class {c} has dimension {g.dim}, the unconditional one {unconditional.dim}"
+                )
         self.conditional = list(conditional)
         self.unconditional = unconditional
         self.shape = unconditional.shape
@@ -72,25 +74,29 @@ class ClassGaussians:
         self._eigen: OrderedDict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @classmethod
-    def fit(cls, data: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None,
-            rank: int | None = None, **kwargs) -> "ClassGaussians":
+    def fit(
+        cls, data: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, rank: int | None = None, **kwargs
+    ) -> ClassGaussians:
         """Fit every class and the whole ``data`` [N, ...] (``GaussianDenoiser.fit``: float64,
         covariance normalized by the count; uint8 maps to [-1, 1]). ``labels`` [N] int in
         ``[0, num_classes)``; every class needs at least 2 samples."""
         check_tensor("data", data, min_ndim=2)
         check_tensor("labels", labels, ndim=1)
         if labels.shape[0] != data.shape[0] or labels.is_floating_point():
-            raise ValueError(f"labels: expected {data.shape[0]} integer class ids, got {labels.dtype} "
-                             f"of shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels: expected {data.shape[0]} integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
         labels = labels.to(device=data.device, dtype=torch.int64)
         num_classes = int(labels.max()) + 1 if num_classes is None else check_positive_int("num_classes", num_classes)
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"labels: expected class ids in [0, {num_classes}), got [{int(labels.min())}, "
-                             f"{int(labels.max())}]")
+            raise ValueError(
+                f"labels: expected class ids in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+            )
         counts = torch.bincount(labels, minlength=num_classes)
         if int(counts.min()) < 2:
-            raise ValueError(f"labels: class {int(counts.argmin())} has {int(counts.min())} samples; every class "
-                             "needs at least 2")
+            raise ValueError(
+                f"labels: class {int(counts.argmin())} has {int(counts.min())} samples; every class needs at least 2"
+            )
         conditional = [GaussianDenoiser.fit(data[labels == c], rank=rank) for c in range(num_classes)]
         return cls(conditional, GaussianDenoiser.fit(data, rank=rank), **kwargs)
 
@@ -128,7 +134,7 @@ class ClassGaussians:
         return shift - self.unconditional.jacobian(float(sigma)) @ shift
 
     # ------------------------------------------------------------------ denoisers
-    def conditional_denoiser(self, labels: torch.Tensor) -> "ClassConditionalDenoiser":
+    def conditional_denoiser(self, labels: torch.Tensor) -> ClassConditionalDenoiser:
         """``D(x, sigma)`` that denoises row i with the Gaussian of class ``labels[i]``."""
         return ClassConditionalDenoiser(self, labels)
 
@@ -139,7 +145,7 @@ class ClassGaussians:
         positive, negative, shift = (torch.empty_like(rows) for _ in range(3))
         for label, sigma_value, index in self._groups(labels, sigma, x.shape[0]):
             values, vectors = self.contrastive_components(label, sigma_value)
-            coeff = (rows[index] - self.conditional[label].mean) @ vectors                     # [b, n]
+            coeff = (rows[index] - self.conditional[label].mean) @ vectors  # [b, n]
             positive[index] = (coeff * values.clamp_min(0)) @ vectors.T
             negative[index] = (coeff * values.clamp_max(0)) @ vectors.T
             shift[index] = self.mean_shift(label, sigma_value)
@@ -151,7 +157,7 @@ class ClassGaussians:
         x64 = x.to(self.unconditional.device, torch.float64)
         return self.conditional_denoiser(labels)(x64, sigma) - self.unconditional(x64, sigma)
 
-    def term(self, name: str, labels: torch.Tensor) -> "LinearGuidanceTerm":
+    def term(self, name: str, labels: torch.Tensor) -> LinearGuidanceTerm:
         """A guidance term ``G(x, sigma, base)`` for ``diffcore.sampler.GuidedDenoiser``: one of
         ``positive``, ``negative``, ``mean_shift`` or ``all`` (``D_c - D_u``)."""
         return LinearGuidanceTerm(self, name, labels)
@@ -178,8 +184,9 @@ class ClassGaussians:
         check_tensor("labels", labels, ndim=1)
         expected = labels.shape[0] if batch is None else batch
         if labels.shape[0] != expected or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels: expected {expected} integer class ids, got {labels.dtype} of shape "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"labels: expected {expected} integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
         labels = labels.cpu().to(torch.int64)
         if expected and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels: expected class ids in [0, {self.num_classes})")

@@ -5,6 +5,7 @@ denoiser that reproduces the training set; a model equal to it has memorized. Th
 the op ``diffcore.ops.empirical_denoise`` (backend dispatch, fused kernels); this class only holds
 the training set and the backend choice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,7 @@ class EmpiricalDenoiser:
     def device(self) -> torch.device:
         return self.train.device
 
-    def to(self, device) -> "EmpiricalDenoiser":
+    def to(self, device) -> EmpiricalDenoiser:
         return EmpiricalDenoiser(self.train.to(device), backend=self.backend)
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:

@@ -14,6 +14,7 @@ and its probability-flow ODE ``dx/dsigma = (x - D_G(x; sigma)) / sigma`` decoupl
 With a rank truncation (``rank=r``), directions outside span(U) are treated as lam = 0: the denoiser
 maps them to 0 (relative to mu) and the flow scales them by ``sigma / sigma0`` (the lam -> 0 limit).
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,7 +61,7 @@ class GaussianDenoiser:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def fit(cls, data: torch.Tensor, rank: int | None = None) -> "GaussianDenoiser":
+    def fit(cls, data: torch.Tensor, rank: int | None = None) -> GaussianDenoiser:
         """Fit mean and covariance of ``data`` [N, ...] in float64 (covariance normalized by N, the
         maximum-likelihood estimate) and keep the top ``rank`` eigenpairs (all when None).
 
@@ -90,7 +91,7 @@ class GaussianDenoiser:
             eigvals, eigvecs = eigvals[:rank], eigvecs[:, :rank]
         return cls(mean, eigvecs.contiguous(), eigvals.contiguous(), shape=data.shape[1:])
 
-    def to(self, device) -> "GaussianDenoiser":
+    def to(self, device) -> GaussianDenoiser:
         """A copy with the parameters on ``device``."""
         return GaussianDenoiser(self.mean.to(device), self.eigvecs.to(device), self.eigvals.to(device), self.shape)
 
@@ -113,8 +114,8 @@ class GaussianDenoiser:
         check_input(x, self.dim)
         mean, u, lam = self._params(x.dtype)
         s2 = sigma_column(sigma, x.shape[0], x.device, x.dtype).square()
-        coeff = (x.reshape(x.shape[0], -1) - mean) @ u              # [B, r]
-        shrunk = coeff * (lam / (lam + s2))                         # [B, r]
+        coeff = (x.reshape(x.shape[0], -1) - mean) @ u  # [B, r]
+        shrunk = coeff * (lam / (lam + s2))  # [B, r]
         return (mean + shrunk @ u.T).reshape(x.shape)
 
     def jacobian(self, sigma) -> torch.Tensor:
@@ -139,8 +140,8 @@ class GaussianDenoiser:
         s0 = sigma_column(sigma_from, batch, x.device, torch.float64, name="sigma_from")
         s1 = sigma_column_allow_zero(sigma_to, batch, x.device, torch.float64, name="sigma_to")
         centered = x.reshape(batch, -1).double() - mean
-        coeff = centered @ u                                         # [B, r]
-        outside = centered - coeff @ u.T                             # [B, n]
+        coeff = centered @ u  # [B, r]
+        outside = centered - coeff @ u.T  # [B, n]
         scale = torch.sqrt((lam + s1.square()) / (lam + s0.square()))
         out = mean + (coeff * scale) @ u.T + outside * (s1 / s0)
         return out.to(x.dtype).reshape(x.shape)

@@ -12,6 +12,7 @@ different classes when x_T moves, while at small sigma the posterior is settled 
 close to one class's ``W_k(sigma)``. Eigenvalues are the class covariances' plus a floor, so every
 direction has variance and the probability-flow map is invertible. Pure torch: JVPs pass through.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,14 @@ class GaussianMixtureDenoiser:
         shape: the per-sample shape (prod = n).
     """
 
-    def __init__(self, means: torch.Tensor, eigvecs: torch.Tensor, eigvals: torch.Tensor, weights: torch.Tensor,
-                 shape):
+    def __init__(self, means: torch.Tensor, eigvecs: torch.Tensor, eigvals: torch.Tensor, weights: torch.Tensor, shape):
         check_tensor("means", means, ndim=2)
         k, n = means.shape
         if eigvecs.shape != (k, n, n) or eigvals.shape != (k, n) or weights.shape != (k,):
-            raise ValueError(f"eigvecs, eigvals, weights: expected shapes [{k}, {n}, {n}], [{k}, {n}], [{k}], got "
-                             f"{tuple(eigvecs.shape)}, {tuple(eigvals.shape)}, {tuple(weights.shape)}")
+            raise ValueError(
+                f"eigvecs, eigvals, weights: expected shapes [{k}, {n}, {n}], [{k}, {n}], [{k}], got "
+                f"{tuple(eigvecs.shape)}, {tuple(eigvals.shape)}, {tuple(weights.shape)}"
+            )
         if not bool((eigvals > 0).all()) or not bool((weights > 0).all()):
             raise ValueError("eigvals, weights: expected positive values")
         self.means, self.eigvecs, self.eigvals = means.double(), eigvecs.double(), eigvals.double()
@@ -44,7 +46,7 @@ class GaussianMixtureDenoiser:
         self._cast: dict = {}
 
     @classmethod
-    def fit(cls, images: torch.Tensor, labels: torch.Tensor, floor: float) -> "GaussianMixtureDenoiser":
+    def fit(cls, images: torch.Tensor, labels: torch.Tensor, floor: float) -> GaussianMixtureDenoiser:
         """One Gaussian per label value (maximum-likelihood mean and covariance, eigenvalues plus
         ``floor``), weights = class frequencies. ``images`` [N, ...] (uint8 maps to [-1, 1])."""
         rows = images.reshape(images.shape[0], -1)
@@ -59,10 +61,11 @@ class GaussianMixtureDenoiser:
             vecs.append(u)
             vals.append(lam.clamp_min(0) + floor)
             counts.append(float(members.shape[0]))
-        return cls(torch.stack(means), torch.stack(vecs), torch.stack(vals), torch.tensor(counts),
-                   tuple(images.shape[1:]))
+        return cls(
+            torch.stack(means), torch.stack(vecs), torch.stack(vals), torch.tensor(counts), tuple(images.shape[1:])
+        )
 
-    def to(self, device) -> "GaussianMixtureDenoiser":
+    def to(self, device) -> GaussianMixtureDenoiser:
         self.means, self.eigvecs, self.eigvals = (t.to(device) for t in (self.means, self.eigvecs, self.eigvals))
         self.log_weights = self.log_weights.to(device)
         self._cast = {}
@@ -71,8 +74,9 @@ class GaussianMixtureDenoiser:
     def _params(self, dtype, device):
         key = (dtype, device)
         if key not in self._cast:
-            self._cast[key] = tuple(t.to(device=device, dtype=dtype) for t in
-                                    (self.means, self.eigvecs, self.eigvals, self.log_weights))
+            self._cast[key] = tuple(
+                t.to(device=device, dtype=dtype) for t in (self.means, self.eigvecs, self.eigvals, self.log_weights)
+            )
         return self._cast[key]
 
     def _logits(self, x: torch.Tensor, sigma):
@@ -88,7 +92,7 @@ class GaussianMixtureDenoiser:
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         mu, u, lam, _ = self._params(x.dtype, x.device)
         logits, coeffs, denom = self._logits(x, sigma)
-        per_class = mu[None] + torch.einsum("bkr,knr->bkn", coeffs * lam[None] / denom, u)   # D_k(x) [B, K, n]
+        per_class = mu[None] + torch.einsum("bkr,knr->bkn", coeffs * lam[None] / denom, u)  # D_k(x) [B, K, n]
         return torch.einsum("bk,bkn->bn", torch.softmax(logits, dim=-1), per_class).reshape(x.shape)
 
     def log_density(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -118,8 +122,9 @@ class ScaledMoLRGDenoiser:
         self.unit, self.scale = unit, float(scale)
 
     @classmethod
-    def random(cls, components: int, shape, latent_dim: int, *, pixel_variance: float, floor: float,
-               seed: int) -> "ScaledMoLRGDenoiser":
+    def random(
+        cls, components: int, shape, latent_dim: int, *, pixel_variance: float, floor: float, seed: int
+    ) -> ScaledMoLRGDenoiser:
         """Mutually orthogonal random subspaces (``MoLRGDenoiser.random``, seed ``seed``) and the scale
         that gives the data the per-pixel variance ``pixel_variance`` (``scale^2 d / n + floor``)."""
         from diffcore.denoisers import MoLRGDenoiser
@@ -129,11 +134,12 @@ class ScaledMoLRGDenoiser:
         if not signal > 0:
             raise ValueError(f"pixel_variance: expected more than the floor {floor:g}, got {pixel_variance!r}")
         scale = math.sqrt(signal * n / latent_dim)
-        unit = MoLRGDenoiser.random(components, n, latent_dim, seed=seed, shape=tuple(shape),
-                                    noise_std=math.sqrt(floor) / scale)
+        unit = MoLRGDenoiser.random(
+            components, n, latent_dim, seed=seed, shape=tuple(shape), noise_std=math.sqrt(floor) / scale
+        )
         return cls(unit, scale)
 
-    def to(self, device) -> "ScaledMoLRGDenoiser":
+    def to(self, device) -> ScaledMoLRGDenoiser:
         return ScaledMoLRGDenoiser(self.unit.to(device), self.scale)
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:

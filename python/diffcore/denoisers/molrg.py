@@ -30,6 +30,7 @@ posterior mean given k is ``(1 + delta^2)/(1 + s^2) U_k U_k^T x + delta^2/s^2 (I
 With delta = 0 this is the formula above. Bases of different dimensions are stored zero-padded to ``d_max`` columns (zero columns change
 neither ``U_k^T x`` norms nor ``U_k U_k^T``) together with their true dimensions ``dims``.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,9 @@ class MoLRGDenoiser:
         padded, dims = _pad_bases(bases)
         k, n, _ = padded.shape
         gram = padded.transpose(1, 2) @ padded
-        eye = torch.diag_embed((torch.arange(padded.shape[2], device=padded.device)[None, :] < dims[:, None]
-                                ).to(torch.float64))
+        eye = torch.diag_embed(
+            (torch.arange(padded.shape[2], device=padded.device)[None, :] < dims[:, None]).to(torch.float64)
+        )
         if not torch.allclose(gram, eye, atol=1e-4):
             raise ValueError("bases: each basis must have orthonormal columns")
         if weights is None:
@@ -65,8 +67,8 @@ class MoLRGDenoiser:
         check_tensor("weights", weights, ndim=1, dtypes=FLOAT_DTYPES)
         if weights.shape[0] != k or not bool((weights > 0).all()):
             raise ValueError(f"weights: expected {k} positive values, got shape {tuple(weights.shape)}")
-        self.bases = padded                                       # [K, n, d_max] float64
-        self.dims = dims                                          # [K] int64
+        self.bases = padded  # [K, n, d_max] float64
+        self.dims = dims  # [K] int64
         self.weights = (weights.double() / weights.double().sum()).to(padded.device)
         self.shape = tuple(shape) if shape is not None else (n,)
         if math.prod(self.shape) != n:
@@ -78,32 +80,47 @@ class MoLRGDenoiser:
         self._cache: dict = {}
 
     @classmethod
-    def random(cls, num_components: int, ambient_dim: int, latent_dim: int, *, orthogonal: bool = True,
-               seed: int = 0, weights=None, shape=None, noise_std: float = 0.0) -> "MoLRGDenoiser":
+    def random(
+        cls,
+        num_components: int,
+        ambient_dim: int,
+        latent_dim: int,
+        *,
+        orthogonal: bool = True,
+        seed: int = 0,
+        weights=None,
+        shape=None,
+        noise_std: float = 0.0,
+    ) -> MoLRGDenoiser:
         """Random bases: mutually orthogonal (one QR of an n x K d Gaussian, as in the public code;
         needs K d <= n; the same bases as ``diffcore.data.molrg.molrg_bases(K, n, d, seed)``) or
         independent (one QR per component)."""
-        for name, v in (("num_components", num_components), ("ambient_dim", ambient_dim),
-                        ("latent_dim", latent_dim)):
+        for name, v in (("num_components", num_components), ("ambient_dim", ambient_dim), ("latent_dim", latent_dim)):
             check_positive_int(name, v)
         if latent_dim > ambient_dim:
             raise ValueError(f"latent_dim: {latent_dim} exceeds ambient_dim {ambient_dim}")
         g = torch.Generator().manual_seed(seed)
         if orthogonal:
             if num_components * latent_dim > ambient_dim:
-                raise ValueError(f"orthogonal bases need num_components * latent_dim <= ambient_dim, got "
-                                 f"{num_components} * {latent_dim} > {ambient_dim}")
-            q, r = torch.linalg.qr(torch.randn(ambient_dim, num_components * latent_dim, generator=g,
-                                               dtype=torch.float64))
-            q = q * torch.sign(torch.diagonal(r))[None, :]      # unique QR (positive diagonal of r)
+                raise ValueError(
+                    f"orthogonal bases need num_components * latent_dim <= ambient_dim, got "
+                    f"{num_components} * {latent_dim} > {ambient_dim}"
+                )
+            q, r = torch.linalg.qr(
+                torch.randn(ambient_dim, num_components * latent_dim, generator=g, dtype=torch.float64)
+            )
+            q = q * torch.sign(torch.diagonal(r))[None, :]  # unique QR (positive diagonal of r)
             bases = q.reshape(ambient_dim, num_components, latent_dim).permute(1, 0, 2).contiguous()
         else:
-            bases = torch.stack([torch.linalg.qr(torch.randn(ambient_dim, latent_dim, generator=g,
-                                                             dtype=torch.float64))[0]
-                                 for _ in range(num_components)])
+            bases = torch.stack(
+                [
+                    torch.linalg.qr(torch.randn(ambient_dim, latent_dim, generator=g, dtype=torch.float64))[0]
+                    for _ in range(num_components)
+                ]
+            )
         return cls(bases, weights=weights, shape=shape, noise_std=noise_std)
 
-    def to(self, device) -> "MoLRGDenoiser":
+    def to(self, device) -> MoLRGDenoiser:
         bases = [self.bases[k, :, : int(d)].to(device) for k, d in enumerate(self.dims)]
         return MoLRGDenoiser(bases, self.weights.to(device), self.shape, self.noise_std)
 
@@ -125,11 +142,10 @@ class MoLRGDenoiser:
         """Posterior logits [B, K], latent coefficients U_k^T x [B, K, d_max], s^2 = sigma^2 + delta^2 [B, 1]."""
         check_input(x, self.dim)
         bases, dims, log_pi = self._params(x.dtype)
-        s2 = sigma_column(sigma, x.shape[0], x.device, x.dtype).square() + self.noise_std ** 2  # [B, 1]
-        coeff = torch.einsum("bn,knd->bkd", x.reshape(x.shape[0], -1), bases)         # [B, K, d]
-        energy = coeff.square().sum(-1)                                               # [B, K]
-        logits = (log_pi + energy / (2 * s2 * (1 + s2))
-                  - 0.5 * dims * torch.log((1 + s2) / s2))
+        s2 = sigma_column(sigma, x.shape[0], x.device, x.dtype).square() + self.noise_std**2  # [B, 1]
+        coeff = torch.einsum("bn,knd->bkd", x.reshape(x.shape[0], -1), bases)  # [B, K, d]
+        energy = coeff.square().sum(-1)  # [B, K]
+        logits = log_pi + energy / (2 * s2 * (1 + s2)) - 0.5 * dims * torch.log((1 + s2) / s2)
         return logits, coeff, s2
 
     def posterior_weights(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -141,11 +157,11 @@ class MoLRGDenoiser:
         """``D(x; sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2)`` with x's shape and dtype (the
         noisy-MoLRG form of the module docstring when ``noise_std > 0``)."""
         logits, coeff, s2 = self._logits_and_coeffs(x, sigma)
-        w = torch.softmax(logits, dim=-1)                                             # [B, K]
+        w = torch.softmax(logits, dim=-1)  # [B, K]
         bases = self._params(x.dtype)[0]
-        delta2 = self.noise_std ** 2
-        gain = (1 + delta2) / (1 + s2) - delta2 / s2                                  # [B, 1]
-        weighted = coeff * (w * gain)[:, :, None]                                     # [B, K, d]
+        delta2 = self.noise_std**2
+        gain = (1 + delta2) / (1 + s2) - delta2 / s2  # [B, 1]
+        weighted = coeff * (w * gain)[:, :, None]  # [B, K, d]
         out = torch.einsum("bkd,knd->bn", weighted, bases)
         if delta2 > 0:
             out = out + (delta2 / s2) * x.reshape(x.shape[0], -1)

@@ -4,6 +4,7 @@
 defines ``CONFIG_CLASS``, ``PRESETS`` (name -> config factory) and
 ``run(config, out, *, hooks=None, device="auto", progress=True) -> dict``.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ assembles these functions; tests inject closed-form stand-ins). Each hook adapts
 shape the studies need (CPU float32 samples, a study's model spec as a training request); nothing
 here falls back to anything.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -42,17 +44,36 @@ def one_thread_on_cpu(device) -> _env.torch_threads:
     return _env.torch_threads(1 if torch.device(device).type == "cpu" else 0)
 
 
-def sample(denoiser, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18, solver: str = "heun",
-           sigma_min: float = 0.002, sigma_max: float = 80.0, device="cpu", batch_size: int = 256,
-           progress: bool = True) -> torch.Tensor:
+def sample(
+    denoiser,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    *,
+    steps: int = 18,
+    solver: str = "heun",
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    device="cpu",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
     """Deterministic samples ``[len(seeds), *shape]`` (float32, CPU), sample i from seed i only
     (one intra-op thread on the CPU: :func:`one_thread_on_cpu`)."""
     from diffcore import sampler
 
     with torch.no_grad(), one_thread_on_cpu(device):
-        out = sampler.sample(denoiser, seeds=list(seeds), shape=tuple(shape), steps=steps, solver=solver,
-                             sigma_min=sigma_min, sigma_max=sigma_max, device=device, batch_size=batch_size,
-                             progress=_env.progress_enabled(progress))
+        out = sampler.sample(
+            denoiser,
+            seeds=list(seeds),
+            shape=tuple(shape),
+            steps=steps,
+            solver=solver,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            device=device,
+            batch_size=batch_size,
+            progress=_env.progress_enabled(progress),
+        )
     return out.float().cpu()
 
 
@@ -65,8 +86,7 @@ def data_spec(dataset: str, root: str = "") -> dict:
     if dataset in DATASETS_WITH_A_FOLDER and not root:
         from diffcore.experiments.base import ConfigError
 
-        raise ConfigError(f"data_root: dataset {dataset!r} is read from a local folder; set it "
-                          "(--set data_root=PATH)")
+        raise ConfigError(f"data_root: dataset {dataset!r} is read from a local folder; set it (--set data_root=PATH)")
     return {"name": dataset, **({"root": root} if root else {})}
 
 
@@ -98,9 +118,13 @@ PRECONDITIONINGS = ("edm", "vp")
 EDM_SIGMA_LOGNORMAL = (EDMLoss().P_mean, EDMLoss().P_std)
 
 
-def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, float] = EDM_SIGMA_LOGNORMAL,
-                target: tuple[str, float] = ("clean", 0.0),
-                log_uniform: tuple[float, float, float] = (0.0, 0.002, 80.0)) -> dict:
+def recipe_spec(
+    precond: str,
+    augment_p: float,
+    sigma_lognormal: tuple[float, float] = EDM_SIGMA_LOGNORMAL,
+    target: tuple[str, float] = ("clean", 0.0),
+    log_uniform: tuple[float, float, float] = (0.0, 0.002, 80.0),
+) -> dict:
     """The recipe fields of a model spec, only those that differ from EDM without augmentation
     (so the specs, and the finished units, of studies that use neither stay as they were).
     ``sigma_lognormal``: ``(P_mean, P_std)`` of the training noise levels (EDM preconditioning only).
@@ -116,12 +140,17 @@ def recipe_spec(precond: str, augment_p: float, sigma_lognormal: tuple[float, fl
         raise ValueError(f"sigma_lognormal: expected (P_mean, P_std > 0), got {sigma_lognormal}")
     custom_sigmas = sigma_lognormal != EDM_SIGMA_LOGNORMAL
     if custom_sigmas and precond != "edm":
-        raise ValueError(f"sigma_lognormal: only EDM preconditioning draws ln sigma ~ N(P_mean, P_std^2); "
-                         f"precond {precond!r} has its own noise levels")
-    return {**({"precond": precond} if precond != "edm" else {}),
-            **({"augment_p": augment_p} if augment_p > 0 else {}),
-            **({"sigma_lognormal": list(sigma_lognormal)} if custom_sigmas else {}),
-            **_target_spec(precond, augment_p, *target), **_log_uniform_spec(precond, *log_uniform)}
+        raise ValueError(
+            f"sigma_lognormal: only EDM preconditioning draws ln sigma ~ N(P_mean, P_std^2); "
+            f"precond {precond!r} has its own noise levels"
+        )
+    return {
+        **({"precond": precond} if precond != "edm" else {}),
+        **({"augment_p": augment_p} if augment_p > 0 else {}),
+        **({"sigma_lognormal": list(sigma_lognormal)} if custom_sigmas else {}),
+        **_target_spec(precond, augment_p, *target),
+        **_log_uniform_spec(precond, *log_uniform),
+    }
 
 
 def _log_uniform_spec(precond: str, fraction: float, lo: float, hi: float) -> dict:
@@ -140,8 +169,10 @@ def _target_spec(precond: str, augment_p: float, target: str, sigma_min: float) 
         return {}
     EDMLoss(target=target, target_sigma_min=sigma_min)
     if precond != "edm" or augment_p > 0:
-        raise ValueError(f"target: the {target!r} target needs EDM preconditioning without augmentation, "
-                         f"got precond {precond!r}, augment_p {augment_p}")
+        raise ValueError(
+            f"target: the {target!r} target needs EDM preconditioning without augmentation, "
+            f"got precond {precond!r}, augment_p {augment_p}"
+        )
     return {"target": target, "target_sigma_min": float(sigma_min)}
 
 
@@ -153,12 +184,24 @@ def model_unit_spec(config: Any, width: int, n: int, seed: int) -> dict:
     c = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     sigma_lognormal = (c["sigma_p_mean"], c["sigma_p_std"]) if "sigma_p_mean" in c else EDM_SIGMA_LOGNORMAL
     target = (c["train_target"], c["target_sigma_min"]) if "train_target" in c else ("clean", 0.0)
-    log_uniform = (c["sigma_log_uniform"], c["sigma_min"], c["sigma_max"]) if c.get("sigma_log_uniform") else (0.0, 0.002, 80.0)
-    return {"dataset": c["dataset"], "n": n, "subset_seed": c["subset_seed"], "data_root": c["data_root"],
-            "model_preset": c["model_preset"], "width": width, "seed": seed, "train_steps": c["train_steps"],
-            "batch_size": c["batch_size"], "learning_rate": c["learning_rate"],
-            "lr_warmup_images": c["lr_warmup_images"], **base.data_digest(c["data_root"]),
-            **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target, log_uniform)}
+    log_uniform = (
+        (c["sigma_log_uniform"], c["sigma_min"], c["sigma_max"]) if c.get("sigma_log_uniform") else (0.0, 0.002, 80.0)
+    )
+    return {
+        "dataset": c["dataset"],
+        "n": n,
+        "subset_seed": c["subset_seed"],
+        "data_root": c["data_root"],
+        "model_preset": c["model_preset"],
+        "width": width,
+        "seed": seed,
+        "train_steps": c["train_steps"],
+        "batch_size": c["batch_size"],
+        "learning_rate": c["learning_rate"],
+        "lr_warmup_images": c["lr_warmup_images"],
+        **base.data_digest(c["data_root"]),
+        **recipe_spec(c.get("precond", "edm"), c.get("augment_p", 0.0), sigma_lognormal, target, log_uniform),
+    }
 
 
 @dataclass
@@ -188,8 +231,16 @@ def model_spec(spec: dict) -> dict:
     return model
 
 
-def training_request(spec: dict, work_dir, device="cpu", progress: bool = True, *, data: dict | None = None,
-                     model: dict | None = None, **options):
+def training_request(
+    spec: dict,
+    work_dir,
+    device="cpu",
+    progress: bool = True,
+    *,
+    data: dict | None = None,
+    model: dict | None = None,
+    **options,
+):
     """The validated ``diffcore.train.TrainConfig`` of a study's model spec, the one way every study
     asks ``diffcore.train`` for a model; raises before anything is trained.
 
@@ -203,15 +254,27 @@ def training_request(spec: dict, work_dir, device="cpu", progress: bool = True, 
     from diffcore import train
 
     if data is None:
-        data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "subset": spec["n"],
-                "subset_seed": spec["subset_seed"]}
-    fields = dict(data=data, model=model_spec(spec) if model is None else model, steps=spec["train_steps"],
-                  batch_size=spec["batch_size"], lr=spec["learning_rate"],
-                  lr_warmup_images=spec["lr_warmup_images"], seed=spec["seed"],
-                  loss=spec.get("precond", "edm"), loss_options=_loss_options(spec),
-                  augment="edm" if spec.get("augment_p", 0) > 0 else "none",
-                  augment_p=spec.get("augment_p", 0.12), device=str(device), out_dir=str(work_dir),
-                  progress=_env.progress_enabled(progress))
+        data = {
+            **data_spec(spec["dataset"], spec.get("data_root", "")),
+            "subset": spec["n"],
+            "subset_seed": spec["subset_seed"],
+        }
+    fields = dict(
+        data=data,
+        model=model_spec(spec) if model is None else model,
+        steps=spec["train_steps"],
+        batch_size=spec["batch_size"],
+        lr=spec["learning_rate"],
+        lr_warmup_images=spec["lr_warmup_images"],
+        seed=spec["seed"],
+        loss=spec.get("precond", "edm"),
+        loss_options=_loss_options(spec),
+        augment="edm" if spec.get("augment_p", 0) > 0 else "none",
+        augment_p=spec.get("augment_p", 0.12),
+        device=str(device),
+        out_dir=str(work_dir),
+        progress=_env.progress_enabled(progress),
+    )
     return train.TrainConfig(**{**fields, **options})
 
 
@@ -227,8 +290,9 @@ def _loss_options(spec: dict) -> dict:
     return options
 
 
-def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu",
-                progress: bool = True) -> dict:
+def train_model(
+    images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path, *, device="cpu", progress: bool = True
+) -> dict:
     """Train the model a study's ``spec`` describes with diffcore.train; checkpoints live in
     ``work_dir`` (a killed run resumes from them), the final one is copied to ``out_dir/checkpoint``.
     ``images`` are the N training images (the trainer reloads the same nested subset). One intra-op
@@ -245,8 +309,14 @@ def train_model(images: torch.Tensor, spec: dict, out_dir: Path, work_dir: Path,
     return {"final_loss": result.final_loss, "step": result.step, "images_seen": result.images_seen}
 
 
-def train_ensemble(images: Sequence[torch.Tensor], specs: Sequence[dict], work_dirs: Sequence[Path], *,
-                   device="cpu", progress: bool = True) -> list[dict]:
+def train_ensemble(
+    images: Sequence[torch.Tensor],
+    specs: Sequence[dict],
+    work_dirs: Sequence[Path],
+    *,
+    device="cpu",
+    progress: bool = True,
+) -> list[dict]:
     """Train the models of ``specs`` (one architecture and recipe; they may differ in n and seed) as
     one :mod:`diffcore.train.ensemble` in their ``work_dirs``, up to their final step; :func:`train_model`
     with the same spec and work_dir then finds the final checkpoint and only copies it. ``images``:
@@ -263,8 +333,9 @@ def train_ensemble(images: Sequence[torch.Tensor], specs: Sequence[dict], work_d
         results = ensemble.train_ensemble(configs, resume="auto")
     seconds = time.perf_counter() - start
     log.info("trained an ensemble of %d models in %.1f s", len(configs), seconds)
-    return [{"final_loss": r.final_loss, "ensemble_size": len(configs), "ensemble_train_seconds": seconds}
-            for r in results]
+    return [
+        {"final_loss": r.final_loss, "ensemble_size": len(configs), "ensemble_train_seconds": seconds} for r in results
+    ]
 
 
 def load_model(model_dir: Path, device="cpu"):

@@ -11,6 +11,7 @@ The loop is here rather than in ``diffcore.train``'s Trainer (which reads datase
 writes checkpoints): these studies train hundreds of tiny models on in-memory vectors (a few
 milliseconds per step); the loss, its sigma sampling and weighting are the trainer's own.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,6 @@ from torch import nn
 from diffcore.models.vector import SubspaceDenoiser
 from diffcore.train.loss import EDMLoss
 
-
 _PROPOSAL_KEYS = ("P_mean", "P_std", "sigma_data", "log_uniform_fraction", "log_uniform_range")
 
 
@@ -32,13 +32,25 @@ class TrainLog:
 
     steps: list = field(default_factory=list)
     losses: list = field(default_factory=list)
-    snapshots: dict = field(default_factory=dict)     # step -> state_dict (CPU copies)
+    snapshots: dict = field(default_factory=dict)  # step -> state_dict (CPU copies)
 
 
-def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_size: int = 128,
-                   lr: float = 1e-3, seed: int = 0, P_mean: float = -1.2, P_std: float = 1.2,
-                   sigma_data: float = 0.5, snapshot_steps=(), log_every: int = 50,
-                   log_uniform_fraction: float = 0.0, log_uniform_range=(0.002, 80.0)) -> TrainLog:
+def train_denoiser(
+    model: nn.Module,
+    data: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    sigma_data: float = 0.5,
+    snapshot_steps=(),
+    log_every: int = 50,
+    log_uniform_fraction: float = 0.0,
+    log_uniform_range=(0.002, 80.0),
+) -> TrainLog:
     """Denoising score matching of ``model`` on ``data [N, n]`` (EDM Eq. 8), Adam, in place.
 
     Each step draws a batch (with replacement when N < batch_size, else a reshuffled epoch
@@ -47,8 +59,9 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_si
     is kept (step 0 = the initial weights).
     """
     g = torch.Generator().manual_seed(seed)
-    loss_fn = EDMLoss(P_mean, P_std, sigma_data, log_uniform_fraction=log_uniform_fraction,
-                      log_uniform_range=log_uniform_range)
+    loss_fn = EDMLoss(
+        P_mean, P_std, sigma_data, log_uniform_fraction=log_uniform_fraction, log_uniform_range=log_uniform_range
+    )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     data = data.float()
     n = data.shape[0]
@@ -63,7 +76,7 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_si
         else:
             if pos + batch_size > n:
                 order, pos = torch.randperm(n, generator=g), 0
-            idx, pos = order[pos:pos + batch_size], pos + batch_size
+            idx, pos = order[pos : pos + batch_size], pos + batch_size
         x0 = data[idx]
         sigma = loss_fn.sample_sigma(batch_size, g, x0.device)
         noise = torch.randn(x0.shape, generator=g)
@@ -75,9 +88,11 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, steps: int, batch_si
         if step % log_every == 0 or step == steps:
             mean_loss = sum(window) / len(window)
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training diverged: the loss is {mean_loss} at step {step}; lower the "
-                                         f"learning rate (lr={lr}) or the noise levels (P_mean={P_mean}, "
-                                         f"P_std={P_std})")
+                raise FloatingPointError(
+                    f"training diverged: the loss is {mean_loss} at step {step}; lower the "
+                    f"learning rate (lr={lr}) or the noise levels (P_mean={P_mean}, "
+                    f"P_std={P_std})"
+                )
             log.steps.append(step)
             log.losses.append(mean_loss)
             window = []
@@ -92,15 +107,24 @@ def data_sigma(data: torch.Tensor) -> float:
     return float(data.double().square().mean().sqrt())
 
 
-
-def dsm_loss(model: nn.Module, data: torch.Tensor, *, seed: int = 0, draws: int = 8, P_mean: float = -1.2,
-             P_std: float = 1.2, sigma_data: float = 0.5, log_uniform_fraction: float = 0.0,
-             log_uniform_range=(0.002, 80.0)) -> float:
+def dsm_loss(
+    model: nn.Module,
+    data: torch.Tensor,
+    *,
+    seed: int = 0,
+    draws: int = 8,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    sigma_data: float = 0.5,
+    log_uniform_fraction: float = 0.0,
+    log_uniform_range=(0.002, 80.0),
+) -> float:
     """The EDM-weighted denoising loss of ``model`` on ``data [N, n]`` with fixed seeded noise
     (``draws`` noise levels per point): comparable across models, used to pick among restarts."""
     g = torch.Generator().manual_seed(seed)
-    loss_fn = EDMLoss(P_mean, P_std, sigma_data, log_uniform_fraction=log_uniform_fraction,
-                      log_uniform_range=log_uniform_range)
+    loss_fn = EDMLoss(
+        P_mean, P_std, sigma_data, log_uniform_fraction=log_uniform_fraction, log_uniform_range=log_uniform_range
+    )
     x0 = data.float().repeat(draws, 1)
     sigma = loss_fn.sample_sigma(x0.shape[0], g, x0.device)
     noise = torch.randn(x0.shape, generator=g)
@@ -108,8 +132,9 @@ def dsm_loss(model: nn.Module, data: torch.Tensor, *, seed: int = 0, draws: int 
         return float(loss_fn(model, x0, sigma, noise).mean())
 
 
-def train_subspace_denoiser(data: torch.Tensor, num_components: int, latent_dim: int, *, restarts: int = 4,
-                            seed: int = 0, **train_kwargs) -> tuple[SubspaceDenoiser, dict]:
+def train_subspace_denoiser(
+    data: torch.Tensor, num_components: int, latent_dim: int, *, restarts: int = 4, seed: int = 0, **train_kwargs
+) -> tuple[SubspaceDenoiser, dict]:
     """Train ``restarts`` :class:`SubspaceDenoiser` from different random bases and keep the one
     with the lowest :func:`dsm_loss` on the training data. Gradient training of the bases is
     K-subspaces-like and can stop in a local minimum (e.g. each learned basis half in each true

@@ -21,6 +21,7 @@ A run holds the folder with :meth:`Workspace.claim` (see :mod:`diffcore._folder`
 time (a second one waits or exits naming the holder), temporaries of killed runs removed, a folder
 of another kind refused; the config is validated before it is bound.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,15 +36,15 @@ import os
 import shutil
 import time
 import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from diffcore import _env, _folder
-from diffcore._files import FileReadError, load_json
-from diffcore._digest import file_digest, folder_digest  # noqa: F401  (re-exported: units keyed on content)
-from diffcore.sampler.noise import SEED_MAX
-
 from diffcore._atomic import atomic_write_bytes, temporary_folder  # atomic_write_bytes: re-exported for the studies
+from diffcore._digest import file_digest, folder_digest  # noqa: F401  (re-exported: units keyed on content)
+from diffcore._files import FileReadError, load_json
+from diffcore.sampler.noise import SEED_MAX
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ MANIFEST = "MANIFEST.json"
 
 
 # ----------------------------------------------------------------------------- atomic writes
+
 
 def to_jsonable(value: Any) -> Any:
     """Dataclasses, tuples, paths, tensors and numpy scalars as plain JSON values."""
@@ -94,8 +96,9 @@ def atomic_write_json(path: str | os.PathLike, value: Any) -> Path:
     return atomic_write_bytes(path, json_dumps(value).encode())
 
 
-def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
-                     columns: list[str] | None = None) -> Path:
+def atomic_write_csv(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None
+) -> Path:
     """Rows of dicts as CSV; columns default to the union of keys in first-seen order."""
     rows = list(rows)
     if columns is None:
@@ -134,6 +137,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # spec differs from the wanted one only in such digests was made from files that have since
 # been replaced, so it is made again (see :meth:`Workspace.finished`).
 
+
 def _without_digests(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: None if str(k).endswith("sha256") else _without_digests(v) for k, v in value.items()}
@@ -154,6 +158,7 @@ def data_digest(root: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- configs and presets
+
 
 class ConfigError(ValueError):
     """A config, preset or override that cannot be applied."""
@@ -202,8 +207,12 @@ RENAMED_FIELDS: dict[str, dict[str, str]] = {
     "demo": {"steps": "sampler_steps"},
     "pfd": {"steps": "train_steps", "lr": "learning_rate"},
     "molrg": {"gl_threshold": "threshold"},
-    "watermark": {"steps": "sampler_steps", "seed_start": "sample_seed_start",
-                  "train_batch_size": "batch_size", "batch_size": "sample_batch"},
+    "watermark": {
+        "steps": "sampler_steps",
+        "seed_start": "sample_seed_start",
+        "train_batch_size": "batch_size",
+        "batch_size": "sample_batch",
+    },
     "multistage": {"cpu_threads": "torch_threads"},
 }
 
@@ -223,8 +232,9 @@ def current_field_name(study: str | None, key: str, fields: Iterable[str]) -> st
     new = RENAMED_FIELDS.get(study or "", {}).get(key)
     if key in fields or new is None:
         return key
-    log.warning("%s: %r is the old name of %r (deprecated; one vocabulary across studies); use %r",
-                study, key, new, new)
+    log.warning(
+        "%s: %r is the old name of %r (deprecated; one vocabulary across studies); use %r", study, key, new, new
+    )
     return new
 
 
@@ -236,9 +246,12 @@ def upgrade_stored_config(study: str | None, stored: Mapping[str, Any], fields: 
     fields = set(fields)
     if not any(key in renames and key not in fields for key in stored):
         return dict(stored)
-    log.warning("%s: this folder's config.json uses old field names (%s); reading them as %s", study,
-                ", ".join(sorted(k for k in stored if k in renames)),
-                ", ".join(renames[k] for k in sorted(stored) if k in renames))
+    log.warning(
+        "%s: this folder's config.json uses old field names (%s); reading them as %s",
+        study,
+        ", ".join(sorted(k for k in stored if k in renames)),
+        ", ".join(renames[k] for k in sorted(stored) if k in renames),
+    )
     return {renames.get(key, key): value for key, value in stored.items()}
 
 
@@ -260,8 +273,7 @@ def apply_overrides(config: Any, overrides: Iterable[str]) -> Any:
     return dataclasses.replace(config, **changes)
 
 
-def config_from_preset(presets: Mapping[str, Callable[[], Any]], preset: str,
-                       overrides: Iterable[str] = ()) -> Any:
+def config_from_preset(presets: Mapping[str, Callable[[], Any]], preset: str, overrides: Iterable[str] = ()) -> Any:
     """The preset with ``overrides`` applied, validated (its ``validate()``, when it has one)."""
     if preset not in presets:
         raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(presets)}")
@@ -290,22 +302,26 @@ def _bounds(lo, hi, lo_open: bool = False) -> str:
 
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
     """An int in [lo, hi] (None: unbounded on that side)."""
+
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(name, "an integer", value)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             _fail(name, "an integer " + (_bounds(lo, hi) if lo is not None else f"<= {hi}"), value)
+
     return check
 
 
 def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
     """A finite real number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             _fail(name, "a finite number", value)
         low_bad = lo is not None and (value <= lo if lo_open else value < lo)
         if low_bad or (hi is not None and value > hi):
             _fail(name, "a finite number " + (_bounds(lo, hi, lo_open) if lo is not None else f"<= {hi}"), value)
+
     return check
 
 
@@ -313,6 +329,7 @@ def one_of(*choices: Any) -> Check:
     def check(name, value):
         if value not in choices:
             _fail(name, "one of " + ", ".join(map(str, choices)), value)
+
     return check
 
 
@@ -324,14 +341,17 @@ def text(name: str, value: Any) -> None:
 
 def optional(inner: Check) -> Check:
     """None or a value ``inner`` accepts."""
+
     def check(name, value):
         if value is not None:
             inner(name, value)
+
     return check
 
 
 def tuple_of(inner: Check, min_len: int = 1) -> Check:
     """A tuple of at least ``min_len`` distinct values, each accepted by ``inner``."""
+
     def check(name, value):
         if not isinstance(value, tuple) or len(value) < min_len:
             _fail(name, f"at least {min_len} comma-separated value{'s' if min_len != 1 else ''}", value)
@@ -339,6 +359,7 @@ def tuple_of(inner: Check, min_len: int = 1) -> Check:
             _fail(name, "distinct values", value)
         for i, item in enumerate(value):
             inner(f"{name}[{i}]", item)
+
     return check
 
 
@@ -354,24 +375,28 @@ def boolean(name: str, value: Any) -> None:
 
 def below(hi: float) -> Check:
     """A finite number in the open interval (0, hi)."""
+
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < hi:
             _fail(name, f"a finite number in (0, {hi:g})", value)
+
     return check
 
 
 def registered(module: str, attr: str) -> Check:
     """One of the names of the registry ``module.attr`` (a dict or tuple), imported when checked
     (the registries' modules load torch code)."""
+
     def check(name, value):
         import importlib
 
         one_of(*getattr(importlib.import_module(module), attr))(name, value)
+
     return check
 
 
-solver = registered("diffcore.sampler", "SOLVERS")           # a sampler of diffcore.sampler
-model_preset = registered("diffcore.models", "PRESETS")      # a UNet preset of diffcore.models
+solver = registered("diffcore.sampler", "SOLVERS")  # a sampler of diffcore.sampler
+model_preset = registered("diffcore.models", "PRESETS")  # a UNet preset of diffcore.models
 
 # Noise levels a study accepts. Samples, images and trajectories are float32: at sigma = 1e4 one
 # rounding step of x (sigma * 2^-24 ~ 6e-4) is still below an 8-bit pixel level (2/255) of an
@@ -389,11 +414,13 @@ def _range_check(lo: float, hi: float, why: str) -> Check:
             inner(name, value)
         except ConfigError as err:
             raise ConfigError(f"{err} ({why})") from None
+
     return check
 
 
-_SIGMA_WHY = (f"noise levels are bounded to [{SIGMA_LOWEST:g}, {SIGMA_HIGHEST:g}]: float32 samples "
-              "lose the image beyond them")
+_SIGMA_WHY = (
+    f"noise levels are bounded to [{SIGMA_LOWEST:g}, {SIGMA_HIGHEST:g}]: float32 samples lose the image beyond them"
+)
 sigma = _range_check(SIGMA_LOWEST, SIGMA_HIGHEST, _SIGMA_WHY)
 """A noise level sigma in [SIGMA_LOWEST, SIGMA_HIGHEST]."""
 
@@ -402,13 +429,13 @@ def _zero_or(inner: Check) -> Check:
     def check(name, value):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
             inner(name, value)
+
     return check
 
 
 optional_sigma = _zero_or(sigma)
 """0 (off) or a noise level in [SIGMA_LOWEST, SIGMA_HIGHEST]."""
-log_sigma = _range_check(math.log(SIGMA_LOWEST), math.log(SIGMA_HIGHEST),
-                         f"a mean of ln sigma; {_SIGMA_WHY}")
+log_sigma = _range_check(math.log(SIGMA_LOWEST), math.log(SIGMA_HIGHEST), f"a mean of ln sigma; {_SIGMA_WHY}")
 """The mean of a log-normal noise-level distribution, ln sigma in [ln SIGMA_LOWEST, ln SIGMA_HIGHEST]."""
 
 
@@ -425,8 +452,7 @@ def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
 def check_seed_range(start_name: str, start: int, count: int) -> None:
     """Seeds ``start .. start + count - 1`` must all be valid seeds."""
     if start + count - 1 > SEED_MAX:
-        raise ConfigError(f"{start_name}: seeds {start} .. {start + count - 1} exceed the largest "
-                          f"seed {SEED_MAX}")
+        raise ConfigError(f"{start_name}: seeds {start} .. {start + count - 1} exceed the largest seed {SEED_MAX}")
 
 
 def check_sigmas(sigma_min: float, sigma_max: float) -> None:
@@ -496,8 +522,10 @@ def participation() -> Participation:
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            raise ConfigError(f"WORLD_SIZE={world} is set but RANK is not: start the processes with torchrun "
-                              "(it sets both), or unset WORLD_SIZE")
+            raise ConfigError(
+                f"WORLD_SIZE={world} is set but RANK is not: start the processes with torchrun "
+                "(it sets both), or unset WORLD_SIZE"
+            )
         rank = _launcher_count("RANK", "0")
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     return Participation(dist.get_rank(), dist.get_world_size(), distributed=True)
@@ -515,8 +543,8 @@ def _launcher_count(name: str, default: str) -> int:
     return value
 
 
-
 # ----------------------------------------------------------------------------- the study contract
+
 
 @dataclasses.dataclass(frozen=True)
 class Study:
@@ -573,13 +601,22 @@ def _study_participation(study: Study) -> Participation:
     if study.spreads:
         return participation()
     if os.environ.get(SHARD_VAR, "").strip() or _launcher_count("WORLD_SIZE", "1") > 1:
-        raise ConfigError(f"--shard / torchrun: {study.name} runs in one process (only a study "
-                          "that declares spreads=True spreads its units over processes)")
+        raise ConfigError(
+            f"--shard / torchrun: {study.name} runs in one process (only a study "
+            "that declares spreads=True spreads its units over processes)"
+        )
     return Participation()
 
 
-def run_study(study: Study, config: Any, out, make: Callable[[Any, str, Participation], Any], *,
-              hooks: Any = None, device: str = "auto") -> dict:
+def run_study(
+    study: Study,
+    config: Any,
+    out,
+    make: Callable[[Any, str, Participation], Any],
+    *,
+    hooks: Any = None,
+    device: str = "auto",
+) -> dict:
     """The one body of every study's ``run``: check the config (its type and ``validate()``), refuse
     hooks a study does not take, resolve the device (:func:`study_device`) and the threads
     (:func:`study_threads`), build the study with ``make(hooks, device, participation)`` (it binds
@@ -599,8 +636,10 @@ def run_study(study: Study, config: Any, out, make: Callable[[Any, str, Particip
     start, cpu = time.perf_counter(), time.process_time()
     with _env.torch_threads(study_threads(study, config, device)):
         made = make(hooks, device, part)
-        with made.ws.claim(study.name, shared=not part.alone), \
-                (units_in_one_process() if study.one_process else contextlib.nullcontext()):
+        with (
+            made.ws.claim(study.name, shared=not part.alone),
+            units_in_one_process() if study.one_process else contextlib.nullcontext(),
+        ):
             results = made.run()
             if not results:  # a shard, or a rank other than 0: the aggregating run writes the results
                 return results
@@ -638,10 +677,19 @@ def write_timings(made: Any, name: str, device: str, wall: float, cpu: float) ->
     import torch
 
     details = getattr(made, "timing_details", None)
-    return atomic_write_json(made.ws.root / "timings.json", {
-        "schema": TIMINGS_SCHEMA, "study": name, "device": device, "torch_threads": torch.get_num_threads(),
-        "wall_seconds": wall, "cpu_seconds": cpu, "units": unit_timings(made.ws.units),
-        "details": details() if details is not None else {}})
+    return atomic_write_json(
+        made.ws.root / "timings.json",
+        {
+            "schema": TIMINGS_SCHEMA,
+            "study": name,
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "units": unit_timings(made.ws.units),
+            "details": details() if details is not None else {},
+        },
+    )
 
 
 @contextlib.contextmanager
@@ -657,6 +705,7 @@ def units_in_one_process() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- resumable units
 
+
 def _read_record(path: Path, what: str, remedy: str) -> Any:
     """A JSON record of the run folder (config, manifest): a regular file of bounded size, not a
     link; UnitError naming it otherwise."""
@@ -667,7 +716,11 @@ def _read_record(path: Path, what: str, remedy: str) -> Any:
 
 
 def _is_unit_manifest(manifest: Any) -> bool:
-    return isinstance(manifest, dict) and isinstance(manifest.get("spec"), dict) and isinstance(manifest.get("files"), dict)
+    return (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("spec"), dict)
+        and isinstance(manifest.get("files"), dict)
+    )
 
 
 def _earlier_study_run(root: Path) -> bool:
@@ -712,7 +765,7 @@ class Workspace:
         self.units: list[Unit] = []  # the units this run made or reused, each once (for timings.json)
 
     @contextlib.contextmanager
-    def claim(self, kind: str, shared: bool = False) -> Iterator["Workspace"]:
+    def claim(self, kind: str, shared: bool = False) -> Iterator[Workspace]:
         """Hold the folder for a run of ``kind`` (lock, stale temporaries removed, another kind
         refused; see :mod:`diffcore._folder`; ``shared``: one process of a sharded or distributed
         run). :meth:`bind_config` then records the kind."""
@@ -733,15 +786,18 @@ class Workspace:
         wanted = json.loads(json_dumps(config))
         with _folder.unit_claim(self.root / ".lock.config"):
             if os.path.lexists(path):
-                found = _read_record(path, "config", "delete it only if the folder holds nothing you need, "
-                                                     "or use a new --out folder")
+                found = _read_record(
+                    path, "config", "delete it only if the folder holds nothing you need, or use a new --out folder"
+                )
                 if isinstance(found, dict):
                     found = upgrade_stored_config(self.kind, found, wanted)
                 if found != wanted:
                     keys = set(found) | set(wanted) if isinstance(found, dict) else set(wanted)
                     diff = sorted(k for k in keys if not isinstance(found, dict) or found.get(k) != wanted.get(k))
-                    raise UnitError(f"out: {self.root} holds a run with another config (differs in "
-                                    f"{', '.join(diff)}); use a new --out folder or the same settings")
+                    raise UnitError(
+                        f"out: {self.root} holds a run with another config (differs in "
+                        f"{', '.join(diff)}); use a new --out folder or the same settings"
+                    )
             else:
                 atomic_write_json(path, wanted)
             if self.kind is not None:
@@ -780,16 +836,18 @@ class Workspace:
             log.info("unit %s/%s was made from files that have been replaced since: making it again", kind, name)
             return None  # _produce replaces it, under the unit's claim
         if manifest.get("spec") != wanted:
-            raise UnitError(f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "
-                            f"this run asks for {wanted}; use a new --out folder")
+            raise UnitError(
+                f"unit {kind}/{name} in {self.root} was made with spec {manifest.get('spec')}, "
+                f"this run asks for {wanted}; use a new --out folder"
+            )
         for rel, entry in files.items():
             file = self._unit_file(path, rel, f"unit {kind}/{name}")
             if not file.is_file() or file.stat().st_size != entry["size"]:
-                raise UnitError(f"unit {kind}/{name}: file {rel} is missing or has the wrong size; "
-                                f"delete {path} to redo it")
+                raise UnitError(
+                    f"unit {kind}/{name}: file {rel} is missing or has the wrong size; delete {path} to redo it"
+                )
             if self.verify and sha256_file(file) != entry["sha256"]:
-                raise UnitError(f"unit {kind}/{name}: file {rel} does not match its checksum; "
-                                f"delete {path} to redo it")
+                raise UnitError(f"unit {kind}/{name}: file {rel} does not match its checksum; delete {path} to redo it")
         return Unit(path, manifest["spec"], manifest.get("meta", {}), manifest.get("seconds", 0.0), True)
 
     @staticmethod
@@ -807,8 +865,9 @@ class Workspace:
             raise UnitError(f"{what}: {rel} is not a regular file; delete {unit} to redo it")
         return file
 
-    def run_unit(self, kind: str, name: str, spec: Mapping[str, Any],
-                 produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit:
+    def run_unit(
+        self, kind: str, name: str, spec: Mapping[str, Any], produce: Callable[[Path, Path], Mapping[str, Any] | None]
+    ) -> Unit:
         """Reuse the finished unit ``kind/name`` or produce it.
 
         ``produce(tmp_dir, work_dir)`` writes the unit's files into ``tmp_dir`` (a fresh folder)
@@ -817,8 +876,9 @@ class Workspace:
         """
         return self._run_unit(kind, name, spec, produce, wait=True)
 
-    def try_run_unit(self, kind: str, name: str, spec: Mapping[str, Any],
-                     produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit | None:
+    def try_run_unit(
+        self, kind: str, name: str, spec: Mapping[str, Any], produce: Callable[[Path, Path], Mapping[str, Any] | None]
+    ) -> Unit | None:
         """:meth:`run_unit`, or None at once when another process is producing the unit."""
         return self._run_unit(kind, name, spec, produce, wait=False)
 
@@ -845,8 +905,9 @@ class Workspace:
             unit = self.finished(kind, name, spec)  # made by another process meanwhile
             return unit if unit is not None else self._produce(kind, name, spec, produce)
 
-    def _produce(self, kind: str, name: str, spec: Mapping[str, Any],
-                 produce: Callable[[Path, Path], Mapping[str, Any] | None]) -> Unit:
+    def _produce(
+        self, kind: str, name: str, spec: Mapping[str, Any], produce: Callable[[Path, Path], Mapping[str, Any] | None]
+    ) -> Unit:
         final = self.unit_path(kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(final):  # a folder without a manifest: leftovers, never a finished unit
@@ -860,8 +921,7 @@ class Workspace:
             for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = file.relative_to(tmp).as_posix()
                 files[rel] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
-            atomic_write_json(tmp / MANIFEST, {"spec": spec, "meta": meta, "files": files,
-                                               "seconds": seconds})
+            atomic_write_json(tmp / MANIFEST, {"spec": spec, "meta": meta, "files": files, "seconds": seconds})
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

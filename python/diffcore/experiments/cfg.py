@@ -34,23 +34,32 @@ Outputs: ``results.json``, ``settings.csv``, ``transition.csv``, ``cfg-samples.p
 ``cfg-metrics.png``, ``cfg-cpc.png``, ``cfg-transition.png``, ``timings.json``. The trained model,
 every sample set and the analysis are resumable units.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from diffcore.analysis import guidance as guidance_measures
 from diffcore.analysis.guidance import LabeledDenoiser
 from diffcore.experiments import _stack, base, plotting
-from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
-                                       atomic_write_json, config_from_preset, json_dumps)
+from diffcore.experiments.base import (
+    ConfigError,
+    Unit,
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +69,46 @@ LINEAR_TERMS = ("positive", "negative", "mean_shift", "all")
 
 @dataclass(frozen=True)
 class CFGConfig:
-    dataset: str = "digits"                     # digits | cifar10 (class labels required)
-    data_root: str = ""                         # cifar10: the local folder
-    inception_weights: str = ""                 # cifar10: FID's Inception-v3 weights file (local)
-    model_preset: str = "ddpmpp-digits-light"   # diffcore.models preset
-    width: int = 16                             # model_channels
+    dataset: str = "digits"  # digits | cifar10 (class labels required)
+    data_root: str = ""  # cifar10: the local folder
+    inception_weights: str = ""  # cifar10: FID's Inception-v3 weights file (local)
+    model_preset: str = "ddpmpp-digits-light"  # diffcore.models preset
+    width: int = 16  # model_channels
     train_steps: int = 1500
     batch_size: int = 64
     learning_rate: float = 2e-3
     lr_warmup_images: int = 2000
     ema_halflife_images: float = 20000.0
-    label_dropout: float = 0.1                  # probability of the null label in training
-    augment: str = "none"                       # none | xflip
+    label_dropout: float = 0.1  # probability of the null label in training
+    augment: str = "none"  # none | xflip
     train_seed: int = 0
-    guidance_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)   # CFG w (w = 0 is always sampled)
-    linear_scale: float = 2.0                   # w of the limited-interval CFG and of the linear terms
-    split_sigmas: tuple[float, ...] = (1.0,)    # CFG limited to (s, inf] and to (0, s]
-    linear_low: float = 1.0                     # linear terms on the model act in (linear_low, inf]
-    gaussian_scale: float = 0.5                 # w of the linear terms on the Gaussian model (everywhere)
+    guidance_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # CFG w (w = 0 is always sampled)
+    linear_scale: float = 2.0  # w of the limited-interval CFG and of the linear terms
+    split_sigmas: tuple[float, ...] = (1.0,)  # CFG limited to (s, inf] and to (0, s]
+    linear_low: float = 1.0  # linear terms on the model act in (linear_low, inf]
+    gaussian_scale: float = 0.5  # w of the linear terms on the Gaussian model (everywhere)
     samples_per_class: int = 50
     sample_seed_start: int = 0
-    solver: str = "euler"                       # the paper's sampler
+    solver: str = "euler"  # the paper's sampler
     sampler_steps: int = 32
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    sample_batch: int = 1000                    # samples per sampler batch
-    num_sigmas: int = 16                        # analysis grid (Karras, rho = 7)
-    distance_samples: int = 32                  # noisy images per class and sigma
-    cpc_sigmas: int = 6                         # analysis sigmas (evenly picked) with per-sample CPCs
-    cpc_points: int = 10                        # points per such sigma (classes in turn)
+    sample_batch: int = 1000  # samples per sampler batch
+    num_sigmas: int = 16  # analysis grid (Karras, rho = 7)
+    distance_samples: int = 32  # noisy images per class and sigma
+    cpc_sigmas: int = 6  # analysis sigmas (evenly picked) with per-sample CPCs
+    cpc_points: int = 10  # points per such sigma (classes in turn)
     cpc_k: int = 8
-    cpc_method: str = "lanczos"                 # diffcore.analysis.jacobian_subspace method
-    cpc_iters: int = 0                          # its iters (0: the method's default)
+    cpc_method: str = "lanczos"  # diffcore.analysis.jacobian_subspace method
+    cpc_iters: int = 0  # its iters (0: the method's default)
     probe_seed: int = 7
-    grid_per_class: int = 2                     # samples per class in cfg-samples.png
-    torch_threads: int = 1                      # intra-op threads on the CPU (0: leave as is)
+    grid_per_class: int = 2  # samples per class in cfg-samples.png
+    torch_threads: int = 1  # intra-op threads on the CPU (0: leave as is)
 
     def __post_init__(self):
         for name in ("guidance_scales", "split_sigmas"):  # ints as floats (validate() refuses anything else)
             value = getattr(self, name)
-            if isinstance(value, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                for v in value):
+            if isinstance(value, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
 
     def validate(self) -> None:
@@ -111,19 +119,23 @@ class CFGConfig:
         if not self.sigma_max > self.sigma_min:
             raise ConfigError(f"sigma_max: expected a number > sigma_min = {self.sigma_min:g}, got {self.sigma_max!r}")
         if self.linear_low > self.sigma_max:
-            raise ConfigError(f"linear_low: expected a number in [0, sigma_max = {self.sigma_max:g}], "
-                              f"got {self.linear_low!r}")
+            raise ConfigError(
+                f"linear_low: expected a number in [0, sigma_max = {self.sigma_max:g}], got {self.linear_low!r}"
+            )
         for s in self.split_sigmas:
             if not self.sigma_min < s < self.sigma_max:
-                raise ConfigError(f"split_sigmas: expected numbers in (sigma_min, sigma_max) = "
-                                  f"({self.sigma_min:g}, {self.sigma_max:g}), got {self.split_sigmas!r}")
+                raise ConfigError(
+                    f"split_sigmas: expected numbers in (sigma_min, sigma_max) = "
+                    f"({self.sigma_min:g}, {self.sigma_max:g}), got {self.split_sigmas!r}"
+                )
         if self.cpc_method == "lanczos" and 0 < self.cpc_iters < self.cpc_k:
             raise ConfigError(f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}")
         if self.cpc_sigmas > self.num_sigmas:
             raise ConfigError(f"cpc_sigmas: at most num_sigmas = {self.num_sigmas}, got {self.cpc_sigmas}")
         if self.grid_per_class > self.samples_per_class:
-            raise ConfigError(f"grid_per_class: at most samples_per_class = {self.samples_per_class}, "
-                              f"got {self.grid_per_class}")
+            raise ConfigError(
+                f"grid_per_class: at most samples_per_class = {self.samples_per_class}, got {self.grid_per_class}"
+            )
 
 
 _POSITIVE = base.integer(1)
@@ -131,19 +143,41 @@ _COUNT = base.integer(0)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 _SCALE = base.number(-1e3, 1e3)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.one_of("digits", "cifar10"), "data_root": base.text, "inception_weights": base.text,
-    "model_preset": base.model_preset, "width": _POSITIVE, "train_steps": _POSITIVE, "batch_size": _POSITIVE,
-    "learning_rate": base.number(0, 1, lo_open=True), "lr_warmup_images": _COUNT,
-    "ema_halflife_images": _POSITIVE_REAL, "label_dropout": base.below(1),
-    "augment": base.one_of("none", "xflip"), "train_seed": base.seed,
-    "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0), "linear_scale": _SCALE,
-    "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0), "linear_low": base.number(0),
-    "gaussian_scale": _SCALE, "samples_per_class": _POSITIVE, "sample_seed_start": base.seed,
-    "solver": base.solver, "sampler_steps": _POSITIVE, "sigma_min": base.sigma,
-    "sigma_max": base.sigma, "sample_batch": _POSITIVE, "num_sigmas": _POSITIVE, "distance_samples": _POSITIVE,
-    "cpc_sigmas": _COUNT, "cpc_points": _POSITIVE, "cpc_k": _POSITIVE,
-    "cpc_method": base.one_of("subspace", "randomized", "lanczos"), "cpc_iters": _COUNT, "probe_seed": base.seed,
-    "grid_per_class": _POSITIVE, "torch_threads": _COUNT,
+    "dataset": base.one_of("digits", "cifar10"),
+    "data_root": base.text,
+    "inception_weights": base.text,
+    "model_preset": base.model_preset,
+    "width": _POSITIVE,
+    "train_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "learning_rate": base.number(0, 1, lo_open=True),
+    "lr_warmup_images": _COUNT,
+    "ema_halflife_images": _POSITIVE_REAL,
+    "label_dropout": base.below(1),
+    "augment": base.one_of("none", "xflip"),
+    "train_seed": base.seed,
+    "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
+    "linear_scale": _SCALE,
+    "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0),
+    "linear_low": base.number(0),
+    "gaussian_scale": _SCALE,
+    "samples_per_class": _POSITIVE,
+    "sample_seed_start": base.seed,
+    "solver": base.solver,
+    "sampler_steps": _POSITIVE,
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
+    "sample_batch": _POSITIVE,
+    "num_sigmas": _POSITIVE,
+    "distance_samples": _POSITIVE,
+    "cpc_sigmas": _COUNT,
+    "cpc_points": _POSITIVE,
+    "cpc_k": _POSITIVE,
+    "cpc_method": base.one_of("subspace", "randomized", "lanczos"),
+    "cpc_iters": _COUNT,
+    "probe_seed": base.seed,
+    "grid_per_class": _POSITIVE,
+    "torch_threads": _COUNT,
 }
 
 
@@ -155,21 +189,50 @@ def _quick() -> CFGConfig:
 
 def _tiny() -> CFGConfig:
     """Seconds (tests): a few training steps, few samples, a short analysis."""
-    return CFGConfig(width=8, train_steps=20, batch_size=32, guidance_scales=(1.0,), samples_per_class=2,
-                     sampler_steps=5, num_sigmas=3, distance_samples=2, cpc_sigmas=2, cpc_points=2, cpc_k=2,
-                     cpc_method="subspace", cpc_iters=3, grid_per_class=1)
+    return CFGConfig(
+        width=8,
+        train_steps=20,
+        batch_size=32,
+        guidance_scales=(1.0,),
+        samples_per_class=2,
+        sampler_steps=5,
+        num_sigmas=3,
+        distance_samples=2,
+        cpc_sigmas=2,
+        cpc_points=2,
+        cpc_k=2,
+        cpc_method="subspace",
+        cpc_iters=3,
+        grid_per_class=1,
+    )
 
 
 def _paper() -> CFGConfig:
     """CIFAR-10 from a local folder (set data_root), class-conditional DDPM++ at EDM's CIFAR-10
     settings (batch 512, lr 1e-3, 200 Mimg, EMA half-life 0.5 Mimg, x-flips) with label dropout 0.1
     (diffcore's choice: EDM's conditional models had none); a GPU run."""
-    return CFGConfig(dataset="cifar10", model_preset="ddpmpp-cifar", width=128, train_steps=390_625,
-                     batch_size=512, learning_rate=1e-3, lr_warmup_images=10_000_000,
-                     ema_halflife_images=500_000.0, augment="xflip", guidance_scales=(0.5, 1.0, 2.0, 4.0),
-                     split_sigmas=(0.5, 2.0), samples_per_class=1000, sampler_steps=32, num_sigmas=20,
-                     distance_samples=64, cpc_sigmas=6, cpc_points=20, cpc_k=16, cpc_method="subspace",
-                     torch_threads=0)
+    return CFGConfig(
+        dataset="cifar10",
+        model_preset="ddpmpp-cifar",
+        width=128,
+        train_steps=390_625,
+        batch_size=512,
+        learning_rate=1e-3,
+        lr_warmup_images=10_000_000,
+        ema_halflife_images=500_000.0,
+        augment="xflip",
+        guidance_scales=(0.5, 1.0, 2.0, 4.0),
+        split_sigmas=(0.5, 2.0),
+        samples_per_class=1000,
+        sampler_steps=32,
+        num_sigmas=20,
+        distance_samples=64,
+        cpc_sigmas=6,
+        cpc_points=20,
+        cpc_k=16,
+        cpc_method="subspace",
+        torch_threads=0,
+    )
 
 
 PRESETS: dict[str, Callable[[], CFGConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
@@ -177,6 +240,7 @@ CONFIG_CLASS = CFGConfig
 
 
 # ----------------------------------------------------------------------------- hooks (metrics)
+
 
 @dataclass
 class CFGHooks:
@@ -196,14 +260,21 @@ def default_hooks(config: CFGConfig, device: str = "cpu") -> CFGHooks:
 
     if config.dataset == "digits":
         network = metrics.digits_classifier(device)
-        return CFGHooks(classify=_batched(network.predict, device), features=_batched(network, device),
-                        frechet=metrics.frechet_distance)
+        return CFGHooks(
+            classify=_batched(network.predict, device),
+            features=_batched(network, device),
+            frechet=metrics.frechet_distance,
+        )
     if not config.inception_weights:
-        raise ConfigError("inception_weights: cifar10 needs a local file of FID's Inception-v3 weights "
-                          "(see docs/metrics.md)")
+        raise ConfigError(
+            "inception_weights: cifar10 needs a local file of FID's Inception-v3 weights (see docs/metrics.md)"
+        )
     log.warning("cfg: no CIFAR-10 classifier ships with diffcore; class accuracy is reported as null")
-    return CFGHooks(classify=None, features=_batched(metrics.inception_features(config.inception_weights, device),
-                                                     device), frechet=metrics.frechet_distance)
+    return CFGHooks(
+        classify=None,
+        features=_batched(metrics.inception_features(config.inception_weights, device), device),
+        frechet=metrics.frechet_distance,
+    )
 
 
 def _batched(network, device, batch_size: int = 500):
@@ -212,33 +283,48 @@ def _batched(network, device, batch_size: int = 500):
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([network(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
+
     return run
 
 
 # ----------------------------------------------------------------------------- denoisers
 
+
 def setting_list(c: CFGConfig) -> list[dict]:
     """Every sample set of the study: name, model (net | gaussian), guidance, w, interval."""
     everywhere = (0.0, math.inf)
-    out = [_setting("net unconditional", "net", "unconditional", 0.0, everywhere),
-           _setting("net conditional", "net", "none", 0.0, everywhere)]
+    out = [
+        _setting("net unconditional", "net", "unconditional", 0.0, everywhere),
+        _setting("net conditional", "net", "none", 0.0, everywhere),
+    ]
     out += [_setting(f"net cfg w={w:g}", "net", "cfg", w, everywhere) for w in c.guidance_scales]
     for s in c.split_sigmas:
-        out += [_setting(f"net cfg w={c.linear_scale:g} sigma>{s:g}", "net", "cfg", c.linear_scale, (s, math.inf)),
-                _setting(f"net cfg w={c.linear_scale:g} sigma<={s:g}", "net", "cfg", c.linear_scale, (0.0, s))]
-    out += [_setting(f"net + linear {t} w={c.linear_scale:g} sigma>{c.linear_low:g}", "net", t, c.linear_scale,
-                     (c.linear_low, math.inf)) for t in LINEAR_TERMS]
+        out += [
+            _setting(f"net cfg w={c.linear_scale:g} sigma>{s:g}", "net", "cfg", c.linear_scale, (s, math.inf)),
+            _setting(f"net cfg w={c.linear_scale:g} sigma<={s:g}", "net", "cfg", c.linear_scale, (0.0, s)),
+        ]
+    out += [
+        _setting(
+            f"net + linear {t} w={c.linear_scale:g} sigma>{c.linear_low:g}",
+            "net",
+            t,
+            c.linear_scale,
+            (c.linear_low, math.inf),
+        )
+        for t in LINEAR_TERMS
+    ]
     out += [_setting("gaussian conditional", "gaussian", "none", 0.0, everywhere)]
-    out += [_setting(f"gaussian + linear {t} w={c.gaussian_scale:g}", "gaussian", t, c.gaussian_scale, everywhere)
-            for t in LINEAR_TERMS]
+    out += [
+        _setting(f"gaussian + linear {t} w={c.gaussian_scale:g}", "gaussian", t, c.gaussian_scale, everywhere)
+        for t in LINEAR_TERMS
+    ]
     return out
 
 
 def _setting(name, model, guidance, w, interval) -> dict:
     """One sample setting; an unbounded interval's ``high`` is None (results are strict JSON)."""
     high = None if interval[1] == math.inf else float(interval[1])
-    return {"name": name, "model": model, "guidance": guidance, "w": float(w), "low": float(interval[0]),
-            "high": high}
+    return {"name": name, "model": model, "guidance": guidance, "w": float(w), "low": float(interval[0]), "high": high}
 
 
 def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
@@ -261,6 +347,7 @@ def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
 
 # ----------------------------------------------------------------------------- metrics
 
+
 def per_class_diversity(images: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over classes of the mean pairwise RMS-per-pixel distance between images of one class."""
     values = []
@@ -281,29 +368,44 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks) 
 
 
 def sample_metrics(samples: torch.Tensor, labels: torch.Tensor, hooks: CFGHooks, data_features: torch.Tensor) -> dict:
-    return {"accuracy": class_accuracy(samples, labels, hooks),
-            "frechet": float(hooks.frechet(hooks.features(samples), data_features)),
-            "diversity": per_class_diversity(samples, labels)}
+    return {
+        "accuracy": class_accuracy(samples, labels, hooks),
+        "frechet": float(hooks.frechet(hooks.features(samples), data_features)),
+        "diversity": per_class_diversity(samples, labels),
+    }
 
 
 # ----------------------------------------------------------------------------- transition analysis
 
-def transition_curves(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
-                      c: CFGConfig, device) -> list[dict]:
+
+def transition_curves(
+    net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float], c: CFGConfig, device
+) -> list[dict]:
     """Relative distances of the trained denoisers to the Gaussian ones per sigma (module docstring;
     :func:`diffcore.analysis.guidance.transition_curves` with this config's probes)."""
-    return guidance_measures.transition_curves(net, gaussians, images, labels, sigmas,
-                                               samples_per_class=c.distance_samples,
-                                               seed=c.probe_seed, device=device)
+    return guidance_measures.transition_curves(
+        net, gaussians, images, labels, sigmas, samples_per_class=c.distance_samples, seed=c.probe_seed, device=device
+    )
 
 
-def cpc_measurements(net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float],
-                     c: CFGConfig, device) -> list[dict]:
+def cpc_measurements(
+    net, gaussians, images: torch.Tensor, labels: torch.Tensor, sigmas: list[float], c: CFGConfig, device
+) -> list[dict]:
     """Per-sample CPCs of the trained model vs the Gaussian CPCs of the same class, per sigma
     (:func:`diffcore.analysis.guidance.cpc_measurements` with this config's probes)."""
-    return guidance_measures.cpc_measurements(net, gaussians, images, labels, sigmas, points=c.cpc_points, k=c.cpc_k,
-                                              method=c.cpc_method, iters=c.cpc_iters or None, seed=c.probe_seed,
-                                              device=device)
+    return guidance_measures.cpc_measurements(
+        net,
+        gaussians,
+        images,
+        labels,
+        sigmas,
+        points=c.cpc_points,
+        k=c.cpc_k,
+        method=c.cpc_method,
+        iters=c.cpc_iters or None,
+        seed=c.probe_seed,
+        device=device,
+    )
 
 
 def _spread(values: list[float], count: int) -> list[float]:
@@ -316,6 +418,7 @@ def _spread(values: list[float], count: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- the study
+
 
 class _Study:
     def __init__(self, config: CFGConfig, out, hooks: CFGHooks | None, device: str, progress: bool):
@@ -331,11 +434,21 @@ class _Study:
 
     def model_spec(self) -> dict:
         c = self.c
-        return {"dataset": c.dataset, "data_root": c.data_root, "model_preset": c.model_preset, "width": c.width,
-                "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images, "ema_halflife_images": c.ema_halflife_images,
-                "label_dropout": c.label_dropout, "augment": c.augment, "seed": c.train_seed,
-                **base.data_digest(c.data_root)}
+        return {
+            "dataset": c.dataset,
+            "data_root": c.data_root,
+            "model_preset": c.model_preset,
+            "width": c.width,
+            "train_steps": c.train_steps,
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "lr_warmup_images": c.lr_warmup_images,
+            "ema_halflife_images": c.ema_halflife_images,
+            "label_dropout": c.label_dropout,
+            "augment": c.augment,
+            "seed": c.train_seed,
+            **base.data_digest(c.data_root),
+        }
 
     def train(self, num_classes: int) -> Unit:
         from diffcore import train
@@ -346,11 +459,24 @@ class _Study:
             import shutil
 
             data = {"name": spec["dataset"], **({"root": spec["data_root"]} if spec["data_root"] else {})}
-            model = {"name": "ddpmpp", "preset": spec["model_preset"], "model_channels": spec["width"],
-                     "label_dim": num_classes}
-            config = _stack.training_request(spec, work, self.device, self.progress, data=data, model=model,
-                                             ema_halflife_images=spec["ema_halflife_images"], augment=spec["augment"],
-                                             class_conditional=True, label_dropout=spec["label_dropout"])
+            model = {
+                "name": "ddpmpp",
+                "preset": spec["model_preset"],
+                "model_channels": spec["width"],
+                "label_dim": num_classes,
+            }
+            config = _stack.training_request(
+                spec,
+                work,
+                self.device,
+                self.progress,
+                data=data,
+                model=model,
+                ema_halflife_images=spec["ema_halflife_images"],
+                augment=spec["augment"],
+                class_conditional=True,
+                label_dropout=spec["label_dropout"],
+            )
             result = train.train_from_config(config, resume="auto")
             shutil.copytree(result.checkpoint, tmp / "checkpoint")
             return {"final_loss": result.final_loss, "step": result.step}
@@ -367,21 +493,39 @@ class _Study:
         from diffcore import sampler
 
         c = self.c
-        spec = {"model": model_unit.spec, "setting": setting, "label_order": "class-major",
-                "samples_per_class": c.samples_per_class,
-                "sample_seed_start": c.sample_seed_start, "solver": c.solver, "sampler_steps": c.sampler_steps,
-                "sigma_min": c.sigma_min, "sigma_max": c.sigma_max}
+        spec = {
+            "model": model_unit.spec,
+            "setting": setting,
+            "label_order": "class-major",
+            "samples_per_class": c.samples_per_class,
+            "sample_seed_start": c.sample_seed_start,
+            "solver": c.solver,
+            "sampler_steps": c.sampler_steps,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+        }
 
         def produce(tmp: Path, work: Path):
             seeds = list(range(c.sample_seed_start, c.sample_seed_start + labels.shape[0]))
             chunks = []
             for start in range(0, len(seeds), c.sample_batch):
-                chunk = labels[start:start + c.sample_batch]
+                chunk = labels[start : start + c.sample_batch]
                 denoiser = guided_denoiser(setting, net, gaussians, chunk.to(self.device))
                 with torch.no_grad():
-                    chunks.append(sampler.sample(denoiser, seeds=seeds[start:start + c.sample_batch], shape=shape,
-                                                 steps=c.sampler_steps, solver=c.solver, sigma_min=c.sigma_min,
-                                                 sigma_max=c.sigma_max, device=self.device).float().cpu())
+                    chunks.append(
+                        sampler.sample(
+                            denoiser,
+                            seeds=seeds[start : start + c.sample_batch],
+                            shape=shape,
+                            steps=c.sampler_steps,
+                            solver=c.solver,
+                            sigma_min=c.sigma_min,
+                            sigma_max=c.sigma_max,
+                            device=self.device,
+                        )
+                        .float()
+                        .cpu()
+                    )
             torch.save({"samples": torch.cat(chunks), "labels": labels}, tmp / "samples.pt")
             return {}
 
@@ -391,10 +535,20 @@ class _Study:
         from diffcore import sampler
 
         c = self.c
-        spec = {"model": model_unit.spec, "measures": 2, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
-                "sigma_max": c.sigma_max, "distance_samples": c.distance_samples, "cpc_sigmas": c.cpc_sigmas,
-                "cpc_points": c.cpc_points, "cpc_k": c.cpc_k, "cpc_method": c.cpc_method, "cpc_iters": c.cpc_iters,
-                "probe_seed": c.probe_seed}
+        spec = {
+            "model": model_unit.spec,
+            "measures": 2,
+            "num_sigmas": c.num_sigmas,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+            "distance_samples": c.distance_samples,
+            "cpc_sigmas": c.cpc_sigmas,
+            "cpc_points": c.cpc_points,
+            "cpc_k": c.cpc_k,
+            "cpc_method": c.cpc_method,
+            "cpc_iters": c.cpc_iters,
+            "probe_seed": c.probe_seed,
+        }
 
         def produce(tmp: Path, work: Path):
             sigmas = sampler.karras_sigmas(c.num_sigmas, c.sigma_min, c.sigma_max, append_zero=False).tolist()
@@ -435,12 +589,23 @@ class _Study:
             settings.append({**setting, **sample_metrics(stored["samples"], stored["labels"], hooks, data_features)})
             grids[setting["name"]] = _grid(stored["samples"], stored["labels"], num_classes, c.grid_per_class)
         analysis = self.analysis(model_unit, net, gaussians, images, labels).meta
-        data_reference = {"accuracy": class_accuracy(images, labels, hooks),
-                          "diversity": per_class_diversity(images, labels)}
-        results = json.loads(json_dumps({
-            "experiment": NAME, "config": dataclasses.asdict(c), "model": model_unit.meta, "data": data_reference,
-            "convention": "D_c + w G (CFG: G = D_c - D_u); guidance acts for sigma in (low, high]",
-            "settings": settings, **analysis}))
+        data_reference = {
+            "accuracy": class_accuracy(images, labels, hooks),
+            "diversity": per_class_diversity(images, labels),
+        }
+        results = json.loads(
+            json_dumps(
+                {
+                    "experiment": NAME,
+                    "config": dataclasses.asdict(c),
+                    "model": model_unit.meta,
+                    "data": data_reference,
+                    "convention": "D_c + w G (CFG: G = D_c - D_u); guidance acts for sigma in (low, high]",
+                    "settings": settings,
+                    **analysis,
+                }
+            )
+        )
         self.write(results, grids)
         return results
 
@@ -467,6 +632,7 @@ def _grid(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, per_cla
 
 # ----------------------------------------------------------------------------- figures
 
+
 def _pyplot():
     from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
@@ -486,8 +652,9 @@ def plot_samples(results: dict, grids: dict, path) -> Path:
     ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([r * h + h / 2 - 1 for r in range(len(rows))])
-    ax.set_yticklabels([f"{s['name']}  (acc {_fmt(s['accuracy'])}, FD {_fmt(s['frechet'])})" for s in settings],
-                       fontsize=7)
+    ax.set_yticklabels(
+        [f"{s['name']}  (acc {_fmt(s['accuracy'])}, FD {_fmt(s['frechet'])})" for s in settings], fontsize=7
+    )
     ax.set_title("same seeds in every row; columns: classes 0..9", fontsize=8)
     width = labels_inches + image_inches + 0.2
     fig.subplots_adjust(left=labels_inches / width, right=1 - 0.1 / width, top=0.93, bottom=0.02)
@@ -501,11 +668,17 @@ def _fmt(value) -> str:
 def plot_metrics(results: dict, path) -> Path:
     plt = _pyplot()
     settings = results["settings"]
-    keys = (("accuracy", "class accuracy"), ("frechet", "Frechet distance (feature space)"),
-            ("diversity", "per-class diversity (RMS/pixel)"))
+    keys = (
+        ("accuracy", "class accuracy"),
+        ("frechet", "Frechet distance (feature space)"),
+        ("diversity", "per-class diversity (RMS/pixel)"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    curve = [s for s in settings if s["model"] == "net" and s["guidance"] in ("none", "cfg")
-             and s["low"] == 0 and s["high"] is None]
+    curve = [
+        s
+        for s in settings
+        if s["model"] == "net" and s["guidance"] in ("none", "cfg") and s["low"] == 0 and s["high"] is None
+    ]
     others = [s for s in settings if s not in curve and s["guidance"] != "unconditional"]
     markers = {"cfg": "s", "positive": "^", "negative": "v", "mean_shift": "D", "all": "*", "none": "o"}
     for ax, (key, title) in zip(axes, keys):
@@ -516,7 +689,7 @@ def plot_metrics(results: dict, path) -> Path:
         for s in others:
             colour = "tab:blue" if s["model"] == "net" else "tab:orange"
             marker = markers[s["guidance"]]
-            if s["guidance"] == "cfg":                       # limited intervals: high or low sigma
+            if s["guidance"] == "cfg":  # limited intervals: high or low sigma
                 marker = ">" if s["high"] is None else "<"
             ax.scatter([s["w"]], [s[key]], marker=marker, color=colour, s=40, label=s["name"], alpha=0.8)
         uncond = [s for s in settings if s["guidance"] == "unconditional"]
@@ -549,8 +722,9 @@ def plot_cpc(results: dict, path) -> Path:
         gauss = [sorted(v, reverse=True) for v in row["gaussian_eigenvalues"]]
         k = len(net[0])
         mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
-        line, = axes[1].plot(range(1, k + 1), [mean(net, i) for i in range(k)], "o-", ms=3,
-                             label=f"net, sigma={row['sigma']:.3g}")
+        (line,) = axes[1].plot(
+            range(1, k + 1), [mean(net, i) for i in range(k)], "o-", ms=3, label=f"net, sigma={row['sigma']:.3g}"
+        )
         axes[1].plot(range(1, k + 1), [mean(gauss, i) for i in range(k)], "x--", color=line.get_color(), ms=4)
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].set_xlabel("top-k by |eigenvalue|, sorted")
@@ -576,11 +750,13 @@ def plot_transition(results: dict, path) -> Path:
     rows = results["transition"]
     sigmas = [r["sigma"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label, style in (("dist_conditional", "D_c: net vs class Gaussian", "o-"),
-                              ("dist_unconditional", "D_u: net vs Gaussian", "o-"),
-                              ("dist_guidance", "D_c - D_u: net vs Gaussian", "o-"),
-                              ("score_dist_conditional", "score of D_c (|dD| / |x - D_G|)", "s--"),
-                              ("score_dist_unconditional", "score of D_u (|dD| / |x - D_G|)", "s--")):
+    for key, label, style in (
+        ("dist_conditional", "D_c: net vs class Gaussian", "o-"),
+        ("dist_unconditional", "D_u: net vs Gaussian", "o-"),
+        ("dist_guidance", "D_c - D_u: net vs Gaussian", "o-"),
+        ("score_dist_conditional", "score of D_c (|dD| / |x - D_G|)", "s--"),
+        ("score_dist_unconditional", "score of D_u (|dD| / |x - D_G|)", "s--"),
+    ):
         axes[0].plot(sigmas, [r[key] for r in rows], style, ms=3, label=label)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("relative distance |net - G| / |G|")
@@ -599,10 +775,17 @@ def plot_transition(results: dict, path) -> Path:
 
 # ----------------------------------------------------------------------------- entry points
 
+
 def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
-        config, out, given, resolved, progress), hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, given, resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, CFGConfig)

@@ -7,20 +7,20 @@ lands on a training image: the figure shows noise, samples and their nearest tra
 and ``results.json`` the memorization ratio (|x - NN1| / |x - NN2|, Gu et al.) and the GL score
 of each sample. It runs in seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from diffcore import metrics
-from diffcore.experiments import base, plotting
-from diffcore.experiments import hooks as study_hooks
+from diffcore.experiments import base, hooks as study_hooks, plotting
 from diffcore.experiments.base import Workspace, atomic_write_json, json_dumps
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,11 @@ NAME = "demo"
 class DemoConfig:
     dataset: str = "digits"
     data_root: str = ""
-    num_train: int = 1797           # nested subset of the digits used as training set (all: 1797)
+    num_train: int = 1797  # nested subset of the digits used as training set (all: 1797)
     subset_seed: int = 0
     num_samples: int = 16
     sample_seed_start: int = 0
-    sampler_steps: int = 18         # Heun, 35 evaluations
+    sampler_steps: int = 18  # Heun, 35 evaluations
     solver: str = "heun"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -50,16 +50,25 @@ class DemoConfig:
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         base.check_sigmas(self.sigma_min, self.sigma_max)
         if pool_size is not None and self.num_train > pool_size:
-            raise base.ConfigError(f"num_train: expected 2 .. {pool_size} (the images of {self.dataset}), "
-                                   f"got {self.num_train}")
+            raise base.ConfigError(
+                f"num_train: expected 2 .. {pool_size} (the images of {self.dataset}), got {self.num_train}"
+            )
 
 
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
-    "num_samples": base.integer(1), "sample_seed_start": base.seed, "sampler_steps": base.integer(1),
-    "solver": base.solver, "sigma_min": base.sigma, "sigma_max": base.sigma,
-    "similarity": base.text, "threshold": base.optional(base.number(-1, 1)),
+    "dataset": base.text,
+    "data_root": base.text,
+    "num_train": base.integer(2),
+    "subset_seed": base.seed,
+    "num_samples": base.integer(1),
+    "sample_seed_start": base.seed,
+    "sampler_steps": base.integer(1),
+    "solver": base.solver,
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
+    "similarity": base.text,
+    "threshold": base.optional(base.number(-1, 1)),
 }
 
 
@@ -73,8 +82,14 @@ CONFIG_CLASS = DemoConfig
 
 def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run the demo into ``out`` (``demo.png``, ``results.json``); returns the results."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Demo(
-        config, out, given or study_hooks.default_hooks(), resolved, progress), hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Demo(config, out, given or study_hooks.default_hooks(), resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 class _Demo:
@@ -92,10 +107,13 @@ class _Demo:
 
 def summary(results: dict, out: Path) -> list[str]:
     """The lines ``diffcore demo`` prints: the memorized fraction, GL, the figure."""
-    return [f"memorized (|x-NN1|/|x-NN2| < 1/3): {results['memorized_fraction']:.0%} of "
-            f"{len(results['samples'])} samples; GL {results['gl']:.3f} "
-            f"(threshold {results['threshold']:.3f}, {results['similarity']['name']})",
-            f"figure: {out / 'demo.png'}", f"results: {out / 'results.json'}"]
+    return [
+        f"memorized (|x-NN1|/|x-NN2| < 1/3): {results['memorized_fraction']:.0%} of "
+        f"{len(results['samples'])} samples; GL {results['gl']:.3f} "
+        f"(threshold {results['threshold']:.3f}, {results['similarity']['name']})",
+        f"figure: {out / 'demo.png'}",
+        f"results: {out / 'results.json'}",
+    ]
 
 
 STUDY = base.Study(NAME, DemoConfig, summary=summary)
@@ -105,27 +123,57 @@ def _run(config: DemoConfig, out: Path, hooks, device: str, progress: bool, pool
     train, train_index = hooks.subset(pool, config.num_train, config.subset_seed)
     seeds = list(range(config.sample_seed_start, config.sample_seed_start + config.num_samples))
     shape = tuple(pool.shape[1:])
-    samples = hooks.sample(hooks.empirical_denoiser(train.to(device)), seeds, shape, steps=config.sampler_steps,
-                           solver=config.solver, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
-                           device=device, progress=progress).float().cpu()
+    samples = (
+        hooks.sample(
+            hooks.empirical_denoiser(train.to(device)),
+            seeds,
+            shape,
+            steps=config.sampler_steps,
+            solver=config.solver,
+            sigma_min=config.sigma_min,
+            sigma_max=config.sigma_max,
+            device=device,
+            progress=progress,
+        )
+        .float()
+        .cpu()
+    )
 
     similarity = metrics.get_similarity(config.similarity, device=device)
     threshold, source = _threshold(config, similarity, pool, hooks.knn)
     gl = metrics.gl_score(samples, train, similarity, threshold, knn=hooks.knn)
     mem = metrics.memorization_ratio(samples, train, knn=hooks.knn)
     noise = _noise_for_display(hooks, seeds, shape)
-    plotting.image_rows([noise, samples, train[mem.nn_index[:, 0]], train[mem.nn_index[:, 1]]],
-                        ["noise z", "sample", "nearest train", "2nd nearest"], out / "demo.png",
-                        suptitle=f"Empirical denoiser of {config.num_train} {config.dataset} images: "
-                                 f"{mem.fraction:.0%} of samples memorized (|x-NN1|/|x-NN2| < 1/3)")
-    per_sample = [{"seed": s, "nn_index": int(train_index[mem.nn_index[i, 0]]),
-                   "nn_distance": float(mem.nn_distance[i, 0]), "nn2_distance": float(mem.nn_distance[i, 1]),
-                   "ratio": float(mem.ratio[i]), "nn_similarity": float(gl.nn_similarity[i])}
-                  for i, s in enumerate(seeds)]
-    results = {"experiment": NAME, "config": dataclasses.asdict(config), "similarity": similarity.describe(),
-               "threshold": threshold, "threshold_source": source, "gl": gl.score,
-               "memorized_fraction": mem.fraction, "memorization_ratio_threshold": mem.threshold,
-               "ratio_median": float(mem.ratio.median()), "samples": per_sample}
+    plotting.image_rows(
+        [noise, samples, train[mem.nn_index[:, 0]], train[mem.nn_index[:, 1]]],
+        ["noise z", "sample", "nearest train", "2nd nearest"],
+        out / "demo.png",
+        suptitle=f"Empirical denoiser of {config.num_train} {config.dataset} images: "
+        f"{mem.fraction:.0%} of samples memorized (|x-NN1|/|x-NN2| < 1/3)",
+    )
+    per_sample = [
+        {
+            "seed": s,
+            "nn_index": int(train_index[mem.nn_index[i, 0]]),
+            "nn_distance": float(mem.nn_distance[i, 0]),
+            "nn2_distance": float(mem.nn_distance[i, 1]),
+            "ratio": float(mem.ratio[i]),
+            "nn_similarity": float(gl.nn_similarity[i]),
+        }
+        for i, s in enumerate(seeds)
+    ]
+    results = {
+        "experiment": NAME,
+        "config": dataclasses.asdict(config),
+        "similarity": similarity.describe(),
+        "threshold": threshold,
+        "threshold_source": source,
+        "gl": gl.score,
+        "memorized_fraction": mem.fraction,
+        "memorization_ratio_threshold": mem.threshold,
+        "ratio_median": float(mem.ratio.median()),
+        "samples": per_sample,
+    }
     results = json.loads(json_dumps(results))
     atomic_write_json(out / "results.json", results)
     log.info("demo: %.0f%% memorized, GL %.3f -> %s", 100 * mem.fraction, gl.score, out)

@@ -43,6 +43,7 @@ Outputs: ``results.json``, ``checkpoints.csv`` (one row per model and checkpoint
 ``dynamics.png``, ``tau.png``, ``lr.png``, ``losses.png``, ``timings.json`` (the shared schema; wall and CPU seconds,
 load averages).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,31 +83,31 @@ class DynamicsConfig:
     dataset: str = "digits"
     data_root: str = ""
     model_preset: str = "ddpmpp-digits-light"
-    inception_weights: str = ""                       # "": the shipped digits network; else FID's Inception file
+    inception_weights: str = ""  # "": the shipped digits network; else FID's Inception file
     widths: tuple[int, ...] = (4, 8)
-    sizes: tuple[int, ...] = (16, 32, 64, 128, 256)   # nested subsets
-    train_seeds: tuple[int, ...] = (1,)                # the budget pilot ran seed 0
+    sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # nested subsets
+    train_seeds: tuple[int, ...] = (1,)  # the budget pilot ran seed 0
     subset_seed: int = 0
     train_steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000
-    sigma_p_mean: float = -0.5                        # training noise levels ln sigma ~ N(mean, std^2)
+    sigma_p_mean: float = -0.5  # training noise levels ln sigma ~ N(mean, std^2)
     sigma_p_std: float = 1.8
-    num_checkpoints: int = 10                         # log-spaced from first_checkpoint to train_steps
+    num_checkpoints: int = 10  # log-spaced from first_checkpoint to train_steps
     first_checkpoint: int = 20
     num_samples: int = 256
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    threshold: float = 1.0 / 3.0                      # d1 / d2 below it: memorized (Gu et al.)
+    threshold: float = 1.0 / 3.0  # d1 / d2 below it: memorized (Gu et al.)
     loss_sigmas: tuple[float, ...] = (0.05, 0.2, 1.0, 5.0)
     loss_probes: int = 256
     probe_seed: int = 7
     empirical_sigma: float = 0.2
-    mem_level: float = 0.2                            # tau_mem: memorized fraction reaches it
-    gen_factor: float = 1.5                           # tau_gen: FD within this factor of its minimum
+    mem_level: float = 0.2  # tau_mem: memorized fraction reaches it
+    gen_factor: float = 1.5  # tau_gen: FD within this factor of its minimum
     tau_resamples: int = 200
     lr_sweep_rates: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # increasing
     lr_sweep_width: int = 8
@@ -118,11 +119,14 @@ class DynamicsConfig:
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         base.check_sigmas(self.sigma_min, self.sigma_max)
         if self.first_checkpoint >= self.train_steps:
-            raise base.ConfigError(f"first_checkpoint: expected fewer than train_steps = {self.train_steps}, "
-                                   f"got {self.first_checkpoint}")
+            raise base.ConfigError(
+                f"first_checkpoint: expected fewer than train_steps = {self.train_steps}, got {self.first_checkpoint}"
+            )
         if self.num_checkpoints > self.train_steps - self.first_checkpoint + 1:
-            raise base.ConfigError(f"num_checkpoints: at most {self.train_steps - self.first_checkpoint + 1} "
-                                   f"distinct steps between first_checkpoint and train_steps, got {self.num_checkpoints}")
+            raise base.ConfigError(
+                f"num_checkpoints: at most {self.train_steps - self.first_checkpoint + 1} "
+                f"distinct steps between first_checkpoint and train_steps, got {self.num_checkpoints}"
+            )
         if self.dataset == "digits" and self.inception_weights:
             raise base.ConfigError("inception_weights: the digits use the shipped digits network (leave it empty)")
         if self.lr_sweep_rates and self.lr_sweep_n not in self.sizes:
@@ -136,18 +140,38 @@ class DynamicsConfig:
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "model_preset": base.text, "inception_weights": base.text,
-    "widths": base.tuple_of(_POSITIVE), "sizes": base.tuple_of(base.integer(2)),
-    "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "train_steps": base.integer(2),
-    "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL, "lr_warmup_images": base.integer(0),
-    "sigma_p_mean": base.log_sigma, "sigma_p_std": _POSITIVE_REAL, "num_checkpoints": base.integer(3),
-    "first_checkpoint": _POSITIVE, "num_samples": base.integer(2), "sample_seed_start": base.seed,
-    "sampler_steps": _POSITIVE, "sigma_min": base.sigma, "sigma_max": base.sigma,
-    "threshold": base.number(0, 1, lo_open=True), "loss_sigmas": base.tuple_of(base.sigma),
-    "loss_probes": _POSITIVE, "probe_seed": base.seed, "empirical_sigma": base.sigma,
-    "mem_level": base.number(0, 1, lo_open=True), "gen_factor": base.number(1, lo_open=True),
-    "tau_resamples": base.integer(100), "lr_sweep_rates": base.tuple_of(_POSITIVE_REAL, min_len=0),
-    "lr_sweep_width": _POSITIVE, "lr_sweep_n": base.integer(2),
+    "dataset": base.text,
+    "data_root": base.text,
+    "model_preset": base.text,
+    "inception_weights": base.text,
+    "widths": base.tuple_of(_POSITIVE),
+    "sizes": base.tuple_of(base.integer(2)),
+    "train_seeds": base.tuple_of(base.seed),
+    "subset_seed": base.seed,
+    "train_steps": base.integer(2),
+    "batch_size": _POSITIVE,
+    "learning_rate": _POSITIVE_REAL,
+    "lr_warmup_images": base.integer(0),
+    "sigma_p_mean": base.log_sigma,
+    "sigma_p_std": _POSITIVE_REAL,
+    "num_checkpoints": base.integer(3),
+    "first_checkpoint": _POSITIVE,
+    "num_samples": base.integer(2),
+    "sample_seed_start": base.seed,
+    "sampler_steps": _POSITIVE,
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
+    "threshold": base.number(0, 1, lo_open=True),
+    "loss_sigmas": base.tuple_of(base.sigma),
+    "loss_probes": _POSITIVE,
+    "probe_seed": base.seed,
+    "empirical_sigma": base.sigma,
+    "mem_level": base.number(0, 1, lo_open=True),
+    "gen_factor": base.number(1, lo_open=True),
+    "tau_resamples": base.integer(100),
+    "lr_sweep_rates": base.tuple_of(_POSITIVE_REAL, min_len=0),
+    "lr_sweep_width": _POSITIVE,
+    "lr_sweep_n": base.integer(2),
 }
 
 
@@ -164,10 +188,23 @@ def _quick() -> DynamicsConfig:
 
 def _tiny() -> DynamicsConfig:
     """Seconds (tests): width 4, n = 16, 32, 24 steps."""
-    return DynamicsConfig(widths=(4,), sizes=(16, 32), train_steps=24, batch_size=8, lr_warmup_images=32,
-                          num_checkpoints=3, first_checkpoint=4, num_samples=16, sampler_steps=4,
-                          loss_sigmas=(0.2, 1.0), loss_probes=16, tau_resamples=100,
-                          lr_sweep_rates=(1e-3, 1e-2), lr_sweep_width=4, lr_sweep_n=16)
+    return DynamicsConfig(
+        widths=(4,),
+        sizes=(16, 32),
+        train_steps=24,
+        batch_size=8,
+        lr_warmup_images=32,
+        num_checkpoints=3,
+        first_checkpoint=4,
+        num_samples=16,
+        sampler_steps=4,
+        loss_sigmas=(0.2, 1.0),
+        loss_probes=16,
+        tau_resamples=100,
+        lr_sweep_rates=(1e-3, 1e-2),
+        lr_sweep_width=4,
+        lr_sweep_n=16,
+    )
 
 
 def _paper() -> DynamicsConfig:
@@ -180,11 +217,24 @@ def _paper() -> DynamicsConfig:
     CIFAR-10 instead of grayscale CelebA, EDM's preconditioned loss and Heun sampler instead of DDPM
     with DDIM, EMA weights, the Frechet distance on 1024 samples with Inception-v3 features (set
     ``inception_weights`` to FID's weights file; nothing is downloaded)."""
-    return DynamicsConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(32, 64),
-                          sizes=(128, 256, 512, 1024, 2048), train_seeds=(0, 1, 2), train_steps=200_000,
-                          batch_size=512, learning_rate=1e-4, lr_warmup_images=1_000_000,
-                          num_checkpoints=16, first_checkpoint=100, num_samples=1024, loss_probes=1024,
-                          lr_sweep_rates=(3e-5, 1e-4, 3e-4, 1e-3), lr_sweep_width=32, lr_sweep_n=512)
+    return DynamicsConfig(
+        dataset="cifar10",
+        model_preset="ddpmpp-cifar",
+        widths=(32, 64),
+        sizes=(128, 256, 512, 1024, 2048),
+        train_seeds=(0, 1, 2),
+        train_steps=200_000,
+        batch_size=512,
+        learning_rate=1e-4,
+        lr_warmup_images=1_000_000,
+        num_checkpoints=16,
+        first_checkpoint=100,
+        num_samples=1024,
+        loss_probes=1024,
+        lr_sweep_rates=(3e-5, 1e-4, 3e-4, 1e-3),
+        lr_sweep_width=32,
+        lr_sweep_n=512,
+    )
 
 
 PRESETS: dict[str, Callable[[], DynamicsConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
@@ -192,6 +242,7 @@ CONFIG_CLASS = DynamicsConfig
 
 
 # ----------------------------------------------------------------------------- definitions
+
 
 def log_spaced_steps(first: int, last: int, count: int) -> list[int]:
     """``count`` distinct integer steps from ``first`` to ``last`` (both included), evenly spaced in
@@ -273,6 +324,7 @@ def memorized_mask(samples: torch.Tensor, train: torch.Tensor, threshold: float)
 
 # ----------------------------------------------------------------------------- groups of models
 
+
 @dataclass(frozen=True)
 class Member:
     width: int
@@ -290,21 +342,27 @@ class Group:
     """One ensemble: members of one width and learning rate."""
 
     name: str
-    sweep: str          # "size" (the n sweep) or "lr" (the learning-rate sweep)
+    sweep: str  # "size" (the n sweep) or "lr" (the learning-rate sweep)
     members: tuple[Member, ...]
 
 
 def groups(c: DynamicsConfig) -> list[Group]:
     """The ensembles: one per width (every n and seed at ``learning_rate``), one per swept rate
     other than ``learning_rate``."""
-    out = [Group(f"w{w}", "size", tuple(Member(w, n, s, c.learning_rate) for n in c.sizes for s in c.train_seeds))
-           for w in c.widths]
-    out += [Group(f"lr{rate:g}", "lr", tuple(Member(c.lr_sweep_width, c.lr_sweep_n, s, rate) for s in c.train_seeds))
-            for rate in c.lr_sweep_rates if rate != c.learning_rate]  # that rate's models are the size sweep's
+    out = [
+        Group(f"w{w}", "size", tuple(Member(w, n, s, c.learning_rate) for n in c.sizes for s in c.train_seeds))
+        for w in c.widths
+    ]
+    out += [
+        Group(f"lr{rate:g}", "lr", tuple(Member(c.lr_sweep_width, c.lr_sweep_n, s, rate) for s in c.train_seeds))
+        for rate in c.lr_sweep_rates
+        if rate != c.learning_rate
+    ]  # that rate's models are the size sweep's
     return out
 
 
 # ----------------------------------------------------------------------------- the study
+
 
 class _Study:
     def __init__(self, config: DynamicsConfig, out, device: str, progress: bool):
@@ -322,10 +380,12 @@ class _Study:
         c = self.c
         self.pool = _stack.load_dataset(c.dataset, c.data_root).float()
         if max(c.sizes) >= self.pool.shape[0]:
-            raise base.ConfigError(f"sizes: the largest subset must leave held-out images; the dataset has "
-                                   f"{self.pool.shape[0]}, got {max(c.sizes)}")
+            raise base.ConfigError(
+                f"sizes: the largest subset must leave held-out images; the dataset has "
+                f"{self.pool.shape[0]}, got {max(c.sizes)}"
+            )
         order = data.subset_indices(self.pool.shape[0], self.pool.shape[0], c.subset_seed)
-        self.heldout = self.pool[order[max(c.sizes):]]
+        self.heldout = self.pool[order[max(c.sizes) :]]
 
     def train_images(self, n: int) -> torch.Tensor:
         return _stack.subset(self.pool, n, self.c.subset_seed)[0].float()
@@ -333,10 +393,21 @@ class _Study:
     # training ------------------------------------------------------------------
     def member_spec(self, m: Member) -> dict:
         c = self.c
-        return {"dataset": c.dataset, "n": m.n, "subset_seed": c.subset_seed, "data_root": c.data_root,
-                "model_preset": c.model_preset, "width": m.width, "seed": m.seed, "train_steps": c.train_steps,
-                "batch_size": c.batch_size, "learning_rate": m.learning_rate, "lr_warmup_images": c.lr_warmup_images,
-                **base.data_digest(c.data_root), **_stack.recipe_spec("edm", 0.0, (c.sigma_p_mean, c.sigma_p_std))}
+        return {
+            "dataset": c.dataset,
+            "n": m.n,
+            "subset_seed": c.subset_seed,
+            "data_root": c.data_root,
+            "model_preset": c.model_preset,
+            "width": m.width,
+            "seed": m.seed,
+            "train_steps": c.train_steps,
+            "batch_size": c.batch_size,
+            "learning_rate": m.learning_rate,
+            "lr_warmup_images": c.lr_warmup_images,
+            **base.data_digest(c.data_root),
+            **_stack.recipe_spec("edm", 0.0, (c.sigma_p_mean, c.sigma_p_std)),
+        }
 
     def train_group(self, group: Group) -> base.Unit:
         """The ensemble of ``group`` trained to ``train_steps``; the unit keeps each member's EMA
@@ -363,9 +434,12 @@ class _Study:
 
     def train_configs(self, group: Group, work: Path) -> list:
         """The members' ``TrainConfig``s, checkpointed at the log-spaced steps, in ``work/<member>``."""
-        return [_stack.training_request(self.member_spec(m), work / m.label, self.device, self.progress).replace(
-                keep_steps=tuple(self.steps), checkpoint_every=self.c.train_steps, keep_checkpoints=1)
-                for m in group.members]
+        return [
+            _stack.training_request(self.member_spec(m), work / m.label, self.device, self.progress).replace(
+                keep_steps=tuple(self.steps), checkpoint_every=self.c.train_steps, keep_checkpoints=1
+            )
+            for m in group.members
+        ]
 
     def load_member(self, unit: base.Unit, m: Member, step: int) -> torch.nn.Module:
         from safetensors.torch import load_file
@@ -382,18 +456,35 @@ class _Study:
         from safetensors.torch import save_file
 
         c = self.c
-        spec = {"train": trained.spec, "step": step, "num_samples": c.num_samples,
-                "sample_seed_start": c.sample_seed_start, "sampler_steps": c.sampler_steps,
-                "sigma_min": c.sigma_min, "sigma_max": c.sigma_max, "threshold": c.threshold,
-                "loss_sigmas": list(c.loss_sigmas), "loss_probes": c.loss_probes, "probe_seed": c.probe_seed,
-                "empirical_sigma": c.empirical_sigma}
+        spec = {
+            "train": trained.spec,
+            "step": step,
+            "num_samples": c.num_samples,
+            "sample_seed_start": c.sample_seed_start,
+            "sampler_steps": c.sampler_steps,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+            "threshold": c.threshold,
+            "loss_sigmas": list(c.loss_sigmas),
+            "loss_probes": c.loss_probes,
+            "probe_seed": c.probe_seed,
+            "empirical_sigma": c.empirical_sigma,
+        }
 
         def produce(tmp: Path, work: Path):
             meta = {}
             for m in group.members:
                 model = self.load_member(trained, m, step)
-                row, arrays = measure_member(model, self.train_images(m.n), self.heldout, self.features,
-                                             self.reference, c, self.device, self.progress)
+                row, arrays = measure_member(
+                    model,
+                    self.train_images(m.n),
+                    self.heldout,
+                    self.features,
+                    self.reference,
+                    c,
+                    self.device,
+                    self.progress,
+                )
                 save_file(arrays, str(tmp / f"{m.label}.safetensors"))
                 meta[m.label] = row
             return meta
@@ -423,11 +514,16 @@ class _Study:
         from safetensors.torch import load_file
 
         arrays = [load_file(str(u.file(f"{m.label}.safetensors"))) for u in measured]
-        return {"member": m, "group": group.name, "sweep": group.sweep, "steps": list(self.steps),
-                "rows": [u.meta[m.label] for u in measured],
-                "memorized": np.stack([a["memorized"].numpy().astype(bool) for a in arrays]),   # [C, S]
-                "features": np.stack([a["features"].double().numpy() for a in arrays]),        # [C, S, F]
-                "reference": self.reference}
+        return {
+            "member": m,
+            "group": group.name,
+            "sweep": group.sweep,
+            "steps": list(self.steps),
+            "rows": [u.meta[m.label] for u in measured],
+            "memorized": np.stack([a["memorized"].numpy().astype(bool) for a in arrays]),  # [C, S]
+            "features": np.stack([a["features"].double().numpy() for a in arrays]),  # [C, S, F]
+            "reference": self.reference,
+        }
 
     def controls(self) -> dict:
         """Frechet distances a model could score without generating: its n training images (a
@@ -435,10 +531,15 @@ class _Study:
         from diffcore.metrics import feature_statistics, frechet_distance
 
         c = self.c
-        fd = lambda images: frechet_distance(feature_statistics(images, self.features), self.reference)
-        return {"fd_training_images": {str(n): fd(self.train_images(n)) for n in c.sizes},
-                "fd_heldout_images": fd(self.heldout[:c.num_samples]),
-                "heldout_count": min(c.num_samples, self.heldout.shape[0])}
+
+        def fd(images):
+            return frechet_distance(feature_statistics(images, self.features), self.reference)
+
+        return {
+            "fd_training_images": {str(n): fd(self.train_images(n)) for n in c.sizes},
+            "fd_heldout_images": fd(self.heldout[: c.num_samples]),
+            "heldout_count": min(c.num_samples, self.heldout.shape[0]),
+        }
 
     def timing_details(self) -> dict:
         """What timings.json adds for this study: the load average at the start and the end (the
@@ -454,19 +555,30 @@ def feature_network(c: DynamicsConfig, device: str):
     if c.dataset == "digits":
         return digits_features()
     if not c.inception_weights:
-        raise base.ConfigError(f"inception_weights: dataset {c.dataset!r} needs FID's Inception-v3 weights file "
-                               "(--set inception_weights=PATH; docs/studies.md, dynamics)")
+        raise base.ConfigError(
+            f"inception_weights: dataset {c.dataset!r} needs FID's Inception-v3 weights file "
+            "(--set inception_weights=PATH; docs/studies.md, dynamics)"
+        )
     network = inception_features(c.inception_weights, device)
 
     def extract(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([network(b.to(device)).float().cpu() for b in images.split(256)])
+
     extract.name = "inception-v3-pool3"  # type: ignore[attr-defined]
     return extract
 
 
-def measure_member(model, train: torch.Tensor, heldout: torch.Tensor, features_of, reference,
-                   c: DynamicsConfig, device: str, progress: bool) -> tuple[dict, dict]:
+def measure_member(
+    model,
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    features_of,
+    reference,
+    c: DynamicsConfig,
+    device: str,
+    progress: bool,
+) -> tuple[dict, dict]:
     """One model at one checkpoint: ``(row, arrays)``. ``train [n, C, H, W]``: its training images;
     ``heldout [H, C, H, W]``: images no model trained on; ``features_of``: :func:`feature_network`;
     ``reference``: the dataset's feature statistics. ``arrays``: ``memorized [S]`` (uint8),
@@ -475,19 +587,37 @@ def measure_member(model, train: torch.Tensor, heldout: torch.Tensor, features_o
     from diffcore.metrics import frechet_distance
 
     seeds = list(range(c.sample_seed_start, c.sample_seed_start + c.num_samples))
-    samples = _stack.sample(model, seeds, tuple(train.shape[1:]), steps=c.sampler_steps, solver="heun",
-                            sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=device, progress=progress)
+    samples = _stack.sample(
+        model,
+        seeds,
+        tuple(train.shape[1:]),
+        steps=c.sampler_steps,
+        solver="heun",
+        sigma_min=c.sigma_min,
+        sigma_max=c.sigma_max,
+        device=device,
+        progress=progress,
+    )
     memorized, ratio = memorized_mask(samples, train, c.threshold)
     with torch.no_grad():
         features = features_of(samples).float()
     fd = frechet_distance(_stats(features, reference), reference)
     hits = int(memorized.sum())
-    row = {"memorized": hits, "samples": len(seeds), "memorized_fraction": hits / len(seeds), "fd": fd,
-           **denoising_losses(model, train, heldout, c, device)}
+    row = {
+        "memorized": hits,
+        "samples": len(seeds),
+        "memorized_fraction": hits / len(seeds),
+        "fd": fd,
+        **denoising_losses(model, train, heldout, c, device),
+    }
     empirical = EmpiricalDenoiser(train)
     row.update(distance_to_empirical(model, empirical, heldout, c, device))
-    return row, {"memorized": memorized.to(torch.uint8), "ratio": ratio.float(), "features": features,
-                 "samples": samples.float()}
+    return row, {
+        "memorized": memorized.to(torch.uint8),
+        "ratio": ratio.float(),
+        "features": features,
+        "samples": samples.float(),
+    }
 
 
 def _stats(features: torch.Tensor, reference):
@@ -517,8 +647,9 @@ def denoising_losses(model, train: torch.Tensor, heldout: torch.Tensor, c: Dynam
     for name, images, seed in (("train", train, c.probe_seed), ("heldout", heldout, c.probe_seed + 1)):
         y, z = _probes(images, c.loss_probes, seed)
         for sigma in c.loss_sigmas:
-            out[f"loss_{name}_{sigma:g}"] = float((_denoise(model, y + sigma * z, sigma, device) - y).double()
-                                                  .square().mean())
+            out[f"loss_{name}_{sigma:g}"] = float(
+                (_denoise(model, y + sigma * z, sigma, device) - y).double().square().mean()
+            )
     return out
 
 
@@ -530,11 +661,15 @@ def distance_to_empirical(model, empirical, heldout: torch.Tensor, c: DynamicsCo
     y, z = _probes(heldout, c.loss_probes, c.probe_seed + 2)
     x = y + c.empirical_sigma * z
     target = empirical(x, c.empirical_sigma).double()
-    rel = lambda a: float((a.double() - target).norm() / target.norm().clamp_min(1e-30))
+
+    def rel(a):
+        return float((a.double() - target).norm() / target.norm().clamp_min(1e-30))
+
     return {"dist_empirical": rel(_denoise(model, x, c.empirical_sigma, device)), "dist_clean_empirical": rel(y)}
 
 
 # ----------------------------------------------------------------------------- summaries
+
 
 class ReferenceGaussian:
     """The reference features' mean and covariance with the covariance's square root precomputed,
@@ -558,7 +693,9 @@ class ReferenceGaussian:
         cov = centered.T @ centered / (rows.shape[0] - 1)
         middle = self.root @ cov @ self.root
         eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-        return float(np.sum((mean - self.mean) ** 2) + np.trace(cov) + self.trace - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum())
+        return float(
+            np.sum((mean - self.mean) ** 2) + np.trace(cov) + self.trace - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum()
+        )
 
 
 def _fd_curve(features: np.ndarray, reference, index: np.ndarray | None = None) -> list[float]:
@@ -601,47 +738,81 @@ def summarize(c: DynamicsConfig, steps: list[int], curves: dict, controls: dict)
     gaussians: dict[int, ReferenceGaussian] = {}
     for label, curve in curves.items():
         m = curve["member"]
-        curve = {**curve, "reference": gaussians.setdefault(id(curve["reference"]), ReferenceGaussian(curve["reference"]))}
+        curve = {
+            **curve,
+            "reference": gaussians.setdefault(id(curve["reference"]), ReferenceGaussian(curve["reference"])),
+        }
         mem, gen = member_taus(curve, c)
         boot = [member_taus(curve, c, idx) for idx in resamples]
         draws[label] = boot
-        row = {"model": label, "group": curve["group"], "sweep": curve["sweep"], "width": m.width, "n": m.n,
-               "seed": m.seed, "learning_rate": m.learning_rate,
-               "tau_mem": mem.tau, "tau_mem_status": mem.status, "tau_gen": gen.tau, "tau_gen_status": gen.status}
+        row = {
+            "model": label,
+            "group": curve["group"],
+            "sweep": curve["sweep"],
+            "width": m.width,
+            "n": m.n,
+            "seed": m.seed,
+            "learning_rate": m.learning_rate,
+            "tau_mem": mem.tau,
+            "tau_mem_status": mem.status,
+            "tau_gen": gen.tau,
+            "tau_gen_status": gen.status,
+        }
         if mem.tau is not None:
-            row["tau_mem_interval"] = _interval_of_draws(mem.tau, [_censored_value(b[0], last) for b in boot],
-                                                         count).as_dict()
+            row["tau_mem_interval"] = _interval_of_draws(
+                mem.tau, [_censored_value(b[0], last) for b in boot], count
+            ).as_dict()
         if gen.tau is not None:
-            row["tau_gen_interval"] = _interval_of_draws(gen.tau, [_censored_value(b[1], last) for b in boot],
-                                                         count).as_dict()
+            row["tau_gen_interval"] = _interval_of_draws(
+                gen.tau, [_censored_value(b[1], last) for b in boot], count
+            ).as_dict()
         final = curve["rows"][-1]
         row["final_memorized_fraction"] = intervals.wilson_interval(final["memorized"], final["samples"]).as_dict()
         row["final_fd"] = final["fd"]
         models.append(row)
-    fits = {f"w{w}": {kind: fit_tau(c, models, draws, w, kind, last) for kind in ("tau_mem", "tau_gen")}
-            for w in c.widths}
+    fits = {
+        f"w{w}": {kind: fit_tau(c, models, draws, w, kind, last) for kind in ("tau_mem", "tau_gen")} for w in c.widths
+    }
     lr = lr_sweep(c, curves, models)
-    return {"experiment": NAME, "config": dataclasses.asdict(c), "checkpoint_steps": steps,
-            "definitions": DEFINITIONS, "models": models, "fits": fits, "lr_sweep": lr, "controls": controls,
-            "checkpoints": [{"model": label, "width": cv["member"].width, "n": cv["member"].n,
-                             "seed": cv["member"].seed, "learning_rate": cv["member"].learning_rate,
-                             "sweep": cv["sweep"], "step": t, **r}
-                            for label, cv in curves.items() for t, r in zip(cv["steps"], cv["rows"])],
-            "claims": claims(c, fits, lr)}
+    return {
+        "experiment": NAME,
+        "config": dataclasses.asdict(c),
+        "checkpoint_steps": steps,
+        "definitions": DEFINITIONS,
+        "models": models,
+        "fits": fits,
+        "lr_sweep": lr,
+        "controls": controls,
+        "checkpoints": [
+            {
+                "model": label,
+                "width": cv["member"].width,
+                "n": cv["member"].n,
+                "seed": cv["member"].seed,
+                "learning_rate": cv["member"].learning_rate,
+                "sweep": cv["sweep"],
+                "step": t,
+                **r,
+            }
+            for label, cv in curves.items()
+            for t, r in zip(cv["steps"], cv["rows"])
+        ],
+        "claims": claims(c, fits, lr),
+    }
 
 
 DEFINITIONS = {
     "memorized": "a sample with d1/d2 < threshold, d1, d2 the pixel-L2 distances to its two nearest "
-                 "training images (exact k-NN)",
+    "training images (exact k-NN)",
     "tau_mem": "first training step at which the memorized fraction reaches mem_level, interpolated linearly "
-               "in log(step) between the checkpoints around the crossing; 'never' when it does not within "
-               "train_steps, 'at_first' when it already has at the first checkpoint",
+    "in log(step) between the checkpoints around the crossing; 'never' when it does not within "
+    "train_steps, 'at_first' when it already has at the first checkpoint",
     "tau_gen": "first training step at which the Frechet distance (digits features, samples vs the whole "
-               "dataset) comes within gen_factor of its minimum over the checkpoints, interpolated linearly "
-               "in log(step)",
+    "dataset) comes within gen_factor of its minimum over the checkpoints, interpolated linearly "
+    "in log(step)",
     "fit": "least squares of log tau on log n per width over the models whose tau crossed; slope interval "
-           "across training seeds (seeds-t) when 3+ seeds, else bootstrap over the shared sample seeds "
-           "(a resample where a model never crosses counts its tau as train_steps)",
+    "across training seeds (seeds-t) when 3+ seeds, else bootstrap over the shared sample seeds "
+    "(a resample where a model never crosses counts its tau as train_steps)",
 }
 
 
@@ -658,16 +829,20 @@ def fit_tau(c: DynamicsConfig, models: list[dict], draws: dict, width: int, kind
     slope, intercept = loglog_fit([r["n"] for r in used], [r[kind] for r in used])
     record["intercept"] = intercept
     seeds = sorted({r["seed"] for r in used})
-    per_seed = [loglog_fit([r["n"] for r in used if r["seed"] == s], [r[kind] for r in used if r["seed"] == s])[0]
-                for s in seeds if len({r["n"] for r in used if r["seed"] == s}) >= 2]
+    per_seed = [
+        loglog_fit([r["n"] for r in used if r["seed"] == s], [r[kind] for r in used if r["seed"] == s])[0]
+        for s in seeds
+        if len({r["n"] for r in used if r["seed"] == s}) >= 2
+    ]
     if len(per_seed) >= 3:
         record["slope"] = intervals.seed_interval(per_seed).as_dict()
         record["slope_pooled"] = slope
         return record
     position = 0 if kind == "tau_mem" else 1
-    boot = [loglog_fit([r["n"] for r in used],
-                       [_censored_value(draws[r["model"]][i][position], last) for r in used])[0]
-            for i in range(c.tau_resamples)]
+    boot = [
+        loglog_fit([r["n"] for r in used], [_censored_value(draws[r["model"]][i][position], last) for r in used])[0]
+        for i in range(c.tau_resamples)
+    ]
     record["slope"] = _interval_of_draws(slope, boot, c.num_samples).as_dict()
     return record
 
@@ -677,16 +852,25 @@ def lr_sweep(c: DynamicsConfig, curves: dict, models: list[dict]) -> list[dict]:
     Frechet distance (mean over seeds) and tau_mem per seed; at ``learning_rate`` the size sweep's
     models of width ``lr_sweep_width`` and size ``lr_sweep_n``."""
     out = []
-    swept = lambda m: (m.width, m.n) == (c.lr_sweep_width, c.lr_sweep_n)
+
+    def swept(m):
+        return (m.width, m.n) == (c.lr_sweep_width, c.lr_sweep_n)
+
     for rate in c.lr_sweep_rates:
         members = [cv for cv in curves.values() if swept(cv["member"]) and cv["member"].learning_rate == rate]
         rows = [r for r in models if (r["width"], r["n"], r["learning_rate"]) == (c.lr_sweep_width, c.lr_sweep_n, rate)]
         hits = sum(cv["rows"][-1]["memorized"] for cv in members)
         total = sum(cv["rows"][-1]["samples"] for cv in members)
-        out.append({"learning_rate": rate, "final_memorized_fraction": intervals.wilson_interval(hits, total).as_dict(),
-                    "final_fd": float(np.mean([cv["rows"][-1]["fd"] for cv in members])),
-                    "models": [cv["member"].label for cv in members],
-                    "tau_mem": [r["tau_mem"] for r in rows], "tau_mem_status": [r["tau_mem_status"] for r in rows]})
+        out.append(
+            {
+                "learning_rate": rate,
+                "final_memorized_fraction": intervals.wilson_interval(hits, total).as_dict(),
+                "final_fd": float(np.mean([cv["rows"][-1]["fd"] for cv in members])),
+                "models": [cv["member"].label for cv in members],
+                "tau_mem": [r["tau_mem"] for r in rows],
+                "tau_mem_status": [r["tau_mem_status"] for r in rows],
+            }
+        )
     return out
 
 
@@ -710,11 +894,17 @@ def claims(c: DynamicsConfig, fits: dict, lr: list[dict]) -> dict:
     for width, fit in fits.items():
         mem, gen = fit["tau_mem"].get("slope"), fit["tau_gen"].get("slope")
         out[f"tau_mem_linear_in_n_{width}"] = intervals.claim(
-            mem is not None and _within(_as_interval(mem), 1.0), slope=mem, band=[1 - SLOPE_TOLERANCE, 1 + SLOPE_TOLERANCE],
-            reason=fit["tau_mem"].get("reason"))
+            mem is not None and _within(_as_interval(mem), 1.0),
+            slope=mem,
+            band=[1 - SLOPE_TOLERANCE, 1 + SLOPE_TOLERANCE],
+            reason=fit["tau_mem"].get("reason"),
+        )
         out[f"tau_gen_independent_of_n_{width}"] = intervals.claim(
-            gen is not None and _within(_as_interval(gen), 0.0), slope=gen, band=[-SLOPE_TOLERANCE, SLOPE_TOLERANCE],
-            reason=fit["tau_gen"].get("reason"))
+            gen is not None and _within(_as_interval(gen), 0.0),
+            slope=gen,
+            band=[-SLOPE_TOLERANCE, SLOPE_TOLERANCE],
+            reason=fit["tau_gen"].get("reason"),
+        )
     if len(lr) >= 2:
         fractions = [_as_interval(r["final_memorized_fraction"]) for r in lr]
         peak = int(np.argmax([f.value for f in fractions]))
@@ -722,19 +912,26 @@ def claims(c: DynamicsConfig, fits: dict, lr: list[dict]) -> dict:
         good = lr[-1]["final_fd"] <= c.gen_factor * best_fd
         out["large_lr_prevents_memorization"] = intervals.claim(
             peak < len(lr) - 1 and intervals.clearly_below(fractions[-1], fractions[peak]) and good,
-            peak_learning_rate=lr[peak]["learning_rate"], peak_fraction=fractions[peak],
-            largest_learning_rate=lr[-1]["learning_rate"], largest_fraction=fractions[-1],
-            largest_fd=lr[-1]["final_fd"], best_fd=best_fd, largest_fd_within_gen_factor=bool(good))
+            peak_learning_rate=lr[peak]["learning_rate"],
+            peak_fraction=fractions[peak],
+            largest_learning_rate=lr[-1]["learning_rate"],
+            largest_fraction=fractions[-1],
+            largest_fd=lr[-1]["final_fd"],
+            best_fd=best_fd,
+            largest_fd_within_gen_factor=bool(good),
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- outputs
 
+
 def write_outputs(root: Path, results: dict, curves: dict) -> None:
     atomic_write_json(root / "results.json", results)
     atomic_write_csv(root / "checkpoints.csv", results["checkpoints"])
-    atomic_write_csv(root / "models.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)}
-                                           for r in results["models"]])
+    atomic_write_csv(
+        root / "models.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in results["models"]]
+    )
     plot_dynamics(results, root / "dynamics.png")
     plot_tau(results, root / "tau.png")
     if results["lr_sweep"]:
@@ -768,14 +965,26 @@ def plot_dynamics(results: dict, path) -> Path:
             hits = [sum(p["memorized"] for p in pts if p["step"] == t) for t in steps]
             total = [sum(p["samples"] for p in pts if p["step"] == t) for t in steps]
             w = [intervals.wilson_interval(h, m) for h, m in zip(hits, total)]
-            ax_m.errorbar(steps, [x.value for x in w], yerr=[[x.value - x.low for x in w], [x.high - x.value for x in w]],
-                          marker=".", capsize=2, color=f"C{i}", label=f"n={n}")
+            ax_m.errorbar(
+                steps,
+                [x.value for x in w],
+                yerr=[[x.value - x.low for x in w], [x.high - x.value for x in w]],
+                marker=".",
+                capsize=2,
+                color=f"C{i}",
+                label=f"n={n}",
+            )
             fd = [float(np.mean([p["fd"] for p in pts if p["step"] == t])) for t in steps]
             ax_f.plot(steps, fd, marker=".", color=f"C{i}", label=f"n={n}")
             ax_f.axhline(results["controls"]["fd_training_images"][str(n)], color=f"C{i}", ls=":", lw=0.8)
         ax_m.axhline(c["mem_level"], color="k", ls="--", lw=0.8, label=f"mem_level {c['mem_level']}")
-        ax_f.axhline(results["controls"]["fd_heldout_images"], color="k", ls="--", lw=0.8,
-                     label=f"{results['controls']['heldout_count']} held-out images")
+        ax_f.axhline(
+            results["controls"]["fd_heldout_images"],
+            color="k",
+            ls="--",
+            lw=0.8,
+            label=f"{results['controls']['heldout_count']} held-out images",
+        )
         for ax, label in ((ax_m, "memorized fraction (d1/d2 < 1/3)"), (ax_f, "Frechet distance (digits features)")):
             ax.set_xscale("log")
             ax.set_xlabel("training step")
@@ -796,20 +1005,38 @@ def plot_tau(results: dict, path) -> Path:
     for col, kind in enumerate(("tau_mem", "tau_gen")):
         ax = axes[0][col]
         for i, width in enumerate(results["config"]["widths"]):
-            rows = [r for r in results["models"] if r["sweep"] == "size" and r["width"] == width
-                    and r[f"{kind}_status"] == "crossed"]
+            rows = [
+                r
+                for r in results["models"]
+                if r["sweep"] == "size" and r["width"] == width and r[f"{kind}_status"] == "crossed"
+            ]
             if rows:
                 iv = [r[f"{kind}_interval"] for r in rows]
-                ax.errorbar([r["n"] for r in rows], [r[kind] for r in rows],
-                            yerr=[[r[kind] - v["low"] for r, v in zip(rows, iv)], [v["high"] - r[kind] for r, v in zip(rows, iv)]],
-                            fmt="o", color=f"C{i}", capsize=2, label=f"width {width}")
+                ax.errorbar(
+                    [r["n"] for r in rows],
+                    [r[kind] for r in rows],
+                    yerr=[
+                        [r[kind] - v["low"] for r, v in zip(rows, iv)],
+                        [v["high"] - r[kind] for r, v in zip(rows, iv)],
+                    ],
+                    fmt="o",
+                    color=f"C{i}",
+                    capsize=2,
+                    label=f"width {width}",
+                )
             fit = results["fits"][f"w{width}"][kind]
             if fit.get("slope") is not None:
                 ns = np.array(sorted({p["n"] for p in fit["points"]}), dtype=float)
                 s = fit["slope"]
                 slope = s["value"] if "slope_pooled" not in fit else fit["slope_pooled"]
-                ax.plot(ns, np.exp(fit["intercept"]) * ns ** slope, "-", color=f"C{i}", lw=1,
-                        label=f"slope {s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}]")
+                ax.plot(
+                    ns,
+                    np.exp(fit["intercept"]) * ns**slope,
+                    "-",
+                    color=f"C{i}",
+                    lw=1,
+                    label=f"slope {s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}]",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training-set size n")
@@ -832,8 +1059,13 @@ def plot_lr(results: dict, path) -> Path:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     rates = [r["learning_rate"] for r in rows]
     f = [r["final_memorized_fraction"] for r in rows]
-    ax.errorbar(rates, [x["value"] for x in f], yerr=[[x["value"] - x["low"] for x in f], [x["high"] - x["value"] for x in f]],
-                marker="o", capsize=3)
+    ax.errorbar(
+        rates,
+        [x["value"] for x in f],
+        yerr=[[x["value"] - x["low"] for x in f], [x["high"] - x["value"] for x in f]],
+        marker="o",
+        capsize=3,
+    )
     ax.set_ylabel("memorized fraction at the budget")
     ax2.plot(rates, [r["final_fd"] for r in rows], marker="o")
     ax2.set_ylabel("Frechet distance at the budget")
@@ -841,8 +1073,10 @@ def plot_lr(results: dict, path) -> Path:
         a.set_xscale("log")
         a.set_xlabel("learning rate (Adam)")
         a.grid(alpha=0.3)
-    fig.suptitle(f"width {c['lr_sweep_width']}, n = {c['lr_sweep_n']}, {c['train_steps']} steps, "
-                 f"seeds {c['train_seeds']}", fontsize=9)
+    fig.suptitle(
+        f"width {c['lr_sweep_width']}, n = {c['lr_sweep_n']}, {c['train_steps']} steps, seeds {c['train_seeds']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -875,11 +1109,18 @@ def plot_losses(results: dict, path) -> Path:
 
 # ----------------------------------------------------------------------------- entry points
 
+
 def run(config: DynamicsConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content. ``hooks`` is not
     used (the study calls the stack directly) and must be None."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, resolved, progress),
-                          hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, DynamicsConfig, threads=_CPU_THREADS, takes_hooks=False)

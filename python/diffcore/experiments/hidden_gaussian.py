@@ -24,25 +24,33 @@ Outputs: ``results.json``, ``curves.csv`` (one row per model and sigma), ``sampl
 Gaussian and to the empirical denoiser (``distill_w_error_gaussian``, ``distill_w_error_empirical``).
 Trained models and per-model measurements are resumable units.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from diffcore._files import load_json
 from diffcore.analysis.generalization import distill_affine, linearity_cosines
-from diffcore.experiments import _stack, base, plotting
-from diffcore.experiments import hooks as study_hooks
-from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
-                                       config_from_preset, json_dumps)
+from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
+from diffcore.experiments.base import (
+    ConfigError,
+    Unit,
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -52,30 +60,30 @@ NAME = "hidden-gaussian"
 
 @dataclass(frozen=True)
 class HiddenGaussianConfig:
-    models_from: str = ""                       # a reproducibility study's --out folder to reuse models from
+    models_from: str = ""  # a reproducibility study's --out folder to reuse models from
     dataset: str = "digits"
     data_root: str = ""
     model_preset: str = "ddpmpp-digits"
-    widths: tuple[int, ...] = (8,)              # with models_from: () = every width found
-    sizes: tuple[int, ...] = (16, 1024)         # with models_from: () = every N found
+    widths: tuple[int, ...] = (8,)  # with models_from: () = every width found
+    sizes: tuple[int, ...] = (16, 1024)  # with models_from: () = every N found
     train_seeds: tuple[int, ...] = (0,)
     subset_seed: int = 0
     train_steps: int = 300
     batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000
-    precond: str = "edm"                        # edm | vp (EDM's VP preconditioning and loss)
-    augment_p: float = 0.0                      # EDM's non-leaky augmentation probability (0: off)
-    sigma_p_mean: float = -1.2                  # training noise levels ln sigma ~ N(sigma_p_mean, sigma_p_std^2)
-    sigma_p_std: float = 1.2                    # (EDM's P_mean, P_std; precond=edm; unused with models_from)
-    train_target: str = "clean"                 # EDM loss target: clean | empirical (at sigma >= target_sigma_min)
-    target_sigma_min: float = 0.0               # (diffcore.train.loss.EDMLoss; docs/train.md)
-    sigma_log_uniform: float = 0.0              # share of training noise levels log-uniform over [sigma_min, sigma_max]
-    num_sigmas: int = 40                        # EDM grid (rho = 7)
+    precond: str = "edm"  # edm | vp (EDM's VP preconditioning and loss)
+    augment_p: float = 0.0  # EDM's non-leaky augmentation probability (0: off)
+    sigma_p_mean: float = -1.2  # training noise levels ln sigma ~ N(sigma_p_mean, sigma_p_std^2)
+    sigma_p_std: float = 1.2  # (EDM's P_mean, P_std; precond=edm; unused with models_from)
+    train_target: str = "clean"  # EDM loss target: clean | empirical (at sigma >= target_sigma_min)
+    target_sigma_min: float = 0.0  # (diffcore.train.loss.EDMLoss; docs/train.md)
+    sigma_log_uniform: float = 0.0  # share of training noise levels log-uniform over [sigma_min, sigma_max]
+    num_sigmas: int = 40  # EDM grid (rho = 7)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     linearity_pairs: int = 64
-    distill_samples: int = 256                  # noisy images per sigma (> pixels + 1 for the fit)
+    distill_samples: int = 256  # noisy images per sigma (> pixels + 1 for the fit)
     probe_seed: int = 7
     num_samples: int = 64
     sample_seed_start: int = 100000
@@ -87,41 +95,70 @@ class HiddenGaussianConfig:
         of the dataset, once loaded, bound ``distill_samples``)."""
         base.check_fields(self, FIELD_CHECKS)
         if not self.models_from and not (self.widths and self.sizes):
-            raise base.ConfigError("widths, sizes: expected at least one value each (an empty tuple means "
-                                   "'every one found' and needs models_from)")
+            raise base.ConfigError(
+                "widths, sizes: expected at least one value each (an empty tuple means "
+                "'every one found' and needs models_from)"
+            )
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         base.check_sigmas(self.sigma_min, self.sigma_max)
         if self.precond != "edm" and (self.sigma_p_mean, self.sigma_p_std) != _stack.EDM_SIGMA_LOGNORMAL:
-            raise base.ConfigError("sigma_p_mean, sigma_p_std: only precond=edm draws ln sigma ~ N(mean, std^2); "
-                                   f"precond={self.precond} has its own noise levels")
+            raise base.ConfigError(
+                "sigma_p_mean, sigma_p_std: only precond=edm draws ln sigma ~ N(mean, std^2); "
+                f"precond={self.precond} has its own noise levels"
+            )
         if self.sigma_log_uniform and self.precond != "edm":
-            raise base.ConfigError(f"sigma_log_uniform: only precond=edm takes a log-uniform share of noise "
-                                   f"levels, got precond={self.precond}")
+            raise base.ConfigError(
+                f"sigma_log_uniform: only precond=edm takes a log-uniform share of noise "
+                f"levels, got precond={self.precond}"
+            )
         if self.train_target == "clean" and self.target_sigma_min:
-            raise base.ConfigError("target_sigma_min: only train_target=empirical uses it, got "
-                                   f"{self.target_sigma_min} with train_target=clean")
+            raise base.ConfigError(
+                "target_sigma_min: only train_target=empirical uses it, got "
+                f"{self.target_sigma_min} with train_target=clean"
+            )
         if self.train_target != "clean" and (self.precond != "edm" or self.augment_p > 0):
-            raise base.ConfigError(f"train_target: {self.train_target!r} needs precond=edm and augment_p=0, got "
-                                   f"precond={self.precond}, augment_p={self.augment_p}")
+            raise base.ConfigError(
+                f"train_target: {self.train_target!r} needs precond=edm and augment_p=0, got "
+                f"precond={self.precond}, augment_p={self.augment_p}"
+            )
         if pixels is not None and self.distill_samples <= pixels + 1:
-            raise base.ConfigError(f"distill_samples: the linear fit needs more than pixels + 1 = {pixels + 1} "
-                                   f"noisy images, got {self.distill_samples}")
+            raise base.ConfigError(
+                f"distill_samples: the linear fit needs more than pixels + 1 = {pixels + 1} "
+                f"noisy images, got {self.distill_samples}"
+            )
 
 
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text, "dataset": base.text, "data_root": base.text, "model_preset": base.model_preset,
-    "widths": base.tuple_of(_POSITIVE, min_len=0), "sizes": base.tuple_of(base.integer(2), min_len=0),
-    "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed,
-    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _POSITIVE_REAL,
-    "lr_warmup_images": base.integer(0), "num_sigmas": base.integer(2),
-    "sigma_min": base.sigma, "sigma_max": base.sigma, "linearity_pairs": _POSITIVE,
-    "distill_samples": base.integer(2), "probe_seed": base.seed, "num_samples": _POSITIVE,
-    "sample_seed_start": base.seed, "sampler_steps": _POSITIVE, "grid_samples": base.integer(0),
-    "precond": base.one_of(*_stack.PRECONDITIONINGS), "augment_p": base.number(0, 1),
-    "sigma_p_mean": base.log_sigma, "sigma_p_std": _POSITIVE_REAL,
-    "train_target": base.one_of("clean", "empirical"), "target_sigma_min": base.optional_sigma,
+    "models_from": base.text,
+    "dataset": base.text,
+    "data_root": base.text,
+    "model_preset": base.model_preset,
+    "widths": base.tuple_of(_POSITIVE, min_len=0),
+    "sizes": base.tuple_of(base.integer(2), min_len=0),
+    "train_seeds": base.tuple_of(base.seed),
+    "subset_seed": base.seed,
+    "train_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "learning_rate": _POSITIVE_REAL,
+    "lr_warmup_images": base.integer(0),
+    "num_sigmas": base.integer(2),
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
+    "linearity_pairs": _POSITIVE,
+    "distill_samples": base.integer(2),
+    "probe_seed": base.seed,
+    "num_samples": _POSITIVE,
+    "sample_seed_start": base.seed,
+    "sampler_steps": _POSITIVE,
+    "grid_samples": base.integer(0),
+    "precond": base.one_of(*_stack.PRECONDITIONINGS),
+    "augment_p": base.number(0, 1),
+    "sigma_p_mean": base.log_sigma,
+    "sigma_p_std": _POSITIVE_REAL,
+    "train_target": base.one_of("clean", "empirical"),
+    "target_sigma_min": base.optional_sigma,
     "sigma_log_uniform": base.number(0, 1),
 }
 
@@ -135,9 +172,16 @@ def _quick() -> HiddenGaussianConfig:
     (EDM's alone puts 1% of its draws above sigma 5, none near 80). Fixed before looking at the
     outcome. :func:`_empirical_target` is issue 19's recipe at the same budget, kept as an option.
     ``--set models_from=runs/quick`` measures the main job's models instead (widths 8 and 16)."""
-    return HiddenGaussianConfig(model_preset="ddpmpp-digits-light", widths=(16,), sizes=(16, 1797),
-                                train_steps=1000, batch_size=32, learning_rate=1e-3, lr_warmup_images=1000,
-                                sigma_log_uniform=0.5)
+    return HiddenGaussianConfig(
+        model_preset="ddpmpp-digits-light",
+        widths=(16,),
+        sizes=(16, 1797),
+        train_steps=1000,
+        batch_size=32,
+        learning_rate=1e-3,
+        lr_warmup_images=1000,
+        sigma_log_uniform=0.5,
+    )
 
 
 def _empirical_target() -> HiddenGaussianConfig:
@@ -147,14 +191,29 @@ def _empirical_target() -> HiddenGaussianConfig:
     optimum, lower-variance target). It was chosen among about 20 variants by looking at whether the
     directions held (issue 27), so it is no evidence on its own; docs/studies.md reports it beside
     the quick preset."""
-    return dataclasses.replace(_quick(), sigma_log_uniform=0.0, sigma_p_mean=1.0, sigma_p_std=2.0,
-                               train_target="empirical", target_sigma_min=2.0)
+    return dataclasses.replace(
+        _quick(),
+        sigma_log_uniform=0.0,
+        sigma_p_mean=1.0,
+        sigma_p_std=2.0,
+        train_target="empirical",
+        target_sigma_min=2.0,
+    )
 
 
 def _tiny() -> HiddenGaussianConfig:
     """Seconds with stand-in hooks (tests)."""
-    return HiddenGaussianConfig(widths=(4,), sizes=(16, 512), num_sigmas=12, linearity_pairs=16, distill_samples=96,
-                                num_samples=8, sampler_steps=8, grid_samples=4, train_steps=10)
+    return HiddenGaussianConfig(
+        widths=(4,),
+        sizes=(16, 512),
+        num_sigmas=12,
+        linearity_pairs=16,
+        distill_samples=96,
+        num_samples=8,
+        sampler_steps=8,
+        grid_samples=4,
+        train_steps=10,
+    )
 
 
 def _paper() -> HiddenGaussianConfig:
@@ -164,18 +223,34 @@ def _paper() -> HiddenGaussianConfig:
     35000, and all 50000 CIFAR-10 images). Linear distillation by ordinary least squares on 12 800
     noisy images per sigma: over 4x the 3073 unknowns per output (3072 pixels + bias). Set
     data_root, or models_from a finished reproducibility run (docs/experiments.md: the table)."""
-    return HiddenGaussianConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(128,),
-                                sizes=(68, 137, 1094, 8750, 35000, 50000), train_steps=390_625, batch_size=512,
-                                learning_rate=1e-3, lr_warmup_images=10_000_000, augment_p=0.12,
-                                linearity_pairs=256, distill_samples=12_800, num_samples=1024, grid_samples=16)
+    return HiddenGaussianConfig(
+        dataset="cifar10",
+        model_preset="ddpmpp-cifar",
+        widths=(128,),
+        sizes=(68, 137, 1094, 8750, 35000, 50000),
+        train_steps=390_625,
+        batch_size=512,
+        learning_rate=1e-3,
+        lr_warmup_images=10_000_000,
+        augment_p=0.12,
+        linearity_pairs=256,
+        distill_samples=12_800,
+        num_samples=1024,
+        grid_samples=16,
+    )
 
 
-PRESETS: dict[str, Callable[[], HiddenGaussianConfig]] = {"quick": _quick, "empirical-target": _empirical_target,
-                                                          "tiny": _tiny, "paper": _paper}
+PRESETS: dict[str, Callable[[], HiddenGaussianConfig]] = {
+    "quick": _quick,
+    "empirical-target": _empirical_target,
+    "tiny": _tiny,
+    "paper": _paper,
+}
 CONFIG_CLASS = HiddenGaussianConfig
 
 
 # ----------------------------------------------------------------------------- measurements
+
 
 def _linearity(name: str, denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> dict[str, float]:
     """The linearity score with its bootstrap interval over the input pairs (flat columns)."""
@@ -183,8 +258,15 @@ def _linearity(name: str, denoiser, x1: torch.Tensor, x2: torch.Tensor, sigma: f
     return intervals.flat(name, intervals.bootstrap_sums(cos, lambda s: s[:, 0] / cos.shape[0]))
 
 
-def measure_curves(model, gaussian, empirical, images: torch.Tensor, sigmas: list[float],
-                   config: HiddenGaussianConfig, train_images: torch.Tensor | None = None) -> list[dict]:
+def measure_curves(
+    model,
+    gaussian,
+    empirical,
+    images: torch.Tensor,
+    sigmas: list[float],
+    config: HiddenGaussianConfig,
+    train_images: torch.Tensor | None = None,
+) -> list[dict]:
     """Per-sigma linearity, distances and distillation of ``model`` (see the module docstring).
 
     ``images`` [P, ...]: the pool the noisy inputs are drawn from (seeded); ``train_images``
@@ -201,30 +283,37 @@ def measure_curves(model, gaussian, empirical, images: torch.Tensor, sigmas: lis
         z = torch.randn((m + 4 * c.linearity_pairs, *shape), generator=g)
         x = images[pick[:m]] + sigma * z[:m]
         p = c.linearity_pairs
-        y1, y2 = images[pick[m:m + p]], images[pick[m + p:m + 2 * p]]
-        z1, z2, z3, z4 = (z[m + i * p:m + (i + 1) * p] for i in range(4))
+        y1, y2 = images[pick[m : m + p]], images[pick[m + p : m + 2 * p]]
+        z1, z2, z3, z4 = (z[m + i * p : m + (i + 1) * p] for i in range(4))
         with torch.no_grad():
             out_m, out_g, out_e = model(x, sigma).float(), gaussian(x, sigma).float(), empirical(x, sigma).float()
         w_fit, _, r2 = distill_affine(x, out_m)
         w_g = gaussian.jacobian(sigma)
-        rows.append({
-            "sigma": sigma,
-            **_linearity("linearity_noise", model, sigma * z1, sigma * z2, sigma),
-            **_linearity("linearity_image", model, y1 + sigma * z3, y2 + sigma * z4, sigma),
-            **_linearity("linearity_noise_empirical", empirical, sigma * z1, sigma * z2, sigma),
-            **_linearity("linearity_image_empirical", empirical, y1 + sigma * z3, y2 + sigma * z4, sigma),
-            **_distances(out_m, out_g, out_e, ""),
-            "distill_w_error": _w_error(w_fit, w_g),
-            "distill_r2": r2,
-            # the control: the same fit applied to the Gaussian denoiser (its own W: 0 up to the
-            # fit's error) and to the empirical one (a memorizer's reference value), and the
-            # conditioning of the fit's inputs (their covariance's largest / smallest eigenvalue)
-            "distill_w_error_gaussian": _w_error(distill_affine(x, out_g)[0], w_g),
-            "distill_w_error_empirical": _w_error(distill_affine(x, out_e)[0], w_g),
-            "distill_condition": _condition(x),
-            **({} if train_images is None else
-               _distances_on(model, gaussian, empirical, _noisy(train_images, m, sigma, g_train), sigma, "_train")),
-        })
+        rows.append(
+            {
+                "sigma": sigma,
+                **_linearity("linearity_noise", model, sigma * z1, sigma * z2, sigma),
+                **_linearity("linearity_image", model, y1 + sigma * z3, y2 + sigma * z4, sigma),
+                **_linearity("linearity_noise_empirical", empirical, sigma * z1, sigma * z2, sigma),
+                **_linearity("linearity_image_empirical", empirical, y1 + sigma * z3, y2 + sigma * z4, sigma),
+                **_distances(out_m, out_g, out_e, ""),
+                "distill_w_error": _w_error(w_fit, w_g),
+                "distill_r2": r2,
+                # the control: the same fit applied to the Gaussian denoiser (its own W: 0 up to the
+                # fit's error) and to the empirical one (a memorizer's reference value), and the
+                # conditioning of the fit's inputs (their covariance's largest / smallest eigenvalue)
+                "distill_w_error_gaussian": _w_error(distill_affine(x, out_g)[0], w_g),
+                "distill_w_error_empirical": _w_error(distill_affine(x, out_e)[0], w_g),
+                "distill_condition": _condition(x),
+                **(
+                    {}
+                    if train_images is None
+                    else _distances_on(
+                        model, gaussian, empirical, _noisy(train_images, m, sigma, g_train), sigma, "_train"
+                    )
+                ),
+            }
+        )
     return rows
 
 
@@ -251,15 +340,22 @@ def _distances(out_m: torch.Tensor, out_g: torch.Tensor, out_e: torch.Tensor, su
     dist_empirical (names + ``suffix``), from the model's, the Gaussian's and the empirical
     denoiser's outputs on the same inputs ``[M, ...]``; each with its bootstrap interval over the
     M inputs (``*_low``, ``*_high``; the gap's on the same resamples, so paired)."""
+
     def sq(a, b=None):
         diff = a.double() if b is None else a.double() - b.double()
         return diff.reshape(diff.shape[0], -1).square().sum(1)
 
     terms = torch.stack([sq(out_m, out_g), sq(out_g), sq(out_m, out_e), sq(out_e), sq(out_e, out_g)], 1).numpy()
     ratio = lambda s, i, j: np.sqrt(s[:, i] / np.maximum(s[:, j], 1e-300))  # noqa: E731
-    found = intervals.bootstrap_sums_each(terms, {
-        "dist_gaussian": lambda s: ratio(s, 0, 1), "dist_empirical": lambda s: ratio(s, 2, 3),
-        "dist_empirical_gaussian": lambda s: ratio(s, 4, 1), "gap": lambda s: ratio(s, 0, 1) - ratio(s, 2, 3)})
+    found = intervals.bootstrap_sums_each(
+        terms,
+        {
+            "dist_gaussian": lambda s: ratio(s, 0, 1),
+            "dist_empirical": lambda s: ratio(s, 2, 3),
+            "dist_empirical_gaussian": lambda s: ratio(s, 4, 1),
+            "gap": lambda s: ratio(s, 0, 1) - ratio(s, 2, 3),
+        },
+    )
     out: dict[str, float] = {}
     for name, interval in found.items():
         out.update(intervals.flat(name + suffix, interval))
@@ -281,7 +377,9 @@ def _extreme(rows: list[dict], key: str, worst) -> dict | None:
     return worst(rows, key=lambda r: r[key]) if rows else None
 
 
-def effect_properties(results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), tolerance: float = 0.05) -> dict[str, dict]:
+def effect_properties(
+    results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), tolerance: float = 0.05
+) -> dict[str, dict]:
     """What the study's figure must show (issue 19), each decided on 95% bootstrap intervals over
     the probe inputs and recorded as ``{"holds": bool, ...}`` with the deciding row's intervals
     (:func:`diffcore.metrics.intervals.claim`), from the distances on noisy training images
@@ -315,20 +413,31 @@ def effect_properties(results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), to
 
     return {
         "close_to_gaussian_at_high_sigma": intervals.claim(
-            bool(high) and worst_pool["dist_gaussian_high"] <= tolerance
+            bool(high)
+            and worst_pool["dist_gaussian_high"] <= tolerance
             and worst_train["dist_gaussian_train_high"] <= tolerance,
-            tolerance=tolerance, high_sigma=high_sigma, worst_pool=at(worst_pool, "dist_gaussian"),
-            worst_train=at(worst_train, "dist_gaussian_train")),
+            tolerance=tolerance,
+            high_sigma=high_sigma,
+            worst_pool=at(worst_pool, "dist_gaussian"),
+            worst_train=at(worst_train, "dist_gaussian_train"),
+        ),
         "largest_n_closer_to_gaussian": intervals.claim(
-            bool(large) and worst_large["gap_train_high"] < 0, mid=list(mid), n=sizes[-1],
-            worst=at(worst_large, "gap_train")),
+            bool(large) and worst_large["gap_train_high"] < 0,
+            mid=list(mid),
+            n=sizes[-1],
+            worst=at(worst_large, "gap_train"),
+        ),
         "smallest_n_closer_to_empirical": intervals.claim(
-            bool(small) and worst_small["gap_train_low"] > 0, mid=list(mid), n=sizes[0],
-            worst=at(worst_small, "gap_train")),
+            bool(small) and worst_small["gap_train_low"] > 0,
+            mid=list(mid),
+            n=sizes[0],
+            worst=at(worst_small, "gap_train"),
+        ),
     }
 
 
 # ----------------------------------------------------------------------------- the study
+
 
 @dataclass
 class _Model(_stack.ModelOfSubset):
@@ -356,9 +465,14 @@ class _Study:
                     spec = self.model_spec(width, n, seed)
                     train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
                     name = _stack.model_unit_name(width, n, seed)
-                    unit = self.ws.run_unit("models", name, spec, lambda tmp, work, s=spec, t=train_images:
-                                            self.hooks.train(t, s, tmp, work, device=self.device,
-                                                             progress=self.progress))
+                    unit = self.ws.run_unit(
+                        "models",
+                        name,
+                        spec,
+                        lambda tmp, work, s=spec, t=train_images: self.hooks.train(
+                            t, s, tmp, work, device=self.device, progress=self.progress
+                        ),
+                    )
                     self.ws.record(unit)
                     out.append(_Model(name, width, n, seed, unit))
         return out
@@ -374,20 +488,27 @@ class _Study:
         found = []
         for manifest in sorted((root / "units" / "models").glob("*/MANIFEST.json")):
             spec = load_json(manifest, what="models_from: unit manifest", follow=False)["spec"]
-            if (c.widths and spec["width"] not in c.widths) or (c.sizes and spec["n"] not in c.sizes) \
-                    or (c.train_seeds and spec["seed"] not in c.train_seeds):
+            if (
+                (c.widths and spec["width"] not in c.widths)
+                or (c.sizes and spec["n"] not in c.sizes)
+                or (c.train_seeds and spec["seed"] not in c.train_seeds)
+            ):
                 continue
             if spec["dataset"] != c.dataset or spec["subset_seed"] != c.subset_seed:
-                raise ValueError(f"models_from: {manifest.parent.name} was trained on {spec['dataset']} "
-                                 f"(subset_seed {spec['subset_seed']}); this config asks for {c.dataset} "
-                                 f"(subset_seed {c.subset_seed})")
+                raise ValueError(
+                    f"models_from: {manifest.parent.name} was trained on {spec['dataset']} "
+                    f"(subset_seed {spec['subset_seed']}); this config asks for {c.dataset} "
+                    f"(subset_seed {c.subset_seed})"
+                )
             unit = other.finished("models", manifest.parent.name, spec)
             found.append(_Model(manifest.parent.name, spec["width"], spec["n"], spec["seed"], unit))
         if not found:
-            raise ValueError(f"models_from: no finished model under {root / 'units' / 'models'} matches "
-                             f"widths={c.widths}, sizes={c.sizes}, train_seeds={c.train_seeds}; run "
-                             f"'diffcore run reproducibility --preset quick --out {root}' first, or "
-                             "--set models_from=<a reproducibility study's --out folder> (or models_from= to train here)")
+            raise ValueError(
+                f"models_from: no finished model under {root / 'units' / 'models'} matches "
+                f"widths={c.widths}, sizes={c.sizes}, train_seeds={c.train_seeds}; run "
+                f"'diffcore run reproducibility --preset quick --out {root}' first, or "
+                "--set models_from=<a reproducibility study's --out folder> (or models_from= to train here)"
+            )
         return sorted(found, key=lambda m: (m.width, m.n, m.seed))
 
     # measurements -------------------------------------------------------------
@@ -402,12 +523,20 @@ class _Study:
         from diffcore.denoisers import GaussianDenoiser
 
         c = self.c
-        spec = {"model": model.unit.spec, "num_sigmas": c.num_sigmas, "sigma_min": c.sigma_min,
-                "sigma_max": c.sigma_max, "linearity_pairs": c.linearity_pairs,
-                "distill_samples": c.distill_samples, "probe_seed": c.probe_seed, "num_samples": c.num_samples,
-                "sample_seed_start": c.sample_seed_start, "sampler_steps": c.sampler_steps,
-                "probes": ["pool", "train"],  # distances on noisy pool and training images (issue 19)
-                "intervals": "bootstrap over probes; distillation control"}  # issue 27
+        spec = {
+            "model": model.unit.spec,
+            "num_sigmas": c.num_sigmas,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+            "linearity_pairs": c.linearity_pairs,
+            "distill_samples": c.distill_samples,
+            "probe_seed": c.probe_seed,
+            "num_samples": c.num_samples,
+            "sample_seed_start": c.sample_seed_start,
+            "sampler_steps": c.sampler_steps,
+            "probes": ["pool", "train"],  # distances on noisy pool and training images (issue 19)
+            "intervals": "bootstrap over probes; distillation control",
+        }  # issue 27
 
         def produce(tmp: Path, work: Path):
             train_images, _ = self.hooks.subset(pool, model.n, c.subset_seed)
@@ -415,22 +544,49 @@ class _Study:
             denoiser = self.hooks.load(model.unit.path, device=self.device)
             gaussian = GaussianDenoiser.fit(train_images)
             empirical = self.hooks.empirical_denoiser(train_images)
-            curves = measure_curves(_on_cpu(denoiser, self.device), gaussian, empirical, pool.float(),
-                                    self.sigmas(), c, train_images=train_images)
+            curves = measure_curves(
+                _on_cpu(denoiser, self.device),
+                gaussian,
+                empirical,
+                pool.float(),
+                self.sigmas(),
+                c,
+                train_images=train_images,
+            )
             seeds = list(range(c.sample_seed_start, c.sample_seed_start + c.num_samples))
             shape = tuple(pool.shape[1:])
-            sample = lambda d: self.hooks.sample(d, seeds, shape, steps=c.sampler_steps, solver="heun",  # noqa: E731
-                                                 sigma_min=c.sigma_min, sigma_max=c.sigma_max, device=self.device,
-                                                 progress=self.progress).float().cpu()
+
+            def sample(d):
+                return (
+                    self.hooks.sample(
+                        d,
+                        seeds,
+                        shape,
+                        steps=c.sampler_steps,
+                        solver="heun",
+                        sigma_min=c.sigma_min,
+                        sigma_max=c.sigma_max,
+                        device=self.device,
+                        progress=self.progress,
+                    )
+                    .float()
+                    .cpu()
+                )
+
             s_model = sample(denoiser)
-            s_emp = sample(empirical if str(self.device) == "cpu"
-                           else self.hooks.empirical_denoiser(train_images.to(self.device)))
+            s_emp = sample(
+                empirical if str(self.device) == "cpu" else self.hooks.empirical_denoiser(train_images.to(self.device))
+            )
             noise = self.hooks.noise_from_seeds(seeds, shape, "cpu", torch.float64)
             s_gauss = gaussian.sample(noise, c.sigma_max).float()
             torch.save({"model": s_model, "gaussian": s_gauss, "empirical": s_emp}, tmp / "samples.pt")
             pfd = lambda a, b: metrics.pfd_from_samples(a, b, "per_dim").value  # noqa: E731
-            return {"curves": curves, "pfd_model_gaussian": pfd(s_model, s_gauss),
-                    "pfd_model_empirical": pfd(s_model, s_emp), "pfd_gaussian_empirical": pfd(s_gauss, s_emp)}
+            return {
+                "curves": curves,
+                "pfd_model_gaussian": pfd(s_model, s_gauss),
+                "pfd_model_empirical": pfd(s_model, s_emp),
+                "pfd_gaussian_empirical": pfd(s_gauss, s_emp),
+            }
 
         unit = self.ws.run_unit("measure", model.label, spec, produce)
         self.ws.record(unit)
@@ -447,12 +603,17 @@ class _Study:
         for model in models:
             unit = self.measure_unit(model, pool)
             meta = unit.meta
-            per_model.append({"model": model.label, "width": model.width, "n": model.n, "seed": model.seed,
-                              "reused_from": c.models_from or None,
-                              **{k: meta[k] for k in ("pfd_model_gaussian", "pfd_model_empirical",
-                                                      "pfd_gaussian_empirical")}})
-            curves.extend({"model": model.label, "width": model.width, "n": model.n, **row}
-                          for row in meta["curves"])
+            per_model.append(
+                {
+                    "model": model.label,
+                    "width": model.width,
+                    "n": model.n,
+                    "seed": model.seed,
+                    "reused_from": c.models_from or None,
+                    **{k: meta[k] for k in ("pfd_model_gaussian", "pfd_model_empirical", "pfd_gaussian_empirical")},
+                }
+            )
+            curves.extend({"model": model.label, "width": model.width, "n": model.n, **row} for row in meta["curves"])
             samples[model.label] = torch.load(unit.file("samples.pt"), weights_only=True)
             per_model[-1].update(pfd_intervals(samples[model.label]))
         results = {"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model, "curves": curves}
@@ -467,14 +628,24 @@ class _Study:
         atomic_write_json(root / "results.json", results)
         atomic_write_csv(root / "curves.csv", results["curves"])
         atomic_write_csv(root / "samples.csv", results["models"])
-        plot_curves(results, ("linearity_noise", "linearity_image"), ("pure-noise inputs", "noisy-image inputs"),
-                    "linearity score (cosine)", root / "linearity.png",
-                    dashed=("linearity_noise_empirical", "linearity_image_empirical"))
+        plot_curves(
+            results,
+            ("linearity_noise", "linearity_image"),
+            ("pure-noise inputs", "noisy-image inputs"),
+            "linearity score (cosine)",
+            root / "linearity.png",
+            dashed=("linearity_noise_empirical", "linearity_image_empirical"),
+        )
         plot_distances(results, root / "distance.png")
-        plot_curves(results, ("distill_w_error",), ("linear distillation vs Gaussian W (dashed: the same fit "
-                                                    "to the empirical denoiser)",),
-                    "|W_fit - W_G|_F / |W_G|_F", root / "distillation.png", logy=True,
-                    dashed=("distill_w_error_empirical",))
+        plot_curves(
+            results,
+            ("distill_w_error",),
+            ("linear distillation vs Gaussian W (dashed: the same fit to the empirical denoiser)",),
+            "|W_fit - W_G|_F / |W_G|_F",
+            root / "distillation.png",
+            logy=True,
+            dashed=("distill_w_error_empirical",),
+        )
         plot_capacity(results, root / "capacity.png")
         plot_samples(results, samples, self.c.grid_samples, root / "samples.png")
 
@@ -487,8 +658,11 @@ def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
     for m in results["models"]:
         s = samples[m["model"]]
         rows += [s["model"][:k], s["gaussian"][:k], s["empirical"][:k]]
-        labels += [f"model {m['model']}", f"Gaussian N={m['n']} (PFD {m['pfd_model_gaussian']:.2f})",
-                   f"empirical N={m['n']} (PFD {m['pfd_model_empirical']:.2f})"]
+        labels += [
+            f"model {m['model']}",
+            f"Gaussian N={m['n']} (PFD {m['pfd_model_gaussian']:.2f})",
+            f"empirical N={m['n']} (PFD {m['pfd_model_empirical']:.2f})",
+        ]
     grid = plotting.mosaic(rows)
     h = rows[0].shape[2] + 1
     fig, ax = plt.subplots(figsize=(0.55 * k + 3.2, 0.55 * len(rows) + 0.8))
@@ -497,8 +671,9 @@ def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
     ax.set_xticks([])
     ax.set_yticks([r * h + h / 2 - 1 for r in range(len(rows))])
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_title("same seeds: model / Gaussian (exact flow) / empirical (Heun);\nPFD to the model, RMS per pixel",
-                 fontsize=8)
+    ax.set_title(
+        "same seeds: model / Gaussian (exact flow) / empirical (Heun);\nPFD to the model, RMS per pixel", fontsize=8
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -508,8 +683,11 @@ def pfd_intervals(samples: dict[str, torch.Tensor]) -> dict[str, float]:
     ``metrics.pfd_from_samples(..., "per_dim")``) of the sample sets ``{"model", "gaussian",
     "empirical"}`` ``[B, ...]`` from the same seeds, with bootstrap intervals over the B seeds."""
     out: dict[str, float] = {}
-    for name, (a, b) in {"pfd_model_gaussian": ("model", "gaussian"), "pfd_model_empirical": ("model", "empirical"),
-                         "pfd_gaussian_empirical": ("gaussian", "empirical")}.items():
+    for name, (a, b) in {
+        "pfd_model_gaussian": ("model", "gaussian"),
+        "pfd_model_empirical": ("model", "empirical"),
+        "pfd_gaussian_empirical": ("gaussian", "empirical"),
+    }.items():
         diff = (samples[a].double() - samples[b].double()).reshape(samples[a].shape[0], -1)
         per_seed, size = diff.square().mean(1).numpy(), diff.shape[0]
         out.update(intervals.flat(name, intervals.bootstrap_sums(per_seed, lambda t: np.sqrt(t[:, 0] / size))))
@@ -525,6 +703,7 @@ def _on_cpu(denoiser, device: str):
         per_sample = isinstance(sigma, torch.Tensor) and sigma.dim() > 0
         sigmas = sigma.to(device).split(1024) if per_sample else [sigma] * -(-x.shape[0] // 1024)
         return torch.cat([denoiser(xc.to(device), sc).cpu() for xc, sc in zip(x.split(1024), sigmas)])
+
     return run
 
 
@@ -537,23 +716,37 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
 
     probes = (("_train", "noisy training images"), ("", "noisy pool images (all digits)"))
     models = results["models"]
-    fig, axes = plt.subplots(len(probes), len(models), figsize=(4.4 * len(models), 3.3 * len(probes)),
-                             squeeze=False, sharey="row")
+    fig, axes = plt.subplots(
+        len(probes), len(models), figsize=(4.4 * len(models), 3.3 * len(probes)), squeeze=False, sharey="row"
+    )
     for row, (suffix, probe) in enumerate(probes):
         for col, m in enumerate(models):
             ax = axes[row][col]
             pts = [r for r in results["curves"] if r["model"] == m["model"]]
             sig = [r["sigma"] for r in pts]
             ax.axvspan(*mid, color="0.92", zorder=0)
-            ax.hlines(tolerance, high_sigma, max(sig), colors="k", linestyles=":", lw=1,
-                      label=f"{tolerance} (sigma >= {high_sigma:g})")
+            ax.hlines(
+                tolerance,
+                high_sigma,
+                max(sig),
+                colors="k",
+                linestyles=":",
+                lw=1,
+                label=f"{tolerance} (sigma >= {high_sigma:g})",
+            )
             ax.plot(sig, [r["dist_gaussian" + suffix] for r in pts], "-", marker=".", color="C0", label="to Gaussian")
             _band(ax, pts, "dist_gaussian" + suffix, "C0")
-            ax.plot(sig, [r["dist_empirical" + suffix] for r in pts], "--", marker=".", color="C3",
-                    label="to empirical")
+            ax.plot(
+                sig, [r["dist_empirical" + suffix] for r in pts], "--", marker=".", color="C3", label="to empirical"
+            )
             _band(ax, pts, "dist_empirical" + suffix, "C3")
-            ax.plot(sig, [r["dist_empirical_gaussian" + suffix] for r in pts], ":", color="0.4",
-                    label="empirical vs Gaussian")
+            ax.plot(
+                sig,
+                [r["dist_empirical_gaussian" + suffix] for r in pts],
+                ":",
+                color="0.4",
+                label="empirical vs Gaussian",
+            )
             ax.set_xscale("log")
             ax.set_xlabel("sigma")
             ax.set_title(f"{m['model']} (N={m['n']}), on {probe}", fontsize=8)
@@ -562,8 +755,11 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
                 ax.set_ylabel("|D - D_ref| / |D_ref|")
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle("relative distance of each model to the Gaussian and the empirical denoiser of its N images\n"
-                 "(bands: 95% bootstrap intervals over the probe inputs)", fontsize=9)
+    fig.suptitle(
+        "relative distance of each model to the Gaussian and the empirical denoiser of its N images\n"
+        "(bands: 95% bootstrap intervals over the probe inputs)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -571,8 +767,14 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
 def _band(ax, pts: list[dict], key: str, color) -> None:
     """Shade the rows' 95% interval of ``key`` (``key_low`` .. ``key_high``) against sigma, when recorded."""
     if pts and f"{key}_low" in pts[0]:
-        ax.fill_between([r["sigma"] for r in pts], [r[f"{key}_low"] for r in pts], [r[f"{key}_high"] for r in pts],
-                        color=color, alpha=0.18, linewidth=0)
+        ax.fill_between(
+            [r["sigma"] for r in pts],
+            [r[f"{key}_low"] for r in pts],
+            [r[f"{key}_high"] for r in pts],
+            color=color,
+            alpha=0.18,
+            linewidth=0,
+        )
 
 
 CAPACITY_SIGMA = 1.0
@@ -588,11 +790,14 @@ def capacity(results: dict) -> dict:
     sigma = min(sigmas, key=lambda v: abs(math.log(v / CAPACITY_SIGMA)))
     out: dict = {"sigma": sigma, "widths": {}}
     for width in sorted({m["width"] for m in results["models"]}):
-        rows = sorted((r for r in results["curves"] if r["width"] == width and r["sigma"] == sigma),
-                      key=lambda r: r["n"])
+        rows = sorted(
+            (r for r in results["curves"] if r["width"] == width and r["sigma"] == sigma), key=lambda r: r["n"]
+        )
         key = "dist_gaussian_train"
-        out["widths"][str(width)] = {"n": [r["n"] for r in rows], **{k: [r[k] for r in rows]
-                                                                     for k in (key, f"{key}_low", f"{key}_high")}}
+        out["widths"][str(width)] = {
+            "n": [r["n"] for r in rows],
+            **{k: [r[k] for r in rows] for k in (key, f"{key}_low", f"{key}_high")},
+        }
     return out
 
 
@@ -603,14 +808,19 @@ def plot_capacity(results: dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     for width, curve in cap["widths"].items():
         v = curve["dist_gaussian_train"]
-        err = [[a - lo for a, lo in zip(v, curve["dist_gaussian_train_low"])],
-               [hi - a for a, hi in zip(v, curve["dist_gaussian_train_high"])]]
+        err = [
+            [a - lo for a, lo in zip(v, curve["dist_gaussian_train_low"])],
+            [hi - a for a, hi in zip(v, curve["dist_gaussian_train_high"])],
+        ]
         ax.errorbar(curve["n"], v, yerr=err, marker="o", capsize=3, label=f"width {width}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (training images)")
     ax.set_ylabel("|D - D_G| / |D_G| (noisy training images)")
-    ax.set_title(f"distance to the Gaussian denoiser at sigma = {cap['sigma']:.3g}\n(bars: 95% bootstrap "
-                 "intervals over the probe inputs)", fontsize=8)
+    ax.set_title(
+        f"distance to the Gaussian denoiser at sigma = {cap['sigma']:.3g}\n(bars: 95% bootstrap "
+        "intervals over the probe inputs)",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -626,12 +836,20 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
         for label in labels:
             pts = [r for r in results["curves"] if r["model"] == label]
             n = pts[0]["n"]
-            line, = ax.plot([r["sigma"] for r in pts], [r[key] for r in pts], "-", marker=".", label=f"{label} (N={n})")
+            (line,) = ax.plot(
+                [r["sigma"] for r in pts], [r[key] for r in pts], "-", marker=".", label=f"{label} (N={n})"
+            )
             _band(ax, pts, key, line.get_color())
             extra = dashed[i] if dashed else None
             if extra:
-                ax.plot([r["sigma"] for r in pts], [r[extra] for r in pts], "--", color=line.get_color(), lw=1,
-                        label=f"empirical vs {'Gaussian' if 'dist' in extra else 'itself'}, N={n}")
+                ax.plot(
+                    [r["sigma"] for r in pts],
+                    [r[extra] for r in pts],
+                    "--",
+                    color=line.get_color(),
+                    lw=1,
+                    label=f"empirical vs {'Gaussian' if 'dist' in extra else 'itself'}, N={n}",
+                )
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
@@ -646,8 +864,14 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
 
 def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
-        config, out, given or study_hooks.default_hooks(), resolved, progress), hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, given or study_hooks.default_hooks(), resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 # One intra-op thread on the CPU: the digits UNets are small, and on a busy 2-core machine a

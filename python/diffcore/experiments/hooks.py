@@ -4,10 +4,11 @@ A study calls the sampler, trainer, models, data and k-NN only through a :class:
 :func:`default_hooks` builds the real one from :mod:`diffcore.experiments._stack`, and tests inject
 closed-form stand-ins. This module sits below every study (no study imports another study).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass
@@ -46,7 +47,14 @@ def default_hooks() -> StudyHooks:
     from diffcore.denoisers import EmpiricalDenoiser
     from diffcore.experiments import _stack
 
-    return StudyHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
-                      load=_stack.load_model, sample=_stack.sample, empirical_denoiser=EmpiricalDenoiser,
-                      knn=_stack.knn, noise_from_seeds=sampler.noise_from_seeds,
-                      train_ensemble=_stack.train_ensemble)
+    return StudyHooks(
+        load_dataset=_stack.load_dataset,
+        subset=_stack.subset,
+        train=_stack.train_model,
+        load=_stack.load_model,
+        sample=_stack.sample,
+        empirical_denoiser=EmpiricalDenoiser,
+        knn=_stack.knn,
+        noise_from_seeds=sampler.noise_from_seeds,
+        train_ensemble=_stack.train_ensemble,
+    )

@@ -21,23 +21,31 @@ Models: the digits UNet diffcore trains (reused from a reproducibility run's fol
 here as a resumable unit), or a diffusers ``UNet2DModel`` folder with its scheduler
 (``diffusers_dir``: the paper preset).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from diffcore._files import load_json
-from diffcore._files import open_image
+from diffcore._files import load_json, open_image
 from diffcore.experiments import base
-from diffcore.experiments.base import (ConfigError, Unit, Workspace, atomic_save_figure, atomic_write_csv,
-                                       atomic_write_json, config_from_preset, json_dumps)
+from diffcore.experiments.base import (
+    ConfigError,
+    Unit,
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +60,13 @@ class LocoEditConfig:
     """What the study computes (all fields define the results; ``run``'s device and progress do not)."""
 
     # the model: a diffusers folder, or the digits UNet (reused from models_from, else trained)
-    diffusers_dir: str = ""                 # local folder: UNet2DModel (root or unet/) + scheduler config
-    models_from: str = ""                   # a reproducibility study's --out folder
+    diffusers_dir: str = ""  # local folder: UNet2DModel (root or unet/) + scheduler config
+    models_from: str = ""  # a reproducibility study's --out folder
     dataset: str = "digits"
     data_root: str = ""
     model_preset: str = "ddpmpp-digits-light"
     width: int = 32
-    train_size: int = 1797                  # N training images (1797 = all digits: the generalizing model)
+    train_size: int = 1797  # N training images (1797 = all digits: the generalizing model)
     train_seed: int = 0
     subset_seed: int = 0
     train_steps: int = 1200
@@ -66,37 +74,38 @@ class LocoEditConfig:
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000
     # images and their region of interest
-    image_source: str = "dataset"           # dataset | generated | files
-    image_indices: tuple[int, ...] = (0, 1, 2, 3)     # dataset images
-    image_seeds: tuple[int, ...] = (0, 1, 2, 3)       # generated images: x_T = sigma(t=1) * noise(seed)
-    image_files: tuple[str, ...] = ()                 # image files (resized to the model's resolution)
-    mask: str = "upper-half"                # upper-half | lower-half | left-half | right-half | center |
-                                            # box:r0,r1,c0,c1 (fractions of height/width) | an image file
-    mask_files: tuple[str, ...] = ()        # one mask image per image (white = inside); overrides mask
+    image_source: str = "dataset"  # dataset | generated | files
+    image_indices: tuple[int, ...] = (0, 1, 2, 3)  # dataset images
+    image_seeds: tuple[int, ...] = (0, 1, 2, 3)  # generated images: x_T = sigma(t=1) * noise(seed)
+    image_files: tuple[str, ...] = ()  # image files (resized to the model's resolution)
+    mask: str = "upper-half"  # upper-half | lower-half | left-half | right-half | center |
+    # box:r0,r1,c0,c1 (fractions of height/width) | an image file
+    mask_files: tuple[str, ...] = ()  # one mask image per image (white = inside); overrides mask
     # the edit
-    edit_time: float = 0.6                  # fraction of the DDPM horizon T (paper: 0.6 T)
-    inversion_steps: int = 100              # steps over the whole horizon (paper: 100)
+    edit_time: float = 0.6  # fraction of the DDPM horizon T (paper: 0.6 T)
+    inversion_steps: int = 100  # steps over the whole horizon (paper: 100)
     solver: str = "ddim"
-    stochastic_below: float = 0.0           # ancestral steps below this time (paper's script: 0.2); 0 = none
-    noise_seed: int = 0                     # seeds of those steps: noise_seed + image position
-    rank: int = 2                           # directions per image (top of the masked Jacobian)
-    k_out: int = 5                          # outside directions projected out
-    strengths: tuple[float, ...] = (1.0, 2.0, 4.0)    # each used with both signs
+    stochastic_below: float = 0.0  # ancestral steps below this time (paper's script: 0.2); 0 = none
+    noise_seed: int = 0  # seeds of those steps: noise_seed + image position
+    rank: int = 2  # directions per image (top of the masked Jacobian)
+    k_out: int = 5  # outside directions projected out
+    strengths: tuple[float, ...] = (1.0, 2.0, 4.0)  # each used with both signs
     subspace_method: str = "subspace"
     subspace_iters: int = 50
     subspace_tol: float = 1e-4
-    spectrum_k: int = 0                     # 0: exact full spectrum (small images); else top-k + Hutchinson
-    spectrum_probes: int = 32               # Hutchinson probes of the rest of |J|_F^2 (with spectrum_k > 0)
-    rank_ratio: float = 0.99                # numerical rank: top k carry ratio^2 of |J|_F^2
+    spectrum_k: int = 0  # 0: exact full spectrum (small images); else top-k + Hutchinson
+    spectrum_probes: int = 32  # Hutchinson probes of the rest of |J|_F^2 (with spectrum_k > 0)
+    rank_ratio: float = 0.99  # numerical rank: top k carry ratio^2 of |J|_F^2
     transfer: bool = True
-    torch_threads: int = 1                  # CPU intra-op threads (0: torch's default)
+    torch_threads: int = 1  # CPU intra-op threads (0: torch's default)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that is out of range."""
         base.check_fields(self, FIELD_CHECKS)
         if not self.stochastic_below < self.edit_time:
-            raise ConfigError(f"stochastic_below: expected a time in [0, edit_time = {self.edit_time}), "
-                              f"got {self.stochastic_below!r}")
+            raise ConfigError(
+                f"stochastic_below: expected a time in [0, edit_time = {self.edit_time}), got {self.stochastic_below!r}"
+            )
         if list(self.strengths) != sorted(self.strengths):
             raise ConfigError(f"strengths: expected distinct values in ascending order, got {self.strengths!r}")
         images, field = self.images(), self.image_field()
@@ -108,7 +117,9 @@ class LocoEditConfig:
         if not self.mask_files:
             _check_mask_spec(self.mask)
         if self.image_source == "dataset" and self.diffusers_dir:
-            raise ConfigError("image_source: 'dataset' needs the digits model; with diffusers_dir use 'files' or 'generated'")
+            raise ConfigError(
+                "image_source: 'dataset' needs the digits model; with diffusers_dir use 'files' or 'generated'"
+            )
 
     def images(self) -> tuple:
         """The images of ``image_source``: dataset indices, seeds or file paths."""
@@ -138,18 +149,41 @@ _POSITIVE = base.integer(1)
 MAX_STEPS = 10_000  # inversion / sampling steps: the paper uses 100; beyond this a grid only wastes memory
 _COUNT = base.integer(0)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "diffusers_dir": base.text, "models_from": base.text, "dataset": base.text, "data_root": base.text,
-    "model_preset": base.model_preset, "width": _POSITIVE, "train_size": _POSITIVE, "train_seed": base.seed,
-    "subset_seed": base.seed, "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _open_fraction,
-    "lr_warmup_images": _COUNT, "image_source": base.one_of(*IMAGE_SOURCES),
+    "diffusers_dir": base.text,
+    "models_from": base.text,
+    "dataset": base.text,
+    "data_root": base.text,
+    "model_preset": base.model_preset,
+    "width": _POSITIVE,
+    "train_size": _POSITIVE,
+    "train_seed": base.seed,
+    "subset_seed": base.seed,
+    "train_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "learning_rate": _open_fraction,
+    "lr_warmup_images": _COUNT,
+    "image_source": base.one_of(*IMAGE_SOURCES),
     "image_indices": base.tuple_of(_COUNT, min_len=0),  # at least one for the chosen image_source: validate
-    "image_seeds": base.tuple_of(base.seed, min_len=0), "image_files": base.tuple_of(base.text, min_len=0),
-    "mask": base.text, "mask_files": _paths, "edit_time": _open_fraction, "inversion_steps": base.integer(1, MAX_STEPS),
-    "solver": base.solver, "stochastic_below": base.number(0), "noise_seed": base.seed,
-    "rank": _POSITIVE, "k_out": _COUNT, "strengths": base.tuple_of(base.number(0, 1e4, lo_open=True)),
-    "subspace_method": base.one_of(*SUBSPACE_METHODS), "subspace_iters": _POSITIVE,
-    "subspace_tol": _open_fraction, "spectrum_k": _COUNT, "spectrum_probes": _POSITIVE, "rank_ratio": _FRACTION,
-    "transfer": base.boolean, "torch_threads": _COUNT,
+    "image_seeds": base.tuple_of(base.seed, min_len=0),
+    "image_files": base.tuple_of(base.text, min_len=0),
+    "mask": base.text,
+    "mask_files": _paths,
+    "edit_time": _open_fraction,
+    "inversion_steps": base.integer(1, MAX_STEPS),
+    "solver": base.solver,
+    "stochastic_below": base.number(0),
+    "noise_seed": base.seed,
+    "rank": _POSITIVE,
+    "k_out": _COUNT,
+    "strengths": base.tuple_of(base.number(0, 1e4, lo_open=True)),
+    "subspace_method": base.one_of(*SUBSPACE_METHODS),
+    "subspace_iters": _POSITIVE,
+    "subspace_tol": _open_fraction,
+    "spectrum_k": _COUNT,
+    "spectrum_probes": _POSITIVE,
+    "rank_ratio": _FRACTION,
+    "transfer": base.boolean,
+    "torch_threads": _COUNT,
 }
 
 
@@ -166,7 +200,9 @@ def _check_mask_spec(spec: str) -> None:
             raise ConfigError(f"mask: box fractions must satisfy 0 <= r0 < r1 <= 1 and 0 <= c0 < c1 <= 1, got {spec!r}")
         return
     if not spec or not Path(spec).is_file():
-        raise ConfigError(f"mask: expected one of {', '.join(NAMED_MASKS)}, box:r0,r1,c0,c1 or an image file, got {spec!r}")
+        raise ConfigError(
+            f"mask: expected one of {', '.join(NAMED_MASKS)}, box:r0,r1,c0,c1 or an image file, got {spec!r}"
+        )
 
 
 def _quick() -> LocoEditConfig:
@@ -178,9 +214,18 @@ def _quick() -> LocoEditConfig:
 
 def _tiny() -> LocoEditConfig:
     """Seconds, with stand-in hooks (tests): 3 images, 10 inversion steps, one direction."""
-    return LocoEditConfig(width=4, train_steps=10, batch_size=16, image_indices=(0, 1, 2),
-                          edit_time=0.4, inversion_steps=10, rank=2, k_out=3, strengths=(1.0, 2.0),
-                          subspace_iters=30)
+    return LocoEditConfig(
+        width=4,
+        train_steps=10,
+        batch_size=16,
+        image_indices=(0, 1, 2),
+        edit_time=0.4,
+        inversion_steps=10,
+        rank=2,
+        k_out=3,
+        strengths=(1.0, 2.0),
+        subspace_iters=30,
+    )
 
 
 def _paper() -> LocoEditConfig:
@@ -188,10 +233,21 @@ def _paper() -> LocoEditConfig:
     set diffusers_dir, image_files and mask_files): edit time 0.6 T, 100 inversion steps, strengths
     up to 16 steps of 0.5 (= 8) both ways, one direction, 5 outside directions projected out,
     ancestral steps below 0.2 T as the authors' script does; top-32 spectrum (GPU)."""
-    return LocoEditConfig(diffusers_dir="models/ddpm-celebahq-256", image_source="files", image_files=(),
-                          mask="center", edit_time=0.6, inversion_steps=100, rank=1, k_out=5,
-                          strengths=(2.0, 4.0, 8.0), stochastic_below=0.2, spectrum_k=32, subspace_iters=50,
-                          torch_threads=0)
+    return LocoEditConfig(
+        diffusers_dir="models/ddpm-celebahq-256",
+        image_source="files",
+        image_files=(),
+        mask="center",
+        edit_time=0.6,
+        inversion_steps=100,
+        rank=1,
+        k_out=5,
+        strengths=(2.0, 4.0, 8.0),
+        stochastic_below=0.2,
+        spectrum_k=32,
+        subspace_iters=50,
+        torch_threads=0,
+    )
 
 
 PRESETS: dict[str, Callable[[], LocoEditConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
@@ -220,8 +276,13 @@ class LocoHooks:
 def default_hooks() -> LocoHooks:
     from diffcore.experiments import _stack
 
-    return LocoHooks(load_dataset=_stack.load_dataset, subset=_stack.subset, train=_stack.train_model,
-                     load=_stack.load_model, load_diffusers=load_diffusers_denoiser)
+    return LocoHooks(
+        load_dataset=_stack.load_dataset,
+        subset=_stack.subset,
+        train=_stack.train_model,
+        load=_stack.load_model,
+        load_diffusers=load_diffusers_denoiser,
+    )
 
 
 def load_diffusers_denoiser(folder, device="cpu"):
@@ -241,16 +302,18 @@ def grid_mask(spec: str, shape) -> torch.Tensor:
     if spec == "upper-half":
         m[: h // 2] = 1
     elif spec == "lower-half":
-        m[h // 2:] = 1
+        m[h // 2 :] = 1
     elif spec == "left-half":
         m[:, : w // 2] = 1
     elif spec == "right-half":
-        m[:, w // 2:] = 1
+        m[:, w // 2 :] = 1
     elif spec == "center":
-        m[h // 4: h - h // 4, w // 4: w - w // 4] = 1
+        m[h // 4 : h - h // 4, w // 4 : w - w // 4] = 1
     elif spec.startswith("box:"):
         r0, r1, c0, c1 = (float(p) for p in spec[4:].split(","))
-        m[round(r0 * h): max(round(r1 * h), round(r0 * h) + 1), round(c0 * w): max(round(c1 * w), round(c0 * w) + 1)] = 1
+        m[
+            round(r0 * h) : max(round(r1 * h), round(r0 * h) + 1), round(c0 * w) : max(round(c1 * w), round(c0 * w) + 1)
+        ] = 1
     else:
         return mask_from_file(spec, shape)
     return m.expand(c, h, w).contiguous()
@@ -298,12 +361,24 @@ class _Study:
     def model_spec(self) -> dict:
         c = self.c
         if c.diffusers_dir:
-            return {"diffusers_dir": str(Path(c.diffusers_dir).resolve()),
-                    "weights_sha256": base.folder_digest(c.diffusers_dir)}
-        return {"dataset": c.dataset, "n": c.train_size, "subset_seed": c.subset_seed, "data_root": c.data_root,
-                "model_preset": c.model_preset, "width": c.width, "seed": c.train_seed,
-                "train_steps": c.train_steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images, **base.data_digest(c.data_root)}
+            return {
+                "diffusers_dir": str(Path(c.diffusers_dir).resolve()),
+                "weights_sha256": base.folder_digest(c.diffusers_dir),
+            }
+        return {
+            "dataset": c.dataset,
+            "n": c.train_size,
+            "subset_seed": c.subset_seed,
+            "data_root": c.data_root,
+            "model_preset": c.model_preset,
+            "width": c.width,
+            "seed": c.train_seed,
+            "train_steps": c.train_steps,
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "lr_warmup_images": c.lr_warmup_images,
+            **base.data_digest(c.data_root),
+        }
 
     def model(self, pool):
         """``(denoiser, timeline, image shape, model description)``."""
@@ -321,12 +396,22 @@ class _Study:
                 raise ConfigError(f"train_size: {c.train_size} exceeds the {pool.shape[0]} images of {c.dataset}")
             spec = self.model_spec()
             train_images, _ = self.hooks.subset(pool, c.train_size, c.subset_seed)
-            unit = self.ws.run_unit("models", name, spec, lambda tmp, work: self.hooks.train(
-                train_images, spec, tmp, work, device=self.device, progress=self.progress))
+            unit = self.ws.run_unit(
+                "models",
+                name,
+                spec,
+                lambda tmp, work: self.hooks.train(
+                    train_images, spec, tmp, work, device=self.device, progress=self.progress
+                ),
+            )
             self.ws.record(unit)
         denoiser = self.hooks.load(unit.path, device=self.device)
-        return denoiser, EditTimeline(), tuple(pool.shape[1:]), {"kind": "diffcore", "name": name, "source": source,
-                                                                 "spec": unit.spec}
+        return (
+            denoiser,
+            EditTimeline(),
+            tuple(pool.shape[1:]),
+            {"kind": "diffcore", "name": name, "source": source, "spec": unit.spec},
+        )
 
     def reused_model(self, name: str) -> Unit | None:
         """The finished model unit ``name`` of the reproducibility run in ``models_from`` (checked
@@ -343,8 +428,10 @@ class _Study:
             return None
         spec = load_json(manifest, what="models_from: unit manifest", follow=False)["spec"]
         if spec.get("dataset") != c.dataset or spec.get("subset_seed") != c.subset_seed:
-            raise ConfigError(f"models_from: {name} there was trained on {spec.get('dataset')} (subset_seed "
-                              f"{spec.get('subset_seed')}); this config asks for {c.dataset} (subset_seed {c.subset_seed})")
+            raise ConfigError(
+                f"models_from: {name} there was trained on {spec.get('dataset')} (subset_seed "
+                f"{spec.get('subset_seed')}); this config asks for {c.dataset} (subset_seed {c.subset_seed})"
+            )
         return Workspace(root, read_only=True).finished("models", name, spec)
 
     def check_inputs(self, pool) -> None:
@@ -367,8 +454,9 @@ class _Study:
         if c.image_source == "dataset":
             beyond = [i for i in c.image_indices if i >= pool.shape[0]]
             if beyond:
-                raise ConfigError(f"image_indices: {beyond[0]} is out of range for the {pool.shape[0]} images "
-                                  f"of {c.dataset}")
+                raise ConfigError(
+                    f"image_indices: {beyond[0]} is out of range for the {pool.shape[0]} images of {c.dataset}"
+                )
         if c.spectrum_k > math.prod(shape):
             raise ConfigError(f"spectrum_k: {c.spectrum_k} exceeds the dimension {math.prod(shape)} of the images")
         for position, image in enumerate(c.images()):
@@ -379,12 +467,15 @@ class _Study:
         c = self.c
         inside, outside = int((mask != 0).sum()), int((mask != 1).sum())
         if c.rank > inside or c.k_out > outside:
-            name, value, count, where = ("rank", c.rank, inside, "inside") if c.rank > inside else \
-                ("k_out", c.k_out, outside, "outside")
+            name, value, count, where = (
+                ("rank", c.rank, inside, "inside") if c.rank > inside else ("k_out", c.k_out, outside, "outside")
+            )
             raise ConfigError(f"{name}: {value} exceeds the {count} pixel values {where} the mask of image {image!r}")
 
     # images -----------------------------------------------------------------------
-    def latents(self, denoiser, timeline, shape, pool, position: int, image) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def latents(
+        self, denoiser, timeline, shape, pool, position: int, image
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x_t [1, ...], x0 [1, ...] or None)`` of one image at the edit time."""
         from diffcore import sampler
 
@@ -397,8 +488,10 @@ class _Study:
             return x_t, None
         if c.image_source == "dataset":
             if image >= pool.shape[0]:
-                raise ConfigError(f"image_indices: {image} is out of range for the {pool.shape[0]} images of {c.dataset}")
-            x0 = pool[image:image + 1].to(self.device, torch.float32)
+                raise ConfigError(
+                    f"image_indices: {image} is out of range for the {pool.shape[0]} images of {c.dataset}"
+                )
+            x0 = pool[image : image + 1].to(self.device, torch.float32)
         else:
             x0 = image_from_file(image, shape)[None].to(self.device)
         with torch.no_grad():
@@ -412,13 +505,33 @@ class _Study:
 
     def image_spec(self, model: dict, position: int, image) -> dict:
         c = self.c
-        keys = ("image_source", "edit_time", "inversion_steps", "solver", "stochastic_below", "noise_seed", "rank",
-                "k_out", "strengths", "subspace_method", "subspace_iters", "subspace_tol", "spectrum_k", "spectrum_probes")
+        keys = (
+            "image_source",
+            "edit_time",
+            "inversion_steps",
+            "solver",
+            "stochastic_below",
+            "noise_seed",
+            "rank",
+            "k_out",
+            "strengths",
+            "subspace_method",
+            "subspace_iters",
+            "subspace_tol",
+            "spectrum_k",
+            "spectrum_probes",
+        )
         files = {"image_sha256": base.file_digest(image)} if c.image_source == "files" else {}
         if c.mask_files:
             files["mask_sha256"] = base.file_digest(c.mask_files[position])
-        return {"model": model, "image": image, "position": position,
-                "mask": c.mask_files[position] if c.mask_files else c.mask, **files, **{k: getattr(c, k) for k in keys}}
+        return {
+            "model": model,
+            "image": image,
+            "position": position,
+            "mask": c.mask_files[position] if c.mask_files else c.mask,
+            **files,
+            **{k: getattr(c, k) for k in keys},
+        }
 
     def image_unit(self, denoiser, timeline, shape, model: dict, pool, position: int, image) -> Unit:
         from diffcore import analysis
@@ -434,25 +547,43 @@ class _Study:
             x_t, x0 = self.latents(denoiser, timeline, shape, pool, position, image)
             original = analysis.sample_back(denoiser, x_t, sigmas, **sample_kwargs)
             spectrum = self.spectrum(denoiser, x_t, sigma, mask)
-            dirs = analysis.loco_directions(denoiser, x_t, sigma, mask, rank=c.rank, k_out=c.k_out,
-                                            **self.subspace_kwargs())
+            dirs = analysis.loco_directions(
+                denoiser, x_t, sigma, mask, rank=c.rank, k_out=c.k_out, **self.subspace_kwargs()
+            )
             analysis.save_directions(tmp / "directions.safetensors", dirs)
             strengths = [*c.strengths, *(-s for s in c.strengths)]
-            edits = {f"dir{r}": analysis.edit_samples(denoiser, x_t, dirs.directions[:, r], strengths, sigmas,
-                                                      **sample_kwargs) for r in range(c.rank)}
-            edits["unprojected"] = analysis.edit_samples(denoiser, x_t, dirs.unprojected[:, 0], strengths, sigmas,
-                                                         **sample_kwargs)
+            edits = {
+                f"dir{r}": analysis.edit_samples(
+                    denoiser, x_t, dirs.directions[:, r], strengths, sigmas, **sample_kwargs
+                )
+                for r in range(c.rank)
+            }
+            edits["unprojected"] = analysis.edit_samples(
+                denoiser, x_t, dirs.unprojected[:, 0], strengths, sigmas, **sample_kwargs
+            )
             if c.rank >= 2:
                 mid = c.strengths[len(c.strengths) // 2]
                 both = analysis.compose_directions(dirs.directions[:, :2], (mid, mid))
                 edits["composed"] = analysis.edit_samples(denoiser, x_t, both, [1.0], sigmas, **sample_kwargs)
             lin = analysis.local_linearity(denoiser, x_t, sigma, dirs.directions[:, :1], list(c.strengths))
-            tensors = {"x_t": x_t, "original": original, "mask": mask, **edits, "x0_rel_error": lin.rel_error,
-                       "x0_cosine": lin.cosine, **spectrum}
+            tensors = {
+                "x_t": x_t,
+                "original": original,
+                "mask": mask,
+                **edits,
+                "x0_rel_error": lin.rel_error,
+                "x0_cosine": lin.cosine,
+                **spectrum,
+            }
             if x0 is not None:
                 tensors["x0"] = x0
-            torch.save({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
-                        for k, v in tensors.items()}, tmp / "tensors.pt")
+            torch.save(
+                {
+                    k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
+                    for k, v in tensors.items()
+                },
+                tmp / "tensors.pt",
+            )
             return {"sigma": sigma, "direction_seconds": dirs.seconds, "direction_cpu_seconds": dirs.cpu_seconds}
 
         unit = self.ws.run_unit("images", f"image-{position}", self.image_spec(model, position, image), produce)
@@ -475,8 +606,14 @@ class _Study:
         k = None if c.spectrum_k == 0 else c.spectrum_k
         out = {}
         for key, m in (("jacobian", None), ("masked", mask)):
-            s, frob = analysis.jacobian_spectrum(denoiser, x_t, sigma, mask=m, k=k, **(
-                {} if k is None else {"probes": c.spectrum_probes, **self.subspace_kwargs()}))
+            s, frob = analysis.jacobian_spectrum(
+                denoiser,
+                x_t,
+                sigma,
+                mask=m,
+                k=k,
+                **({} if k is None else {"probes": c.spectrum_probes, **self.subspace_kwargs()}),
+            )
             out[f"{key}_singular_values"], out[f"{key}_frobenius_sq"] = s, frob
         return out
 
@@ -497,7 +634,7 @@ class _Study:
             for u in units:
                 direction = analysis.load_directions(u.file("directions.safetensors"), self.device).directions[0, 0]
                 out.append(analysis.edit_samples(denoiser, x_t, direction, strengths, sigmas, **kwargs))
-            torch.save(torch.stack(out).float().cpu().contiguous(), tmp / "transfer.pt")   # [src, S+1, tgt, ...]
+            torch.save(torch.stack(out).float().cpu().contiguous(), tmp / "transfer.pt")  # [src, S+1, tgt, ...]
             return {}
 
         unit = self.ws.run_unit("transfer", "all", spec, produce)
@@ -512,14 +649,27 @@ class _Study:
         self.check_inputs(pool)  # everything checkable against the data before the folder is bound
         self.ws.bind_config(c)
         denoiser, timeline, shape, model = self.model(pool)
-        units = [self.image_unit(denoiser, timeline, shape, model, pool, i, image) for i, image in enumerate(c.images())]
+        units = [
+            self.image_unit(denoiser, timeline, shape, model, pool, i, image) for i, image in enumerate(c.images())
+        ]
         transfer = self.transfer_unit(denoiser, timeline, units) if c.transfer and len(units) > 1 else None
-        per_image = [measure_image(_tensors(u), u.meta, c, i, image) for i, (u, image) in enumerate(zip(units, c.images()))]
-        transfer_rows = measure_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), units, c) \
-            if transfer is not None else []
-        results = {"experiment": NAME, "config": dataclasses.asdict(c), "model": model,
-                   "edit_sigma": timeline.sigma(c.edit_time), "images": per_image, "transfer": transfer_rows,
-                   "summary": summarize(per_image, transfer_rows, c)}
+        per_image = [
+            measure_image(_tensors(u), u.meta, c, i, image) for i, (u, image) in enumerate(zip(units, c.images()))
+        ]
+        transfer_rows = (
+            measure_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), units, c)
+            if transfer is not None
+            else []
+        )
+        results = {
+            "experiment": NAME,
+            "config": dataclasses.asdict(c),
+            "model": model,
+            "edit_sigma": timeline.sigma(c.edit_time),
+            "images": per_image,
+            "transfer": transfer_rows,
+            "summary": summarize(per_image, transfer_rows, c),
+        }
         results = json.loads(json_dumps(results))
         self.write(results, units, transfer)
         return results
@@ -527,16 +677,21 @@ class _Study:
     def write(self, results: dict, units: list[Unit], transfer: Unit | None) -> None:
         root = self.ws.root
         atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "edits.csv", [{"image": im["image"], **row} for im in results["images"]
-                                              for row in im["edits"]])
-        atomic_write_csv(root / "transfer.csv", results["transfer"],
-                         columns=["source", "target", "strength", "locality", "inside_fraction", "outside_mse"])
+        atomic_write_csv(
+            root / "edits.csv", [{"image": im["image"], **row} for im in results["images"] for row in im["edits"]]
+        )
+        atomic_write_csv(
+            root / "transfer.csv",
+            results["transfer"],
+            columns=["source", "target", "strength", "locality", "inside_fraction", "outside_mse"],
+        )
         tensors = [_tensors(u) for u in units]
         plot_edits(tensors, results, root / "edits.png")
         plot_spectrum(tensors, results, root / "spectrum.png")
         if transfer is not None:
-            plot_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), tensors, results,
-                          root / "transfer.png")
+            plot_transfer(
+                torch.load(transfer.file("transfer.pt"), weights_only=True), tensors, results, root / "transfer.png"
+            )
 
 
 def _tensors(unit: Unit) -> dict:
@@ -550,32 +705,52 @@ def measure_image(t: dict, meta: dict, c: LocoEditConfig, position: int, image) 
 
     mask, original = t["mask"], t["original"]
     n = len(c.strengths)
-    ranks = {key: int(analysis.numerical_rank(t[f"{key}_singular_values"], c.rank_ratio,
-                                              frobenius_sq=t[f"{key}_frobenius_sq"])[0])
-             for key in ("jacobian", "masked")}
+    ranks = {
+        key: int(
+            analysis.numerical_rank(t[f"{key}_singular_values"], c.rank_ratio, frobenius_sq=t[f"{key}_frobenius_sq"])[0]
+        )
+        for key in ("jacobian", "masked")
+    }
     edits, linearity = [], []
     for key in [*(f"dir{r}" for r in range(c.rank)), "unprojected"]:
-        delta = t[key][:, 0] - original[0]                          # [2S, C, H, W]
+        delta = t[key][:, 0] - original[0]  # [2S, C, H, W]
         loc = analysis.edit_locality(delta, mask)
         direction = 0 if key == "unprojected" else int(key[3:])
         for i, s in enumerate([*c.strengths, *(-s for s in c.strengths)]):
-            edits.append({"direction": direction, "projected": key != "unprojected", "strength": s,
-                          "change_norm": float(delta[i].norm()),
-                          **{k: float(loc[k][i]) for k in ("locality", "inside_fraction", "outside_mse")}})
+            edits.append(
+                {
+                    "direction": direction,
+                    "projected": key != "unprojected",
+                    "strength": s,
+                    "change_norm": float(delta[i].norm()),
+                    **{k: float(loc[k][i]) for k in ("locality", "inside_fraction", "outside_mse")},
+                }
+            )
         lin = analysis.edit_linearity(delta[:n, None], delta[n:, None], c.strengths)
         for i, s in enumerate(c.strengths):
-            row = {"direction": direction, "projected": key != "unprojected", "strength": s,
-                   "cosine_pm": float(lin["cosine_pm"][i, 0]), "gain": float(lin["gain"][i, 0])}
+            row = {
+                "direction": direction,
+                "projected": key != "unprojected",
+                "strength": s,
+                "cosine_pm": float(lin["cosine_pm"][i, 0]),
+                "gain": float(lin["gain"][i, 0]),
+            }
             if key == "dir0":
                 row.update(x0_rel_error=float(t["x0_rel_error"][0, 0, i]), x0_cosine=float(t["x0_cosine"][0, 0, i]))
             linearity.append(row)
-    row = {"image": f"{c.image_source}-{image}", "position": position, "sigma": meta["sigma"],
-           "rank_jacobian": ranks["jacobian"], "rank_masked": ranks["masked"],
-           "jacobian_singular_values": t["jacobian_singular_values"][0, :32].tolist(),
-           "masked_singular_values": t["masked_singular_values"][0, :32].tolist(),
-           "direction_seconds": meta["direction_seconds"] / c.rank,
-           "direction_cpu_seconds": meta["direction_cpu_seconds"] / c.rank,
-           "edits": edits, "linearity": linearity}
+    row = {
+        "image": f"{c.image_source}-{image}",
+        "position": position,
+        "sigma": meta["sigma"],
+        "rank_jacobian": ranks["jacobian"],
+        "rank_masked": ranks["masked"],
+        "jacobian_singular_values": t["jacobian_singular_values"][0, :32].tolist(),
+        "masked_singular_values": t["masked_singular_values"][0, :32].tolist(),
+        "direction_seconds": meta["direction_seconds"] / c.rank,
+        "direction_cpu_seconds": meta["direction_cpu_seconds"] / c.rank,
+        "edits": edits,
+        "linearity": linearity,
+    }
     if "x0" in t:
         row["reconstruction_rmse"] = float((original - t["x0"]).square().mean().sqrt())
     if "composed" in t:
@@ -584,8 +759,11 @@ def measure_image(t: dict, meta: dict, c: LocoEditConfig, position: int, image) 
         single = (t["dir0"][i, 0] - original[0]) + (t["dir1"][i, 0] - original[0])
         both = t["composed"][0, 0] - original[0]
         loc = analysis.edit_locality(both, mask)
-        row["composition"] = {"strength": mid, "additivity_error": float((both - single).norm() / both.norm()),
-                              **{k: float(loc[k]) for k in ("locality", "inside_fraction", "outside_mse")}}
+        row["composition"] = {
+            "strength": mid,
+            "additivity_error": float((both - single).norm() / both.norm()),
+            **{k: float(loc[k]) for k in ("locality", "inside_fraction", "outside_mse")},
+        }
     return row
 
 
@@ -601,9 +779,15 @@ def measure_transfer(edits: torch.Tensor, units: list[Unit], c: LocoEditConfig) 
             delta = edits[src, 1:, tgt] - edits[src, 0, tgt]
             loc = analysis.edit_locality(delta, mask)
             for i, s in enumerate([*c.strengths, *(-s for s in c.strengths)]):
-                rows.append({"source": f"{c.image_source}-{images[src]}", "target": f"{c.image_source}-{images[tgt]}",
-                             "own": src == tgt, "strength": s,
-                             **{k: float(loc[k][i]) for k in ("locality", "inside_fraction", "outside_mse")}})
+                rows.append(
+                    {
+                        "source": f"{c.image_source}-{images[src]}",
+                        "target": f"{c.image_source}-{images[tgt]}",
+                        "own": src == tgt,
+                        "strength": s,
+                        **{k: float(loc[k][i]) for k in ("locality", "inside_fraction", "outside_mse")},
+                    }
+                )
     return rows
 
 
@@ -621,32 +805,46 @@ def summarize(images: list[dict], transfer: list[dict], c: LocoEditConfig) -> di
     """Medians / means over images (and both signs) per strength."""
     per_strength = []
     for s in c.strengths:
-        at = lambda projected, key: [e[key] for im in images for e in im["edits"]  # noqa: E731
-                                     if e["projected"] == projected and abs(e["strength"]) == s and e["direction"] == 0]
-        lin = [r for im in images for r in im["linearity"] if r["strength"] == s and r["projected"] and r["direction"] == 0]
+
+        def at(projected, key):
+            return [
+                e[key]
+                for im in images
+                for e in im["edits"]
+                if e["projected"] == projected and abs(e["strength"]) == s and e["direction"] == 0
+            ]
+
+        lin = [
+            r for im in images for r in im["linearity"] if r["strength"] == s and r["projected"] and r["direction"] == 0
+        ]
         moved = [r for r in transfer if abs(r["strength"]) == s and not r["own"]]
-        per_strength.append({
-            "strength": s,
-            "locality_projected_median": _median(at(True, "locality")),
-            "locality_unprojected_median": _median(at(False, "locality")),
-            "inside_fraction_projected_mean": _mean(at(True, "inside_fraction")),
-            "inside_fraction_unprojected_mean": _mean(at(False, "inside_fraction")),
-            "outside_mse_projected_mean": _mean(at(True, "outside_mse")),
-            "outside_mse_unprojected_mean": _mean(at(False, "outside_mse")),
-            "cosine_pm_mean": _mean([r["cosine_pm"] for r in lin]),
-            "gain_mean": _mean([r["gain"] for r in lin]),
-            "x0_rel_error_mean": _mean([r["x0_rel_error"] for r in lin]),
-            "transfer_locality_median": _median([r["locality"] for r in moved]),
-            "transfer_inside_fraction_mean": _mean([r["inside_fraction"] for r in moved]),
-        })
-    return {"rank_jacobian_median": _median([im["rank_jacobian"] for im in images]),
-            "rank_masked_median": _median([im["rank_masked"] for im in images]),
-            "direction_seconds_mean": _mean([im["direction_seconds"] for im in images]),
-            "direction_cpu_seconds_mean": _mean([im["direction_cpu_seconds"] for im in images]),
-            "reconstruction_rmse_mean": _mean([im.get("reconstruction_rmse") for im in images]),
-            "composition_additivity_error_mean": _mean([im["composition"]["additivity_error"]
-                                                        for im in images if "composition" in im]),
-            "per_strength": per_strength}
+        per_strength.append(
+            {
+                "strength": s,
+                "locality_projected_median": _median(at(True, "locality")),
+                "locality_unprojected_median": _median(at(False, "locality")),
+                "inside_fraction_projected_mean": _mean(at(True, "inside_fraction")),
+                "inside_fraction_unprojected_mean": _mean(at(False, "inside_fraction")),
+                "outside_mse_projected_mean": _mean(at(True, "outside_mse")),
+                "outside_mse_unprojected_mean": _mean(at(False, "outside_mse")),
+                "cosine_pm_mean": _mean([r["cosine_pm"] for r in lin]),
+                "gain_mean": _mean([r["gain"] for r in lin]),
+                "x0_rel_error_mean": _mean([r["x0_rel_error"] for r in lin]),
+                "transfer_locality_median": _median([r["locality"] for r in moved]),
+                "transfer_inside_fraction_mean": _mean([r["inside_fraction"] for r in moved]),
+            }
+        )
+    return {
+        "rank_jacobian_median": _median([im["rank_jacobian"] for im in images]),
+        "rank_masked_median": _median([im["rank_masked"] for im in images]),
+        "direction_seconds_mean": _mean([im["direction_seconds"] for im in images]),
+        "direction_cpu_seconds_mean": _mean([im["direction_cpu_seconds"] for im in images]),
+        "reconstruction_rmse_mean": _mean([im.get("reconstruction_rmse") for im in images]),
+        "composition_additivity_error_mean": _mean(
+            [im["composition"]["additivity_error"] for im in images if "composition" in im]
+        ),
+        "per_strength": per_strength,
+    }
 
 
 # ----------------------------------------------------------------------------- figures
@@ -691,13 +889,23 @@ def plot_edits(tensors: list[dict], results: dict, path) -> Path:
         unproj = t["unprojected"][n - 1, 0] - base
         _show(bottom[0], unproj, f"no proj. +{strengths[-1]:g}", diff=limit)
         bottom[1].axis("off")
-        bottom[1].text(0.5, 0.5, f"rank J {im['rank_jacobian']}\nrank MJ {im['rank_masked']}", ha="center",
-                       va="center", fontsize=6, transform=bottom[1].transAxes)
+        bottom[1].text(
+            0.5,
+            0.5,
+            f"rank J {im['rank_jacobian']}\nrank MJ {im['rank_masked']}",
+            ha="center",
+            va="center",
+            fontsize=6,
+            transform=bottom[1].transAxes,
+        )
         for j, s in enumerate(order):
             _show(top[2 + j], edits[s], f"s = {s:+g}")
             _show(bottom[2 + j], edits[s] - base, None, diff=limit)
-    fig.suptitle(f"LOCO edits at sigma = {results['edit_sigma']:.3g} (t = {results['config']['edit_time']} T); "
-                 "rows: image, change (red +, blue -)", fontsize=8)
+    fig.suptitle(
+        f"LOCO edits at sigma = {results['edit_sigma']:.3g} (t = {results['config']['edit_time']} T); "
+        "rows: image, change (red +, blue -)",
+        fontsize=8,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -707,12 +915,12 @@ def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path)
     target edited at the largest strength (diagonal: the image's own direction), with the mask's
     border. First row: the unedited targets; first column: the sources."""
     strengths = results["config"]["strengths"]
-    col = len(strengths)                                  # index of +s_max (index 0 is unedited)
+    col = len(strengths)  # index of +s_max (index 0 is unedited)
     n = edits.shape[0]
     fig, axes = _figure(n + 1, n + 1)
     axes[0][0].axis("off")
     names = [im["image"] for im in results["images"]]
-    changes = edits[:, col] - edits[:, 0]                 # [src, tgt, C, H, W]
+    changes = edits[:, col] - edits[:, 0]  # [src, tgt, C, H, W]
     limit = float(changes.abs().max()) or 1.0
     for j in range(n):
         _show(axes[0][j + 1], edits[0, 0, j], names[j])
@@ -721,8 +929,11 @@ def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path)
         for j in range(n):
             _show(axes[i + 1][j + 1], changes[i, j], None, diff=limit)
             axes[i + 1][j + 1].contour(tensors[j]["mask"].mean(0).numpy(), levels=[0.5], colors="k", linewidths=0.6)
-    fig.suptitle(f"transfer: change of column j's image along row i's direction (s = +{strengths[-1]:g}; "
-                 "red +, blue -; black line: mask border)", fontsize=7)
+    fig.suptitle(
+        f"transfer: change of column j's image along row i's direction (s = +{strengths[-1]:g}; "
+        "red +, blue -; black line: mask border)",
+        fontsize=7,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -736,8 +947,13 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     for t, im in zip(tensors, results["images"]):
         for key, style in (("jacobian", "-"), ("masked", "--")):
             s = t[f"{key}_singular_values"][0].double()
-            line, = ax.plot(range(1, s.numel() + 1), (s / s[0]).numpy(), style, lw=1,
-                            label=f"{im['image']} {'J' if key == 'jacobian' else 'MJ'} (rank {im['rank_' + key]})")
+            (line,) = ax.plot(
+                range(1, s.numel() + 1),
+                (s / s[0]).numpy(),
+                style,
+                lw=1,
+                label=f"{im['image']} {'J' if key == 'jacobian' else 'MJ'} (rank {im['rank_' + key]})",
+            )
     ax.set_yscale("log")
     ax.set_ylim(1e-6, 1.5)
     ax.set_xlabel("index i")
@@ -772,14 +988,21 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- entry points
-def run(config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: str = "auto",
-        progress: bool = True) -> dict:
+def run(
+    config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: str = "auto", progress: bool = True
+) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
     config.validate()
     if not config.images():
         raise ConfigError("image_files: expected at least one image file (--set image_files=a.png,b.png)")
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
-        config, out, given or default_hooks(), resolved, progress), hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, given or default_hooks(), resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, LocoEditConfig)

@@ -22,27 +22,32 @@ by denoising score matching with EDM's sigma sampling, and measure
 Outputs: ``results.json``, ``runs.csv``, ``phase_transition.png``, ``rank.png``, ``timings.json``.
 Every trained model (with its samples and metrics) is a resumable unit.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import math
 
 import numpy as np
 import torch
 
 from diffcore import analysis
-from diffcore.experiments import _vector
-from diffcore.experiments import base
-from diffcore.models import vector
-from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
-                                       config_from_preset, json_dumps)
+from diffcore.experiments import _vector, base
+from diffcore.experiments.base import (
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 from diffcore.metrics import intervals
+from diffcore.models import vector
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +57,37 @@ ON_UNION_TOLERANCE = 0.1
 
 @dataclass(frozen=True)
 class MoLRGConfig:
-    num_components: int = 2                       # K
-    ambient_dim: int = 32                         # n
-    latent_dims: tuple[int, ...] = (2, 4)         # d (one curve each)
+    num_components: int = 2  # K
+    ambient_dim: int = 32  # n
+    latent_dims: tuple[int, ...] = (2, 4)  # d (one curve each)
     ratios: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16)  # N / d
     data_seed: int = 0
-    data_seeds: tuple[int, ...] = ()              # data draws per grid point (intervals across them); (): (data_seed,)
-    mlp_draws: int = 0                            # the MLP on the first this many draws (0: all)
+    data_seeds: tuple[int, ...] = ()  # data draws per grid point (intervals across them); (): (data_seed,)
+    mlp_draws: int = 0  # the MLP on the first this many draws (0: all)
     models: tuple[str, ...] = ("subspace", "mlp")
     # subspace denoiser
     subspace_steps: int = 600
     subspace_lr: float = 3e-2
-    subspace_restarts: int = 5                    # best of 5 by training loss (local minima)
+    subspace_restarts: int = 5  # best of 5 by training loss (local minima)
     # MLP denoiser
     mlp_width: int = 128
     mlp_depth: int = 3
     mlp_steps: int = 2500
     mlp_lr: float = 4e-3
     batch_size: int = 128
-    P_mean: float = -0.5                          # ln sigma ~ N(P_mean, P_std^2) (EDM uses -1.2, 1.2)
+    P_mean: float = -0.5  # ln sigma ~ N(P_mean, P_std^2) (EDM uses -1.2, 1.2)
     P_std: float = 1.0
-    sigma_log_uniform: float = 0.0                # share of training noise levels log-uniform over [sigma_min, sigma_max]
+    sigma_log_uniform: float = 0.0  # share of training noise levels log-uniform over [sigma_min, sigma_max]
     train_seed: int = 0
-    recovery_threshold: float = 0.5               # N*: the per-class count where recovery_error falls below this
+    recovery_threshold: float = 0.5  # N*: the per-class count where recovery_error falls below this
     # evaluation
     num_samples: int = 256
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    calibration_pool: int = 2048                  # fresh samples (for a calibrated GL threshold)
-    threshold: float | None = 0.99                # centered cosine; None: calibrated on the fresh pool
+    calibration_pool: int = 2048  # fresh samples (for a calibrated GL threshold)
+    threshold: float | None = 0.99  # centered cosine; None: calibrated on the fresh pool
     rank_samples: int = 8
 
     def seeds(self) -> tuple[int, ...]:
@@ -95,30 +100,49 @@ class MoLRGConfig:
         """Raise ConfigError naming the first field out of its range."""
         base.check_fields(self, FIELD_CHECKS)
         if max(self.latent_dims) > self.ambient_dim:
-            raise base.ConfigError(f"latent_dims: expected values <= ambient_dim = {self.ambient_dim}, "
-                                   f"got {self.latent_dims}")
+            raise base.ConfigError(
+                f"latent_dims: expected values <= ambient_dim = {self.ambient_dim}, got {self.latent_dims}"
+            )
         for seed in self.seeds():
             base.check_seed_range("data_seeds", _data_seed(seed, 0), max(self.latent_dims) + 1)
-        base.check_seed_range("sample_seed_start", self.sample_seed_start,
-                              max(self.num_samples, self.rank_samples, self.calibration_pool))
+        base.check_seed_range(
+            "sample_seed_start", self.sample_seed_start, max(self.num_samples, self.rank_samples, self.calibration_pool)
+        )
         base.check_sigmas(self.sigma_min, self.sigma_max)
 
 
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "num_components": _POSITIVE, "ambient_dim": _POSITIVE, "latent_dims": base.tuple_of(_POSITIVE),
-    "ratios": base.tuple_of(_POSITIVE_REAL), "data_seed": base.seed,
+    "num_components": _POSITIVE,
+    "ambient_dim": _POSITIVE,
+    "latent_dims": base.tuple_of(_POSITIVE),
+    "ratios": base.tuple_of(_POSITIVE_REAL),
+    "data_seed": base.seed,
     "models": base.tuple_of(base.one_of("subspace", "mlp")),
-    "subspace_steps": _POSITIVE, "subspace_lr": _POSITIVE_REAL, "subspace_restarts": _POSITIVE,
-    "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "mlp_steps": _POSITIVE, "mlp_lr": _POSITIVE_REAL,
-    "batch_size": _POSITIVE, "P_mean": base.log_sigma, "P_std": _POSITIVE_REAL, "train_seed": base.seed,
-    "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
-    "sigma_min": base.sigma, "sigma_max": base.sigma,
+    "subspace_steps": _POSITIVE,
+    "subspace_lr": _POSITIVE_REAL,
+    "subspace_restarts": _POSITIVE,
+    "mlp_width": _POSITIVE,
+    "mlp_depth": _POSITIVE,
+    "mlp_steps": _POSITIVE,
+    "mlp_lr": _POSITIVE_REAL,
+    "batch_size": _POSITIVE,
+    "P_mean": base.log_sigma,
+    "P_std": _POSITIVE_REAL,
+    "train_seed": base.seed,
+    "num_samples": _POSITIVE,
+    "sample_seed_start": base.seed,
+    "sampler_steps": _POSITIVE,
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
     "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
     "threshold": base.optional(base.number(-1, 1)),  # a cosine
-    "rank_samples": _POSITIVE, "data_seeds": base.tuple_of(base.seed, min_len=0), "mlp_draws": base.integer(0),
-    "sigma_log_uniform": base.number(0, 1), "recovery_threshold": base.number(0, 1, lo_open=True),
+    "rank_samples": _POSITIVE,
+    "data_seeds": base.tuple_of(base.seed, min_len=0),
+    "mlp_draws": base.integer(0),
+    "sigma_log_uniform": base.number(0, 1),
+    "recovery_threshold": base.number(0, 1, lo_open=True),
 }
 
 
@@ -134,22 +158,47 @@ def _quick() -> MoLRGConfig:
     half EDM-style lognormal, half log-uniform over the sampled [0.002, 80] (issue 27). The grid,
     restarts and MLP draws were cut from 6 ratios, 5 restarts and 3 draws by the measured CPU cost
     (about 410 CPU-seconds, past the 5-minute budget), before any outcome was looked at."""
-    return MoLRGConfig(latent_dims=(2, 4, 8), ratios=(0.5, 1, 2, 4, 8), data_seeds=(0, 1, 2), mlp_draws=1,
-                       subspace_restarts=3, sigma_log_uniform=0.5)
+    return MoLRGConfig(
+        latent_dims=(2, 4, 8),
+        ratios=(0.5, 1, 2, 4, 8),
+        data_seeds=(0, 1, 2),
+        mlp_draws=1,
+        subspace_restarts=3,
+        sigma_log_uniform=0.5,
+    )
 
 
 def _tiny() -> MoLRGConfig:
     """Seconds, for tests."""
-    return MoLRGConfig(ambient_dim=16, latent_dims=(2,), ratios=(0.5, 8), subspace_steps=400,
-                       subspace_restarts=3, mlp_width=32, mlp_depth=2, mlp_steps=150, num_samples=32,
-                       sampler_steps=8, calibration_pool=256, rank_samples=2)
+    return MoLRGConfig(
+        ambient_dim=16,
+        latent_dims=(2,),
+        ratios=(0.5, 8),
+        subspace_steps=400,
+        subspace_restarts=3,
+        mlp_width=32,
+        mlp_depth=2,
+        mlp_steps=150,
+        num_samples=32,
+        sampler_steps=8,
+        calibration_pool=256,
+        rank_samples=2,
+    )
 
 
 def _paper() -> MoLRGConfig:
     """Closer to the paper's setting: n = 48, K = 2, d = 2..8, a finer N/d grid, longer training."""
-    return MoLRGConfig(ambient_dim=48, latent_dims=(2, 4, 6, 8), ratios=(0.5, 1, 1.5, 2, 3, 4, 6, 8, 16, 32),
-                       subspace_steps=2000, subspace_restarts=8, mlp_width=256, mlp_depth=4, mlp_steps=10000,
-                       num_samples=1024)
+    return MoLRGConfig(
+        ambient_dim=48,
+        latent_dims=(2, 4, 6, 8),
+        ratios=(0.5, 1, 1.5, 2, 3, 4, 6, 8, 16, 32),
+        subspace_steps=2000,
+        subspace_restarts=8,
+        mlp_width=256,
+        mlp_depth=4,
+        mlp_steps=10000,
+        num_samples=1024,
+    )
 
 
 PRESETS: dict[str, Callable[[], MoLRGConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
@@ -157,6 +206,7 @@ CONFIG_CLASS = MoLRGConfig
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _sample(denoiser, config: MoLRGConfig, num: int | None = None) -> torch.Tensor:
     """Heun samples [num, n] from the config's seeds (float32, CPU)."""
@@ -178,15 +228,20 @@ def sample_metrics(samples: torch.Tensor, train: torch.Tensor, bases: torch.Tens
     on_union = dist < ON_UNION_TOLERANCE
     num = samples.shape[0]
     median = intervals.bootstrap_interval(dist.double().cpu().numpy(), lambda a: float(np.median(a)), resamples=500)
-    out = {**intervals.flat("union_distance_median", median), "union_distance_mean": float(dist.mean()),
-           **_wilson("on_union", int(on_union.sum()), num)}
+    out = {
+        **intervals.flat("union_distance_median", median),
+        "union_distance_mean": float(dist.mean()),
+        **_wilson("on_union", int(on_union.sum()), num),
+    }
     if train.shape[0] >= 2:
         mem = metrics.memorization_ratio(samples, train, knn=_stack.knn)
         gl = metrics.gl_score(samples, train, metrics.get_similarity("cosine"), threshold, knn=_stack.knn)
         novel = mem.ratio >= mem.threshold
-        out.update(**_wilson("memorized", int(round(mem.fraction * num)), num),
-                   **_wilson("gl", int(round(gl.score * num)), num),
-                   **_wilson("generalized", int((novel & on_union.to(novel.device)).sum()), num))
+        out.update(
+            **_wilson("memorized", int(round(mem.fraction * num)), num),
+            **_wilson("gl", int(round(gl.score * num)), num),
+            **_wilson("generalized", int((novel & on_union.to(novel.device)).sum()), num),
+        )
     return out
 
 
@@ -195,6 +250,7 @@ def _wilson(name: str, successes: int, num: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- study
+
 
 class _Study:
     def __init__(self, config: MoLRGConfig, out, progress: bool):
@@ -207,8 +263,9 @@ class _Study:
         from diffcore.data import molrg
 
         c = self.c
-        sample = molrg(c.num_components, c.ambient_dim, d, max(c.sizes(d)) + c.calibration_pool,
-                       seed=_data_seed(seed, d))
+        sample = molrg(
+            c.num_components, c.ambient_dim, d, max(c.sizes(d)) + c.calibration_pool, seed=_data_seed(seed, d)
+        )
         return sample.data, sample.labels, sample.bases
 
     def threshold(self, pool: torch.Tensor) -> float:
@@ -219,11 +276,24 @@ class _Study:
 
     def model_unit(self, kind: str, d: int, n_train: int, seed: int, train: torch.Tensor, bases, threshold):
         c = self.c
-        spec = {"kind": kind, "K": c.num_components, "n": c.ambient_dim, "d": d, "N": n_train,
-                "data_seed": seed, "train_seed": c.train_seed, "batch_size": c.batch_size,
-                "P_mean": c.P_mean, "P_std": c.P_std, **self.log_uniform_spec(), "num_samples": c.num_samples,
-                "sample_seed_start": c.sample_seed_start, "sampler_steps": c.sampler_steps,
-                "threshold": threshold, "intervals": "wilson; bootstrap median"}
+        spec = {
+            "kind": kind,
+            "K": c.num_components,
+            "n": c.ambient_dim,
+            "d": d,
+            "N": n_train,
+            "data_seed": seed,
+            "train_seed": c.train_seed,
+            "batch_size": c.batch_size,
+            "P_mean": c.P_mean,
+            "P_std": c.P_std,
+            **self.log_uniform_spec(),
+            "num_samples": c.num_samples,
+            "sample_seed_start": c.sample_seed_start,
+            "sampler_steps": c.sampler_steps,
+            "threshold": threshold,
+            "intervals": "wilson; bootstrap median",
+        }
         if kind == "subspace":
             spec.update(steps=c.subspace_steps, lr=c.subspace_lr, restarts=c.subspace_restarts)
         else:
@@ -238,8 +308,9 @@ class _Study:
             meta.update(sample_metrics(samples, train, bases, threshold))
             if kind == "subspace":
                 rec = analysis.subspace_recovery(model.bases().detach(), bases)
-                meta.update(recovery_error=rec.error, max_angle_deg=rec.max_angle_deg,
-                            mean_angle_deg=rec.mean_angle_deg)
+                meta.update(
+                    recovery_error=rec.error, max_angle_deg=rec.max_angle_deg, mean_angle_deg=rec.mean_angle_deg
+                )
             return meta
 
         unit = self.ws.run_unit("model", f"{kind}-d{d}-N{n_train}" + (f"-data{seed}" if seed else ""), spec, produce)
@@ -258,13 +329,25 @@ class _Study:
 
     def train(self, kind: str, d: int, train: torch.Tensor):
         c = self.c
-        common = dict(batch_size=c.batch_size, P_mean=c.P_mean, P_std=c.P_std,
-                      sigma_data=_vector.data_sigma(train), log_uniform_fraction=c.sigma_log_uniform,
-                      log_uniform_range=(c.sigma_min, c.sigma_max))
+        common = dict(
+            batch_size=c.batch_size,
+            P_mean=c.P_mean,
+            P_std=c.P_std,
+            sigma_data=_vector.data_sigma(train),
+            log_uniform_fraction=c.sigma_log_uniform,
+            log_uniform_range=(c.sigma_min, c.sigma_max),
+        )
         if kind == "subspace":
-            model, info = _vector.train_subspace_denoiser(train, c.num_components, d, restarts=c.subspace_restarts,
-                                                          seed=c.train_seed, steps=c.subspace_steps,
-                                                          lr=c.subspace_lr, **common)
+            model, info = _vector.train_subspace_denoiser(
+                train,
+                c.num_components,
+                d,
+                restarts=c.subspace_restarts,
+                seed=c.train_seed,
+                steps=c.subspace_steps,
+                lr=c.subspace_lr,
+                **common,
+            )
         elif kind == "mlp":
             torch.manual_seed(c.train_seed)
             model = self.build(kind, d, train)
@@ -287,15 +370,17 @@ class _Study:
 
         c = self.c
         self.ws.bind_config(c)
-        draws = {kind: len(c.seeds()) if kind != "mlp" or not c.mlp_draws else min(c.mlp_draws, len(c.seeds()))
-                 for kind in c.models}
+        draws = {
+            kind: len(c.seeds()) if kind != "mlp" or not c.mlp_draws else min(c.mlp_draws, len(c.seeds()))
+            for kind in c.models
+        }
         total = sum(len(c.sizes(d)) for d in c.latent_dims) * sum(draws.values())
         bar = tqdm(total=total, desc=NAME, unit="model", disable=not _env.progress_enabled(self.progress))
         rows, rank_inputs = [], {}
         for d in c.latent_dims:
             for seed in c.seeds():
                 pool, labels, bases = self.data(d, seed)
-                fresh = pool[max(c.sizes(d)):]
+                fresh = pool[max(c.sizes(d)) :]
                 # The calibrated threshold (0.95 quantile of nearest-other similarity) is ~1 on a dense
                 # pool of low-dimensional data, which would count every sample as novel: a fixed cosine
                 # (0.99, about 8 degrees) is the default instead.
@@ -304,21 +389,36 @@ class _Study:
                     train = pool[:n_train]
                     per_class = torch.bincount(labels[:n_train], minlength=c.num_components)
                     for kind in c.models:
-                        if kind == "mlp" and c.mlp_draws and seed not in c.seeds()[:c.mlp_draws]:
+                        if kind == "mlp" and c.mlp_draws and seed not in c.seeds()[: c.mlp_draws]:
                             continue
                         unit = self.model_unit(kind, d, n_train, seed, train, bases, threshold)
-                        rows.append({"model": kind, "d": d, "N": n_train, "data_seed": seed, "ratio": n_train / d,
-                                     "per_class_min": int(per_class.min()), "per_class_max": int(per_class.max()),
-                                     **{k: v for k, v in unit.meta.items() if not isinstance(v, (list, dict))}})
+                        rows.append(
+                            {
+                                "model": kind,
+                                "d": d,
+                                "N": n_train,
+                                "data_seed": seed,
+                                "ratio": n_train / d,
+                                "per_class_min": int(per_class.min()),
+                                "per_class_max": int(per_class.max()),
+                                **{k: v for k, v in unit.meta.items() if not isinstance(v, (list, dict))},
+                            }
+                        )
                         if d == max(c.latent_dims) and seed == c.seeds()[0]:
                             rank_inputs[(kind, n_train)] = (unit, train)
                         bar.update(1)
         bar.close()
         summary = summarize(rows)
         ranks = self.ranks(rank_inputs)
-        results = {"experiment": NAME, "config": dataclasses.asdict(c), "runs": rows, "summary": summary,
-                   "transition": transition(rows, c.recovery_threshold), "rank": ranks,
-                   "on_union_tolerance": ON_UNION_TOLERANCE}
+        results = {
+            "experiment": NAME,
+            "config": dataclasses.asdict(c),
+            "runs": rows,
+            "summary": summary,
+            "transition": transition(rows, c.recovery_threshold),
+            "rank": ranks,
+            "on_union_tolerance": ON_UNION_TOLERANCE,
+        }
         results["effect_properties"] = effect_properties(results)
         results = json.loads(json_dumps(results))
         self.write(results)
@@ -335,11 +435,12 @@ class _Study:
         sigmas = sampler.karras_sigmas(c.sampler_steps, c.sigma_min, c.sigma_max)
         seeds = list(range(c.sample_seed_start, c.sample_seed_start + c.rank_samples))
         x_t = float(sigmas[0]) * sampler.noise_from_seeds(seeds, (c.ambient_dim,))
-        denoisers = {"true MoLRG": MoLRGDenoiser(molrg_bases(c.num_components, c.ambient_dim, d,
-                                                             _data_seed(c.seeds()[0], d)))}
+        denoisers = {
+            "true MoLRG": MoLRGDenoiser(molrg_bases(c.num_components, c.ambient_dim, d, _data_seed(c.seeds()[0], d)))
+        }
         for kind in c.models:
             sizes = sorted(n for (k, n) in rank_inputs if k == kind)
-            for n_train in ([sizes[0], sizes[-1]] if len(sizes) > 1 else sizes):
+            for n_train in [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes:
                 unit, train = rank_inputs[(kind, n_train)]
                 denoisers[f"{kind} N={n_train}"] = self.load(unit, kind, d, train)
         out = {"d": d, "sigmas": sigmas[:-1].tolist(), "curves": {}}
@@ -381,8 +482,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for kind, d, n in sorted({(r["model"], r["d"], r["N"]) for r in rows}):
         at = [r for r in rows if (r["model"], r["d"], r["N"]) == (kind, d, n)]
-        entry = {"model": kind, "d": d, "N": n, "ratio": n / d, "draws": len(at),
-                 "per_class_min": sum(r["per_class_min"] for r in at) / len(at)}
+        entry = {
+            "model": kind,
+            "d": d,
+            "N": n,
+            "ratio": n / d,
+            "draws": len(at),
+            "per_class_min": sum(r["per_class_min"] for r in at) / len(at),
+        }
         for key in SUMMARY_KEYS:
             if key in at[0]:
                 interval = _over_draws(at, key)
@@ -444,13 +551,21 @@ def effect_properties(results: dict) -> dict[str, dict]:
     level = results["config"]["recovery_threshold"]
     summary = results["summary"]
     out = {}
-    as_iv = lambda e, key: intervals.Interval(e[key], e[f"{key}_low"], e[f"{key}_high"],  # noqa: E731
-                                              method=e[f"{key}_method"], n=e["draws"])
-    for model, key, name, ok in (("subspace", "recovery_error", "subspace_recovers_at_largest_ratio",
-                                  lambda iv: iv.high < level),
-                                 ("subspace", "recovery_error", "subspace_fails_at_smallest_ratio",
-                                  lambda iv: iv.low > level),
-                                 ("mlp", "generalized", "mlp_generalizes_at_largest_ratio", lambda iv: iv.low > 0.5)):
+
+    def as_iv(e, key):
+        return intervals.Interval(
+            e[key],
+            e[f"{key}_low"],
+            e[f"{key}_high"],
+            method=e[f"{key}_method"],
+            n=e["draws"],
+        )
+
+    for model, key, name, ok in (
+        ("subspace", "recovery_error", "subspace_recovers_at_largest_ratio", lambda iv: iv.high < level),
+        ("subspace", "recovery_error", "subspace_fails_at_smallest_ratio", lambda iv: iv.low > level),
+        ("mlp", "generalized", "mlp_generalizes_at_largest_ratio", lambda iv: iv.low > 0.5),
+    ):
         rows = [e for e in summary if e["model"] == model and key in e]
         if not rows:
             continue
@@ -458,14 +573,18 @@ def effect_properties(results: dict) -> dict[str, dict]:
         for d in sorted({e["d"] for e in rows}):
             by_d = sorted((e for e in rows if e["d"] == d), key=lambda e: e["ratio"])
             at[d] = as_iv(by_d[0] if "smallest" in name else by_d[-1], key)
-        out[name] = intervals.claim(all(ok(iv) for iv in at.values()), **{f"d{d}": iv for d, iv in at.items()},
-                                    **({"level": level} if model == "subspace" else {"bound": 0.5}))
+        out[name] = intervals.claim(
+            all(ok(iv) for iv in at.values()),
+            **{f"d{d}": iv for d, iv in at.items()},
+            **({"level": level} if model == "subspace" else {"bound": 0.5}),
+        )
     exponents = [p["exponent"] for p in results["transition"]["per_draw"] if "exponent" in p]
     if len(exponents) >= 3 and len(exponents) == len(results["transition"]["per_draw"]):
         slope = intervals.seed_interval(exponents)
         out["n_star_grows_with_d"] = intervals.claim(slope.low > 0, exponent=slope)
-        out["n_star_linear_in_d"] = intervals.claim(slope.contains(1.0) and slope.low > 0, exponent=slope,
-                                                    interval_width=slope.high - slope.low)
+        out["n_star_linear_in_d"] = intervals.claim(
+            slope.contains(1.0) and slope.low > 0, exponent=slope, interval_width=slope.high - slope.low
+        )
     else:
         reason = "needs 3+ data draws, each with a crossing at 2+ latent dimensions"
         out["n_star_grows_with_d"] = intervals.claim(False, reason=reason, draws_with_exponent=len(exponents))
@@ -475,6 +594,7 @@ def effect_properties(results: dict) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- figures
 
+
 def plot_phase_transition(results: dict, path) -> Path:
     """Each measure against the smallest class's sample count over d (the theory's per-class
     condition), one curve per d, bars the 95% intervals across data draws."""
@@ -482,23 +602,33 @@ def plot_phase_transition(results: dict, path) -> Path:
 
     summary = results["summary"]
     dims = sorted({e["d"] for e in summary})
-    panels = [("subspace", "recovery_error", "subspace model: recovery error\n(mean sin$^2$ principal angle)"),
-              ("subspace", "union_distance_median", "subspace model: samples'\nrel. distance to union (median)"),
-              ("mlp", "union_distance_median", "MLP: samples' rel. distance\nto union (median)"),
-              ("mlp", "memorized", "MLP: memorized fraction\n(|x-NN1|/|x-NN2| < 1/3)"),
-              ("mlp", "generalized", "MLP: generalized fraction\n(novel and on the union)")]
+    panels = [
+        ("subspace", "recovery_error", "subspace model: recovery error\n(mean sin$^2$ principal angle)"),
+        ("subspace", "union_distance_median", "subspace model: samples'\nrel. distance to union (median)"),
+        ("mlp", "union_distance_median", "MLP: samples' rel. distance\nto union (median)"),
+        ("mlp", "memorized", "MLP: memorized fraction\n(|x-NN1|/|x-NN2| < 1/3)"),
+        ("mlp", "generalized", "MLP: generalized fraction\n(novel and on the union)"),
+    ]
     panels = [p for p in panels if any(e["model"] == p[0] and p[1] in e for e in summary)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.1), squeeze=False)
     for ax, (kind, key, title) in zip(axes[0], panels):
         for d in dims:
-            pts = sorted((e for e in summary if e["model"] == kind and e["d"] == d and key in e),
-                         key=lambda e: e["N"])
+            pts = sorted((e for e in summary if e["model"] == kind and e["d"] == d and key in e), key=lambda e: e["N"])
             if pts:
                 x = [max(e["per_class_min"], 0.25) / d for e in pts]
                 y = [e[key] for e in pts]
-                ax.errorbar(x, y, yerr=[[v - e[f"{key}_low"] for v, e in zip(y, pts)],
-                                        [e[f"{key}_high"] - v for v, e in zip(y, pts)]],
-                            fmt="o-", ms=3, capsize=2, label=f"d={d}")
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=[
+                        [v - e[f"{key}_low"] for v, e in zip(y, pts)],
+                        [e[f"{key}_high"] - v for v, e in zip(y, pts)],
+                    ],
+                    fmt="o-",
+                    ms=3,
+                    capsize=2,
+                    label=f"d={d}",
+                )
         if key == "recovery_error":
             ax.axhline(results["config"]["recovery_threshold"], color="gray", ls="--", lw=1)
         ax.axvline(1.0, color="gray", ls=":", lw=1)
@@ -508,8 +638,11 @@ def plot_phase_transition(results: dict, path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     draws = max(e["draws"] for e in summary)
-    fig.suptitle(f"MoLRG (K={results['config']['num_components']}, n={results['config']['ambient_dim']}); "
-                 f"bars: 95% intervals across {draws} data draw(s); dotted: count = d", fontsize=9)
+    fig.suptitle(
+        f"MoLRG (K={results['config']['num_components']}, n={results['config']['ambient_dim']}); "
+        f"bars: 95% intervals across {draws} data draw(s); dotted: count = d",
+        fontsize=9,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -532,8 +665,9 @@ def plot_rank(rank: dict, path) -> Path:
 
 def run(config: MoLRGConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out`` (CPU only: the models are tiny); returns results.json's content."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, progress),
-                          hooks=hooks, device=device)
+    return base.run_study(
+        STUDY, config, out, lambda given, resolved, part: _Study(config, out, progress), hooks=hooks, device=device
+    )
 
 
 STUDY = base.Study(NAME, MoLRGConfig, cpu_only=True, threads=1, takes_hooks=False)

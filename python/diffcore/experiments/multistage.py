@@ -19,6 +19,7 @@ docs/papers.md section 9 (Zhang et al., CVPR 2024). Two parts:
 Every part is a resumable unit of ``experiments.base.Workspace``; training resumes from the
 trainer's checkpoints (a later eval point continues the earlier run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,16 +27,23 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from diffcore.experiments import _stack, base
-from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
-                                       atomic_write_json, config_from_preset, json_dumps)
+from diffcore.experiments.base import (
+    ConfigError,
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +58,15 @@ class MultistageConfig:
 
     dataset: str = "digits"
     data_root: str = ""
-    num_train: int = 1797              # nested subset of the dataset, 2 .. pool size
+    num_train: int = 1797  # nested subset of the dataset, 2 .. pool size
     subset_seed: int = 0
     # stage division
-    grid_points: int = 40              # sigmas on a log grid, >= num_stages
+    grid_points: int = 40  # sigmas on a log grid, >= num_stages
     grid_sigma_min: float = 0.002
     grid_sigma_max: float = 80.0
-    num_probes: int = 128              # (x0, n) pairs: x0 from the training images
+    num_probes: int = 128  # (x0, n) pairs: x0 from the training images
     probe_seed: int = 0
-    num_stages: int = 3                # >= 1
+    num_stages: int = 3  # >= 1
     stage_boundaries: tuple[float, ...] = ()  # sigmas the multi-stage model uses; () = the DP's
     # models: a UNet preset, the single UNet's width, the encoder's width, one decoder width per stage
     model_preset: str = "ddpmpp-digits-light"
@@ -74,11 +82,11 @@ class MultistageConfig:
     # evaluation
     num_samples: int = 512
     sample_seed_start: int = 0
-    sampler_steps: int = 18            # Heun: 2 * steps - 1 denoiser calls
+    sampler_steps: int = 18  # Heun: 2 * steps - 1 denoiser calls
     loss_eval_images: int = 1024
     loss_eval_seed: int = 1
-    fid_weights: str = ""              # non-digits data: local Inception-v3 weights for FID
-    torch_threads: int = 1             # intra-op threads on the CPU (0: torch's default); the digits
+    fid_weights: str = ""  # non-digits data: local Inception-v3 weights for FID
+    torch_threads: int = 1  # intra-op threads on the CPU (0: torch's default); the digits
     #                                    models are so small that one thread is fastest on a busy CPU
 
     def validate(self, pool_size: int | None = None) -> None:
@@ -87,17 +95,22 @@ class MultistageConfig:
         if pool_size is not None and self.num_train > pool_size:
             raise ConfigError(f"num_train: expected at most the pool's {pool_size} images, got {self.num_train}")
         if not self.grid_sigma_min < self.grid_sigma_max:
-            raise ConfigError(f"grid_sigma_min: expected grid_sigma_min < grid_sigma_max, "
-                              f"got {self.grid_sigma_min}, {self.grid_sigma_max}")
+            raise ConfigError(
+                f"grid_sigma_min: expected grid_sigma_min < grid_sigma_max, "
+                f"got {self.grid_sigma_min}, {self.grid_sigma_max}"
+            )
         if self.num_stages > self.grid_points:
             raise ConfigError(f"num_stages: expected at most grid_points = {self.grid_points}, got {self.num_stages}")
         if len(self.decoder_channels) != self.num_stages:
-            raise ConfigError(f"decoder_channels: expected {self.num_stages} integers >= 4 (one per stage), "
-                              f"got {self.decoder_channels!r}")
+            raise ConfigError(
+                f"decoder_channels: expected {self.num_stages} integers >= 4 (one per stage), "
+                f"got {self.decoder_channels!r}"
+            )
         bounds = self.stage_boundaries
         if bounds and (len(bounds) != self.num_stages - 1 or list(bounds) != sorted(bounds)):
-            raise ConfigError(f"stage_boundaries: expected () or {self.num_stages - 1} increasing sigmas > 0, "
-                              f"got {bounds!r}")
+            raise ConfigError(
+                f"stage_boundaries: expected () or {self.num_stages - 1} increasing sigmas > 0, got {bounds!r}"
+            )
         if list(self.eval_steps) != sorted(self.eval_steps):
             raise ConfigError(f"eval_steps: expected increasing integers >= 1, got {self.eval_steps!r}")
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
@@ -120,15 +133,33 @@ _POSITIVE = base.integer(1)
 _WIDTH = base.integer(4)
 _SIGMA = base.sigma
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "num_train": base.integer(2), "subset_seed": base.seed,
-    "grid_points": base.integer(2), "grid_sigma_min": _SIGMA, "grid_sigma_max": _SIGMA, "num_probes": _POSITIVE,
-    "probe_seed": base.seed, "num_stages": _POSITIVE, "stage_boundaries": base.tuple_of(_SIGMA, min_len=0),
-    "model_preset": base.model_preset, "single_channels": _WIDTH, "encoder_channels": _WIDTH,
+    "dataset": base.text,
+    "data_root": base.text,
+    "num_train": base.integer(2),
+    "subset_seed": base.seed,
+    "grid_points": base.integer(2),
+    "grid_sigma_min": _SIGMA,
+    "grid_sigma_max": _SIGMA,
+    "num_probes": _POSITIVE,
+    "probe_seed": base.seed,
+    "num_stages": _POSITIVE,
+    "stage_boundaries": base.tuple_of(_SIGMA, min_len=0),
+    "model_preset": base.model_preset,
+    "single_channels": _WIDTH,
+    "encoder_channels": _WIDTH,
     "decoder_channels": _channels,
-    "eval_steps": base.tuple_of(_POSITIVE), "batch_size": _POSITIVE, "learning_rate": base.number(0, lo_open=True),
-    "lr_warmup_images": base.integer(0), "seed": base.seed, "num_samples": base.integer(2),
-    "sample_seed_start": base.seed, "sampler_steps": _POSITIVE, "loss_eval_images": _POSITIVE,
-    "loss_eval_seed": base.seed, "fid_weights": base.text, "torch_threads": base.integer(0),
+    "eval_steps": base.tuple_of(_POSITIVE),
+    "batch_size": _POSITIVE,
+    "learning_rate": base.number(0, lo_open=True),
+    "lr_warmup_images": base.integer(0),
+    "seed": base.seed,
+    "num_samples": base.integer(2),
+    "sample_seed_start": base.seed,
+    "sampler_steps": _POSITIVE,
+    "loss_eval_images": _POSITIVE,
+    "loss_eval_seed": base.seed,
+    "fid_weights": base.text,
+    "torch_threads": base.integer(0),
 }
 
 
@@ -139,25 +170,53 @@ def _quick() -> MultistageConfig:
 def _paper() -> MultistageConfig:
     """CIFAR-10 from a local folder (``--set data_root=...``) with the paper's widths and boundaries;
     the DP's boundaries are computed and reported beside them. A GPU-scale run."""
-    return MultistageConfig(dataset="cifar10", num_train=50000, grid_points=60, num_probes=256,
-                            stage_boundaries=PAPER_BOUNDARIES, model_preset="ddpmpp-cifar", single_channels=128,
-                            encoder_channels=128, decoder_channels=(192, 128, 16),
-                            eval_steps=(50000, 100000, 200000), batch_size=128, learning_rate=1e-3,
-                            lr_warmup_images=10_000_000, num_samples=10000, loss_eval_images=4096)
+    return MultistageConfig(
+        dataset="cifar10",
+        num_train=50000,
+        grid_points=60,
+        num_probes=256,
+        stage_boundaries=PAPER_BOUNDARIES,
+        model_preset="ddpmpp-cifar",
+        single_channels=128,
+        encoder_channels=128,
+        decoder_channels=(192, 128, 16),
+        eval_steps=(50000, 100000, 200000),
+        batch_size=128,
+        learning_rate=1e-3,
+        lr_warmup_images=10_000_000,
+        num_samples=10000,
+        loss_eval_images=4096,
+    )
 
 
 def _tiny() -> MultistageConfig:
-    return MultistageConfig(num_train=64, grid_points=8, num_probes=16, single_channels=8, encoder_channels=8,
-                            decoder_channels=(8, 8, 4), eval_steps=(3, 6), batch_size=16, lr_warmup_images=0,
-                            num_samples=32, sampler_steps=3, loss_eval_images=32)
+    return MultistageConfig(
+        num_train=64,
+        grid_points=8,
+        num_probes=16,
+        single_channels=8,
+        encoder_channels=8,
+        decoder_channels=(8, 8, 4),
+        eval_steps=(3, 6),
+        batch_size=16,
+        lr_warmup_images=0,
+        num_samples=32,
+        sampler_steps=3,
+        loss_eval_images=32,
+    )
 
 
-PRESETS: dict[str, Callable[[], MultistageConfig]] = {"quick": _quick, "default": _quick, "paper": _paper,
-                                                      "tiny": _tiny}
+PRESETS: dict[str, Callable[[], MultistageConfig]] = {
+    "quick": _quick,
+    "default": _quick,
+    "paper": _paper,
+    "tiny": _tiny,
+}
 CONFIG_CLASS = MultistageConfig
 
 
 # ----------------------------------------------------------------------------- the study
+
 
 class _Study:
     def __init__(self, config: MultistageConfig, out, device: str, progress: bool):
@@ -176,12 +235,20 @@ class _Study:
         stages = self.stage_division(train)
         boundaries = list(c.stage_boundaries) or stages["dp_boundaries"]
         reference = self.reference_statistics(pool)
-        evaluations = {model: [self.train_and_evaluate(model, steps, boundaries, train, reference)
-                               for steps in c.eval_steps] for model in MODELS}
-        results = {"experiment": NAME, "config": dataclasses.asdict(c), "stages": stages,
-                   "training_boundaries": boundaries, "evaluations": evaluations,
-                   "quality_floor": reference["floor"], "cost": self.cost_rows(evaluations),
-                   "machine": _machine()}
+        evaluations = {
+            model: [self.train_and_evaluate(model, steps, boundaries, train, reference) for steps in c.eval_steps]
+            for model in MODELS
+        }
+        results = {
+            "experiment": NAME,
+            "config": dataclasses.asdict(c),
+            "stages": stages,
+            "training_boundaries": boundaries,
+            "evaluations": evaluations,
+            "quality_floor": reference["floor"],
+            "cost": self.cost_rows(evaluations),
+            "machine": _machine(),
+        }
         self.figures(stages, evaluations, reference["floor"])
         atomic_write_csv(self.out / "cost.csv", results["cost"])
         results = json.loads(json_dumps(results))
@@ -193,9 +260,15 @@ class _Study:
         from diffcore.analysis import contiguous_segmentation, denoiser_similarity, stage_boundaries
 
         c = self.c
-        spec = {"dataset": c.dataset, "num_train": c.num_train, "subset_seed": c.subset_seed,
-                "grid": [c.grid_sigma_min, c.grid_sigma_max, c.grid_points], "num_probes": c.num_probes,
-                "probe_seed": c.probe_seed, "num_stages": c.num_stages}
+        spec = {
+            "dataset": c.dataset,
+            "num_train": c.num_train,
+            "subset_seed": c.subset_seed,
+            "grid": [c.grid_sigma_min, c.grid_sigma_max, c.grid_points],
+            "num_probes": c.num_probes,
+            "probe_seed": c.probe_seed,
+            "num_stages": c.num_stages,
+        }
 
         def produce(tmp: Path, work: Path) -> dict:
             gen = torch.Generator().manual_seed(c.probe_seed)
@@ -206,11 +279,15 @@ class _Study:
             start = time.perf_counter()
             similarity = denoiser_similarity(probes, noise, train.to(self.device), sigmas.tolist())
             segmentation = contiguous_segmentation(similarity, c.num_stages)
-            result = {"sigmas": sigmas.tolist(), "similarity": similarity.tolist(),
-                      "segment_starts": list(segmentation.starts), "cost": segmentation.cost,
-                      "dp_boundaries": stage_boundaries(sigmas.tolist(), segmentation),
-                      "paper_boundaries": list(PAPER_BOUNDARIES) if c.num_stages == 3 else None,
-                      "seconds": time.perf_counter() - start}
+            result = {
+                "sigmas": sigmas.tolist(),
+                "similarity": similarity.tolist(),
+                "segment_starts": list(segmentation.starts),
+                "cost": segmentation.cost,
+                "dp_boundaries": stage_boundaries(sigmas.tolist(), segmentation),
+                "paper_boundaries": list(PAPER_BOUNDARIES) if c.num_stages == 3 else None,
+                "seconds": time.perf_counter() - start,
+            }
             atomic_write_json(tmp / "stages.json", result)
             return {"dp_boundaries": result["dp_boundaries"]}
 
@@ -236,7 +313,7 @@ class _Study:
         if extractor is None:
             return {"stats": None, "floor": None}
         stats = metrics.feature_statistics(pool, extractor, device=self.device)
-        rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(12345))[:self.c.num_samples]
+        rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(12345))[: self.c.num_samples]
         floor = metrics.frechet_distance(stats, pool[rows], extractor=extractor, device=self.device)
         return {"stats": stats, "floor": floor, "extractor": extractor}
 
@@ -245,47 +322,82 @@ class _Study:
         c = self.c
         if model == "single":
             return {"name": "ddpmpp", "preset": c.model_preset, "model_channels": c.single_channels}
-        return {"name": "multistage", "preset": c.model_preset, "model_channels": c.encoder_channels,
-                "sigma_boundaries": [float(b) for b in boundaries], "decoder_channels": list(c.decoder_channels)}
+        return {
+            "name": "multistage",
+            "preset": c.model_preset,
+            "model_channels": c.encoder_channels,
+            "sigma_boundaries": [float(b) for b in boundaries],
+            "decoder_channels": list(c.decoder_channels),
+        }
 
-    def train_and_evaluate(self, model: str, steps: int, boundaries: list[float], train: torch.Tensor,
-                           reference: dict) -> dict:
+    def train_and_evaluate(
+        self, model: str, steps: int, boundaries: list[float], train: torch.Tensor, reference: dict
+    ) -> dict:
         from diffcore import train as trainer
 
         c = self.c
         model_spec = self.model_spec(model, boundaries)
-        spec = {"model": model_spec, "steps": steps, "dataset": c.dataset, "num_train": c.num_train,
-                "subset_seed": c.subset_seed, "batch_size": c.batch_size, "lr": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images, "seed": c.seed, "num_samples": c.num_samples,
-                "sampler_steps": c.sampler_steps, "loss_eval": [c.loss_eval_images, c.loss_eval_seed],
-                **({"fid_weights_sha256": base.file_digest(c.fid_weights)} if c.fid_weights else {})}
+        spec = {
+            "model": model_spec,
+            "steps": steps,
+            "dataset": c.dataset,
+            "num_train": c.num_train,
+            "subset_seed": c.subset_seed,
+            "batch_size": c.batch_size,
+            "lr": c.learning_rate,
+            "lr_warmup_images": c.lr_warmup_images,
+            "seed": c.seed,
+            "num_samples": c.num_samples,
+            "sampler_steps": c.sampler_steps,
+            "loss_eval": [c.loss_eval_images, c.loss_eval_seed],
+            **({"fid_weights_sha256": base.file_digest(c.fid_weights)} if c.fid_weights else {}),
+        }
         run_dir = self.out / "train" / model  # shared by the eval points: each resumes the last
 
         def produce(tmp: Path, work: Path) -> dict:
-            request = {"train_steps": steps, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                       "lr_warmup_images": c.lr_warmup_images, "seed": c.seed}
+            request = {
+                "train_steps": steps,
+                "batch_size": c.batch_size,
+                "learning_rate": c.learning_rate,
+                "lr_warmup_images": c.lr_warmup_images,
+                "seed": c.seed,
+            }
             config = _stack.training_request(
-                request, run_dir, self.device, self.progress, model=model_spec,
+                request,
+                run_dir,
+                self.device,
+                self.progress,
+                model=model_spec,
                 data={**_stack.data_spec(c.dataset, c.data_root), "subset": c.num_train, "subset_seed": c.subset_seed},
-                checkpoint_every=max(steps // 2, 1), log_every=max(min(50, steps // 2), 1))
+                checkpoint_every=max(steps // 2, 1),
+                log_every=max(min(50, steps // 2), 1),
+            )
             wall, cpu = time.perf_counter(), time.process_time()
             result = trainer.train_from_config(config, resume="auto")
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             trained_steps = steps - (result.resumed_from_step or 0)
             denoiser = trainer.load_trained_model(result.checkpoint, which="ema").to(self.device).eval()
-            evaluation = {"steps": steps, "images": steps * c.batch_size, "trained_steps": trained_steps,
-                          "train_wall_s": wall, "train_cpu_s": cpu,
-                          "train_img_per_s": trained_steps * c.batch_size / wall if trained_steps else None,
-                          "train_img_per_cpu_s": trained_steps * c.batch_size / cpu if trained_steps else None,
-                          "final_train_loss": result.final_loss, **self.cost(denoiser),
-                          "stage_loss": self.stage_loss(denoiser, train, boundaries)}
+            evaluation = {
+                "steps": steps,
+                "images": steps * c.batch_size,
+                "trained_steps": trained_steps,
+                "train_wall_s": wall,
+                "train_cpu_s": cpu,
+                "train_img_per_s": trained_steps * c.batch_size / wall if trained_steps else None,
+                "train_img_per_cpu_s": trained_steps * c.batch_size / cpu if trained_steps else None,
+                "final_train_loss": result.final_loss,
+                **self.cost(denoiser),
+                "stage_loss": self.stage_loss(denoiser, train, boundaries),
+            }
             evaluation.update(self.quality(denoiser, reference, tmp))
             atomic_write_json(tmp / "evaluation.json", evaluation)
             return {"fd": evaluation.get("frechet_distance")}
 
         unit = self.ws.run_unit("models", f"{model}-{steps}", spec, produce)
         evaluation = json.loads(unit.file("evaluation.json").read_text())
-        log.info("%s at %d steps: %s", model, steps, {k: evaluation.get(k) for k in ("frechet_distance", "train_img_per_s")})
+        log.info(
+            "%s at %d steps: %s", model, steps, {k: evaluation.get(k) for k in ("frechet_distance", "train_img_per_s")}
+        )
         return evaluation
 
     def cost(self, denoiser) -> dict:
@@ -295,19 +407,24 @@ class _Study:
         from diffcore.models import count_parameters
 
         network = denoiser.model
-        per_stage = (network.stage_parameter_counts() if hasattr(network, "stage_parameter_counts")
-                     else [count_parameters(network)])
+        per_stage = (
+            network.stage_parameter_counts()
+            if hasattr(network, "stage_parameter_counts")
+            else [count_parameters(network)]
+        )
         shape = (network.in_channels, network.img_resolution, network.img_resolution)
         with FlopCounterMode(display=False) as counter:
             self.sample(denoiser, [0], shape)
-        return {"parameters": count_parameters(network), "parameters_per_call": per_stage,
-                "flops_per_sample": int(counter.get_total_flops()),
-                "denoiser_calls_per_sample": 2 * self.c.sampler_steps - 1}
+        return {
+            "parameters": count_parameters(network),
+            "parameters_per_call": per_stage,
+            "flops_per_sample": int(counter.get_total_flops()),
+            "denoiser_calls_per_sample": 2 * self.c.sampler_steps - 1,
+        }
 
     def sample(self, denoiser, seeds, shape):
         c = self.c
-        return _stack.sample(denoiser, seeds, shape, steps=c.sampler_steps, device=self.device,
-                             progress=False)
+        return _stack.sample(denoiser, seeds, shape, steps=c.sampler_steps, device=self.device, progress=False)
 
     def stage_loss(self, denoiser, train: torch.Tensor, boundaries: list[float]) -> list[dict]:
         """EDM-weighted loss ``lambda(sigma) |D(x0 + sigma n) - x0|^2`` (pixel mean) on fixed draws
@@ -320,15 +437,24 @@ class _Study:
         losses = []
         with torch.no_grad():
             for rows in torch.arange(c.loss_eval_images).split(256):
-                x, s = (x0[rows] + sigma[rows, None, None, None] * noise[rows]).to(self.device), sigma[rows].to(self.device)
+                x, s = (
+                    (x0[rows] + sigma[rows, None, None, None] * noise[rows]).to(self.device),
+                    sigma[rows].to(self.device),
+                )
                 error = (denoiser(x, s) - x0[rows].to(self.device)).square().flatten(1).mean(1)
                 losses.append((denoiser.loss_weight(s) * error).cpu())
         losses = torch.cat(losses)
         stage = torch.bucketize(sigma.double(), torch.tensor(boundaries, dtype=torch.float64), right=True)
         edges = [0.0] + list(boundaries) + [None]  # None: unbounded above (results are strict JSON)
-        return [{"stage": k, "sigma_range": [edges[k], edges[k + 1]], "count": int((stage == k).sum()),
-                 "loss": float(losses[stage == k].mean()) if (stage == k).any() else None}
-                for k in range(len(boundaries) + 1)]
+        return [
+            {
+                "stage": k,
+                "sigma_range": [edges[k], edges[k + 1]],
+                "count": int((stage == k).sum()),
+                "loss": float(losses[stage == k].mean()) if (stage == k).any() else None,
+            }
+            for k in range(len(boundaries) + 1)
+        ]
 
     def quality(self, denoiser, reference: dict, tmp: Path) -> dict:
         from diffcore import metrics
@@ -343,8 +469,9 @@ class _Study:
         torch.save(samples[:64].clone(), tmp / "samples.pt")
         if reference["stats"] is None:
             return out
-        out["frechet_distance"] = metrics.frechet_distance(reference["stats"], samples,
-                                                           extractor=reference["extractor"], device=self.device)
+        out["frechet_distance"] = metrics.frechet_distance(
+            reference["stats"], samples, extractor=reference["extractor"], device=self.device
+        )
         if c.dataset == "digits":
             with torch.no_grad():
                 probs = torch.softmax(metrics.digits_classifier(self.device).logits(samples.to(self.device)), 1).cpu()
@@ -358,19 +485,25 @@ class _Study:
         rows = []
         for model, points in evaluations.items():
             last = points[-1]
-            rows.append({"model": model, "parameters": last["parameters"],
-                         "parameters_per_call": "/".join(str(p) for p in last["parameters_per_call"]),
-                         "mflops_per_sample": last["flops_per_sample"] / 1e6,
-                         "train_img_per_s": _mean(p["train_img_per_s"] for p in points),
-                         "train_img_per_cpu_s": _mean(p["train_img_per_cpu_s"] for p in points),
-                         "sampling_ms_per_sample": 1e3 * last["sampling_wall_s"] / self.c.num_samples,
-                         "sampling_cpu_ms_per_sample": 1e3 * last["sampling_cpu_s"] / self.c.num_samples,
-                         "frechet_distance": last.get("frechet_distance")})
+            rows.append(
+                {
+                    "model": model,
+                    "parameters": last["parameters"],
+                    "parameters_per_call": "/".join(str(p) for p in last["parameters_per_call"]),
+                    "mflops_per_sample": last["flops_per_sample"] / 1e6,
+                    "train_img_per_s": _mean(p["train_img_per_s"] for p in points),
+                    "train_img_per_cpu_s": _mean(p["train_img_per_cpu_s"] for p in points),
+                    "sampling_ms_per_sample": 1e3 * last["sampling_wall_s"] / self.c.num_samples,
+                    "sampling_cpu_ms_per_sample": 1e3 * last["sampling_cpu_s"] / self.c.num_samples,
+                    "frechet_distance": last.get("frechet_distance"),
+                }
+            )
         return rows
 
     def figures(self, stages: dict, evaluations: dict, floor) -> None:
-        from diffcore.experiments import plotting  # noqa: F401  (sets the Agg backend)
         import matplotlib.pyplot as plt
+
+        from diffcore.experiments import plotting  # noqa: F401  (sets the Agg backend)
 
         sigmas = np.log10(stages["sigmas"])
         half = (sigmas[-1] - sigmas[0]) / (2 * max(len(sigmas) - 1, 1))  # cells centred on the grid
@@ -385,8 +518,10 @@ class _Study:
             ax.axvline(math.log10(value), color="red", lw=1, ls="--")
         ax.set_xlabel("log10 sigma")
         ax.set_ylabel("log10 sigma")
-        ax.set_title("Empirical-denoiser similarity; DP boundaries (white)\n"
-                     "paper's EDM CIFAR-10 boundaries (red, dashed)", fontsize=8)
+        ax.set_title(
+            "Empirical-denoiser similarity; DP boundaries (white)\npaper's EDM CIFAR-10 boundaries (red, dashed)",
+            fontsize=8,
+        )
         atomic_save_figure(fig, self.out / "similarity.png")
 
         if all(p.get("frechet_distance") is not None for points in evaluations.values() for p in points):
@@ -413,15 +548,24 @@ def _machine() -> dict:
     import platform
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-            "load_average": list(load) if load else None,
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(load) if load else None,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
 
 
 def run(config: MultistageConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``: results.json, cost.csv, similarity.png, quality.png."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, resolved, progress),
-                          hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, MultistageConfig, takes_hooks=False)

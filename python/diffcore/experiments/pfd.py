@@ -19,25 +19,31 @@ tests inject a reference one through ``hooks``.
 Outputs: ``results.json``, ``pfd.csv``, ``curve.csv``, ``pfd_vs_n.png``, ``pfd_vs_time.png``,
 ``timings.json``. Each trained student (with its PFDs) is a resumable unit.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from diffcore.experiments import _vector
-from diffcore.experiments import base
+from diffcore.experiments import _vector, base
+from diffcore.experiments.base import (
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 from diffcore.metrics import intervals
 from diffcore.models import vector
-from diffcore.experiments.base import (Workspace, atomic_save_figure, atomic_write_csv, atomic_write_json,
-                                       config_from_preset, json_dumps)
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +52,31 @@ NAME = "pfd"
 
 @dataclass(frozen=True)
 class PFDConfig:
-    teacher: str = "molrg"                        # molrg | gaussian
-    teacher_flow: str = "sampler"                 # sampler | exact (gaussian teacher only)
-    num_components: int = 2                       # MoLRG: K
-    ambient_dim: int = 16                         # n
-    latent_dim: int = 8                           # MoLRG: d; Gaussian: rank (eigenvalues 1/k)
+    teacher: str = "molrg"  # molrg | gaussian
+    teacher_flow: str = "sampler"  # sampler | exact (gaussian teacher only)
+    num_components: int = 2  # MoLRG: K
+    ambient_dim: int = 16  # n
+    latent_dim: int = 8  # MoLRG: d; Gaussian: rank (eigenvalues 1/k)
     teacher_seed: int = 0
     sizes: tuple[int, ...] = (4, 16, 64, 256, 1024)
     train_seeds: tuple[int, ...] = (0,)
-    mlp_width: int = 128                          # the student of the training-time curve
+    mlp_width: int = 128  # the student of the training-time curve
     mlp_depth: int = 3
-    widths: tuple[int, ...] = ()                  # student widths of the size sweep (): (mlp_width,)
+    widths: tuple[int, ...] = ()  # student widths of the size sweep (): (mlp_width,)
     train_steps: int = 2000
     learning_rate: float = 2e-3
     batch_size: int = 128
     P_mean: float = -1.2
     P_std: float = 1.2
-    sigma_log_uniform: float = 0.0                # share of training noise levels log-uniform over [sigma_min, sigma_max]
-    curve_size: int = 256                         # N of the E vs training-time curve
-    curve_points: int = 10                        # snapshots, log-spaced over training
+    sigma_log_uniform: float = 0.0  # share of training noise levels log-uniform over [sigma_min, sigma_max]
+    curve_size: int = 256  # N of the E vs training-time curve
+    curve_points: int = 10  # snapshots, log-spaced over training
     num_samples: int = 256
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    normalize: str = "per_dim"                    # none | per_dim (RMS per coordinate)
+    normalize: str = "per_dim"  # none | per_dim (RMS per coordinate)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of its range."""
@@ -80,8 +86,9 @@ class PFDConfig:
         if self.latent_dim > self.ambient_dim:
             raise base.ConfigError(f"latent_dim: expected <= ambient_dim = {self.ambient_dim}, got {self.latent_dim}")
         if self.widths and self.mlp_width not in self.widths:
-            raise base.ConfigError(f"mlp_width: the training-time curve's student ({self.mlp_width}) must be one of "
-                                   f"widths {self.widths}")
+            raise base.ConfigError(
+                f"mlp_width: the training-time curve's student ({self.mlp_width}) must be one of widths {self.widths}"
+            )
         if self.curve_size and self.curve_size not in self.sizes:
             raise base.ConfigError(f"curve_size: {self.curve_size} must be one of sizes {self.sizes} (or 0 for none)")
         base.check_seed_range("teacher_seed", self.teacher_seed, 2)
@@ -94,8 +101,9 @@ class PFDConfig:
     def snapshot_steps(self) -> list[int]:
         if not self.curve_size:
             return []
-        grid = torch.logspace(math.log10(max(1, self.train_steps // 200)), math.log10(self.train_steps),
-                              self.curve_points)
+        grid = torch.logspace(
+            math.log10(max(1, self.train_steps // 200)), math.log10(self.train_steps), self.curve_points
+        )
         return sorted({0, *(int(round(float(s))) for s in grid)})
 
 
@@ -110,35 +118,81 @@ def _quick() -> PFDConfig:
 
 def _tiny() -> PFDConfig:
     """Seconds, for tests."""
-    return PFDConfig(ambient_dim=8, latent_dim=2, sizes=(2, 256), mlp_width=64, mlp_depth=2, train_steps=400,
-                     learning_rate=3e-3, curve_size=2, curve_points=4, num_samples=64, sampler_steps=10)
+    return PFDConfig(
+        ambient_dim=8,
+        latent_dim=2,
+        sizes=(2, 256),
+        mlp_width=64,
+        mlp_depth=2,
+        train_steps=400,
+        learning_rate=3e-3,
+        curve_size=2,
+        curve_points=4,
+        num_samples=64,
+        sampler_steps=10,
+    )
 
 
 def _seeds() -> PFDConfig:
     """For tests of the sweeps (seconds): two widths, three sizes, three seeds."""
-    return dataclasses.replace(_tiny(), widths=(16, 64), mlp_width=64, sizes=(2, 16, 256), train_seeds=(0, 1, 2),
-                               train_steps=300, sigma_log_uniform=0.5, num_samples=48, curve_points=6)
+    return dataclasses.replace(
+        _tiny(),
+        widths=(16, 64),
+        mlp_width=64,
+        sizes=(2, 16, 256),
+        train_seeds=(0, 1, 2),
+        train_steps=300,
+        sigma_log_uniform=0.5,
+        num_samples=48,
+        curve_points=6,
+    )
 
 
 def _paper() -> PFDConfig:
     """A wider N grid, 3 training seeds, longer training (hours on a CPU; minutes on a GPU-less box
     per model)."""
-    return PFDConfig(ambient_dim=32, latent_dim=4, sizes=tuple(2 ** k for k in range(1, 14)), train_seeds=(0, 1, 2),
-                     mlp_width=256, mlp_depth=4, train_steps=20000, curve_size=64, curve_points=20, num_samples=2048)
+    return PFDConfig(
+        ambient_dim=32,
+        latent_dim=4,
+        sizes=tuple(2**k for k in range(1, 14)),
+        train_seeds=(0, 1, 2),
+        mlp_width=256,
+        mlp_depth=4,
+        train_steps=20000,
+        curve_size=64,
+        curve_points=20,
+        num_samples=2048,
+    )
 
 
 _POSITIVE = base.integer(1)
 _POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "teacher": base.one_of("molrg", "gaussian"), "teacher_flow": base.one_of("sampler", "exact"),
-    "num_components": _POSITIVE, "ambient_dim": _POSITIVE, "latent_dim": _POSITIVE, "teacher_seed": base.seed,
-    "sizes": base.tuple_of(_POSITIVE), "train_seeds": base.tuple_of(base.seed),
-    "mlp_width": _POSITIVE, "mlp_depth": _POSITIVE, "widths": base.tuple_of(_POSITIVE, min_len=0),
-    "sigma_log_uniform": base.number(0, 1), "train_steps": _POSITIVE, "learning_rate": _POSITIVE_REAL,
-    "batch_size": _POSITIVE, "P_mean": base.log_sigma, "P_std": _POSITIVE_REAL,
-    "curve_size": base.integer(0), "curve_points": _POSITIVE,
-    "num_samples": _POSITIVE, "sample_seed_start": base.seed, "sampler_steps": _POSITIVE,
-    "sigma_min": base.sigma, "sigma_max": base.sigma, "normalize": base.one_of("none", "per_dim"),
+    "teacher": base.one_of("molrg", "gaussian"),
+    "teacher_flow": base.one_of("sampler", "exact"),
+    "num_components": _POSITIVE,
+    "ambient_dim": _POSITIVE,
+    "latent_dim": _POSITIVE,
+    "teacher_seed": base.seed,
+    "sizes": base.tuple_of(_POSITIVE),
+    "train_seeds": base.tuple_of(base.seed),
+    "mlp_width": _POSITIVE,
+    "mlp_depth": _POSITIVE,
+    "widths": base.tuple_of(_POSITIVE, min_len=0),
+    "sigma_log_uniform": base.number(0, 1),
+    "train_steps": _POSITIVE,
+    "learning_rate": _POSITIVE_REAL,
+    "batch_size": _POSITIVE,
+    "P_mean": base.log_sigma,
+    "P_std": _POSITIVE_REAL,
+    "curve_size": base.integer(0),
+    "curve_points": _POSITIVE,
+    "num_samples": _POSITIVE,
+    "sample_seed_start": base.seed,
+    "sampler_steps": _POSITIVE,
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
+    "normalize": base.one_of("none", "per_dim"),
 }
 
 PRESETS: dict[str, Callable[[], PFDConfig]] = {"quick": _quick, "tiny": _tiny, "tiny-sweep": _seeds, "paper": _paper}
@@ -178,8 +232,9 @@ def teacher_data(teacher, num: int, seed: int) -> torch.Tensor:
     from diffcore.denoisers import GaussianDenoiser
 
     if isinstance(teacher, GaussianDenoiser):
-        z = torch.randn(num, teacher.eigvals.shape[0], generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.float64)
+        z = torch.randn(
+            num, teacher.eigvals.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
         return (teacher.mean + (z * teacher.eigvals.sqrt()) @ teacher.eigvecs.T).float()
     return teacher.sample(num, seed=seed)
 
@@ -195,7 +250,7 @@ class _Study:
 
         self.sigmas = sampler.karras_sigmas(config.sampler_steps, config.sigma_min, config.sigma_max)
         seeds = list(range(config.sample_seed_start, config.sample_seed_start + config.num_samples))
-        self.noise = sampler.noise_from_seeds(seeds, (config.ambient_dim,))           # [B, n] float32
+        self.noise = sampler.noise_from_seeds(seeds, (config.ambient_dim,))  # [B, n] float32
         self.teacher = make_teacher(config)
 
     def flow(self, denoiser) -> torch.Tensor:
@@ -224,31 +279,60 @@ class _Study:
     def student_unit(self, width: int, n_train: int, seed: int, train: torch.Tensor, phi_teacher: torch.Tensor):
         c = self.c
         with_curve = n_train == c.curve_size and seed == c.train_seeds[0] and width == c.mlp_width
-        spec = {"teacher": c.teacher, "teacher_flow": c.teacher_flow, "K": c.num_components, "n": c.ambient_dim,
-                "d": c.latent_dim, "teacher_seed": c.teacher_seed, "N": n_train, "seed": seed,
-                "width": width, "depth": c.mlp_depth, "steps": c.train_steps, "lr": c.learning_rate,
-                "batch_size": c.batch_size, "P_mean": c.P_mean, "P_std": c.P_std,
-                **({"sigma_log_uniform": [c.sigma_log_uniform, c.sigma_min, c.sigma_max]}
-                   if c.sigma_log_uniform else {}),
-                "num_samples": c.num_samples, "sample_seed_start": c.sample_seed_start,
-                "sampler_steps": c.sampler_steps, "normalize": c.normalize,
-                "snapshots": c.snapshot_steps() if with_curve else [], "curve_intervals": "bootstrap over noises"}
+        spec = {
+            "teacher": c.teacher,
+            "teacher_flow": c.teacher_flow,
+            "K": c.num_components,
+            "n": c.ambient_dim,
+            "d": c.latent_dim,
+            "teacher_seed": c.teacher_seed,
+            "N": n_train,
+            "seed": seed,
+            "width": width,
+            "depth": c.mlp_depth,
+            "steps": c.train_steps,
+            "lr": c.learning_rate,
+            "batch_size": c.batch_size,
+            "P_mean": c.P_mean,
+            "P_std": c.P_std,
+            **({"sigma_log_uniform": [c.sigma_log_uniform, c.sigma_min, c.sigma_max]} if c.sigma_log_uniform else {}),
+            "num_samples": c.num_samples,
+            "sample_seed_start": c.sample_seed_start,
+            "sampler_steps": c.sampler_steps,
+            "normalize": c.normalize,
+            "snapshots": c.snapshot_steps() if with_curve else [],
+            "curve_intervals": "bootstrap over noises",
+        }
 
         def produce(tmp: Path, work: Path):
             torch.manual_seed(seed)
             model = vector.MLPDenoiser(c.ambient_dim, width, c.mlp_depth, sigma_data=_vector.data_sigma(train))
-            tlog = _vector.train_denoiser(model, train, steps=c.train_steps, batch_size=c.batch_size, lr=c.learning_rate,
-                                          seed=seed,
-                                          P_mean=c.P_mean, P_std=c.P_std, sigma_data=_vector.data_sigma(train),
-                                          snapshot_steps=spec["snapshots"], log_uniform_fraction=c.sigma_log_uniform,
-                                          log_uniform_range=(c.sigma_min, c.sigma_max))
+            tlog = _vector.train_denoiser(
+                model,
+                train,
+                steps=c.train_steps,
+                batch_size=c.batch_size,
+                lr=c.learning_rate,
+                seed=seed,
+                P_mean=c.P_mean,
+                P_std=c.P_std,
+                sigma_data=_vector.data_sigma(train),
+                snapshot_steps=spec["snapshots"],
+                log_uniform_fraction=c.sigma_log_uniform,
+                log_uniform_range=(c.sigma_min, c.sigma_max),
+            )
             torch.save(model.state_dict(), tmp / "model.pt")
             phi_emp = self.flow(self.hooks.empirical_denoiser(train))
             phi_student = self.flow(model)
             torch.save({"student": phi_student, "empirical": phi_emp}, tmp / "flows.pt")
-            meta = {"e_gen": self.distance(phi_student, phi_teacher), "e_mem": self.distance(phi_student, phi_emp),
-                    "pfd_teacher_empirical": self.distance(phi_teacher, phi_emp), "final_loss": tlog.losses[-1],
-                    "loss_steps": tlog.steps, "losses": tlog.losses}
+            meta = {
+                "e_gen": self.distance(phi_student, phi_teacher),
+                "e_mem": self.distance(phi_student, phi_emp),
+                "pfd_teacher_empirical": self.distance(phi_teacher, phi_emp),
+                "final_loss": tlog.losses[-1],
+                "loss_steps": tlog.steps,
+                "losses": tlog.losses,
+            }
             curve = []
             for step, state in sorted(tlog.snapshots.items()):
                 model.load_state_dict(state)
@@ -266,8 +350,9 @@ class _Study:
         """Each named PFD with its bootstrap interval over the noises (paired: the same resamples)."""
         errors = torch.stack([self.per_seed_errors(a, b) for a, b in pairs.values()], 1).numpy()
         size = errors.shape[0]
-        found = intervals.bootstrap_sums_each(errors, {name: (lambda t, k=k: np.sqrt(t[:, k] / size))
-                                                       for k, name in enumerate(pairs)})
+        found = intervals.bootstrap_sums_each(
+            errors, {name: (lambda t, k=k: np.sqrt(t[:, k] / size)) for k, name in enumerate(pairs)}
+        )
         out: dict[str, float] = {}
         for name, interval in found.items():
             out.update(intervals.flat(name, interval))
@@ -283,8 +368,12 @@ class _Study:
         pool = teacher_data(self.teacher, max(c.sizes), seed=c.teacher_seed + 1)
         phi_teacher = self.teacher_flow()
         rows, curve, flows = [], [], {}
-        bar = tqdm(total=len(c.student_widths()) * len(c.sizes) * len(c.train_seeds), desc=NAME, unit="student",
-                   disable=not _env.progress_enabled(self.progress))
+        bar = tqdm(
+            total=len(c.student_widths()) * len(c.sizes) * len(c.train_seeds),
+            desc=NAME,
+            unit="student",
+            disable=not _env.progress_enabled(self.progress),
+        )
         for width in c.student_widths():
             for n_train in c.sizes:
                 for seed in c.train_seeds:
@@ -292,18 +381,35 @@ class _Study:
                     m = unit.meta
                     flow = torch.load(unit.file("flows.pt"), weights_only=True)
                     flows[(width, n_train, seed)] = flow["student"]
-                    rows.append({"width": width, "params": student_params(c, width), "N": n_train, "seed": seed,
-                                 **self.pfd_columns({"e_gen": (flow["student"], phi_teacher),
-                                                     "e_mem": (flow["student"], flow["empirical"]),
-                                                     "pfd_teacher_empirical": (phi_teacher, flow["empirical"])}),
-                                 "final_loss": m["final_loss"]})
+                    rows.append(
+                        {
+                            "width": width,
+                            "params": student_params(c, width),
+                            "N": n_train,
+                            "seed": seed,
+                            **self.pfd_columns(
+                                {
+                                    "e_gen": (flow["student"], phi_teacher),
+                                    "e_mem": (flow["student"], flow["empirical"]),
+                                    "pfd_teacher_empirical": (phi_teacher, flow["empirical"]),
+                                }
+                            ),
+                            "final_loss": m["final_loss"],
+                        }
+                    )
                     curve.extend({"width": width, "N": n_train, **p} for p in m["curve"])
                     bar.update(1)
         bar.close()
         summary = summarize(rows)
-        results = {"experiment": NAME, "config": dataclasses.asdict(c), "students": rows, "curve": curve,
-                   "summary": summary, "bias_variance": self.bias_variance(flows, phi_teacher),
-                   "transition": transition(rows)}
+        results = {
+            "experiment": NAME,
+            "config": dataclasses.asdict(c),
+            "students": rows,
+            "curve": curve,
+            "summary": summary,
+            "bias_variance": self.bias_variance(flows, phi_teacher),
+            "transition": transition(rows),
+        }
         results["effect_properties"] = effect_properties(results)
         results = json.loads(json_dumps(results))
         root = self.ws.root
@@ -333,10 +439,17 @@ class _Study:
                 var_z = torch.stack([self.per_seed_errors(p, mean) for p in phis]).mean(0)
                 terms = torch.stack([bias_z, var_z], 1).numpy()
                 size = terms.shape[0]
-                found = intervals.bootstrap_sums_each(terms, {"bias2": lambda t: t[:, 0] / size,
-                                                              "variance": lambda t: t[:, 1] / size})
-                out.append({"width": width, "N": n_train, **intervals.flat("bias2", found["bias2"]),
-                            **intervals.flat("variance", found["variance"])})
+                found = intervals.bootstrap_sums_each(
+                    terms, {"bias2": lambda t: t[:, 0] / size, "variance": lambda t: t[:, 1] / size}
+                )
+                out.append(
+                    {
+                        "width": width,
+                        "N": n_train,
+                        **intervals.flat("bias2", found["bias2"]),
+                        **intervals.flat("variance", found["variance"]),
+                    }
+                )
         return out
 
 
@@ -427,32 +540,47 @@ def effect_properties(results: dict) -> dict[str, dict]:
     """
     out = {}
     s = results["summary"]
-    iv = lambda e, key, i: intervals.Interval(e[key][i], e[f"{key}_low"][i], e[f"{key}_high"][i],  # noqa: E731
-                                              method=e[f"{key}_method"], n=e["n_seeds"])
+
+    def iv(e, key, i):
+        return intervals.Interval(
+            e[key][i],
+            e[f"{key}_low"][i],
+            e[f"{key}_high"][i],
+            method=e[f"{key}_method"],
+            n=e["n_seeds"],
+        )
+
     falls = {w: (iv(e, "e_gen", 0), iv(e, "e_gen", -1)) for w, e in s.items()}
-    out["e_gen_falls_with_n"] = intervals.claim(all(intervals.clearly_below(b, a) for a, b in falls.values()),
-                                                **{f"w{w}": {"smallest_n": a.as_dict(), "largest_n": b.as_dict()}
-                                                   for w, (a, b) in falls.items()})
+    out["e_gen_falls_with_n"] = intervals.claim(
+        all(intervals.clearly_below(b, a) for a, b in falls.values()),
+        **{f"w{w}": {"smallest_n": a.as_dict(), "largest_n": b.as_dict()} for w, (a, b) in falls.items()},
+    )
     rises = {w: (iv(e, "e_mem", 0), iv(e, "e_mem", -1)) for w, e in s.items()}
-    out["e_mem_rises_with_n"] = intervals.claim(all(intervals.clearly_above(b, a) for a, b in rises.values()),
-                                                **{f"w{w}": {"smallest_n": a.as_dict(), "largest_n": b.as_dict()}
-                                                   for w, (a, b) in rises.items()})
+    out["e_mem_rises_with_n"] = intervals.claim(
+        all(intervals.clearly_above(b, a) for a, b in rises.values()),
+        **{f"w{w}": {"smallest_n": a.as_dict(), "largest_n": b.as_dict()} for w, (a, b) in rises.items()},
+    )
     spreads = [(p["spread_scaled"], p["spread_n"]) for p in results["transition"]["per_seed"] if "spread_n" in p]
     complete = len(spreads) == len(results["transition"]["per_seed"]) >= 3
     if complete:
         diff = intervals.seed_interval([a - b for a, b in spreads])
         out["transition_aligns_on_n_over_sqrt_params"] = intervals.claim(
-            diff.high < 0, spread_scaled_minus_spread_n=diff,
+            diff.high < 0,
+            spread_scaled_minus_spread_n=diff,
             spread_n=intervals.seed_interval([b for _, b in spreads]),
-            spread_scaled=intervals.seed_interval([a for a, _ in spreads]))
+            spread_scaled=intervals.seed_interval([a for a, _ in spreads]),
+        )
     else:
         out["transition_aligns_on_n_over_sqrt_params"] = intervals.claim(
-            False, reason="needs 2+ widths, 3+ seeds and an E_gen = E_mem crossing at every width and seed",
-            seeds_with_spreads=len(spreads))
+            False,
+            reason="needs 2+ widths, 3+ seeds and an E_gen = E_mem crossing at every width and seed",
+            seeds_with_spreads=len(spreads),
+        )
     points = [p for p in results["curve"] if p["step"] > 0]
     if len(points) >= 3:
-        dip = intervals.dips([intervals.Interval(p["e_gen"], p["e_gen_low"], p["e_gen_high"], method="bootstrap")
-                              for p in points])
+        dip = intervals.dips(
+            [intervals.Interval(p["e_gen"], p["e_gen_low"], p["e_gen_high"], method="bootstrap") for p in points]
+        )
         out["early_learning_dip"] = {**dip, "step_at": points[dip["at"]]["step"]}
     else:
         out["early_learning_dip"] = intervals.claim(False, reason="no training-time curve (curve_size = 0)")
@@ -488,8 +616,9 @@ def plot_vs_n(results: dict, path) -> Path:
         if bv:
             n = [b["N"] for b in bv]
             axes[2].plot(n, [b["bias2"] for b in bv], "o-", color=f"C{i}", label=f"width {width}: bias^2")
-            axes[2].fill_between(n, [b["bias2_low"] for b in bv], [b["bias2_high"] for b in bv], color=f"C{i}",
-                                 alpha=0.15, linewidth=0)
+            axes[2].fill_between(
+                n, [b["bias2_low"] for b in bv], [b["bias2_high"] for b in bv], color=f"C{i}", alpha=0.15, linewidth=0
+            )
             axes[2].plot(n, [b["variance"] for b in bv], "s--", color=f"C{i}", label=f"width {width}: variance")
     axes[2].set_xlabel("training set size N")
     axes[2].set_ylabel("squared PFD")
@@ -500,8 +629,11 @@ def plot_vs_n(results: dict, path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=5)
     axes[0].set_ylabel(f"PFD ({c['normalize']})")
-    fig.suptitle(f"{c['teacher']} teacher (n={c['ambient_dim']}, d={c['latent_dim']}), MLP students of depth "
-                 f"{c['mlp_depth']}; bands: 95% intervals ({first['e_gen_method']})", fontsize=9)
+    fig.suptitle(
+        f"{c['teacher']} teacher (n={c['ambient_dim']}, d={c['latent_dim']}), MLP students of depth "
+        f"{c['mlp_depth']}; bands: 95% intervals ({first['e_gen_method']})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -512,25 +644,39 @@ def plot_vs_time(results: dict, path) -> Path:
     steps = [p["step"] for p in pts]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for key, marker, label in (("e_gen", "o-", "E_gen (to teacher)"), ("e_mem", "s-", "E_mem (to empirical)")):
-        line, = ax.plot(steps, [p[key] for p in pts], marker, ms=3, label=label)
-        ax.fill_between(steps, [p[f"{key}_low"] for p in pts], [p[f"{key}_high"] for p in pts],
-                        color=line.get_color(), alpha=0.18, linewidth=0)
+        (line,) = ax.plot(steps, [p[key] for p in pts], marker, ms=3, label=label)
+        ax.fill_between(
+            steps,
+            [p[f"{key}_low"] for p in pts],
+            [p[f"{key}_high"] for p in pts],
+            color=line.get_color(),
+            alpha=0.18,
+            linewidth=0,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"PFD ({results['config']['normalize']})")
-    ax.set_title(f"E against training time: width-{results['config']['mlp_width']} student, "
-                 f"N={results['config']['curve_size']}\n(bands: 95% bootstrap intervals over the noises)", fontsize=8)
+    ax.set_title(
+        f"E against training time: width-{results['config']['mlp_width']} student, "
+        f"N={results['config']['curve_size']}\n(bands: 95% bootstrap intervals over the noises)",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
 
-def run(config: PFDConfig, out, *, hooks: PFDHooks | None = None, device: str = "auto",
-        progress: bool = True) -> dict:
+def run(config: PFDConfig, out, *, hooks: PFDHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out`` (CPU only; the students are tiny MLPs)."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
-        config, out, given or default_hooks(), progress), hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, given or default_hooks(), progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, PFDConfig, cpu_only=True, threads=1)

@@ -1,17 +1,18 @@
 """Plotting helpers (matplotlib, Agg backend): image grids, sample/neighbour grids, Figure 1."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from diffcore.experiments.base import atomic_save_figure  # noqa: E402
+from diffcore.experiments.base import atomic_save_figure
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def mosaic(rows: Sequence[torch.Tensor], pad: int = 1, fill: float = 1.0) -> tor
     for r, images in enumerate(rows):
         images = to_unit(images)
         for k in range(images.shape[0]):
-            out[:, r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = images[k]
+            out[:, r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = images[k]
     return out
 
 
@@ -42,8 +43,9 @@ def _imshow(ax, image: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], path: str | Path,
-               suptitle: str | None = None) -> Path:
+def image_rows(
+    rows: Sequence[torch.Tensor], row_labels: Sequence[str], path: str | Path, suptitle: str | None = None
+) -> Path:
     """A figure with one row of images per tensor ``[K, C, H, W]`` and a label per row."""
     grid = mosaic(rows)
     h = rows[0].shape[2] + 1
@@ -58,16 +60,21 @@ def image_rows(rows: Sequence[torch.Tensor], row_labels: Sequence[str], path: st
     return atomic_save_figure(fig, path)
 
 
-def samples_with_neighbors(samples: torch.Tensor, neighbors: torch.Tensor, path: str | Path,
-                           similarities: torch.Tensor | None = None, title: str | None = None,
-                           per_row: int = 8) -> Path:
+def samples_with_neighbors(
+    samples: torch.Tensor,
+    neighbors: torch.Tensor,
+    path: str | Path,
+    similarities: torch.Tensor | None = None,
+    title: str | None = None,
+    per_row: int = 8,
+) -> Path:
     """Each sample above its nearest training image, ``per_row`` pairs per block.
 
     samples, neighbors: ``[K, C, H, W]``; similarities: ``[K]``, printed under each pair.
     """
     rows, labels = [], []
     for start in range(0, samples.shape[0], per_row):
-        rows += [samples[start:start + per_row], neighbors[start:start + per_row]]
+        rows += [samples[start : start + per_row], neighbors[start : start + per_row]]
         labels += ["sample", "nearest train"]
     grid = mosaic(rows)
     h, w = samples.shape[2] + 1, samples.shape[3] + 1
@@ -79,16 +86,28 @@ def samples_with_neighbors(samples: torch.Tensor, neighbors: torch.Tensor, path:
     if similarities is not None:
         for i, value in enumerate(similarities.tolist()):
             block, col = divmod(i, per_row)
-            ax.text(col * w + (w - 1) / 2, (2 * block + 2) * h - 1.2, f"{value:.3f}", ha="center",
-                    va="top", fontsize=5, color="tab:red")
+            ax.text(
+                col * w + (w - 1) / 2,
+                (2 * block + 2) * h - 1.2,
+                f"{value:.3f}",
+                ha="center",
+                va="top",
+                fontsize=5,
+                color="tab:red",
+            )
     if title:
         ax.set_title(title, fontsize=8)
     return atomic_save_figure(fig, path)
 
 
-def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
-            cross_width: Mapping[str, Sequence[float]] | None = None, threshold: float | None = None,
-            similarity: str = "", title: str | None = None) -> Path:
+def figure1(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    cross_width: Mapping[str, Sequence[float]] | None = None,
+    threshold: float | None = None,
+    similarity: str = "",
+    title: str | None = None,
+) -> Path:
     """Figure-1-style plot: RP and GL against N (log scale), one colour per width in every panel.
 
     ``curves[width]`` has ``n``, ``gl``, ``rp_seeds`` (may hold NaN), ``rp_empirical``,
@@ -106,8 +125,14 @@ def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Pat
             band(ax_rp, n, curve, "rp_seeds", color)
         ax_gl.plot(n, curve["gl"], "o-", color=color, label=f"UNet-{width}: GL")
         band(ax_gl, n, curve, "gl", color)
-        ax_gl.plot(n, [1 - v for v in curve["memorized_ratio"]], "x:", color=color, alpha=0.8,
-                   label=f"UNet-{width}: 1 - memorized (ratio < 1/3)")
+        ax_gl.plot(
+            n,
+            [1 - v for v in curve["memorized_ratio"]],
+            "x:",
+            color=color,
+            alpha=0.8,
+            label=f"UNet-{width}: 1 - memorized (ratio < 1/3)",
+        )
         ax_emp.plot(n, curve["rp_empirical"], "o-", color=color, label=f"UNet-{width}")
         band(ax_emp, n, curve, "rp_empirical", color)
     if cross_width and len(cross_width.get("n", [])):
@@ -129,14 +154,31 @@ def figure1(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Pat
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", framealpha=0.85)
         else:  # one width and one seed: no pair of models to compare
-            ax.text(0.5, 0.5, "no model pairs\n(one width, one seed)", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=8, color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "no model pairs\n(one width, one seed)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+                color="gray",
+            )
     if any(f"{key}_low" in c for c in curves.values() for key in ("gl",)):
-        fig.text(0.5, 0.005, "bands: 95% intervals (Wilson over the samples for one training seed, "
-                 "seeds-t for three or more)", ha="center", fontsize=7, color="0.3")
+        fig.text(
+            0.5,
+            0.005,
+            "bands: 95% intervals (Wilson over the samples for one training seed, seeds-t for three or more)",
+            ha="center",
+            fontsize=7,
+            color="0.3",
+        )
     sim_note = f"{similarity} similarity, threshold {threshold:.3f}" if threshold is not None else similarity
-    fig.suptitle((title or "Reproducibility and generalization against training-set size")
-                 + (f"  ({sim_note})" if sim_note else ""), fontsize=11)
+    fig.suptitle(
+        (title or "Reproducibility and generalization against training-set size")
+        + (f"  ({sim_note})" if sim_note else ""),
+        fontsize=11,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -147,5 +189,11 @@ def _band(ax, n: Sequence[float], curve: Mapping, key: str, color) -> None:
     if low is None or high is None:
         return
     nan = float("nan")
-    ax.fill_between(list(n), [nan if v is None else v for v in low], [nan if v is None else v for v in high],
-                    color=color, alpha=0.15, linewidth=0)
+    ax.fill_between(
+        list(n),
+        [nan if v is None else v for v in low],
+        [nan if v is None else v for v in high],
+        color=color,
+        alpha=0.15,
+        linewidth=0,
+    )

@@ -21,6 +21,7 @@ output folder with ``models_from``, or trained here by running that study into `
 Outputs: ``results.json``, ``curves.csv`` (model x step x sigma), ``models.csv``, ``molrg.csv``,
 ``representation.png``. Feature curves, the trajectory training and its metrics are resumable units.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,17 +30,23 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from diffcore._files import load_json
-from diffcore.experiments import _stack, base, experiment
-from diffcore.experiments import hooks as study_hooks
-from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
-                                       atomic_write_json, config_from_preset, json_dumps)
+from diffcore.experiments import _stack, base, experiment, hooks as study_hooks
+from diffcore.experiments.base import (
+    ConfigError,
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +57,30 @@ REPRODUCIBILITY = "reproducibility"
 
 @dataclass(frozen=True)
 class RepresentationConfig:
-    models_from: str = ""                  # a reproducibility study's --out folder; "" = run it into OUT/reproducibility
+    models_from: str = ""  # a reproducibility study's --out folder; "" = run it into OUT/reproducibility
     reproducibility_preset: str = "quick"  # the preset of that study when it runs here
-    widths: tuple[int, ...] = (32,)        # models used (and trained here); () = every width found
-    sizes: tuple[int, ...] = ()            # () = every N of the preset / of models_from
-    layer: str = "decoder_last"            # a name of diffcore.analysis.feature_layers(model)
-    pooling: str = "mean"                  # mean (spatial average) | flatten
-    probe_train: int = 100                 # labelled digits the probe is fitted on
-    probe_test: int = 797                  # held-out digits it is scored on
+    widths: tuple[int, ...] = (32,)  # models used (and trained here); () = every width found
+    sizes: tuple[int, ...] = ()  # () = every N of the preset / of models_from
+    layer: str = "decoder_last"  # a name of diffcore.analysis.feature_layers(model)
+    pooling: str = "mean"  # mean (spatial average) | flatten
+    probe_train: int = 100  # labelled digits the probe is fitted on
+    probe_test: int = 797  # held-out digits it is scored on
     probe_l2: float = 1e-2
     split_seed: int = 0
-    num_sigmas: int = 14                   # log-spaced from sigma_min to sigma_max
+    num_sigmas: int = 14  # log-spaced from sigma_min to sigma_max
     sigma_min: float = 0.01
     sigma_max: float = 20.0
-    noise_seed_start: int = 300000         # image i of the pool gets the noise of seed start + i
-    trajectory_size: int = 128             # N of the training-time curve (0: none)
-    snapshot_every: int = 200              # steps between the checkpoints of that curve
-    shape_tolerance: float = 0.01          # rise and fall (probe accuracy) that make a curve unimodal
+    noise_seed_start: int = 300000  # image i of the pool gets the noise of seed start + i
+    trajectory_size: int = 128  # N of the training-time curve (0: none)
+    snapshot_every: int = 200  # steps between the checkpoints of that curve
+    shape_tolerance: float = 0.01  # rise and fall (probe accuracy) that make a curve unimodal
     molrg_components: int = 10
     molrg_ambient_dim: int = 64
     molrg_latent_dim: int = 4
     molrg_noise_std: float = 0.1
     molrg_samples: int = 2000
     molrg_seed: int = 0
-    torch_threads: int = 1                 # intra-op CPU threads of the feature extraction (0: torch's default)
+    torch_threads: int = 1  # intra-op CPU threads of the feature extraction (0: torch's default)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field out of its range."""
@@ -81,8 +88,10 @@ class RepresentationConfig:
         base.check_sigmas(self.sigma_min, self.sigma_max)
         base.check_seed_range("noise_seed_start", self.noise_seed_start, self.probe_train + self.probe_test)
         if self.molrg_components * self.molrg_latent_dim > self.molrg_ambient_dim:
-            raise ConfigError("molrg_latent_dim: molrg_components * molrg_latent_dim must not exceed "
-                              "molrg_ambient_dim (mutually orthogonal class subspaces)")
+            raise ConfigError(
+                "molrg_latent_dim: molrg_components * molrg_latent_dim must not exceed "
+                "molrg_ambient_dim (mutually orthogonal class subspaces)"
+            )
         if not self.models_from:
             base.one_of(*experiment(REPRODUCIBILITY).PRESETS)("reproducibility_preset", self.reproducibility_preset)
 
@@ -93,16 +102,30 @@ class RepresentationConfig:
 
 _POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text, "reproducibility_preset": base.text,
-    "widths": base.tuple_of(_POSITIVE, min_len=0), "sizes": base.tuple_of(base.integer(2), min_len=0),
-    "layer": base.text, "pooling": base.one_of("mean", "flatten"), "probe_train": _POSITIVE,
-    "probe_test": _POSITIVE, "probe_l2": base.number(0), "split_seed": base.seed,
+    "models_from": base.text,
+    "reproducibility_preset": base.text,
+    "widths": base.tuple_of(_POSITIVE, min_len=0),
+    "sizes": base.tuple_of(base.integer(2), min_len=0),
+    "layer": base.text,
+    "pooling": base.one_of("mean", "flatten"),
+    "probe_train": _POSITIVE,
+    "probe_test": _POSITIVE,
+    "probe_l2": base.number(0),
+    "split_seed": base.seed,
     "num_sigmas": base.integer(3),  # a shape needs a middle
-    "sigma_min": base.sigma, "sigma_max": base.sigma,
-    "noise_seed_start": base.seed, "trajectory_size": base.integer(0), "snapshot_every": _POSITIVE,
-    "shape_tolerance": base.number(0), "molrg_components": base.integer(2), "molrg_ambient_dim": _POSITIVE,
-    "molrg_latent_dim": _POSITIVE, "molrg_noise_std": base.number(0), "molrg_samples": base.integer(10),
-    "molrg_seed": base.seed, "torch_threads": base.integer(0),
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
+    "noise_seed_start": base.seed,
+    "trajectory_size": base.integer(0),
+    "snapshot_every": _POSITIVE,
+    "shape_tolerance": base.number(0),
+    "molrg_components": base.integer(2),
+    "molrg_ambient_dim": _POSITIVE,
+    "molrg_latent_dim": _POSITIVE,
+    "molrg_noise_std": base.number(0),
+    "molrg_samples": base.integer(10),
+    "molrg_seed": base.seed,
+    "torch_threads": base.integer(0),
 }
 
 
@@ -115,17 +138,33 @@ def _quick() -> RepresentationConfig:
 
 def _tiny() -> RepresentationConfig:
     """Seconds: the reproducibility study's tiny preset, a coarse grid, small probe and theory."""
-    return RepresentationConfig(reproducibility_preset="tiny", widths=(4,), probe_train=60, probe_test=120,
-                                num_sigmas=5, trajectory_size=8, snapshot_every=10, molrg_components=3,
-                                molrg_ambient_dim=24, molrg_samples=200)
+    return RepresentationConfig(
+        reproducibility_preset="tiny",
+        widths=(4,),
+        probe_train=60,
+        probe_test=120,
+        num_sigmas=5,
+        trajectory_size=8,
+        snapshot_every=10,
+        molrg_components=3,
+        molrg_ambient_dim=24,
+        molrg_samples=200,
+    )
 
 
 def _paper() -> RepresentationConfig:
     """The reproducibility study's paper-preset CIFAR-10 models (set models_from, or data_root through
     that preset); probe on 10k labelled / 10k held-out images is out of reach of the digits labels
     split, so set probe_train/probe_test to fit the dataset."""
-    return RepresentationConfig(reproducibility_preset="paper", widths=(64, 128), probe_train=10000,
-                                probe_test=10000, trajectory_size=1024, snapshot_every=20000, sigma_max=80.0)
+    return RepresentationConfig(
+        reproducibility_preset="paper",
+        widths=(64, 128),
+        probe_train=10000,
+        probe_test=10000,
+        trajectory_size=1024,
+        snapshot_every=20000,
+        sigma_max=80.0,
+    )
 
 
 PRESETS: dict[str, Callable[[], RepresentationConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
@@ -134,19 +173,22 @@ CONFIG_CLASS = RepresentationConfig
 
 # ----------------------------------------------------------------------------- one curve
 
+
 def probe_split(pool_size: int, config: RepresentationConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the probe's labelled split ``[probe_train]`` and held-out split ``[probe_test]``
     (a permutation of the pool seeded by ``split_seed``)."""
     c = config
     if c.probe_train + c.probe_test > pool_size:
-        raise ConfigError(f"probe_train + probe_test: {c.probe_train + c.probe_test} exceeds the {pool_size} "
-                          f"labelled images")
+        raise ConfigError(
+            f"probe_train + probe_test: {c.probe_train + c.probe_test} exceeds the {pool_size} labelled images"
+        )
     order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(c.split_seed))
-    return order[:c.probe_train], order[c.probe_train:c.probe_train + c.probe_test]
+    return order[: c.probe_train], order[c.probe_train : c.probe_train + c.probe_test]
 
 
-def probe_curve(denoiser: torch.nn.Module, pool: torch.Tensor, labels: torch.Tensor,
-                config: RepresentationConfig) -> list[dict]:
+def probe_curve(
+    denoiser: torch.nn.Module, pool: torch.Tensor, labels: torch.Tensor, config: RepresentationConfig
+) -> list[dict]:
     """Probe accuracy and class SNR per sigma of ``denoiser``'s features at ``config.layer``.
 
     ``pool`` [P, C, H, W] and ``labels`` [P]: the labelled images, split by :func:`probe_split`;
@@ -158,24 +200,32 @@ def probe_curve(denoiser: torch.nn.Module, pool: torch.Tensor, labels: torch.Ten
     c = config
     train_idx, test_idx = probe_split(pool.shape[0], c)
     used = torch.cat([train_idx, test_idx])
-    noise = sampler.noise_from_seeds([c.noise_seed_start + int(i) for i in used], tuple(pool.shape[1:]),
-                                     device="cpu", dtype=torch.float32)
+    noise = sampler.noise_from_seeds(
+        [c.noise_seed_start + int(i) for i in used], tuple(pool.shape[1:]), device="cpu", dtype=torch.float32
+    )
     images, y = pool[used].float().cpu(), labels[used]
     k = c.probe_train
     rows = []
     for sigma in c.sigmas():
         feats = extract_features(denoiser, images, noise, sigma, [c.layer], pooling=c.pooling)[c.layer]
         probe = linear_probe(feats[:k], y[:k], feats[k:], y[k:], l2=c.probe_l2)
-        rows.append({"sigma": sigma, "probe_accuracy": probe.accuracy,
-                     "probe_train_accuracy": probe.train_accuracy, "snr": class_snr(feats, y)})
+        rows.append(
+            {
+                "sigma": sigma,
+                "probe_accuracy": probe.accuracy,
+                "probe_train_accuracy": probe.train_accuracy,
+                "snr": class_snr(feats, y),
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- the study
 
+
 @dataclass
 class _Model(_stack.ModelOfSubset):
-    path: Path               # a finished model unit (its checkpoint/ folder)
+    path: Path  # a finished model unit (its checkpoint/ folder)
     gl: float | None
     memorized_ratio: float | None
 
@@ -202,16 +252,19 @@ class _Study:
                 raise ConfigError(f"models_from: {root} holds no results.json of a finished reproducibility run")
             results = load_json(results_path, what="models_from: results", follow=False)
             if results.get("experiment") != REPRODUCIBILITY:
-                raise ConfigError(f"models_from: {results_path} is a {results.get('experiment')!r} run, "
-                                  f"not a reproducibility run")
+                raise ConfigError(
+                    f"models_from: {results_path} is a {results.get('experiment')!r} run, not a reproducibility run"
+                )
             return results, root
         config = reproducibility.PRESETS[c.reproducibility_preset]()
-        config = dataclasses.replace(config, widths=c.widths or config.widths, sizes=c.sizes or config.sizes,
-                                     train_seeds=config.train_seeds[:1])
+        config = dataclasses.replace(
+            config, widths=c.widths or config.widths, sizes=c.sizes or config.sizes, train_seeds=config.train_seeds[:1]
+        )
         root = self.ws.root / "reproducibility"
         start = time.perf_counter()
-        results = reproducibility.run(config, root, hooks=None if self.default_stack else self.hooks,
-                                      device=self.device, progress=self.progress)
+        results = reproducibility.run(
+            config, root, hooks=None if self.default_stack else self.hooks, device=self.device, progress=self.progress
+        )
         self.seconds["reproducibility"] = time.perf_counter() - start
         return results, root
 
@@ -261,14 +314,22 @@ class _Study:
     # features ------------------------------------------------------------------
     def feature_spec(self) -> dict:
         c = self.c
-        return {"layer": c.layer, "pooling": c.pooling, "probe_train": c.probe_train, "probe_test": c.probe_test,
-                "probe_l2": c.probe_l2, "split_seed": c.split_seed, "sigmas": c.sigmas(),
-                "noise_seed_start": c.noise_seed_start}
+        return {
+            "layer": c.layer,
+            "pooling": c.pooling,
+            "probe_train": c.probe_train,
+            "probe_test": c.probe_test,
+            "probe_l2": c.probe_l2,
+            "split_seed": c.split_seed,
+            "sigmas": c.sigmas(),
+            "noise_seed_start": c.noise_seed_start,
+        }
 
     def curve_unit(self, name: str, model_spec: dict, load: Callable, pool, labels) -> list[dict]:
         spec = {"model": model_spec, **self.feature_spec()}
-        unit = self.ws.run_unit("curves", name, spec,
-                                lambda tmp, work: {"rows": probe_curve(load(), pool, labels, self.c)})
+        unit = self.ws.run_unit(
+            "curves", name, spec, lambda tmp, work: {"rows": probe_curve(load(), pool, labels, self.c)}
+        )
         return unit.meta["rows"]
 
     # training time ---------------------------------------------------------------
@@ -285,12 +346,16 @@ class _Study:
         def produce(tmp: Path, work: Path) -> dict:
             steps = spec["train_steps"]
             config = _stack.training_request(spec, work, self.device, self.progress).replace(
-                checkpoint_every=c.snapshot_every, keep_checkpoints=steps // c.snapshot_every + 1)
+                checkpoint_every=c.snapshot_every, keep_checkpoints=steps // c.snapshot_every + 1
+            )
             train.train_from_config(config, resume="auto")
             from diffcore.train.checkpoint import list_checkpoints
 
-            kept = [(step, path) for step, path in list_checkpoints(work / "checkpoints")
-                    if step % c.snapshot_every == 0 or step == steps]
+            kept = [
+                (step, path)
+                for step, path in list_checkpoints(work / "checkpoints")
+                if step % c.snapshot_every == 0 or step == steps
+            ]
             for step, path in kept:
                 shutil.copytree(path, tmp / f"step{step}" / "checkpoint")
             return {"steps": [step for step, _ in kept]}
@@ -304,19 +369,34 @@ class _Study:
 
         rc = repro["config"]
         train_images, _ = self.hooks.subset(pool, spec["n"], spec["subset_seed"])
-        mspec = {"model": spec, "step": step, "similarity": repro["similarity"], "threshold": repro["threshold"],
-                 "num_samples": rc["num_samples"], "sample_seed_start": rc["sample_seed_start"]}
+        mspec = {
+            "model": spec,
+            "step": step,
+            "similarity": repro["similarity"],
+            "threshold": repro["threshold"],
+            "num_samples": rc["num_samples"],
+            "sample_seed_start": rc["sample_seed_start"],
+        }
 
         def produce(tmp: Path, work: Path) -> dict:
             seeds = list(range(rc["sample_seed_start"], rc["sample_seed_start"] + rc["num_samples"]))
             model = self.hooks.load(unit.path / f"step{step}", device=self.device)
-            samples = self.hooks.sample(model, seeds, tuple(pool.shape[1:]), steps=rc["sampler_steps"],
-                                        solver=rc["solver"], sigma_min=rc["sigma_min"], sigma_max=rc["sigma_max"],
-                                        device=self.device, progress=False)
+            samples = self.hooks.sample(
+                model,
+                seeds,
+                tuple(pool.shape[1:]),
+                steps=rc["sampler_steps"],
+                solver=rc["solver"],
+                sigma_min=rc["sigma_min"],
+                sigma_max=rc["sigma_max"],
+                device=self.device,
+                progress=False,
+            )
             similarity = metrics.get_similarity(rc["similarity"])
             gl = metrics.gl_score(samples, train_images.float(), similarity, repro["threshold"], knn=self.hooks.knn)
-            mem = metrics.memorization_ratio(samples, train_images.float(), rc["memorization_ratio"],
-                                             knn=self.hooks.knn)
+            mem = metrics.memorization_ratio(
+                samples, train_images.float(), rc["memorization_ratio"], knn=self.hooks.knn
+            )
             return {"gl": gl.score, "memorized_ratio": mem.fraction}
 
         return self.ws.run_unit("trajectory-metrics", f"{unit.path.name}-step{step}", mspec, produce).meta
@@ -338,19 +418,40 @@ class _Study:
         for m in self.models(repro, root):
             spec = load_json(m.path / "MANIFEST.json", what="unit manifest", follow=False)["spec"]
             rows = self.curve_unit(m.label, spec, lambda p=m.path: self._load(p), pool, labels)
-            models.append({"model": m.label, "width": m.width, "n": m.n, "seed": m.seed, "gl": m.gl,
-                           "memorized_ratio": m.memorized_ratio, **shape_of(rows)})
+            models.append(
+                {
+                    "model": m.label,
+                    "width": m.width,
+                    "n": m.n,
+                    "seed": m.seed,
+                    "gl": m.gl,
+                    "memorized_ratio": m.memorized_ratio,
+                    **shape_of(rows),
+                }
+            )
             curves.extend({"model": m.label, "n": m.n, "step": repro["config"]["train_steps"], **r} for r in rows)
         self.seconds["model_curves"] = time.perf_counter() - start
         trajectory = self.trajectory(repro, pool, labels, curves, shape_of) if c.trajectory_size else []
         start = time.perf_counter()
         molrg, molrg_shape = self.theory()
         self.seconds["molrg"] = time.perf_counter() - start
-        results = json.loads(json_dumps({
-            "experiment": NAME, "config": dataclasses.asdict(c), "models_from": str(root),
-            "threshold": repro["threshold"], "similarity": repro["similarity"], "models": models,
-            "trajectory": trajectory, "curves": curves, "molrg": molrg, "molrg_shape": molrg_shape,
-            "seconds": self.seconds}))
+        results = json.loads(
+            json_dumps(
+                {
+                    "experiment": NAME,
+                    "config": dataclasses.asdict(c),
+                    "models_from": str(root),
+                    "threshold": repro["threshold"],
+                    "similarity": repro["similarity"],
+                    "models": models,
+                    "trajectory": trajectory,
+                    "curves": curves,
+                    "molrg": molrg,
+                    "molrg_shape": molrg_shape,
+                    "seconds": self.seconds,
+                }
+            )
+        )
         self.write(results)
         return results
 
@@ -362,11 +463,13 @@ class _Study:
         out = []
         for step in unit.meta["steps"]:
             name = f"{unit.path.name}-step{step}"
-            rows = self.curve_unit(name, {**spec, "step": step}, lambda s=step: self._load(unit.path / f"step{s}"),
-                                   pool, labels)
+            rows = self.curve_unit(
+                name, {**spec, "step": step}, lambda s=step: self._load(unit.path / f"step{s}"), pool, labels
+            )
             scores = self.snapshot_metrics(unit, spec, step, pool, repro)
-            out.append({"model": name, "n": spec["n"], "width": spec["width"], "step": step, **scores,
-                        **shape_of(rows)})
+            out.append(
+                {"model": name, "n": spec["n"], "width": spec["width"], "step": step, **scores, **shape_of(rows)}
+            )
             curves.extend({"model": name, "n": spec["n"], "step": step, **r} for r in rows)
         self.seconds["trajectory_curves"] = time.perf_counter() - start
         return out
@@ -376,8 +479,9 @@ class _Study:
         from diffcore.denoisers import MoLRGDenoiser
 
         c = self.c
-        den = MoLRGDenoiser.random(c.molrg_components, c.molrg_ambient_dim, c.molrg_latent_dim, seed=c.molrg_seed,
-                                   noise_std=c.molrg_noise_std)
+        den = MoLRGDenoiser.random(
+            c.molrg_components, c.molrg_ambient_dim, c.molrg_latent_dim, seed=c.molrg_seed, noise_std=c.molrg_noise_std
+        )
         sigmas = [0.002 * (80 / 0.002) ** (i / 24) for i in range(25)]
         rows = molrg_representation_curve(den, sigmas, num=c.molrg_samples, seed=c.molrg_seed)
         shape = curve_shape(sigmas, [math.log10(r["snr"]) for r in rows], tolerance=0.1)
@@ -386,8 +490,9 @@ class _Study:
     def _load(self, unit_path: Path):
         model = self.hooks.load(unit_path, device=self.device)
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"hooks.load: expected a torch.nn.Module (features are read by hooks), got "
-                            f"{type(model).__name__}")
+            raise TypeError(
+                f"hooks.load: expected a torch.nn.Module (features are read by hooks), got {type(model).__name__}"
+            )
         return model
 
     def write(self, results: dict) -> None:
@@ -411,6 +516,7 @@ def _labels(dataset: str, data_root: str, expected: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- figure
 
+
 def plot(results: dict, path) -> Path:
     """Four panels: probe accuracy vs sigma per N; class SNR vs sigma per N; probe accuracy vs sigma
     over training time for one N; the MoLRG theory curve (SNR and class confidence)."""
@@ -423,11 +529,14 @@ def plot(results: dict, path) -> Path:
         rows = [r for r in results["curves"] if r["model"] == m["model"]]
         gl = "n/a" if m["gl"] is None else f"{m['gl']:.2f}"
         label = f"N={m['n']} (GL {gl}, {m['shape']})"
-        axes[0].plot([r["sigma"] for r in rows], [r["probe_accuracy"] for r in rows], "-o", ms=3, color=color,
-                     label=label)
+        axes[0].plot(
+            [r["sigma"] for r in rows], [r["probe_accuracy"] for r in rows], "-o", ms=3, color=color, label=label
+        )
         axes[1].plot([r["sigma"] for r in rows], [r["snr"] for r in rows], "-o", ms=3, color=color, label=label)
-    axes[0].set_title(f"linear probe on {results['config']['layer']} features\n"
-                      f"({results['config']['probe_train']} labelled digits)", fontsize=9)
+    axes[0].set_title(
+        f"linear probe on {results['config']['layer']} features\n({results['config']['probe_train']} labelled digits)",
+        fontsize=9,
+    )
     axes[1].set_title("class SNR of the same features", fontsize=9)
     axes[0].set_ylabel("held-out probe accuracy")
     axes[1].set_ylabel("between / within-class energy")
@@ -436,8 +545,14 @@ def plot(results: dict, path) -> Path:
     colors = plt.cm.plasma([i / max(1, len(snaps) - 1) for i in range(len(snaps))])
     for s, color in zip(snaps, colors):
         rows = [r for r in results["curves"] if r["model"] == s["model"]]
-        axes[2].plot([r["sigma"] for r in rows], [r["probe_accuracy"] for r in rows], "-o", ms=3, color=color,
-                     label=f"step {s['step']} (GL {s['gl']:.2f}, {s['shape']})")
+        axes[2].plot(
+            [r["sigma"] for r in rows],
+            [r["probe_accuracy"] for r in rows],
+            "-o",
+            ms=3,
+            color=color,
+            label=f"step {s['step']} (GL {s['gl']:.2f}, {s['shape']})",
+        )
     title = f"training time, N={snaps[0]['n']}" if snaps else "training time (not run)"
     axes[2].set_title(title, fontsize=9)
     axes[2].set_ylabel("held-out probe accuracy")
@@ -455,23 +570,39 @@ def plot(results: dict, path) -> Path:
     ax.set_xlabel("sigma")
     ax.set_ylabel("SNR of D(x) in the class subspace", color="C0")
     twin = ax.twinx()
-    twin.plot([r["sigma"] for r in theory], [r["confidence"] for r in theory], "--", color="C3",
-              label="class confidence (right)")
+    twin.plot(
+        [r["sigma"] for r in theory],
+        [r["confidence"] for r in theory],
+        "--",
+        color="C3",
+        label="class confidence (right)",
+    )
     twin.set_ylabel("posterior weight of the true class", color="C3")
     cfg = results["config"]
-    ax.set_title(f"theory: optimal noisy-MoLRG denoiser\nK={cfg['molrg_components']}, n={cfg['molrg_ambient_dim']}, "
-                 f"d={cfg['molrg_latent_dim']}, delta={cfg['molrg_noise_std']}", fontsize=9)
+    ax.set_title(
+        f"theory: optimal noisy-MoLRG denoiser\nK={cfg['molrg_components']}, n={cfg['molrg_ambient_dim']}, "
+        f"d={cfg['molrg_latent_dim']}, delta={cfg['molrg_noise_std']}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
-    fig.suptitle("Representation dynamics across noise levels: unimodal when generalizing, decreasing when "
-                 "memorizing", fontsize=10)
+    fig.suptitle(
+        "Representation dynamics across noise levels: unimodal when generalizing, decreasing when memorizing",
+        fontsize=10,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
 
 def run(config: RepresentationConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(
-        config, out, given, resolved, progress), hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, given, resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, RepresentationConfig, one_process=True)

@@ -18,6 +18,7 @@ run at any point and run it again to continue; it ends with the same ``results.j
 Train, sample, data and k-NN come from :class:`StudyHooks`; the default hooks are those of
 :mod:`diffcore.experiments.hooks`, and tests inject closed-form stand-ins.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,18 +28,25 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from diffcore import _env, metrics
 from diffcore._progress import Progress
-from diffcore.experiments import _stack, base, plotting
-from diffcore.experiments import hooks as study_hooks
-from diffcore.experiments.base import (MANIFEST, Unit, Workspace, atomic_write_csv, atomic_write_json,
-                                       config_from_preset, json_dumps)
+from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
+from diffcore.experiments.base import (
+    MANIFEST,
+    Unit,
+    Workspace,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 from diffcore.experiments.hooks import StudyHooks
 from diffcore.metrics import intervals
 
@@ -52,33 +60,33 @@ class ReproducibilityConfig:
     """What the study computes. Everything here defines the results; runtime options (device,
     progress bars) are arguments of :func:`run` instead, so a run can resume on another device."""
 
-    dataset: str = "digits"                    # digits (embedded) | cifar10 (local folder)
-    data_root: str = ""                        # folder of the local CIFAR-10 copy
-    model_preset: str = "ddpmpp-digits"        # diffcore.models UNet preset (architecture)
-    widths: tuple[int, ...] = (16, 32)         # base channels of the UNet (model_channels)
+    dataset: str = "digits"  # digits (embedded) | cifar10 (local folder)
+    data_root: str = ""  # folder of the local CIFAR-10 copy
+    model_preset: str = "ddpmpp-digits"  # diffcore.models UNet preset (architecture)
+    widths: tuple[int, ...] = (16, 32)  # base channels of the UNet (model_channels)
     sizes: tuple[int, ...] = (16, 64, 256, 1024)  # nested subset sizes N
-    train_seeds: tuple[int, ...] = (0, 1)      # one model per seed; 2+ seeds give same-width RP
-    subset_seed: int = 0                       # seed of the nested subsets' permutation
+    train_seeds: tuple[int, ...] = (0, 1)  # one model per seed; 2+ seeds give same-width RP
+    subset_seed: int = 0  # seed of the nested subsets' permutation
     train_steps: int = 1500
     batch_size: int = 64
     learning_rate: float = 1e-3
-    lr_warmup_images: int = 1000               # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
-    precond: str = "edm"                       # edm | vp (EDM's VP preconditioning and loss)
-    augment_p: float = 0.0                     # EDM's non-leaky augmentation probability (0: off)
-    sample_seed_start: int = 100000            # samples use seeds start .. start + num_samples - 1
+    lr_warmup_images: int = 1000  # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
+    precond: str = "edm"  # edm | vp (EDM's VP preconditioning and loss)
+    augment_p: float = 0.0  # EDM's non-leaky augmentation probability (0: off)
+    sample_seed_start: int = 100000  # samples use seeds start .. start + num_samples - 1
     num_samples: int = 256
-    sampler_steps: int = 18                    # Heun 18 steps = 35 evaluations (EDM)
+    sampler_steps: int = 18  # Heun 18 steps = 35 evaluations (EDM)
     solver: str = "heun"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    similarity: str = "cosine"                 # cosine | l2 | sscd:PATH | raw:PATH (descriptor file)
-    threshold: float | None = None             # None: 0.6 for descriptors, calibrated in pixel space
+    similarity: str = "cosine"  # cosine | l2 | sscd:PATH | raw:PATH (descriptor file)
+    threshold: float | None = None  # None: 0.6 for descriptors, calibrated in pixel space
     calibration_quantile: float = 0.95
-    memorization_ratio: float = 1.0 / 3.0      # Gu et al.
-    grid_samples: int = 16                     # samples shown per grid
-    torch_threads: int = 0                     # intra-op CPU threads per process for data and measures (0: torch's default); models train and sample with one
-    train_workers: int = 1                     # models trained at once, one process each (runtime only)
-    train_ensemble: int = 1                    # models of one width and seed per stacked ensemble (runtime only)
+    memorization_ratio: float = 1.0 / 3.0  # Gu et al.
+    grid_samples: int = 16  # samples shown per grid
+    torch_threads: int = 0  # intra-op CPU threads per process for data and measures (0: torch's default); models train and sample with one
+    train_workers: int = 1  # models trained at once, one process each (runtime only)
+    train_ensemble: int = 1  # models of one width and seed per stacked ensemble (runtime only)
 
     def result_fields(self) -> dict:
         """The fields that define the results (``config.json`` binds an output folder to these);
@@ -100,20 +108,33 @@ class ReproducibilityConfig:
 
 _POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text, "data_root": base.text, "model_preset": base.model_preset, "similarity": base.text,
+    "dataset": base.text,
+    "data_root": base.text,
+    "model_preset": base.model_preset,
+    "similarity": base.text,
     "widths": base.tuple_of(_POSITIVE),
     "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
-    "train_seeds": base.tuple_of(base.seed), "subset_seed": base.seed, "sample_seed_start": base.seed,
-    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "num_samples": _POSITIVE, "sampler_steps": _POSITIVE,
-    "learning_rate": base.number(0, lo_open=True), "lr_warmup_images": base.integer(0),
+    "train_seeds": base.tuple_of(base.seed),
+    "subset_seed": base.seed,
+    "sample_seed_start": base.seed,
+    "train_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "num_samples": _POSITIVE,
+    "sampler_steps": _POSITIVE,
+    "learning_rate": base.number(0, lo_open=True),
+    "lr_warmup_images": base.integer(0),
     "solver": base.solver,
-    "sigma_min": base.sigma, "sigma_max": base.sigma,
+    "sigma_min": base.sigma,
+    "sigma_max": base.sigma,
     "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
-    "grid_samples": base.integer(0), "torch_threads": base.integer(0), "train_workers": _POSITIVE,
+    "grid_samples": base.integer(0),
+    "torch_threads": base.integer(0),
+    "train_workers": _POSITIVE,
     "train_ensemble": _POSITIVE,
-    "precond": base.one_of(*_stack.PRECONDITIONINGS), "augment_p": base.number(0, 1),
+    "precond": base.one_of(*_stack.PRECONDITIONINGS),
+    "augment_p": base.number(0, 1),
 }
 
 
@@ -138,10 +159,20 @@ def _quick() -> ReproducibilityConfig:
     (0.56 -> 0.23 -> 0.59). bf16 autocast buys nothing at these widths on a native-bf16 CPU and
     costs ~10x on an AVX2-only one, so the preset trains in fp32 everywhere.
     ``--set train_seeds=0,1`` adds the same-width RP pairs at twice the training time."""
-    return ReproducibilityConfig(model_preset="ddpmpp-digits-light", widths=(8, 16),
-                                 sizes=(16, 64, 128, 256, 1797), train_seeds=(0,), train_steps=1000,
-                                 batch_size=32, learning_rate=1e-3, num_samples=256, sampler_steps=18,
-                                 torch_threads=1, train_workers=2, train_ensemble=5)
+    return ReproducibilityConfig(
+        model_preset="ddpmpp-digits-light",
+        widths=(8, 16),
+        sizes=(16, 64, 128, 256, 1797),
+        train_seeds=(0,),
+        train_steps=1000,
+        batch_size=32,
+        learning_rate=1e-3,
+        num_samples=256,
+        sampler_steps=18,
+        torch_threads=1,
+        train_workers=2,
+        train_ensemble=5,
+    )
 
 
 def _seeds() -> ReproducibilityConfig:
@@ -161,22 +192,45 @@ def _paper() -> ReproducibilityConfig:
     augmentation at p = 0.12 with augment labels; 10k samples per model from seeds
     100000-109999 (Heun, 18 steps). Set data_root, and ``similarity=sscd:PATH`` (the SSCD file you
     have) for the paper's measure at threshold 0.6. Add a second seed with --set train_seeds=0,1."""
-    return ReproducibilityConfig(dataset="cifar10", model_preset="ddpmpp-cifar", widths=(64, 128, 256),
-                                 sizes=tuple(2 ** k for k in range(6, 15)), train_seeds=(0,),
-                                 train_steps=390_625, batch_size=128, learning_rate=1e-3,
-                                 lr_warmup_images=10_000_000, precond="vp", augment_p=0.12,
-                                 num_samples=10_000, sample_seed_start=100000, sampler_steps=18,
-                                 grid_samples=32)
+    return ReproducibilityConfig(
+        dataset="cifar10",
+        model_preset="ddpmpp-cifar",
+        widths=(64, 128, 256),
+        sizes=tuple(2**k for k in range(6, 15)),
+        train_seeds=(0,),
+        train_steps=390_625,
+        batch_size=128,
+        learning_rate=1e-3,
+        lr_warmup_images=10_000_000,
+        precond="vp",
+        augment_p=0.12,
+        num_samples=10_000,
+        sample_seed_start=100000,
+        sampler_steps=18,
+        grid_samples=32,
+    )
 
 
 def _tiny() -> ReproducibilityConfig:
     """Seconds, for tests (with stand-in hooks) and smoke runs."""
-    return ReproducibilityConfig(widths=(4, 8), sizes=(8, 512), train_seeds=(0, 1), train_steps=20,
-                                 batch_size=16, num_samples=24, sampler_steps=8, grid_samples=8)
+    return ReproducibilityConfig(
+        widths=(4, 8),
+        sizes=(8, 512),
+        train_seeds=(0, 1),
+        train_steps=20,
+        batch_size=16,
+        num_samples=24,
+        sampler_steps=8,
+        grid_samples=8,
+    )
 
 
-PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {"quick": _quick, "seeds": _seeds, "paper": _paper,
-                                                           "tiny": _tiny}
+PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {
+    "quick": _quick,
+    "seeds": _seeds,
+    "paper": _paper,
+    "tiny": _tiny,
+}
 CONFIG_CLASS = ReproducibilityConfig
 
 
@@ -199,9 +253,16 @@ def _load_tensor(path: Path) -> torch.Tensor:
 class _Study:
     """One run of the study: config, workspace, hooks and the units made so far."""
 
-    def __init__(self, config: ReproducibilityConfig, out: str | Path, hooks: StudyHooks,
-                 device: str, progress: bool, default_stack: bool = False,
-                 part: base.Participation = base.Participation()):
+    def __init__(
+        self,
+        config: ReproducibilityConfig,
+        out: str | Path,
+        hooks: StudyHooks,
+        device: str,
+        progress: bool,
+        default_stack: bool = False,
+        part: base.Participation = base.Participation(),
+    ):
         self.config = config
         self.part = part  # this process's part of a sharded or distributed run
         self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
@@ -222,8 +283,14 @@ class _Study:
 
     def sampling_spec(self) -> dict:
         c = self.config
-        return {"seed_start": c.sample_seed_start, "num_samples": c.num_samples, "steps": c.sampler_steps,
-                "solver": c.solver, "sigma_min": c.sigma_min, "sigma_max": c.sigma_max}
+        return {
+            "seed_start": c.sample_seed_start,
+            "num_samples": c.num_samples,
+            "steps": c.sampler_steps,
+            "solver": c.solver,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+        }
 
     # steps -------------------------------------------------------------------
     def threshold(self, pool: torch.Tensor) -> tuple[float, str]:
@@ -232,12 +299,18 @@ class _Study:
             return float(c.threshold), "config"
         if self.similarity.default_threshold is not None:
             return float(self.similarity.default_threshold), "descriptor default (paper)"
-        spec = {"dataset": c.dataset, "similarity": self.similarity.describe(),
-                "quantile": c.calibration_quantile, "max_queries": 2048, "seed": 0}
+        spec = {
+            "dataset": c.dataset,
+            "similarity": self.similarity.describe(),
+            "quantile": c.calibration_quantile,
+            "max_queries": 2048,
+            "seed": 0,
+        }
 
         def produce(tmp: Path, work: Path) -> dict:
-            value = metrics.calibrate_threshold(pool, self.similarity, quantile=c.calibration_quantile,
-                                                max_queries=2048, seed=0, knn=self.hooks.knn)
+            value = metrics.calibrate_threshold(
+                pool, self.similarity, quantile=c.calibration_quantile, max_queries=2048, seed=0, knn=self.hooks.knn
+            )
             atomic_write_json(tmp / "threshold.json", {"threshold": value})
             return {"threshold": value}
 
@@ -252,29 +325,57 @@ class _Study:
     def empirical_spec(self, n: int) -> dict:
         return {**self.data_spec(n), "model": "empirical", **self.sampling_spec()}
 
-    def sample_unit(self, name: str, spec: dict, make_denoiser: Callable[[], Any], shape,
-                    wait: bool = True, progress: bool | None = None) -> torch.Tensor | None:
+    def sample_unit(
+        self,
+        name: str,
+        spec: dict,
+        make_denoiser: Callable[[], Any],
+        shape,
+        wait: bool = True,
+        progress: bool | None = None,
+    ) -> torch.Tensor | None:
         def produce(tmp: Path, work: Path) -> dict:
             c = self.config
-            samples = self.hooks.sample(make_denoiser(), c.seeds(), shape, steps=c.sampler_steps,
-                                        solver=c.solver, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
-                                        device=self.device,
-                                        progress=self.progress if progress is None else progress)
+            samples = self.hooks.sample(
+                make_denoiser(),
+                c.seeds(),
+                shape,
+                steps=c.sampler_steps,
+                solver=c.solver,
+                sigma_min=c.sigma_min,
+                sigma_max=c.sigma_max,
+                device=self.device,
+                progress=self.progress if progress is None else progress,
+            )
             _save_tensor(tmp / "samples.pt", samples.float())
             return {"shape": list(samples.shape)}
 
         unit = self.run_unit("samples", name, spec, produce, wait)
         return None if unit is None else _load_tensor(unit.file("samples.pt"))
 
-    def model_unit(self, width: int, n: int, seed: int, train_images: torch.Tensor,
-                   wait: bool = True, progress: bool | None = None, ensemble_meta: dict | None = None) -> Unit | None:
+    def model_unit(
+        self,
+        width: int,
+        n: int,
+        seed: int,
+        train_images: torch.Tensor,
+        wait: bool = True,
+        progress: bool | None = None,
+        ensemble_meta: dict | None = None,
+    ) -> Unit | None:
         """The model unit (width, n, seed); ``ensemble_meta``: what :meth:`train_ensemble` returned
         for this model (it was trained in its work folder already), recorded in the unit's meta."""
         spec = self.model_spec(width, n, seed)
 
         def produce(tmp: Path, work: Path) -> dict:
-            meta = self.hooks.train(train_images, spec, tmp, work, device=self.device,
-                                    progress=self.progress if progress is None else progress)
+            meta = self.hooks.train(
+                train_images,
+                spec,
+                tmp,
+                work,
+                device=self.device,
+                progress=self.progress if progress is None else progress,
+            )
             return {**meta, **{k: v for k, v in (ensemble_meta or {}).items() if v is not None}}
 
         return self.run_unit("models", _model_name(width, n, seed), spec, produce, wait)
@@ -282,8 +383,12 @@ class _Study:
     def models_costliest_first(self) -> list[tuple[int, int, int]]:
         """(width, n, seed) of every model, widest and largest N first."""
         c = self.config
-        return [(w, n, s) for w in sorted(c.widths, reverse=True) for n in sorted(c.sizes, reverse=True)
-                for s in c.train_seeds]
+        return [
+            (w, n, s)
+            for w in sorted(c.widths, reverse=True)
+            for n in sorted(c.sizes, reverse=True)
+            for s in c.train_seeds
+        ]
 
     def produce_share(self, pool: torch.Tensor, shape) -> None:
         """One process of a sharded run: every model, then every sample set, that no other process
@@ -293,29 +398,58 @@ class _Study:
             self.model_unit(width, n, seed, self.hooks.subset(pool, n, c.subset_seed)[0], wait=False)
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
-            self.sample_unit(f"empirical-n{n}", self.empirical_spec(n),
-                             lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape, wait=False)
+            self.sample_unit(
+                f"empirical-n{n}",
+                self.empirical_spec(n),
+                lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                shape,
+                wait=False,
+            )
             for width, seed in itertools.product(c.widths, c.train_seeds):
                 name = _model_name(width, n, seed)
                 model = self.ws.finished("models", name, self.model_spec(width, n, seed))
                 if model is not None:  # else another process is still training it
-                    self.sample_unit(name, {**model.spec, **self.sampling_spec()},
-                                     lambda: self.hooks.load(model.path, device=self.device), shape, wait=False)
+                    self.sample_unit(
+                        name,
+                        {**model.spec, **self.sampling_spec()},
+                        lambda: self.hooks.load(model.path, device=self.device),
+                        shape,
+                        wait=False,
+                    )
 
-    def metrics_unit(self, name: str, spec: dict, samples: torch.Tensor, train_images: torch.Tensor,
-                     reference_samples: torch.Tensor | None, threshold: float) -> dict:
+    def metrics_unit(
+        self,
+        name: str,
+        spec: dict,
+        samples: torch.Tensor,
+        train_images: torch.Tensor,
+        reference_samples: torch.Tensor | None,
+        threshold: float,
+    ) -> dict:
         c = self.config
-        full_spec = {**spec, "similarity": self.similarity.describe(), "threshold": threshold,
-                     "memorization_ratio": c.memorization_ratio}
+        full_spec = {
+            **spec,
+            "similarity": self.similarity.describe(),
+            "threshold": threshold,
+            "memorization_ratio": c.memorization_ratio,
+        }
 
         def produce(tmp: Path, work: Path) -> dict:
             x, train = samples.to(self.device), train_images.to(self.device)  # k-NN on the run's device
             gl = metrics.gl_score(x, train, self.similarity, threshold, knn=self.hooks.knn)
             mem = metrics.memorization_ratio(x, train, c.memorization_ratio, knn=self.hooks.knn)
-            summary = {"gl": gl.score, "nn_similarity_mean": metrics.exact_mean(gl.nn_similarity),
-                       "memorized_ratio": mem.fraction, "ratio_median": float(mem.ratio.median())}
-            per_sample = {"nn_index": gl.nn_index, "nn_similarity": gl.nn_similarity,
-                          "ratio": mem.ratio, "ratio_nn_index": mem.nn_index}
+            summary = {
+                "gl": gl.score,
+                "nn_similarity_mean": metrics.exact_mean(gl.nn_similarity),
+                "memorized_ratio": mem.fraction,
+                "ratio_median": float(mem.ratio.median()),
+            }
+            per_sample = {
+                "nn_index": gl.nn_index,
+                "nn_similarity": gl.nn_similarity,
+                "ratio": mem.ratio,
+                "ratio_nn_index": mem.nn_index,
+            }
             if reference_samples is not None:
                 rp = metrics.rp_score(x, reference_samples.to(self.device), self.similarity, threshold)
                 summary["rp_empirical"] = rp.score
@@ -349,49 +483,73 @@ class _Study:
             self.make_units_in_workers(pool)
         models, empirical, pairs = [], [], []
         grids_dir = self.ws.root / "grids"
-        bar = Progress(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), NAME, "models",
-                       enabled=self.progress)
+        bar = Progress(len(c.sizes) * (1 + len(c.widths) * len(c.train_seeds)), NAME, "models", enabled=self.progress)
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
             emp_name = f"empirical-n{n}"
             emp_spec = self.empirical_spec(n)
-            emp_samples = self.sample_unit(emp_name, emp_spec,
-                                           lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
-                                           shape)
+            emp_samples = self.sample_unit(
+                emp_name, emp_spec, lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape
+            )
             emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
             empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
             bar.update(1)
-            self.grid(grids_dir / f"{emp_name}.png", emp_samples, train_images, emp_metrics,
-                      f"empirical denoiser, N={n}")
+            self.grid(
+                grids_dir / f"{emp_name}.png", emp_samples, train_images, emp_metrics, f"empirical denoiser, N={n}"
+            )
             at_n = []
             for width, seed in itertools.product(c.widths, c.train_seeds):
                 name = _model_name(width, n, seed)
                 model = self.model_unit(width, n, seed, train_images)
                 sample_spec = {**model.spec, **self.sampling_spec()}
-                samples = self.sample_unit(name, sample_spec,
-                                           lambda: self.hooks.load(model.path, device=self.device), shape)
+                samples = self.sample_unit(
+                    name, sample_spec, lambda: self.hooks.load(model.path, device=self.device), shape
+                )
                 result = self.metrics_unit(name, sample_spec, samples, train_images, emp_samples, threshold)
-                self.grid(grids_dir / f"{name}.png", samples, train_images, result,
-                          f"UNet-{width}, N={n}, seed {seed}")
-                row = {"width": width, "n": n, "seed": seed, "gl": result["gl"],
-                       "memorized_ratio": result["memorized_ratio"], "rp_empirical": result["rp_empirical"],
-                       "nn_similarity_mean": result["nn_similarity_mean"], "ratio_median": result["ratio_median"],
-                       **_fraction_columns(result, samples.shape[0])}
+                self.grid(grids_dir / f"{name}.png", samples, train_images, result, f"UNet-{width}, N={n}, seed {seed}")
+                row = {
+                    "width": width,
+                    "n": n,
+                    "seed": seed,
+                    "gl": result["gl"],
+                    "memorized_ratio": result["memorized_ratio"],
+                    "rp_empirical": result["rp_empirical"],
+                    "nn_similarity_mean": result["nn_similarity_mean"],
+                    "ratio_median": result["ratio_median"],
+                    **_fraction_columns(result, samples.shape[0]),
+                }
                 models.append(row)
                 at_n.append((row, samples))
                 bar.update(1)
-                bar.note(f"{name}: GL {row['gl']:.2f}, memorized {row['memorized_ratio']:.2f}, "
-                         f"RP vs empirical {row['rp_empirical']:.2f}")
+                bar.note(
+                    f"{name}: GL {row['gl']:.2f}, memorized {row['memorized_ratio']:.2f}, "
+                    f"RP vs empirical {row['rp_empirical']:.2f}"
+                )
             for (ra, sa), (rb, sb) in itertools.combinations(at_n, 2):
                 rp = metrics.rp_score(sa, sb, self.similarity, threshold)
-                pairs.append({"n": n, "kind": "seeds" if ra["width"] == rb["width"] else "widths",
-                              "width_a": ra["width"], "seed_a": ra["seed"], "width_b": rb["width"],
-                              "seed_b": rb["seed"], **_pair_columns(rp.similarity, threshold)})
+                pairs.append(
+                    {
+                        "n": n,
+                        "kind": "seeds" if ra["width"] == rb["width"] else "widths",
+                        "width_a": ra["width"],
+                        "seed_a": ra["seed"],
+                        "width_b": rb["width"],
+                        "seed_b": rb["seed"],
+                        **_pair_columns(rp.similarity, threshold),
+                    }
+                )
         bar.close()
-        results = {"experiment": NAME, "config": c.result_fields(),
-                   "similarity": self.similarity.describe(), "threshold": threshold,
-                   "threshold_source": threshold_source, "models": models, "empirical": empirical,
-                   "pairs": pairs, "threshold_grid": threshold_grid(threshold)}
+        results = {
+            "experiment": NAME,
+            "config": c.result_fields(),
+            "similarity": self.similarity.describe(),
+            "threshold": threshold,
+            "threshold_source": threshold_source,
+            "models": models,
+            "empirical": empirical,
+            "pairs": pairs,
+            "threshold_grid": threshold_grid(threshold),
+        }
         results.update(summarize(results))
         results["figure_properties"] = figure_properties(results)
         results = json.loads(json_dumps(results))  # exactly what results.json holds
@@ -413,7 +571,7 @@ class _Study:
         tasks = []
         for (w, s), sizes in pending.items():
             for i in range(0, len(sizes), per_ensemble):
-                chunk = tuple(sizes[i:i + per_ensemble])
+                chunk = tuple(sizes[i : i + per_ensemble])
                 tasks.append(("model" if len(chunk) == 1 else "ensemble", w, chunk, s))
         for n in sorted(c.sizes, reverse=True):
             if self.ws.finished("samples", f"empirical-n{n}", self.empirical_spec(n)) is None:
@@ -425,29 +583,41 @@ class _Study:
         if task[0] == "empirical":
             n = task[1]
             train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
-            self.sample_unit(f"empirical-n{n}", self.empirical_spec(n),
-                             lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape,
-                             progress=progress)
+            self.sample_unit(
+                f"empirical-n{n}",
+                self.empirical_spec(n),
+                lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                shape,
+                progress=progress,
+            )
             return
         kind, width, sizes, seed = task
         ensemble_meta = self.train_ensemble(width, sizes, seed, pool, progress) if kind == "ensemble" else {}
         for n in sizes:
             train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
-            model = self.model_unit(width, n, seed, train_images, progress=progress,
-                                    ensemble_meta=ensemble_meta.get(n))
-            self.sample_unit(_model_name(width, n, seed), {**model.spec, **self.sampling_spec()},
-                             lambda: self.hooks.load(model.path, device=self.device), shape, progress=progress)
+            model = self.model_unit(width, n, seed, train_images, progress=progress, ensemble_meta=ensemble_meta.get(n))
+            self.sample_unit(
+                _model_name(width, n, seed),
+                {**model.spec, **self.sampling_spec()},
+                lambda: self.hooks.load(model.path, device=self.device),
+                shape,
+                progress=progress,
+            )
 
-    def train_ensemble(self, width: int, sizes: tuple[int, ...], seed: int, pool: torch.Tensor,
-                       progress: bool) -> dict[int, dict]:
+    def train_ensemble(
+        self, width: int, sizes: tuple[int, ...], seed: int, pool: torch.Tensor, progress: bool
+    ) -> dict[int, dict]:
         """Train the unfinished models (width, n, seed), n in ``sizes``, as one ensemble in their
         units' work folders, holding the units' claims meanwhile; :meth:`model_unit` then finds
         each at its final step and finishes it. Returns n -> the member's metadata."""
         from diffcore import _folder
 
         c = self.config
-        todo = [n for n in sizes if self.ws.finished("models", _model_name(width, n, seed),
-                                                     self.model_spec(width, n, seed)) is None]
+        todo = [
+            n
+            for n in sizes
+            if self.ws.finished("models", _model_name(width, n, seed), self.model_spec(width, n, seed)) is None
+        ]
         if len(todo) < 2:
             return {}  # nothing to stack: model_unit trains a lone model itself
         names = [_model_name(width, n, seed) for n in todo]
@@ -457,7 +627,10 @@ class _Study:
             metas = self.hooks.train_ensemble(
                 [self.hooks.subset(pool, n, c.subset_seed)[0] for n in todo],
                 [self.model_spec(width, n, seed) for n in todo],
-                [self.ws.work_path("models", name) for name in names], device=self.device, progress=progress)
+                [self.ws.work_path("models", name) for name in names],
+                device=self.device,
+                progress=progress,
+            )
         return dict(zip(todo, metas))
 
     def make_units_in_workers(self, pool: torch.Tensor) -> None:
@@ -470,11 +643,16 @@ class _Study:
         if not tasks:
             return
         names = [_model_name(w, n, s) for w in c.widths for n in c.sizes for s in c.train_seeds]
-        log.info("%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time%s",
-                 len(tasks), sum(len(t[2]) for t in tasks if t[0] != "empirical"),
-                 sum(t[0] == "empirical" for t in tasks), c.train_workers,
-                 ", models of one width in ensembles of up to %d" % c.train_ensemble
-                 if any(t[0] == "ensemble" for t in tasks) else "")
+        log.info(
+            "%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time%s",
+            len(tasks),
+            sum(len(t[2]) for t in tasks if t[0] != "empirical"),
+            sum(t[0] == "empirical" for t in tasks),
+            c.train_workers,
+            ", models of one width in ensembles of up to %d" % c.train_ensemble
+            if any(t[0] == "ensemble" for t in tasks)
+            else "",
+        )
         start = time.perf_counter()
         with _TrainingProgress(self.ws, names, c.train_steps, self.progress) as progress:
             if c.train_workers == 1:
@@ -485,7 +663,7 @@ class _Study:
                 self._run_tasks_in_processes(tasks, progress)
         self.train_wall_seconds = time.perf_counter() - start
 
-    def _run_tasks_in_processes(self, tasks: list[tuple], progress: "_TrainingProgress") -> None:
+    def _run_tasks_in_processes(self, tasks: list[tuple], progress: _TrainingProgress) -> None:
         import concurrent.futures
 
         from diffcore import _folder
@@ -493,8 +671,9 @@ class _Study:
         c = self.config
         executor = _folder.worker_pool(min(c.train_workers, len(tasks)), self.ws.root)  # die with this process
         try:
-            futures = {executor.submit(_task_in_worker, c, str(self.ws.root), task, self.device): task
-                       for task in tasks}
+            futures = {
+                executor.submit(_task_in_worker, c, str(self.ws.root), task, self.device): task for task in tasks
+            }
             for future in concurrent.futures.as_completed(futures):
                 future.result()  # a failed task raises here
                 progress.task_done(futures[future])
@@ -510,28 +689,50 @@ class _Study:
         if k == 0:
             return
         per = result["per_sample"]
-        plotting.samples_with_neighbors(samples[:k], train_images[per["nn_index"][:k]], path,
-                                        similarities=per["nn_similarity"][:k], title=title)
+        plotting.samples_with_neighbors(
+            samples[:k], train_images[per["nn_index"][:k]], path, similarities=per["nn_similarity"][:k], title=title
+        )
 
     def write_outputs(self, results: dict) -> None:
         root = self.ws.root
         atomic_write_json(root / "results.json", results)
         atomic_write_csv(root / "models.csv", results["models"])
-        atomic_write_csv(root / "pairs.csv", results["pairs"],
-                         columns=["n", "kind", "width_a", "seed_a", "width_b", "seed_b", "rp", "rp_low", "rp_high",
-                                  "similarity_mean", "similarity_mean_low", "similarity_mean_high"])
-        plotting.figure1({str(w): _nan_curve(curve) for w, curve in results["curves"].items()},
-                         root / "figure1.png", cross_width=_nan_curve(results["cross_width"]),
-                         threshold=results["threshold"], similarity=results["similarity"]["name"],
-                         title=f"Reproducibility and generalization against N: {self.config.dataset}, "
-                               f"{self.config.model_preset}")
+        atomic_write_csv(
+            root / "pairs.csv",
+            results["pairs"],
+            columns=[
+                "n",
+                "kind",
+                "width_a",
+                "seed_a",
+                "width_b",
+                "seed_b",
+                "rp",
+                "rp_low",
+                "rp_high",
+                "similarity_mean",
+                "similarity_mean_low",
+                "similarity_mean_high",
+            ],
+        )
+        plotting.figure1(
+            {str(w): _nan_curve(curve) for w, curve in results["curves"].items()},
+            root / "figure1.png",
+            cross_width=_nan_curve(results["cross_width"]),
+            threshold=results["threshold"],
+            similarity=results["similarity"]["name"],
+            title=f"Reproducibility and generalization against N: {self.config.dataset}, {self.config.model_preset}",
+        )
 
     def timing_details(self) -> dict:
         """What timings.json adds for this study: the wall time of the parallel training phase
         (``train_wall_seconds``; the units' seconds add up the concurrent processes), the workers
         and the ensembles."""
-        return {"train_wall_seconds": self.train_wall_seconds, "train_workers": self.config.train_workers,
-                "train_ensemble": self.config.train_ensemble}
+        return {
+            "train_wall_seconds": self.train_wall_seconds,
+            "train_workers": self.config.train_workers,
+            "train_ensemble": self.config.train_ensemble,
+        }
 
 
 def _task_in_worker(config: ReproducibilityConfig, out: str, task: tuple, device: str) -> None:
@@ -549,8 +750,7 @@ class _TrainingProgress:
 
     def __init__(self, ws: Workspace, names: list[str], steps: int, enabled: bool, poll: float = 1.0):
         self.ws, self.names, self.steps, self.poll = ws, names, int(steps), poll
-        self.bar = Progress(len(names) * self.steps, "training", "steps", enabled=enabled,
-                            initial=self._done_steps())
+        self.bar = Progress(len(names) * self.steps, "training", "steps", enabled=enabled, initial=self._done_steps())
         self._stop = None
 
     def _done_steps(self) -> int:
@@ -574,10 +774,12 @@ class _TrainingProgress:
             self.bar.note(f"sampled the empirical denoiser of N = {task[1]}")
             return
         kind, width, sizes, seed = task
-        self.bar.note(("trained (as one ensemble) and sampled " if kind == "ensemble" else "trained and sampled ")
-                      + ", ".join(_model_name(width, n, seed) for n in sizes))
+        self.bar.note(
+            ("trained (as one ensemble) and sampled " if kind == "ensemble" else "trained and sampled ")
+            + ", ".join(_model_name(width, n, seed) for n in sizes)
+        )
 
-    def __enter__(self) -> "_TrainingProgress":
+    def __enter__(self) -> _TrainingProgress:
         import threading
 
         self._stop = threading.Event()
@@ -604,8 +806,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _nan_curve(curve: dict) -> dict:
-    return {k: [float("nan") if v is None else v for v in vs] if isinstance(vs, list) else vs
-            for k, vs in curve.items()}
+    return {
+        k: [float("nan") if v is None else v for v in vs] if isinstance(vs, list) else vs for k, vs in curve.items()
+    }
 
 
 # RP over a grid of thresholds around the one used: the gap to a perfect match, 1 - threshold,
@@ -640,16 +843,21 @@ def _pair_columns(similarity: torch.Tensor, threshold: float) -> dict:
     num = sims.shape[0]
     rp = intervals.wilson_interval(int((sims > threshold).sum()), num)
     mean = intervals.bootstrap_sums(sims, lambda s: s[:, 0] / num)
-    return {**intervals.flat("rp", rp), **intervals.flat("similarity_mean", mean),
-            "rp_grid": [float((sims > t).mean()) for t in threshold_grid(threshold)]}
+    return {
+        **intervals.flat("rp", rp),
+        **intervals.flat("similarity_mean", mean),
+        "rp_grid": [float((sims > t).mean()) for t in threshold_grid(threshold)],
+    }
 
 
 def _interval_lists(key: str, values: list[intervals.Interval | None]) -> dict:
     """Curve columns ``key``, ``key_low``, ``key_high`` (None where a point has no value)."""
-    return {key: [None if v is None else v.value for v in values],
-            f"{key}_low": [None if v is None else v.low for v in values],
-            f"{key}_high": [None if v is None else v.high for v in values],
-            f"{key}_method": next((v.method for v in values if v is not None), None)}
+    return {
+        key: [None if v is None else v.value for v in values],
+        f"{key}_low": [None if v is None else v.low for v in values],
+        f"{key}_high": [None if v is None else v.high for v in values],
+        f"{key}_method": next((v.method for v in values if v is not None), None),
+    }
 
 
 def _fraction_at(fractions: list[float], num: int) -> intervals.Interval | None:
@@ -661,14 +869,17 @@ def _fraction_at(fractions: list[float], num: int) -> intervals.Interval | None:
 
 
 def _interval(point: dict, key: str) -> intervals.Interval:
-    return intervals.Interval(point[key], point[f"{key}_low"], point[f"{key}_high"], method=point.get(
-        f"{key}_method") or "exact")
+    return intervals.Interval(
+        point[key], point[f"{key}_low"], point[f"{key}_high"], method=point.get(f"{key}_method") or "exact"
+    )
 
 
 def _points(curve: dict, key: str) -> list[dict]:
     """The curve's points as dicts with ``key``, ``key_low``, ``key_high`` (for :func:`_interval`)."""
-    return [{key: v, f"{key}_low": lo, f"{key}_high": hi, f"{key}_method": curve.get(f"{key}_method")}
-            for v, lo, hi in zip(curve[key], curve[f"{key}_low"], curve[f"{key}_high"])]
+    return [
+        {key: v, f"{key}_low": lo, f"{key}_high": hi, f"{key}_method": curve.get(f"{key}_method")}
+        for v, lo, hi in zip(curve[key], curve[f"{key}_low"], curve[f"{key}_high"])
+    ]
 
 
 def figure_properties(results: dict) -> dict[str, dict]:
@@ -688,18 +899,23 @@ def figure_properties(results: dict) -> dict[str, dict]:
     """
     curves = {int(w): c for w, c in results["curves"].items()}
     widths = sorted(curves)
-    first = {w: (_interval(_points(c, "gl")[0], "gl"), _interval(_points(c, "memorized_ratio")[0],
-                                                                    "memorized_ratio")) for w, c in curves.items()}
+    first = {
+        w: (_interval(_points(c, "gl")[0], "gl"), _interval(_points(c, "memorized_ratio")[0], "memorized_ratio"))
+        for w, c in curves.items()
+    }
     last = {w: _interval(_points(c, "gl")[-1], "gl") for w, c in curves.items()}
     out = {
         "memorizes_at_smallest_n": intervals.claim(
             all(gl.high < MEMORIZES_GL and mem.low > MEMORIZES_RATIO for gl, mem in first.values()),
             bounds={"gl_below": MEMORIZES_GL, "memorized_above": MEMORIZES_RATIO},
             **{f"gl_w{w}": gl for w, (gl, _) in first.items()},
-            **{f"memorized_w{w}": mem for w, (_, mem) in first.items()}),
+            **{f"memorized_w{w}": mem for w, (_, mem) in first.items()},
+        ),
         "generalizes_at_largest_n": intervals.claim(
-            all(gl.low > GENERALIZES_GL for gl in last.values()), bound=GENERALIZES_GL,
-            **{f"gl_w{w}": gl for w, gl in last.items()}),
+            all(gl.low > GENERALIZES_GL for gl in last.values()),
+            bound=GENERALIZES_GL,
+            **{f"gl_w{w}": gl for w, gl in last.items()},
+        ),
     }
     cross = results["cross_width"]
     points = [_interval(p, "rp") for p in _points(cross, "rp")] if len(cross["n"]) >= 3 else []
@@ -713,8 +929,9 @@ def figure_properties(results: dict) -> dict[str, dict]:
         return max([n for n, p in zip(curve["n"], _points(curve, "gl")) if p["gl_high"] < 0.5], default=0)
 
     reaches = [reach(curves[w]) for w in widths]
-    out["wider_memorizes_longer"] = intervals.claim(all(a <= b for a, b in zip(reaches, reaches[1:])),
-                                                    widths=widths, last_n_clearly_memorized=reaches)
+    out["wider_memorizes_longer"] = intervals.claim(
+        all(a <= b for a, b in zip(reaches, reaches[1:])), widths=widths, last_n_clearly_memorized=reaches
+    )
     apart = []
     if len(widths) >= 2:
         narrow, wide = curves[widths[0]], curves[widths[-1]]
@@ -737,17 +954,33 @@ def summarize(results: dict) -> dict:
         rows = [m for m in results["models"] if m["width"] == width]
         curve: dict[str, Any] = {"n": sizes}
         for key in ("gl", "memorized_ratio", "rp_empirical"):
-            curve.update(_interval_lists(key, [_fraction_at([m[key] for m in rows if m["n"] == n], num)
-                                               for n in sizes]))
-        curve.update(_interval_lists("rp_seeds", [_fraction_at([
-            p["rp"] for p in results["pairs"] if p["n"] == n and p["kind"] == "seeds" and p["width_a"] == width],
-            num) for n in sizes]))
+            curve.update(
+                _interval_lists(key, [_fraction_at([m[key] for m in rows if m["n"] == n], num) for n in sizes])
+            )
+        curve.update(
+            _interval_lists(
+                "rp_seeds",
+                [
+                    _fraction_at(
+                        [
+                            p["rp"]
+                            for p in results["pairs"]
+                            if p["n"] == n and p["kind"] == "seeds" and p["width_a"] == width
+                        ],
+                        num,
+                    )
+                    for n in sizes
+                ],
+            )
+        )
         curves[str(width)] = curve
     cross_pairs = {n: [p for p in results["pairs"] if p["n"] == n and p["kind"] == "widths"] for n in sizes}
     cross_n = [n for n in sizes if cross_pairs[n]]
-    cross = {"n": cross_n, **_interval_lists("rp", [_fraction_at([p["rp"] for p in cross_pairs[n]], num)
-                                                    for n in cross_n]),
-             "similarity_mean": [_mean([p["similarity_mean"] for p in cross_pairs[n]]) for n in cross_n]}
+    cross = {
+        "n": cross_n,
+        **_interval_lists("rp", [_fraction_at([p["rp"] for p in cross_pairs[n]], num) for n in cross_n]),
+        "similarity_mean": [_mean([p["similarity_mean"] for p in cross_pairs[n]]) for n in cross_n],
+    }
     grid = results.get("threshold_grid", [])
     by_threshold = []
     for index, t in enumerate(grid):
@@ -760,16 +993,30 @@ def summarize(results: dict) -> dict:
     return {"curves": curves, "cross_width": cross}
 
 
-def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | None = None,
-        device: str = "auto", progress: bool = True) -> dict:
+def run(
+    config: ReproducibilityConfig,
+    out: str | Path,
+    *,
+    hooks: StudyHooks | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Run (or resume) the study into ``out``; returns the content of ``results.json``.
 
     Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process makes the
     models and sample sets no other process is making; then rank 0 (or a later plain run) writes
     the results, and the other processes return ``{}``."""
+
     def make(given: StudyHooks | None, resolved: str, part: base.Participation) -> _Study:
-        return _Study(config, out, given or study_hooks.default_hooks(), resolved, progress,
-                      default_stack=given is None, part=part)
+        return _Study(
+            config,
+            out,
+            given or study_hooks.default_hooks(),
+            resolved,
+            progress,
+            default_stack=given is None,
+            part=part,
+        )
 
     return base.run_study(STUDY, config, out, make, hooks=hooks, device=device)
 
@@ -777,8 +1024,11 @@ def run(config: ReproducibilityConfig, out: str | Path, *, hooks: StudyHooks | N
 def summary(results: dict, out: Path) -> list[str]:
     """The lines ``diffcore run reproducibility`` prints: a row per model, then the figure."""
     lines = [f"{'width':>6} {'N':>6} {'seed':>4} {'GL':>6} {'mem':>6} {'RP_emp':>6}"]
-    lines += [f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
-              f"{row['memorized_ratio']:6.3f} {row['rp_empirical']:6.3f}" for row in results["models"]]
+    lines += [
+        f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
+        f"{row['memorized_ratio']:6.3f} {row['rp_empirical']:6.3f}"
+        for row in results["models"]
+    ]
     return lines + [f"figure: {out / 'figure1.png'}", f"results: {out / 'results.json'}"]
 
 

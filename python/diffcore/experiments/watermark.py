@@ -45,22 +45,30 @@ Models (``model``):
 Outputs: ``results.json``, ``detection.csv`` (method x attack), ``consistency.csv`` (per image),
 ``watermark-roc.png``, ``watermark-images.png``, ``watermark-consistency.png``, ``timings.json``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from diffcore.experiments import _stack, base
+from diffcore.experiments.base import (
+    ConfigError,
+    Workspace,
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_preset,
+    json_dumps,
+)
 from diffcore.metrics.watermark import AttackParams
-from diffcore.experiments.base import (ConfigError, Workspace, atomic_save_figure, atomic_write_csv,
-                                       atomic_write_json, config_from_preset, json_dumps)
 
 log = logging.getLogger(__name__)
 
@@ -72,46 +80,46 @@ SCORES = ("distance", "p_value", "key_rank")
 
 @dataclass(frozen=True)
 class WatermarkConfig:
-    model: str = "molrg"                    # molrg | mixture | gaussian | unet | diffusers
-    model_dir: str = ""                     # diffusers: folder with the UNet2DModel and its scheduler
-    resolution: int = 32                    # digits upsampled to this side (unet, gaussian)
-    width: int = 16                         # unet: model_channels of ddpmpp-digits-light at `resolution`
+    model: str = "molrg"  # molrg | mixture | gaussian | unet | diffusers
+    model_dir: str = ""  # diffusers: folder with the UNet2DModel and its scheduler
+    resolution: int = 32  # digits upsampled to this side (unet, gaussian)
+    width: int = 16  # unet: model_channels of ddpmpp-digits-light at `resolution`
     train_steps: int = 400
     batch_size: int = 64
     learning_rate: float = 2e-3
     lr_warmup_images: int = 2000
     train_seed: int = 0
-    variance_floor: float = 1e-2            # molrg, mixture, gaussian: added to every eigenvalue
-    components: int = 10                    # molrg: subspaces (the digits' classes)
-    latent_dim: int = 20                    # molrg: their dimension (95 % of a digit class's variance at 32x32)
-    pixel_variance: float = 0.23            # molrg: data variance per pixel (the digits' at 32x32, [-1, 1])
-    basis_seed: int = 0                     # molrg: the random subspaces
-    solver: str = "ddim"                    # deterministic solver of sampling and inversion
-    sampler_steps: int = 50                 # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
-    time: float = 0.3                       # shallow injection time, fraction of T (DDPM timestep time * T)
-    radius_fraction: float = 10 / 64        # key radius = round(fraction * side) (the paper: 10 on 64x64)
+    variance_floor: float = 1e-2  # molrg, mixture, gaussian: added to every eigenvalue
+    components: int = 10  # molrg: subspaces (the digits' classes)
+    latent_dim: int = 20  # molrg: their dimension (95 % of a digit class's variance at 32x32)
+    pixel_variance: float = 0.23  # molrg: data variance per pixel (the digits' at 32x32, [-1, 1])
+    basis_seed: int = 0  # molrg: the random subspaces
+    solver: str = "ddim"  # deterministic solver of sampling and inversion
+    sampler_steps: int = 50  # sampling grid: Karras (EDM models) or the scheduler's DDIM steps
+    time: float = 0.3  # shallow injection time, fraction of T (DDPM timestep time * T)
+    radius_fraction: float = 10 / 64  # key radius = round(fraction * side) (the paper: 10 on 64x64)
     channel: int = 0
-    band: str = "high"                      # high (the public code's complex2) | low (Tree-Ring's complex)
+    band: str = "high"  # high (the public code's complex2) | low (Tree-Ring's complex)
     key_seed: int = 0
-    num_images: int = 32                    # watermarked images (seeds sample_seed_start ..)
-    num_negatives: int = 32                 # unwatermarked images from the next seeds
+    num_images: int = 32  # watermarked images (seeds sample_seed_start ..)
+    num_negatives: int = 32  # unwatermarked images from the next seeds
     sample_seed_start: int = 100000
-    sample_batch: int = 64                  # images per sampler / inversion batch
+    sample_batch: int = 64  # images per sampler / inversion batch
     attacks: tuple[str, ...] = ("none", "jpeg", "blur", "noise", "brightness", "resize", "crop")
     # the attacks' parameters (defaults: diffcore.metrics.watermark.AttackParams)
     jpeg_quality: int = AttackParams.jpeg_quality
-    blur_radius: float = AttackParams.blur_radius        # px at attack_reference_size, scaled with the side
-    noise_std: float = AttackParams.noise_std            # on the [0, 1] scale
-    brightness: float = AttackParams.brightness          # factor uniform in [max(0, 1 - b), 1 + b]
+    blur_radius: float = AttackParams.blur_radius  # px at attack_reference_size, scaled with the side
+    noise_std: float = AttackParams.noise_std  # on the [0, 1] scale
+    brightness: float = AttackParams.brightness  # factor uniform in [max(0, 1 - b), 1 + b]
     resize_scale: float = AttackParams.resize_scale
     crop_fraction: float = AttackParams.crop_fraction
     attack_reference_size: int = AttackParams.reference_size
     attack_seed: int = AttackParams.seed
-    p_value: bool = True                    # Tree-Ring's chi-square p-value beside the L1 distance
-    rank_references: int = 99               # key-rank p-value against this many other keys (0: off)
-    wrong_keys: int = 20                    # other keys scored on the unattacked images (0: off)
-    nullspace_images: int = 4               # images whose Jacobian is analysed (0: skip)
-    nullspace_k: int = 32                   # top singular vectors computed
+    p_value: bool = True  # Tree-Ring's chi-square p-value beside the L1 distance
+    rank_references: int = 99  # key-rank p-value against this many other keys (0: off)
+    wrong_keys: int = 20  # other keys scored on the unattacked images (0: off)
+    nullspace_images: int = 4  # images whose Jacobian is analysed (0: skip)
+    nullspace_k: int = 32  # top singular vectors computed
     grid_images: int = 6
 
     def validate(self) -> None:
@@ -122,15 +130,20 @@ class WatermarkConfig:
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_images + self.num_negatives)
         for name in ("nullspace_images", "grid_images"):
             if getattr(self, name) > self.num_images:
-                raise ConfigError(f"{name}: expected at most num_images = {self.num_images}, "
-                                  f"got {getattr(self, name)!r}")
-        if self.model == "molrg" and self.components * self.latent_dim > self.resolution ** 2:
-            raise ConfigError(f"latent_dim: components * latent_dim must be at most resolution^2 = "
-                              f"{self.resolution ** 2} (orthogonal subspaces), "
-                              f"got {self.components} * {self.latent_dim}")
+                raise ConfigError(
+                    f"{name}: expected at most num_images = {self.num_images}, got {getattr(self, name)!r}"
+                )
+        if self.model == "molrg" and self.components * self.latent_dim > self.resolution**2:
+            raise ConfigError(
+                f"latent_dim: components * latent_dim must be at most resolution^2 = "
+                f"{self.resolution**2} (orthogonal subspaces), "
+                f"got {self.components} * {self.latent_dim}"
+            )
         if self.model == "molrg" and not self.pixel_variance > self.variance_floor:
-            raise ConfigError(f"pixel_variance: expected more than variance_floor = {self.variance_floor:g}, "
-                              f"got {self.pixel_variance!r}")
+            raise ConfigError(
+                f"pixel_variance: expected more than variance_floor = {self.variance_floor:g}, "
+                f"got {self.pixel_variance!r}"
+            )
         if self.model != "diffusers":  # the image shape is known here: check the key fits
             try:
                 self.key((1, self.resolution, self.resolution))
@@ -145,10 +158,16 @@ class WatermarkConfig:
         return wm.ring_key(shape, radius=radius, channel=self.channel, band=self.band, seed=self.key_seed)
 
     def attack_params(self) -> AttackParams:
-        return AttackParams(jpeg_quality=self.jpeg_quality, blur_radius=self.blur_radius, noise_std=self.noise_std,
-                            brightness=self.brightness, resize_scale=self.resize_scale,
-                            crop_fraction=self.crop_fraction, reference_size=self.attack_reference_size,
-                            seed=self.attack_seed)
+        return AttackParams(
+            jpeg_quality=self.jpeg_quality,
+            blur_radius=self.blur_radius,
+            noise_std=self.noise_std,
+            brightness=self.brightness,
+            resize_scale=self.resize_scale,
+            crop_fraction=self.crop_fraction,
+            reference_size=self.attack_reference_size,
+            seed=self.attack_seed,
+        )
 
     def positive_seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_images))
@@ -165,19 +184,45 @@ MAX_WRONG_KEYS = 1_000
 _FRACTION = base.fraction
 _NON_NEGATIVE = base.number(0)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "model": base.one_of(*MODELS), "model_dir": base.text, "resolution": base.integer(8, 512), "width": _POSITIVE,
-    "train_steps": _POSITIVE, "batch_size": _POSITIVE, "learning_rate": _FRACTION,
-    "lr_warmup_images": _COUNT, "train_seed": base.seed, "variance_floor": _FRACTION, "components": _POSITIVE,
-    "latent_dim": _POSITIVE, "pixel_variance": base.number(0, 10, lo_open=True), "basis_seed": base.seed,
-    "solver": base.solver, "sampler_steps": base.integer(2), "time": base.below(1),
-    "radius_fraction": base.below(0.5), "channel": _COUNT,
+    "model": base.one_of(*MODELS),
+    "model_dir": base.text,
+    "resolution": base.integer(8, 512),
+    "width": _POSITIVE,
+    "train_steps": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "learning_rate": _FRACTION,
+    "lr_warmup_images": _COUNT,
+    "train_seed": base.seed,
+    "variance_floor": _FRACTION,
+    "components": _POSITIVE,
+    "latent_dim": _POSITIVE,
+    "pixel_variance": base.number(0, 10, lo_open=True),
+    "basis_seed": base.seed,
+    "solver": base.solver,
+    "sampler_steps": base.integer(2),
+    "time": base.below(1),
+    "radius_fraction": base.below(0.5),
+    "channel": _COUNT,
     "band": base.registered("diffcore.analysis.watermark", "BANDS"),
-    "key_seed": base.seed, "num_images": _POSITIVE, "num_negatives": base.integer(2), "sample_seed_start": base.seed,
-    "sample_batch": _POSITIVE, "attacks": base.tuple_of(base.registered("diffcore.metrics.watermark", "ATTACKS")),
-    "jpeg_quality": base.integer(1, 95), "blur_radius": _NON_NEGATIVE, "noise_std": _NON_NEGATIVE,
-    "brightness": _NON_NEGATIVE, "resize_scale": _FRACTION, "crop_fraction": _FRACTION,
-    "attack_reference_size": _POSITIVE, "attack_seed": base.seed, "p_value": base.boolean,
-    "rank_references": base.integer(0, MAX_REFERENCE_KEYS), "wrong_keys": base.integer(0, MAX_WRONG_KEYS), "nullspace_images": _COUNT, "nullspace_k": _POSITIVE,
+    "key_seed": base.seed,
+    "num_images": _POSITIVE,
+    "num_negatives": base.integer(2),
+    "sample_seed_start": base.seed,
+    "sample_batch": _POSITIVE,
+    "attacks": base.tuple_of(base.registered("diffcore.metrics.watermark", "ATTACKS")),
+    "jpeg_quality": base.integer(1, 95),
+    "blur_radius": _NON_NEGATIVE,
+    "noise_std": _NON_NEGATIVE,
+    "brightness": _NON_NEGATIVE,
+    "resize_scale": _FRACTION,
+    "crop_fraction": _FRACTION,
+    "attack_reference_size": _POSITIVE,
+    "attack_seed": base.seed,
+    "p_value": base.boolean,
+    "rank_references": base.integer(0, MAX_REFERENCE_KEYS),
+    "wrong_keys": base.integer(0, MAX_WRONG_KEYS),
+    "nullspace_images": _COUNT,
+    "nullspace_k": _POSITIVE,
     "grid_images": _COUNT,
 }
 
@@ -191,16 +236,36 @@ def _quick() -> WatermarkConfig:
 
 def _tiny() -> WatermarkConfig:
     """Seconds: the Gaussian denoiser of the digits at 16x16, 12 steps, 8 + 8 images (tests)."""
-    return WatermarkConfig(model="gaussian", variance_floor=1e-3, resolution=16, sampler_steps=12, radius_fraction=0.2,
-                           num_images=8, num_negatives=8, attacks=("none", "jpeg", "noise"), nullspace_images=2,
-                           nullspace_k=4, grid_images=4, rank_references=19, wrong_keys=4)
+    return WatermarkConfig(
+        model="gaussian",
+        variance_floor=1e-3,
+        resolution=16,
+        sampler_steps=12,
+        radius_fraction=0.2,
+        num_images=8,
+        num_negatives=8,
+        attacks=("none", "jpeg", "noise"),
+        nullspace_images=2,
+        nullspace_k=4,
+        grid_images=4,
+        rank_references=19,
+        wrong_keys=4,
+    )
 
 
 def _paper() -> WatermarkConfig:
     """A pixel-space diffusers DDPM (e.g. CelebA-HQ 256) from ``model_dir``, 50 DDIM steps, the
     key in channel 0 with radius 10/64 of the side, 1000 + 1000 images (a GPU run)."""
-    return WatermarkConfig(model="diffusers", sampler_steps=50, num_images=1000, num_negatives=1000, sample_batch=16,
-                           nullspace_images=8, nullspace_k=64, grid_images=6)
+    return WatermarkConfig(
+        model="diffusers",
+        sampler_steps=50,
+        num_images=1000,
+        num_negatives=1000,
+        sample_batch=16,
+        nullspace_images=8,
+        nullspace_k=64,
+        grid_images=6,
+    )
 
 
 PRESETS: dict[str, Callable[[], WatermarkConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
@@ -208,6 +273,7 @@ CONFIG_CLASS = WatermarkConfig
 
 
 # ----------------------------------------------------------------------------- data and models
+
 
 def digits_at(resolution: int) -> torch.Tensor:
     """The embedded digits upsampled to ``resolution`` (Pillow bicubic), uint8 [1797, 1, R, R]."""
@@ -217,15 +283,16 @@ def digits_at(resolution: int) -> torch.Tensor:
     from diffcore.data import load_digits
 
     images, _ = load_digits(as_uint8=True)
-    out = [np.asarray(Image.fromarray(img[0].numpy()).resize((resolution, resolution), Image.BICUBIC))
-           for img in images]
+    out = [
+        np.asarray(Image.fromarray(img[0].numpy()).resize((resolution, resolution), Image.BICUBIC)) for img in images
+    ]
     return torch.from_numpy(np.stack(out)).unsqueeze(1)
 
 
 @dataclass
 class _Model:
     denoiser: Callable
-    sigmas: torch.Tensor          # descending sampling grid ending in 0 (sigma_t inserted)
+    sigmas: torch.Tensor  # descending sampling grid ending in 0 (sigma_t inserted)
     sigma_t: float
     shape: tuple
     info: dict
@@ -255,10 +322,22 @@ class _Study:
         if c.model == "molrg":
             from diffcore.denoisers.mixture import ScaledMoLRGDenoiser
 
-            denoiser = ScaledMoLRGDenoiser.random(c.components, shape, c.latent_dim, pixel_variance=c.pixel_variance,
-                                                  floor=c.variance_floor, seed=c.basis_seed).to(self.device)
-            info = {"kind": "molrg", "components": c.components, "latent_dim": c.latent_dim,
-                    "latent_std": denoiser.scale, "pixel_variance": c.pixel_variance, "basis_seed": c.basis_seed}
+            denoiser = ScaledMoLRGDenoiser.random(
+                c.components,
+                shape,
+                c.latent_dim,
+                pixel_variance=c.pixel_variance,
+                floor=c.variance_floor,
+                seed=c.basis_seed,
+            ).to(self.device)
+            info = {
+                "kind": "molrg",
+                "components": c.components,
+                "latent_dim": c.latent_dim,
+                "latent_std": denoiser.scale,
+                "pixel_variance": c.pixel_variance,
+                "basis_seed": c.basis_seed,
+            }
         else:
             images = digits_at(c.resolution)
         if c.model == "mixture":
@@ -287,14 +366,26 @@ class _Study:
         sigma_t = wm.sigma_at_time(self.c.time, alphas_cumprod)
         upper, lower = wm.split_sigmas(grid, sigma_t)
         sigmas = lower if upper is None else torch.cat([upper, lower[1:]])
-        return _Model(denoiser, sigmas, sigma_t, shape, {**info, "sigma_t": sigma_t, "sigma_max": float(sigmas[0]),
-                                                         "grid_steps": sigmas.numel() - 1})
+        return _Model(
+            denoiser,
+            sigmas,
+            sigma_t,
+            shape,
+            {**info, "sigma_t": sigma_t, "sigma_max": float(sigmas[0]), "grid_steps": sigmas.numel() - 1},
+        )
 
     def trained_unet(self, images: torch.Tensor):
         c = self.c
-        spec = {"resolution": c.resolution, "width": c.width, "train_steps": c.train_steps,
-                "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "lr_warmup_images": c.lr_warmup_images, "seed": c.train_seed, "model": self.unet_spec()}
+        spec = {
+            "resolution": c.resolution,
+            "width": c.width,
+            "train_steps": c.train_steps,
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "lr_warmup_images": c.lr_warmup_images,
+            "seed": c.train_seed,
+            "model": self.unet_spec(),
+        }
 
         def produce(tmp: Path, work: Path):
             import shutil
@@ -304,15 +395,20 @@ class _Study:
             from diffcore import train
 
             folder = work / "images"
-            if not (folder / "DONE").exists():          # the training set, written once (resumable)
+            if not (folder / "DONE").exists():  # the training set, written once (resumable)
                 folder.mkdir(parents=True, exist_ok=True)
                 for i, img in enumerate(images):
                     Image.fromarray(img[0].numpy()).save(folder / f"{i:05d}.png")
                 (folder / "DONE").write_text("ok\n")
             config = _stack.training_request(
-                spec, work / "run", self.device, self.progress, model=self.unet_spec(),
+                spec,
+                work / "run",
+                self.device,
+                self.progress,
+                model=self.unet_spec(),
                 data={"name": "image_folder", "root": str(folder), "resolution": c.resolution, "channels": 1},
-                checkpoint_every=max(1, c.train_steps // 4))
+                checkpoint_every=max(1, c.train_steps // 4),
+            )
             result = train.train_from_config(config, resume="auto")
             shutil.copytree(result.checkpoint, tmp / "checkpoint")
             return {"final_loss": result.final_loss, "step": result.step}
@@ -326,8 +422,13 @@ class _Study:
 
     def unet_spec(self) -> dict:
         c = self.c
-        return {"name": "ddpmpp", "preset": "ddpmpp-digits-light", "img_resolution": c.resolution,
-                "model_channels": c.width, "channel_mult": [1, 2, 2]}
+        return {
+            "name": "ddpmpp",
+            "preset": "ddpmpp-digits-light",
+            "img_resolution": c.resolution,
+            "model_channels": c.width,
+            "channel_mult": [1, 2, 2],
+        }
 
     def diffusers_model(self) -> _Model:
         from diffcore import sampler
@@ -339,8 +440,9 @@ class _Study:
         loaded = load_diffusers_folder(c.model_dir, self.device, argument="model_dir")
         abar = loaded.scheduler.alphas_cumprod
         grid = sampler.vp_sigmas(c.sampler_steps, abar, spacing=loaded.timestep_spacing)
-        return self.with_time(loaded.denoiser, grid, abar, loaded.shape,
-                              {"kind": "diffusers", "model_dir": str(Path(c.model_dir))})
+        return self.with_time(
+            loaded.denoiser, grid, abar, loaded.shape, {"kind": "diffusers", "model_dir": str(Path(c.model_dir))}
+        )
 
     # units ---------------------------------------------------------------------
     def key(self, shape):
@@ -351,9 +453,13 @@ class _Study:
 
     def model_spec(self, m: _Model) -> dict:
         c = self.c
-        return {"model": {k: v for k, v in m.info.items() if k not in ("final_loss", "step")},
-                "solver": c.solver, "steps": c.sampler_steps, "time": c.time, "variance_floor": c.variance_floor
-                if c.model in ("molrg", "mixture", "gaussian") else None}
+        return {
+            "model": {k: v for k, v in m.info.items() if k not in ("final_loss", "step")},
+            "solver": c.solver,
+            "steps": c.sampler_steps,
+            "time": c.time,
+            "variance_floor": c.variance_floor if c.model in ("molrg", "mixture", "gaussian") else None,
+        }
 
     def noise(self, seeds, m: _Model) -> torch.Tensor:
         """x_T of the seeds: unit noise times sqrt(1 + sigma_max^2) (the VP prior in VE units)."""
@@ -364,15 +470,19 @@ class _Study:
 
     def batches(self, seeds):
         b = self.c.sample_batch
-        return [seeds[i:i + b] for i in range(0, len(seeds), b)]
+        return [seeds[i : i + b] for i in range(0, len(seeds), b)]
 
     def samples_unit(self, method: str, m: _Model, key) -> dict:
         from diffcore.analysis import watermark as wm
 
         c = self.c
         sigma = injection_sigma(method, m)
-        spec = {**self.model_spec(m), "method": method, "key": _key_spec(key),
-                "seeds": [c.sample_seed_start, c.num_images]}
+        spec = {
+            **self.model_spec(m),
+            "method": method,
+            "key": _key_spec(key),
+            "seeds": [c.sample_seed_start, c.num_images],
+        }
 
         def produce(tmp: Path, work: Path):
             parts = []
@@ -394,8 +504,10 @@ class _Study:
 
         def produce(tmp: Path, work: Path):
             with torch.no_grad():
-                parts = [SOLVERS[c.solver](m.denoiser, self.noise(s, m), m.sigmas).float().cpu()
-                         for s in self.batches(c.negative_seeds())]
+                parts = [
+                    SOLVERS[c.solver](m.denoiser, self.noise(s, m), m.sigmas).float().cpu()
+                    for s in self.batches(c.negative_seeds())
+                ]
             torch.save(torch.cat(parts), tmp / "images.pt")
 
         unit = self.ws.run_unit("samples", "negatives", spec, produce)
@@ -409,18 +521,35 @@ class _Study:
         c = self.c
         sigma = injection_sigma(method, m)
         params = c.attack_params()
-        spec = {**self.model_spec(m), "method": method, "attack": attack_name, "params": dataclasses.asdict(params),
-                "key": _key_spec(key), "seeds": [c.sample_seed_start, c.num_images, c.num_negatives],
-                "p_value": c.p_value}
+        spec = {
+            **self.model_spec(m),
+            "method": method,
+            "attack": attack_name,
+            "params": dataclasses.asdict(params),
+            "key": _key_spec(key),
+            "seeds": [c.sample_seed_start, c.num_images, c.num_negatives],
+            "p_value": c.p_value,
+        }
 
         wrong = wm.reference_keys(key, c.wrong_keys) if attack_name == "none" and c.wrong_keys else []
         spec["wrong_keys"] = len(wrong)
 
         def score(images: torch.Tensor) -> tuple[dict, list]:
             attacked = mw.attack(images, attack_name, params)
-            parts = [wm.detect(m.denoiser, attacked[i:i + c.sample_batch].to(self.device), m.sigmas, key, sigma,
-                               solver=c.solver, p_value=c.p_value, key_rank=c.rank_references, return_state=True)
-                     for i in range(0, len(attacked), c.sample_batch)]
+            parts = [
+                wm.detect(
+                    m.denoiser,
+                    attacked[i : i + c.sample_batch].to(self.device),
+                    m.sigmas,
+                    key,
+                    sigma,
+                    solver=c.solver,
+                    p_value=c.p_value,
+                    key_rank=c.rank_references,
+                    return_state=True,
+                )
+                for i in range(0, len(attacked), c.sample_batch)
+            ]
             state = torch.cat([p.pop("state") for p in parts])
             others = [wm.key_distance(state, k, sigma).tolist() for k in wrong]
             return {k: torch.cat([p[k] for p in parts]).tolist() for k in parts[0]}, others
@@ -436,8 +565,12 @@ class _Study:
 
         unit = self.ws.run_unit("detection", f"{method}-{attack_name}", spec, produce)
         self.ws.record(unit)
-        return {"method": method, "attack": attack_name, **unit.meta,
-                "scores": json.loads(unit.file("scores.json").read_text())}
+        return {
+            "method": method,
+            "attack": attack_name,
+            **unit.meta,
+            "scores": json.loads(unit.file("scores.json").read_text()),
+        }
 
     def nullspace_unit(self, method: str, m: _Model, samples: dict) -> dict:
         from diffcore.analysis import watermark as wm
@@ -445,16 +578,26 @@ class _Study:
         c = self.c
         sigma = injection_sigma(method, m)
         n = c.nullspace_images
-        spec = {**self.model_spec(m), "method": method, "images": n, "k": c.nullspace_k,
-                "seeds": [c.sample_seed_start, c.num_images]}
+        spec = {
+            **self.model_spec(m),
+            "method": method,
+            "images": n,
+            "k": c.nullspace_k,
+            "seeds": [c.sample_seed_start, c.num_images],
+        }
 
         def produce(tmp: Path, work: Path):
             x = samples["state"][:n].to(self.device)
             delta = samples["delta"][:n].to(self.device)
             k = min(c.nullspace_k, x[0].numel())
             r = wm.null_space_fraction(m.denoiser, x, sigma, delta, k=k, seed=c.key_seed)
-            return {"fraction": r.fraction.tolist(), "rank": r.rank.tolist(), "response": r.response.tolist(),
-                    "k": k, "singular_values": r.singular_values.tolist()}
+            return {
+                "fraction": r.fraction.tolist(),
+                "rank": r.rank.tolist(),
+                "response": r.response.tolist(),
+                "k": k,
+                "singular_values": r.singular_values.tolist(),
+            }
 
         unit = self.ws.run_unit("nullspace", method, spec, produce)
         self.ws.record(unit)
@@ -472,8 +615,12 @@ class _Study:
         samples, detection, consistency, nullspace = {}, [], {}, {}
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(METHODS) * len(c.attacks), desc=NAME, unit="attack",
-                   disable=not _env.progress_enabled(self.progress))
+        bar = tqdm(
+            total=len(METHODS) * len(c.attacks),
+            desc=NAME,
+            unit="attack",
+            disable=not _env.progress_enabled(self.progress),
+        )
         for method in METHODS:
             s = samples[method] = self.samples_unit(method, m, key)
             consistency[method] = self.consistency(method, m, s)
@@ -484,13 +631,19 @@ class _Study:
                 bar.set_postfix_str(f"{method}/{attack_name}: AUC {detection[-1]['distance']['auc']:.3f}")
                 bar.update(1)
         bar.close()
-        results = json.loads(json_dumps({
-            "experiment": NAME, "config": dataclasses.asdict(c), "model": m.info,
-            "key": {**_key_spec(key), "size": key.size, "energy": float(key.values.abs().square().sum())},
-            "detection": [{k: v for k, v in d.items() if k != "scores"} for d in detection],
-            "consistency": {method: consistency_summary(values) for method, values in consistency.items()},
-            "nullspace": {method: _nullspace_summary(v) for method, v in nullspace.items()},
-        }))
+        results = json.loads(
+            json_dumps(
+                {
+                    "experiment": NAME,
+                    "config": dataclasses.asdict(c),
+                    "model": m.info,
+                    "key": {**_key_spec(key), "size": key.size, "energy": float(key.values.abs().square().sum())},
+                    "detection": [{k: v for k, v in d.items() if k != "scores"} for d in detection],
+                    "consistency": {method: consistency_summary(values) for method, values in consistency.items()},
+                    "nullspace": {method: _nullspace_summary(v) for method, v in nullspace.items()},
+                }
+            )
+        )
         self.write(results, detection, consistency, samples, m)
         return results
 
@@ -504,8 +657,11 @@ class _Study:
 
         marked, clean = s["watermarked"], s["clean"]
         injected = s["delta"].flatten(1).double().norm(dim=1) * wm.vp_scale(injection_sigma(method, m))
-        values = {"psnr": mw.psnr(marked, clean).tolist(), "ssim": mw.ssim(marked, clean).tolist(),
-                  "gain": ((marked - clean).flatten(1).double().norm(dim=1) / injected.clamp_min(1e-300)).tolist()}
+        values = {
+            "psnr": mw.psnr(marked, clean).tolist(),
+            "ssim": mw.ssim(marked, clean).tolist(),
+            "gain": ((marked - clean).flatten(1).double().norm(dim=1) / injected.clamp_min(1e-300)).tolist(),
+        }
         classify = getattr(m.denoiser, "classify", None)
         if classify is not None:
             low = float(m.sigmas[-2])
@@ -517,13 +673,25 @@ class _Study:
     def write(self, results: dict, detection: list, consistency: dict, samples: dict, m: _Model) -> None:
         root = self.ws.root
         atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "detection.csv", [
-            {"method": d["method"], "attack": d["attack"], **{f"{s}_{k}": d[s][k] for s in SCORES if s in d
-                                                                for k in ("auc", "tpr_at_1pct_fpr")}}
-            for d in results["detection"]])
-        atomic_write_csv(root / "consistency.csv", [
-            {"method": method, "image": i, "seed": self.c.sample_seed_start + i, **{k: v[k][i] for k in v}}
-            for method, v in consistency.items() for i in range(len(v["psnr"]))])
+        atomic_write_csv(
+            root / "detection.csv",
+            [
+                {
+                    "method": d["method"],
+                    "attack": d["attack"],
+                    **{f"{s}_{k}": d[s][k] for s in SCORES if s in d for k in ("auc", "tpr_at_1pct_fpr")},
+                }
+                for d in results["detection"]
+            ],
+        )
+        atomic_write_csv(
+            root / "consistency.csv",
+            [
+                {"method": method, "image": i, "seed": self.c.sample_seed_start + i, **{k: v[k][i] for k in v}}
+                for method, v in consistency.items()
+                for i in range(len(v["psnr"]))
+            ],
+        )
         plot_roc(detection, root / "watermark-roc.png")
         plot_images(samples, self.c.grid_images, root / "watermark-images.png", m)
         plot_consistency(results, consistency, root / "watermark-consistency.png")
@@ -534,8 +702,14 @@ def _key_spec(key) -> dict:
     import hashlib
 
     digest = hashlib.sha256(key.values.numpy().tobytes()).hexdigest()[:16]
-    return {"radius": key.radius, "channel": key.channel, "band": key.band, "seed": key.seed,
-            "shape": list(key.shape), "values_sha256": digest}
+    return {
+        "radius": key.radius,
+        "channel": key.channel,
+        "band": key.band,
+        "seed": key.seed,
+        "shape": list(key.shape),
+        "values_sha256": digest,
+    }
 
 
 def summarize_detection(scores: dict) -> dict:
@@ -548,9 +722,12 @@ def summarize_detection(scores: dict) -> dict:
             continue
         pos = [-v for v in scores["positives"][name]]
         neg = [-v for v in scores["negatives"][name]]
-        out[name] = {"auc": mw.roc_auc(pos, neg), "tpr_at_1pct_fpr": mw.tpr_at_fpr(pos, neg, 0.01),
-                     "positives_median": _median(scores["positives"][name]),
-                     "negatives_median": _median(scores["negatives"][name])}
+        out[name] = {
+            "auc": mw.roc_auc(pos, neg),
+            "tpr_at_1pct_fpr": mw.tpr_at_fpr(pos, neg, 0.01),
+            "positives_median": _median(scores["positives"][name]),
+            "negatives_median": _median(scores["negatives"][name]),
+        }
     return out
 
 
@@ -572,9 +749,12 @@ def _mean_std(values: dict) -> dict:
     for name, v in values.items():
         t = torch.tensor(v, dtype=torch.float64)
         finite = t[torch.isfinite(t)]
-        out[name] = {"mean": float(finite.mean()) if finite.numel() else None,
-                     "std": float(finite.std()) if finite.numel() > 1 else None,
-                     "min": float(t.min()), "infinite": int((~torch.isfinite(t)).sum())}
+        out[name] = {
+            "mean": float(finite.mean()) if finite.numel() else None,
+            "std": float(finite.std()) if finite.numel() > 1 else None,
+            "min": float(t.min()),
+            "infinite": int((~torch.isfinite(t)).sum()),
+        }
     return out
 
 
@@ -593,8 +773,13 @@ def consistency_summary(values: dict) -> dict:
 
 def _nullspace_summary(meta: dict) -> dict:
     fraction = torch.tensor(meta["fraction"], dtype=torch.float64)
-    return {"fraction_mean": float(fraction.mean()), "fraction": meta["fraction"], "rank": meta["rank"],
-            "response": meta["response"], "k": meta["k"]}
+    return {
+        "fraction_mean": float(fraction.mean()),
+        "fraction": meta["fraction"],
+        "rank": meta["rank"],
+        "response": meta["response"],
+        "k": meta["k"],
+    }
 
 
 # ----------------------------------------------------------------------------- figures
@@ -631,10 +816,13 @@ def plot_roc(detection: list, path) -> Path:
         ax.set_ylabel("true-positive rate", fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(attacks):]:
+    for ax in list(axes.flat)[len(attacks) :]:
         ax.axis("off")
-    fig.suptitle("Detection ROC (mean L1 key distance after ODE inversion); shallow = key at 0.3 T, "
-                 "xT = key in the initial noise", fontsize=9)
+    fig.suptitle(
+        "Detection ROC (mean L1 key distance after ODE inversion); shallow = key at 0.3 T, "
+        "xT = key in the initial noise",
+        fontsize=9,
+    )
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
@@ -681,8 +869,10 @@ def plot_consistency(results: dict, consistency: dict, path) -> Path:
     attacks = list(dict.fromkeys(d["attack"] for d in results["detection"]))
     width = 0.38
     for j, method in enumerate(METHODS):
-        auc = [next(d["distance"]["auc"] for d in results["detection"] if d["method"] == method and d["attack"] == a)
-               for a in attacks]
+        auc = [
+            next(d["distance"]["auc"] for d in results["detection"] if d["method"] == method and d["attack"] == a)
+            for a in attacks
+        ]
         ax.bar([i + (j - 0.5) * width for i in range(len(attacks))], auc, width, label=LABELS[method])
     ax.set_xticks(range(len(attacks)), attacks, fontsize=7, rotation=30)
     ax.set_ylim(0, 1.05)
@@ -697,8 +887,14 @@ def plot_consistency(results: dict, consistency: dict, path) -> Path:
 def run(config: WatermarkConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
     """Run (or resume) the study into ``out``; returns results.json's content. The study takes no
     hooks (its tiny preset runs the closed-form Gaussian denoiser instead of stand-ins)."""
-    return base.run_study(STUDY, config, out, lambda given, resolved, part: _Study(config, out, resolved, progress),
-                          hooks=hooks, device=device)
+    return base.run_study(
+        STUDY,
+        config,
+        out,
+        lambda given, resolved, part: _Study(config, out, resolved, progress),
+        hooks=hooks,
+        device=device,
+    )
 
 
 STUDY = base.Study(NAME, WatermarkConfig, takes_hooks=False)

@@ -11,6 +11,7 @@ attribute; :func:`diffcore.metrics.frechet_distance` and ``feature_statistics`` 
   accuracy is stored in the file's metadata (``digits_network_info()``) and in docs/metrics.md.
 - :func:`diffcore.metrics.inception_features` (inception.py): FID's Inception-v3 from a local file.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DIGITS_WEIGHTS = "files/digits_cnn.safetensors"   # inside the diffcore.data package
+DIGITS_WEIGHTS = "files/digits_cnn.safetensors"  # inside the diffcore.data package
 DIGITS_FEATURES = "digits-cnn-64"
 DIGITS_SPLIT_SEED = 20240601
-DIGITS_HELDOUT = 360                              # held-out images (20% of the 1797 digits)
+DIGITS_HELDOUT = 360  # held-out images (20% of the 1797 digits)
 
 
 class DigitsNetwork(nn.Module):
@@ -47,7 +48,7 @@ class DigitsNetwork(nn.Module):
             raise ValueError(f"digits network: images must be [B, 1, 8, 8], got {tuple(images.shape)}")
         x = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
         x = x.to(self.head.weight.device)
-        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)   # [B, 64, 4, 4]
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)  # [B, 64, 4, 4]
         x = F.relu(self.conv3(x)).flatten(1)
         return F.relu(self.embed(x))
 

@@ -18,13 +18,14 @@ attribute (if any) is recorded in the statistics, and two statistics of differen
 are refused. Built-in extractors: ``diffcore.metrics.digits_features()`` (shipped digits network)
 and ``diffcore.metrics.inception_features(path)`` (FID's Inception-v3 from a local weights file).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class FeatureStatistics:
     extractor: str | None = None
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, extractor: str | None = None) -> "FeatureStatistics":
+    def from_features(cls, features: torch.Tensor, extractor: str | None = None) -> FeatureStatistics:
         """Statistics of ``features [N, F]``."""
         return cls(extractor=extractor).update(features)
 
@@ -67,23 +68,25 @@ class FeatureStatistics:
             raise ValueError(f"FeatureStatistics: a covariance needs at least 2 feature rows, have {self.count}")
         return self.scatter / (self.count - 1)
 
-    def update(self, features: torch.Tensor) -> "FeatureStatistics":
+    def update(self, features: torch.Tensor) -> FeatureStatistics:
         """Add the rows of ``features [B, F]`` (any float dtype; accumulated in float64). Returns self."""
         rows = _feature_rows(features, "features", self.dim)
         return self._merge(rows.shape[0], rows.mean(dim=0), _centered_scatter(rows))
 
-    def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
+    def merge(self, other: FeatureStatistics) -> FeatureStatistics:
         """Add the rows summarized by ``other`` (statistics of the same extractor). Returns self."""
         _check_same_extractor(self, other)
         if other.mean is not None and other.scatter is None:
-            raise ValueError("FeatureStatistics.merge: 'other' has no row count (loaded from a file "
-                             "without one, e.g. pytorch-fid's .npz) and cannot be merged")
+            raise ValueError(
+                "FeatureStatistics.merge: 'other' has no row count (loaded from a file "
+                "without one, e.g. pytorch-fid's .npz) and cannot be merged"
+            )
         if other.count == 0:
             return self
         _feature_rows(other.mean[None], "other.mean", self.dim)
         return self._merge(other.count, other.mean, other.scatter)
 
-    def _merge(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> "FeatureStatistics":
+    def _merge(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> FeatureStatistics:
         # Chan, Golub & LeVeque (1979): pairwise update of mean and centered scatter.
         if self.mean is not None and self.scatter is None:
             raise ValueError("FeatureStatistics: statistics loaded without a row count cannot be extended")
@@ -109,8 +112,11 @@ class FeatureStatistics:
         path = Path(path)
         if self.count < 2:
             raise ValueError(f"FeatureStatistics.save: need at least 2 feature rows, have {self.count}")
-        arrays = {"mu": self.mean.numpy(), "sigma": self.covariance.numpy(),
-                  "count": np.array([self.count], dtype=np.int64)}
+        arrays = {
+            "mu": self.mean.numpy(),
+            "sigma": self.covariance.numpy(),
+            "count": np.array([self.count], dtype=np.int64),
+        }
         if path.suffix == ".npz":
             atomic_write(path, lambda fh: np.savez(fh, **arrays))
         elif path.suffix == ".safetensors":
@@ -123,7 +129,7 @@ class FeatureStatistics:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, extractor: str | None = None) -> "FeatureStatistics":
+    def load(cls, path: str | os.PathLike, extractor: str | None = None) -> FeatureStatistics:
         """Read statistics written by :meth:`save`, or a pytorch-fid ``.npz`` (``mu``, ``sigma``).
 
         No pickles are read. ``extractor`` names the features of a file that does not say it
@@ -139,19 +145,23 @@ class FeatureStatistics:
         except Exception as err:  # a corrupt or truncated file: name it
             if str(path) in str(err):
                 raise
-            raise ValueError(f"FeatureStatistics.load: {str(path)!r} is not a readable {path.suffix} "
-                             f"statistics file ({type(err).__name__}: {err})") from None
+            raise ValueError(
+                f"FeatureStatistics.load: {str(path)!r} is not a readable {path.suffix} "
+                f"statistics file ({type(err).__name__}: {err})"
+            ) from None
         return cls._from_arrays(arrays, stored_extractor or extractor, str(path))
 
     @classmethod
-    def _from_arrays(cls, arrays: dict, extractor: str | None, source: str) -> "FeatureStatistics":
+    def _from_arrays(cls, arrays: dict, extractor: str | None, source: str) -> FeatureStatistics:
         if "mu" not in arrays or "sigma" not in arrays:
             raise ValueError(f"FeatureStatistics.load: {source!r} lacks the arrays 'mu' and 'sigma'")
         mean = _real_array(arrays["mu"], "mu", source).reshape(-1)
         cov = _real_array(arrays["sigma"], "sigma", source)
         if cov.shape != (mean.shape[0], mean.shape[0]):
-            raise ValueError(f"FeatureStatistics.load: {source!r}: 'sigma' has shape {tuple(cov.shape)}, "
-                             f"expected {(mean.shape[0], mean.shape[0])} to match 'mu'")
+            raise ValueError(
+                f"FeatureStatistics.load: {source!r}: 'sigma' has shape {tuple(cov.shape)}, "
+                f"expected {(mean.shape[0], mean.shape[0])} to match 'mu'"
+            )
         _check_covariance(cov, source)
         if "count" not in arrays:  # pytorch-fid: mean and covariance only
             return _UncountedStatistics(mean, cov, extractor)
@@ -181,8 +191,7 @@ def _real_array(array, key: str, source: str) -> torch.Tensor:
     """``array`` as float64, refused (naming the file and key) unless real and finite."""
     array = np.asarray(array)
     if array.dtype.kind not in "fiu":
-        raise ValueError(f"FeatureStatistics.load: {source!r}: {key!r} has dtype {array.dtype}, "
-                         "expected real numbers")
+        raise ValueError(f"FeatureStatistics.load: {source!r}: {key!r} has dtype {array.dtype}, expected real numbers")
     values = torch.from_numpy(array.astype(np.float64))
     if not torch.isfinite(values).all():
         raise ValueError(f"FeatureStatistics.load: {source!r}: {key!r} holds NaN or infinite values")
@@ -199,23 +208,28 @@ def _check_covariance(cov: torch.Tensor, source: str) -> None:
     scale = float(cov.abs().max()) if cov.numel() else 0.0
     asymmetry = float((cov - cov.T).abs().max()) if cov.numel() else 0.0
     if asymmetry > COVARIANCE_RTOL * scale:
-        raise ValueError(f"FeatureStatistics.load: {source!r}: 'sigma' is not symmetric (largest "
-                         f"|S - S^T| = {asymmetry:.3g}, largest |S| = {scale:.3g}); not a covariance")
+        raise ValueError(
+            f"FeatureStatistics.load: {source!r}: 'sigma' is not symmetric (largest "
+            f"|S - S^T| = {asymmetry:.3g}, largest |S| = {scale:.3g}); not a covariance"
+        )
     eigenvalues = torch.linalg.eigvalsh((cov + cov.T) / 2) if cov.numel() else cov.new_zeros(1)
     if float(eigenvalues.min()) < -COVARIANCE_RTOL * max(float(eigenvalues.abs().max()), 1e-300):
-        raise ValueError(f"FeatureStatistics.load: {source!r}: 'sigma' has a negative eigenvalue "
-                         f"{float(eigenvalues.min()):.3g}; a covariance is positive semi-definite")
+        raise ValueError(
+            f"FeatureStatistics.load: {source!r}: 'sigma' has a negative eigenvalue "
+            f"{float(eigenvalues.min()):.3g}; a covariance is positive semi-definite"
+        )
 
 
 def _row_count(array, source: str) -> int:
     array = np.asarray(array)
     if array.dtype.kind not in "iu" or array.size != 1:
-        raise ValueError(f"FeatureStatistics.load: {source!r}: 'count' must be one integer, got "
-                         f"{array.size} value(s) of dtype {array.dtype}")
+        raise ValueError(
+            f"FeatureStatistics.load: {source!r}: 'count' must be one integer, got "
+            f"{array.size} value(s) of dtype {array.dtype}"
+        )
     count = int(array.reshape(-1)[0])
     if count < 2:
-        raise ValueError(f"FeatureStatistics.load: {source!r}: 'count' is {count}; a covariance needs "
-                         "at least 2 rows")
+        raise ValueError(f"FeatureStatistics.load: {source!r}: 'count' is {count}; a covariance needs at least 2 rows")
     return count
 
 
@@ -258,9 +272,15 @@ def _check_same_extractor(a: FeatureStatistics, b: FeatureStatistics) -> None:
 
 # ---------------------------------------------------------------------- computing statistics
 
-def feature_statistics(images: torch.Tensor | Iterable[torch.Tensor], extractor: Callable, *,
-                       batch_size: int = 256, device: str | torch.device = "cpu",
-                       progress: bool = False) -> FeatureStatistics:
+
+def feature_statistics(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    extractor: Callable,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> FeatureStatistics:
     """Statistics of ``extractor(images)``, computed batch by batch.
 
     Args:
@@ -287,6 +307,7 @@ def feature_statistics(images: torch.Tensor | Iterable[torch.Tensor], extractor:
 
 # ---------------------------------------------------------------------- the distance
 
+
 def sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix through ``eigh`` (float64).
 
@@ -308,8 +329,9 @@ def trace_sqrt_product(cov_a: torch.Tensor, cov_b: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum())
 
 
-def frechet_distance_gaussians(mean_a: torch.Tensor, cov_a: torch.Tensor,
-                               mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+def frechet_distance_gaussians(
+    mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor
+) -> float:
     """Frechet (2-Wasserstein squared) distance of ``N(mean_a, cov_a)`` and ``N(mean_b, cov_b)``, float64."""
     mean_a, mean_b = mean_a.to(torch.float64).reshape(-1), mean_b.to(torch.float64).reshape(-1)
     dim = mean_a.shape[0]
@@ -322,9 +344,14 @@ def frechet_distance_gaussians(mean_a: torch.Tensor, cov_a: torch.Tensor,
     return mean_term + float(cov_a.trace() + cov_b.trace()) - 2.0 * trace_sqrt_product(cov_a, cov_b)
 
 
-def frechet_distance(a: FeatureStatistics | torch.Tensor, b: FeatureStatistics | torch.Tensor, *,
-                     extractor: Callable | None = None, batch_size: int = 256,
-                     device: str | torch.device = "cpu") -> float:
+def frechet_distance(
+    a: FeatureStatistics | torch.Tensor,
+    b: FeatureStatistics | torch.Tensor,
+    *,
+    extractor: Callable | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> float:
     """Frechet distance between two sets (FID with Inception features).
 
     Each of ``a`` and ``b`` is a :class:`FeatureStatistics` (e.g. a saved reference set), or a
@@ -341,8 +368,9 @@ def frechet_distance(a: FeatureStatistics | torch.Tensor, b: FeatureStatistics |
         elif isinstance(value, torch.Tensor):
             stats.append(FeatureStatistics.from_features(_feature_rows(value, name, None)))
         else:
-            raise ValueError(f"frechet_distance: {name} must be FeatureStatistics or a tensor, "
-                             f"got {type(value).__name__}")
+            raise ValueError(
+                f"frechet_distance: {name} must be FeatureStatistics or a tensor, got {type(value).__name__}"
+            )
     _check_same_extractor(*stats)
     if stats[0].dim != stats[1].dim:
         raise ValueError(f"frechet_distance: a has {stats[0].dim} features, b has {stats[1].dim}")

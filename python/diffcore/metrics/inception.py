@@ -16,6 +16,7 @@ TF1-style bilinear kernel instead; its FID differs slightly from pytorch-fid's o
 Nothing is downloaded: pass the path of the file you have. It is read with
 ``torch.load(weights_only=True)`` (tensors only, no code) or as ``.safetensors``.
 """
+
 from __future__ import annotations
 
 import os
@@ -205,8 +206,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickled code or objects other than tensors and containers
-        raise ValueError(f"weights file {path!r} is not a plain state dict that loads with "
-                         f"weights_only=True (refused: {type(err).__name__})") from err
+        raise ValueError(
+            f"weights file {path!r} is not a plain state dict that loads with "
+            f"weights_only=True (refused: {type(err).__name__})"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file {path!r} does not hold a state dict of tensors")
     return state
@@ -229,9 +232,11 @@ def inception_features(weights: str | os.PathLike, device: str | torch.device = 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"inception weights {os.fspath(weights)!r} do not match FID's Inception-v3: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"inception weights {os.fspath(weights)!r} do not match FID's Inception-v3: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         raise ValueError(f"inception weights {os.fspath(weights)!r}: wrong shapes for {wrong[:5]}")

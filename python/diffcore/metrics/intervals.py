@@ -17,11 +17,12 @@ end of the other, so a property that holds is one the sampling error cannot expl
 Intervals are JSON-able through :meth:`Interval.as_dict` (``{"value", "low", "high", "level",
 "method", "n"}``) so results.json records the numbers behind every decision.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -61,8 +62,14 @@ class Interval:
         return self.low <= x <= self.high
 
     def as_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level,
-                "method": self.method, "n": self.n}
+        return {
+            "value": self.value,
+            "low": self.low,
+            "high": self.high,
+            "level": self.level,
+            "method": self.method,
+            "n": self.n,
+        }
 
 
 def _as_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
@@ -129,8 +136,7 @@ def wilson_interval(successes: int, n: int, *, level: float = LEVEL) -> Interval
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)), level,
-                    "wilson", n)
+    return Interval(p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)), level, "wilson", n)
 
 
 def _normal_quantile(q: float) -> float:
@@ -205,10 +211,14 @@ def dips(curve: Sequence[Interval]) -> dict:
     if len(curve) < 3:
         raise ValueError("a dip needs at least three points")
     at = int(np.argmin([c.value for c in curve]))
-    holds = 0 < at < len(curve) - 1 and clearly_below(curve[at], curve[0]) and clearly_below(
-        curve[at], curve[-1])
-    return {"holds": bool(holds), "at": at, "min": curve[at].as_dict(),
-            "first": curve[0].as_dict(), "last": curve[-1].as_dict()}
+    holds = 0 < at < len(curve) - 1 and clearly_below(curve[at], curve[0]) and clearly_below(curve[at], curve[-1])
+    return {
+        "holds": bool(holds),
+        "at": at,
+        "min": curve[at].as_dict(),
+        "first": curve[0].as_dict(),
+        "last": curve[-1].as_dict(),
+    }
 
 
 def claim(holds: bool, **numbers) -> dict:

@@ -12,11 +12,12 @@ see docs/experiments.md.
 On a shared set of noises PFD is the ``L2(mu_z)`` norm of ``Phi_p - Phi_q``, so it is 0 for
 ``p = q``, symmetric, and obeys the triangle inequality exactly (Minkowski), sample for sample.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -25,8 +26,8 @@ NORMALIZATIONS = ("none", "per_dim")
 
 @dataclass(frozen=True)
 class PFDResult:
-    value: float                # sqrt(mean_i per_sample_i^2)
-    per_sample: torch.Tensor    # [B] |Phi_a(z_i) - Phi_b(z_i)| (divided by sqrt(D) for per_dim)
+    value: float  # sqrt(mean_i per_sample_i^2)
+    per_sample: torch.Tensor  # [B] |Phi_a(z_i) - Phi_b(z_i)| (divided by sqrt(D) for per_dim)
     normalize: str
 
     def summary(self) -> dict:
@@ -38,8 +39,10 @@ def pfd_from_samples(samples_a: torch.Tensor, samples_b: torch.Tensor, normalize
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
     if samples_a.shape != samples_b.shape:
-        raise ValueError(f"samples_b: shape {tuple(samples_b.shape)} differs from samples_a's "
-                         f"{tuple(samples_a.shape)}; PFD needs samples of the same noises")
+        raise ValueError(
+            f"samples_b: shape {tuple(samples_b.shape)} differs from samples_a's "
+            f"{tuple(samples_a.shape)}; PFD needs samples of the same noises"
+        )
     diff = (samples_a.double() - samples_b.double()).reshape(samples_a.shape[0], -1)
     per_sample = diff.norm(dim=1)
     if normalize == "per_dim":
@@ -68,10 +71,21 @@ def flow_map(denoiser, z: torch.Tensor, sigmas: torch.Tensor, sampler: Callable)
     return sampler(denoiser, z * sigmas[0], sigmas)
 
 
-def pfd(denoiser_a, denoiser_b, *, seeds: Sequence[int], shape: Sequence[int], sigmas: torch.Tensor,
-        solver: str = "heun", sampler: Callable | None = None, noise_fn: Callable | None = None,
-        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 256,
-        normalize: str = "none") -> PFDResult:
+def pfd(
+    denoiser_a,
+    denoiser_b,
+    *,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    sigmas: torch.Tensor,
+    solver: str = "heun",
+    sampler: Callable | None = None,
+    noise_fn: Callable | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 256,
+    normalize: str = "none",
+) -> PFDResult:
     """PFD between two denoisers ``D(x, sigma)`` with shared per-seed noise.
 
     Args:
@@ -89,7 +103,7 @@ def pfd(denoiser_a, denoiser_b, *, seeds: Sequence[int], shape: Sequence[int], s
     seeds = list(seeds)
     per_sample = []
     for start in range(0, len(seeds), batch_size):
-        z = noise_fn(seeds[start:start + batch_size], tuple(shape), device, dtype)
+        z = noise_fn(seeds[start : start + batch_size], tuple(shape), device, dtype)
         xa = flow_map(denoiser_a, z, sigmas, sampler)
         xb = flow_map(denoiser_b, z, sigmas, sampler)
         per_sample.append(pfd_from_samples(xa, xb, normalize).per_sample)

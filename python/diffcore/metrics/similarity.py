@@ -34,6 +34,7 @@ Thresholds: descriptors default to 0.6 (paper). Pixel-space measures have no uni
 their default is calibrated on the data (``diffcore.metrics.calibrate_threshold``), see
 docs/experiments.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,10 @@ def check_finite_rows(rows: torch.Tensor, what: str) -> None:
     """ValueError naming ``what`` and the first row of ``rows [B, F]`` holding a NaN or infinity."""
     bad = ~torch.isfinite(rows).all(dim=1) if rows.numel() else torch.zeros(rows.shape[0], dtype=torch.bool)
     if bool(bad.any()):
-        raise ValueError(f"{what}: row {int(bad.nonzero()[0, 0])} (image index) of {rows.shape[0]} holds a "
-                         "NaN or infinity (no similarity is defined for it)")
+        raise ValueError(
+            f"{what}: row {int(bad.nonzero()[0, 0])} (image index) of {rows.shape[0]} holds a "
+            "NaN or infinity (no similarity is defined for it)"
+        )
 
 
 ROW_CHUNK = 2048  # rows embedded at once: bounds the float64 copies of large pools (rows are independent)
@@ -87,8 +90,10 @@ def _unit_rows(rows: torch.Tensor, what: str) -> torch.Tensor:
     norms = rows.double().norm(dim=1)
     zero = (norms == 0).nonzero()
     if zero.numel():
-        raise ValueError(f"{what}: row {int(zero[0, 0])} (image index) of {rows.shape[0]} is all zeros "
-                         "(it has no direction, so no cosine)")
+        raise ValueError(
+            f"{what}: row {int(zero[0, 0])} (image index) of {rows.shape[0]} is all zeros "
+            "(it has no direction, so no cosine)"
+        )
     return _by_row_chunks(rows, lambda chunk: (chunk.double() / chunk.double().norm(dim=1, keepdim=True)).float())
 
 
@@ -195,8 +200,7 @@ class DescriptorPreprocess:
         if self.rgb and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.size is not None:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False)
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         if self.mean is not None:
             mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
             std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
@@ -235,8 +239,10 @@ class FeatureCosine(Similarity):
     def __post_init__(self):
         if self.preprocess is None:
             if self.kind not in DESCRIPTOR_KINDS:
-                raise ValueError(f"similarity: unknown descriptor kind {self.kind!r}; known: "
-                                 f"{', '.join(DESCRIPTOR_KINDS)} (or pass preprocess=)")
+                raise ValueError(
+                    f"similarity: unknown descriptor kind {self.kind!r}; known: "
+                    f"{', '.join(DESCRIPTOR_KINDS)} (or pass preprocess=)"
+                )
             self.preprocess = DESCRIPTOR_KINDS[self.kind]
 
     @property
@@ -256,7 +262,7 @@ class FeatureCosine(Similarity):
         module = self.module()
         outs = []
         for start in range(0, x.shape[0], self.batch_size):
-            batch = self.preprocess(x[start:start + self.batch_size].to(self.device))
+            batch = self.preprocess(x[start : start + self.batch_size].to(self.device))
             outs.append(self._checked_output(module(batch), batch.shape[0]))
         feats = torch.cat(outs) if outs else torch.zeros(0, 0)
         return _unit_rows(feats, f"similarity: descriptor {self.path!r}: its output for the images")
@@ -266,8 +272,9 @@ class FeatureCosine(Similarity):
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{what} returned a {type(out).__name__}; expected one tensor [B, F]")
         if out.dim() < 2 or out.shape[0] != batch:
-            raise ValueError(f"{what} returned shape {tuple(out.shape)} for {batch} images; expected [B, F] "
-                             f"with B = {batch}")
+            raise ValueError(
+                f"{what} returned shape {tuple(out.shape)} for {batch} images; expected [B, F] with B = {batch}"
+            )
         if out.is_complex() or not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
             raise ValueError(f"{what} returned {out.dtype} descriptors; expected real numbers")
         return out.reshape(batch, -1).double().cpu()
@@ -285,12 +292,18 @@ class FeatureCosine(Similarity):
 
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"similarity: descriptor (feature extractor) file {self.path!r} does not exist")
-        return {"name": self.name, "kind": self.kind, "path": os.path.abspath(self.path),
-                "sha256": file_digest(self.path),
-                "preprocess": dataclasses.asdict(self.preprocess), "default_threshold": self.default_threshold}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "path": os.path.abspath(self.path),
+            "sha256": file_digest(self.path),
+            "preprocess": dataclasses.asdict(self.preprocess),
+            "default_threshold": self.default_threshold,
+        }
 
 
 # ------------------------------------------------------------------ loading descriptor files safely
+
 
 def load_descriptor(path: str | os.PathLike, device: str = "cpu"):
     """Load a descriptor network from a TorchScript file (``torch.jit.save``), running no Python.
@@ -312,12 +325,15 @@ def load_descriptor(path: str | os.PathLike, device: str = "cpu"):
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         if any(name.split("/", 1)[-1] == "archive_format" for name in names):
-            raise ValueError(f"similarity: refusing torch.export archive {path!r}: loading one evaluates "
-                             "text from the file as Python (sympy), so only TorchScript descriptors are "
-                             "accepted; save the network with torch.jit.save(torch.jit.trace(model, images))")
+            raise ValueError(
+                f"similarity: refusing torch.export archive {path!r}: loading one evaluates "
+                "text from the file as Python (sympy), so only TorchScript descriptors are "
+                "accepted; save the network with torch.jit.save(torch.jit.trace(model, images))"
+            )
         if not any("/code/" in name for name in names) or not any(n.endswith("/data.pkl") for n in names):
-            raise ValueError(f"similarity: descriptor file {path!r} is a zip archive but not a TorchScript "
-                             "file (torch.jit.save)")
+            raise ValueError(
+                f"similarity: descriptor file {path!r} is a zip archive but not a TorchScript file (torch.jit.save)"
+            )
     return torch.jit.load(path, map_location=device).eval()
 
 
@@ -336,8 +352,7 @@ def get_similarity(spec: str | Similarity, device: str = "cpu") -> Similarity:
     if sep and kind in DESCRIPTOR_KINDS and path:
         return FeatureCosine(path=path, kind=kind, device=device)
     kinds = "; ".join(f"'{k}:PATH' ({_kind_summary(v)})" for k, v in DESCRIPTOR_KINDS.items())
-    raise ValueError(f"similarity: expected 'cosine', 'l2' or a descriptor file with its kind: {kinds}; "
-                     f"got {spec!r}")
+    raise ValueError(f"similarity: expected 'cosine', 'l2' or a descriptor file with its kind: {kinds}; got {spec!r}")
 
 
 def _kind_summary(preprocess: DescriptorPreprocess) -> str:
@@ -353,8 +368,9 @@ def default_knn():
     return knn
 
 
-def nearest_neighbors(samples: torch.Tensor, train: torch.Tensor, similarity: Similarity, k: int = 1,
-                      knn=None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbors(
+    samples: torch.Tensor, train: torch.Tensor, similarity: Similarity, k: int = 1, knn=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most similar training images of each sample.
 
     Args:

@@ -17,6 +17,7 @@ image side, relative to ``reference_size`` (default 256, the paper preset's pixe
 | ``resize`` | downscale then upscale back (bicubic) | side x 0.5 |
 | ``crop`` | centre crop, resized back to the full size (bicubic) | keeps 0.75 of each side |
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ ATTACKS = ("none", "jpeg", "blur", "noise", "brightness", "resize", "crop")
 
 
 # ----------------------------------------------------------------------------- detection
+
 
 def _scores(name: str, values) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
@@ -75,6 +77,7 @@ def roc_curve(positives, negatives) -> tuple[list[float], list[float]]:
 
 # ----------------------------------------------------------------------------- consistency
 
+
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     check_tensor("a", a, ndim=4)
     check_tensor("b", b, ndim=4)
@@ -90,8 +93,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
 
     x, y = _pair(a, b)
     with np.errstate(divide="ignore"):
-        return torch.tensor([peak_signal_noise_ratio(x[i], y[i], data_range=data_range) for i in range(len(x))],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [peak_signal_noise_ratio(x[i], y[i], data_range=data_range) for i in range(len(x))], dtype=torch.float64
+        )
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -100,30 +104,39 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     from skimage.metrics import structural_similarity
 
     x, y = _pair(a, b)
-    return torch.tensor([structural_similarity(x[i], y[i], data_range=data_range, channel_axis=0)
-                         for i in range(len(x))], dtype=torch.float64)
+    return torch.tensor(
+        [structural_similarity(x[i], y[i], data_range=data_range, channel_axis=0) for i in range(len(x))],
+        dtype=torch.float64,
+    )
 
 
 # ----------------------------------------------------------------------------- attacks
+
 
 @dataclass(frozen=True)
 class AttackParams:
     """The attacks' parameters (see the module docstring)."""
 
     jpeg_quality: int = 25
-    blur_radius: float = 4.0          # px at reference_size
-    noise_std: float = 0.1            # on the [0, 1] scale
-    brightness: float = 6.0           # factor uniform in [max(0, 1 - b), 1 + b]
+    blur_radius: float = 4.0  # px at reference_size
+    noise_std: float = 0.1  # on the [0, 1] scale
+    brightness: float = 6.0  # factor uniform in [max(0, 1 - b), 1 + b]
     resize_scale: float = 0.5
     crop_fraction: float = 0.75
     reference_size: int = 256
     seed: int = 0
 
     def validate(self) -> None:
-        checks = {"jpeg_quality": 1 <= self.jpeg_quality <= 95, "blur_radius": self.blur_radius >= 0,
-                  "noise_std": self.noise_std >= 0, "brightness": self.brightness >= 0,
-                  "resize_scale": 0 < self.resize_scale <= 1, "crop_fraction": 0 < self.crop_fraction <= 1,
-                  "reference_size": self.reference_size >= 1, "seed": self.seed >= 0}
+        checks = {
+            "jpeg_quality": 1 <= self.jpeg_quality <= 95,
+            "blur_radius": self.blur_radius >= 0,
+            "noise_std": self.noise_std >= 0,
+            "brightness": self.brightness >= 0,
+            "resize_scale": 0 < self.resize_scale <= 1,
+            "crop_fraction": 0 < self.crop_fraction <= 1,
+            "reference_size": self.reference_size >= 1,
+            "seed": self.seed >= 0,
+        }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: out of range, got {getattr(self, name)!r}")
@@ -224,5 +237,15 @@ def attack(images: torch.Tensor, name: str, params: AttackParams | None = None) 
     return from_uint8(_from_pil(out, channels))
 
 
-__all__ = ["ATTACKS", "AttackParams", "attack", "from_uint8", "psnr", "roc_auc", "roc_curve", "ssim", "to_uint8",
-           "tpr_at_fpr"]
+__all__ = [
+    "ATTACKS",
+    "AttackParams",
+    "attack",
+    "from_uint8",
+    "psnr",
+    "roc_auc",
+    "roc_curve",
+    "ssim",
+    "to_uint8",
+    "tpr_at_fpr",
+]

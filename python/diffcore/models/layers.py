@@ -9,6 +9,7 @@ Parameter and buffer names follow EDM's ``training/networks.py`` (``norm0``, ``c
 ``qkv``, ``proj``, ``resample_filter``...) so that a state dict of the same architecture maps onto
 these modules key for key.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,18 @@ class Conv2d(nn.Module):
     with stride 2 before the convolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, *, bias: bool = True,
-                 up: bool = False, down: bool = False, resample_filter=(1, 1), init_gain: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        *,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter=(1, 1),
+        init_gain: float = 1.0,
+    ):
         super().__init__()
         if up and down:
             raise ValueError("Conv2d: up and down are mutually exclusive")
@@ -78,7 +89,9 @@ class Conv2d(nn.Module):
         self.up = up
         self.down = down
         fan_in, fan_out = in_channels * kernel * kernel, out_channels * kernel * kernel
-        self.weight = nn.Parameter(xavier_uniform((out_channels, in_channels, kernel, kernel), fan_in, fan_out, init_gain))
+        self.weight = nn.Parameter(
+            xavier_uniform((out_channels, in_channels, kernel, kernel), fan_in, fan_out, init_gain)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if up or down:
             taps = torch.as_tensor(resample_filter, dtype=torch.float32)
@@ -151,10 +164,22 @@ class UNetBlock(nn.Module):
     ``x = (proj(attn(qkv(norm2(x)))) + x) * skip_scale`` (DDPM++: skip_scale = sqrt(1/2)).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
-                 down: bool = False, attention: bool = False, num_heads: int | None = 1,
-                 channels_per_head: int | None = None, dropout: float = 0.0,
-                 skip_scale: float = math.sqrt(0.5), eps: float = 1e-6, resample_filter=(1, 1)):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int | None = 1,
+        channels_per_head: int | None = None,
+        dropout: float = 0.0,
+        skip_scale: float = math.sqrt(0.5),
+        eps: float = 1e-6,
+        resample_filter=(1, 1),
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -169,8 +194,11 @@ class UNetBlock(nn.Module):
         # Near-zero init of the last layer of each residual branch (EDM's init_weight=1e-5).
         self.conv1 = Conv2d(out_channels, out_channels, 3, init_gain=1e-5)
         needs_skip_proj = in_channels != out_channels or up or down
-        self.skip = (Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
-                     if needs_skip_proj else None)
+        self.skip = (
+            Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
+            if needs_skip_proj
+            else None
+        )
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, init_gain=math.sqrt(0.2))
@@ -211,5 +239,7 @@ def resolve_heads(channels: int, num_heads: int | None, channels_per_head: int |
             raise ValueError(f"num_heads: {num_heads} does not divide the {channels} channels of an attention block")
         return num_heads
     if channels_per_head < 1 or channels % channels_per_head:
-        raise ValueError(f"channels_per_head: {channels_per_head} does not divide the {channels} channels of an attention block")
+        raise ValueError(
+            f"channels_per_head: {channels_per_head} does not divide the {channels} channels of an attention block"
+        )
     return channels // channels_per_head

@@ -19,10 +19,11 @@ With one stage the model computes exactly what a single UNet of the same config 
 parameters, renamed ``dec.* -> decoders.0.*``). Routing uses data-dependent indexing (a host sync),
 so the multi-stage forward is not ``torch.func.vmap``-able; single-stage batches take one decoder.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -41,15 +42,25 @@ class MultiStageUNet(UNet):
     ``forward(x [B, C, R, R], noise_labels [B], ...) -> [B, out_channels, R, R]``.
     """
 
-    def __init__(self, config: UNetConfig | None = None, *, decoder_channels: Sequence[int],
-                 label_boundaries: Sequence[float] = (), **fields):
+    def __init__(
+        self,
+        config: UNetConfig | None = None,
+        *,
+        decoder_channels: Sequence[int],
+        label_boundaries: Sequence[float] = (),
+        **fields,
+    ):
         channels = tuple(decoder_channels)
         if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"decoder_channels: expected a non-empty sequence of integers >= 1, got {decoder_channels!r}")
+            raise ValueError(
+                f"decoder_channels: expected a non-empty sequence of integers >= 1, got {decoder_channels!r}"
+            )
         boundaries = [float(b) for b in label_boundaries]
         if len(boundaries) != len(channels) - 1:
-            raise ValueError(f"label_boundaries: expected {len(channels) - 1} values for {len(channels)} decoders, "
-                             f"got {len(boundaries)}")
+            raise ValueError(
+                f"label_boundaries: expected {len(channels) - 1} values for {len(channels)} decoders, "
+                f"got {len(boundaries)}"
+            )
         if any(not math.isfinite(b) for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
             raise ValueError(f"label_boundaries: expected finite, strictly increasing values, got {boundaries}")
         self._decoder_channels = channels  # read by _build_decoders during UNet.__init__
@@ -65,8 +76,9 @@ class MultiStageUNet(UNet):
         self.decoders = nn.ModuleList()
         self._stage_takes_skip: list[set[str]] = []
         for channels in self._decoder_channels:
-            decoder, takes_skip = build_decoder(config.replace(model_channels=channels), width, skip_widths,
-                                                self.out_channels, block)
+            decoder, takes_skip = build_decoder(
+                config.replace(model_channels=channels), width, skip_widths, self.out_channels, block
+            )
             self.decoders.append(decoder)
             self._stage_takes_skip.append(takes_skip)
 
@@ -96,9 +108,15 @@ class MultiStageUNet(UNet):
         return [shared + sum(p.numel() for p in d.parameters()) for d in self.decoders]
 
 
-def multistage_denoiser(preset: str = "ddpmpp-cifar", *, sigma_boundaries: Sequence[float],
-                        decoder_channels: Sequence[int], precond: str = "edm", precond_kwargs: dict | None = None,
-                        **overrides) -> Precond:
+def multistage_denoiser(
+    preset: str = "ddpmpp-cifar",
+    *,
+    sigma_boundaries: Sequence[float],
+    decoder_channels: Sequence[int],
+    precond: str = "edm",
+    precond_kwargs: dict | None = None,
+    **overrides,
+) -> Precond:
     """A preconditioned multi-stage denoiser ``D(x, sigma)`` (the single-model denoiser contract).
 
     ``preset``/``overrides``: the encoder's UNet config (``diffcore.models.unet_config``);
@@ -109,13 +127,18 @@ def multistage_denoiser(preset: str = "ddpmpp-cifar", *, sigma_boundaries: Seque
         raise ValueError(f"precond: expected one of {sorted(PRECONDITIONERS)}, got {precond!r}")
     sigmas = [float(s) for s in sigma_boundaries]
     if any(not (math.isfinite(s) and s > 0) for s in sigmas) or any(a >= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"sigma_boundaries: expected strictly increasing finite sigmas > 0, got {list(sigma_boundaries)}")
+        raise ValueError(
+            f"sigma_boundaries: expected strictly increasing finite sigmas > 0, got {list(sigma_boundaries)}"
+        )
     if len(sigmas) != len(tuple(decoder_channels)) - 1:
-        raise ValueError(f"sigma_boundaries: expected {len(tuple(decoder_channels)) - 1} values for "
-                         f"{len(tuple(decoder_channels))} decoders, got {len(sigmas)}")
+        raise ValueError(
+            f"sigma_boundaries: expected {len(tuple(decoder_channels)) - 1} values for "
+            f"{len(tuple(decoder_channels))} decoders, got {len(sigmas)}"
+        )
     config = unet_config(preset, **overrides)
-    network = MultiStageUNet(config, decoder_channels=decoder_channels,
-                             label_boundaries=[float(i) for i in range(len(sigmas))])  # placeholder, set below
+    network = MultiStageUNet(
+        config, decoder_channels=decoder_channels, label_boundaries=[float(i) for i in range(len(sigmas))]
+    )  # placeholder, set below
     denoiser = PRECONDITIONERS[precond](network, **(precond_kwargs or {}))
     labels = denoiser.coefficients(torch.tensor(sigmas, dtype=torch.float64))[3] if sigmas else torch.zeros(0)
     if (labels[1:] <= labels[:-1]).any():

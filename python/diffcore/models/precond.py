@@ -23,6 +23,7 @@ sigma stays differentiable: JVPs and gradients with respect to sigma work too.
 The arithmetic runs in x's dtype; the network runs in its parameters' dtype (a float64 sampler
 can drive a float32 network); D comes back in x's dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,13 @@ class Precond(nn.Module):
         """lambda(sigma) of the training loss ``lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2``."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: [B, C, H, W]; sigma: float, 0-d or [B]; class_labels: see ``UNet.forward``.
         Returns x0_hat: [B, C, H, W] in x's dtype (EDM Eq. 7)."""
         check_image_batch(x)
@@ -75,8 +81,16 @@ class Precond(nn.Module):
 class EDMPrecond(Precond):
     """EDM preconditioning (EDM Table 1, "ours"; Eq. 7), ``sigma_data = 0.5`` by default."""
 
-    def __init__(self, model: nn.Module, *, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, p_mean: float = -1.2, p_std: float = 1.2):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+    ):
         super().__init__(model)
         self.sigma_data = sigma_data
         self.sigma_min = sigma_min
@@ -89,7 +103,7 @@ class EDMPrecond(Precond):
 
     def loss_weight(self, sigma):
         """EDM Table 1: lambda = (sigma^2 + sd^2) / (sigma sd)^2."""
-        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def training_sigma(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """EDM Table 1 training noise: ln(sigma) ~ N(p_mean, p_std^2); shape [n], float32."""
@@ -100,12 +114,12 @@ class EDMPrecond(Precond):
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     """EDM's ``(c_skip, c_out, c_in, c_noise)`` (Table 1, "ours"; Eq. 7) for a sigma tensor of any
     shape (same shape out); shared by :class:`EDMPrecond` and the vector models."""
-    sd2 = sigma_data ** 2
-    total = sigma ** 2 + sd2
-    c_skip = sd2 / total                                 # sd^2 / (sigma^2 + sd^2)
-    c_out = sigma * sigma_data / total.sqrt()            # sigma sd / sqrt(sigma^2 + sd^2)
-    c_in = 1.0 / total.sqrt()                            # 1 / sqrt(sigma^2 + sd^2)
-    c_noise = sigma.log() / 4                            # ln(sigma) / 4
+    sd2 = sigma_data**2
+    total = sigma**2 + sd2
+    c_skip = sd2 / total  # sd^2 / (sigma^2 + sd^2)
+    c_out = sigma * sigma_data / total.sqrt()  # sigma sd / sqrt(sigma^2 + sd^2)
+    c_in = 1.0 / total.sqrt()  # 1 / sqrt(sigma^2 + sd^2)
+    c_noise = sigma.log() / 4  # ln(sigma) / 4
     return c_skip, c_out, c_in, c_noise
 
 
@@ -116,8 +130,9 @@ class VPPrecond(Precond):
     t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d.
     """
 
-    def __init__(self, model: nn.Module, *, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000,
-                 epsilon_t: float = 1e-5):
+    def __init__(
+        self, model: nn.Module, *, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5
+    ):
         super().__init__(model)
         self.beta_d = beta_d
         self.beta_min = beta_min
@@ -127,24 +142,24 @@ class VPPrecond(Precond):
         self.sigma_max = self._sigma_of_t_float(1.0)
 
     def _sigma_of_t_float(self, t: float) -> float:
-        return math.sqrt(math.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t))
+        return math.sqrt(math.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))
 
     def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t).sqrt()
+        return torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t).sqrt()
 
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return ((self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)).sqrt() - self.beta_min) / self.beta_d
+        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
 
     def coefficients(self, sigma):
-        c_skip = torch.ones_like(sigma)                      # 1
-        c_out = -sigma                                       # -sigma
-        c_in = 1.0 / (sigma ** 2 + 1).sqrt()                 # 1 / sqrt(sigma^2 + 1)
-        c_noise = (self.M - 1) * self.t_of_sigma(sigma)      # (M - 1) t(sigma)
+        c_skip = torch.ones_like(sigma)  # 1
+        c_out = -sigma  # -sigma
+        c_in = 1.0 / (sigma**2 + 1).sqrt()  # 1 / sqrt(sigma^2 + 1)
+        c_noise = (self.M - 1) * self.t_of_sigma(sigma)  # (M - 1) t(sigma)
         return c_skip, c_out, c_in, c_noise
 
     def loss_weight(self, sigma):
         """EDM Table 1: lambda = 1 / sigma^2."""
-        return 1.0 / sigma ** 2
+        return 1.0 / sigma**2
 
     def training_sigma(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """EDM Table 1: t ~ U(epsilon_t, 1), sigma = sigma(t); shape [n], float32."""
@@ -161,15 +176,15 @@ class VEPrecond(Precond):
         self.sigma_max = sigma_max
 
     def coefficients(self, sigma):
-        c_skip = torch.ones_like(sigma)                      # 1
-        c_out = sigma                                        # sigma
-        c_in = torch.ones_like(sigma)                        # 1
-        c_noise = (0.5 * sigma).log()                        # ln(sigma / 2)
+        c_skip = torch.ones_like(sigma)  # 1
+        c_out = sigma  # sigma
+        c_in = torch.ones_like(sigma)  # 1
+        c_noise = (0.5 * sigma).log()  # ln(sigma / 2)
         return c_skip, c_out, c_in, c_noise
 
     def loss_weight(self, sigma):
         """EDM Table 1: lambda = 1 / sigma^2."""
-        return 1.0 / sigma ** 2
+        return 1.0 / sigma**2
 
     def training_sigma(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """EDM Table 1: ln(sigma) ~ U(ln sigma_min, ln sigma_max); shape [n], float32."""

@@ -21,6 +21,7 @@ non-powers of two work whenever that holds: 28x28 with three levels runs at 28, 
 Other sizes raise a ValueError at construction naming ``img_resolution``; pad the images
 (e.g. 28 -> 32) or use fewer levels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcore.models.layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_image_batch,
-                                     resolve_heads)
+from diffcore.models.layers import (
+    Conv2d,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    UNetBlock,
+    check_image_batch,
+    resolve_heads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,7 @@ class UNetConfig:
     label_dropout: float = 0.0
     resample_filter: tuple[int, ...] = (1, 1)
 
-    def replace(self, **changes) -> "UNetConfig":
+    def replace(self, **changes) -> UNetConfig:
         """A copy with some fields changed (unknown names raise TypeError)."""
         return dataclasses.replace(self, **changes)
 
@@ -74,8 +82,14 @@ class UNetConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
-        for name in ("img_resolution", "in_channels", "model_channels", "num_blocks",
-                     "channel_mult_emb", "channel_mult_noise"):
+        for name in (
+            "img_resolution",
+            "in_channels",
+            "model_channels",
+            "num_blocks",
+            "channel_mult_emb",
+            "channel_mult_noise",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
@@ -91,9 +105,12 @@ class UNetConfig:
         if self.img_resolution % factor:
             raise ValueError(
                 f"img_resolution: {self.img_resolution} is not divisible by 2^(len(channel_mult)-1) = {factor} "
-                f"(channel_mult={tuple(self.channel_mult)}); pad the images or use fewer levels")
+                f"(channel_mult={tuple(self.channel_mult)}); pad the images or use fewer levels"
+            )
         if (self.model_channels * self.channel_mult_noise) % 2 or self.model_channels * self.channel_mult_noise < 4:
-            raise ValueError("model_channels: the noise embedding needs model_channels * channel_mult_noise even and >= 4")
+            raise ValueError(
+                "model_channels: the noise embedding needs model_channels * channel_mult_noise even and >= 4"
+            )
         for p_name in ("dropout", "label_dropout"):
             p = getattr(self, p_name)
             if not 0.0 <= p < 1.0:
@@ -104,8 +121,11 @@ class UNetConfig:
                 resolve_heads(self.model_channels * self.channel_mult[level], self.num_heads, self.channels_per_head)
         missing = sorted(set(self.attn_resolutions) - set(attn_levels))
         if missing:
-            log.warning("attn_resolutions %s match no level (levels run at %s); only the bottleneck attends there",
-                        missing, self.resolutions())
+            log.warning(
+                "attn_resolutions %s match no level (levels run at %s); only the bottleneck attends there",
+                missing,
+                self.resolutions(),
+            )
 
 
 class UNet(nn.Module):
@@ -118,9 +138,11 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None, **fields):
         super().__init__()
         config = (config or UNetConfig()).replace(**fields)
-        config = config.replace(channel_mult=tuple(config.channel_mult),
-                                attn_resolutions=tuple(config.attn_resolutions),
-                                resample_filter=tuple(config.resample_filter))
+        config = config.replace(
+            channel_mult=tuple(config.channel_mult),
+            attn_resolutions=tuple(config.attn_resolutions),
+            resample_filter=tuple(config.resample_filter),
+        )
         config.validate()
         self.config = config
         self.img_resolution = config.img_resolution
@@ -132,9 +154,13 @@ class UNet(nn.Module):
 
         noise_channels = config.model_channels * config.channel_mult_noise
         emb_channels = config.model_channels * config.channel_mult_emb
-        block = dict(emb_channels=emb_channels, num_heads=config.num_heads,
-                     channels_per_head=config.channels_per_head, dropout=config.dropout,
-                     resample_filter=config.resample_filter)
+        block = dict(
+            emb_channels=emb_channels,
+            num_heads=config.num_heads,
+            channels_per_head=config.channels_per_head,
+            dropout=config.dropout,
+            resample_filter=config.resample_filter,
+        )
 
         # Noise-level / label mapping network.
         self.map_noise = PositionalEmbedding(noise_channels)
@@ -154,7 +180,8 @@ class UNet(nn.Module):
                 self.enc[f"{res}x{res}_down"] = UNetBlock(width, width, down=True, **block)
             for idx in range(config.num_blocks):
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    width, config.model_channels * mult, attention=res in config.attn_resolutions, **block)
+                    width, config.model_channels * mult, attention=res in config.attn_resolutions, **block
+                )
                 width = config.model_channels * mult
         skip_widths = [m.out_channels for m in self.enc.values()]
 
@@ -164,8 +191,13 @@ class UNet(nn.Module):
         """Build ``self.dec`` (one decoder at the config's width); subclasses may build several."""
         self.dec, self._takes_skip = build_decoder(config, width, skip_widths, self.out_channels, block)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: [B, in_channels, R, R]; noise_labels: [B]; class_labels: [B, label_dim] (one-hot or
         weights) or [B] integer class ids, None = the all-zero "dropped" label; augment_labels:
         [B, augment_dim] or None. Returns [B, out_channels, R, R]."""
@@ -217,15 +249,20 @@ class UNet(nn.Module):
             raise TypeError(f"class_labels: expected a tensor, got {type(class_labels).__name__}")
         if not class_labels.is_floating_point():
             if class_labels.shape != (batch,):
-                raise ValueError(f"class_labels: integer ids must have shape [{batch}], got {tuple(class_labels.shape)}")
+                raise ValueError(
+                    f"class_labels: integer ids must have shape [{batch}], got {tuple(class_labels.shape)}"
+                )
             return F.one_hot(class_labels.long(), self.label_dim).to(x.dtype)
         if class_labels.shape != (batch, self.label_dim):
-            raise ValueError(f"class_labels: expected shape [{batch}, {self.label_dim}], got {tuple(class_labels.shape)}")
+            raise ValueError(
+                f"class_labels: expected shape [{batch}, {self.label_dim}], got {tuple(class_labels.shape)}"
+            )
         return class_labels.to(x.dtype)
 
 
-def build_decoder(config: UNetConfig, width: int, skip_widths: list[int], out_channels: int,
-                  block: dict) -> tuple[nn.ModuleDict, set[str]]:
+def build_decoder(
+    config: UNetConfig, width: int, skip_widths: list[int], out_channels: int, block: dict
+) -> tuple[nn.ModuleDict, set[str]]:
     """A decoder at width ``config.model_channels * channel_mult`` (see the module docstring).
 
     ``width``: channels of the bottleneck input; ``skip_widths``: channels of the encoder's skip
@@ -256,8 +293,9 @@ def build_decoder(config: UNetConfig, width: int, skip_widths: list[int], out_ch
     return dec, takes_skip
 
 
-def run_decoder(dec: nn.ModuleDict, takes_skip: set[str], x: torch.Tensor, skips: list[torch.Tensor],
-                emb: torch.Tensor) -> torch.Tensor:
+def run_decoder(
+    dec: nn.ModuleDict, takes_skip: set[str], x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor
+) -> torch.Tensor:
     """Run a :func:`build_decoder` decoder; consumes ``skips`` (a list, popped from the end)."""
     out = None
     for name, module in dec.items():

@@ -10,6 +10,7 @@
 
 Both follow the training contract ``forward(x, sigma, class_labels=None)`` of ``diffcore.train``.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,7 @@ class MLPDenoiser(nn.Module):
     F is ``depth`` SiLU layers of ``width`` units on ``[c_in x, sin/cos(c_noise * freqs)]``.
     """
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, sigma_data: float = 0.5,
-                 num_freqs: int = 8):
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, sigma_data: float = 0.5, num_freqs: int = 8):
         super().__init__()
         self.dim, self.sigma_data = int(dim), float(sigma_data)
         self.register_buffer("freqs", torch.arange(1, num_freqs + 1, dtype=torch.float32) * math.pi / 2)
@@ -69,8 +69,8 @@ class SubspaceDenoiser(nn.Module):
         flat = x.reshape(x.shape[0], -1).float()
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         s2 = s.expand(flat.shape[0])[:, None] ** 2
-        u = self.bases()                                                        # [K, n, d]
-        coeff = torch.einsum("bn,knd->bkd", flat, u)                            # [B, K, d]
+        u = self.bases()  # [K, n, d]
+        coeff = torch.einsum("bn,knd->bkd", flat, u)  # [B, K, d]
         w = torch.softmax(coeff.square().sum(-1) / (2 * s2 * (1 + s2)), dim=-1)  # [B, K]
         out = torch.einsum("bkd,knd->bn", coeff * (w / (1 + s2))[:, :, None], u)
         return out.to(dtype).reshape(shape)

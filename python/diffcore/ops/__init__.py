@@ -10,6 +10,7 @@ backend resolution, autograd where there is one, and the table ``RUNNERS`` of ba
 runner), with CPU host code in ``ops/_<op>_cpu.py`` and CUDA launchers in ``ops/_<op>_cuda.py``.
 Importing here touches neither CUDA nor triton.
 """
+
 from __future__ import annotations
 
 from diffcore.ops._attention import attention, attention_and_jvp
@@ -18,5 +19,13 @@ from diffcore.ops._knn import knn
 from diffcore.ops._local_denoise import local_denoise, wiener_masks
 from diffcore.ops._sampler_step import sampler_step
 
-__all__ = ["attention", "attention_and_jvp", "empirical_denoise", "empirical_denoise_with_logz", "knn", "local_denoise", "sampler_step",
-           "wiener_masks"]
+__all__ = [
+    "attention",
+    "attention_and_jvp",
+    "empirical_denoise",
+    "empirical_denoise_with_logz",
+    "knn",
+    "local_denoise",
+    "sampler_step",
+    "wiener_masks",
+]

@@ -24,6 +24,7 @@ when forward-mode AD is active, no reverse mode can flow through the call, and P
 ``PROBS_BUDGET_BYTES``), the forward also keeps P, so that forward + JVP needs no recomputation of
 the scores.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,9 +34,7 @@ import torch
 
 from diffcore import _checks
 from diffcore._backend import OpBackends
-from diffcore.ops import _attention_cpu as _cpu
-from diffcore.ops import _attention_cuda as _cuda
-from diffcore.ops import _torch_compat as compat
+from diffcore.ops import _attention_cpu as _cpu, _attention_cuda as _cuda, _torch_compat as compat
 from diffcore.ref import attention as ref
 
 __all__ = ["attention", "attention_and_jvp"]
@@ -76,13 +75,19 @@ def _check_inputs(q, k, v, scale, backend: str) -> tuple[float, str]:
         raise ValueError(f"q: head dim (last axis) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
     if scale is None:
         scale = ref.default_scale(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (float(scale) == float(scale)) \
-            or abs(float(scale)) == float("inf"):
+    elif (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not (float(scale) == float(scale))
+        or abs(float(scale)) == float("inf")
+    ):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     name = BACKENDS.resolve(backend, q.device)
     if name in ("triton", "cuda") and q.dtype == torch.float64:
-        raise TypeError(f"q: backend {name!r} takes float32, float16 or bfloat16, got float64 "
-                        "(use backend='cpu' or 'reference' for float64)")
+        raise TypeError(
+            f"q: backend {name!r} takes float32, float16 or bfloat16, got float64 "
+            "(use backend='cpu' or 'reference' for float64)"
+        )
     if name == "triton" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError("q: the Triton interpreter (CPU tensors) has no bfloat16; use float32/float16 or a GPU")
     return float(scale), name
@@ -93,6 +98,7 @@ def _check_inputs(q, k, v, scale, backend: str) -> tuple[float, str]:
 # probs or empty); jvp(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse) -> tO;
 # backward(q, k, v, out, lse, d_out, scale, need) -> (dq, dk, dv); forward_jvp(q, k, v, tq, tk, tv,
 # scale) -> (O, tO) without autograd. All take and return [B, H, L, D] tensors.
+
 
 @dataclass(frozen=True)
 class _Runner:
@@ -124,9 +130,18 @@ def _cpu_jvp(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse):
         # plain tensors (the worker threads of the cpu backend see no torch.func state)
         pq, pk, pv, ptq, ptk, ptv = (compat.plain_tensor(t) for t in (q, k, v, tq, tk, tv))
         with torch.no_grad(), compat.functorch_disabled():
-            t_out = _cpu.jvp_inplace(pq, pk, pv, ptq, ptk, ptv, scale, _cpu.flat(compat.plain_tensor(out), ct),
-                                     compat.plain_tensor(lse).reshape(-1, lse.shape[-1]),
-                                     probs=compat.plain_tensor(flat_probs))
+            t_out = _cpu.jvp_inplace(
+                pq,
+                pk,
+                pv,
+                ptq,
+                ptk,
+                ptv,
+                scale,
+                _cpu.flat(compat.plain_tensor(out), ct),
+                compat.plain_tensor(lse).reshape(-1, lse.shape[-1]),
+                probs=compat.plain_tensor(flat_probs),
+            )
     else:
         t_out = _cpu.jvp(q, k, v, tq, tk, tv, scale, _cpu.flat(out, ct), probs=flat_probs)
     return _unflat(t_out, q)
@@ -151,10 +166,12 @@ def _triton():
 
 def _kernel_jvp(jvp_kernel):
     """A jvp runner for kernels that read raw memory: plain tensors, torch.func off."""
+
     def run(q, k, v, tq, tk, tv, scale, out, lse, probs, no_reverse):
         args = [compat.plain_tensor(t) for t in (q, k, v, tq, tk, tv)]
         with compat.functorch_disabled():  # kernels allocate and read plain tensors
             return jvp_kernel()(*args, scale, compat.plain_tensor(out), compat.plain_tensor(lse))
+
     return run
 
 
@@ -268,13 +285,15 @@ class _Attention(torch.autograd.Function):
             x = x.movedim(dim, 0) if dim is not None else x.unsqueeze(0).expand(size, *x.shape)
             return x.reshape(size * x.shape[1], *x.shape[2:])
 
-        outs = _Attention.apply(fold(q, in_dims[0]), fold(k, in_dims[1]), fold(v, in_dims[2]),
-                                scale, backend, keep_probs, no_reverse)
+        outs = _Attention.apply(
+            fold(q, in_dims[0]), fold(k, in_dims[1]), fold(v, in_dims[2]), scale, backend, keep_probs, no_reverse
+        )
         return tuple(o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in outs), (0, 0, 0)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              backend: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """softmax(q k^T * scale) v with forward, backward and forward-mode JVP.
 
     Args:
@@ -305,7 +324,9 @@ def attention_and_jvp(q, k, v, tq, tk, tv, *, scale: float | None = None, backen
     scale, name = _check_inputs(q, k, v, scale, backend)
     for tname, t, p in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         if t is not None and (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device):
-            raise ValueError(f"{tname}: expected shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}; "
-                             f"got {tuple(t.shape)}, {t.dtype}, {t.device}")
+            raise ValueError(
+                f"{tname}: expected shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}; "
+                f"got {tuple(t.shape)}, {t.dtype}, {t.device}"
+            )
     with torch.no_grad():
         return RUNNERS[name].forward_jvp(q, k, v, tq, tk, tv, scale)

@@ -11,6 +11,7 @@ O = P v; tO = P tv + (P * tS) v - rowsum(P * tS) * O with tS = (tq k^T + q tk^T)
 backward as FlashAttention-2 (recompute P from the saved row log-sum-exp ``lse``).
 float16/bfloat16 inputs are computed in float32; float64 stays float64.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -152,8 +153,7 @@ def _flat_tangents(tq, tk, tv, ct, scale):
     return tqs, tkt, tvf
 
 
-def jvp(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor,
-        probs: torch.Tensor | None = None) -> torch.Tensor:
+def jvp(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
     """tO [B*H, Lq, Dh] from the saved output ``out`` and, if kept, the probabilities ``probs``
     (else P is recomputed chunkwise).
 
@@ -188,8 +188,9 @@ def jvp(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor,
     return torch.cat([torch.cat(rows, dim=1) for rows in per_head_chunk], dim=0)
 
 
-def jvp_inplace(q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, lse: torch.Tensor,
-                probs: torch.Tensor | None = None) -> torch.Tensor:
+def jvp_inplace(
+    q, k, v, tq, tk, tv, scale: float, out: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor | None = None
+) -> torch.Tensor:
     """As ``jvp``, with reused buffers and in-place updates (P from ``probs`` or exp(S - lse)).
 
     Not differentiable: for forward mode only (the caller makes sure no gradient flows back).
@@ -234,6 +235,7 @@ def forward_jvp(q, k, v, tq, tk, tv, scale: float):
     out = qs.new_empty(bh, lq, vf.shape[-1])
     t_out = torch.zeros_like(out)
     lse = qs.new_empty(bh, lq, 1)
+
     def body(hs, rs, ws):
         s = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs))
         m, l = _exp_rows(s)  # s <- exp(S - m): P * l
@@ -265,6 +267,7 @@ def backward(q, k, v, out, lse, d_out, scale: float, need=(True, True, True)):
     dq = torch.empty_like(qs) if need[0] else None
     dk = torch.zeros_like(kf) if need[1] else None
     dv = torch.zeros_like(vf) if need[2] else None
+
     def body(hs, rs, ws):
         p = torch.bmm(qs[hs, rs], kt[hs], out=ws.get(0, hs, rs)).sub_(lse3[hs, rs]).exp_()
         do = dof[hs, rs]

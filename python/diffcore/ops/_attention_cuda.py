@@ -4,6 +4,7 @@
 Its backward is the Triton one (diffcore.kernels.attention). Never run on a GPU yet: not in the
 ``auto`` order (docs/attention.md).
 """
+
 from __future__ import annotations
 
 from typing import overload
@@ -31,9 +32,25 @@ def _launch(q, k, v, scale, tq=None, tk=None, tv=None, jvp=False):
     o = torch.empty_like(qf)
     t_o = torch.empty_like(qf) if jvp else None
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-    extension().attention_forward(dtype=dtype_name(dt), q=ptr(qf), k=ptr(kf), v=ptr(vf), tq=ptr(tqf), tk=ptr(tkf),
-                                  tv=ptr(tvf), o=ptr(o), to=ptr(t_o), lse=ptr(lse), bh=b * h, lq=lq, lk=lk, d=d,
-                                  scale=float(scale), jvp=jvp, **cuda_launch_args(q))
+    extension().attention_forward(
+        dtype=dtype_name(dt),
+        q=ptr(qf),
+        k=ptr(kf),
+        v=ptr(vf),
+        tq=ptr(tqf),
+        tk=ptr(tkf),
+        tv=ptr(tvf),
+        o=ptr(o),
+        to=ptr(t_o),
+        lse=ptr(lse),
+        bh=b * h,
+        lq=lq,
+        lk=lk,
+        d=d,
+        scale=float(scale),
+        jvp=jvp,
+        **cuda_launch_args(q),
+    )
     shape = (b, h, lq, d)
     return o.reshape(shape), lse.reshape(b, h, lq), (t_o.reshape(shape) if t_o is not None else None)
 

@@ -17,14 +17,14 @@ is in ``_empirical_denoise_cpu.py``, the CUDA launcher in ``_empirical_denoise_c
 The op is not differentiable: it runs under ``torch.no_grad()`` and returns tensors without
 autograd history.
 """
+
 from __future__ import annotations
 
 import torch
 
 from diffcore._backend import OpBackends
 from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
-from diffcore.ops import _empirical_denoise_cpu as _cpu
-from diffcore.ops import _empirical_denoise_cuda as _cuda
+from diffcore.ops import _empirical_denoise_cpu as _cpu, _empirical_denoise_cuda as _cuda
 
 __all__ = ["empirical_denoise", "empirical_denoise_with_logz"]
 
@@ -63,8 +63,9 @@ def empirical_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, backend: s
     return empirical_denoise_with_logz(x, train, sigma, backend=backend)[0]
 
 
-def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
-                                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def empirical_denoise_with_logz(
+    x: torch.Tensor, train: torch.Tensor, sigma, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Empirical denoiser and its log-normalizer.
 
     Returns:
@@ -81,9 +82,11 @@ def empirical_denoise_with_logz(x: torch.Tensor, train: torch.Tensor, sigma, *,
     with torch.no_grad():
         out, logz = RUNNERS[name](x, train, sigma64)
     if not bool(torch.isfinite(out).all()):  # never silent NaN (logz may be -inf: an underflow)
-        raise ValueError(f"sigma: the weights could not be computed at sigma down to {float(sigma64.min()):g}: "
-                         f"the logits -|x - y|^2 / (2 sigma^2) left the float64 range (use a larger sigma), "
-                         f"or train holds NaN/Inf")
+        raise ValueError(
+            f"sigma: the weights could not be computed at sigma down to {float(sigma64.min()):g}: "
+            f"the logits -|x - y|^2 / (2 sigma^2) left the float64 range (use a larger sigma), "
+            f"or train holds NaN/Inf"
+        )
     logz_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return out.to(x.dtype).reshape(x.shape), logz.to(logz_dtype)
 
@@ -94,8 +97,10 @@ def _validate(x, train, sigma):
     if train.shape[0] == 0 or train.numel() == 0:
         raise ValueError(f"train: expected at least one training row, got shape {tuple(train.shape)}")
     if tuple(train.shape[1:]) != tuple(x.shape[1:]):
-        raise ValueError(f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
-                         f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})")
+        raise ValueError(
+            f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
+            f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})"
+        )
     device = check_same_device(x=x, train=train)
     if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
         raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
@@ -103,8 +108,10 @@ def _validate(x, train, sigma):
     _check_magnitude("x", x)
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
     if bool((sigma64 < MIN_SIGMA).any()):
-        raise ValueError(f"sigma: expected values >= {MIN_SIGMA:g} (below, 1/(2 sigma^2) leaves the float64 "
-                         f"range), got min {float(sigma64.min()):g}")
+        raise ValueError(
+            f"sigma: expected values >= {MIN_SIGMA:g} (below, 1/(2 sigma^2) leaves the float64 "
+            f"range), got min {float(sigma64.min()):g}"
+        )
     return x, train, sigma64
 
 
@@ -142,9 +149,13 @@ def _gpu_rows(x: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch
 def _run_triton(x, train, sigma64):
     from diffcore.kernels.empirical_denoise import empirical_denoise_triton
 
-    return empirical_denoise_triton(*_gpu_rows(x, train), sigma64,
-                                    err_coef_fn=_cpu.measured_fp32_gemm_error_coefficient,
-                                    rescore_tol=_cpu.RESCORE_TOL, band=_cpu.BAND)
+    return empirical_denoise_triton(
+        *_gpu_rows(x, train),
+        sigma64,
+        err_coef_fn=_cpu.measured_fp32_gemm_error_coefficient,
+        rescore_tol=_cpu.RESCORE_TOL,
+        band=_cpu.BAND,
+    )
 
 
 def _run_cuda(x, train, sigma64):

@@ -5,6 +5,7 @@ Also the logit tolerances and the GEMM error bounds (proven, and the measured fp
 Triton runner shares; docs/design.md, Numerics; the op's docstring in ``_empirical_denoise.py`` explains
 the method). The screening precision (bf16 or fp32) is the process's choice, diffcore._cpu_caps.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,8 @@ RESCORE_TOL = 1e-5
 # Queries whose float64 distance sums could move a logit difference by more than this take the path
 # with relative (double-double) logits: needs_relative_logits.
 TINY_LOGIT_TOL = 1e-6
-FP32_UNIT_ROUNDOFF = 2.0 ** -24
-FP64_UNIT_ROUNDOFF = 2.0 ** -53
+FP32_UNIT_ROUNDOFF = 2.0**-24
+FP64_UNIT_ROUNDOFF = 2.0**-53
 MAX_MAGNITUDE = 1e15  # the largest |value| of x and train taken (as knn): fp32 Gram and norms stay finite
 SCREEN_MIN_DIM = 256  # below this the candidate screening pass does not pay
 NO_BUDGET = -1  # rescore_budget value: re-score every pair that needs it
@@ -102,8 +103,8 @@ def bf16_gemm_error_coefficient(dim: int) -> float:
     accumulation, result rounded to bf16), by Cauchy-Schwarz on ``sum |x_k y_k|``: input rounding
     ``2 u + u^2`` (u = 2^-9; uint8 rows are decoded in fp32 first, 2^-23 more), worst-case fp32
     accumulation ``dim * 2^-24``, output rounding ``u``, with 1% to spare."""
-    unit = 2.0 ** -9
-    return 1.01 * (3 * unit + unit * unit + 2.0 ** -23 + dim * FP32_UNIT_ROUNDOFF * (1 + 3 * unit))
+    unit = 2.0**-9
+    return 1.01 * (3 * unit + unit * unit + 2.0**-23 + dim * FP32_UNIT_ROUNDOFF * (1 + 3 * unit))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -127,29 +128,49 @@ def cpu_tile_rows(batch: int, rows: int, dim: int, train_dtype: torch.dtype, scr
 class _Queries:
     """Per-query state of the CPU path: fp32 rows, norms, 1/(2 sigma^2), running log-sum-exp."""
 
-    x: torch.Tensor           # [B, D] float32
-    x_sqnorm: torch.Tensor    # [B] float64
-    inv2s2: torch.Tensor      # [B] float64
-    run_max: torch.Tensor     # [B] float64, max of the logits used so far
+    x: torch.Tensor  # [B, D] float32
+    x_sqnorm: torch.Tensor  # [B] float64
+    inv2s2: torch.Tensor  # [B] float64
+    run_max: torch.Tensor  # [B] float64, max of the logits used so far
     run_max_lower: torch.Tensor  # [B] float64, lower bound of the largest logit of the whole set
-    run_sum: torch.Tensor     # [B] float64, sum of exp(l - run_max)
-    scale: torch.Tensor       # [B] float32, exp(old max - new max) of the last tile
+    run_sum: torch.Tensor  # [B] float64, sum of exp(l - run_max)
+    scale: torch.Tensor  # [B] float32, exp(old max - new max) of the last tile
     acc: torch.Tensor | None  # [B, D] float32, sum of exp(l - run_max) y (created by _stream)
 
     @classmethod
     def create(cls, x: torch.Tensor, inv2s2: torch.Tensor, threads: int, lower: torch.Tensor | None = None):
         batch, dim = x.shape
         x_sqnorm = torch.empty(batch, dtype=torch.float64)
-        extension().empirical_denoise_row_sqnorms(y_ptr=x.data_ptr(), dtype="float32", rows=batch, dim=dim, ld=dim,
-                                                  out_ptr=x_sqnorm.data_ptr(), threads=threads)
+        extension().empirical_denoise_row_sqnorms(
+            y_ptr=x.data_ptr(),
+            dtype="float32",
+            rows=batch,
+            dim=dim,
+            ld=dim,
+            out_ptr=x_sqnorm.data_ptr(),
+            threads=threads,
+        )
         lower = torch.full((batch,), -math.inf, dtype=torch.float64) if lower is None else lower.clone()
-        return cls(x, x_sqnorm, inv2s2.contiguous(), torch.full((batch,), -math.inf, dtype=torch.float64), lower,
-                   torch.zeros(batch, dtype=torch.float64), torch.empty(batch, dtype=torch.float32), None)
+        return cls(
+            x,
+            x_sqnorm,
+            inv2s2.contiguous(),
+            torch.full((batch,), -math.inf, dtype=torch.float64),
+            lower,
+            torch.zeros(batch, dtype=torch.float64),
+            torch.empty(batch, dtype=torch.float32),
+            None,
+        )
 
     def state(self, threads: int) -> dict:
         """The running state as keyword arguments of ``_C.empirical_denoise_tile_update``."""
-        return dict(m_ptr=self.run_max.data_ptr(), mlow_ptr=self.run_max_lower.data_ptr(),
-                    s_ptr=self.run_sum.data_ptr(), scale_ptr=self.scale.data_ptr(), threads=threads)
+        return dict(
+            m_ptr=self.run_max.data_ptr(),
+            mlow_ptr=self.run_max_lower.data_ptr(),
+            s_ptr=self.run_sum.data_ptr(),
+            scale_ptr=self.scale.data_ptr(),
+            threads=threads,
+        )
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.acc is None:
@@ -171,15 +192,24 @@ class _TrainSet:
 
     def tiles(self):
         for start in range(0, self.y.shape[0], self.tile):
-            yield start, self.y[start:start + self.tile]
+            yield start, self.y[start : start + self.tile]
 
 
 def _tile_inputs(queries: _Queries, data: _TrainSet, start: int, y_tile: torch.Tensor) -> dict:
     """The query and training-tile arguments of ``_C.empirical_denoise_tile_update``, by name."""
     dim = queries.x.shape[1]
-    return dict(x_ptr=queries.x.data_ptr(), x_ld=dim, dim=dim, xn2_ptr=queries.x_sqnorm.data_ptr(),
-                inv2s2_ptr=queries.inv2s2.data_ptr(), y_ptr=y_tile.data_ptr(), y_dtype=data.dtype_name, y_ld=dim,
-                yn2_ptr=data.y_sqnorm[start:].data_ptr(), rounding_coef=logit_rounding_coefficient(dim))
+    return dict(
+        x_ptr=queries.x.data_ptr(),
+        x_ld=dim,
+        dim=dim,
+        xn2_ptr=queries.x_sqnorm.data_ptr(),
+        inv2s2_ptr=queries.inv2s2.data_ptr(),
+        y_ptr=y_tile.data_ptr(),
+        y_dtype=data.dtype_name,
+        y_ld=dim,
+        yn2_ptr=data.y_sqnorm[start:].data_ptr(),
+        rounding_coef=logit_rounding_coefficient(dim),
+    )
 
 
 def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, small: bool = True):
@@ -197,9 +227,11 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
     threads = torch.get_num_threads()
     precision = screen_precision()
     if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
-        raise RuntimeError("empirical_denoise: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate "
-                           "in fp32 on this machine (probe failed), so the screening bound would not hold; use "
-                           "DIFFCORE_CPU_SCREEN=fp32 or auto")
+        raise RuntimeError(
+            "empirical_denoise: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate "
+            "in fp32 on this machine (probe failed), so the screening bound would not hold; use "
+            "DIFFCORE_CPU_SCREEN=fp32 or auto"
+        )
     xr = _rows(x).to(torch.float32).contiguous()
     dim = xr.shape[1]
     y = _rows(train)
@@ -215,12 +247,23 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
     else:
         y_sqnorm = _row_sqnorms(y, threads)
         check_train_magnitude(y, y_sqnorm)
-        out, logz, streamed = _run_rows(xr, inv2s2, y, y_sqnorm, train.dtype, tile_rows,
-                                        screen and dim >= SCREEN_MIN_DIM, threads, precision, exact=False)
+        out, logz, streamed = _run_rows(
+            xr,
+            inv2s2,
+            y,
+            y_sqnorm,
+            train.dtype,
+            tile_rows,
+            screen and dim >= SCREEN_MIN_DIM,
+            threads,
+            precision,
+            exact=False,
+        )
         redo = streamed & needs_relative_logits(logz, y.shape[0], dim)
     if bool(redo.any()):  # tiny sigma or huge values: again with logits relative to the best row
-        out[redo], logz[redo], _ = _run_rows(xr[redo], inv2s2[redo], y, y_sqnorm, train.dtype, tile_rows, True,
-                                             threads, precision, exact=True)
+        out[redo], logz[redo], _ = _run_rows(
+            xr[redo], inv2s2[redo], y, y_sqnorm, train.dtype, tile_rows, True, threads, precision, exact=True
+        )
     return out, logz
 
 
@@ -252,9 +295,15 @@ def float64_gram_error_bound(dim: int, train_dtype: torch.dtype) -> float:
 def _row_sqnorms(y: torch.Tensor, threads: int) -> torch.Tensor:
     """|y_i|^2 [N] float64 of float32 / uint8 rows [N, D] (uint8 as u8 / 127.5 - 1)."""
     y_sqnorm = torch.empty(y.shape[0], dtype=torch.float64)
-    extension().empirical_denoise_row_sqnorms(y_ptr=y.data_ptr(), dtype=dtype_name(y.dtype), rows=y.shape[0],
-                                              dim=y.shape[1], ld=y.shape[1], out_ptr=y_sqnorm.data_ptr(),
-                                              threads=threads)
+    extension().empirical_denoise_row_sqnorms(
+        y_ptr=y.data_ptr(),
+        dtype=dtype_name(y.dtype),
+        rows=y.shape[0],
+        dim=y.shape[1],
+        ld=y.shape[1],
+        out_ptr=y_sqnorm.data_ptr(),
+        threads=threads,
+    )
     return y_sqnorm
 
 
@@ -268,12 +317,25 @@ def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads:
     redo = torch.empty(batch, dtype=torch.uint8)
     inv2s2 = inv2s2.contiguous()
     largest, flagged = extension().empirical_denoise_small_dim(
-        x_ptr=xr.data_ptr(), y_ptr=y.data_ptr(), y_dtype=dtype_name(y.dtype), batch=batch, rows=y.shape[0], dim=dim,
-        inv2s2_ptr=inv2s2.data_ptr(), gemm_err_coef=float64_gram_error_bound(dim, y.dtype),
+        x_ptr=xr.data_ptr(),
+        y_ptr=y.data_ptr(),
+        y_dtype=dtype_name(y.dtype),
+        batch=batch,
+        rows=y.shape[0],
+        dim=dim,
+        inv2s2_ptr=inv2s2.data_ptr(),
+        gemm_err_coef=float64_gram_error_bound(dim, y.dtype),
         fp32_err_coef=fp32_gemm_error_bound(dim),
-        rounding_coef=logit_rounding_coefficient(dim), rescore_tol=RESCORE_TOL, band=BAND, tiny_tol=TINY_LOGIT_TOL,
-        out_ptr=out.data_ptr(), logz_ptr=logz.data_ptr(), redo_ptr=redo.data_ptr(),
-        parallel_min_work=SMALL_PARALLEL_MIN_WORK, threads=threads)
+        rounding_coef=logit_rounding_coefficient(dim),
+        rescore_tol=RESCORE_TOL,
+        band=BAND,
+        tiny_tol=TINY_LOGIT_TOL,
+        out_ptr=out.data_ptr(),
+        logz_ptr=logz.data_ptr(),
+        redo_ptr=redo.data_ptr(),
+        parallel_min_work=SMALL_PARALLEL_MIN_WORK,
+        threads=threads,
+    )
     if not math.isfinite(largest):
         check_finite("train", y)
     if largest > MAX_MAGNITUDE:
@@ -286,11 +348,12 @@ def check_train_magnitude(y: torch.Tensor, y_sqnorm: torch.Tensor) -> None:
     path computes anyway (an element scan only when a norm is that large; NaN / Inf are left to the
     op's check of the result, which names them)."""
     largest_norm = float(y_sqnorm.max())
-    if largest_norm > MAX_MAGNITUDE ** 2 and y.dtype != torch.uint8:
+    if largest_norm > MAX_MAGNITUDE**2 and y.dtype != torch.uint8:
         largest = float(y.abs().max())
         if largest > MAX_MAGNITUDE:
-            raise ValueError(f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), "
-                             f"got {largest:g}")
+            raise ValueError(
+                f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}"
+            )
 
 
 def _run_rows(xr, inv2s2, y, y_sqnorm, train_dtype, tile_rows, screen, threads, precision, exact):
@@ -300,8 +363,9 @@ def _run_rows(xr, inv2s2, y, y_sqnorm, train_dtype, tile_rows, screen, threads, 
     needs_relative_logits): never stream; rows whose candidate lists overflow twice (thousands of
     pairs within the band at tiny sigma, or huge values) are computed by the float64 reference."""
     batch, dim = xr.shape
-    data = _TrainSet(y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train_dtype,
-                                                             screen and precision == "bf16"))
+    data = _TrainSet(
+        y, y_sqnorm, tile_rows or cpu_tile_rows(batch, y.shape[0], dim, train_dtype, screen and precision == "bf16")
+    )
     queries = _Queries.create(xr, inv2s2, threads)
     if not screen:
         _stream(queries, data, threads, screen=None)
@@ -337,8 +401,16 @@ def _run_rows(xr, inv2s2, y, y_sqnorm, train_dtype, tile_rows, screen, threads, 
     return out, logz, streamed
 
 
-def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor, logz: torch.Tensor,
-            rows: torch.Tensor, precision: str, probe_dense: bool = True) -> torch.Tensor | None:
+def _screen(
+    queries: _Queries,
+    data: _TrainSet,
+    threads: int,
+    out: torch.Tensor,
+    logz: torch.Tensor,
+    rows: torch.Tensor,
+    precision: str,
+    probe_dense: bool = True,
+) -> torch.Tensor | None:
     """Screening pass (bf16 or fp32 Gram tiles: ``precision``): raise each query's lower bound of
     its max logit and collect candidate pairs; finish (exact re-scoring into out[rows], logz[rows])
     the queries whose list did not overflow. Returns the finished mask over ``rows``, or None when
@@ -357,39 +429,76 @@ def _screen(queries: _Queries, data: _TrainSet, threads: int, out: torch.Tensor,
         count = y_tile.shape[0]
         gram = gram_of.gram(y_tile)
         ext.empirical_denoise_screen_collect(
-            g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, batch=batch, tile=count, start=start,
-            xn2_ptr=queries.x_sqnorm.data_ptr(), inv2s2_ptr=queries.inv2s2.data_ptr(),
-            yn2_ptr=data.y_sqnorm[start:].data_ptr(), gemm_err_coef=coef, rounding_coef=logit_rounding_coefficient(dim),
+            g_ptr=gram.data_ptr(),
+            g_dtype=gram_of.dtype_name,
+            g_ld=count,
+            batch=batch,
+            tile=count,
+            start=start,
+            xn2_ptr=queries.x_sqnorm.data_ptr(),
+            inv2s2_ptr=queries.inv2s2.data_ptr(),
+            yn2_ptr=data.y_sqnorm[start:].data_ptr(),
+            gemm_err_coef=coef,
+            rounding_coef=logit_rounding_coefficient(dim),
             band=BAND,
-            mlow_ptr=queries.run_max_lower.data_ptr(), cand_index_ptr=cand_index.data_ptr(),
-            cand_upper_ptr=cand_upper.data_ptr(), cand_count_ptr=cand_count.data_ptr(), cap=cap, threads=threads)
+            mlow_ptr=queries.run_max_lower.data_ptr(),
+            cand_index_ptr=cand_index.data_ptr(),
+            cand_upper_ptr=cand_upper.data_ptr(),
+            cand_count_ptr=cand_count.data_ptr(),
+            cap=cap,
+            threads=threads,
+        )
     finished = cand_count <= cap
     if bool(finished.any()):  # exact re-scoring, written straight into out[rows], logz[rows]
         row_map = rows.to(torch.int64).contiguous()
         ext.empirical_denoise_screen_finalize(
-            x_ptr=queries.x.data_ptr(), x_ld=dim, batch=batch, dim=dim, inv2s2_ptr=queries.inv2s2.data_ptr(),
-            y_ptr=data.y.data_ptr(), y_dtype=data.dtype_name, y_ld=dim, mlow_ptr=queries.run_max_lower.data_ptr(),
-            cand_index_ptr=cand_index.data_ptr(), cand_upper_ptr=cand_upper.data_ptr(),
-            cand_count_ptr=cand_count.data_ptr(), cap=cap, band=BAND, row_map_ptr=row_map.data_ptr(),
-            out_ptr=out.data_ptr(), logz_ptr=logz.data_ptr(), threads=threads)
+            x_ptr=queries.x.data_ptr(),
+            x_ld=dim,
+            batch=batch,
+            dim=dim,
+            inv2s2_ptr=queries.inv2s2.data_ptr(),
+            y_ptr=data.y.data_ptr(),
+            y_dtype=data.dtype_name,
+            y_ld=dim,
+            mlow_ptr=queries.run_max_lower.data_ptr(),
+            cand_index_ptr=cand_index.data_ptr(),
+            cand_upper_ptr=cand_upper.data_ptr(),
+            cand_count_ptr=cand_count.data_ptr(),
+            cap=cap,
+            band=BAND,
+            row_map_ptr=row_map.data_ptr(),
+            out_ptr=out.data_ptr(),
+            logz_ptr=logz.data_ptr(),
+            threads=threads,
+        )
     return finished
 
 
 DENSE_PROBE_ROWS = 256
 
 
-def _looks_dense(queries: _Queries, data: _TrainSet, gram_of: "_ScreenGram", threads: int) -> bool:
+def _looks_dense(queries: _Queries, data: _TrainSet, gram_of: _ScreenGram, threads: int) -> bool:
     """Whether the first DENSE_PROBE_ROWS training rows already keep more than 90% of their pairs
     (dense weights, large sigma: screening cannot help). Not 1/2: before a query meets its nearest
     points, many pairs look alike. A small probe, so that a dense case wastes little GEMM work."""
     batch = queries.x.shape[0]
-    y_probe = data.y[:min(DENSE_PROBE_ROWS, data.tile)]
+    y_probe = data.y[: min(DENSE_PROBE_ROWS, data.tile)]
     count = y_probe.shape[0]
     gram = gram_of.gram(y_probe)
     wanted = extension().empirical_denoise_tile_update(
-        g_ptr=gram.data_ptr(), g_dtype=gram_of.dtype_name, g_ld=count, p_ptr=gram.data_ptr(), batch=batch, tile=count,
-        **_tile_inputs(queries, data, 0, y_probe), gemm_err_coef=gram_of.error_bound, rescore_tol=RESCORE_TOL,
-        band=BAND, rescore_budget=COUNT_ONLY, **queries.state(threads))[1]
+        g_ptr=gram.data_ptr(),
+        g_dtype=gram_of.dtype_name,
+        g_ld=count,
+        p_ptr=gram.data_ptr(),
+        batch=batch,
+        tile=count,
+        **_tile_inputs(queries, data, 0, y_probe),
+        gemm_err_coef=gram_of.error_bound,
+        rescore_tol=RESCORE_TOL,
+        band=BAND,
+        rescore_budget=COUNT_ONLY,
+        **queries.state(threads),
+    )[1]
     return wanted * 10 > 9 * batch * count
 
 
@@ -413,17 +522,29 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
     state = queries.state(threads)
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
-        p = g_buffer[:batch * count].view(batch, count)
-        common = dict(p_ptr=p.data_ptr(), batch=batch, tile=count, **_tile_inputs(queries, data, start, y_tile),
-                      rescore_tol=RESCORE_TOL, band=BAND, **state)
+        p = g_buffer[: batch * count].view(batch, count)
+        common = dict(
+            p_ptr=p.data_ptr(),
+            batch=batch,
+            tile=count,
+            **_tile_inputs(queries, data, start, y_tile),
+            rescore_tol=RESCORE_TOL,
+            band=BAND,
+            **state,
+        )
         y_float = None
         nonzero = -1
         if mode == "bf16":
             assert screen_gram is not None  # made above whenever the mode is bf16
             gram = screen_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
-                g_ptr=gram.data_ptr(), g_dtype="bfloat16", g_ld=count, **common,
-                gemm_err_coef=screen_gram.error_bound, rescore_budget=batch * count // 64)
+                g_ptr=gram.data_ptr(),
+                g_dtype="bfloat16",
+                g_ld=count,
+                **common,
+                gemm_err_coef=screen_gram.error_bound,
+                rescore_budget=batch * count // 64,
+            )
             if nonzero < 0:
                 mode, screen_gram = "fp32", None
         if mode == "fp32":
@@ -432,8 +553,13 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
                 torch.mm(queries.x, y_float.t(), out=p)
             for index, coefficient in enumerate(fp32_coefficients):  # proven first; measured: dense tiles
                 nonzero, _ = ext.empirical_denoise_tile_update(
-                    g_ptr=p.data_ptr(), g_dtype="float32", g_ld=count, **common,
-                    gemm_err_coef=coefficient, rescore_budget=batch * count // 16)
+                    g_ptr=p.data_ptr(),
+                    g_dtype="float32",
+                    g_ld=count,
+                    **common,
+                    gemm_err_coef=coefficient,
+                    rescore_budget=batch * count // 16,
+                )
                 if nonzero >= 0:
                     fp32_coefficients = fp32_coefficients[index:]
                     break
@@ -443,13 +569,28 @@ def _stream(queries: _Queries, data: _TrainSet, threads: int, screen: str | None
             assert precise_gram is not None  # made when the mode changes to fp64
             gram = precise_gram.gram(y_tile)
             nonzero, _ = ext.empirical_denoise_tile_update(
-                g_ptr=gram.data_ptr(), g_dtype="float64", g_ld=count, **common,
-                gemm_err_coef=fp64_gemm_error_bound(dim), rescore_budget=NO_BUDGET)
+                g_ptr=gram.data_ptr(),
+                g_dtype="float64",
+                g_ld=count,
+                **common,
+                gemm_err_coef=fp64_gemm_error_bound(dim),
+                rescore_budget=NO_BUDGET,
+            )
         if nonzero * 16 < batch * count:  # few weights (small sigma): skip the second GEMM
             ext.empirical_denoise_sparse_accumulate(
-                p_ptr=p.data_ptr(), p_ld=count, batch=batch, tile=count, scale_ptr=queries.scale.data_ptr(),
-                y_ptr=y_tile.data_ptr(), y_dtype=data.dtype_name, y_ld=dim, dim=dim, acc_ptr=queries.acc.data_ptr(),
-                acc_ld=dim, threads=threads)
+                p_ptr=p.data_ptr(),
+                p_ld=count,
+                batch=batch,
+                tile=count,
+                scale_ptr=queries.scale.data_ptr(),
+                y_ptr=y_tile.data_ptr(),
+                y_dtype=data.dtype_name,
+                y_ld=dim,
+                dim=dim,
+                acc_ptr=queries.acc.data_ptr(),
+                acc_ld=dim,
+                threads=threads,
+            )
         else:
             if y_float is None:
                 y_float = _tile_as_float32(y_tile, convert_buffer)
@@ -475,10 +616,16 @@ def _tile_as_float32(y_tile: torch.Tensor, convert_buffer: _LazyBuffer | None) -
     if convert_buffer is None:
         return y_tile
     count, dim = y_tile.shape
-    out = convert_buffer.get()[:count * dim].view(count, dim)
-    extension().empirical_denoise_decode_rows(src_ptr=y_tile.data_ptr(), src_dtype="uint8", rows=count, dim=dim,
-                                              dst_ptr=out.data_ptr(), dst_dtype="float32",
-                                              threads=torch.get_num_threads())
+    out = convert_buffer.get()[: count * dim].view(count, dim)
+    extension().empirical_denoise_decode_rows(
+        src_ptr=y_tile.data_ptr(),
+        src_dtype="uint8",
+        rows=count,
+        dim=dim,
+        dst_ptr=out.data_ptr(),
+        dst_dtype="float32",
+        threads=torch.get_num_threads(),
+    )
     return out
 
 
@@ -504,11 +651,17 @@ class _ScreenGram:
         if y_tile.dtype == self.dtype:
             y_screen = y_tile
         else:
-            y_screen = self.buffer.get()[:count * dim].view(count, dim)
-            extension().empirical_denoise_decode_rows(src_ptr=y_tile.data_ptr(), src_dtype=dtype_name(y_tile.dtype),
-                                                      rows=count, dim=dim, dst_ptr=y_screen.data_ptr(),
-                                                      dst_dtype=self.dtype_name, threads=self.threads)
-        out = self.out[:self.x.shape[0] * count].view(self.x.shape[0], count)
+            y_screen = self.buffer.get()[: count * dim].view(count, dim)
+            extension().empirical_denoise_decode_rows(
+                src_ptr=y_tile.data_ptr(),
+                src_dtype=dtype_name(y_tile.dtype),
+                rows=count,
+                dim=dim,
+                dst_ptr=y_screen.data_ptr(),
+                dst_dtype=self.dtype_name,
+                threads=self.threads,
+            )
+        out = self.out[: self.x.shape[0] * count].view(self.x.shape[0], count)
         with fp32_matmul_at_full_precision():
             return torch.mm(self.x, y_screen.t(), out=out)
 
@@ -525,10 +678,10 @@ class _PreciseGram:
 
     def gram(self, y_tile: torch.Tensor) -> torch.Tensor:
         count = y_tile.shape[0]
-        out = self.buffer[:self.x64.shape[0] * count].view(self.x64.shape[0], count)
+        out = self.buffer[: self.x64.shape[0] * count].view(self.x64.shape[0], count)
         for c0 in range(0, count, self.chunk):
-            block = y_tile[c0:c0 + self.chunk].to(torch.float64)
+            block = y_tile[c0 : c0 + self.chunk].to(torch.float64)
             if y_tile.dtype == torch.uint8:
                 block.div_(127.5).sub_(1.0)
-            out[:, c0:c0 + block.shape[0]] = self.x64 @ block.t()
+            out[:, c0 : c0 + block.shape[0]] = self.x64 @ block.t()
         return out

@@ -1,13 +1,13 @@
 """CUDA launcher of the empirical denoiser (csrc/empirical_denoise/empirical_denoise.cu): exact
 double distances, the training set split into ranges merged by log-sum-exp (flash-decoding style).
 Compiled, never run on a GPU yet: not in the auto order."""
+
 from __future__ import annotations
 
 import torch
 
 from diffcore._ext import dtype_name, extension
 from diffcore.ops._launch import cuda_launch_args, multiprocessor_count
-
 
 QUERY_GROUP = 16  # queries per block (kQueries in empirical_denoise.cu)
 BLOCKS_PER_MULTIPROCESSOR = 2
@@ -36,8 +36,20 @@ def run(xr: torch.Tensor, y: torch.Tensor, sigma64: torch.Tensor) -> tuple[torch
     out = torch.empty(batch, dim, dtype=xr.dtype, device=device)
     logz = torch.empty(batch, dtype=torch.float32, device=device)
     extension().empirical_denoise_cuda_forward(
-        x_ptr=xr.data_ptr(), x_dtype=dtype_name(xr.dtype), y_ptr=y.data_ptr(), y_dtype=dtype_name(y.dtype),
-        inv2s2_ptr=inv2s2.data_ptr(), batch=batch, rows=rows, dim=dim, splits=splits,
-        work_acc_ptr=work_acc.data_ptr(), work_m_ptr=work_m.data_ptr(), work_s_ptr=work_s.data_ptr(),
-        out_ptr=out.data_ptr(), logz_ptr=logz.data_ptr(), **launch)
+        x_ptr=xr.data_ptr(),
+        x_dtype=dtype_name(xr.dtype),
+        y_ptr=y.data_ptr(),
+        y_dtype=dtype_name(y.dtype),
+        inv2s2_ptr=inv2s2.data_ptr(),
+        batch=batch,
+        rows=rows,
+        dim=dim,
+        splits=splits,
+        work_acc_ptr=work_acc.data_ptr(),
+        work_m_ptr=work_m.data_ptr(),
+        work_s_ptr=work_s.data_ptr(),
+        out_ptr=out.data_ptr(),
+        logz_ptr=logz.data_ptr(),
+        **launch,
+    )
     return out, logz

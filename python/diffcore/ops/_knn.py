@@ -15,6 +15,7 @@ per-query top-k ordered by (distance, index). Memory is O(B * tile), never [B, N
 This module holds the checks, the backend resolution and the table of runners; the CPU host code
 is in ``_knn_cpu.py``, the CUDA launcher in ``_knn_cuda.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ BACKENDS = OpBackends(
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def knn(queries: torch.Tensor, train: torch.Tensor, k: int = 2, *,
-        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    queries: torch.Tensor, train: torch.Tensor, k: int = 2, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest training rows of each query, in l2.
 
     Args:
@@ -83,8 +85,7 @@ def _check_magnitude(name: str, values: torch.Tensor) -> None:
     if not math.isfinite(largest):
         _checks.check_finite(name, values)  # names NaN or Inf
     if largest > MAX_MAGNITUDE:
-        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), "
-                         f"got {largest:g}")
+        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
 
 
 def _validate(queries, train, k):
@@ -94,11 +95,15 @@ def _validate(queries, train, k):
     if train.shape[0] == 0 or train.numel() == 0:
         raise ValueError(f"train: expected a non-empty training set, got shape {tuple(train.shape)}")
     if tuple(train.shape[1:]) != tuple(queries.shape[1:]):
-        raise ValueError(f"train: trailing shape {tuple(train.shape[1:])} does not match the trailing shape "
-                         f"{tuple(queries.shape[1:])} of queries")
+        raise ValueError(
+            f"train: trailing shape {tuple(train.shape[1:])} does not match the trailing shape "
+            f"{tuple(queries.shape[1:])} of queries"
+        )
     if train.dtype != torch.uint8 and train.dtype != queries.dtype:
-        raise TypeError(f"train: expected dtype {dtype_name(queries.dtype)} (the dtype of queries) or uint8, "
-                        f"got {dtype_name(train.dtype)}")
+        raise TypeError(
+            f"train: expected dtype {dtype_name(queries.dtype)} (the dtype of queries) or uint8, "
+            f"got {dtype_name(train.dtype)}"
+        )
     _checks.check_same_device(queries=queries, train=train)
     _checks.check_positive_int("k", k)
     n_train = train.shape[0]

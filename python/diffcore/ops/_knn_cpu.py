@@ -1,14 +1,19 @@
 """CPU host code of the exact k-NN (``diffcore.ops.knn``): GEMM screening with torch in tiles
 (int8 where torch's int8 GEMM is exact, else bf16 where the CPU has native bf16 matmul, else fp32:
 diffcore._cpu_caps), exact re-scoring and the top-k merge in C++ (csrc/knn/knn.cpp)."""
+
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from diffcore._cpu_caps import (bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, int8_gemm_levels,
-                                screen_choice)
+from diffcore._cpu_caps import (
+    bf16_matmul_accumulates_in_fp32,
+    fp32_matmul_at_full_precision,
+    int8_gemm_levels,
+    screen_choice,
+)
 from diffcore._ext import dtype_name, extension
 from diffcore.ops import _torch_compat as compat
 
@@ -71,28 +76,48 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     rescored = 0
     for start in range(0, n_train, tile):
         rows = min(tile, n_train - start)
-        y_tile = y[start:start + rows]
+        y_tile = y[start : start + rows]
         try:
             y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
         for q_start in range(0, batch, query_block):
             q_rows = min(query_block, batch - q_start)
-            gram = gram_storage[:q_rows * rows].view(q_rows, rows)
-            _gram_tile(q_screen[q_start:q_start + q_rows], y_screen, gram)
+            gram = gram_storage[: q_rows * rows].view(q_rows, rows)
+            _gram_tile(q_screen[q_start : q_start + q_rows], y_screen, gram)
             rescored += ext.knn_cpu_screen_tile(
-                queries_ptr=q[q_start].data_ptr(), queries_dtype=dtype_name(q.dtype), batch=q_rows, dim=dim,
-                q_norms_ptr=q_norms[q_start].data_ptr(), train_ptr=y_tile.data_ptr(), train_dtype=dtype_name(y.dtype),
-                tile_start=start, tile=rows, y_norms_ptr=y_norms.data_ptr(), gram_ptr=gram.data_ptr(),
-                gram_dtype=dtype_name(gram_dtype), k=k, best_d2_ptr=best_d2[q_start].data_ptr(),
-                best_idx_ptr=best_idx[q_start].data_ptr(), safety=CPU_SCREEN_SAFETY[precision],
-                threads=_threads_for(q_rows * rows * 8, threads))
+                queries_ptr=q[q_start].data_ptr(),
+                queries_dtype=dtype_name(q.dtype),
+                batch=q_rows,
+                dim=dim,
+                q_norms_ptr=q_norms[q_start].data_ptr(),
+                train_ptr=y_tile.data_ptr(),
+                train_dtype=dtype_name(y.dtype),
+                tile_start=start,
+                tile=rows,
+                y_norms_ptr=y_norms.data_ptr(),
+                gram_ptr=gram.data_ptr(),
+                gram_dtype=dtype_name(gram_dtype),
+                k=k,
+                best_d2_ptr=best_d2[q_start].data_ptr(),
+                best_idx_ptr=best_idx[q_start].data_ptr(),
+                safety=CPU_SCREEN_SAFETY[precision],
+                threads=_threads_for(q_rows * rows * 8, threads),
+            )
     if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
         raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
     if stats is not None:
         stats.update(rescored=rescored, precision=precision)
-    log.debug("knn cpu: B=%d N=%d D=%d k=%d, %s screen, %d rows re-scored exactly (%.2f per query)",
-              batch, n_train, dim, k, precision, rescored, rescored / batch)
+    log.debug(
+        "knn cpu: B=%d N=%d D=%d k=%d, %s screen, %d rows re-scored exactly (%.2f per query)",
+        batch,
+        n_train,
+        dim,
+        k,
+        precision,
+        rescored,
+        rescored / batch,
+    )
     return best_d2, best_idx
 
 
@@ -105,15 +130,19 @@ def _precision_for(precision: str | None, dim: int) -> tuple[str, int]:
     if precision == "int8":
         levels = int8_gemm_levels()
         if levels is None:
-            raise RuntimeError("knn: the int8 screen was asked for, but torch's int8 GEMM is not exact on this "
-                               "machine (probe failed); use DIFFCORE_CPU_SCREEN=auto, bf16 or fp32")
+            raise RuntimeError(
+                "knn: the int8 screen was asked for, but torch's int8 GEMM is not exact on this "
+                "machine (probe failed); use DIFFCORE_CPU_SCREEN=auto, bf16 or fp32"
+            )
         if INT8_MIN_DIM <= dim <= INT8_MAX_DIM:
             return "int8", levels
         precision = choice.precision
     if precision == "bf16" and not bf16_matmul_accumulates_in_fp32():
-        raise RuntimeError("knn: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate in fp32 on "
-                           "this machine (probe failed), so the screening bound would not hold; use "
-                           "DIFFCORE_CPU_SCREEN=fp32 or auto")
+        raise RuntimeError(
+            "knn: DIFFCORE_CPU_SCREEN=bf16, but torch's bf16 matmul does not accumulate in fp32 on "
+            "this machine (probe failed), so the screening bound would not hold; use "
+            "DIFFCORE_CPU_SCREEN=fp32 or auto"
+        )
     return precision, 0
 
 
@@ -126,8 +155,14 @@ def _gram_tile(q_screen: torch.Tensor, y_screen: torch.Tensor, out: torch.Tensor
         torch.mm(q_screen, y_screen.t(), out=out)
 
 
-def _screen_rows(rows: torch.Tensor, screen_dtype: torch.dtype, buffer: torch.Tensor | None, name: str,
-                 threads: int, int8_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _screen_rows(
+    rows: torch.Tensor,
+    screen_dtype: torch.dtype,
+    buffer: torch.Tensor | None,
+    name: str,
+    threads: int,
+    int8_levels: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` [R, D] in the screening dtype (``rows`` itself when it has that dtype already, else
     rounded into ``buffer``; int8: per-row scale, values in [-int8_levels, int8_levels]) and their
     norms [R, 4] float64: |x|^2, |x~|, |x - x~|, the int8 scale (1 otherwise)."""
@@ -138,8 +173,17 @@ def _screen_rows(rows: torch.Tensor, screen_dtype: torch.dtype, buffer: torch.Te
     else:
         out = (buffer if buffer is not None else torch.empty(count, dim, dtype=screen_dtype))[:count]
         dst = out.data_ptr()
-    extension().knn_cpu_prepare_rows(src_ptr=rows.data_ptr(), dtype=dtype_name(rows.dtype), rows=count, dim=dim,
-                                     row_stride=dim, dst_ptr=dst, dst_dtype=dtype_name(screen_dtype),
-                                     int8_levels=int8_levels, norms_ptr=norms.data_ptr(),
-                                     threads=_threads_for(count * dim, threads), arg_name=name)
+    extension().knn_cpu_prepare_rows(
+        src_ptr=rows.data_ptr(),
+        dtype=dtype_name(rows.dtype),
+        rows=count,
+        dim=dim,
+        row_stride=dim,
+        dst_ptr=dst,
+        dst_dtype=dtype_name(screen_dtype),
+        int8_levels=int8_levels,
+        norms_ptr=norms.data_ptr(),
+        threads=_threads_for(count * dim, threads),
+        arg_name=name,
+    )
     return out, norms

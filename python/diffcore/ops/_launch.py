@@ -1,5 +1,6 @@
 """What every op's host code passes across the C++ boundary besides its own arguments: data
 pointers (0 for an absent optional operand) and, for CUDA launches, the device and stream."""
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,7 @@ def cuda_launch_args(t: torch.Tensor) -> dict:
     return {"device": index, "stream": torch.cuda.current_stream(index).cuda_stream}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def multiprocessor_count(device: int) -> int:
     """Number of streaming multiprocessors of CUDA device ``device`` (asked of the driver once)."""
     return int(extension().cuda_multiprocessor_count(device=device))

@@ -20,6 +20,7 @@ This module holds the checks, the backend resolution and the table of runners; t
 is in ``_local_denoise_cpu.py``, the CUDA launchers in ``_local_denoise_cuda.py``, the Triton kernels
 in ``diffcore/kernels/local_denoise.py``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,7 @@ from diffcore._checks import (
     check_tensor,
     sigma_per_row,
 )
-from diffcore.ops import _local_denoise_cpu as _cpu
-from diffcore.ops import _local_denoise_cuda as _cuda
+from diffcore.ops import _local_denoise_cpu as _cpu, _local_denoise_cuda as _cuda
 
 __all__ = ["local_denoise", "wiener_masks"]
 
@@ -54,8 +54,17 @@ _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
 
 
-def local_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, kind: str = "els", patch_size=3,
-                  padding: str = "zeros", mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def local_denoise(
+    x: torch.Tensor,
+    train: torch.Tensor,
+    sigma,
+    *,
+    kind: str = "els",
+    patch_size=3,
+    padding: str = "zeros",
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Local (patch-posterior) denoiser of a training set.
 
     Args:
@@ -84,8 +93,10 @@ def local_denoise(x: torch.Tensor, train: torch.Tensor, sigma, *, kind: str = "e
             rows = torch.tensor([i for i, s in enumerate(sizes) if s == size], device=x.device)
             out[rows] = RUNNERS[name](x[rows], train, sigma64[rows], kind, size, padding, mask).to(out.dtype)
     if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"sigma: the weights could not be computed at sigma down to {float(sigma64.min()):g} "
-                         f"(use a larger sigma), or train holds NaN/Inf")
+        raise ValueError(
+            f"sigma: the weights could not be computed at sigma down to {float(sigma64.min()):g} "
+            f"(use a larger sigma), or train holds NaN/Inf"
+        )
     return out.to(x.dtype)
 
 
@@ -93,8 +104,10 @@ def _validate(x, train, sigma, kind, patch_size, padding, mask):
     check_tensor("x", x, ndim=4, dtypes=_X_DTYPES)
     check_tensor("train", train, ndim=4, dtypes=_TRAIN_DTYPES)
     if tuple(train.shape[1:]) != tuple(x.shape[1:]):
-        raise ValueError(f"train: expected images of shape {tuple(x.shape[1:])} (that of x), "
-                         f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})")
+        raise ValueError(
+            f"train: expected images of shape {tuple(x.shape[1:])} (that of x), "
+            f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})"
+        )
     device = check_same_device(x=x, train=train)
     check_finite("x", x)
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
@@ -107,13 +120,15 @@ def _validate(x, train, sigma, kind, patch_size, padding, mask):
     height, width = x.shape[2], x.shape[3]
     sizes = _patch_sizes(patch_size, x.shape[0])
     if kind == "pspc" and max(sizes) > min(height, width):
-        raise ValueError(f"patch_size: pspc needs P <= min(H, W) = {min(height, width)} (valid squares), "
-                         f"got {max(sizes)}")
+        raise ValueError(
+            f"patch_size: pspc needs P <= min(H, W) = {min(height, width)} (valid squares), got {max(sizes)}"
+        )
     if kind == "mask":
         check_tensor("mask", mask, ndim=2, dtypes=(torch.float32, torch.float64, torch.bool))
         if tuple(mask.shape) != (height * width, height * width):
-            raise ValueError(f"mask: expected shape [{height * width}, {height * width}] ([H*W, H*W]), "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask: expected shape [{height * width}, {height * width}] ([H*W, H*W]), got {tuple(mask.shape)}"
+            )
         check_finite("mask", mask)
         if bool((mask < 0).any()):
             raise ValueError("mask: expected values >= 0 (query precisions)")
@@ -164,7 +179,7 @@ def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.T
     centred = rows - rows.mean(dim=0)
     cov = centred.T @ centred / n
     eye = torch.eye(cov.shape[0], dtype=torch.float64)
-    filt = torch.linalg.solve(cov + sigma ** 2 * eye, cov).T  # S symmetric: (S + s^2 I)^-1 S = W^T
+    filt = torch.linalg.solve(cov + sigma**2 * eye, cov).T  # S symmetric: (S + s^2 I)^-1 S = W^T
     magnitude = filt.abs().reshape(c, h * w, c, h * w).amax(dim=(0, 2))
     row_max = magnitude.amax(dim=1, keepdim=True)
     masks = (magnitude >= threshold * row_max) & (row_max > 0)
@@ -203,8 +218,9 @@ def _same_location_result(means, kind, batch, channels, height, width, patch) ->
     return means.permute(0, 2, 1).reshape(batch, channels, height, width)
 
 
-def _pspc_composite(means: torch.Tensor, batch: int, channels: int, height: int, width: int,
-                    patch: int) -> torch.Tensor:
+def _pspc_composite(
+    means: torch.Tensor, batch: int, channels: int, height: int, width: int, patch: int
+) -> torch.Tensor:
     """Per-square posterior means [B, S * P * P, C] (squares row-major) -> the per-pixel average of
     the squares covering each pixel [B, C, H, W] (Niedoba et al. 2025)."""
     squares_h, squares_w = height - patch + 1, width - patch + 1
@@ -212,8 +228,11 @@ def _pspc_composite(means: torch.Tensor, batch: int, channels: int, height: int,
     columns = crops.permute(0, 3, 2, 1).reshape(batch, channels * patch * patch, squares_h * squares_w)
     fold = torch.nn.functional.fold
     total = fold(columns.double(), (height, width), patch)
-    count = fold(torch.ones(1, patch * patch, squares_h * squares_w, dtype=torch.float64, device=means.device),
-                 (height, width), patch)
+    count = fold(
+        torch.ones(1, patch * patch, squares_h * squares_w, dtype=torch.float64, device=means.device),
+        (height, width),
+        patch,
+    )
     return (total / count).to(torch.float32)
 
 

@@ -5,6 +5,7 @@ Memory: the noisy images (padded), one training tile (padded or pixel-major, flo
 ``TILE_BYTES``) and the running state (``dmin``, ``total`` [Q], ``acc`` [Q, V] float64): O(B C H W +
 tile). The key tensor [N, H, W, C P P] is never formed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,15 +69,19 @@ class _State:
 
     @classmethod
     def create(cls, queries: int, acc_shape: tuple[int, ...]):
-        return cls(torch.full((queries,), float("inf"), dtype=torch.float64),
-                   torch.zeros(queries, dtype=torch.float64), torch.zeros(acc_shape, dtype=torch.float64))
+        return cls(
+            torch.full((queries,), float("inf"), dtype=torch.float64),
+            torch.zeros(queries, dtype=torch.float64),
+            torch.zeros(acc_shape, dtype=torch.float64),
+        )
 
     def pointers(self) -> dict:
         return {"dmin_ptr": self.dmin.data_ptr(), "total_ptr": self.total.data_ptr(), "acc_ptr": self.acc.data_ptr()}
 
 
-def run_els(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: int, padding: str,
-            tile_rows: int | None = None) -> torch.Tensor:
+def run_els(
+    x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: int, padding: str, tile_rows: int | None = None
+) -> torch.Tensor:
     """ELS: x [B, C, H, W] float32, train [N, C, H, W] -> x0_hat [B, C, H, W] float32."""
     batch, channels, height, width = x.shape
     r = patch // 2
@@ -90,14 +95,28 @@ def run_els(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, patch: 
     lanes = -(-tile // LANES) * LANES
     buffer = torch.zeros(channels, height + 2 * r, width + 2 * r, lanes, dtype=torch.float32)
     for start in range(0, train.shape[0], tile):
-        images = pad_images(as_float32(train[start:start + tile]), r, padding)
+        images = pad_images(as_float32(train[start : start + tile]), r, padding)
         valid = images.shape[0]
         buffer[..., :valid] = images.permute(1, 2, 3, 0)  # image-innermost: full vectors for any dictionary
         extension().local_denoise_translated_tile(
-            xq_ptr=xq.data_ptr(), y_ptr=buffer.data_ptr(), batch=batch, tile=lanes, valid=valid, channels=channels,
-            height=height, width=width, patch=patch, row_lo_ptr=row_lo.data_ptr(), row_hi_ptr=row_hi.data_ptr(),
-            col_lo_ptr=col_lo.data_ptr(), col_hi_ptr=col_hi.data_ptr(), inv2s2_ptr=inv2s2.data_ptr(), band=BAND,
-            threads=threads, **state.pointers())
+            xq_ptr=xq.data_ptr(),
+            y_ptr=buffer.data_ptr(),
+            batch=batch,
+            tile=lanes,
+            valid=valid,
+            channels=channels,
+            height=height,
+            width=width,
+            patch=patch,
+            row_lo_ptr=row_lo.data_ptr(),
+            row_hi_ptr=row_hi.data_ptr(),
+            col_lo_ptr=col_lo.data_ptr(),
+            col_hi_ptr=col_hi.data_ptr(),
+            inv2s2_ptr=inv2s2.data_ptr(),
+            band=BAND,
+            threads=threads,
+            **state.pointers(),
+        )
     out = state.acc / state.total[:, None]
     return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(torch.float32).contiguous()
 
@@ -108,20 +127,23 @@ class Supports:
     precision's row) and the pixels whose posterior means it outputs."""
 
     offsets: torch.Tensor  # [L + 1] int64
-    index: torch.Tensor    # [nnz] int32
-    weight: torch.Tensor   # [nnz] float32
+    index: torch.Tensor  # [nnz] int32
+    weight: torch.Tensor  # [nnz] float32
     out_offsets: torch.Tensor  # [L + 1] int64
-    out_index: torch.Tensor    # [outputs] int32
+    out_index: torch.Tensor  # [outputs] int32
 
     @classmethod
     def from_lists(cls, supports: list[tuple[list[int], list[float]]], outputs: list[list[int]]):
         def offsets(lengths):
             return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
 
-        return cls(offsets([len(s[0]) for s in supports]),
-                   torch.tensor([p for s in supports for p in s[0]], dtype=torch.int32),
-                   torch.tensor([w for s in supports for w in s[1]], dtype=torch.float32),
-                   offsets([len(o) for o in outputs]), torch.tensor([p for o in outputs for p in o], dtype=torch.int32))
+        return cls(
+            offsets([len(s[0]) for s in supports]),
+            torch.tensor([p for s in supports for p in s[0]], dtype=torch.int32),
+            torch.tensor([w for s in supports for w in s[1]], dtype=torch.float32),
+            offsets([len(o) for o in outputs]),
+            torch.tensor([p for o in outputs for p in o], dtype=torch.int32),
+        )
 
 
 def patch_pixels(i: int, j: int, height: int, width: int, patch: int, padding: str) -> list[int]:
@@ -170,8 +192,9 @@ def mask_supports(mask: torch.Tensor) -> Supports:
     return Supports.from_lists(supports, outputs)
 
 
-def run_same_location(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, supports: Supports,
-                      tile_rows: int | None = None) -> torch.Tensor:
+def run_same_location(
+    x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tensor, supports: Supports, tile_rows: int | None = None
+) -> torch.Tensor:
     """Same-location keys: x [B, C, H, W] float32 -> posterior means [B, outputs, C] float32 (per
     location, the values of its output pixels in CSR order)."""
     batch, channels, height, width = x.shape
@@ -184,13 +207,25 @@ def run_same_location(x: torch.Tensor, train: torch.Tensor, sigma64: torch.Tenso
     state = _State.create(batch * locations, (batch, outputs, channels))
     tile = tile_rows or tile_images(4 * channels * pixels, train.shape[0], SAME_LOCATION_TILE_BYTES, 64)
     for start in range(0, train.shape[0], tile):
-        y = as_float32(train[start:start + tile]).reshape(-1, channels, pixels).permute(2, 1, 0).contiguous()
+        y = as_float32(train[start : start + tile]).reshape(-1, channels, pixels).permute(2, 1, 0).contiguous()
         extension().local_denoise_same_location_tile(
-            x_ptr=xf.data_ptr(), y_ptr=y.data_ptr(), batch=batch, tile=y.shape[2], channels=channels, pixels=pixels,
-            locations=locations, support_offsets_ptr=supports.offsets.data_ptr(),
-            support_index_ptr=supports.index.data_ptr(), support_weight_ptr=supports.weight.data_ptr(),
-            out_offsets_ptr=supports.out_offsets.data_ptr(), out_index_ptr=supports.out_index.data_ptr(),
-            inv2s2_ptr=inv2s2.data_ptr(), band=BAND, threads=threads, **state.pointers())
-    counts = (supports.out_offsets[1:] - supports.out_offsets[:-1])
+            x_ptr=xf.data_ptr(),
+            y_ptr=y.data_ptr(),
+            batch=batch,
+            tile=y.shape[2],
+            channels=channels,
+            pixels=pixels,
+            locations=locations,
+            support_offsets_ptr=supports.offsets.data_ptr(),
+            support_index_ptr=supports.index.data_ptr(),
+            support_weight_ptr=supports.weight.data_ptr(),
+            out_offsets_ptr=supports.out_offsets.data_ptr(),
+            out_index_ptr=supports.out_index.data_ptr(),
+            inv2s2_ptr=inv2s2.data_ptr(),
+            band=BAND,
+            threads=threads,
+            **state.pointers(),
+        )
+    counts = supports.out_offsets[1:] - supports.out_offsets[:-1]
     total = state.total.reshape(batch, locations).repeat_interleave(counts, dim=1)
     return (state.acc / total[:, :, None]).to(torch.float32)

@@ -20,6 +20,7 @@ Non-finite check: pass ``finite_flag`` (an int32 tensor of shape [1] on the tens
 initialized to a large value, e.g. ``new_finite_flag``): when ``denoised`` or the result holds NaN
 or Inf it is lowered to ``step``, on the device, without synchronizing. Read it once at the end.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,7 @@ import torch
 from diffcore import _checks
 from diffcore._backend import OpBackends
 from diffcore._ext import dtype_name
-from diffcore.ops import _sampler_step_cpu as _cpu
-from diffcore.ops import _sampler_step_cuda as _cuda
+from diffcore.ops import _sampler_step_cpu as _cpu, _sampler_step_cuda as _cuda
 
 # Column order of a coefficient row / table.
 C_X, C_DENOISED, C_EXTRA, C_NOISE = 0, 1, 2, 3
@@ -88,8 +88,9 @@ def heun_coefficients(sigma: float, sigma_next: float) -> tuple[float, float, fl
     return (sigma_next / sigma, half_over_next - h / sigma, -half_over_next, 0.0)
 
 
-def dpmpp_2m_coefficients(sigma: float, sigma_next: float,
-                          sigma_prev: float | None) -> tuple[float, float, float, float]:
+def dpmpp_2m_coefficients(
+    sigma: float, sigma_next: float, sigma_prev: float | None
+) -> tuple[float, float, float, float]:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in VE variables, ``t = -log sigma``,
     ``h = t_next - t``:
 
@@ -178,7 +179,8 @@ def _coefficient_row(coefficients, step) -> tuple[float, float, float, float]:
             coefficients = coefficients[step]
         if coefficients.shape != (4,):
             raise ValueError(
-                f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}")
+                f"coefficients: expected 4 values or a [steps, 4] table, got shape {tuple(coefficients.shape)}"
+            )
         row = tuple(float(v) for v in coefficients.detach().cpu().tolist())
     elif isinstance(coefficients, Sequence) and len(coefficients) == 4:
         row = tuple(float(v) for v in coefficients)
@@ -258,8 +260,15 @@ class _SamplerStepFunction(torch.autograd.Function):
     def backward(ctx, grad):
         row = ctx.row
         need = ctx.needs_input_grad
-        return (grad * row[0] if need[0] else None, grad * row[1] if need[1] else None,
-                grad * row[2] if need[2] else None, grad * row[3] if need[3] else None, None, None, None)
+        return (
+            grad * row[0] if need[0] else None,
+            grad * row[1] if need[1] else None,
+            grad * row[2] if need[2] else None,
+            grad * row[3] if need[3] else None,
+            None,
+            None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, tx, td, te, tz, *_):
@@ -271,10 +280,19 @@ class _SamplerStepFunction(torch.autograd.Function):
         return out
 
 
-def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficients, *, step: int | None = None,
-                 extra: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None,
-                 backend: str = "auto") -> torch.Tensor:
+def sampler_step(
+    kind: str,
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    coefficients,
+    *,
+    step: int | None = None,
+    extra: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    finite_flag: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """One fused solver update ``c_x x + c_denoised denoised + c_extra extra + c_noise noise``.
 
     Args:
@@ -306,7 +324,8 @@ def sampler_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, coefficient
         if tensor is None:
             if coefficient:
                 raise ValueError(
-                    f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})")
+                    f"{name}: required for kind {kind!r} when its coefficient is non-zero ({coefficient:g})"
+                )
             continue
         _checks.check_tensor(name, tensor)
         if tensor.shape != x.shape:

@@ -1,5 +1,6 @@
 """CPU host code of the fused sampler step (csrc/sampler_step/sampler_step.cpp): OpenMP, bitwise
 deterministic, float32/float64."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,21 @@ def run(x, denoised, extra, noise, out, row, step, flag):
     """out = row . (x, denoised, extra, noise) on contiguous CPU tensors; flag (int32 [1] or None)
     is lowered to ``step`` when denoised or out holds NaN/Inf. Returns out."""
     extension().sampler_step_cpu(
-        dtype=dtype_name(x.dtype), x=x.data_ptr(), denoised=denoised.data_ptr(), extra=ptr(extra), noise=ptr(noise),
-        out=out.data_ptr(), numel=x.numel(), c_x=row[0], c_denoised=row[1], c_extra=row[2], c_noise=row[3],
-        step=step, flag=ptr(flag), threads=torch.get_num_threads())
+        dtype=dtype_name(x.dtype),
+        x=x.data_ptr(),
+        denoised=denoised.data_ptr(),
+        extra=ptr(extra),
+        noise=ptr(noise),
+        out=out.data_ptr(),
+        numel=x.numel(),
+        c_x=row[0],
+        c_denoised=row[1],
+        c_extra=row[2],
+        c_noise=row[3],
+        step=step,
+        flag=ptr(flag),
+        threads=torch.get_num_threads(),
+    )
     return out
 
 
@@ -27,9 +40,22 @@ def bound_runner(like: torch.Tensor, flag: torch.Tensor | None):
     checking = flag is not None
 
     def run_cpu(x, denoised, extra, noise, out, row, step):
-        bad = kernel(dtype=dtype, x=x.data_ptr(), denoised=denoised.data_ptr(), extra=ptr(extra), noise=ptr(noise),
-                     out=out.data_ptr(), numel=numel, c_x=row[0], c_denoised=row[1], c_extra=row[2],
-                     c_noise=row[3], step=step, flag=flag_ptr, threads=threads)
+        bad = kernel(
+            dtype=dtype,
+            x=x.data_ptr(),
+            denoised=denoised.data_ptr(),
+            extra=ptr(extra),
+            noise=ptr(noise),
+            out=out.data_ptr(),
+            numel=numel,
+            c_x=row[0],
+            c_denoised=row[1],
+            c_extra=row[2],
+            c_noise=row[3],
+            step=step,
+            flag=flag_ptr,
+            threads=threads,
+        )
         return checking and bad > 0
 
     return run_cpu

@@ -10,6 +10,7 @@ moves them breaks (or is adapted) here only. ``tests/ops/test_torch_compat.py`` 
 function against the public behaviour it stands for, on whichever torch the suite runs with (the
 supported range in pyproject.toml; CONTRIBUTING.md says how its ends are tested).
 """
+
 from __future__ import annotations
 
 from typing import overload

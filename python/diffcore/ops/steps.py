@@ -14,13 +14,43 @@ module is what such a loop may use; everything else of ``ops/_sampler_step.py`` 
 - Non-finite detection: :func:`new_finite_flag` (int32 ``[1]``) and :data:`NO_BAD_STEP`, the value
   it keeps while every step is finite.
 """
+
 from __future__ import annotations
 
-from diffcore.ops._sampler_step import (C_DENOISED, C_EXTRA, C_NOISE, C_X, NO_BAD_STEP, ancestral_split,
-                                        bound_step_runner, churn_coefficients, coefficient_table,
-                                        ddim_coefficients, dpmpp_2m_coefficients, euler_coefficients,
-                                        heun_coefficients, new_finite_flag, step_coefficients, step_runner)
+from diffcore.ops._sampler_step import (
+    C_DENOISED,
+    C_EXTRA,
+    C_NOISE,
+    C_X,
+    NO_BAD_STEP,
+    ancestral_split,
+    bound_step_runner,
+    churn_coefficients,
+    coefficient_table,
+    ddim_coefficients,
+    dpmpp_2m_coefficients,
+    euler_coefficients,
+    heun_coefficients,
+    new_finite_flag,
+    step_coefficients,
+    step_runner,
+)
 
-__all__ = ["C_DENOISED", "C_EXTRA", "C_NOISE", "C_X", "NO_BAD_STEP", "ancestral_split", "bound_step_runner",
-           "churn_coefficients", "coefficient_table", "ddim_coefficients", "dpmpp_2m_coefficients",
-           "euler_coefficients", "heun_coefficients", "new_finite_flag", "step_coefficients", "step_runner"]
+__all__ = [
+    "C_DENOISED",
+    "C_EXTRA",
+    "C_NOISE",
+    "C_X",
+    "NO_BAD_STEP",
+    "ancestral_split",
+    "bound_step_runner",
+    "churn_coefficients",
+    "coefficient_table",
+    "ddim_coefficients",
+    "dpmpp_2m_coefficients",
+    "euler_coefficients",
+    "heun_coefficients",
+    "new_finite_flag",
+    "step_coefficients",
+    "step_runner",
+]

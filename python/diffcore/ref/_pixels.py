@@ -1,4 +1,5 @@
 """Conversions shared by the references (no other diffcore imports)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,6 @@ def exact_sqdist(x: torch.Tensor, y: torch.Tensor, max_elements: int = 1 << 25) 
     out = torch.empty(x.shape[0], y.shape[0], dtype=x.dtype, device=x.device)
     chunk = max(1, max_elements // max(1, x.shape[0] * x.shape[1]))
     for start in range(0, y.shape[0], chunk):
-        block = y[start:start + chunk]
-        out[:, start:start + chunk] = (x[:, None, :] - block[None, :, :]).square().sum(-1)
+        block = y[start : start + chunk]
+        out[:, start : start + chunk] = (x[:, None, :] - block[None, :, :]).square().sum(-1)
     return out

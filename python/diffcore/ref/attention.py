@@ -20,6 +20,7 @@ Low-precision inputs (float16, bfloat16) are computed in float32 (softmax includ
 result is cast back; float64 stays float64. ``attention_math`` is plain PyTorch at the input dtype,
 the "what a user would write" baseline whose error sets the tolerances of the tests.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ two sums could be off by more than 1e-10 in the logit: ``sum_k (p_k - q_k)(p_k +
 exact value for near-ties), and exactly (error-free terms, ``math.fsum``) where even the
 double-double error could be (sigma 1e-30: ties whose coordinates come in different orders).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from diffcore.ref._pixels import exact_sqdist, rows_as_float
 
 # exp(-746) underflows to 0 in float64: a pair whose logit lies further below the best weighs 0.
 _ZERO_WEIGHT_LOGIT = 746.0
-_FLOAT64_UNIT = 2.0 ** -53
+_FLOAT64_UNIT = 2.0**-53
 _LOGIT_TOL = 1e-10  # the logits are exact to this (absolute): weights to 1e-10 relative
 
 
@@ -43,11 +44,11 @@ def empirical_denoise_ref(x: torch.Tensor, train: torch.Tensor, sigma) -> tuple[
     s = torch.as_tensor(sigma, dtype=torch.float64, device=xb.device).reshape(-1)
     s = s.expand(xb.shape[0]) if s.numel() == 1 else s
     inv2s2 = (0.5 / s.square())[:, None]
-    sqdist = exact_sqdist(xb, yb)                      # [B, N]
-    best = sqdist.argmin(dim=1)                        # [B]
-    best_sqdist = sqdist.gather(1, best[:, None])      # [B, 1]
+    sqdist = exact_sqdist(xb, yb)  # [B, N]
+    best = sqdist.argmin(dim=1)  # [B]
+    best_sqdist = sqdist.gather(1, best[:, None])  # [B, 1]
     excess = _exact_excess(xb, yb, best, sqdist, best_sqdist, inv2s2)
-    logits = -excess * inv2s2                          # 0 for the best row and its exact ties
+    logits = -excess * inv2s2  # 0 for the best row and its exact ties
     lse = torch.logsumexp(logits, dim=1)
     weights = torch.exp(logits - lse[:, None])
     logz = -best_sqdist[:, 0] * inv2s2[:, 0] + lse
@@ -66,11 +67,11 @@ def _exact_excess(xb, yb, best, sqdist, best_sqdist, inv2s2, max_elements: int =
     b_idx, i_idx = torch.nonzero(needs, as_tuple=True)
     chunk = max(1, max_elements // xb.shape[1])
     for start in range(0, b_idx.numel(), chunk):
-        b, i = b_idx[start:start + chunk], i_idx[start:start + chunk]
+        b, i = b_idx[start : start + chunk], i_idx[start : start + chunk]
         excess[b, i] = _excess_double_double(xb[b], yb[i], yb[best[b]])
     # where even the double-double error ((D^2 + 8) u^2 of both sums) could move a logit: exact sums
     dim = xb.shape[1]
-    dd_error = (dim * dim + 8.0) * _FLOAT64_UNIT ** 2 * (sqdist + best_sqdist) * inv2s2
+    dd_error = (dim * dim + 8.0) * _FLOAT64_UNIT**2 * (sqdist + best_sqdist) * inv2s2
     for b, i in torch.nonzero(needs & (dd_error > _LOGIT_TOL)).tolist():
         excess[b, i] = _excess_exact(xb[b], yb[i], yb[best[b]])
     return excess

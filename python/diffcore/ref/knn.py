@@ -1,4 +1,5 @@
 """Reference of exact k-nearest-neighbour search in l2 (float64), ties broken by the lower index."""
+
 from __future__ import annotations
 
 import torch

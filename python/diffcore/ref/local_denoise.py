@@ -25,6 +25,7 @@ Accuracy: distances are computed difference first, in float64; logits are taken 
 pixel's best key, so the best key has logit 0 and weights do not underflow together at tiny sigma.
 uint8 images map to [-1, 1] as ``u8 / 127.5 - 1``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,16 @@ KINDS = ("els", "ls", "pspc", "mask")
 PADDINGS = ("zeros", "circular")
 
 
-def local_denoise_ref(x: torch.Tensor, train: torch.Tensor, sigma, *, kind: str, patch_size: int = 3,
-                      padding: str = "zeros", mask: torch.Tensor | None = None) -> torch.Tensor:
+def local_denoise_ref(
+    x: torch.Tensor,
+    train: torch.Tensor,
+    sigma,
+    *,
+    kind: str,
+    patch_size: int = 3,
+    padding: str = "zeros",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Local denoiser in float64.
 
     Args:
@@ -63,8 +72,9 @@ def local_denoise_ref(x: torch.Tensor, train: torch.Tensor, sigma, *, kind: str,
     return _patch_ref(xd, yd, inv2s2, patch_size, padding, same_location=(kind == "ls"))
 
 
-def posterior_mean(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   inv2s2: torch.Tensor) -> torch.Tensor:
+def posterior_mean(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inv2s2: torch.Tensor
+) -> torch.Tensor:
     """``sum_k softmax_k(-|queries_b - keys_k|^2 inv2s2_b) values_k``: queries [B, D], keys [K, D],
     values [K, V], inv2s2 [B] -> [B, V] (logits relative to each query's best key)."""
     sqdist = exact_sqdist(queries, keys) if keys.shape[1] else queries.new_zeros(queries.shape[0], keys.shape[0])
@@ -107,8 +117,8 @@ def dictionary_ranges(size: int, patch_size: int, padding: str) -> list[range]:
 
 def _patch_ref(x, y, inv2s2, patch_size, padding, same_location):
     _b, c, h, w = x.shape
-    xq = patches(x, patch_size, padding)        # [B, H, W, D]
-    yk = patches(y, patch_size, padding)        # [N, H, W, D]
+    xq = patches(x, patch_size, padding)  # [B, H, W, D]
+    yk = patches(y, patch_size, padding)  # [N, H, W, D]
     out = torch.empty_like(x)
     row_sets = dictionary_ranges(h, patch_size, padding)
     col_sets = dictionary_ranges(w, patch_size, padding)
@@ -129,10 +139,10 @@ def _pspc_ref(x, y, inv2s2, patch_size):
     count = torch.zeros(h, w, dtype=torch.float64, device=x.device)
     for i in range(h - p + 1):
         for j in range(w - p + 1):
-            queries = x[:, :, i:i + p, j:j + p].reshape(b, -1)
-            crops = y[:, :, i:i + p, j:j + p].reshape(y.shape[0], -1)
-            out[:, :, i:i + p, j:j + p] += posterior_mean(queries, crops, crops, inv2s2).reshape(b, c, p, p)
-            count[i:i + p, j:j + p] += 1
+            queries = x[:, :, i : i + p, j : j + p].reshape(b, -1)
+            crops = y[:, :, i : i + p, j : j + p].reshape(y.shape[0], -1)
+            out[:, :, i : i + p, j : j + p] += posterior_mean(queries, crops, crops, inv2s2).reshape(b, c, p, p)
+            count[i : i + p, j : j + p] += 1
     return out / count
 
 
@@ -147,4 +157,3 @@ def _mask_ref(x, y, inv2s2, mask):
         keys = (yf[:, :, support] * scale).reshape(y.shape[0], -1)
         out[:, :, q] = posterior_mean(queries, keys, yf[:, :, q], inv2s2)
     return out.reshape(b, c, h, w)
-

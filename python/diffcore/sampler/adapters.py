@@ -6,6 +6,7 @@ sqrt(1 - abar) eps``; the two are related by ``x_ve = x_vp / sqrt(abar)`` and
 in diffusers: ``epsilon`` (eps), ``sample`` (x0), ``v_prediction``
 (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, so ``x0 = sqrt(abar) x_vp - sqrt(1 - abar) v``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -65,8 +66,15 @@ class VPDenoiser:
         model_dtype: dtype fed to the model (default: x's dtype).
     """
 
-    def __init__(self, model: Callable, alphas_cumprod, prediction_type: str = "epsilon", *,
-                 timestep: str = "interpolate", model_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: Callable,
+        alphas_cumprod,
+        prediction_type: str = "epsilon",
+        *,
+        timestep: str = "interpolate",
+        model_dtype: torch.dtype | None = None,
+    ):
         self.model = model
         self.prediction_type = _check_prediction_type(prediction_type)
         if timestep not in ("interpolate", "round"):
@@ -103,18 +111,18 @@ class VPDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         s = _per_row(sigma, x)
-        alpha = torch.rsqrt(1.0 + s * s)       # sqrt(abar)
-        beta = s * alpha                       # sqrt(1 - abar)
+        alpha = torch.rsqrt(1.0 + s * s)  # sqrt(abar)
+        beta = s * alpha  # sqrt(1 - abar)
         x_vp = x * alpha
         dtype = self.model_dtype or x.dtype
         t = self.timestep(s.reshape(-1))
         # float32 timesteps for float32/16 models (what UNets expect), float64 for float64 models
         out = self.model(x_vp.to(dtype), t if dtype == torch.float64 else t.float()).to(x.dtype)
         if self.prediction_type == "epsilon":
-            return x - s * out                 # x_ve = x0 + sigma eps
+            return x - s * out  # x_ve = x0 + sigma eps
         if self.prediction_type == "sample":
             return out
-        return alpha * x_vp - beta * out       # x0 = sqrt(abar) x_vp - sqrt(1 - abar) v
+        return alpha * x_vp - beta * out  # x0 = sqrt(abar) x_vp - sqrt(1 - abar) v
 
 
 class DiffusersUNetDenoiser(VPDenoiser):
@@ -124,8 +132,15 @@ class DiffusersUNetDenoiser(VPDenoiser):
     ``alphas_cumprod`` and ``prediction_type``.
     """
 
-    def __init__(self, unet, scheduler=None, *, alphas_cumprod=None, prediction_type: str | None = None,
-                 timestep: str = "interpolate"):
+    def __init__(
+        self,
+        unet,
+        scheduler=None,
+        *,
+        alphas_cumprod=None,
+        prediction_type: str | None = None,
+        timestep: str = "interpolate",
+    ):
         if scheduler is not None:
             alphas_cumprod = scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
             prediction_type = prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
@@ -133,8 +148,13 @@ class DiffusersUNetDenoiser(VPDenoiser):
             raise ValueError("alphas_cumprod: required (or pass the scheduler the UNet was trained with)")
         self.unet = unet
         dtype = getattr(unet, "dtype", None)
-        super().__init__(self._call_unet, alphas_cumprod, prediction_type or "epsilon", timestep=timestep,
-                         model_dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        super().__init__(
+            self._call_unet,
+            alphas_cumprod,
+            prediction_type or "epsilon",
+            timestep=timestep,
+            model_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        )
 
     def _call_unet(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.unet(x_vp, t)
@@ -195,7 +215,11 @@ def load_diffusers_folder(folder, device="cpu", *, argument: str = "folder") -> 
     scheduler = DDIMScheduler.from_pretrained(str(root), subfolder=sched_sub, local_files_only=True)
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return DiffusersFolder(DiffusersUNetDenoiser(unet, scheduler),
-                           torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64),
-                           (int(unet.config.in_channels), int(h), int(w)),
-                           str(getattr(scheduler.config, "timestep_spacing", "leading")), unet, scheduler)
+    return DiffusersFolder(
+        DiffusersUNetDenoiser(unet, scheduler),
+        torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64),
+        (int(unet.config.in_channels), int(h), int(w)),
+        str(getattr(scheduler.config, "timestep_spacing", "leading")),
+        unet,
+        scheduler,
+    )

@@ -1,4 +1,5 @@
 """High-level sampling: seeds in, samples out, with EDM's defaults."""
+
 from __future__ import annotations
 
 import torch
@@ -9,11 +10,28 @@ from diffcore.sampler.schedules import karras_sigmas
 from diffcore.sampler.solvers import _LOOPS, SOLVERS, _check_capturable, _Loop, sigma_list
 
 
-def sample(denoiser, *, seeds, shape, steps: int = 18, solver: str = "heun", sigma_min: float = 0.002,
-           sigma_max: float = 80.0, rho: float = 7.0, sigmas=None, device=None, dtype: torch.dtype = torch.float32,
-           state_dtype: torch.dtype | None = None, batch_size: int | None = None, backend: str = "auto",
-           check_finite: bool = True, progress: bool = False, callback=None, capture: bool = False,
-           **solver_options) -> torch.Tensor:
+def sample(
+    denoiser,
+    *,
+    seeds,
+    shape,
+    steps: int = 18,
+    solver: str = "heun",
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    sigmas=None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    state_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    progress: bool = False,
+    callback=None,
+    capture: bool = False,
+    **solver_options,
+) -> torch.Tensor:
     """Draw one sample per seed: ``x = sigmas[0] * noise_from_seeds(seeds)``, then ``solver``.
 
     Defaults are EDM's (Karras et al. 2022): 18 Heun steps (35 denoiser calls) on the grid
@@ -51,7 +69,7 @@ def sample(denoiser, *, seeds, shape, steps: int = 18, solver: str = "heun", sig
     captured = None
     outputs = []
     for start in range(0, len(seed_values), batch):
-        chunk = seed_values[start:start + batch]
+        chunk = seed_values[start : start + batch]
         noise = SeededNoise(chunk, device=device, dtype=dtype)
         # EDM: x_0 = sigma_max * n, scaled in float64 before the cast
         x = (noise.randn(shape, dtype=torch.float64) * values[0]).to(dtype)
@@ -60,21 +78,39 @@ def sample(denoiser, *, seeds, shape, steps: int = 18, solver: str = "heun", sig
             options["generator"] = noise  # continues each sample's own stream
         if capture and len(chunk) == batch:
             if captured is None:
-                captured = _capture(solver, denoiser, x, values, state_dtype, backend, check_finite, progress,
-                                    options)
+                captured = _capture(solver, denoiser, x, values, state_dtype, backend, check_finite, progress, options)
             outputs.append(captured.run(x))
         else:
-            outputs.append(SOLVERS[solver](denoiser, x, values, callback=callback, progress=progress,
-                                           state_dtype=state_dtype, backend=backend, check_finite=check_finite,
-                                           **options))
+            outputs.append(
+                SOLVERS[solver](
+                    denoiser,
+                    x,
+                    values,
+                    callback=callback,
+                    progress=progress,
+                    state_dtype=state_dtype,
+                    backend=backend,
+                    check_finite=check_finite,
+                    **options,
+                )
+            )
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def _capture(solver, denoiser, x, values, state_dtype, backend, check_finite, progress, options):
     from diffcore.sampler.capture import CapturedTrajectory
 
-    loop = _Loop(f"sample_{solver}", denoiser, x, values, state_dtype=state_dtype, backend=backend,
-                 check_finite=check_finite, callback=None, progress=progress)
+    loop = _Loop(
+        f"sample_{solver}",
+        denoiser,
+        x,
+        values,
+        state_dtype=state_dtype,
+        backend=backend,
+        check_finite=check_finite,
+        callback=None,
+        progress=progress,
+    )
     _check_capturable(loop, options)
     body = _LOOPS[solver]
     return CapturedTrajectory(loop, lambda state: body(loop, state, **options), x)

@@ -11,6 +11,7 @@ cuBLAS handles and Triton compilation happen outside the graph) plus the capture
 off from the second batch on (``diffcore.sampler.sample(..., capture=True)`` reuses it across
 batches of the same shape).
 """
+
 from __future__ import annotations
 
 import torch

@@ -21,6 +21,7 @@ and in the public code of docs/papers.md section 8; ``closed`` picks any other c
 compared in the dtype the sampler hands the denoiser (the bounds are rounded to it), so a bound
 given as a float64 grid value matches that grid point even when the denoiser gets float32 sigmas.
 """
+
 from __future__ import annotations
 
 import math
@@ -150,8 +151,9 @@ class DenoiserDifference:
         return conditional_output - self.unconditional(x, sigma)
 
 
-def classifier_free_guidance(conditional, unconditional, w: float,
-                             interval: GuidanceInterval | None = None) -> GuidedDenoiser:
+def classifier_free_guidance(
+    conditional, unconditional, w: float, interval: GuidanceInterval | None = None
+) -> GuidedDenoiser:
     """CFG as a denoiser: ``D_c + w (D_c - D_u)`` inside ``interval``, ``D_c`` outside and at w = 0.
 
     Args:

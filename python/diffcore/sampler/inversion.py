@@ -6,6 +6,7 @@ sigma_max with the same solvers that sample, run on an ascending grid. Running a
 down the same grid returns (approximately) x0; the gap is the discretization error of the two
 passes, reported by ``return_error=True`` as the relative RMS error per sample.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,16 @@ def relative_rms_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return diff.norm(dim=1) / reference.double().flatten(1).norm(dim=1).clamp_min(1e-300)
 
 
-def invert(denoiser, x0: torch.Tensor, sigmas=None, *, solver: str = "heun", steps: int = 32,
-           return_error: bool = False, **solver_options):
+def invert(
+    denoiser,
+    x0: torch.Tensor,
+    sigmas=None,
+    *,
+    solver: str = "heun",
+    steps: int = 32,
+    return_error: bool = False,
+    **solver_options,
+):
     """Map data ``x0`` [B, ...] to the latent at the top of an ascending sigma grid.
 
     Args:
@@ -49,12 +58,19 @@ def invert(denoiser, x0: torch.Tensor, sigmas=None, *, solver: str = "heun", ste
         if solver_options.get(name):
             raise ValueError(f"{name}: inversion is deterministic; remove {name}")
     grid = inversion_sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
-    options = {"callback": None, "progress": False, "state_dtype": None, "backend": "auto", "check_finite": True,
-               **solver_options}
+    options = {
+        "callback": None,
+        "progress": False,
+        "state_dtype": None,
+        "backend": "auto",
+        "check_finite": True,
+        **solver_options,
+    }
     latent = _solve(solver, denoiser, x0, grid, descending=False, require_zero_end=False, capture=False, **options)
     if not return_error:
         return latent
     options["callback"] = None
-    back = _solve(solver, denoiser, latent, grid.flip(0), require_zero_end=False, capture=False,
-                  model_dtype=x0.dtype, **options)
+    back = _solve(
+        solver, denoiser, latent, grid.flip(0), require_zero_end=False, capture=False, model_dtype=x0.dtype, **options
+    )
     return latent, relative_rms_error(back, x0)

@@ -8,13 +8,14 @@ alone and the same sample drawn in a batch of 1000 on a GPU start from the same 
 Seeds are integers in [0, 2**32 - 1]: torch's CPU generator (mt19937) keeps only the low 32 bits
 of a seed, so 2**32 + 7 would silently repeat seed 7; larger seeds are refused.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
 
-SEED_MAX = 2 ** 32 - 1  # the largest seed with its own stream (mt19937 is seeded with 32 bits)
+SEED_MAX = 2**32 - 1  # the largest seed with its own stream (mt19937 is seeded with 32 bits)
 
 
 def _seed_list(seeds) -> list[int]:
@@ -27,8 +28,10 @@ def _seed_list(seeds) -> list[int]:
         raise ValueError("seeds: expected at least one seed, got an empty sequence")
     for i, s in enumerate(values):
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
-            raise ValueError(f"seeds: expected non-negative integers below 2**32 (larger seeds would repeat "
-                             f"smaller ones: torch's CPU generator keeps 32 bits), got seeds[{i}] = {s!r}")
+            raise ValueError(
+                f"seeds: expected non-negative integers below 2**32 (larger seeds would repeat "
+                f"smaller ones: torch's CPU generator keeps 32 bits), got seeds[{i}] = {s!r}"
+            )
     return values
 
 
@@ -68,8 +71,9 @@ class SeededNoise:
         return self.randn(x.shape[1:], device=x.device, dtype=x.dtype)
 
 
-def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device=None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def noise_from_seeds(
+    seeds: Sequence[int], shape: Sequence[int], device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Standard normal noise [len(seeds), *shape]; row i depends only on seeds[i] (and shape).
 
     ``shape`` is the per-sample shape, e.g. (3, 32, 32).

@@ -3,6 +3,7 @@
 Every function returns a float64 CPU tensor of sigmas, strictly descending; the sampling grids end
 with an appended 0 (``append_zero=True``), the grid samplers integrate into.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,12 +20,14 @@ def _finish(sigmas: torch.Tensor, append_zero: bool) -> torch.Tensor:
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
     if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max (finite), got "
-                         f"{sigma_min!r}, {sigma_max!r}")
+        raise ValueError(
+            f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max (finite), got {sigma_min!r}, {sigma_max!r}"
+        )
 
 
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, *,
-                  append_zero: bool = True) -> torch.Tensor:
+def karras_sigmas(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, *, append_zero: bool = True
+) -> torch.Tensor:
     """EDM's schedule (Karras et al. 2022, Eq. 5): ``sigma_i = (sigma_max^(1/rho) + i/(n-1)
     (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for i < n, then 0. Shape [n+1] (or [n])."""
     _checks.check_positive_int("n", n)
@@ -40,8 +43,9 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return _finish(sigmas, append_zero)
 
 
-def uniform_time_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, *,
-                        append_zero: bool = True) -> torch.Tensor:
+def uniform_time_sigmas(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, *, append_zero: bool = True
+) -> torch.Tensor:
     """Steps uniform in time for EDM's ``sigma(t) = t``: sigmas evenly spaced from sigma_max down
     to sigma_min, then 0. Shape [n+1]."""
     _checks.check_positive_int("n", n)
@@ -51,17 +55,19 @@ def uniform_time_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.
     return _finish(torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64), append_zero)
 
 
-def vp_time_sigmas(n: int, beta_min: float = 0.1, beta_d: float = 19.9, epsilon_s: float = 1e-3, *,
-                   append_zero: bool = True) -> torch.Tensor:
+def vp_time_sigmas(
+    n: int, beta_min: float = 0.1, beta_d: float = 19.9, epsilon_s: float = 1e-3, *, append_zero: bool = True
+) -> torch.Tensor:
     """Continuous VP-SDE (Song et al. 2021) with steps uniform in time, EDM Table 1 "VP":
     ``t_i = 1 + i/(n-1) (epsilon_s - 1)``, ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``."""
     _checks.check_positive_int("n", n)
     t = torch.linspace(1.0, epsilon_s, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
-    return _finish(torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t)), append_zero)
+    return _finish(torch.sqrt(torch.expm1(0.5 * beta_d * t**2 + beta_min * t)), append_zero)
 
 
-def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_schedule: str = "linear",
-                        beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def ddpm_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
     """``alphas_cumprod`` [T] float64 of a discrete DDPM schedule.
 
     ``linear``: betas evenly spaced from beta_start to beta_end (Ho et al. 2020).
@@ -75,10 +81,12 @@ def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_schedule: str = "l
     if beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
     elif beta_schedule == "cosine":
+
         def f(t):
             return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
         betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)], dtype=torch.float64)
     else:
         raise ValueError(f"beta_schedule: expected linear, scaled_linear or cosine, got {beta_schedule!r}")
@@ -93,8 +101,15 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return torch.sqrt((1.0 - abar) / abar)
 
 
-def vp_sigmas(n: int, alphas_cumprod: torch.Tensor | None = None, *, beta_schedule: str = "linear",
-              num_train_timesteps: int = 1000, spacing: str = "trailing", append_zero: bool = True) -> torch.Tensor:
+def vp_sigmas(
+    n: int,
+    alphas_cumprod: torch.Tensor | None = None,
+    *,
+    beta_schedule: str = "linear",
+    num_train_timesteps: int = 1000,
+    spacing: str = "trailing",
+    append_zero: bool = True,
+) -> torch.Tensor:
     """Sigmas of ``n`` of the discrete timesteps of a VP/DDPM schedule, descending, then 0.
 
     ``alphas_cumprod`` defaults to ``ddpm_alphas_cumprod(num_train_timesteps, beta_schedule)``.
@@ -103,8 +118,11 @@ def vp_sigmas(n: int, alphas_cumprod: torch.Tensor | None = None, *, beta_schedu
     T-1, n)) reversed).
     """
     _checks.check_positive_int("n", n)
-    abar = (ddpm_alphas_cumprod(num_train_timesteps, beta_schedule) if alphas_cumprod is None
-            else torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+    abar = (
+        ddpm_alphas_cumprod(num_train_timesteps, beta_schedule)
+        if alphas_cumprod is None
+        else torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    )
     train_sigmas = sigmas_from_alphas_cumprod(abar)
     T = train_sigmas.numel()
     if n > T:

@@ -24,6 +24,7 @@ Common keyword arguments:
         device flag written by the kernel, read once at the end), so the loop never syncs.
     capture: CUDA only; run the trajectory as a CUDA graph (see ``capture_trajectory``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,17 +63,21 @@ def sigma_list(sigmas, *, descending: bool = True, require_zero_end: bool = True
     for i in range(len(values) - 1):
         a, b = values[i], values[i + 1]
         if descending and not a > b:
-            raise ValueError(f"sigmas: expected strictly descending values, got sigmas[{i}] = {a:g} <= "
-                             f"sigmas[{i + 1}] = {b:g}")
+            raise ValueError(
+                f"sigmas: expected strictly descending values, got sigmas[{i}] = {a:g} <= sigmas[{i + 1}] = {b:g}"
+            )
         if not descending and not a < b:
-            raise ValueError(f"sigmas: expected strictly ascending values, got sigmas[{i}] = {a:g} >= "
-                             f"sigmas[{i + 1}] = {b:g}")
+            raise ValueError(
+                f"sigmas: expected strictly ascending values, got sigmas[{i}] = {a:g} >= sigmas[{i + 1}] = {b:g}"
+            )
     if descending:
         if values[-2] == 0.0:
             raise ValueError("sigmas: only the final value may be 0")
         if require_zero_end and values[-1] != 0.0:
-            raise ValueError(f"sigmas: the final value must be 0 (got {values[-1]:g}); append 0 or pass "
-                             "require_zero_end=False to stop at a positive sigma")
+            raise ValueError(
+                f"sigmas: the final value must be 0 (got {values[-1]:g}); append 0 or pass "
+                "require_zero_end=False to stop at a positive sigma"
+            )
     elif values[0] <= 0.0:
         raise ValueError(f"sigmas: an ascending grid must start at sigma > 0, got {values[0]:g}")
     return values
@@ -81,8 +86,20 @@ def sigma_list(sigmas, *, descending: bool = True, require_zero_end: bool = True
 class _Loop:
     """What every solver loop shares: validation, denoiser calls, fused steps, checks, callback."""
 
-    def __init__(self, name: str, denoiser: Denoiser, x: torch.Tensor, sigmas: list[float], *,
-                 state_dtype, backend: str, check_finite: bool, callback, progress: bool, model_dtype=None):
+    def __init__(
+        self,
+        name: str,
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        sigmas: list[float],
+        *,
+        state_dtype,
+        backend: str,
+        check_finite: bool,
+        callback,
+        progress: bool,
+        model_dtype=None,
+    ):
         if not callable(denoiser):
             raise TypeError(f"denoiser: expected a callable D(x, sigma), got {type(denoiser).__name__}")
         _checks.check_tensor("x", x, min_ndim=1)
@@ -147,8 +164,10 @@ class _Loop:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"denoiser: expected a tensor, got {type(out).__name__} at step {step} (sigma {sigma:g})")
         if out.shape != x.shape:
-            raise ValueError(f"denoiser: returned shape {tuple(out.shape)}, expected {tuple(x.shape)} (as x) at "
-                             f"step {step} (sigma {sigma:g})")
+            raise ValueError(
+                f"denoiser: returned shape {tuple(out.shape)}, expected {tuple(x.shape)} (as x) at "
+                f"step {step} (sigma {sigma:g})"
+            )
         if not self._device_checked:
             if out.device != x.device:
                 raise ValueError(f"denoiser: returned a tensor on {out.device}, expected {x.device} at step {step}")
@@ -162,7 +181,8 @@ class _Loop:
     def reused_buffer_error(self, i: int, what: str) -> ValueError:
         return ValueError(
             f"denoiser: returned the same output buffer for {what} at step {i}; {self.name} needs both outputs, "
-            "so the denoiser must not overwrite its previous result (return a new tensor, e.g. out.clone())")
+            "so the denoiser must not overwrite its previous result (return a new tensor, e.g. out.clone())"
+        )
 
     def step(self, x, denoised, row, i, *, extra=None, noise=None, out=None, sigma_from=None, sigma_to=None):
         """One fused update; raises at once on the CPU when NaN/Inf appeared."""
@@ -177,12 +197,22 @@ class _Loop:
         sigma_to = self.sigmas[i + 1] if sigma_to is None else sigma_to
         return FloatingPointError(
             f"{self.name}: NaN or Inf in the denoiser output or the state at step {i} (sigma {sigma_from:g} -> "
-            f"{sigma_to:g}); check the denoiser at this noise level")
+            f"{sigma_to:g}); check the denoiser at this noise level"
+        )
 
     def report(self, i, sigma, sigma_next, sigma_hat, x, denoised, x_next) -> None:
         if self.callback is not None:
-            self.callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "sigma_hat": sigma_hat, "x": x,
-                           "denoised": denoised, "x_next": x_next})
+            self.callback(
+                {
+                    "i": i,
+                    "sigma": sigma,
+                    "sigma_next": sigma_next,
+                    "sigma_hat": sigma_hat,
+                    "x": x,
+                    "denoised": denoised,
+                    "x_next": x_next,
+                }
+            )
 
     @property
     def in_place(self) -> bool:
@@ -219,6 +249,7 @@ def _noise_like(generator, x: torch.Tensor) -> torch.Tensor:
 
 # --- loops -----------------------------------------------------------------------------------------
 
+
 def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     s = loop.sigmas
     rows = [coef.euler_coefficients(s[i], s[i + 1]) for i in range(len(s) - 1)]
@@ -227,7 +258,7 @@ def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     for i in loop.steps():
         denoised = denoise(x, s[i], i, vectors[i])
         x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if run(x, denoised, None, None, x_next, rows[i], i):                          # EDM Alg. 1 line 5
+        if run(x, denoised, None, None, x_next, rows[i], i):  # EDM Alg. 1 line 5
             raise loop.nonfinite_error(i)
         if callback is not None:
             loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
@@ -235,8 +266,9 @@ def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _run_heun(loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
-              generator=None) -> torch.Tensor:
+def _run_heun(
+    loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, generator=None
+) -> torch.Tensor:
     s = loop.sigmas
     n = len(s) - 1
     hats = _churn_sigmas(s, s_churn, s_tmin, s_tmax)
@@ -250,20 +282,28 @@ def _run_heun(loop: _Loop, x: torch.Tensor, *, s_churn=0.0, s_tmin=0.0, s_tmax=m
         sigma_hat = hats[i]
         if sigma_hat != s[i]:  # EDM Alg. 2 lines 5-6: churn, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z
             noise = _noise_like(generator, x)
-            x = loop.step(x, x, coef.churn_coefficients(s[i], sigma_hat, s_noise), i, noise=noise,
-                          out=x if (in_place and i > 0) else None, sigma_from=s[i], sigma_to=sigma_hat)
-        denoised = denoise(x, sigma_hat, i, hat_vectors[i])                           # Alg. 1 line 4
+            x = loop.step(
+                x,
+                x,
+                coef.churn_coefficients(s[i], sigma_hat, s_noise),
+                i,
+                noise=noise,
+                out=x if (in_place and i > 0) else None,
+                sigma_from=s[i],
+                sigma_to=sigma_hat,
+            )
+        denoised = denoise(x, sigma_hat, i, hat_vectors[i])  # Alg. 1 line 4
         x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if corrector[i] is None:                                                      # Alg. 1 line 6
-            if run(x, denoised, None, None, x_next, predictor[i], i):                 # Alg. 1 line 5
+        if corrector[i] is None:  # Alg. 1 line 6
+            if run(x, denoised, None, None, x_next, predictor[i], i):  # Alg. 1 line 5
                 raise loop.nonfinite_error(i, sigma_hat)
         else:
-            if run(x, denoised, None, None, x_pred, predictor[i], i):                 # Alg. 1 line 5
+            if run(x, denoised, None, None, x_pred, predictor[i], i):  # Alg. 1 line 5
                 raise loop.nonfinite_error(i, sigma_hat)
-            denoised_pred = denoise(x_pred, s[i + 1], i, next_vectors[i])             # Alg. 1 line 7
+            denoised_pred = denoise(x_pred, s[i + 1], i, next_vectors[i])  # Alg. 1 line 7
             if denoised_pred.data_ptr() == denoised.data_ptr():
                 raise loop.reused_buffer_error(i, "D(x; sigma) and D(x_pred; sigma_next)")
-            if run(x, denoised, denoised_pred, None, x_next, corrector[i], i):        # Alg. 1 line 8
+            if run(x, denoised, denoised_pred, None, x_next, corrector[i], i):  # Alg. 1 line 8
                 raise loop.nonfinite_error(i, sigma_hat)
         if callback is not None:
             loop.report(i, s[i], s[i + 1], sigma_hat, x, denoised, x_next)
@@ -283,7 +323,7 @@ def _run_dpmpp_2m(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
         if extra is not None and extra.data_ptr() == denoised.data_ptr():
             raise loop.reused_buffer_error(i, "this step and the previous one")
         x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if run(x, denoised, extra, None, x_next, rows[i], i):                         # DPM-Solver++ Alg. 2
+        if run(x, denoised, extra, None, x_next, rows[i], i):  # DPM-Solver++ Alg. 2
             raise loop.nonfinite_error(i)
         if callback is not None:
             loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
@@ -300,7 +340,7 @@ def _run_ddim(loop: _Loop, x: torch.Tensor, *, eta=0.0, generator=None) -> torch
         denoised = denoise(x, s[i], i, vectors[i])
         noise = _noise_like(generator, x) if rows[i][coef.C_NOISE] != 0.0 else None
         x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if run(x, denoised, None, noise, x_next, rows[i], i):                         # DDIM Eq. 12 (VE)
+        if run(x, denoised, None, noise, x_next, rows[i], i):  # DDIM Eq. 12 (VE)
             raise loop.nonfinite_error(i)
         if callback is not None:
             loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
@@ -311,11 +351,36 @@ def _run_ddim(loop: _Loop, x: torch.Tensor, *, eta=0.0, generator=None) -> torch
 _LOOPS = {"euler": _run_euler, "heun": _run_heun, "dpmpp_2m": _run_dpmpp_2m, "ddim": _run_ddim}
 
 
-def _solve(name: str, denoiser, x, sigmas, *, callback, progress, state_dtype, backend, check_finite,
-           capture, require_zero_end=True, descending=True, model_dtype=None, **options) -> torch.Tensor:
+def _solve(
+    name: str,
+    denoiser,
+    x,
+    sigmas,
+    *,
+    callback,
+    progress,
+    state_dtype,
+    backend,
+    check_finite,
+    capture,
+    require_zero_end=True,
+    descending=True,
+    model_dtype=None,
+    **options,
+) -> torch.Tensor:
     values = sigma_list(sigmas, descending=descending, require_zero_end=require_zero_end)
-    loop = _Loop(f"sample_{name}", denoiser, x, values, state_dtype=state_dtype, backend=backend,
-                 check_finite=check_finite, callback=callback, progress=progress, model_dtype=model_dtype)
+    loop = _Loop(
+        f"sample_{name}",
+        denoiser,
+        x,
+        values,
+        state_dtype=state_dtype,
+        backend=backend,
+        check_finite=check_finite,
+        callback=callback,
+        progress=progress,
+        model_dtype=model_dtype,
+    )
     body = _LOOPS[name]
     if capture:
         from diffcore.sampler.capture import CapturedTrajectory
@@ -331,13 +396,24 @@ def _check_capturable(loop: _Loop, options: dict) -> None:
     if loop.callback is not None:
         raise ValueError("capture: a callback cannot run inside a CUDA graph; pass callback=None")
     if options.get("s_churn", 0.0) or options.get("eta", 0.0):
-        raise ValueError("capture: needs a deterministic trajectory (S_churn = 0, eta = 0): per-sample noise is "
-                         "drawn on the host")
+        raise ValueError(
+            "capture: needs a deterministic trajectory (S_churn = 0, eta = 0): per-sample noise is drawn on the host"
+        )
 
 
-def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, progress: bool = False,
-                 state_dtype: torch.dtype | None = None, backend: str = "auto", check_finite: bool = True,
-                 require_zero_end: bool = True, capture: bool = False) -> torch.Tensor:
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    callback=None,
+    progress: bool = False,
+    state_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    require_zero_end: bool = True,
+    capture: bool = False,
+) -> torch.Tensor:
     """Euler's method on the PF-ODE (first order; one denoiser call per step).
 
     ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D(x_i; sigma_i)) / sigma_i``  (EDM Alg. 1
@@ -350,14 +426,39 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, 
     Returns:
         the state at sigmas[-1], [B, ...] in the state dtype.
     """
-    return _solve("euler", denoiser, x, sigmas, callback=callback, progress=progress, state_dtype=state_dtype,
-                  backend=backend, check_finite=check_finite, capture=capture, require_zero_end=require_zero_end)
+    return _solve(
+        "euler",
+        denoiser,
+        x,
+        sigmas,
+        callback=callback,
+        progress=progress,
+        state_dtype=state_dtype,
+        backend=backend,
+        check_finite=check_finite,
+        capture=capture,
+        require_zero_end=require_zero_end,
+    )
 
 
-def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, progress: bool = False,
-                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-                generator=None, state_dtype: torch.dtype | None = None, backend: str = "auto",
-                check_finite: bool = True, require_zero_end: bool = True, capture: bool = False) -> torch.Tensor:
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    callback=None,
+    progress: bool = False,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator=None,
+    state_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    require_zero_end: bool = True,
+    capture: bool = False,
+) -> torch.Tensor:
     """Heun's 2nd-order method, EDM Algorithm 1 (deterministic, S_churn = 0, the default) or
     Algorithm 2 (stochastic churn).
 
@@ -374,14 +475,39 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, p
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name}: expected a finite value >= 0, got {value!r}")
-    return _solve("heun", denoiser, x, sigmas, callback=callback, progress=progress, state_dtype=state_dtype,
-                  backend=backend, check_finite=check_finite, capture=capture, require_zero_end=require_zero_end,
-                  s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator)
+    return _solve(
+        "heun",
+        denoiser,
+        x,
+        sigmas,
+        callback=callback,
+        progress=progress,
+        state_dtype=state_dtype,
+        backend=backend,
+        check_finite=check_finite,
+        capture=capture,
+        require_zero_end=require_zero_end,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        generator=generator,
+    )
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, progress: bool = False,
-                    state_dtype: torch.dtype | None = None, backend: str = "auto", check_finite: bool = True,
-                    require_zero_end: bool = True, capture: bool = False) -> torch.Tensor:
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    callback=None,
+    progress: bool = False,
+    state_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    require_zero_end: bool = True,
+    capture: bool = False,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep, one denoiser call per step.
 
     With ``t = -log sigma``, ``h = t_{i+1} - t_i``, ``r = h_{i-1}/h``:
@@ -389,13 +515,36 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=Non
     The first step and the final step into sigma = 0 are first order (``x_{i+1} = D_i`` for the
     last; ANCHORS trap 8). Global error O(h^2).
     """
-    return _solve("dpmpp_2m", denoiser, x, sigmas, callback=callback, progress=progress, state_dtype=state_dtype,
-                  backend=backend, check_finite=check_finite, capture=capture, require_zero_end=require_zero_end)
+    return _solve(
+        "dpmpp_2m",
+        denoiser,
+        x,
+        sigmas,
+        callback=callback,
+        progress=progress,
+        state_dtype=state_dtype,
+        backend=backend,
+        check_finite=check_finite,
+        capture=capture,
+        require_zero_end=require_zero_end,
+    )
 
 
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, progress: bool = False,
-                eta: float = 0.0, generator=None, state_dtype: torch.dtype | None = None, backend: str = "auto",
-                check_finite: bool = True, require_zero_end: bool = True, capture: bool = False) -> torch.Tensor:
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    callback=None,
+    progress: bool = False,
+    eta: float = 0.0,
+    generator=None,
+    state_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    require_zero_end: bool = True,
+    capture: bool = False,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12) in VE variables, first order.
 
     ``eps = (x - D)/s``; ``x_next = D + s_down eps + s_up z`` with
@@ -406,9 +555,21 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, p
     """
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta: expected a finite value >= 0, got {eta!r}")
-    return _solve("ddim", denoiser, x, sigmas, callback=callback, progress=progress, state_dtype=state_dtype,
-                  backend=backend, check_finite=check_finite, capture=capture, require_zero_end=require_zero_end,
-                  eta=eta, generator=generator)
+    return _solve(
+        "ddim",
+        denoiser,
+        x,
+        sigmas,
+        callback=callback,
+        progress=progress,
+        state_dtype=state_dtype,
+        backend=backend,
+        check_finite=check_finite,
+        capture=capture,
+        require_zero_end=require_zero_end,
+        eta=eta,
+        generator=generator,
+    )
 
 
 SOLVERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim}

@@ -1,4 +1,5 @@
 """``python -m diffcore.train`` (and ``torchrun ... -m diffcore.train``)."""
+
 import logging
 import sys
 

@@ -26,6 +26,7 @@ Randomness comes from the ``torch.Generator`` passed in; :meth:`AugmentPipe.draw
 parameters of a whole (global) batch, so that a rank can apply its slice and the result does not
 depend on how the batch is split across ranks.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,18 @@ import torch.nn.functional as F
 
 GEOMETRIC = ("xflip", "yflip", "scale", "rotate", "aniso", "translate")
 COLOUR = ("brightness", "contrast", "hue", "saturation")
-_LABELS_PER_TRANSFORM = {"xflip": 1, "yflip": 1, "scale": 1, "rotate": 2, "aniso": 2, "translate": 2,
-                         "brightness": 1, "contrast": 1, "hue": 2, "saturation": 1}
+_LABELS_PER_TRANSFORM = {
+    "xflip": 1,
+    "yflip": 1,
+    "scale": 1,
+    "rotate": 2,
+    "aniso": 2,
+    "translate": 2,
+    "brightness": 1,
+    "contrast": 1,
+    "hue": 2,
+    "saturation": 1,
+}
 _LUMA = (1.0 / math.sqrt(3.0),) * 3  # EDM's luma axis for hue and saturation (equal RGB weights)
 
 
@@ -61,10 +72,10 @@ class AugmentPipe:
     hue: float = 0.0
     saturation: float = 0.0
     scale_std: float = 0.2
-    rotate_max: float = 1.0          # fraction of a half turn: angles in [-pi, pi] * rotate_max
+    rotate_max: float = 1.0  # fraction of a half turn: angles in [-pi, pi] * rotate_max
     aniso_std: float = 0.2
     aniso_rotate_prob: float = 0.5
-    translate_std: float = 0.125     # relative to the image size
+    translate_std: float = 0.125  # relative to the image size
     brightness_std: float = 0.2
     contrast_std: float = 0.5
     hue_max: float = 1.0
@@ -194,10 +205,12 @@ class AugmentPipe:
         # pixel coordinates about the centre -> grid_sample's [-1, 1] (align_corners=False): x * 2 / W
         to_unit = torch.diag(torch.tensor([2.0 / width, 2.0 / height, 1.0], dtype=torch.float64))
         theta = (to_unit @ g[moved] @ torch.linalg.inv(to_unit))[:, :2, :]
-        grid = F.affine_grid(theta.to(x.device, torch.float32), [int(moved.sum()), x.shape[1], height, width],
-                             align_corners=False)
-        resampled = F.grid_sample(x[moved.to(x.device)].float(), grid, mode="bicubic",
-                                  padding_mode="reflection", align_corners=False)
+        grid = F.affine_grid(
+            theta.to(x.device, torch.float32), [int(moved.sum()), x.shape[1], height, width], align_corners=False
+        )
+        resampled = F.grid_sample(
+            x[moved.to(x.device)].float(), grid, mode="bicubic", padding_mode="reflection", align_corners=False
+        )
         out = x.clone()
         out[moved.to(x.device)] = resampled.to(x.dtype)
         return out
@@ -216,14 +229,18 @@ class AugmentPipe:
         """Hue: rotation about the luma axis; saturation: scaling away from it (3 channels)."""
         n = x.shape[0]
         axis = torch.tensor(_LUMA, dtype=torch.float64)
-        along = torch.outer(axis, axis)                       # projection on the luma axis
+        along = torch.outer(axis, axis)  # projection on the luma axis
         m = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
         if "hue" in draws:
             h = draws["hue"].double().cpu()
-            cross = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]],
-                                 dtype=torch.float64)
-            rot = (h.cos().reshape(n, 1, 1) * (torch.eye(3, dtype=torch.float64) - along) + along
-                   + h.sin().reshape(n, 1, 1) * cross)       # Rodrigues' rotation about the axis
+            cross = torch.tensor(
+                [[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]], dtype=torch.float64
+            )
+            rot = (
+                h.cos().reshape(n, 1, 1) * (torch.eye(3, dtype=torch.float64) - along)
+                + along
+                + h.sin().reshape(n, 1, 1) * cross
+            )  # Rodrigues' rotation about the axis
             m = rot @ m
         if "saturation" in draws:
             s = (draws["saturation"].double().cpu() * self.saturation_std).exp2().reshape(n, 1, 1)
@@ -232,8 +249,11 @@ class AugmentPipe:
 
 
 def _stack_matrix(rows, like: torch.Tensor) -> torch.Tensor:
-    entries = [entry if isinstance(entry, torch.Tensor) else torch.full_like(like, float(entry))
-               for row in rows for entry in row]
+    entries = [
+        entry if isinstance(entry, torch.Tensor) else torch.full_like(like, float(entry))
+        for row in rows
+        for entry in row
+    ]
     return torch.stack(entries, dim=-1).reshape(*like.shape, 3, 3)
 
 

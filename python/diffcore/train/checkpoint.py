@@ -9,6 +9,7 @@ name) that never passes for a checkpoint. Loading verifies the manifest, sizes a
 raises ``CheckpointError`` naming the bad file: a corrupted or truncated checkpoint is never
 silently skipped or replaced by a fresh start.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,17 +20,17 @@ import random
 import re
 import shutil
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from safetensors.torch import load as load_safetensors_bytes, save as save_safetensors_bytes
 
-from diffcore._files import FileReadError, load_json, parse_json, read_regular_file
 from diffcore._atomic import TEMPORARY_NAME, atomic_write_bytes, temporary_folder
+from diffcore._files import FileReadError, load_json, parse_json, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_checkpoint(checkpoints_dir, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                    documents: Mapping[str, Any]) -> Path:
+def save_checkpoint(
+    checkpoints_dir, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], documents: Mapping[str, Any]
+) -> Path:
     """Write ``tensors[file]`` as ``file.safetensors`` and ``documents[file]`` as ``file.json``
     atomically into ``checkpoints_dir/step_<step>``; returns that folder."""
     checkpoints_dir = Path(checkpoints_dir)
@@ -92,10 +94,12 @@ def save_checkpoint(checkpoints_dir, step: int, tensors: Mapping[str, Mapping[st
     final = checkpoints_dir / step_dir_name(step)
     tmp = temporary_folder(final)
     entries = {}
-    payloads = {f"{name}.safetensors": save_safetensors_bytes(_cpu_contiguous(group))
-                for name, group in tensors.items()}
-    payloads.update({f"{name}.json": json.dumps(doc, indent=1, sort_keys=True).encode()
-                     for name, doc in documents.items()})
+    payloads = {
+        f"{name}.safetensors": save_safetensors_bytes(_cpu_contiguous(group)) for name, group in tensors.items()
+    }
+    payloads.update(
+        {f"{name}.json": json.dumps(doc, indent=1, sort_keys=True).encode() for name, doc in documents.items()}
+    )
     for filename, payload in payloads.items():
         write_bytes_durably(tmp / filename, payload)
         entries[filename] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
@@ -149,7 +153,7 @@ def load_checkpoint(path) -> Checkpoint:
                 tensors[stem] = load_safetensors_bytes(payload)
             else:
                 documents[stem] = parse_json(payload, what="checkpoint file", path=path / filename)
-        except Exception as error:  # noqa: BLE001 - any decoding failure means corruption
+        except Exception as error:
             raise CheckpointError(f"checkpoint file {str(path / filename)!r} cannot be decoded: {error}") from error
     return Checkpoint(path, step, tensors, documents)
 
@@ -159,15 +163,18 @@ def _read_verified(file: Path, entry: Mapping[str, Any]) -> bytes:
         raise CheckpointError(f"checkpoint file {str(file)!r} listed in the manifest is missing")
     info = os.lstat(file)
     if stat.S_ISREG(info.st_mode) and info.st_size != entry["bytes"]:
-        raise CheckpointError(f"checkpoint file {str(file)!r} is truncated or padded: {info.st_size} bytes, "
-                              f"manifest says {entry['bytes']}")
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} is truncated or padded: {info.st_size} bytes, "
+            f"manifest says {entry['bytes']}"
+        )
     try:
         payload = read_regular_file(file, entry["bytes"], what="checkpoint file", follow=False)
     except FileReadError as error:
         raise CheckpointError(f"{error} (the manifest says {entry['bytes']} bytes)") from None
     if len(payload) != int(entry["bytes"]):
         raise CheckpointError(
-            f"checkpoint file {str(file)!r} is truncated or padded: {len(payload)} bytes, manifest says {entry['bytes']}")
+            f"checkpoint file {str(file)!r} is truncated or padded: {len(payload)} bytes, manifest says {entry['bytes']}"
+        )
     if hashlib.sha256(payload).hexdigest() != entry.get("sha256"):
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupted: SHA-256 does not match the manifest")
     return payload
@@ -204,6 +211,7 @@ def prune_checkpoints(checkpoints_dir, keep: int, protected=()) -> None:
 
 # ---- optimizer state <-> (tensors, JSON) ---------------------------------------------------
 
+
 def flatten_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     """``optimizer.state_dict()`` -> (tensors keyed ``state.<param>.<name>``, JSON-able rest)."""
     tensors, scalars = {}, {}
@@ -229,6 +237,7 @@ def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping
 
 # ---- RNG states ----------------------------------------------------------------------------
 
+
 def capture_rng_state(prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
     """Global RNG states of torch (CPU and the current CUDA device), numpy and python as (tensors, JSON)."""
     tensors = {f"{prefix}torch_cpu": torch.get_rng_state()}
@@ -238,8 +247,10 @@ def capture_rng_state(prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors[f"{prefix}numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, gauss_next = random.getstate()
-    document = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
-                "python": [version, list(internal), gauss_next]}
+    document = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
     return tensors, document
 
 

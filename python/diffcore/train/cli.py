@@ -4,6 +4,7 @@ Wire into the main CLI with ``add_train_arguments(subparser)`` and
 ``subparser.set_defaults(func=run_train_args)``; or run ``python -m diffcore.train ...``
 (also under ``torchrun --nproc_per_node=N -m diffcore.train ...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ from pathlib import Path
 
 from diffcore import _folder
 from diffcore._files import FileReadError, load_json
-
 from diffcore.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add the training options to ``parser`` (a config file plus overrides)."""
     parser.add_argument("--config", help="JSON file with TrainConfig fields")
     parser.add_argument("--out-dir", help="run folder (checkpoints, metrics.jsonl, config.json)")
-    parser.add_argument("--resume", default="auto",
-                        help="'auto' (latest checkpoint if any), 'never', or a checkpoint folder")
+    parser.add_argument(
+        "--resume", default="auto", help="'auto' (latest checkpoint if any), 'never', or a checkpoint folder"
+    )
     parser.add_argument("--data", type=json.loads, help='dataset spec as JSON, e.g. \'{"name": "digits"}\'')
     parser.add_argument("--subset", type=int, help="train on the nested subset of this size")
     parser.add_argument("--subset-seed", type=int, help="seed of the nested subset")
@@ -48,8 +49,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A ``TrainConfig`` from ``--config`` (if given) with the command-line overrides applied."""
     values = _read_config_file(args.config) if args.config else {}
-    for field in ("out_dir", "data", "model", "loss", "steps", "batch_size", "lr", "precision", "compile",
-                  "seed", "device", "checkpoint_every", "log_every"):
+    for field in (
+        "out_dir",
+        "data",
+        "model",
+        "loss",
+        "steps",
+        "batch_size",
+        "lr",
+        "precision",
+        "compile",
+        "seed",
+        "device",
+        "checkpoint_every",
+        "log_every",
+    ):
         value = getattr(args, field, None)
         if value is not None:
             values[field] = value

@@ -1,10 +1,12 @@
 """Training configuration: one frozen dataclass, JSON round-trip, and the resume compatibility check."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from diffcore._files import load_json
 
@@ -13,8 +15,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 AUGMENTATIONS = ("none", "xflip", "edm")
 
 # Fields that may change between a run and its resume (they do not change the trained weights).
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "keep_steps", "log_every",
-                               "progress", "out_dir", "device"})
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "checkpoint_every", "keep_checkpoints", "keep_steps", "log_every", "progress", "out_dir", "device"}
+)
 
 
 @dataclass(frozen=True)
@@ -101,15 +104,19 @@ class TrainConfig:
         if self.lr_warmup_images < 0 or self.grad_clip < 0 or self.lr_decay_images < 0:
             raise ValueError("lr_warmup_images, lr_decay_images and grad_clip must be >= 0")
         if self.lr_decay_images and self.lr_decay_images <= self.lr_warmup_images:
-            raise ValueError(f"lr_decay_images ({self.lr_decay_images}) must exceed lr_warmup_images "
-                             f"({self.lr_warmup_images})")
+            raise ValueError(
+                f"lr_decay_images ({self.lr_decay_images}) must exceed lr_warmup_images ({self.lr_warmup_images})"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
-            raise ValueError(f"seed: expected an integer in [0, 2**32 - 1] (torch's generator keeps 32 bits), "
-                             f"got {self.seed!r}")
+            raise ValueError(
+                f"seed: expected an integer in [0, 2**32 - 1] (torch's generator keeps 32 bits), got {self.seed!r}"
+            )
         if self.loss_options.get("target", "clean") != "clean" and (self.augment != "none" or self.class_conditional):
-            raise ValueError(f"loss_options target={self.loss_options['target']!r}: the empirical target is the "
-                             "posterior mean over the unaugmented, unconditional training set; it needs "
-                             "augment='none' and class_conditional=False")
+            raise ValueError(
+                f"loss_options target={self.loss_options['target']!r}: the empirical target is the "
+                "posterior mean over the unaugmented, unconditional training set; it needs "
+                "augment='none' and class_conditional=False"
+            )
         if "name" not in self.data or "name" not in self.model:
             raise ValueError("data and model specs need a 'name'")
 
@@ -123,7 +130,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -131,10 +138,10 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_json_file(cls, path) -> "TrainConfig":
+    def from_json_file(cls, path) -> TrainConfig:
         return cls.from_dict(load_json(path, what="training config"))
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -143,8 +150,7 @@ def _choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                       ignore=RESUMABLE_CHANGES) -> list[str]:
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ignore=RESUMABLE_CHANGES) -> list[str]:
     """Keys whose values differ between two config dicts (JSON-normalized), ``ignore`` excepted."""
     saved = json.loads(json.dumps(saved))
     current = json.loads(json.dumps(current))

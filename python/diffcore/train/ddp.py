@@ -5,12 +5,14 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init_distributed`` reads them. Withou
 run is a single process and nothing is initialized. ``shard_seeds`` / ``gather_by_seed`` split
 sampling and evaluation work by seed across ranks and merge the results on every rank.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,8 +58,9 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"device: {device!r} requested but CUDA is not available on this "
-                                    "machine (use 'cpu' or 'auto')")
+            raise DeviceUnavailable(
+                f"device: {device!r} requested but CUDA is not available on this machine (use 'cpu' or 'auto')"
+            )
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank)
     return resolved
@@ -68,8 +71,10 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     is unset or 1). Backend: NCCL when the device is CUDA, gloo otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and "RANK" not in os.environ:
-        raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not: start the processes with torchrun "
-                         "(it sets both), or unset WORLD_SIZE")
+        raise ValueError(
+            f"WORLD_SIZE={world_size} is set but RANK is not: start the processes with torchrun "
+            "(it sets both), or unset WORLD_SIZE"
+        )
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
@@ -79,8 +84,9 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         torch.cuda.set_device(resolved)
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     if dist.is_initialized():
-        return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, resolved,
-                                  dist.get_backend(), owns_group=False)
+        return DistributedContext(
+            dist.get_rank(), dist.get_world_size(), local_rank, resolved, dist.get_backend(), owns_group=False
+        )
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     log.info("initialized %s process group: rank %d of %d on %s", backend, rank, world_size, resolved)
     return DistributedContext(rank, world_size, local_rank, resolved, backend, owns_group=True)

@@ -1,4 +1,5 @@
 """Exponential moving average of a model's weights with a half-life in images."""
+
 from __future__ import annotations
 
 import copy

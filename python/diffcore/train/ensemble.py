@@ -26,11 +26,12 @@ elementwise, so the stacked update is the per-member update.
 ``stacked_denoiser(models)`` and :func:`sample_ensemble` sample K models from the same per-sample
 seeds with one stacked denoiser call per solver step.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -58,11 +59,15 @@ def check_members(configs: Sequence[TrainConfig]) -> list[TrainConfig]:
     for index, config in enumerate(configs[1:], start=1):
         differs = sorted(k for k, v in config.to_dict().items() if k not in MEMBER_FIELDS and v != first[k])
         if differs:
-            raise ValueError(f"configs[{index}]: ensemble members may differ only in "
-                             f"{', '.join(sorted(MEMBER_FIELDS))}; it differs from configs[0] in {', '.join(differs)}")
+            raise ValueError(
+                f"configs[{index}]: ensemble members may differ only in "
+                f"{', '.join(sorted(MEMBER_FIELDS))}; it differs from configs[0] in {', '.join(differs)}"
+            )
         if config.data.get("name") != configs[0].data.get("name"):
-            raise ValueError(f"configs[{index}]: every member must train on the same dataset "
-                             f"(subsets may differ), got {config.data.get('name')!r} vs {configs[0].data.get('name')!r}")
+            raise ValueError(
+                f"configs[{index}]: every member must train on the same dataset "
+                f"(subsets may differ), got {config.data.get('name')!r} vs {configs[0].data.get('name')!r}"
+            )
     out_dirs = [c.out_dir for c in configs]
     if len(set(out_dirs)) != len(out_dirs):
         raise ValueError(f"configs: every member needs its own out_dir, got {out_dirs}")
@@ -84,8 +89,10 @@ def _common_resume_step(configs: Sequence[TrainConfig], resume: str) -> list[str
         return ["never"] * len(configs)
     common = set.intersection(*(set(f) for f in found))
     if not common:
-        raise CheckpointError("ensemble members have no checkpoint step in common "
-                              f"({[sorted(f) for f in found]}); resume the members alone or clear their out_dirs")
+        raise CheckpointError(
+            "ensemble members have no checkpoint step in common "
+            f"({[sorted(f) for f in found]}); resume the members alone or clear their out_dirs"
+        )
     step = max(common)
     return [str(f[step]) for f in found]
 
@@ -118,7 +125,7 @@ class EnsembleTrainer:
         """Stack the members' weights, EMA weights and Adam moments into ``[K, ...]`` tensors and
         make every member's own tensors views of their slice (no copies per step or per save)."""
         models = [m.model for m in self.members]
-        self.params, self.buffers = stack_module_state(models)        # name -> [K, ...] leaf tensors
+        self.params, self.buffers = stack_module_state(models)  # name -> [K, ...] leaf tensors
         self.names = list(self.params)
         ema_models = [m.ema.ema_model for m in self.members]
         ema_params, _ = stack_module_state(ema_models)
@@ -133,15 +140,17 @@ class EnsembleTrainer:
     def _stack_optimizer_state(self) -> None:
         """Resumed members' Adam moments into the stacked optimizer's state."""
         member_states = [m.optimizer.state for m in self.members]
-        for name, stacked, *member_params in zip(self.names, self.optimizer.param_groups[0]["params"],
-                                                 *(m.model.parameters() for m in self.members)):
+        for _name, stacked, *member_params in zip(
+            self.names, self.optimizer.param_groups[0]["params"], *(m.model.parameters() for m in self.members)
+        ):
             states = [s.get(p) for s, p in zip(member_states, member_params)]
             if any(st is None for st in states):
                 continue
             self.optimizer.state[stacked] = {
                 "step": states[0]["step"].clone(),
                 "exp_avg": torch.stack([st["exp_avg"] for st in states]),
-                "exp_avg_sq": torch.stack([st["exp_avg_sq"] for st in states])}
+                "exp_avg_sq": torch.stack([st["exp_avg_sq"] for st in states]),
+            }
         self._expose_optimizer_state()
 
     def _expose_optimizer_state(self) -> None:
@@ -152,14 +161,18 @@ class EnsembleTrainer:
             for stacked, p in zip(self.optimizer.param_groups[0]["params"], member.model.parameters()):
                 st = self.optimizer.state.get(stacked)
                 if st:
-                    member.optimizer.state[p] = {"step": st["step"], "exp_avg": st["exp_avg"][k],
-                                                 "exp_avg_sq": st["exp_avg_sq"][k]}
+                    member.optimizer.state[p] = {
+                        "step": st["step"],
+                        "exp_avg": st["exp_avg"][k],
+                        "exp_avg_sq": st["exp_avg_sq"][k],
+                    }
             member.optimizer.param_groups[0]["lr"] = lr
 
     # ---- one step ------------------------------------------------------------------------
     def _member_loss(self, params, buffers, x, sigma, noise, class_labels):
         def net(x_in, sigma_in, labels_in):
             return functional_call(self.template, (params, buffers), (x_in, sigma_in, labels_in))
+
         return self.loss_fn(net, x, sigma, noise, class_labels).mean()
 
     def step_once(self) -> torch.Tensor:
@@ -171,8 +184,9 @@ class EnsembleTrainer:
         self.members[0]._set_lr(step, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         with self.members[0].autocast():
-            losses = vmap(self._member_loss, in_dims=(0, 0, 0, 0, 0, None if labels is None else 0),
-                          randomness="different")(self.params, self.buffers, x, sigma, noise, labels)
+            losses = vmap(
+                self._member_loss, in_dims=(0, 0, 0, 0, 0, None if labels is None else 0), randomness="different"
+            )(self.params, self.buffers, x, sigma, noise, labels)
         losses.sum().backward()  # members are independent: each gets its own gradient
         if config.grad_clip > 0:
             self._clip_member_gradients(config.grad_clip)
@@ -180,8 +194,9 @@ class EnsembleTrainer:
         images_after = (step + 1) * config.batch_size
         beta = ema_beta(config.batch_size, images_after, config.ema_halflife_images, config.ema_rampup_ratio)
         with torch.no_grad():
-            foreach_lerp_([self.ema_params[n] for n in self.names],
-                          [self.params[n].detach() for n in self.names], 1.0 - beta)
+            foreach_lerp_(
+                [self.ema_params[n] for n in self.names], [self.params[n].detach() for n in self.names], 1.0 - beta
+            )
         self.step += 1
         for member in self.members:
             member.step = self.step
@@ -190,7 +205,7 @@ class EnsembleTrainer:
     def _clip_member_gradients(self, max_norm: float) -> None:
         """``clip_grad_norm_`` per member: each member's global gradient norm over its slices."""
         grads = [self.params[n].grad for n in self.names if self.params[n].grad is not None]
-        norms = torch.stack([g.flatten(1).float().norm(dim=1) for g in grads]).norm(dim=0)   # [K]
+        norms = torch.stack([g.flatten(1).float().norm(dim=1) for g in grads]).norm(dim=0)  # [K]
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(scale.reshape((-1,) + (1,) * (g.ndim - 1)).to(g.dtype))
@@ -207,8 +222,13 @@ class EnsembleTrainer:
         config = self.config
         own = progress is None
         if own:
-            progress = Progress(config.steps * self.size, f"ensemble of {self.size}", "member-steps",
-                                initial=self.step * self.size, enabled=config.progress)
+            progress = Progress(
+                config.steps * self.size,
+                f"ensemble of {self.size}",
+                "member-steps",
+                initial=self.step * self.size,
+                enabled=config.progress,
+            )
         loss_sum, loss_count = torch.zeros(self.size, device=self.device), 0
         last = [None] * self.size
         window_start, window_step = time.perf_counter(), self.step
@@ -241,6 +261,7 @@ def train_ensemble(configs: Sequence[TrainConfig], resume: str = "auto") -> list
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 class StackedDenoiser(torch.nn.Module):
     """K models of one architecture as one denoiser over member-major groups: ``x [B * K, ...]``
@@ -276,8 +297,14 @@ def stacked_denoiser(models: Sequence[torch.nn.Module]) -> StackedDenoiser:
     return StackedDenoiser(models)
 
 
-def sample_ensemble(models: Sequence[torch.nn.Module], seeds: Sequence[int], shape: Sequence[int], *,
-                    batch_size: int | None = None, **sample_options) -> torch.Tensor:
+def sample_ensemble(
+    models: Sequence[torch.nn.Module],
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    *,
+    batch_size: int | None = None,
+    **sample_options,
+) -> torch.Tensor:
     """Samples ``[K, len(seeds), *shape]``: member k's samples from the same per-sample seeds as
     every other member, with one stacked denoiser call per solver evaluation. ``batch_size``: seeds
     per call (all at once by default); ``sample_options`` go to :func:`diffcore.sampler.sample`."""
@@ -287,6 +314,11 @@ def sample_ensemble(models: Sequence[torch.nn.Module], seeds: Sequence[int], sha
     k = denoiser.size
     repeated = [int(s) for s in seeds for _ in range(k)]  # sample b's K copies side by side
     with torch.no_grad():
-        out = sampler.sample(denoiser, seeds=repeated, shape=tuple(shape),
-                             batch_size=None if batch_size is None else batch_size * k, **sample_options)
+        out = sampler.sample(
+            denoiser,
+            seeds=repeated,
+            shape=tuple(shape),
+            batch_size=None if batch_size is None else batch_size * k,
+            **sample_options,
+        )
     return out.reshape(len(seeds), k, *out.shape[1:]).transpose(0, 1)

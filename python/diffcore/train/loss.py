@@ -5,6 +5,7 @@ computes per-sample losses ``[B]`` with ``loss(net, x0, sigma, noise, class_labe
 draws ``sigma`` and ``noise`` for the whole global batch from one generator, so a run's noise
 does not depend on how the batch is split across ranks.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ import math
 import torch
 
 from diffcore.ops._torch_compat import vmap_batched
-
 
 TARGETS = ("clean", "empirical")
 
@@ -40,20 +40,32 @@ class EDMLoss:
     target, target_sigma_min, reference = "clean", 0.0, None  # subclasses with their own __init__: clean target
     log_uniform_fraction, log_uniform_range = 0.0, (0.002, 80.0)
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
-                 target: str = "clean", target_sigma_min: float = 0.0, log_uniform_fraction: float = 0.0,
-                 log_uniform_range=(0.002, 80.0)):
+    def __init__(
+        self,
+        P_mean: float = -1.2,
+        P_std: float = 1.2,
+        sigma_data: float = 0.5,
+        target: str = "clean",
+        target_sigma_min: float = 0.0,
+        log_uniform_fraction: float = 0.0,
+        log_uniform_range=(0.002, 80.0),
+    ):
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
-        self.log_uniform_fraction, self.log_uniform_range = _check_log_uniform(log_uniform_fraction,
-                                                                               log_uniform_range)
+        self.log_uniform_fraction, self.log_uniform_range = _check_log_uniform(log_uniform_fraction, log_uniform_range)
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
-        if isinstance(target_sigma_min, bool) or not isinstance(target_sigma_min, (int, float)) \
-                or not math.isfinite(target_sigma_min) or target_sigma_min < 0:
+        if (
+            isinstance(target_sigma_min, bool)
+            or not isinstance(target_sigma_min, (int, float))
+            or not math.isfinite(target_sigma_min)
+            or target_sigma_min < 0
+        ):
             raise ValueError(f"target_sigma_min: expected a finite number >= 0, got {target_sigma_min!r}")
         if target == "clean" and target_sigma_min:
-            raise ValueError("target_sigma_min: only target='empirical' uses it (the threshold above which the "
-                             f"empirical target replaces x0), got {target_sigma_min} with target='clean'")
+            raise ValueError(
+                "target_sigma_min: only target='empirical' uses it (the threshold above which the "
+                f"empirical target replaces x0), got {target_sigma_min} with target='clean'"
+            )
         self.target, self.target_sigma_min = target, float(target_sigma_min)
 
     @property
@@ -64,8 +76,10 @@ class EDMLoss:
     def set_reference(self, images: torch.Tensor) -> None:
         """The training set ``[N, ...]`` (float32, the images ``x0`` is drawn from) of the empirical target."""
         if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[0] == 0:
-            raise ValueError(f"images: expected a non-empty training set [N, ...], got "
-                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+            raise ValueError(
+                f"images: expected a non-empty training set [N, ...], got "
+                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
+            )
         self.reference = images.detach().to(torch.float32)
 
     def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -103,14 +117,19 @@ class EDMLoss:
 
     def _check_reference(self, x0: torch.Tensor) -> None:
         if vmap_batched(x0):  # under vmap: an ensemble shares one loss object
-            raise ValueError("loss_options target='empirical' is not supported by ensembles "
-                             "(diffcore.train.ensemble): each member needs its own training set as the reference")
+            raise ValueError(
+                "loss_options target='empirical' is not supported by ensembles "
+                "(diffcore.train.ensemble): each member needs its own training set as the reference"
+            )
         if self.reference is None:
-            raise RuntimeError("target='empirical': call set_reference(training_images) before the loss "
-                               "(diffcore.train.Trainer does)")
+            raise RuntimeError(
+                "target='empirical': call set_reference(training_images) before the loss (diffcore.train.Trainer does)"
+            )
         if self.reference.shape[1:] != x0.shape[1:] or self.reference.device != x0.device:
-            raise ValueError(f"reference: expected images of shape [N, {', '.join(map(str, x0.shape[1:]))}] on "
-                             f"{x0.device} (those of x0), got {tuple(self.reference.shape)} on {self.reference.device}")
+            raise ValueError(
+                f"reference: expected images of shape [N, {', '.join(map(str, x0.shape[1:]))}] on "
+                f"{x0.device} (those of x0), got {tuple(self.reference.shape)} on {self.reference.device}"
+            )
 
     def __call__(self, net, x0, sigma, noise, class_labels=None, augment_labels=None) -> torch.Tensor:
         shape = (-1,) + (1,) * (x0.ndim - 1)

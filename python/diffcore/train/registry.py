@@ -9,9 +9,11 @@ EDM-preconditioned DDPM++ UNet of ``diffcore.models`` (``{"name": "ddpmpp", "pre
 interval: ``{"name": "multistage", "sigma_boundaries": [2.5103, 7.6577], "decoder_channels":
 [192, 128, 16]}``).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -47,8 +49,10 @@ def build_model(spec: Mapping[str, Any]) -> torch.nn.Module:
         raise ValueError(f"model spec needs a 'name' string, got {name!r}")
     if name not in _REGISTRY:
         known = ", ".join(registered_models()) or "none registered"
-        raise ValueError(f"model: unknown model name {name!r}; registered: {known} (a factory must be "
-                         "registered in code with diffcore.train.register_model, never named by a file)")
+        raise ValueError(
+            f"model: unknown model name {name!r}; registered: {known} (a factory must be "
+            "registered in code with diffcore.train.register_model, never named by a file)"
+        )
     model = _REGISTRY[name](**spec)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -60,8 +64,10 @@ def _ddpmpp(preset: str = "ddpmpp-cifar", **kwargs) -> torch.nn.Module:
     try:
         from diffcore.models import denoiser_preset
     except ImportError as error:
-        raise ValueError("model 'ddpmpp' needs diffcore.models.denoiser_preset (the DDPM++ UNet), "
-                         f"which this installation lacks: {error}") from error
+        raise ValueError(
+            "model 'ddpmpp' needs diffcore.models.denoiser_preset (the DDPM++ UNet), "
+            f"which this installation lacks: {error}"
+        ) from error
     return denoiser_preset(preset, **kwargs)
 
 
@@ -71,6 +77,7 @@ register_model("ddpmpp", _ddpmpp)
 def _multistage(**kwargs) -> torch.nn.Module:
     """``diffcore.models.multistage_denoiser(**kwargs)``: the preconditioned multi-stage UNet."""
     from diffcore.models.multistage import multistage_denoiser
+
     return multistage_denoiser(**kwargs)
 
 

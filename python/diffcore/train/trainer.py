@@ -8,6 +8,7 @@ slice), so the trained weights do not depend on how the batch is split; each ran
 checkpoint. Resuming restores all of it, so an interrupted and resumed CPU run ends with bitwise
 the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,22 @@ from diffcore._checks import check_state_dict_values
 from diffcore._progress import Progress
 from diffcore.data.registry import load_dataset
 from diffcore.train import ddp
-from diffcore.train.checkpoint import (CheckpointError, capture_rng_state, flatten_optimizer_state,
-                                       latest_checkpoint, list_checkpoints, load_checkpoint,
-                                       prune_checkpoints, restore_rng_state, save_checkpoint,
-                                       unflatten_optimizer_state, write_file_atomic)
+from diffcore.train.augment import AugmentPipe
+from diffcore.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    flatten_optimizer_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+    unflatten_optimizer_state,
+    write_file_atomic,
+)
 from diffcore.train.config import TrainConfig, config_differences
 from diffcore.train.ema import EMA
-from diffcore.train.augment import AugmentPipe
 from diffcore.train.loss import build_loss, lr_at
 from diffcore.train.registry import build_model
 
@@ -71,7 +81,7 @@ class BatchOrder:
         while needed:
             epoch, offset = divmod(position, self.num_items)
             take = min(needed, self.num_items - offset)
-            parts.append(self.permutation(epoch)[offset:offset + take])
+            parts.append(self.permutation(epoch)[offset : offset + take])
             position, needed = position + take, needed - take
         return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
@@ -153,7 +163,8 @@ class Trainer:
             if existing:
                 raise CheckpointError(
                     f"{str(self.checkpoints_dir)!r} already holds checkpoints (latest step {existing[-1][0]}); "
-                    "resume with resume='auto' or choose another out_dir")
+                    "resume with resume='auto' or choose another out_dir"
+                )
             path = None
         elif resume == "auto":
             path = latest_checkpoint(self.checkpoints_dir)
@@ -176,23 +187,30 @@ class Trainer:
             raise CheckpointError(f"checkpoint {str(path)!r} has no config.json or state.json")
         differences = config_differences(saved, self.config.to_dict())
         if differences:
-            detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {self.config.to_dict().get(k)!r}"
-                               for k in differences)
+            detail = "; ".join(
+                f"{k}: checkpoint {saved.get(k)!r} vs now {self.config.to_dict().get(k)!r}" for k in differences
+            )
             raise CheckpointError(f"config does not match checkpoint {str(path)!r}: {detail}")
         state = checkpoint.documents["state"]
         if state["world_size"] != self.context.world_size:
-            raise CheckpointError(f"checkpoint {str(path)!r} was written by {state['world_size']} ranks, "
-                                  f"this run has {self.context.world_size}")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written by {state['world_size']} ranks, "
+                f"this run has {self.context.world_size}"
+            )
         if state["step"] > self.config.steps:
-            raise CheckpointError(f"checkpoint {str(path)!r} is at step {state['step']}, beyond steps={self.config.steps}")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is at step {state['step']}, beyond steps={self.config.steps}"
+            )
         for which in ("model", "ema"):
-            check_state_dict_values(checkpoint.tensors.get(which, {}), self.model.state_dict(),
-                                    f"checkpoint {str(path)!r} ({which})")
+            check_state_dict_values(
+                checkpoint.tensors.get(which, {}), self.model.state_dict(), f"checkpoint {str(path)!r} ({which})"
+            )
         try:
             self.model.load_state_dict(checkpoint.tensors["model"])
             self.ema.load_state_dict(checkpoint.tensors["ema"])
             self.optimizer.load_state_dict(
-                unflatten_optimizer_state(checkpoint.tensors["optimizer"], checkpoint.documents["optimizer"]))
+                unflatten_optimizer_state(checkpoint.tensors["optimizer"], checkpoint.documents["optimizer"])
+            )
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model/optimizer: {error}") from error
         rng = checkpoint.tensors["rng"]
@@ -214,17 +232,25 @@ class Trainer:
             optimizer_tensors, optimizer_meta = flatten_optimizer_state(self.optimizer.state_dict())
             epoch, offset = self.order.epoch_of(self.step)
             state = {
-                "step": self.step, "images_seen": self.step * self.config.batch_size,
+                "step": self.step,
+                "images_seen": self.step * self.config.batch_size,
                 "data_position": {"epoch": epoch, "offset": offset, "num_items": len(self.dataset)},
-                "world_size": self.context.world_size, "rng": [doc for _, doc in gathered],
+                "world_size": self.context.world_size,
+                "rng": [doc for _, doc in gathered],
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "torch_version": torch.__version__,
             }
             path = save_checkpoint(
-                self.checkpoints_dir, self.step,
-                tensors={"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                         "optimizer": optimizer_tensors, "rng": rng_tensors},
-                documents={"config": self.config.to_dict(), "optimizer": optimizer_meta, "state": state})
+                self.checkpoints_dir,
+                self.step,
+                tensors={
+                    "model": self.model.state_dict(),
+                    "ema": self.ema.state_dict(),
+                    "optimizer": optimizer_tensors,
+                    "rng": rng_tensors,
+                },
+                documents={"config": self.config.to_dict(), "optimizer": optimizer_meta, "state": state},
+            )
             prune_checkpoints(self.checkpoints_dir, self.config.keep_checkpoints, self.config.keep_steps)
             log.info("checkpoint step %d -> %s", self.step, path)
         ddp.barrier(self.context)
@@ -321,8 +347,13 @@ class Trainer:
         config, context = self.config, self.context
         own = progress is None
         if own:
-            progress = Progress(config.steps, f"train {self.out_dir.name}", "steps", initial=self.step,
-                                enabled=config.progress and context.is_main)
+            progress = Progress(
+                config.steps,
+                f"train {self.out_dir.name}",
+                "steps",
+                initial=self.step,
+                enabled=config.progress and context.is_main,
+            )
         checkpoint = None
         loss_sum, loss_count, last_loss = torch.zeros((), device=self.device), 0, None
         window_start, window_step = time.perf_counter(), self.step
@@ -358,19 +389,36 @@ class Trainer:
     def _log_window(self, mean_loss: float, window_start: float, window_step: int) -> float:
         """Check the window's mean loss and append it to metrics.jsonl; returns images/s."""
         if not np.isfinite(mean_loss):
-            raise FloatingPointError(f"training diverged: the loss is {mean_loss} at step {self.step} "
-                                     f"({self.out_dir}); lower the learning rate (lr={self.config.lr}) or "
-                                     f"the loss options ({self.config.loss_options or 'defaults'})")
+            raise FloatingPointError(
+                f"training diverged: the loss is {mean_loss} at step {self.step} "
+                f"({self.out_dir}); lower the learning rate (lr={self.config.lr}) or "
+                f"the loss options ({self.config.loss_options or 'defaults'})"
+            )
         elapsed = time.perf_counter() - window_start
         images_per_s = (self.step - window_step) * self.config.batch_size / max(elapsed, 1e-9)
-        self._log_metrics({"step": self.step, "images": self.step * self.config.batch_size,
-                           "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                           "images_per_s": images_per_s, "time": time.time()})
+        self._log_metrics(
+            {
+                "step": self.step,
+                "images": self.step * self.config.batch_size,
+                "loss": mean_loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": images_per_s,
+                "time": time.time(),
+            }
+        )
         return images_per_s
 
     def result(self, checkpoint: Path | None, last_loss: float | None) -> TrainResult:
-        return TrainResult(self.model, self.ema.ema_model, self.step, self.step * self.config.batch_size,
-                           self.out_dir, checkpoint, self.resumed_from_step, last_loss)
+        return TrainResult(
+            self.model,
+            self.ema.ema_model,
+            self.step,
+            self.step * self.config.batch_size,
+            self.out_dir,
+            checkpoint,
+            self.resumed_from_step,
+            last_loss,
+        )
 
 
 def train_from_config(config: TrainConfig, resume: str = "auto") -> TrainResult:
@@ -406,8 +454,9 @@ def load_trained_model(path, which: str = "ema") -> torch.nn.Module:
     checkpoint = load_checkpoint(path)
     config = checkpoint.documents.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} has no config.json with a model spec; it was not "
-                              "written by diffcore.train")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no config.json with a model spec; it was not written by diffcore.train"
+        )
     if which not in checkpoint.tensors:
         raise CheckpointError(f"checkpoint {str(path)!r} has no {which}.safetensors")
     model = build_model(config["model"])
@@ -416,6 +465,7 @@ def load_trained_model(path, which: str = "ema") -> torch.nn.Module:
         model.load_state_dict(checkpoint.tensors[which])
     except RuntimeError as error:  # missing keys, unexpected keys, wrong shapes
         detail = " ".join(str(error).split())
-        raise CheckpointError(f"checkpoint {str(path)!r}: {which}.safetensors does not fit the model of "
-                              f"its config.json: {detail[:300]}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {which}.safetensors does not fit the model of its config.json: {detail[:300]}"
+        ) from None
     return model.eval()
