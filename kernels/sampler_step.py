@@ -1,6 +1,7 @@
 """Triton fused sampler step: ``out = c_x x + c_d d + c_e e + c_z z`` in one pass.
 
-The coefficients are host scalars of the schedule (no device-to-host traffic). Math in fp32 (float32, float16, bfloat16 tensors). With a flag
+The coefficients are host scalars of the schedule (no device-to-host traffic). Math in fp32
+(float32, float16, bfloat16 tensors). With a flag
 buffer, the first step at which ``d`` or ``out`` holds NaN/Inf is recorded on the device
 (``atomic_min``), so the check never synchronizes.
 Imported lazily by ``diffcore.ops.sampler_step``; runs on CUDA tensors, or on CPU tensors under

@@ -21,9 +21,9 @@ def test_jacobian_full_matches_autograd(mlp_denoiser):
     fwd = jacobian_full(mlp_denoiser, x, sigma, chunk_size=7)
     rev = jacobian_full(mlp_denoiser, x, sigma, mode="rev", chunk_size=5)
     for b in range(3):
-        ref = torch.autograd.functional.jacobian(lambda z: mlp_denoiser(z[None], sigma[b : b + 1])[0], x[b]).reshape(
-            32, 32
-        )
+        ref = torch.autograd.functional.jacobian(
+            lambda z, b=b: mlp_denoiser(z[None], sigma[b : b + 1])[0], x[b]
+        ).reshape(32, 32)
         assert torch.allclose(fwd[b], ref, atol=1e-12)
         assert torch.allclose(rev[b], ref, atol=1e-12)
 

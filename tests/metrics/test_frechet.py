@@ -136,7 +136,7 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match=".safetensors or .npz"):
         a.save(tmp_path / "stats.pt")
     with pytest.raises(ValueError, match="at least 2"):
-        FeatureStatistics.from_features(torch.randn(1, 3)).covariance
+        _ = FeatureStatistics.from_features(torch.randn(1, 3)).covariance
     np.save(tmp_path / "x.npy", np.zeros(3))
     (tmp_path / "bad.npz").write_bytes((tmp_path / "x.npy").read_bytes())
     with pytest.raises(ValueError):

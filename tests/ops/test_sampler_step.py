@@ -145,7 +145,7 @@ def test_autograd_gradients_and_jvp_are_the_coefficients():
     row = (0.7, 0.4, -0.1, 0.0)
     for backend in [b for b in BACKENDS if b != "triton"]:
         assert torch.autograd.gradcheck(
-            lambda a, b, c: sampler_step("heun", a, b, row, extra=c, backend=backend), (x, d, e)
+            lambda a, b, c, backend=backend: sampler_step("heun", a, b, row, extra=c, backend=backend), (x, d, e)
         )
     tangents = tuple(torch.randn_like(t) for t in (x, d, e))
     _, jvp = torch.func.jvp(

@@ -72,7 +72,8 @@ def load_dataset(spec: Mapping[str, Any]) -> ArrayDataset:
     """The dataset a config names, optionally reduced to a nested subset.
 
     ``spec``: ``name`` (one of ``DATASET_NAMES``) and its fields (``root``, ``split``,
-    ``resolution``, ``channels`` (image_folder: optional, the images' own by default); ``K, n, d, num, seed`` for molrg; ``shape, num, seed`` for
+    ``resolution``, ``channels`` (image_folder: optional, the images' own by default);
+    ``K, n, d, num, seed`` for molrg; ``shape, num, seed`` for
     random_images), plus optional ``subset``
     (size n) and ``subset_seed`` (default 0) for ``subset(dataset, n, seed)``.
     """

@@ -27,7 +27,8 @@ posterior mean given k is ``(1 + delta^2)/(1 + s^2) U_k U_k^T x + delta^2/s^2 (I
 
     D(x; sigma) = delta^2/s^2 x + sum_k w_k(x) [(1 + delta^2)/(1 + s^2) - delta^2/s^2] U_k U_k^T x.
 
-With delta = 0 this is the formula above. Bases of different dimensions are stored zero-padded to ``d_max`` columns (zero columns change
+With delta = 0 this is the formula above. Bases of different dimensions are stored zero-padded to
+``d_max`` columns (zero columns change
 neither ``U_k^T x`` norms nor ``U_k U_k^T``) together with their true dimensions ``dims``.
 """
 

@@ -690,7 +690,9 @@ def pfd_intervals(samples: dict[str, torch.Tensor]) -> dict[str, float]:
     }.items():
         diff = (samples[a].double() - samples[b].double()).reshape(samples[a].shape[0], -1)
         per_seed, size = diff.square().mean(1).numpy(), diff.shape[0]
-        out.update(intervals.flat(name, intervals.bootstrap_sums(per_seed, lambda t: np.sqrt(t[:, 0] / size))))
+        out.update(
+            intervals.flat(name, intervals.bootstrap_sums(per_seed, lambda t, size=size: np.sqrt(t[:, 0] / size)))
+        )
     return out
 
 

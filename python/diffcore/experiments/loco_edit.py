@@ -806,7 +806,7 @@ def summarize(images: list[dict], transfer: list[dict], c: LocoEditConfig) -> di
     per_strength = []
     for s in c.strengths:
 
-        def at(projected, key):
+        def at(projected, key, s=s):
             return [
                 e[key]
                 for im in images

@@ -13,7 +13,8 @@ by denoising score matching with EDM's sigma sampling, and measure
   (``recovery_error`` = mean sin^2 of the angles, 0 = exact);
 - for samples of each model (Heun, the same seeds): the relative distance to the true union of
   subspaces, the memorized fraction (|x - NN1| / |x - NN2| < 1/3) and the GL score against the
-  training set (a fixed centered-cosine threshold, 0.99 by default, or calibrated on a fresh pool); ``generalized`` = fraction of samples
+  training set (a fixed centered-cosine threshold, 0.99 by default, or calibrated on a fresh
+  pool); ``generalized`` = fraction of samples
   that are both off the training set (not memorized) and on the union (relative distance < 0.1);
 - the numerical rank of the Jacobian along the sampling trajectory
   (``diffcore.analysis.rank_along_trajectory``) for the true MoLRG denoiser, the learned subspace

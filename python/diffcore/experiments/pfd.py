@@ -440,7 +440,8 @@ class _Study:
                 terms = torch.stack([bias_z, var_z], 1).numpy()
                 size = terms.shape[0]
                 found = intervals.bootstrap_sums_each(
-                    terms, {"bias2": lambda t: t[:, 0] / size, "variance": lambda t: t[:, 1] / size}
+                    terms,
+                    {"bias2": lambda t, size=size: t[:, 0] / size, "variance": lambda t, size=size: t[:, 1] / size},
                 )
                 out.append(
                     {
@@ -462,7 +463,8 @@ def student_params(config: PFDConfig, width: int) -> int:
 def summarize(rows: list[dict]) -> dict:
     """Per width and N: E_gen, E_mem over the training seeds with 95% intervals (seeds-t across 3+
     seeds; with fewer, the bootstrap over noises of the one student, or the mean of the two seeds'
-    bootstrap ends, labelled), and PFD(teacher, empirical) with its bootstrap over the noises. Keyed by width (a string); each entry has
+    bootstrap ends, labelled), and PFD(teacher, empirical) with its bootstrap over the noises.
+    Keyed by width (a string); each entry has
     ``N``, ``params`` and for every measure ``key``, ``key_low``, ``key_high``."""
     out: dict = {}
     for width in sorted({r["width"] for r in rows}):

@@ -84,7 +84,9 @@ class ReproducibilityConfig:
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0  # Gu et al.
     grid_samples: int = 16  # samples shown per grid
-    torch_threads: int = 0  # intra-op CPU threads per process for data and measures (0: torch's default); models train and sample with one
+    # intra-op CPU threads per process for data and measures (0: torch's default); models train
+    # and sample with one thread on the CPU (results do not depend on the thread count)
+    torch_threads: int = 0
     train_workers: int = 1  # models trained at once, one process each (runtime only)
     train_ensemble: int = 1  # models of one width and seed per stacked ensemble (runtime only)
 
@@ -261,10 +263,10 @@ class _Study:
         device: str,
         progress: bool,
         default_stack: bool = False,
-        part: base.Participation = base.Participation(),
+        part: base.Participation | None = None,
     ):
         self.config = config
-        self.part = part  # this process's part of a sharded or distributed run
+        self.part = part or base.Participation()  # this process's part of a sharded or distributed run
         self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
         self.train_wall_seconds: float | None = None  # set when models were trained in workers
         self.ws = Workspace(out)
@@ -401,7 +403,7 @@ class _Study:
             self.sample_unit(
                 f"empirical-n{n}",
                 self.empirical_spec(n),
-                lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                lambda train_images=train_images: self.hooks.empirical_denoiser(train_images.to(self.device)),
                 shape,
                 wait=False,
             )
@@ -412,7 +414,7 @@ class _Study:
                     self.sample_unit(
                         name,
                         {**model.spec, **self.sampling_spec()},
-                        lambda: self.hooks.load(model.path, device=self.device),
+                        lambda model=model: self.hooks.load(model.path, device=self.device),
                         shape,
                         wait=False,
                     )
@@ -489,7 +491,10 @@ class _Study:
             emp_name = f"empirical-n{n}"
             emp_spec = self.empirical_spec(n)
             emp_samples = self.sample_unit(
-                emp_name, emp_spec, lambda: self.hooks.empirical_denoiser(train_images.to(self.device)), shape
+                emp_name,
+                emp_spec,
+                lambda train_images=train_images: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                shape,
             )
             emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
             empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
@@ -503,7 +508,7 @@ class _Study:
                 model = self.model_unit(width, n, seed, train_images)
                 sample_spec = {**model.spec, **self.sampling_spec()}
                 samples = self.sample_unit(
-                    name, sample_spec, lambda: self.hooks.load(model.path, device=self.device), shape
+                    name, sample_spec, lambda model=model: self.hooks.load(model.path, device=self.device), shape
                 )
                 result = self.metrics_unit(name, sample_spec, samples, train_images, emp_samples, threshold)
                 self.grid(grids_dir / f"{name}.png", samples, train_images, result, f"UNet-{width}, N={n}, seed {seed}")
@@ -586,7 +591,7 @@ class _Study:
             self.sample_unit(
                 f"empirical-n{n}",
                 self.empirical_spec(n),
-                lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+                lambda train_images=train_images: self.hooks.empirical_denoiser(train_images.to(self.device)),
                 shape,
                 progress=progress,
             )
@@ -599,7 +604,7 @@ class _Study:
             self.sample_unit(
                 _model_name(width, n, seed),
                 {**model.spec, **self.sampling_spec()},
-                lambda: self.hooks.load(model.path, device=self.device),
+                lambda model=model: self.hooks.load(model.path, device=self.device),
                 shape,
                 progress=progress,
             )
@@ -649,7 +654,7 @@ class _Study:
             sum(len(t[2]) for t in tasks if t[0] != "empirical"),
             sum(t[0] == "empirical" for t in tasks),
             c.train_workers,
-            ", models of one width in ensembles of up to %d" % c.train_ensemble
+            f", models of one width in ensembles of up to {c.train_ensemble}"
             if any(t[0] == "ensemble" for t in tasks)
             else "",
         )

@@ -22,7 +22,8 @@ distance:
   ``[B, F]``; similarity is the cosine of the descriptors, as in the reproducibility paper
   (docs/papers.md section 1, threshold 0.6). The kind states the preprocessing: ``sscd`` (the paper's
   SSCD: 320x320, ImageNet mean/std) or ``raw`` (images in [-1, 1] at their own size). Files load
-  running no Python; ``torch.export`` archives are refused (:func:`load_descriptor`). A descriptor row that is not finite or all zero
+  running no Python; ``torch.export`` archives are refused (:func:`load_descriptor`). A
+  descriptor row that is not finite or all zero
   has no direction, so no cosine: it is refused (ValueError naming the descriptor file and the
   image), as is an output that is not one tensor ``[B, F]`` for a batch of B images.
 

@@ -173,7 +173,8 @@ def _read_verified(file: Path, entry: Mapping[str, Any]) -> bytes:
         raise CheckpointError(f"{error} (the manifest says {entry['bytes']} bytes)") from None
     if len(payload) != int(entry["bytes"]):
         raise CheckpointError(
-            f"checkpoint file {str(file)!r} is truncated or padded: {len(payload)} bytes, manifest says {entry['bytes']}"
+            f"checkpoint file {str(file)!r} is truncated or padded: {len(payload)} bytes, "
+            f"manifest says {entry['bytes']}"
         )
     if hashlib.sha256(payload).hexdigest() != entry.get("sha256"):
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupted: SHA-256 does not match the manifest")
