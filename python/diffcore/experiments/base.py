@@ -490,10 +490,17 @@ class Participation:
         return f"{'rank' if self.distributed else 'shard'} {self.index}/{self.count}"
 
     def barrier(self) -> None:
+        """All ranks meet; rank 0 speaks last. After ``dist.barrier()`` a rank other than 0 may
+        return and exit at once, and with gloo its closing socket can reset a connection whose
+        last message rank 0 has not read yet (rank 0 then fails inside the barrier). A broadcast
+        from rank 0 afterwards means no rank leaves before rank 0 has finished the barrier, and
+        rank 0's last act is a send, which needs nothing back."""
         if self.distributed:
+            import torch
             import torch.distributed as dist
 
             dist.barrier()
+            dist.broadcast(torch.zeros(1), src=0)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
