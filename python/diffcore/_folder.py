@@ -197,13 +197,19 @@ class FolderLock:
         self._fd: int | None = None
 
     @staticmethod
-    def holder(fd: int) -> str:
-        """Who holds the lock open as ``fd``, as written by the holder ("unknown" when unreadable)."""
-        try:
-            info = json.loads(os.pread(fd, 4096, 0))
-            return f"process {info['pid']} on {info['host']} (since {info['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "an unknown process"
+    def holder(fd: int, patience: float = 1.0) -> str:
+        """Who holds the lock open as ``fd``, as written by the holder ("unknown" when unreadable).
+        The holder writes its record just after it takes the lock, so an empty or partial record
+        is read again for up to ``patience`` seconds before the holder is called unknown."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0))
+                return f"process {info['pid']} on {info['host']} (since {info['since']})"
+            except (OSError, ValueError, KeyError, TypeError):
+                if time.monotonic() >= deadline:
+                    return "an unknown process"
+                time.sleep(0.05)
 
     def acquire(self, wait: float | None = None, argument: str = "out", shared: bool = False) -> FolderLock:
         """Take the lock (``shared``: with the other processes of one sharded run) or raise
