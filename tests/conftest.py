@@ -62,3 +62,18 @@ def forced_screen(request, monkeypatch):
 def forced_knn_screen(request, monkeypatch):
     """DIFFCORE_CPU_SCREEN forced to each of knn's screening precisions (int8, bf16, fp32)."""
     yield from _force_screen(request.param, monkeypatch)
+
+
+@pytest.fixture
+def deadline():
+    """Fail (instead of hanging the suite) when a read blocks for 20 s, e.g. on a FIFO."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError("blocked: the read hung")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

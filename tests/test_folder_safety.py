@@ -7,27 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from diffcore import _folder, cli
 from diffcore.experiments.base import UnitError, Workspace
-
-
-@pytest.fixture
-def deadline():
-    """Fail (instead of hanging the suite) when a read blocks for 20 s, e.g. on a FIFO."""
-
-    def expire(signum, frame):
-        raise TimeoutError("blocked: the read hung")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:

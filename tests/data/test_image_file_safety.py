@@ -5,7 +5,6 @@ one-line error naming the file when they are FIFOs, truncated or decompression b
 from __future__ import annotations
 
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -13,18 +12,6 @@ from PIL import Image
 
 from diffcore.data.image_folder import load_image_folder
 from diffcore.experiments.loco_edit import image_from_file, mask_from_file
-
-
-@pytest.fixture
-def deadline():
-    def expire(signum, frame):
-        raise TimeoutError("blocked: the read hung")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def write_png(path, size=8):

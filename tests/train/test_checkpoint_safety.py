@@ -6,24 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 import torch
 
 from diffcore.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
-
-@pytest.fixture
-def deadline():
-    def expire(signum, frame):
-        raise TimeoutError("blocked: the read hung")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def checkpoint_listing(tmp_path, name: str, size: int):
