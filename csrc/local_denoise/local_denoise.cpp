@@ -158,11 +158,11 @@ void translated_query(const float* xq_image, const float* y, const TranslatedSha
   }
 }
 
-void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
-                     int64_t channels,
-                     int64_t height, int64_t width, int64_t patch, std::uintptr_t row_lo_ptr, std::uintptr_t row_hi_ptr,
-                     std::uintptr_t col_lo_ptr, std::uintptr_t col_hi_ptr, std::uintptr_t inv2s2_ptr, double band,
-                     std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int threads) {
+// Argument checks shared by the CPU and CUDA entry points (non-null pointers, positive sizes).
+void check_translated(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, std::uintptr_t row_lo_ptr, std::uintptr_t row_hi_ptr,
+                      std::uintptr_t col_lo_ptr, std::uintptr_t col_hi_ptr, std::uintptr_t inv2s2_ptr,
+                      std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int64_t batch,
+                      int64_t tile, int64_t channels, int64_t height, int64_t width, int64_t patch) {
   for (auto [ptr, name] : {std::pair{xq_ptr, "xq"}, {y_ptr, "y"}, {row_lo_ptr, "row_lo"}, {row_hi_ptr, "row_hi"},
                            {col_lo_ptr, "col_lo"}, {col_hi_ptr, "col_hi"}, {inv2s2_ptr, "inv2s2"},
                            {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
@@ -171,6 +171,30 @@ void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch,
                          {width, "width"}, {patch, "patch"}})
     check_positive(v, name);
   check_arg(patch % 2 == 1, "patch", "expected an odd patch size");
+}
+
+void check_same_location(std::uintptr_t x_ptr, std::uintptr_t y_ptr, std::uintptr_t support_offsets_ptr,
+                         std::uintptr_t support_index_ptr, std::uintptr_t support_weight_ptr,
+                         std::uintptr_t out_offsets_ptr, std::uintptr_t out_index_ptr, std::uintptr_t inv2s2_ptr,
+                         std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int64_t batch,
+                         int64_t tile, int64_t channels, int64_t pixels, int64_t locations) {
+  for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {y_ptr, "y"}, {support_offsets_ptr, "support_offsets"},
+                           {support_index_ptr, "support_index"}, {support_weight_ptr, "support_weight"},
+                           {out_offsets_ptr, "out_offsets"}, {out_index_ptr, "out_index"}, {inv2s2_ptr, "inv2s2"},
+                           {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
+    check_ptr(ptr, name);
+  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {pixels, "pixels"},
+                         {locations, "locations"}})
+    check_positive(v, name);
+}
+
+void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
+                     int64_t channels,
+                     int64_t height, int64_t width, int64_t patch, std::uintptr_t row_lo_ptr, std::uintptr_t row_hi_ptr,
+                     std::uintptr_t col_lo_ptr, std::uintptr_t col_hi_ptr, std::uintptr_t inv2s2_ptr, double band,
+                     std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int threads) {
+  check_translated(xq_ptr, y_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr, inv2s2_ptr, dmin_ptr, total_ptr,
+                   acc_ptr, batch, tile, channels, height, width, patch);
   check_arg(tile % kLanes == 0, "tile", "expected a multiple of 16 images");
   check_arg(0 < valid && valid <= tile, "valid", "expected 0 < valid <= tile");
   const TranslatedShape s{batch, tile, valid, channels, height, width, patch};
@@ -211,14 +235,8 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
                         std::uintptr_t out_offsets_ptr, std::uintptr_t out_index_ptr, std::uintptr_t inv2s2_ptr,
                         double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr,
                         int threads) {
-  for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {y_ptr, "y"}, {support_offsets_ptr, "support_offsets"},
-                           {support_index_ptr, "support_index"}, {support_weight_ptr, "support_weight"},
-                           {out_offsets_ptr, "out_offsets"}, {out_index_ptr, "out_index"}, {inv2s2_ptr, "inv2s2"},
-                           {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
-    check_ptr(ptr, name);
-  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {pixels, "pixels"},
-                         {locations, "locations"}})
-    check_positive(v, name);
+  check_same_location(x_ptr, y_ptr, support_offsets_ptr, support_index_ptr, support_weight_ptr, out_offsets_ptr,
+                      out_index_ptr, inv2s2_ptr, dmin_ptr, total_ptr, acc_ptr, batch, tile, channels, pixels, locations);
   const auto* x = reinterpret_cast<const float*>(x_ptr);          // [B, C, H*W]
   const auto* y = reinterpret_cast<const float*>(y_ptr);          // [H*W, C, T]
   const auto* sup_off = reinterpret_cast<const int64_t*>(support_offsets_ptr);
@@ -281,14 +299,8 @@ void translated_cuda(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch,
                      std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr, int device,
                      std::uintptr_t stream) {
 #ifdef DIFFCORE_WITH_CUDA
-  for (auto [ptr, name] : {std::pair{xq_ptr, "xq"}, {y_ptr, "y"}, {row_lo_ptr, "row_lo"}, {row_hi_ptr, "row_hi"},
-                           {col_lo_ptr, "col_lo"}, {col_hi_ptr, "col_hi"}, {inv2s2_ptr, "inv2s2"},
-                           {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
-    check_ptr(ptr, name);
-  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {height, "height"},
-                         {width, "width"}, {patch, "patch"}})
-    check_positive(v, name);
-  check_arg(patch % 2 == 1, "patch", "expected an odd patch size");
+  check_translated(xq_ptr, y_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr, inv2s2_ptr, dmin_ptr, total_ptr,
+                   acc_ptr, batch, tile, channels, height, width, patch);
   local_denoise_translated_cuda(reinterpret_cast<const float*>(xq_ptr), reinterpret_cast<const float*>(y_ptr), batch,
                                 tile, channels, height, width, patch, reinterpret_cast<const int32_t*>(row_lo_ptr),
                                 reinterpret_cast<const int32_t*>(row_hi_ptr),
@@ -312,14 +324,8 @@ void same_location_cuda(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
                         double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr,
                         int device, std::uintptr_t stream) {
 #ifdef DIFFCORE_WITH_CUDA
-  for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {y_ptr, "y"}, {support_offsets_ptr, "support_offsets"},
-                           {support_index_ptr, "support_index"}, {support_weight_ptr, "support_weight"},
-                           {out_offsets_ptr, "out_offsets"}, {out_index_ptr, "out_index"}, {inv2s2_ptr, "inv2s2"},
-                           {dmin_ptr, "dmin"}, {total_ptr, "total"}, {acc_ptr, "acc"}})
-    check_ptr(ptr, name);
-  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {pixels, "pixels"},
-                         {locations, "locations"}})
-    check_positive(v, name);
+  check_same_location(x_ptr, y_ptr, support_offsets_ptr, support_index_ptr, support_weight_ptr, out_offsets_ptr,
+                      out_index_ptr, inv2s2_ptr, dmin_ptr, total_ptr, acc_ptr, batch, tile, channels, pixels, locations);
   local_denoise_same_location_cuda(
       reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const float*>(y_ptr), batch, tile, channels, pixels,
       locations, reinterpret_cast<const int64_t*>(support_offsets_ptr),

@@ -32,8 +32,8 @@ def pad_images(t: torch.Tensor, r: int, padding: str) -> torch.Tensor:
     """[M, C, H, W] -> [M, C, H + 2r, W + 2r] contiguous, zero-padded or wrapped around (any r)."""
     if padding == "zeros":
         return torch.nn.functional.pad(t, (r, r, r, r)).contiguous()
-    rows = torch.arange(-r, t.shape[2] + r) % t.shape[2]
-    cols = torch.arange(-r, t.shape[3] + r) % t.shape[3]
+    rows = torch.arange(-r, t.shape[2] + r, device=t.device) % t.shape[2]
+    cols = torch.arange(-r, t.shape[3] + r, device=t.device) % t.shape[3]
     return t.index_select(2, rows).index_select(3, cols).contiguous()
 
 
@@ -68,11 +68,11 @@ class _State:
     acc: torch.Tensor
 
     @classmethod
-    def create(cls, queries: int, acc_shape: tuple[int, ...]):
+    def create(cls, queries: int, acc_shape: tuple[int, ...], device: torch.device | str = "cpu"):
         return cls(
-            torch.full((queries,), float("inf"), dtype=torch.float64),
-            torch.zeros(queries, dtype=torch.float64),
-            torch.zeros(acc_shape, dtype=torch.float64),
+            torch.full((queries,), float("inf"), dtype=torch.float64, device=device),
+            torch.zeros(queries, dtype=torch.float64, device=device),
+            torch.zeros(acc_shape, dtype=torch.float64, device=device),
         )
 
     def pointers(self) -> dict:
@@ -99,26 +99,12 @@ def run_els(
         valid = images.shape[0]
         buffer[..., :valid] = images.permute(1, 2, 3, 0)  # image-innermost: full vectors for any dictionary
         extension().local_denoise_translated_tile(
-            xq_ptr=xq.data_ptr(),
-            y_ptr=buffer.data_ptr(),
-            batch=batch,
+            **translated_arguments(xq, buffer, patch, [row_lo, row_hi, col_lo, col_hi], inv2s2, state),
             tile=lanes,
             valid=valid,
-            channels=channels,
-            height=height,
-            width=width,
-            patch=patch,
-            row_lo_ptr=row_lo.data_ptr(),
-            row_hi_ptr=row_hi.data_ptr(),
-            col_lo_ptr=col_lo.data_ptr(),
-            col_hi_ptr=col_hi.data_ptr(),
-            inv2s2_ptr=inv2s2.data_ptr(),
-            band=BAND,
             threads=threads,
-            **state.pointers(),
         )
-    out = state.acc / state.total[:, None]
-    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    return translated_means(state, x.shape)
 
 
 @dataclass
@@ -131,6 +117,8 @@ class Supports:
     weight: torch.Tensor  # [nnz] float32
     out_offsets: torch.Tensor  # [L + 1] int64
     out_index: torch.Tensor  # [outputs] int32
+
+    FIELDS = ("offsets", "index", "weight", "out_offsets", "out_index")
 
     @classmethod
     def from_lists(cls, supports: list[tuple[list[int], list[float]]], outputs: list[list[int]]):
@@ -199,33 +187,83 @@ def run_same_location(
     location, the values of its output pixels in CSR order)."""
     batch, channels, height, width = x.shape
     pixels = height * width
-    locations = supports.offsets.shape[0] - 1
     threads = torch.get_num_threads()
     xf = x.reshape(batch, channels, pixels).contiguous()
     inv2s2 = (0.5 / sigma64.square()).contiguous()
-    outputs = int(supports.out_offsets[-1])
-    state = _State.create(batch * locations, (batch, outputs, channels))
+    state = _State.create(batch * (supports.offsets.shape[0] - 1), (batch, int(supports.out_offsets[-1]), channels))
     tile = tile_rows or tile_images(4 * channels * pixels, train.shape[0], SAME_LOCATION_TILE_BYTES, 64)
     for start in range(0, train.shape[0], tile):
-        y = as_float32(train[start : start + tile]).reshape(-1, channels, pixels).permute(2, 1, 0).contiguous()
+        y = pixel_major(train[start : start + tile])
         extension().local_denoise_same_location_tile(
-            x_ptr=xf.data_ptr(),
-            y_ptr=y.data_ptr(),
-            batch=batch,
-            tile=y.shape[2],
-            channels=channels,
-            pixels=pixels,
-            locations=locations,
-            support_offsets_ptr=supports.offsets.data_ptr(),
-            support_index_ptr=supports.index.data_ptr(),
-            support_weight_ptr=supports.weight.data_ptr(),
-            out_offsets_ptr=supports.out_offsets.data_ptr(),
-            out_index_ptr=supports.out_index.data_ptr(),
-            inv2s2_ptr=inv2s2.data_ptr(),
-            band=BAND,
-            threads=threads,
-            **state.pointers(),
+            **same_location_arguments(xf, y, supports, inv2s2, state), threads=threads
         )
-    counts = supports.out_offsets[1:] - supports.out_offsets[:-1]
-    total = state.total.reshape(batch, locations).repeat_interleave(counts, dim=1)
+    return same_location_means(state, supports)
+
+
+def translated_arguments(
+    xq: torch.Tensor, y: torch.Tensor, patch: int, ranges: list[torch.Tensor], inv2s2: torch.Tensor, state: _State
+) -> dict:
+    """The keyword arguments that the CPU and CUDA ELS kernels share: padded queries ``xq``
+    [B, C, H+P-1, W+P-1], one padded training tile ``y`` (layout per backend), the key ranges
+    ``[row_lo, row_hi, col_lo, col_hi]`` (int32 [H], [W]) and the running state."""
+    batch, channels, padded_h, padded_w = xq.shape
+    names = ("row_lo_ptr", "row_hi_ptr", "col_lo_ptr", "col_hi_ptr")
+    return {
+        "xq_ptr": xq.data_ptr(),
+        "y_ptr": y.data_ptr(),
+        "batch": batch,
+        "channels": channels,
+        "height": padded_h - patch + 1,
+        "width": padded_w - patch + 1,
+        "patch": patch,
+        **{name: t.data_ptr() for name, t in zip(names, ranges)},
+        "inv2s2_ptr": inv2s2.data_ptr(),
+        "band": BAND,
+        **state.pointers(),
+    }
+
+
+def translated_means(state: _State, x_shape: torch.Size) -> torch.Tensor:
+    """ELS posterior means from the final state: -> [B, C, H, W] float32."""
+    batch, channels, height, width = x_shape
+    out = state.acc / state.total[:, None]
+    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+
+
+def same_location_arguments(
+    xf: torch.Tensor, y: torch.Tensor, supports: Supports, inv2s2: torch.Tensor, state: _State
+) -> dict:
+    """The keyword arguments that the CPU and CUDA same-location kernels share: queries ``xf``
+    [B, C, H*W], one pixel-major training tile ``y`` [H*W, C, T], the supports (on the kernel's
+    device) and the running state."""
+    batch, channels, pixels = xf.shape
+    return {
+        "x_ptr": xf.data_ptr(),
+        "y_ptr": y.data_ptr(),
+        "batch": batch,
+        "tile": y.shape[2],
+        "channels": channels,
+        "pixels": pixels,
+        "locations": supports.offsets.shape[0] - 1,
+        "support_offsets_ptr": supports.offsets.data_ptr(),
+        "support_index_ptr": supports.index.data_ptr(),
+        "support_weight_ptr": supports.weight.data_ptr(),
+        "out_offsets_ptr": supports.out_offsets.data_ptr(),
+        "out_index_ptr": supports.out_index.data_ptr(),
+        "inv2s2_ptr": inv2s2.data_ptr(),
+        "band": BAND,
+        **state.pointers(),
+    }
+
+
+def same_location_means(state: _State, supports: Supports) -> torch.Tensor:
+    """Same-location posterior means from the final state: -> [B, outputs, C] float32."""
+    counts = (supports.out_offsets[1:] - supports.out_offsets[:-1]).to(state.total.device)
+    total = state.total.reshape(-1, counts.shape[0]).repeat_interleave(counts, dim=1)
     return (state.acc / total[:, :, None]).to(torch.float32)
+
+
+def pixel_major(images: torch.Tensor) -> torch.Tensor:
+    """[M, C, H, W] (float32 or uint8) -> float32 [H*W, C, M] contiguous (the same-location tile)."""
+    m, channels = images.shape[:2]
+    return as_float32(images).reshape(m, channels, -1).permute(2, 1, 0).contiguous()
