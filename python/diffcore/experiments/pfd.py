@@ -112,7 +112,7 @@ def _quick() -> PFDConfig:
     students of four widths (32 .. 256, depth 3) on N = 4 .. 1024 with three training seeds each
     (intervals across seeds, the bias-variance split), the width-128 student's E against training
     time at N = 256 on 24 log-spaced checkpoints; training noise levels half EDM's lognormal, half
-    log-uniform over the sampled [0.002, 80] (issue 27; fixed before looking at the outcome)."""
+    log-uniform over the sampled [0.002, 80] (fixed before looking at the outcome)."""
     return PFDConfig(widths=(32, 64, 128, 256), train_seeds=(0, 1, 2), sigma_log_uniform=0.5, curve_points=24)
 
 
