@@ -71,12 +71,22 @@ inline float exp_neg(float t) {
 // Folds one block of key distances into a query's running state: a new minimum rescales the sum
 // and the accumulator (one exp), then every key gets w = exp(-(d - dmin) c) (0 beyond the band, fp32),
 // written to `weight`; sums are float64 (a tile of a query holds up to H W T keys: fp32 sums of
-// 10^4 terms lost 2e-5). Returns the block's weight sum.
+// 10^4 terms lost 2e-5). Returns the block's weight sum. The loops run in explicit chunks of
+// kWeightLanes (lane l takes the keys k = l mod kWeightLanes, the lanes summed in one fixed order), so
+// that they vectorize without relying on the compiler's reduction rules and round the same way on
+// every machine; the selects are branch-free.
+constexpr int64_t kWeightLanes = 8;
+
 inline double block_weights(const double* dist, float* weight, int64_t count, double c, float band, double& dmin,
                            double& total, double* acc, int64_t values) {
-  double block_min = std::numeric_limits<double>::infinity();
-#pragma omp simd reduction(min : block_min)
-  for (int64_t k = 0; k < count; ++k) block_min = std::min(block_min, dist[k]);
+  double lane_min[kWeightLanes];
+  for (int64_t l = 0; l < kWeightLanes; ++l) lane_min[l] = kInfinity;
+  int64_t k0 = 0;
+  for (; k0 + kWeightLanes <= count; k0 += kWeightLanes)
+    for (int64_t l = 0; l < kWeightLanes; ++l) lane_min[l] = dist[k0 + l] < lane_min[l] ? dist[k0 + l] : lane_min[l];
+  for (int64_t k = k0, l = 0; k < count; ++k, ++l) lane_min[l] = dist[k] < lane_min[l] ? dist[k] : lane_min[l];
+  double block_min = kInfinity;
+  for (int64_t l = 0; l < kWeightLanes; ++l) block_min = lane_min[l] < block_min ? lane_min[l] : block_min;
   if (block_min < dmin) {
     const double scale = std::isinf(dmin) ? 0.0 : std::exp(-(dmin - block_min) * c);
     total *= scale;
@@ -84,14 +94,26 @@ inline double block_weights(const double* dist, float* weight, int64_t count, do
     dmin = block_min;
   }
   const double base = dmin;
-  double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < count; ++k) {
-    const float t = static_cast<float>((dist[k] - base) * c);  // >= 0: exact but for one rounding
-    const float w = t > band ? 0.0f : exp_neg(t);
-    weight[k] = w;
-    sum += static_cast<double>(w);
+  double lane_sum[kWeightLanes] = {};
+  auto weigh = [&](int64_t k) {  // >= 0: exact but for one rounding
+    const float t = static_cast<float>((dist[k] - base) * c);
+    const float e = exp_neg(t);
+    return t > band ? 0.0f : e;
+  };
+  for (k0 = 0; k0 + kWeightLanes <= count; k0 += kWeightLanes) {
+    float w[kWeightLanes];
+    for (int64_t l = 0; l < kWeightLanes; ++l) w[l] = weigh(k0 + l);
+    for (int64_t l = 0; l < kWeightLanes; ++l) {
+      weight[k0 + l] = w[l];
+      lane_sum[l] += static_cast<double>(w[l]);
+    }
   }
+  for (int64_t k = k0, l = 0; k < count; ++k, ++l) {
+    weight[k] = weigh(k);
+    lane_sum[l] += static_cast<double>(weight[k]);
+  }
+  const double* v = lane_sum;
+  const double sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
   total += sum;
   return sum;
 }
@@ -229,6 +251,75 @@ void translated_tile(std::uintptr_t xq_ptr, std::uintptr_t y_ptr, int64_t batch,
   }
 }
 
+constexpr int64_t kQueryBlock = 4;  // same-location queries (images at one location) sharing each key load
+constexpr int64_t kChunk = 8;       // training images per register block of the same-location kernel
+
+// Distances of kQueryBlock queries (the images xq[j] [C, H*W] at one location) to the keys of one
+// same-location tile y [H*W, C, T]: dist[j * T + n] = sum_k w_k sum_ch (x_j[ch, p_k] - y_n[ch, p_k])^2
+// over the location's support (p_k, w_k). Each key value is loaded and widened once for all the
+// queries; every query's sum runs in the same order (k, then ch) whatever the block, so a query's
+// result does not depend on which images share its block.
+template <int64_t Len>
+inline void same_location_chunk(const float* const* xq, const float* y, int64_t n0, int64_t tile, int64_t channels,
+                                const int32_t* support, const float* weights, int64_t support_size, int64_t pixels,
+                                double* dist) {
+  double d[kQueryBlock][Len] = {};
+  for (int64_t k = 0; k < support_size; ++k) {
+    const double precision = weights[k];
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      const int64_t at = ch * pixels + support[k];
+      const float* yrow = y + (static_cast<int64_t>(support[k]) * channels + ch) * tile + n0;
+      double yv[Len];
+#pragma omp simd
+      for (int64_t l = 0; l < Len; ++l) yv[l] = static_cast<double>(yrow[l]);
+      for (int64_t j = 0; j < kQueryBlock; ++j) {
+        const double xv = xq[j][at];
+#pragma omp simd
+        for (int64_t l = 0; l < Len; ++l) {
+          const double diff = xv - yv[l];
+          d[j][l] += precision * (diff * diff);
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < kQueryBlock; ++j)
+    for (int64_t l = 0; l < Len; ++l) dist[j * tile + n0 + l] = d[j][l];
+}
+
+inline void same_location_distances(const float* const* xq, const float* y, int64_t tile, int64_t channels,
+                                    const int32_t* support, const float* weights, int64_t support_size,
+                                    int64_t pixels, double* dist) {
+  int64_t n0 = 0;
+  for (; n0 + kChunk <= tile; n0 += kChunk)
+    same_location_chunk<kChunk>(xq, y, n0, tile, channels, support, weights, support_size, pixels, dist);
+  for (; n0 < tile; ++n0)  // the tail, one image at a time (the same arithmetic per image)
+    same_location_chunk<1>(xq, y, n0, tile, channels, support, weights, support_size, pixels, dist);
+}
+
+// part[j] = sum_n weight[j * T + n] yrow[n] for the kQueryBlock queries, in float64, summed in
+// kChunk lanes (lane l takes n = l mod kChunk) and the lanes in one fixed order: the same rounding
+// for every query whatever its block.
+inline void weighted_sums(const float* weight, const float* yrow, int64_t tile, double* part) {
+  double lanes[kQueryBlock][kChunk] = {};
+  int64_t n0 = 0;
+  for (; n0 + kChunk <= tile; n0 += kChunk) {
+    double yv[kChunk];
+#pragma omp simd
+    for (int64_t l = 0; l < kChunk; ++l) yv[l] = static_cast<double>(yrow[n0 + l]);
+    for (int64_t j = 0; j < kQueryBlock; ++j) {
+      const float* w = weight + j * tile + n0;
+#pragma omp simd
+      for (int64_t l = 0; l < kChunk; ++l) lanes[j][l] += static_cast<double>(w[l]) * yv[l];
+    }
+  }
+  for (int64_t l = 0; n0 < tile; ++n0, ++l)
+    for (int64_t j = 0; j < kQueryBlock; ++j) lanes[j][l] += static_cast<double>(weight[j * tile + n0]) * yrow[n0];
+  for (int64_t j = 0; j < kQueryBlock; ++j) {
+    const double* v = lanes[j];
+    part[j] = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  }
+}
+
 void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t channels,
                         int64_t pixels, int64_t locations, std::uintptr_t support_offsets_ptr,
                         std::uintptr_t support_index_ptr, std::uintptr_t support_weight_ptr,
@@ -254,36 +345,36 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
   auto* acc = reinterpret_cast<double*>(acc_ptr);  // [B, out_off[locations], C]
   const int64_t values_per_image = out_off[locations] * channels;
   const float fband = static_cast<float>(band);
+  const int64_t blocks = (batch + kQueryBlock - 1) / kQueryBlock;
 #pragma omp parallel num_threads(resolve_threads(threads))
   {
-    std::vector<double> dist(tile);
-    std::vector<float> weight(tile);
+    std::vector<double> dist(kQueryBlock * tile);
+    std::vector<float> weight(kQueryBlock * tile);
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t qi = 0; qi < batch * locations; ++qi) {
-      const int64_t b = qi / locations, q = qi % locations;
-      std::fill(dist.begin(), dist.end(), 0.0);
-      for (int64_t k = sup_off[q]; k < sup_off[q + 1]; ++k) {
-        const double precision = sup_w[k];
-        for (int64_t ch = 0; ch < channels; ++ch) {
-          const double xv = x[(b * channels + ch) * pixels + sup_idx[k]];
-          const float* yrow = y + (static_cast<int64_t>(sup_idx[k]) * channels + ch) * tile;
-#pragma omp simd
-          for (int64_t n = 0; n < tile; ++n) {
-            const double diff = xv - static_cast<double>(yrow[n]);
-            dist[n] += precision * (diff * diff);
-          }
-        }
-      }
-      double* qacc = acc + b * values_per_image + out_off[q] * channels;
+    for (int64_t item = 0; item < locations * blocks; ++item) {
+      const int64_t q = item / blocks, b0 = (item % blocks) * kQueryBlock;
+      const int64_t count = std::min(kQueryBlock, batch - b0);
+      const float* xq[kQueryBlock];
+      for (int64_t j = 0; j < kQueryBlock; ++j) xq[j] = x + std::min(b0 + j, batch - 1) * channels * pixels;
+      same_location_distances(xq, y, tile, channels, sup_idx + sup_off[q], sup_w + sup_off[q],
+                              sup_off[q + 1] - sup_off[q], pixels, dist.data());
       const int64_t values = (out_off[q + 1] - out_off[q]) * channels;
-      block_weights(dist.data(), weight.data(), tile, inv2s2[b], fband, dmin[qi], total[qi], qacc, values);
+      double* qacc[kQueryBlock];
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t qi = (b0 + j) * locations + q;
+        qacc[j] = acc + (b0 + j) * values_per_image + out_off[q] * channels;
+        block_weights(dist.data() + j * tile, weight.data() + j * tile, tile, inv2s2[b0 + j], fband, dmin[qi],
+                      total[qi], qacc[j], values);
+      }
+      for (int64_t j = count; j < kQueryBlock; ++j) {  // padding queries of the last block: weights 0
+        qacc[j] = nullptr;
+        std::fill(weight.begin() + j * tile, weight.begin() + (j + 1) * tile, 0.0f);
+      }
       for (int64_t o = out_off[q]; o < out_off[q + 1]; ++o) {
         for (int64_t ch = 0; ch < channels; ++ch) {
-          const float* yrow = y + (static_cast<int64_t>(out_idx[o]) * channels + ch) * tile;
-          double part = 0.0;
-#pragma omp simd reduction(+ : part)
-          for (int64_t n = 0; n < tile; ++n) part += static_cast<double>(weight[n]) * yrow[n];
-          qacc[(o - out_off[q]) * channels + ch] += part;
+          double part[kQueryBlock];
+          weighted_sums(weight.data(), y + (static_cast<int64_t>(out_idx[o]) * channels + ch) * tile, tile, part);
+          for (int64_t j = 0; j < count; ++j) qacc[j][(o - out_off[q]) * channels + ch] += part[j];
         }
       }
     }

@@ -156,7 +156,8 @@ def _quick() -> MoLRGConfig:
     """Minutes on a 2-core CPU (docs/studies.md has the measured CPU time): d = 2, 4, 8, N/d from 0.5
     to 8, three data draws per grid point (intervals across them) for the subspace model (best of 3
     restarts), the MLP on the first draw (Wilson intervals over its samples); training noise levels
-    half EDM-style lognormal, half log-uniform over the sampled [0.002, 80] (fixed before looking at the outcome). The grid,
+    half EDM-style lognormal, half log-uniform over the sampled [0.002, 80] (fixed before looking at
+    the outcome). The grid,
     restarts and MLP draws were cut from 6 ratios, 5 restarts and 3 draws by the measured CPU cost
     (about 410 CPU-seconds, past the 5-minute budget), before any outcome was looked at."""
     return MoLRGConfig(
