@@ -259,7 +259,7 @@ constexpr int64_t kChunk = 8;       // training images per register block of the
 // over the location's support (p_k, w_k). Each key value is loaded and widened once for all the
 // queries; every query's sum runs in the same order (k, then ch) whatever the block, so a query's
 // result does not depend on which images share its block.
-template <int64_t Len>
+template <int64_t Len, bool UnitWeights>
 inline void same_location_chunk(const float* const* xq, const float* y, int64_t n0, int64_t tile, int64_t channels,
                                 const int32_t* support, const float* weights, int64_t support_size, int64_t pixels,
                                 double* dist) {
@@ -277,7 +277,11 @@ inline void same_location_chunk(const float* const* xq, const float* y, int64_t 
 #pragma omp simd
         for (int64_t l = 0; l < Len; ++l) {
           const double diff = xv - yv[l];
-          d[j][l] += precision * (diff * diff);
+          if constexpr (UnitWeights) {
+            d[j][l] += diff * diff;  // binary supports (ls, pspc): one operation less per term
+          } else {
+            d[j][l] += precision * (diff * diff);
+          }
         }
       }
     }
@@ -289,11 +293,20 @@ inline void same_location_chunk(const float* const* xq, const float* y, int64_t 
 inline void same_location_distances(const float* const* xq, const float* y, int64_t tile, int64_t channels,
                                     const int32_t* support, const float* weights, int64_t support_size,
                                     int64_t pixels, double* dist) {
-  int64_t n0 = 0;
-  for (; n0 + kChunk <= tile; n0 += kChunk)
-    same_location_chunk<kChunk>(xq, y, n0, tile, channels, support, weights, support_size, pixels, dist);
-  for (; n0 < tile; ++n0)  // the tail, one image at a time (the same arithmetic per image)
-    same_location_chunk<1>(xq, y, n0, tile, channels, support, weights, support_size, pixels, dist);
+  bool unit = true;
+  for (int64_t k = 0; k < support_size; ++k) unit = unit && weights[k] == 1.0f;
+  auto run = [&](auto full, auto one) {
+    int64_t n0 = 0;
+    for (; n0 + kChunk <= tile; n0 += kChunk) full(n0);
+    for (; n0 < tile; ++n0) one(n0);  // the tail, one image at a time (the same arithmetic per image)
+  };
+  auto args = [&](auto chunk) {
+    return [&, chunk](int64_t n0) { chunk(xq, y, n0, tile, channels, support, weights, support_size, pixels, dist); };
+  };
+  if (unit)
+    run(args(same_location_chunk<kChunk, true>), args(same_location_chunk<1, true>));
+  else
+    run(args(same_location_chunk<kChunk, false>), args(same_location_chunk<1, false>));
 }
 
 // part[j] = sum_n weight[j * T + n] yrow[n] for the kQueryBlock queries, in float64, summed in
