@@ -372,6 +372,7 @@ def claims(models: list[dict]) -> dict:
                         difference=diff,
                         n=model["n"],
                         width=width,
+                        gl=model["gl"],
                         measure=measure,
                     )
     return out
