@@ -588,7 +588,6 @@ def plot_agreement(results: dict, path) -> Path:
         ax.set_title(titles[measure], fontsize=9)
         ax.grid(alpha=0.3)
     axes[2].set_yscale("log")
-    axes[1].set_ylim(bottom=max(-1.0, axes[1].get_ylim()[0]))
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("Agreement of closed-form denoisers with the network, 95% bootstrap intervals over seeds", fontsize=10)
     fig.tight_layout()
@@ -621,24 +620,39 @@ def plot_schedules(results: dict, path) -> Path:
 
 
 def plot_samples(results: dict, shown: dict, path) -> Path:
-    """Per model a block: rows network, each machine, the nearest training image; one column per seed."""
+    """A block per model (a row of blocks per width, a column per N): rows network, each machine, the
+    nearest training image; one column per evaluation seed (the first ``grid_samples``)."""
     from diffcore.experiments.plotting import plt
 
     rows = ["network", *MACHINES, "nearest_train"]
+    labels = ["network"] + [MACHINE_LABELS[r] for r in MACHINES] + ["nearest train"]
     models = results["models"]
-    fig, axes = plt.subplots(len(models), 1, figsize=(1.0 + 0.9 * results["config"]["grid_samples"], 6.5 * len(models)))
-    axes = np.atleast_1d(axes)
-    for ax, m in zip(axes, models):
+    widths = sorted({m["width"] for m in models})
+    sizes = sorted({m["n"] for m in models})
+    cols = max(1, results["config"]["grid_samples"])
+    fig, axes = plt.subplots(
+        len(widths),
+        len(sizes),
+        figsize=(0.8 + max(1.8, 0.42 * cols) * len(sizes), 0.6 + 0.5 * len(rows) * len(widths)),
+        squeeze=False,
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for m in models:
+        ax = axes[widths.index(m["width"]), sizes.index(m["n"])]
         samples = shown[m["model"]]
-        grid = torch.cat([torch.cat(list(samples[r]), dim=-1) for r in rows], dim=-2)  # [C, rows*H, cols*W]
+        framed = {r: torch.nn.functional.pad(samples[r], (1, 1, 1, 1), value=0.2) for r in rows}  # grey frames
+        grid = torch.cat([torch.cat(list(framed[r]), dim=-1) for r in rows], dim=-2)  # [C, rows*H, cols*W]
         image = ((grid.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        ax.axis("on")
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-        h = samples["network"].shape[-2]
+        h = framed["network"].shape[-2]
         ax.set_yticks([h * (i + 0.5) for i in range(len(rows))])
-        ax.set_yticklabels(["network"] + [MACHINE_LABELS[r] for r in MACHINES] + ["nearest train"], fontsize=7)
+        ax.set_yticklabels(labels if sizes.index(m["n"]) == 0 else [], fontsize=6)
         ax.set_xticks([])
         gl = "n/a" if m["gl"] is None else f"{m['gl']:.2f}"
-        ax.set_title(f"{m['model']} (GL {gl})", fontsize=8)
+        ax.set_title(f"w{m['width']}, N = {m['n']} (GL {gl})", fontsize=7)
+    fig.suptitle("Final samples from the same noise (columns: evaluation seeds)", fontsize=9)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
