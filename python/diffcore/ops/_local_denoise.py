@@ -150,19 +150,28 @@ def _patch_sizes(patch_size, batch: int) -> list[int]:
     return values
 
 
-def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.Tensor:
+def wiener_masks(train: torch.Tensor, sigma: float, threshold: float, *, rule: str = "row") -> torch.Tensor:
     """Binary query masks [H*W, H*W] from the Wiener filter of a training set (Lukoianov et al. 2025).
 
     The optimal linear denoiser of the data at noise level sigma is ``mu + W (x - mu)`` with
     ``W = S (S + sigma^2 I)^-1`` (S the covariance of the C*H*W pixels). Its row for output pixel q
     says how much each input pixel p moves the output: ``|W|`` per pixel pair (the largest over the
     channel pairs) is thresholded per row, relative to that row's largest entry:
-    ``mask[q, p] = |W|[q, p] >= threshold * max_p' |W|[q, p']``.
+    ``mask[q, p] = |W|[q, p] >= threshold * max_p' |W|[q, p']`` (``rule="row"``).
+
+    ``rule="public"`` is the rule of the paper's public code (ottogin/locality-in-diffusion-models,
+    ``pca_locality.py``, whose ``mask_threshold`` is 0.02): each row n of W divided by its diagonal
+    entry ``W[n, n]`` (on the C*H*W dimension), then one threshold for the whole matrix,
+    ``threshold * max |W[n, m] / W[n, n]|``; output pixel m reads column m of that matrix (the code
+    computes ``delta @ mask``). With C > 1 a pixel pair is kept when any channel pair is
+    (the public code keeps channels apart; the op's masks are per pixel). docs/local_denoise.md.
 
     Args:
         train: [N, C, H, W] float or uint8 (``u8 / 127.5 - 1``).
         sigma: noise level > 0.
-        threshold: in (0, 1]: the fraction of each row's largest ``|W|`` a pixel must reach.
+        threshold: in (0, 1]: the fraction of each row's largest ``|W|`` a pixel must reach
+            (``rule="public"``: of the whole diagonal-normalized matrix's largest entry).
+        rule: ``"row"`` (default) or ``"public"`` (see above).
     Returns:
         float32 [H*W, H*W] of 0/1 (every row holds at least its largest entry; the row of a pixel
         that is constant over the training set, where W's row is 0, holds that pixel alone).
@@ -172,6 +181,8 @@ def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.T
         raise ValueError(f"sigma: expected a float > 0, got {sigma!r}")
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ValueError(f"threshold: expected a float in (0, 1], got {threshold!r}")
+    if rule not in ("row", "public"):
+        raise ValueError(f"rule: expected 'row' or 'public', got {rule!r}")
     n, c, h, w = train.shape
     rows = train.cpu().to(torch.float64).reshape(n, -1)
     if train.dtype == torch.uint8:
@@ -180,10 +191,26 @@ def wiener_masks(train: torch.Tensor, sigma: float, threshold: float) -> torch.T
     cov = centred.T @ centred / n
     eye = torch.eye(cov.shape[0], dtype=torch.float64)
     filt = torch.linalg.solve(cov + sigma**2 * eye, cov).T  # S symmetric: (S + s^2 I)^-1 S = W^T
+    if rule == "public":
+        return _public_code_masks(filt, threshold, c, h * w)
     magnitude = filt.abs().reshape(c, h * w, c, h * w).amax(dim=(0, 2))
     row_max = magnitude.amax(dim=1, keepdim=True)
     masks = (magnitude >= threshold * row_max) & (row_max > 0)
     masks |= (row_max == 0) & torch.eye(h * w, dtype=torch.bool)  # a constant pixel: W's row is 0; keep q itself
+    return masks.to(torch.float32)
+
+
+def _public_code_masks(filt: torch.Tensor, threshold: float, channels: int, pixels: int) -> torch.Tensor:
+    """The public code's binary masks from the Wiener filter ``filt`` [C*H*W, C*H*W] (float64), as
+    the op's [H*W, H*W] (row = output pixel): rows divided by their diagonal (a zero diagonal by 1),
+    one threshold relative to the largest entry, transposed (output m reads column m)."""
+    diagonal = torch.diagonal(filt).clone().unsqueeze(1)
+    diagonal[diagonal.abs() < 1e-6] = 1.0  # the public code's eps
+    normalized = (filt / diagonal).abs()
+    kept = normalized >= threshold * normalized.max()
+    per_pixel = kept.reshape(channels, pixels, channels, pixels).any(dim=2).any(dim=0)  # [in p, out m]
+    masks = per_pixel.T.clone()
+    masks |= ~masks.any(dim=1, keepdim=True) & torch.eye(pixels, dtype=torch.bool)  # never an empty row
     return masks.to(torch.float32)
 
 
