@@ -846,6 +846,7 @@ class _Study:
 
     def figures(self, stages: dict, evaluations: dict, floor) -> None:
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
 
         from diffcore.experiments import plotting  # noqa: F401  (sets the Agg backend)
 
@@ -889,13 +890,14 @@ class _Study:
             )
         for ax, label in ((axes[0], "training TFLOPs (forward + backward)"), (axes[1], "training CPU-seconds")):
             if floor is not None:
-                ax.axhspan(floor["low"], floor["high"], color="gray", alpha=0.3, label="real images")
+                ax.axhline(floor["value"], color="gray", ls=":", label=f"real images ({self.c.num_samples})")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("Frechet distance (digits features)" if self.c.dataset == "digits" else "FID")
             ax.legend(fontsize=7)
-        axes[0].set_title("FD (95% bootstrap band) against training compute", fontsize=9)
+        axes[0].set_title("FD (95% bootstrap band over samples) against training FLOPs", fontsize=9)
         axes[1].set_title("CPU-seconds: process time, one thread", fontsize=9)
         axes[2].set_xticks(range(self.c.num_stages))
         axes[2].set_xlabel("stage (lowest noise first)")
