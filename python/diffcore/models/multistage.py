@@ -146,7 +146,10 @@ class SeparateStageUNets(nn.Module):
     def num_stages(self) -> int:
         return len(self.stages)
 
-    stage_of = MultiStageUNet.stage_of
+    def stage_of(self, noise_labels: torch.Tensor) -> torch.Tensor:
+        """Stage index in [0, K) of each noise label: [B] -> [B] int64 (a boundary value goes up)."""
+        bounds = torch.as_tensor(self.label_boundaries).to(device=noise_labels.device, dtype=torch.float64)
+        return torch.bucketize(noise_labels.detach().to(torch.float64), bounds, right=True)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
         stage = self.stage_of(noise_labels)
@@ -166,6 +169,7 @@ class SeparateStageUNets(nn.Module):
             if out is None:
                 out = part.new_zeros((x.shape[0],) + part.shape[1:])
             out = out.index_copy(0, rows, part)
+        assert out is not None  # every row has a stage
         return out
 
     def stage_parameter_counts(self) -> list[int]:
