@@ -123,3 +123,40 @@ def test_bad_arguments_raise(kwargs, match):
         multistage_denoiser("ddpmpp-digits-light", sigma_boundaries=(2.0, 1.0), decoder_channels=(8, 8, 8))
     with pytest.raises(ValueError, match="precond"):
         multistage_denoiser("ddpmpp-digits-light", precond="x", sigma_boundaries=(1.0,), decoder_channels=(8, 8))
+
+
+def test_separate_stage_unets_route_each_stage_to_its_own_unet_and_share_nothing(randomize):
+    from diffcore.models import SeparateStageUNets
+
+    torch.manual_seed(0)
+    net = randomize(SeparateStageUNets(widths=(8, 4), label_boundaries=(0.0,), **TINY), 1).double().eval()
+    assert [u.config.model_channels for u in net.stages] == [8, 4]
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    labels = torch.tensor([-1.0, 0.5, 0.0, -0.3, 2.0, -2.0], dtype=torch.float64)
+    out = net(x, labels)
+    stage = net.stage_of(labels)
+    for s in range(2):  # each row equals its stage's UNet alone
+        rows = (stage == s).nonzero().squeeze(1)
+        torch.testing.assert_close(out[rows], net.stages[s](x[rows], labels[rows]), rtol=1e-12, atol=1e-12)
+    net.zero_grad()
+    net(x[:1], labels[:1]).square().sum().backward()  # a stage-0 row: no gradient reaches UNet 1
+    assert all(p.grad is None for p in net.stages[1].parameters())
+    assert net.stage_parameter_counts() == [sum(p.numel() for p in u.parameters()) for u in net.stages]
+    with pytest.raises(ValueError, match="label_boundaries"):
+        SeparateStageUNets(widths=(8, 4), label_boundaries=(), **TINY)
+    with pytest.raises(ValueError, match="widths"):
+        SeparateStageUNets(widths=(), **TINY)
+
+
+def test_registry_builds_separate_stage_models():
+    spec = {
+        "name": "multistage",
+        "preset": "ddpmpp-digits-light",
+        "sigma_boundaries": [1.0],
+        "decoder_channels": [16, 8],
+        "shared_encoder": False,
+    }
+    denoiser = build_model(spec)
+    assert type(denoiser.model).__name__ == "SeparateStageUNets"
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert denoiser.model.stage_of(denoiser.coefficients(sigma)[3]).tolist() == [0, 1]

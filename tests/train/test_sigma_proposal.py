@@ -39,3 +39,41 @@ def test_mixture_covers_the_range_in_the_stated_share():
 def test_bad_proposal_is_refused(options, match):
     with pytest.raises(ValueError, match=match):
         EDMLoss(**options)
+
+
+# one stage per batch (the multi-stage paper's EDMMultistageLoss; docs/papers.md section 9)
+BOUNDS = (1.186, 3.516)
+
+
+def _stage(sigma: torch.Tensor) -> torch.Tensor:
+    return torch.bucketize(sigma.double(), torch.tensor(BOUNDS, dtype=torch.float64), right=True)
+
+
+def test_one_stage_per_batch_keeps_the_lognormal_marginal():
+    loss = EDMLoss(stage_boundaries=BOUNDS)
+    probabilities = loss.stage_probabilities()
+    cdf = [0.5 * math.erfc(-((math.log(b) + 1.2) / 1.2) / math.sqrt(2)) for b in BOUNDS]
+    assert probabilities == pytest.approx([cdf[0], cdf[1] - cdf[0], 1 - cdf[1]], abs=1e-12)
+    gen = torch.Generator().manual_seed(3)
+    batches = [loss.sample_sigma(16, gen, "cpu") for _ in range(3000)]
+    stages = [_stage(b) for b in batches]
+    assert all(bool((s == s[0]).all()) for s in stages)  # every batch inside one stage
+    counts = torch.bincount(torch.stack([s[0] for s in stages]), minlength=3).double()
+    for k, p in enumerate(probabilities):  # stage frequencies: within 4 binomial standard errors
+        assert abs(float(counts[k]) / 3000 - p) < 4 * math.sqrt(p * (1 - p) / 3000) + 1e-9
+    log_sigma = torch.cat(batches).double().log()  # the marginal: ln sigma ~ N(-1.2, 1.2^2)
+    batch_means = torch.stack(batches).double().log().mean(1)  # batches are the independent units
+    se = float(batch_means.std()) / math.sqrt(len(batches))
+    assert abs(float(log_sigma.mean()) + 1.2) < 4 * se
+    assert abs(float(log_sigma.std()) - 1.2) < 0.05
+
+
+def test_stage_boundaries_off_draws_exactly_edms_levels_and_bad_ones_are_refused():
+    a = EDMLoss(stage_boundaries=()).sample_sigma(100, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(a, EDMLoss().sample_sigma(100, torch.Generator().manual_seed(0), "cpu"))
+    assert EDMLoss().stage_probabilities() == [1.0]
+    for bad in ((2.0, 1.0), (0.0, 1.0), "x"):
+        with pytest.raises(ValueError, match="stage_boundaries"):
+            EDMLoss(stage_boundaries=bad)
+    with pytest.raises(ValueError, match="stage_boundaries"):
+        EDMLoss(stage_boundaries=BOUNDS, log_uniform_fraction=0.1)

@@ -4,7 +4,7 @@
 ``D(x, sigma, class_labels=None)``; see docs/models.md.
 """
 
-from diffcore.models.multistage import MultiStageUNet, multistage_denoiser
+from diffcore.models.multistage import MultiStageUNet, SeparateStageUNets, multistage_denoiser
 from diffcore.models.precond import EDMPrecond, Precond, VEPrecond, VPPrecond
 from diffcore.models.presets import (
     PRECONDITIONERS,
@@ -21,6 +21,7 @@ __all__ = [
     "EDMPrecond",
     "MLPDenoiser",
     "MultiStageUNet",
+    "SeparateStageUNets",
     "PRECONDITIONERS",
     "PRESETS",
     "Precond",

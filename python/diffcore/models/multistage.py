@@ -15,6 +15,10 @@ from sigma boundaries through the wrapper's own ``c_noise`` (increasing in sigma
 A label equal to a boundary belongs to the higher stage (c_noise is computed in x's dtype, so a
 float32 sigma within rounding of a boundary may land on either side).
 
+:class:`SeparateStageUNets` is the paper's other baseline ("separate" models, its Fig. 1b): one
+whole UNet (mapping network, encoder and decoder) per stage, routed the same way; it shares
+nothing. ``multistage_denoiser(..., shared_encoder=False)`` builds it.
+
 With one stage the model computes exactly what a single UNet of the same config computes (same
 parameters, renamed ``dec.* -> decoders.0.*``). Routing uses data-dependent indexing (a host sync),
 so the multi-stage forward is not ``torch.func.vmap``-able; single-stage batches take one decoder.
@@ -108,6 +112,71 @@ class MultiStageUNet(UNet):
         return [shared + sum(p.numel() for p in d.parameters()) for d in self.decoders]
 
 
+class SeparateStageUNets(nn.Module):
+    """One whole :class:`UNet` per stage (no shared parameters); stage of sample i from ``noise_labels[i]``.
+
+    ``config``: the UNets' :class:`UNetConfig`; UNet k uses ``model_channels = widths[k]`` (lowest
+    noise first). ``forward(x [B, C, R, R], noise_labels [B], class_labels, augment_labels) ->
+    [B, out_channels, R, R]``; a batch may mix stages (each stage's rows go through its UNet).
+    """
+
+    def __init__(self, config: UNetConfig | None = None, *, widths: Sequence[int], label_boundaries=(), **fields):
+        super().__init__()
+        widths = tuple(widths)
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"widths: expected a non-empty sequence of integers >= 1, got {widths!r}")
+        boundaries = [float(b) for b in label_boundaries]
+        if len(boundaries) != len(widths) - 1:
+            raise ValueError(
+                f"label_boundaries: expected {len(widths) - 1} values for {len(widths)} UNets, got {len(boundaries)}"
+            )
+        base = (config or UNetConfig()).replace(**fields)
+        self.stages = nn.ModuleList(UNet(base.replace(model_channels=w)) for w in widths)
+        first = self.stages[0]
+        self.config, self.widths = base, widths
+        self.img_resolution, self.in_channels, self.out_channels = (
+            first.img_resolution,
+            first.in_channels,
+            first.out_channels,
+        )
+        self.label_dim, self.augment_dim = first.label_dim, first.augment_dim
+        self.register_buffer("label_boundaries", torch.tensor(boundaries, dtype=torch.float64))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_of(self, noise_labels: torch.Tensor) -> torch.Tensor:
+        """Stage index in [0, K) of each noise label: [B] -> [B] int64 (a boundary value goes up)."""
+        bounds = torch.as_tensor(self.label_boundaries).to(device=noise_labels.device, dtype=torch.float64)
+        return torch.bucketize(noise_labels.detach().to(torch.float64), bounds, right=True)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
+        stage = self.stage_of(noise_labels)
+        if self.num_stages == 1:
+            return self.stages[0](x, noise_labels, class_labels, augment_labels)
+        out = None
+        for index, unet in enumerate(self.stages):
+            rows = (stage == index).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = unet(
+                x[rows],
+                noise_labels[rows],
+                None if class_labels is None else class_labels[rows],
+                None if augment_labels is None else augment_labels[rows],
+            )
+            if out is None:
+                out = part.new_zeros((x.shape[0],) + part.shape[1:])
+            out = out.index_copy(0, rows, part)
+        assert out is not None  # every row has a stage
+        return out
+
+    def stage_parameter_counts(self) -> list[int]:
+        """Parameters used by a forward pass in each stage: that stage's UNet."""
+        return [sum(p.numel() for p in unet.parameters()) for unet in self.stages]
+
+
 def multistage_denoiser(
     preset: str = "ddpmpp-cifar",
     *,
@@ -115,13 +184,15 @@ def multistage_denoiser(
     decoder_channels: Sequence[int],
     precond: str = "edm",
     precond_kwargs: dict | None = None,
+    shared_encoder: bool = True,
     **overrides,
 ) -> Precond:
     """A preconditioned multi-stage denoiser ``D(x, sigma)`` (the single-model denoiser contract).
 
     ``preset``/``overrides``: the encoder's UNet config (``diffcore.models.unet_config``);
     ``sigma_boundaries``: K-1 increasing sigmas > 0 between the K stages (paper: (2.5103, 7.6577));
-    ``decoder_channels``: K decoder base widths, lowest noise first (paper: (192, 128, 16)).
+    ``decoder_channels``: K decoder base widths, lowest noise first (paper: (192, 128, 16));
+    ``shared_encoder=False``: :class:`SeparateStageUNets`, K whole UNets of those widths instead.
     """
     if precond not in PRECONDITIONERS:
         raise ValueError(f"precond: expected one of {sorted(PRECONDITIONERS)}, got {precond!r}")
@@ -136,13 +207,16 @@ def multistage_denoiser(
             f"{len(tuple(decoder_channels))} decoders, got {len(sigmas)}"
         )
     config = unet_config(preset, **overrides)
-    network = MultiStageUNet(
-        config, decoder_channels=decoder_channels, label_boundaries=[float(i) for i in range(len(sigmas))]
-    )  # placeholder, set below
+    placeholder = [float(i) for i in range(len(sigmas))]  # label boundaries, set below
+    network: nn.Module = (
+        MultiStageUNet(config, decoder_channels=decoder_channels, label_boundaries=placeholder)
+        if shared_encoder
+        else SeparateStageUNets(config, widths=tuple(decoder_channels), label_boundaries=placeholder)
+    )
     denoiser = PRECONDITIONERS[precond](network, **(precond_kwargs or {}))
     labels = denoiser.coefficients(torch.tensor(sigmas, dtype=torch.float64))[3] if sigmas else torch.zeros(0)
     if (labels[1:] <= labels[:-1]).any():
         raise ValueError(f"precond: its c_noise is not increasing over sigma_boundaries {sigmas}")
     network.label_boundaries.copy_(labels.to(torch.float64))
-    network.sigma_boundaries = tuple(sigmas)
+    network.sigma_boundaries = tuple(sigmas)  # type: ignore[assignment]
     return denoiser

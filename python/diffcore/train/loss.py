@@ -49,9 +49,15 @@ class EDMLoss:
         target_sigma_min: float = 0.0,
         log_uniform_fraction: float = 0.0,
         log_uniform_range=(0.002, 80.0),
+        stage_boundaries=(),
     ):
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
         self.log_uniform_fraction, self.log_uniform_range = _check_log_uniform(log_uniform_fraction, log_uniform_range)
+        self.stage_boundaries = _check_stage_boundaries(stage_boundaries)
+        if self.stage_boundaries and self.log_uniform_fraction > 0:
+            raise ValueError(
+                "stage_boundaries: one stage per batch is drawn from the lognormal alone; set log_uniform_fraction=0"
+            )
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
         if (
@@ -82,10 +88,18 @@ class EDMLoss:
             )
         self.reference = images.detach().to(torch.float32)
 
+    def stage_probabilities(self) -> list[float]:
+        """``p_k``: the lognormal's mass in each stage of ``stage_boundaries`` (``[1.0]`` without)."""
+        cdf = [0.0] + [_normal_cdf((math.log(b) - self.P_mean) / self.P_std) for b in self.stage_boundaries] + [1.0]
+        return [hi - lo for lo, hi in zip(cdf, cdf[1:])]
+
     def sample_sigma(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
         """``[B]`` noise levels, ``ln sigma ~ N(P_mean, P_std^2)`` (float32), a
         ``log_uniform_fraction`` share of them log-uniform over ``log_uniform_range`` instead (drawn
-        from the same generator after the normals, so the fraction 0 draws exactly EDM's levels)."""
+        from the same generator after the normals, so the fraction 0 draws exactly EDM's levels).
+        With ``stage_boundaries``: one stage for the batch, its sigmas from the truncated lognormal."""
+        if self.stage_boundaries:
+            return self._sample_one_stage(batch, generator, device)
         normal = torch.randn(batch, generator=generator, device=device)
         sigma = (normal * self.P_std + self.P_mean).exp()
         if self.log_uniform_fraction > 0:
@@ -94,6 +108,19 @@ class EDMLoss:
             uniform = (lo + (hi - lo) * torch.rand(batch, generator=generator, device=device)).exp()
             sigma = torch.where(pick, uniform, sigma)
         return sigma
+
+    def _sample_one_stage(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+        """Stage k with probability p_k (one uniform), then ``[B]`` sigmas by the inverse CDF of the
+        lognormal restricted to stage k: ``z = Phi^-1(Phi(a_k) + u (Phi(b_k) - Phi(a_k)))``."""
+        probabilities = self.stage_probabilities()
+        pick = float(torch.rand(1, generator=generator, device=device))
+        stage = min(sum(pick >= c for c in _cumulative(probabilities)[:-1]), len(probabilities) - 1)
+        low = sum(probabilities[:stage])
+        u = torch.rand(batch, generator=generator, device=device).double()
+        cdf = (low + u * probabilities[stage]).clamp(1e-300, 1 - 1e-16)
+        sigma = (torch.special.ndtri(cdf) * self.P_std + self.P_mean).exp()
+        edges = (0.0,) + self.stage_boundaries + (math.inf,)
+        return sigma.clamp(edges[stage], edges[stage + 1]).float()
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         sd = self.sigma_data
@@ -152,6 +179,29 @@ def _check_log_uniform(fraction, sigma_range) -> tuple[float, tuple[float, float
     if not (0 < lo < hi and math.isfinite(hi)):
         raise ValueError(f"log_uniform_range: expected 0 < sigma_lo < sigma_hi < inf, got {sigma_range!r}")
     return float(fraction), (lo, hi)
+
+
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _cumulative(probabilities: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for p in probabilities:
+        total += p
+        out.append(total)
+    return out
+
+
+def _check_stage_boundaries(boundaries) -> tuple[float, ...]:
+    """``()`` or strictly increasing finite sigmas > 0 (ValueError naming ``stage_boundaries``)."""
+    try:
+        values = tuple(float(b) for b in boundaries)
+    except (TypeError, ValueError):
+        raise ValueError(f"stage_boundaries: expected a sequence of sigmas, got {boundaries!r}") from None
+    if any(not (math.isfinite(b) and b > 0) for b in values) or any(a >= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"stage_boundaries: expected strictly increasing finite sigmas > 0, got {list(values)}")
+    return values
 
 
 class VPLoss(EDMLoss):
