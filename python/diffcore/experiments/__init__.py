@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "representation": "diffcore.experiments.representation",
     "multistage": "diffcore.experiments.multistage",
     "dynamics": "diffcore.experiments.dynamics",
+    "unlearning": "diffcore.experiments.unlearning",
 }
 
 
