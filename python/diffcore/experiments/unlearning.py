@@ -73,6 +73,7 @@ class UnlearningConfig:
     erased_digit: int = 3
     erased_form: str = "word"  # the name the unlearning targets
     eta: float = 1.0  # ESD negative guidance
+    unlearn_params: str = "unet"  # unet: every UNet weight (ESD-u) | label_projection: map_label only (ESD-x)
     unlearn_steps: int = 400
     unlearn_learning_rate: float = 5e-4
     unlearn_seeds: tuple[int, ...] = (0, 1)  # model A (attacked) and model B (transfer)
@@ -149,6 +150,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "erased_digit": base.integer(0, 9),
     "erased_form": base.one_of(*ul.NAME_FORMS),
     "eta": base.number(0),
+    "unlearn_params": base.one_of("unet", "label_projection"),
     "unlearn_steps": _POSITIVE,
     "unlearn_learning_rate": base.number(0, 1, lo_open=True),
     "unlearn_seeds": base.tuple_of(base.seed, min_len=2),
@@ -335,15 +337,19 @@ def train_prompt_model(c, vocab, images, labels, attr_ids, seed: int) -> tuple[P
 
 
 def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) -> tuple[PromptModel, list[float]]:
-    """ESD (Eq. 3): fine-tune a copy of the UNet (text encoder frozen) so that the prediction for the
-    erased name follows the frozen original's negative guidance, on noisy images of the erased digit
-    (``images``/``attr_ids`` hold only that digit)."""
+    """ESD (Eq. 3): fine-tune a copy of the UNet (every weight, ESD-u, or only the conditioning
+    projection ``map_label``, the analogue of ESD-x's cross-attention; text encoder frozen) so that
+    the prediction for the erased name follows the frozen original's negative guidance, on noisy
+    images of the erased digit (``images``/``attr_ids`` hold only that digit)."""
     g = torch.Generator().manual_seed(seed)
     teacher = PromptModel(c, len(vocab)).load(original.state()).freeze()
     student = PromptModel(c, len(vocab)).load(original.state())
     for p in student.text.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(student.net.parameters(), lr=c.unlearn_learning_rate)
+    trained = (
+        list(student.net.parameters()) if c.unlearn_params == "unet" else list(student.net.model.map_label.parameters())
+    )
+    opt = torch.optim.Adam(trained, lr=c.unlearn_learning_rate)
     name = torch.full((c.batch_size,), vocab.name_id(c.erased_digit, c.erased_form))
     losses = []
     for _ in range(c.unlearn_steps):
@@ -612,7 +618,7 @@ _EVAL_ONLY = ("cost_tolerance", "grid_samples", "torch_threads", "control_seed")
 _STAGE_FIELDS = {
     "model": ("width", "embed_dim", "text_hidden", "cond_dim", "train_steps", "batch_size", "learning_rate")
     + ("label_dropout", "log_uniform_fraction", "train_seed", "sigma_min", "sigma_max"),
-    "unlearn": ("erased_digit", "erased_form", "eta", "unlearn_steps", "unlearn_learning_rate"),
+    "unlearn": ("erased_digit", "erased_form", "eta", "unlearn_params", "unlearn_steps", "unlearn_learning_rate"),
     "attack": ("attack_k", "attack_steps", "attack_learning_rate", "attack_hidden", "attack_seed"),
 }
 
@@ -801,11 +807,11 @@ def _figures(c, sets, stored, results, out: Path) -> None:
     k = c.grid_samples
     rows = [
         ("original: " + word, f"original-none-{word}"),
-        ("unlearned: " + word, f"A-none-{word}"),
-        ("attacked: <sub1>", "A-none-sub1_t0"),
-        ("attacked: <free>", "A-none-free_t0"),
-        ("defended: <sub1>", "A-attack-sub1"),
-        ("defended: <free>", "A-attack-free"),
+        ("ESD: " + word, f"A-none-{word}"),
+        ("attack <sub1>", "A-none-sub1_t0"),
+        ("attack <free>", "A-none-free_t0"),
+        ("defense <sub1>", "A-attack-sub1"),
+        ("defense <free>", "A-attack-free"),
     ]
     plotting.image_rows(
         [stored[n]["images"][:k] for _, n in rows],
