@@ -805,12 +805,13 @@ def _figures(c, sets, stored, results, out: Path) -> None:
     fig.tight_layout()
     atomic_save_figure(fig, out / "unlearning-success.png")
     k = c.grid_samples
+    best = max(range(1, c.attack_k + 1), key=lambda i: rates[f"A-none-sub{i}_t0"]["value"])  # display only
     rows = [
         ("original: " + word, f"original-none-{word}"),
         ("ESD: " + word, f"A-none-{word}"),
-        ("attack <sub1>", "A-none-sub1_t0"),
+        (f"attack <sub{best}>", f"A-none-sub{best}_t0"),
         ("attack <free>", "A-none-free_t0"),
-        ("defense <sub1>", "A-attack-sub1"),
+        (f"defense <sub{best}>", f"A-attack-sub{best}"),
         ("defense <free>", "A-attack-free"),
     ]
     plotting.image_rows(
