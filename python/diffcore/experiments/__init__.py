@@ -23,6 +23,7 @@ EXPERIMENTS = {
     "multistage": "diffcore.experiments.multistage",
     "dynamics": "diffcore.experiments.dynamics",
     "locality": "diffcore.experiments.locality",
+    "unlearning": "diffcore.experiments.unlearning",
 }
 
 

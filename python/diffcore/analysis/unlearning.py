@@ -1,0 +1,237 @@
+"""Unlearning, interpretable attack embeddings and the subspace defense (docs/papers.md section 10).
+
+The pieces of the ``unlearning`` study that are mathematics rather than bookkeeping:
+
+- :class:`Vocabulary`: the digits' token vocabulary (each digit's name in three forms, attribute
+  tokens computed from each image, neutral filler tokens) and :func:`image_attributes`, the
+  attribute bins of an image;
+- :class:`TextEncoder`: token embeddings ``[V, E]`` -> mean pooling over a prompt's tokens -> MLP ->
+  a conditioning vector ``[C]`` that the UNet reads through its label projection (``map_label``);
+- :func:`esd_target` / :func:`esd_loss`: ESD's negative-guidance target (Gandikota et al. 2023; the
+  paper's Eq. 3 as listed in docs/papers.md): ``D'(x, c) -> D(x, null) - eta (D(x, c) - D(x, null))``;
+- :class:`CoefficientNet` and :func:`attack_embedding`: SubAttack, ``v_att = P sum_i alpha_i v_i``
+  with ``alpha_i = g(v_i) >= 0`` (ReLU output), ``P`` the projection onto the orthogonal complement
+  of the earlier attack embeddings (identity for the first);
+- :func:`orthonormal_basis` (Gram-Schmidt in float64) and :func:`project_out`, the defense
+  ``e -> e - Q Q^T e`` on every conditioning token embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ROMAN = ("nulla", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX")  # Roman has no zero: "nulla"
+NAME_FORMS = ("numeral", "word", "roman")
+ATTRIBUTES = {  # attribute -> its three bins' tokens (tertiles over the dataset)
+    "mass": ("thin", "regular", "bold"),
+    "size": ("small", "medium", "large"),
+    "slant": ("leftward", "upright", "rightward"),
+}
+FILLERS = ("a", "the", "image", "of", "digit", "picture")
+PAD = -1  # token id of an empty prompt slot
+
+
+def digit_name(digit: int, form: str) -> str:
+    """The token of ``digit`` (0..9) in ``form`` (numeral | word | roman)."""
+    if form == "numeral":
+        return str(digit)
+    if form == "word":
+        return DIGIT_WORDS[digit]
+    if form == "roman":
+        return ROMAN[digit]
+    raise ValueError(f"form: expected one of {', '.join(NAME_FORMS)}, got {form!r}")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The token list: 30 digit names (digit-major: digit d's forms at ``3 d + form``), 9 attribute
+    tokens, 6 fillers. ``id(token)`` raises ValueError naming an unknown token."""
+
+    tokens: tuple[str, ...]
+
+    @classmethod
+    def digits(cls) -> Vocabulary:
+        names = tuple(digit_name(d, f) for d in range(10) for f in NAME_FORMS)
+        attrs = tuple(t for bins in ATTRIBUTES.values() for t in bins)
+        return cls(names + attrs + FILLERS)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        try:
+            return self.tokens.index(token)
+        except ValueError:
+            raise ValueError(f"token: {token!r} is not in the vocabulary") from None
+
+    def name_id(self, digit: int, form: str) -> int:
+        return self.id(digit_name(digit, form))
+
+    def digit_of(self) -> list[int | None]:
+        """Per token: the digit it names, or None (attributes, fillers)."""
+        out: list[int | None] = [None] * len(self.tokens)
+        for d in range(10):
+            for f in NAME_FORMS:
+                out[self.name_id(d, f)] = d
+        return out
+
+
+def image_attributes(images: torch.Tensor) -> torch.Tensor:
+    """Raw attributes of ``images [N, 1, H, W]`` in [-1, 1]: ``[N, 3]`` = (stroke mass: mean ink,
+    size: RMS radius of the ink around its centroid, slant: ink-weighted regression slope of column
+    on row, positive = top to the right)."""
+    ink = ((images[:, 0].double() + 1) / 2).clamp(min=0)  # [N, H, W]
+    n, h, w = ink.shape
+    rows = torch.arange(h, dtype=torch.float64).view(1, h, 1).expand(n, h, w)
+    cols = torch.arange(w, dtype=torch.float64).view(1, 1, w).expand(n, h, w)
+    total = ink.sum((1, 2)).clamp(min=1e-9)
+    r0 = (ink * rows).sum((1, 2)) / total
+    c0 = (ink * cols).sum((1, 2)) / total
+    dr = rows - r0.view(n, 1, 1)
+    dc = cols - c0.view(n, 1, 1)
+    var_r = (ink * dr * dr).sum((1, 2)) / total
+    size = ((ink * (dr * dr + dc * dc)).sum((1, 2)) / total).sqrt()
+    slant = -(ink * dr * dc).sum((1, 2)) / total / var_r.clamp(min=1e-9)  # rows grow downwards
+    return torch.stack([ink.mean((1, 2)), size, slant], 1)
+
+
+def attribute_bins(raw: torch.Tensor, edges: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tertile bins ``[N, 3]`` (0, 1, 2) of raw attributes ``[N, 3]`` and the edges ``[3, 2]`` used
+    (computed from ``raw`` when None)."""
+    if edges is None:
+        edges = torch.quantile(raw, torch.tensor([1 / 3, 2 / 3], dtype=raw.dtype), dim=0).T.contiguous()
+    bins = (raw.unsqueeze(-1) > edges.unsqueeze(0)).sum(-1)
+    return bins, edges
+
+
+def attribute_token_ids(vocab: Vocabulary, bins: torch.Tensor) -> torch.Tensor:
+    """Token ids ``[N, 3]`` of attribute bins ``[N, 3]``."""
+    table = torch.tensor([[vocab.id(t) for t in toks] for toks in ATTRIBUTES.values()])  # [3, 3]
+    return table[torch.arange(3).view(1, 3), bins.long()]
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings ``[V, E]`` and ``encode(embeddings [B, L, E], mask [B, L]) -> [B, C]``:
+    the mean of the prompt's token embeddings, then Linear(E, H) - SiLU - Linear(H, C)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden: int, cond_dim: int, generator=None):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab_size, embed_dim, generator=generator))
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, cond_dim))
+
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``[B, L]`` (``PAD`` = empty) -> (embeddings [B, L, E], mask [B, L])."""
+        mask = ids != PAD
+        return self.table[ids.clamp(min=0)] * mask.unsqueeze(-1), mask
+
+    def encode(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(embeddings.dtype).unsqueeze(-1)
+        pooled = (embeddings * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.mlp(pooled)
+
+
+def esd_target(d_cond: torch.Tensor, d_null: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's negative-guidance target ``D(x, null) - eta (D(x, c) - D(x, null))`` (Eq. 3)."""
+    return d_null - eta * (d_cond - d_null)
+
+
+def esd_loss(
+    student_cond: torch.Tensor, d_cond: torch.Tensor, d_null: torch.Tensor, eta: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """``mean(weight |D'(x, c) - esd_target|^2)``; ``weight [B]`` (EDM's lambda(sigma)), tensors
+    ``[B, ...]``; the teacher's predictions carry no gradient."""
+    target = esd_target(d_cond.detach(), d_null.detach(), eta)
+    per = ((student_cond - target) ** 2).flatten(1).mean(1)
+    return (weight * per).mean()
+
+
+class CoefficientNet(nn.Module):
+    """SubAttack's ``g``: ``alpha_i = ReLU(MLP(v_i)) >= 0`` for each vocabulary embedding ``v_i``
+    (``[V, E] -> [V]``). The last bias starts at ``init_alpha`` so that every alpha starts positive."""
+
+    def __init__(self, embed_dim: int, hidden: int, init_alpha: float, generator=None):
+        super().__init__()
+        self.hidden = nn.Linear(embed_dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            if generator is not None:
+                for layer in (self.hidden, self.out):
+                    bound = 1 / layer.in_features**0.5
+                    layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+                    layer.bias.zero_()
+            self.out.weight.mul_(0.1)
+            self.out.bias.fill_(init_alpha)
+
+    def forward(self, vocabulary: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.out(torch.nn.functional.silu(self.hidden(vocabulary)))).squeeze(-1)
+
+
+def orthonormal_basis(vectors: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
+    """Gram-Schmidt (twice, float64) of the rows of ``vectors [K, E]``: ``Q [E, K']`` with
+    orthonormal columns spanning them (rows whose remainder is below ``tol`` times their norm are
+    dropped)."""
+    cols: list[torch.Tensor] = []
+    for v in vectors.double():
+        r = v.clone()
+        for _ in range(2):
+            for q in cols:
+                r = r - (q @ r) * q
+        if float(r.norm()) > tol * max(float(v.norm()), 1e-300):
+            cols.append(r / r.norm())
+    if not cols:
+        return torch.zeros(vectors.shape[-1], 0, dtype=torch.float64)
+    return torch.stack(cols, 1)
+
+
+def project_out(embeddings: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The defense: ``e - Q Q^T e`` for every row of ``embeddings [..., E]`` (``basis`` ``[E, K]``
+    orthonormal), computed in float64 and returned in the embeddings' dtype."""
+    if basis.shape[1] == 0:
+        return embeddings
+    e = embeddings.double()
+    q = basis.double()
+    return (e - (e @ q) @ q.T).to(embeddings.dtype)
+
+
+def attack_embedding(alpha: torch.Tensor, vocabulary: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """``v_att = P sum_i alpha_i v_i`` (``alpha [V]``, ``vocabulary [V, E]``; ``P`` removes the span
+    of ``basis [E, K]``, the earlier attack embeddings of a subspace attack)."""
+    v = alpha @ vocabulary
+    if basis is None or basis.shape[1] == 0:
+        return v
+    q = basis.to(v.dtype)
+    return v - q @ (q.T @ v)
+
+
+def max_abs_cosine(vectors: torch.Tensor) -> float:
+    """The largest |cos| between two different rows of ``vectors [K, E]`` (float64; 0 for K < 2)."""
+    v = vectors.double()
+    v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    g = (v @ v.T).abs()
+    g.fill_diagonal_(0)
+    return float(g.max()) if v.shape[0] > 1 else 0.0
+
+
+__all__ = [
+    "ATTRIBUTES",
+    "FILLERS",
+    "NAME_FORMS",
+    "PAD",
+    "CoefficientNet",
+    "TextEncoder",
+    "Vocabulary",
+    "attack_embedding",
+    "attribute_bins",
+    "attribute_token_ids",
+    "digit_name",
+    "esd_loss",
+    "esd_target",
+    "image_attributes",
+    "max_abs_cosine",
+    "orthonormal_basis",
+    "project_out",
+]
