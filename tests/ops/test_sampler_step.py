@@ -114,6 +114,7 @@ def test_cpu_finite_check_covers_every_thread_block(threads):
             sampler_step("euler", x, bad, (0.5, 0.5, 0, 0), step=4, finite_flag=flag, backend="cpu")
             assert int(flag[0]) == 4, f"NaN at {position} of {n} missed with {threads} threads"
 
+
 def test_coefficient_tables_match_textbook_updates():
     sigmas = [80.0, 41.3, 12.0, 2.5, 0.4, 0.03, 0.0]
     g = torch.Generator().manual_seed(3)
