@@ -28,7 +28,7 @@ namespace {
 // with as many tasks as threads). A sampler loop alternates this step with the denoiser's torch
 // ops on the same tensors, so each core then finds in its cache the part of the denoiser output it
 // wrote and keeps the part of the state it reads next, and the OpenMP team (torch's libgomp, shared
-// with this extension) stays the one torch uses. Measured (bench/bench_sampler.py, 2 threads,
+// with this extension) stays the one torch uses. Measured (a 50-step Euler loop, 2 threads,
 // 16x3x32x32 = 49152 elements): one thread here made the whole trajectory several times slower
 // under load than this split (bench/baselines/MEASUREMENTS.md, 2026-12-06, issue 34).
 constexpr int64_t kMinParallel = 32768;
