@@ -21,6 +21,7 @@ Run: python -m pytest bench/bench_sampler.py --benchmark-only -p no:cacheprovide
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 import pytest
@@ -234,6 +235,69 @@ def test_diffcore_loop(benchmark, shape, solver):
         peer=_peer_loop(shape, case) if case is not None else None,
     )
     benchmark.extra_info["backend"] = STEP_BACKENDS.resolve("auto", x0.device)
+
+
+def _plain_torch_euler_loop_float_sigmas(shape, timed):
+    """The plain torch Euler loop with Python-float sigmas (no 0-d sigma tensors): the leanest loop
+    a user writes, the issue's "plain loop"."""
+    x0 = _noise(shape)
+    sigmas = S.karras_sigmas(STEPS).tolist()
+
+    def loop():
+        x = x0 * sigmas[0]
+        s_in = x.new_ones(shape[0])
+        for i in range(STEPS):
+            d = (x - timed(x, sigmas[i] * s_in)) / sigmas[i]
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    return loop
+
+
+OVERHEAD_TARGET = 0.5  # issue 34: diffcore's per-step overhead at most half the plain torch loop's
+OVERHEAD_ROUNDS = 4 if QUICK else 40
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_label)
+def test_overhead_ratio_vs_plain_loop(benchmark, shape):
+    """diffcore's ``sample_euler`` against both plain torch Euler loops (0-d tensor sigmas and Python
+    float sigmas), interleaved round by round in this test (order rotated each round), so all three
+    see the same machine load. Per-step overhead = min over rounds of (trajectory - time inside the
+    denoiser) / steps; ``overhead_ratio_vs_plain_*`` is diffcore's over the peer's (target <= 0.5).
+    pytest-benchmark's own timing is of the diffcore trajectory."""
+    x0 = _noise(shape)
+    sigmas = S.karras_sigmas(STEPS)
+    timers = {name: Timed(denoiser) for name in ("diffcore", "plain_tensor_sigmas", "plain_float_sigmas")}
+    loops = {
+        "diffcore": lambda: S.sample_euler(timers["diffcore"], x0 * 80.0, sigmas),
+        "plain_tensor_sigmas": _plain_torch_euler_loop(shape, timers["plain_tensor_sigmas"]),
+        "plain_float_sigmas": _plain_torch_euler_loop_float_sigmas(shape, timers["plain_float_sigmas"]),
+    }
+    rounds = OVERHEAD_ROUNDS if shape[0] <= 16 else max(2, OVERHEAD_ROUNDS // 4)
+    overheads: dict[str, list[float]] = {name: [] for name in loops}
+    order = list(loops)
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in order[r % 3 :] + order[: r % 3]:
+            timers[name].reset()
+            start = time.perf_counter()
+            loops[name]()
+            if r > 0:
+                overheads[name].append((time.perf_counter() - start - timers[name].seconds) / STEPS)
+    run_timed(benchmark, loops["diffcore"], rounds=2)
+    best = {name: min(values) for name, values in overheads.items()}
+    info = benchmark.extra_info
+    info.update(
+        loop="diffcore_euler",
+        steps=STEPS,
+        interleaved_rounds=rounds,
+        threads=torch.get_num_threads(),
+        load_average_1min=os.getloadavg()[0],
+        target_overhead_ratio=OVERHEAD_TARGET,
+    )
+    for name, seconds in best.items():
+        info[f"per_step_overhead_us_{name}"] = seconds * 1e6
+    for peer in ("plain_tensor_sigmas", "plain_float_sigmas"):
+        info[f"overhead_ratio_vs_{peer}"] = best["diffcore"] / best[peer]
 
 
 # --- GPU (skipped without one) --------------------------------------------------------------------

@@ -23,9 +23,24 @@ namespace py = pybind11;
 namespace diffcore {
 namespace {
 
-// Elements per OpenMP chunk; below four chunks (128k elements) one thread beats a fork/join,
-// measured on a 2-core machine (and threads that spin after a region slow the next torch op).
-constexpr int64_t kChunk = 1 << 15;
+// Split like torch's own elementwise ops: one thread below at::internal::GRAIN_SIZE (32768
+// elements), else one contiguous block per thread, in thread order (at::parallel_for over [0, n)
+// with as many tasks as threads). A sampler loop alternates this step with the denoiser's torch
+// ops on the same tensors, so each core then finds in its cache the part of the denoiser output it
+// wrote and keeps the part of the state it reads next, and the OpenMP team (torch's libgomp, shared
+// with this extension) stays the one torch uses. Measured (a 50-step Euler loop, 2 threads,
+// 16x3x32x32 = 49152 elements): one thread here made the whole trajectory several times slower
+// under load than this split (bench/baselines/MEASUREMENTS.md, 2026-12-06, issue 34).
+constexpr int64_t kMinParallel = 32768;
+// Block boundaries are rounded to 16 elements (a 64-byte line of float32; four of float64), so no
+// two threads write one cache line of float32 output.
+constexpr int64_t kAlign = 16;
+
+#ifdef DIFFCORE_WITH_OPENMP
+inline int64_t thread_index() { return omp_get_thread_num(); }
+#else
+inline int64_t thread_index() { return 0; }  // resolve_threads gives 1 here: the parallel path never runs
+#endif
 
 template <typename T, bool HasE, bool HasZ>
 int64_t step_range(const T* x, const T* __restrict d, const T* __restrict e, const T* __restrict z,
@@ -51,13 +66,16 @@ template <typename T, bool HasE, bool HasZ>
 int64_t step_all(const T* x, const T* d, const T* e, const T* z, T* out, int64_t n, double c_x, double c_d,
                  double c_e, double c_z, int threads) {
   const T cx = static_cast<T>(c_x), cd = static_cast<T>(c_d), ce = static_cast<T>(c_e), cz = static_cast<T>(c_z);
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  if (threads <= 1 || chunks < 4) return step_range<T, HasE, HasZ>(x, d, e, z, out, 0, n, cx, cd, ce, cz);
+  if (threads <= 1 || n < kMinParallel) return step_range<T, HasE, HasZ>(x, d, e, z, out, 0, n, cx, cd, ce, cz);
+  // As at::parallel_for: min(threads, ceil(n / kMinParallel)) contiguous blocks, block t on thread t.
+  const int64_t tasks = std::min<int64_t>(threads, (n + kMinParallel - 1) / kMinParallel);
+  const int64_t per = ((n + tasks - 1) / tasks + kAlign - 1) / kAlign * kAlign;
   int64_t bad = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t begin = c * kChunk;
-    bad += step_range<T, HasE, HasZ>(x, d, e, z, out, begin, std::min(n, begin + kChunk), cx, cd, ce, cz);
+#pragma omp parallel num_threads(static_cast<int>(tasks)) reduction(+ : bad)
+  {
+    const int64_t begin = std::min(n, thread_index() * per);
+    const int64_t end = std::min(n, begin + per);
+    if (begin < end) bad += step_range<T, HasE, HasZ>(x, d, e, z, out, begin, end, cx, cd, ce, cz);
   }
   return bad;
 }

@@ -99,6 +99,22 @@ def test_finite_flag_records_the_step(backend, bad):
     assert int(flag[0]) == 6  # the first bad step is kept
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="diffcore._C is not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_finite_check_covers_every_thread_block(threads):
+    """Above the parallel threshold (32768 elements) the CPU step splits the tensor into one block
+    per thread: a NaN at the start, at a block edge or in the last element is seen by each split."""
+    n = 2 * (1 << 15) + 37
+    x, d, _, _ = _inputs((n,), torch.float32, seed=2)
+    with _env.torch_threads(threads):
+        for position in (0, n // 2 - 1, n // 2, n // 3 + 5, n - 1):
+            bad = d.clone()
+            bad[position] = float("nan")
+            flag = new_finite_flag("cpu")
+            sampler_step("euler", x, bad, (0.5, 0.5, 0, 0), step=4, finite_flag=flag, backend="cpu")
+            assert int(flag[0]) == 4, f"NaN at {position} of {n} missed with {threads} threads"
+
+
 def test_coefficient_tables_match_textbook_updates():
     sigmas = [80.0, 41.3, 12.0, 2.5, 0.4, 0.03, 0.0]
     g = torch.Generator().manual_seed(3)

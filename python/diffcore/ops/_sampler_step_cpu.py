@@ -7,26 +7,14 @@ import torch
 
 from diffcore._ext import dtype_name, extension
 from diffcore.ops._launch import ptr
+from diffcore.ops._sampler_step_args import kernel_arguments
 
 
 def run(x, denoised, extra, noise, out, row, step, flag):
     """out = row . (x, denoised, extra, noise) on contiguous CPU tensors; flag (int32 [1] or None)
     is lowered to ``step`` when denoised or out holds NaN/Inf. Returns out."""
     extension().sampler_step_cpu(
-        dtype=dtype_name(x.dtype),
-        x=x.data_ptr(),
-        denoised=denoised.data_ptr(),
-        extra=ptr(extra),
-        noise=ptr(noise),
-        out=out.data_ptr(),
-        numel=x.numel(),
-        c_x=row[0],
-        c_denoised=row[1],
-        c_extra=row[2],
-        c_noise=row[3],
-        step=step,
-        flag=ptr(flag),
-        threads=torch.get_num_threads(),
+        **kernel_arguments(x, denoised, extra, noise, out, row, step, flag), threads=torch.get_num_threads()
     )
     return out
 

@@ -390,6 +390,19 @@ def _solve(
     return loop.finish(body(loop, loop.initial_state(x), **options))
 
 
+def _loop_options(callback, progress, state_dtype, backend, check_finite, capture, require_zero_end) -> dict:
+    """The keyword arguments every public solver forwards unchanged to ``_solve``."""
+    return {
+        "callback": callback,
+        "progress": progress,
+        "state_dtype": state_dtype,
+        "backend": backend,
+        "check_finite": check_finite,
+        "capture": capture,
+        "require_zero_end": require_zero_end,
+    }
+
+
 def _check_capturable(loop: _Loop, options: dict) -> None:
     if loop.device.type != "cuda":
         raise ValueError(f"capture: CUDA graphs need CUDA tensors, got x on {loop.device}")
@@ -431,13 +444,7 @@ def sample_euler(
         denoiser,
         x,
         sigmas,
-        callback=callback,
-        progress=progress,
-        state_dtype=state_dtype,
-        backend=backend,
-        check_finite=check_finite,
-        capture=capture,
-        require_zero_end=require_zero_end,
+        **_loop_options(callback, progress, state_dtype, backend, check_finite, capture, require_zero_end),
     )
 
 
@@ -480,13 +487,7 @@ def sample_heun(
         denoiser,
         x,
         sigmas,
-        callback=callback,
-        progress=progress,
-        state_dtype=state_dtype,
-        backend=backend,
-        check_finite=check_finite,
-        capture=capture,
-        require_zero_end=require_zero_end,
+        **_loop_options(callback, progress, state_dtype, backend, check_finite, capture, require_zero_end),
         s_churn=s_churn,
         s_tmin=s_tmin,
         s_tmax=s_tmax,
@@ -520,13 +521,7 @@ def sample_dpmpp_2m(
         denoiser,
         x,
         sigmas,
-        callback=callback,
-        progress=progress,
-        state_dtype=state_dtype,
-        backend=backend,
-        check_finite=check_finite,
-        capture=capture,
-        require_zero_end=require_zero_end,
+        **_loop_options(callback, progress, state_dtype, backend, check_finite, capture, require_zero_end),
     )
 
 
@@ -560,13 +555,7 @@ def sample_ddim(
         denoiser,
         x,
         sigmas,
-        callback=callback,
-        progress=progress,
-        state_dtype=state_dtype,
-        backend=backend,
-        check_finite=check_finite,
-        capture=capture,
-        require_zero_end=require_zero_end,
+        **_loop_options(callback, progress, state_dtype, backend, check_finite, capture, require_zero_end),
         eta=eta,
         generator=generator,
     )
