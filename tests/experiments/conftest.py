@@ -50,7 +50,10 @@ class StandInStack:
             (Path(out_dir) / "model.json").write_text("{half")  # a half-written file
             raise KeyboardInterrupt("simulated kill during training")
         (work_dir / "checkpoint.txt").write_text("step 10")
-        _, idx = subset(self.pool, spec["n"], spec["subset_seed"])
+        # the subset's images: a nested subset, or the positions a spec lists (a half, subsets=disjoint)
+        idx = (
+            torch.tensor(spec["indices"]) if "indices" in spec else subset(self.pool, spec["n"], spec["subset_seed"])[1]
+        )
         (Path(out_dir) / "model.json").write_text(json.dumps({"indices": idx.tolist(), **spec}))
         return {"final_loss": 0.1}
 
