@@ -361,3 +361,15 @@ def test_disjoint_sizes_are_bounded_by_the_half():
     with pytest.raises(study.base.ConfigError, match="sizes"):
         dataclasses.replace(study._disjoint(), sizes=(16, 899)).validate(1797)
     study._disjoint().validate(1797)
+
+
+def test_new_fields_at_their_defaults_leave_the_stored_config_and_model_specs_as_they_were():
+    """subsets=nested and sigma_log_uniform=0 add nothing to config.json (old folders resume) nor to
+    a model's spec; sigma_log_uniform > 0 trains over [sigma_min, sigma_max] (EDMLoss's share)."""
+    quick = study._quick()
+    assert not {"subsets", "duplicate_rms", "sigma_log_uniform"} & set(quick.result_fields())
+    assert "sigma_log_uniform" not in study.model_spec(quick, 8, 16, 0)
+    wide = dataclasses.replace(quick, sigma_log_uniform=0.5)
+    assert study.model_spec(wide, 8, 16, 0)["sigma_log_uniform"] == [0.5, 0.002, 80.0]
+    with pytest.raises(study.base.ConfigError, match="sigma_log_uniform"):
+        dataclasses.replace(wide, precond="vp").validate()

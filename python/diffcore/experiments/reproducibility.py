@@ -74,6 +74,10 @@ class ReproducibilityConfig:
     lr_warmup_images: int = 1000  # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
     precond: str = "edm"  # edm | vp (EDM's VP preconditioning and loss)
     augment_p: float = 0.0  # EDM's non-leaky augmentation probability (0: off)
+    # share of training noise levels drawn log-uniform over [sigma_min, sigma_max], the sampled
+    # range (EDMLoss's log_uniform_fraction; precond=edm). 0, every preset: EDM's lognormal alone,
+    # as EDM and the paper train; it puts ~1% of draws above sigma 5 (docs/experiments.md)
+    sigma_log_uniform: float = 0.0
     sample_seed_start: int = 100000  # samples use seeds start .. start + num_samples - 1
     num_samples: int = 256
     sampler_steps: int = 18  # Heun 18 steps = 35 evaluations (EDM)
@@ -98,8 +102,13 @@ class ReproducibilityConfig:
 
     def result_fields(self) -> dict:
         """The fields that define the results (``config.json`` binds an output folder to these);
-        :data:`RUNTIME_FIELDS` may change between a run and its resume."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+        :data:`RUNTIME_FIELDS` may change between a run and its resume. With nested subsets (the
+        default) ``subsets`` and ``duplicate_rms`` are left out, and ``sigma_log_uniform`` when 0,
+        so a folder made before they existed resumes."""
+        skip = RUNTIME_FIELDS | (NESTED_ONLY_SKIPPED if self.subsets == "nested" else frozenset())
+        if not self.sigma_log_uniform:
+            skip |= {"sigma_log_uniform"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
@@ -110,6 +119,11 @@ class ReproducibilityConfig:
         base.check_fields(self, FIELD_CHECKS)
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         base.check_sigmas(self.sigma_min, self.sigma_max)
+        if self.sigma_log_uniform and self.precond != "edm":
+            raise base.ConfigError(
+                "sigma_log_uniform: only precond=edm takes a log-uniform share of noise levels, "
+                f"got precond={self.precond}"
+            )
         if pool_size is not None and max(self.sizes) > pool_size:
             raise base.ConfigError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
         if pool_size is not None and self.subsets == "disjoint" and max(self.sizes) > pool_size // 2:
@@ -149,6 +163,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "precond": base.one_of(*_stack.PRECONDITIONINGS),
     "augment_p": base.number(0, 1),
     "subsets": base.one_of("nested", "disjoint"),
+    "sigma_log_uniform": base.number(0, 1),
     "duplicate_rms": base.number(0),
 }
 
@@ -158,6 +173,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
 # stacked ensemble (diffcore.train.ensemble) reassociates the sums of their forward and backward
 # passes: it changes a model's weights at the level of float rounding, not beyond.
 RUNTIME_FIELDS = frozenset({"train_workers", "train_ensemble"})
+NESTED_ONLY_SKIPPED = frozenset({"subsets", "duplicate_rms"})  # fields of subsets=disjoint only
 
 
 def _quick() -> ReproducibilityConfig:
