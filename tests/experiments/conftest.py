@@ -4,7 +4,8 @@ The stand-in "model" of width w trained on N images has a capacity of 16 w image
 is the empirical denoiser of its N images (it memorizes), above it is the denoiser of the Gaussian
 fitted to them (it generalizes; docs/papers.md section 3), so wider models memorize up to larger N, like
 the trained UNets of the paper. The training seed scales the fitted covariance a little. A checkpoint
-kept before half of the training steps (``keep_steps``) is the Gaussian one whatever N.
+kept before half of the training steps (``keep_steps``) is the Gaussian one whatever N, except at
+step 1, where it is untrained (it outputs zeros).
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ class StandInStack:
         self.calls["load"] += 1
         model = json.loads((Path(model_dir) / "model.json").read_text())
         train = self.pool[torch.tensor(model["indices"])]
-        # a checkpoint in the first half of training has not memorized yet (the Gaussian structure
-        # comes first, docs/papers.md section 3)
+        # a checkpoint at step 1 is untrained (outputs zeros); one in the first half of training has
+        # not memorized yet (the Gaussian structure comes first, docs/papers.md section 3)
+        if model.get("step") == 1:
+            return lambda x, sigma: torch.zeros_like(x)
         early = 2 * model.get("step", model["train_steps"]) < model["train_steps"]
         if model["n"] <= CAPACITY_PER_WIDTH * model["width"] and not early:
             return standins.empirical_denoiser(train)

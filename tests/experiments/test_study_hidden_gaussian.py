@@ -133,25 +133,25 @@ def test_models_from_a_reproducibility_run(tmp_path, stand_in_stack):
 
 
 def test_training_time_checkpoints(tiny_run):
-    """tiny keeps 3 log-spaced checkpoints of each model; the stand-in's first-half checkpoints are
-    the Gaussian denoiser, so the memorizing model is closer to G early and farther at the end, and
-    the claims see it on their intervals."""
+    """tiny keeps 4 log-spaced checkpoints (steps 1, 2, 5, 10) of each model; the stand-ins: step 1
+    untrained (zeros), step 2 the Gaussian denoiser, steps 5 and 10 the final model. So the
+    memorizing model passes near G at step 2, and the claims see it on their intervals; the
+    untrained step 1 is not counted as near G (the control)."""
     out, _, results = tiny_run
-    steps = study.checkpoint_steps(2, 10, 3)
-    assert steps == [2, 4, 10]
     rows = results["training_time"]
-    assert len(rows) == len(results["models"]) * len(steps) * study.PRESETS["tiny"]().num_sigmas
+    assert len(rows) == len(results["models"]) * 4 * study.PRESETS["tiny"]().num_sigmas
     for row in rows:
         assert row["gap_train_low"] <= row["gap_train"] <= row["gap_train_high"]
     small = min(m["n"] for m in results["models"])
-    early = [r for r in rows if r["n"] == small and r["step"] == 2 and 0.1 <= r["sigma"] <= 2]
-    late = [r for r in rows if r["n"] == small and r["step"] == 10 and 0.1 <= r["sigma"] <= 2]
-    # early: the Gaussian stand-in (fitted with N - 1, so not exactly G); late: the empirical denoiser
-    assert max(r["dist_gaussian_train"] for r in early) < 0.05 < min(r["dist_gaussian_train"] for r in late)
+    mid = lambda step: [r for r in rows if r["n"] == small and r["step"] == step and 0.1 <= r["sigma"] <= 2]  # noqa: E731
+    # step 2: the Gaussian stand-in (fitted with N - 1, so not exactly G); step 10: the empirical denoiser
+    assert max(r["dist_gaussian_train"] for r in mid(2)) < 0.05 < min(r["dist_gaussian_train"] for r in mid(10))
+    assert min(r["dist_gaussian_train"] for r in mid(1)) == pytest.approx(1.0)  # zeros: |0 - G| / |G|
     props = results["effect_properties"]
     assert props["smallest_n_closer_to_gaussian_early"]["holds"]
-    assert props["smallest_n_closer_to_gaussian_early"]["steps_closer_to_gaussian"] == {"w4-n16-s0": [2, 4]}
-    assert not props["smallest_n_distance_to_gaussian_dips"]["holds"]  # minimum at the first checkpoint
+    assert props["smallest_n_closer_to_gaussian_early"]["steps_closer_to_gaussian"] == {"w4-n16-s0": [2]}
+    dip = props["smallest_n_distance_to_gaussian_dips"]
+    assert dip["holds"] and dip["per_model"]["w4-n16-s0"]["step_at"] == 2
     assert (out / "training_time.png").is_file() and (out / "training_time.csv").is_file()
 
 
