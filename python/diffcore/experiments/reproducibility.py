@@ -1189,8 +1189,10 @@ def disjoint_properties(results: dict) -> dict[str, dict]:
         ends[key] = {"smallest": curve[0], "largest": curve[-1]}
         first_n[key] = next((p["n"] for p in curve if p["margin_low"] > 0), None)
 
+    seeds = results["config"]["num_samples"]  # the bootstrap's units
+
     def margin(p: dict, name: str = "margin") -> intervals.Interval:
-        return intervals.Interval(p[name], p[f"{name}_low"], p[f"{name}_high"], method="bootstrap")
+        return intervals.Interval(p[name], p[f"{name}_low"], p[f"{name}_high"], method="bootstrap", n=seeds)
 
     return {
         "closer_to_each_other_at_largest_n": intervals.claim(
