@@ -15,16 +15,16 @@ from a finished reproducibility study with ``models_from``), on EDM's 40-level s
   sigma^2)) U^T``: ``|W_fit - W_G|_F / |W_G|_F`` (and the fit's R^2);
 - samples of the model (Heun), the Gaussian model (its exact PF-ODE map) and the empirical
   denoiser (Heun) from the same seeds, with their PFD (``diffcore.metrics.pfd_from_samples``, RMS
-  per pixel).
-
+  per pixel);
 - training time (``time_checkpoints``): the distances on noisy training images again at
   log-spaced checkpoints of every model trained here (``training_time``, :func:`time_properties`).
 
 Outputs: ``results.json``, ``curves.csv`` (one row per model and sigma), ``samples.csv``,
 ``linearity.png``, ``distance.png``, ``distillation.png``, ``capacity.png``, ``samples.png``,
-``training_time.csv`` and ``training_time.png`` (with checkpoints), ``timings.json``. Every per-sigma measure carries a 95% bootstrap interval over its probe inputs
-(``*_low``, ``*_high``), and the linear distillation has its control: the same fit applied to the
-Gaussian and to the empirical denoiser (``distill_w_error_gaussian``, ``distill_w_error_empirical``).
+``training_time.csv`` and ``training_time.png`` (with checkpoints), ``timings.json``. Every
+per-sigma measure carries a 95% bootstrap interval over its probe inputs (``*_low``, ``*_high``),
+and the linear distillation has its control: the same fit applied to the Gaussian and to the
+empirical denoiser (``distill_w_error_gaussian``, ``distill_w_error_empirical``).
 Trained models and per-model measurements are resumable units.
 """
 
