@@ -363,6 +363,14 @@ def test_disjoint_sizes_are_bounded_by_the_half():
     study._disjoint().validate(1797)
 
 
+def test_disjoint_sizes_beyond_the_deduplicated_half_are_refused(tmp_path, stand_in_stack):
+    """A loose near-duplicate rule removes images: N larger than the half left is refused by name."""
+    overrides = ["sizes=8,898", "widths=4", "train_seeds=0", "subsets=disjoint", "duplicate_rms=0.3"]
+    config = config_from_preset(study.PRESETS, "tiny", overrides)
+    with pytest.raises(study.base.ConfigError, match="^sizes: .*near-duplicates"):
+        study.run(config, tmp_path, hooks=stand_in_stack().hooks(), progress=False)
+
+
 def test_new_fields_at_their_defaults_leave_the_stored_config_and_model_specs_as_they_were():
     """subsets=nested and sigma_log_uniform=0 add nothing to config.json (old folders resume) nor to
     a model's spec; sigma_log_uniform > 0 trains over [sigma_min, sigma_max] (EDMLoss's share)."""

@@ -679,6 +679,12 @@ class _Study:
         the similarity of the two models' samples (:func:`strong_generalization`)."""
         c = self.config
         halves = self.halves(pool)
+        if max(c.sizes) > halves["half_size"]:
+            raise base.ConfigError(
+                f"sizes: N = {max(c.sizes)} exceeds the {halves['half_size']} images of a half (the "
+                f"{halves['pool']} images less {halves['removed']} near-duplicates at duplicate_rms = "
+                f"{c.duplicate_rms}, halved)"
+            )
         if self.default_stack:
             self.make_units_in_workers(pool)
         models, points = [], []
