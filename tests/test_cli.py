@@ -37,7 +37,7 @@ def test_info_lists_backends_and_variables(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["backends"]["cpu"]["reference"] == "usable"
     assert "DIFFCORE_BACKEND" in data["environment"]
-    assert set(data["experiments"]["reproducibility"]) == {"quick", "paper", "tiny", "seeds"}
+    assert set(data["experiments"]["reproducibility"]) == {"quick", "paper", "tiny", "seeds", "disjoint"}
 
 
 def test_show_config_applies_overrides(capsys):

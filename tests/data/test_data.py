@@ -233,3 +233,18 @@ def test_cifar_pickle_asking_for_a_huge_array_names_the_file(tmp_path):
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Huge(), b"labels": [0]}, protocol=2))
     with pytest.raises(ValueError, match="data_batch_1.*too large for memory"):
         load_cifar10(tmp_path)
+
+
+def test_load_dataset_selects_listed_indices():
+    """``indices`` picks those positions in order (a subset that is not nested); not with ``subset``."""
+    import pytest as _pytest
+
+    from diffcore.data import load_dataset
+
+    full = load_dataset({"name": "digits"})
+    picked = load_dataset({"name": "digits", "indices": [5, 2, 9]})
+    assert len(picked) == 3 and torch.equal(picked.values, full.values[torch.tensor([5, 2, 9])])
+    with _pytest.raises(ValueError, match="indices"):
+        load_dataset({"name": "digits", "indices": [0], "subset": 4})
+    with _pytest.raises(ValueError, match="indices"):
+        load_dataset({"name": "digits", "indices": [len(full)]})

@@ -3,7 +3,9 @@
 The stand-in "model" of width w trained on N images has a capacity of 16 w images: at N <= 16 w it
 is the empirical denoiser of its N images (it memorizes), above it is the denoiser of the Gaussian
 fitted to them (it generalizes; docs/papers.md section 3), so wider models memorize up to larger N, like
-the trained UNets of the paper. The training seed scales the fitted covariance a little.
+the trained UNets of the paper. The training seed scales the fitted covariance a little. A checkpoint
+kept before half of the training steps (``keep_steps``) is the Gaussian one whatever N, except at
+step 1, where it is untrained (it outputs zeros).
 """
 
 from __future__ import annotations
@@ -50,15 +52,27 @@ class StandInStack:
             (Path(out_dir) / "model.json").write_text("{half")  # a half-written file
             raise KeyboardInterrupt("simulated kill during training")
         (work_dir / "checkpoint.txt").write_text("step 10")
-        _, idx = subset(self.pool, spec["n"], spec["subset_seed"])
+        # the subset's images: a nested subset, or the positions a spec lists (a half, subsets=disjoint)
+        idx = (
+            torch.tensor(spec["indices"]) if "indices" in spec else subset(self.pool, spec["n"], spec["subset_seed"])[1]
+        )
         (Path(out_dir) / "model.json").write_text(json.dumps({"indices": idx.tolist(), **spec}))
+        for step in spec.get("keep_steps", ()):  # checkpoints, as _stack.train_model keeps them
+            folder = Path(out_dir) / "steps" / f"step_{step:09d}"
+            folder.mkdir(parents=True)
+            (folder / "model.json").write_text(json.dumps({"indices": idx.tolist(), **spec, "step": step}))
         return {"final_loss": 0.1}
 
     def load(self, model_dir, device="cpu"):
         self.calls["load"] += 1
         model = json.loads((Path(model_dir) / "model.json").read_text())
         train = self.pool[torch.tensor(model["indices"])]
-        if model["n"] <= CAPACITY_PER_WIDTH * model["width"]:
+        # a checkpoint at step 1 is untrained (outputs zeros); one in the first half of training has
+        # not memorized yet (the Gaussian structure comes first, docs/papers.md section 3)
+        if model.get("step") == 1:
+            return lambda x, sigma: torch.zeros_like(x)
+        early = 2 * model.get("step", model["train_steps"]) < model["train_steps"]
+        if model["n"] <= CAPACITY_PER_WIDTH * model["width"] and not early:
             return standins.empirical_denoiser(train)
         return standins.fitted_gaussian_denoiser(train, scale=1.0 + 0.02 * model["seed"])
 

@@ -301,3 +301,83 @@ def test_a_degenerate_descriptor_is_refused_before_anything_is_trained(tmp_path,
     with pytest.raises(ValueError, match="zeros.pt.*all zeros"):
         study.run(cfg, tmp_path / "out", hooks=stand_in_stack().hooks(), progress=False)
     assert not (tmp_path / "out" / "units").exists() and not (tmp_path / "out" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- subsets=disjoint
+
+
+def test_disjoint_halves_share_no_image_and_no_near_duplicate():
+    """The halves are disjoint, equal in size, and no image of one lies within the rule of the other."""
+    pool = torch.rand(60, 1, 4, 4) * 2 - 1
+    pool[7] = pool[3] + 0.01  # a near-duplicate (RMS 0.01) of image 3
+    halves = study.disjoint_halves(pool, seed=0, duplicate_rms=0.1)
+    a, b = halves["a"], halves["b"]
+    assert halves["removed"] == 1 and halves["half_size"] == 29 == a.numel() == b.numel()
+    assert not set(a.tolist()) & set(b.tolist())
+    assert not {3, 7} <= set(a.tolist()) | set(b.tolist())  # one of the pair dropped
+    rms = torch.cdist(pool[a].reshape(29, -1), pool[b].reshape(29, -1)) / 4
+    assert float(rms.min()) >= 0.1
+    assert torch.equal(study.disjoint_halves(pool, 0, 0.1)["a"], a)  # deterministic
+
+
+def test_disjoint_subsets_strong_generalization(tmp_path, stand_in_stack):
+    """Stand-ins: at N = 512 (above capacity) the two halves' Gaussian stand-ins give samples closer
+    to each other than to their training images; at N = 8 each model copies its own images."""
+    config = config_from_preset(
+        study.PRESETS,
+        "tiny",
+        [
+            "num_samples=32",
+            "grid_samples=4",
+            "sampler_steps=6",
+            "sizes=8,512",
+            "widths=4",
+            "train_seeds=0",
+            "subsets=disjoint",
+        ],
+    )
+    stack = stand_in_stack()
+    results = study.run(config, tmp_path, hooks=stack.hooks(), progress=False)
+    assert results["halves"]["half_size"] * 2 + results["halves"]["removed"] == 1797
+    assert len(results["models"]) == 4 and {m["half"] for m in results["models"]} == {"a", "b"}
+    small, large = sorted(results["strong_generalization"], key=lambda p: p["n"])
+    for point in (small, large):
+        assert point["margin_low"] <= point["margin"] <= point["margin_high"]
+        assert sum(point["histograms"]["cross"]) == 32 and sum(point["histograms"]["own"]) == 64
+    assert small["margin_high"] < 0 < large["margin_low"]
+    props = results["figure_properties"]
+    assert props["closer_to_each_other_at_largest_n"]["holds"] and props["closer_to_training_at_smallest_n"]["holds"]
+    assert props["closer_to_each_other_at_largest_n"]["first_n_closer_to_each_other"] == {"w4-s0": 512}
+    for name in ("strong_generalization.png", "strong_generalization.csv", "grids/disjoint-w4-n512-s0.png"):
+        assert (tmp_path / name).is_file(), name
+    # every model trained on its half: the stand-in's model file lists the half's first N images
+    halves = study.disjoint_halves(stack.pool, 0, 0.1)
+    trained = json.loads((tmp_path / "units" / "models" / "w4-n8-s0-b" / "model.json").read_text())
+    assert trained["indices"] == halves["b"][:8].tolist()
+    assert study.summary(results, tmp_path)[1].split()[:2] == ["4", "8"]
+
+
+def test_disjoint_sizes_are_bounded_by_the_half():
+    with pytest.raises(study.base.ConfigError, match="sizes"):
+        dataclasses.replace(study._disjoint(), sizes=(16, 899)).validate(1797)
+    study._disjoint().validate(1797)
+
+
+def test_disjoint_sizes_beyond_the_deduplicated_half_are_refused(tmp_path, stand_in_stack):
+    """A loose near-duplicate rule removes images: N larger than the half left is refused by name."""
+    overrides = ["sizes=8,898", "widths=4", "train_seeds=0", "subsets=disjoint", "duplicate_rms=0.3"]
+    config = config_from_preset(study.PRESETS, "tiny", overrides)
+    with pytest.raises(study.base.ConfigError, match="^sizes: .*near-duplicates"):
+        study.run(config, tmp_path, hooks=stand_in_stack().hooks(), progress=False)
+
+
+def test_new_fields_at_their_defaults_leave_the_stored_config_and_model_specs_as_they_were():
+    """subsets=nested and sigma_log_uniform=0 add nothing to config.json (old folders resume) nor to
+    a model's spec; sigma_log_uniform > 0 trains over [sigma_min, sigma_max] (EDMLoss's share)."""
+    quick = study._quick()
+    assert not {"subsets", "duplicate_rms", "sigma_log_uniform"} & set(quick.result_fields())
+    assert "sigma_log_uniform" not in study.model_spec(quick, 8, 16, 0)
+    wide = dataclasses.replace(quick, sigma_log_uniform=0.5)
+    assert study.model_spec(wide, 8, 16, 0)["sigma_log_uniform"] == [0.5, 0.002, 80.0]
+    with pytest.raises(study.base.ConfigError, match="sigma_log_uniform"):
+        dataclasses.replace(wide, precond="vp").validate()

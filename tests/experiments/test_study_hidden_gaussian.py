@@ -63,7 +63,7 @@ def test_intervals_claims_and_the_distillation_control(tiny_run):
     for m in results["models"]:
         assert m["pfd_model_gaussian_low"] <= m["pfd_model_gaussian"] <= m["pfd_model_gaussian_high"]
     props = results["effect_properties"]
-    assert props == study.effect_properties(results)
+    assert props == {**study.effect_properties(results), **study.time_properties(results)}
     # the stand-ins: the N = 512 model is the Gaussian denoiser (gap = -dist_empirical < 0), the
     # N = 16 one the empirical denoiser (gap = dist_gaussian > 0)
     assert props["largest_n_closer_to_gaussian"]["holds"] and props["smallest_n_closer_to_empirical"]["holds"]
@@ -129,3 +129,36 @@ def test_models_from_a_reproducibility_run(tmp_path, stand_in_stack):
     assert stack.calls["train"] == trained  # nothing retrained
     assert sorted(m["n"] for m in results["models"]) == [8, 512]
     assert json.loads((out / "results.json").read_text())["models"][0]["reused_from"] == str(repro)
+    assert "training_time" not in results and "no checkpoints" in results["training_time_skipped"]
+
+
+def test_training_time_checkpoints(tiny_run):
+    """tiny keeps 4 log-spaced checkpoints (steps 1, 2, 5, 10) of each model; the stand-ins: step 1
+    untrained (zeros), step 2 the Gaussian denoiser, steps 5 and 10 the final model. So the
+    memorizing model passes near G at step 2, and the claims see it on their intervals; the
+    untrained step 1 is not counted as near G (the control)."""
+    out, _, results = tiny_run
+    rows = results["training_time"]
+    assert len(rows) == len(results["models"]) * 4 * study.PRESETS["tiny"]().num_sigmas
+    for row in rows:
+        assert row["gap_train_low"] <= row["gap_train"] <= row["gap_train_high"]
+    small = min(m["n"] for m in results["models"])
+    mid = lambda step: [r for r in rows if r["n"] == small and r["step"] == step and 0.1 <= r["sigma"] <= 2]  # noqa: E731
+    # step 2: the Gaussian stand-in (fitted with N - 1, so not exactly G); step 10: the empirical denoiser
+    assert max(r["dist_gaussian_train"] for r in mid(2)) < 0.05 < min(r["dist_gaussian_train"] for r in mid(10))
+    assert min(r["dist_gaussian_train"] for r in mid(1)) == pytest.approx(1.0)  # zeros: |0 - G| / |G|
+    props = results["effect_properties"]
+    assert props["smallest_n_closer_to_gaussian_early"]["holds"]
+    assert props["smallest_n_closer_to_gaussian_early"]["steps_closer_to_gaussian"] == {"w4-n16-s0": [2]}
+    dip = props["smallest_n_distance_to_gaussian_dips"]
+    assert dip["holds"] and dip["per_model"]["w4-n16-s0"]["step_at"] == 2
+    assert (out / "training_time.png").is_file() and (out / "training_time.csv").is_file()
+
+
+def test_checkpoint_steps_and_their_config_checks():
+    assert study.checkpoint_steps(10, 1000, 10) == [10, 17, 28, 46, 77, 129, 215, 359, 599, 1000]
+    assert study.checkpoint_steps(1, 4, 4) == [1, 2, 3, 4]
+    with pytest.raises(study.base.ConfigError, match="time_checkpoints"):
+        study.HiddenGaussianConfig(time_checkpoints=2).validate()
+    with pytest.raises(study.base.ConfigError, match="first_checkpoint"):
+        study.HiddenGaussianConfig(time_checkpoints=5, first_checkpoint=300).validate()

@@ -75,12 +75,23 @@ def load_dataset(spec: Mapping[str, Any]) -> ArrayDataset:
     ``resolution``, ``channels`` (image_folder: optional, the images' own by default);
     ``K, n, d, num, seed`` for molrg; ``shape, num, seed`` for
     random_images), plus optional ``subset``
-    (size n) and ``subset_seed`` (default 0) for ``subset(dataset, n, seed)``.
+    (size n) and ``subset_seed`` (default 0) for ``subset(dataset, n, seed)``, or ``indices`` (a
+    list of positions in the dataset, in that order: a subset that is not nested, e.g. one half
+    of a split; not together with ``subset``).
     """
     name = spec.get("name")
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
     dataset = _LOADERS[name](spec)
+    if spec.get("indices") is not None:
+        if spec.get("subset") is not None:
+            raise ValueError("dataset spec: give either 'subset' (a nested subset) or 'indices', not both")
+        import torch
+
+        indices = torch.as_tensor([int(i) for i in spec["indices"]], dtype=torch.int64)
+        if indices.numel() == 0 or int(indices.min()) < 0 or int(indices.max()) >= len(dataset):
+            raise ValueError(f"dataset spec: 'indices' must be non-empty positions in [0, {len(dataset)})")
+        return dataset.select(indices, name=f"{dataset.name}[{indices.numel()} indices]")
     if spec.get("subset") is not None:
         dataset = subset(dataset, int(spec["subset"]), int(spec.get("subset_seed", 0)))
     return dataset

@@ -246,13 +246,18 @@ def training_request(
 
     ``spec``: train_steps, batch_size, learning_rate, lr_warmup_images, seed, the recipe keys of
     :func:`recipe_spec`, and (unless ``data`` / ``model`` are given) dataset, data_root, n,
-    subset_seed (a nested subset) and model_preset, width (a DDPM++ UNet, :func:`model_spec`).
+    subset_seed (a nested subset; or ``indices``, the n positions of a subset that is not nested)
+    and model_preset, width (a DDPM++ UNet, :func:`model_spec`).
     ``data`` / ``model``: the trainer's data and model specs where the study trains on something
     else (a whole labelled dataset, an image folder) or another model (class-conditional,
     multistage). ``options``: further ``TrainConfig`` fields (checkpoint_every, log_every,
     class_conditional, label_dropout, ema_halflife_images, augment, ...)."""
     from diffcore import train
 
+    if data is None and "indices" in spec:  # a subset that is not nested (one half of a split)
+        if len(spec["indices"]) != spec["n"]:
+            raise ValueError(f"spec: {len(spec['indices'])} indices for n = {spec['n']}")
+        data = {**data_spec(spec["dataset"], spec.get("data_root", "")), "indices": list(spec["indices"])}
     if data is None:
         data = {
             **data_spec(spec["dataset"], spec.get("data_root", "")),
@@ -275,6 +280,8 @@ def training_request(
         out_dir=str(work_dir),
         progress=_env.progress_enabled(progress),
     )
+    if spec.get("keep_steps"):  # checkpoints kept at these steps (train_model copies them out)
+        fields["keep_steps"] = tuple(int(step) for step in spec["keep_steps"])
     return train.TrainConfig(**{**fields, **options})
 
 
@@ -295,8 +302,10 @@ def train_model(
 ) -> dict:
     """Train the model a study's ``spec`` describes with diffcore.train; checkpoints live in
     ``work_dir`` (a killed run resumes from them), the final one is copied to ``out_dir/checkpoint``.
-    ``images`` are the N training images (the trainer reloads the same nested subset). One intra-op
-    thread on the CPU (:func:`one_thread_on_cpu`)."""
+    ``images`` are the N training images (the trainer reloads the same nested subset). A spec with
+    ``keep_steps`` also keeps the checkpoints at those steps, copied to
+    ``out_dir/steps/step_<t>/checkpoint`` (:func:`load_model` of ``out_dir/steps/step_<t>``). One
+    intra-op thread on the CPU (:func:`one_thread_on_cpu`)."""
     from diffcore import train
 
     if images.shape[0] != spec["n"]:
@@ -306,7 +315,16 @@ def train_model(
     if result.checkpoint is None:
         raise RuntimeError(f"diffcore.train wrote no checkpoint for {spec}")
     shutil.copytree(result.checkpoint, Path(out_dir) / "checkpoint")
+    for step in spec.get("keep_steps", ()):  # loadable as load_model(out_dir / "steps" / step_name(step))
+        shutil.copytree(
+            Path(work_dir) / "checkpoints" / step_name(step), Path(out_dir) / "steps" / step_name(step) / "checkpoint"
+        )
     return {"final_loss": result.final_loss, "step": result.step, "images_seen": result.images_seen}
+
+
+def step_name(step: int) -> str:
+    """The trainer's folder name of the checkpoint at ``step`` (``step_000000100``)."""
+    return f"step_{int(step):09d}"
 
 
 def train_ensemble(

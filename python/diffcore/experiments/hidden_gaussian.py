@@ -15,13 +15,16 @@ from a finished reproducibility study with ``models_from``), on EDM's 40-level s
   sigma^2)) U^T``: ``|W_fit - W_G|_F / |W_G|_F`` (and the fit's R^2);
 - samples of the model (Heun), the Gaussian model (its exact PF-ODE map) and the empirical
   denoiser (Heun) from the same seeds, with their PFD (``diffcore.metrics.pfd_from_samples``, RMS
-  per pixel).
+  per pixel);
+- training time (``time_checkpoints``): the distances on noisy training images again at
+  log-spaced checkpoints of every model trained here (``training_time``, :func:`time_properties`).
 
 Outputs: ``results.json``, ``curves.csv`` (one row per model and sigma), ``samples.csv``,
 ``linearity.png``, ``distance.png``, ``distillation.png``, ``capacity.png``, ``samples.png``,
-``timings.json``. Every per-sigma measure carries a 95% bootstrap interval over its probe inputs
-(``*_low``, ``*_high``), and the linear distillation has its control: the same fit applied to the
-Gaussian and to the empirical denoiser (``distill_w_error_gaussian``, ``distill_w_error_empirical``).
+``training_time.csv`` and ``training_time.png`` (with checkpoints), ``timings.json``. Every
+per-sigma measure carries a 95% bootstrap interval over its probe inputs (``*_low``, ``*_high``),
+and the linear distillation has its control: the same fit applied to the Gaussian and to the
+empirical denoiser (``distill_w_error_gaussian``, ``distill_w_error_empirical``).
 Trained models and per-model measurements are resumable units.
 """
 
@@ -89,6 +92,11 @@ class HiddenGaussianConfig:
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     grid_samples: int = 8
+    # training time (issue 27): the distances on noisy training images at this many log-spaced
+    # checkpoints of every model trained here, from first_checkpoint to train_steps (0: none; with
+    # models_from not measured, and results.json says so in training_time_skipped)
+    time_checkpoints: int = 0
+    first_checkpoint: int = 1
 
     def validate(self, pixels: int | None = None) -> None:
         """Raise ConfigError naming the first field out of its range (``pixels``: numbers per image
@@ -121,6 +129,17 @@ class HiddenGaussianConfig:
                 f"train_target: {self.train_target!r} needs precond=edm and augment_p=0, got "
                 f"precond={self.precond}, augment_p={self.augment_p}"
             )
+        if self.time_checkpoints:
+            if not 0 < self.first_checkpoint < self.train_steps:
+                raise base.ConfigError(
+                    f"first_checkpoint: expected 0 < first_checkpoint < train_steps = {self.train_steps}, "
+                    f"got {self.first_checkpoint}"
+                )
+            if not 3 <= self.time_checkpoints <= self.train_steps - self.first_checkpoint + 1:
+                raise base.ConfigError(
+                    f"time_checkpoints: expected 0 or 3 .. {self.train_steps - self.first_checkpoint + 1} "
+                    f"(distinct steps from first_checkpoint to train_steps), got {self.time_checkpoints}"
+                )
         if pixels is not None and self.distill_samples <= pixels + 1:
             raise base.ConfigError(
                 f"distill_samples: the linear fit needs more than pixels + 1 = {pixels + 1} "
@@ -160,6 +179,8 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_target": base.one_of("clean", "empirical"),
     "target_sigma_min": base.optional_sigma,
     "sigma_log_uniform": base.number(0, 1),
+    "time_checkpoints": base.integer(0),
+    "first_checkpoint": _POSITIVE,
 }
 
 
@@ -170,7 +191,9 @@ def _quick() -> HiddenGaussianConfig:
     image as the target), with the noise levels covering the measured grid (issue 27): half of them
     EDM's ln sigma ~ N(-1.2, 1.2^2), half log-uniform over [sigma_min, sigma_max] = [0.002, 80]
     (EDM's alone puts 1% of its draws above sigma 5, none near 80). Fixed before looking at the
-    outcome. :func:`_empirical_target` is issue 19's recipe at the same budget, kept as an option.
+    outcome. Each model keeps 10 log-spaced checkpoints (steps 1 .. 1000) where the distances on
+    noisy training images are measured again (training time, issue 27; fixed before looking).
+    :func:`_empirical_target` is issue 19's recipe at the same budget, kept as an option.
     ``--set models_from=runs/quick`` measures the main job's models instead (widths 8 and 16)."""
     return HiddenGaussianConfig(
         model_preset="ddpmpp-digits-light",
@@ -181,6 +204,8 @@ def _quick() -> HiddenGaussianConfig:
         learning_rate=1e-3,
         lr_warmup_images=1000,
         sigma_log_uniform=0.5,
+        time_checkpoints=10,
+        first_checkpoint=1,
     )
 
 
@@ -194,6 +219,7 @@ def _empirical_target() -> HiddenGaussianConfig:
     return dataclasses.replace(
         _quick(),
         sigma_log_uniform=0.0,
+        time_checkpoints=0,
         sigma_p_mean=1.0,
         sigma_p_std=2.0,
         train_target="empirical",
@@ -213,6 +239,8 @@ def _tiny() -> HiddenGaussianConfig:
         sampler_steps=8,
         grid_samples=4,
         train_steps=10,
+        time_checkpoints=4,
+        first_checkpoint=1,
     )
 
 
@@ -454,7 +482,16 @@ class _Study:
 
     # models --------------------------------------------------------------------
     def model_spec(self, width: int, n: int, seed: int) -> dict:
-        return _stack.model_unit_spec(self.c, width, n, seed)
+        spec = _stack.model_unit_spec(self.c, width, n, seed)
+        steps = self.checkpoint_steps()
+        return {**spec, "keep_steps": steps} if steps else spec
+
+    def checkpoint_steps(self) -> list[int]:
+        """The log-spaced training steps measured for training time (:func:`checkpoint_steps`)."""
+        c = self.c
+        if not c.time_checkpoints or c.models_from:  # reused models keep no checkpoints
+            return []
+        return checkpoint_steps(c.first_checkpoint, c.train_steps, c.time_checkpoints)
 
     def trained_models(self, pool: torch.Tensor) -> list[_Model]:
         c = self.c
@@ -592,6 +629,49 @@ class _Study:
         self.ws.record(unit)
         return unit
 
+    def training_time_unit(self, model: _Model, pool: torch.Tensor) -> Unit:
+        """The distances on noisy training images (the ``*_train`` columns of :func:`measure_curves`,
+        on the same probes: same seed) of ``model`` at every checkpoint step, against the Gaussian
+        and the empirical denoiser of its N images."""
+        from diffcore.denoisers import GaussianDenoiser
+
+        c = self.c
+        spec = {
+            "model": model.unit.spec,
+            "steps": self.checkpoint_steps(),
+            "num_sigmas": c.num_sigmas,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+            "distill_samples": c.distill_samples,
+            "probe_seed": c.probe_seed,
+        }
+
+        def produce(tmp: Path, work: Path):
+            train_images = self.hooks.subset(pool, model.n, c.subset_seed)[0].float()
+            gaussian = GaussianDenoiser.fit(train_images)
+            empirical = self.hooks.empirical_denoiser(train_images)
+            rows = []
+            for step in self.checkpoint_steps():
+                denoiser = _on_cpu(
+                    self.hooks.load(model.unit.path / "steps" / _stack.step_name(step), device=self.device),
+                    self.device,
+                )
+                g_train = torch.Generator().manual_seed(c.probe_seed + 1)  # measure_curves' training probes
+                for sigma in self.sigmas():
+                    x = _noisy(train_images, c.distill_samples, sigma, g_train)
+                    rows.append(
+                        {
+                            "step": step,
+                            "sigma": sigma,
+                            **_distances_on(denoiser, gaussian, empirical, x, sigma, "_train"),
+                        }
+                    )
+            return {"rows": rows}
+
+        unit = self.ws.run_unit("training-time", model.label, spec, produce)
+        self.ws.record(unit)
+        return unit
+
     def run(self) -> dict:
         c = self.c
         pool = self.hooks.load_dataset(c.dataset, c.data_root)
@@ -619,6 +699,16 @@ class _Study:
         results = {"experiment": NAME, "config": dataclasses.asdict(c), "models": per_model, "curves": curves}
         results["capacity"] = capacity(results)
         results["effect_properties"] = effect_properties(results)
+        if c.time_checkpoints and c.models_from:
+            results["training_time_skipped"] = "models_from: the reused models keep no checkpoints"
+            log.warning("time_checkpoints: not measured, %s", results["training_time_skipped"])
+        elif c.time_checkpoints:
+            results["training_time"] = [
+                {"model": m.label, "width": m.width, "n": m.n, **row}
+                for m in models
+                for row in self.training_time_unit(m, pool).meta["rows"]
+            ]
+            results["effect_properties"].update(time_properties(results))
         results = json.loads(json_dumps(results))
         self.write(results, samples)
         return results
@@ -647,6 +737,9 @@ class _Study:
             dashed=("distill_w_error_empirical",),
         )
         plot_capacity(results, root / "capacity.png")
+        if "training_time" in results:
+            atomic_write_csv(root / "training_time.csv", results["training_time"])
+            plot_training_time(results, root / "training_time.png")
         plot_samples(results, samples, self.c.grid_samples, root / "samples.png")
 
 
@@ -777,6 +870,156 @@ def _band(ax, pts: list[dict], key: str, color) -> None:
             alpha=0.18,
             linewidth=0,
         )
+
+
+def checkpoint_steps(first: int, last: int, count: int) -> list[int]:
+    """``count`` distinct integer steps from ``first`` to ``last`` (both included), evenly spaced in
+    log time where the integers allow (steps that round together move up by one)."""
+    if not 0 < first < last or not 2 <= count <= last - first + 1:
+        raise ValueError(
+            f"first, last, count: expected 0 < first < last and 2 <= count <= last - first + 1, "
+            f"got {first}, {last}, {count}"
+        )
+    raw = np.exp(np.linspace(math.log(first), math.log(last), count))
+    steps: list[int] = []
+    for i, value in enumerate(raw):
+        step = max(round(float(value)), steps[-1] + 1 if steps else first)
+        steps.append(min(step, last - (count - 1 - i)))  # leave room for the steps after it
+    return steps
+
+
+def _time_curve(results: dict, model: str, mid=(0.1, 2.0)) -> list[dict]:
+    """Per checkpoint step of ``model``: the distances to G and E at the grid sigma nearest
+    :data:`CAPACITY_SIGMA` and the least favourable gap over the ``mid`` band (its row: the largest
+    upper end, for "closer to G", with the sigma where it is)."""
+    rows = [r for r in results["training_time"] if r["model"] == model]
+    sigmas = sorted({r["sigma"] for r in rows})
+    at_sigma = min(sigmas, key=lambda v: abs(math.log(v / CAPACITY_SIGMA)))
+    out = []
+    for step in sorted({r["step"] for r in rows}):
+        here = [r for r in rows if r["step"] == step]
+        mid_rows = [r for r in here if mid[0] <= r["sigma"] <= mid[1]]
+        worst = max(mid_rows, key=lambda r: r["gap_train_high"])
+        point = next(r for r in here if r["sigma"] == at_sigma)
+        out.append(
+            {
+                "step": step,
+                "sigma": at_sigma,
+                **{k: point[k] for k in point if k.startswith(("dist_gaussian_train", "dist_empirical_train"))},
+                "worst_gap_sigma": worst["sigma"],
+                **{f"worst_{k}": worst[k] for k in ("gap_train", "gap_train_low", "gap_train_high")},
+            }
+        )
+    return out
+
+
+def time_properties(results: dict, mid=(0.1, 2.0)) -> dict[str, dict]:
+    """Training-time claims (the paper: early in training even memorizing-size models are near the
+    Gaussian denoiser), for the smallest-N model(s), fixed before looking, on the 95% bootstrap
+    intervals over the probes:
+
+    - ``smallest_n_closer_to_gaussian_early``: at some checkpoint between the first and the last,
+      the paired gap dist_gaussian_train - dist_empirical_train has its upper end below 0 at every
+      sigma in ``mid``, and the distance to G at the grid sigma nearest 1 lies clearly below the
+      first checkpoint's (the control: a near-untrained network can be farther from the empirical
+      denoiser than from G without having learned anything; the first checkpoint stands for it).
+      Records the steps where it holds and the least favourable gap per step;
+    - ``smallest_n_distance_to_gaussian_dips``: the distance to G at the grid sigma nearest 1
+      across the checkpoints has an interior minimum clearly below the first and the last
+      checkpoint (:func:`intervals.dips`).
+
+    The largest-N model's curves are the reference (``training_time`` in results.json)."""
+    sizes = sorted({m["n"] for m in results["models"]})
+    small = [m["model"] for m in results["models"] if m["n"] == sizes[0]]
+    early, dips, curves = {}, {}, {}
+    for model in small:
+        curve = _time_curve(results, model, mid)
+        curves[model] = curve
+        distance = [_row_interval(p, "dist_gaussian_train") for p in curve]
+        early[model] = [
+            p["step"]
+            for p, d in zip(curve[1:-1], distance[1:-1])
+            if p["worst_gap_train_high"] < 0 and intervals.clearly_below(d, distance[0])
+        ]
+        dips[model] = intervals.dips(distance)
+        dips[model]["step_at"] = curve[dips[model]["at"]]["step"]
+    return {
+        "smallest_n_closer_to_gaussian_early": intervals.claim(
+            all(early.values()),
+            n=sizes[0],
+            mid=list(mid),
+            steps_closer_to_gaussian=early,
+            least_favourable_gap={
+                model: [
+                    {
+                        "step": p["step"],
+                        "sigma": p["worst_gap_sigma"],
+                        "gap": p["worst_gap_train"],
+                        "low": p["worst_gap_train_low"],
+                        "high": p["worst_gap_train_high"],
+                    }
+                    for p in curve
+                ]
+                for model, curve in curves.items()
+            },
+        ),
+        "smallest_n_distance_to_gaussian_dips": intervals.claim(
+            all(d["holds"] for d in dips.values()), n=sizes[0], per_model=dips
+        ),
+    }
+
+
+def plot_training_time(results: dict, path) -> Path:
+    """Left: each model's distance to G (solid) and to E (dashed) on its noisy training images at
+    the grid sigma nearest 1 against the training step; right: the least favourable gap G - E over
+    sigma in [0.1, 2] per step (below 0 at every level: closer to G). Bands and bars: 95% bootstrap
+    intervals over the probes."""
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    sigma = None
+    for index, m in enumerate(results["models"]):
+        curve = _time_curve(results, m["model"])
+        if not curve:
+            continue
+        sigma = curve[0]["sigma"]
+        steps = [p["step"] for p in curve]
+        color = f"C{index}"
+        for key, style, label in (("dist_gaussian_train", "-", "to G"), ("dist_empirical_train", "--", "to E")):
+            left.plot(steps, [p[key] for p in curve], style, marker=".", color=color, label=f"{m['model']} {label}")
+            left.fill_between(
+                steps,
+                [p[f"{key}_low"] for p in curve],
+                [p[f"{key}_high"] for p in curve],
+                color=color,
+                alpha=0.15,
+                linewidth=0,
+            )
+        gap = [p["worst_gap_train"] for p in curve]
+        right.errorbar(
+            steps,
+            gap,
+            yerr=[
+                [g - p["worst_gap_train_low"] for g, p in zip(gap, curve)],
+                [p["worst_gap_train_high"] - g for g, p in zip(gap, curve)],
+            ],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=f"{m['model']} (N={m['n']})",
+        )
+    right.axhline(0, color="k", lw=0.8)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    left.set_ylabel("|D - D_ref| / |D_ref| (noisy training images)")
+    left.set_title(f"distance to G and E at sigma = {sigma:.3g} against training time", fontsize=8)
+    right.set_ylabel("largest gap G - E over sigma in [0.1, 2]")
+    right.set_title("least favourable gap (bars: 95% bootstrap over the probes)", fontsize=8)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
 
 
 CAPACITY_SIGMA = 1.0

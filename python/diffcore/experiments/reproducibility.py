@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffcore import _env, metrics
@@ -73,6 +74,10 @@ class ReproducibilityConfig:
     lr_warmup_images: int = 1000  # linear learning-rate ramp (EDM uses 10M for CIFAR-10)
     precond: str = "edm"  # edm | vp (EDM's VP preconditioning and loss)
     augment_p: float = 0.0  # EDM's non-leaky augmentation probability (0: off)
+    # share of training noise levels drawn log-uniform over [sigma_min, sigma_max], the sampled
+    # range (EDMLoss's log_uniform_fraction; precond=edm). 0, every preset: EDM's lognormal alone,
+    # as EDM and the paper train; it puts ~1% of draws above sigma 5 (docs/experiments.md)
+    sigma_log_uniform: float = 0.0
     sample_seed_start: int = 100000  # samples use seeds start .. start + num_samples - 1
     num_samples: int = 256
     sampler_steps: int = 18  # Heun 18 steps = 35 evaluations (EDM)
@@ -84,6 +89,11 @@ class ReproducibilityConfig:
     calibration_quantile: float = 0.95
     memorization_ratio: float = 1.0 / 3.0  # Gu et al.
     grid_samples: int = 16  # samples shown per grid
+    # nested: every N a prefix of one permutation (the paper's Figure 1); disjoint: per N, two
+    # models on the first N images of two non-overlapping halves of the pool (strong
+    # generalization, Kadkhodaie et al.; disjoint_halves), near-duplicates across them removed
+    subsets: str = "nested"
+    duplicate_rms: float = 0.1  # near-duplicates: RMS pixel difference below this (images in [-1, 1])
     # intra-op CPU threads per process for data and measures (0: torch's default); models train
     # and sample with one thread on the CPU (results do not depend on the thread count)
     torch_threads: int = 0
@@ -92,8 +102,13 @@ class ReproducibilityConfig:
 
     def result_fields(self) -> dict:
         """The fields that define the results (``config.json`` binds an output folder to these);
-        :data:`RUNTIME_FIELDS` may change between a run and its resume."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+        :data:`RUNTIME_FIELDS` may change between a run and its resume. With nested subsets (the
+        default) ``subsets`` and ``duplicate_rms`` are left out, and ``sigma_log_uniform`` when 0,
+        so a folder made before they existed resumes."""
+        skip = RUNTIME_FIELDS | (NESTED_ONLY_SKIPPED if self.subsets == "nested" else frozenset())
+        if not self.sigma_log_uniform:
+            skip |= {"sigma_log_uniform"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
@@ -104,8 +119,18 @@ class ReproducibilityConfig:
         base.check_fields(self, FIELD_CHECKS)
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         base.check_sigmas(self.sigma_min, self.sigma_max)
+        if self.sigma_log_uniform and self.precond != "edm":
+            raise base.ConfigError(
+                "sigma_log_uniform: only precond=edm takes a log-uniform share of noise levels, "
+                f"got precond={self.precond}"
+            )
         if pool_size is not None and max(self.sizes) > pool_size:
             raise base.ConfigError(f"sizes: N = {max(self.sizes)} exceeds the {pool_size} images of {self.dataset}")
+        if pool_size is not None and self.subsets == "disjoint" and max(self.sizes) > pool_size // 2:
+            raise base.ConfigError(
+                f"sizes: with subsets=disjoint each N comes from one half of the {pool_size} images of "
+                f"{self.dataset}, so N <= {pool_size // 2}; got {max(self.sizes)}"
+            )
 
 
 _POSITIVE = base.integer(1)
@@ -137,6 +162,9 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "train_ensemble": _POSITIVE,
     "precond": base.one_of(*_stack.PRECONDITIONINGS),
     "augment_p": base.number(0, 1),
+    "subsets": base.one_of("nested", "disjoint"),
+    "sigma_log_uniform": base.number(0, 1),
+    "duplicate_rms": base.number(0),
 }
 
 
@@ -145,6 +173,7 @@ FIELD_CHECKS: dict[str, base.Check] = {
 # stacked ensemble (diffcore.train.ensemble) reassociates the sums of their forward and backward
 # passes: it changes a model's weights at the level of float rounding, not beyond.
 RUNTIME_FIELDS = frozenset({"train_workers", "train_ensemble"})
+NESTED_ONLY_SKIPPED = frozenset({"subsets", "duplicate_rms"})  # fields of subsets=disjoint only
 
 
 def _quick() -> ReproducibilityConfig:
@@ -227,9 +256,21 @@ def _tiny() -> ReproducibilityConfig:
     )
 
 
+def _disjoint() -> ReproducibilityConfig:
+    """Strong generalization (Kadkhodaie et al., ICLR 2024; issue 27), fixed before looking: the
+    quick preset's recipe (light UNet, 1000 steps at batch 32, lr 1e-3, EDM's noise levels) at its
+    wider width 16, per N two models on the first N images of two non-overlapping halves of the
+    digits (:func:`disjoint_halves`; near-duplicates, RMS pixel difference below 0.1, removed), N =
+    16, 64, 128, 256 and 898 (half of the digits); the five models of a half train as one ensemble,
+    one worker per half. Measures the similarity of the two models' samples from the same noise
+    against each sample's similarity to its nearest training image (:func:`strong_generalization`)."""
+    return dataclasses.replace(_quick(), widths=(16,), sizes=(16, 64, 128, 256, 898), subsets="disjoint")
+
+
 PRESETS: dict[str, Callable[[], ReproducibilityConfig]] = {
     "quick": _quick,
     "seeds": _seeds,
+    "disjoint": _disjoint,
     "paper": _paper,
     "tiny": _tiny,
 }
@@ -242,6 +283,45 @@ CONFIG_CLASS = ReproducibilityConfig
 # results.json holds them): what other studies train or reuse to get the same model.
 model_spec = _stack.model_unit_spec
 _model_name = _stack.model_unit_name
+HALVES = ("a", "b")
+
+
+def _member_name(width: int, n: int, seed: int, half: str | None) -> str:
+    """``w{width}-n{n}-s{seed}``, with ``-a`` / ``-b`` for a model of one half (subsets=disjoint)."""
+    name = _model_name(width, n, seed)
+    return name if half is None else f"{name}-{half}"
+
+
+def disjoint_halves(pool: torch.Tensor, seed: int, duplicate_rms: float, chunk: int = 1024) -> dict:
+    """Two non-overlapping halves of ``pool`` [P, ...] for subsets=disjoint: ``{"a": indices [H],
+    "b": indices [H], "pool": P, "removed": R, "half_size": H}``.
+
+    The rule, fixed before any model was trained: images in the order of the nested subsets'
+    permutation (``diffcore.data.subset_indices(P, P, seed)``); an image is dropped when an image
+    earlier in that order lies within ``duplicate_rms`` of it in RMS pixel difference
+    (``|x - y|_2 / sqrt(D)``, images in [-1, 1]), so no image of one half has a near-duplicate in
+    the other (nor in its own); the first H = floor((P - R) / 2) kept images are half a, the next
+    H half b. The training set of size N of a half is its first N images (nested within the half)."""
+    from diffcore import data
+
+    total = pool.shape[0]
+    order = data.subset_indices(total, total, seed)
+    flat = pool[order].reshape(total, -1).double()
+    limit = duplicate_rms * math.sqrt(flat.shape[1])
+    keep = torch.ones(total, dtype=torch.bool)
+    for start in range(0, total, chunk):
+        close = torch.cdist(flat[start : start + chunk], flat) < limit  # [chunk, P]
+        earlier = torch.arange(total)[None, :] < torch.arange(start, min(start + chunk, total))[:, None]
+        keep[start : start + chunk] = ~(close & earlier).any(1)
+    kept = order[keep]
+    half = kept.numel() // 2
+    return {
+        "a": kept[:half],
+        "b": kept[half : 2 * half],
+        "pool": total,
+        "removed": total - kept.numel(),
+        "half_size": half,
+    }
 
 
 def _save_tensor(path: Path, tensor: torch.Tensor) -> None:
@@ -282,6 +362,27 @@ class _Study:
 
     def model_spec(self, width: int, n: int, seed: int) -> dict:
         return model_spec(self.config, width, n, seed)
+
+    # disjoint halves (subsets=disjoint): a model is (width, n, seed, half), half "a" or "b" --------
+    def halves(self, pool: torch.Tensor) -> dict:
+        """:func:`disjoint_halves` of the pool (computed once)."""
+        if getattr(self, "_halves", None) is None:
+            self._halves = disjoint_halves(pool, self.config.subset_seed, self.config.duplicate_rms)
+        return self._halves
+
+    def member_spec(self, width: int, n: int, seed: int, half: str | None, pool: torch.Tensor) -> dict:
+        """The model spec of (width, n, seed) on the nested subset (``half`` None) or on the first n
+        images of one half (the trainer selects them by ``indices``)."""
+        spec = self.model_spec(width, n, seed)
+        if half is None:
+            return spec
+        indices = self.halves(pool)[half][:n]
+        return {**spec, "half": half, "duplicate_rms": self.config.duplicate_rms, "indices": indices.tolist()}
+
+    def train_images(self, pool: torch.Tensor, n: int, half: str | None) -> torch.Tensor:
+        if half is None:
+            return self.hooks.subset(pool, n, self.config.subset_seed)[0]
+        return pool[self.halves(pool)[half][:n].to(pool.device)]
 
     def sampling_spec(self) -> dict:
         c = self.config
@@ -364,10 +465,13 @@ class _Study:
         wait: bool = True,
         progress: bool | None = None,
         ensemble_meta: dict | None = None,
+        half: str | None = None,
+        pool: torch.Tensor | None = None,
     ) -> Unit | None:
-        """The model unit (width, n, seed); ``ensemble_meta``: what :meth:`train_ensemble` returned
-        for this model (it was trained in its work folder already), recorded in the unit's meta."""
-        spec = self.model_spec(width, n, seed)
+        """The model unit (width, n, seed) (``half``: of that half of ``pool``, subsets=disjoint);
+        ``ensemble_meta``: what :meth:`train_ensemble` returned for this model (it was trained in
+        its work folder already), recorded in the unit's meta."""
+        spec = self.member_spec(width, n, seed, half, pool)
 
         def produce(tmp: Path, work: Path) -> dict:
             meta = self.hooks.train(
@@ -380,7 +484,7 @@ class _Study:
             )
             return {**meta, **{k: v for k, v in (ensemble_meta or {}).items() if v is not None}}
 
-        return self.run_unit("models", _model_name(width, n, seed), spec, produce, wait)
+        return self.run_unit("models", _member_name(width, n, seed, half), spec, produce, wait)
 
     def models_costliest_first(self) -> list[tuple[int, int, int]]:
         """(width, n, seed) of every model, widest and largest N first."""
@@ -475,6 +579,10 @@ class _Study:
         shape = tuple(pool.shape[1:])
         threshold, threshold_source = self.threshold(pool)
         log.info("similarity %s, threshold %.4f (%s)", self.similarity.name, threshold, threshold_source)
+        if c.subsets == "disjoint":
+            if not self.part.alone:
+                raise base.ConfigError("subsets: disjoint runs in one process (train_workers parallelizes it)")
+            return self.run_disjoint(pool, shape, threshold, threshold_source)
         if not self.part.alone:
             self.produce_share(pool, shape)
             self.part.barrier()
@@ -561,23 +669,133 @@ class _Study:
         self.write_outputs(results)
         return results
 
-    def worker_tasks(self) -> list[tuple]:
+    def halves_of_run(self) -> tuple:
+        """The training sets per (width, N, seed): the nested subset (None), or halves a and b."""
+        return HALVES if self.config.subsets == "disjoint" else (None,)
+
+    def run_disjoint(self, pool: torch.Tensor, shape: tuple, threshold: float, threshold_source: str) -> dict:
+        """subsets=disjoint: per (width, seed, N) the models of halves a and b, their samples from
+        the same seeds, each sample's nearest training image in its own half and in the other, and
+        the similarity of the two models' samples (:func:`strong_generalization`)."""
+        c = self.config
+        halves = self.halves(pool)
+        if max(c.sizes) > halves["half_size"]:
+            raise base.ConfigError(
+                f"sizes: N = {max(c.sizes)} exceeds the {halves['half_size']} images of a half (the "
+                f"{halves['pool']} images less {halves['removed']} near-duplicates at duplicate_rms = "
+                f"{c.duplicate_rms}, halved)"
+            )
+        if self.default_stack:
+            self.make_units_in_workers(pool)
+        models, points = [], []
+        grids_dir = self.ws.root / "grids"
+        for width, seed in itertools.product(c.widths, c.train_seeds):
+            for n in sorted(c.sizes):
+                samples, own, other = {}, {}, {}
+                for half in HALVES:
+                    name = _member_name(width, n, seed, half)
+                    images = self.train_images(pool, n, half)
+                    model = self.model_unit(width, n, seed, images, half=half, pool=pool)
+                    sample_spec = {**model.spec, **self.sampling_spec()}
+                    samples[half] = self.sample_unit(
+                        name, sample_spec, lambda model=model: self.hooks.load(model.path, device=self.device), shape
+                    )
+                    result = self.metrics_unit(name, sample_spec, samples[half], images, None, threshold)
+                    own[half] = result["per_sample"]["nn_similarity"].double()
+                    other_images = self.train_images(pool, n, "b" if half == "a" else "a")
+                    other[half] = (
+                        metrics.gl_score(
+                            samples[half].to(self.device),
+                            other_images.to(self.device),
+                            self.similarity,
+                            threshold,
+                            knn=self.hooks.knn,
+                        )
+                        .nn_similarity.double()
+                        .cpu()
+                    )
+                    models.append(
+                        {
+                            "width": width,
+                            "n": n,
+                            "seed": seed,
+                            "half": half,
+                            "gl": result["gl"],
+                            "memorized_ratio": result["memorized_ratio"],
+                            "nn_similarity_mean": result["nn_similarity_mean"],
+                            "ratio_median": result["ratio_median"],
+                            **{
+                                f"{key}_{end}": value
+                                for key in ("gl", "memorized_ratio")
+                                for end, value in zip(
+                                    ("low", "high"),
+                                    (lambda i: (i.low, i.high))(
+                                        intervals.wilson_interval(_successes(result[key], c.num_samples), c.num_samples)
+                                    ),
+                                )
+                            },
+                        }
+                    )
+                cross = self.similarity.pairwise(samples["a"], samples["b"]).double().cpu()
+                shifted = self.similarity.pairwise(samples["a"], samples["b"].roll(1, 0)).double().cpu()
+                points.append(
+                    {"width": width, "seed": seed, "n": n, **strong_generalization(cross, own, other, shifted)}
+                )
+                k = min(c.grid_samples, samples["a"].shape[0])
+                if k:
+                    plotting.samples_with_neighbors(
+                        samples["a"][:k],
+                        samples["b"][:k],
+                        grids_dir / f"disjoint-w{width}-n{n}-s{seed}.png",
+                        similarities=cross[:k],
+                        title=f"UNet-{width}, N={n}: half a's samples above half b's (same seeds)",
+                    )
+        results = {
+            "experiment": NAME,
+            "config": c.result_fields(),
+            "similarity": self.similarity.describe(),
+            "threshold": threshold,
+            "threshold_source": threshold_source,
+            "halves": {k: v for k, v in halves.items() if k not in HALVES},
+            "models": models,
+            "strong_generalization": points,
+        }
+        results["figure_properties"] = disjoint_properties(results)
+        results = json.loads(json_dumps(results))
+        root = self.ws.root
+        atomic_write_json(root / "results.json", results)
+        atomic_write_csv(root / "models.csv", results["models"])
+        atomic_write_csv(
+            root / "strong_generalization.csv",
+            [{k: v for k, v in p.items() if k != "histograms"} for p in results["strong_generalization"]],
+        )
+        plot_strong_generalization(results, root / "strong_generalization.png")
+        return results
+
+    def worker_tasks(self, pool: torch.Tensor | None = None) -> list[tuple]:
         """The unfinished units the workers make: ``("model", w, (n,), s)`` trains a model and samples
         it, ``("ensemble", w, (n, ...), s)`` trains up to ``train_ensemble`` models of one width and
-        seed as one ensemble and samples each, ``("empirical", n)`` samples the empirical denoiser.
+        seed as one ensemble and samples each (a fifth element: the half, subsets=disjoint),
+        ``("empirical", n)`` samples the empirical denoiser.
         Costliest first (widest model, then larger N), so the last tasks to start are the cheap ones."""
         c = self.config
-        pending: dict[tuple[int, int], list[int]] = {}  # (width, seed) -> N of the models to make
+        # (width, seed, half) -> N of the models to make
+        pending: dict[tuple[int, int, str | None], list[int]] = {}
         for w, n, s in self.models_costliest_first():
-            spec = self.model_spec(w, n, s)
-            if self.ws.finished("samples", _model_name(w, n, s), {**spec, **self.sampling_spec()}) is None:
-                pending.setdefault((w, s), []).append(n)
+            for half in self.halves_of_run():
+                spec = self.member_spec(w, n, s, half, pool)
+                name = _member_name(w, n, s, half)
+                if self.ws.finished("samples", name, {**spec, **self.sampling_spec()}) is None:
+                    pending.setdefault((w, s, half), []).append(n)
         per_ensemble = c.train_ensemble if self.hooks.train_ensemble is not None else 1
-        tasks = []
-        for (w, s), sizes in pending.items():
+        tasks: list[tuple] = []
+        for (w, s, half), sizes in pending.items():
             for i in range(0, len(sizes), per_ensemble):
                 chunk = tuple(sizes[i : i + per_ensemble])
-                tasks.append(("model" if len(chunk) == 1 else "ensemble", w, chunk, s))
+                kind = "model" if len(chunk) == 1 else "ensemble"
+                tasks.append((kind, w, chunk, s) if half is None else (kind, w, chunk, s, half))
+        if c.subsets == "disjoint":
+            return tasks  # no empirical denoiser: the disjoint measures compare the two models
         for n in sorted(c.sizes, reverse=True):
             if self.ws.finished("samples", f"empirical-n{n}", self.empirical_spec(n)) is None:
                 tasks.append(("empirical", n))
@@ -596,13 +814,22 @@ class _Study:
                 progress=progress,
             )
             return
-        kind, width, sizes, seed = task
-        ensemble_meta = self.train_ensemble(width, sizes, seed, pool, progress) if kind == "ensemble" else {}
+        kind, width, sizes, seed = task[:4]
+        half = task[4] if len(task) > 4 else None
+        ensemble_meta = self.train_ensemble(width, sizes, seed, pool, progress, half) if len(sizes) > 1 else {}
         for n in sizes:
-            train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
-            model = self.model_unit(width, n, seed, train_images, progress=progress, ensemble_meta=ensemble_meta.get(n))
+            model = self.model_unit(
+                width,
+                n,
+                seed,
+                self.train_images(pool, n, half),
+                progress=progress,
+                ensemble_meta=ensemble_meta.get(n),
+                half=half,
+                pool=pool,
+            )
             self.sample_unit(
-                _model_name(width, n, seed),
+                _member_name(width, n, seed, half),
                 {**model.spec, **self.sampling_spec()},
                 lambda model=model: self.hooks.load(model.path, device=self.device),
                 shape,
@@ -610,28 +837,36 @@ class _Study:
             )
 
     def train_ensemble(
-        self, width: int, sizes: tuple[int, ...], seed: int, pool: torch.Tensor, progress: bool
+        self,
+        width: int,
+        sizes: tuple[int, ...],
+        seed: int,
+        pool: torch.Tensor,
+        progress: bool,
+        half: str | None = None,
     ) -> dict[int, dict]:
         """Train the unfinished models (width, n, seed), n in ``sizes``, as one ensemble in their
         units' work folders, holding the units' claims meanwhile; :meth:`model_unit` then finds
         each at its final step and finishes it. Returns n -> the member's metadata."""
         from diffcore import _folder
 
-        c = self.config
         todo = [
             n
             for n in sizes
-            if self.ws.finished("models", _model_name(width, n, seed), self.model_spec(width, n, seed)) is None
+            if self.ws.finished(
+                "models", _member_name(width, n, seed, half), self.member_spec(width, n, seed, half, pool)
+            )
+            is None
         ]
         if len(todo) < 2:
             return {}  # nothing to stack: model_unit trains a lone model itself
-        names = [_model_name(width, n, seed) for n in todo]
+        names = [_member_name(width, n, seed, half) for n in todo]
         with contextlib.ExitStack() as claims:
             for name in names:
                 claims.enter_context(_folder.unit_claim(self.ws.claim_path("models", name), True))
             metas = self.hooks.train_ensemble(
-                [self.hooks.subset(pool, n, c.subset_seed)[0] for n in todo],
-                [self.model_spec(width, n, seed) for n in todo],
+                [self.train_images(pool, n, half) for n in todo],
+                [self.member_spec(width, n, seed, half, pool) for n in todo],
                 [self.ws.work_path("models", name) for name in names],
                 device=self.device,
                 progress=progress,
@@ -644,10 +879,16 @@ class _Study:
         runs the tasks in this process). The main loop then finds them finished and only measures.
         Progress counts training steps over the whole study, polled from the trainers' logs."""
         c = self.config
-        tasks = self.worker_tasks()
+        tasks = self.worker_tasks(pool)
         if not tasks:
             return
-        names = [_model_name(w, n, s) for w in c.widths for n in c.sizes for s in c.train_seeds]
+        names = [
+            _member_name(w, n, s, h)
+            for w in c.widths
+            for n in c.sizes
+            for s in c.train_seeds
+            for h in self.halves_of_run()
+        ]
         log.info(
             "%d tasks (training and sampling %d models, %d empirical sample sets), %d at a time%s",
             len(tasks),
@@ -778,10 +1019,11 @@ class _TrainingProgress:
         if task[0] == "empirical":
             self.bar.note(f"sampled the empirical denoiser of N = {task[1]}")
             return
-        kind, width, sizes, seed = task
+        kind, width, sizes, seed = task[:4]
+        half = task[4] if len(task) > 4 else None
         self.bar.note(
             ("trained (as one ensemble) and sampled " if kind == "ensemble" else "trained and sampled ")
-            + ", ".join(_model_name(width, n, seed) for n in sizes)
+            + ", ".join(_member_name(width, n, seed, half) for n in sizes)
         )
 
     def __enter__(self) -> _TrainingProgress:
@@ -885,6 +1127,166 @@ def _points(curve: dict, key: str) -> list[dict]:
         {key: v, f"{key}_low": lo, f"{key}_high": hi, f"{key}_method": curve.get(f"{key}_method")}
         for v, lo, hi in zip(curve[key], curve[f"{key}_low"], curve[f"{key}_high"])
     ]
+
+
+HISTOGRAM_BINS = 40
+
+
+def strong_generalization(
+    cross: torch.Tensor, own: dict[str, torch.Tensor], other: dict[str, torch.Tensor], shifted: torch.Tensor
+) -> dict:
+    """One N of subsets=disjoint, from per-seed similarities [B] (row i: seed i): ``cross`` between
+    the two models' samples (same noise), ``own[h]`` of half h's sample to its nearest image of its
+    own training set, ``other[h]`` to its nearest image of the other half's training set, and
+    ``shifted`` between half a's sample of seed i and half b's of seed i - 1 (different noise: the
+    baseline similarity of two unrelated samples of the two models).
+
+    Medians with 95% bootstrap intervals over the seeds (rows resampled together, so differences
+    are paired): ``cross``, ``own`` (both halves' samples pooled), ``other``, ``shifted``;
+    ``margin`` = median(cross) - median(own) (> 0: the two models' samples are closer to each
+    other than to their training sets) and ``margin_shifted`` = median(cross) - median(shifted)
+    (> 0: the same noise, not the models' common style, makes them alike); ``histograms`` of cross
+    and own on :data:`HISTOGRAM_BINS` bins over their range."""
+    rows = np.stack(
+        [cross.numpy(), own["a"].numpy(), own["b"].numpy(), other["a"].numpy(), other["b"].numpy(), shifted.numpy()], 1
+    )
+    median = lambda v: float(np.median(v))  # noqa: E731
+    statistics = {
+        "cross": lambda r: median(r[:, 0]),
+        "own": lambda r: median(r[:, 1:3]),
+        "other": lambda r: median(r[:, 3:5]),
+        "shifted": lambda r: median(r[:, 5]),
+        "margin": lambda r: median(r[:, 0]) - median(r[:, 1:3]),
+        "margin_shifted": lambda r: median(r[:, 0]) - median(r[:, 5]),
+    }
+    out: dict = {}
+    for name, statistic in statistics.items():
+        out.update(intervals.flat(name, intervals.bootstrap_interval(rows, statistic)))
+    lo, hi = float(rows[:, :3].min()), float(rows[:, :3].max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, HISTOGRAM_BINS + 1)
+    out["histograms"] = {
+        "edges": edges.tolist(),
+        "cross": np.histogram(rows[:, 0], edges)[0].tolist(),
+        "own": np.histogram(rows[:, 1:3].reshape(-1), edges)[0].tolist(),
+    }
+    return out
+
+
+def disjoint_properties(results: dict) -> dict[str, dict]:
+    """The strong-generalization claims of subsets=disjoint, decided on the 95% bootstrap intervals
+    of :func:`strong_generalization`, for every (width, seed), fixed before looking:
+
+    - ``closer_to_each_other_at_largest_n``: at the largest N the margin median(cross) -
+      median(own) lies clearly above 0 (the two models, trained on disjoint halves, give samples
+      closer to each other than to their own training images);
+    - ``closer_to_training_at_smallest_n``: at the smallest N the margin lies clearly below 0;
+    - ``same_noise_matters_at_largest_n`` (the control): at the largest N median(cross) lies
+      clearly above median(shifted), the two models' samples from different noise.
+
+    Each record lists the deciding intervals per ``w{width}-s{seed}`` and the N at which the
+    margin first lies clearly above 0 (``first_n_closer_to_each_other``)."""
+    points = results["strong_generalization"]
+    runs = sorted({(p["width"], p["seed"]) for p in points})
+    ends: dict[str, dict] = {}
+    first_n = {}
+    for width, seed in runs:
+        curve = sorted((p for p in points if (p["width"], p["seed"]) == (width, seed)), key=lambda p: p["n"])
+        key = f"w{width}-s{seed}"
+        ends[key] = {"smallest": curve[0], "largest": curve[-1]}
+        first_n[key] = next((p["n"] for p in curve if p["margin_low"] > 0), None)
+
+    seeds = results["config"]["num_samples"]  # the bootstrap's units
+
+    def margin(p: dict, name: str = "margin") -> intervals.Interval:
+        return intervals.Interval(p[name], p[f"{name}_low"], p[f"{name}_high"], method="bootstrap", n=seeds)
+
+    return {
+        "closer_to_each_other_at_largest_n": intervals.claim(
+            all(e["largest"]["margin_low"] > 0 for e in ends.values()),
+            n={k: e["largest"]["n"] for k, e in ends.items()},
+            margin={k: margin(e["largest"]).as_dict() for k, e in ends.items()},
+            first_n_closer_to_each_other=first_n,
+        ),
+        "closer_to_training_at_smallest_n": intervals.claim(
+            all(e["smallest"]["margin_high"] < 0 for e in ends.values()),
+            n={k: e["smallest"]["n"] for k, e in ends.items()},
+            margin={k: margin(e["smallest"]).as_dict() for k, e in ends.items()},
+        ),
+        "same_noise_matters_at_largest_n": intervals.claim(
+            all(e["largest"]["margin_shifted_low"] > 0 for e in ends.values()),
+            n={k: e["largest"]["n"] for k, e in ends.items()},
+            margin_shifted={k: margin(e["largest"], "margin_shifted").as_dict() for k, e in ends.items()},
+        ),
+    }
+
+
+def plot_strong_generalization(results: dict, path: Path) -> Path:
+    """Top: the medians (cross, own, other, shifted) against N with their 95% intervals, one
+    line style per (width, seed); bottom: per N the histograms of cross and own (first width and
+    seed). The title states the setting, not a conclusion."""
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+
+    points = results["strong_generalization"]
+    runs = sorted({(p["width"], p["seed"]) for p in points})
+    sizes = sorted({p["n"] for p in points})
+    fig = plt.figure(figsize=(max(8.0, 2.4 * len(sizes)), 6.4))
+    grid = fig.add_gridspec(2, len(sizes), height_ratios=(1.3, 1.0))
+    top = fig.add_subplot(grid[0, :])
+    series = (
+        ("cross", "the two models' samples, same noise", "C0", "-"),
+        ("own", "sample vs nearest own training image", "C3", "-"),
+        ("other", "sample vs nearest image of the other half", "C2", "--"),
+        ("shifted", "the two models' samples, different noise", "0.5", ":"),
+    )
+    for index, (width, seed) in enumerate(runs):
+        curve = sorted((p for p in points if (p["width"], p["seed"]) == (width, seed)), key=lambda p: p["n"])
+        ns = [p["n"] for p in curve]
+        for key, label, color, style in series:
+            values = [p[key] for p in curve]
+            err = [
+                [v - p[f"{key}_low"] for v, p in zip(values, curve)],
+                [p[f"{key}_high"] - v for v, p in zip(values, curve)],
+            ]
+            top.errorbar(
+                ns,
+                values,
+                yerr=err,
+                color=color,
+                linestyle=style,
+                marker="os^v"[index % 4],
+                capsize=3,
+                label=f"{label} (w{width}, s{seed})" if len(runs) > 1 else label,
+            )
+    top.set_xscale("log", base=2)
+    top.set_xlabel("N (images per half)")
+    top.set_ylabel(f"median {results['similarity']['name']} similarity")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    top.set_title(
+        f"two models per N trained on disjoint halves of {results['config']['dataset']} "
+        f"(bars: 95% bootstrap over {results['config']['num_samples']} seeds)",
+        fontsize=9,
+    )
+    first = [p for p in points if (p["width"], p["seed"]) == runs[0]]
+    for col, n in enumerate(sizes):
+        ax = fig.add_subplot(grid[1, col])
+        p = next((q for q in first if q["n"] == n), None)
+        if p is None:
+            continue
+        hist = p["histograms"]
+        edges = np.asarray(hist["edges"])
+        centres, width = 0.5 * (edges[1:] + edges[:-1]), edges[1] - edges[0]
+        own = np.asarray(hist["own"], dtype=float) / max(1, sum(hist["own"]))
+        cross = np.asarray(hist["cross"], dtype=float) / max(1, sum(hist["cross"]))
+        ax.bar(centres, own, width=width, color="C3", alpha=0.5, label="own training")
+        ax.bar(centres, cross, width=width, color="C0", alpha=0.5, label="other model")
+        ax.set_title(f"N = {n}", fontsize=8)
+        ax.tick_params(labelsize=6)
+        if col == 0:
+            ax.set_ylabel("share of samples", fontsize=7)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return base.atomic_save_figure(fig, path)
 
 
 def figure_properties(results: dict) -> dict[str, dict]:
@@ -1028,6 +1430,14 @@ def run(
 
 def summary(results: dict, out: Path) -> list[str]:
     """The lines ``diffcore run reproducibility`` prints: a row per model, then the figure."""
+    if results.get("config", {}).get("subsets") == "disjoint":
+        lines = [f"{'width':>6} {'N':>6} {'seed':>4} {'cross':>6} {'own':>6} {'margin [95%]':>24}"]
+        lines += [
+            f"{p['width']:>6} {p['n']:>6} {p['seed']:>4} {p['cross']:6.3f} {p['own']:6.3f} "
+            f"{p['margin']:+7.3f} [{p['margin_low']:+.3f}, {p['margin_high']:+.3f}]"
+            for p in results["strong_generalization"]
+        ]
+        return lines + [f"figure: {out / 'strong_generalization.png'}", f"results: {out / 'results.json'}"]
     lines = [f"{'width':>6} {'N':>6} {'seed':>4} {'GL':>6} {'mem':>6} {'RP_emp':>6}"]
     lines += [
         f"{row['width']:>6} {row['n']:>6} {row['seed']:>4} {row['gl']:6.3f} "
