@@ -735,7 +735,8 @@ def figure_title(results: dict) -> str:
     overall = "holds" if claims["signature"]["holds"] else "does not hold"
     return (
         f"Probe-curve shapes decided on 95% intervals ({results['config']['probe_splits']} label draws); "
-        f"the paper's signature {overall} here\n" + "; ".join(parts)
+        f"the paper's signature {overall} here\n"
+        + "\n".join("; ".join(parts[i : i + 2]) for i in range(0, len(parts), 2))
     )
 
 
@@ -818,7 +819,7 @@ def plot(results: dict, path) -> Path:
             if not ax.lines and not ax.collections:
                 ax.axis("off")
     fig.suptitle(figure_title(results), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return atomic_save_figure(fig, path)
 
 
