@@ -8,7 +8,9 @@ accuracy minus the accuracy at the smallest sigma (a unimodal curve rises, a dec
 
     python scripts/representation_probe_sweep.py RUN_FOLDER [--width 32] [--out sweep.csv]
 
-The chosen setting is the quick preset's (docs/studies.md gives the table this script printed).
+The chosen setting is the quick preset's (docs/studies.md gives the table this script printed). Run
+it on models of another width or seed than the ones the study reports on: a setting chosen to
+maximize a contrast on the models it is then measured on proves nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--poolings", default="mean,flatten")
     parser.add_argument("--layers", default="", help="comma-separated layer names (default: every block)")
     parser.add_argument("--out", type=Path, default=Path("representation-sweep.csv"))
+    parser.add_argument("--tolerance", type=float, default=0.01, help="rise/fall of a unimodal mean curve")
     args = parser.parse_args()
 
     results = json.loads((args.run / "results.json").read_text())
@@ -55,7 +58,11 @@ def main() -> None:
         shapes = {}
         for n, model in models.items():
             curve = probe_curve(model, pool, labels, config)
-            shapes[n] = curve_shape(config.sigmas(), [r["probe_accuracy"] for r in curve], config.shape_tolerance)
+            mean = [
+                sum(r["probe_accuracy"] for r in curve if r["sigma"] == s) / config.probe_splits
+                for s in config.sigmas()
+            ]
+            shapes[n] = curve_shape(config.sigmas(), mean, args.tolerance)
         gen, mem = shapes[generalizing["n"]], shapes[memorizing["n"]]
         row = {
             "layer": layer,

@@ -133,3 +133,20 @@ def test_curve_shape_labels():
     assert curve_shape(s, [0.1, 0.2, 0.3, 0.4], 0.05)["shape"] == "increasing"
     with pytest.raises(ValueError, match="sigmas"):
         curve_shape([1.0, 0.5, 2.0], [1, 2, 3], 0.1)
+
+
+def test_interval_shape_decides_on_intervals_not_point_values():
+    from diffcore.analysis.representation import interval_shape
+    from diffcore.metrics.intervals import Interval
+
+    s = [0.1, 0.3, 1.0, 3.0]
+    tight = lambda vs: [Interval(v, v - 0.01, v + 0.01) for v in vs]  # noqa: E731
+    wide = lambda vs: [Interval(v, v - 0.1, v + 0.1) for v in vs]  # noqa: E731
+    assert interval_shape(s, tight([0.50, 0.60, 0.55, 0.20]))["shape"] == "unimodal"
+    # the same point values with intervals wider than the rise: no rise can be claimed
+    shape = interval_shape(s, wide([0.50, 0.60, 0.55, 0.20]))
+    assert shape["shape"] == "decreasing" and not shape["rises"] and shape["falls"]
+    assert interval_shape(s, wide([0.50, 0.52, 0.51, 0.49]))["shape"] == "flat"
+    assert interval_shape(s, tight([0.2, 0.3, 0.4, 0.5]))["shape"] == "increasing"
+    with pytest.raises(ValueError, match="sigmas"):
+        interval_shape([1.0, 0.5, 2.0], tight([1, 2, 3]))

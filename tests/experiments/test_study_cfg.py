@@ -27,17 +27,28 @@ def test_tiny_study_end_to_end(tiny_run):
     names = [s["name"] for s in results["settings"]]
     assert names == [s["name"] for s in cfg.setting_list(config)] and len(set(names)) == len(names)
     for s in results["settings"]:
-        assert 0.0 <= s["accuracy"] <= 1.0 and s["frechet"] >= -1e-9 and s["diversity"] > 0
+        for key in ("accuracy", "frechet", "precision", "density", "coverage"):
+            assert s[key]["low"] <= s[key]["value"] <= s[key]["high"], key
+        assert 0.0 <= s["accuracy"]["value"] <= 1.0 and s["frechet"]["value"] >= -1e-9 and s["diversity"] > 0
+        assert 0.0 <= s["coverage"]["value"] <= 1.0 and s["accuracy"]["method"] == "wilson"
+    claims = results["claims"]
+    assert "conditional_not_saturated" in claims and all(isinstance(v["holds"], bool) for v in claims.values())
     assert results["data"]["accuracy"] > 0.95  # the shipped digits classifier
     grid = karras_sigmas(3, 0.002, 80.0, append_zero=False).tolist()
     assert [r["sigma"] for r in results["transition"]] == pytest.approx(grid, rel=1e-12)
     for row in results["transition"]:
-        assert all(row[k] >= 0 for k in ("dist_conditional", "dist_unconditional", "dist_guidance"))
+        for name in ("conditional", "unconditional", "guidance"):
+            for key in (f"dist_{name}", f"dist_{name}_empirical", f"ratio_{name}"):
+                assert 0 <= row[f"{key}_low"] <= row[key] <= row[f"{key}_high"], key
+        assert not any(key.startswith("score_dist") for key in row)
     cpc = results["cpc"]
     assert len(cpc) == config.cpc_sigmas
     for row in cpc:
         assert 0.0 <= row["overlap"] <= 1.0 + 1e-9 and row["random_overlap"] == pytest.approx(2 / 64)
-        assert len(row["net_eigenvalues"]) == config.cpc_points and len(row["net_eigenvalues"][0]) == config.cpc_k
+        assert row["overlap_low"] <= row["overlap"] <= row["overlap_high"]
+        values = row["net_singular_values"]
+        assert len(values) == config.cpc_points and len(values[0]) == config.cpc_k
+        assert all(v >= 0 for point in values for v in point)  # singular values, not signed eigenvalues
     for name in FIGURES + ("results.json", "settings.csv", "transition.csv", "timings.json"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["settings"] == results["settings"]

@@ -18,23 +18,36 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tiny_run_measures_every_model_step_and_sigma(tiny_run):
+def test_tiny_run_measures_every_model_step_sigma_and_split(tiny_run):
     out, results = tiny_run
     config = config_from_preset(study.PRESETS, "tiny")
     sigmas = config.sigmas()
     assert [m["n"] for m in results["models"]] == [8, 512]
     assert [t["step"] for t in results["trajectory"]] == [10, 20]
+    for m in [results["pixels"], *results["models"], *results["trajectory"]]:
+        assert len(m["accuracy"]) == len(m["snr"]) == len(sigmas)
+        for a in m["accuracy"]:
+            assert a["low"] <= a["value"] <= a["high"] and a["n"] == config.probe_splits
+        assert m["shape"] in ("unimodal", "decreasing", "increasing", "flat") and m["peak_sigma"] in sigmas
     for m in results["models"] + results["trajectory"]:
         rows = [r for r in results["curves"] if r["model"] == m["model"]]
-        assert [r["sigma"] for r in rows] == pytest.approx(sigmas)
+        assert sorted({r["split"] for r in rows}) == list(range(config.probe_splits))
+        assert sorted({r["sigma"] for r in rows}) == pytest.approx(sigmas)
         assert all(0 <= r["probe_accuracy"] <= 1 and r["snr"] > 0 for r in rows)
-        assert m["shape"] in ("unimodal", "decreasing", "increasing") and m["peak_sigma"] in sigmas
-        assert 0 <= m["gl"] <= 1
+        assert 0 <= m["gl"]["value"] <= 1 and m["regime"] in ("generalizing", "memorizing", "between")
+        gap = m["over_pixels_at_peak"]
+        assert m["beats_pixels"] == (gap["low"] > 0)
+    claims = results["claims"]
+    assert {"signature_w4", "trajectory_n8", "signature", "pixels_not_unimodal"} <= set(claims)
+    assert all(isinstance(c["holds"], bool) for c in claims.values())
+    # Direction with intervals (the control): on raw pixels, noise at sigma_max destroys the digits.
+    first, last = results["pixels"]["accuracy"][0], results["pixels"]["accuracy"][-1]
+    assert last["high"] < first["low"]
     assert results["molrg_shape"]["shape"] == "unimodal"
     confidence = [r["confidence"] for r in results["molrg"]]
     assert confidence[0] > 0.99 and confidence[-1] < 0.5
     assert json.loads((out / "results.json").read_text()) == results
-    for name in ("curves.csv", "models.csv", "molrg.csv", "representation.png"):
+    for name in ("curves.csv", "summary.csv", "models.csv", "molrg.csv", "representation.png"):
         assert (out / name).stat().st_size > 0
 
 
@@ -49,10 +62,10 @@ def test_rerun_reuses_every_unit(tiny_run):
 def test_models_from_reuses_the_reproducibility_run(tiny_run, tmp_path):
     out, results = tiny_run
     reused = study.run_preset(
-        "tiny", tmp_path / "reuse", [f"models_from={out / 'reproducibility'}", "trajectory_size=0"], progress=False
+        "tiny", tmp_path / "reuse", [f"models_from={out / 'reproducibility'}", "trajectory_sizes="], progress=False
     )
     assert reused["trajectory"] == []
-    assert [m["peak"] for m in reused["models"]] == [m["peak"] for m in results["models"]]
+    assert [m["accuracy"] for m in reused["models"]] == [m["accuracy"] for m in results["models"]]
     assert not (tmp_path / "reuse" / "reproducibility").exists()
 
 
@@ -64,6 +77,8 @@ def test_models_from_reuses_the_reproducibility_run(tiny_run, tmp_path):
         ("probe_l2=nan", "probe_l2"),
         ("pooling=max", "pooling"),
         ("probe_train=0", "probe_train"),
+        ("probe_splits=2", "probe_splits"),
+        ("generalizes_gl=1.5", "generalizes_gl"),
         ("molrg_latent_dim=40", "molrg_latent_dim"),
         ("reproducibility_preset=huge", "reproducibility_preset"),
     ],

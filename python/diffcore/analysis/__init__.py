@@ -15,8 +15,9 @@
 - :func:`subspace_recovery`, :func:`subspace_distance`, :func:`distance_to_union` (MoLRG subspaces).
 - ``diffcore.analysis.generalization`` (imported on use): ``linearity_score``, ``relative_distance``,
   ``distill_affine`` (a denoiser against the Gaussian one: the hidden Gaussian structure).
-- ``diffcore.analysis.guidance`` (imported on use): ``LabeledDenoiser``, ``transition_curves`` and
-  ``cpc_measurements`` (a class-conditional network against per-class Gaussians: CFG).
+- ``diffcore.analysis.guidance`` (imported on use): ``LabeledDenoiser``, ``transition_curves``,
+  ``cpc_measurements`` (a class-conditional network against per-class Gaussians and the empirical
+  denoiser: CFG) and ``feature_coverage`` (precision, density, coverage of samples' features).
 """
 
 from diffcore.analysis.cpc import ContrastiveComponents, contrastive_components, subspace_overlap

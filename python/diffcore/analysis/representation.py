@@ -9,7 +9,9 @@
 - :func:`class_snr`: between-class energy over within-class energy of features.
 - :func:`molrg_representation_curve`: the theory curve of the optimal (noisy) MoLRG denoiser: the
   SNR of its output in the true class subspace against the rest, and the posterior class confidence.
-- :func:`curve_shape`: is a curve against sigma unimodal, where is its peak, how high.
+- :func:`curve_shape`: is a curve against sigma unimodal, where is its peak, how high (point values).
+- :func:`interval_shape`: the same decided on 95% intervals per sigma (``diffcore.metrics.intervals``):
+  a rise or fall counts only when the peak's interval lies clearly above the end's.
 """
 
 from __future__ import annotations
@@ -279,3 +281,45 @@ def curve_shape(sigmas: Sequence[float], values: Sequence[float], tolerance: flo
         "unimodal" if rise > tolerance and fall > tolerance else ("decreasing" if rise <= tolerance else "increasing")
     )
     return {"shape": shape, "peak_sigma": float(sigmas[peak_index]), "peak": peak, "rise": rise, "fall": fall}
+
+
+def interval_shape(sigmas: Sequence[float], curve: Sequence) -> dict:
+    """Shape of a curve of :class:`diffcore.metrics.intervals.Interval` against increasing ``sigmas``,
+    decided on the intervals (never on point estimates):
+
+    - ``rises``: the peak (largest point estimate) lies clearly above the value at the smallest sigma
+      (``intervals.clearly_above``: the peak's lower end above the first point's upper end);
+    - ``falls``: the peak lies clearly above the value at the largest sigma;
+    - ``shape``: ``unimodal`` (rises and falls; ``intervals.dips`` of the negated curve),
+      ``decreasing`` (no point clearly above the first, and the first clearly above the last),
+      ``increasing`` (the mirror image), else ``flat`` (no decision the sampling error allows).
+
+    Returns ``{shape, rises, falls, peak_sigma, peak, first, last}`` (intervals as dicts)."""
+    from diffcore.metrics import intervals
+
+    if len(sigmas) != len(curve) or len(curve) < 3:
+        raise ValueError(f"curve: expected one interval per sigma and at least 3, got {len(curve)} for {len(sigmas)}")
+    if any(b <= a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError("sigmas: expected increasing values")
+    negated = [intervals.Interval(-c.value, -c.high, -c.low, c.level, c.method, c.n) for c in curve]
+    dip = intervals.dips(negated)
+    peak_index = int(dip["at"])
+    peak, first, last = curve[peak_index], curve[0], curve[-1]
+    rises, falls = intervals.clearly_above(peak, first), intervals.clearly_above(peak, last)
+    if dip["holds"]:
+        shape = "unimodal"
+    elif not any(intervals.clearly_above(c, first) for c in curve[1:]) and intervals.clearly_above(first, last):
+        shape = "decreasing"
+    elif not any(intervals.clearly_above(c, last) for c in curve[:-1]) and intervals.clearly_above(last, first):
+        shape = "increasing"
+    else:
+        shape = "flat"
+    return {
+        "shape": shape,
+        "rises": bool(rises),
+        "falls": bool(falls),
+        "peak_sigma": float(sigmas[peak_index]),
+        "peak": peak.as_dict(),
+        "first": first.as_dict(),
+        "last": last.as_dict(),
+    }
