@@ -361,3 +361,47 @@ def load_model(model_dir: Path, device="cpu"):
     from diffcore import train
 
     return train.load_trained_model(Path(model_dir) / "checkpoint", which="ema").to(device).eval()
+
+
+REPRODUCIBILITY = "reproducibility"
+
+
+def reproducibility_run(
+    models_from: str | None,
+    preset: str,
+    widths: Sequence[int],
+    sizes: Sequence[int],
+    folder: Path,
+    *,
+    hooks,
+    device: str,
+    progress: bool,
+) -> tuple[dict, Path, float | None]:
+    """The reproducibility study's results and run folder, for a study that measures its models:
+    read from ``models_from`` (a finished reproducibility run; ConfigError naming ``models_from``
+    otherwise), or that study run in ``folder`` from ``preset`` with ``widths`` / ``sizes`` (empty:
+    the preset's) and the preset's first training seed. Returns (results, folder, seconds spent
+    running it here, None when read). The study is reached through the registry: no study imports
+    another."""
+    from diffcore._files import load_json
+    from diffcore.experiments import experiment
+
+    if models_from:
+        root = Path(models_from)
+        results_path = root / "results.json"
+        if not results_path.is_file():
+            raise base.ConfigError(f"models_from: {root} holds no results.json of a finished reproducibility run")
+        results = load_json(results_path, what="models_from: results", follow=False)
+        if results.get("experiment") != REPRODUCIBILITY:
+            raise base.ConfigError(
+                f"models_from: {results_path} is a {results.get('experiment')!r} run, not a reproducibility run"
+            )
+        return results, root, None
+    reproducibility = experiment(REPRODUCIBILITY)
+    config = reproducibility.PRESETS[preset]()
+    config = dataclasses.replace(
+        config, widths=widths or config.widths, sizes=sizes or config.sizes, train_seeds=config.train_seeds[:1]
+    )
+    start = time.perf_counter()
+    results = reproducibility.run(config, folder, hooks=hooks, device=device, progress=progress)
+    return results, folder, time.perf_counter() - start

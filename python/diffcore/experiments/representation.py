@@ -297,29 +297,19 @@ class _Study:
     # models --------------------------------------------------------------------
     def reproducibility_run(self) -> tuple[dict, Path]:
         """The reproducibility results and folder: ``models_from``, or that study run here."""
-        reproducibility = experiment(REPRODUCIBILITY)
         c = self.c
-        if c.models_from:
-            root = Path(c.models_from)
-            results_path = root / "results.json"
-            if not results_path.is_file():
-                raise ConfigError(f"models_from: {root} holds no results.json of a finished reproducibility run")
-            results = load_json(results_path, what="models_from: results", follow=False)
-            if results.get("experiment") != REPRODUCIBILITY:
-                raise ConfigError(
-                    f"models_from: {results_path} is a {results.get('experiment')!r} run, not a reproducibility run"
-                )
-            return results, root
-        config = reproducibility.PRESETS[c.reproducibility_preset]()
-        config = dataclasses.replace(
-            config, widths=c.widths or config.widths, sizes=c.sizes or config.sizes, train_seeds=config.train_seeds[:1]
+        results, root, seconds = _stack.reproducibility_run(
+            c.models_from,
+            c.reproducibility_preset,
+            c.widths,
+            c.sizes,
+            self.ws.root / "reproducibility",
+            hooks=None if self.default_stack else self.hooks,
+            device=self.device,
+            progress=self.progress,
         )
-        root = self.ws.root / "reproducibility"
-        start = time.perf_counter()
-        results = reproducibility.run(
-            config, root, hooks=None if self.default_stack else self.hooks, device=self.device, progress=self.progress
-        )
-        self.seconds["reproducibility"] = time.perf_counter() - start
+        if seconds is not None:
+            self.seconds["reproducibility"] = seconds
         return results, root
 
     def check_inputs(self) -> None:
