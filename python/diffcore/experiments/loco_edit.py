@@ -1192,9 +1192,7 @@ def plot_controls(results: dict, path) -> Path:
     ax.set_xticks(range(len(ctl["per_mask"])), [r["mask"] for r in ctl["per_mask"]], fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("inside fraction (median over images)")
-    ax.set_title(
-        f"t = {results['config']['edit_time']} T, |s| = {ctl['strength']:g} (dotted: chance)", fontsize=9
-    )
+    ax.set_title(f"t = {results['config']['edit_time']} T, |s| = {ctl['strength']:g} (dotted: chance)", fontsize=9)
     ax.legend(fontsize=7)
     times = [r["edit_time"] for r in ctl["per_time"]]
 
