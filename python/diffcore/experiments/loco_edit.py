@@ -12,8 +12,15 @@ outside, and the inside fraction), the outside masked MSE, linearity (cosine of 
 growth of the change with s; and the posterior-mean predictor's own local linearity), the time per
 direction (wall and CPU), and transfer locality.
 
+Controls (small images, full Jacobians; one unit per edit time of the sweep): per image and
+mask, the LOCO direction against a random direction and the Gaussian denoiser's top masked
+direction under the same null-space projection and strengths, and against itself unprojected; the
+Jacobian's numerical rank, the edits' locality and x0_hat's linearity against the edit time; a
+per-image success (inside fraction >= ``success_fraction``) with Wilson intervals; claims decided on
+bootstrap intervals over images (``results["claims"]``).
+
 Outputs: ``results.json``, ``edits.csv``, ``transfer.csv``, ``edits.png``, ``transfer.png``,
-``spectrum.png``, ``timings.json``; per image a unit with ``directions.safetensors`` (load with
+``spectrum.png``, ``controls.png``, ``timings.json``; per image a unit with ``directions.safetensors`` (load with
 ``diffcore.analysis.load_directions``), the latent and the edited images.
 
 Models: the digits UNet diffcore trains (reused from a reproducibility run's folder with

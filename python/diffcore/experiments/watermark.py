@@ -42,8 +42,14 @@ Models (``model``):
   ``model_dir`` (safetensors weights), e.g. a CelebA-HQ 256 DDPM; DDIM on the scheduler's
   timesteps (``vp_sigmas``).
 
+The ``learned`` preset trains the UNet on the digits at 16x16 with the key in the low band (where
+the digits' variance is: ``data_spectrum`` measures it) and sweeps the injection time
+(``sweep_times``); every preset reports AUC / TPR / SSIM with bootstrap intervals (``sweep``) and
+claims decided on them (``claims``).
+
 Outputs: ``results.json``, ``detection.csv`` (method x attack), ``consistency.csv`` (per image),
-``watermark-roc.png``, ``watermark-images.png``, ``watermark-consistency.png``, ``timings.json``.
+``watermark-roc.png``, ``watermark-images.png``, ``watermark-consistency.png``,
+``watermark-sweep.png``, ``timings.json``.
 """
 
 from __future__ import annotations
