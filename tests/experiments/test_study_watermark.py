@@ -139,6 +139,7 @@ def test_unet_path_trains_and_runs(tmp_path):
         rank_references=3,
         wrong_keys=0,
         p_value=False,
+        sweep_times=(),
     )
     results = study.run(config, tmp_path / "out", progress=False)
     assert results["model"]["kind"] == "unet" and results["model"]["step"] == 2
