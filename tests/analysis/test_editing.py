@@ -92,6 +92,33 @@ def test_directions_match_the_analytic_ones(gaussian, upper):
     torch.testing.assert_close(dirs.singular_values[0], expected_s, rtol=1e-8, atol=1e-10)
 
 
+def test_exact_directions_match_subspace_iteration(gaussian, upper):
+    """The controls' exact-SVD directions equal loco_directions' (up to sign), the projection leaves
+    a unit vector orthogonal to the outside basis, and the Gaussian's own top masked direction is
+    the LOCO direction before projection when J = W_G."""
+    from diffcore.analysis import jacobian_full
+    from diffcore.analysis.editing import exact_loco_directions, project_out, top_masked_direction
+
+    x = _points()
+    k_out = 4
+    exact = exact_loco_directions(jacobian_full(gaussian, x, SIGMA, mode="rev"), upper, k_out)
+    w, m = gaussian.jacobian(SIGMA), upper.reshape(-1)
+    inside = _top_eigenvectors(w @ torch.diag(m) @ w, 1)[0]
+    outside = _top_eigenvectors(w @ torch.diag(1 - m) @ w, k_out)
+    expected = inside - outside.T @ (outside @ inside)
+    for b in range(x.shape[0]):
+        assert float(principal_angles(exact.unprojected[b][None], inside[None]).max()) < 1.0
+        assert float(principal_angles(exact.loco[b][None], expected[None]).max()) < 1.0
+    noise = torch.randn(2, math.prod(SHAPE), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    projected = project_out(noise, exact.outside)
+    assert float((projected.transpose(0, 1)[None].transpose(1, 2) @ exact.outside).abs().max()) < 1e-10
+    torch.testing.assert_close(projected.norm(dim=1), torch.ones(2, dtype=torch.float64))
+    top = top_masked_direction(gaussian.jacobian(SIGMA), upper)
+    assert float(principal_angles(top[None], exact.unprojected[:1]).max()) < 1.0
+    with pytest.raises(ValueError, match="k_out"):
+        exact_loco_directions(jacobian_full(gaussian, x, SIGMA, mode="rev"), upper, 1000)
+
+
 def test_spectrum_full_and_partial_agree(gaussian, upper):
     x = _points(1)
     s_full, frob_full = jacobian_spectrum(gaussian, x, SIGMA, mask=upper)

@@ -78,7 +78,12 @@ def test_tiny_run_measures(tiny_run):
         assert im["direction_seconds"] > 0 and im["direction_cpu_seconds"] > 0
         # the affine model and the linear sampler: +s and -s changes are opposite, growth is linear
         for row in im["linearity"]:
-            assert row["cosine_pm"] < -0.9999 and abs(row["gain"] - 1) < 1e-4
+            first = next(
+                r for r in im["linearity"] if (r["direction"], r["projected"]) == (row["direction"], row["projected"])
+            )
+            assert row["cosine_pm"] < -0.9999
+            assert abs(row["change_per_strength"] / first["change_per_strength"] - 1) < 1e-4
+            assert "gain" not in row  # unnormalized change_per_strength only
         assert im["composition"]["additivity_error"] < 1e-4
     for s in results["summary"]["per_strength"]:
         # the null-space projection moves the change into the mask
@@ -101,6 +106,29 @@ def test_tiny_run_measures(tiny_run):
     assert json.loads((out / "results.json").read_text()) == results
     timings = json.loads((out / "timings.json").read_text())
     assert timings["cpu_seconds"] > 0 and timings["units"]["images"]["units"] == n
+
+
+def test_controls_decide_on_intervals(tiny_run):
+    """On the Gaussian stand-in the learned Jacobian is W_G itself: the Gaussian control must tie
+    with LOCO (its interval holds 0, the claim fails), while a random direction under the same
+    projection stays less local (the claim holds on the bootstrap interval over images)."""
+    out, _, results = tiny_run
+    config = study.PRESETS["tiny"]()
+    controls, claims = results["controls"], results["claims"]
+    assert [r["edit_time"] for r in controls["per_time"]] == list(config.edit_times())
+    assert [r["mask"] for r in controls["per_mask"]] == list(config.control_masks)
+    tie = claims["loco_more_local_than_gaussian"]
+    assert not tie["holds"] and tie["median_difference"]["low"] <= 0 <= tie["median_difference"]["high"] + 1e-6
+    beat = claims["loco_more_local_than_random"]
+    assert beat["holds"] and beat["median_difference"]["low"] > 0
+    for row in controls["per_mask"]:
+        # chance: the mask's share of the pixels (halves 0.5, the centre square 0.25)
+        assert row["chance_inside_fraction"] == {"center": 0.25}.get(row["mask"], 0.5)
+        rate = row["success_rate"]
+        assert rate["method"] == "wilson" and rate["low"] <= rate["value"] <= rate["high"]
+    for claim in claims.values():
+        assert isinstance(claim["holds"], bool)
+    assert (out / "controls.png").stat().st_size > 0
 
 
 def test_saved_directions_reproduce_the_edits(tiny_run):
@@ -139,7 +167,9 @@ def test_resume_reuses_every_unit(tiny_run):
 
 def test_reuses_the_model_of_a_reproducibility_run(tmp_path):
     stack = GaussianStack()
-    config = dataclasses.replace(study.PRESETS["tiny"](), image_indices=(5,), transfer=False, rank=1, strengths=(1.0,))
+    config = dataclasses.replace(
+        study.PRESETS["tiny"](), image_indices=(5,), transfer=False, rank=1, strengths=(1.0,), control_masks=()
+    )
     repro = Workspace(tmp_path / "repro")
     spec = {
         "dataset": "digits",

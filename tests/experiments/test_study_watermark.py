@@ -21,7 +21,7 @@ def tiny_run(tmp_path_factory):
 
 def test_registered():
     assert "watermark" in EXPERIMENTS and experiment("watermark") is study
-    assert set(study.PRESETS) == {"quick", "tiny", "paper"}
+    assert set(study.PRESETS) == {"quick", "tiny", "paper", "learned"}
     for make in study.PRESETS.values():
         make().validate()  # the paper preset's model_dir is checked when the study runs
 
@@ -35,10 +35,11 @@ def test_tiny_run_outputs(tiny_run):
         "watermark-roc.png",
         "watermark-images.png",
         "watermark-consistency.png",
+        "watermark-sweep.png",
         "timings.json",
     ):
         assert (out / name).stat().st_size > 0, name
-    rows = {(d["method"], d["attack"]): d for d in results["detection"]}
+    rows = {(d["method"], d["attack"]): d for d in results["detection"] if d["variant"] == d["method"]}
     assert set(rows) == {(m, a) for m in study.METHODS for a in ("none", "jpeg", "noise")}
     for method in study.METHODS:
         none = rows[(method, "none")]
@@ -52,6 +53,25 @@ def test_tiny_run_outputs(tiny_run):
         assert all(0.0 <= f <= 1.0 for f in null["fraction"]) and len(null["rank"]) == 2
     assert results["model"]["kind"] == "gaussian" and 0 < results["model"]["sigma_t"] < results["model"]["sigma_max"]
     assert results["key"]["radius"] == 3 and results["key"]["size"] > 0
+
+
+def test_sweep_and_claims_on_intervals(tiny_run):
+    """The sweep holds x_T (t = 1) and Shallow Diffuse at each time, with intervals; the high band of
+    the upsampled digits holds almost none of their variance (the interval lies below the disc's
+    share of the spectrum: the overlap claim fails), which is why the learned preset uses the low band."""
+    _, results = tiny_run
+    config = study.PRESETS["tiny"]()
+    times = [e["time"] for e in results["sweep"]]
+    assert times == sorted({config.time, *config.sweep_times, 1.0})
+    for e in results["sweep"]:
+        for attack_name in config.attacks:
+            auc = e["detection"][attack_name]["auc"]
+            assert auc["method"] == "bootstrap" and auc["low"] <= auc["value"] <= auc["high"]
+        assert e["ssim_p05"]["value"] <= e["ssim_mean"]["high"] and e["ssim_min"] <= e["ssim_p05"]["value"]
+    spectrum = results["data_spectrum"]
+    assert spectrum["variance_share_on_key"]["high"] < spectrum["chance_share"]
+    assert results["claims"]["key_band_overlaps_data"]["holds"] is False
+    assert all(isinstance(c["holds"], bool) for c in results["claims"].values())
 
 
 def test_rerun_reuses_every_unit(tiny_run):
@@ -119,6 +139,7 @@ def test_unet_path_trains_and_runs(tmp_path):
         rank_references=3,
         wrong_keys=0,
         p_value=False,
+        sweep_times=(),
     )
     results = study.run(config, tmp_path / "out", progress=False)
     assert results["model"]["kind"] == "unet" and results["model"]["step"] == 2

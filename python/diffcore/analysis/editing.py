@@ -344,8 +344,9 @@ def edit_linearity(plus: torch.Tensor, minus: torch.Tensor, strengths) -> dict[s
     """Linearity of edits in the strength s. ``plus``, ``minus``: the changes delta(+s), delta(-s)
     [S, B, ...] for ascending positive ``strengths`` [S].
 
-    Returns [S, B] float64: ``cosine_pm`` = cos(delta(+s), delta(-s)) (-1 for a linear edit) and
-    ``gain`` = (|delta(+s)| / s) / (|delta(+s_1)| / s_1) (1 for a change growing linearly in s)."""
+    Returns [S, B] float64: ``cosine_pm`` = cos(delta(+s), delta(-s)) (-1 for a linear edit),
+    ``change_per_strength`` = |delta(+s)| / s (unnormalized), and ``gain`` = that over its value at
+    the first strength s_1 (1 for a change growing linearly in s; 1 at s_1 by construction)."""
     check_tensor("plus", plus, min_ndim=2)
     if plus.shape != minus.shape:
         raise ValueError(f"minus: expected shape {tuple(plus.shape)} (like plus), got {tuple(minus.shape)}")
@@ -355,7 +356,7 @@ def edit_linearity(plus: torch.Tensor, minus: torch.Tensor, strengths) -> dict[s
     p, q = plus.double().flatten(2), minus.double().flatten(2)
     cosine = torch.nn.functional.cosine_similarity(p, q, dim=-1, eps=1e-300)
     per_unit = p.norm(dim=-1) / s[:, None]
-    return {"cosine_pm": cosine, "gain": per_unit / per_unit[:1].clamp_min(1e-300)}
+    return {"cosine_pm": cosine, "gain": per_unit / per_unit[:1].clamp_min(1e-300), "change_per_strength": per_unit}
 
 
 def jacobian_spectrum(
@@ -390,3 +391,63 @@ def jacobian_spectrum(
     rest = frobenius_norm_sq(denoiser, x, sigma, basis=top.V, probes=probes, seed=seed + 1, mask=m)
     s = top.singular_values.double()
     return s, s.square().sum(dim=-1) + rest.double()
+
+
+# ----------------------------------------------------------------------------- exact directions (small images)
+@dataclass
+class ExactDirections:
+    """Edit directions from full Jacobians (small images), all null-space projected the same way.
+
+    Attributes (d = C H W pixels, B points):
+        loco: [B, d] the top right singular vector of ``M J``, projected (the LOCO direction).
+        unprojected: [B, d] that singular vector before the projection.
+        outside: [B, d, k_out] the top right singular vectors of ``(1 - M) J`` projected out.
+        masked_singular_values: [B, min(d, ...)] singular values of ``M J``.
+    """
+
+    loco: torch.Tensor
+    unprojected: torch.Tensor
+    outside: torch.Tensor
+    masked_singular_values: torch.Tensor
+
+
+def exact_loco_directions(jacobian: torch.Tensor, mask: torch.Tensor, k_out: int) -> ExactDirections:
+    """LOCO directions from full Jacobians ``jacobian`` [B, d, d] (``J[b, i, j] = dD_i / dx_j``) and a
+    region mask [d] (or any shape with d entries): the top right singular vector of ``M J``, with the
+    top ``k_out`` right singular vectors of ``(1 - M) J`` projected out and renormalized (the same
+    construction as :func:`loco_directions`, by exact SVD instead of subspace iteration)."""
+    check_tensor("jacobian", jacobian, ndim=3)
+    b, d, d2 = jacobian.shape
+    if d != d2:
+        raise ValueError(f"jacobian: expected square matrices [B, d, d], got {tuple(jacobian.shape)}")
+    m = mask.reshape(-1).to(torch.float64)
+    if m.numel() != d:
+        raise ValueError(f"mask: expected {d} entries (the Jacobian's size), got {m.numel()}")
+    check_positive_int("k_out", k_out, minimum=0)
+    if k_out > _pixel_count(1 - m):
+        raise ValueError(f"k_out: {k_out} exceeds the {_pixel_count(1 - m)} pixel values outside the mask")
+    jac = jacobian.to(torch.float64)
+    _, s_in, vh_in = torch.linalg.svd(m[None, :, None] * jac)
+    top = vh_in[:, 0]  # [B, d]
+    _, _, vh_out = torch.linalg.svd((1 - m)[None, :, None] * jac)
+    outside = vh_out[:, :k_out].transpose(1, 2)  # [B, d, k_out]
+    return ExactDirections(project_out(top, outside), top, outside, s_in)
+
+
+def project_out(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``(I - V V^T) v / |.|`` per row: v [B, d], basis V [B, d, k] orthonormal columns -> [B, d] unit."""
+    check_tensor("v", v, ndim=2)
+    check_tensor("basis", basis, ndim=3)
+    w = v.to(torch.float64)
+    if basis.shape[-1]:
+        vb = basis.to(torch.float64)
+        w = w - (vb @ (vb.transpose(1, 2) @ w[:, :, None]))[:, :, 0]
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def top_masked_direction(matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The top right singular vector [d] of ``M W`` for one matrix ``W`` [d, d] (e.g. the Gaussian
+    denoiser's Jacobian ``W_G(sigma)``, the same for every point) and a mask with d entries."""
+    check_tensor("matrix", matrix, ndim=2)
+    m = mask.reshape(-1).to(torch.float64)
+    return torch.linalg.svd(m[:, None] * matrix.to(torch.float64))[2][0]

@@ -12,8 +12,15 @@ outside, and the inside fraction), the outside masked MSE, linearity (cosine of 
 growth of the change with s; and the posterior-mean predictor's own local linearity), the time per
 direction (wall and CPU), and transfer locality.
 
+Controls (small images, full Jacobians; one unit per edit time of the sweep): per image and
+mask, the LOCO direction against a random direction and the Gaussian denoiser's top masked
+direction under the same null-space projection and strengths, and against itself unprojected; the
+Jacobian's numerical rank, the edits' locality and x0_hat's linearity against the edit time; a
+per-image success (inside fraction >= ``success_fraction``) with Wilson intervals; claims decided on
+bootstrap intervals over images (``results["claims"]``).
+
 Outputs: ``results.json``, ``edits.csv``, ``transfer.csv``, ``edits.png``, ``transfer.png``,
-``spectrum.png``, ``timings.json``; per image a unit with ``directions.safetensors`` (load with
+``spectrum.png``, ``controls.png``, ``timings.json``; per image a unit with ``directions.safetensors`` (load with
 ``diffcore.analysis.load_directions``), the latent and the edited images.
 
 Models: the digits UNet diffcore trains (reused from a reproducibility run's folder with
@@ -32,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffcore._files import load_json, open_image
@@ -46,12 +54,14 @@ from diffcore.experiments.base import (
     config_from_preset,
     json_dumps,
 )
+from diffcore.metrics.intervals import Interval
 
 log = logging.getLogger(__name__)
 
 NAME = "loco-edit"
 IMAGE_SOURCES = ("dataset", "generated", "files")
 NAMED_MASKS = ("upper-half", "lower-half", "left-half", "right-half", "center")
+CONTROL_KINDS = ("loco", "unprojected", "random", "gaussian")  # the controls' directions, in this order
 SUBSPACE_METHODS = ("subspace", "randomized", "lanczos")
 
 
@@ -98,6 +108,18 @@ class LocoEditConfig:
     rank_ratio: float = 0.99  # numerical rank: top k carry ratio^2 of |J|_F^2
     transfer: bool = True
     torch_threads: int = 1  # CPU intra-op threads (0: torch's default)
+    # the full per-image units (subspace-iteration directions, composition, transfer, edits.png) run
+    # on the first `detail_images` images (0: all); the controls below run on every image
+    detail_images: int = 0
+    # controls (small images: full Jacobians): per image, mask and edit time the LOCO direction
+    # against a random direction and the Gaussian denoiser's top masked direction, all under the
+    # same null-space projection and strengths, and the LOCO direction unprojected. () = none.
+    control_masks: tuple[str, ...] = ("upper-half", "lower-half", "center")
+    sweep_times: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # edit times of the sweep (edit_time added)
+    control_seed: int = 0  # the random directions: seed control_seed + image position
+    success_fraction: float = 0.7  # an image's projected edit succeeds when its inside fraction >= this
+    low_rank_fraction: float = 0.5  # "low rank": numerical rank below this fraction of the dimension
+    linearity_tolerance: float = 0.1  # "locally linear": x0_hat's relative first-order error below this
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that is out of range."""
@@ -116,6 +138,20 @@ class LocoEditConfig:
             raise ConfigError(f"mask_files: expected one mask per image ({len(images)}), got {len(self.mask_files)}")
         if not self.mask_files:
             _check_mask_spec(self.mask)
+        for i, spec in enumerate(self.control_masks):
+            if spec not in NAMED_MASKS and not spec.startswith("box:"):
+                raise ConfigError(
+                    f"control_masks[{i}]: expected one of {', '.join(NAMED_MASKS)} or box:r0,r1,c0,c1, got {spec!r}"
+                )
+            try:
+                _check_mask_spec(spec)
+            except ConfigError as error:
+                raise ConfigError(f"control_masks[{i}]: {error}") from None
+        if self.control_masks and self.diffusers_dir:
+            raise ConfigError(
+                "control_masks: the controls need full Jacobians (small images, the digits model); "
+                "set control_masks= (empty) with diffusers_dir"
+            )
         if self.image_source == "dataset" and self.diffusers_dir:
             raise ConfigError(
                 "image_source: 'dataset' needs the digits model; with diffusers_dir use 'files' or 'generated'"
@@ -124,6 +160,15 @@ class LocoEditConfig:
     def images(self) -> tuple:
         """The images of ``image_source``: dataset indices, seeds or file paths."""
         return getattr(self, self.image_field())
+
+    def detail(self) -> tuple:
+        """The images that get the full per-image units (the first ``detail_images``; 0: all)."""
+        images = self.images()
+        return images if self.detail_images == 0 else images[: self.detail_images]
+
+    def edit_times(self) -> tuple[float, ...]:
+        """The sweep's edit times, ascending, ``edit_time`` included."""
+        return tuple(sorted({*self.sweep_times, self.edit_time}))
 
     def image_field(self) -> str:
         return {"dataset": "image_indices", "generated": "image_seeds", "files": "image_files"}[self.image_source]
@@ -184,7 +229,15 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "rank_ratio": _FRACTION,
     "transfer": base.boolean,
     "torch_threads": _COUNT,
+    "detail_images": _COUNT,
+    "control_masks": base.tuple_of(base.text, min_len=0),
+    "sweep_times": base.tuple_of(_open_fraction, min_len=0),
+    "control_seed": base.seed,
+    "success_fraction": _open_fraction,
+    "low_rank_fraction": _open_fraction,
+    "linearity_tolerance": _open_fraction,
 }
+MAX_CONTROL_DIM = 4096  # the controls' full Jacobians are d x d per image (64 x 64 for the digits)
 
 
 def _check_mask_spec(spec: str) -> None:
@@ -207,9 +260,11 @@ def _check_mask_spec(spec: str) -> None:
 
 def _quick() -> LocoEditConfig:
     """The digits UNet (width 32, all 1797 digits: the main job's generalizing model; reused with
-    ``--set models_from=<reproducibility --out>``, else trained: 207 s CPU with AVX2), 4 dataset
-    digits, upper-half mask, edit time 0.4 (sigma 2.04); the editing itself 52 s CPU (docs/studies.md)."""
-    return LocoEditConfig(edit_time=0.4)
+    ``--set models_from=<reproducibility --out>``, else trained: 207 s CPU with AVX2), 16 dataset
+    digits (the first 4 with the full per-image units and transfer, upper-half mask), edit time 0.6 T
+    (the paper's), controls on the three masks (upper and lower half, centre square) at edit times
+    0.2 .. 0.8 T. Times in docs/studies.md."""
+    return LocoEditConfig(edit_time=0.6, image_indices=tuple(range(16)), detail_images=4)
 
 
 def _tiny() -> LocoEditConfig:
@@ -225,6 +280,7 @@ def _tiny() -> LocoEditConfig:
         k_out=3,
         strengths=(1.0, 2.0),
         subspace_iters=30,
+        sweep_times=(0.2, 0.8),
     )
 
 
@@ -247,6 +303,7 @@ def _paper() -> LocoEditConfig:
         spectrum_k=32,
         subspace_iters=50,
         torch_threads=0,
+        control_masks=(),
     )
 
 
@@ -461,6 +518,13 @@ class _Study:
             raise ConfigError(f"spectrum_k: {c.spectrum_k} exceeds the dimension {math.prod(shape)} of the images")
         for position, image in enumerate(c.images()):
             self.check_mask_fits(self.mask(shape, position), image)
+        if c.control_masks and math.prod(shape) > MAX_CONTROL_DIM:
+            raise ConfigError(
+                f"control_masks: the controls need full {math.prod(shape)} x {math.prod(shape)} Jacobians "
+                f"(at most {MAX_CONTROL_DIM} pixel values); set control_masks= (empty) for these images"
+            )
+        for spec in c.control_masks:
+            self.check_mask_fits(grid_mask(spec, shape), f"{spec} (control_masks)")
 
     def check_mask_fits(self, mask: torch.Tensor, image) -> None:
         """``rank`` directions inside and ``k_out`` outside the mask need that many pixel values."""
@@ -474,15 +538,16 @@ class _Study:
 
     # images -----------------------------------------------------------------------
     def latents(
-        self, denoiser, timeline, shape, pool, position: int, image
+        self, denoiser, timeline, shape, pool, position: int, image, edit_time: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x_t [1, ...], x0 [1, ...] or None)`` of one image at the edit time."""
+        """``(x_t [1, ...], x0 [1, ...] or None)`` of one image at ``edit_time`` (default: the config's)."""
         from diffcore import sampler
 
         c = self.c
+        t = c.edit_time if edit_time is None else edit_time
         if c.image_source == "generated":
             noise = sampler.noise_from_seeds([image], shape, device=self.device, dtype=torch.float32)
-            grid = timeline.generation_grid(c.edit_time, c.inversion_steps)
+            grid = timeline.generation_grid(t, c.inversion_steps)
             with torch.no_grad():
                 x_t = sampler.SOLVERS[c.solver](denoiser, noise * float(grid[0]), grid, require_zero_end=False)
             return x_t, None
@@ -495,7 +560,7 @@ class _Study:
         else:
             x0 = image_from_file(image, shape)[None].to(self.device)
         with torch.no_grad():
-            x_t = sampler.invert(denoiser, x0, timeline.inversion_grid(c.edit_time, c.inversion_steps), solver=c.solver)
+            x_t = sampler.invert(denoiser, x0, timeline.inversion_grid(t, c.inversion_steps), solver=c.solver)
         return x_t, x0
 
     def mask(self, shape, position: int) -> torch.Tensor:
@@ -650,12 +715,22 @@ class _Study:
         self.ws.bind_config(c)
         denoiser, timeline, shape, model = self.model(pool)
         units = [
-            self.image_unit(denoiser, timeline, shape, model, pool, i, image) for i, image in enumerate(c.images())
+            self.image_unit(denoiser, timeline, shape, model, pool, i, image) for i, image in enumerate(c.detail())
         ]
         transfer = self.transfer_unit(denoiser, timeline, units) if c.transfer and len(units) > 1 else None
         per_image = [
-            measure_image(_tensors(u), u.meta, c, i, image) for i, (u, image) in enumerate(zip(units, c.images()))
+            measure_image(_tensors(u), u.meta, c, i, image) for i, (u, image) in enumerate(zip(units, c.detail()))
         ]
+        control_units = (
+            [self.control_unit(denoiser, timeline, shape, model, pool, t) for t in c.edit_times()]
+            if c.control_masks
+            else []
+        )
+        controls = (
+            summarize_controls([torch.load(u.file("controls.pt"), weights_only=True) for u in control_units], c)
+            if control_units
+            else None
+        )
         transfer_rows = (
             measure_transfer(torch.load(transfer.file("transfer.pt"), weights_only=True), units, c)
             if transfer is not None
@@ -670,9 +745,101 @@ class _Study:
             "transfer": transfer_rows,
             "summary": summarize(per_image, transfer_rows, c),
         }
+        if controls is not None:
+            results["controls"] = controls
+            results["claims"] = controls.pop("claims")
         results = json.loads(json_dumps(results))
         self.write(results, units, transfer)
         return results
+
+    def gaussian_reference(self, pool):
+        """The Gaussian denoiser of the model's training images (mean and covariance, all eigenpairs):
+        its Jacobian ``W_G(sigma)`` is the Gaussian baseline's."""
+        from diffcore.denoisers import GaussianDenoiser
+
+        c = self.c
+        train_images, _ = self.hooks.subset(pool, c.train_size, c.subset_seed)
+        return GaussianDenoiser.fit(train_images)
+
+    def control_unit(self, denoiser, timeline, shape, model: dict, pool, edit_time: float) -> Unit:
+        """At one edit time, for every image: the full Jacobian (rank), and per control mask the
+        four directions (LOCO projected, LOCO unprojected, random projected, Gaussian projected)
+        edited at every strength of both signs (one batch), and x0_hat's first-order error along the
+        LOCO direction."""
+        from diffcore import analysis
+        from diffcore.analysis.editing import exact_loco_directions, project_out, top_masked_direction
+
+        c = self.c
+        images = c.images()
+        spec = {
+            "model": model,
+            "images": list(images),
+            "edit_time": edit_time,
+            "masks": list(c.control_masks),
+            "control_seed": c.control_seed,
+            **{
+                k: getattr(c, k)
+                for k in ("image_source", "inversion_steps", "solver", "stochastic_below", "noise_seed", "k_out")
+            },
+            "strengths": list(c.strengths),
+        }
+        sigma = timeline.sigma(edit_time)
+        sigmas = timeline.sampling_grid(edit_time, c.inversion_steps)
+
+        def produce(tmp: Path, work: Path) -> dict:
+            x_t = torch.cat(
+                [self.latents(denoiser, timeline, shape, pool, i, im, edit_time)[0] for i, im in enumerate(images)]
+            )
+            batch, d = x_t.shape[0], math.prod(shape)
+            jac = analysis.jacobian_full(denoiser, x_t, sigma, mode="rev").double()  # [B, d, d]
+            singular = torch.linalg.svdvals(jac)
+            w_g = self.gaussian_reference(pool).jacobian(sigma)  # [d, d]
+            signed = [*c.strengths, *(-s for s in c.strengths)]
+            directions = []  # [M, K, B, d]
+            for m_index, spec_m in enumerate(c.control_masks):
+                mask = grid_mask(spec_m, shape)
+                exact = exact_loco_directions(jac, mask, c.k_out)
+                gen = torch.Generator().manual_seed(c.control_seed * 1000 + m_index)
+                noise = torch.randn(batch, d, generator=gen, dtype=torch.float64)
+                gauss = top_masked_direction(w_g, mask).expand(batch, d)
+                directions.append(
+                    torch.stack(
+                        [
+                            exact.loco,
+                            exact.unprojected,
+                            project_out(noise, exact.outside),
+                            project_out(gauss, exact.outside),
+                        ]
+                    )
+                )
+            v = torch.stack(directions).to(x_t.dtype).reshape(len(c.control_masks), len(CONTROL_KINDS), batch, *shape)
+            s = torch.tensor(signed, dtype=x_t.dtype).reshape(-1, 1, 1, 1, 1, 1, 1)
+            start = (x_t + s * v[None]).reshape(-1, *shape)  # [S2 * M * K * B, ...]
+            rows = start.shape[0] // batch
+            seeds = [c.noise_seed + i for i in range(batch)]
+            kwargs = self.sample_kwargs(timeline, seeds * (rows + 1))
+            with torch.no_grad():
+                finals = analysis.sample_back(denoiser, torch.cat([x_t, start]), sigmas, **kwargs)
+            original, edited = finals[:batch], finals[batch:].reshape(len(signed), *v.shape)
+            lin = analysis.local_linearity(denoiser, x_t, sigma, v[:, 0].transpose(0, 1), list(c.strengths))
+            torch.save(
+                {
+                    "sigma": torch.tensor(sigma, dtype=torch.float64),
+                    "edit_time": torch.tensor(edit_time, dtype=torch.float64),
+                    "singular_values": singular.float(),
+                    "deltas": (edited - original).float().contiguous(),  # [2S, M, K, B, C, H, W]
+                    "masks": torch.stack([grid_mask(m, shape) for m in c.control_masks]).float(),
+                    "x0_rel_error": lin.rel_error.float(),  # [B, M, S] along the LOCO direction
+                    "x0_cosine": lin.cosine.float(),
+                    "original": original.float().cpu(),
+                },
+                tmp / "controls.pt",
+            )
+            return {"sigma": sigma}
+
+        unit = self.ws.run_unit("controls", f"t{edit_time:g}", spec, produce)
+        self.ws.record(unit)
+        return unit
 
     def write(self, results: dict, units: list[Unit], transfer: Unit | None) -> None:
         root = self.ws.root
@@ -686,6 +853,8 @@ class _Study:
             columns=["source", "target", "strength", "locality", "inside_fraction", "outside_mse"],
         )
         tensors = [_tensors(u) for u in units]
+        if "controls" in results:
+            plot_controls(results, root / "controls.png")
         plot_edits(tensors, results, root / "edits.png")
         plot_spectrum(tensors, results, root / "spectrum.png")
         if transfer is not None:
@@ -733,7 +902,7 @@ def measure_image(t: dict, meta: dict, c: LocoEditConfig, position: int, image) 
                 "projected": key != "unprojected",
                 "strength": s,
                 "cosine_pm": float(lin["cosine_pm"][i, 0]),
-                "gain": float(lin["gain"][i, 0]),
+                "change_per_strength": float(lin["change_per_strength"][i, 0]),
             }
             if key == "dir0":
                 row.update(x0_rel_error=float(t["x0_rel_error"][0, 0, i]), x0_cosine=float(t["x0_cosine"][0, 0, i]))
@@ -828,7 +997,7 @@ def summarize(images: list[dict], transfer: list[dict], c: LocoEditConfig) -> di
                 "outside_mse_projected_mean": _mean(at(True, "outside_mse")),
                 "outside_mse_unprojected_mean": _mean(at(False, "outside_mse")),
                 "cosine_pm_mean": _mean([r["cosine_pm"] for r in lin]),
-                "gain_mean": _mean([r["gain"] for r in lin]),
+                "change_per_strength_mean": _mean([r["change_per_strength"] for r in lin]),
                 "x0_rel_error_mean": _mean([r["x0_rel_error"] for r in lin]),
                 "transfer_locality_median": _median([r["locality"] for r in moved]),
                 "transfer_inside_fraction_mean": _mean([r["inside_fraction"] for r in moved]),
@@ -845,6 +1014,218 @@ def summarize(images: list[dict], transfer: list[dict], c: LocoEditConfig) -> di
         ),
         "per_strength": per_strength,
     }
+
+
+# ----------------------------------------------------------------------------- controls
+def _median_interval(rows) -> Interval:
+    """Median of all entries of ``rows`` [images, ...] with a bootstrap interval over images (the
+    masks of one image stay together: they share its latent and Jacobian)."""
+    from diffcore.metrics import intervals
+
+    arr = np.asarray(rows, dtype=np.float64)
+    return intervals.bootstrap_interval(arr, lambda a: float(np.median(a)))
+
+
+def _mean_interval(rows) -> Interval:
+    from diffcore.metrics import intervals
+
+    arr = np.asarray(rows, dtype=np.float64)
+    return intervals.bootstrap_interval(arr, lambda a: float(np.mean(a)))
+
+
+def control_measures(t: dict, c: LocoEditConfig) -> dict:
+    """Per-image measures of one control unit (one edit time) as numpy arrays.
+
+    ``inside_fraction``, ``locality`` [S, M, K, B]: energies of both signs summed (inside over
+    inside + outside, inside over outside); ``cosine_pm`` [S, M, K, B]; ``change_per_strength``
+    [S, M, K, B] = |delta(+s)| / s (unnormalized); ``rank`` [B] (numerical rank of the full Jacobian,
+    ratio ``rank_ratio``), ``x0_rel_error`` [S, M, B]; ``area`` [M] (the mask's share of the pixels:
+    the inside fraction of a change spread evenly, the chance level)."""
+    from diffcore import analysis
+
+    deltas = t["deltas"].double()  # [2S, M, K, B, C, H, W]
+    n = len(c.strengths)
+    plus, minus = deltas[:n], deltas[n:]
+    inside, outside = [], []
+    for m_index in range(deltas.shape[1]):
+        mask = t["masks"][m_index]
+        loc = analysis.edit_locality(deltas[:, m_index], mask)
+        inside.append(loc["inside"])
+        outside.append(loc["outside"])
+    inside_e = torch.stack(inside, 1)  # [2S, M, K, B]
+    outside_e = torch.stack(outside, 1)
+    both_in, both_out = inside_e[:n] + inside_e[n:], outside_e[:n] + outside_e[n:]
+    flat_p, flat_m = plus.flatten(4), minus.flatten(4)
+    strengths = torch.tensor(c.strengths, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    d = t["singular_values"].shape[-1]
+    return {
+        "inside_fraction": (both_in / (both_in + both_out).clamp_min(1e-300)).numpy(),
+        "locality": (both_in / both_out.clamp_min(1e-300)).numpy(),
+        "cosine_pm": torch.nn.functional.cosine_similarity(flat_p, flat_m, dim=-1, eps=1e-300).numpy(),
+        "change_per_strength": (flat_p.norm(dim=-1) / strengths).numpy(),
+        "rank": analysis.numerical_rank(t["singular_values"].double(), c.rank_ratio).numpy(),
+        "dimension": d,
+        "x0_rel_error": t["x0_rel_error"].double().permute(2, 1, 0).numpy(),
+        "area": t["masks"].double().flatten(1).mean(1).numpy(),
+        "sigma": float(t["sigma"]),
+        "edit_time": float(t["edit_time"]),
+    }
+
+
+def summarize_controls(units: list[dict], c: LocoEditConfig) -> dict:
+    """results.json's ``controls`` (per edit time and, at ``edit_time``, per mask) and ``claims``
+    (decided on 95 % bootstrap intervals over images; see docs/studies.md)."""
+    from diffcore.metrics import intervals
+
+    mid = len(c.strengths) // 2  # the headline strength, fixed before looking
+    per_time, at_edit = [], None
+    for t in units:
+        m = control_measures(t, c)
+        frac = m["inside_fraction"][mid]  # [M, K, B]
+        row = {
+            "edit_time": m["edit_time"],
+            "sigma": m["sigma"],
+            "rank": _median_interval(m["rank"]).as_dict(),
+            "rank_fraction": _median_interval(m["rank"] / m["dimension"]).as_dict(),
+            "x0_rel_error": _median_interval(m["x0_rel_error"][mid].T).as_dict(),
+            **{
+                f"inside_fraction_{kind}": _median_interval(frac[:, k].T).as_dict()
+                for k, kind in enumerate(CONTROL_KINDS)
+            },
+            **{
+                f"locality_{kind}": _median_interval(m["locality"][mid][:, k].T).as_dict()
+                for k, kind in enumerate(CONTROL_KINDS)
+            },
+            "cosine_pm_loco": _median_interval(m["cosine_pm"][mid][:, 0].T).as_dict(),
+            "change_per_strength_loco": _median_interval(m["change_per_strength"][mid][:, 0].T).as_dict(),
+        }
+        per_time.append(row)
+        if abs(m["edit_time"] - c.edit_time) < 1e-12:
+            at_edit = m
+    assert at_edit is not None  # edit_times() holds edit_time
+    m = at_edit
+    frac = m["inside_fraction"][mid]  # [M, K, B]
+    area = m["area"]  # [M]
+    success = frac[:, 0] >= c.success_fraction  # [M, B]
+    per_mask = []
+    for j, spec in enumerate(c.control_masks):
+        hits = int(success[j].sum())
+        per_mask.append(
+            {
+                "mask": spec,
+                "chance_inside_fraction": float(area[j]),
+                "chance_locality": float(area[j] / (1 - area[j])),
+                "success_rate": intervals.wilson_interval(hits, success.shape[1]).as_dict(),
+                "successes": hits,
+                **{
+                    f"inside_fraction_{kind}": _median_interval(frac[j, k]).as_dict()
+                    for k, kind in enumerate(CONTROL_KINDS)
+                },
+                **{
+                    f"locality_{kind}": _median_interval(m["locality"][mid][j, k]).as_dict()
+                    for k, kind in enumerate(CONTROL_KINDS)
+                },
+                "per_image_inside_fraction_loco": frac[j, 0].tolist(),
+            }
+        )
+
+    def paired(k_other: int | None) -> Interval:
+        other = area[:, None] if k_other is None else frac[:, k_other]
+        return _median_interval((frac[:, 0] - other).T)
+
+    pooled_success = _mean_interval(success.T.astype(np.float64))
+    rank_fraction = _median_interval(m["rank"] / m["dimension"])
+    x0_error = _median_interval(m["x0_rel_error"][mid].T)
+    differences = {
+        "random": paired(CONTROL_KINDS.index("random")),
+        "gaussian": paired(CONTROL_KINDS.index("gaussian")),
+        "unprojected": paired(CONTROL_KINDS.index("unprojected")),
+        "chance": paired(None),
+    }
+    claims = {
+        f"loco_more_local_than_{name}": intervals.claim(
+            diff.low > 0,
+            median_difference=diff,
+            measure="inside fraction, LOCO (projected) minus the control, same image and mask",
+        )
+        for name, diff in differences.items()
+    }
+    claims["most_edits_succeed"] = intervals.claim(
+        pooled_success.low > 0.5,
+        success_rate=pooled_success,
+        threshold=c.success_fraction,
+        measure="share of (image, mask) pairs whose projected LOCO edit has inside fraction >= threshold",
+    )
+    claims["low_rank_at_edit_time"] = intervals.claim(
+        rank_fraction.high < c.low_rank_fraction, rank_fraction=rank_fraction, tolerance=c.low_rank_fraction
+    )
+    claims["locally_linear_at_edit_time"] = intervals.claim(
+        x0_error.high < c.linearity_tolerance, x0_rel_error=x0_error, tolerance=c.linearity_tolerance
+    )
+    return {
+        "strength": c.strengths[mid],
+        "kinds": list(CONTROL_KINDS),
+        "images": len(c.images()),
+        "per_time": per_time,
+        "per_mask": per_mask,
+        "success_rate_pooled": pooled_success.as_dict(),
+        "claims": claims,
+    }
+
+
+def plot_controls(results: dict, path) -> Path:
+    """Inside fraction per mask and direction at the edit time (median, 95 % bootstrap interval,
+    chance level), and against the edit time: inside fraction, Jacobian rank fraction, linearity."""
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+
+    ctl = results["controls"]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    ax = axes[0]
+    kinds = ctl["kinds"]
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        xs = [j + (k - (len(kinds) - 1) / 2) * width for j in range(len(ctl["per_mask"]))]
+        vals = [r[f"inside_fraction_{kind}"] for r in ctl["per_mask"]]
+        ax.bar(
+            xs,
+            [v["value"] for v in vals],
+            width,
+            yerr=[[v["value"] - v["low"] for v in vals], [v["high"] - v["value"] for v in vals]],
+            capsize=2,
+            label=kind,
+        )
+    for j, r in enumerate(ctl["per_mask"]):
+        ax.hlines(r["chance_inside_fraction"], j - 0.45, j + 0.45, colors="k", linestyles=":", lw=1)
+    ax.set_xticks(range(len(ctl["per_mask"])), [r["mask"] for r in ctl["per_mask"]], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("inside fraction (median over images)")
+    ax.set_title(f"t = {results['config']['edit_time']} T, |s| = {ctl['strength']:g} (dotted: chance)", fontsize=9)
+    ax.legend(fontsize=7)
+    times = [r["edit_time"] for r in ctl["per_time"]]
+
+    def band(ax, key, label, style="o-", transform=lambda v: v):
+        vals = [r[key] for r in ctl["per_time"]]
+        lo = [transform(v["low"]) for v in vals]
+        hi = [transform(v["high"]) for v in vals]
+        ax.plot(times, [transform(v["value"]) for v in vals], style, label=label)
+        ax.fill_between(times, np.minimum(lo, hi), np.maximum(lo, hi), alpha=0.2)
+
+    for kind in kinds:
+        band(axes[1], f"inside_fraction_{kind}", kind)
+    axes[1].set_ylim(0, 1.02)
+    axes[1].set_ylabel("inside fraction (all masks)")
+    band(axes[2], "rank_fraction", "numerical rank / dimension")
+    axes[2].set_ylim(0, 1.02)
+    band(axes[3], "x0_rel_error", "x0_hat first-order rel. error (LOCO dir.)")
+    band(axes[3], "cosine_pm_loco", "cos(change(+s), change(-s)) + 1", "s--", transform=lambda v: v + 1)
+    axes[3].set_ylim(bottom=0)
+    for ax, title in zip(axes[1:], ("locality against edit time", "Jacobian rank", "linearity (0 = linear)")):
+        ax.set_xlabel("edit time t / T")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -974,7 +1355,6 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     ax.legend(fontsize=7)
     ax = axes[2]
     ax.plot(s, [-r["cosine_pm_mean"] for r in summary], "o-", label="-cos(change(+s), change(-s))")
-    ax.plot(s, [r["gain_mean"] for r in summary], "s--", label="(|change(s)|/s) / (|change(s1)|/s1)")
     ax.plot(s, [1 - r["x0_rel_error_mean"] for r in summary], "^:", label="1 - rel. error of x0_hat's J v")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.set_ylim(0, 1.15)

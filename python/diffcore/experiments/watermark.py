@@ -42,8 +42,14 @@ Models (``model``):
   ``model_dir`` (safetensors weights), e.g. a CelebA-HQ 256 DDPM; DDIM on the scheduler's
   timesteps (``vp_sigmas``).
 
+The ``learned`` preset trains the UNet on the digits at 16x16 with the key in the low band (where
+the digits' variance is: ``data_spectrum`` measures it) and sweeps the injection time
+(``sweep_times``); every preset reports AUC / TPR / SSIM with bootstrap intervals (``sweep``) and
+claims decided on them (``claims``).
+
 Outputs: ``results.json``, ``detection.csv`` (method x attack), ``consistency.csv`` (per image),
-``watermark-roc.png``, ``watermark-images.png``, ``watermark-consistency.png``, ``timings.json``.
+``watermark-roc.png``, ``watermark-images.png``, ``watermark-consistency.png``,
+``watermark-sweep.png``, ``timings.json``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffcore.experiments import _stack, base
@@ -68,6 +75,7 @@ from diffcore.experiments.base import (
     config_from_preset,
     json_dumps,
 )
+from diffcore.metrics.intervals import Interval
 from diffcore.metrics.watermark import AttackParams
 
 log = logging.getLogger(__name__)
@@ -121,6 +129,11 @@ class WatermarkConfig:
     nullspace_images: int = 4  # images whose Jacobian is analysed (0: skip)
     nullspace_k: int = 32  # top singular vectors computed
     grid_images: int = 6
+    # the injection-time sweep: Shallow Diffuse also at these times (fractions of T; ``time`` is the
+    # headline), each with its own samples, detection under every attack, consistency and null space
+    sweep_times: tuple[float, ...] = ()
+    null_fraction_threshold: float = 0.5  # claim: the key's null-space fraction above this
+    low_rank_fraction: float = 0.5  # claim: the Jacobian's numerical rank below this share of d
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of range."""
@@ -224,6 +237,9 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "nullspace_images": _COUNT,
     "nullspace_k": _POSITIVE,
     "grid_images": _COUNT,
+    "sweep_times": base.tuple_of(base.below(1), min_len=0),
+    "null_fraction_threshold": _FRACTION,
+    "low_rank_fraction": _FRACTION,
 }
 
 
@@ -250,6 +266,7 @@ def _tiny() -> WatermarkConfig:
         grid_images=4,
         rank_references=19,
         wrong_keys=4,
+        sweep_times=(0.6,),
     )
 
 
@@ -268,7 +285,38 @@ def _paper() -> WatermarkConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], WatermarkConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
+def _learned() -> WatermarkConfig:
+    """The learned model: a DDPM++ UNet trained here on the digits upsampled to 16x16, the key in the
+    *low* band (Tree-Ring's, radius 2: the band that holds the digits' variance; the high band holds
+    none of it, measured in ``data_spectrum``), Shallow Diffuse at 0.3 T and swept over 0.1 .. 0.7 T
+    against x_T; 32 + 32 images, four attacks. Fixed before any run (docs/studies.md)."""
+    return WatermarkConfig(
+        model="unet",
+        resolution=16,
+        width=16,
+        train_steps=600,
+        band="low",
+        radius_fraction=0.125,
+        sampler_steps=40,
+        num_images=32,
+        num_negatives=32,
+        attacks=("none", "jpeg", "noise", "blur"),
+        rank_references=0,
+        wrong_keys=0,
+        p_value=False,
+        nullspace_images=8,
+        nullspace_k=128,
+        grid_images=6,
+        sweep_times=(0.1, 0.5, 0.7),
+    )
+
+
+PRESETS: dict[str, Callable[[], WatermarkConfig]] = {
+    "quick": _quick,
+    "tiny": _tiny,
+    "paper": _paper,
+    "learned": _learned,
+}
 CONFIG_CLASS = WatermarkConfig
 
 
@@ -360,19 +408,28 @@ class _Study:
         grid = sampler.karras_sigmas(c.sampler_steps)
         return self.with_time(denoiser, grid, None, shape, info)
 
-    def with_time(self, denoiser, grid, alphas_cumprod, shape, info) -> _Model:
+    def with_time(self, denoiser, grid, alphas_cumprod, shape, info, time: float | None = None) -> _Model:
         from diffcore.analysis import watermark as wm
 
-        sigma_t = wm.sigma_at_time(self.c.time, alphas_cumprod)
+        time = self.c.time if time is None else time
+        sigma_t = wm.sigma_at_time(time, alphas_cumprod)
         upper, lower = wm.split_sigmas(grid, sigma_t)
         sigmas = lower if upper is None else torch.cat([upper, lower[1:]])
-        return _Model(
+        model = _Model(
             denoiser,
             sigmas,
             sigma_t,
             shape,
             {**info, "sigma_t": sigma_t, "sigma_max": float(sigmas[0]), "grid_steps": sigmas.numel() - 1},
         )
+        model.base = (grid, alphas_cumprod)  # type: ignore[attr-defined]
+        return model
+
+    def at_time(self, m: _Model, time: float) -> _Model:
+        """The same model with its grid for a Shallow Diffuse injection at ``time``."""
+        grid, abar = m.base  # type: ignore[attr-defined]
+        info = {k: v for k, v in m.info.items() if k not in ("sigma_t", "sigma_max", "grid_steps")}
+        return self.with_time(m.denoiser, grid, abar, m.shape, info, time)
 
     def trained_unet(self, images: torch.Tensor):
         c = self.c
@@ -472,13 +529,14 @@ class _Study:
         b = self.c.sample_batch
         return [seeds[i : i + b] for i in range(0, len(seeds), b)]
 
-    def samples_unit(self, method: str, m: _Model, key) -> dict:
+    def samples_unit(self, method: str, m: _Model, key, name: str | None = None) -> dict:
         from diffcore.analysis import watermark as wm
 
         c = self.c
         sigma = injection_sigma(method, m)
         spec = {
             **self.model_spec(m),
+            **({} if name in (None, method) else {"time": m.info["sigma_t"]}),
             "method": method,
             "key": _key_spec(key),
             "seeds": [c.sample_seed_start, c.num_images],
@@ -492,7 +550,7 @@ class _Study:
             torch.save({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, tmp / "samples.pt")
             return {"sigma": sigma}
 
-        unit = self.ws.run_unit("samples", method, spec, produce)
+        unit = self.ws.run_unit("samples", name or method, spec, produce)
         self.ws.record(unit)
         return torch.load(unit.file("samples.pt"), map_location="cpu", weights_only=True)
 
@@ -514,7 +572,9 @@ class _Study:
         self.ws.record(unit)
         return torch.load(unit.file("images.pt"), map_location="cpu", weights_only=True)
 
-    def detection_unit(self, method: str, attack_name: str, m: _Model, key, positives, negatives) -> dict:
+    def detection_unit(
+        self, method: str, attack_name: str, m: _Model, key, positives, negatives, name: str | None = None
+    ) -> dict:
         from diffcore.analysis import watermark as wm
         from diffcore.metrics import watermark as mw
 
@@ -563,16 +623,17 @@ class _Study:
                 meta["wrong_keys"] = wrong_key_rates(pos_wrong, neg_wrong)
             return meta
 
-        unit = self.ws.run_unit("detection", f"{method}-{attack_name}", spec, produce)
+        unit = self.ws.run_unit("detection", f"{name or method}-{attack_name}", spec, produce)
         self.ws.record(unit)
         return {
             "method": method,
+            "variant": name or method,
             "attack": attack_name,
             **unit.meta,
             "scores": json.loads(unit.file("scores.json").read_text()),
         }
 
-    def nullspace_unit(self, method: str, m: _Model, samples: dict) -> dict:
+    def nullspace_unit(self, method: str, m: _Model, samples: dict, name: str | None = None) -> dict:
         from diffcore.analysis import watermark as wm
 
         c = self.c
@@ -599,7 +660,7 @@ class _Study:
                 "singular_values": r.singular_values.tolist(),
             }
 
-        unit = self.ws.run_unit("nullspace", method, spec, produce)
+        unit = self.ws.run_unit("nullspace", name or method, spec, produce)
         self.ws.record(unit)
         return unit.meta
 
@@ -615,22 +676,28 @@ class _Study:
         samples, detection, consistency, nullspace = {}, [], {}, {}
         from tqdm.auto import tqdm
 
+        variants = [(method, method, m) for method in METHODS] + [
+            ("shallow", variant_name(t), self.at_time(m, t)) for t in c.sweep_times if t != c.time
+        ]
         bar = tqdm(
-            total=len(METHODS) * len(c.attacks),
+            total=len(variants) * len(c.attacks),
             desc=NAME,
             unit="attack",
             disable=not _env.progress_enabled(self.progress),
         )
-        for method in METHODS:
-            s = samples[method] = self.samples_unit(method, m, key)
-            consistency[method] = self.consistency(method, m, s)
+        sweep_models = {}
+        for method, name, mv in variants:
+            sweep_models[name] = mv
+            s = samples[name] = self.samples_unit(method, mv, key, name)
+            consistency[name] = self.consistency(method, mv, s)
             if c.nullspace_images:
-                nullspace[method] = self.nullspace_unit(method, m, s)
+                nullspace[name] = self.nullspace_unit(method, mv, s, name)
             for attack_name in c.attacks:
-                detection.append(self.detection_unit(method, attack_name, m, key, s["watermarked"], negatives))
-                bar.set_postfix_str(f"{method}/{attack_name}: AUC {detection[-1]['distance']['auc']:.3f}")
+                detection.append(self.detection_unit(method, attack_name, mv, key, s["watermarked"], negatives, name))
+                bar.set_postfix_str(f"{name}/{attack_name}: AUC {detection[-1]['distance']['auc']:.3f}")
                 bar.update(1)
         bar.close()
+        evidence = self.evidence(m, key, variants, detection, consistency, nullspace)
         results = json.loads(
             json_dumps(
                 {
@@ -641,11 +708,107 @@ class _Study:
                     "detection": [{k: v for k, v in d.items() if k != "scores"} for d in detection],
                     "consistency": {method: consistency_summary(values) for method, values in consistency.items()},
                     "nullspace": {method: _nullspace_summary(v) for method, v in nullspace.items()},
+                    **evidence,
                 }
             )
         )
         self.write(results, detection, consistency, samples, m)
         return results
+
+    def data_spectrum(self, key) -> dict | None:
+        """The training images' share of variance on the key's disc (in the key's band and channel)
+        against the disc's share of the spectrum (the share of a white spectrum: chance), with a
+        bootstrap interval over images; None for models without images (molrg, diffusers)."""
+        from diffcore.analysis import watermark as wm
+        from diffcore.metrics import intervals
+
+        c = self.c
+        if c.model not in ("unet", "gaussian", "mixture"):
+            return None
+        x = digits_at(c.resolution).double() / 127.5 - 1.0
+        centred = x[:, c.channel] - x[:, c.channel].mean(0)
+        power = wm.spectrum(centred, c.band).abs().square()  # [N, H, W]
+        rows = torch.stack([power[:, key.mask].sum(1), power.flatten(1).sum(1)], 1).numpy()
+        share = intervals.bootstrap_sums(rows, lambda t: t[:, 0] / t[:, 1])
+        chance = key.size / float(key.mask.numel())
+        return {
+            "variance_share_on_key": share.as_dict(),
+            "chance_share": chance,
+            "overlaps": intervals.claim(share.low > chance, variance_share=share, chance=chance),
+        }
+
+    def evidence(self, m: _Model, key, variants, detection, consistency, nullspace) -> dict:
+        """``sweep`` (per variant: time, sigma, AUC and TPR per attack, SSIM mean and worst tail,
+        null-space fraction and rank, with 95 % bootstrap intervals), ``data_spectrum`` and
+        ``claims`` (decided on those intervals; docs/studies.md)."""
+        from diffcore.metrics import intervals
+
+        c = self.c
+        dimension = math.prod(m.shape)
+        sweep = []
+        by_variant = {}
+        for method, name, mv in variants:
+            rows = [d for d in detection if d["variant"] == name]
+            ssim = consistency[name]["ssim"]
+            entry = {
+                "variant": name,
+                "method": method,
+                "time": c.time if name == "shallow" else (1.0 if method == "xT" else float(name.split("-t")[1])),
+                "sigma": injection_sigma(method, mv),
+                "ssim_mean": intervals.bootstrap_interval(ssim).as_dict(),
+                "ssim_p05": intervals.bootstrap_interval(ssim, lambda a: float(np.quantile(a, 0.05))).as_dict(),
+                "ssim_min": float(min(ssim)),
+                "psnr_mean_finite": _finite_mean_interval(consistency[name]["psnr"]),
+                "detection": {
+                    d["attack"]: {
+                        "auc": detection_interval(d["scores"], "auc").as_dict(),
+                        "tpr_at_1pct_fpr": detection_interval(d["scores"], "tpr").as_dict(),
+                    }
+                    for d in rows
+                },
+            }
+            if name in nullspace:
+                ns = nullspace[name]
+                entry["null_space_fraction"] = intervals.bootstrap_interval(ns["fraction"]).as_dict()
+                entry["rank_fraction"] = intervals.bootstrap_interval(
+                    [r / dimension for r in ns["rank"]], lambda a: float(np.median(a))
+                ).as_dict()
+                entry["rank_capped_at_k"] = any(r > ns["k"] for r in ns["rank"])
+            sweep.append(entry)
+            by_variant[name] = entry
+        claims = {}
+        diff = intervals.bootstrap_interval(
+            np.asarray(consistency["shallow"]["ssim"]) - np.asarray(consistency["xT"]["ssim"])
+        )
+        claims["shallow_more_consistent_than_xT"] = intervals.claim(
+            diff.low > 0, ssim_difference=diff, measure="SSIM to the unmarked twin, shallow minus xT, same seeds"
+        )
+        worst = intervals.bootstrap_interval(
+            np.stack([consistency["shallow"]["ssim"], consistency["xT"]["ssim"]], 1),
+            lambda a: float(np.quantile(a[:, 0], 0.05) - np.quantile(a[:, 1], 0.05)),
+        )
+        claims["shallow_worst_tail_better_than_xT"] = intervals.claim(
+            worst.low > 0, ssim_p05_difference=worst, measure="5th percentile of SSIM, shallow minus xT"
+        )
+        for attack_name in c.attacks:
+            a, b = (by_variant[v]["detection"][attack_name]["auc"] for v in ("shallow", "xT"))
+            claims[f"shallow_auc_not_below_xT_{attack_name}"] = intervals.claim(
+                not a["high"] < b["low"], shallow_auc=a, xT_auc=b
+            )
+        if "null_space_fraction" in by_variant["shallow"]:
+            frac = by_variant["shallow"]["null_space_fraction"]
+            claims["key_mostly_in_null_space"] = intervals.claim(
+                frac["low"] > c.null_fraction_threshold, null_space_fraction=frac, threshold=c.null_fraction_threshold
+            )
+            rank = by_variant["shallow"]["rank_fraction"]
+            claims["jacobian_low_rank_at_injection"] = intervals.claim(
+                rank["high"] < c.low_rank_fraction, rank_fraction=rank, threshold=c.low_rank_fraction
+            )
+        spectrum_overlap = self.data_spectrum(key)
+        if spectrum_overlap is not None:
+            claims["key_band_overlaps_data"] = spectrum_overlap.pop("overlaps")
+        sweep.sort(key=lambda e: e["time"])
+        return {"sweep": sweep, "data_spectrum": spectrum_overlap, "claims": claims}
 
     def consistency(self, method: str, m: _Model, s: dict) -> dict:
         """Per image: PSNR and SSIM against the unwatermarked twin; ``gain`` = |image change| / |key
@@ -678,6 +841,7 @@ class _Study:
             [
                 {
                     "method": d["method"],
+                    "variant": d["variant"],
                     "attack": d["attack"],
                     **{f"{s}_{k}": d[s][k] for s in SCORES if s in d for k in ("auc", "tpr_at_1pct_fpr")},
                 }
@@ -695,6 +859,39 @@ class _Study:
         plot_roc(detection, root / "watermark-roc.png")
         plot_images(samples, self.c.grid_images, root / "watermark-images.png", m)
         plot_consistency(results, consistency, root / "watermark-consistency.png")
+        plot_sweep(results, root / "watermark-sweep.png")
+
+
+def _finite_mean_interval(values) -> dict | None:
+    """The mean of the finite values (PSNR is infinite for an unchanged image) with a bootstrap
+    interval, or None when none is finite."""
+    from diffcore.metrics import intervals
+
+    finite = [v for v in values if math.isfinite(v)]
+    return intervals.bootstrap_interval(finite).as_dict() if finite else None
+
+
+def variant_name(time: float) -> str:
+    """The units' and results' name of Shallow Diffuse at a sweep time."""
+    return f"shallow-t{time:g}"
+
+
+def detection_interval(scores: dict, which: str) -> Interval:
+    """ROC-AUC (``which="auc"``) or TPR at 1 % FPR (``"tpr"``) of the L1 distance score with a 95 %
+    bootstrap interval: positives and negatives (independent images) are resampled as rows of
+    ``[n, 2]`` pairs in seed order (equal counts), or the positives alone over the fixed negatives
+    (unequal counts: the interval then omits the negatives' share of the spread)."""
+    from diffcore.metrics import intervals, watermark as mw
+
+    pos = -np.asarray(scores["positives"]["distance"], dtype=np.float64)
+    neg = -np.asarray(scores["negatives"]["distance"], dtype=np.float64)
+
+    def stat(p, n):
+        return mw.roc_auc(p.tolist(), n.tolist()) if which == "auc" else mw.tpr_at_fpr(p.tolist(), n.tolist(), 0.01)
+
+    if pos.size == neg.size:
+        return intervals.bootstrap_interval(np.stack([pos, neg], 1), lambda a: stat(a[:, 0], a[:, 1]), resamples=500)
+    return intervals.bootstrap_interval(pos, lambda a: stat(a, neg), resamples=500)
 
 
 def _key_spec(key) -> dict:
@@ -809,7 +1006,12 @@ def plot_roc(detection: list, path) -> Path:
             pos = [-v for v in d["scores"]["positives"]["distance"]]
             neg = [-v for v in d["scores"]["negatives"]["distance"]]
             fpr, tpr = mw.roc_curve(pos, neg)
-            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{d['method']}: AUC {d['distance']['auc']:.3f}")
+            ax.plot(
+                fpr,
+                tpr,
+                drawstyle="steps-post",
+                label=f"{d.get('variant', d['method'])}: AUC {d['distance']['auc']:.3f}",
+            )
         ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
         ax.set_title(attack_name, fontsize=9)
         ax.set_xlabel("false-positive rate", fontsize=8)
@@ -880,6 +1082,43 @@ def plot_consistency(results: dict, consistency: dict, path) -> Path:
     ax.set_ylabel("ROC-AUC")
     ax.set_title("robustness: AUC per attack", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
+def plot_sweep(results: dict, path) -> Path:
+    """Against the injection time (x_T at t = 1): SSIM to the unmarked twin (mean and 5th
+    percentile), AUC per attack, the key's null-space fraction and the Jacobian's rank share; each
+    with its 95 % bootstrap interval."""
+    plt = _pyplot()
+    sweep = results["sweep"]
+    times = [e["time"] for e in sweep]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+
+    def line(ax, values, label, style="o-"):
+        ok = [(t, v) for t, v in zip(times, values) if v is not None]
+        if not ok:
+            return
+        ts = [t for t, _ in ok]
+        ax.plot(ts, [v["value"] for _, v in ok], style, label=label)
+        ax.fill_between(ts, [v["low"] for _, v in ok], [v["high"] for _, v in ok], alpha=0.2)
+
+    line(axes[0], [e["ssim_mean"] for e in sweep], "SSIM mean")
+    line(axes[0], [e["ssim_p05"] for e in sweep], "SSIM 5th percentile", "s--")
+    axes[0].set_ylabel("SSIM to the unmarked twin")
+    for attack_name in sweep[0]["detection"]:
+        line(axes[1], [e["detection"][attack_name]["auc"] for e in sweep], attack_name)
+    axes[1].axhline(0.5, color="gray", lw=0.8, ls=":")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_ylabel("ROC-AUC")
+    line(axes[2], [e.get("null_space_fraction") for e in sweep], "key's null-space fraction")
+    line(axes[2], [e.get("rank_fraction") for e in sweep], "Jacobian rank / dimension", "s--")
+    axes[2].set_ylim(0, 1.05)
+    for ax, title in zip(axes, ("consistency", "detection", "Jacobian at the injection state")):
+        ax.set_xlabel("injection time t / T (x_T: 1)")
+        ax.set_title(f"{title} ({results['model']['kind']})", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return atomic_save_figure(fig, path)
 
