@@ -88,22 +88,22 @@ class DynamicsConfig:
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # nested subsets
     train_seeds: tuple[int, ...] = (1,)  # the budget pilot ran seed 0
     subset_seed: int = 0
-    train_steps: int = 2000
+    train_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000
     sigma_p_mean: float = -0.5  # training noise levels ln sigma ~ N(mean, std^2)
     sigma_p_std: float = 1.8
-    num_checkpoints: int = 10  # log-spaced from first_checkpoint to train_steps
+    num_checkpoints: int = 8  # log-spaced from first_checkpoint to train_steps
     first_checkpoint: int = 20
-    num_samples: int = 256
+    num_samples: int = 128
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     threshold: float = 1.0 / 3.0  # d1 / d2 below it: memorized (Gu et al.)
     loss_sigmas: tuple[float, ...] = (0.05, 0.2, 1.0, 5.0)
-    loss_probes: int = 256
+    loss_probes: int = 128
     probe_seed: int = 7
     empirical_sigma: float = 0.2
     mem_level: float = 0.2  # tau_mem: memorized fraction reaches it
@@ -178,25 +178,26 @@ FIELD_CHECKS: dict[str, base.Check] = {
 
 
 def _quick() -> DynamicsConfig:
-    """About 10 minutes of a quiet 2-core CPU on the AVX2 paths (an estimate from measured costs;
-    docs/studies.md, "Budget of the quick preset"): the light digits UNet (the main job's quick
-    architecture) at widths 8 and 16, n = 16 ... 256 nested, training seed 1 (seed 0 ran the
-    pilots), 2000 steps of batch 32 at lr 1e-3 (Adam, the main job's recipe), 10 log-spaced
-    checkpoints from step 20, 256 samples per checkpoint (Heun 18); the learning-rate sweep with
-    plain SGD (Wu et al.'s gradient-descent setting) at width 8, n = 16 over 0.003, 0.02, 0.1 (a
-    factor 33 up to the largest rate of a half-decade grid that trained stably in a 200-step loss
-    pilot on seed 0; 0.3 diverged). Training noise levels ln sigma ~ N(-0.5, 1.8^2) put the
-    sampler's range [0.002, 80] within 3.2 standard deviations (EDM's N(-1.2, 1.2^2) hardly trains
-    sigma > 5)."""
+    """About 10 minutes of one core of a quiet 2-core CPU on the AVX2 paths (from the measured
+    costs; docs/studies.md, "Budget of the quick preset"): the light digits UNet (the main job's
+    quick architecture) at widths 8 and 16, n = 16 ... 256 nested, training seed 1 (seed 0 ran the
+    pilots), 1000 steps of batch 32 at lr 1e-3 (Adam, the main job's recipe), 8 log-spaced
+    checkpoints from step 20, 128 samples per checkpoint (Heun 18) and 128 loss probes; the
+    learning-rate sweep with plain SGD (Wu et al.'s gradient-descent setting) at width 8, n = 16
+    over 0.003, 0.02, 0.1 (a factor 33 up to the largest rate of a half-decade grid that trained
+    stably in a 200-step loss pilot on seed 0; 0.3 diverged). Training noise levels
+    ln sigma ~ N(-0.5, 1.8^2) put the sampler's range [0.002, 80] within 3.2 standard deviations
+    (EDM's N(-1.2, 1.2^2) hardly trains sigma > 5). The budget is too short for the tau_mem law
+    (``long`` is the preset that can test it)."""
     return DynamicsConfig()
 
 
 def _long() -> DynamicsConfig:
-    """The quick preset with ten times the training (20 000 steps, 14 log-spaced checkpoints): if
-    tau_mem grows like n from the main job's tau_mem(16) of a few hundred steps, every n up to 256
-    can cross within the budget, which the quick preset's 2000 steps cannot allow. About 100
-    minutes of a quiet 2-core CPU (docs/studies.md)."""
-    return dataclasses.replace(_quick(), train_steps=20_000, num_checkpoints=14)
+    """The quick preset with twenty times the training (20 000 steps, 14 log-spaced checkpoints)
+    and 256 samples and loss probes: if tau_mem grows like n from the main job's tau_mem(16) of a
+    few hundred steps, every n up to 256 can cross within the budget. About 2.5 hours of one core
+    of a quiet 2-core CPU (docs/studies.md)."""
+    return dataclasses.replace(_quick(), train_steps=20_000, num_checkpoints=14, num_samples=256, loss_probes=256)
 
 
 def _tiny() -> DynamicsConfig:
