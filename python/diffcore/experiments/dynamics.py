@@ -27,7 +27,9 @@ What the study does:
   (:func:`loglog_fit`) with its slope's interval (across training seeds when 3+ are trained, else
   bootstrap over the sample seeds, shared by all models).
 - The learning-rate sweep: one ensemble per rate (width ``lr_sweep_width``, n ``lr_sweep_n``, the
-  same seeds), the memorized fraction and Frechet distance at the budget, and tau_mem, per rate.
+  same seeds) with ``lr_sweep_optimizer`` (``sgd``: plain gradient descent, Wu et al.'s setting;
+  ``adam``: the size sweep's optimizer), the memorized fraction and Frechet distance at the budget,
+  and tau_mem, per rate.
 
 Claims (``results["claims"]``, each ``{"holds": ...}`` decided on intervals):
 
