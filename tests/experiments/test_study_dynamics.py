@@ -108,6 +108,48 @@ def test_config_errors_name_the_field():
         config_from_preset(dynamics.PRESETS, "tiny", ["mem_level=0"])
 
 
+def test_presets_validate_and_long_extends_quick():
+    quick, long = (config_from_preset(dynamics.PRESETS, name) for name in ("quick", "long"))
+    assert long.train_steps == 20 * quick.train_steps and long.widths == quick.widths
+    assert quick.lr_sweep_rates[-1] / quick.lr_sweep_rates[0] >= 30  # the issue: a range wide enough
+    with pytest.raises(ConfigError, match="lr_sweep_optimizer"):
+        config_from_preset(dynamics.PRESETS, "tiny", ["lr_sweep_optimizer=rmsprop"])
+
+
+# ----------------------------------------------------------------------------- the learning-rate sweep's optimizer
+
+
+def test_sgd_sweep_trains_every_rate_and_adam_reuses_the_base_rate():
+    adam = config_from_preset(dynamics.PRESETS, "tiny", ["lr_sweep_rates=0.0001,0.001,0.01"])
+    names = [g.name for g in dynamics.groups(adam)]
+    assert names == ["w4", "lr0.0001", "lr0.01"]  # 0.001 is the size sweep's model
+    sgd = config_from_preset(dynamics.PRESETS, "tiny", ["lr_sweep_rates=0.0001,0.001,0.01", "lr_sweep_optimizer=sgd"])
+    lr_groups = [g for g in dynamics.groups(sgd) if g.sweep == "lr"]
+    assert [g.name for g in lr_groups] == ["lr0.0001-sgd", "lr0.001-sgd", "lr0.01-sgd"]
+    assert {m.optimizer for g in lr_groups for m in g.members} == {"sgd"}
+    labels = [m.label for g in dynamics.groups(sgd) for m in g.members]
+    assert len(set(labels)) == len(labels)
+
+
+def test_sgd_optimizer_steps_by_learning_rate_times_gradient():
+    """TrainConfig(optimizer='sgd'): ``p <- p - lr * grad`` (no momentum, no Adam normalization),
+    where Adam's first step is about ``lr * sign(grad)`` whatever the gradient's size."""
+    from diffcore.train import TrainConfig
+    from diffcore.train.trainer import make_optimizer
+
+    grad = torch.tensor([1e-3, -2.0, 50.0])
+    for name, expected in (("sgd", -0.1 * grad), ("adam", -0.1 * torch.sign(grad))):
+        p = torch.zeros(3, requires_grad=True)
+        optimizer = make_optimizer([p], TrainConfig(optimizer=name, lr=0.1))
+        for _ in range(2 if name == "sgd" else 1):
+            p.grad = grad.clone()
+            optimizer.step()
+        factor = 2 if name == "sgd" else 1  # SGD keeps no state: two steps move twice as far
+        assert torch.allclose(p.detach(), factor * expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+
+
 # ----------------------------------------------------------------------------- the run, killed and resumed
 
 

@@ -27,7 +27,9 @@ What the study does:
   (:func:`loglog_fit`) with its slope's interval (across training seeds when 3+ are trained, else
   bootstrap over the sample seeds, shared by all models).
 - The learning-rate sweep: one ensemble per rate (width ``lr_sweep_width``, n ``lr_sweep_n``, the
-  same seeds), the memorized fraction and Frechet distance at the budget, and tau_mem, per rate.
+  same seeds) with ``lr_sweep_optimizer`` (``sgd``: plain gradient descent, Wu et al.'s setting;
+  ``adam``: the size sweep's optimizer), the memorized fraction and Frechet distance at the budget,
+  and tau_mem, per rate.
 
 Claims (``results["claims"]``, each ``{"holds": ...}`` decided on intervals):
 
@@ -84,32 +86,33 @@ class DynamicsConfig:
     data_root: str = ""
     model_preset: str = "ddpmpp-digits-light"
     inception_weights: str = ""  # "": the shipped digits network; else FID's Inception file
-    widths: tuple[int, ...] = (4, 8)
+    widths: tuple[int, ...] = (8, 16)
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # nested subsets
     train_seeds: tuple[int, ...] = (1,)  # the budget pilot ran seed 0
     subset_seed: int = 0
-    train_steps: int = 2000
+    train_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-3
     lr_warmup_images: int = 1000
     sigma_p_mean: float = -0.5  # training noise levels ln sigma ~ N(mean, std^2)
     sigma_p_std: float = 1.8
-    num_checkpoints: int = 10  # log-spaced from first_checkpoint to train_steps
+    num_checkpoints: int = 8  # log-spaced from first_checkpoint to train_steps
     first_checkpoint: int = 20
-    num_samples: int = 256
+    num_samples: int = 128
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     threshold: float = 1.0 / 3.0  # d1 / d2 below it: memorized (Gu et al.)
     loss_sigmas: tuple[float, ...] = (0.05, 0.2, 1.0, 5.0)
-    loss_probes: int = 256
+    loss_probes: int = 128
     probe_seed: int = 7
     empirical_sigma: float = 0.2
     mem_level: float = 0.2  # tau_mem: memorized fraction reaches it
     gen_factor: float = 1.5  # tau_gen: FD within this factor of its minimum
     tau_resamples: int = 200
-    lr_sweep_rates: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # increasing
+    lr_sweep_rates: tuple[float, ...] = (0.003, 0.02, 0.1)  # increasing
+    lr_sweep_optimizer: str = "sgd"  # "sgd": plain gradient descent (Wu et al.'s setting); "adam"
     lr_sweep_width: int = 8
     lr_sweep_n: int = 16
 
@@ -170,20 +173,33 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "gen_factor": base.number(1, lo_open=True),
     "tau_resamples": base.integer(100),
     "lr_sweep_rates": base.tuple_of(_POSITIVE_REAL, min_len=0),
+    "lr_sweep_optimizer": base.one_of("adam", "sgd"),
     "lr_sweep_width": _POSITIVE,
     "lr_sweep_n": base.integer(2),
 }
 
 
 def _quick() -> DynamicsConfig:
-    """About 7 minutes of a quiet 2-core CPU (docs/studies.md: the budget): the light digits UNet
-    (the main job's quick architecture) at widths 4 and 8, n = 16 ... 256 nested, training seed 1
-    (seed 0 was the budget pilot), 2000 steps of batch 32 at lr 1e-3 (Adam, the main job's recipe),
-    10 log-spaced checkpoints from step 20, 256 samples per checkpoint (Heun 18); the learning-rate
-    sweep at width 8, n = 16 over 1e-4, 1e-3, 1e-2. Training noise levels ln sigma ~ N(-0.5, 1.8^2)
-    put the sampler's range [0.002, 80] within 3.2 standard deviations (EDM's N(-1.2, 1.2^2) hardly
-    trains sigma > 5). ``--set widths=8,16`` is the wider pair (about twice the training)."""
+    """About 10 minutes of one core of a quiet 2-core CPU on the AVX2 paths (from the measured
+    costs; docs/studies.md, "Budget of the quick preset"): the light digits UNet (the main job's
+    quick architecture) at widths 8 and 16, n = 16 ... 256 nested, training seed 1 (seed 0 ran the
+    pilots), 1000 steps of batch 32 at lr 1e-3 (Adam, the main job's recipe), 8 log-spaced
+    checkpoints from step 20, 128 samples per checkpoint (Heun 18) and 128 loss probes; the
+    learning-rate sweep with plain SGD (Wu et al.'s gradient-descent setting) at width 8, n = 16
+    over 0.003, 0.02, 0.1 (a factor 33 up to the largest rate of a half-decade grid that trained
+    stably in a 200-step loss pilot on seed 0; 0.3 diverged). Training noise levels
+    ln sigma ~ N(-0.5, 1.8^2) put the sampler's range [0.002, 80] within 3.2 standard deviations
+    (EDM's N(-1.2, 1.2^2) hardly trains sigma > 5). The budget is too short for the tau_mem law
+    (``long`` is the preset that can test it)."""
     return DynamicsConfig()
+
+
+def _long() -> DynamicsConfig:
+    """The quick preset with twenty times the training (20 000 steps, 14 log-spaced checkpoints)
+    and 256 samples and loss probes: if tau_mem grows like n from the main job's tau_mem(16) of a
+    few hundred steps, every n up to 256 can cross within the budget. About 2.5 hours of one core
+    of a quiet 2-core CPU (docs/studies.md)."""
+    return dataclasses.replace(_quick(), train_steps=20_000, num_checkpoints=14, num_samples=256, loss_probes=256)
 
 
 def _tiny() -> DynamicsConfig:
@@ -202,6 +218,7 @@ def _tiny() -> DynamicsConfig:
         loss_probes=16,
         tau_resamples=100,
         lr_sweep_rates=(1e-3, 1e-2),
+        lr_sweep_optimizer="adam",
         lr_sweep_width=4,
         lr_sweep_n=16,
     )
@@ -232,12 +249,13 @@ def _paper() -> DynamicsConfig:
         num_samples=1024,
         loss_probes=1024,
         lr_sweep_rates=(3e-5, 1e-4, 3e-4, 1e-3),
+        lr_sweep_optimizer="adam",
         lr_sweep_width=32,
         lr_sweep_n=512,
     )
 
 
-PRESETS: dict[str, Callable[[], DynamicsConfig]] = {"quick": _quick, "tiny": _tiny, "paper": _paper}
+PRESETS: dict[str, Callable[[], DynamicsConfig]] = {"quick": _quick, "long": _long, "tiny": _tiny, "paper": _paper}
 CONFIG_CLASS = DynamicsConfig
 
 
@@ -331,10 +349,12 @@ class Member:
     n: int
     seed: int
     learning_rate: float
+    optimizer: str = "adam"  # the trainer's optimizer: "adam" or "sgd"
 
     @property
     def label(self) -> str:
-        return f"w{self.width}-n{self.n}-s{self.seed}-lr{self.learning_rate:g}"
+        suffix = "" if self.optimizer == "adam" else f"-{self.optimizer}"
+        return f"w{self.width}-n{self.n}-s{self.seed}-lr{self.learning_rate:g}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -347,17 +367,22 @@ class Group:
 
 
 def groups(c: DynamicsConfig) -> list[Group]:
-    """The ensembles: one per width (every n and seed at ``learning_rate``), one per swept rate
-    other than ``learning_rate``."""
+    """The ensembles: one per width (every n and seed at ``learning_rate``, Adam), one per swept
+    rate (``lr_sweep_optimizer``; with Adam, ``learning_rate`` reuses the size sweep's models)."""
     out = [
         Group(f"w{w}", "size", tuple(Member(w, n, s, c.learning_rate) for n in c.sizes for s in c.train_seeds))
         for w in c.widths
     ]
+    sgd = c.lr_sweep_optimizer == "sgd"
     out += [
-        Group(f"lr{rate:g}", "lr", tuple(Member(c.lr_sweep_width, c.lr_sweep_n, s, rate) for s in c.train_seeds))
+        Group(
+            f"lr{rate:g}" + ("-sgd" if sgd else ""),
+            "lr",
+            tuple(Member(c.lr_sweep_width, c.lr_sweep_n, s, rate, c.lr_sweep_optimizer) for s in c.train_seeds),
+        )
         for rate in c.lr_sweep_rates
-        if rate != c.learning_rate
-    ]  # that rate's models are the size sweep's
+        if sgd or rate != c.learning_rate
+    ]  # with Adam, that rate's models are the size sweep's
     return out
 
 
@@ -404,6 +429,7 @@ class _Study:
             "train_steps": c.train_steps,
             "batch_size": c.batch_size,
             "learning_rate": m.learning_rate,
+            **({} if m.optimizer == "adam" else {"optimizer": m.optimizer}),  # Adam units keep their keys
             "lr_warmup_images": c.lr_warmup_images,
             **base.data_digest(c.data_root),
             **_stack.recipe_spec("edm", 0.0, (c.sigma_p_mean, c.sigma_p_std)),
@@ -436,7 +462,10 @@ class _Study:
         """The members' ``TrainConfig``s, checkpointed at the log-spaced steps, in ``work/<member>``."""
         return [
             _stack.training_request(self.member_spec(m), work / m.label, self.device, self.progress).replace(
-                keep_steps=tuple(self.steps), checkpoint_every=self.c.train_steps, keep_checkpoints=1
+                keep_steps=tuple(self.steps),
+                checkpoint_every=self.c.train_steps,
+                keep_checkpoints=1,
+                optimizer=m.optimizer,
             )
             for m in group.members
         ]
@@ -753,6 +782,7 @@ def summarize(c: DynamicsConfig, steps: list[int], curves: dict, controls: dict)
             "n": m.n,
             "seed": m.seed,
             "learning_rate": m.learning_rate,
+            "optimizer": m.optimizer,
             "tau_mem": mem.tau,
             "tau_mem_status": mem.status,
             "tau_gen": gen.tau,
@@ -790,6 +820,7 @@ def summarize(c: DynamicsConfig, steps: list[int], curves: dict, controls: dict)
                 "n": cv["member"].n,
                 "seed": cv["member"].seed,
                 "learning_rate": cv["member"].learning_rate,
+                "optimizer": cv["member"].optimizer,
                 "sweep": cv["sweep"],
                 "step": t,
                 **r,
@@ -849,21 +880,23 @@ def fit_tau(c: DynamicsConfig, models: list[dict], draws: dict, width: int, kind
 
 def lr_sweep(c: DynamicsConfig, curves: dict, models: list[dict]) -> list[dict]:
     """Per swept rate: the memorized fraction at the budget (Wilson over seeds x samples), its
-    Frechet distance (mean over seeds) and tau_mem per seed; at ``learning_rate`` the size sweep's
-    models of width ``lr_sweep_width`` and size ``lr_sweep_n``."""
+    Frechet distance (mean over seeds) and tau_mem per seed; with Adam at ``learning_rate`` the
+    size sweep's models of width ``lr_sweep_width`` and size ``lr_sweep_n``."""
     out = []
+    key = (c.lr_sweep_width, c.lr_sweep_n, c.lr_sweep_optimizer)
 
     def swept(m):
-        return (m.width, m.n) == (c.lr_sweep_width, c.lr_sweep_n)
+        return (m.width, m.n, m.optimizer) == key
 
     for rate in c.lr_sweep_rates:
         members = [cv for cv in curves.values() if swept(cv["member"]) and cv["member"].learning_rate == rate]
-        rows = [r for r in models if (r["width"], r["n"], r["learning_rate"]) == (c.lr_sweep_width, c.lr_sweep_n, rate)]
+        rows = [r for r in models if (r["width"], r["n"], r["optimizer"]) == key and r["learning_rate"] == rate]
         hits = sum(cv["rows"][-1]["memorized"] for cv in members)
         total = sum(cv["rows"][-1]["samples"] for cv in members)
         out.append(
             {
                 "learning_rate": rate,
+                "optimizer": c.lr_sweep_optimizer,
                 "final_memorized_fraction": intervals.wilson_interval(hits, total).as_dict(),
                 "final_fd": float(np.mean([cv["rows"][-1]["fd"] for cv in members])),
                 "models": [cv["member"].label for cv in members],
@@ -1071,7 +1104,7 @@ def plot_lr(results: dict, path) -> Path:
     ax2.set_ylabel("Frechet distance at the budget")
     for a in (ax, ax2):
         a.set_xscale("log")
-        a.set_xlabel("learning rate (Adam)")
+        a.set_xlabel(f"learning rate ({c.get('lr_sweep_optimizer', 'adam')})")
         a.grid(alpha=0.3)
     fig.suptitle(
         f"width {c['lr_sweep_width']}, n = {c['lr_sweep_n']}, {c['train_steps']} steps, seeds {c['train_seeds']}",

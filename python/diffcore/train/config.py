@@ -13,6 +13,7 @@ from diffcore._files import load_json
 LOSSES = ("edm", "vp", "ddpm")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUGMENTATIONS = ("none", "xflip", "edm")
+OPTIMIZERS = ("adam", "sgd")
 
 # Fields that may change between a run and its resume (they do not change the trained weights).
 RESUMABLE_CHANGES = frozenset(
@@ -27,7 +28,9 @@ class TrainConfig:
     data:  dataset spec for ``diffcore.data.load_dataset`` (``name``, fields, ``subset``, ``subset_seed``).
     model: model spec for ``diffcore.train.build_model`` (``name`` plus keyword arguments).
     steps: optimizer steps in total; ``batch_size`` is the global batch (split across ranks).
-    lr, lr_warmup_images: Adam learning rate, linearly ramped up over the first images (EDM style).
+    optimizer: adam (default; ``betas``, ``adam_eps``) or sgd (plain gradient descent on the
+        minibatch gradient, no momentum: the step is ``lr`` times the gradient).
+    lr, lr_warmup_images: learning rate, linearly ramped up over the first images (EDM style).
     lr_decay_images: 0 (constant after the warm-up) or the image count at which a cosine decay of
         the learning rate from ``lr`` (at the end of the warm-up) reaches 0.
     ema_halflife_images, ema_rampup_ratio: EMA half-life in images, optionally capped at
@@ -53,6 +56,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
+    optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     lr_warmup_images: int = 10_000
@@ -87,6 +91,7 @@ class TrainConfig:
         _choice("loss", self.loss, LOSSES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("augment", self.augment, AUGMENTATIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -53,9 +53,12 @@ CHECKPOINTS_DIR = "checkpoints"
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Adam:
-    """Adam of ``config`` with the multi-tensor (foreach) update on every device: on the CPU torch
-    would otherwise loop over parameters one small tensor at a time (about 13 ops per parameter)."""
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """``config.optimizer``: Adam of ``config`` or plain SGD (no momentum, no weight decay), with the
+    multi-tensor (foreach) update on every device: on the CPU torch would otherwise loop over
+    parameters one small tensor at a time (about 13 ops per parameter)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.0, foreach=True)
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.adam_eps, foreach=True)
 
 
