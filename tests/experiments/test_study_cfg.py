@@ -49,8 +49,11 @@ def test_tiny_study_end_to_end(tiny_run):
         values = row["net_singular_values"]
         assert len(values) == config.cpc_points and len(values[0]) == config.cpc_k
         assert all(v >= 0 for point in values for v in point)  # singular values, not signed eigenvalues
-    jac = [s for s in results["settings"] if s["guidance"] == "jacobian_cpc"]
+    jac = [s for s in results["settings"] if s["guidance"] == "jacobian_cpc" and s["high"] is None and s["low"] == 0]
     assert [s["w"] for s in jac] == list(config.cpc_guidance_scales)
+    alignment = results["cpc_term_alignment"]
+    assert [r["sigma"] for r in alignment] == pytest.approx(grid, rel=1e-12)
+    assert all(r["cos_low"] <= r["cos"] <= r["cos_high"] and r["norm_ratio"] > 0 for r in alignment)
     comparison = results["equal_accuracy"]
     assert comparison["target"] == config.equal_accuracy and set(comparison) >= {"cfg", "jacobian_cpc"}
     for method in ("cfg", "jacobian_cpc"):  # reached: interpolated inside its bracket; else None
