@@ -49,6 +49,19 @@ def test_tiny_study_end_to_end(tiny_run):
         values = row["net_singular_values"]
         assert len(values) == config.cpc_points and len(values[0]) == config.cpc_k
         assert all(v >= 0 for point in values for v in point)  # singular values, not signed eigenvalues
+    jac = [s for s in results["settings"] if s["guidance"] == "jacobian_cpc" and s["high"] is None and s["low"] == 0]
+    assert [s["w"] for s in jac] == list(config.cpc_guidance_scales)
+    alignment = results["cpc_term_alignment"]
+    assert [r["sigma"] for r in alignment] == pytest.approx(grid, rel=1e-12)
+    assert all(r["cos_low"] <= r["cos"] <= r["cos_high"] and r["norm_ratio"] > 0 for r in alignment)
+    comparison = results["equal_accuracy"]
+    assert comparison["target"] == config.equal_accuracy and set(comparison) >= {"cfg", "jacobian_cpc"}
+    for method in ("cfg", "jacobian_cpc"):  # reached: interpolated inside its bracket; else None
+        entry = comparison[method]
+        assert entry is None or (entry["between"][0] <= entry["w"] <= entry["between"][1])
+        reached = claims["jacobian_cpc_lower_frechet_than_cfg_at_equal_accuracy"]["reached"][method]
+        assert reached == (entry is not None)
+    assert claims["jacobian_cpc_reaches_equal_accuracy"]["holds"] == (comparison["jacobian_cpc"] is not None)
     for name in FIGURES + ("results.json", "settings.csv", "transition.csv", "timings.json"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["settings"] == results["settings"]
@@ -99,6 +112,9 @@ def test_registered_and_paper_preset_checks_before_binding(tmp_path):
         ("gaussian_scale=inf", "gaussian_scale"),
         ("dataset=mnist", "dataset"),
         ("inception_weights=w.pth", "inception_weights"),
+        ("cpc_guidance_scales=0", "cpc_guidance_scales"),
+        ("cpc_guidance_rank=-1", "cpc_guidance_rank"),
+        ("equal_accuracy=1", "equal_accuracy"),
     ],
 )
 def test_config_validation_names_the_field(override, field):

@@ -15,6 +15,14 @@
   i.e. its top singular vectors), beside the overlap ``k / dim`` of a random subspace (the baseline).
 - :func:`feature_coverage`: precision, density and coverage (Naeem et al. 2020) of sample features
   against data features, with 95% intervals over the samples.
+- :class:`JacobianCPCGuidance`: the paper's CPC guidance in the nonlinear regime, a guidance term
+  ``G(x) = [J_c(x) - J_u(x)]_k (x - mu_c)``: the linear CPC term ``(W_c - W_u)(x - mu_c)`` with the
+  denoisers' Jacobians at the current state in place of the Gaussian ``W`` (all components by one
+  JVP, or the top-k singular triplets of ``J_c - J_u`` by JVP/VJP subspace iteration).
+- :func:`cpc_term_alignment`: per sigma, the cosine and norm ratio of that Jacobian CPC term against
+  the Gaussians' linear CPC term at noisy data points, beside a random direction's cosine.
+- :func:`at_equal_accuracy`: a method's metrics interpolated along its accuracy-vs-strength curve
+  to a fixed target accuracy.
 
 The per-class Gaussians are :class:`diffcore.denoisers.ClassGaussians`; definitions in
 docs/papers.md (classifier-free guidance).
@@ -223,3 +231,142 @@ def feature_coverage(
         "density": intervals.bootstrap_interval(counts / k, seed=seed),
         "coverage": intervals.wilson_interval(int(inside.any(axis=0).sum()), int(inside.shape[1])),
     }
+
+
+class JacobianCPCGuidance:
+    """CPC guidance with per-sample Jacobians (docs/papers.md section 8, nonlinear regime).
+
+    The linear CPC term of the Gaussians, ``(W_c - W_u)(x - mu_c)`` (positive plus negative CPCs,
+    :class:`diffcore.denoisers.ClassGaussians`), with the Jacobians of the conditional and
+    unconditional denoisers at the current state in place of ``W_c`` and ``W_u``:
+
+        G(x, sigma) = [J_c(x) - J_u(x)]_k (x - mu_c),     J = dD(x; sigma)/dx.
+
+    ``rank`` 0: all components, ``(J_c - J_u)(x - mu_c)`` exactly, by one JVP of ``D_c - D_u``
+    (cost about that of two forward passes with tangents). ``rank`` k > 0: the best rank-k
+    approximation ``sum_i s_i u_i <v_i, x - mu_c>`` from the top-k singular triplets of
+    ``J_c - J_u`` (:func:`diffcore.analysis.jacobian_subspace`, ``subspace_kwargs``: method, iters,
+    ...), i.e. the top-k per-sample CPCs; ``J_c - J_u`` of a trained network is not symmetric, so
+    ``u_i`` and ``v_i`` are kept apart. For Gaussian class-conditionals the Jacobians are ``W_c`` and
+    ``W_u`` and ``G`` is the Gaussians' positive + negative term (rank 0) or its top-k part by
+    ``|eigenvalue|`` (tests/analysis/test_guidance_measures.py).
+
+    Args:
+        conditional, unconditional: denoisers ``D(x [B, ...], sigma)`` (pure torch, labels bound).
+        anchors: ``mu_c`` per row, [B, ...] (the class means of the rows' labels).
+        rank: 0 (all components) or the number of top components.
+    Call as a :class:`diffcore.sampler.GuidedDenoiser` term: ``G(x, sigma, base_output) -> [B, ...]``
+    (``base_output`` unused), in x's dtype.
+    """
+
+    def __init__(self, conditional, unconditional, anchors: torch.Tensor, *, rank: int = 0, **subspace_kwargs):
+        if not callable(conditional) or not callable(unconditional):
+            raise TypeError("conditional, unconditional: expected denoisers D(x, sigma)")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"rank: expected an integer >= 0 (0: all components), got {rank!r}")
+        if not isinstance(anchors, torch.Tensor) or anchors.ndim < 2:
+            got = getattr(anchors, "shape", anchors)
+            raise ValueError(f"anchors: expected a tensor [B, ...] of class means, got {got!r}")
+        self.conditional, self.unconditional = conditional, unconditional
+        self.anchors, self.rank, self.subspace_kwargs = anchors, rank, subspace_kwargs
+
+    def __call__(self, x: torch.Tensor, sigma, base_output: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape != self.anchors.shape:
+            raise ValueError(f"x: expected shape {tuple(self.anchors.shape)} (the anchors'), got {tuple(x.shape)}")
+        offset = (x - self.anchors.to(device=x.device, dtype=x.dtype)).detach()
+
+        def difference(y: torch.Tensor, s=sigma) -> torch.Tensor:
+            return self.conditional(y, s) - self.unconditional(y, s)
+
+        if self.rank == 0:
+            with torch.enable_grad():
+                _, tangent = torch.func.jvp(lambda y: difference(y), (x.detach(),), (offset,))
+            return tangent.detach().to(x.dtype)
+        from diffcore.analysis.jacobian import jacobian_subspace
+
+        with torch.enable_grad():
+            sub = jacobian_subspace(difference, x.detach(), sigma, self.rank, **self.subspace_kwargs)
+        u, v = sub.U.detach(), sub.V.detach()  # [B, k, ...]
+        coeff = sub.singular_values.detach() * (v * offset.unsqueeze(1).to(v.dtype)).flatten(2).sum(2)  # [B, k]
+        return (u * coeff.view(*coeff.shape, *([1] * (u.ndim - 2)))).sum(1).to(x.dtype)
+
+
+def at_equal_accuracy(curve: list[dict], target: float, metrics: tuple[str, ...]) -> dict | None:
+    """One method's metrics at a fixed ``target`` accuracy, by linear interpolation along its
+    accuracy-vs-strength curve.
+
+    ``curve``: the method's settings, each ``{"w": strength, "accuracy": {"value", "low", "high"},
+    <metric>: {"value", "low", "high"} or a number}`` (any order; sorted by strength). The first
+    pair of consecutive strengths whose accuracies bracket ``target`` (``a_i <= target <= a_{i+1}``
+    or the reverse) gives the fraction ``t = (target - a_i) / (a_{i+1} - a_i)``; each metric's
+    value and interval ends are interpolated with the same ``t`` (an interpolation of the two
+    settings' bootstrap / Wilson intervals, not a new resampling). Returns ``{"w", "fraction",
+    "between": [w_i, w_{i+1}], <metric>: {"value", "low", "high"} or number}``, or None when no
+    pair brackets ``target`` (the method does not reach it within its sweep)."""
+    if not 0 < target < 1:
+        raise ValueError(f"target: expected an accuracy in (0, 1), got {target!r}")
+    points = sorted(curve, key=lambda s: s["w"])
+    for a, b in zip(points, points[1:]):
+        lo, hi = a["accuracy"]["value"], b["accuracy"]["value"]
+        if lo == hi or not min(lo, hi) <= target <= max(lo, hi):
+            continue
+        t = (target - lo) / (hi - lo)
+        out: dict = {"w": a["w"] + t * (b["w"] - a["w"]), "fraction": t, "between": [a["w"], b["w"]]}
+        for name in metrics:
+            va, vb = a[name], b[name]
+            if isinstance(va, dict):
+                out[name] = {key: va[key] + t * (vb[key] - va[key]) for key in ("value", "low", "high")}
+            else:
+                out[name] = va + t * (vb - va)
+        return out
+    return None
+
+
+def cpc_term_alignment(
+    net,
+    gaussians,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sigmas: list[float],
+    *,
+    samples_per_class: int,
+    seed: int,
+    device,
+) -> list[dict]:
+    """Per sigma, how the network's Jacobian CPC term ``(J_c - J_u)(x - mu_c)``
+    (:class:`JacobianCPCGuidance`, all components) compares with the Gaussians' linear CPC term
+    ``(W_c - W_u)(x - mu_c)`` (positive + negative) at noisy images ``x = y + sigma z``
+    (``samples_per_class`` per class from ``images`` [P, ...] / ``labels`` [P], generator seeded with
+    ``seed + 2``). Each row: ``cos`` (mean cosine of the two terms), ``norm_ratio``
+    (|net term| / |Gaussian term|, mean over probes) and ``cos_random`` (mean |cosine| of the net's
+    term with a random direction: the baseline a chance alignment gives), each with bootstrap 95%
+    intervals over the probes (``_low`` / ``_high``)."""
+    from diffcore.metrics import intervals
+
+    k = gaussians.num_classes
+    g = torch.Generator().manual_seed(seed + 2)
+    pick = torch.cat([class_rows(labels, cls, samples_per_class, g) for cls in range(k)])
+    y, lab = images[pick].float(), labels[pick]
+    anchors = torch.stack([gaussians.conditional[int(c)].mean for c in lab.tolist()]).reshape(y.shape).float()
+    rows = []
+    for sigma in sigmas:
+        x = y + sigma * torch.randn(y.shape, generator=g)
+        term = JacobianCPCGuidance(
+            LabeledDenoiser(net, lab.to(device), k), LabeledDenoiser(net, None, k), anchors.to(device)
+        )
+        net_term = term(x.to(device), sigma).double().cpu().flatten(1)
+        split = gaussians.split(x.double().to(gaussians.unconditional.device), sigma, lab)
+        gauss_term = (split.positive + split.negative).cpu().flatten(1)
+        random = torch.randn(net_term.shape, generator=g, dtype=torch.float64)
+        row: dict = {"sigma": sigma}
+        row.update(
+            intervals.flat(
+                "cos", intervals.bootstrap_interval(F.cosine_similarity(net_term, gauss_term).numpy(), seed=seed)
+            )
+        )
+        ratio = (net_term.norm(dim=1) / gauss_term.norm(dim=1).clamp_min(1e-300)).numpy()
+        row.update(intervals.flat("norm_ratio", intervals.bootstrap_interval(ratio, seed=seed)))
+        chance = F.cosine_similarity(net_term, random).abs().numpy()
+        row.update(intervals.flat("cos_random", intervals.bootstrap_interval(chance, seed=seed)))
+        rows.append(row)
+    return rows

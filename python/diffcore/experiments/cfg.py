@@ -16,7 +16,20 @@ Sample sets (same seeds and labels for every setting; guidance by ``diffcore.sam
   linear term (positive, negative, mean_shift) and all of them (the Gaussians' ``D_c - D_u``) added to
   the trained model's conditional denoiser at ``linear_scale`` inside ``(linear_low, inf]``;
 - Gaussian model: conditional, and each linear term / all at ``gaussian_scale`` (everywhere: for
-  the Gaussians the linear split is exact at every sigma).
+  the Gaussians the linear split is exact at every sigma);
+- the paper's CPC guidance in the nonlinear regime, on the trained model at each
+  ``cpc_guidance_scales`` w (everywhere): ``D_c + w [J_c(x) - J_u(x)]_k (x - mu_c)``, the linear
+  positive + negative CPC term with the network's Jacobians at the current state and step in place
+  of the Gaussian ``W`` (``diffcore.analysis.guidance.JacobianCPCGuidance``; ``cpc_guidance_rank``
+  0: all components by one JVP per step, k: the top-k singular triplets of ``J_c - J_u`` by
+  ``cpc_guidance_iters`` rounds of JVP/VJP subspace iteration).
+
+Equal-accuracy comparison (:func:`equal_accuracy_comparison`): plain CFG's and the Jacobian CPC
+guidance's accuracy-vs-strength curves (w = 0: the conditional model) are each interpolated to the
+class accuracy ``equal_accuracy`` (0.95, fixed before the runs), and the Frechet distance,
+precision, density, coverage and diversity compared there (the two bracketing settings' intervals
+interpolated alike); claims: the CPC guidance reaches the target, and its FD is lower / precision,
+coverage, density higher than CFG's there (each may fail either way).
 
 Metrics per set (``hooks``), each with a 95% interval: class accuracy of the samples under the
 digits classifier (Wilson), a Frechet distance in its feature space to the data (bootstrap over the
@@ -26,7 +39,10 @@ RMS distance per pixel between samples of one class, averaged over classes; the 
 reported alongside). Claims (``intervals.claim``): the conditional model is not saturated, CFG and
 each linear term raise accuracy, CFG lowers coverage, CFG at low sigma only costs less Frechet
 distance, the network is closer to the Gaussians than to the memorizing denoiser above
-``linear_low``, the per-sample CPC subspaces overlap the Gaussian ones more than random subspaces.
+``linear_low``, the per-sample CPC subspaces overlap the Gaussian ones more than random subspaces,
+the Jacobian CPC guidance reaches the equal-accuracy target and beats CFG there (FD, precision,
+coverage, density), and its term points along the Gaussians' CPC term beyond a random direction
+(``cpc_term_alignment``, an analysis unit: cosine and norm ratio per sigma).
 
 Linear-to-nonlinear transition (an analysis unit): on the ``num_sigmas`` Karras grid, noisy images
 ``x = y + sigma z`` of every class: ``|D_c^net - D_c^G| / |D_c^G|``, the same for ``D_u`` and for
@@ -58,7 +74,7 @@ from pathlib import Path
 import torch
 
 from diffcore.analysis import guidance as guidance_measures
-from diffcore.analysis.guidance import LabeledDenoiser
+from diffcore.analysis.guidance import JacobianCPCGuidance, LabeledDenoiser
 from diffcore.experiments import _stack, base, plotting
 from diffcore.experiments.base import (
     ConfigError,
@@ -92,7 +108,13 @@ class CFGConfig:
     label_dropout: float = 0.1  # probability of the null label in training
     augment: str = "none"  # none | xflip
     train_seed: int = 0
-    guidance_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # CFG w (w = 0 is always sampled)
+    guidance_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # CFG w (w = 0 is always sampled)
+    cpc_guidance_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # Jacobian CPC guidance w (everywhere)
+    cpc_guidance_rank: int = 0  # its components: 0 all ((J_c - J_u)(x - mu_c) by one JVP), k: top k
+    cpc_guidance_iters: int = 4  # subspace-iteration rounds per step when cpc_guidance_rank > 0
+    cpc_guidance_split_scale: float = 1.0  # w of the Jacobian CPC guidance limited to each split_sigmas side
+    equal_accuracy: float = 0.95  # the class accuracy the two guidance methods are compared at
+    alignment_samples: int = 10  # noisy images per class and sigma: Jacobian CPC term vs the Gaussians' CPC term
     linear_scale: float = 2.0  # w of the limited-interval CFG and of the linear terms
     split_sigmas: tuple[float, ...] = (1.0,)  # CFG limited to (s, inf] and to (0, s]
     linear_low: float = 1.0  # linear terms on the model act in (linear_low, inf]
@@ -118,7 +140,8 @@ class CFGConfig:
     torch_threads: int = 1  # intra-op threads on the CPU (0: leave as is)
 
     def __post_init__(self):
-        for name in ("guidance_scales", "split_sigmas"):  # ints as floats (validate() refuses anything else)
+        # ints as floats (validate() refuses anything else)
+        for name in ("guidance_scales", "cpc_guidance_scales", "split_sigmas"):
             value = getattr(self, name)
             if isinstance(value, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
@@ -142,6 +165,8 @@ class CFGConfig:
                 )
         if self.cpc_method == "lanczos" and 0 < self.cpc_iters < self.cpc_k:
             raise ConfigError(f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}")
+        if self.equal_accuracy >= 1:
+            raise ConfigError(f"equal_accuracy: expected an accuracy in (0, 1), got {self.equal_accuracy!r}")
         if self.cpc_sigmas > self.num_sigmas:
             raise ConfigError(f"cpc_sigmas: at most num_sigmas = {self.num_sigmas}, got {self.cpc_sigmas}")
         if self.grid_per_class > self.samples_per_class:
@@ -169,6 +194,12 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "augment": base.one_of("none", "xflip"),
     "train_seed": base.seed,
     "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
+    "cpc_guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
+    "cpc_guidance_rank": _COUNT,
+    "cpc_guidance_iters": _POSITIVE,
+    "equal_accuracy": base.number(0, 1, lo_open=True),
+    "cpc_guidance_split_scale": _SCALE,
+    "alignment_samples": _POSITIVE,
     "linear_scale": _SCALE,
     "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0),
     "linear_low": base.number(0),
@@ -210,6 +241,8 @@ def _tiny() -> CFGConfig:
         train_steps=20,
         batch_size=32,
         guidance_scales=(1.0,),
+        cpc_guidance_scales=(1.0,),
+        alignment_samples=1,
         samples_per_class=2,
         sampler_steps=5,
         num_sigmas=3,
@@ -316,10 +349,17 @@ def setting_list(c: CFGConfig) -> list[dict]:
         _setting("net conditional", "net", "none", 0.0, everywhere),
     ]
     out += [_setting(f"net cfg w={w:g}", "net", "cfg", w, everywhere) for w in c.guidance_scales]
+    out += [_setting(f"net jacobian cpc w={w:g}", "net", "jacobian_cpc", w, everywhere) for w in c.cpc_guidance_scales]
     for s in c.split_sigmas:
         out += [
             _setting(f"net cfg w={c.linear_scale:g} sigma>{s:g}", "net", "cfg", c.linear_scale, (s, math.inf)),
             _setting(f"net cfg w={c.linear_scale:g} sigma<={s:g}", "net", "cfg", c.linear_scale, (0.0, s)),
+        ]
+    w_split = c.cpc_guidance_split_scale
+    for s in c.split_sigmas:
+        out += [
+            _setting(f"net jacobian cpc w={w_split:g} sigma>{s:g}", "net", "jacobian_cpc", w_split, (s, math.inf)),
+            _setting(f"net jacobian cpc w={w_split:g} sigma<={s:g}", "net", "jacobian_cpc", w_split, (0.0, s)),
         ]
     out += [
         _setting(
@@ -345,8 +385,9 @@ def _setting(name, model, guidance, w, interval) -> dict:
     return {"name": name, "model": model, "guidance": guidance, "w": float(w), "low": float(interval[0]), "high": high}
 
 
-def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
-    """The denoiser of one setting for a batch with class ``labels`` [B]."""
+def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor, *, cpc_rank: int = 0, cpc_iters: int = 4):
+    """The denoiser of one setting for a batch with class ``labels`` [B] (``cpc_rank``, ``cpc_iters``:
+    the Jacobian CPC guidance's components and subspace rounds, :class:`JacobianCPCGuidance`)."""
     from diffcore import sampler
 
     k = gaussians.num_classes
@@ -360,6 +401,13 @@ def guided_denoiser(setting: dict, net, gaussians, labels: torch.Tensor):
     interval = sampler.GuidanceInterval(setting["low"], high, closed="right")
     if setting["guidance"] == "cfg":
         return sampler.classifier_free_guidance(base, LabeledDenoiser(net, None, k), setting["w"], interval)
+    if setting["guidance"] == "jacobian_cpc":
+        means = torch.stack([gaussians.conditional[int(cls)].mean for cls in labels.tolist()])
+        anchors = means.reshape(labels.shape[0], *gaussians.shape).float().to(labels.device)
+        term = JacobianCPCGuidance(
+            base, LabeledDenoiser(net, None, k), anchors, rank=cpc_rank, method="subspace", iters=cpc_iters
+        )
+        return sampler.GuidedDenoiser(base, term, setting["w"], interval)
     return sampler.GuidedDenoiser(base, gaussians.term(setting["guidance"], labels), setting["w"], interval)
 
 
@@ -476,6 +524,71 @@ def study_claims(settings: list[dict], transition: list[dict], cpc: list[dict], 
                 n=len(row["overlap_points"]),
             ),
             random=row["random_overlap"],
+        )
+    return out
+
+
+EQUAL_ACCURACY_METRICS = ("frechet", "precision", "density", "coverage", "diversity")
+
+
+def equal_accuracy_comparison(settings: list[dict], c: CFGConfig) -> dict:
+    """Plain CFG against Jacobian CPC guidance at the class accuracy ``c.equal_accuracy`` (fixed
+    before the runs): each method's curve (the conditional model as w = 0, then its sweep) is
+    interpolated to that accuracy (:func:`diffcore.analysis.guidance.at_equal_accuracy`), and the
+    Frechet distance, precision, density, coverage and diversity compared there. Returns
+    ``{"target", "cfg", "jacobian_cpc", "claims"}`` (a method's entry None where its sweep does not
+    reach the target; then the comparison claims do not hold, with ``reached`` saying why)."""
+    from diffcore.analysis.guidance import at_equal_accuracy
+    from diffcore.metrics import intervals
+
+    everywhere = [s for s in settings if s["model"] == "net" and s["low"] == 0 and s["high"] is None]
+    cond = [s for s in everywhere if s["guidance"] == "none"]
+    out: dict = {"target": c.equal_accuracy, "claims": {}}
+    if not cond or cond[0]["accuracy"] is None:
+        out.update(cfg=None, jacobian_cpc=None)
+        return out
+    for method in ("cfg", "jacobian_cpc"):
+        curve = cond + [s for s in everywhere if s["guidance"] == method]
+        out[method] = at_equal_accuracy(curve, c.equal_accuracy, EQUAL_ACCURACY_METRICS)
+    cfg, cpc = out["cfg"], out["jacobian_cpc"]
+    reached = {"cfg": cfg is not None, "jacobian_cpc": cpc is not None}
+    out["claims"]["jacobian_cpc_reaches_equal_accuracy"] = intervals.claim(
+        reached["jacobian_cpc"], target=c.equal_accuracy, strengths=list(c.cpc_guidance_scales)
+    )
+
+    def interval(d: dict) -> intervals.Interval:
+        return intervals.Interval(d["value"], d["low"], d["high"], method="interpolated")
+
+    for metric, lower_is_better in (("frechet", True), ("precision", False), ("coverage", False), ("density", False)):
+        both = cfg is not None and cpc is not None
+        a = interval(cpc[metric]) if both else None
+        b = interval(cfg[metric]) if both else None
+        better = both and (intervals.clearly_below(a, b) if lower_is_better else intervals.clearly_above(a, b))
+        worse = both and (intervals.clearly_above(a, b) if lower_is_better else intervals.clearly_below(a, b))
+        word = "lower" if lower_is_better else "higher"
+        out["claims"][f"jacobian_cpc_{word}_{metric}_than_cfg_at_equal_accuracy"] = intervals.claim(
+            better, jacobian_cpc=a, cfg=b, cfg_clearly_better=worse, reached=reached, target=c.equal_accuracy
+        )
+    return out
+
+
+def alignment_claims(rows: list[dict], c: CFGConfig) -> dict:
+    """Whether the network's Jacobian CPC term points along the Gaussians' linear CPC term beyond a
+    random direction's chance cosine (intervals over the probes), above and at or below
+    ``linear_low``."""
+    from diffcore.metrics import intervals
+
+    out = {}
+    for name, part in (
+        (f"above_{c.linear_low:g}", [r for r in rows if r["sigma"] > c.linear_low]),
+        (f"at_or_below_{c.linear_low:g}", [r for r in rows if r["sigma"] <= c.linear_low]),
+    ):
+        aligned = [r for r in part if r["cos_low"] > r["cos_random_high"]]
+        out[f"jacobian_cpc_term_along_gaussian_cpc_term_{name}"] = intervals.claim(
+            bool(part) and len(aligned) == len(part),
+            sigmas=len(part),
+            aligned_sigmas=len(aligned),
+            cos_range=[min(r["cos"] for r in part), max(r["cos"] for r in part)] if part else None,
         )
     return out
 
@@ -609,13 +722,24 @@ class _Study:
             "sigma_min": c.sigma_min,
             "sigma_max": c.sigma_max,
         }
+        if setting["guidance"] == "jacobian_cpc":
+            spec["cpc_guidance_rank"] = c.cpc_guidance_rank
+            if c.cpc_guidance_rank > 0:
+                spec["cpc_guidance_iters"] = c.cpc_guidance_iters
 
         def produce(tmp: Path, work: Path):
             seeds = list(range(c.sample_seed_start, c.sample_seed_start + labels.shape[0]))
             chunks = []
             for start in range(0, len(seeds), c.sample_batch):
                 chunk = labels[start : start + c.sample_batch]
-                denoiser = guided_denoiser(setting, net, gaussians, chunk.to(self.device))
+                denoiser = guided_denoiser(
+                    setting,
+                    net,
+                    gaussians,
+                    chunk.to(self.device),
+                    cpc_rank=c.cpc_guidance_rank,
+                    cpc_iters=c.cpc_guidance_iters,
+                )
                 with torch.no_grad():
                     chunks.append(
                         sampler.sample(
@@ -664,6 +788,37 @@ class _Study:
 
         return self._unit("analysis", "transition", spec, produce)
 
+    def alignment(self, model_unit: Unit, net, gaussians, images, labels) -> Unit:
+        """The Jacobian CPC term against the Gaussians' linear CPC term on the analysis grid
+        (:func:`diffcore.analysis.guidance.cpc_term_alignment`)."""
+        from diffcore import sampler
+
+        c = self.c
+        spec = {
+            "model": model_unit.spec,
+            "num_sigmas": c.num_sigmas,
+            "sigma_min": c.sigma_min,
+            "sigma_max": c.sigma_max,
+            "alignment_samples": c.alignment_samples,
+            "probe_seed": c.probe_seed,
+        }
+
+        def produce(tmp: Path, work: Path):
+            sigmas = sampler.karras_sigmas(c.num_sigmas, c.sigma_min, c.sigma_max, append_zero=False).tolist()
+            rows = guidance_measures.cpc_term_alignment(
+                net,
+                gaussians,
+                images,
+                labels,
+                sigmas,
+                samples_per_class=c.alignment_samples,
+                seed=c.probe_seed,
+                device=self.device,
+            )
+            return {"rows": rows}
+
+        return self._unit("analysis", "cpc-term-alignment", spec, produce)
+
     def _unit(self, kind, name, spec, produce) -> Unit:
         unit = self.ws.run_unit(kind, name, spec, produce)
         self.ws.record(unit)
@@ -694,11 +849,15 @@ class _Study:
             settings.append({**setting, **sample_metrics(stored["samples"], stored["labels"], hooks, data_features, c)})
             grids[setting["name"]] = _grid(stored["samples"], stored["labels"], num_classes, c.grid_per_class)
         analysis = self.analysis(model_unit, net, gaussians, images, labels).meta
+        alignment = self.alignment(model_unit, net, gaussians, images, labels).meta["rows"]
         data_reference = {
             "accuracy": class_accuracy(images, labels, hooks),
             "diversity": per_class_diversity(images, labels),
         }
         claims = study_claims(settings, analysis["transition"], analysis["cpc"], c)
+        comparison = equal_accuracy_comparison(settings, c)
+        claims.update(alignment_claims(alignment, c))
+        claims.update(comparison.pop("claims"))
         results = json.loads(
             json_dumps(
                 {
@@ -709,6 +868,8 @@ class _Study:
                     "convention": "D_c + w G (CFG: G = D_c - D_u); guidance acts for sigma in (low, high]",
                     "claims": claims,
                     "settings": settings,
+                    "equal_accuracy": comparison,
+                    "cpc_term_alignment": alignment,
                     **analysis,
                 }
             )
@@ -813,8 +974,10 @@ def plot_metrics(results: dict, path) -> Path:
         for s in settings
         if s["model"] == "net" and s["guidance"] in ("none", "cfg") and s["low"] == 0 and s["high"] is None
     ]
-    others = [s for s in settings if s not in curve and s["guidance"] != "unconditional"]
+    jac = [s for s in settings if s["guidance"] == "jacobian_cpc" and s["low"] == 0 and s["high"] is None]
+    others = [s for s in settings if s not in curve + jac and s["guidance"] != "unconditional"]
     markers = {"cfg": "s", "positive": "^", "negative": "v", "mean_shift": "D", "all": "*", "none": "o"}
+    markers["jacobian_cpc"] = "d"
     for ax, (key, title) in zip(axes, keys):
         if any(s[key] is None for s in settings):
             ax.set_title(f"{title}: no classifier for this dataset", fontsize=9)
@@ -827,10 +990,21 @@ def plot_metrics(results: dict, path) -> Path:
             capsize=2,
             label="net CFG (all sigma)",
         )
+        if jac:
+            jac_curve = [s for s in curve if s["guidance"] == "none"] + jac
+            ax.errorbar(
+                [s["w"] for s in jac_curve],
+                [_value(s[key]) for s in jac_curve],
+                yerr=_errors([s[key] for s in jac_curve]),
+                fmt="-D",
+                color="tab:red",
+                capsize=2,
+                label="net Jacobian CPC guidance (all sigma)",
+            )
         for s in others:
             colour = "tab:blue" if s["model"] == "net" else "tab:orange"
             marker = markers[s["guidance"]]
-            if s["guidance"] == "cfg":  # limited intervals: high or low sigma
+            if s["guidance"] in ("cfg", "jacobian_cpc"):  # limited intervals: high or low sigma
                 marker = ">" if s["high"] is None else "<"
             ax.errorbar(
                 [s["w"]],
