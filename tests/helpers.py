@@ -3,6 +3,9 @@ pytest hooks and fixtures)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import torch
 
 from diffcore import _backend
@@ -25,3 +28,25 @@ TINY_UNET_FIELDS = dict(
     attn_resolutions=(8,),
     dropout=0.0,
 )
+
+
+# The variables torchrun and --shard set: a study process sees only those its test gives it.
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD")
+
+
+def start_study_process(argv, **env) -> subprocess.Popen:
+    """``argv`` started as a launcher starts a study: one OpenMP thread, no progress bar, none of
+    the LAUNCH_VARIABLES but those in ``env``; stdout dropped, stderr kept for :func:`finish_processes`."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFCORE_PROGRESS": "0", **env}
+    for var in LAUNCH_VARIABLES:
+        if var not in env:
+            environ.pop(var, None)
+    return subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_processes(processes, timeout: float) -> None:
+    """Wait for each process (at most ``timeout`` seconds each); fails with the end of the stderr of
+    one that exited non-zero."""
+    for process in processes:
+        _, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, err[-3000:]
