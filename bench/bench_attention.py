@@ -133,59 +133,58 @@ GPU_DTYPES = [torch.float16, torch.bfloat16]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case)
-@pytest.mark.parametrize("role", ["peer", "diffcore"])
+def _gpu_cases(test):
+    """A GPU benchmark's marks: ``gpu``, skipped without a GPU, over GPU_DTYPES x GPU_SHAPES x
+    (peer, diffcore); applied in the order of the decorators they replace, so the ids are unchanged."""
+    for mark in (
+        pytest.mark.parametrize("role", ["peer", "diffcore"]),
+        pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case),
+        pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str),
+        needs_gpu,
+        pytest.mark.gpu,
+    ):
+        test = mark(test)
+    return test
+
+
+def _bench_gpu(benchmark, kind: str, shape, dtype, role: str, ours, peer, *, rounds: int, warmup_rounds: int, **record):
+    """Time ``peer()`` (role peer) or ``ours()`` (role diffcore) on the GPU, ``rounds`` timed calls
+    after ``warmup_rounds``, and record the ratio with the peer timed the same way in this test;
+    ``kind``: fwd, fwd_bwd or fwd_jvp; ``record``: further ``record_ratio`` fields."""
+    benchmark.group = f"attention_{kind}_gpu_{_case(shape)}_{dtype}"
+    run_timed(benchmark, peer if role == "peer" else ours, device="cuda", rounds=rounds, warmup_rounds=warmup_rounds)
+    record_ratio(
+        benchmark,
+        f"{kind}_gpu_{dtype}",
+        _case(shape),
+        role,
+        flops=_flops(shape, kind),
+        peer=peer,
+        device="cuda",
+        peer_rounds=rounds,
+        peer_warmup_rounds=warmup_rounds,
+        **record,
+    )
+
+
+@_gpu_cases
 def test_gpu_forward(benchmark, shape, dtype, role):
     q, k, v, *_ = _inputs(shape, "cuda", dtype)
-    benchmark.group = f"attention_fwd_gpu_{_case(shape)}_{dtype}"
-    fn = _sdpa_fwd if role == "peer" else (lambda *a: _ours_fwd(*a, backend="triton"))
-    run_timed(benchmark, lambda: fn(q, k, v), device="cuda", rounds=20, warmup_rounds=3)
+    ours, peer = lambda: _ours_fwd(q, k, v, backend="triton"), lambda: _sdpa_fwd(q, k, v)
     nbytes = 4 * q.numel() * q.element_size()
-    record_ratio(
-        benchmark,
-        f"fwd_gpu_{dtype}",
-        _case(shape),
-        role,
-        flops=_flops(shape, "fwd"),
-        nbytes=nbytes,
-        peer=lambda: _sdpa_fwd(q, k, v),
-        device="cuda",
-        peer_rounds=20,
-        peer_warmup_rounds=3,
-    )
+    _bench_gpu(benchmark, "fwd", shape, dtype, role, ours, peer, rounds=20, warmup_rounds=3, nbytes=nbytes)
 
 
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case)
-@pytest.mark.parametrize("role", ["peer", "diffcore"])
+@_gpu_cases
 def test_gpu_forward_backward(benchmark, shape, dtype, role):
     q, k, v, d_o, *_ = _inputs(shape, "cuda", dtype, grad=True)
-    benchmark.group = f"attention_fwd_bwd_gpu_{_case(shape)}_{dtype}"
-    fn = F.scaled_dot_product_attention if role == "peer" else (lambda *a: diffcore.ops.attention(*a, backend="triton"))
-    run_timed(benchmark, lambda: _fwd_bwd(fn, q, k, v, d_o.detach()), device="cuda", rounds=10, warmup_rounds=2)
-    record_ratio(
-        benchmark,
-        f"fwd_bwd_gpu_{dtype}",
-        _case(shape),
-        role,
-        flops=_flops(shape, "fwd_bwd"),
-        peer=lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o.detach()),
-        device="cuda",
-        peer_rounds=10,
-        peer_warmup_rounds=2,
-    )
+    d_o = d_o.detach()
+    ours = lambda: _fwd_bwd(lambda *a: diffcore.ops.attention(*a, backend="triton"), q, k, v, d_o)  # noqa: E731
+    peer = lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, d_o)  # noqa: E731
+    _bench_gpu(benchmark, "fwd_bwd", shape, dtype, role, ours, peer, rounds=10, warmup_rounds=2)
 
 
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_case)
-@pytest.mark.parametrize("role", ["peer", "diffcore"])
+@_gpu_cases
 def test_gpu_forward_jvp(benchmark, shape, dtype, role):
     """Peer: torch.func.jvp over the math formula (skipped where its L^2 scores would not fit)."""
     b, h, l, _ = shape
@@ -193,18 +192,8 @@ def test_gpu_forward_jvp(benchmark, shape, dtype, role):
     if role == "peer" and peer_too_large:
         pytest.skip(peer_too_large)
     args = _inputs(shape, "cuda", dtype)
-    benchmark.group = f"attention_fwd_jvp_gpu_{_case(shape)}_{dtype}"
-    fn = attention_math if role == "peer" else (lambda *a: diffcore.ops.attention(*a, backend="triton"))
-    run_timed(benchmark, lambda: _jvp(fn, *args), device="cuda", rounds=10, warmup_rounds=2)
-    record_ratio(
-        benchmark,
-        f"fwd_jvp_gpu_{dtype}",
-        _case(shape),
-        role,
-        flops=_flops(shape, "fwd_jvp"),
-        peer=lambda: _jvp(attention_math, *args),
-        device="cuda",
-        peer_rounds=10,
-        peer_warmup_rounds=2,
-        no_peer_reason=peer_too_large,
+    ours = lambda: _jvp(lambda *a: diffcore.ops.attention(*a, backend="triton"), *args)  # noqa: E731
+    peer = lambda: _jvp(attention_math, *args)  # noqa: E731
+    _bench_gpu(
+        benchmark, "fwd_jvp", shape, dtype, role, ours, peer, rounds=10, warmup_rounds=2, no_peer_reason=peer_too_large
     )

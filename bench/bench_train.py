@@ -83,21 +83,27 @@ else:
 DATA_SPEC = {"name": "random_images", "shape": [CHANNELS, RESOLUTION, RESOLUTION], "num": 4 * BATCH, "seed": 0}
 
 
-def _config(tmp_path, precision="fp32", compile_model=False) -> TrainConfig:
+def _train_config(out_dir, data: dict, model: dict, batch_size: int, precision: str, **fields) -> TrainConfig:
+    """A benchmark's training run on DEVICE: unbounded steps (the benchmark stops stepping), lr 1e-4
+    without warm-up, EMA half-life 10k images, no progress bar; ``fields``: further TrainConfig fields."""
     return TrainConfig(
-        data=DATA_SPEC,
-        model=MODEL_SPEC,
+        data=data,
+        model=model,
         steps=10**9,
-        batch_size=BATCH,
+        batch_size=batch_size,
         lr=1e-4,
         lr_warmup_images=0,
         ema_halflife_images=10_000,
         precision=precision,
-        compile=compile_model,
         device=str(DEVICE),
-        out_dir=str(tmp_path / "run"),
+        out_dir=str(out_dir),
         progress=False,
+        **fields,
     )
+
+
+def _config(tmp_path, precision="fp32", compile_model=False) -> TrainConfig:
+    return _train_config(tmp_path / "run", DATA_SPEC, MODEL_SPEC, BATCH, precision, compile=compile_model)
 
 
 def _plain_loop(config: TrainConfig):
@@ -224,23 +230,7 @@ ENSEMBLE_STEPS = 1 if QUICK else (10 if ON_GPU else 2)
 
 def _member_configs(tmp_path, model, shape, batch, precision):
     data = {"name": "random_images", "shape": shape, "num": 4 * batch, "seed": 0}
-    return [
-        TrainConfig(
-            data=data,
-            model=model,
-            steps=10**9,
-            batch_size=batch,
-            lr=1e-4,
-            lr_warmup_images=0,
-            ema_halflife_images=10_000,
-            precision=precision,
-            seed=k,
-            device=str(DEVICE),
-            out_dir=str(tmp_path / f"member{k}"),
-            progress=False,
-        )
-        for k in range(ENSEMBLE_K)
-    ]
+    return [_train_config(tmp_path / f"member{k}", data, model, batch, precision, seed=k) for k in range(ENSEMBLE_K)]
 
 
 def _time_steps(benchmark, step, batch, model, case, role, peer_step=None):

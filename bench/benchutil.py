@@ -154,19 +154,21 @@ def record_cpu_screen(benchmark, flops: float | None = None) -> None:
         info["fraction_of_fp32_gemm"] = flops / benchmark.stats.stats.min / 1e9 / info["fp32_gemm_gflops"]
 
 
-def interleaved_best(peer_fn, fn, rounds: int = 15, threads: int | None = None) -> dict:
+def interleaved_best(peer_fn, fn, rounds: int = 15, threads: int | None = None, warmup: bool = True) -> dict:
     """Best times of ``peer_fn`` and ``fn`` over ``rounds`` rounds that alternate them (peer, then
-    ours, each round), after one warm-up call of each, so that both see the same load: wall time
-    (``peer_wall``, ``wall``) and the process's CPU time (``peer_cpu``, ``cpu``: user + system of all
-    its threads). On a loaded machine the CPU time is the figure to trust (a descheduled thread
-    stretches the wall time, not the CPU time; with 2 threads it also counts OpenMP spin-waiting).
+    ours, each round), after one warm-up call of each (none with ``warmup=False``), so that both see
+    the same load: wall time (``peer_wall``, ``wall``) and the process's CPU time (``peer_cpu``,
+    ``cpu``: user + system of all its threads). On a loaded machine the CPU time is the figure to
+    trust (a descheduled thread stretches the wall time, not the CPU time; with 2 threads it also
+    counts OpenMP spin-waiting).
     ``threads``: torch's thread count for the measurement (restored after)."""
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     best = {"peer_wall": float("inf"), "wall": float("inf"), "peer_cpu": float("inf"), "cpu": float("inf")}
     try:
-        peer_fn(), fn()
+        if warmup:
+            peer_fn(), fn()
         for _ in range(rounds):
             for name, call in (("peer_", peer_fn), ("", fn)):
                 wall, cpu = time.perf_counter(), time.process_time()

@@ -13,31 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_empirical_denoise import plain_torch_denoise
+from benchutil import interleaved_best
 
 from diffcore import _cpu_caps
 from diffcore.ops import empirical_denoise
 
 SHAPES = ((256, 10000, 3072), (200, 12000, 3072))
 SIGMAS = (0.01, 1.0, 80.0)
-
-
-def best_times(peer, ours, rounds: int) -> tuple[float, float, float, float]:
-    """(peer CPU, ours CPU, peer wall, ours wall): best of ``rounds`` alternating rounds."""
-    peer(), ours()
-    best = [float("inf")] * 4
-    for _ in range(rounds):
-        for index, call in enumerate((peer, ours)):
-            wall, cpu = time.perf_counter(), time.process_time()
-            call()
-            best[index] = min(best[index], time.process_time() - cpu)
-            best[2 + index] = min(best[2 + index], time.perf_counter() - wall)
-    return tuple(best)
 
 
 def main() -> None:
@@ -53,11 +40,12 @@ def main() -> None:
         source = torch.randint(0, rows, (batch,), generator=torch.Generator().manual_seed(1))
         for sigma in SIGMAS:
             x = train[source] + sigma * torch.randn(batch, dim, generator=torch.Generator().manual_seed(2))
-            peer_cpu, cpu, peer_wall, wall = best_times(
+            best = interleaved_best(
                 lambda x=x, train=train, sigma=sigma: plain_torch_denoise(x, train, sigma),
                 lambda x=x, train=train, sigma=sigma: empirical_denoise(x, train, sigma),
                 args.rounds,
             )
+            peer_cpu, cpu, peer_wall, wall = best["peer_cpu"], best["cpu"], best["peer_wall"], best["wall"]
             print(
                 f"({batch}, {rows}, {dim}) sigma {sigma:g}: CPU s {peer_cpu:.3f} / {cpu:.3f} = "
                 f"{peer_cpu / cpu:.2f}x, wall {peer_wall / wall:.2f}x",

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchutil import interleaved_best
 from local_peer import plain_torch_els, plain_torch_ls, plain_torch_pspc
 
 from diffcore.data.digits import load_digits
@@ -27,18 +27,6 @@ from diffcore.ops import local_denoise
 
 PEERS = {"els": plain_torch_els, "ls": plain_torch_ls, "pspc": plain_torch_pspc}
 CASES = [("ls", p, 64) for p in (3, 5, 7)] + [("pspc", p, 64) for p in (3, 5, 7)] + [("els", p, 16) for p in (3, 5, 7)]
-
-
-def best_times(peer, ours, rounds: int) -> tuple[float, float, float, float]:
-    """(peer CPU, ours CPU, peer wall, ours wall): best of ``rounds`` alternating rounds."""
-    best = [float("inf")] * 4
-    for _ in range(rounds):
-        for index, call in enumerate((peer, ours)):
-            wall, cpu = time.perf_counter(), time.process_time()
-            call()
-            best[index] = min(best[index], time.process_time() - cpu)
-            best[2 + index] = min(best[2 + index], time.perf_counter() - wall)
-    return best[0], best[1], best[2], best[3]
 
 
 def main() -> None:
@@ -63,7 +51,8 @@ def main() -> None:
         def ours(x=x, sigma=sigma, kind=kind, patch=patch):
             return local_denoise(x, train, sigma, kind=kind, patch_size=patch, backend="cpu")
 
-        peer_cpu, ours_cpu, peer_wall, ours_wall = best_times(peer, ours, args.rounds)
+        best = interleaved_best(peer, ours, args.rounds, warmup=False)
+        peer_cpu, ours_cpu, peer_wall, ours_wall = best["peer_cpu"], best["cpu"], best["peer_wall"], best["wall"]
         case = f"digits-{kind}-P{patch}-B{batch}-N{train.shape[0]}"
         cpu = f"{peer_cpu * 1e3:.1f} | {ours_cpu * 1e3:.1f} | {peer_cpu / ours_cpu:.2f}x"
         wall = f"{peer_wall * 1e3:.1f} | {ours_wall * 1e3:.1f} | {peer_wall / ours_wall:.2f}x"

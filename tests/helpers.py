@@ -3,6 +3,9 @@ pytest hooks and fixtures)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import torch
 
 from diffcore import _backend
@@ -12,3 +15,38 @@ def cpu_backends(implemented=("reference", "cpu", "triton")):
     """Backends a test can run on CPU tensors here (Triton through the interpreter, which
     tests/conftest.py turns on before triton is imported)."""
     return [b for b in implemented if _backend.why_unusable(b, torch.device("cpu")) is None]
+
+
+# A small UNet (diffcore.models.UNet fields): width 8 on 8x8 one-channel images, one block per level,
+# attention at the 8x8 level, no dropout. The tests' tiny UNet (tests/models) and its variants.
+TINY_UNET_FIELDS = dict(
+    img_resolution=8,
+    in_channels=1,
+    model_channels=8,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(8,),
+    dropout=0.0,
+)
+
+
+# The variables torchrun and --shard set: a study process sees only those its test gives it.
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD")
+
+
+def start_study_process(argv, **env) -> subprocess.Popen:
+    """``argv`` started as a launcher starts a study: one OpenMP thread, no progress bar, none of
+    the LAUNCH_VARIABLES but those in ``env``; stdout dropped, stderr kept for :func:`finish_processes`."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFCORE_PROGRESS": "0", **env}
+    for var in LAUNCH_VARIABLES:
+        if var not in env:
+            environ.pop(var, None)
+    return subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_processes(processes, timeout: float) -> None:
+    """Wait for each process (at most ``timeout`` seconds each); fails with the end of the stderr of
+    one that exited non-zero."""
+    for process in processes:
+        _, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, err[-3000:]

@@ -92,11 +92,17 @@ def test_an_earlier_study_run_with_a_finished_unit_is_still_adopted(tmp_path):
 # ----------------------------------------------------------------------------- lock files
 
 
-def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+def _user_file_and_run(tmp_path):
+    """A user's file (``precious.txt``) that a planted link points at, and an empty run folder."""
     victim = tmp_path / "precious.txt"
     victim.write_text("user data")
     run = tmp_path / "run"
     run.mkdir()
+    return victim, run
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    victim, run = _user_file_and_run(tmp_path)
     (run / ".lock").symlink_to(victim)
     with pytest.raises(_folder.FolderError, match=r"lock file .*\.lock' is a symbolic link"):
         with _folder.claim_folder(run, "demo"):
@@ -105,10 +111,7 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
 
 
 def test_a_workers_lock_and_a_unit_claim_that_are_links_are_refused(tmp_path):
-    victim = tmp_path / "precious.txt"
-    victim.write_text("user data")
-    run = tmp_path / "run"
-    run.mkdir()
+    victim, run = _user_file_and_run(tmp_path)
     (run / ".lock.workers").symlink_to(victim)
     with pytest.raises(_folder.FolderError, match="is a symbolic link"):
         with _folder.claim_folder(run, "demo"):

@@ -17,6 +17,7 @@ from diffcore.analysis.representation import (
 )
 from diffcore.denoisers import MoLRGDenoiser
 from diffcore.models import EDMPrecond, UNet
+from tests.helpers import TINY_UNET_FIELDS
 
 
 def _gaussian_classes(num_per_class: int, means: torch.Tensor, std: float, seed: int):
@@ -71,15 +72,7 @@ def test_class_snr_rejects_mismatched_labels():
 
 def _tiny_unet():
     torch.manual_seed(0)
-    net = UNet(
-        img_resolution=8,
-        in_channels=1,
-        model_channels=8,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attn_resolutions=(),
-        dropout=0.0,
-    )
+    net = UNet(**{**TINY_UNET_FIELDS, "attn_resolutions": ()})
     return EDMPrecond(net).eval()
 
 

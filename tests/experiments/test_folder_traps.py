@@ -20,6 +20,15 @@ def assert_unbound(out):
     assert not (out / "config.json").exists() and not (out / "diffcore-run.json").exists()
 
 
+def assert_refused_before_binding(tmp_path, module, overrides, error, match):
+    """``module``'s tiny preset with ``overrides`` raises ``error`` matching ``match``, and its
+    output folder is left unbound."""
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        module.run_preset("tiny", out, overrides, progress=False)
+    assert_unbound(out)
+
+
 def truncated_png(path):
     Image.fromarray(np.full((8, 8), 90, dtype=np.uint8), mode="L").save(path)
     path.write_bytes(path.read_bytes()[:40])
@@ -38,25 +47,20 @@ def truncated_png(path):
     ],
 )
 def test_loco_edit_checks_against_the_data_before_binding(tmp_path, overrides, field):
-    out = tmp_path / "out"
-    with pytest.raises((ConfigError, ValueError), match=field):
-        loco_edit.run_preset("tiny", out, overrides, progress=False)
-    assert_unbound(out)
+    assert_refused_before_binding(tmp_path, loco_edit, overrides, (ConfigError, ValueError), field)
 
 
 def test_loco_edit_truncated_image_file_is_named_before_binding(tmp_path):
     bad = truncated_png(tmp_path / "cut.png")
-    out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=f"image_files: '{bad}' is not a readable image"):
-        loco_edit.run_preset("tiny", out, ["image_source=files", f"image_files={bad}"], progress=False)
-    assert_unbound(out)
+    overrides = ["image_source=files", f"image_files={bad}"]
+    assert_refused_before_binding(
+        tmp_path, loco_edit, overrides, ConfigError, f"image_files: '{bad}' is not a readable image"
+    )
 
 
 def test_representation_unknown_layer_is_refused_before_binding(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="layer: these models have no layer 'bogus'; they have: .*decoder_last"):
-        representation.run_preset("tiny", out, ["layer=bogus"], progress=False)
-    assert_unbound(out)
+    match = "layer: these models have no layer 'bogus'; they have: .*decoder_last"
+    assert_refused_before_binding(tmp_path, representation, ["layer=bogus"], ConfigError, match)
 
 
 def test_representation_widths_absent_from_models_from_are_refused_before_binding(tmp_path):
@@ -71,24 +75,17 @@ def test_representation_widths_absent_from_models_from_are_refused_before_bindin
             }
         )
     )
-    out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="widths, sizes: no model"):
-        representation.run_preset("tiny", out, [f"models_from={repro}", "widths=999"], progress=False)
-    assert_unbound(out)
+    overrides = [f"models_from={repro}", "widths=999"]
+    assert_refused_before_binding(tmp_path, representation, overrides, ConfigError, "widths, sizes: no model")
 
 
 def test_multistage_cifar10_without_data_root_is_refused_before_binding(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match="data_root|root"):
-        multistage.run_preset("tiny", out, ["dataset=cifar10"], progress=False)
-    assert_unbound(out)
+    assert_refused_before_binding(tmp_path, multistage, ["dataset=cifar10"], ValueError, "data_root|root")
 
 
 def test_cfg_seed_range_beyond_the_largest_seed_is_refused_before_binding(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="sample_seed_start: seeds 4294967295"):
-        cfg.run_preset("tiny", out, ["sample_seed_start=4294967295"], progress=False)
-    assert_unbound(out)
+    overrides = ["sample_seed_start=4294967295"]
+    assert_refused_before_binding(tmp_path, cfg, overrides, ConfigError, "sample_seed_start: seeds 4294967295")
 
 
 def test_hidden_gaussian_mistyped_models_from_creates_nothing(tmp_path):
@@ -117,9 +114,7 @@ def test_hidden_gaussian_read_only_models_from_is_read_not_refused_as_unwritable
     ],
 )
 def test_huge_step_counts_are_refused_by_the_config(module, override, field, tmp_path):
-    with pytest.raises(ConfigError, match=f"{field}: expected an integer in"):
-        module.run_preset("tiny", tmp_path / "out", [override], progress=False)
-    assert_unbound(tmp_path / "out")
+    assert_refused_before_binding(tmp_path, module, [override], ConfigError, f"{field}: expected an integer in")
 
 
 @pytest.mark.parametrize(

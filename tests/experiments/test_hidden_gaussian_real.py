@@ -31,8 +31,10 @@ REDUCED = [
 ]
 
 
-def test_training_noise_levels_reach_the_trainer(tmp_path):
-    spec = {
+def _digits_spec(recipe: dict) -> dict:
+    """A study's model spec of a width-8 light UNet on 16 digits, 10 steps, with ``recipe``
+    (:func:`diffcore.experiments._stack.recipe_spec`)."""
+    return {
         "dataset": "digits",
         "n": 16,
         "subset_seed": 0,
@@ -43,8 +45,12 @@ def test_training_noise_levels_reach_the_trainer(tmp_path):
         "batch_size": 4,
         "learning_rate": 1e-3,
         "lr_warmup_images": 0,
-        **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0)),
+        **recipe,
     }
+
+
+def test_training_noise_levels_reach_the_trainer(tmp_path):
+    spec = _digits_spec(_stack.recipe_spec("edm", 0.0, (-0.4, 2.0)))
     assert spec["sigma_lognormal"] == [-0.4, 2.0]
     request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
     assert request.loss == "edm" and request.loss_options == {"P_mean": -0.4, "P_std": 2.0}
@@ -108,19 +114,7 @@ def test_reduced_quick_recipe_shows_the_directions(tmp_path):
 
 
 def test_training_target_reaches_the_trainer(tmp_path):
-    spec = {
-        "dataset": "digits",
-        "n": 16,
-        "subset_seed": 0,
-        "model_preset": "ddpmpp-digits-light",
-        "width": 8,
-        "seed": 0,
-        "train_steps": 10,
-        "batch_size": 4,
-        "learning_rate": 1e-3,
-        "lr_warmup_images": 0,
-        **_stack.recipe_spec("edm", 0.0, (-0.4, 2.0), ("empirical", 5.0)),
-    }
+    spec = _digits_spec(_stack.recipe_spec("edm", 0.0, (-0.4, 2.0), ("empirical", 5.0)))
     assert (spec["target"], spec["target_sigma_min"]) == ("empirical", 5.0)
     request = _stack.training_request(spec, tmp_path, "cpu", progress=False)
     assert request.loss_options == {"P_mean": -0.4, "P_std": 2.0, "target": "empirical", "target_sigma_min": 5.0}

@@ -17,6 +17,7 @@ import pytest
 
 from diffcore.experiments import reproducibility as study
 from diffcore.experiments.base import MANIFEST, config_from_preset
+from tests.helpers import finish_processes, start_study_process
 
 OVERRIDES = [
     "model_preset=ddpmpp-digits-light",
@@ -103,16 +104,10 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path, two_thread_run):
 
 
 def _cli(out, **env):
-    import os
-    import subprocess
     import sys
 
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFCORE_PROGRESS": "0", **env}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD"):
-        if var not in env:
-            environ.pop(var, None)
     sets = [arg for item in LAUNCH_OVERRIDES for arg in ("--set", item)]
-    return subprocess.Popen(
+    return start_study_process(
         [
             sys.executable,
             "-m",
@@ -128,17 +123,12 @@ def _cli(out, **env):
             "--no-progress",
             *sets,
         ],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        **env,
     )
 
 
 def _wait(processes) -> None:
-    for process in processes:
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-3000:]
+    finish_processes(processes, timeout=600)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ exactly the results.json of one process; no unit is made twice."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from diffcore.experiments import reproducibility as study
 from diffcore.experiments.base import config_from_preset
+from tests.helpers import finish_processes, start_study_process
 
 HERE = Path(__file__).resolve().parent
 OVERRIDES = ["num_samples=8", "grid_samples=2", "sampler_steps=4", "sizes=8,96"]
@@ -42,23 +42,11 @@ RUN = f"""
 
 
 def _start(out: Path, log_dir: Path, sleep: float = 0.0, **env) -> subprocess.Popen:
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFCORE_PROGRESS": "0", **env}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD"):
-        if var not in env:
-            environ.pop(var, None)
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(RUN), str(out), str(log_dir), str(sleep)],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_study_process([sys.executable, "-c", textwrap.dedent(RUN), str(out), str(log_dir), str(sleep)], **env)
 
 
 def _finish(processes) -> None:
-    for p in processes:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    finish_processes(processes, timeout=240)
 
 
 def _train_calls(log_dir: Path) -> list[str]:

@@ -123,15 +123,9 @@ def test_wiener_masks_public_rule_follows_the_public_formula():
         ("wiener_rule=rows", "wiener_rule"),
         ("padding=reflect", "padding"),
         ("grid_samples=9", "grid_samples"),
-        ("reproducibility_preset=huge", "reproducibility_preset"),
     ],
 )
 def test_invalid_config_is_refused_before_anything_is_written(override, field, tmp_path):
     with pytest.raises(ConfigError, match=field):
         study.run_preset("tiny", tmp_path / "bad", [override], progress=False)
     assert not (tmp_path / "bad" / "config.json").exists()
-
-
-def test_models_from_without_results_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="models_from"):
-        study.run_preset("tiny", tmp_path / "out", [f"models_from={tmp_path}"], progress=False)

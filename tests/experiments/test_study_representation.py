@@ -80,15 +80,9 @@ def test_models_from_reuses_the_reproducibility_run(tiny_run, tmp_path):
         ("probe_splits=2", "probe_splits"),
         ("generalizes_gl=1.5", "generalizes_gl"),
         ("molrg_latent_dim=40", "molrg_latent_dim"),
-        ("reproducibility_preset=huge", "reproducibility_preset"),
     ],
 )
 def test_invalid_config_is_refused_before_anything_is_written(override, field, tmp_path):
     with pytest.raises(ConfigError, match=field):
         study.run_preset("tiny", tmp_path / "bad", [override], progress=False)
     assert not (tmp_path / "bad" / "config.json").exists()
-
-
-def test_models_from_without_results_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="models_from"):
-        study.run_preset("tiny", tmp_path / "out", [f"models_from={tmp_path}"], progress=False)

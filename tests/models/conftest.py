@@ -9,6 +9,7 @@ import torch
 
 from diffcore import _env
 from diffcore.models import UNet
+from tests.helpers import TINY_UNET_FIELDS
 
 
 def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -35,16 +36,7 @@ def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mod
 
 def make_tiny_unet(*, seed: int = 0, randomize: bool = True, **fields) -> UNet:
     """A small UNet (width 8, one block per level) with deterministic weights."""
-    config = dict(
-        img_resolution=8,
-        in_channels=1,
-        model_channels=8,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attn_resolutions=(8,),
-        dropout=0.0,
-    )
-    config.update(fields)
+    config = {**TINY_UNET_FIELDS, **fields}
     torch.manual_seed(seed)
     net = UNet(**config)
     return randomize_parameters(net, seed) if randomize else net

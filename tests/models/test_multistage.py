@@ -7,16 +7,9 @@ import torch
 
 from diffcore.models import EDMPrecond, MultiStageUNet, UNet, VPPrecond, multistage_denoiser
 from diffcore.train import build_model
+from tests.helpers import TINY_UNET_FIELDS
 
-TINY = dict(
-    img_resolution=8,
-    in_channels=1,
-    model_channels=8,
-    channel_mult=(1, 2),
-    num_blocks=1,
-    attn_resolutions=(8,),
-    dropout=0.0,
-)
+TINY = TINY_UNET_FIELDS
 
 
 @pytest.fixture

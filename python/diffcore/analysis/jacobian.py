@@ -120,37 +120,45 @@ class JacobianOperator:
         """[m, B, *shape] -> [B, d, m]."""
         return probes.reshape(probes.shape[0], self.batch, self.dim).permute(1, 2, 0)
 
+    def _masked_probes(self, block: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, d, m] (times ``mask`` [B, d] when given) -> [m, B, *shape] in the input's dtype."""
+        if mask is not None:
+            block = block * mask[:, :, None]
+        return self._to_probes(block.to(self.x.dtype))
+
+    def _folded(self, m: int) -> torch.Tensor:
+        """The input repeated for ``m`` probes folded into the batch: [m * B, *shape]."""
+        return self.x.repeat(m, *([1] * len(self.shape)))
+
+    def _finished(self, out: torch.Tensor, what: str, mask: torch.Tensor | None) -> torch.Tensor:
+        """[m, B, *shape] -> [B, d, m] in the operator's dtype, checked finite (``what`` names the
+        product), times ``mask`` [B, d] when given."""
+        out = self._from_probes(out).to(self.dtype)
+        _check_finite_output(out, what)
+        return out * mask[:, :, None] if mask is not None else out
+
     def matvec(self, block: torch.Tensor) -> torch.Tensor:
         """``A V`` for V [B, d, m] (forward-mode JVPs)."""
         m = block.shape[2]
-        if self.in_mask is not None:
-            block = block * self.in_mask[:, :, None]
-        tangents = self._to_probes(block.to(self.x.dtype))
+        tangents = self._masked_probes(block, self.in_mask)
         if self.probes == "vmap":
             out = torch.func.vmap(lambda t: torch.func.jvp(self._f, (self.x,), (t,))[1])(tangents)
         elif self.probes == "batch":
-            folded_x = self.x.repeat(m, *([1] * len(self.shape)))
-            out = torch.func.jvp(self._f_folded(m), (folded_x,), (tangents.reshape(m * self.batch, *self.shape),))[1]
+            folded = tangents.reshape(m * self.batch, *self.shape)
+            out = torch.func.jvp(self._f_folded(m), (self._folded(m),), (folded,))[1]
             out = out.reshape(m, self.batch, *self.shape)
         else:
             out = torch.stack([torch.func.jvp(self._f, (self.x,), (t,))[1] for t in tangents])
         self.jvp_passes += m
-        out = self._from_probes(out).to(self.dtype)
-        _check_finite_output(out, "denoiser Jacobian-vector product")
-        if self.out_mask is not None:
-            out = out * self.out_mask[:, :, None]
-        return out
+        return self._finished(out, "denoiser Jacobian-vector product", self.out_mask)
 
     def rmatvec(self, block: torch.Tensor) -> torch.Tensor:
         """``A^T U`` for U [B, d, m] (reverse-mode VJPs; the forward pass is recorded once)."""
         m = block.shape[2]
-        if self.out_mask is not None:
-            block = block * self.out_mask[:, :, None]
-        cotangents = self._to_probes(block.to(self.x.dtype))
+        cotangents = self._masked_probes(block, self.out_mask)
         if self.probes == "batch":
             if m not in self._folded_vjp:
-                folded_x = self.x.repeat(m, *([1] * len(self.shape)))
-                self._folded_vjp = {m: torch.func.vjp(self._f_folded(m), folded_x)[1]}
+                self._folded_vjp = {m: torch.func.vjp(self._f_folded(m), self._folded(m))[1]}
             out = self._folded_vjp[m](cotangents.reshape(m * self.batch, *self.shape))[0]
             out = out.reshape(m, self.batch, *self.shape)
         else:
@@ -161,11 +169,7 @@ class JacobianOperator:
             else:
                 out = torch.stack([self._vjp_fn(c)[0] for c in cotangents])
         self.vjp_passes += m
-        out = self._from_probes(out).to(self.dtype)
-        _check_finite_output(out, "denoiser vector-Jacobian product")
-        if self.in_mask is not None:
-            out = out * self.in_mask[:, :, None]
-        return out
+        return self._finished(out, "denoiser vector-Jacobian product", self.in_mask)
 
     def random_block(self, m: int, generator: torch.Generator, *, space: str = "input") -> torch.Tensor:
         """Gaussian [B, d, m] drawn on the CPU (same seed, same numbers on every device), masked."""

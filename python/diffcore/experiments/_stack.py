@@ -405,3 +405,77 @@ def reproducibility_run(
     start = time.perf_counter()
     results = reproducibility.run(config, folder, hooks=hooks, device=device, progress=progress)
     return results, folder, time.perf_counter() - start
+
+
+@dataclass
+class ModelOfReproducibilityRun(ModelOfSubset):
+    """A finished model unit of a reproducibility run (``path``: its folder, holding checkpoint/),
+    with that run's GL and memorized ratio of the model."""
+
+    path: Path
+    gl: float | None
+    memorized_ratio: float | None
+
+
+def reproducibility_models(
+    results: dict, root: Path, widths: Sequence[int], sizes: Sequence[int]
+) -> list[ModelOfReproducibilityRun]:
+    """The models of a reproducibility run (``results`` and its folder ``root``) that ``widths`` and
+    ``sizes`` select (empty: all), sorted by (width, n, seed). ConfigError naming ``models_from``
+    for a model unit missing from ``root``, naming ``widths, sizes`` when none is selected."""
+    found = []
+    for row in results["models"]:
+        if (widths and row["width"] not in widths) or (sizes and row["n"] not in sizes):
+            continue
+        label = model_unit_name(row["width"], row["n"], row["seed"])
+        path = Path(root) / "units" / "models" / label
+        if not (path / "MANIFEST.json").is_file():
+            raise base.ConfigError(f"models_from: model unit {path} is missing")
+        found.append(
+            ModelOfReproducibilityRun(
+                label, row["width"], row["n"], row["seed"], path, row["gl"], row["memorized_ratio"]
+            )
+        )
+    if not found:
+        raise base.ConfigError(f"widths, sizes: no model of {root} matches widths={widths}, sizes={sizes}")
+    return sorted(found, key=lambda m: (m.width, m.n, m.seed))
+
+
+class ReproducibilityModelsStudy:
+    """The common body of a study that measures the reproducibility study's models (locality,
+    representation): its config ``c`` (fields ``models_from``, ``reproducibility_preset``,
+    ``widths``, ``sizes``), workspace ``ws``, ``hooks`` (the real stack when None), device,
+    progress and the seconds of each phase (``seconds``)."""
+
+    def __init__(self, config, out, hooks, device: str, progress: bool):
+        from diffcore.experiments import hooks as study_hooks
+
+        self.c = config
+        self.ws = base.Workspace(out)
+        self.hooks = hooks or study_hooks.default_hooks()
+        self.default_stack = hooks is None
+        self.device = device
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    def reproducibility_run(self) -> tuple[dict, Path]:
+        """The reproducibility results and folder: ``models_from``, or that study run here
+        (:func:`reproducibility_run`; its time is ``seconds["reproducibility"]``)."""
+        c = self.c
+        results, root, seconds = reproducibility_run(
+            c.models_from,
+            c.reproducibility_preset,
+            c.widths,
+            c.sizes,
+            self.ws.root / "reproducibility",
+            hooks=None if self.default_stack else self.hooks,
+            device=self.device,
+            progress=self.progress,
+        )
+        if seconds is not None:
+            self.seconds["reproducibility"] = seconds
+        return results, root
+
+    def models(self, results: dict, root: Path) -> list[ModelOfReproducibilityRun]:
+        """The selected models of the reproducibility run (:func:`reproducibility_models`)."""
+        return reproducibility_models(results, root, self.c.widths, self.c.sizes)

@@ -47,10 +47,9 @@ import numpy as np
 import torch
 
 from diffcore._files import load_json
-from diffcore.experiments import _stack, base, experiment, hooks as study_hooks
+from diffcore.experiments import _stack, base, experiment
 from diffcore.experiments.base import (
     ConfigError,
-    Workspace,
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
@@ -186,11 +185,7 @@ CONFIG_CLASS = LocalityConfig
 # ----------------------------------------------------------------------------- one model
 
 
-@dataclass
-class _Model(_stack.ModelOfSubset):
-    path: Path  # a finished model unit (its checkpoint/ folder)
-    gl: float | None
-    memorized_ratio: float | None
+_Model = _stack.ModelOfReproducibilityRun  # a finished model unit of the reproducibility run
 
 
 def _trajectory(sample: Callable, network, seeds: list[int], shape, rc: dict, device) -> tuple:
@@ -381,47 +376,8 @@ def claims(models: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- the study
 
 
-class _Study:
-    def __init__(self, config: LocalityConfig, out, hooks, device: str, progress: bool):
-        self.c = config
-        self.ws = Workspace(out)
-        self.hooks = hooks or study_hooks.default_hooks()
-        self.default_stack = hooks is None
-        self.device = device
-        self.progress = progress
-        self.seconds: dict[str, float] = {}
-
-    def reproducibility_run(self) -> tuple[dict, Path]:
-        """The reproducibility results and folder: ``models_from``, or that study run here."""
-        c = self.c
-        results, root, seconds = _stack.reproducibility_run(
-            c.models_from,
-            c.reproducibility_preset,
-            c.widths,
-            c.sizes,
-            self.ws.root / "reproducibility",
-            hooks=None if self.default_stack else self.hooks,
-            device=self.device,
-            progress=self.progress,
-        )
-        if seconds is not None:
-            self.seconds["reproducibility"] = seconds
-        return results, root
-
-    def models(self, results: dict, root: Path) -> list[_Model]:
-        c = self.c
-        found = []
-        for row in results["models"]:
-            if (c.widths and row["width"] not in c.widths) or (c.sizes and row["n"] not in c.sizes):
-                continue
-            label = _stack.model_unit_name(row["width"], row["n"], row["seed"])
-            path = root / "units" / "models" / label
-            if not (path / "MANIFEST.json").is_file():
-                raise ConfigError(f"models_from: model unit {path} is missing")
-            found.append(_Model(label, row["width"], row["n"], row["seed"], path, row["gl"], row["memorized_ratio"]))
-        if not found:
-            raise ConfigError(f"widths, sizes: no model of {root} matches widths={c.widths}, sizes={c.sizes}")
-        return sorted(found, key=lambda m: (m.width, m.n, m.seed))
+class _Study(_stack.ReproducibilityModelsStudy):
+    """The locality study of the reproducibility run's models (models: the shared base)."""
 
     def measure_spec(self, model_spec: dict, rc: dict) -> dict:
         c = self.c

@@ -62,14 +62,8 @@ class Interval:
         return self.low <= x <= self.high
 
     def as_dict(self) -> dict:
-        return {
-            "value": self.value,
-            "low": self.low,
-            "high": self.high,
-            "level": self.level,
-            "method": self.method,
-            "n": self.n,
-        }
+        """``{"value", "low", "high", "level", "method", "n"}``, in that order (results.json's form)."""
+        return dataclasses.asdict(self)
 
 
 def _as_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
