@@ -43,10 +43,12 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # The [B] sigma tensors of recent grids on the CPU, shared between trajectories (issue 34: building
 # 50 of them costs about 60 us, 1.2 us a step at 16x3x32x32, as much as the rest of the loop's
-# Python). Key: (grid values, B, dtype, inference mode); value: (table [n, B], its rows, the table's
-# version). The rows are views of the table and share its version counter, so an in-place write by
-# a denoiser into any of them is seen and the entry rebuilt; so is a row that was made to require
-# grad. Values are the same bits as freshly built ones: only the allocation is saved.
+# Python). Key: (grid values, B, dtype); value: (table [n, B], its rows, the table's version). The
+# rows are views of the table and share its version counter, so an in-place write by a denoiser into
+# any of them is seen and the entry rebuilt; so is a row that was made to require grad. The table is
+# always a normal tensor (made outside inference mode, so that it has a version counter and can be
+# used in and out of inference mode). Values are the same bits as freshly built ones: only the
+# allocation is saved.
 _SIGMA_ROWS: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], int]] = {}
 _SIGMA_ROWS_ENTRIES = 8  # grids kept (oldest dropped first)
 _SIGMA_ROWS_MAX_ELEMENTS = 1 << 20  # a table above this many values is not kept
@@ -56,14 +58,15 @@ def _shared_sigma_rows(values: tuple[float, ...], batch: int, dtype: torch.dtype
     """``[B]`` CPU tensors of ``dtype``, one per value (each value rounded from float64, as
     ``torch.tensor(values, dtype=float64).to(dtype)``), rows of one table; reused from an earlier
     call with the same values, batch and dtype while nobody wrote into them."""
-    key = (values, batch, dtype, torch.is_inference_mode_enabled())
+    key = (values, batch, dtype)
     entry = _SIGMA_ROWS.get(key)
     if entry is not None:
         table, rows, version = entry
         if table._version == version and not any(row.requires_grad for row in rows):
             return rows
-    table = torch.tensor(values, dtype=torch.float64).to(dtype).view(-1, 1).repeat(1, batch)
-    rows = table.unbind(0)
+    with torch.inference_mode(False):
+        table = torch.tensor(values, dtype=torch.float64).to(dtype).view(-1, 1).repeat(1, batch)
+        rows = table.unbind(0)
     if table.numel() <= _SIGMA_ROWS_MAX_ELEMENTS:
         while len(_SIGMA_ROWS) >= _SIGMA_ROWS_ENTRIES:
             _SIGMA_ROWS.pop(next(iter(_SIGMA_ROWS)), None)
