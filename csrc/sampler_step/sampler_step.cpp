@@ -126,6 +126,37 @@ int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintpt
   return bad;
 }
 
+// A CPU step bound once per trajectory to its dtype, size, flag and thread count, called with
+// positional arguments: a sampler takes 10-1000 steps on tensors of one shape, and pybind11's
+// keyword-argument dispatch of `sampler_step_cpu` (14 names looked up per call) cost more than a
+// third of the fused step's own time at 16x3x32x32 (issue 34). The factory keeps every argument by
+// name; the callable it returns is internal to diffcore's sampler loops
+// (python/diffcore/ops/_sampler_step_cpu.py), which pass (x, denoised, extra, noise, out, c_x,
+// c_denoised, c_extra, c_noise, step) in this order from one place.
+py::cpp_function sampler_step_cpu_bind(const std::string& dtype, int64_t n, std::uintptr_t flag, int threads) {
+  check_positive(n, "numel");
+  const DType type = parse_dtype(dtype, "dtype");
+  check_arg(type == DType::float32 || type == DType::float64, "dtype",
+            "the CPU sampler step supports float32 and float64, got '" + dtype + "'");
+  const int nthreads = resolve_threads(threads);
+  auto step = [type, n, flag, nthreads](std::uintptr_t x, std::uintptr_t d, std::uintptr_t e, std::uintptr_t z,
+                                        std::uintptr_t out, double c_x, double c_d, double c_e, double c_z,
+                                        int32_t index) -> int64_t {
+    check_step_args(x, d, e, z, out, n, c_e, c_z);
+    const int64_t bad = type == DType::float32
+                            ? step_typed<float>(x, d, e, z, out, n, c_x, c_d, c_e, c_z, nthreads)
+                            : step_typed<double>(x, d, e, z, out, n, c_x, c_d, c_e, c_z, nthreads);
+    if (bad > 0 && flag != 0) {
+      auto* f = reinterpret_cast<int32_t*>(flag);
+      *f = std::min(*f, index);
+    }
+    return bad;
+  };
+  return py::cpp_function(std::move(step), py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+                          py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("c_x"),
+                          py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"));
+}
+
 int64_t sampler_step_cuda(const std::string& dtype, std::uintptr_t x, std::uintptr_t d, std::uintptr_t e,
                           std::uintptr_t z, std::uintptr_t out, int64_t n, double c_x, double c_d, double c_e,
                           double c_z, int32_t step, std::uintptr_t flag, int device, std::uintptr_t stream) {
@@ -151,6 +182,11 @@ void register_sampler_step(py::module_& m) {
         "Fused sampler step on contiguous CPU buffers: out = c_x x + c_denoised denoised + c_extra extra + "
         "c_noise noise (extra/noise may be 0 = absent). Returns > 0 when denoised or out holds NaN/Inf; "
         "if non-zero and flag != 0, lowers the int32 at flag to step.");
+  m.def("sampler_step_cpu_bind", &sampler_step_cpu_bind, named, py::arg("dtype"), py::arg("numel"), py::arg("flag"),
+        py::arg("threads"),
+        "The CPU step of sampler_step_cpu bound to a dtype, a size, a flag (0 = none) and a thread count: "
+        "returns step(x, denoised, extra, noise, out, c_x, c_denoised, c_extra, c_noise, step) -> int, "
+        "called positionally (a sampler loop's hot path), same result and return value.");
   m.def("sampler_step_cuda", &sampler_step_cuda, py::call_guard<py::gil_scoped_release>(), named, py::arg("dtype"),
         py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
         py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),

@@ -8,6 +8,7 @@ names below are the same functions. Keep this file in step with the ``m.def`` ca
 ``tests/test_ext_stub.py`` checks that the names and keyword arguments match the built module.
 """
 
+import collections.abc
 from typing import Protocol, TypedDict
 
 class BuildInfo(TypedDict):
@@ -260,6 +261,9 @@ class Extension(Protocol):
         flag: int,
         threads: int,
     ) -> int: ...
+    # returns step(x, denoised, extra, noise, out, c_x, c_denoised, c_extra, c_noise, step) -> int,
+    # the one callable of _C taking positional arguments (pointers as int; a sampler loop's hot path)
+    def sampler_step_cpu_bind(self, *, dtype: str, numel: int, flag: int, threads: int) -> collections.abc.Callable: ...
     def sampler_step_cuda(
         self,
         *,
@@ -389,6 +393,7 @@ knn_cpu_screen_tile = _module.knn_cpu_screen_tile
 knn_cuda = _module.knn_cuda
 attention_forward = _module.attention_forward
 sampler_step_cpu = _module.sampler_step_cpu
+sampler_step_cpu_bind = _module.sampler_step_cpu_bind
 sampler_step_cuda = _module.sampler_step_cuda
 local_denoise_translated_tile = _module.local_denoise_translated_tile
 local_denoise_same_location_tile = _module.local_denoise_same_location_tile

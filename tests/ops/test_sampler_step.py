@@ -281,3 +281,41 @@ def test_auto_uses_the_reference_for_dtypes_the_kernel_lacks():
     assert name == "reference"
     x, d, _, _ = _inputs((2, 9), torch.bfloat16)
     torch.testing.assert_close(sampler_step("euler", x, d, (0.5, 0.5, 0, 0)).float(), (0.5 * x + 0.5 * d).float())
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="diffcore._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bound_cpu_kernel_matches_the_keyword_entry(dtype):
+    """``sampler_step_cpu_bind`` (the sampler's positional hot path) gives the bits, the return value
+    and the flag of ``sampler_step_cpu``, across thread counts and with every optional operand."""
+    from diffcore.ops import _sampler_step_cpu as cpu
+
+    n = 3 * (1 << 15) + 17
+    x, d, e, z = _inputs((n,), dtype, seed=7)
+    d[n - 3] = float("inf")
+    row = (0.8123, 0.2117, -0.0311, 0.137)
+    for threads in (1, 2):
+        with _env.torch_threads(threads):
+            for extra, noise in ((None, None), (e, None), (None, z), (e, z)):
+                used = (row[0], row[1], row[2] if extra is not None else 0.0, row[3] if noise is not None else 0.0)
+                keyword, bound = torch.empty_like(x), torch.empty_like(x)
+                keyword_flag, bound_flag = new_finite_flag("cpu"), new_finite_flag("cpu")
+                cpu.run(x, d, extra, noise, keyword, used, 4, keyword_flag)
+                kernel = cpu.bound_kernel(x, bound_flag)
+                pointers = [0 if t is None else t.data_ptr() for t in (extra, noise)]
+                bad = kernel(x.data_ptr(), d.data_ptr(), *pointers, bound.data_ptr(), *used, 4)
+                assert bad > 0 and int(bound_flag) == int(keyword_flag) == 4
+                assert torch.equal(bound, keyword)
+                # the runner around it: True on NaN/Inf only when it checks (a flag was given)
+                runner_out = torch.empty_like(x)
+                assert cpu.bound_runner(x, new_finite_flag("cpu"))(x, d, extra, noise, runner_out, used, 2)
+                assert not cpu.bound_runner(x, None)(x, d, extra, noise, runner_out, used, 2)
+                assert torch.equal(runner_out, keyword)
+    from diffcore._ext import extension
+
+    with pytest.raises(ValueError, match="dtype"):
+        extension().sampler_step_cpu_bind(dtype="float16", numel=4, flag=0, threads=1)
+    with pytest.raises(ValueError, match="numel"):
+        extension().sampler_step_cpu_bind(dtype="float32", numel=0, flag=0, threads=1)
+    with pytest.raises(ValueError, match="extra"):
+        cpu.bound_kernel(x, None)(x.data_ptr(), d.data_ptr(), 0, 0, x.data_ptr(), 1.0, 0.0, 0.5, 0.0, 0)

@@ -232,16 +232,27 @@ def bound_step_runner(backend: str, like: torch.Tensor, flag: torch.Tensor | Non
     -> bool``, True when NaN/Inf is *known* now (CPU: at once; CUDA: never, the flag is deferred).
     No validation: the caller checked shapes, dtypes, devices and contiguity. Returns
     ``(name, run)``."""
+    name, run, _ = bound_step(backend, like, flag)
+    return name, run
+
+
+def bound_step(backend: str, like: torch.Tensor, flag: torch.Tensor | None):
+    """``bound_step_runner`` plus, on the ``cpu`` backend, the positional C++ kernel it calls
+    (``_sampler_step_cpu.bound_kernel``: ``kernel(x_ptr, denoised_ptr, extra_ptr, noise_ptr,
+    out_ptr, c_x, c_denoised, c_extra, c_noise, step) -> int``, > 0 on NaN/Inf), for a loop that
+    calls it without the runner's Python frame. Returns ``(name, run, kernel)``; ``kernel`` is None
+    on every other backend."""
     name, runner = step_runner(backend, like.device, like.dtype)
     if name == "cpu":
-        return name, _cpu.bound_runner(like, flag)
+        kernel = _cpu.bound_kernel(like, flag)
+        return name, _cpu.bound_runner(like, flag, kernel), kernel
     flag_host = flag.numpy() if flag is not None and like.device.type == "cpu" else None
 
     def run(x, denoised, extra, noise, out, row, step):
         runner(x, denoised, extra, noise, out, row, step, flag)
         return flag_host is not None and int(flag_host[0]) != NO_BAD_STEP
 
-    return name, run
+    return name, run, None
 
 
 class _SamplerStepFunction(torch.autograd.Function):

@@ -10,7 +10,8 @@ module is what such a loop may use; everything else of ``ops/_sampler_step.py`` 
   :func:`ddim_coefficients`, :func:`churn_coefficients`, and the per-schedule tables
   :func:`step_coefficients` / :func:`coefficient_table` (float64 CPU ``[n, 4]``).
 - :func:`bound_step_runner` (``run(x, denoised, extra, noise, out, row, step) -> bool``, bound to
-  tensors shaped like one ``[B, ...]`` and a backend), :func:`step_runner`.
+  tensors shaped like one ``[B, ...]`` and a backend), :func:`bound_step` (the same plus, on the
+  ``cpu`` backend, the positional C++ kernel the runner calls), :func:`step_runner`.
 - Non-finite detection: :func:`new_finite_flag` (int32 ``[1]``) and :data:`NO_BAD_STEP`, the value
   it keeps while every step is finite.
 """
@@ -24,6 +25,7 @@ from diffcore.ops._sampler_step import (
     C_X,
     NO_BAD_STEP,
     ancestral_split,
+    bound_step,
     bound_step_runner,
     churn_coefficients,
     coefficient_table,
@@ -43,6 +45,7 @@ __all__ = [
     "C_X",
     "NO_BAD_STEP",
     "ancestral_split",
+    "bound_step",
     "bound_step_runner",
     "churn_coefficients",
     "coefficient_table",

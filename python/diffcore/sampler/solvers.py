@@ -35,11 +35,43 @@ import torch
 
 from diffcore import _checks, _env
 from diffcore.ops import steps as coef
-from diffcore.ops.steps import NO_BAD_STEP, bound_step_runner, new_finite_flag
+from diffcore.ops.steps import NO_BAD_STEP, bound_step, new_finite_flag
 
 logger = logging.getLogger(__name__)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The [B] sigma tensors of recent grids on the CPU, shared between trajectories (issue 34: building
+# 50 of them costs about 60 us, 1.2 us a step at 16x3x32x32, as much as the rest of the loop's
+# Python). Key: (grid values, B, dtype); value: (table [n, B], its rows, the table's version). The
+# rows are views of the table and share its version counter, so an in-place write by a denoiser into
+# any of them is seen and the entry rebuilt; so is a row that was made to require grad. The table is
+# always a normal tensor (made outside inference mode, so that it has a version counter and can be
+# used in and out of inference mode). Values are the same bits as freshly built ones: only the
+# allocation is saved.
+_SIGMA_ROWS: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], int]] = {}
+_SIGMA_ROWS_ENTRIES = 8  # grids kept (oldest dropped first)
+_SIGMA_ROWS_MAX_ELEMENTS = 1 << 20  # a table above this many values is not kept
+
+
+def _shared_sigma_rows(values: tuple[float, ...], batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``[B]`` CPU tensors of ``dtype``, one per value (each value rounded from float64, as
+    ``torch.tensor(values, dtype=float64).to(dtype)``), rows of one table; reused from an earlier
+    call with the same values, batch and dtype while nobody wrote into them."""
+    key = (values, batch, dtype)
+    entry = _SIGMA_ROWS.get(key)
+    if entry is not None:
+        table, rows, version = entry
+        if table._version == version and not any(row.requires_grad for row in rows):
+            return rows
+    with torch.inference_mode(False):
+        table = torch.tensor(values, dtype=torch.float64).to(dtype).view(-1, 1).repeat(1, batch)
+        rows = table.unbind(0)
+    if table.numel() <= _SIGMA_ROWS_MAX_ELEMENTS:
+        while len(_SIGMA_ROWS) >= _SIGMA_ROWS_ENTRIES:
+            _SIGMA_ROWS.pop(next(iter(_SIGMA_ROWS)), None)
+        _SIGMA_ROWS[key] = (table, rows, table._version)
+    return rows
 
 
 def sigma_list(sigmas, *, descending: bool = True, require_zero_end: bool = True) -> list[float]:
@@ -117,7 +149,8 @@ class _Loop:
         self.flag = new_finite_flag(x.device) if check_finite else None
         self.deferred = self.flag is not None and x.device.type != "cpu"
         like = x if x.dtype == self.state_dtype else x[:1].to(self.state_dtype).expand(x.shape)
-        self.backend, self.run = bound_step_runner(backend, like, self.flag)
+        # kernel: the positional C++ step on the cpu backend (None elsewhere), for _run_euler_cpu
+        self.backend, self.run, self.kernel = bound_step(backend, like, self.flag)
         self._sigma_vectors: dict[float, torch.Tensor] = {}
         self._device_checked = False
 
@@ -138,7 +171,9 @@ class _Loop:
     def sigma_vectors(self, values) -> list[torch.Tensor | None]:
         """[B] sigma tensors for many values at once (one allocation, contiguous rows); None for 0."""
         missing = [v for v in dict.fromkeys(values) if v > 0 and v not in self._sigma_vectors]
-        if missing:
+        if missing and self.device.type == "cpu":
+            self._sigma_vectors.update(zip(missing, _shared_sigma_rows(tuple(missing), self.batch, self.model_dtype)))
+        elif missing:
             table = torch.tensor(missing, dtype=torch.float64).to(self.model_dtype).view(-1, 1)
             rows = table.repeat(1, self.batch).to(self.device).unbind(0)
             self._sigma_vectors.update(zip(missing, rows))
@@ -161,6 +196,11 @@ class _Loop:
         The hot path of every step: kept to a few attribute reads."""
         inp = x if x.dtype is self.model_dtype else x.to(self.model_dtype)
         out = self.denoiser(inp, self.sigma_vector(sigma) if sigma_vec is None else sigma_vec)
+        return self.checked_output(out, x, sigma, step)
+
+    def checked_output(self, out, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        """The denoiser's output ``out`` for state ``x`` checked (type, shape; device on the first
+        call) and made a contiguous tensor of the state dtype that does not alias ``x``."""
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"denoiser: expected a tensor, got {type(out).__name__} at step {step} (sigma {sigma:g})")
         if out.shape != x.shape:
@@ -254,6 +294,8 @@ def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     s = loop.sigmas
     rows = [coef.euler_coefficients(s[i], s[i + 1]) for i in range(len(s) - 1)]
     vectors = loop.sigma_vectors(s[:-1])
+    if loop.kernel is not None and loop.callback is None:
+        return _run_euler_cpu(loop, x, rows, vectors)
     denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
     for i in loop.steps():
         denoised = denoise(x, s[i], i, vectors[i])
@@ -263,6 +305,42 @@ def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
         if callback is not None:
             loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
         x = x_next
+    return x
+
+
+def _run_euler_cpu(loop: _Loop, x: torch.Tensor, rows, vectors) -> torch.Tensor:
+    """``_run_euler`` on the C++ step without a callback (the common CPU case), with the per-step
+    Python cut to what can change from step to step: the same kernel with the same coefficients on
+    the same buffers, so the same bits. Hoisted, as invariant over the loop: the state's shape,
+    dtype and data pointer (the state is updated in place from step 1 on, after step 0 wrote into a
+    new buffer) and whether it must be cast for the denoiser. Every denoiser output is still checked
+    (``_Loop.checked_output`` whenever it is not a contiguous tensor of the state's shape and dtype,
+    and at step 0, which also checks its device) and copied when it aliases the state."""
+    kernel, denoiser, checking = loop.kernel, loop.denoiser, loop.flag is not None
+    assert kernel is not None
+    shape, state_dtype, s = x.shape, loop.state_dtype, loop.sigmas
+    model_dtype = loop.model_dtype if loop.model_dtype is not state_dtype else None
+    out = torch.empty_like(x)  # step 0 never writes into the caller's tensor
+    x_ptr, out_ptr = x.data_ptr(), out.data_ptr()
+    for i in loop.steps():
+        denoised = denoiser(x if model_dtype is None else x.to(model_dtype), vectors[i])
+        if (
+            i == 0
+            or not isinstance(denoised, torch.Tensor)
+            or denoised.dtype is not state_dtype
+            or denoised.shape != shape
+            or not denoised.is_contiguous()
+        ):
+            denoised = loop.checked_output(denoised, x, s[i], i)
+        denoised_ptr = denoised.data_ptr()
+        if denoised_ptr == x_ptr:  # the denoiser handed back its input: the state is updated in place
+            denoised = denoised.clone()
+            denoised_ptr = denoised.data_ptr()
+        c_x, c_denoised, _, _ = rows[i]
+        if kernel(x_ptr, denoised_ptr, 0, 0, out_ptr, c_x, c_denoised, 0.0, 0.0, i) and checking:  # EDM Alg. 1 line 5
+            raise loop.nonfinite_error(i)
+        if i == 0:
+            x, x_ptr = out, out_ptr
     return x
 
 
