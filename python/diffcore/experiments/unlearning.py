@@ -25,8 +25,11 @@ Attack success rate (ASR): the fraction of samples the shipped digits classifier
 erased digit, with a Wilson interval over the samples (one model per stage: intervals are over noise
 seeds, not training seeds). Every model, attack and sample set is a resumable unit.
 
-``backend="diffusers"`` (the ``paper`` preset) validates its local paths but is not implemented in
-this build (diffusers/transformers are not installed where it was written): it raises at run time.
+``backend="diffusers"`` (the ``paper`` preset): a local Stable Diffusion folder, the CLIP text
+encoder's token-embedding table as the vocabulary, a local exported classifier; ESD, the attacks,
+the defense and the claims as above on that pipeline (``_unlearning_diffusers``). It has been run
+end to end only on a tiny randomly initialised pipeline built from configurations (the tests), not
+on the real Stable Diffusion model.
 """
 
 from __future__ import annotations
@@ -55,11 +58,18 @@ TEMPLATE_SLOT = "{x}"
 
 @dataclass(frozen=True)
 class UnlearningConfig:
-    backend: str = "digits"  # digits | diffusers (paper scale; validated, not implemented here)
-    pipeline_dir: str = ""  # diffusers: local Stable Diffusion folder
-    unlearned_unet_dir: str = ""  # diffusers: local unlearned UNet (e.g. an ESD checkpoint)
-    classifier_path: str = ""  # diffusers: local concept classifier
+    backend: str = "digits"  # digits | diffusers (paper scale: _unlearning_diffusers)
+    pipeline_dir: str = ""  # diffusers: local Stable Diffusion folder (save_pretrained layout)
+    unlearned_unet_dir: str = ""  # diffusers: local unlearned UNet (e.g. an ESD checkpoint); '' = ESD here
+    classifier_path: str = ""  # diffusers: .pt2 (torch.export) or TorchScript classifier, [N,3,H,W] in [-1,1] -> logits
     concept: str = ""  # diffusers: the erased concept's prompt
+    concept_class: int = 0  # diffusers: the classifier's class of the concept
+    other_concepts: tuple[str, ...] = ()  # diffusers: prompts whose keeping the defense must not cost
+    other_classes: tuple[int, ...] = ()  # diffusers: their classifier classes
+    resolution: int = 512  # diffusers: image size
+    guidance_scale: float = 7.5  # diffusers: classifier-free guidance of the sampler
+    concept_images: int = 64  # diffusers: original-model images of the concept (attack and ESD data)
+    concept_seed_start: int = 1_000_000  # diffusers: their noise seeds (disjoint from sample seeds)
     width: int = 16  # UNet model_channels (ddpmpp-digits-light)
     embed_dim: int = 32  # token embedding width E
     text_hidden: int = 64
@@ -99,6 +109,8 @@ class UnlearningConfig:
         preset itself validates before the paths are set): ConfigError naming the first missing one."""
         for name in ("pipeline_dir", "unlearned_unet_dir", "classifier_path"):
             value = getattr(self, name)
+            if name == "unlearned_unet_dir" and not value:
+                continue  # optional: ESD is run here
             if not value or not Path(value).exists():
                 raise ConfigError(f"{name}: the diffusers backend needs an existing local path, got {value!r}")
         if not self.concept:
@@ -109,6 +121,18 @@ class UnlearningConfig:
         base.check_fields(self, FIELD_CHECKS)
         base.check_sigmas(self.sigma_min, self.sigma_max)
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.samples_per_prompt)
+        if len(self.other_concepts) != len(self.other_classes):
+            raise ConfigError(
+                f"other_classes: one class per other concept ({len(self.other_concepts)}), "
+                f"got {len(self.other_classes)}"
+            )
+        if self.backend == "diffusers":  # the vocabulary and embedding width are the pipeline's (run time)
+            for template in self.templates:
+                if template.count(TEMPLATE_SLOT) != 1:
+                    raise ConfigError(f"templates: each template holds {TEMPLATE_SLOT} once, got {template!r}")
+            if self.grid_samples > self.samples_per_prompt:
+                raise ConfigError(f"grid_samples: at most samples_per_prompt = {self.samples_per_prompt}")
+            return
         if self.attack_k > self.embed_dim:
             raise ConfigError(
                 f"attack_k: at most embed_dim = {self.embed_dim} orthogonal embeddings exist, got {self.attack_k}"
@@ -137,6 +161,13 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "unlearned_unet_dir": base.text,
     "classifier_path": base.text,
     "concept": base.text,
+    "concept_class": base.integer(0),
+    "other_concepts": base.tuple_of(base.text, min_len=0),
+    "other_classes": base.tuple_of(base.integer(0), min_len=0),
+    "resolution": base.integer(8),
+    "guidance_scale": base.number(0),
+    "concept_images": _POSITIVE,
+    "concept_seed_start": base.seed,
     "width": _POSITIVE,
     "embed_dim": _POSITIVE,
     "text_hidden": _POSITIVE,
@@ -194,9 +225,22 @@ def _tiny() -> UnlearningConfig:
 
 
 def _paper() -> UnlearningConfig:
-    """Stable Diffusion from local folders (set pipeline_dir, unlearned_unet_dir, classifier_path,
-    concept); validated, not implemented in this build (see the module docstring)."""
-    return UnlearningConfig(backend="diffusers", attack_k=3, attack_steps=1000, samples_per_prompt=100)
+    """Stable Diffusion from local folders (set pipeline_dir, classifier_path, concept, concept_class;
+    optionally unlearned_unet_dir and other_concepts/other_classes); see ``_unlearning_diffusers``.
+    Tested only on a tiny randomly initialised pipeline, never on the real Stable Diffusion here."""
+    return UnlearningConfig(
+        backend="diffusers",
+        batch_size=4,
+        unlearn_steps=1000,
+        unlearn_learning_rate=1e-5,
+        attack_k=3,
+        attack_steps=1000,
+        attack_learning_rate=1e-3,
+        attack_hidden=256,
+        templates=("{x}", "a photo of {x}", "a painting of {x}"),
+        samples_per_prompt=100,
+        sampler_steps=50,
+    )
 
 
 PRESETS: dict[str, Callable[[], UnlearningConfig]] = {"tiny": _tiny, "quick": UnlearningConfig, "paper": _paper}
@@ -518,10 +562,10 @@ class _Study:
         c = self.c
         if c.backend == "diffusers":
             c.check_local_files()
-            raise ConfigError(
-                "backend: the diffusers backend (paper preset) is not implemented in this build; "
-                "its configuration is validated only (docs/studies.md, unlearning)"
-            )
+            from diffcore.experiments import _unlearning_diffusers
+
+            self.ws.bind_config(c)
+            return _unlearning_diffusers.run(c, self.ws, self.device)
         self.ws.bind_config(c)
         self.hooks = self.hooks or default_hooks(self.device)
         return _run(c, self.ws, self.hooks, self.device)
