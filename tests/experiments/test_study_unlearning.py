@@ -54,6 +54,30 @@ def test_subspace_attack_embeddings_are_orthogonal_and_non_negative_combinations
     assert torch.allclose(q.T @ q, torch.eye(4, dtype=torch.float64), atol=1e-12)
 
 
+def test_attack_retrained_through_the_defense_cannot_use_the_defended_span():
+    c = study.PRESETS["tiny"]()
+    vocab = ul.Vocabulary.digits()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = study.PromptModel(c, len(vocab), generator=torch.Generator().manual_seed(0)).freeze()
+        for p in model.net.parameters():  # the zero-initialised output layers would hide the conditioning
+            p.add_(0.1 * torch.randn(p.shape))
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    attrs = ul.attribute_token_ids(vocab, ul.attribute_bins(ul.image_attributes(images))[0])
+    span = torch.randn(2, c.embed_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    basis = ul.orthonormal_basis(span)
+    v = torch.randn(c.embed_dim, generator=torch.Generator().manual_seed(4))
+
+    def loss(vector, defense):
+        return float(
+            study._attack_loss(model, vector, images, attrs, vocab, c, torch.Generator().manual_seed(5), defense)
+        )
+
+    shifted = v + (3.0 * span[0] - span[1]).float()  # the same attack plus a component inside the span
+    assert abs(loss(v, basis) - loss(shifted, basis)) < 1e-5
+    assert abs(loss(v, None) - loss(shifted, None)) > 1e-4  # undefended, the span component matters
+
+
 def test_projection_removes_the_span_and_leaves_its_complement():
     g = torch.Generator().manual_seed(1)
     attacks = torch.randn(3, 10, generator=g, dtype=torch.float64)
@@ -271,6 +295,8 @@ def test_tiny_preset_end_to_end_and_rerun_reuses_every_unit(tmp_path):
     assert (tmp_path / "out" / "unlearning-success.png").exists()
     assert (tmp_path / "out" / "unlearning-samples.png").exists()
     assert set(first["claims"]) >= {"sub1_recovers_on_A", "defense_lowers_free", "defense_keeps_other_digits"}
+    assert {f"retrained_sub{k}_recovers_after_defense" for k in (1, 2, 3)} <= set(first["claims"])
+    assert len(first["retrained_top_tokens"]) == config.attack_k
     assert all(isinstance(v["holds"], bool) for v in first["claims"].values())
     assert first["claims"]["attack_embeddings_orthogonal"]["holds"]
     rate = first["attack_success"]["A-none-sub1_t0"]

@@ -415,12 +415,16 @@ def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) ->
     return student.freeze(), losses
 
 
-def _attack_loss(model: PromptModel, v_att: torch.Tensor, y, attr_ids, vocab, c, g) -> torch.Tensor:
-    """EDM denoising loss of the erased digit's images ``y`` with ``<v_att>`` in the name slot."""
+def _attack_loss(model: PromptModel, v_att: torch.Tensor, y, attr_ids, vocab, c, g, defense=None) -> torch.Tensor:
+    """EDM denoising loss of the erased digit's images ``y`` with ``<v_att>`` in the name slot; with
+    ``defense [E, K]`` every token embedding of the prompt (``<v_att>`` included) is first projected
+    off its span, as the defended model conditions (an attacker retraining against the defense)."""
     b = y.shape[0]
     ids = random_prompts(torch.zeros(b, dtype=torch.long), attr_ids, vocab, g)
     emb, mask = model.text.embed(ids)
     emb = torch.cat([v_att.to(emb.dtype).expand(b, 1, -1), emb[:, 1:]], 1)
+    if defense is not None:
+        emb = ul.project_out(emb, defense)
     cond = model.text.encode(emb, mask)
     sigma = training_sigmas(b, c, g)
     x = y + sigma.view(-1, 1, 1, 1) * torch.randn(y.shape, generator=g)
@@ -432,10 +436,11 @@ def init_alpha(vocab_size: int) -> float:
     return 1.0 / math.sqrt(vocab_size)
 
 
-def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int) -> dict:
+def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int, defense=None) -> dict:
     """SubAttack ``attack_k`` times (Eq. 5-6): the k-th ``v_k = P_k sum_i g_k(v_i) v_i``, ``P_k``
-    removing the span of ``v_1..v_{k-1}``; only ``g_k`` trains. Returns vectors [K, E] (float64),
-    alphas [K, V], losses [K, steps]."""
+    removing the span of ``v_1..v_{k-1}``; only ``g_k`` trains (through the projection ``defense
+    [E, K]`` of every prompt embedding when given: a fresh attack against the defended model).
+    Returns vectors [K, E] (float64), alphas [K, V], losses [K, steps]."""
     table = model.text.table.detach()
     vectors, alphas, losses = [], [], []
     for k in range(c.attack_k):
@@ -447,7 +452,7 @@ def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int) -
         for _ in range(c.attack_steps):
             idx = _batch(g, images.shape[0], c.batch_size)
             v = ul.attack_embedding(coef(table), table, basis)
-            loss = _attack_loss(model, v, images[idx], attr_ids[idx], vocab, c, g)
+            loss = _attack_loss(model, v, images[idx], attr_ids[idx], vocab, c, g, defense)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -542,6 +547,8 @@ def sample_sets(c: UnlearningConfig) -> list[dict]:
     for defense in ("attack", "random"):
         sets += plain("A", defense)
         sets += [_set("A", defense, f"{a}", fill(c.templates[0], a), e, "attack") for a in attacks]
+    resubs = [f"<resub{k + 1}>" for k in range(c.attack_k)]  # retrained through the defense
+    sets += [_set("A", "attack", f"{a}", fill(c.templates[0], a), e, "attack") for a in resubs]
     return sets
 
 
@@ -588,7 +595,7 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
     bins, edges = ul.attribute_bins(ul.image_attributes(images))
     attr_ids = ul.attribute_token_ids(vocab, bins)
     erased = labels == c.erased_digit
-    base_spec = {k: v for k, v in dataclasses.asdict(c).items() if k not in _EVAL_ONLY}
+    base_spec = {k: v for k, v in dataclasses.asdict(c).items() if k not in _EVAL_ONLY + _DIFFUSERS_ONLY}
 
     def train_original():
         model, losses = train_prompt_model(c, vocab, images, labels, attr_ids, c.train_seed)
@@ -624,8 +631,24 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
         attack_spec,
         lambda: (free_attack(c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed), {}),
     )
-    attacks = {f"<sub{k + 1}>": sub["vectors"][k] for k in range(c.attack_k)} | {"<free>": free["vector"]}
     attack_basis = ul.orthonormal_basis(sub["vectors"])
+    resub = _model_unit(  # a fresh subspace attack trained through the defense (same seed and settings)
+        ws,
+        "attack",
+        "subspace-defended",
+        {**attack_spec, "against": "attack-span defense"},
+        lambda: (
+            subspace_attack(
+                c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed, defense=attack_basis
+            ),
+            {},
+        ),
+    )
+    attacks = (
+        {f"<sub{k + 1}>": sub["vectors"][k] for k in range(c.attack_k)}
+        | {"<free>": free["vector"]}
+        | {f"<resub{k + 1}>": resub["vectors"][k] for k in range(c.attack_k)}
+    )
     random_basis = ul.orthonormal_basis(
         torch.randn(
             c.attack_k, c.embed_dim, generator=torch.Generator().manual_seed(c.control_seed), dtype=torch.float64
@@ -650,7 +673,7 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
         unit = ws.run_unit("samples", s["name"], spec, produce)
         stored[s["name"]] = torch.load(unit.file("samples.pt"), weights_only=False)
 
-    results = _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks)
+    results = _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks, resub)
     results["attributes"] = {"edges": edges.tolist(), "names": list(ul.ATTRIBUTES)}
     _figures(c, sets, stored, results, ws.root)
     results = json.loads(json_dumps(results))
@@ -659,6 +682,15 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
 
 
 _EVAL_ONLY = ("cost_tolerance", "grid_samples", "torch_threads", "control_seed")
+_DIFFUSERS_ONLY = (  # fields the digits backend never reads: kept out of its unit specs
+    "concept_class",
+    "other_concepts",
+    "other_classes",
+    "resolution",
+    "guidance_scale",
+    "concept_images",
+    "concept_seed_start",
+)
 _STAGE_FIELDS = {
     "model": ("width", "embed_dim", "text_hidden", "cond_dim", "train_steps", "batch_size", "learning_rate")
     + ("label_dropout", "log_uniform_fraction", "train_seed", "sigma_min", "sigma_max"),
@@ -685,7 +717,7 @@ def _rate(stored, names, target_of) -> tuple[int, int]:
     return hits, total
 
 
-def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks) -> dict:
+def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks, resub) -> dict:
     e = c.erased_digit
     by_name = {s["name"]: s for s in sets}
 
@@ -736,6 +768,16 @@ def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, ho
         claims[f"defense_beats_random_on_{a}"] = intervals.claim(
             intervals.clearly_below(after, ctrl), defended=after, random_control=ctrl
         )
+    defended_name = asr(f"A-attack-{ul.digit_name(e, c.erased_form)}")
+    for k in range(1, c.attack_k + 1):  # a fresh attack trained through the defense
+        retrained, old = asr(f"A-attack-resub{k}"), asr(f"A-attack-sub{k}")
+        claims[f"retrained_sub{k}_recovers_after_defense"] = intervals.claim(
+            intervals.clearly_above(retrained, defended_name),
+            retrained=retrained,
+            erased_name_defended=defended_name,
+            original_attack_defended=old,
+            original_attack_undefended=asr(f"A-none-sub{k}_t0"),
+        )
     cosine = ul.max_abs_cosine(sub["vectors"])
     claims["attack_embeddings_orthogonal"] = intervals.claim(cosine < 1e-6, max_abs_cosine=cosine, tolerance=1e-6)
     drop = _accuracy_drop(stored, names("A", "none", "other"), names("A", "attack", "other"), by_name)
@@ -755,12 +797,14 @@ def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, ho
         "other_digit_accuracy": {f"{m}/{d}": v.as_dict() for (m, d), v in other_acc.items()},
         "attack_success": rates,
         "top_tokens": _top_tokens(sub["alphas"], vocab, e),
+        "retrained_top_tokens": _top_tokens(resub["alphas"], vocab, e),
         "max_abs_cosine": cosine,
         "frechet_other_digits": frechet,
         "claims": claims,
         "losses": {
             "subattack_final": [float(np.mean(x[-20:])) for x in sub["losses"]],
             "free_final": float(np.mean(free["losses"][-20:])),
+            "retrained_final": [float(np.mean(x[-20:])) for x in resub["losses"]],
         },
     }
 
@@ -833,6 +877,7 @@ def _figures(c, sets, stored, results, out: Path) -> None:
         ("A defended: <free>", "A-attack-free"),
         ("A random proj.: <sub1>", "A-random-sub1"),
         ("A random proj.: <free>", "A-random-free"),
+        *[(f"A defended: retrained <sub{k + 1}>", f"A-attack-resub{k + 1}") for k in range(c.attack_k)],
     ]
     rates = results["attack_success"]
     vals = [rates[n]["value"] for _, n in bars]
