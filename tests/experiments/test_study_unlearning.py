@@ -251,7 +251,8 @@ def test_paper_preset_end_to_end_on_a_tiny_random_pipeline(tmp_path, monkeypatch
     assert first["backend"] == "diffusers" and first["claims"]["attack_embeddings_orthogonal"]["holds"]
     assert (tmp_path / "out" / "unlearning-success.png").exists()
     assert all(isinstance(v["holds"], bool) for v in first["claims"].values())
-    assert {"unlearning_lowers_concept", "sub3_transfers_to_B", "defense_keeps_other_concepts"} <= set(first["claims"])
+    expected = {"unlearning_lowers_concept", "sub3_transfers_to_B", "defense_keeps_other_concepts"}
+    assert expected | {"retrained_sub1_recovers_after_defense"} <= set(first["claims"])
     names = {s["name"] for s in paper_backend.sample_sets(config)}
     assert set(first["attack_success"]) == names and all(v["n"] == 3 for v in first["attack_success"].values())
     vocab_size = 2 + 2 * 26

@@ -199,17 +199,19 @@ def _esd(pipe: Pipeline, c, latents, seed: int) -> dict:
     return {"unet": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}, "losses": losses}
 
 
-def _attack_loss(pipe: Pipeline, unet, v_att, latents, c, g, template_ids) -> torch.Tensor:
-    """DDPM epsilon loss of the concept latents with ``<v_att>`` in a random template's slot."""
+def _attack_loss(pipe: Pipeline, unet, v_att, latents, c, g, template_ids, defense=None) -> torch.Tensor:
+    """DDPM epsilon loss of the concept latents with ``<v_att>`` in a random template's slot (every
+    token embedding projected off ``defense [E, K]`` when given)."""
     ids, slot = template_ids[int(torch.randint(len(template_ids), (1,), generator=g))]
     x, noise, t = _noisy(pipe, pipe.scheduler, latents, g)
-    cond = pipe.encode(ids, slot, v_att)
+    cond = pipe.encode(ids, slot, v_att, defense)
     pred = unet(x, t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1)).sample
     return ((pred - noise) ** 2).mean()
 
 
-def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
-    """SubAttack ``attack_k`` times (each orthogonal to the earlier ones) and the free embedding."""
+def _subspace(pipe: Pipeline, unet, c, latents, defense=None) -> dict:
+    """SubAttack ``attack_k`` times (Eq. 5-6), each orthogonal to the earlier ones; trained through
+    the projection ``defense`` when given (a fresh attack against the defended model)."""
     from diffcore.experiments.unlearning import init_alpha
 
     table = pipe.table
@@ -225,7 +227,7 @@ def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
         for _ in range(c.attack_steps):
             idx = torch.randint(latents.shape[0], (c.batch_size,), generator=g)
             v = ul.attack_embedding(coef(table), table, basis)
-            loss = _attack_loss(pipe, unet, v, latents[idx], c, g, template_ids)
+            loss = _attack_loss(pipe, unet, v, latents[idx], c, g, template_ids, defense)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -235,6 +237,15 @@ def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
         vectors.append(ul.attack_embedding(alpha, table.double(), basis))
         alphas.append(alpha)
         curves.append(curve)
+    return {"vectors": torch.stack(vectors).cpu(), "alphas": torch.stack(alphas).cpu(), "losses": curves}
+
+
+def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
+    """The subspace attack and the free embedding (textual inversion: same loss, steps and start)."""
+    from diffcore.experiments.unlearning import init_alpha
+
+    table = pipe.table
+    template_ids = [pipe.prompt_ids(t, None) for t in c.templates]
     g = torch.Generator().manual_seed(c.attack_seed * 1000)
     start = ul.CoefficientNet(table.shape[1], c.attack_hidden, init_alpha(table.shape[0]), generator=g)
     start.to(table.device)
@@ -249,10 +260,7 @@ def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
         loss.backward()
         opt.step()
         free_curve.append(float(loss.detach()))
-    return {
-        "vectors": torch.stack(vectors).cpu(),
-        "alphas": torch.stack(alphas).cpu(),
-        "losses": curves,
+    return _subspace(pipe, unet, c, latents) | {
         "free": free.detach().double().cpu(),
         "free_losses": free_curve,
     }
@@ -274,6 +282,7 @@ def sample_sets(c) -> list[dict]:
     sets += [_set("B", "none", 0, a, c.concept_class, "attack") for a in attacks]
     for defense in ("attack", "random"):
         sets += plain("A", defense) + [_set("A", defense, 0, a, c.concept_class, "attack") for a in attacks]
+    sets += [_set("A", "attack", 0, f"<resub{k + 1}>", c.concept_class, "attack") for k in range(c.attack_k)]
     return sets
 
 
@@ -351,8 +360,19 @@ def run(c, ws: Workspace, device: str = "cpu") -> dict:
     att = _load_state(
         ws, "attack", "subspace", {**train_spec, "stage": "attack"}, lambda: _attacks(pipe, unets["A"], c, latents)
     )
-    attacks = {f"<sub{k + 1}>": att["vectors"][k] for k in range(c.attack_k)} | {"<free>": att["free"]}
     attack_basis = ul.orthonormal_basis(att["vectors"])
+    resub = _load_state(
+        ws,
+        "attack",
+        "subspace-defended",
+        {**train_spec, "stage": "attack", "against": "attack-span defense"},
+        lambda: _subspace(pipe, unets["A"], c, latents, attack_basis),
+    )
+    attacks = (
+        {f"<sub{k + 1}>": att["vectors"][k] for k in range(c.attack_k)}
+        | {"<free>": att["free"]}
+        | {f"<resub{k + 1}>": resub["vectors"][k] for k in range(c.attack_k)}
+    )
     dim = pipe.table.shape[1]
     random_basis = ul.orthonormal_basis(
         torch.randn(c.attack_k, dim, generator=torch.Generator().manual_seed(c.control_seed), dtype=torch.float64)
@@ -379,14 +399,14 @@ def run(c, ws: Workspace, device: str = "cpu") -> dict:
         stored[s["name"]] = torch.load(
             ws.run_unit("samples", s["name"], spec, produce).file("samples.pt"), weights_only=False
         )
-    results = _analyse(c, pipe, sets, stored, att)
+    results = _analyse(c, pipe, sets, stored, att, resub)
     _figure(c, results, ws.root)
     results = json.loads(json_dumps(results))
     atomic_write_json(ws.root / "results.json", results)
     return results
 
 
-def _analyse(c, pipe: Pipeline, sets, stored, att) -> dict:
+def _analyse(c, pipe: Pipeline, sets, stored, att, resub) -> dict:
     by_name = {s["name"]: s for s in sets}
 
     def rate(names, target_of) -> intervals.Interval:
@@ -425,6 +445,15 @@ def _analyse(c, pipe: Pipeline, sets, stored, att) -> dict:
         claims[f"defense_beats_random_on_{a}"] = intervals.claim(
             intervals.clearly_below(defended, ctrl), defended=defended, random_control=ctrl
         )
+    defended_name = asr(f"A-attack-{concept}")
+    for k in range(1, c.attack_k + 1):  # a fresh attack trained through the defense
+        retrained = asr(f"A-attack-resub{k}_t0")
+        claims[f"retrained_sub{k}_recovers_after_defense"] = intervals.claim(
+            intervals.clearly_above(retrained, defended_name),
+            retrained=retrained,
+            erased_name_defended=defended_name,
+            original_attack_defended=asr(f"A-attack-sub{k}_t0"),
+        )
     cosine = ul.max_abs_cosine(att["vectors"])
     claims["attack_embeddings_orthogonal"] = intervals.claim(cosine < 1e-6, max_abs_cosine=cosine, tolerance=1e-6)
     other_accuracy = {}
@@ -452,28 +481,29 @@ def _analyse(c, pipe: Pipeline, sets, stored, att) -> dict:
             drop.high < c.cost_tolerance, accuracy_drop=drop, tolerance=c.cost_tolerance
         )
     tokens = pipe.tokenizer.convert_ids_to_tokens(list(range(pipe.table.shape[0])))
-    top = []
-    for k, alpha in enumerate(att["alphas"]):
-        order = torch.argsort(alpha, descending=True)[:5].tolist()
-        top.append(
-            {
-                "embedding": k + 1,
-                "top": [{"token": tokens[i], "alpha": float(alpha[i])} for i in order],
-                "nonzero": int((alpha > 0).sum()),
-            }
-        )
+
+    def top_tokens(alphas) -> list[dict]:
+        out = []
+        for k, alpha in enumerate(alphas):
+            order = torch.argsort(alpha, descending=True)[:5].tolist()
+            top = [{"token": tokens[i], "alpha": float(alpha[i])} for i in order]
+            out.append({"embedding": k + 1, "top": top, "nonzero": int((alpha > 0).sum())})
+        return out
+
     return {
         "experiment": "unlearning",
         "backend": "diffusers",
         "config": dataclasses.asdict(c),
         "attack_success": {s["name"]: asr(s["name"]).as_dict() for s in sets},
         "other_concept_accuracy": other_accuracy,
-        "top_tokens": top,
+        "top_tokens": top_tokens(att["alphas"]),
+        "retrained_top_tokens": top_tokens(resub["alphas"]),
         "max_abs_cosine": cosine,
         "claims": claims,
         "losses": {
             "subattack_final": [float(np.mean(x[-20:])) for x in att["losses"]],
             "free_final": float(np.mean(att["free_losses"][-20:])),
+            "retrained_final": [float(np.mean(x[-20:])) for x in resub["losses"]],
         },
     }
 
