@@ -69,9 +69,9 @@ def test_attack_retrained_through_the_defense_cannot_use_the_defended_span():
     v = torch.randn(c.embed_dim, generator=torch.Generator().manual_seed(4))
 
     def loss(vector, defense):
-        return float(
-            study._attack_loss(model, vector, images, attrs, vocab, c, torch.Generator().manual_seed(5), defense)
-        )
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(5)
+            return float(study._attack_loss(model, vector, images, attrs, vocab, c, g, defense))
 
     shifted = v + (3.0 * span[0] - span[1]).float()  # the same attack plus a component inside the span
     assert abs(loss(v, basis) - loss(shifted, basis)) < 1e-5
@@ -243,7 +243,8 @@ def test_paper_preset_end_to_end_on_a_tiny_random_pipeline(tmp_path, monkeypatch
         unlearn_steps=2,
         attack_steps=2,
         attack_hidden=8,
-        samples_per_prompt=3,
+        templates=("{x}", "a {x}"),
+        samples_per_prompt=2,
         sampler_steps=2,
         grid_samples=2,
     )
@@ -254,7 +255,7 @@ def test_paper_preset_end_to_end_on_a_tiny_random_pipeline(tmp_path, monkeypatch
     expected = {"unlearning_lowers_concept", "sub3_transfers_to_B", "defense_keeps_other_concepts"}
     assert expected | {"retrained_sub1_recovers_after_defense"} <= set(first["claims"])
     names = {s["name"] for s in paper_backend.sample_sets(config)}
-    assert set(first["attack_success"]) == names and all(v["n"] == 3 for v in first["attack_success"].values())
+    assert set(first["attack_success"]) == names and all(v["n"] == 2 for v in first["attack_success"].values())
     vocab_size = 2 + 2 * 26
     assert len(first["top_tokens"]) == 3 and all(0 < t["nonzero"] <= vocab_size for t in first["top_tokens"])
     units = tmp_path / "out"
