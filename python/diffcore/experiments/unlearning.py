@@ -20,6 +20,8 @@ The digits analogue (``backend="digits"``):
    embedding (textual inversion) with the same loss, steps, learning rate and start.
 4. Defense: every conditioning token embedding is projected onto the orthogonal complement of the
    attack span (``project_out``); a control projects out ``attack_k`` random orthonormal directions.
+5. A fresh attack against the defense: the subspace attack retrained through the projection (every
+   prompt token embedding, ``<v_att>`` included, projected off the attack span while training).
 
 Attack success rate (ASR): the fraction of samples the shipped digits classifier assigns to the
 erased digit, with a Wilson interval over the samples (one model per stage: intervals are over noise
