@@ -223,11 +223,11 @@ def test_paper_preset_end_to_end_on_a_tiny_random_pipeline(tmp_path, monkeypatch
     """The paper preset's whole path (ESD on the UNet, SubAttack over the CLIP token-embedding table,
     the subspace attack, the projection defense, the claims) on a tiny random pipeline. Its numbers
     mean nothing (random weights, a random classifier): this checks the machinery, not the paper."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when the hub is first imported; every load is local anyway
     pytest.importorskip("transformers")
     pytest.importorskip("diffusers")
     from diffcore.experiments import _unlearning_diffusers as paper_backend
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
     pipe_dir, classifier = _tiny_pipeline(tmp_path)
     config = dataclasses.replace(
         study.PRESETS["paper"](),

@@ -212,15 +212,13 @@ def _attack_loss(pipe: Pipeline, unet, v_att, latents, c, g, template_ids, defen
 def _subspace(pipe: Pipeline, unet, c, latents, defense=None) -> dict:
     """SubAttack ``attack_k`` times (Eq. 5-6), each orthogonal to the earlier ones; trained through
     the projection ``defense`` when given (a fresh attack against the defended model)."""
-    from diffcore.experiments.unlearning import init_alpha
-
     table = pipe.table
     template_ids = [pipe.prompt_ids(t, None) for t in c.templates]
     vectors, alphas, curves = [], [], []
     for k in range(c.attack_k):
         g = torch.Generator().manual_seed(c.attack_seed * 1000 + k)
         basis = ul.orthonormal_basis(torch.stack(vectors)) if vectors else None
-        coef = ul.CoefficientNet(table.shape[1], c.attack_hidden, init_alpha(table.shape[0]), generator=g)
+        coef = ul.CoefficientNet(table.shape[1], c.attack_hidden, ul.init_alpha(table.shape[0]), generator=g)
         coef.to(table.device)
         opt = torch.optim.Adam(coef.parameters(), lr=c.attack_learning_rate)
         curve = []
@@ -242,12 +240,10 @@ def _subspace(pipe: Pipeline, unet, c, latents, defense=None) -> dict:
 
 def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
     """The subspace attack and the free embedding (textual inversion: same loss, steps and start)."""
-    from diffcore.experiments.unlearning import init_alpha
-
     table = pipe.table
     template_ids = [pipe.prompt_ids(t, None) for t in c.templates]
     g = torch.Generator().manual_seed(c.attack_seed * 1000)
-    start = ul.CoefficientNet(table.shape[1], c.attack_hidden, init_alpha(table.shape[0]), generator=g)
+    start = ul.CoefficientNet(table.shape[1], c.attack_hidden, ul.init_alpha(table.shape[0]), generator=g)
     start.to(table.device)
     with torch.no_grad():
         free = torch.nn.Parameter(ul.attack_embedding(start(table), table).clone())

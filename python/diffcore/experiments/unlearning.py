@@ -433,9 +433,7 @@ def _attack_loss(model: PromptModel, v_att: torch.Tensor, y, attr_ids, vocab, c,
     return (edm_weight(sigma) * ((model.denoise(x, sigma, cond) - y) ** 2).flatten(1).mean(1)).mean()
 
 
-def init_alpha(vocab_size: int) -> float:
-    """The start of every alpha: the attack starts at ``sum_i v_i / sqrt(V)``."""
-    return 1.0 / math.sqrt(vocab_size)
+init_alpha = ul.init_alpha  # the start of every alpha (shared with the diffusers backend)
 
 
 def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int, defense=None) -> dict:
