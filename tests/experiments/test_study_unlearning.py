@@ -274,6 +274,14 @@ def test_paper_preset_end_to_end_on_a_tiny_random_pipeline(tmp_path, monkeypatch
         emptied = pipeline.encode(ids, slot, torch.zeros(16), basis)
         undefended = pipeline.encode(ids, slot, attack["vectors"][0].float())
     assert torch.allclose(attacked, emptied, atol=1e-5) and not torch.allclose(attacked, undefended, atol=1e-3)
+    with torch.no_grad():  # sample i depends on seed i only, whatever the batch
+        null = pipeline.encode(pipeline.prompt_ids("{x}", "")[0])
+        batch = paper_backend.sample(pipeline, pipeline.unet, attacked, null, [5, 6, 7], config)
+        monkeypatch.setattr(paper_backend, "SAMPLE_CHUNK", 2)
+        chunked = paper_backend.sample(pipeline, pipeline.unet, attacked, null, [5, 6, 7], config)
+        alone = paper_backend.sample(pipeline, pipeline.unet, attacked, null, [6], config)
+    assert batch.shape == (3, 3, 8, 8) and torch.allclose(batch, chunked, atol=1e-5)
+    assert torch.allclose(batch[1:2], alone, atol=1e-5)
     second = study.run(config, tmp_path / "out", device="cpu", progress=False)
     assert second == first
     timings = json.loads((units / "timings.json").read_text())["units"]

@@ -147,8 +147,22 @@ def _noisy(pipe: Pipeline, unet_scheduler, latents, g):
     return unet_scheduler.add_noise(latents, noise, t), noise, t
 
 
+SAMPLE_CHUNK = 16  # seeds per UNet batch (x2 with guidance); sample i depends on seed i only
+
+
 def sample(pipe: Pipeline, unet, cond: torch.Tensor, null: torch.Tensor, seeds, c) -> torch.Tensor:
-    """DDIM with classifier-free guidance; ``cond``/``null`` ``[1, L, H]``; images ``[len(seeds), 3, R, R]``."""
+    """DDIM with classifier-free guidance; ``cond``/``null`` ``[1, L, H]``; images ``[len(seeds), 3,
+    R, R]`` on the CPU, made ``SAMPLE_CHUNK`` seeds at a time."""
+    seeds = list(seeds)
+    return torch.cat(
+        [
+            _sample_chunk(pipe, unet, cond, null, seeds[i : i + SAMPLE_CHUNK], c)
+            for i in range(0, len(seeds), SAMPLE_CHUNK)
+        ]
+    )
+
+
+def _sample_chunk(pipe: Pipeline, unet, cond, null, seeds, c) -> torch.Tensor:
     shape = pipe.latent_shape(c.resolution)
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(pipe.device)
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -162,7 +176,7 @@ def sample(pipe: Pipeline, unet, cond: torch.Tensor, null: torch.Tensor, seeds, 
             eps_null, eps_cond = unet(inp, t, encoder_hidden_states=both).sample.chunk(2)
             eps = eps_null + c.guidance_scale * (eps_cond - eps_null)
             x = sched.step(eps, t, x).prev_sample
-        return pipe.to_images(x)
+        return pipe.to_images(x).cpu()
 
 
 def _esd(pipe: Pipeline, c, latents, seed: int) -> dict:
@@ -386,8 +400,8 @@ def run(c, ws: Workspace, device: str = "cpu") -> dict:
             with torch.no_grad():
                 cond = pipe.encode(ids, slot, attacks.get(s["filler"]), defenses[s["defense"]])
                 x = sample(pipe, unets[s["model"]], cond, null, seeds, c)
-                predicted = classifier(x).argmax(1)
-            x, predicted = x.cpu(), predicted.cpu()
+                chunks = x.split(SAMPLE_CHUNK)
+                predicted = torch.cat([classifier(chunk.to(pipe.device)).argmax(1).cpu() for chunk in chunks])
             torch.save({"images": x, "predicted": predicted}, tmp / "samples.pt")
             return {"predicted": predicted.tolist()}
 
