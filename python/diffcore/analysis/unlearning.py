@@ -18,6 +18,7 @@ The pieces of the ``unlearning`` study that are mathematics rather than bookkeep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,11 @@ def esd_loss(
     return (weight * per).mean()
 
 
+def init_alpha(vocab_size: int) -> float:
+    """The start of every alpha: the attack starts at ``sum_i v_i / sqrt(V)``."""
+    return 1.0 / math.sqrt(vocab_size)
+
+
 class CoefficientNet(nn.Module):
     """SubAttack's ``g``: ``alpha_i = ReLU(MLP(v_i)) >= 0`` for each vocabulary embedding ``v_i``
     (``[V, E] -> [V]``). The last bias starts at ``init_alpha`` so that every alpha starts positive."""
@@ -231,6 +237,7 @@ __all__ = [
     "esd_loss",
     "esd_target",
     "image_attributes",
+    "init_alpha",
     "max_abs_cosine",
     "orthonormal_basis",
     "project_out",

@@ -20,13 +20,18 @@ The digits analogue (``backend="digits"``):
    embedding (textual inversion) with the same loss, steps, learning rate and start.
 4. Defense: every conditioning token embedding is projected onto the orthogonal complement of the
    attack span (``project_out``); a control projects out ``attack_k`` random orthonormal directions.
+5. A fresh attack against the defense: the subspace attack retrained through the projection (every
+   prompt token embedding, ``<v_att>`` included, projected off the attack span while training).
 
 Attack success rate (ASR): the fraction of samples the shipped digits classifier assigns to the
 erased digit, with a Wilson interval over the samples (one model per stage: intervals are over noise
 seeds, not training seeds). Every model, attack and sample set is a resumable unit.
 
-``backend="diffusers"`` (the ``paper`` preset) validates its local paths but is not implemented in
-this build (diffusers/transformers are not installed where it was written): it raises at run time.
+``backend="diffusers"`` (the ``paper`` preset): a local Stable Diffusion folder, the CLIP text
+encoder's token-embedding table as the vocabulary, a local exported classifier; ESD, the attacks,
+the defense and the claims as above on that pipeline (``_unlearning_diffusers``). It has been run
+end to end only on a tiny randomly initialised pipeline built from configurations (the tests), not
+on the real Stable Diffusion model.
 """
 
 from __future__ import annotations
@@ -55,11 +60,18 @@ TEMPLATE_SLOT = "{x}"
 
 @dataclass(frozen=True)
 class UnlearningConfig:
-    backend: str = "digits"  # digits | diffusers (paper scale; validated, not implemented here)
-    pipeline_dir: str = ""  # diffusers: local Stable Diffusion folder
-    unlearned_unet_dir: str = ""  # diffusers: local unlearned UNet (e.g. an ESD checkpoint)
-    classifier_path: str = ""  # diffusers: local concept classifier
+    backend: str = "digits"  # digits | diffusers (paper scale: _unlearning_diffusers)
+    pipeline_dir: str = ""  # diffusers: local Stable Diffusion folder (save_pretrained layout)
+    unlearned_unet_dir: str = ""  # diffusers: local unlearned UNet (e.g. an ESD checkpoint); '' = ESD here
+    classifier_path: str = ""  # diffusers: .pt2 (torch.export) or TorchScript classifier, [N,3,H,W] in [-1,1] -> logits
     concept: str = ""  # diffusers: the erased concept's prompt
+    concept_class: int = 0  # diffusers: the classifier's class of the concept
+    other_concepts: tuple[str, ...] = ()  # diffusers: prompts whose keeping the defense must not cost
+    other_classes: tuple[int, ...] = ()  # diffusers: their classifier classes
+    resolution: int = 512  # diffusers: image size
+    guidance_scale: float = 7.5  # diffusers: classifier-free guidance of the sampler
+    concept_images: int = 64  # diffusers: original-model images of the concept (attack and ESD data)
+    concept_seed_start: int = 1_000_000  # diffusers: their noise seeds (disjoint from sample seeds)
     width: int = 16  # UNet model_channels (ddpmpp-digits-light)
     embed_dim: int = 32  # token embedding width E
     text_hidden: int = 64
@@ -99,6 +111,8 @@ class UnlearningConfig:
         preset itself validates before the paths are set): ConfigError naming the first missing one."""
         for name in ("pipeline_dir", "unlearned_unet_dir", "classifier_path"):
             value = getattr(self, name)
+            if name == "unlearned_unet_dir" and not value:
+                continue  # optional: ESD is run here
             if not value or not Path(value).exists():
                 raise ConfigError(f"{name}: the diffusers backend needs an existing local path, got {value!r}")
         if not self.concept:
@@ -109,6 +123,18 @@ class UnlearningConfig:
         base.check_fields(self, FIELD_CHECKS)
         base.check_sigmas(self.sigma_min, self.sigma_max)
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.samples_per_prompt)
+        if len(self.other_concepts) != len(self.other_classes):
+            raise ConfigError(
+                f"other_classes: one class per other concept ({len(self.other_concepts)}), "
+                f"got {len(self.other_classes)}"
+            )
+        if self.backend == "diffusers":  # the vocabulary and embedding width are the pipeline's (run time)
+            for template in self.templates:
+                if template.count(TEMPLATE_SLOT) != 1:
+                    raise ConfigError(f"templates: each template holds {TEMPLATE_SLOT} once, got {template!r}")
+            if self.grid_samples > self.samples_per_prompt:
+                raise ConfigError(f"grid_samples: at most samples_per_prompt = {self.samples_per_prompt}")
+            return
         if self.attack_k > self.embed_dim:
             raise ConfigError(
                 f"attack_k: at most embed_dim = {self.embed_dim} orthogonal embeddings exist, got {self.attack_k}"
@@ -137,6 +163,13 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "unlearned_unet_dir": base.text,
     "classifier_path": base.text,
     "concept": base.text,
+    "concept_class": base.integer(0),
+    "other_concepts": base.tuple_of(base.text, min_len=0),
+    "other_classes": base.tuple_of(base.integer(0), min_len=0),
+    "resolution": base.integer(8),
+    "guidance_scale": base.number(0),
+    "concept_images": _POSITIVE,
+    "concept_seed_start": base.seed,
     "width": _POSITIVE,
     "embed_dim": _POSITIVE,
     "text_hidden": _POSITIVE,
@@ -194,9 +227,22 @@ def _tiny() -> UnlearningConfig:
 
 
 def _paper() -> UnlearningConfig:
-    """Stable Diffusion from local folders (set pipeline_dir, unlearned_unet_dir, classifier_path,
-    concept); validated, not implemented in this build (see the module docstring)."""
-    return UnlearningConfig(backend="diffusers", attack_k=3, attack_steps=1000, samples_per_prompt=100)
+    """Stable Diffusion from local folders (set pipeline_dir, classifier_path, concept, concept_class;
+    optionally unlearned_unet_dir and other_concepts/other_classes); see ``_unlearning_diffusers``.
+    Tested only on a tiny randomly initialised pipeline, never on the real Stable Diffusion here."""
+    return UnlearningConfig(
+        backend="diffusers",
+        batch_size=4,
+        unlearn_steps=1000,
+        unlearn_learning_rate=1e-5,
+        attack_k=3,
+        attack_steps=1000,
+        attack_learning_rate=1e-3,
+        attack_hidden=256,
+        templates=("{x}", "a photo of {x}", "a painting of {x}"),
+        samples_per_prompt=100,
+        sampler_steps=50,
+    )
 
 
 PRESETS: dict[str, Callable[[], UnlearningConfig]] = {"tiny": _tiny, "quick": UnlearningConfig, "paper": _paper}
@@ -371,27 +417,30 @@ def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) ->
     return student.freeze(), losses
 
 
-def _attack_loss(model: PromptModel, v_att: torch.Tensor, y, attr_ids, vocab, c, g) -> torch.Tensor:
-    """EDM denoising loss of the erased digit's images ``y`` with ``<v_att>`` in the name slot."""
+def _attack_loss(model: PromptModel, v_att: torch.Tensor, y, attr_ids, vocab, c, g, defense=None) -> torch.Tensor:
+    """EDM denoising loss of the erased digit's images ``y`` with ``<v_att>`` in the name slot; with
+    ``defense [E, K]`` every token embedding of the prompt (``<v_att>`` included) is first projected
+    off its span, as the defended model conditions (an attacker retraining against the defense)."""
     b = y.shape[0]
     ids = random_prompts(torch.zeros(b, dtype=torch.long), attr_ids, vocab, g)
     emb, mask = model.text.embed(ids)
     emb = torch.cat([v_att.to(emb.dtype).expand(b, 1, -1), emb[:, 1:]], 1)
+    if defense is not None:
+        emb = ul.project_out(emb, defense)
     cond = model.text.encode(emb, mask)
     sigma = training_sigmas(b, c, g)
     x = y + sigma.view(-1, 1, 1, 1) * torch.randn(y.shape, generator=g)
     return (edm_weight(sigma) * ((model.denoise(x, sigma, cond) - y) ** 2).flatten(1).mean(1)).mean()
 
 
-def init_alpha(vocab_size: int) -> float:
-    """The start of every alpha: the attack starts at ``sum_i v_i / sqrt(V)``."""
-    return 1.0 / math.sqrt(vocab_size)
+init_alpha = ul.init_alpha  # the start of every alpha (shared with the diffusers backend)
 
 
-def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int) -> dict:
+def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int, defense=None) -> dict:
     """SubAttack ``attack_k`` times (Eq. 5-6): the k-th ``v_k = P_k sum_i g_k(v_i) v_i``, ``P_k``
-    removing the span of ``v_1..v_{k-1}``; only ``g_k`` trains. Returns vectors [K, E] (float64),
-    alphas [K, V], losses [K, steps]."""
+    removing the span of ``v_1..v_{k-1}``; only ``g_k`` trains (through the projection ``defense
+    [E, K]`` of every prompt embedding when given: a fresh attack against the defended model).
+    Returns vectors [K, E] (float64), alphas [K, V], losses [K, steps]."""
     table = model.text.table.detach()
     vectors, alphas, losses = [], [], []
     for k in range(c.attack_k):
@@ -403,7 +452,7 @@ def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int) -
         for _ in range(c.attack_steps):
             idx = _batch(g, images.shape[0], c.batch_size)
             v = ul.attack_embedding(coef(table), table, basis)
-            loss = _attack_loss(model, v, images[idx], attr_ids[idx], vocab, c, g)
+            loss = _attack_loss(model, v, images[idx], attr_ids[idx], vocab, c, g, defense)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -498,6 +547,8 @@ def sample_sets(c: UnlearningConfig) -> list[dict]:
     for defense in ("attack", "random"):
         sets += plain("A", defense)
         sets += [_set("A", defense, f"{a}", fill(c.templates[0], a), e, "attack") for a in attacks]
+    resubs = [f"<resub{k + 1}>" for k in range(c.attack_k)]  # retrained through the defense
+    sets += [_set("A", "attack", f"{a}", fill(c.templates[0], a), e, "attack") for a in resubs]
     return sets
 
 
@@ -518,10 +569,10 @@ class _Study:
         c = self.c
         if c.backend == "diffusers":
             c.check_local_files()
-            raise ConfigError(
-                "backend: the diffusers backend (paper preset) is not implemented in this build; "
-                "its configuration is validated only (docs/studies.md, unlearning)"
-            )
+            from diffcore.experiments import _unlearning_diffusers
+
+            self.ws.bind_config(c)
+            return _unlearning_diffusers.run(c, self.ws, self.device)
         self.ws.bind_config(c)
         self.hooks = self.hooks or default_hooks(self.device)
         return _run(c, self.ws, self.hooks, self.device)
@@ -544,7 +595,7 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
     bins, edges = ul.attribute_bins(ul.image_attributes(images))
     attr_ids = ul.attribute_token_ids(vocab, bins)
     erased = labels == c.erased_digit
-    base_spec = {k: v for k, v in dataclasses.asdict(c).items() if k not in _EVAL_ONLY}
+    base_spec = {k: v for k, v in dataclasses.asdict(c).items() if k not in _EVAL_ONLY + _DIFFUSERS_ONLY}
 
     def train_original():
         model, losses = train_prompt_model(c, vocab, images, labels, attr_ids, c.train_seed)
@@ -580,8 +631,24 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
         attack_spec,
         lambda: (free_attack(c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed), {}),
     )
-    attacks = {f"<sub{k + 1}>": sub["vectors"][k] for k in range(c.attack_k)} | {"<free>": free["vector"]}
     attack_basis = ul.orthonormal_basis(sub["vectors"])
+    resub = _model_unit(  # a fresh subspace attack trained through the defense (same seed and settings)
+        ws,
+        "attack",
+        "subspace-defended",
+        {**attack_spec, "against": "attack-span defense"},
+        lambda: (
+            subspace_attack(
+                c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed, defense=attack_basis
+            ),
+            {},
+        ),
+    )
+    attacks = (
+        {f"<sub{k + 1}>": sub["vectors"][k] for k in range(c.attack_k)}
+        | {"<free>": free["vector"]}
+        | {f"<resub{k + 1}>": resub["vectors"][k] for k in range(c.attack_k)}
+    )
     random_basis = ul.orthonormal_basis(
         torch.randn(
             c.attack_k, c.embed_dim, generator=torch.Generator().manual_seed(c.control_seed), dtype=torch.float64
@@ -606,7 +673,7 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
         unit = ws.run_unit("samples", s["name"], spec, produce)
         stored[s["name"]] = torch.load(unit.file("samples.pt"), weights_only=False)
 
-    results = _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks)
+    results = _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks, resub)
     results["attributes"] = {"edges": edges.tolist(), "names": list(ul.ATTRIBUTES)}
     _figures(c, sets, stored, results, ws.root)
     results = json.loads(json_dumps(results))
@@ -615,6 +682,15 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
 
 
 _EVAL_ONLY = ("cost_tolerance", "grid_samples", "torch_threads", "control_seed")
+_DIFFUSERS_ONLY = (  # fields the digits backend never reads: kept out of its unit specs
+    "concept_class",
+    "other_concepts",
+    "other_classes",
+    "resolution",
+    "guidance_scale",
+    "concept_images",
+    "concept_seed_start",
+)
 _STAGE_FIELDS = {
     "model": ("width", "embed_dim", "text_hidden", "cond_dim", "train_steps", "batch_size", "learning_rate")
     + ("label_dropout", "log_uniform_fraction", "train_seed", "sigma_min", "sigma_max"),
@@ -641,7 +717,7 @@ def _rate(stored, names, target_of) -> tuple[int, int]:
     return hits, total
 
 
-def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks) -> dict:
+def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks, resub) -> dict:
     e = c.erased_digit
     by_name = {s["name"]: s for s in sets}
 
@@ -692,6 +768,16 @@ def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, ho
         claims[f"defense_beats_random_on_{a}"] = intervals.claim(
             intervals.clearly_below(after, ctrl), defended=after, random_control=ctrl
         )
+    defended_name = asr(f"A-attack-{ul.digit_name(e, c.erased_form)}")
+    for k in range(1, c.attack_k + 1):  # a fresh attack trained through the defense
+        retrained, old = asr(f"A-attack-resub{k}"), asr(f"A-attack-sub{k}")
+        claims[f"retrained_sub{k}_recovers_after_defense"] = intervals.claim(
+            intervals.clearly_above(retrained, defended_name),
+            retrained=retrained,
+            erased_name_defended=defended_name,
+            original_attack_defended=old,
+            original_attack_undefended=asr(f"A-none-sub{k}_t0"),
+        )
     cosine = ul.max_abs_cosine(sub["vectors"])
     claims["attack_embeddings_orthogonal"] = intervals.claim(cosine < 1e-6, max_abs_cosine=cosine, tolerance=1e-6)
     drop = _accuracy_drop(stored, names("A", "none", "other"), names("A", "attack", "other"), by_name)
@@ -711,12 +797,14 @@ def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, ho
         "other_digit_accuracy": {f"{m}/{d}": v.as_dict() for (m, d), v in other_acc.items()},
         "attack_success": rates,
         "top_tokens": _top_tokens(sub["alphas"], vocab, e),
+        "retrained_top_tokens": _top_tokens(resub["alphas"], vocab, e),
         "max_abs_cosine": cosine,
         "frechet_other_digits": frechet,
         "claims": claims,
         "losses": {
             "subattack_final": [float(np.mean(x[-20:])) for x in sub["losses"]],
             "free_final": float(np.mean(free["losses"][-20:])),
+            "retrained_final": [float(np.mean(x[-20:])) for x in resub["losses"]],
         },
     }
 
@@ -789,6 +877,7 @@ def _figures(c, sets, stored, results, out: Path) -> None:
         ("A defended: <free>", "A-attack-free"),
         ("A random proj.: <sub1>", "A-random-sub1"),
         ("A random proj.: <free>", "A-random-free"),
+        *[(f"A defended: retrained <sub{k + 1}>", f"A-attack-resub{k + 1}") for k in range(c.attack_k)],
     ]
     rates = results["attack_success"]
     vals = [rates[n]["value"] for _, n in bars]
