@@ -78,7 +78,10 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
         rows = min(tile, n_train - start)
         y_tile = y[start : start + rows]
         try:
-            y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
+            if _same_rows(q, y_tile) and (precision != "int8" or train_levels == QUERY_INT8_LEVELS):
+                y_screen, y_norms = q_screen, q_norms  # all pairs (knn(train, train)): rows prepared once
+            else:
+                y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
         for q_start in range(0, batch, query_block):
@@ -119,6 +122,11 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
         rescored / batch,
     )
     return best_d2, best_idx
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same rows in memory (same start, shape, strides and dtype)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _precision_for(precision: str | None, dim: int) -> tuple[str, int]:
