@@ -40,6 +40,8 @@ CPU_GRAM_ELEMENTS = 1 << 24
 # screened in query blocks whose Gram block is at most CPU_GRAM_CACHE_BYTES, so that it is still
 # in cache when the C++ pass reads it (1797 x 1797 x 64, one thread, load 10: 8.5 ms with blocks of
 # 128 queries against 11-12 ms with one [1797, 1797] int32 Gram of 13 MB; 64 and 256 slower).
+# One thread only: with two, the 13 GEMM + parallel-pass pairs per call cost more than the cache
+# saves (1.18x torch against 1.70x with one block, load 9; bench/baselines/MEASUREMENTS.md).
 CPU_SMALL_TRAIN_ELEMENTS = 1 << 20
 CPU_GRAM_CACHE_BYTES = 1 << 20
 
@@ -78,7 +80,7 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     # a multiple of 64 rows: MKL's fp32 GEMM took 25-30% longer on 2730-row tiles than on 2688 (measured)
     tile = min(n_train, max(256, min(16384, CPU_TILE_ELEMENTS // dim) // 64 * 64))
     query_block = min(batch, max(1, CPU_GRAM_ELEMENTS // tile))
-    if tile == n_train and n_train * dim <= CPU_SMALL_TRAIN_ELEMENTS:  # the digits: Gram blocks stay in cache
+    if threads == 1 and tile == n_train and n_train * dim <= CPU_SMALL_TRAIN_ELEMENTS:  # Gram blocks in cache
         query_block = min(query_block, max(1, CPU_GRAM_CACHE_BYTES // (tile * gram_dtype.itemsize)))
     y_buffer = None if screen_dtype == y.dtype else torch.empty(tile, dim, dtype=screen_dtype)
     gram_storage = torch.empty(query_block * tile, dtype=gram_dtype)
