@@ -95,28 +95,35 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
                 y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
+        # per query block only the row offsets change (byte offsets: no tensor views in the loop,
+        # which runs 13 times per call at the digits; every tensor here is contiguous)
+        fixed = dict(
+            queries_dtype=dtype_name(q.dtype),
+            dim=dim,
+            train_ptr=y_tile.data_ptr(),
+            train_dtype=dtype_name(y.dtype),
+            tile_start=start,
+            tile=rows,
+            y_norms_ptr=y_norms.data_ptr(),
+            gram_ptr=gram_storage.data_ptr(),
+            gram_dtype=dtype_name(gram_dtype),
+            k=k,
+            safety=CPU_SCREEN_SAFETY[precision],
+        )
+        q_ptr, q_row_bytes = q.data_ptr(), dim * q.element_size()
+        q_norms_ptr, d2_ptr, idx_ptr = q_norms.data_ptr(), best_d2.data_ptr(), best_idx.data_ptr()
         for q_start in range(0, batch, query_block):
             q_rows = min(query_block, batch - q_start)
             gram = gram_storage[: q_rows * rows].view(q_rows, rows)
             _gram_tile(q_screen[q_start : q_start + q_rows], y_screen, gram)
             rescored += ext.knn_cpu_screen_tile(
-                queries_ptr=q[q_start].data_ptr(),
-                queries_dtype=dtype_name(q.dtype),
+                queries_ptr=q_ptr + q_start * q_row_bytes,
                 batch=q_rows,
-                dim=dim,
-                q_norms_ptr=q_norms[q_start].data_ptr(),
-                train_ptr=y_tile.data_ptr(),
-                train_dtype=dtype_name(y.dtype),
-                tile_start=start,
-                tile=rows,
-                y_norms_ptr=y_norms.data_ptr(),
-                gram_ptr=gram.data_ptr(),
-                gram_dtype=dtype_name(gram_dtype),
-                k=k,
-                best_d2_ptr=best_d2[q_start].data_ptr(),
-                best_idx_ptr=best_idx[q_start].data_ptr(),
-                safety=CPU_SCREEN_SAFETY[precision],
+                q_norms_ptr=q_norms_ptr + q_start * 4 * 8,  # [B, 4] float64
+                best_d2_ptr=d2_ptr + q_start * k * 8,  # [B, k] float64
+                best_idx_ptr=idx_ptr + q_start * k * 8,  # [B, k] int64
                 threads=_threads_for(q_rows * rows * 8, threads),
+                **fixed,
             )
     if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
         raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
