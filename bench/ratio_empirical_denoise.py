@@ -6,6 +6,9 @@ same inputs, best of ``--rounds``, with CPU time (user + system of the process) 
 time, and prints the load average before and after (bench/baselines/MEASUREMENTS.md). Run, e.g.:
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python bench/ratio_empirical_denoise.py --threads 1
+``--digits`` times the embedded default instead (issue 34): empirical_denoise at (256 and 1797,
+1797, 64) against the digits themselves, and knn top-2 of the 1797 digits among themselves
+against torch ``cdist`` + ``topk``.
 """
 
 from __future__ import annotations
@@ -21,20 +24,62 @@ from bench_empirical_denoise import plain_torch_denoise
 from benchutil import interleaved_best
 
 from diffcore import _cpu_caps
-from diffcore.ops import empirical_denoise
+from diffcore.ops import empirical_denoise, knn
 
 SHAPES = ((256, 10000, 3072), (200, 12000, 3072))
 SIGMAS = (0.01, 1.0, 80.0)
+
+
+def report(name: str, best: dict) -> None:
+    """One line: best CPU times of the peer and diffcore, their ratio, and the wall-time ratio."""
+    peer_cpu, cpu, peer_wall, wall = best["peer_cpu"], best["cpu"], best["peer_wall"], best["wall"]
+    print(
+        f"{name}: CPU ms {peer_cpu * 1e3:.2f} / {cpu * 1e3:.2f} = {peer_cpu / cpu:.2f}x, wall {peer_wall / wall:.2f}x",
+        flush=True,
+    )
+
+
+def digits(rounds: int) -> None:
+    """The digits (N = 1797, D = 64): knn all pairs, then empirical_denoise at B = 256 and 1797."""
+    from diffcore.data.digits import load_digits
+
+    train = load_digits()[0].reshape(-1, 64).float().contiguous()
+    report(
+        "knn top-2 (1797, 1797, 64)",
+        interleaved_best(
+            lambda: torch.cdist(train, train).topk(2, dim=1, largest=False),
+            lambda: knn(train, train, 2, backend="cpu"),
+            rounds,
+        ),
+    )
+    for batch in (256, 1797):
+        source = torch.randint(0, train.shape[0], (batch,), generator=torch.Generator().manual_seed(1))
+        for sigma in SIGMAS:
+            noise = torch.randn(batch, 64, generator=torch.Generator().manual_seed(2))
+            x = train[source] + sigma * noise
+            report(
+                f"empirical_denoise ({batch}, 1797, 64) sigma {sigma:g}",
+                interleaved_best(
+                    lambda x=x, sigma=sigma: plain_torch_denoise(x, train, sigma),
+                    lambda x=x, sigma=sigma: empirical_denoise(x, train, sigma),
+                    rounds,
+                ),
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--digits", action="store_true", help="the digits sizes (issue 34) instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     choice = _cpu_caps.screen_choice()
     print(f"load {os.getloadavg()} threads {args.threads} kind {choice.caps.kind} screen {choice.precision}")
+    if args.digits:
+        digits(args.rounds)
+        print(f"load after {os.getloadavg()}")
+        return
     for batch, rows, dim in SHAPES:
         train = torch.rand(rows, dim, generator=torch.Generator().manual_seed(0)) * 2 - 1
         source = torch.randint(0, rows, (batch,), generator=torch.Generator().manual_seed(1))

@@ -37,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -239,38 +240,87 @@ inline double gram_value(uint16_t bf16_bits) { return bf16_bits_to_float(bf16_bi
 inline double gram_value(float value) { return value; }
 inline double gram_value(int32_t value) { return value; }  // exact; scaled by s_q s_y below
 
+// The training rows' norm columns (kNormColumns interleaved per row in y_norms) as separate
+// contiguous arrays, so that the per-pair bound below vectorizes with plain loads (no gathers).
+struct NormColumns {
+  std::vector<double> values;  // [kNormColumns, tile]
+  const double* col[kNormColumns];
+  NormColumns(const double* y_norms, int64_t tile) : values(static_cast<size_t>(kNormColumns * tile)) {
+    for (int64_t c = 0; c < kNormColumns; ++c) col[c] = values.data() + c * tile;
+    for (int64_t j = 0; j < tile; ++j)
+      for (int64_t c = 0; c < kNormColumns; ++c) values[c * tile + j] = y_norms[kNormColumns * j + c];
+  }
+};
+
 template <typename G>
 struct QueryBounds {
   double qn, q_round, q_delta, q_scale;
-  const double* y_norms;
+  const double* yn0;  // |y|^2 (exact), |y~|, |y - y~|, s_y: the columns of NormColumns
+  const double* yn1;
+  const double* yn2;
+  const double* yn3;
   const G* g_row;
   const ScreenBound* bound;
 
   inline void at(int64_t j, double& approx, double& slack) const {
-    const double* yn = y_norms + kNormColumns * j;
-    const double g = q_scale * yn[3] * gram_value(g_row[j]);  // scales are 1 except for the int8 screen
-    approx = qn + yn[0] - 2.0 * g;
+    const double g = q_scale * yn3[j] * gram_value(g_row[j]);  // scales are 1 except for the int8 screen
+    approx = qn + yn0[j] - 2.0 * g;
     // input rounding: proven from the measured norms (Cauchy-Schwarz); the GEMM's own error
     // (fp32 accumulation, bf16 output) is what is assumed of the BLAS, so the safety factor is there
-    const double proven = (q_round * yn[2] + q_delta * yn[1] + q_delta * yn[2]) * (1.0 + 1e-12);
-    const double assumed = bound->gamma * q_round * yn[1] + bound->unit * std::fabs(g);
-    slack = 2.0 * (proven + bound->safety * assumed) + bound->absolute * (1.0 + qn + yn[0]);
+    const double proven = (q_round * yn2[j] + q_delta * yn1[j] + q_delta * yn2[j]) * (1.0 + 1e-12);
+    if constexpr (std::is_same_v<G, int32_t>) {
+      // int8 screen: exact Gram (gamma = unit = 0), so the assumed term is exactly 0: same value
+      slack = 2.0 * proven + bound->absolute * (1.0 + qn + yn0[j]);
+    } else if constexpr (std::is_same_v<G, float>) {
+      // fp32 screen: no output rounding (unit = 0), so the unit term is exactly 0: same value
+      const double assumed = bound->gamma * q_round * yn1[j];
+      slack = 2.0 * (proven + bound->safety * assumed) + bound->absolute * (1.0 + qn + yn0[j]);
+    } else {
+      const double assumed = bound->gamma * q_round * yn1[j] + bound->unit * std::fabs(g);
+      slack = 2.0 * (proven + bound->safety * assumed) + bound->absolute * (1.0 + qn + yn0[j]);
+    }
   }
 };
 
-// k-th smallest upper bound over the tile (+inf if the tile has fewer than k rows): some k rows
-// of the tile have d^2 <= it, so the final k-th best is <= it.
+// One pass of bounds over the tile: lower[j] = approx - slack for every row and, when `upper` is
+// given, upper[j] = approx + slack (the first tile: no k rows known exactly yet).
 template <typename G>
-inline double tile_kth_upper(const QueryBounds<G>& qb, int64_t tile, int64_t k, std::vector<double>& upper,
-                             std::vector<double>& smallest) {
+inline void tile_bounds(const QueryBounds<G>& qb, int64_t tile, double* lower, double* upper) {
+  if (upper == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < tile; ++j) {
+      double approx, slack;
+      qb.at(j, approx, slack);
+      lower[j] = approx - slack;
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < tile; ++j) {
     double approx, slack;
     qb.at(j, approx, slack);
+    lower[j] = approx - slack;
     upper[j] = approx + slack;
   }
+}
+
+// k-th smallest of upper[0..tile) (+inf if the tile has fewer than k rows): some k rows of the
+// tile have d^2 <= it, so the final k-th best is <= it. Blocks of 16 with no value below the current
+// k-th smallest (one vectorized compare) are skipped: the same value, most blocks one compare.
+inline double kth_smallest(const double* upper, int64_t tile, int64_t k, std::vector<double>& smallest) {
+  constexpr int64_t kBlock = 16;
   std::fill(smallest.begin(), smallest.end(), std::numeric_limits<double>::infinity());
   for (int64_t j = 0; j < tile; ++j) {
+    if (j % kBlock == 0 && j + kBlock <= tile) {
+      const double current = smallest[k - 1];
+      int beats = 0;  // an int OR reduction vectorizes (a min reduction became a serial vminsd chain)
+#pragma omp simd reduction(| : beats)
+      for (int64_t l = 0; l < kBlock; ++l) beats |= upper[j + l] < current;
+      if (!beats) {
+        j += kBlock - 1;
+        continue;
+      }
+    }
     const double value = upper[j];
     if (value < smallest[k - 1]) {
       int64_t pos = k - 1;
@@ -291,43 +341,38 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
                     int threads) {
   constexpr int64_t kBlock = 16;
   int64_t rescored_total = 0;
+  const NormColumns yn(y_norms, tile);
 #pragma omp parallel num_threads(threads) reduction(+ : rescored_total)
   {
-    std::vector<double> upper(tile), smallest(k);
+    std::vector<double> lower(tile), upper(tile), smallest(k);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
       const double* qn = q_norms + kNormColumns * b;
-      const QueryBounds<G> qb{qn[0], qn[1], qn[2], qn[3], y_norms, gram + b * tile, &bound};
+      const QueryBounds<G> qb{qn[0], qn[1], qn[2], qn[3], yn.col[0], yn.col[1], yn.col[2], yn.col[3],
+                              gram + b * tile, &bound};
       TopK top{best_d2 + b * k, best_idx + b * k, k};
       const TQ* q = queries + b * q_stride;
-      // Until k rows are known exactly (first tile), the tile's own k-th upper bound caps the cut.
+      // Every row's bounds in one vectorized pass. Until k rows are known exactly (first tile),
+      // the tile's own k-th upper bound caps the cut.
       double cut = top.kth();
-      if (!(cut < std::numeric_limits<double>::infinity())) cut = tile_kth_upper(qb, tile, k, upper, smallest);
-      // Blocks of rows: lower bounds in SIMD; only a block with a row whose lower bound reaches
-      // the cut is looked at row by row, and those rows are re-scored exactly.
+      const bool first = !(cut < std::numeric_limits<double>::infinity());
+      tile_bounds(qb, tile, lower.data(), first ? upper.data() : nullptr);
+      if (first) cut = kth_smallest(upper.data(), tile, k, smallest);
+      // Blocks of rows: only a block with a row whose lower bound reaches the cut is looked at row
+      // by row, and those rows are re-scored exactly.
       for (int64_t j0 = 0; j0 < tile; j0 += kBlock) {
         const int64_t n = std::min(kBlock, tile - j0);
-        double lower[kBlock];
+        const double* block = lower.data() + j0;
         int reach = 0;
         if (n == kBlock) {
 #pragma omp simd reduction(| : reach)
-          for (int64_t l = 0; l < kBlock; ++l) {
-            double approx, slack;
-            qb.at(j0 + l, approx, slack);
-            lower[l] = approx - slack;
-            reach |= lower[l] <= cut;
-          }
+          for (int64_t l = 0; l < kBlock; ++l) reach |= block[l] <= cut;
         } else {
-          for (int64_t l = 0; l < n; ++l) {
-            double approx, slack;
-            qb.at(j0 + l, approx, slack);
-            lower[l] = approx - slack;
-            reach |= lower[l] <= cut;
-          }
+          for (int64_t l = 0; l < n; ++l) reach |= block[l] <= cut;
         }
         if (!reach) continue;
         for (int64_t l = 0; l < n; ++l) {
-          if (lower[l] > cut) continue;
+          if (block[l] > cut) continue;
           const int64_t j = j0 + l;
           const double d2 = exact_sqdist(q, train + j * y_stride, dim);
           ++rescored_total;

@@ -495,3 +495,34 @@ def test_values_above_1e15_are_refused_on_every_backend(backend):
     q[0, 0] = -1e16
     with pytest.raises(ValueError, match="queries: expected values of magnitude <= 1e\\+15"):
         knn(q, torch.zeros(3, 4, dtype=torch.float64), k=1, backend=backend)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32"])
+def test_cpu_all_pairs_prepares_rows_once_and_matches_reference(precision, monkeypatch):
+    """knn(train, train) (every study's all-pairs case) reuses the queries' screening rows for the
+    training set (int8: when both get the same levels); exact against the float64 reference, ties
+    (duplicated rows, lower index first) included, and the same result as with a copy of the
+    queries (rows prepared twice)."""
+    from diffcore import _cpu_caps
+
+    train = _uniform((300, 64), 50)
+    train[7] = train[3]  # an exact tie: rows 3 and 7 are each other's zero-distance neighbours
+    train[150:160] = torch.round(train[150:160] * 4) / 4  # coarse rows: more near-ties
+    if precision == "bf16" and not _cpu_caps.bf16_matmul_accumulates_in_fp32():
+        pytest.skip("torch's bf16 matmul does not accumulate in fp32 here (the bf16 screen refuses)")
+    if precision == "int8" and _cpu_caps.int8_gemm_levels() is None:
+        pytest.skip("torch's int8 GEMM is not exact here (the int8 screen refuses)")
+    d2, idx = _knn_cpu.run(train, train, 3, precision=precision)
+    d2_copy, idx_copy = _knn_cpu.run(train.clone(), train, 3, precision=precision)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: query blocks whose Gram block stays in cache (here 32 queries)
+    monkeypatch.setattr(_knn_cpu, "CPU_GRAM_CACHE_BYTES", 300 * 4 * 32)
+    try:
+        d2_one, idx_one = _knn_cpu.run(train, train, 3, precision=precision)
+    finally:
+        torch.set_num_threads(threads)
+    d_ref, i_ref = knn_ref(train, train, 3)
+    assert torch.equal(idx, i_ref) and torch.equal(idx, idx_copy) and torch.equal(d2, d2_copy)
+    assert torch.equal(idx, idx_one) and torch.equal(d2, d2_one)
+    assert torch.equal(d2, d_ref.square()) or torch.allclose(d2, d_ref.square(), rtol=4e-16, atol=0)
+    assert idx[3, :2].tolist() == [3, 7] and idx[7, :2].tolist() == [3, 7]

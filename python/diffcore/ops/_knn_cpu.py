@@ -36,6 +36,15 @@ INT8_MIN_DIM = 16
 CPU_TILE_ELEMENTS = 1 << 23
 CPU_GRAM_ELEMENTS = 1 << 24
 
+# A training set of at most CPU_SMALL_TRAIN_ELEMENTS values (one tile; the digits: 1797 x 64) is
+# screened in query blocks whose Gram block is at most CPU_GRAM_CACHE_BYTES, so that it is still
+# in cache when the C++ pass reads it (1797 x 1797 x 64, one thread, load 10: 8.5 ms with blocks of
+# 128 queries against 11-12 ms with one [1797, 1797] int32 Gram of 13 MB; 64 and 256 slower).
+# One thread only: with two, the 13 GEMM + parallel-pass pairs per call cost more than the cache
+# saves (1.18x torch against 1.70x with one block, load 9; bench/baselines/MEASUREMENTS.md).
+CPU_SMALL_TRAIN_ELEMENTS = 1 << 20
+CPU_GRAM_CACHE_BYTES = 1 << 20
+
 
 # Below this many elementary steps a parallel region costs more than it saves (its barrier is what
 # hurts most when the cores are oversubscribed).
@@ -71,6 +80,8 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     # a multiple of 64 rows: MKL's fp32 GEMM took 25-30% longer on 2730-row tiles than on 2688 (measured)
     tile = min(n_train, max(256, min(16384, CPU_TILE_ELEMENTS // dim) // 64 * 64))
     query_block = min(batch, max(1, CPU_GRAM_ELEMENTS // tile))
+    if threads == 1 and tile == n_train and n_train * dim <= CPU_SMALL_TRAIN_ELEMENTS:  # Gram blocks in cache
+        query_block = min(query_block, max(1, CPU_GRAM_CACHE_BYTES // (tile * gram_dtype.itemsize)))
     y_buffer = None if screen_dtype == y.dtype else torch.empty(tile, dim, dtype=screen_dtype)
     gram_storage = torch.empty(query_block * tile, dtype=gram_dtype)
     rescored = 0
@@ -78,31 +89,41 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
         rows = min(tile, n_train - start)
         y_tile = y[start : start + rows]
         try:
-            y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
+            if _same_rows(q, y_tile) and (precision != "int8" or train_levels == QUERY_INT8_LEVELS):
+                y_screen, y_norms = q_screen, q_norms  # all pairs (knn(train, train)): rows prepared once
+            else:
+                y_screen, y_norms = _screen_rows(y_tile, screen_dtype, y_buffer, "train", threads, train_levels)
         except ValueError as exc:
             raise ValueError(f"train: rows {start}..{start + rows - 1}: {exc}") from None
+        # per query block only the row offsets change (byte offsets: no tensor views in the loop,
+        # which runs 13 times per call at the digits; every tensor here is contiguous)
+        fixed = dict(
+            queries_dtype=dtype_name(q.dtype),
+            dim=dim,
+            train_ptr=y_tile.data_ptr(),
+            train_dtype=dtype_name(y.dtype),
+            tile_start=start,
+            tile=rows,
+            y_norms_ptr=y_norms.data_ptr(),
+            gram_ptr=gram_storage.data_ptr(),
+            gram_dtype=dtype_name(gram_dtype),
+            k=k,
+            safety=CPU_SCREEN_SAFETY[precision],
+        )
+        q_ptr, q_row_bytes = q.data_ptr(), dim * q.element_size()
+        q_norms_ptr, d2_ptr, idx_ptr = q_norms.data_ptr(), best_d2.data_ptr(), best_idx.data_ptr()
         for q_start in range(0, batch, query_block):
             q_rows = min(query_block, batch - q_start)
             gram = gram_storage[: q_rows * rows].view(q_rows, rows)
             _gram_tile(q_screen[q_start : q_start + q_rows], y_screen, gram)
             rescored += ext.knn_cpu_screen_tile(
-                queries_ptr=q[q_start].data_ptr(),
-                queries_dtype=dtype_name(q.dtype),
+                queries_ptr=q_ptr + q_start * q_row_bytes,
                 batch=q_rows,
-                dim=dim,
-                q_norms_ptr=q_norms[q_start].data_ptr(),
-                train_ptr=y_tile.data_ptr(),
-                train_dtype=dtype_name(y.dtype),
-                tile_start=start,
-                tile=rows,
-                y_norms_ptr=y_norms.data_ptr(),
-                gram_ptr=gram.data_ptr(),
-                gram_dtype=dtype_name(gram_dtype),
-                k=k,
-                best_d2_ptr=best_d2[q_start].data_ptr(),
-                best_idx_ptr=best_idx[q_start].data_ptr(),
-                safety=CPU_SCREEN_SAFETY[precision],
+                q_norms_ptr=q_norms_ptr + q_start * 4 * 8,  # [B, 4] float64
+                best_d2_ptr=d2_ptr + q_start * k * 8,  # [B, k] float64
+                best_idx_ptr=idx_ptr + q_start * k * 8,  # [B, k] int64
                 threads=_threads_for(q_rows * rows * 8, threads),
+                **fixed,
             )
     if bool((best_idx == torch.iinfo(torch.int64).max).any()):  # impossible unless the bound is broken
         raise RuntimeError("knn cpu: fewer than k rows survived the screening (bound violated)")
@@ -119,6 +140,11 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
         rescored / batch,
     )
     return best_d2, best_idx
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same rows in memory (same start, shape, strides and dtype)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _precision_for(precision: str | None, dim: int) -> tuple[str, int]:
