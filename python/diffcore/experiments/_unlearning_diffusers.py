@@ -520,10 +520,7 @@ def _analyse(c, pipe: Pipeline, sets, stored, att, resub) -> dict:
 
 def _figure(c, results: dict, out: Path) -> None:
     """Attack success of every sample set with its 95% Wilson interval (``unlearning-success.png``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     rates = results["attack_success"]
     names = list(rates)

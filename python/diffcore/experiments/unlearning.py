@@ -855,12 +855,8 @@ def _top_tokens(alphas: torch.Tensor, vocab, erased: int, top: int = 5) -> list[
 
 
 def _figures(c, sets, stored, results, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from diffcore.experiments import plotting
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     e = c.erased_digit
     word = ul.digit_name(e, c.erased_form)
