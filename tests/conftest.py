@@ -18,6 +18,31 @@ from diffcore import _backend  # noqa: E402
 from diffcore._ext import extension  # noqa: E402
 
 
+def _import_installed_kernels_package() -> None:
+    """The repository's ``kernels/`` folder (shipped as ``diffcore.kernels``) shadows the Hugging Face
+    ``kernels`` package, which transformers >= 5 requires and diffusers then imports, whenever Python
+    runs from the repository root (``python -m pytest`` puts it first on ``sys.path``). Import the
+    installed package first, with the root off the path, so that diffusers finds it; nothing in
+    diffcore imports a top-level ``kernels``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        if "kernels" not in sys.modules and importlib.util.find_spec("kernels") is not None:
+            import kernels  # noqa: F401
+    except ImportError:
+        pass  # a broken optional package: the diffusers tests will say so
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels_package()
+
+
 def _cuda_ext_ready() -> bool:
     ext = extension(required=False)
     return bool(HAS_GPU and ext is not None and ext.build_info()["cuda"] and ext.cuda_available())

@@ -56,5 +56,6 @@ def distance_to_union(x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     x = x.reshape(x.shape[0], -1).double()
     u = bases.double()
     coeff = torch.einsum("bn,knd->bkd", x, u)
-    residual = (x.square().sum(-1, keepdim=True) - coeff.square().sum(-1)).clamp_min(0).sqrt()  # [B, K]
+    # The residual itself, not sqrt(|x|^2 - |U^T x|^2): that difference cancels to ~1e-8 relative.
+    residual = (x[:, None, :] - torch.einsum("bkd,knd->bkn", coeff, u)).norm(dim=-1)  # [B, K]
     return residual.min(-1).values / x.norm(dim=-1).clamp_min(1e-30)
