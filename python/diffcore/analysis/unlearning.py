@@ -242,3 +242,47 @@ __all__ = [
     "orthonormal_basis",
     "project_out",
 ]
+
+
+def attack_claims(
+    asr, attack_k: int, templates: int, a_base, b_base, defended_name, suffix: str = "", undefended_reference=False
+) -> dict[str, dict]:
+    """The attack, transfer and defense claims of the unlearning study, shared by the digits and the
+    paper backends. ``asr(name)`` is the attack success (an Interval) of the sample set ``name``;
+    sets are named ``{model}-{defense}-{token}`` with template ``_t{i}`` (``suffix``: what the
+    backend appends to the sets that use only template 0, ``""`` or ``"_t0"``). ``a_base`` /
+    ``b_base``: the erased name on unlearned models A / B; ``defended_name``: on A behind the
+    defense. ``undefended_reference``: also record each original attack's undefended success."""
+    from diffcore.metrics import intervals
+
+    claims: dict[str, dict] = {}
+    for a in [f"sub{k + 1}" for k in range(attack_k)] + ["free"]:
+        per_template = {f"t{i}": asr(f"A-none-{a}_t{i}") for i in range(templates)}
+        claims[f"{a}_recovers_on_A"] = intervals.claim(
+            intervals.clearly_above(per_template["t0"], a_base), attacked=per_template["t0"], erased_name=a_base
+        )
+        claims[f"{a}_robust_across_templates"] = intervals.claim(
+            all(intervals.clearly_above(v, a_base) for v in per_template.values()), erased_name=a_base, **per_template
+        )
+        transfer = asr(f"B-none-{a}{suffix}")
+        claims[f"{a}_transfers_to_B"] = intervals.claim(
+            intervals.clearly_above(transfer, b_base), attacked=transfer, erased_name=b_base
+        )
+        undefended, defended, ctrl = asr(f"A-none-{a}_t0"), asr(f"A-attack-{a}{suffix}"), asr(f"A-random-{a}{suffix}")
+        claims[f"defense_lowers_{a}"] = intervals.claim(
+            intervals.clearly_below(defended, undefended), undefended=undefended, defended=defended, random_control=ctrl
+        )
+        claims[f"defense_beats_random_on_{a}"] = intervals.claim(
+            intervals.clearly_below(defended, ctrl), defended=defended, random_control=ctrl
+        )
+    for k in range(1, attack_k + 1):  # a fresh attack trained through the defense
+        retrained = asr(f"A-attack-resub{k}{suffix}")
+        extra = {"original_attack_undefended": asr(f"A-none-sub{k}_t0")} if undefended_reference else {}
+        claims[f"retrained_sub{k}_recovers_after_defense"] = intervals.claim(
+            intervals.clearly_above(retrained, defended_name),
+            retrained=retrained,
+            erased_name_defended=defended_name,
+            original_attack_defended=asr(f"A-attack-sub{k}{suffix}"),
+            **extra,
+        )
+    return claims

@@ -436,34 +436,8 @@ def _analyse(c, pipe: Pipeline, sets, stored, att, resub) -> dict:
     claims["unlearning_lowers_concept"] = intervals.claim(
         intervals.clearly_below(a_base, before), original=before, unlearned=a_base
     )
-    for a in [f"sub{k + 1}" for k in range(c.attack_k)] + ["free"]:
-        per_template = {f"t{i}": asr(f"A-none-{a}_t{i}") for i in range(len(c.templates))}
-        claims[f"{a}_recovers_on_A"] = intervals.claim(
-            intervals.clearly_above(per_template["t0"], a_base), attacked=per_template["t0"], erased_name=a_base
-        )
-        claims[f"{a}_robust_across_templates"] = intervals.claim(
-            all(intervals.clearly_above(v, a_base) for v in per_template.values()), erased_name=a_base, **per_template
-        )
-        transfer = asr(f"B-none-{a}_t0")
-        claims[f"{a}_transfers_to_B"] = intervals.claim(
-            intervals.clearly_above(transfer, b_base), attacked=transfer, erased_name=b_base
-        )
-        undefended, defended, ctrl = asr(f"A-none-{a}_t0"), asr(f"A-attack-{a}_t0"), asr(f"A-random-{a}_t0")
-        claims[f"defense_lowers_{a}"] = intervals.claim(
-            intervals.clearly_below(defended, undefended), undefended=undefended, defended=defended, random_control=ctrl
-        )
-        claims[f"defense_beats_random_on_{a}"] = intervals.claim(
-            intervals.clearly_below(defended, ctrl), defended=defended, random_control=ctrl
-        )
     defended_name = asr(f"A-attack-{concept}")
-    for k in range(1, c.attack_k + 1):  # a fresh attack trained through the defense
-        retrained = asr(f"A-attack-resub{k}_t0")
-        claims[f"retrained_sub{k}_recovers_after_defense"] = intervals.claim(
-            intervals.clearly_above(retrained, defended_name),
-            retrained=retrained,
-            erased_name_defended=defended_name,
-            original_attack_defended=asr(f"A-attack-sub{k}_t0"),
-        )
+    claims.update(ul.attack_claims(asr, c.attack_k, len(c.templates), a_base, b_base, defended_name, suffix="_t0"))
     cosine = ul.max_abs_cosine(att["vectors"])
     claims["attack_embeddings_orthogonal"] = intervals.claim(cosine < 1e-6, max_abs_cosine=cosine, tolerance=1e-6)
     other_accuracy = {}

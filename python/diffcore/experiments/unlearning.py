@@ -748,36 +748,12 @@ def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, ho
             intervals.clearly_below(after, before), original=before, unlearned=after, targeted=f == c.erased_form
         )
     a_base, b_base = asr(erased_name["A"]), asr(erased_name["B"])
-    attack_tokens = [f"sub{k + 1}" for k in range(c.attack_k)] + ["free"]
-    for a in attack_tokens:
-        per_template = {f"t{i}": asr(f"A-none-{a}_t{i}") for i in range(len(c.templates))}
-        claims[f"{a}_recovers_on_A"] = intervals.claim(
-            intervals.clearly_above(per_template["t0"], a_base), attacked=per_template["t0"], erased_name=a_base
-        )
-        claims[f"{a}_robust_across_templates"] = intervals.claim(
-            all(intervals.clearly_above(v, a_base) for v in per_template.values()), erased_name=a_base, **per_template
-        )
-        transfer = asr(f"B-none-{a}")
-        claims[f"{a}_transfers_to_B"] = intervals.claim(
-            intervals.clearly_above(transfer, b_base), attacked=transfer, erased_name=b_base
-        )
-        before, after, ctrl = asr(f"A-none-{a}_t0"), asr(f"A-attack-{a}"), asr(f"A-random-{a}")
-        claims[f"defense_lowers_{a}"] = intervals.claim(
-            intervals.clearly_below(after, before), undefended=before, defended=after, random_control=ctrl
-        )
-        claims[f"defense_beats_random_on_{a}"] = intervals.claim(
-            intervals.clearly_below(after, ctrl), defended=after, random_control=ctrl
-        )
     defended_name = asr(f"A-attack-{ul.digit_name(e, c.erased_form)}")
-    for k in range(1, c.attack_k + 1):  # a fresh attack trained through the defense
-        retrained, old = asr(f"A-attack-resub{k}"), asr(f"A-attack-sub{k}")
-        claims[f"retrained_sub{k}_recovers_after_defense"] = intervals.claim(
-            intervals.clearly_above(retrained, defended_name),
-            retrained=retrained,
-            erased_name_defended=defended_name,
-            original_attack_defended=old,
-            original_attack_undefended=asr(f"A-none-sub{k}_t0"),
+    claims.update(
+        ul.attack_claims(
+            asr, c.attack_k, len(c.templates), a_base, b_base, defended_name, suffix="", undefended_reference=True
         )
+    )
     cosine = ul.max_abs_cosine(sub["vectors"])
     claims["attack_embeddings_orthogonal"] = intervals.claim(cosine < 1e-6, max_abs_cosine=cosine, tolerance=1e-6)
     drop = _accuracy_drop(stored, names("A", "none", "other"), names("A", "attack", "other"), by_name)
