@@ -46,6 +46,16 @@ CPU_SMALL_TRAIN_ELEMENTS = 1 << 20
 CPU_GRAM_CACHE_BYTES = 1 << 20
 
 
+# A problem of at most CPU_SINGLE_THREAD_WORK multiply-adds (B N D) on a training set of one cached
+# tile runs on one thread whatever torch's thread count (torch's int8 GEMM included): measured on
+# the 2-core Xeon at load 6.5 (bench/baselines/MEASUREMENTS.md, 2026-12-06 knn entry), one thread
+# took 2.4 / 6.0 / 20.7 ms of CPU time at (256 / 1797 / 8000, 1797, 64) against 32 / 42 / 81 ms
+# with two (wall 4.3 / 10.5 / 50 ms against 81 / 106 / 213 ms): the GEMM and the pass are a few
+# milliseconds, and every parallel region's hand-off costs more than the second core gives. The
+# threshold keeps the digits' all-pairs case (2.1e8) on one thread and leaves larger problems,
+# where a quiet machine's second core should pay, to torch's count.
+CPU_SINGLE_THREAD_WORK = 1 << 28
+
 # Below this many elementary steps a parallel region costs more than it saves (its barrier is what
 # hurts most when the cores are oversubscribed).
 CPU_MIN_PARALLEL_WORK = 1 << 20
@@ -63,10 +73,23 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together) and
     ``precision`` (the screen used).
     """
+    batch, dim = q.shape
+    threads = torch.get_num_threads()
+    n_train = y.shape[0]
+    if threads > 1 and n_train * dim <= CPU_SMALL_TRAIN_ELEMENTS and batch * n_train * dim <= CPU_SINGLE_THREAD_WORK:
+        torch.set_num_threads(1)  # small problem: one thread, torch's GEMM included (restored below)
+        try:
+            return _run(q, y, k, stats, precision, 1)
+        finally:
+            torch.set_num_threads(threads)
+    return _run(q, y, k, stats, precision, threads)
+
+
+def _run(q, y, k, stats, precision, threads):
+    """``run`` with ``threads`` threads for the C++ passes (torch's GEMM: torch's count)."""
     ext = extension()
     batch, dim = q.shape
     precision, train_levels = _precision_for(precision, dim)
-    threads = torch.get_num_threads()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # lossless
     if y.dtype in (torch.float16, torch.bfloat16):
