@@ -4,6 +4,7 @@ diffcore._cpu_caps), exact re-scoring and the top-k merge in C++ (csrc/knn/knn.c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -73,16 +74,25 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together) and
     ``precision`` (the screen used).
     """
-    batch, dim = q.shape
+    with one_thread_if_small(q.shape[0], y.shape[0], q.shape[1]):
+        return _run(q, y, k, stats, precision, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def one_thread_if_small(batch: int, n_train: int, dim: int):
+    """Context in which torch runs on one thread when the problem (``batch`` queries, ``n_train``
+    rows of ``dim`` values) is small (CPU_SINGLE_THREAD_WORK; torch's count is restored after).
+    ``knn`` enters it before its own checks: every torch op of a small call (the magnitude check
+    too) is a few microseconds of work that a parallel region's hand-off would dominate."""
     threads = torch.get_num_threads()
-    n_train = y.shape[0]
     if threads > 1 and n_train * dim <= CPU_SMALL_TRAIN_ELEMENTS and batch * n_train * dim <= CPU_SINGLE_THREAD_WORK:
-        torch.set_num_threads(1)  # small problem: one thread, torch's GEMM included (restored below)
+        torch.set_num_threads(1)
         try:
-            return _run(q, y, k, stats, precision, 1)
+            yield
         finally:
             torch.set_num_threads(threads)
-    return _run(q, y, k, stats, precision, threads)
+    else:
+        yield
 
 
 def _run(q, y, k, stats, precision, threads):
