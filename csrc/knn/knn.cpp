@@ -10,11 +10,13 @@
 //      records, per row, |x|^2 (exact, double), |x~|, |x - x~| and s (1 for bf16/fp32), and
 //      rejects NaN/Inf (fp32 rows screened in fp32 are not copied: x~ = x);
 //   2. knn_cpu_screen_tile: for every query of a block and every training row of a tile, bounds
-//      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y between lower = a - 2E and
-//      upper = a + 2E, where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below); it keeps
-//      the rows whose lower bound can still reach the current k-th best exact distance,
-//      re-scores them exactly (difference first, double accumulation) and merges them into the
-//      per-query top-k, ordered by (distance, index).
+//      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y from below by lower = a - 2E,
+//      where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below), in one float pass with a
+//      proven margin (float_lower_bounds) that also keeps each 32-row block's minimum; on a
+//      query's first tile it re-scores the k rows of smallest lower bound, so that the cut is an
+//      exact k-th distance; then it re-scores exactly (difference first, double accumulation)
+//      every row whose lower bound reaches the current k-th best exact distance and merges it into
+//      the per-query top-k, ordered by (distance, index).
 //
 // Error bound of the screening Gram entry (q = q~ + dq exactly):
 //   q.y = q~.y~ + q~.dy + dq.y~ + dq.dy
