@@ -323,11 +323,13 @@ struct QueryBounds {
 // copies of the coefficients and row terms, the conversion and scaling of G~, every product and
 // sum, fused or not), so the evaluated value is within gamma_10 < 10.01 * 2^-24 of the sum of the
 // terms' magnitudes (Higham, Eq. 3.5 applied term by term), and that sum is at most C_q + C_j with
-//   C_q = 1 + 1.01 |q|^2 + (3.1 + S gamma_D) |q~|^2 + 2.1 |dq|^2, C_j = the same of the row
-// (|G~| <= 2.01 |q~||y~| and 2ab <= a^2 + b^2 for every product of norms). The margin
-// M = 2^-20 (C_q + C_j) = 16 * 2^-24 (C_q + C_j) covers it: the float value is at most the double
-// bound, so a row dropped here is dropped by the proof. A query whose terms could overflow float
-// (C_q + max C_j above kFloatBoundLimit) takes the double bounds of QueryBounds instead.
+//   C_q = abs + 1.01 |q|^2 + (3.1 + S gamma_D) |q~|^2 + 2.1 |dq|^2, C_j = the same of the row
+// without abs (|G~| <= 2.01 |q~||y~| and 2ab <= a^2 + b^2 for every product of norms; abs = 1e-12,
+// the absolute term of A). The margin M = 2^-20 (C_q + C_j) = 16 * 2^-24 (C_q + C_j) covers it,
+// and its absolute part (at least 2^-20 abs, about 1e-18) covers the absolute errors of float
+// underflow (at most 2^-150 per operation, below 2^-143 in all): the float value is at most the
+// double bound, so a row dropped here is dropped by the proof. A query whose terms could overflow
+// float (C_q + max C_j above kFloatBoundLimit) takes the double bounds of QueryBounds instead.
 constexpr double kFloatBoundMargin = 0x1p-20;
 constexpr double kFloatBoundLimit = 1e36;
 constexpr double kProvenSlack = 1.0 + 1e-12;  // the (1 + 1e-12) of QueryBounds::at
@@ -478,7 +480,7 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
   const RowTerms rows(y_norms, tile, assumed, bound.absolute);
   auto query_c = [&](int64_t b) {  // C_q of the float bounds
     const double* qn = q_norms + kNormColumns * b;
-    return 1.0 + 1.01 * qn[0] + (3.1 + assumed) * qn[1] * qn[1] + 2.1 * qn[2] * qn[2];
+    return bound.absolute + 1.01 * qn[0] + (3.1 + assumed) * qn[1] * qn[1] + 2.1 * qn[2] * qn[2];
   };
   double largest_query_c = 0;
   for (int64_t b = 0; b < batch; ++b) largest_query_c = std::max(largest_query_c, query_c(b));

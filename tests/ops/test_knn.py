@@ -587,3 +587,19 @@ def test_cpu_double_bounds_where_float_terms_could_overflow():
     d_ref, i_ref = knn_ref(queries, train, 3)
     assert torch.equal(idx, i_ref) and idx[0, :2].tolist() == [1, 4]
     assert torch.allclose(d2, d_ref.square(), rtol=1e-12, atol=0)  # double sums over 200000 terms, any order
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_cpu_float_bounds_at_small_and_large_scales(scale):
+    """The float bounds' margin is relative (plus 2^-20 of the bound's 1e-12 absolute term), so rows
+    of small or large magnitude are screened as well as rows in [-1, 1]: exact, and few rows
+    re-scored."""
+    queries, train = _uniform((40, 64), 80) * scale, _uniform((2000, 64), 81) * scale
+    train[1500] = train[20]  # a tie
+    queries[0] = train[20]
+    stats = {}
+    d2, idx = _knn_cpu.run(queries, train, 3, stats=stats)
+    d_ref, i_ref = knn_ref(queries, train, 3)
+    assert torch.equal(idx, i_ref) and idx[0, :2].tolist() == [20, 1500]
+    assert torch.allclose(d2, d_ref.square(), rtol=1e-14, atol=0)
+    assert stats["rescored"] < 0.05 * 40 * 2000
