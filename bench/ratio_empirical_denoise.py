@@ -8,7 +8,7 @@ time, and prints the load average before and after (bench/baselines/MEASUREMENTS
         python bench/ratio_empirical_denoise.py --threads 1
 ``--digits`` times the embedded default instead (issue 34): empirical_denoise at (256 and 1797,
 1797, 64) against the digits themselves, and knn top-2 of the 1797 digits among themselves
-against torch ``cdist`` + ``topk``.
+against torch ``cdist`` + ``topk`` (``--knn-only``: that line alone).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def report(name: str, best: dict) -> None:
     )
 
 
-def digits(rounds: int) -> None:
-    """The digits (N = 1797, D = 64): knn all pairs, then empirical_denoise at B = 256 and 1797."""
+def digits(rounds: int, knn_only: bool = False) -> None:
+    """The digits (N = 1797, D = 64): knn all pairs, then (unless ``knn_only``) empirical_denoise at
+    B = 256 and 1797."""
     from diffcore.data.digits import load_digits
 
     train = load_digits()[0].reshape(-1, 64).float().contiguous()
@@ -52,6 +53,8 @@ def digits(rounds: int) -> None:
             rounds,
         ),
     )
+    if knn_only:
+        return
     for batch in (256, 1797):
         source = torch.randint(0, train.shape[0], (batch,), generator=torch.Generator().manual_seed(1))
         for sigma in SIGMAS:
@@ -72,12 +75,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--digits", action="store_true", help="the digits sizes (issue 34) instead")
+    parser.add_argument("--knn-only", action="store_true", help="with --digits: only knn's all-pairs line")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     choice = _cpu_caps.screen_choice()
     print(f"load {os.getloadavg()} threads {args.threads} kind {choice.caps.kind} screen {choice.precision}")
     if args.digits:
-        digits(args.rounds)
+        digits(args.rounds, args.knn_only)
         print(f"load after {os.getloadavg()}")
         return
     for batch, rows, dim in SHAPES:

@@ -10,11 +10,13 @@
 //      records, per row, |x|^2 (exact, double), |x~|, |x - x~| and s (1 for bf16/fp32), and
 //      rejects NaN/Inf (fp32 rows screened in fp32 are not copied: x~ = x);
 //   2. knn_cpu_screen_tile: for every query of a block and every training row of a tile, bounds
-//      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y between lower = a - 2E and
-//      upper = a + 2E, where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below); it keeps
-//      the rows whose lower bound can still reach the current k-th best exact distance,
-//      re-scores them exactly (difference first, double accumulation) and merges them into the
-//      per-query top-k, ordered by (distance, index).
+//      the exact squared distance d^2 = |q|^2 + |y|^2 - 2 q.y from below by lower = a - 2E,
+//      where a = |q|^2 + |y|^2 - 2 G~ and E bounds |G~ - q.y| (below), in one float pass with a
+//      proven margin (float_lower_bounds) that also keeps each 32-row block's minimum; on a
+//      query's first tile it re-scores the k rows of smallest lower bound, so that the cut is an
+//      exact k-th distance; then it re-scores exactly (difference first, double accumulation)
+//      every row whose lower bound reaches the current k-th best exact distance and merges it into
+//      the per-query top-k, ordered by (distance, index).
 //
 // Error bound of the screening Gram entry (q = q~ + dq exactly):
 //   q.y = q~.y~ + q~.dy + dq.y~ + dq.dy
@@ -36,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <sstream>
 #include <type_traits>
 #include <vector>
@@ -96,16 +99,23 @@ struct Int8Format {
   double step = 1.0, inverse = 1.0;
   template <typename T>
   static Int8Format for_row(const T* x, int64_t dim, int levels) {
-    double largest = 0;
+    double largest = 0;  // exact in any order (vectorized: a serial vmaxsd chain was 40% of the row)
+#pragma omp simd reduction(max : largest)
     for (int64_t i = 0; i < dim; ++i) largest = std::max(largest, std::fabs(value_as_double(x[i])));
     // NaN/Inf rows are rejected by the caller; they only need a finite step here
     if (!(largest > 0) || !std::isfinite(largest)) return {};
     return {largest / levels, levels / largest};
   }
-  // |v / step| <= levels (up to one rounding), so the rounded value fits in [-levels, levels]
-  Storage encode(double v) const {
-    return static_cast<Storage>(std::max(-127.0, std::min(127.0, std::nearbyint(v * inverse))));
+  // |v / step| <= levels (up to one rounding), so the rounded value fits in [-levels, levels].
+  // Rounded to nearest by adding and subtracting 1.5 * 2^52 (exact for |v / step| < 2^51; it
+  // vectorizes, std::nearbyint did not). Any integer would do for the bound: the rounding of each
+  // row is measured from the stored values (|x - x~|), not assumed.
+  double level(double v) const {  // the stored integer q, as a double
+    constexpr double kRoundToInteger = 0x1.8p52;
+    const double rounded = (v * inverse + kRoundToInteger) - kRoundToInteger;
+    return std::max(-127.0, std::min(127.0, rounded));
   }
+  Storage encode(double v) const { return static_cast<Storage>(static_cast<int32_t>(level(v))); }
   double decode(Storage q) const { return step * q; }
   double scale() const { return step; }
 };
@@ -115,6 +125,34 @@ struct Int8Format {
 // offending row or -1.
 constexpr int64_t kNormColumns = 4;
 
+// One row: [|x|^2, |x~|^2, |x - x~|^2] and the count of values that are NaN, Inf or above
+// kMaxMagnitude; stores x~ when kStore (two instantiations: a conditional store kept the loop scalar).
+template <bool kStore, typename Format, typename T>
+inline void prepare_row(const T* x, int64_t dim, const Format& format, typename Format::Storage* out, double& sq,
+                        double& sq_rounded, double& sq_delta, int64_t& n_bad) {
+  double a = 0, b = 0, c = 0;
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : a, b, c, bad)
+  for (int64_t i = 0; i < dim; ++i) {
+    const double v = value_as_double(x[i]);
+    bad += !(std::fabs(v) <= kMaxMagnitude);  // true for NaN and Inf too
+    double rounded;
+    if constexpr (std::is_same_v<Format, Int8Format>) {  // decoded from the integer-valued double: same value
+      const double level = format.level(v);
+      rounded = format.step * level;
+      if constexpr (kStore) out[i] = static_cast<int8_t>(static_cast<int32_t>(level));
+    } else {
+      const typename Format::Storage h = format.encode(v);
+      rounded = format.decode(h);
+      if constexpr (kStore) out[i] = h;
+    }
+    a += v * v;
+    b += rounded * rounded;
+    c += (v - rounded) * (v - rounded);
+  }
+  sq = a, sq_rounded = b, sq_delta = c, n_bad = bad;
+}
+
 template <typename Format, typename T>
 int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride, typename Format::Storage* dst,
                      double* norms, int threads, int levels) {
@@ -123,20 +161,12 @@ int64_t prepare_rows(const T* src, int64_t rows, int64_t dim, int64_t row_stride
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = src + r * row_stride;
     const Format format = Format::for_row(x, dim, levels);
-    typename Format::Storage* out = dst == nullptr ? nullptr : dst + r * dim;
     double sq = 0, sq_rounded = 0, sq_delta = 0;
     int64_t n_bad = 0;
-#pragma omp simd reduction(+ : sq, sq_rounded, sq_delta, n_bad)
-    for (int64_t i = 0; i < dim; ++i) {
-      const double v = value_as_double(x[i]);
-      n_bad += !(std::fabs(v) <= kMaxMagnitude);  // true for NaN and Inf too
-      const typename Format::Storage h = format.encode(v);
-      const double rounded = format.decode(h);
-      if (out != nullptr) out[i] = h;
-      sq += v * v;
-      sq_rounded += rounded * rounded;
-      sq_delta += (v - rounded) * (v - rounded);
-    }
+    if (dst != nullptr)
+      prepare_row<true>(x, dim, format, dst + r * dim, sq, sq_rounded, sq_delta, n_bad);
+    else
+      prepare_row<false>(x, dim, format, nullptr, sq, sq_rounded, sq_delta, n_bad);
     double* row_norms = norms + kNormColumns * r;
     row_norms[0] = sq;
     row_norms[1] = std::sqrt(sq_rounded);
@@ -282,56 +312,162 @@ struct QueryBounds {
   }
 };
 
-// One pass of bounds over the tile: lower[j] = approx - slack for every row and, when `upper` is
-// given, upper[j] = approx + slack (the first tile: no k rows known exactly yet).
-template <typename G>
-inline void tile_bounds(const QueryBounds<G>& qb, int64_t tile, double* lower, double* upper) {
-  if (upper == nullptr) {
-#pragma omp simd
+// ----------------------------------------------------------------------------------------------
+// The lower bounds in float (8 lanes of AVX2 instead of 4 doubles; issue 34: the double bounds
+// pass was 80% of knn's time at the digits' all-pairs shape). The lower bound of QueryBounds,
+//   lower_j = A + P_j - sigma w_j - beta yd_j - gamma' yr_j - kappa |w_j|,   w_j = s_j G~_j,
+// with per query A = |q|^2 - abs (1 + |q|^2) - M_q, sigma = 2 s_q, beta = 2 c (|q~| + |dq|),
+// gamma' = 2 c |dq| + 2 S gamma_D |q~|, kappa = 2 S u_out s_q (c = 1 + 1e-12, S the safety factor)
+// and per row P_j = |y_j|^2 (1 - abs) - M_j, is the same expression regrouped, less the margin
+// M_q + M_j. Evaluated in float, each of its terms passes through at most 10 roundings (the float
+// copies of the coefficients and row terms, the conversion and scaling of G~, every product and
+// sum, fused or not), so the evaluated value is within gamma_10 < 10.01 * 2^-24 of the sum of the
+// terms' magnitudes (Higham, Eq. 3.5 applied term by term), and that sum is at most C_q + C_j with
+//   C_q = abs + 1.01 |q|^2 + (3.1 + S gamma_D) |q~|^2 + 2.1 |dq|^2, C_j = the same of the row
+// without abs (|G~| <= 2.01 |q~||y~| and 2ab <= a^2 + b^2 for every product of norms; abs = 1e-12,
+// the absolute term of A). The margin M = 2^-20 (C_q + C_j) = 16 * 2^-24 (C_q + C_j) covers it,
+// and its absolute part (at least 2^-20 abs, about 1e-18) covers the absolute errors of float
+// underflow (at most 2^-150 per operation, below 2^-143 in all): the float value is at most the
+// double bound, so a row dropped here is dropped by the proof. A query whose terms could overflow
+// float (C_q + max C_j above kFloatBoundLimit) takes the double bounds of QueryBounds instead.
+constexpr double kFloatBoundMargin = 0x1p-20;
+constexpr double kFloatBoundLimit = 1e36;
+constexpr double kProvenSlack = 1.0 + 1e-12;  // the (1 + 1e-12) of QueryBounds::at
+
+inline float gram_float(uint16_t bf16_bits) { return bf16_bits_to_float(bf16_bits); }
+inline float gram_float(float value) { return value; }
+inline float gram_float(int32_t value) { return static_cast<float>(value); }  // exact below 2^24
+
+// The smallest float >= value (value finite or +inf): a cut rounded up never drops a row the
+// double cut keeps.
+inline float float_at_least(double value) {
+  float f = static_cast<float>(value);
+  if (static_cast<double>(f) < value) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// The training rows' float terms of the bound (see above), contiguous per term.
+struct RowTerms {
+  std::vector<float> p, yd, yr, s;
+  double largest_c = 0;  // max over rows of C_j
+  RowTerms(const double* y_norms, int64_t tile, double assumed, double absolute)
+      : p(tile), yd(tile), yr(tile), s(tile) {
     for (int64_t j = 0; j < tile; ++j) {
-      double approx, slack;
-      qb.at(j, approx, slack);
-      lower[j] = approx - slack;
+      const double* n = y_norms + kNormColumns * j;
+      const double c = 1.01 * n[0] + (3.1 + assumed) * n[1] * n[1] + 2.1 * n[2] * n[2];
+      largest_c = std::max(largest_c, c);
+      p[j] = static_cast<float>(n[0] * (1.0 - absolute) - kFloatBoundMargin * c);
+      yd[j] = static_cast<float>(n[2]);
+      yr[j] = static_cast<float>(n[1]);
+      s[j] = static_cast<float>(n[3]);
     }
-    return;
   }
-#pragma omp simd
-  for (int64_t j = 0; j < tile; ++j) {
-    double approx, slack;
-    qb.at(j, approx, slack);
-    lower[j] = approx - slack;
-    upper[j] = approx + slack;
+};
+
+// Rows per block of the lower-bound arrays: each block's minimum is kept beside them, so that the
+// selection and the cut below look at one value per block and open a block only when it can hold
+// a row they need.
+constexpr int64_t kBoundBlock = 32;
+
+// lower[j] for the rows of a tile, in float (kappa: 0 except for the bf16 screen's output
+// rounding), and block_min[i] = min of lower over block i (kBoundBlock rows; the last may be short).
+template <bool kOutputRounding, typename G>
+inline void float_lower_bounds(const RowTerms& rows, const G* g_row, int64_t tile, float a, float sigma, float beta,
+                               float gamma, float kappa, float* lower, float* block_min) {
+  const float* p = rows.p.data();
+  const float* yd = rows.yd.data();
+  const float* yr = rows.yr.data();
+  const float* s = rows.s.data();
+  for (int64_t j0 = 0; j0 < tile; j0 += kBoundBlock) {
+    const int64_t n = std::min(kBoundBlock, tile - j0);
+    float smallest = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : smallest)
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      const float w = s[j] * gram_float(g_row[j]);
+      float t = (a + p[j]) - sigma * w;
+      t = t - beta * yd[j];
+      t = t - gamma * yr[j];
+      if constexpr (kOutputRounding) t = t - kappa * std::fabs(w);
+      lower[j] = t;
+      smallest = std::min(smallest, t);
+    }
+    block_min[j0 / kBoundBlock] = smallest;
   }
 }
 
-// k-th smallest of upper[0..tile) (+inf if the tile has fewer than k rows): some k rows of the
-// tile have d^2 <= it, so the final k-th best is <= it. Blocks of 16 with no value below the current
-// k-th smallest (one vectorized compare) are skipped: the same value, most blocks one compare.
-inline double kth_smallest(const double* upper, int64_t tile, int64_t k, std::vector<double>& smallest) {
-  constexpr int64_t kBlock = 16;
-  std::fill(smallest.begin(), smallest.end(), std::numeric_limits<double>::infinity());
-  for (int64_t j = 0; j < tile; ++j) {
-    if (j % kBlock == 0 && j + kBlock <= tile) {
-      const double current = smallest[k - 1];
-      int beats = 0;  // an int OR reduction vectorizes (a min reduction became a serial vminsd chain)
-#pragma omp simd reduction(| : beats)
-      for (int64_t l = 0; l < kBlock; ++l) beats |= upper[j + l] < current;
-      if (!beats) {
-        j += kBlock - 1;
-        continue;
-      }
+// The same with the double bounds (queries whose float terms could overflow).
+template <typename G>
+inline void double_lower_bounds(const QueryBounds<G>& qb, int64_t tile, double* lower, double* block_min) {
+  for (int64_t j0 = 0; j0 < tile; j0 += kBoundBlock) {
+    const int64_t n = std::min(kBoundBlock, tile - j0);
+    double smallest = std::numeric_limits<double>::infinity();
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      double approx, slack;
+      qb.at(j, approx, slack);
+      lower[j] = approx - slack;
+      smallest = std::min(smallest, lower[j]);
     }
-    const double value = upper[j];
-    if (value < smallest[k - 1]) {
-      int64_t pos = k - 1;
-      while (pos > 0 && value < smallest[pos - 1]) {
-        smallest[pos] = smallest[pos - 1];
-        --pos;
-      }
-      smallest[pos] = value;
+    block_min[j0 / kBoundBlock] = smallest;
+  }
+}
+
+// Inserts (value, index) into the ascending list (values, chosen) of k entries (unfilled entries:
+// value +inf, index -1; every value inserted is finite).
+template <typename T>
+inline void insert_smallest(T value, int64_t index, int64_t k, T* values, int64_t* chosen) {
+  if (!(value < values[k - 1])) return;
+  int64_t pos = k - 1;
+  while (pos > 0 && value < values[pos - 1]) {
+    values[pos] = values[pos - 1];
+    chosen[pos] = chosen[pos - 1];
+    --pos;
+  }
+  values[pos] = value;
+  chosen[pos] = index;
+}
+
+// Indices of the k smallest values of lower[0..tile) into `chosen` (all rows when the tile has
+// fewer). They lie in the k blocks of smallest minimum (a row outside them has k block minima,
+// k distinct rows, at or below it), so only those blocks are opened. `values` and `opened`: scratch.
+template <typename T>
+inline void k_smallest(const T* lower, const T* block_min, int64_t tile, int64_t k, std::vector<T>& values,
+                       std::vector<int64_t>& opened, std::vector<int64_t>& chosen) {
+  const int64_t blocks = (tile + kBoundBlock - 1) / kBoundBlock;
+  constexpr T kNone = std::numeric_limits<T>::infinity();
+  values.assign(k, kNone);
+  opened.assign(k, -1);
+  for (int64_t i = 0; i < blocks; ++i) insert_smallest(block_min[i], i, k, values.data(), opened.data());
+  values.assign(k, kNone);
+  chosen.assign(k, -1);
+  for (const int64_t i : opened) {
+    if (i < 0) break;
+    const int64_t end = std::min(tile, (i + 1) * kBoundBlock);
+    for (int64_t j = i * kBoundBlock; j < end; ++j) insert_smallest(lower[j], j, k, values.data(), chosen.data());
+  }
+  while (!chosen.empty() && chosen.back() < 0) chosen.pop_back();
+}
+
+// Re-scores every row whose lower bound reaches the cut (a block whose minimum does not is
+// skipped), except the rows of `done` (re-scored already), and merges them into the top-k.
+// `cut_of` maps the top-k's k-th value to the cut in the type of `lower` (rounded up for float).
+template <typename TQ, typename TY, typename T, typename CutOf>
+inline int64_t rescore_reaching(const T* lower, const T* block_min, int64_t tile, const TQ* q, const TY* train,
+                                int64_t y_stride, int64_t dim, int64_t tile_start, const std::vector<int64_t>& done,
+                                TopK& top, CutOf cut_of) {
+  int64_t rescored = 0;
+  T cut = cut_of(top.kth());
+  for (int64_t j0 = 0; j0 < tile; j0 += kBoundBlock) {
+    if (block_min[j0 / kBoundBlock] > cut) continue;
+    const int64_t end = std::min(tile, j0 + kBoundBlock);
+    for (int64_t j = j0; j < end; ++j) {
+      if (lower[j] > cut) continue;
+      if (std::find(done.begin(), done.end(), j) != done.end()) continue;
+      top.insert(exact_sqdist(q, train + j * y_stride, dim), tile_start + j);
+      ++rescored;
+      cut = cut_of(top.kth());
     }
   }
-  return smallest[k - 1];
+  return rescored;
 }
 
 template <typename TQ, typename TY, typename G>
@@ -339,47 +475,69 @@ int64_t screen_tile(const TQ* queries, int64_t q_stride, const double* q_norms, 
                     const TY* train, int64_t y_stride, const double* y_norms, int64_t tile_start, int64_t tile,
                     const G* gram, int64_t k, double* best_d2, int64_t* best_idx, const ScreenBound& bound,
                     int threads) {
-  constexpr int64_t kBlock = 16;
   int64_t rescored_total = 0;
-  const NormColumns yn(y_norms, tile);
+  const double assumed = bound.safety * bound.gamma;  // S gamma_D in C_q and C_j
+  const RowTerms rows(y_norms, tile, assumed, bound.absolute);
+  auto query_c = [&](int64_t b) {  // C_q of the float bounds
+    const double* qn = q_norms + kNormColumns * b;
+    return bound.absolute + 1.01 * qn[0] + (3.1 + assumed) * qn[1] * qn[1] + 2.1 * qn[2] * qn[2];
+  };
+  double largest_query_c = 0;
+  for (int64_t b = 0; b < batch; ++b) largest_query_c = std::max(largest_query_c, query_c(b));
+  // the double bounds' columns, made only if some query needs them
+  std::unique_ptr<NormColumns> yn;
+  if (!(largest_query_c + rows.largest_c <= kFloatBoundLimit)) yn = std::make_unique<NormColumns>(y_norms, tile);
 #pragma omp parallel num_threads(threads) reduction(+ : rescored_total)
   {
-    std::vector<double> lower(tile), upper(tile), smallest(k);
+    const int64_t blocks = (tile + kBoundBlock - 1) / kBoundBlock;
+    std::vector<float> lower(tile), block_min(blocks), smallest;
+    std::vector<double> lower_double, block_min_double, smallest_double;
+    std::vector<int64_t> chosen, opened;
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
       const double* qn = q_norms + kNormColumns * b;
-      const QueryBounds<G> qb{qn[0], qn[1], qn[2], qn[3], yn.col[0], yn.col[1], yn.col[2], yn.col[3],
-                              gram + b * tile, &bound};
+      const double qn2 = qn[0], q_round = qn[1], q_delta = qn[2], q_scale = qn[3];
       TopK top{best_d2 + b * k, best_idx + b * k, k};
       const TQ* q = queries + b * q_stride;
-      // Every row's bounds in one vectorized pass. Until k rows are known exactly (first tile),
-      // the tile's own k-th upper bound caps the cut.
-      double cut = top.kth();
-      const bool first = !(cut < std::numeric_limits<double>::infinity());
-      tile_bounds(qb, tile, lower.data(), first ? upper.data() : nullptr);
-      if (first) cut = kth_smallest(upper.data(), tile, k, smallest);
-      // Blocks of rows: only a block with a row whose lower bound reaches the cut is looked at row
-      // by row, and those rows are re-scored exactly.
-      for (int64_t j0 = 0; j0 < tile; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, tile - j0);
-        const double* block = lower.data() + j0;
-        int reach = 0;
-        if (n == kBlock) {
-#pragma omp simd reduction(| : reach)
-          for (int64_t l = 0; l < kBlock; ++l) reach |= block[l] <= cut;
-        } else {
-          for (int64_t l = 0; l < n; ++l) reach |= block[l] <= cut;
+      const G* g_row = gram + b * tile;
+      const bool first = !(top.kth() < std::numeric_limits<double>::infinity());
+      const double c_q = query_c(b);
+      int64_t rescored = 0;
+      chosen.clear();
+      if (c_q + rows.largest_c <= kFloatBoundLimit) {
+        const float a = static_cast<float>(qn2 - bound.absolute * (1.0 + qn2) - kFloatBoundMargin * c_q);
+        const float sigma = static_cast<float>(2.0 * q_scale);
+        const float beta = static_cast<float>(2.0 * kProvenSlack * (q_round + q_delta));
+        const float gamma = static_cast<float>(2.0 * kProvenSlack * q_delta + 2.0 * assumed * q_round);
+        const float kappa = static_cast<float>(2.0 * bound.safety * bound.unit * q_scale);
+        if (bound.unit > 0)
+          float_lower_bounds<true>(rows, g_row, tile, a, sigma, beta, gamma, kappa, lower.data(), block_min.data());
+        else
+          float_lower_bounds<false>(rows, g_row, tile, a, sigma, beta, gamma, kappa, lower.data(), block_min.data());
+        if (first) {
+          // no k rows known exactly yet: re-score the k rows of smallest lower bound first, so that
+          // the cut is an exact k-th distance from the start
+          k_smallest(lower.data(), block_min.data(), tile, k, smallest, opened, chosen);
+          for (const int64_t j : chosen) top.insert(exact_sqdist(q, train + j * y_stride, dim), tile_start + j);
+          rescored += static_cast<int64_t>(chosen.size());
         }
-        if (!reach) continue;
-        for (int64_t l = 0; l < n; ++l) {
-          if (block[l] > cut) continue;
-          const int64_t j = j0 + l;
-          const double d2 = exact_sqdist(q, train + j * y_stride, dim);
-          ++rescored_total;
-          top.insert(d2, tile_start + j);
-          cut = std::min(cut, top.kth());
+        rescored += rescore_reaching(lower.data(), block_min.data(), tile, q, train, y_stride, dim, tile_start, chosen, top,
+                                     [](double kth) { return float_at_least(kth); });
+      } else {
+        const QueryBounds<G> qb{qn2, q_round, q_delta, q_scale, yn->col[0], yn->col[1], yn->col[2], yn->col[3],
+                                g_row, &bound};
+        lower_double.resize(tile);
+        block_min_double.resize(blocks);
+        double_lower_bounds(qb, tile, lower_double.data(), block_min_double.data());
+        if (first) {
+          k_smallest(lower_double.data(), block_min_double.data(), tile, k, smallest_double, opened, chosen);
+          for (const int64_t j : chosen) top.insert(exact_sqdist(q, train + j * y_stride, dim), tile_start + j);
+          rescored += static_cast<int64_t>(chosen.size());
         }
+        rescored += rescore_reaching(lower_double.data(), block_min_double.data(), tile, q, train, y_stride, dim, tile_start, chosen, top,
+                                     [](double kth) { return kth; });
       }
+      rescored_total += rescored;
     }
   }
   return rescored_total;

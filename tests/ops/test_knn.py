@@ -526,3 +526,80 @@ def test_cpu_all_pairs_prepares_rows_once_and_matches_reference(precision, monke
     assert torch.equal(idx, idx_one) and torch.equal(d2, d2_one)
     assert torch.equal(d2, d_ref.square()) or torch.allclose(d2, d_ref.square(), rtol=4e-16, atol=0)
     assert idx[3, :2].tolist() == [3, 7] and idx[7, :2].tolist() == [3, 7]
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32"])
+@pytest.mark.parametrize("k", [2, 5, 40])
+def test_cpu_float_bounds_small_problem_against_reference(precision, k):
+    """The float lower bounds and the selection of the k smallest (k above the 32-row bound block
+    too) on a small problem that takes the single-thread path: ties, duplicated training rows,
+    coarse rows (near-ties), odd D, uint8 training rows; exact against the float64 reference and
+    the same result with one and two torch threads (the thread count is restored)."""
+    from diffcore import _cpu_caps
+
+    if precision == "bf16" and not _cpu_caps.bf16_matmul_accumulates_in_fp32():
+        pytest.skip("torch's bf16 matmul does not accumulate in fp32 here (the bf16 screen refuses)")
+    if precision == "int8" and _cpu_caps.int8_gemm_levels() is None:
+        pytest.skip("torch's int8 GEMM is not exact here (the int8 screen refuses)")
+    g = torch.Generator().manual_seed(60 + k)
+    train = _uniform((333, 67), 61)
+    train[100] = train[4]
+    train[200] = train[4]  # three equal rows: the lower index first
+    train[150:190] = torch.round(train[150:190] * 3) / 3  # coarse rows: many near-ties
+    u8 = torch.randint(0, 256, (250, 67), dtype=torch.uint8, generator=g)
+    u8[90] = u8[17]
+    cases = [(train, train), (torch.cat([train[::7], train[150:160] + 1e-4]), train)]
+    cases.append((torch.cat([u8[::9].float() / 127.5 - 1, _uniform((5, 67), 62)]), u8))
+    threads = torch.get_num_threads()
+    for queries, rows in cases:
+        d_ref, i_ref = knn_ref(queries, rows, k)
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            try:
+                results.append(_knn_cpu.run(queries, rows, k, precision=precision))
+                assert torch.get_num_threads() == count
+            finally:
+                torch.set_num_threads(threads)
+        for d2, idx in results:
+            assert torch.equal(idx, i_ref)
+            assert torch.allclose(d2, d_ref.square(), rtol=1e-14, atol=0)  # summation order only
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_double_bounds_where_float_terms_could_overflow():
+    """Rows whose float bound terms could overflow (|x| near 1e15 with D = 200000: the fp32 screen,
+    C_q + C_j = 1.01 |q|^2 + 3.1 |q~|^2 + the same of the row above 1e36, csrc/knn/knn.cpp) take
+    the double bounds: still exact, ties included."""
+    g = torch.Generator().manual_seed(70)
+    dim = 200000
+
+    def rows(count):
+        signs = torch.where(torch.rand(count, dim, generator=g) < 0.5, -1.0, 1.0)
+        return signs * 1e15 * (1 - 0.01 * torch.rand(count, dim, generator=g))
+
+    train = rows(6)
+    train[4] = train[1]
+    queries = torch.cat([train[1:2] * (1 - 1e-6), train[3:4], rows(1)])
+    norms = torch.cat([queries, train]).double().square().sum(dim=1)
+    assert 2 * 4.11 * float(norms.min()) > 1e36  # every pair takes the double bounds
+    d2, idx = _knn_cpu.run(queries, train, 3)
+    d_ref, i_ref = knn_ref(queries, train, 3)
+    assert torch.equal(idx, i_ref) and idx[0, :2].tolist() == [1, 4]
+    assert torch.allclose(d2, d_ref.square(), rtol=1e-12, atol=0)  # double sums over 200000 terms, any order
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_cpu_float_bounds_at_small_and_large_scales(scale):
+    """The float bounds' margin is relative (plus 2^-20 of the bound's 1e-12 absolute term), so rows
+    of small or large magnitude are screened as well as rows in [-1, 1]: exact, and few rows
+    re-scored."""
+    queries, train = _uniform((40, 64), 80) * scale, _uniform((2000, 64), 81) * scale
+    train[1500] = train[20]  # a tie
+    queries[0] = train[20]
+    stats = {}
+    d2, idx = _knn_cpu.run(queries, train, 3, stats=stats)
+    d_ref, i_ref = knn_ref(queries, train, 3)
+    assert torch.equal(idx, i_ref) and idx[0, :2].tolist() == [20, 1500]
+    assert torch.allclose(d2, d_ref.square(), rtol=1e-14, atol=0)
+    assert stats["rescored"] < 0.05 * 40 * 2000

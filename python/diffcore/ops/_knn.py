@@ -18,6 +18,7 @@ is in ``_knn_cpu.py``, the CUDA launcher in ``_knn_cuda.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -64,14 +65,34 @@ def knn(
     Example:
         >>> d, i = knn(torch.randn(4, 3, 8, 8), torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8), k=2)
     """
-    q, y, k = _validate(queries, train, k)
-    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    name = BACKENDS.resolve(backend, q.device)
-    if name != "cpu":  # the CPU kernel checks the training rows while it converts them
-        _check_magnitude("train", y)
-    with torch.no_grad():
-        d2, idx = RUNNERS[name](q, y, k)
-    return d2.sqrt().to(out_dtype), idx
+    with _small_cpu_problem_on_one_thread(queries, train, backend):
+        q, y, k = _validate(queries, train, k)
+        out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        name = BACKENDS.resolve(backend, q.device)
+        if name != "cpu":  # the CPU kernel checks the training rows while it converts them
+            _check_magnitude("train", y)
+        with torch.no_grad():
+            d2, idx = RUNNERS[name](q, y, k)
+        return d2.sqrt().to(out_dtype), idx
+
+
+def _small_cpu_problem_on_one_thread(queries, train, backend):
+    """One torch thread for the whole call (checks included) when the ``cpu`` backend is asked for
+    (or ``auto``) with CPU tensors and the problem is small (``_knn_cpu.one_thread_if_small``);
+    otherwise a no-op context."""
+    if (
+        backend in ("auto", "cpu")
+        and isinstance(queries, torch.Tensor)
+        and isinstance(train, torch.Tensor)
+        and queries.device.type == "cpu"
+        and train.device.type == "cpu"
+        and queries.ndim >= 1
+        and train.ndim >= 1
+        and queries.shape[0] > 0
+    ):
+        dim = queries.numel() // queries.shape[0]
+        return _knn_cpu.one_thread_if_small(queries.shape[0], train.shape[0], dim)
+    return contextlib.nullcontext()
 
 
 MAX_MAGNITUDE = 1e15  # the largest |value| any backend accepts (the cpu kernel's kMaxMagnitude)

@@ -4,6 +4,7 @@ diffcore._cpu_caps), exact re-scoring and the top-k merge in C++ (csrc/knn/knn.c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -46,6 +47,16 @@ CPU_SMALL_TRAIN_ELEMENTS = 1 << 20
 CPU_GRAM_CACHE_BYTES = 1 << 20
 
 
+# A problem of at most CPU_SINGLE_THREAD_WORK multiply-adds (B N D) on a training set of one cached
+# tile runs on one thread whatever torch's thread count (torch's int8 GEMM included): measured on
+# the 2-core Xeon at load 6.5 (bench/baselines/MEASUREMENTS.md, 2026-12-06 knn entry), one thread
+# took 2.4 / 6.0 / 20.7 ms of CPU time at (256 / 1797 / 8000, 1797, 64) against 32 / 42 / 81 ms
+# with two (wall 4.3 / 10.5 / 50 ms against 81 / 106 / 213 ms): the GEMM and the pass are a few
+# milliseconds, and every parallel region's hand-off costs more than the second core gives. The
+# threshold keeps the digits' all-pairs case (2.1e8) on one thread and leaves larger problems,
+# where a quiet machine's second core should pay, to torch's count.
+CPU_SINGLE_THREAD_WORK = 1 << 28
+
 # Below this many elementary steps a parallel region costs more than it saves (its barrier is what
 # hurts most when the cores are oversubscribed).
 CPU_MIN_PARALLEL_WORK = 1 << 20
@@ -63,10 +74,32 @@ def run(q, y, k, *, stats: dict | None = None, precision: str | None = None):
     ``stats``, if given, receives ``rescored`` (rows re-scored exactly, all queries together) and
     ``precision`` (the screen used).
     """
+    with one_thread_if_small(q.shape[0], y.shape[0], q.shape[1]):
+        return _run(q, y, k, stats, precision, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def one_thread_if_small(batch: int, n_train: int, dim: int):
+    """Context in which torch runs on one thread when the problem (``batch`` queries, ``n_train``
+    rows of ``dim`` values) is small (CPU_SINGLE_THREAD_WORK; torch's count is restored after).
+    ``knn`` enters it before its own checks: every torch op of a small call (the magnitude check
+    too) is a few microseconds of work that a parallel region's hand-off would dominate."""
+    threads = torch.get_num_threads()
+    if threads > 1 and n_train * dim <= CPU_SMALL_TRAIN_ELEMENTS and batch * n_train * dim <= CPU_SINGLE_THREAD_WORK:
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        yield
+
+
+def _run(q, y, k, stats, precision, threads):
+    """``run`` with ``threads`` threads for the C++ passes (torch's GEMM: torch's count)."""
     ext = extension()
     batch, dim = q.shape
     precision, train_levels = _precision_for(precision, dim)
-    threads = torch.get_num_threads()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # lossless
     if y.dtype in (torch.float16, torch.bfloat16):
