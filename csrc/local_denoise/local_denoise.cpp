@@ -465,12 +465,18 @@ void window_line(const double* in, double* out, const WindowAxis& a, int64_t ele
         std::fill(o, o + elem, 0.0);
         continue;
       }
+      if (hi - lo == 1) {
+        copy_elem(o, in + lo * elem, elem);
+        continue;
+      }
       for (int64_t l0 = 0; l0 < elem; l0 += kBoxLanes) {  // in registers, kBoxLanes doubles at a time
+        // (no plain copy into s: GCC made it 16-byte stores that stalled the 32-byte loads after them)
         double s[kBoxLanes];
         const double* first = in + lo * elem + l0;
+        const double* second = first + elem;
 #pragma omp simd
-        for (int64_t l = 0; l < kBoxLanes; ++l) s[l] = first[l];
-        for (int64_t k = lo + 1; k < hi; ++k) {
+        for (int64_t l = 0; l < kBoxLanes; ++l) s[l] = first[l] + second[l];
+        for (int64_t k = lo + 2; k < hi; ++k) {
           const double* next = in + k * elem + l0;
 #pragma omp simd
           for (int64_t l = 0; l < kBoxLanes; ++l) s[l] += next[l];
