@@ -797,15 +797,15 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
         const double* d = buf.dist.data() + chunk * squares * L;
         for (int64_t q = 0; q < squares; ++q) {
           double* normalized = sa.at(adjoint, q / cols, q % cols);
-          float w[L];
-          if (single) {
+          if (single) {  // the fp32 weights kept above, exact in float64
 #pragma omp simd
-            for (int64_t l = 0; l < L; ++l) w[l] = static_cast<float>(d[q * L + l]);
+            for (int64_t l = 0; l < L; ++l) normalized[l] = d[q * L + l] * inv_total[q];
           } else {
+            float w[L];
             lane_weights(d + q * L, dmin[q], c, t.band, w);
-          }
 #pragma omp simd
-          for (int64_t l = 0; l < L; ++l) normalized[l] = static_cast<double>(w[l]) * inv_total[q];
+            for (int64_t l = 0; l < L; ++l) normalized[l] = static_cast<double>(w[l]) * inv_total[q];
+          }
         }
         box_sums(adjoint, sa, covering.data());  // [H, W]: the normalized weights of the covering squares
         for (int64_t p = 0; p < pixels; ++p) {
