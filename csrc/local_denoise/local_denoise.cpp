@@ -408,7 +408,8 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
 // windows left to right, or by van Herk / Gil-Werman's block prefix and suffix sums where that is
 // cheaper (three additions per element whatever P: window [j, j + P) = the suffix of its first block
 // from j + the prefix of the next block up to j + P - 1), so the cost does not grow with P. kBoxLanes
-// training images are summed side by side (the tile is pixel-major, [H*W, C, T]).
+// training images are summed side by side; the tile is chunk-major, [T / kBoxLanes, H*W, C, kBoxLanes],
+// so that each chunk's values are read in one sequential sweep.
 //
 // Per query image: (1) the distances of every window to the tile's images, chunk by chunk, into a
 // buffer [T / kBoxLanes, windows, kBoxLanes] (float64), with each window's minimum; (2) the state's
@@ -602,13 +603,15 @@ inline void lane_weights(const double* d, double base, double c, float band, flo
 
 struct BoxTile {
   const float* x;  // [B, C, H*W]
-  const float* y;  // [H*W, C, T], T a multiple of kBoxLanes, images >= valid zero
+  const float* y;  // [T / kBoxLanes, H*W, C, kBoxLanes], T a multiple of kBoxLanes, images >= valid zero
   int64_t batch, tile, valid, channels, height, width, patch;
   const double* inv2s2;
   float band;
   double *dmin, *total, *acc;
   int64_t pixels() const { return height * width; }
   int64_t chunks() const { return tile / kBoxLanes; }
+  // pixel p's C x kBoxLanes values of the images of one chunk
+  const float* chunk_values(int64_t chunk, int64_t p) const { return y + (chunk * pixels() + p) * channels * kBoxLanes; }
 };
 
 BoxTile box_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
@@ -642,7 +645,7 @@ void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScrat
       for (int64_t j = 0; j < t.width; ++j) {
         const int64_t p = i * t.width + j;
         double* e = s.at(g, i, j);
-        const float* yp = t.y + p * channels * t.tile + n0;
+        const float* yp = t.chunk_values(chunk, p);
         const double x0 = xb[p];
 #pragma omp simd
         for (int64_t l = 0; l < L; ++l) {
@@ -651,7 +654,7 @@ void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScrat
         }
         for (int64_t ch = 1; ch < channels; ++ch) {
           const double xv = xb[ch * pixels + p];
-          const float* yc = yp + ch * t.tile;
+          const float* yc = yp + ch * L;
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) {
             const double diff = xv - static_cast<double>(yc[l]);
@@ -729,7 +732,7 @@ void box_ls_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int6
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) lt[l] += static_cast<double>(w[l]);
           for (int64_t ch = 0; ch < channels; ++ch) {
-            const float* yv = t.y + (p * channels + ch) * tile + chunk * L;
+            const float* yv = t.chunk_values(chunk, p) + ch * L;
             double* la = buf.lane_acc.data() + (p * channels + ch) * L;
 #pragma omp simd
             for (int64_t l = 0; l < L; ++l) la[l] += static_cast<double>(w[l]) * static_cast<double>(yv[l]);
@@ -811,7 +814,7 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
         for (int64_t p = 0; p < pixels; ++p) {
           const double* a = covering.data() + p * L;
           for (int64_t ch = 0; ch < channels; ++ch) {
-            const float* yv = t.y + (p * channels + ch) * tile + chunk * L;
+            const float* yv = t.chunk_values(chunk, p) + ch * L;
             double* la = buf.lane_acc.data() + (p * channels + ch) * L;
 #pragma omp simd
             for (int64_t l = 0; l < L; ++l) la[l] += a[l] * static_cast<double>(yv[l]);
@@ -898,8 +901,8 @@ void register_local_denoise(py::module_& m) {
   m.def("local_denoise_box_ls_tile", &box_ls_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
         arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("circular"),
         arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
-        "LS by box sums over one tile: x [B, C, H*W], training tile pixel-major [H*W, C, T] (float32, T a multiple "
-        "of 16, the first `valid` images real, the rest zero); zero or circular padding; running state "
+        "LS by box sums over one tile: x [B, C, H*W], training tile chunk-major [T/16, H*W, C, 16] (float32, T a "
+        "multiple of 16, the first `valid` images real, the rest zero); zero or circular padding; running state "
         "dmin/total [B*H*W], acc [B, H*W, C] (float64) updated in place.");
   m.def("local_denoise_box_pspc_tile", &box_pspc_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
         arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("stage"),

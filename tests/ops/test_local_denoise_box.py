@@ -79,14 +79,14 @@ def test_pspc_single_pass_equals_totals_then_means():
     batch, channels, height, width = x.shape
     patch, squares = 3, (height - 2) * (width - 2)
     xf = x.reshape(batch, channels, -1).contiguous()
-    y = ld_cpu.padded_pixel_major(train)
+    y = ld_cpu.chunk_major(train)
     inv2s2 = torch.full((batch,), 0.5 / 0.3**2, dtype=torch.float64)
     results = []
     for stages in (["single"], ["totals", "means"]):
         state = ld_cpu._State.create(batch * squares, (batch, height * width, channels))
         for stage in stages:
             extension().local_denoise_box_pspc_tile(
-                x_ptr=xf.data_ptr(), y_ptr=y.data_ptr(), batch=batch, tile=y.shape[2], valid=train.shape[0],
+                x_ptr=xf.data_ptr(), y_ptr=y.data_ptr(), batch=batch, tile=y.shape[0] * 16, valid=train.shape[0],
                 channels=channels, height=height, width=width, patch=patch, stage=stage,
                 inv2s2_ptr=inv2s2.data_ptr(), band=ld_cpu.BAND, threads=1, **state.pointers(),
             )  # fmt: skip
@@ -121,7 +121,7 @@ def test_pspc_counts_are_the_covering_squares():
 )
 def test_box_kernel_errors_name_the_argument(override, match):
     x = torch.zeros(1, 1, 16)
-    y = torch.zeros(16, 1, 16)
+    y = torch.zeros(1, 16, 1, 16)
     state = ld_cpu._State.create(4, (1, 16, 1))
     inv2s2 = torch.ones(1, dtype=torch.float64)
     args = dict(

@@ -220,7 +220,7 @@ def run_box(
     set before its normalized weights can be summed per pixel: with one tile one pass does both
     (stage "single"); otherwise a first pass over the tiles gets every square's (dmin, total) and a
     second adds each tile's normalized, per-pixel aggregated weighted sums (stages "totals", "means").
-    Memory: x, one padded pixel-major tile, per thread the distances of one query to the tile
+    Memory: x, one padded chunk-major tile, per thread the distances of one query to the tile
     (float64, [windows, T]), and the state (dmin, total per window; acc [B, H*W, C])."""
     batch, channels, height, width = x.shape
     pixels = height * width
@@ -245,9 +245,9 @@ def run_box(
     }
 
     def run_tile(start: int, **extra) -> None:
-        y = padded_pixel_major(train[start : start + tile])
+        y = chunk_major(train[start : start + tile])
         kernel = extension().local_denoise_box_ls_tile if kind == "ls" else extension().local_denoise_box_pspc_tile
-        kernel(y_ptr=y.data_ptr(), tile=y.shape[2], valid=min(tile, rows - start), **common, **extra)
+        kernel(y_ptr=y.data_ptr(), tile=y.shape[0] * BOX_LANES, valid=min(tile, rows - start), **common, **extra)
 
     if kind == "ls":
         for start in starts:
@@ -270,14 +270,15 @@ def pspc_counts(height: int, width: int, patch: int) -> torch.Tensor:
     return axis(height)[:, None] * axis(width)[None, :]
 
 
-def padded_pixel_major(images: torch.Tensor) -> torch.Tensor:
-    """[M, C, H, W] (float32 or uint8) -> float32 [H*W, C, T] with T = M rounded up to a multiple of
-    BOX_LANES, the images past M zero (the box-sum tile)."""
+def chunk_major(images: torch.Tensor) -> torch.Tensor:
+    """[M, C, H, W] (float32 or uint8) -> float32 [T / BOX_LANES, H*W, C, BOX_LANES] with T = M rounded
+    up to a multiple of BOX_LANES, the images past M zero (the box-sum tile: each chunk of BOX_LANES
+    images contiguous, pixel-major inside)."""
     m, channels = images.shape[:2]
     lanes = -(-m // BOX_LANES) * BOX_LANES
-    out = torch.zeros(images.shape[2] * images.shape[3], channels, lanes, dtype=torch.float32)
-    out[:, :, :m] = pixel_major(images)
-    return out
+    padded = torch.zeros(lanes, channels, images.shape[2] * images.shape[3], dtype=torch.float32)
+    padded[:m] = as_float32(images).reshape(m, channels, -1)
+    return padded.reshape(lanes // BOX_LANES, BOX_LANES, channels, -1).permute(0, 3, 2, 1).contiguous()
 
 
 def translated_arguments(
