@@ -2,7 +2,7 @@
 // time, fused distances + streamed log-sum-exp + weighted sums, never materializing the keys.
 //
 // The Python side (diffcore/ops/_local_denoise_cpu.py) decodes and pads one tile of training images
-// at a time and calls one of the two kernels below for it; the per-query running state
+// at a time and calls one of the kernels below for it; the per-query running state
 //   dmin  [Q] double: the smallest key distance seen so far (the running max logit is -dmin c),
 //   total [Q] double: sum of exp(-(d - dmin) c) over the keys seen,
 //   acc   [Q, V] double: sum of exp(-(d - dmin) c) value,
@@ -14,10 +14,12 @@
 //   rows [row_lo[i], row_hi[i]) x cols [col_lo[j], col_hi[j]) (all of them with circular padding; the
 //   boundary-broken dictionaries with zero padding), value = the key's centre pixel (C values).
 //   Vectorized over the tile's images (the tile is passed image-innermost).
-// - same_location_tile (ls, pspc, mask): the query of location q is a weighted list of pixels
-//   (support, weights: query precisions); the keys are the same pixels of each training image; the
-//   values are the pixels out_index[q] of the training image (C values each). Vectorized over the
-//   training images (the tile is passed pixel-major, [H*W, C, T]).
+// - same_location_tile (mask; the CUDA kernel's ls and pspc share its arguments): the query of
+//   location q is a weighted list of pixels (support, weights: query precisions); the keys are the
+//   same pixels of each training image; the values are the pixels out_index[q] of the training image
+//   (C values each). Vectorized over the training images (the tile is passed pixel-major, [H*W, C, T]).
+// - box_ls_tile, box_pspc_tile (ls, pspc): the unit-weight square supports by separable box sums of
+//   the per-pixel squared differences (the "Box-sum path" section below).
 //
 // Distances are accumulated in double, difference first (no |x|^2 + |y|^2 - 2 x.y cancellation), from
 // the fp32 pixels (exact in double): relative error at most gamma_{D+1} with u = 2^-53, so that a
