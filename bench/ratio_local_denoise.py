@@ -1,4 +1,4 @@
-"""Interleaved peer / diffcore ratio of local_denoise at the digits' shapes, in CPU time and wall.
+"""Interleaved peer / diffcore ratio of local_denoise at the digits' (or CIFAR-like) shapes, in CPU time and wall.
 
 The pytest-benchmark file (bench_local_denoise.py) measures wall time with 2 threads, which a
 loaded machine distorts; this script times the plain-torch peer (bench/local_peer.py) and diffcore
@@ -6,6 +6,7 @@ alternately on the same inputs, best of ``--rounds``, with the process's CPU tim
 beside the wall time, and prints the load average before and after. With ``--threads 1`` the CPU
 time of each side is its work on one core, whatever else the machine runs. Run, e.g.:
     python bench/ratio_local_denoise.py --threads 1
+    python bench/ratio_local_denoise.py --threads 1 --kinds ls,pspc --cifar --rounds 1
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python bench/ratio_local_denoise.py --threads 1
 """
@@ -27,6 +28,15 @@ from diffcore.ops import local_denoise
 
 PEERS = {"els": plain_torch_els, "ls": plain_torch_ls, "pspc": plain_torch_pspc}
 CASES = [("ls", p, 64) for p in (3, 5, 7)] + [("pspc", p, 64) for p in (3, 5, 7)] + [("els", p, 16) for p in (3, 5, 7)]
+# the CIFAR-like shape of bench_local_denoise.py (3 x 32 x 32, N = 5000, B = 16), LS and PSPC only
+CIFAR_CASES = [("ls", p, 16) for p in (3, 9)] + [("pspc", p, 16) for p in (3, 9)]
+
+
+def cifar_like(rows: int = 5000) -> torch.Tensor:
+    """Smooth images: 8 x 8 uniform noise upsampled to 32 x 32 (as bench_local_denoise.py)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(rows, 3, 8, 8, generator=gen) * 2 - 1
+    return torch.nn.functional.interpolate(base, size=(32, 32), mode="bilinear", align_corners=False).contiguous()
 
 
 def main() -> None:
@@ -34,15 +44,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sigma", type=float, default=1.0)
+    parser.add_argument("--kinds", default="ls,pspc,els", help="comma-separated kinds to run")
+    parser.add_argument("--cifar", action="store_true", help="the CIFAR-like shape (ls, pspc) instead of the digits")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train = load_digits()[0].reshape(-1, 1, 8, 8).float().contiguous()
+    if args.cifar:
+        data, train, cases = "cifar", cifar_like(), CIFAR_CASES
+    else:
+        data, train, cases = "digits", load_digits()[0].reshape(-1, 1, 8, 8).float().contiguous(), CASES
+    kinds = args.kinds.split(",")
     print(f"torch {torch.__version__}, {args.threads} thread(s), sigma {args.sigma}, load {os.getloadavg()[0]:.1f}")
     print("case | peer CPU ms | diffcore CPU ms | CPU ratio | peer wall ms | diffcore wall ms | wall ratio")
-    for kind, patch, batch in CASES:
+    for kind, patch, batch in [case for case in cases if case[0] in kinds]:
         gen = torch.Generator().manual_seed(1)
         source = torch.randint(0, train.shape[0], (batch,), generator=gen)
-        x = train[source] + args.sigma * torch.randn(batch, 1, 8, 8, generator=gen)
+        x = train[source] + args.sigma * torch.randn(batch, *train.shape[1:], generator=gen)
         sigma = torch.full((batch,), args.sigma, dtype=torch.float64)
 
         def peer(x=x, sigma=sigma, kind=kind, patch=patch):
@@ -53,7 +69,7 @@ def main() -> None:
 
         best = interleaved_best(peer, ours, args.rounds, warmup=False)
         peer_cpu, ours_cpu, peer_wall, ours_wall = best["peer_cpu"], best["cpu"], best["peer_wall"], best["wall"]
-        case = f"digits-{kind}-P{patch}-B{batch}-N{train.shape[0]}"
+        case = f"{data}-{kind}-P{patch}-B{batch}-N{train.shape[0]}"
         cpu = f"{peer_cpu * 1e3:.1f} | {ours_cpu * 1e3:.1f} | {peer_cpu / ours_cpu:.2f}x"
         wall = f"{peer_wall * 1e3:.1f} | {ours_wall * 1e3:.1f} | {peer_wall / ours_wall:.2f}x"
         print(f"{case} | {cpu} | {wall}", flush=True)

@@ -2,7 +2,7 @@
 // time, fused distances + streamed log-sum-exp + weighted sums, never materializing the keys.
 //
 // The Python side (diffcore/ops/_local_denoise_cpu.py) decodes and pads one tile of training images
-// at a time and calls one of the two kernels below for it; the per-query running state
+// at a time and calls one of the kernels below for it; the per-query running state
 //   dmin  [Q] double: the smallest key distance seen so far (the running max logit is -dmin c),
 //   total [Q] double: sum of exp(-(d - dmin) c) over the keys seen,
 //   acc   [Q, V] double: sum of exp(-(d - dmin) c) value,
@@ -14,10 +14,12 @@
 //   rows [row_lo[i], row_hi[i]) x cols [col_lo[j], col_hi[j]) (all of them with circular padding; the
 //   boundary-broken dictionaries with zero padding), value = the key's centre pixel (C values).
 //   Vectorized over the tile's images (the tile is passed image-innermost).
-// - same_location_tile (ls, pspc, mask): the query of location q is a weighted list of pixels
-//   (support, weights: query precisions); the keys are the same pixels of each training image; the
-//   values are the pixels out_index[q] of the training image (C values each). Vectorized over the
-//   training images (the tile is passed pixel-major, [H*W, C, T]).
+// - same_location_tile (mask; the CUDA kernel's ls and pspc share its arguments): the query of
+//   location q is a weighted list of pixels (support, weights: query precisions); the keys are the
+//   same pixels of each training image; the values are the pixels out_index[q] of the training image
+//   (C values each). Vectorized over the training images (the tile is passed pixel-major, [H*W, C, T]).
+// - box_ls_tile, box_pspc_tile (ls, pspc): the unit-weight square supports by separable box sums of
+//   the per-pixel squared differences (the "Box-sum path" section below).
 //
 // Distances are accumulated in double, difference first (no |x|^2 + |y|^2 - 2 x.y cancellation), from
 // the fp32 pixels (exact in double): relative error at most gamma_{D+1} with u = 2^-53, so that a
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -394,6 +397,438 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Box-sum path (ls with zero or circular padding, pspc): unit-weight square supports.
+//
+// The distance of a P x P patch is a 2D box sum of the per-pixel squared differences
+//   e[p][n] = sum_ch (x[ch, p] - y_n[ch, p])^2   (float64, difference first),
+// summed separably (rows, then columns) over the image extended by `pad` on every side (zeros:
+// padded entries are 0 for query and key alike, so the sum over the in-image pixels is exact and the
+// padding is never stored; circular: wrapped copies, a pixel repeated when P exceeds the image
+// counted each time). Every term is >= 0, so any fixed summation tree keeps the relative error at
+// most gamma_{C - 1 + 2 (P - 1)} <= gamma_{D + 1}, the bound of the CSR path. Each axis sums its
+// windows left to right, or by van Herk / Gil-Werman's block prefix and suffix sums where that is
+// cheaper (three additions per element whatever P: window [j, j + P) = the suffix of its first block
+// from j + the prefix of the next block up to j + P - 1), so the cost does not grow with P. kBoxLanes
+// training images are summed side by side; the tile is chunk-major, [T / kBoxLanes, H*W, C, kBoxLanes],
+// so that each chunk's values are read in one sequential sweep.
+//
+// Per query image: (1) the distances of every window to the tile's images, chunk by chunk, into a
+// buffer [T / kBoxLanes, windows, kBoxLanes] (float64), with each window's minimum; (2) the state's
+// dmin updated first (one rescaling exp per window and tile, as block_weights), so that every weight
+// w = exp(-(d - dmin) c) (fp32, 0 beyond the band) is taken against the tile's final best; (3) the
+// sums, in kBoxLanes lanes per window reduced in one fixed order: a query's result does not depend on
+// the batch, the thread or the chunking.
+//
+// pspc: out[c, p] = (1 / count(p)) sum_n a[p, n] y_n[c, p] with a[p, n] = sum_{squares q covering p}
+// w[q, n] / total[q] (the normalized weights, summed by the adjoint box sum: the squares' grid
+// extended by P - 1 zeros), instead of one weighted sum per (square, pixel of the square). The
+// normalization needs each square's total over ALL training images: stage "totals" streams (dmin,
+// total) over the tiles, stage "means" then adds every tile's sum_n a[p, n] y_n[c, p] with the final
+// (dmin, total); stage "single" (one tile holds the whole set, fresh state) does both from one
+// distance pass, bitwise the same as "totals" then "means".
+constexpr int64_t kBoxLanes = 16;  // training images per vector of the box-sum path
+
+// One axis of a box sum: out[j] = sum of in[k] over k in [j - left, j - left + patch) n [0, n),
+// j < count (the input extended by `left` zeros; absent terms are not added).
+struct WindowAxis {
+  int64_t n, left, count, patch;
+  bool blocked;  // van Herk / Gil-Werman (fewer additions than direct sums here)
+};
+
+WindowAxis window_axis(int64_t n, int64_t left, int64_t count, int64_t patch) {
+  int64_t direct = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t lo = std::max<int64_t>(0, j - left), hi = std::min(n, j - left + patch);
+    direct += std::max<int64_t>(0, hi - lo - 1);
+  }
+  return {n, left, count, patch, 2 * n + count < direct};
+}
+
+inline void copy_elem(double* out, const double* a, int64_t elem) {
+#pragma omp simd
+  for (int64_t l = 0; l < elem; ++l) out[l] = a[l];
+}
+
+inline void add_elem(double* out, const double* a, const double* b, int64_t elem) {
+#pragma omp simd
+  for (int64_t l = 0; l < elem; ++l) out[l] = a[l] + b[l];
+}
+
+// The window sums of one line of elements of `elem` doubles (a multiple of kBoxLanes; contiguous,
+// `elem` apart, in and out).
+// `prefix` and `suffix` hold n elements (blocked axes only).
+void window_line(const double* in, double* out, const WindowAxis& a, int64_t elem, double* prefix, double* suffix) {
+  const int64_t n = a.n, p = a.patch;
+  if (!a.blocked) {
+    for (int64_t j = 0; j < a.count; ++j) {
+      const int64_t lo = std::max<int64_t>(0, j - a.left), hi = std::min(n, j - a.left + p);
+      double* o = out + j * elem;
+      if (lo >= hi) {
+        std::fill(o, o + elem, 0.0);
+        continue;
+      }
+      if (hi - lo == 1) {
+        copy_elem(o, in + lo * elem, elem);
+        continue;
+      }
+      for (int64_t l0 = 0; l0 < elem; l0 += kBoxLanes) {  // in registers, kBoxLanes doubles at a time
+        // (no plain copy into s: GCC made it 16-byte stores that stalled the 32-byte loads after them)
+        double s[kBoxLanes];
+        const double* first = in + lo * elem + l0;
+        const double* second = first + elem;
+#pragma omp simd
+        for (int64_t l = 0; l < kBoxLanes; ++l) s[l] = first[l] + second[l];
+        for (int64_t k = lo + 2; k < hi; ++k) {
+          const double* next = in + k * elem + l0;
+#pragma omp simd
+          for (int64_t l = 0; l < kBoxLanes; ++l) s[l] += next[l];
+        }
+#pragma omp simd
+        for (int64_t l = 0; l < kBoxLanes; ++l) o[l0 + l] = s[l];
+      }
+    }
+    return;
+  }
+  // blocks of the extended line: [m p, (m + 1) p) in e = k + left
+  for (int64_t k = 0; k < n; ++k) {
+    if (k == 0 || (k + a.left) % p == 0)
+      copy_elem(prefix + k * elem, in + k * elem, elem);
+    else
+      add_elem(prefix + k * elem, prefix + (k - 1) * elem, in + k * elem, elem);
+  }
+  for (int64_t k = n - 1; k >= 0; --k) {
+    if (k == n - 1 || (k + a.left + 1) % p == 0)
+      copy_elem(suffix + k * elem, in + k * elem, elem);
+    else
+      add_elem(suffix + k * elem, in + k * elem, suffix + (k + 1) * elem, elem);
+  }
+  for (int64_t j = 0; j < a.count; ++j) {
+    const int64_t first_k = j - a.left, last_k = j + p - 1 - a.left;
+    const double* first = nullptr;  // the window's part in the block of its first position
+    if (first_k >= 0 && first_k < n) {
+      first = suffix + first_k * elem;
+    } else if (first_k < 0) {
+      const int64_t block_last = std::min((j / p) * p + p - 1 - a.left, n - 1);
+      if (block_last >= 0) first = prefix + block_last * elem;
+    }
+    const double* second = nullptr;  // the part in the next block (none when the window is one block)
+    if (j % p != 0) {
+      if (last_k >= 0 && last_k < n) {
+        second = prefix + last_k * elem;
+      } else if (last_k >= n) {
+        const int64_t block_first = std::max<int64_t>(((j + p - 1) / p) * p - a.left, 0);
+        if (block_first < n) second = suffix + block_first * elem;
+      }
+    }
+    double* o = out + j * elem;
+    if (first && second)
+      add_elem(o, first, second, elem);
+    else if (first || second)
+      copy_elem(o, first ? first : second, elem);
+    else
+      std::fill(o, o + elem, 0.0);
+  }
+}
+
+inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
+
+// A 2D box sum of a grid [h, w] of lane vectors: `left` zeros (or, circular, `left` wrapped
+// elements) before each axis, windows of `patch`, out [count_h, count_w] (contiguous).
+struct BoxPlan {
+  int64_t h, w, left;
+  bool circular;
+  WindowAxis along_rows, along_cols;
+  int64_t in_w() const { return circular ? w + 2 * left : w; }  // elements per stored input row
+  int64_t mid_h() const { return circular ? h + 2 * left : h; }  // rows of the row sums
+  int64_t out_h() const { return along_cols.count; }
+  int64_t out_w() const { return along_rows.count; }
+};
+
+BoxPlan box_plan(int64_t h, int64_t w, int64_t left, int64_t count_h, int64_t count_w, int64_t patch, bool circular) {
+  if (circular)  // the wrapped elements are stored: the axes see an extended line, no zeros
+    return {h, w, left, true, window_axis(w + 2 * left, 0, count_w, patch), window_axis(h + 2 * left, 0, count_h, patch)};
+  return {h, w, left, false, window_axis(w, left, count_w, patch), window_axis(h, left, count_h, patch)};
+}
+
+// Scratch of one thread for the box sums of a plan.
+struct BoxScratch {
+  std::vector<double> in, mid, prefix, suffix;
+  explicit BoxScratch(const BoxPlan& g)
+      : in(g.h * g.in_w() * kBoxLanes, 0.0),
+        mid(g.mid_h() * g.out_w() * kBoxLanes, 0.0),
+        prefix(std::max(g.in_w(), g.mid_h() * g.out_w()) * kBoxLanes),
+        suffix(prefix.size()) {}
+  // Where the caller writes the grid's element (i, j), i < h, j < w.
+  double* at(const BoxPlan& g, int64_t i, int64_t j) {
+    return in.data() + (i * g.in_w() + (g.circular ? g.left : 0) + j) * kBoxLanes;
+  }
+};
+
+// The box sums of the grid the caller wrote into s (via s.at): out [out_h, out_w, kBoxLanes].
+void box_sums(const BoxPlan& g, BoxScratch& s, double* out) {
+  constexpr int64_t L = kBoxLanes;
+  const int64_t iw = g.in_w(), ow = g.out_w();
+  if (g.circular) {  // the wrapped columns
+    for (int64_t i = 0; i < g.h; ++i)
+      for (int64_t jp = 0; jp < iw; ++jp)
+        if (jp < g.left || jp >= g.left + g.w)
+          copy_elem(s.in.data() + (i * iw + jp) * L, s.in.data() + (i * iw + g.left + wrap(jp - g.left, g.w)) * L, L);
+  }
+  const int64_t row0 = g.circular ? g.left : 0;
+  for (int64_t i = 0; i < g.h; ++i)
+    window_line(s.in.data() + i * iw * L, s.mid.data() + (row0 + i) * ow * L, g.along_rows, L, s.prefix.data(),
+                s.suffix.data());
+  if (g.circular) {  // the wrapped rows of the row sums
+    for (int64_t ip = 0; ip < g.mid_h(); ++ip)
+      if (ip < g.left || ip >= g.left + g.h)
+        copy_elem(s.mid.data() + ip * ow * L, s.mid.data() + (g.left + wrap(ip - g.left, g.h)) * ow * L, ow * L);
+  }
+  window_line(s.mid.data(), out, g.along_cols, ow * L, s.prefix.data(), s.suffix.data());  // whole rows at once
+}
+
+// sum of kBoxLanes lanes in one fixed order
+inline double lane_reduce(const double* v) {
+  return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) +
+         (((v[8] + v[9]) + (v[10] + v[11])) + ((v[12] + v[13]) + (v[14] + v[15])));
+}
+
+// fp32 weights exp(-(d - base) c) of kBoxLanes keys, 0 beyond the band (the formula of block_weights).
+inline void lane_weights(const double* d, double base, double c, float band, float* w) {
+#pragma omp simd
+  for (int64_t l = 0; l < kBoxLanes; ++l) {
+    const float t = static_cast<float>((d[l] - base) * c);
+    const float e = exp_neg(t);
+    w[l] = t > band ? 0.0f : e;
+  }
+}
+
+struct BoxTile {
+  const float* x;  // [B, C, H*W]
+  const float* y;  // [T / kBoxLanes, H*W, C, kBoxLanes], T a multiple of kBoxLanes, images >= valid zero
+  int64_t batch, tile, valid, channels, height, width, patch;
+  const double* inv2s2;
+  float band;
+  double *dmin, *total, *acc;
+  int64_t pixels() const { return height * width; }
+  int64_t chunks() const { return tile / kBoxLanes; }
+  // pixel p's C x kBoxLanes values of the images of one chunk
+  const float* chunk_values(int64_t chunk, int64_t p) const { return y + (chunk * pixels() + p) * channels * kBoxLanes; }
+};
+
+BoxTile box_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
+                 int64_t channels, int64_t height, int64_t width, int64_t patch, std::uintptr_t inv2s2_ptr,
+                 double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr, std::uintptr_t acc_ptr) {
+  for (auto [ptr, name] : {std::pair{x_ptr, "x"}, {y_ptr, "y"}, {inv2s2_ptr, "inv2s2"}, {dmin_ptr, "dmin"},
+                           {total_ptr, "total"}, {acc_ptr, "acc"}})
+    check_ptr(ptr, name);
+  for (auto [v, name] : {std::pair{batch, "batch"}, {tile, "tile"}, {channels, "channels"}, {height, "height"},
+                         {width, "width"}, {patch, "patch"}})
+    check_positive(v, name);
+  check_arg(patch % 2 == 1, "patch", "expected an odd patch size");
+  check_arg(tile % kBoxLanes == 0, "tile", "expected a multiple of 16 images");
+  check_arg(0 < valid && valid <= tile, "valid", "expected 0 < valid <= tile");
+  return BoxTile{reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const float*>(y_ptr), batch, tile, valid,
+                 channels, height, width, patch, reinterpret_cast<const double*>(inv2s2_ptr),
+                 static_cast<float>(band), reinterpret_cast<double*>(dmin_ptr), reinterpret_cast<double*>(total_ptr),
+                 reinterpret_cast<double*>(acc_ptr)};
+}
+
+// Step (1) for one query image xb [C, H*W]: dist [chunks, windows, kBoxLanes] and each window's
+// minimum over the tile's real images (dmin_tile [windows]); the padding images get +inf.
+void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, double* dist,
+                   double* lane_min, double* dmin_tile) {
+  constexpr int64_t L = kBoxLanes;
+  const int64_t pixels = t.pixels(), windows = g.out_h() * g.out_w(), channels = t.channels;
+  std::fill(lane_min, lane_min + windows * L, kInfinity);
+  for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+    const int64_t n0 = chunk * L;
+    for (int64_t i = 0; i < t.height; ++i) {
+      for (int64_t j = 0; j < t.width; ++j) {
+        const int64_t p = i * t.width + j;
+        double* e = s.at(g, i, j);
+        const float* yp = t.chunk_values(chunk, p);
+        const double x0 = xb[p];
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const double diff = x0 - static_cast<double>(yp[l]);
+          e[l] = diff * diff;
+        }
+        for (int64_t ch = 1; ch < channels; ++ch) {
+          const double xv = xb[ch * pixels + p];
+          const float* yc = yp + ch * L;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            const double diff = xv - static_cast<double>(yc[l]);
+            e[l] += diff * diff;
+          }
+        }
+      }
+    }
+    double* d = dist + chunk * windows * L;
+    box_sums(g, s, d);
+    if (n0 + L > t.valid)
+      for (int64_t q = 0; q < windows; ++q)
+        for (int64_t l = std::max<int64_t>(0, t.valid - n0); l < L; ++l) d[q * L + l] = kInfinity;
+#pragma omp simd
+    for (int64_t k = 0; k < windows * L; ++k) lane_min[k] = d[k] < lane_min[k] ? d[k] : lane_min[k];
+  }
+  for (int64_t q = 0; q < windows; ++q) {
+    double m = kInfinity;
+    for (int64_t l = 0; l < L; ++l) m = std::min(m, lane_min[q * L + l]);
+    dmin_tile[q] = m;
+  }
+}
+
+// Step (2): the state's best distance becomes min(dmin, the tile's best); a new best rescales the
+// weight sum and the `values` accumulators (one exp, as block_weights).
+inline void merge_min(double tile_min, double c, double& dmin, double& total, double* acc, int64_t values) {
+  if (tile_min < dmin) {
+    const double scale = std::isinf(dmin) ? 0.0 : std::exp(-(dmin - tile_min) * c);
+    total *= scale;
+    for (int64_t v = 0; v < values; ++v) acc[v] *= scale;
+    dmin = tile_min;
+  }
+}
+
+struct BoxBuffers {
+  std::vector<double> dist, lane_min, dmin_tile, lane_total, lane_acc;
+  BoxBuffers(const BoxTile& t, int64_t windows, int64_t acc_rows)
+      : dist(t.tile * windows),
+        lane_min(windows * kBoxLanes),
+        dmin_tile(windows),
+        lane_total(windows * kBoxLanes),
+        lane_acc(acc_rows * t.channels * kBoxLanes) {}
+};
+
+// LS over one tile: the patch distances of every pixel by box sums, then per pixel the streamed
+// log-sum-exp state and the weighted sums of its own values y_n[:, p].
+void box_ls_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
+                 int64_t channels, int64_t height, int64_t width, int64_t patch, bool circular,
+                 std::uintptr_t inv2s2_ptr, double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr,
+                 std::uintptr_t acc_ptr, int threads) {
+  constexpr int64_t L = kBoxLanes;
+  const BoxTile t = box_tile(x_ptr, y_ptr, batch, tile, valid, channels, height, width, patch, inv2s2_ptr, band,
+                             dmin_ptr, total_ptr, acc_ptr);
+  const int64_t pixels = t.pixels();
+  const BoxPlan g = box_plan(height, width, patch / 2, height, width, patch, circular);
+#pragma omp parallel num_threads(resolve_threads(threads))
+  {
+    BoxScratch s(g);
+    BoxBuffers buf(t, pixels, pixels);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      const double c = t.inv2s2[b];
+      box_distances(t, t.x + b * channels * pixels, g, s, buf.dist.data(), buf.lane_min.data(), buf.dmin_tile.data());
+      for (int64_t p = 0; p < pixels; ++p)
+        merge_min(buf.dmin_tile[p], c, t.dmin[b * pixels + p], t.total[b * pixels + p],
+                  t.acc + (b * pixels + p) * channels, channels);
+      std::fill(buf.lane_total.begin(), buf.lane_total.end(), 0.0);
+      std::fill(buf.lane_acc.begin(), buf.lane_acc.end(), 0.0);
+      for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+        const double* d = buf.dist.data() + chunk * pixels * L;
+        for (int64_t p = 0; p < pixels; ++p) {
+          float w[L];
+          lane_weights(d + p * L, t.dmin[b * pixels + p], c, t.band, w);
+          double* lt = buf.lane_total.data() + p * L;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) lt[l] += static_cast<double>(w[l]);
+          for (int64_t ch = 0; ch < channels; ++ch) {
+            const float* yv = t.chunk_values(chunk, p) + ch * L;
+            double* la = buf.lane_acc.data() + (p * channels + ch) * L;
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) la[l] += static_cast<double>(w[l]) * static_cast<double>(yv[l]);
+          }
+        }
+      }
+      for (int64_t p = 0; p < pixels; ++p) {
+        t.total[b * pixels + p] += lane_reduce(buf.lane_total.data() + p * L);
+        for (int64_t ch = 0; ch < channels; ++ch)
+          t.acc[(b * pixels + p) * channels + ch] += lane_reduce(buf.lane_acc.data() + (p * channels + ch) * L);
+      }
+    }
+  }
+}
+
+// PSPC over one tile (stage "totals", "means" or "single"; see the section's head).
+void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
+                   int64_t channels, int64_t height, int64_t width, int64_t patch, const std::string& stage,
+                   std::uintptr_t inv2s2_ptr, double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr,
+                   std::uintptr_t acc_ptr, int threads) {
+  constexpr int64_t L = kBoxLanes;
+  const BoxTile t = box_tile(x_ptr, y_ptr, batch, tile, valid, channels, height, width, patch, inv2s2_ptr, band,
+                             dmin_ptr, total_ptr, acc_ptr);
+  check_arg(stage == "totals" || stage == "means" || stage == "single", "stage",
+            "expected 'totals', 'means' or 'single'");
+  check_arg(patch <= height && patch <= width, "patch", "expected P <= min(height, width) (valid squares)");
+  const bool totals = stage != "means", means = stage != "totals", single = stage == "single";
+  const int64_t pixels = t.pixels(), rows = height - patch + 1, cols = width - patch + 1, squares = rows * cols;
+  const BoxPlan g = box_plan(height, width, 0, rows, cols, patch, false);              // the squares' distances
+  const BoxPlan adjoint = box_plan(rows, cols, patch - 1, height, width, patch, false);  // squares -> pixels
+#pragma omp parallel num_threads(resolve_threads(threads))
+  {
+    BoxScratch s(g), sa(adjoint);
+    BoxBuffers buf(t, squares, pixels);
+    std::vector<double> covering(pixels * L), inv_total(squares);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      const double c = t.inv2s2[b];
+      double* dmin = t.dmin + b * squares;
+      double* total = t.total + b * squares;
+      box_distances(t, t.x + b * channels * pixels, g, s, buf.dist.data(), buf.lane_min.data(), buf.dmin_tile.data());
+      if (totals) {
+        for (int64_t q = 0; q < squares; ++q) merge_min(buf.dmin_tile[q], c, dmin[q], total[q], nullptr, 0);
+        std::fill(buf.lane_total.begin(), buf.lane_total.end(), 0.0);
+        for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+          double* d = buf.dist.data() + chunk * squares * L;
+          for (int64_t q = 0; q < squares; ++q) {
+            float w[L];
+            lane_weights(d + q * L, dmin[q], c, t.band, w);
+            double* lt = buf.lane_total.data() + q * L;
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) lt[l] += static_cast<double>(w[l]);
+            if (single) {  // keep the weights for the means below
+#pragma omp simd
+              for (int64_t l = 0; l < L; ++l) d[q * L + l] = static_cast<double>(w[l]);
+            }
+          }
+        }
+        for (int64_t q = 0; q < squares; ++q) total[q] += lane_reduce(buf.lane_total.data() + q * L);
+      }
+      if (!means) continue;
+      for (int64_t q = 0; q < squares; ++q) inv_total[q] = 1.0 / total[q];
+      std::fill(buf.lane_acc.begin(), buf.lane_acc.end(), 0.0);
+      for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+        const double* d = buf.dist.data() + chunk * squares * L;
+        for (int64_t q = 0; q < squares; ++q) {
+          double* normalized = sa.at(adjoint, q / cols, q % cols);
+          if (single) {  // the fp32 weights kept above, exact in float64
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) normalized[l] = d[q * L + l] * inv_total[q];
+          } else {
+            float w[L];
+            lane_weights(d + q * L, dmin[q], c, t.band, w);
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) normalized[l] = static_cast<double>(w[l]) * inv_total[q];
+          }
+        }
+        box_sums(adjoint, sa, covering.data());  // [H, W]: the normalized weights of the covering squares
+        for (int64_t p = 0; p < pixels; ++p) {
+          const double* a = covering.data() + p * L;
+          for (int64_t ch = 0; ch < channels; ++ch) {
+            const float* yv = t.chunk_values(chunk, p) + ch * L;
+            double* la = buf.lane_acc.data() + (p * channels + ch) * L;
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) la[l] += a[l] * static_cast<double>(yv[l]);
+          }
+        }
+      }
+      for (int64_t v = 0; v < pixels * channels; ++v)
+        t.acc[b * pixels * channels + v] += lane_reduce(buf.lane_acc.data() + v * L);
+    }
+  }
+}
+
 // CUDA entry points (local_denoise.cu): the same tiles and state as the CPU kernels, on device
 // pointers (the els tile image-major, [T, C, H+P-1, W+P-1]). Python built the index arrays; they
 // live on the device and are not re-checked here.
@@ -465,6 +900,19 @@ void register_local_denoise(py::module_& m) {
         "Same-location keys over one tile: x [B, C, H*W], training tile pixel-major [H*W, C, T] (float32); per "
         "location a weighted pixel support and output pixels (CSR: int64 offsets, int32 indices, float32 "
         "weights); running state dmin/total [B*L], acc [B, outputs, C] (float64) updated in place.");
+  m.def("local_denoise_box_ls_tile", &box_ls_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
+        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("circular"),
+        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
+        "LS by box sums over one tile: x [B, C, H*W], training tile chunk-major [T/16, H*W, C, 16] (float32, T a "
+        "multiple of 16, the first `valid` images real, the rest zero); zero or circular padding; running state "
+        "dmin/total [B*H*W], acc [B, H*W, C] (float64) updated in place.");
+  m.def("local_denoise_box_pspc_tile", &box_pspc_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
+        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("stage"),
+        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
+        "PSPC by box sums over one tile (layout as local_denoise_box_ls_tile): stage 'totals' updates the "
+        "squares' dmin/total [B*S] (S valid squares, row-major); 'means' adds to acc [B, H*W, C] the sums over "
+        "the tile of the covering squares' normalized weights times the pixel values, with the final "
+        "dmin/total; 'single' (the tile is the whole training set, fresh state) does both.");
   m.def("local_denoise_translated_cuda", &translated_cuda, release, named, arg("xq_ptr"), arg("y_ptr"), arg("batch"),
         arg("tile"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("row_lo_ptr"), arg("row_hi_ptr"),
         arg("col_lo_ptr"), arg("col_hi_ptr"), arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"),

@@ -226,8 +226,10 @@ def _run_cpu(x, train, sigma64, kind, patch, padding, mask):
         train = train.to(torch.float32)
     if kind == "els":
         return _cpu.run_els(xf, train, sigma64, patch, padding)
+    if kind in ("ls", "pspc"):  # unit-weight square supports: box sums (cost independent of P)
+        return _cpu.run_box(xf, train, sigma64, kind, patch, padding)
     batch, channels, height, width = x.shape
-    means = _cpu.run_same_location(xf, train, sigma64, _supports(kind, height, width, patch, padding, mask))
+    means = _cpu.run_same_location(xf, train, sigma64, _cpu.mask_supports(mask))
     return _same_location_result(means, kind, batch, channels, height, width, patch)
 
 

@@ -200,6 +200,87 @@ def run_same_location(
     return same_location_means(state, supports)
 
 
+BOX_LANES = 16  # the box-sum kernels take a tile of a multiple of this many images (their vector chunk)
+
+
+def run_box(
+    x: torch.Tensor,
+    train: torch.Tensor,
+    sigma64: torch.Tensor,
+    kind: str,
+    patch: int,
+    padding: str,
+    tile_rows: int | None = None,
+) -> torch.Tensor:
+    """LS (zero or circular padding) and PSPC by separable box sums of the per-pixel squared
+    differences (csrc/local_denoise/local_denoise.cpp, "Box-sum path"): x [B, C, H, W] float32,
+    train [N, C, H, W] float32 or uint8 -> x0_hat [B, C, H, W] float32.
+
+    LS streams its log-sum-exp state over the tiles. PSPC needs each square's total over the whole
+    set before its normalized weights can be summed per pixel: with one tile one pass does both
+    (stage "single"); otherwise a first pass over the tiles gets every square's (dmin, total) and a
+    second adds each tile's normalized, per-pixel aggregated weighted sums (stages "totals", "means").
+    Memory: x, one padded chunk-major tile, per thread the distances of one query to the tile
+    (float64, [windows, T]), and the state (dmin, total per window; acc [B, H*W, C])."""
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    xf = x.reshape(batch, channels, pixels).contiguous()
+    inv2s2 = (0.5 / sigma64.square()).contiguous()
+    rows = train.shape[0]
+    tile = tile_rows or tile_images(4 * channels * pixels, rows, SAME_LOCATION_TILE_BYTES, 64)
+    starts = list(range(0, rows, tile))
+    windows = pixels if kind == "ls" else (height - patch + 1) * (width - patch + 1)
+    state = _State.create(batch * windows, (batch, pixels, channels))
+    common = {
+        "x_ptr": xf.data_ptr(),
+        "batch": batch,
+        "channels": channels,
+        "height": height,
+        "width": width,
+        "patch": patch,
+        "inv2s2_ptr": inv2s2.data_ptr(),
+        "band": BAND,
+        "threads": torch.get_num_threads(),
+        **state.pointers(),
+    }
+
+    def run_tile(start: int, **extra) -> None:
+        y = chunk_major(train[start : start + tile])
+        kernel = extension().local_denoise_box_ls_tile if kind == "ls" else extension().local_denoise_box_pspc_tile
+        kernel(y_ptr=y.data_ptr(), tile=y.shape[0] * BOX_LANES, valid=min(tile, rows - start), **common, **extra)
+
+    if kind == "ls":
+        for start in starts:
+            run_tile(start, circular=padding == "circular")
+        return (state.acc / state.total.reshape(batch, pixels, 1)).permute(0, 2, 1).reshape(x.shape).float()
+    for stage in ("single",) if len(starts) == 1 else ("totals", "means"):  # a pass over the tiles each
+        for start in starts:
+            run_tile(start, stage=stage)
+    means = state.acc / pspc_counts(height, width, patch).reshape(1, pixels, 1)
+    return means.permute(0, 2, 1).reshape(x.shape).float()
+
+
+def pspc_counts(height: int, width: int, patch: int) -> torch.Tensor:
+    """How many valid P x P squares cover each pixel: [H, W] float64."""
+
+    def axis(size: int) -> torch.Tensor:
+        i = torch.arange(size)
+        return (i.clamp(max=size - patch) - (i - patch + 1).clamp(min=0) + 1).to(torch.float64)
+
+    return axis(height)[:, None] * axis(width)[None, :]
+
+
+def chunk_major(images: torch.Tensor) -> torch.Tensor:
+    """[M, C, H, W] (float32 or uint8) -> float32 [T / BOX_LANES, H*W, C, BOX_LANES] with T = M rounded
+    up to a multiple of BOX_LANES, the images past M zero (the box-sum tile: each chunk of BOX_LANES
+    images contiguous, pixel-major inside)."""
+    m, channels = images.shape[:2]
+    lanes = -(-m // BOX_LANES) * BOX_LANES
+    padded = torch.zeros(lanes, channels, images.shape[2] * images.shape[3], dtype=torch.float32)
+    padded[:m] = as_float32(images).reshape(m, channels, -1)
+    return padded.reshape(lanes // BOX_LANES, BOX_LANES, channels, -1).permute(0, 3, 2, 1).contiguous()
+
+
 def translated_arguments(
     xq: torch.Tensor, y: torch.Tensor, patch: int, ranges: list[torch.Tensor], inv2s2: torch.Tensor, state: _State
 ) -> dict:
