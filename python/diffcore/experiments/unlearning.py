@@ -879,20 +879,11 @@ def summary(results: dict, out: Path) -> list[str]:
     ]
 
 
-STUDY = base.Study(NAME, UnlearningConfig, summary=summary)
-
-
-def run(config: UnlearningConfig, out: str | Path, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run the study into ``out``; returns the results (see the module docstring)."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(base.config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+STUDY = base.Study(
+    NAME,
+    UnlearningConfig,
+    summary=summary,
+    presets=PRESETS,
+    make=lambda r: _Study(r.config, r.out, r.hooks, r.device, r.progress),
+)
+run, run_preset = STUDY.run, STUDY.run_preset
