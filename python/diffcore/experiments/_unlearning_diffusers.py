@@ -191,13 +191,12 @@ def _esd(pipe: Pipeline, c, latents, seed: int) -> dict:
         trained = [p for n, p in student.named_parameters() if "attn2" in n]
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(trained, lr=c.unlearn_learning_rate)
     ids, _ = pipe.prompt_ids(SLOT, c.concept)
     null_ids, _ = pipe.prompt_ids(SLOT, "")
     with torch.no_grad():
         cond, null = pipe.encode(ids), pipe.encode(null_ids)
-    losses = []
-    for _ in range(c.unlearn_steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(latents.shape[0], (c.batch_size,), generator=g)
         x, _, t = _noisy(pipe, pipe.scheduler, latents[idx], g)
         b = x.shape[0]
@@ -205,11 +204,9 @@ def _esd(pipe: Pipeline, c, latents, seed: int) -> dict:
             e_cond = pipe.unet(x, t, encoder_hidden_states=cond.expand(b, -1, -1)).sample
             e_null = pipe.unet(x, t, encoder_hidden_states=null.expand(b, -1, -1)).sample
         pred = student(x, t, encoder_hidden_states=cond.expand(b, -1, -1)).sample
-        loss = ul.esd_loss(pred, e_cond, e_null, c.eta, torch.ones(b, device=x.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        return ul.esd_loss(pred, e_cond, e_null, c.eta, torch.ones(b, device=x.device))
+
+    losses = ul.adam_steps(trained, c.unlearn_steps, c.unlearn_learning_rate, batch_loss)
     return {"unet": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}, "losses": losses}
 
 

@@ -395,10 +395,9 @@ def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) ->
     trained = (
         list(student.net.parameters()) if c.unlearn_params == "unet" else list(student.net.model.map_label.parameters())
     )
-    opt = torch.optim.Adam(trained, lr=c.unlearn_learning_rate)
     name = torch.full((c.batch_size,), vocab.name_id(c.erased_digit, c.erased_form))
-    losses = []
-    for _ in range(c.unlearn_steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = _batch(g, images.shape[0], c.batch_size)
         y = images[idx]
         ids = random_prompts(name, attr_ids[idx], vocab, g)
@@ -409,11 +408,9 @@ def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) ->
         with torch.no_grad():
             d_cond = teacher.denoise(x, sigma, cond)
             d_null = teacher.denoise(x, sigma, torch.zeros_like(cond))
-        loss = ul.esd_loss(student.denoise(x, sigma, cond), d_cond, d_null, c.eta, edm_weight(sigma))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        return ul.esd_loss(student.denoise(x, sigma, cond), d_cond, d_null, c.eta, edm_weight(sigma))
+
+    losses = ul.adam_steps(trained, c.unlearn_steps, c.unlearn_learning_rate, batch_loss)
     return student.freeze(), losses
 
 
