@@ -608,6 +608,20 @@ class Study:
         return self.run(config_from_preset(self.presets, preset, overrides), out, **kwargs)
 
 
+def standard_make(
+    study_class: Callable[..., Any], *, hooks: bool = True, default_hooks: Callable[[], Any] | None = None
+) -> Callable[[RunRequest], Any]:
+    """The :attr:`Study.make` of a study class built the way docs/adding-a-study.md shows:
+    ``study_class(config, out, hooks, device, progress)`` (``hooks``: the caller's, or
+    ``default_hooks()`` when the caller passed None and a default is given), or
+    ``study_class(config, out, device, progress)`` with ``hooks=False`` (a study that takes none)."""
+    if not hooks:
+        return lambda r: study_class(r.config, r.out, r.device, r.progress)
+    if default_hooks is None:
+        return lambda r: study_class(r.config, r.out, r.hooks, r.device, r.progress)
+    return lambda r: study_class(r.config, r.out, r.hooks or default_hooks(), r.device, r.progress)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunRequest:
     """One call of a study's ``run``, as :attr:`Study.make` receives it: the validated ``config``,

@@ -1121,7 +1121,5 @@ def plot_transition(results: dict, path) -> Path:
 # ----------------------------------------------------------------------------- entry points
 
 
-STUDY = base.Study(
-    NAME, CFGConfig, presets=PRESETS, make=lambda r: _Study(r.config, r.out, r.hooks, r.device, r.progress)
-)
+STUDY = base.Study(NAME, CFGConfig, presets=PRESETS, make=base.standard_make(_Study))
 run, run_preset = STUDY.run, STUDY.run_preset

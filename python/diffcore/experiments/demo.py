@@ -109,7 +109,7 @@ STUDY = base.Study(
     DemoConfig,
     summary=summary,
     presets=PRESETS,
-    make=lambda r: _Demo(r.config, r.out, r.hooks or study_hooks.default_hooks(), r.device, r.progress),
+    make=base.standard_make(_Demo, default_hooks=lambda: study_hooks.default_hooks()),  # looked up at run time
 )
 run, run_preset = STUDY.run, STUDY.run_preset
 

@@ -1149,6 +1149,6 @@ STUDY = base.Study(
     threads=_CPU_THREADS,
     takes_hooks=False,
     presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.device, r.progress),
+    make=base.standard_make(_Study, hooks=False),
 )
 run, run_preset = STUDY.run, STUDY.run_preset

@@ -1113,6 +1113,6 @@ STUDY = base.Study(
     HiddenGaussianConfig,
     threads=1,
     presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.hooks or study_hooks.default_hooks(), r.device, r.progress),
+    make=base.standard_make(_Study, default_hooks=lambda: study_hooks.default_hooks()),  # looked up at run time
 )
 run, run_preset = STUDY.run, STUDY.run_preset

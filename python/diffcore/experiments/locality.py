@@ -603,11 +603,6 @@ def plot_samples(results: dict, shown: dict, path) -> Path:
 
 
 STUDY = base.Study(
-    NAME,
-    LocalityConfig,
-    cpu_only=True,
-    one_process=True,
-    presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.hooks, r.device, r.progress),
+    NAME, LocalityConfig, cpu_only=True, one_process=True, presets=PRESETS, make=base.standard_make(_Study)
 )
 run, run_preset = STUDY.run, STUDY.run_preset

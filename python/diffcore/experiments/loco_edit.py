@@ -1368,12 +1368,7 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- entry points
-STUDY = base.Study(
-    NAME,
-    LocoEditConfig,
-    presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.hooks or default_hooks(), r.device, r.progress),
-)
+STUDY = base.Study(NAME, LocoEditConfig, presets=PRESETS, make=base.standard_make(_Study, default_hooks=default_hooks))
 
 
 def run(

@@ -938,10 +938,6 @@ def _machine() -> dict:
 
 # Writes results.json, cost.csv, similarity.png, quality.png into the run folder.
 STUDY = base.Study(
-    NAME,
-    MultistageConfig,
-    takes_hooks=False,
-    presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.device, r.progress),
+    NAME, MultistageConfig, takes_hooks=False, presets=PRESETS, make=base.standard_make(_Study, hooks=False)
 )
 run, run_preset = STUDY.run, STUDY.run_preset

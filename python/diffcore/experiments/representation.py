@@ -768,11 +768,5 @@ def plot(results: dict, path) -> Path:
     return atomic_save_figure(fig, path)
 
 
-STUDY = base.Study(
-    NAME,
-    RepresentationConfig,
-    one_process=True,
-    presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.hooks, r.device, r.progress),
-)
+STUDY = base.Study(NAME, RepresentationConfig, one_process=True, presets=PRESETS, make=base.standard_make(_Study))
 run, run_preset = STUDY.run, STUDY.run_preset

@@ -876,11 +876,5 @@ def summary(results: dict, out: Path) -> list[str]:
     ]
 
 
-STUDY = base.Study(
-    NAME,
-    UnlearningConfig,
-    summary=summary,
-    presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.hooks, r.device, r.progress),
-)
+STUDY = base.Study(NAME, UnlearningConfig, summary=summary, presets=PRESETS, make=base.standard_make(_Study))
 run, run_preset = STUDY.run, STUDY.run_preset

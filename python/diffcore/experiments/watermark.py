@@ -1124,10 +1124,6 @@ def plot_sweep(results: dict, path) -> Path:
 
 # No hooks: the tiny preset runs the closed-form Gaussian denoiser instead of stand-ins.
 STUDY = base.Study(
-    NAME,
-    WatermarkConfig,
-    takes_hooks=False,
-    presets=PRESETS,
-    make=lambda r: _Study(r.config, r.out, r.device, r.progress),
+    NAME, WatermarkConfig, takes_hooks=False, presets=PRESETS, make=base.standard_make(_Study, hooks=False)
 )
 run, run_preset = STUDY.run, STUDY.run_preset
