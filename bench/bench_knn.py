@@ -182,12 +182,10 @@ def test_gpu_peer_torch_cdist_topk(benchmark, gpu_data):
     record_ratio(benchmark, "knn_gpu", "uniform", "peer", flops=_flops(*GPU_SHAPE))
 
 
-@pytest.mark.gpu
-@pytest.mark.triton
-@needs_gpu
-def test_gpu_diffcore_triton(benchmark, gpu_data):
+def _time_gpu_knn(benchmark, gpu_data, backend: str) -> None:
+    """diffcore's knn on ``backend`` at GPU_SHAPE, with its ratio to the chunked torch peer."""
     queries, train = gpu_data
-    run_timed(benchmark, lambda: knn(queries, train, K, backend="triton"), device="cuda", rounds=3, warmup_rounds=1)
+    run_timed(benchmark, lambda: knn(queries, train, K, backend=backend), device="cuda", rounds=3, warmup_rounds=1)
     record_ratio(
         benchmark,
         "knn_gpu",
@@ -197,6 +195,13 @@ def test_gpu_diffcore_triton(benchmark, gpu_data):
         peer=lambda: _chunked_torch_knn(queries, train),
         device="cuda",
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@needs_gpu
+def test_gpu_diffcore_triton(benchmark, gpu_data):
+    _time_gpu_knn(benchmark, gpu_data, "triton")
 
 
 @pytest.mark.gpu
@@ -205,14 +210,4 @@ def test_gpu_diffcore_triton(benchmark, gpu_data):
 def test_gpu_diffcore_cuda(benchmark, gpu_data):
     if not _cuda_kernels_built():
         pytest.skip("diffcore._C was built without CUDA kernels")
-    queries, train = gpu_data
-    run_timed(benchmark, lambda: knn(queries, train, K, backend="cuda"), device="cuda", rounds=3, warmup_rounds=1)
-    record_ratio(
-        benchmark,
-        "knn_gpu",
-        "uniform",
-        "diffcore",
-        flops=_flops(*GPU_SHAPE),
-        peer=lambda: _chunked_torch_knn(queries, train),
-        device="cuda",
-    )
+    _time_gpu_knn(benchmark, gpu_data, "cuda")

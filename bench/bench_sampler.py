@@ -134,10 +134,12 @@ def _record(benchmark, shape, name, role, records, case=None, peer=None):
 # --- peers --------------------------------------------------------------------------------------
 
 
-def _plain_torch_euler_loop(shape, timed):
-    """k-diffusion-style Euler loop in plain torch (the issue's "plain torch loop")."""
+def _plain_torch_euler_loop(shape, timed, float_sigmas: bool = False):
+    """k-diffusion-style Euler loop in plain torch (the issue's "plain torch loop"): 0-d float32
+    tensor sigmas, or with ``float_sigmas`` Python floats (no 0-d sigma tensors: the leanest loop a
+    user writes, the issue's "plain loop")."""
     x0 = _noise(shape)
-    sigmas = S.karras_sigmas(STEPS).float()
+    sigmas = S.karras_sigmas(STEPS).tolist() if float_sigmas else S.karras_sigmas(STEPS).float()
 
     def loop():
         x = x0 * sigmas[0]
@@ -239,23 +241,6 @@ def test_diffcore_loop(benchmark, shape, solver):
     benchmark.extra_info["backend"] = STEP_BACKENDS.resolve("auto", x0.device)
 
 
-def _plain_torch_euler_loop_float_sigmas(shape, timed):
-    """The plain torch Euler loop with Python-float sigmas (no 0-d sigma tensors): the leanest loop
-    a user writes, the issue's "plain loop"."""
-    x0 = _noise(shape)
-    sigmas = S.karras_sigmas(STEPS).tolist()
-
-    def loop():
-        x = x0 * sigmas[0]
-        s_in = x.new_ones(shape[0])
-        for i in range(STEPS):
-            d = (x - timed(x, sigmas[i] * s_in)) / sigmas[i]
-            x = x + d * (sigmas[i + 1] - sigmas[i])
-        return x
-
-    return loop
-
-
 OVERHEAD_TARGET = 0.5  # issue 34: diffcore's per-step overhead at most half the plain torch loop's
 OVERHEAD_ROUNDS = 4 if QUICK else 40
 
@@ -275,7 +260,7 @@ def test_overhead_ratio_vs_plain_loop(benchmark, shape):
     loops = {
         "diffcore": lambda: S.sample_euler(timers["diffcore"], x0 * 80.0, sigmas),
         "plain_tensor_sigmas": _plain_torch_euler_loop(shape, timers["plain_tensor_sigmas"]),
-        "plain_float_sigmas": _plain_torch_euler_loop_float_sigmas(shape, timers["plain_float_sigmas"]),
+        "plain_float_sigmas": _plain_torch_euler_loop(shape, timers["plain_float_sigmas"], float_sigmas=True),
     }
     rounds = OVERHEAD_ROUNDS if shape[0] <= 16 else max(2, OVERHEAD_ROUNDS // 4)
     load_before = os.getloadavg()[0]

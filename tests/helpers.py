@@ -30,6 +30,25 @@ TINY_UNET_FIELDS = dict(
 )
 
 
+def tiny_diffusers_unet(sample_size: int = 8, attention: bool = False):
+    """A randomly initialised diffusers ``UNet2DModel`` (weights drawn after ``torch.manual_seed(0)``):
+    3-channel ``sample_size`` x ``sample_size`` images, widths 8 and 16, one block per level,
+    attention at the second level when ``attention``. Needs diffusers (skip the test without it)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+
+
 # The variables torchrun and --shard set: a study process sees only those its test gives it.
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DIFFCORE_SHARD")
 

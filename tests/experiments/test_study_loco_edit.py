@@ -16,6 +16,7 @@ from diffcore.data import load_digits
 from diffcore.denoisers import GaussianDenoiser
 from diffcore.experiments import loco_edit as study
 from diffcore.experiments.base import ConfigError, Workspace
+from tests.helpers import tiny_diffusers_unet
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
@@ -259,22 +260,10 @@ def test_grid_masks():
 @pytest.fixture(scope="module")
 def unet_folder(tmp_path_factory) -> Path:
     """A tiny random UNet2DModel (with attention) and a DDPM scheduler saved as a diffusers folder."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     root = tmp_path_factory.mktemp("diffusers") / "model"
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    unet.save_pretrained(root / "unet")
+    tiny_diffusers_unet(sample_size=8, attention=True).save_pretrained(root / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
     return root
 

@@ -10,6 +10,7 @@ import torch
 
 from diffcore.experiments import EXPERIMENTS, experiment, watermark as study
 from diffcore.experiments.base import ConfigError, apply_overrides
+from tests.helpers import tiny_diffusers_unet
 
 
 @pytest.fixture(scope="module")
@@ -151,19 +152,8 @@ def test_unet_path_trains_and_runs(tmp_path):
 def test_diffusers_path_runs(tmp_path):
     """model=diffusers: a tiny random UNet2DModel and DDIM scheduler saved to a folder (safetensors)."""
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
     folder = tmp_path / "model"
-    unet.save_pretrained(folder, safe_serialization=True)
+    tiny_diffusers_unet(sample_size=16).save_pretrained(folder, safe_serialization=True)
     diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder)
     config = dataclasses.replace(
         study.PRESETS["paper"](),

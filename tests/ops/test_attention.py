@@ -137,17 +137,20 @@ def test_jvp_matches_reference(backend, shape):
         assert _err(t_out, ref_t) <= tol, (dtype, _err(t_out, ref_t), tol)
 
 
+def _central_difference(q, k, v, tq, tk, tv, eps: float = 1e-6) -> torch.Tensor:
+    """The directional derivative of the float64 reference attention along (tq, tk, tv), by central
+    differences (error O(eps^2) plus rounding O(1e-16 / eps))."""
+    forward = attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
+    backward = attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)
+    return (forward - backward) / (2 * eps)
+
+
 def test_reference_jvp_formula_matches_autodiff_and_finite_differences():
     q, k, v, tq, tk, tv = _inputs((2, 2, 9, 11, 8), torch.float64, seed=4, tangents=True)
     _, t_formula = attention_jvp_ref(q, k, v, tq, tk, tv)
     _, t_auto = torch.func.jvp(attention_ref, (q, k, v), (tq, tk, tv))
     assert _err(t_formula, t_auto) < 1e-12
-    eps = 1e-6
-    fd = (
-        attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
-        - attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)
-    ) / (2 * eps)
-    assert _err(t_formula, fd) < 1e-7
+    assert _err(t_formula, _central_difference(q, k, v, tq, tk, tv)) < 1e-7
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -158,12 +161,7 @@ def test_jvp_float64_both_cpu_paths(backend, keep_probs_budget, monkeypatch):
     _, ref_t = attention_jvp_ref(q, k, v, tq, tk, tv)
     _, t_out = torch.func.jvp(lambda a, b, c: diffcore.ops.attention(a, b, c, backend=backend), (q, k, v), (tq, tk, tv))
     assert _err(t_out, ref_t) < 1e-12
-    eps = 1e-6
-    fd = (
-        attention_ref(q + eps * tq, k + eps * tk, v + eps * tv)
-        - attention_ref(q - eps * tq, k - eps * tk, v - eps * tv)
-    ) / (2 * eps)
-    assert _err(t_out, fd) < 1e-7
+    assert _err(t_out, _central_difference(q, k, v, tq, tk, tv)) < 1e-7
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])

@@ -406,27 +406,20 @@ def test_error_cuda_backend_on_cpu_tensors():
 
 
 # ------------------------------------------------------------------------------------- GPU only
-@pytest.mark.cuda_ext
+GPU_BACKENDS = [
+    pytest.param("cuda", marks=pytest.mark.cuda_ext),
+    pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.triton]),
+]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("sigma", SIGMAS)
 @pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
 @pytest.mark.parametrize("shape", [(5, 123, 123), (7, 300, 3072), (300, 1000, 64)])
-def test_cuda_kernel_matches_reference(sigma, train_dtype, shape):
+def test_gpu_kernel_matches_reference(backend, sigma, train_dtype, shape):
     x, train = make_case(*shape, sigma, train_dtype)
     ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
-    out, logz = empirical_denoise_with_logz(x.cuda(), train.cuda(), sigma, backend="cuda")
-    assert row_rel_error(out.cpu(), ref_out) <= REL_TOL
-    assert logz_rel_error(logz.cpu(), ref_logz) <= LOGZ_TOL
-
-
-@pytest.mark.gpu
-@pytest.mark.triton
-@pytest.mark.parametrize("sigma", SIGMAS)
-@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8], ids=["f32", "u8"])
-@pytest.mark.parametrize("shape", [(5, 123, 123), (7, 300, 3072), (300, 1000, 64)])
-def test_triton_on_gpu_matches_reference(sigma, train_dtype, shape):
-    x, train = make_case(*shape, sigma, train_dtype)
-    ref_out, ref_logz = empirical_denoise_ref(x, train, sigma)
-    out, logz = empirical_denoise_with_logz(x.cuda(), train.cuda(), sigma, backend="triton")
+    out, logz = empirical_denoise_with_logz(x.cuda(), train.cuda(), sigma, backend=backend)
     assert row_rel_error(out.cpu(), ref_out) <= REL_TOL
     assert logz_rel_error(logz.cpu(), ref_logz) <= LOGZ_TOL
 

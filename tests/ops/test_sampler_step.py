@@ -203,44 +203,34 @@ def test_errors_name_the_argument():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="diffcore._C is not built")
-def test_extension_checks_again():
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [({"c_extra": 0.5}, "extra"), ({"dtype": "float16", "numel": 2}, "dtype")],
+    ids=["extra-without-pointer", "dtype"],
+)
+def test_extension_checks_again(bad, message):
+    """The C ABI checks its arguments itself: a c_extra without an extra pointer, a dtype it lacks."""
     from diffcore._ext import extension
 
     x = torch.zeros(4)
-    with pytest.raises(ValueError, match="extra"):
-        extension().sampler_step_cpu(
-            dtype="float32",
-            x=x.data_ptr(),
-            denoised=x.data_ptr(),
-            extra=0,
-            noise=0,
-            out=x.data_ptr(),
-            numel=4,
-            c_x=1.0,
-            c_denoised=0.0,
-            c_extra=0.5,
-            c_noise=0.0,
-            step=0,
-            flag=0,
-            threads=1,
-        )
-    with pytest.raises(ValueError, match="dtype"):
-        extension().sampler_step_cpu(
-            dtype="float16",
-            x=x.data_ptr(),
-            denoised=x.data_ptr(),
-            extra=0,
-            noise=0,
-            out=x.data_ptr(),
-            numel=2,
-            c_x=1.0,
-            c_denoised=0.0,
-            c_extra=0.0,
-            c_noise=0.0,
-            step=0,
-            flag=0,
-            threads=1,
-        )
+    arguments = dict(
+        dtype="float32",
+        x=x.data_ptr(),
+        denoised=x.data_ptr(),
+        extra=0,
+        noise=0,
+        out=x.data_ptr(),
+        numel=4,
+        c_x=1.0,
+        c_denoised=0.0,
+        c_extra=0.0,
+        c_noise=0.0,
+        step=0,
+        flag=0,
+        threads=1,
+    )
+    with pytest.raises(ValueError, match=message):
+        extension().sampler_step_cpu(**(arguments | bad))
 
 
 @pytest.mark.gpu

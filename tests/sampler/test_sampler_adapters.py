@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffcore.sampler as S
+from tests.helpers import tiny_diffusers_unet
 
 
 class PerfectVPModel:
@@ -90,19 +91,9 @@ def test_vp_adapter_samples_like_the_ve_model(gaussian):
     importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed (optional: pip install diffusers)"
 )
 def test_diffusers_unet_adapter_matches_diffusers_ddim_loop():
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).eval()
+    unet = tiny_diffusers_unet(sample_size=8).eval()
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",

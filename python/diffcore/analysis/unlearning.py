@@ -13,12 +13,15 @@ The pieces of the ``unlearning`` study that are mathematics rather than bookkeep
   with ``alpha_i = g(v_i) >= 0`` (ReLU output), ``P`` the projection onto the orthogonal complement
   of the earlier attack embeddings (identity for the first);
 - :func:`orthonormal_basis` (Gram-Schmidt in float64) and :func:`project_out`, the defense
-  ``e -> e - Q Q^T e`` on every conditioning token embedding.
+  ``e -> e - Q Q^T e`` on every conditioning token embedding;
+- :func:`subspace_attack` and :func:`free_attack`: the attacks' optimization, for any model (the
+  digits' and a diffusers pipeline's), given the loss of an attack embedding on a drawn batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +216,95 @@ def attack_embedding(alpha: torch.Tensor, vocabulary: torch.Tensor, basis: torch
     return v - q @ (q.T @ v)
 
 
+BatchLoss = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""``loss(v_att [E], g)``: an attack's loss with embedding ``v_att`` on a batch drawn with ``g``."""
+
+
+def adam_steps(
+    params: Iterable[torch.Tensor], steps: int, learning_rate: float, loss: Callable[[], torch.Tensor]
+) -> list[float]:
+    """``steps`` Adam steps on ``params`` minimizing ``loss()`` (a fresh batch each call); the
+    loss of every step."""
+    opt = torch.optim.Adam(params, lr=learning_rate)
+    curve = []
+    for _ in range(steps):
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        curve.append(float(value.detach()))
+    return curve
+
+
+def _start_coefficients(vocabulary: torch.Tensor, hidden: int, generator: torch.Generator) -> CoefficientNet:
+    """A fresh ``g`` for ``vocabulary [V, E]``, weights drawn from ``generator``, on its device."""
+    net = CoefficientNet(vocabulary.shape[1], hidden, init_alpha(vocabulary.shape[0]), generator=generator)
+    return net.to(vocabulary.device)
+
+
+def subspace_attack(
+    vocabulary: torch.Tensor,
+    batch_loss: BatchLoss,
+    *,
+    count: int,
+    hidden: int,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+) -> dict:
+    """SubAttack ``count`` times (Eq. 5-6): the k-th ``v_k = P_k sum_i g_k(v_i) v_i``, ``P_k``
+    removing the span of ``v_1..v_{k-1}``; only ``g_k`` trains (Adam, ``steps`` steps of
+    ``batch_loss``), its weights and batches drawn from a generator seeded ``seed * 1000 + k``.
+    ``vocabulary [V, E]`` (detached). Returns vectors [K, E] (float64), alphas [K, V] (float64),
+    losses [K][steps]."""
+    vectors: list[torch.Tensor] = []
+    alphas, losses = [], []
+    for k in range(count):
+        g = torch.Generator().manual_seed(seed * 1000 + k)
+        basis = orthonormal_basis(torch.stack(vectors)) if vectors else None
+        alpha, curve = _train_coefficients(vocabulary, basis, batch_loss, hidden, steps, learning_rate, g)
+        vectors.append(attack_embedding(alpha, vocabulary.double(), basis))
+        alphas.append(alpha)
+        losses.append(curve)
+    return {"vectors": torch.stack(vectors), "alphas": torch.stack(alphas), "losses": losses}
+
+
+def _train_coefficients(
+    vocabulary: torch.Tensor,
+    basis: torch.Tensor | None,
+    batch_loss: BatchLoss,
+    hidden: int,
+    steps: int,
+    learning_rate: float,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, list[float]]:
+    """One SubAttack ``g_k`` trained through the projection off ``basis [E, K]`` (None: none):
+    its alphas [V] (float64) and the loss of every step."""
+    coef = _start_coefficients(vocabulary, hidden, g)
+    curve = adam_steps(
+        coef.parameters(),
+        steps,
+        learning_rate,
+        lambda: batch_loss(attack_embedding(coef(vocabulary), vocabulary, basis), g),
+    )
+    with torch.no_grad():
+        return coef(vocabulary).double(), curve
+
+
+def free_attack(
+    vocabulary: torch.Tensor, batch_loss: BatchLoss, *, hidden: int, steps: int, learning_rate: float, seed: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Textual inversion: a free embedding ``v [E]`` trained by the same loss, steps, learning rate
+    and start as :func:`subspace_attack`'s first (generator seeded ``seed * 1000``). Returns
+    ``v`` (float64) and the loss of every step."""
+    g = torch.Generator().manual_seed(seed * 1000)
+    start = _start_coefficients(vocabulary, hidden, g)
+    with torch.no_grad():
+        v = nn.Parameter(attack_embedding(start(vocabulary), vocabulary).clone())
+    curve = adam_steps([v], steps, learning_rate, lambda: batch_loss(v, g))
+    return v.detach().double(), curve
+
+
 def max_abs_cosine(vectors: torch.Tensor) -> float:
     """The largest |cos| between two different rows of ``vectors [K, E]`` (float64; 0 for K < 2)."""
     v = vectors.double()
@@ -230,17 +322,20 @@ __all__ = [
     "CoefficientNet",
     "TextEncoder",
     "Vocabulary",
+    "adam_steps",
     "attack_embedding",
     "attribute_bins",
     "attribute_token_ids",
     "digit_name",
     "esd_loss",
     "esd_target",
+    "free_attack",
     "image_attributes",
     "init_alpha",
     "max_abs_cosine",
     "orthonormal_basis",
     "project_out",
+    "subspace_attack",
 ]
 
 

@@ -191,13 +191,12 @@ def _esd(pipe: Pipeline, c, latents, seed: int) -> dict:
         trained = [p for n, p in student.named_parameters() if "attn2" in n]
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(trained, lr=c.unlearn_learning_rate)
     ids, _ = pipe.prompt_ids(SLOT, c.concept)
     null_ids, _ = pipe.prompt_ids(SLOT, "")
     with torch.no_grad():
         cond, null = pipe.encode(ids), pipe.encode(null_ids)
-    losses = []
-    for _ in range(c.unlearn_steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(latents.shape[0], (c.batch_size,), generator=g)
         x, _, t = _noisy(pipe, pipe.scheduler, latents[idx], g)
         b = x.shape[0]
@@ -205,11 +204,9 @@ def _esd(pipe: Pipeline, c, latents, seed: int) -> dict:
             e_cond = pipe.unet(x, t, encoder_hidden_states=cond.expand(b, -1, -1)).sample
             e_null = pipe.unet(x, t, encoder_hidden_states=null.expand(b, -1, -1)).sample
         pred = student(x, t, encoder_hidden_states=cond.expand(b, -1, -1)).sample
-        loss = ul.esd_loss(pred, e_cond, e_null, c.eta, torch.ones(b, device=x.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        return ul.esd_loss(pred, e_cond, e_null, c.eta, torch.ones(b, device=x.device))
+
+    losses = ul.adam_steps(trained, c.unlearn_steps, c.unlearn_learning_rate, batch_loss)
     return {"unet": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}, "losses": losses}
 
 
@@ -223,57 +220,44 @@ def _attack_loss(pipe: Pipeline, unet, v_att, latents, c, g, template_ids, defen
     return ((pred - noise) ** 2).mean()
 
 
-def _subspace(pipe: Pipeline, unet, c, latents, defense=None) -> dict:
-    """SubAttack ``attack_k`` times (Eq. 5-6), each orthogonal to the earlier ones; trained through
-    the projection ``defense`` when given (a fresh attack against the defended model)."""
-    table = pipe.table
+def _batch_loss(pipe: Pipeline, unet, c, latents, defense=None) -> ul.BatchLoss:
+    """The attack loss of an embedding on a batch of the concept latents drawn with ``g``."""
     template_ids = [pipe.prompt_ids(t, None) for t in c.templates]
-    vectors, alphas, curves = [], [], []
-    for k in range(c.attack_k):
-        g = torch.Generator().manual_seed(c.attack_seed * 1000 + k)
-        basis = ul.orthonormal_basis(torch.stack(vectors)) if vectors else None
-        coef = ul.CoefficientNet(table.shape[1], c.attack_hidden, ul.init_alpha(table.shape[0]), generator=g)
-        coef.to(table.device)
-        opt = torch.optim.Adam(coef.parameters(), lr=c.attack_learning_rate)
-        curve = []
-        for _ in range(c.attack_steps):
-            idx = torch.randint(latents.shape[0], (c.batch_size,), generator=g)
-            v = ul.attack_embedding(coef(table), table, basis)
-            loss = _attack_loss(pipe, unet, v, latents[idx], c, g, template_ids, defense)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            curve.append(float(loss.detach()))
-        with torch.no_grad():
-            alpha = coef(table).double()
-        vectors.append(ul.attack_embedding(alpha, table.double(), basis))
-        alphas.append(alpha)
-        curves.append(curve)
-    return {"vectors": torch.stack(vectors).cpu(), "alphas": torch.stack(alphas).cpu(), "losses": curves}
+
+    def loss(v_att: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(latents.shape[0], (c.batch_size,), generator=g)
+        return _attack_loss(pipe, unet, v_att, latents[idx], c, g, template_ids, defense)
+
+    return loss
+
+
+def _subspace(pipe: Pipeline, unet, c, latents, defense=None) -> dict:
+    """SubAttack ``attack_k`` times (Eq. 5-6, :func:`diffcore.analysis.unlearning.subspace_attack`),
+    each orthogonal to the earlier ones; trained through the projection ``defense`` when given (a
+    fresh attack against the defended model)."""
+    found = ul.subspace_attack(
+        pipe.table,
+        _batch_loss(pipe, unet, c, latents, defense),
+        count=c.attack_k,
+        hidden=c.attack_hidden,
+        steps=c.attack_steps,
+        learning_rate=c.attack_learning_rate,
+        seed=c.attack_seed,
+    )
+    return found | {"vectors": found["vectors"].cpu(), "alphas": found["alphas"].cpu()}
 
 
 def _attacks(pipe: Pipeline, unet, c, latents) -> dict:
     """The subspace attack and the free embedding (textual inversion: same loss, steps and start)."""
-    table = pipe.table
-    template_ids = [pipe.prompt_ids(t, None) for t in c.templates]
-    g = torch.Generator().manual_seed(c.attack_seed * 1000)
-    start = ul.CoefficientNet(table.shape[1], c.attack_hidden, ul.init_alpha(table.shape[0]), generator=g)
-    start.to(table.device)
-    with torch.no_grad():
-        free = torch.nn.Parameter(ul.attack_embedding(start(table), table).clone())
-    opt = torch.optim.Adam([free], lr=c.attack_learning_rate)
-    free_curve = []
-    for _ in range(c.attack_steps):
-        idx = torch.randint(latents.shape[0], (c.batch_size,), generator=g)
-        loss = _attack_loss(pipe, unet, free, latents[idx], c, g, template_ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        free_curve.append(float(loss.detach()))
-    return _subspace(pipe, unet, c, latents) | {
-        "free": free.detach().double().cpu(),
-        "free_losses": free_curve,
-    }
+    free, free_curve = ul.free_attack(
+        pipe.table,
+        _batch_loss(pipe, unet, c, latents),
+        hidden=c.attack_hidden,
+        steps=c.attack_steps,
+        learning_rate=c.attack_learning_rate,
+        seed=c.attack_seed,
+    )
+    return _subspace(pipe, unet, c, latents) | {"free": free.cpu(), "free_losses": free_curve}
 
 
 def sample_sets(c) -> list[dict]:

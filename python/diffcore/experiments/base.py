@@ -566,7 +566,11 @@ class Study:
     - ``spreads``: whether its units spread over ``--shard I/N`` processes or torchrun ranks
       (every other study refuses to run under either);
     - ``one_process``: a unit (a model's training) runs in this process alone under torchrun;
-    - ``summary(results, out) -> [lines]``: what the command prints after a run (None: the results path).
+    - ``summary(results, out) -> [lines]``: what the command prints after a run (None: the results path);
+    - ``presets``: the module's ``PRESETS`` (name -> config factory), for :meth:`run_preset`;
+    - ``make(request) -> study``: the study object of one run (a :class:`RunRequest`); the object
+      has the run's :class:`Workspace` at ``.ws`` and ``run() -> results``. With ``make`` the module
+      needs no entry points of its own: ``run, run_preset = STUDY.run, STUDY.run_preset``.
     """
 
     name: str
@@ -577,6 +581,59 @@ class Study:
     spreads: bool = False
     one_process: bool = False
     summary: Callable[[dict, Path], list[str]] | None = None
+    presets: Mapping[str, Callable[[], Any]] | None = dataclasses.field(default=None, compare=False, repr=False)
+    make: Callable[[RunRequest], Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def run(self, config: Any, out, *, hooks: Any = None, device: str = "auto", progress: bool = True) -> dict:
+        """Run (or resume) the study into ``out`` (:func:`run_study`, the study built by ``make``);
+        returns results.json's content (``{}`` from a process of a sharded run that does not
+        aggregate). ``hooks``: stand-ins for the study's stack (None: its defaults); ``device``:
+        ``auto``, ``cpu`` or ``cuda``; ``progress``: progress bars."""
+        make = self.make
+        if make is None:
+            raise TypeError(f"Study {self.name!r} declares no make(); its module defines run() itself")
+        return run_study(
+            self,
+            config,
+            out,
+            lambda given, resolved, part: make(RunRequest(config, out, given, resolved, part, progress)),
+            hooks=hooks,
+            device=device,
+        )
+
+    def run_preset(self, preset: str, out, overrides: Iterable[str] = (), **kwargs) -> dict:
+        """:meth:`run` on the preset ``preset`` with ``overrides`` (``key=value``) applied."""
+        if self.presets is None:
+            raise TypeError(f"Study {self.name!r} declares no presets")
+        return self.run(config_from_preset(self.presets, preset, overrides), out, **kwargs)
+
+
+def standard_make(
+    study_class: Callable[..., Any], *, hooks: bool = True, default_hooks: Callable[[], Any] | None = None
+) -> Callable[[RunRequest], Any]:
+    """The :attr:`Study.make` of a study class built the way docs/adding-a-study.md shows:
+    ``study_class(config, out, hooks, device, progress)`` (``hooks``: the caller's, or
+    ``default_hooks()`` when the caller passed None and a default is given), or
+    ``study_class(config, out, device, progress)`` with ``hooks=False`` (a study that takes none)."""
+    if not hooks:
+        return lambda r: study_class(r.config, r.out, r.device, r.progress)
+    if default_hooks is None:
+        return lambda r: study_class(r.config, r.out, r.hooks, r.device, r.progress)
+    return lambda r: study_class(r.config, r.out, r.hooks or default_hooks(), r.device, r.progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """One call of a study's ``run``, as :attr:`Study.make` receives it: the validated ``config``,
+    the output folder ``out``, the caller's ``hooks`` (None: the study's defaults), the resolved
+    ``device`` (:func:`study_device`), this process's :class:`Participation` and ``progress``."""
+
+    config: Any
+    out: Any
+    hooks: Any
+    device: str
+    part: Participation
+    progress: bool
 
 
 def study_device(study: Study, device: str, stand_ins: bool) -> str:

@@ -83,7 +83,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 
@@ -1122,20 +1121,5 @@ def plot_transition(results: dict, path) -> Path:
 # ----------------------------------------------------------------------------- entry points
 
 
-def run(config: CFGConfig, out, *, hooks: CFGHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, CFGConfig)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+STUDY = base.Study(NAME, CFGConfig, presets=PRESETS, make=base.standard_make(_Study))
+run, run_preset = STUDY.run, STUDY.run_preset

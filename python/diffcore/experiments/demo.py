@@ -80,18 +80,6 @@ PRESETS: dict[str, Callable[[], DemoConfig]] = {
 CONFIG_CLASS = DemoConfig
 
 
-def run(config: DemoConfig, out: str | Path, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run the demo into ``out`` (``demo.png``, ``results.json``); returns the results."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Demo(config, out, given or study_hooks.default_hooks(), resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
 class _Demo:
     """One run of the demo: it makes no units (seconds), so it only binds its folder and writes."""
 
@@ -116,7 +104,14 @@ def summary(results: dict, out: Path) -> list[str]:
     ]
 
 
-STUDY = base.Study(NAME, DemoConfig, summary=summary)
+STUDY = base.Study(
+    NAME,
+    DemoConfig,
+    summary=summary,
+    presets=PRESETS,
+    make=base.standard_make(_Demo, default_hooks=lambda: study_hooks.default_hooks()),  # looked up at run time
+)
+run, run_preset = STUDY.run, STUDY.run_preset
 
 
 def _run(config: DemoConfig, out: Path, hooks, device: str, progress: bool, pool: torch.Tensor) -> dict:

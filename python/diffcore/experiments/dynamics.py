@@ -67,7 +67,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics import intervals
@@ -1143,21 +1142,13 @@ def plot_losses(results: dict, path) -> Path:
 # ----------------------------------------------------------------------------- entry points
 
 
-def run(config: DynamicsConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content. ``hooks`` is not
-    used (the study calls the stack directly) and must be None."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, DynamicsConfig, threads=_CPU_THREADS, takes_hooks=False)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+# No hooks: the study calls the stack directly.
+STUDY = base.Study(
+    NAME,
+    DynamicsConfig,
+    threads=_CPU_THREADS,
+    takes_hooks=False,
+    presets=PRESETS,
+    make=base.standard_make(_Study, hooks=False),
+)
+run, run_preset = STUDY.run, STUDY.run_preset

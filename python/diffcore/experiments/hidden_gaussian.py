@@ -51,7 +51,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics import intervals
@@ -1107,22 +1106,13 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
     return atomic_save_figure(fig, path)
 
 
-def run(config: HiddenGaussianConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given or study_hooks.default_hooks(), resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
 # One intra-op thread on the CPU: the digits UNets are small, and on a busy 2-core machine a
 # training step took 0.17 s with one thread against 5-11 s with two (thread contention).
-STUDY = base.Study(NAME, HiddenGaussianConfig, threads=1)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+STUDY = base.Study(
+    NAME,
+    HiddenGaussianConfig,
+    threads=1,
+    presets=PRESETS,
+    make=base.standard_make(_Study, default_hooks=lambda: study_hooks.default_hooks()),  # looked up at run time
+)
+run, run_preset = STUDY.run, STUDY.run_preset

@@ -53,7 +53,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics import intervals
@@ -603,20 +602,7 @@ def plot_samples(results: dict, shown: dict, path) -> Path:
     return atomic_save_figure(fig, path)
 
 
-def run(config: LocalityConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, LocalityConfig, cpu_only=True, one_process=True)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+STUDY = base.Study(
+    NAME, LocalityConfig, cpu_only=True, one_process=True, presets=PRESETS, make=base.standard_make(_Study)
+)
+run, run_preset = STUDY.run, STUDY.run_preset

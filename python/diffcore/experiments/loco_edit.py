@@ -1368,24 +1368,18 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- entry points
+STUDY = base.Study(NAME, LocoEditConfig, presets=PRESETS, make=base.standard_make(_Study, default_hooks=default_hooks))
+
+
 def run(
     config: LocoEditConfig, out, *, hooks: LocoHooks | None = None, device: str = "auto", progress: bool = True
 ) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content."""
+    """Run (or resume) the study into ``out`` (:meth:`base.Study.run`) once the config is checked to
+    name at least one image; returns results.json's content."""
     config.validate()
     if not config.images():
         raise ConfigError("image_files: expected at least one image file (--set image_files=a.png,b.png)")
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given or default_hooks(), resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, LocoEditConfig)
+    return STUDY.run(config, out, hooks=hooks, device=device, progress=progress)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:

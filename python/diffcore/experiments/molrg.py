@@ -44,7 +44,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics import intervals
@@ -665,15 +664,14 @@ def plot_rank(rank: dict, path) -> Path:
     return atomic_save_figure(fig, path)
 
 
-def run(config: MoLRGConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out`` (CPU only: the models are tiny); returns results.json's content."""
-    return base.run_study(
-        STUDY, config, out, lambda given, resolved, part: _Study(config, out, progress), hooks=hooks, device=device
-    )
-
-
-STUDY = base.Study(NAME, MoLRGConfig, cpu_only=True, threads=1, takes_hooks=False)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+# CPU only: the models are tiny.
+STUDY = base.Study(
+    NAME,
+    MoLRGConfig,
+    cpu_only=True,
+    threads=1,
+    takes_hooks=False,
+    presets=PRESETS,
+    make=lambda r: _Study(r.config, r.out, r.progress),
+)
+run, run_preset = STUDY.run, STUDY.run_preset

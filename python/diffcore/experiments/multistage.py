@@ -58,7 +58,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics import intervals
@@ -937,20 +936,8 @@ def _machine() -> dict:
     }
 
 
-def run(config: MultistageConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``: results.json, cost.csv, similarity.png, quality.png."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, MultistageConfig, takes_hooks=False)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+# Writes results.json, cost.csv, similarity.png, quality.png into the run folder.
+STUDY = base.Study(
+    NAME, MultistageConfig, takes_hooks=False, presets=PRESETS, make=base.standard_make(_Study, hooks=False)
+)
+run, run_preset = STUDY.run, STUDY.run_preset

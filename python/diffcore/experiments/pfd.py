@@ -39,7 +39,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics import intervals
@@ -669,20 +668,13 @@ def plot_vs_time(results: dict, path) -> Path:
     return atomic_save_figure(fig, path)
 
 
-def run(config: PFDConfig, out, *, hooks: PFDHooks | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out`` (CPU only; the students are tiny MLPs)."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given or default_hooks(), progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, PFDConfig, cpu_only=True, threads=1)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+# CPU only: the students are tiny MLPs.
+STUDY = base.Study(
+    NAME,
+    PFDConfig,
+    cpu_only=True,
+    threads=1,
+    presets=PRESETS,
+    make=lambda r: _Study(r.config, r.out, r.hooks or default_hooks(), r.progress),
+)
+run, run_preset = STUDY.run, STUDY.run_preset

@@ -45,7 +45,6 @@ from diffcore.experiments.base import (
     Workspace,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.experiments.hooks import StudyHooks
@@ -1400,32 +1399,19 @@ def summarize(results: dict) -> dict:
     return {"curves": curves, "cross_width": cross}
 
 
-def run(
-    config: ReproducibilityConfig,
-    out: str | Path,
-    *,
-    hooks: StudyHooks | None = None,
-    device: str = "auto",
-    progress: bool = True,
-) -> dict:
-    """Run (or resume) the study into ``out``; returns the content of ``results.json``.
-
-    Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process makes the
-    models and sample sets no other process is making; then rank 0 (or a later plain run) writes
-    the results, and the other processes return ``{}``."""
-
-    def make(given: StudyHooks | None, resolved: str, part: base.Participation) -> _Study:
-        return _Study(
-            config,
-            out,
-            given or study_hooks.default_hooks(),
-            resolved,
-            progress,
-            default_stack=given is None,
-            part=part,
-        )
-
-    return base.run_study(STUDY, config, out, make, hooks=hooks, device=device)
+def _make(r: base.RunRequest) -> _Study:
+    """One run. Under torchrun (or with ``DIFFCORE_SHARD=I/N``, the CLI's ``--shard``) every process
+    makes the models and sample sets no other process is making; then rank 0 (or a later plain run)
+    writes the results, and the other processes return ``{}``."""
+    return _Study(
+        r.config,
+        r.out,
+        r.hooks or study_hooks.default_hooks(),
+        r.device,
+        r.progress,
+        default_stack=r.hooks is None,
+        part=r.part,
+    )
 
 
 def summary(results: dict, out: Path) -> list[str]:
@@ -1447,8 +1433,7 @@ def summary(results: dict, out: Path) -> list[str]:
     return lines + [f"figure: {out / 'figure1.png'}", f"results: {out / 'results.json'}"]
 
 
-STUDY = base.Study(NAME, ReproducibilityConfig, spreads=True, one_process=True, summary=summary)
-
-
-def run_preset(preset: str, out: str | Path, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+STUDY = base.Study(
+    NAME, ReproducibilityConfig, spreads=True, one_process=True, summary=summary, presets=PRESETS, make=_make
+)
+run, run_preset = STUDY.run, STUDY.run_preset

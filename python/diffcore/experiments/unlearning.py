@@ -395,10 +395,9 @@ def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) ->
     trained = (
         list(student.net.parameters()) if c.unlearn_params == "unet" else list(student.net.model.map_label.parameters())
     )
-    opt = torch.optim.Adam(trained, lr=c.unlearn_learning_rate)
     name = torch.full((c.batch_size,), vocab.name_id(c.erased_digit, c.erased_form))
-    losses = []
-    for _ in range(c.unlearn_steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = _batch(g, images.shape[0], c.batch_size)
         y = images[idx]
         ids = random_prompts(name, attr_ids[idx], vocab, g)
@@ -409,11 +408,9 @@ def esd_unlearn(c, vocab, original: PromptModel, images, attr_ids, seed: int) ->
         with torch.no_grad():
             d_cond = teacher.denoise(x, sigma, cond)
             d_null = teacher.denoise(x, sigma, torch.zeros_like(cond))
-        loss = ul.esd_loss(student.denoise(x, sigma, cond), d_cond, d_null, c.eta, edm_weight(sigma))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        return ul.esd_loss(student.denoise(x, sigma, cond), d_cond, d_null, c.eta, edm_weight(sigma))
+
+    losses = ul.adam_steps(trained, c.unlearn_steps, c.unlearn_learning_rate, batch_loss)
     return student.freeze(), losses
 
 
@@ -433,55 +430,42 @@ def _attack_loss(model: PromptModel, v_att: torch.Tensor, y, attr_ids, vocab, c,
     return (edm_weight(sigma) * ((model.denoise(x, sigma, cond) - y) ** 2).flatten(1).mean(1)).mean()
 
 
-init_alpha = ul.init_alpha  # the start of every alpha (shared with the diffusers backend)
+def _batch_loss(c, vocab, model: PromptModel, images, attr_ids, defense=None) -> ul.BatchLoss:
+    """The attack loss of an embedding on a batch of the erased digit's images drawn with ``g``."""
+
+    def loss(v_att: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        idx = _batch(g, images.shape[0], c.batch_size)
+        return _attack_loss(model, v_att, images[idx], attr_ids[idx], vocab, c, g, defense)
+
+    return loss
 
 
 def subspace_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int, defense=None) -> dict:
-    """SubAttack ``attack_k`` times (Eq. 5-6): the k-th ``v_k = P_k sum_i g_k(v_i) v_i``, ``P_k``
-    removing the span of ``v_1..v_{k-1}``; only ``g_k`` trains (through the projection ``defense
-    [E, K]`` of every prompt embedding when given: a fresh attack against the defended model).
-    Returns vectors [K, E] (float64), alphas [K, V], losses [K, steps]."""
-    table = model.text.table.detach()
-    vectors, alphas, losses = [], [], []
-    for k in range(c.attack_k):
-        g = torch.Generator().manual_seed(seed * 1000 + k)
-        basis = ul.orthonormal_basis(torch.stack(vectors)) if vectors else None
-        coef = ul.CoefficientNet(c.embed_dim, c.attack_hidden, init_alpha(len(vocab)), generator=g)
-        opt = torch.optim.Adam(coef.parameters(), lr=c.attack_learning_rate)
-        curve = []
-        for _ in range(c.attack_steps):
-            idx = _batch(g, images.shape[0], c.batch_size)
-            v = ul.attack_embedding(coef(table), table, basis)
-            loss = _attack_loss(model, v, images[idx], attr_ids[idx], vocab, c, g, defense)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            curve.append(float(loss.detach()))
-        with torch.no_grad():
-            alpha = coef(table).double()
-        vectors.append(ul.attack_embedding(alpha, table.double(), basis))
-        alphas.append(alpha)
-        losses.append(curve)
-    return {"vectors": torch.stack(vectors), "alphas": torch.stack(alphas), "losses": losses}
+    """SubAttack ``attack_k`` times (Eq. 5-6, :func:`diffcore.analysis.unlearning.subspace_attack`)
+    through the projection ``defense [E, K]`` of every prompt embedding when given (a fresh attack
+    against the defended model). Returns vectors [K, E] (float64), alphas [K, V], losses [K, steps]."""
+    return ul.subspace_attack(
+        model.text.table.detach(),
+        _batch_loss(c, vocab, model, images, attr_ids, defense),
+        count=c.attack_k,
+        hidden=c.attack_hidden,
+        steps=c.attack_steps,
+        learning_rate=c.attack_learning_rate,
+        seed=seed,
+    )
 
 
 def free_attack(c, vocab, model: PromptModel, images, attr_ids, seed: int) -> dict:
     """Textual inversion: a free embedding, the same loss, steps, learning rate and start as SubAttack's first."""
-    g = torch.Generator().manual_seed(seed * 1000)
-    table = model.text.table.detach()
-    start = ul.CoefficientNet(c.embed_dim, c.attack_hidden, init_alpha(len(vocab)), generator=g)
-    with torch.no_grad():
-        v = torch.nn.Parameter(ul.attack_embedding(start(table), table).clone())
-    opt = torch.optim.Adam([v], lr=c.attack_learning_rate)
-    curve = []
-    for _ in range(c.attack_steps):
-        idx = _batch(g, images.shape[0], c.batch_size)
-        loss = _attack_loss(model, v, images[idx], attr_ids[idx], vocab, c, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        curve.append(float(loss.detach()))
-    return {"vector": v.detach().double(), "losses": curve}
+    vector, curve = ul.free_attack(
+        model.text.table.detach(),
+        _batch_loss(c, vocab, model, images, attr_ids),
+        hidden=c.attack_hidden,
+        steps=c.attack_steps,
+        learning_rate=c.attack_learning_rate,
+        seed=seed,
+    )
+    return {"vector": vector, "losses": curve}
 
 
 # ----------------------------------------------------------------------------- sample sets
@@ -892,20 +876,5 @@ def summary(results: dict, out: Path) -> list[str]:
     ]
 
 
-STUDY = base.Study(NAME, UnlearningConfig, summary=summary)
-
-
-def run(config: UnlearningConfig, out: str | Path, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run the study into ``out``; returns the results (see the module docstring)."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, given, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(base.config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+STUDY = base.Study(NAME, UnlearningConfig, summary=summary, presets=PRESETS, make=base.standard_make(_Study))
+run, run_preset = STUDY.run, STUDY.run_preset

@@ -72,7 +72,6 @@ from diffcore.experiments.base import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    config_from_preset,
     json_dumps,
 )
 from diffcore.metrics.intervals import Interval
@@ -1123,21 +1122,8 @@ def plot_sweep(results: dict, path) -> Path:
     return atomic_save_figure(fig, path)
 
 
-def run(config: WatermarkConfig, out, *, hooks=None, device: str = "auto", progress: bool = True) -> dict:
-    """Run (or resume) the study into ``out``; returns results.json's content. The study takes no
-    hooks (its tiny preset runs the closed-form Gaussian denoiser instead of stand-ins)."""
-    return base.run_study(
-        STUDY,
-        config,
-        out,
-        lambda given, resolved, part: _Study(config, out, resolved, progress),
-        hooks=hooks,
-        device=device,
-    )
-
-
-STUDY = base.Study(NAME, WatermarkConfig, takes_hooks=False)
-
-
-def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+# No hooks: the tiny preset runs the closed-form Gaussian denoiser instead of stand-ins.
+STUDY = base.Study(
+    NAME, WatermarkConfig, takes_hooks=False, presets=PRESETS, make=base.standard_make(_Study, hooks=False)
+)
+run, run_preset = STUDY.run, STUDY.run_preset
