@@ -26,9 +26,13 @@ def test_subspace_denoiser_is_the_molrg_denoiser_at_the_true_bases():
     model = vector.SubspaceDenoiser(2, 12, 3)
     with torch.no_grad():
         model.raw.copy_(bases.float())
-    x = torch.randn(7, 12)
+    x = torch.randn(7, 12, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.1, 0.5, 1, 2, 4, 8, 0.05])
-    torch.testing.assert_close(model(x, sigma).double(), MoLRGDenoiser(bases)(x.double(), sigma), atol=1e-5, rtol=1e-5)
+    # float32 model against the float64 denoiser: at sigma 0.05 the logits are about
+    # |x|^2 / (2 sigma^2) ~ 2e3, whose float32 rounding (6e-8 relative) moves the posterior weights
+    # by up to ~1e-4; over 500 unseeded draws the largest error was 3.1e-5 (a 1e-5 tolerance failed
+    # on some of them).
+    torch.testing.assert_close(model(x, sigma).double(), MoLRGDenoiser(bases)(x.double(), sigma), atol=1e-4, rtol=1e-5)
 
 
 def test_subspace_training_recovers_the_subspaces_with_enough_samples():
