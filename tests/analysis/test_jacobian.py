@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcore.analysis import jacobian_full, jacobian_subspace, numerical_rank, principal_angles
+import diffcore
+from diffcore.analysis import JacobianOperator, jacobian_full, jacobian_subspace, numerical_rank, principal_angles
 
 METHODS = ["subspace", "randomized", "lanczos"]
 
@@ -111,6 +112,45 @@ def test_lanczos_handles_a_rank_deficient_operator(mlp_denoiser):
     s_ref = torch.linalg.svdvals(mask.reshape(1, -1, 1) * jacobian_full(mlp_denoiser, x, 1.0))[:, :4]
     assert torch.allclose(res.singular_values, s_ref, atol=1e-9)
     assert bool(res.converged.all())
+
+
+class _AttentionDenoiser(torch.nn.Module):
+    """A trained network's situation: parameters that require grad and a self-attention layer
+    (``diffcore.ops.attention``, the UNet's), on [B, 1, 4, 4] (16 positions, 2 heads of 4)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(1, 24, dtype=torch.float64)
+        self.out = torch.nn.Linear(8, 1, dtype=torch.float64)
+
+    def forward(self, x, sigma):
+        tokens = x.reshape(x.shape[0], 16, 1)
+        q, k, v = self.qkv(torch.tanh(tokens)).reshape(x.shape[0], 16, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        h = diffcore.ops.attention(q, k, v).transpose(1, 2).reshape(x.shape[0], 16, 8)
+        return (self.out(h).reshape(x.shape) + x) / 2
+
+
+def test_products_record_no_graph_for_the_parameters():
+    """J = dD/dx only: with parameters that require grad (a trained network), the JVPs and the
+    vmapped VJPs (through attention) record no autograd graph, so the blocks of an SVD do not hold
+    every probe's activations (the watermark learned run grew to 13.5 GB that way); the values are
+    those of the same network with frozen parameters."""
+    net = _AttentionDenoiser()
+    frozen = _AttentionDenoiser().requires_grad_(False)
+    assert all(p.requires_grad for p in net.parameters())
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    block = torch.randn(3, 16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    for probes in ("vmap", "batch", "loop"):
+        op, ref = (JacobianOperator(d, x, 0.7, probes=probes) for d in (net, frozen))
+        for product in ("matvec", "rmatvec"):
+            out = getattr(op, product)(block)
+            assert not out.requires_grad and out.grad_fn is None, (probes, product)
+            assert torch.allclose(out, getattr(ref, product)(block), atol=1e-12)
+    res = jacobian_subspace(net, x, 0.7, 4, method="randomized", seed=3)
+    assert not any(t.requires_grad for t in (res.singular_values, res.U, res.V, res.residuals))
+    ref = jacobian_subspace(frozen, x, 0.7, 4, method="randomized", seed=3)
+    assert torch.allclose(res.singular_values, ref.singular_values)
 
 
 def test_bad_input_gives_clear_errors(mlp_denoiser):

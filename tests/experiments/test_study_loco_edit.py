@@ -130,6 +130,11 @@ def test_controls_decide_on_intervals(tiny_run):
     for claim in claims.values():
         assert isinstance(claim["holds"], bool)
     assert (out / "controls.png").stat().st_size > 0
+    # the controls sample only the headline strength (both signs): the only one their results use
+    assert controls["strength"] == study.control_strength(config) == config.strengths[len(config.strengths) // 2]
+    saved = torch.load(out / "units" / "controls" / f"t{config.edit_time:g}" / "controls.pt", weights_only=True)
+    assert saved["deltas"].shape[:2] == (2, len(config.control_masks))
+    assert float(saved["strength"]) == controls["strength"]
 
 
 def test_saved_directions_reproduce_the_edits(tiny_run):

@@ -370,3 +370,18 @@ def test_inside_a_module_with_parameters_under_jvp_vmap_and_backward():
     proj.weight.grad = None
     block(x, ref).square().sum().backward()
     assert _err(g1, proj.weight.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_vmapped_vjp_under_no_grad(backend):
+    """A batch of VJPs (vmap over the cotangents, as a Jacobian's block methods use) under
+    torch.no_grad (no graph back to the parameters): the cpu backend's in-place chunk buffers
+    cannot take vmapped cotangents, so they go to the vmappable formula, and match it."""
+    q, k, v = _inputs((2, 2, 6, 6, 4), torch.float64, seed=15)
+    cotangents = torch.randn(3, *q.shape, dtype=torch.float64)
+    with torch.no_grad():
+        vjp = torch.func.vjp(lambda a: diffcore.ops.attention(a, k, v, backend=backend), q)[1]
+        ours = torch.func.vmap(lambda c: vjp(c)[0])(cotangents)
+    assert not ours.requires_grad
+    ref = torch.stack([attention_vjp_ref(q, k, v, c)[0] for c in cotangents])
+    assert _err(ours, ref) < 1e-12

@@ -764,8 +764,9 @@ class _Study:
     def control_unit(self, denoiser, timeline, shape, model: dict, pool, edit_time: float) -> Unit:
         """At one edit time, for every image: the full Jacobian (rank), and per control mask the
         four directions (LOCO projected, LOCO unprojected, random projected, Gaussian projected)
-        edited at every strength of both signs (one batch), and x0_hat's first-order error along the
-        LOCO direction."""
+        edited at the headline strength (:func:`control_strength`) of both signs (one batch), and
+        x0_hat's first-order error along the LOCO direction there. Only that strength enters the
+        results (the per-image units keep every strength), so only it is sampled."""
         from diffcore import analysis
         from diffcore.analysis.editing import exact_loco_directions, project_out, top_masked_direction
 
@@ -781,7 +782,7 @@ class _Study:
                 k: getattr(c, k)
                 for k in ("image_source", "inversion_steps", "solver", "stochastic_below", "noise_seed", "k_out")
             },
-            "strengths": list(c.strengths),
+            "strength": control_strength(c),
         }
         sigma = timeline.sigma(edit_time)
         sigmas = timeline.sampling_grid(edit_time, c.inversion_steps)
@@ -794,7 +795,8 @@ class _Study:
             jac = analysis.jacobian_full(denoiser, x_t, sigma, mode="rev").double()  # [B, d, d]
             singular = torch.linalg.svdvals(jac)
             w_g = self.gaussian_reference(pool).jacobian(sigma)  # [d, d]
-            signed = [*c.strengths, *(-s for s in c.strengths)]
+            strength = control_strength(c)
+            signed = [strength, -strength]
             directions = []  # [M, K, B, d]
             for m_index, spec_m in enumerate(c.control_masks):
                 mask = grid_mask(spec_m, shape)
@@ -821,15 +823,16 @@ class _Study:
             with torch.no_grad():
                 finals = analysis.sample_back(denoiser, torch.cat([x_t, start]), sigmas, **kwargs)
             original, edited = finals[:batch], finals[batch:].reshape(len(signed), *v.shape)
-            lin = analysis.local_linearity(denoiser, x_t, sigma, v[:, 0].transpose(0, 1), list(c.strengths))
+            lin = analysis.local_linearity(denoiser, x_t, sigma, v[:, 0].transpose(0, 1), [strength])
             torch.save(
                 {
                     "sigma": torch.tensor(sigma, dtype=torch.float64),
                     "edit_time": torch.tensor(edit_time, dtype=torch.float64),
                     "singular_values": singular.float(),
-                    "deltas": (edited - original).float().contiguous(),  # [2S, M, K, B, C, H, W]
+                    "strength": torch.tensor(strength, dtype=torch.float64),
+                    "deltas": (edited - original).float().contiguous(),  # [2, M, K, B, C, H, W]: +s, -s
                     "masks": torch.stack([grid_mask(m, shape) for m in c.control_masks]).float(),
-                    "x0_rel_error": lin.rel_error.float(),  # [B, M, S] along the LOCO direction
+                    "x0_rel_error": lin.rel_error.float(),  # [B, M, 1] along the LOCO direction
                     "x0_cosine": lin.cosine.float(),
                     "original": original.float().cpu(),
                 },
@@ -1033,39 +1036,48 @@ def _mean_interval(rows) -> Interval:
     return intervals.bootstrap_interval(arr, lambda a: float(np.mean(a)))
 
 
-def control_measures(t: dict, c: LocoEditConfig) -> dict:
-    """Per-image measures of one control unit (one edit time) as numpy arrays.
+def control_strength(c: LocoEditConfig) -> float:
+    """The headline strength of the controls, fixed before looking: the middle of ``strengths``
+    (``strengths[len // 2]``, 2 in the quick preset)."""
+    return c.strengths[len(c.strengths) // 2]
 
-    ``inside_fraction``, ``locality`` [S, M, K, B]: energies of both signs summed (inside over
-    inside + outside, inside over outside); ``cosine_pm`` [S, M, K, B]; ``change_per_strength``
-    [S, M, K, B] = |delta(+s)| / s (unnormalized); ``rank`` [B] (numerical rank of the full Jacobian,
-    ratio ``rank_ratio``), ``x0_rel_error`` [S, M, B]; ``area`` [M] (the mask's share of the pixels:
+
+def control_measures(t: dict, c: LocoEditConfig) -> dict:
+    """Per-image measures of one control unit (one edit time, the headline strength) as numpy arrays.
+
+    ``inside_fraction``, ``locality`` [M, K, B]: energies of both signs summed (inside over
+    inside + outside, inside over outside); ``cosine_pm`` [M, K, B]; ``change_per_strength``
+    [M, K, B] = |delta(+s)| / s (unnormalized); ``rank`` [B] (numerical rank of the full Jacobian,
+    ratio ``rank_ratio``), ``x0_rel_error`` [M, B]; ``area`` [M] (the mask's share of the pixels:
     the inside fraction of a change spread evenly, the chance level)."""
     from diffcore import analysis
 
-    deltas = t["deltas"].double()  # [2S, M, K, B, C, H, W]
-    n = len(c.strengths)
-    plus, minus = deltas[:n], deltas[n:]
+    deltas = t["deltas"].double()  # [2, M, K, B, C, H, W]: +s, -s
+    if deltas.shape[0] != 2 or "strength" not in t:
+        raise ValueError(
+            "controls.pt: expected the deltas of one strength of both signs [2, M, K, B, ...] "
+            f"(made by this version), got shape {tuple(deltas.shape)}; use a new --out folder"
+        )
+    strength = float(t["strength"])
     inside, outside = [], []
     for m_index in range(deltas.shape[1]):
         mask = t["masks"][m_index]
         loc = analysis.edit_locality(deltas[:, m_index], mask)
         inside.append(loc["inside"])
         outside.append(loc["outside"])
-    inside_e = torch.stack(inside, 1)  # [2S, M, K, B]
+    inside_e = torch.stack(inside, 1)  # [2, M, K, B]
     outside_e = torch.stack(outside, 1)
-    both_in, both_out = inside_e[:n] + inside_e[n:], outside_e[:n] + outside_e[n:]
-    flat_p, flat_m = plus.flatten(4), minus.flatten(4)
-    strengths = torch.tensor(c.strengths, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    both_in, both_out = inside_e[0] + inside_e[1], outside_e[0] + outside_e[1]
+    flat_p, flat_m = deltas[0].flatten(3), deltas[1].flatten(3)
     d = t["singular_values"].shape[-1]
     return {
         "inside_fraction": (both_in / (both_in + both_out).clamp_min(1e-300)).numpy(),
         "locality": (both_in / both_out.clamp_min(1e-300)).numpy(),
         "cosine_pm": torch.nn.functional.cosine_similarity(flat_p, flat_m, dim=-1, eps=1e-300).numpy(),
-        "change_per_strength": (flat_p.norm(dim=-1) / strengths).numpy(),
+        "change_per_strength": (flat_p.norm(dim=-1) / strength).numpy(),
         "rank": analysis.numerical_rank(t["singular_values"].double(), c.rank_ratio).numpy(),
         "dimension": d,
-        "x0_rel_error": t["x0_rel_error"].double().permute(2, 1, 0).numpy(),
+        "x0_rel_error": t["x0_rel_error"].double()[:, :, 0].T.numpy(),
         "area": t["masks"].double().flatten(1).mean(1).numpy(),
         "sigma": float(t["sigma"]),
         "edit_time": float(t["edit_time"]),
@@ -1077,34 +1089,33 @@ def summarize_controls(units: list[dict], c: LocoEditConfig) -> dict:
     (decided on 95 % bootstrap intervals over images; see docs/studies.md)."""
     from diffcore.metrics import intervals
 
-    mid = len(c.strengths) // 2  # the headline strength, fixed before looking
     per_time, at_edit = [], None
     for t in units:
-        m = control_measures(t, c)
-        frac = m["inside_fraction"][mid]  # [M, K, B]
+        m = control_measures(t, c)  # at the headline strength, fixed before looking
+        frac = m["inside_fraction"]  # [M, K, B]
         row = {
             "edit_time": m["edit_time"],
             "sigma": m["sigma"],
             "rank": _median_interval(m["rank"]).as_dict(),
             "rank_fraction": _median_interval(m["rank"] / m["dimension"]).as_dict(),
-            "x0_rel_error": _median_interval(m["x0_rel_error"][mid].T).as_dict(),
+            "x0_rel_error": _median_interval(m["x0_rel_error"].T).as_dict(),
             **{
                 f"inside_fraction_{kind}": _median_interval(frac[:, k].T).as_dict()
                 for k, kind in enumerate(CONTROL_KINDS)
             },
             **{
-                f"locality_{kind}": _median_interval(m["locality"][mid][:, k].T).as_dict()
+                f"locality_{kind}": _median_interval(m["locality"][:, k].T).as_dict()
                 for k, kind in enumerate(CONTROL_KINDS)
             },
-            "cosine_pm_loco": _median_interval(m["cosine_pm"][mid][:, 0].T).as_dict(),
-            "change_per_strength_loco": _median_interval(m["change_per_strength"][mid][:, 0].T).as_dict(),
+            "cosine_pm_loco": _median_interval(m["cosine_pm"][:, 0].T).as_dict(),
+            "change_per_strength_loco": _median_interval(m["change_per_strength"][:, 0].T).as_dict(),
         }
         per_time.append(row)
         if abs(m["edit_time"] - c.edit_time) < 1e-12:
             at_edit = m
     assert at_edit is not None  # edit_times() holds edit_time
     m = at_edit
-    frac = m["inside_fraction"][mid]  # [M, K, B]
+    frac = m["inside_fraction"]  # [M, K, B]
     area = m["area"]  # [M]
     success = frac[:, 0] >= c.success_fraction  # [M, B]
     per_mask = []
@@ -1122,7 +1133,7 @@ def summarize_controls(units: list[dict], c: LocoEditConfig) -> dict:
                     for k, kind in enumerate(CONTROL_KINDS)
                 },
                 **{
-                    f"locality_{kind}": _median_interval(m["locality"][mid][j, k]).as_dict()
+                    f"locality_{kind}": _median_interval(m["locality"][j, k]).as_dict()
                     for k, kind in enumerate(CONTROL_KINDS)
                 },
                 "per_image_inside_fraction_loco": frac[j, 0].tolist(),
@@ -1135,7 +1146,7 @@ def summarize_controls(units: list[dict], c: LocoEditConfig) -> dict:
 
     pooled_success = _mean_interval(success.T.astype(np.float64))
     rank_fraction = _median_interval(m["rank"] / m["dimension"])
-    x0_error = _median_interval(m["x0_rel_error"][mid].T)
+    x0_error = _median_interval(m["x0_rel_error"].T)
     differences = {
         "random": paired(CONTROL_KINDS.index("random")),
         "gaussian": paired(CONTROL_KINDS.index("gaussian")),
@@ -1163,7 +1174,7 @@ def summarize_controls(units: list[dict], c: LocoEditConfig) -> dict:
         x0_error.high < c.linearity_tolerance, x0_rel_error=x0_error, tolerance=c.linearity_tolerance
     )
     return {
-        "strength": c.strengths[mid],
+        "strength": control_strength(c),
         "kinds": list(CONTROL_KINDS),
         "images": len(c.images()),
         "per_time": per_time,

@@ -621,7 +621,7 @@ class _Study:
                 "train_img_per_s": trained_steps * c.batch_size / wall if trained_steps else None,
                 "train_img_per_cpu_s": trained_steps * c.batch_size / cpu if trained_steps else None,
                 "final_train_loss": result.final_loss,
-                **self.cost(denoiser),
+                **self.cost_once(model_spec, denoiser),
                 "stage_loss": self.stage_loss(denoiser, train, boundaries, tmp),
             }
             evaluation.update(self.quality(denoiser, reference, tmp))
@@ -635,6 +635,16 @@ class _Study:
             "%s at %d steps: %s", model, steps, {k: evaluation.get(k) for k in ("frechet_distance", "train_img_per_s")}
         )
         return evaluation
+
+    def cost_once(self, model_spec: dict, denoiser) -> dict:
+        """:meth:`cost` of the architecture ``model_spec``, computed once per run (it depends on the
+        architecture only, not on the weights: every checkpoint of a model has the same; counting
+        the FLOPs of one sample under FlopCounterMode took about 0.75 CPU-s per checkpoint)."""
+        cache = self.__dict__.setdefault("_cost_cache", {})
+        key = json.dumps(model_spec, sort_keys=True)
+        if key not in cache:
+            cache[key] = self.cost(denoiser)
+        return dict(cache[key])
 
     def cost(self, denoiser) -> dict:
         """Parameters (all, and those one denoiser call uses per stage) and sampling FLOPs per sample."""

@@ -1111,7 +1111,12 @@ def plot_sweep(results: dict, path) -> Path:
     axes[1].set_ylim(0, 1.05)
     axes[1].set_ylabel("ROC-AUC")
     line(axes[2], [e.get("null_space_fraction") for e in sweep], "key's null-space fraction")
-    line(axes[2], [e.get("rank_fraction") for e in sweep], "Jacobian rank / dimension", "s--")
+    capped = [t for t, e in zip(times, sweep) if e.get("rank_capped_at_k")]
+    rank_label = "Jacobian rank / dimension" + (" (hollow: rank above k, a lower bound)" if capped else "")
+    line(axes[2], [e.get("rank_fraction") for e in sweep], rank_label, "s--")
+    for t, e in zip(times, sweep):
+        if e.get("rank_capped_at_k"):
+            axes[2].plot([t], [e["rank_fraction"]["value"]], "s", mfc="white", mec="tab:orange", zorder=3)
     axes[2].set_ylim(0, 1.05)
     for ax, title in zip(axes, ("consistency", "detection", "Jacobian at the injection state")):
         ax.set_xlabel("injection time t / T (x_T: 1)")

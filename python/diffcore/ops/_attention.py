@@ -237,9 +237,10 @@ def _jvp(backend: str, q, k, v, tq, tk, tv, scale: float, out, lse, probs, no_re
 
 
 def _backward(backend: str, q, k, v, out, lse, d_out, scale: float, need):
-    if torch.is_grad_enabled() or (backend in _KERNELS and compat.vmap_batched(d_out)):
-        # create_graph=True / higher order, or vmap-batched cotangents (jacrev) reaching a raw-memory
-        # kernel: the differentiable, vmappable formula
+    if torch.is_grad_enabled() or (backend != "reference" and compat.vmap_batched(d_out)):
+        # create_graph=True / higher order, or vmap-batched cotangents (jacrev, a vmapped VJP under
+        # no_grad) reaching a raw-memory kernel or the cpu backend's in-place chunk buffers: the
+        # differentiable, vmappable formula
         backend = "reference"
     return RUNNERS[backend].backward(q, k, v, out, lse, d_out, scale, need)
 
