@@ -24,6 +24,7 @@ of another kind refused; the config is validated before it is bound.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import dataclasses
@@ -535,7 +536,19 @@ def participation() -> Participation:
             )
         rank = _launcher_count("RANK", "0")
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+        # torn down before the interpreter's own teardown: a gloo group destroyed during interpreter
+        # shutdown can abort the process ("terminate called without an active exception", seen once
+        # in the two-rank test after a complete run)
+        atexit.register(_destroy_process_group)
     return Participation(dist.get_rank(), dist.get_world_size(), distributed=True)
+
+
+def _destroy_process_group() -> None:
+    """Destroy the default process group this module created, if it still exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _launcher_count(name: str, default: str) -> int:
