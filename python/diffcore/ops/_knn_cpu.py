@@ -48,14 +48,16 @@ CPU_GRAM_CACHE_BYTES = 1 << 20
 
 
 # A problem of at most CPU_SINGLE_THREAD_WORK multiply-adds (B N D) on a training set of one cached
-# tile runs on one thread whatever torch's thread count (torch's int8 GEMM included): measured on
-# the 2-core Xeon at load 6.5 (bench/baselines/MEASUREMENTS.md, 2026-12-06 knn entry), one thread
-# took 2.4 / 6.0 / 20.7 ms of CPU time at (256 / 1797 / 8000, 1797, 64) against 32 / 42 / 81 ms
-# with two (wall 4.3 / 10.5 / 50 ms against 81 / 106 / 213 ms): the GEMM and the pass are a few
-# milliseconds, and every parallel region's hand-off costs more than the second core gives. The
-# threshold keeps the digits' all-pairs case (2.1e8) on one thread and leaves larger problems,
-# where a quiet machine's second core should pay, to torch's count.
-CPU_SINGLE_THREAD_WORK = 1 << 28
+# tile runs on one thread whatever torch's thread count (torch's int8 GEMM included). Chosen on a
+# quiet machine (the 2-core Xeon, load below 2; bench/baselines/MEASUREMENTS.md, 2026-12-06
+# 13:15 UTC): against N = 1797 digits with 2 threads available, one thread / two took 0.75 / 0.67 ms
+# at B = 64, 1.32 / 1.05 ms at B = 256, 1.93 / 1.44 at 512, 3.14 / 2.30 at 1024 and 5.51 / 3.72 at
+# 1797 (torch cdist + topk: 0.42 / 1.02 / 1.75 / 3.30 / 6.10 ms). Two threads gain at every size
+# there, but little below about 2^25 (B = 256: 1.26x), while under heavy load (6-10 on 2 cores)
+# every parallel region's hand-off cost far more than the second core gave (B = 256: 4.3 ms on
+# one thread against 81 ms on two, wall). So the threshold keeps B <= 291 at the digits on one
+# thread and lets the digits' all-pairs case (2.1e8) use torch's count.
+CPU_SINGLE_THREAD_WORK = 1 << 25
 
 # Below this many elementary steps a parallel region costs more than it saves (its barrier is what
 # hurts most when the cores are oversubscribed).
