@@ -313,7 +313,7 @@ struct QueryBounds {
 };
 
 // ----------------------------------------------------------------------------------------------
-// The lower bounds in float (8 lanes of AVX2 instead of 4 doubles; issue 34: the double bounds
+// The lower bounds in float (8 lanes of AVX2 instead of 4 doubles: the double bounds
 // pass was 80% of knn's time at the digits' all-pairs shape). The lower bound of QueryBounds,
 //   lower_j = A + P_j - sigma w_j - beta yd_j - gamma' yr_j - kappa |w_j|,   w_j = s_j G~_j,
 // with per query A = |q|^2 - abs (1 + |q|^2) - M_q, sigma = 2 s_q, beta = 2 c (|q~| + |dq|),

@@ -30,7 +30,7 @@ namespace {
 // wrote and keeps the part of the state it reads next, and the OpenMP team (torch's libgomp, shared
 // with this extension) stays the one torch uses. Measured (a 50-step Euler loop, 2 threads,
 // 16x3x32x32 = 49152 elements): one thread here made the whole trajectory several times slower
-// under load than this split (bench/baselines/MEASUREMENTS.md, 2026-12-06, issue 34).
+// under load than this split (bench/baselines/MEASUREMENTS.md, 2026-12-06).
 constexpr int64_t kMinParallel = 32768;
 // Block boundaries are rounded to 16 elements (a 64-byte line of float32; four of float64), so no
 // two threads write one cache line of float32 output.
@@ -129,7 +129,7 @@ int64_t sampler_step_cpu(const std::string& dtype, std::uintptr_t x, std::uintpt
 // A CPU step bound once per trajectory to its dtype, size, flag and thread count, called with
 // positional arguments: a sampler takes 10-1000 steps on tensors of one shape, and pybind11's
 // keyword-argument dispatch of `sampler_step_cpu` (14 names looked up per call) cost more than a
-// third of the fused step's own time at 16x3x32x32 (issue 34). The factory keeps every argument by
+// third of the fused step's own time at 16x3x32x32. The factory keeps every argument by
 // name; the callable it returns is internal to diffcore's sampler loops
 // (python/diffcore/ops/_sampler_step_cpu.py), which pass (x, denoised, extra, noise, out, c_x,
 // c_denoised, c_extra, c_noise, step) in this order from one place.
