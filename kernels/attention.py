@@ -149,12 +149,17 @@ def _bwd_query_rows(Q, DO, LSE, DELTA, bh, rows, offs_d, stride_qb, stride_ql, L
 
 
 @triton.jit
-def _bwd_probs(q, k, v, do, lse, delta, mask, qk_scale, PRECISION: tl.constexpr):
-    """P = exp(S - lse) (0 outside ``mask``) and dS = P * (dO V^T - delta) of one block (Dao 2023, Alg. 2)."""
+def _bwd_probs(q, k, lse, mask, qk_scale, PRECISION: tl.constexpr):
+    """P = exp(S - lse) of one block, 0 outside ``mask`` (Dao 2023, Alg. 2)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    return tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_ds(p, do, v, delta, PRECISION: tl.constexpr):
+    """dS = P * (dO V^T - delta) of one block (Dao 2023, Alg. 2)."""
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return p, p * (dp - delta[:, None])
+    return p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -194,8 +199,9 @@ def _bwd_dkdv_kernel(
     for start_m in range(0, Lq, BLOCK_M):
         rows = start_m + offs_m
         q, do, lse, delta = _bwd_query_rows(Q, DO, LSE, DELTA, bh, rows, offs_d, stride_qb, stride_ql, Lq, head_dim)
-        p, ds = _bwd_probs(q, k, v, do, lse, delta, (rows < Lq)[:, None], qk_scale, PRECISION)
+        p = _bwd_probs(q, k, lse, (rows < Lq)[:, None], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        ds = _bwd_ds(p, do, v, delta, PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     mask = (offs_n[:, None] < Lk) & (offs_d[None, :] < head_dim)
     ptrs = bh * stride_kb + offs_n[:, None] * stride_kl + offs_d[None, :]
@@ -238,7 +244,7 @@ def _bwd_dq_kernel(
         cols = start_n + offs_n
         k = _load_block(K + bh * stride_kb, cols, offs_d, stride_kl, Lk, head_dim)
         v = _load_block(V + bh * stride_kb, cols, offs_d, stride_kl, Lk, head_dim)
-        _, ds = _bwd_probs(q, k, v, do, lse, delta, (cols < Lk)[None, :], qk_scale, PRECISION)
+        ds = _bwd_ds(_bwd_probs(q, k, lse, (cols < Lk)[None, :], qk_scale, PRECISION), do, v, delta, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < head_dim)
     tl.store(
