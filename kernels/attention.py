@@ -138,6 +138,31 @@ def _fwd_jvp_kernel(
 
 
 @triton.jit
+def _bwd_query_rows(Q, DO, LSE, DELTA, bh, rows, offs_d, stride_qb, stride_ql, Lq, head_dim):
+    """q, dO [len(rows), BLOCK_D] and lse (times log2 e), delta [len(rows)] of the query rows ``rows``."""
+    row_ok = rows < Lq
+    q = _load_block(Q + bh * stride_qb, rows, offs_d, stride_ql, Lq, head_dim)
+    do = _load_block(DO + bh * stride_qb, rows, offs_d, stride_ql, Lq, head_dim)
+    lse = tl.load(LSE + bh * Lq + rows, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh * Lq + rows, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_probs(q, k, lse, mask, qk_scale, PRECISION: tl.constexpr):
+    """P = exp(S - lse) of one block, 0 outside ``mask`` (Dao 2023, Alg. 2)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    return tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_ds(p, do, v, delta, PRECISION: tl.constexpr):
+    """dS = P * (dO V^T - delta) of one block (Dao 2023, Alg. 2)."""
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q,
     K,
@@ -173,16 +198,10 @@ def _bwd_dkdv_kernel(
     qk_scale = scale * LOG2E
     for start_m in range(0, Lq, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < Lq
-        q = _load_block(Q + bh * stride_qb, rows, offs_d, stride_ql, Lq, head_dim)
-        do = _load_block(DO + bh * stride_qb, rows, offs_d, stride_ql, Lq, head_dim)
-        lse = tl.load(LSE + bh * Lq + rows, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(DELTA + bh * Lq + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        q, do, lse, delta = _bwd_query_rows(Q, DO, LSE, DELTA, bh, rows, offs_d, stride_qb, stride_ql, Lq, head_dim)
+        p = _bwd_probs(q, k, lse, (rows < Lq)[:, None], qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _bwd_ds(p, do, v, delta, PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     mask = (offs_n[:, None] < Lk) & (offs_d[None, :] < head_dim)
     ptrs = bh * stride_kb + offs_n[:, None] * stride_kl + offs_d[None, :]
@@ -218,23 +237,16 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
-    q = _load_block(Q + bh * stride_qb, offs_m, offs_d, stride_ql, Lq, head_dim)
-    do = _load_block(DO + bh * stride_qb, offs_m, offs_d, stride_ql, Lq, head_dim)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    q, do, lse, delta = _bwd_query_rows(Q, DO, LSE, DELTA, bh, offs_m, offs_d, stride_qb, stride_ql, Lq, head_dim)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * LOG2E
     for start_n in range(0, Lk, BLOCK_N):
         cols = start_n + offs_n
         k = _load_block(K + bh * stride_kb, cols, offs_d, stride_kl, Lk, head_dim)
         v = _load_block(V + bh * stride_kb, cols, offs_d, stride_kl, Lk, head_dim)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where((cols < Lk)[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _bwd_ds(_bwd_probs(q, k, lse, (cols < Lk)[None, :], qk_scale, PRECISION), do, v, delta, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < head_dim)
     tl.store(
         DQ + bh * stride_qb + offs_m[:, None] * stride_ql + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),

@@ -117,6 +117,23 @@ def _exact_logits(
 
 
 @triton.jit
+def _query_rows(xn_ptr, inv2s2_ptr, B, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M query rows: (offs_m, row_ok, c = 1 / (2 sigma^2), |x|) per row."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    c = tl.load(inv2s2_ptr + offs_m, mask=row_ok, other=1.0)
+    xnorm = tl.sqrt(tl.load(xn_ptr + offs_m, mask=row_ok, other=0.0))
+    return offs_m, row_ok, c, xnorm
+
+
+@triton.jit
+def _out_chunk(out_ptr, offs_m, row_ok, d0, D: tl.constexpr, stride_out, BLOCK_D: tl.constexpr):
+    """Pointers and mask of the [BLOCK_M, BLOCK_D] chunk of the output rows at feature ``d0``."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    return out_ptr + offs_m[:, None] * stride_out + offs_d[None, :], row_ok[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
 def _max_lower_bound_kernel(
     x_ptr,
     y_ptr,
@@ -135,11 +152,7 @@ def _max_lower_bound_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < B
-    c = tl.load(inv2s2_ptr + offs_m, mask=row_ok, other=1.0)
-    xnorm = tl.sqrt(tl.load(xn_ptr + offs_m, mask=row_ok, other=0.0))
+    offs_m, row_ok, c, xnorm = _query_rows(xn_ptr, inv2s2_ptr, B, BLOCK_M)
     lower = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float64)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -194,21 +207,13 @@ def _stream_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < B
-    c = tl.load(inv2s2_ptr + offs_m, mask=row_ok, other=1.0)
-    xnorm = tl.sqrt(tl.load(xn_ptr + offs_m, mask=row_ok, other=0.0))
+    offs_m, row_ok, c, xnorm = _query_rows(xn_ptr, inv2s2_ptr, B, BLOCK_M)
     cut = tl.load(lower_ptr + offs_m, mask=row_ok, other=0.0) - band
     run_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float64)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):  # acc = 0 in the output buffer
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(
-            out_ptr + offs_m[:, None] * stride_out + offs_d[None, :],
-            tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32),
-            mask=row_ok[:, None] & (offs_d[None, :] < D),
-        )
+        optr, omask = _out_chunk(out_ptr, offs_m, row_ok, d0, D, stride_out, BLOCK_D)
+        tl.store(optr, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), mask=omask)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         logit, err = _fast_logits(
@@ -248,10 +253,8 @@ def _stream_kernel(
             run_max = new_max
             alpha32 = alpha.to(tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                omask = row_ok[:, None] & (offs_d[None, :] < D)
-                optr = out_ptr + offs_m[:, None] * stride_out + offs_d[None, :]
-                yb = _load_rows(y_ptr, offs_n, offs_d, N, D, stride_y, IS_U8)
+                optr, omask = _out_chunk(out_ptr, offs_m, row_ok, d0, D, stride_out, BLOCK_D)
+                yb = _load_rows(y_ptr, offs_n, d0 + tl.arange(0, BLOCK_D), N, D, stride_y, IS_U8)
                 acc = tl.load(optr, mask=omask, other=0.0) * alpha32[:, None]
                 acc += tl.dot(p, yb, input_precision="ieee")
                 tl.store(optr, acc, mask=omask)
@@ -259,9 +262,7 @@ def _stream_kernel(
     run_max = tl.where(row_ok, run_max, 0.0)
     inv_sum = (1.0 / run_sum).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        omask = row_ok[:, None] & (offs_d[None, :] < D)
-        optr = out_ptr + offs_m[:, None] * stride_out + offs_d[None, :]
+        optr, omask = _out_chunk(out_ptr, offs_m, row_ok, d0, D, stride_out, BLOCK_D)
         tl.store(optr, tl.load(optr, mask=omask, other=0.0) * inv_sum[:, None], mask=omask)
     tl.store(logz_ptr + offs_m, (run_max + tl.log(run_sum)).to(tl.float32), mask=row_ok)
 
@@ -295,46 +296,21 @@ def empirical_denoise_triton(
     out = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
     logz = torch.empty(batch, dtype=torch.float32, device=x.device)
     grid = (math.ceil(batch / BLOCK_M),)
-    _max_lower_bound_kernel[grid](
-        x,
-        train,
-        x_sqnorm,
-        y_sqnorm,
-        inv2s2,
-        lower,
-        batch,
-        rows,
-        dim,
-        x.stride(0),
-        train.stride(0),
-        err_coef,
-        IS_U8=is_u8,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-    )
+    # the operands both passes read (the second also writes out and logz), and the block sizes
+    operands = (x, train, x_sqnorm, y_sqnorm, inv2s2, lower)
+    shapes = (batch, rows, dim, x.stride(0), train.stride(0))
+    blocks = dict(IS_U8=is_u8, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    _max_lower_bound_kernel[grid](*operands, *shapes, err_coef, **blocks)
     _stream_kernel[grid](
-        x,
-        train,
-        x_sqnorm,
-        y_sqnorm,
-        inv2s2,
-        lower,
+        *operands,
         out,
         logz,
-        batch,
-        rows,
-        dim,
-        x.stride(0),
-        train.stride(0),
+        *shapes,
         out.stride(0),
         err_coef,
         float(rescore_tol),
         float(band),
-        IS_U8=is_u8,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        **blocks,
         BLOCK_D=BLOCK_D,
         BLOCK_E=BLOCK_E,
     )

@@ -10,6 +10,13 @@ from diffcore.train import build_model
 from tests.helpers import TINY_UNET_FIELDS
 
 TINY = TINY_UNET_FIELDS
+# The registry's spec of a small two-stage model (diffcore.train.build_model).
+MULTISTAGE_SPEC = {
+    "name": "multistage",
+    "preset": "ddpmpp-digits-light",
+    "sigma_boundaries": [1.0],
+    "decoder_channels": [16, 8],
+}
 
 
 @pytest.fixture
@@ -88,13 +95,7 @@ def test_precond_wrapper_routes_by_sigma():
 
 
 def test_registry_builds_it_and_state_dicts_round_trip():
-    spec = {
-        "name": "multistage",
-        "preset": "ddpmpp-digits-light",
-        "sigma_boundaries": [1.0],
-        "decoder_channels": [16, 8],
-    }
-    a, b = build_model(spec), build_model(spec)
+    a, b = build_model(MULTISTAGE_SPEC), build_model(MULTISTAGE_SPEC)
     b.load_state_dict(a.state_dict())
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.2, 1.0, 3.0])
     assert torch.equal(a(x, sigma), b(x, sigma))
@@ -142,14 +143,7 @@ def test_separate_stage_unets_route_each_stage_to_its_own_unet_and_share_nothing
 
 
 def test_registry_builds_separate_stage_models():
-    spec = {
-        "name": "multistage",
-        "preset": "ddpmpp-digits-light",
-        "sigma_boundaries": [1.0],
-        "decoder_channels": [16, 8],
-        "shared_encoder": False,
-    }
-    denoiser = build_model(spec)
+    denoiser = build_model({**MULTISTAGE_SPEC, "shared_encoder": False})
     assert type(denoiser.model).__name__ == "SeparateStageUNets"
     sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
     assert denoiser.model.stage_of(denoiser.coefficients(sigma)[3]).tolist() == [0, 1]

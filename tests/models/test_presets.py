@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -50,6 +54,26 @@ def test_every_preset_builds_and_keeps_its_resolution(name):
     net = meta_unet(name, model_channels=8)
     assert net.img_resolution == PRESETS[name].img_resolution
     assert net.config.model_channels == 8
+
+
+# SHA-256 (first 16 hex digits) of each preset's fields as sorted JSON. A preset is named by its key in
+# model specs, run folders and checkpoints, so its values must not drift when the table is edited.
+PRESET_DIGESTS = {
+    "ddpmpp-cifar": "0f20f2c042d3035e",
+    "ddpmpp-64": "61370040246eb80b",
+    "ddpmpp-28": "286741672d0de5c9",
+    "ddpmpp-16": "456e46daa1c5748b",
+    "ddpmpp-digits": "c6ac78d12a6f1eea",
+    "ddpmpp-digits-light": "46338ca6112ef95c",
+}
+
+
+def test_preset_values_are_unchanged():
+    digests = {
+        name: hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+        for name, config in PRESETS.items()
+    }
+    assert digests == PRESET_DIGESTS
 
 
 def test_overrides_and_unknown_names():

@@ -112,16 +112,30 @@ def test_progress_bar(gaussian, monkeypatch):
     assert torch.equal(with_bar, S.sample_euler(gaussian, x, S.karras_sigmas(3)))
 
 
-@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
-def test_denoiser_reusing_its_output_buffer_is_an_error(solver, gaussian):
+def _static_output(denoiser):
+    """``denoiser`` writing every output into one tensor (e.g. a CUDA-graph-captured network)."""
     buffer = {}
 
-    def static_output(x, s):  # e.g. a CUDA-graph-captured network with a static output tensor
+    def static_output(x, s):
         out = buffer.setdefault("out", torch.empty_like(x))
-        return out.copy_(gaussian(x, s))
+        return out.copy_(denoiser(x, s))
 
+    return static_output
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
+def test_denoiser_reusing_its_output_buffer_is_an_error(solver, gaussian):
     with pytest.raises(ValueError, match="same output buffer"):
-        S.SOLVERS[solver](static_output, _x(), S.karras_sigmas(5))
+        S.SOLVERS[solver](_static_output(gaussian), _x(), S.karras_sigmas(5))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("solver", ["euler", "ddim"])
+def test_one_step_solvers_accept_a_denoiser_reusing_its_output_buffer(solver, backend, gaussian):
+    """Euler and DDIM read only the current step's output (no c_extra term): a static buffer is fine."""
+    x, sigmas = _x(), S.karras_sigmas(5)
+    expected = S.SOLVERS[solver](gaussian, x, sigmas, backend=backend)
+    assert torch.equal(S.SOLVERS[solver](_static_output(gaussian), x, sigmas, backend=backend), expected)
 
 
 @pytest.mark.parametrize("solver", list(S.SOLVERS))

@@ -296,16 +296,7 @@ def _run_euler(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     vectors = loop.sigma_vectors(s[:-1])
     if loop.kernel is not None and loop.callback is None:
         return _run_euler_cpu(loop, x, rows, vectors)
-    denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
-    for i in loop.steps():
-        denoised = denoise(x, s[i], i, vectors[i])
-        x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if run(x, denoised, None, None, x_next, rows[i], i):  # EDM Alg. 1 line 5
-            raise loop.nonfinite_error(i)
-        if callback is not None:
-            loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
-        x = x_next
-    return x
+    return _run_one_call_per_step(loop, x, rows, vectors)  # EDM Alg. 1 line 5
 
 
 def _run_euler_cpu(loop: _Loop, x: torch.Tensor, rows, vectors) -> torch.Tensor:
@@ -392,37 +383,36 @@ def _run_heun(
 def _run_dpmpp_2m(loop: _Loop, x: torch.Tensor) -> torch.Tensor:
     s = loop.sigmas
     rows = [coef.dpmpp_2m_coefficients(s[i], s[i + 1], s[i - 1] if i > 0 else None) for i in range(len(s) - 1)]
-    vectors = loop.sigma_vectors(s[:-1])
+    return _run_one_call_per_step(loop, x, rows, loop.sigma_vectors(s[:-1]))  # DPM-Solver++ Alg. 2
+
+
+def _run_ddim(loop: _Loop, x: torch.Tensor, *, eta=0.0, generator=None) -> torch.Tensor:
+    s = loop.sigmas
+    rows = [coef.ddim_coefficients(s[i], s[i + 1], eta) for i in range(len(s) - 1)]
+    return _run_one_call_per_step(loop, x, rows, loop.sigma_vectors(s[:-1]), generator)  # DDIM Eq. 12 (VE)
+
+
+def _run_one_call_per_step(loop: _Loop, x: torch.Tensor, rows, vectors, generator=None) -> torch.Tensor:
+    """The loop of the solvers that call the denoiser once per step (Euler, DPM-Solver++(2M), DDIM):
+    step i is ``x_next = c_x x + c_denoised D(x; s_i) + c_extra D_prev + c_noise z`` with ``rows[i]``;
+    the previous step's denoiser output is passed only where ``c_extra != 0`` (and kept only by a
+    multistep table), fresh noise ``z`` (drawn from ``generator``) only where ``c_noise != 0``."""
+    s = loop.sigmas
     denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
+    multistep = any(row[coef.C_EXTRA] != 0.0 for row in rows)
     previous = None
     for i in loop.steps():
         denoised = denoise(x, s[i], i, vectors[i])
         extra = previous if rows[i][coef.C_EXTRA] != 0.0 else None
         if extra is not None and extra.data_ptr() == denoised.data_ptr():
             raise loop.reused_buffer_error(i, "this step and the previous one")
-        x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if run(x, denoised, extra, None, x_next, rows[i], i):  # DPM-Solver++ Alg. 2
-            raise loop.nonfinite_error(i)
-        if callback is not None:
-            loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
-        previous, x = denoised, x_next
-    return x
-
-
-def _run_ddim(loop: _Loop, x: torch.Tensor, *, eta=0.0, generator=None) -> torch.Tensor:
-    s = loop.sigmas
-    rows = [coef.ddim_coefficients(s[i], s[i + 1], eta) for i in range(len(s) - 1)]
-    vectors = loop.sigma_vectors(s[:-1])
-    denoise, run, in_place, callback = loop.denoise, loop.run, loop.in_place, loop.callback
-    for i in loop.steps():
-        denoised = denoise(x, s[i], i, vectors[i])
         noise = _noise_like(generator, x) if rows[i][coef.C_NOISE] != 0.0 else None
         x_next = x if (in_place and i > 0) else torch.empty_like(x)
-        if run(x, denoised, None, noise, x_next, rows[i], i):  # DDIM Eq. 12 (VE)
+        if run(x, denoised, extra, noise, x_next, rows[i], i):
             raise loop.nonfinite_error(i)
         if callback is not None:
             loop.report(i, s[i], s[i + 1], s[i], x, denoised, x_next)
-        x = x_next
+        previous, x = (denoised if multistep else None), x_next
     return x
 
 
