@@ -2,7 +2,14 @@
 //
 // At these sizes the op is latency-bound: the tile path's torch GEMMs, Python between them and the
 // OpenMP hand-offs cost more than the arithmetic. Here each block of 4 queries makes one pass over
-// the whole training set, which stays in cache:
+// the whole training set, which stays in cache. Per query, one of two ways:
+//   A. the screen (few pairs carry weight: small sigma, predicted per query by SmallArgs::screen_ratio):
+//      |y|^2 - 2 x . y for every pair from an fp32 Gram (8 lanes, twice the float64 rate), a proven
+//      bound T of its error (screen_query), and every pair more than 2 sigma^2 band + 2 T above the
+//      smallest dropped (it weighs < e^-band of the largest); the few survivors are re-scored exactly
+//      (difference first, float64: distance.h) and the query is finished from them (weights,
+//      weighted mean in float64). More than screen_max_kept survivors: the query takes way B.
+//   B. the dense way:
 //   1. G = x . y in float64 (fp32 inputs: every product exact, D - 1 roundings), so that the GEMM
 //      error bound k |x| |y| with k = gamma_D (u = 2^-53) is ~1e9 times smaller than fp32's; in
 //      float32 (twice the rate) for a block whose proven fp32 bound already keeps every logit within
@@ -15,7 +22,9 @@
 //      sum in float64, and out = sum_j w_j y_j / sum by a 4-query x 16-column register-blocked
 //      product (fp32 in registers over groups of 32 rows, float64 across groups; zero-weight rows
 //      skipped).
-// Queries are split across threads only above `parallel_min_work` multiply-adds (measured).
+// Each query's way and result depend on its own data only (the float64-or-float32 choice of way B
+// on the block's remaining queries), never on the thread count. Queries are split across threads
+// only above `parallel_min_work` multiply-adds (measured).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -93,33 +102,44 @@ struct SmallTrain {
   const float* yf;             // [rows, dim] float32 rows for the accumulation: the input or `decoded`
   std::vector<double> yn2;    // [rows] exact squared norms (float64 values, as distance.h)
   std::vector<double> ynorm;  // [rows]
+  std::vector<float> yn2f;    // [padded] |y|^2 rounded to float32 (screen); +inf for the padding rows
   double ynorm_max;
+  double spread;              // mean |y - mean y|^2 (the screen's predictor, see SmallArgs::screen_ratio)
   double max_abs;             // largest |value| (the caller refuses > 1e15)
   const void* y;              // original rows (exact re-scoring)
   DType dtype;
 };
 
 SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) {
-  SmallTrain t{rows, (rows + 15) / 16 * 16, dim, {}, {}, nullptr, {}, {}, 0.0, 0.0, y, dtype};
+  SmallTrain t{rows, (rows + 15) / 16 * 16, dim, {}, {}, nullptr, {}, {}, {}, 0.0, 0.0, 0.0, y, dtype};
   t.yt.assign(static_cast<size_t>(dim * t.padded), 0.0f);
   if (dtype == DType::uint8) t.decoded.resize(static_cast<size_t>(rows * dim));
   t.yf = dtype == DType::uint8 ? t.decoded.data() : static_cast<const float*>(y);
   t.yn2.resize(rows);
   t.ynorm.resize(rows);
+  t.yn2f.assign(static_cast<size_t>(t.padded), std::numeric_limits<float>::infinity());
+  std::vector<double> column_sum(static_cast<size_t>(dim), 0.0);
+  double sqnorm_sum = 0;
   for (int64_t j = 0; j < rows; ++j) {
     double total = 0;
     for (int64_t k = 0; k < dim; ++k) {
       const double v = dtype == DType::float32 ? static_cast<const float*>(y)[j * dim + k]
                                                : value_as_double(static_cast<const uint8_t*>(y)[j * dim + k]);
       total += v * v;
+      column_sum[k] += v;
       if (std::fabs(v) > t.max_abs) t.max_abs = std::fabs(v);  // stays NaN once NaN
       if (dtype == DType::uint8) t.decoded[j * dim + k] = static_cast<float>(v);
     }
     if (!std::isfinite(total)) t.max_abs = std::numeric_limits<double>::quiet_NaN();  // NaN / Inf: refused
     t.yn2[j] = total;
+    t.yn2f[j] = static_cast<float>(total);
     t.ynorm[j] = std::sqrt(total);
     t.ynorm_max = std::max(t.ynorm_max, t.ynorm[j]);
+    sqnorm_sum += total;
   }
+  double mean_sq = 0;
+  for (int64_t k = 0; k < dim; ++k) mean_sq += (column_sum[k] / rows) * (column_sum[k] / rows);
+  t.spread = std::max(0.0, sqnorm_sum / rows - mean_sq);  // a scale for the predictor only: rounding is harmless
   for (int64_t j0 = 0; j0 < rows; j0 += 16)  // transposed in blocks of 16 rows (one cache line)
     for (int64_t k = 0; k < dim; ++k)
       for (int64_t j = j0; j < std::min(rows, j0 + 16); ++j) t.yt[k * t.padded + j] = t.yf[j * dim + k];
@@ -197,6 +217,65 @@ void gram_block_fp32(const SmallTrain& t, const double* xb, double* g) {
 #endif
 }
 
+// The screen (few pairs carry weight: small sigma). s[q * padded + j] = fl32(fl32(|y_j|^2) - 2 G~_qj)
+// with G~ = x_q . y_j in float32 (fp32 inputs, fp32 accumulation, any order), and smin[q] = min_j
+// s[q * padded + j]. The padding rows give +inf (yn2f). The error of s against the exact
+// |y_j|^2 - 2 x_q . y_j is bounded in screen_query.
+void screen_gram_block(const SmallTrain& t, const float* xf, float* s, float* smin) {
+  const int64_t dim = t.dim, padded = t.padded;
+  const float* yn2f = t.yn2f.data();
+#ifdef DIFFCORE_SMALL_AVX2
+  const __m256 two = _mm256_set1_ps(2.0f);
+  __m256 vmin[kQueries];
+  for (auto& v : vmin) v = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < padded; j += 16) {  // padded is a multiple of 16
+    __m256 acc[kQueries][2];
+    for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+    const float* col = t.yt.data() + j;
+    for (int64_t k = 0; k < dim; ++k) {
+      const __m256 y0 = _mm256_loadu_ps(col + k * padded), y1 = _mm256_loadu_ps(col + k * padded + 8);
+      for (int q = 0; q < kQueries; ++q) {
+        const __m256 xv = _mm256_broadcast_ss(xf + q * dim + k);
+        acc[q][0] = _mm256_fmadd_ps(xv, y0, acc[q][0]);
+        acc[q][1] = _mm256_fmadd_ps(xv, y1, acc[q][1]);
+      }
+    }
+    const __m256 n0 = _mm256_loadu_ps(yn2f + j), n1 = _mm256_loadu_ps(yn2f + j + 8);
+    for (int q = 0; q < kQueries; ++q) {
+      const __m256 s0 = _mm256_fnmadd_ps(two, acc[q][0], n0);  // one rounding of |y|^2 - 2 G~
+      const __m256 s1 = _mm256_fnmadd_ps(two, acc[q][1], n1);
+      _mm256_storeu_ps(s + q * padded + j, s0);
+      _mm256_storeu_ps(s + q * padded + j + 8, s1);
+      vmin[q] = _mm256_min_ps(vmin[q], _mm256_min_ps(s0, s1));
+    }
+  }
+  for (int q = 0; q < kQueries; ++q) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmin[q]);
+    smin[q] = *std::min_element(lanes, lanes + 8);
+  }
+#else
+  for (int q = 0; q < kQueries; ++q) {
+    float smallest = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < padded; ++j) {
+      float total = 0;
+      for (int64_t k = 0; k < dim; ++k) total = std::fma(xf[q * dim + k], t.yt[k * padded + j], total);
+      const float v = std::fma(-2.0f, total, yn2f[j]);
+      s[q * padded + j] = v;
+      smallest = std::min(smallest, v);
+    }
+    smin[q] = smallest;
+  }
+#endif
+}
+
+// The smallest float >= value (finite or +inf): a cut rounded up never drops a pair the exact cut keeps.
+inline float float_at_least(double value) {
+  float f = static_cast<float>(value);
+  if (static_cast<double>(f) < value) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
 struct SmallArgs {
   const float* x;
   const double* inv2s2;
@@ -207,7 +286,115 @@ struct SmallArgs {
   uint8_t* redo;             // [B] 1 where the logits need more than float64 sums (see below)
   double redo_coef;          // 2 f (f = rounding_coef): rows with redo_coef (|logz| + log N + band) > tiny_tol
   double tiny_tol;
+  // The screen (screen_query) is tried for a query whose fp32 bound is too loose to keep its logits
+  // (small and mid sigma) and whose band, in squared distance, 2 sigma^2 band, is at most
+  // screen_ratio times the training set's spread (mean |y - mean y|^2): a prediction that few pairs
+  // lie within the band of the nearest (chosen by measurement; 0: never screen). A screened query
+  // with more than screen_max_kept survivors takes the float64 Gram path after all.
+  double screen_ratio;
+  int64_t screen_max_kept;
 };
+
+// Per-thread scratch of the blocks.
+struct BlockScratch {
+  std::vector<double> xb, g, logit, acc, dist;
+  std::vector<float> xf, w, s;
+  std::vector<int32_t> active, kept;
+  int64_t screened = 0, kept_total = 0;  // queries finished by the screen, their survivors
+  BlockScratch(const SmallTrain& t)
+      : xb(kQueries * t.dim), g(kQueries * t.padded), logit(t.padded), acc(kQueries * t.dim), dist(t.rows),
+        xf(kQueries * t.dim), w(kQueries * t.padded), s(kQueries * t.padded) {
+    active.reserve(t.rows);
+    kept.reserve(t.rows);
+  }
+};
+
+// One query by the screen: drop every pair the fp32 Gram proves to lie more than `band` logits
+// below the query's largest, re-score the survivors exactly (difference first, float64), and
+// finish the query from them (weights, out, logz, redo). Returns false (nothing written) when more
+// than screen_max_kept pairs survive, or none (NaN): the query then takes the float64 Gram path.
+//
+// The bound. Let d_j = |x - y_j|^2 (exact), s_j = yn2_j - 2 G~_j with yn2_j the float64 squared
+// norm and G~_j the fp32 Gram entry, and s~_j the float value that screen_gram_block stores. Then
+//   |xn + s_j - d_j| <= f (|x| + |y_j|)^2 + 2 k32 |x| |y_j|
+// (float64 norms: gamma_{D+4}, u = 2^-53, rounding_coef f; fp32 Gram of fp32 inputs in any order,
+// one rounding more for uint8 rows decoded to fp32: k32 = gamma_{D+1}, u = 2^-24), and
+//   |s~_j - s_j| <= 2^-24 |yn2_j| + 2^-24 |fl(yn2_j) - 2 G~_j| <= 2^-23 * 1.01 (|y_j|^2 + |x| |y_j|) + 2^-140
+// (fl(yn2) rounded once, the fused |y|^2 - 2 G~ once; |G~| <= (1 + k32) |x| |y|; 2^-140 covers
+// float underflow). With T the sum of both over |y_j| <= max_j |y_j|, |xn + s~_j - d_j| <= T for
+// every j. A pair with s~_j > min_i s~_i + 2 sigma^2 band + 2 T has d_j > d_min + 2 sigma^2 band,
+// i.e. logit l_j < l_max - band: it weighs less than e^-band of the largest and is dropped, as
+// the tile path drops it. The cut is rounded up to float, so a float comparison never drops more.
+bool screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const float* srow, float smin, double xnorm,
+                  BlockScratch& scratch) {
+  const double c = a.inv2s2[b], ymax = t.ynorm_max;
+  const double reach = xnorm + ymax;
+  const double total_err = 2.0 * a.fp32_err_coef * xnorm * ymax + a.rounding_coef * reach * reach +
+                           0x1p-23 * 1.01 * (ymax * ymax + xnorm * ymax) + 0x1p-140;
+  const double band_sq = a.band / c * (1.0 + 1e-12);  // the band in squared distance, 2 sigma^2 band
+  // (1e-15 of the magnitudes: the float64 roundings of this sum, so that cut >= its exact value)
+  const double cut = static_cast<double>(smin) + band_sq + 2.0 * total_err +
+                     1e-15 * (std::fabs(static_cast<double>(smin)) + band_sq + 2.0 * total_err);
+  if (!(cut < std::numeric_limits<double>::infinity())) return false;  // NaN (NaN train) or overflow
+  const float cutf = float_at_least(cut);
+  std::vector<int32_t>& kept = scratch.kept;
+  kept.clear();
+  const int64_t limit = a.screen_max_kept;
+  int64_t j = 0;
+#ifdef DIFFCORE_SMALL_AVX2
+  const __m256 vcut = _mm256_set1_ps(cutf);
+  for (; j + 8 <= t.padded; j += 8) {
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(srow + j), vcut, _CMP_LE_OQ)));
+    while (mask != 0) {
+      const int64_t row = j + __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (row >= t.rows) continue;
+      if (static_cast<int64_t>(kept.size()) >= limit) return false;
+      kept.push_back(static_cast<int32_t>(row));
+    }
+  }
+#endif
+  for (; j < t.rows; ++j)
+    if (srow[j] <= cutf) {
+      if (static_cast<int64_t>(kept.size()) >= limit) return false;
+      kept.push_back(static_cast<int32_t>(j));
+    }
+  if (kept.empty()) return false;
+  // exact logits of the survivors, relative weights, the weighted mean in float64
+  const int64_t dim = t.dim, row_bytes = dim * (t.dtype == DType::uint8 ? 1 : 4);
+  const float* xrow = a.x + b * dim;
+  double* dist = scratch.dist.data();
+  double mx = -std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < kept.size(); ++i) {
+    const char* yrow = static_cast<const char*>(t.y) + kept[i] * row_bytes;
+    dist[i] = t.dtype == DType::float32 ? exact_sqdist(xrow, reinterpret_cast<const float*>(yrow), dim)
+                                        : exact_sqdist(xrow, reinterpret_cast<const uint8_t*>(yrow), dim);
+    mx = std::max(mx, -dist[i] * c);
+  }
+  double* acc = scratch.acc.data();  // the first dim values (the dense path's block accumulator is not in use)
+  std::fill(acc, acc + dim, 0.0);
+  double sum = 0;
+  for (size_t i = 0; i < kept.size(); ++i) {
+    const double w = exp_nonpositive(-dist[i] * c - mx);
+    sum += w;
+    const char* yrow = static_cast<const char*>(t.y) + kept[i] * row_bytes;
+    if (t.dtype == DType::float32) {
+      const float* yf = reinterpret_cast<const float*>(yrow);
+      for (int64_t k = 0; k < dim; ++k) acc[k] += w * yf[k];
+    } else {
+      const uint8_t* yu = reinterpret_cast<const uint8_t*>(yrow);
+      for (int64_t k = 0; k < dim; ++k) acc[k] += w * value_as_double(yu[k]);
+    }
+  }
+  float* orow = a.out + b * dim;
+  for (int64_t k = 0; k < dim; ++k) orow[k] = static_cast<float>(acc[k] / sum);
+  const double logz = mx + std::log(sum);
+  a.logz[b] = logz;
+  a.redo[b] = !(a.redo_coef * (std::fabs(logz) + std::log(static_cast<double>(t.rows)) + a.band) <= a.tiny_tol);
+  scratch.screened += 1;
+  scratch.kept_total += static_cast<int64_t>(kept.size());
+  return true;
+}
 
 // One query: Gram row -> float32 weights w (0 for dropped pairs); returns (max logit, sum of w).
 std::pair<double, double> query_weights(const SmallTrain& t, const SmallArgs& a, int64_t b, const double* grow,
@@ -364,37 +551,58 @@ void accumulate_block(const SmallTrain& t, const float* w, int nq, double* acc, 
     }
 }
 
-void run_block(const SmallTrain& t, const SmallArgs& a, int64_t b0, std::vector<double>& xb, std::vector<double>& g,
-               std::vector<double>& logit, std::vector<float>& w, std::vector<double>& acc,
-               std::vector<int32_t>& active) {
+void run_block(const SmallTrain& t, const SmallArgs& a, int64_t b0, BlockScratch& scratch) {
   const int64_t dim = t.dim, padded = t.padded;
   const int nq = static_cast<int>(std::min<int64_t>(kQueries, a.batch - b0));
+  std::vector<double>& xb = scratch.xb;
   for (int q = 0; q < kQueries; ++q) {  // a short last block repeats its last query (results unused)
     const float* xrow = a.x + (b0 + std::min(q, nq - 1)) * dim;
     for (int64_t k = 0; k < dim; ++k) xb[q * dim + k] = xrow[k];
   }
-  // float32 Gram where its bound keeps every logit of the block within rescore_tol (large sigma)
-  bool fp32 = true;
-  for (int q = 0; q < nq && fp32; ++q) {
+  // Per query: whether the proven fp32 bound keeps every logit within rescore_tol (large sigma),
+  // else whether the screen is predicted to leave few pairs (SmallArgs::screen_ratio).
+  double xnorm[kQueries];
+  bool fp32_holds[kQueries], done[kQueries], any_screen = false;
+  for (int q = 0; q < nq; ++q) {
     const int64_t b = b0 + q;
     double xn = 0;
     for (int64_t k = 0; k < dim; ++k) xn += xb[q * dim + k] * xb[q * dim + k];
-    const double xnorm = std::sqrt(xn), reach = xnorm + t.ynorm_max;
-    fp32 = (2.0 * a.fp32_err_coef * xnorm * t.ynorm_max + a.rounding_coef * reach * reach) * a.inv2s2[b] <= a.rescore_tol;
+    xnorm[q] = std::sqrt(xn);
+    const double reach = xnorm[q] + t.ynorm_max;
+    fp32_holds[q] =
+        (2.0 * a.fp32_err_coef * xnorm[q] * t.ynorm_max + a.rounding_coef * reach * reach) * a.inv2s2[b] <= a.rescore_tol;
+    done[q] = false;
+    if (!fp32_holds[q] && a.band / a.inv2s2[b] <= a.screen_ratio * t.spread) any_screen = done[q] = true;
   }
+  if (any_screen) {  // screen the block in fp32; queries with too many survivors go on below
+    float* xf = scratch.xf.data();
+    for (int64_t i = 0; i < kQueries * dim; ++i) xf[i] = static_cast<float>(xb[i]);  // exact: fp32 inputs
+    float smin[kQueries];
+    screen_gram_block(t, xf, scratch.s.data(), smin);
+    for (int q = 0; q < nq; ++q)
+      if (done[q]) done[q] = screen_query(t, a, b0 + q, scratch.s.data() + q * padded, smin[q], xnorm[q], scratch);
+  }
+  // The other queries: Gram of the block in float32 where its bound holds for every one of them, else float64.
+  bool fp32 = true, all_done = true;
+  for (int q = 0; q < nq; ++q)
+    if (!done[q]) fp32 = fp32 && fp32_holds[q], all_done = false;
+  if (all_done) return;
   if (fp32)
-    gram_block_fp32(t, xb.data(), g.data());
+    gram_block_fp32(t, xb.data(), scratch.g.data());
   else
-    gram_block(t, xb.data(), g.data());
-  std::fill(w.begin(), w.end(), 0.0f);
+    gram_block(t, xb.data(), scratch.g.data());
+  std::fill(scratch.w.begin(), scratch.w.end(), 0.0f);  // the rows of finished queries stay 0
   double mx[kQueries], sum[kQueries];
   for (int q = 0; q < nq; ++q)
-    std::tie(mx[q], sum[q]) = query_weights(t, a, b0 + q, g.data() + q * padded, fp32 ? a.fp32_err_coef : a.gemm_err_coef,
-                                            logit.data(), w.data() + q * padded);
-  accumulate_block(t, w.data(), nq, acc.data(), active);
+    if (!done[q])
+      std::tie(mx[q], sum[q]) =
+          query_weights(t, a, b0 + q, scratch.g.data() + q * padded, fp32 ? a.fp32_err_coef : a.gemm_err_coef,
+                        scratch.logit.data(), scratch.w.data() + q * padded);
+  accumulate_block(t, scratch.w.data(), nq, scratch.acc.data(), scratch.active);
   for (int q = 0; q < nq; ++q) {
+    if (done[q]) continue;
     float* orow = a.out + (b0 + q) * dim;
-    for (int64_t k = 0; k < dim; ++k) orow[k] = static_cast<float>(acc[q * dim + k] / sum[q]);
+    for (int64_t k = 0; k < dim; ++k) orow[k] = static_cast<float>(scratch.acc[q * dim + k] / sum[q]);
     const double logz = mx[q] + std::log(sum[q]);
     a.logz[b0 + q] = logz;
     // as needs_relative_logits (Python): NaN / inf logz is flagged too
@@ -407,11 +615,11 @@ void run_block(const SmallTrain& t, const SmallArgs& a, int64_t b0, std::vector<
 // difference by more than tiny_tol: the caller recomputes them with relative logits). Returns
 // (largest |train value|, number of rows flagged). gemm_err_coef: k of the float64 Gram (gamma_D, plus 2^-24 for uint8
 // rows, which the Gram reads rounded to float32); rounding_coef: as the tile path's.
-std::pair<double, int64_t> small_dim_forward(std::uintptr_t x_ptr, std::uintptr_t y_ptr, const std::string& y_dtype, int64_t batch,
-                       int64_t rows, int64_t dim, std::uintptr_t inv2s2_ptr, double gemm_err_coef,
-                       double fp32_err_coef, double rounding_coef, double rescore_tol, double band, double tiny_tol,
-                       std::uintptr_t out_ptr, std::uintptr_t logz_ptr, std::uintptr_t redo_ptr,
-                       int64_t parallel_min_work, int threads) {
+std::tuple<double, int64_t, int64_t, int64_t> small_dim_forward(
+    std::uintptr_t x_ptr, std::uintptr_t y_ptr, const std::string& y_dtype, int64_t batch, int64_t rows, int64_t dim,
+    std::uintptr_t inv2s2_ptr, double gemm_err_coef, double fp32_err_coef, double rounding_coef, double rescore_tol,
+    double band, double tiny_tol, double screen_ratio, int64_t screen_max_kept, std::uintptr_t out_ptr,
+    std::uintptr_t logz_ptr, std::uintptr_t redo_ptr, int64_t parallel_min_work, int threads) {
   for (auto [p, name] : {std::pair{x_ptr, "x"}, {y_ptr, "train"}, {inv2s2_ptr, "inv_two_sigma_sq"},
                          {out_ptr, "out"}, {logz_ptr, "logz"}, {redo_ptr, "redo"}})
     check_ptr(p, name);
@@ -424,27 +632,28 @@ std::pair<double, int64_t> small_dim_forward(std::uintptr_t x_ptr, std::uintptr_
   check_arg(dtype == DType::float32 || dtype == DType::uint8, "train_dtype", "expected float32 or uint8, got " + y_dtype);
   check_arg(gemm_err_coef >= 0 && fp32_err_coef >= 0 && rounding_coef >= 0 && rescore_tol >= 0 && band > 0,
             "gemm_err_coef/rounding_coef/rescore_tol/band", "expected non-negative bounds and band > 0");
+  check_arg(screen_ratio >= 0 && screen_max_kept >= 1, "screen_ratio/screen_max_kept",
+            "expected screen_ratio >= 0 and screen_max_kept >= 1");
   const SmallTrain t = prepare_train(reinterpret_cast<const void*>(y_ptr), dtype, rows, dim);
   const SmallArgs a{reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const double*>(inv2s2_ptr), batch,
                     gemm_err_coef, fp32_err_coef, rounding_coef, rescore_tol, band, reinterpret_cast<float*>(out_ptr),
                     reinterpret_cast<double*>(logz_ptr), reinterpret_cast<uint8_t*>(redo_ptr),
-                    2.0 * rounding_coef, tiny_tol};
+                    2.0 * rounding_coef, tiny_tol, screen_ratio, screen_max_kept};
   const int64_t blocks = (batch + kQueries - 1) / kQueries;
   const int nthreads = batch * rows * dim >= parallel_min_work ? resolve_threads(threads) : 1;
   (void)nthreads;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  int64_t screened = 0, kept = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(+ : screened, kept)
   {
-    std::vector<double> xb(kQueries * dim), g(kQueries * t.padded), logit(t.padded);
-    std::vector<float> w(kQueries * t.padded);
-    std::vector<double> acc(kQueries * dim);
-    std::vector<int32_t> active;
-    active.reserve(t.rows);
+    BlockScratch scratch(t);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t block = 0; block < blocks; ++block) run_block(t, a, block * kQueries, xb, g, logit, w, acc, active);
+    for (int64_t block = 0; block < blocks; ++block) run_block(t, a, block * kQueries, scratch);
+    screened += scratch.screened;
+    kept += scratch.kept_total;
   }
   int64_t flagged = 0;
   for (int64_t b = 0; b < batch; ++b) flagged += a.redo[b];
-  return {t.max_abs, flagged};
+  return {t.max_abs, flagged, screened, kept};
 }
 
 void register_small_dim(py::module_& m) {
@@ -452,10 +661,12 @@ void register_small_dim(py::module_& m) {
   m.def("empirical_denoise_small_dim", &small_dim_forward, py::call_guard<py::gil_scoped_release>(), py::kw_only(),
         arg("x_ptr"), arg("y_ptr"), arg("y_dtype"), arg("batch"), arg("rows"), arg("dim"), arg("inv2s2_ptr"),
         arg("gemm_err_coef"), arg("fp32_err_coef"), arg("rounding_coef"), arg("rescore_tol"), arg("band"),
-        arg("tiny_tol"), arg("out_ptr"), arg("logz_ptr"), arg("redo_ptr"),
-        arg("parallel_min_work"), arg("threads"),
-        "Empirical denoiser for small rows in one call: float64 Gram, bounded logits (exact re-scoring "
-        "where the bound is loose), weights and the weighted sum, query blocks of 4 over the whole set.");
+        arg("tiny_tol"), arg("screen_ratio"), arg("screen_max_kept"), arg("out_ptr"), arg("logz_ptr"),
+        arg("redo_ptr"), arg("parallel_min_work"), arg("threads"),
+        "Empirical denoiser for small rows in one call: an fp32 screen with exact re-scoring of the "
+        "survivors where few pairs carry weight, else float64 Gram, bounded logits (exact re-scoring "
+        "where the bound is loose), weights and the weighted sum; query blocks of 4 over the whole set. "
+        "Returns (largest |train value|, rows flagged for relative logits, queries screened, their survivors).");
 }
 
 }  // namespace
