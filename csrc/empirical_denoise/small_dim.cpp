@@ -34,6 +34,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -54,6 +55,8 @@ namespace {
 constexpr int kMaxDim = 256;  // the Python side sends larger rows to the tile path
 constexpr int kQueries = 4;  // queries per block (the accumulation kernel is written for 4) (register blocking of both products)
 constexpr int kRows = 8;     // training rows per step of the float64 Gram kernel (two vectors of 4 doubles)
+constexpr int kScreenRows = 24;  // training rows per step of the screen's fp32 Gram kernel (three vectors of 8)
+constexpr int64_t kPadRows = 48;  // the transposed rows are padded to a multiple of every kernel's step
 
 // exp(v) for v <= 0 in float64 without libm: v = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-11
 // Taylor polynomial (truncation < 2e-16), times 2^n built in the exponent bits; n by the 1.5 * 2^52
@@ -110,8 +113,85 @@ struct SmallTrain {
   DType dtype;
 };
 
+// yt[k * padded + j] = yf[j * dim + k]: 8 x 8 tiles transposed in registers, the edges one by one.
+void transpose_rows(const float* yf, int64_t rows, int64_t dim, float* yt, int64_t padded) {
+  int64_t j0 = 0;
+#ifdef DIFFCORE_SMALL_AVX2
+  for (; j0 + 8 <= rows; j0 += 8) {
+    int64_t k0 = 0;
+    for (; k0 + 8 <= dim; k0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(yf + (j0 + i) * dim + k0);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 out[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                             _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                             _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                             _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yt + (k0 + i) * padded + j0, out[i]);
+    }
+    for (; k0 < dim; ++k0)
+      for (int64_t j = j0; j < j0 + 8; ++j) yt[k0 * padded + j] = yf[j * dim + k0];
+  }
+#endif
+  for (; j0 < rows; ++j0)
+    for (int64_t k = 0; k < dim; ++k) yt[k * padded + j0] = yf[j0 * dim + k];
+}
+
+// The uint8 pixel values u / 127.5 - 1 in float64, as value_as_double evaluates them (no division per value).
+struct Uint8Values {
+  double v[256];
+  Uint8Values() {
+    for (int u = 0; u < 256; ++u) v[u] = value_as_double(static_cast<uint8_t>(u));
+  }
+};
+const Uint8Values kUint8Values;
+
+// Per row of y (float32 or uint8): the float64 squared norm (any summation order: the bounds hold
+// for any), the largest |value| (NaN / Inf: the norm is not finite, so max_abs becomes NaN below),
+// the column sums (the spread) and, for uint8 rows, the float32 decoding.
+template <typename T>
+void prepare_rows(SmallTrain& t, const T* y, double* column_sum, double& sqnorm_sum) {
+  const int64_t dim = t.dim;
+  for (int64_t j = 0; j < t.rows; ++j) {
+    const T* row = y + j * dim;
+    float* decoded = std::is_same_v<T, uint8_t> ? t.decoded.data() + j * dim : nullptr;
+    double total = 0, largest = 0;
+    if constexpr (std::is_same_v<T, uint8_t>) {  // table look-ups (a vector gather was slower)
+      for (int64_t k = 0; k < dim; ++k) {
+        const double v = kUint8Values.v[row[k]];
+        total += v * v;
+        largest = std::max(largest, std::fabs(v));
+        column_sum[k] += v;
+        decoded[k] = static_cast<float>(v);
+      }
+    } else {
+#pragma omp simd reduction(+ : total) reduction(max : largest)
+      for (int64_t k = 0; k < dim; ++k) {
+        const double v = row[k];
+        total += v * v;
+        largest = std::max(largest, std::fabs(v));
+        column_sum[k] += v;
+      }
+    }
+    t.max_abs = std::isfinite(total) ? std::max(t.max_abs, largest) : std::numeric_limits<double>::quiet_NaN();
+    t.yn2[j] = total;
+    t.yn2f[j] = static_cast<float>(total);
+    t.ynorm[j] = std::sqrt(total);
+    t.ynorm_max = std::max(t.ynorm_max, t.ynorm[j]);
+    sqnorm_sum += total;
+  }
+}
+
 SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) {
-  SmallTrain t{rows, (rows + 15) / 16 * 16, dim, {}, {}, nullptr, {}, {}, {}, 0.0, 0.0, 0.0, y, dtype};
+  SmallTrain t{rows, (rows + kPadRows - 1) / kPadRows * kPadRows, dim, {}, {}, nullptr, {}, {}, {}, 0.0, 0.0, 0.0, y,
+               dtype};
   t.yt.assign(static_cast<size_t>(dim * t.padded), 0.0f);
   if (dtype == DType::uint8) t.decoded.resize(static_cast<size_t>(rows * dim));
   t.yf = dtype == DType::uint8 ? t.decoded.data() : static_cast<const float*>(y);
@@ -120,29 +200,14 @@ SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) 
   t.yn2f.assign(static_cast<size_t>(t.padded), std::numeric_limits<float>::infinity());
   std::vector<double> column_sum(static_cast<size_t>(dim), 0.0);
   double sqnorm_sum = 0;
-  for (int64_t j = 0; j < rows; ++j) {
-    double total = 0;
-    for (int64_t k = 0; k < dim; ++k) {
-      const double v = dtype == DType::float32 ? static_cast<const float*>(y)[j * dim + k]
-                                               : value_as_double(static_cast<const uint8_t*>(y)[j * dim + k]);
-      total += v * v;
-      column_sum[k] += v;
-      if (std::fabs(v) > t.max_abs) t.max_abs = std::fabs(v);  // stays NaN once NaN
-      if (dtype == DType::uint8) t.decoded[j * dim + k] = static_cast<float>(v);
-    }
-    if (!std::isfinite(total)) t.max_abs = std::numeric_limits<double>::quiet_NaN();  // NaN / Inf: refused
-    t.yn2[j] = total;
-    t.yn2f[j] = static_cast<float>(total);
-    t.ynorm[j] = std::sqrt(total);
-    t.ynorm_max = std::max(t.ynorm_max, t.ynorm[j]);
-    sqnorm_sum += total;
-  }
+  if (dtype == DType::uint8)
+    prepare_rows(t, static_cast<const uint8_t*>(y), column_sum.data(), sqnorm_sum);
+  else
+    prepare_rows(t, static_cast<const float*>(y), column_sum.data(), sqnorm_sum);
   double mean_sq = 0;
   for (int64_t k = 0; k < dim; ++k) mean_sq += (column_sum[k] / rows) * (column_sum[k] / rows);
   t.spread = std::max(0.0, sqnorm_sum / rows - mean_sq);  // a scale for the predictor only: rounding is harmless
-  for (int64_t j0 = 0; j0 < rows; j0 += 16)  // transposed in blocks of 16 rows (one cache line)
-    for (int64_t k = 0; k < dim; ++k)
-      for (int64_t j = j0; j < std::min(rows, j0 + 16); ++j) t.yt[k * t.padded + j] = t.yf[j * dim + k];
+  transpose_rows(t.yf, rows, dim, t.yt.data(), t.padded);
   return t;
 }
 
@@ -228,25 +293,27 @@ void screen_gram_block(const SmallTrain& t, const float* xf, float* s, float* sm
   const __m256 two = _mm256_set1_ps(2.0f);
   __m256 vmin[kQueries];
   for (auto& v : vmin) v = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < padded; j += 16) {  // padded is a multiple of 16
-    __m256 acc[kQueries][2];
-    for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < padded; j += kScreenRows) {  // padded is a multiple of kScreenRows
+    __m256 acc[kQueries][3];
+    for (auto& a : acc) a[0] = a[1] = a[2] = _mm256_setzero_ps();
     const float* col = t.yt.data() + j;
     for (int64_t k = 0; k < dim; ++k) {
-      const __m256 y0 = _mm256_loadu_ps(col + k * padded), y1 = _mm256_loadu_ps(col + k * padded + 8);
+      const float* yk = col + k * padded;
+      const __m256 y0 = _mm256_loadu_ps(yk), y1 = _mm256_loadu_ps(yk + 8), y2 = _mm256_loadu_ps(yk + 16);
       for (int q = 0; q < kQueries; ++q) {
         const __m256 xv = _mm256_broadcast_ss(xf + q * dim + k);
         acc[q][0] = _mm256_fmadd_ps(xv, y0, acc[q][0]);
         acc[q][1] = _mm256_fmadd_ps(xv, y1, acc[q][1]);
+        acc[q][2] = _mm256_fmadd_ps(xv, y2, acc[q][2]);
       }
     }
-    const __m256 n0 = _mm256_loadu_ps(yn2f + j), n1 = _mm256_loadu_ps(yn2f + j + 8);
-    for (int q = 0; q < kQueries; ++q) {
-      const __m256 s0 = _mm256_fnmadd_ps(two, acc[q][0], n0);  // one rounding of |y|^2 - 2 G~
-      const __m256 s1 = _mm256_fnmadd_ps(two, acc[q][1], n1);
-      _mm256_storeu_ps(s + q * padded + j, s0);
-      _mm256_storeu_ps(s + q * padded + j + 8, s1);
-      vmin[q] = _mm256_min_ps(vmin[q], _mm256_min_ps(s0, s1));
+    for (int h = 0; h < 3; ++h) {
+      const __m256 n = _mm256_loadu_ps(yn2f + j + 8 * h);
+      for (int q = 0; q < kQueries; ++q) {
+        const __m256 v = _mm256_fnmadd_ps(two, acc[q][h], n);  // one rounding of |y|^2 - 2 G~
+        _mm256_storeu_ps(s + q * padded + j + 8 * h, v);
+        vmin[q] = _mm256_min_ps(vmin[q], v);
+      }
     }
   }
   for (int q = 0; q < kQueries; ++q) {

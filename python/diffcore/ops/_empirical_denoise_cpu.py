@@ -284,12 +284,12 @@ SMALL_PARALLEL_MIN_WORK = 1 << 25
 # the training set's spread (mean |y - mean y|^2): a prediction that few pairs survive. A query with
 # more than small_screen_max_kept(N) survivors takes the float64 Gram after all (correct either
 # way; only the time differs). Chosen by measurement on the digits, B = 256 (docs/empirical_denoise.md).
-SMALL_SCREEN_RATIO = 0.05
+SMALL_SCREEN_RATIO = 0.5
 
 
 def small_screen_max_kept(rows: int) -> int:
     """Survivors of the small path's screen above which a query takes the float64 Gram instead."""
-    return max(16, rows // 8)
+    return max(16, rows // 12)
 
 
 def uses_small_path(rows: int, dim: int) -> bool:
