@@ -108,6 +108,9 @@ struct SmallTrain {
   std::vector<float> yn2f;    // [padded] |y|^2 rounded to float32 (screen); +inf for the padding rows
   double ynorm_max;
   double spread;              // mean |y - mean y|^2 (the screen's predictor, see SmallArgs::screen_ratio)
+  std::vector<int32_t> all_dims;    // 0 .. dim - 1
+  std::vector<int32_t> top_dims;    // the ceil(dim / 4) columns of largest variance (the partial screen)
+  std::vector<float> part_yn2f;     // [padded] sum over top_dims of y^2, rounded to float32; +inf padding
   double max_abs;             // largest |value| (the caller refuses > 1e15)
   const void* y;              // original rows (exact re-scoring)
   DType dtype;
@@ -190,8 +193,8 @@ void prepare_rows(SmallTrain& t, const T* y, double* column_sum, double& sqnorm_
 }
 
 SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) {
-  SmallTrain t{rows, (rows + kPadRows - 1) / kPadRows * kPadRows, dim, {}, {}, nullptr, {}, {}, {}, 0.0, 0.0, 0.0, y,
-               dtype};
+  SmallTrain t{rows, (rows + kPadRows - 1) / kPadRows * kPadRows, dim, {}, {}, nullptr, {}, {}, {}, 0.0, 0.0,
+               {}, {}, {}, 0.0, y, dtype};
   t.yt.assign(static_cast<size_t>(dim * t.padded), 0.0f);
   if (dtype == DType::uint8) t.decoded.resize(static_cast<size_t>(rows * dim));
   t.yf = dtype == DType::uint8 ? t.decoded.data() : static_cast<const float*>(y);
@@ -208,6 +211,31 @@ SmallTrain prepare_train(const void* y, DType dtype, int64_t rows, int64_t dim) 
   for (int64_t k = 0; k < dim; ++k) mean_sq += (column_sum[k] / rows) * (column_sum[k] / rows);
   t.spread = std::max(0.0, sqnorm_sum / rows - mean_sq);  // a scale for the predictor only: rounding is harmless
   transpose_rows(t.yf, rows, dim, t.yt.data(), t.padded);
+  // The partial screen's columns: those of largest variance (any choice keeps the bound; this one
+  // prunes the most), ties by index. Their squared sums per row from the float64 values.
+  std::vector<double> mean(static_cast<size_t>(dim)), variance(static_cast<size_t>(dim), 0.0);
+  for (int64_t k = 0; k < dim; ++k) mean[k] = column_sum[k] / rows;
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t k = 0; k < dim; ++k) {
+      const double v = static_cast<double>(t.yf[j * dim + k]) - mean[k];
+      variance[k] += v * v;
+    }
+  t.all_dims.resize(dim);
+  for (int64_t k = 0; k < dim; ++k) t.all_dims[k] = static_cast<int32_t>(k);
+  t.top_dims = t.all_dims;
+  std::stable_sort(t.top_dims.begin(), t.top_dims.end(), [&](int32_t i, int32_t j) { return variance[i] > variance[j]; });
+  t.top_dims.resize((dim + 3) / 4);
+  std::sort(t.top_dims.begin(), t.top_dims.end());  // in memory order
+  t.part_yn2f.assign(static_cast<size_t>(t.padded), std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < rows; ++j) {
+    double total = 0;
+    for (const int32_t k : t.top_dims) {
+      const double v = dtype == DType::uint8 ? kUint8Values.v[static_cast<const uint8_t*>(y)[j * dim + k]]
+                                             : static_cast<double>(static_cast<const float*>(y)[j * dim + k]);
+      total += v * v;
+    }
+    t.part_yn2f[j] = static_cast<float>(total);
+  }
   return t;
 }
 
@@ -286,9 +314,9 @@ void gram_block_fp32(const SmallTrain& t, const double* xb, double* g) {
 // with G~ = x_q . y_j in float32 (fp32 inputs, fp32 accumulation, any order), and smin[q] = min_j
 // s[q * padded + j]. The padding rows give +inf (yn2f). The error of s against the exact
 // |y_j|^2 - 2 x_q . y_j is bounded in screen_query.
-void screen_gram_block(const SmallTrain& t, const float* xf, float* s, float* smin) {
-  const int64_t dim = t.dim, padded = t.padded;
-  const float* yn2f = t.yn2f.data();
+void screen_gram_block(const SmallTrain& t, const std::vector<int32_t>& dims, const float* yn2f, const float* xf,
+                       float* s, float* smin) {
+  const int64_t dim = t.dim, padded = t.padded, ndims = static_cast<int64_t>(dims.size());
 #ifdef DIFFCORE_SMALL_AVX2
   const __m256 two = _mm256_set1_ps(2.0f);
   __m256 vmin[kQueries];
@@ -297,7 +325,8 @@ void screen_gram_block(const SmallTrain& t, const float* xf, float* s, float* sm
     __m256 acc[kQueries][3];
     for (auto& a : acc) a[0] = a[1] = a[2] = _mm256_setzero_ps();
     const float* col = t.yt.data() + j;
-    for (int64_t k = 0; k < dim; ++k) {
+    for (int64_t kk = 0; kk < ndims; ++kk) {
+      const int64_t k = dims[kk];
       const float* yk = col + k * padded;
       const __m256 y0 = _mm256_loadu_ps(yk), y1 = _mm256_loadu_ps(yk + 8), y2 = _mm256_loadu_ps(yk + 16);
       for (int q = 0; q < kQueries; ++q) {
@@ -326,7 +355,7 @@ void screen_gram_block(const SmallTrain& t, const float* xf, float* s, float* sm
     float smallest = std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < padded; ++j) {
       float total = 0;
-      for (int64_t k = 0; k < dim; ++k) total = std::fma(xf[q * dim + k], t.yt[k * padded + j], total);
+      for (const int32_t k : dims) total = std::fma(xf[q * dim + k], t.yt[k * padded + j], total);
       const float v = std::fma(-2.0f, total, yn2f[j]);
       s[q * padded + j] = v;
       smallest = std::min(smallest, v);
@@ -367,7 +396,7 @@ struct BlockScratch {
   std::vector<double> xb, g, logit, acc, dist;
   std::vector<float> xf, w, s;
   std::vector<int32_t> active, kept;
-  int64_t screened = 0, kept_total = 0;  // queries finished by the screen, their survivors
+  int64_t screened = 0, kept_total = 0, partial = 0;  // queries finished by the screen, their survivors, by pass 1
   BlockScratch(const SmallTrain& t)
       : xb(kQueries * t.dim), g(kQueries * t.padded), logit(t.padded), acc(kQueries * t.dim), dist(t.rows),
         xf(kQueries * t.dim), w(kQueries * t.padded), s(kQueries * t.padded) {
@@ -376,37 +405,43 @@ struct BlockScratch {
   }
 };
 
-// One query by the screen: drop every pair the fp32 Gram proves to lie more than `band` logits
-// below the query's largest, re-score the survivors exactly (difference first, float64), and
-// finish the query from them (weights, out, logz, redo). Returns false (nothing written) when more
-// than screen_max_kept pairs survive, or none (NaN): the query then takes the float64 Gram path.
+// The screen: drop every pair that an fp32 Gram proves to lie more than `band` logits below the
+// query's largest, re-score the survivors exactly (difference first, float64), and finish the
+// query from them (weights, out, logz, redo). Two passes, each returns false (nothing written) when
+// more than screen_max_kept pairs survive or none does (NaN), and the query goes on to the next:
+//   1. partial_screen_query: the Gram over the ceil(D / 4) columns of largest variance (a quarter
+//      of the work) bounds each squared distance from below by its part over those columns; the
+//      row with the smallest such part is re-scored exactly, an upper bound of the smallest distance;
+//   2. screen_query: the Gram over every column, the smallest |y|^2 - 2 x.y as the reference;
+//   then the float64 Gram (run_block).
 //
-// The bound. Let d_j = |x - y_j|^2 (exact), s_j = yn2_j - 2 G~_j with yn2_j the float64 squared
-// norm and G~_j the fp32 Gram entry, and s~_j the float value that screen_gram_block stores. Then
-//   |xn + s_j - d_j| <= f (|x| + |y_j|)^2 + 2 k32 |x| |y_j|
-// (float64 norms: gamma_{D+4}, u = 2^-53, rounding_coef f; fp32 Gram of fp32 inputs in any order,
-// one rounding more for uint8 rows decoded to fp32: k32 = gamma_{D+1}, u = 2^-24), and
-//   |s~_j - s_j| <= 2^-24 |yn2_j| + 2^-24 |fl(yn2_j) - 2 G~_j| <= 2^-23 * 1.01 (|y_j|^2 + |x| |y_j|) + 2^-140
-// (fl(yn2) rounded once, the fused |y|^2 - 2 G~ once; |G~| <= (1 + k32) |x| |y|; 2^-140 covers
-// float underflow). With T the sum of both over |y_j| <= max_j |y_j|, |xn + s~_j - d_j| <= T for
-// every j. A pair with s~_j > min_i s~_i + 2 sigma^2 band + 2 T has d_j > d_min + 2 sigma^2 band,
-// i.e. logit l_j < l_max - band: it weighs less than e^-band of the largest and is dropped, as
-// the tile path drops it. The cut is rounded up to float, so a float comparison never drops more.
-bool screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const float* srow, float smin, double xnorm,
-                  BlockScratch& scratch) {
-  const double c = a.inv2s2[b], ymax = t.ynorm_max;
+// The bound. For a set S of columns (all of them in pass 2) let d_j = |x - y_j|^2 (exact),
+// p_j = |x_S - y_jS|^2 <= d_j its part over S, s_j = n_j - 2 G~_j with n_j the float64 sum of y_jk^2
+// over S and G~_j the fp32 Gram entry over S, and s~_j the float value screen_gram_block stores. Then
+//   |xn_S + s_j - p_j| <= f (|x| + |y_j|)^2 + 2 k32 |x| |y_j|
+// (float64 sums of squares: gamma_{D+4}, u = 2^-53, rounding_coef f; fp32 Gram of fp32 inputs in any
+// order, one rounding more for uint8 rows decoded to fp32: k32 = gamma_{D+1}, u = 2^-24; over S,
+// |x_S| <= |x| and fewer terms), and
+//   |s~_j - s_j| <= 2^-24 n_j + 2^-24 |fl(n_j) - 2 G~_j| <= 2^-23 * 1.01 (|y_j|^2 + |x| |y_j|) + 2^-140
+// (fl(n) rounded once, the fused n - 2 G~ once; |G~| <= (1 + k32) |x| |y|; 2^-140 covers float
+// underflow). T, the sum of both with |y_j| <= max_j |y_j| (screen_error), bounds |xn_S + s~_j - p_j|
+// for every j. Pass 1: with U >= d_min (the exact distance of one row, rounded up), a pair with
+// xn_S + s~_j - T > U + 2 sigma^2 band has d_j >= p_j > d_min + 2 sigma^2 band. Pass 2 (p = d): a
+// pair with s~_j > min_i s~_i + 2 sigma^2 band + 2 T has d_j > d_min + 2 sigma^2 band. Either way
+// its logit l_j < l_max - band: it weighs less than e^-band of the largest and is dropped, as the
+// tile path drops it. Cuts are rounded up to float, so a float comparison never drops more.
+double screen_error(const SmallArgs& a, double xnorm, double ymax) {
   const double reach = xnorm + ymax;
-  const double total_err = 2.0 * a.fp32_err_coef * xnorm * ymax + a.rounding_coef * reach * reach +
-                           0x1p-23 * 1.01 * (ymax * ymax + xnorm * ymax) + 0x1p-140;
-  const double band_sq = a.band / c * (1.0 + 1e-12);  // the band in squared distance, 2 sigma^2 band
-  // (1e-15 of the magnitudes: the float64 roundings of this sum, so that cut >= its exact value)
-  const double cut = static_cast<double>(smin) + band_sq + 2.0 * total_err +
-                     1e-15 * (std::fabs(static_cast<double>(smin)) + band_sq + 2.0 * total_err);
+  return 2.0 * a.fp32_err_coef * xnorm * ymax + a.rounding_coef * reach * reach +
+         0x1p-23 * 1.01 * (ymax * ymax + xnorm * ymax) + 0x1p-140;
+}
+
+// kept = the rows j with srow[j] <= cut (double, rounded up to float here); false if more than
+// limit or none (a NaN cut keeps none).
+bool select_rows(const SmallTrain& t, const float* srow, double cut, int64_t limit, std::vector<int32_t>& kept) {
+  kept.clear();
   if (!(cut < std::numeric_limits<double>::infinity())) return false;  // NaN (NaN train) or overflow
   const float cutf = float_at_least(cut);
-  std::vector<int32_t>& kept = scratch.kept;
-  kept.clear();
-  const int64_t limit = a.screen_max_kept;
   int64_t j = 0;
 #ifdef DIFFCORE_SMALL_AVX2
   const __m256 vcut = _mm256_set1_ps(cutf);
@@ -426,16 +461,25 @@ bool screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const floa
       if (static_cast<int64_t>(kept.size()) >= limit) return false;
       kept.push_back(static_cast<int32_t>(j));
     }
-  if (kept.empty()) return false;
-  // exact logits of the survivors, relative weights, the weighted mean in float64
-  const int64_t dim = t.dim, row_bytes = dim * (t.dtype == DType::uint8 ? 1 : 4);
+  return !kept.empty();
+}
+
+inline double row_sqdist(const SmallTrain& t, const float* xrow, int64_t j) {
+  return t.dtype == DType::float32 ? exact_sqdist(xrow, static_cast<const float*>(t.y) + j * t.dim, t.dim)
+                                   : exact_sqdist(xrow, static_cast<const uint8_t*>(t.y) + j * t.dim, t.dim);
+}
+
+// Finish query b from its survivors scratch.kept: exact logits, relative weights, the weighted mean
+// in float64, logz and the redo flag.
+void finish_screened(const SmallTrain& t, const SmallArgs& a, int64_t b, BlockScratch& scratch) {
+  const std::vector<int32_t>& kept = scratch.kept;
+  const int64_t dim = t.dim;
+  const double c = a.inv2s2[b];
   const float* xrow = a.x + b * dim;
   double* dist = scratch.dist.data();
   double mx = -std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < kept.size(); ++i) {
-    const char* yrow = static_cast<const char*>(t.y) + kept[i] * row_bytes;
-    dist[i] = t.dtype == DType::float32 ? exact_sqdist(xrow, reinterpret_cast<const float*>(yrow), dim)
-                                        : exact_sqdist(xrow, reinterpret_cast<const uint8_t*>(yrow), dim);
+    dist[i] = row_sqdist(t, xrow, kept[i]);
     mx = std::max(mx, -dist[i] * c);
   }
   double* acc = scratch.acc.data();  // the first dim values (the dense path's block accumulator is not in use)
@@ -444,13 +488,12 @@ bool screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const floa
   for (size_t i = 0; i < kept.size(); ++i) {
     const double w = exp_nonpositive(-dist[i] * c - mx);
     sum += w;
-    const char* yrow = static_cast<const char*>(t.y) + kept[i] * row_bytes;
     if (t.dtype == DType::float32) {
-      const float* yf = reinterpret_cast<const float*>(yrow);
+      const float* yf = static_cast<const float*>(t.y) + kept[i] * dim;
       for (int64_t k = 0; k < dim; ++k) acc[k] += w * yf[k];
     } else {
-      const uint8_t* yu = reinterpret_cast<const uint8_t*>(yrow);
-      for (int64_t k = 0; k < dim; ++k) acc[k] += w * value_as_double(yu[k]);
+      const uint8_t* yu = static_cast<const uint8_t*>(t.y) + kept[i] * dim;
+      for (int64_t k = 0; k < dim; ++k) acc[k] += w * kUint8Values.v[yu[k]];
     }
   }
   float* orow = a.out + b * dim;
@@ -460,6 +503,41 @@ bool screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const floa
   a.redo[b] = !(a.redo_coef * (std::fabs(logz) + std::log(static_cast<double>(t.rows)) + a.band) <= a.tiny_tol);
   scratch.screened += 1;
   scratch.kept_total += static_cast<int64_t>(kept.size());
+}
+
+// Pass 1 (see above): srow from the Gram over t.top_dims, xn_part = sum over them of x_k^2 (float64).
+bool partial_screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const float* srow, float smin,
+                          double xnorm, double xn_part, BlockScratch& scratch) {
+  int64_t best = 0;  // the first row holding the smallest value (a search, not a serial min chain)
+#ifdef DIFFCORE_SMALL_AVX2
+  const __m256 vmin = _mm256_set1_ps(smin);
+  while (best + 8 <= t.rows &&
+         _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(srow + best), vmin, _CMP_EQ_OQ)) == 0)
+    best += 8;
+#endif
+  while (best < t.rows && !(srow[best] == smin)) ++best;
+  if (best >= t.rows) return false;  // NaN
+  const double d = row_sqdist(t, a.x + b * t.dim, best);
+  const double upper = d + 3.0 * a.rounding_coef * d + 1e-300;  // >= the exact distance of row best >= d_min
+  const double band_sq = a.band / a.inv2s2[b] * (1.0 + 1e-12);  // the band in squared distance, 2 sigma^2 band
+  const double err = screen_error(a, xnorm, t.ynorm_max);
+  // (1e-15 of the magnitudes: the float64 roundings of this sum, so that cut >= its exact value)
+  const double cut = upper + band_sq + err - xn_part + 1e-15 * (upper + band_sq + err + xn_part);
+  if (!select_rows(t, srow, cut, a.screen_max_kept, scratch.kept)) return false;
+  finish_screened(t, a, b, scratch);
+  scratch.partial += 1;
+  return true;
+}
+
+// Pass 2 (see above): srow from the Gram over every column, smin its smallest value.
+bool screen_query(const SmallTrain& t, const SmallArgs& a, int64_t b, const float* srow, float smin, double xnorm,
+                  BlockScratch& scratch) {
+  const double band_sq = a.band / a.inv2s2[b] * (1.0 + 1e-12);
+  const double err2 = 2.0 * screen_error(a, xnorm, t.ynorm_max);
+  const double low = static_cast<double>(smin);
+  const double cut = low + band_sq + err2 + 1e-15 * (std::fabs(low) + band_sq + err2);
+  if (!select_rows(t, srow, cut, a.screen_max_kept, scratch.kept)) return false;
+  finish_screened(t, a, b, scratch);
   return true;
 }
 
@@ -629,7 +707,7 @@ void run_block(const SmallTrain& t, const SmallArgs& a, int64_t b0, BlockScratch
   // Per query: whether the proven fp32 bound keeps every logit within rescore_tol (large sigma),
   // else whether the screen is predicted to leave few pairs (SmallArgs::screen_ratio).
   double xnorm[kQueries];
-  bool fp32_holds[kQueries], done[kQueries], any_screen = false;
+  bool fp32_holds[kQueries], done[kQueries], second[kQueries] = {}, any_screen = false;
   for (int q = 0; q < nq; ++q) {
     const int64_t b = b0 + q;
     double xn = 0;
@@ -641,13 +719,26 @@ void run_block(const SmallTrain& t, const SmallArgs& a, int64_t b0, BlockScratch
     done[q] = false;
     if (!fp32_holds[q] && a.band / a.inv2s2[b] <= a.screen_ratio * t.spread) any_screen = done[q] = true;
   }
-  if (any_screen) {  // screen the block in fp32; queries with too many survivors go on below
+  if (any_screen) {  // screen the block in fp32 over a quarter of the columns, then over all if needed
     float* xf = scratch.xf.data();
     for (int64_t i = 0; i < kQueries * dim; ++i) xf[i] = static_cast<float>(xb[i]);  // exact: fp32 inputs
     float smin[kQueries];
-    screen_gram_block(t, xf, scratch.s.data(), smin);
+    screen_gram_block(t, t.top_dims, t.part_yn2f.data(), xf, scratch.s.data(), smin);
+    bool any_left = false;
     for (int q = 0; q < nq; ++q)
-      if (done[q]) done[q] = screen_query(t, a, b0 + q, scratch.s.data() + q * padded, smin[q], xnorm[q], scratch);
+      if (done[q]) {
+        double xn_part = 0;
+        for (const int32_t k : t.top_dims) xn_part += xb[q * dim + k] * xb[q * dim + k];
+        done[q] = partial_screen_query(t, a, b0 + q, scratch.s.data() + q * padded, smin[q], xnorm[q], xn_part,
+                                       scratch);
+        second[q] = !done[q];
+        any_left |= second[q];
+      }
+    if (any_left) {
+      screen_gram_block(t, t.all_dims, t.yn2f.data(), xf, scratch.s.data(), smin);
+      for (int q = 0; q < nq; ++q)
+        if (second[q]) done[q] = screen_query(t, a, b0 + q, scratch.s.data() + q * padded, smin[q], xnorm[q], scratch);
+    }
   }
   // The other queries: Gram of the block in float32 where its bound holds for every one of them, else float64.
   bool fp32 = true, all_done = true;
@@ -682,7 +773,7 @@ void run_block(const SmallTrain& t, const SmallArgs& a, int64_t b0, BlockScratch
 // difference by more than tiny_tol: the caller recomputes them with relative logits). Returns
 // (largest |train value|, number of rows flagged). gemm_err_coef: k of the float64 Gram (gamma_D, plus 2^-24 for uint8
 // rows, which the Gram reads rounded to float32); rounding_coef: as the tile path's.
-std::tuple<double, int64_t, int64_t, int64_t> small_dim_forward(
+std::tuple<double, int64_t, int64_t, int64_t, int64_t> small_dim_forward(
     std::uintptr_t x_ptr, std::uintptr_t y_ptr, const std::string& y_dtype, int64_t batch, int64_t rows, int64_t dim,
     std::uintptr_t inv2s2_ptr, double gemm_err_coef, double fp32_err_coef, double rounding_coef, double rescore_tol,
     double band, double tiny_tol, double screen_ratio, int64_t screen_max_kept, std::uintptr_t out_ptr,
@@ -709,18 +800,19 @@ std::tuple<double, int64_t, int64_t, int64_t> small_dim_forward(
   const int64_t blocks = (batch + kQueries - 1) / kQueries;
   const int nthreads = batch * rows * dim >= parallel_min_work ? resolve_threads(threads) : 1;
   (void)nthreads;
-  int64_t screened = 0, kept = 0;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(+ : screened, kept)
+  int64_t screened = 0, kept = 0, partial = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(+ : screened, kept, partial)
   {
     BlockScratch scratch(t);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t block = 0; block < blocks; ++block) run_block(t, a, block * kQueries, scratch);
     screened += scratch.screened;
     kept += scratch.kept_total;
+    partial += scratch.partial;
   }
   int64_t flagged = 0;
   for (int64_t b = 0; b < batch; ++b) flagged += a.redo[b];
-  return {t.max_abs, flagged, screened, kept};
+  return {t.max_abs, flagged, screened, kept, partial};
 }
 
 void register_small_dim(py::module_& m) {
@@ -733,7 +825,8 @@ void register_small_dim(py::module_& m) {
         "Empirical denoiser for small rows in one call: an fp32 screen with exact re-scoring of the "
         "survivors where few pairs carry weight, else float64 Gram, bounded logits (exact re-scoring "
         "where the bound is loose), weights and the weighted sum; query blocks of 4 over the whole set. "
-        "Returns (largest |train value|, rows flagged for relative logits, queries screened, their survivors).");
+        "Returns (largest |train value|, rows flagged for relative logits, queries screened, their survivors, "
+        "queries finished by the first (partial) screen).");
 }
 
 }  // namespace

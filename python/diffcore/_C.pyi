@@ -108,7 +108,7 @@ class Extension(Protocol):
         redo_ptr: int,
         parallel_min_work: int,
         threads: int,
-    ) -> tuple[float, int, int, int]: ...
+    ) -> tuple[float, int, int, int, int]: ...
     def empirical_denoise_screen_finalize(
         self,
         *,

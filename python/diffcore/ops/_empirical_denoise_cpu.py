@@ -321,10 +321,12 @@ def _row_sqnorms(y: torch.Tensor, threads: int) -> torch.Tensor:
 
 @dataclass
 class SmallStats:
-    """What the small path did: queries finished by the screen and their surviving pairs in all."""
+    """What the small path did: queries finished by the screen, their surviving pairs in all, and
+    those of them finished by the first, partial screen (a quarter of the columns)."""
 
     screened: int
     kept: int
+    partial: int
 
 
 def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads: int):
@@ -336,7 +338,7 @@ def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads:
     logz = torch.empty(batch, dtype=torch.float64)
     redo = torch.empty(batch, dtype=torch.uint8)
     inv2s2 = inv2s2.contiguous()
-    largest, flagged, screened, kept = extension().empirical_denoise_small_dim(
+    largest, flagged, screened, kept, partial = extension().empirical_denoise_small_dim(
         x_ptr=xr.data_ptr(),
         y_ptr=y.data_ptr(),
         y_dtype=dtype_name(y.dtype),
@@ -362,7 +364,7 @@ def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads:
         check_finite("train", y)
     if largest > MAX_MAGNITUDE:
         raise ValueError(f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
-    return out, logz, (redo.bool() if flagged else None), SmallStats(screened, kept)
+    return out, logz, (redo.bool() if flagged else None), SmallStats(screened, kept, partial)
 
 
 def check_train_magnitude(y: torch.Tensor, y_sqnorm: torch.Tensor) -> None:
