@@ -107,3 +107,17 @@ def test_screen_is_bit_identical_for_one_and_two_threads(monkeypatch):
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     ref_out, _ = empirical_denoise_ref(x, train, sigma64)
     assert row_rel_error(one[0], ref_out) <= 1e-5
+
+
+def test_second_screen_over_every_column(monkeypatch):
+    """Queries whose first screen (a quarter of the columns) keeps too many rows are finished by the
+    second (every column) when that keeps few enough: the digits at sigma 0.1, at most 3 survivors."""
+    from diffcore.data.digits import load_digits
+
+    train = load_digits(as_uint8=True)[0].reshape(-1, 64)[::3].contiguous()
+    gen = torch.Generator().manual_seed(11)
+    x = (train[:16].double() / 127.5 - 1 + 0.1 * torch.randn(16, 64, generator=gen, dtype=torch.float64)).float()
+    monkeypatch.setattr(ed_cpu, "small_screen_max_kept", lambda rows: 3)
+    stats = screen_stats(x, train, 0.1)
+    assert 0 < stats.partial < stats.screened
+    check_against_reference(x, train, 0.1, "cpu")
