@@ -121,3 +121,14 @@ def test_second_screen_over_every_column(monkeypatch):
     stats = screen_stats(x, train, 0.1)
     assert 0 < stats.partial < stats.screened
     check_against_reference(x, train, 0.1, "cpu")
+
+
+@pytest.mark.parametrize("magnitude", [1e3, 1e8, 1e15])
+def test_screen_huge_queries(magnitude):
+    """Queries far out (|x| up to MAX_MAGNITUDE): the screen's bound grows with |x| |y|, so it keeps
+    more rows or gives way; either way the result is the reference's."""
+    gen = torch.Generator().manual_seed(8)
+    train = torch.rand(300, 64, generator=gen) * 2 - 1
+    x = train[:5] * magnitude + torch.rand(5, 64, generator=gen)
+    for sigma in (1e-3, 0.01):
+        check_against_reference(x, train, sigma, "cpu")
