@@ -4,11 +4,13 @@
 // OpenMP hand-offs cost more than the arithmetic. Here each block of 4 queries makes one pass over
 // the whole training set, which stays in cache. Per query, one of two ways:
 //   A. the screen (few pairs carry weight: small sigma, predicted per query by SmallArgs::screen_ratio):
-//      |y|^2 - 2 x . y for every pair from an fp32 Gram (8 lanes, twice the float64 rate), a proven
-//      bound T of its error (screen_query), and every pair more than 2 sigma^2 band + 2 T above the
-//      smallest dropped (it weighs < e^-band of the largest); the few survivors are re-scored exactly
-//      (difference first, float64: distance.h) and the query is finished from them (weights,
-//      weighted mean in float64). More than screen_max_kept survivors: the query takes way B.
+//      |y|^2 - 2 x . y for every pair from an fp32 Gram (8 lanes, twice the float64 rate), first
+//      over the quarter of the columns of largest variance, then (if that keeps too many rows)
+//      over every column, with a proven bound of its error (screen_query and partial_screen_query
+//      below); every pair proven to lie more than `band` logits below the query's largest is
+//      dropped, the few survivors are re-scored exactly (difference first, float64: distance.h) and
+//      the query is finished from them (weights, weighted mean in float64). More than
+//      screen_max_kept survivors in both passes: the query takes way B.
 //   B. the dense way:
 //   1. G = x . y in float64 (fp32 inputs: every product exact, D - 1 roundings), so that the GEMM
 //      error bound k |x| |y| with k = gamma_D (u = 2^-53) is ~1e9 times smaller than fp32's; in

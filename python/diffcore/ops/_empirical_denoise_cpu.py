@@ -222,7 +222,8 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
     overflowed get a second screening pass with the global lower bound of their max logit.
     Otherwise (dense weights), or when that fails too: ``_stream`` with fp32 (then fp64) Gram tiles
     and a running log-sum-exp. Small rows and training sets (``uses_small_path``: the digits) take
-    one C++ call instead (``_run_small``; ``small=False`` or ``tile_rows`` turn it off). Queries
+    one C++ call instead (``_run_small``: an fp32 screen with exact re-scoring where few pairs carry
+    weight, else a float64 Gram; ``small=False`` or ``tile_rows`` turn it off). Queries
     whose logits need more than float64 sums (``needs_relative_logits``) are redone by the
     screening path with relative logits."""
     threads = torch.get_num_threads()
