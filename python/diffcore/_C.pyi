@@ -101,12 +101,14 @@ class Extension(Protocol):
         rescore_tol: float,
         band: float,
         tiny_tol: float,
+        screen_ratio: float,
+        screen_max_kept: int,
         out_ptr: int,
         logz_ptr: int,
         redo_ptr: int,
         parallel_min_work: int,
         threads: int,
-    ) -> tuple[float, int]: ...
+    ) -> tuple[float, int, int, int, int]: ...
     def empirical_denoise_screen_finalize(
         self,
         *,

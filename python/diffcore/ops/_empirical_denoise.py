@@ -20,6 +20,8 @@ autograd history.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffcore._backend import OpBackends
@@ -81,7 +83,11 @@ def empirical_denoise_with_logz(
         raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
     with torch.no_grad():
         out, logz = RUNNERS[name](x, train, sigma64)
-    if not bool(torch.isfinite(out).all()):  # never silent NaN (logz may be -inf: an underflow)
+    # never silent NaN (logz may be -inf: an underflow). One sum instead of isfinite().all() (40 us
+    # at the digits' B = 256, a tenth of the call): out is a weighted mean of training rows, each
+    # value of magnitude <= MAX_MAGNITUDE, so a sum of finite values stays far below the float range
+    # and it is finite exactly when every value is.
+    if not math.isfinite(float(out.sum())):
         raise ValueError(
             f"sigma: the weights could not be computed at sigma down to {float(sigma64.min()):g}: "
             f"the logits -|x - y|^2 / (2 sigma^2) left the float64 range (use a larger sigma), "
@@ -104,10 +110,15 @@ def _validate(x, train, sigma):
     device = check_same_device(x=x, train=train)
     if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
         raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
-    check_finite("x", x)
-    _check_magnitude("x", x)
+    if x.numel() > 0:  # NaN / Inf and the magnitude limit from one reduction (NaN and Inf propagate)
+        largest = float(x.detach().abs().max())
+        if not math.isfinite(largest):
+            check_finite("x", x)  # raises, naming NaN or Inf
+        if largest > MAX_MAGNITUDE:
+            raise ValueError(f"x: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
-    if bool((sigma64 < MIN_SIGMA).any()):
+    smallest = sigma if isinstance(sigma, (int, float)) else float(sigma64.min()) if sigma64.numel() else MIN_SIGMA
+    if smallest < MIN_SIGMA:
         raise ValueError(
             f"sigma: expected values >= {MIN_SIGMA:g} (below, 1/(2 sigma^2) leaves the float64 "
             f"range), got min {float(sigma64.min()):g}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -221,7 +222,8 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
     overflowed get a second screening pass with the global lower bound of their max logit.
     Otherwise (dense weights), or when that fails too: ``_stream`` with fp32 (then fp64) Gram tiles
     and a running log-sum-exp. Small rows and training sets (``uses_small_path``: the digits) take
-    one C++ call instead (``_run_small``; ``small=False`` or ``tile_rows`` turn it off). Queries
+    one C++ call instead (``_run_small``: an fp32 screen with exact re-scoring where few pairs carry
+    weight, else a float64 Gram; ``small=False`` or ``tile_rows`` turn it off). Queries
     whose logits need more than float64 sums (``needs_relative_logits``) are redone by the
     screening path with relative logits."""
     threads = torch.get_num_threads()
@@ -240,7 +242,7 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
     y = y.contiguous()
     inv2s2 = 0.5 / sigma64.square()
     if small and tile_rows is None and uses_small_path(y.shape[0], dim):
-        out, logz, redo = _run_small(xr, y, inv2s2, threads)
+        out, logz, redo, _ = _run_small(xr, y, inv2s2, threads)
         if redo is None:
             return out, logz
         y_sqnorm = _row_sqnorms(y, threads)
@@ -278,6 +280,17 @@ def run(x, train, sigma64, tile_rows: int | None = None, screen: bool = True, sm
 SMALL_MAX_DIM = 256
 SMALL_MAX_ELEMENTS = 1 << 19
 SMALL_PARALLEL_MIN_WORK = 1 << 25
+# The small path's screen (fp32 Gram with a proven bound, exact re-scoring of the survivors) is tried
+# for a query whose band in squared distance, 2 sigma^2 BAND, is at most SMALL_SCREEN_RATIO times
+# the training set's spread (mean |y - mean y|^2): a prediction that few pairs survive. A query with
+# more than small_screen_max_kept(N) survivors takes the float64 Gram after all (correct either
+# way; only the time differs). Chosen by measurement on the digits, B = 256 (docs/empirical_denoise.md).
+SMALL_SCREEN_RATIO = 0.5
+
+
+def small_screen_max_kept(rows: int) -> int:
+    """Survivors of the small path's screen above which a query takes the float64 Gram instead."""
+    return max(16, rows // 12)
 
 
 def uses_small_path(rows: int, dim: int) -> bool:
@@ -307,16 +320,26 @@ def _row_sqnorms(y: torch.Tensor, threads: int) -> torch.Tensor:
     return y_sqnorm
 
 
+@dataclass
+class SmallStats:
+    """What the small path did: queries finished by the screen, their surviving pairs in all, and
+    those of them finished by the first, partial screen (a quarter of the columns)."""
+
+    screened: int
+    kept: int
+    partial: int
+
+
 def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads: int):
     """The small path in one C++ call: (out [B, D] float32, logz [B] float64, redo [B] bool or None:
-    the rows that need relative logits, needs_relative_logits, computed there). Refuses training
-    values above MAX_MAGNITUDE and NaN / Inf, naming ``train``."""
+    the rows that need relative logits, needs_relative_logits, computed there; SmallStats). Refuses
+    training values above MAX_MAGNITUDE and NaN / Inf, naming ``train``."""
     batch, dim = xr.shape
     out = torch.empty(batch, dim, dtype=torch.float32)
     logz = torch.empty(batch, dtype=torch.float64)
     redo = torch.empty(batch, dtype=torch.uint8)
     inv2s2 = inv2s2.contiguous()
-    largest, flagged = extension().empirical_denoise_small_dim(
+    largest, flagged, screened, kept, partial = extension().empirical_denoise_small_dim(
         x_ptr=xr.data_ptr(),
         y_ptr=y.data_ptr(),
         y_dtype=dtype_name(y.dtype),
@@ -330,6 +353,8 @@ def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads:
         rescore_tol=RESCORE_TOL,
         band=BAND,
         tiny_tol=TINY_LOGIT_TOL,
+        screen_ratio=SMALL_SCREEN_RATIO,
+        screen_max_kept=small_screen_max_kept(y.shape[0]),
         out_ptr=out.data_ptr(),
         logz_ptr=logz.data_ptr(),
         redo_ptr=redo.data_ptr(),
@@ -340,7 +365,7 @@ def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads:
         check_finite("train", y)
     if largest > MAX_MAGNITUDE:
         raise ValueError(f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
-    return out, logz, (redo.bool() if flagged else None)
+    return out, logz, (redo.bool() if flagged else None), SmallStats(screened, kept, partial)
 
 
 def check_train_magnitude(y: torch.Tensor, y_sqnorm: torch.Tensor) -> None:
@@ -425,6 +450,16 @@ def _screen(
     coef = gram_of.error_bound
     if probe_dense and _looks_dense(queries, data, gram_of, threads):
         return None
+    # the running lower bounds of the max logits and the candidate lists, as both C++ steps take them
+    lists: dict[str, Any] = dict(
+        band=BAND,
+        mlow_ptr=queries.run_max_lower.data_ptr(),
+        cand_index_ptr=cand_index.data_ptr(),
+        cand_upper_ptr=cand_upper.data_ptr(),
+        cand_count_ptr=cand_count.data_ptr(),
+        cap=cap,
+        threads=threads,
+    )
     for start, y_tile in data.tiles():
         count = y_tile.shape[0]
         gram = gram_of.gram(y_tile)
@@ -440,13 +475,7 @@ def _screen(
             yn2_ptr=data.y_sqnorm[start:].data_ptr(),
             gemm_err_coef=coef,
             rounding_coef=logit_rounding_coefficient(dim),
-            band=BAND,
-            mlow_ptr=queries.run_max_lower.data_ptr(),
-            cand_index_ptr=cand_index.data_ptr(),
-            cand_upper_ptr=cand_upper.data_ptr(),
-            cand_count_ptr=cand_count.data_ptr(),
-            cap=cap,
-            threads=threads,
+            **lists,
         )
     finished = cand_count <= cap
     if bool(finished.any()):  # exact re-scoring, written straight into out[rows], logz[rows]
@@ -460,16 +489,10 @@ def _screen(
             y_ptr=data.y.data_ptr(),
             y_dtype=data.dtype_name,
             y_ld=dim,
-            mlow_ptr=queries.run_max_lower.data_ptr(),
-            cand_index_ptr=cand_index.data_ptr(),
-            cand_upper_ptr=cand_upper.data_ptr(),
-            cand_count_ptr=cand_count.data_ptr(),
-            cap=cap,
-            band=BAND,
             row_map_ptr=row_map.data_ptr(),
             out_ptr=out.data_ptr(),
             logz_ptr=logz.data_ptr(),
-            threads=threads,
+            **lists,
         )
     return finished
 
