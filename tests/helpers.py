@@ -3,9 +3,11 @@ pytest hooks and fixtures)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
+import pytest
 import torch
 
 from diffcore import _backend
@@ -69,3 +71,22 @@ def finish_processes(processes, timeout: float) -> None:
     for process in processes:
         _, err = process.communicate(timeout=timeout)
         assert process.returncode == 0, err[-3000:]
+
+
+def assert_refused_before_writing(study, override: str, field: str, out) -> None:
+    """The study's tiny preset with ``override`` (``key=value``) is refused by a ConfigError naming
+    ``field`` before anything is written: no config.json in the output folder ``out``."""
+    from diffcore.experiments.base import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        study.run_preset("tiny", out, [override], progress=False)
+    assert not (out / "config.json").exists()
+
+
+def assert_outputs(out, names, results: dict | None = None) -> None:
+    """Every file of ``names`` in the run folder ``out`` is there and not empty; with ``results``,
+    ``out/results.json`` holds exactly them."""
+    for name in names:
+        assert (out / name).stat().st_size > 0, name
+    if results is not None:
+        assert json.loads((out / "results.json").read_text()) == results

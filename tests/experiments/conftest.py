@@ -109,3 +109,12 @@ class StandInStack:
 @pytest.fixture(scope="session")
 def stand_in_stack():
     return StandInStack
+
+
+@pytest.fixture(scope="module")
+def tiny_run(request, tmp_path_factory):
+    """``(out, results)``: the test module's ``study`` run once at its tiny preset (default hooks, no
+    progress bars). A module that runs its study otherwise defines its own ``tiny_run``."""
+    study = request.module.study
+    out = tmp_path_factory.mktemp(study.NAME)
+    return out, study.run_preset("tiny", out, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffcore.experiments import dynamics
-from diffcore.experiments.base import ConfigError, config_from_preset
+from diffcore.experiments.base import ConfigError, config_from_preset, json_dumps
 from diffcore.train import ensemble
 
 # ----------------------------------------------------------------------------- the memorization ratio
@@ -100,12 +100,9 @@ def test_log_spaced_steps():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="first_checkpoint"):
-        config_from_preset(dynamics.PRESETS, "tiny", ["first_checkpoint=24"])
-    with pytest.raises(ConfigError, match="lr_sweep_n"):
-        config_from_preset(dynamics.PRESETS, "tiny", ["lr_sweep_n=64"])
-    with pytest.raises(ConfigError, match="mem_level"):
-        config_from_preset(dynamics.PRESETS, "tiny", ["mem_level=0"])
+    for field, value in (("first_checkpoint", 24), ("lr_sweep_n", 64), ("mem_level", 0)):
+        with pytest.raises(ConfigError, match=field):
+            config_from_preset(dynamics.PRESETS, "tiny", [f"{field}={value}"])
 
 
 def test_presets_validate_and_long_extends_quick():
@@ -274,7 +271,7 @@ def test_summary_recovers_the_timescales_of_synthetic_curves(tmp_path, slope_mem
         "fd_heldout_images": 0.1,
         "heldout_count": 400,
     }
-    results = json.loads(dynamics.json_dumps(dynamics.summarize(config, steps, curves, controls)))
+    results = json.loads(json_dumps(dynamics.summarize(config, steps, curves, controls)))
     for width in ("w4", "w8"):
         mem, gen = results["fits"][width]["tau_mem"]["slope"], results["fits"][width]["tau_gen"]["slope"]
         assert mem["value"] == pytest.approx(slope_mem, abs=0.1)

@@ -12,14 +12,9 @@ import torch
 
 from diffcore.analysis.locality import calibrate_patch_sizes, pearson_per_sample, per_sample_r2
 from diffcore.experiments import locality as study
-from diffcore.experiments.base import ConfigError, config_from_preset
+from diffcore.experiments.base import config_from_preset
 from diffcore.ops import local_denoise, wiener_masks
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("locality")
-    return out, study.run_preset("tiny", out, progress=False)
+from tests.helpers import assert_outputs, assert_refused_before_writing
 
 
 @pytest.mark.slow
@@ -45,9 +40,7 @@ def test_tiny_run_measures_every_machine_of_every_model(tiny_run):
     regimes = {(c["n"], c["measure"]) for c in results["claims"].values()}
     assert regimes == {(n, k) for n in (8, 64) for k in study.MEASURES}
     assert all(isinstance(c["holds"], bool) and "difference" in c for c in results["claims"].values())
-    assert json.loads((out / "results.json").read_text()) == results
-    for name in ("agreement.csv", "schedules.csv", "samples.png", "agreement.png", "schedules.png"):
-        assert (out / name).stat().st_size > 0
+    assert_outputs(out, ("agreement.csv", "schedules.csv", "samples.png", "agreement.png", "schedules.png"), results)
 
 
 @pytest.mark.slow
@@ -126,6 +119,4 @@ def test_wiener_masks_public_rule_follows_the_public_formula():
     ],
 )
 def test_invalid_config_is_refused_before_anything_is_written(override, field, tmp_path):
-    with pytest.raises(ConfigError, match=field):
-        study.run_preset("tiny", tmp_path / "bad", [override], progress=False)
-    assert not (tmp_path / "bad" / "config.json").exists()
+    assert_refused_before_writing(study, override, field, tmp_path / "bad")

@@ -16,7 +16,7 @@ from diffcore.data import load_digits
 from diffcore.denoisers import GaussianDenoiser
 from diffcore.experiments import loco_edit as study
 from diffcore.experiments.base import ConfigError, Workspace
-from tests.helpers import tiny_diffusers_unet
+from tests.helpers import assert_outputs, tiny_diffusers_unet
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
@@ -94,17 +94,11 @@ def test_tiny_run_measures(tiny_run):
         assert abs(s["transfer_inside_fraction_mean"] - s["inside_fraction_projected_mean"]) < 1e-3
     n = len(images)
     assert len(results["transfer"]) == n * n * 2 * len(config.strengths)
-    for name in (
-        "results.json",
-        "edits.csv",
-        "transfer.csv",
-        "edits.png",
-        "transfer.png",
-        "spectrum.png",
-        "timings.json",
-    ):
-        assert (out / name).stat().st_size > 0
-    assert json.loads((out / "results.json").read_text()) == results
+    assert_outputs(
+        out,
+        ("results.json", "edits.csv", "transfer.csv", "edits.png", "transfer.png", "spectrum.png", "timings.json"),
+        results,
+    )
     timings = json.loads((out / "timings.json").read_text())
     assert timings["cpu_seconds"] > 0 and timings["units"]["images"]["units"] == n
 

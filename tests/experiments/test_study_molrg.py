@@ -13,12 +13,7 @@ from diffcore.data import molrg, molrg_bases
 from diffcore.denoisers import MoLRGDenoiser
 from diffcore.experiments import _vector, molrg as study
 from diffcore.models import vector
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("molrg")
-    return out, study.run_preset("tiny", out, progress=False)
+from tests.helpers import assert_outputs
 
 
 def test_subspace_denoiser_is_the_molrg_denoiser_at_the_true_bases():
@@ -80,9 +75,7 @@ def test_tiny_run_recovery_error_falls_with_n_over_d(tiny_run):
 
 def test_tiny_run_outputs_and_rank(tiny_run):
     out, results = tiny_run
-    for name in ("results.json", "runs.csv", "phase_transition.png", "rank.png", "timings.json"):
-        assert (out / name).stat().st_size > 0
-    assert json.loads((out / "results.json").read_text()) == results
+    assert_outputs(out, ("results.json", "runs.csv", "phase_transition.png", "rank.png", "timings.json"), results)
     true_rank = results["rank"]["curves"]["true MoLRG"]
     # at small sigma the true denoiser's Jacobian is a projection on one d-dim subspace
     assert true_rank[-1] == results["rank"]["d"]

@@ -13,6 +13,7 @@ import torch
 
 from diffcore.experiments import EXPERIMENTS, pfd as study
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
+from tests.helpers import assert_outputs
 
 
 def reference_empirical(train):
@@ -59,8 +60,7 @@ def test_training_time_curve(tiny_run):
 
 def test_outputs_and_resume(tiny_run):
     out, results = tiny_run
-    for name in ("results.json", "pfd.csv", "curve.csv", "pfd_vs_n.png", "pfd_vs_time.png"):
-        assert (out / name).stat().st_size > 0
+    assert_outputs(out, ("results.json", "pfd.csv", "curve.csv", "pfd_vs_n.png", "pfd_vs_time.png"))
     again = study.run_preset("tiny", out, progress=False, hooks=study.PFDHooks(reference_empirical))
     assert again == results
     timings = json.loads((out / "timings.json").read_text())

@@ -3,18 +3,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from diffcore.experiments import representation as study
-from diffcore.experiments.base import ConfigError, config_from_preset
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("representation")
-    return out, study.run_preset("tiny", out, progress=False)
+from diffcore.experiments.base import config_from_preset
+from tests.helpers import assert_outputs, assert_refused_before_writing
 
 
 @pytest.mark.slow
@@ -46,9 +39,7 @@ def test_tiny_run_measures_every_model_step_sigma_and_split(tiny_run):
     assert results["molrg_shape"]["shape"] == "unimodal"
     confidence = [r["confidence"] for r in results["molrg"]]
     assert confidence[0] > 0.99 and confidence[-1] < 0.5
-    assert json.loads((out / "results.json").read_text()) == results
-    for name in ("curves.csv", "summary.csv", "models.csv", "molrg.csv", "representation.png"):
-        assert (out / name).stat().st_size > 0
+    assert_outputs(out, ("curves.csv", "summary.csv", "models.csv", "molrg.csv", "representation.png"), results)
 
 
 @pytest.mark.slow
@@ -83,6 +74,4 @@ def test_models_from_reuses_the_reproducibility_run(tiny_run, tmp_path):
     ],
 )
 def test_invalid_config_is_refused_before_anything_is_written(override, field, tmp_path):
-    with pytest.raises(ConfigError, match=field):
-        study.run_preset("tiny", tmp_path / "bad", [override], progress=False)
-    assert not (tmp_path / "bad" / "config.json").exists()
+    assert_refused_before_writing(study, override, field, tmp_path / "bad")

@@ -10,14 +10,7 @@ import torch
 
 from diffcore.experiments import EXPERIMENTS, experiment, watermark as study
 from diffcore.experiments.base import ConfigError, apply_overrides
-from tests.helpers import tiny_diffusers_unet
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("watermark")
-    results = study.run_preset("tiny", out, progress=False)
-    return out, results
+from tests.helpers import assert_outputs, tiny_diffusers_unet
 
 
 def test_registered():
@@ -29,17 +22,19 @@ def test_registered():
 
 def test_tiny_run_outputs(tiny_run):
     out, results = tiny_run
-    assert json.loads((out / "results.json").read_text()) == results
-    for name in (
-        "detection.csv",
-        "consistency.csv",
-        "watermark-roc.png",
-        "watermark-images.png",
-        "watermark-consistency.png",
-        "watermark-sweep.png",
-        "timings.json",
-    ):
-        assert (out / name).stat().st_size > 0, name
+    assert_outputs(
+        out,
+        (
+            "detection.csv",
+            "consistency.csv",
+            "watermark-roc.png",
+            "watermark-images.png",
+            "watermark-consistency.png",
+            "watermark-sweep.png",
+            "timings.json",
+        ),
+        results,
+    )
     rows = {(d["method"], d["attack"]): d for d in results["detection"] if d["variant"] == d["method"]}
     assert set(rows) == {(m, a) for m in study.METHODS for a in ("none", "jpeg", "noise")}
     for method in study.METHODS:

@@ -9,6 +9,7 @@ here falls back to anything.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -365,6 +366,24 @@ def load_model(model_dir: Path, device="cpu"):
 
 REPRODUCIBILITY = "reproducibility"
 
+# The checks of the four fields every config of a ReproducibilityModelsStudy has (its FIELD_CHECKS
+# take them with ``**``): which reproducibility run, and which of its models.
+REPRODUCIBILITY_MODELS_CHECKS: dict[str, base.Check] = {
+    "models_from": base.text,
+    "reproducibility_preset": base.text,
+    "widths": base.tuple_of(base.positive, min_len=0),
+    "sizes": base.tuple_of(base.integer(2), min_len=0),
+}
+
+
+def check_reproducibility_preset(config: Any) -> None:
+    """Without ``models_from``, the config's ``reproducibility_preset`` must name a preset of the
+    reproducibility study (reached through the registry); ConfigError naming it otherwise."""
+    from diffcore.experiments import experiment
+
+    if not config.models_from:
+        base.one_of(*experiment(REPRODUCIBILITY).PRESETS)("reproducibility_preset", config.reproducibility_preset)
+
 
 def reproducibility_run(
     models_from: str | None,
@@ -479,3 +498,18 @@ class ReproducibilityModelsStudy:
     def models(self, results: dict, root: Path) -> list[ModelOfReproducibilityRun]:
         """The selected models of the reproducibility run (:func:`reproducibility_models`)."""
         return reproducibility_models(results, root, self.c.widths, self.c.sizes)
+
+    def results(self, name: str, root: Path, fields: dict) -> dict:
+        """results.json's content, as strict JSON reads it back: the study ``name``, its config,
+        the reproducibility run's folder ``root``, the study's own ``fields`` and :attr:`seconds`."""
+        return json.loads(
+            base.json_dumps(
+                {
+                    "experiment": name,
+                    "config": dataclasses.asdict(self.c),
+                    "models_from": str(root),
+                    **fields,
+                    "seconds": self.seconds,
+                }
+            )
+        )

@@ -28,11 +28,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffcore.analysis import unlearning as ul
-from diffcore.experiments.base import ConfigError, Workspace, atomic_save_figure, atomic_write_json, json_dumps
+from diffcore.experiments import unlearning
+from diffcore.experiments.base import ConfigError, Workspace, atomic_write_json, json_dumps
 from diffcore.metrics import intervals
 
 SLOT = "{x}"
@@ -367,32 +367,22 @@ def run(c, ws: Workspace, device: str = "cpu") -> dict:
         | {"<free>": att["free"]}
         | {f"<resub{k + 1}>": resub["vectors"][k] for k in range(c.attack_k)}
     )
-    dim = pipe.table.shape[1]
-    random_basis = ul.orthonormal_basis(
-        torch.randn(c.attack_k, dim, generator=torch.Generator().manual_seed(c.control_seed), dtype=torch.float64)
-    )
-    defenses = {"none": None, "attack": attack_basis, "random": random_basis}
+    defenses = unlearning.defense_bases(c, attack_basis, pipe.table.shape[1])
     seeds = range(c.sample_seed_start, c.sample_seed_start + c.samples_per_prompt)
+
+    def make_samples(s: dict):
+        template = c.templates[s["template"]]
+        is_attack = s["filler"] in attacks
+        ids, slot = pipe.prompt_ids(template, None if is_attack else s["filler"])
+        with torch.no_grad():
+            cond = pipe.encode(ids, slot, attacks.get(s["filler"]), defenses[s["defense"]])
+            x = sample(pipe, unets[s["model"]], cond, null, seeds, c)
+            chunks = x.split(SAMPLE_CHUNK)
+            predicted = torch.cat([classifier(chunk.to(pipe.device)).argmax(1).cpu() for chunk in chunks])
+        return x, predicted
+
     sets = sample_sets(c)
-    stored = {}
-    for s in sets:
-
-        def produce(tmp: Path, work: Path, s=s):
-            template = c.templates[s["template"]]
-            is_attack = s["filler"] in attacks
-            ids, slot = pipe.prompt_ids(template, None if is_attack else s["filler"])
-            with torch.no_grad():
-                cond = pipe.encode(ids, slot, attacks.get(s["filler"]), defenses[s["defense"]])
-                x = sample(pipe, unets[s["model"]], cond, null, seeds, c)
-                chunks = x.split(SAMPLE_CHUNK)
-                predicted = torch.cat([classifier(chunk.to(pipe.device)).argmax(1).cpu() for chunk in chunks])
-            torch.save({"images": x, "predicted": predicted}, tmp / "samples.pt")
-            return {"predicted": predicted.tolist()}
-
-        spec = {**spec_base, "stage": "samples", **s}
-        stored[s["name"]] = torch.load(
-            ws.run_unit("samples", s["name"], spec, produce).file("samples.pt"), weights_only=False
-        )
+    stored = unlearning.sample_units(ws, sets, lambda s: {**spec_base, "stage": "samples", **s}, make_samples)
     results = _analyse(c, pipe, sets, stored, att, resub)
     _figure(c, results, ws.root)
     results = json.loads(json_dumps(results))
@@ -468,32 +458,22 @@ def _analyse(c, pipe: Pipeline, sets, stored, att, resub) -> dict:
         "retrained_top_tokens": top_tokens(resub["alphas"]),
         "max_abs_cosine": cosine,
         "claims": claims,
-        "losses": {
-            "subattack_final": [float(np.mean(x[-20:])) for x in att["losses"]],
-            "free_final": float(np.mean(att["free_losses"][-20:])),
-            "retrained_final": [float(np.mean(x[-20:])) for x in resub["losses"]],
-        },
+        "losses": unlearning.final_losses(att["losses"], att["free_losses"], resub["losses"]),
     }
 
 
 def _figure(c, results: dict, out: Path) -> None:
     """Attack success of every sample set with its 95% Wilson interval (``unlearning-success.png``)."""
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
-
     rates = results["attack_success"]
-    names = list(rates)
-    vals = [rates[n]["value"] for n in names]
-    err = [[rates[n]["value"] - rates[n]["low"] for n in names], [rates[n]["high"] - rates[n]["value"] for n in names]]
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.22 * len(names)))
-    ax.barh(range(len(names)), vals, xerr=err, color="tab:blue", alpha=0.7, capsize=2)
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"attack success: fraction classified as class {c.concept_class} (95% Wilson)")
-    ax.set_title(f"Erased concept {c.concept!r}, n = {c.samples_per_prompt} per prompt", fontsize=9)
-    fig.tight_layout()
-    atomic_save_figure(fig, out / "unlearning-success.png")
+    unlearning.plot_attack_success(
+        rates,
+        [(name, name) for name in rates],
+        out / "unlearning-success.png",
+        figsize=(7, 0.5 + 0.22 * len(rates)),
+        label_size=6,
+        xlabel=f"attack success: fraction classified as class {c.concept_class} (95% Wilson)",
+        title=f"Erased concept {c.concept!r}, n = {c.samples_per_prompt} per prompt",
+    )
 
 
 __all__ = ["Pipeline", "run", "sample", "sample_sets"]

@@ -26,6 +26,22 @@ from diffcore.train.loss import EDMLoss
 _PROPOSAL_KEYS = ("P_mean", "P_std", "sigma_data", "log_uniform_fraction", "log_uniform_range")
 
 
+def training_and_sampling_spec(config) -> dict:
+    """The unit-spec fields the MoLRG and PFD studies share: the training batch, the noise levels
+    trained on (EDM's ``P_mean``, ``P_std``; ``sigma_log_uniform`` with its range, when a share is
+    log-uniform) and the samples drawn (count, first seed, sampler steps)."""
+    c = config
+    return {
+        "batch_size": c.batch_size,
+        "P_mean": c.P_mean,
+        "P_std": c.P_std,
+        **({"sigma_log_uniform": [c.sigma_log_uniform, c.sigma_min, c.sigma_max]} if c.sigma_log_uniform else {}),
+        "num_samples": c.num_samples,
+        "sample_seed_start": c.sample_seed_start,
+        "sampler_steps": c.sampler_steps,
+    }
+
+
 @dataclass
 class TrainLog:
     """Losses (mean per logging window) and the snapshots taken at the requested steps."""

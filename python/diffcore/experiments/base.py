@@ -285,6 +285,18 @@ def config_from_preset(presets: Mapping[str, Callable[[], Any]], preset: str, ov
     return config
 
 
+def sampler_settings(config: Any) -> dict:
+    """The sampler settings of a study's config as the keywords of ``diffcore.sampler.sample`` (and
+    of a study hook's ``sample``): ``steps`` (its ``sampler_steps``), ``solver``, ``sigma_min``,
+    ``sigma_max``."""
+    return {
+        "steps": config.sampler_steps,
+        "solver": config.solver,
+        "sigma_min": config.sigma_min,
+        "sigma_max": config.sigma_max,
+    }
+
+
 # ----------------------------------------------------------------------------- field ranges
 # A check is ``check(name, value)`` raising ConfigError("name: expected ..., got ...").
 
@@ -366,6 +378,9 @@ def tuple_of(inner: Check, min_len: int = 1) -> Check:
 
 seed = integer(0, SEED_MAX)
 fraction = number(0, 1, lo_open=True)  # a share or a probability that must not be 0: (0, 1]
+positive = integer(1)  # a count or size that must not be 0
+count = integer(0)  # a count that may be 0 (0: none)
+positive_number = number(0, lo_open=True)  # a finite real number > 0 (a scale, a rate)
 
 
 def boolean(name: str, value: Any) -> None:

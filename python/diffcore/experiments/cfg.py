@@ -76,15 +76,6 @@ import torch
 from diffcore.analysis import guidance as guidance_measures
 from diffcore.analysis.guidance import JacobianCPCGuidance, LabeledDenoiser
 from diffcore.experiments import _stack, base, plotting
-from diffcore.experiments.base import (
-    ConfigError,
-    Unit,
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 
 log = logging.getLogger(__name__)
 
@@ -149,79 +140,82 @@ class CFGConfig:
         """Raise ConfigError naming the first field out of range."""
         base.check_fields(self, FIELD_CHECKS)
         if self.dataset != "cifar10" and self.inception_weights:
-            raise ConfigError("inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)")
+            raise base.ConfigError(
+                "inception_weights: only used with dataset=cifar10 (digits use the shipped digits CNN)"
+            )
         if not self.sigma_max > self.sigma_min:
-            raise ConfigError(f"sigma_max: expected a number > sigma_min = {self.sigma_min:g}, got {self.sigma_max!r}")
+            raise base.ConfigError(
+                f"sigma_max: expected a number > sigma_min = {self.sigma_min:g}, got {self.sigma_max!r}"
+            )
         if self.linear_low > self.sigma_max:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"linear_low: expected a number in [0, sigma_max = {self.sigma_max:g}], got {self.linear_low!r}"
             )
         for s in self.split_sigmas:
             if not self.sigma_min < s < self.sigma_max:
-                raise ConfigError(
+                raise base.ConfigError(
                     f"split_sigmas: expected numbers in (sigma_min, sigma_max) = "
                     f"({self.sigma_min:g}, {self.sigma_max:g}), got {self.split_sigmas!r}"
                 )
         if self.cpc_method == "lanczos" and 0 < self.cpc_iters < self.cpc_k:
-            raise ConfigError(f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}")
+            raise base.ConfigError(
+                f"cpc_iters: lanczos needs at least cpc_k = {self.cpc_k} steps, got {self.cpc_iters}"
+            )
         if self.equal_accuracy >= 1:
-            raise ConfigError(f"equal_accuracy: expected an accuracy in (0, 1), got {self.equal_accuracy!r}")
+            raise base.ConfigError(f"equal_accuracy: expected an accuracy in (0, 1), got {self.equal_accuracy!r}")
         if self.cpc_sigmas > self.num_sigmas:
-            raise ConfigError(f"cpc_sigmas: at most num_sigmas = {self.num_sigmas}, got {self.cpc_sigmas}")
+            raise base.ConfigError(f"cpc_sigmas: at most num_sigmas = {self.num_sigmas}, got {self.cpc_sigmas}")
         if self.grid_per_class > self.samples_per_class:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"grid_per_class: at most samples_per_class = {self.samples_per_class}, got {self.grid_per_class}"
             )
 
 
-_POSITIVE = base.integer(1)
-_COUNT = base.integer(0)
-_POSITIVE_REAL = base.number(0, lo_open=True)
 _SCALE = base.number(-1e3, 1e3)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.one_of("digits", "cifar10"),
     "data_root": base.text,
     "inception_weights": base.text,
     "model_preset": base.model_preset,
-    "width": _POSITIVE,
-    "train_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
+    "width": base.positive,
+    "train_steps": base.positive,
+    "batch_size": base.positive,
     "learning_rate": base.number(0, 1, lo_open=True),
-    "lr_warmup_images": _COUNT,
-    "ema_halflife_images": _POSITIVE_REAL,
+    "lr_warmup_images": base.count,
+    "ema_halflife_images": base.positive_number,
     "label_dropout": base.below(1),
     "augment": base.one_of("none", "xflip"),
     "train_seed": base.seed,
     "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
     "cpc_guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
-    "cpc_guidance_rank": _COUNT,
-    "cpc_guidance_iters": _POSITIVE,
+    "cpc_guidance_rank": base.count,
+    "cpc_guidance_iters": base.positive,
     "equal_accuracy": base.number(0, 1, lo_open=True),
     "cpc_guidance_split_scale": _SCALE,
-    "alignment_samples": _POSITIVE,
+    "alignment_samples": base.positive,
     "linear_scale": _SCALE,
-    "split_sigmas": base.tuple_of(_POSITIVE_REAL, min_len=0),
+    "split_sigmas": base.tuple_of(base.positive_number, min_len=0),
     "linear_low": base.number(0),
     "gaussian_scale": _SCALE,
-    "samples_per_class": _POSITIVE,
+    "samples_per_class": base.positive,
     "sample_seed_start": base.seed,
     "solver": base.solver,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "sigma_min": base.sigma,
     "sigma_max": base.sigma,
-    "sample_batch": _POSITIVE,
-    "num_sigmas": _POSITIVE,
-    "distance_samples": _POSITIVE,
-    "cpc_sigmas": _COUNT,
-    "cpc_points": _POSITIVE,
-    "cpc_k": _POSITIVE,
+    "sample_batch": base.positive,
+    "num_sigmas": base.positive,
+    "distance_samples": base.positive,
+    "cpc_sigmas": base.count,
+    "cpc_points": base.positive,
+    "cpc_k": base.positive,
     "cpc_method": base.one_of("subspace", "randomized", "lanczos"),
-    "cpc_iters": _COUNT,
+    "cpc_iters": base.count,
     "probe_seed": base.seed,
     "frechet_resamples": base.integer(100),
     "saturated_accuracy": base.number(0, 1),
-    "grid_per_class": _POSITIVE,
-    "torch_threads": _COUNT,
+    "grid_per_class": base.positive,
+    "torch_threads": base.count,
 }
 
 
@@ -316,7 +310,7 @@ def default_hooks(config: CFGConfig, device: str = "cpu") -> CFGHooks:
             frechet=metrics.frechet_distance,
         )
     if not config.inception_weights:
-        raise ConfigError(
+        raise base.ConfigError(
             "inception_weights: cifar10 needs a local file of FID's Inception-v3 weights (see docs/metrics.md)"
         )
     log.warning("cfg: no CIFAR-10 classifier ships with diffcore; class accuracy is reported as null")
@@ -639,7 +633,7 @@ def _spread(values: list[float], count: int) -> list[float]:
 
 class _Study:
     def __init__(self, config: CFGConfig, out, hooks: CFGHooks | None, device: str, progress: bool):
-        self.c, self.ws, self.hooks, self.device, self.progress = config, Workspace(out), hooks, device, progress
+        self.c, self.ws, self.hooks, self.device, self.progress = config, base.Workspace(out), hooks, device, progress
 
     def data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         from diffcore import data
@@ -667,7 +661,7 @@ class _Study:
             **base.data_digest(c.data_root),
         }
 
-    def train(self, num_classes: int) -> Unit:
+    def train(self, num_classes: int) -> base.Unit:
         from diffcore import train
 
         spec = self.model_spec()
@@ -700,13 +694,15 @@ class _Study:
 
         return self._unit("models", "conditional", spec, produce)
 
-    def load_net(self, unit: Unit):
+    def load_net(self, unit: base.Unit):
         from diffcore import train
 
         net = train.load_trained_model(unit.path / "checkpoint", which="ema").to(self.device).eval()
         return net.requires_grad_(False)
 
-    def sample_set(self, setting: dict, model_unit: Unit, net, gaussians, labels: torch.Tensor, shape) -> Unit:
+    def sample_set(
+        self, setting: dict, model_unit: base.Unit, net, gaussians, labels: torch.Tensor, shape
+    ) -> base.Unit:
         from diffcore import sampler
 
         c = self.c
@@ -745,10 +741,7 @@ class _Study:
                             denoiser,
                             seeds=seeds[start : start + c.sample_batch],
                             shape=shape,
-                            steps=c.sampler_steps,
-                            solver=c.solver,
-                            sigma_min=c.sigma_min,
-                            sigma_max=c.sigma_max,
+                            **base.sampler_settings(c),
                             device=self.device,
                         )
                         .float()
@@ -759,7 +752,7 @@ class _Study:
 
         return self._unit("samples", _slug(setting["name"]), spec, produce)
 
-    def analysis(self, model_unit: Unit, net, gaussians, images, labels) -> Unit:
+    def analysis(self, model_unit: base.Unit, net, gaussians, images, labels) -> base.Unit:
         from diffcore import sampler
 
         c = self.c
@@ -787,7 +780,7 @@ class _Study:
 
         return self._unit("analysis", "transition", spec, produce)
 
-    def alignment(self, model_unit: Unit, net, gaussians, images, labels) -> Unit:
+    def alignment(self, model_unit: base.Unit, net, gaussians, images, labels) -> base.Unit:
         """The Jacobian CPC term against the Gaussians' linear CPC term on the analysis grid
         (:func:`diffcore.analysis.guidance.cpc_term_alignment`)."""
         from diffcore import sampler
@@ -818,7 +811,7 @@ class _Study:
 
         return self._unit("analysis", "cpc-term-alignment", spec, produce)
 
-    def _unit(self, kind, name, spec, produce) -> Unit:
+    def _unit(self, kind, name, spec, produce) -> base.Unit:
         unit = self.ws.run_unit(kind, name, spec, produce)
         self.ws.record(unit)
         return unit
@@ -828,7 +821,7 @@ class _Study:
 
         c = self.c
         if c.dataset == "cifar10" and not c.data_root:
-            raise ConfigError("data_root: cifar10 needs the local CIFAR-10 folder (--set data_root=...)")
+            raise base.ConfigError("data_root: cifar10 needs the local CIFAR-10 folder (--set data_root=...)")
         hooks = self.hooks if self.hooks is not None else default_hooks(c, self.device)
         images, labels, num_classes = self.data()  # loaded and checked before the folder is bound
         base.check_seed_range("sample_seed_start", c.sample_seed_start, num_classes * c.samples_per_class)
@@ -858,7 +851,7 @@ class _Study:
         claims.update(alignment_claims(alignment, c))
         claims.update(comparison.pop("claims"))
         results = json.loads(
-            json_dumps(
+            base.json_dumps(
                 {
                     "experiment": NAME,
                     "config": dataclasses.asdict(c),
@@ -878,9 +871,9 @@ class _Study:
 
     def write(self, results: dict, grids: dict) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "settings.csv", [_flat_setting(s) for s in results["settings"]])
-        atomic_write_csv(root / "transition.csv", results["transition"])
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "settings.csv", [_flat_setting(s) for s in results["settings"]])
+        base.atomic_write_csv(root / "transition.csv", results["transition"])
         plot_samples(results, grids, root / "cfg-samples.png")
         plot_metrics(results, root / "cfg-metrics.png")
         plot_cpc(results, root / "cfg-cpc.png")
@@ -936,7 +929,7 @@ def plot_samples(results: dict, grids: dict, path) -> Path:
     ax.set_title("same seeds in every row; columns: classes 0..9", fontsize=8)
     width = labels_inches + image_inches + 0.2
     fig.subplots_adjust(left=labels_inches / width, right=1 - 0.1 / width, top=0.93, bottom=0.02)
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def _fmt(value) -> str:
@@ -1028,7 +1021,7 @@ def plot_metrics(results: dict, path) -> Path:
         ax.grid(alpha=0.3)
     axes[3].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_cpc(results: dict, path) -> Path:
@@ -1069,7 +1062,7 @@ def plot_cpc(results: dict, path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_transition(results: dict, path) -> Path:
@@ -1115,7 +1108,7 @@ def plot_transition(results: dict, path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -55,7 +55,6 @@ class DemoConfig:
             )
 
 
-_POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text,
     "data_root": base.text,
@@ -123,10 +122,7 @@ def _run(config: DemoConfig, out: Path, hooks, device: str, progress: bool, pool
             hooks.empirical_denoiser(train.to(device)),
             seeds,
             shape,
-            steps=config.sampler_steps,
-            solver=config.solver,
-            sigma_min=config.sigma_min,
-            sigma_max=config.sigma_max,
+            **base.sampler_settings(config),
             device=device,
             progress=progress,
         )

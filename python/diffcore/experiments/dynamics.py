@@ -62,13 +62,6 @@ import numpy as np
 import torch
 
 from diffcore.experiments import _stack, base
-from diffcore.experiments.base import (
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -139,41 +132,39 @@ class DynamicsConfig:
             raise base.ConfigError(f"lr_sweep_rates: expected increasing rates, got {self.lr_sweep_rates}")
 
 
-_POSITIVE = base.integer(1)
-_POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text,
     "data_root": base.text,
     "model_preset": base.text,
     "inception_weights": base.text,
-    "widths": base.tuple_of(_POSITIVE),
+    "widths": base.tuple_of(base.positive),
     "sizes": base.tuple_of(base.integer(2)),
     "train_seeds": base.tuple_of(base.seed),
     "subset_seed": base.seed,
     "train_steps": base.integer(2),
-    "batch_size": _POSITIVE,
-    "learning_rate": _POSITIVE_REAL,
+    "batch_size": base.positive,
+    "learning_rate": base.positive_number,
     "lr_warmup_images": base.integer(0),
     "sigma_p_mean": base.log_sigma,
-    "sigma_p_std": _POSITIVE_REAL,
+    "sigma_p_std": base.positive_number,
     "num_checkpoints": base.integer(3),
-    "first_checkpoint": _POSITIVE,
+    "first_checkpoint": base.positive,
     "num_samples": base.integer(2),
     "sample_seed_start": base.seed,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "sigma_min": base.sigma,
     "sigma_max": base.sigma,
     "threshold": base.number(0, 1, lo_open=True),
     "loss_sigmas": base.tuple_of(base.sigma),
-    "loss_probes": _POSITIVE,
+    "loss_probes": base.positive,
     "probe_seed": base.seed,
     "empirical_sigma": base.sigma,
     "mem_level": base.number(0, 1, lo_open=True),
     "gen_factor": base.number(1, lo_open=True),
     "tau_resamples": base.integer(100),
-    "lr_sweep_rates": base.tuple_of(_POSITIVE_REAL, min_len=0),
+    "lr_sweep_rates": base.tuple_of(base.positive_number, min_len=0),
     "lr_sweep_optimizer": base.one_of("adam", "sgd"),
-    "lr_sweep_width": _POSITIVE,
+    "lr_sweep_width": base.positive,
     "lr_sweep_n": base.integer(2),
 }
 
@@ -391,7 +382,7 @@ def groups(c: DynamicsConfig) -> list[Group]:
 class _Study:
     def __init__(self, config: DynamicsConfig, out, device: str, progress: bool):
         self.c = config
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.device = device
         self.progress = progress
         self.load_start = os.getloadavg()
@@ -534,7 +525,7 @@ class _Study:
             measured = [self.measure_checkpoint(group, trained, step) for step in self.steps]
             for m in group.members:
                 curves[f"{group.name}/{m.label}"] = self.member_curve(group, m, measured)
-        results = json.loads(json_dumps(summarize(c, self.steps, curves, self.controls())))
+        results = json.loads(base.json_dumps(summarize(c, self.steps, curves, self.controls())))
         write_outputs(self.ws.root, results, curves)
         return results
 
@@ -959,9 +950,9 @@ def claims(c: DynamicsConfig, fits: dict, lr: list[dict]) -> dict:
 
 
 def write_outputs(root: Path, results: dict, curves: dict) -> None:
-    atomic_write_json(root / "results.json", results)
-    atomic_write_csv(root / "checkpoints.csv", results["checkpoints"])
-    atomic_write_csv(
+    base.atomic_write_json(root / "results.json", results)
+    base.atomic_write_csv(root / "checkpoints.csv", results["checkpoints"])
+    base.atomic_write_csv(
         root / "models.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in results["models"]]
     )
     plot_dynamics(results, root / "dynamics.png")
@@ -1027,7 +1018,7 @@ def plot_dynamics(results: dict, path) -> Path:
         ax_f.set_yscale("log")
     fig.suptitle("dotted: FD of each n's own training images (a perfect copier)", fontsize=8)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_tau(results: dict, path) -> Path:
@@ -1080,7 +1071,7 @@ def plot_tau(results: dict, path) -> Path:
         else:
             ax.text(0.5, 0.5, f"no model crossed ({kind})", transform=ax.transAxes, ha="center", fontsize=8)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_lr(results: dict, path) -> Path:
@@ -1110,7 +1101,7 @@ def plot_lr(results: dict, path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_losses(results: dict, path) -> Path:
@@ -1136,7 +1127,7 @@ def plot_losses(results: dict, path) -> Path:
     axes[0][0].set_ylabel("mean |D(y + sigma z) - y|^2 per pixel")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry points

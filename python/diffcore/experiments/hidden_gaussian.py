@@ -44,15 +44,6 @@ import torch
 from diffcore._files import load_json
 from diffcore.analysis.generalization import distill_affine, linearity_cosines
 from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
-from diffcore.experiments.base import (
-    ConfigError,
-    Unit,
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -146,40 +137,38 @@ class HiddenGaussianConfig:
             )
 
 
-_POSITIVE = base.integer(1)
-_POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
     "models_from": base.text,
     "dataset": base.text,
     "data_root": base.text,
     "model_preset": base.model_preset,
-    "widths": base.tuple_of(_POSITIVE, min_len=0),
+    "widths": base.tuple_of(base.positive, min_len=0),
     "sizes": base.tuple_of(base.integer(2), min_len=0),
     "train_seeds": base.tuple_of(base.seed),
     "subset_seed": base.seed,
-    "train_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
-    "learning_rate": _POSITIVE_REAL,
+    "train_steps": base.positive,
+    "batch_size": base.positive,
+    "learning_rate": base.positive_number,
     "lr_warmup_images": base.integer(0),
     "num_sigmas": base.integer(2),
     "sigma_min": base.sigma,
     "sigma_max": base.sigma,
-    "linearity_pairs": _POSITIVE,
+    "linearity_pairs": base.positive,
     "distill_samples": base.integer(2),
     "probe_seed": base.seed,
-    "num_samples": _POSITIVE,
+    "num_samples": base.positive,
     "sample_seed_start": base.seed,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "grid_samples": base.integer(0),
     "precond": base.one_of(*_stack.PRECONDITIONINGS),
     "augment_p": base.number(0, 1),
     "sigma_p_mean": base.log_sigma,
-    "sigma_p_std": _POSITIVE_REAL,
+    "sigma_p_std": base.positive_number,
     "train_target": base.one_of("clean", "empirical"),
     "target_sigma_min": base.optional_sigma,
     "sigma_log_uniform": base.number(0, 1),
     "time_checkpoints": base.integer(0),
-    "first_checkpoint": _POSITIVE,
+    "first_checkpoint": base.positive,
 }
 
 
@@ -468,13 +457,13 @@ def effect_properties(
 
 @dataclass
 class _Model(_stack.ModelOfSubset):
-    unit: Unit
+    unit: base.Unit
 
 
 class _Study:
     def __init__(self, config: HiddenGaussianConfig, out, hooks, device: str, progress: bool):
         self.c = config
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.hooks = hooks
         self.device = device
         self.progress = progress
@@ -519,8 +508,8 @@ class _Study:
         c = self.c
         root = Path(c.models_from)
         if not root.is_dir():
-            raise ConfigError(f"models_from: {root} is not a folder")
-        other = Workspace(root, read_only=True)  # only read: never created, need not be writable
+            raise base.ConfigError(f"models_from: {root} is not a folder")
+        other = base.Workspace(root, read_only=True)  # only read: never created, need not be writable
         found = []
         for manifest in sorted((root / "units" / "models").glob("*/MANIFEST.json")):
             spec = load_json(manifest, what="models_from: unit manifest", follow=False)["spec"]
@@ -554,7 +543,7 @@ class _Study:
         c = self.c
         return sampler.karras_sigmas(c.num_sigmas, c.sigma_min, c.sigma_max, append_zero=False).tolist()
 
-    def measure_unit(self, model: _Model, pool: torch.Tensor) -> Unit:
+    def measure_unit(self, model: _Model, pool: torch.Tensor) -> base.Unit:
         from diffcore import metrics
         from diffcore.denoisers import GaussianDenoiser
 
@@ -628,7 +617,7 @@ class _Study:
         self.ws.record(unit)
         return unit
 
-    def training_time_unit(self, model: _Model, pool: torch.Tensor) -> Unit:
+    def training_time_unit(self, model: _Model, pool: torch.Tensor) -> base.Unit:
         """The distances on noisy training images (the ``*_train`` columns of :func:`measure_curves`,
         on the same probes: same seed) of ``model`` at every checkpoint step, against the Gaussian
         and the empirical denoiser of its N images."""
@@ -708,15 +697,15 @@ class _Study:
                 for row in self.training_time_unit(m, pool).meta["rows"]
             ]
             results["effect_properties"].update(time_properties(results))
-        results = json.loads(json_dumps(results))
+        results = json.loads(base.json_dumps(results))
         self.write(results, samples)
         return results
 
     def write(self, results: dict, samples: dict) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "curves.csv", results["curves"])
-        atomic_write_csv(root / "samples.csv", results["models"])
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "curves.csv", results["curves"])
+        base.atomic_write_csv(root / "samples.csv", results["models"])
         plot_curves(
             results,
             ("linearity_noise", "linearity_image"),
@@ -737,7 +726,7 @@ class _Study:
         )
         plot_capacity(results, root / "capacity.png")
         if "training_time" in results:
-            atomic_write_csv(root / "training_time.csv", results["training_time"])
+            base.atomic_write_csv(root / "training_time.csv", results["training_time"])
             plot_training_time(results, root / "training_time.png")
         plot_samples(results, samples, self.c.grid_samples, root / "samples.png")
 
@@ -767,7 +756,7 @@ def plot_samples(results: dict, samples: dict, k: int, path) -> Path:
         "same seeds: model / Gaussian (exact flow) / empirical (Heun);\nPFD to the model, RMS per pixel", fontsize=8
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def pfd_intervals(samples: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -855,7 +844,7 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
         fontsize=9,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def _band(ax, pts: list[dict], key: str, color) -> None:
@@ -1018,7 +1007,7 @@ def plot_training_time(results: dict, path) -> Path:
     right.set_ylabel("largest gap G - E over sigma in [0.1, 2]")
     right.set_title("least favourable gap (bars: 95% bootstrap over the probes)", fontsize=8)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 CAPACITY_SIGMA = 1.0
@@ -1068,7 +1057,7 @@ def plot_capacity(results: dict, path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, logy: bool = False) -> Path:
@@ -1103,7 +1092,7 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # One intra-op thread on the CPU: the digits UNets are small, and on a busy 2-core machine a

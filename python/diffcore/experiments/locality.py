@@ -35,8 +35,6 @@ P(sigma)), ``samples.png``, ``agreement.png``, ``schedules.png``. One resumable 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -47,14 +45,7 @@ import numpy as np
 import torch
 
 from diffcore._files import load_json
-from diffcore.experiments import _stack, base, experiment
-from diffcore.experiments.base import (
-    ConfigError,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
+from diffcore.experiments import _stack, base
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -99,22 +90,21 @@ class LocalityConfig:
         """Raise :class:`ConfigError` naming the first field out of its range."""
         base.check_fields(self, FIELD_CHECKS)
         if any(p % 2 == 0 for p in self.patch_sizes):
-            raise ConfigError(f"patch_sizes: expected odd patch sizes, got {self.patch_sizes}")
+            raise base.ConfigError(f"patch_sizes: expected odd patch sizes, got {self.patch_sizes}")
         base.check_seed_range("calibration_seed_start", self.calibration_seed_start, self.calibration_seeds)
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         cal = range(self.calibration_seed_start, self.calibration_seed_start + self.calibration_seeds)
         ev = range(self.sample_seed_start, self.sample_seed_start + self.num_samples)
         if set(cal) & set(ev):
-            raise ConfigError(
+            raise base.ConfigError(
                 "calibration_seed_start: the calibration seeds overlap the evaluation seeds "
                 f"({cal.start}..{cal.stop - 1} and {ev.start}..{ev.stop - 1}); they must be disjoint"
             )
         if self.grid_samples > self.num_samples:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"grid_samples: expected at most num_samples = {self.num_samples}, got {self.grid_samples}"
             )
-        if not self.models_from:
-            base.one_of(*experiment(REPRODUCIBILITY).PRESETS)("reproducibility_preset", self.reproducibility_preset)
+        _stack.check_reproducibility_preset(self)
 
     def seeds(self) -> list[int]:
         return list(range(self.sample_seed_start, self.sample_seed_start + self.num_samples))
@@ -123,16 +113,12 @@ class LocalityConfig:
         return list(range(self.calibration_seed_start, self.calibration_seed_start + self.calibration_seeds))
 
 
-_POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text,
-    "reproducibility_preset": base.text,
-    "widths": base.tuple_of(_POSITIVE, min_len=0),
-    "sizes": base.tuple_of(base.integer(2), min_len=0),
+    **_stack.REPRODUCIBILITY_MODELS_CHECKS,
     "patch_sizes": base.tuple_of(base.integer(1, 31)),
     "padding": base.one_of("zeros", "circular"),
     "calibration_seed_start": base.seed,
-    "calibration_seeds": _POSITIVE,
+    "calibration_seeds": base.positive,
     "sample_seed_start": base.seed,
     "num_samples": base.integer(3),  # a bootstrap interval needs a few seeds
     "wiener_threshold": base.number(0, 1, lo_open=True),
@@ -440,35 +426,31 @@ class _Study(_stack.ReproducibilityModelsStudy):
                 }
             )
         self.seconds["machines"] = time.perf_counter() - start
-        results = json.loads(
-            json_dumps(
-                {
-                    "experiment": NAME,
-                    "config": dataclasses.asdict(c),
-                    "models_from": str(root),
-                    "sampler": {k: rc[k] for k in ("sampler_steps", "solver", "sigma_min", "sigma_max")},
-                    "calibration_seeds": c.calibration(),
-                    "evaluation_seeds": c.seeds(),
-                    "measures": {
-                        "pearson": "median over seeds of the Pearson correlation of final samples (Kamb & Ganguli)",
-                        "r2": "mean over seeds of the per-sample R^2 = 1 - SSE/(D var) of denoiser outputs at the "
-                        "network's trajectory states, averaged over the trajectory's calls (Lukoianov et al.)",
-                        "mse": "mean squared difference of denoiser outputs at the network's states",
-                    },
-                    "models": models,
-                    "claims": claims(models),
-                    "seconds": self.seconds,
-                }
-            )
+        results = self.results(
+            NAME,
+            root,
+            {
+                "sampler": {k: rc[k] for k in ("sampler_steps", "solver", "sigma_min", "sigma_max")},
+                "calibration_seeds": c.calibration(),
+                "evaluation_seeds": c.seeds(),
+                "measures": {
+                    "pearson": "median over seeds of the Pearson correlation of final samples (Kamb & Ganguli)",
+                    "r2": "mean over seeds of the per-sample R^2 = 1 - SSE/(D var) of denoiser outputs at the "
+                    "network's trajectory states, averaged over the trajectory's calls (Lukoianov et al.)",
+                    "mse": "mean squared difference of denoiser outputs at the network's states",
+                },
+                "models": models,
+                "claims": claims(models),
+            },
         )
         self.write(results, shown)
         return results
 
     def write(self, results: dict, shown: dict) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "agreement.csv", agreement_rows(results))
-        atomic_write_csv(root / "schedules.csv", schedule_rows(results))
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "agreement.csv", agreement_rows(results))
+        base.atomic_write_csv(root / "schedules.csv", schedule_rows(results))
         plot_agreement(results, root / "agreement.png")
         plot_schedules(results, root / "schedules.png")
         plot_samples(results, shown, root / "samples.png")
@@ -536,7 +518,7 @@ def plot_agreement(results: dict, path) -> Path:
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("Agreement of closed-form denoisers with the network, 95% bootstrap intervals over seeds", fontsize=10)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_schedules(results: dict, path) -> Path:
@@ -561,7 +543,7 @@ def plot_schedules(results: dict, path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_samples(results: dict, shown: dict, path) -> Path:
@@ -599,7 +581,7 @@ def plot_samples(results: dict, shown: dict, path) -> Path:
         ax.set_title(f"w{m['width']}, N = {m['n']} (GL {gl})", fontsize=7)
     fig.suptitle("Final samples from the same noise (columns: evaluation seeds)", fontsize=9)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 STUDY = base.Study(

@@ -44,16 +44,6 @@ import torch
 
 from diffcore._files import load_json, open_image
 from diffcore.experiments import base
-from diffcore.experiments.base import (
-    ConfigError,
-    Unit,
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    config_from_preset,
-    json_dumps,
-)
 from diffcore.metrics.intervals import Interval
 
 log = logging.getLogger(__name__)
@@ -125,35 +115,37 @@ class LocoEditConfig:
         """Raise ConfigError naming the first field that is out of range."""
         base.check_fields(self, FIELD_CHECKS)
         if not self.stochastic_below < self.edit_time:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"stochastic_below: expected a time in [0, edit_time = {self.edit_time}), got {self.stochastic_below!r}"
             )
         if list(self.strengths) != sorted(self.strengths):
-            raise ConfigError(f"strengths: expected distinct values in ascending order, got {self.strengths!r}")
+            raise base.ConfigError(f"strengths: expected distinct values in ascending order, got {self.strengths!r}")
         images, field = self.images(), self.image_field()
         if not images and self.image_source != "files":  # files: the paper preset names none (run checks)
-            raise ConfigError(f"{field}: expected at least one image for image_source={self.image_source!r}")
+            raise base.ConfigError(f"{field}: expected at least one image for image_source={self.image_source!r}")
         base.check_seed_range("noise_seed", self.noise_seed, len(images))  # noise_seed + image position
         if self.mask_files and len(self.mask_files) != len(images):
-            raise ConfigError(f"mask_files: expected one mask per image ({len(images)}), got {len(self.mask_files)}")
+            raise base.ConfigError(
+                f"mask_files: expected one mask per image ({len(images)}), got {len(self.mask_files)}"
+            )
         if not self.mask_files:
             _check_mask_spec(self.mask)
         for i, spec in enumerate(self.control_masks):
             if spec not in NAMED_MASKS and not spec.startswith("box:"):
-                raise ConfigError(
+                raise base.ConfigError(
                     f"control_masks[{i}]: expected one of {', '.join(NAMED_MASKS)} or box:r0,r1,c0,c1, got {spec!r}"
                 )
             try:
                 _check_mask_spec(spec)
-            except ConfigError as error:
-                raise ConfigError(f"control_masks[{i}]: {error}") from None
+            except base.ConfigError as error:
+                raise base.ConfigError(f"control_masks[{i}]: {error}") from None
         if self.control_masks and self.diffusers_dir:
-            raise ConfigError(
+            raise base.ConfigError(
                 "control_masks: the controls need full Jacobians (small images, the digits model); "
                 "set control_masks= (empty) with diffusers_dir"
             )
         if self.image_source == "dataset" and self.diffusers_dir:
-            raise ConfigError(
+            raise base.ConfigError(
                 "image_source: 'dataset' needs the digits model; with diffusers_dir use 'files' or 'generated'"
             )
 
@@ -178,37 +170,35 @@ def _open_fraction(name: str, value) -> None:
     """A number in (0, 1)."""
     _FRACTION(name, value)
     if value >= 1:
-        raise ConfigError(f"{name}: expected a number in (0, 1), got {value!r}")
+        raise base.ConfigError(f"{name}: expected a number in (0, 1), got {value!r}")
 
 
 def _paths(name: str, value) -> None:
     """A tuple of strings, repeats allowed (one mask file may serve several images)."""
     if not isinstance(value, tuple):
-        raise ConfigError(f"{name}: expected comma-separated values, got {value!r}")
+        raise base.ConfigError(f"{name}: expected comma-separated values, got {value!r}")
     for i, item in enumerate(value):
         base.text(f"{name}[{i}]", item)
 
 
 _FRACTION = base.fraction
-_POSITIVE = base.integer(1)
 MAX_STEPS = 10_000  # inversion / sampling steps: the paper uses 100; beyond this a grid only wastes memory
-_COUNT = base.integer(0)
 FIELD_CHECKS: dict[str, base.Check] = {
     "diffusers_dir": base.text,
     "models_from": base.text,
     "dataset": base.text,
     "data_root": base.text,
     "model_preset": base.model_preset,
-    "width": _POSITIVE,
-    "train_size": _POSITIVE,
+    "width": base.positive,
+    "train_size": base.positive,
     "train_seed": base.seed,
     "subset_seed": base.seed,
-    "train_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
+    "train_steps": base.positive,
+    "batch_size": base.positive,
     "learning_rate": _open_fraction,
-    "lr_warmup_images": _COUNT,
+    "lr_warmup_images": base.count,
     "image_source": base.one_of(*IMAGE_SOURCES),
-    "image_indices": base.tuple_of(_COUNT, min_len=0),  # at least one for the chosen image_source: validate
+    "image_indices": base.tuple_of(base.count, min_len=0),  # at least one for the chosen image_source: validate
     "image_seeds": base.tuple_of(base.seed, min_len=0),
     "image_files": base.tuple_of(base.text, min_len=0),
     "mask": base.text,
@@ -218,18 +208,18 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "solver": base.solver,
     "stochastic_below": base.number(0),
     "noise_seed": base.seed,
-    "rank": _POSITIVE,
-    "k_out": _COUNT,
+    "rank": base.positive,
+    "k_out": base.count,
     "strengths": base.tuple_of(base.number(0, 1e4, lo_open=True)),
     "subspace_method": base.one_of(*SUBSPACE_METHODS),
-    "subspace_iters": _POSITIVE,
+    "subspace_iters": base.positive,
     "subspace_tol": _open_fraction,
-    "spectrum_k": _COUNT,
-    "spectrum_probes": _POSITIVE,
+    "spectrum_k": base.count,
+    "spectrum_probes": base.positive,
     "rank_ratio": _FRACTION,
     "transfer": base.boolean,
-    "torch_threads": _COUNT,
-    "detail_images": _COUNT,
+    "torch_threads": base.count,
+    "detail_images": base.count,
     "control_masks": base.tuple_of(base.text, min_len=0),
     "sweep_times": base.tuple_of(_open_fraction, min_len=0),
     "control_seed": base.seed,
@@ -248,12 +238,16 @@ def _check_mask_spec(spec: str) -> None:
         try:
             r0, r1, c0, c1 = (float(p) for p in parts)
         except ValueError:
-            raise ConfigError(f"mask: expected box:r0,r1,c0,c1 (fractions of height and width), got {spec!r}") from None
+            raise base.ConfigError(
+                f"mask: expected box:r0,r1,c0,c1 (fractions of height and width), got {spec!r}"
+            ) from None
         if not (0 <= r0 < r1 <= 1 and 0 <= c0 < c1 <= 1):
-            raise ConfigError(f"mask: box fractions must satisfy 0 <= r0 < r1 <= 1 and 0 <= c0 < c1 <= 1, got {spec!r}")
+            raise base.ConfigError(
+                f"mask: box fractions must satisfy 0 <= r0 < r1 <= 1 and 0 <= c0 < c1 <= 1, got {spec!r}"
+            )
         return
     if not spec or not Path(spec).is_file():
-        raise ConfigError(
+        raise base.ConfigError(
             f"mask: expected one of {', '.join(NAMED_MASKS)}, box:r0,r1,c0,c1 or an image file, got {spec!r}"
         )
 
@@ -412,7 +406,7 @@ def image_from_file(path, shape) -> torch.Tensor:
 class _Study:
     def __init__(self, config: LocoEditConfig, out, hooks: LocoHooks, device: str, progress: bool):
         self.c, self.hooks, self.device, self.progress = config, hooks, device, progress
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
 
     # model ----------------------------------------------------------------------
     def model_spec(self) -> dict:
@@ -450,7 +444,7 @@ class _Study:
         source = f"reused from {c.models_from}" if unit is not None else "trained here"
         if unit is None:
             if c.train_size > pool.shape[0]:
-                raise ConfigError(f"train_size: {c.train_size} exceeds the {pool.shape[0]} images of {c.dataset}")
+                raise base.ConfigError(f"train_size: {c.train_size} exceeds the {pool.shape[0]} images of {c.dataset}")
             spec = self.model_spec()
             train_images, _ = self.hooks.subset(pool, c.train_size, c.subset_seed)
             unit = self.ws.run_unit(
@@ -470,7 +464,7 @@ class _Study:
             {"kind": "diffcore", "name": name, "source": source, "spec": unit.spec},
         )
 
-    def reused_model(self, name: str) -> Unit | None:
+    def reused_model(self, name: str) -> base.Unit | None:
         """The finished model unit ``name`` of the reproducibility run in ``models_from`` (checked
         against its manifest), or None when that folder has no such model."""
         c = self.c
@@ -478,18 +472,18 @@ class _Study:
             return None
         root = Path(c.models_from)
         if not root.is_dir():
-            raise ConfigError(f"models_from: {root} is not a folder")
+            raise base.ConfigError(f"models_from: {root} is not a folder")
         manifest = root / "units" / "models" / name / "MANIFEST.json"
         if not manifest.is_file():
             log.warning("models_from: %s has no finished model %s; training it here", root, name)
             return None
         spec = load_json(manifest, what="models_from: unit manifest", follow=False)["spec"]
         if spec.get("dataset") != c.dataset or spec.get("subset_seed") != c.subset_seed:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"models_from: {name} there was trained on {spec.get('dataset')} (subset_seed "
                 f"{spec.get('subset_seed')}); this config asks for {c.dataset} (subset_seed {c.subset_seed})"
             )
-        return Workspace(root, read_only=True).finished("models", name, spec)
+        return base.Workspace(root, read_only=True).finished("models", name, spec)
 
     def check_inputs(self, pool) -> None:
         """ConfigError naming the field for what the config alone cannot show: an image index
@@ -498,28 +492,28 @@ class _Study:
         is not a folder. Runs before the folder is bound (and before any training)."""
         c = self.c
         if c.models_from and not Path(c.models_from).is_dir():
-            raise ConfigError(f"models_from: {c.models_from} is not a folder")
+            raise base.ConfigError(f"models_from: {c.models_from} is not a folder")
         for field in ("image_files", "mask_files") if c.image_source == "files" else ("mask_files",):
             for path in getattr(c, field):
                 try:
                     open_image(path, what=f"{field}:").close()
                 except (OSError, ValueError) as error:  # the message names the field and the file
-                    raise ConfigError(str(error)) from None
+                    raise base.ConfigError(str(error)) from None
         if pool is None:  # a diffusers model: its shape is known once it is loaded
             return
         shape = tuple(pool.shape[1:])
         if c.image_source == "dataset":
             beyond = [i for i in c.image_indices if i >= pool.shape[0]]
             if beyond:
-                raise ConfigError(
+                raise base.ConfigError(
                     f"image_indices: {beyond[0]} is out of range for the {pool.shape[0]} images of {c.dataset}"
                 )
         if c.spectrum_k > math.prod(shape):
-            raise ConfigError(f"spectrum_k: {c.spectrum_k} exceeds the dimension {math.prod(shape)} of the images")
+            raise base.ConfigError(f"spectrum_k: {c.spectrum_k} exceeds the dimension {math.prod(shape)} of the images")
         for position, image in enumerate(c.images()):
             self.check_mask_fits(self.mask(shape, position), image)
         if c.control_masks and math.prod(shape) > MAX_CONTROL_DIM:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"control_masks: the controls need full {math.prod(shape)} x {math.prod(shape)} Jacobians "
                 f"(at most {MAX_CONTROL_DIM} pixel values); set control_masks= (empty) for these images"
             )
@@ -534,7 +528,9 @@ class _Study:
             name, value, count, where = (
                 ("rank", c.rank, inside, "inside") if c.rank > inside else ("k_out", c.k_out, outside, "outside")
             )
-            raise ConfigError(f"{name}: {value} exceeds the {count} pixel values {where} the mask of image {image!r}")
+            raise base.ConfigError(
+                f"{name}: {value} exceeds the {count} pixel values {where} the mask of image {image!r}"
+            )
 
     # images -----------------------------------------------------------------------
     def latents(
@@ -553,7 +549,7 @@ class _Study:
             return x_t, None
         if c.image_source == "dataset":
             if image >= pool.shape[0]:
-                raise ConfigError(
+                raise base.ConfigError(
                     f"image_indices: {image} is out of range for the {pool.shape[0]} images of {c.dataset}"
                 )
             x0 = pool[image : image + 1].to(self.device, torch.float32)
@@ -598,7 +594,7 @@ class _Study:
             **{k: getattr(c, k) for k in keys},
         }
 
-    def image_unit(self, denoiser, timeline, shape, model: dict, pool, position: int, image) -> Unit:
+    def image_unit(self, denoiser, timeline, shape, model: dict, pool, position: int, image) -> base.Unit:
         from diffcore import analysis
 
         c = self.c
@@ -682,7 +678,7 @@ class _Study:
             out[f"{key}_singular_values"], out[f"{key}_frobenius_sq"] = s, frob
         return out
 
-    def transfer_unit(self, denoiser, timeline, units: list[Unit]) -> Unit:
+    def transfer_unit(self, denoiser, timeline, units: list[base.Unit]) -> base.Unit:
         """Every image's first direction applied to every image (including itself), at each strength
         of both signs; the unedited images come from the same batch (strength 0)."""
         from diffcore import analysis
@@ -748,7 +744,7 @@ class _Study:
         if controls is not None:
             results["controls"] = controls
             results["claims"] = controls.pop("claims")
-        results = json.loads(json_dumps(results))
+        results = json.loads(base.json_dumps(results))
         self.write(results, units, transfer)
         return results
 
@@ -761,7 +757,7 @@ class _Study:
         train_images, _ = self.hooks.subset(pool, c.train_size, c.subset_seed)
         return GaussianDenoiser.fit(train_images)
 
-    def control_unit(self, denoiser, timeline, shape, model: dict, pool, edit_time: float) -> Unit:
+    def control_unit(self, denoiser, timeline, shape, model: dict, pool, edit_time: float) -> base.Unit:
         """At one edit time, for every image: the full Jacobian (rank), and per control mask the
         four directions (LOCO projected, LOCO unprojected, random projected, Gaussian projected)
         edited at the headline strength (:func:`control_strength`) of both signs (one batch), and
@@ -844,13 +840,13 @@ class _Study:
         self.ws.record(unit)
         return unit
 
-    def write(self, results: dict, units: list[Unit], transfer: Unit | None) -> None:
+    def write(self, results: dict, units: list[base.Unit], transfer: base.Unit | None) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(
             root / "edits.csv", [{"image": im["image"], **row} for im in results["images"] for row in im["edits"]]
         )
-        atomic_write_csv(
+        base.atomic_write_csv(
             root / "transfer.csv",
             results["transfer"],
             columns=["source", "target", "strength", "locality", "inside_fraction", "outside_mse"],
@@ -866,7 +862,7 @@ class _Study:
             )
 
 
-def _tensors(unit: Unit) -> dict:
+def _tensors(unit: base.Unit) -> dict:
     return torch.load(unit.file("tensors.pt"), map_location="cpu", weights_only=True)
 
 
@@ -939,7 +935,7 @@ def measure_image(t: dict, meta: dict, c: LocoEditConfig, position: int, image) 
     return row
 
 
-def measure_transfer(edits: torch.Tensor, units: list[Unit], c: LocoEditConfig) -> list[dict]:
+def measure_transfer(edits: torch.Tensor, units: list[base.Unit], c: LocoEditConfig) -> list[dict]:
     """Rows (source, target, strength) of the transfer: edits [src, 1 + 2S, tgt, C, H, W], index 0 unedited."""
     from diffcore import analysis
 
@@ -1236,7 +1232,7 @@ def plot_controls(results: dict, path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -1273,12 +1269,12 @@ def plot_edits(tensors: list[dict], results: dict, path) -> Path:
         n = len(strengths)
         signed = [*strengths, *(-s for s in strengths)]
         edits = {s: t["dir0"][i, 0] for i, s in enumerate(signed)}
-        base = t["original"][0]
-        limit = max(float((e - base).abs().max()) for e in edits.values()) or 1.0
+        original = t["original"][0]
+        limit = max(float((e - original).abs().max()) for e in edits.values()) or 1.0
         top, bottom = axes[2 * k], axes[2 * k + 1]
-        _show(top[0], base, f"{im['image']}")
+        _show(top[0], original, f"{im['image']}")
         _show(top[1], t["mask"] * 2 - 1, "mask")
-        unproj = t["unprojected"][n - 1, 0] - base
+        unproj = t["unprojected"][n - 1, 0] - original
         _show(bottom[0], unproj, f"no proj. +{strengths[-1]:g}", diff=limit)
         bottom[1].axis("off")
         bottom[1].text(
@@ -1292,14 +1288,14 @@ def plot_edits(tensors: list[dict], results: dict, path) -> Path:
         )
         for j, s in enumerate(order):
             _show(top[2 + j], edits[s], f"s = {s:+g}")
-            _show(bottom[2 + j], edits[s] - base, None, diff=limit)
+            _show(bottom[2 + j], edits[s] - original, None, diff=limit)
     fig.suptitle(
         f"LOCO edits at sigma = {results['edit_sigma']:.3g} (t = {results['config']['edit_time']} T); "
         "rows: image, change (red +, blue -)",
         fontsize=8,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path) -> Path:
@@ -1327,7 +1323,7 @@ def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path)
         fontsize=7,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
@@ -1375,7 +1371,7 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -1389,9 +1385,9 @@ def run(
     name at least one image; returns results.json's content."""
     config.validate()
     if not config.images():
-        raise ConfigError("image_files: expected at least one image file (--set image_files=a.png,b.png)")
+        raise base.ConfigError("image_files: expected at least one image file (--set image_files=a.png,b.png)")
     return STUDY.run(config, out, hooks=hooks, device=device, progress=progress)
 
 
 def run_preset(preset: str, out, overrides=(), **kwargs) -> dict:
-    return run(config_from_preset(PRESETS, preset, overrides), out, **kwargs)
+    return run(base.config_from_preset(PRESETS, preset, overrides), out, **kwargs)

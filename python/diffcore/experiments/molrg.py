@@ -39,13 +39,6 @@ import torch
 
 from diffcore import analysis
 from diffcore.experiments import _vector, base
-from diffcore.experiments.base import (
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.metrics import intervals
 from diffcore.models import vector
 
@@ -111,34 +104,32 @@ class MoLRGConfig:
         base.check_sigmas(self.sigma_min, self.sigma_max)
 
 
-_POSITIVE = base.integer(1)
-_POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "num_components": _POSITIVE,
-    "ambient_dim": _POSITIVE,
-    "latent_dims": base.tuple_of(_POSITIVE),
-    "ratios": base.tuple_of(_POSITIVE_REAL),
+    "num_components": base.positive,
+    "ambient_dim": base.positive,
+    "latent_dims": base.tuple_of(base.positive),
+    "ratios": base.tuple_of(base.positive_number),
     "data_seed": base.seed,
     "models": base.tuple_of(base.one_of("subspace", "mlp")),
-    "subspace_steps": _POSITIVE,
-    "subspace_lr": _POSITIVE_REAL,
-    "subspace_restarts": _POSITIVE,
-    "mlp_width": _POSITIVE,
-    "mlp_depth": _POSITIVE,
-    "mlp_steps": _POSITIVE,
-    "mlp_lr": _POSITIVE_REAL,
-    "batch_size": _POSITIVE,
+    "subspace_steps": base.positive,
+    "subspace_lr": base.positive_number,
+    "subspace_restarts": base.positive,
+    "mlp_width": base.positive,
+    "mlp_depth": base.positive,
+    "mlp_steps": base.positive,
+    "mlp_lr": base.positive_number,
+    "batch_size": base.positive,
     "P_mean": base.log_sigma,
-    "P_std": _POSITIVE_REAL,
+    "P_std": base.positive_number,
     "train_seed": base.seed,
-    "num_samples": _POSITIVE,
+    "num_samples": base.positive,
     "sample_seed_start": base.seed,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "sigma_min": base.sigma,
     "sigma_max": base.sigma,
     "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
     "threshold": base.optional(base.number(-1, 1)),  # a cosine
-    "rank_samples": _POSITIVE,
+    "rank_samples": base.positive,
     "data_seeds": base.tuple_of(base.seed, min_len=0),
     "mlp_draws": base.integer(0),
     "sigma_log_uniform": base.number(0, 1),
@@ -256,7 +247,7 @@ def _wilson(name: str, successes: int, num: int) -> dict:
 class _Study:
     def __init__(self, config: MoLRGConfig, out, progress: bool):
         self.c = config
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.progress = progress
 
     def data(self, d: int, seed: int):
@@ -285,13 +276,7 @@ class _Study:
             "N": n_train,
             "data_seed": seed,
             "train_seed": c.train_seed,
-            "batch_size": c.batch_size,
-            "P_mean": c.P_mean,
-            "P_std": c.P_std,
-            **self.log_uniform_spec(),
-            "num_samples": c.num_samples,
-            "sample_seed_start": c.sample_seed_start,
-            "sampler_steps": c.sampler_steps,
+            **_vector.training_and_sampling_spec(c),
             "threshold": threshold,
             "intervals": "wilson; bootstrap median",
         }
@@ -317,10 +302,6 @@ class _Study:
         unit = self.ws.run_unit("model", f"{kind}-d{d}-N{n_train}" + (f"-data{seed}" if seed else ""), spec, produce)
         self.ws.record(unit)
         return unit
-
-    def log_uniform_spec(self) -> dict:
-        c = self.c
-        return {"sigma_log_uniform": [c.sigma_log_uniform, c.sigma_min, c.sigma_max]} if c.sigma_log_uniform else {}
 
     def build(self, kind: str, d: int, train: torch.Tensor):
         c = self.c
@@ -421,7 +402,7 @@ class _Study:
             "on_union_tolerance": ON_UNION_TOLERANCE,
         }
         results["effect_properties"] = effect_properties(results)
-        results = json.loads(json_dumps(results))
+        results = json.loads(base.json_dumps(results))
         self.write(results)
         return results
 
@@ -452,8 +433,8 @@ class _Study:
 
     def write(self, results: dict) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "runs.csv", results["runs"])
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "runs.csv", results["runs"])
         plot_phase_transition(results, root / "phase_transition.png")
         plot_rank(results["rank"], root / "rank.png")
 
@@ -645,7 +626,7 @@ def plot_phase_transition(results: dict, path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_rank(rank: dict, path) -> Path:
@@ -661,7 +642,7 @@ def plot_rank(rank: dict, path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # CPU only: the models are tiny.

@@ -52,14 +52,6 @@ import numpy as np
 import torch
 
 from diffcore.experiments import _stack, base
-from diffcore.experiments.base import (
-    ConfigError,
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -113,35 +105,37 @@ class MultistageConfig:
         """Raise ConfigError naming the first field out of range."""
         base.check_fields(self, FIELD_CHECKS)
         if pool_size is not None and self.num_train > pool_size:
-            raise ConfigError(f"num_train: expected at most the pool's {pool_size} images, got {self.num_train}")
+            raise base.ConfigError(f"num_train: expected at most the pool's {pool_size} images, got {self.num_train}")
         if not self.grid_sigma_min < self.grid_sigma_max:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"grid_sigma_min: expected grid_sigma_min < grid_sigma_max, "
                 f"got {self.grid_sigma_min}, {self.grid_sigma_max}"
             )
         if self.num_stages > self.grid_points:
-            raise ConfigError(f"num_stages: expected at most grid_points = {self.grid_points}, got {self.num_stages}")
+            raise base.ConfigError(
+                f"num_stages: expected at most grid_points = {self.grid_points}, got {self.num_stages}"
+            )
         if self.decoder_channels and len(self.decoder_channels) != self.num_stages:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"decoder_channels: expected () or {self.num_stages} integers >= 4 (one per stage), "
                 f"got {self.decoder_channels!r}"
             )
         if not self.decoder_channels and self.num_stages != len(PAPER_DECODER_RATIOS):
-            raise ConfigError(
+            raise base.ConfigError(
                 f"decoder_channels: the allocation rule has the paper's {len(PAPER_DECODER_RATIOS)} stage ratios; "
                 f"give {self.num_stages} widths for num_stages = {self.num_stages}"
             )
         if self.separate_channels and len(self.separate_channels) != self.num_stages:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"separate_channels: expected () or {self.num_stages} integers >= 4, got {self.separate_channels!r}"
             )
         bounds = self.stage_boundaries
         if bounds and (len(bounds) != self.num_stages - 1 or list(bounds) != sorted(bounds)):
-            raise ConfigError(
+            raise base.ConfigError(
                 f"stage_boundaries: expected () or {self.num_stages - 1} increasing sigmas > 0, got {bounds!r}"
             )
         if list(self.eval_steps) != sorted(self.eval_steps):
-            raise ConfigError(f"eval_steps: expected increasing integers >= 1, got {self.eval_steps!r}")
+            raise base.ConfigError(f"eval_steps: expected increasing integers >= 1, got {self.eval_steps!r}")
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_samples)
         if self.dataset != "digits" and not self.fid_weights:
             log.warning("fid_weights: empty, so sample quality on %s is not measured", self.dataset)
@@ -153,12 +147,11 @@ class MultistageConfig:
 def _channels(name: str, value) -> None:
     """() or one width >= 4 per stage; stages may share a width, so repeats are allowed (unlike base.tuple_of)."""
     if not isinstance(value, tuple):
-        raise ConfigError(f"{name}: expected comma-separated integers >= 4 (or nothing), got {value!r}")
+        raise base.ConfigError(f"{name}: expected comma-separated integers >= 4 (or nothing), got {value!r}")
     for i, item in enumerate(value):
         _WIDTH(f"{name}[{i}]", item)
 
 
-_POSITIVE = base.integer(1)
 _WIDTH = base.integer(4)
 _SIGMA = base.sigma
 FIELD_CHECKS: dict[str, base.Check] = {
@@ -169,23 +162,23 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "grid_points": base.integer(2),
     "grid_sigma_min": _SIGMA,
     "grid_sigma_max": _SIGMA,
-    "num_probes": _POSITIVE,
+    "num_probes": base.positive,
     "probe_seed": base.seed,
-    "num_stages": _POSITIVE,
+    "num_stages": base.positive,
     "stage_boundaries": base.tuple_of(_SIGMA, min_len=0),
     "model_preset": base.model_preset,
     "single_channels": _WIDTH,
     "encoder_channels": _WIDTH,
     "decoder_channels": _channels,
     "separate_channels": _channels,
-    "eval_steps": base.tuple_of(_POSITIVE),
-    "batch_size": _POSITIVE,
+    "eval_steps": base.tuple_of(base.positive),
+    "batch_size": base.positive,
     "learning_rate": base.number(0, lo_open=True),
     "lr_warmup_images": base.integer(0),
     "seed": base.seed,
     "num_samples": base.integer(2),
     "sample_seed_start": base.seed,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "loss_draws_per_stage": base.integer(2),
     "loss_eval_seed": base.seed,
     "fd_resamples": base.integer(100),
@@ -335,7 +328,7 @@ def allocate_decoder_widths(
         chosen = candidate
         first += 4
     if chosen is None:
-        raise ConfigError(
+        raise base.ConfigError(
             f"decoder_channels: even the narrowest decoders {widths} cost more FLOPs per training image than the "
             f"single UNet of width {single_channels}; give decoder_channels explicitly"
         )
@@ -399,7 +392,7 @@ class _Study:
     def __init__(self, config: MultistageConfig, out, device: str, progress: bool):
         self.c = config
         self.out = Path(out)
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.device = device
         self.progress = progress
 
@@ -436,9 +429,9 @@ class _Study:
             "machine": _machine(),
         }
         self.figures(stages, evaluations, results["quality_floor"])
-        atomic_write_csv(self.out / "cost.csv", results["cost"])
-        results = json.loads(json_dumps(results))
-        atomic_write_json(self.out / "results.json", results)
+        base.atomic_write_csv(self.out / "cost.csv", results["cost"])
+        results = json.loads(base.json_dumps(results))
+        base.atomic_write_json(self.out / "results.json", results)
         return results
 
     # stage division ------------------------------------------------------------
@@ -474,7 +467,7 @@ class _Study:
                 "paper_boundaries": list(PAPER_BOUNDARIES) if c.num_stages == 3 else None,
                 "seconds": time.perf_counter() - start,
             }
-            atomic_write_json(tmp / "stages.json", result)
+            base.atomic_write_json(tmp / "stages.json", result)
             return {"dp_boundaries": result["dp_boundaries"]}
 
         unit = self.ws.run_unit("stages", "division", spec, produce)
@@ -510,7 +503,7 @@ class _Study:
                 for model, flops in per_stage.items()
             }
             result = {"decoder": decoders, "separate_widths": separate, "training_flops": training}
-            atomic_write_json(tmp / "allocation.json", result)
+            base.atomic_write_json(tmp / "allocation.json", result)
             return {"widths": decoders["widths"]}
 
         unit = self.ws.run_unit("allocation", "widths", spec, produce)
@@ -625,7 +618,7 @@ class _Study:
                 "stage_loss": self.stage_loss(denoiser, train, boundaries, tmp),
             }
             evaluation.update(self.quality(denoiser, reference, tmp))
-            atomic_write_json(tmp / "evaluation.json", evaluation)
+            base.atomic_write_json(tmp / "evaluation.json", evaluation)
             return {"fd": evaluation.get("frechet_distance")}
 
         unit = self.ws.run_unit("models", f"{model}-{steps}", spec, produce)
@@ -876,7 +869,7 @@ class _Study:
             "Empirical-denoiser similarity; DP boundaries (white)\npaper's EDM CIFAR-10 boundaries (red, dashed)",
             fontsize=8,
         )
-        atomic_save_figure(fig, self.out / "similarity.png")
+        base.atomic_save_figure(fig, self.out / "similarity.png")
 
         if not all(p.get("frechet_interval") for points in evaluations.values() for p in points):
             return
@@ -914,7 +907,7 @@ class _Study:
         axes[2].set_title(f"per-stage loss at {self.c.eval_steps[-1]} steps", fontsize=9)
         axes[2].legend(fontsize=7)
         fig.tight_layout()
-        atomic_save_figure(fig, self.out / "quality.png")
+        base.atomic_save_figure(fig, self.out / "quality.png")
 
 
 def _cumulate(points: list[dict], flops_per_image: float) -> None:

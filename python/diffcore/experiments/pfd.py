@@ -34,13 +34,6 @@ import numpy as np
 import torch
 
 from diffcore.experiments import _vector, base
-from diffcore.experiments.base import (
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.metrics import intervals
 from diffcore.models import vector
 
@@ -164,31 +157,29 @@ def _paper() -> PFDConfig:
     )
 
 
-_POSITIVE = base.integer(1)
-_POSITIVE_REAL = base.number(0, lo_open=True)
 FIELD_CHECKS: dict[str, base.Check] = {
     "teacher": base.one_of("molrg", "gaussian"),
     "teacher_flow": base.one_of("sampler", "exact"),
-    "num_components": _POSITIVE,
-    "ambient_dim": _POSITIVE,
-    "latent_dim": _POSITIVE,
+    "num_components": base.positive,
+    "ambient_dim": base.positive,
+    "latent_dim": base.positive,
     "teacher_seed": base.seed,
-    "sizes": base.tuple_of(_POSITIVE),
+    "sizes": base.tuple_of(base.positive),
     "train_seeds": base.tuple_of(base.seed),
-    "mlp_width": _POSITIVE,
-    "mlp_depth": _POSITIVE,
-    "widths": base.tuple_of(_POSITIVE, min_len=0),
+    "mlp_width": base.positive,
+    "mlp_depth": base.positive,
+    "widths": base.tuple_of(base.positive, min_len=0),
     "sigma_log_uniform": base.number(0, 1),
-    "train_steps": _POSITIVE,
-    "learning_rate": _POSITIVE_REAL,
-    "batch_size": _POSITIVE,
+    "train_steps": base.positive,
+    "learning_rate": base.positive_number,
+    "batch_size": base.positive,
     "P_mean": base.log_sigma,
-    "P_std": _POSITIVE_REAL,
+    "P_std": base.positive_number,
     "curve_size": base.integer(0),
-    "curve_points": _POSITIVE,
-    "num_samples": _POSITIVE,
+    "curve_points": base.positive,
+    "num_samples": base.positive,
     "sample_seed_start": base.seed,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "sigma_min": base.sigma,
     "sigma_max": base.sigma,
     "normalize": base.one_of("none", "per_dim"),
@@ -242,7 +233,7 @@ class _Study:
     def __init__(self, config: PFDConfig, out, hooks: PFDHooks, progress: bool):
         config.validate()
         self.c = config
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.hooks = hooks
         self.progress = progress
         from diffcore import sampler
@@ -291,13 +282,7 @@ class _Study:
             "depth": c.mlp_depth,
             "steps": c.train_steps,
             "lr": c.learning_rate,
-            "batch_size": c.batch_size,
-            "P_mean": c.P_mean,
-            "P_std": c.P_std,
-            **({"sigma_log_uniform": [c.sigma_log_uniform, c.sigma_min, c.sigma_max]} if c.sigma_log_uniform else {}),
-            "num_samples": c.num_samples,
-            "sample_seed_start": c.sample_seed_start,
-            "sampler_steps": c.sampler_steps,
+            **_vector.training_and_sampling_spec(c),
             "normalize": c.normalize,
             "snapshots": c.snapshot_steps() if with_curve else [],
             "curve_intervals": "bootstrap over noises",
@@ -410,11 +395,11 @@ class _Study:
             "transition": transition(rows),
         }
         results["effect_properties"] = effect_properties(results)
-        results = json.loads(json_dumps(results))
+        results = json.loads(base.json_dumps(results))
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "pfd.csv", rows)
-        atomic_write_csv(root / "curve.csv", curve)
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "pfd.csv", rows)
+        base.atomic_write_csv(root / "curve.csv", curve)
         plot_vs_n(results, root / "pfd_vs_n.png")
         if curve:
             plot_vs_time(results, root / "pfd_vs_time.png")
@@ -636,7 +621,7 @@ def plot_vs_n(results: dict, path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_vs_time(results: dict, path) -> Path:
@@ -665,7 +650,7 @@ def plot_vs_time(results: dict, path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # CPU only: the students are tiny MLPs.

@@ -33,7 +33,6 @@ trajectory training and its metrics are resumable units.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -46,13 +45,6 @@ import torch
 
 from diffcore._files import load_json
 from diffcore.experiments import _stack, base, experiment
-from diffcore.experiments.base import (
-    ConfigError,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +90,23 @@ class RepresentationConfig:
         base.check_seed_range("noise_seed_start", self.noise_seed_start, self.probe_train + self.probe_test)
         base.check_seed_range("split_seed", self.split_seed, self.probe_splits)
         if self.molrg_components * self.molrg_latent_dim > self.molrg_ambient_dim:
-            raise ConfigError(
+            raise base.ConfigError(
                 "molrg_latent_dim: molrg_components * molrg_latent_dim must not exceed "
                 "molrg_ambient_dim (mutually orthogonal class subspaces)"
             )
-        if not self.models_from:
-            base.one_of(*experiment(REPRODUCIBILITY).PRESETS)("reproducibility_preset", self.reproducibility_preset)
+        _stack.check_reproducibility_preset(self)
 
     def sigmas(self) -> list[float]:
         ratio = self.sigma_max / self.sigma_min
         return [self.sigma_min * ratio ** (i / (self.num_sigmas - 1)) for i in range(self.num_sigmas)]
 
 
-_POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text,
-    "reproducibility_preset": base.text,
-    "widths": base.tuple_of(_POSITIVE, min_len=0),
-    "sizes": base.tuple_of(base.integer(2), min_len=0),
+    **_stack.REPRODUCIBILITY_MODELS_CHECKS,
     "layer": base.text,
     "pooling": base.one_of("mean", "flatten"),
-    "probe_train": _POSITIVE,
-    "probe_test": _POSITIVE,
+    "probe_train": base.positive,
+    "probe_test": base.positive,
     "probe_l2": base.number(0),
     "probe_splits": base.integer(3),  # a seeds-t interval of the mean needs three or more
     "split_seed": base.seed,
@@ -128,11 +115,11 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "sigma_max": base.sigma,
     "noise_seed_start": base.seed,
     "trajectory_sizes": base.tuple_of(base.integer(2), min_len=0),
-    "snapshot_every": _POSITIVE,
+    "snapshot_every": base.positive,
     "generalizes_gl": base.number(0, 1),
     "molrg_components": base.integer(2),
-    "molrg_ambient_dim": _POSITIVE,
-    "molrg_latent_dim": _POSITIVE,
+    "molrg_ambient_dim": base.positive,
+    "molrg_latent_dim": base.positive,
     "molrg_noise_std": base.number(0),
     "molrg_samples": base.integer(10),
     "molrg_seed": base.seed,
@@ -192,7 +179,7 @@ def probe_split(pool_size: int, config: RepresentationConfig, split: int = 0) ->
     label draw ``split`` (a permutation of the pool seeded by ``split_seed + split``)."""
     c = config
     if c.probe_train + c.probe_test > pool_size:
-        raise ConfigError(
+        raise base.ConfigError(
             f"probe_train + probe_test: {c.probe_train + c.probe_test} exceeds the {pool_size} labelled images"
         )
     order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(c.split_seed + split))
@@ -299,7 +286,7 @@ class _Study(_stack.ReproducibilityModelsStudy):
             return
         layers = feature_layers(model)
         if c.layer not in layers:
-            raise ConfigError(f"layer: these models have no layer {c.layer!r}; they have: {', '.join(layers)}")
+            raise base.ConfigError(f"layer: these models have no layer {c.layer!r}; they have: {', '.join(layers)}")
 
     def _untrained_model(self):
         """The first model of the reproducibility run made here, built but not trained (its layers)."""
@@ -459,24 +446,20 @@ class _Study(_stack.ReproducibilityModelsStudy):
         start = time.perf_counter()
         molrg, molrg_shape = self.theory()
         self.seconds["molrg"] = time.perf_counter() - start
-        results = json.loads(
-            json_dumps(
-                {
-                    "experiment": NAME,
-                    "config": dataclasses.asdict(c),
-                    "models_from": str(root),
-                    "threshold": repro["threshold"],
-                    "similarity": repro["similarity"],
-                    "claims": self.claims(models, trajectory, pixels),
-                    "pixels": pixels,
-                    "models": models,
-                    "trajectory": trajectory,
-                    "curves": curves,
-                    "molrg": molrg,
-                    "molrg_shape": molrg_shape,
-                    "seconds": self.seconds,
-                }
-            )
+        results = self.results(
+            NAME,
+            root,
+            {
+                "threshold": repro["threshold"],
+                "similarity": repro["similarity"],
+                "claims": self.claims(models, trajectory, pixels),
+                "pixels": pixels,
+                "models": models,
+                "trajectory": trajectory,
+                "curves": curves,
+                "molrg": molrg,
+                "molrg_shape": molrg_shape,
+            },
         )
         self.write(results)
         return results
@@ -580,9 +563,9 @@ class _Study(_stack.ReproducibilityModelsStudy):
 
     def write(self, results: dict) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "curves.csv", results["curves"])
-        atomic_write_csv(root / "summary.csv", summary_rows(results))
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "curves.csv", results["curves"])
+        base.atomic_write_csv(root / "summary.csv", summary_rows(results))
         scalar = (
             "model",
             "width",
@@ -597,7 +580,7 @@ class _Study(_stack.ReproducibilityModelsStudy):
             "peak_sigma",
             "beats_pixels",
         )
-        atomic_write_csv(
+        base.atomic_write_csv(
             root / "models.csv",
             [
                 {
@@ -610,7 +593,7 @@ class _Study(_stack.ReproducibilityModelsStudy):
                 for m in results["models"] + results["trajectory"]
             ],
         )
-        atomic_write_csv(root / "molrg.csv", results["molrg"])
+        base.atomic_write_csv(root / "molrg.csv", results["molrg"])
         plot(results, root / "representation.png")
 
 
@@ -765,7 +748,7 @@ def plot(results: dict, path) -> Path:
                 ax.axis("off")
     fig.suptitle(figure_title(results), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 STUDY = base.Study(NAME, RepresentationConfig, one_process=True, presets=PRESETS, make=base.standard_make(_Study))

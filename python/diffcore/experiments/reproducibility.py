@@ -39,14 +39,6 @@ import torch
 from diffcore import _env, metrics
 from diffcore._progress import Progress
 from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
-from diffcore.experiments.base import (
-    MANIFEST,
-    Unit,
-    Workspace,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.experiments.hooks import StudyHooks
 from diffcore.metrics import intervals
 
@@ -132,21 +124,20 @@ class ReproducibilityConfig:
             )
 
 
-_POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
     "dataset": base.text,
     "data_root": base.text,
     "model_preset": base.model_preset,
     "similarity": base.text,
-    "widths": base.tuple_of(_POSITIVE),
+    "widths": base.tuple_of(base.positive),
     "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
     "train_seeds": base.tuple_of(base.seed),
     "subset_seed": base.seed,
     "sample_seed_start": base.seed,
-    "train_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
-    "num_samples": _POSITIVE,
-    "sampler_steps": _POSITIVE,
+    "train_steps": base.positive,
+    "batch_size": base.positive,
+    "num_samples": base.positive,
+    "sampler_steps": base.positive,
     "learning_rate": base.number(0, lo_open=True),
     "lr_warmup_images": base.integer(0),
     "solver": base.solver,
@@ -157,8 +148,8 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
     "grid_samples": base.integer(0),
     "torch_threads": base.integer(0),
-    "train_workers": _POSITIVE,
-    "train_ensemble": _POSITIVE,
+    "train_workers": base.positive,
+    "train_ensemble": base.positive,
     "precond": base.one_of(*_stack.PRECONDITIONINGS),
     "augment_p": base.number(0, 1),
     "subsets": base.one_of("nested", "disjoint"),
@@ -348,7 +339,7 @@ class _Study:
         self.part = part or base.Participation()  # this process's part of a sharded or distributed run
         self.default_stack = default_stack  # hooks of _stack: worker processes can rebuild them
         self.train_wall_seconds: float | None = None  # set when models were trained in workers
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.hooks = hooks
         self.device = device
         self.progress = progress
@@ -413,14 +404,14 @@ class _Study:
             value = metrics.calibrate_threshold(
                 pool, self.similarity, quantile=c.calibration_quantile, max_queries=2048, seed=0, knn=self.hooks.knn
             )
-            atomic_write_json(tmp / "threshold.json", {"threshold": value})
+            base.atomic_write_json(tmp / "threshold.json", {"threshold": value})
             return {"threshold": value}
 
         unit = self.run_unit("calibration", "threshold", spec, produce, wait=True)
         value = json.loads(unit.file("threshold.json").read_text())["threshold"]
         return float(value), f"calibrated: quantile {c.calibration_quantile} of nearest-other similarity on the pool"
 
-    def run_unit(self, kind: str, name: str, spec: dict, produce, wait: bool) -> Unit | None:
+    def run_unit(self, kind: str, name: str, spec: dict, produce, wait: bool) -> base.Unit | None:
         """The workspace's unit (``wait=False``: None when another process is making it)."""
         return (self.ws.run_unit if wait else self.ws.try_run_unit)(kind, name, spec, produce)
 
@@ -442,10 +433,7 @@ class _Study:
                 make_denoiser(),
                 c.seeds(),
                 shape,
-                steps=c.sampler_steps,
-                solver=c.solver,
-                sigma_min=c.sigma_min,
-                sigma_max=c.sigma_max,
+                **base.sampler_settings(c),
                 device=self.device,
                 progress=self.progress if progress is None else progress,
             )
@@ -454,6 +442,43 @@ class _Study:
 
         unit = self.run_unit("samples", name, spec, produce, wait)
         return None if unit is None else _load_tensor(unit.file("samples.pt"))
+
+    def results_head(self, threshold: float, threshold_source: str) -> dict:
+        """What every results.json of the study starts with: the study, its config, the similarity,
+        the threshold and where it came from."""
+        return {
+            "experiment": NAME,
+            "config": self.config.result_fields(),
+            "similarity": self.similarity.describe(),
+            "threshold": threshold,
+            "threshold_source": threshold_source,
+        }
+
+    def empirical_samples(self, n: int, train_images: torch.Tensor, shape, **options) -> torch.Tensor | None:
+        """:meth:`sample_unit` of the empirical denoiser of the N training images ``train_images``
+        (unit ``empirical-n{N}``; ``options``: its ``wait`` and ``progress``)."""
+        return self.sample_unit(
+            f"empirical-n{n}",
+            self.empirical_spec(n),
+            lambda: self.hooks.empirical_denoiser(train_images.to(self.device)),
+            shape,
+            **options,
+        )
+
+    def model_sample_spec(self, model: base.Unit) -> dict:
+        """The spec of the samples of the finished model unit ``model``: its spec and the sampling's."""
+        return {**model.spec, **self.sampling_spec()}
+
+    def model_samples(self, name: str, model: base.Unit, shape, **options) -> torch.Tensor | None:
+        """:meth:`sample_unit` ``name`` of the finished model unit ``model`` (:meth:`model_sample_spec`;
+        ``options``: its ``wait`` and ``progress``)."""
+        return self.sample_unit(
+            name,
+            self.model_sample_spec(model),
+            lambda: self.hooks.load(model.path, device=self.device),
+            shape,
+            **options,
+        )
 
     def model_unit(
         self,
@@ -466,7 +491,7 @@ class _Study:
         ensemble_meta: dict | None = None,
         half: str | None = None,
         pool: torch.Tensor | None = None,
-    ) -> Unit | None:
+    ) -> base.Unit | None:
         """The model unit (width, n, seed) (``half``: of that half of ``pool``, subsets=disjoint);
         ``ensemble_meta``: what :meth:`train_ensemble` returned for this model (it was trained in
         its work folder already), recorded in the unit's meta."""
@@ -503,24 +528,12 @@ class _Study:
             self.model_unit(width, n, seed, self.hooks.subset(pool, n, c.subset_seed)[0], wait=False)
         for n in sorted(c.sizes):
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
-            self.sample_unit(
-                f"empirical-n{n}",
-                self.empirical_spec(n),
-                lambda train_images=train_images: self.hooks.empirical_denoiser(train_images.to(self.device)),
-                shape,
-                wait=False,
-            )
+            self.empirical_samples(n, train_images, shape, wait=False)
             for width, seed in itertools.product(c.widths, c.train_seeds):
                 name = _model_name(width, n, seed)
                 model = self.ws.finished("models", name, self.model_spec(width, n, seed))
                 if model is not None:  # else another process is still training it
-                    self.sample_unit(
-                        name,
-                        {**model.spec, **self.sampling_spec()},
-                        lambda model=model: self.hooks.load(model.path, device=self.device),
-                        shape,
-                        wait=False,
-                    )
+                    self.model_samples(name, model, shape, wait=False)
 
     def metrics_unit(
         self,
@@ -559,7 +572,7 @@ class _Study:
                 rp = metrics.rp_score(x, reference_samples.to(self.device), self.similarity, threshold)
                 summary["rp_empirical"] = rp.score
                 per_sample["rp_empirical_similarity"] = rp.similarity
-            atomic_write_json(tmp / "metrics.json", summary)
+            base.atomic_write_json(tmp / "metrics.json", summary)
             torch.save({k: v.cpu().contiguous().clone() for k, v in per_sample.items()}, tmp / "per_sample.pt")
             return summary
 
@@ -597,12 +610,7 @@ class _Study:
             train_images, _ = self.hooks.subset(pool, n, c.subset_seed)
             emp_name = f"empirical-n{n}"
             emp_spec = self.empirical_spec(n)
-            emp_samples = self.sample_unit(
-                emp_name,
-                emp_spec,
-                lambda train_images=train_images: self.hooks.empirical_denoiser(train_images.to(self.device)),
-                shape,
-            )
+            emp_samples = self.empirical_samples(n, train_images, shape)
             emp_metrics = self.metrics_unit(emp_name, emp_spec, emp_samples, train_images, None, threshold)
             empirical.append({"n": n, "gl": emp_metrics["gl"], "memorized_ratio": emp_metrics["memorized_ratio"]})
             bar.update(1)
@@ -613,10 +621,8 @@ class _Study:
             for width, seed in itertools.product(c.widths, c.train_seeds):
                 name = _model_name(width, n, seed)
                 model = self.model_unit(width, n, seed, train_images)
-                sample_spec = {**model.spec, **self.sampling_spec()}
-                samples = self.sample_unit(
-                    name, sample_spec, lambda model=model: self.hooks.load(model.path, device=self.device), shape
-                )
+                sample_spec = self.model_sample_spec(model)
+                samples = self.model_samples(name, model, shape)
                 result = self.metrics_unit(name, sample_spec, samples, train_images, emp_samples, threshold)
                 self.grid(grids_dir / f"{name}.png", samples, train_images, result, f"UNet-{width}, N={n}, seed {seed}")
                 row = {
@@ -652,11 +658,7 @@ class _Study:
                 )
         bar.close()
         results = {
-            "experiment": NAME,
-            "config": c.result_fields(),
-            "similarity": self.similarity.describe(),
-            "threshold": threshold,
-            "threshold_source": threshold_source,
+            **self.results_head(threshold, threshold_source),
             "models": models,
             "empirical": empirical,
             "pairs": pairs,
@@ -664,7 +666,7 @@ class _Study:
         }
         results.update(summarize(results))
         results["figure_properties"] = figure_properties(results)
-        results = json.loads(json_dumps(results))  # exactly what results.json holds
+        results = json.loads(base.json_dumps(results))  # exactly what results.json holds
         self.write_outputs(results)
         return results
 
@@ -695,10 +697,8 @@ class _Study:
                     name = _member_name(width, n, seed, half)
                     images = self.train_images(pool, n, half)
                     model = self.model_unit(width, n, seed, images, half=half, pool=pool)
-                    sample_spec = {**model.spec, **self.sampling_spec()}
-                    samples[half] = self.sample_unit(
-                        name, sample_spec, lambda model=model: self.hooks.load(model.path, device=self.device), shape
-                    )
+                    sample_spec = self.model_sample_spec(model)
+                    samples[half] = self.model_samples(name, model, shape)
                     result = self.metrics_unit(name, sample_spec, samples[half], images, None, threshold)
                     own[half] = result["per_sample"]["nn_similarity"].double()
                     other_images = self.train_images(pool, n, "b" if half == "a" else "a")
@@ -750,21 +750,17 @@ class _Study:
                         title=f"UNet-{width}, N={n}: half a's samples above half b's (same seeds)",
                     )
         results = {
-            "experiment": NAME,
-            "config": c.result_fields(),
-            "similarity": self.similarity.describe(),
-            "threshold": threshold,
-            "threshold_source": threshold_source,
+            **self.results_head(threshold, threshold_source),
             "halves": {k: v for k, v in halves.items() if k not in HALVES},
             "models": models,
             "strong_generalization": points,
         }
         results["figure_properties"] = disjoint_properties(results)
-        results = json.loads(json_dumps(results))
+        results = json.loads(base.json_dumps(results))
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "models.csv", results["models"])
-        atomic_write_csv(
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "models.csv", results["models"])
+        base.atomic_write_csv(
             root / "strong_generalization.csv",
             [{k: v for k, v in p.items() if k != "histograms"} for p in results["strong_generalization"]],
         )
@@ -805,13 +801,7 @@ class _Study:
         if task[0] == "empirical":
             n = task[1]
             train_images, _ = self.hooks.subset(pool, n, self.config.subset_seed)
-            self.sample_unit(
-                f"empirical-n{n}",
-                self.empirical_spec(n),
-                lambda train_images=train_images: self.hooks.empirical_denoiser(train_images.to(self.device)),
-                shape,
-                progress=progress,
-            )
+            self.empirical_samples(n, train_images, shape, progress=progress)
             return
         kind, width, sizes, seed = task[:4]
         half = task[4] if len(task) > 4 else None
@@ -827,13 +817,7 @@ class _Study:
                 half=half,
                 pool=pool,
             )
-            self.sample_unit(
-                _member_name(width, n, seed, half),
-                {**model.spec, **self.sampling_spec()},
-                lambda model=model: self.hooks.load(model.path, device=self.device),
-                shape,
-                progress=progress,
-            )
+            self.model_samples(_member_name(width, n, seed, half), model, shape, progress=progress)
 
     def train_ensemble(
         self,
@@ -940,9 +924,9 @@ class _Study:
 
     def write_outputs(self, results: dict) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(root / "models.csv", results["models"])
-        atomic_write_csv(
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(root / "models.csv", results["models"])
+        base.atomic_write_csv(
             root / "pairs.csv",
             results["pairs"],
             columns=[
@@ -993,7 +977,7 @@ class _TrainingProgress:
     units and the running trainers' ``metrics.jsonl`` (written every ``log_every`` steps), so it
     counts the same whether models train in this process or in workers."""
 
-    def __init__(self, ws: Workspace, names: list[str], steps: int, enabled: bool, poll: float = 1.0):
+    def __init__(self, ws: base.Workspace, names: list[str], steps: int, enabled: bool, poll: float = 1.0):
         self.ws, self.names, self.steps, self.poll = ws, names, int(steps), poll
         self.bar = Progress(len(names) * self.steps, "training", "steps", enabled=enabled, initial=self._done_steps())
         self._stop = None
@@ -1001,7 +985,7 @@ class _TrainingProgress:
     def _done_steps(self) -> int:
         total = 0
         for name in self.names:
-            if (self.ws.unit_path("models", name) / MANIFEST).is_file():
+            if (self.ws.unit_path("models", name) / base.MANIFEST).is_file():
                 total += self.steps
                 continue
             metrics_file = self.ws.root / "work" / "models" / name / "metrics.jsonl"

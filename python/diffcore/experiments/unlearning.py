@@ -156,7 +156,6 @@ class UnlearningConfig:
 
 
 PROMPT_SLOTS = 6  # training prompts: name + 3 attributes + 2 fillers
-_POSITIVE = base.integer(1)
 FIELD_CHECKS: dict[str, base.Check] = {
     "backend": base.one_of("digits", "diffusers"),
     "pipeline_dir": base.text,
@@ -168,14 +167,14 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "other_classes": base.tuple_of(base.integer(0), min_len=0),
     "resolution": base.integer(8),
     "guidance_scale": base.number(0),
-    "concept_images": _POSITIVE,
+    "concept_images": base.positive,
     "concept_seed_start": base.seed,
-    "width": _POSITIVE,
-    "embed_dim": _POSITIVE,
-    "text_hidden": _POSITIVE,
-    "cond_dim": _POSITIVE,
-    "train_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
+    "width": base.positive,
+    "embed_dim": base.positive,
+    "text_hidden": base.positive,
+    "cond_dim": base.positive,
+    "train_steps": base.positive,
+    "batch_size": base.positive,
     "learning_rate": base.number(0, 1, lo_open=True),
     "label_dropout": base.below(1),
     "log_uniform_fraction": base.number(0, 1),
@@ -184,24 +183,24 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "erased_form": base.one_of(*ul.NAME_FORMS),
     "eta": base.number(0),
     "unlearn_params": base.one_of("unet", "label_projection"),
-    "unlearn_steps": _POSITIVE,
+    "unlearn_steps": base.positive,
     "unlearn_learning_rate": base.number(0, 1, lo_open=True),
     "unlearn_seeds": base.tuple_of(base.seed, min_len=2),
-    "attack_k": _POSITIVE,
-    "attack_steps": _POSITIVE,
+    "attack_k": base.positive,
+    "attack_steps": base.positive,
     "attack_learning_rate": base.number(0, 10, lo_open=True),
-    "attack_hidden": _POSITIVE,
+    "attack_hidden": base.positive,
     "attack_seed": base.seed,
     "templates": base.tuple_of(base.text),
     "samples_per_prompt": base.integer(2),
     "sample_seed_start": base.seed,
     "solver": base.solver,
-    "sampler_steps": _POSITIVE,
+    "sampler_steps": base.positive,
     "sigma_min": base.sigma,
     "sigma_max": base.sigma,
     "cost_tolerance": base.number(0, 1, lo_open=True),
     "control_seed": base.seed,
-    "grid_samples": _POSITIVE,
+    "grid_samples": base.positive,
     "torch_threads": base.integer(0),
 }
 
@@ -497,10 +496,7 @@ def sample_prompt(hooks, model: PromptModel, emb, mask, defense: torch.Tensor | 
         denoiser,
         list(seeds),
         (1, 8, 8),
-        steps=c.sampler_steps,
-        solver=c.solver,
-        sigma_min=c.sigma_min,
-        sigma_max=c.sigma_max,
+        **base.sampler_settings(c),
         device=device,
         progress=False,
     )
@@ -562,6 +558,66 @@ class _Study:
         return _run(c, self.ws, self.hooks, self.device)
 
 
+# ----------------------------------------------------------------------------- shared by both backends
+# (this module's digits run and ``_unlearning_diffusers``)
+
+
+def defense_bases(c, attack_basis: torch.Tensor, dim: int) -> dict:
+    """The projection bases a sample set is drawn under, by name: none, the attack span (the
+    defense) and a random span of the same rank in the ``dim``-wide embedding space (the control;
+    seed ``control_seed``)."""
+    random_basis = ul.orthonormal_basis(
+        torch.randn(c.attack_k, dim, generator=torch.Generator().manual_seed(c.control_seed), dtype=torch.float64)
+    )
+    return {"none": None, "attack": attack_basis, "random": random_basis}
+
+
+def sample_units(ws: Workspace, sets: list[dict], spec_of, make) -> dict:
+    """Every sample set's unit ``samples/<name>`` (spec ``spec_of(s)``), made by ``make(s) -> (images,
+    predicted classes)`` where not finished: ``{name: {"images", "predicted"}}``."""
+    stored = {}
+    for s in sets:
+
+        def produce(tmp: Path, work: Path, s=s):
+            x, predicted = make(s)
+            torch.save({"images": x, "predicted": predicted}, tmp / "samples.pt")
+            return {"predicted": predicted.tolist()}
+
+        unit = ws.run_unit("samples", s["name"], spec_of(s), produce)
+        stored[s["name"]] = torch.load(unit.file("samples.pt"), weights_only=False)
+    return stored
+
+
+def final_losses(sub_losses, free_losses, resub_losses) -> dict:
+    """results' ``losses``: the mean of the last 20 logged losses of each SubAttack embedding, of the
+    free attack and of each SubAttack embedding retrained through the defense."""
+    return {
+        "subattack_final": [float(np.mean(x[-20:])) for x in sub_losses],
+        "free_final": float(np.mean(free_losses[-20:])),
+        "retrained_final": [float(np.mean(x[-20:])) for x in resub_losses],
+    }
+
+
+def plot_attack_success(rates: dict, bars: list, path: Path, *, figsize, label_size: int, xlabel: str, title: str):
+    """Attack success of the sample sets ``bars`` ((label, set name), top to bottom) with their 95%
+    Wilson intervals (``rates``: set name -> interval dict), written to ``path``."""
+    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+
+    vals = [rates[n]["value"] for _, n in bars]
+    lo = [rates[n]["value"] - rates[n]["low"] for _, n in bars]
+    hi = [rates[n]["high"] - rates[n]["value"] for _, n in bars]
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.barh(range(len(bars)), vals, xerr=[lo, hi], color="tab:blue", alpha=0.7, capsize=2)
+    ax.set_yticks(range(len(bars)))
+    ax.set_yticklabels([b for b, _ in bars], fontsize=label_size)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
 def _model_unit(ws: Workspace, kind, name, spec, make) -> dict:
     def produce(tmp: Path, work: Path):
         state, meta = make()
@@ -601,19 +657,18 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
         unlearned[tag] = PromptModel(c, len(vocab)).load(state).freeze()
 
     attack_spec = {**_spec(base_spec, "attack"), "target_seed": c.unlearn_seeds[0]}
-    sub = _model_unit(
-        ws,
-        "attack",
-        "subspace",
-        attack_spec,
-        lambda: (subspace_attack(c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed), {}),
-    )
-    free = _model_unit(
-        ws,
-        "attack",
-        "free",
-        attack_spec,
-        lambda: (free_attack(c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed), {}),
+    sub, free = (  # the subspace attack, then the free one, on model A's erased digit
+        _model_unit(
+            ws,
+            "attack",
+            name,
+            attack_spec,
+            lambda attack=attack: (
+                attack(c, vocab, unlearned["A"], images[erased], attr_ids[erased], c.attack_seed),
+                {},
+            ),
+        )
+        for name, attack in (("subspace", subspace_attack), ("free", free_attack))
     )
     attack_basis = ul.orthonormal_basis(sub["vectors"])
     resub = _model_unit(  # a fresh subspace attack trained through the defense (same seed and settings)
@@ -633,30 +688,22 @@ def _run(c: UnlearningConfig, ws: Workspace, hooks: UnlearningHooks, device: str
         | {"<free>": free["vector"]}
         | {f"<resub{k + 1}>": resub["vectors"][k] for k in range(c.attack_k)}
     )
-    random_basis = ul.orthonormal_basis(
-        torch.randn(
-            c.attack_k, c.embed_dim, generator=torch.Generator().manual_seed(c.control_seed), dtype=torch.float64
-        )
-    )
     models = {"original": original, **unlearned}
-    defenses = {"none": None, "attack": attack_basis, "random": random_basis}
+    defenses = defense_bases(c, attack_basis, c.embed_dim)
     seeds = range(c.sample_seed_start, c.sample_seed_start + c.samples_per_prompt)
 
+    def make_samples(s: dict):
+        emb, mask = prompt_embeddings(models[s["model"]], vocab, s["tokens"], attacks)
+        x = sample_prompt(hooks, models[s["model"]], emb, mask, defenses[s["defense"]], seeds, c, device)
+        return x, hooks.classify(x)
+
     sets = sample_sets(c)
-    stored = {}
-    for s in sets:
-
-        def produce(tmp: Path, work: Path, s=s):
-            emb, mask = prompt_embeddings(models[s["model"]], vocab, s["tokens"], attacks)
-            x = sample_prompt(hooks, models[s["model"]], emb, mask, defenses[s["defense"]], seeds, c, device)
-            predicted = hooks.classify(x)
-            torch.save({"images": x, "predicted": predicted}, tmp / "samples.pt")
-            return {"predicted": predicted.tolist()}
-
-        spec = {**_spec(base_spec, "samples"), **s, "seeds": [c.sample_seed_start, c.samples_per_prompt]}
-        unit = ws.run_unit("samples", s["name"], spec, produce)
-        stored[s["name"]] = torch.load(unit.file("samples.pt"), weights_only=False)
-
+    stored = sample_units(
+        ws,
+        sets,
+        lambda s: {**_spec(base_spec, "samples"), **s, "seeds": [c.sample_seed_start, c.samples_per_prompt]},
+        make_samples,
+    )
     results = _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, hooks, resub)
     results["attributes"] = {"edges": edges.tolist(), "names": list(ul.ATTRIBUTES)}
     _figures(c, sets, stored, results, ws.root)
@@ -761,11 +808,7 @@ def _analyse(c, vocab, sets, stored, sub, free, attack_basis, images, labels, ho
         "max_abs_cosine": cosine,
         "frechet_other_digits": frechet,
         "claims": claims,
-        "losses": {
-            "subattack_final": [float(np.mean(x[-20:])) for x in sub["losses"]],
-            "free_final": float(np.mean(free["losses"][-20:])),
-            "retrained_final": [float(np.mean(x[-20:])) for x in resub["losses"]],
-        },
+        "losses": final_losses(sub["losses"], free["losses"], resub["losses"]),
     }
 
 
@@ -816,7 +859,6 @@ def _top_tokens(alphas: torch.Tensor, vocab, erased: int, top: int = 5) -> list[
 
 def _figures(c, sets, stored, results, out: Path) -> None:
     from diffcore.experiments import plotting
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
 
     e = c.erased_digit
     word = ul.digit_name(e, c.erased_form)
@@ -836,19 +878,15 @@ def _figures(c, sets, stored, results, out: Path) -> None:
         *[(f"A defended: retrained <sub{k + 1}>", f"A-attack-resub{k + 1}") for k in range(c.attack_k)],
     ]
     rates = results["attack_success"]
-    vals = [rates[n]["value"] for _, n in bars]
-    lo = [rates[n]["value"] - rates[n]["low"] for _, n in bars]
-    hi = [rates[n]["high"] - rates[n]["value"] for _, n in bars]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(range(len(bars)), vals, xerr=[lo, hi], color="tab:blue", alpha=0.7, capsize=2)
-    ax.set_yticks(range(len(bars)))
-    ax.set_yticklabels([b for b, _ in bars], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"attack success: fraction classified as {e} (95% Wilson)")
-    ax.set_title(f"Erased digit {e} ('{word}'), n = {c.samples_per_prompt} per prompt", fontsize=9)
-    fig.tight_layout()
-    atomic_save_figure(fig, out / "unlearning-success.png")
+    plot_attack_success(
+        rates,
+        bars,
+        out / "unlearning-success.png",
+        figsize=(7, 4),
+        label_size=7,
+        xlabel=f"attack success: fraction classified as {e} (95% Wilson)",
+        title=f"Erased digit {e} ('{word}'), n = {c.samples_per_prompt} per prompt",
+    )
     k = c.grid_samples
     best = max(range(1, c.attack_k + 1), key=lambda i: rates[f"A-none-sub{i}_t0"]["value"])  # display only
     rows = [

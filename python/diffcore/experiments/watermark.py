@@ -66,14 +66,6 @@ import numpy as np
 import torch
 
 from diffcore.experiments import _stack, base
-from diffcore.experiments.base import (
-    ConfigError,
-    Workspace,
-    atomic_save_figure,
-    atomic_write_csv,
-    atomic_write_json,
-    json_dumps,
-)
 from diffcore.metrics.intervals import Interval
 from diffcore.metrics.watermark import AttackParams
 
@@ -138,21 +130,21 @@ class WatermarkConfig:
         """Raise ConfigError naming the first field out of range."""
         base.check_fields(self, FIELD_CHECKS)
         if self.resolution % 2:
-            raise ConfigError(f"resolution: expected an even integer in [8, 512], got {self.resolution!r}")
+            raise base.ConfigError(f"resolution: expected an even integer in [8, 512], got {self.resolution!r}")
         base.check_seed_range("sample_seed_start", self.sample_seed_start, self.num_images + self.num_negatives)
         for name in ("nullspace_images", "grid_images"):
             if getattr(self, name) > self.num_images:
-                raise ConfigError(
+                raise base.ConfigError(
                     f"{name}: expected at most num_images = {self.num_images}, got {getattr(self, name)!r}"
                 )
         if self.model == "molrg" and self.components * self.latent_dim > self.resolution**2:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"latent_dim: components * latent_dim must be at most resolution^2 = "
                 f"{self.resolution**2} (orthogonal subspaces), "
                 f"got {self.components} * {self.latent_dim}"
             )
         if self.model == "molrg" and not self.pixel_variance > self.variance_floor:
-            raise ConfigError(
+            raise base.ConfigError(
                 f"pixel_variance: expected more than variance_floor = {self.variance_floor:g}, "
                 f"got {self.pixel_variance!r}"
             )
@@ -160,7 +152,7 @@ class WatermarkConfig:
             try:
                 self.key((1, self.resolution, self.resolution))
             except ValueError as error:
-                raise ConfigError(str(error)) from error
+                raise base.ConfigError(str(error)) from error
 
     def key(self, shape):
         """The ring key for images of ``shape`` (C, H, W): radius ``round(radius_fraction * side)``."""
@@ -189,8 +181,6 @@ class WatermarkConfig:
         return list(range(start, start + self.num_negatives))
 
 
-_POSITIVE = base.integer(1)
-_COUNT = base.integer(0)
 MAX_REFERENCE_KEYS = 9_999  # key-rank p-values resolve 1e-4; each key is one more pass over the images
 MAX_WRONG_KEYS = 1_000
 _FRACTION = base.fraction
@@ -199,28 +189,28 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "model": base.one_of(*MODELS),
     "model_dir": base.text,
     "resolution": base.integer(8, 512),
-    "width": _POSITIVE,
-    "train_steps": _POSITIVE,
-    "batch_size": _POSITIVE,
+    "width": base.positive,
+    "train_steps": base.positive,
+    "batch_size": base.positive,
     "learning_rate": _FRACTION,
-    "lr_warmup_images": _COUNT,
+    "lr_warmup_images": base.count,
     "train_seed": base.seed,
     "variance_floor": _FRACTION,
-    "components": _POSITIVE,
-    "latent_dim": _POSITIVE,
+    "components": base.positive,
+    "latent_dim": base.positive,
     "pixel_variance": base.number(0, 10, lo_open=True),
     "basis_seed": base.seed,
     "solver": base.solver,
     "sampler_steps": base.integer(2),
     "time": base.below(1),
     "radius_fraction": base.below(0.5),
-    "channel": _COUNT,
+    "channel": base.count,
     "band": base.registered("diffcore.analysis.watermark", "BANDS"),
     "key_seed": base.seed,
-    "num_images": _POSITIVE,
+    "num_images": base.positive,
     "num_negatives": base.integer(2),
     "sample_seed_start": base.seed,
-    "sample_batch": _POSITIVE,
+    "sample_batch": base.positive,
     "attacks": base.tuple_of(base.registered("diffcore.metrics.watermark", "ATTACKS")),
     "jpeg_quality": base.integer(1, 95),
     "blur_radius": _NON_NEGATIVE,
@@ -228,14 +218,14 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "brightness": _NON_NEGATIVE,
     "resize_scale": _FRACTION,
     "crop_fraction": _FRACTION,
-    "attack_reference_size": _POSITIVE,
+    "attack_reference_size": base.positive,
     "attack_seed": base.seed,
     "p_value": base.boolean,
     "rank_references": base.integer(0, MAX_REFERENCE_KEYS),
     "wrong_keys": base.integer(0, MAX_WRONG_KEYS),
-    "nullspace_images": _COUNT,
-    "nullspace_k": _POSITIVE,
-    "grid_images": _COUNT,
+    "nullspace_images": base.count,
+    "nullspace_k": base.positive,
+    "grid_images": base.count,
     "sweep_times": base.tuple_of(base.below(1), min_len=0),
     "null_fraction_threshold": _FRACTION,
     "low_rank_fraction": _FRACTION,
@@ -354,9 +344,9 @@ class _Study:
     def __init__(self, config: WatermarkConfig, out, device: str, progress: bool):
         config.validate()
         if config.model == "diffusers" and not config.model_dir:  # a local folder, needed to run (not a range)
-            raise ConfigError(f"model_dir: expected a folder for model=diffusers, got {config.model_dir!r}")
+            raise base.ConfigError(f"model_dir: expected a folder for model=diffusers, got {config.model_dir!r}")
         self.c = config
-        self.ws = Workspace(out)
+        self.ws = base.Workspace(out)
         self.device = torch.device(device)
         self.progress = progress
 
@@ -492,7 +482,7 @@ class _Study:
 
         c = self.c
         if not Path(c.model_dir).is_dir():
-            raise ConfigError(f"model_dir: {c.model_dir} is not a folder")
+            raise base.ConfigError(f"model_dir: {c.model_dir} is not a folder")
         loaded = load_diffusers_folder(c.model_dir, self.device, argument="model_dir")
         abar = loaded.scheduler.alphas_cumprod
         grid = sampler.vp_sigmas(c.sampler_steps, abar, spacing=loaded.timestep_spacing)
@@ -505,7 +495,7 @@ class _Study:
         try:
             return self.c.key(shape)
         except ValueError as error:
-            raise ConfigError(str(error)) from error
+            raise base.ConfigError(str(error)) from error
 
     def model_spec(self, m: _Model) -> dict:
         c = self.c
@@ -616,7 +606,7 @@ class _Study:
         def produce(tmp: Path, work: Path):
             (pos, pos_wrong), (neg, neg_wrong) = score(positives), score(negatives)
             result = {"positives": pos, "negatives": neg}
-            atomic_write_json(tmp / "scores.json", result)
+            base.atomic_write_json(tmp / "scores.json", result)
             meta = summarize_detection(result)
             if wrong:
                 meta["wrong_keys"] = wrong_key_rates(pos_wrong, neg_wrong)
@@ -698,7 +688,7 @@ class _Study:
         bar.close()
         evidence = self.evidence(m, key, variants, detection, consistency, nullspace)
         results = json.loads(
-            json_dumps(
+            base.json_dumps(
                 {
                     "experiment": NAME,
                     "config": dataclasses.asdict(c),
@@ -834,8 +824,8 @@ class _Study:
 
     def write(self, results: dict, detection: list, consistency: dict, samples: dict, m: _Model) -> None:
         root = self.ws.root
-        atomic_write_json(root / "results.json", results)
-        atomic_write_csv(
+        base.atomic_write_json(root / "results.json", results)
+        base.atomic_write_csv(
             root / "detection.csv",
             [
                 {
@@ -847,7 +837,7 @@ class _Study:
                 for d in results["detection"]
             ],
         )
-        atomic_write_csv(
+        base.atomic_write_csv(
             root / "consistency.csv",
             [
                 {"method": method, "image": i, "seed": self.c.sample_seed_start + i, **{k: v[k][i] for k in v}}
@@ -1025,7 +1015,7 @@ def plot_roc(detection: list, path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_images(samples: dict, k: int, path, m: _Model) -> Path:
@@ -1082,7 +1072,7 @@ def plot_consistency(results: dict, consistency: dict, path) -> Path:
     ax.set_title("robustness: AUC per attack", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 def plot_sweep(results: dict, path) -> Path:
@@ -1124,7 +1114,7 @@ def plot_sweep(results: dict, path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return atomic_save_figure(fig, path)
+    return base.atomic_save_figure(fig, path)
 
 
 # No hooks: the tiny preset runs the closed-form Gaussian denoiser instead of stand-ins.
