@@ -39,6 +39,21 @@ def _params(backends):
     return [pytest.param(b, marks=_marks(b), id=b) for b in backends]
 
 
+def small_path_on_one_and_two_threads(monkeypatch, x, train, sigma64):
+    """``_empirical_denoise_cpu.run`` with torch on one thread, then on two with the small path's
+    query split forced: the two (out, logz) pairs."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ed_cpu.run(x, train, sigma64)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(ed_cpu, "SMALL_PARALLEL_MIN_WORK", 1)  # force the parallel split
+        two = ed_cpu.run(x, train, sigma64)
+    finally:
+        torch.set_num_threads(threads)
+    return one, two
+
+
 def row_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     diff = (out.double() - ref.double()).reshape(ref.shape[0], -1).norm(dim=1)
     return float((diff / ref.double().reshape(ref.shape[0], -1).norm(dim=1)).max())
@@ -656,15 +671,7 @@ def test_cpu_small_path_agrees_with_the_tile_path_and_threads(monkeypatch):
     small_out, _ = ed_cpu.run(x, train, sigma64)
     tile_out, _ = ed_cpu.run(x, train, sigma64, small=False)
     assert row_rel_error(small_out, tile_out) <= 2 * REL_TOL
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ed_cpu.run(x, train, sigma64)
-        torch.set_num_threads(2)
-        monkeypatch.setattr(ed_cpu, "SMALL_PARALLEL_MIN_WORK", 1)  # force the parallel split
-        two = ed_cpu.run(x, train, sigma64)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = small_path_on_one_and_two_threads(monkeypatch, x, train, sigma64)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 

@@ -10,7 +10,12 @@ import torch
 
 from diffcore.ops import _empirical_denoise_cpu as ed_cpu
 from diffcore.ref.empirical_denoise import empirical_denoise_ref
-from tests.ops.test_empirical_denoise import check_against_reference, make_case, row_rel_error
+from tests.ops.test_empirical_denoise import (
+    check_against_reference,
+    make_case,
+    row_rel_error,
+    small_path_on_one_and_two_threads,
+)
 
 
 def screen_stats(x: torch.Tensor, train: torch.Tensor, sigma) -> ed_cpu.SmallStats:
@@ -95,15 +100,7 @@ def test_screen_is_bit_identical_for_one_and_two_threads(monkeypatch):
     x, train = make_case(37, 1797, 64, 0.01, torch.uint8, seed=2)
     sigma64 = torch.full((37,), 0.01, dtype=torch.float64)
     sigma64[::5] = 1.0  # dense queries in some blocks
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ed_cpu.run(x, train, sigma64)
-        torch.set_num_threads(2)
-        monkeypatch.setattr(ed_cpu, "SMALL_PARALLEL_MIN_WORK", 1)  # force the parallel split
-        two = ed_cpu.run(x, train, sigma64)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = small_path_on_one_and_two_threads(monkeypatch, x, train, sigma64)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     ref_out, _ = empirical_denoise_ref(x, train, sigma64)
     assert row_rel_error(one[0], ref_out) <= 1e-5
