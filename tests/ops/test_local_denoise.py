@@ -425,12 +425,14 @@ def test_cpu_els_box_path_same_bits_any_threads_batch_and_partial_chunks(padding
 
 
 def test_els_dispatch_rule():
-    """The CPU op takes the path of fewer counted operations: box sums where P > 1 on the shapes of
-    the benchmarks, direct distances at P = 1 (nothing to share); the op returns that path's bits."""
-    for shape in [(8, 8, 1), (32, 32, 3)]:
-        for padding in ("zeros", "circular"):
-            counts = ld_cpu.els_operation_counts(*shape, 1, padding)
-            assert counts["direct"] < counts["box"] and not ld_cpu.els_uses_box(*shape, 1, padding)
+    """The cost model counts the keys of the dictionaries (key_ranges) and the direct path's
+    3 C P^2 operations per pair; the op returns the bits of the path it picks."""
+    for height, width, patch, padding in [(8, 8, 3, "zeros"), (7, 6, 5, "zeros"), (5, 9, 3, "circular")]:
+        counts = ld_cpu.els_operation_counts(height, width, 2, patch, padding)
+        row_lo, row_hi = ld_cpu.key_ranges(height, patch, padding)
+        col_lo, col_hi = ld_cpu.key_ranges(width, patch, padding)
+        keys = int((row_hi - row_lo).sum()) * int((col_hi - col_lo).sum())
+        assert counts["pairs"] == keys and counts["direct"] == 3 * 2 * patch * patch * keys
     x, train = make_case(batch=2, rows=6, channels=1, height=6, width=6, sigma=0.5)
     for patch in (1, 3):
         path = "box" if ld_cpu.els_uses_box(6, 6, 1, patch, "zeros") else "direct"

@@ -270,10 +270,13 @@ def run_box(
     return means.permute(0, 2, 1).reshape(x.shape).float()
 
 
-# Float64 operations per (query pixel, key) pair that the box path spends beyond the direct path's
-# (its lane accumulators live in memory, [H*W, 1 + C, 16], and each pair is checked against the
-# running best): the constant of the dispatch rule, measured (docs/local_denoise.md, "CPU algorithm").
-ELS_BOX_PAIR_OVERHEAD = 12.0
+# The dispatch rule's cost model of ELS on the CPU, ns per (query pixel, key) pair and per counted
+# float64 operation (els_operation_counts), fitted to one-thread CPU times of both paths at 8 x 8
+# (C = 1, P = 1..9) and 3 x 32 x 32 (P = 1, 3, 9) on 2026-12-06 (docs/local_denoise.md, "CPU
+# algorithm"): the direct path's per-pair work (a distance buffer, block_weights' two passes) costs
+# more than the box path's, whose counted operations (grids in memory) cost more each.
+ELS_DIRECT_NS = (3.6, 0.054)  # (per pair, per operation)
+ELS_BOX_NS = (1.7, 0.10)
 
 
 def window_adds(size: int, left: int, count: int, patch: int) -> int:
@@ -299,28 +302,31 @@ def els_shift_ranges(size: int, patch: int, padding: str) -> list[tuple[int, int
 
 
 def els_operation_counts(height: int, width: int, channels: int, patch: int, padding: str) -> dict[str, float]:
-    """Float64 operations of ELS per (query image, training image) on the two CPU paths: ``pairs``
-    (query pixel, key) pairs; ``direct`` = pairs x 3 C P^2 (per distance term: widen, subtract,
-    multiply-add); ``box`` = per shift 3 C per pixel of e_s plus the window sums' additions, plus
-    ``ELS_BOX_PAIR_OVERHEAD`` per pair. The weights and value sums, alike on both paths, are left out."""
+    """Float64 operations of the distances of ELS per (query image, training image) on the two CPU
+    paths: ``pairs`` (query pixel, key) pairs; ``direct`` = pairs x 3 C P^2 (per distance term: widen,
+    subtract, multiply-add); ``box`` = per shift 3 C per pixel of e_s plus the window sums' additions.
+    ``direct_ns``, ``box_ns``: the predicted times (ELS_DIRECT_NS, ELS_BOX_NS)."""
     rows, cols = els_shift_ranges(height, patch, padding), els_shift_ranges(width, patch, padding)
     pairs = sum(r[0] for r in rows) * sum(c[0] for c in cols)
     box = 0.0
     for _out_rows, in_rows, row_adds in rows:
         for out_cols, in_cols, col_adds in cols:
             box += 3 * channels * in_rows * in_cols + in_rows * col_adds + out_cols * row_adds
+    direct = 3.0 * channels * patch * patch * pairs
     return {
         "pairs": float(pairs),
-        "direct": 3.0 * channels * patch * patch * pairs,
-        "box": box + ELS_BOX_PAIR_OVERHEAD * pairs,
+        "direct": direct,
+        "box": box,
+        "direct_ns": ELS_DIRECT_NS[0] * pairs + ELS_DIRECT_NS[1] * direct,
+        "box_ns": ELS_BOX_NS[0] * pairs + ELS_BOX_NS[1] * box,
     }
 
 
 @functools.lru_cache(maxsize=256)
 def els_uses_box(height: int, width: int, channels: int, patch: int, padding: str) -> bool:
-    """The dispatch rule of ELS on the CPU: shifted box sums where they take fewer operations."""
+    """The dispatch rule of ELS on the CPU: shifted box sums where the cost model predicts less time."""
     counts = els_operation_counts(height, width, channels, patch, padding)
-    return counts["box"] < counts["direct"]
+    return counts["box_ns"] < counts["direct_ns"]
 
 
 def pspc_counts(height: int, width: int, patch: int) -> torch.Tensor:
