@@ -957,12 +957,10 @@ void box_els_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int
                 double* lt = lane_total.data() + q * L;
                 double* la = lane_acc.data() + q * C * L;
                 const double best = dmin[q];
-                int lower = 0;
-#pragma omp simd reduction(| : lower)
-                for (int64_t l = 0; l < L; ++l) lower |= d[l] < best ? 1 : 0;
-                if (lower) {
-                  double m = kInfinity;
-                  for (int64_t l = 0; l < L; ++l) m = d[l] < m ? d[l] : m;
+                double m = kInfinity;  // the 16 distances' minimum
+#pragma omp simd reduction(min : m)
+                for (int64_t l = 0; l < L; ++l) m = d[l] < m ? d[l] : m;
+                if (m < best) {
                   const double scale = std::isinf(best) ? 0.0 : std::exp(-(best - m) * c);
                   total[q] *= scale;
                   for (int64_t ch = 0; ch < C; ++ch) acc[q * C + ch] *= scale;
