@@ -905,7 +905,7 @@ void box_els_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int
       std::fill(lane_total.begin(), lane_total.end(), 0.0);
       std::fill(lane_acc.begin(), lane_acc.end(), 0.0);
       for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
-        const int64_t live = std::min<int64_t>(L, t.valid - chunk * L);  // lanes holding real images
+        const int64_t live = std::clamp<int64_t>(t.valid - chunk * L, 0, L);  // lanes holding real images
         const float* yc = t.chunk_values(chunk, 0);                       // [H*W, C, L]
         for (const ShiftRange& ra : row_shifts) {
           for (int64_t i = 0; i < H; ++i) key_row[i] = wrap(i + ra.shift, H);
