@@ -20,6 +20,9 @@
 //   (C values each). Vectorized over the training images (the tile is passed pixel-major, [H*W, C, T]).
 // - box_ls_tile, box_pspc_tile (ls, pspc): the unit-weight square supports by separable box sums of
 //   the per-pixel squared differences (the "Box-sum path" section below).
+// - box_els_tile (els, where it takes fewer operations than translated_tile): the distances of every
+//   pixel to the keys at one shift by box sums of the shifted squared differences ("ELS by shifted box
+//   sums" below).
 //
 // Distances are accumulated in double, difference first (no |x|^2 + |y|^2 - 2 x.y cancellation), from
 // the fp32 pixels (exact in double): relative error at most gamma_{D+1} with u = 2^-53, so that a
@@ -829,6 +832,165 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// ELS by shifted box sums. For a query image x, a training image y and a shift s = p - q (key
+// location minus query pixel), the distance of pixel q to the key at q + s is the box sum over q's
+// window of e_s[p] = sum_ch (x[ch, p] - y[ch, p + s])^2. Zero padding (boundary-broken dictionaries):
+// along each axis a border coordinate only takes shift 0 and an interior coordinate i the shifts
+// that keep i + s interior, so every allowed (q, s) has its whole clipped window, shifted by s,
+// inside the image: the padded entries are 0 for query and key alike and the box sum over the
+// in-image part of the window is the distance. Per axis and shift the output coordinates form one
+// range (shift 0: all of them; s != 0: the interior i with i + s interior) and the box sums need e_s
+// on that range extended by r on each side. Circular: every shift, the whole image, wrapped (the
+// circular BoxPlan of the LS path). Same error bound as the LS box path (all terms >= 0:
+// gamma_{C - 1 + 2 (P - 1)}). Cost per (query image, training image, shift): about (C + 4) H W
+// float64 operations, against C P^2 per key and shift for the direct path (translated_tile).
+//
+// Loop order per query image: chunk of kBoxLanes training images, row shift, column shift, output
+// pixel. There is no tile-wide distance buffer: each pixel's 16 new distances are checked against
+// its running best, and a lower one rescales the state (one exp) before the weights are taken, so
+// that every weight is exp(-(d - dmin) c) <= 1 against the best distance seen so far. Weights and
+// weighted value sums run in kBoxLanes lanes per pixel ([H*W, 1 + C, kBoxLanes] float64), reduced in
+// one fixed order at the end of the tile: the same operations in the same order for a query image
+// whatever the batch or the thread count.
+struct ShiftRange {
+  int64_t shift, out_lo, out_hi, in_lo, in_hi;  // output coordinates [out_lo, out_hi); e_s on [in_lo, in_hi)
+  WindowAxis axis;                               // the window sums of that line (zero padding)
+};
+
+std::vector<ShiftRange> shift_ranges(int64_t n, int64_t patch, bool circular) {
+  const int64_t r = patch / 2, interior = n - 2 * r;
+  std::vector<ShiftRange> ranges;
+  if (circular) {
+    for (int64_t s = 0; s < n; ++s) ranges.push_back({s, 0, n, 0, n, WindowAxis{n, 0, n, patch, false}});
+    return ranges;
+  }
+  const int64_t reach = std::max<int64_t>(0, interior - 1);
+  for (int64_t s = -reach; s <= reach; ++s) {
+    if (s == 0) {  // every coordinate: the border ones (their own) and the interior ones
+      ranges.push_back({0, 0, n, 0, n, window_axis(n, r, n, patch)});
+      continue;
+    }
+    const int64_t lo = std::max(r, r - s), hi = std::min(n - r, n - r - s);
+    if (lo < hi) ranges.push_back({s, lo, hi, lo - r, hi + r, window_axis(hi - lo + 2 * r, 0, hi - lo, patch)});
+  }
+  return ranges;
+}
+
+void box_els_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int64_t tile, int64_t valid,
+                  int64_t channels, int64_t height, int64_t width, int64_t patch, bool circular,
+                  std::uintptr_t inv2s2_ptr, double band, std::uintptr_t dmin_ptr, std::uintptr_t total_ptr,
+                  std::uintptr_t acc_ptr, int threads) {
+  constexpr int64_t L = kBoxLanes;
+  const BoxTile t = box_tile(x_ptr, y_ptr, batch, tile, valid, channels, height, width, patch, inv2s2_ptr, band,
+                             dmin_ptr, total_ptr, acc_ptr);
+  const int64_t pixels = t.pixels(), C = channels, W = width, H = height;
+  const std::vector<ShiftRange> row_shifts = shift_ranges(height, patch, circular);
+  const std::vector<ShiftRange> col_shifts = shift_ranges(width, patch, circular);
+  const BoxPlan wrapped = box_plan(height, width, patch / 2, height, width, patch, true);
+#pragma omp parallel num_threads(resolve_threads(threads))
+  {
+    std::vector<double> grid(circular ? 0 : pixels * L), mid(circular ? 0 : pixels * L), out(pixels * L);
+    std::vector<double> prefix(circular ? 0 : pixels * L), suffix(circular ? 0 : pixels * L);
+    std::vector<double> lane_total(pixels * L), lane_acc(pixels * C * L);
+    BoxScratch wrap_scratch(circular ? wrapped : box_plan(1, 1, 0, 1, 1, 1, false));
+    std::vector<int64_t> key_row(H), key_col(W);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      const double c = t.inv2s2[b];
+      const float* xb = t.x + b * C * pixels;
+      double* dmin = t.dmin + b * pixels;
+      double* total = t.total + b * pixels;
+      double* acc = t.acc + b * pixels * C;
+      std::fill(lane_total.begin(), lane_total.end(), 0.0);
+      std::fill(lane_acc.begin(), lane_acc.end(), 0.0);
+      for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+        const int64_t live = std::clamp<int64_t>(t.valid - chunk * L, 0, L);  // lanes holding real images
+        const float* yc = t.chunk_values(chunk, 0);                       // [H*W, C, L]
+        for (const ShiftRange& ra : row_shifts) {
+          for (int64_t i = 0; i < H; ++i) key_row[i] = wrap(i + ra.shift, H);
+          for (const ShiftRange& cb : col_shifts) {
+            for (int64_t j = 0; j < W; ++j) key_col[j] = wrap(j + cb.shift, W);
+            const int64_t orows = ra.out_hi - ra.out_lo, ocols = cb.out_hi - cb.out_lo;
+            const int64_t in_cols = cb.in_hi - cb.in_lo;
+            // (1) e_s on the input rectangle (its own grid, or the wrapped plan's)
+            for (int64_t i = ra.in_lo; i < ra.in_hi; ++i) {
+              for (int64_t j = cb.in_lo; j < cb.in_hi; ++j) {
+                const int64_t p = i * W + j;
+                const float* yp = yc + (key_row[i] * W + key_col[j]) * C * L;
+                double* e = circular ? wrap_scratch.at(wrapped, i, j)
+                                     : grid.data() + ((i - ra.in_lo) * in_cols + (j - cb.in_lo)) * L;
+                const double x0 = xb[p];
+#pragma omp simd
+                for (int64_t l = 0; l < L; ++l) {
+                  const double diff = x0 - static_cast<double>(yp[l]);
+                  e[l] = diff * diff;
+                }
+                for (int64_t ch = 1; ch < C; ++ch) {
+                  const double xv = xb[ch * pixels + p];
+                  const float* yv = yp + ch * L;
+#pragma omp simd
+                  for (int64_t l = 0; l < L; ++l) {
+                    const double diff = xv - static_cast<double>(yv[l]);
+                    e[l] += diff * diff;
+                  }
+                }
+              }
+            }
+            // (2) the box sums: out [orows, ocols, L]
+            if (circular) {
+              box_sums(wrapped, wrap_scratch, out.data());
+            } else {
+              for (int64_t i = 0; i < ra.in_hi - ra.in_lo; ++i)
+                window_line(grid.data() + i * in_cols * L, mid.data() + i * ocols * L, cb.axis, L, prefix.data(),
+                            suffix.data());
+              window_line(mid.data(), out.data(), ra.axis, ocols * L, prefix.data(), suffix.data());
+            }
+            if (live < L)  // the zero images that fill the last chunk: no key
+              for (int64_t k = 0; k < orows * ocols; ++k)
+                for (int64_t l = live; l < L; ++l) out[k * L + l] = kInfinity;
+            // (3) per output pixel: a lower distance rescales the state, then weights and sums
+            for (int64_t i = ra.out_lo; i < ra.out_hi; ++i) {
+              for (int64_t j = cb.out_lo; j < cb.out_hi; ++j) {
+                const int64_t q = i * W + j;
+                const double* d = out.data() + ((i - ra.out_lo) * ocols + (j - cb.out_lo)) * L;
+                double* lt = lane_total.data() + q * L;
+                double* la = lane_acc.data() + q * C * L;
+                const double best = dmin[q];
+                double m = kInfinity;  // the 16 distances' minimum
+#pragma omp simd reduction(min : m)
+                for (int64_t l = 0; l < L; ++l) m = d[l] < m ? d[l] : m;
+                if (m < best) {
+                  const double scale = std::isinf(best) ? 0.0 : std::exp(-(best - m) * c);
+                  total[q] *= scale;
+                  for (int64_t ch = 0; ch < C; ++ch) acc[q * C + ch] *= scale;
+                  for (int64_t l = 0; l < L; ++l) lt[l] *= scale;
+                  for (int64_t l = 0; l < C * L; ++l) la[l] *= scale;
+                  dmin[q] = m;
+                }
+                float w[L];
+                lane_weights(d, dmin[q], c, t.band, w);
+#pragma omp simd
+                for (int64_t l = 0; l < L; ++l) lt[l] += static_cast<double>(w[l]);
+                const float* yv = yc + (key_row[i] * W + key_col[j]) * C * L;  // the key's centre
+                for (int64_t ch = 0; ch < C; ++ch) {
+#pragma omp simd
+                  for (int64_t l = 0; l < L; ++l)
+                    la[ch * L + l] += static_cast<double>(w[l]) * static_cast<double>(yv[ch * L + l]);
+                }
+              }
+            }
+          }
+        }
+      }
+      for (int64_t p = 0; p < pixels; ++p) {
+        total[p] += lane_reduce(lane_total.data() + p * L);
+        for (int64_t ch = 0; ch < C; ++ch) acc[p * C + ch] += lane_reduce(lane_acc.data() + (p * C + ch) * L);
+      }
+    }
+  }
+}
+
 // CUDA entry points (local_denoise.cu): the same tiles and state as the CPU kernels, on device
 // pointers (the els tile image-major, [T, C, H+P-1, W+P-1]). Python built the index arrays; they
 // live on the device and are not re-checked here.
@@ -906,6 +1068,12 @@ void register_local_denoise(py::module_& m) {
         "LS by box sums over one tile: x [B, C, H*W], training tile chunk-major [T/16, H*W, C, 16] (float32, T a "
         "multiple of 16, the first `valid` images real, the rest zero); zero or circular padding; running state "
         "dmin/total [B*H*W], acc [B, H*W, C] (float64) updated in place.");
+  m.def("local_denoise_box_els_tile", &box_els_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
+        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("circular"),
+        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
+        "ELS by shifted box sums over one tile (layout as local_denoise_box_ls_tile): zero padding with the "
+        "boundary-broken dictionaries, or circular; running state dmin/total [B*H*W], acc [B, H*W, C] (float64) "
+        "updated in place.");
   m.def("local_denoise_box_pspc_tile", &box_pspc_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
         arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("stage"),
         arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),

@@ -351,6 +351,26 @@ class Extension(Protocol):
         acc_ptr: int,
         threads: int,
     ) -> None: ...
+    def local_denoise_box_els_tile(
+        self,
+        *,
+        x_ptr: int,
+        y_ptr: int,
+        batch: int,
+        tile: int,
+        valid: int,
+        channels: int,
+        height: int,
+        width: int,
+        patch: int,
+        circular: bool,
+        inv2s2_ptr: int,
+        band: float,
+        dmin_ptr: int,
+        total_ptr: int,
+        acc_ptr: int,
+        threads: int,
+    ) -> None: ...
     def local_denoise_box_pspc_tile(
         self,
         *,
@@ -440,6 +460,7 @@ sampler_step_cuda = _module.sampler_step_cuda
 local_denoise_translated_tile = _module.local_denoise_translated_tile
 local_denoise_same_location_tile = _module.local_denoise_same_location_tile
 local_denoise_box_ls_tile = _module.local_denoise_box_ls_tile
+local_denoise_box_els_tile = _module.local_denoise_box_els_tile
 local_denoise_box_pspc_tile = _module.local_denoise_box_pspc_tile
 local_denoise_translated_cuda = _module.local_denoise_translated_cuda
 local_denoise_same_location_cuda = _module.local_denoise_same_location_cuda

@@ -338,3 +338,103 @@ def test_cpu_large_tile_sums_stay_accurate(padding):
     train = load_digits()[0]
     x = train[:1] + torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     check(x, train, 1.0, "cpu", kind="els", patch_size=3, padding=padding)
+
+
+# ------------------------------------------------------------------ ELS: direct and shifted box sums
+ELS_PATHS = ["direct", "box"]
+
+
+def run_els_path(path, x, train, sigma, patch, padding, tile_rows=None):
+    """ELS on one CPU path, whatever the dispatch rule would pick."""
+    sigma64 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0]).contiguous()
+    if path == "box":
+        return ld_cpu.run_box(x, train, sigma64, "els", patch, padding, tile_rows=tile_rows)
+    return ld_cpu.run_els(x, train, sigma64, patch, padding, tile_rows=tile_rows)
+
+
+def check_els_path(path, x, train, sigma, patch, padding, **kw):
+    ref = local_denoise_ref(x, train, sigma, kind="els", patch_size=patch, padding=padding)
+    out = run_els_path(path, x, train, sigma, patch, padding, **kw)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    err = float(((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max())
+    assert err <= ABS_TOL, f"max error {err:g}"
+
+
+@pytest.mark.parametrize("path", ELS_PATHS)
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@pytest.mark.parametrize("patch", [1, 3, 5, 7])
+@pytest.mark.parametrize("sigma", [0.001, 0.5, 80.0])
+def test_cpu_els_paths_match_reference_odd_shape(path, padding, patch, sigma):
+    """Both ELS paths on a 7 x 6 image with two channels (P = 7: wider than the image, every
+    coordinate a border one with zero padding; wrapped more than once with circular padding)."""
+    x, train = make_case(batch=3, rows=7, channels=2, height=7, width=6, sigma=sigma)
+    check_els_path(path, x, train, sigma, patch, padding)
+
+
+@pytest.mark.parametrize("path", ELS_PATHS)
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_cpu_els_paths_uint8_training_set_and_per_sample_sigma(path, padding):
+    sigma = torch.tensor([0.001, 0.3, 2.0, 50.0], dtype=torch.float64)
+    x, train = make_case(batch=4, rows=9, channels=3, height=7, width=5, sigma=sigma, train_dtype=torch.uint8)
+    check_els_path(path, x, train, sigma, 3, padding)
+
+
+@pytest.mark.parametrize("path", ELS_PATHS)
+@pytest.mark.parametrize("sigma", [0.001, 0.5, 20.0])
+def test_cpu_els_paths_far_queries_many_near_ties(path, sigma):
+    """Pure-noise queries: many keys lie close to the best one; the box path meets new best
+    distances shift by shift and rescales its state each time."""
+    gen = torch.Generator().manual_seed(3)
+    train = torch.rand(11, 1, 7, 7, generator=gen) * 2 - 1
+    x = torch.randn(2, 1, 7, 7, generator=gen) * 2
+    check_els_path(path, x, train, sigma, 3, "circular")
+    check_els_path(path, x, train, sigma, 3, "zeros")
+
+
+def test_cpu_els_box_path_identities():
+    """P = 1: the empirical denoiser of all training pixels; P = H = W, circular: the empirical
+    denoiser of every translation of the training set."""
+    x, train = make_case(batch=2, rows=4, channels=2, height=5, width=5, sigma=0.5)
+    sigma = torch.tensor([0.1, 2.0], dtype=torch.float64)
+    for padding in ("zeros", "circular"):
+        out = run_els_path("box", x, train, sigma, 1, padding)
+        expected, _ = empirical_denoise_ref(_pixels(x), _pixels(train), sigma.repeat_interleave(25))
+        assert float((_pixels(out).double() - expected).abs().max()) <= ABS_TOL
+    out = run_els_path("box", x, train, sigma, 5, "circular")
+    translated = torch.cat([torch.roll(train, (a, b), (2, 3)) for a in range(5) for b in range(5)])
+    expected, _ = empirical_denoise_ref(x, translated, sigma)
+    assert float((out.double() - expected).abs().max()) <= ABS_TOL
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_cpu_els_box_path_same_bits_any_threads_batch_and_partial_chunks(padding):
+    """21 images in tiles of 5 (every 16-image chunk partial): the same bits with 1 or 2 threads
+    and for one image alone, and within the tolerance of the reference."""
+    x, train = make_case(batch=3, rows=21, channels=2, height=6, width=7, sigma=0.4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_els_path("box", x, train, 0.4, 3, padding, tile_rows=5)
+        torch.set_num_threads(1)
+        one = run_els_path("box", x, train, 0.4, 3, padding, tile_rows=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one[2:], run_els_path("box", x[2:], train, 0.4, 3, padding, tile_rows=5))
+    check_els_path("box", x, train, 0.4, 3, padding, tile_rows=5)
+
+
+def test_els_dispatch_rule():
+    """The cost model counts the keys of the dictionaries (key_ranges) and the direct path's
+    3 C P^2 operations per pair; the op returns the bits of the path it picks."""
+    for height, width, patch, padding in [(8, 8, 3, "zeros"), (7, 6, 5, "zeros"), (5, 9, 3, "circular")]:
+        counts = ld_cpu.els_operation_counts(height, width, 2, patch, padding)
+        row_lo, row_hi = ld_cpu.key_ranges(height, patch, padding)
+        col_lo, col_hi = ld_cpu.key_ranges(width, patch, padding)
+        keys = int((row_hi - row_lo).sum()) * int((col_hi - col_lo).sum())
+        assert counts["pairs"] == keys and counts["direct"] == 3 * 2 * patch * patch * keys
+    x, train = make_case(batch=2, rows=6, channels=1, height=6, width=6, sigma=0.5)
+    for patch in (1, 3):
+        path = "box" if ld_cpu.els_uses_box(6, 6, 1, patch, "zeros") else "direct"
+        out = local_denoise(x, train, 0.5, kind="els", patch_size=patch, backend="cpu")
+        assert torch.equal(out, run_els_path(path, x, train, 0.5, patch, "zeros"))

@@ -224,7 +224,9 @@ def _run_cpu(x, train, sigma64, kind, patch, padding, mask):
     xf = x.to(torch.float32).contiguous()
     if train.dtype not in (torch.float32, torch.uint8):
         train = train.to(torch.float32)
-    if kind == "els":
+    if kind == "els":  # shifted box sums where they take fewer operations than direct distances
+        if _cpu.els_uses_box(x.shape[2], x.shape[3], x.shape[1], patch, padding):
+            return _cpu.run_box(xf, train, sigma64, kind, patch, padding)
         return _cpu.run_els(xf, train, sigma64, patch, padding)
     if kind in ("ls", "pspc"):  # unit-weight square supports: box sums (cost independent of P)
         return _cpu.run_box(xf, train, sigma64, kind, patch, padding)

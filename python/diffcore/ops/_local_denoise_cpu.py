@@ -8,6 +8,7 @@ tile). The key tensor [N, H, W, C P P] is never formed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -212,11 +213,12 @@ def run_box(
     padding: str,
     tile_rows: int | None = None,
 ) -> torch.Tensor:
-    """LS (zero or circular padding) and PSPC by separable box sums of the per-pixel squared
-    differences (csrc/local_denoise/local_denoise.cpp, "Box-sum path"): x [B, C, H, W] float32,
-    train [N, C, H, W] float32 or uint8 -> x0_hat [B, C, H, W] float32.
+    """LS and ELS (zero or circular padding) and PSPC by separable box sums of the per-pixel squared
+    differences (csrc/local_denoise/local_denoise.cpp, "Box-sum path" and "ELS by shifted box sums"):
+    x [B, C, H, W] float32, train [N, C, H, W] float32 or uint8 -> x0_hat [B, C, H, W] float32.
 
-    LS streams its log-sum-exp state over the tiles. PSPC needs each square's total over the whole
+    LS and ELS stream their log-sum-exp state over the tiles (ELS: the squared differences to the
+    training image shifted by each allowed key offset, box-summed). PSPC needs each square's total over the whole
     set before its normalized weights can be summed per pixel: with one tile one pass does both
     (stage "single"); otherwise a first pass over the tiles gets every square's (dmin, total) and a
     second adds each tile's normalized, per-pixel aggregated weighted sums (stages "totals", "means").
@@ -228,8 +230,10 @@ def run_box(
     inv2s2 = (0.5 / sigma64.square()).contiguous()
     rows = train.shape[0]
     tile = tile_rows or tile_images(4 * channels * pixels, rows, SAME_LOCATION_TILE_BYTES, 64)
+    if not tile_rows and BOX_LANES <= tile < rows:  # several tiles: whole 16-image chunks but in the last
+        tile = tile // BOX_LANES * BOX_LANES
     starts = list(range(0, rows, tile))
-    windows = pixels if kind == "ls" else (height - patch + 1) * (width - patch + 1)
+    windows = (height - patch + 1) * (width - patch + 1) if kind == "pspc" else pixels
     state = _State.create(batch * windows, (batch, pixels, channels))
     common = {
         "x_ptr": xf.data_ptr(),
@@ -246,10 +250,16 @@ def run_box(
 
     def run_tile(start: int, **extra) -> None:
         y = chunk_major(train[start : start + tile])
-        kernel = extension().local_denoise_box_ls_tile if kind == "ls" else extension().local_denoise_box_pspc_tile
-        kernel(y_ptr=y.data_ptr(), tile=y.shape[0] * BOX_LANES, valid=min(tile, rows - start), **common, **extra)
+        ext = extension()
+        kernel = {
+            "ls": ext.local_denoise_box_ls_tile,
+            "els": ext.local_denoise_box_els_tile,
+            "pspc": ext.local_denoise_box_pspc_tile,
+        }[kind]
+        sizes = {"y_ptr": y.data_ptr(), "tile": y.shape[0] * BOX_LANES, "valid": min(tile, rows - start)}
+        kernel(**sizes, **common, **extra)  # type: ignore[operator]  # the three share these keywords
 
-    if kind == "ls":
+    if kind in ("ls", "els"):
         for start in starts:
             run_tile(start, circular=padding == "circular")
         return (state.acc / state.total.reshape(batch, pixels, 1)).permute(0, 2, 1).reshape(x.shape).float()
@@ -258,6 +268,65 @@ def run_box(
             run_tile(start, stage=stage)
     means = state.acc / pspc_counts(height, width, patch).reshape(1, pixels, 1)
     return means.permute(0, 2, 1).reshape(x.shape).float()
+
+
+# The dispatch rule's cost model of ELS on the CPU, ns per (query pixel, key) pair and per counted
+# float64 operation (els_operation_counts), fitted to one-thread CPU times of both paths at 8 x 8
+# (C = 1, P = 1..9) and 3 x 32 x 32 (P = 1, 3, 9) on 2026-12-06 (docs/local_denoise.md, "CPU
+# algorithm"): the direct path's per-pair work (a distance buffer, block_weights' two passes) costs
+# more than the box path's, whose counted operations (grids in memory) cost more each.
+ELS_DIRECT_NS = (3.6, 0.054)  # (per pair, per operation)
+ELS_BOX_NS = (1.7, 0.10)
+
+
+def window_adds(size: int, left: int, count: int, patch: int) -> int:
+    """Additions of one axis's window sums (the C++ window_axis: direct sums, or van Herk /
+    Gil-Werman's 2 size + count where fewer): windows [j - left, j - left + patch) n [0, size)."""
+    direct = sum(max(0, min(size, j - left + patch) - max(0, j - left) - 1) for j in range(count))
+    return min(direct, 2 * size + count)
+
+
+def els_shift_ranges(size: int, patch: int, padding: str) -> list[tuple[int, int, int]]:
+    """Per key shift along an axis (the C++ shift_ranges): (output coordinates, e_s coordinates,
+    window-sum additions per line). Circular: every shift, every coordinate; zeros: shift 0 for
+    every coordinate, s != 0 for the interior coordinates i with i + s interior."""
+    r = patch // 2
+    if padding == "circular":
+        return [(size, size, window_adds(size + 2 * r, 0, size, patch))] * size
+    interior = size - 2 * r
+    ranges = [(size, size, window_adds(size, r, size, patch))]
+    for s in range(1, max(0, interior - 1) + 1):
+        count = interior - s
+        ranges += [(count, count + 2 * r, window_adds(count + 2 * r, 0, count, patch))] * 2
+    return ranges
+
+
+def els_operation_counts(height: int, width: int, channels: int, patch: int, padding: str) -> dict[str, float]:
+    """Float64 operations of the distances of ELS per (query image, training image) on the two CPU
+    paths: ``pairs`` (query pixel, key) pairs; ``direct`` = pairs x 3 C P^2 (per distance term: widen,
+    subtract, multiply-add); ``box`` = per shift 3 C per pixel of e_s plus the window sums' additions.
+    ``direct_ns``, ``box_ns``: the predicted times (ELS_DIRECT_NS, ELS_BOX_NS)."""
+    rows, cols = els_shift_ranges(height, patch, padding), els_shift_ranges(width, patch, padding)
+    pairs = sum(r[0] for r in rows) * sum(c[0] for c in cols)
+    box = 0.0
+    for _out_rows, in_rows, row_adds in rows:
+        for out_cols, in_cols, col_adds in cols:
+            box += 3 * channels * in_rows * in_cols + in_rows * col_adds + out_cols * row_adds
+    direct = 3.0 * channels * patch * patch * pairs
+    return {
+        "pairs": float(pairs),
+        "direct": direct,
+        "box": box,
+        "direct_ns": ELS_DIRECT_NS[0] * pairs + ELS_DIRECT_NS[1] * direct,
+        "box_ns": ELS_BOX_NS[0] * pairs + ELS_BOX_NS[1] * box,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def els_uses_box(height: int, width: int, channels: int, patch: int, padding: str) -> bool:
+    """The dispatch rule of ELS on the CPU: shifted box sums where the cost model predicts less time."""
+    counts = els_operation_counts(height, width, channels, patch, padding)
+    return counts["box_ns"] < counts["direct_ns"]
 
 
 def pspc_counts(height: int, width: int, patch: int) -> torch.Tensor:
