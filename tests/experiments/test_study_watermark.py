@@ -117,24 +117,34 @@ def test_mixture_denoiser_is_tweedie():
         assert torch.allclose(model(x.detach(), sigma), expected, rtol=1e-10, atol=1e-10)
 
 
+def _small_analysis(preset: str, images: int, **changes) -> study.WatermarkConfig:
+    """The preset with a test-sized analysis: ``images`` marked images and as many negatives, the
+    unattacked images only, 2 grid images, 3 reference keys, no wrong keys, no p-value; then
+    ``changes``."""
+    analysis = dict(
+        num_images=images,
+        num_negatives=images,
+        attacks=("none",),
+        grid_images=2,
+        rank_references=3,
+        wrong_keys=0,
+        p_value=False,
+    )
+    return dataclasses.replace(study.PRESETS[preset](), **{**analysis, **changes})
+
+
 @pytest.mark.slow
 def test_unet_path_trains_and_runs(tmp_path):
     """model=unet: a few training steps through diffcore.train (resumable unit), then the study."""
-    config = dataclasses.replace(
-        study.PRESETS["tiny"](),
+    config = _small_analysis(
+        "tiny",
+        2,
         model="unet",
         width=8,
         train_steps=2,
         batch_size=8,
         sampler_steps=2,
-        num_images=2,
-        num_negatives=2,
-        attacks=("none",),
         nullspace_images=0,
-        grid_images=2,
-        rank_references=3,
-        wrong_keys=0,
-        p_value=False,
         sweep_times=(),
     )
     results = study.run(config, tmp_path / "out", progress=False)
@@ -150,19 +160,17 @@ def test_diffusers_path_runs(tmp_path):
     folder = tmp_path / "model"
     tiny_diffusers_unet(sample_size=16).save_pretrained(folder, safe_serialization=True)
     diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder)
-    config = dataclasses.replace(
-        study.PRESETS["paper"](),
+    config = _small_analysis(
+        "paper",
+        2,
         model_dir=str(folder),
         sampler_steps=3,
-        num_images=2,
-        num_negatives=2,
         sample_batch=4,
         attacks=("none", "jpeg"),
         nullspace_images=1,
         nullspace_k=1,
-        grid_images=2,
-        rank_references=3,
         wrong_keys=2,
+        p_value=True,
         channel=2,
     )
     results = study.run(config, tmp_path / "out", progress=False)
@@ -212,22 +220,18 @@ def test_molrg_shallow_key_is_more_consistent(tmp_path):
     """The quick preset's claim on a small scaled MoLRG (16x16, 4 subspaces of dimension 6): the key
     written at 0.3 T changes the image less than the same key written into x_T, never changes its
     class, and the Jacobian at the shallow state has the subspace's rank; both are detected."""
-    config = dataclasses.replace(
-        study.PRESETS["quick"](),
+    config = _small_analysis(
+        "quick",
+        8,
         resolution=16,
         radius_fraction=0.2,
         components=4,
         latent_dim=6,
         sampler_steps=12,
-        num_images=8,
-        num_negatives=8,
-        attacks=("none",),
         nullspace_images=2,
         nullspace_k=10,
         grid_images=4,
         rank_references=9,
-        wrong_keys=0,
-        p_value=False,
     )
     results = study.run(config, tmp_path / "out", progress=False)
     cons = results["consistency"]

@@ -1025,6 +1025,8 @@ def plot_metrics(results: dict, path) -> Path:
 
 
 def plot_cpc(results: dict, path) -> Path:
+    from diffcore.experiments.plotting import finish
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     for key, spectrum in sorted(results["gaussian_spectra_class0"].items(), key=lambda kv: -float(kv[0])):
@@ -1059,16 +1061,15 @@ def plot_cpc(results: dict, path) -> Path:
     axes[2].set_ylabel("subspace overlap (mean cos^2)")
     axes[2].set_title("top-k right singular vectors of J_c - J_u vs Gaussian CPCs (95% bands)", fontsize=9)
     axes[2].legend(fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, axes, legend_fontsize=None)
 
 
 def plot_transition(results: dict, path) -> Path:
     """Left: relative distance of the net to the Gaussian (solid) and to the empirical denoiser
     (dashed) per denoiser; middle: their ratio (below 1: closer to the linear model); right: the
     cosine of the two guidance directions. Bands: bootstrap 95% intervals over the probes."""
+    from diffcore.experiments.plotting import finish
+
     plt = _pyplot()
     rows = results["transition"]
     sigmas = [r["sigma"] for r in rows]
@@ -1103,12 +1104,11 @@ def plot_transition(results: dict, path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     axes[1].legend(fontsize=7)
-    fig.suptitle(
-        "the trained conditional model against the linear (Gaussian) and the memorizing (empirical) denoisers",
-        fontsize=9,
+    return finish(
+        fig,
+        path,
+        suptitle="the trained conditional model against the linear (Gaussian) and the memorizing (empirical) denoisers",
     )
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -1076,6 +1076,8 @@ def plot_tau(results: dict, path) -> Path:
 
 def plot_lr(results: dict, path) -> Path:
     """Memorized fraction (Wilson bars) and Frechet distance at the budget against the learning rate."""
+    from diffcore.experiments.plotting import finish
+
     plt = _plt()
     rows = results["lr_sweep"]
     c = results["config"]
@@ -1096,12 +1098,12 @@ def plot_lr(results: dict, path) -> Path:
         a.set_xscale("log")
         a.set_xlabel(f"learning rate ({c.get('lr_sweep_optimizer', 'adam')})")
         a.grid(alpha=0.3)
-    fig.suptitle(
-        f"width {c['lr_sweep_width']}, n = {c['lr_sweep_n']}, {c['train_steps']} steps, seeds {c['train_seeds']}",
-        fontsize=9,
+    return finish(
+        fig,
+        path,
+        suptitle=f"width {c['lr_sweep_width']}, n = {c['lr_sweep_n']}, {c['train_steps']} steps, "
+        f"seeds {c['train_seeds']}",
     )
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
 
 
 def plot_losses(results: dict, path) -> Path:

@@ -795,7 +795,7 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
     the model's relative distance to the Gaussian (solid) and to the empirical denoiser (dashed),
     and theirs to each other (dotted); :func:`effect_properties`' sigma band shaded and its
     high-sigma tolerance drawn."""
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     probes = (("_train", "noisy training images"), ("", "noisy pool images (all digits)"))
     models = results["models"]
@@ -838,13 +838,12 @@ def plot_distances(results: dict, path, high_sigma: float = 5.0, mid=(0.1, 2.0),
                 ax.set_ylabel("|D - D_ref| / |D_ref|")
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle(
-        "relative distance of each model to the Gaussian and the empirical denoiser of its N images\n"
+    return finish(
+        fig,
+        path,
+        suptitle="relative distance of each model to the Gaussian and the empirical denoiser of its N images\n"
         "(bands: 95% bootstrap intervals over the probe inputs)",
-        fontsize=9,
     )
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
 
 
 def _band(ax, pts: list[dict], key: str, color) -> None:
@@ -1035,7 +1034,7 @@ def capacity(results: dict) -> dict:
 
 
 def plot_capacity(results: dict, path) -> Path:
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     cap = results["capacity"]
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
@@ -1054,14 +1053,11 @@ def plot_capacity(results: dict, path) -> Path:
         "intervals over the probe inputs)",
         fontsize=8,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, [ax])
 
 
 def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, logy: bool = False) -> Path:
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.4), squeeze=False)
     labels = [m["model"] for m in results["models"]]
@@ -1089,10 +1085,7 @@ def plot_curves(results: dict, keys, titles, ylabel: str, path, dashed=None, log
         ax.set_xlabel("sigma")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, axes[0], legend_fontsize=6)
 
 
 # One intra-op thread on the CPU: the digits UNets are small, and on a busy 2-core machine a

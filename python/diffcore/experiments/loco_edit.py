@@ -1183,7 +1183,7 @@ def summarize_controls(units: list[dict], c: LocoEditConfig) -> dict:
 def plot_controls(results: dict, path) -> Path:
     """Inside fraction per mask and direction at the edit time (median, 95 % bootstrap interval,
     chance level), and against the edit time: inside fraction, Jacobian rank fraction, linearity."""
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     ctl = results["controls"]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
@@ -1229,10 +1229,7 @@ def plot_controls(results: dict, path) -> Path:
     for ax, title in zip(axes[1:], ("locality against edit time", "Jacobian rank", "linearity (0 = linear)")):
         ax.set_xlabel("edit time t / T")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, axes[1:])
 
 
 # ----------------------------------------------------------------------------- figures
@@ -1328,7 +1325,7 @@ def plot_transfer(edits: torch.Tensor, tensors: list[dict], results: dict, path)
 
 def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     """Singular values at the edit time; locality with and without the projection; linearity."""
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
@@ -1368,10 +1365,7 @@ def plot_spectrum(tensors: list[dict], results: dict, path) -> Path:
     ax.set_xlabel("strength |s|")
     ax.set_title("linearity (1 = linear)", fontsize=9)
     ax.legend(fontsize=7)
-    for a in axes:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, axes, legend_fontsize=None)
 
 
 # ----------------------------------------------------------------------------- entry points

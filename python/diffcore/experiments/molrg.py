@@ -580,7 +580,7 @@ def effect_properties(results: dict) -> dict[str, dict]:
 def plot_phase_transition(results: dict, path) -> Path:
     """Each measure against the smallest class's sample count over d (the theory's per-class
     condition), one curve per d, bars the 95% intervals across data draws."""
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     summary = results["summary"]
     dims = sorted({e["d"] for e in summary})
@@ -617,20 +617,18 @@ def plot_phase_transition(results: dict, path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("smallest class's count / d")
         ax.set_title(title, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     draws = max(e["draws"] for e in summary)
-    fig.suptitle(
-        f"MoLRG (K={results['config']['num_components']}, n={results['config']['ambient_dim']}); "
+    return finish(
+        fig,
+        path,
+        axes[0],
+        suptitle=f"MoLRG (K={results['config']['num_components']}, n={results['config']['ambient_dim']}); "
         f"bars: 95% intervals across {draws} data draw(s); dotted: count = d",
-        fontsize=9,
     )
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
 
 
 def plot_rank(rank: dict, path) -> Path:
-    from diffcore.experiments.plotting import plt  # the Agg backend, set in one place
+    from diffcore.experiments.plotting import finish, plt  # the Agg backend, set in one place
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, values in rank["curves"].items():
@@ -639,10 +637,7 @@ def plot_rank(rank: dict, path) -> Path:
     ax.set_xlabel("sigma")
     ax.set_ylabel("numerical rank of dD/dx (mean)")
     ax.set_title(f"Jacobian rank along the sampling trajectory (d={rank['d']})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, [ax])
 
 
 # CPU only: the models are tiny.

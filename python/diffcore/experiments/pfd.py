@@ -582,6 +582,8 @@ def _pyplot():
 def plot_vs_n(results: dict, path) -> Path:
     """E_gen (solid) and E_mem (dashed) per student width against N and against N / sqrt(|theta|),
     bands the 95% intervals, and the bias-variance split of E_gen^2 against N."""
+    from diffcore.experiments.plotting import finish
+
     plt = _pyplot()
     s, c = results["summary"], results["config"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -615,16 +617,17 @@ def plot_vs_n(results: dict, path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=5)
     axes[0].set_ylabel(f"PFD ({c['normalize']})")
-    fig.suptitle(
-        f"{c['teacher']} teacher (n={c['ambient_dim']}, d={c['latent_dim']}), MLP students of depth "
+    return finish(
+        fig,
+        path,
+        suptitle=f"{c['teacher']} teacher (n={c['ambient_dim']}, d={c['latent_dim']}), MLP students of depth "
         f"{c['mlp_depth']}; bands: 95% intervals ({first['e_gen_method']})",
-        fontsize=9,
     )
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
 
 
 def plot_vs_time(results: dict, path) -> Path:
+    from diffcore.experiments.plotting import finish
+
     plt = _pyplot()
     pts = [p for p in results["curve"] if p["step"] > 0]
     steps = [p["step"] for p in pts]
@@ -647,10 +650,7 @@ def plot_vs_time(results: dict, path) -> Path:
         f"N={results['config']['curve_size']}\n(bands: 95% bootstrap intervals over the noises)",
         fontsize=8,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, [ax])
 
 
 # CPU only: the students are tiny MLPs.

@@ -20,6 +20,27 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
+def finish(
+    fig,
+    path: str | Path,
+    axes: Sequence = (),
+    legend_fontsize: float | None = 7,
+    suptitle: str | None = None,
+    suptitle_fontsize: float = 9,
+) -> Path:
+    """End a line figure: a light grid (alpha 0.3) and, unless ``legend_fontsize`` is None, a legend
+    on each of ``axes``; the figure title ``suptitle`` if given; tight layout; atomic save to
+    ``path`` (:func:`base.atomic_save_figure`)."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if legend_fontsize is not None:
+            ax.legend(fontsize=legend_fontsize)
+    if suptitle is not None:
+        fig.suptitle(suptitle, fontsize=suptitle_fontsize)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path)
+
+
 def mosaic(rows: Sequence[torch.Tensor], pad: int = 1, fill: float = 1.0) -> torch.Tensor:
     """Tile image rows ``[K, C, H, W]`` (one tensor per row, K may differ) into one image
     ``[C, R * (H + pad) - pad, Kmax * (W + pad) - pad]`` in [0, 1]."""

@@ -981,6 +981,7 @@ def _pyplot():
 
 def plot_roc(detection: list, path) -> Path:
     """ROC curves (L1 distance score) per attack, both methods in each panel."""
+    from diffcore.experiments.plotting import finish
     from diffcore.metrics import watermark as mw
 
     plt = _pyplot()
@@ -1009,13 +1010,12 @@ def plot_roc(detection: list, path) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(attacks) :]:
         ax.axis("off")
-    fig.suptitle(
-        "Detection ROC (mean L1 key distance after ODE inversion); shallow = key at 0.3 T, "
+    return finish(
+        fig,
+        path,
+        suptitle="Detection ROC (mean L1 key distance after ODE inversion); shallow = key at 0.3 T, "
         "xT = key in the initial noise",
-        fontsize=9,
     )
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
 
 
 def plot_images(samples: dict, k: int, path, m: _Model) -> Path:
@@ -1079,6 +1079,8 @@ def plot_sweep(results: dict, path) -> Path:
     """Against the injection time (x_T at t = 1): SSIM to the unmarked twin (mean and 5th
     percentile), AUC per attack, the key's null-space fraction and the Jacobian's rank share; each
     with its 95 % bootstrap interval."""
+    from diffcore.experiments.plotting import finish
+
     plt = _pyplot()
     sweep = results["sweep"]
     times = [e["time"] for e in sweep]
@@ -1111,10 +1113,7 @@ def plot_sweep(results: dict, path) -> Path:
     for ax, title in zip(axes, ("consistency", "detection", "Jacobian at the injection state")):
         ax.set_xlabel("injection time t / T (x_T: 1)")
         ax.set_title(f"{title} ({results['model']['kind']})", fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return base.atomic_save_figure(fig, path)
+    return finish(fig, path, axes)
 
 
 # No hooks: the tiny preset runs the closed-form Gaussian denoiser instead of stand-ins.
