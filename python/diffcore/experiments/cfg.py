@@ -1,4 +1,4 @@
-"""Mechanisms of classifier-free guidance, linear and nonlinear (docs/papers.md section 8, issue 15).
+"""Mechanisms of classifier-free guidance, linear and nonlinear (docs/papers.md section 8).
 
 One class-conditional DDPM++ is trained with label dropout (``diffcore.train``: ``label_dropout``,
 the all-zero null label), so it is both the conditional denoiser ``D_c`` (one-hot label) and the

@@ -1,4 +1,4 @@
-"""When training starts to memorize (``diffcore run dynamics``, issue 31; docs/papers.md section 12).
+"""When training starts to memorize (``diffcore run dynamics``; docs/papers.md section 12).
 
 Two results about training time, measured on small data:
 

@@ -1,4 +1,4 @@
-"""Hidden Gaussian structure of trained denoisers (docs/papers.md section 3, issue 8).
+"""Hidden Gaussian structure of trained denoisers (docs/papers.md section 3).
 
 For UNets trained on nested subsets of N images (trained here through ``diffcore.train``, or reused
 from a finished reproducibility study with ``models_from``), on EDM's 40-level sigma grid:
@@ -82,7 +82,7 @@ class HiddenGaussianConfig:
     sample_seed_start: int = 100000
     sampler_steps: int = 18
     grid_samples: int = 8
-    # training time (issue 27): the distances on noisy training images at this many log-spaced
+    # training time: the distances on noisy training images at this many log-spaced
     # checkpoints of every model trained here, from first_checkpoint to train_steps (0: none; with
     # models_from not measured, and results.json says so in training_time_skipped)
     time_checkpoints: int = 0
@@ -176,12 +176,12 @@ def _quick() -> HiddenGaussianConfig:
     """Two UNets trained here, minutes on a 2-core CPU (docs/studies.md): the main job's quick
     recipe (the light UNet at width 16, 1000 steps at batch 32, lr 1e-3) at N = 16 (memorizes) and
     N = 1797 (all digits, generalizes), trained by plain EDM denoising score matching (the clean
-    image as the target), with the noise levels covering the measured grid (issue 27): half of them
+    image as the target), with the noise levels covering the measured grid: half of them
     EDM's ln sigma ~ N(-1.2, 1.2^2), half log-uniform over [sigma_min, sigma_max] = [0.002, 80]
     (EDM's alone puts 1% of its draws above sigma 5, none near 80). Fixed before looking at the
     outcome. Each model keeps 10 log-spaced checkpoints (steps 1 .. 1000) where the distances on
-    noisy training images are measured again (training time, issue 27; fixed before looking).
-    :func:`_empirical_target` is issue 19's recipe at the same budget, kept as an option.
+    noisy training images are measured again (training time; fixed before looking).
+    :func:`_empirical_target` is the earlier recipe at the same budget, kept as an option.
     ``--set models_from=runs/quick`` measures the main job's models instead (widths 8 and 16)."""
     return HiddenGaussianConfig(
         model_preset="ddpmpp-digits-light",
@@ -202,7 +202,7 @@ def _empirical_target() -> HiddenGaussianConfig:
     training noise levels ln sigma ~ N(1.0, 2.0^2) and, at sigma >= 2, the empirical denoiser of the
     training set as the regression target (diffcore.train.loss.EDMLoss, target "empirical": same
     optimum, lower-variance target). It was chosen among about 20 variants by looking at whether the
-    directions held (issue 27), so it is no evidence on its own; docs/studies.md reports it beside
+    directions held, so it is no evidence on its own; docs/studies.md reports it beside
     the quick preset."""
     return dataclasses.replace(
         _quick(),
@@ -396,7 +396,7 @@ def _extreme(rows: list[dict], key: str, worst) -> dict | None:
 def effect_properties(
     results: dict, high_sigma: float = 5.0, mid=(0.1, 2.0), tolerance: float = 0.05
 ) -> dict[str, dict]:
-    """What the study's figure must show (issue 19), each decided on 95% bootstrap intervals over
+    """What the study's figure must show, each decided on 95% bootstrap intervals over
     the probe inputs and recorded as ``{"holds": bool, ...}`` with the deciding row's intervals
     (:func:`diffcore.metrics.intervals.claim`), from the distances on noisy training images
     (``dist_*_train``: each model's denoiser on the inputs it was trained on, against the Gaussian
@@ -559,9 +559,9 @@ class _Study:
             "num_samples": c.num_samples,
             "sample_seed_start": c.sample_seed_start,
             "sampler_steps": c.sampler_steps,
-            "probes": ["pool", "train"],  # distances on noisy pool and training images (issue 19)
+            "probes": ["pool", "train"],  # distances on noisy pool and training images
             "intervals": "bootstrap over probes; distillation control",
-        }  # issue 27
+        }
 
         def produce(tmp: Path, work: Path):
             train_images, _ = self.hooks.subset(pool, model.n, c.subset_seed)

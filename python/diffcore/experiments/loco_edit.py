@@ -1,5 +1,5 @@
 """LOCO Edit: local, training-free image editing along low-rank Jacobian directions (docs/papers.md
-section 5, issue 13), on any denoiser (no diffusers needed except to read a diffusers model folder).
+section 5), on any denoiser (no diffusers needed except to read a diffusers model folder).
 
 Per image (a dataset image inverted to the edit time, a generated sample stopped there, or an image
 file): the Jacobian's numerical rank at the edit time (whole image and inside the mask), the top

@@ -1,4 +1,4 @@
-"""Reproducibility and generalization against training-set size (docs/papers.md section 1, issue 7).
+"""Reproducibility and generalization against training-set size (docs/papers.md section 1).
 
 For each width, each nested subset size N and each training seed: train a model (or reuse the
 finished one), sample the same seeds with the deterministic sampler, and measure
@@ -197,7 +197,7 @@ def _quick() -> ReproducibilityConfig:
 
 
 def _seeds() -> ReproducibilityConfig:
-    """The quick preset with three training seeds per (width, N) (issue 27): same-width RP between
+    """The quick preset with three training seeds per (width, N): same-width RP between
     seeds beside RP across widths, and seeds-t intervals across the seeds on every curve. The
     models of one width and seed train as one stacked ensemble, as in the quick preset, so the
     training costs three times the quick preset's (not timed on a quiet machine yet)."""
@@ -247,7 +247,7 @@ def _tiny() -> ReproducibilityConfig:
 
 
 def _disjoint() -> ReproducibilityConfig:
-    """Strong generalization (Kadkhodaie et al., ICLR 2024; issue 27), fixed before looking: the
+    """Strong generalization (Kadkhodaie et al., ICLR 2024), fixed before looking: the
     quick preset's recipe (light UNet, 1000 steps at batch 32, lr 1e-3, EDM's noise levels) at its
     wider width 16, per N two models on the first N images of two non-overlapping halves of the
     digits (:func:`disjoint_halves`; near-duplicates, RMS pixel difference below 0.1, removed), N =
@@ -1275,7 +1275,7 @@ def plot_strong_generalization(results: dict, path: Path) -> Path:
 def figure_properties(results: dict) -> dict[str, dict]:
     """The properties of the seed's Figure 1 that ``results`` (of ``results.json``) must show,
     each decided on 95% intervals and recorded as ``{"holds": bool, ...the intervals behind it}``
-    (:func:`diffcore.metrics.intervals.claim`). The bounds were fixed in issue 19, before intervals:
+    (:func:`diffcore.metrics.intervals.claim`). The bounds were fixed before intervals existed:
 
     - ``memorizes_at_smallest_n``: at every width, at the smallest N, GL's interval lies below 0.1
       and the memorized fraction's above 0.9;

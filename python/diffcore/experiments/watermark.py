@@ -1,4 +1,4 @@
-"""Shallow Diffuse watermarks against the Tree-Ring x_T baseline (docs/papers.md section 6, issue 14).
+"""Shallow Diffuse watermarks against the Tree-Ring x_T baseline (docs/papers.md section 6).
 
 One model, one key, one set of seeds, one set of attacks, two places to write the key:
 

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# The [B] sigma tensors of recent grids on the CPU, shared between trajectories (issue 34: building
+# The [B] sigma tensors of recent grids on the CPU, shared between trajectories (building
 # 50 of them costs about 60 us, 1.2 us a step at 16x3x32x32, as much as the rest of the loop's
 # Python). Key: (grid values, B, dtype); value: (table [n, B], its rows, the table's version). The
 # rows are views of the table and share its version counter, so an in-place write by a denoiser into
