@@ -52,10 +52,12 @@ def distill_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
 
     The same bits on every call, whatever torch's thread count: the fit is a QR factorization
     without pivoting (LAPACK ``gels``; the design ``[x, 1]`` [M, n + 1] must have full column rank,
-    as noisy inputs with M > n + 1 have) on one intra-op thread. The default CPU driver ``gelsy``
-    (pivoted QR) gives different last bits on repeated calls on the same inputs with MKL, and
-    LAPACK's blocked factorizations add partial results in an order that depends on the thread
-    count once the matrix is large."""
+    as noisy inputs with M > n + 1 have) on one intra-op thread. Torch's default CPU driver
+    ``gelsy`` (QR with column pivoting) hands LAPACK an uninitialized pivot array, whose nonzero
+    entries LAPACK reads as columns to keep in front: the pivot order, and so the last bits, change
+    from call to call on the same inputs. And the blocked factorization adds partial results in an
+    order that depends on the thread count once the matrix is large (hundreds of columns). One
+    thread costs time at the paper preset's size (12 800 x 3073 per fit) where many cores are free."""
     with _env.torch_threads(1):
         xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
         design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
