@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from diffcore import _env
+
 # The weights of the linear combination of the linearity score (unit norm: a^2 + b^2 = 1).
 A = B = 1.0 / math.sqrt(2.0)
 
@@ -46,11 +48,21 @@ def relative_distance(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def distill_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Least-squares affine map ``y ~ W x + b`` for ``x, y`` [M, ...] (float64): ``(W [n, n], b [n], R^2)``."""
-    xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
-    design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
-    coef = torch.linalg.lstsq(design, yf).solution  # [n + 1, n]
-    w, b = coef[:-1].T, coef[-1]
-    resid = yf - design @ coef
-    r2 = 1.0 - float(resid.square().sum() / (yf - yf.mean(0)).square().sum().clamp_min(1e-30))
+    """Least-squares affine map ``y ~ W x + b`` for ``x, y`` [M, ...] (float64): ``(W [n, n], b [n], R^2)``.
+
+    The same bits on every call, whatever torch's thread count: the fit is a QR factorization
+    without pivoting (LAPACK ``gels``; the design ``[x, 1]`` [M, n + 1] must have full column rank,
+    as noisy inputs with M > n + 1 have) on one intra-op thread. Torch's default CPU driver
+    ``gelsy`` (QR with column pivoting) hands LAPACK an uninitialized pivot array, whose nonzero
+    entries LAPACK reads as columns to keep in front: the pivot order, and so the last bits, change
+    from call to call on the same inputs. And the blocked factorization adds partial results in an
+    order that depends on the thread count once the matrix is large (hundreds of columns). One
+    thread costs time at the paper preset's size (12 800 x 3073 per fit) where many cores are free."""
+    with _env.torch_threads(1):
+        xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
+        design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
+        coef = torch.linalg.lstsq(design, yf, driver="gels").solution  # [n + 1, n]
+        w, b = coef[:-1].T, coef[-1]
+        resid = yf - design @ coef
+        r2 = 1.0 - float(resid.square().sum() / (yf - yf.mean(0)).square().sum().clamp_min(1e-30))
     return w, b, r2
