@@ -60,7 +60,7 @@ def distill_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     thread costs time at the paper preset's size (12 800 x 3073 per fit) where many cores are free."""
     with _env.torch_threads(1):
         xf, yf = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
-        design = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=torch.float64)], dim=1)
+        design = torch.cat([xf, xf.new_ones(xf.shape[0], 1)], dim=1)
         coef = torch.linalg.lstsq(design, yf, driver="gels").solution  # [n + 1, n]
         w, b = coef[:-1].T, coef[-1]
         resid = yf - design @ coef
