@@ -637,8 +637,6 @@ BoxTile box_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int6
                  reinterpret_cast<double*>(acc_ptr)};
 }
 
-// Step (1) for one query image xb [C, H*W]: dist [chunks, windows, kBoxLanes] and each window's
-// minimum over the tile's real images (dmin_tile [windows]); the padding images get +inf.
 // The distances of every window to the images of one chunk: d [windows, kBoxLanes], +inf for the
 // padding images.
 void chunk_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, int64_t chunk, double* d) {
@@ -667,14 +665,23 @@ void chunk_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScr
           }
         }
       }
+      if (!g.circular)  // the row's window sums while its squared differences are in the L1 cache
+        window_line(s.at(g, i, 0), s.mid.data() + i * g.out_w() * L, g.along_rows, L, s.prefix.data(),
+                    s.suffix.data());
     }
-    box_sums(g, s, d);
+    if (!g.circular) {  // the column sums of the row sums (box_sums' last step)
+      window_line(s.mid.data(), d, g.along_cols, g.out_w() * L, s.prefix.data(), s.suffix.data());
+    } else {
+      box_sums(g, s, d);
+    }
     if (n0 + L > t.valid)
       for (int64_t q = 0; q < windows; ++q)
         for (int64_t l = std::max<int64_t>(0, t.valid - n0); l < L; ++l) d[q * L + l] = kInfinity;
   }
 }
 
+// Step (1) for one query image xb [C, H*W]: dist [chunks, windows, kBoxLanes] and each window's
+// minimum over the tile's real images (dmin_tile [windows]); the padding images get +inf.
 void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, double* dist,
                    double* lane_min, double* dmin_tile) {
   constexpr int64_t L = kBoxLanes;
@@ -783,7 +790,8 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
   {
     BoxScratch s(g), sa(adjoint);
     // stage "means" needs no tile-wide distances: each chunk's are weighed as soon as they are summed
-    BoxBuffers buf(t, squares, pixels, totals ? t.tile : kBoxLanes);
+    // (and stage "totals" streams (dmin, total) chunk by chunk): only "single" keeps the tile's
+    BoxBuffers buf(t, squares, pixels, single ? t.tile : kBoxLanes);
     std::vector<double> covering(pixels * L), inv_total(squares);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
@@ -791,8 +799,35 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
       double* dmin = t.dmin + b * squares;
       double* total = t.total + b * squares;
       const float* xb = t.x + b * channels * pixels;
-      if (totals) box_distances(t, xb, g, s, buf.dist.data(), buf.lane_min.data(), buf.dmin_tile.data());
-      if (totals) {
+      if (totals && !single) {
+        // a chunk's new best distance of a square rescales its total and its lanes (one exp), so that
+        // every weight exp(-(d - dmin) c) is taken against the best distance seen so far (<= 1)
+        std::fill(buf.lane_total.begin(), buf.lane_total.end(), 0.0);
+        double* d = buf.dist.data();
+        for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+          chunk_distances(t, xb, g, s, chunk, d);
+          for (int64_t q = 0; q < squares; ++q) {
+            double* lt = buf.lane_total.data() + q * L;
+            double m = kInfinity;
+            for (int64_t l = 0; l < L; ++l) m = std::min(m, d[q * L + l]);
+            if (m < dmin[q]) {
+              const double scale = std::isinf(dmin[q]) ? 0.0 : std::exp(-(dmin[q] - m) * c);
+              total[q] *= scale;
+#pragma omp simd
+              for (int64_t l = 0; l < L; ++l) lt[l] *= scale;
+              dmin[q] = m;
+            }
+            float w[L];
+            lane_weights(d + q * L, dmin[q], c, t.band, w);
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) lt[l] += static_cast<double>(w[l]);
+          }
+        }
+        for (int64_t q = 0; q < squares; ++q) total[q] += lane_reduce(buf.lane_total.data() + q * L);
+        continue;
+      }
+      if (single) box_distances(t, xb, g, s, buf.dist.data(), buf.lane_min.data(), buf.dmin_tile.data());
+      if (single) {
         for (int64_t q = 0; q < squares; ++q) merge_min(buf.dmin_tile[q], c, dmin[q], total[q], nullptr, 0);
         std::fill(buf.lane_total.begin(), buf.lane_total.end(), 0.0);
         for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
