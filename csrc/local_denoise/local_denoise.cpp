@@ -429,7 +429,10 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
 // normalization needs each square's total over ALL training images: stage "totals" streams (dmin,
 // total) over the tiles, stage "means" then adds every tile's sum_n a[p, n] y_n[c, p] with the final
 // (dmin, total); stage "single" (one tile holds the whole set, fresh state) does both from one
-// distance pass, bitwise the same as "totals" then "means".
+// distance pass (steps (1)-(3) above, the weights kept in the distance buffer). The two multi-tile
+// stages keep no tile-wide buffer: each chunk's distances are used as soon as they are summed
+// ("totals" rescales a square's total and lanes at each new best, one exp; "means" weighs against
+// the final state), so "single" and "totals" then "means" agree to rounding, not bitwise.
 constexpr int64_t kBoxLanes = 16;  // training images per vector of the box-sum path
 
 // One axis of a box sum: out[j] = sum of in[k] over k in [j - left, j - left + patch) n [0, n),

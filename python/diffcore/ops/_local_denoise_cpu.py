@@ -223,7 +223,8 @@ def run_box(
     (stage "single"); otherwise a first pass over the tiles gets every square's (dmin, total) and a
     second adds each tile's normalized, per-pixel aggregated weighted sums (stages "totals", "means").
     Memory: x, one padded chunk-major tile, per thread the distances of one query to the tile
-    (float64, [windows, T]), and the state (dmin, total per window; acc [B, H*W, C])."""
+    (float64, [windows, T]; PSPC's multi-tile stages only those to one 16-image chunk, [windows, 16]),
+    and the state (dmin, total per window; acc [B, H*W, C])."""
     batch, channels, height, width = x.shape
     pixels = height * width
     xf = x.reshape(batch, channels, pixels).contiguous()
