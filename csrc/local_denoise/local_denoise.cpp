@@ -429,7 +429,10 @@ void same_location_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
 // normalization needs each square's total over ALL training images: stage "totals" streams (dmin,
 // total) over the tiles, stage "means" then adds every tile's sum_n a[p, n] y_n[c, p] with the final
 // (dmin, total); stage "single" (one tile holds the whole set, fresh state) does both from one
-// distance pass, bitwise the same as "totals" then "means".
+// distance pass (steps (1)-(3) above, the weights kept in the distance buffer). The two multi-tile
+// stages keep no tile-wide buffer: each chunk's distances are used as soon as they are summed
+// ("totals" rescales a square's total and lanes at each new best, one exp; "means" weighs against
+// the final state), so "single" and "totals" then "means" agree to rounding, not bitwise.
 constexpr int64_t kBoxLanes = 16;  // training images per vector of the box-sum path
 
 // One axis of a box sum: out[j] = sum of in[k] over k in [j - left, j - left + patch) n [0, n),
@@ -637,14 +640,12 @@ BoxTile box_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int6
                  reinterpret_cast<double*>(acc_ptr)};
 }
 
-// Step (1) for one query image xb [C, H*W]: dist [chunks, windows, kBoxLanes] and each window's
-// minimum over the tile's real images (dmin_tile [windows]); the padding images get +inf.
-void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, double* dist,
-                   double* lane_min, double* dmin_tile) {
+// The distances of every window to the images of one chunk: d [windows, kBoxLanes], +inf for the
+// padding images.
+void chunk_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, int64_t chunk, double* d) {
   constexpr int64_t L = kBoxLanes;
   const int64_t pixels = t.pixels(), windows = g.out_h() * g.out_w(), channels = t.channels;
-  std::fill(lane_min, lane_min + windows * L, kInfinity);
-  for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+  {
     const int64_t n0 = chunk * L;
     for (int64_t i = 0; i < t.height; ++i) {
       for (int64_t j = 0; j < t.width; ++j) {
@@ -667,12 +668,31 @@ void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScrat
           }
         }
       }
+      if (!g.circular)  // the row's window sums while its squared differences are in the L1 cache
+        window_line(s.at(g, i, 0), s.mid.data() + i * g.out_w() * L, g.along_rows, L, s.prefix.data(),
+                    s.suffix.data());
     }
-    double* d = dist + chunk * windows * L;
-    box_sums(g, s, d);
+    if (!g.circular) {  // the column sums of the row sums (box_sums' last step)
+      window_line(s.mid.data(), d, g.along_cols, g.out_w() * L, s.prefix.data(), s.suffix.data());
+    } else {
+      box_sums(g, s, d);
+    }
     if (n0 + L > t.valid)
       for (int64_t q = 0; q < windows; ++q)
         for (int64_t l = std::max<int64_t>(0, t.valid - n0); l < L; ++l) d[q * L + l] = kInfinity;
+  }
+}
+
+// Step (1) for one query image xb [C, H*W]: dist [chunks, windows, kBoxLanes] and each window's
+// minimum over the tile's real images (dmin_tile [windows]); the padding images get +inf.
+void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, double* dist,
+                   double* lane_min, double* dmin_tile) {
+  constexpr int64_t L = kBoxLanes;
+  const int64_t windows = g.out_h() * g.out_w();
+  std::fill(lane_min, lane_min + windows * L, kInfinity);
+  for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+    double* d = dist + chunk * windows * L;
+    chunk_distances(t, xb, g, s, chunk, d);
 #pragma omp simd
     for (int64_t k = 0; k < windows * L; ++k) lane_min[k] = d[k] < lane_min[k] ? d[k] : lane_min[k];
   }
@@ -696,8 +716,9 @@ inline void merge_min(double tile_min, double c, double& dmin, double& total, do
 
 struct BoxBuffers {
   std::vector<double> dist, lane_min, dmin_tile, lane_total, lane_acc;
-  BoxBuffers(const BoxTile& t, int64_t windows, int64_t acc_rows)
-      : dist(t.tile * windows),
+  // dist holds the distances of `dist_images` images (the tile's, or one chunk's)
+  BoxBuffers(const BoxTile& t, int64_t windows, int64_t acc_rows, int64_t dist_images)
+      : dist(dist_images * windows),
         lane_min(windows * kBoxLanes),
         dmin_tile(windows),
         lane_total(windows * kBoxLanes),
@@ -718,7 +739,7 @@ void box_ls_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int6
 #pragma omp parallel num_threads(resolve_threads(threads))
   {
     BoxScratch s(g);
-    BoxBuffers buf(t, pixels, pixels);
+    BoxBuffers buf(t, pixels, pixels, t.tile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const double c = t.inv2s2[b];
@@ -771,15 +792,45 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
 #pragma omp parallel num_threads(resolve_threads(threads))
   {
     BoxScratch s(g), sa(adjoint);
-    BoxBuffers buf(t, squares, pixels);
+    // stage "means" needs no tile-wide distances: each chunk's are weighed as soon as they are summed
+    // (and stage "totals" streams (dmin, total) chunk by chunk): only "single" keeps the tile's
+    BoxBuffers buf(t, squares, pixels, single ? t.tile : kBoxLanes);
     std::vector<double> covering(pixels * L), inv_total(squares);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const double c = t.inv2s2[b];
       double* dmin = t.dmin + b * squares;
       double* total = t.total + b * squares;
-      box_distances(t, t.x + b * channels * pixels, g, s, buf.dist.data(), buf.lane_min.data(), buf.dmin_tile.data());
-      if (totals) {
+      const float* xb = t.x + b * channels * pixels;
+      if (totals && !single) {
+        // a chunk's new best distance of a square rescales its total and its lanes (one exp), so that
+        // every weight exp(-(d - dmin) c) is taken against the best distance seen so far (<= 1)
+        std::fill(buf.lane_total.begin(), buf.lane_total.end(), 0.0);
+        double* d = buf.dist.data();
+        for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
+          chunk_distances(t, xb, g, s, chunk, d);
+          for (int64_t q = 0; q < squares; ++q) {
+            double* lt = buf.lane_total.data() + q * L;
+            double m = kInfinity;
+            for (int64_t l = 0; l < L; ++l) m = std::min(m, d[q * L + l]);
+            if (m < dmin[q]) {
+              const double scale = std::isinf(dmin[q]) ? 0.0 : std::exp(-(dmin[q] - m) * c);
+              total[q] *= scale;
+#pragma omp simd
+              for (int64_t l = 0; l < L; ++l) lt[l] *= scale;
+              dmin[q] = m;
+            }
+            float w[L];
+            lane_weights(d + q * L, dmin[q], c, t.band, w);
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) lt[l] += static_cast<double>(w[l]);
+          }
+        }
+        for (int64_t q = 0; q < squares; ++q) total[q] += lane_reduce(buf.lane_total.data() + q * L);
+        continue;
+      }
+      if (single) box_distances(t, xb, g, s, buf.dist.data(), buf.lane_min.data(), buf.dmin_tile.data());
+      if (single) {
         for (int64_t q = 0; q < squares; ++q) merge_min(buf.dmin_tile[q], c, dmin[q], total[q], nullptr, 0);
         std::fill(buf.lane_total.begin(), buf.lane_total.end(), 0.0);
         for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
@@ -802,7 +853,8 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
       for (int64_t q = 0; q < squares; ++q) inv_total[q] = 1.0 / total[q];
       std::fill(buf.lane_acc.begin(), buf.lane_acc.end(), 0.0);
       for (int64_t chunk = 0; chunk < t.chunks(); ++chunk) {
-        const double* d = buf.dist.data() + chunk * squares * L;
+        double* d = buf.dist.data() + (single ? chunk * squares * L : 0);
+        if (!single) chunk_distances(t, xb, g, s, chunk, d);  // against the final dmin of stage "totals"
         for (int64_t q = 0; q < squares; ++q) {
           double* normalized = sa.at(adjoint, q / cols, q % cols);
           if (single) {  // the fp32 weights kept above, exact in float64

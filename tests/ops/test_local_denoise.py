@@ -438,3 +438,29 @@ def test_els_dispatch_rule():
         path = "box" if ld_cpu.els_uses_box(6, 6, 1, patch, "zeros") else "direct"
         out = local_denoise(x, train, 0.5, kind="els", patch_size=patch, backend="cpu")
         assert torch.equal(out, run_els_path(path, x, train, 0.5, patch, "zeros"))
+
+
+@pytest.mark.parametrize(
+    ("sigma", "train_dtype", "patch"),
+    [(0.3, torch.float32, 3), (1e-3, torch.float32, 3), (30.0, torch.uint8, 5), (0.5, torch.uint8, 3)],
+)
+def test_pspc_several_tiles_streamed_totals(sigma, train_dtype, patch, monkeypatch):
+    """PSPC over several multi-chunk tiles (stage "totals" streams (dmin, total) chunk by chunk, with
+    a rescale at each new best; stage "means" weighs each chunk's distances as they are summed) matches
+    the float64 reference, for a tiny and a large sigma and uint8 images, and 1 vs 2 threads and a
+    query alone give the same bits."""
+    x, train = make_case(batch=3, rows=71, channels=2, height=7, width=6, sigma=sigma, train_dtype=train_dtype)
+    monkeypatch.setattr(ld_cpu, "tile_images", lambda *a: 32)  # 2 chunks per tile, 3 tiles, the last partial
+    ref = local_denoise_ref(x, train, sigma, kind="pspc", patch_size=patch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = local_denoise(x, train, sigma, kind="pspc", patch_size=patch, backend="cpu")
+        torch.set_num_threads(1)
+        one = local_denoise(x, train, sigma, kind="pspc", patch_size=patch, backend="cpu")
+        alone = local_denoise(x[1:2], train, sigma, kind="pspc", patch_size=patch, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert float((two.double() - ref).abs().max()) <= ABS_TOL
+    assert torch.equal(one, two)
+    assert torch.equal(alone, one[1:2])

@@ -223,7 +223,8 @@ def run_box(
     (stage "single"); otherwise a first pass over the tiles gets every square's (dmin, total) and a
     second adds each tile's normalized, per-pixel aggregated weighted sums (stages "totals", "means").
     Memory: x, one padded chunk-major tile, per thread the distances of one query to the tile
-    (float64, [windows, T]), and the state (dmin, total per window; acc [B, H*W, C])."""
+    (float64, [windows, T]; PSPC's multi-tile stages only those to one 16-image chunk, [windows, 16]),
+    and the state (dmin, total per window; acc [B, H*W, C])."""
     batch, channels, height, width = x.shape
     pixels = height * width
     xf = x.reshape(batch, channels, pixels).contiguous()
@@ -344,10 +345,19 @@ def chunk_major(images: torch.Tensor) -> torch.Tensor:
     up to a multiple of BOX_LANES, the images past M zero (the box-sum tile: each chunk of BOX_LANES
     images contiguous, pixel-major inside)."""
     m, channels = images.shape[:2]
-    lanes = -(-m // BOX_LANES) * BOX_LANES
-    padded = torch.zeros(lanes, channels, images.shape[2] * images.shape[3], dtype=torch.float32)
-    padded[:m] = as_float32(images).reshape(m, channels, -1)
-    return padded.reshape(lanes // BOX_LANES, BOX_LANES, channels, -1).permute(0, 3, 2, 1).contiguous()
+    pixels = images.shape[2] * images.shape[3]
+    full = m // BOX_LANES  # whole chunks, transposed straight into place (no zero-padded copy)
+    chunks = -(-m // BOX_LANES)
+    source = as_float32(images).reshape(m, channels, pixels)
+    out = torch.empty(chunks, pixels, channels, BOX_LANES, dtype=torch.float32)
+    if full:
+        whole = source[: full * BOX_LANES].reshape(full, BOX_LANES, channels, pixels)
+        out[:full].copy_(whole.permute(0, 3, 2, 1))
+    if chunks > full:  # the last, partial chunk: the images past M zero
+        last = torch.zeros(BOX_LANES, channels, pixels, dtype=torch.float32)
+        last[: m - full * BOX_LANES] = source[full * BOX_LANES :]
+        out[full:].copy_(last.reshape(1, BOX_LANES, channels, pixels).permute(0, 3, 2, 1))
+    return out
 
 
 def translated_arguments(
