@@ -640,6 +640,28 @@ BoxTile box_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int6
                  reinterpret_cast<double*>(acc_ptr)};
 }
 
+// e[l] = sum_ch (x[ch * pixels] - y[ch * kBoxLanes + l])^2: the squared differences of one query
+// pixel (x: its channel 0, channels `pixels` apart) to the kBoxLanes images of one chunk at one key
+// pixel (y: [C, kBoxLanes]), in float64, difference first.
+inline void pixel_squared_differences(const float* x, int64_t pixels, const float* y, int64_t channels, double* e) {
+  constexpr int64_t L = kBoxLanes;
+  const double x0 = x[0];
+#pragma omp simd
+  for (int64_t l = 0; l < L; ++l) {
+    const double diff = x0 - static_cast<double>(y[l]);
+    e[l] = diff * diff;
+  }
+  for (int64_t ch = 1; ch < channels; ++ch) {
+    const double xv = x[ch * pixels];
+    const float* yc = y + ch * L;
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      const double diff = xv - static_cast<double>(yc[l]);
+      e[l] += diff * diff;
+    }
+  }
+}
+
 // The distances of every window to the images of one chunk: d [windows, kBoxLanes], +inf for the
 // padding images.
 void chunk_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScratch& s, int64_t chunk, double* d) {
@@ -650,23 +672,7 @@ void chunk_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScr
     for (int64_t i = 0; i < t.height; ++i) {
       for (int64_t j = 0; j < t.width; ++j) {
         const int64_t p = i * t.width + j;
-        double* e = s.at(g, i, j);
-        const float* yp = t.chunk_values(chunk, p);
-        const double x0 = xb[p];
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) {
-          const double diff = x0 - static_cast<double>(yp[l]);
-          e[l] = diff * diff;
-        }
-        for (int64_t ch = 1; ch < channels; ++ch) {
-          const double xv = xb[ch * pixels + p];
-          const float* yc = yp + ch * L;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            const double diff = xv - static_cast<double>(yc[l]);
-            e[l] += diff * diff;
-          }
-        }
+        pixel_squared_differences(xb + p, pixels, t.chunk_values(chunk, p), channels, s.at(g, i, j));
       }
       if (!g.circular)  // the row's window sums while its squared differences are in the L1 cache
         window_line(s.at(g, i, 0), s.mid.data() + i * g.out_w() * L, g.along_rows, L, s.prefix.data(),
@@ -972,21 +978,7 @@ void box_els_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int
                 const float* yp = yc + (key_row[i] * W + key_col[j]) * C * L;
                 double* e = circular ? wrap_scratch.at(wrapped, i, j)
                                      : grid.data() + ((i - ra.in_lo) * in_cols + (j - cb.in_lo)) * L;
-                const double x0 = xb[p];
-#pragma omp simd
-                for (int64_t l = 0; l < L; ++l) {
-                  const double diff = x0 - static_cast<double>(yp[l]);
-                  e[l] = diff * diff;
-                }
-                for (int64_t ch = 1; ch < C; ++ch) {
-                  const double xv = xb[ch * pixels + p];
-                  const float* yv = yp + ch * L;
-#pragma omp simd
-                  for (int64_t l = 0; l < L; ++l) {
-                    const double diff = xv - static_cast<double>(yv[l]);
-                    e[l] += diff * diff;
-                  }
-                }
+                pixel_squared_differences(xb + p, pixels, yp, C, e);
               }
             }
             // (2) the box sums: out [orows, ocols, L]
