@@ -74,6 +74,19 @@ inline float exp_neg(float t) {
   return p * scale;
 }
 
+// A running state's best distance becomes min(dmin, new_min); a new best rescales the weight sum
+// and the `values` accumulators by exp(-(dmin - new_min) c) (0 from the empty state: one exp), so
+// that every weight stays exp(-(d - dmin) c) <= 1. Returns that scale (1 when nothing changed), for
+// callers with more accumulators to rescale.
+inline double merge_min(double new_min, double c, double& dmin, double& total, double* acc, int64_t values) {
+  if (!(new_min < dmin)) return 1.0;
+  const double scale = std::isinf(dmin) ? 0.0 : std::exp(-(dmin - new_min) * c);
+  total *= scale;
+  for (int64_t v = 0; v < values; ++v) acc[v] *= scale;
+  dmin = new_min;
+  return scale;
+}
+
 // Folds one block of key distances into a query's running state: a new minimum rescales the sum
 // and the accumulator (one exp), then every key gets w = exp(-(d - dmin) c) (0 beyond the band, fp32),
 // written to `weight`; sums are float64 (a tile of a query holds up to H W T keys: fp32 sums of
@@ -93,12 +106,7 @@ inline double block_weights(const double* dist, float* weight, int64_t count, do
   for (int64_t k = k0, l = 0; k < count; ++k, ++l) lane_min[l] = dist[k] < lane_min[l] ? dist[k] : lane_min[l];
   double block_min = kInfinity;
   for (int64_t l = 0; l < kWeightLanes; ++l) block_min = lane_min[l] < block_min ? lane_min[l] : block_min;
-  if (block_min < dmin) {
-    const double scale = std::isinf(dmin) ? 0.0 : std::exp(-(dmin - block_min) * c);
-    total *= scale;
-    for (int64_t v = 0; v < values; ++v) acc[v] *= scale;
-    dmin = block_min;
-  }
+  merge_min(block_min, c, dmin, total, acc, values);
   const double base = dmin;
   double lane_sum[kWeightLanes] = {};
   auto weigh = [&](int64_t k) {  // >= 0: exact but for one rounding
@@ -709,17 +717,6 @@ void box_distances(const BoxTile& t, const float* xb, const BoxPlan& g, BoxScrat
   }
 }
 
-// Step (2): the state's best distance becomes min(dmin, the tile's best); a new best rescales the
-// weight sum and the `values` accumulators (one exp, as block_weights).
-inline void merge_min(double tile_min, double c, double& dmin, double& total, double* acc, int64_t values) {
-  if (tile_min < dmin) {
-    const double scale = std::isinf(dmin) ? 0.0 : std::exp(-(dmin - tile_min) * c);
-    total *= scale;
-    for (int64_t v = 0; v < values; ++v) acc[v] *= scale;
-    dmin = tile_min;
-  }
-}
-
 struct BoxBuffers {
   std::vector<double> dist, lane_min, dmin_tile, lane_total, lane_acc;
   // dist holds the distances of `dist_images` images (the tile's, or one chunk's)
@@ -819,13 +816,7 @@ void box_pspc_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, in
             double* lt = buf.lane_total.data() + q * L;
             double m = kInfinity;
             for (int64_t l = 0; l < L; ++l) m = std::min(m, d[q * L + l]);
-            if (m < dmin[q]) {
-              const double scale = std::isinf(dmin[q]) ? 0.0 : std::exp(-(dmin[q] - m) * c);
-              total[q] *= scale;
-#pragma omp simd
-              for (int64_t l = 0; l < L; ++l) lt[l] *= scale;
-              dmin[q] = m;
-            }
+            merge_min(m, c, dmin[q], total[q], lt, L);  // the square's total and its lanes
             float w[L];
             lane_weights(d + q * L, dmin[q], c, t.band, w);
 #pragma omp simd
@@ -1000,17 +991,13 @@ void box_els_tile(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batch, int
                 const double* d = out.data() + ((i - ra.out_lo) * ocols + (j - cb.out_lo)) * L;
                 double* lt = lane_total.data() + q * L;
                 double* la = lane_acc.data() + q * C * L;
-                const double best = dmin[q];
                 double m = kInfinity;  // the 16 distances' minimum
 #pragma omp simd reduction(min : m)
                 for (int64_t l = 0; l < L; ++l) m = d[l] < m ? d[l] : m;
-                if (m < best) {
-                  const double scale = std::isinf(best) ? 0.0 : std::exp(-(best - m) * c);
-                  total[q] *= scale;
-                  for (int64_t ch = 0; ch < C; ++ch) acc[q * C + ch] *= scale;
+                const double scale = merge_min(m, c, dmin[q], total[q], acc + q * C, C);
+                if (scale != 1.0) {  // the pixel's lanes too
                   for (int64_t l = 0; l < L; ++l) lt[l] *= scale;
                   for (int64_t l = 0; l < C * L; ++l) la[l] *= scale;
-                  dmin[q] = m;
                 }
                 float w[L];
                 lane_weights(d, dmin[q], c, t.band, w);
