@@ -46,6 +46,31 @@ def test_bootstrap_is_reproducible_and_covers_mean():
         iv.bootstrap_interval([1.0, float("nan")])
 
 
+def test_ratio_interval_known_value_and_coverage():
+    # Equal spreads, n = 3 each: Welch df = 4 exactly, so the half-width on the log scale is
+    # t(0.95, 4) * sqrt(2 * var / 3).
+    a, b = [2.0, 4.0, 8.0], [1.0, 2.0, 4.0]
+    got = iv.ratio_interval(a, b)
+    half = 2.7764 * math.sqrt(2 * math.log(2.0) ** 2 / 3)
+    assert got.value == pytest.approx(2.0)
+    assert got.low == pytest.approx(2.0 * math.exp(-half), rel=1e-3)
+    assert got.high == pytest.approx(2.0 * math.exp(half), rel=1e-3)
+    assert got.method == "welch-log" and got.n == 3
+    # Log-normal costs with a true ratio of 1.1, four stretches a side: the interval covers it in
+    # about 95% of draws (Welch with df rounded down errs wide).
+    rng = np.random.default_rng(0)
+    trials = 400
+    covered = sum(
+        iv.ratio_interval(1.1 * rng.lognormal(0, 0.05, 4), rng.lognormal(0, 0.08, 4)).contains(1.1)
+        for _ in range(trials)
+    )
+    assert 0.92 * trials <= covered <= trials
+    with pytest.raises(ValueError, match="at least two"):
+        iv.ratio_interval([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        iv.ratio_interval([1.0, 0.0], [1.0, 2.0])
+
+
 def test_decisions_on_intervals():
     lo, hi = iv.Interval(0.1, 0.05, 0.15), iv.Interval(0.3, 0.2, 0.4)
     overlap = iv.Interval(0.18, 0.1, 0.25)

@@ -178,6 +178,34 @@ def bootstrap_interval(
     return Interval(value, float(min(low, value)), float(max(high, value)), level, "bootstrap", n)
 
 
+def ratio_interval(
+    numerator: Sequence[float] | np.ndarray, denominator: Sequence[float] | np.ndarray, *, level: float = LEVEL
+) -> Interval:
+    """Ratio of the geometric means of two independent samples of positive values, with a Welch
+    t interval computed on their logarithms and mapped back (method ``"welch-log"``).
+
+    For repeated measurements of a cost, e.g. the CPU-seconds per training image of each stretch of
+    two training runs: ``value = exp(mean log a - mean log b)``. Welch's degrees of freedom are
+    rounded down (a wider, conservative interval). Needs at least two values on each side; ``n``
+    records the smaller count.
+    """
+    a, b = _as_1d(numerator, "numerator"), _as_1d(denominator, "denominator")
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"ratio_interval needs at least two values on each side, got {a.size} and {b.size}")
+    if np.any(a <= 0) or np.any(b <= 0):
+        raise ValueError("ratio_interval: values must be positive")
+    la, lb = np.log(a), np.log(b)
+    va, vb = float(la.var(ddof=1)) / a.size, float(lb.var(ddof=1)) / b.size
+    centre = float(la.mean() - lb.mean())
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Interval(math.exp(centre), math.exp(centre), math.exp(centre), level, "welch-log", min(a.size, b.size))
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = _t_quantile(level, max(1, int(df))) * se
+    value = math.exp(centre)
+    return Interval(value, math.exp(centre - half), math.exp(centre + half), level, "welch-log", min(a.size, b.size))
+
+
 def interval_of(values: Sequence[float] | np.ndarray, *, seeds: bool, level: float = LEVEL) -> Interval:
     """The studies' rule: :func:`seed_interval` across 3+ training seeds, else the bootstrap."""
     arr = _as_1d(values, "values")
