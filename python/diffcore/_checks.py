@@ -42,6 +42,46 @@ def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+MAX_MAGNITUDE = 1e15
+"""The largest |value| of queries and training rows that knn and empirical_denoise take, on every
+backend: within it their CPU kernels' fp32 Gram products, squared norms and screening bounds stay
+finite and inside the range their error bounds cover (the C++ kernels' kMaxMagnitude)."""
+
+
+def refuse_magnitude(name: str, largest: float, values: torch.Tensor | None = None) -> None:
+    """Raise for ``largest``, the largest |value| of ``name`` already reduced by the caller: a
+    ValueError naming ``name`` above MAX_MAGNITUDE, and, when ``values`` is given and ``largest``
+    is NaN or Inf, the error of :func:`check_finite` (which says which)."""
+    if values is not None and not math.isfinite(largest):
+        check_finite(name, values)
+    if largest > MAX_MAGNITUDE:
+        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
+
+
+def check_magnitude(name: str, values: torch.Tensor, *, nonfinite_later: bool = False) -> None:
+    """Refuse values of magnitude above MAX_MAGNITUDE, from one reduction (integer and empty tensors
+    pass: uint8 images always are within it). NaN / Inf raise as in :func:`check_finite`, or, with
+    ``nonfinite_later``, are left to a later check of the caller's (e.g. of the result)."""
+    if not values.is_floating_point() or values.numel() == 0:
+        return
+    magnitudes = values.detach().abs()
+    if nonfinite_later:
+        magnitudes = magnitudes.nan_to_num(nan=0.0, posinf=0.0)
+    refuse_magnitude(name, float(magnitudes.max()), values)
+
+
+def check_training_set(train: torch.Tensor, queries: torch.Tensor, queries_name: str) -> None:
+    """A training set ``train`` [N, ...] with at least one row and the trailing shape of
+    ``queries`` [B, ...]; ValueError naming ``train`` otherwise."""
+    if train.shape[0] == 0 or train.numel() == 0:
+        raise ValueError(f"train: expected at least one training row, got shape {tuple(train.shape)}")
+    if tuple(train.shape[1:]) != tuple(queries.shape[1:]):
+        raise ValueError(
+            f"train: expected trailing shape {tuple(queries.shape[1:])} (that of {queries_name}), "
+            f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})"
+        )
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     """Raise if the named tensors are not on one device; return that device."""
     devices = {name: t.device for name, t in tensors.items()}

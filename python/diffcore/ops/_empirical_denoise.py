@@ -25,7 +25,13 @@ import math
 import torch
 
 from diffcore._backend import OpBackends
-from diffcore._checks import check_finite, check_same_device, check_tensor, sigma_per_row
+from diffcore._checks import (
+    check_magnitude,
+    check_same_device,
+    check_tensor,
+    check_training_set,
+    sigma_per_row,
+)
 from diffcore.ops import _empirical_denoise_cpu as _cpu, _empirical_denoise_cuda as _cuda
 
 __all__ = ["empirical_denoise", "empirical_denoise_with_logz"]
@@ -43,7 +49,6 @@ BACKENDS = OpBackends(
 # range for any distance up to 3.6e8 (image data: at most 4 D); below about 1.5e-154 sigma^2 itself
 # underflows. Smaller sigmas are refused (the nearest training row is the answer there anyway).
 MIN_SIGMA = 1e-150
-MAX_MAGNITUDE = _cpu.MAX_MAGNITUDE  # largest |value| of x and train any backend takes
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8)
@@ -78,7 +83,7 @@ def empirical_denoise_with_logz(
     x, train, sigma64 = _validate(x, train, sigma)
     name = BACKENDS.resolve(backend, x.device)
     if name != "cpu":  # the CPU path checks the training rows from the norms it computes anyway
-        _check_magnitude("train", train)
+        check_magnitude("train", train, nonfinite_later=True)  # NaN / Inf: the result check
     if name != "reference" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 is supported by backend 'reference' only (backend {name!r} computes in fp32)")
     with torch.no_grad():
@@ -100,22 +105,11 @@ def empirical_denoise_with_logz(
 def _validate(x, train, sigma):
     check_tensor("x", x, min_ndim=1, dtypes=_X_DTYPES)
     check_tensor("train", train, min_ndim=1, dtypes=_TRAIN_DTYPES, nonempty=False)
-    if train.shape[0] == 0 or train.numel() == 0:
-        raise ValueError(f"train: expected at least one training row, got shape {tuple(train.shape)}")
-    if tuple(train.shape[1:]) != tuple(x.shape[1:]):
-        raise ValueError(
-            f"train: expected trailing shape {tuple(x.shape[1:])} (that of x), "
-            f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})"
-        )
+    check_training_set(train, x, "x")
     device = check_same_device(x=x, train=train)
     if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 and sigma.device != device:
         raise ValueError(f"sigma: expected a tensor on {device} (that of x), got {sigma.device}")
-    if x.numel() > 0:  # NaN / Inf and the magnitude limit from one reduction (NaN and Inf propagate)
-        largest = float(x.detach().abs().max())
-        if not math.isfinite(largest):
-            check_finite("x", x)  # raises, naming NaN or Inf
-        if largest > MAX_MAGNITUDE:
-            raise ValueError(f"x: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
+    check_magnitude("x", x)  # NaN / Inf and the magnitude limit from one reduction
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
     smallest = sigma if isinstance(sigma, (int, float)) else float(sigma64.min()) if sigma64.numel() else MIN_SIGMA
     if smallest < MIN_SIGMA:
@@ -124,17 +118,6 @@ def _validate(x, train, sigma):
             f"range), got min {float(sigma64.min()):g}"
         )
     return x, train, sigma64
-
-
-def _check_magnitude(name: str, values: torch.Tensor) -> None:
-    """Refuse finite values of magnitude above ``MAX_MAGNITUDE`` (1e15, as knn): beyond it the fp32
-    Gram products and squared norms of the fast paths leave the range their bounds cover (at |x|
-    near 1e20 a finite wrong result came back). NaN / Inf in ``train`` are left to the result check."""
-    if not values.is_floating_point() or values.numel() == 0:
-        return
-    largest = float(values.abs().nan_to_num(nan=0.0, posinf=0.0).max())
-    if largest > MAX_MAGNITUDE:
-        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

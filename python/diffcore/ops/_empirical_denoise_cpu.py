@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from diffcore._checks import check_finite
+from diffcore._checks import MAX_MAGNITUDE, refuse_magnitude
 from diffcore._cpu_caps import bf16_matmul_accumulates_in_fp32, fp32_matmul_at_full_precision, screen_precision
 from diffcore._ext import dtype_name, extension
 
@@ -30,7 +30,6 @@ RESCORE_TOL = 1e-5
 TINY_LOGIT_TOL = 1e-6
 FP32_UNIT_ROUNDOFF = 2.0**-24
 FP64_UNIT_ROUNDOFF = 2.0**-53
-MAX_MAGNITUDE = 1e15  # the largest |value| of x and train taken (as knn): fp32 Gram and norms stay finite
 SCREEN_MIN_DIM = 256  # below this the candidate screening pass does not pay
 NO_BUDGET = -1  # rescore_budget value: re-score every pair that needs it
 COUNT_ONLY = -3  # rescore_budget value: only count the pairs that would be re-scored
@@ -361,10 +360,7 @@ def _run_small(xr: torch.Tensor, y: torch.Tensor, inv2s2: torch.Tensor, threads:
         parallel_min_work=SMALL_PARALLEL_MIN_WORK,
         threads=threads,
     )
-    if not math.isfinite(largest):
-        check_finite("train", y)
-    if largest > MAX_MAGNITUDE:
-        raise ValueError(f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
+    refuse_magnitude("train", largest, y)
     return out, logz, (redo.bool() if flagged else None), SmallStats(screened, kept, partial)
 
 
@@ -374,11 +370,7 @@ def check_train_magnitude(y: torch.Tensor, y_sqnorm: torch.Tensor) -> None:
     op's check of the result, which names them)."""
     largest_norm = float(y_sqnorm.max())
     if largest_norm > MAX_MAGNITUDE**2 and y.dtype != torch.uint8:
-        largest = float(y.abs().max())
-        if largest > MAX_MAGNITUDE:
-            raise ValueError(
-                f"train: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}"
-            )
+        refuse_magnitude("train", float(y.abs().max()))
 
 
 def _run_rows(xr, inv2s2, y, y_sqnorm, train_dtype, tile_rows, screen, threads, precision, exact):

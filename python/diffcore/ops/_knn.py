@@ -19,7 +19,6 @@ is in ``_knn_cpu.py``, the CUDA launcher in ``_knn_cuda.py``.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -70,7 +69,7 @@ def knn(
         out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         name = BACKENDS.resolve(backend, q.device)
         if name != "cpu":  # the CPU kernel checks the training rows while it converts them
-            _check_magnitude("train", y)
+            _checks.check_magnitude("train", y)
         with torch.no_grad():
             d2, idx = RUNNERS[name](q, y, k)
         return d2.sqrt().to(out_dtype), idx
@@ -95,31 +94,11 @@ def _small_cpu_problem_on_one_thread(queries, train, backend):
     return contextlib.nullcontext()
 
 
-MAX_MAGNITUDE = 1e15  # the largest |value| any backend accepts (the cpu kernel's kMaxMagnitude)
-
-
-def _check_magnitude(name: str, values: torch.Tensor) -> None:
-    """Finite values of magnitude <= MAX_MAGNITUDE (uint8 images always are), in one reduction."""
-    if not values.is_floating_point() or values.numel() == 0:
-        return
-    largest = float(values.abs().max())  # NaN propagates through max, Inf stays Inf
-    if not math.isfinite(largest):
-        _checks.check_finite(name, values)  # names NaN or Inf
-    if largest > MAX_MAGNITUDE:
-        raise ValueError(f"{name}: expected values of magnitude <= {MAX_MAGNITUDE:g} (every backend), got {largest:g}")
-
-
 def _validate(queries, train, k):
     """[B, D] queries, [N, D] train (contiguous), k; raises with the name of the bad argument."""
     _checks.check_tensor("queries", queries, min_ndim=2, dtypes=FLOAT_DTYPES)
     _checks.check_tensor("train", train, min_ndim=2, dtypes=FLOAT_DTYPES + (torch.uint8,), nonempty=False)
-    if train.shape[0] == 0 or train.numel() == 0:
-        raise ValueError(f"train: expected a non-empty training set, got shape {tuple(train.shape)}")
-    if tuple(train.shape[1:]) != tuple(queries.shape[1:]):
-        raise ValueError(
-            f"train: trailing shape {tuple(train.shape[1:])} does not match the trailing shape "
-            f"{tuple(queries.shape[1:])} of queries"
-        )
+    _checks.check_training_set(train, queries, "queries")
     if train.dtype != torch.uint8 and train.dtype != queries.dtype:
         raise TypeError(
             f"train: expected dtype {dtype_name(queries.dtype)} (the dtype of queries) or uint8, "
@@ -130,7 +109,7 @@ def _validate(queries, train, k):
     n_train = train.shape[0]
     if k > n_train:
         raise ValueError(f"k: expected k <= N = {n_train} (the number of training rows), got {k}")
-    _check_magnitude("queries", queries)
+    _checks.check_magnitude("queries", queries)
     q = queries.detach().reshape(queries.shape[0], -1).contiguous()
     y = train.detach().reshape(n_train, -1).contiguous()
     return q, y, k

@@ -30,6 +30,7 @@ from diffcore._checks import (
     check_finite,
     check_same_device,
     check_tensor,
+    check_training_set,
     sigma_per_row,
 )
 from diffcore.ops import _local_denoise_cpu as _cpu, _local_denoise_cuda as _cuda
@@ -103,11 +104,7 @@ def local_denoise(
 def _validate(x, train, sigma, kind, patch_size, padding, mask):
     check_tensor("x", x, ndim=4, dtypes=_X_DTYPES)
     check_tensor("train", train, ndim=4, dtypes=_TRAIN_DTYPES)
-    if tuple(train.shape[1:]) != tuple(x.shape[1:]):
-        raise ValueError(
-            f"train: expected images of shape {tuple(x.shape[1:])} (that of x), "
-            f"got {tuple(train.shape[1:])} (train shape {tuple(train.shape)})"
-        )
+    check_training_set(train, x, "x")
     device = check_same_device(x=x, train=train)
     check_finite("x", x)
     sigma64 = sigma_per_row("sigma", sigma, x.shape[0], device)
