@@ -73,11 +73,12 @@ def finish_processes(processes, timeout: float) -> None:
         assert process.returncode == 0, err[-3000:]
 
 
-def assert_refused_before_writing(study, override: str, field: str, out) -> None:
-    """The study's tiny preset with ``override`` (``key=value``) is refused by a ConfigError naming
+def assert_refused_before_writing(study, override: str, out) -> None:
+    """The study's tiny preset with ``override`` (``field=value``) is refused by a ConfigError naming
     ``field`` before anything is written: no config.json in the output folder ``out``."""
     from diffcore.experiments.base import ConfigError
 
+    field = override.split("=", 1)[0]
     with pytest.raises(ConfigError, match=field):
         study.run_preset("tiny", out, [override], progress=False)
     assert not (out / "config.json").exists()

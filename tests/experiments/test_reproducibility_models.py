@@ -14,9 +14,9 @@ STUDIES = [pytest.param(locality, id="locality"), pytest.param(representation, i
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_unknown_reproducibility_preset_is_refused_before_anything_is_written(study, tmp_path):
-    assert_refused_before_writing(study, "reproducibility_preset=huge", "reproducibility_preset", tmp_path / "bad")
+    assert_refused_before_writing(study, "reproducibility_preset=huge", tmp_path / "bad")
 
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_models_from_without_results_is_refused(study, tmp_path):
-    assert_refused_before_writing(study, f"models_from={tmp_path}", "models_from", tmp_path / "out")
+    assert_refused_before_writing(study, f"models_from={tmp_path}", tmp_path / "out")

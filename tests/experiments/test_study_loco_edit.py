@@ -16,22 +16,19 @@ from diffcore.data import load_digits
 from diffcore.denoisers import GaussianDenoiser
 from diffcore.experiments import loco_edit as study
 from diffcore.experiments.base import ConfigError, Workspace
+from tests.experiments.conftest import subset
 from tests.helpers import assert_outputs, tiny_diffusers_unet
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
 class GaussianStack:
-    """Stand-in hooks: "training" writes the spec, the "model" is the Gaussian denoiser of the N images."""
+    """Stand-in hooks: "training" writes the spec, the "model" is the Gaussian denoiser of the N images
+    (the nested subset of the experiments' stand-in stack)."""
 
     def __init__(self):
         self.pool = load_digits()[0]
         self.trained = 0
-
-    @staticmethod
-    def subset(images, n, seed):
-        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-        return images[idx], idx
 
     def train(self, images, spec, out_dir, work_dir, device="cpu", progress=True):
         self.trained += 1
@@ -40,12 +37,12 @@ class GaussianStack:
 
     def load(self, model_dir, device="cpu"):
         spec = json.loads((Path(model_dir) / "model.json").read_text())
-        return GaussianDenoiser.fit(self.subset(self.pool, spec["n"], spec["subset_seed"])[0])
+        return GaussianDenoiser.fit(subset(self.pool, spec["n"], spec["subset_seed"])[0])
 
     def hooks(self):
         return study.LocoHooks(
             load_dataset=lambda name, root="": self.pool,
-            subset=self.subset,
+            subset=subset,
             train=self.train,
             load=self.load,
             load_diffusers=study.load_diffusers_denoiser,

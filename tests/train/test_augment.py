@@ -134,22 +134,16 @@ def test_vp_loss_draws_edm_vp_sigmas():
 
 
 @pytest.mark.slow
-def test_trainer_passes_augment_labels_to_the_model(tmp_path):
-    from diffcore.train import TrainConfig, train_from_config
+def test_trainer_passes_augment_labels_to_the_model(tiny_config):
+    from diffcore.train import train_from_config
 
-    config = TrainConfig(
-        data={"name": "digits", "subset": 32},
+    config = tiny_config.replace(
         model={"name": "ddpmpp", "preset": "ddpmpp-digits-light", "model_channels": 8, "augment_dim": 9},
         loss="vp",
         augment="edm",
         augment_p=0.5,
         steps=2,
-        batch_size=8,
-        checkpoint_every=2,
-        log_every=1,
-        device="cpu",
-        out_dir=str(tmp_path),
-        progress=False,
+        batch_size=8,  # the labels' batch below
     )
     seen = []
     import diffcore.models.unet as unet
