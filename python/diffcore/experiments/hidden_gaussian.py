@@ -138,35 +138,13 @@ class HiddenGaussianConfig:
 
 
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text,
-    "dataset": base.text,
-    "data_root": base.text,
-    "model_preset": base.model_preset,
-    "widths": base.tuple_of(base.positive, min_len=0),
-    "sizes": base.tuple_of(base.integer(2), min_len=0),
-    "train_seeds": base.tuple_of(base.seed),
-    "subset_seed": base.seed,
-    "train_steps": base.positive,
-    "batch_size": base.positive,
-    "learning_rate": base.positive_number,
-    "lr_warmup_images": base.integer(0),
-    "num_sigmas": base.integer(2),
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
+    "widths": base.tuple_of(base.positive, min_len=0),  # with models_from: () = every width found
+    "sizes": base.tuple_of(base.integer(2), min_len=0),  # with models_from: () = every N found
+    "num_sigmas": base.integer(2),  # its measures are curves over the noise grid
     "linearity_pairs": base.positive,
     "distill_samples": base.integer(2),
-    "probe_seed": base.seed,
-    "num_samples": base.positive,
-    "sample_seed_start": base.seed,
-    "sampler_steps": base.positive,
-    "grid_samples": base.integer(0),
-    "precond": base.one_of(*_stack.PRECONDITIONINGS),
-    "augment_p": base.number(0, 1),
-    "sigma_p_mean": base.log_sigma,
-    "sigma_p_std": base.positive_number,
     "train_target": base.one_of("clean", "empirical"),
     "target_sigma_min": base.optional_sigma,
-    "sigma_log_uniform": base.number(0, 1),
     "time_checkpoints": base.integer(0),
     "first_checkpoint": base.positive,
 }

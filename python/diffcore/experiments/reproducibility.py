@@ -125,35 +125,11 @@ class ReproducibilityConfig:
 
 
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text,
-    "data_root": base.text,
-    "model_preset": base.model_preset,
-    "similarity": base.text,
-    "widths": base.tuple_of(base.positive),
-    "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
-    "train_seeds": base.tuple_of(base.seed),
-    "subset_seed": base.seed,
-    "sample_seed_start": base.seed,
-    "train_steps": base.positive,
-    "batch_size": base.positive,
-    "num_samples": base.positive,
-    "sampler_steps": base.positive,
-    "learning_rate": base.number(0, lo_open=True),
-    "lr_warmup_images": base.integer(0),
-    "solver": base.solver,
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
-    "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
-    "grid_samples": base.integer(0),
-    "torch_threads": base.integer(0),
     "train_workers": base.positive,
     "train_ensemble": base.positive,
-    "precond": base.one_of(*_stack.PRECONDITIONINGS),
-    "augment_p": base.number(0, 1),
     "subsets": base.one_of("nested", "disjoint"),
-    "sigma_log_uniform": base.number(0, 1),
     "duplicate_rms": base.number(0),
 }
 
