@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from diffcore.experiments import EXPERIMENTS, experiment
+from diffcore.experiments import EXPERIMENTS, experiment, recipes
 from diffcore.experiments.base import VOCABULARY_CHECKS, ConfigError, check_fields, field_checks
 
 # A value out of range for every field of the vocabulary, refused by the shared check and by every
@@ -112,3 +112,24 @@ def test_a_field_in_neither_table_is_a_type_error():
     with pytest.raises(TypeError, match="no range declared for undeclared"):
         check_fields(Config(), {})
     check_fields(Config(), {"undeclared": lambda name, value: None})
+
+
+RECIPE_PRESETS = [
+    ("reproducibility", "quick", "DIGITS_QUICK_TRAINING"),
+    ("reproducibility", "seeds", "DIGITS_QUICK_TRAINING"),
+    ("reproducibility", "disjoint", "DIGITS_QUICK_TRAINING"),
+    ("hidden-gaussian", "quick", "DIGITS_QUICK_TRAINING"),
+    ("hidden-gaussian", "empirical-target", "DIGITS_QUICK_TRAINING"),
+    ("dynamics", "quick", "DIGITS_QUICK_TRAINING"),
+    ("reproducibility", "paper", "EDM_CIFAR10_TRAINING"),
+    ("hidden-gaussian", "paper", "EDM_CIFAR10_TRAINING"),
+    ("cfg", "paper", "EDM_CIFAR10_TRAINING"),
+]
+
+
+@pytest.mark.parametrize(("study", "preset", "recipe"), RECIPE_PRESETS)
+def test_a_preset_built_from_a_recipe_keeps_every_value_of_it(study, preset, recipe):
+    shared = getattr(recipes, recipe)
+    assert set(shared) <= set(VOCABULARY_CHECKS)  # a recipe speaks the shared vocabulary
+    config = experiment(study).PRESETS[preset]()
+    assert {field: getattr(config, field) for field in shared} == dict(shared)

@@ -75,7 +75,7 @@ import torch
 
 from diffcore.analysis import guidance as guidance_measures
 from diffcore.analysis.guidance import JacobianCPCGuidance, LabeledDenoiser
-from diffcore.experiments import _stack, base, plotting
+from diffcore.experiments import _stack, base, plotting, recipes
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +236,9 @@ def _paper() -> CFGConfig:
     settings (batch 512, lr 1e-3, 200 Mimg, EMA half-life 0.5 Mimg, x-flips) with label dropout 0.1
     (diffcore's choice: EDM's conditional models had none); a GPU run."""
     return CFGConfig(
-        dataset="cifar10",
-        model_preset="ddpmpp-cifar",
+        **recipes.EDM_CIFAR10_TRAINING,
         width=128,
-        train_steps=390_625,
         batch_size=512,
-        learning_rate=1e-3,
-        lr_warmup_images=10_000_000,
         ema_halflife_images=500_000.0,
         augment="xflip",
         guidance_scales=(0.5, 1.0, 2.0, 4.0),

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcore.experiments import _stack, base
+from diffcore.experiments import _stack, base, recipes
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _quick() -> DynamicsConfig:
     ln sigma ~ N(-0.5, 1.8^2) put the sampler's range [0.002, 80] within 3.2 standard deviations
     (EDM's N(-1.2, 1.2^2) hardly trains sigma > 5). The budget is too short for the tau_mem law
     (``long`` is the preset that can test it)."""
-    return DynamicsConfig()
+    return DynamicsConfig(**recipes.DIGITS_QUICK_TRAINING)
 
 
 def _long() -> DynamicsConfig:

@@ -43,7 +43,7 @@ import torch
 
 from diffcore._files import load_json
 from diffcore.analysis.generalization import distill_affine, linearity_cosines
-from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
+from diffcore.experiments import _stack, base, hooks as study_hooks, plotting, recipes
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -162,13 +162,9 @@ def _quick() -> HiddenGaussianConfig:
     :func:`_empirical_target` is the earlier recipe at the same budget, kept as an option.
     ``--set models_from=runs/quick`` measures the main job's models instead (widths 8 and 16)."""
     return HiddenGaussianConfig(
-        model_preset="ddpmpp-digits-light",
+        **recipes.DIGITS_QUICK_TRAINING,
         widths=(16,),
         sizes=(16, 1797),
-        train_steps=1000,
-        batch_size=32,
-        learning_rate=1e-3,
-        lr_warmup_images=1000,
         sigma_log_uniform=0.5,
         time_checkpoints=10,
         first_checkpoint=1,
@@ -218,14 +214,10 @@ def _paper() -> HiddenGaussianConfig:
     noisy images per sigma: over 4x the 3073 unknowns per output (3072 pixels + bias). Set
     data_root, or models_from a finished reproducibility run (docs/experiments.md: the table)."""
     return HiddenGaussianConfig(
-        dataset="cifar10",
-        model_preset="ddpmpp-cifar",
+        **recipes.EDM_CIFAR10_TRAINING,
         widths=(128,),
         sizes=(68, 137, 1094, 8750, 35000, 50000),
-        train_steps=390_625,
         batch_size=512,
-        learning_rate=1e-3,
-        lr_warmup_images=10_000_000,
         augment_p=0.12,
         linearity_pairs=256,
         distill_samples=12_800,
