@@ -55,7 +55,7 @@ class DemoConfig:
             )
 
 
-FIELD_CHECKS: dict[str, base.Check] = {}
+FIELD_CHECKS: dict[str, base.Check] = {}  # every field is of the shared vocabulary (base.VOCABULARY_CHECKS)
 
 
 PRESETS: dict[str, Callable[[], DemoConfig]] = {
