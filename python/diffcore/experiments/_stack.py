@@ -366,13 +366,13 @@ def load_model(model_dir: Path, device="cpu"):
 
 REPRODUCIBILITY = "reproducibility"
 
-# The checks of the four fields every config of a ReproducibilityModelsStudy has (its FIELD_CHECKS
-# take them with ``**``): which reproducibility run, and which of its models.
+# The checks of the fields every config of a ReproducibilityModelsStudy has (its FIELD_CHECKS take
+# them with ``**``; models_from is checked by base.VOCABULARY_CHECKS): which reproducibility run,
+# and which of its models (an empty tuple: all of them, unlike the vocabulary's widths and sizes).
 REPRODUCIBILITY_MODELS_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text,
     "reproducibility_preset": base.text,
-    "widths": base.tuple_of(base.positive, min_len=0),
-    "sizes": base.tuple_of(base.integer(2), min_len=0),
+    "widths": base.tuple_of(base.positive, min_len=0),  # (): every width of the run
+    "sizes": base.tuple_of(base.integer(2), min_len=0),  # (): every N of the run
 }
 
 

@@ -455,14 +455,80 @@ log_sigma = _range_check(math.log(SIGMA_LOWEST), math.log(SIGMA_HIGHEST), f"a me
 """The mean of a log-normal noise-level distribution, ln sigma in [ln SIGMA_LOWEST, ln SIGMA_HIGHEST]."""
 
 
-def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
-    """Run ``checks[field]`` on every field of the dataclass ``config`` (every field needs one)."""
+# The shared vocabulary's checks: a field of this name means the same thing in every study and is
+# checked the same way. :func:`check_fields` applies them to every field a study's own table does
+# not declare; a study declares a field of this name only where it needs another bound (its table
+# says why in a comment), or where it gives the name another meaning.
+VOCABULARY_CHECKS: dict[str, Check] = {
+    # data
+    "dataset": registered("diffcore.data.registry", "DATASET_NAMES"),  # a dataset diffcore.data loads
+    "data_root": text,  # the folder of a dataset read from disk ("": none)
+    "subset_seed": seed,  # the permutation of the nested training subsets
+    # training sets hold two or more images: a nearest-neighbour ratio d1 / d2 needs two
+    "num_train": integer(2),
+    "sizes": tuple_of(integer(2)),
+    # models and their training
+    "models_from": text,  # a finished run whose models are measured ("": train them)
+    "model_preset": model_preset,
+    "width": positive,  # a UNet's base channels
+    "widths": tuple_of(positive),
+    "train_seed": seed,
+    "train_seeds": tuple_of(seed),
+    "train_steps": positive,
+    "batch_size": positive,  # the training batch
+    "learning_rate": number(0, 1, lo_open=True),  # Adam's step size; above 1 is a slip, not a setting
+    "lr_warmup_images": count,  # images of the linear learning-rate ramp (0: none)
+    "precond": registered("diffcore.experiments._stack", "PRECONDITIONINGS"),
+    "augment_p": number(0, 1),  # EDM's non-leaky augmentation probability (0: off)
+    "label_dropout": below(1),  # share of training labels dropped (classifier-free guidance)
+    "sigma_p_mean": log_sigma,  # training noise levels: ln sigma ~ N(sigma_p_mean, sigma_p_std^2)
+    "sigma_p_std": positive_number,
+    "P_mean": log_sigma,  # molrg's and pfd's names of sigma_p_mean and sigma_p_std
+    "P_std": positive_number,
+    "sigma_log_uniform": number(0, 1),  # share of training noise levels drawn log-uniform
+    # the MoLRG data (a mixture of low-rank Gaussians) and its MLP denoisers
+    "num_components": positive,
+    "ambient_dim": positive,
+    "latent_dim": positive,
+    "mlp_width": positive,
+    "mlp_depth": positive,
+    # sampling
+    "num_samples": positive,
+    "sample_seed_start": seed,  # samples use seeds sample_seed_start .. + num_samples - 1
+    "sampler_steps": positive,
+    "solver": solver,
+    "sigma_min": sigma,
+    "sigma_max": sigma,
+    "sample_batch": positive,  # the sampler's batch
+    # measures
+    "similarity": text,  # cosine | l2 | sscd:PATH | raw:PATH, checked where it is loaded
+    "threshold": optional(number(-1, 1)),  # a similarity threshold (every similarity lies in [-1, 1]; None: calibrated)
+    "num_sigmas": positive,  # points of a noise-level grid
+    "probe_seed": seed,
+    "control_seed": seed,
+    "attack_seed": seed,
+    "inception_weights": text,  # FID's Inception-v3 weights file ("": none)
+    "grid_samples": count,  # samples shown per figure grid (0: none)
+    # runtime
+    "torch_threads": count,  # intra-op CPU threads (0: torch's default)
+}
+
+
+def field_checks(config: Any, checks: Mapping[str, Check]) -> dict[str, Check]:
+    """The check of every field of the dataclass ``config``: ``checks[field]`` (the study's table)
+    or else :data:`VOCABULARY_CHECKS` ``[field]``; TypeError naming the fields that have neither."""
     names = [f.name for f in dataclasses.fields(config)]
-    missing = [n for n in names if n not in checks]
+    missing = [n for n in names if n not in checks and n not in VOCABULARY_CHECKS]
     if missing:
         raise TypeError(f"{type(config).__name__}: no range declared for {', '.join(missing)}")
-    for name in names:
-        checks[name](name, getattr(config, name))
+    return {n: checks[n] if n in checks else VOCABULARY_CHECKS[n] for n in names}
+
+
+def check_fields(config: Any, checks: Mapping[str, Check]) -> None:
+    """Run on every field of the dataclass ``config`` its check (:func:`field_checks`: the study's
+    table ``checks``, else the shared :data:`VOCABULARY_CHECKS`; every field needs one)."""
+    for name, check in field_checks(config, checks).items():
+        check(name, getattr(config, name))
 
 
 def check_seed_range(start_name: str, start: int, count: int) -> None:

@@ -75,7 +75,7 @@ import torch
 
 from diffcore.analysis import guidance as guidance_measures
 from diffcore.analysis.guidance import JacobianCPCGuidance, LabeledDenoiser
-from diffcore.experiments import _stack, base, plotting
+from diffcore.experiments import _stack, base, plotting, recipes
 
 log = logging.getLogger(__name__)
 
@@ -173,19 +173,9 @@ class CFGConfig:
 
 _SCALE = base.number(-1e3, 1e3)
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.one_of("digits", "cifar10"),
-    "data_root": base.text,
-    "inception_weights": base.text,
-    "model_preset": base.model_preset,
-    "width": base.positive,
-    "train_steps": base.positive,
-    "batch_size": base.positive,
-    "learning_rate": base.number(0, 1, lo_open=True),
-    "lr_warmup_images": base.count,
+    "dataset": base.one_of("digits", "cifar10"),  # class-conditional: a labelled dataset with its classes
     "ema_halflife_images": base.positive_number,
-    "label_dropout": base.below(1),
     "augment": base.one_of("none", "xflip"),
-    "train_seed": base.seed,
     "guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
     "cpc_guidance_scales": base.tuple_of(base.number(0, 1e3, lo_open=True), min_len=0),
     "cpc_guidance_rank": base.count,
@@ -198,24 +188,15 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "linear_low": base.number(0),
     "gaussian_scale": _SCALE,
     "samples_per_class": base.positive,
-    "sample_seed_start": base.seed,
-    "solver": base.solver,
-    "sampler_steps": base.positive,
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
-    "sample_batch": base.positive,
-    "num_sigmas": base.positive,
     "distance_samples": base.positive,
     "cpc_sigmas": base.count,
     "cpc_points": base.positive,
     "cpc_k": base.positive,
     "cpc_method": base.one_of("subspace", "randomized", "lanczos"),
     "cpc_iters": base.count,
-    "probe_seed": base.seed,
     "frechet_resamples": base.integer(100),
     "saturated_accuracy": base.number(0, 1),
     "grid_per_class": base.positive,
-    "torch_threads": base.count,
 }
 
 
@@ -255,13 +236,9 @@ def _paper() -> CFGConfig:
     settings (batch 512, lr 1e-3, 200 Mimg, EMA half-life 0.5 Mimg, x-flips) with label dropout 0.1
     (diffcore's choice: EDM's conditional models had none); a GPU run."""
     return CFGConfig(
-        dataset="cifar10",
-        model_preset="ddpmpp-cifar",
+        **recipes.EDM_CIFAR10_TRAINING,
         width=128,
-        train_steps=390_625,
         batch_size=512,
-        learning_rate=1e-3,
-        lr_warmup_images=10_000_000,
         ema_halflife_images=500_000.0,
         augment="xflip",
         guidance_scales=(0.5, 1.0, 2.0, 4.0),

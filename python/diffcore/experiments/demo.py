@@ -55,20 +55,7 @@ class DemoConfig:
             )
 
 
-FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text,
-    "data_root": base.text,
-    "num_train": base.integer(2),
-    "subset_seed": base.seed,
-    "num_samples": base.integer(1),
-    "sample_seed_start": base.seed,
-    "sampler_steps": base.integer(1),
-    "solver": base.solver,
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
-    "similarity": base.text,
-    "threshold": base.optional(base.number(-1, 1)),
-}
+FIELD_CHECKS: dict[str, base.Check] = {}  # every field is of the shared vocabulary (base.VOCABULARY_CHECKS)
 
 
 PRESETS: dict[str, Callable[[], DemoConfig]] = {

@@ -43,7 +43,7 @@ import torch
 
 from diffcore._files import load_json
 from diffcore.analysis.generalization import distill_affine, linearity_cosines
-from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
+from diffcore.experiments import _stack, base, hooks as study_hooks, plotting, recipes
 from diffcore.metrics import intervals
 
 log = logging.getLogger(__name__)
@@ -138,35 +138,13 @@ class HiddenGaussianConfig:
 
 
 FIELD_CHECKS: dict[str, base.Check] = {
-    "models_from": base.text,
-    "dataset": base.text,
-    "data_root": base.text,
-    "model_preset": base.model_preset,
-    "widths": base.tuple_of(base.positive, min_len=0),
-    "sizes": base.tuple_of(base.integer(2), min_len=0),
-    "train_seeds": base.tuple_of(base.seed),
-    "subset_seed": base.seed,
-    "train_steps": base.positive,
-    "batch_size": base.positive,
-    "learning_rate": base.positive_number,
-    "lr_warmup_images": base.integer(0),
-    "num_sigmas": base.integer(2),
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
+    "widths": base.tuple_of(base.positive, min_len=0),  # with models_from: () = every width found
+    "sizes": base.tuple_of(base.integer(2), min_len=0),  # with models_from: () = every N found
+    "num_sigmas": base.integer(2),  # its measures are curves over the noise grid
     "linearity_pairs": base.positive,
     "distill_samples": base.integer(2),
-    "probe_seed": base.seed,
-    "num_samples": base.positive,
-    "sample_seed_start": base.seed,
-    "sampler_steps": base.positive,
-    "grid_samples": base.integer(0),
-    "precond": base.one_of(*_stack.PRECONDITIONINGS),
-    "augment_p": base.number(0, 1),
-    "sigma_p_mean": base.log_sigma,
-    "sigma_p_std": base.positive_number,
     "train_target": base.one_of("clean", "empirical"),
     "target_sigma_min": base.optional_sigma,
-    "sigma_log_uniform": base.number(0, 1),
     "time_checkpoints": base.integer(0),
     "first_checkpoint": base.positive,
 }
@@ -184,13 +162,9 @@ def _quick() -> HiddenGaussianConfig:
     :func:`_empirical_target` is the earlier recipe at the same budget, kept as an option.
     ``--set models_from=runs/quick`` measures the main job's models instead (widths 8 and 16)."""
     return HiddenGaussianConfig(
-        model_preset="ddpmpp-digits-light",
+        **recipes.DIGITS_QUICK_TRAINING,
         widths=(16,),
         sizes=(16, 1797),
-        train_steps=1000,
-        batch_size=32,
-        learning_rate=1e-3,
-        lr_warmup_images=1000,
         sigma_log_uniform=0.5,
         time_checkpoints=10,
         first_checkpoint=1,
@@ -240,14 +214,10 @@ def _paper() -> HiddenGaussianConfig:
     noisy images per sigma: over 4x the 3073 unknowns per output (3072 pixels + bias). Set
     data_root, or models_from a finished reproducibility run (docs/experiments.md: the table)."""
     return HiddenGaussianConfig(
-        dataset="cifar10",
-        model_preset="ddpmpp-cifar",
+        **recipes.EDM_CIFAR10_TRAINING,
         widths=(128,),
         sizes=(68, 137, 1094, 8750, 35000, 50000),
-        train_steps=390_625,
         batch_size=512,
-        learning_rate=1e-3,
-        lr_warmup_images=10_000_000,
         augment_p=0.12,
         linearity_pairs=256,
         distill_samples=12_800,

@@ -119,12 +119,9 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "padding": base.one_of("zeros", "circular"),
     "calibration_seed_start": base.seed,
     "calibration_seeds": base.positive,
-    "sample_seed_start": base.seed,
     "num_samples": base.integer(3),  # a bootstrap interval needs a few seeds
     "wiener_threshold": base.number(0, 1, lo_open=True),
     "wiener_rule": base.one_of("public", "row"),
-    "grid_samples": base.integer(0),
-    "torch_threads": base.integer(0),
 }
 
 

@@ -105,8 +105,6 @@ class MoLRGConfig:
 
 
 FIELD_CHECKS: dict[str, base.Check] = {
-    "num_components": base.positive,
-    "ambient_dim": base.positive,
     "latent_dims": base.tuple_of(base.positive),
     "ratios": base.tuple_of(base.positive_number),
     "data_seed": base.seed,
@@ -114,25 +112,12 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "subspace_steps": base.positive,
     "subspace_lr": base.positive_number,
     "subspace_restarts": base.positive,
-    "mlp_width": base.positive,
-    "mlp_depth": base.positive,
     "mlp_steps": base.positive,
     "mlp_lr": base.positive_number,
-    "batch_size": base.positive,
-    "P_mean": base.log_sigma,
-    "P_std": base.positive_number,
-    "train_seed": base.seed,
-    "num_samples": base.positive,
-    "sample_seed_start": base.seed,
-    "sampler_steps": base.positive,
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
     "calibration_pool": base.integer(2),  # a calibrated threshold needs two images
-    "threshold": base.optional(base.number(-1, 1)),  # a cosine
     "rank_samples": base.positive,
     "data_seeds": base.tuple_of(base.seed, min_len=0),
     "mlp_draws": base.integer(0),
-    "sigma_log_uniform": base.number(0, 1),
     "recovery_threshold": base.number(0, 1, lo_open=True),
 }
 

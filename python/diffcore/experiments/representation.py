@@ -111,8 +111,6 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "probe_splits": base.integer(3),  # a seeds-t interval of the mean needs three or more
     "split_seed": base.seed,
     "num_sigmas": base.integer(3),  # a shape needs a middle
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
     "noise_seed_start": base.seed,
     "trajectory_sizes": base.tuple_of(base.integer(2), min_len=0),
     "snapshot_every": base.positive,
@@ -123,7 +121,6 @@ FIELD_CHECKS: dict[str, base.Check] = {
     "molrg_noise_std": base.number(0),
     "molrg_samples": base.integer(10),
     "molrg_seed": base.seed,
-    "torch_threads": base.integer(0),
 }
 
 

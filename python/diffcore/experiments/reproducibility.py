@@ -38,7 +38,7 @@ import torch
 
 from diffcore import _env, metrics
 from diffcore._progress import Progress
-from diffcore.experiments import _stack, base, hooks as study_hooks, plotting
+from diffcore.experiments import _stack, base, hooks as study_hooks, plotting, recipes
 from diffcore.experiments.hooks import StudyHooks
 from diffcore.metrics import intervals
 
@@ -125,35 +125,11 @@ class ReproducibilityConfig:
 
 
 FIELD_CHECKS: dict[str, base.Check] = {
-    "dataset": base.text,
-    "data_root": base.text,
-    "model_preset": base.model_preset,
-    "similarity": base.text,
-    "widths": base.tuple_of(base.positive),
-    "sizes": base.tuple_of(base.integer(2)),  # the memorization ratio needs N >= 2
-    "train_seeds": base.tuple_of(base.seed),
-    "subset_seed": base.seed,
-    "sample_seed_start": base.seed,
-    "train_steps": base.positive,
-    "batch_size": base.positive,
-    "num_samples": base.positive,
-    "sampler_steps": base.positive,
-    "learning_rate": base.number(0, lo_open=True),
-    "lr_warmup_images": base.integer(0),
-    "solver": base.solver,
-    "sigma_min": base.sigma,
-    "sigma_max": base.sigma,
-    "threshold": base.optional(base.number(-1, 1)),  # every similarity lies in [-1, 1]
     "calibration_quantile": base.number(0, 1),
     "memorization_ratio": base.number(0, 1, lo_open=True),  # |x - NN1| / |x - NN2| <= 1
-    "grid_samples": base.integer(0),
-    "torch_threads": base.integer(0),
     "train_workers": base.positive,
     "train_ensemble": base.positive,
-    "precond": base.one_of(*_stack.PRECONDITIONINGS),
-    "augment_p": base.number(0, 1),
     "subsets": base.one_of("nested", "disjoint"),
-    "sigma_log_uniform": base.number(0, 1),
     "duplicate_rms": base.number(0),
 }
 
@@ -181,13 +157,10 @@ def _quick() -> ReproducibilityConfig:
     costs ~10x on an AVX2-only one, so the preset trains in fp32 everywhere.
     ``--set train_seeds=0,1`` adds the same-width RP pairs at twice the training time."""
     return ReproducibilityConfig(
-        model_preset="ddpmpp-digits-light",
+        **recipes.DIGITS_QUICK_TRAINING,
         widths=(8, 16),
         sizes=(16, 64, 128, 256, 1797),
         train_seeds=(0,),
-        train_steps=1000,
-        batch_size=32,
-        learning_rate=1e-3,
         num_samples=256,
         sampler_steps=18,
         torch_threads=1,
@@ -214,15 +187,11 @@ def _paper() -> ReproducibilityConfig:
     100000-109999 (Heun, 18 steps). Set data_root, and ``similarity=sscd:PATH`` (the SSCD file you
     have) for the paper's measure at threshold 0.6. Add a second seed with --set train_seeds=0,1."""
     return ReproducibilityConfig(
-        dataset="cifar10",
-        model_preset="ddpmpp-cifar",
+        **recipes.EDM_CIFAR10_TRAINING,
         widths=(64, 128, 256),
         sizes=tuple(2**k for k in range(6, 15)),
         train_seeds=(0,),
-        train_steps=390_625,
         batch_size=128,
-        learning_rate=1e-3,
-        lr_warmup_images=10_000_000,
         precond="vp",
         augment_p=0.12,
         num_samples=10_000,
