@@ -26,7 +26,7 @@ DIGITS_QUICK_TRAINING: Mapping[str, Any] = MappingProxyType(
         "lr_warmup_images": 1000,
     }
 )
-"""The quick recipe on the embedded digits (issue 19 chose it by measurement; docs/experiments.md,
+"""The quick recipe on the embedded digits (chosen by measurement: docs/experiments.md,
 "The quick recipe"): the light 8x8 UNet (one block per level, no dropout), 1000 Adam steps at batch
 32 and lr 1e-3 after a 1000-image warm-up. The quick presets of reproducibility, hidden-gaussian
 and dynamics train their models with it."""
