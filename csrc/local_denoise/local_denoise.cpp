@@ -1093,8 +1093,8 @@ void register_local_denoise(py::module_& m) {
       m, "local_denoise_translated_tile", &translated_tile,
       std::tuple_cat(keywords("xq_ptr"), training_tile, keywords("valid"), grid, key_ranges, running_state, on_cpu),
       "ELS over one tile: padded queries [B, C, H+P-1, W+P-1] and padded training images, image-innermost "
-      "[C, H+P-1, W+P-1, T] (float32, T a multiple of 16, the first `valid` images real); key ranges per row/column (int32 [H], [W]); running state dmin/total [B*H*W], acc [B*H*W, C] "
-      "(float64) updated in place.");
+      "[C, H+P-1, W+P-1, T] (float32, T a multiple of 16, the first `valid` images real); key ranges per "
+      "row/column (int32 [H], [W]); running state dmin/total [B*H*W], acc [B*H*W, C] (float64) updated in place.");
   def_keyword_only(
       m, "local_denoise_same_location_tile", &same_location_tile, std::tuple_cat(same_location, running_state, on_cpu),
       "Same-location keys over one tile: x [B, C, H*W], training tile pixel-major [H*W, C, T] (float32); per "
