@@ -22,15 +22,31 @@ _PYBIND_TYPES = {
 _STUB_RETURNS = {"BuildInfo": "dict"}
 
 
+def _typed_dict_fields(classes: dict[str, ast.ClassDef], name: str) -> list[tuple[str, str]]:
+    """[(field, type)] of the stub's TypedDict ``name`` in order: its base's fields, then its own."""
+    cls = classes[name]
+    assert len(cls.bases) == 1, f"{name}: one base (mypy orders the fields of several bases otherwise than Python)"
+    base = ast.unparse(cls.bases[0])
+    inherited = [] if base == "TypedDict" else _typed_dict_fields(classes, base)
+    own = [(f.target.id, ast.unparse(f.annotation)) for f in cls.body if isinstance(f, ast.AnnAssign)]
+    return inherited + own
+
+
 def _stub_signatures() -> dict[str, tuple[list[tuple[str, str]], str]]:
-    """Name -> ([(keyword, type)], return type) of every method of the stub's ``Extension``."""
+    """Name -> ([(keyword, type)], return type) of every method of the stub's ``Extension``; a method
+    typed ``**kwargs: Unpack[SomeKeywords]`` takes that TypedDict's fields in order."""
     tree = ast.parse(STUB.read_text())
-    protocol = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Extension")
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     out = {}
-    for fn in protocol.body:
+    for fn in classes["Extension"].body:
         if isinstance(fn, ast.FunctionDef):
             kwargs = [(a.arg, ast.unparse(a.annotation)) for a in fn.args.kwonlyargs]
-            assert not fn.args.args[1:], f"{fn.name}: every argument of _C is keyword-only"
+            assert not fn.args.args[1:] and not fn.args.vararg, f"{fn.name}: every argument of _C is keyword-only"
+            if fn.args.kwarg is not None:
+                unpacked = ast.unparse(fn.args.kwarg.annotation)
+                keywords = unpacked.removeprefix("Unpack[").removesuffix("]")
+                assert not kwargs and unpacked == f"Unpack[{keywords}]", f"{fn.name}: **kwargs: Unpack[TypedDict] only"
+                kwargs = _typed_dict_fields(classes, keywords)
             out[fn.name] = (kwargs, _STUB_RETURNS.get(ast.unparse(fn.returns), ast.unparse(fn.returns)))
     return out
 

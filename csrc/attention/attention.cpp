@@ -44,12 +44,12 @@ void attention_forward(const std::string& dtype_name, std::uintptr_t q, std::uin
 }
 
 void register_attention(py::module_& m) {
-  m.def("attention_forward", &attention_forward, py::call_guard<py::gil_scoped_release>(), py::kw_only(),
-        py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("tq"), py::arg("tk"),
-        py::arg("tv"), py::arg("o"), py::arg("to"), py::arg("lse"), py::arg("bh"), py::arg("lq"),
-        py::arg("lk"), py::arg("d"), py::arg("scale"), py::arg("jvp"), py::arg("device"), py::arg("stream"),
-        "CUDA attention forward (jvp=False) or fused forward + JVP (jvp=True) on contiguous "
-        "[bh, L, d] device buffers given as data pointers; tq/tk/tv may be 0. Writes o, to, lse.");
+  using namespace diffcore;
+  def_keyword_only(m, "attention_forward", &attention_forward,
+                   keywords("dtype", "q", "k", "v", "tq", "tk", "tv", "o", "to", "lse", "bh", "lq", "lk", "d", "scale",
+                            "jvp", "device", "stream"),
+                   "CUDA attention forward (jvp=False) or fused forward + JVP (jvp=True) on contiguous "
+                   "[bh, L, d] device buffers given as data pointers; tq/tk/tv may be 0. Writes o, to, lse.");
 }
 
 }  // namespace

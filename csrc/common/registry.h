@@ -4,6 +4,7 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,26 @@ inline std::vector<std::pair<const char*, Registrar>>& registry() {
 struct RegisterOp {
   RegisterOp(const char* name, Registrar fn) { registry().emplace_back(name, fn); }
 };
+
+// A run of keyword names of the C ABI, in order. A run that several functions take (a running
+// state, a tile's layout) is spelled once and joined with std::tuple_cat.
+template <typename... Names>
+auto keywords(const Names&... names) {
+  return std::make_tuple(pybind11::arg(names)...);
+}
+
+// m.def(name, f) with the GIL released and every argument keyword-only (no swapped pointer or
+// size), named in the order of `names` (a keywords(...) run or several joined), docstring `doc`.
+template <typename Func, typename... Args>
+void def_keyword_only(pybind11::module_& m, const char* name, Func&& f, const std::tuple<Args...>& names,
+                      const char* doc) {
+  std::apply(
+      [&](const auto&... keyword) {
+        m.def(name, std::forward<Func>(f), pybind11::call_guard<pybind11::gil_scoped_release>(), pybind11::kw_only(),
+              keyword..., doc);
+      },
+      names);
+}
 
 }  // namespace diffcore
 

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -703,51 +704,45 @@ void cuda_forward(std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr
 }
 
 void register_empirical_denoise(py::module_& m) {
-  using py::arg;
-  auto release = py::call_guard<py::gil_scoped_release>();
-  const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
-  m.def("empirical_denoise_row_sqnorms", &row_sqnorms, release, named,
-        arg("y_ptr"), arg("dtype"), arg("rows"),
-        arg("dim"), arg("ld"), arg("out_ptr"), arg("threads"),
-        "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
-  m.def("empirical_denoise_decode_rows", &decode_rows, release, named,
-        arg("src_ptr"), arg("src_dtype"), arg("rows"),
-        arg("dim"), arg("dst_ptr"), arg("dst_dtype"), arg("threads"),
-        "float32/uint8 rows (uint8 as u/127.5-1) into a float32 or bfloat16 buffer (one rounding).");
-  m.def("empirical_denoise_tile_update", &tile_update, release, named,
-        arg("g_ptr"), arg("g_dtype"), arg("g_ld"),
-        arg("p_ptr"), arg("batch"), arg("tile"), arg("x_ptr"), arg("x_ld"), arg("dim"), arg("xn2_ptr"),
-        arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("yn2_ptr"), arg("gemm_err_coef"),
-        arg("rounding_coef"), arg("rescore_tol"), arg("band"), arg("rescore_budget"), arg("m_ptr"), arg("mlow_ptr"), arg("s_ptr"),
-        arg("scale_ptr"), arg("threads"),
-        "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
-        "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
-        "pairs would need exact re-scoring (nothing written). rescore_budget=-1: no budget; -3: only "
-        "count the pairs that would be re-scored, returning (-1, count).");
-  m.def("empirical_denoise_screen_collect", &screen_collect, release, named,
-        arg("g_ptr"), arg("g_dtype"), arg("g_ld"), arg("batch"),
-        arg("tile"), arg("start"), arg("xn2_ptr"), arg("inv2s2_ptr"), arg("yn2_ptr"), arg("gemm_err_coef"),
-        arg("rounding_coef"), arg("band"), arg("mlow_ptr"), arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"),
-        arg("cap"), arg("threads"),
-        "Screening pass over one tile of a bf16 or float32 Gram matrix: raise the lower bound of each row's max "
-        "logit and collect the candidate pairs; returns the number of rows whose list overflowed.");
-  m.def("empirical_denoise_screen_finalize", &screen_finalize, release, named,
-        arg("x_ptr"), arg("x_ld"), arg("batch"),
-        arg("dim"), arg("inv2s2_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("mlow_ptr"),
-        arg("cand_index_ptr"), arg("cand_upper_ptr"), arg("cand_count_ptr"), arg("cap"), arg("band"),
-        arg("row_map_ptr"), arg("out_ptr"), arg("logz_ptr"), arg("threads"),
-        "Exact re-scoring of the collected candidates: out [B, D] float32 and logz [B] float64.");
-  m.def("empirical_denoise_sparse_accumulate", &sparse_accumulate, release, named,
-        arg("p_ptr"), arg("p_ld"),
-        arg("batch"), arg("tile"), arg("scale_ptr"), arg("y_ptr"), arg("y_dtype"), arg("y_ld"), arg("dim"),
-        arg("acc_ptr"), arg("acc_ld"), arg("threads"),
-        "acc = acc * scale + P @ tile over the nonzero weights of P only.");
-  m.def("empirical_denoise_cuda_forward", &cuda_forward, release, named,
-        arg("x_ptr"), arg("x_dtype"), arg("y_ptr"),
-        arg("y_dtype"), arg("inv2s2_ptr"), arg("batch"), arg("rows"), arg("dim"), arg("splits"),
-        arg("work_acc_ptr"), arg("work_m_ptr"), arg("work_s_ptr"), arg("out_ptr"), arg("logz_ptr"),
-        arg("device"), arg("stream"),
-        "CUDA empirical denoiser (exact double distances, split over the training set, log-sum-exp merge).");
+  // The candidate lists screen_collect fills and screen_finalize reads (one layout, spelled once).
+  const auto candidates = keywords("cand_index_ptr", "cand_upper_ptr", "cand_count_ptr", "cap");
+  def_keyword_only(m, "empirical_denoise_row_sqnorms", &row_sqnorms,
+                   keywords("y_ptr", "dtype", "rows", "dim", "ld", "out_ptr", "threads"),
+                   "|y_i|^2 (double) of rows float32/uint8 (uint8 as u/127.5-1).");
+  def_keyword_only(m, "empirical_denoise_decode_rows", &decode_rows,
+                   keywords("src_ptr", "src_dtype", "rows", "dim", "dst_ptr", "dst_dtype", "threads"),
+                   "float32/uint8 rows (uint8 as u/127.5-1) into a float32 or bfloat16 buffer (one rounding).");
+  def_keyword_only(m, "empirical_denoise_tile_update", &tile_update,
+                   keywords("g_ptr", "g_dtype", "g_ld", "p_ptr", "batch", "tile", "x_ptr", "x_ld", "dim", "xn2_ptr",
+                            "inv2s2_ptr", "y_ptr", "y_dtype", "y_ld", "yn2_ptr", "gemm_err_coef", "rounding_coef",
+                            "rescore_tol", "band", "rescore_budget", "m_ptr", "mlow_ptr", "s_ptr", "scale_ptr",
+                            "threads"),
+                   "One training tile of the empirical denoiser: G -> weights P, running log-sum-exp update. "
+                   "Returns (nonzero weights, re-scored pairs), or (-1, wanted) when more than rescore_budget "
+                   "pairs would need exact re-scoring (nothing written). rescore_budget=-1: no budget; -3: only "
+                   "count the pairs that would be re-scored, returning (-1, count).");
+  def_keyword_only(m, "empirical_denoise_screen_collect", &screen_collect,
+                   std::tuple_cat(keywords("g_ptr", "g_dtype", "g_ld", "batch", "tile", "start", "xn2_ptr",
+                                           "inv2s2_ptr", "yn2_ptr", "gemm_err_coef", "rounding_coef", "band",
+                                           "mlow_ptr"),
+                                  candidates, keywords("threads")),
+                   "Screening pass over one tile of a bf16 or float32 Gram matrix: raise the lower bound of each "
+                   "row's max logit and collect the candidate pairs; returns the number of rows whose list "
+                   "overflowed.");
+  def_keyword_only(m, "empirical_denoise_screen_finalize", &screen_finalize,
+                   std::tuple_cat(keywords("x_ptr", "x_ld", "batch", "dim", "inv2s2_ptr", "y_ptr", "y_dtype", "y_ld",
+                                           "mlow_ptr"),
+                                  candidates, keywords("band", "row_map_ptr", "out_ptr", "logz_ptr", "threads")),
+                   "Exact re-scoring of the collected candidates: out [B, D] float32 and logz [B] float64.");
+  def_keyword_only(m, "empirical_denoise_sparse_accumulate", &sparse_accumulate,
+                   keywords("p_ptr", "p_ld", "batch", "tile", "scale_ptr", "y_ptr", "y_dtype", "y_ld", "dim",
+                            "acc_ptr", "acc_ld", "threads"),
+                   "acc = acc * scale + P @ tile over the nonzero weights of P only.");
+  def_keyword_only(m, "empirical_denoise_cuda_forward", &cuda_forward,
+                   keywords("x_ptr", "x_dtype", "y_ptr", "y_dtype", "inv2s2_ptr", "batch", "rows", "dim", "splits",
+                            "work_acc_ptr", "work_m_ptr", "work_s_ptr", "out_ptr", "logz_ptr", "device", "stream"),
+                   "CUDA empirical denoiser (exact double distances, split over the training set, log-sum-exp "
+                   "merge).");
 }
 
 }  // namespace

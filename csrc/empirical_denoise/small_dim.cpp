@@ -818,17 +818,15 @@ std::tuple<double, int64_t, int64_t, int64_t, int64_t> small_dim_forward(
 }
 
 void register_small_dim(py::module_& m) {
-  using py::arg;
-  m.def("empirical_denoise_small_dim", &small_dim_forward, py::call_guard<py::gil_scoped_release>(), py::kw_only(),
-        arg("x_ptr"), arg("y_ptr"), arg("y_dtype"), arg("batch"), arg("rows"), arg("dim"), arg("inv2s2_ptr"),
-        arg("gemm_err_coef"), arg("fp32_err_coef"), arg("rounding_coef"), arg("rescore_tol"), arg("band"),
-        arg("tiny_tol"), arg("screen_ratio"), arg("screen_max_kept"), arg("out_ptr"), arg("logz_ptr"),
-        arg("redo_ptr"), arg("parallel_min_work"), arg("threads"),
-        "Empirical denoiser for small rows in one call: an fp32 screen with exact re-scoring of the "
-        "survivors where few pairs carry weight, else float64 Gram, bounded logits (exact re-scoring "
-        "where the bound is loose), weights and the weighted sum; query blocks of 4 over the whole set. "
-        "Returns (largest |train value|, rows flagged for relative logits, queries screened, their survivors, "
-        "queries finished by the first (partial) screen).");
+  def_keyword_only(m, "empirical_denoise_small_dim", &small_dim_forward,
+                   keywords("x_ptr", "y_ptr", "y_dtype", "batch", "rows", "dim", "inv2s2_ptr", "gemm_err_coef",
+                            "fp32_err_coef", "rounding_coef", "rescore_tol", "band", "tiny_tol", "screen_ratio",
+                            "screen_max_kept", "out_ptr", "logz_ptr", "redo_ptr", "parallel_min_work", "threads"),
+                   "Empirical denoiser for small rows in one call: an fp32 screen with exact re-scoring of the "
+                   "survivors where few pairs carry weight, else float64 Gram, bounded logits (exact re-scoring "
+                   "where the bound is loose), weights and the weighted sum; query blocks of 4 over the whole set. "
+                   "Returns (largest |train value|, rows flagged for relative logits, queries screened, their "
+                   "survivors, queries finished by the first (partial) screen).");
 }
 
 }  // namespace

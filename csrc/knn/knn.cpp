@@ -660,31 +660,25 @@ void knn_cuda_entry(std::uintptr_t queries_ptr, std::uintptr_t train_ptr, const 
 }
 
 void register_knn(py::module_& m) {
-  const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
-  m.def("knn_cpu_prepare_rows", &knn_cpu_prepare_rows, named,
-        py::arg("src_ptr"), py::arg("dtype"), py::arg("rows"),
-        py::arg("dim"), py::arg("row_stride"), py::arg("dst_ptr"), py::arg("dst_dtype"), py::arg("int8_levels"),
-        py::arg("norms_ptr"),
-        py::arg("threads"), py::arg("arg_name"), py::call_guard<py::gil_scoped_release>(),
-        "Copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) in the screening precision dst_dtype "
-        "(bfloat16, float32, or int8 with a per-row scale and values in [-int8_levels, int8_levels]; dst_ptr 0: "
-        "no copy, float32 rows only) and per-row doubles [|x|^2, |s(x)|, |x - s(x)|, scale]; raises ValueError "
-        "on NaN/Inf.");
-  m.def("knn_cpu_screen_tile", &knn_cpu_screen_tile, named,
-        py::arg("queries_ptr"), py::arg("queries_dtype"),
-        py::arg("batch"), py::arg("dim"), py::arg("q_norms_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
-        py::arg("tile_start"), py::arg("tile"), py::arg("y_norms_ptr"), py::arg("gram_ptr"), py::arg("gram_dtype"), py::arg("k"),
-        py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("safety"), py::arg("threads"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Screen one training tile with the bf16, float32 or int32 (int8 screen) Gram tile, re-score survivors exactly, merge into the "
-        "per-query top-k (double d^2 [batch, k], int64 [batch, k]). Returns the number re-scored.");
-  m.def("knn_cuda", &knn_cuda_entry, named,
-        py::arg("queries_ptr"), py::arg("train_ptr"), py::arg("train_dtype"),
-        py::arg("batch"), py::arg("n_train"), py::arg("dim"), py::arg("k"), py::arg("tile"), py::arg("workspace_ptr"),
-        py::arg("best_d2_ptr"), py::arg("best_idx_ptr"), py::arg("device"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "CUDA exact k-NN: float32 queries [batch, dim] and float32/uint8 train [n_train, dim] on one GPU; "
-        "workspace float32 [batch, tile]; fills double d^2 and int64 indices [batch, k].");
+  def_keyword_only(m, "knn_cpu_prepare_rows", &knn_cpu_prepare_rows,
+                   keywords("src_ptr", "dtype", "rows", "dim", "row_stride", "dst_ptr", "dst_dtype", "int8_levels",
+                            "norms_ptr", "threads", "arg_name"),
+                   "Copy [rows, dim] of rows (float32/float64/uint8 -> u/127.5-1) in the screening precision "
+                   "dst_dtype (bfloat16, float32, or int8 with a per-row scale and values in [-int8_levels, "
+                   "int8_levels]; dst_ptr 0: no copy, float32 rows only) and per-row doubles [|x|^2, |s(x)|, "
+                   "|x - s(x)|, scale]; raises ValueError on NaN/Inf.");
+  def_keyword_only(m, "knn_cpu_screen_tile", &knn_cpu_screen_tile,
+                   keywords("queries_ptr", "queries_dtype", "batch", "dim", "q_norms_ptr", "train_ptr", "train_dtype",
+                            "tile_start", "tile", "y_norms_ptr", "gram_ptr", "gram_dtype", "k", "best_d2_ptr",
+                            "best_idx_ptr", "safety", "threads"),
+                   "Screen one training tile with the bf16, float32 or int32 (int8 screen) Gram tile, re-score "
+                   "survivors exactly, merge into the per-query top-k (double d^2 [batch, k], int64 [batch, k]). "
+                   "Returns the number re-scored.");
+  def_keyword_only(m, "knn_cuda", &knn_cuda_entry,
+                   keywords("queries_ptr", "train_ptr", "train_dtype", "batch", "n_train", "dim", "k", "tile",
+                            "workspace_ptr", "best_d2_ptr", "best_idx_ptr", "device", "stream"),
+                   "CUDA exact k-NN: float32 queries [batch, dim] and float32/uint8 train [n_train, dim] on one GPU; "
+                   "workspace float32 [batch, tile]; fills double d^2 and int64 indices [batch, k].");
 }
 
 }  // namespace

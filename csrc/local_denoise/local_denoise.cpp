@@ -37,6 +37,7 @@
 #include <limits>
 #include <string>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -1076,52 +1077,54 @@ void same_location_cuda(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int64_t batc
 }
 
 void register_local_denoise(py::module_& m) {
-  using py::arg;
-  auto release = py::call_guard<py::gil_scoped_release>();
-  const auto named = py::kw_only();
-  m.def("local_denoise_translated_tile", &translated_tile, release, named, arg("xq_ptr"), arg("y_ptr"), arg("batch"),
-        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("row_lo_ptr"), arg("row_hi_ptr"),
-        arg("col_lo_ptr"), arg("col_hi_ptr"), arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"),
-        arg("acc_ptr"), arg("threads"),
-        "ELS over one tile: padded queries [B, C, H+P-1, W+P-1] and padded training images, image-innermost "
-        "[C, H+P-1, W+P-1, T] (float32, T a multiple of 16, the first `valid` images real); key ranges per row/column (int32 [H], [W]); running state dmin/total [B*H*W], acc [B*H*W, C] "
-        "(float64) updated in place.");
-  m.def("local_denoise_same_location_tile", &same_location_tile, release, named, arg("x_ptr"), arg("y_ptr"),
-        arg("batch"), arg("tile"), arg("channels"), arg("pixels"), arg("locations"), arg("support_offsets_ptr"),
-        arg("support_index_ptr"), arg("support_weight_ptr"), arg("out_offsets_ptr"), arg("out_index_ptr"),
-        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
-        "Same-location keys over one tile: x [B, C, H*W], training tile pixel-major [H*W, C, T] (float32); per "
-        "location a weighted pixel support and output pixels (CSR: int64 offsets, int32 indices, float32 "
-        "weights); running state dmin/total [B*L], acc [B, outputs, C] (float64) updated in place.");
-  m.def("local_denoise_box_ls_tile", &box_ls_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
-        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("circular"),
-        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
-        "LS by box sums over one tile: x [B, C, H*W], training tile chunk-major [T/16, H*W, C, 16] (float32, T a "
-        "multiple of 16, the first `valid` images real, the rest zero); zero or circular padding; running state "
-        "dmin/total [B*H*W], acc [B, H*W, C] (float64) updated in place.");
-  m.def("local_denoise_box_els_tile", &box_els_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
-        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("circular"),
-        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
-        "ELS by shifted box sums over one tile (layout as local_denoise_box_ls_tile): zero padding with the "
-        "boundary-broken dictionaries, or circular; running state dmin/total [B*H*W], acc [B, H*W, C] (float64) "
-        "updated in place.");
-  m.def("local_denoise_box_pspc_tile", &box_pspc_tile, release, named, arg("x_ptr"), arg("y_ptr"), arg("batch"),
-        arg("tile"), arg("valid"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("stage"),
-        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("threads"),
-        "PSPC by box sums over one tile (layout as local_denoise_box_ls_tile): stage 'totals' updates the "
-        "squares' dmin/total [B*S] (S valid squares, row-major); 'means' adds to acc [B, H*W, C] the sums over "
-        "the tile of the covering squares' normalized weights times the pixel values, with the final "
-        "dmin/total; 'single' (the tile is the whole training set, fresh state) does both.");
-  m.def("local_denoise_translated_cuda", &translated_cuda, release, named, arg("xq_ptr"), arg("y_ptr"), arg("batch"),
-        arg("tile"), arg("channels"), arg("height"), arg("width"), arg("patch"), arg("row_lo_ptr"), arg("row_hi_ptr"),
-        arg("col_lo_ptr"), arg("col_hi_ptr"), arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"),
-        arg("acc_ptr"), arg("device"), arg("stream"),
-        "CUDA ELS over one image-major tile [T, C, H+P-1, W+P-1] (compiled, never run on a GPU).");
-  m.def("local_denoise_same_location_cuda", &same_location_cuda, release, named, arg("x_ptr"), arg("y_ptr"),
-        arg("batch"), arg("tile"), arg("channels"), arg("pixels"), arg("locations"), arg("support_offsets_ptr"),
-        arg("support_index_ptr"), arg("support_weight_ptr"), arg("out_offsets_ptr"), arg("out_index_ptr"),
-        arg("inv2s2_ptr"), arg("band"), arg("dmin_ptr"), arg("total_ptr"), arg("acc_ptr"), arg("device"),
-        arg("stream"), "CUDA same-location kinds over one tile (compiled, never run on a GPU).");
+  // The keyword runs the kernels share, each spelled once; a kernel's keywords are its runs joined.
+  const auto training_tile = keywords("y_ptr", "batch", "tile");
+  const auto grid = keywords("channels", "height", "width", "patch");
+  const auto key_ranges = keywords("row_lo_ptr", "row_hi_ptr", "col_lo_ptr", "col_hi_ptr");
+  const auto same_location = std::tuple_cat(
+      keywords("x_ptr"), training_tile,
+      keywords("channels", "pixels", "locations", "support_offsets_ptr", "support_index_ptr", "support_weight_ptr",
+               "out_offsets_ptr", "out_index_ptr"));
+  const auto box_tile = std::tuple_cat(keywords("x_ptr"), training_tile, keywords("valid"), grid);
+  const auto running_state = keywords("inv2s2_ptr", "band", "dmin_ptr", "total_ptr", "acc_ptr");
+  const auto on_cpu = keywords("threads");
+  const auto on_cuda = keywords("device", "stream");
+  def_keyword_only(
+      m, "local_denoise_translated_tile", &translated_tile,
+      std::tuple_cat(keywords("xq_ptr"), training_tile, keywords("valid"), grid, key_ranges, running_state, on_cpu),
+      "ELS over one tile: padded queries [B, C, H+P-1, W+P-1] and padded training images, image-innermost "
+      "[C, H+P-1, W+P-1, T] (float32, T a multiple of 16, the first `valid` images real); key ranges per "
+      "row/column (int32 [H], [W]); running state dmin/total [B*H*W], acc [B*H*W, C] (float64) updated in place.");
+  def_keyword_only(
+      m, "local_denoise_same_location_tile", &same_location_tile, std::tuple_cat(same_location, running_state, on_cpu),
+      "Same-location keys over one tile: x [B, C, H*W], training tile pixel-major [H*W, C, T] (float32); per "
+      "location a weighted pixel support and output pixels (CSR: int64 offsets, int32 indices, float32 "
+      "weights); running state dmin/total [B*L], acc [B, outputs, C] (float64) updated in place.");
+  def_keyword_only(
+      m, "local_denoise_box_ls_tile", &box_ls_tile,
+      std::tuple_cat(box_tile, keywords("circular"), running_state, on_cpu),
+      "LS by box sums over one tile: x [B, C, H*W], training tile chunk-major [T/16, H*W, C, 16] (float32, T a "
+      "multiple of 16, the first `valid` images real, the rest zero); zero or circular padding; running state "
+      "dmin/total [B*H*W], acc [B, H*W, C] (float64) updated in place.");
+  def_keyword_only(
+      m, "local_denoise_box_els_tile", &box_els_tile,
+      std::tuple_cat(box_tile, keywords("circular"), running_state, on_cpu),
+      "ELS by shifted box sums over one tile (layout as local_denoise_box_ls_tile): zero padding with the "
+      "boundary-broken dictionaries, or circular; running state dmin/total [B*H*W], acc [B, H*W, C] (float64) "
+      "updated in place.");
+  def_keyword_only(
+      m, "local_denoise_box_pspc_tile", &box_pspc_tile,
+      std::tuple_cat(box_tile, keywords("stage"), running_state, on_cpu),
+      "PSPC by box sums over one tile (layout as local_denoise_box_ls_tile): stage 'totals' updates the "
+      "squares' dmin/total [B*S] (S valid squares, row-major); 'means' adds to acc [B, H*W, C] the sums over "
+      "the tile of the covering squares' normalized weights times the pixel values, with the final "
+      "dmin/total; 'single' (the tile is the whole training set, fresh state) does both.");
+  def_keyword_only(m, "local_denoise_translated_cuda", &translated_cuda,
+                   std::tuple_cat(keywords("xq_ptr"), training_tile, grid, key_ranges, running_state, on_cuda),
+                   "CUDA ELS over one image-major tile [T, C, H+P-1, W+P-1] (compiled, never run on a GPU).");
+  def_keyword_only(m, "local_denoise_same_location_cuda", &same_location_cuda,
+                   std::tuple_cat(same_location, running_state, on_cuda),
+                   "CUDA same-location kinds over one tile (compiled, never run on a GPU).");
 }
 
 }  // namespace

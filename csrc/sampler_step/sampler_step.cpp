@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "common/checks.h"
 #include "common/registry.h"
@@ -174,25 +175,23 @@ int64_t sampler_step_cuda(const std::string& dtype, std::uintptr_t x, std::uintp
 }
 
 void register_sampler_step(py::module_& m) {
-  const auto named = py::kw_only();  // every argument by name: no swapped pointer or size
-  m.def("sampler_step_cpu", &sampler_step_cpu, py::call_guard<py::gil_scoped_release>(), named, py::arg("dtype"),
-        py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
-        py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),
+  // The buffers, size and coefficients of one step (the CPU and CUDA steps take the same run).
+  const auto step_keywords = keywords("dtype", "x", "denoised", "extra", "noise", "out", "numel", "c_x", "c_denoised",
+                                      "c_extra", "c_noise", "step", "flag");
+  def_keyword_only(m, "sampler_step_cpu", &sampler_step_cpu, std::tuple_cat(step_keywords, keywords("threads")),
+                   "Fused sampler step on contiguous CPU buffers: out = c_x x + c_denoised denoised + c_extra extra + "
+                   "c_noise noise (extra/noise may be 0 = absent). Returns > 0 when denoised or out holds NaN/Inf; "
+                   "if non-zero and flag != 0, lowers the int32 at flag to step.");
+  // makes a Python function object, which needs the GIL: no call_guard, so not def_keyword_only
+  m.def("sampler_step_cpu_bind", &sampler_step_cpu_bind, py::kw_only(), py::arg("dtype"), py::arg("numel"),
         py::arg("flag"), py::arg("threads"),
-        "Fused sampler step on contiguous CPU buffers: out = c_x x + c_denoised denoised + c_extra extra + "
-        "c_noise noise (extra/noise may be 0 = absent). Returns > 0 when denoised or out holds NaN/Inf; "
-        "if non-zero and flag != 0, lowers the int32 at flag to step.");
-  m.def("sampler_step_cpu_bind", &sampler_step_cpu_bind, named, py::arg("dtype"), py::arg("numel"), py::arg("flag"),
-        py::arg("threads"),
         "The CPU step of sampler_step_cpu bound to a dtype, a size, a flag (0 = none) and a thread count: "
         "returns step(x, denoised, extra, noise, out, c_x, c_denoised, c_extra, c_noise, step) -> int, "
         "called positionally (a sampler loop's hot path), same result and return value.");
-  m.def("sampler_step_cuda", &sampler_step_cuda, py::call_guard<py::gil_scoped_release>(), named, py::arg("dtype"),
-        py::arg("x"), py::arg("denoised"), py::arg("extra"), py::arg("noise"), py::arg("out"), py::arg("numel"),
-        py::arg("c_x"), py::arg("c_denoised"), py::arg("c_extra"), py::arg("c_noise"), py::arg("step"),
-        py::arg("flag"), py::arg("device"), py::arg("stream"),
-        "Fused sampler step on contiguous CUDA buffers (same formula); the NaN/Inf check is deferred: "
-        "when flag != 0 the device int32 at flag is lowered to step (atomicMin). Returns 0.");
+  def_keyword_only(m, "sampler_step_cuda", &sampler_step_cuda,
+                   std::tuple_cat(step_keywords, keywords("device", "stream")),
+                   "Fused sampler step on contiguous CUDA buffers (same formula); the NaN/Inf check is deferred: "
+                   "when flag != 0 the device int32 at flag is lowered to step (atomicMin). Returns 0.");
 }
 
 }  // namespace

@@ -6,10 +6,17 @@ a scalar, a thread count, or a CUDA device index and stream handle (``int``). ``
 module's interface as a protocol, the type :func:`diffcore._ext.extension` returns; the module-level
 names below are the same functions. Keep this file in step with the ``m.def`` calls in ``csrc/``:
 ``tests/test_ext_stub.py`` checks that the names and keyword arguments match the built module.
+
+Functions of one family that share their leading keywords (the CPU and CUDA variants of a kernel,
+the box kinds) take ``**kwargs: Unpack[...Keywords]``: exactly that TypedDict's fields, in order, the
+base's fields first (the same runs ``keywords(...)`` spells once in ``csrc/``). A keywords TypedDict
+has one base: mypy orders the fields of a TypedDict with several bases otherwise than Python does.
 """
 
 import collections.abc
 from typing import Protocol, TypedDict
+
+from typing_extensions import Unpack
 
 class BuildInfo(TypedDict):
     cuda_mode: str
@@ -20,6 +27,101 @@ class BuildInfo(TypedDict):
     compiler: str
     avx2: bool
     ops: list[str]
+
+class BoxTileLayout(TypedDict):
+    """Leading keywords of the box-sum tile kernels (csrc/local_denoise: box_tile)."""
+
+    x_ptr: int
+    y_ptr: int
+    batch: int
+    tile: int
+    valid: int
+    channels: int
+    height: int
+    width: int
+    patch: int
+
+class BoxTileKeywords(BoxTileLayout):
+    """local_denoise_box_ls_tile and local_denoise_box_els_tile."""
+
+    circular: bool
+    inv2s2_ptr: int
+    band: float
+    dmin_ptr: int
+    total_ptr: int
+    acc_ptr: int
+    threads: int
+
+class BoxPspcTileKeywords(BoxTileLayout):
+    """local_denoise_box_pspc_tile."""
+
+    stage: str
+    inv2s2_ptr: int
+    band: float
+    dmin_ptr: int
+    total_ptr: int
+    acc_ptr: int
+    threads: int
+
+class SameLocationKeywords(TypedDict):
+    """Leading keywords of the same-location tile kernels (csrc/local_denoise: same_location, running_state)."""
+
+    x_ptr: int
+    y_ptr: int
+    batch: int
+    tile: int
+    channels: int
+    pixels: int
+    locations: int
+    support_offsets_ptr: int
+    support_index_ptr: int
+    support_weight_ptr: int
+    out_offsets_ptr: int
+    out_index_ptr: int
+    inv2s2_ptr: int
+    band: float
+    dmin_ptr: int
+    total_ptr: int
+    acc_ptr: int
+
+class SameLocationTileKeywords(SameLocationKeywords):
+    """local_denoise_same_location_tile."""
+
+    threads: int
+
+class SameLocationCudaKeywords(SameLocationKeywords):
+    """local_denoise_same_location_cuda."""
+
+    device: int
+    stream: int
+
+class SamplerStepKeywords(TypedDict):
+    """Leading keywords of the fused sampler steps (csrc/sampler_step: step_keywords)."""
+
+    dtype: str
+    x: int
+    denoised: int
+    extra: int
+    noise: int
+    out: int
+    numel: int
+    c_x: float
+    c_denoised: float
+    c_extra: float
+    c_noise: float
+    step: int
+    flag: int
+
+class SamplerStepCpuKeywords(SamplerStepKeywords):
+    """sampler_step_cpu."""
+
+    threads: int
+
+class SamplerStepCudaKeywords(SamplerStepKeywords):
+    """sampler_step_cuda."""
+
+    device: int
+    stream: int
 
 class Extension(Protocol):
     # csrc/bindings.cpp
@@ -84,31 +186,6 @@ class Extension(Protocol):
         cap: int,
         threads: int,
     ) -> int: ...
-    # csrc/empirical_denoise/small_dim.cpp
-    def empirical_denoise_small_dim(
-        self,
-        *,
-        x_ptr: int,
-        y_ptr: int,
-        y_dtype: str,
-        batch: int,
-        rows: int,
-        dim: int,
-        inv2s2_ptr: int,
-        gemm_err_coef: float,
-        fp32_err_coef: float,
-        rounding_coef: float,
-        rescore_tol: float,
-        band: float,
-        tiny_tol: float,
-        screen_ratio: float,
-        screen_max_kept: int,
-        out_ptr: int,
-        logz_ptr: int,
-        redo_ptr: int,
-        parallel_min_work: int,
-        threads: int,
-    ) -> tuple[float, int, int, int, int]: ...
     def empirical_denoise_screen_finalize(
         self,
         *,
@@ -167,6 +244,31 @@ class Extension(Protocol):
         device: int,
         stream: int,
     ) -> None: ...
+    # csrc/empirical_denoise/small_dim.cpp
+    def empirical_denoise_small_dim(
+        self,
+        *,
+        x_ptr: int,
+        y_ptr: int,
+        y_dtype: str,
+        batch: int,
+        rows: int,
+        dim: int,
+        inv2s2_ptr: int,
+        gemm_err_coef: float,
+        fp32_err_coef: float,
+        rounding_coef: float,
+        rescore_tol: float,
+        band: float,
+        tiny_tol: float,
+        screen_ratio: float,
+        screen_max_kept: int,
+        out_ptr: int,
+        logz_ptr: int,
+        redo_ptr: int,
+        parallel_min_work: int,
+        threads: int,
+    ) -> tuple[float, int, int, int, int]: ...
     # csrc/knn/knn.cpp
     def knn_cpu_prepare_rows(
         self,
@@ -245,46 +347,11 @@ class Extension(Protocol):
         stream: int,
     ) -> None: ...
     # csrc/sampler_step/sampler_step.cpp
-    def sampler_step_cpu(
-        self,
-        *,
-        dtype: str,
-        x: int,
-        denoised: int,
-        extra: int,
-        noise: int,
-        out: int,
-        numel: int,
-        c_x: float,
-        c_denoised: float,
-        c_extra: float,
-        c_noise: float,
-        step: int,
-        flag: int,
-        threads: int,
-    ) -> int: ...
+    def sampler_step_cpu(self, **kwargs: Unpack[SamplerStepCpuKeywords]) -> int: ...
     # returns step(x, denoised, extra, noise, out, c_x, c_denoised, c_extra, c_noise, step) -> int,
     # the one callable of _C taking positional arguments (pointers as int; a sampler loop's hot path)
     def sampler_step_cpu_bind(self, *, dtype: str, numel: int, flag: int, threads: int) -> collections.abc.Callable: ...
-    def sampler_step_cuda(
-        self,
-        *,
-        dtype: str,
-        x: int,
-        denoised: int,
-        extra: int,
-        noise: int,
-        out: int,
-        numel: int,
-        c_x: float,
-        c_denoised: float,
-        c_extra: float,
-        c_noise: float,
-        step: int,
-        flag: int,
-        device: int,
-        stream: int,
-    ) -> int: ...
+    def sampler_step_cuda(self, **kwargs: Unpack[SamplerStepCudaKeywords]) -> int: ...
     # csrc/local_denoise/local_denoise.cpp (and local_denoise.cu)
     def local_denoise_translated_tile(
         self,
@@ -309,88 +376,10 @@ class Extension(Protocol):
         acc_ptr: int,
         threads: int,
     ) -> None: ...
-    def local_denoise_same_location_tile(
-        self,
-        *,
-        x_ptr: int,
-        y_ptr: int,
-        batch: int,
-        tile: int,
-        channels: int,
-        pixels: int,
-        locations: int,
-        support_offsets_ptr: int,
-        support_index_ptr: int,
-        support_weight_ptr: int,
-        out_offsets_ptr: int,
-        out_index_ptr: int,
-        inv2s2_ptr: int,
-        band: float,
-        dmin_ptr: int,
-        total_ptr: int,
-        acc_ptr: int,
-        threads: int,
-    ) -> None: ...
-    def local_denoise_box_ls_tile(
-        self,
-        *,
-        x_ptr: int,
-        y_ptr: int,
-        batch: int,
-        tile: int,
-        valid: int,
-        channels: int,
-        height: int,
-        width: int,
-        patch: int,
-        circular: bool,
-        inv2s2_ptr: int,
-        band: float,
-        dmin_ptr: int,
-        total_ptr: int,
-        acc_ptr: int,
-        threads: int,
-    ) -> None: ...
-    def local_denoise_box_els_tile(
-        self,
-        *,
-        x_ptr: int,
-        y_ptr: int,
-        batch: int,
-        tile: int,
-        valid: int,
-        channels: int,
-        height: int,
-        width: int,
-        patch: int,
-        circular: bool,
-        inv2s2_ptr: int,
-        band: float,
-        dmin_ptr: int,
-        total_ptr: int,
-        acc_ptr: int,
-        threads: int,
-    ) -> None: ...
-    def local_denoise_box_pspc_tile(
-        self,
-        *,
-        x_ptr: int,
-        y_ptr: int,
-        batch: int,
-        tile: int,
-        valid: int,
-        channels: int,
-        height: int,
-        width: int,
-        patch: int,
-        stage: str,
-        inv2s2_ptr: int,
-        band: float,
-        dmin_ptr: int,
-        total_ptr: int,
-        acc_ptr: int,
-        threads: int,
-    ) -> None: ...
+    def local_denoise_same_location_tile(self, **kwargs: Unpack[SameLocationTileKeywords]) -> None: ...
+    def local_denoise_box_ls_tile(self, **kwargs: Unpack[BoxTileKeywords]) -> None: ...
+    def local_denoise_box_els_tile(self, **kwargs: Unpack[BoxTileKeywords]) -> None: ...
+    def local_denoise_box_pspc_tile(self, **kwargs: Unpack[BoxPspcTileKeywords]) -> None: ...
     def local_denoise_translated_cuda(
         self,
         *,
@@ -414,29 +403,7 @@ class Extension(Protocol):
         device: int,
         stream: int,
     ) -> None: ...
-    def local_denoise_same_location_cuda(
-        self,
-        *,
-        x_ptr: int,
-        y_ptr: int,
-        batch: int,
-        tile: int,
-        channels: int,
-        pixels: int,
-        locations: int,
-        support_offsets_ptr: int,
-        support_index_ptr: int,
-        support_weight_ptr: int,
-        out_offsets_ptr: int,
-        out_index_ptr: int,
-        inv2s2_ptr: int,
-        band: float,
-        dmin_ptr: int,
-        total_ptr: int,
-        acc_ptr: int,
-        device: int,
-        stream: int,
-    ) -> None: ...
+    def local_denoise_same_location_cuda(self, **kwargs: Unpack[SameLocationCudaKeywords]) -> None: ...
 
 _module: Extension
 cuda_available = _module.cuda_available

@@ -27,7 +27,7 @@ so the multi-stage forward is not ``torch.func.vmap``-able; single-stage batches
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,48 @@ from torch import nn
 from diffcore.models.precond import Precond
 from diffcore.models.presets import PRECONDITIONERS, unet_config
 from diffcore.models.unet import UNet, UNetConfig, build_decoder, run_decoder
+
+
+def _check_stages(
+    widths: Sequence[int], label_boundaries: Sequence[float], *, name: str, models: str
+) -> tuple[tuple[int, ...], list[float]]:
+    """The K stage widths (argument ``name``, integers >= 1) and the K-1 label boundaries (finite,
+    strictly increasing) of a K-stage model whose stages are ``models``, checked; as a tuple and a list."""
+    channels = tuple(widths)
+    if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
+        raise ValueError(f"{name}: expected a non-empty sequence of integers >= 1, got {widths!r}")
+    boundaries = [float(b) for b in label_boundaries]
+    if len(boundaries) != len(channels) - 1:
+        raise ValueError(
+            f"label_boundaries: expected {len(channels) - 1} values for {len(channels)} {models}, got {len(boundaries)}"
+        )
+    if any(not math.isfinite(b) for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"label_boundaries: expected finite, strictly increasing values, got {boundaries}")
+    return channels, boundaries
+
+
+def _stage_indices(label_boundaries: torch.Tensor, noise_labels: torch.Tensor) -> torch.Tensor:
+    """Stage index in [0, K) of each noise label: [B] -> [B] int64 (a boundary value goes up)."""
+    bounds = label_boundaries.to(device=noise_labels.device, dtype=torch.float64)
+    return torch.bucketize(noise_labels.detach().to(torch.float64), bounds, right=True)
+
+
+def _route_by_stage(
+    stage: torch.Tensor, num_stages: int, run_stage: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Each stage's rows through ``run_stage(k, rows) -> [len(rows), ...]`` (``stage``: [B] from
+    :func:`_stage_indices`), gathered back in batch order: [B, ...]. Stages without rows are not run."""
+    out = None
+    for index in range(num_stages):
+        rows = (stage == index).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        part = run_stage(index, rows)
+        if out is None:
+            out = part.new_zeros((stage.shape[0],) + part.shape[1:])
+        out = out.index_copy(0, rows, part)  # out of place: gradients flow to every stage
+    assert out is not None  # every row has a stage
+    return out
 
 
 class MultiStageUNet(UNet):
@@ -54,19 +96,9 @@ class MultiStageUNet(UNet):
         label_boundaries: Sequence[float] = (),
         **fields,
     ):
-        channels = tuple(decoder_channels)
-        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(
-                f"decoder_channels: expected a non-empty sequence of integers >= 1, got {decoder_channels!r}"
-            )
-        boundaries = [float(b) for b in label_boundaries]
-        if len(boundaries) != len(channels) - 1:
-            raise ValueError(
-                f"label_boundaries: expected {len(channels) - 1} values for {len(channels)} decoders, "
-                f"got {len(boundaries)}"
-            )
-        if any(not math.isfinite(b) for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
-            raise ValueError(f"label_boundaries: expected finite, strictly increasing values, got {boundaries}")
+        channels, boundaries = _check_stages(
+            decoder_channels, label_boundaries, name="decoder_channels", models="decoders"
+        )
         self._decoder_channels = channels  # read by _build_decoders during UNet.__init__
         super().__init__(config, **fields)
         self.decoder_channels = channels
@@ -88,23 +120,17 @@ class MultiStageUNet(UNet):
 
     def stage_of(self, noise_labels: torch.Tensor) -> torch.Tensor:
         """Stage index in [0, K) of each noise label: [B] -> [B] int64 (a boundary value goes up)."""
-        bounds = self.label_boundaries.to(device=noise_labels.device, dtype=torch.float64)
-        return torch.bucketize(noise_labels.detach().to(torch.float64), bounds, right=True)
+        return _stage_indices(torch.as_tensor(self.label_boundaries), noise_labels)
 
     def _decode(self, x, skips, emb, noise_labels) -> torch.Tensor:
-        stage = self.stage_of(noise_labels)
         if self.num_stages == 1:
             return run_decoder(self.decoders[0], self._stage_takes_skip[0], x, list(skips), emb)
-        out = None
-        for index, (decoder, takes_skip) in enumerate(zip(self.decoders, self._stage_takes_skip)):
-            rows = (stage == index).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            part = run_decoder(decoder, takes_skip, x[rows], [s[rows] for s in skips], emb[rows])
-            if out is None:
-                out = part.new_zeros((x.shape[0],) + part.shape[1:])
-            out = out.index_copy(0, rows, part)  # out of place: gradients flow to every stage
-        return out
+
+        def run_stage(index: int, rows: torch.Tensor) -> torch.Tensor:
+            takes_skip = self._stage_takes_skip[index]
+            return run_decoder(self.decoders[index], takes_skip, x[rows], [s[rows] for s in skips], emb[rows])
+
+        return _route_by_stage(self.stage_of(noise_labels), self.num_stages, run_stage)
 
     def stage_parameter_counts(self) -> list[int]:
         """Parameters used by a forward pass in each stage: shared (mapping + encoder) + its decoder."""
@@ -122,14 +148,7 @@ class SeparateStageUNets(nn.Module):
 
     def __init__(self, config: UNetConfig | None = None, *, widths: Sequence[int], label_boundaries=(), **fields):
         super().__init__()
-        widths = tuple(widths)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"widths: expected a non-empty sequence of integers >= 1, got {widths!r}")
-        boundaries = [float(b) for b in label_boundaries]
-        if len(boundaries) != len(widths) - 1:
-            raise ValueError(
-                f"label_boundaries: expected {len(widths) - 1} values for {len(widths)} UNets, got {len(boundaries)}"
-            )
+        widths, boundaries = _check_stages(widths, label_boundaries, name="widths", models="UNets")
         base = (config or UNetConfig()).replace(**fields)
         self.stages = nn.ModuleList(UNet(base.replace(model_channels=w)) for w in widths)
         first = self.stages[0]
@@ -148,29 +167,21 @@ class SeparateStageUNets(nn.Module):
 
     def stage_of(self, noise_labels: torch.Tensor) -> torch.Tensor:
         """Stage index in [0, K) of each noise label: [B] -> [B] int64 (a boundary value goes up)."""
-        bounds = torch.as_tensor(self.label_boundaries).to(device=noise_labels.device, dtype=torch.float64)
-        return torch.bucketize(noise_labels.detach().to(torch.float64), bounds, right=True)
+        return _stage_indices(torch.as_tensor(self.label_boundaries), noise_labels)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
-        stage = self.stage_of(noise_labels)
         if self.num_stages == 1:
             return self.stages[0](x, noise_labels, class_labels, augment_labels)
-        out = None
-        for index, unet in enumerate(self.stages):
-            rows = (stage == index).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            part = unet(
+
+        def run_stage(index: int, rows: torch.Tensor) -> torch.Tensor:
+            return self.stages[index](
                 x[rows],
                 noise_labels[rows],
                 None if class_labels is None else class_labels[rows],
                 None if augment_labels is None else augment_labels[rows],
             )
-            if out is None:
-                out = part.new_zeros((x.shape[0],) + part.shape[1:])
-            out = out.index_copy(0, rows, part)
-        assert out is not None  # every row has a stage
-        return out
+
+        return _route_by_stage(self.stage_of(noise_labels), self.num_stages, run_stage)
 
     def stage_parameter_counts(self) -> list[int]:
         """Parameters used by a forward pass in each stage: that stage's UNet."""
