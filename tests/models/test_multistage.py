@@ -138,6 +138,10 @@ def test_separate_stage_unets_route_each_stage_to_its_own_unet_and_share_nothing
     assert net.stage_parameter_counts() == [sum(p.numel() for p in u.parameters()) for u in net.stages]
     with pytest.raises(ValueError, match="label_boundaries"):
         SeparateStageUNets(widths=(8, 4), label_boundaries=(), **TINY)
+    # the same stage checks as MultiStageUNet: finite, strictly increasing boundaries
+    for bad in ((1.0, 0.0), (0.0, 0.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="label_boundaries: expected finite, strictly increasing"):
+            SeparateStageUNets(widths=(8, 4, 4), label_boundaries=bad, **TINY)
     with pytest.raises(ValueError, match="widths"):
         SeparateStageUNets(widths=(), **TINY)
 
