@@ -66,11 +66,21 @@ def start_study_process(argv, **env) -> subprocess.Popen:
 
 
 def finish_processes(processes, timeout: float) -> None:
-    """Wait for each process (at most ``timeout`` seconds each); fails with the end of the stderr of
-    one that exited non-zero."""
-    for process in processes:
-        _, err = process.communicate(timeout=timeout)
-        assert process.returncode == 0, err[-3000:]
+    """Wait for every process (at most ``timeout`` seconds each; one still running then is killed);
+    fails with the end of the stderr of each that exited non-zero or was killed: all of them, since
+    a rank that fails because another crashed says little about the crash."""
+    failures = []
+    for index, process in enumerate(processes):
+        try:
+            _, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+            failures.append(f"process {index}: still running after {timeout:g} s, killed\n{err[-3000:]}")
+            continue
+        if process.returncode != 0:
+            failures.append(f"process {index}: exit {process.returncode}\n{err[-3000:]}")
+    assert not failures, "\n\n".join(failures)
 
 
 def assert_refused_before_writing(study, override: str, out) -> None:
