@@ -943,7 +943,8 @@ class Workspace:
         path = self.root / name
         wanted = json.loads(json_dumps(config))
         with _folder.unit_claim(self.root / ".lock.config"):
-            if os.path.lexists(path):
+            bound = os.path.lexists(path)
+            if bound:
                 found = _read_record(
                     path, "config", "delete it only if the folder holds nothing you need, or use a new --out folder"
                 )
@@ -956,10 +957,13 @@ class Workspace:
                         f"out: {self.root} holds a run with another config (differs in "
                         f"{', '.join(diff)}); use a new --out folder or the same settings"
                     )
-            else:
-                atomic_write_json(path, wanted)
+            # The kind before the config: another process of the same sharded or distributed run
+            # checks the folder (_folder.check_kind) without this lock, and a config.json with no
+            # kind record beside it would make it refuse the folder as one diffcore did not write.
             if self.kind is not None:
                 _folder.record_kind(self.root, self.kind)
+            if not bound:
+                atomic_write_json(path, wanted)
 
     # paths -------------------------------------------------------------------
     # Every path below is checked to hold no symbolic link under the root: writing or deleting
