@@ -196,14 +196,13 @@ def ratio_interval(
         raise ValueError("ratio_interval: values must be positive")
     la, lb = np.log(a), np.log(b)
     va, vb = float(la.var(ddof=1)) / a.size, float(lb.var(ddof=1)) / b.size
-    centre = float(la.mean() - lb.mean())
-    se = math.sqrt(va + vb)
-    if se == 0.0:
-        return Interval(math.exp(centre), math.exp(centre), math.exp(centre), level, "welch-log", min(a.size, b.size))
-    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    half = _t_quantile(level, max(1, int(df))) * se
-    value = math.exp(centre)
-    return Interval(value, math.exp(centre - half), math.exp(centre + half), level, "welch-log", min(a.size, b.size))
+    centre, se = float(la.mean() - lb.mean()), math.sqrt(va + vb)
+    half = 0.0  # no spread on either side: the interval is the point
+    if se > 0.0:
+        df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+        half = _t_quantile(level, max(1, int(df))) * se
+    n = min(a.size, b.size)
+    return Interval(math.exp(centre), math.exp(centre - half), math.exp(centre + half), level, "welch-log", n)
 
 
 def interval_of(values: Sequence[float] | np.ndarray, *, seeds: bool, level: float = LEVEL) -> Interval:
